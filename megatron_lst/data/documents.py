@@ -1,0 +1,71 @@
+"""Aligned speech-text documents in memory (DESIGN.md section 2).
+
+A speech-text document is an ordered list of segments; a segment is a word (or a silence) with the
+text-tokenizer pieces of the word and the speech units aligned to it. It is kept as flat arrays so a
+stored document reads back with no per-segment Python objects:
+
+    text_ids        [T]   int32  text pieces of all words, in order (no specials)
+    unit_ids        [U]   int32  raw unit values 0..num_units-1 (not joint ids), in order
+    seg_text_len    [S]   int32  pieces of each segment; 0 marks a silence segment
+    seg_unit_len    [S]   int32  units of each segment (a word may have 0 units, a silence may not)
+
+A text-only document has S == 0 segments... no: it is stored as one word-free stream, see
+`TextDocument`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DocumentError(ValueError):
+    """A document breaks the invariants above."""
+
+
+@dataclass
+class AlignedDocument:
+    text_ids: np.ndarray
+    unit_ids: np.ndarray
+    seg_text_len: np.ndarray
+    seg_unit_len: np.ndarray
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seg_text_len)
+
+    @property
+    def is_silence(self) -> np.ndarray:
+        """[S] bool: segments with no text (the reference's `[SIL]` pseudo-words)."""
+        return self.seg_text_len == 0
+
+    def text_offsets(self) -> np.ndarray:
+        """[S+1] start of each segment's pieces in `text_ids`."""
+        return np.concatenate([[0], np.cumsum(self.seg_text_len)]).astype(np.int64)
+
+    def unit_offsets(self) -> np.ndarray:
+        """[S+1] start of each segment's units in `unit_ids`."""
+        return np.concatenate([[0], np.cumsum(self.seg_unit_len)]).astype(np.int64)
+
+    def validate(self, num_units: int, where: str = "document") -> None:
+        if self.num_segments == 0:
+            raise DocumentError(f"{where}: empty document (no segments)")
+        if len(self.seg_unit_len) != self.num_segments:
+            raise DocumentError(f"{where}: {self.num_segments} text lengths but "
+                                f"{len(self.seg_unit_len)} unit lengths")
+        if (self.seg_text_len < 0).any() or (self.seg_unit_len < 0).any():
+            raise DocumentError(f"{where}: negative segment length")
+        if int(self.seg_text_len.sum()) != len(self.text_ids):
+            raise DocumentError(f"{where}: segment text lengths sum to {int(self.seg_text_len.sum())}"
+                                f" but the document has {len(self.text_ids)} text pieces")
+        if int(self.seg_unit_len.sum()) != len(self.unit_ids):
+            raise DocumentError(f"{where}: segment unit lengths sum to {int(self.seg_unit_len.sum())}"
+                                f" but the document has {len(self.unit_ids)} units")
+        silent = self.is_silence
+        if (self.seg_unit_len[silent] == 0).any():
+            raise DocumentError(f"{where}: a silence segment has no units")
+        if len(self.unit_ids) and (self.unit_ids.min() < 0 or self.unit_ids.max() >= num_units):
+            bad = self.unit_ids[(self.unit_ids < 0) | (self.unit_ids >= num_units)][0]
+            raise DocumentError(f"{where}: speech unit {int(bad)} is outside the codebook "
+                                f"0..{num_units - 1}")

@@ -1,0 +1,131 @@
+"""The joint id space of text pieces, special ids and speech units (DESIGN.md section 1).
+
+The default layout is the reference implementation's, so its checkpoints import unchanged.
+With V the text tokenizer's size:
+
+    0 .. V-1        text tokenizer ids (0 unk, also the pad id in batches; 1 BOS; 2 EOS)
+    V .. V+3        reserved, never produced
+    V+4             text-mode marker  <t>
+    V+5             speech-mode marker <s>
+    V+6+u           speech unit u, u in 0 .. num_units-1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+NUM_RESERVED = 4
+
+# Modality codes carried in batches (`modality [B, N]`).
+MODALITY_TEXT = 0
+MODALITY_SPEECH = 1
+
+
+class VocabularyError(ValueError):
+    """An id, a tokenizer or a stored artifact disagrees with the vocabulary layout."""
+
+
+@dataclass(frozen=True)
+class JointVocab:
+    text_size: int
+    """V: size of the text tokenizer."""
+    num_units: int = 502
+    """Speech codebook slots (HuBERT 500 clusters + 2 spare, as in the reference)."""
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self):
+        if self.text_size <= max(self.pad_id, self.bos_id, self.eos_id):
+            raise VocabularyError(
+                f"text tokenizer size {self.text_size} is too small to hold the special ids "
+                f"pad={self.pad_id} bos={self.bos_id} eos={self.eos_id}"
+            )
+        if self.num_units <= 0:
+            raise VocabularyError(f"num_units must be positive, got {self.num_units}")
+
+    @property
+    def text_marker(self) -> int:
+        return self.text_size + NUM_RESERVED
+
+    @property
+    def speech_marker(self) -> int:
+        return self.text_size + NUM_RESERVED + 1
+
+    @property
+    def unit_offset(self) -> int:
+        return self.text_size + NUM_RESERVED + 2
+
+    @property
+    def size(self) -> int:
+        return self.unit_offset + self.num_units
+
+    def units_to_ids(self, units: np.ndarray, where: str = "") -> np.ndarray:
+        """Map unit values (0 .. num_units-1) to joint ids; out-of-range units raise."""
+        units = np.asarray(units)
+        if units.size and (units.min() < 0 or units.max() >= self.num_units):
+            bad = units[(units < 0) | (units >= self.num_units)][0]
+            raise VocabularyError(
+                f"{where + ': ' if where else ''}speech unit {int(bad)} is outside the codebook "
+                f"0..{self.num_units - 1}; pass the codebook size the units were made with "
+                f"(--num-units)"
+            )
+        return (units + self.unit_offset).astype(np.int32)
+
+    def ids_to_units(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.size and not self.is_unit(ids).all():
+            raise VocabularyError("ids_to_units given ids that are not speech units")
+        return (ids - self.unit_offset).astype(np.int32)
+
+    def is_unit(self, ids):
+        """Elementwise: is this id a speech unit? Works on numpy arrays and torch tensors."""
+        return (ids >= self.unit_offset) & (ids < self.size)
+
+    def is_patchable_static(self, ids):
+        """Tokens that static patching groups: the speech-mode marker and the units."""
+        return self.is_unit(ids) | (ids == self.speech_marker)
+
+    def check_ids(self, ids: np.ndarray, where: str = "") -> None:
+        """Raise if any id is outside the joint vocabulary or in the reserved range."""
+        ids = np.asarray(ids)
+        if not ids.size:
+            return
+        bad = (ids < 0) | (ids >= self.size) | ((ids >= self.text_size) & (ids < self.text_marker))
+        if bad.any():
+            raise VocabularyError(
+                f"{where + ': ' if where else ''}id {int(ids[bad][0])} is not in the joint "
+                f"vocabulary of size {self.size} (text {self.text_size}, units {self.num_units}) "
+                f"or is a reserved id"
+            )
+
+    def check_matches(self, other_size: int, what: str) -> None:
+        """Raise when a checkpoint or dataset was made with another vocabulary."""
+        if other_size != self.size:
+            raise VocabularyError(
+                f"{what} was made with a joint vocabulary of {other_size} ids but this tokenizer "
+                f"gives {self.size} (text {self.text_size} + {NUM_RESERVED + 2} special + "
+                f"{self.num_units} units); use the tokenizer and --num-units it was made with"
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "text_size": self.text_size,
+            "num_units": self.num_units,
+            "pad_id": self.pad_id,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "text_marker": self.text_marker,
+            "speech_marker": self.speech_marker,
+            "unit_offset": self.unit_offset,
+            "size": self.size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JointVocab":
+        vocab = cls(d["text_size"], d["num_units"], d["pad_id"], d["bos_id"], d["eos_id"])
+        if "size" in d:
+            vocab.check_matches(d["size"], "this manifest")
+        return vocab
