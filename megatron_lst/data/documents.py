@@ -9,8 +9,7 @@ stored document reads back with no per-segment Python objects:
     seg_text_len    [S]   int32  pieces of each segment; 0 marks a silence segment
     seg_unit_len    [S]   int32  units of each segment (a word may have 0 units, a silence may not)
 
-A text-only document has S == 0 segments... no: it is stored as one word-free stream, see
-`TextDocument`.
+A text-only document is just its text pieces (`text_ids`); it needs no segment table.
 """
 
 from __future__ import annotations
