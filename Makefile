@@ -1,0 +1,42 @@
+# megatron-lst: `make test` and `make demo` set up .venv on first use, then run.
+#
+# TORCH pins the torch build pip installs before everything else. The default matches the CPU
+# wheel this project's CI machines carry on disk; on a GPU machine pass your own, e.g.
+#   make test TORCH="torch==2.11.0 --index-url <your CUDA wheel index>"
+# A requirement that torch already satisfies never pulls a second (multi-GB) build.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: test test-fast demo lint clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.py | $(PY)
+	$(PIP) install $(TORCH)
+	$(PIP) install -e ".[dev,data]"
+	touch $(STAMP)
+
+## Run the whole test suite (unit, distributed on gloo, kernels under the Triton interpreter).
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+## Unit tests only (skips the multi-process and interpreter tests).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not distributed and not slow" $(PYTEST_ARGS)
+
+## The main job: build the demo corpus, train LST and the baseline at equal compute, evaluate.
+demo: $(STAMP)
+	$(PY) examples/demo/run_demo.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check megatron_lst kernels tools tests examples
+
+clean-venv:
+	rm -rf $(VENV)
