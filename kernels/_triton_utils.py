@@ -1,0 +1,21 @@
+"""Shared launch settings for the Triton kernels."""
+
+import torch
+import triton
+
+from .backend import triton_interpreted
+
+
+def use_autotune(*tensors: torch.Tensor) -> bool:
+    """Autotune only for compiled CUDA launches; the interpreter uses fixed tiny blocks."""
+    return not triton_interpreted() and all(t.is_cuda for t in tensors)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: exact fp32 for fp32 inputs (no silent TF32), native otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def head_block(head_dim: int) -> int:
+    """Padded head dimension: a power of two, at least 16 (the smallest `tl.dot` size)."""
+    return max(16, triton.next_power_of_2(head_dim))

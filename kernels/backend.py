@@ -1,0 +1,51 @@
+"""Choosing between the Triton kernels and the PyTorch references.
+
+`backend="auto"` picks Triton when the tensors live on CUDA and Triton imports, else the PyTorch
+reference. `"triton"` on CPU works only under the Triton interpreter (`TRITON_INTERPRET=1`, set
+before Triton is first imported). The environment variable `LST_KERNEL_BACKEND` overrides "auto"
+(never an explicit choice), which helps A/B runs without code changes.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+BACKEND_ENV_VAR = "LST_KERNEL_BACKEND"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the `triton` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Return "triton" or "torch" for a call on `tensors`; raise if the choice cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV_VAR, "auto")
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"{BACKEND_ENV_VAR}={backend!r} is not one of {BACKENDS}; unset it or fix it"
+            )
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the `triton` package; install it or use 'torch'")
+        if not on_cuda and not triton_interpreted():
+            raise RuntimeError(
+                "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                "imported; move the tensors to CUDA or use backend='torch'"
+            )
+    return backend

@@ -1,0 +1,36 @@
+"""Public patch cross-attention: softmax attention over one contiguous key range per query."""
+
+import torch
+
+from .backend import resolve_backend
+from .patch_attention_reference import check_attention_inputs, patch_cross_attention_reference
+
+
+def patch_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_start: torch.Tensor,
+    key_end: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-head attention where query i of row b sees keys `key_start[b,i] <= j < key_end[b,i]`.
+
+    q `[B, Sq, H, d]`, k/v `[B, Sk, H, d]`, key_start/key_end `[B, Sq]` int -> `[B, Sq, H, d]` in
+    q's dtype (fp32 softmax and accumulation). A query with an empty range outputs 0 and gets zero
+    gradients. Ranges from `decoder_key_ranges` / `encoder_key_ranges` are non-decreasing in i,
+    which lets the Triton kernel skip key blocks; any other ranges are still computed correctly.
+    `scale` defaults to 1/sqrt(d). backend: "auto" (Triton on CUDA, else PyTorch), "triton", "torch".
+    """
+    check_attention_inputs(q, k, v, key_start, key_end)
+    if resolve_backend(backend, q, k, v, key_start, key_end) == "torch":
+        return patch_cross_attention_reference(q, k, v, key_start, key_end, scale)
+    from .patch_attention_triton import PatchCrossAttentionFunction
+
+    if not q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # The Triton interpreter computes half-precision `tl.dot` wrongly: run it in fp32.
+        out = PatchCrossAttentionFunction.apply(q.float(), k.float(), v.float(), key_start,
+                                                key_end, scale)
+        return out.to(q.dtype)
+    return PatchCrossAttentionFunction.apply(q, k, v, key_start, key_end, scale)

@@ -1,0 +1,293 @@
+"""Triton flash-style attention over one contiguous key range per query (forward and backward).
+
+Query i sees keys `[key_start[i], key_end[i])`. No mask tensor: visibility is recomputed from the
+two range vectors inside every tile, and only key blocks that a query block can see are visited.
+
+- forward (grid: query blocks x batch*heads): online softmax over key blocks in
+  `[min start, max end)` of the query block; saves the base-2 logsumexp per query (+inf for a query
+  with an empty range, whose output is 0).
+- backward, FlashAttention-2 style in two atomics-free passes that recompute the probabilities:
+  dQ per query block (same key loop as the forward), and dK/dV per key block over the queries that
+  can see it. For monotone ranges those queries are contiguous: query i sees key j iff
+  `key_end[i] > j` (a suffix) and `key_start[i] <= j` (a prefix), found by `searchsorted`; for
+  non-monotone ranges the pass falls back to all queries, masked, so it stays correct.
+Memory: O(Sq + Sk) per head (output, logsumexp, per-key query bounds); no `[Sq, Sk]` tensor.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import dot_precision, head_block, use_autotune
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ks_ptr, ke_ptr,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+    num_heads, num_queries, num_keys, head_dim, scale_log2,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(1) // num_heads
+    h = tl.program_id(1) % num_heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < num_queries
+    d_ok = offs_d < head_dim
+    ks = tl.load(ks_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
+    ke = tl.load(ke_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
+    nonempty = ks < ke
+    lo = tl.min(tl.where(nonempty, ks, num_keys), axis=0)
+    hi = tl.max(tl.where(nonempty, ke, 0), axis=0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < num_keys
+        kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [D, N]
+        s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N], base-2 logits
+        visible = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] < ke[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        # A row that has seen no visible key yet keeps shift 0, so exp2(-inf - 0) = 0.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp2(s - shift[:, None])
+        rescale = tl.exp2(row_max - shift)
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+
+    seen = row_sum > 0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    lse = tl.where(seen, row_max + tl.log2(tl.where(seen, row_sum, 1.0)), float("inf"))
+    tl.store(lse_ptr + tl.program_id(1).to(tl.int64) * num_queries + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, ks_ptr, ke_ptr,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    num_heads, num_queries, num_keys, head_dim, scale, scale_log2,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(1) // num_heads
+    h = tl.program_id(1) % num_heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < num_queries
+    d_ok = offs_d < head_dim
+    md_ok = m_ok[:, None] & d_ok[None, :]
+    ks = tl.load(ks_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
+    ke = tl.load(ke_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
+    nonempty = ks < ke
+    lo = tl.min(tl.where(nonempty, ks, num_keys), axis=0)
+    hi = tl.max(tl.where(nonempty, ke, 0), axis=0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    row = tl.program_id(1).to(tl.int64) * num_queries + offs_m
+    lse = tl.load(lse_ptr + row, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + row, mask=m_ok, other=0.0)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
+                + offs_d[None, :], mask=md_ok, other=0.0)
+    do = tl.load(do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_d[None, :], mask=md_ok, other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nd_ok = (offs_n < num_keys)[None, :] & d_ok[:, None]
+        kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=nd_ok, other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=nd_ok, other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
+        visible = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] < ke[:, None])
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)  # [M, N]
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    dq_ptrs = dq_ptr + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs
+    tl.store(dq_ptrs + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=md_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, ks_ptr, ke_ptr,
+    first_query_ptr, end_query_ptr,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    num_heads, num_queries, num_keys, head_dim, scale, scale_log2,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(1) // num_heads
+    h = tl.program_id(1) % num_heads
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < num_keys
+    d_ok = offs_d < head_dim
+    nd_ok = n_ok[:, None] & d_ok[None, :]
+    # Queries that may see this key block: [min first_query, max end_query) over its keys.
+    first_query = tl.load(first_query_ptr + b * num_keys + offs_n, mask=n_ok, other=num_queries)
+    end_query = tl.load(end_query_ptr + b * num_keys + offs_n, mask=n_ok, other=0)
+    lo = (tl.min(first_query, axis=0) // BLOCK_M) * BLOCK_M
+    hi = tl.max(end_query, axis=0)
+
+    k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks
+                + offs_d[None, :], mask=nd_ok, other=0.0)  # [N, D]
+    v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs
+                + offs_d[None, :], mask=nd_ok, other=0.0)
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+    do_base = do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
+    stat_base = tl.program_id(1).to(tl.int64) * num_queries
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < num_queries
+        md_ok = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=md_ok, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=md_ok, other=0.0)
+        lse = tl.load(lse_ptr + stat_base + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + stat_base + offs_m, mask=m_ok, other=0.0)
+        ks = tl.load(ks_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
+        ke = tl.load(ke_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # [N, M]
+        visible = (offs_n[:, None] >= ks[None, :]) & (offs_n[:, None] < ke[None, :])
+        pt = tl.where(visible, tl.exp2(st - lse[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [N, M]
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    dk_ptrs = dk_ptr + b.to(tl.int64) * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks
+    tl.store(dk_ptrs + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=nd_ok)
+    dv_ptrs = dv_ptr + b.to(tl.int64) * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs
+    tl.store(dv_ptrs + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=nd_ok)
+
+
+def _tile_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in [(64, 64, 4, 2), (128, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 2)]
+    ]
+
+
+_TUNE_KEY = ["head_dim", "PRECISION"]
+_fwd_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY)(_attn_fwd_kernel)
+_dq_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+_dkdv_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+
+# Fixed tiles for the interpreter (tiny, so CPU tests take seconds).
+_INTERPRETED_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def _launch(tuned, plain, blocks_along: str, length: int, batch_heads: int, args, meta, on_cuda: bool):
+    """Launch `tuned` (autotuned, CUDA) or `plain` with fixed interpreter tiles over
+    (ceil(length / tile), batch * heads) programs; `blocks_along` names the tile on axis 0."""
+    if on_cuda:
+        tuned[lambda cfg: (triton.cdiv(length, cfg[blocks_along]), batch_heads)](*args, **meta)
+    else:
+        grid = (triton.cdiv(length, _INTERPRETED_TILES[blocks_along]), batch_heads)
+        plain[grid](*args, **meta, **_INTERPRETED_TILES)
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    return [s for t in tensors for s in t.stride()[:3]]
+
+
+def clamp_ranges(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: int):
+    """Ranges clipped to `[0, Sk]` with end >= start, int32 contiguous (monotone stays monotone)."""
+    start = key_start.clamp(0, num_keys)
+    end = torch.maximum(key_end.clamp(0, num_keys), start)
+    return start.int().contiguous(), end.int().contiguous()
+
+
+def queries_per_key(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: int):
+    """For each key j, the query range `[first, end)` that contains every query seeing j:
+    two `[B, Sk]` int32. Exact for non-decreasing ranges, all queries otherwise. No host sync."""
+    batch, num_queries = key_start.shape
+    keys = torch.arange(num_keys, device=key_start.device, dtype=key_start.dtype)
+    keys = keys.expand(batch, num_keys).contiguous()
+    first = torch.searchsorted(key_end, keys, right=True, out_int32=True)  # first i: end[i] > j
+    end = torch.searchsorted(key_start, keys, right=True, out_int32=True)  # first i: start[i] > j
+    monotone = ((key_start.diff(dim=1) >= 0) & (key_end.diff(dim=1) >= 0)).all(dim=1, keepdim=True)
+    first = torch.where(monotone, first, 0)
+    end = torch.where(monotone, end, num_queries)
+    return first.contiguous(), end.contiguous()
+
+
+class PatchCrossAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: `apply(q, k, v, key_start, key_end, scale)`; shapes as in
+    `lst_kernels.patch_cross_attention`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_start, key_end, scale):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        batch, num_queries, heads, head_dim = q.shape
+        num_keys = k.shape[1]
+        scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        start, end = clamp_ranges(key_start, key_end, num_keys)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(batch, heads, num_queries, dtype=torch.float32, device=q.device)
+        meta = dict(PRECISION=dot_precision(q.dtype), BLOCK_D=head_block(head_dim))
+        if q.numel() and num_keys:
+            args = (q, k, v, out, lse, start, end, *_strides(q, k, v, out),
+                    heads, num_queries, num_keys, head_dim, scale * LOG2E)
+            _launch(_fwd_tuned, _attn_fwd_kernel, "BLOCK_M", num_queries, batch * heads, args,
+                    meta, use_autotune(q))
+        else:
+            out.zero_()
+            lse.fill_(float("inf"))
+        ctx.save_for_backward(q, k, v, out, lse, start, end)
+        ctx.scale, ctx.meta = scale, meta
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, start, end = ctx.saved_tensors
+        batch, num_queries, heads, head_dim = q.shape
+        num_keys = k.shape[1]
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        if q.numel() == 0 or num_keys == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        # delta_i = sum_d dO_i * O_i: [B, H, Sq] fp32.
+        delta = (grad_out.float() * out.float()).sum(dim=-1).transpose(1, 2).contiguous()
+        scales = (ctx.scale, ctx.scale * LOG2E)
+        tuned = use_autotune(q)
+        dq_args = (q, k, v, grad_out, dq, lse, delta, start, end,
+                   *_strides(q, k, v, grad_out, dq), heads, num_queries, num_keys, head_dim, *scales)
+        _launch(_dq_tuned, _attn_bwd_dq_kernel, "BLOCK_M", num_queries, batch * heads, dq_args,
+                ctx.meta, tuned)
+        first_query, end_query = queries_per_key(start, end, num_keys)
+        dkdv_args = (q, k, v, grad_out, dk, dv, lse, delta, start, end, first_query, end_query,
+                     *_strides(q, k, v, grad_out, dk, dv), heads, num_queries, num_keys, head_dim,
+                     *scales)
+        _launch(_dkdv_tuned, _attn_bwd_dkdv_kernel, "BLOCK_N", num_keys, batch * heads, dkdv_args,
+                ctx.meta, tuned)
+        return dq, dk, dv, None, None, None

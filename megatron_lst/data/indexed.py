@@ -1,0 +1,167 @@
+"""Documents stored as Megatron indexed datasets (`.bin/.idx`) plus a JSON manifest.
+
+Layout inside `megatron.core.datasets.indexed_dataset` (int32 everywhere):
+
+    aligned   one Megatron document per aligned document, made of 4 sequences:
+              text_ids [T], unit_ids [U], seg_text_len [S], seg_unit_len [S]
+    text      one Megatron document per text document, made of 1 sequence: text_ids [T]
+
+so document i is sequences 4i..4i+3 (aligned) or sequence i (text), read with one mmap slice.
+`<prefix>.json` is the `Manifest`; `DocumentStore` checks it against the index on open.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import (
+    IndexedDataset,
+    IndexedDatasetBuilder,
+    get_bin_path,
+    get_idx_path,
+)
+
+from megatron_lst.data.documents import AlignedDocument, DocumentError
+from megatron_lst.data.manifest import Manifest
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+
+SEQUENCES_PER_DOCUMENT = {"aligned": 4, "text": 1}
+_DTYPE = np.int32
+
+
+class StoreError(DocumentError):
+    """A stored dataset is missing, truncated or inconsistent with its manifest."""
+
+
+class DocumentWriter:
+    """Appends documents to `<prefix>.bin`; `finalize(manifest)` writes `.idx` and `.json`."""
+
+    def __init__(self, prefix: str | Path, kind: str):
+        if kind not in SEQUENCES_PER_DOCUMENT:
+            raise ValueError(f"kind must be one of {tuple(SEQUENCES_PER_DOCUMENT)}, got {kind!r}")
+        self.prefix = str(prefix)
+        self.kind = kind
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        self._builder = IndexedDatasetBuilder(get_bin_path(self.prefix), dtype=_DTYPE)
+        self.num_documents = 0
+
+    def add_aligned(self, doc: AlignedDocument) -> None:
+        if self.kind != "aligned":
+            raise ValueError(f"{self.prefix}: cannot add an aligned document to a text dataset")
+        parts = (doc.text_ids, doc.unit_ids, doc.seg_text_len, doc.seg_unit_len)
+        self._builder.add_document(np.concatenate(parts).astype(_DTYPE, copy=False),
+                                   [len(p) for p in parts])
+        self.num_documents += 1
+
+    def add_text(self, text_ids: np.ndarray) -> None:
+        if self.kind != "text":
+            raise ValueError(f"{self.prefix}: cannot add a text document to an aligned dataset")
+        self._builder.add_document(np.asarray(text_ids, dtype=_DTYPE), [len(text_ids)])
+        self.num_documents += 1
+
+    def abort(self) -> None:
+        """Close and delete whatever this writer has written."""
+        self._builder.data_file.close()
+        for path in (get_bin_path(self.prefix), get_idx_path(self.prefix),
+                     Manifest.path_for(self.prefix)):
+            Path(path).unlink(missing_ok=True)
+
+    def finalize(self, manifest: Manifest) -> None:
+        if self.num_documents == 0:
+            raise StoreError(f"{self.prefix}: no documents to write (every input was empty or "
+                             f"skipped as bad)")
+        if manifest.kind != self.kind or manifest.counts.documents != self.num_documents:
+            raise ValueError(f"{self.prefix}: manifest says {manifest.counts.documents} "
+                             f"{manifest.kind} documents, the writer holds {self.num_documents} "
+                             f"{self.kind} documents")
+        self._builder.finalize(get_idx_path(self.prefix))
+        manifest.save(self.prefix)
+
+
+class DocumentStore:
+    """Random access to the documents at `prefix` (`.bin`, `.idx`, `.json`), validated on open.
+
+    `store[i]` is an `AlignedDocument` (kind "aligned") or an int32 array of text ids (kind
+    "text"); arrays are read-only views of the memory-mapped `.bin`.
+    """
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = str(prefix)
+        self.manifest = Manifest.load(self.prefix)
+        self.kind = self.manifest.kind
+        self.vocab = JointVocab.from_dict(self.manifest.vocab)
+        self._per_doc = SEQUENCES_PER_DOCUMENT[self.kind]
+        for path in (get_idx_path(self.prefix), get_bin_path(self.prefix)):
+            if not os.path.exists(path):
+                raise StoreError(f"{path}: not found; the manifest {self.prefix}.json has no data "
+                                 f"next to it (re-run tools/preprocess_data.py)")
+        self._dataset = IndexedDataset(self.prefix, mmap=True)
+        self._validate()
+
+    def _validate(self) -> None:
+        index = self._dataset.index
+        idx_path = get_idx_path(self.prefix)
+        if index.dtype != _DTYPE:
+            raise StoreError(f"{idx_path}: stores {np.dtype(index.dtype).name}, expected int32")
+        lengths = self._dataset.sequence_lengths
+        doc_bounds = self._dataset.document_indices
+        num_docs = len(doc_bounds) - 1
+        if num_docs != self.manifest.counts.documents:
+            raise StoreError(f"{idx_path}: holds {num_docs} documents but {self.prefix}.json "
+                             f"says {self.manifest.counts.documents}")
+        if (np.diff(doc_bounds) != self._per_doc).any():
+            raise StoreError(f"{idx_path}: a {self.kind} document must hold {self._per_doc} "
+                             f"sequences; this index was not written by DocumentWriter")
+        expected = int(lengths.sum(dtype=np.int64)) * np.dtype(_DTYPE).itemsize
+        bin_path = get_bin_path(self.prefix)
+        actual = os.path.getsize(bin_path)
+        if actual != expected:
+            raise StoreError(f"{bin_path}: is {actual} bytes but {idx_path} describes "
+                             f"{expected} bytes; the file is truncated or from another run "
+                             f"(re-run tools/preprocess_data.py)")
+        per_column = lengths.reshape(num_docs, self._per_doc).sum(axis=0, dtype=np.int64)
+        stored = {"text_pieces": int(per_column[0])}
+        if self.kind == "aligned":
+            stored.update(units=int(per_column[1]), segments=int(per_column[2]))
+        for name, value in stored.items():
+            if value != getattr(self.manifest.counts, name):
+                raise StoreError(f"{idx_path}: holds {value} {name} but {self.prefix}.json says "
+                                 f"{getattr(self.manifest.counts, name)}")
+
+    def __len__(self) -> int:
+        return self.manifest.counts.documents
+
+    def __getitem__(self, i: int) -> AlignedDocument | np.ndarray:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"document {i} out of range for {n} documents in {self.prefix}")
+        i = int(i) % n
+        if self.kind == "text":
+            return self._dataset[i]
+        text_ids, unit_ids, seg_text_len, seg_unit_len = self._dataset[4 * i: 4 * i + 4]
+        return AlignedDocument(text_ids, unit_ids, seg_text_len, seg_unit_len)
+
+    def token_counts(self) -> np.ndarray:
+        """[D] int64: text pieces + units of each document (no specials), from the index only."""
+        lengths = self._dataset.sequence_lengths.astype(np.int64)
+        if self.kind == "text":
+            return lengths
+        per_doc = lengths.reshape(-1, 4)
+        return per_doc[:, 0] + per_doc[:, 1]
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise VocabularyError unless `tokenizer` is the one the text ids were made with."""
+        info = self.manifest.tokenizer
+        if tokenizer.vocab_size != info.vocab_size:
+            raise VocabularyError(
+                f"{self.prefix}: was tokenized with a {info.vocab_size}-piece tokenizer "
+                f"({info.path}) but this one has {tokenizer.vocab_size} pieces; use the tokenizer "
+                f"the dataset was made with or re-run tools/preprocess_data.py")
+        if tokenizer.sha256 != info.sha256:
+            raise VocabularyError(
+                f"{self.prefix}: was tokenized with {info.path} (sha256 {info.sha256[:12]}...) "
+                f"but this tokenizer's file has sha256 {tokenizer.sha256[:12]}...; use the same "
+                f"tokenizer or re-run tools/preprocess_data.py")
+

@@ -1,0 +1,98 @@
+"""The JSON manifest stored next to an indexed dataset as `<prefix>.json`.
+
+It records what a reader needs to trust the `.bin/.idx` pair: the kind of documents, the joint
+vocabulary layout, which tokenizer made the text ids (path, sha256, size), the speech codebook and
+frame rate, and counts that the store checks against the index on open.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from megatron_lst.data.documents import DocumentError
+
+FORMAT_VERSION = 1
+KINDS = ("aligned", "text")
+
+
+class ManifestError(DocumentError):
+    """A manifest is missing, unreadable or disagrees with the data it describes."""
+
+
+@dataclass
+class Counts:
+    documents: int = 0
+    segments: int = 0
+    """Aligned segments (words and silences); 0 for text datasets."""
+    words: int = 0
+    """Whitespace-separated words in the text (for aligned data: in word segments)."""
+    silences: int = 0
+    text_pieces: int = 0
+    units: int = 0
+    bad_skipped: int = 0
+    """Input lines or utterances skipped as malformed (only with skip-bad)."""
+    empty_silences_dropped: int = 0
+    """Silence segments with no units (a zero-frame `[SIL]`): they carry nothing and are dropped."""
+
+    def add(self, other: Counts) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass
+class TokenizerInfo:
+    path: str
+    sha256: str
+    vocab_size: int
+
+
+@dataclass
+class Manifest:
+    kind: str
+    """"aligned" (4 sequences per document) or "text" (1 sequence per document)."""
+    vocab: dict
+    """`JointVocab.to_dict()` of the vocabulary the ids were made for."""
+    tokenizer: TokenizerInfo
+    num_units: int
+    frame_rate: float | None
+    """Unit frames per second of aligned data; None for text."""
+    counts: Counts = field(default_factory=Counts)
+    sources: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ManifestError(f"manifest kind must be one of {KINDS}, got {self.kind!r}")
+
+    @staticmethod
+    def path_for(prefix: str | Path) -> Path:
+        return Path(str(prefix) + ".json")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def save(self, prefix: str | Path) -> Path:
+        path = self.path_for(prefix)
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, prefix: str | Path) -> Manifest:
+        path = cls.path_for(prefix)
+        if not path.exists():
+            raise ManifestError(f"{path}: manifest not found; datasets must be written by "
+                                f"tools/preprocess_data.py, which writes it next to .bin/.idx")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if raw.get("format_version") != FORMAT_VERSION:
+                raise ManifestError(f"{path}: manifest format version "
+                                    f"{raw.get('format_version')} is not {FORMAT_VERSION}; "
+                                    f"re-run tools/preprocess_data.py")
+            raw["tokenizer"] = TokenizerInfo(**raw["tokenizer"])
+            raw["counts"] = Counts(**raw["counts"])
+            return cls(**raw)
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ManifestError(f"{path}: unreadable manifest ({error}); re-run "
+                                f"tools/preprocess_data.py") from error

@@ -1,0 +1,463 @@
+"""Readers that turn raw corpora into documents (DESIGN.md section 2).
+
+Three input forms:
+
+- the reference implementation's "on the fly" JSONL (`read_reference_jsonl`): one document per
+  line, `{"file_id": ..., "interleaved": "<LST MODE SEP>TEXT w <LST MODE SEP>HUBERT u u ..."}`;
+- MFA TextGrid word tiers plus per-utterance unit files (`read_textgrid_corpus`);
+- text JSONL (`read_text_jsonl`): one text-only document per line, `{"text": ...}`.
+
+Aligned readers yield `AlignedDocument`s whose units are raw values and whose words are tokenized
+with `TextTokenizer.encode_words`; text readers yield int32 arrays of text ids. Every document
+comes with its source location (`file:line`, or the utterance's files). A bad input raises
+`DocumentError` naming that location; with `skip_bad=True` it is skipped and counted instead
+in the `ReadReport` passed in, which keeps the first messages.
+
+Blank lines in JSONL files are not documents and are passed over silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megatron_lst.data.documents import AlignedDocument, DocumentError
+from megatron_lst.data.manifest import Counts
+from megatron_lst.data.textgrid import read_textgrid
+from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, load_text_tokenizer
+from megatron_lst.tokenizer.vocab import VocabularyError
+
+SEGMENT_SEP = "<LST MODE SEP>"
+SILENCE_WORD = "[SIL]"
+TEXTGRID_SILENCES = frozenset({"", "sp", "sil", "<eps>"})
+UNIT_FILE_SUFFIXES = (".npy", ".txt", ".km", ".units")
+
+Document = AlignedDocument | np.ndarray
+
+
+@dataclass
+class SourceDocument:
+    document: Document
+    where: str
+    """`file:line` or the utterance's files: where to look when this document is wrong."""
+    counts: Counts
+    """This document's contribution to the manifest counts."""
+
+
+@dataclass
+class ReadReport:
+    """What a reader skipped (with `skip_bad=True`)."""
+
+    bad_skipped: int = 0
+    examples: list[str] = field(default_factory=list)
+    """The first few skip messages, for the summary."""
+
+    MAX_EXAMPLES = 5
+
+    def skip(self, error: Exception) -> None:
+        self.bad_skipped += 1
+        if len(self.examples) < self.MAX_EXAMPLES:
+            self.examples.append(str(error))
+
+
+def parse_units_text(text: str, where: str, num_tokens: int | None = None) -> np.ndarray:
+    """[U] int64 units of a whitespace-separated string of integers.
+
+    `num_tokens` is `len(text.split())` when the caller already knows it.
+    """
+    if num_tokens is None:
+        num_tokens = len(text.split())
+    if num_tokens == 0:
+        return np.zeros(0, dtype=np.int64)
+    with warnings.catch_warnings():
+        # numpy warns (and stops) at the first token that is not an integer: make that an error.
+        warnings.simplefilter("error", DeprecationWarning)
+        try:
+            units = np.fromstring(text, dtype=np.int64, sep=" ")
+        except (ValueError, DeprecationWarning):
+            units = None
+    # numpy's separator also matches no whitespace at all ("1+2" reads as 1, 2): count tokens.
+    if units is not None and len(units) == num_tokens:
+        return units
+    for token in text.split():
+        try:
+            int(token)
+        except ValueError:
+            raise DocumentError(f"{where}: speech unit {token!r} is not an integer") from None
+    raise DocumentError(f"{where}: speech units are not whitespace-separated integers")
+
+
+def parse_reference_interleaved(interleaved: str, tokenizer: TextTokenizer, num_units: int,
+                                where: str) -> tuple[AlignedDocument, Counts]:
+    """One reference-format document.
+
+    Pairing follows the reference parser: a TEXT segment takes the HUBERT segment right after it
+    (none: the word has 0 units); a HUBERT segment with no TEXT before it, or after an empty TEXT,
+    is a silence; `[SIL]` is a silence. A TEXT payload of several words stays one segment (the
+    reference keeps only its first word). Silences with no units carry nothing and are dropped.
+    """
+    parts = interleaved.split(SEGMENT_SEP)
+    if parts[0].strip():
+        raise DocumentError(f"{where}: text before the first {SEGMENT_SEP!r}: "
+                            f"{parts[0][:40]!r}")
+    seg_texts: list[str] = []  # "" for a silence
+    seg_units: list[str] = []
+    counts = Counts(documents=1)
+    pending_text: str | None = None  # a TEXT payload waiting for its HUBERT segment
+
+    def close(text: str | None, units: str) -> None:
+        if text is None or text == SILENCE_WORD or not text:
+            if not units or units.isspace():
+                counts.empty_silences_dropped += 1
+                return
+            text = ""
+            counts.silences += 1
+        else:
+            words = text.split()
+            if SILENCE_WORD in words:
+                raise DocumentError(f"{where}: segment {len(seg_texts)} mixes {SILENCE_WORD} "
+                                    f"with words: {text!r}")
+            counts.words += len(words)
+            text = " ".join(words)
+        seg_texts.append(text)
+        seg_units.append(units)
+
+    for index, part in enumerate(parts[1:]):
+        head, _, payload = part.partition(" ")
+        if head == "TEXT":
+            if pending_text is not None:
+                close(pending_text, "")
+            pending_text = payload.strip()
+        elif head == "HUBERT":
+            close(pending_text, payload)
+            pending_text = None
+        else:
+            raise DocumentError(f"{where}: segment {index} has unknown head {head!r}; expected "
+                                f"TEXT or HUBERT after {SEGMENT_SEP!r}")
+    if pending_text is not None:
+        close(pending_text, "")
+
+    if not seg_texts:
+        raise DocumentError(f"{where}: empty document (no words and no units)")
+    text_ids, seg_text_len = tokenizer.encode_words(seg_texts)
+    seg_unit_len = np.fromiter((len(u.split()) for u in seg_units), dtype=np.int32,
+                               count=len(seg_units))
+    unit_ids = parse_units_text(" ".join(seg_units), where, int(seg_unit_len.sum()))
+    return _finish(text_ids, unit_ids, seg_text_len, seg_unit_len, seg_texts, num_units, where,
+                   counts)
+
+
+def _finish(text_ids: np.ndarray, unit_ids: np.ndarray, seg_text_len: np.ndarray,
+            seg_unit_len: np.ndarray, seg_texts: list[str], num_units: int, where: str,
+            counts: Counts) -> tuple[AlignedDocument, Counts]:
+    empty_words = np.flatnonzero(seg_text_len == 0)
+    for i in empty_words:
+        if seg_texts[i]:
+            raise DocumentError(f"{where}: word {seg_texts[i]!r} encodes to no text pieces")
+    if len(unit_ids) and (unit_ids.min() < 0 or unit_ids.max() >= num_units):
+        position = int(np.flatnonzero((unit_ids < 0) | (unit_ids >= num_units))[0])
+        segment = int(np.searchsorted(np.cumsum(seg_unit_len), position, side="right"))
+        raise DocumentError(f"{where}: speech unit {int(unit_ids[position])} (unit {position}, "
+                            f"segment {segment}) is outside the codebook 0..{num_units - 1}; "
+                            f"pass the codebook size the units were made with (--num-units)")
+    doc = AlignedDocument(text_ids, unit_ids.astype(np.int32), seg_text_len, seg_unit_len)
+    doc.validate(num_units, where)
+    counts.segments += doc.num_segments
+    counts.text_pieces += len(text_ids)
+    counts.units += len(unit_ids)
+    return doc, counts
+
+
+def parse_reference_line(line: str, tokenizer: TextTokenizer, num_units: int,
+                         where: str) -> tuple[AlignedDocument, Counts]:
+    """One JSON line of the reference "on the fly" format."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DocumentError(f"{where}: not valid JSON ({error.msg} at column {error.colno})"
+                            ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("interleaved"), str):
+        raise DocumentError(f"{where}: expected an object with an \"interleaved\" string, got "
+                            f"{line.strip()[:60]!r}")
+    file_id = record.get("file_id")
+    return parse_reference_interleaved(record["interleaved"], tokenizer, num_units,
+                                       f"{where} ({file_id})" if file_id else where)
+
+
+def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
+                    where: str) -> tuple[np.ndarray, Counts]:
+    """One JSON line of a text corpus: [T] int32 text ids of `record[key]`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DocumentError(f"{where}: not valid JSON ({error.msg} at column {error.colno})"
+                            ) from None
+    if not isinstance(record, dict) or not isinstance(record.get(key), str):
+        raise DocumentError(f"{where}: expected an object with a {key!r} string, got "
+                            f"{line.strip()[:60]!r}")
+    text = record[key]
+    if not text.strip():
+        raise DocumentError(f"{where}: empty document (no text under {key!r})")
+    ids = np.array(tokenizer.encode(text), dtype=np.int32)
+    return ids, Counts(documents=1, words=len(text.split()), text_pieces=len(ids))
+
+
+def _read_lines(path: Path, parse, skip_bad: bool, report: ReadReport | None
+                ) -> Iterator[SourceDocument]:
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                doc, counts = parse(line, where)
+            except (DocumentError, VocabularyError) as error:
+                if not skip_bad:
+                    raise
+                (report or ReadReport()).skip(error)
+                continue
+            yield SourceDocument(doc, where, counts)
+
+
+def read_reference_jsonl(path: str | Path, tokenizer: TextTokenizer, num_units: int = 502,
+                         skip_bad: bool = False, report: ReadReport | None = None
+                         ) -> Iterator[SourceDocument]:
+    """Aligned documents of a reference "on the fly" JSONL file, one per non-blank line."""
+    return _read_lines(Path(path),
+                       lambda line, where: parse_reference_line(line, tokenizer, num_units, where),
+                       skip_bad, report)
+
+
+def read_text_jsonl(path: str | Path, tokenizer: TextTokenizer, key: str = "text",
+                    skip_bad: bool = False, report: ReadReport | None = None
+                    ) -> Iterator[SourceDocument]:
+    """Text-only documents ([T] int32 text ids) of a JSONL file, one per non-blank line."""
+    return _read_lines(Path(path),
+                       lambda line, where: parse_text_line(line, tokenizer, key, where),
+                       skip_bad, report)
+
+
+def load_units(path: Path) -> np.ndarray:
+    """[U] int64 units of a `.npy` integer array or a whitespace-separated text file."""
+    if path.suffix == ".npy":
+        try:
+            units = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise DocumentError(f"{path}: not a readable .npy array ({error})") from None
+        if units.ndim != 1 or units.dtype.kind not in "iu":
+            raise DocumentError(f"{path}: expected a 1-D integer array of units, got "
+                                f"{units.dtype} with shape {units.shape}")
+        return units.astype(np.int64)
+    return parse_units_text(path.read_text(encoding="utf-8"), str(path))
+
+
+def _frame(seconds: float, frame_rate: float) -> int:
+    # Half-up rounding: shared interval boundaries map to the same frame on both sides.
+    return int(math.floor(seconds * frame_rate + 0.5))
+
+
+def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
+                             tokenizer: TextTokenizer, frame_rate: float = 25.0,
+                             num_units: int = 502, tier: str = "words"
+                             ) -> tuple[AlignedDocument, Counts]:
+    """One utterance: the word tier of `textgrid_path` and the units of `units_path`.
+
+    Interval [start, end) gets frames round(start * rate) .. round(end * rate). The TextGrid's
+    last interval must end within one frame of the unit count; the last segment absorbs that
+    frame. Empty labels and `sp`, `sil`, `<eps>` are silences; silences with no frames are
+    dropped.
+    """
+    textgrid_path, units_path = Path(textgrid_path), Path(units_path)
+    where = f"{textgrid_path} + {units_path}"
+    intervals = read_textgrid(textgrid_path, tier)
+    units = load_units(units_path)
+    if not intervals:
+        raise DocumentError(f"{textgrid_path}: empty document (tier {tier!r} has no intervals)")
+    bounds = [_frame(iv.start, frame_rate) for iv in intervals] + [
+        _frame(intervals[-1].end, frame_rate)]
+    if abs(bounds[-1] - len(units)) > 1:
+        raise DocumentError(
+            f"{where}: the TextGrid ends at {intervals[-1].end:.3f}s = {bounds[-1]} frames at "
+            f"{frame_rate:g} Hz but {units_path.name} holds {len(units)} units; check the frame "
+            f"rate (--frame-rate) and that the files belong to the same utterance")
+    bounds[-1] = len(units)
+    bounds = np.minimum(np.array(bounds, dtype=np.int64), len(units))
+
+    counts = Counts(documents=1)
+    seg_texts: list[str] = []
+    seg_unit_len: list[int] = []
+    for interval, first, last in zip(intervals, bounds[:-1], bounds[1:], strict=True):
+        frames = max(int(last - first), 0)
+        label = interval.label.strip()
+        if label in TEXTGRID_SILENCES:
+            if frames == 0:
+                counts.empty_silences_dropped += 1
+                continue
+            counts.silences += 1
+            label = ""
+        else:
+            counts.words += len(label.split())
+            label = " ".join(label.split())
+        seg_texts.append(label)
+        seg_unit_len.append(frames)
+    if not seg_texts:
+        raise DocumentError(f"{where}: empty document (no words and no units)")
+    text_ids, seg_text_len = tokenizer.encode_words(seg_texts)
+    return _finish(text_ids, units, seg_text_len, np.array(seg_unit_len, dtype=np.int32),
+                   seg_texts, num_units, where, counts)
+
+
+def find_units_file(textgrid_path: Path, textgrid_dir: Path, units_dir: Path) -> Path:
+    """The unit file of an utterance: same relative path under `units_dir`, else same stem."""
+    relative = textgrid_path.relative_to(textgrid_dir).with_suffix("")
+    for base in (units_dir / relative, units_dir / relative.name):
+        for suffix in UNIT_FILE_SUFFIXES:
+            candidate = base.with_name(base.name + suffix)
+            if candidate.is_file():
+                return candidate
+    raise DocumentError(f"{textgrid_path}: no unit file {relative}{{{','.join(UNIT_FILE_SUFFIXES)}}}"
+                        f" under {units_dir}")
+
+
+def textgrid_utterances(textgrid_dir: str | Path) -> list[Path]:
+    """All `*.TextGrid` files under `textgrid_dir`, sorted (the corpus order)."""
+    paths = sorted(Path(textgrid_dir).rglob("*.TextGrid"))
+    if not paths:
+        raise DocumentError(f"{textgrid_dir}: no *.TextGrid files found")
+    return paths
+
+
+def read_textgrid_corpus(textgrid_dir: str | Path, units_dir: str | Path,
+                         tokenizer: TextTokenizer, frame_rate: float = 25.0,
+                         num_units: int = 502, tier: str = "words", skip_bad: bool = False,
+                         report: ReadReport | None = None) -> Iterator[SourceDocument]:
+    """Aligned documents of every TextGrid under `textgrid_dir` with its unit file."""
+    textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
+    for path in textgrid_utterances(textgrid_dir):
+        try:
+            units_path = find_units_file(path, textgrid_dir, units_dir)
+            doc, counts = parse_textgrid_utterance(path, units_path, tokenizer, frame_rate,
+                                                   num_units, tier)
+        except (DocumentError, VocabularyError) as error:
+            if not skip_bad:
+                raise
+            (report or ReadReport()).skip(error)
+            continue
+        yield SourceDocument(doc, f"{path} + {units_path}", counts)
+
+
+
+# Parallel reading: the input is cut into chunks (of lines, or of utterances) that worker
+# processes parse with `parse_chunk`; everything a worker needs is picklable and importable here.
+
+INPUT_FORMATS = ("reference-jsonl", "textgrid", "text-jsonl")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    input_format: str
+    """One of INPUT_FORMATS."""
+    tokenizer_path: str
+    tokenizer_sha256: str
+    """Workers refuse a tokenizer file that differs from the one the run started with."""
+    num_units: int = 502
+    frame_rate: float = 25.0
+    json_key: str = "text"
+    tier: str = "words"
+    textgrid_dir: str | None = None
+    units_dir: str | None = None
+    skip_bad: bool = False
+
+    def __post_init__(self):
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, "
+                             f"got {self.input_format!r}")
+        if self.input_format == "textgrid" and not (self.textgrid_dir and self.units_dir):
+            raise ValueError("the textgrid input format needs textgrid_dir and units_dir")
+
+
+@dataclass
+class Chunk:
+    items: list
+    """(line number, line) pairs, or TextGrid paths."""
+    source: str
+    """The file the lines come from ("" for TextGrid utterances)."""
+    size: int
+    """Input bytes (lines) or utterances, for progress bars."""
+
+
+@dataclass
+class ChunkResult:
+    documents: list[Document]
+    counts: Counts
+    report: ReadReport
+
+
+def line_chunks(paths: list[str], chunk_size: int) -> Iterator[Chunk]:
+    """The non-blank lines of `paths`, in order, `chunk_size` lines at a time."""
+    for path in paths:
+        with open(path, encoding="utf-8") as lines:
+            chunk: list[tuple[int, str]] = []
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    chunk.append((number, line))
+                if len(chunk) == chunk_size:
+                    yield Chunk(chunk, str(path), sum(len(line) for _, line in chunk))
+                    chunk = []
+            if chunk:
+                yield Chunk(chunk, str(path), sum(len(line) for _, line in chunk))
+
+
+def utterance_chunks(paths: list[Path], chunk_size: int) -> Iterator[Chunk]:
+    """TextGrid paths, `chunk_size` at a time."""
+    for start in range(0, len(paths), chunk_size):
+        chunk = paths[start: start + chunk_size]
+        yield Chunk(chunk, "", len(chunk))
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_tokenizer(path: str, sha256: str) -> TextTokenizer:
+    # One tokenizer (and its word cache) per process for all the chunks it parses.
+    tokenizer = load_text_tokenizer(path)
+    if tokenizer.sha256 != sha256:
+        raise VocabularyError(f"{path}: the tokenizer file changed during preprocessing "
+                              f"(sha256 {tokenizer.sha256[:12]}..., expected {sha256[:12]}...)")
+    return tokenizer
+
+
+def _parse_item(options: ReadOptions, tokenizer: TextTokenizer, item, source: str
+                ) -> tuple[Document, Counts]:
+    if options.input_format == "textgrid":
+        units_path = find_units_file(item, Path(options.textgrid_dir), Path(options.units_dir))
+        return parse_textgrid_utterance(item, units_path, tokenizer, options.frame_rate,
+                                        options.num_units, options.tier)
+    number, line = item
+    where = f"{source}:{number}"
+    if options.input_format == "reference-jsonl":
+        return parse_reference_line(line, tokenizer, options.num_units, where)
+    return parse_text_line(line, tokenizer, options.json_key, where)
+
+
+def parse_chunk(options: ReadOptions, chunk: Chunk) -> ChunkResult:
+    """The documents of one chunk, in order; bad ones raise or (skip_bad) are counted."""
+    tokenizer = _worker_tokenizer(options.tokenizer_path, options.tokenizer_sha256)
+    result = ChunkResult([], Counts(), ReadReport())
+    for item in chunk.items:
+        try:
+            document, counts = _parse_item(options, tokenizer, item, chunk.source)
+        except (DocumentError, VocabularyError) as error:
+            if not options.skip_bad:
+                raise
+            result.report.skip(error)
+            continue
+        result.documents.append(document)
+        result.counts.add(counts)
+    result.counts.bad_skipped = result.report.bad_skipped
+    return result

@@ -1,0 +1,219 @@
+"""Praat TextGrid word tiers, as the Montreal Forced Aligner writes them.
+
+`read_textgrid` reads one interval tier from a TextGrid in either of Praat's text formats:
+
+- long ("ooTextFile" with `xmin = 0`, `intervals [1]:` ... labels), MFA's default;
+- short (the same values, one per line, without labels).
+
+Both formats are the same stream of values (numbers, quoted strings, `<exists>` flags) with or
+without labels around them, so one tokenizer that drops labels and `[n]` indices reads both, as
+Praat's own reader does. Strings escape `"` as `""`. Files may be UTF-8 or UTF-16 (with a BOM).
+
+`write_textgrid` writes the long format, which Praat and MFA read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_lst.data.documents import DocumentError
+
+
+class TextGridError(DocumentError):
+    """A TextGrid file is malformed or lacks the requested tier."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    start: float
+    """Seconds."""
+    end: float
+    """Seconds."""
+    label: str
+    """The word; empty for silence."""
+
+
+# One value token: a quoted string ("" escapes a quote), a flag, or a number. Labels (`xmin =`,
+# `intervals: size =`) and indices (`[3]`) are matched so that their digits are not read as values;
+# a bare word right after `=` is a malformed value and is kept so the error points at its line.
+_TOKEN = re.compile(
+    r'"(?P<string>(?:[^"]|"")*)"'
+    r"|(?P<flag><exists>|<absent>)"
+    r"|(?P<index>\[[^\]\n]*\])"
+    r"|(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+    r"|(?P<word>[A-Za-z_][\w?]*)"
+    r"|=[ \t]*(?P<malformed>[^\s\"\d.+-][^\s]*)"
+    r"|(?P<other>[^\s])"
+)
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str  # "string" | "flag" | "number" | "malformed"
+    value: str
+    line: int
+
+
+def _decode(raw: bytes) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    return raw.decode("utf-8-sig")
+
+
+def _tokens(text: str) -> Iterator[_Token]:
+    line = 1
+    last = 0
+    for match in _TOKEN.finditer(text):
+        line += text.count("\n", last, match.start())
+        last = match.start()
+        kind = match.lastgroup
+        if kind in ("string", "flag", "number", "malformed"):
+            yield _Token(kind, match.group(kind), line)
+
+
+class _Cursor:
+    """Reads values in order, naming the file and line on any surprise."""
+
+    def __init__(self, path: Path, text: str):
+        self.path = path
+        self.tokens = list(_tokens(text))
+        self.pos = 0
+
+    def _next(self, kind: str, what: str) -> _Token:
+        if self.pos >= len(self.tokens):
+            line = self.tokens[-1].line if self.tokens else 1
+            raise TextGridError(f"{self.path}:{line}: file ends where {what} was expected")
+        token = self.tokens[self.pos]
+        if token.kind != kind:
+            raise TextGridError(f"{self.path}:{token.line}: expected {what} ({kind}), "
+                                f"found {token.value!r}")
+        self.pos += 1
+        return token
+
+    def string(self, what: str) -> str:
+        return self._next("string", what).value.replace('""', '"')
+
+    def number(self, what: str) -> float:
+        return float(self._next("number", what).value)
+
+    def count(self, what: str) -> int:
+        token = self._next("number", what)
+        value = float(token.value)
+        if value != int(value) or value < 0:
+            raise TextGridError(f"{self.path}:{token.line}: {what} must be a non-negative "
+                                f"integer, found {token.value}")
+        return int(value)
+
+    def line(self) -> int:
+        return self.tokens[min(self.pos, len(self.tokens) - 1)].line if self.tokens else 1
+
+
+def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
+    """The intervals of the interval tier named `tier`, in file order.
+
+    Raises TextGridError (a DocumentError) naming the file and line for a malformed file, and
+    listing the tiers present when `tier` is missing.
+    """
+    path = Path(path)
+    cursor = _Cursor(path, _decode(path.read_bytes()))
+    if cursor.string("the file type") != "ooTextFile":
+        raise TextGridError(f"{path}:1: not a Praat text file (File type is not \"ooTextFile\")")
+    if cursor.string("the object class") != "TextGrid":
+        raise TextGridError(f"{path}:2: not a TextGrid (Object class is not \"TextGrid\")")
+    cursor.number("the grid's xmin")
+    cursor.number("the grid's xmax")
+    if cursor._next("flag", "the tiers flag").value == "<absent>":
+        raise TextGridError(f"{path}: has no tiers; expected a tier named {tier!r}")
+    num_tiers = cursor.count("the number of tiers")
+
+    names = []
+    for _ in range(num_tiers):
+        tier_class = cursor.string("a tier class")
+        name = cursor.string("a tier name")
+        names.append(name)
+        cursor.number("the tier's xmin")
+        cursor.number("the tier's xmax")
+        size = cursor.count("the number of intervals or points")
+        if tier_class == "IntervalTier":
+            intervals = []
+            for _ in range(size):
+                line = cursor.line()
+                start = cursor.number("an interval's xmin")
+                end = cursor.number("an interval's xmax")
+                label = cursor.string("an interval's text")
+                if end < start:
+                    raise TextGridError(f"{path}:{line}: interval [{start}, {end}] of tier "
+                                        f"{name!r} ends before it starts")
+                intervals.append(Interval(start, end, label))
+            if name == tier:
+                return intervals
+        elif tier_class == "TextTier":
+            for _ in range(size):
+                cursor.number("a point's time")
+                cursor.string("a point's mark")
+            if name == tier:
+                raise TextGridError(f"{path}: tier {tier!r} is a point tier (TextTier); "
+                                    f"word alignments need an interval tier")
+        else:
+            raise TextGridError(f"{path}:{cursor.line()}: unknown tier class {tier_class!r}")
+    raise TextGridError(f"{path}: no tier named {tier!r}; the file has tiers {names}; "
+                        f"pass the word tier's name")
+
+
+def _quote(label: str) -> str:
+    return '"' + label.replace('"', '""') + '"'
+
+
+def write_textgrid(path: str | Path, intervals: Sequence[Interval], xmax: float | None = None,
+                   tier: str = "words") -> None:
+    """Write one interval tier as a long-format TextGrid starting at time 0.
+
+    Praat needs an interval tier to cover its whole time range, so gaps between the given
+    intervals (and before the first, and up to `xmax`) are written as empty intervals. `xmax`
+    defaults to the end of the last interval. Overlapping or unordered intervals raise.
+    """
+    end_time = float(intervals[-1].end) if intervals else 0.0
+    xmax = end_time if xmax is None else float(xmax)
+    if xmax < end_time:
+        raise TextGridError(f"{path}: xmax {xmax} is before the last interval's end {end_time}")
+
+    filled: list[Interval] = []
+    time = 0.0
+    for interval in intervals:
+        if interval.start < time or interval.end < interval.start:
+            raise TextGridError(f"{path}: interval {interval} overlaps the previous one, is out "
+                                f"of order or ends before it starts")
+        if interval.start > time:
+            filled.append(Interval(time, interval.start, ""))
+        filled.append(interval)
+        time = interval.end
+    if xmax > time or not filled:
+        filled.append(Interval(time, xmax, ""))
+
+    lines = [
+        'File type = "ooTextFile"',
+        'Object class = "TextGrid"',
+        "",
+        "xmin = 0.0",
+        f"xmax = {xmax!r}",
+        "tiers? <exists>",
+        "size = 1",
+        "item []:",
+        "    item [1]:",
+        '        class = "IntervalTier"',
+        f"        name = {_quote(tier)}",
+        "        xmin = 0.0",
+        f"        xmax = {xmax!r}",
+        f"        intervals: size = {len(filled)}",
+    ]
+    for i, interval in enumerate(filled, 1):
+        lines += [
+            f"        intervals [{i}]:",
+            f"            xmin = {float(interval.start)!r}",
+            f"            xmax = {float(interval.end)!r}",
+            f"            text = {_quote(interval.label)}",
+        ]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,499 @@
+"""Build the offline demo corpus: stories -> speech -> units -> aligned documents + evaluation sets.
+
+Stages, each cached under `<out_dir>/cache/<stage>-<hash of its inputs>/`, so re-running with the
+same configuration reads the results back instead of recomputing them:
+
+1. text: generated stories (or the user's text files), split into speech documents, text-only
+   documents and a validation part of each; held-out stories for evaluation never appear in them;
+2. speech: eSpeak NG synthesis with word times, featurised at 25 Hz (audio is not stored);
+3. codebook: k-means on the training speech features;
+4. outputs, written to `<out_dir>`:
+   `speech/{train,valid}.on_the_fly.jsonl`  reference "on the fly" form (word / `[SIL]` segments),
+   `textgrid/{train,valid}/<id>.TextGrid` + `units/{train,valid}/<id>.npy`  MFA-style word tiers
+                                            and unit arrays, the input form of real user data,
+   `text/{train,valid}.jsonl`               text-only documents, `{"id", "text"}`,
+   `eval/{storycloze,topic,hellaswag}.jsonl`  evaluation items (see eval_sets.py),
+   `codebook.npy`, `summary.json`.
+5. `tools/train_tokenizer.py` trains a small SentencePiece tokenizer on the training text
+   (`tokenizer/spm.model`) and `tools/preprocess_data.py` writes the indexed datasets
+   `indexed/{speech,text}_{train,valid}.{bin,idx,json}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from megatron_lst.data.textgrid import Interval, write_textgrid
+from megatron_lst.demo_corpus.alignment import SILENCE, on_the_fly_line, segments_from_intervals
+from megatron_lst.demo_corpus.eval_sets import (EVAL_SETS, SpokenText, TextItem,
+                                                endings_only_accuracy, item_record,
+                                                make_text_items, write_items)
+from megatron_lst.demo_corpus.ngram import NgramLM
+from megatron_lst.demo_corpus.optional import require
+from megatron_lst.demo_corpus.speech import SpeechRequest, Utterance, synthesize_utterances
+from megatron_lst.demo_corpus.stories import Story, generate_stories, normalize_words
+from megatron_lst.demo_corpus.tts import DEFAULT_VOICES, Voice
+from megatron_lst.demo_corpus.units import (UNIT_FRAME_RATE, FeatureExtractor, KMeansCodebook,
+                                            MfccFeatures, UnitExtractor)
+
+# Bump when a change to this package changes what the stages produce: it is part of every key.
+CORPUS_VERSION = 1
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_OUTPUT_DIRS = ("speech", "text", "textgrid", "units", "eval", "tokenizer", "indexed")
+
+
+@dataclass(frozen=True)
+class DemoCorpusConfig:
+    seed: int = 0
+    scale: float = 1.0
+    """Multiplies the document counts below (not the evaluation sets)."""
+    speech_documents: int = 800
+    """Synthesised training stories at scale 1 (about 3.5 hours of audio)."""
+    text_documents: int = 8000
+    """Text-only training stories at scale 1."""
+    valid_fraction: float = 0.02
+    """Share of each kind of document kept apart for validation."""
+    eval_items: int = 300
+    """Items per evaluation set."""
+    voices: tuple[str, ...] = DEFAULT_VOICES
+    num_units: int = 500
+    kmeans_frames: int = 50_000
+    """Frames the codebook is fitted on (drawn evenly from the training speech)."""
+    text_files: tuple[str, ...] = ()
+    """The user's own text (paragraphs split by blank lines) instead of generated stories."""
+    tokenizer_vocab_size: int = 512
+    workers: int = 2
+
+    def __post_init__(self):
+        if self.scale <= 0:
+            raise ValueError(f"scale must be positive, got {self.scale}")
+        if not self.voices:
+            raise ValueError("voices must name at least one eSpeak voice, e.g. 'en-us+m3'")
+        if self.eval_items < 1:
+            raise ValueError(f"eval_items must be at least 1, got {self.eval_items}")
+
+
+@dataclass
+class DemoCorpus:
+    """Where the outputs are, and what they hold."""
+
+    out_dir: Path
+    paths: dict[str, Path]
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Document:
+    id: str
+    text: str
+    """Natural text."""
+
+
+def _key(*parts) -> str:
+    blob = json.dumps([CORPUS_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. text
+
+
+def _paragraphs(paths: Sequence[str], max_words: int = 120) -> list[str]:
+    """Paragraphs (split by blank lines) of the files, long ones cut into pieces of max_words."""
+    docs = []
+    for path in paths:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        for paragraph in re.split(r"\n\s*\n", text):
+            words = paragraph.split()
+            for i in range(0, len(words), max_words):
+                if normalize_words(" ".join(words[i:i + max_words])):
+                    docs.append(" ".join(words[i:i + max_words]))
+    if not docs:
+        raise ValueError(f"--text-files {list(paths)} hold no words")
+    return docs
+
+
+def _split(docs: list[_Document], fraction: float) -> tuple[list[_Document], list[_Document]]:
+    num_valid = max(1, round(len(docs) * fraction)) if len(docs) > 1 else 0
+    return docs[num_valid:], docs[:num_valid]
+
+
+def _text_stage(config: DemoCorpusConfig):
+    """Training/validation documents by kind, and held-out evaluation stories."""
+    num_speech = max(2, round(config.speech_documents * config.scale))
+    num_text = max(2, round(config.text_documents * config.scale))
+    if config.text_files:
+        paragraphs = _paragraphs(config.text_files)
+        order = np.random.default_rng([config.seed, 1]).permutation(len(paragraphs))
+        share = num_speech / (num_speech + num_text)
+        num_speech = max(1, round(len(paragraphs) * share))
+        docs = [_Document(f"user-{i:06d}", paragraphs[i]) for i in order]
+        speech, text = docs[:num_speech], docs[num_speech:]
+    else:
+        stories = generate_stories(config.seed, num_speech + num_text, "train")
+        docs = [_Document(s.id, s.text) for s in stories]
+        speech, text = docs[:num_speech], docs[num_speech:]
+    train_texts = frozenset(d.text for d in speech + text)
+    eval_stories = generate_stories(config.seed, 3 * config.eval_items, "eval",
+                                    exclude_texts=train_texts)
+    speech_train, speech_valid = _split(speech, config.valid_fraction)
+    text_train, text_valid = _split(text, config.valid_fraction)
+    return {"speech_train": speech_train, "speech_valid": speech_valid,
+            "text_train": text_train, "text_valid": text_valid}, eval_stories
+
+
+def _eval_items(config: DemoCorpusConfig, stories: list[Story]) -> dict[str, list[TextItem]]:
+    n = config.eval_items
+    return {name: make_text_items(name, stories[i * n:(i + 1) * n], config.seed)
+            for i, name in enumerate(EVAL_SETS)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. speech
+
+
+def _voice(config: DemoCorpusConfig, index: int, stream: int) -> Voice:
+    rng = np.random.default_rng([config.seed, stream, index])
+    return Voice(config.voices[int(rng.integers(len(config.voices)))])
+
+
+def _speech_requests(config: DemoCorpusConfig, documents: dict[str, list[_Document]],
+                     items: dict[str, list[TextItem]]) -> list[SpeechRequest]:
+    requests = []
+    for split in ("speech_train", "speech_valid"):
+        for i, doc in enumerate(documents[split]):
+            requests.append(SpeechRequest(doc.id, doc.text, _voice(config, i, 0)))
+    for s, name in enumerate(EVAL_SETS):
+        for i, item in enumerate(items[name]):
+            voice = _voice(config, i, 1 + s)
+            requests.append(SpeechRequest(f"{item.id}/context", item.context, voice))
+            requests.extend(SpeechRequest(f"{item.id}/ending{j}", e, voice)
+                            for j, e in enumerate(item.endings))
+    return requests
+
+
+def _save_utterances(directory: Path, utterances: list[Utterance]) -> None:
+    features = np.concatenate([u.features for u in utterances])
+    np.save(directory / "features.npy", features)
+    index = [{"id": u.id, "num_units": len(u.features), "duration": u.duration,
+              "words": [[w.label, w.start, w.end] for w in u.words]} for u in utterances]
+    (directory / "utterances.json").write_text(json.dumps(index))
+
+
+def _load_utterances(directory: Path) -> dict[str, Utterance]:
+    features = np.load(directory / "features.npy")
+    index = json.loads((directory / "utterances.json").read_text())
+    offsets = np.concatenate([[0], np.cumsum([u["num_units"] for u in index])])
+    return {u["id"]: Utterance(u["id"], [Interval(s, e, w) for w, s, e in u["words"]],
+                               features[offsets[i]:offsets[i + 1]], u["duration"])
+            for i, u in enumerate(index)}
+
+
+def _cached(directory: Path, make) -> Path:
+    """Run `make(tmp_dir)` unless `directory` exists; publish it atomically by renaming."""
+    if directory.is_dir():
+        return directory
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    make(tmp)
+    tmp.rename(directory)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. outputs
+
+
+def _spoken(utterance: Utterance, units: np.ndarray) -> SpokenText:
+    segments = segments_from_intervals(utterance.words, len(units))
+    return SpokenText(" ".join(w.label for w in utterance.words), units, segments)
+
+
+def _textgrid_intervals(utterance: Utterance, xmax: float) -> list[Interval]:
+    """Word intervals clipped to the units' duration (the TextGrid must end with the units)."""
+    out = []
+    for w in utterance.words:
+        start, end = min(w.start, xmax), min(w.end, xmax)
+        out.append(Interval(start, end, w.label))
+    return out
+
+
+def _write_speech_split(out_dir: Path, split: str, docs: list[_Document],
+                        utterances: dict[str, Utterance], units_of: dict[str, np.ndarray]) -> dict:
+    """Write one split's on-the-fly JSONL, TextGrids and unit arrays; return its counts."""
+    counts = {"documents": 0, "seconds": 0.0, "units": 0, "words": 0, "silences": 0,
+              "static_patches": 0}
+    grid_dir, unit_dir = out_dir / "textgrid" / split, out_dir / "units" / split
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "speech" / f"{split}.on_the_fly.jsonl", "w", encoding="utf-8") as f:
+        for doc in docs:
+            utterance = utterances[doc.id]
+            units = units_of[doc.id]
+            spoken = _spoken(utterance, units)
+            f.write(on_the_fly_line(doc.id, spoken.segments, units) + "\n")
+            xmax = len(units) / UNIT_FRAME_RATE
+            write_textgrid(grid_dir / f"{doc.id}.TextGrid", _textgrid_intervals(utterance, xmax),
+                           xmax=xmax)
+            np.save(unit_dir / f"{doc.id}.npy", units.astype(np.int16))
+            counts["documents"] += 1
+            counts["seconds"] += utterance.duration
+            counts["units"] += len(units)
+            counts["words"] += sum(1 for w, _ in spoken.segments if w != SILENCE)
+            counts["silences"] += sum(1 for w, _ in spoken.segments if w == SILENCE)
+            # Static p=4 over a whole-speech document: the speech marker rides in the first patch.
+            counts["static_patches"] += math.ceil((len(units) + 1) / 4)
+    return counts
+
+
+def _write_text_split(out_dir: Path, split: str, docs: list[_Document]) -> dict:
+    words = 0
+    with open(out_dir / "text" / f"{split}.jsonl", "w", encoding="utf-8") as f:
+        for doc in docs:
+            normalized = normalize_words(doc.text)
+            words += len(normalized)
+            f.write(json.dumps({"id": doc.id, "text": " ".join(normalized)}) + "\n")
+    return {"documents": len(docs), "words": words}
+
+
+def _sentences(text: str) -> list[list[str]]:
+    return [w for w in (normalize_words(s) for s in re.split(r"(?<=[.!?])\s+", text)) if w]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. tokenizer + indexed datasets
+
+
+def _tool(name: str):
+    """`tools/<name>.py` of this checkout as a module (tools/ is not an installed package)."""
+    path = REPO_ROOT / "tools" / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the demo corpus build runs from a checkout "
+                                f"of megatron-lst that has tools/")
+    spec = importlib.util.spec_from_file_location(f"_lst_tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tokenize_and_index(out_dir: Path, config: DemoCorpusConfig) -> dict:
+    """Train the tokenizer on the training text, then write the four indexed datasets."""
+    tokenizer = out_dir / "tokenizer" / "spm.model"
+    _tool("train_tokenizer").main([
+        "--input", str(out_dir / "text" / "train.jsonl"), "--input-format", "text-jsonl",
+        "--vocab-size", str(config.tokenizer_vocab_size), "--output", str(tokenizer)])
+    preprocess = _tool("preprocess_data").main
+    counts = {}
+    for kind, name, fmt in (("speech", "{}.on_the_fly.jsonl", "reference-jsonl"),
+                            ("text", "{}.jsonl", "text-jsonl")):
+        for split in ("train", "valid"):
+            prefix = out_dir / "indexed" / f"{kind}_{split}"
+            prefix.parent.mkdir(parents=True, exist_ok=True)
+            manifest = preprocess([
+                "--input", str(out_dir / kind / name.format(split)), "--input-format", fmt,
+                "--tokenizer-model", str(tokenizer), "--num-units", str(config.num_units),
+                "--frame-rate", str(UNIT_FRAME_RATE), "--output-prefix", str(prefix),
+                "--workers", str(config.workers)])
+            counts[f"{kind}_{split}"] = asdict(manifest.counts)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
+                      config: DemoCorpusConfig | None = None,
+                      features: FeatureExtractor | None = None,
+                      progress: bool = True) -> DemoCorpus:
+    """Build (or read back from the cache) the demo corpus under `out_dir`.
+
+    `config` overrides `seed` and `scale` when given. `features` defaults to MFCCs; pass
+    `HubertFeatures(path)` to use local HuBERT weights. Returns the output paths and the summary.
+    """
+    config = config or DemoCorpusConfig(seed=seed, scale=scale)
+    features = features or MfccFeatures()
+    # One BLAS/OpenMP thread per process: on a shared machine idle threads spinning made the
+    # k-means and the small per-utterance products 10-100x slower; parallelism comes from workers.
+    threadpoolctl = require("threadpoolctl", "the demo corpus build")
+    with threadpoolctl.threadpool_limits(1):
+        return _build(Path(out_dir), config, features, progress)
+
+
+def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
+           progress: bool) -> DemoCorpus:
+    cache = out_dir / "cache"
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    documents, eval_stories = _text_stage(config)
+    items = _eval_items(config, eval_stories)
+    timings["text"] = time.perf_counter() - t
+
+    requests = _speech_requests(config, documents, items)
+    speech_key = _key("speech", [(r.id, r.text, asdict(r.voice)) for r in requests],
+                      features.cache_key())
+    output_key = _key("outputs", speech_key, asdict(config))
+    manifest_path = out_dir / "summary.json"
+    if manifest_path.is_file():
+        summary = json.loads(manifest_path.read_text())
+        if summary.get("key") == output_key:
+            return DemoCorpus(out_dir, _paths(out_dir), summary)
+
+    t = time.perf_counter()
+
+    def make_speech(directory: Path) -> None:
+        bar = _progress_bar(progress, len(requests), "synthesising + featurising")
+        utterances = synthesize_utterances(requests, features, config.workers,
+                                           progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        _save_utterances(directory, utterances)
+
+    speech_dir = _cached(cache / f"speech-{speech_key}", make_speech)
+    utterances = _load_utterances(speech_dir)
+    timings["speech"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    codebook_key = _key("codebook", speech_key, config.num_units, config.kmeans_frames,
+                        config.seed)
+    extractor = UnitExtractor(features)
+
+    def make_codebook(directory: Path) -> None:
+        train = [utterances[d.id].features.astype(np.float32)
+                 for d in documents["speech_train"]]
+        extractor.fit(train, config.num_units, config.seed, config.kmeans_frames)
+        extractor.codebook.save(directory / "codebook.npy")
+
+    codebook_dir = _cached(cache / f"codebook-{codebook_key}", make_codebook)
+    extractor.codebook = KMeansCodebook.load(codebook_dir / "codebook.npy")
+    timings["codebook"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for sub in _OUTPUT_DIRS:  # no file of an earlier configuration may survive
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
+    for sub in ("speech", "text", "eval"):
+        (out_dir / sub).mkdir(parents=True)
+    shutil.copyfile(codebook_dir / "codebook.npy", out_dir / "codebook.npy")
+    ids = list(utterances)
+    all_units = extractor.units_of_features(np.concatenate([utterances[i].features for i in ids]))
+    ends = np.cumsum([len(utterances[i].features) for i in ids])
+    units_of = dict(zip(ids, np.split(all_units, ends[:-1])))
+    speech_counts = {split: _write_speech_split(out_dir, split, documents[f"speech_{split}"],
+                                                utterances, units_of)
+                     for split in ("train", "valid")}
+    text_counts = {split: _write_text_split(out_dir, split, documents[f"text_{split}"])
+                   for split in ("train", "valid")}
+
+    def speak(utterance_id: str) -> SpokenText:
+        return _spoken(utterances[utterance_id], units_of[utterance_id])
+
+    for s, name in enumerate(EVAL_SETS):
+        records = []
+        for i, item in enumerate(items[name]):
+            endings = [speak(f"{item.id}/ending{j}") for j in range(len(item.endings))]
+            records.append(item_record(item, _voice(config, i, 1 + s).name,
+                                       speak(f"{item.id}/context"), endings))
+        write_items(out_dir / "eval" / f"{name}.jsonl", records)
+    timings["outputs"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    train_sentences = [s for split in ("speech_train", "text_train")
+                       for d in documents[split] for s in _sentences(d.text)]
+    lm = NgramLM(train_sentences, order=3)
+    endings_only = {name: endings_only_accuracy(lm, items[name]) for name in EVAL_SETS}
+    timings["ngram"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    indexed_counts = _tokenize_and_index(out_dir, config)
+    timings["tokenizer+preprocess"] = time.perf_counter() - t
+
+    summary = _summary(config, speech_counts, text_counts, indexed_counts, items, endings_only,
+                       timings)
+    summary["key"] = output_key
+    manifest_path.write_text(json.dumps(summary, indent=2))
+    return DemoCorpus(out_dir, _paths(out_dir), summary)
+
+
+def _progress_bar(enabled: bool, total: int, what: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="utt")
+
+
+def _paths(out_dir: Path) -> dict[str, Path]:
+    paths = {f"speech_{s}": out_dir / "speech" / f"{s}.on_the_fly.jsonl" for s in ("train", "valid")}
+    paths.update({f"text_{s}": out_dir / "text" / f"{s}.jsonl" for s in ("train", "valid")})
+    paths.update({f"textgrid_{s}": out_dir / "textgrid" / s for s in ("train", "valid")})
+    paths.update({f"units_{s}": out_dir / "units" / s for s in ("train", "valid")})
+    paths.update({f"eval_{n}": out_dir / "eval" / f"{n}.jsonl" for n in EVAL_SETS})
+    paths.update({f"indexed_{k}_{s}": out_dir / "indexed" / f"{k}_{s}"
+                  for k in ("speech", "text") for s in ("train", "valid")})
+    paths["tokenizer"] = out_dir / "tokenizer" / "spm.model"
+    paths["codebook"] = out_dir / "codebook.npy"
+    paths["summary"] = out_dir / "summary.json"
+    return paths
+
+
+def _summary(config, speech_counts, text_counts, indexed_counts, items, endings_only, timings
+             ) -> dict:
+    train = speech_counts["train"]
+    words = max(train["words"], 1)
+    return {
+        "config": asdict(config),
+        "speech": speech_counts,
+        "text": text_counts,
+        "indexed": indexed_counts,
+        "tokens": sum(c["text_pieces"] + c["units"] for c in indexed_counts.values()),
+        "audio_hours": sum(c["seconds"] for c in speech_counts.values()) / 3600,
+        "units": sum(c["units"] for c in speech_counts.values()),
+        "speech_words": sum(c["words"] for c in speech_counts.values()),
+        "text_words": sum(c["words"] for c in text_counts.values()),
+        "units_per_word": train["units"] / words,
+        "patches_per_word_static4": train["static_patches"] / words,
+        "patches_per_word_aligned": (train["words"] + train["silences"]) / words,
+        "eval_items": {name: len(items[name]) for name in EVAL_SETS},
+        "endings_only_ngram_accuracy": endings_only,
+        "chance_accuracy": {name: 1 / len(items[name][0].endings) for name in EVAL_SETS},
+        "seconds": timings,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as an aligned two-column table."""
+    rows = [
+        ("audio (hours)", f"{summary['audio_hours']:.2f}"),
+        ("speech documents (train/valid)",
+         f"{summary['speech']['train']['documents']}/{summary['speech']['valid']['documents']}"),
+        ("text documents (train/valid)",
+         f"{summary['text']['train']['documents']}/{summary['text']['valid']['documents']}"),
+        ("speech units", f"{summary['units']:,}"),
+        ("speech words", f"{summary['speech_words']:,}"),
+        ("text-only words", f"{summary['text_words']:,}"),
+        ("tokens (text pieces + units, all splits)", f"{summary['tokens']:,}"),
+        ("units per word", f"{summary['units_per_word']:.2f}"),
+        ("patches per word, static p=4", f"{summary['patches_per_word_static4']:.2f}"),
+        ("patches per word, aligned ([SIL] own patch)", f"{summary['patches_per_word_aligned']:.2f}"),
+    ]
+    for name, accuracy in summary["endings_only_ngram_accuracy"].items():
+        rows.append((f"{name}: items / endings-only 3-gram acc (chance)",
+                     f"{summary['eval_items'][name]} / {accuracy:.3f} "
+                     f"({summary['chance_accuracy'][name]:.2f})"))
+    for stage, seconds in summary["seconds"].items():
+        rows.append((f"time: {stage} (s)", f"{seconds:.1f}"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

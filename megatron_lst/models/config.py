@@ -1,0 +1,244 @@
+"""Model configuration: one frozen dataclass per part, presets, and the megatron.core config.
+
+`LSTConfig` describes the whole model (local encoder, global transformer, local decoder and the
+cross-attention between them); `token_baseline` models only use `vocab_size`, `global_model`,
+`norm_eps`, `rope_theta` and `max_sequence_length`. `LSTConfig.transformer_config()` turns it
+into the `TransformerConfig` that megatron.core modules (the global block, the embedding and the
+output head) are built with, parallel settings included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+class ModelConfigError(ValueError):
+    """A model configuration is inconsistent or asks for something not implemented."""
+
+
+def swiglu_ffn_size(hidden_size: int, multiple_of: int = 256, multiplier: float = 1.0) -> int:
+    """SwiGLU hidden width of the reference (and Llama): `multiple_of * ceil(int(m * int(8h/3)) / multiple_of)`."""
+    width = int(multiplier * int(2 * 4 * hidden_size / 3))
+    return multiple_of * math.ceil(width / multiple_of)
+
+
+@dataclass(frozen=True)
+class LocalModelConfig:
+    """A stack of pre-norm sliding-window causal self-attention layers (encoder or decoder)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ffn_hidden_size: int
+    window: int = 512
+    """Sliding-window length in tokens: token i attends tokens i-window+1 .. i."""
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ModelConfigError(
+                f"local hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ModelConfigError(
+                f"local head dim {self.hidden_size // self.num_heads} must be even for RoPE"
+            )
+        if self.num_layers < 1 or self.window < 1:
+            raise ModelConfigError(
+                f"local num_layers ({self.num_layers}) and window ({self.window}) must be >= 1"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class GlobalModelConfig:
+    """The global (latent) transformer over patches: a megatron.core TransformerBlock."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ffn_hidden_size: int
+    num_query_groups: int | None = None
+    """Key/value heads (GQA); None means one per query head."""
+
+
+@dataclass(frozen=True)
+class CrossAttentionConfig:
+    """How patches and tokens exchange information (DESIGN.md section 5)."""
+
+    slots_per_patch: int = 2
+    """k: each patch is k vectors of the local width, concatenated for the global model."""
+    num_heads: int = 2
+    encoder_window: int = 512
+    """In patches: the k slots of patch q attend the tokens of patches q-W+1 .. q."""
+    decoder_window: int = 512
+    """In patches: a token of decoder patch j attends the slots of global patches j-W+1 .. j."""
+    all_encoder_layers: bool = True
+    """Update the patch slots after every encoder layer (else only after the last)."""
+    all_decoder_layers: bool = True
+    """Cross-attend before every decoder layer (else only before the first)."""
+    pooling: str = "max"
+    """How the slots are initialised from their patch's tokens: "max" or "mean"."""
+    double_residual: bool = True
+    """Reference quirk: its cross-attention returns `x + out` and the caller adds `x` again, so the
+    update is `x <- 2 * x + out`. True reproduces the reference; False is the usual `x + out`."""
+
+    def __post_init__(self):
+        if self.pooling not in ("max", "mean"):
+            raise ModelConfigError(f"cross-attention pooling must be 'max' or 'mean', got {self.pooling!r}")
+        if min(self.slots_per_patch, self.num_heads, self.encoder_window, self.decoder_window) < 1:
+            raise ModelConfigError(f"cross-attention sizes must all be >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class LSTConfig:
+    vocab_size: int
+    global_model: GlobalModelConfig
+    encoder: LocalModelConfig
+    decoder: LocalModelConfig
+    cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    """One RoPE base for the local and global models, as in the reference."""
+    max_sequence_length: int = 4096
+    """Longest token sequence the token baseline embeds positions for (RoPE table size)."""
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.decoder.hidden_size != self.encoder.hidden_size:
+            # The decoder's input is the encoder's final hidden state (reference rule 8).
+            raise ModelConfigError(
+                f"decoder hidden_size {self.decoder.hidden_size} must equal encoder hidden_size "
+                f"{self.encoder.hidden_size}: the decoder reads the encoder's token states"
+            )
+        for name, local in (("encoder", self.encoder), ("decoder", self.decoder)):
+            if local.hidden_size % self.cross_attention.num_heads:
+                raise ModelConfigError(
+                    f"{name} hidden_size {local.hidden_size} is not divisible by "
+                    f"cross_attention.num_heads {self.cross_attention.num_heads}"
+                )
+
+    @property
+    def patch_width(self) -> int:
+        """Width of one patch as the local encoder emits it: k slots of the encoder width."""
+        return self.cross_attention.slots_per_patch * self.encoder.hidden_size
+
+    def transformer_config(self, **overrides):
+        """The megatron.core `TransformerConfig` of the global model.
+
+        `overrides` carries parallel and precision settings (tensor_model_parallel_size,
+        pipeline_model_parallel_size, sequence_parallel, params_dtype, bf16, ...). The defaults
+        reproduce the reference block: pre-norm RMSNorm, SwiGLU without biases, interleaved RoPE,
+        no dropout, fp32 softmax scale 1/sqrt(head_dim). Fusions that need CUDA kernels are off by
+        default; turn them on through `overrides` on GPU.
+        """
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        g = self.global_model
+        settings = dict(
+            num_layers=g.num_layers,
+            hidden_size=g.hidden_size,
+            num_attention_heads=g.num_heads,
+            num_query_groups=g.num_query_groups,
+            ffn_hidden_size=g.ffn_hidden_size,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_eps,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+            rotary_interleaved=True,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=self.init_std,
+            use_cpu_initialization=not torch.cuda.is_available(),
+        )
+        settings.update(overrides)
+        # Pipeline p2p buffers carry activations in the parameters' dtype unless told otherwise.
+        settings.setdefault("pipeline_dtype", settings.get("params_dtype", torch.float32))
+        return TransformerConfig(**settings)
+
+
+def _local(hidden: int, layers: int, heads: int, window: int, multiple_of: int = 256) -> LocalModelConfig:
+    return LocalModelConfig(hidden, layers, heads, swiglu_ffn_size(hidden, multiple_of), window)
+
+
+def _global(hidden: int, layers: int, heads: int, groups: int | None = None,
+            multiple_of: int = 256) -> GlobalModelConfig:
+    return GlobalModelConfig(hidden, layers, heads, swiglu_ffn_size(hidden, multiple_of), groups)
+
+
+def preset(name: str, vocab_size: int) -> LSTConfig:
+    """A named model size. `vocab_size` comes from the joint vocabulary (`JointVocab.size`).
+
+    - "tiny":   CPU tests and the demo (global 64 x 2, local 32, k=2).
+    - "small":  CPU benchmarks; the issue's reference comparison configuration (global 256 x 4 x 4
+                heads, local 128 with 1 encoder and 2 decoder layers, k=2, windows 512).
+    - "1b":     the paper's 1B (encoder 1 x 1024, global 25 x 2048 x 16 heads, decoder 9 x 1024,
+                windows 512, RoPE theta 5e5).
+    - "7b":     a 7B-class model (global 32 x 4096 x 32 heads, 8 KV groups; local 2048 with 1
+                encoder and 9 decoder layers; k=2).
+    """
+    if name == "tiny":
+        return LSTConfig(
+            vocab_size=vocab_size,
+            global_model=_global(64, 2, 4),
+            encoder=_local(32, 1, 2, 512),
+            decoder=_local(32, 2, 2, 512),
+            cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=2),
+        )
+    if name == "small":
+        return LSTConfig(
+            vocab_size=vocab_size,
+            global_model=_global(256, 4, 4),
+            encoder=_local(128, 1, 4, 512),
+            decoder=_local(128, 2, 4, 512),
+            cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=4),
+        )
+    if name == "1b":
+        return LSTConfig(
+            vocab_size=vocab_size,
+            global_model=_global(2048, 25, 16),
+            encoder=_local(1024, 1, 16, 512),
+            decoder=_local(1024, 9, 16, 512),
+            cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=16),
+            rope_theta=500000.0,
+        )
+    if name == "7b":
+        return LSTConfig(
+            vocab_size=vocab_size,
+            global_model=_global(4096, 32, 32, groups=8),
+            encoder=_local(2048, 1, 16, 512),
+            decoder=_local(2048, 9, 16, 512),
+            cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=16),
+            rope_theta=500000.0,
+        )
+    raise ModelConfigError(f"unknown model preset {name!r}; choose one of {PRESETS}")
+
+
+PRESETS = ("tiny", "small", "1b", "7b")
+
+
+def with_windows(config: LSTConfig, token_window: int, patch_window: int) -> LSTConfig:
+    """The same model with other sliding-window (tokens) and cross-attention (patches) windows."""
+    return dataclasses.replace(
+        config,
+        encoder=dataclasses.replace(config.encoder, window=token_window),
+        decoder=dataclasses.replace(config.decoder, window=token_window),
+        cross_attention=dataclasses.replace(
+            config.cross_attention, encoder_window=patch_window, decoder_window=patch_window
+        ),
+    )

@@ -1,0 +1,88 @@
+"""Local encoder: tokens -> token states (`TokenEncoder`) -> patch vectors (`PatchEncoder`).
+
+Split in two because the token states are needed twice: by the patch pooling on the first
+pipeline stage and as the decoder's input on the last (see `lst_model.py` for how they get there).
+"""
+
+from __future__ import annotations
+
+import torch
+from lst_kernels import encoder_key_ranges, segment_pool
+from megatron.core.tensor_parallel import VocabParallelEmbedding
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from .config import LSTConfig
+from .cross_attention import PatchCrossAttention, add_cross_attention_update
+from .rope import RotaryTable
+
+
+class TokenEncoder(torch.nn.Module):
+    """Joint-vocabulary embedding (vocab-parallel; no scaling, no positions) and the encoder's
+    sliding-window self-attention layers. Never changed by the patch cross-attention."""
+
+    def __init__(self, config: LSTConfig, layer_spec: ModuleSpec, megatron_config):
+        super().__init__()
+        enc = config.encoder
+        self.embedding = VocabParallelEmbedding(
+            config.vocab_size, enc.hidden_size,
+            init_method=lambda w: torch.nn.init.normal_(w, std=config.init_std),
+            config=megatron_config,
+        )
+        self.layers = torch.nn.ModuleList(
+            build_module(layer_spec, enc, norm_eps=config.norm_eps) for _ in range(enc.num_layers)
+        )
+        self.rope = RotaryTable(enc.head_dim, config.rope_theta)
+
+    def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """tokens `[B, N]` -> the hidden state after every layer, each `[B, N, De]`."""
+        h = self.embedding(tokens)  # [B, N, De], complete on every tensor-parallel rank
+        rope = self.rope.cos_sin(tokens.shape[1], tokens.device)
+        states = []
+        for layer in self.layers:
+            h = layer(h, rope)
+            states.append(h)
+        return states
+
+
+class PatchEncoder(torch.nn.Module):
+    """Token states -> k slots per patch -> one vector of width `k * De` per patch.
+
+    The slots start as a segment max (or mean) pool of their patch's tokens at the first layer
+    that cross-attends (empty patch -> 0), projected `De -> k * De` and viewed as `[B, P*k, De]`
+    (slot s belongs to patch s // k). Then, after every encoder layer (or only the last), the
+    slots of patch q attend the tokens of patches q-W+1 .. q in that layer's states.
+    """
+
+    def __init__(self, config: LSTConfig, kernel_backend: str = "auto"):
+        super().__init__()
+        enc, xattn = config.encoder, config.cross_attention
+        self.slots_per_patch = xattn.slots_per_patch
+        self.window = xattn.encoder_window
+        self.pooling = xattn.pooling
+        self.double_residual = xattn.double_residual
+        self.kernel_backend = kernel_backend
+        self.patch_projection = torch.nn.Linear(
+            enc.hidden_size, xattn.slots_per_patch * enc.hidden_size, bias=False
+        )
+        num_cross = enc.num_layers if xattn.all_encoder_layers else 1
+        self.cross_attn_layers = torch.nn.ModuleList(
+            PatchCrossAttention(enc.hidden_size, xattn.num_heads, config.norm_eps, kernel_backend)
+            for _ in range(num_cross)
+        )
+
+    def forward(self, layer_states: list[torch.Tensor], patch_lengths: torch.Tensor) -> torch.Tensor:
+        """layer_states: `TokenEncoder` output; patch_lengths `[B, P]` -> patches `[B, P, k*De]`."""
+        # Cross-attention follows the last len(cross_attn_layers) encoder layers.
+        states = layer_states[len(layer_states) - len(self.cross_attn_layers):]
+        batch, num_tokens, width = states[0].shape
+        num_patches = patch_lengths.shape[1]
+        key_start, key_end = encoder_key_ranges(
+            patch_lengths, self.slots_per_patch, self.window, num_tokens
+        )  # [B, P*k] each
+
+        pooled = segment_pool(states[0], patch_lengths, self.pooling, self.kernel_backend)  # [B, P, De]
+        slots = self.patch_projection(pooled).view(batch, num_patches * self.slots_per_patch, width)
+        for cross_attn, h in zip(self.cross_attn_layers, states):
+            update = cross_attn(slots, h, key_start, key_end)  # [B, P*k, De]
+            slots = add_cross_attention_update(slots, update, self.double_residual)
+        return slots.view(batch, num_patches, self.slots_per_patch * width)  # [B, P, k*De]

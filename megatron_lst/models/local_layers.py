@@ -1,0 +1,72 @@
+"""Layers of the local encoder and decoder: plain PyTorch, replicated on every tensor-parallel rank.
+
+A `LocalTransformerLayer` is the reference block: pre-norm RMSNorm, sliding-window causal
+self-attention with interleaved RoPE, SwiGLU MLP, no biases. Its attention and MLP are slots
+filled from a `ModuleSpec` (see `specs.py`), as in megatron's `TransformerLayer`.
+Activations are `[B, N, D]` (batch first: the local models never shard the sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from .config import LocalModelConfig
+from .local_attention import SlidingWindowAttention
+from .rope import apply_interleaved_rope
+
+
+@dataclass
+class LocalLayerSubmodules:
+    self_attention: ModuleSpec | type
+    mlp: ModuleSpec | type
+
+
+class LocalSelfAttention(torch.nn.Module):
+    """Multi-head sliding-window causal self-attention; q, k, v from one fused projection."""
+
+    def __init__(self, config: LocalModelConfig, attention_backend: str = "auto"):
+        super().__init__()
+        self.num_heads = config.num_heads
+        # Rows [q; k; v], each [D, D], heads contiguous within each.
+        self.linear_qkv = torch.nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.linear_proj = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.core_attention = SlidingWindowAttention(config.window, attention_backend)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q, k, v = self.linear_qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)  # [B, N, H, d]
+        q = apply_interleaved_rope(q, *rope)
+        k = apply_interleaved_rope(k, *rope)
+        out = self.core_attention(q, k, v)  # [B, N, H, d]
+        return self.linear_proj(out.flatten(-2))  # [B, N, D]
+
+
+class SwiGLUMLP(torch.nn.Module):
+    """`fc2(silu(x W1) * (x W3))`; fc1 holds `[W1; W3]` (gate first), as megatron's linear_fc1."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.linear_fc1 = torch.nn.Linear(hidden_size, 2 * ffn_hidden_size, bias=False)
+        self.linear_fc2 = torch.nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
+        return self.linear_fc2(F.silu(gate) * up)
+
+
+class LocalTransformerLayer(torch.nn.Module):
+    """`x += attn(norm(x)); x += mlp(norm(x))` on `[B, N, D]`."""
+
+    def __init__(self, config: LocalModelConfig, submodules: LocalLayerSubmodules, norm_eps: float):
+        super().__init__()
+        self.input_norm = torch.nn.RMSNorm(config.hidden_size, eps=norm_eps)
+        self.self_attention = build_module(submodules.self_attention, config)
+        self.pre_mlp_norm = torch.nn.RMSNorm(config.hidden_size, eps=norm_eps)
+        self.mlp = build_module(submodules.mlp, config.hidden_size, config.ffn_hidden_size)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attention(self.input_norm(x), rope)
+        return x + self.mlp(self.pre_mlp_norm(x))

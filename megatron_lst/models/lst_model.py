@@ -1,0 +1,222 @@
+"""The Latent Speech-Text Transformer on megatron.core, shaped like `GPTModel`.
+
+One batch through the model (B rows, N tokens, P patches, k slots per patch):
+
+    first stage  tokens [B, N] -> TokenEncoder -> token states [B, N, De]
+                 -> PatchEncoder (pool + cross-attention) -> patches [B, P, k*De]
+                 -> (projection to Dg when k*De != Dg) -> [P, B, Dg]  (sequence-parallel: [P/tp, B, Dg])
+    every stage  global TransformerBlock (its share of the layers), causal over patches
+    last stage   global out [P, B, Dg] -> LocalDecoder(token states, global out) [B, N, Dd]
+                 -> vocab-parallel output head [B, N, V/tp] -> vocab-parallel cross entropy [B, N]
+
+Local modules are plain PyTorch, replicated on every tensor-parallel rank; they see identical
+inputs and output gradients on all of them (the embedding all-reduces its output, the output head
+all-reduces its input gradient, the sequence-parallel scatter/gather exchange complete tensors), so
+their gradients agree without extra communication.
+
+How the decoder gets the per-token encoder states under pipeline parallelism (DESIGN.md section 6):
+the last stage keeps a replica of the `TokenEncoder` (embedding + encoder self-attention layers,
+not the patch cross-attention) and recomputes the token states from the tokens. Chosen over
+packing them into the pipeline's p2p tensor because (a) megatron's schedules send one fixed-shape
+`[P, B, Dg]` tensor per micro-batch while token counts vary per batch, so packing would need
+variable-shape communication through every intermediate stage; (b) the replica is small (the
+paper's 1B has one 1024-wide encoder layer against 25 global layers of 2048) and its recompute
+costs less than shipping `[N, B, De]` through all stages; (c) it mirrors megatron's tied
+embeddings: the replica starts equal to the first stage's copy (synchronised over megatron's
+embedding group at construction) and `finalize_replicated_encoder_grads` sums the two copies'
+gradients over the same group before the optimizer step, as `_allreduce_word_embedding_grads` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .config import LSTConfig
+from .global_transformer import GlobalTransformer
+from .local_decoder import LocalDecoder
+from .local_encoder import PatchEncoder, TokenEncoder
+from .specs import global_block_spec, local_layer_spec
+
+logger = logging.getLogger(__name__)
+
+
+class LSTModel(MegatronModule):
+    """LST for one pipeline stage.
+
+    Args:
+        config: the model (`LSTConfig`).
+        megatron_config: `config.transformer_config(...)` with this run's parallel settings.
+        pre_process / post_process: whether this is the first / last pipeline stage.
+        transformer_impl: global block spec, "auto" | "local" | "transformer_engine".
+        local_attention_backend: local sliding-window attention, "auto" | "flash" | "sdpa".
+        kernel_backend: segment pool and patch cross-attention kernels, "auto" | "triton" | "torch".
+    """
+
+    def __init__(
+        self,
+        config: LSTConfig,
+        megatron_config: TransformerConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        transformer_impl: str = "auto",
+        local_attention_backend: str = "auto",
+        kernel_backend: str = "auto",
+    ):
+        super().__init__(config=megatron_config)
+        if megatron_config.hidden_size != config.global_model.hidden_size:
+            raise ValueError(
+                f"megatron_config.hidden_size {megatron_config.hidden_size} != global hidden size "
+                f"{config.global_model.hidden_size}; build it with config.transformer_config()"
+            )
+        self.lst_config = config
+        self.pre_process = pre_process
+        # Read by megatron's schedules and finalize_model_grads (the replica is reduced apart).
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
+        self.post_process = post_process
+        local_spec = local_layer_spec(local_attention_backend)
+        logger.info(
+            "LSTModel stage (first=%s, last=%s): local attention %s, kernels %s",
+            pre_process, post_process, local_attention_backend, kernel_backend,
+        )
+
+        if pre_process or post_process:
+            self.token_encoder = TokenEncoder(config, local_spec, megatron_config)
+        if pre_process:
+            self.patch_encoder = PatchEncoder(config, kernel_backend)
+            self.global_input_projection = (
+                torch.nn.Linear(config.patch_width, config.global_model.hidden_size, bias=False)
+                if config.patch_width != config.global_model.hidden_size
+                else None
+            )
+        # Reference rule 7: no final norm on the global output (the decoder normalises its keys).
+        self.global_transformer = GlobalTransformer(
+            megatron_config, global_block_spec(megatron_config, transformer_impl), config.rope_theta,
+            final_norm=False, pre_process=pre_process, post_process=post_process,
+        )
+        if post_process:
+            self.local_decoder = LocalDecoder(config, local_spec, kernel_backend)
+            # Its input is replicated [B, N, Dd], never sequence-sharded.
+            head_config = dataclasses.replace(megatron_config, sequence_parallel=False)
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.decoder.hidden_size, config.vocab_size, config=head_config,
+                init_method=megatron_config.init_method, bias=False, gather_output=False,
+            )
+        self._init_local_weights()
+        self._synchronise_encoder_replica()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline hook: the activation received from the previous stage."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.global_transformer.set_input_tensor(input_tensor)
+
+    def forward(
+        self,
+        tokens: torch.Tensor | None = None,  # [B, N] int64, first and last stage
+        patch_lengths: torch.Tensor | None = None,  # [B, P] int, first and last stage
+        labels: torch.Tensor | None = None,  # [B, N] int64, last stage
+    ) -> torch.Tensor:
+        """Returns, on the last stage, the per-token cross entropy `[B, N]` (fp32, unreduced) when
+        `labels` are given, else the full logits `[B, N, V]` (fp32); on other stages the global
+        activation `[P, B, Dg]` (`[P/tp, B, Dg]` with sequence parallelism) for the next stage."""
+        token_states = None
+        global_input = None
+        if self.pre_process:
+            layer_states = self.token_encoder(tokens)  # N_enc x [B, N, De]
+            token_states = layer_states[-1]
+            patches = self.patch_encoder(layer_states, patch_lengths)  # [B, P, k*De]
+            if self.global_input_projection is not None:
+                patches = self.global_input_projection(patches)  # [B, P, Dg]
+            global_input = patches.transpose(0, 1).contiguous()  # [P, B, Dg]
+            if self.config.sequence_parallel:
+                global_input = tensor_parallel.scatter_to_sequence_parallel_region(global_input)
+
+        global_output = self.global_transformer(global_input)  # [P(/tp), B, Dg]
+        if not self.post_process:
+            return global_output
+
+        if self.config.sequence_parallel:
+            # The decoder runs whole on every rank, so each rank's gradient is already complete:
+            # split it on the way back instead of reduce-scattering.
+            global_output = tensor_parallel.gather_from_sequence_parallel_region(
+                global_output, tensor_parallel_output_grad=False
+            )
+        if token_states is None:
+            token_states = self.token_encoder(tokens)[-1]  # the last stage's replica
+        hidden = self.local_decoder(token_states, global_output.transpose(0, 1), patch_lengths)
+        logits, _ = self.output_layer(hidden)  # [B, N, V/tp]
+        if labels is None:
+            return tensor_parallel.gather_from_tensor_model_parallel_region(logits).float()
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)  # [B, N]
+
+    def replicated_encoder_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters held by both the first and the last pipeline stage (empty with PP=1)."""
+        if not _holds_encoder_replica(self):
+            return []
+        return list(self.token_encoder.parameters())
+
+    def _init_local_weights(self) -> None:
+        """Normal(0, init_std) for every plain linear of the local modules (megatron's global
+        init); norms start at 1. Same torch seed on every tensor-parallel rank -> same weights."""
+        for module in self.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=self.lst_config.init_std)
+
+    def _synchronise_encoder_replica(self) -> None:
+        # Stages are seeded differently; start the replica equal to the first stage's copy.
+        params = self.replicated_encoder_parameters()
+        if not params:
+            return
+        group = parallel_state.get_embedding_group()
+        with torch.no_grad():
+            for param in params:
+                if not self.pre_process:
+                    param.zero_()
+                torch.distributed.all_reduce(param.data, group=group)
+
+
+def _holds_encoder_replica(model: LSTModel) -> bool:
+    return (
+        parallel_state.get_pipeline_model_parallel_world_size() > 1
+        and (model.pre_process or model.post_process)
+        and parallel_state.is_rank_in_embedding_group()
+    )
+
+
+def finalize_replicated_encoder_grads(model: LSTModel) -> None:
+    """Sum the gradients of the encoder copies held by the first and last pipeline stages.
+
+    Call after backward (and after the data-parallel gradient reduction) and before the
+    optimizer step, on every rank. Uses `main_grad` when megatron's DDP wrapper provides it.
+    """
+    params = model.replicated_encoder_parameters()
+    if not params:
+        return
+    group = parallel_state.get_embedding_group()
+    for param in params:
+        if hasattr(param, "main_grad"):
+            grad = param.main_grad
+        else:
+            if param.grad is None:  # every copy must join the collective
+                param.grad = torch.zeros_like(param)
+            grad = param.grad
+        torch.distributed.all_reduce(grad, group=group)
+
+
+def finalize_lst_model_grads(model: list, num_tokens: torch.Tensor | None = None, **kwargs) -> None:
+    """megatron's `finalize_model_grads` plus the encoder-replica reduction: a drop-in for
+    `config.finalize_model_grads_func` (model: the list of DDP-wrapped model chunks)."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_attr_wrapped_model
+
+    finalize_model_grads(model, num_tokens=num_tokens, **kwargs)
+    for chunk in model:
+        finalize_replicated_encoder_grads(get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True))

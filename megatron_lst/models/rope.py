@@ -1,0 +1,57 @@
+"""Interleaved rotary position embedding (RoPE) tables for the local and global models.
+
+The reference rotates interleaved pairs `(x[2i], x[2i+1])` by angle `pos * theta^(-2i/d)`, with the
+inverse frequencies in fp32 and positions 0..S-1 per row. Megatron calls this layout
+`rotary_interleaved=True`. `rotary_angles` returns the table in megatron's `[S, 1, 1, d]` format
+(each frequency repeated for its pair), so the same table drives megatron's global attention
+(`rotary_pos_emb=`) and the local layers (`apply_interleaved_rope`). It equals what megatron's
+`RotaryEmbedding(rotary_interleaved=True)` produces (tested), without its CUDA-only placement.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RotaryTable:
+    """Caches RoPE tables per (length, device): they are pure functions of both."""
+
+    def __init__(self, head_dim: int, theta: float):
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+        self.head_dim = head_dim
+        self.theta = theta
+        self._angles: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._cos_sin: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def angles(self, seq_len: int, device) -> torch.Tensor:
+        """`[S, 1, 1, d]` fp32, megatron's `rotary_pos_emb` format."""
+        key = (seq_len, torch.device(device))
+        if key not in self._angles:
+            self._angles[key] = rotary_angles(seq_len, self.head_dim, self.theta, device)
+        return self._angles[key]
+
+    def cos_sin(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, sin)`, each `[1, S, 1, d]` fp32, for `apply_interleaved_rope` on `[B, S, H, d]`."""
+        key = (seq_len, torch.device(device))
+        if key not in self._cos_sin:
+            angles = self.angles(seq_len, device)[:, 0].unsqueeze(0)  # [1, S, 1, d]
+            self._cos_sin[key] = (angles.cos(), angles.sin())
+        return self._cos_sin[key]
+
+
+def rotary_angles(seq_len: int, head_dim: int, theta: float, device) -> torch.Tensor:
+    """Angles `[S, 1, 1, d]` (fp32): entry (s, 2i) and (s, 2i+1) are `s * theta^(-2i/d)`."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    )  # [d/2]
+    positions = torch.arange(seq_len, dtype=torch.float32, device=device)  # [S]
+    freqs = torch.outer(positions, inv_freq)  # [S, d/2]
+    return freqs.repeat_interleave(2, dim=-1)[:, None, None, :]  # [S, 1, 1, d]
+
+
+def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x [B, S, H, d]` by `RotaryTable.cos_sin` tables, pairs interleaved; fp32 math."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, S, H, d/2, 2]
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # [B, S, H, d]
+    return (x.float() * cos + rotated * sin).to(x.dtype)

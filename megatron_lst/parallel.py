@@ -1,0 +1,184 @@
+"""Process-group and model-parallel set-up for training, tests and tools.
+
+`initialize_parallel()` starts torch.distributed (from the torchrun environment, or as a
+single process on a free local port), switches on the CPU layer when CUDA is absent,
+builds megatron.core's tensor/pipeline/context/data-parallel groups and seeds the RNG
+streams. Call it before building any megatron.core module; `destroy_parallel()` undoes it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+from megatron_lst.compat.cpu import enable_cpu_compat
+
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+_owns_process_group = False
+
+
+class ParallelLayoutError(ValueError):
+    """The requested parallel sizes cannot be laid out on this world size."""
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits in the parallel layout."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    """"nccl" with CUDA, "gloo" on CPU."""
+    device: torch.device
+    """Where megatron.core places this process's tensors."""
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    context_parallel_size: int
+    data_parallel_size: int
+
+
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    context_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> ParallelContext:
+    """Initialise torch.distributed and megatron.core's parallel state, then seed.
+
+    Under torchrun the process group comes from its environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK); without it this is a world of one on a free
+    local port, so unit tests can build megatron modules in-process. An already
+    initialised default process group is reused (and left alone by `destroy_parallel`).
+
+    Seeding follows Megatron-LM's `_set_random_seed`: python, numpy and torch get
+    `seed + 100 * pipeline_rank` (stages do not share dropout masks), and megatron's
+    `model_parallel_cuda_manual_seed` derives the tensor-parallel streams from it.
+    It must run before the first forward, so it runs here.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        raise RuntimeError(
+            "megatron.core model-parallel state is already initialised; "
+            "call destroy_parallel() before initialize_parallel() again"
+        )
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        enable_cpu_compat()
+    backend = "nccl" if use_cuda else "gloo"
+    world_size = _world_size()
+    _check_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size,
+                  virtual_pipeline_model_parallel_size, context_parallel_size)
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    _init_process_group(backend, timedelta(minutes=timeout_minutes))
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
+
+    return ParallelContext(
+        rank=torch.distributed.get_rank(),
+        world_size=world_size,
+        local_rank=local_rank,
+        backend=backend,
+        device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def destroy_parallel(keep_process_group: bool = False) -> None:
+    """Tear down megatron.core's parallel state and the process group `initialize_parallel`
+    created. Safe to call when nothing is initialised.
+
+    `keep_process_group=True` keeps torch.distributed up so the next `initialize_parallel`
+    can lay the same processes out differently: a process group cannot be re-created from
+    the torchrun rendezvous once destroyed.
+    """
+    global _owns_process_group
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if keep_process_group:
+        return
+    if _owns_process_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _owns_process_group = False
+
+
+def _world_size() -> int:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ["WORLD_SIZE"]) if _launched_by_torchrun() else 1
+
+
+def _launched_by_torchrun() -> bool:
+    return all(v in os.environ for v in _TORCHRUN_VARIABLES)
+
+
+def _check_layout(world_size: int, tp: int, pp: int, vpp: int | None, cp: int) -> None:
+    for name, size in (("tensor_model_parallel_size", tp),
+                       ("pipeline_model_parallel_size", pp),
+                       ("context_parallel_size", cp)):
+        if size < 1:
+            raise ParallelLayoutError(f"{name}={size}; it must be at least 1")
+    model_size = tp * pp * cp
+    if world_size % model_size:
+        raise ParallelLayoutError(
+            f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) x "
+            f"context ({cp}) parallel = {model_size} processes per model replica; launch a "
+            f"multiple of {model_size} processes (e.g. torchrun --nproc-per-node {model_size}) "
+            f"or choose sizes whose product divides {world_size}"
+        )
+    if vpp is not None and (vpp < 1 or pp < 2):
+        raise ParallelLayoutError(
+            f"virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size "
+            f">= 2 (got {pp}) and a value >= 1; pass None to run without interleaving"
+        )
+
+
+def _init_process_group(backend: str, timeout: timedelta) -> None:
+    global _owns_process_group
+    if torch.distributed.is_initialized():
+        return
+    if _launched_by_torchrun():
+        torch.distributed.init_process_group(backend, init_method="env://", timeout=timeout)
+    else:
+        torch.distributed.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{free_local_port()}",
+            rank=0, world_size=1, timeout=timeout,
+        )
+    _owns_process_group = True
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

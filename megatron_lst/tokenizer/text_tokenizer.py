@@ -1,0 +1,218 @@
+"""Text tokenizers loaded from a path: a SentencePiece `.model` or a Hugging Face `tokenizer.json`.
+
+LST stores text word by word: each word's pieces are kept apart so any text/speech layout can be
+built later. That needs a tokenizer whose encoding of a space-joined run of words equals the
+concatenation of each word's encoding, which holds for SentencePiece with a dummy prefix (Llama-2)
+and for `tokenizers` models with a Metaspace pre-tokenizer; `load_text_tokenizer` checks it and
+refuses tokenizers without it. A text run followed by another segment ends with a space, which the
+tokenizer turns into one word-boundary piece: `space_id`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+
+# Cleared when full: word caches stay bounded on corpora with very many distinct words.
+_WORD_CACHE_LIMIT = 1 << 20
+
+# Words that exercise the word-by-word property: letters, digits, bytes outside the alphabet.
+_PROBE_WORDS = ("the", "Quick", "brown", "fox's", "123", "jumps", "naïve", "über-cool")
+
+
+class TextTokenizer(ABC):
+    """A text tokenizer with the ids LST needs. `pad_id` is 0 (unk), as in the reference."""
+
+    pad_id = 0
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self._word_cache: dict[str, list[int]] = {}
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def bos_id(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def eos_id(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Piece ids of `text`, without BOS/EOS."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of piece ids (the leading word-boundary space is dropped, as when encoding)."""
+
+    def encode_words(self, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Pieces of the space-joined `words` ([T] int32) and each word's piece count ([W] int32).
+
+        Each distinct word is encoded once and cached: speech corpora repeat words a lot.
+        """
+        cache = self._word_cache
+        ids: list[int] = []
+        lengths: list[int] = []
+        for word in words:
+            pieces = cache.get(word)
+            if pieces is None:
+                if len(cache) >= _WORD_CACHE_LIMIT:
+                    cache.clear()
+                pieces = cache[word] = self.encode(word)
+            ids.extend(pieces)
+            lengths.append(len(pieces))
+        return np.array(ids, dtype=np.int32), np.array(lengths, dtype=np.int32)
+
+    @property
+    def space_id(self) -> int:
+        """The piece a trailing space adds after a word (`▁` in SentencePiece)."""
+        return self._space_id
+
+    def _check_word_by_word(self) -> None:
+        """Derive `space_id` and verify that encoding word by word equals encoding the run."""
+        word = self.encode("the")
+        with_space = self.encode("the ")
+        if with_space[: len(word)] != word or len(with_space) != len(word) + 1:
+            raise VocabularyError(
+                f"{self.path}: encoding 'the ' gives {with_space}, which is not the encoding of "
+                f"'the' ({word}) plus one word-boundary piece; LST needs a tokenizer that marks "
+                f"word boundaries with a prefix piece (SentencePiece with a dummy prefix, or a "
+                f"tokenizers model with a Metaspace pre-tokenizer)")
+        self._space_id = with_space[-1]
+        joined = self.encode(" ".join(_PROBE_WORDS))
+        by_word = [i for w in _PROBE_WORDS for i in self.encode(w)]
+        if joined != by_word:
+            raise VocabularyError(
+                f"{self.path}: encoding words one by one differs from encoding them joined by "
+                f"spaces ({by_word} vs {joined}), so word-aligned text cannot be stored; use a "
+                f"tokenizer with a word-boundary prefix (SentencePiece dummy prefix or Metaspace)")
+
+
+class SentencePieceTokenizer(TextTokenizer):
+    def __init__(self, path: str | Path):
+        import sentencepiece
+
+        super().__init__(path)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
+            raise VocabularyError(f"{path}: the SentencePiece model has no BOS or EOS piece; "
+                                  f"train it with bos_id and eos_id set (tools/train_tokenizer.py)")
+        self._check_word_by_word()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+# Special-token spellings of BOS/EOS, most common first (Llama-2/SentencePiece, Llama-3).
+_HF_BOS_EOS = (("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>"))
+
+
+class HFTokenizer(TextTokenizer):
+    def __init__(self, path: str | Path):
+        try:
+            import tokenizers
+        except ImportError as error:
+            raise ImportError(f"loading {path} needs the Hugging Face `tokenizers` package: "
+                              f"pip install megatron-lst[data]") from error
+        super().__init__(path)
+        self._tok = tokenizers.Tokenizer.from_file(str(path))
+        for bos, eos in _HF_BOS_EOS:
+            bos_id, eos_id = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
+            if bos_id is not None and eos_id is not None:
+                self._bos_id, self._eos_id = bos_id, eos_id
+                break
+        else:
+            raise VocabularyError(f"{path}: found no BOS/EOS tokens among "
+                                  f"{[t for pair in _HF_BOS_EOS for t in pair]}; add them as "
+                                  f"special tokens when training the tokenizer")
+        self._check_word_by_word()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_text_tokenizer(path: str | Path) -> TextTokenizer:
+    """A SentencePiece model (`*.model`) or a Hugging Face `tokenizer.json` (`*.json`)."""
+    path = Path(path)
+    if path.is_dir() and (path / "tokenizer.json").exists():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: tokenizer not found; pass a SentencePiece .model or a "
+                                f"tokenizers tokenizer.json (tools/train_tokenizer.py makes one)")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)
+
+
+def joint_vocab(tokenizer: TextTokenizer, num_units: int = 502) -> JointVocab:
+    """The joint vocabulary of `tokenizer`'s pieces, the mode markers and `num_units` units."""
+    return JointVocab(tokenizer.vocab_size, num_units, pad_id=tokenizer.pad_id,
+                      bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+
+
+def train_sentencepiece(sentences: Iterable[str], model_path: str | Path, vocab_size: int
+                        ) -> Path:
+    """Train a SentencePiece BPE with Llama-2's settings and write it to `model_path`.
+
+    Byte fallback, split digits, a dummy prefix and no whitespace normalization (so word-by-word
+    encoding equals encoding the run), unk 0 / bos 1 / eos 2, no pad piece. One thread, the input
+    order as given and no output path inside the model make the file's bytes a function of the
+    sentences and `vocab_size` alone.
+    """
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model,
+        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, split_digits=True,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
+        character_coverage=0.99995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, shuffle_input_sentence=False, input_sentence_size=0,
+        minloglevel=2)
+    model_path = Path(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    model_path.write_bytes(model.getvalue())
+    return model_path

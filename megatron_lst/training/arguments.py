@@ -1,0 +1,575 @@
+"""Command-line arguments of `pretrain_lst.py`: Megatron-LM flag names plus the LST flags.
+
+Flags keep Megatron-LM's names and meanings wherever Megatron has one, and are grouped the way
+Megatron groups them (`_add_network_size_args`, `_add_training_args`, ...). Values come from four
+layers, later ones winning:
+
+    parser defaults  <  --preset (model size)  <  --config YAML  <  the command line
+
+`parse_args(argv)` composes them; `validate_args(args, world_size)` rejects every impossible
+combination before any work starts, naming the flags and the fix, and adds the derived fields
+(`data_parallel_size`, `num_micro_batches`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from megatron_lst.training import config_files
+
+logger = logging.getLogger(__name__)
+
+PATCHING_MODES = ("none", "static", "aligned", "mixed", "curriculum")
+
+# Model sizes by name: flag destinations -> values. `tiny-cpu` is for tests and the CPU demo;
+# `paper-1b` is the LST paper's 1B setting (global 25 layers of 2048 with 16 heads; local encoder
+# 1 layer and decoder 9 layers of 1024; windows of 512; RoPE theta 5e5); `7b` gives the global
+# model Llama-2-7B's shape with the same local models.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-cpu": dict(
+        num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
+        num_query_groups=None, max_position_embeddings=64, rotary_base=10000,
+        local_encoder_layers=1, local_encoder_hidden_size=32, local_encoder_heads=2,
+        local_decoder_layers=1, local_decoder_hidden_size=32, local_decoder_heads=2,
+        cross_attn_k=2, cross_attn_heads=2, cross_attn_window_encoder=16,
+        cross_attn_window_decoder=16, local_attention_window=64,
+    ),
+    "paper-1b": dict(
+        num_layers=25, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=16,
+        num_query_groups=None, max_position_embeddings=4096, rotary_base=500000,
+        local_encoder_layers=1, local_encoder_hidden_size=1024, local_encoder_heads=16,
+        local_decoder_layers=9, local_decoder_hidden_size=1024, local_decoder_heads=16,
+        cross_attn_k=2, cross_attn_heads=16, cross_attn_window_encoder=512,
+        cross_attn_window_decoder=512, local_attention_window=512,
+    ),
+    "7b": dict(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
+        num_query_groups=None, max_position_embeddings=4096, rotary_base=500000,
+        local_encoder_layers=1, local_encoder_hidden_size=1024, local_encoder_heads=16,
+        local_decoder_layers=9, local_decoder_hidden_size=1024, local_decoder_heads=16,
+        cross_attn_k=4, cross_attn_heads=16, cross_attn_window_encoder=512,
+        cross_attn_window_decoder=512, local_attention_window=512,
+    ),
+}
+
+
+class ArgumentError(ValueError):
+    """A flag value or a combination of flags that cannot run; the message says which and why."""
+
+
+# --- the parser ------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with Megatron-LM's defaults; no preset or YAML applied."""
+    parser = argparse.ArgumentParser(
+        prog="lst-train",
+        description="Pretrain a Latent Speech-Text Transformer (or its token baseline).",
+        allow_abbrev=False,
+    )
+    _add_config_args(parser)
+    _add_network_size_args(parser)
+    _add_lst_args(parser)
+    _add_training_args(parser)
+    _add_learning_rate_args(parser)
+    _add_mixed_precision_args(parser)
+    _add_distributed_args(parser)
+    _add_data_args(parser)
+    _add_checkpointing_args(parser)
+    _add_logging_args(parser)
+    _add_validation_args(parser)
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--config", type=str, default=None,
+                       help="YAML file of flag values (keys are flag names without the leading "
+                            "dashes); command-line flags override it.")
+    group.add_argument("--preset", type=str, default=None, choices=sorted(MODEL_PRESETS),
+                       help="Named model size; its sizes are defaults that --config and the "
+                            "command line override.")
+
+
+def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("network size (global transformer)")
+    group.add_argument("--num-layers", type=int, default=None)
+    group.add_argument("--hidden-size", type=int, default=None)
+    group.add_argument("--ffn-hidden-size", type=int, default=None,
+                       help="Default: 4 * hidden size, as in Megatron-LM.")
+    group.add_argument("--num-attention-heads", type=int, default=None)
+    group.add_argument("--num-query-groups", type=int, default=None,
+                       help="Key/value heads for grouped-query attention; default: one per head.")
+    group.add_argument("--max-position-embeddings", type=int, default=None)
+    group.add_argument("--rotary-base", type=int, default=10000)
+    group.add_argument("--norm-epsilon", type=float, default=1e-5)
+    group.add_argument("--init-method-std", type=float, default=0.02)
+    group.add_argument("--attention-dropout", type=float, default=0.0)
+    group.add_argument("--hidden-dropout", type=float, default=0.0)
+    group.add_argument("--num-units", type=int, default=502,
+                       help="Speech codebook size (joint vocabulary, DESIGN.md section 1).")
+
+
+def _add_lst_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LST: patching and local models")
+    group.add_argument("--patching-mode", choices=PATCHING_MODES, default="none",
+                       help="none = token baseline (every token a patch, no local models).")
+    group.add_argument("--patch-size", type=int, default=4,
+                       help="Speech units per static patch.")
+    group.add_argument("--silence-patching", choices=("separate", "merged"), default="separate",
+                       help="Aligned patching: silences as their own patches or merged into "
+                            "the next word.")
+    group.add_argument("--curriculum-tau1", type=int, default=None,
+                       help="Curriculum: aligned patching until this step.")
+    group.add_argument("--curriculum-tau2", type=int, default=None,
+                       help="Curriculum: P(aligned) falls linearly to 0 at this step, then static.")
+    group.add_argument("--mixed-static-prob", type=float, default=0.5,
+                       help="Mixed patching: probability a sample is patched statically.")
+    group.add_argument("--max-tokens", type=int, default=None,
+                       help="Token budget N of one row; a row holds --seq-length patches. "
+                            "Default: --seq-length with --patching-mode none; required otherwise.")
+    for side in ("encoder", "decoder"):
+        group.add_argument(f"--local-{side}-layers", type=int, default=None)
+        group.add_argument(f"--local-{side}-hidden-size", type=int, default=None)
+        group.add_argument(f"--local-{side}-heads", type=int, default=None)
+    group.add_argument("--cross-attn-k", type=int, default=2,
+                       help="Key/value (encoder: query) slots per patch in cross-attention.")
+    group.add_argument("--cross-attn-heads", type=int, default=None)
+    group.add_argument("--cross-attn-window-encoder", type=int, default=512,
+                       help="Encoder cross-attention window, in patches.")
+    group.add_argument("--cross-attn-window-decoder", type=int, default=512,
+                       help="Decoder cross-attention window, in patches.")
+    group.add_argument("--local-attention-window", type=int, default=512,
+                       help="Sliding self-attention window of the local models, in tokens.")
+    group.add_argument("--kernel-backend", choices=("auto", "triton", "torch"), default="auto",
+                       help="Segment-pool and patch cross-attention kernels: auto picks Triton "
+                            "on CUDA and PyTorch elsewhere.")
+
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--micro-batch-size", type=int, default=1)
+    group.add_argument("--global-batch-size", type=int, default=None,
+                       help="Default: micro-batch size x data-parallel size.")
+    group.add_argument("--seq-length", type=int, default=None,
+                       help="Global positions (patches) per sample.")
+    group.add_argument("--train-iters", type=int, default=None)
+    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument("--clip-grad", type=float, default=1.0)
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    group.add_argument("--adam-beta1", type=float, default=0.9)
+    group.add_argument("--adam-beta2", type=float, default=0.999)
+    group.add_argument("--adam-eps", type=float, default=1e-8)
+    group.add_argument("--sgd-momentum", type=float, default=0.9)
+
+
+def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("learning rate")
+    group.add_argument("--lr", type=float, default=None)
+    group.add_argument("--min-lr", type=float, default=0.0)
+    group.add_argument("--lr-decay-style", default="linear",
+                       choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"))
+    group.add_argument("--lr-decay-iters", type=int, default=None,
+                       help="Default: --train-iters.")
+    group.add_argument("--lr-warmup-iters", type=int, default=0)
+    group.add_argument("--lr-warmup-init", type=float, default=0.0)
+    group.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    group.add_argument("--lr-wsd-decay-style", default="exponential",
+                       choices=("exponential", "linear", "cosine", "minus_sqrt"))
+
+
+def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("mixed precision")
+    group.add_argument("--fp16", action="store_true")
+    group.add_argument("--bf16", action="store_true")
+    group.add_argument("--loss-scale", type=float, default=None,
+                       help="Static loss scale for --fp16; default: dynamic scaling.")
+    group.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+    group.add_argument("--min-loss-scale", type=float, default=1.0)
+    group.add_argument("--loss-scale-window", type=float, default=1000)
+    group.add_argument("--hysteresis", type=int, default=2)
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distributed")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--sequence-parallel", action="store_true")
+    group.add_argument("--use-distributed-optimizer", action="store_true")
+    group.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
+                       help="Default: nccl with CUDA, gloo without.")
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-path", nargs="*", default=None,
+                       help="Dataset prefixes, optionally weighted: 'W1 P1 W2 P2 ...' or 'P1 P2'.")
+    group.add_argument("--split", type=str, default="969,30,1",
+                       help="Train,valid,test proportions of --data-path.")
+    group.add_argument("--tokenizer-model", type=str, default=None)
+    group.add_argument("--num-workers", type=int, default=2)
+
+
+def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("checkpointing")
+    group.add_argument("--save", type=str, default=None)
+    group.add_argument("--save-interval", type=int, default=None)
+    group.add_argument("--load", type=str, default=None,
+                       help="Resume from the latest complete checkpoint here.")
+    group.add_argument("--no-load-optim", action="store_true",
+                       help="Do not load optimizer and scheduler state.")
+    group.add_argument("--no-load-rng", action="store_true", help="Do not load RNG states.")
+    group.add_argument("--finetune", action="store_true",
+                       help="Load model weights only; start at iteration 0.")
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument("--log-interval", type=int, default=100)
+    group.add_argument("--tensorboard-dir", type=str, default=None)
+    group.add_argument("--wandb-project", type=str, default=None)
+    group.add_argument("--wandb-exp-name", type=str, default=None)
+    group.add_argument("--no-progress-bar", action="store_true",
+                       help="No progress bar even on a terminal.")
+
+
+def _add_validation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("validation")
+    group.add_argument("--eval-interval", type=int, default=1000)
+    group.add_argument("--eval-iters", type=int, default=100)
+    group.add_argument("--eval-data", type=str, default=None,
+                       help="Story-completion JSONL for likelihood evaluation.")
+
+
+# --- composing defaults, preset, YAML and the command line -----------------------------
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` on top of the preset and the YAML file it names; does not validate."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    config = config_files.load_config(pre.config) if pre.config else {}
+    config_dests = config_files.config_to_defaults(config, parser, source=pre.config)
+    preset_name = pre.preset if pre.preset is not None else config_dests.get("preset")
+    if preset_name is not None:
+        parser.set_defaults(**_preset_defaults(preset_name))
+    parser.set_defaults(**config_dests)
+    return parser.parse_args(argv)
+
+
+def _preset_defaults(name: str) -> dict[str, Any]:
+    if name not in MODEL_PRESETS:
+        raise ArgumentError(
+            f"--preset {name!r} is not a model preset; choose one of {sorted(MODEL_PRESETS)}"
+        )
+    return dict(MODEL_PRESETS[name])
+
+
+# --- validation -------------------------------------------------------------------------
+
+def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Check `args` for a run on `world_size` processes; returns a copy with derived fields.
+
+    Derived fields: `data_parallel_size`, `num_micro_batches`, `global_batch_size` (when
+    unset), `ffn_hidden_size`, `num_query_groups`, `max_tokens`, `lr_decay_iters`,
+    `params_dtype_name`, `resume_from` (checkpoint directory or None). Raises ArgumentError
+    naming the flags and the fix; `args` itself is not modified.
+    """
+    args = argparse.Namespace(**vars(args))
+    _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length",
+             "train_iters", "lr")
+    _validate_parallelism(args, world_size)
+    _validate_model(args)
+    _validate_lst(args)
+    _validate_training(args)
+    _validate_precision(args)
+    _validate_checkpointing(args)
+    _validate_logging(args)
+    return args
+
+
+def _require(args: argparse.Namespace, *dests: str) -> None:
+    missing = [_flag(d) for d in dests if getattr(args, d) is None]
+    if missing:
+        raise ArgumentError(
+            f"missing {', '.join(missing)}: give them on the command line, in the --config "
+            f"YAML, or pick a --preset for the model sizes"
+        )
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _positive(args: argparse.Namespace, *dests: str) -> None:
+    for dest in dests:
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            raise ArgumentError(f"{_flag(dest)} must be at least 1, got {value}")
+
+
+def _validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
+    _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+              "micro_batch_size", "global_batch_size")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world_size < 1:
+        raise ArgumentError(f"world size must be at least 1, got {world_size}")
+    if world_size % (tp * pp):
+        raise ArgumentError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp} = {tp * pp}; launch a multiple of {tp * pp} "
+            f"processes or change the parallel sizes"
+        )
+    dp = world_size // (tp * pp)
+    args.data_parallel_size = dp
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step:
+        raise ArgumentError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by "
+            f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp} = {per_step}; "
+            f"use a multiple of {per_step}"
+        )
+    args.num_micro_batches = args.global_batch_size // per_step
+    if args.sequence_parallel and tp == 1:
+        logger.warning("--sequence-parallel has no effect with --tensor-model-parallel-size 1; "
+                       "turning it off")
+        args.sequence_parallel = False
+    if args.distributed_backend is None:
+        import torch
+
+        args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _validate_model(args: argparse.Namespace) -> None:
+    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+              "ffn_hidden_size", "max_position_embeddings", "num_units")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if args.num_layers % pp:
+        raise ArgumentError(
+            f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size "
+            f"{pp}; every pipeline stage needs the same number of layers"
+        )
+    if args.hidden_size % args.num_attention_heads:
+        raise ArgumentError(
+            f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+            f"{args.num_attention_heads}"
+        )
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.num_attention_heads % args.num_query_groups:
+        raise ArgumentError(
+            f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+            f"--num-query-groups {args.num_query_groups}"
+        )
+    for dest in ("num_attention_heads", "num_query_groups"):
+        if getattr(args, dest) % tp:
+            raise ArgumentError(
+                f"{_flag(dest)} {getattr(args, dest)} is not divisible by "
+                f"--tensor-model-parallel-size {tp}; tensor parallelism splits heads across ranks"
+            )
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.ffn_hidden_size % tp:
+        raise ArgumentError(
+            f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by "
+            f"--tensor-model-parallel-size {tp}"
+        )
+    if args.seq_length < 2:
+        raise ArgumentError(f"--seq-length must be at least 2 (inputs and shifted labels), "
+                            f"got {args.seq_length}")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise ArgumentError(
+            f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+            f"{args.max_position_embeddings}; raise the latter"
+        )
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ArgumentError(
+            f"--sequence-parallel splits --seq-length {args.seq_length} across "
+            f"--tensor-model-parallel-size {tp} ranks; use a multiple of {tp}"
+        )
+    for dest in ("attention_dropout", "hidden_dropout"):
+        if not 0.0 <= getattr(args, dest) < 1.0:
+            raise ArgumentError(f"{_flag(dest)} must be in [0, 1), got {getattr(args, dest)}")
+
+
+def _validate_lst(args: argparse.Namespace) -> None:
+    if args.patching_mode == "none":
+        if args.max_tokens is None:
+            args.max_tokens = args.seq_length
+        if args.max_tokens != args.seq_length:
+            raise ArgumentError(
+                f"--max-tokens {args.max_tokens} differs from --seq-length {args.seq_length} "
+                f"with --patching-mode none, where every token is a patch; drop --max-tokens"
+            )
+        return
+    _positive(args, "patch_size", "cross_attn_k", "cross_attn_window_encoder",
+              "cross_attn_window_decoder", "local_attention_window")
+    if args.max_tokens is None:
+        raise ArgumentError(
+            f"--patching-mode {args.patching_mode} needs --max-tokens, the token budget of a "
+            f"row of --seq-length {args.seq_length} patches (e.g. {4 * args.seq_length})"
+        )
+    if args.max_tokens < args.seq_length:
+        raise ArgumentError(
+            f"--max-tokens {args.max_tokens} is smaller than --seq-length {args.seq_length}: a "
+            f"row of {args.seq_length} patches needs at least one token per patch; raise "
+            f"--max-tokens"
+        )
+    if args.patching_mode == "curriculum":
+        if args.curriculum_tau1 is None or args.curriculum_tau2 is None:
+            raise ArgumentError("--patching-mode curriculum needs --curriculum-tau1 and "
+                                "--curriculum-tau2 (steps)")
+        if not 0 <= args.curriculum_tau1 <= args.curriculum_tau2:
+            raise ArgumentError(
+                f"--curriculum-tau1 {args.curriculum_tau1} must be >= 0 and <= "
+                f"--curriculum-tau2 {args.curriculum_tau2}: aligned until tau1, static after tau2"
+            )
+    if args.patching_mode == "mixed" and not 0.0 <= args.mixed_static_prob <= 1.0:
+        raise ArgumentError(f"--mixed-static-prob must be in [0, 1], got {args.mixed_static_prob}")
+    for side in ("encoder", "decoder"):
+        dests = [f"local_{side}_layers", f"local_{side}_hidden_size", f"local_{side}_heads"]
+        _require(args, *dests)
+        _positive(args, *dests)
+        hidden, heads = getattr(args, dests[1]), getattr(args, dests[2])
+        if hidden % heads:
+            raise ArgumentError(
+                f"--local-{side}-hidden-size {hidden} is not divisible by --local-{side}-heads "
+                f"{heads}"
+            )
+        cross_heads = args.cross_attn_heads if args.cross_attn_heads is not None else heads
+        if hidden % cross_heads:
+            raise ArgumentError(
+                f"--local-{side}-hidden-size {hidden} is not divisible by --cross-attn-heads "
+                f"{cross_heads}"
+            )
+
+
+def _validate_training(args: argparse.Namespace) -> None:
+    _positive(args, "train_iters", "log_interval", "eval_interval", "eval_iters")
+    if args.lr <= 0:
+        raise ArgumentError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
+    if not 0 <= args.lr_warmup_init <= args.lr:
+        raise ArgumentError(f"--lr-warmup-init {args.lr_warmup_init} must be in [0, --lr {args.lr}]")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters < 0 or args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ArgumentError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be in [0, --lr-decay-iters "
+            f"{args.lr_decay_iters}) (the scheduler decays only after warm-up)"
+        )
+    if args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None:
+        raise ArgumentError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    if args.clip_grad < 0 or args.weight_decay < 0:
+        raise ArgumentError(f"--clip-grad {args.clip_grad} and --weight-decay "
+                            f"{args.weight_decay} must be >= 0 (0 turns them off)")
+    for dest in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, dest) < 1.0:
+            raise ArgumentError(f"{_flag(dest)} must be in [0, 1), got {getattr(args, dest)}")
+    if args.data_path is not None:
+        _check_data_path(args.data_path)
+
+
+def _check_data_path(data_path: Sequence[str]) -> None:
+    if not data_path:
+        raise ArgumentError("--data-path needs at least one dataset prefix")
+    if len(data_path) == 1:
+        return
+    weights = data_path[0::2]
+    try:
+        values = [float(w) for w in weights]
+    except ValueError:
+        if any(_is_number(p) for p in data_path):
+            raise ArgumentError(
+                f"--data-path {' '.join(data_path)} mixes weights and prefixes; give either "
+                f"'W1 P1 W2 P2 ...' or only prefixes"
+            ) from None
+        return
+    if len(data_path) % 2:
+        raise ArgumentError(
+            f"--data-path {' '.join(data_path)} has an odd number of items; weighted form is "
+            f"'W1 P1 W2 P2 ...'"
+        )
+    if any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
+        raise ArgumentError(f"--data-path weights {weights} must be finite, >= 0, and not all 0")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _validate_precision(args: argparse.Namespace) -> None:
+    if args.fp16 and args.bf16:
+        raise ArgumentError("--fp16 and --bf16 are mutually exclusive; pick one")
+    if args.loss_scale is not None and not args.fp16:
+        raise ArgumentError(f"--loss-scale {args.loss_scale} applies only with --fp16 "
+                            f"(bf16 and fp32 train unscaled); drop it or add --fp16")
+    if args.fp16 and args.loss_scale is not None and args.loss_scale <= 0:
+        raise ArgumentError(f"--loss-scale must be positive, got {args.loss_scale}")
+    args.params_dtype_name = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
+    # The distributed optimizer also works in fp32: it shards fp32 state across data-parallel
+    # ranks without a separate main copy, so there is nothing to reject here.
+
+
+def _validate_checkpointing(args: argparse.Namespace) -> None:
+    # Imported here: checkpointing imports megatron.core, which argument parsing must not need.
+    from megatron_lst.training.checkpointing import find_latest_checkpoint
+
+    _positive(args, "save_interval")
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError(f"--save-interval {args.save_interval} needs --save DIR")
+    if args.finetune and args.load is None:
+        raise ArgumentError("--finetune loads weights from --load DIR; give --load")
+    args.resume_from = None
+    if args.load is None:
+        return
+    auto_resume = args.save is not None and os.path.abspath(args.save) == os.path.abspath(args.load)
+    if not os.path.isdir(args.load):
+        if auto_resume:
+            return  # first run of an auto-resuming job: nothing saved yet
+        raise ArgumentError(
+            f"--load {args.load} does not exist; check the path, or pass the same directory "
+            f"to --save and --load to resume automatically once a checkpoint exists"
+        )
+    latest = find_latest_checkpoint(args.load)  # raises CheckpointError if corrupt
+    if latest is None:
+        if auto_resume:
+            return
+        raise ArgumentError(
+            f"--load {args.load} holds no complete checkpoint (no iter_XXXXXXX directory); "
+            f"point --load at a directory written by --save"
+        )
+    args.resume_from = str(latest)
+
+
+def _validate_logging(args: argparse.Namespace) -> None:
+    if args.wandb_exp_name is not None and args.wandb_project is None:
+        raise ArgumentError("--wandb-exp-name needs --wandb-project")
+
+
+def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """`args` as a JSON-ready dict (for checkpoints and logs)."""
+    return {k: _jsonable(v) for k, v in sorted(vars(args).items())}
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)

@@ -1,0 +1,395 @@
+"""Training checkpoints with megatron.core dist_checkpointing (DESIGN.md section 9).
+
+Layout of a save directory (`--save`), Megatron-LM's names where Megatron has them:
+
+    latest_checkpointed_iteration.txt    "<iteration>": the newest complete checkpoint
+    iter_0000100/                        one complete checkpoint
+        <dist_checkpointing files>       model, optimizer, per-rank RNG states (sharded)
+        lst_checkpoint.json              iteration, scheduler, extra state (consumed samples,
+                                         curriculum step, ...), parallel layout, args, vocabulary
+    iter_0000200.tmp-<nonce>/            a save that was interrupted: never loaded, never deleted
+
+A save writes everything into `iter_XXXXXXX.tmp-<nonce>`, waits for every rank, writes
+`lst_checkpoint.json` last, renames the directory to `iter_XXXXXXX` and only then replaces the
+pointer file (temp file + os.replace). A process killed at any point leaves the previous
+checkpoint complete and named by the pointer (or, killed between the rename and the pointer, a
+complete newer checkpoint that loading finds). Model and optimizer are saved as sharded tensors in
+model space, so a checkpoint loads under another tensor/pipeline-parallel layout; RNG states are
+restored only under the layout that saved them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_lst.tokenizer.vocab import JointVocab
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+METADATA_FILENAME = "lst_checkpoint.json"
+FORMAT_VERSION = 1
+_COMPLETE_NAME = re.compile(r"^iter_(\d{7,})$")
+_TEMPORARY_NAME = re.compile(r"^iter_(\d{7,})\.tmp-[0-9a-f]+$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is corrupt, or that does not fit the model being trained."""
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What `load_checkpoint` restored, for the training loop to continue from."""
+
+    path: Path
+    iteration: int
+    """Iterations done when the checkpoint was saved (0 with --finetune)."""
+    extra_state: dict[str, Any] = field(default_factory=dict)
+    """The `extra_state` given to `save_checkpoint` (empty with --finetune)."""
+    saved_args: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+# --- finding checkpoints ----------------------------------------------------------------
+
+def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `root`, or None when there is none yet.
+
+    Interrupted saves (`iter_*.tmp-*`) are reported and skipped, never deleted. Raises
+    CheckpointError when the pointer file is unreadable or names a checkpoint that is missing or
+    incomplete: that is corruption, which starting from scratch would hide.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    complete: dict[int, Path] = {}
+    leftovers: list[str] = []
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir():
+            continue
+        if _TEMPORARY_NAME.match(entry.name):
+            leftovers.append(entry.name)
+        elif (match := _COMPLETE_NAME.match(entry.name)) and _is_complete(entry):
+            complete[int(match.group(1))] = entry
+    if leftovers:
+        logger.warning(
+            "%s holds %d interrupted save(s) that will not be loaded: %s; remove them once no "
+            "save is running", root, len(leftovers), ", ".join(leftovers))
+
+    pointed = _read_tracker(root)
+    if pointed is not None and pointed not in complete:
+        raise CheckpointError(
+            f"{root / TRACKER_FILENAME} names iteration {pointed}, but {root / checkpoint_name(pointed)} "
+            f"is missing or incomplete (no {METADATA_FILENAME}); the save directory is corrupt. "
+            f"Restore that checkpoint, or write the iteration of a complete one "
+            f"({sorted(complete) or 'none found'}) into {TRACKER_FILENAME}"
+        )
+    if not complete:
+        return None
+    newest = max(complete)
+    if pointed is not None and newest > pointed:
+        logger.warning(
+            "%s names iteration %d but the complete checkpoint %s is newer (a save ended between "
+            "its rename and the pointer update); loading the newer one", root / TRACKER_FILENAME,
+            pointed, complete[newest].name)
+    return complete[newest]
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / METADATA_FILENAME).is_file() and (path / "metadata.json").is_file()
+
+
+def _read_tracker(root: Path) -> int | None:
+    tracker = root / TRACKER_FILENAME
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(
+            f"{tracker} should hold an iteration number, found {text[:40]!r}; the save directory "
+            f"is corrupt. Write the iteration of a complete iter_XXXXXXX directory into it"
+        )
+    return int(text)
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The `lst_checkpoint.json` of one checkpoint directory."""
+    metadata_path = Path(path) / METADATA_FILENAME
+    try:
+        metadata = json.loads(metadata_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {metadata_path}: {err}") from None
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{metadata_path} has format version {metadata.get('format_version')!r}; this "
+            f"code reads version {FORMAT_VERSION}"
+        )
+    return metadata
+
+
+# --- saving -----------------------------------------------------------------------------
+
+def save_checkpoint(
+    iteration: int,
+    model_chunks: list[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    args: argparse.Namespace,
+    extra_state: dict[str, Any],
+    save_dir: str | os.PathLike,
+    vocab: JointVocab | None = None,
+) -> Path:
+    """Collective: write checkpoint `iteration` under `save_dir` atomically; returns its path.
+
+    `model_chunks`: this rank's model chunks (DDP/Float16Module wrappers allowed), one per
+    virtual pipeline stage. `optimizer`: a megatron.core optimizer or None. `scheduler`: an
+    `OptimizerParamScheduler` or None. `extra_state`: JSON-able training position (consumed
+    samples, curriculum step, data seed, FLOP counters ...), returned as is by `load_checkpoint`.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(save_dir)
+    final = root / checkpoint_name(iteration)
+    if final.exists():
+        raise CheckpointError(
+            f"{final} already exists; refusing to overwrite a checkpoint. Save into another "
+            f"--save directory or move that checkpoint away"
+        )
+    extra_json = json.dumps(extra_state)  # fail before any writing if it is not JSON-able
+    nonce = _broadcast_from_rank0(secrets.token_hex(6))
+    temporary = root / f"{final.name}.tmp-{nonce}"
+    if dist.get_rank() == 0:
+        temporary.mkdir(parents=True)
+    dist.barrier()
+
+    state = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state)
+    state["rng_state"] = _rng_sharded_object()
+    dist_checkpointing.save(state, str(temporary))
+    dist.barrier()
+
+    if dist.get_rank() == 0:
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "iteration": iteration,
+            "extra_state": json.loads(extra_json),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "parallel_layout": _parallel_layout(),
+            "vocab": vocab.to_dict() if vocab is not None else None,
+            "args": _args_to_dict(args),
+        }
+        _write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
+        os.rename(temporary, final)
+        _fsync_directory(root)
+        _replace_file_durably(root / TRACKER_FILENAME, str(iteration))
+    dist.barrier()
+    return final
+
+
+def _broadcast_from_rank0(value: str) -> str:
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_file_durably(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_file_durably(path: Path, text: str) -> None:
+    temporary = path.with_name(f"{path.name}.tmp-{secrets.token_hex(6)}")
+    _write_file_durably(temporary, text)
+    os.replace(temporary, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
+    from megatron_lst.training.arguments import args_to_dict
+
+    return args_to_dict(args)
+
+
+# --- loading ----------------------------------------------------------------------------
+
+def load_checkpoint(
+    load_dir: str | os.PathLike,
+    model_chunks: list[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    args: argparse.Namespace,
+    vocab: JointVocab | None = None,
+) -> LoadedCheckpoint | None:
+    """Collective: restore the latest complete checkpoint under `load_dir` in place.
+
+    Returns None when `load_dir` holds no checkpoint yet (start from scratch). Honours
+    `args.no_load_optim`, `args.no_load_rng` and `args.finetune` (weights only, iteration 0).
+    Model and optimizer reshard to the current tensor/pipeline layout; RNG states are skipped,
+    with a warning, when the layout differs. Raises VocabularyError when the checkpoint's
+    vocabulary differs from `vocab`, CheckpointError naming the tensor when a model shape differs.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = find_latest_checkpoint(load_dir)
+    if path is None:
+        return None
+    metadata = read_checkpoint_metadata(path)
+    if vocab is not None and metadata["vocab"] is not None:
+        vocab.check_matches(metadata["vocab"]["size"], f"checkpoint {path}")
+
+    finetune = bool(getattr(args, "finetune", False))
+    load_optim = optimizer is not None and not finetune and not getattr(args, "no_load_optim", False)
+    load_rng = not finetune and not getattr(args, "no_load_rng", False)
+    if load_rng and metadata["parallel_layout"] != _parallel_layout():
+        logger.warning(
+            "checkpoint %s was saved with parallel layout %s, this run uses %s: RNG states are not "
+            "restored (dropout streams start fresh)", path, metadata["parallel_layout"],
+            _parallel_layout())
+        load_rng = False
+
+    state = _model_sharded_state_dict(model_chunks)
+    _check_model_shapes(state, path)
+    if load_optim:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+    if load_rng:
+        state["rng_state"] = _rng_sharded_object()
+    loaded = dist_checkpointing.load(state, str(path))
+
+    for key, chunk in zip(_model_keys(model_chunks), _unwrap(model_chunks)):
+        chunk.load_state_dict(loaded[key], strict=True)
+    if load_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None and metadata["scheduler"] is not None:
+            scheduler.load_state_dict(metadata["scheduler"])
+    elif optimizer is not None:
+        # Mixed-precision optimizers keep fp32 main copies of the weights: refresh them from the
+        # weights just loaded (a no-op for fp32 optimizers).
+        optimizer.reload_model_params()
+    if load_rng:
+        _restore_rng_state(loaded["rng_state"])
+    dist.barrier()
+
+    if finetune:
+        return LoadedCheckpoint(path=path, iteration=0, saved_args=metadata["args"])
+    return LoadedCheckpoint(path=path, iteration=metadata["iteration"],
+                            extra_state=metadata["extra_state"], saved_args=metadata["args"])
+
+
+def _check_model_shapes(state: dict[str, Any], path: Path) -> None:
+    """Name the first model tensor whose global shape differs from the checkpoint's."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    for sharded in nested_values(state):
+        if not isinstance(sharded, ShardedTensor):
+            continue
+        if sharded.key not in saved:
+            raise CheckpointError(
+                f"model tensor {sharded.key!r} is not in checkpoint {path}: the model has "
+                f"parts the checkpoint lacks (another --patching-mode or architecture?)"
+            )
+        saved_shape = tuple(saved[sharded.key].global_shape)
+        if saved_shape != tuple(sharded.global_shape):
+            raise CheckpointError(
+                f"model tensor {sharded.key!r} has shape {tuple(sharded.global_shape)} but "
+                f"checkpoint {path} holds {saved_shape}; build the model with the sizes it was "
+                f"saved with (see 'args' in its {METADATA_FILENAME})"
+            )
+
+
+# --- model, RNG and layout state --------------------------------------------------------
+
+def _unwrap(model_chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(list(model_chunks))
+
+
+def _model_keys(model_chunks: list[torch.nn.Module]) -> list[str]:
+    # Megatron-LM's keys: "model" for one chunk, "model0", "model1", ... for virtual stages.
+    if len(model_chunks) == 1:
+        return ["model"]
+    return [f"model{i}" for i in range(len(model_chunks))]
+
+
+def _model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    if not model_chunks:
+        raise ValueError("model_chunks is empty; pass this rank's model chunks")
+    return {key: chunk.sharded_state_dict()
+            for key, chunk in zip(_model_keys(model_chunks), _unwrap(model_chunks))}
+
+
+def _parallel_layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": ps.get_data_parallel_world_size(with_context_parallel=True),
+    }
+
+
+def _rng_sharded_object():
+    """This rank's RNG states as one cell of a (pipeline, tensor, data) grid of objects."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    grid = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_data_parallel_world_size(with_context_parallel=True))
+    cell = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+            ps.get_data_parallel_rank(with_context_parallel=True))
+    return ShardedObject("rng_state", _capture_rng_state(), grid, cell, replica_id=0)
+
+
+def _capture_rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _restore_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])

@@ -1,0 +1,142 @@
+"""YAML run configurations that map one-to-one onto command-line flags.
+
+A config file is a flat YAML mapping whose keys are flag names without the leading dashes
+(`micro-batch-size` or `micro_batch_size`) and whose values are what the flag takes: a scalar, a
+list for flags with several values (`data-path`), and true/false for switches (`bf16`). Nothing
+else is allowed, so every file reads as a command line:
+
+    seq-length: 2048          ->  --seq-length 2048
+    bf16: true                ->  --bf16
+    data-path: [0.67, a, 0.33, b]  ->  --data-path 0.67 a 0.33 b
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that does not map onto the command-line flags."""
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a flat mapping (keys not yet checked against the flags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        try:
+            config = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path} is not valid YAML: {err}") from None
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise ConfigError(
+            f"--config {path} must be a mapping of flag names to values, got a "
+            f"{type(config).__name__}"
+        )
+    return dict(config)
+
+
+def config_to_defaults(config: Mapping[str, Any], parser: argparse.ArgumentParser,
+                       source: str | Path | None = None) -> dict[str, Any]:
+    """Flag destinations -> converted values, for `parser.set_defaults`.
+
+    Values go through each flag's own type and choices, so a config file accepts exactly what
+    the command line accepts. Raises ConfigError naming the key, and for an unknown key the
+    closest flag.
+    """
+    where = f"--config {source}" if source is not None else "config"
+    defaults: dict[str, Any] = {}
+    for key, value in config.items():
+        action = _action_for_key(key, parser, where)
+        defaults[action.dest] = _convert(action, value, f"{where}: {key}")
+    return defaults
+
+
+def config_to_argv(config: Mapping[str, Any], parser: argparse.ArgumentParser) -> list[str]:
+    """The command line equivalent to `config` (switches set to false are left out)."""
+    argv: list[str] = []
+    for key, value in config.items():
+        action = _action_for_key(key, parser, "config")
+        converted = _convert(action, value, f"config: {key}")
+        flag = _long_flag(action)
+        if _is_switch(action):
+            if converted != action.default:
+                argv.append(flag)
+        elif converted is None:
+            continue
+        elif isinstance(converted, list):
+            argv += [flag, *(str(v) for v in converted)]
+        else:
+            argv += [flag, str(converted)]
+    return argv
+
+
+def _action_for_key(key: Any, parser: argparse.ArgumentParser, where: str) -> argparse.Action:
+    if not isinstance(key, str):
+        raise ConfigError(f"{where}: key {key!r} is not a flag name")
+    flag = "--" + key.lstrip("-").replace("_", "-")
+    by_flag = {s: a for a in parser._actions for s in a.option_strings}
+    action = by_flag.get(flag)
+    if action is None or flag in ("--help", "--config"):
+        known = [s for s in by_flag if s.startswith("--") and s not in ("--help", "--config")]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.0)
+        hint = f"; did you mean {close[0].lstrip('-')!r} ({close[0]})?" if close else ""
+        raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+    return action
+
+
+def _long_flag(action: argparse.Action) -> str:
+    return next(s for s in action.option_strings if s.startswith("--"))
+
+
+def _is_switch(action: argparse.Action) -> bool:
+    return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+
+
+def _convert(action: argparse.Action, value: Any, where: str) -> Any:
+    if _is_switch(action):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {_long_flag(action)} is a switch; write true or false, "
+                              f"got {value!r}")
+        # A store_false flag (`--no-x: true`) stores False in its destination.
+        return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if value is None:
+        return None
+    if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if action.nargs == "+" and not items:
+            raise ConfigError(f"{where}: {_long_flag(action)} needs at least one value")
+        return [_convert_one(action, v, where) for v in items]
+    if isinstance(value, (list, tuple, Mapping)):
+        raise ConfigError(f"{where}: {_long_flag(action)} takes one value, got {value!r}")
+    return _convert_one(action, value, where)
+
+
+def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
+    if isinstance(value, (list, tuple, Mapping)):
+        raise ConfigError(f"{where}: nested value {value!r} is not a flag value")
+    kind = action.type or str
+    if kind is int and (isinstance(value, bool) or (isinstance(value, float)
+                                                      and not value.is_integer())):
+        raise ConfigError(f"{where}: {_long_flag(action)} takes an integer, got {value!r}")
+    if kind is float and isinstance(value, bool):
+        raise ConfigError(f"{where}: {_long_flag(action)} takes a number, got {value!r}")
+    try:
+        converted = kind(int(value) if kind is int and isinstance(value, float) else value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where}: {_long_flag(action)} takes a {getattr(kind, '__name__', kind)}, got "
+            f"{value!r}"
+        ) from None
+    if action.choices is not None and converted not in action.choices:
+        raise ConfigError(f"{where}: {converted!r} is not one of {list(action.choices)}")
+    return converted

@@ -1,0 +1,620 @@
+"""Model FLOPs of LST and of the token-level baseline, and model FLOP utilisation.
+
+What is counted: every matrix multiplication of the forward pass at 2*m*n*k FLOPs (projections,
+SwiGLU FFNs, the output head) and the two attention products (scores Q.K^T and the weighted sum
+with V) over the *useful* query-key pairs only: a causal query sees its past, a sliding-window
+query at most `window` keys, a cross-attention query exactly its key range. Masked-out pairs that
+a dense kernel would still compute are not counted, so the numbers describe the model, not a
+kernel.
+
+What is not counted: the embedding lookup, norms, softmax, RoPE, activations, residual adds and
+the max-pool that initialises the patch states (all elementwise, well under 1% of the total).
+Training is counted as 3x the forward pass (the backward pass computes two products per forward
+product); recomputation (activation checkpointing, flash-attention's backward) is not counted,
+as is usual for MFU.
+
+Shapes follow the reference LST (fixtures/reference_lst/README.md, "What the reference forward
+computes"): per row, N tokens and P patches, De/Dg/Dd the encoder/global/decoder widths, k the
+cross-attention slots per patch.
+- local encoder: n_enc layers (sliding-window self-attention + SwiGLU) over N tokens; the patch
+  states are pooled, projected De -> De*k over P patches and refined by cross-attention after
+  every layer (or the last only): P*k slot queries over the tokens of their last W_enc patches.
+- global: k*De -> Dg projection over P patches when k*De != Dg, then n_glob causal layers over P.
+- local decoder: Dg -> Dd*k projection over P patches, then n_dec layers over N tokens, each
+  preceded (or only the first) by cross-attention: N token queries over the k slots of the
+  last W_dec global patches.
+- head: Dd x V over N tokens.
+The baseline (patching mode `none`) is the global stack run over the N tokens plus the head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from megatron_lst.models.config import LocalModelConfig, LSTConfig, swiglu_ffn_size
+
+__all__ = [
+    "StackShape",
+    "ModelShape",
+    "FlopBreakdown",
+    "causal_pairs",
+    "encoder_cross_attention_pairs",
+    "decoder_cross_attention_pairs",
+    "flops_per_batch",
+    "estimate_flops",
+    "PEAK_BF16_DENSE_FLOPS",
+    "peak_flops_by_name",
+    "device_peak_flops",
+    "mfu",
+    "FlopMeter",
+    "ControlMode",
+    "Budget",
+    "StepShape",
+    "ModelPlan",
+    "ComputePlan",
+    "plan",
+]
+
+
+@dataclass(frozen=True)
+class StackShape:
+    """A stack of pre-norm transformer layers: self-attention (GQA aware) and a SwiGLU FFN.
+
+    `kv_heads`, `ffn_hidden` and `head_dim` default to `heads`, `swiglu_ffn_size(dim)` and
+    `dim // heads`. `window` is the sliding-window length in positions (None: fully causal).
+    """
+
+    dim: int
+    layers: int
+    heads: int
+    kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    head_dim: int | None = None
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "layers", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StackShape.{name} = {getattr(self, name)}; it must be >= 1")
+        if self.head_dim is None and self.dim % self.heads:
+            raise ValueError(
+                f"StackShape: dim {self.dim} is not divisible by heads {self.heads}; "
+                "choose a divisor or give head_dim explicitly"
+            )
+        if self.heads % self.num_kv_heads:
+            raise ValueError(
+                f"StackShape: heads {self.heads} is not a multiple of kv_heads {self.kv_heads}; "
+                "grouped-query attention needs whole groups"
+            )
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"StackShape.window = {self.window}; give a positive length or None")
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def ffn(self) -> int:
+        return swiglu_ffn_size(self.dim) if self.ffn_hidden is None else self.ffn_hidden
+
+    @property
+    def attention_dim(self) -> int:
+        """Width of all query heads together (heads * head_dim)."""
+        return self.heads * (self.dim // self.heads if self.head_dim is None else self.head_dim)
+
+    def dense_flops(self, positions: float) -> float:
+        """Forward FLOPs of all layers' projections and FFNs over `positions` rows."""
+        q_and_o = 2 * self.dim * self.attention_dim
+        k_and_v = 2 * self.dim * (self.attention_dim // self.heads) * self.num_kv_heads
+        ffn = 3 * self.dim * self.ffn
+        return 2 * positions * self.layers * (q_and_o + k_and_v + ffn)
+
+    def attention_flops(self, pairs: float) -> float:
+        """Forward FLOPs of scores and weighted values of all layers over `pairs` query-key
+        pairs per layer (each pair costs a head_dim dot product in both products, per head)."""
+        return 4 * self.layers * self.attention_dim * pairs
+
+    def flops(self, rows: int, positions: int | float) -> float:
+        """Forward FLOPs of the stack over `rows` sequences of `positions` each."""
+        pairs = causal_pairs(positions, self.window)
+        return rows * (self.dense_flops(positions) + self.attention_flops(pairs))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape of an LST model, or of the token-level baseline when `encoder` and `decoder`
+    are None (build it with `ModelShape.baseline`).
+
+    Cross-attention uses `dim x dim` query/key/value/output projections in both local models
+    (the reference's head_dim = dim // heads), so its head count does not change the FLOPs.
+    Windows are in patches; `encoder.window`/`decoder.window` (tokens) are the local
+    self-attention windows.
+    """
+
+    vocab_size: int
+    global_stack: StackShape
+    encoder: StackShape | None = None
+    decoder: StackShape | None = None
+    cross_attn_k: int = 1
+    cross_attn_window_encoder: int = 512
+    cross_attn_window_decoder: int = 512
+    cross_attn_all_layers_encoder: bool = True
+    cross_attn_all_layers_decoder: bool = True
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 1:
+            raise ValueError(f"ModelShape.vocab_size = {self.vocab_size}; it must be >= 1")
+        if (self.encoder is None) != (self.decoder is None):
+            raise ValueError(
+                "ModelShape: give both a local encoder and a local decoder (LST) or neither "
+                "(the token-level baseline)"
+            )
+        if self.encoder is None:
+            return
+        if self.encoder.dim != self.decoder.dim:
+            raise ValueError(
+                f"ModelShape: encoder dim {self.encoder.dim} != decoder dim {self.decoder.dim}; "
+                "the decoder reads the encoder's final hidden states, so both widths must match"
+            )
+        for name in ("cross_attn_k", "cross_attn_window_encoder", "cross_attn_window_decoder"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelShape.{name} = {getattr(self, name)}; it must be >= 1")
+
+    @classmethod
+    def from_model_config(cls, config: LSTConfig) -> "ModelShape":
+        """The LST shape of a model config (`.baseline_of()` gives its token baseline)."""
+        g, xattn = config.global_model, config.cross_attention
+        return cls(
+            vocab_size=config.vocab_size,
+            global_stack=StackShape(
+                dim=g.hidden_size, layers=g.num_layers, heads=g.num_heads,
+                kv_heads=g.num_query_groups, ffn_hidden=g.ffn_hidden_size,
+            ),
+            encoder=_local_stack(config.encoder),
+            decoder=_local_stack(config.decoder),
+            cross_attn_k=xattn.slots_per_patch,
+            cross_attn_window_encoder=xattn.encoder_window,
+            cross_attn_window_decoder=xattn.decoder_window,
+            cross_attn_all_layers_encoder=xattn.all_encoder_layers,
+            cross_attn_all_layers_decoder=xattn.all_decoder_layers,
+        )
+
+    @classmethod
+    def baseline(cls, vocab_size: int, global_stack: StackShape) -> "ModelShape":
+        """The plain token-level transformer: embedding, `global_stack` over tokens, head."""
+        return cls(vocab_size=vocab_size, global_stack=global_stack)
+
+    def baseline_of(self) -> "ModelShape":
+        """The baseline with this model's global width and depth and vocabulary."""
+        return ModelShape.baseline(self.vocab_size, self.global_stack)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.encoder is None
+
+    @property
+    def needs_global_projection(self) -> bool:
+        return not self.is_baseline and self.cross_attn_k * self.encoder.dim != self.global_stack.dim
+
+    @property
+    def encoder_cross_attn_layers(self) -> int:
+        return self.encoder.layers if self.cross_attn_all_layers_encoder else 1
+
+    @property
+    def decoder_cross_attn_layers(self) -> int:
+        return self.decoder.layers if self.cross_attn_all_layers_decoder else 1
+
+
+def _local_stack(local: LocalModelConfig) -> StackShape:
+    return StackShape(
+        dim=local.hidden_size, layers=local.num_layers, heads=local.num_heads,
+        ffn_hidden=local.ffn_hidden_size, window=local.window,
+    )
+
+
+@dataclass(frozen=True)
+class FlopBreakdown:
+    """FLOPs per model part. `cross_attention` holds both local models' cross-attention
+    (projections and attention); `encoder` the encoder stack and the patch projection;
+    `global_` the global stack and its input projection; `decoder` the decoder stack and its
+    Dg -> Dd*k projection; `head` the output layer."""
+
+    encoder: float = 0
+    global_: float = 0
+    decoder: float = 0
+    cross_attention: float = 0
+    head: float = 0
+
+    @property
+    def total(self) -> float:
+        return self.encoder + self.global_ + self.decoder + self.cross_attention + self.head
+
+    def __add__(self, other: "FlopBreakdown") -> "FlopBreakdown":
+        return FlopBreakdown(
+            *(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self))
+        )
+
+    def scaled(self, factor: float) -> "FlopBreakdown":
+        return FlopBreakdown(*(getattr(self, f.name) * factor for f in dataclasses.fields(self)))
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain names for logs and JSON: encoder, global, decoder, cross_attention, head, total."""
+        parts = {f.name.rstrip("_"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**parts, "total": self.total}
+
+
+def causal_pairs(length: int | float, window: int | None = None) -> int | float:
+    """Query-key pairs of causal attention over `length` positions: the sum over queries i of
+    min(i + 1, window). Exact for an integer length; the same closed form for a mean length."""
+    visible = length if window is None else min(window, length)
+    triangle = visible * (visible + 1)  # even for integers: keep integer counts exact
+    triangle = triangle // 2 if isinstance(triangle, int) else triangle / 2
+    return triangle + (length - visible) * visible
+
+
+def _check_patch_lengths(patch_lengths: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    if patch_lengths.dim() != 2 or patch_lengths.is_floating_point():
+        raise ValueError(
+            f"patch_lengths must be an integer tensor [B, P], got {tuple(patch_lengths.shape)} "
+            f"of {patch_lengths.dtype}"
+        )
+    lengths = patch_lengths.detach().to("cpu", torch.int64)
+    sums = lengths.sum(-1)
+    if (lengths < 0).any() or (sums != num_tokens + 1).any():
+        raise ValueError(
+            f"patch_lengths rows sum to {sums.tolist()} (negative entries: "
+            f"{bool((lengths < 0).any())}); the batch contract needs non-negative lengths that "
+            f"sum to num_tokens + 1 = {num_tokens + 1} in every row (DESIGN.md section 4)"
+        )
+    if lengths.shape[1] < 2 or (lengths[:, 0] != 1).any():
+        raise ValueError(
+            f"patch_lengths {tuple(lengths.shape)} with first patches {lengths[:, 0].tolist()}; "
+            "the batch contract needs at least 2 patches per row, the first of length 1"
+        )
+    return lengths
+
+
+def encoder_cross_attention_pairs(patch_lengths: torch.Tensor, num_tokens: int, window: int) -> int:
+    """Patch-token pairs of encoder cross-attention, per slot and layer, summed over the batch:
+    patch q sees the tokens of patches q-W+1 .. q, the token range
+    [start of patch max(0, q-W+1), end of patch q) cut at num_tokens."""
+    lengths = _check_patch_lengths(patch_lengths, num_tokens)
+    ends = lengths.cumsum(-1)  # [B, P], exclusive ends
+    starts = ends - lengths  # [B, P]
+    first = (torch.arange(lengths.shape[1]) - window + 1).clamp(min=0)  # [P]
+    range_start = starts[:, first].clamp(max=num_tokens)  # [B, P]
+    range_end = ends.clamp(max=num_tokens)  # [B, P], the last token of a row is a target only
+    return int((range_end - range_start).clamp(min=0).sum())
+
+
+def decoder_cross_attention_pairs(patch_lengths: torch.Tensor, num_tokens: int, window: int) -> int:
+    """Token-patch pairs of decoder cross-attention, per slot and layer, summed over the batch:
+    a token of decoder patch j sees global patches max(0, j-W+1) .. j, and decoder patch j
+    holds patch_lengths[:, j + 1] tokens (the contract makes them cover all num_tokens)."""
+    lengths = _check_patch_lengths(patch_lengths, num_tokens)
+    decoder_lengths = lengths[:, 1:]  # [B, P-1]: the tokens of each decoder patch
+    visible = (torch.arange(decoder_lengths.shape[1]) + 1).clamp(max=window)  # [P-1]
+    return int((decoder_lengths * visible).sum())
+
+
+def _lst_flops(shape: ModelShape, rows: int, tokens: float, patches: float,
+               encoder_pairs: float, decoder_pairs: float) -> FlopBreakdown:
+    """Forward FLOPs of LST for `rows` rows of `tokens` tokens and `patches` patches; the
+    cross-attention pair counts (per slot, per layer) are summed over rows."""
+    enc, dec, glob, k = shape.encoder, shape.decoder, shape.global_stack, shape.cross_attn_k
+    patch_projection = 2 * rows * patches * enc.dim * enc.dim * k
+    global_projection = 2 * rows * patches * k * enc.dim * glob.dim if shape.needs_global_projection else 0
+    decoder_projection = 2 * rows * patches * glob.dim * dec.dim * k
+
+    # One cross-attention layer: q and o projections over the queries, k and v over the keys.
+    slots, de, dd = rows * patches * k, enc.dim, dec.dim
+    encoder_cross = 4 * slots * de * de + 4 * rows * tokens * de * de + 4 * de * k * encoder_pairs
+    decoder_cross = 4 * rows * tokens * dd * dd + 4 * slots * dd * dd + 4 * dd * k * decoder_pairs
+    return FlopBreakdown(
+        encoder=enc.flops(rows, tokens) + patch_projection,
+        global_=glob.flops(rows, patches) + global_projection,
+        decoder=dec.flops(rows, tokens) + decoder_projection,
+        cross_attention=shape.encoder_cross_attn_layers * encoder_cross
+        + shape.decoder_cross_attn_layers * decoder_cross,
+        head=2 * rows * tokens * dec.dim * shape.vocab_size,
+    )
+
+
+def _baseline_flops(shape: ModelShape, rows: int, tokens: float) -> FlopBreakdown:
+    return FlopBreakdown(
+        global_=shape.global_stack.flops(rows, tokens),
+        head=2 * rows * tokens * shape.global_stack.dim * shape.vocab_size,
+    )
+
+
+def flops_per_batch(shape: ModelShape, patch_lengths: torch.Tensor, num_tokens: int,
+                    training: bool = True) -> FlopBreakdown:
+    """Exact FLOPs of one batch of `B` rows of `num_tokens` input tokens.
+
+    patch_lengths: [B, P] integer, the batch contract's patch lengths (rows sum to
+        num_tokens + 1; zero-length trailing patches allowed). For the baseline only B is used.
+        Pass the CPU copy: the counts are read back to the host.
+    training: count forward + backward (3x forward) instead of the forward alone.
+    """
+    rows = patch_lengths.shape[0]
+    if shape.is_baseline:
+        forward = _baseline_flops(shape, rows, num_tokens)
+    else:
+        forward = _lst_flops(
+            shape,
+            rows,
+            num_tokens,
+            patch_lengths.shape[1],
+            encoder_pairs=encoder_cross_attention_pairs(
+                patch_lengths, num_tokens, shape.cross_attn_window_encoder
+            ),
+            decoder_pairs=decoder_cross_attention_pairs(
+                patch_lengths, num_tokens, shape.cross_attn_window_decoder
+            ),
+        )
+    return forward.scaled(3) if training else forward
+
+
+def estimate_flops(shape: ModelShape, seq_tokens: float, num_patches: int, batch: int,
+                   training: bool = True) -> FlopBreakdown:
+    """Closed-form FLOPs of `batch` rows of `seq_tokens` tokens (a mean is fine) and
+    `num_patches` patches, as if every patch held seq_tokens / num_patches tokens.
+
+    Only the cross-attention depends on how tokens fall into patches; with equal patches the
+    encoder sees L * min(q + 1, W) tokens from patch q and the decoder's N tokens spread evenly
+    over P - 1 decoder patches. Everything else is exact. `num_patches` is ignored for the
+    baseline, whose positions are its tokens.
+    """
+    if shape.is_baseline:
+        forward = _baseline_flops(shape, batch, seq_tokens)
+    else:
+        if num_patches < 2:
+            raise ValueError(f"num_patches = {num_patches}; LST rows have at least 2 patches")
+        per_patch = seq_tokens / num_patches
+        per_decoder_patch = seq_tokens / (num_patches - 1)
+        forward = _lst_flops(
+            shape,
+            batch,
+            seq_tokens,
+            num_patches,
+            encoder_pairs=batch * per_patch * causal_pairs(num_patches, shape.cross_attn_window_encoder),
+            decoder_pairs=batch * per_decoder_patch
+            * causal_pairs(num_patches - 1, shape.cross_attn_window_decoder),
+        )
+    return forward.scaled(3) if training else forward
+
+
+# Peak dense (no structured sparsity) bf16 tensor-core FLOP/s per GPU, from NVIDIA's datasheets:
+# H100 SXM5 and H200 SXM: 1,979 TFLOPS "with sparsity" -> 989 dense (H100 and H200 datasheets);
+# H100 PCIe: 1,513 with sparsity -> 756 dense (H100 datasheet); A100 SXM4 and PCIe: 312 dense
+# (A100 datasheet). Matched against torch.cuda.get_device_name(), first match wins, so the
+# PCIe entry comes before the generic H100 ones. Other GPUs are unknown: no MFU is reported.
+PEAK_BF16_DENSE_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H200",), 989e12),
+    (("H100", "PCIe"), 756e12),
+    (("H100", "HBM3"), 989e12),  # SXM5 boards report themselves as "NVIDIA H100 80GB HBM3"
+    (("H100", "SXM"), 989e12),
+    (("A100",), 312e12),
+)
+
+
+def peak_flops_by_name(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of a GPU named like torch.cuda.get_device_name() reports it, or
+    None when the GPU is missing from PEAK_BF16_DENSE_FLOPS."""
+    for parts, peak in PEAK_BF16_DENSE_FLOPS:
+        if all(part.lower() in device_name.lower() for part in parts):
+            return peak
+    return None
+
+
+def device_peak_flops(device: torch.device | str | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of a device (default: the current CUDA device); None on CPU, when
+    CUDA is absent, and on unknown GPUs."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return peak_flops_by_name(torch.cuda.get_device_name(device))
+
+
+def mfu(flops_per_s: float, peak_flops: float | None) -> float | None:
+    """Model FLOP utilisation of one device: achieved model FLOP/s (from `flops_per_batch`,
+    divided by the step time and the number of devices) over its peak; None without a peak."""
+    if peak_flops is None:
+        return None
+    return flops_per_s / peak_flops
+
+
+@dataclass
+class FlopMeter:
+    """Per-step and cumulative model FLOPs, throughput and MFU for the training log.
+
+    `peak_flops` is one device's peak (`device_peak_flops()`; None on CPU: no MFU is logged);
+    `num_devices` the devices that share each step's work. Save `state_dict()` with the
+    checkpoint so the cumulative count survives a resume.
+    """
+
+    num_devices: int = 1
+    peak_flops: float | None = None
+    cumulative: FlopBreakdown = dataclasses.field(default_factory=FlopBreakdown)
+
+    def log_step(self, step_flops: FlopBreakdown, step_seconds: float) -> dict[str, float]:
+        """Add one step and return its log values: flops/<part>, flops/cumulative,
+        flops/per_device_per_s and, where the peak is known, mfu."""
+        self.cumulative = self.cumulative + step_flops
+        per_device_per_s = step_flops.total / step_seconds / self.num_devices
+        values = {f"flops/{name}": value for name, value in step_flops.as_dict().items()}
+        values["flops/cumulative"] = self.cumulative.total
+        values["flops/per_device_per_s"] = per_device_per_s
+        utilisation = mfu(per_device_per_s, self.peak_flops)
+        if utilisation is not None:
+            values["mfu"] = utilisation
+        return values
+
+    def state_dict(self) -> dict[str, float]:
+        return self.cumulative.as_dict()
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.cumulative = FlopBreakdown(
+            encoder=state["encoder"], global_=state["global"], decoder=state["decoder"],
+            cross_attention=state["cross_attention"], head=state["head"],
+        )
+
+
+# ---- compute planning --------------------------------------------------------------------------
+
+class ControlMode(str, enum.Enum):
+    """How LST and the baseline are made comparable.
+
+    COMPUTE: the paper's compute control: equal steps of equal global positions (LST's positions
+        are patches, the baseline's tokens), so the global models do equal work.
+    FLOPS: equal total FLOPs, local modules and head included.
+    DATA: equal raw tokens seen.
+    """
+
+    COMPUTE = "compute"
+    FLOPS = "flops"
+    DATA = "data"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A training budget: total FLOPs, or steps of the `reference` model ("lst" or
+    "baseline"). Under COMPUTE and DATA control the reference model spends a FLOP budget and the
+    other follows it; under FLOPS control both spend it."""
+
+    flops: float | None = None
+    steps: int | None = None
+    reference: str = "baseline"
+
+    def __post_init__(self) -> None:
+        if (self.flops is None) == (self.steps is None):
+            raise ValueError(f"Budget: give exactly one of flops and steps, got {self}")
+        if (self.flops is not None and self.flops <= 0) or (self.steps is not None and self.steps < 1):
+            raise ValueError(f"Budget: the budget must be positive, got {self}")
+        if self.reference not in ("lst", "baseline"):
+            raise ValueError(f"Budget.reference = {self.reference!r}; use 'lst' or 'baseline'")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The work of one step: `global_batch_size` rows of `seq_length` global positions; an LST
+    row holds `tokens_per_patch` tokens per patch on average (input tokens N over patches P)."""
+
+    seq_length: int
+    global_batch_size: int
+    tokens_per_patch: float
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 2 or self.global_batch_size < 1 or self.tokens_per_patch < 1:
+            raise ValueError(
+                f"StepShape {self}: needs seq_length >= 2, global_batch_size >= 1 and "
+                "tokens_per_patch >= 1 (a patch holds at least one token)"
+            )
+
+    def tokens_per_row(self, shape: ModelShape) -> float:
+        return self.seq_length if shape.is_baseline else self.seq_length * self.tokens_per_patch
+
+    def flops(self, shape: ModelShape) -> FlopBreakdown:
+        """Training FLOPs of one step (closed-form estimate, `estimate_flops`)."""
+        return estimate_flops(shape, self.tokens_per_row(shape), self.seq_length, self.global_batch_size)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model's share of a plan."""
+
+    steps: int
+    tokens_per_step: float
+    global_positions_per_step: int
+    flops_per_step: FlopBreakdown
+
+    @property
+    def tokens(self) -> float:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def global_positions(self) -> int:
+        return self.steps * self.global_positions_per_step
+
+    @property
+    def flops(self) -> FlopBreakdown:
+        return self.flops_per_step.scaled(self.steps)
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "global_positions": self.global_positions,
+            "flops": self.flops.as_dict(),
+            "flops_per_step": self.flops_per_step.as_dict(),
+            "flops_per_global_position": self.flops_per_step.total / self.global_positions_per_step,
+            "flops_per_token": self.flops_per_step.total / self.tokens_per_step,
+        }
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    control: ControlMode
+    budget: Budget
+    step: StepShape
+    lst: ModelPlan
+    baseline: ModelPlan
+
+    def as_dict(self) -> dict:
+        return {
+            "control": self.control.value,
+            "budget": dataclasses.asdict(self.budget),
+            "step": dataclasses.asdict(self.step),
+            "lst": self.lst.as_dict(),
+            "baseline": self.baseline.as_dict(),
+        }
+
+
+def plan(budget: Budget, lst_shape: ModelShape, baseline_shape: ModelShape, mode: ControlMode | str,
+         step: StepShape) -> ComputePlan:
+    """Steps for LST and the baseline under one control mode.
+
+    Steps are rounded down, so no model exceeds its budget; "equal" FLOPs or tokens are equal to
+    within one step of the model that follows.
+    """
+    mode = ControlMode(mode)
+    if lst_shape.is_baseline or not baseline_shape.is_baseline:
+        raise ValueError("plan: pass the LST shape first, then the token baseline's")
+    shapes = {"lst": lst_shape, "baseline": baseline_shape}
+    flops_per_step = {name: step.flops(shape) for name, shape in shapes.items()}
+    tokens_per_step = {
+        name: step.tokens_per_row(shape) * step.global_batch_size for name, shape in shapes.items()
+    }
+    # Exact rational arithmetic, so that a model following itself gets exactly its own steps.
+    per_step = {name: Fraction(flops.total) for name, flops in flops_per_step.items()}
+    reference = budget.reference
+    if budget.steps is not None:
+        reference_steps, total_flops = budget.steps, budget.steps * per_step[reference]
+    else:
+        total_flops = Fraction(budget.flops)
+        reference_steps = math.floor(total_flops / per_step[reference])
+    reference_tokens = reference_steps * Fraction(tokens_per_step[reference])
+
+    def steps_for(name: str) -> int:
+        if mode is ControlMode.FLOPS:
+            return math.floor(total_flops / per_step[name])
+        if name == reference or mode is ControlMode.COMPUTE:
+            return reference_steps
+        return math.floor(reference_tokens / Fraction(tokens_per_step[name]))
+
+    plans = {
+        name: ModelPlan(
+            steps=steps_for(name),
+            tokens_per_step=tokens_per_step[name],
+            global_positions_per_step=step.seq_length * step.global_batch_size,
+            flops_per_step=flops_per_step[name],
+        )
+        for name in shapes
+    }
+    return ComputePlan(mode, budget, step, **plans)

@@ -1,0 +1,37 @@
+"""Shared pytest set-up: markers, and `tests/` on sys.path for helper imports.
+
+Markers
+  gpu          needs CUDA; skipped where torch sees no GPU.
+  distributed  launches several processes through torch.distributed.run.
+  slow         takes more than a few seconds; deselect with `-m "not slow"`.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+_MARKERS = {
+    "gpu": "needs CUDA; skipped where torch sees no GPU",
+    "distributed": "launches several processes through torch.distributed.run",
+    "slow": 'takes more than a few seconds; deselect with -m "not slow"',
+}
+
+
+def pytest_configure(config):
+    for name, description in _MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA; torch.cuda.is_available() is False")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,226 @@
+"""LSTDataset: the batch contract in every mode, an unbroken token stream, determinism, early-stopped
+rows, curriculum steps, and text-only stores."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from document_cases import SPACE_ID, VOCAB, MemoryStore, aligned_store, text_store
+
+from megatron_lst.data.dataset import DatasetError, LSTDataset
+from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.interleave import Interleaver
+from megatron_lst.patching.contract import check_batch
+from megatron_lst.patching.curriculum import Patcher, PatchingConfig
+from megatron_lst.patching.patchers import aligned_patch_lengths, static_patch_lengths
+
+P, N = 24, 64
+MODES = {
+    "none": PatchingConfig(mode="none"),
+    "static": PatchingConfig(mode="static", patch_size=4),
+    "aligned": PatchingConfig(mode="aligned"),
+    "aligned-merged": PatchingConfig(mode="aligned", silence="merged"),
+    "mixed": PatchingConfig(mode="mixed", prob_static=0.5),
+    "curriculum": PatchingConfig(mode="curriculum", aligned_until_step=2, static_from_step=6),
+}
+
+
+def dataset(config, store=None, num_samples=40, seq_length=P, max_tokens=N, seed=11, **kwargs):
+    store = store if store is not None else aligned_store(0, 10)
+    return LSTDataset(store, num_samples, seq_length, max_tokens, Patcher(config), seed,
+                      space_id=SPACE_ID, **kwargs)
+
+
+def stream(ds):
+    """Rows glued back together (each row's head is the previous row's last token), with the
+    index of the row each token came from and the patch lengths (heads dropped)."""
+    tokens, rows, lengths = [], [], []
+    for r in range(len(ds)):
+        row_tokens, _, row_lengths = ds.row(r)
+        if r:
+            assert row_tokens[0] == tokens[-1]  # the head is the previous row's last token
+            row_tokens, row_lengths = row_tokens[1:], row_lengths[1:]
+        tokens += row_tokens.tolist()
+        rows += [r] * len(row_tokens)
+        lengths += row_lengths.tolist()
+    return np.array(tokens), np.array(rows), np.array(lengths)
+
+
+def documents_of(tokens):
+    """Split a stream at EOS: [(start, end)] of its complete documents."""
+    ends = np.flatnonzero(tokens == VOCAB.eos_id) + 1
+    starts = np.concatenate([[0], ends[:-1]])
+    return list(zip(starts, ends, strict=True))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_meets_the_batch_contract(mode):
+    ds = dataset(MODES[mode])
+    loader = torch.utils.data.DataLoader(ds, batch_size=8)
+    for batch in loader:
+        assert batch["tokens"].shape == (8, N) and batch["patch_lengths"].shape == (8, P)
+        check_batch(batch, VOCAB)
+
+
+def identify(store, seed, epoch, doc_tokens):
+    """(index, layout) of the store document whose (seed, epoch, document) layout is `doc_tokens`."""
+    interleaver = Interleaver(VOCAB, SPACE_ID)
+    layouts = [interleaver(store[d], np.random.default_rng([seed, epoch, d, 1]))
+               for d in range(len(store))]
+    matches = [(d, doc) for d, doc in enumerate(layouts) if np.array_equal(doc.tokens, doc_tokens)]
+    assert len(matches) == 1, "a document of the stream is no interleaving of the store"
+    return matches[0]
+
+
+def test_stream_holds_every_document_whole_in_shuffled_epochs():
+    store = aligned_store(1, 6)
+    seed = 3
+    ds = dataset(MODES["static"], store, num_samples=60, seed=seed)
+    tokens, _, lengths = stream(ds)
+    docs = documents_of(tokens)
+    assert len(docs) >= 2 * len(store)  # the rows cover more than two epochs
+    expected_lengths, order = [], []
+    for k, (a, b) in enumerate(docs):
+        # Each document is laid out by its (seed, epoch, document) generator (module docstring).
+        index, doc = identify(store, seed, k // len(store), tokens[a:b])
+        order.append(index)
+        expected_lengths.append(static_patch_lengths(doc, 4))
+    # Each epoch visits every document once, in a new order.
+    epochs = [order[e * len(store):(e + 1) * len(store)] for e in range(2)]
+    assert all(sorted(e) == list(range(len(store))) for e in epochs)
+    assert epochs[0] != epochs[1]
+    # Rows are made of the documents' own whole-document patches, with nothing dropped.
+    full = np.concatenate(expected_lengths)
+    np.testing.assert_array_equal(lengths[:len(full)], full)
+
+
+def test_rows_stop_early_when_the_next_patch_does_not_fit():
+    ds = dataset(PatchingConfig(mode="static", patch_size=8), aligned_store(2, 8, 120),
+                 num_samples=50, seq_length=16, max_tokens=24)
+    stopped = 0
+    for r in range(len(ds) - 1):
+        row_tokens, _, row_lengths = ds.row(r)
+        assert len(row_tokens) <= 24 + 1 and len(row_lengths) <= 16
+        if len(row_lengths) < 16:
+            stopped += 1
+            # The next row opens with the patch that did not fit.
+            next_patch = ds.row(r + 1)[2][1]
+            assert len(row_tokens) + next_patch > 24 + 1
+            sample = ds[r]
+            assert (sample["patch_lengths"][len(row_lengths):] == 0).all()
+    assert stopped > 0
+    stream(ds)  # still one unbroken stream
+
+
+def test_samples_are_deterministic_and_depend_on_the_seed():
+    a, b = dataset(MODES["mixed"]), dataset(MODES["mixed"])
+    c = dataset(MODES["mixed"], seed=12)
+    for i in (0, 7, 39):
+        for key in a[i]:
+            torch.testing.assert_close(a[i][key], b[i][key], rtol=0, atol=0)
+    assert any(not torch.equal(a[i]["tokens"], c[i]["tokens"]) for i in range(10))
+    # Random access gives what sequential access gives.
+    late_first = dataset(MODES["mixed"])[39]
+    assert torch.equal(late_first["tokens"], a[39]["tokens"])
+
+
+@pytest.mark.parametrize("positions_scale", [1, 3])
+def test_curriculum_follows_the_training_step_of_each_document(positions_scale):
+    gbs, switch, seed = 4, 3, 11  # aligned before step 3, static from it
+    config = PatchingConfig(mode="curriculum", aligned_until_step=switch, static_from_step=switch)
+    store = aligned_store(4, 10)
+    positions = np.arange(30) * positions_scale
+    ds = dataset(config, store, num_samples=30, seed=seed, global_batch_size=gbs,
+                 sample_positions=positions)
+    tokens, rows, lengths = stream(ds)
+    starts = np.cumsum(lengths) - lengths
+    seen = {"aligned": 0, "static": 0}
+    for k, (a, b) in enumerate(documents_of(tokens)):
+        _, doc = identify(store, seed, k // len(store), tokens[a:b])
+        # The rule is drawn at the step of the row holding the document's BOS.
+        rule = "aligned" if positions[rows[a]] // gbs < switch else "static"
+        expected = aligned_patch_lengths(doc) if rule == "aligned" else static_patch_lengths(doc, 4)
+        np.testing.assert_array_equal(lengths[(starts >= a) & (starts < b)], expected)
+        if not np.array_equal(aligned_patch_lengths(doc), static_patch_lengths(doc, 4)):
+            seen[rule] += 1
+    assert seen["aligned"] and seen["static"]
+
+
+def test_text_store_rows_count_tokens():
+    store = text_store(5, 7)
+    ds = dataset(MODES["static"], store, num_samples=25, seq_length=P, max_tokens=P - 1)
+    for i in range(len(ds)):
+        sample = ds[i]
+        # Every patch is one token, so P patches are exactly N + 1 = P tokens: no padding.
+        assert (sample["patch_lengths"] == 1).all() and (sample["loss_mask"] == 1).all()
+        assert (sample["modality"] == 0).all()
+    tokens, _, _ = stream(ds)
+    for a, b in documents_of(tokens):
+        assert tokens[a] == VOCAB.bos_id and tokens[a + 1] == VOCAB.text_marker
+        assert any(np.array_equal(tokens[a + 2:b - 1], d) for d in store.documents)
+
+
+def test_validation_mode_uses_static_curriculum():
+    config = MODES["curriculum"]
+    ds = dataset(config, training=False)
+    reference = dataset(MODES["static"])
+    for i in range(len(ds)):
+        assert torch.equal(ds[i]["patch_lengths"], reference[i]["patch_lengths"])
+        assert ds.step_of_row(i) is None
+
+
+def test_a_patch_longer_than_max_tokens_is_an_error():
+    long_silence = AlignedDocument(np.array([7], np.int32), np.zeros(81, np.int32),
+                                   np.array([1, 0], np.int32), np.array([1, 80], np.int32))
+    with pytest.raises(DatasetError, match="patch of 80 tokens, more than max_tokens=64"):
+        dataset(MODES["aligned"], MemoryStore("aligned", [long_silence]), num_samples=3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(store=MemoryStore("aligned", [])), "store is empty"),
+    (dict(store=MemoryStore("audio", [np.zeros(3)])), "kind must be 'aligned' or 'text'"),
+    (dict(seq_length=1), "seq_length counts patches and must be >= 2"),
+    (dict(max_tokens=10), r"max_tokens \(10\) must be >= seq_length - 1 \(23\)"),
+    (dict(global_batch_size=0), "global_batch_size must be >= 1"),
+    (dict(sample_positions=np.arange(3)), "sample_positions has 3 entries for 40 samples"),
+])
+def test_bad_settings(kwargs, message):
+    with pytest.raises(DatasetError, match=message):
+        dataset(MODES["static"], **kwargs)
+
+
+def test_index_out_of_range():
+    ds = dataset(MODES["static"], num_samples=2)
+    with pytest.raises(IndexError, match="outside 0..1"):
+        ds[2]
+
+
+FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "reference_lst"
+
+
+def test_store_of_the_reference_sample_meets_the_contract(tmp_path):
+    """End to end on real files: reference JSONL -> indexed store -> dataset -> batches."""
+    if not FIXTURES.is_dir():
+        pytest.skip(f"reference fixtures not found at {FIXTURES}")
+    indexed = pytest.importorskip("megatron_lst.data.indexed")
+    manifest = pytest.importorskip("megatron_lst.data.manifest")
+    readers = pytest.importorskip("megatron_lst.data.readers")
+    text_tokenizer = pytest.importorskip("megatron_lst.tokenizer.text_tokenizer")
+    tokenizer = text_tokenizer.load_text_tokenizer(FIXTURES / "spm.model")
+    vocab = text_tokenizer.joint_vocab(tokenizer)
+    writer = indexed.DocumentWriter(tmp_path / "mls", "aligned")
+    counts = manifest.Counts()
+    for source in readers.read_reference_jsonl(FIXTURES / "mls.chunk.00.on_the_fly", tokenizer):
+        writer.add_aligned(source.document)
+        counts.add(source.counts)
+    writer.finalize(manifest.Manifest(
+        "aligned", vocab.to_dict(),
+        manifest.TokenizerInfo(str(tokenizer.path), tokenizer.sha256, tokenizer.vocab_size),
+        vocab.num_units, 25.0, counts, ["mls.chunk.00.on_the_fly"]))
+    store = indexed.DocumentStore(tmp_path / "mls")
+    for config in MODES.values():
+        ds = LSTDataset(store, 24, 64, 256, Patcher(config), 0, global_batch_size=4,
+                        space_id=tokenizer.space_id)
+        for batch in torch.utils.data.DataLoader(ds, batch_size=8):
+            check_batch(batch, vocab)

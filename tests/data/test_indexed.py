@@ -1,0 +1,164 @@
+import json
+import random
+
+import numpy as np
+import pytest
+
+from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.indexed import DocumentStore, DocumentWriter, StoreError
+from megatron_lst.data.manifest import Counts, Manifest, ManifestError, TokenizerInfo
+from megatron_lst.tokenizer.text_tokenizer import (
+    joint_vocab,
+    load_text_tokenizer,
+    train_sentencepiece,
+)
+from megatron_lst.tokenizer.vocab import VocabularyError
+
+WORDS = "the a of and to in is it speech text model unit word hello world time".split()
+NUM_UNITS = 20
+
+
+def _tokenizer(path, vocab_size, seed=0):
+    rng = random.Random(seed)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
+    return load_text_tokenizer(train_sentencepiece(corpus, path, vocab_size))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return _tokenizer(tmp_path_factory.mktemp("spm") / "spm.model", 290)
+
+
+def _random_aligned(rng: np.random.Generator) -> AlignedDocument:
+    segments = int(rng.integers(1, 9))
+    seg_text_len = rng.integers(0, 4, segments).astype(np.int32)
+    seg_unit_len = rng.integers(0, 6, segments).astype(np.int32)
+    seg_unit_len[seg_text_len == 0] += 1  # a silence has units
+    return AlignedDocument(
+        rng.integers(3, 290, int(seg_text_len.sum())).astype(np.int32),
+        rng.integers(0, NUM_UNITS, int(seg_unit_len.sum())).astype(np.int32),
+        seg_text_len, seg_unit_len)
+
+
+def _write(prefix, kind, documents, tokenizer) -> Manifest:
+    writer = DocumentWriter(prefix, kind)
+    counts = Counts(documents=len(documents))
+    for doc in documents:
+        if kind == "aligned":
+            writer.add_aligned(doc)
+            counts.segments += doc.num_segments
+            counts.text_pieces += len(doc.text_ids)
+            counts.units += len(doc.unit_ids)
+        else:
+            writer.add_text(doc)
+            counts.text_pieces += len(doc)
+    manifest = Manifest(kind, joint_vocab(tokenizer, NUM_UNITS).to_dict(),
+                        TokenizerInfo(tokenizer.path, tokenizer.sha256, tokenizer.vocab_size),
+                        NUM_UNITS, 25.0 if kind == "aligned" else None, counts, ["memory"])
+    writer.finalize(manifest)
+    return manifest
+
+
+@pytest.fixture
+def aligned_store(tmp_path, tokenizer):
+    rng = np.random.default_rng(0)
+    documents = [_random_aligned(rng) for _ in range(30)]
+    _write(tmp_path / "sub" / "aligned", "aligned", documents, tokenizer)
+    return tmp_path / "sub" / "aligned", documents
+
+
+def test_aligned_round_trip(aligned_store, tokenizer):
+    prefix, documents = aligned_store
+    store = DocumentStore(prefix)
+    assert store.kind == "aligned" and len(store) == len(documents)
+    assert store.vocab == joint_vocab(tokenizer, NUM_UNITS)
+    for i in [*range(len(documents)), -1]:
+        got, want = store[i], documents[i]
+        for name in ("text_ids", "unit_ids", "seg_text_len", "seg_unit_len"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+            assert getattr(got, name).dtype == np.int32
+        got.validate(NUM_UNITS)
+    np.testing.assert_array_equal(
+        store.token_counts(), [len(d.text_ids) + len(d.unit_ids) for d in documents])
+    with pytest.raises(IndexError, match="document 30 out of range for 30"):
+        store[30]
+
+
+def test_text_round_trip(tmp_path, tokenizer):
+    documents = [np.array(tokenizer.encode(" ".join(WORDS[: n + 1])), dtype=np.int32)
+                 for n in range(10)]
+    _write(tmp_path / "text", "text", documents, tokenizer)
+    store = DocumentStore(tmp_path / "text")
+    assert store.kind == "text" and len(store) == 10 and store.manifest.frame_rate is None
+    for got, want in zip((store[i] for i in range(10)), documents, strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(store.token_counts(), [len(d) for d in documents])
+
+
+def test_truncated_bin(aligned_store):
+    prefix, _ = aligned_store
+    bin_path = prefix.with_name(prefix.name + ".bin")
+    size = bin_path.stat().st_size
+    with open(bin_path, "r+b") as f:
+        f.truncate(size - 4)
+    with pytest.raises(StoreError, match=rf"aligned.bin: is {size - 4} bytes but .*aligned.idx "
+                                         rf"describes {size} bytes; the file is truncated"):
+        DocumentStore(prefix)
+
+
+def test_missing_manifest_and_data(aligned_store):
+    prefix, _ = aligned_store
+    prefix.with_name(prefix.name + ".bin").unlink()
+    with pytest.raises(StoreError, match=r"aligned.bin: not found"):
+        DocumentStore(prefix)
+    prefix.with_name(prefix.name + ".json").unlink()
+    with pytest.raises(ManifestError, match=r"aligned.json: manifest not found"):
+        DocumentStore(prefix)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("documents", 29, "holds 30 documents but .* says 29"),
+    ("units", 1, "holds \\d+ units but .* says 1"),
+])
+def test_manifest_disagreeing_with_index(aligned_store, field, value, message):
+    prefix, _ = aligned_store
+    path = prefix.with_name(prefix.name + ".json")
+    raw = json.loads(path.read_text())
+    raw["counts"][field] = value
+    path.write_text(json.dumps(raw))
+    with pytest.raises(StoreError, match=message):
+        DocumentStore(prefix)
+
+
+def test_unreadable_manifest(aligned_store):
+    prefix, _ = aligned_store
+    path = prefix.with_name(prefix.name + ".json")
+    path.write_text("{")
+    with pytest.raises(ManifestError, match="aligned.json: unreadable manifest"):
+        DocumentStore(prefix)
+    path.write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ManifestError, match="format version 99"):
+        DocumentStore(prefix)
+
+
+def test_check_tokenizer(aligned_store, tokenizer, tmp_path):
+    prefix, _ = aligned_store
+    store = DocumentStore(prefix)
+    store.check_tokenizer(tokenizer)
+    smaller = _tokenizer(tmp_path / "small.model", 280)
+    with pytest.raises(VocabularyError, match="290-piece tokenizer .* this one has 280 pieces"):
+        store.check_tokenizer(smaller)
+    other = _tokenizer(tmp_path / "other.model", 290, seed=1)
+    assert other.sha256 != tokenizer.sha256
+    with pytest.raises(VocabularyError, match="this tokenizer's file has sha256"):
+        store.check_tokenizer(other)
+
+
+def test_writer_refuses_wrong_kind_and_empty(tmp_path, tokenizer):
+    writer = DocumentWriter(tmp_path / "t", "text")
+    with pytest.raises(ValueError, match="cannot add an aligned document to a text dataset"):
+        writer.add_aligned(_random_aligned(np.random.default_rng(0)))
+    manifest = Manifest("text", joint_vocab(tokenizer).to_dict(),
+                        TokenizerInfo("x", "y", 290), 502, None)
+    with pytest.raises(StoreError, match="no documents to write"):
+        writer.finalize(manifest)

@@ -1,0 +1,182 @@
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.indexed import DocumentStore
+from megatron_lst.data.textgrid import Interval, write_textgrid
+from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
+from megatron_lst.tokenizer.vocab import VocabularyError
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "reference_lst"
+SEP = "<LST MODE SEP>"
+WORDS = "the a of and to in is it speech text model unit word hello world time".split()
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    # Not registered in sys.modules, as other code loads the tools: they must work like that,
+    # worker pools included.
+    spec.loader.exec_module(module)
+    return module
+
+
+preprocess = _load_tool("preprocess_data")
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory):
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
+    return train_sentencepiece(corpus, tmp_path_factory.mktemp("spm") / "spm.model", 290)
+
+
+def _files(prefix: Path) -> list[bytes]:
+    return [Path(f"{prefix}{suffix}").read_bytes() for suffix in (".bin", ".idx", ".json")]
+
+
+def _synthetic_reference(path: Path, lines: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for n in range(lines):
+            parts = []
+            for _ in range(rng.randint(1, 12)):
+                word = rng.choice(WORDS + ["[SIL]"])
+                parts.append(f"{SEP}TEXT {word} {SEP}HUBERT "
+                             + " ".join(str(rng.randrange(502)) for _ in range(rng.randint(1, 9))))
+            f.write(json.dumps({"file_id": f"u{n}", "interleaved": " ".join(parts)}) + "\n")
+
+
+def test_reference_fixture_converts_and_reads_back(tmp_path):
+    if not FIXTURES.is_dir():
+        pytest.skip("reference fixtures not present")
+    source = FIXTURES / "mls.chunk.00.on_the_fly"
+    outputs = []
+    for workers in (1, 2):
+        prefix = tmp_path / f"w{workers}" / "mls"
+        preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",
+                         "--tokenizer-model", str(FIXTURES / "spm.model"), "--output-prefix",
+                         str(prefix), "--workers", str(workers), "--chunk-size", "3"])
+        outputs.append(_files(prefix))
+    assert outputs[0] == outputs[1]
+
+    store = DocumentStore(tmp_path / "w1" / "mls")
+    tokenizer = load_text_tokenizer(FIXTURES / "spm.model")
+    store.check_tokenizer(tokenizer)
+    assert store.kind == "aligned" and len(store) == 10 and store.vocab.size == 1020
+    assert store.manifest.frame_rate == 25.0 and store.manifest.counts.units == 4108
+    for doc, raw in zip((store[i] for i in range(len(store))), source.read_text().splitlines(), strict=True):
+        parts = json.loads(raw)["interleaved"].split(SEP)[1:]
+        words = [p.split(" ", 1)[1].strip() for p in parts[::2]]
+        units = [int(u) for p in parts[1::2] for u in p.split()[1:]]
+        np.testing.assert_array_equal(doc.unit_ids, units)
+        offsets = doc.text_offsets()
+        got_words = [tokenizer.decode(doc.text_ids[offsets[i]:offsets[i + 1]].tolist())
+                     for i in np.flatnonzero(~doc.is_silence)]
+        assert got_words == [w for w in words if w != "[SIL]"]
+
+
+def test_workers_give_identical_files(tmp_path, spm):
+    source = tmp_path / "synthetic.jsonl"
+    _synthetic_reference(source, 300)
+    outputs = []
+    for workers in (1, 2):
+        prefix = tmp_path / f"w{workers}"
+        manifest = preprocess.main(["--input", str(source), str(source), "--input-format",
+                                    "reference-jsonl", "--tokenizer-model", str(spm),
+                                    "--output-prefix", str(prefix), "--workers", str(workers),
+                                    "--chunk-size", "7"])
+        outputs.append(_files(prefix))
+    assert outputs[0] == outputs[1]
+    assert manifest.counts.documents == 600 and len(DocumentStore(tmp_path / "w2")) == 600
+
+
+def test_text_jsonl_converts(tmp_path, spm):
+    source = tmp_path / "text.jsonl"
+    texts = [" ".join(WORDS[: n + 2]) for n in range(12)]
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    preprocess.main(["--input", str(source), "--input-format", "text-jsonl", "--tokenizer-model",
+                     str(spm), "--output-prefix", str(tmp_path / "text"), "--workers", "2",
+                     "--chunk-size", "5"])
+    store = DocumentStore(tmp_path / "text")
+    tokenizer = load_text_tokenizer(spm)
+    assert store.kind == "text" and store.manifest.frame_rate is None
+    assert [store[i].tolist() for i in range(len(store))] == [tokenizer.encode(t) for t in texts]
+    assert store.manifest.counts.words == sum(len(t.split()) for t in texts)
+
+
+def test_textgrid_converts(tmp_path, spm):
+    grids, units = tmp_path / "grids", tmp_path / "units"
+    grids.mkdir()
+    units.mkdir()
+    for n in range(3):
+        write_textgrid(grids / f"u{n}.TextGrid",
+                       [Interval(0.0, 0.2, ""), Interval(0.2, 0.6, "hello"),
+                        Interval(0.6, 1.0, WORDS[n])])
+        np.save(units / f"u{n}.npy", np.arange(n, n + 50))
+    preprocess.main(["--input-format", "textgrid", "--textgrid-dir", str(grids), "--units-dir",
+                     str(units), "--tokenizer-model", str(spm), "--frame-rate", "50",
+                     "--output-prefix", str(tmp_path / "tg")])
+    store = DocumentStore(tmp_path / "tg")
+    assert store.manifest.frame_rate == 50.0 and len(store) == 3
+    assert store[2].seg_unit_len.tolist() == [10, 20, 20]
+    np.testing.assert_array_equal(store[2].unit_ids, np.arange(2, 52))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_input_stops_with_file_and_line(tmp_path, spm, workers):
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 20)
+    lines = source.read_text().splitlines(keepends=True)
+    lines[13] = json.dumps({"interleaved": f"{SEP}TEXT a {SEP}HUBERT 7 502"}) + "\n"
+    source.write_text("".join(lines))
+    prefix = tmp_path / "out"
+    with pytest.raises(DocumentError, match=r"in.jsonl:14: speech unit 502 \(unit 1, segment 0\)"):
+        preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",
+                         "--tokenizer-model", str(spm), "--output-prefix", str(prefix),
+                         "--workers", str(workers), "--chunk-size", "4"])
+    assert not list(tmp_path.glob("out*"))  # no partial output left behind
+
+
+def test_skip_bad_counts_in_manifest(tmp_path, spm, capsys):
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 10)
+    with open(source, "a") as f:
+        f.write("not json\n")
+        f.write(json.dumps({"interleaved": f"{SEP}PHONES a"}) + "\n")
+    manifest = preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",
+                                "--tokenizer-model", str(spm), "--output-prefix",
+                                str(tmp_path / "out"), "--skip-bad", "--workers", "2",
+                                "--chunk-size", "3"])
+    assert manifest.counts.documents == 10 and manifest.counts.bad_skipped == 2
+    assert DocumentStore(tmp_path / "out").manifest.counts.bad_skipped == 2
+    out = capsys.readouterr().out
+    assert "skipped 2 bad documents" in out and "in.jsonl:11: not valid JSON" in out
+
+
+def test_store_refuses_another_tokenizer(tmp_path, spm):
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 5)
+    preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",
+                     "--tokenizer-model", str(spm), "--output-prefix", str(tmp_path / "out")])
+    rng = random.Random(3)
+    other = train_sentencepiece([" ".join(rng.choice(WORDS) for _ in range(9))
+                                 for _ in range(100)], tmp_path / "other.model", 280)
+    with pytest.raises(VocabularyError, match="290-piece tokenizer"):
+        DocumentStore(tmp_path / "out").check_tokenizer(load_text_tokenizer(other))
+
+
+def test_argument_errors(tmp_path, spm):
+    with pytest.raises(SystemExit, match="needs --textgrid-dir and --units-dir"):
+        preprocess.main(["--input-format", "textgrid", "--tokenizer-model", str(spm),
+                         "--output-prefix", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
+        preprocess.main(["--input", str(tmp_path / "missing.jsonl"), "--input-format",
+                         "text-jsonl", "--tokenizer-model", str(spm), "--output-prefix",
+                         str(tmp_path / "x")])

@@ -1,0 +1,197 @@
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.readers import (
+    ReadReport,
+    parse_reference_interleaved,
+    read_reference_jsonl,
+    read_text_jsonl,
+    read_textgrid_corpus,
+)
+from megatron_lst.data.textgrid import Interval, write_textgrid
+from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
+
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "reference_lst"
+SEP = "<LST MODE SEP>"
+WORDS = "the a of and to in is it speech text model unit word hello world time".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
+    return load_text_tokenizer(
+        train_sentencepiece(corpus, tmp_path_factory.mktemp("spm") / "spm.model", 290))
+
+
+def _line(interleaved: str, file_id: str = "utt") -> str:
+    return json.dumps({"file_id": file_id, "interleaved": interleaved}) + "\n"
+
+
+def _segments(doc, tokenizer):
+    """(text of each segment, its units) of an AlignedDocument."""
+    t, u = doc.text_offsets(), doc.unit_offsets()
+    return [(tokenizer.decode(doc.text_ids[t[i]:t[i + 1]].tolist()),
+             doc.unit_ids[u[i]:u[i + 1]].tolist()) for i in range(doc.num_segments)]
+
+
+def test_reference_fixture_matches_raw_file():
+    if not FIXTURES.is_dir():
+        pytest.skip("reference fixtures not present")
+    tokenizer = load_text_tokenizer(FIXTURES / "spm.model")
+    path = FIXTURES / "mls.chunk.00.on_the_fly"
+    sources = list(read_reference_jsonl(path, tokenizer))
+    raw_lines = path.read_text().splitlines()
+    assert len(sources) == len(raw_lines) == 10
+    for number, (source, raw) in enumerate(zip(sources, raw_lines, strict=True), 1):
+        assert source.where == f"{path}:{number}"
+        # The fixture alternates TEXT/HUBERT strictly: pair them independently of the reader.
+        parts = json.loads(raw)["interleaved"].split(SEP)[1:]
+        expected = []
+        for text, units in zip(parts[::2], parts[1::2], strict=True):
+            word, units = text[len("TEXT "):].strip(), [int(u) for u in units.split()[1:]]
+            if word == "[SIL]" and not units:
+                continue  # a silence of zero frames carries nothing
+            expected.append(("" if word == "[SIL]" else word, units))
+        assert _segments(source.document, tokenizer) == expected
+        assert source.counts.units == sum(len(u) for _, u in expected)
+        assert source.counts.silences == sum(w == "" for w, _ in expected)
+
+
+def test_reference_pairing_rules(tokenizer):
+    doc, counts = parse_reference_interleaved(
+        f"{SEP}HUBERT 1 2 {SEP}TEXT hello {SEP}TEXT the world {SEP}HUBERT 3 {SEP}TEXT [SIL] "
+        f"{SEP}HUBERT {SEP}TEXT {SEP}HUBERT 4 {SEP}TEXT time", tokenizer, 20, "x:1")
+    # leading units -> silence; TEXT then TEXT -> word with no units; several words -> one
+    # segment; [SIL] with no units -> dropped; empty TEXT with units -> silence; last TEXT alone.
+    assert _segments(doc, tokenizer) == [("", [1, 2]), ("hello", []), ("the world", [3]),
+                                          ("", [4]), ("time", [])]
+    assert (counts.segments, counts.words, counts.silences, counts.empty_silences_dropped) == (
+        5, 4, 2, 1)
+    assert doc.seg_text_len.tolist()[0] == 0 and doc.seg_text_len[1] > 0
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json\n", r"bad.jsonl:2: not valid JSON"),
+    ('{"file_id": "u"}\n', r"bad.jsonl:2: expected an object with an \"interleaved\" string"),
+    (_line(f"{SEP}TEXT a {SEP}AUDIO 1 2"), r"bad.jsonl:2 \(utt\): segment 1 has unknown head "
+                                           r"'AUDIO'"),
+    (_line(f"{SEP}TEXT a {SEP}HUBERT 1 20"), r"bad.jsonl:2 \(utt\): speech unit 20 \(unit 1, "
+                                             r"segment 0\) is outside the codebook 0..19"),
+    (_line(f"{SEP}TEXT a {SEP}HUBERT 1 -3"), r"bad.jsonl:2 \(utt\): speech unit -3"),
+    (_line(f"{SEP}TEXT a {SEP}HUBERT 1 x2"), r"bad.jsonl:2 \(utt\): speech unit 'x2' is not an "
+                                             r"integer"),
+    (_line(f"{SEP}TEXT a {SEP}HUBERT 1+2"), r"bad.jsonl:2 \(utt\): speech unit '1\+2'"),
+    (_line(f"{SEP}TEXT a {SEP}HUBERT 1.5"), r"bad.jsonl:2 \(utt\): speech unit '1.5'"),
+    (_line(""), r"bad.jsonl:2 \(utt\): empty document"),
+    (_line(f"{SEP}TEXT [SIL] {SEP}HUBERT "), r"bad.jsonl:2 \(utt\): empty document"),
+    (_line(f"TEXT a {SEP}HUBERT 1"), r"bad.jsonl:2 \(utt\): text before the first"),
+    (_line(f"{SEP}TEXT [SIL] a {SEP}HUBERT 1"), r"bad.jsonl:2 \(utt\): segment 0 mixes \[SIL\]"),
+])
+def test_reference_bad_lines_name_file_and_line(tmp_path, tokenizer, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(_line(f"{SEP}TEXT a {SEP}HUBERT 1") + line)
+    with pytest.raises(DocumentError, match=message):
+        list(read_reference_jsonl(path, tokenizer, num_units=20))
+
+
+def test_reference_skip_bad_counts(tmp_path, tokenizer):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(_line(f"{SEP}TEXT a {SEP}HUBERT 1") + "\n" + "{oops\n"
+                    + _line(f"{SEP}TEXT b {SEP}HUBERT 99") + _line(f"{SEP}TEXT the {SEP}HUBERT 2"))
+    report = ReadReport()
+    sources = list(read_reference_jsonl(path, tokenizer, num_units=20, skip_bad=True,
+                                        report=report))
+    assert [s.where for s in sources] == [f"{path}:1", f"{path}:5"]
+    assert report.bad_skipped == 2
+    assert "mixed.jsonl:3" in report.examples[0] and "mixed.jsonl:4" in report.examples[1]
+
+
+def test_text_jsonl(tmp_path, tokenizer):
+    path = tmp_path / "text.jsonl"
+    path.write_text('{"text": "hello world"}\n\n{"body": "the time", "text": "a"}\n')
+    sources = list(read_text_jsonl(path, tokenizer))
+    assert [s.where for s in sources] == [f"{path}:1", f"{path}:3"]
+    assert sources[0].document.tolist() == tokenizer.encode("hello world")
+    assert sources[0].document.dtype == np.int32 and sources[0].counts.words == 2
+    with pytest.raises(DocumentError, match=r"text.jsonl:1: expected an object with a 'body'"):
+        list(read_text_jsonl(path, tokenizer, key="body"))
+    report = ReadReport()
+    (body,) = read_text_jsonl(path, tokenizer, key="body", skip_bad=True, report=report)
+    assert body.document.tolist() == tokenizer.encode("the time") and report.bad_skipped == 1
+    path.write_text('{"text": "hello"}\n{"text": "  "}\n')
+    with pytest.raises(DocumentError, match=r"text.jsonl:2: empty document"):
+        list(read_text_jsonl(path, tokenizer))
+    assert len(list(read_text_jsonl(path, tokenizer, skip_bad=True))) == 1
+
+
+def _utterance(textgrid_dir: Path, units_dir: Path, name: str, intervals, units,
+               as_text=False):
+    textgrid_dir.mkdir(parents=True, exist_ok=True)
+    units_dir.mkdir(parents=True, exist_ok=True)
+    write_textgrid(textgrid_dir / f"{name}.TextGrid", intervals)
+    if as_text:
+        (units_dir / f"{name}.txt").write_text(" ".join(map(str, units)) + "\n")
+    else:
+        np.save(units_dir / f"{name}.npy", np.asarray(units, dtype=np.int16))
+
+
+WORD_TIER = [Interval(0.0, 0.2, ""), Interval(0.2, 0.52, "hello"), Interval(0.52, 0.6, "sp"),
+             Interval(0.6, 0.62, "<eps>"), Interval(0.62, 1.0, "world")]
+
+
+def test_textgrid_corpus(tmp_path, tokenizer):
+    grids, units = tmp_path / "grids", tmp_path / "units"
+    _utterance(grids / "spk1", units / "spk1", "a", WORD_TIER, list(range(20)) + [5] * 5)
+    _utterance(grids, units, "b", [Interval(0, 0.4, "the")], [1] * 11, as_text=True)
+    sources = list(read_textgrid_corpus(grids, units, tokenizer, frame_rate=25.0, num_units=20))
+    assert [Path(s.where.split(" + ")[0]).name for s in sources] == ["b.TextGrid", "a.TextGrid"]
+    # 25 Hz: frames [0,5) [5,13) [13,15) [15,16) [16,25); b: 10 frames in the grid, 11 units,
+    # so its last segment absorbs the extra frame.
+    assert _segments(sources[1].document, tokenizer) == [
+        ("", list(range(5))), ("hello", list(range(5, 13))), ("", [13, 14]), ("", [15]),
+        ("world", [16, 17, 18, 19] + [5] * 5)]
+    assert _segments(sources[0].document, tokenizer) == [("the", [1] * 11)]
+    assert sources[1].counts.silences == 3 and sources[1].counts.words == 2
+
+
+def test_textgrid_zero_frame_silence_dropped(tmp_path, tokenizer):
+    tier = [Interval(0.0, 0.01, ""), Interval(0.01, 0.4, "hello")]
+    _utterance(tmp_path / "g", tmp_path / "u", "a", tier, [3] * 10)
+    (source,) = read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20)
+    assert _segments(source.document, tokenizer) == [("hello", [3] * 10)]
+    assert source.counts.empty_silences_dropped == 1
+
+
+def test_textgrid_length_mismatch_names_both_files(tmp_path, tokenizer):
+    _utterance(tmp_path / "g", tmp_path / "u", "a", WORD_TIER, [1] * 22)
+    with pytest.raises(DocumentError, match=r"g/a.TextGrid \+ .*u/a.npy: the TextGrid ends at "
+                                            r"1.000s = 25 frames at 25 Hz but a.npy holds 22"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+
+
+def test_textgrid_bad_units(tmp_path, tokenizer):
+    _utterance(tmp_path / "g", tmp_path / "u", "a", WORD_TIER, [1] * 24 + [20])
+    with pytest.raises(DocumentError, match=r"a.npy: speech unit 20 \(unit 24, segment 4\)"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+    np.save(tmp_path / "u" / "a.npy", np.zeros((25, 2), dtype=np.int64))
+    with pytest.raises(DocumentError, match=r"a.npy: expected a 1-D integer array"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+    (tmp_path / "u" / "a.npy").unlink()
+    with pytest.raises(DocumentError, match=r"a.TextGrid: no unit file a\{.npy"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+    report = ReadReport()
+    assert list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20,
+                                     skip_bad=True, report=report)) == []
+    assert report.bad_skipped == 1
+
+
+def test_textgrid_missing_tier(tmp_path, tokenizer):
+    _utterance(tmp_path / "g", tmp_path / "u", "a", WORD_TIER, [1] * 25)
+    with pytest.raises(DocumentError, match=r"a.TextGrid: no tier named 'phones'"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, tier="phones"))

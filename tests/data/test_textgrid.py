@@ -1,0 +1,164 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.textgrid import Interval, TextGridError, read_textgrid, write_textgrid
+
+# Two tiers as MFA writes them (words, then phones), long format.
+LONG = '''File type = "ooTextFile"
+Object class = "TextGrid"
+
+xmin = 0
+xmax = 1.5
+tiers? <exists>
+size = 2
+item []:
+    item [1]:
+        class = "IntervalTier"
+        name = "words"
+        xmin = 0
+        xmax = 1.5
+        intervals: size = 3
+        intervals [1]:
+            xmin = 0
+            xmax = 0.42
+            text = ""
+        intervals [2]:
+            xmin = 0.42
+            xmax = 1.1
+            text = "say ""hi"""
+        intervals [3]:
+            xmin = 1.1
+            xmax = 1.5
+            text = "world"
+    item [2]:
+        class = "IntervalTier"
+        name = "phones"
+        xmin = 0
+        xmax = 1.5
+        intervals: size = 1
+        intervals [1]:
+            xmin = 0
+            xmax = 1.5
+            text = "AH0"
+'''
+
+# The same grid in Praat's short format, with a point tier first.
+SHORT = '''File type = "ooTextFile"
+Object class = "TextGrid"
+
+0
+1.5
+<exists>
+2
+"TextTier"
+"events"
+0
+1.5
+1
+0.7
+"click"
+"IntervalTier"
+"words"
+0
+1.5
+3
+0
+0.42
+""
+0.42
+1.1
+"say ""hi"""
+1.1
+1.5
+"world"
+'''
+
+EXPECTED = [Interval(0.0, 0.42, ""), Interval(0.42, 1.1, 'say "hi"'), Interval(1.1, 1.5, "world")]
+
+
+@pytest.mark.parametrize("content", [LONG, SHORT], ids=["long", "short"])
+def test_reads_word_tier(tmp_path, content):
+    path = tmp_path / "utt.TextGrid"
+    path.write_text(content)
+    assert read_textgrid(path) == EXPECTED
+
+
+def test_reads_other_tier_and_utf16(tmp_path):
+    path = tmp_path / "utt.TextGrid"
+    path.write_bytes(LONG.replace("AH0", "é").encode("utf-16"))
+    assert read_textgrid(path, tier="phones") == [Interval(0.0, 1.5, "é")]
+
+
+def test_write_read_round_trip_fills_gaps(tmp_path):
+    path = tmp_path / "out.TextGrid"
+    words = [Interval(0.2, 0.5, "a"), Interval(0.5, 0.9, 'q"uote'), Interval(1.25, 1.5, "end")]
+    write_textgrid(path, words, xmax=2.0)
+    back = read_textgrid(path)
+    assert [w for w in back if w.label] == words
+    assert back[0] == Interval(0.0, 0.2, "")
+    assert back[-1] == Interval(1.5, 2.0, "")
+    assert all(a.end == b.start for a, b in zip(back, back[1:], strict=False))
+
+
+def test_write_rejects_overlap(tmp_path):
+    with pytest.raises(TextGridError, match="overlaps"):
+        write_textgrid(tmp_path / "x.TextGrid", [Interval(0, 1, "a"), Interval(0.5, 2, "b")])
+
+
+def test_missing_tier_lists_tiers(tmp_path):
+    path = tmp_path / "utt.TextGrid"
+    path.write_text(LONG)
+    with pytest.raises(DocumentError, match=r"utt.TextGrid: no tier named 'word'.*'words', 'phones'"):
+        read_textgrid(path, tier="word")
+
+
+def test_point_tier_is_refused(tmp_path):
+    path = tmp_path / "utt.TextGrid"
+    path.write_text(SHORT)
+    with pytest.raises(TextGridError, match="point tier"):
+        read_textgrid(path, tier="events")
+
+
+def test_malformed_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.TextGrid"
+    path.write_text(LONG.replace("xmax = 1.1", "xmax = oops", 1))
+    with pytest.raises(TextGridError, match=r"bad.TextGrid:21: expected an interval's xmax"):
+        read_textgrid(path)
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "cut.TextGrid"
+    path.write_text(LONG[: LONG.index("intervals [3]")])
+    with pytest.raises(TextGridError, match=r"cut.TextGrid:\d+: file ends"):
+        read_textgrid(path)
+
+
+def test_not_a_textgrid(tmp_path):
+    path = tmp_path / "x.TextGrid"
+    path.write_text('File type = "ooTextFile"\nObject class = "Sound"\n')
+    with pytest.raises(TextGridError, match="x.TextGrid:2: not a TextGrid"):
+        read_textgrid(path)
+
+
+def test_interval_ending_before_start(tmp_path):
+    path = tmp_path / "x.TextGrid"
+    path.write_text(LONG.replace("xmax = 0.42", "xmax = -1", 1))
+    with pytest.raises(TextGridError, match="x.TextGrid:16: .*ends before it starts"):
+        read_textgrid(path)
+
+
+@settings(max_examples=40, deadline=None)
+@given(labels=st.lists(st.text(max_size=8), min_size=1, max_size=6),
+       gaps=st.lists(st.floats(0.0, 2.0), min_size=12, max_size=12))
+def test_round_trip_any_labels(tmp_path_factory, labels, gaps):
+    # Contiguous intervals (as MFA writes them) with arbitrary labels: quotes, brackets, digits,
+    # newlines and non-ASCII must all read back exactly.
+    times = np.cumsum([0.0] + [g + 0.01 for g in gaps[: len(labels)]]).tolist()
+    intervals = [Interval(a, b, label) for a, b, label in zip(times, times[1:], labels,
+                                                              strict=False)]
+    path = tmp_path_factory.mktemp("tg") / "any.TextGrid"
+    write_textgrid(path, intervals)
+    assert read_textgrid(path) == intervals

@@ -1,0 +1,230 @@
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_lst.tokenizer import InterleavedCodec, JointVocab, VocabularyError, joint_vocab
+from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "reference_lst"
+SEP = "<LST MODE SEP>"
+
+WORDS = ("the a of and to in is it speech text model unit word hello world time pleasant river "
+         "stone light night sound").split()
+
+
+def _tiny_corpus(seed: int = 0, lines: int = 200) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(lines)]
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    # Not registered in sys.modules, as other code loads the tools: they must work like that,
+    # worker pools included.
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = train_sentencepiece(_tiny_corpus(), tmp_path_factory.mktemp("spm") / "spm.model", 300)
+    return load_text_tokenizer(model)
+
+
+@pytest.fixture(scope="module")
+def reference_spm():
+    if not FIXTURES.is_dir():
+        pytest.skip("reference fixtures not present")
+    return load_text_tokenizer(FIXTURES / "spm.model")
+
+
+def _fixture_words() -> list[list[str]]:
+    lines = (FIXTURES / "mls.chunk.00.on_the_fly").read_text().splitlines()
+    out = []
+    for line in lines:
+        parts = json.loads(line)["interleaved"].split(SEP)[1:]
+        out.append([p.split(" ", 1)[1].strip() for p in parts if p.startswith("TEXT")])
+    return out
+
+
+def test_reference_spm_ids(reference_spm):
+    tok = reference_spm
+    assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (512, 0, 1, 2)
+    assert tok.space_id == 487  # '▁'
+    vocab = joint_vocab(tok)
+    assert (vocab.text_marker, vocab.speech_marker, vocab.unit_offset, vocab.size) == (
+        516, 517, 518, 1020)
+
+
+def test_word_by_word_equals_joined_run_on_fixture(reference_spm):
+    tok = reference_spm
+    for words in _fixture_words():
+        words = [w for w in words if w != "[SIL]"]
+        ids, lengths = tok.encode_words(words)
+        assert ids.tolist() == tok.encode(" ".join(words))
+        assert lengths.tolist() == [len(tok.encode(w)) for w in words]
+        # A run followed by another segment: the reference encodes "w1 ... wn " (trailing space).
+        assert tok.encode(" ".join(words) + " ") == ids.tolist() + [tok.space_id]
+
+
+def test_encode_words_caches_and_handles_bytes(tiny):
+    words = ["hello", "naïve", "123", "hello", ""]
+    ids, lengths = tiny.encode_words(words)
+    assert ids.dtype == np.int32 and lengths.dtype == np.int32
+    assert lengths[-1] == 0 and lengths[0] == lengths[3]
+    assert ids.tolist() == tiny.encode("hello naïve 123 hello")
+    assert tiny.decode(ids.tolist()) == "hello naïve 123 hello"
+    assert set(tiny._word_cache) == set(words)
+
+
+def test_training_is_deterministic(tmp_path):
+    a = train_sentencepiece(_tiny_corpus(), tmp_path / "a.model", 300)
+    b = train_sentencepiece(_tiny_corpus(), tmp_path / "b.model", 300)
+    assert load_text_tokenizer(a).sha256 == load_text_tokenizer(b).sha256
+
+
+def test_train_tool_reproduces_reference_pieces(tmp_path, reference_spm):
+    tool = _load_tool("train_tokenizer")
+    model = tool.main(["--input", str(FIXTURES / "mls.chunk.00.on_the_fly"), "--input-format",
+                       "reference-jsonl", "--vocab-size", "512", "--output",
+                       str(tmp_path / "spm.model")])
+    ours, theirs = load_text_tokenizer(model)._sp, reference_spm._sp
+    assert [ours.id_to_piece(i) for i in range(512)] == [theirs.id_to_piece(i) for i in range(512)]
+
+
+def test_train_tool_text_jsonl(tmp_path):
+    tool = _load_tool("train_tokenizer")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"body": line}) + "\n" for line in _tiny_corpus()))
+    model = tool.main(["--input", str(corpus), "--input-format", "text-jsonl", "--json-key",
+                       "body", "--vocab-size", "300", "--output", str(tmp_path / "t.model")])
+    assert load_text_tokenizer(model).vocab_size == 300
+    corpus.write_text('{"text": "x"}\n')
+    with pytest.raises(SystemExit, match=r"c.jsonl:1: not a text-jsonl line"):
+        tool.main(["--input", str(corpus), "--input-format", "text-jsonl", "--json-key", "body",
+                   "--output", str(tmp_path / "u.model")])
+
+
+def _hf_tokenizer_json(tmp_path: Path, byte_level: bool) -> Path:
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    if byte_level:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyzQ'ï-123"))
+    tok.train_from_iterator(_tiny_corpus(), trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_hf_tokenizer_with_metaspace(tmp_path):
+    tok = load_text_tokenizer(_hf_tokenizer_json(tmp_path, byte_level=False).parent)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    ids, lengths = tok.encode_words(["hello", "world"])
+    assert ids.tolist() == tok.encode("hello world")
+    assert tok.encode("hello ") == tok.encode("hello") + [tok.space_id]
+    assert tok.decode(ids) == "hello world"
+    assert joint_vocab(tok, 10).size == tok.vocab_size + 6 + 10
+
+
+def test_hf_tokenizer_without_word_prefix_is_refused(tmp_path):
+    with pytest.raises(VocabularyError, match="one by one differs"):
+        load_text_tokenizer(_hf_tokenizer_json(tmp_path, byte_level=True))
+
+
+def test_hf_tokenizer_missing_package_names_extra(tmp_path, monkeypatch):
+    path = tmp_path / "tokenizer.json"
+    path.write_text("{}")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ImportError, match=r"pip install megatron-lst\[data\]"):
+        load_text_tokenizer(path)
+
+
+def test_missing_tokenizer_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.model: tokenizer not found"):
+        load_text_tokenizer(tmp_path / "nope.model")
+
+
+@pytest.fixture
+def codec(tiny):
+    return InterleavedCodec(tiny, joint_vocab(tiny, num_units=50))
+
+
+def test_codec_layout_matches_reference_rule(codec, tiny):
+    vocab = codec.vocab
+    ids = codec.encode([("text", "hello world"), ("speech", np.array([3, 0, 49])),
+                        ("text", "the river")])
+    expected = ([vocab.bos_id, vocab.text_marker] + tiny.encode("hello world ")
+                + [vocab.speech_marker] + [vocab.unit_offset + u for u in (3, 0, 49)]
+                + [vocab.text_marker] + tiny.encode("the river") + [vocab.eos_id])
+    assert ids.dtype == np.int32 and ids.tolist() == expected
+    assert codec.encode([("speech", [1])], bos=False, eos=False).tolist() == [
+        vocab.speech_marker, vocab.unit_offset + 1]
+
+
+def test_codec_round_trip(codec):
+    rng = random.Random(1)
+    for _ in range(50):
+        segments = []
+        for _ in range(rng.randint(0, 6)):
+            if rng.random() < 0.5:
+                segments.append(("text", " ".join(rng.choice(WORDS + ["42", "ü"])
+                                                  for _ in range(rng.randint(1, 5)))))
+            else:
+                segments.append(("speech", np.array([rng.randrange(50)
+                                                     for _ in range(rng.randint(0, 7))])))
+        decoded = codec.decode(codec.encode(segments, bos=rng.random() < 0.5, eos=True))
+        assert [kind for kind, _ in decoded] == [kind for kind, _ in segments]
+        for (kind, got), (_, want) in zip(decoded, segments, strict=True):
+            if kind == "text":
+                assert got == want
+            else:
+                np.testing.assert_array_equal(got, want)
+
+
+def test_codec_unit_out_of_range_names_position(codec):
+    with pytest.raises(VocabularyError, match="segment 1, unit 2: speech unit 50 is outside"):
+        codec.encode([("text", "a"), ("speech", np.array([1, 2, 50]))])
+    with pytest.raises(VocabularyError, match="segment 0, unit 0: speech unit -1"):
+        codec.encode([("speech", [-1])])
+
+
+def test_codec_decode_errors(codec):
+    vocab = codec.vocab
+    with pytest.raises(VocabularyError, match=f"id {vocab.size} is not in the joint vocabulary"):
+        codec.decode([vocab.bos_id, vocab.text_marker, vocab.size])
+    with pytest.raises(VocabularyError, match="reserved"):
+        codec.decode([vocab.text_marker, vocab.text_size + 1])
+    unit = vocab.unit_offset + 4
+    with pytest.raises(VocabularyError, match=f"position 3: id {unit} inside a text run"):
+        codec.decode([vocab.bos_id, vocab.text_marker, 100, unit])
+    with pytest.raises(VocabularyError, match="position 2: id 100 inside a speech run"):
+        codec.decode([vocab.speech_marker, unit, 100])
+    with pytest.raises(VocabularyError, match="position 1: id 100 comes before any mode marker"):
+        codec.decode([vocab.bos_id, 100, vocab.text_marker])
+
+
+def test_codec_refuses_mismatched_vocab(tiny):
+    with pytest.raises(VocabularyError, match="300 pieces but the vocabulary expects 512"):
+        InterleavedCodec(tiny, JointVocab(512))
+
+
+def test_render(codec, tiny):
+    vocab = codec.vocab
+    ids = codec.encode([("speech", [12, 13, 9]), ("text", "hello world")])
+    assert codec.render(ids) == "<bos> <s> [12 13 9] <t> hello world <eos>"
+    assert codec.render([vocab.size + 3, vocab.text_marker]) == f"<?{vocab.size + 3}> <t>"

@@ -1,0 +1,1 @@
+"""Multi-process tests launched through torch.distributed.run (see harness.py)."""

@@ -1,0 +1,95 @@
+"""Range helpers equal dense masks built from the reference rules, edge cases included."""
+
+import pytest
+import torch
+from kernel_cases import (
+    brute_patch_ids,
+    decoder_dense_mask,
+    encoder_dense_mask,
+    random_patch_lengths,
+    range_mask,
+)
+from lst_kernels import (
+    decoder_key_ranges,
+    encoder_key_ranges,
+    patch_ids_from_lengths,
+    patch_spans,
+)
+
+# Lengths whose sum is below N, equal to N + 1 (the trainer contract) and above; zero-length
+# patches first, inside and trailing.
+EDGE_LENGTHS = torch.tensor(
+    [[1, 3, 0, 0, 2, 4, 0], [0, 2, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 2], [5, 0, 9, 1, 0, 0, 3]],
+    dtype=torch.int32,
+)
+
+
+def _cases():
+    generator = torch.Generator().manual_seed(0)
+    yield EDGE_LENGTHS, 8
+    for _ in range(6):
+        lengths = random_patch_lengths(generator, batch=3, num_patches=9)
+        num_tokens = int(lengths.sum(1).max()) + int(torch.randint(-3, 3, (1,), generator=generator))
+        yield lengths, max(num_tokens, 1)
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: f"N{c[1]}")
+def test_patch_ids_follow_reference_rule(case):
+    lengths, num_tokens = case
+    ids = patch_ids_from_lengths(lengths, num_tokens)
+    assert ids.dtype == torch.long
+    torch.testing.assert_close(ids, brute_patch_ids(lengths, num_tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: f"N{c[1]}")
+def test_patch_spans_hold_exactly_the_tokens_of_each_patch(case):
+    lengths, num_tokens = case
+    start, end = patch_spans(lengths, num_tokens)
+    ids = brute_patch_ids(lengths, num_tokens)
+    owned = ids[:, None, :] == torch.arange(lengths.shape[1])[None, :, None]  # [B, P, N]
+    torch.testing.assert_close(range_mask(start, end, num_tokens), owned, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("window", [1, 2, 3, 64])
+def test_encoder_ranges_equal_dense_mask(k, window):
+    for lengths, num_tokens in _cases():
+        num_patches = lengths.shape[1]
+        start, end = encoder_key_ranges(lengths, k, window, num_tokens)
+        assert start.dtype == end.dtype == torch.int32
+        assert start.shape == (lengths.shape[0], num_patches * k)
+        dense = encoder_dense_mask(brute_patch_ids(lengths, num_tokens), k, window, num_patches)
+        torch.testing.assert_close(range_mask(start, end, num_tokens), dense, rtol=0, atol=0)
+        assert (start.diff(dim=1) >= 0).all() and (end.diff(dim=1) >= 0).all()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("window", [1, 2, 3, 64])
+def test_decoder_ranges_equal_dense_mask(k, window):
+    for lengths, num_tokens in _cases():
+        num_patches = lengths.shape[1]
+        # Decoder patch ids: the same rule on patch_lengths[:, 1:] (ids run up to P - 1).
+        decoder_ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
+        start, end = decoder_key_ranges(decoder_ids, k, window, num_patches)
+        assert start.dtype == end.dtype == torch.int32
+        dense = decoder_dense_mask(decoder_ids, k, window, num_patches)
+        torch.testing.assert_close(range_mask(start, end, num_patches * k), dense, rtol=0, atol=0)
+        assert (start.diff(dim=1) >= 0).all() and (end.diff(dim=1) >= 0).all()
+
+
+def test_decoder_ranges_of_ids_beyond_the_patches_are_empty_or_clipped():
+    ids = torch.tensor([[0, 3, 4, 9]])
+    start, end = decoder_key_ranges(ids, num_slots_per_patch=2, window=2, num_patches=4)
+    torch.testing.assert_close(start, torch.tensor([[0, 4, 6, 8]], dtype=torch.int32))
+    torch.testing.assert_close(end, torch.tensor([[2, 8, 8, 8]], dtype=torch.int32))
+
+
+def test_helpers_reject_bad_arguments():
+    with pytest.raises(ValueError, match=r"window"):
+        encoder_key_ranges(EDGE_LENGTHS, 1, 0, 8)
+    with pytest.raises(ValueError, match=r"num_slots_per_patch"):
+        decoder_key_ranges(torch.zeros(1, 3, dtype=torch.long), 0, 1, 4)
+    with pytest.raises(ValueError, match=r"\[B, P\]"):
+        patch_ids_from_lengths(torch.ones(3, dtype=torch.int32), 4)
+    with pytest.raises(TypeError, match=r"integer"):
+        patch_ids_from_lengths(torch.ones(1, 3), 4)

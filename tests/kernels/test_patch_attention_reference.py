@@ -1,0 +1,107 @@
+"""PyTorch patch cross-attention: dense-mask oracle, chunking, empty ranges, gradients."""
+
+import lst_kernels.patch_attention_reference as reference
+import pytest
+import torch
+from kernel_cases import dense_attention, random_patch_lengths, range_mask
+from lst_kernels import (
+    decoder_key_ranges,
+    encoder_key_ranges,
+    patch_cross_attention,
+    patch_ids_from_lengths,
+)
+
+
+def _qkv(generator, batch, num_queries, num_keys, heads=2, head_dim=8, dtype=torch.float64):
+    def draw(n):
+        return torch.randn(batch, n, heads, head_dim, generator=generator, dtype=dtype)
+
+    return draw(num_queries), draw(num_keys), draw(num_keys)
+
+
+def _model_ranges(seed, direction, k, window, batch=2, num_patches=7):
+    """(start, end, Sq, Sk) of the model's decoder or encoder attention on a ragged batch."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = random_patch_lengths(generator, batch=batch, num_patches=num_patches)
+    num_patches = lengths.shape[1]
+    num_tokens = max(int(lengths.sum(1).max()) - 1, 1)
+    if direction == "decoder":
+        ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
+        start, end = decoder_key_ranges(ids, k, window, num_patches)
+        return start, end, num_tokens, num_patches * k
+    start, end = encoder_key_ranges(lengths, k, window, num_tokens)
+    return start, end, num_patches * k, num_tokens
+
+
+@pytest.mark.parametrize("direction", ["decoder", "encoder"])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("window", [1, 2, 100])
+def test_matches_dense_mask_attention(direction, k, window):
+    start, end, num_queries, num_keys = _model_ranges(window + k, direction, k, window)
+    q, kk, v = _qkv(torch.Generator().manual_seed(0), 2, num_queries, num_keys)
+    out = patch_cross_attention(q, kk, v, start, end, backend="torch")
+    expected = dense_attention(q, kk, v, range_mask(start, end, num_keys))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_chunking_does_not_change_the_result(monkeypatch):
+    start, end, num_queries, num_keys = _model_ranges(5, "encoder", 2, 3)
+    q, kk, v = _qkv(torch.Generator().manual_seed(1), 2, num_queries, num_keys)
+    whole = patch_cross_attention(q, kk, v, start, end, backend="torch")
+    # One query per chunk.
+    monkeypatch.setattr(reference, "SCORE_ELEMENTS_PER_CHUNK", 1)
+    torch.testing.assert_close(patch_cross_attention(q, kk, v, start, end, backend="torch"), whole,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_arbitrary_ranges_and_scale():
+    generator = torch.Generator().manual_seed(2)
+    q, kk, v = _qkv(generator, 2, 11, 9)
+    start = torch.randint(-2, 10, (2, 11), generator=generator, dtype=torch.int32)
+    end = start + torch.randint(-1, 6, (2, 11), generator=generator, dtype=torch.int32)
+    out = patch_cross_attention(q, kk, v, start, end, scale=0.3, backend="torch")
+    visible = range_mask(start.clamp(0, 9), end.clamp(0, 9), 9)
+    torch.testing.assert_close(out, dense_attention(q, kk, v, visible, 0.3), rtol=1e-12, atol=1e-12)
+
+
+def test_empty_range_outputs_zero_and_gets_zero_gradient():
+    generator = torch.Generator().manual_seed(3)
+    q, kk, v = (t.requires_grad_() for t in _qkv(generator, 1, 4, 6))
+    start = torch.tensor([[0, 3, 3, 6]], dtype=torch.int32)
+    end = torch.tensor([[2, 3, 6, 6]], dtype=torch.int32)  # queries 1 and 3 see nothing
+    out = patch_cross_attention(q, kk, v, start, end)
+    assert (out[:, [1, 3]] == 0).all()
+    out.square().sum().backward()
+    assert (q.grad[:, [1, 3]] == 0).all()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(kk.grad).all()
+    assert (kk.grad[:, 2] == 0).all() and (v.grad[:, 2] == 0).all()  # key 2 is seen by no query
+
+
+def test_gradcheck_float64():
+    start, end, num_queries, num_keys = _model_ranges(4, "decoder", 2, 2, batch=1, num_patches=5)
+    q, kk, v = (t.requires_grad_() for t in _qkv(torch.Generator().manual_seed(4), 1,
+                                                  num_queries, num_keys, heads=2, head_dim=3))
+    assert torch.autograd.gradcheck(
+        lambda *t: reference.patch_cross_attention_reference(*t, start, end), (q, kk, v)
+    )
+
+
+def test_half_inputs_keep_dtype():
+    start, end, num_queries, num_keys = _model_ranges(6, "encoder", 1, 2)
+    q, kk, v = _qkv(torch.Generator().manual_seed(6), 2, num_queries, num_keys, dtype=torch.bfloat16)
+    out = patch_cross_attention(q, kk, v, start, end)
+    assert out.dtype == torch.bfloat16
+    expected = dense_attention(q, kk, v, range_mask(start, end, num_keys))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_rejects_bad_inputs():
+    q = torch.randn(1, 4, 2, 8)
+    k = torch.randn(1, 5, 2, 8)
+    ranges = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"key_start must be \[B, Sq\]"):
+        patch_cross_attention(q, k, k, ranges[:, :3], ranges)
+    with pytest.raises(ValueError, match="heads"):
+        patch_cross_attention(q, torch.randn(1, 5, 3, 8), torch.randn(1, 5, 3, 8), ranges, ranges)
+    with pytest.raises(TypeError, match="integer"):
+        patch_cross_attention(q, k, k, ranges.float(), ranges)

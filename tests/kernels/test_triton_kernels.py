@@ -1,0 +1,150 @@
+"""Triton kernels vs the PyTorch references, forward and backward.
+
+Runs compiled on CUDA, or on CPU under the Triton interpreter when this process started with
+TRITON_INTERPRET=1 (`test_triton_interpreter.py` launches exactly that in a subprocess, so a plain
+`pytest tests/` covers it). Otherwise every test here skips. The interpreter computes bf16
+`tl.dot` wrongly, so on CPU `patch_cross_attention` runs bf16 inputs upcast to fp32.
+"""
+
+import os
+
+import pytest
+import torch
+from kernel_cases import random_patch_lengths
+from lst_kernels import (
+    decoder_key_ranges,
+    encoder_key_ranges,
+    patch_cross_attention,
+    patch_ids_from_lengths,
+    segment_pool,
+)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Compiled runs need CUDA (the conftest skips `gpu` tests without it); interpreted ones do not.
+pytestmark = [] if INTERPRETED else [pytest.mark.gpu]
+pytest.importorskip("triton")
+
+DEVICE = "cpu" if INTERPRETED else "cuda"
+# (dtype, forward/backward tolerance vs the fp32 reference on the same rounded inputs). The
+# interpreter runs bf16 only in `test_bf16_inputs`, to keep the suite fast.
+DTYPES = [(torch.float32, 1e-5)] + ([] if INTERPRETED else [(torch.bfloat16, 2e-2)])
+
+
+def _compare(run, inputs, tolerance):
+    """Run `run(*inputs, backend=...)` on Triton and on the reference (fed fp32 copies of the same
+    values); compare outputs and input gradients for one random output gradient."""
+    triton_in = [t.detach().clone().requires_grad_() for t in inputs]
+    reference_in = [t.detach().float().clone().requires_grad_() for t in inputs]
+    out = run(*triton_in, backend="triton")
+    expected = run(*reference_in, backend="torch")
+    assert out.dtype == inputs[0].dtype
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out)
+    out.backward(grad)
+    expected.backward(grad.float())
+    torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+    for got, want in zip(triton_in, reference_in, strict=True):
+        scale = want.grad.abs().max().clamp(min=1)
+        torch.testing.assert_close(got.grad.float() / scale, want.grad / scale,
+                                   rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype, tolerance", DTYPES, ids=lambda d: str(d))
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum"])
+@pytest.mark.parametrize("seed", range(3))
+def test_segment_pool(reduce, seed, dtype, tolerance):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = random_patch_lengths(generator, batch=3, num_patches=9)
+    num_tokens = max(int(lengths.sum(1).max()) + seed - 1, 1)  # sums below, at and above N
+    dim = 13 + 24 * seed  # not a multiple of any channel block
+    x = torch.randn(3, num_tokens, dim + 5, generator=generator)
+    if reduce == "max":
+        x = x.round(decimals=1)  # ties: the gradient must go to the first arg-max
+    x = x.to(DEVICE, dtype)
+
+    def run(x, backend):
+        # A strided channel slice: the kernel must honour the row strides.
+        return segment_pool(x[..., 2 : 2 + dim], lengths.to(DEVICE), reduce, backend=backend)
+
+    _compare(run, [x], tolerance)
+
+
+def test_segment_pool_max_long_patches():
+    # N > 256 stores the arg-max offsets as int16: offsets past 255 must survive the round trip.
+    num_tokens = 300
+    lengths = torch.tensor([[1, 280, 0, 9], [0, 3, 290, 1]], dtype=torch.int32)
+    x = torch.randn(2, num_tokens, 3, generator=torch.Generator().manual_seed(5))
+    x[0, 270, :] = 9.0  # offset 269 in patch 1
+    x[1, 295, 1] = 9.0  # offset 292 in patch 2
+    x = x.to(DEVICE)
+    _compare(lambda t, backend: segment_pool(t, lengths.to(DEVICE), "max", backend=backend),
+             [x], 1e-6)
+
+
+def _attention_case(seed, direction, k, window, head_dim=16, heads=2):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = random_patch_lengths(generator, batch=2, num_patches=13, max_length=5)
+    num_patches = lengths.shape[1]
+    num_tokens = max(int(lengths.sum(1).max()) - 1, 1)
+    if direction == "decoder":
+        ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
+        start, end = decoder_key_ranges(ids, k, window, num_patches)
+        num_queries, num_keys = num_tokens, num_patches * k
+    else:
+        start, end = encoder_key_ranges(lengths, k, window, num_tokens)
+        num_queries, num_keys = num_patches * k, num_tokens
+    q = torch.randn(2, num_queries, heads, head_dim, generator=generator)
+    kv = torch.randn(2, num_keys, heads, 2 * head_dim, generator=generator)
+    return q, kv, start, end
+
+
+@pytest.mark.parametrize("dtype, tolerance", DTYPES, ids=lambda d: str(d))
+@pytest.mark.parametrize("direction", ["decoder", "encoder"])
+@pytest.mark.parametrize("k, window", [(1, 1), (2, 1), (1, 2), (2, 3), (2, 64)])
+def test_patch_cross_attention(direction, k, window, dtype, tolerance):
+    q, kv, start, end = _attention_case(window * 10 + k, direction, k, window)
+    q, kv = q.to(DEVICE, dtype), kv.to(DEVICE, dtype)
+    start, end = start.to(DEVICE), end.to(DEVICE)
+    head_dim = q.shape[-1]
+
+    def run(q, kv, backend):
+        # k and v as strided views of one packed tensor: the kernel must honour strides.
+        return patch_cross_attention(q, kv[..., :head_dim], kv[..., head_dim:], start, end,
+                                     backend=backend)
+
+    _compare(run, [q, kv], tolerance)
+
+
+@pytest.mark.parametrize("head_dim", [8, 12])
+def test_patch_cross_attention_arbitrary_ranges(head_dim):
+    # Non-monotone ranges, empty ranges, out-of-bounds ends, a head dim that is not a power of two.
+    generator = torch.Generator().manual_seed(head_dim)
+    num_queries, num_keys = 37, 29
+    start = torch.randint(-3, num_keys, (2, num_queries), generator=generator, dtype=torch.int32)
+    end = start + torch.randint(-2, 20, (2, num_queries), generator=generator, dtype=torch.int32)
+    q = torch.randn(2, num_queries, 3, head_dim, generator=generator).to(DEVICE)
+    k = torch.randn(2, num_keys, 3, head_dim, generator=generator).to(DEVICE)
+    v = torch.randn(2, num_keys, 3, head_dim, generator=generator).to(DEVICE)
+    start, end = start.to(DEVICE), end.to(DEVICE)
+
+    def run(q, k, v, backend):
+        return patch_cross_attention(q, k, v, start, end, scale=0.2, backend=backend)
+
+    _compare(run, [q, k, v], 1e-5)
+
+
+def test_bf16_inputs():
+    generator = torch.Generator().manual_seed(9)
+    lengths = random_patch_lengths(generator, batch=2, num_patches=6)
+    x = torch.randn(2, int(lengths.sum(1).max()), 24, generator=generator).to(DEVICE, torch.bfloat16)
+    _compare(lambda t, backend: segment_pool(t, lengths.to(DEVICE), "mean", backend=backend),
+             [x], 2e-2)
+    q, kv, start, end = _attention_case(9, "encoder", 2, 3)
+    q, kv = q.to(DEVICE, torch.bfloat16), kv.to(DEVICE, torch.bfloat16)
+    start, end = start.to(DEVICE), end.to(DEVICE)
+    head_dim = q.shape[-1]
+
+    def run(q, kv, backend):
+        return patch_cross_attention(q, kv[..., :head_dim], kv[..., head_dim:], start, end,
+                                     backend=backend)
+
+    _compare(run, [q, kv], 2e-2)

@@ -1,0 +1,57 @@
+"""The same batch gives the same loss and gradients under TP=1 vs TP=2, PP=1 vs PP=2 and TP2xPP2,
+with sequence parallelism on and off (fp32, gloo on CPU; DESIGN.md section 6)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed.harness import run_distributed
+
+WORKER = Path(__file__).resolve().parent / "lst_parallel_worker.py"
+TOLERANCE = 1e-5
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def merged(records: list[dict], variant: str) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and unsharded gradients of one variant, from all ranks. Every rank holding a tensor
+    (tensor-parallel peers, both copies of the encoder replica) must report the same gradient."""
+    grads: dict[str, torch.Tensor] = {}
+    losses = []
+    for rank, record in enumerate(records):
+        result = record[variant]
+        if "loss" in result:
+            losses.append(result["loss"])
+        for name, values in result["grads"].items():
+            grad = torch.tensor(values)
+            if name in grads:
+                difference = (grads[name] - grad).abs().max().item()
+                assert difference <= TOLERANCE, f"{variant}: rank {rank} disagrees on {name} by {difference}"
+            else:
+                grads[name] = grad
+    assert losses and max(losses) - min(losses) <= TOLERANCE, losses
+    return losses[0], grads
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return merged(run_distributed(WORKER, 1, ["--tp", "1", "--pp", "1"], timeout=240), "no_sp")
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_layout_matches_single_process(reference, tp, pp):
+    reference_loss, reference_grads = reference
+    sequence_parallel = "both" if tp > 1 else "off"
+    records = run_distributed(
+        WORKER, tp * pp, ["--tp", tp, "--pp", pp, "--sequence-parallel", sequence_parallel],
+        timeout=400,
+    )
+    for variant in records[0]:
+        loss, grads = merged(records, variant)
+        assert abs(loss - reference_loss) <= TOLERANCE, f"{variant}: loss {loss} vs {reference_loss}"
+        assert grads.keys() == reference_grads.keys()
+        for name, grad in grads.items():
+            difference = (grad - reference_grads[name]).abs().max().item()
+            assert difference <= TOLERANCE, f"{variant}: gradient of {name} differs by {difference}"
+        assert any(grad.abs().max() > 1e-3 for grad in grads.values())

@@ -1,0 +1,166 @@
+"""Checkpoints: finding the latest complete one, atomic saves, exact resume, TP resharding.
+
+The multi-process tests run `workers/checkpoint_worker.py` (a tiny megatron.core GPTModel with
+dropout, megatron DDP + optimizer + OptimizerParamScheduler, real `lst-train` flags) on gloo.
+"""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed.harness import TESTS_DIR, run_distributed
+from megatron_lst.training.checkpointing import (
+    METADATA_FILENAME,
+    TRACKER_FILENAME,
+    CheckpointError,
+    find_latest_checkpoint,
+)
+
+WORKER = Path(__file__).parent / "workers" / "checkpoint_worker.py"
+TINY_RUN = [
+    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+    "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
+    "--lr", "1e-2", "--lr-warmup-iters", "1", "--lr-decay-style", "cosine",
+    "--weight-decay", "0.01", "--clip-grad", "1.0",
+]
+WITH_DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+
+
+# --- finding the latest complete checkpoint (no processes) -------------------------------
+
+def fake_checkpoint(root: Path, iteration: int, complete: bool = True) -> Path:
+    path = root / f"iter_{iteration:07d}"
+    path.mkdir(parents=True)
+    (path / "metadata.json").write_text("{}")
+    if complete:
+        (path / METADATA_FILENAME).write_text("{}")
+    return path
+
+
+def test_no_directory_and_empty_directory_mean_no_checkpoint_yet(tmp_path):
+    assert find_latest_checkpoint(tmp_path / "missing") is None
+    assert find_latest_checkpoint(tmp_path) is None
+
+
+def test_pointer_names_the_checkpoint_to_load(tmp_path):
+    fake_checkpoint(tmp_path, 100)
+    newest = fake_checkpoint(tmp_path, 200)
+    (tmp_path / TRACKER_FILENAME).write_text("200\n")
+    assert find_latest_checkpoint(tmp_path) == newest
+
+
+def test_interrupted_save_is_reported_skipped_and_kept(tmp_path, caplog):
+    complete = fake_checkpoint(tmp_path, 100)
+    (tmp_path / TRACKER_FILENAME).write_text("100")
+    leftover = tmp_path / "iter_0000200.tmp-0a1b2c"
+    leftover.mkdir()
+    (leftover / "__0_0.distcp").write_bytes(b"partial")
+    with caplog.at_level(logging.WARNING):
+        assert find_latest_checkpoint(tmp_path) == complete
+    assert "iter_0000200.tmp-0a1b2c" in caplog.text
+    assert leftover.is_dir(), "an interrupted save must never be deleted silently"
+
+
+def test_complete_checkpoint_newer_than_the_pointer_wins(tmp_path, caplog):
+    fake_checkpoint(tmp_path, 100)
+    newer = fake_checkpoint(tmp_path, 200)
+    (tmp_path / TRACKER_FILENAME).write_text("100")
+    with caplog.at_level(logging.WARNING):
+        assert find_latest_checkpoint(tmp_path) == newer
+    assert "newer" in caplog.text
+
+
+def test_directory_without_metadata_is_not_complete(tmp_path):
+    fake_checkpoint(tmp_path, 100, complete=False)
+    assert find_latest_checkpoint(tmp_path) is None
+
+
+@pytest.mark.parametrize("pointer", ["300", "not-a-number"])
+def test_pointer_to_nothing_is_corruption_not_a_fresh_start(tmp_path, pointer):
+    fake_checkpoint(tmp_path, 100)
+    (tmp_path / TRACKER_FILENAME).write_text(pointer)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        find_latest_checkpoint(tmp_path)
+
+
+# --- saving, killing, resuming (processes) -----------------------------------------------
+
+def run_killable(args: list[str], timeout: float = 120.0, kill_when: Path | None = None):
+    """Run the worker as a world of one without torchrun; SIGKILL it once `kill_when` exists.
+    Returns the exit code."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH"))
+                                          if p))
+    process = subprocess.Popen([sys.executable, str(WORKER), *args], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if kill_when is not None and kill_when.exists():
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    else:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"worker timed out; output:\n{process.communicate()[0][-4000:]}")
+    output = process.communicate()[0]
+    return process.wait(), output
+
+
+@pytest.mark.distributed
+def test_round_trip_kill_during_save_and_bitwise_resume(tmp_path):
+    save = tmp_path / "ckpt"
+    run = [*TINY_RUN, *WITH_DROPOUT, "--train-iters", "6", "--save", str(save)]
+
+    # Straight run: 6 iterations, saving after 3, with a load-into-fresh-objects check.
+    [straight] = run_distributed(WORKER, 1, [*run, "--save-at", "3", "--verify-round-trip"])
+    assert straight["round_trip_mismatches"] == []
+
+    # Resume from 3 and die in the middle of saving iteration 4: data written, no rename.
+    code, output = run_killable([*run, "--load", str(save), "--save-at", "4",
+                                 "--crash", "hang-after-write", "--results", "unused"],
+                                kill_when=save / "ready-to-kill")
+    assert code == -signal.SIGKILL, output[-4000:]
+    assert (save / TRACKER_FILENAME).read_text() == "3"
+    assert not (save / "iter_0000004").exists()
+    assert [p.name.split(".tmp-")[0] for p in save.glob("*.tmp-*")] == ["iter_0000004"]
+    assert find_latest_checkpoint(save) == save / "iter_0000003"
+
+    # Die after the rename, before the pointer update: iteration 4 is complete and is found.
+    code, output = run_killable([*run, "--load", str(save), "--save-at", "4",
+                                 "--crash", "exit-before-pointer", "--results", "unused"])
+    assert code == 17, output[-4000:]
+    assert (save / TRACKER_FILENAME).read_text() == "3"
+    assert find_latest_checkpoint(save) == save / "iter_0000004"
+
+    # A fresh process resumes from the newest complete checkpoint and follows the straight
+    # run's loss curve bit for bit (fp32, dropout on: RNG states are restored too).
+    [resumed] = run_distributed(WORKER, 1, [*run, "--load", str(save)])
+    assert resumed["resumed_from"] == 4
+    assert resumed["consumed_samples"] == 4 * 4
+    assert resumed["losses"] == {k: straight["losses"][k] for k in ("5", "6")}
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_checkpoint_loads_into_one_process(tmp_path):
+    save = tmp_path / "ckpt"
+    run = [*TINY_RUN, "--train-iters", "5", "--use-distributed-optimizer"]
+    [tp_rank0, _] = run_distributed(WORKER, 2, [*run, "--tensor-model-parallel-size", "2",
+                                                "--save", str(save), "--save-at", "3", "--eval"])
+    metadata = json.loads((save / "iter_0000003" / METADATA_FILENAME).read_text())
+    assert metadata["parallel_layout"]["tensor_model_parallel_size"] == 2
+
+    [single] = run_distributed(WORKER, 1, [*run, "--load", str(save), "--eval"])
+    assert single["resumed_from"] == 3
+    # Iteration 4 checks the weights, 5 the resharded Adam moments, eval the final weights.
+    for key in ("4", "5"):
+        assert single["losses"][key] == pytest.approx(tp_rank0["losses"][key], abs=1e-5)
+    assert single["eval_loss"] == pytest.approx(tp_rank0["eval_loss"], abs=1e-5)

@@ -1,0 +1,175 @@
+"""The compute planner (`plan`) and its command line, tools/plan_compute.py."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_lst.models.config import preset
+from megatron_lst.training.flops import (
+    Budget,
+    ControlMode,
+    ModelShape,
+    StackShape,
+    StepShape,
+    estimate_flops,
+    plan,
+)
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "plan_compute.py"
+
+LST = ModelShape(
+    vocab_size=1020,
+    global_stack=StackShape(dim=64, layers=2, heads=4),
+    encoder=StackShape(dim=32, layers=1, heads=2, window=512),
+    decoder=StackShape(dim=32, layers=2, heads=2, window=512),
+    cross_attn_k=2,
+)
+BASELINE = LST.baseline_of()
+STEP = StepShape(seq_length=256, global_batch_size=8, tokens_per_patch=3.1)
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("plan_compute", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("budget", [Budget(flops=1e17), Budget(steps=5000, reference="lst"),
+                                    Budget(steps=5000, reference="baseline")])
+def test_compute_control_gives_equal_steps_and_global_positions(budget):
+    p = plan(budget, LST, BASELINE, "compute", STEP)
+    assert p.lst.steps == p.baseline.steps > 0
+    assert p.lst.global_positions == p.baseline.global_positions
+    if budget.steps is not None:
+        assert p.lst.steps == budget.steps
+    else:  # the baseline spends the budget, within one step
+        assert budget.flops - p.baseline.flops_per_step.total < p.baseline.flops.total <= budget.flops
+    # LST reads tokens_per_patch tokens per global position.
+    assert p.lst.tokens == pytest.approx(STEP.tokens_per_patch * p.baseline.tokens)
+
+
+@pytest.mark.parametrize("budget", [Budget(flops=3e17), Budget(steps=4321, reference="lst"),
+                                    Budget(steps=4321, reference="baseline")])
+def test_flops_control_gives_equal_totals(budget):
+    p = plan(budget, LST, BASELINE, ControlMode.FLOPS, STEP)
+    total = budget.flops or getattr(p, budget.reference).flops.total
+    for model in (p.lst, p.baseline):
+        assert total - model.flops_per_step.total < model.flops.total <= total * (1 + 1e-12)
+    if budget.steps is not None:
+        assert getattr(p, budget.reference).steps == budget.steps
+    # LST costs more per global position here, so it gets fewer steps for the same FLOPs.
+    assert p.lst.steps < p.baseline.steps
+
+
+@pytest.mark.parametrize("reference", ["lst", "baseline"])
+def test_data_control_gives_equal_tokens(reference):
+    p = plan(Budget(steps=1000, reference=reference), LST, BASELINE, "data", STEP)
+    assert getattr(p, reference).steps == 1000
+    follower = p.baseline if reference == "lst" else p.lst
+    ref_tokens = getattr(p, reference).tokens
+    assert ref_tokens - follower.tokens_per_step < follower.tokens <= ref_tokens
+
+
+def test_a_model_following_itself_keeps_its_steps():
+    # Every patch one token: LST and baseline read the same tokens per step.
+    step = StepShape(seq_length=256, global_batch_size=8, tokens_per_patch=1.0)
+    assert plan(Budget(steps=777, reference="lst"), LST, BASELINE, "data", step).baseline.steps == 777
+
+
+def test_plan_flops_per_step_is_the_estimate():
+    p = plan(Budget(steps=10), LST, BASELINE, "compute", STEP)
+    assert p.lst.flops_per_step == estimate_flops(LST, 256 * 3.1, 256, 8)
+    assert p.baseline.flops_per_step == estimate_flops(BASELINE, 256, 256, 8)
+    assert p.lst.flops.total == pytest.approx(10 * p.lst.flops_per_step.total)
+
+
+def test_bad_budgets_and_arguments_are_rejected():
+    with pytest.raises(ValueError, match="exactly one"):
+        Budget(flops=1e18, steps=10)
+    with pytest.raises(ValueError, match="exactly one"):
+        Budget()
+    with pytest.raises(ValueError, match="positive"):
+        Budget(steps=0)
+    with pytest.raises(ValueError, match="'lst' or 'baseline'"):
+        Budget(steps=1, reference="bpe")
+    with pytest.raises(ValueError, match="tokens_per_patch"):
+        StepShape(256, 8, 0.5)
+    with pytest.raises(ValueError, match="LST shape first"):
+        plan(Budget(steps=1), BASELINE, LST, "compute", STEP)
+    with pytest.raises(ValueError):
+        plan(Budget(steps=1), LST, BASELINE, "tokens", STEP)
+
+
+def test_model_shape_from_the_1b_preset():
+    shape = ModelShape.from_model_config(preset("1b", vocab_size=32508))
+    assert shape.global_stack == StackShape(dim=2048, layers=25, heads=16, ffn_hidden=5632)
+    assert shape.encoder == StackShape(dim=1024, layers=1, heads=16, ffn_hidden=2816, window=512)
+    assert shape.decoder.layers == 9 and shape.cross_attn_k == 2 and not shape.needs_global_projection
+    # Baseline per token: 6 * (non-embedding params + head) + causal attention over 2048 tokens.
+    params = 25 * (4 * 2048**2 + 3 * 2048 * 5632) + 2048 * 32508
+    attention = 3 * 4 * 25 * 2048 * (2048 + 1) / 2
+    per_token = estimate_flops(shape.baseline_of(), 2048, 2048, 1).total / 2048
+    assert per_token == pytest.approx(6 * params + attention, rel=1e-12)
+
+
+def test_tool_prints_every_control_mode_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code = _load_tool().main([
+        "--budget-flops", "1e17", "--preset", "tiny", "--text-vocab-size", "512",
+        "--seq-length", "256", "--global-batch-size", "8", "--tokens-per-patch", "3.1",
+        "--out", str(out),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for mode in ("compute", "flops", "data"):
+        assert f"control {mode}: budget 1.000e+17 FLOPs" in printed
+    written = json.loads(out.read_text())
+    assert written["model"]["shape"]["vocab_size"] == 512 + 6 + 502
+    plans = {p["control"]: p for p in written["plans"]}
+    assert plans["compute"]["lst"]["steps"] == plans["compute"]["baseline"]["steps"]
+    flops_plan = plans["flops"]
+    for model in ("lst", "baseline"):
+        spent = flops_plan[model]["flops"]["total"]
+        assert 1e17 - flops_plan[model]["flops_per_step"]["total"] < spent <= 1e17
+    # The tiny preset is the LST shape above with a 1020-id vocabulary.
+    assert plans["compute"]["lst"]["flops_per_step"] == plan(
+        Budget(flops=1e17), LST, BASELINE, "compute", STEP
+    ).lst.flops_per_step.as_dict()
+
+
+def test_tool_with_explicit_dimensions_matches_the_preset(capsys):
+    tool = _load_tool()
+    common = ["--budget-steps", "100", "--reference", "lst", "--control", "compute",
+              "--text-vocab-size", "512", "--seq-length", "256", "--global-batch-size", "8",
+              "--tokens-per-patch", "2"]
+    assert tool.main([*common, "--preset", "tiny"]) == 0
+    from_preset = capsys.readouterr().out
+    assert tool.main([*common, "--global-dim", "64", "--global-layers", "2", "--global-heads", "4",
+                      "--local-dim", "32", "--encoder-layers", "1", "--decoder-layers", "2",
+                      "--local-heads", "2"]) == 0
+    assert capsys.readouterr().out == from_preset
+
+
+def test_tool_reports_bad_model_arguments(capsys):
+    tool = _load_tool()
+    common = ["--budget-steps", "10", "--seq-length", "256", "--global-batch-size", "8",
+              "--tokens-per-patch", "2"]
+    assert tool.main([*common, "--global-dim", "64"]) == 2
+    assert "give the model dimensions --global-layers" in capsys.readouterr().err
+    assert tool.main([*common, "--preset", "tiny", "--local-dim", "32"]) == 2
+    assert "use a preset or the dimension flags" in capsys.readouterr().err
+
+
+def test_tool_runs_as_a_script():
+    result = subprocess.run(
+        [sys.executable, str(TOOL), "--budget-steps", "10", "--preset", "tiny", "--control", "data",
+         "--seq-length", "64", "--global-batch-size", "2", "--tokens-per-patch", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "control data: budget 10 steps of baseline" in result.stdout

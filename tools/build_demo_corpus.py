@@ -1,0 +1,67 @@
+"""Build the offline demo corpus: synthetic speech, units, alignments and story-completion sets.
+
+    python tools/build_demo_corpus.py --out-dir data/demo [--seed 0] [--scale 1.0]
+
+Runs offline in a few minutes on 2 CPU cores (see megatron_lst/demo_corpus/build.py for the
+outputs); re-running with the same arguments reads everything back from the cache. Needs the data
+extra: pip install 'megatron-lst[data]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from megatron_lst.demo_corpus.build import (DemoCorpus, DemoCorpusConfig, build_demo_corpus,
+                                            format_summary)
+from megatron_lst.demo_corpus.optional import MissingDependencyError
+from megatron_lst.demo_corpus.tts import DEFAULT_VOICES
+from megatron_lst.demo_corpus.units import HubertFeatures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = DemoCorpusConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--scale", type=float, default=defaults.scale,
+                        help="multiplies the number of training documents")
+    parser.add_argument("--text-files", nargs="+", default=[], metavar="PATH",
+                        help="your own text (paragraphs split by blank lines) instead of stories")
+    parser.add_argument("--eval-items", type=int, default=defaults.eval_items,
+                        help="items per evaluation set")
+    parser.add_argument("--voices", nargs="+", default=list(DEFAULT_VOICES),
+                        help="eSpeak NG voices, one per speaker (e.g. en-us+m3)")
+    parser.add_argument("--num-units", type=int, default=defaults.num_units,
+                        help="k-means clusters (speech units)")
+    parser.add_argument("--hubert", type=Path,
+                        help="local HuBERT-style weights (TorchScript file or Hugging Face "
+                             "directory) to use instead of MFCC features")
+    parser.add_argument("--hubert-layer", type=int, default=6)
+    parser.add_argument("--tokenizer-vocab-size", type=int, default=defaults.tokenizer_vocab_size)
+    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> DemoCorpus:
+    args = build_parser().parse_args(argv)
+    config = DemoCorpusConfig(
+        seed=args.seed, scale=args.scale, eval_items=args.eval_items, voices=tuple(args.voices),
+        num_units=args.num_units, text_files=tuple(args.text_files),
+        tokenizer_vocab_size=args.tokenizer_vocab_size, workers=args.workers)
+    features = HubertFeatures(args.hubert, args.hubert_layer) if args.hubert else None
+    corpus = build_demo_corpus(args.out_dir, config=config, features=features,
+                               progress=not args.no_progress)
+    print(format_summary(corpus.summary))
+    print(f"outputs in {corpus.out_dir}")
+    return corpus
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except MissingDependencyError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,187 @@
+"""Turn a training budget into steps for LST and its token baseline under each control mode.
+
+    python tools/plan_compute.py --budget-flops 1e21 --preset 1b \
+        --seq-length 2048 --global-batch-size 256 --tokens-per-patch 3.1 --out plan.json
+
+prints, for each control mode (compute: equal steps of equal global positions, as in the paper;
+flops: equal total FLOPs, local modules included; data: equal raw tokens), the steps, tokens,
+global positions and FLOPs split per model part of LST and of the baseline (the global
+transformer run over tokens, with the same width, depth and vocabulary). `--budget-steps N`
+fixes the steps of the `--reference` model instead of a FLOP total. The model is a preset of
+megatron_lst.models.config or given by its dimensions (--global-dim ... without --preset).
+FLOPs are the closed-form estimate of megatron_lst.training.flops (training = 3x forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from megatron_lst.models.config import (
+    PRESETS,
+    CrossAttentionConfig,
+    GlobalModelConfig,
+    LocalModelConfig,
+    LSTConfig,
+    ModelConfigError,
+    preset,
+    swiglu_ffn_size,
+)
+from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.training.flops import (
+    Budget,
+    ComputePlan,
+    ControlMode,
+    ModelPlan,
+    ModelShape,
+    StepShape,
+    plan,
+)
+
+_DIMENSIONS = ("global_dim", "global_layers", "global_heads", "local_dim", "encoder_layers",
+               "decoder_layers", "local_heads")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_argument_group("budget")
+    amount = group.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--budget-flops", type=float, help="total training FLOPs, e.g. 1e21")
+    amount.add_argument("--budget-steps", type=int, help="training steps of the --reference model")
+    group.add_argument("--reference", choices=("lst", "baseline"), default="baseline",
+                       help="the model whose steps the budget sets under compute and data control")
+    group.add_argument("--control", nargs="+", choices=[m.value for m in ControlMode],
+                       default=[m.value for m in ControlMode], help="control modes to plan")
+
+    group = parser.add_argument_group("step")
+    group.add_argument("--seq-length", type=int, required=True,
+                       help="global positions per row (patches for LST, tokens for the baseline)")
+    group.add_argument("--global-batch-size", type=int, required=True, help="rows per step")
+    group.add_argument("--tokens-per-patch", type=float, required=True,
+                       help="mean input tokens per LST patch, e.g. 3.1 for static p=4 on "
+                            "speech-heavy data (1.0 = every token its own patch)")
+
+    group = parser.add_argument_group("vocabulary")
+    group.add_argument("--text-vocab-size", type=int, default=32000,
+                       help="text tokenizer size (Llama-2: 32000)")
+    group.add_argument("--num-units", type=int, default=502, help="speech unit codebook size")
+
+    group = parser.add_argument_group("model: a preset, or the dimensions below")
+    group.add_argument("--preset", choices=PRESETS)
+    group.add_argument("--global-dim", type=int)
+    group.add_argument("--global-layers", type=int)
+    group.add_argument("--global-heads", type=int)
+    group.add_argument("--global-kv-heads", type=int, help="default: --global-heads (no GQA)")
+    group.add_argument("--global-ffn-hidden", type=int, help="default: the reference SwiGLU rule")
+    group.add_argument("--local-dim", type=int, help="encoder and decoder width")
+    group.add_argument("--encoder-layers", type=int)
+    group.add_argument("--decoder-layers", type=int)
+    group.add_argument("--local-heads", type=int)
+    group.add_argument("--local-ffn-hidden", type=int, help="default: the reference SwiGLU rule")
+    group.add_argument("--local-window", type=int, default=512, help="in tokens")
+    group.add_argument("--cross-attn-k", type=int, default=2, help="slots per patch")
+    group.add_argument("--cross-attn-heads", type=int, help="default: --local-heads")
+    group.add_argument("--cross-attn-window", type=int, default=512, help="in patches")
+    group.add_argument("--cross-attn-all-layers", action=argparse.BooleanOptionalAction,
+                       default=True, help="cross-attention in every local layer (else one)")
+
+    parser.add_argument("--out", type=Path, help="write the plans as JSON here")
+    return parser
+
+
+def model_config(args: argparse.Namespace) -> LSTConfig:
+    """The LST config named by --preset or spelled out by the dimension flags."""
+    vocab_size = JointVocab(args.text_vocab_size, args.num_units).size
+    given = [name for name in _DIMENSIONS if getattr(args, name) is not None]
+    if args.preset is not None:
+        if given:
+            raise ModelConfigError(
+                f"--preset {args.preset} and --{given[0].replace('_', '-')} both given; "
+                "use a preset or the dimension flags, not both"
+            )
+        return preset(args.preset, vocab_size)
+    missing = [name for name in _DIMENSIONS if getattr(args, name) is None]
+    if missing:
+        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+        raise ModelConfigError(f"no --preset: give the model dimensions {flags}")
+
+    def local(layers: int) -> LocalModelConfig:
+        ffn = args.local_ffn_hidden or swiglu_ffn_size(args.local_dim)
+        return LocalModelConfig(args.local_dim, layers, args.local_heads, ffn, args.local_window)
+
+    return LSTConfig(
+        vocab_size=vocab_size,
+        global_model=GlobalModelConfig(
+            args.global_dim, args.global_layers, args.global_heads,
+            args.global_ffn_hidden or swiglu_ffn_size(args.global_dim), args.global_kv_heads,
+        ),
+        encoder=local(args.encoder_layers),
+        decoder=local(args.decoder_layers),
+        cross_attention=CrossAttentionConfig(
+            slots_per_patch=args.cross_attn_k,
+            num_heads=args.cross_attn_heads or args.local_heads,
+            encoder_window=args.cross_attn_window,
+            decoder_window=args.cross_attn_window,
+            all_encoder_layers=args.cross_attn_all_layers,
+            all_decoder_layers=args.cross_attn_all_layers,
+        ),
+    )
+
+
+_COLUMNS = ("model", "steps", "tokens", "positions", "FLOPs", "encoder", "global", "decoder",
+            "cross-attn", "head", "FLOPs/pos")
+
+
+def _row(name: str, model: ModelPlan) -> list[str]:
+    flops = model.flops
+    parts = (flops.total, flops.encoder, flops.global_, flops.decoder, flops.cross_attention, flops.head)
+    per_position = model.flops_per_step.total / model.global_positions_per_step
+    return [name, f"{model.steps:,}", f"{model.tokens:.3e}", f"{model.global_positions:.3e}",
+            *(f"{value:.3e}" for value in parts), f"{per_position:.3e}"]
+
+
+def format_plan(computed: ComputePlan) -> str:
+    """A plain-text table of one plan."""
+    budget = computed.budget
+    amount = (f"{budget.flops:.3e} FLOPs (reference {budget.reference})" if budget.flops is not None
+              else f"{budget.steps:,} steps of {budget.reference}")
+    step = computed.step
+    lines = [
+        f"control {computed.control.value}: budget {amount}; "
+        f"step = {step.global_batch_size} rows x {step.seq_length} global positions, "
+        f"{step.tokens_per_patch:g} tokens per LST patch",
+    ]
+    rows = [list(_COLUMNS), _row("lst", computed.lst), _row("baseline", computed.baseline)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = model_config(args)
+        lst = ModelShape.from_model_config(config)
+        budget = Budget(flops=args.budget_flops, steps=args.budget_steps, reference=args.reference)
+        step = StepShape(args.seq_length, args.global_batch_size, args.tokens_per_patch)
+        plans = [plan(budget, lst, lst.baseline_of(), mode, step) for mode in args.control]
+    except ValueError as error:  # ModelConfigError is a ValueError too
+        print(f"plan_compute: {error}", file=sys.stderr)
+        return 2
+    print("\n\n".join(format_plan(p) for p in plans))
+    if args.out is not None:
+        args.out.write_text(json.dumps({
+            "model": {"preset": args.preset, "shape": dataclasses.asdict(lst)},
+            "plans": [p.as_dict() for p in plans],
+        }, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

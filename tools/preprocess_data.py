@@ -1,0 +1,187 @@
+"""Convert speech-text and text corpora into Megatron indexed datasets for megatron-lst.
+
+    python tools/preprocess_data.py --input mls.chunk.00.on_the_fly \
+        --input-format reference-jsonl --tokenizer-model spm.model --output-prefix data/mls \
+        --workers 4
+
+writes `data/mls.bin`, `data/mls.idx` (`megatron.core.datasets.indexed_dataset`) and
+`data/mls.json` (the manifest; see megatron_lst/data/indexed.py for the layout). Workers parse and
+tokenize chunks of lines (or utterances) in parallel; the main process writes them in input order,
+so the output is byte-identical for any --workers. Bad input stops the run with the file and line;
+--skip-bad skips such documents and reports how many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.indexed import DocumentWriter
+from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
+from megatron_lst.data.readers import (
+    INPUT_FORMATS,
+    Chunk,
+    ChunkResult,
+    ReadOptions,
+    ReadReport,
+    line_chunks,
+    parse_chunk,
+    textgrid_utterances,
+    utterance_chunks,
+)
+from megatron_lst.tokenizer.text_tokenizer import joint_vocab, load_text_tokenizer
+from megatron_lst.tokenizer.vocab import VocabularyError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", nargs="+", default=[], metavar="PATH",
+                       help="JSONL files (reference-jsonl, text-jsonl), read in the given order")
+    group.add_argument("--input-format", choices=INPUT_FORMATS, required=True)
+    group.add_argument("--textgrid-dir", type=Path, help="textgrid: MFA output (*.TextGrid)")
+    group.add_argument("--units-dir", type=Path,
+                       help="textgrid: per-utterance units (.npy or text), matched by path/stem")
+    group.add_argument("--textgrid-tier", default="words")
+    group.add_argument("--json-key", default="text", help="text-jsonl: the text field")
+    group = parser.add_argument_group("vocabulary")
+    group.add_argument("--tokenizer-model", required=True, type=Path,
+                       help="SentencePiece .model or tokenizers tokenizer.json")
+    group.add_argument("--num-units", type=int, default=502, help="speech codebook size")
+    group.add_argument("--frame-rate", type=float, default=25.0, help="unit frames per second")
+    group = parser.add_argument_group("output")
+    group.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.json")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1)
+    group.add_argument("--chunk-size", type=int, default=64,
+                       help="lines or utterances per worker task")
+    group.add_argument("--skip-bad", action="store_true",
+                       help="skip malformed documents and count them instead of stopping")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.input_format == "textgrid":
+        if not (args.textgrid_dir and args.units_dir):
+            raise SystemExit("--input-format textgrid needs --textgrid-dir and --units-dir")
+        if args.input:
+            raise SystemExit("--input-format textgrid reads --textgrid-dir/--units-dir, "
+                             "not --input")
+    elif not args.input:
+        raise SystemExit(f"--input-format {args.input_format} needs --input")
+    for path in args.input:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--input {path}: no such file")
+    if args.workers < 1 or args.chunk_size < 1:
+        raise SystemExit("--workers and --chunk-size must be at least 1")
+
+
+def _results(chunks: Iterator[Chunk], options: ReadOptions, workers: int
+             ) -> Iterator[tuple[Chunk, ChunkResult]]:
+    """Parsed chunks in input order, from a worker pool or in this process."""
+    parse = functools.partial(parse_chunk, options)
+    if workers == 1:
+        for chunk in chunks:
+            yield chunk, parse(chunk)
+        return
+    # fork: workers start at once and inherit the imported modules.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        # A bounded window of chunks in flight keeps memory flat on corpora of any size.
+        in_flight: deque = deque()
+        for chunk in chunks:
+            in_flight.append((chunk, pool.apply_async(parse, (chunk,))))
+            if len(in_flight) >= 4 * workers:
+                done, result = in_flight.popleft()
+                yield done, result.get()
+        while in_flight:
+            done, result = in_flight.popleft()
+            yield done, result.get()
+
+
+def main(argv: Sequence[str] | None = None) -> Manifest:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    tokenizer = load_text_tokenizer(args.tokenizer_model)
+    vocab = joint_vocab(tokenizer, args.num_units)
+    options = ReadOptions(
+        input_format=args.input_format, tokenizer_path=str(args.tokenizer_model),
+        tokenizer_sha256=tokenizer.sha256,
+        num_units=args.num_units, frame_rate=args.frame_rate, json_key=args.json_key,
+        tier=args.textgrid_tier,
+        textgrid_dir=str(args.textgrid_dir) if args.textgrid_dir else None,
+        units_dir=str(args.units_dir) if args.units_dir else None, skip_bad=args.skip_bad)
+    if args.input_format == "textgrid":
+        utterances = textgrid_utterances(args.textgrid_dir)
+        chunks = utterance_chunks(utterances, args.chunk_size)
+        total, unit = len(utterances), "utt"
+        sources = [str(args.textgrid_dir), str(args.units_dir)]
+    else:
+        chunks = line_chunks(args.input, args.chunk_size)
+        total, unit = sum(os.path.getsize(p) for p in args.input), "B"
+        sources = list(args.input)
+    kind = "text" if args.input_format == "text-jsonl" else "aligned"
+
+    partial = args.output_prefix + ".partial"
+    writer = DocumentWriter(partial, kind)
+    add = writer.add_text if kind == "text" else writer.add_aligned
+    counts, report = Counts(), ReadReport()
+    start = time.perf_counter()
+    try:
+        with tqdm(total=total, unit=unit, unit_scale=True, desc="preprocess",
+                  disable=None) as progress:
+            for chunk, result in _results(chunks, options, args.workers):
+                for document in result.documents:
+                    add(document)
+                counts.add(result.counts)
+                report.bad_skipped += result.report.bad_skipped
+                report.examples += result.report.examples[: report.MAX_EXAMPLES
+                                                          - len(report.examples)]
+                progress.update(chunk.size)
+        manifest = Manifest(
+            kind=kind, vocab=vocab.to_dict(),
+            tokenizer=TokenizerInfo(str(args.tokenizer_model), tokenizer.sha256,
+                                    tokenizer.vocab_size),
+            num_units=args.num_units,
+            frame_rate=None if kind == "text" else args.frame_rate,
+            counts=counts, sources=sources)
+        writer.finalize(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    for suffix in (".bin", ".idx", ".json"):
+        os.replace(partial + suffix, args.output_prefix + suffix)
+    _print_summary(args, counts, report, time.perf_counter() - start)
+    return manifest
+
+
+def _print_summary(args, counts: Counts, report: ReadReport, seconds: float) -> None:
+    print(f"wrote {args.output_prefix}.{{bin,idx,json}} in {seconds:.2f}s with "
+          f"{args.workers} worker(s)")
+    print(f"  documents {counts.documents}  segments {counts.segments}  words {counts.words}  "
+          f"silences {counts.silences}  text pieces {counts.text_pieces}  units {counts.units}")
+    if counts.units:
+        print(f"  {counts.units / seconds:,.0f} units/s")
+    if counts.empty_silences_dropped:
+        print(f"  dropped {counts.empty_silences_dropped} silences with no units")
+    if report.bad_skipped:
+        print(f"  skipped {report.bad_skipped} bad documents (--skip-bad), e.g.:")
+        for example in report.examples:
+            print(f"    {example}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DocumentError, VocabularyError) as error:
+        sys.exit(f"error: {error}")
