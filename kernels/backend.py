@@ -42,7 +42,9 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         return "triton" if on_cuda and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' needs the `triton` package; install it or use 'torch'")
+            raise RuntimeError(
+                "backend='triton' needs the `triton` package; install it or use backend='torch'"
+            )
         if not on_cuda and not triton_interpreted():
             raise RuntimeError(
                 "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "

@@ -21,7 +21,8 @@ def patch_cross_attention(
     q's dtype (fp32 softmax and accumulation). A query with an empty range outputs 0 and gets zero
     gradients. Ranges from `decoder_key_ranges` / `encoder_key_ranges` are non-decreasing in i,
     which lets the Triton kernel skip key blocks; any other ranges are still computed correctly.
-    `scale` defaults to 1/sqrt(d). backend: "auto" (Triton on CUDA, else PyTorch), "triton", "torch".
+    `scale` defaults to 1/sqrt(d). backend: "auto" (Triton on CUDA, else PyTorch), "triton" or
+    "torch"; see `lst_kernels.backend`.
     """
     check_attention_inputs(q, k, v, key_start, key_end)
     if resolve_backend(backend, q, k, v, key_start, key_end) == "torch":

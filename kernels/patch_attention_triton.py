@@ -111,8 +111,8 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(delta_ptr + row, mask=m_ok, other=0.0)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
                 + offs_d[None, :], mask=md_ok, other=0.0)
-    do = tl.load(do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
-                 + offs_d[None, :], mask=md_ok, other=0.0)
+    do = tl.load(do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
+                 + offs_m[:, None] * stride_dos + offs_d[None, :], mask=md_ok, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
 
@@ -170,7 +170,8 @@ def _attn_bwd_dkdv_kernel(
         m_ok = offs_m < num_queries
         md_ok = m_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=md_ok, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=md_ok, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=md_ok,
+                     other=0.0)
         lse = tl.load(lse_ptr + stat_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(delta_ptr + stat_base + offs_m, mask=m_ok, other=0.0)
         ks = tl.load(ks_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
@@ -191,7 +192,9 @@ def _attn_bwd_dkdv_kernel(
 def _tile_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in [(64, 64, 4, 2), (128, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 2)]
+        for m, n, w, s in [
+            (64, 64, 4, 2), (128, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 2)
+        ]
     ]
 
 
@@ -204,7 +207,8 @@ _dkdv_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY)(_attn_bwd_dkdv_ker
 _INTERPRETED_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
-def _launch(tuned, plain, blocks_along: str, length: int, batch_heads: int, args, meta, on_cuda: bool):
+def _launch(tuned, plain, blocks_along: str, length: int, batch_heads: int, args, meta,
+            on_cuda: bool):
     """Launch `tuned` (autotuned, CUDA) or `plain` with fixed interpreter tiles over
     (ceil(length / tile), batch * heads) programs; `blocks_along` names the tile on axis 0."""
     if on_cuda:
@@ -281,7 +285,8 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         scales = (ctx.scale, ctx.scale * LOG2E)
         tuned = use_autotune(q)
         dq_args = (q, k, v, grad_out, dq, lse, delta, start, end,
-                   *_strides(q, k, v, grad_out, dq), heads, num_queries, num_keys, head_dim, *scales)
+                   *_strides(q, k, v, grad_out, dq), heads, num_queries, num_keys, head_dim,
+                   *scales)
         _launch(_dq_tuned, _attn_bwd_dq_kernel, "BLOCK_M", num_queries, batch * heads, dq_args,
                 ctx.meta, tuned)
         first_query, end_query = queries_per_key(start, end, num_keys)

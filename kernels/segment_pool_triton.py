@@ -17,8 +17,8 @@ from ._triton_utils import use_autotune
 from .ranges import patch_ids_from_lengths, patch_spans
 from .segment_pool_reference import REDUCTIONS, accumulation_dtype
 
-_REDUCE_CODE = {name: code for code, name in enumerate(REDUCTIONS)}  # max 0, mean 1, sum 2
-_MAX, _MEAN = _REDUCE_CODE["max"], _REDUCE_CODE["mean"]
+# The kernels' REDUCE constant: 0 max, 1 mean, 2 sum.
+_REDUCE_CODE = {name: code for code, name in enumerate(REDUCTIONS)}
 
 
 @triton.jit
@@ -99,24 +99,25 @@ def _segment_pool_bwd_kernel(
         g = tl.where(offset.to(tl.int32) == (tok - patch_start)[:, None], g, 0.0)
     elif REDUCE == 1:
         row = b * num_patches + patch
-        length = tl.load(end_ptr + row, mask=owned, other=1) - tl.load(start_ptr + row, mask=owned, other=0)
+        length = (tl.load(end_ptr + row, mask=owned, other=1)
+                  - tl.load(start_ptr + row, mask=owned, other=0))
         g = g / tl.maximum(length, 1).to(ACC_DTYPE)[:, None]
-    ptrs = grad_x_ptr + b.to(tl.int64) * stride_xb + tok.to(tl.int64)[:, None] * stride_xn + offs_d[None, :]
+    ptrs = (grad_x_ptr + b.to(tl.int64) * stride_xb + tok.to(tl.int64)[:, None] * stride_xn
+            + offs_d[None, :])
     tl.store(ptrs, g.to(grad_x_ptr.dtype.element_ty), mask=tok_ok[:, None] & d_ok[None, :])
 
 
-def _configs(block_names: tuple[str, str], sizes: list[tuple[int, int, int]]) -> list[triton.Config]:
-    return [
-        triton.Config({block_names[0]: t, block_names[1]: d}, num_warps=w) for t, d, w in sizes
-    ]
+def _configs(rows: str, sizes: list[tuple[int, int, int]]) -> list[triton.Config]:
+    """Autotune candidates: (rows per step, channel block, warps)."""
+    return [triton.Config({rows: r, "BLOCK_D": d}, num_warps=w) for r, d, w in sizes]
 
 
 _fwd_tuned = triton.autotune(
-    _configs(("BLOCK_T", "BLOCK_D"), [(4, 256, 2), (4, 512, 4), (8, 512, 4), (4, 1024, 4), (8, 1024, 8)]),
+    _configs("BLOCK_T", [(4, 256, 2), (4, 512, 4), (8, 512, 4), (4, 1024, 4), (8, 1024, 8)]),
     key=["dim", "REDUCE"],
 )(_segment_pool_fwd_kernel)
 _bwd_tuned = triton.autotune(
-    _configs(("BLOCK_N", "BLOCK_D"), [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 8), (64, 256, 8)]),
+    _configs("BLOCK_N", [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 8), (64, 256, 8)]),
     key=["dim", "REDUCE"],
 )(_segment_pool_bwd_kernel)
 
@@ -136,8 +137,8 @@ def argmax_offset_dtype(num_tokens: int) -> torch.dtype:
 def segment_pool_forward(
     x: torch.Tensor, start: torch.Tensor, end: torch.Tensor, reduce: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x `[B, N, D]` (last dim contiguous), start/end `[B, P]` int32 -> (pooled `[B, P, D]`,
-    for max the first arg-max's offset in its patch `[B, P, D]` (`argmax_offset_dtype`), else None)."""
+    """x `[B, N, D]` (last dim contiguous), start/end `[B, P]` int32 -> pooled `[B, P, D]` and,
+    for max, each channel's first arg-max offset in its patch `[B, P, D]` (else None)."""
     batch, _, dim = x.shape
     num_patches = start.shape[1]
     out = x.new_empty(batch, num_patches, dim)
@@ -170,7 +171,8 @@ def segment_pool_backward(
     reduce: str,
     x_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """grad_out `[B, P, D]`, token_patch `[B, N]` int32 (P for unowned tokens) -> grad_x `[B, N, D]`."""
+    """grad_out `[B, P, D]`, token_patch `[B, N]` int32 (P for unowned tokens) -> grad_x
+    `[B, N, D]`."""
     batch, num_patches, dim = grad_out.shape
     num_tokens = token_patch.shape[1]
     grad_out = grad_out.contiguous()
@@ -190,7 +192,8 @@ def segment_pool_backward(
         _bwd_tuned[grid](*args, **meta)
     else:
         blocks = {k: _INTERPRETED_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_D")}
-        grid = (batch * triton.cdiv(num_tokens, blocks["BLOCK_N"]), triton.cdiv(dim, blocks["BLOCK_D"]))
+        grid = (batch * triton.cdiv(num_tokens, blocks["BLOCK_N"]),
+                triton.cdiv(dim, blocks["BLOCK_D"]))
         _segment_pool_bwd_kernel[grid](*args, **meta, **blocks)
     return grad_x
 

@@ -1,8 +1,9 @@
-"""Shared pytest set-up: markers, and `tests/` on sys.path for helper imports.
+"""Shared pytest set-up: `tests/` on sys.path for helper imports, and the `gpu` skip.
 
-Markers
-  gpu          needs CUDA; skipped where torch sees no GPU.
-  distributed  launches several processes through torch.distributed.run.
+The markers (registered in pyproject.toml):
+  gpu          needs CUDA; skipped here where torch sees no GPU.
+  distributed  launches several processes through torch.distributed.run
+               (tests/distributed/harness.py).
   slow         takes more than a few seconds; deselect with `-m "not slow"`.
 """
 
@@ -15,17 +16,6 @@ import torch
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
-
-_MARKERS = {
-    "gpu": "needs CUDA; skipped where torch sees no GPU",
-    "distributed": "launches several processes through torch.distributed.run",
-    "slow": 'takes more than a few seconds; deselect with -m "not slow"',
-}
-
-
-def pytest_configure(config):
-    for name, description in _MARKERS.items():
-        config.addinivalue_line("markers", f"{name}: {description}")
 
 
 def pytest_collection_modifyitems(config, items):

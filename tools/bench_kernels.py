@@ -135,7 +135,9 @@ def measure(kernel, shape, impl, forward, inputs, device, warmup, iters) -> Resu
             return forward(*inputs)
 
     return Result(
-        kernel=kernel, shape=asdict(shape), impl=impl,
+        kernel=kernel,
+        shape=asdict(shape),
+        impl=impl,
         fwd_ms=time_ms(fwd_only, device, warmup, iters),
         fwd_bwd_ms=time_ms(step, device, warmup, iters),
         peak_mib=peak_mib(step, device),
@@ -203,8 +205,9 @@ def index_reduce_pool(x, flat_ids, num_patches, reduce):
     else:
         with warnings.catch_warnings():  # "index_reduce() is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            out = zeros.index_reduce(0, flat_ids, flat_x, {"max": "amax", "mean": "mean"}[reduce],
-                                     include_self=False)
+            out = zeros.index_reduce(
+                0, flat_ids, flat_x, {"max": "amax", "mean": "mean"}[reduce], include_self=False
+            )
     return out.view(batch, num_patches, dim)
 
 
@@ -212,14 +215,19 @@ def bench_pool(shape: PoolShape, device: str, dtype, warmup, iters) -> list[Resu
     generator = torch.Generator().manual_seed(0)
     lengths = draw_lengths(shape.lengths, shape.batch, shape.tokens, generator).to(device)
     num_patches = lengths.shape[1]
-    x = torch.randn(shape.batch, shape.tokens, shape.dim, device=device, dtype=dtype,
-                    requires_grad=True)
+    x = torch.randn(
+        shape.batch, shape.tokens, shape.dim, device=device, dtype=dtype, requires_grad=True
+    )
     patch_ids = patch_ids_from_lengths(lengths, shape.tokens)
-    flat_ids = (patch_ids + torch.arange(shape.batch, device=device)[:, None] * num_patches).flatten()
+    flat_ids = (
+        patch_ids + torch.arange(shape.batch, device=device)[:, None] * num_patches
+    ).flatten()
     ours = "segment_pool[triton]" if device == "cuda" else "segment_pool[torch-ref]"
     candidates = {
         ours: lambda t: segment_pool(t, lengths, shape.reduce),
-        "scatter_reduce (LST ref)": lambda t: scatter_reduce_pool(t, patch_ids, num_patches, shape.reduce),
+        "scatter_reduce (LST ref)": lambda t: scatter_reduce_pool(
+            t, patch_ids, num_patches, shape.reduce
+        ),
         "index_reduce": lambda t: index_reduce_pool(t, flat_ids, num_patches, shape.reduce),
     }
     # Minimal traffic: tokens read + patches written (fwd), patch grads read + token grads written.
@@ -259,8 +267,15 @@ def attention_problem(shape: AttentionShape, device: str, dtype):
         num_queries, num_keys = slots, shape.tokens
 
     def draw(n):
-        return torch.randn(shape.batch, n, shape.heads, shape.head_dim, device=device, dtype=dtype,
-                           requires_grad=True)
+        return torch.randn(
+            shape.batch,
+            n,
+            shape.heads,
+            shape.head_dim,
+            device=device,
+            dtype=dtype,
+            requires_grad=True,
+        )
 
     return draw(num_queries), draw(num_keys), draw(num_keys), start, end
 
@@ -278,38 +293,48 @@ def bench_attention(shape: AttentionShape, device: str, dtype, warmup, iters) ->
     mask = dense_mask(start, end, num_keys)[:, None]  # [B, 1, Sq, Sk], built once, not timed
 
     def sdpa(q, k, v):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )
         return out.transpose(1, 2)
 
-    ours = "patch_cross_attention[triton]" if device == "cuda" else "patch_cross_attention[torch-ref]"
-    candidates = {ours: lambda q, k, v: patch_cross_attention(q, k, v, start, end),
-                  "dense-mask SDPA": sdpa}
+    ours = (
+        "patch_cross_attention[triton]" if device == "cuda" else "patch_cross_attention[torch-ref]"
+    )
+    candidates = {
+        ours: lambda q, k, v: patch_cross_attention(q, k, v, start, end),
+        "dense-mask SDPA": sdpa,
+    }
     if device == "cuda":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         def visible(b, h, q_idx, kv_idx):
             return (kv_idx >= start[b, q_idx]) & (kv_idx < end[b, q_idx])
 
-        block_mask = create_block_mask(visible, shape.batch, None, q.shape[1], num_keys,
-                                       device=device)
+        block_mask = create_block_mask(
+            visible, shape.batch, None, q.shape[1], num_keys, device=device
+        )
         compiled = torch.compile(flex_attention)
 
         def flex(q, k, v):
-            out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                           block_mask=block_mask)
+            out = compiled(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask
+            )
             return out.transpose(1, 2)
 
         candidates["flex_attention (LST ref GPU)"] = flex
     results = []
     for impl, forward in candidates.items():
         try:
-            result = measure("patch_cross_attention", shape, impl, forward, [q, k, v], device,
-                             warmup, iters)
+            result = measure(
+                "patch_cross_attention", shape, impl, forward, [q, k, v], device, warmup, iters
+            )
             result.rate = useful_flops / result.fwd_bwd_ms / 1e9
             result.rate_unit = "TFLOP/s"
         except (RuntimeError, torch.OutOfMemoryError) as error:
-            result = Result("patch_cross_attention", asdict(shape), impl, note=f"failed: {error}"[:200])
+            result = Result(
+                "patch_cross_attention", asdict(shape), impl, note=f"failed: {error}"[:200]
+            )
         results.append(result)
     return results
 
@@ -329,11 +354,18 @@ def shapes(device: str, quick: bool):
         windows, slot_counts = [1, 64], [1, 2]
     if quick:
         dims, windows, slot_counts = dims[:1], windows[-1:], slot_counts[:1]
-    pool = [PoolShape(pool_batch, pool_tokens, d, lengths, reduce)
-            for d in dims for lengths in ("mean4", "aligned")
-            for reduce in (("max", "mean") if not quick else ("max",))]
-    attn = [AttentionShape(direction, slots=k, window=w, **attention)
-            for direction in ("decoder", "encoder") for k in slot_counts for w in windows]
+    pool = [
+        PoolShape(pool_batch, pool_tokens, d, lengths, reduce)
+        for d in dims
+        for lengths in ("mean4", "aligned")
+        for reduce in (("max", "mean") if not quick else ("max",))
+    ]
+    attn = [
+        AttentionShape(direction, slots=k, window=w, **attention)
+        for direction in ("decoder", "encoder")
+        for k in slot_counts
+        for w in windows
+    ]
     return pool, attn
 
 
@@ -357,7 +389,9 @@ def print_table(results: list[Result], rates: dict) -> None:
         return "-" if value is None else format(value, spec)
 
     if rates:
-        print(f"card: copy {rates['copy_GBps']:.0f} GB/s, bf16 matmul {rates['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+        print(
+            f"card: copy {rates['copy_GBps']:.0f} GB/s, bf16 matmul {rates['bf16_matmul_TFLOPs']:.0f} TFLOP/s"
+        )
     header = f"{'kernel / shape':58} {'impl':32} {'fwd ms':>9} {'f+b ms':>9} {'rate':>14} {'peak MiB':>9}  vs ours"
     print(header)
     print("-" * len(header))
@@ -366,18 +400,26 @@ def print_table(results: list[Result], rates: dict) -> None:
         if r.kernel == "segment_pool":
             label = f"pool {s['reduce']} B{s['batch']} N{s['tokens']} D{s['dim']} {s['lengths']}"
         else:
-            label = (f"attn {s['direction']} N{s['tokens']} P{s['patches']} k{s['slots']} "
-                     f"W{s['window']} H{s['heads']}x{s['head_dim']}")
+            label = (
+                f"attn {s['direction']} N{s['tokens']} P{s['patches']} k{s['slots']} "
+                f"W{s['window']} H{s['heads']}x{s['head_dim']}"
+            )
         rate = f"{fmt(r.rate, '.1f')} {r.rate_unit}"
-        ratios = ", ".join(f"{name}: {v['time']:.1f}x time" + (f" {v['memory']:.1f}x mem" if "memory" in v else "")
-                           for name, v in r.ratios.items())
-        print(f"{label:58} {r.impl:32} {fmt(r.fwd_ms, '9.3f')} {fmt(r.fwd_bwd_ms, '9.3f')} "
-              f"{rate:>14} {fmt(r.peak_mib, '9.1f')}  {ratios or r.note}")
+        ratios = ", ".join(
+            f"{name}: {v['time']:.1f}x time" + (f" {v['memory']:.1f}x mem" if "memory" in v else "")
+            for name, v in r.ratios.items()
+        )
+        print(
+            f"{label:58} {r.impl:32} {fmt(r.fwd_ms, '9.3f')} {fmt(r.fwd_bwd_ms, '9.3f')} "
+            f"{rate:>14} {fmt(r.peak_mib, '9.1f')}  {ratios or r.note}"
+        )
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--quick", action="store_true", help="one shape per kernel, few iterations")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -405,8 +447,12 @@ def main(argv=None) -> None:
         except ImportError:
             triton_version = None
         report = {
-            "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-            "paths": "Triton kernels" if args.device == "cuda" else "PyTorch reference paths only (CPU)",
+            "device": torch.cuda.get_device_name()
+            if args.device == "cuda"
+            else platform.processor() or "cpu",
+            "paths": "Triton kernels"
+            if args.device == "cuda"
+            else "PyTorch reference paths only (CPU)",
             "dtype": str(dtype),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import resource
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -77,7 +76,6 @@ def _load_preprocess():
     spec = importlib.util.spec_from_file_location("preprocess_data",
                                                   REPO / "tools" / "preprocess_data.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["preprocess_data"] = module
     spec.loader.exec_module(module)
     return module
 

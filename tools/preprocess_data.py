@@ -14,6 +14,7 @@ so the output is byte-identical for any --workers. Bad input stops the run with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -86,27 +87,33 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--workers and --chunk-size must be at least 1")
 
 
-def _results(chunks: Iterator[Chunk], options: ReadOptions, workers: int
-             ) -> Iterator[tuple[Chunk, ChunkResult]]:
-    """Parsed chunks in input order, from a worker pool or in this process."""
-    parse = functools.partial(parse_chunk, options)
+def _worker_pool(workers: int):
+    """A process pool, or None to parse in this process. Created before any other thread."""
     if workers == 1:
+        return None
+    # fork: workers start at once and inherit the imported modules.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers)
+
+
+def _results(chunks: Iterator[Chunk], options: ReadOptions, pool, workers: int
+             ) -> Iterator[tuple[Chunk, ChunkResult]]:
+    """Parsed chunks in input order, from the worker pool or in this process."""
+    parse = functools.partial(parse_chunk, options)
+    if pool is None:
         for chunk in chunks:
             yield chunk, parse(chunk)
         return
-    # fork: workers start at once and inherit the imported modules.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
-        # A bounded window of chunks in flight keeps memory flat on corpora of any size.
-        in_flight: deque = deque()
-        for chunk in chunks:
-            in_flight.append((chunk, pool.apply_async(parse, (chunk,))))
-            if len(in_flight) >= 4 * workers:
-                done, result = in_flight.popleft()
-                yield done, result.get()
-        while in_flight:
+    # A bounded window of chunks in flight keeps memory flat on corpora of any size.
+    in_flight: deque = deque()
+    for chunk in chunks:
+        in_flight.append((chunk, pool.apply_async(parse, (chunk,))))
+        if len(in_flight) >= 4 * workers:
             done, result = in_flight.popleft()
             yield done, result.get()
+    while in_flight:
+        done, result = in_flight.popleft()
+        yield done, result.get()
 
 
 def main(argv: Sequence[str] | None = None) -> Manifest:
@@ -138,9 +145,10 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     counts, report = Counts(), ReadReport()
     start = time.perf_counter()
     try:
-        with tqdm(total=total, unit=unit, unit_scale=True, desc="preprocess",
-                  disable=None) as progress:
-            for chunk, result in _results(chunks, options, args.workers):
+        pool = _worker_pool(args.workers)
+        with pool or contextlib.nullcontext(), tqdm(total=total, unit=unit, unit_scale=True,
+                                                    desc="preprocess", disable=None) as progress:
+            for chunk, result in _results(chunks, options, pool, args.workers):
                 for document in result.documents:
                     add(document)
                 counts.add(result.counts)
@@ -151,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
         manifest = Manifest(
             kind=kind, vocab=vocab.to_dict(),
             tokenizer=TokenizerInfo(str(args.tokenizer_model), tokenizer.sha256,
-                                    tokenizer.vocab_size),
+                                    tokenizer.vocab_size, tokenizer.space_id),
             num_units=args.num_units,
             frame_rate=None if kind == "text" else args.frame_rate,
             counts=counts, sources=sources)

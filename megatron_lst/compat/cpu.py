@@ -19,7 +19,8 @@ import contextlib
 import functools
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -110,8 +111,8 @@ def _patch_device_queries() -> None:
     _set(torch.cuda, "current_device", _current_device)
     # `torch.cuda.set_device(local_rank)`: entry points; there is one device, nothing to pick.
     _set(torch.cuda, "set_device", _set_device)
-    # `torch.cuda.synchronize()`: parallel_state.py, pipeline_parallel/schedules.py,
-    # timers.py, dist_checkpointing/strategies. CPU kernels complete before they return.
+    # `torch.cuda.synchronize()`: parallel_state.py, timers.py, dist_checkpointing/
+    # strategies/ (async and fully parallel save). CPU kernels complete before they return.
     _set(torch.cuda, "synchronize", _synchronize)
 
 
@@ -136,7 +137,7 @@ class _HostEvent:
     def synchronize(self) -> None:
         pass
 
-    def elapsed_time(self, end_event: "_HostEvent") -> float:
+    def elapsed_time(self, end_event: _HostEvent) -> float:
         """Milliseconds between this event's and `end_event`'s `record()` calls."""
         if self._recorded_at is None or end_event._recorded_at is None:
             raise RuntimeError("elapsed_time needs both events recorded; call record() on each")
@@ -188,9 +189,8 @@ def _stream_context(stream: Any = None) -> contextlib.AbstractContextManager:
 
 def _patch_streams_and_events() -> None:
     # Streams: distributed/param_and_grad_buffer.py and distributed/distributed_data_parallel.py
-    # (grad-reduce overlap), pipeline_parallel/utils.py and schedules.py (communication
-    # streams), dist_checkpointing/strategies/async_utils.py. Events: timers.py,
-    # pipeline_parallel/utils.py, optimizer offloading.
+    # (grad-reduce overlap), pipeline_parallel/utils.py and combined_1f1b.py (communication
+    # streams). Events: pipeline_parallel/utils.py, utils.py, the fine-grained offloading.
     _set(torch.cuda, "Stream", _HostStream)
     _set(torch.cuda, "Event", _HostEvent)
     _set(torch.cuda, "current_stream", _current_stream)

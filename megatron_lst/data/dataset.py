@@ -25,8 +25,11 @@ longer than N tokens can never fit and raises `DatasetError`. Then `x = row[:-1]
 Rows are not shuffled after cutting (documents are): a row's cut depends on the patching of every
 document before it, and the curriculum must see each document at its true training step. The
 cut of all `num_samples` rows is computed once, at construction, by one sequential pass that
-interleaves and patches every document the rows cover (numpy per document, no per-token Python);
-`__getitem__` repeats the same deterministic work for one row.
+interleaves and patches every document the rows cover (numpy per document, no per-token Python;
+on the order of a thousand documents per second per CPU core); `__getitem__` repeats the same
+deterministic work for one row. With `index_cache_dir`, a store on disk (one with a `prefix`) keeps
+that row index in `lst_rows_<hash>.npy`, the hash covering the store's files (size, mtime, path)
+and every setting the cut depends on, so a restart or another rank loads it instead.
 
 Curriculum step of row r: `sample_positions[r] // global_batch_size`, where `sample_positions`
 maps the dataset's rows to their places in the training order (identity by default; a blend passes
@@ -36,8 +39,11 @@ static, as at inference).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -50,6 +56,8 @@ from megatron_lst.tokenizer.vocab import MODALITY_TEXT, JointVocab
 
 # Purpose tags that keep the generators of one (seed, epoch, document) independent.
 _ORDER, _LAYOUT, _PATCHING = 0, 1, 2
+# Bump when the row cut or the generators change, so cached row indices are not reused.
+INDEX_FORMAT_VERSION = 1
 
 
 class DatasetError(ValueError):
@@ -113,6 +121,7 @@ class LSTDataset(torch.utils.data.Dataset):
         interleave: InterleaveConfig | None = None,
         sample_positions: np.ndarray | None = None,
         training: bool = True,
+        index_cache_dir: str | Path | None = None,
     ):
         if store.kind not in ("aligned", "text"):
             raise DatasetError(f"document store kind must be 'aligned' or 'text', got {store.kind!r}")
@@ -142,10 +151,12 @@ class LSTDataset(torch.utils.data.Dataset):
         self.global_batch_size = global_batch_size
         self.training = training
         self.sample_positions = np.asarray(sample_positions, dtype=np.int64)
+        if space_id is None and hasattr(store, "manifest"):
+            space_id = store.manifest.tokenizer.space_id  # recorded by tools/preprocess_data.py
         self.interleaver = Interleaver(store.vocab, space_id, interleave or InterleaveConfig())
         self._orders: dict[int, np.ndarray] = {}
         self._documents: OrderedDict[tuple[int, int], _PatchedDocument] = OrderedDict()
-        self._heads = self._build_row_heads()
+        self._heads = self._load_or_build_row_heads(index_cache_dir)
 
     # ----- the stream of patched documents -----
 
@@ -210,6 +221,38 @@ class LSTDataset(torch.utils.data.Dataset):
             patch += take
         last = pieces[-1]
         return pieces, _Head(last.position, last.end_patch - 1, last.start_row)
+
+    def _index_key(self) -> str | None:
+        """Hash of everything the row cut depends on; None for a store without files on disk."""
+        prefix = getattr(self.store, "prefix", None)
+        if prefix is None:
+            return None
+        files = [Path(str(prefix) + suffix) for suffix in (".json", ".idx", ".bin")]
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+        interleave = self.interleaver.config
+        identity = repr((
+            INDEX_FORMAT_VERSION, str(Path(prefix).resolve()), stats, self.store.kind,
+            self.num_samples, self.seq_length, self.max_tokens, self.patcher.config, self.seed,
+            self.global_batch_size, self.training, self.interleaver.space_id, interleave,
+            hashlib.sha256(self.sample_positions.tobytes()).hexdigest()))
+        return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+    def _load_or_build_row_heads(self, cache_dir: str | Path | None) -> np.ndarray:
+        key = self._index_key() if cache_dir is not None else None
+        if key is None:
+            return self._build_row_heads()
+        path = Path(cache_dir) / f"lst_rows_{key}.npy"
+        if path.exists():
+            heads = np.load(path)
+            if heads.shape == (self.num_samples, 3) and heads.dtype == np.int64:
+                return heads
+        heads = self._build_row_heads()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Several ranks may build the same index: each writes its own file, then renames it.
+        partial = path.with_suffix(f".{os.getpid()}.partial.npy")
+        np.save(partial, heads)
+        os.replace(partial, path)
+        return heads
 
     def _build_row_heads(self) -> np.ndarray:
         """[num_samples, 3] int64: (position, patch, start_row) of every row's head."""

@@ -13,6 +13,7 @@ so document i is sequences 4i..4i+3 (aligned) or sequence i (text), read with on
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,12 @@ class DocumentStore:
             if not os.path.exists(path):
                 raise StoreError(f"{path}: not found; the manifest {self.prefix}.json has no data "
                                  f"next to it (re-run tools/preprocess_data.py)")
-        self._dataset = IndexedDataset(self.prefix, mmap=True)
+        try:
+            self._dataset = IndexedDataset(self.prefix, mmap=True)
+        except (AssertionError, ValueError, struct.error) as error:
+            raise StoreError(f"{get_idx_path(self.prefix)}: unreadable index ({error}); the file "
+                             f"is truncated or not a Megatron index (re-run "
+                             f"tools/preprocess_data.py)") from error
         self._validate()
 
     def _validate(self) -> None:

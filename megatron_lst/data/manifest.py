@@ -46,6 +46,9 @@ class TokenizerInfo:
     path: str
     sha256: str
     vocab_size: int
+    space_id: int | None = None
+    """The lone word-boundary piece a text run ends with before another segment (None if the
+    tokenizer has none); interleaving needs it to lay out runs as the reference does."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ def segments_from_intervals(intervals: Sequence[Interval], num_units: int,
     """Word intervals (seconds; empty label = silence) -> [(word or `[SIL]`, n_units)].
 
     Gaps before, between and after the words are silences. Boundaries are rounded to the nearest
-    unit; every word keeps at least one unit (taken from its neighbours) so it stays aligned to
+    unit boundary (half up); every word keeps at least one unit (taken from its neighbours) so it stays aligned to
     speech, and silences that round to no unit are dropped.
     """
     pieces: list[tuple[str, float]] = []  # (label, start time); a piece ends where the next starts
@@ -50,7 +50,8 @@ def segments_from_intervals(intervals: Sequence[Interval], num_units: int,
         raise AlignmentError(f"{int(is_word.sum())} words cannot each get a unit of the "
                              f"utterance's {num_units} units")
 
-    bounds = np.clip(np.rint(np.array([t for _, t in pieces]) * frame_rate), 0, num_units)
+    # Half-up rounding, as megatron_lst.data.readers rounds TextGrid boundaries.
+    bounds = np.clip(np.floor(np.array([t for _, t in pieces]) * frame_rate + 0.5), 0, num_units)
     bounds = np.append(bounds.astype(np.int64), num_units)  # [S+1]
     bounds[0] = 0
     minimum = is_word.astype(np.int64)

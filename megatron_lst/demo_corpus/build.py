@@ -101,6 +101,10 @@ class _Document:
     """Natural text."""
 
 
+def _file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _key(*parts) -> str:
     blob = json.dumps([CORPUS_VERSION, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -337,6 +341,16 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     cache = out_dir / "cache"
     timings: dict[str, float] = {}
 
+    # Everything the outputs depend on, known before any work; `workers` changes only the speed.
+    settings = {k: v for k, v in asdict(config).items() if k != "workers"}
+    output_key = _key("outputs", settings, [_file_sha256(p) for p in config.text_files],
+                      features.cache_key())
+    manifest_path = out_dir / "summary.json"
+    if manifest_path.is_file():
+        summary = json.loads(manifest_path.read_text())
+        if summary.get("key") == output_key:
+            return DemoCorpus(out_dir, _paths(out_dir), summary)
+
     t = time.perf_counter()
     documents, eval_stories = _text_stage(config)
     items = _eval_items(config, eval_stories)
@@ -345,12 +359,6 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     requests = _speech_requests(config, documents, items)
     speech_key = _key("speech", [(r.id, r.text, asdict(r.voice)) for r in requests],
                       features.cache_key())
-    output_key = _key("outputs", speech_key, asdict(config))
-    manifest_path = out_dir / "summary.json"
-    if manifest_path.is_file():
-        summary = json.loads(manifest_path.read_text())
-        if summary.get("key") == output_key:
-            return DemoCorpus(out_dir, _paths(out_dir), summary)
 
     t = time.perf_counter()
 

@@ -127,30 +127,41 @@ class LSTModel(MegatronModule):
         """Returns, on the last stage, the per-token cross entropy `[B, N]` (fp32, unreduced) when
         `labels` are given, else the full logits `[B, N, V]` (fp32); on other stages the global
         activation `[P, B, Dg]` (`[P/tp, B, Dg]` with sequence parallelism) for the next stage."""
-        token_states = None
-        global_input = None
+        token_states, global_input = None, None
         if self.pre_process:
-            layer_states = self.token_encoder(tokens)  # N_enc x [B, N, De]
-            token_states = layer_states[-1]
-            patches = self.patch_encoder(layer_states, patch_lengths)  # [B, P, k*De]
-            if self.global_input_projection is not None:
-                patches = self.global_input_projection(patches)  # [B, P, Dg]
-            global_input = patches.transpose(0, 1).contiguous()  # [P, B, Dg]
-            if self.config.sequence_parallel:
-                global_input = tensor_parallel.scatter_to_sequence_parallel_region(global_input)
-
+            token_states, global_input = self.encode(tokens, patch_lengths)
         global_output = self.global_transformer(global_input)  # [P(/tp), B, Dg]
         if not self.post_process:
             return global_output
+        if token_states is None:
+            token_states = self.token_encoder(tokens)[-1]  # the last stage's replica
+        return self.decode(token_states, global_output, patch_lengths, labels)
 
+    def encode(self, tokens: torch.Tensor, patch_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """First stage: `(token states [B, N, De], global input [P(/tp), B, Dg])`."""
+        layer_states = self.token_encoder(tokens)  # N_enc x [B, N, De]
+        patches = self.patch_encoder(layer_states, patch_lengths)  # [B, P, k*De]
+        if self.global_input_projection is not None:
+            patches = self.global_input_projection(patches)  # [B, P, Dg]
+        global_input = patches.transpose(0, 1).contiguous()  # [P, B, Dg]
+        if self.config.sequence_parallel:
+            global_input = tensor_parallel.scatter_to_sequence_parallel_region(global_input)
+        return layer_states[-1], global_input
+
+    def decode(
+        self,
+        token_states: torch.Tensor,  # [B, N, De]
+        global_output: torch.Tensor,  # [P(/tp), B, Dg]
+        patch_lengths: torch.Tensor,  # [B, P]
+        labels: torch.Tensor | None = None,  # [B, N]
+    ) -> torch.Tensor:
+        """Last stage: local decoder and output head; returns what `forward` returns there."""
         if self.config.sequence_parallel:
             # The decoder runs whole on every rank, so each rank's gradient is already complete:
             # split it on the way back instead of reduce-scattering.
             global_output = tensor_parallel.gather_from_sequence_parallel_region(
                 global_output, tensor_parallel_output_grad=False
             )
-        if token_states is None:
-            token_states = self.token_encoder(tokens)[-1]  # the last stage's replica
         hidden = self.local_decoder(token_states, global_output.transpose(0, 1), patch_lengths)
         logits, _ = self.output_layer(hidden)  # [B, N, V/tp]
         if labels is None:
@@ -212,11 +223,14 @@ def finalize_replicated_encoder_grads(model: LSTModel) -> None:
 
 
 def finalize_lst_model_grads(model: list, num_tokens: torch.Tensor | None = None, **kwargs) -> None:
-    """megatron's `finalize_model_grads` plus the encoder-replica reduction: a drop-in for
-    `config.finalize_model_grads_func` (model: the list of DDP-wrapped model chunks)."""
+    """megatron's `finalize_model_grads` plus the LST encoder-replica reduction: a drop-in for
+    `config.finalize_model_grads_func` (model: the list of DDP-wrapped model chunks; chunks that
+    are not `LSTModel`, e.g. the token baseline, get megatron's reduction only)."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.utils import get_attr_wrapped_model
 
     finalize_model_grads(model, num_tokens=num_tokens, **kwargs)
     for chunk in model:
-        finalize_replicated_encoder_grads(get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True))
+        module = get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
+        if isinstance(module, LSTModel):
+            finalize_replicated_encoder_grads(module)

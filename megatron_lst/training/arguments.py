@@ -26,10 +26,12 @@ logger = logging.getLogger(__name__)
 
 PATCHING_MODES = ("none", "static", "aligned", "mixed", "curriculum")
 
-# Model sizes by name: flag destinations -> values. `tiny-cpu` is for tests and the CPU demo;
-# `paper-1b` is the LST paper's 1B setting (global 25 layers of 2048 with 16 heads; local encoder
-# 1 layer and decoder 9 layers of 1024; windows of 512; RoPE theta 5e5); `7b` gives the global
-# model Llama-2-7B's shape with the same local models.
+# Model sizes by name: flag destinations -> values. `tiny-cpu` is for tests and the CPU demo.
+# `paper-1b`: the LST paper's 1B setting (global 25 layers of 2048 with 16 heads, as the reference's
+# apps/main/configs/llama_1B.yaml; local encoder 1 layer and decoder 9 layers of 1024; windows of
+# 512; RoPE theta 5e5). `7b`: the reference's llama_7B.yaml global model (32 x 4096, 32 heads,
+# RoPE theta 1e5) with the same local models. FFN sizes follow the SwiGLU rule
+# 256 * ceil(int(8 * dim / 3) / 256).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-cpu": dict(
         num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
@@ -49,7 +51,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     ),
     "7b": dict(
         num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
-        num_query_groups=None, max_position_embeddings=4096, rotary_base=500000,
+        num_query_groups=None, max_position_embeddings=4096, rotary_base=100000,
         local_encoder_layers=1, local_encoder_hidden_size=1024, local_encoder_heads=16,
         local_decoder_layers=9, local_decoder_hidden_size=1024, local_decoder_heads=16,
         cross_attn_k=4, cross_attn_heads=16, cross_attn_window_encoder=512,
@@ -530,7 +532,9 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
 
     _positive(args, "save_interval")
     if args.save_interval is not None and args.save is None:
-        raise ArgumentError(f"--save-interval {args.save_interval} needs --save DIR")
+        # Configs ship a save interval and leave the directory to the command line.
+        logger.warning("--save-interval %d without --save: no checkpoints will be written",
+                       args.save_interval)
     if args.finetune and args.load is None:
         raise ArgumentError("--finetune loads weights from --load DIR; give --load")
     args.resume_from = None
@@ -556,8 +560,17 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
 
 
 def _validate_logging(args: argparse.Namespace) -> None:
+    from megatron_lst.training.train_logging import LoggingSetupError, require_optional_package
+
     if args.wandb_exp_name is not None and args.wandb_project is None:
         raise ArgumentError("--wandb-exp-name needs --wandb-project")
+    try:
+        if args.tensorboard_dir is not None:
+            require_optional_package("tensorboard")
+        if args.wandb_project is not None:
+            require_optional_package("wandb")
+    except LoggingSetupError as err:
+        raise ArgumentError(str(err)) from None
 
 
 def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:

@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 METADATA_FILENAME = "lst_checkpoint.json"
 FORMAT_VERSION = 1
+# How megatron.core lays out optimizer state: `fully_reshardable` stores each state tensor in model
+# space (the distributed optimizer gathers its shards), so it loads under any TP/PP/DP layout;
+# `chained_optim_avoid_prefix` keeps the keys of a one-optimizer chain free of a chain index.
+SHARDED_STATE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                          "chained_optim_avoid_prefix": True}
 _COMPLETE_NAME = re.compile(r"^iter_(\d{7,})$")
 _TEMPORARY_NAME = re.compile(r"^iter_(\d{7,})\.tmp-[0-9a-f]+$")
 
@@ -180,7 +185,7 @@ def save_checkpoint(
 
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=SHARDED_STATE_METADATA)
     state["rng_state"] = _rng_sharded_object()
     dist_checkpointing.save(state, str(temporary))
     dist.barrier()
@@ -191,6 +196,7 @@ def save_checkpoint(
             "iteration": iteration,
             "extra_state": json.loads(extra_json),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "sharded_state_metadata": SHARDED_STATE_METADATA,
             "parallel_layout": _parallel_layout(),
             "vocab": vocab.to_dict() if vocab is not None else None,
             "args": _args_to_dict(args),
@@ -277,7 +283,9 @@ def load_checkpoint(
     state = _model_sharded_state_dict(model_chunks)
     _check_model_shapes(state, path)
     if load_optim:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+        _initialize_distributed_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=True, metadata=metadata["sharded_state_metadata"])
     if load_rng:
         state["rng_state"] = _rng_sharded_object()
     loaded = dist_checkpointing.load(state, str(path))
@@ -300,6 +308,21 @@ def load_checkpoint(
         return LoadedCheckpoint(path=path, iteration=0, saved_args=metadata["args"])
     return LoadedCheckpoint(path=path, iteration=metadata["iteration"],
                             extra_state=metadata["extra_state"], saved_args=metadata["args"])
+
+
+def _initialize_distributed_optimizer_state(optimizer: Any) -> None:
+    """Give a distributed optimizer that has not stepped yet the state tensors a load fills in.
+
+    Without Apex or Transformer Engine, megatron.core's `DistributedOptimizer.state_dict()` (which
+    its `sharded_state_dict` calls) requires a per-parameter `step`, which exists only after a
+    first step. megatron.core's own loader for FSDP does the same thing: one optimizer step on zero
+    gradients, whose results the checkpoint then overwrites (weights included).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
 
 
 def _check_model_shapes(state: dict[str, Any], path: Path) -> None:

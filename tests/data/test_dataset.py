@@ -221,6 +221,41 @@ def test_store_of_the_reference_sample_meets_the_contract(tmp_path):
     store = indexed.DocumentStore(tmp_path / "mls")
     for config in MODES.values():
         ds = LSTDataset(store, 24, 64, 256, Patcher(config), 0, global_batch_size=4,
-                        space_id=tokenizer.space_id)
+                        space_id=tokenizer.space_id, index_cache_dir=tmp_path / "rows")
         for batch in torch.utils.data.DataLoader(ds, batch_size=8):
             check_batch(batch, vocab)
+    assert len(list((tmp_path / "rows").glob("lst_rows_*.npy"))) == len(MODES)
+
+
+def test_mode_none_counts_tokens():
+    ds = dataset(MODES["none"], num_samples=10)
+    for i in range(len(ds)):
+        sample = ds[i]
+        assert int(sample["loss_mask"].sum()) == P - 1  # P tokens in the row, P - 1 inputs
+        assert (sample["patch_lengths"][:-1] == 1).all()
+        assert sample["patch_lengths"][-1] == 1 + N - (P - 1)  # the padding joins the last
+
+
+def test_row_index_cache(tmp_path, monkeypatch):
+    store = aligned_store(6, 8)
+    store.prefix = str(tmp_path / "corpus")
+    (tmp_path / "corpus.json").write_text("{}")
+    cache = tmp_path / "cache"
+    built = dataset(MODES["curriculum"], store, index_cache_dir=cache, global_batch_size=2)
+    assert len(list(cache.glob("lst_rows_*.npy"))) == 1
+
+    def no_build(self):
+        raise AssertionError("the cached row index was not used")
+    with monkeypatch.context() as patch:
+        patch.setattr(LSTDataset, "_build_row_heads", no_build)
+        loaded = dataset(MODES["curriculum"], store, index_cache_dir=cache, global_batch_size=2)
+    for i in (0, 17, 39):
+        assert torch.equal(loaded[i]["tokens"], built[i]["tokens"])
+        assert torch.equal(loaded[i]["patch_lengths"], built[i]["patch_lengths"])
+    # Any setting of the cut, or a rewritten store, gives another index file.
+    dataset(MODES["curriculum"], store, index_cache_dir=cache, global_batch_size=3)
+    dataset(MODES["static"], store, index_cache_dir=cache, global_batch_size=2)
+    (tmp_path / "corpus.json").write_text('{"changed": 1}')
+    dataset(MODES["curriculum"], store, index_cache_dir=cache, global_batch_size=2)
+    assert len(list(cache.glob("lst_rows_*.npy"))) == 4
+    assert not list(cache.glob("*.partial.npy"))

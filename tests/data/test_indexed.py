@@ -1,4 +1,5 @@
 import json
+import pickle
 import random
 
 import numpy as np
@@ -82,6 +83,9 @@ def test_aligned_round_trip(aligned_store, tokenizer):
         store.token_counts(), [len(d.text_ids) + len(d.unit_ids) for d in documents])
     with pytest.raises(IndexError, match="document 30 out of range for 30"):
         store[30]
+    # DataLoader workers receive the store pickled.
+    copy = pickle.loads(pickle.dumps(store))
+    np.testing.assert_array_equal(copy[7].unit_ids, documents[7].unit_ids)
 
 
 def test_text_round_trip(tmp_path, tokenizer):
@@ -103,6 +107,14 @@ def test_truncated_bin(aligned_store):
         f.truncate(size - 4)
     with pytest.raises(StoreError, match=rf"aligned.bin: is {size - 4} bytes but .*aligned.idx "
                                          rf"describes {size} bytes; the file is truncated"):
+        DocumentStore(prefix)
+
+
+def test_truncated_idx(aligned_store):
+    prefix, _ = aligned_store
+    idx_path = prefix.with_name(prefix.name + ".idx")
+    idx_path.write_bytes(idx_path.read_bytes()[:-9])
+    with pytest.raises(StoreError, match=r"aligned.idx: unreadable index"):
         DocumentStore(prefix)
 
 

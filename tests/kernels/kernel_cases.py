@@ -42,8 +42,11 @@ def brute_segment_pool(x: torch.Tensor, patch_lengths: torch.Tensor, reduce: str
             rows = x[b, ids[b] == p].double()
             if len(rows) == 0:
                 continue
-            out[b, p] = {"max": lambda r: r.amax(0), "mean": lambda r: r.mean(0),
-                         "sum": lambda r: r.sum(0)}[reduce](rows)
+            out[b, p] = {
+                "max": lambda r: r.amax(0),
+                "mean": lambda r: r.mean(0),
+                "sum": lambda r: r.sum(0),
+            }[reduce](rows)
     return out
 
 

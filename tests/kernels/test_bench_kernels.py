@@ -18,14 +18,24 @@ def _load_tool():
 
 def test_pool_and_attention_benchmarks_run_on_cpu(tmp_path):
     bench = _load_tool()
-    results = bench.bench_pool(bench.PoolShape(2, 64, 8, "aligned", "max"), "cpu",
-                               torch.float32, warmup=0, iters=1)
+    results = bench.bench_pool(
+        bench.PoolShape(2, 64, 8, "aligned", "max"), "cpu", torch.float32, warmup=0, iters=1
+    )
     results += bench.bench_attention(
-        bench.AttentionShape("encoder", batch=1, tokens=64, patches=16, slots=2, window=4,
-                             heads=2, head_dim=8), "cpu", torch.float32, warmup=0, iters=1)
+        bench.AttentionShape(
+            "encoder", batch=1, tokens=64, patches=16, slots=2, window=4, heads=2, head_dim=8
+        ),
+        "cpu",
+        torch.float32,
+        warmup=0,
+        iters=1,
+    )
     assert [r.impl for r in results] == [
-        "segment_pool[torch-ref]", "scatter_reduce (LST ref)", "index_reduce",
-        "patch_cross_attention[torch-ref]", "dense-mask SDPA",
+        "segment_pool[torch-ref]",
+        "scatter_reduce (LST ref)",
+        "index_reduce",
+        "patch_cross_attention[torch-ref]",
+        "dense-mask SDPA",
     ]
     assert all(r.fwd_bwd_ms > 0 and r.rate > 0 for r in results), [r.note for r in results]
     bench.add_ratios(results)
@@ -43,10 +53,14 @@ def test_lengths_sum_to_the_token_count():
 
 def test_main_writes_json(tmp_path, monkeypatch, capsys):
     bench = _load_tool()
-    monkeypatch.setattr(bench, "shapes", lambda device, quick: (
-        [bench.PoolShape(1, 32, 4, "mean4", "mean")],
-        [bench.AttentionShape("decoder", 1, 32, 8, 1, 2, 1, 8)],
-    ))
+    monkeypatch.setattr(
+        bench,
+        "shapes",
+        lambda device, quick: (
+            [bench.PoolShape(1, 32, 4, "mean4", "mean")],
+            [bench.AttentionShape("decoder", 1, 32, 8, 1, 2, 1, 8)],
+        ),
+    )
     out = tmp_path / "bench.json"
     bench.main(["--device", "cpu", "--quick", "--out", str(out)])
     report = json.loads(out.read_text())

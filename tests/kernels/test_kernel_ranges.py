@@ -29,7 +29,9 @@ def _cases():
     yield EDGE_LENGTHS, 8
     for _ in range(6):
         lengths = random_patch_lengths(generator, batch=3, num_patches=9)
-        num_tokens = int(lengths.sum(1).max()) + int(torch.randint(-3, 3, (1,), generator=generator))
+        num_tokens = int(lengths.sum(1).max()) + int(
+            torch.randint(-3, 3, (1,), generator=generator)
+        )
         yield lengths, max(num_tokens, 1)
 
 

@@ -50,8 +50,9 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     whole = patch_cross_attention(q, kk, v, start, end, backend="torch")
     # One query per chunk.
     monkeypatch.setattr(reference, "SCORE_ELEMENTS_PER_CHUNK", 1)
-    torch.testing.assert_close(patch_cross_attention(q, kk, v, start, end, backend="torch"), whole,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        patch_cross_attention(q, kk, v, start, end, backend="torch"), whole, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_arbitrary_ranges_and_scale():
@@ -78,9 +79,14 @@ def test_empty_range_outputs_zero_and_gets_zero_gradient():
 
 
 def test_gradcheck_float64():
-    start, end, num_queries, num_keys = _model_ranges(4, "decoder", 2, 2, batch=1, num_patches=5)
-    q, kk, v = (t.requires_grad_() for t in _qkv(torch.Generator().manual_seed(4), 1,
-                                                  num_queries, num_keys, heads=2, head_dim=3))
+    start, end, num_queries, num_keys = _model_ranges(9, "encoder", 2, 1, batch=1, num_patches=4)
+    q, kk, v = (
+        t.requires_grad_()
+        for t in _qkv(
+            torch.Generator().manual_seed(4), 1, num_queries, num_keys, heads=1, head_dim=3
+        )
+    )
+    assert (end <= start).any() and (end > start).any()  # empty and non-empty ranges
     assert torch.autograd.gradcheck(
         lambda *t: reference.patch_cross_attention_reference(*t, start, end), (q, kk, v)
     )
@@ -88,7 +94,9 @@ def test_gradcheck_float64():
 
 def test_half_inputs_keep_dtype():
     start, end, num_queries, num_keys = _model_ranges(6, "encoder", 1, 2)
-    q, kk, v = _qkv(torch.Generator().manual_seed(6), 2, num_queries, num_keys, dtype=torch.bfloat16)
+    q, kk, v = _qkv(
+        torch.Generator().manual_seed(6), 2, num_queries, num_keys, dtype=torch.bfloat16
+    )
     out = patch_cross_attention(q, kk, v, start, end)
     assert out.dtype == torch.bfloat16
     expected = dense_attention(q, kk, v, range_mask(start, end, num_keys))

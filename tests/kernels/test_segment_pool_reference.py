@@ -35,7 +35,9 @@ def test_max_equals_lst_reference_scatter_reduce():
     expected = torch.zeros(x.shape[0], lengths.shape[1], x.shape[2], dtype=x.dtype)
     for b in range(x.shape[0]):
         index = ids[b, keep[b]][:, None].expand(-1, x.shape[2])
-        expected[b] = expected[b].scatter_reduce(0, index, x[b, keep[b]], "amax", include_self=False)
+        expected[b] = expected[b].scatter_reduce(
+            0, index, x[b, keep[b]], "amax", include_self=False
+        )
     out = segment_pool(x, lengths, "max", backend="torch")
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     nonempty = (lengths > 0)[..., None].expand_as(out)
@@ -46,7 +48,9 @@ def test_max_equals_lst_reference_scatter_reduce():
 def test_tokens_past_the_sum_are_ignored_and_long_patches_clipped():
     x = torch.arange(1.0, 7.0).view(1, 6, 1)
     lengths = torch.tensor([[2, 0, 1]])  # tokens 3..5 belong to no patch
-    torch.testing.assert_close(segment_pool(x, lengths, "sum").flatten(), torch.tensor([3.0, 0.0, 3.0]))
+    torch.testing.assert_close(
+        segment_pool(x, lengths, "sum").flatten(), torch.tensor([3.0, 0.0, 3.0])
+    )
     lengths = torch.tensor([[4, 9]])  # the second patch reaches past N = 6
     torch.testing.assert_close(segment_pool(x, lengths, "mean").flatten(), torch.tensor([2.5, 5.5]))
 

@@ -13,14 +13,19 @@ pytest.importorskip("triton")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="this process already runs test_triton_kernels.py interpreted")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1",
+    reason="this process already runs test_triton_kernels.py interpreted",
+)
 def test_triton_kernels_under_interpreter():
     checks = Path(__file__).with_name("test_triton_kernels.py")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(checks)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     # Every check ran: none skipped for want of the interpreter.

@@ -44,8 +44,9 @@ def _compare(run, inputs, tolerance):
     torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
     for got, want in zip(triton_in, reference_in, strict=True):
         scale = want.grad.abs().max().clamp(min=1)
-        torch.testing.assert_close(got.grad.float() / scale, want.grad / scale,
-                                   rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(
+            got.grad.float() / scale, want.grad / scale, rtol=tolerance, atol=tolerance
+        )
 
 
 @pytest.mark.parametrize("dtype, tolerance", DTYPES, ids=lambda d: str(d))
@@ -76,8 +77,9 @@ def test_segment_pool_max_long_patches():
     x[0, 270, :] = 9.0  # offset 269 in patch 1
     x[1, 295, 1] = 9.0  # offset 292 in patch 2
     x = x.to(DEVICE)
-    _compare(lambda t, backend: segment_pool(t, lengths.to(DEVICE), "max", backend=backend),
-             [x], 1e-6)
+    _compare(
+        lambda t, backend: segment_pool(t, lengths.to(DEVICE), "max", backend=backend), [x], 1e-6
+    )
 
 
 def _attention_case(seed, direction, k, window, head_dim=16, heads=2):
@@ -108,8 +110,9 @@ def test_patch_cross_attention(direction, k, window, dtype, tolerance):
 
     def run(q, kv, backend):
         # k and v as strided views of one packed tensor: the kernel must honour strides.
-        return patch_cross_attention(q, kv[..., :head_dim], kv[..., head_dim:], start, end,
-                                     backend=backend)
+        return patch_cross_attention(
+            q, kv[..., :head_dim], kv[..., head_dim:], start, end, backend=backend
+        )
 
     _compare(run, [q, kv], tolerance)
 
@@ -135,16 +138,20 @@ def test_patch_cross_attention_arbitrary_ranges(head_dim):
 def test_bf16_inputs():
     generator = torch.Generator().manual_seed(9)
     lengths = random_patch_lengths(generator, batch=2, num_patches=6)
-    x = torch.randn(2, int(lengths.sum(1).max()), 24, generator=generator).to(DEVICE, torch.bfloat16)
-    _compare(lambda t, backend: segment_pool(t, lengths.to(DEVICE), "mean", backend=backend),
-             [x], 2e-2)
+    x = torch.randn(2, int(lengths.sum(1).max()), 24, generator=generator).to(
+        DEVICE, torch.bfloat16
+    )
+    _compare(
+        lambda t, backend: segment_pool(t, lengths.to(DEVICE), "mean", backend=backend), [x], 2e-2
+    )
     q, kv, start, end = _attention_case(9, "encoder", 2, 3)
     q, kv = q.to(DEVICE, torch.bfloat16), kv.to(DEVICE, torch.bfloat16)
     start, end = start.to(DEVICE), end.to(DEVICE)
     head_dim = q.shape[-1]
 
     def run(q, kv, backend):
-        return patch_cross_attention(q, kv[..., :head_dim], kv[..., head_dim:], start, end,
-                                     backend=backend)
+        return patch_cross_attention(
+            q, kv[..., :head_dim], kv[..., head_dim:], start, end, backend=backend
+        )
 
     _compare(run, [q, kv], 2e-2)

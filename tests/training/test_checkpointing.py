@@ -92,27 +92,28 @@ def test_pointer_to_nothing_is_corruption_not_a_fresh_start(tmp_path, pointer):
 
 # --- saving, killing, resuming (processes) -----------------------------------------------
 
-def run_killable(args: list[str], timeout: float = 120.0, kill_when: Path | None = None):
+def run_killable(args: list[str], log: Path, kill_when: Path | None = None,
+                 timeout: float = 180.0) -> tuple[int, str]:
     """Run the worker as a world of one without torchrun; SIGKILL it once `kill_when` exists.
-    Returns the exit code."""
+    Returns the exit code and the end of its output (kept in `log`, not a pipe that could fill
+    up and stall it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH"))
                                           if p))
-    process = subprocess.Popen([sys.executable, str(WORKER), *args], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        if kill_when is not None and kill_when.exists():
-            os.killpg(process.pid, signal.SIGKILL)
-            break
-        time.sleep(0.1)
-    else:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail(f"worker timed out; output:\n{process.communicate()[0][-4000:]}")
-    output = process.communicate()[0]
-    return process.wait(), output
+    with open(log, "w") as sink:
+        process = subprocess.Popen([sys.executable, str(WORKER), *args], env=env, stdout=sink,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while process.poll() is None:
+            if kill_when is not None and kill_when.exists():
+                os.killpg(process.pid, signal.SIGKILL)
+            elif time.monotonic() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                pytest.fail(f"worker timed out after {timeout:.0f} s; output:\n"
+                            f"{log.read_text()[-4000:]}")
+            time.sleep(0.1)
+    return process.returncode, log.read_text()[-4000:]
 
 
 @pytest.mark.distributed
@@ -127,8 +128,8 @@ def test_round_trip_kill_during_save_and_bitwise_resume(tmp_path):
     # Resume from 3 and die in the middle of saving iteration 4: data written, no rename.
     code, output = run_killable([*run, "--load", str(save), "--save-at", "4",
                                  "--crash", "hang-after-write", "--results", "unused"],
-                                kill_when=save / "ready-to-kill")
-    assert code == -signal.SIGKILL, output[-4000:]
+                                tmp_path / "killed.log", kill_when=save / "ready-to-kill")
+    assert code == -signal.SIGKILL, output
     assert (save / TRACKER_FILENAME).read_text() == "3"
     assert not (save / "iter_0000004").exists()
     assert [p.name.split(".tmp-")[0] for p in save.glob("*.tmp-*")] == ["iter_0000004"]
@@ -136,8 +137,9 @@ def test_round_trip_kill_during_save_and_bitwise_resume(tmp_path):
 
     # Die after the rename, before the pointer update: iteration 4 is complete and is found.
     code, output = run_killable([*run, "--load", str(save), "--save-at", "4",
-                                 "--crash", "exit-before-pointer", "--results", "unused"])
-    assert code == 17, output[-4000:]
+                                 "--crash", "exit-before-pointer", "--results", "unused"],
+                                tmp_path / "exited.log")
+    assert code == 17, output
     assert (save / TRACKER_FILENAME).read_text() == "3"
     assert find_latest_checkpoint(save) == save / "iter_0000004"
 

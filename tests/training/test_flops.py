@@ -60,6 +60,15 @@ SHAPES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The brute force runs thousands of tiny ops: extra threads only add barrier waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- masks from the reference rules (fixtures/reference_lst/README.md) -------------------------
 
 def _patch_ids(patch_lengths: torch.Tensor, num_tokens: int) -> torch.Tensor:

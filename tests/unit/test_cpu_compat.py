@@ -158,9 +158,16 @@ def test_activation_recompute_replays_the_same_dropout_mask(parallel):
     assert torch.equal(gradient(recompute=True), plain)
 
 
-def test_sharded_tensor_init_data_on_cuda_lands_on_cpu():
-    # dist_checkpointing/exchange_utils.py allocates receive buffers this way.
+def test_sharded_tensor_init_data_on_cuda_lands_on_cpu(monkeypatch):
+    # dist_checkpointing/exchange_utils.py allocates receive buffers with
+    # `init_data("cuda")`, whose `init_fn=torch.empty` default was bound when megatron was
+    # imported: as if that happened before the CPU layer was enabled.
     from megatron.core.dist_checkpointing import ShardedTensor
+
+    unwrapped_empty = torch.empty.__wrapped_cuda_factory__
+    monkeypatch.setattr(ShardedTensor.init_data, "__defaults__", (unwrapped_empty,))
+    monkeypatch.setattr(cpu, "_enabled", False)
+    assert cpu.enable_cpu_compat()
 
     sharded = ShardedTensor.from_rank_offsets("weight", torch.ones(2, 3))
     sharded.data = None

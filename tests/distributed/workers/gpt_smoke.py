@@ -17,8 +17,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-
 from distributed.harness import report_results
+
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 
 SEED = 1234

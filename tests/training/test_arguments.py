@@ -1,0 +1,230 @@
+"""lst-train flags: Megatron names, preset < YAML < command line, and up-front validation."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_lst.training import arguments
+from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_lst.training.checkpointing import METADATA_FILENAME, TRACKER_FILENAME
+from megatron_lst.training.config_files import (
+    ConfigError,
+    config_to_argv,
+    config_to_defaults,
+    load_config,
+)
+
+CONFIGS = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
+BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", "16", "--train-iters", "10", "--lr", "1e-3"]
+
+
+def valid(*extra: str, world_size: int = 1):
+    return validate_args(parse_args([*BASE, *extra]), world_size)
+
+
+def write_yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+# --- Megatron-LM flag names and derived fields --------------------------------------------
+
+def test_megatron_flags_parse_to_megatron_destinations():
+    args = valid("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                 "--micro-batch-size", "2", "--global-batch-size", "16", "--min-lr", "1e-4",
+                 "--lr-warmup-iters", "2", "--lr-decay-style", "cosine", "--clip-grad", "0.5",
+                 "--weight-decay", "0.1", "--adam-beta1", "0.8", "--adam-beta2", "0.95", "--bf16",
+                 "--data-path", "0.7", "a", "0.3", "b", "--save-interval", "5", "--save", "/x",
+                 "--eval-interval", "5", "--log-interval", "1", "--seed", "7",
+                 world_size=8)
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
+    assert args.data_parallel_size == 2
+    assert args.num_micro_batches == 16 // (2 * 2)
+    assert args.lr_decay_iters == args.train_iters
+    assert args.params_dtype_name == "bfloat16"
+    assert args.data_path == ["0.7", "a", "0.3", "b"]
+    assert args.ffn_hidden_size == 4 * 64 and args.num_query_groups == 4
+    assert args.max_tokens == args.seq_length  # baseline: a token is a position
+
+
+def test_global_batch_defaults_to_one_micro_batch_per_replica():
+    args = valid("--micro-batch-size", "3", world_size=4)
+    assert (args.global_batch_size, args.num_micro_batches) == (12, 1)
+
+
+def test_validate_returns_a_copy():
+    parsed = parse_args(BASE)
+    validate_args(parsed, 1)
+    assert not hasattr(parsed, "data_parallel_size")
+
+
+# --- impossible combinations fail before any work, naming flags and fix -------------------
+
+@pytest.mark.parametrize("extra, world_size, message", [
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 6,
+     r"world size 6 is not divisible by --tensor-model-parallel-size 2 x "
+     r"--pipeline-model-parallel-size 2"),
+    (["--micro-batch-size", "2", "--global-batch-size", "6"], 2,
+     r"--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    (["--fp16", "--bf16"], 1, r"--fp16 and --bf16 are mutually exclusive"),
+    (["--pipeline-model-parallel-size", "3"], 3, r"--num-layers 4 is not divisible by "
+                                                 r"--pipeline-model-parallel-size 3"),
+    (["--tensor-model-parallel-size", "8"], 8, r"--num-attention-heads 4 is not divisible by "
+                                               r"--tensor-model-parallel-size 8"),
+    (["--seq-length", "1"], 1, r"--seq-length must be at least 2"),
+    (["--patching-mode", "static", "--patch-size", "0", "--max-tokens", "64"], 1,
+     r"--patch-size must be at least 1"),
+    (["--patching-mode", "curriculum", "--max-tokens", "64", "--curriculum-tau1", "50",
+      "--curriculum-tau2", "10"], 1, r"--curriculum-tau1 50 must be >= 0 and <= "
+                                     r"--curriculum-tau2 10"),
+    (["--patching-mode", "curriculum", "--max-tokens", "64"], 1,
+     r"needs --curriculum-tau1 and --curriculum-tau2"),
+    (["--patching-mode", "static", "--max-tokens", "8"], 1,
+     r"--max-tokens 8 is smaller than --seq-length 16"),
+    (["--patching-mode", "static"], 1, r"--patching-mode static needs --max-tokens"),
+    (["--max-tokens", "32"], 1, r"--max-tokens 32 differs from --seq-length 16 with "
+                                r"--patching-mode none"),
+    (["--loss-scale", "128"], 1, r"--loss-scale 128.0 applies only with --fp16"),
+    (["--min-lr", "1"], 1, r"--min-lr 1.0 must be in \[0, --lr 0.001\]"),
+    (["--lr-warmup-iters", "10"], 1, r"--lr-warmup-iters 10 must be in \[0, --lr-decay-iters 10\)"),
+    (["--finetune"], 1, r"--finetune loads weights from --load DIR"),
+    (["--data-path", "0.5", "a", "b"], 1, r"odd number of items|mixes weights and prefixes"),
+    (["--data-path", "a", "0.5"], 1, r"mixes weights and prefixes"),
+], ids=lambda v: v if isinstance(v, int) else None)
+def test_impossible_combinations_name_the_flags(extra, world_size, message):
+    with pytest.raises(ArgumentError, match=message):
+        valid(*extra, world_size=world_size)
+
+
+def test_missing_model_size_names_the_flags():
+    with pytest.raises(ArgumentError, match=r"missing --num-layers, --hidden-size"):
+        validate_args(parse_args(["--seq-length", "16", "--train-iters", "1", "--lr", "1"]), 1)
+
+
+def test_lst_local_sizes_are_checked():
+    lst = ["--patching-mode", "static", "--max-tokens", "64", "--local-encoder-layers", "1",
+           "--local-encoder-hidden-size", "30", "--local-encoder-heads", "4",
+           "--local-decoder-layers", "1", "--local-decoder-hidden-size", "32",
+           "--local-decoder-heads", "4"]
+    with pytest.raises(ArgumentError, match=r"--local-encoder-hidden-size 30 is not divisible"):
+        valid(*lst)
+    with pytest.raises(ArgumentError, match=r"missing --local-encoder-layers"):
+        valid("--patching-mode", "aligned", "--max-tokens", "64")
+
+
+def test_sequence_parallel_without_tensor_parallel_warns_and_turns_off(caplog):
+    args = valid("--sequence-parallel")
+    assert args.sequence_parallel is False
+    assert "--sequence-parallel has no effect" in caplog.text
+
+
+def test_save_interval_without_save_warns(caplog):
+    valid("--save-interval", "5")
+    assert "no checkpoints will be written" in caplog.text
+
+
+def test_distributed_optimizer_in_fp32_is_allowed():
+    args = valid("--use-distributed-optimizer", world_size=2)
+    assert args.use_distributed_optimizer and args.params_dtype_name == "float32"
+
+
+def test_missing_tensorboard_is_named_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    original = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else original(name, *a))
+    with pytest.raises(ArgumentError, match=r"pip install tensorboard"):
+        valid("--tensorboard-dir", "/tmp/tb")
+
+
+# --- --load: no checkpoint yet (auto-resume) versus a missing or corrupt one -------------
+
+def test_load_directory_missing(tmp_path):
+    with pytest.raises(ArgumentError, match=r"--load .*does not exist"):
+        valid("--load", str(tmp_path / "nowhere"))
+    auto_resume = valid("--load", str(tmp_path / "run"), "--save", str(tmp_path / "run"))
+    assert auto_resume.resume_from is None
+
+
+def test_load_directory_without_checkpoint(tmp_path):
+    with pytest.raises(ArgumentError, match=r"holds no complete checkpoint"):
+        valid("--load", str(tmp_path))
+    assert valid("--load", str(tmp_path), "--save", str(tmp_path)).resume_from is None
+
+
+def test_load_directory_with_checkpoint_and_corrupt_pointer(tmp_path):
+    checkpoint = tmp_path / "iter_0000020"
+    checkpoint.mkdir()
+    (checkpoint / "metadata.json").write_text("{}")
+    (checkpoint / METADATA_FILENAME).write_text("{}")
+    assert valid("--load", str(tmp_path)).resume_from == str(checkpoint)
+    (tmp_path / TRACKER_FILENAME).write_text("40")
+    with pytest.raises(Exception, match=r"corrupt"):
+        valid("--load", str(tmp_path), "--save", str(tmp_path))
+
+
+# --- presets and YAML ----------------------------------------------------------------------
+
+def test_precedence_is_preset_then_yaml_then_command_line(tmp_path):
+    config = write_yaml(tmp_path, "preset: tiny-cpu\nhidden_size: 96\nnum-layers: 4\nlr: 3e-4\n")
+    args = parse_args(["--config", config, "--num-layers", "6"])
+    assert args.num_layers == 6  # command line beats YAML
+    assert args.hidden_size == 96  # YAML beats preset
+    assert args.num_attention_heads == arguments.MODEL_PRESETS["tiny-cpu"]["num_attention_heads"]
+    assert args.lr == 3e-4  # PyYAML reads 3e-4 as a string; the flag's type converts it
+    assert parse_args(["--config", config, "--preset", "paper-1b"]).num_attention_heads == 16
+
+
+def test_yaml_switches_and_lists(tmp_path):
+    config = write_yaml(tmp_path, "bf16: true\nsequence-parallel: false\nno-load-rng: true\n"
+                                  "data-path: [0.67, text, 0.33, speech]\n")
+    args = parse_args(["--config", config])
+    assert args.bf16 is True and args.sequence_parallel is False and args.no_load_rng is True
+    assert args.data_path == ["0.67", "text", "0.33", "speech"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("micro_bach_size: 2\n", r"unknown key 'micro_bach_size'; did you mean 'micro-batch-size'"),
+    ("patching-mode: dynamic\n", r"'dynamic' is not one of"),
+    ("num-layers: 2.5\n", r"--num-layers takes an integer"),
+    ("bf16: yes please\n", r"--bf16 is a switch; write true or false"),
+    ("seq-length: [1, 2]\n", r"--seq-length takes one value"),
+    ("config: other.yaml\n", r"unknown key 'config'"),
+    ("- a\n- b\n", r"must be a mapping"),
+])
+def test_bad_yaml_names_the_key_and_the_fix(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--config", write_yaml(tmp_path, text)])
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "13b"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_parse_validate_and_equal_their_command_line(path):
+    parser = arguments.build_parser()
+    from_yaml = parse_args(["--config", str(path)])
+    from_argv = parse_args(config_to_argv(load_config(path), parser))
+    assert {k: v for k, v in vars(from_yaml).items() if k != "config"} == \
+        {k: v for k, v in vars(from_argv).items() if k != "config"}
+    world_size = from_yaml.tensor_model_parallel_size * from_yaml.pipeline_model_parallel_size
+    args = validate_args(from_yaml, world_size)
+    assert args.global_batch_size % (args.micro_batch_size * args.data_parallel_size) == 0
+    assert config_to_defaults(load_config(path), parser, source=path)
+
+
+def test_shipped_configs_cover_the_paper_runs():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny_cpu_lst.yaml", "tiny_cpu_baseline.yaml", "paper_1b_lst.yaml",
+            "paper_1b_baseline.yaml", "7b_lst.yaml"} <= names
+    paper = validate_args(parse_args(["--config", str(CONFIGS[0].parent / "paper_1b_lst.yaml")]), 8)
+    assert (paper.num_layers, paper.hidden_size, paper.num_attention_heads) == (25, 2048, 16)
+    assert (paper.local_encoder_layers, paper.local_decoder_layers) == (1, 9)
+    assert paper.local_encoder_hidden_size == paper.local_decoder_hidden_size == 1024
+    assert paper.cross_attn_window_encoder == paper.cross_attn_window_decoder == 512
+    assert paper.rotary_base == 500000 and paper.patching_mode == "curriculum"

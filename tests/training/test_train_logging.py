@@ -1,0 +1,176 @@
+"""Training log: interval averages and throughput, the Megatron-style line, writers, NaN check."""
+
+import io
+import math
+import re
+from datetime import datetime
+
+import pytest
+
+from megatron_lst.training import train_logging
+from megatron_lst.training.arguments import parse_args, validate_args
+from megatron_lst.training.train_logging import (
+    IntervalSummary,
+    LoggingSetupError,
+    NonFiniteLossError,
+    TrainingLogger,
+    build_training_logger,
+    check_loss_finite,
+    format_log_line,
+)
+
+
+class RecordingWriter:
+    """Stands in for SummaryWriter and a W&B run: records what is written."""
+
+    def __init__(self):
+        self.scalars, self.logged, self.closed = [], [], False
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def log(self, values, step):
+        self.logged.append((dict(values), step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+    def finish(self):
+        self.closed = True
+
+
+def make_logger(**overrides):
+    settings = dict(train_iters=10, log_interval=4, global_batch_size=8, seq_length=32,
+                    world_size=2, stream=io.StringIO())
+    settings.update(overrides)
+    return TrainingLogger(**settings)
+
+
+def step(logger, iteration, loss=2.0, **overrides):
+    values = dict(consumed_samples=8 * iteration, learning_rate=1e-3, losses={"lm loss": loss},
+                  step_seconds=0.5, num_tokens=1000, grad_norm=1.0, flops=4e12)
+    values.update(overrides)
+    return logger.on_iteration(iteration, **values)
+
+
+def test_interval_averages_and_throughput():
+    logger = make_logger()
+    assert step(logger, 1, loss=1.0, grad_norm=0.5) is None
+    assert step(logger, 2, loss=2.0, grad_norm=1.5, step_seconds=1.5) is None
+    assert step(logger, 3, loss=math.nan) is None  # a NaN iteration: counted, not averaged
+    summary = step(logger, 4, skipped=True, loss=1e9)  # skipped: counted, not averaged
+    assert summary.losses == {"lm loss": pytest.approx(1.5)}
+    assert summary.grad_norm == pytest.approx(1.0)
+    assert (summary.nan_iterations, summary.skipped_iterations) == (1, 1)
+    seconds = 0.5 + 1.5 + 0.5 + 0.5
+    assert summary.ms_per_iteration == pytest.approx(1e3 * seconds / 4)
+    assert summary.tokens_per_s == pytest.approx(4 * 1000 / seconds)
+    assert summary.global_positions_per_s == pytest.approx(4 * 8 * 32 / seconds)
+    assert summary.tflops_per_device == pytest.approx(4 * 4e12 / seconds / 2 / 1e12)
+    assert summary.mfu is None  # no peak known (CPU)
+    assert summary.consumed_samples == 32
+
+
+def test_next_interval_starts_fresh_and_last_iteration_always_logs():
+    logger = make_logger()
+    for i in range(1, 5):
+        step(logger, i, loss=10.0)
+    for i in range(5, 10):
+        assert step(logger, i, loss=float(i)) is None or i == 8
+    last = step(logger, 10, loss=10.0)
+    assert last is not None and last.losses["lm loss"] == pytest.approx(9.5)
+
+
+def test_mfu_with_a_known_peak_and_no_flops_without_a_count():
+    logger = make_logger(log_interval=1, peak_flops=1e12, world_size=1)
+    summary = step(logger, 1, flops=0.25e12, step_seconds=1.0)
+    assert summary.mfu == pytest.approx(0.25)
+    assert step(make_logger(log_interval=1), 1, flops=None).tflops_per_device is None
+
+
+def test_log_line_matches_megatron_layout():
+    summary = IntervalSummary(
+        iteration=40, train_iters=100, consumed_samples=320, global_batch_size=8,
+        ms_per_iteration=812.34, learning_rate=3e-4, losses={"lm loss": 4.8123456},
+        grad_norm=0.91234, loss_scale=1.0, tokens_per_s=1234.56, global_positions_per_s=80.12,
+        tflops_per_device=0.1234, mfu=0.4123, skipped_iterations=0, nan_iterations=2)
+    line = format_log_line(summary, now=datetime(2026, 1, 2, 3, 4, 5))
+    assert line.startswith("[2026-01-02 03:04:05] iteration  40/100 | consumed samples:")
+    for part in ("elapsed time per iteration (ms): 812.3", "learning rate: 3.000000E-04",
+                 "global batch size:     8", "lm loss: 4.812346E+00", "loss scale: 1.0",
+                 "grad norm: 0.912", "tokens/s: 1234.6", "global positions/s: 80.1",
+                 "TFLOP/s/device: 0.12", "MFU: 41.2%", "number of skipped iterations:   0",
+                 "number of nan iterations:   2"):
+        assert f"| {part} |" in line, part
+    assert line.endswith(" |") and "\n" not in line
+
+
+def test_writes_line_and_scalars_only_when_enabled():
+    stream, writer, run = io.StringIO(), RecordingWriter(), RecordingWriter()
+    logger = make_logger(log_interval=2, stream=stream, tensorboard_writer=writer, wandb_run=run)
+    step(logger, 1)
+    assert stream.getvalue() == "" and writer.scalars == []
+    step(logger, 2)
+    assert re.search(r"iteration\s+2/10 \| consumed samples:\s+16 \|", stream.getvalue())
+    tags = {tag for tag, _, at in writer.scalars if at == 2}
+    assert {"loss/lm loss", "learning-rate", "grad-norm", "throughput/tokens-per-s",
+            "throughput/global-positions-per-s", "throughput/tflops-per-device"} <= tags
+    assert "throughput/mfu" not in tags and "loss-scale" not in tags  # None values left out
+    assert run.logged == [({t: v for t, v, _ in writer.scalars}, 2)]
+    logger.close()
+    assert writer.closed and run.closed
+
+    quiet_stream, quiet_writer = io.StringIO(), RecordingWriter()
+    quiet = make_logger(log_interval=1, stream=quiet_stream, tensorboard_writer=quiet_writer,
+                        enabled=False)
+    assert step(quiet, 1) is not None
+    assert quiet_stream.getvalue() == "" and quiet_writer.scalars == []
+
+
+def test_progress_bar_only_on_a_terminal_and_not_with_no_progress_bar():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    flags = ["--num-layers", "2", "--hidden-size", "8", "--num-attention-heads", "2",
+             "--seq-length", "4", "--train-iters", "4", "--lr", "1", "--log-interval", "2"]
+    args = validate_args(parse_args(flags), 1)
+    terminal = Terminal()
+    logger = build_training_logger(args, world_size=1, enabled=True, stream=terminal)
+    for i in range(1, 5):
+        step(logger, i)
+    logger.close()
+    output = terminal.getvalue()
+    assert "4/4" in output and "\r" in output  # tqdm redraws in place
+    assert output.count("| consumed samples:") == 2  # lines still printed, above the bar
+
+    no_bar = validate_args(parse_args([*flags, "--no-progress-bar"]), 1)
+    plain = Terminal()
+    logger = build_training_logger(no_bar, world_size=1, enabled=True, stream=plain)
+    step(logger, 1)
+    step(logger, 2)
+    assert "\r" not in plain.getvalue()
+    piped = io.StringIO()
+    logger = build_training_logger(args, world_size=1, enabled=True, stream=piped)
+    step(logger, 1)
+    step(logger, 2)
+    assert "\r" not in piped.getvalue()
+
+
+def test_missing_optional_package_names_the_flag_and_pip(monkeypatch):
+    monkeypatch.setattr(train_logging.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LoggingSetupError, match=r"--wandb-project needs the 'wandb' package.*"
+                                                r"pip install wandb"):
+        train_logging.require_optional_package("wandb")
+
+
+def test_non_finite_loss_raises_with_iteration_and_advice():
+    check_loss_finite({"lm loss": 3.2}, iteration=7)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 7: lm loss = nan.*lower --lr.*"
+                                                 r"--initial-loss-scale.*--load"):
+        check_loss_finite({"lm loss": math.nan}, iteration=7, fp16=True)
+    with pytest.raises(NonFiniteLossError, match=r"lm loss = inf"):
+        check_loss_finite({"lm loss": math.inf}, iteration=1)

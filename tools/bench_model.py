@@ -1,0 +1,237 @@
+"""Training-step benchmark of LST against the token baseline at equal global positions per step.
+
+For each model preset and token count N it times full training steps (forward, backward, Adam) of
+- LST on speech-heavy rows with static p=4 patching (about N/3.1 patches per row, as in the
+  reference's timing setup: text runs of 2..6 one-token patches between speech runs of 20..60
+  units cut into patches of 4), and
+- the token baseline with the same global transformer over P tokens per row, P = LST's patch
+  count (compute-controlled comparison: equal steps, equal global positions),
+and reports step time, raw tokens per second (B*N for LST, B*P for the baseline), the process's
+peak resident memory and its growth over the idle model ("step peak"), and for LST the share of
+the step spent in the local encoder, the global transformer and the local decoder (+ output head
+and loss), measured by cutting the graph between the parts in one extra step. Every measurement
+runs in a fresh process so peaks do not leak between runs.
+
+    python tools/bench_model.py                          # tiny and medium, N = 1024 and 4096
+    python tools/bench_model.py --presets medium --tokens 1024 2048 4096 --json bench.json
+
+Reference point (issue 5): the public reference at the "medium" configuration (global 256 x 4
+layers x 4 heads, local 128, 1 encoder and 2 decoder layers, k=2, windows 512, vocab 1020, B=2,
+fp32, 2 threads, static p=4, P = N/3.1) does 6.8k tok/s at N=1024 and 4.3k tok/s at N=4096 with a
+1.4 GB peak on its fastest CPU path (dense masks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+REFERENCE_TOKENS_PER_SECOND = {1024: 6800.0, 4096: 4300.0}
+REFERENCE_PEAK_GB = 1.4
+VOCAB_SIZE = 1020
+
+
+@dataclass
+class Result:
+    model: str  # "lst" or "baseline"
+    preset: str
+    tokens_per_row: int  # N for LST; P for the baseline
+    patches_per_row: int
+    batch: int
+    step_seconds: float
+    raw_tokens_per_second: float
+    peak_rss_mb: float
+    step_peak_mb: float  # peak RSS minus RSS of the built, idle model
+    shares: dict[str, float] | None = None  # LST: encoder / global / decoder fractions
+
+
+def speech_heavy_batch(batch: int, num_tokens: int, patch_size: int, seed: int):
+    """Rows of N tokens with the batch contract (sum of patch lengths N+1, first patch 1)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        lengths = [1]
+        while sum(lengths) < num_tokens + 1:
+            text = int(torch.randint(2, 7, (1,), generator=generator))
+            speech = int(torch.randint(20, 61, (1,), generator=generator))
+            lengths += [1] * text + [patch_size] * (speech // patch_size)
+            if speech % patch_size:
+                lengths.append(speech % patch_size)
+        total = 0
+        for i, length in enumerate(lengths):  # cut the last patch so the row sums to N + 1
+            if total + length >= num_tokens + 1:
+                lengths = lengths[:i] + [num_tokens + 1 - total]
+                break
+            total += length
+        rows.append(lengths)
+    num_patches = max(len(r) for r in rows)
+    patch_lengths = torch.zeros(batch, num_patches, dtype=torch.int32)
+    for b, row in enumerate(rows):
+        patch_lengths[b, : len(row)] = torch.tensor(row, dtype=torch.int32)
+    tokens = torch.randint(0, VOCAB_SIZE, (batch, num_tokens + 1), generator=generator)
+    return {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "loss_mask": torch.ones(batch, num_tokens),
+        "patch_lengths": patch_lengths,
+    }
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _part_shares(model, batch) -> dict[str, float]:
+    """One step with the graph cut between the parts; each part's forward + backward time."""
+    import torch
+
+    from megatron_lst.models.loss import masked_token_mean
+
+    clock = time.perf_counter
+    t0 = clock()
+    token_states, global_input = model.encode(batch["tokens"], batch["patch_lengths"])
+    t1 = clock()
+    global_in = global_input.detach().requires_grad_()
+    global_out = model.global_transformer(global_in)
+    t2 = clock()
+    states_in = token_states.detach().requires_grad_()
+    global_cut = global_out.detach().requires_grad_()
+    loss = masked_token_mean(
+        model.decode(states_in, global_cut, batch["patch_lengths"], batch["labels"]),
+        batch["loss_mask"],
+    )
+    t3 = clock()
+    loss.backward()
+    t4 = clock()
+    global_out.backward(global_cut.grad)
+    t5 = clock()
+    torch.autograd.backward([token_states, global_input], [states_in.grad, global_in.grad])
+    t6 = clock()
+    parts = {"encoder": (t1 - t0) + (t6 - t5), "global": (t2 - t1) + (t5 - t4),
+             "decoder+head": (t3 - t2) + (t4 - t3)}
+    total = sum(parts.values())
+    model.zero_grad(set_to_none=True)
+    return {name: seconds / total for name, seconds in parts.items()}
+
+
+def measure(kind: str, preset_name: str, num_tokens: int, args) -> Result:
+    """One configuration, in a fresh process (see `run_isolated`)."""
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    from megatron_lst.models import LSTModel, TokenBaselineModel, preset
+    from megatron_lst.models.loss import masked_token_mean
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
+
+    initialize_parallel(seed=0)
+    config = preset(preset_name, VOCAB_SIZE)
+    lst_batch = speech_heavy_batch(args.batch_size, num_tokens, args.patch_size, seed=0)
+    num_patches = int((lst_batch["patch_lengths"] > 0).sum(1).max())
+    if kind == "lst":
+        model = LSTModel(config, config.transformer_config(), transformer_impl="local")
+        batch = lst_batch
+    else:
+        model = TokenBaselineModel(config, config.transformer_config(), transformer_impl="local")
+        tokens = torch.randint(0, VOCAB_SIZE, (args.batch_size, num_patches + 1))
+        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                 "loss_mask": torch.ones(args.batch_size, num_patches), "patch_lengths": None}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        per_token = model(batch["tokens"], batch["patch_lengths"], labels=batch["labels"])
+        masked_token_mean(per_token, batch["loss_mask"]).backward()
+        optimizer.step()
+
+    idle_rss = _rss_mb()
+    for _ in range(args.warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - start) / args.steps
+    shares = _part_shares(model, batch) if kind == "lst" else None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    destroy_parallel()
+    tokens_per_row = batch["tokens"].shape[1]
+    return Result(
+        model=kind, preset=preset_name, tokens_per_row=tokens_per_row, patches_per_row=num_patches,
+        batch=args.batch_size, step_seconds=seconds,
+        raw_tokens_per_second=args.batch_size * tokens_per_row / seconds,
+        peak_rss_mb=peak, step_peak_mb=peak - idle_rss, shares=shares,
+    )
+
+
+def _child(queue, kind, preset_name, num_tokens, args):
+    queue.put(measure(kind, preset_name, num_tokens, args))
+
+
+def run_isolated(kind: str, preset_name: str, num_tokens: int, args) -> Result:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, kind, preset_name, num_tokens, args))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def report(results: list[Result]) -> None:
+    print(f"{'model':9}{'preset':8}{'N/row':>7}{'P/row':>7}{'step s':>9}{'raw tok/s':>11}"
+          f"{'peak MB':>9}{'step MB':>9}  shares (encoder / global / decoder+head)")
+    for r in results:
+        shares = " / ".join(f"{v:.0%}" for v in r.shares.values()) if r.shares else ""
+        print(f"{r.model:9}{r.preset:8}{r.tokens_per_row:>7}{r.patches_per_row:>7}"
+              f"{r.step_seconds:>9.3f}{r.raw_tokens_per_second:>11.0f}{r.peak_rss_mb:>9.0f}"
+              f"{r.step_peak_mb:>9.0f}  {shares}")
+    by_key = {(r.model, r.preset, r.patches_per_row): r for r in results}
+    for r in results:
+        if r.model != "lst":
+            continue
+        base = by_key.get(("baseline", r.preset, r.patches_per_row))
+        if base:
+            print(f"{r.preset} N={r.tokens_per_row}: LST raw tokens/s = "
+                  f"{r.raw_tokens_per_second / base.raw_tokens_per_second:.2f}x the baseline's")
+        if r.preset == "medium" and r.tokens_per_row in REFERENCE_TOKENS_PER_SECOND:
+            ref = REFERENCE_TOKENS_PER_SECOND[r.tokens_per_row]
+            print(f"medium N={r.tokens_per_row}: {r.raw_tokens_per_second:.0f} tok/s vs the "
+                  f"reference's {ref:.0f} ({r.raw_tokens_per_second / ref:.2f}x); peak "
+                  f"{r.peak_rss_mb / 1024:.2f} GB vs {REFERENCE_PEAK_GB} GB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "medium"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096], help="N per row")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--patch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    results = []
+    for preset_name in args.presets:
+        for num_tokens in args.tokens:
+            for kind in ("lst", "baseline"):
+                results.append(run_isolated(kind, preset_name, num_tokens, args))
+                print(f"done: {kind} {preset_name} N={num_tokens}", flush=True)
+    report(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": [asdict(r) for r in results]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
