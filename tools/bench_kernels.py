@@ -69,6 +69,9 @@ class Result:
     peak_mib: float | None = None
     note: str = ""
     ratios: dict = field(default_factory=dict)  # alternative impl -> {"time": x, "memory": y}
+    of_card: float | None = (
+        None  # rate / card copy bandwidth (pool) or bf16 matmul rate (attention)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +387,16 @@ def add_ratios(results: list[Result]) -> None:
                 ours.ratios[other.impl] = ratio
 
 
+def add_card_fractions(results: list[Result], rates: dict) -> None:
+    """Each rate as a fraction of the card's: copy bandwidth for pooling, bf16 matmul for attention."""
+    if not rates:
+        return
+    for r in results:
+        if r.rate is not None:
+            card = rates["copy_GBps"] if r.kernel == "segment_pool" else rates["bf16_matmul_TFLOPs"]
+            r.of_card = r.rate / card
+
+
 def print_table(results: list[Result], rates: dict) -> None:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
@@ -404,10 +417,14 @@ def print_table(results: list[Result], rates: dict) -> None:
                 f"attn {s['direction']} N{s['tokens']} P{s['patches']} k{s['slots']} "
                 f"W{s['window']} H{s['heads']}x{s['head_dim']}"
             )
-        rate = f"{fmt(r.rate, '.1f')} {r.rate_unit}"
+        rate = f"{fmt(r.rate, '.0f' if r.rate and r.rate >= 100 else '.3g')} {r.rate_unit}"
         ratios = ", ".join(
-            f"{name}: {v['time']:.1f}x time" + (f" {v['memory']:.1f}x mem" if "memory" in v else "")
-            for name, v in r.ratios.items()
+            ([f"{r.of_card:.0%} of card"] if r.of_card is not None else [])
+            + [
+                f"{name}: {v['time']:.1f}x time"
+                + (f" {v['memory']:.1f}x mem" if "memory" in v else "")
+                for name, v in r.ratios.items()
+            ]
         )
         print(
             f"{label:58} {r.impl:32} {fmt(r.fwd_ms, '9.3f')} {fmt(r.fwd_bwd_ms, '9.3f')} "
@@ -437,6 +454,7 @@ def main(argv=None) -> None:
     for shape in attention_shapes:
         results += bench_attention(shape, args.device, dtype, warmup, iters)
     add_ratios(results)
+    add_card_fractions(results, rates)
     print_table(results, rates)
 
     if args.out:

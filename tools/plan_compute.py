@@ -44,6 +44,10 @@ from megatron_lst.training.flops import (
 
 _DIMENSIONS = ("global_dim", "global_layers", "global_heads", "local_dim", "encoder_layers",
                "decoder_layers", "local_heads")
+# Dimension flags with a default; like the ones above, they describe a model without a preset.
+_DEFAULTS = {"global_kv_heads": None, "global_ffn_hidden": None, "local_ffn_hidden": None,
+             "local_window": 512, "cross_attn_k": 2, "cross_attn_heads": None,
+             "cross_attn_window": 512, "cross_attn_all_layers": True}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,12 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--decoder-layers", type=int)
     group.add_argument("--local-heads", type=int)
     group.add_argument("--local-ffn-hidden", type=int, help="default: the reference SwiGLU rule")
-    group.add_argument("--local-window", type=int, default=512, help="in tokens")
-    group.add_argument("--cross-attn-k", type=int, default=2, help="slots per patch")
+    group.add_argument("--local-window", type=int, help="in tokens (default: 512)")
+    group.add_argument("--cross-attn-k", type=int, help="slots per patch (default: 2)")
     group.add_argument("--cross-attn-heads", type=int, help="default: --local-heads")
-    group.add_argument("--cross-attn-window", type=int, default=512, help="in patches")
+    group.add_argument("--cross-attn-window", type=int, help="in patches (default: 512)")
     group.add_argument("--cross-attn-all-layers", action=argparse.BooleanOptionalAction,
-                       default=True, help="cross-attention in every local layer (else one)")
+                       help="cross-attention in every local layer, else in one (default: every)")
 
     parser.add_argument("--out", type=Path, help="write the plans as JSON here")
     return parser
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def model_config(args: argparse.Namespace) -> LSTConfig:
     """The LST config named by --preset or spelled out by the dimension flags."""
     vocab_size = JointVocab(args.text_vocab_size, args.num_units).size
-    given = [name for name in _DIMENSIONS if getattr(args, name) is not None]
+    given = [name for name in (*_DIMENSIONS, *_DEFAULTS) if getattr(args, name) is not None]
     if args.preset is not None:
         if given:
             raise ModelConfigError(
@@ -108,6 +112,10 @@ def model_config(args: argparse.Namespace) -> LSTConfig:
     if missing:
         flags = ", ".join("--" + name.replace("_", "-") for name in missing)
         raise ModelConfigError(f"no --preset: give the model dimensions {flags}")
+    args = argparse.Namespace(**{
+        **vars(args),
+        **{name: default for name, default in _DEFAULTS.items() if getattr(args, name) is None},
+    })
 
     def local(layers: int) -> LocalModelConfig:
         ffn = args.local_ffn_hidden or swiglu_ffn_size(args.local_dim)
@@ -138,7 +146,8 @@ _COLUMNS = ("model", "steps", "tokens", "positions", "FLOPs", "encoder", "global
 
 def _row(name: str, model: ModelPlan) -> list[str]:
     flops = model.flops
-    parts = (flops.total, flops.encoder, flops.global_, flops.decoder, flops.cross_attention, flops.head)
+    parts = (flops.total, flops.encoder, flops.global_, flops.decoder, flops.cross_attention,
+             flops.head)
     per_position = model.flops_per_step.total / model.global_positions_per_step
     return [name, f"{model.steps:,}", f"{model.tokens:.3e}", f"{model.global_positions:.3e}",
             *(f"{value:.3e}" for value in parts), f"{per_position:.3e}"]

@@ -6,10 +6,10 @@ need only their features in memory ([T, 78] float16 at 25 Hz for MFCCs).
 
 from __future__ import annotations
 
+import multiprocessing
 import unicodedata
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -48,18 +48,16 @@ def speakable(text: str) -> tuple[str, list[str]]:
 
 
 class _Worker:
-    """Per-process synthesiser and feature extractor (eSpeak's state is global to a process)."""
+    """The synthesiser and feature extractor of a worker process (one chunk per process)."""
 
     synthesizer: EspeakSynthesizer | None = None
     features: FeatureExtractor | None = None
 
     @classmethod
-    def init(cls, features: FeatureExtractor, blas_threads: int | None = None) -> None:
-        if blas_threads is not None:
-            # Idle BLAS threads spinning on a busy machine make small matrix products 100x slower.
-            require("threadpoolctl", "limiting BLAS threads").threadpool_limits(blas_threads)
-        if cls.synthesizer is None:
-            cls.synthesizer = EspeakSynthesizer()
+    def init(cls, features: FeatureExtractor) -> None:
+        # One BLAS thread: idle threads spinning on a busy machine made small products 100x slower.
+        require("threadpoolctl", "limiting BLAS threads").threadpool_limits(1)
+        cls.synthesizer = EspeakSynthesizer()
         cls.features = features
 
     @classmethod
@@ -80,22 +78,23 @@ class _Worker:
 def synthesize_utterances(requests: Sequence[SpeechRequest], features: FeatureExtractor,
                           workers: int = 1, chunk_size: int = 32,
                           progress: Callable[[int], None] | None = None) -> list[Utterance]:
-    """Synthesise and featurise every request, in order, with `workers` processes (1: in this one).
+    """Synthesise and featurise every request, in order, with `workers` processes.
 
+    eSpeak NG carries hidden state from one utterance to the next (its pitch flutter runs on, and
+    neither re-initialising nor reseeding resets it), so each chunk of `chunk_size` requests is
+    synthesised in a fresh process forked from a clean server: the result depends on the requests
+    and `chunk_size` only, not on `workers` or on what this process synthesised before.
     `progress(n)` is called after each chunk of n utterances.
     """
     chunks = [requests[i:i + chunk_size] for i in range(0, len(requests), chunk_size)]
-    if workers <= 1:
-        _Worker.init(features)
-        return _collect(map(_Worker.run, chunks), progress)
-    with ProcessPoolExecutor(workers, initializer=_Worker.init, initargs=(features, 1)) as pool:
-        return _collect(pool.map(_Worker.run, chunks), progress)
-
-
-def _collect(results: Iterator[list[Utterance]], progress) -> list[Utterance]:
+    context = multiprocessing.get_context("forkserver")
+    # Import once in the server, not in every worker (scipy.signal alone takes seconds).
+    context.set_forkserver_preload([__name__, "scipy.signal", "threadpoolctl"])
     out: list[Utterance] = []
-    for chunk in results:
-        out.extend(chunk)
-        if progress is not None:
-            progress(len(chunk))
+    with context.Pool(max(1, workers), initializer=_Worker.init, initargs=(features,),
+                      maxtasksperchild=1) as pool:
+        for chunk in pool.imap(_Worker.run, chunks):
+            out.extend(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return out

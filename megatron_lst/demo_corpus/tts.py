@@ -12,6 +12,9 @@ is split in proportion to their characters. A word ends where its first pause ph
 the next word's start; the pause up to the next word is a silence interval.
 
 eSpeak keeps global state, so a process holds one `EspeakSynthesizer`; the voice is set per call.
+Its noise generator is reseeded before every utterance, but some state (the pitch flutter phase)
+runs on from one utterance to the next and nothing resets it: the same text gives the same audio
+only after the same earlier utterances in the process (see speech.py for how the build copes).
 """
 
 from __future__ import annotations
@@ -157,6 +160,8 @@ class EspeakSynthesizer:
             raise SynthesisError(f"synthesize needs ASCII tokens separated by single spaces, got "
                                  f"{text[:60]!r}; normalise the text first")
         self._set_voice(voice)
+        # eSpeak's noise generator is otherwise seeded differently in every process.
+        self._lib.espeak_ng_SetRandSeed(ctypes.c_long(0))
         self._chunks.clear()
         self._events.clear()
         data = text.encode()

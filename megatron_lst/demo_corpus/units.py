@@ -160,6 +160,14 @@ class HubertFeatures:
             self._hf = None
             self._model = torch.jit.load(str(path), map_location="cpu").eval()
 
+    def __getstate__(self) -> dict:
+        # Worker processes reload the model from its path rather than unpickling it.
+        return {"path": self.path, "layer": self.layer,
+                "native_frame_rate": self.native_frame_rate}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
     def cache_key(self) -> dict:
         stat = self.path.stat()
         return {"kind": "hubert", "path": str(self.path.resolve()), "mtime": stat.st_mtime,

@@ -13,7 +13,7 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .config import LSTConfig
+from .config import LSTConfig, check_tensor_parallel_vocab
 from .specs import global_block_spec
 
 
@@ -28,6 +28,7 @@ class TokenBaselineModel(GPTModel):
         post_process: bool = True,
         transformer_impl: str = "auto",
     ):
+        check_tensor_parallel_vocab(config, megatron_config)
         super().__init__(
             config=megatron_config,
             transformer_layer_spec=global_block_spec(megatron_config, transformer_impl),

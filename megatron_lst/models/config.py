@@ -172,6 +172,17 @@ class LSTConfig:
         return TransformerConfig(**settings)
 
 
+def check_tensor_parallel_vocab(config: LSTConfig, megatron_config) -> None:
+    """The vocab-parallel embedding and head split the vocabulary evenly over TP ranks."""
+    tp = megatron_config.tensor_model_parallel_size
+    if config.vocab_size % tp:
+        raise ModelConfigError(
+            f"vocab_size {config.vocab_size} is not divisible by tensor_model_parallel_size {tp}; "
+            f"pad the joint vocabulary to a multiple of {tp} (e.g. with spare speech-unit slots, "
+            "JointVocab(num_units=...)) or use another TP size"
+        )
+
+
 def _local(hidden: int, layers: int, heads: int, window: int, multiple_of: int = 256) -> LocalModelConfig:
     return LocalModelConfig(hidden, layers, heads, swiglu_ffn_size(hidden, multiple_of), window)
 

@@ -82,7 +82,7 @@ class PatchEncoder(torch.nn.Module):
 
         pooled = segment_pool(states[0], patch_lengths, self.pooling, self.kernel_backend)  # [B, P, De]
         slots = self.patch_projection(pooled).view(batch, num_patches * self.slots_per_patch, width)
-        for cross_attn, h in zip(self.cross_attn_layers, states):
+        for cross_attn, h in zip(self.cross_attn_layers, states, strict=True):
             update = cross_attn(slots, h, key_start, key_end)  # [B, P*k, De]
             slots = add_cross_attention_update(slots, update, self.double_residual)
         return slots.view(batch, num_patches, self.slots_per_patch * width)  # [B, P, k*De]

@@ -19,12 +19,18 @@ the last stage keeps a replica of the `TokenEncoder` (embedding + encoder self-a
 not the patch cross-attention) and recomputes the token states from the tokens. Chosen over
 packing them into the pipeline's p2p tensor because (a) megatron's schedules send one fixed-shape
 `[P, B, Dg]` tensor per micro-batch while token counts vary per batch, so packing would need
-variable-shape communication through every intermediate stage; (b) the replica is small (the
-paper's 1B has one 1024-wide encoder layer against 25 global layers of 2048) and its recompute
-costs less than shipping `[N, B, De]` through all stages; (c) it mirrors megatron's tied
-embeddings: the replica starts equal to the first stage's copy (synchronised over megatron's
-embedding group at construction) and `finalize_replicated_encoder_grads` sums the two copies'
-gradients over the same group before the optimizer step, as `_allreduce_word_embedding_grads` does.
+variable-shape communication, forward and backward, through every intermediate stage; (b) the
+replica is small: in the paper's 1B it is the embedding and one 1024-wide layer next to 25 global
+layers of 2048, so the recompute adds a few percent to the last stage; (c) it is megatron's
+tied-embedding pattern: the replica starts equal to the first stage's copy (synchronised over
+megatron's embedding group at construction) and `finalize_replicated_encoder_grads` sums the two
+copies' gradients over the same group before the optimizer step, as
+`_allreduce_word_embedding_grads` does. Checkpoints must store the replica once (it is a
+duplicate of the first stage's `token_encoder`).
+
+Differences from the reference, all deliberate: no attention blocking at EOS inside a row (the
+reference does it only on its GPU path; its CPU path and these fixtures do not), and a
+vocabulary that must divide by the tensor-parallel size (megatron's vocab-parallel layers).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .config import LSTConfig
+from .config import LSTConfig, check_tensor_parallel_vocab
 from .global_transformer import GlobalTransformer
 from .local_decoder import LocalDecoder
 from .local_encoder import PatchEncoder, TokenEncoder
@@ -75,12 +81,13 @@ class LSTModel(MegatronModule):
                 f"megatron_config.hidden_size {megatron_config.hidden_size} != global hidden size "
                 f"{config.global_model.hidden_size}; build it with config.transformer_config()"
             )
+        check_tensor_parallel_vocab(config, megatron_config)
         self.lst_config = config
         self.pre_process = pre_process
+        self.post_process = post_process
         # Read by megatron's schedules and finalize_model_grads (the replica is reduced apart).
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
-        self.post_process = post_process
         local_spec = local_layer_spec(local_attention_backend)
         logger.info(
             "LSTModel stage (first=%s, last=%s): local attention %s, kernels %s",
@@ -145,6 +152,13 @@ class LSTModel(MegatronModule):
             patches = self.global_input_projection(patches)  # [B, P, Dg]
         global_input = patches.transpose(0, 1).contiguous()  # [P, B, Dg]
         if self.config.sequence_parallel:
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            if global_input.shape[0] % tp:
+                raise ValueError(
+                    f"sequence parallelism splits the {global_input.shape[0]} patches of a row over "
+                    f"{tp} ranks; make the patch count (--seq-length) a multiple of {tp} or pad "
+                    "patch_lengths with zero-length patches"
+                )
             global_input = tensor_parallel.scatter_to_sequence_parallel_region(global_input)
         return layer_states[-1], global_input
 

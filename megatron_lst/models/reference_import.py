@@ -25,7 +25,13 @@ from pathlib import Path
 
 import torch
 
-from .config import CrossAttentionConfig, GlobalModelConfig, LocalModelConfig, LSTConfig, swiglu_ffn_size
+from .config import (
+    CrossAttentionConfig,
+    GlobalModelConfig,
+    LocalModelConfig,
+    LSTConfig,
+    swiglu_ffn_size,
+)
 
 
 class ReferenceImportError(ValueError):
@@ -87,6 +93,32 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     )
 
 
+GLOBAL_LAYER_TENSORS = (
+    "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+    "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight",
+    "attention_norm.weight", "ffn_norm.weight",
+)
+
+
+def global_layer_to_megatron(layer: dict[str, torch.Tensor], g: GlobalModelConfig) -> dict[str, torch.Tensor]:
+    """One reference global layer (keys `GLOBAL_LAYER_TENSORS`) -> megatron layer tensors (keys
+    relative to `layers.{i}.`, local-spec names, unsharded)."""
+    head_dim = g.hidden_size // g.num_heads
+    groups = g.num_query_groups or g.num_heads
+    wq = layer["attention.wq.weight"].view(groups, -1, g.hidden_size)  # [G, (H/G)*d, D]
+    wk = layer["attention.wk.weight"].view(groups, head_dim, g.hidden_size)  # [G, d, D]
+    wv = layer["attention.wv.weight"].view(groups, head_dim, g.hidden_size)
+    return {
+        "self_attention.linear_qkv.weight": torch.cat([wq, wk, wv], dim=1).flatten(0, 1),
+        "self_attention.linear_proj.weight": layer["attention.wo.weight"],
+        "mlp.linear_fc1.weight": torch.cat(
+            [layer["feed_forward.w1.weight"], layer["feed_forward.w3.weight"]]),
+        "mlp.linear_fc2.weight": layer["feed_forward.w2.weight"],
+        "input_layernorm.weight": layer["attention_norm.weight"],
+        "pre_mlp_layernorm.weight": layer["ffn_norm.weight"],
+    }
+
+
 def canonical_state_dict(reference: dict[str, torch.Tensor], config: LSTConfig) -> dict[str, torch.Tensor]:
     """Reference state dict -> unsharded `LSTModel` names and layouts (see module docstring)."""
     ref = dict(reference)
@@ -127,21 +159,11 @@ def canonical_state_dict(reference: dict[str, torch.Tensor], config: LSTConfig) 
     if config.patch_width != config.global_model.hidden_size:
         out["global_input_projection.weight"] = take("global_transformer.token_embedding_projection.weight")
 
-    g = config.global_model
-    head_dim = g.hidden_size // g.num_heads
-    groups = g.num_query_groups or g.num_heads
-    for i in range(g.num_layers):
-        s, d = f"global_transformer.layers.{i}", f"global_transformer.block.layers.{i}"
-        wq = take(f"{s}.attention.wq.weight").view(groups, -1, g.hidden_size)  # [G, (H/G)*d, D]
-        wk = take(f"{s}.attention.wk.weight").view(groups, head_dim, g.hidden_size)
-        wv = take(f"{s}.attention.wv.weight").view(groups, head_dim, g.hidden_size)
-        out[f"{d}.self_attention.linear_qkv.weight"] = torch.cat([wq, wk, wv], dim=1).flatten(0, 1)
-        out[f"{d}.self_attention.linear_proj.weight"] = take(f"{s}.attention.wo.weight")
-        out[f"{d}.mlp.linear_fc1.weight"] = torch.cat(
-            [take(f"{s}.feed_forward.w1.weight"), take(f"{s}.feed_forward.w3.weight")])
-        out[f"{d}.mlp.linear_fc2.weight"] = take(f"{s}.feed_forward.w2.weight")
-        out[f"{d}.input_layernorm.weight"] = take(f"{s}.attention_norm.weight")
-        out[f"{d}.pre_mlp_layernorm.weight"] = take(f"{s}.ffn_norm.weight")
+    for i in range(config.global_model.num_layers):
+        prefix = f"global_transformer.layers.{i}."
+        layer = {name: take(prefix + name) for name in GLOBAL_LAYER_TENSORS}
+        for suffix, tensor in global_layer_to_megatron(layer, config.global_model).items():
+            out[f"global_transformer.block.layers.{i}.{suffix}"] = tensor
 
     out["local_decoder.patch_projection.weight"] = take("local_decoder.patch_embedding_projection.weight")
     cross_layers("local_decoder", "local_decoder",

@@ -52,7 +52,9 @@ def global_block_spec(megatron_config, transformer_impl: str = "auto"):
     impl = resolve_transformer_impl(transformer_impl)
     logger.info("global transformer layer spec: %s", impl)
     if impl == "transformer_engine":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
 
         return get_gpt_layer_with_transformer_engine_spec()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

@@ -283,7 +283,7 @@ def load_checkpoint(
     state = _model_sharded_state_dict(model_chunks)
     _check_model_shapes(state, path)
     if load_optim:
-        _initialize_distributed_optimizer_state(optimizer)
+        _check_distributed_optimizer_can_load(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=True, metadata=metadata["sharded_state_metadata"])
     if load_rng:
@@ -310,19 +310,27 @@ def load_checkpoint(
                             extra_state=metadata["extra_state"], saved_args=metadata["args"])
 
 
-def _initialize_distributed_optimizer_state(optimizer: Any) -> None:
-    """Give a distributed optimizer that has not stepped yet the state tensors a load fills in.
+def _check_distributed_optimizer_can_load(optimizer: Any) -> None:
+    """Refuse a resume that megatron.core would get wrong.
 
-    Without Apex or Transformer Engine, megatron.core's `DistributedOptimizer.state_dict()` (which
-    its `sharded_state_dict` calls) requires a per-parameter `step`, which exists only after a
-    first step. megatron.core's own loader for FSDP does the same thing: one optimizer step on zero
-    gradients, whose results the checkpoint then overwrites (weights included).
+    megatron-core 0.16.1's DistributedOptimizer, when neither Apex nor Transformer Engine is
+    installed (the torch.optim.Adam path, e.g. on CPU), cannot load optimizer state correctly:
+    `state_dict()` asserts before the first step, and once past that the loaded Adam `step` is
+    not restored (and ends up one tensor shared by all parameters), so the resumed run would
+    silently take different updates.
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer import distrib_optimizer
 
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
-            inner._init_optimizer_states_with_dummy_values()
+        if isinstance(inner, distrib_optimizer.DistributedOptimizer):
+            raise CheckpointError(
+                "loading distributed-optimizer state needs Apex or Transformer Engine "
+                "(megatron.core's torch.optim fallback does not restore Adam's step); without "
+                "them run without --use-distributed-optimizer, or pass --no-load-optim to load "
+                "the weights only"
+            )
 
 
 def _check_model_shapes(state: dict[str, Any], path: Path) -> None:

@@ -9,6 +9,8 @@ kernel.
 
 What is not counted: the embedding lookup, norms, softmax, RoPE, activations, residual adds and
 the max-pool that initialises the patch states (all elementwise, well under 1% of the total).
+Self-attention is counted as causal over the whole row: a model that also masks at document
+boundaries (the reference's block-causal GPU path) does less work than counted.
 Training is counted as 3x the forward pass (the backward pass computes two products per forward
 product); recomputation (activation checkpointing, flash-attention's backward) is not counted,
 as is usual for MFU.
@@ -25,6 +27,7 @@ cross-attention slots per patch.
   last W_dec global patches.
 - head: Dd x V over N tokens.
 The baseline (patching mode `none`) is the global stack run over the N tokens plus the head.
+Every row position is counted, padding and zero-length patches included: the model computes them.
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ __all__ = [
     "peak_flops_by_name",
     "device_peak_flops",
     "mfu",
-    "FlopMeter",
     "ControlMode",
     "Budget",
     "StepShape",
@@ -109,7 +111,7 @@ class StackShape:
         return self.heads * (self.dim // self.heads if self.head_dim is None else self.head_dim)
 
     def dense_flops(self, positions: float) -> float:
-        """Forward FLOPs of all layers' projections and FFNs over `positions` rows."""
+        """Forward FLOPs of all layers' projections and FFNs at `positions` positions."""
         q_and_o = 2 * self.dim * self.attention_dim
         k_and_v = 2 * self.dim * (self.attention_dim // self.heads) * self.num_kv_heads
         ffn = 3 * self.dim * self.ffn
@@ -200,7 +202,9 @@ class ModelShape:
 
     @property
     def needs_global_projection(self) -> bool:
-        return not self.is_baseline and self.cross_attn_k * self.encoder.dim != self.global_stack.dim
+        if self.is_baseline:
+            return False
+        return self.cross_attn_k * self.encoder.dim != self.global_stack.dim
 
     @property
     def encoder_cross_attn_layers(self) -> int:
@@ -280,7 +284,8 @@ def _check_patch_lengths(patch_lengths: torch.Tensor, num_tokens: int) -> torch.
     return lengths
 
 
-def encoder_cross_attention_pairs(patch_lengths: torch.Tensor, num_tokens: int, window: int) -> int:
+def encoder_cross_attention_pairs(patch_lengths: torch.Tensor, num_tokens: int,
+                                  window: int) -> int:
     """Patch-token pairs of encoder cross-attention, per slot and layer, summed over the batch:
     patch q sees the tokens of patches q-W+1 .. q, the token range
     [start of patch max(0, q-W+1), end of patch q) cut at num_tokens."""
@@ -293,7 +298,8 @@ def encoder_cross_attention_pairs(patch_lengths: torch.Tensor, num_tokens: int, 
     return int((range_end - range_start).clamp(min=0).sum())
 
 
-def decoder_cross_attention_pairs(patch_lengths: torch.Tensor, num_tokens: int, window: int) -> int:
+def decoder_cross_attention_pairs(patch_lengths: torch.Tensor, num_tokens: int,
+                                  window: int) -> int:
     """Token-patch pairs of decoder cross-attention, per slot and layer, summed over the batch:
     a token of decoder patch j sees global patches max(0, j-W+1) .. j, and decoder patch j
     holds patch_lengths[:, j + 1] tokens (the contract makes them cover all num_tokens)."""
@@ -309,7 +315,9 @@ def _lst_flops(shape: ModelShape, rows: int, tokens: float, patches: float,
     cross-attention pair counts (per slot, per layer) are summed over rows."""
     enc, dec, glob, k = shape.encoder, shape.decoder, shape.global_stack, shape.cross_attn_k
     patch_projection = 2 * rows * patches * enc.dim * enc.dim * k
-    global_projection = 2 * rows * patches * k * enc.dim * glob.dim if shape.needs_global_projection else 0
+    global_projection = (
+        2 * rows * patches * k * enc.dim * glob.dim if shape.needs_global_projection else 0
+    )
     decoder_projection = 2 * rows * patches * glob.dim * dec.dim * k
 
     # One cross-attention layer: q and o projections over the queries, k and v over the keys.
@@ -383,7 +391,8 @@ def estimate_flops(shape: ModelShape, seq_tokens: float, num_patches: int, batch
             batch,
             seq_tokens,
             num_patches,
-            encoder_pairs=batch * per_patch * causal_pairs(num_patches, shape.cross_attn_window_encoder),
+            encoder_pairs=batch * per_patch
+            * causal_pairs(num_patches, shape.cross_attn_window_encoder),
             decoder_pairs=batch * per_decoder_patch
             * causal_pairs(num_patches - 1, shape.cross_attn_window_decoder),
         )
@@ -393,9 +402,10 @@ def estimate_flops(shape: ModelShape, seq_tokens: float, num_patches: int, batch
 # Peak dense (no structured sparsity) bf16 tensor-core FLOP/s per GPU, from NVIDIA's datasheets:
 # H100 SXM5 and H200 SXM: 1,979 TFLOPS "with sparsity" -> 989 dense (H100 and H200 datasheets);
 # H100 PCIe: 1,513 with sparsity -> 756 dense (H100 datasheet); A100 SXM4 and PCIe: 312 dense
-# (A100 datasheet). Matched against torch.cuda.get_device_name(), first match wins, so the
-# PCIe entry comes before the generic H100 ones. Other GPUs are unknown: no MFU is reported.
-PEAK_BF16_DENSE_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+# (A100 datasheet). Matched against torch.cuda.get_device_name(), first match wins. The
+# power-capped NVL boards are left out on purpose (None), as are all other GPUs: no MFU for them.
+PEAK_BF16_DENSE_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
+    (("NVL",), None),
     (("H200",), 989e12),
     (("H100", "PCIe"), 756e12),
     (("H100", "HBM3"), 989e12),  # SXM5 boards report themselves as "NVIDIA H100 80GB HBM3"
@@ -430,42 +440,6 @@ def mfu(flops_per_s: float, peak_flops: float | None) -> float | None:
     return flops_per_s / peak_flops
 
 
-@dataclass
-class FlopMeter:
-    """Per-step and cumulative model FLOPs, throughput and MFU for the training log.
-
-    `peak_flops` is one device's peak (`device_peak_flops()`; None on CPU: no MFU is logged);
-    `num_devices` the devices that share each step's work. Save `state_dict()` with the
-    checkpoint so the cumulative count survives a resume.
-    """
-
-    num_devices: int = 1
-    peak_flops: float | None = None
-    cumulative: FlopBreakdown = dataclasses.field(default_factory=FlopBreakdown)
-
-    def log_step(self, step_flops: FlopBreakdown, step_seconds: float) -> dict[str, float]:
-        """Add one step and return its log values: flops/<part>, flops/cumulative,
-        flops/per_device_per_s and, where the peak is known, mfu."""
-        self.cumulative = self.cumulative + step_flops
-        per_device_per_s = step_flops.total / step_seconds / self.num_devices
-        values = {f"flops/{name}": value for name, value in step_flops.as_dict().items()}
-        values["flops/cumulative"] = self.cumulative.total
-        values["flops/per_device_per_s"] = per_device_per_s
-        utilisation = mfu(per_device_per_s, self.peak_flops)
-        if utilisation is not None:
-            values["mfu"] = utilisation
-        return values
-
-    def state_dict(self) -> dict[str, float]:
-        return self.cumulative.as_dict()
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.cumulative = FlopBreakdown(
-            encoder=state["encoder"], global_=state["global"], decoder=state["decoder"],
-            cross_attention=state["cross_attention"], head=state["head"],
-        )
-
-
 # ---- compute planning --------------------------------------------------------------------------
 
 class ControlMode(str, enum.Enum):
@@ -495,7 +469,7 @@ class Budget:
     def __post_init__(self) -> None:
         if (self.flops is None) == (self.steps is None):
             raise ValueError(f"Budget: give exactly one of flops and steps, got {self}")
-        if (self.flops is not None and self.flops <= 0) or (self.steps is not None and self.steps < 1):
+        if (self.flops if self.flops is not None else self.steps) <= 0:
             raise ValueError(f"Budget: the budget must be positive, got {self}")
         if self.reference not in ("lst", "baseline"):
             raise ValueError(f"Budget.reference = {self.reference!r}; use 'lst' or 'baseline'")
@@ -522,7 +496,9 @@ class StepShape:
 
     def flops(self, shape: ModelShape) -> FlopBreakdown:
         """Training FLOPs of one step (closed-form estimate, `estimate_flops`)."""
-        return estimate_flops(shape, self.tokens_per_row(shape), self.seq_length, self.global_batch_size)
+        return estimate_flops(
+            shape, self.tokens_per_row(shape), self.seq_length, self.global_batch_size
+        )
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,12 @@ def ragged_batch(rule: str, batch_size: int, seed: int, min_tokens: int = 24) ->
             docs.append(doc)
     num_tokens = max(len(d) for d in docs) - 1
     lengths = [PATCH_RULES[rule](d).astype(np.int64) for d in docs]
-    num_patches = max(len(l) for l in lengths)
+    num_patches = max(len(row) for row in lengths)
     tokens = torch.zeros(batch_size, num_tokens, dtype=torch.int64)
     labels = torch.zeros(batch_size, num_tokens, dtype=torch.int64)
     loss_mask = torch.zeros(batch_size, num_tokens)
     patch_lengths = torch.zeros(batch_size, num_patches, dtype=torch.int32)
-    for b, (doc, lens) in enumerate(zip(docs, lengths)):
+    for b, (doc, lens) in enumerate(zip(docs, lengths, strict=True)):
         n = len(doc) - 1
         tokens[b, :n] = torch.from_numpy(doc.tokens[:-1].astype(np.int64))
         labels[b, :n] = torch.from_numpy(doc.tokens[1:].astype(np.int64))

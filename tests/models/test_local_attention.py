@@ -36,7 +36,7 @@ def test_blocked_sdpa_matches_dense(num_tokens, window):
     grad = torch.randn(out.shape, generator=generator)
     got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(expected, (q, k, v), grad.double())
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w.float(), atol=1e-5, rtol=1e-5)
 
 

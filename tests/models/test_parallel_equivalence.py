@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed.harness import run_distributed
 
 WORKER = Path(__file__).resolve().parent / "lst_parallel_worker.py"

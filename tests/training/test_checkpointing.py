@@ -7,6 +7,7 @@ dropout, megatron DDP + optimizer + OptimizerParamScheduler, real `lst-train` fl
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,15 +155,24 @@ def test_round_trip_kill_during_save_and_bitwise_resume(tmp_path):
 @pytest.mark.distributed
 def test_tensor_parallel_checkpoint_loads_into_one_process(tmp_path):
     save = tmp_path / "ckpt"
-    run = [*TINY_RUN, "--train-iters", "5", "--use-distributed-optimizer"]
+    run = [*TINY_RUN, "--train-iters", "5"]
     [tp_rank0, _] = run_distributed(WORKER, 2, [*run, "--tensor-model-parallel-size", "2",
-                                                "--save", str(save), "--save-at", "3", "--eval"])
+                                                "--save", str(save), "--save-at", "3", "--eval",
+                                                "--vocab-text-size", "100"])
     metadata = json.loads((save / "iter_0000003" / METADATA_FILENAME).read_text())
     assert metadata["parallel_layout"]["tensor_model_parallel_size"] == 2
 
-    [single] = run_distributed(WORKER, 1, [*run, "--load", str(save), "--eval"])
+    [single] = run_distributed(WORKER, 1, [*run, "--load", str(save), "--eval",
+                                           "--vocab-text-size", "100"])
     assert single["resumed_from"] == 3
     # Iteration 4 checks the weights, 5 the resharded Adam moments, eval the final weights.
     for key in ("4", "5"):
         assert single["losses"][key] == pytest.approx(tp_rank0["losses"][key], abs=1e-5)
     assert single["eval_loss"] == pytest.approx(tp_rank0["eval_loss"], abs=1e-5)
+
+    # A checkpoint refuses another vocabulary, and a model of another shape, naming what differs.
+    [errors] = run_distributed(WORKER, 1, [*run, "--load", str(save), "--probe-load-errors",
+                                           "--vocab-text-size", "101"])
+    assert "joint vocabulary of 608 ids but this tokenizer gives 609" in errors["vocabulary"]
+    assert re.search(r"model tensor '[\w.]+' has shape \(\d+, 48\)|"
+                     r"model tensor '[\w.]+' has shape \(48", errors["shape"]), errors["shape"]

@@ -95,6 +95,8 @@ def test_bad_budgets_and_arguments_are_rejected():
         Budget()
     with pytest.raises(ValueError, match="positive"):
         Budget(steps=0)
+    with pytest.raises(ValueError, match="positive"):
+        Budget(flops=0.0)
     with pytest.raises(ValueError, match="'lst' or 'baseline'"):
         Budget(steps=1, reference="bpe")
     with pytest.raises(ValueError, match="tokens_per_patch"):
@@ -163,8 +165,11 @@ def test_tool_reports_bad_model_arguments(capsys):
     assert "give the model dimensions --global-layers" in capsys.readouterr().err
     assert tool.main([*common, "--preset", "tiny", "--local-dim", "32"]) == 2
     assert "use a preset or the dimension flags" in capsys.readouterr().err
+    assert tool.main([*common, "--preset", "tiny", "--cross-attn-k", "4"]) == 2
+    assert "--cross-attn-k both given" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter imports megatron.core through megatron_lst.models
 def test_tool_runs_as_a_script():
     result = subprocess.run(
         [sys.executable, str(TOOL), "--budget-steps", "10", "--preset", "tiny", "--control", "data",

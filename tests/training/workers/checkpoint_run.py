@@ -15,6 +15,9 @@ this worker (the rest go to the argument parser):
                            and report what did not come back bit-for-bit (model, optimizer,
                            scheduler, RNG states); the run then continues unperturbed
   --eval                   report the loss on a held-out batch (eval mode, no dropout)
+  --vocab-text-size V      save and load with the joint vocabulary of a V-piece text tokenizer
+  --probe-load-errors      instead of training, load --load with the given vocabulary, then
+                           into a model with --hidden-size + 16, and report both errors
 
 Reports per rank: losses by iteration (last pipeline stage), the iteration it resumed from, the
 eval loss.
@@ -32,6 +35,7 @@ import torch
 
 from distributed.harness import report_results
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import checkpointing
 from megatron_lst.training.arguments import parse_args, validate_args
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
@@ -230,12 +234,33 @@ def crash_during_save(mode: str, save_dir: str) -> None:
         raise ValueError(f"unknown --crash mode {mode!r}")
 
 
+def load_errors(args, vocab) -> dict:
+    """The errors of loading `args.load` with `vocab` and into a wider model."""
+    errors = {}
+    model, optimizer, scheduler = build_training_state(args)
+    try:
+        checkpointing.load_checkpoint(args.load, [model], optimizer, scheduler, args, vocab)
+    except VocabularyError as err:
+        errors["vocabulary"] = str(err)
+    wider = argparse.Namespace(**vars(args))
+    wider.hidden_size += 16
+    wider.ffn_hidden_size = 4 * wider.hidden_size
+    model, optimizer, scheduler = build_training_state(wider)
+    try:
+        checkpointing.load_checkpoint(args.load, [model], optimizer, scheduler, wider)
+    except checkpointing.CheckpointError as err:
+        errors["shape"] = str(err)
+    return errors
+
+
 def main() -> None:
     own = argparse.ArgumentParser(allow_abbrev=False)
     own.add_argument("--save-at", type=int, nargs="*", default=[])
     own.add_argument("--crash", default=None)
     own.add_argument("--verify-round-trip", action="store_true")
     own.add_argument("--eval", action="store_true")
+    own.add_argument("--vocab-text-size", type=int, default=None)
+    own.add_argument("--probe-load-errors", action="store_true")
     own.add_argument("--results", required=True)
     mine, rest = own.parse_known_args()
     args = parse_args(rest)
@@ -244,11 +269,17 @@ def main() -> None:
 
     initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         seed=args.seed)
+    vocab = JointVocab(mine.vocab_text_size) if mine.vocab_text_size is not None else None
+    if mine.probe_load_errors:
+        report_results(mine.results, load_errors(args, vocab))
+        destroy_parallel()
+        return
     model, optimizer, scheduler = build_training_state(args)
     record = {"losses": {}, "resumed_from": None, "round_trip_mismatches": None}
     iteration = 0
     if args.load is not None:
-        loaded = checkpointing.load_checkpoint(args.load, [model], optimizer, scheduler, args)
+        loaded = checkpointing.load_checkpoint(args.load, [model], optimizer, scheduler, args,
+                                               vocab)
         if loaded is not None:
             iteration = loaded.iteration
             record["resumed_from"] = iteration
@@ -262,7 +293,7 @@ def main() -> None:
                 crash_during_save(mine.crash, args.save)
             extra = {"consumed_samples": iteration * args.global_batch_size, "step": iteration}
             path = checkpointing.save_checkpoint(iteration, [model], optimizer, scheduler, args,
-                                                 extra, args.save)
+                                                 extra, args.save, vocab)
             if mine.verify_round_trip and record["round_trip_mismatches"] is None:
                 record["round_trip_mismatches"] = round_trip_mismatches(
                     model, optimizer, scheduler, args, path)

@@ -1,0 +1,35 @@
+"""Percentile bootstrap confidence intervals for an accuracy (a mean of per-item 0/1 outcomes)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Resamples drawn per chunk: bounds memory at chunk x items indices.
+_CHUNK = 256
+
+
+def bootstrap_ci(correct: np.ndarray, num_resamples: int = 1000, confidence: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """(low, high) percentile bootstrap interval of `correct.mean()`.
+
+    `correct` is `[n]` (bool or 0/1) per item. Each resample draws n items with replacement from a
+    generator seeded by `seed`, so the interval is a function of its inputs.
+    """
+    outcomes = np.asarray(correct, dtype=np.float64)
+    if outcomes.ndim != 1 or not len(outcomes):
+        raise ValueError(f"bootstrap_ci needs a non-empty 1-D array of outcomes, got shape "
+                         f"{outcomes.shape}")
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    rng = np.random.default_rng(seed)
+    n = len(outcomes)
+    means = np.empty(num_resamples)
+    for start in range(0, num_resamples, _CHUNK):
+        size = min(_CHUNK, num_resamples - start)
+        picks = rng.integers(0, n, size=(size, n))  # [chunk, n]
+        means[start:start + size] = outcomes[picks].mean(axis=1)
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)

@@ -1,0 +1,185 @@
+"""Story-completion items (DESIGN.md section 10): read a JSONL file, validate it, encode the text.
+
+One item per line:
+
+    {"id": "storycloze-00007",
+     "context": {"text": "...", "units": [17, 17, 402, ...], "segments": [["she", 5], ["[SIL]", 3], ...]},
+     "endings": [{"text": "...", "units": [...], "segments": [...]}, ...],
+     "label": 1}
+
+`units` are raw codebook values (0 .. num_units-1, not joint ids); `segments` align them to words,
+in order, `[SIL]` for silences, and sum to `len(units)`. `units` and `segments` may be left out of
+a text-only set; such items can only be scored T->T. `segments` may be left out when the units are
+known but not aligned: static patching does not need them, aligned patching refuses the item.
+
+Every problem is an `ItemError` naming the file, the line and the item id, raised while loading,
+so a bad benchmark file fails before any model work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from megatron_lst.tokenizer.vocab import JointVocab
+
+SILENCE_WORD = "[SIL]"
+
+
+class ItemError(ValueError):
+    """An evaluation item that cannot be scored; the message names the item and where it is."""
+
+
+class PieceEncoder(Protocol):
+    """What items need from a text tokenizer (`megatron_lst.tokenizer.TextTokenizer` has it)."""
+
+    @property
+    def space_id(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One context or ending, in both modalities where the item has them."""
+
+    text: str
+    text_ids: np.ndarray  # [T] int32 tokenizer pieces of `text`
+    units: np.ndarray | None  # [U] int64 raw unit values; None for a text-only item
+    segment_units: np.ndarray | None  # [G] int64 units per word/silence, sums to U; None: unaligned
+    segment_is_silence: np.ndarray | None  # [G] bool
+
+    @property
+    def has_speech(self) -> bool:
+        return self.units is not None
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    context: Utterance
+    endings: tuple[Utterance, ...]
+    label: int
+    space_id: int
+    """The tokenizer's word-boundary piece: it ends a text run that a speech run follows."""
+    source: str
+    """"file:line" where the item was read (or where an importer made it), for error messages."""
+
+    def describe(self) -> str:
+        return f"item {self.id!r} ({self.source})"
+
+
+def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> list[EvalItem]:
+    """Read, validate and tokenize every item of a JSONL file (blank lines are skipped)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise ItemError(f"cannot read evaluation items from {path}: {err}") from None
+    items, seen = [], {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ItemError(f"{where}: not a JSON object ({err.msg} at column {err.colno})") from None
+        item = item_from_record(record, tokenizer, vocab, where)
+        if item.id in seen:
+            raise ItemError(f"{item.describe()}: id already used at {seen[item.id]}; ids must be "
+                            f"unique")
+        seen[item.id] = where
+        items.append(item)
+    if not items:
+        raise ItemError(f"{path} holds no items")
+    return items
+
+
+def item_from_record(record: dict, tokenizer: PieceEncoder, vocab: JointVocab,
+                     source: str) -> EvalItem:
+    """One validated item from its JSON record; `source` says where it came from."""
+    if not isinstance(record, dict):
+        raise ItemError(f"{source}: an item must be a JSON object, got {type(record).__name__}")
+    item_id = record.get("id")
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+        raise ItemError(f"{source}: the item has no \"id\" (a string or an integer)")
+    where = f"item {str(item_id)!r} ({source})"
+    for key in ("context", "endings", "label"):
+        if key not in record:
+            raise ItemError(f"{where}: missing \"{key}\"")
+    endings = record["endings"]
+    if not isinstance(endings, list) or len(endings) < 2:
+        count = len(endings) if isinstance(endings, list) else type(endings).__name__
+        raise ItemError(f"{where}: \"endings\" must list at least 2 endings, got {count}")
+    label = record["label"]
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(endings):
+        raise ItemError(f"{where}: label {label!r} is not an ending index 0..{len(endings) - 1}")
+    context = _utterance(record["context"], tokenizer, vocab, f"{where}, context")
+    parsed = tuple(_utterance(e, tokenizer, vocab, f"{where}, ending {i}")
+                   for i, e in enumerate(endings))
+    if len({u.has_speech for u in (context, *parsed)}) > 1:
+        raise ItemError(f"{where}: some parts have \"units\" and some do not; give units for the "
+                        f"context and every ending, or for none (a text-only item)")
+    return EvalItem(str(item_id), context, parsed, label, tokenizer.space_id, source)
+
+
+def _utterance(record: dict, tokenizer: PieceEncoder, vocab: JointVocab, where: str) -> Utterance:
+    if not isinstance(record, dict):
+        raise ItemError(f"{where}: must be an object with \"text\" (and \"units\", \"segments\")")
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ItemError(f"{where}: \"text\" is missing or empty")
+    text_ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
+    if text_ids.size and text_ids.max() >= vocab.text_size:
+        raise ItemError(f"{where}: the tokenizer gave piece {int(text_ids.max())}, outside the "
+                        f"vocabulary's {vocab.text_size} text ids; use the tokenizer the model "
+                        f"was trained with")
+    units = segment_units = segment_is_silence = None
+    if record.get("units") is not None:
+        units = _units(record["units"], vocab, where)
+        if record.get("segments") is not None:
+            segment_units, segment_is_silence = _segments(record["segments"], len(units), where)
+    elif record.get("segments") is not None:
+        raise ItemError(f"{where}: has \"segments\" but no \"units\"")
+    return Utterance(text, text_ids, units, segment_units, segment_is_silence)
+
+
+def _units(values, vocab: JointVocab, where: str) -> np.ndarray:
+    if not isinstance(values, list) or not values:
+        raise ItemError(f"{where}: \"units\" must be a non-empty list of unit values")
+    if not all(isinstance(u, int) and not isinstance(u, bool) for u in values):
+        raise ItemError(f"{where}: \"units\" must hold integers")
+    units = np.asarray(values, dtype=np.int64)
+    bad = np.flatnonzero((units < 0) | (units >= vocab.num_units))
+    if len(bad):
+        raise ItemError(f"{where}: unit {int(units[bad[0]])} at position {int(bad[0])} is outside "
+                        f"the codebook 0..{vocab.num_units - 1}; were the units made with another "
+                        f"codebook (--num-units)?")
+    return units
+
+
+def _segments(values, num_units: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(values, list) or not all(
+            isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str)
+            and isinstance(s[1], int) and s[1] >= 0 for s in values):
+        raise ItemError(f"{where}: \"segments\" must be a list of [word, number of units >= 0]")
+    counts = np.array([n for _, n in values], dtype=np.int64)
+    if int(counts.sum()) != num_units:
+        raise ItemError(f"{where}: segments cover {int(counts.sum())} units but \"units\" has "
+                        f"{num_units}")
+    is_silence = np.array([w == SILENCE_WORD for w, _ in values], dtype=bool)
+    kept = counts > 0  # a word with no frames has no units to patch
+    return counts[kept], is_silence[kept]
+
+
+def check_items_for_speech(items: Sequence[EvalItem], mode: str) -> None:
+    """Raise naming the first text-only item when `mode` needs speech."""
+    for item in items:
+        if not item.context.has_speech:
+            raise ItemError(f"{item.describe()}: has no units, so it cannot be scored {mode}; "
+                            f"evaluate text-only sets with --modes T->T")

@@ -1,0 +1,299 @@
+"""Likelihood scoring of story-completion items in four modes (DESIGN.md section 10).
+
+A mode puts the context in one modality and the endings in another: S->S, T->T, S->T, T->S. Each
+(item, ending) pair is one sequence in training's layout, where a mode marker opens every run and
+runs alternate modality (the interleaver never puts two runs of one modality side by side):
+
+    S->S  BOS, <s>, context units, ending units
+    T->T  BOS, <t>, context pieces, ending pieces
+    S->T  BOS, <s>, context units, <t>, ending pieces
+    T->S  BOS, <t>, context pieces, space, <s>, ending units
+
+In the same-modality modes the ending continues the context's run, so static patches of S->S may
+span the boundary, as they would when the model continues speech; a second `<s>` would have to
+start a patch of its own (the batch contract), a layout training never shows. A text run followed
+by a speech run ends with the word-boundary piece, as the interleaver lays it out; a text ending
+after text needs none, since the tokenizer encodes words one by one with a leading boundary.
+
+The ending's score is the sum of the log-probabilities of its own tokens (not the marker, which
+every ending shares), given everything before them; the normalised score divides by their number.
+An item is right when the argmax ending is its label (ties go to the first ending).
+
+Scoring the whole sequence in one forward pass is exact: the log-prob of token t comes from the
+decoder output at t-1, which reads only patches ending at or before t-1 (DESIGN.md section 4), so
+it equals the next-token log-prob of the prefix (a test checks this). Sequences are patched as the
+model is at inference: the whole sequence by the eval patcher (`inference_patcher`: curriculum
+and mixed models are patched statically). A batch holds every ending of `batch_size` items, padded
+as training pads (the padding joins each row's last patch). The forward goes through megatron's
+forward-only schedule, so tensor and pipeline parallelism work; scores are broadcast from the last
+pipeline stage, so every rank returns the same result. Every data-parallel replica scores all
+items (evaluation sets are small; no gather is needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from megatron_lst.data.interleave import InterleavedDocument
+from megatron_lst.evaluation.bootstrap import bootstrap_ci
+from megatron_lst.evaluation.items import EvalItem, ItemError, Utterance, check_items_for_speech
+from megatron_lst.patching import Patcher, PatchingConfig
+from megatron_lst.tokenizer.vocab import JointVocab
+
+# Mode name -> (context is speech, ending is speech).
+MODES = {"S->S": (True, True), "T->T": (False, False), "S->T": (True, False), "T->S": (False, True)}
+
+
+def parse_modes(text: str | Sequence[str]) -> list[str]:
+    """Mode names from "S->S,T->T" or a list; "s2t"-style spellings are accepted."""
+    names = text.split(",") if isinstance(text, str) else list(text)
+    modes = []
+    for name in names:
+        canonical = name.strip().upper().replace("2", "->")
+        if canonical not in MODES:
+            raise ValueError(f"unknown evaluation mode {name!r}; choose from {list(MODES)} "
+                             f"(or s2s, t2t, s2t, t2s)")
+        modes.append(canonical)
+    return modes
+
+
+def inference_patcher(config: PatchingConfig) -> Patcher:
+    """The patcher a model is evaluated with: curriculum models end static, and mixed models are
+    scored static too, so scoring needs no random draw; other modes are unchanged."""
+    if config.mode in ("mixed", "curriculum"):
+        config = dataclasses.replace(config, mode="static", aligned_until_step=None,
+                                     static_from_step=None)
+    return Patcher(config)
+
+
+@dataclass(frozen=True)
+class ScoredSequence:
+    tokens: np.ndarray  # [L] int32 joint ids
+    first_scored: int
+    """Index of the first scored token (the ending's first token after its marker)."""
+    patch_lengths: np.ndarray  # [P] int32, sums to L
+
+
+def _speech_groups(utterance: Utterance) -> tuple[np.ndarray, np.ndarray]:
+    """Units per word/silence `[G]` and which are silences `[G]`; one group when unaligned."""
+    if utterance.segment_units is None:
+        return np.array([len(utterance.units)]), np.zeros(1, bool)
+    return utterance.segment_units, utterance.segment_is_silence
+
+
+def build_sequence(item: EvalItem, ending: int, mode: str, vocab: JointVocab,
+                   patcher: Patcher) -> ScoredSequence:
+    """The scored sequence of one (item, ending) pair in `mode`, patched by `patcher`."""
+    context_speech, ending_speech = MODES[mode]
+    context, candidate = item.context, item.endings[ending]
+    if patcher.rule(None, None) == "aligned":
+        for name, part, speech in (("context", context, context_speech),
+                                   (f"ending {ending}", candidate, ending_speech)):
+            if speech and part.segment_units is None:
+                raise ItemError(f"{item.describe()}, {name}: aligned patching needs \"segments\" "
+                                f"(the units of each word); add them or evaluate with static "
+                                f"patching")
+    marker = {True: vocab.speech_marker, False: vocab.text_marker}
+    parts = [[vocab.bos_id, marker[context_speech]]]
+    parts.append(vocab.units_to_ids(context.units) if context_speech else context.text_ids)
+    if context_speech != ending_speech:
+        parts.append([item.space_id, marker[ending_speech]] if ending_speech
+                     else [marker[ending_speech]])
+    first_scored = sum(len(p) for p in parts)
+    parts.append(vocab.units_to_ids(candidate.units) if ending_speech else candidate.text_ids)
+    tokens = np.concatenate(parts).astype(np.int32)
+
+    groups = [_speech_groups(part) for part, speech in ((context, context_speech),
+                                                         (candidate, ending_speech)) if speech]
+    doc = InterleavedDocument.from_tokens(
+        tokens, vocab, np.concatenate([g for g, _ in groups] or [np.zeros(0, np.int64)]),
+        np.concatenate([s for _, s in groups] or [np.zeros(0, bool)]))
+    return ScoredSequence(tokens, first_scored, patcher.patch_lengths(doc))
+
+
+def collate(sequences: Sequence[ScoredSequence], multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Rows x = seq[:-1], labels = seq[1:], as the trainer batches them.
+
+    Returns tokens / labels `[B, N]` int64 (right-padded with 0), score_mask `[B, N]` bool (labels
+    that are scored ending tokens) and patch_lengths `[B, P]` int32 (the padding joins each row's
+    last patch; zero-length patches pad P). N and P are rounded up to `multiple_of` (the tensor-
+    parallel size under sequence parallelism).
+    """
+    num_tokens = _round_up(max(len(s.tokens) for s in sequences) - 1, multiple_of)
+    num_patches = _round_up(max(len(s.patch_lengths) for s in sequences), multiple_of)
+    batch = len(sequences)
+    tokens = np.zeros((batch, num_tokens), np.int64)
+    labels = np.zeros((batch, num_tokens), np.int64)
+    score_mask = np.zeros((batch, num_tokens), bool)
+    patch_lengths = np.zeros((batch, num_patches), np.int32)
+    for row, seq in enumerate(sequences):
+        n = len(seq.tokens) - 1
+        tokens[row, :n] = seq.tokens[:-1]
+        labels[row, :n] = seq.tokens[1:]
+        score_mask[row, seq.first_scored - 1:n] = True
+        lengths = seq.patch_lengths.copy()
+        lengths[-1] += num_tokens - n
+        patch_lengths[row, :len(lengths)] = lengths
+    return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+            "score_mask": torch.from_numpy(score_mask),
+            "patch_lengths": torch.from_numpy(patch_lengths)}
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    from megatron.core.utils import get_attr_wrapped_model
+
+    return get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
+
+
+def _global_positions(chunk: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Sequence length of the global model (the pipeline's p2p shape): patches for LST, tokens
+    for the token baseline."""
+    from megatron_lst.models.lst_model import LSTModel
+
+    if isinstance(_unwrap(chunk), LSTModel):
+        return batch["patch_lengths"].shape[1]
+    return batch["tokens"].shape[1]
+
+
+def ending_logprobs(model_chunks: Sequence[torch.nn.Module],
+                    batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`[B]` float64 sums of the scored tokens' log-probs, on every rank (collective)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = next(model_chunks[0].parameters()).device
+    on_device = {k: v.to(device) for k, v in batch.items()}
+
+    def forward_step(data_iterator, model):
+        rows = next(data_iterator)
+        per_token_loss = model(rows["tokens"], rows["patch_lengths"], labels=rows["labels"])
+
+        def summed_logprob(loss):  # loss [B, N] fp32 cross entropy
+            logprob = -(loss.double() * rows["score_mask"]).sum(dim=1)  # [B]
+            return logprob.sum(), {"logprob": logprob}
+
+        return per_token_loss, summed_logprob
+
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter([on_device]) for _ in model_chunks] if len(model_chunks) > 1
+            else iter([on_device]),
+            model=list(model_chunks),
+            num_microbatches=1,
+            seq_length=_global_positions(model_chunks[0], batch),
+            micro_batch_size=batch["tokens"].shape[0],
+            forward_only=True,
+        )
+    if parallel_state.is_pipeline_last_stage():
+        logprob = outputs[0]["logprob"]
+    else:
+        logprob = torch.empty(batch["tokens"].shape[0], dtype=torch.float64, device=device)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(logprob, parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+    return logprob.cpu()
+
+
+@dataclass(frozen=True)
+class ModeScores:
+    """Scores of every ending of every item in one mode, flat in item order."""
+
+    mode: str
+    logprob: np.ndarray  # [R] float64 summed log-prob of each (item, ending)
+    num_tokens: np.ndarray  # [R] int64 scored tokens
+    item_offsets: np.ndarray  # [I + 1] rows of item i: item_offsets[i] .. item_offsets[i + 1]
+    labels: np.ndarray  # [I]
+
+    @property
+    def normalised(self) -> np.ndarray:
+        return self.logprob / self.num_tokens
+
+    def correct(self, normalised: bool = False) -> np.ndarray:
+        """[I] bool: the highest-scoring ending is the label (ties go to the first ending)."""
+        scores = self.normalised if normalised else self.logprob
+        best = [int(np.argmax(scores[a:b])) for a, b in
+                zip(self.item_offsets[:-1], self.item_offsets[1:])]
+        return np.asarray(best) == self.labels
+
+
+def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalItem],
+                vocab: JointVocab, patcher: Patcher, mode: str, batch_size: int) -> ModeScores:
+    """Score every ending of `items` in `mode` (collective over the model's ranks)."""
+    from megatron.core import parallel_state
+
+    if mode not in MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; choose from {list(MODES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 item, got {batch_size}")
+    if any(MODES[mode]):
+        check_items_for_speech(items, mode)
+    patcher = inference_patcher(patcher.config)
+    config = _unwrap(model_chunks[0]).config
+    multiple_of = (parallel_state.get_tensor_model_parallel_world_size()
+                   if config.sequence_parallel else 1)
+
+    logprobs, counts = [], []
+    for start in range(0, len(items), batch_size):
+        sequences = [build_sequence(item, e, mode, vocab, patcher)
+                     for item in items[start:start + batch_size] for e in range(len(item.endings))]
+        batch = collate(sequences, multiple_of)
+        logprobs.append(ending_logprobs(model_chunks, batch).numpy())
+        counts.append(batch["score_mask"].sum(dim=1).numpy())
+    endings_per_item = [len(item.endings) for item in items]
+    return ModeScores(mode, np.concatenate(logprobs), np.concatenate(counts).astype(np.int64),
+                      np.concatenate([[0], np.cumsum(endings_per_item)]),
+                      np.array([item.label for item in items]))
+
+
+def evaluate_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalItem],
+                   vocab: JointVocab, patcher_for_eval: Patcher, modes: Sequence[str],
+                   batch_size: int, bootstrap_resamples: int = 1000,
+                   seed: int = 0) -> dict[str, dict[str, float]]:
+    """Accuracy per mode with 95% bootstrap intervals: the trainer's periodic-evaluation hook.
+
+    Collective: call on every rank of the model. The model chunks are put in eval mode and their
+    previous mode restored. Returns, per mode,
+    `{"accuracy", "accuracy_ci_low", "accuracy_ci_high", "accuracy_normalised",
+      "accuracy_normalised_ci_low", "accuracy_normalised_ci_high", "num_items"}`.
+    """
+    was_training = [chunk.training for chunk in model_chunks]
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        results = {}
+        for mode in modes:
+            scores = score_items(model_chunks, items, vocab, patcher_for_eval, mode, batch_size)
+            results[mode] = summarise(scores, bootstrap_resamples, seed)
+        return results
+    finally:
+        for chunk, training in zip(model_chunks, was_training):
+            chunk.train(training)
+
+
+def summarise(scores: ModeScores, bootstrap_resamples: int = 1000,
+              seed: int = 0) -> dict[str, float]:
+    """Accuracies (summed and per-token-normalised scores) with 95% bootstrap intervals."""
+    summary: dict[str, float] = {"num_items": float(len(scores.labels))}
+    for suffix, normalised in (("", False), ("_normalised", True)):
+        correct = scores.correct(normalised)
+        low, high = bootstrap_ci(correct, bootstrap_resamples, 0.95, seed)
+        summary[f"accuracy{suffix}"] = float(correct.mean())
+        summary[f"accuracy{suffix}_ci_low"] = low
+        summary[f"accuracy{suffix}_ci_high"] = high
+    return summary
+
+
+def flatten_results(results: dict[str, dict[str, float]], prefix: str = "eval") -> dict[str, float]:
+    """`{"eval/T->T/accuracy": ...}`: the per-mode results as scalars for a training log."""
+    return {f"{prefix}/{mode}/{key}": value for mode, summary in results.items()
+            for key, value in summary.items()}

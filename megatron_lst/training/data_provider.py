@@ -1,0 +1,228 @@
+"""Training and validation data of a run: datasets from `--data-path`/`--split`, and loaders with
+Megatron's pretraining sampler semantics.
+
+Datasets. `--data-path` names indexed datasets (`tools/preprocess_data.py` output), optionally
+weighted (`W1 P1 W2 P2 ...`, blended by `megatron_lst.data.blend`). `--split a,b,c` cuts every
+dataset's documents, in stored order, into train / valid / test ranges of those proportions, as
+Megatron-LM does. The train dataset holds `train_iters x global_batch_size` rows (training mode:
+the patcher sees each row's training step, so the curriculum follows the global step). The valid
+dataset holds `eval_iters x global_batch_size` rows in inference mode (curriculum patching is
+static) and every evaluation reads the same rows, so validation losses are comparable across a
+run and across runs.
+
+Sampling. Row i of the train dataset is the i-th sample of the training order: iteration t reads
+rows [t * G, (t + 1) * G) of a global batch of G rows. That batch is cut into micro-batches of
+`micro_batch_size x data_parallel_size` consecutive rows and data-parallel rank r takes rows
+[r * b, (r + 1) * b) of each (b = micro-batch size), which is `MegatronPretrainingSampler`. A run
+resumed with `consumed_samples` continues at exactly the next row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_lst.data.blend import build_blended_dataset, parse_data_path
+from megatron_lst.data.dataset import DatasetError, LSTDataset
+from megatron_lst.data.indexed import DocumentStore
+from megatron_lst.patching import Patcher, PatchingConfig
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+
+
+class DocumentRange:
+    """Documents `[start, stop)` of a store, with the store's interface (`kind`, `vocab`,
+    `prefix`, len, indexing). The dataset keys its cached row index by the store's files, not by
+    the range: give each range a cache directory of its own (`build_datasets` does)."""
+
+    def __init__(self, store: DocumentStore, start: int, stop: int):
+        if not 0 <= start <= stop <= len(store):
+            raise DatasetError(f"document range [{start}, {stop}) is outside the "
+                               f"{len(store)} documents of {store.prefix}")
+        self.store = store
+        self.kind = store.kind
+        self.vocab = store.vocab
+        self.prefix = store.prefix
+        self.start = start
+        self.stop = stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"document {index} outside 0..{len(self) - 1}")
+        return self.store[self.start + index]
+
+
+def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
+    """`"969,30,1"` -> `{"train": (0, a), "valid": (a, b), "test": (b, D)}` over D documents,
+    Megatron-LM's rounding: cumulative proportions times D, rounded."""
+    try:
+        parts = [float(p) for p in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise DatasetError(f"--split {split!r}: expected comma-separated proportions like "
+                           f"969,30,1") from None
+    parts = (parts + [0.0, 0.0, 0.0])[:3]
+    if any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise DatasetError(f"--split {split!r}: proportions must be >= 0 and not all 0")
+    cumulative = np.concatenate([[0.0], np.cumsum(parts) / sum(parts)])
+    edges = [int(round(c * num_documents)) for c in cumulative]
+    edges[-1] = num_documents
+    return {name: (edges[i], edges[i + 1]) for i, name in enumerate(SPLITS)}
+
+
+def patching_config_from_args(args: argparse.Namespace) -> PatchingConfig:
+    return PatchingConfig(
+        mode=args.patching_mode,
+        patch_size=args.patch_size,
+        silence=args.silence_patching,
+        prob_static=args.mixed_static_prob,
+        aligned_until_step=args.curriculum_tau1,
+        static_from_step=args.curriculum_tau2,
+    )
+
+
+def data_vocab(args: argparse.Namespace) -> JointVocab:
+    """The joint vocabulary of `--data-path`; every dataset must share it, and `--num-units`
+    must agree with it."""
+    vocab = None
+    for _, prefix in parse_data_path(args.data_path):
+        store_vocab = DocumentStore(prefix).vocab
+        if vocab is None:
+            vocab = store_vocab
+        elif store_vocab != vocab:
+            raise VocabularyError(
+                f"--data-path {prefix} was made with vocabulary {store_vocab.to_dict()} but the "
+                f"first dataset with {vocab.to_dict()}; preprocess every dataset with the same "
+                f"tokenizer and --num-units")
+    if vocab.num_units != args.num_units:
+        raise VocabularyError(
+            f"--num-units {args.num_units} disagrees with the {vocab.num_units} speech units the "
+            f"datasets were preprocessed with; pass --num-units {vocab.num_units}")
+    return vocab
+
+
+@dataclass
+class RunDatasets:
+    train: torch.utils.data.Dataset
+    valid: torch.utils.data.Dataset | None
+    """None when the valid split is empty or evaluation is off."""
+    vocab: JointVocab
+
+
+def _space_id(args: argparse.Namespace, stores: list[DocumentStore]) -> int | None:
+    """The tokenizer's word-boundary piece, which interleaving puts after a text run."""
+    if args.tokenizer_model is None:
+        logger.warning("no --tokenizer-model: text runs are interleaved without the trailing "
+                       "word-boundary piece the reference puts before a mode switch")
+        return None
+    from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
+
+    tokenizer = load_text_tokenizer(args.tokenizer_model)
+    for store in stores:
+        store.check_tokenizer(tokenizer)
+    return tokenizer.space_id
+
+
+def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None = None) -> RunDatasets:
+    """Train and valid datasets of validated `args` (see the module docstring).
+
+    `index_cache_dir`: where datasets keep their row indices (default: next to the first
+    dataset, `<dir of prefix>/lst_row_index/`), so restarts and other ranks read them back.
+    """
+    if args.data_path is None:
+        raise DatasetError("no --data-path: give the dataset prefixes written by "
+                           "tools/preprocess_data.py")
+    vocab = data_vocab(args)
+    sources = parse_data_path(args.data_path)
+    stores = {prefix: DocumentStore(prefix) for _, prefix in sources}
+    space_id = _space_id(args, list(stores.values()))
+    cache_root = Path(index_cache_dir) if index_cache_dir is not None else (
+        Path(sources[0][1]).resolve().parent / "lst_row_index")
+    patcher = Patcher(patching_config_from_args(args))
+
+    def make(split: str, num_samples: int, training: bool):
+        def make_source(prefix: str, count: int, positions: np.ndarray) -> LSTDataset:
+            store = stores[prefix]
+            start, stop = split_bounds(args.split, len(store))[split]
+            if stop == start:
+                raise DatasetError(
+                    f"--split {args.split} leaves the {split} part of {prefix} empty "
+                    f"({len(store)} documents); change --split or add documents")
+            cache = cache_root / f"{Path(prefix).name}_{split}_{start}_{stop}"
+            return LSTDataset(
+                DocumentRange(store, start, stop), count, args.seq_length, args.max_tokens,
+                patcher, args.seed, global_batch_size=args.global_batch_size, space_id=space_id,
+                sample_positions=positions, training=training, index_cache_dir=cache)
+
+        return build_blended_dataset(sources, num_samples, make_source)
+
+    train = make("train", args.train_iters * args.global_batch_size, training=True)
+    valid = None
+    if _has_split(args, "valid", stores):
+        valid = make("valid", args.eval_iters * args.global_batch_size, training=False)
+    else:
+        logger.warning("--split %s leaves no validation documents: no evaluation", args.split)
+    return RunDatasets(train=train, valid=valid, vocab=vocab)
+
+
+def _has_split(args: argparse.Namespace, split: str, stores: dict[str, DocumentStore]) -> bool:
+    """Whether every dataset has documents in `split`."""
+    for store in stores.values():
+        start, stop = split_bounds(args.split, len(store))[split]
+        if stop == start:
+            return False
+    return True
+
+
+class PretrainingBatchSampler:
+    """Megatron's `MegatronPretrainingSampler`: this data-parallel rank's micro-batches of the
+    rows `[consumed_samples, total_samples)`, in training order (see the module docstring)."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int):
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data-parallel rank {data_parallel_rank} is outside "
+                             f"0..{data_parallel_size - 1}")
+        if not 0 <= consumed_samples <= total_samples:
+            raise ValueError(f"consumed samples {consumed_samples} outside 0..{total_samples}: "
+                             f"the checkpoint is from a longer run; raise --train-iters")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.stride = micro_batch_size * data_parallel_size
+
+    def __len__(self) -> int:
+        return (self.total_samples - self.consumed_samples) // self.stride
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch_start in range(self.consumed_samples, self.total_samples - self.stride + 1,
+                                 self.stride):
+            start = batch_start + self.data_parallel_rank * self.micro_batch_size
+            yield list(range(start, start + self.micro_batch_size))
+
+
+def build_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
+                 consumed_samples: int = 0) -> torch.utils.data.DataLoader:
+    """This data-parallel rank's loader over `dataset` from `consumed_samples` on."""
+    from megatron.core import parallel_state
+
+    sampler = PretrainingBatchSampler(
+        total_samples=len(dataset), consumed_samples=consumed_samples,
+        micro_batch_size=args.micro_batch_size,
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        data_parallel_size=parallel_state.get_data_parallel_world_size())
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False)

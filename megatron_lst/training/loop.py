@@ -1,0 +1,460 @@
+"""The training loop of `pretrain_lst.py`: LST or the token baseline on megatron.core.
+
+One iteration (Megatron-LM's `train_step`):
+
+    zero the DDP gradient buffers
+    forward_backward_func(num_micro_batches micro-batches)   megatron's schedule: no pipelining,
+                                                             or 1F1B across pipeline stages
+        forward_step: model(tokens, patch_lengths, labels) -> per-token CE [b, N] (last stage)
+        loss_func:    (sum(CE * loss_mask), sum(loss_mask)) of the micro-batch
+    finalize_lst_model_grads                                 DP reduction (sum), encoder-replica
+                                                             sum under PP, divide by tokens
+    optimizer.step()                                         clip, (un)scale, update; fp16 may skip
+    scheduler.step(global_batch_size)
+
+Loss reduction. The loss of an iteration is the token mean over the whole global batch:
+
+    loss = sum over every real token of the global batch of CE / number of real tokens
+
+(`loss_mask` marks real tokens). Each micro-batch's loss function returns its CE sum and its
+token count; with `calculate_per_token_loss` megatron back-propagates the sums, sums gradients
+(not averages) over data-parallel ranks, and `finalize_model_grads` divides them by the token
+count summed over micro-batches and data-parallel ranks. So every real token weighs the same,
+whatever micro-batch or rank it lands on, and the gradient is that of the loss above. The logged
+loss is the same quotient, summed over micro-batches and all-reduced over data-parallel replicas.
+
+The curriculum follows the global step without any state here: the dataset derives each row's
+training step from its place in the training order (row // global_batch_size), and the sampler
+resumes at `consumed_samples`, so a resumed run sees exactly the rows, and the patching, of an
+uninterrupted one.
+
+Stopping early: SIGTERM (preemption) or SIGUSR1 (SLURM's `--signal=USR1@120` before the wall)
+make the loop finish the current iteration, save a checkpoint to `--save`, and return with
+`stopped_by_signal` (exit status `EXIT_STOPPED` from the command line, so a batch script knows to
+requeue). All ranks agree on stopping through one all-reduce per iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from megatron_lst.models import LSTConfig
+from megatron_lst.models.loss import masked_token_sum
+from megatron_lst.parallel import destroy_parallel, initialize_parallel
+from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.training import checkpointing
+from megatron_lst.training.data_provider import RunDatasets, build_datasets, build_loader
+from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_batch
+from megatron_lst.training.model_provider import build_model_chunks
+from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
+from megatron_lst.training.train_logging import build_training_logger, check_loss_finite
+
+logger = logging.getLogger(__name__)
+
+EXIT_STOPPED = 75
+"""Exit status of `pretrain_lst.py` stopped by a signal after saving (EX_TEMPFAIL): requeue."""
+LOSS_NAME = "lm loss"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class TrainingState:
+    """Everything one rank trains with."""
+
+    args: argparse.Namespace
+    model: list[torch.nn.Module]
+    """This rank's megatron DDP model chunks (one: no virtual pipeline stages)."""
+    optimizer: Any
+    scheduler: Any
+    model_config: LSTConfig
+    flop_shape: ModelShape
+    vocab: JointVocab
+    iteration: int = 0
+    consumed_samples: int = 0
+    flops: FlopBreakdown = field(default_factory=FlopBreakdown)
+    """Cumulative model training FLOPs of the run, across resumes."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """The training position a checkpoint keeps besides model, optimizer and scheduler."""
+        return {
+            "consumed_samples": self.consumed_samples,
+            "curriculum_step": self.iteration,
+            "data_seed": self.args.seed,
+            "flops": self.flops.as_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One iteration, identical on every rank."""
+
+    loss: float
+    """Token mean of the CE over the global batch (see the module docstring)."""
+    num_tokens: int
+    """Real (loss-masked) tokens of the global batch."""
+    flops: FlopBreakdown
+    """Model training FLOPs of the global batch by part (`training.flops.flops_per_batch`)."""
+    seconds: float
+    optimizer_seconds: float
+    """Of `seconds`, the time in `optimizer.step()` (clipping, update, parameter gather)."""
+    learning_rate: float
+    grad_norm: float | None
+    loss_scale: float | None
+    skipped: bool
+    """The optimizer skipped the update (fp16 overflow)."""
+
+
+@dataclass
+class TrainingResult:
+    """What `pretrain` did; losses are the same on every rank."""
+
+    iteration: int
+    consumed_samples: int
+    resumed_from: int | None = None
+    losses: dict[int, float] = field(default_factory=dict)
+    """Training loss of every iteration this run trained, by iteration (1-based)."""
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    """Validation loss by the iteration it was measured after."""
+    flops: dict[int, float] = field(default_factory=dict)
+    """Cumulative model training FLOPs after each iteration (resumed runs continue the count)."""
+    checkpoints: list[str] = field(default_factory=list)
+    stopped_by_signal: bool = False
+
+
+# --- set-up -----------------------------------------------------------------------------
+
+def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
+          ) -> tuple[TrainingState, RunDatasets]:
+    """Datasets, model, optimizer and scheduler of validated `args`; restores `--load`.
+
+    Call after `initialize_parallel`.
+    """
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.utils import get_model_config
+
+    datasets = build_datasets(args, index_cache_dir)
+    model, model_config = build_model_chunks(args, datasets.vocab.size)
+    optimizer = get_megatron_optimizer(optimizer_config_from_args(args), model)
+    scheduler = scheduler_from_args(optimizer, args)
+    # Megatron's schedules scale the loss through this before backward (fp16 loss scaling; a
+    # no-op scale of 1 otherwise).
+    get_model_config(model[0]).grad_scale_func = optimizer.scale_loss
+    shape = ModelShape.from_model_config(model_config)
+    state = TrainingState(
+        args=args, model=model, optimizer=optimizer, scheduler=scheduler,
+        model_config=model_config,
+        flop_shape=shape.baseline_of() if args.patching_mode == "none" else shape,
+        vocab=datasets.vocab,
+    )
+    if args.load is not None:
+        _restore(state)
+    return state, datasets
+
+
+def _restore(state: TrainingState) -> None:
+    args = state.args
+    loaded = checkpointing.load_checkpoint(args.load, state.model, state.optimizer,
+                                           state.scheduler, args, state.vocab)
+    if loaded is None:
+        logger.info("--load %s holds no checkpoint yet: starting from scratch", args.load)
+        return
+    state.iteration = loaded.iteration
+    extra = loaded.extra_state
+    state.consumed_samples = int(extra.get("consumed_samples", 0))
+    if "flops" in extra:
+        state.flops = FlopBreakdown(**{f.name: extra["flops"][f.name.rstrip("_")]
+                                       for f in dataclasses.fields(FlopBreakdown)})
+    _print_rank0(f"resumed from {loaded.path} at iteration {state.iteration}, "
+                 f"{state.consumed_samples} samples consumed")
+
+
+# --- one iteration ----------------------------------------------------------------------
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Megatron's 3-tuple: (CE sum to back-propagate, token count, values to report)."""
+    loss_sum, num_tokens = masked_token_sum(per_token_loss, loss_mask)
+    report = torch.stack([loss_sum.detach(), num_tokens]).double()
+    return loss_sum, num_tokens.int(), {LOSS_NAME: report}
+
+
+class _ForwardStep:
+    """Megatron's `forward_step_func`; on the last stage it also counts the micro-batch FLOPs."""
+
+    def __init__(self, flop_shape: ModelShape | None):
+        self.flop_shape = flop_shape
+        self.flops = FlopBreakdown()
+
+    def __call__(self, data_iterator: Iterator | None, model: torch.nn.Module):
+        from megatron.core import parallel_state
+
+        if data_iterator is None:  # a middle pipeline stage: its input comes from the previous
+            return model(None, None, None), partial(_loss_func, None)
+        batch = next(data_iterator)
+        if self.flop_shape is not None and parallel_state.is_pipeline_last_stage():
+            self.flops += flops_per_batch(self.flop_shape, batch["patch_lengths"],
+                                          batch["tokens"].shape[1])
+        device = _device()
+        tokens = batch["tokens"].to(device, non_blocking=True)  # [b, N]
+        patch_lengths = batch["patch_lengths"].to(device, non_blocking=True)  # [b, P]
+        labels = batch["labels"].to(device, non_blocking=True)  # [b, N]
+        loss_mask = batch["loss_mask"].to(device, non_blocking=True)  # [b, N]
+        return model(tokens, patch_lengths, labels), partial(_loss_func, loss_mask)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def _run_schedule(state: TrainingState, data_iterator: Iterator | None, forward_only: bool,
+                  count_flops: bool) -> tuple[list[dict], FlopBreakdown]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    args = state.args
+    forward_step = _ForwardStep(state.flop_shape if count_flops else None)
+    losses_reduced = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=state.model,
+        num_microbatches=args.num_micro_batches,
+        seq_length=args.seq_length,  # global positions: the shape of pipeline messages
+        micro_batch_size=args.micro_batch_size,
+        forward_only=forward_only,
+    )
+    return losses_reduced, forward_step.flops
+
+
+def _reduce_over_replicas(losses_reduced: list[dict], flops: FlopBreakdown
+                          ) -> tuple[float, int, FlopBreakdown]:
+    """(token-mean loss, tokens, FLOPs) of the global batch, the same on every rank.
+
+    One rank per data-parallel replica (last pipeline stage, tensor-parallel rank 0) holds its
+    micro-batches' sums; a world all-reduce adds the replicas and hands the result to every rank,
+    so all of them agree on NaN checks, stopping and what they report.
+    """
+    from megatron.core import parallel_state
+
+    parts = dataclasses.fields(FlopBreakdown)
+    totals = torch.zeros(2 + len(parts), dtype=torch.float64, device=_device())
+    if (parallel_state.is_pipeline_last_stage()
+            and parallel_state.get_tensor_model_parallel_rank() == 0):
+        for reduced in losses_reduced:
+            totals[:2] += reduced[LOSS_NAME]
+        totals[2:] = torch.tensor([getattr(flops, f.name) for f in parts], dtype=torch.float64)
+    torch.distributed.all_reduce(totals)
+    loss_sum, tokens, *flop_parts = totals.tolist()
+    loss = loss_sum / tokens if tokens > 0 else math.nan
+    return loss, int(tokens), FlopBreakdown(*flop_parts)
+
+
+def train_step(state: TrainingState, data_iterator: Iterator | None) -> StepResult:
+    """One iteration on `num_micro_batches` micro-batches of `data_iterator` (None on middle
+    pipeline stages); advances the scheduler, not `state.iteration`."""
+    args = state.args
+    _synchronize()
+    start = time.perf_counter()
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    losses_reduced, flops = _run_schedule(state, data_iterator, forward_only=False,
+                                          count_flops=True)
+    _synchronize()
+    optimizer_start = time.perf_counter()
+    succeeded, grad_norm, _ = state.optimizer.step()
+    if succeeded:
+        state.scheduler.step(increment=args.global_batch_size)
+    _synchronize()
+    end = time.perf_counter()
+    loss, tokens, total_flops = _reduce_over_replicas(losses_reduced, flops)
+    return StepResult(
+        loss=loss, num_tokens=tokens, flops=total_flops, seconds=end - start,
+        optimizer_seconds=end - optimizer_start,
+        learning_rate=state.optimizer.param_groups[0]["lr"],
+        grad_norm=float(grad_norm) if grad_norm is not None else None,
+        loss_scale=float(state.optimizer.get_loss_scale()) if args.fp16 else None,
+        skipped=not succeeded,
+    )
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def evaluate(state: TrainingState, dataset: torch.utils.data.Dataset) -> float:
+    """Token-mean validation loss over all of `dataset` (`eval_iters` global batches), in eval
+    mode, without gradients; the same on every rank."""
+    args = state.args
+    iterator = _data_iterator(build_loader(dataset, args))
+    for chunk in state.model:
+        chunk.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            losses_reduced, _ = _run_schedule(state, iterator, forward_only=True, count_flops=False)
+            loss, batch_tokens, _ = _reduce_over_replicas(losses_reduced, FlopBreakdown())
+            if batch_tokens:
+                loss_sum += loss * batch_tokens
+                tokens += batch_tokens
+    for chunk in state.model:
+        chunk.train()
+    return loss_sum / tokens if tokens else math.nan
+
+
+def _data_iterator(loader: torch.utils.data.DataLoader) -> Iterator | None:
+    """The loader's iterator on stages that read batches (first and last), None in between."""
+    from megatron.core import parallel_state
+
+    if parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage():
+        return iter(loader)
+    return None
+
+
+# --- the run ----------------------------------------------------------------------------
+
+class _StopSignals:
+    """Records SIGTERM / SIGUSR1; `requested()` is collective and true on every rank once any
+    rank received one."""
+
+    def __init__(self):
+        self.received = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if _in_main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        self.received = True
+        print(f"received {signal.Signals(signum).name}: stopping after this iteration",
+              file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        flag = torch.tensor([float(self.received)], device=_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = None,
+             stream: TextIO | None = None) -> TrainingResult:
+    """Train validated `args` (see `arguments.validate_args`) in this process's torch.distributed
+    world; sets up and tears down the parallel state. Returns what it did."""
+    initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                        seed=args.seed)
+    try:
+        state, datasets = setup(args, index_cache_dir)
+        return _train(state, datasets, stream)
+    finally:
+        destroy_parallel()
+
+
+def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None) -> TrainingResult:
+    args = state.args
+    world = torch.distributed.get_world_size()
+    result = TrainingResult(iteration=state.iteration, consumed_samples=state.consumed_samples,
+                            resumed_from=state.iteration if state.iteration else None)
+    if state.iteration >= args.train_iters:
+        _print_rank0(f"nothing to train: the checkpoint is at iteration {state.iteration} and "
+                     f"--train-iters is {args.train_iters}")
+        return result
+    train_iterator = _data_iterator(build_loader(datasets.train, args, state.consumed_samples))
+    training_logger = build_training_logger(
+        args, world_size=world, enabled=torch.distributed.get_rank() == world - 1,
+        start_iteration=state.iteration, stream=stream)
+    last_saved = state.iteration if args.load is not None else None
+    for chunk in state.model:
+        chunk.train()
+    try:
+        with _StopSignals() as stop:
+            while state.iteration < args.train_iters:
+                step = train_step(state, train_iterator)
+                state.iteration += 1
+                state.consumed_samples += args.global_batch_size
+                _record_step(state, step, result, training_logger)
+                if (datasets.valid is not None and args.eval_interval
+                        and state.iteration % args.eval_interval == 0):
+                    result.eval_losses[state.iteration] = _evaluate_and_print(state, datasets.valid)
+                if args.save is not None and (
+                        (args.save_interval and state.iteration % args.save_interval == 0)):
+                    result.checkpoints.append(_save(state))
+                    last_saved = state.iteration
+                if stop.requested():
+                    result.stopped_by_signal = True
+                    break
+    finally:
+        training_logger.close()
+    if (datasets.valid is not None and not result.stopped_by_signal
+            and state.iteration not in result.eval_losses):
+        result.eval_losses[state.iteration] = _evaluate_and_print(state, datasets.valid)
+    if args.save is not None and last_saved != state.iteration:
+        result.checkpoints.append(_save(state))
+    result.iteration = state.iteration
+    result.consumed_samples = state.consumed_samples
+    return result
+
+
+def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
+                 training_logger) -> None:
+    if not step.skipped:
+        check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16)
+    state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
+    result.losses[state.iteration] = step.loss
+    result.flops[state.iteration] = state.flops.total
+    training_logger.on_iteration(
+        state.iteration, consumed_samples=state.consumed_samples,
+        learning_rate=step.learning_rate, losses={LOSS_NAME: step.loss},
+        step_seconds=step.seconds, num_tokens=step.num_tokens, grad_norm=step.grad_norm,
+        loss_scale=step.loss_scale, flops=step.flops.total, skipped=step.skipped)
+
+
+def _evaluate_and_print(state: TrainingState, dataset) -> float:
+    loss = evaluate(state, dataset)
+    perplexity = math.exp(min(loss, 20.0))
+    _print_last_rank(f"validation loss at iteration {state.iteration} | {LOSS_NAME} value: "
+                     f"{loss:.6E} | {LOSS_NAME} PPL: {perplexity:.6E}")
+    return loss
+
+
+def _save(state: TrainingState) -> str:
+    args = state.args
+    path = checkpointing.save_checkpoint(state.iteration, state.model, state.optimizer,
+                                         state.scheduler, args, state.extra_state(), args.save,
+                                         state.vocab)
+    _print_rank0(f"saved checkpoint {path}")
+    return str(path)
+
+
+def _print_rank0(message: str) -> None:
+    if torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+def _print_last_rank(message: str) -> None:
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        print(message, flush=True)

@@ -1,0 +1,90 @@
+"""The whole build on a tiny corpus: every output readable by the project's own readers."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("espeakng_loader", reason="espeakng-loader is not installed "
+                    "(pip install 'megatron-lst[data]')")
+
+from megatron_lst.data.readers import parse_reference_line, read_textgrid_corpus  # noqa: E402
+from megatron_lst.demo_corpus import build as build_module  # noqa: E402
+from megatron_lst.demo_corpus.alignment import SILENCE  # noqa: E402
+from megatron_lst.demo_corpus.build import DemoCorpusConfig, build_demo_corpus  # noqa: E402
+from megatron_lst.demo_corpus.stories import normalize_words  # noqa: E402
+from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer  # noqa: E402
+
+TINY = DemoCorpusConfig(speech_documents=6, text_documents=12, eval_items=4, num_units=16,
+                        tokenizer_vocab_size=300, workers=1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_demo_corpus(tmp_path_factory.mktemp("demo"), config=TINY, progress=False)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_speech_documents_read_back_through_both_input_forms(corpus):
+    tokenizer = load_text_tokenizer(corpus.paths["tokenizer"])
+    lines = corpus.paths["speech_train"].read_text().splitlines()
+    assert len(lines) == corpus.summary["speech"]["train"]["documents"] == 5
+    from_jsonl = [parse_reference_line(line, tokenizer, TINY.num_units, "x")[0] for line in lines]
+    from_textgrid = [s.document for s in read_textgrid_corpus(
+        corpus.paths["textgrid_train"], corpus.paths["units_train"], tokenizer,
+        num_units=TINY.num_units)]
+    ids = sorted(json.loads(line)["file_id"] for line in lines)
+    assert [json.loads(line)["file_id"] for line in lines] == ids  # same order as the TextGrids
+    for a, b in zip(from_jsonl, from_textgrid):
+        np.testing.assert_array_equal(a.unit_ids, b.unit_ids)
+        np.testing.assert_array_equal(a.text_ids, b.text_ids)  # the same words in order
+        # Both forms cut the units at the same word boundaries up to one frame of rounding.
+        words_a = np.cumsum(a.seg_unit_len)[a.seg_text_len > 0]
+        words_b = np.cumsum(b.seg_unit_len)[b.seg_text_len > 0]
+        assert np.abs(words_a - words_b).max() <= 1
+
+
+def test_units_and_silences_look_like_speech(corpus):
+    record = _lines(corpus.paths["speech_train"])[0]
+    units = [int(u) for part in record["interleaved"].split("<LST MODE SEP>HUBERT")[1:]
+             for u in part.split("<LST MODE SEP>")[0].split()]
+    assert len(set(units)) > TINY.num_units // 2  # the codebook is used, not one cluster
+    summary = corpus.summary
+    assert 5 < summary["units_per_word"] < 11  # eSpeak speaks ~3.7 words/s, 25 units/s
+    assert 1.0 < summary["patches_per_word_aligned"] < 1.5
+    assert summary["patches_per_word_static4"] == pytest.approx(
+        summary["speech"]["train"]["static_patches"] / summary["speech"]["train"]["words"])
+
+
+@pytest.mark.parametrize("name,num_endings", [("storycloze", 2), ("topic", 2), ("hellaswag", 4)])
+def test_eval_items(corpus, name, num_endings):
+    items = _lines(corpus.paths[f"eval_{name}"])
+    assert len(items) == TINY.eval_items
+    train_text = {json.loads(line)["text"]
+                  for line in corpus.paths["text_train"].read_text().splitlines()}
+    for item in items:
+        assert set(item) == {"id", "voice", "context", "endings", "label"}
+        assert len(item["endings"]) == num_endings and 0 <= item["label"] < num_endings
+        for spoken in [item["context"]] + item["endings"]:
+            assert sum(n for _, n in spoken["segments"]) == len(spoken["units"])
+            assert [w for w, _ in spoken["segments"] if w != SILENCE] == spoken["text"].split()
+            assert all(0 <= u < TINY.num_units for u in spoken["units"])
+            assert spoken["text"].split() == normalize_words(spoken["text"])
+        assert not any(item["context"]["text"] in text for text in train_text)
+
+
+def test_rerun_is_cached_and_a_new_codebook_reuses_the_speech(corpus, monkeypatch):
+    def no_synthesis(*args, **kwargs):
+        raise AssertionError("speech was synthesised again")
+
+    monkeypatch.setattr(build_module, "synthesize_utterances", no_synthesis)
+    again = build_demo_corpus(corpus.out_dir, config=replace(TINY, workers=2), progress=False)
+    assert again.summary == corpus.summary
+    fewer_units = build_demo_corpus(corpus.out_dir, config=replace(TINY, num_units=12),
+                                    progress=False)
+    assert fewer_units.summary["config"]["num_units"] == 12
+    assert np.load(fewer_units.paths["codebook"]).shape == (12, 78)

@@ -1,0 +1,72 @@
+"""Shared pieces of the evaluation tests: a tiny tokenizer, random items, tiny models."""
+
+from __future__ import annotations
+
+import functools
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_lst.models.baseline import TokenBaselineModel
+from megatron_lst.models.config import preset, with_windows
+from megatron_lst.models.lst_model import LSTModel
+from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, joint_vocab, load_text_tokenizer
+from megatron_lst.tokenizer.text_tokenizer import train_sentencepiece
+from megatron_lst.tokenizer.vocab import JointVocab
+
+WORDS = ("the a girl boy dog cat ran sat home park rain sun happy sad ate cake then she he "
+         "went found lost key door opened closed night day").split()
+NUM_UNITS = 16
+
+
+@functools.cache
+def tokenizer() -> TextTokenizer:
+    """A 320-piece SentencePiece BPE trained once per process (well under a second)."""
+    rng = random.Random(0)
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(300)]
+    directory = Path(tempfile.mkdtemp(prefix="lst_eval_spm_"))
+    return load_text_tokenizer(train_sentencepiece(sentences, directory / "spm.model", 320))
+
+
+def vocab() -> JointVocab:
+    return joint_vocab(tokenizer(), NUM_UNITS)
+
+
+def _part(rng: np.random.Generator, num_words: int) -> dict:
+    words = [WORDS[i] for i in rng.integers(0, len(WORDS), num_words)]
+    segments = []
+    for word in words:
+        if rng.random() < 0.3:
+            segments.append(["[SIL]", int(rng.integers(1, 4))])
+        segments.append([word, int(rng.integers(2, 7))])
+    units = rng.integers(0, NUM_UNITS, sum(n for _, n in segments)).tolist()
+    return {"text": " ".join(words), "units": units, "segments": segments}
+
+
+def random_records(seed: int, num_items: int, num_endings: int = 2) -> list[dict]:
+    """Items in the JSONL form: contexts of 4-7 words, endings of 2-4 words, random labels."""
+    rng = np.random.default_rng(seed)
+    return [{"id": f"item-{seed}-{i}", "context": _part(rng, int(rng.integers(4, 8))),
+             "endings": [_part(rng, int(rng.integers(2, 5))) for _ in range(num_endings)],
+             "label": int(rng.integers(num_endings))} for i in range(num_items)]
+
+
+def tiny_lst_config(vocab_size: int):
+    """The tiny preset with windows short enough that they cut the scored sequences."""
+    return with_windows(preset("tiny", vocab_size), 16, 4)
+
+
+def tiny_model(kind: str, vocab_size: int, seed: int = 0, **megatron_overrides):
+    """A tiny LST (`kind="lst"`) or token baseline (`"baseline"`) in eval mode, CPU kernels."""
+    config = tiny_lst_config(vocab_size)
+    megatron_config = config.transformer_config(**megatron_overrides)
+    torch.manual_seed(seed)
+    if kind == "lst":
+        model = LSTModel(config, megatron_config, transformer_impl="local",
+                         local_attention_backend="sdpa", kernel_backend="torch")
+    else:
+        model = TokenBaselineModel(config, megatron_config, transformer_impl="local")
+    return model.eval()

@@ -1,0 +1,85 @@
+"""Loading and validating story-completion items: every bad item names its id and file:line."""
+
+import json
+
+import numpy as np
+import pytest
+from eval_cases import NUM_UNITS, random_records, tokenizer, vocab
+
+from megatron_lst.evaluation.items import ItemError, load_items
+
+
+def write(tmp_path, records, blank_first=False):
+    path = tmp_path / "items.jsonl"
+    lines = [""] if blank_first else []
+    lines += [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_loads_and_encodes_items(tmp_path):
+    records = random_records(0, 3, num_endings=4)
+    items = load_items(write(tmp_path, records), tokenizer(), vocab())
+    assert [i.id for i in items] == [r["id"] for r in records]
+    first, record = items[0], records[0]
+    assert first.label == record["label"] and len(first.endings) == 4
+    assert first.source.endswith("items.jsonl:1")
+    assert first.context.text_ids.tolist() == tokenizer().encode(record["context"]["text"])
+    assert first.space_id == tokenizer().space_id
+    assert first.endings[1].text_ids.tolist() == tokenizer().encode(record["endings"][1]["text"])
+    np.testing.assert_array_equal(first.endings[0].units, record["endings"][0]["units"])
+    segments = record["context"]["segments"]
+    assert first.context.segment_units.tolist() == [n for _, n in segments]
+    assert first.context.segment_is_silence.tolist() == [w == "[SIL]" for w, _ in segments]
+
+
+def test_text_only_items_load(tmp_path):
+    record = {"id": 7, "context": {"text": "the girl ran"},
+              "endings": [{"text": "home"}, {"text": "the cat"}], "label": 0}
+    (item,) = load_items(write(tmp_path, [record]), tokenizer(), vocab())
+    assert item.id == "7" and not item.context.has_speech and not item.endings[0].has_speech
+
+
+def broken(change):
+    record = random_records(1, 1)[0]
+    change(record)
+    return record
+
+
+BAD_ITEMS = {
+    "missing endings": (lambda r: r.pop("endings"), 'missing "endings"'),
+    "one ending": (lambda r: r["endings"].pop(), "at least 2 endings, got 1"),
+    "label out of range": (lambda r: r.update(label=2), "label 2 is not an ending index 0..1"),
+    "negative label": (lambda r: r.update(label=-1), "label -1"),
+    "unit out of range": (lambda r: r["endings"][1]["units"].__setitem__(3, NUM_UNITS),
+                          f"ending 1: unit {NUM_UNITS} at position 3 is outside the codebook"),
+    "negative unit": (lambda r: r["context"]["units"].__setitem__(0, -1), "context: unit -1"),
+    "segments do not cover units": (lambda r: r["context"]["units"].pop(),
+                                    "context: segments cover"),
+    "empty text": (lambda r: r["endings"][0].update(text=" "), 'ending 0: "text" is missing'),
+    "units on some parts only": (lambda r: r["endings"][0].pop("units") and
+                                 r["endings"][0].pop("segments"), "some parts have \"units\""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ITEMS))
+def test_bad_item_names_item_and_line(tmp_path, case):
+    change, message = BAD_ITEMS[case]
+    records = random_records(2, 2) + [broken(change)]
+    path = write(tmp_path, records, blank_first=True)
+    with pytest.raises(ItemError) as error:
+        load_items(path, tokenizer(), vocab())
+    text = str(error.value)
+    assert f"item 'item-1-0' ({path}:4)" in text, text
+    assert message in text, text
+
+
+def test_bad_json_and_duplicate_ids_name_the_line(tmp_path):
+    path = write(tmp_path, random_records(3, 1) + ["{not json"])
+    with pytest.raises(ItemError, match=rf"{path}:2: not a JSON object"):
+        load_items(path, tokenizer(), vocab())
+    path = write(tmp_path, random_records(3, 1) * 2)
+    with pytest.raises(ItemError, match=r"id already used at .*items.jsonl:1"):
+        load_items(path, tokenizer(), vocab())
+    with pytest.raises(ItemError, match="holds no items"):
+        load_items(write(tmp_path, []), tokenizer(), vocab())

@@ -1,0 +1,173 @@
+"""Likelihood scoring: layout per mode, exactness against incremental next-token log-probs,
+determinism, batch invariance, accuracy, and the patching used at inference."""
+
+import numpy as np
+import pytest
+import torch
+from eval_cases import random_records, tiny_model, tokenizer, vocab
+
+from megatron_lst.evaluation.items import ItemError, item_from_record
+from megatron_lst.evaluation.scoring import (
+    MODES,
+    ModeScores,
+    build_sequence,
+    collate,
+    evaluate_items,
+    flatten_results,
+    inference_patcher,
+    parse_modes,
+    score_items,
+)
+from megatron_lst.patching import Patcher, PatchingConfig, check_batch
+from megatron_lst.tokenizer.vocab import MODALITY_SPEECH, MODALITY_TEXT
+
+STATIC = Patcher(PatchingConfig("static", patch_size=3))
+ALIGNED = Patcher(PatchingConfig("aligned"))
+
+
+def items_of(records):
+    return [item_from_record(r, tokenizer(), vocab(), f"test:{i}") for i, r in enumerate(records)]
+
+
+@pytest.fixture(scope="module")
+def items():
+    return items_of(random_records(0, 5, num_endings=2) + random_records(1, 2, num_endings=4))
+
+
+@pytest.fixture(scope="module")
+def models(single_rank):
+    return {kind: tiny_model(kind, vocab().size, seed=3) for kind in ("lst", "baseline")}
+
+
+def test_parse_modes():
+    assert parse_modes("s2s, T->T,t2s") == ["S->S", "T->T", "T->S"]
+    with pytest.raises(ValueError, match="unknown evaluation mode 'S->X'"):
+        parse_modes("S->X")
+
+
+def test_sequence_layout_follows_training(items):
+    v, item = vocab(), items[0]
+    context_units, context_text = v.units_to_ids(item.context.units), item.context.text_ids
+    ending_units, ending_text = v.units_to_ids(item.endings[1].units), item.endings[1].text_ids
+    s, t = v.speech_marker, v.text_marker
+    layouts = {  # context run, then the ending: a new run (marker) only when the modality changes
+        "S->S": ([v.bos_id, s, *context_units], ending_units),
+        "T->T": ([v.bos_id, t, *context_text], ending_text),
+        "S->T": ([v.bos_id, s, *context_units, t], ending_text),
+        "T->S": ([v.bos_id, t, *context_text, tokenizer().space_id, s], ending_units),
+    }
+    for mode, (prefix, ending) in layouts.items():
+        seq = build_sequence(item, 1, mode, v, STATIC)
+        assert seq.tokens.tolist() == [int(x) for x in (*prefix, *ending)], mode
+        assert seq.first_scored == len(prefix), mode
+        assert seq.patch_lengths.sum() == len(seq.tokens)
+    # Aligned patching cuts at the ending's first word even where the speech run continues.
+    seq = build_sequence(item, 1, "S->S", v, ALIGNED)
+    assert seq.first_scored in np.cumsum(seq.patch_lengths)
+
+
+@pytest.mark.parametrize("patcher", [STATIC, ALIGNED], ids=["static", "aligned"])
+def test_batches_keep_the_trainer_contract(items, patcher):
+    v = vocab()
+    sequences = [build_sequence(item, e, mode, v, patcher) for mode in MODES
+                 for item in items[:3] for e in range(2)]
+    # The same text with its run as a document of the interleaver's layout.
+    text_run = tokenizer().encode(items[0].context.text + " " + items[0].endings[0].text)
+    assert sequences[6].tokens[2:].tolist() == text_run
+    batch = collate(sequences, multiple_of=2)
+    real = torch.zeros_like(batch["tokens"], dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        real[row, :len(seq.tokens) - 1] = True
+    assert batch["tokens"].shape[1] % 2 == 0 and batch["patch_lengths"].shape[1] % 2 == 0
+    modality = torch.where(real & v.is_patchable_static(batch["tokens"]),
+                           MODALITY_SPEECH, MODALITY_TEXT)
+    check_batch({"tokens": batch["tokens"], "labels": batch["labels"],
+                 "loss_mask": real.float(), "modality": modality,
+                 "patch_lengths": batch["patch_lengths"]}, v)
+    assert not (batch["score_mask"] & ~real).any()
+
+
+def test_inference_patcher_is_static_for_curriculum_and_mixed():
+    curriculum = PatchingConfig("curriculum", patch_size=5, aligned_until_step=10,
+                                static_from_step=20)
+    assert inference_patcher(curriculum).config == PatchingConfig("static", patch_size=5)
+    assert inference_patcher(PatchingConfig("mixed")).rule(None, None) == "static"
+    assert inference_patcher(PatchingConfig("aligned")).rule(None, None) == "aligned"
+
+
+def incremental_logprob(model, seq) -> float:
+    """Sum over scored t of log p(seq[t] | seq[:t]), one forward per prefix, with the sequence's
+    patches cut at t + 1 tokens (what the model sees when seq[t] comes next)."""
+    ends = np.cumsum(seq.patch_lengths)
+    total = 0.0
+    for t in range(seq.first_scored, len(seq.tokens)):
+        keep = int(np.searchsorted(ends, t + 1)) + 1  # patches touching tokens 0..t
+        lengths = seq.patch_lengths[:keep].copy()
+        lengths[-1] -= ends[keep - 1] - (t + 1)
+        tokens = torch.from_numpy(seq.tokens[:t].astype(np.int64))[None]
+        with torch.no_grad():
+            logits = model(tokens, torch.from_numpy(lengths)[None])  # [1, t, V]
+        total += torch.log_softmax(logits[0, -1].double(), -1)[int(seq.tokens[t])].item()
+    return total
+
+
+@pytest.mark.parametrize("kind,patcher", [("lst", STATIC), ("lst", ALIGNED), ("baseline", STATIC)],
+                         ids=["lst-static", "lst-aligned", "baseline"])
+@pytest.mark.parametrize("mode", ["S->S", "T->S", "S->T"])
+def test_one_forward_equals_incremental_next_token_logprobs(items, models, kind, patcher, mode):
+    model = models[kind]
+    scores = score_items([model], items[:2], vocab(), patcher, mode, batch_size=2)
+    for row, (item, ending) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        seq = build_sequence(items[item], ending, mode, vocab(), patcher)
+        expected = incremental_logprob(model, seq)
+        assert abs(scores.logprob[row] - expected) < 1e-4 * max(1.0, abs(expected))
+        assert scores.num_tokens[row] == len(seq.tokens) - seq.first_scored
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_scores_are_deterministic_and_independent_of_batching(items, models, kind):
+    first = score_items([models[kind]], items, vocab(), STATIC, "S->S", batch_size=3)
+    again = score_items([models[kind]], items, vocab(), STATIC, "S->S", batch_size=3)
+    np.testing.assert_array_equal(first.logprob, again.logprob)
+    one_by_one = score_items([models[kind]], items, vocab(), STATIC, "S->S", batch_size=1)
+    np.testing.assert_allclose(one_by_one.logprob, first.logprob, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(first.item_offsets, [0, 2, 4, 6, 8, 10, 14, 18])
+
+
+def test_accuracy_from_scores():
+    scores = ModeScores("T->T", logprob=np.array([-3.0, -4.0, -10.0, -9.0, -1.0, -2.0, -3.0]),
+                        num_tokens=np.array([1, 2, 10, 3, 1, 1, 1]),
+                        item_offsets=np.array([0, 2, 4, 7]), labels=np.array([0, 0, 2]))
+    assert scores.correct().tolist() == [True, False, False]
+    # Per token: item 0 -3 vs -2 -> ending 1; item 1 -1 vs -3 -> ending 0.
+    assert scores.correct(normalised=True).tolist() == [False, True, False]
+
+
+def test_evaluate_items_reports_every_mode_and_restores_train_mode(items, models):
+    model = models["lst"].train()
+    curriculum = Patcher(PatchingConfig("curriculum", patch_size=3, aligned_until_step=1,
+                                        static_from_step=2))
+    results = evaluate_items([model], items, vocab(), curriculum, list(MODES), batch_size=4,
+                             bootstrap_resamples=200)
+    assert model.training
+    model.eval()
+    static = score_items([model], items, vocab(), STATIC, "S->T", batch_size=4)
+    assert results["S->T"]["accuracy"] == static.correct().mean()
+    for summary in results.values():
+        assert summary["num_items"] == len(items)
+        assert summary["accuracy_ci_low"] <= summary["accuracy"] <= summary["accuracy_ci_high"]
+    assert flatten_results(results)["eval/T->T/accuracy"] == results["T->T"]["accuracy"]
+
+
+def test_items_that_cannot_be_scored(items, models):
+    text_only = items_of([{"id": "t", "context": {"text": "the dog"},
+                           "endings": [{"text": "sat"}, {"text": "ran"}], "label": 1}])
+    assert score_items([models["lst"]], text_only, vocab(), STATIC, "T->T", 1).logprob.shape == (2,)
+    with pytest.raises(ItemError, match="item 't' .*cannot be scored S->T"):
+        score_items([models["lst"]], text_only, vocab(), STATIC, "S->T", 1)
+    record = random_records(4, 1)[0]
+    del record["endings"][1]["segments"]
+    unaligned = items_of([record])
+    score_items([models["lst"]], unaligned, vocab(), STATIC, "S->S", 1)
+    with pytest.raises(ItemError, match="ending 1: aligned patching needs \"segments\""):
+        score_items([models["lst"]], unaligned, vocab(), ALIGNED, "T->S", 1)

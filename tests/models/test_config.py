@@ -1,0 +1,67 @@
+"""Model configuration: SwiGLU widths, presets, validation, the megatron config and the builder."""
+
+import pytest
+import torch
+
+from megatron_lst.models import (
+    PRESETS,
+    LSTModel,
+    ModelConfigError,
+    TokenBaselineModel,
+    build_model,
+    preset,
+    swiglu_ffn_size,
+)
+from megatron_lst.models.config import LocalModelConfig, check_tensor_parallel_vocab
+
+
+@pytest.mark.parametrize("hidden,expected", [(32, 256), (64, 256), (1024, 2816), (2048, 5632), (4096, 11008)])
+def test_swiglu_width_follows_reference_rule(hidden, expected):
+    assert swiglu_ffn_size(hidden) == expected
+
+
+def test_paper_1b_preset():
+    config = preset("1b", vocab_size=32508)
+    g = config.global_model
+    assert (g.num_layers, g.hidden_size, g.num_heads) == (25, 2048, 16)
+    assert (config.encoder.num_layers, config.encoder.hidden_size) == (1, 1024)
+    assert (config.decoder.num_layers, config.decoder.hidden_size) == (9, 1024)
+    assert config.encoder.window == config.decoder.window == 512
+    assert config.cross_attention.encoder_window == config.cross_attention.decoder_window == 512
+    assert config.rope_theta == 5e5
+    assert config.patch_width == g.hidden_size  # k * 1024 == 2048: no global input projection
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_build_consistent_configs(name):
+    config = preset(name, vocab_size=1020)
+    megatron_config = config.transformer_config()
+    assert megatron_config.rotary_interleaved and megatron_config.gated_linear_unit
+    assert megatron_config.normalization == "RMSNorm" and not megatron_config.add_bias_linear
+    assert megatron_config.ffn_hidden_size == config.global_model.ffn_hidden_size
+
+
+def test_invalid_configs_name_the_problem():
+    with pytest.raises(ModelConfigError, match="decoder hidden_size"):
+        tiny = preset("tiny", 64)
+        type(tiny)(vocab_size=64, global_model=tiny.global_model, encoder=tiny.encoder,
+                   decoder=LocalModelConfig(64, 1, 2, 256))
+    with pytest.raises(ModelConfigError, match="not divisible by num_heads"):
+        LocalModelConfig(30, 1, 4, 128)
+    with pytest.raises(ModelConfigError, match="unknown model preset"):
+        preset("3b", 64)
+    config = preset("tiny", 1021)
+    with pytest.raises(ModelConfigError, match="tensor_model_parallel_size 2"):
+        check_tensor_parallel_vocab(config, config.transformer_config(tensor_model_parallel_size=2))
+
+
+def test_build_model_picks_the_baseline_for_mode_none(single_rank):
+    config = preset("tiny", vocab_size=64)
+    megatron_config = config.transformer_config()
+    torch.manual_seed(0)
+    assert isinstance(build_model(config, "none", megatron_config, transformer_impl="local"),
+                      TokenBaselineModel)
+    for mode in ("static", "aligned", "mixed", "curriculum"):
+        assert isinstance(build_model(config, mode, megatron_config, transformer_impl="local"), LSTModel)
+    with pytest.raises(ModelConfigError, match="patching mode"):
+        build_model(config, "entropy", megatron_config)

@@ -1,0 +1,71 @@
+"""Resuming `pretrain_lst`'s loop continues the same run, single-process and under TP=2 x PP=2.
+
+The tiny LST trains in fp32 on gloo, where every reduction is deterministic: N iterations straight
+and N/2 + stop + `--load` + N/2 must give the same losses (to float64 print precision of the same
+fp32 arithmetic), which needs the model, optimizer, scheduler, RNG, data position and curriculum
+step all restored. The run that stops is a shorter `--train-iters` with the straight run's
+`--lr-decay-iters`, so both follow one learning-rate schedule.
+"""
+
+import shlex
+
+import pytest
+from training.training_cases import tiny_flags, write_corpus
+
+from distributed.harness import TESTS_DIR, run_distributed
+
+WORKER = TESTS_DIR / "training" / "workers" / "train_worker.py"
+ITERATIONS = 6
+
+
+def _command(flags: list[str]) -> str:
+    return shlex.join(flags)
+
+
+def _losses(run: dict) -> dict[int, float]:
+    return {int(k): v for k, v in run["losses"].items()}
+
+
+@pytest.mark.distributed
+def test_stop_and_resume_gives_the_straight_run_losses(tmp_path):
+    base = tiny_flags(write_corpus(tmp_path / "data")) + [
+        "--lr-decay-iters", str(ITERATIONS), "--eval-interval", "1000"]
+    straight = base + ["--train-iters", str(ITERATIONS)]
+    first_half = base + ["--train-iters", str(ITERATIONS // 2), "--save", str(tmp_path / "ckpt")]
+    second_half = straight + ["--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "ckpt")]
+
+    [runs] = run_distributed(WORKER, 1, [
+        "--training-run", _command(straight), "--training-run", _command(first_half),
+        "--training-run", _command(second_half)], timeout=240)
+    whole, before, after = runs
+
+    assert before["checkpoints"][-1].endswith(f"iter_{ITERATIONS // 2:07d}")
+    assert after["resumed_from"] == ITERATIONS // 2
+    assert after["consumed_samples"] == whole["consumed_samples"] == 4 * ITERATIONS
+    stitched = {**_losses(before), **_losses(after)}
+    assert sorted(stitched) == list(range(1, ITERATIONS + 1))
+    for iteration, loss in _losses(whole).items():
+        assert stitched[iteration] == pytest.approx(loss, rel=1e-9, abs=0), iteration
+    # The FLOP count continues across the resume.
+    assert after["flops"][str(ITERATIONS)] == pytest.approx(whole["flops"][str(ITERATIONS)])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tensor_and_pipeline_parallel_training_falls_saves_and_resumes(tmp_path):
+    flags = tiny_flags(write_corpus(tmp_path / "data")) + [
+        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+        "--lr", "1e-2", "--train-iters", str(ITERATIONS), "--eval-interval", "1000",
+        "--save", str(tmp_path / "ckpt"), "--save-interval", str(ITERATIONS // 2)]
+    resume = flags + ["--load", str(tmp_path / "ckpt"), "--train-iters", str(ITERATIONS + 2)]
+    ranks = run_distributed(WORKER, 4, ["--training-run", _command(flags), "--training-run", _command(resume)],
+                            timeout=300)
+
+    first, resumed = ranks[0]
+    for other in ranks[1:]:  # every rank reports the same global-batch losses
+        assert _losses(other[0]) == pytest.approx(_losses(first), rel=1e-12)
+    losses = _losses(first)
+    assert losses[ITERATIONS] < losses[1] - 0.05, losses
+    assert resumed["resumed_from"] == ITERATIONS
+    assert sorted(_losses(resumed)) == [ITERATIONS + 1, ITERATIONS + 2]
+    assert all(loss < losses[1] for loss in _losses(resumed).values())

@@ -1,0 +1,61 @@
+"""Tiny on-disk training data and `lst-train` flags for the training-loop tests.
+
+Documents are random (tests/data/document_cases.py) and written through the real
+`DocumentWriter`, so the loop reads them exactly as it reads preprocessed corpora.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from data.document_cases import VOCAB, random_aligned_document
+
+from megatron_lst.data.indexed import DocumentWriter
+from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
+
+
+def write_store(prefix: Path, kind: str, num_documents: int, seed: int) -> Path:
+    """`num_documents` random documents of `kind` ("aligned" or "text") at `prefix`."""
+    rng = np.random.default_rng(seed)
+    writer = DocumentWriter(prefix, kind)
+    counts = Counts()
+    for _ in range(num_documents):
+        if kind == "aligned":
+            doc = random_aligned_document(rng, int(rng.integers(8, 40)))
+            writer.add_aligned(doc)
+            counts.add(Counts(documents=1, segments=doc.num_segments,
+                              text_pieces=len(doc.text_ids), units=len(doc.unit_ids)))
+        else:
+            ids = rng.integers(4, VOCAB.text_size, int(rng.integers(10, 60))).astype(np.int32)
+            writer.add_text(ids)
+            counts.add(Counts(documents=1, text_pieces=len(ids)))
+    tokenizer = TokenizerInfo(path="none", sha256="0" * 64, vocab_size=VOCAB.text_size)
+    writer.finalize(Manifest(kind, VOCAB.to_dict(), tokenizer, VOCAB.num_units,
+                             25.0 if kind == "aligned" else None, counts, ["random"]))
+    return prefix
+
+
+def write_corpus(directory: Path) -> list[str]:
+    """A speech and a text store; returns the weighted `--data-path` values."""
+    speech = write_store(directory / "speech", "aligned", 60, seed=1)
+    text = write_store(directory / "text", "text", 60, seed=2)
+    return ["0.5", str(speech), "0.5", str(text)]
+
+
+def tiny_flags(data_path: list[str], patching_mode: str = "curriculum") -> list[str]:
+    """A tiny fp32 run: preset tiny-cpu, 8 patches of up to 24 tokens, batches of 4."""
+    flags = [
+        "--preset", "tiny-cpu", "--patching-mode", patching_mode,
+        "--seq-length", "8", "--max-position-embeddings", "32",
+        "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
+        "--lr-warmup-iters", "1", "--clip-grad", "1.0", "--weight-decay", "0.01",
+        "--num-units", str(VOCAB.num_units), "--split", "90,10,0", "--eval-iters", "1",
+        "--num-workers", "0", "--log-interval", "1", "--no-progress-bar", "--seed", "7",
+        "--data-path", *data_path,
+    ]
+    if patching_mode != "none":
+        flags += ["--max-tokens", "24", "--kernel-backend", "torch",
+                  "--curriculum-tau1", "2", "--curriculum-tau2", "6"]
+    return flags
