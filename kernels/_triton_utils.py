@@ -12,8 +12,9 @@ def use_autotune(*tensors: torch.Tensor) -> bool:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision: exact fp32 for fp32 inputs (no silent TF32), native otherwise."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """`tl.dot` input precision: exact for fp32/fp64 inputs (no silent TF32); half precision
+    ignores it."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def head_block(head_dim: int) -> int:

@@ -14,8 +14,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_lst.demo_corpus.build import (DemoCorpus, DemoCorpusConfig, build_demo_corpus,
-                                            format_summary)
+from megatron_lst.demo_corpus.build import (
+    DemoCorpus,
+    DemoCorpusConfig,
+    build_demo_corpus,
+    format_summary,
+)
 from megatron_lst.demo_corpus.optional import MissingDependencyError
 from megatron_lst.demo_corpus.tts import DEFAULT_VOICES
 from megatron_lst.demo_corpus.units import HubertFeatures

@@ -7,7 +7,7 @@ it. Segments cover the utterance: their unit counts sum to its number of units.
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def segments_from_intervals(intervals: Sequence[Interval], num_units: int,
     # Drop the zero-length silences made above (before a word at 0, between back-to-back words).
     starts = np.array([t for _, t in pieces] + [max(time, num_units / frame_rate)])
     keep = (np.diff(starts) > 0) | np.array([label != SILENCE for label, _ in pieces])
-    pieces = [p for p, k in zip(pieces, keep) if k]
+    pieces = [p for p, k in zip(pieces, keep, strict=True) if k]
     labels = [label for label, _ in pieces]
     is_word = np.array([label != SILENCE for label in labels])
     if is_word.sum() > num_units:
@@ -63,7 +63,7 @@ def segments_from_intervals(intervals: Sequence[Interval], num_units: int,
     counts = np.diff(bounds)
 
     segments: list[tuple[str, int]] = []
-    for label, count in zip(labels, counts):
+    for label, count in zip(labels, counts, strict=True):
         if label == SILENCE:
             if count == 0:
                 continue

@@ -1,7 +1,8 @@
 """Build the offline demo corpus: stories -> speech -> units -> aligned documents + evaluation sets.
 
-Stages, each cached under `<out_dir>/cache/<stage>-<hash of its inputs>/`, so re-running with the
-same configuration reads the results back instead of recomputing them:
+Stages (the expensive ones cached under `<out_dir>/cache/<stage>-<hash of their inputs>/`, and
+the outputs marked by the hash of the whole configuration in `summary.json`, so re-running with the
+same configuration returns at once and a changed setting redoes only the stages it affects):
 
 1. text: generated stories (or the user's text files), split into speech documents, text-only
    documents and a validation part of each; held-out stories for evaluation never appear in them;
@@ -28,24 +29,35 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.demo_corpus.alignment import SILENCE, on_the_fly_line, segments_from_intervals
-from megatron_lst.demo_corpus.eval_sets import (EVAL_SETS, SpokenText, TextItem,
-                                                endings_only_accuracy, item_record,
-                                                make_text_items, write_items)
+from megatron_lst.demo_corpus.eval_sets import (
+    EVAL_SETS,
+    SpokenText,
+    TextItem,
+    endings_only_accuracy,
+    item_record,
+    make_text_items,
+    write_items,
+)
 from megatron_lst.demo_corpus.ngram import NgramLM
 from megatron_lst.demo_corpus.optional import require
 from megatron_lst.demo_corpus.speech import SpeechRequest, Utterance, synthesize_utterances
 from megatron_lst.demo_corpus.stories import Story, generate_stories, normalize_words
 from megatron_lst.demo_corpus.tts import DEFAULT_VOICES, Voice
-from megatron_lst.demo_corpus.units import (UNIT_FRAME_RATE, FeatureExtractor, KMeansCodebook,
-                                            MfccFeatures, UnitExtractor)
+from megatron_lst.demo_corpus.units import (
+    UNIT_FRAME_RATE,
+    FeatureExtractor,
+    KMeansCodebook,
+    MfccFeatures,
+    UnitExtractor,
+)
 
 # Bump when a change to this package changes what the stages produce: it is part of every key.
 CORPUS_VERSION = 1
@@ -141,8 +153,9 @@ def _text_stage(config: DemoCorpusConfig):
     if config.text_files:
         paragraphs = _paragraphs(config.text_files)
         order = np.random.default_rng([config.seed, 1]).permutation(len(paragraphs))
+        # The configured speech share of the paragraphs, at most the configured number.
         share = num_speech / (num_speech + num_text)
-        num_speech = max(1, round(len(paragraphs) * share))
+        num_speech = min(num_speech, max(1, round(len(paragraphs) * share)))
         docs = [_Document(f"user-{i:06d}", paragraphs[i]) for i in order]
         speech, text = docs[:num_speech], docs[num_speech:]
     else:
@@ -390,6 +403,7 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     timings["codebook"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    manifest_path.unlink(missing_ok=True)  # outputs are half-written until the summary is back
     for sub in _OUTPUT_DIRS:  # no file of an earlier configuration may survive
         shutil.rmtree(out_dir / sub, ignore_errors=True)
     for sub in ("speech", "text", "eval"):
@@ -398,7 +412,7 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     ids = list(utterances)
     all_units = extractor.units_of_features(np.concatenate([utterances[i].features for i in ids]))
     ends = np.cumsum([len(utterances[i].features) for i in ids])
-    units_of = dict(zip(ids, np.split(all_units, ends[:-1])))
+    units_of = dict(zip(ids, np.split(all_units, ends[:-1]), strict=True))
     speech_counts = {split: _write_speech_split(out_dir, split, documents[f"speech_{split}"],
                                                 utterances, units_of)
                      for split in ("train", "valid")}
@@ -432,7 +446,8 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
                        timings)
     summary["key"] = output_key
     manifest_path.write_text(json.dumps(summary, indent=2))
-    return DemoCorpus(out_dir, _paths(out_dir), summary)
+    # Return what a cached re-run returns (JSON types: lists, not tuples).
+    return DemoCorpus(out_dir, _paths(out_dir), json.loads(manifest_path.read_text()))
 
 
 def _progress_bar(enabled: bool, total: int, what: str):
@@ -494,7 +509,8 @@ def format_summary(summary: dict) -> str:
         ("text-only words", f"{summary['text_words']:,}"),
         ("tokens (text pieces + units, all splits)", f"{summary['tokens']:,}"),
         ("units per word", f"{summary['units_per_word']:.2f}"),
-        ("patches per word, static p=4", f"{summary['patches_per_word_static4']:.2f}"),
+        ("patches per word, static p=4 (whole-document runs)",
+         f"{summary['patches_per_word_static4']:.2f}"),
         ("patches per word, aligned ([SIL] own patch)", f"{summary['patches_per_word_aligned']:.2f}"),
     ]
     for name, accuracy in summary["endings_only_ngram_accuracy"].items():

@@ -24,9 +24,9 @@ synthesised and unitised separately, in the item's voice, as the paper's spoken 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import multiprocessing
 import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -69,7 +69,7 @@ class _Worker:
                 raise ValueError(f"{request.id}: no speakable words in {request.text[:60]!r}")
             synthesis = cls.synthesizer.synthesize(text, request.voice)
             features = cls.features(resample(synthesis.audio, synthesis.sample_rate))
-            intervals = [Interval(w.start, w.end, word) for w, word in zip(synthesis.words, words)]
+            intervals = [Interval(w.start, w.end, word) for w, word in zip(synthesis.words, words, strict=True)]
             out.append(Utterance(request.id, intervals, features.astype(np.float16),
                                  synthesis.duration))
         return out

@@ -14,8 +14,8 @@ the lowercase word sequence (no punctuation) that the corpus stores, as in the r
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -20,8 +20,8 @@ only after the same earlier utterances in the process (see speech.py for how the
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -15,9 +15,10 @@ at 16 kHz has n // 640 units.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -203,7 +204,7 @@ class KMeansCodebook:
         return len(self.centroids)
 
     @classmethod
-    def fit(cls, frames: np.ndarray, num_units: int, seed: int = 0) -> "KMeansCodebook":
+    def fit(cls, frames: np.ndarray, num_units: int, seed: int = 0) -> KMeansCodebook:
         """Mini-batch k-means (k-means++ initialisation) on frames [n, dim].
 
         On 60k MFCC frames with 500 clusters it reaches within 3% of full k-means' distortion in
@@ -234,7 +235,7 @@ class KMeansCodebook:
         np.save(path, self.centroids)
 
     @classmethod
-    def load(cls, path: str | Path) -> "KMeansCodebook":
+    def load(cls, path: str | Path) -> KMeansCodebook:
         return cls(np.load(path).astype(np.float32))
 
 

@@ -1,8 +1,8 @@
 """Model configuration: one frozen dataclass per part, presets, and the megatron.core config.
 
 `LSTConfig` describes the whole model (local encoder, global transformer, local decoder and the
-cross-attention between them); `token_baseline` models only use `vocab_size`, `global_model`,
-`norm_eps`, `rope_theta` and `max_sequence_length`. `LSTConfig.transformer_config()` turns it
+cross-attention between them); `TokenBaselineModel` uses only `vocab_size`, `global_model`,
+`norm_eps`, `rope_theta`, `max_sequence_length` and `init_std`. `LSTConfig.transformer_config()` turns it
 into the `TransformerConfig` that megatron.core modules (the global block, the embedding and the
 output head) are built with, parallel settings included.
 """
@@ -108,8 +108,9 @@ class LSTConfig:
     rope_theta: float = 10000.0
     """One RoPE base for the local and global models, as in the reference."""
     max_sequence_length: int = 4096
-    """Longest token sequence the token baseline embeds positions for (RoPE table size)."""
+    """GPTModel's `max_sequence_length` for the token baseline (RoPE itself has no length cap)."""
     init_std: float = 0.02
+    """Std of the normal init of every weight matrix (megatron's `init_method_std`)."""
 
     def __post_init__(self):
         if self.decoder.hidden_size != self.encoder.hidden_size:

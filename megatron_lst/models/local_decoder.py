@@ -12,8 +12,8 @@ from .rope import RotaryTable
 
 
 class LocalDecoder(torch.nn.Module):
-    """Per layer: tokens cross-attend the k slots of their last W visible global patches, then
-    sliding-window self-attention and MLP; final RMSNorm.
+    """Per layer: tokens cross-attend the k slots of their last W visible global patches (before
+    every layer, or only the first), then sliding-window self-attention and MLP; final RMSNorm.
 
     Causality (DESIGN.md section 4): decoder patch ids come from `patch_lengths[:, 1:]`, so token t
     of decoder patch j sits at or after the last token of encoder patch j and reads only global

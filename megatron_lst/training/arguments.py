@@ -251,24 +251,20 @@ def _add_validation_args(parser: argparse.ArgumentParser) -> None:
 # --- composing defaults, preset, YAML and the command line -----------------------------
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse `argv` on top of the preset and the YAML file it names; does not validate."""
+    """Parse `argv` on top of the preset and the YAML file it names; does not validate.
+    A config file that does not map onto the flags raises ArgumentError."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
-    config = config_files.load_config(pre.config) if pre.config else {}
-    config_dests = config_files.config_to_defaults(config, parser, source=pre.config)
+    try:
+        config = config_files.load_config(pre.config) if pre.config else {}
+        config_dests = config_files.config_to_defaults(config, parser, source=pre.config)
+    except config_files.ConfigError as err:
+        raise ArgumentError(str(err)) from None
     preset_name = pre.preset if pre.preset is not None else config_dests.get("preset")
-    if preset_name is not None:
-        parser.set_defaults(**_preset_defaults(preset_name))
+    if preset_name is not None:  # a known name: the flag's choices were checked above
+        parser.set_defaults(**MODEL_PRESETS[preset_name])
     parser.set_defaults(**config_dests)
     return parser.parse_args(argv)
-
-
-def _preset_defaults(name: str) -> dict[str, Any]:
-    if name not in MODEL_PRESETS:
-        raise ArgumentError(
-            f"--preset {name!r} is not a model preset; choose one of {sorted(MODEL_PRESETS)}"
-        )
-    return dict(MODEL_PRESETS[name])
 
 
 # --- validation -------------------------------------------------------------------------
@@ -276,10 +272,12 @@ def _preset_defaults(name: str) -> dict[str, Any]:
 def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Check `args` for a run on `world_size` processes; returns a copy with derived fields.
 
-    Derived fields: `data_parallel_size`, `num_micro_batches`, `global_batch_size` (when
-    unset), `ffn_hidden_size`, `num_query_groups`, `max_tokens`, `lr_decay_iters`,
-    `params_dtype_name`, `resume_from` (checkpoint directory or None). Raises ArgumentError
-    naming the flags and the fix; `args` itself is not modified.
+    Derived fields: `data_parallel_size`, `num_micro_batches`, `params_dtype_name`,
+    `resume_from` (the checkpoint directory `--load` resumes from, or None), and defaults filled
+    in for `global_batch_size`, `ffn_hidden_size`, `num_query_groups`,
+    `max_position_embeddings`, `max_tokens`, `lr_decay_iters`, `distributed_backend`;
+    `sequence_parallel` is turned off, with a warning, without tensor parallelism. Raises
+    ArgumentError naming the flags and the fix; `args` itself is not modified.
     """
     args = argparse.Namespace(**vars(args))
     _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length",
@@ -452,6 +450,12 @@ def _validate_lst(args: argparse.Namespace) -> None:
                 f"--local-{side}-hidden-size {hidden} is not divisible by --cross-attn-heads "
                 f"{cross_heads}"
             )
+    if args.local_decoder_hidden_size != args.local_encoder_hidden_size:
+        raise ArgumentError(
+            f"--local-decoder-hidden-size {args.local_decoder_hidden_size} must equal "
+            f"--local-encoder-hidden-size {args.local_encoder_hidden_size}: the decoder reads the "
+            f"encoder's token states"
+        )
 
 
 def _validate_training(args: argparse.Namespace) -> None:
@@ -528,7 +532,7 @@ def _validate_precision(args: argparse.Namespace) -> None:
 
 def _validate_checkpointing(args: argparse.Namespace) -> None:
     # Imported here: checkpointing imports megatron.core, which argument parsing must not need.
-    from megatron_lst.training.checkpointing import find_latest_checkpoint
+    from megatron_lst.training.checkpointing import CheckpointError, find_latest_checkpoint
 
     _positive(args, "save_interval")
     if args.save_interval is not None and args.save is None:
@@ -548,7 +552,10 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
             f"--load {args.load} does not exist; check the path, or pass the same directory "
             f"to --save and --load to resume automatically once a checkpoint exists"
         )
-    latest = find_latest_checkpoint(args.load)  # raises CheckpointError if corrupt
+    try:
+        latest = find_latest_checkpoint(args.load)
+    except CheckpointError as err:
+        raise ArgumentError(f"--load {args.load}: {err}") from None
     if latest is None:
         if auto_resume:
             return

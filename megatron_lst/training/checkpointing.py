@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.training.arguments import args_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def save_checkpoint(
             "sharded_state_metadata": SHARDED_STATE_METADATA,
             "parallel_layout": _parallel_layout(),
             "vocab": vocab.to_dict() if vocab is not None else None,
-            "args": _args_to_dict(args),
+            "args": args_to_dict(args),
         }
         _write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
         os.rename(temporary, final)
@@ -235,12 +236,6 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
-    from megatron_lst.training.arguments import args_to_dict
-
-    return args_to_dict(args)
 
 
 # --- loading ----------------------------------------------------------------------------
@@ -290,15 +285,15 @@ def load_checkpoint(
         state["rng_state"] = _rng_sharded_object()
     loaded = dist_checkpointing.load(state, str(path))
 
-    for key, chunk in zip(_model_keys(model_chunks), _unwrap(model_chunks)):
+    for key, chunk in zip(_model_keys(model_chunks), _unwrap(model_chunks), strict=True):
         chunk.load_state_dict(loaded[key], strict=True)
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None and metadata["scheduler"] is not None:
             scheduler.load_state_dict(metadata["scheduler"])
     elif optimizer is not None:
-        # Mixed-precision optimizers keep fp32 main copies of the weights: refresh them from the
-        # weights just loaded (a no-op for fp32 optimizers).
+        # Optimizers that keep their own main copy of the weights (mixed precision, distributed)
+        # refresh it from the weights just loaded; the plain fp32 optimizer has none.
         optimizer.reload_model_params()
     if load_rng:
         _restore_rng_state(loaded["rng_state"])
@@ -376,7 +371,7 @@ def _model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, 
     if not model_chunks:
         raise ValueError("model_chunks is empty; pass this rank's model chunks")
     return {key: chunk.sharded_state_dict()
-            for key, chunk in zip(_model_keys(model_chunks), _unwrap(model_chunks))}
+            for key, chunk in zip(_model_keys(model_chunks), _unwrap(model_chunks), strict=True)}
 
 
 def _parallel_layout() -> dict[str, int]:

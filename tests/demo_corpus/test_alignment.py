@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from megatron_lst.data.textgrid import Interval
-from megatron_lst.demo_corpus.alignment import (SILENCE, AlignmentError, on_the_fly_line,
-                                                segments_from_intervals)
+from megatron_lst.demo_corpus.alignment import (
+    SILENCE,
+    AlignmentError,
+    on_the_fly_line,
+    segments_from_intervals,
+)
 
 FIXTURE = Path(__file__).resolve().parents[2] / "../shared/fixtures/reference_lst"
 

@@ -39,7 +39,7 @@ def test_speech_documents_read_back_through_both_input_forms(corpus):
         num_units=TINY.num_units)]
     ids = sorted(json.loads(line)["file_id"] for line in lines)
     assert [json.loads(line)["file_id"] for line in lines] == ids  # same order as the TextGrids
-    for a, b in zip(from_jsonl, from_textgrid):
+    for a, b in zip(from_jsonl, from_textgrid, strict=True):
         np.testing.assert_array_equal(a.unit_ids, b.unit_ids)
         np.testing.assert_array_equal(a.text_ids, b.text_ids)  # the same words in order
         # Both forms cut the units at the same word boundaries up to one frame of rounding.
@@ -88,3 +88,20 @@ def test_rerun_is_cached_and_a_new_codebook_reuses_the_speech(corpus, monkeypatc
                                     progress=False)
     assert fewer_units.summary["config"]["num_units"] == 12
     assert np.load(fewer_units.paths["codebook"]).shape == (12, 78)
+
+
+def test_user_text_files_replace_the_stories_but_not_the_held_out_sets(tmp_path):
+    path = tmp_path / "book.txt"
+    paragraphs = [" ".join(f"word{p}x{i}" for i in range(30)) for p in range(20)]
+    path.write_text("\n\n".join(paragraphs) + "\n\n" + " ".join(["long"] * 250))
+    documents, eval_stories = build_module._text_stage(replace(TINY, text_files=(str(path),)))
+    texts = [d.text for split in documents.values() for d in split]
+    assert sorted(texts) == sorted(paragraphs + [" ".join(["long"] * 120)] * 2
+                                   + [" ".join(["long"] * 10)])
+    # 6 of 18 configured documents are speech: a third of the 23 paragraphs, at most 6.
+    assert len(documents["speech_train"]) + len(documents["speech_valid"]) == 6
+    assert len(eval_stories) == 3 * TINY.eval_items
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n -- \n")
+    with pytest.raises(ValueError, match="hold no words"):
+        build_module._text_stage(replace(TINY, text_files=(str(empty),)))

@@ -26,7 +26,7 @@ def test_results_do_not_depend_on_workers_or_earlier_utterances(synthesizer):
     one = synthesize_utterances(requests, MfccFeatures(), workers=1, chunk_size=2)
     two = synthesize_utterances(requests, MfccFeatures(), workers=2, chunk_size=2)
     assert [u.id for u in one] == [r.id for r in requests]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert a.words == b.words and a.duration == b.duration
         np.testing.assert_array_equal(a.features, b.features)
         assert a.features.shape == (int(a.duration * 16000) // 640, 78)

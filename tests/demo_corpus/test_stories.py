@@ -3,8 +3,7 @@ import pytest
 
 from megatron_lst.demo_corpus.eval_sets import EVAL_SETS, endings_only_accuracy, make_text_items
 from megatron_lst.demo_corpus.ngram import NgramLM
-from megatron_lst.demo_corpus.stories import (BOYS, GIRLS, PLOTS, generate_stories,
-                                              normalize_words)
+from megatron_lst.demo_corpus.stories import BOYS, GIRLS, PLOTS, generate_stories, normalize_words
 
 
 def test_normalize_words():
@@ -33,7 +32,7 @@ def test_one_fact_wrong_endings_change_one_word_to_one_the_story_never_names():
         for wrong in story.wrong_endings:
             words = normalize_words(wrong)
             assert len(words) == len(right)
-            changed = [(r, w) for r, w in zip(right, words) if r != w]
+            changed = [(r, w) for r, w in zip(right, words, strict=True) if r != w]
             assert len(changed) == 1, (story.ending, wrong)
             old, new = changed[0]
             assert old in context and new not in context
@@ -68,7 +67,7 @@ def lm_and_items():
 def test_items_have_the_right_ending_at_label(lm_and_items):
     _, items, stories = lm_and_items
     for name, n in (("storycloze", 2), ("topic", 2), ("hellaswag", 4)):
-        for item, story in zip(items[name], stories):
+        for item, story in zip(items[name], stories, strict=True):
             assert len(item.endings) == n and item.endings[item.label] == story.ending
         labels = np.array([item.label for item in items[name]])
         assert np.bincount(labels, minlength=n).min() > 0.15 * len(labels)

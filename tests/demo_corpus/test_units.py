@@ -2,8 +2,13 @@ import numpy as np
 import pytest
 
 from megatron_lst.demo_corpus.tts import Voice
-from megatron_lst.demo_corpus.units import (HubertFeatures, KMeansCodebook, MfccFeatures,
-                                            UnitExtractor, resample)
+from megatron_lst.demo_corpus.units import (
+    HubertFeatures,
+    KMeansCodebook,
+    MfccFeatures,
+    UnitExtractor,
+    resample,
+)
 
 pytest.importorskip("scipy", reason="scipy is not installed (pip install 'megatron-lst[data]')")
 pytest.importorskip("sklearn", reason="scikit-learn is not installed "

@@ -112,6 +112,10 @@ def test_lst_local_sizes_are_checked():
         valid(*lst)
     with pytest.raises(ArgumentError, match=r"missing --local-encoder-layers"):
         valid("--patching-mode", "aligned", "--max-tokens", "64")
+    lst[lst.index("30")] = "64"
+    with pytest.raises(ArgumentError, match=r"--local-decoder-hidden-size 32 must equal "
+                                            r"--local-encoder-hidden-size 64"):
+        valid(*lst)
 
 
 def test_sequence_parallel_without_tensor_parallel_warns_and_turns_off(caplog):
@@ -162,7 +166,7 @@ def test_load_directory_with_checkpoint_and_corrupt_pointer(tmp_path):
     (checkpoint / METADATA_FILENAME).write_text("{}")
     assert valid("--load", str(tmp_path)).resume_from == str(checkpoint)
     (tmp_path / TRACKER_FILENAME).write_text("40")
-    with pytest.raises(Exception, match=r"corrupt"):
+    with pytest.raises(ArgumentError, match=r"--load .*names iteration 40.*corrupt"):
         valid("--load", str(tmp_path), "--save", str(tmp_path))
 
 
@@ -196,8 +200,11 @@ def test_yaml_switches_and_lists(tmp_path):
     ("- a\n- b\n", r"must be a mapping"),
 ])
 def test_bad_yaml_names_the_key_and_the_fix(tmp_path, text, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ArgumentError, match=message):
         parse_args(["--config", write_yaml(tmp_path, text)])
+    if not text.startswith("-"):
+        with pytest.raises(ConfigError, match=message):
+            config_to_argv(load_config(write_yaml(tmp_path, text)), arguments.build_parser())
 
 
 def test_unknown_preset_is_named():
@@ -228,3 +235,24 @@ def test_shipped_configs_cover_the_paper_runs():
     assert paper.local_encoder_hidden_size == paper.local_decoder_hidden_size == 1024
     assert paper.cross_attn_window_encoder == paper.cross_attn_window_decoder == 512
     assert paper.rotary_base == 500000 and paper.patching_mode == "curriculum"
+
+
+@pytest.mark.parametrize("flag_preset, model_preset", [("paper-1b", "1b"), ("7b", "7b")])
+def test_size_presets_agree_with_the_model_presets(flag_preset, model_preset):
+    from megatron_lst.models.config import preset
+
+    config = preset(model_preset, vocab_size=1024)  # sizes do not depend on the vocabulary
+    g, enc, dec, cross = config.global_model, config.encoder, config.decoder, config.cross_attention
+    from_model = dict(
+        num_layers=g.num_layers, hidden_size=g.hidden_size, ffn_hidden_size=g.ffn_hidden_size,
+        num_attention_heads=g.num_heads, num_query_groups=g.num_query_groups,
+        rotary_base=config.rope_theta,
+        local_encoder_layers=enc.num_layers, local_encoder_hidden_size=enc.hidden_size,
+        local_encoder_heads=enc.num_heads, local_decoder_layers=dec.num_layers,
+        local_decoder_hidden_size=dec.hidden_size, local_decoder_heads=dec.num_heads,
+        cross_attn_k=cross.slots_per_patch, cross_attn_heads=cross.num_heads,
+        cross_attn_window_encoder=cross.encoder_window,
+        cross_attn_window_decoder=cross.decoder_window, local_attention_window=enc.window,
+    )
+    flags = arguments.MODEL_PRESETS[flag_preset]
+    assert {key: flags[key] for key in from_model} == from_model

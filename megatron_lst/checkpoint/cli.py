@@ -1,0 +1,92 @@
+"""`lst-convert` / `tools/convert_checkpoint.py`: convert LST checkpoints and verify each result.
+
+    lst-convert import-reference --reference-ckpt consolidated.pth --reference-args params.json --output DIR
+    lst-convert export-reference --portable DIR --output REF_DIR
+    lst-convert dist-to-portable --load SAVE_DIR --output DIR
+    lst-convert portable-to-dist --portable DIR --save SAVE_DIR [--iteration N]
+
+The portable form is a directory with `model.safetensors` and `lst_config.json` (`portable.py`).
+Dist checkpoints are `lst-train`'s (`--save`/`--load` directories) and carry no layout: the one
+written here loads under any TP/PP (`lst-train --load SAVE_DIR --finetune`), and one saved under
+any TP/PP converts here. Every command prints the max abs logit difference on a fixed batch
+between the model before and after conversion, and exits 1 if it exceeds the tolerance.
+Exit status: 0 on success, 1 for a checkpoint that is refused or fails verification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.tokenizer.vocab import VocabularyError
+from megatron_lst.training.checkpointing import CheckpointError
+
+from .model_state import CheckpointContentError
+from .verify import VerificationError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lst-convert", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    imp = commands.add_parser("import-reference", help="reference checkpoint -> portable")
+    imp.add_argument("--reference-ckpt", required=True,
+                     help="the reference's consolidated.pth, or a state dict .pth/.safetensors")
+    imp.add_argument("--reference-args", required=True,
+                     help="its params.json (model args under 'model') or a JSON with 'model_args'")
+    imp.add_argument("--output", required=True, help="portable checkpoint directory to write")
+    imp.add_argument("--num-units", type=int, default=502,
+                     help="speech-unit slots of the reference vocabulary (default 502)")
+
+    exp = commands.add_parser("export-reference", help="portable -> reference checkpoint")
+    exp.add_argument("--portable", required=True, help="portable checkpoint directory")
+    exp.add_argument("--output", required=True,
+                     help="directory for consolidated.pth and params.json")
+
+    to_portable = commands.add_parser("dist-to-portable", help="dist checkpoint -> portable")
+    to_portable.add_argument("--load", required=True,
+                             help="lst-train --save directory, or one iter_XXXXXXX directory in it")
+    to_portable.add_argument("--output", required=True, help="portable checkpoint directory to write")
+
+    to_dist = commands.add_parser("portable-to-dist", help="portable -> dist checkpoint (weights only)")
+    to_dist.add_argument("--portable", required=True, help="portable checkpoint directory")
+    to_dist.add_argument("--save", required=True, help="lst-train --save directory to write into")
+    to_dist.add_argument("--iteration", type=int, default=0,
+                         help="iteration number of the written checkpoint (default 0)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
+
+    from . import convert
+
+    initialize_parallel()
+    try:
+        if args.command == "import-reference":
+            convert.import_reference_to_portable(args.reference_ckpt, args.reference_args,
+                                                 args.output, args.num_units)
+        elif args.command == "export-reference":
+            convert.export_portable_to_reference(args.portable, args.output)
+        elif args.command == "dist-to-portable":
+            convert.dist_to_portable(args.load, args.output)
+        else:
+            convert.portable_to_dist(args.portable, args.save, args.iteration)
+    except (CheckpointContentError, CheckpointError, ReferenceImportError, VocabularyError,
+            VerificationError) as error:
+        print(f"lst-convert {args.command}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

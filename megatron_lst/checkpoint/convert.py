@@ -1,0 +1,145 @@
+"""The conversions `lst-convert` runs, each verified by a forward pass before and after.
+
+Every function runs in one process after `initialize_parallel()` (TP=1/PP=1): the source is
+loaded into a model, the target is written, read back into a second model, and both run the
+same fixed batch (`verify.py`); a difference above the tolerance raises `VerificationError`.
+Returns the measured max abs logit difference.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from megatron_lst.patching.curriculum import PATCHING_MODES
+from megatron_lst.tokenizer.vocab import NUM_RESERVED, JointVocab
+
+from .dist import (
+    checkpoint_model,
+    load_dist_checkpoint,
+    resolve_checkpoint,
+    save_dist_checkpoint,
+    training_args_for,
+)
+from .model_state import (
+    CheckpointContentError,
+    build_full_model,
+    full_state_dict,
+    load_full_state_dict,
+)
+from .portable import PortableCheckpoint, load_portable, save_portable
+from .reference import (
+    export_reference,
+    import_reference,
+    read_reference_model_args,
+    read_reference_state_dict,
+    reference_model_args,
+)
+from .verify import VerificationError, verify_same_function
+
+REFERENCE_WEIGHTS_FILENAME = "consolidated.pth"
+REFERENCE_ARGS_FILENAME = "params.json"
+
+
+def portable_model(checkpoint: PortableCheckpoint, source: str):
+    model = build_full_model(checkpoint.config)
+    load_full_state_dict(model, checkpoint.state, source)
+    return model
+
+
+def reference_vocab(vocab_size: int, num_units: int) -> JointVocab:
+    """The reference's joint layout: `vocab_size = V + 6 + num_units`."""
+    text_size = vocab_size - NUM_RESERVED - 2 - num_units
+    if text_size <= 2:
+        raise CheckpointContentError(
+            f"reference vocab_size {vocab_size} cannot hold {num_units} speech units plus "
+            f"{NUM_RESERVED + 2} special ids and a text vocabulary; pass the right --num-units")
+    return JointVocab(text_size=text_size, num_units=num_units)
+
+
+def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str | Path,
+                                 output: str | Path, num_units: int = 502,
+                                 stream: TextIO | None = sys.stdout) -> float:
+    """Reference checkpoint + model args -> portable checkpoint in `output`.
+
+    Also checks that exporting the imported tensors gives back the reference state dict exactly.
+    """
+    original = read_reference_state_dict(reference_ckpt)
+    model_args = read_reference_model_args(reference_args)
+    config, state = import_reference(original, model_args)
+    _check_identical(export_reference(state, config), original, "re-exported reference state dict")
+    if stream is not None:
+        print(f"verify import-reference: export of the import == original ({len(original)} "
+              "tensors identical)", file=stream)
+    before = build_full_model(config)
+    load_full_state_dict(before, state, str(reference_ckpt))
+    save_portable(output, PortableCheckpoint(
+        config=config, state=state, vocab=reference_vocab(config.vocab_size, num_units),
+        reference_model_args=model_args, source=f"reference checkpoint {reference_ckpt}"))
+    after = portable_model(load_portable(output), str(output))
+    return verify_same_function(before, after, "import-reference", stream=stream)
+
+
+def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
+                                 stream: TextIO | None = sys.stdout) -> float:
+    """Portable checkpoint -> `output/consolidated.pth` (BLT's `{"model": state dict}`) and
+    `output/params.json` (`{"model": model args}`)."""
+    checkpoint = load_portable(portable_dir)
+    before = portable_model(checkpoint, str(portable_dir))
+    reference = export_reference(full_state_dict(before), checkpoint.config)
+    model_args = reference_model_args(checkpoint.config, checkpoint.reference_model_args)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": reference}, output / REFERENCE_WEIGHTS_FILENAME)
+    (output / REFERENCE_ARGS_FILENAME).write_text(json.dumps({"model": model_args}, indent=1) + "\n")
+
+    config, state = import_reference(read_reference_state_dict(output / REFERENCE_WEIGHTS_FILENAME),
+                                     read_reference_model_args(output / REFERENCE_ARGS_FILENAME))
+    after = build_full_model(config)
+    load_full_state_dict(after, state, str(output))
+    return verify_same_function(before, after, "export-reference", stream=stream)
+
+
+def dist_to_portable(load: str | Path, output: str | Path,
+                     stream: TextIO | None = sys.stdout) -> float:
+    """Dist checkpoint (any TP/PP it was saved with) -> portable checkpoint in `output`."""
+    path = resolve_checkpoint(load)
+    config, vocab, training_args = checkpoint_model(path)
+    before = build_full_model(config)
+    load_dist_checkpoint(path, before, vocab)
+    save_portable(output, PortableCheckpoint(
+        config=config, state=full_state_dict(before), vocab=vocab, training_args=training_args,
+        source=f"dist checkpoint {path}"))
+    after = portable_model(load_portable(output, vocab), str(output))
+    return verify_same_function(before, after, "dist-to-portable", stream=stream)
+
+
+def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int = 0,
+                     stream: TextIO | None = sys.stdout) -> float:
+    """Portable checkpoint -> dist checkpoint `iteration` under `save` (weights only), loadable
+    under any TP/PP with `lst-train --load save --finetune`."""
+    checkpoint = load_portable(portable_dir)
+    before = portable_model(checkpoint, str(portable_dir))
+    # The one data flag the model builder reads: any mode but "none" builds the LST model.
+    patching_mode = (checkpoint.reference_model_args or {}).get("patching_mode")
+    if patching_mode not in PATCHING_MODES or patching_mode == "none":
+        patching_mode = "static"
+    training_args = training_args_for(checkpoint.config, checkpoint.training_args, patching_mode)
+    path = save_dist_checkpoint(Path(save), before, training_args, checkpoint.vocab, iteration)
+    after = build_full_model(checkpoint.config)
+    load_dist_checkpoint(path, after, checkpoint.vocab)
+    return verify_same_function(before, after, "portable-to-dist", stream=stream)
+
+
+def _check_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                     what: str) -> None:
+    if actual.keys() != expected.keys():
+        raise VerificationError(
+            f"{what}: tensors {sorted(actual.keys() ^ expected.keys())} are in only one of the two")
+    for name, tensor in expected.items():
+        if actual[name].dtype != tensor.dtype or not torch.equal(actual[name], tensor):
+            raise VerificationError(f"{what}: tensor {name!r} differs from the original")

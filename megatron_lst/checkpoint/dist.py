@@ -1,0 +1,168 @@
+"""Megatron dist checkpoints (`training/checkpointing.py` layout) <-> full state dicts.
+
+megatron.core stores every tensor in model space (global shape, this rank's slice), so a dist
+checkpoint has no layout of its own: one written by a TP=1/PP=1 model in one process loads under
+TP=c/PP=d, and one written under TP=a/PP=b loads into a TP=1/PP=1 model, resharded on load.
+Conversions here therefore run in a single process; the training loop's `--load` reshards to the
+run's layout.
+
+The model's shape is read back from the checkpoint's saved `lst-train` flags (`args` in its
+`lst_checkpoint.json`) and vocabulary, exactly as training built it (`lst_config_from_args`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from megatron_lst.models.config import LSTConfig
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+
+from .model_state import CheckpointContentError
+
+# Keys of a training checkpoint that are not model tensors.
+_NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
+
+
+def mark_encoder_replica(model, sharded_state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Make the last pipeline stage's encoder replica a secondary copy in a sharded state dict.
+
+    Under PP>1 the first and the last stage both hold `token_encoder.*` (see `lst_model.py`);
+    megatron.core refuses to save two main replicas of one key. This mirrors what `GPTModel`
+    does for a tied output layer: the last stage's copy gets replica id 1, so the checkpoint
+    stores the first stage's copy once, and loading fills both. In place; returns the dict.
+    """
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    if not model.replicated_encoder_parameters() or model.pre_process:
+        return sharded_state_dict
+    for value in nested_values(sharded_state_dict):
+        if isinstance(value, ShardedTensor) and value.key.startswith("token_encoder."):
+            value.replica_id = (1, *value.replica_id[1:])
+    return sharded_state_dict
+
+
+def model_sharded_state_dict(model) -> dict[str, Any]:
+    """`model.sharded_state_dict()` with the encoder replica marked (`mark_encoder_replica`)."""
+    return mark_encoder_replica(model, model.sharded_state_dict())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """An `iter_XXXXXXX` directory, or the newest complete one under a `--save` directory."""
+    from megatron_lst.training.checkpointing import METADATA_FILENAME, find_latest_checkpoint
+
+    path = Path(path)
+    if (path / METADATA_FILENAME).is_file():
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointContentError(f"{path} holds no complete dist checkpoint")
+    return latest
+
+
+def checkpoint_model(path: Path) -> tuple[LSTConfig, JointVocab | None, dict[str, Any]]:
+    """`(LSTConfig, vocabulary, saved lst-train flags)` of the dist checkpoint at `path`."""
+    from megatron_lst.training.checkpointing import read_checkpoint_metadata
+    from megatron_lst.training.model_provider import lst_config_from_args
+
+    metadata = read_checkpoint_metadata(path)
+    args = metadata.get("args") or {}
+    if args.get("patching_mode", "none") == "none":
+        raise CheckpointContentError(
+            f"{path} holds a token-baseline model (--patching-mode none); only LST models convert")
+    if metadata.get("vocab") is None:
+        raise CheckpointContentError(
+            f"{path} records no vocabulary, so its embedding size is unknown; it was not written "
+            "by lst-train or lst-convert")
+    vocab = JointVocab.from_dict(metadata["vocab"])
+    return lst_config_from_args(argparse.Namespace(**args), vocab.size), vocab, args
+
+
+def training_args_for(config: LSTConfig, base_args: dict[str, Any] | None = None,
+                      patching_mode: str = "static") -> dict[str, Any]:
+    """`lst-train` flags (as saved in a checkpoint) that build `config`.
+
+    `base_args` (the flags of the run that trained it) are kept and their model flags checked;
+    without them, the model flags are derived and `patching_mode` fills the one data flag the
+    model builder reads. Raises when the flags cannot express `config`.
+    """
+    from megatron_lst.training.model_provider import lst_config_from_args
+
+    g, enc, dec, xattn = config.global_model, config.encoder, config.decoder, config.cross_attention
+    args = dict(base_args or {"patching_mode": patching_mode})
+    if base_args is None:
+        args.update(
+            num_layers=g.num_layers, hidden_size=g.hidden_size, num_attention_heads=g.num_heads,
+            ffn_hidden_size=g.ffn_hidden_size, num_query_groups=g.num_query_groups,
+            local_encoder_hidden_size=enc.hidden_size, local_encoder_layers=enc.num_layers,
+            local_encoder_heads=enc.num_heads,
+            local_decoder_hidden_size=dec.hidden_size, local_decoder_layers=dec.num_layers,
+            local_decoder_heads=dec.num_heads,
+            local_attention_window=enc.window,
+            cross_attn_k=xattn.slots_per_patch, cross_attn_heads=xattn.num_heads,
+            cross_attn_window_encoder=xattn.encoder_window,
+            cross_attn_window_decoder=xattn.decoder_window,
+            norm_epsilon=config.norm_eps, rotary_base=int(config.rope_theta),
+            max_tokens=config.max_sequence_length, init_method_std=config.init_std,
+        )
+    described = lst_config_from_args(argparse.Namespace(**args), config.vocab_size)
+    if described != config:
+        raise CheckpointContentError(
+            f"lst-train flags cannot describe this model (they give {described}, the model is "
+            f"{config}); it can be shared in the portable form but not trained by lst-train")
+    return args
+
+
+def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> None:
+    """Collective: load the model tensors of the dist checkpoint at `path` into `model`
+    (any layout; resharded on load). Refuses, naming the tensor, a tensor missing from the
+    checkpoint, one of another shape, or (for a model holding every layer) a checkpoint tensor
+    the model does not have; and another vocabulary (`VocabularyError`)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    from megatron_lst.training.checkpointing import read_checkpoint_metadata
+
+    metadata = read_checkpoint_metadata(path)
+    if vocab is not None and metadata.get("vocab") is not None:
+        vocab.check_matches(metadata["vocab"]["size"], f"dist checkpoint {path}")
+    sharded = model_sharded_state_dict(model)
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    expected = set()
+    for tensor in nested_values(sharded):
+        if not isinstance(tensor, ShardedTensor):
+            continue
+        expected.add(tensor.key)
+        if tensor.key not in saved:
+            raise CheckpointContentError(
+                f"dist checkpoint {path} has no tensor {tensor.key!r}, which the model needs")
+        if tuple(saved[tensor.key].global_shape) != tuple(tensor.global_shape):
+            raise CheckpointContentError(
+                f"dist checkpoint {path}: tensor {tensor.key!r} has shape "
+                f"{tuple(saved[tensor.key].global_shape)} but the model expects "
+                f"{tuple(tensor.global_shape)}; build the model from the checkpoint's own flags")
+    if model.pre_process and model.post_process:
+        unexpected = sorted(k for k in saved if k not in expected and not k.startswith(_NON_MODEL_PREFIXES))
+        if unexpected:
+            raise CheckpointContentError(
+                f"dist checkpoint {path} holds tensor(s) the model does not have: {unexpected[:5]}")
+    loaded = dist_checkpointing.load({"model": sharded}, str(path))
+    model.load_state_dict(loaded["model"], strict=True)
+
+
+def save_dist_checkpoint(save_dir: Path, model, training_args: dict[str, Any],
+                         vocab: JointVocab | None, iteration: int = 0) -> Path:
+    """Collective: write `model` as checkpoint `iteration` under `save_dir` in the training
+    layout (weights only: no optimizer, scheduler or data position). Resume training from it
+    with `--load save_dir --finetune` (or `--no-load-optim --no-load-rng`)."""
+    from megatron_lst.training.checkpointing import save_checkpoint
+
+    if vocab is not None and vocab.size != model.lst_config.vocab_size:
+        raise VocabularyError(
+            f"vocabulary of {vocab.size} ids does not fit the model's {model.lst_config.vocab_size} "
+            "(token_encoder.embedding.weight, output_layer.weight)")
+    return save_checkpoint(iteration, [model], None, None, argparse.Namespace(**training_args),
+                           {}, save_dir, vocab)

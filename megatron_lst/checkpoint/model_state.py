@@ -1,0 +1,124 @@
+"""The full (unsharded) state of an `LSTModel` and the `LSTConfig` that describes it.
+
+A full state dict holds every tensor of the model once, under the names of a TP=1/PP=1
+`LSTModel` built with megatron's local spec (`megatron_lst.models.reference_import` calls these
+"canonical"): `token_encoder.*`, `patch_encoder.*`, `global_input_projection.weight` (only when
+`k * De != Dg`), `global_transformer.block.layers.{i}.*` (global layer numbers), `local_decoder.*`
+and `output_layer.weight`. The last pipeline stage's encoder replica has no names of its own: it
+is filled from the same `token_encoder.*` tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from megatron_lst.models.config import (
+    CrossAttentionConfig,
+    GlobalModelConfig,
+    LocalModelConfig,
+    LSTConfig,
+)
+from megatron_lst.models.reference_import import canonical_name, shard_tensor
+
+
+class CheckpointContentError(ValueError):
+    """A checkpoint's tensors or config do not fit the model: the message names the tensor."""
+
+
+def lst_config_to_dict(config: LSTConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def lst_config_from_dict(data: dict[str, Any]) -> LSTConfig:
+    """Inverse of `lst_config_to_dict`; unknown or missing fields are errors, not defaults."""
+    parts = {"global_model": GlobalModelConfig, "encoder": LocalModelConfig,
+             "decoder": LocalModelConfig, "cross_attention": CrossAttentionConfig}
+    fields = {}
+    for name, value in data.items():
+        kind = parts.get(name)
+        fields[name] = _dataclass_from_dict(kind, value, name) if kind else value
+    return _dataclass_from_dict(LSTConfig, fields, "lst_config")
+
+
+def _dataclass_from_dict(kind: type, data: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CheckpointContentError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    try:
+        return kind(**data)
+    except TypeError as error:
+        raise CheckpointContentError(f"{where}: {error}") from None
+
+
+def build_full_model(config: LSTConfig):
+    """A TP=1/PP=1 `LSTModel` on CPU in fp32 with the portable spec (megatron's local layers,
+    SDPA local attention, PyTorch kernels). Call after `initialize_parallel()`."""
+    from megatron_lst.models.lst_model import LSTModel
+
+    return LSTModel(config, config.transformer_config(), transformer_impl="local",
+                    local_attention_backend="sdpa", kernel_backend="torch")
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every tensor of a TP=1/PP=1 `LSTModel`, detached and contiguous, in canonical names."""
+    if not (model.pre_process and model.post_process) or model.config.tensor_model_parallel_size != 1:
+        raise ValueError("full_state_dict needs a TP=1/PP=1 model; build one with build_full_model")
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith("_extra_state"):
+            continue
+        name, _ = canonical_name(model, key)
+        state[name] = tensor.detach().contiguous()
+    return state
+
+
+def _full_shape(local_shape: torch.Size, partition: str, tp: int) -> tuple[int, ...]:
+    if partition in ("rows", "gated_rows"):
+        return (local_shape[0] * tp, *local_shape[1:])
+    if partition == "columns":
+        return (local_shape[0], local_shape[1] * tp)
+    return tuple(local_shape)
+
+
+def load_full_state_dict(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load full tensors into `model` (any tensor-parallel rank and pipeline stage).
+
+    Refuses, naming the tensor and `source`, a missing tensor, a tensor of the wrong shape and,
+    for a model holding every layer (PP=1), a tensor the model does not have.
+    """
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    sharded, expected = {}, set()
+    for key, target in model.state_dict().items():
+        if key.endswith("_extra_state"):
+            continue
+        name, partition = canonical_name(model, key)
+        expected.add(name)
+        if name not in state:
+            raise CheckpointContentError(
+                f"{source} has no tensor {name!r}, which the model needs; was it written for "
+                "another architecture (see its config)?")
+        full = state[name]
+        want = _full_shape(target.shape, partition, tp)
+        if tuple(full.shape) != want:
+            raise CheckpointContentError(
+                f"{source}: tensor {name!r} has shape {tuple(full.shape)} but the model expects "
+                f"{want}; build the model from the checkpoint's own config"
+                + (" (another vocabulary?)" if name in _VOCAB_TENSORS else ""))
+        sharded[key] = shard_tensor(full, partition, tp_rank, tp).to(target.dtype)
+    if model.pre_process and model.post_process:
+        unexpected = sorted(set(state) - expected)
+        if unexpected:
+            raise CheckpointContentError(
+                f"{source} holds tensor(s) the model does not have: {unexpected[:5]}"
+                f"{' ...' if len(unexpected) > 5 else ''}; was it written for another architecture?")
+    model.load_state_dict(sharded, strict=False)
+
+
+_VOCAB_TENSORS = ("token_encoder.embedding.weight", "output_layer.weight")

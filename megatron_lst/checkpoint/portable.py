@@ -1,0 +1,105 @@
+"""The portable checkpoint users share: one safetensors file plus a config JSON, in a directory.
+
+    <dir>/model.safetensors   every tensor once, unsharded, under full-state-dict names
+                              (`model_state.py`); fp32 unless converted otherwise
+    <dir>/lst_config.json     {"format": "lst-portable", "format_version": 1,
+                               "lst_config": LSTConfig fields, "vocab": JointVocab layout or null,
+                               "training_args": the lst-train flags of the run or null,
+                               "reference_model_args": the reference's model args or null,
+                               "source": where the weights came from}
+
+Independent of any parallel layout: load it under TP=c/PP=d with `load_full_state_dict`, or
+convert it to a megatron dist checkpoint (`dist.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_lst.models.config import LSTConfig
+from megatron_lst.tokenizer.vocab import JointVocab
+
+from .model_state import CheckpointContentError, lst_config_from_dict, lst_config_to_dict
+
+WEIGHTS_FILENAME = "model.safetensors"
+CONFIG_FILENAME = "lst_config.json"
+FORMAT = "lst-portable"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PortableCheckpoint:
+    config: LSTConfig
+    state: dict[str, torch.Tensor]
+    """Full state dict (`model_state.full_state_dict` names)."""
+    vocab: JointVocab | None = None
+    training_args: dict[str, Any] | None = None
+    """The `lst-train` flags of the run that trained it (from a dist checkpoint), if known."""
+    reference_model_args: dict[str, Any] | None = None
+    """The reference's model arguments, when imported from the reference implementation."""
+    source: str = ""
+
+    def __post_init__(self):
+        if self.vocab is not None and self.vocab.size != self.config.vocab_size:
+            raise CheckpointContentError(
+                f"vocabulary of {self.vocab.size} ids does not fit the model's vocab_size "
+                f"{self.config.vocab_size} (tensors token_encoder.embedding.weight, "
+                "output_layer.weight)")
+
+
+def save_portable(directory: str | Path, checkpoint: PortableCheckpoint) -> Path:
+    """Write `checkpoint` into `directory` (created; existing files there are replaced)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({name: t.contiguous() for name, t in checkpoint.state.items()},
+              str(directory / WEIGHTS_FILENAME), metadata={"format": FORMAT})
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lst_config": lst_config_to_dict(checkpoint.config),
+        "vocab": checkpoint.vocab.to_dict() if checkpoint.vocab is not None else None,
+        "training_args": checkpoint.training_args,
+        "reference_model_args": checkpoint.reference_model_args,
+        "source": checkpoint.source,
+    }
+    (directory / CONFIG_FILENAME).write_text(json.dumps(metadata, indent=1) + "\n")
+    return directory
+
+
+def load_portable(directory: str | Path, vocab: JointVocab | None = None) -> PortableCheckpoint:
+    """Read a portable checkpoint. With `vocab`, refuse one made with another vocabulary
+    (`VocabularyError`). Tensors are checked against the model when loaded into one."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILENAME, directory / WEIGHTS_FILENAME
+    try:
+        metadata = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointContentError(f"cannot read {config_path}: {error}") from None
+    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointContentError(
+            f"{config_path} is not an {FORMAT} v{FORMAT_VERSION} config (format "
+            f"{metadata.get('format')!r} v{metadata.get('format_version')!r})")
+    config = lst_config_from_dict(metadata["lst_config"])
+    stored_vocab = JointVocab.from_dict(metadata["vocab"]) if metadata["vocab"] else None
+    if vocab is not None:
+        vocab.check_matches(config.vocab_size, f"portable checkpoint {directory}")
+    try:
+        with safe_open(str(weights_path), framework="pt") as weights:
+            state = {name: weights.get_tensor(name) for name in weights.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError for a corrupt file
+        raise CheckpointContentError(f"cannot read {weights_path}: {error}") from None
+    return PortableCheckpoint(
+        config=config, state=state, vocab=stored_vocab,
+        training_args=metadata.get("training_args"),
+        reference_model_args=metadata.get("reference_model_args"),
+        source=metadata.get("source", ""),
+    )

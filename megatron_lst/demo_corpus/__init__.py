@@ -1,0 +1,6 @@
+"""The offline demo corpus: generated stories, eSpeak NG speech, MFCC/k-means units, word
+alignments and story-completion evaluation sets (see build.py for the stages and outputs)."""
+
+from megatron_lst.demo_corpus.build import DemoCorpus, DemoCorpusConfig, build_demo_corpus
+
+__all__ = ["DemoCorpus", "DemoCorpusConfig", "build_demo_corpus"]

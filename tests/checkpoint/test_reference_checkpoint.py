@@ -1,0 +1,141 @@
+"""Import of the reference implementation's checkpoint reproduces its logits; export gives back
+exactly the state dict it came from (fixtures/reference_lst, skipped when absent)."""
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_lst.checkpoint.model_state import (
+    CheckpointContentError,
+    build_full_model,
+    full_state_dict,
+    load_full_state_dict,
+)
+from megatron_lst.checkpoint.reference import (
+    export_reference,
+    import_reference,
+    read_reference_model_args,
+    read_reference_state_dict,
+    reference_model_args,
+)
+from megatron_lst.models.config import GlobalModelConfig, preset
+from megatron_lst.models.reference_import import ReferenceImportError
+
+
+@pytest.fixture(scope="module")
+def reference(reference_fixtures):
+    return (read_reference_state_dict(reference_fixtures / "state_dict_A.safetensors"),
+            read_reference_model_args(reference_fixtures / "config_A.json"))
+
+
+@pytest.fixture(scope="module")
+def imported_model(single_rank, reference):
+    config, state = import_reference(*reference)
+    model = build_full_model(config)
+    load_full_state_dict(model, state, "reference fixture")
+    return model.eval()
+
+
+@pytest.mark.parametrize("inputs", ["static", "aligned", "ragged"])
+def test_imported_model_reproduces_reference_logits(imported_model, reference_fixtures, inputs):
+    data = json.loads((reference_fixtures / f"inputs_{inputs}.json").read_text())
+    expected = torch.from_numpy(np.load(reference_fixtures / f"logits_A_{inputs}.npy"))
+    with torch.no_grad():
+        logits = imported_model(torch.tensor(data["tokens"]),
+                                torch.tensor(data["patch_lengths"], dtype=torch.int32))
+    assert logits.dtype == torch.float32 and logits.shape == expected.shape
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def test_export_of_the_loaded_model_equals_the_original_state_dict(imported_model, reference):
+    original, model_args = reference
+    exported = export_reference(full_state_dict(imported_model), imported_model.lst_config)
+    assert exported.keys() == original.keys()
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype, name
+        assert exported[name].shape == tensor.shape, name
+        assert torch.equal(exported[name], tensor), name
+
+
+def test_exported_model_args_equal_the_original(imported_model, reference):
+    _, model_args = reference
+    assert reference_model_args(imported_model.lst_config, base_args=model_args) == model_args
+    # Without the original, the args still describe the same model.
+    fresh = reference_model_args(imported_model.lst_config)
+    assert import_reference(reference[0], fresh)[0] == imported_model.lst_config
+
+
+def test_grouped_query_global_layers_round_trip(single_rank):
+    """Export is the inverse of import with GQA (the fixture has none): queries of a KV group
+    stay with their key and value head."""
+    tiny = preset("tiny", 64)
+    config = dataclasses.replace(tiny, global_model=GlobalModelConfig(64, 2, 4, 256, 2))
+    generator = torch.Generator().manual_seed(0)
+    state = {name: torch.randn(tensor.shape, generator=generator)
+             for name, tensor in full_state_dict(build_full_model(config)).items()}
+    reference = export_reference(state, config)
+    head_dim = 64 // 4
+    assert reference["global_transformer.layers.0.attention.wk.weight"].shape == (2 * head_dim, 64)
+    qkv = state["global_transformer.block.layers.0.self_attention.linear_qkv.weight"]
+    # Group 1 = rows of query heads 2, 3, then key head 1, then value head 1.
+    group = qkv.view(2, -1, 64)[1]
+    torch.testing.assert_close(group[: 2 * head_dim],
+                               reference["global_transformer.layers.0.attention.wq.weight"][2 * head_dim:])
+    torch.testing.assert_close(group[2 * head_dim: 3 * head_dim],
+                               reference["global_transformer.layers.0.attention.wk.weight"][head_dim:])
+    back = import_reference(reference, reference_model_args(config))
+    assert back[0] == config
+    assert back[1].keys() == state.keys()
+    assert all(torch.equal(back[1][name], state[name]) for name in state)
+
+
+def test_pth_consolidated_checkpoint_reads_like_safetensors(reference, tmp_path):
+    original, _ = reference
+    path = tmp_path / "consolidated.pth"
+    torch.save({"model": original, "optim": {"step": 3}}, path)
+    loaded = read_reference_state_dict(path)
+    assert loaded.keys() == original.keys()
+    assert all(torch.equal(loaded[name], original[name]) for name in original)
+
+
+def test_missing_reference_tensor_is_named(reference):
+    state, model_args = reference
+    state = dict(state)
+    del state["local_decoder.layers.1.feed_forward.w3.weight"]
+    with pytest.raises(ReferenceImportError, match=r"local_decoder\.layers\.1\.feed_forward\.w3\.weight"):
+        import_reference(state, model_args)
+
+
+def test_unmapped_model_tensor_is_named_on_export(imported_model):
+    state = full_state_dict(imported_model)
+    state["local_decoder.extra_gate.weight"] = torch.zeros(2)
+    with pytest.raises(ReferenceImportError, match=r"local_decoder\.extra_gate\.weight"):
+        export_reference(state, imported_model.lst_config)
+
+
+def test_wrong_shape_is_named_when_loading(imported_model, reference):
+    config, state = import_reference(*reference)
+    name = "global_transformer.block.layers.1.mlp.linear_fc2.weight"
+    state[name] = state[name][:, :-1]
+    with pytest.raises(CheckpointContentError, match=re.escape(name)):
+        load_full_state_dict(imported_model, state, "test checkpoint")
+
+
+def test_other_vocabulary_is_refused_naming_the_embedding(single_rank, reference):
+    state, model_args = reference
+    config, full = import_reference(state, model_args)
+    model = build_full_model(dataclasses.replace(config, vocab_size=1024))
+    with pytest.raises(CheckpointContentError, match=r"token_encoder\.embedding\.weight.*vocabulary"):
+        load_full_state_dict(model, full, "reference fixture")
+
+
+def test_ffn_widths_no_multiple_of_produces_are_refused(single_rank):
+    tiny = preset("tiny", 64)
+    odd = dataclasses.replace(tiny, global_model=GlobalModelConfig(64, 2, 4, 250))
+    with pytest.raises(ReferenceImportError, match="multiple_of"):
+        reference_model_args(odd)
+    assert reference_model_args(tiny)["multiple_of"] == 256
