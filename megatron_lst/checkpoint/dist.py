@@ -25,28 +25,36 @@ from .model_state import CheckpointContentError
 _NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
 
 
-def mark_encoder_replica(model, sharded_state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Make the last pipeline stage's encoder replica a secondary copy in a sharded state dict.
+def lst_sharded_state_dict(model, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict[str, Any]:
+    """The sharded state dict of an `LSTModel` stage, correct under TP>1 and PP>1.
 
-    Under PP>1 the first and the last stage both hold `token_encoder.*` (see `lst_model.py`);
-    megatron.core refuses to save two main replicas of one key. This mirrors what `GPTModel`
-    does for a tied output layer: the last stage's copy gets replica id 1, so the checkpoint
-    stores the first stage's copy once, and loading fills both. In place; returns the dict.
+    `MegatronModule.sharded_state_dict` treats the tensors of plain `torch.nn.Module` children as
+    replicated across tensor-parallel ranks. Two of the LST model's are not:
+    - `token_encoder.embedding` is vocab-parallel: each TP rank holds a block of rows. Taken as
+      replicated, only TP rank 0's rows would be saved (under a wrong global shape);
+    - under PP>1 the last stage holds a replica of `token_encoder.*` (see `lst_model.py`), and
+      megatron.core refuses two main replicas of one key. As `GPTModel` does for a tied output
+      layer, the last stage's copy gets replica id 1: the first stage's copy is stored once, and
+      loading fills both.
+    This is what `LSTModel.sharded_state_dict` should return; until it does, call this.
     """
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
-    if not model.replicated_encoder_parameters() or model.pre_process:
-        return sharded_state_dict
-    for value in nested_values(sharded_state_dict):
-        if isinstance(value, ShardedTensor) and value.key.startswith("token_encoder."):
-            value.replica_id = (1, *value.replica_id[1:])
-    return sharded_state_dict
-
-
-def model_sharded_state_dict(model) -> dict[str, Any]:
-    """`model.sharded_state_dict()` with the encoder replica marked (`mark_encoder_replica`)."""
-    return mark_encoder_replica(model, model.sharded_state_dict())
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    state = MegatronModule.sharded_state_dict(model, prefix, sharded_offsets, metadata)
+    if hasattr(model, "token_encoder"):
+        state.update(model.token_encoder.embedding.sharded_state_dict(
+            prefix=f"{prefix}token_encoder.embedding.", sharded_offsets=sharded_offsets,
+            metadata=metadata))
+    if model.replicated_encoder_parameters() and not model.pre_process:
+        for value in nested_values(state):
+            if isinstance(value, ShardedTensor) and value.key.startswith(f"{prefix}token_encoder."):
+                value.replica_id = (1, *value.replica_id[1:])
+    return state
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -123,16 +131,20 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import apply_factories
 
     from megatron_lst.training.checkpointing import read_checkpoint_metadata
 
     metadata = read_checkpoint_metadata(path)
     if vocab is not None and metadata.get("vocab") is not None:
         vocab.check_matches(metadata["vocab"]["size"], f"dist checkpoint {path}")
-    sharded = model_sharded_state_dict(model)
     saved = dist_checkpointing.load_tensors_metadata(str(path))
+    # Checked on a copy with factories built (fused SwiGLU fc1 is saved as its halves);
+    # `load` builds and merges the factories of its own copy.
+    built = lst_sharded_state_dict(model)
+    apply_factories(built)
     expected = set()
-    for tensor in nested_values(sharded):
+    for tensor in nested_values(built):
         if not isinstance(tensor, ShardedTensor):
             continue
         expected.add(tensor.key)
@@ -149,7 +161,7 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
         if unexpected:
             raise CheckpointContentError(
                 f"dist checkpoint {path} holds tensor(s) the model does not have: {unexpected[:5]}")
-    loaded = dist_checkpointing.load({"model": sharded}, str(path))
+    loaded = dist_checkpointing.load({"model": lst_sharded_state_dict(model)}, str(path))
     model.load_state_dict(loaded["model"], strict=True)
 
 

@@ -155,7 +155,11 @@ def _text_stage(config: DemoCorpusConfig):
         order = np.random.default_rng([config.seed, 1]).permutation(len(paragraphs))
         # The configured speech share of the paragraphs, at most the configured number.
         share = num_speech / (num_speech + num_text)
-        num_speech = min(num_speech, max(1, round(len(paragraphs) * share)))
+        num_speech = min(num_speech, max(2, round(len(paragraphs) * share)))
+        if len(paragraphs) < num_speech + 2:
+            raise ValueError(f"--text-files {list(config.text_files)} hold {len(paragraphs)} "
+                             f"paragraphs; the build needs at least {num_speech + 2} (a training "
+                             f"and a validation document of speech and of text)")
         docs = [_Document(f"user-{i:06d}", paragraphs[i]) for i in order]
         speech, text = docs[:num_speech], docs[num_speech:]
     else:

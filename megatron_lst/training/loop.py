@@ -130,6 +130,8 @@ class TrainingResult:
     """Validation loss by the iteration it was measured after."""
     flops: dict[int, float] = field(default_factory=dict)
     """Cumulative model training FLOPs after each iteration (resumed runs continue the count)."""
+    tokens: int = 0
+    """Real (loss-masked) tokens trained on by this run."""
     checkpoints: list[str] = field(default_factory=list)
     stopped_by_signal: bool = False
 
@@ -425,6 +427,7 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
         check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16)
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
     result.losses[state.iteration] = step.loss
+    result.tokens += step.num_tokens
     result.flops[state.iteration] = state.flops.total
     training_logger.on_iteration(
         state.iteration, consumed_samples=state.consumed_samples,

@@ -105,3 +105,14 @@ def test_user_text_files_replace_the_stories_but_not_the_held_out_sets(tmp_path)
     empty.write_text("\n -- \n")
     with pytest.raises(ValueError, match="hold no words"):
         build_module._text_stage(replace(TINY, text_files=(str(empty),)))
+    short = tmp_path / "short.txt"
+    short.write_text("one paragraph\n\nanother\n\na third")
+    with pytest.raises(ValueError, match="hold 3 paragraphs; the build needs at least 4"):
+        build_module._text_stage(replace(TINY, text_files=(str(short),)))
+
+
+def test_summary_table_names_every_figure(corpus):
+    table = build_module.format_summary(corpus.summary)
+    for label in ("audio (hours)", "units per word", "static p=4", "aligned",
+                  "storycloze: items / endings-only 3-gram acc (chance)", "time: speech (s)"):
+        assert label in table

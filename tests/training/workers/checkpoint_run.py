@@ -109,7 +109,8 @@ def synthetic_batch(args, index: int) -> dict:
 def masked_mean_loss(loss_mask, output_tensor):
     losses = output_tensor.float()  # [b, s]
     loss = (losses * loss_mask).sum() / loss_mask.sum()
-    return loss, {"loss": loss.detach()}
+    # A copy: megatron's schedule divides the returned loss by the micro-batch count in place.
+    return loss, {"loss": loss.detach().clone()}
 
 
 def forward_step(data_iterator, model):

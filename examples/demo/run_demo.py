@@ -1,0 +1,222 @@
+"""`make demo`: a tiny LST and its token baseline trained at equal compute on CPU, then compared.
+
+    python examples/demo/run_demo.py [--out-dir runs/demo] [--corpus-dir data_cache/demo]
+                                     [--train-iters 300] [--eval-items 300]
+
+1. builds the offline demo corpus (cached under --corpus-dir: a re-run reads it back);
+2. trains the tiny LST (curriculum patching) and the tiny token baseline with
+   `examples/configs/tiny_cpu_{lst,baseline}.yaml`: compute-controlled as in the paper, the same
+   steps of the same global positions (LST's positions are patches, the baseline's tokens), on
+   67% text / 33% interleaved speech-text rows; checkpoints land in `<out-dir>/{lst,baseline}`
+   and are ordinary `pretrain_lst.py` checkpoints (resume with --load, evaluate, convert);
+3. scores both on the demo story-completion set (`eval/storycloze.jsonl`) in the S->S and T->T
+   modes with `megatron_lst.evaluation` (accuracy of the summed ending log-likelihood, 95%
+   bootstrap interval);
+4. prints a table and writes `<out-dir>/loss_vs_flops.png` (validation loss against cumulative
+   model training FLOPs) and `<out-dir>/results.json`.
+
+Validation loss is the held-out token mean over `--split`'s validation documents of the training
+sets (each model on its own patching; the baseline's and LST's losses are both per token, so they
+are comparable). Everything runs in this process, one model at a time, on one CPU process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = REPO_ROOT / "examples" / "configs"
+MODELS = {"lst": CONFIGS / "tiny_cpu_lst.yaml", "baseline": CONFIGS / "tiny_cpu_baseline.yaml"}
+EVAL_SET = "storycloze"
+EVAL_MODES = ("S->S", "T->T")
+TEXT_WEIGHT, SPEECH_WEIGHT = 0.67, 0.33  # the paper's blend (here a share of rows)
+
+
+@dataclass
+class ModelReport:
+    name: str
+    steps: int
+    global_positions: int
+    tokens: int
+    flops: float
+    final_train_loss: float
+    valid_loss: float
+    checkpoint: str
+    accuracy: dict[str, dict[str, float]]
+    valid_curve: dict[int, float]
+    flops_curve: dict[int, float]
+    train_seconds: float
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "runs" / "demo")
+    parser.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data_cache" / "demo")
+    parser.add_argument("--corpus-scale", type=float, default=1.0)
+    parser.add_argument("--train-iters", type=int, default=300)
+    parser.add_argument("--eval-items", type=int, default=300,
+                        help="story-completion items scored per mode (at most the set's size)")
+    parser.add_argument("--seed", type=int, default=1234)
+    return parser
+
+
+def _stage(message: str) -> None:
+    print(f"\n=== {message}", flush=True)
+
+
+def training_flags(name: str, corpus, out_dir: Path, train_iters: int, seed: int) -> list[str]:
+    """`pretrain_lst.py` flags of one demo model: its YAML plus the corpus and the run length.
+    The curriculum goes aligned -> static over the middle third of the run."""
+    indexed = corpus.paths
+    flags = [
+        "--config", str(MODELS[name]),
+        "--data-path", str(TEXT_WEIGHT), str(indexed["indexed_text_train"]),
+        str(SPEECH_WEIGHT), str(indexed["indexed_speech_train"]),
+        "--split", "98,2,0",
+        "--tokenizer-model", str(indexed["tokenizer"]),
+        "--num-units", str(_num_units(corpus)),
+        "--train-iters", str(train_iters),
+        "--eval-interval", str(max(1, train_iters // 10)),
+        "--eval-iters", "4",
+        "--log-interval", str(max(1, train_iters // 20)),
+        "--save", str(out_dir / name), "--save-interval", str(train_iters),
+        "--num-workers", "0", "--seed", str(seed),
+    ]
+    if name == "lst":
+        flags += ["--curriculum-tau1", str(train_iters // 3),
+                  "--curriculum-tau2", str(2 * train_iters // 3)]
+    return flags
+
+
+def _num_units(corpus) -> int:
+    from megatron_lst.data.indexed import DocumentStore
+
+    return DocumentStore(corpus.paths["indexed_speech_train"]).vocab.num_units
+
+
+def train(name: str, flags: list[str]) -> tuple[object, object, float]:
+    from megatron_lst.training.arguments import parse_args, validate_args
+    from megatron_lst.training.loop import pretrain
+
+    args = validate_args(parse_args(flags), world_size=1)
+    start = time.perf_counter()
+    result = pretrain(args)
+    return args, result, time.perf_counter() - start
+
+
+def evaluate_checkpoint(checkpoint_dir: Path, items_path: Path, num_items: int
+                        ) -> dict[str, dict[str, float]]:
+    from megatron_lst.evaluation import evaluate_items, load_items
+    from megatron_lst.evaluation.loading import load_inference_model
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
+
+    initialize_parallel()
+    try:
+        model = load_inference_model(checkpoint_dir)
+        items = load_items(items_path, model.tokenizer, model.vocab)[:num_items]
+        return evaluate_items(model.model_chunks, items, model.vocab, model.patcher,
+                              EVAL_MODES, batch_size=16)
+    finally:
+        destroy_parallel()
+
+
+def format_table(reports: list[ModelReport]) -> str:
+    header = ["model", "steps", "global pos.", "tokens", "train FLOPs", "train loss",
+              "valid loss", *(f"{mode} acc. [95% CI]" for mode in EVAL_MODES)]
+    rows = [header]
+    for r in reports:
+        accuracies = []
+        for mode in EVAL_MODES:
+            a = r.accuracy[mode]
+            accuracies.append(f"{100 * a['accuracy']:.1f}% [{100 * a['accuracy_ci_low']:.1f}, "
+                              f"{100 * a['accuracy_ci_high']:.1f}]")
+        rows.append([r.name, str(r.steps), f"{r.global_positions:,}", f"{r.tokens:,}",
+                     f"{r.flops:.3e}", f"{r.final_train_loss:.3f}", f"{r.valid_loss:.3f}",
+                     *accuracies])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(reports: list[ModelReport], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    for report in reports:
+        iterations = sorted(report.valid_curve)
+        axes.plot([report.flops_curve[i] for i in iterations],
+                  [report.valid_curve[i] for i in iterations], marker="o", label=report.name)
+    axes.set_xlabel("cumulative model training FLOPs")
+    axes.set_ylabel("validation loss (nats / token)")
+    axes.set_title("Tiny LST vs token baseline at equal compute (CPU demo)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run(argv: list[str] | None = None) -> list[ModelReport]:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    from megatron_lst.demo_corpus.build import build_demo_corpus
+
+    _stage(f"demo corpus in {args.corpus_dir} (built once, then read from its cache)")
+    corpus = build_demo_corpus(args.corpus_dir, seed=0, scale=args.corpus_scale)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    reports = []
+    for name in MODELS:
+        save_dir = args.out_dir / name
+        if save_dir.exists():
+            raise SystemExit(f"{save_dir} exists from an earlier demo; remove {args.out_dir} "
+                             f"(or pass another --out-dir) to train afresh")
+        _stage(f"training {name} for {args.train_iters} steps ({MODELS[name].name})")
+        train_args, result, seconds = train(
+            name, training_flags(name, corpus, args.out_dir, args.train_iters, args.seed))
+        _stage(f"scoring {name} on {EVAL_SET} ({', '.join(EVAL_MODES)})")
+        accuracy = evaluate_checkpoint(save_dir, corpus.paths[f"eval_{EVAL_SET}"],
+                                       args.eval_items)
+        final = result.iteration
+        reports.append(ModelReport(
+            name=name, steps=final,
+            global_positions=final * train_args.global_batch_size * train_args.seq_length,
+            tokens=int(result.tokens), flops=result.flops[final],
+            final_train_loss=_mean_tail(result.losses),
+            valid_loss=result.eval_losses[final], checkpoint=result.checkpoints[-1],
+            accuracy=accuracy, valid_curve=result.eval_losses, flops_curve=result.flops,
+            train_seconds=seconds))
+
+    _stage("results")
+    print(format_table(reports))
+    png = args.out_dir / "loss_vs_flops.png"
+    plot(reports, png)
+    (args.out_dir / "results.json").write_text(
+        json.dumps([asdict(r) for r in reports], indent=1) + "\n")
+    print(f"\nplot: {png}\nresults: {args.out_dir / 'results.json'}\n"
+          f"checkpoints: {', '.join(r.checkpoint for r in reports)}\n"
+          f"demo took {(time.perf_counter() - started) / 60:.1f} min")
+    return reports
+
+
+def _mean_tail(losses: dict[int, float], fraction: float = 0.1) -> float:
+    """Mean training loss over the last `fraction` of the iterations (one batch is noisy)."""
+    values = [losses[i] for i in sorted(losses)]
+    tail = values[-max(1, math.ceil(fraction * len(values))):]
+    return sum(tail) / len(tail)
+
+
+# The guard matters: saving a dist checkpoint spawns processes that re-import this file.
+if __name__ == "__main__":
+    run()
+    sys.exit(0)

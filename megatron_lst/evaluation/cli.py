@@ -1,0 +1,94 @@
+"""`lst-eval`: story-completion accuracy of a training checkpoint.
+
+    lst-eval --load runs/demo --items storycloze.jsonl hellaswag.jsonl --modes S->S,T->T,S->T,T->S
+
+Prints one line per (file, mode) on rank 0 and, with `--output`, writes the full results as JSON
+(`{file: {mode: {accuracy, accuracy_ci_low, ...}}}`). Launch with torchrun for tensor or pipeline
+parallelism (`--tensor-model-parallel-size 2` and `--nproc-per-node 2`). Exit status 2 for bad
+flags or bad items (the message names the item and its line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from megatron_lst.evaluation.items import ItemError, load_items
+from megatron_lst.evaluation.scoring import MODES, evaluate_items, parse_modes
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lst-eval", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
+    parser.add_argument("--load", required=True,
+                        help="A training --save directory; its latest complete checkpoint is used.")
+    parser.add_argument("--items", nargs="+", required=True,
+                        help="Story-completion JSONL files (DESIGN.md section 10).")
+    parser.add_argument("--modes", default=None,
+                        help=f"Comma-separated modes out of {','.join(MODES)} (s2s, t2t, ... also "
+                             f"work). Default: all four, or T->T for a text-only file.")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="Items per forward pass (all their endings go in one batch).")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--tokenizer-model", default=None,
+                        help="Tokenizer path, when it moved since training.")
+    parser.add_argument("--bootstrap-resamples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap resampling.")
+    parser.add_argument("--output", default=None, help="Write the results here as JSON.")
+    return parser
+
+
+def _default_modes(items) -> list[str]:
+    return list(MODES) if items[0].context.has_speech else ["T->T"]
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    from megatron_lst.evaluation.loading import load_inference_model
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_eval_parser().parse_args(argv)
+    try:
+        modes = parse_modes(args.modes) if args.modes else None
+    except ValueError as error:
+        print(f"lst-eval: {error}", file=sys.stderr)
+        return 2
+    context = initialize_parallel(args.tensor_model_parallel_size,
+                                  args.pipeline_model_parallel_size, seed=args.seed)
+    try:
+        model = load_inference_model(args.load, args.tensor_model_parallel_size,
+                                     args.pipeline_model_parallel_size, args.tokenizer_model)
+        results = {}
+        for path in args.items:
+            items = load_items(path, model.tokenizer, model.vocab)
+            results[path] = evaluate_items(
+                model.model_chunks, items, model.vocab, model.patcher,
+                modes or _default_modes(items), args.batch_size,
+                bootstrap_resamples=args.bootstrap_resamples, seed=args.seed)
+    except (ItemError, ValueError) as error:
+        print(f"lst-eval: {error}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_parallel()
+    if context.rank != 0:
+        return 0
+    print(f"checkpoint {model.checkpoint} (iteration {model.iteration})")
+    for path, per_mode in results.items():
+        for mode, s in per_mode.items():
+            print(f"{Path(path).name} {mode}: accuracy {s['accuracy']:.4f} "
+                  f"[{s['accuracy_ci_low']:.4f}, {s['accuracy_ci_high']:.4f}]  per-token "
+                  f"{s['accuracy_normalised']:.4f}  ({int(s['num_items'])} items)")
+    if args.output:
+        Path(args.output).write_text(json.dumps(
+            {"checkpoint": str(model.checkpoint), "iteration": model.iteration,
+             "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(eval_main())

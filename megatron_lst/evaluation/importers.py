@@ -1,0 +1,178 @@
+"""Turn public story-completion benchmark files into the item format `lst-eval` reads.
+
+Text comes from the benchmark file; speech units come from the user's own HuBERT pipeline (run on
+the spoken versions of the benchmark, e.g. sStoryCloze / sHellaSwag audio), one file per context
+and per ending in a directory keyed by item id:
+
+    UNITS_DIR/<item id>/context.units      "12 12 431 7 ..."  (whitespace-separated unit values)
+    UNITS_DIR/<item id>/ending<k>.units    k = 0, 1, ... in the benchmark's ending order
+    UNITS_DIR/<item id>/<name>.align       optional, beside any .units file: one "word n_units"
+                                           line per word in order ("[SIL] n" for silences),
+                                           summing to the units; needed for aligned patching
+
+Readers (the item id each one uses is what keys UNITS_DIR):
+
+- `read_hellaswag`: HellaSwag JSONL, one object per line with `ctx` (or `ctx_a` + `ctx_b`),
+  `endings` (4 strings) and `label`; id = `ind` when present, else the 0-based line number.
+- `read_storycloze`: the StoryCloze CSV (`InputStoryid`, `InputSentence1..4`,
+  `RandomFifthSentenceQuiz1/2`, `AnswerRightEnding` 1 or 2; the label becomes 0 or 1);
+  id = `InputStoryid`. TopicStoryCloze (tStoryCloze) ships in the same columns, its wrong ending
+  taken from another story, so it is read by the same function.
+
+Worked example. A StoryCloze file `cloze.csv`:
+
+    InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2,AnswerRightEnding
+    b929f263,Rick grew up.,He joined a gang.,He got shot.,He quit.,He is happy now.,He joins again.,1
+
+and units made by the user's pipeline:
+
+    units/b929f263/context.units    "71 71 12 5 5 ..."
+    units/b929f263/ending0.units    "12 9 9 ..."
+    units/b929f263/ending1.units    "3 3 40 ..."
+
+    lst-import-eval storycloze cloze.csv --units-dir units --output storycloze.jsonl
+
+writes one item per story:
+
+    {"id": "b929f263",
+     "context": {"text": "Rick grew up. He joined a gang. He got shot. He quit.", "units": [71, 71, ...]},
+     "endings": [{"text": "He is happy now.", "units": [12, 9, ...]},
+                 {"text": "He joins again.", "units": [3, 3, ...]}],
+     "label": 0}
+
+Without `--units-dir` the items are text-only (T->T). `lst-eval` validates the items against the
+model's tokenizer and codebook when it loads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from megatron_lst.evaluation.items import ItemError
+
+STORYCLOZE_CONTEXT = tuple(f"InputSentence{i}" for i in range(1, 5))
+STORYCLOZE_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
+
+
+def read_hellaswag(path: str | Path) -> list[dict]:
+    """Text-only items of a HellaSwag JSONL file."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ItemError(f"{where}: not a JSON object ({err.msg})") from None
+        context = row.get("ctx") or " ".join(
+            part for part in (row.get("ctx_a", ""), row.get("ctx_b", "")) if part)
+        if not context or "endings" not in row or "label" not in row:
+            raise ItemError(f"{where}: a HellaSwag line needs \"ctx\" (or \"ctx_a\"/\"ctx_b\"), "
+                            f"\"endings\" and \"label\" (the unlabelled test split cannot be "
+                            f"scored)")
+        item_id = str(row.get("ind", number - 1))
+        records.append({"id": item_id, "context": {"text": context.strip()},
+                        "endings": [{"text": str(e).strip()} for e in row["endings"]],
+                        "label": int(row["label"])})
+    return records
+
+
+def read_storycloze(path: str | Path) -> list[dict]:
+    """Text-only items of a StoryCloze or TopicStoryCloze CSV file."""
+    path = Path(path)
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        needed = ("InputStoryid", *STORYCLOZE_CONTEXT, *STORYCLOZE_ENDINGS, "AnswerRightEnding")
+        missing = [c for c in needed if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ItemError(f"{path}: not a StoryCloze CSV, missing columns {missing}")
+        records = []
+        for number, row in enumerate(reader, start=2):  # line 1 is the header
+            answer = row["AnswerRightEnding"].strip()
+            if answer not in ("1", "2"):
+                raise ItemError(f"{path}:{number}: story {row['InputStoryid']!r} has "
+                                f"AnswerRightEnding {answer!r}; it must be 1 or 2")
+            records.append({
+                "id": row["InputStoryid"].strip(),
+                "context": {"text": " ".join(row[c].strip() for c in STORYCLOZE_CONTEXT)},
+                "endings": [{"text": row[c].strip()} for c in STORYCLOZE_ENDINGS],
+                "label": int(answer) - 1,
+            })
+    return records
+
+
+def attach_units(records: Sequence[dict], units_dir: str | Path) -> list[dict]:
+    """Copies of the records with `units` (and `segments` where a .align file exists)."""
+    units_dir = Path(units_dir)
+    out = []
+    for record in map(copy.deepcopy, records):
+        item_dir = units_dir / record["id"]
+        parts = [("context", record["context"])] + [
+            (f"ending{k}", ending) for k, ending in enumerate(record["endings"])]
+        for name, part in parts:
+            part.update(_read_units(item_dir / f"{name}.units", record["id"]))
+        out.append(record)
+    return out
+
+
+def _read_units(path: Path, item_id: str) -> dict:
+    if not path.is_file():
+        raise ItemError(f"item {item_id!r}: no unit file {path}; the units directory needs "
+                        f"<id>/context.units and <id>/ending<k>.units for every item")
+    try:
+        units = [int(u) for u in path.read_text().split()]
+    except ValueError:
+        raise ItemError(f"item {item_id!r}: {path} must hold whitespace-separated integers") from None
+    part = {"units": units}
+    align = path.with_suffix(".align")
+    if align.is_file():
+        segments = []
+        for number, line in enumerate(align.read_text().splitlines(), start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise ItemError(f"item {item_id!r}: {align}:{number} must be \"word n_units\"")
+            segments.append([fields[0], int(fields[1])])
+        part["segments"] = segments
+    return part
+
+
+READERS = {"hellaswag": read_hellaswag, "storycloze": read_storycloze,
+           "topic-storycloze": read_storycloze}
+
+
+def import_main(argv: Sequence[str] | None = None) -> int:
+    """`lst-import-eval FORMAT INPUT [--units-dir DIR] --output ITEMS.jsonl`."""
+    parser = argparse.ArgumentParser(prog="lst-import-eval",
+                                     description="Convert a benchmark file to lst-eval items.")
+    parser.add_argument("format", choices=sorted(READERS))
+    parser.add_argument("input")
+    parser.add_argument("--units-dir", default=None,
+                        help="Per-item unit files (see the module docstring); text-only without.")
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    try:
+        records = READERS[args.format](args.input)
+        if args.units_dir is not None:
+            records = attach_units(records, args.units_dir)
+    except (ItemError, OSError) as error:
+        print(f"lst-import-eval: {error}", file=sys.stderr)
+        return 2
+    with open(args.output, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    print(f"wrote {len(records)} items to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(import_main())

@@ -1,0 +1,84 @@
+"""The model a training checkpoint describes, with its weights, ready for scoring or generation.
+
+A checkpoint's `lst_checkpoint.json` keeps the training flags and the joint vocabulary; the model
+is rebuilt from those flags by the trainer's own `build_model_chunks` (so it is the same model,
+LST or baseline) under the layout asked for here, and its weights are read with
+`load_checkpoint` (dist-checkpointing reshards them to that layout). Optimizer and RNG state are
+not read. Call after `initialize_parallel` with the same tensor/pipeline sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_lst.patching import Patcher
+from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, load_text_tokenizer
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+from megatron_lst.training.checkpointing import (
+    CheckpointError,
+    find_latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_metadata,
+)
+
+
+@dataclass
+class InferenceModel:
+    model_chunks: list[torch.nn.Module]
+    """This rank's model chunks, in eval mode."""
+    vocab: JointVocab
+    tokenizer: TextTokenizer
+    patcher: Patcher
+    """The training patcher; scoring and generation turn it into the inference one."""
+    checkpoint: Path
+    iteration: int
+
+
+def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size: int = 1,
+                         pipeline_model_parallel_size: int = 1,
+                         tokenizer_model: str | None = None) -> InferenceModel:
+    """Collective: build and load the latest checkpoint under `load_dir`.
+
+    `tokenizer_model` overrides the tokenizer path the training flags name (a checkpoint moved
+    to another machine); its size must match the checkpoint's vocabulary.
+    """
+    from megatron_lst.training.data_provider import patching_config_from_args
+    from megatron_lst.training.model_provider import build_model_chunks
+
+    path = find_latest_checkpoint(load_dir)
+    if path is None:
+        raise CheckpointError(f"{load_dir} holds no complete checkpoint (no iter_XXXXXXX with "
+                              f"lst_checkpoint.json); pass the --save directory of a run")
+    metadata = read_checkpoint_metadata(path)
+    if metadata.get("vocab") is None:
+        raise CheckpointError(f"{path} does not record its vocabulary; it cannot be evaluated")
+    vocab = JointVocab.from_dict(metadata["vocab"])
+    args = argparse.Namespace(**metadata["args"])
+    args.tensor_model_parallel_size = tensor_model_parallel_size
+    args.pipeline_model_parallel_size = pipeline_model_parallel_size
+    args.sequence_parallel = False
+    args.use_distributed_optimizer = False
+    args.finetune, args.no_load_optim, args.no_load_rng = False, True, True
+
+    tokenizer_path = tokenizer_model or args.tokenizer_model
+    if tokenizer_path is None:
+        raise CheckpointError(f"{path} was trained without --tokenizer-model; pass "
+                              f"--tokenizer-model with the tokenizer of its vocabulary")
+    tokenizer = load_text_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size != vocab.text_size:
+        raise VocabularyError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces but "
+                              f"checkpoint {path} was trained with {vocab.text_size}; pass the "
+                              f"tokenizer it was trained with (--tokenizer-model)")
+
+    model_chunks, _ = build_model_chunks(args, vocab.size)
+    loaded = load_checkpoint(load_dir, model_chunks, None, None, args, vocab)
+    for chunk in model_chunks:
+        chunk.eval()
+    return InferenceModel(model_chunks, vocab, tokenizer,
+                          Patcher(patching_config_from_args(args)), loaded.path,
+                          int(metadata["iteration"]))

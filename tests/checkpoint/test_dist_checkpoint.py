@@ -1,0 +1,107 @@
+"""Dist checkpoints under TP/PP <-> the portable form: TP2PP2 -> TP1PP1 -> TP2PP1 reproduces the
+logits (fp32, gloo on CPU), and a checkpoint that does not fit the model is refused by name."""
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from distributed.harness import run_distributed
+
+from megatron_lst.checkpoint.convert import dist_to_portable, portable_model, portable_to_dist
+from megatron_lst.checkpoint.dist import load_dist_checkpoint, resolve_checkpoint
+from megatron_lst.checkpoint.model_state import (
+    CheckpointContentError,
+    build_full_model,
+    full_state_dict,
+)
+from megatron_lst.checkpoint.portable import PortableCheckpoint, load_portable, save_portable
+from megatron_lst.checkpoint.verify import fixed_batch, logits
+from megatron_lst.models.config import preset
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+from megatron_lst.training.checkpointing import METADATA_FILENAME
+
+WORKER = Path(__file__).resolve().parent / "dist_checkpoint_worker.py"
+VOCAB = JointVocab(text_size=58)  # 566 ids: splits over TP=2
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def original(single_rank, tmp_path_factory):
+    """A tiny model with random weights (norms too), as a portable checkpoint."""
+    torch.manual_seed(3)
+    config = preset("tiny", VOCAB.size)
+    model = build_full_model(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name or "norm_q" in name or "norm_kv" in name:
+                param.uniform_(0.5, 1.5)
+    directory = tmp_path_factory.mktemp("original")
+    save_portable(directory, PortableCheckpoint(config=config, state=full_state_dict(model), vocab=VOCAB))
+    return directory, logits(model, fixed_batch(config))
+
+
+def last_stage_logits(records: list[dict]) -> torch.Tensor:
+    reported = [torch.tensor(r["logits"]) for r in records if r["logits"] is not None]
+    assert reported, "no rank reported logits"
+    for other in reported[1:]:  # every tensor-parallel rank of the last stage
+        assert torch.equal(other, reported[0])
+    return reported[0]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tp2pp2_to_tp1pp1_to_tp2pp1_reproduces_logits(original, tmp_path):
+    portable, expected = original
+    saved_tp2pp2 = tmp_path / "tp2pp2"
+    records = run_distributed(WORKER, 4, ["--tp", 2, "--pp", 2, "--portable", portable,
+                                          "--save", saved_tp2pp2], timeout=400)
+    assert (last_stage_logits(records) - expected).abs().max().item() <= TOLERANCE
+
+    report = io.StringIO()
+    converted = tmp_path / "tp1pp1_portable"
+    assert dist_to_portable(saved_tp2pp2, converted, stream=report) <= TOLERANCE
+    assert "max |logits before - after|" in report.getvalue()
+    reloaded = portable_model(load_portable(converted, VOCAB), "converted")
+    assert (logits(reloaded, fixed_batch(reloaded.lst_config)) - expected).abs().max().item() <= TOLERANCE
+    assert json.loads((resolve_checkpoint(saved_tp2pp2) / METADATA_FILENAME).read_text())[
+        "parallel_layout"]["pipeline_model_parallel_size"] == 2
+
+    saved_tp1pp1 = tmp_path / "tp1pp1"
+    assert portable_to_dist(converted, saved_tp1pp1, iteration=7, stream=None) <= TOLERANCE
+    records = run_distributed(WORKER, 2, ["--tp", 2, "--pp", 1, "--portable", portable,
+                                          "--load", saved_tp1pp1], timeout=300)
+    assert (last_stage_logits(records) - expected).abs().max().item() <= TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def dist_checkpoint(original, tmp_path_factory):
+    portable, _ = original
+    save_dir = tmp_path_factory.mktemp("dist")
+    portable_to_dist(portable, save_dir, stream=None)
+    return resolve_checkpoint(save_dir)
+
+
+def test_dist_checkpoint_of_another_vocabulary_is_refused(original, dist_checkpoint):
+    other = JointVocab(text_size=60)
+    with pytest.raises(VocabularyError, match="566"):
+        load_dist_checkpoint(dist_checkpoint, build_full_model(preset("tiny", other.size)), other)
+    # Without a vocabulary to compare with, the embedding's shape names the mismatch.
+    with pytest.raises(CheckpointContentError, match=r"token_encoder\.embedding\.weight"):
+        load_dist_checkpoint(dist_checkpoint, build_full_model(preset("tiny", other.size)))
+
+
+def test_dist_checkpoint_of_another_architecture_is_refused_by_tensor(dist_checkpoint):
+    config = preset("tiny", VOCAB.size)
+    deeper = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, num_layers=3))
+    with pytest.raises(CheckpointContentError, match=r"local_decoder\.layers\.2\."):
+        load_dist_checkpoint(dist_checkpoint, build_full_model(deeper))
+    shallower = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, num_layers=1))
+    with pytest.raises(CheckpointContentError, match=r"does not have.*local_decoder\.(cross_attn_)?layers\.1\."):
+        load_dist_checkpoint(dist_checkpoint, build_full_model(shallower))
+    wider_ffn = dataclasses.replace(config, global_model=dataclasses.replace(
+        config.global_model, ffn_hidden_size=512))
+    with pytest.raises(CheckpointContentError, match=r"linear_fc2\.weight.*shape"):
+        load_dist_checkpoint(dist_checkpoint, build_full_model(wider_ffn))

@@ -1,0 +1,62 @@
+"""`lst-eval` on a saved checkpoint: the same accuracies as scoring the model in memory."""
+
+import json
+
+import pytest
+from eval_cases import NUM_UNITS, random_records, tokenizer, vocab
+from training.training_cases import tiny_flags
+
+from megatron_lst.evaluation.cli import eval_main
+from megatron_lst.evaluation.items import load_items
+from megatron_lst.evaluation.scoring import evaluate_items
+from megatron_lst.parallel import destroy_parallel, initialize_parallel
+from megatron_lst.patching import Patcher, PatchingConfig
+from megatron_lst.training.arguments import parse_args, validate_args
+from megatron_lst.training.checkpointing import save_checkpoint
+from megatron_lst.training.model_provider import build_model_chunks
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A curriculum tiny-cpu model saved as iteration 3; also its in-memory results."""
+    root = tmp_path_factory.mktemp("eval_cli")
+    items_path = root / "items.jsonl"
+    items_path.write_text("\n".join(json.dumps(r) for r in random_records(5, 6)) + "\n")
+    flags = tiny_flags(["unused"]) + ["--train-iters", "3", "--num-units", str(NUM_UNITS),
+                                      "--tokenizer-model", tokenizer().path]
+    args = validate_args(parse_args(flags), 1)
+    initialize_parallel(seed=3)
+    try:
+        chunks, _ = build_model_chunks(args, vocab().size)
+        save_checkpoint(3, chunks, None, None, args, {}, root / "save", vocab())
+        for chunk in chunks:
+            chunk.eval()
+        patcher = Patcher(PatchingConfig("static", patch_size=args.patch_size))
+        expected = evaluate_items(chunks, load_items(items_path, tokenizer(), vocab()), vocab(),
+                                  patcher, ["S->S", "T->T"], batch_size=4)
+    finally:
+        destroy_parallel()
+    return root, items_path, expected
+
+
+def test_lst_eval_matches_in_memory_scoring(checkpoint, capsys):
+    root, items_path, expected = checkpoint
+    output = root / "results.json"
+    status = eval_main(["--load", str(root / "save"), "--items", str(items_path),
+                        "--modes", "s2s,T->T", "--batch-size", "2", "--output", str(output)])
+    assert status == 0
+    written = json.loads(output.read_text())
+    assert written["iteration"] == 3
+    assert written["results"][str(items_path)] == expected
+    assert "items.jsonl T->T: accuracy" in capsys.readouterr().out
+
+
+def test_lst_eval_names_a_bad_item(checkpoint, capsys):
+    root, _, _ = checkpoint
+    record = random_records(6, 1)[0]
+    record["label"] = 5
+    bad = root / "bad.jsonl"
+    bad.write_text(json.dumps(record) + "\n")
+    assert eval_main(["--load", str(root / "save"), "--items", str(bad)]) == 2
+    assert f"item 'item-6-0' ({bad}:1): label 5" in capsys.readouterr().err
+    assert eval_main(["--load", str(root / "save"), "--items", str(bad), "--modes", "x"]) == 2

@@ -1,0 +1,82 @@
+"""Benchmark importers: HellaSwag JSONL and StoryCloze CSV, with per-ending unit files."""
+
+import json
+
+import pytest
+from eval_cases import tokenizer, vocab
+
+from megatron_lst.evaluation.importers import (
+    attach_units,
+    import_main,
+    read_hellaswag,
+    read_storycloze,
+)
+from megatron_lst.evaluation.items import ItemError, load_items
+
+CLOZE_HEADER = ("InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,"
+                "RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2,AnswerRightEnding\n")
+
+
+def write_cloze(path, rows):
+    path.write_text(CLOZE_HEADER + "".join(row + "\n" for row in rows))
+    return path
+
+
+def write_units(units_dir, item_id, name, units, align=None):
+    folder = units_dir / item_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.units").write_text(" ".join(map(str, units)) + "\n")
+    if align is not None:
+        (folder / f"{name}.align").write_text("".join(f"{w} {n}\n" for w, n in align))
+
+
+def test_worked_example_storycloze_with_units(tmp_path):
+    cloze = write_cloze(tmp_path / "cloze.csv", [
+        "b929f263,the girl ran.,she sat.,the dog ate.,then night.,she went home.,"
+        "the cat sat.,1"])
+    units = tmp_path / "units"
+    write_units(units, "b929f263", "context", [3, 3, 5, 1, 0, 7], [["the", 2], ["[SIL]", 1],
+                                                                  ["girl", 3]])
+    write_units(units, "b929f263", "ending0", [1, 2])
+    write_units(units, "b929f263", "ending1", [4, 4, 4])
+    output = tmp_path / "items.jsonl"
+    assert import_main(["storycloze", str(cloze), "--units-dir", str(units),
+                        "--output", str(output)]) == 0
+    record = json.loads(output.read_text())
+    assert record == {
+        "id": "b929f263",
+        "context": {"text": "the girl ran. she sat. the dog ate. then night.",
+                    "units": [3, 3, 5, 1, 0, 7],
+                    "segments": [["the", 2], ["[SIL]", 1], ["girl", 3]]},
+        "endings": [{"text": "she went home.", "units": [1, 2]},
+                    {"text": "the cat sat.", "units": [4, 4, 4]}],
+        "label": 0}
+    (item,) = load_items(output, tokenizer(), vocab())
+    assert item.context.segment_is_silence.tolist() == [False, True, False]
+
+
+def test_hellaswag_jsonl(tmp_path):
+    path = tmp_path / "hs.jsonl"
+    rows = [{"ind": 24, "ctx_a": "the girl", "ctx_b": "ran home", "endings": ["a", "b", "c", "d"],
+             "label": 2},
+            {"ctx": "the dog sat", "endings": ["x", "y", "z", "w"], "label": "0"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = read_hellaswag(path)
+    assert [r["id"] for r in records] == ["24", "1"]
+    assert records[0]["context"]["text"] == "the girl ran home"
+    assert records[1]["label"] == 0 and len(records[1]["endings"]) == 4
+    unlabelled = tmp_path / "test.jsonl"
+    unlabelled.write_text(json.dumps({"ctx": "a", "endings": ["b", "c"]}) + "\n")
+    with pytest.raises(ItemError, match=r"test.jsonl:1: .*needs"):
+        read_hellaswag(unlabelled)
+
+
+def test_import_errors_name_the_story(tmp_path):
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1", "s2,a.,b.,c.,d.,e.,f.,3"])
+    with pytest.raises(ItemError, match=r"cloze.csv:3: story 's2' has AnswerRightEnding '3'"):
+        read_storycloze(cloze)
+    records = read_storycloze(write_cloze(tmp_path / "ok.csv", ["s1,a.,b.,c.,d.,e.,f.,2"]))
+    assert records[0]["label"] == 1
+    with pytest.raises(ItemError, match=r"item 's1': no unit file .*s1/context.units"):
+        attach_units(records, tmp_path / "units")
+    assert "units" not in records[0]["context"]  # the input records are left as they were

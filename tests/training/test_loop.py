@@ -1,0 +1,144 @@
+"""The training loop: sampling order, model flags, the global-batch token-mean loss, and
+`pretrain_lst.py` as a command (log lines, exit status, stopping on a signal with a checkpoint)."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from training.training_cases import tiny_flags, write_corpus
+
+from megatron_lst.training.arguments import parse_args, validate_args
+from megatron_lst.training.data_provider import PretrainingBatchSampler, split_bounds
+from megatron_lst.training.model_provider import lst_config_from_args
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- sampling ---------------------------------------------------------------------------
+
+def test_sampler_gives_each_data_parallel_rank_its_slice_of_every_micro_batch():
+    # Global batch 8 = 2 micro-batches x micro-batch 2 x 2 data-parallel ranks.
+    ranks = [list(PretrainingBatchSampler(16, 0, 2, rank, 2)) for rank in range(2)]
+    assert ranks[0] == [[0, 1], [4, 5], [8, 9], [12, 13]]
+    assert ranks[1] == [[2, 3], [6, 7], [10, 11], [14, 15]]
+
+
+def test_sampler_resumes_at_the_consumed_sample():
+    straight = list(PretrainingBatchSampler(24, 0, 2, 1, 2))
+    resumed = list(PretrainingBatchSampler(24, 8, 2, 1, 2))
+    assert resumed == straight[2:]
+    assert len(PretrainingBatchSampler(24, 8, 2, 1, 2)) == len(resumed)
+
+
+def test_sampler_rejects_a_checkpoint_past_the_end():
+    with pytest.raises(ValueError, match="raise --train-iters"):
+        PretrainingBatchSampler(8, 12, 2, 0, 1)
+
+
+def test_split_bounds_follow_megatron_rounding():
+    assert split_bounds("969,30,1", 1000) == {"train": (0, 969), "valid": (969, 999),
+                                              "test": (999, 1000)}
+    assert split_bounds("90,10", 60) == {"train": (0, 54), "valid": (54, 60), "test": (60, 60)}
+
+
+# --- the model the flags describe --------------------------------------------------------
+
+def test_lst_config_from_the_tiny_preset_flags(tmp_path):
+    args = validate_args(parse_args(tiny_flags(["x"]) + ["--train-iters", "2"]), 1)
+    config = lst_config_from_args(args, vocab_size=76)
+    assert config.vocab_size == 76
+    assert (config.global_model.hidden_size, config.global_model.num_layers,
+            config.global_model.num_heads, config.global_model.ffn_hidden_size) == (64, 2, 4, 176)
+    assert (config.encoder.hidden_size, config.encoder.num_layers) == (32, 1)
+    assert (config.decoder.hidden_size, config.decoder.num_layers) == (32, 1)
+    assert config.cross_attention.slots_per_patch == 2
+    assert config.cross_attention.encoder_window == config.cross_attention.decoder_window == 16
+    assert config.encoder.window == 64
+    assert config.max_sequence_length == 24  # the token budget of a row
+
+
+# --- the loss of one iteration -----------------------------------------------------------
+
+def test_iteration_loss_and_gradient_are_the_token_mean_over_the_global_batch(tmp_path):
+    """Two micro-batches with different numbers of real tokens: the loop's loss and gradient
+    must be those of sum(CE * mask) / sum(mask) over both, not a mean of micro-batch means."""
+    from megatron.core.utils import unwrap_model
+
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
+    from megatron_lst.training.data_provider import build_loader
+    from megatron_lst.training.loop import setup, train_step
+
+    flags = tiny_flags(write_corpus(tmp_path)) + [
+        "--train-iters", "2", "--micro-batch-size", "1", "--global-batch-size", "2",
+        "--clip-grad", "0", "--weight-decay", "0"]
+    args = validate_args(parse_args(flags), 1)
+    initialize_parallel(seed=args.seed)
+    try:
+        state, datasets = setup(args, index_cache_dir=tmp_path / "rows")
+        micro_batches = list(build_loader(datasets.train, args))[:2]  # the first iteration
+        counts = [float(b["loss_mask"].sum()) for b in micro_batches]
+        assert counts[0] != counts[1], "the test needs micro-batches of unequal token counts"
+
+        module = unwrap_model(state.model[0])
+        params = [p for p in module.parameters() if p.requires_grad]
+        batch = {k: torch.cat([b[k] for b in micro_batches]) for k in micro_batches[0]}
+        per_token = module(batch["tokens"], batch["patch_lengths"], batch["labels"])  # [2, N]
+        expected = (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        expected_grads = torch.autograd.grad(expected, params)
+
+        step = train_step(state, iter(micro_batches))
+        assert step.num_tokens == sum(counts)
+        assert step.loss == pytest.approx(expected.item(), rel=1e-6)
+        for param, grad in zip(params, expected_grads):
+            torch.testing.assert_close(param.main_grad, grad, rtol=1e-4, atol=1e-7)
+    finally:
+        destroy_parallel()
+
+
+# --- pretrain_lst.py as a command --------------------------------------------------------
+
+def _command(flags: list[str]) -> list[str]:
+    return [sys.executable, str(REPO_ROOT / "pretrain_lst.py"), *flags]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_bad_flags_exit_with_status_2_and_name_the_flag():
+    done = subprocess.run(_command(["--preset", "tiny-cpu", "--seq-length", "8",
+                                    "--train-iters", "1", "--lr", "1e-3",
+                                    "--patching-mode", "static"]),
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--max-tokens" in done.stderr
+
+
+@pytest.mark.slow
+def test_signal_stops_training_with_a_checkpoint_and_status_75(tmp_path):
+    """SIGUSR1 (SLURM's warning before the wall) ends the run after the current iteration, with
+    a checkpoint of that iteration and the exit status a batch script requeues on."""
+    save = tmp_path / "ckpt"
+    flags = tiny_flags(write_corpus(tmp_path / "data")) + [
+        "--train-iters", "2000", "--eval-interval", "2000", "--save", str(save)]
+    process = subprocess.Popen(_command(flags), env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "iteration" in line and "lm loss" in line and len(lines) > 1:
+                process.send_signal(signal.SIGUSR1)
+                break
+        output = "".join(lines) + process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    assert process.returncode == 75, output[-3000:]
+    assert "received SIGUSR1" in output
+    saved = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 1 <= saved < 2000
+    assert (save / f"iter_{saved:07d}" / "lst_checkpoint.json").is_file()
