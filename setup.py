@@ -34,8 +34,10 @@ setup(
     extras_require={
         # apex is built from source: see README "GPU extras".
         "gpu": ["flash-attn>=2.6", "transformer-engine[pytorch]>=2.0"],
-        "data": ["tokenizers>=0.15", "scipy>=1.10", "scikit-learn>=1.3",
+        # Data tools and the demo corpus (eSpeak NG ships inside espeakng-loader).
+        "data": ["tokenizers>=0.15", "scipy>=1.10", "scikit-learn>=1.3", "threadpoolctl>=3.1",
                  "espeakng-loader>=0.2", "matplotlib>=3.7"],
+        "logging": ["tensorboard>=2.14", "wandb>=0.16"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5"],
     },
     entry_points={"console_scripts": []},

@@ -1,0 +1,247 @@
+"""Patch-level autoregressive generation with a KV cache for the global model.
+
+One step predicts the token after the sequence so far, `x_0 .. x_t`:
+
+    patch_lengths = generation_patch_lengths(x, ...)        # [P]; the last patch is still open
+    token states, global inputs [P, 1, Dg] = model.encode(x, patch_lengths)
+    global model on the patches closed since the last step, with the KV cache  # once per patch
+    logits = model.decode(token states, global outputs of the closed patches, patch_lengths)[t]
+
+Only closed patches reach the global model, and each does once: the decoder at token t reads only
+global patches that end at or before t (DESIGN.md section 4), i.e. closed ones, so the output of
+the open patch is never needed (a zero stands in for it). The global model is megatron's
+`TransformerBlock` driven with megatron's own `StaticInferenceContext`, whose attention keeps the
+keys/values of past positions and applies RoPE at the right offsets: no attention code of ours
+runs in the cache path. The local encoder and decoder are re-run over the whole sequence each
+step: they are small next to the global model (the paper's 1B: 1 + 9 local layers of 1024 against
+25 global layers of 2048), and re-running them keeps them exact; a local KV cache would also make
+their per-step cost independent of the length.
+
+Where patches end at generation time (static patching with p units, the rule inference uses):
+- a text token (BOS, `<t>`, a piece, EOS) is a patch of its own and closes at once;
+- `<s>` opens a speech patch; the patch closes when it holds p tokens (`<s>` counts, as in the
+  static patcher), or when the next token is not a unit (the model has ended the speech run: the
+  remainder patch closes before that token is processed).
+So the patches of a generated sequence are exactly `static_patch_lengths` of it. What generation
+cannot know is whether a short last patch of a run is closed until the next token shows it, so
+the token that ends a speech run is predicted from the global state before that short patch;
+in training, static patching saw the whole run. Aligned patching needs word boundaries that do
+not exist while generating, so it is refused. The token baseline is one patch per token: its
+global model (the whole `GPTModel`) runs once per token, with the same cache.
+
+`generate(..., use_cache=False)` instead re-runs the whole model on the sequence each step with
+the same patch lengths: the reference implementation's way, and what the cache must reproduce.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from megatron_lst.data.interleave import InterleavedDocument
+from megatron_lst.patching import PatchingConfig, static_patch_lengths
+from megatron_lst.tokenizer.vocab import JointVocab
+
+
+class GenerationError(ValueError):
+    """A prompt or a setting generation cannot run with."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 is greedy; top_k 0 and top_p 1.0 keep every token."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 200
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got "
+                                  f"{self.temperature}, {self.top_k}, {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class GenerationResult:
+    tokens: np.ndarray  # [n] int64 the generated ids (after the prompt), EOS included if reached
+    global_steps: int
+    """Positions the global model processed for the generated tokens (prompt prefill excluded)."""
+    seconds: float
+    stopped_at_eos: bool
+    step_logits: list[torch.Tensor] = field(default_factory=list, repr=False)
+    """[V] fp32 logits of each generated token (kept for tests and diagnostics)."""
+
+
+def generation_patch_lengths(tokens: np.ndarray, vocab: JointVocab, patch_size: int | None
+                             ) -> np.ndarray:
+    """`[P]` patch lengths for predicting the token after `tokens` (sum = len(tokens) + 1).
+
+    `patch_size` None: the token baseline (every token a patch). Else static patching of
+    `tokens`, then the next token's slot joins the last patch if it is an open speech patch
+    (patchable and shorter than `patch_size`), or opens a patch of its own.
+    """
+    if patch_size is None:
+        return np.ones(len(tokens) + 1, dtype=np.int32)
+    lengths = static_patch_lengths(InterleavedDocument.from_tokens(tokens, vocab), patch_size)
+    if vocab.is_patchable_static(int(tokens[-1])) and lengths[-1] < patch_size:
+        lengths[-1] += 1
+        return lengths
+    return np.append(lengths, 1).astype(np.int32)
+
+
+def generation_patch_size(config: PatchingConfig) -> int | None:
+    """The static p a model generates with (None for the token baseline)."""
+    if config.mode == "none":
+        return None
+    if config.mode == "aligned":
+        raise GenerationError("aligned patching needs word boundaries that do not exist while "
+                              "generating; generate with a static, mixed or curriculum model")
+    return config.patch_size
+
+
+def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
+    """One token id from `logits [V]`."""
+    if sampling.temperature == 0.0:
+        return int(torch.argmax(logits))
+    logits = logits.double() / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, -1) >= sampling.top_p  # keep the first
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+
+
+class _CachedGlobal:
+    """The global model of an LSTModel over closed patches, with megatron's static KV cache."""
+
+    def __init__(self, model, max_patches: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.model = model
+        self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=max_patches)
+        transformer = model.global_transformer
+        device = next(model.parameters()).device
+        self.rotary = transformer.rope.angles(max_patches, device)  # [S_max, 1, 1, d]
+        self.outputs: list[torch.Tensor] = []  # each [1, 1, Dg]
+
+    def extend(self, global_input: torch.Tensor) -> int:
+        """Run the patches of `global_input [n, 1, Dg]` not seen yet; returns how many ran.
+
+        The prompt's patches go in one causal call. Later patches go one per call: megatron's
+        static cache drops the causal mask once its offset is past 0, which is exact for one new
+        position only (a text token can close two patches in one step: the short speech patch
+        before it and its own).
+        """
+        done = len(self.outputs)
+        new = global_input[done:]
+        chunks = [new] if done == 0 else new.split(1)
+        for chunk in chunks:
+            if not len(chunk):
+                continue
+            out = self.model.global_transformer.block(
+                chunk, attention_mask=None, rotary_pos_emb=self.rotary,
+                inference_context=self.context)
+            self.context.sequence_len_offset += len(chunk)
+            self.outputs.extend(out.split(1))
+        return len(new)
+
+
+def _lst_step_logits(model, tokens: torch.Tensor, lengths: torch.Tensor,
+                     cache: _CachedGlobal | None) -> tuple[torch.Tensor, int]:
+    """(logits [V] of the next token, global positions run) for an LSTModel."""
+    if cache is None:
+        return model(tokens, lengths)[0, -1], lengths.shape[1]
+    token_states, global_input = model.encode(tokens, lengths)  # [1, N, De], [P, 1, Dg]
+    closed = global_input[:-1]  # the last patch is open
+    ran = cache.extend(closed)
+    outputs = torch.cat([*cache.outputs, torch.zeros_like(global_input[-1:])])  # [P, 1, Dg]
+    return model.decode(token_states, outputs, lengths)[0, -1], ran
+
+
+class _CachedBaseline:
+    """The token baseline (GPTModel) with megatron's static KV cache: one position per token."""
+
+    def __init__(self, model, max_tokens: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.model = model
+        self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=max_tokens)
+
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        from megatron.core import tensor_parallel
+        from megatron.core.models.gpt import GPTModel
+
+        new = tokens[:, self.context.sequence_len_offset:]  # [1, n]
+        logits = GPTModel.forward(self.model, input_ids=new, position_ids=None,
+                                  attention_mask=None, inference_context=self.context)
+        self.context.sequence_len_offset += new.shape[1]
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits).float()
+        return logits[0, -1], new.shape[1]
+
+
+@torch.no_grad()
+def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingConfig,
+             sampling: SamplingConfig = SamplingConfig(), use_cache: bool = True
+             ) -> GenerationResult:
+    """Continue `prompt` (joint ids, starting with BOS) on one model (TP=1 or more, PP=1).
+
+    `patching`: the model's patching config (its static p is used; see the module docstring).
+    Stops at EOS or after `sampling.max_new_tokens` tokens.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_lst.models.lst_model import LSTModel
+
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise GenerationError("generation runs with pipeline parallel size 1; load the "
+                              "checkpoint with --pipeline-model-parallel-size 1")
+    prompt = np.asarray(prompt, dtype=np.int64)
+    vocab.check_ids(prompt, where="prompt")
+    if not len(prompt) or prompt[0] != vocab.bos_id:
+        raise GenerationError(f"a prompt starts with BOS ({vocab.bos_id}); got {prompt[:1]}")
+    is_lst = isinstance(model, LSTModel)
+    patch_size = generation_patch_size(patching) if is_lst else None
+    model.eval()
+    device = next(model.parameters()).device
+    max_length = len(prompt) + sampling.max_new_tokens + 1
+    cache = None
+    if use_cache:
+        cache = _CachedGlobal(model, max_length) if is_lst else _CachedBaseline(model, max_length)
+    generator = torch.Generator().manual_seed(sampling.seed)
+
+    sequence = prompt.tolist()
+    result = GenerationResult(np.zeros(0, np.int64), 0, 0.0, False)
+    start = time.perf_counter()
+    for _ in range(sampling.max_new_tokens):
+        tokens = torch.tensor([sequence], dtype=torch.int64, device=device)  # [1, N]
+        if is_lst:
+            lengths = generation_patch_lengths(np.asarray(sequence), vocab, patch_size)
+            logits, ran = _lst_step_logits(model, tokens, torch.from_numpy(lengths)[None].to(device),
+                                           cache)
+        elif cache is not None:
+            logits, ran = cache.step(tokens)
+        else:
+            logits, ran = model(tokens, None)[0, -1], tokens.shape[1]
+        if len(sequence) > len(prompt):  # the prompt's own positions are not counted
+            result.global_steps += ran
+        logits = logits.float().cpu()
+        result.step_logits.append(logits)
+        token = _sample(logits, sampling, generator)
+        sequence.append(token)
+        if token == vocab.eos_id:
+            result.stopped_at_eos = True
+            break
+    result.seconds = time.perf_counter() - start
+    result.tokens = np.asarray(sequence[len(prompt):], dtype=np.int64)
+    return result

@@ -1,0 +1,96 @@
+"""Generation: the KV-cached loop gives exactly the tokens of re-running the whole model each
+step (greedy), for LST and the token baseline; patch boundaries; sampling."""
+
+import numpy as np
+import pytest
+import torch
+from eval_cases import tiny_model, vocab
+
+from megatron_lst.evaluation.generation import (
+    GenerationError,
+    SamplingConfig,
+    _sample,
+    generate,
+    generation_patch_lengths,
+)
+from megatron_lst.patching import PatchingConfig, static_patch_lengths
+from megatron_lst.data.interleave import InterleavedDocument
+
+STATIC = PatchingConfig("static", patch_size=3)
+
+
+@pytest.fixture(scope="module")
+def models(single_rank):
+    return {kind: tiny_model(kind, vocab().size, seed=5) for kind in ("lst", "baseline")}
+
+
+def prompts():
+    v = vocab()
+    units = v.units_to_ids(np.array([3, 3, 7, 1, 0, 9, 9]))
+    return {
+        "speech": np.array([v.bos_id, v.speech_marker, *units]),
+        "text to speech": np.array([v.bos_id, v.text_marker, 20, 31, 5, v.speech_marker]),
+        "speech to text": np.array([v.bos_id, v.speech_marker, *units[:4], v.text_marker]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+@pytest.mark.parametrize("prompt", sorted(prompts()))
+def test_cache_gives_the_tokens_of_full_recomputation(models, kind, prompt):
+    model, ids = models[kind], prompts()[prompt]
+    sampling = SamplingConfig(max_new_tokens=24)
+    cached = generate(model, ids, vocab(), STATIC, sampling, use_cache=True)
+    full = generate(model, ids, vocab(), STATIC, sampling, use_cache=False)
+    np.testing.assert_array_equal(cached.tokens, full.tokens)
+    for a, b in zip(cached.step_logits, full.step_logits):
+        assert (a - b).abs().max() < 1e-4
+    # The random model mixes speech and text, so patches close both ways.
+    assert len(set(vocab().is_unit(cached.tokens).tolist())) == 2 or cached.stopped_at_eos
+
+
+def test_global_model_runs_once_per_closed_patch(models):
+    ids = prompts()["speech"]
+    result = generate(models["lst"], ids, vocab(), STATIC, SamplingConfig(max_new_tokens=20))
+    sequence = np.concatenate([ids, result.tokens])
+    closed_before = len(generation_patch_lengths(ids, vocab(), 3)) - 1
+    closed_after = len(generation_patch_lengths(sequence[:-1], vocab(), 3)) - 1
+    assert result.global_steps == closed_after - closed_before
+    baseline = generate(models["baseline"], ids, vocab(), STATIC, SamplingConfig(max_new_tokens=20))
+    assert baseline.global_steps == len(baseline.tokens) - 1
+
+
+def test_generation_patches_are_the_static_patches_of_the_result():
+    v = vocab()
+    rng = np.random.default_rng(0)
+    kinds = rng.integers(0, 3, 60)  # 0 text piece, 1 unit, 2 mode marker
+    sequence = [v.bos_id, v.speech_marker]
+    for kind in kinds:
+        if kind == 2:
+            sequence.append(v.speech_marker if v.is_unit(sequence[-1]) is False else v.text_marker)
+        sequence.append(int(v.unit_offset + rng.integers(v.num_units)) if kind == 1
+                        else int(rng.integers(3, v.text_size)))
+    sequence = np.array(sequence)
+    expected = static_patch_lengths(InterleavedDocument.from_tokens(sequence, v), 3)
+    # Predicting the last token: the patches of the prefix plus its slot are the final ones.
+    np.testing.assert_array_equal(generation_patch_lengths(sequence[:-1], v, 3), expected)
+    assert generation_patch_lengths(sequence[:1], v, None).tolist() == [1, 1]
+
+
+def test_sampling():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    assert _sample(logits, SamplingConfig(), generator) == 1
+    top2 = {_sample(logits, SamplingConfig(temperature=1.0, top_k=2), generator) for _ in range(50)}
+    assert top2 == {1, 2}
+    nucleus = {_sample(logits, SamplingConfig(temperature=1.0, top_p=0.3), generator)
+               for _ in range(50)}
+    assert nucleus == {1}
+    with pytest.raises(GenerationError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+
+
+def test_refusals(models):
+    with pytest.raises(GenerationError, match="aligned patching"):
+        generate(models["lst"], prompts()["speech"], vocab(), PatchingConfig("aligned"))
+    with pytest.raises(GenerationError, match="starts with BOS"):
+        generate(models["lst"], prompts()["speech"][1:], vocab(), STATIC)
