@@ -4,7 +4,7 @@ step (greedy), for LST and the token baseline; patch boundaries; sampling."""
 import numpy as np
 import pytest
 import torch
-from eval_cases import tiny_model, vocab
+from eval_cases import tiny_model
 
 from megatron_lst.evaluation.generation import (
     GenerationError,
@@ -13,15 +13,22 @@ from megatron_lst.evaluation.generation import (
     generate,
     generation_patch_lengths,
 )
-from megatron_lst.patching import PatchingConfig, static_patch_lengths
 from megatron_lst.data.interleave import InterleavedDocument
+from megatron_lst.patching import PatchingConfig, static_patch_lengths
+from megatron_lst.tokenizer.vocab import JointVocab
 
 STATIC = PatchingConfig("static", patch_size=3)
+# Mostly units, so that random models generate speech runs and text between them.
+VOCAB = JointVocab(text_size=40, num_units=200)
+
+
+def vocab() -> JointVocab:
+    return VOCAB
 
 
 @pytest.fixture(scope="module")
 def models(single_rank):
-    return {kind: tiny_model(kind, vocab().size, seed=5) for kind in ("lst", "baseline")}
+    return {kind: tiny_model(kind, VOCAB.size, seed=5) for kind in ("lst", "baseline")}
 
 
 def prompts():
@@ -30,13 +37,14 @@ def prompts():
     return {
         "speech": np.array([v.bos_id, v.speech_marker, *units]),
         "text to speech": np.array([v.bos_id, v.text_marker, 20, 31, 5, v.speech_marker]),
+        "text": np.array([v.bos_id, v.text_marker, 20, 31, 5, 7]),
         "speech to text": np.array([v.bos_id, v.speech_marker, *units[:4], v.text_marker]),
     }
 
 
 @pytest.mark.parametrize("kind", ["lst", "baseline"])
 @pytest.mark.parametrize("prompt", sorted(prompts()))
-def test_cache_gives_the_tokens_of_full_recomputation(models, kind, prompt):
+def test_greedy_cache_gives_the_tokens_of_full_recomputation(models, kind, prompt):
     model, ids = models[kind], prompts()[prompt]
     sampling = SamplingConfig(max_new_tokens=24)
     cached = generate(model, ids, vocab(), STATIC, sampling, use_cache=True)
@@ -44,8 +52,20 @@ def test_cache_gives_the_tokens_of_full_recomputation(models, kind, prompt):
     np.testing.assert_array_equal(cached.tokens, full.tokens)
     for a, b in zip(cached.step_logits, full.step_logits):
         assert (a - b).abs().max() < 1e-4
-    # The random model mixes speech and text, so patches close both ways.
-    assert len(set(vocab().is_unit(cached.tokens).tolist())) == 2 or cached.stopped_at_eos
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_sampled_cache_matches_across_speech_and_text(models, kind):
+    """Sampling from the random model mixes units, pieces and markers, so speech patches close
+    both at p units and early, before a text token."""
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=40, seed=2)
+    cached = generate(models[kind], prompts()["speech"], vocab(), STATIC, sampling)
+    full = generate(models[kind], prompts()["speech"], vocab(), STATIC, sampling, use_cache=False)
+    np.testing.assert_array_equal(cached.tokens, full.tokens)
+    units = vocab().is_unit(cached.tokens)
+    assert units.any() and (~units).any()
+    ends_short = np.flatnonzero(units[:-1] & ~units[1:])  # a speech run ends at these tokens
+    assert len(ends_short)
 
 
 def test_global_model_runs_once_per_closed_patch(models):

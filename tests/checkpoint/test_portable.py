@@ -1,0 +1,112 @@
+"""The portable form (safetensors + lst_config.json): a round trip reproduces the model exactly;
+corrupt or mismatched files are refused with the tensor (or file) named."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_lst.checkpoint.convert import portable_model
+from megatron_lst.checkpoint.model_state import (
+    CheckpointContentError,
+    build_full_model,
+    full_state_dict,
+    lst_config_from_dict,
+    lst_config_to_dict,
+)
+from megatron_lst.checkpoint.portable import (
+    CONFIG_FILENAME,
+    WEIGHTS_FILENAME,
+    PortableCheckpoint,
+    load_portable,
+    save_portable,
+)
+from megatron_lst.checkpoint.verify import fixed_batch, logits, verify_same_function
+from megatron_lst.models.config import GlobalModelConfig, preset
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+
+VOCAB = JointVocab(text_size=58)
+
+
+@pytest.fixture(scope="module")
+def model(single_rank):
+    torch.manual_seed(5)
+    # GQA and a global input projection (k * De = 64 != Dg = 96) exercise the optional tensors.
+    tiny = preset("tiny", VOCAB.size)
+    config = dataclasses.replace(tiny, global_model=GlobalModelConfig(96, 2, 4, 256, 2))
+    return build_full_model(config)
+
+
+@pytest.fixture()
+def saved(model, tmp_path):
+    save_portable(tmp_path, PortableCheckpoint(
+        config=model.lst_config, state=full_state_dict(model), vocab=VOCAB,
+        training_args={"patching_mode": "aligned"}, source="test"))
+    return tmp_path
+
+
+def test_round_trip_reproduces_the_model_exactly(model, saved):
+    checkpoint = load_portable(saved, VOCAB)
+    assert checkpoint.config == model.lst_config
+    assert checkpoint.vocab == VOCAB and checkpoint.training_args == {"patching_mode": "aligned"}
+    assert "global_input_projection.weight" in checkpoint.state
+    reloaded = portable_model(checkpoint, str(saved))
+    batch = fixed_batch(model.lst_config)
+    assert torch.equal(logits(reloaded, batch), logits(model, batch))
+
+
+def test_verification_catches_a_changed_weight(model, saved, capsys):
+    checkpoint = load_portable(saved)
+    checkpoint.state["global_transformer.block.layers.1.mlp.linear_fc2.weight"] += 1e-2
+    changed = portable_model(checkpoint, "changed")
+    with pytest.raises(Exception, match="differ"):
+        verify_same_function(model, changed, "test conversion")
+    assert "max |logits before - after|" in capsys.readouterr().out
+
+
+def test_config_dict_round_trip_and_unknown_field(model):
+    data = lst_config_to_dict(model.lst_config)
+    assert lst_config_from_dict(json.loads(json.dumps(data))) == model.lst_config
+    data["encoder"]["rope_scaling"] = 2.0
+    with pytest.raises(CheckpointContentError, match="encoder.*rope_scaling"):
+        lst_config_from_dict(data)
+
+
+def rewrite_weights(directory, edit):
+    state = load_file(str(directory / WEIGHTS_FILENAME))
+    edit(state)
+    save_file(state, str(directory / WEIGHTS_FILENAME))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("local_decoder.cross_attn_layers.1.linear_kv.weight"),
+     r"no tensor 'local_decoder\.cross_attn_layers\.1\.linear_kv\.weight'"),
+    (lambda s: s.update({"patch_encoder.patch_projection.weight": torch.zeros(64, 31)}),
+     r"'patch_encoder\.patch_projection\.weight' has shape \(64, 31\) but the model expects \(64, 32\)"),
+    (lambda s: s.update({"local_decoder.layers.2.input_norm.weight": torch.ones(32)}),
+     r"does not have: \['local_decoder\.layers\.2\.input_norm\.weight'\]"),
+], ids=["missing", "wrong-shape", "unexpected"])
+def test_mismatched_tensors_are_refused_by_name(saved, edit, message):
+    rewrite_weights(saved, edit)
+    with pytest.raises(CheckpointContentError, match=message):
+        portable_model(load_portable(saved), str(saved))
+
+
+def test_other_vocabulary_is_refused(saved):
+    other = JointVocab(text_size=60)
+    with pytest.raises(VocabularyError, match=f"{VOCAB.size} ids but this tokenizer gives {other.size}"):
+        load_portable(saved, other)
+    config = json.loads((saved / CONFIG_FILENAME).read_text())
+    config["vocab"] = other.to_dict()
+    (saved / CONFIG_FILENAME).write_text(json.dumps(config))
+    with pytest.raises(CheckpointContentError, match=r"token_encoder\.embedding\.weight"):
+        load_portable(saved)
+
+
+def test_corrupt_weights_file_is_refused_naming_it(saved):
+    path = saved / WEIGHTS_FILENAME
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointContentError, match=f"cannot read {path}"):
+        load_portable(saved)
