@@ -74,6 +74,8 @@ def segment_pool_reference(
     count = (end - start)[..., None]  # [B, P, 1]
 
     if reduce == "max":
+        if num_tokens == 0:  # every patch is empty; the (empty) sum keeps x in the graph
+            return xa.sum(dim=1, keepdim=True).expand(batch, num_patches, dim).to(x.dtype)
         argmax = first_argmax(xa, patch_lengths)  # [B, P, D]
         pooled = xa.gather(1, argmax.clamp(max=num_tokens - 1))
         return torch.where(count > 0, pooled, 0.0).to(x.dtype)

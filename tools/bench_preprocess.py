@@ -22,6 +22,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -87,9 +88,8 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
+def _measure(args: argparse.Namespace, workdir: Path) -> dict:
+    """Parse timing and one tool run per --workers value, with every file under `workdir`."""
     source = args.source or (None if args.synthetic or not FIXTURES.is_dir()
                              else FIXTURES / "mls.chunk.00.on_the_fly")
     if source:
@@ -136,11 +136,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                 "units_per_s_per_worker": units / seconds / workers,
                                 "units_per_cpu_s": units / cpu,
                                 "lines_per_s": len(lines) / seconds})
-    for path in workdir.iterdir():
-        path.unlink()
-    workdir.rmdir()
+    return results
 
-    print(f"\ncorpus: {corpus_name}, {len(lines)} lines, {units} units, "
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
+    try:
+        results = _measure(args, workdir)
+    finally:
+        shutil.rmtree(workdir)
+    corpus_name, lines, units = results["corpus"], results["lines"], results["units"]
+
+    print(f"\ncorpus: {corpus_name}, {lines} lines, {units} units, "
           f"{os.cpu_count()} CPUs, load average {results['load_average_1min']:.1f}")
     print(f"{'stage':<22}{'seconds':>9}{'units/s':>14}{'units/s/worker':>16}"
           f"{'units/cpu-s':>14}{'lines/s':>11}")

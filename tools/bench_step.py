@@ -116,7 +116,7 @@ class StepMarks:
         if self.cuda:
             torch.cuda.synchronize()
         totals: dict[str, float] = defaultdict(float)
-        for (label, start), (_, end) in zip(self.marks, self.marks[1:]):
+        for (label, start), (_, end) in zip(self.marks, self.marks[1:], strict=False):
             seconds = (start.elapsed_time(end) / 1e3 if self.cuda else end - start)
             totals[label] += seconds
         self.marks.clear()
@@ -271,7 +271,7 @@ def format_table(bench: StepBenchmark) -> str:
         f"global positions/s      {bench.global_positions_per_second:,.0f}",
         f"peak memory             {bench.peak_memory_gib:.2f} GiB",
         f"model TFLOP/s/device    {bench.tflops_per_device:.3f}",
-        f"MFU                     "
+        "MFU                     "
         + (f"{100 * bench.mfu:.1f}%" if bench.mfu is not None else "n/a (no known peak)"),
         "split of a step (median ms, share of the median step):",
     ]

@@ -72,13 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "import-reference":
             convert.import_reference_to_portable(args.reference_ckpt, args.reference_args,
-                                                 args.output, args.num_units)
+                                                 args.output, args.num_units, sys.stdout)
         elif args.command == "export-reference":
-            convert.export_portable_to_reference(args.portable, args.output)
+            convert.export_portable_to_reference(args.portable, args.output, sys.stdout)
         elif args.command == "dist-to-portable":
-            convert.dist_to_portable(args.load, args.output)
+            convert.dist_to_portable(args.load, args.output, sys.stdout)
         else:
-            convert.portable_to_dist(args.portable, args.save, args.iteration)
+            convert.portable_to_dist(args.portable, args.save, args.iteration, sys.stdout)
     except (CheckpointContentError, CheckpointError, ReferenceImportError, VocabularyError,
             VerificationError) as error:
         print(f"lst-convert {args.command}: {error}", file=sys.stderr)

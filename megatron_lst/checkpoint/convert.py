@@ -9,7 +9,6 @@ Returns the measured max abs logit difference.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -63,7 +62,7 @@ def reference_vocab(vocab_size: int, num_units: int) -> JointVocab:
 
 def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str | Path,
                                  output: str | Path, num_units: int = 502,
-                                 stream: TextIO | None = sys.stdout) -> float:
+                                 stream: TextIO | None = None) -> float:
     """Reference checkpoint + model args -> portable checkpoint in `output`.
 
     Also checks that exporting the imported tensors gives back the reference state dict exactly.
@@ -85,7 +84,7 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
 
 
 def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
-                                 stream: TextIO | None = sys.stdout) -> float:
+                                 stream: TextIO | None = None) -> float:
     """Portable checkpoint -> `output/consolidated.pth` (BLT's `{"model": state dict}`) and
     `output/params.json` (`{"model": model args}`)."""
     checkpoint = load_portable(portable_dir)
@@ -105,7 +104,7 @@ def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
 
 
 def dist_to_portable(load: str | Path, output: str | Path,
-                     stream: TextIO | None = sys.stdout) -> float:
+                     stream: TextIO | None = None) -> float:
     """Dist checkpoint (any TP/PP it was saved with) -> portable checkpoint in `output`."""
     path = resolve_checkpoint(load)
     config, vocab, training_args = checkpoint_model(path)
@@ -119,7 +118,7 @@ def dist_to_portable(load: str | Path, output: str | Path,
 
 
 def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int = 0,
-                     stream: TextIO | None = sys.stdout) -> float:
+                     stream: TextIO | None = None) -> float:
     """Portable checkpoint -> dist checkpoint `iteration` under `save` (weights only), loadable
     under any TP/PP with `lst-train --load save --finetune`."""
     checkpoint = load_portable(portable_dir)

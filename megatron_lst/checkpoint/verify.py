@@ -7,7 +7,6 @@ reshards on load), so the check covers what was written, whatever its layout.
 
 from __future__ import annotations
 
-import sys
 from typing import TextIO
 
 import torch
@@ -56,7 +55,7 @@ def logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def verify_same_function(before, after, what: str, tolerance: float = DEFAULT_TOLERANCE,
-                         stream: TextIO | None = sys.stdout) -> float:
+                         stream: TextIO | None = None) -> float:
     """Max |logits(before) - logits(after)| on `fixed_batch`; printed to `stream`, and a
     `VerificationError` when above `tolerance`."""
     batch = fixed_batch(before.lst_config)

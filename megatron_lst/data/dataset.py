@@ -28,8 +28,9 @@ cut of all `num_samples` rows is computed once, at construction, by one sequenti
 interleaves and patches every document the rows cover (numpy per document, no per-token Python;
 on the order of a thousand documents per second per CPU core); `__getitem__` repeats the same
 deterministic work for one row. With `index_cache_dir`, a store on disk (one with a `prefix`) keeps
-that row index in `lst_rows_<hash>.npy`, the hash covering the store's files (size, mtime, path)
-and every setting the cut depends on, so a restart or another rank loads it instead.
+that row index in `lst_rows_<hash>.npy`, the hash covering the store's files (size, mtime, path),
+its length and, for a view of part of a store, the view's `start`, and every setting the cut
+depends on, so a restart or another rank loads it instead.
 
 Curriculum step of row r: `sample_positions[r] // global_batch_size`, where `sample_positions`
 maps the dataset's rows to their places in the training order (identity by default; a blend passes
@@ -57,7 +58,7 @@ from megatron_lst.tokenizer.vocab import MODALITY_TEXT, JointVocab
 # Purpose tags that keep the generators of one (seed, epoch, document) independent.
 _ORDER, _LAYOUT, _PATCHING = 0, 1, 2
 # Bump when the row cut or the generators change, so cached row indices are not reused.
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
 
 
 class DatasetError(ValueError):
@@ -230,9 +231,11 @@ class LSTDataset(torch.utils.data.Dataset):
         files = [Path(str(prefix) + suffix) for suffix in (".json", ".idx", ".bin")]
         stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
         interleave = self.interleaver.config
+        # A view of part of a store (training's train/valid/test document ranges) shares the
+        # store's files: its length and first document tell the views apart.
         identity = repr((
             INDEX_FORMAT_VERSION, str(Path(prefix).resolve()), stats, self.store.kind,
-            self.num_samples, self.seq_length, self.max_tokens, self.patcher.config, self.seed,
+            len(self.store), getattr(self.store, "start", 0), self.num_samples, self.seq_length, self.max_tokens, self.patcher.config, self.seed,
             self.global_batch_size, self.training, self.interleaver.space_id, interleave,
             hashlib.sha256(self.sample_positions.tobytes()).hexdigest()))
         return hashlib.sha256(identity.encode()).hexdigest()[:32]

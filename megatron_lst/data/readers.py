@@ -269,9 +269,9 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
                              ) -> tuple[AlignedDocument, Counts]:
     """One utterance: the word tier of `textgrid_path` and the units of `units_path`.
 
-    Interval [start, end) gets frames round(start * rate) .. round(end * rate). The TextGrid's
-    last interval must end within one frame of the unit count; the last segment absorbs that
-    frame. Empty labels and `sp`, `sil`, `<eps>` are silences; silences with no frames are
+    Interval [start, end) gets frames round(start * rate) .. round(end * rate). The intervals
+    must cover the utterance from time 0 without gaps (to the frame), and the last must end
+    within one frame of the unit count; the last segment absorbs that frame. Empty labels and `sp`, `sil`, `<eps>` are silences; silences with no frames are
     dropped.
     """
     textgrid_path, units_path = Path(textgrid_path), Path(units_path)
@@ -282,6 +282,16 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
         raise DocumentError(f"{textgrid_path}: empty document (tier {tier!r} has no intervals)")
     bounds = [_frame(iv.start, frame_rate) for iv in intervals] + [
         _frame(intervals[-1].end, frame_rate)]
+    # Frames are cut at interval starts, so the tier must cover the units without gaps: a gap
+    # would silently join the frames in it to the interval before.
+    ends = [0] + [_frame(iv.end, frame_rate) for iv in intervals[:-1]]
+    for number, (interval, start, end) in enumerate(zip(intervals, bounds, ends, strict=False), 1):
+        if start != end:
+            raise DocumentError(
+                f"{where}: interval {number} of tier {tier!r} ({interval.label!r}) starts at "
+                f"{interval.start:.3f}s = frame {start}, but the tier reaches only frame {end} "
+                f"before it; a word tier must cover the utterance from 0 without gaps (as MFA "
+                f"writes it)")
     if abs(bounds[-1] - len(units)) > 1:
         raise DocumentError(
             f"{where}: the TextGrid ends at {intervals[-1].end:.3f}s = {bounds[-1]} frames at "

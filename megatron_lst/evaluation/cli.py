@@ -1,11 +1,15 @@
-"""`lst-eval`: story-completion accuracy of a training checkpoint.
+"""`lst-eval` (story-completion accuracy) and `lst-generate` (continuation) of a checkpoint.
 
     lst-eval --load runs/demo --items storycloze.jsonl hellaswag.jsonl --modes S->S,T->T,S->T,T->S
+    lst-generate --load runs/demo --prompt-text "the girl ran" --continue-in speech
 
 Prints one line per (file, mode) on rank 0 and, with `--output`, writes the full results as JSON
 (`{file: {mode: {accuracy, accuracy_ci_low, ...}}}`). Launch with torchrun for tensor or pipeline
 parallelism (`--tensor-model-parallel-size 2` and `--nproc-per-node 2`). Exit status 2 for bad
 flags or bad items (the message names the item and its line).
+
+`lst-generate` prints one JSON object: the generated ids, their units and text, the global steps
+and the wall time (see `generation.py` for how patches close while generating).
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_lst.evaluation.generation import (
+    GenerationError,
+    SamplingConfig,
+    build_prompt,
+    generate,
+)
 from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.evaluation.scoring import MODES, evaluate_items, parse_modes
 
@@ -87,6 +97,76 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         Path(args.output).write_text(json.dumps(
             {"checkpoint": str(model.checkpoint), "iteration": model.iteration,
              "results": results}, indent=1))
+    return 0
+
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lst-generate", allow_abbrev=False,
+                                     description="Continue a text or speech prompt.")
+    parser.add_argument("--load", required=True, help="A training --save directory.")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-text", default=None)
+    prompt.add_argument("--prompt-units", default=None,
+                        help="Whitespace-separated unit values, or @FILE to read them from FILE.")
+    parser.add_argument("--continue-in", choices=("speech", "text"), default=None,
+                        help="Switch modality after the prompt (speech-to-text, text-to-speech); "
+                             "default: continue the prompt's modality.")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy.")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--speech-only", action="store_true",
+                        help="Sample only units (and the end of sequence).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true",
+                        help="Re-run the whole model every step (the reference's way).")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--tokenizer-model", default=None)
+    return parser
+
+
+def _unit_prompt(text: str) -> list[int]:
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    return [int(u) for u in text.split()]
+
+
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    from megatron_lst.evaluation.loading import load_inference_model
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_generate_parser().parse_args(argv)
+    context = initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
+    try:
+        loaded = load_inference_model(args.load, args.tensor_model_parallel_size, 1,
+                                      args.tokenizer_model)
+        vocab, tokenizer = loaded.vocab, loaded.tokenizer
+        units = _unit_prompt(args.prompt_units) if args.prompt_units is not None else None
+        prompt = build_prompt(vocab, tokenizer, args.prompt_text, units, args.continue_in)
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
+                                  args.seed, args.speech_only)
+        result = generate(loaded.model_chunks[0], prompt, vocab, loaded.patcher.config,
+                          sampling, use_cache=not args.no_cache)
+    except (GenerationError, ValueError) as error:
+        print(f"lst-generate: {error}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_parallel()
+    if context.rank != 0:
+        return 0
+    ids = result.tokens
+    is_unit = vocab.is_unit(ids)
+    pieces = [int(i) for i in ids if i < vocab.text_size and i not in (vocab.bos_id, vocab.eos_id)]
+    print(json.dumps({
+        "prompt": prompt.tolist(),
+        "tokens": ids.tolist(),
+        "units": vocab.ids_to_units(ids[is_unit]).tolist(),
+        "text": tokenizer.decode(pieces),
+        "stopped_at_eos": result.stopped_at_eos,
+        "global_steps": result.global_steps,
+        "seconds": round(result.seconds, 4),
+    }))
     return 0
 
 

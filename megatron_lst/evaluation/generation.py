@@ -59,6 +59,8 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 200
     seed: int = 0
+    speech_only: bool = False
+    """Sample only speech units (and EOS): continue a prompt as speech whatever the model prefers."""
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
@@ -76,7 +78,7 @@ class GenerationResult:
     seconds: float
     stopped_at_eos: bool
     step_logits: list[torch.Tensor] = field(default_factory=list, repr=False)
-    """[V] fp32 logits of each generated token (kept for tests and diagnostics)."""
+    """[V] fp32 logits of each generated token, with `generate(..., keep_logits=True)`."""
 
 
 def generation_patch_lengths(tokens: np.ndarray, vocab: JointVocab, patch_size: int | None
@@ -94,6 +96,30 @@ def generation_patch_lengths(tokens: np.ndarray, vocab: JointVocab, patch_size: 
         lengths[-1] += 1
         return lengths
     return np.append(lengths, 1).astype(np.int32)
+
+
+def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
+                 units: np.ndarray | None = None, continue_in: str | None = None) -> np.ndarray:
+    """`[n]` joint ids of a prompt in training's layout: `BOS, <t>, pieces` for `text` or
+    `BOS, <s>, units` for `units` (exactly one of them). `continue_in` "speech" or "text" switches
+    modality after the prompt as the interleaver does (`space, <s>` after text, `<t>` after
+    speech), so the model answers in the other modality; None continues the prompt's run."""
+    if (text is None) == (units is None):
+        raise GenerationError("give a text prompt or a unit prompt (exactly one)")
+    if continue_in not in (None, "speech", "text"):
+        raise GenerationError(f"continue_in must be 'speech', 'text' or None, got {continue_in!r}")
+    if text is not None:
+        if tokenizer is None:
+            raise GenerationError("a text prompt needs the tokenizer")
+        ids = [vocab.bos_id, vocab.text_marker, *tokenizer.encode(text)]
+        if continue_in == "speech":
+            ids += [tokenizer.space_id, vocab.speech_marker]
+    else:
+        ids = [vocab.bos_id, vocab.speech_marker,
+               *vocab.units_to_ids(np.asarray(units), where="unit prompt").tolist()]
+        if continue_in == "text":
+            ids.append(vocab.text_marker)
+    return np.asarray(ids, dtype=np.int64)
 
 
 def generation_patch_size(config: PatchingConfig) -> int | None:
@@ -179,27 +205,29 @@ class _CachedBaseline:
         self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=max_tokens)
 
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
-        from megatron.core import tensor_parallel
         from megatron.core.models.gpt import GPTModel
 
         new = tokens[:, self.context.sequence_len_offset:]  # [1, n]
         logits = GPTModel.forward(self.model, input_ids=new, position_ids=None,
-                                  attention_mask=None, inference_context=self.context)
+                                  attention_mask=None, inference_context=self.context,
+                                  runtime_gather_output=True)
         self.context.sequence_len_offset += new.shape[1]
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits).float()
-        return logits[0, -1], new.shape[1]
+        return logits[0, -1].float(), new.shape[1]
 
 
 @torch.no_grad()
 def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingConfig,
-             sampling: SamplingConfig = SamplingConfig(), use_cache: bool = True
-             ) -> GenerationResult:
-    """Continue `prompt` (joint ids, starting with BOS) on one model (TP=1 or more, PP=1).
+             sampling: SamplingConfig = SamplingConfig(), use_cache: bool = True,
+             keep_logits: bool = False) -> GenerationResult:
+    """Continue `prompt` (joint ids, starting with BOS) on one model chunk (an `LSTModel` or
+    `TokenBaselineModel`, megatron wrappers allowed; TP=1 or more, PP=1).
 
     `patching`: the model's patching config (its static p is used; see the module docstring).
-    Stops at EOS or after `sampling.max_new_tokens` tokens.
+    Stops at EOS or after `sampling.max_new_tokens` tokens. The reserved ids between the text
+    pieces and `<t>` are never sampled.
     """
     from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model
 
     from megatron_lst.models.lst_model import LSTModel
 
@@ -210,6 +238,7 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     vocab.check_ids(prompt, where="prompt")
     if not len(prompt) or prompt[0] != vocab.bos_id:
         raise GenerationError(f"a prompt starts with BOS ({vocab.bos_id}); got {prompt[:1]}")
+    model = get_attr_wrapped_model(model, "pre_process", return_model_obj=True)
     is_lst = isinstance(model, LSTModel)
     patch_size = generation_patch_size(patching) if is_lst else None
     model.eval()
@@ -236,7 +265,13 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
         if len(sequence) > len(prompt):  # the prompt's own positions are not counted
             result.global_steps += ran
         logits = logits.float().cpu()
-        result.step_logits.append(logits)
+        logits[vocab.text_size:vocab.text_marker] = float("-inf")  # reserved ids, never produced
+        if sampling.speech_only:
+            logits[:vocab.unit_offset] = torch.where(
+                torch.arange(vocab.unit_offset) == vocab.eos_id, logits[:vocab.unit_offset],
+                float("-inf"))
+        if keep_logits:
+            result.step_logits.append(logits)
         token = _sample(logits, sampling, generator)
         sequence.append(token)
         if token == vocab.eos_id:

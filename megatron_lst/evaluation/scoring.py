@@ -33,8 +33,8 @@ items (evaluation sets are small; no gather is needed).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -222,7 +222,7 @@ class ModeScores:
         """[I] bool: the highest-scoring ending is the label (ties go to the first ending)."""
         scores = self.normalised if normalised else self.logprob
         best = [int(np.argmax(scores[a:b])) for a, b in
-                zip(self.item_offsets[:-1], self.item_offsets[1:])]
+                zip(self.item_offsets[:-1], self.item_offsets[1:], strict=True)]
         return np.asarray(best) == self.labels
 
 
@@ -276,7 +276,7 @@ def evaluate_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[Eval
             results[mode] = summarise(scores, bootstrap_resamples, seed)
         return results
     finally:
-        for chunk, training in zip(model_chunks, was_training):
+        for chunk, training in zip(model_chunks, was_training, strict=True):
             chunk.train(training)
 
 

@@ -2,7 +2,8 @@
 
 Swapping implementations is a different spec, never an `if` inside a layer (STYLE.md).
 - Global block: megatron's Transformer Engine layer spec (`transformer_impl="transformer_engine"`)
-  or its local PyTorch spec (`"local"`); `"auto"` takes TE when it is installed and CUDA is up.
+  or its local PyTorch spec (`"local"`, with causal SDPA as core attention and norms that support
+  sequence parallelism); `"auto"` takes TE when it is installed and CUDA is up.
 - Local layers: `LocalSelfAttention` + `SwiGLUMLP`, with the sliding-window attention backend
   ("auto" | "flash" | "sdpa", see `local_attention.py`) as a spec parameter.
 """
@@ -19,6 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_lst.compat.norm import SequenceParallelTorchNorm
 
+from .global_attention import CausalSDPAttention
 from .local_layers import LocalLayerSubmodules, LocalSelfAttention, LocalTransformerLayer, SwiGLUMLP
 
 logger = logging.getLogger(__name__)
@@ -64,10 +66,15 @@ def global_block_spec(megatron_config, transformer_impl: str = "auto"):
     )
 
     # megatron's own PyTorch norm refuses sequence parallelism; this one marks its weights for
-    # the tensor-parallel gradient all-reduce that `finalize_model_grads` performs.
+    # the tensor-parallel gradient all-reduce that `finalize_model_grads` performs. Causal SDPA
+    # replaces megatron's unfused DotProductAttention (see global_attention.py).
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = layer.submodules.self_attention
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(
+        attention.submodules, core_attention=CausalSDPAttention))
     layer = dataclasses.replace(layer, submodules=dataclasses.replace(
         layer.submodules,
+        self_attention=attention,
         input_layernorm=SequenceParallelTorchNorm,
         pre_mlp_layernorm=SequenceParallelTorchNorm,
     ))

@@ -130,7 +130,7 @@ def _add_lst_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--curriculum-tau2", type=int, default=None,
                        help="Curriculum: P(aligned) falls linearly to 0 at this step, then static.")
     group.add_argument("--mixed-static-prob", type=float, default=0.5,
-                       help="Mixed patching: probability a sample is patched statically.")
+                       help="Mixed patching: probability a document is patched statically.")
     group.add_argument("--max-tokens", type=int, default=None,
                        help="Token budget N of one row; a row holds --seq-length patches. "
                             "Default: --seq-length with --patching-mode none; required otherwise.")
@@ -210,7 +210,8 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data-path", nargs="*", default=None,
-                       help="Dataset prefixes, optionally weighted: 'W1 P1 W2 P2 ...' or 'P1 P2'.")
+                       help="One dataset prefix, or weight-prefix pairs 'W1 P1 W2 P2 ...' to "
+                            "blend several.")
     group.add_argument("--split", type=str, default="969,30,1",
                        help="Train,valid,test proportions of --data-path.")
     group.add_argument("--tokenizer-model", type=str, default=None)
@@ -496,10 +497,13 @@ def _check_data_path(data_path: Sequence[str]) -> None:
     except ValueError:
         if any(_is_number(p) for p in data_path):
             raise ArgumentError(
-                f"--data-path {' '.join(data_path)} mixes weights and prefixes; give either "
-                f"'W1 P1 W2 P2 ...' or only prefixes"
+                f"--data-path {' '.join(data_path)} mixes weights and prefixes; give one prefix "
+                f"or weight-prefix pairs 'W1 P1 W2 P2 ...'"
             ) from None
-        return
+        raise ArgumentError(
+            f"--data-path {' '.join(data_path)} names several datasets without weights; the "
+            f"blend draws samples by weight: give weight-prefix pairs 'W1 P1 W2 P2 ...'"
+        ) from None
     if len(data_path) % 2:
         raise ArgumentError(
             f"--data-path {' '.join(data_path)} has an odd number of items; weighted form is "

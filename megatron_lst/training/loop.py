@@ -28,6 +28,12 @@ training step from its place in the training order (row // global_batch_size), a
 resumes at `consumed_samples`, so a resumed run sees exactly the rows, and the patching, of an
 uninterrupted one.
 
+Evaluation, saving, metrics: every `--eval-interval` iterations and after the last one, the loss
+on the validation rows (the same rows each time, see `data_provider`); a checkpoint to `--save`
+every `--save-interval` iterations and after the last one; with `--save`, one JSON line per
+iteration in `<save>/metrics.jsonl` (iteration, consumed samples, cumulative tokens and model
+FLOPs, global positions, training loss, learning rate, step time, validation loss where measured).
+
 Stopping early: SIGTERM (preemption) or SIGUSR1 (SLURM's `--signal=USR1@120` before the wall)
 make the loop finish the current iteration, save a checkpoint to `--save`, and return with
 `stopped_by_signal` (exit status `EXIT_STOPPED` from the command line, so a batch script knows to
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import signal
@@ -67,6 +74,7 @@ logger = logging.getLogger(__name__)
 EXIT_STOPPED = 75
 """Exit status of `pretrain_lst.py` stopped by a signal after saving (EX_TEMPFAIL): requeue."""
 LOSS_NAME = "lm loss"
+METRICS_FILENAME = "metrics.jsonl"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -86,6 +94,8 @@ class TrainingState:
     consumed_samples: int = 0
     flops: FlopBreakdown = field(default_factory=FlopBreakdown)
     """Cumulative model training FLOPs of the run, across resumes."""
+    tokens: int = 0
+    """Cumulative real tokens trained on, across resumes."""
 
     def extra_state(self) -> dict[str, Any]:
         """The training position a checkpoint keeps besides model, optimizer and scheduler."""
@@ -94,6 +104,7 @@ class TrainingState:
             "curriculum_step": self.iteration,
             "data_seed": self.args.seed,
             "flops": self.flops.as_dict(),
+            "tokens": self.tokens,
         }
 
 
@@ -176,6 +187,7 @@ def _restore(state: TrainingState) -> None:
     state.iteration = loaded.iteration
     extra = loaded.extra_state
     state.consumed_samples = int(extra.get("consumed_samples", 0))
+    state.tokens = int(extra.get("tokens", 0))
     if "flops" in extra:
         state.flops = FlopBreakdown(**{f.name: extra["flops"][f.name.rstrip("_")]
                                        for f in dataclasses.fields(FlopBreakdown)})
@@ -386,10 +398,12 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None) -
                      f"--train-iters is {args.train_iters}")
         return result
     train_iterator = _data_iterator(build_loader(datasets.train, args, state.consumed_samples))
+    is_logging_rank = torch.distributed.get_rank() == world - 1
     training_logger = build_training_logger(
-        args, world_size=world, enabled=torch.distributed.get_rank() == world - 1,
-        start_iteration=state.iteration, stream=stream)
-    last_saved = state.iteration if args.load is not None else None
+        args, world_size=world, enabled=is_logging_rank, start_iteration=state.iteration,
+        stream=stream)
+    metrics = MetricsFile(Path(args.save) / METRICS_FILENAME
+                          if args.save is not None and is_logging_rank else None)
     for chunk in state.model:
         chunk.train()
     try:
@@ -399,23 +413,22 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None) -
                 state.iteration += 1
                 state.consumed_samples += args.global_batch_size
                 _record_step(state, step, result, training_logger)
-                if (datasets.valid is not None and args.eval_interval
-                        and state.iteration % args.eval_interval == 0):
-                    result.eval_losses[state.iteration] = _evaluate_and_print(state, datasets.valid)
-                if args.save is not None and (
-                        (args.save_interval and state.iteration % args.save_interval == 0)):
+                last = state.iteration == args.train_iters
+                if datasets.valid is not None and (state.iteration % args.eval_interval == 0
+                                                   or last):
+                    result.eval_losses[state.iteration] = _evaluate_and_print(state,
+                                                                             datasets.valid)
+                metrics.write(state, step, result.eval_losses.get(state.iteration))
+                stopping = stop.requested()
+                if args.save is not None and (stopping or last or (
+                        args.save_interval and state.iteration % args.save_interval == 0)):
                     result.checkpoints.append(_save(state))
-                    last_saved = state.iteration
-                if stop.requested():
+                if stopping:
                     result.stopped_by_signal = True
                     break
     finally:
         training_logger.close()
-    if (datasets.valid is not None and not result.stopped_by_signal
-            and state.iteration not in result.eval_losses):
-        result.eval_losses[state.iteration] = _evaluate_and_print(state, datasets.valid)
-    if args.save is not None and last_saved != state.iteration:
-        result.checkpoints.append(_save(state))
+        metrics.close()
     result.iteration = state.iteration
     result.consumed_samples = state.consumed_samples
     return result
@@ -426,6 +439,7 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
     if not step.skipped:
         check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16)
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
+    state.tokens += step.num_tokens
     result.losses[state.iteration] = step.loss
     result.tokens += step.num_tokens
     result.flops[state.iteration] = state.flops.total
@@ -434,6 +448,47 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
         learning_rate=step.learning_rate, losses={LOSS_NAME: step.loss},
         step_seconds=step.seconds, num_tokens=step.num_tokens, grad_norm=step.grad_norm,
         loss_scale=step.loss_scale, flops=step.flops.total, skipped=step.skipped)
+
+
+class MetricsFile:
+    """`<save>/metrics.jsonl`: one JSON line per iteration, appended by the logging rank, for
+    comparisons and plots (see `read_metrics`). A resumed run appends after the lines of its
+    predecessor; iterations that a crash made it repeat appear twice, the later line wins."""
+
+    def __init__(self, path: Path | None):
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, state: TrainingState, step: StepResult, valid_loss: float | None) -> None:
+        if self._file is None:
+            return
+        record = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+                  "tokens": state.tokens, "flops": state.flops.total,
+                  "global_positions": state.consumed_samples * state.args.seq_length,
+                  "loss": step.loss, "learning_rate": step.learning_rate,
+                  "step_seconds": step.seconds}
+        if valid_loss is not None:
+            record["valid_loss"] = valid_loss
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `<save_dir>/metrics.jsonl` by iteration (the last line of a repeated
+    iteration wins)."""
+    records: dict[int, dict[str, Any]] = {}
+    with open(Path(save_dir) / METRICS_FILENAME, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                records[record["iteration"]] = record
+    return [records[i] for i in sorted(records)]
 
 
 def _evaluate_and_print(state: TrainingState, dataset) -> float:

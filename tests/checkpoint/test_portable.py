@@ -2,6 +2,7 @@
 corrupt or mismatched files are refused with the tensor (or file) named."""
 
 import dataclasses
+import io
 import json
 
 import pytest
@@ -23,7 +24,12 @@ from megatron_lst.checkpoint.portable import (
     load_portable,
     save_portable,
 )
-from megatron_lst.checkpoint.verify import fixed_batch, logits, verify_same_function
+from megatron_lst.checkpoint.verify import (
+    VerificationError,
+    fixed_batch,
+    logits,
+    verify_same_function,
+)
 from megatron_lst.models.config import GlobalModelConfig, preset
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
@@ -57,13 +63,14 @@ def test_round_trip_reproduces_the_model_exactly(model, saved):
     assert torch.equal(logits(reloaded, batch), logits(model, batch))
 
 
-def test_verification_catches_a_changed_weight(model, saved, capsys):
+def test_verification_catches_a_changed_weight(model, saved):
     checkpoint = load_portable(saved)
     checkpoint.state["global_transformer.block.layers.1.mlp.linear_fc2.weight"] += 1e-2
     changed = portable_model(checkpoint, "changed")
-    with pytest.raises(Exception, match="differ"):
-        verify_same_function(model, changed, "test conversion")
-    assert "max |logits before - after|" in capsys.readouterr().out
+    report = io.StringIO()
+    with pytest.raises(VerificationError, match="differ by"):
+        verify_same_function(model, changed, "test conversion", stream=report)
+    assert "verify test conversion: max |logits before - after| = " in report.getvalue()
 
 
 def test_config_dict_round_trip_and_unknown_field(model):

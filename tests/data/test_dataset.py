@@ -259,3 +259,31 @@ def test_row_index_cache(tmp_path, monkeypatch):
     dataset(MODES["curriculum"], store, index_cache_dir=cache, global_batch_size=2)
     assert len(list(cache.glob("lst_rows_*.npy"))) == 4
     assert not list(cache.glob("*.partial.npy"))
+
+
+class _StoreRange:
+    """Documents [start, stop) of a store, sharing its files (as training's splits do)."""
+
+    def __init__(self, store, start, stop):
+        self.kind, self.vocab, self.prefix = store.kind, store.vocab, store.prefix
+        self.store, self.start, self.stop = store, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, index):
+        return self.store[self.start + index]
+
+
+def test_row_index_cache_tells_ranges_of_one_store_apart(tmp_path):
+    store = aligned_store(6, 12)
+    store.prefix = str(tmp_path / "corpus")
+    (tmp_path / "corpus.json").write_text("{}")
+    cache = tmp_path / "cache"
+    for start, stop in ((0, 4), (4, 8), (8, 10)):  # equal lengths too: only `start` differs
+        view = _StoreRange(store, start, stop)
+        cached = dataset(MODES["static"], view, index_cache_dir=cache)
+        fresh = dataset(MODES["static"], view)
+        for i in (0, 17, 39):
+            assert torch.equal(cached[i]["tokens"], fresh[i]["tokens"])
+    assert len(list(cache.glob("lst_rows_*.npy"))) == 3

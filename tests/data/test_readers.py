@@ -195,3 +195,33 @@ def test_textgrid_missing_tier(tmp_path, tokenizer):
     _utterance(tmp_path / "g", tmp_path / "u", "a", WORD_TIER, [1] * 25)
     with pytest.raises(DocumentError, match=r"a.TextGrid: no tier named 'phones'"):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, tier="phones"))
+
+
+def _raw_textgrid(path: Path, intervals) -> None:
+    """A long-format TextGrid with exactly these intervals (gaps kept, unlike write_textgrid)."""
+    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "",
+             f"xmin = {intervals[0][0]}", f"xmax = {intervals[-1][1]}", "tiers? <exists>",
+             "size = 1", "item []:", "    item [1]:", '        class = "IntervalTier"',
+             '        name = "words"', f"        xmin = {intervals[0][0]}",
+             f"        xmax = {intervals[-1][1]}", f"        intervals: size = {len(intervals)}"]
+    for i, (start, end, label) in enumerate(intervals, 1):
+        lines += [f"        intervals [{i}]:", f"            xmin = {start}",
+                  f"            xmax = {end}", f'            text = "{label}"']
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("intervals, message", [
+    ([(0.5, 0.7, "hello"), (0.7, 1.0, "world")], r"interval 1 of tier 'words' \('hello'\) "
+                                                 r"starts at 0.500s = frame 13, but the tier "
+                                                 r"reaches only frame 0"),
+    ([(0.0, 0.4, "hello"), (0.6, 1.0, "world")], r"interval 2 .*'world'.* frame 15, but the "
+                                                 r"tier reaches only frame 10"),
+])
+def test_textgrid_with_gaps_is_an_error(tmp_path, tokenizer, intervals, message):
+    # Frames are cut at interval starts: a gap would silently join the interval before.
+    (tmp_path / "g").mkdir()
+    (tmp_path / "u").mkdir()
+    _raw_textgrid(tmp_path / "g" / "a.TextGrid", intervals)
+    np.save(tmp_path / "u" / "a.npy", np.ones(25, dtype=np.int64))
+    with pytest.raises(DocumentError, match=message):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))

@@ -13,8 +13,12 @@ import torch
 from megatron_lst.models.baseline import TokenBaselineModel
 from megatron_lst.models.config import preset, with_windows
 from megatron_lst.models.lst_model import LSTModel
-from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, joint_vocab, load_text_tokenizer
-from megatron_lst.tokenizer.text_tokenizer import train_sentencepiece
+from megatron_lst.tokenizer.text_tokenizer import (
+    TextTokenizer,
+    joint_vocab,
+    load_text_tokenizer,
+    train_sentencepiece,
+)
 from megatron_lst.tokenizer.vocab import JointVocab
 
 WORDS = ("the a girl boy dog cat ran sat home park rain sun happy sad ate cake then she he "

@@ -11,10 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 
+from distributed.harness import report_results  # noqa: E402
 from eval_cases import random_records, tiny_lst_config, tokenizer, vocab  # noqa: E402
 from lst_parallel_worker import load_shared_weights  # noqa: E402
 
-from distributed.harness import report_results  # noqa: E402
 from megatron_lst.evaluation.items import item_from_record  # noqa: E402
 from megatron_lst.evaluation.scoring import score_items  # noqa: E402
 from megatron_lst.models.lst_model import LSTModel  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 from eval_cases import NUM_UNITS, random_records, tokenizer, vocab
 from training.training_cases import tiny_flags
 
-from megatron_lst.evaluation.cli import eval_main
+from megatron_lst.evaluation.cli import eval_main, generate_main
 from megatron_lst.evaluation.items import load_items
 from megatron_lst.evaluation.scoring import evaluate_items
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
@@ -60,3 +60,16 @@ def test_lst_eval_names_a_bad_item(checkpoint, capsys):
     assert eval_main(["--load", str(root / "save"), "--items", str(bad)]) == 2
     assert f"item 'item-6-0' ({bad}:1): label 5" in capsys.readouterr().err
     assert eval_main(["--load", str(root / "save"), "--items", str(bad), "--modes", "x"]) == 2
+
+
+def test_lst_generate_continues_a_unit_prompt_as_speech(checkpoint, capsys):
+    root, _, _ = checkpoint
+    status = generate_main(["--load", str(root / "save"), "--prompt-units", "3 3 7 1 0",
+                            "--max-new-tokens", "12", "--speech-only", "--temperature", "1.0"])
+    assert status == 0
+    output = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert output["prompt"][:2] == [vocab().bos_id, vocab().speech_marker]
+    assert len(output["tokens"]) == 12 or output["stopped_at_eos"]
+    assert len(output["units"]) == len(output["tokens"]) - output["stopped_at_eos"]
+    assert all(0 <= u < NUM_UNITS for u in output["units"])
+    assert output["global_steps"] >= 1

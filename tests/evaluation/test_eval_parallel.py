@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from distributed.harness import run_distributed
 
 WORKER = Path(__file__).resolve().parent / "eval_parallel_worker.py"

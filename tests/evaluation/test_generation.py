@@ -6,6 +6,7 @@ import pytest
 import torch
 from eval_cases import tiny_model
 
+from megatron_lst.data.interleave import InterleavedDocument
 from megatron_lst.evaluation.generation import (
     GenerationError,
     SamplingConfig,
@@ -13,7 +14,6 @@ from megatron_lst.evaluation.generation import (
     generate,
     generation_patch_lengths,
 )
-from megatron_lst.data.interleave import InterleavedDocument
 from megatron_lst.patching import PatchingConfig, static_patch_lengths
 from megatron_lst.tokenizer.vocab import JointVocab
 
@@ -47,11 +47,14 @@ def prompts():
 def test_greedy_cache_gives_the_tokens_of_full_recomputation(models, kind, prompt):
     model, ids = models[kind], prompts()[prompt]
     sampling = SamplingConfig(max_new_tokens=24)
-    cached = generate(model, ids, vocab(), STATIC, sampling, use_cache=True)
-    full = generate(model, ids, vocab(), STATIC, sampling, use_cache=False)
+    cached = generate(model, ids, vocab(), STATIC, sampling, use_cache=True, keep_logits=True)
+    full = generate(model, ids, vocab(), STATIC, sampling, use_cache=False, keep_logits=True)
     np.testing.assert_array_equal(cached.tokens, full.tokens)
-    for a, b in zip(cached.step_logits, full.step_logits):
-        assert (a - b).abs().max() < 1e-4
+    assert len(cached.step_logits) == len(cached.tokens)
+    for a, b in zip(cached.step_logits, full.step_logits, strict=True):
+        finite = torch.isfinite(a)
+        assert torch.equal(finite, torch.isfinite(b)) and (a - b)[finite].abs().max() < 1e-4
+    vocab().check_ids(cached.tokens)  # reserved ids are never produced
 
 
 @pytest.mark.parametrize("kind", ["lst", "baseline"])
@@ -114,3 +117,22 @@ def test_refusals(models):
         generate(models["lst"], prompts()["speech"], vocab(), PatchingConfig("aligned"))
     with pytest.raises(GenerationError, match="starts with BOS"):
         generate(models["lst"], prompts()["speech"][1:], vocab(), STATIC)
+
+
+def test_prompts_and_speech_only_sampling(models):
+    from eval_cases import tokenizer
+    from eval_cases import vocab as text_vocab
+
+    from megatron_lst.evaluation.generation import build_prompt
+
+    v = VOCAB
+    assert build_prompt(v, units=[1, 2], continue_in="text").tolist() == [
+        v.bos_id, v.speech_marker, v.unit_offset + 1, v.unit_offset + 2, v.text_marker]
+    tv, tok = text_vocab(), tokenizer()
+    assert build_prompt(tv, tok, text="the dog", continue_in="speech").tolist() == [
+        tv.bos_id, tv.text_marker, *tok.encode("the dog"), tok.space_id, tv.speech_marker]
+    with pytest.raises(GenerationError, match="exactly one"):
+        build_prompt(v)
+    speech = generate(models["lst"], prompts()["text to speech"], v, STATIC,
+                      SamplingConfig(temperature=1.0, max_new_tokens=30, speech_only=True))
+    assert (v.is_unit(speech.tokens) | (speech.tokens == v.eos_id)).all()

@@ -55,6 +55,15 @@ def test_tokens_past_the_sum_are_ignored_and_long_patches_clipped():
     torch.testing.assert_close(segment_pool(x, lengths, "mean").flatten(), torch.tensor([2.5, 5.5]))
 
 
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+def test_rows_without_tokens_give_empty_patches(reduce):
+    x = torch.randn(2, 0, 3, requires_grad=True)  # N = 0: every patch is empty
+    out = segment_pool(x, torch.tensor([[1, 2], [0, 0]]), reduce)
+    torch.testing.assert_close(out, torch.zeros(2, 2, 3), rtol=0, atol=0)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_max_gradient_goes_to_first_argmax_on_ties():
     x = torch.tensor([[[1.0, 5.0], [3.0, 5.0], [3.0, 2.0], [7.0, 7.0]]], requires_grad=True)
     lengths = torch.tensor([[3, 1]])

@@ -125,7 +125,7 @@ def test_static_matches_reference_loop(seed, p):
     lengths = static_patch_lengths(d, p)
     assert lengths.tolist() == static_loop(d, p)
     check_invariants(d, lengths)
-    assert lengths.max() <= p or p == 1
+    assert lengths.max() <= p
 
 
 @settings(max_examples=60, deadline=None)

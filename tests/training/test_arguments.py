@@ -92,6 +92,7 @@ def test_validate_returns_a_copy():
     (["--finetune"], 1, r"--finetune loads weights from --load DIR"),
     (["--data-path", "0.5", "a", "b"], 1, r"odd number of items|mixes weights and prefixes"),
     (["--data-path", "a", "0.5"], 1, r"mixes weights and prefixes"),
+    (["--data-path", "a", "b"], 1, r"several datasets without weights"),
 ], ids=lambda v: v if isinstance(v, int) else None)
 def test_impossible_combinations_name_the_flags(extra, world_size, message):
     with pytest.raises(ArgumentError, match=message):
@@ -256,3 +257,12 @@ def test_size_presets_agree_with_the_model_presets(flag_preset, model_preset):
     )
     flags = arguments.MODEL_PRESETS[flag_preset]
     assert {key: flags[key] for key in from_model} == from_model
+
+
+@pytest.mark.parametrize("data_path", [["a"], ["0.7", "a", "0.3", "b"], ["1", "a", "0", "b"]])
+def test_accepted_data_paths_are_ones_the_blend_reads(data_path):
+    # validate_args must accept exactly what megatron_lst.data.blend can build.
+    from megatron_lst.data.blend import parse_data_path
+
+    assert valid("--data-path", *data_path).data_path == data_path
+    assert [prefix for _, prefix in parse_data_path(data_path)] == data_path[-1::-2][::-1]

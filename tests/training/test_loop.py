@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from training.training_cases import tiny_flags, write_corpus
 
 from megatron_lst.training.arguments import parse_args, validate_args
 from megatron_lst.training.data_provider import PretrainingBatchSampler, split_bounds
 from megatron_lst.training.model_provider import lst_config_from_args
+from training.training_cases import tiny_flags, write_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +47,7 @@ def test_split_bounds_follow_megatron_rounding():
 
 # --- the model the flags describe --------------------------------------------------------
 
-def test_lst_config_from_the_tiny_preset_flags(tmp_path):
+def test_lst_config_from_the_tiny_preset_flags():
     args = validate_args(parse_args(tiny_flags(["x"]) + ["--train-iters", "2"]), 1)
     config = lst_config_from_args(args, vocab_size=76)
     assert config.vocab_size == 76
@@ -93,7 +93,7 @@ def test_iteration_loss_and_gradient_are_the_token_mean_over_the_global_batch(tm
         step = train_step(state, iter(micro_batches))
         assert step.num_tokens == sum(counts)
         assert step.loss == pytest.approx(expected.item(), rel=1e-6)
-        for param, grad in zip(params, expected_grads):
+        for param, grad in zip(params, expected_grads, strict=True):
             torch.testing.assert_close(param.main_grad, grad, rtol=1e-4, atol=1e-7)
     finally:
         destroy_parallel()

@@ -10,9 +10,9 @@ import shlex
 from pathlib import Path
 
 import pytest
-from training.training_cases import tiny_flags, write_corpus
-
 from distributed.harness import TESTS_DIR, run_distributed
+
+from training.training_cases import tiny_flags, write_corpus
 
 WORKER = TESTS_DIR / "training" / "workers" / "train_worker.py"
 ITERATIONS = 6

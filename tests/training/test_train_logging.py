@@ -79,7 +79,10 @@ def test_next_interval_starts_fresh_and_last_iteration_always_logs():
     for i in range(1, 5):
         step(logger, i, loss=10.0)
     for i in range(5, 10):
-        assert step(logger, i, loss=float(i)) is None or i == 8
+        summary = step(logger, i, loss=float(i))
+        assert (summary is not None) == (i == 8)
+        if i == 8:
+            assert summary.losses["lm loss"] == pytest.approx(6.5)  # iterations 5..8 only
     last = step(logger, 10, loss=10.0)
     assert last is not None and last.losses["lm loss"] == pytest.approx(9.5)
 

@@ -19,8 +19,8 @@ def main() -> None:
     import shlex
 
     import torch
-
     from distributed.harness import report_results
+
     from megatron_lst.training.arguments import parse_args, validate_args
     from megatron_lst.training.loop import pretrain
 

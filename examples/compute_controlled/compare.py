@@ -1,0 +1,224 @@
+"""Plan, evaluate and compare an LST run and its token baseline trained under one budget.
+
+    python examples/compute_controlled/compare.py plan --lst-config L.yaml --baseline-config B.yaml \
+        --tokenizer-model spm.model --budget-flops 1e20 --control compute --out plan.json
+    python examples/compute_controlled/compare.py evaluate --checkpoint RUN_DIR \
+        --items eval/storycloze.jsonl [--modes S->S T->T] --out RUN_DIR/eval.json
+    python examples/compute_controlled/compare.py report --runs lst=LST_DIR baseline=BASE_DIR \
+        --out-dir OUT
+
+`plan` reads the two training configs the way `pretrain_lst.py` does, hands their model
+dimensions and step shape to `tools/plan_compute.py` (which prints its table) and writes the
+steps each model gets under the chosen control mode. `evaluate` scores the latest checkpoint of a
+run on story-completion items with `megatron_lst.evaluation` (single process). `report` reads each
+run's `metrics.jsonl` (written by the training loop next to its checkpoints) and `eval.json`, prints
+a comparison table and writes `loss_vs_flops.png` and `comparison.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- plan ---------------------------------------------------------------------------------
+
+def _validated(config: Path, world_size: int):
+    from megatron_lst.training.arguments import parse_args, validate_args
+
+    return validate_args(parse_args(["--config", str(config)]), world_size)
+
+
+def plan_compute_flags(lst_args, text_vocab_size: int, tokens_per_patch: float) -> list[str]:
+    """`tools/plan_compute.py` flags describing the LST model and step of validated `lst_args`."""
+    from megatron_lst.training.model_provider import lst_config_from_args
+    from megatron_lst.tokenizer.vocab import JointVocab
+
+    config = lst_config_from_args(lst_args, JointVocab(text_vocab_size, lst_args.num_units).size)
+    g, enc, dec, xattn = config.global_model, config.encoder, config.decoder, config.cross_attention
+    if enc.hidden_size != dec.hidden_size or enc.num_heads != dec.num_heads \
+            or xattn.encoder_window != xattn.decoder_window:
+        raise SystemExit("plan: tools/plan_compute.py describes one local width, head count and "
+                         "cross-attention window for encoder and decoder; these configs differ")
+    return [
+        "--global-dim", str(g.hidden_size), "--global-layers", str(g.num_layers),
+        "--global-heads", str(g.num_heads), "--global-ffn-hidden", str(g.ffn_hidden_size),
+        *(["--global-kv-heads", str(g.num_query_groups)] if g.num_query_groups else []),
+        "--local-dim", str(enc.hidden_size), "--encoder-layers", str(enc.num_layers),
+        "--decoder-layers", str(dec.num_layers), "--local-heads", str(enc.num_heads),
+        "--local-window", str(enc.window), "--cross-attn-k", str(xattn.slots_per_patch),
+        "--cross-attn-heads", str(xattn.num_heads),
+        "--cross-attn-window", str(xattn.encoder_window),
+        "--text-vocab-size", str(text_vocab_size), "--num-units", str(lst_args.num_units),
+        "--seq-length", str(lst_args.seq_length),
+        "--global-batch-size", str(lst_args.global_batch_size),
+        "--tokens-per-patch", str(tokens_per_patch),
+    ]
+
+
+def plan(options: argparse.Namespace) -> int:
+    from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
+
+    lst = _validated(options.lst_config, options.world_size)
+    baseline = _validated(options.baseline_config, options.world_size)
+    for name in ("hidden_size", "num_layers", "num_attention_heads", "seq_length",
+                 "global_batch_size"):
+        if getattr(lst, name) != getattr(baseline, name):
+            raise SystemExit(f"plan: the configs differ in {name} ({getattr(lst, name)} vs "
+                             f"{getattr(baseline, name)}); the baseline must share LST's global "
+                             f"model and step shape")
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    text_vocab_size = load_text_tokenizer(options.tokenizer_model).vocab_size
+    budget = (["--budget-flops", str(options.budget_flops)] if options.budget_flops is not None
+              else ["--budget-steps", str(options.budget_steps)])
+    planned = options.out.with_suffix(".plan_compute.json")
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "plan_compute.py"), *budget,
+                    "--control", options.control, "--out", str(planned),
+                    *plan_compute_flags(lst, text_vocab_size, options.tokens_per_patch)],
+                   check=True)
+    [computed] = json.loads(planned.read_text())["plans"]
+    steps = {"lst": computed["lst"]["steps"], "baseline": computed["baseline"]["steps"]}
+    options.out.write_text(json.dumps({"control": options.control, "steps": steps,
+                                       "plan": computed}, indent=1) + "\n")
+    print(f"steps: lst {steps['lst']}, baseline {steps['baseline']} -> {options.out}")
+    return 0
+
+
+# --- evaluate -----------------------------------------------------------------------------
+
+def evaluate(options: argparse.Namespace) -> int:
+    from megatron_lst.evaluation import evaluate_items, load_items
+    from megatron_lst.evaluation.loading import load_inference_model
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
+
+    initialize_parallel()
+    try:
+        model = load_inference_model(options.checkpoint, tokenizer_model=options.tokenizer_model)
+        results = {}
+        for items_path in options.items:
+            items = load_items(items_path, model.tokenizer, model.vocab)
+            results[Path(items_path).stem] = evaluate_items(
+                model.model_chunks, items, model.vocab, model.patcher, options.modes,
+                batch_size=options.batch_size)
+    finally:
+        destroy_parallel()
+    options.out.write_text(json.dumps({"checkpoint": str(model.checkpoint),
+                                       "iteration": model.iteration, "results": results},
+                                      indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+# --- report -------------------------------------------------------------------------------
+
+def report(options: argparse.Namespace) -> int:
+    from megatron_lst.training.loop import read_metrics
+
+    runs = dict(run.split("=", 1) for run in options.runs)
+    rows, curves = [], {}
+    for name, directory in runs.items():
+        metrics = read_metrics(directory)
+        curves[name] = metrics
+        last = metrics[-1]
+        valid = [m for m in metrics if "valid_loss" in m]
+        evaluation_path = Path(directory) / "eval.json"
+        evaluation = (json.loads(evaluation_path.read_text())["results"]
+                      if evaluation_path.is_file() else {})
+        row = {"model": name, "steps": last["iteration"], "tokens": last["tokens"],
+               "global positions": last["global_positions"], "FLOPs": last["flops"],
+               "valid loss": valid[-1]["valid_loss"] if valid else None}
+        for eval_set, modes in evaluation.items():
+            for mode, summary in modes.items():
+                row[f"{eval_set} {mode}"] = summary["accuracy"]
+        rows.append(row)
+    print(_table(rows))
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    (options.out_dir / "comparison.json").write_text(json.dumps(rows, indent=1) + "\n")
+    _plot(curves, options.out_dir / "loss_vs_flops.png")
+    print(f"wrote {options.out_dir / 'comparison.json'} and {options.out_dir / 'loss_vs_flops.png'}")
+    return 0
+
+
+def _table(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}" if value < 1e4 else f"{value:.3e}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    table = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True))
+                     for line in table)
+
+
+def _plot(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (train_axes, valid_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, metrics in curves.items():
+        train_axes.plot([m["flops"] for m in metrics], [m["loss"] for m in metrics],
+                        label=name, alpha=0.8)
+        valid = [m for m in metrics if "valid_loss" in m]
+        valid_axes.plot([m["flops"] for m in valid], [m["valid_loss"] for m in valid],
+                        marker="o", label=name)
+    for axes, title in ((train_axes, "training loss"), (valid_axes, "validation loss")):
+        axes.set_xlabel("cumulative model training FLOPs")
+        axes.set_ylabel("nats / token")
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("plan", help="steps for both models under one budget")
+    p.add_argument("--lst-config", type=Path, required=True)
+    p.add_argument("--baseline-config", type=Path, required=True)
+    p.add_argument("--tokenizer-model", required=True)
+    amount = p.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--budget-flops", type=float)
+    amount.add_argument("--budget-steps", type=int)
+    p.add_argument("--control", choices=("compute", "flops", "data"), default="compute")
+    p.add_argument("--tokens-per-patch", type=float, default=3.1,
+                   help="mean input tokens per LST patch on your data (flops/data control)")
+    p.add_argument("--world-size", type=int, default=1, help="processes of the training runs")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=plan)
+
+    p = commands.add_parser("evaluate", help="story-completion accuracy of a run's checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the run's --save directory")
+    p.add_argument("--items", nargs="+", required=True, help="evaluation JSONL files")
+    p.add_argument("--modes", nargs="+", default=["S->S", "T->T"])
+    p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=evaluate)
+
+    p = commands.add_parser("report", help="table and plots of finished runs")
+    p.add_argument("--runs", nargs="+", required=True, metavar="NAME=SAVE_DIR")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.set_defaults(run=report)
+    return parser
+
+
+# The guard matters: loading dist checkpoints may spawn processes that re-import this file.
+if __name__ == "__main__":
+    options = build_parser().parse_args()
+    sys.exit(options.run(options))

@@ -1,0 +1,118 @@
+"""Worker for test_reshard.py: Adam training steps of an `LSTModel` under one TP/PP layout,
+around an `lst-train` checkpoint with optimizer state.
+
+`--save DIR`: load the portable weights, take step 1, save the checkpoint (model + optimizer),
+take steps 2 and 3; reports the three losses.
+`--load DIR`: load the checkpoint twice, with the optimizer state and without it (weights only),
+and take steps 2 and 3 after each; reports both pairs of losses.
+Steps use megatron's DDP, forward-backward schedule, `finalize_lst_model_grads` and
+`get_megatron_optimizer`, as the training loop does.
+"""
+
+import argparse
+import types
+from functools import partial
+
+import torch
+from distributed.harness import report_results
+
+from megatron_lst.checkpoint.dist import lst_sharded_state_dict, training_args_for
+from megatron_lst.checkpoint.model_state import load_full_state_dict
+from megatron_lst.checkpoint.portable import load_portable
+from megatron_lst.checkpoint.verify import fixed_batch
+from megatron_lst.models.loss import masked_token_mean
+from megatron_lst.models.lst_model import LSTModel, finalize_lst_model_grads
+from megatron_lst.parallel import destroy_parallel, initialize_parallel
+from megatron_lst.training.checkpointing import load_checkpoint, save_checkpoint
+
+
+def build(config, tp: int, pp: int):
+    """`(DDP-wrapped model, megatron Adam)` for this rank's stage."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    megatron_config = config.transformer_config(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        use_cpu_initialization=True, params_dtype=torch.float32)
+    model = LSTModel(config, megatron_config,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage(),
+                     transformer_impl="local", local_attention_backend="sdpa", kernel_backend="torch")
+    # See dist_checkpoint_worker.build_stage: LSTModel.sharded_state_dict is not TP/PP-correct yet.
+    model.sharded_state_dict = types.MethodType(lst_sharded_state_dict, model)
+    ddp = DistributedDataParallel(
+        config=megatron_config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+        module=model)
+    megatron_config.finalize_model_grads_func = finalize_lst_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=0.0,
+                        params_dtype=torch.float32), [ddp])
+    return ddp, optimizer
+
+
+def loss_func(loss_mask, per_token_loss):
+    loss = masked_token_mean(per_token_loss, loss_mask)
+    return loss, {"loss": loss.detach()}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["patch_lengths"], labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def train_step(ddp, optimizer, config, step: int) -> float | None:
+    """One optimizer step on the batch of `step`; the loss on the last stage, else None."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch = fixed_batch(config, seed=step)
+    batch["labels"] = batch["tokens"].roll(-1, dims=1)
+    batch["loss_mask"] = torch.ones(batch["tokens"].shape)
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    reduced = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp],
+        num_microbatches=1, seq_length=batch["patch_lengths"].shape[1],
+        micro_batch_size=batch["tokens"].shape[0], forward_only=False)
+    succeeded, _, _ = optimizer.step()
+    assert succeeded
+    return reduced[0]["loss"].item() if parallel_state.is_pipeline_last_stage() else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--pp", type=int, required=True)
+    parser.add_argument("--portable", required=True)
+    parser.add_argument("--save")
+    parser.add_argument("--load")
+    parser.add_argument("--results", required=True)
+    args = parser.parse_args()
+
+    initialize_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    portable = load_portable(args.portable)
+    config = portable.config
+    record = {}
+    if args.save:
+        ddp, optimizer = build(config, args.tp, args.pp)
+        load_full_state_dict(ddp.module, portable.state, args.portable)
+        optimizer.reload_model_params()
+        record["step1"] = train_step(ddp, optimizer, config, 1)
+        save_checkpoint(1, [ddp], optimizer, None, argparse.Namespace(**training_args_for(config)),
+                        {"consumed_samples": 2}, args.save, portable.vocab)
+        record["steps"] = [train_step(ddp, optimizer, config, step) for step in (2, 3)]
+    else:
+        for variant, flags in (("with_optimizer", {}), ("weights_only", {"no_load_optim": True})):
+            ddp, optimizer = build(config, args.tp, args.pp)
+            loaded = load_checkpoint(args.load, [ddp], optimizer, None,
+                                     argparse.Namespace(no_load_rng=True, **flags), portable.vocab)
+            assert loaded.iteration == 1 and loaded.extra_state == {"consumed_samples": 2}
+            record[variant] = [train_step(ddp, optimizer, config, step) for step in (2, 3)]
+    report_results(args.results, record)
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""`lst-convert`: every subcommand end to end in one process, its printed self-check, and exit
+status 1 with the tensor named for a checkpoint it refuses."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_lst.checkpoint.cli import main
+from megatron_lst.checkpoint.model_state import build_full_model, full_state_dict
+from megatron_lst.checkpoint.portable import WEIGHTS_FILENAME, PortableCheckpoint, save_portable
+from megatron_lst.models.config import preset
+from megatron_lst.models.reference_import import lst_config_from_reference
+from megatron_lst.parallel import destroy_parallel, initialize_parallel
+from megatron_lst.tokenizer.vocab import JointVocab
+
+VERIFIED = r"verify {}: max \|logits before - after\| = \d\.\d{{3}}e[-+]\d+ \(tolerance 1e-05"
+
+
+def test_reference_to_portable_to_dist_and_back_to_reference(reference_fixtures, tmp_path, capsys):
+    portable, dist, portable_again, exported = (tmp_path / name for name in (
+        "portable", "dist", "portable_again", "reference"))
+    assert main(["import-reference",
+                 "--reference-ckpt", str(reference_fixtures / "state_dict_A.safetensors"),
+                 "--reference-args", str(reference_fixtures / "config_A.json"),
+                 "--output", str(portable)]) == 0
+    assert main(["portable-to-dist", "--portable", str(portable), "--save", str(dist)]) == 0
+    assert main(["dist-to-portable", "--load", str(dist), "--output", str(portable_again)]) == 0
+    assert main(["export-reference", "--portable", str(portable_again), "--output", str(exported)]) == 0
+    out = capsys.readouterr().out
+    assert "export of the import == original (68 tensors identical)" in out
+    for command in ("import-reference", "portable-to-dist", "dist-to-portable", "export-reference"):
+        assert re.search(VERIFIED.format(command), out), (command, out)
+
+    original = load_file(str(reference_fixtures / "state_dict_A.safetensors"))
+    round_tripped = torch.load(exported / "consolidated.pth", weights_only=True)["model"]
+    assert round_tripped.keys() == original.keys()
+    assert all(torch.equal(round_tripped[name], original[name]) for name in original)
+    # The dist checkpoint keeps lst-train's flags, not the reference's other options: the args
+    # written back describe the same model.
+    model_args = json.loads((reference_fixtures / "config_A.json").read_text())["model_args"]
+    written = json.loads((exported / "params.json").read_text())["model"]
+    assert lst_config_from_reference(written) == lst_config_from_reference(model_args)
+    vocab = json.loads((portable_again / "lst_config.json").read_text())["vocab"]
+    assert vocab["text_size"] == 512 and vocab["size"] == 1020
+
+
+@pytest.fixture()
+def tiny_portable(tmp_path):
+    initialize_parallel()
+    try:
+        config = preset("tiny", JointVocab(text_size=58).size)
+        save_portable(tmp_path, PortableCheckpoint(
+            config=config, state=full_state_dict(build_full_model(config)),
+            vocab=JointVocab(text_size=58)))
+    finally:
+        destroy_parallel()
+    return tmp_path
+
+
+def test_refused_checkpoint_exits_1_naming_the_tensor(tiny_portable, tmp_path, capsys):
+    state = load_file(str(tiny_portable / WEIGHTS_FILENAME))
+    del state["local_decoder.final_norm.weight"]
+    save_file(state, str(tiny_portable / WEIGHTS_FILENAME))
+    assert main(["portable-to-dist", "--portable", str(tiny_portable),
+                 "--save", str(tmp_path / "dist")]) == 1
+    assert "no tensor 'local_decoder.final_norm.weight'" in capsys.readouterr().err
+    assert not (tmp_path / "dist").exists()

@@ -1,0 +1,109 @@
+"""Speech generation benchmark: global steps and wall time per generated second of speech,
+LST (static p) against the token baseline with the same global transformer.
+
+Both models continue the same speech prompt with `megatron_lst.evaluation.generation.generate`
+(KV cache on, sampling restricted to units so every generated token is speech; random weights:
+the cost of a step does not depend on what the weights say). A second of speech is
+`--frame-rate` units (HuBERT: 25 Hz). LST runs its global model once per closed patch, the
+baseline once per token, so LST should need about 1/p of the baseline's global steps; wall time
+also counts LST's local encoder and decoder, which are re-run over the sequence every token
+(see generation.py). `--no-cache` times the reference's way (the whole model every step) too.
+
+    python tools/bench_generation.py                         # medium preset, 200 units, p = 4
+    python tools/bench_generation.py --preset tiny --units 100 --json gen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Result:
+    model: str  # "lst" or "baseline"
+    cache: bool
+    generated_units: int
+    speech_seconds: float
+    global_steps: int
+    wall_seconds: float
+    global_steps_per_speech_second: float
+    wall_seconds_per_speech_second: float
+
+
+def build(kind: str, preset_name: str, vocab_size: int):
+    import torch
+
+    from megatron_lst.models import LSTModel, TokenBaselineModel, preset
+
+    config = preset(preset_name, vocab_size)
+    megatron_config = config.transformer_config()
+    torch.manual_seed(0)
+    if kind == "lst":
+        return LSTModel(config, megatron_config, transformer_impl="local").eval()
+    return TokenBaselineModel(config, megatron_config, transformer_impl="local").eval()
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    import numpy as np
+
+    from megatron_lst.evaluation.generation import SamplingConfig, build_prompt, generate
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
+    from megatron_lst.patching import PatchingConfig
+    from megatron_lst.tokenizer.vocab import JointVocab
+
+    vocab = JointVocab(args.text_vocab_size)
+    prompt = build_prompt(vocab, units=np.random.default_rng(0).integers(0, 500, args.prompt_units))
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.units, speech_only=True)
+    initialize_parallel()
+    results = []
+    try:
+        for kind in ("lst", "baseline"):
+            model = build(kind, args.preset, vocab.size)
+            patching = PatchingConfig("static" if kind == "lst" else "none",
+                                      patch_size=args.patch_size)
+            for cache in (True, False) if args.no_cache else (True,):
+                generate(model, prompt, vocab, patching,
+                         SamplingConfig(temperature=1.0, max_new_tokens=4, speech_only=True))
+                out = generate(model, prompt, vocab, patching, sampling, use_cache=cache)
+                units = int(vocab.is_unit(out.tokens).sum())
+                seconds = units / args.frame_rate
+                results.append(Result(kind, cache, units, seconds, out.global_steps, out.seconds,
+                                      out.global_steps / seconds, out.seconds / seconds))
+    finally:
+        destroy_parallel()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="medium", help="Model size (models.config.preset).")
+    parser.add_argument("--units", type=int, default=200, help="Units to generate.")
+    parser.add_argument("--prompt-units", type=int, default=50)
+    parser.add_argument("--patch-size", type=int, default=4, help="LST static p.")
+    parser.add_argument("--frame-rate", type=float, default=25.0, help="Units per second.")
+    parser.add_argument("--text-vocab-size", type=int, default=512)
+    parser.add_argument("--no-cache", action="store_true",
+                        help="Also time generation without the KV cache.")
+    parser.add_argument("--json", default=None, help="Write the results here.")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    results = run(args)
+    print(f"{'model':9} {'cache':5} {'units':>6} {'speech s':>8} {'global steps':>12} "
+          f"{'wall s':>8} {'steps/speech s':>14} {'wall s/speech s':>15}")
+    for r in results:
+        print(f"{r.model:9} {str(r.cache):5} {r.generated_units:6d} {r.speech_seconds:8.2f} "
+              f"{r.global_steps:12d} {r.wall_seconds:8.3f} {r.global_steps_per_speech_second:14.2f} "
+              f"{r.wall_seconds_per_speech_second:15.4f}")
+    lst, base = results[0], next(r for r in results if r.model == "baseline")
+    print(f"LST / baseline global steps: {lst.global_steps / base.global_steps:.3f} "
+          f"(1/p = {1 / args.patch_size:.3f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
