@@ -245,7 +245,7 @@ def queries_per_key(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: in
 
 class PatchCrossAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: `apply(q, k, v, key_start, key_end, scale)`; shapes as in
-    `lst_kernels.patch_cross_attention`."""
+    `lst_kernels.patch_cross_attention`. Differentiable once: a double backward raises."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_start, key_end, scale):
@@ -270,6 +270,7 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, start, end = ctx.saved_tensors
         batch, num_queries, heads, head_dim = q.shape

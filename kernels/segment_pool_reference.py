@@ -39,7 +39,8 @@ def check_segment_pool_inputs(x: torch.Tensor, patch_lengths: torch.Tensor, redu
 def first_argmax(x: torch.Tensor, patch_lengths: torch.Tensor) -> torch.Tensor:
     """Token index of the first per-channel maximum of every patch: `[B, P, D]` int64.
 
-    Empty patches get N (no token). Computed without gradient; used to gather the max.
+    A patch holding a NaN gets its first NaN (max propagates NaN); empty patches get N (no
+    token). Computed without gradient; used to gather the max.
     """
     batch, num_tokens, dim = x.shape
     num_patches = patch_lengths.shape[1]
@@ -52,7 +53,10 @@ def first_argmax(x: torch.Tensor, patch_lengths: torch.Tensor) -> torch.Tensor:
         patch_max = values.new_full((batch * (num_patches + 1), dim), float("-inf"))
         patch_max = patch_max.scatter_reduce(0, index, values, "amax")  # [B * (P + 1), D]
         token = torch.arange(num_tokens, device=x.device).repeat(batch)[:, None]  # [B * N, 1]
-        candidate = torch.where(values == patch_max[row], token, num_tokens)  # [B * N, D]
+        # A NaN makes its patch's max NaN (amax propagates it), which equals nothing: NaN
+        # tokens are candidates too, so the NaN is pooled rather than another patch's value.
+        is_max = (values == patch_max[row]) | values.isnan()
+        candidate = torch.where(is_max, token, num_tokens)  # [B * N, D]
         argmax = torch.full_like(patch_max, num_tokens, dtype=torch.long)
         argmax = argmax.scatter_reduce(0, index, candidate, "amin")
     return argmax.view(batch, num_patches + 1, dim)[:, :num_patches]

@@ -199,7 +199,8 @@ def segment_pool_backward(
 
 
 class SegmentPoolFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton segment pool: `apply(x, patch_lengths, reduce)`."""
+    """Autograd wrapper of the Triton segment pool: `apply(x, patch_lengths, reduce)`.
+    Differentiable once: a double backward raises."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, patch_lengths: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -212,6 +213,7 @@ class SegmentPoolFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         patch_lengths, start, end, argmax = ctx.saved_tensors
         token_patch = patch_ids_from_lengths(patch_lengths, ctx.num_tokens).int().contiguous()

@@ -6,7 +6,8 @@ For each model preset and token count N it times full training steps (forward, b
   units cut into patches of 4), and
 - the token baseline with the same global transformer over P tokens per row, P = LST's patch
   count (compute-controlled comparison: equal steps, equal global positions),
-and reports step time, raw tokens per second (B*N for LST, B*P for the baseline), the process's
+and reports step time (wall clock, and the process's CPU time, which busy shared hosts distort
+less), raw tokens per second (B*N for LST, B*P for the baseline), the process's
 peak resident memory and its growth over the idle model ("step peak"), and for LST the share of
 the step spent in the local encoder, the global transformer and the local decoder (+ output head
 and loss), measured by cutting the graph between the parts in one extra step. Every measurement
@@ -43,7 +44,8 @@ class Result:
     tokens_per_row: int  # N for LST; P for the baseline
     patches_per_row: int
     batch: int
-    step_seconds: float
+    step_seconds: float  # wall clock
+    cpu_step_seconds: float  # process CPU time (all threads): steadier than wall time on busy hosts
     raw_tokens_per_second: float
     peak_rss_mb: float
     step_peak_mb: float  # peak RSS minus RSS of the built, idle model
@@ -156,17 +158,18 @@ def measure(kind: str, preset_name: str, num_tokens: int, args) -> Result:
     idle_rss = _rss_mb()
     for _ in range(args.warmup):
         step()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
     seconds = (time.perf_counter() - start) / args.steps
+    cpu_seconds = (time.process_time() - cpu_start) / args.steps
     shares = _part_shares(model, batch) if kind == "lst" else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     destroy_parallel()
     tokens_per_row = batch["tokens"].shape[1]
     return Result(
         model=kind, preset=preset_name, tokens_per_row=tokens_per_row, patches_per_row=num_patches,
-        batch=args.batch_size, step_seconds=seconds,
+        batch=args.batch_size, step_seconds=seconds, cpu_step_seconds=cpu_seconds,
         raw_tokens_per_second=args.batch_size * tokens_per_row / seconds,
         peak_rss_mb=peak, step_peak_mb=peak - idle_rss, shares=shares,
     )
@@ -187,12 +190,13 @@ def run_isolated(kind: str, preset_name: str, num_tokens: int, args) -> Result:
 
 
 def report(results: list[Result]) -> None:
-    print(f"{'model':9}{'preset':8}{'N/row':>7}{'P/row':>7}{'step s':>9}{'raw tok/s':>11}"
+    print(f"{'model':9}{'preset':8}{'N/row':>7}{'P/row':>7}{'step s':>9}{'cpu s':>8}{'raw tok/s':>11}"
           f"{'peak MB':>9}{'step MB':>9}  shares (encoder / global / decoder+head)")
     for r in results:
         shares = " / ".join(f"{v:.0%}" for v in r.shares.values()) if r.shares else ""
         print(f"{r.model:9}{r.preset:8}{r.tokens_per_row:>7}{r.patches_per_row:>7}"
-              f"{r.step_seconds:>9.3f}{r.raw_tokens_per_second:>11.0f}{r.peak_rss_mb:>9.0f}"
+              f"{r.step_seconds:>9.3f}{r.cpu_step_seconds:>8.3f}{r.raw_tokens_per_second:>11.0f}"
+              f"{r.peak_rss_mb:>9.0f}"
               f"{r.step_peak_mb:>9.0f}  {shares}")
     by_key = {(r.model, r.preset, r.patches_per_row): r for r in results}
     for r in results:
@@ -200,8 +204,11 @@ def report(results: list[Result]) -> None:
             continue
         base = by_key.get(("baseline", r.preset, r.patches_per_row))
         if base:
+            cpu_ratio = (r.tokens_per_row / r.cpu_step_seconds) / (
+                base.tokens_per_row / base.cpu_step_seconds)
             print(f"{r.preset} N={r.tokens_per_row}: LST raw tokens/s = "
-                  f"{r.raw_tokens_per_second / base.raw_tokens_per_second:.2f}x the baseline's")
+                  f"{r.raw_tokens_per_second / base.raw_tokens_per_second:.2f}x the baseline's "
+                  f"(per CPU second: {cpu_ratio:.2f}x)")
         if r.preset == "medium" and r.tokens_per_row in REFERENCE_TOKENS_PER_SECOND:
             ref = REFERENCE_TOKENS_PER_SECOND[r.tokens_per_row]
             print(f"medium N={r.tokens_per_row}: {r.raw_tokens_per_second:.0f} tok/s vs the "

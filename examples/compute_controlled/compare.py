@@ -36,8 +36,8 @@ def _validated(config: Path, world_size: int):
 
 def plan_compute_flags(lst_args, text_vocab_size: int, tokens_per_patch: float) -> list[str]:
     """`tools/plan_compute.py` flags describing the LST model and step of validated `lst_args`."""
-    from megatron_lst.training.model_provider import lst_config_from_args
     from megatron_lst.tokenizer.vocab import JointVocab
+    from megatron_lst.training.model_provider import lst_config_from_args
 
     config = lst_config_from_args(lst_args, JointVocab(text_vocab_size, lst_args.num_units).size)
     g, enc, dec, xattn = config.global_model, config.encoder, config.decoder, config.cross_attention

@@ -1,14 +1,15 @@
 """`make demo`: a tiny LST and its token baseline trained at equal compute on CPU, then compared.
 
     python examples/demo/run_demo.py [--out-dir runs/demo] [--corpus-dir data_cache/demo]
-                                     [--train-iters 300] [--eval-items 300]
+                                     [--train-iters 1200] [--eval-items 300]
 
 1. builds the offline demo corpus (cached under --corpus-dir: a re-run reads it back);
 2. trains the tiny LST (curriculum patching) and the tiny token baseline with
    `examples/configs/tiny_cpu_{lst,baseline}.yaml`: compute-controlled as in the paper, the same
    steps of the same global positions (LST's positions are patches, the baseline's tokens), on
    67% text / 33% interleaved speech-text rows; checkpoints land in `<out-dir>/{lst,baseline}`
-   and are ordinary `pretrain_lst.py` checkpoints (resume with --load, evaluate, convert);
+   (replacing those of an earlier demo) and are ordinary `pretrain_lst.py` checkpoints (resume
+   with --load, evaluate, convert with tools/convert_checkpoint.py);
 3. scores both on the demo story-completion set (`eval/storycloze.jsonl`) in the S->S and T->T
    modes with `megatron_lst.evaluation` (accuracy of the summed ending log-likelihood, 95%
    bootstrap interval);
@@ -29,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -88,7 +90,6 @@ def training_flags(name: str, corpus, out_dir: Path, train_iters: int, seed: int
         str(SPEECH_WEIGHT), str(indexed["indexed_speech_train"]),
         "--split", "98,2,0",
         "--tokenizer-model", str(indexed["tokenizer"]),
-        "--num-units", str(_num_units(corpus)),
         "--train-iters", str(train_iters),
         "--eval-interval", str(max(1, train_iters // 10)),
         "--eval-iters", "4",
@@ -100,12 +101,6 @@ def training_flags(name: str, corpus, out_dir: Path, train_iters: int, seed: int
         flags += ["--curriculum-tau1", str(train_iters // 3),
                   "--curriculum-tau2", str(2 * train_iters // 3)]
     return flags
-
-
-def _num_units(corpus) -> int:
-    from megatron_lst.data.indexed import DocumentStore
-
-    return DocumentStore(corpus.paths["indexed_speech_train"]).vocab.num_units
 
 
 def train(name: str, flags: list[str]) -> tuple[object, object, float]:
@@ -187,8 +182,8 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
     for name in MODELS:
         save_dir = args.out_dir / name
         if save_dir.exists():
-            raise SystemExit(f"{save_dir} exists from an earlier demo; remove {args.out_dir} "
-                             f"(or pass another --out-dir) to train afresh")
+            print(f"removing the previous demo run {save_dir}", flush=True)
+            shutil.rmtree(save_dir)
         _stage(f"training {name} for {args.train_iters} steps ({MODELS[name].name})")
         train_args, result, seconds = train(
             name, training_flags(name, corpus, args.out_dir, args.train_iters, args.seed))

@@ -4,7 +4,8 @@ megatron.core stores every tensor in model space (global shape, this rank's slic
 checkpoint has no layout of its own: one written by a TP=1/PP=1 model in one process loads under
 TP=c/PP=d, and one written under TP=a/PP=b loads into a TP=1/PP=1 model, resharded on load.
 Conversions here therefore run in a single process; the training loop's `--load` reshards to the
-run's layout.
+run's layout (optimizer state included). `lst_sharded_state_dict` is what makes an `LSTModel`
+stage's sharded state dict right under TP>1 and PP>1.
 
 The model's shape is read back from the checkpoint's saved `lst-train` flags (`args` in its
 `lst_checkpoint.json`) and vocabulary, exactly as training built it (`lst_config_from_args`).
@@ -70,7 +71,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def checkpoint_model(path: Path) -> tuple[LSTConfig, JointVocab | None, dict[str, Any]]:
+def checkpoint_model(path: Path) -> tuple[LSTConfig, JointVocab, dict[str, Any]]:
     """`(LSTConfig, vocabulary, saved lst-train flags)` of the dist checkpoint at `path`."""
     from megatron_lst.training.checkpointing import read_checkpoint_metadata
     from megatron_lst.training.model_provider import lst_config_from_args

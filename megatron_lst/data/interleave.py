@@ -91,7 +91,8 @@ class InterleavedDocument:
                     unit_group_is_silence: np.ndarray | None = None) -> InterleavedDocument:
         """A document of joint ids made elsewhere (an evaluation item, a reference batch).
 
-        Without groups, each speech run is taken as one word (enough for static patching).
+        Without groups, each speech run is taken as one word (enough for static patching);
+        groups without silence flags are all words.
         """
         tokens = np.asarray(tokens, dtype=np.int32)
         vocab.check_ids(tokens, where="InterleavedDocument.from_tokens")
@@ -100,7 +101,12 @@ class InterleavedDocument:
             run_starts = unit_mask & ~np.concatenate([[False], unit_mask[:-1]])
             run_ids = np.cumsum(run_starts)[unit_mask]
             unit_group_lengths = np.bincount(run_ids)[1:]
+            unit_group_is_silence = None
+        if unit_group_is_silence is None:
             unit_group_is_silence = np.zeros(len(unit_group_lengths), dtype=bool)
+        if len(unit_group_is_silence) != len(unit_group_lengths):
+            raise ValueError(f"{len(unit_group_lengths)} unit groups but "
+                             f"{len(unit_group_is_silence)} silence flags; give one flag a group")
         return cls(
             tokens=tokens,
             modality=np.where(vocab.is_patchable_static(tokens), MODALITY_SPEECH,

@@ -89,6 +89,8 @@ class Manifest:
                                 f"tools/preprocess_data.py, which writes it next to .bin/.idx")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                raise TypeError(f"expected a JSON object, got a {type(raw).__name__}")
             if raw.get("format_version") != FORMAT_VERSION:
                 raise ManifestError(f"{path}: manifest format version "
                                     f"{raw.get('format_version')} is not {FORMAT_VERSION}; "

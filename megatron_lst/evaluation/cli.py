@@ -29,6 +29,7 @@ from megatron_lst.evaluation.generation import (
 )
 from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.evaluation.scoring import MODES, evaluate_items, parse_modes
+from megatron_lst.training.checkpointing import CheckpointError
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
@@ -80,7 +81,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                 model.model_chunks, items, model.vocab, model.patcher,
                 modes or _default_modes(items), args.batch_size,
                 bootstrap_resamples=args.bootstrap_resamples, seed=args.seed)
-    except (ItemError, ValueError) as error:
+    except (CheckpointError, ItemError, ValueError) as error:
         print(f"lst-eval: {error}", file=sys.stderr)
         return 2
     finally:
@@ -148,7 +149,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                                   args.seed, args.speech_only)
         result = generate(loaded.model_chunks[0], prompt, vocab, loaded.patcher.config,
                           sampling, use_cache=not args.no_cache)
-    except (GenerationError, ValueError) as error:
+    except (CheckpointError, GenerationError, ValueError) as error:
         print(f"lst-generate: {error}", file=sys.stderr)
         return 2
     finally:

@@ -42,7 +42,8 @@ class GlobalTransformer(MegatronModule):
         """`[S, B, H]` (`[S/tp, B, H]` under sequence parallelism) -> the same shape.
 
         `hidden_states` is the input on the first pipeline stage and ignored (None) on the others.
-        The causal mask is megatron's default (`attention_mask=None` with a causal mask type).
+        Causal: no mask tensor is passed; the core attention (causal SDPA in the local spec, TE's
+        in the TE spec) applies its causal mask type itself.
         """
         local = hidden_states if self.pre_process else self.block.input_tensor
         seq_len = local.shape[0]

@@ -24,6 +24,7 @@ from megatron_lst.training import config_files
 
 logger = logging.getLogger(__name__)
 
+# The modes of megatron_lst.patching, spelled out so that parsing flags does not import torch.
 PATCHING_MODES = ("none", "static", "aligned", "mixed", "curriculum")
 
 # Model sizes by name: flag destinations -> values. `tiny-cpu` is for tests and the CPU demo.

@@ -141,6 +141,9 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
         metadata = json.loads(metadata_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {metadata_path}: {err}") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{metadata_path} holds a JSON {type(metadata).__name__}, not the "
+                              f"checkpoint's metadata object; the checkpoint is corrupt")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{metadata_path} has format version {metadata.get('format_version')!r}; this "

@@ -1,7 +1,8 @@
 """`lst-train` / `pretrain_lst.py`: parse the flags, validate them for this world, train.
 
 Exit status: 0 when training reached --train-iters, `loop.EXIT_STOPPED` (75) when a SIGTERM or
-SIGUSR1 stopped it after saving a checkpoint (a batch script requeues on it), 2 for bad flags.
+SIGUSR1 stopped it after saving a checkpoint (requeue; torchrun does not pass it on), 2 for bad
+flags.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from megatron_lst.training.loop import EXIT_STOPPED, pretrain
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Every rank logs warnings; only rank 0 the informational messages.
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     try:
         args = validate_args(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     except ArgumentError as error:

@@ -93,8 +93,8 @@ def patching_config_from_args(args: argparse.Namespace) -> PatchingConfig:
 
 
 def data_vocab(args: argparse.Namespace) -> JointVocab:
-    """The joint vocabulary of `--data-path`; every dataset must share it, and `--num-units`
-    must agree with it."""
+    """The joint vocabulary of `--data-path`, from the datasets' manifests; every dataset must
+    share it. It is the data's, not `--num-units`': the run trains on the ids the data holds."""
     vocab = None
     for _, prefix in parse_data_path(args.data_path):
         store_vocab = DocumentStore(prefix).vocab
@@ -106,9 +106,8 @@ def data_vocab(args: argparse.Namespace) -> JointVocab:
                 f"first dataset with {vocab.to_dict()}; preprocess every dataset with the same "
                 f"tokenizer and --num-units")
     if vocab.num_units != args.num_units:
-        raise VocabularyError(
-            f"--num-units {args.num_units} disagrees with the {vocab.num_units} speech units the "
-            f"datasets were preprocessed with; pass --num-units {vocab.num_units}")
+        logger.info("the datasets hold %d speech units (--num-units %d ignored)",
+                    vocab.num_units, args.num_units)
     return vocab
 
 
@@ -137,18 +136,29 @@ def _space_id(args: argparse.Namespace, stores: list[DocumentStore]) -> int | No
 def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None = None) -> RunDatasets:
     """Train and valid datasets of validated `args` (see the module docstring).
 
-    `index_cache_dir`: where datasets keep their row indices (default: next to the first
-    dataset, `<dir of prefix>/lst_row_index/`), so restarts and other ranks read them back.
+    `index_cache_dir`: where the datasets keep their row indices, so that restarts and the other
+    ranks read them back (default: `<--save>/lst_row_index`, none without --save). With a cache,
+    rank 0 builds the indices first and the other ranks then read them.
     """
     if args.data_path is None:
         raise DatasetError("no --data-path: give the dataset prefixes written by "
                            "tools/preprocess_data.py")
+    if index_cache_dir is None and args.save is not None:
+        index_cache_dir = Path(args.save) / "lst_row_index"
+    distributed = torch.distributed.is_initialized() and index_cache_dir is not None
+    if distributed and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # rank 0 is building the row indices
+    datasets = _build_datasets(args, Path(index_cache_dir) if index_cache_dir else None)
+    if distributed and torch.distributed.get_rank() == 0:
+        torch.distributed.barrier()
+    return datasets
+
+
+def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDatasets:
     vocab = data_vocab(args)
     sources = parse_data_path(args.data_path)
     stores = {prefix: DocumentStore(prefix) for _, prefix in sources}
     space_id = _space_id(args, list(stores.values()))
-    cache_root = Path(index_cache_dir) if index_cache_dir is not None else (
-        Path(sources[0][1]).resolve().parent / "lst_row_index")
     patcher = Patcher(patching_config_from_args(args))
 
     def make(split: str, num_samples: int, training: bool):
@@ -159,7 +169,8 @@ def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None 
                 raise DatasetError(
                     f"--split {args.split} leaves the {split} part of {prefix} empty "
                     f"({len(store)} documents); change --split or add documents")
-            cache = cache_root / f"{Path(prefix).name}_{split}_{start}_{stop}"
+            cache = (cache_root / f"{Path(prefix).name}_{split}_{start}_{stop}"
+                     if cache_root is not None else None)
             return LSTDataset(
                 DocumentRange(store, start, stop), count, args.seq_length, args.max_tokens,
                 patcher, args.seed, global_batch_size=args.global_batch_size, space_id=space_id,

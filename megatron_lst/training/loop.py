@@ -36,8 +36,10 @@ FLOPs, global positions, training loss, learning rate, step time, validation los
 
 Stopping early: SIGTERM (preemption) or SIGUSR1 (SLURM's `--signal=USR1@120` before the wall)
 make the loop finish the current iteration, save a checkpoint to `--save`, and return with
-`stopped_by_signal` (exit status `EXIT_STOPPED` from the command line, so a batch script knows to
-requeue). All ranks agree on stopping through one all-reduce per iteration.
+`stopped_by_signal` (exit status `EXIT_STOPPED` of `pretrain_lst.py`; torchrun does not pass a
+worker's status on, so batch scripts compare the latest checkpoint with --train-iters instead, as
+`examples/pretrain_lst_slurm.sbatch` does). All ranks agree on stopping through one all-reduce
+per iteration.
 """
 
 from __future__ import annotations
@@ -119,8 +121,6 @@ class StepResult:
     flops: FlopBreakdown
     """Model training FLOPs of the global batch by part (`training.flops.flops_per_batch`)."""
     seconds: float
-    optimizer_seconds: float
-    """Of `seconds`, the time in `optimizer.step()` (clipping, update, parameter gather)."""
     learning_rate: float
     grad_norm: float | None
     loss_scale: float | None
@@ -159,6 +159,7 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
     from megatron.core.utils import get_model_config
 
     datasets = build_datasets(args, index_cache_dir)
+    args.num_units = datasets.vocab.num_units  # checkpoints record the vocabulary trained on
     model, model_config = build_model_chunks(args, datasets.vocab.size)
     optimizer = get_megatron_optimizer(optimizer_config_from_args(args), model)
     scheduler = scheduler_from_args(optimizer, args)
@@ -285,8 +286,6 @@ def train_step(state: TrainingState, data_iterator: Iterator | None) -> StepResu
     state.optimizer.zero_grad()
     losses_reduced, flops = _run_schedule(state, data_iterator, forward_only=False,
                                           count_flops=True)
-    _synchronize()
-    optimizer_start = time.perf_counter()
     succeeded, grad_norm, _ = state.optimizer.step()
     if succeeded:
         state.scheduler.step(increment=args.global_batch_size)
@@ -295,7 +294,6 @@ def train_step(state: TrainingState, data_iterator: Iterator | None) -> StepResu
     loss, tokens, total_flops = _reduce_over_replicas(losses_reduced, flops)
     return StepResult(
         loss=loss, num_tokens=tokens, flops=total_flops, seconds=end - start,
-        optimizer_seconds=end - optimizer_start,
         learning_rate=state.optimizer.param_groups[0]["lr"],
         grad_norm=float(grad_norm) if grad_norm is not None else None,
         loss_scale=float(state.optimizer.get_loss_scale()) if args.fp16 else None,

@@ -39,14 +39,19 @@ def build(config, tp: int, pp: int):
                      pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage(),
                      transformer_impl="local", local_attention_backend="sdpa", kernel_backend="torch")
-    # See dist_checkpoint_worker.build_stage: LSTModel.sharded_state_dict is not TP/PP-correct yet.
+    # Stand-ins for two LSTModel fixes (reported): a TP/PP-correct sharded_state_dict (see
+    # dist_checkpoint_worker.build_stage), and the last stage's encoder replica marked `shared`,
+    # as GPTModel marks its tied output weight, so the gradient norm for clipping counts it once.
     model.sharded_state_dict = types.MethodType(lst_sharded_state_dict, model)
+    if not model.pre_process:
+        for param in model.replicated_encoder_parameters():
+            param.shared = True
     ddp = DistributedDataParallel(
         config=megatron_config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
         module=model)
     megatron_config.finalize_model_grads_func = finalize_lst_model_grads
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=0.0,
+        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0,
                         params_dtype=torch.float32), [ddp])
     return ddp, optimizer
 

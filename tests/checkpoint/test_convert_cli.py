@@ -68,3 +68,8 @@ def test_refused_checkpoint_exits_1_naming_the_tensor(tiny_portable, tmp_path, c
                  "--save", str(tmp_path / "dist")]) == 1
     assert "no tensor 'local_decoder.final_norm.weight'" in capsys.readouterr().err
     assert not (tmp_path / "dist").exists()
+
+
+def test_save_directory_without_checkpoint_exits_1(tmp_path, capsys):
+    assert main(["dist-to-portable", "--load", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
+    assert f"{tmp_path} holds no complete dist checkpoint" in capsys.readouterr().err

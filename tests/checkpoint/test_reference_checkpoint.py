@@ -139,3 +139,10 @@ def test_ffn_widths_no_multiple_of_produces_are_refused(single_rank):
     with pytest.raises(ReferenceImportError, match="multiple_of"):
         reference_model_args(odd)
     assert reference_model_args(tiny)["multiple_of"] == 256
+
+
+@pytest.mark.parametrize("option", ["weight_tying", "tie_local_encoder_decoder_logits"])
+def test_tied_reference_heads_are_refused_naming_the_option(reference, option):
+    state, model_args = reference
+    with pytest.raises(ReferenceImportError, match=f"{option}=True is not supported"):
+        import_reference(state, {**model_args, option: True})

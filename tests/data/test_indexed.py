@@ -151,6 +151,9 @@ def test_unreadable_manifest(aligned_store):
     path.write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ManifestError, match="format version 99"):
         DocumentStore(prefix)
+    path.write_text("[1, 2]")
+    with pytest.raises(ManifestError, match="unreadable manifest .*expected a JSON object"):
+        DocumentStore(prefix)
 
 
 def test_check_tokenizer(aligned_store, tokenizer, tmp_path):

@@ -13,6 +13,7 @@ from megatron_lst.data.documents import AlignedDocument
 from megatron_lst.data.interleave import (
     BlockLayout,
     InterleaveConfig,
+    InterleavedDocument,
     Interleaver,
     draw_block_layout,
 )
@@ -175,3 +176,12 @@ def test_epochs_give_different_layouts():
     layouts = {tuple(interleaver(doc, np.random.default_rng([0, epoch, 7])).tokens.tolist())
                for epoch in range(6)}
     assert len(layouts) == 6
+
+
+def test_from_tokens_groups_without_silence_flags_are_words():
+    units = [VOCAB.unit_offset + u for u in range(3)]
+    tokens = [VOCAB.bos_id, VOCAB.speech_marker, *units, VOCAB.eos_id]
+    doc = InterleavedDocument.from_tokens(tokens, VOCAB, [1, 2])
+    assert doc.unit_group_is_silence.tolist() == [False, False]
+    with pytest.raises(ValueError, match="2 unit groups but 1 silence flags"):
+        InterleavedDocument.from_tokens(tokens, VOCAB, [1, 2], [True])

@@ -73,3 +73,8 @@ def test_lst_generate_continues_a_unit_prompt_as_speech(checkpoint, capsys):
     assert len(output["units"]) == len(output["tokens"]) - output["stopped_at_eos"]
     assert all(0 <= u < NUM_UNITS for u in output["units"])
     assert output["global_steps"] >= 1
+
+
+def test_lst_eval_without_a_checkpoint(tmp_path, capsys):
+    assert eval_main(["--load", str(tmp_path), "--items", str(tmp_path / "x.jsonl")]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err

@@ -55,6 +55,14 @@ def test_tokens_past_the_sum_are_ignored_and_long_patches_clipped():
     torch.testing.assert_close(segment_pool(x, lengths, "mean").flatten(), torch.tensor([2.5, 5.5]))
 
 
+def test_max_of_a_patch_with_nan_is_nan_and_stays_in_its_patch():
+    x = torch.tensor([[[1.0], [float("nan")], [3.0], [5.0], [7.0]]], requires_grad=True)
+    out = segment_pool(x, torch.tensor([[1, 2, 2]]), "max", backend="torch")
+    assert out[0, 0, 0] == 1.0 and out[0, 1, 0].isnan() and out[0, 2, 0] == 7.0
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad.flatten(), torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0]))
+
+
 @pytest.mark.parametrize("reduce", REDUCTIONS)
 def test_rows_without_tokens_give_empty_patches(reduce):
     x = torch.randn(2, 0, 3, requires_grad=True)  # N = 0: every patch is empty

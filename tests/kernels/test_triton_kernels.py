@@ -155,3 +155,17 @@ def test_bf16_inputs():
         )
 
     _compare(run, [q, kv], 2e-2)
+
+
+def test_double_backward_raises_instead_of_dropping_second_order_terms():
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 6, 16, generator=generator).to(DEVICE).requires_grad_()
+    lengths = torch.tensor([[1, 3, 2]], dtype=torch.int32, device=DEVICE)
+    start, end = torch.zeros(1, 6, dtype=torch.int32), torch.full((1, 6), 6, dtype=torch.int32)
+    start, end = start.to(DEVICE), end.to(DEVICE)
+    q = x.view(1, 6, 1, 16)
+    for out in (segment_pool(x, lengths, "mean", backend="triton"),
+                patch_cross_attention(q, q, q, start, end, backend="triton")):
+        (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+            grad.sum().backward()

@@ -266,3 +266,14 @@ def test_accepted_data_paths_are_ones_the_blend_reads(data_path):
 
     assert valid("--data-path", *data_path).data_path == data_path
     assert [prefix for _, prefix in parse_data_path(data_path)] == data_path[-1::-2][::-1]
+
+
+def test_patching_choices_are_the_patchers():
+    # arguments.py keeps its own copy so that parsing flags does not import torch.
+    from megatron_lst.patching.curriculum import PATCHING_MODES
+    from megatron_lst.patching.patchers import SILENCE_MODES
+
+    parser = arguments.build_parser()
+    choices = {action.dest: tuple(action.choices) for action in parser._actions if action.choices}
+    assert choices["patching_mode"] == PATCHING_MODES == arguments.PATCHING_MODES
+    assert choices["silence_patching"] == SILENCE_MODES

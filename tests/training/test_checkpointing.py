@@ -22,6 +22,7 @@ from megatron_lst.training.checkpointing import (
     TRACKER_FILENAME,
     CheckpointError,
     find_latest_checkpoint,
+    read_checkpoint_metadata,
 )
 
 WORKER = Path(__file__).parent / "workers" / "checkpoint_worker.py"
@@ -89,6 +90,18 @@ def test_pointer_to_nothing_is_corruption_not_a_fresh_start(tmp_path, pointer):
     (tmp_path / TRACKER_FILENAME).write_text(pointer)
     with pytest.raises(CheckpointError, match="corrupt"):
         find_latest_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1]", "holds a JSON list, not the checkpoint's metadata object"),
+    ('{"format_version": 99}', "format version 99"),
+    ("{", "cannot read"),
+])
+def test_unreadable_checkpoint_metadata_is_named(tmp_path, content, message):
+    path = fake_checkpoint(tmp_path, 100)
+    (path / METADATA_FILENAME).write_text(content)
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint_metadata(path)
 
 
 # --- saving, killing, resuming (processes) -----------------------------------------------
