@@ -12,8 +12,10 @@ in order, `[SIL]` for silences, and sum to `len(units)`. `units` and `segments` 
 a text-only set; such items can only be scored T->T. `segments` may be left out when the units are
 known but not aligned: static patching does not need them, aligned patching refuses the item.
 
-Every problem is an `ItemError` naming the file, the line and the item id, raised while loading,
-so a bad benchmark file fails before any model work starts.
+Every problem is an `ItemError` naming the file, the line and the item id. Format problems
+(missing endings, a label out of range, units outside the codebook, ...) are raised while loading,
+before any model work; an item that lacks what a mode or patching needs (units for a speech mode,
+segments for aligned patching) is refused when it is scored.
 """
 
 from __future__ import annotations

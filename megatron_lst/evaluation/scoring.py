@@ -26,8 +26,8 @@ model is at inference: the whole sequence by the eval patcher (`inference_patche
 and mixed models are patched statically). A batch holds every ending of `batch_size` items, padded
 as training pads (the padding joins each row's last patch). The forward goes through megatron's
 forward-only schedule, so tensor and pipeline parallelism work; scores are broadcast from the last
-pipeline stage, so every rank returns the same result. Every data-parallel replica scores all
-items (evaluation sets are small; no gather is needed).
+pipeline stage, and data-parallel replicas each score a contiguous share of the items and
+exchange the scores, so every rank returns the same result.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def _speech_groups(utterance: Utterance) -> tuple[np.ndarray, np.ndarray]:
 
 def build_sequence(item: EvalItem, ending: int, mode: str, vocab: JointVocab,
                    patcher: Patcher) -> ScoredSequence:
-    """The scored sequence of one (item, ending) pair in `mode`, patched by `patcher`."""
+    """The scored sequence of one (item, ending) pair in `mode`, patched by `patcher` (one that
+    needs no random draw: see `inference_patcher`)."""
     context_speech, ending_speech = MODES[mode]
     context, candidate = item.context, item.endings[ending]
     if patcher.rule(None, None) == "aligned":
@@ -242,16 +243,25 @@ def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalIte
     multiple_of = (parallel_state.get_tensor_model_parallel_world_size()
                    if config.sequence_parallel else 1)
 
-    logprobs, counts = [], []
-    for start in range(0, len(items), batch_size):
+    # Data-parallel replicas score contiguous shares of the items, then exchange the scores.
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    share = items[dp_rank * len(items) // dp_size:(dp_rank + 1) * len(items) // dp_size]
+    logprobs, counts = [np.zeros(0)], [np.zeros(0, np.int64)]
+    for start in range(0, len(share), batch_size):
         sequences = [build_sequence(item, e, mode, vocab, patcher)
-                     for item in items[start:start + batch_size] for e in range(len(item.endings))]
+                     for item in share[start:start + batch_size] for e in range(len(item.endings))]
         batch = collate(sequences, multiple_of)
         logprobs.append(ending_logprobs(model_chunks, batch).numpy())
-        counts.append(batch["score_mask"].sum(dim=1).numpy())
+        counts.append(batch["score_mask"].sum(dim=1).numpy().astype(np.int64))
+    scores = (np.concatenate(logprobs), np.concatenate(counts))
+    if dp_size > 1:
+        shares = [None] * dp_size
+        torch.distributed.all_gather_object(shares, scores,
+                                            group=parallel_state.get_data_parallel_group())
+        scores = tuple(np.concatenate(parts) for parts in zip(*shares, strict=True))
     endings_per_item = [len(item.endings) for item in items]
-    return ModeScores(mode, np.concatenate(logprobs), np.concatenate(counts).astype(np.int64),
-                      np.concatenate([[0], np.cumsum(endings_per_item)]),
+    return ModeScores(mode, scores[0], scores[1], np.concatenate([[0], np.cumsum(endings_per_item)]),
                       np.array([item.label for item in items]))
 
 

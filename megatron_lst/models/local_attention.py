@@ -4,8 +4,8 @@ Backends:
 - "flash": flash-attn's windowed kernel (`window_size=(W-1, 0)`), CUDA with fp16/bf16 only.
 - "sdpa": PyTorch scaled-dot-product attention. Sequences no longer than the window use the plain
   causal kernel. Longer ones are cut into query blocks of W tokens; block b attends the 2W keys
-  `[(b-1)W, (b+1)W)` under one boolean mask `[blocks, W, 2W]` cached per (N, W, device). Work and
-  memory are O(N * W), never O(N^2).
+  `[(b-1)W, (b+1)W)` under one boolean mask `[B*blocks, 1, W, 2W]` cached per (B, N, W, device).
+  Work and memory are O(N * W), never O(N^2).
 "auto" picks flash when it is installed and the inputs are CUDA fp16/bf16, else sdpa; the choice
 is logged once per distinct outcome.
 """
@@ -79,16 +79,21 @@ def sliding_window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, N, d]
         return out.transpose(1, 2)
 
+    batch = q.shape[0]
     num_blocks = -(-num_tokens // window)
     padded = num_blocks * window
-    # Queries: [B, H, nb, W, d]. Keys/values: W zero rows in front (masked), padded to (nb+1)W,
-    # then overlapping views of 2W rows with stride W: block b sees rows [(b-1)W, (b+1)W).
+    # Queries: blocks of W rows. Keys/values: W zero rows in front (masked), padded to (nb+1)W,
+    # then overlapping views of 2W rows with stride W: block b sees rows [(b-1)W, (b+1)W). Blocks
+    # join the batch dimension: PyTorch's CPU flash kernel takes 4-D inputs only (5-D falls back
+    # to the unfused math path, several times slower).
     q_blocks = F.pad(q, (0, 0, 0, padded - num_tokens)).unflatten(2, (num_blocks, window))
-    k_blocks = _overlapping_blocks(k, window, padded)  # [B, H, nb, 2W, d]
-    v_blocks = _overlapping_blocks(v, window, padded)
-    mask = _block_mask(num_blocks, window, q.device)  # [nb, W, 2W]
+    q_blocks = q_blocks.transpose(1, 2).flatten(0, 1)  # [B*nb, H, W, d]
+    k_blocks = _overlapping_blocks(k, window, padded).transpose(1, 2).flatten(0, 1)  # [B*nb, H, 2W, d]
+    v_blocks = _overlapping_blocks(v, window, padded).transpose(1, 2).flatten(0, 1)
+    mask = _block_mask(batch, num_blocks, window, q.device)  # [B*nb, 1, W, 2W]
     out = F.scaled_dot_product_attention(q_blocks, k_blocks, v_blocks, attn_mask=mask)
-    return out.flatten(2, 3)[:, :, :num_tokens].transpose(1, 2)  # [B, N, H, d]
+    out = out.unflatten(0, (batch, num_blocks)).transpose(1, 2).flatten(2, 3)  # [B, H, nb*W, d]
+    return out[:, :, :num_tokens].transpose(1, 2)  # [B, N, H, d]
 
 
 def _overlapping_blocks(x: torch.Tensor, window: int, padded: int) -> torch.Tensor:
@@ -99,13 +104,13 @@ def _overlapping_blocks(x: torch.Tensor, window: int, padded: int) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=32)
-def _block_mask(num_blocks: int, window: int, device: torch.device) -> torch.Tensor:
-    """`[nb, W, 2W]` bool: query row r of a block (position bW + r) sees key column c (position
-    (b-1)W + c) iff `r < c <= r + W`, i.e. `0 <= query - key < W`; block 0's first W columns are
-    the zero padding before position 0 and stay hidden."""
+def _block_mask(batch: int, num_blocks: int, window: int, device: torch.device) -> torch.Tensor:
+    """`[B*nb, 1, W, 2W]` bool: query row r of a block (position bW + r) sees key column c
+    (position (b-1)W + c) iff `r < c <= r + W`, i.e. `0 <= query - key < W`; block 0's first W
+    columns are the zero padding before position 0 and stay hidden."""
     rows = torch.arange(window, device=device)[:, None]  # [W, 1]
     cols = torch.arange(2 * window, device=device)[None, :]  # [1, 2W]
     band = (cols > rows) & (cols <= rows + window)  # [W, 2W]
     mask = band.expand(num_blocks, window, 2 * window).clone()
     mask[0, :, :window] = False
-    return mask
+    return mask.repeat(batch, 1, 1).unsqueeze(1)  # row b*nb + i is block i of batch row b

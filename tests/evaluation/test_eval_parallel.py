@@ -1,5 +1,5 @@
-"""Scores are the same under TP=1, TP=2 (with and without sequence parallelism) and PP=2, on every
-rank (fp32, gloo on CPU)."""
+"""Scores are the same under TP=1, TP=2 (with and without sequence parallelism), PP=2 and DP=2
+(each replica scores half the items), on every rank (fp32, gloo on CPU)."""
 
 from pathlib import Path
 
@@ -18,10 +18,12 @@ def single_process():
     return record["no_sp"]
 
 
-@pytest.mark.parametrize("tp,pp,sequence_parallel", [(2, 1, "both"), (1, 2, "off")])
+@pytest.mark.parametrize("tp,pp,sequence_parallel", [(2, 1, "both"), (1, 2, "off"), (1, 1, "off")],
+                         ids=["tp2", "pp2", "dp2"])
 def test_scores_match_single_process(single_process, tp, pp, sequence_parallel):
-    records = run_distributed(WORKER, tp * pp, ["--tp", tp, "--pp", pp, "--sequence-parallel",
-                                                sequence_parallel], timeout=300)
+    # Two processes each: the 1 x 1 layout is two data-parallel replicas.
+    records = run_distributed(WORKER, 2, ["--tp", tp, "--pp", pp, "--sequence-parallel",
+                                          sequence_parallel], timeout=300)
     for rank, record in enumerate(records):
         for variant, scores in record.items():
             for mode, expected in single_process.items():

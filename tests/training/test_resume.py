@@ -1,4 +1,5 @@
-"""Resuming `pretrain_lst`'s loop continues the same run, single-process and under TP=2 x PP=2.
+"""Resuming `pretrain_lst`'s loop continues the same run, single-process and under TP=2 x PP=2;
+data parallelism gives the single-process losses.
 
 The tiny models train in fp32 on gloo, where every reduction is deterministic: N iterations
 straight and N/2 + stop + `--load` + N/2 must give the same losses (relative 1e-9), which needs
@@ -118,3 +119,17 @@ def test_tensor_and_pipeline_parallel_lst_resumes_exactly(tmp_path):
     ranks = run_distributed(WORKER, 4, _resume_runs(flags, tmp_path / "ckpt"), timeout=300)
     for rank_runs in ranks:
         _assert_resumed_exactly(*rank_runs)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_data_parallel_run_has_the_single_process_losses(tmp_path):
+    """Two data-parallel ranks each take one micro-batch of every global batch; the token-mean
+    loss over the global batch, and so the whole run, must match one process taking both."""
+    flags = tiny_flags(write_corpus(tmp_path / "data")) + [
+        "--train-iters", "4", "--eval-interval", "2"]
+    [[single]] = run_distributed(WORKER, 1, ["--training-run", _command(flags)], timeout=240)
+    ranks = run_distributed(WORKER, 2, ["--training-run", _command(flags)], timeout=240)
+    for [run] in ranks:
+        assert _losses(run) == pytest.approx(_losses(single), rel=1e-5)
+        assert run["eval_losses"] == pytest.approx(single["eval_losses"], rel=1e-5)
