@@ -40,5 +40,13 @@ setup(
         "logging": ["tensorboard>=2.14", "wandb>=0.16"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "lst-train=megatron_lst.training.cli:main",
+            "lst-eval=megatron_lst.evaluation.cli:eval_main",
+            "lst-generate=megatron_lst.evaluation.cli:generate_main",
+            "lst-import-eval=megatron_lst.evaluation.importers:import_main",
+            "lst-convert=megatron_lst.checkpoint.cli:main",
+        ]
+    },
 )

@@ -4,8 +4,8 @@ megatron.core stores every tensor in model space (global shape, this rank's slic
 checkpoint has no layout of its own: one written by a TP=1/PP=1 model in one process loads under
 TP=c/PP=d, and one written under TP=a/PP=b loads into a TP=1/PP=1 model, resharded on load.
 Conversions here therefore run in a single process; the training loop's `--load` reshards to the
-run's layout (optimizer state included). `lst_sharded_state_dict` is what makes an `LSTModel`
-stage's sharded state dict right under TP>1 and PP>1.
+run's layout (optimizer state included); `LSTModel.sharded_state_dict` keeps the vocab-parallel
+token embedding and the pipeline encoder replica right under TP>1 and PP>1.
 
 The model's shape is read back from the checkpoint's saved `lst-train` flags (`args` in its
 `lst_checkpoint.json`) and vocabulary, exactly as training built it (`lst_config_from_args`).
@@ -24,38 +24,6 @@ from .model_state import CheckpointContentError
 
 # Keys of a training checkpoint that are not model tensors.
 _NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
-
-
-def lst_sharded_state_dict(model, prefix: str = "", sharded_offsets: tuple = (),
-                           metadata: dict | None = None) -> dict[str, Any]:
-    """The sharded state dict of an `LSTModel` stage, correct under TP>1 and PP>1.
-
-    `MegatronModule.sharded_state_dict` treats the tensors of plain `torch.nn.Module` children as
-    replicated across tensor-parallel ranks. Two of the LST model's are not:
-    - `token_encoder.embedding` is vocab-parallel: each TP rank holds a block of rows. Taken as
-      replicated, only TP rank 0's rows would be saved (under a wrong global shape);
-    - under PP>1 the last stage holds a replica of `token_encoder.*` (see `lst_model.py`), and
-      megatron.core refuses two main replicas of one key. As `GPTModel` does for a tied output
-      layer, the last stage's copy gets replica id 1: the first stage's copy is stored once, and
-      loading fills both.
-    This is what `LSTModel.sharded_state_dict` should return; until it does, call this.
-    """
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.transformer.module import MegatronModule
-    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-
-    metadata = ensure_metadata_has_dp_cp_group(metadata)
-    state = MegatronModule.sharded_state_dict(model, prefix, sharded_offsets, metadata)
-    if hasattr(model, "token_encoder"):
-        state.update(model.token_encoder.embedding.sharded_state_dict(
-            prefix=f"{prefix}token_encoder.embedding.", sharded_offsets=sharded_offsets,
-            metadata=metadata))
-    if model.replicated_encoder_parameters() and not model.pre_process:
-        for value in nested_values(state):
-            if isinstance(value, ShardedTensor) and value.key.startswith(f"{prefix}token_encoder."):
-                value.replica_id = (1, *value.replica_id[1:])
-    return state
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -142,7 +110,7 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     # Checked on a copy with factories built (fused SwiGLU fc1 is saved as its halves);
     # `load` builds and merges the factories of its own copy.
-    built = lst_sharded_state_dict(model)
+    built = model.sharded_state_dict()
     apply_factories(built)
     expected = set()
     for tensor in nested_values(built):
@@ -162,7 +130,7 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
         if unexpected:
             raise CheckpointContentError(
                 f"dist checkpoint {path} holds tensor(s) the model does not have: {unexpected[:5]}")
-    loaded = dist_checkpointing.load({"model": lst_sharded_state_dict(model)}, str(path))
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
     model.load_state_dict(loaded["model"], strict=True)
 
 

@@ -4,13 +4,15 @@ megatron's `DotProductAttention` materialises `[B, H, S, S]` scores, masks and s
 separate kernels; on CPU that dominated the global transformer's step at a few thousand
 positions. `CausalSDPAttention` fills the same `core_attention` slot with
 `scaled_dot_product_attention(is_causal=True)` (PyTorch's flash kernels on CPU and CUDA: no score
-matrix kept, masked blocks skipped). Same inputs and outputs as megatron's module.
+matrix kept, masked blocks skipped). Same inputs and outputs as megatron's module; under
+megatron's inference KV cache (fewer queries than keys) the causal mask is aligned to the end.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
@@ -19,7 +21,8 @@ from megatron.core.transformer.module import MegatronModule
 
 class CausalSDPAttention(MegatronModule):
     """query `[Sq, B, Hp, d]`, key/value `[Sk, B, Gp, d]` -> `[Sq, B, Hp*d]` (Hp, Gp: this
-    tensor-parallel rank's heads and KV groups), causal, scale `1/sqrt(d)` unless given."""
+    tensor-parallel rank's heads and KV groups; Sq <= Sk, the queries being the last Sq
+    positions), causal, scale `1/sqrt(d)` unless given."""
 
     def __init__(
         self,
@@ -55,13 +58,22 @@ class CausalSDPAttention(MegatronModule):
                 "attention_bias or packed sequences"
             )
         seq_len, batch = query.shape[:2]
+        num_keys = key.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, heads, S, d]
         dropout = self.dropout if self.training else 0.0
+        # With a KV cache the queries are the last `seq_len` of `num_keys` positions, so the
+        # causal mask is aligned bottom-right; SDPA's `is_causal` aligns it top-left, which is
+        # only right when the two lengths agree.
+        mask = None
+        if seq_len != num_keys and seq_len > 1:
+            offset = num_keys - seq_len
+            mask = (torch.arange(num_keys, device=q.device)[None, :]
+                    <= torch.arange(seq_len, device=q.device)[:, None] + offset)  # [Sq, Sk]
 
         def attend():
             return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=dropout, scale=self.scale,
-                enable_gqa=self.groups_per_partition != self.heads_per_partition,
+                q, k, v, attn_mask=mask, is_causal=seq_len == num_keys, dropout_p=dropout,
+                scale=self.scale, enable_gqa=self.groups_per_partition != self.heads_per_partition,
             )
 
         if dropout > 0:  # megatron's convention: attention dropout on the model-parallel stream

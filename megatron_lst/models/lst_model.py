@@ -40,9 +40,12 @@ import logging
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from .config import LSTConfig, check_tensor_parallel_vocab
 from .global_transformer import GlobalTransformer
@@ -182,6 +185,31 @@ class LSTModel(MegatronModule):
             return tensor_parallel.gather_from_tensor_model_parallel_region(logits).float()
         return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)  # [B, N]
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict:
+        """Megatron's sharded state dict, corrected for two tensors its default gets wrong.
+
+        `MegatronModule.sharded_state_dict` treats the tensors of plain `torch.nn.Module`
+        children as replicated across tensor-parallel ranks; two of ours are not:
+        - `token_encoder.embedding` is vocab-parallel (each TP rank holds a block of rows): taken
+          as replicated, only TP rank 0's rows would be saved, under a wrong global shape;
+        - under PP>1 the last stage's `token_encoder.*` replica would be a second main copy of
+          the same keys, which dist_checkpointing refuses. As `GPTModel` does for a tied output
+          layer, the replica gets replica id 1: the first stage's copy is stored once and loading
+          fills both.
+        """
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if hasattr(self, "token_encoder"):
+            state.update(self.token_encoder.embedding.sharded_state_dict(
+                prefix=f"{prefix}token_encoder.embedding.", sharded_offsets=sharded_offsets,
+                metadata=metadata))
+        if self.replicated_encoder_parameters() and not self.pre_process:
+            for value in nested_values(state):
+                if isinstance(value, ShardedTensor) and value.key.startswith(f"{prefix}token_encoder."):
+                    value.replica_id = (1, *value.replica_id[1:])
+        return state
+
     def replicated_encoder_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters held by both the first and the last pipeline stage (empty with PP=1)."""
         if not _holds_encoder_replica(self):
@@ -205,6 +233,9 @@ class LSTModel(MegatronModule):
             for param in params:
                 if not self.pre_process:
                     param.zero_()
+                    # Counted once in the gradient norm (by the first stage), as GPTModel marks
+                    # its tied output weight; else clipping would depend on the PP layout.
+                    param.shared = True
                 torch.distributed.all_reduce(param.data, group=group)
 
 

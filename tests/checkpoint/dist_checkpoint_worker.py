@@ -8,12 +8,11 @@ model config, and the weights when saving) and one of `--save` / `--load`.
 """
 
 import argparse
-import types
 
 import torch
 from distributed.harness import report_results
 
-from megatron_lst.checkpoint.dist import lst_sharded_state_dict, training_args_for
+from megatron_lst.checkpoint.dist import training_args_for
 from megatron_lst.checkpoint.model_state import load_full_state_dict
 from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.verify import fixed_batch
@@ -32,10 +31,6 @@ def build_stage(config, tp: int, pp: int) -> LSTModel:
                      pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage(),
                      transformer_impl="local", local_attention_backend="sdpa", kernel_backend="torch")
-    # LSTModel.sharded_state_dict does not yet shard the vocab-parallel token embedding nor mark
-    # the encoder replica under PP (see lst_sharded_state_dict); the training checkpointing
-    # calls it, so override it here.
-    model.sharded_state_dict = types.MethodType(lst_sharded_state_dict, model)
     return model.eval()
 
 

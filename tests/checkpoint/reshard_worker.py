@@ -10,13 +10,12 @@ Steps use megatron's DDP, forward-backward schedule, `finalize_lst_model_grads` 
 """
 
 import argparse
-import types
 from functools import partial
 
 import torch
 from distributed.harness import report_results
 
-from megatron_lst.checkpoint.dist import lst_sharded_state_dict, training_args_for
+from megatron_lst.checkpoint.dist import training_args_for
 from megatron_lst.checkpoint.model_state import load_full_state_dict
 from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.verify import fixed_batch
@@ -39,13 +38,6 @@ def build(config, tp: int, pp: int):
                      pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage(),
                      transformer_impl="local", local_attention_backend="sdpa", kernel_backend="torch")
-    # Stand-ins for two LSTModel fixes (reported): a TP/PP-correct sharded_state_dict (see
-    # dist_checkpoint_worker.build_stage), and the last stage's encoder replica marked `shared`,
-    # as GPTModel marks its tied output weight, so the gradient norm for clipping counts it once.
-    model.sharded_state_dict = types.MethodType(lst_sharded_state_dict, model)
-    if not model.pre_process:
-        for param in model.replicated_encoder_parameters():
-            param.shared = True
     ddp = DistributedDataParallel(
         config=megatron_config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
         module=model)

@@ -18,14 +18,6 @@ from megatron_lst.patching import PatchingConfig, static_patch_lengths
 from megatron_lst.tokenizer.vocab import JointVocab
 
 STATIC = PatchingConfig("static", patch_size=3)
-# megatron's static KV cache calls core attention with one new query against all cached keys and
-# attn_mask_type=no_mask. `models/global_attention.py::CausalSDPAttention` (the local global spec
-# since 18:38 today) ignores attn_mask_type and calls SDPA with is_causal=True, whose mask is
-# top-left aligned: the new query then sees only key 0. Fix there: `is_causal=query.shape[0] ==
-# key.shape[0]` (or honour attn_mask_type). Verified: with it, cached and full logits agree to 1e-7.
-# strict: these start passing (XPASS fails the run) once it is fixed; then drop the marker.
-CACHE_BUG = pytest.mark.xfail(strict=True, reason="global_attention.CausalSDPAttention applies a "
-                              "top-left causal mask to one decode query (see above)")
 # Mostly units, so that random models generate speech runs and text between them.
 VOCAB = JointVocab(text_size=40, num_units=200)
 
@@ -50,7 +42,6 @@ def prompts():
     }
 
 
-@CACHE_BUG
 @pytest.mark.parametrize("kind", ["lst", "baseline"])
 @pytest.mark.parametrize("prompt", sorted(prompts()))
 def test_greedy_cache_gives_the_tokens_of_full_recomputation(models, kind, prompt):
@@ -66,7 +57,6 @@ def test_greedy_cache_gives_the_tokens_of_full_recomputation(models, kind, promp
     vocab().check_ids(cached.tokens)  # reserved ids are never produced
 
 
-@CACHE_BUG
 @pytest.mark.parametrize("kind", ["lst", "baseline"])
 def test_sampled_cache_matches_across_speech_and_text(models, kind):
     """Sampling from the random model mixes units, pieces and markers, so speech patches close

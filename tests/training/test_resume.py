@@ -102,18 +102,8 @@ def test_tensor_and_pipeline_parallel_baseline_resumes_exactly(parallel_runs):
         _assert_resumed_exactly(*rank_runs[1:])
 
 
-# LSTModel has no `sharded_state_dict` yet: megatron's default marks the token encoder's
-# vocab-parallel embedding (a plain-torch child) as replicated with its local shape, and the
-# encoder replica of the last pipeline stage as a second main copy, so dist_checkpointing refuses
-# the TP=2 x PP=2 save ("Invalid access pattern for ShardedTensor(key='token_encoder.embedding
-# .weight' ...)"). Strict: this fails as soon as the model gains a correct one.
-LST_SHARDING_PENDING = pytest.mark.xfail(
-    strict=True, reason="LSTModel.sharded_state_dict missing (models/lst_model.py)")
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
-@LST_SHARDING_PENDING
 def test_tensor_and_pipeline_parallel_lst_resumes_exactly(tmp_path):
     flags = _parallel_flags(write_corpus(tmp_path / "data"))
     ranks = run_distributed(WORKER, 4, _resume_runs(flags, tmp_path / "ckpt"), timeout=300)
