@@ -127,6 +127,10 @@ def run_killable(args: list[str], log: Path, kill_when: Path | None = None,
                 pytest.fail(f"worker timed out after {timeout:.0f} s; output:\n"
                             f"{log.read_text()[-4000:]}")
             time.sleep(0.1)
+    try:  # helpers dist-checkpointing spawned outlive a worker that died mid-save: end them too
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     return process.returncode, log.read_text()[-4000:]
 
 
