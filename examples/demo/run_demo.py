@@ -10,8 +10,8 @@
    67% text / 33% interleaved speech-text rows; checkpoints land in `<out-dir>/{lst,baseline}`
    (replacing those of an earlier demo) and are ordinary `pretrain_lst.py` checkpoints (resume
    with --load, evaluate, convert with tools/convert_checkpoint.py);
-3. scores both on the demo story-completion set (`eval/storycloze.jsonl`) in the S->S and T->T
-   modes with `megatron_lst.evaluation` (accuracy of the summed ending log-likelihood, 95%
+3. scores both on the demo's 2-way story-completion sets (`eval/storycloze.jsonl`: an ending with
+   one fact changed; `eval/topic.jsonl`: another story's ending) in the S->S and T->T modes with `megatron_lst.evaluation` (accuracy of the summed ending log-likelihood, 95%
    bootstrap interval);
 4. prints a table and writes `<out-dir>/loss_vs_flops.png` (validation loss against cumulative
    model training FLOPs) and `<out-dir>/results.json`.
@@ -43,7 +43,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "examples" / "configs"
 MODELS = {"lst": CONFIGS / "tiny_cpu_lst.yaml", "baseline": CONFIGS / "tiny_cpu_baseline.yaml"}
-EVAL_SET = "storycloze"
+EVAL_SETS = ("storycloze", "topic")  # the 2-way sets: a wrong fact, and another story's ending
 EVAL_MODES = ("S->S", "T->T")
 TEXT_WEIGHT, SPEECH_WEIGHT = 0.67, 0.33  # the paper's blend (here a share of rows)
 
@@ -113,8 +113,9 @@ def train(name: str, flags: list[str]) -> tuple[object, object, float]:
     return args, result, time.perf_counter() - start
 
 
-def evaluate_checkpoint(checkpoint_dir: Path, items_path: Path, num_items: int
+def evaluate_checkpoint(checkpoint_dir: Path, items_paths: dict[str, Path], num_items: int
                         ) -> dict[str, dict[str, float]]:
+    """Accuracy per `"<set> <mode>"` of the checkpoint on each story-completion set."""
     from megatron_lst.evaluation import evaluate_items, load_items
     from megatron_lst.evaluation.loading import load_inference_model
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
@@ -122,21 +123,25 @@ def evaluate_checkpoint(checkpoint_dir: Path, items_path: Path, num_items: int
     initialize_parallel()
     try:
         model = load_inference_model(checkpoint_dir)
-        items = load_items(items_path, model.tokenizer, model.vocab)[:num_items]
-        return evaluate_items(model.model_chunks, items, model.vocab, model.patcher,
-                              EVAL_MODES, batch_size=16)
+        accuracy = {}
+        for name, path in items_paths.items():
+            items = load_items(path, model.tokenizer, model.vocab)[:num_items]
+            scores = evaluate_items(model.model_chunks, items, model.vocab, model.patcher,
+                                    EVAL_MODES, batch_size=16)
+            accuracy.update({f"{name} {mode}": scores[mode] for mode in EVAL_MODES})
+        return accuracy
     finally:
         destroy_parallel()
 
 
 def format_table(reports: list[ModelReport]) -> str:
     header = ["model", "steps", "global pos.", "tokens", "train FLOPs", "train loss",
-              "valid loss", *(f"{mode} acc. [95% CI]" for mode in EVAL_MODES)]
+              "valid loss", *(f"{key} acc. [95% CI]" for key in _accuracy_keys())]
     rows = [header]
     for r in reports:
         accuracies = []
-        for mode in EVAL_MODES:
-            a = r.accuracy[mode]
+        for key in _accuracy_keys():
+            a = r.accuracy[key]
             accuracies.append(f"{100 * a['accuracy']:.1f}% [{100 * a['accuracy_ci_low']:.1f}, "
                               f"{100 * a['accuracy_ci_high']:.1f}]")
         rows.append([r.name, str(r.steps), f"{r.global_positions:,}", f"{r.tokens:,}",
@@ -146,6 +151,10 @@ def format_table(reports: list[ModelReport]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _accuracy_keys() -> list[str]:
+    return [f"{name} {mode}" for name in EVAL_SETS for mode in EVAL_MODES]
 
 
 def plot(reports: list[ModelReport], path: Path) -> None:
@@ -187,9 +196,9 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
         _stage(f"training {name} for {args.train_iters} steps ({MODELS[name].name})")
         train_args, result, seconds = train(
             name, training_flags(name, corpus, args.out_dir, args.train_iters, args.seed))
-        _stage(f"scoring {name} on {EVAL_SET} ({', '.join(EVAL_MODES)})")
-        accuracy = evaluate_checkpoint(save_dir, corpus.paths[f"eval_{EVAL_SET}"],
-                                       args.eval_items)
+        _stage(f"scoring {name} on {', '.join(EVAL_SETS)} ({', '.join(EVAL_MODES)})")
+        accuracy = evaluate_checkpoint(
+            save_dir, {s: corpus.paths[f"eval_{s}"] for s in EVAL_SETS}, args.eval_items)
         final = result.iteration
         reports.append(ModelReport(
             name=name, steps=final,
