@@ -1,6 +1,6 @@
 """Turn a training budget into steps for LST and its token baseline under each control mode.
 
-    python tools/plan_compute.py --budget-flops 1e21 --preset 1b \
+    python tools/plan_compute.py --budget-flops 1e21 --preset paper-1b \
         --seq-length 2048 --global-batch-size 256 --tokens-per-patch 3.1 --out plan.json
 
 prints, for each control mode (compute: equal steps of equal global positions, as in the paper;
@@ -18,8 +18,8 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from megatron_lst.models.config import (
     PRESETS,
@@ -168,7 +168,7 @@ def format_plan(computed: ComputePlan) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     for row in rows:
         lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths))))
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
     return "\n".join(lines)
 
 

@@ -181,10 +181,11 @@ def plot(reports: list[ModelReport], path: Path) -> None:
 def run(argv: list[str] | None = None) -> list[ModelReport]:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    from megatron_lst.demo_corpus.build import build_demo_corpus
+    from megatron_lst.demo_corpus.build import build_demo_corpus, format_summary
 
     _stage(f"demo corpus in {args.corpus_dir} (built once, then read from its cache)")
     corpus = build_demo_corpus(args.corpus_dir, seed=0, scale=args.corpus_scale)
+    print(format_summary(corpus.summary), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     reports = []

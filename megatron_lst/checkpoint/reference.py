@@ -1,13 +1,9 @@
 """The reference implementation's checkpoints (`neillu23/lst`, a BLT fork) <-> full state dicts.
 
 Import reads the reference's consolidated state dict and model arguments and maps them with
-`megatron_lst.models.reference_import` (names and layouts are documented there). Export is its
-exact inverse, tensor by tensor:
-
-- `linear_qkv = [wq; wk; wv]` (local) or megatron's grouped layout (global: per KV group the rows
-  of its query heads, then its key head, then its value head) -> `wq`, `wk`, `wv`;
-- SwiGLU `linear_fc1 = [w1; w3]` -> `w1`, `w3`; cross-attention `linear_kv = [wk; wv]` -> `wk`, `wv`;
-- norms, projections, the embedding and the (untied) output head are renamed only.
+`megatron_lst.models.reference_import`. Export is its exact inverse: each entry of the same
+table, `reference_tensor_map`, split back into the reference tensors it was combined from
+(names and layouts are documented there).
 
 RoPE needs no weight permutation: both sides rotate interleaved pairs. Every tensor is
 accounted for: a reference tensor the import does not map, or a model tensor the export does
@@ -28,6 +24,7 @@ from megatron_lst.models.reference_import import (
     ReferenceImportError,
     canonical_state_dict,
     lst_config_from_reference,
+    reference_tensor_map,
 )
 
 # The reference options `lst_config_from_reference` requires, for exports without base args.
@@ -94,73 +91,15 @@ def export_reference(state: dict[str, torch.Tensor], config: LSTConfig) -> dict[
     """A full state dict -> the reference's state dict (inverse of `import_reference`)."""
     ours = dict(state)
     out: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in ours:
-            raise ReferenceImportError(f"state dict has no tensor {name!r} to export")
-        return ours.pop(name)
-
-    def split_rows(name: str, parts: int) -> tuple[torch.Tensor, ...]:
-        return take(name).chunk(parts, dim=0)
-
-    def local_layers(src: str, dst: str, count: int) -> None:
-        for i in range(count):
-            s, d = f"{src}.layers.{i}", f"{dst}.layers.{i}"
-            wq, wk, wv = split_rows(f"{s}.self_attention.linear_qkv.weight", 3)
-            out.update({f"{d}.attention.wq.weight": wq, f"{d}.attention.wk.weight": wk,
-                        f"{d}.attention.wv.weight": wv})
-            out[f"{d}.attention.wo.weight"] = take(f"{s}.self_attention.linear_proj.weight")
-            w1, w3 = split_rows(f"{s}.mlp.linear_fc1.weight", 2)
-            out.update({f"{d}.feed_forward.w1.weight": w1, f"{d}.feed_forward.w3.weight": w3})
-            out[f"{d}.feed_forward.w2.weight"] = take(f"{s}.mlp.linear_fc2.weight")
-            out[f"{d}.attention_norm.weight"] = take(f"{s}.input_norm.weight")
-            out[f"{d}.ffn_norm.weight"] = take(f"{s}.pre_mlp_norm.weight")
-
-    def cross_layers(src: str, dst: str, count: int) -> None:
-        for i in range(count):
-            s, d = f"{src}.cross_attn_layers.{i}", f"{dst}.cross_attn_layers.{i}"
-            out[f"{d}.cross_attn_norm_q.weight"] = take(f"{s}.norm_q.weight")
-            out[f"{d}.cross_attn_norm_kv.weight"] = take(f"{s}.norm_kv.weight")
-            out[f"{d}.wq.weight"] = take(f"{s}.linear_q.weight")
-            out[f"{d}.wk.weight"], out[f"{d}.wv.weight"] = split_rows(f"{s}.linear_kv.weight", 2)
-            out[f"{d}.wo.weight"] = take(f"{s}.linear_proj.weight")
-
-    xattn, g = config.cross_attention, config.global_model
-    out["local_encoder.tok_embeddings.weight"] = take("token_encoder.embedding.weight")
-    local_layers("token_encoder", "local_encoder", config.encoder.num_layers)
-    out["local_encoder.patch_embedding_projection.weight"] = take("patch_encoder.patch_projection.weight")
-    cross_layers("patch_encoder", "local_encoder",
-                 config.encoder.num_layers if xattn.all_encoder_layers else 1)
-    if config.patch_width != g.hidden_size:
-        out["global_transformer.token_embedding_projection.weight"] = take("global_input_projection.weight")
-
-    head_dim = g.hidden_size // g.num_heads
-    groups = g.num_query_groups or g.num_heads
-    queries_per_group = g.num_heads // groups
-    for i in range(g.num_layers):
-        s, d = f"global_transformer.block.layers.{i}", f"global_transformer.layers.{i}"
-        qkv = take(f"{s}.self_attention.linear_qkv.weight").view(groups, -1, g.hidden_size)
-        wq, wk, wv = qkv.split([queries_per_group * head_dim, head_dim, head_dim], dim=1)
-        out[f"{d}.attention.wq.weight"] = wq.reshape(-1, g.hidden_size)  # [H*d, D]
-        out[f"{d}.attention.wk.weight"] = wk.reshape(-1, g.hidden_size)  # [G*d, D]
-        out[f"{d}.attention.wv.weight"] = wv.reshape(-1, g.hidden_size)
-        out[f"{d}.attention.wo.weight"] = take(f"{s}.self_attention.linear_proj.weight")
-        w1, w3 = split_rows(f"{s}.mlp.linear_fc1.weight", 2)
-        out.update({f"{d}.feed_forward.w1.weight": w1, f"{d}.feed_forward.w3.weight": w3})
-        out[f"{d}.feed_forward.w2.weight"] = take(f"{s}.mlp.linear_fc2.weight")
-        out[f"{d}.attention_norm.weight"] = take(f"{s}.input_layernorm.weight")
-        out[f"{d}.ffn_norm.weight"] = take(f"{s}.pre_mlp_layernorm.weight")
-
-    out["local_decoder.patch_embedding_projection.weight"] = take("local_decoder.patch_projection.weight")
-    cross_layers("local_decoder", "local_decoder",
-                 config.decoder.num_layers if xattn.all_decoder_layers else 1)
-    local_layers("local_decoder", "local_decoder", config.decoder.num_layers)
-    out["local_decoder.norm.weight"] = take("local_decoder.final_norm.weight")
-    out["local_decoder.output.weight"] = take("output_layer.weight")
+    for mapping in reference_tensor_map(config):
+        if mapping.ours not in ours:
+            raise ReferenceImportError(f"state dict has no tensor {mapping.ours!r} to export")
+        for name, tensor in zip(mapping.reference, mapping.split(ours.pop(mapping.ours)), strict=True):
+            out[name] = tensor.contiguous()
     if ours:
         raise ReferenceImportError(
             f"tensors with no place in the reference checkpoint: {sorted(ours)}")
-    return {name: tensor.contiguous() for name, tensor in out.items()}
+    return out
 
 
 def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -196,14 +196,21 @@ def _global(hidden: int, layers: int, heads: int, groups: int | None = None,
 def preset(name: str, vocab_size: int) -> LSTConfig:
     """A named model size. `vocab_size` comes from the joint vocabulary (`JointVocab.size`).
 
-    - "tiny":   CPU tests and the demo (global 64 x 2, local 32, k=2).
-    - "medium": CPU benchmarks; the configuration the reference was timed at (global 256 x 4 x 4
-                heads, local 128 with 1 encoder and 2 decoder layers, k=2, windows 512).
-    - "1b":     the paper's 1B (encoder 1 x 1024, global 25 x 2048 x 16 heads, decoder 9 x 1024,
-                windows 512, RoPE theta 5e5).
-    - "7b":     a 7B-class model: the reference's llama_7B global model (32 x 4096 x 32 heads,
-                RoPE theta 1e5) with the 1B's local models (1024 wide, 1 encoder and 9 decoder
-                layers) and k=4 slots, so a patch is 4 x 1024 = 4096 wide.
+    These are also the `--preset` model sizes of `lst-train` (megatron_lst.training.arguments).
+
+    - "tiny":     model and checkpoint tests (global 64 x 2, local 32 with 1 encoder and 2
+                  decoder layers, k=2, windows 512).
+    - "tiny-cpu": training tests and the CPU demo (global 64 x 2 x 4 heads with a SwiGLU width
+                  of 176, local 32 with 1 encoder and 1 decoder layer, k=2, cross-attention
+                  windows 16 patches, local windows 64 tokens, 64 positions).
+    - "medium":   CPU benchmarks; the configuration the reference was timed at (global 256 x 4 x
+                  4 heads, local 128 with 1 encoder and 2 decoder layers, k=2, windows 512).
+    - "paper-1b": the paper's 1B (encoder 1 x 1024, global 25 x 2048 x 16 heads, as the
+                  reference's apps/main/configs/llama_1B.yaml, decoder 9 x 1024, windows 512,
+                  RoPE theta 5e5).
+    - "7b":       a 7B-class model: the reference's llama_7B global model (32 x 4096 x 32 heads,
+                  RoPE theta 1e5) with the 1B's local models (1024 wide, 1 encoder and 9 decoder
+                  layers) and k=4 slots, so a patch is 4 x 1024 = 4096 wide.
     """
     if name == "tiny":
         return LSTConfig(
@@ -213,6 +220,17 @@ def preset(name: str, vocab_size: int) -> LSTConfig:
             decoder=_local(32, 2, 2, 512),
             cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=2),
         )
+    if name == "tiny-cpu":
+        return LSTConfig(
+            vocab_size=vocab_size,
+            global_model=_global(64, 2, 4, multiple_of=16),
+            encoder=_local(32, 1, 2, 64),
+            decoder=_local(32, 1, 2, 64),
+            cross_attention=CrossAttentionConfig(
+                slots_per_patch=2, num_heads=2, encoder_window=16, decoder_window=16
+            ),
+            max_sequence_length=64,
+        )
     if name == "medium":
         return LSTConfig(
             vocab_size=vocab_size,
@@ -221,7 +239,7 @@ def preset(name: str, vocab_size: int) -> LSTConfig:
             decoder=_local(128, 2, 4, 512),
             cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=4),
         )
-    if name == "1b":
+    if name == "paper-1b":
         return LSTConfig(
             vocab_size=vocab_size,
             global_model=_global(2048, 25, 16),
@@ -242,7 +260,7 @@ def preset(name: str, vocab_size: int) -> LSTConfig:
     raise ModelConfigError(f"unknown model preset {name!r}; choose one of {PRESETS}")
 
 
-PRESETS = ("tiny", "medium", "1b", "7b")
+PRESETS = ("tiny", "tiny-cpu", "medium", "paper-1b", "7b")
 
 
 def with_windows(config: LSTConfig, token_window: int, patch_window: int) -> LSTConfig:

@@ -2,7 +2,9 @@
 
 Two steps:
 1. `canonical_state_dict`: reference names and layouts -> this package's names for an unsharded
-   model (TP=1, PP=1, megatron's local spec), e.g. `wq/wk/wv` -> a fused `linear_qkv`.
+   model (TP=1, PP=1, megatron's local spec), e.g. `wq/wk/wv` -> a fused `linear_qkv`. The one
+   table `reference_tensor_map` states this mapping; the export
+   (`megatron_lst.checkpoint.reference.export_reference`) splits by the same table.
 2. `shard_for_model`: canonical tensors -> the state dict of one rank's `LSTModel`, whatever its
    tensor-parallel rank, pipeline stage or global-block spec (local or Transformer Engine names).
 
@@ -20,6 +22,7 @@ Layouts (reference -> ours):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -93,84 +96,136 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     )
 
 
-GLOBAL_LAYER_TENSORS = (
-    "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
-    "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight",
-    "attention_norm.weight", "ffn_norm.weight",
+@dataclasses.dataclass(frozen=True)
+class TensorMapping:
+    """One of our unsharded tensors and the reference tensors it is made of.
+
+    One reference tensor is copied. Several are stacked by rows: their rows are cut into `groups`
+    equal blocks and, for each group in turn, that block of every part in order is emitted. With
+    one group this is plain concatenation `[a; b; c]`; the global block's grouped-query QKV uses
+    one group per KV head (its query heads, then its key head, then its value head).
+    `row_shares` are the parts' relative row counts within a group (equal when empty); `split`
+    needs them to cut the stacked tensor back into the parts.
+    """
+
+    ours: str
+    reference: tuple[str, ...]
+    groups: int = 1
+    row_shares: tuple[int, ...] = ()
+
+    def combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Our tensor from the reference tensors, given in the order of `reference`."""
+        if len(parts) == 1:
+            return parts[0]
+        blocks = [part.unflatten(0, (self.groups, -1)) for part in parts]  # [G, rows/G, ...]
+        return torch.cat(blocks, dim=1).flatten(0, 1)
+
+    def split(self, ours: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The reference tensors, in the order of `reference`, from ours (inverse of `combine`)."""
+        if len(self.reference) == 1:
+            return (ours,)
+        shares = self.row_shares or (1,) * len(self.reference)
+        grouped = ours.unflatten(0, (self.groups, -1))  # [G, rows/G, ...]
+        unit = grouped.shape[1] // sum(shares)
+        parts = grouped.split([share * unit for share in shares], dim=1)
+        return tuple(part.flatten(0, 1) for part in parts)
+
+
+def _transformer_layer(ours: str, ref: str, norms: tuple[str, str], qkv_groups: int = 1,
+                       queries_per_group: int = 1) -> list[TensorMapping]:
+    """A self-attention + SwiGLU layer. `ours`/`ref`: the layer's name prefixes, trailing dot
+    included; `norms`: our names of its attention and FFN pre-norms; the fused QKV stacks
+    `qkv_groups` groups of `queries_per_group` query heads, one key head and one value head
+    (one group: plain `[wq; wk; wv]`)."""
+    return [
+        TensorMapping(f"{ours}self_attention.linear_qkv.weight",
+                      tuple(f"{ref}attention.{w}.weight" for w in ("wq", "wk", "wv")),
+                      qkv_groups, (queries_per_group, 1, 1)),
+        TensorMapping(f"{ours}self_attention.linear_proj.weight", (f"{ref}attention.wo.weight",)),
+        TensorMapping(f"{ours}mlp.linear_fc1.weight",
+                      (f"{ref}feed_forward.w1.weight", f"{ref}feed_forward.w3.weight")),
+        TensorMapping(f"{ours}mlp.linear_fc2.weight", (f"{ref}feed_forward.w2.weight",)),
+        TensorMapping(f"{ours}{norms[0]}.weight", (f"{ref}attention_norm.weight",)),
+        TensorMapping(f"{ours}{norms[1]}.weight", (f"{ref}ffn_norm.weight",)),
+    ]
+
+
+_GLOBAL_NORMS = ("input_layernorm", "pre_mlp_layernorm")  # megatron's local-spec names
+
+
+def _global_layer(ours: str, ref: str, g: GlobalModelConfig) -> list[TensorMapping]:
+    groups = g.num_query_groups or g.num_heads
+    return _transformer_layer(ours, ref, _GLOBAL_NORMS, groups, g.num_heads // groups)
+
+
+def _local_layers(ours: str, ref: str, count: int) -> list[TensorMapping]:
+    return [mapping for i in range(count) for mapping in
+            _transformer_layer(f"{ours}.layers.{i}.", f"{ref}.layers.{i}.", ("input_norm", "pre_mlp_norm"))]
+
+
+def _cross_attention_layers(ours: str, ref: str, count: int) -> list[TensorMapping]:
+    mappings = []
+    for i in range(count):
+        o, r = f"{ours}.cross_attn_layers.{i}", f"{ref}.cross_attn_layers.{i}"
+        mappings += [
+            TensorMapping(f"{o}.norm_q.weight", (f"{r}.cross_attn_norm_q.weight",)),
+            TensorMapping(f"{o}.norm_kv.weight", (f"{r}.cross_attn_norm_kv.weight",)),
+            TensorMapping(f"{o}.linear_q.weight", (f"{r}.wq.weight",)),
+            TensorMapping(f"{o}.linear_kv.weight", (f"{r}.wk.weight", f"{r}.wv.weight")),
+            TensorMapping(f"{o}.linear_proj.weight", (f"{r}.wo.weight",)),
+        ]
+    return mappings
+
+
+def reference_tensor_map(config: LSTConfig) -> list[TensorMapping]:
+    """Every tensor of an unsharded `LSTModel` (TP=1, PP=1, local spec) with the reference tensors
+    it is made of, in the reference's module order. Import combines, export splits."""
+    xattn, g = config.cross_attention, config.global_model
+    mappings = [TensorMapping("token_encoder.embedding.weight", ("local_encoder.tok_embeddings.weight",))]
+    mappings += _local_layers("token_encoder", "local_encoder", config.encoder.num_layers)
+    mappings.append(TensorMapping("patch_encoder.patch_projection.weight",
+                                  ("local_encoder.patch_embedding_projection.weight",)))
+    mappings += _cross_attention_layers("patch_encoder", "local_encoder",
+                                        config.encoder.num_layers if xattn.all_encoder_layers else 1)
+    if config.patch_width != g.hidden_size:
+        mappings.append(TensorMapping("global_input_projection.weight",
+                                      ("global_transformer.token_embedding_projection.weight",)))
+    for i in range(g.num_layers):
+        mappings += _global_layer(f"global_transformer.block.layers.{i}.", f"global_transformer.layers.{i}.", g)
+    mappings.append(TensorMapping("local_decoder.patch_projection.weight",
+                                  ("local_decoder.patch_embedding_projection.weight",)))
+    mappings += _cross_attention_layers("local_decoder", "local_decoder",
+                                        config.decoder.num_layers if xattn.all_decoder_layers else 1)
+    mappings += _local_layers("local_decoder", "local_decoder", config.decoder.num_layers)
+    mappings += [
+        TensorMapping("local_decoder.final_norm.weight", ("local_decoder.norm.weight",)),
+        TensorMapping("output_layer.weight", ("local_decoder.output.weight",)),
+    ]
+    return mappings
+
+
+# Reference names of one global layer's tensors, relative to `global_transformer.layers.{i}.`.
+GLOBAL_LAYER_TENSORS = tuple(
+    name for mapping in _transformer_layer("", "", _GLOBAL_NORMS) for name in mapping.reference
 )
 
 
 def global_layer_to_megatron(layer: dict[str, torch.Tensor], g: GlobalModelConfig) -> dict[str, torch.Tensor]:
     """One reference global layer (keys `GLOBAL_LAYER_TENSORS`) -> megatron layer tensors (keys
     relative to `layers.{i}.`, local-spec names, unsharded)."""
-    head_dim = g.hidden_size // g.num_heads
-    groups = g.num_query_groups or g.num_heads
-    wq = layer["attention.wq.weight"].view(groups, -1, g.hidden_size)  # [G, (H/G)*d, D]
-    wk = layer["attention.wk.weight"].view(groups, head_dim, g.hidden_size)  # [G, d, D]
-    wv = layer["attention.wv.weight"].view(groups, head_dim, g.hidden_size)
-    return {
-        "self_attention.linear_qkv.weight": torch.cat([wq, wk, wv], dim=1).flatten(0, 1),
-        "self_attention.linear_proj.weight": layer["attention.wo.weight"],
-        "mlp.linear_fc1.weight": torch.cat(
-            [layer["feed_forward.w1.weight"], layer["feed_forward.w3.weight"]]),
-        "mlp.linear_fc2.weight": layer["feed_forward.w2.weight"],
-        "input_layernorm.weight": layer["attention_norm.weight"],
-        "pre_mlp_layernorm.weight": layer["ffn_norm.weight"],
-    }
+    return {mapping.ours: mapping.combine([layer[name] for name in mapping.reference])
+            for mapping in _global_layer("", "", g)}
 
 
 def canonical_state_dict(reference: dict[str, torch.Tensor], config: LSTConfig) -> dict[str, torch.Tensor]:
-    """Reference state dict -> unsharded `LSTModel` names and layouts (see module docstring)."""
+    """Reference state dict -> unsharded `LSTModel` names and layouts (`reference_tensor_map`)."""
     ref = dict(reference)
     out: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in ref:
-            raise ReferenceImportError(f"reference checkpoint has no tensor {name!r}")
-        return ref.pop(name)
-
-    def local_layers(src: str, dst: str, count: int) -> None:
-        for i in range(count):
-            s, d = f"{src}.layers.{i}", f"{dst}.layers.{i}"
-            out[f"{d}.self_attention.linear_qkv.weight"] = torch.cat(
-                [take(f"{s}.attention.{w}.weight") for w in ("wq", "wk", "wv")])
-            out[f"{d}.self_attention.linear_proj.weight"] = take(f"{s}.attention.wo.weight")
-            out[f"{d}.mlp.linear_fc1.weight"] = torch.cat(
-                [take(f"{s}.feed_forward.w1.weight"), take(f"{s}.feed_forward.w3.weight")])
-            out[f"{d}.mlp.linear_fc2.weight"] = take(f"{s}.feed_forward.w2.weight")
-            out[f"{d}.input_norm.weight"] = take(f"{s}.attention_norm.weight")
-            out[f"{d}.pre_mlp_norm.weight"] = take(f"{s}.ffn_norm.weight")
-
-    def cross_layers(src: str, dst: str, count: int) -> None:
-        for i in range(count):
-            s, d = f"{src}.cross_attn_layers.{i}", f"{dst}.cross_attn_layers.{i}"
-            out[f"{d}.norm_q.weight"] = take(f"{s}.cross_attn_norm_q.weight")
-            out[f"{d}.norm_kv.weight"] = take(f"{s}.cross_attn_norm_kv.weight")
-            out[f"{d}.linear_q.weight"] = take(f"{s}.wq.weight")
-            out[f"{d}.linear_kv.weight"] = torch.cat([take(f"{s}.wk.weight"), take(f"{s}.wv.weight")])
-            out[f"{d}.linear_proj.weight"] = take(f"{s}.wo.weight")
-
-    xattn = config.cross_attention
-    out["token_encoder.embedding.weight"] = take("local_encoder.tok_embeddings.weight")
-    local_layers("local_encoder", "token_encoder", config.encoder.num_layers)
-    out["patch_encoder.patch_projection.weight"] = take("local_encoder.patch_embedding_projection.weight")
-    cross_layers("local_encoder", "patch_encoder",
-                 config.encoder.num_layers if xattn.all_encoder_layers else 1)
-    if config.patch_width != config.global_model.hidden_size:
-        out["global_input_projection.weight"] = take("global_transformer.token_embedding_projection.weight")
-
-    for i in range(config.global_model.num_layers):
-        prefix = f"global_transformer.layers.{i}."
-        layer = {name: take(prefix + name) for name in GLOBAL_LAYER_TENSORS}
-        for suffix, tensor in global_layer_to_megatron(layer, config.global_model).items():
-            out[f"global_transformer.block.layers.{i}.{suffix}"] = tensor
-
-    out["local_decoder.patch_projection.weight"] = take("local_decoder.patch_embedding_projection.weight")
-    cross_layers("local_decoder", "local_decoder",
-                 config.decoder.num_layers if xattn.all_decoder_layers else 1)
-    local_layers("local_decoder", "local_decoder", config.decoder.num_layers)
-    out["local_decoder.final_norm.weight"] = take("local_decoder.norm.weight")
-    out["output_layer.weight"] = take("local_decoder.output.weight")
+    for mapping in reference_tensor_map(config):
+        missing = [name for name in mapping.reference if name not in ref]
+        if missing:
+            raise ReferenceImportError(f"reference checkpoint has no tensor {missing[0]!r}")
+        out[mapping.ours] = mapping.combine([ref.pop(name) for name in mapping.reference])
     if ref:
         raise ReferenceImportError(f"reference tensors left unmapped: {sorted(ref)}")
     return out

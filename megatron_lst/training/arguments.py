@@ -27,38 +27,9 @@ logger = logging.getLogger(__name__)
 # The modes of megatron_lst.patching, spelled out so that parsing flags does not import torch.
 PATCHING_MODES = ("none", "static", "aligned", "mixed", "curriculum")
 
-# Model sizes by name: flag destinations -> values. `tiny-cpu` is for tests and the CPU demo.
-# `paper-1b`: the LST paper's 1B setting (global 25 layers of 2048 with 16 heads, as the reference's
-# apps/main/configs/llama_1B.yaml; local encoder 1 layer and decoder 9 layers of 1024; windows of
-# 512; RoPE theta 5e5). `7b`: the reference's llama_7B.yaml global model (32 x 4096, 32 heads,
-# RoPE theta 1e5) with the same local models. FFN sizes follow the SwiGLU rule
-# 256 * ceil(int(8 * dim / 3) / 256).
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny-cpu": dict(
-        num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
-        num_query_groups=None, max_position_embeddings=64, rotary_base=10000,
-        local_encoder_layers=1, local_encoder_hidden_size=32, local_encoder_heads=2,
-        local_decoder_layers=1, local_decoder_hidden_size=32, local_decoder_heads=2,
-        cross_attn_k=2, cross_attn_heads=2, cross_attn_window_encoder=16,
-        cross_attn_window_decoder=16, local_attention_window=64,
-    ),
-    "paper-1b": dict(
-        num_layers=25, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=16,
-        num_query_groups=None, max_position_embeddings=4096, rotary_base=500000,
-        local_encoder_layers=1, local_encoder_hidden_size=1024, local_encoder_heads=16,
-        local_decoder_layers=9, local_decoder_hidden_size=1024, local_decoder_heads=16,
-        cross_attn_k=2, cross_attn_heads=16, cross_attn_window_encoder=512,
-        cross_attn_window_decoder=512, local_attention_window=512,
-    ),
-    "7b": dict(
-        num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
-        num_query_groups=None, max_position_embeddings=4096, rotary_base=100000,
-        local_encoder_layers=1, local_encoder_hidden_size=1024, local_encoder_heads=16,
-        local_decoder_layers=9, local_decoder_hidden_size=1024, local_decoder_heads=16,
-        cross_attn_k=4, cross_attn_heads=16, cross_attn_window_encoder=512,
-        cross_attn_window_decoder=512, local_attention_window=512,
-    ),
-}
+# The names of megatron_lst.models.config.PRESETS, spelled out so that building the parser does not
+# import torch; `preset_defaults` reads the sizes themselves from there.
+PRESET_NAMES = ("tiny", "tiny-cpu", "medium", "paper-1b", "7b")
 
 
 class ArgumentError(ValueError):
@@ -93,7 +64,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", type=str, default=None,
                        help="YAML file of flag values (keys are flag names without the leading "
                             "dashes); command-line flags override it.")
-    group.add_argument("--preset", type=str, default=None, choices=sorted(MODEL_PRESETS),
+    group.add_argument("--preset", type=str, default=None, choices=PRESET_NAMES,
                        help="Named model size; its sizes are defaults that --config and the "
                             "command line override.")
 
@@ -264,9 +235,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ArgumentError(str(err)) from None
     preset_name = pre.preset if pre.preset is not None else config_dests.get("preset")
     if preset_name is not None:  # a known name: the flag's choices were checked above
-        parser.set_defaults(**MODEL_PRESETS[preset_name])
+        parser.set_defaults(**preset_defaults(preset_name))
     parser.set_defaults(**config_dests)
     return parser.parse_args(argv)
+
+
+def preset_defaults(name: str) -> dict[str, Any]:
+    """Flag defaults (destination -> value) of the model preset `name` of models.config.
+
+    `model_provider.lst_config_from_args` turns these flags back into the preset's LSTConfig:
+    local FFN widths follow the SwiGLU rule there, and --max-tokens, not --max-position-embeddings,
+    sets an LST model's `max_sequence_length`.
+    """
+    from megatron_lst.models.config import preset
+
+    config = preset(name, vocab_size=1)  # sizes do not depend on the vocabulary
+    g, encoder, decoder, cross = (config.global_model, config.encoder, config.decoder,
+                                  config.cross_attention)
+    return dict(
+        num_layers=g.num_layers, hidden_size=g.hidden_size, ffn_hidden_size=g.ffn_hidden_size,
+        num_attention_heads=g.num_heads, num_query_groups=g.num_query_groups,
+        max_position_embeddings=config.max_sequence_length, rotary_base=int(config.rope_theta),
+        norm_epsilon=config.norm_eps, init_method_std=config.init_std,
+        local_encoder_layers=encoder.num_layers, local_encoder_hidden_size=encoder.hidden_size,
+        local_encoder_heads=encoder.num_heads,
+        local_decoder_layers=decoder.num_layers, local_decoder_hidden_size=decoder.hidden_size,
+        local_decoder_heads=decoder.num_heads,
+        cross_attn_k=cross.slots_per_patch, cross_attn_heads=cross.num_heads,
+        cross_attn_window_encoder=cross.encoder_window,
+        cross_attn_window_decoder=cross.decoder_window,
+        local_attention_window=encoder.window,
+    )
 
 
 # --- validation -------------------------------------------------------------------------

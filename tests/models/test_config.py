@@ -21,7 +21,7 @@ def test_swiglu_width_follows_reference_rule(hidden, expected):
 
 
 def test_paper_1b_preset():
-    config = preset("1b", vocab_size=32508)
+    config = preset("paper-1b", vocab_size=32508)
     g = config.global_model
     assert (g.num_layers, g.hidden_size, g.num_heads) == (25, 2048, 16)
     assert (config.encoder.num_layers, config.encoder.hidden_size) == (1, 1024)

@@ -1,5 +1,6 @@
 """lst-train flags: Megatron names, preset < YAML < command line, and up-front validation."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,7 @@ def test_precedence_is_preset_then_yaml_then_command_line(tmp_path):
     args = parse_args(["--config", config, "--num-layers", "6"])
     assert args.num_layers == 6  # command line beats YAML
     assert args.hidden_size == 96  # YAML beats preset
-    assert args.num_attention_heads == arguments.MODEL_PRESETS["tiny-cpu"]["num_attention_heads"]
+    assert args.num_attention_heads == 4  # from the preset
     assert args.lr == 3e-4  # PyYAML reads 3e-4 as a string; the flag's type converts it
     assert parse_args(["--config", config, "--preset", "paper-1b"]).num_attention_heads == 16
 
@@ -238,25 +239,29 @@ def test_shipped_configs_cover_the_paper_runs():
     assert paper.rotary_base == 500000 and paper.patching_mode == "curriculum"
 
 
-@pytest.mark.parametrize("flag_preset, model_preset", [("paper-1b", "1b"), ("7b", "7b")])
-def test_size_presets_agree_with_the_model_presets(flag_preset, model_preset):
-    from megatron_lst.models.config import preset
+def test_preset_names_are_the_model_presets():
+    from megatron_lst.models.config import PRESETS
 
-    config = preset(model_preset, vocab_size=1024)  # sizes do not depend on the vocabulary
-    g, enc, dec, cross = config.global_model, config.encoder, config.decoder, config.cross_attention
-    from_model = dict(
-        num_layers=g.num_layers, hidden_size=g.hidden_size, ffn_hidden_size=g.ffn_hidden_size,
-        num_attention_heads=g.num_heads, num_query_groups=g.num_query_groups,
-        rotary_base=config.rope_theta,
-        local_encoder_layers=enc.num_layers, local_encoder_hidden_size=enc.hidden_size,
-        local_encoder_heads=enc.num_heads, local_decoder_layers=dec.num_layers,
-        local_decoder_hidden_size=dec.hidden_size, local_decoder_heads=dec.num_heads,
-        cross_attn_k=cross.slots_per_patch, cross_attn_heads=cross.num_heads,
-        cross_attn_window_encoder=cross.encoder_window,
-        cross_attn_window_decoder=cross.decoder_window, local_attention_window=enc.window,
-    )
-    flags = arguments.MODEL_PRESETS[flag_preset]
-    assert {key: flags[key] for key in from_model} == from_model
+    assert arguments.PRESET_NAMES == PRESETS
+
+
+@pytest.mark.parametrize("name", arguments.PRESET_NAMES)
+def test_preset_flags_build_the_preset_model(name):
+    from megatron_lst.models.config import preset
+    from megatron_lst.training.model_provider import lst_config_from_args
+
+    config = preset(name, vocab_size=1020)
+    g = config.global_model
+    # validate_args spells "one key/value head per query head" (None in the preset) as the count.
+    config = dataclasses.replace(config, global_model=dataclasses.replace(
+        g, num_query_groups=g.num_query_groups or g.num_heads))
+    run = ["--preset", name, "--seq-length", "8", "--train-iters", "1", "--lr", "1e-3"]
+    lst = validate_args(parse_args([*run, "--patching-mode", "static",
+                                    "--max-tokens", str(config.max_sequence_length)]), 1)
+    assert lst_config_from_args(lst, vocab_size=1020) == config
+    baseline = lst_config_from_args(validate_args(parse_args(run), 1), vocab_size=1020)
+    assert (baseline.global_model, baseline.rope_theta, baseline.max_sequence_length) == \
+        (config.global_model, config.rope_theta, config.max_sequence_length)
 
 
 @pytest.mark.parametrize("data_path", [["a"], ["0.7", "a", "0.3", "b"], ["1", "a", "0", "b"]])

@@ -107,8 +107,8 @@ def test_bad_budgets_and_arguments_are_rejected():
         plan(Budget(steps=1), LST, BASELINE, "tokens", STEP)
 
 
-def test_model_shape_from_the_1b_preset():
-    shape = ModelShape.from_model_config(preset("1b", vocab_size=32508))
+def test_model_shape_from_the_paper_1b_preset():
+    shape = ModelShape.from_model_config(preset("paper-1b", vocab_size=32508))
     assert shape.global_stack == StackShape(dim=2048, layers=25, heads=16, ffn_hidden=5632)
     assert shape.encoder == StackShape(dim=1024, layers=1, heads=16, ffn_hidden=2816, window=512)
     assert shape.decoder.layers == 9 and shape.cross_attn_k == 2 and not shape.needs_global_projection
