@@ -1,7 +1,7 @@
 """`make demo`: a tiny LST and its token baseline trained at equal compute on CPU, then compared.
 
     python examples/demo/run_demo.py [--out-dir runs/demo] [--corpus-dir data_cache/demo]
-                                     [--train-iters 1200] [--eval-items 300]
+                                     [--train-iters 3600] [--eval-items 300]
 
 1. builds the offline demo corpus (cached under --corpus-dir: a re-run reads it back);
 2. trains the tiny LST (curriculum patching) and the tiny token baseline with
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "runs" / "demo")
     parser.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data_cache" / "demo")
     parser.add_argument("--corpus-scale", type=float, default=1.0)
-    parser.add_argument("--train-iters", type=int, default=1200)
+    parser.add_argument("--train-iters", type=int, default=3600)
     parser.add_argument("--eval-items", type=int, default=300,
                         help="story-completion items scored per mode (at most the set's size)")
     parser.add_argument("--seed", type=int, default=1234)
