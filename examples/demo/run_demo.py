@@ -170,7 +170,7 @@ def plot(reports: list[ModelReport], path: Path) -> None:
                   [report.valid_curve[i] for i in iterations], marker="o", label=report.name)
     axes.set_xlabel("cumulative model training FLOPs")
     axes.set_ylabel("validation loss (nats / token, own rows)")
-    axes.set_title("Tiny LST vs token baseline at equal compute (CPU demo)")
+    axes.set_title("Tiny LST vs token baseline, equal steps x global positions (CPU demo)")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
