@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(PY) examples/demo/run_demo.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check megatron_lst kernels tools tests examples
+	$(PY) -m ruff check megatron_lst kernels tools tests examples pretrain_lst.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -124,7 +124,7 @@ class JointVocab:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "JointVocab":
+    def from_dict(cls, d: dict) -> JointVocab:
         vocab = cls(d["text_size"], d["num_units"], d["pad_id"], d["bos_id"], d["eos_id"])
         if "size" in d:
             vocab.check_matches(d["size"], "this manifest")

@@ -169,7 +169,7 @@ class ModelShape:
                 raise ValueError(f"ModelShape.{name} = {getattr(self, name)}; it must be >= 1")
 
     @classmethod
-    def from_model_config(cls, config: LSTConfig) -> "ModelShape":
+    def from_model_config(cls, config: LSTConfig) -> ModelShape:
         """The LST shape of a model config (`.baseline_of()` gives its token baseline)."""
         g, xattn = config.global_model, config.cross_attention
         return cls(
@@ -188,11 +188,11 @@ class ModelShape:
         )
 
     @classmethod
-    def baseline(cls, vocab_size: int, global_stack: StackShape) -> "ModelShape":
+    def baseline(cls, vocab_size: int, global_stack: StackShape) -> ModelShape:
         """The plain token-level transformer: embedding, `global_stack` over tokens, head."""
         return cls(vocab_size=vocab_size, global_stack=global_stack)
 
-    def baseline_of(self) -> "ModelShape":
+    def baseline_of(self) -> ModelShape:
         """The baseline with this model's global width and depth and vocabulary."""
         return ModelShape.baseline(self.vocab_size, self.global_stack)
 
@@ -239,12 +239,12 @@ class FlopBreakdown:
     def total(self) -> float:
         return self.encoder + self.global_ + self.decoder + self.cross_attention + self.head
 
-    def __add__(self, other: "FlopBreakdown") -> "FlopBreakdown":
+    def __add__(self, other: FlopBreakdown) -> FlopBreakdown:
         return FlopBreakdown(
             *(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self))
         )
 
-    def scaled(self, factor: float) -> "FlopBreakdown":
+    def scaled(self, factor: float) -> FlopBreakdown:
         return FlopBreakdown(*(getattr(self, f.name) * factor for f in dataclasses.fields(self)))
 
     def as_dict(self) -> dict[str, float]:
