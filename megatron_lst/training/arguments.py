@@ -18,6 +18,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from megatron_lst.training import config_files
@@ -484,6 +485,12 @@ def _validate_training(args: argparse.Namespace) -> None:
             raise ArgumentError(f"{_flag(dest)} must be in [0, 1), got {getattr(args, dest)}")
     if args.data_path is not None:
         _check_data_path(args.data_path)
+    if args.eval_data is not None:
+        if not Path(args.eval_data).is_file():
+            raise ArgumentError(f"--eval-data {args.eval_data} is not a file (story-completion "
+                                "items as JSONL, DESIGN.md section 10)")
+        if args.tokenizer_model is None:
+            raise ArgumentError("--eval-data needs --tokenizer-model to tokenize the items' text")
 
 
 def _check_data_path(data_path: Sequence[str]) -> None:

@@ -120,11 +120,20 @@ class RunDatasets:
 
 
 def _space_id(args: argparse.Namespace, stores: list[DocumentStore]) -> int | None:
-    """The tokenizer's word-boundary piece, which interleaving puts after a text run."""
+    """The tokenizer's word-boundary piece, which interleaving puts after a text run: from
+    `--tokenizer-model` when given (checked against every store), else as the stores' manifests
+    recorded it (tools/preprocess_data.py writes it there)."""
     if args.tokenizer_model is None:
-        logger.warning("no --tokenizer-model: text runs are interleaved without the trailing "
-                       "word-boundary piece the reference puts before a mode switch")
-        return None
+        recorded = {store.manifest.tokenizer.space_id for store in stores}
+        if len(recorded) > 1:
+            raise ValueError(
+                f"the --data-path datasets record different word-boundary pieces {sorted(recorded, key=str)}: "
+                "they were made with different tokenizers; preprocess them with one tokenizer")
+        space_id = recorded.pop()
+        if space_id is None:
+            logger.warning("the datasets record no word-boundary piece: text runs are interleaved "
+                           "without the trailing piece the reference puts before a mode switch")
+        return space_id
     from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 
     tokenizer = load_text_tokenizer(args.tokenizer_model)

@@ -29,10 +29,12 @@ resumes at `consumed_samples`, so a resumed run sees exactly the rows, and the p
 uninterrupted one.
 
 Evaluation, saving, metrics: every `--eval-interval` iterations and after the last one, the loss
-on the validation rows (the same rows each time, see `data_provider`); a checkpoint to `--save`
+on the validation rows (the same rows each time, see `data_provider`) and, with `--eval-data`,
+story-completion accuracy (`story_eval`); a checkpoint to `--save`
 every `--save-interval` iterations and after the last one; with `--save`, one JSON line per
 iteration in `<save>/metrics.jsonl` (iteration, consumed samples, cumulative tokens and model
-FLOPs, global positions, training loss, learning rate, step time, validation loss where measured).
+FLOPs, global positions, training loss, learning rate, step time, validation loss and story
+accuracy where measured).
 
 Stopping early: SIGTERM (preemption) or SIGUSR1 (SLURM's `--signal=USR1@120` before the wall)
 make the loop finish the current iteration, save a checkpoint to `--save`, and return with
@@ -69,6 +71,7 @@ from megatron_lst.training.data_provider import RunDatasets, build_datasets, bui
 from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_batch
 from megatron_lst.training.model_provider import build_model_chunks
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
+from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
 from megatron_lst.training.train_logging import build_training_logger, check_loss_finite
 
 logger = logging.getLogger(__name__)
@@ -139,6 +142,8 @@ class TrainingResult:
     """Training loss of every iteration this run trained, by iteration (1-based)."""
     eval_losses: dict[int, float] = field(default_factory=dict)
     """Validation loss by the iteration it was measured after."""
+    story_accuracy: dict[int, dict[str, dict]] = field(default_factory=dict)
+    """`--eval-data` story-completion results by iteration (per mode, see `evaluate_items`)."""
     flops: dict[int, float] = field(default_factory=dict)
     """Cumulative model training FLOPs after each iteration (resumed runs continue the count)."""
     tokens: int = 0
@@ -402,6 +407,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None) -
         stream=stream)
     metrics = MetricsFile(Path(args.save) / METRICS_FILENAME
                           if args.save is not None and is_logging_rank else None)
+    story_eval = StoryCompletionEval.from_args(args, state.vocab)
     for chunk in state.model:
         chunk.train()
     try:
@@ -412,11 +418,16 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None) -
                 state.consumed_samples += args.global_batch_size
                 _record_step(state, step, result, training_logger)
                 last = state.iteration == args.train_iters
-                if datasets.valid is not None and (state.iteration % args.eval_interval == 0
-                                                   or last):
+                evaluating = state.iteration % args.eval_interval == 0 or last
+                if datasets.valid is not None and evaluating:
                     result.eval_losses[state.iteration] = _evaluate_and_print(state,
                                                                              datasets.valid)
-                metrics.write(state, step, result.eval_losses.get(state.iteration))
+                if story_eval is not None and evaluating:
+                    accuracy = story_eval.run(state.model, state.vocab)
+                    _print_last_rank(format_accuracy(state.iteration, accuracy))
+                    result.story_accuracy[state.iteration] = accuracy
+                metrics.write(state, step, result.eval_losses.get(state.iteration),
+                              result.story_accuracy.get(state.iteration))
                 stopping = stop.requested()
                 if args.save is not None and (stopping or last or (
                         args.save_interval and state.iteration % args.save_interval == 0)):
@@ -459,7 +470,8 @@ class MetricsFile:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8")
 
-    def write(self, state: TrainingState, step: StepResult, valid_loss: float | None) -> None:
+    def write(self, state: TrainingState, step: StepResult, valid_loss: float | None,
+              story_accuracy: dict[str, dict] | None = None) -> None:
         if self._file is None:
             return
         record = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
@@ -469,6 +481,8 @@ class MetricsFile:
                   "step_seconds": step.seconds}
         if valid_loss is not None:
             record["valid_loss"] = valid_loss
+        if story_accuracy is not None:
+            record["story_accuracy"] = {mode: r["accuracy"] for mode, r in story_accuracy.items()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lst.training.arguments import parse_args, validate_args
+from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.data_provider import PretrainingBatchSampler, split_bounds
 from megatron_lst.training.model_provider import lst_config_from_args
 from training.training_cases import tiny_flags, write_corpus
@@ -97,6 +97,41 @@ def test_iteration_loss_and_gradient_are_the_token_mean_over_the_global_batch(tm
             torch.testing.assert_close(param.main_grad, grad, rtol=1e-4, atol=1e-7)
     finally:
         destroy_parallel()
+
+
+# --- story-completion evaluation during training -----------------------------------------
+
+def test_eval_data_logs_story_accuracy_at_every_eval_interval(tmp_path, capsys):
+    import json
+
+    from evaluation.eval_cases import random_records, tokenizer
+
+    from megatron_lst.training.loop import pretrain
+
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(r) + "\n" for r in random_records(0, 6)))
+    flags = tiny_flags(write_corpus(tmp_path, tokenizer())) + [
+        "--train-iters", "2", "--eval-interval", "1", "--tokenizer-model", str(tokenizer().path),
+        "--eval-data", str(items), "--save", str(tmp_path / "ckpt"), "--save-interval", "2"]
+    result = pretrain(validate_args(parse_args(flags), 1))
+
+    assert sorted(result.story_accuracy) == [1, 2]
+    for accuracy in result.story_accuracy.values():
+        assert set(accuracy) == {"S->S", "T->T"}
+        for mode in accuracy.values():
+            assert mode["num_items"] == 6
+            assert mode["accuracy_ci_low"] <= mode["accuracy"] <= mode["accuracy_ci_high"]
+    assert "story completion at iteration 2 | S->S accuracy" in capsys.readouterr().out
+    logged = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").open()]
+    assert [sorted(r["story_accuracy"]) for r in logged] == [["S->S", "T->T"]] * 2
+
+
+def test_eval_data_needs_a_tokenizer(tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text("{}\n")
+    with pytest.raises(ArgumentError, match="--eval-data needs --tokenizer-model"):
+        validate_args(parse_args(tiny_flags(write_corpus(tmp_path)) + [
+            "--train-iters", "2", "--eval-data", str(items)]), 1)
 
 
 # --- pretrain_lst.py as a command --------------------------------------------------------

@@ -13,10 +13,13 @@ from data.document_cases import VOCAB, random_aligned_document
 
 from megatron_lst.data.indexed import DocumentWriter
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
+from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, joint_vocab
 
 
-def write_store(prefix: Path, kind: str, num_documents: int, seed: int) -> Path:
-    """`num_documents` random documents of `kind` ("aligned" or "text") at `prefix`."""
+def write_store(prefix: Path, kind: str, num_documents: int, seed: int,
+                tokenizer: TextTokenizer | None = None) -> Path:
+    """`num_documents` random documents of `kind` ("aligned" or "text") at `prefix`; their
+    manifest names `tokenizer` when given (its ids cover VOCAB's text ids), else none."""
     rng = np.random.default_rng(seed)
     writer = DocumentWriter(prefix, kind)
     counts = Counts()
@@ -30,16 +33,21 @@ def write_store(prefix: Path, kind: str, num_documents: int, seed: int) -> Path:
             ids = rng.integers(4, VOCAB.text_size, int(rng.integers(10, 60))).astype(np.int32)
             writer.add_text(ids)
             counts.add(Counts(documents=1, text_pieces=len(ids)))
-    tokenizer = TokenizerInfo(path="none", sha256="0" * 64, vocab_size=VOCAB.text_size)
-    writer.finalize(Manifest(kind, VOCAB.to_dict(), tokenizer, VOCAB.num_units,
+    if tokenizer is None:
+        vocab, info = VOCAB, TokenizerInfo(path="none", sha256="0" * 64, vocab_size=VOCAB.text_size)
+    else:
+        vocab = joint_vocab(tokenizer, VOCAB.num_units)
+        info = TokenizerInfo(str(tokenizer.path), tokenizer.sha256, tokenizer.vocab_size,
+                             tokenizer.space_id)
+    writer.finalize(Manifest(kind, vocab.to_dict(), info, VOCAB.num_units,
                              25.0 if kind == "aligned" else None, counts, ["random"]))
     return prefix
 
 
-def write_corpus(directory: Path) -> list[str]:
+def write_corpus(directory: Path, tokenizer: TextTokenizer | None = None) -> list[str]:
     """A speech and a text store; returns the weighted `--data-path` values."""
-    speech = write_store(directory / "speech", "aligned", 60, seed=1)
-    text = write_store(directory / "text", "text", 60, seed=2)
+    speech = write_store(directory / "speech", "aligned", 60, seed=1, tokenizer=tokenizer)
+    text = write_store(directory / "text", "text", 60, seed=2, tokenizer=tokenizer)
     return ["0.5", str(speech), "0.5", str(text)]
 
 

@@ -1,0 +1,53 @@
+"""Story-completion accuracy during training (`--eval-data`, every `--eval-interval`).
+
+The items (DESIGN.md section 10) are read and tokenized once; at each evaluation every rank
+scores them with `megatron_lst.evaluation.evaluate_items`, patched as at inference (curriculum
+and mixed models static), in S->S and T->T when the items carry speech, T->T otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from megatron_lst.evaluation.items import EvalItem, load_items
+from megatron_lst.evaluation.scoring import evaluate_items, inference_patcher
+from megatron_lst.patching import Patcher
+from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
+from megatron_lst.tokenizer.vocab import JointVocab
+
+from .data_provider import patching_config_from_args
+
+BOOTSTRAP_RESAMPLES = 200  # enough for a logged interval; lst-eval defaults to 1000
+
+
+@dataclass
+class StoryCompletionEval:
+    items: list[EvalItem]
+    patcher: Patcher
+    modes: tuple[str, ...]
+    batch_size: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, vocab: JointVocab) -> StoryCompletionEval | None:
+        """None without `--eval-data` (validated: it comes with `--tokenizer-model`)."""
+        if args.eval_data is None:
+            return None
+        items = load_items(args.eval_data, load_text_tokenizer(args.tokenizer_model), vocab)
+        spoken = all(u.has_speech for item in items for u in (item.context, *item.endings))
+        return cls(items, inference_patcher(patching_config_from_args(args)),
+                   ("S->S", "T->T") if spoken else ("T->T",), args.micro_batch_size)
+
+    def run(self, model_chunks: list[torch.nn.Module], vocab: JointVocab) -> dict[str, dict]:
+        """Per mode: accuracy with its 95% bootstrap interval (collective: every rank calls)."""
+        return evaluate_items(model_chunks, self.items, vocab, self.patcher, self.modes,
+                              self.batch_size, bootstrap_resamples=BOOTSTRAP_RESAMPLES)
+
+
+def format_accuracy(iteration: int, results: dict[str, dict]) -> str:
+    """`story completion at iteration 100 | S->S accuracy: 0.5400 [0.4400, 0.6400] | ...`."""
+    parts = [f"{mode} accuracy: {r['accuracy']:.4f} [{r['accuracy_ci_low']:.4f}, "
+             f"{r['accuracy_ci_high']:.4f}]" for mode, r in results.items()]
+    return f"story completion at iteration {iteration} | " + " | ".join(parts)
