@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -212,55 +213,54 @@ def preset(name: str, vocab_size: int) -> LSTConfig:
                   RoPE theta 1e5) with the 1B's local models (1024 wide, 1 encoder and 9 decoder
                   layers) and k=4 slots, so a patch is 4 x 1024 = 4096 wide.
     """
-    if name == "tiny":
-        return LSTConfig(
-            vocab_size=vocab_size,
-            global_model=_global(64, 2, 4),
-            encoder=_local(32, 1, 2, 512),
-            decoder=_local(32, 2, 2, 512),
-            cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=2),
-        )
-    if name == "tiny-cpu":
-        return LSTConfig(
-            vocab_size=vocab_size,
-            global_model=_global(64, 2, 4, multiple_of=16),
-            encoder=_local(32, 1, 2, 64),
-            decoder=_local(32, 1, 2, 64),
-            cross_attention=CrossAttentionConfig(
-                slots_per_patch=2, num_heads=2, encoder_window=16, decoder_window=16
-            ),
-            max_sequence_length=64,
-        )
-    if name == "medium":
-        return LSTConfig(
-            vocab_size=vocab_size,
-            global_model=_global(256, 4, 4),
-            encoder=_local(128, 1, 4, 512),
-            decoder=_local(128, 2, 4, 512),
-            cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=4),
-        )
-    if name == "paper-1b":
-        return LSTConfig(
-            vocab_size=vocab_size,
-            global_model=_global(2048, 25, 16),
-            encoder=_local(1024, 1, 16, 512),
-            decoder=_local(1024, 9, 16, 512),
-            cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=16),
-            rope_theta=500000.0,
-        )
-    if name == "7b":
-        return LSTConfig(
-            vocab_size=vocab_size,
-            global_model=_global(4096, 32, 32),
-            encoder=_local(1024, 1, 16, 512),
-            decoder=_local(1024, 9, 16, 512),
-            cross_attention=CrossAttentionConfig(slots_per_patch=4, num_heads=16),
-            rope_theta=100000.0,
-        )
-    raise ModelConfigError(f"unknown model preset {name!r}; choose one of {PRESETS}")
+    if name not in _PRESETS:
+        raise ModelConfigError(f"unknown model preset {name!r}; choose one of {PRESETS}")
+    return _PRESETS[name](vocab_size)
 
 
-PRESETS = ("tiny", "tiny-cpu", "medium", "paper-1b", "7b")
+_PRESETS: dict[str, Callable[[int], LSTConfig]] = {
+    "tiny": lambda vocab_size: LSTConfig(
+        vocab_size=vocab_size,
+        global_model=_global(64, 2, 4),
+        encoder=_local(32, 1, 2, 512),
+        decoder=_local(32, 2, 2, 512),
+        cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=2),
+    ),
+    "tiny-cpu": lambda vocab_size: LSTConfig(
+        vocab_size=vocab_size,
+        global_model=_global(64, 2, 4, multiple_of=16),
+        encoder=_local(32, 1, 2, 64),
+        decoder=_local(32, 1, 2, 64),
+        cross_attention=CrossAttentionConfig(
+            slots_per_patch=2, num_heads=2, encoder_window=16, decoder_window=16
+        ),
+        max_sequence_length=64,
+    ),
+    "medium": lambda vocab_size: LSTConfig(
+        vocab_size=vocab_size,
+        global_model=_global(256, 4, 4),
+        encoder=_local(128, 1, 4, 512),
+        decoder=_local(128, 2, 4, 512),
+        cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=4),
+    ),
+    "paper-1b": lambda vocab_size: LSTConfig(
+        vocab_size=vocab_size,
+        global_model=_global(2048, 25, 16),
+        encoder=_local(1024, 1, 16, 512),
+        decoder=_local(1024, 9, 16, 512),
+        cross_attention=CrossAttentionConfig(slots_per_patch=2, num_heads=16),
+        rope_theta=500000.0,
+    ),
+    "7b": lambda vocab_size: LSTConfig(
+        vocab_size=vocab_size,
+        global_model=_global(4096, 32, 32),
+        encoder=_local(1024, 1, 16, 512),
+        decoder=_local(1024, 9, 16, 512),
+        cross_attention=CrossAttentionConfig(slots_per_patch=4, num_heads=16),
+        rope_theta=100000.0,
+    ),
+}
+PRESETS = tuple(_PRESETS)
 
 
 def with_windows(config: LSTConfig, token_window: int, patch_window: int) -> LSTConfig:
