@@ -2,9 +2,10 @@
 
 Query i of batch row b attends keys `key_start[b, i] <= j < key_end[b, i]` in every head; a query
 with an empty range outputs 0 and receives no gradient. Built from autograd ops and chunked over
-queries, so no `[Sq, Sk]` mask or score matrix exists for the whole sequence: each chunk runs
-PyTorch's scaled_dot_product_attention with a boolean mask over the keys between its smallest
-start and largest end. Sizing the chunks needs the ranges on the host (one sync per chunk), fine
+queries, so no `[Sq, Sk]` mask or score matrix exists for the whole sequence: each chunk of at
+most 256 queries runs PyTorch's scaled_dot_product_attention with an additive mask over the keys
+between its smallest start and largest end (with ranges that grow with the query, as the model's
+do, short chunks skip most of the keys no query of the chunk sees). Sizing the chunks needs the ranges on the host (one sync per chunk), fine
 for the CPU path and a test oracle, and one reason CUDA uses the Triton kernel.
 """
 
@@ -13,8 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Upper bound on attention elements (B * H * queries * keys) per chunk.
+# Upper bounds per chunk: attention elements (B * H * queries * keys), and queries.
 SCORE_ELEMENTS_PER_CHUNK = 1 << 24
+MAX_QUERY_CHUNK = 256
 
 
 def check_attention_inputs(
@@ -72,7 +74,7 @@ def patch_cross_attention_reference(
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     start = key_start.long().clamp(0, num_keys)  # [B, Sq]
     end = torch.maximum(key_end.long().clamp(0, num_keys), start)
-    chunk = max(1, SCORE_ELEMENTS_PER_CHUNK // max(1, batch * heads * num_keys))
+    chunk = max(1, min(MAX_QUERY_CHUNK, SCORE_ELEMENTS_PER_CHUNK // max(1, batch * heads * num_keys)))
 
     outputs = []
     for q0 in range(0, num_queries, chunk):
@@ -89,14 +91,18 @@ def patch_cross_attention_reference(
         # A query that sees nothing attends the chunk's first key instead (so the softmax stays
         # finite), and its output is replaced by 0 below, which also zeroes its gradients.
         visible[..., 0] |= ~nonempty
+        mask = torch.zeros(visible.shape, dtype=compute_dtype, device=q.device)
+        mask.masked_fill_(~visible, float("-inf"))  # [B, c, s]
         out = F.scaled_dot_product_attention(
             q[:, q0:q1].transpose(1, 2).to(compute_dtype),  # [B, H, c, d]
             k[:, k0:k1].transpose(1, 2).to(compute_dtype),  # [B, H, s, d]
             v[:, k0:k1].transpose(1, 2).to(compute_dtype),
-            attn_mask=visible[:, None],  # [B, 1, c, s]
+            attn_mask=mask[:, None],  # [B, 1, c, s]
             scale=scale,
         ).transpose(1, 2)  # [B, c, H, d]
-        outputs.append(torch.where(nonempty[..., None, None], out, 0.0).to(q.dtype))
+        if not bool(nonempty.all()):
+            out = torch.where(nonempty[..., None, None], out, 0.0)
+        outputs.append(out.to(q.dtype))
     if not outputs:  # Sq == 0
         return torch.zeros_like(q)
     return torch.cat(outputs, dim=1)

@@ -1,4 +1,4 @@
-"""Sliding-window causal attention: the blocked SDPA path against a dense masked reference, and
+"""Sliding-window causal attention: the chunked SDPA path against a dense masked reference, and
 the backend choice (flash-attn on CUDA half precision, SDPA otherwise)."""
 
 import math
@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from megatron_lst.models import local_attention
 from megatron_lst.models.local_attention import (
     SlidingWindowAttention,
     flash_attn_available,
@@ -26,7 +27,7 @@ def dense_sliding_window(q, k, v, window):
 
 
 @pytest.mark.parametrize("num_tokens,window", [(5, 8), (8, 8), (9, 8), (16, 4), (23, 4), (40, 1), (33, 7)])
-def test_blocked_sdpa_matches_dense(num_tokens, window):
+def test_chunked_sdpa_matches_dense(num_tokens, window):
     generator = torch.Generator().manual_seed(num_tokens * 100 + window)
     q, k, v = (torch.randn(2, num_tokens, 3, 8, generator=generator, requires_grad=True) for _ in range(3))
     out = sliding_window_sdpa(q, k, v, window)
@@ -38,6 +39,13 @@ def test_blocked_sdpa_matches_dense(num_tokens, window):
     want = torch.autograd.grad(expected, (q, k, v), grad.double())
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens,window,chunk", [(23, 8, 3), (17, 5, 2), (9, 4, 1), (30, 7, 4)])
+def test_query_chunks_shorter_than_the_window(monkeypatch, num_tokens, window, chunk):
+    """C < W: each chunk sees W + C keys, the first chunks partly the zero rows before position 0."""
+    monkeypatch.setattr(local_attention, "MAX_QUERY_CHUNK", chunk)
+    test_chunked_sdpa_matches_dense(num_tokens, window)
 
 
 def test_cpu_falls_back_to_sdpa():
