@@ -13,6 +13,13 @@ the step spent in the local encoder, the global transformer and the local decode
 and loss), measured by cutting the graph between the parts in one extra step. Every measurement
 runs in a fresh process so peaks do not leak between runs.
 
+Each step's exact FLOPs (`megatron_lst.training.flops`, attention included) give the achieved
+GFLOP/s and the FLOP ceiling of the comparison: LST's raw tokens/s over the baseline's can reach
+at most (N / P) x (baseline FLOPs / LST FLOPs) per global position, the ratio both would show if
+they ran at the same FLOP/s. At the tiny and medium sizes the local models are a large share of
+the work, so that ceiling is low (about 0.75x and 1.4x); it passes 2x only when the global model
+dominates (about 2.1x for paper-1b and 2.8x for the 7b preset at N = 4096).
+
     python tools/bench_model.py                          # tiny and medium, N = 1024 and 4096
     python tools/bench_model.py --presets medium --tokens 1024 2048 4096 --json bench.json
 
@@ -49,6 +56,7 @@ class Result:
     raw_tokens_per_second: float
     peak_rss_mb: float
     step_peak_mb: float  # peak RSS minus RSS of the built, idle model
+    step_flops: float  # forward + backward FLOPs of one step (training.flops, exact)
     shares: dict[str, float] | None = None  # LST: encoder / global / decoder fractions
 
 
@@ -134,15 +142,22 @@ def measure(kind: str, preset_name: str, num_tokens: int, args) -> Result:
     from megatron_lst.models import LSTModel, TokenBaselineModel, preset
     from megatron_lst.models.loss import masked_token_mean
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
+    from megatron_lst.training.flops import ModelShape, flops_per_batch
 
     initialize_parallel(seed=0)
     config = preset(preset_name, VOCAB_SIZE)
     lst_batch = speech_heavy_batch(args.batch_size, num_tokens, args.patch_size, seed=0)
     num_patches = int((lst_batch["patch_lengths"] > 0).sum(1).max())
+    shape = ModelShape.from_model_config(config)
     if kind == "lst":
         model = LSTModel(config, config.transformer_config(), transformer_impl="local")
         batch = lst_batch
+        step_flops = flops_per_batch(shape, lst_batch["patch_lengths"], num_tokens).total
     else:
+        step_flops = flops_per_batch(
+            shape.baseline_of(), torch.ones(args.batch_size, num_patches, dtype=torch.int32),
+            num_patches,
+        ).total
         model = TokenBaselineModel(config, config.transformer_config(), transformer_impl="local")
         tokens = torch.randint(0, VOCAB_SIZE, (args.batch_size, num_patches + 1))
         batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
@@ -171,7 +186,7 @@ def measure(kind: str, preset_name: str, num_tokens: int, args) -> Result:
         model=kind, preset=preset_name, tokens_per_row=tokens_per_row, patches_per_row=num_patches,
         batch=args.batch_size, step_seconds=seconds, cpu_step_seconds=cpu_seconds,
         raw_tokens_per_second=args.batch_size * tokens_per_row / seconds,
-        peak_rss_mb=peak, step_peak_mb=peak - idle_rss, shares=shares,
+        peak_rss_mb=peak, step_peak_mb=peak - idle_rss, step_flops=step_flops, shares=shares,
     )
 
 
@@ -191,12 +206,12 @@ def run_isolated(kind: str, preset_name: str, num_tokens: int, args) -> Result:
 
 def report(results: list[Result]) -> None:
     print(f"{'model':9}{'preset':8}{'N/row':>7}{'P/row':>7}{'step s':>9}{'cpu s':>8}{'raw tok/s':>11}"
-          f"{'peak MB':>9}{'step MB':>9}  shares (encoder / global / decoder+head)")
+          f"{'GFLOP/s':>9}{'peak MB':>9}{'step MB':>9}  shares (encoder / global / decoder+head)")
     for r in results:
         shares = " / ".join(f"{v:.0%}" for v in r.shares.values()) if r.shares else ""
         print(f"{r.model:9}{r.preset:8}{r.tokens_per_row:>7}{r.patches_per_row:>7}"
               f"{r.step_seconds:>9.3f}{r.cpu_step_seconds:>8.3f}{r.raw_tokens_per_second:>11.0f}"
-              f"{r.peak_rss_mb:>9.0f}"
+              f"{r.step_flops / r.step_seconds / 1e9:>9.1f}{r.peak_rss_mb:>9.0f}"
               f"{r.step_peak_mb:>9.0f}  {shares}")
     by_key = {(r.model, r.preset, r.patches_per_row): r for r in results}
     for r in results:
@@ -206,9 +221,11 @@ def report(results: list[Result]) -> None:
         if base:
             cpu_ratio = (r.tokens_per_row / r.cpu_step_seconds) / (
                 base.tokens_per_row / base.cpu_step_seconds)
+            ceiling = (r.tokens_per_row / base.tokens_per_row) * (base.step_flops / r.step_flops)
             print(f"{r.preset} N={r.tokens_per_row}: LST raw tokens/s = "
                   f"{r.raw_tokens_per_second / base.raw_tokens_per_second:.2f}x the baseline's "
-                  f"(per CPU second: {cpu_ratio:.2f}x)")
+                  f"(per CPU second: {cpu_ratio:.2f}x; FLOP ceiling at equal FLOP/s: "
+                  f"{ceiling:.2f}x)")
         if r.preset == "medium" and r.tokens_per_row in REFERENCE_TOKENS_PER_SECOND:
             ref = REFERENCE_TOKENS_PER_SECOND[r.tokens_per_row]
             print(f"medium N={r.tokens_per_row}: {r.raw_tokens_per_second:.0f} tok/s vs the "

@@ -1,0 +1,45 @@
+"""Smoke test of tools/bench_model.py at the tiny preset: both models step, the report prints the
+comparison with its FLOP ceiling, and the speech-heavy batch keeps the batch contract."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_model.py"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("bench_model", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speech_heavy_batch_keeps_the_contract():
+    bench = _load_tool()
+    batch = bench.speech_heavy_batch(batch=3, num_tokens=200, patch_size=4, seed=1)
+    lengths = batch["patch_lengths"]
+    assert (lengths.sum(1) == 201).all() and (lengths[:, 0] == 1).all()
+    patches = (lengths > 0).sum(1).float()
+    assert 2.5 < float((200 / patches).mean()) < 3.7  # speech-heavy: about 3 tokens per patch
+
+
+def test_lst_and_baseline_steps_report(capsys):
+    bench = _load_tool()
+    args = argparse.Namespace(batch_size=2, patch_size=4, steps=1, warmup=0, threads=1)
+    threads = torch.get_num_threads()
+    try:
+        results = [bench.measure(kind, "tiny", 96, args) for kind in ("lst", "baseline")]
+    finally:
+        torch.set_num_threads(threads)
+    lst, base = results
+    assert lst.tokens_per_row == 96 and base.tokens_per_row == lst.patches_per_row
+    assert lst.step_flops > base.step_flops > 0
+    assert abs(sum(lst.shares.values()) - 1) < 1e-6
+    bench.report(results)
+    out = capsys.readouterr().out
+    assert "tiny N=96: LST raw tokens/s" in out and "FLOP ceiling" in out
