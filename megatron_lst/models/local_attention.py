@@ -3,10 +3,11 @@
 Backends:
 - "flash": flash-attn's windowed kernel (`window_size=(W-1, 0)`), CUDA with fp16/bf16 only.
 - "sdpa": PyTorch scaled-dot-product attention. Sequences no longer than the window use the plain
-  causal kernel. Longer ones are cut into query chunks of C = min(W, 256) tokens; chunk b attends
-  the W + C keys `[bC - W, (b+1)C)` under one additive mask `[B*chunks, 1, C, W+C]` cached per
-  (B, N, W, dtype, device). Work and memory are O(N * (W + C)), never O(N^2): a query computes
-  W + C scores for its W visible keys (1.5x at W = 512) where whole-window blocks would compute 2W.
+  causal kernel. Longer ones, on CPU: `sliding_window_cpu` (per query chunk, a causal block and a
+  masked earlier block merged by log-sum-exp, about W + 64 scores per query). Elsewhere
+  (`chunked_sliding_window_sdpa`): query chunks of C = min(W, 256) tokens; chunk b attends the
+  W + C keys `[bC - W, (b+1)C)` under one additive mask `[B*chunks, 1, C, W+C]` cached per
+  (B, N, W, dtype, device). Work and memory are O(N * W) either way, never O(N^2).
 "auto" picks flash when it is installed and the inputs are CUDA fp16/bf16, else sdpa; the choice
 is logged once per distinct outcome.
 """
@@ -19,6 +20,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from .sliding_window_cpu import sliding_window_attention_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +75,28 @@ class SlidingWindowAttention(torch.nn.Module):
         return sliding_window_sdpa(q, k, v, self.window)
 
 
-# Query chunk length of the SDPA path. Shorter chunks waste fewer masked scores (W + C per query)
-# but give PyTorch's CPU flash kernel smaller blocks; 256 measured fastest at W = 512 on CPU.
+# Query chunk length of `chunked_sliding_window_sdpa`. Shorter chunks waste fewer masked scores
+# (W + C per query) but give the kernel smaller blocks; 256 measured fastest at W = 512 on CPU.
 MAX_QUERY_CHUNK = 256
 
 
 def sliding_window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """SDPA sliding-window causal attention on `[B, N, H, d]` (see module docstring)."""
+    if q.shape[1] <= window:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )  # [B, H, N, d]
+        return out.transpose(1, 2)
+    if q.device.type == "cpu":
+        return sliding_window_attention_cpu(q, k, v, window)
+    return chunked_sliding_window_sdpa(q, k, v, window)
+
+
+def chunked_sliding_window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                window: int) -> torch.Tensor:
+    """Any device: query chunks against overlapping key blocks under one mask; `[B, N, H, d]`."""
     num_tokens = q.shape[1]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, d]
-    if num_tokens <= window:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, N, d]
-        return out.transpose(1, 2)
-
     batch = q.shape[0]
     chunk = min(window, MAX_QUERY_CHUNK)
     num_chunks = -(-num_tokens // chunk)

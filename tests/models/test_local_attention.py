@@ -1,18 +1,28 @@
-"""Sliding-window causal attention: the chunked SDPA path against a dense masked reference, and
-the backend choice (flash-attn on CUDA half precision, SDPA otherwise)."""
+"""Sliding-window causal attention: both SDPA paths (the CPU one that merges a causal and an
+earlier block per chunk, and the any-device one with one masked block per chunk) against a dense
+masked reference, forward and backward, and the backend choice (flash-attn on CUDA half
+precision, SDPA otherwise)."""
 
 import math
 
 import pytest
 import torch
 
-from megatron_lst.models import local_attention
+from megatron_lst.models import local_attention, sliding_window_cpu
 from megatron_lst.models.local_attention import (
     SlidingWindowAttention,
+    chunked_sliding_window_sdpa,
     flash_attn_available,
     resolve_local_attention_backend,
     sliding_window_sdpa,
 )
+from megatron_lst.models.sliding_window_cpu import sliding_window_attention_cpu
+
+PATHS = {
+    "sdpa": sliding_window_sdpa,  # dispatches: CPU path for N > W on CPU
+    "cpu": sliding_window_attention_cpu,
+    "chunked": chunked_sliding_window_sdpa,
+}
 
 
 def dense_sliding_window(q, k, v, window):
@@ -26,16 +36,17 @@ def dense_sliding_window(q, k, v, window):
     return torch.einsum("bhqk,bkhd->bqhd", probs, v.double())
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("num_tokens,window", [(5, 8), (8, 8), (9, 8), (16, 4), (23, 4), (40, 1), (33, 7)])
-def test_chunked_sdpa_matches_dense(num_tokens, window):
+def test_matches_dense(path, num_tokens, window):
     generator = torch.Generator().manual_seed(num_tokens * 100 + window)
     q, k, v = (torch.randn(2, num_tokens, 3, 8, generator=generator, requires_grad=True) for _ in range(3))
-    out = sliding_window_sdpa(q, k, v, window)
+    out = PATHS[path](q, k, v, window)
     expected = dense_sliding_window(q, k, v, window)
     assert out.shape == q.shape
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     grad = torch.randn(out.shape, generator=generator)
-    got = torch.autograd.grad(out, (q, k, v), grad)
+    got = torch.autograd.grad(out, (q, k, v), grad, materialize_grads=True)  # W=1: q, k unused
     want = torch.autograd.grad(expected, (q, k, v), grad.double())
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w.float(), atol=1e-5, rtol=1e-5)
@@ -43,9 +54,29 @@ def test_chunked_sdpa_matches_dense(num_tokens, window):
 
 @pytest.mark.parametrize("num_tokens,window,chunk", [(23, 8, 3), (17, 5, 2), (9, 4, 1), (30, 7, 4)])
 def test_query_chunks_shorter_than_the_window(monkeypatch, num_tokens, window, chunk):
-    """C < W: each chunk sees W + C keys, the first chunks partly the zero rows before position 0."""
+    """C < W: the any-device path's chunks see W + C keys, the first ones partly the zero rows
+    before position 0; the CPU path's earlier blocks are partly masked, partly clipped at 0."""
     monkeypatch.setattr(local_attention, "MAX_QUERY_CHUNK", chunk)
-    test_chunked_sdpa_matches_dense(num_tokens, window)
+    monkeypatch.setattr(sliding_window_cpu, "QUERY_CHUNK", chunk)
+    for path in ("cpu", "chunked"):
+        test_matches_dense(path, num_tokens, window)
+
+
+def test_cpu_path_gradcheck_float64(monkeypatch):
+    monkeypatch.setattr(sliding_window_cpu, "QUERY_CHUNK", 3)
+    generator = torch.Generator().manual_seed(7)
+    inputs = tuple(torch.randn(1, 11, 2, 4, generator=generator, dtype=torch.float64,
+                               requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, v: sliding_window_attention_cpu(q, k, v, 5), inputs)
+
+
+def test_cpu_path_bfloat16_close_to_fp32():
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 300, 4, 32, generator=generator) for _ in range(3))
+    want = sliding_window_attention_cpu(q, k, v, 64)
+    got = sliding_window_attention_cpu(q.bfloat16(), k.bfloat16(), v.bfloat16(), 64)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
 
 
 def test_cpu_falls_back_to_sdpa():
