@@ -32,9 +32,13 @@ fp32, 2 threads, static p=4, P = N/3.1) does 6.8k tok/s at N=1024 and 4.3k tok/s
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import multiprocessing
+import os
+import platform
 import resource
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -233,6 +237,17 @@ def report(results: list[Result]) -> None:
                   f"{r.peak_rss_mb / 1024:.2f} GB vs {REFERENCE_PEAK_GB} GB")
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "medium"])
@@ -253,8 +268,19 @@ def main() -> None:
                 print(f"done: {kind} {preset_name} N={num_tokens}", flush=True)
     report(results)
     if args.json:
+        import torch
+
+        machine = {
+            "processor": _cpu_model(), "logical_cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+        }
+        summary = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", *sys.argv]), "machine": machine, "args": vars(args),
+            "results": [asdict(r) for r in results],
+        }
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": [asdict(r) for r in results]}, f, indent=1)
+            json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":
