@@ -26,7 +26,9 @@ dominates (about 2.1x for paper-1b and 2.8x for the 7b preset at N = 4096).
 Reference point (issue 5): the public reference at the "medium" configuration (global 256 x 4
 layers x 4 heads, local 128, 1 encoder and 2 decoder layers, k=2, windows 512, vocab 1020, B=2,
 fp32, 2 threads, static p=4, P = N/3.1) does 6.8k tok/s at N=1024 and 4.3k tok/s at N=4096 with a
-1.4 GB peak on its fastest CPU path (dense masks).
+1.4 GB peak on its fastest CPU path (dense masks). The report compares with those figures; the
+reference timed on the project's own 2-core box does 4.6k and 2.3k
+(benchmarks/results/2026-11-25_cpu-2core_reference_vs_ours.md).
 """
 
 from __future__ import annotations
