@@ -24,10 +24,13 @@ longer than N tokens can never fit and raises `DatasetError`. Then `x = row[:-1]
 
 Rows are not shuffled after cutting (documents are): a row's cut depends on the patching of every
 document before it, and the curriculum must see each document at its true training step. The
-cut of all `num_samples` rows is computed once, at construction, by one sequential pass that
-interleaves and patches every document the rows cover (numpy per document, no per-token Python;
-on the order of a thousand documents per second per CPU core); `__getitem__` repeats the same
-deterministic work for one row. With `index_cache_dir`, a store on disk (one with a `prefix`) keeps
+cut of all `num_samples` rows is computed once, at construction: worker processes interleave and
+patch the documents the rows cover, in stream order and in blocks, under every rule a document can
+get (static and aligned for mixed and curriculum patching, with the document's rule draw), and one
+sequential pass cuts the rows from their patch ends, picking each document's rule from the step of
+the row where it begins. The result does not depend on the number of workers (`index_workers`,
+default: every CPU this process may use; the first 512 documents are always done in-process, so
+small datasets never start a pool). `__getitem__` repeats the same deterministic work for one row. With `index_cache_dir`, a store on disk (one with a `prefix`) keeps
 that row index in `lst_rows_<hash>.npy`, the hash covering the store's files (size, mtime, path),
 its length and, for a view of part of a store, the view's `start`, and every setting the cut
 depends on, so a restart or another rank loads it instead.
@@ -41,8 +44,12 @@ static, as at inference).
 from __future__ import annotations
 
 import hashlib
+import logging
+import multiprocessing
 import os
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -55,10 +62,17 @@ from megatron_lst.data.interleave import InterleaveConfig, InterleavedDocument, 
 from megatron_lst.patching.curriculum import Patcher
 from megatron_lst.tokenizer.vocab import MODALITY_TEXT, JointVocab
 
+logger = logging.getLogger(__name__)
+
 # Purpose tags that keep the generators of one (seed, epoch, document) independent.
 _ORDER, _LAYOUT, _PATCHING = 0, 1, 2
 # Bump when the row cut or the generators change, so cached row indices are not reused.
 INDEX_FORMAT_VERSION = 2
+# Row-index build: documents planned in-process before a worker pool starts, the largest block a
+# pool round plans, and how often progress is logged.
+IN_PROCESS_PLANS = 512
+MAX_PLAN_BLOCK = 8192
+PROGRESS_SECONDS = 30.0
 
 
 class DatasetError(ValueError):
@@ -88,6 +102,17 @@ class _PatchedDocument:
 
     def token_start(self, patch: int) -> int:
         return int(self.patch_ends[patch - 1]) if patch > 0 else 0
+
+
+@dataclass
+class _PatchPlan:
+    """What the row cut needs of one document: its rule draw (None for the fixed modes) and, per
+    candidate rule, its patch ends and its longest patch."""
+
+    doc_id: int
+    draw: float | None
+    patch_ends: dict[str, np.ndarray]  # rule -> [K] int64 inclusive cumulative patch lengths
+    longest: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -123,6 +148,7 @@ class LSTDataset(torch.utils.data.Dataset):
         sample_positions: np.ndarray | None = None,
         training: bool = True,
         index_cache_dir: str | Path | None = None,
+        index_workers: int | None = None,
     ):
         if store.kind not in ("aligned", "text"):
             raise DatasetError(f"document store kind must be 'aligned' or 'text', got {store.kind!r}")
@@ -137,6 +163,8 @@ class LSTDataset(torch.utils.data.Dataset):
                                f"({seq_length - 1}): a row of P patches holds at least P tokens")
         if global_batch_size < 1:
             raise DatasetError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        if index_workers is not None and index_workers < 0:
+            raise DatasetError(f"index_workers must be >= 0, got {index_workers}")
         if sample_positions is None:
             sample_positions = np.arange(num_samples, dtype=np.int64)
         if len(sample_positions) != num_samples:
@@ -152,6 +180,8 @@ class LSTDataset(torch.utils.data.Dataset):
         self.global_batch_size = global_batch_size
         self.training = training
         self.sample_positions = np.asarray(sample_positions, dtype=np.int64)
+        self.index_workers = (len(os.sched_getaffinity(0)) if index_workers is None
+                              else index_workers)
         if space_id is None and hasattr(store, "manifest"):
             space_id = store.manifest.tokenizer.space_id  # recorded by tools/preprocess_data.py
         self.interleaver = Interleaver(store.vocab, space_id, interleave or InterleaveConfig())
@@ -174,45 +204,71 @@ class LSTDataset(torch.utils.data.Dataset):
             return None
         return int(self.sample_positions[row]) // self.global_batch_size
 
+    def _interleaved(self, position: int) -> tuple[int, int, InterleavedDocument]:
+        """(epoch, document id, interleaved document) at a stream position."""
+        epoch, doc_id = self._document_id(position)
+        stored = self.store[doc_id]
+        if self.store.kind == "text":
+            return epoch, doc_id, self.interleaver.text_document(stored)
+        layout_rng = np.random.default_rng([self.seed, epoch, doc_id, _LAYOUT])
+        return epoch, doc_id, self.interleaver(stored, layout_rng)
+
+    def _patching_rng(self, epoch: int, doc_id: int) -> np.random.Generator | None:
+        if not self.patcher.needs_rng:
+            return None
+        return np.random.default_rng([self.seed, epoch, doc_id, _PATCHING])
+
+    def _check_longest(self, doc_id: int, longest: int) -> None:
+        if longest > self.max_tokens:
+            raise DatasetError(
+                f"document {doc_id} has a patch of {longest} tokens, more than "
+                f"max_tokens={self.max_tokens} can hold; raise --max-tokens or use smaller patches")
+
     def _patched(self, position: int, start_row: int) -> _PatchedDocument:
         key = (position, start_row)
         if key in self._documents:
             self._documents.move_to_end(key)
             return self._documents[key]
-        epoch, doc_id = self._document_id(position)
-        stored = self.store[doc_id]
-        if self.store.kind == "text":
-            doc = self.interleaver.text_document(stored)
-        else:
-            doc = self.interleaver(stored, np.random.default_rng([self.seed, epoch, doc_id, _LAYOUT]))
-        rng = (np.random.default_rng([self.seed, epoch, doc_id, _PATCHING])
-               if self.patcher.needs_rng else None)
-        lengths = self.patcher.patch_lengths(doc, rng, self.step_of_row(start_row))
-        if lengths.max() > self.max_tokens:
-            raise DatasetError(
-                f"document {doc_id} has a patch of {int(lengths.max())} tokens, more than "
-                f"max_tokens={self.max_tokens} can hold; raise --max-tokens or use smaller patches")
+        epoch, doc_id, doc = self._interleaved(position)
+        lengths = self.patcher.patch_lengths(doc, self._patching_rng(epoch, doc_id),
+                                             self.step_of_row(start_row))
+        self._check_longest(doc_id, int(lengths.max()))
         patched = _PatchedDocument(doc, np.cumsum(lengths, dtype=np.int64), lengths)
         self._documents[key] = patched
         if len(self._documents) > 8:
             self._documents.popitem(last=False)
         return patched
 
+    def _patch_plan(self, position: int) -> _PatchPlan:
+        """The document at `position` patched under every rule it can get (see `_PlanSource`)."""
+        epoch, doc_id, doc = self._interleaved(position)
+        rng = self._patching_rng(epoch, doc_id)
+        draw = None if rng is None else float(rng.random())  # what `Patcher.rule` draws first
+        lengths = {rule: self.patcher.lengths_for_rule(doc, rule)
+                   for rule in self.patcher.candidate_rules}
+        return _PatchPlan(doc_id, draw,
+                          {rule: np.cumsum(x, dtype=np.int64) for rule, x in lengths.items()},
+                          {rule: int(x.max()) for rule, x in lengths.items()})
+
     # ----- cutting rows -----
 
-    def _cut_row(self, row: int, head: _Head) -> tuple[list[_Piece], _Head]:
-        """Patches of row `row` after its head, and the head of the next row."""
+    def _cut_row(self, row: int, head: _Head,
+                 patch_ends: Callable[[int, int], np.ndarray]) -> tuple[list[_Piece], _Head]:
+        """Patches of row `row` after its head, and the head of the next row.
+
+        `patch_ends(position, start_row)`: the inclusive cumulative patch lengths of the document
+        at that stream position when it begins in row `start_row`."""
         slots = self.seq_length - 1
         budget = self.max_tokens  # N + 1 tokens, one of them the head
         position, start_row, patch = head.position, head.start_row, head.patch + 1
         pieces: list[_Piece] = []
         while slots > 0 and budget > 0:
-            doc = self._patched(position, start_row)
-            if patch == doc.num_patches:
+            doc_ends = patch_ends(position, start_row)
+            if patch == len(doc_ends):
                 position, start_row, patch = position + 1, row, 0
                 continue
-            first = doc.token_start(patch)
-            ends = doc.patch_ends[patch:patch + slots] - first  # tokens taken after each patch
+            first = int(doc_ends[patch - 1]) if patch > 0 else 0
+            ends = doc_ends[patch:patch + slots] - first  # tokens taken after each patch
             take = int(np.searchsorted(ends, budget, side="right"))
             if take == 0:
                 break
@@ -261,10 +317,21 @@ class LSTDataset(torch.utils.data.Dataset):
         """[num_samples, 3] int64: (position, patch, start_row) of every row's head."""
         heads = np.empty((self.num_samples, 3), dtype=np.int64)
         head = _Head(position=0, patch=0, start_row=0)
-        for row in range(self.num_samples):
-            heads[row] = (head.position, head.patch, head.start_row)
-            _, head = self._cut_row(row, head)
+        started = last_report = time.monotonic()
+        with _PlanSource(self) as plans:
+            for row in range(self.num_samples):
+                heads[row] = (head.position, head.patch, head.start_row)
+                _, head = self._cut_row(row, head, plans.patch_ends)
+                plans.release_before(head.position)
+                if time.monotonic() - last_report > PROGRESS_SECONDS:
+                    last_report = time.monotonic()
+                    logger.info("row index: %d of %d rows, %d documents, %.0f documents/s",
+                                row + 1, self.num_samples, head.position,
+                                head.position / (last_report - started))
         return heads
+
+    def _stored_patch_ends(self, position: int, start_row: int) -> np.ndarray:
+        return self._patched(position, start_row).patch_ends
 
     # ----- samples -----
 
@@ -275,7 +342,7 @@ class LSTDataset(torch.utils.data.Dataset):
         """Row `index` before padding: tokens [L+1] int64, modality [L+1] int64, patch lengths
         [P_row] int32 (P_row <= seq_length, sums to L+1)."""
         head = _Head(*(int(v) for v in self._heads[index]))
-        pieces, _ = self._cut_row(index, head)
+        pieces, _ = self._cut_row(index, head, self._stored_patch_ends)
         head_doc = self._patched(head.position, head.start_row)
         head_at = int(head_doc.patch_ends[head.patch]) - 1
         tokens = [head_doc.doc.tokens[head_at:head_at + 1]]
@@ -295,6 +362,70 @@ class LSTDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample {index} is outside 0..{self.num_samples - 1}")
         tokens, modality, lengths = self.row(index)
         return pad_row(tokens, modality, lengths, self.max_tokens, self.seq_length, self.vocab.pad_id)
+
+
+_PLAN_DATASET: LSTDataset | None = None  # what a forked plan worker serves
+
+
+def _plan_in_worker(position: int) -> _PatchPlan:
+    return _PLAN_DATASET._patch_plan(position)
+
+
+class _PlanSource:
+    """Patch plans of a dataset's stream positions, in order, for the row-index pass.
+
+    The first `IN_PROCESS_PLANS` positions are planned here; later ones, with `index_workers` > 1,
+    in blocks by a pool of forked workers (they inherit the dataset: nothing is pickled but
+    positions and plans), each block twice the last up to `MAX_PLAN_BLOCK`. A document's rule
+    is chosen from its plan at the step of the row where it begins, as `_patched` would choose it.
+    """
+
+    def __init__(self, dataset: LSTDataset):
+        self.dataset = dataset
+        self.plans: dict[int, _PatchPlan] = {}
+        self.lowest = 0  # plans below this position are released
+        self.planned = 0  # positions below this are planned
+        self.block = dataset.index_workers * 16
+        self.pool = None
+
+    def __enter__(self) -> _PlanSource:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        global _PLAN_DATASET
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            _PLAN_DATASET = None
+
+    def patch_ends(self, position: int, start_row: int) -> np.ndarray:
+        while position >= self.planned:
+            self._plan_more()
+        plan = self.plans[position]
+        rule = self.dataset.patcher.rule_for_draw(plan.draw, self.dataset.step_of_row(start_row))
+        self.dataset._check_longest(plan.doc_id, plan.longest[rule])
+        return plan.patch_ends[rule]
+
+    def release_before(self, position: int) -> None:
+        while self.lowest < position:
+            self.plans.pop(self.lowest, None)
+            self.lowest += 1
+
+    def _plan_more(self) -> None:
+        global _PLAN_DATASET
+        if self.dataset.index_workers <= 1 or self.planned < IN_PROCESS_PLANS:
+            self.plans[self.planned] = self.dataset._patch_plan(self.planned)
+            self.planned += 1
+            return
+        if self.pool is None:
+            _PLAN_DATASET = self.dataset
+            self.pool = multiprocessing.get_context("fork").Pool(self.dataset.index_workers)
+        positions = range(self.planned, self.planned + self.block)
+        chunk = max(1, len(positions) // (4 * self.dataset.index_workers))
+        self.plans.update(zip(positions, self.pool.map(_plan_in_worker, positions, chunk),
+                              strict=True))
+        self.planned += len(positions)
+        self.block = min(2 * self.block, MAX_PLAN_BLOCK)
 
 
 def pad_row(tokens: np.ndarray, modality: np.ndarray, patch_lengths: np.ndarray, max_tokens: int,

@@ -93,21 +93,36 @@ class Patcher:
             return 0.0
         return (tau2 - step) / (tau2 - tau1)
 
-    def rule(self, rng: np.random.Generator | None, step: int | None) -> str:
-        """The fixed rule for one document: "none", "static" or "aligned"."""
+    @property
+    def candidate_rules(self) -> tuple[str, ...]:
+        """The rules a document can get: one for fixed modes, static or aligned for the others."""
+        mode = self.config.mode
+        return (mode,) if mode in ("none", "static", "aligned") else ("static", "aligned")
+
+    def rule_for_draw(self, draw: float | None, step: int | None) -> str:
+        """The rule of a document whose generator's first `random()` gave `draw` (None for the
+        fixed modes, which draw nothing)."""
         mode = self.config.mode
         if mode in ("none", "static", "aligned"):
             return mode
-        if rng is None:
+        if draw is None:
             raise PatchingError(f"{mode} patching draws a rule per document: pass a generator")
-        return "aligned" if rng.random() < self.probability_aligned(step) else "static"
+        return "aligned" if draw < self.probability_aligned(step) else "static"
 
-    def patch_lengths(self, doc: InterleavedDocument, rng: np.random.Generator | None = None,
-                      step: int | None = None) -> np.ndarray:
-        """[P] int32 lengths summing to len(doc)."""
-        rule = self.rule(rng, step)
+    def rule(self, rng: np.random.Generator | None, step: int | None) -> str:
+        """The fixed rule for one document: "none", "static" or "aligned"."""
+        draw = rng.random() if self.needs_rng and rng is not None else None
+        return self.rule_for_draw(draw, step)
+
+    def lengths_for_rule(self, doc: InterleavedDocument, rule: str) -> np.ndarray:
+        """[P] int32 lengths of `doc` under one rule ("none", "static" or "aligned")."""
         if rule == "none":
             return token_patch_lengths(doc)
         if rule == "static":
             return static_patch_lengths(doc, self.config.patch_size)
         return aligned_patch_lengths(doc, self.config.silence)
+
+    def patch_lengths(self, doc: InterleavedDocument, rng: np.random.Generator | None = None,
+                      step: int | None = None) -> np.ndarray:
+        """[P] int32 lengths summing to len(doc)."""
+        return self.lengths_for_rule(doc, self.rule(rng, step))

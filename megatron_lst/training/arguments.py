@@ -178,6 +178,9 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--use-distributed-optimizer", action="store_true")
     group.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                        help="Default: nccl with CUDA, gloo without.")
+    group.add_argument("--distributed-timeout-minutes", type=int, default=30,
+                       help="How long a collective may wait, including the other ranks' wait "
+                            "while rank 0 builds the datasets' row indices.")
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -189,6 +192,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="Train,valid,test proportions of --data-path.")
     group.add_argument("--tokenizer-model", type=str, default=None)
     group.add_argument("--num-workers", type=int, default=2)
+    group.add_argument("--index-workers", type=int, default=None,
+                       help="Processes that interleave and patch documents while a dataset's "
+                            "row index is built (default: every CPU this process may use; "
+                            "0: in the main process).")
 
 
 def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
@@ -316,7 +323,7 @@ def _positive(args: argparse.Namespace, *dests: str) -> None:
 
 def _validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size",
-              "micro_batch_size", "global_batch_size")
+              "micro_batch_size", "global_batch_size", "distributed_timeout_minutes")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size < 1:
         raise ArgumentError(f"world size must be at least 1, got {world_size}")
@@ -485,6 +492,9 @@ def _validate_training(args: argparse.Namespace) -> None:
             raise ArgumentError(f"{_flag(dest)} must be in [0, 1), got {getattr(args, dest)}")
     if args.data_path is not None:
         _check_data_path(args.data_path)
+    for dest in ("num_workers", "index_workers"):
+        if getattr(args, dest) is not None and getattr(args, dest) < 0:
+            raise ArgumentError(f"{_flag(dest)} must be >= 0, got {getattr(args, dest)}")
     if args.eval_data is not None:
         if not Path(args.eval_data).is_file():
             raise ArgumentError(f"--eval-data {args.eval_data} is not a file (story-completion "

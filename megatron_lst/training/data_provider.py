@@ -183,7 +183,8 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
             return LSTDataset(
                 DocumentRange(store, start, stop), count, args.seq_length, args.max_tokens,
                 patcher, args.seed, global_batch_size=args.global_batch_size, space_id=space_id,
-                sample_positions=positions, training=training, index_cache_dir=cache)
+                sample_positions=positions, training=training, index_cache_dir=cache,
+                index_workers=args.index_workers)
 
         return build_blended_dataset(sources, num_samples, make_source)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from document_cases import SPACE_ID, VOCAB, MemoryStore, aligned_store, text_store
 
+from megatron_lst.data import dataset as dataset_module
 from megatron_lst.data.dataset import DatasetError, LSTDataset
 from megatron_lst.data.documents import AlignedDocument
 from megatron_lst.data.interleave import Interleaver
@@ -184,10 +185,54 @@ def test_a_patch_longer_than_max_tokens_is_an_error():
     (dict(max_tokens=10), r"max_tokens \(10\) must be >= seq_length - 1 \(23\)"),
     (dict(global_batch_size=0), "global_batch_size must be >= 1"),
     (dict(sample_positions=np.arange(3)), "sample_positions has 3 entries for 40 samples"),
+    (dict(index_workers=-1), "index_workers must be >= 0"),
 ])
 def test_bad_settings(kwargs, message):
     with pytest.raises(DatasetError, match=message):
         dataset(MODES["static"], **kwargs)
+
+
+@pytest.fixture
+def pool_after_a_few_documents(monkeypatch):
+    """Start the row-index worker pool after 5 in-process documents, in small blocks, and record
+    whether a pool ran."""
+    monkeypatch.setattr(dataset_module, "IN_PROCESS_PLANS", 5)
+    monkeypatch.setattr(dataset_module, "MAX_PLAN_BLOCK", 16)
+    pools = []
+    exit_plans = dataset_module._PlanSource.__exit__
+
+    def recording_exit(self, *exc_info):
+        pools.append(self.pool is not None)
+        return exit_plans(self, *exc_info)
+
+    monkeypatch.setattr(dataset_module._PlanSource, "__exit__", recording_exit)
+    return pools
+
+
+@pytest.mark.parametrize("mode", ["static", "aligned", "mixed", "curriculum", "text"])
+def test_row_index_does_not_depend_on_the_worker_count(mode, pool_after_a_few_documents):
+    store = text_store(0, 12) if mode == "text" else aligned_store(2, 12)
+    config = MODES["static" if mode == "text" else mode]
+    kwargs = dict(num_samples=120, global_batch_size=8)
+    serial = dataset(config, store, index_workers=0, **kwargs)
+    parallel = dataset(config, store, index_workers=2, **kwargs)
+    assert pool_after_a_few_documents == [False, True]
+    assert parallel._heads[-1, 0] > 40  # the pool planned most of the stream
+    np.testing.assert_array_equal(serial._heads, parallel._heads)
+    for r in (0, 57, 119):
+        for a, b in zip(serial.row(r), parallel.row(r), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_worker_pool_reports_a_patch_longer_than_max_tokens(pool_after_a_few_documents):
+    fits = AlignedDocument(np.array([7], np.int32), np.zeros(8, np.int32),
+                           np.array([1, 0], np.int32), np.array([1, 7], np.int32))
+    long_silence = AlignedDocument(np.array([7], np.int32), np.zeros(81, np.int32),
+                                   np.array([1, 0], np.int32), np.array([1, 80], np.int32))
+    store = MemoryStore("aligned", [fits] * 30 + [long_silence])
+    with pytest.raises(DatasetError, match="patch of 80 tokens, more than max_tokens=64"):
+        dataset(MODES["aligned"], store, num_samples=400, index_workers=2)
+    assert pool_after_a_few_documents == [True]
 
 
 def test_index_out_of_range():

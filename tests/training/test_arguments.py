@@ -94,6 +94,8 @@ def test_validate_returns_a_copy():
     (["--data-path", "0.5", "a", "b"], 1, r"odd number of items|mixes weights and prefixes"),
     (["--data-path", "a", "0.5"], 1, r"mixes weights and prefixes"),
     (["--data-path", "a", "b"], 1, r"several datasets without weights"),
+    (["--index-workers", "-1"], 1, r"--index-workers must be >= 0, got -1"),
+    (["--distributed-timeout-minutes", "0"], 1, r"--distributed-timeout-minutes must be at least 1"),
 ], ids=lambda v: v if isinstance(v, int) else None)
 def test_impossible_combinations_name_the_flags(extra, world_size, message):
     with pytest.raises(ArgumentError, match=message):
