@@ -96,10 +96,6 @@ class _PatchedDocument:
     patch_ends: np.ndarray  # [K] int64 inclusive cumulative patch lengths
     patch_lengths: np.ndarray  # [K] int32
 
-    @property
-    def num_patches(self) -> int:
-        return len(self.patch_lengths)
-
     def token_start(self, patch: int) -> int:
         return int(self.patch_ends[patch - 1]) if patch > 0 else 0
 
@@ -367,8 +363,13 @@ class LSTDataset(torch.utils.data.Dataset):
 _PLAN_DATASET: LSTDataset | None = None  # what a forked plan worker serves
 
 
-def _plan_in_worker(position: int) -> _PatchPlan:
-    return _PLAN_DATASET._patch_plan(position)
+def _plan_in_worker(position: int) -> _PatchPlan | Exception:
+    """A worker's plan, or the error planning raised: blocks are planned ahead of need, so the
+    error is raised only if the rows reach that position (as without workers)."""
+    try:
+        return _PLAN_DATASET._patch_plan(position)
+    except Exception as error:  # noqa: BLE001 - re-raised in the parent when the plan is used
+        return error
 
 
 class _PlanSource:
@@ -376,17 +377,19 @@ class _PlanSource:
 
     The first `IN_PROCESS_PLANS` positions are planned here; later ones, with `index_workers` > 1,
     in blocks by a pool of forked workers (they inherit the dataset: nothing is pickled but
-    positions and plans), each block twice the last up to `MAX_PLAN_BLOCK`. A document's rule
-    is chosen from its plan at the step of the row where it begins, as `_patched` would choose it.
+    positions and plans), each block twice the last up to `MAX_PLAN_BLOCK`. The pool plans the
+    next block while this process cuts rows from the current one. A document's rule is chosen
+    from its plan at the step of the row where it begins, as `_patched` would choose it.
     """
 
     def __init__(self, dataset: LSTDataset):
         self.dataset = dataset
-        self.plans: dict[int, _PatchPlan] = {}
+        self.plans: dict[int, _PatchPlan | Exception] = {}
         self.lowest = 0  # plans below this position are released
         self.planned = 0  # positions below this are planned
         self.block = dataset.index_workers * 16
         self.pool = None
+        self.pending = None  # (positions, AsyncResult) of the block the pool is planning
 
     def __enter__(self) -> _PlanSource:
         return self
@@ -394,7 +397,7 @@ class _PlanSource:
     def __exit__(self, *exc_info) -> None:
         global _PLAN_DATASET
         if self.pool is not None:
-            self.pool.terminate()
+            self.pool.terminate()  # also drops the block planned ahead and never needed
             self.pool.join()
             _PLAN_DATASET = None
 
@@ -402,6 +405,8 @@ class _PlanSource:
         while position >= self.planned:
             self._plan_more()
         plan = self.plans[position]
+        if isinstance(plan, Exception):
+            raise plan
         rule = self.dataset.patcher.rule_for_draw(plan.draw, self.dataset.step_of_row(start_row))
         self.dataset._check_longest(plan.doc_id, plan.longest[rule])
         return plan.patch_ends[rule]
@@ -420,12 +425,17 @@ class _PlanSource:
         if self.pool is None:
             _PLAN_DATASET = self.dataset
             self.pool = multiprocessing.get_context("fork").Pool(self.dataset.index_workers)
-        positions = range(self.planned, self.planned + self.block)
-        chunk = max(1, len(positions) // (4 * self.dataset.index_workers))
-        self.plans.update(zip(positions, self.pool.map(_plan_in_worker, positions, chunk),
-                              strict=True))
-        self.planned += len(positions)
+            self.pending = self._submit(self.planned)
+        positions, result = self.pending
+        self.plans.update(zip(positions, result.get(), strict=True))
+        self.planned = positions.stop
+        self.pending = self._submit(self.planned)
+
+    def _submit(self, first: int):
+        positions = range(first, first + self.block)
         self.block = min(2 * self.block, MAX_PLAN_BLOCK)
+        chunk = max(1, len(positions) // (4 * self.dataset.index_workers))
+        return positions, self.pool.map_async(_plan_in_worker, positions, chunk)
 
 
 def pad_row(tokens: np.ndarray, modality: np.ndarray, patch_lengths: np.ndarray, max_tokens: int,

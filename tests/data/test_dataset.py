@@ -235,6 +235,39 @@ def test_worker_pool_reports_a_patch_longer_than_max_tokens(pool_after_a_few_doc
     assert pool_after_a_few_documents == [True]
 
 
+class UnreadableDocument(MemoryStore):
+    """A store whose document `bad` cannot be read."""
+
+    def __init__(self, base: MemoryStore, bad: int):
+        super().__init__(base.kind, base.documents)
+        self.bad = bad
+
+    def __getitem__(self, index: int):
+        if index == self.bad:
+            raise DatasetError(f"document {index} is unreadable")
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("bad_position, needed", [(30, False), (7, True)])
+def test_an_error_planning_ahead_counts_only_where_the_rows_reach(
+        bad_position, needed, pool_after_a_few_documents):
+    """Workers plan blocks ahead of need: a bad document the rows never reach must not fail the
+    build (it would not without workers); one they reach fails it the same way."""
+    seed, base = 11, aligned_store(3, 200)
+    bad = int(np.random.default_rng([seed, 0, 0]).permutation(200)[bad_position])  # epoch 0 order
+    for workers in (0, 2):
+        store = UnreadableDocument(base, bad)
+        if needed:
+            with pytest.raises(DatasetError, match=f"document {bad} is unreadable"):
+                dataset(MODES["static"], store, num_samples=20, seed=seed, index_workers=workers)
+        else:
+            ds = dataset(MODES["static"], store, num_samples=20, seed=seed, index_workers=workers)
+            # The rows end inside the pool's first block (positions 5..36), which the pool
+            # planned whole, bad document included.
+            assert 5 < ds._heads[-1, 0] < bad_position
+    assert pool_after_a_few_documents == [False, True]
+
+
 def test_index_out_of_range():
     ds = dataset(MODES["static"], num_samples=2)
     with pytest.raises(IndexError, match="outside 0..1"):
