@@ -1,21 +1,21 @@
-"""Patch-level autoregressive generation with a KV cache for the global model.
+"""Patch-level autoregressive generation with caches for every part of the model.
 
-One step predicts the token after the sequence so far, `x_0 .. x_t`:
-
-    patch_lengths = generation_patch_lengths(x, ...)        # [P]; the last patch is still open
-    token states, global inputs [P, 1, Dg] = model.encode(x, patch_lengths)
-    global model on the patches closed since the last step, with the KV cache  # once per patch
-    logits = model.decode(token states, global outputs of the closed patches, patch_lengths)[t]
-
+One step predicts the token after the sequence so far, `x_0 .. x_t`, with
+`patch_lengths = generation_patch_lengths(x, ...)` (`[P]`; the last patch is still open):
+- the token encoder runs on the new token only, with a sliding-window KV cache per layer;
+- the patch encoder runs once for each patch closed since the last step (its slots see only the
+  tokens of their last W patches, all encoded already);
+- the global model runs on those closed patches with megatron's `StaticInferenceContext`, whose
+  attention keeps the keys/values of past positions and applies RoPE at the right offsets (no
+  attention code of ours runs in the global cache path);
+- the decoder runs on the new token with a sliding-window KV cache per layer and the cached
+  keys/values of the closed patches' slots, and the output head gives the logits.
 Only closed patches reach the global model, and each does once: the decoder at token t reads only
 global patches that end at or before t (DESIGN.md section 4), i.e. closed ones, so the output of
-the open patch is never needed (a zero stands in for it). The global model is megatron's
-`TransformerBlock` driven with megatron's own `StaticInferenceContext`, whose attention keeps the
-keys/values of past positions and applies RoPE at the right offsets: no attention code of ours
-runs in the cache path. The local encoder and decoder are re-run over the whole sequence each
-step: they are small next to the global model (the paper's 1B: 1 + 9 local layers of 1024 against
-25 global layers of 2048), and re-running them keeps them exact; a local KV cache would also make
-their per-step cost independent of the length.
+the open patch is never needed. One exception to "each token once": when a text token ends a
+speech run, the run's short last patch closes, and the tokens in it move to the decoder patch
+that reads it; the decoder takes those few tokens (fewer than p) again, so the cached loop
+computes what the full model computes on the whole sequence (tested to 1e-5 on the logits).
 
 Where patches end at generation time (static patching with p units, the rule inference uses):
 - a text token (BOS, `<t>`, a piece, EOS) is a patch of its own and closes at once;
@@ -183,16 +183,61 @@ class _CachedGlobal:
         return len(new)
 
 
-def _lst_step_logits(model, tokens: torch.Tensor, lengths: torch.Tensor,
-                     cache: _CachedGlobal | None) -> tuple[torch.Tensor, int]:
-    """(logits [V] of the next token, global positions run) for an LSTModel."""
-    if cache is None:
-        return model(tokens, lengths)[0, -1], lengths.shape[1]
-    token_states, global_input = model.encode(tokens, lengths)  # [1, N, De], [P, 1, Dg]
-    closed = global_input[:-1]  # the last patch is open
-    ran = cache.extend(closed)
-    outputs = torch.cat([*cache.outputs, torch.zeros_like(global_input[-1:])])  # [P, 1, Dg]
-    return model.decode(token_states, outputs, lengths)[0, -1], ran
+class _CachedLST:
+    """An LSTModel run one step at a time. The token encoder and the decoder keep sliding-window
+    caches (`SlidingKVCache`, `DecoderCache`), the patch encoder and the global model
+    (`_CachedGlobal`) run once per closed patch, and `step` returns what the full model returns
+    for the last token. Each token goes through the encoder once and through the decoder once,
+    except the few tokens of a short speech patch that closes when a text token ends the run:
+    their decoder patch changes (see `DecoderCache`), so the decoder takes them again."""
+
+    def __init__(self, model, max_patches: int, patch_size: int):
+        from megatron_lst.models.local_decoder import DecoderCache
+        from megatron_lst.models.local_layers import SlidingKVCache
+
+        self.model = model
+        self.global_model = _CachedGlobal(model, max_patches)
+        self.encoder_caches = [SlidingKVCache(layer.self_attention.core_attention.window)
+                               for layer in model.token_encoder.layers]
+        self.decoder_cache = DecoderCache(model.local_decoder, spare=patch_size)
+        self.layer_states: list[torch.Tensor] = []  # per encoder layer, [1, T, De]
+        self.global_inputs: list[torch.Tensor] = []  # per closed patch, [1, 1, Dg]
+        self.decoded = 0  # tokens the decoder has seen
+
+    def step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """tokens `[1, N]` (the whole sequence), lengths `[1, P]` its generation patching ->
+        (logits `[V]` of the next token, global positions run)."""
+        from lst_kernels import patch_ids_from_lengths
+        from megatron.core import tensor_parallel
+
+        model = self.model
+        seen = self.layer_states[0].shape[1] if self.layer_states else 0
+        new_states = model.token_encoder.forward_step(tokens[:, seen:], seen, self.encoder_caches)
+        self.layer_states = (new_states if not self.layer_states else
+                             [torch.cat(pair, dim=1) for pair in zip(self.layer_states, new_states,
+                                                                     strict=True)])
+        bounds = np.concatenate([[0], np.cumsum(lengths[0].tolist())]).tolist()
+        for patch in range(len(self.global_inputs), lengths.shape[1] - 1):  # the last is open
+            vector = model.patch_encoder.encode_patch(self.layer_states, bounds, patch)
+            if model.global_input_projection is not None:
+                vector = model.global_input_projection(vector)
+            self.global_inputs.append(vector)  # [1, 1, Dg]
+        before = len(self.global_model.outputs)
+        ran = 0
+        if self.global_inputs:
+            ran = self.global_model.extend(torch.cat(self.global_inputs, dim=1).transpose(0, 1))
+        new_outputs = self.global_model.outputs[before:]  # each [1, 1, Dg]
+        new_global = (torch.cat(new_outputs, dim=0).transpose(0, 1) if new_outputs else
+                      self.layer_states[-1].new_zeros(1, 0, model.config.hidden_size))
+        patch_ids = patch_ids_from_lengths(lengths[:, 1:], tokens.shape[1])[0]  # [N]
+        self.decoded = self.decoder_cache.first_changed(patch_ids)
+        self.decoder_cache.rollback(self.decoded)
+        hidden = model.local_decoder.forward_step(
+            self.layer_states[-1][:, self.decoded:], new_global, lengths, self.decoded,
+            self.decoder_cache)  # [1, n, Dd]
+        self.decoded = tokens.shape[1]
+        logits, _ = model.output_layer(hidden[:, -1:])  # [1, 1, V/tp]
+        return tensor_parallel.gather_from_tensor_model_parallel_region(logits)[0, -1].float(), ran
 
 
 class _CachedBaseline:
@@ -246,7 +291,8 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     max_length = len(prompt) + sampling.max_new_tokens + 1
     cache = None
     if use_cache:
-        cache = _CachedGlobal(model, max_length) if is_lst else _CachedBaseline(model, max_length)
+        cache = (_CachedLST(model, max_length, patch_size) if is_lst
+                 else _CachedBaseline(model, max_length))
     generator = torch.Generator().manual_seed(sampling.seed)
 
     sequence = prompt.tolist()
@@ -254,14 +300,15 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     start = time.perf_counter()
     for _ in range(sampling.max_new_tokens):
         tokens = torch.tensor([sequence], dtype=torch.int64, device=device)  # [1, N]
+        lengths = None
         if is_lst:
-            lengths = generation_patch_lengths(np.asarray(sequence), vocab, patch_size)
-            logits, ran = _lst_step_logits(model, tokens, torch.from_numpy(lengths)[None].to(device),
-                                           cache)
-        elif cache is not None:
-            logits, ran = cache.step(tokens)
-        else:
-            logits, ran = model(tokens, None)[0, -1], tokens.shape[1]
+            lengths = torch.from_numpy(
+                generation_patch_lengths(np.asarray(sequence), vocab, patch_size))[None].to(device)
+        if cache is not None:
+            logits, ran = cache.step(tokens, lengths) if is_lst else cache.step(tokens)
+        else:  # the whole model on the whole sequence, the reference implementation's way
+            logits = model(tokens, lengths)[0, -1]
+            ran = tokens.shape[1] if lengths is None else lengths.shape[1]
         if len(sequence) > len(prompt):  # the prompt's own positions are not counted
             result.global_steps += ran
         logits = logits.float().cpu()

@@ -35,8 +35,18 @@ class PatchCrossAttention(torch.nn.Module):
         key_start: torch.Tensor,  # [B, Sq] int
         key_end: torch.Tensor,  # [B, Sq] int
     ) -> torch.Tensor:
-        q = self.linear_q(self.norm_q(queries)).unflatten(-1, (self.num_heads, -1))  # [B, Sq, H, d]
+        return self.attend(queries, *self.keys_values(keys), key_start, key_end)
+
+    def keys_values(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`keys [B, Sk, D]` -> attention keys and values, each `[B, Sk, H, d]` (generation
+        caches them per patch)."""
         k, v = self.linear_kv(self.norm_kv(keys)).unflatten(-1, (2, self.num_heads, -1)).unbind(2)
+        return k, v
+
+    def attend(self, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_start: torch.Tensor, key_end: torch.Tensor) -> torch.Tensor:
+        """`queries [B, Sq, D]` over `keys_values` output -> the update `[B, Sq, D]`."""
+        q = self.linear_q(self.norm_q(queries)).unflatten(-1, (self.num_heads, -1))  # [B, Sq, H, d]
         out = patch_cross_attention(q, k, v, key_start, key_end, backend=self.kernel_backend)
         return self.linear_proj(out.flatten(-2))  # [B, Sq, D]
 

@@ -8,6 +8,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .config import LSTConfig
 from .cross_attention import PatchCrossAttention, add_cross_attention_update
+from .local_layers import SlidingKVCache
 from .rope import RotaryTable
 
 
@@ -64,3 +65,70 @@ class LocalDecoder(torch.nn.Module):
                 h = add_cross_attention_update(h, update, self.double_residual)
             h = layer(h, rope)
         return self.final_norm(h)  # [B, N, Dd]
+
+    def forward_step(self, token_states: torch.Tensor, new_global_states: torch.Tensor,
+                     patch_lengths: torch.Tensor, offset: int, cache: DecoderCache) -> torch.Tensor:
+        """Generation: `forward` for the next tokens of a sequence whose earlier tokens (and the
+        global patches closed so far) are in `cache`.
+
+        token_states `[1, n, Dd]`: the encoder's final states of tokens offset..offset+n-1.
+        new_global_states `[1, m, Dg]`: the global outputs of the patches closed since the last
+        call (m may be 0). patch_lengths `[1, P]`: the generation patching of the whole sequence
+        so far (the last patch open). Returns `[1, n, Dd]`.
+        """
+        num_new = token_states.shape[1]
+        if new_global_states.shape[1]:
+            slots = self.patch_projection(new_global_states).view(
+                1, -1, token_states.shape[-1])  # [1, m*k, Dd]
+            cache.add_slots([cross_attn.keys_values(slots) for cross_attn in self.cross_attn_layers])
+        patch_ids = patch_ids_from_lengths(patch_lengths[:, 1:], offset + num_new)[:, offset:]
+        cache.patch_ids = torch.cat([cache.patch_ids, patch_ids[0].cpu()])
+        key_start, key_end = decoder_key_ranges(
+            patch_ids, self.slots_per_patch, self.window, patch_lengths.shape[1])  # [1, n] each
+        cos, sin = self.rope.cos_sin(offset + num_new, token_states.device)
+        rope = (cos[:, offset:], sin[:, offset:])
+
+        h = token_states
+        for i, layer in enumerate(self.layers):
+            if i < len(self.cross_attn_layers):
+                update = self.cross_attn_layers[i].attend(h, *cache.slots[i], key_start, key_end)
+                h = add_cross_attention_update(h, update, self.double_residual)
+            h = layer.forward_step(h, rope, cache.layers[i])
+        return self.final_norm(h)
+
+
+class DecoderCache:
+    """Generation cache of a `LocalDecoder`: per self-attention layer a `SlidingKVCache`, per
+    cross-attention layer the keys and values of the slots of every closed global patch, and the
+    decoder patch id each cached token was decoded with.
+
+    A token's decoder patch can change after it was decoded: when a text token ends a speech run,
+    the run's short last patch closes and the tokens in it move to the decoder patch that reads
+    it (as static patching of the whole sequence has it). `rollback` then takes those tokens
+    back (`spare` bounds how many: at most the patch size)."""
+
+    def __init__(self, decoder: LocalDecoder, spare: int):
+        self.layers = [SlidingKVCache(layer.self_attention.core_attention.window, spare)
+                       for layer in decoder.layers]
+        self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # per cross layer, [1, S, H, d]
+        self.patch_ids = torch.zeros(0, dtype=torch.long)  # [decoded] decoder patch ids
+
+    def add_slots(self, keys_values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if not self.slots:
+            self.slots = keys_values
+            return
+        self.slots = [(torch.cat([k0, k], 1), torch.cat([v0, v], 1))
+                      for (k0, v0), (k, v) in zip(self.slots, keys_values, strict=True)]
+
+    def first_changed(self, patch_ids: torch.Tensor) -> int:
+        """The first cached token whose decoder patch id differs in `patch_ids [N]` (the whole
+        sequence's), or the number of cached tokens if none does."""
+        cached = len(self.patch_ids)
+        changed = torch.nonzero(self.patch_ids != patch_ids[:cached].cpu())
+        return int(changed[0, 0]) if len(changed) else cached
+
+    def rollback(self, keep: int) -> None:
+        """Keep only the first `keep` decoded tokens."""
+        for layer in self.layers:
+            layer.drop_last(len(self.patch_ids) - keep)
+        self.patch_ids = self.patch_ids[:keep]

@@ -13,6 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .config import LSTConfig
 from .cross_attention import PatchCrossAttention, add_cross_attention_update
+from .local_layers import SlidingKVCache
 from .rope import RotaryTable
 
 
@@ -40,6 +41,19 @@ class TokenEncoder(torch.nn.Module):
         states = []
         for layer in self.layers:
             h = layer(h, rope)
+            states.append(h)
+        return states
+
+    def forward_step(self, tokens: torch.Tensor, offset: int,
+                     caches: list[SlidingKVCache]) -> list[torch.Tensor]:
+        """Generation: the next tokens `[1, n]` at positions `offset..offset+n-1` of a sequence
+        whose earlier tokens are in `caches` (one per layer) -> each layer's states `[1, n, De]`."""
+        h = self.embedding(tokens)  # [1, n, De]
+        cos, sin = self.rope.cos_sin(offset + tokens.shape[1], tokens.device)
+        rope = (cos[:, offset:], sin[:, offset:])
+        states = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            h = layer.forward_step(h, rope, cache)
             states.append(h)
         return states
 
@@ -86,3 +100,22 @@ class PatchEncoder(torch.nn.Module):
             update = cross_attn(slots, h, key_start, key_end)  # [B, P*k, De]
             slots = add_cross_attention_update(slots, update, self.double_residual)
         return slots.view(batch, num_patches, self.slots_per_patch * width)  # [B, P, k*De]
+
+    def encode_patch(self, layer_states: list[torch.Tensor], bounds: list[int],
+                     patch: int) -> torch.Tensor:
+        """Generation: `forward`'s output for one patch only, `[1, 1, k*De]`, from the encoder's
+        states of the sequence so far (`layer_states`, each `[1, T, De]`) and the token bounds of
+        its patches (`bounds[q]` .. `bounds[q + 1]` are patch q's tokens)."""
+        states = layer_states[len(layer_states) - len(self.cross_attn_layers):]
+        first = bounds[max(patch - self.window + 1, 0)]  # the tokens this patch's slots see
+        start, end = bounds[patch], bounds[patch + 1]
+        lengths = torch.tensor([[end - start]], device=states[0].device)
+        pooled = segment_pool(states[0][:, start:end], lengths, self.pooling, self.kernel_backend)
+        width = pooled.shape[-1]
+        slots = self.patch_projection(pooled).view(1, self.slots_per_patch, width)  # [1, k, De]
+        key_start = torch.zeros(1, self.slots_per_patch, dtype=torch.int32, device=slots.device)
+        key_end = torch.full_like(key_start, end - first)
+        for cross_attn, h in zip(self.cross_attn_layers, states, strict=True):
+            update = cross_attn(slots, h[:, first:end], key_start, key_end)  # [1, k, De]
+            slots = add_cross_attention_update(slots, update, self.double_residual)
+        return slots.view(1, 1, self.slots_per_patch * width)

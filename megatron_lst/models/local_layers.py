@@ -12,11 +12,39 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from lst_kernels import patch_cross_attention
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .config import LocalModelConfig
 from .local_attention import SlidingWindowAttention
 from .rope import apply_interleaved_rope
+
+
+@dataclass
+class SlidingKVCache:
+    """Generation cache of one sliding-window layer: keys (RoPE applied) and values of the last
+    `window - 1 + spare` tokens, each `[1, L, H, d]`: the next token's window, plus `spare`
+    tokens that `drop_last` can take back."""
+
+    window: int
+    spare: int = 0
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' `k, v [1, n, H, d]`; returns all cached keys and values."""
+        if self.keys is not None:
+            k, v = torch.cat([self.keys, k], dim=1), torch.cat([self.values, v], dim=1)
+        first_kept = max(k.shape[1] - (self.window - 1 + self.spare), 0)
+        self.keys, self.values = k[:, first_kept:], v[:, first_kept:]
+        return k, v
+
+    def drop_last(self, count: int) -> None:
+        """Forget the last `count` tokens (at most `spare`, so the window stays whole)."""
+        if count > self.spare:
+            raise ValueError(f"cannot take back {count} tokens; the cache keeps {self.spare} spare")
+        if count and self.keys is not None:
+            self.keys, self.values = self.keys[:, :-count], self.values[:, :-count]
 
 
 @dataclass
@@ -42,6 +70,19 @@ class LocalSelfAttention(torch.nn.Module):
         k = apply_interleaved_rope(k, *rope)
         out = self.core_attention(q, k, v)  # [B, N, H, d]
         return self.linear_proj(out.flatten(-2))  # [B, N, D]
+
+    def forward_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     cache: SlidingKVCache) -> torch.Tensor:
+        """The next `n` tokens of a sequence whose earlier tokens are in `cache`: `x [1, n, D]`,
+        `rope` the tables at their positions `[1, n, 1, d]` -> `[1, n, D]`; extends `cache`."""
+        q, k, v = self.linear_qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        q = apply_interleaved_rope(q, *rope)
+        keys, values = cache.extend(apply_interleaved_rope(k, *rope), v)  # [1, L, H, d]
+        window = self.core_attention.window
+        place = torch.arange(keys.shape[1] - q.shape[1], keys.shape[1], device=x.device)  # [n]
+        start = (place - window + 1).clamp(min=0)[None]  # [1, n]
+        out = patch_cross_attention(q, keys, values, start, place[None] + 1)  # [1, n, H, d]
+        return self.linear_proj(out.flatten(-2))
 
 
 class SwiGLUMLP(torch.nn.Module):
@@ -69,4 +110,10 @@ class LocalTransformerLayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = x + self.self_attention(self.input_norm(x), rope)
+        return x + self.mlp(self.pre_mlp_norm(x))
+
+    def forward_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     cache: SlidingKVCache) -> torch.Tensor:
+        """`forward` for the next tokens `[1, n, D]` of a sequence cached in `cache`."""
+        x = x + self.self_attention.forward_step(self.input_norm(x), rope, cache)
         return x + self.mlp(self.pre_mlp_norm(x))
