@@ -190,6 +190,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                             "blend several.")
     group.add_argument("--split", type=str, default="969,30,1",
                        help="Train,valid,test proportions of --data-path.")
+    group.add_argument("--train-data-path", nargs="*", default=None,
+                       help="Instead of --data-path and --split: training datasets, used whole "
+                            "(one prefix, or weight-prefix pairs).")
+    group.add_argument("--valid-data-path", nargs="*", default=None,
+                       help="With --train-data-path: validation datasets, used whole.")
     group.add_argument("--tokenizer-model", type=str, default=None)
     group.add_argument("--num-workers", type=int, default=2)
     group.add_argument("--index-workers", type=int, default=None,
@@ -490,8 +495,17 @@ def _validate_training(args: argparse.Namespace) -> None:
     for dest in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, dest) < 1.0:
             raise ArgumentError(f"{_flag(dest)} must be in [0, 1), got {getattr(args, dest)}")
-    if args.data_path is not None:
-        _check_data_path(args.data_path)
+    if args.data_path is not None and args.train_data_path is not None:
+        raise ArgumentError("give --data-path (cut by --split) or --train-data-path (with "
+                            "--valid-data-path), not both")
+    if args.valid_data_path is not None and args.train_data_path is None:
+        raise ArgumentError("--valid-data-path goes with --train-data-path; with --data-path the "
+                            "validation documents come from --split")
+    for flag, data_path in (("--data-path", args.data_path),
+                            ("--train-data-path", args.train_data_path),
+                            ("--valid-data-path", args.valid_data_path)):
+        if data_path is not None:
+            _check_data_path(data_path, flag)
     for dest in ("num_workers", "index_workers"):
         if getattr(args, dest) is not None and getattr(args, dest) < 0:
             raise ArgumentError(f"{_flag(dest)} must be >= 0, got {getattr(args, dest)}")
@@ -503,9 +517,9 @@ def _validate_training(args: argparse.Namespace) -> None:
             raise ArgumentError("--eval-data needs --tokenizer-model to tokenize the items' text")
 
 
-def _check_data_path(data_path: Sequence[str]) -> None:
+def _check_data_path(data_path: Sequence[str], flag: str) -> None:
     if not data_path:
-        raise ArgumentError("--data-path needs at least one dataset prefix")
+        raise ArgumentError(f"{flag} needs at least one dataset prefix")
     if len(data_path) == 1:
         return
     weights = data_path[0::2]
@@ -514,20 +528,20 @@ def _check_data_path(data_path: Sequence[str]) -> None:
     except ValueError:
         if any(_is_number(p) for p in data_path):
             raise ArgumentError(
-                f"--data-path {' '.join(data_path)} mixes weights and prefixes; give one prefix "
+                f"{flag} {' '.join(data_path)} mixes weights and prefixes; give one prefix "
                 f"or weight-prefix pairs 'W1 P1 W2 P2 ...'"
             ) from None
         raise ArgumentError(
-            f"--data-path {' '.join(data_path)} names several datasets without weights; the "
+            f"{flag} {' '.join(data_path)} names several datasets without weights; the "
             f"blend draws samples by weight: give weight-prefix pairs 'W1 P1 W2 P2 ...'"
         ) from None
     if len(data_path) % 2:
         raise ArgumentError(
-            f"--data-path {' '.join(data_path)} has an odd number of items; weighted form is "
+            f"{flag} {' '.join(data_path)} has an odd number of items; weighted form is "
             f"'W1 P1 W2 P2 ...'"
         )
     if any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
-        raise ArgumentError(f"--data-path weights {weights} must be finite, >= 0, and not all 0")
+        raise ArgumentError(f"{flag} weights {weights} must be finite, >= 0, and not all 0")
 
 
 def _is_number(text: str) -> bool:

@@ -1,5 +1,6 @@
-"""Training and validation data of a run: datasets from `--data-path`/`--split`, and loaders with
-Megatron's pretraining sampler semantics.
+"""Training and validation data of a run: datasets from `--data-path`/`--split` (or whole
+datasets from `--train-data-path`/`--valid-data-path`), and loaders with Megatron's pretraining
+sampler semantics.
 
 Datasets. `--data-path` names indexed datasets (`tools/preprocess_data.py` output), optionally
 weighted (`W1 P1 W2 P2 ...`, blended by `megatron_lst.data.blend`). `--split a,b,c` cuts every
@@ -93,16 +94,18 @@ def patching_config_from_args(args: argparse.Namespace) -> PatchingConfig:
 
 
 def data_vocab(args: argparse.Namespace) -> JointVocab:
-    """The joint vocabulary of `--data-path`, from the datasets' manifests; every dataset must
-    share it. It is the data's, not `--num-units`': the run trains on the ids the data holds."""
+    """The joint vocabulary of the datasets (`split_sources`), from their manifests; every dataset
+    must share it. It is the data's, not `--num-units`': the run trains on the ids the data holds."""
     vocab = None
-    for _, prefix in parse_data_path(args.data_path):
+    prefixes = dict.fromkeys(prefix for sources in split_sources(args).values()
+                             for _, prefix in sources)
+    for prefix in prefixes:
         store_vocab = DocumentStore(prefix).vocab
         if vocab is None:
             vocab = store_vocab
         elif store_vocab != vocab:
             raise VocabularyError(
-                f"--data-path {prefix} was made with vocabulary {store_vocab.to_dict()} but the "
+                f"dataset {prefix} was made with vocabulary {store_vocab.to_dict()} but the "
                 f"first dataset with {vocab.to_dict()}; preprocess every dataset with the same "
                 f"tokenizer and --num-units")
     if vocab.num_units != args.num_units:
@@ -127,7 +130,7 @@ def _space_id(args: argparse.Namespace, stores: list[DocumentStore]) -> int | No
         recorded = {store.manifest.tokenizer.space_id for store in stores}
         if len(recorded) > 1:
             raise ValueError(
-                f"the --data-path datasets record different word-boundary pieces {sorted(recorded, key=str)}: "
+                f"the datasets record different word-boundary pieces {sorted(recorded, key=str)}: "
                 "they were made with different tokenizers; preprocess them with one tokenizer")
         space_id = recorded.pop()
         if space_id is None:
@@ -149,9 +152,9 @@ def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None 
     ranks read them back (default: `<--save>/lst_row_index`, none without --save). With a cache,
     rank 0 builds the indices first and the other ranks then read them.
     """
-    if args.data_path is None:
-        raise DatasetError("no --data-path: give the dataset prefixes written by "
-                           "tools/preprocess_data.py")
+    if args.data_path is None and args.train_data_path is None:
+        raise DatasetError("no --data-path or --train-data-path: give the dataset prefixes "
+                           "written by tools/preprocess_data.py")
     if index_cache_dir is None and args.save is not None:
         index_cache_dir = Path(args.save) / "lst_row_index"
     distributed = torch.distributed.is_initialized() and index_cache_dir is not None
@@ -165,36 +168,57 @@ def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None 
 
 def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDatasets:
     vocab = data_vocab(args)
-    sources = parse_data_path(args.data_path)
-    stores = {prefix: DocumentStore(prefix) for _, prefix in sources}
+    sources = split_sources(args)
+    stores = {prefix: DocumentStore(prefix)
+              for weighted in sources.values() for _, prefix in weighted}
     space_id = _space_id(args, list(stores.values()))
     patcher = Patcher(patching_config_from_args(args))
 
+    def documents(prefix: str, split: str) -> DocumentRange:
+        store = stores[prefix]
+        if args.data_path is None:  # --train-data-path / --valid-data-path: whole datasets
+            return DocumentRange(store, 0, len(store))
+        start, stop = split_bounds(args.split, len(store))[split]
+        if stop == start:
+            raise DatasetError(
+                f"--split {args.split} leaves the {split} part of {prefix} empty "
+                f"({len(store)} documents); change --split or add documents")
+        return DocumentRange(store, start, stop)
+
     def make(split: str, num_samples: int, training: bool):
         def make_source(prefix: str, count: int, positions: np.ndarray) -> LSTDataset:
-            store = stores[prefix]
-            start, stop = split_bounds(args.split, len(store))[split]
-            if stop == start:
-                raise DatasetError(
-                    f"--split {args.split} leaves the {split} part of {prefix} empty "
-                    f"({len(store)} documents); change --split or add documents")
-            cache = (cache_root / f"{Path(prefix).name}_{split}_{start}_{stop}"
+            part = documents(prefix, split)
+            cache = (cache_root / f"{Path(prefix).name}_{split}_{part.start}_{part.stop}"
                      if cache_root is not None else None)
             return LSTDataset(
-                DocumentRange(store, start, stop), count, args.seq_length, args.max_tokens,
+                part, count, args.seq_length, args.max_tokens,
                 patcher, args.seed, global_batch_size=args.global_batch_size, space_id=space_id,
                 sample_positions=positions, training=training, index_cache_dir=cache,
                 index_workers=args.index_workers)
 
-        return build_blended_dataset(sources, num_samples, make_source)
+        return build_blended_dataset(sources[split], num_samples, make_source)
 
     train = make("train", args.train_iters * args.global_batch_size, training=True)
     valid = None
-    if _has_split(args, "valid", stores):
-        valid = make("valid", args.eval_iters * args.global_batch_size, training=False)
-    else:
+    if "valid" not in sources:
+        logger.warning("no --valid-data-path: no evaluation")
+    elif args.data_path is not None and not _has_split(args, "valid", stores):
         logger.warning("--split %s leaves no validation documents: no evaluation", args.split)
+    else:
+        valid = make("valid", args.eval_iters * args.global_batch_size, training=False)
     return RunDatasets(train=train, valid=valid, vocab=vocab)
+
+
+def split_sources(args: argparse.Namespace) -> dict[str, list[tuple[float, str]]]:
+    """The weighted dataset prefixes of each split: `--data-path` for train and valid (cut by
+    `--split`), or `--train-data-path` and, when given, `--valid-data-path`."""
+    if args.data_path is not None:
+        sources = parse_data_path(args.data_path)
+        return {"train": sources, "valid": sources}
+    split = {"train": parse_data_path(args.train_data_path)}
+    if args.valid_data_path is not None:
+        split["valid"] = parse_data_path(args.valid_data_path)
+    return split
 
 
 def _has_split(args: argparse.Namespace, split: str, stores: dict[str, DocumentStore]) -> bool:

@@ -95,6 +95,11 @@ def test_validate_returns_a_copy():
     (["--data-path", "a", "0.5"], 1, r"mixes weights and prefixes"),
     (["--data-path", "a", "b"], 1, r"several datasets without weights"),
     (["--index-workers", "-1"], 1, r"--index-workers must be >= 0, got -1"),
+    (["--data-path", "a", "--train-data-path", "b"], 1, r"--data-path .* or --train-data-path .*not both"),
+    (["--valid-data-path", "b"], 1, r"--valid-data-path goes with --train-data-path"),
+    (["--train-data-path", "a", "b"], 1, r"--train-data-path a b names several datasets without"),
+    (["--train-data-path", "a", "--valid-data-path", "0.5", "b", "-1", "c"], 1,
+     r"--valid-data-path weights \['0.5', '-1'\] must be finite"),
     (["--distributed-timeout-minutes", "0"], 1, r"--distributed-timeout-minutes must be at least 1"),
 ], ids=lambda v: v if isinstance(v, int) else None)
 def test_impossible_combinations_name_the_flags(extra, world_size, message):

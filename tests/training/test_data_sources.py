@@ -1,0 +1,47 @@
+"""Where a run's training and validation rows come from: `--data-path` cut by `--split`, or
+whole datasets from `--train-data-path` / `--valid-data-path`."""
+
+from megatron_lst.training.arguments import parse_args, validate_args
+from megatron_lst.training.data_provider import build_datasets
+from training.training_cases import tiny_flags, write_corpus, write_store
+
+
+def documents(dataset):
+    """(prefix name, first, stop) of each source of a blended dataset, in blend order."""
+    return [(source.store.prefix.rsplit("/", 1)[-1], source.store.start, source.store.stop)
+            for source in dataset.datasets]
+
+
+def with_data(flags, *data):
+    """`tiny_flags` with its `--data-path ...` (the last flag with values) replaced by `data`."""
+    flags = list(flags)
+    at = flags.index("--data-path")
+    end = next((i for i in range(at + 1, len(flags)) if flags[i].startswith("--")), len(flags))
+    return flags[:at] + flags[end:] + ["--train-iters", "2", *data]
+
+
+def test_data_path_is_cut_by_split(tmp_path):  # tiny_flags split 90,10,0
+    args = validate_args(parse_args(tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "2"]), 1)
+    datasets = build_datasets(args)
+    assert documents(datasets.train) == [("speech", 0, 54), ("text", 0, 54)]
+    assert documents(datasets.valid) == [("speech", 54, 60), ("text", 54, 60)]
+
+
+def test_train_and_valid_data_paths_are_used_whole(tmp_path):
+    train = write_corpus(tmp_path)  # 60 speech and 60 text documents, weights 0.5 each
+    held_out = write_store(tmp_path / "held_out", "aligned", 12, seed=3)
+    flags = with_data(tiny_flags(train), "--train-data-path", *train,
+                      "--valid-data-path", str(held_out))
+    datasets = build_datasets(validate_args(parse_args(flags), 1))
+    assert documents(datasets.train) == [("speech", 0, 60), ("text", 0, 60)]
+    assert documents(datasets.valid) == [("held_out", 0, 12)]
+    assert len(datasets.valid) == 4  # --eval-iters 1 x --global-batch-size 4
+
+
+def test_train_data_path_alone_means_no_validation(tmp_path, caplog):
+    flags = with_data(tiny_flags(write_corpus(tmp_path)), "--train-data-path",
+                      str(tmp_path / "speech"))
+    datasets = build_datasets(validate_args(parse_args(flags), 1))
+    assert documents(datasets.train) == [("speech", 0, 60)]
+    assert datasets.valid is None
+    assert "no --valid-data-path: no evaluation" in caplog.text
