@@ -5,8 +5,9 @@ with an empty range outputs 0 and receives no gradient. Built from autograd ops 
 queries, so no `[Sq, Sk]` mask or score matrix exists for the whole sequence: each chunk of at
 most 256 queries runs PyTorch's scaled_dot_product_attention with an additive mask over the keys
 between its smallest start and largest end (with ranges that grow with the query, as the model's
-do, short chunks skip most of the keys no query of the chunk sees). Sizing the chunks needs the ranges on the host (one sync per chunk), fine
-for the CPU path and a test oracle, and one reason CUDA uses the Triton kernel.
+do, short chunks skip most of the keys no query of the chunk sees). Sizing the chunks needs the
+ranges on the host (one sync per chunk), fine for the CPU path and a test oracle, and one reason
+CUDA uses the Triton kernel.
 """
 
 import math

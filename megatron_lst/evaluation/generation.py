@@ -159,28 +159,25 @@ class _CachedGlobal:
         transformer = model.global_transformer
         device = next(model.parameters()).device
         self.rotary = transformer.rope.angles(max_patches, device)  # [S_max, 1, 1, d]
-        self.outputs: list[torch.Tensor] = []  # each [1, 1, Dg]
+        self.num_patches = 0  # patches run so far
 
-    def extend(self, global_input: torch.Tensor) -> int:
-        """Run the patches of `global_input [n, 1, Dg]` not seen yet; returns how many ran.
+    def extend(self, new: torch.Tensor) -> torch.Tensor:
+        """Run the next patches `new [n, 1, Dg]` -> their outputs `[n, 1, Dg]`.
 
         The prompt's patches go in one causal call. Later patches go one per call: megatron's
         static cache drops the causal mask once its offset is past 0, which is exact for one new
         position only (a text token can close two patches in one step: the short speech patch
         before it and its own).
         """
-        done = len(self.outputs)
-        new = global_input[done:]
-        chunks = [new] if done == 0 else new.split(1)
+        chunks = [new] if self.num_patches == 0 else new.split(1)
+        outputs = []
         for chunk in chunks:
-            if not len(chunk):
-                continue
-            out = self.model.global_transformer.block(
+            outputs.append(self.model.global_transformer.block(
                 chunk, attention_mask=None, rotary_pos_emb=self.rotary,
-                inference_context=self.context)
+                inference_context=self.context))
             self.context.sequence_len_offset += len(chunk)
-            self.outputs.extend(out.split(1))
-        return len(new)
+        self.num_patches += len(new)
+        return torch.cat(outputs)
 
 
 class _CachedLST:
@@ -201,8 +198,6 @@ class _CachedLST:
                                for layer in model.token_encoder.layers]
         self.decoder_cache = DecoderCache(model.local_decoder, spare=patch_size)
         self.layer_states: list[torch.Tensor] = []  # per encoder layer, [1, T, De]
-        self.global_inputs: list[torch.Tensor] = []  # per closed patch, [1, 1, Dg]
-        self.decoded = 0  # tokens the decoder has seen
 
     def step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
         """tokens `[1, N]` (the whole sequence), lengths `[1, P]` its generation patching ->
@@ -217,27 +212,23 @@ class _CachedLST:
                              [torch.cat(pair, dim=1) for pair in zip(self.layer_states, new_states,
                                                                      strict=True)])
         bounds = np.concatenate([[0], np.cumsum(lengths[0].tolist())]).tolist()
-        for patch in range(len(self.global_inputs), lengths.shape[1] - 1):  # the last is open
-            vector = model.patch_encoder.encode_patch(self.layer_states, bounds, patch)
+        closed = range(self.global_model.num_patches, lengths.shape[1] - 1)  # the last is open
+        new_global = self.layer_states[-1].new_zeros(1, 0, model.config.hidden_size)  # [1, m, Dg]
+        if closed:
+            vectors = torch.cat([model.patch_encoder.encode_patch(self.layer_states, bounds, patch)
+                                 for patch in closed], dim=1)  # [1, m, k*De]
             if model.global_input_projection is not None:
-                vector = model.global_input_projection(vector)
-            self.global_inputs.append(vector)  # [1, 1, Dg]
-        before = len(self.global_model.outputs)
-        ran = 0
-        if self.global_inputs:
-            ran = self.global_model.extend(torch.cat(self.global_inputs, dim=1).transpose(0, 1))
-        new_outputs = self.global_model.outputs[before:]  # each [1, 1, Dg]
-        new_global = (torch.cat(new_outputs, dim=0).transpose(0, 1) if new_outputs else
-                      self.layer_states[-1].new_zeros(1, 0, model.config.hidden_size))
-        patch_ids = patch_ids_from_lengths(lengths[:, 1:], tokens.shape[1])[0]  # [N]
-        self.decoded = self.decoder_cache.first_changed(patch_ids)
-        self.decoder_cache.rollback(self.decoded)
+                vectors = model.global_input_projection(vectors)
+            new_global = self.global_model.extend(vectors.transpose(0, 1)).transpose(0, 1)
+        patch_ids = patch_ids_from_lengths(lengths[:, 1:], tokens.shape[1])  # [1, N]
+        keep = self.decoder_cache.first_changed(patch_ids[0])
+        self.decoder_cache.rollback(keep)
         hidden = model.local_decoder.forward_step(
-            self.layer_states[-1][:, self.decoded:], new_global, lengths, self.decoded,
-            self.decoder_cache)  # [1, n, Dd]
-        self.decoded = tokens.shape[1]
+            self.layer_states[-1][:, keep:], new_global, patch_ids[:, keep:], lengths.shape[1],
+            keep, self.decoder_cache)  # [1, n, Dd]
         logits, _ = model.output_layer(hidden[:, -1:])  # [1, 1, V/tp]
-        return tensor_parallel.gather_from_tensor_model_parallel_region(logits)[0, -1].float(), ran
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        return logits[0, -1].float(), len(closed)
 
 
 class _CachedBaseline:

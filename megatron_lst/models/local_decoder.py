@@ -67,24 +67,25 @@ class LocalDecoder(torch.nn.Module):
         return self.final_norm(h)  # [B, N, Dd]
 
     def forward_step(self, token_states: torch.Tensor, new_global_states: torch.Tensor,
-                     patch_lengths: torch.Tensor, offset: int, cache: DecoderCache) -> torch.Tensor:
+                     patch_ids: torch.Tensor, num_patches: int, offset: int,
+                     cache: DecoderCache) -> torch.Tensor:
         """Generation: `forward` for the next tokens of a sequence whose earlier tokens (and the
         global patches closed so far) are in `cache`.
 
         token_states `[1, n, Dd]`: the encoder's final states of tokens offset..offset+n-1.
         new_global_states `[1, m, Dg]`: the global outputs of the patches closed since the last
-        call (m may be 0). patch_lengths `[1, P]`: the generation patching of the whole sequence
-        so far (the last patch open). Returns `[1, n, Dd]`.
+        call (m may be 0). patch_ids `[1, n]`: the new tokens' decoder patch ids under the
+        generation patching of the whole sequence so far, which has `num_patches` patches (the
+        last open). Returns `[1, n, Dd]`.
         """
         num_new = token_states.shape[1]
         if new_global_states.shape[1]:
             slots = self.patch_projection(new_global_states).view(
                 1, -1, token_states.shape[-1])  # [1, m*k, Dd]
             cache.add_slots([cross_attn.keys_values(slots) for cross_attn in self.cross_attn_layers])
-        patch_ids = patch_ids_from_lengths(patch_lengths[:, 1:], offset + num_new)[:, offset:]
         cache.patch_ids = torch.cat([cache.patch_ids, patch_ids[0].cpu()])
         key_start, key_end = decoder_key_ranges(
-            patch_ids, self.slots_per_patch, self.window, patch_lengths.shape[1])  # [1, n] each
+            patch_ids, self.slots_per_patch, self.window, num_patches)  # [1, n] each
         cos, sin = self.rope.cos_sin(offset + num_new, token_states.device)
         rope = (cos[:, offset:], sin[:, offset:])
 
