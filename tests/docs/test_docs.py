@@ -5,6 +5,8 @@
 - every command-line flag named there exists in one of the project's real parsers (collected
   from the parsers themselves), or belongs to an external command named in the same paragraph
   (`EXTERNAL_FLAGS`); every `make` target named there exists in the Makefile;
+- every flag of lst-train (docs/training.md) and of lst-eval / lst-generate
+  (docs/evaluation.md) is documented;
 - the worked examples of docs/data.md marked `<!-- docs-test: run -->` run as written, in order,
   in a scratch directory, and the output block marked `<!-- docs-test: output -->` is what the
   example before it prints;
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import re
@@ -137,13 +140,21 @@ def _anchors(page: Path) -> set[str]:
     return {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
 
 
-def _top_level_names() -> set[str]:
-    return {p.name for p in REPO.iterdir() if not p.name.startswith(".")} - {"__pycache__"}
+@functools.cache
+def _top_level_names() -> frozenset[str]:
+    """Top-level files and directories of the repository: git's, where git is at hand (outputs
+    such as runs/ or .venv/ are not the repository's), else what is on disk."""
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                                 check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        tracked = [p.name for p in REPO.iterdir() if not p.name.startswith(".")]
+    return frozenset(name.split("/")[0] for name in tracked) | {"docs"}
 
 
 def _named_paths(text: str) -> Iterator[tuple[str, str]]:
     """(path, the text before it) for every repository path the text names."""
-    top = sorted(_top_level_names() | {"docs"}, key=len, reverse=True)
+    top = sorted(_top_level_names(), key=len, reverse=True)
     pattern = re.compile(
         r"(?<![\w./-])((?:" + "|".join(map(re.escape, top)) + r")(?:/[\w.*<>#-]*)*"
         r"|(?:[\w-]+/)+[\w-]+\.py)(?![\w/])")
@@ -200,6 +211,22 @@ def test_named_flags_exist(doc: Path, project_flags: set[str]):
     targets = _make_targets()
     missing = [t for t in MAKE_TARGET.findall(doc.read_text()) if t not in targets]
     assert not missing, f"{doc.relative_to(REPO)} names make targets the Makefile lacks: {missing}"
+
+
+def _documented_flags(page: str) -> set[str]:
+    return set(FLAG.findall((DOCS / page).read_text()))
+
+
+def test_every_user_facing_flag_is_documented():
+    """A new flag of lst-train, lst-eval or lst-generate needs its row in the docs."""
+    from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
+    from megatron_lst.training.arguments import build_parser as train_parser
+
+    for page, parsers in (("training.md", [train_parser()]),
+                          ("evaluation.md", [build_eval_parser(), build_generate_parser()])):
+        flags = set().union(*(_option_strings(p) for p in parsers)) - {"-h", "--help"}
+        missing = sorted(flags - _documented_flags(page))
+        assert not missing, f"docs/{page} does not document {missing}"
 
 
 def test_every_page_is_linked_from_the_readme():
