@@ -1,4 +1,4 @@
-"""Run megatron.core on CPU with gloo when CUDA is absent (DESIGN.md section 7).
+"""Run megatron.core on CPU with gloo when CUDA is absent (docs/architecture.md#megatroncore-on-cpu).
 
 megatron.core assumes one CUDA device per process: it places tensors with
 `device="cuda"` or `device=torch.cuda.current_device()`, calls `.cuda()`, synchronises

@@ -1,4 +1,4 @@
-"""Aligned speech-text documents in memory (DESIGN.md section 2).
+"""Aligned speech-text documents in memory (docs/data.md#the-indexed-store-and-its-manifest).
 
 A speech-text document is an ordered list of segments; a segment is a word (or a silence) with the
 text-tokenizer pieces of the word and the speech units aligned to it. It is kept as flat arrays so a

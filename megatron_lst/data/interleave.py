@@ -1,4 +1,4 @@
-"""On-the-fly interleaving of an aligned document into one token sequence (DESIGN.md section 3).
+"""On-the-fly interleaving of an aligned document into one token sequence (docs/data.md#interleaving).
 
 A document's words are laid out as alternating text blocks and speech blocks. The layout is drawn
 per (seed, epoch, document) by the caller's generator, so every epoch sees a new layout and the same

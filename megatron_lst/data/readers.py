@@ -1,4 +1,4 @@
-"""Readers that turn raw corpora into documents (DESIGN.md section 2).
+"""Readers that turn raw corpora into documents (docs/data.md#input-formats).
 
 Three input forms:
 

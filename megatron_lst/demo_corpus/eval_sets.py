@@ -1,4 +1,4 @@
-"""Story-completion evaluation sets in text and speech (DESIGN.md section 10).
+"""Story-completion evaluation sets in text and speech (docs/evaluation.md#the-item-format).
 
 Three sets, from held-out stories:
 

@@ -38,7 +38,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", required=True,
                         help="A training --save directory; its latest complete checkpoint is used.")
     parser.add_argument("--items", nargs="+", required=True,
-                        help="Story-completion JSONL files (DESIGN.md section 10).")
+                        help="Story-completion JSONL files (docs/evaluation.md#the-item-format).")
     parser.add_argument("--modes", default=None,
                         help=f"Comma-separated modes out of {','.join(MODES)} (s2s, t2t, ... also "
                              f"work). Default: all four, or T->T for a text-only file.")

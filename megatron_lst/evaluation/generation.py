@@ -11,7 +11,7 @@ One step predicts the token after the sequence so far, `x_0 .. x_t`, with
 - the decoder runs on the new token with a sliding-window KV cache per layer and the cached
   keys/values of the closed patches' slots, and the output head gives the logits.
 Only closed patches reach the global model, and each does once: the decoder at token t reads only
-global patches that end at or before t (DESIGN.md section 4), i.e. closed ones, so the output of
+global patches that end at or before t (docs/architecture.md#the-batch-contract), i.e. closed ones, so the output of
 the open patch is never needed. One exception to "each token once": when a text token ends a
 speech run, the run's short last patch closes, and the tokens in it move to the decoder patch
 that reads it; the decoder takes those few tokens (fewer than p) again, so the cached loop

@@ -1,4 +1,4 @@
-"""Story-completion items (DESIGN.md section 10): read a JSONL file, validate it, encode the text.
+"""Story-completion items (docs/evaluation.md#the-item-format): read a JSONL file, validate it, encode the text.
 
 One item per line:
 

@@ -1,4 +1,4 @@
-"""Likelihood scoring of story-completion items in four modes (DESIGN.md section 10).
+"""Likelihood scoring of story-completion items in four modes (docs/evaluation.md#scoring).
 
 A mode puts the context in one modality and the endings in another: S->S, T->T, S->T, T->S. Each
 (item, ending) pair is one sequence in training's layout, where a mode marker opens every run and
@@ -20,7 +20,7 @@ every ending shares), given everything before them; the normalised score divides
 An item is right when the argmax ending is its label (ties go to the first ending).
 
 Scoring the whole sequence in one forward pass is exact: the log-prob of token t comes from the
-decoder output at t-1, which reads only patches ending at or before t-1 (DESIGN.md section 4), so
+decoder output at t-1, which reads only patches ending at or before t-1 (docs/architecture.md#the-batch-contract), so
 it equals the next-token log-prob of the prefix (a test checks this). Sequences are patched as the
 model is at inference: the whole sequence by the eval patcher (`inference_patcher`: curriculum
 and mixed models are patched statically). A batch holds every ending of `batch_size` items, padded

@@ -1,4 +1,4 @@
-"""LST and the token baseline on megatron.core (DESIGN.md sections 4-6).
+"""LST and the token baseline on megatron.core (docs/architecture.md).
 
 `build_model` picks the model for a patching mode: `none` gives the token baseline, every other
 mode the LST model (patching itself happens in the data pipeline; the model reads patch_lengths).

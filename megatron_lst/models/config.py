@@ -72,7 +72,7 @@ class GlobalModelConfig:
 
 @dataclass(frozen=True)
 class CrossAttentionConfig:
-    """How patches and tokens exchange information (DESIGN.md section 5)."""
+    """How patches and tokens exchange information (docs/architecture.md#attention-ranges)."""
 
     slots_per_patch: int = 2
     """k: each patch is k vectors of the local width, concatenated for the global model."""

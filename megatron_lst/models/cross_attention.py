@@ -1,6 +1,6 @@
 """Cross-attention between patch slots and tokens, over one contiguous key range per query.
 
-Used both ways (DESIGN.md section 5): in the encoder, patch slots query the tokens of their last W
+Used both ways (docs/architecture.md#attention-ranges): in the encoder, patch slots query the tokens of their last W
 patches; in the decoder, tokens query the slots of their last W visible global patches. The key
 ranges come from `lst_kernels.encoder_key_ranges` / `decoder_key_ranges` and the attention itself
 is `lst_kernels.patch_cross_attention`, so no `[queries, keys]` mask is ever built.

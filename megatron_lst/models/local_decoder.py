@@ -16,7 +16,7 @@ class LocalDecoder(torch.nn.Module):
     """Per layer: tokens cross-attend the k slots of their last W visible global patches (before
     every layer, or only the first), then sliding-window self-attention and MLP; final RMSNorm.
 
-    Causality (DESIGN.md section 4): decoder patch ids come from `patch_lengths[:, 1:]`, so token t
+    Causality (docs/architecture.md#the-batch-contract): decoder patch ids come from `patch_lengths[:, 1:]`, so token t
     of decoder patch j sits at or after the last token of encoder patch j and reads only global
     patches <= j, all of which end at or before t.
     """

@@ -14,7 +14,7 @@ inputs and output gradients on all of them (the embedding all-reduces its output
 all-reduces its input gradient, the sequence-parallel scatter/gather exchange complete tensors), so
 their gradients agree without extra communication.
 
-How the decoder gets the per-token encoder states under pipeline parallelism (DESIGN.md section 6):
+How the decoder gets the per-token encoder states under pipeline parallelism (docs/architecture.md#parallelism):
 the last stage keeps a replica of the `TokenEncoder` (embedding + encoder self-attention layers,
 not the patch cross-attention) and recomputes the token states from the tokens. Chosen over
 packing them into the pipeline's p2p tensor because (a) megatron's schedules send one fixed-shape

@@ -1,6 +1,6 @@
 """Module specs: which implementation fills each slot of the local layers and the global block.
 
-Swapping implementations is a different spec, never an `if` inside a layer (STYLE.md).
+Swapping implementations is a different spec, never an `if` inside a layer.
 - Global block: megatron's Transformer Engine layer spec (`transformer_impl="transformer_engine"`)
   or its local PyTorch spec (`"local"`, with causal SDPA as core attention and norms that support
   sequence parallelism); `"auto"` takes TE when it is installed and CUDA is up.

@@ -1,4 +1,4 @@
-"""Patching: patch lengths of interleaved documents and the batch contract (DESIGN.md section 4)."""
+"""Patching: patch lengths of interleaved documents and the batch contract (docs/architecture.md#the-batch-contract)."""
 
 from megatron_lst.patching.contract import (
     BatchContractError,

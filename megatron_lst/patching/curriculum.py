@@ -1,4 +1,4 @@
-"""Patching modes, including the ones that pick a rule per document (DESIGN.md section 4).
+"""Patching modes, including the ones that pick a rule per document (docs/data.md#patching-modes).
 
 - `none`: every token its own patch; `--seq-length` then counts tokens.
 - `static`: `static_patch_lengths` with `patch_size`.

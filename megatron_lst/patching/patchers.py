@@ -1,4 +1,4 @@
-"""Patch lengths of one interleaved document, for each fixed patching rule (DESIGN.md section 4).
+"""Patch lengths of one interleaved document, for each fixed patching rule (docs/data.md#patching-modes).
 
 Pure, vectorised functions of an `InterleavedDocument`: no randomness, no Python loop over tokens.
 Each returns `[num_patches] int32` lengths that sum to the document's length. In every rule a text

@@ -1,4 +1,4 @@
-"""The joint id space of text pieces, special ids and speech units (DESIGN.md section 1).
+"""The joint id space of text pieces, special ids and speech units (docs/data.md#the-joint-vocabulary).
 
 The default layout is the reference implementation's, so its checkpoints import unchanged.
 With V the text tokenizer's size:

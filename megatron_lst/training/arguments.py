@@ -86,7 +86,7 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention-dropout", type=float, default=0.0)
     group.add_argument("--hidden-dropout", type=float, default=0.0)
     group.add_argument("--num-units", type=int, default=502,
-                       help="Speech codebook size (joint vocabulary, DESIGN.md section 1).")
+                       help="Speech codebook size (joint vocabulary, docs/data.md#the-joint-vocabulary).")
 
 
 def _add_lst_args(parser: argparse.ArgumentParser) -> None:
@@ -512,7 +512,7 @@ def _validate_training(args: argparse.Namespace) -> None:
     if args.eval_data is not None:
         if not Path(args.eval_data).is_file():
             raise ArgumentError(f"--eval-data {args.eval_data} is not a file (story-completion "
-                                "items as JSONL, DESIGN.md section 10)")
+                                "items as JSONL, see docs/evaluation.md#the-item-format)")
         if args.tokenizer_model is None:
             raise ArgumentError("--eval-data needs --tokenizer-model to tokenize the items' text")
 

@@ -1,4 +1,4 @@
-"""Training checkpoints with megatron.core dist_checkpointing (DESIGN.md section 9).
+"""Training checkpoints with megatron.core dist_checkpointing (docs/architecture.md#checkpoint-formats).
 
 Layout of a save directory (`--save`), Megatron-LM's names where Megatron has them:
 

@@ -274,7 +274,7 @@ def _check_patch_lengths(patch_lengths: torch.Tensor, num_tokens: int) -> torch.
         raise ValueError(
             f"patch_lengths rows sum to {sums.tolist()} (negative entries: "
             f"{bool((lengths < 0).any())}); the batch contract needs non-negative lengths that "
-            f"sum to num_tokens + 1 = {num_tokens + 1} in every row (DESIGN.md section 4)"
+            f"sum to num_tokens + 1 = {num_tokens + 1} in every row (docs/architecture.md#the-batch-contract)"
         )
     if lengths.shape[1] < 2 or (lengths[:, 0] != 1).any():
         raise ValueError(

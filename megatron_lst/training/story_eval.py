@@ -1,6 +1,6 @@
 """Story-completion accuracy during training (`--eval-data`, every `--eval-interval`).
 
-The items (DESIGN.md section 10) are read and tokenized once; at each evaluation every rank
+The items (docs/evaluation.md#the-item-format) are read and tokenized once; at each evaluation every rank
 scores them with `megatron_lst.evaluation.evaluate_items`, patched as at inference (curriculum
 and mixed models static), in S->S and T->T when the items carry speech, T->T otherwise.
 """

@@ -1,4 +1,4 @@
-"""DESIGN.md section 4: logits at or before t never depend on tokens after t, for every patching
+"""docs/architecture.md#the-batch-contract: logits at or before t never depend on tokens after t, for every patching
 rule, with ragged patches, padded rows and windows (tokens and patches) shorter than the rows."""
 
 import dataclasses

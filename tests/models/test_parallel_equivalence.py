@@ -1,5 +1,5 @@
 """The same batch gives the same loss and gradients under TP=1 vs TP=2, PP=1 vs PP=2 and TP2xPP2,
-with sequence parallelism on and off (fp32, gloo on CPU; DESIGN.md section 6)."""
+with sequence parallelism on and off (fp32, gloo on CPU; docs/architecture.md#parallelism)."""
 
 from pathlib import Path
 

@@ -1,0 +1,293 @@
+"""The documentation cannot drift silently from the code.
+
+- every repository path named in `docs/*.md` and README.md exists (links to a page anchor: the
+  heading exists too);
+- every command-line flag named there exists in one of the project's real parsers (collected
+  from the parsers themselves), or belongs to an external command named in the same paragraph
+  (`EXTERNAL_FLAGS`); every `make` target named there exists in the Makefile;
+- every flag of lst-train (docs/training.md) and of lst-eval / lst-generate
+  (docs/evaluation.md) is documented;
+- the worked examples of docs/data.md marked `<!-- docs-test: run -->` run as written, in order,
+  in a scratch directory, and the output block marked `<!-- docs-test: output -->` is what the
+  example before it prints;
+- no file outside docs/ points to a document the repository does not have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs"
+PAGES = ("architecture.md", "data.md", "evaluation.md", "training.md", "kernels.md")
+DOC_FILES = [DOCS / page for page in PAGES] + [REPO / "README.md"]
+
+# Flags of commands that are not ours, keyed by the words that name the command: a flag in this
+# table is accepted only in a paragraph that names its command.
+EXTERNAL_FLAGS: dict[tuple[str, ...], frozenset[str]] = {
+    # torchrun (torch.distributed.run): examples/pretrain_lst_torchrun.sh and the SLURM script
+    ("torchrun",): frozenset({"--standalone", "--nnodes", "--nproc-per-node", "--rdzv-backend",
+                              "--rdzv-endpoint", "--rdzv-id"}),
+    # sbatch / srun options of examples/pretrain_lst_slurm.sbatch
+    ("sbatch", "srun", "SLURM"): frozenset({"--signal", "--requeue"}),
+    # building NVIDIA apex from source (README, "GPU extras")
+    ("apex",): frozenset({"--cpp_ext", "--cuda_ext"}),
+}
+
+FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
+MAKE_TARGET = re.compile(r"(?:^|`)make ([\w-]+)", re.MULTILINE)
+RUN_MARKER = "<!-- docs-test: run -->"
+OUTPUT_MARKER = "<!-- docs-test: output -->"
+FENCED = r"\s*\n```(\w*)\n(.*?)\n```"
+
+
+# --- the parsers --------------------------------------------------------------------------
+
+class _Captured(Exception):
+    def __init__(self, parser: argparse.ArgumentParser):
+        super().__init__("parser captured")
+        self.parser = parser
+
+
+def _capture_parser(main: Callable[..., object], *args) -> argparse.ArgumentParser:
+    """The parser `main` builds, taken at its `parse_args` call (nothing after it runs)."""
+    def parse_args(self, *_, **__):
+        raise _Captured(self)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_args):
+        try:
+            main(*args)
+        except _Captured as captured:
+            return captured.parser
+    raise AssertionError(f"{main} never parsed its arguments")
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of `parser` and of its subcommands."""
+    flags = set()
+    for action in parser._actions:
+        flags.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _option_strings(sub)
+    return flags
+
+
+def _load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_docs_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _script_parsers() -> Iterator[argparse.ArgumentParser]:
+    """The parser of every script under tools/ and examples/ that has one."""
+    for path in sorted([*REPO.glob("tools/*.py"), *REPO.glob("examples/**/*.py")]):
+        module = _load_script(path)
+        if hasattr(module, "build_parser"):
+            yield module.build_parser()
+        elif hasattr(module, "main") and "parse_args" in path.read_text():
+            yield _capture_parser(module.main)
+
+
+@pytest.fixture(scope="module")
+def project_flags() -> set[str]:
+    from megatron_lst.checkpoint.cli import build_parser as convert_parser
+    from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
+    from megatron_lst.evaluation.importers import import_main
+    from megatron_lst.training.arguments import build_parser as train_parser
+
+    parsers = [train_parser(), build_eval_parser(), build_generate_parser(), convert_parser(),
+               _capture_parser(import_main, []), *_script_parsers()]
+    flags = set().union(*(_option_strings(p) for p in parsers))
+    assert {"--seq-length", "--max-tokens", "--items", "--prompt-text", "--reference-ckpt",
+            "--units-dir", "--input-format", "--budget-flops"} <= flags  # every kind was found
+    return flags
+
+
+def _make_targets() -> set[str]:
+    text = (REPO / "Makefile").read_text()
+    return set(re.findall(r"^([\w-]+):", text, re.MULTILINE))
+
+
+# --- reading the docs ---------------------------------------------------------------------
+
+def _paragraphs(text: str) -> list[str]:
+    return [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+    return {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
+
+
+@functools.cache
+def _top_level_names() -> frozenset[str]:
+    """Top-level files and directories of the repository: git's, where git is at hand (outputs
+    such as runs/ or .venv/ are not the repository's), else what is on disk."""
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                                 check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        tracked = [p.name for p in REPO.iterdir() if not p.name.startswith(".")]
+    return frozenset(name.split("/")[0] for name in tracked) | {"docs"}
+
+
+def _named_paths(text: str) -> Iterator[tuple[str, str]]:
+    """(path, the text before it) for every repository path the text names."""
+    top = sorted(_top_level_names(), key=len, reverse=True)
+    pattern = re.compile(
+        r"(?<![\w./-])((?:" + "|".join(map(re.escape, top)) + r")(?:/[\w.*<>#-]*)*"
+        r"|(?:[\w-]+/)+[\w-]+\.py)(?![\w/])")
+    for match in pattern.finditer(text):
+        path = match.group(1).rstrip(".,:;")
+        if "/" in path or "." in path or path in _top_level_names():
+            yield path, text[:match.start()]
+
+
+def _is_output_argument(before: str) -> bool:
+    return re.search(r"(--out|--output|--json|>)\s*$", before) is not None
+
+
+def _check_path(path: str, base: Path) -> str | None:
+    """None when `path` (relative to the repository, or to `base` for a page link) is real."""
+    path, _, anchor = path.partition("#")
+    if "<" in path:  # a placeholder: its fixed part must exist
+        path = path[:path.index("<")].rsplit("/", 1)[0]
+    for root in (REPO, base):
+        target = root / path
+        exists = any(root.glob(path)) if "*" in path else target.exists()
+        if exists:
+            if anchor and target.suffix == ".md" and anchor not in _anchors(target):
+                return f"{path} has no heading for #{anchor}"
+            return None
+    return f"{path} does not exist"
+
+
+# --- the tests ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: p.name)
+def test_named_paths_exist(doc: Path):
+    text = doc.read_text()
+    problems = [f"{path}: {error}" for path, before in _named_paths(text)
+                if not _is_output_argument(before)
+                and (error := _check_path(path, doc.parent)) is not None]
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    problems += [f"link {link}: {error}" for link in links if not link.startswith("http")
+                 and (error := _check_path(link or "#", doc.parent)) is not None]
+    anchors = re.findall(r"\]\(#([\w-]+)\)", text)
+    problems += [f"link #{a}: no such heading" for a in anchors if a not in _anchors(doc)]
+    assert not problems, f"{doc.relative_to(REPO)} names what is not there: {problems}"
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: p.name)
+def test_named_flags_exist(doc: Path, project_flags: set[str]):
+    unknown = []
+    for paragraph in _paragraphs(doc.read_text()):
+        external = set().union(*(flags for commands, flags in EXTERNAL_FLAGS.items()
+                                 if any(c in paragraph for c in commands)))
+        unknown += [f for f in FLAG.findall(paragraph) if f not in project_flags | external]
+    assert not unknown, (f"{doc.relative_to(REPO)} names flags no parser has: "
+                         f"{sorted(set(unknown))}")
+    targets = _make_targets()
+    missing = [t for t in MAKE_TARGET.findall(doc.read_text()) if t not in targets]
+    assert not missing, f"{doc.relative_to(REPO)} names make targets the Makefile lacks: {missing}"
+
+
+def _documented_flags(page: str) -> set[str]:
+    return set(FLAG.findall((DOCS / page).read_text()))
+
+
+def test_every_user_facing_flag_is_documented():
+    """A new flag of lst-train, lst-eval or lst-generate needs its row in the docs."""
+    from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
+    from megatron_lst.training.arguments import build_parser as train_parser
+
+    for page, parsers in (("training.md", [train_parser()]),
+                          ("evaluation.md", [build_eval_parser(), build_generate_parser()])):
+        flags = set().union(*(_option_strings(p) for p in parsers)) - {"-h", "--help"}
+        missing = sorted(flags - _documented_flags(page))
+        assert not missing, f"docs/{page} does not document {missing}"
+
+
+def test_every_page_is_linked_from_the_readme():
+    readme = (REPO / "README.md").read_text()
+    assert [p for p in PAGES if f"](docs/{p})" not in readme] == []
+    assert sorted(p.name for p in DOCS.glob("*.md")) == sorted(PAGES)
+
+
+def _marked_blocks(text: str, marker: str) -> list[tuple[int, str]]:
+    """(offset, body) of every fenced block right after `marker`."""
+    return [(m.start(), m.group(2)) for m in re.finditer(re.escape(marker) + FENCED, text,
+                                                         re.DOTALL)]
+
+
+@pytest.mark.slow  # about 30 s: five Python processes that import torch and megatron.core
+def test_data_examples_run_as_written(tmp_path: Path):
+    text = (DOCS / "data.md").read_text()
+    runs = _marked_blocks(text, RUN_MARKER)
+    outputs = _marked_blocks(text, OUTPUT_MARKER)
+    assert len(runs) >= 5 and len(outputs) == 1
+    (tmp_path / "tools").symlink_to(REPO / "tools")  # the blocks run "from the repository root"
+    env = dict(os.environ,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
+                                                        os.environ.get("PYTHONPATH")])))
+    printed = {}
+    for offset, script in runs:
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (f"docs/data.md example failed:\n{script}\n"
+                                        f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        printed[offset] = result.stdout
+    for offset, expected in outputs:
+        before = max(o for o in printed if o < offset)
+        assert printed[before].strip() == expected.strip()
+
+
+def _files_outside_docs() -> Iterator[Path]:
+    for path in sorted(REPO.iterdir()):
+        if path.name.startswith(".") or path.name in ("docs", "__pycache__"):
+            continue
+        if path.is_file():
+            yield path
+        elif path.is_dir() and path.name in {"megatron_lst", "kernels", "tools", "tests",
+                                             "examples", "benchmarks"}:
+            yield from (p for p in sorted(path.rglob("*"))
+                        if p.is_file() and "__pycache__" not in p.parts)
+
+
+def test_no_file_points_to_a_missing_document():
+    # Built from parts so that this file does not name them itself.
+    absent = [name + ".md" for name in ("DESIGN", "STYLE")]
+    problems = []
+    for path in _files_outside_docs():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        where = path.relative_to(REPO)
+        problems += [f"{where}: {name}" for name in absent if name in text]
+        for link in sorted(set(re.findall(r"docs/[\w/-]+\.md(?:#[\w-]+)?", text))):
+            if (error := _check_path(link, REPO)) is not None:
+                problems.append(f"{where}: {error}")
+    assert not problems, f"files point to documents the repository lacks: {problems}"
