@@ -29,10 +29,12 @@ from megatron_lst.checkpoint.model_state import build_full_model
 from megatron_lst.models.config import preset
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.checkpointing import (
+    METADATA_FILENAME,
     TRACKER_FILENAME,
     NonFiniteWeightsError,
     load_checkpoint,
 )
+from megatron_lst.training.resume_check import ResumeConfigError
 
 VOCAB = JointVocab(text_size=58)
 # What lst-eval's loader passes: weights only, no optimizer.
@@ -195,3 +197,17 @@ def test_diverged_weights_are_not_saved(saved, tmp_path):
     assert f"The newest checkpoint, {save_dir / 'iter_0000002'} (iteration 2)" in message
     assert sorted(p.name for p in save_dir.iterdir()) == [
         "iter_0000001", "iter_0000002", TRACKER_FILENAME]
+
+
+def test_a_resume_that_breaks_the_data_position_is_refused_before_loading(save_dir):
+    checkpoint = save_dir / "iter_0000002"
+    metadata = json.loads((checkpoint / METADATA_FILENAME).read_text())
+    metadata["args"].update(global_batch_size=8, train_iters=10)
+    metadata["extra_state"] = {"consumed_samples": 16}
+    (checkpoint / METADATA_FILENAME).write_text(json.dumps(metadata))
+    training = argparse.Namespace(**{**metadata["args"], "global_batch_size": 4,
+                                     "finetune": False, "no_load_optim": False,
+                                     "no_load_rng": False, "ckpt_step": None})
+    with pytest.raises(ResumeConfigError, match="consumed 16 samples in 2 iterations of 8"):
+        # A placeholder optimizer: the flags are refused before it (or any file) is read.
+        load_checkpoint(save_dir, [tiny_model()], object(), None, training, VOCAB)

@@ -21,8 +21,10 @@ from megatron_lst.training.checkpointing import (
     METADATA_FILENAME,
     TRACKER_FILENAME,
     CheckpointError,
+    describe_good_checkpoint,
     find_latest_checkpoint,
     read_checkpoint_metadata,
+    select_checkpoint,
 )
 
 WORKER = Path(__file__).parent / "workers" / "checkpoint_worker.py"
@@ -77,6 +79,36 @@ def test_complete_checkpoint_newer_than_the_pointer_wins(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert find_latest_checkpoint(tmp_path) == newer
     assert "newer" in caplog.text
+
+
+def test_load_may_name_one_checkpoint_directory(tmp_path):
+    older = fake_checkpoint(tmp_path, 100)
+    fake_checkpoint(tmp_path, 200)
+    (tmp_path / TRACKER_FILENAME).write_text("200")
+    assert find_latest_checkpoint(older) == older
+
+
+def test_ckpt_step_picks_an_older_checkpoint_over_pointer_and_newer_ones(tmp_path):
+    older = fake_checkpoint(tmp_path, 100)
+    fake_checkpoint(tmp_path, 200)
+    (tmp_path / TRACKER_FILENAME).write_text("200")
+    assert select_checkpoint(tmp_path, 100) == older
+    assert select_checkpoint(tmp_path) == tmp_path / "iter_0000200"
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint of iteration 150; "
+                                              r"complete ones: \[100, 200\]"):
+        select_checkpoint(tmp_path, 150)
+    with pytest.raises(CheckpointError, match="give one or the other"):
+        select_checkpoint(older, 100)
+
+
+def test_the_good_checkpoint_is_named_after_divergence(tmp_path):
+    assert "No checkpoint was saved before" in describe_good_checkpoint(tmp_path)
+    fake_checkpoint(tmp_path, 100)
+    newest = fake_checkpoint(tmp_path, 200)
+    (tmp_path / TRACKER_FILENAME).write_text("200")
+    assert describe_good_checkpoint(tmp_path).startswith(
+        f"The newest checkpoint, {newest} (iteration 200), held finite weights when it was "
+        f"saved: resume from it with --load {tmp_path} (or --ckpt-step 200)")
 
 
 def test_directory_without_metadata_is_not_complete(tmp_path):
