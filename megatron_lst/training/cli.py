@@ -13,7 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
-from megatron_lst.training.loop import EXIT_STOPPED, pretrain
+
+# Nothing here imports torch or megatron.core at import time: saving a dist checkpoint spawns a
+# process that re-imports the entry module (this one, or pretrain_lst.py that imports it), and
+# megatron.core's import-time warnings would be printed again at the first save.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArgumentError as error:
         print(f"lst-train: {error}", file=sys.stderr)
         return 2
+    from megatron_lst.training.loop import EXIT_STOPPED, pretrain
+
     result = pretrain(args)
     return EXIT_STOPPED if result.stopped_by_signal else 0
 

@@ -228,3 +228,15 @@ def test_tensor_parallel_checkpoint_loads_into_one_process(tmp_path):
     # megatron.core's distributed optimizer cannot resume without Apex/TE (no Adam step): refused.
     if not errors["have_apex_or_te"]:
         assert "needs Apex or Transformer Engine" in errors["distributed_optimizer"]
+
+
+def test_entry_module_imports_no_megatron_so_saving_prints_no_import_warnings_again():
+    """Saving spawns a process that re-imports the entry module (`pretrain_lst.py`, or the
+    `lst-train` script importing `training.cli`); megatron.core's import-time warnings (no Apex /
+    Transformer Engine ...) would be printed again at the first save."""
+    code = ("import sys, runpy; runpy.run_path(sys.argv[1], run_name='__mp_main__'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')))")
+    loaded = subprocess.run([sys.executable, "-c", code, str(TESTS_DIR.parent / "pretrain_lst.py")],
+                            capture_output=True, text=True, check=True, timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
+    assert "Warning" not in loaded.stderr, loaded.stderr
