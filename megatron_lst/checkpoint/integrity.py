@@ -172,7 +172,11 @@ def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
     except CheckpointError as err:  # damaged, or refused by the restricted unpickler
         problems.append(str(err))
     else:
-        problems += safe_pickle.check_data_layout(directory, metadata)
+        problems += safe_pickle.check_file_bounds(directory, metadata)
+        if not problems:
+            keys = _my_share(safe_pickle.byte_items(metadata))
+            found = _gather(safe_pickle.check_byte_items(directory, metadata, keys))
+            problems += [found[key] for key in sorted(found)]
     problems += safe_pickle.check_common_state(directory)
     return VerificationReport(directory, files_checked, bytes_checked, manifest is not None,
                               tuple(problems))

@@ -99,44 +99,54 @@ def read_dcp_metadata(checkpoint: str | Path):
     return metadata
 
 
-def check_data_layout(checkpoint: str | Path, metadata) -> list[str]:
+def check_file_bounds(checkpoint: str | Path, metadata) -> list[str]:
     """Problems (empty: none) with the `.distcp` files `metadata` points into: a missing file,
-    a file shorter than the index says (truncated), or a byte item (ShardedObject) that does not
-    load under torch's `weights_only` unpickler."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
+    or one shorter than the index says (truncated)."""
     directory = Path(checkpoint)
-    problems: list[str] = []
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0),
                                          info.offset + info.length)
-    sizes: dict[str, int] = {}
+    problems = []
     for name, end in sorted(needed.items()):
         file = directory / name
         if not file.is_file():
             problems.append(f"{file} is missing; the checkpoint index stores data in it")
-            continue
-        sizes[name] = file.stat().st_size
-        if sizes[name] < end:
-            problems.append(f"{file} is truncated: {sizes[name]} bytes, but the checkpoint "
-                            f"index places data up to byte {end}")
+        elif (size := file.stat().st_size) < end:
+            problems.append(f"{file} is truncated: {size} bytes, but the checkpoint index "
+                            f"places data up to byte {end}")
+    return problems
+
+
+def byte_items(metadata) -> list[str]:
+    """The keys of the byte items (ShardedObjects) of `metadata`, sorted."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    return sorted(key for key, kind in metadata.state_dict_metadata.items()
+                  if isinstance(kind, BytesStorageMetadata))
+
+
+def check_byte_items(checkpoint: str | Path, metadata, keys: list[str]) -> dict[str, str]:
+    """Problems by key of the byte items `keys` (see `byte_items`) that do not load under
+    torch's `weights_only` unpickler; call after `check_file_bounds` found no problem."""
+    directory = Path(checkpoint)
+    wanted = set(keys)
+    problems = {}
     for index, info in metadata.storage_data.items():
-        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+        if index.fqn not in wanted:
             continue
-        if info.relative_path not in sizes or sizes[info.relative_path] < info.offset + info.length:
-            continue  # reported above
         where = f"{directory / info.relative_path} (object {index.fqn!r})"
         if info.transform_descriptors:
-            problems.append(f"{where} is stored through stream transforms "
-                            f"{list(info.transform_descriptors)}, which this loader cannot check")
+            problems[index.fqn] = (f"{where} is stored through stream transforms "
+                                   f"{list(info.transform_descriptors)}, which this loader "
+                                   f"cannot check")
             continue
         with open(directory / info.relative_path, "rb") as f:
             f.seek(info.offset)
             payload = f.read(info.length)
         problem = _weights_only_problem(payload, where)
         if problem is not None:
-            problems.append(problem)
+            problems[index.fqn] = problem
     return problems
 
 

@@ -4,6 +4,7 @@ The multi-process tests run `workers/checkpoint_worker.py` (a tiny megatron.core
 dropout, megatron DDP + optimizer + OptimizerParamScheduler, real `lst-train` flags) on gloo.
 """
 
+import argparse
 import json
 import logging
 import os
@@ -240,3 +241,20 @@ def test_entry_module_imports_no_megatron_so_saving_prints_no_import_warnings_ag
                             capture_output=True, text=True, check=True, timeout=60)
     assert loaded.stdout.strip() == "[]", loaded.stdout
     assert "Warning" not in loaded.stderr, loaded.stderr
+
+
+def test_a_nan_loss_names_the_checkpoint_to_resume_from(tmp_path):
+    from megatron_lst.training.flops import FlopBreakdown
+    from megatron_lst.training.loop import StepResult, _record_step
+    from megatron_lst.training.train_logging import NonFiniteLossError
+
+    fake_checkpoint(tmp_path, 100)
+    (tmp_path / TRACKER_FILENAME).write_text("100")
+    state = argparse.Namespace(args=argparse.Namespace(fp16=False, save=str(tmp_path), load=None),
+                               iteration=101)
+    step = StepResult(loss=float("nan"), num_tokens=64, flops=FlopBreakdown(), seconds=0.1,
+                      learning_rate=1e-3, grad_norm=None, loss_scale=None, skipped=False)
+    with pytest.raises(NonFiniteLossError) as stopped:
+        _record_step(state, step, result=None, training_logger=None)
+    assert "iteration 101: lm loss = nan" in str(stopped.value)
+    assert f"The newest checkpoint, {tmp_path / 'iter_0000100'} (iteration 100)" in str(stopped.value)
