@@ -103,14 +103,15 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    from megatron_lst.training.checkpointing import older_checkpoints_hint, read_checkpoint_metadata
-
-    from .integrity import verify_checkpoint
+    from megatron_lst.training.checkpointing import (
+        read_checkpoint_metadata,
+        verify_or_point_elsewhere,
+    )
 
     metadata = read_checkpoint_metadata(path)
     if vocab is not None and metadata.get("vocab") is not None:
         vocab.check_matches(metadata["vocab"]["size"], f"dist checkpoint {path}")
-    verify_checkpoint(path, older_checkpoints_hint(Path(path)))
+    verify_or_point_elsewhere(Path(path))
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     # Checked on a copy with factories built (fused SwiGLU fc1 is saved as its halves);
     # `load` builds and merges the factories of its own copy.

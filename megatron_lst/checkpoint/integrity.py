@@ -194,10 +194,10 @@ def _file_problem(path: Path, expected: FileRecord) -> str | None:
     return None
 
 
-def verify_checkpoint(checkpoint: str | os.PathLike, fallback_hint: str = "") -> None:
+def verify_checkpoint(checkpoint: str | os.PathLike) -> None:
     """Collective when torch.distributed is initialized: `inspect_checkpoint`, raising
     CheckpointIntegrityError, naming every file at fault, when it finds a damaged file or one
-    refused as unsafe to unpickle; `fallback_hint` ends the message."""
+    refused as unsafe to unpickle."""
     report = inspect_checkpoint(checkpoint)
     if not report.has_manifest:
         logger.warning("%s has no %s (saved before file digests were recorded, or by another "
@@ -206,5 +206,4 @@ def verify_checkpoint(checkpoint: str | os.PathLike, fallback_hint: str = "") ->
     if report.problems:
         listed = "\n  ".join(report.problems)
         raise CheckpointIntegrityError(
-            f"checkpoint {report.checkpoint} failed verification and is not loaded:\n  {listed}"
-            f"\n{fallback_hint}".rstrip())
+            f"checkpoint {report.checkpoint} failed verification and is not loaded:\n  {listed}")

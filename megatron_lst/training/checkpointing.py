@@ -12,8 +12,9 @@ Layout of a save directory (`--save`), Megatron-LM's names where Megatron has th
 
 A save first checks that the weights are finite (a diverged model is never saved as the newest
 checkpoint), writes everything into `iter_XXXXXXX.tmp-<nonce>`, waits for every rank, records
-the files' digests (`megatron_lst.checkpoint.integrity`), writes `lst_checkpoint.json` last, renames the directory to `iter_XXXXXXX` and only then replaces the
-pointer file (temp file + os.replace). A process killed at any point leaves the previous
+the files' digests (`megatron_lst.checkpoint.integrity`), writes `lst_checkpoint.json` last,
+renames the directory to `iter_XXXXXXX` and only then replaces the pointer file (temp file +
+os.replace). A process killed at any point leaves the previous
 checkpoint complete and named by the pointer (or, killed between the rename and the pointer, a
 complete newer checkpoint that loading finds). Model and optimizer are saved as sharded tensors in
 model space, so a checkpoint loads under another tensor/pipeline-parallel layout; RNG states are
@@ -43,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lst.checkpoint import integrity
-from megatron_lst.checkpoint.errors import CheckpointError
+from megatron_lst.checkpoint.errors import CheckpointError, CheckpointIntegrityError
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.arguments import args_to_dict
 from megatron_lst.training.resume_check import ResumePosition, check_resume_flags
@@ -261,8 +262,10 @@ def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,
     rank is finite."""
     named = [(name, param) for chunk in _unwrap(model_chunks)
              for name, param in chunk.named_parameters()]
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     # One device sync: a finite flag per parameter [num_params].
-    finite = torch.stack([torch.isfinite(param.detach()).all() for _, param in named])
+    finite = torch.stack([torch.isfinite(param.detach()).all() for _, param in named]) \
+        if named else torch.ones(0, dtype=torch.bool, device=device)
     flag = (~finite).any().to(torch.int32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if not flag.item():
@@ -354,7 +357,7 @@ def load_checkpoint(
                 metadata["extra_state"].get("consumed_samples", 0))), str(path))
         if notes and dist.get_rank() == 0:
             logger.warning("resuming from %s with other flags: %s", path, "; ".join(notes))
-    integrity.verify_checkpoint(path, older_checkpoints_hint(path))
+    verify_or_point_elsewhere(path)
     load_optim = optimizer is not None and not finetune and not getattr(args, "no_load_optim", False)
     load_rng = not finetune and not getattr(args, "no_load_rng", False)
     if load_rng and metadata["parallel_layout"] != _parallel_layout():
@@ -394,15 +397,22 @@ def load_checkpoint(
                             extra_state=metadata["extra_state"], saved_args=metadata["args"])
 
 
-def older_checkpoints_hint(path: Path) -> str:
-    """How to load another complete checkpoint than `path` (an iter_XXXXXXX directory)."""
-    others = sorted((i for i in _complete_checkpoints(path.parent) if path.name != checkpoint_name(i)),
-                    reverse=True) if path.parent.is_dir() else []
-    if not others:
-        return "No other complete checkpoint is next to it; restore its files from a copy."
-    return (f"Load an older one with --load {path.parent} --ckpt-step {others[0]} (or --load "
-            f"{path.parent / checkpoint_name(others[0])}); complete checkpoints there: "
-            f"{others}.")
+def verify_or_point_elsewhere(path: Path) -> None:
+    """Collective: `integrity.verify_checkpoint(path)`, its error saying how to load another
+    complete checkpoint of the same save directory instead."""
+    try:
+        integrity.verify_checkpoint(path)
+    except CheckpointIntegrityError as err:
+        others = sorted((i for i in _complete_checkpoints(path.parent)
+                         if path.name != checkpoint_name(i)), reverse=True)
+        if not others:
+            raise CheckpointIntegrityError(
+                f"{err}\nNo other complete checkpoint is next to it; restore its files from a "
+                f"copy.") from None
+        raise CheckpointIntegrityError(
+            f"{err}\nLoad another one with --load {path.parent} --ckpt-step {others[0]} (or "
+            f"--load {path.parent / checkpoint_name(others[0])}); complete checkpoints there: "
+            f"{others}.") from None
 
 
 def _check_distributed_optimizer_can_load(optimizer: Any) -> None:

@@ -161,7 +161,7 @@ def test_truncated_file_is_named_and_an_older_checkpoint_loads(save_dir, capsys,
         load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
     message = str(refused.value)
     assert f"{broken} is truncated: 1000 bytes" in message
-    assert f"--load {save_dir} --ckpt-step 1" in message
+    assert f"Load another one with --load {save_dir} --ckpt-step 1" in message
     assert cli.main(["verify", "--load", str(save_dir)]) == 1
     assert f"FAILED {broken} is truncated" in capsys.readouterr().out
 
