@@ -11,7 +11,8 @@ pickle) before the checkpoint is marked complete:
 before anything of a checkpoint is unpickled) checks, naming every file at fault:
 
     manifest    every listed file exists with its recorded size and digest (the ranks share the
-                hashing); a checkpoint written before manifests existed is checked without it
+                hashing), and no other file is there; a checkpoint written before manifests
+                existed is checked without it
     index       `.metadata` reads under the restricted unpickler (`safe_pickle`), and every
                 `.distcp` file it points into is long enough (a truncated file is named)
     objects     byte items and common.pt load under torch's `weights_only` unpickler
@@ -161,10 +162,10 @@ def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
         problems += [found[name] for name in sorted(found) if found[name] is not None]
         files_checked = len(manifest)
         bytes_checked = sum(r.size for r in manifest.values())
-    # Refused before any of it is unpickled: a manifest that does not list the index.
-    if manifest is not None and safe_pickle.DCP_METADATA_FILENAME not in manifest:
-        problems.append(f"{directory / MANIFEST_FILENAME} does not list "
-                        f"{safe_pickle.DCP_METADATA_FILENAME}; the checkpoint was altered")
+        unrecorded = sorted(set(_listed_files(directory)) - manifest.keys())
+        if unrecorded:
+            problems.append(f"{directory} holds files its {MANIFEST_FILENAME} does not list, "
+                            f"added or renamed after the save: {unrecorded}")
     if problems:  # a damaged index is named above; reading it would only add noise
         return VerificationReport(directory, files_checked, bytes_checked, True, tuple(problems))
     try:

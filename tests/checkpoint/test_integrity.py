@@ -184,6 +184,13 @@ def test_changed_byte_is_caught_by_the_digest(save_dir):
         load_dist_checkpoint(save_dir / "iter_0000002", tiny_model(), VOCAB)
 
 
+def test_a_file_added_after_the_save_is_named(save_dir):
+    checkpoint = save_dir / "iter_0000002"
+    shutil.copy(largest_distcp(checkpoint), checkpoint / "__7_0.distcp")
+    with pytest.raises(CheckpointIntegrityError, match=r"does not list.*\['__7_0\.distcp'\]"):
+        load_dist_checkpoint(checkpoint, tiny_model(), VOCAB)
+
+
 def test_diverged_weights_are_not_saved(saved, tmp_path):
     save_dir = tmp_path / "save"
     shutil.copytree(saved, save_dir)
