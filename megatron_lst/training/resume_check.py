@@ -86,8 +86,8 @@ def _check_global_batch_size(saved: Mapping[str, Any], args: argparse.Namespace,
     if args.patching_mode == "curriculum":
         raise ResumeConfigError(
             f"--global-batch-size {old} -> {new}: under curriculum patching the training step "
-            f"of row r is r // --global-batch-size, so the {consumed} rows already consumed "
-            f"(iteration {done}) would be re-read as step {consumed // new}. Resume checkpoint "
+            f"of row r is r // --global-batch-size, so row {consumed}, where the run continues, "
+            f"would be patched as step {consumed // new} instead of {done}. Resume checkpoint "
             f"{checkpoint} with --global-batch-size {old}, or start a new schedule from its "
             f"weights with --finetune")
     if consumed > done * new:

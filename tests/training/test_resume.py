@@ -186,7 +186,7 @@ def test_a_higher_global_batch_size_resumes_with_a_note_except_under_the_curricu
                                 AT_ITERATION_10, "ckpt")
     assert "--global-batch-size changed from 8 to 16" in note
     curriculum = {**SAVED_FLAGS, "patching_mode": "curriculum"}
-    with pytest.raises(ResumeConfigError, match="re-read as step 5"):
+    with pytest.raises(ResumeConfigError, match="row 80, where the run continues, would be patched as step 5 instead of 10"):
         check_resume_flags(curriculum, resumed_with(patching_mode="curriculum",
                                                     global_batch_size=16), AT_ITERATION_10, "c")
 
