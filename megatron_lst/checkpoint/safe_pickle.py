@@ -100,8 +100,8 @@ def read_dcp_metadata(checkpoint: str | Path):
 
 
 def check_file_bounds(checkpoint: str | Path, metadata) -> list[str]:
-    """Problems (empty: none) with the `.distcp` files `metadata` points into: a missing file,
-    or one shorter than the index says (truncated)."""
+    """Problems (empty: none) with the `.distcp` files `metadata` points into: a path outside
+    the checkpoint directory, a missing file, or one shorter than the index says (truncated)."""
     directory = Path(checkpoint)
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
@@ -110,7 +110,10 @@ def check_file_bounds(checkpoint: str | Path, metadata) -> list[str]:
     problems = []
     for name, end in sorted(needed.items()):
         file = directory / name
-        if not file.is_file():
+        if Path(name).name != name or name in (".", ".."):
+            problems.append(f"{directory / DCP_METADATA_FILENAME} points outside the checkpoint "
+                            f"directory ({name!r}); the checkpoint was crafted or altered")
+        elif not file.is_file():
             problems.append(f"{file} is missing; the checkpoint index stores data in it")
         elif (size := file.stat().st_size) < end:
             problems.append(f"{file} is truncated: {size} bytes, but the checkpoint index "
@@ -163,9 +166,11 @@ def _weights_only_problem(payload: bytes, where: str) -> str | None:
     try:
         torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # torch's message opens with advice to retry unrestricted; keep only what it refused.
+        refused = [line for line in str(err).splitlines()
+                   if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
         return (f"{where} holds objects beyond tensors and plain data and is refused "
-                f"(unpickling it could run code): {first_line}")
+                f"(unpickling it could run code): {' '.join(refused) or type(err).__name__}")
     except Exception as err:
         return f"{where} is damaged: {type(err).__name__}: {err}"
     return None

@@ -26,6 +26,7 @@ from megatron_lst.checkpoint.integrity import (
     write_manifest,
 )
 from megatron_lst.checkpoint.model_state import build_full_model
+from megatron_lst.checkpoint.safe_pickle import read_dcp_metadata
 from megatron_lst.models.config import preset
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.checkpointing import (
@@ -142,7 +143,19 @@ def test_crafted_object_in_a_distcp_file_is_refused_without_running_it(single_ra
     assert len(report.problems) == 1
     assert "object 'rng_state/shard_0_1'" in report.problems[0]
     assert "beyond tensors and plain data" in report.problems[0]
+    assert "GLOBAL posix.system" in report.problems[0]
     assert not marker.exists()
+
+
+def test_an_index_pointing_outside_the_checkpoint_is_refused(save_dir):
+    checkpoint = save_dir / "iter_0000002"
+    index = read_dcp_metadata(checkpoint)
+    for info in index.storage_data.values():
+        info.relative_path = "../../outside.distcp"
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(index))
+    write_manifest(checkpoint, record_checkpoint_files(checkpoint))
+    [problem] = inspect_checkpoint(checkpoint).problems
+    assert "points outside the checkpoint directory ('../../outside.distcp')" in problem
 
 
 def largest_distcp(checkpoint: Path) -> Path:
