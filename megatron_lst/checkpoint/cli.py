@@ -16,11 +16,7 @@ against the manifest written at save time, truncation against the checkpoint ind
 its pickled parts hold only checkpoint data.
 Exit status: 0 on success, 1 for a checkpoint that is refused or fails verification.
 
-Checkpoints from others: the portable form is safe to accept from anyone (safetensors holds raw
-tensors, lst_config.json is JSON; nothing is unpickled). Dist checkpoints contain pickles; every
-loader here reads them with a restricted unpickler and refuses anything beyond checkpoint data,
-and `verify` runs those checks on their own, but prefer the portable form from strangers. The
-reference's consolidated.pth (import-reference) is read with torch.load(weights_only=True).
+Checkpoints from others: see SAFETY_NOTE (printed at the end of --help).
 """
 
 from __future__ import annotations
@@ -37,11 +33,23 @@ from megatron_lst.training.checkpointing import CheckpointError
 from .model_state import CheckpointContentError
 from .verify import VerificationError
 
+SAFETY_NOTE = """\
+checkpoints from others:
+  portable (model.safetensors + lst_config.json)  safe to accept from anyone: raw tensors and
+                                                  JSON, nothing is unpickled
+  reference consolidated.pth (import-reference)   read with torch.load(weights_only=True):
+                                                  tensors and plain data only
+  dist checkpoints (lst-train --save)             hold pickles; every loader reads them with a
+                                                  restricted unpickler and refuses anything but
+                                                  checkpoint data before megatron reads them
+                                                  (`verify` runs the same checks), yet prefer the
+                                                  portable form from strangers"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lst-convert", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=SAFETY_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     imp = commands.add_parser("import-reference", help="reference checkpoint -> portable")

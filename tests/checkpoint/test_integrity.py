@@ -231,3 +231,9 @@ def test_a_resume_that_breaks_the_data_position_is_refused_before_loading(save_d
     with pytest.raises(ResumeConfigError, match="consumed 16 samples in 2 iterations of 8"):
         # A placeholder optimizer: the flags are refused before it (or any file) is read.
         load_checkpoint(save_dir, [tiny_model()], object(), None, training, VOCAB)
+
+
+def test_help_says_which_checkpoints_are_safe_to_accept_from_others():
+    text = cli.build_parser().format_help()
+    assert "portable (model.safetensors + lst_config.json)  safe to accept from anyone" in text
+    assert "dist checkpoints (lst-train --save)             hold pickles" in text
