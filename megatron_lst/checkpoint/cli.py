@@ -4,13 +4,19 @@
     lst-convert export-reference --portable DIR --output REF_DIR
     lst-convert dist-to-portable --load SAVE_DIR --output DIR
     lst-convert portable-to-dist --portable DIR --save SAVE_DIR [--iteration N]
+    lst-convert verify --load SAVE_DIR [--ckpt-step N]
 
 The portable form is a directory with `model.safetensors` and `lst_config.json` (`portable.py`).
 Dist checkpoints are `lst-train`'s (`--save`/`--load` directories) and carry no layout: the one
 written here loads under any TP/PP (`lst-train --load SAVE_DIR --finetune`), and one saved under
 any TP/PP converts here. Every command prints the max abs logit difference on a fixed batch
 between the model before and after conversion, and exits 1 if it exceeds the tolerance.
+`verify` checks a dist checkpoint's files without loading a model: sizes and SHA-256 digests
+against the manifest written at save time, truncation against the checkpoint index, and that
+its pickled parts hold only checkpoint data.
 Exit status: 0 on success, 1 for a checkpoint that is refused or fails verification.
+
+Checkpoints from others: see SAFETY_NOTE (printed at the end of --help).
 """
 
 from __future__ import annotations
@@ -27,11 +33,23 @@ from megatron_lst.training.checkpointing import CheckpointError
 from .model_state import CheckpointContentError
 from .verify import VerificationError
 
+SAFETY_NOTE = """\
+checkpoints from others:
+  portable (model.safetensors + lst_config.json)  safe to accept from anyone: raw tensors and
+                                                  JSON, nothing is unpickled
+  reference consolidated.pth (import-reference)   read with torch.load(weights_only=True):
+                                                  tensors and plain data only
+  dist checkpoints (lst-train --save)             hold pickles; every loader reads them with a
+                                                  restricted unpickler and refuses anything but
+                                                  checkpoint data before megatron reads them
+                                                  (`verify` runs the same checks), yet prefer the
+                                                  portable form from strangers"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lst-convert", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=SAFETY_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     imp = commands.add_parser("import-reference", help="reference checkpoint -> portable")
@@ -58,12 +76,46 @@ def build_parser() -> argparse.ArgumentParser:
     to_dist.add_argument("--save", required=True, help="lst-train --save directory to write into")
     to_dist.add_argument("--iteration", type=int, default=0,
                          help="iteration number of the written checkpoint (default 0)")
+
+    verify = commands.add_parser("verify", help="check a dist checkpoint's files")
+    verify.add_argument("--load", required=True,
+                        help="lst-train --save directory, or one iter_XXXXXXX directory in it")
+    verify.add_argument("--ckpt-step", type=int, default=None,
+                        help="the checkpoint of this iteration (default: the latest)")
     return parser
+
+
+def verify_command(load: str, ckpt_step: int | None) -> int:
+    """`lst-convert verify`: print what the checks found; 0 for a sound checkpoint, else 1."""
+    from megatron_lst.training.checkpointing import select_checkpoint
+
+    from .integrity import inspect_checkpoint
+
+    path = select_checkpoint(load, ckpt_step)
+    if path is None:
+        raise CheckpointError(f"{load} holds no complete dist checkpoint")
+    report = inspect_checkpoint(path)
+    if not report.has_manifest:
+        print(f"{path}: no manifest (saved before file digests were recorded, or by another "
+              f"tool): digests not checked")
+    for problem in report.problems:
+        print(f"FAILED {problem}")
+    if report.problems:
+        return 1
+    print(f"{path}: OK ({report.files_checked} files, {report.bytes_checked} bytes matched "
+          f"their digests; index and pickled objects hold only checkpoint data)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command == "verify":  # reads files only: no process group
+        try:
+            return verify_command(args.load, args.ckpt_step)
+        except CheckpointError as error:
+            print(f"lst-convert verify: {error}", file=sys.stderr)
+            return 1
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
 
     from . import convert

@@ -94,7 +94,8 @@ def training_args_for(config: LSTConfig, base_args: dict[str, Any] | None = None
 
 def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> None:
     """Collective: load the model tensors of the dist checkpoint at `path` into `model`
-    (any layout; resharded on load). Refuses, naming the tensor, a tensor missing from the
+    (any layout; resharded on load). Refuses a damaged or crafted checkpoint before reading
+    it (`integrity.verify_checkpoint`); refuses, naming the tensor, a tensor missing from the
     checkpoint, one of another shape, or (for a model holding every layer) a checkpoint tensor
     the model does not have; and another vocabulary (`VocabularyError`)."""
     from megatron.core import dist_checkpointing
@@ -102,11 +103,15 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    from megatron_lst.training.checkpointing import read_checkpoint_metadata
+    from megatron_lst.training.checkpointing import (
+        read_checkpoint_metadata,
+        verify_or_point_elsewhere,
+    )
 
     metadata = read_checkpoint_metadata(path)
     if vocab is not None and metadata.get("vocab") is not None:
         vocab.check_matches(metadata["vocab"]["size"], f"dist checkpoint {path}")
+    verify_or_point_elsewhere(Path(path))
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     # Checked on a copy with factories built (fused SwiGLU fc1 is saved as its halves);
     # `load` builds and merges the factories of its own copy.

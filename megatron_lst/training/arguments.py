@@ -208,7 +208,11 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save", type=str, default=None)
     group.add_argument("--save-interval", type=int, default=None)
     group.add_argument("--load", type=str, default=None,
-                       help="Resume from the latest complete checkpoint here.")
+                       help="Resume from the latest complete checkpoint of this save "
+                            "directory, or from one checkpoint directory (DIR/iter_0000100).")
+    group.add_argument("--ckpt-step", type=int, default=None,
+                       help="With --load DIR: resume from the checkpoint of this iteration "
+                            "instead of the latest one.")
     group.add_argument("--no-load-optim", action="store_true",
                        help="Do not load optimizer and scheduler state.")
     group.add_argument("--no-load-rng", action="store_true", help="Do not load RNG states.")
@@ -567,7 +571,7 @@ def _validate_precision(args: argparse.Namespace) -> None:
 
 def _validate_checkpointing(args: argparse.Namespace) -> None:
     # Imported here: checkpointing imports megatron.core, which argument parsing must not need.
-    from megatron_lst.training.checkpointing import CheckpointError, find_latest_checkpoint
+    from megatron_lst.training.checkpointing import CheckpointError, select_checkpoint
 
     _positive(args, "save_interval")
     if args.save_interval is not None and args.save is None:
@@ -576,6 +580,8 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
                        args.save_interval)
     if args.finetune and args.load is None:
         raise ArgumentError("--finetune loads weights from --load DIR; give --load")
+    if args.ckpt_step is not None and args.load is None:
+        raise ArgumentError("--ckpt-step picks a checkpoint of --load DIR; give --load")
     args.resume_from = None
     if args.load is None:
         return
@@ -588,7 +594,7 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
             f"to --save and --load to resume automatically once a checkpoint exists"
         )
     try:
-        latest = find_latest_checkpoint(args.load)
+        latest = select_checkpoint(args.load, args.ckpt_step)
     except CheckpointError as err:
         raise ArgumentError(f"--load {args.load}: {err}") from None
     if latest is None:

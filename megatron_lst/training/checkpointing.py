@@ -5,17 +5,25 @@ Layout of a save directory (`--save`), Megatron-LM's names where Megatron has th
     latest_checkpointed_iteration.txt    "<iteration>": the newest complete checkpoint
     iter_0000100/                        one complete checkpoint
         <dist_checkpointing files>       model, optimizer, per-rank RNG states (sharded)
+        lst_manifest.json                size and SHA-256 of each of those files
         lst_checkpoint.json              iteration, scheduler, extra state (consumed samples,
                                          curriculum step, ...), parallel layout, args, vocabulary
     iter_0000200.tmp-<nonce>/            a save that was interrupted: never loaded, never deleted
 
-A save writes everything into `iter_XXXXXXX.tmp-<nonce>`, waits for every rank, writes
-`lst_checkpoint.json` last, renames the directory to `iter_XXXXXXX` and only then replaces the
-pointer file (temp file + os.replace). A process killed at any point leaves the previous
+A save first checks that the weights are finite (a diverged model is never saved as the newest
+checkpoint), writes everything into `iter_XXXXXXX.tmp-<nonce>`, waits for every rank, records
+the files' digests (`megatron_lst.checkpoint.integrity`), writes `lst_checkpoint.json` last,
+renames the directory to `iter_XXXXXXX` and only then replaces the pointer file (temp file +
+os.replace). A process killed at any point leaves the previous
 checkpoint complete and named by the pointer (or, killed between the rename and the pointer, a
 complete newer checkpoint that loading finds). Model and optimizer are saved as sharded tensors in
 model space, so a checkpoint loads under another tensor/pipeline-parallel layout; RNG states are
 restored only under the layout that saved them.
+
+Loading verifies the checkpoint's files first (digests, truncation) and reads its pickled parts
+with a restricted unpickler (`megatron_lst.checkpoint.safe_pickle`), so a crafted checkpoint is
+refused before any code of it can run. `--load` names a save directory (its newest complete
+checkpoint, or `--ckpt-step N`'s) or one `iter_XXXXXXX` directory.
 """
 
 from __future__ import annotations
@@ -35,8 +43,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_lst.checkpoint import integrity
+from megatron_lst.checkpoint.errors import CheckpointError, CheckpointIntegrityError
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.arguments import args_to_dict
+from megatron_lst.training.resume_check import ResumePosition, check_resume_flags
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +63,8 @@ _COMPLETE_NAME = re.compile(r"^iter_(\d{7,})$")
 _TEMPORARY_NAME = re.compile(r"^iter_(\d{7,})\.tmp-[0-9a-f]+$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that is corrupt, or that does not fit the model being trained."""
+class NonFiniteWeightsError(CheckpointError):
+    """The weights to save hold NaN or infinity: the run diverged."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,8 @@ def checkpoint_name(iteration: int) -> str:
 # --- finding checkpoints ----------------------------------------------------------------
 
 def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under `root`, or None when there is none yet.
+    """The newest complete checkpoint under `root`, or None when there is none yet; `root`
+    itself when it is one complete checkpoint (`--load DIR/iter_0000100`).
 
     Interrupted saves (`iter_*.tmp-*`) are reported and skipped, never deleted. Raises
     CheckpointError when the pointer file is unreadable or names a checkpoint that is missing or
@@ -84,6 +96,49 @@ def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
     root = Path(root)
     if not root.is_dir():
         return None
+    if _COMPLETE_NAME.match(root.name) and _is_complete(root):
+        return root
+    complete = _complete_checkpoints(root)
+    pointed = _read_tracker(root)
+    if pointed is not None and pointed not in complete:
+        raise CheckpointError(
+            f"{root / TRACKER_FILENAME} names iteration {pointed}, but {root / checkpoint_name(pointed)} "
+            f"is missing or incomplete (no {METADATA_FILENAME}); the save directory is corrupt. "
+            f"Restore that checkpoint, or write the iteration of a complete one "
+            f"({sorted(complete) or 'none found'}) into {TRACKER_FILENAME}, or pick one with "
+            f"--ckpt-step N"
+        )
+    if not complete:
+        return None
+    newest = max(complete)
+    if pointed is not None and newest > pointed:
+        logger.warning(
+            "%s names iteration %d but the complete checkpoint %s is newer (a save ended between "
+            "its rename and the pointer update); loading the newer one", root / TRACKER_FILENAME,
+            pointed, complete[newest].name)
+    return complete[newest]
+
+
+def select_checkpoint(load: str | os.PathLike, ckpt_step: int | None = None) -> Path | None:
+    """The checkpoint `--load` (and `--ckpt-step`, Megatron-LM's flag) name: with a step, the
+    complete `iter_XXXXXXX` of that iteration under `load`, whatever the pointer file says;
+    without, `find_latest_checkpoint(load)`."""
+    if ckpt_step is None:
+        return find_latest_checkpoint(load)
+    root = Path(load)
+    if _COMPLETE_NAME.match(root.name) and _is_complete(root):
+        raise CheckpointError(f"--load {root} is one checkpoint; --ckpt-step {ckpt_step} picks "
+                              f"one under a save directory: give one or the other")
+    complete = _complete_checkpoints(root) if root.is_dir() else {}
+    if ckpt_step not in complete:
+        raise CheckpointError(
+            f"--ckpt-step {ckpt_step}: {root} holds no complete checkpoint of iteration "
+            f"{ckpt_step}; complete ones: {sorted(complete) or 'none'}")
+    return complete[ckpt_step]
+
+
+def _complete_checkpoints(root: Path) -> dict[int, Path]:
+    """Complete checkpoints under `root` by iteration; reports interrupted saves."""
     complete: dict[int, Path] = {}
     leftovers: list[str] = []
     for entry in sorted(root.iterdir()):
@@ -97,24 +152,7 @@ def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
         logger.warning(
             "%s holds %d interrupted save(s) that will not be loaded: %s; remove them once no "
             "save is running", root, len(leftovers), ", ".join(leftovers))
-
-    pointed = _read_tracker(root)
-    if pointed is not None and pointed not in complete:
-        raise CheckpointError(
-            f"{root / TRACKER_FILENAME} names iteration {pointed}, but {root / checkpoint_name(pointed)} "
-            f"is missing or incomplete (no {METADATA_FILENAME}); the save directory is corrupt. "
-            f"Restore that checkpoint, or write the iteration of a complete one "
-            f"({sorted(complete) or 'none found'}) into {TRACKER_FILENAME}"
-        )
-    if not complete:
-        return None
-    newest = max(complete)
-    if pointed is not None and newest > pointed:
-        logger.warning(
-            "%s names iteration %d but the complete checkpoint %s is newer (a save ended between "
-            "its rename and the pointer update); loading the newer one", root / TRACKER_FILENAME,
-            pointed, complete[newest].name)
-    return complete[newest]
+    return complete
 
 
 def _is_complete(path: Path) -> bool:
@@ -170,10 +208,12 @@ def save_checkpoint(
     virtual pipeline stage. `optimizer`: a megatron.core optimizer or None. `scheduler`: an
     `OptimizerParamScheduler` or None. `extra_state`: JSON-able training position (consumed
     samples, curriculum step, data seed, FLOP counters ...), returned as is by `load_checkpoint`.
+    Raises NonFiniteWeightsError, saving nothing, when a weight is NaN or infinite.
     """
     from megatron.core import dist_checkpointing
 
     root = Path(save_dir)
+    _check_weights_finite(model_chunks, iteration, root)
     final = root / checkpoint_name(iteration)
     if final.exists():
         raise CheckpointError(
@@ -193,8 +233,10 @@ def save_checkpoint(
     state["rng_state"] = _rng_sharded_object()
     dist_checkpointing.save(state, str(temporary))
     dist.barrier()
+    files = integrity.record_checkpoint_files(temporary)
 
     if dist.get_rank() == 0:
+        integrity.write_manifest(temporary, files)
         metadata = {
             "format_version": FORMAT_VERSION,
             "iteration": iteration,
@@ -211,6 +253,46 @@ def save_checkpoint(
         _replace_file_durably(root / TRACKER_FILENAME, str(iteration))
     dist.barrier()
     return final
+
+
+def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,
+                          save_dir: Path) -> None:
+    """Collective: raise NonFiniteWeightsError, naming a NaN/inf weight and the newest checkpoint
+    in `save_dir` (whose weights were checked when it was saved), unless every weight of every
+    rank is finite."""
+    named = [(name, param) for chunk in _unwrap(model_chunks)
+             for name, param in chunk.named_parameters()]
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    # One device sync: a finite flag per parameter [num_params].
+    finite = torch.stack([torch.isfinite(param.detach()).all() for _, param in named]) \
+        if named else torch.ones(0, dtype=torch.bool, device=device)
+    flag = (~finite).any().to(torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    bad = next((name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok),
+               None)
+    names: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, bad)
+    raise NonFiniteWeightsError(
+        f"iteration {iteration}: weight {next(n for n in names if n is not None)} holds NaN or "
+        f"infinity; the run diverged and this checkpoint is not saved. "
+        f"{describe_good_checkpoint(save_dir)}")
+
+
+def describe_good_checkpoint(save_dir: str | os.PathLike | None) -> str:
+    """A sentence naming the newest checkpoint under `save_dir` to resume from (every saved
+    checkpoint had finite weights: `save_checkpoint` checks)."""
+    try:
+        newest = find_latest_checkpoint(save_dir) if save_dir is not None else None
+    except CheckpointError as err:
+        return f"No checkpoint to resume from could be found: {err}"
+    if newest is None:
+        return "No checkpoint was saved before (none under --save): start again."
+    iteration = int(_COMPLETE_NAME.match(newest.name).group(1))
+    return (f"The newest checkpoint, {newest} (iteration {iteration}), held finite weights when "
+            f"it was saved: resume from it with --load {newest.parent} (or --ckpt-step "
+            f"{iteration}), after changing what made the run diverge.")
 
 
 def _broadcast_from_rank0(value: str) -> str:
@@ -261,7 +343,7 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    path = find_latest_checkpoint(load_dir)
+    path = select_checkpoint(load_dir, getattr(args, "ckpt_step", None))
     if path is None:
         return None
     metadata = read_checkpoint_metadata(path)
@@ -269,6 +351,13 @@ def load_checkpoint(
         vocab.check_matches(metadata["vocab"]["size"], f"checkpoint {path}")
 
     finetune = bool(getattr(args, "finetune", False))
+    if optimizer is not None and not finetune:  # a training run that continues this one
+        notes = check_resume_flags(
+            metadata["args"], args, ResumePosition(metadata["iteration"], int(
+                metadata["extra_state"].get("consumed_samples", 0))), str(path))
+        if notes and dist.get_rank() == 0:
+            logger.warning("resuming from %s with other flags: %s", path, "; ".join(notes))
+    verify_or_point_elsewhere(path)
     load_optim = optimizer is not None and not finetune and not getattr(args, "no_load_optim", False)
     load_rng = not finetune and not getattr(args, "no_load_rng", False)
     if load_rng and metadata["parallel_layout"] != _parallel_layout():
@@ -306,6 +395,24 @@ def load_checkpoint(
         return LoadedCheckpoint(path=path, iteration=0, saved_args=metadata["args"])
     return LoadedCheckpoint(path=path, iteration=metadata["iteration"],
                             extra_state=metadata["extra_state"], saved_args=metadata["args"])
+
+
+def verify_or_point_elsewhere(path: Path) -> None:
+    """Collective: `integrity.verify_checkpoint(path)`, its error saying how to load another
+    complete checkpoint of the same save directory instead."""
+    try:
+        integrity.verify_checkpoint(path)
+    except CheckpointIntegrityError as err:
+        others = sorted((i for i in _complete_checkpoints(path.parent)
+                         if path.name != checkpoint_name(i)), reverse=True)
+        if not others:
+            raise CheckpointIntegrityError(
+                f"{err}\nNo other complete checkpoint is next to it; restore its files from a "
+                f"copy.") from None
+        raise CheckpointIntegrityError(
+            f"{err}\nLoad another one with --load {path.parent} --ckpt-step {others[0]} (or "
+            f"--load {path.parent / checkpoint_name(others[0])}); complete checkpoints there: "
+            f"{others}.") from None
 
 
 def _check_distributed_optimizer_can_load(optimizer: Any) -> None:

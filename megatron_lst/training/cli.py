@@ -2,7 +2,8 @@
 
 Exit status: 0 when training reached --train-iters, `loop.EXIT_STOPPED` (75) when a SIGTERM or
 SIGUSR1 stopped it after saving a checkpoint (requeue; torchrun does not pass it on), 2 for bad
-flags.
+flags, 3 for a refused checkpoint: a `--load` one that is damaged, unsafe or not resumable with
+these flags, or a save of diverged weights (the message says which and what to do).
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import sys
 from collections.abc import Sequence
 
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
-from megatron_lst.training.loop import EXIT_STOPPED, pretrain
+
+# Nothing here imports torch or megatron.core at import time: saving a dist checkpoint spawns a
+# process that re-imports the entry module (this one, or pretrain_lst.py that imports it), and
+# megatron.core's import-time warnings would be printed again at the first save.
+
+
+EXIT_CHECKPOINT_REFUSED = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,7 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArgumentError as error:
         print(f"lst-train: {error}", file=sys.stderr)
         return 2
-    result = pretrain(args)
+    from megatron_lst.checkpoint.errors import CheckpointError
+    from megatron_lst.training.loop import EXIT_STOPPED, pretrain
+
+    try:
+        result = pretrain(args)
+    except CheckpointError as error:  # raised alike on every rank
+        print(f"lst-train: {error}", file=sys.stderr)
+        return EXIT_CHECKPOINT_REFUSED
     return EXIT_STOPPED if result.stopped_by_signal else 0
 
 

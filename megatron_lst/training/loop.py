@@ -72,7 +72,11 @@ from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_bat
 from megatron_lst.training.model_provider import build_model_chunks
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
 from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
-from megatron_lst.training.train_logging import build_training_logger, check_loss_finite
+from megatron_lst.training.train_logging import (
+    NonFiniteLossError,
+    build_training_logger,
+    check_loss_finite,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -446,7 +450,12 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None) -
 def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
                  training_logger) -> None:
     if not step.skipped:
-        check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16)
+        try:
+            check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16)
+        except NonFiniteLossError as err:
+            save_dir = state.args.save if state.args.save is not None else state.args.load
+            raise NonFiniteLossError(
+                f"{err}. {checkpointing.describe_good_checkpoint(save_dir)}") from None
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
     state.tokens += step.num_tokens
     result.losses[state.iteration] = step.loss

@@ -4,6 +4,7 @@ The multi-process tests run `workers/checkpoint_worker.py` (a tiny megatron.core
 dropout, megatron DDP + optimizer + OptimizerParamScheduler, real `lst-train` flags) on gloo.
 """
 
+import argparse
 import json
 import logging
 import os
@@ -21,8 +22,10 @@ from megatron_lst.training.checkpointing import (
     METADATA_FILENAME,
     TRACKER_FILENAME,
     CheckpointError,
+    describe_good_checkpoint,
     find_latest_checkpoint,
     read_checkpoint_metadata,
+    select_checkpoint,
 )
 
 WORKER = Path(__file__).parent / "workers" / "checkpoint_worker.py"
@@ -77,6 +80,36 @@ def test_complete_checkpoint_newer_than_the_pointer_wins(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert find_latest_checkpoint(tmp_path) == newer
     assert "newer" in caplog.text
+
+
+def test_load_may_name_one_checkpoint_directory(tmp_path):
+    older = fake_checkpoint(tmp_path, 100)
+    fake_checkpoint(tmp_path, 200)
+    (tmp_path / TRACKER_FILENAME).write_text("200")
+    assert find_latest_checkpoint(older) == older
+
+
+def test_ckpt_step_picks_an_older_checkpoint_over_pointer_and_newer_ones(tmp_path):
+    older = fake_checkpoint(tmp_path, 100)
+    fake_checkpoint(tmp_path, 200)
+    (tmp_path / TRACKER_FILENAME).write_text("200")
+    assert select_checkpoint(tmp_path, 100) == older
+    assert select_checkpoint(tmp_path) == tmp_path / "iter_0000200"
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint of iteration 150; "
+                                              r"complete ones: \[100, 200\]"):
+        select_checkpoint(tmp_path, 150)
+    with pytest.raises(CheckpointError, match="give one or the other"):
+        select_checkpoint(older, 100)
+
+
+def test_the_good_checkpoint_is_named_after_divergence(tmp_path):
+    assert "No checkpoint was saved before" in describe_good_checkpoint(tmp_path)
+    fake_checkpoint(tmp_path, 100)
+    newest = fake_checkpoint(tmp_path, 200)
+    (tmp_path / TRACKER_FILENAME).write_text("200")
+    assert describe_good_checkpoint(tmp_path).startswith(
+        f"The newest checkpoint, {newest} (iteration 200), held finite weights when it was "
+        f"saved: resume from it with --load {tmp_path} (or --ckpt-step 200)")
 
 
 def test_directory_without_metadata_is_not_complete(tmp_path):
@@ -196,3 +229,32 @@ def test_tensor_parallel_checkpoint_loads_into_one_process(tmp_path):
     # megatron.core's distributed optimizer cannot resume without Apex/TE (no Adam step): refused.
     if not errors["have_apex_or_te"]:
         assert "needs Apex or Transformer Engine" in errors["distributed_optimizer"]
+
+
+def test_entry_module_imports_no_megatron_so_saving_prints_no_import_warnings_again():
+    """Saving spawns a process that re-imports the entry module (`pretrain_lst.py`, or the
+    `lst-train` script importing `training.cli`); megatron.core's import-time warnings (no Apex /
+    Transformer Engine ...) would be printed again at the first save."""
+    code = ("import sys, runpy; runpy.run_path(sys.argv[1], run_name='__mp_main__'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')))")
+    loaded = subprocess.run([sys.executable, "-c", code, str(TESTS_DIR.parent / "pretrain_lst.py")],
+                            capture_output=True, text=True, check=True, timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
+    assert "Warning" not in loaded.stderr, loaded.stderr
+
+
+def test_a_nan_loss_names_the_checkpoint_to_resume_from(tmp_path):
+    from megatron_lst.training.flops import FlopBreakdown
+    from megatron_lst.training.loop import StepResult, _record_step
+    from megatron_lst.training.train_logging import NonFiniteLossError
+
+    fake_checkpoint(tmp_path, 100)
+    (tmp_path / TRACKER_FILENAME).write_text("100")
+    state = argparse.Namespace(args=argparse.Namespace(fp16=False, save=str(tmp_path), load=None),
+                               iteration=101)
+    step = StepResult(loss=float("nan"), num_tokens=64, flops=FlopBreakdown(), seconds=0.1,
+                      learning_rate=1e-3, grad_norm=None, loss_scale=None, skipped=False)
+    with pytest.raises(NonFiniteLossError) as stopped:
+        _record_step(state, step, result=None, training_logger=None)
+    assert "iteration 101: lm loss = nan" in str(stopped.value)
+    assert f"The newest checkpoint, {tmp_path / 'iter_0000100'} (iteration 100)" in str(stopped.value)

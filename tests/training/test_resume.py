@@ -7,12 +7,18 @@ the model, optimizer, scheduler, RNG, data position and curriculum step all rest
 `--lr-decay-iters`, so both follow one learning-rate schedule.
 """
 
+import argparse
 import shlex
 from pathlib import Path
 
 import pytest
 from distributed.harness import TESTS_DIR, run_distributed
 
+from megatron_lst.training.resume_check import (
+    ResumeConfigError,
+    ResumePosition,
+    check_resume_flags,
+)
 from training.training_cases import tiny_flags, write_corpus
 
 WORKER = TESTS_DIR / "training" / "workers" / "train_worker.py"
@@ -123,3 +129,68 @@ def test_data_parallel_run_has_the_single_process_losses(tmp_path):
     for [run] in ranks:
         assert _losses(run) == pytest.approx(_losses(single), rel=1e-5)
         assert run["eval_losses"] == pytest.approx(single["eval_losses"], rel=1e-5)
+
+
+# --- what a resume may change (no processes) ---------------------------------------------
+
+SAVED_FLAGS = {"patching_mode": "static", "patch_size": 4, "seq_length": 32, "max_tokens": 96,
+               "seed": 1234, "global_batch_size": 8, "micro_batch_size": 2,
+               "data_path": ["/data/mls"], "split": "969,30,1", "train_iters": 10}
+AT_ITERATION_10 = ResumePosition(iteration=10, consumed_samples=80)
+
+
+def resumed_with(**changes) -> argparse.Namespace:
+    return argparse.Namespace(**{**SAVED_FLAGS, "train_iters": 20, **changes})
+
+
+def test_unchanged_data_flags_resume_without_a_note():
+    assert check_resume_flags(SAVED_FLAGS, resumed_with(), AT_ITERATION_10, "ckpt") == []
+
+
+@pytest.mark.parametrize("flag, value, why", [
+    ("patch_size", 6, "--patch-size 4 -> 6 (it patches every row)"),
+    ("patching_mode", "aligned", "--patching-mode static -> aligned (it patches every row)"),
+    ("seq_length", 64, "--seq-length 32 -> 64 (it cuts the documents into rows)"),
+    ("seed", 7, "--seed 1234 -> 7 (it orders the documents)"),
+])
+def test_a_change_of_the_rows_is_refused_naming_the_flag(flag, value, why):
+    with pytest.raises(ResumeConfigError) as refused:
+        check_resume_flags(SAVED_FLAGS, resumed_with(**{flag: value}), AT_ITERATION_10, "ckpt")
+    assert why in str(refused.value)
+    assert "stands at sample 80" in str(refused.value)
+
+
+def test_moved_data_and_another_micro_batch_size_resume_with_notes():
+    notes = check_resume_flags(SAVED_FLAGS, resumed_with(data_path=["/scratch/mls"],
+                                                         micro_batch_size=4),
+                               AT_ITERATION_10, "ckpt")
+    assert "--data-path changed from ['/data/mls'] to ['/scratch/mls']" in notes
+    assert "--micro-batch-size changed from 2 to 4" in notes
+    assert any("continues at sample 80" in note for note in notes)
+
+
+def test_a_lower_global_batch_size_is_refused_with_the_sample_arithmetic():
+    with pytest.raises(ResumeConfigError) as refused:
+        check_resume_flags(SAVED_FLAGS, resumed_with(global_batch_size=4), AT_ITERATION_10,
+                           "ckpt")
+    message = str(refused.value)
+    assert "consumed 80 samples in 10 iterations of 8" in message
+    assert "20 x 4 = 80 rows" in message
+    assert "would read rows 80..119: 40 rows short" in message
+    assert "whatever --train-iters is, so raising it does not help" in message
+    assert "Resume with --global-batch-size 8" in message
+
+
+def test_a_higher_global_batch_size_resumes_with_a_note_except_under_the_curriculum():
+    [note] = check_resume_flags(SAVED_FLAGS, resumed_with(global_batch_size=16),
+                                AT_ITERATION_10, "ckpt")
+    assert "--global-batch-size changed from 8 to 16" in note
+    curriculum = {**SAVED_FLAGS, "patching_mode": "curriculum"}
+    with pytest.raises(ResumeConfigError, match="row 80, where the run continues, would be patched as step 5 instead of 10"):
+        check_resume_flags(curriculum, resumed_with(patching_mode="curriculum",
+                                                    global_batch_size=16), AT_ITERATION_10, "c")
+
+
+def test_flags_an_older_checkpoint_does_not_record_are_not_compared():
+    saved = {k: v for k, v in SAVED_FLAGS.items() if k != "max_tokens"}
+    assert check_resume_flags(saved, resumed_with(max_tokens=200), AT_ITERATION_10, "c") == []

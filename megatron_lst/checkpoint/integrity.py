@@ -1,0 +1,210 @@
+"""File manifest of a dist checkpoint, and the checks every loader runs before reading one.
+
+At save time, once every rank has written its files, the files of the checkpoint directory are
+hashed (SHA-256; the ranks share the work) and rank 0 writes `lst_manifest.json` (JSON, no
+pickle) before the checkpoint is marked complete:
+
+    {"format_version": 1, "algorithm": "sha256",
+     "files": {"__0_0.distcp": {"size": 592203, "sha256": "9f2c..."}, ".metadata": {...}, ...}}
+
+`verify_checkpoint` (what `load_checkpoint`, the conversion tools and `lst-convert verify` call
+before anything of a checkpoint is unpickled) checks, naming every file at fault:
+
+    manifest    every listed file exists with its recorded size and digest (the ranks share the
+                hashing), and no other file is there; a checkpoint written before manifests
+                existed is checked without it
+    index       `.metadata` reads under the restricted unpickler (`safe_pickle`), and every
+                `.distcp` file it points into is long enough (a truncated file is named)
+    objects     byte items and common.pt load under torch's `weights_only` unpickler
+
+The digests catch damage (a truncated or altered file), not a forger: whoever crafts a
+checkpoint can write a matching manifest. Safety against crafted files comes from the restricted
+reading, which holds with or without a manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from . import safe_pickle
+from .errors import CheckpointError, CheckpointIntegrityError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILENAME = "lst_manifest.json"
+MANIFEST_FORMAT_VERSION = 1
+# Written after the manifest (lst_checkpoint.json) or describing the directory as a whole: not
+# listed in it.
+UNLISTED_FILENAMES = frozenset({MANIFEST_FILENAME, "lst_checkpoint.json"})
+_BLOCK = 8 << 20
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str
+
+
+def digest_file(path: Path) -> FileRecord:
+    """Size and SHA-256 of one file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return FileRecord(size, digest.hexdigest())
+
+
+def _listed_files(directory: Path) -> list[str]:
+    return sorted(entry.name for entry in directory.iterdir()
+                  if entry.is_file() and entry.name not in UNLISTED_FILENAMES)
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """The names this rank hashes: every world_size-th one, or all of them in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return names
+    return names[dist.get_rank()::dist.get_world_size()]
+
+
+def _gather(part: dict[str, Any]) -> dict[str, Any]:
+    """The union of every rank's `part` (on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return part
+    parts: list[dict[str, Any]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, part)
+    return {key: value for each in parts for key, value in each.items()}
+
+
+def _broadcast_names(directory: Path) -> list[str]:
+    """Rank 0's listing of `directory` on every rank (one listing, however the filesystem
+    caches directory entries on other nodes)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return _listed_files(directory)
+    box = [_listed_files(directory) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def record_checkpoint_files(directory: str | os.PathLike) -> dict[str, FileRecord]:
+    """Collective when torch.distributed is initialized: size and digest of every file in
+    `directory` (bar the manifest and lst_checkpoint.json), the ranks hashing a share each."""
+    directory = Path(directory)
+    names = _broadcast_names(directory)
+    mine = {name: digest_file(directory / name) for name in _my_share(names)}
+    return _gather(mine)
+
+
+def write_manifest(directory: str | os.PathLike, records: dict[str, FileRecord]) -> None:
+    """Write `lst_manifest.json` durably (one process: rank 0)."""
+    manifest = {"format_version": MANIFEST_FORMAT_VERSION, "algorithm": "sha256",
+                "files": {name: {"size": r.size, "sha256": r.sha256}
+                          for name, r in sorted(records.items())}}
+    path = Path(directory) / MANIFEST_FILENAME
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(manifest, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, FileRecord] | None:
+    """The records of `directory`'s manifest, or None when it has none (written before
+    manifests existed, or by another tool)."""
+    path = Path(directory) / MANIFEST_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format_version") != MANIFEST_FORMAT_VERSION or \
+                manifest.get("algorithm") != "sha256":
+            raise ValueError(f"format {manifest.get('format_version')!r}, algorithm "
+                             f"{manifest.get('algorithm')!r}; this code reads format "
+                             f"{MANIFEST_FORMAT_VERSION}, sha256")
+        return {name: FileRecord(int(r["size"]), str(r["sha256"]))
+                for name, r in manifest["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointIntegrityError(f"cannot read {path}: {err}") from None
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    """What `inspect_checkpoint` found; `problems` is empty for a sound checkpoint."""
+
+    checkpoint: Path
+    files_checked: int
+    bytes_checked: int
+    has_manifest: bool
+    problems: tuple[str, ...]
+
+
+def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
+    """Collective when torch.distributed is initialized: run every check of the module
+    docstring on `checkpoint` (an iter_XXXXXXX directory) and report what they find (raising
+    only for an unreadable manifest). Nothing of the checkpoint is unpickled unrestricted."""
+    directory = Path(checkpoint)
+    problems: list[str] = []
+    manifest = read_manifest(directory)
+    files_checked = bytes_checked = 0
+    if manifest is not None:
+        mine = {}
+        for name in _my_share(sorted(manifest)):
+            mine[name] = _file_problem(directory / name, manifest[name])
+        found = _gather(mine)
+        problems += [found[name] for name in sorted(found) if found[name] is not None]
+        files_checked = len(manifest)
+        bytes_checked = sum(r.size for r in manifest.values())
+        unrecorded = sorted(set(_listed_files(directory)) - manifest.keys())
+        if unrecorded:
+            problems.append(f"{directory} holds files its {MANIFEST_FILENAME} does not list, "
+                            f"added or renamed after the save: {unrecorded}")
+    if problems:  # a damaged index is named above; reading it would only add noise
+        return VerificationReport(directory, files_checked, bytes_checked, True, tuple(problems))
+    try:
+        metadata = safe_pickle.read_dcp_metadata(directory)
+    except CheckpointError as err:  # damaged, or refused by the restricted unpickler
+        problems.append(str(err))
+    else:
+        problems += safe_pickle.check_file_bounds(directory, metadata)
+        if not problems:
+            keys = _my_share(safe_pickle.byte_items(metadata))
+            found = _gather(safe_pickle.check_byte_items(directory, metadata, keys))
+            problems += [found[key] for key in sorted(found)]
+    problems += safe_pickle.check_common_state(directory)
+    return VerificationReport(directory, files_checked, bytes_checked, manifest is not None,
+                              tuple(problems))
+
+
+def _file_problem(path: Path, expected: FileRecord) -> str | None:
+    if not path.is_file():
+        return f"{path} is missing (listed in {MANIFEST_FILENAME})"
+    size = path.stat().st_size
+    if size != expected.size:
+        what = "truncated" if size < expected.size else "longer than saved"
+        return f"{path} is {what}: {size} bytes, {expected.size} when saved"
+    if digest_file(path).sha256 != expected.sha256:
+        return f"{path} has changed since it was saved (SHA-256 differs from {MANIFEST_FILENAME})"
+    return None
+
+
+def verify_checkpoint(checkpoint: str | os.PathLike) -> None:
+    """Collective when torch.distributed is initialized: `inspect_checkpoint`, raising
+    CheckpointIntegrityError, naming every file at fault, when it finds a damaged file or one
+    refused as unsafe to unpickle."""
+    report = inspect_checkpoint(checkpoint)
+    if not report.has_manifest:
+        logger.warning("%s has no %s (saved before file digests were recorded, or by another "
+                       "tool): its files are checked for truncation and unsafe content only",
+                       report.checkpoint, MANIFEST_FILENAME)
+    if report.problems:
+        listed = "\n  ".join(report.problems)
+        raise CheckpointIntegrityError(
+            f"checkpoint {report.checkpoint} failed verification and is not loaded:\n  {listed}")

@@ -1,0 +1,176 @@
+"""Reading the pickled parts of a dist checkpoint without running code from it.
+
+A megatron.core `torch_dist` checkpoint holds three kinds of pickled data:
+
+    .metadata        the index torch.distributed.checkpoint writes with `pickle.dump`, and that
+                     its FileSystemReader reads back with a plain `pickle.load`
+    byte items       ShardedObjects (RNG states, module `_extra_state`) inside the `.distcp`
+                     files, which torch's DefaultLoadPlanner reads with `torch.load(...,
+                     weights_only=False)`
+    common.pt        megatron's non-sharded state (`torch.load`)
+
+A crafted file of any of these runs arbitrary code the moment it is read. The loaders here read
+each of them before megatron.core does, with a restricted unpickler: `.metadata` may name only
+the classes torch's checkpoint index is made of (`DCP_METADATA_GLOBALS`, plus torch dtypes), and
+byte items and common.pt must load under torch's `weights_only` unpickler (tensors, containers,
+numbers, strings). Anything else is refused, naming the file and the object it asked for, before
+a single object of it is built. A file that passes holds only those objects, so megatron's own
+unrestricted read of the same bytes builds the same harmless objects. (The files must not change
+between the two reads: whoever can write into a checkpoint while a job loads it can change the
+job's code as well.)
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointIntegrityError, UnsafeCheckpointError
+
+DCP_METADATA_FILENAME = ".metadata"
+COMMON_STATE_FILENAME = "common.pt"
+
+_DCP = "torch.distributed.checkpoint"
+# Every class torch.distributed.checkpoint's `Metadata` (with megatron's saved plans) is built
+# from; calling any of them builds plain data.
+DCP_METADATA_GLOBALS = frozenset({
+    (f"{_DCP}.metadata", "Metadata"),
+    (f"{_DCP}.metadata", "TensorStorageMetadata"),
+    (f"{_DCP}.metadata", "BytesStorageMetadata"),
+    (f"{_DCP}.metadata", "ChunkStorageMetadata"),
+    (f"{_DCP}.metadata", "TensorProperties"),
+    (f"{_DCP}.metadata", "MetadataIndex"),
+    (f"{_DCP}.metadata", "StorageMeta"),
+    (f"{_DCP}.metadata", "_MEM_FORMAT_ENCODING"),
+    (f"{_DCP}.filesystem", "_StorageInfo"),
+    (f"{_DCP}.planner", "SavePlan"),
+    (f"{_DCP}.planner", "WriteItem"),
+    (f"{_DCP}.planner", "WriteItemType"),
+    (f"{_DCP}.planner", "TensorWriteData"),
+    (f"{_DCP}.planner", "BytesIOWriteData"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+})
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in DCP_METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self._path} asks to build {module}.{name}, which a checkpoint index never holds: "
+            f"unpickling it could run code, so it is refused. This checkpoint was not written by "
+            f"torch.distributed.checkpoint (or was altered); only load checkpoints from sources "
+            f"you trust, or ask for the portable form (model.safetensors + lst_config.json)")
+
+
+def read_dcp_metadata(checkpoint: str | Path):
+    """The `torch.distributed.checkpoint.Metadata` of `checkpoint`, read with the restricted
+    unpickler. Raises UnsafeCheckpointError for anything but a checkpoint index, and
+    CheckpointIntegrityError for a missing or damaged file."""
+    path = Path(checkpoint) / DCP_METADATA_FILENAME
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointIntegrityError(f"cannot read {path}: {err}") from None
+    try:
+        metadata = _DcpMetadataUnpickler(io.BytesIO(data), path).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:  # a truncated or garbled pickle fails in many ways
+        raise CheckpointIntegrityError(
+            f"{path} ({len(data)} bytes) is damaged or truncated: {type(err).__name__}: {err}"
+        ) from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"{path} holds a {type(metadata).__name__}, not a "
+                                    f"torch.distributed.checkpoint index")
+    return metadata
+
+
+def check_file_bounds(checkpoint: str | Path, metadata) -> list[str]:
+    """Problems (empty: none) with the `.distcp` files `metadata` points into: a path outside
+    the checkpoint directory, a missing file, or one shorter than the index says (truncated)."""
+    directory = Path(checkpoint)
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    problems = []
+    for name, end in sorted(needed.items()):
+        file = directory / name
+        if Path(name).name != name or name in (".", ".."):
+            problems.append(f"{directory / DCP_METADATA_FILENAME} points outside the checkpoint "
+                            f"directory ({name!r}); the checkpoint was crafted or altered")
+        elif not file.is_file():
+            problems.append(f"{file} is missing; the checkpoint index stores data in it")
+        elif (size := file.stat().st_size) < end:
+            problems.append(f"{file} is truncated: {size} bytes, but the checkpoint index "
+                            f"places data up to byte {end}")
+    return problems
+
+
+def byte_items(metadata) -> list[str]:
+    """The keys of the byte items (ShardedObjects) of `metadata`, sorted."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    return sorted(key for key, kind in metadata.state_dict_metadata.items()
+                  if isinstance(kind, BytesStorageMetadata))
+
+
+def check_byte_items(checkpoint: str | Path, metadata, keys: list[str]) -> dict[str, str]:
+    """Problems by key of the byte items `keys` (see `byte_items`) that do not load under
+    torch's `weights_only` unpickler; call after `check_file_bounds` found no problem."""
+    directory = Path(checkpoint)
+    wanted = set(keys)
+    problems = {}
+    for index, info in metadata.storage_data.items():
+        if index.fqn not in wanted:
+            continue
+        where = f"{directory / info.relative_path} (object {index.fqn!r})"
+        if info.transform_descriptors:
+            problems[index.fqn] = (f"{where} is stored through stream transforms "
+                                   f"{list(info.transform_descriptors)}, which this loader "
+                                   f"cannot check")
+            continue
+        with open(directory / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            payload = f.read(info.length)
+        problem = _weights_only_problem(payload, where)
+        if problem is not None:
+            problems[index.fqn] = problem
+    return problems
+
+
+def check_common_state(checkpoint: str | Path) -> list[str]:
+    """Problems with megatron's `common.pt` (absent is fine: not every strategy writes it)."""
+    path = Path(checkpoint) / COMMON_STATE_FILENAME
+    if not path.is_file():
+        return []
+    problem = _weights_only_problem(path.read_bytes(), str(path))
+    return [] if problem is None else [problem]
+
+
+def _weights_only_problem(payload: bytes, where: str) -> str | None:
+    try:
+        torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message opens with advice to retry unrestricted; keep only what it refused.
+        refused = [line for line in str(err).splitlines()
+                   if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
+        return (f"{where} holds objects beyond tensors and plain data and is refused "
+                f"(unpickling it could run code): {' '.join(refused) or type(err).__name__}")
+    except Exception as err:
+        return f"{where} is damaged: {type(err).__name__}: {err}"
+    return None

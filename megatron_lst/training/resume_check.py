@@ -1,0 +1,110 @@
+"""What a resumed run may change of the data and patching flags its checkpoint was trained with.
+
+A checkpoint keeps the run's flags (`args` in its `lst_checkpoint.json`) and its position in the
+training data (`consumed_samples`). That position only means something under the flags that
+built the training rows: row r of the training order is cut (`--seq-length` patches within a
+`--max-tokens` budget) and patched (`--patching-mode` and its parameters) from the documents the
+`--seed` orders, and under curriculum patching its training step is `r // --global-batch-size`.
+A resume that changes any of these would continue at row `consumed_samples` of another row
+sequence (rows repeated or skipped, the curriculum moved), so it is refused with the flag's
+saved value. Changes that keep the rows (the data paths of moved datasets, the micro-batch size)
+are allowed with a note, as is raising the global batch size without a curriculum.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_lst.checkpoint.errors import CheckpointError
+from megatron_lst.training.arguments import args_to_dict
+
+# Flags that decide the training rows and their patching, and why.
+ROW_FLAGS = {
+    "patching_mode": "patches every row",
+    "patch_size": "patches every row",
+    "silence_patching": "patches every row",
+    "curriculum_tau1": "sets the curriculum",
+    "curriculum_tau2": "sets the curriculum",
+    "mixed_static_prob": "patches every row",
+    "seq_length": "cuts the documents into rows",
+    "max_tokens": "cuts the documents into rows",
+    "seed": "orders the documents",
+}
+# Flags that may name the same data otherwise, or regroup the same rows: a note.
+NOTED_FLAGS = ("data_path", "train_data_path", "split", "tokenizer_model", "micro_batch_size")
+
+
+class ResumeConfigError(CheckpointError):
+    """A resume whose flags would continue at the wrong place of the training data."""
+
+
+@dataclass(frozen=True)
+class ResumePosition:
+    """Where the checkpoint stands in the training data."""
+
+    iteration: int
+    consumed_samples: int
+
+
+def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
+                       position: ResumePosition, checkpoint: str) -> list[str]:
+    """Notes on the allowed changes of the data flags of `args` against `saved` (the
+    checkpoint's flags); raises ResumeConfigError for a change that breaks the data position.
+    Flags the checkpoint does not record (saved by older code) are not compared."""
+    current = args_to_dict(args)  # the values as the checkpoint's JSON holds them
+
+    def changed(name: str) -> bool:
+        return name in saved and saved[name] != current.get(name)
+
+    refused = [f"{_flag(name)} {saved[name]} -> {current.get(name)} (it {why})"
+               for name, why in ROW_FLAGS.items() if changed(name)]
+    if refused:
+        raise ResumeConfigError(
+            f"checkpoint {checkpoint} stands at sample {position.consumed_samples} of the "
+            f"training rows built by its flags; this run changes {'; '.join(refused)}, so it "
+            f"would continue at that sample of other rows (data repeated or skipped). Resume "
+            f"with the checkpoint's values, or start a new schedule from its weights with "
+            f"--finetune")
+    notes = [f"{_flag(name)} changed from {saved[name]} to {current.get(name)}"
+             for name in NOTED_FLAGS if changed(name)]
+    if any(changed(name) for name in ("data_path", "train_data_path", "split")):
+        notes.append(f"the run continues at sample {position.consumed_samples} of the data "
+                     f"these flags name; if it is not the data the checkpoint was trained on, "
+                     f"samples are repeated or skipped")
+    return notes + _check_global_batch_size(saved, args, position, checkpoint)
+
+
+def _check_global_batch_size(saved: Mapping[str, Any], args: argparse.Namespace,
+                             position: ResumePosition, checkpoint: str) -> list[str]:
+    old, new = saved.get("global_batch_size"), args.global_batch_size
+    if old is None or old == new:
+        return []
+    consumed, done, total = position.consumed_samples, position.iteration, args.train_iters
+    if args.patching_mode == "curriculum":
+        raise ResumeConfigError(
+            f"--global-batch-size {old} -> {new}: under curriculum patching the training step "
+            f"of row r is r // --global-batch-size, so row {consumed}, where the run continues, "
+            f"would be patched as step {consumed // new} instead of {done}. Resume checkpoint "
+            f"{checkpoint} with --global-batch-size {old}, or start a new schedule from its "
+            f"weights with --finetune")
+    if consumed > done * new:
+        # The training data holds train_iters x global_batch_size rows, as if every iteration
+        # had taken the new batch size; the remaining iterations start at row `consumed`.
+        needed = consumed + (total - done) * new
+        raise ResumeConfigError(
+            f"--global-batch-size {old} -> {new}: checkpoint {checkpoint} consumed {consumed} "
+            f"samples in {done} iterations of {old}. The training data holds --train-iters x "
+            f"--global-batch-size = {total} x {new} = {total * new} rows, and the {total - done} "
+            f"iterations left would read rows {consumed}..{needed - 1}: {needed - total * new} "
+            f"rows short, and short by {consumed - done * new} rows whatever --train-iters is, "
+            f"so raising it does not help. Resume with --global-batch-size {old} (or larger), or "
+            f"start a new schedule from the weights with --finetune")
+    return [f"--global-batch-size changed from {old} to {new}: the run continues at sample "
+            f"{consumed}, {new} samples per iteration"]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

@@ -1,0 +1,239 @@
+"""Loading checkpoints safely: file digests recorded at save time, crafted pickles refused before
+anything of them runs, truncated files named with the way back to an older checkpoint, diverged
+weights never saved, and `lst-convert verify`."""
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lst.checkpoint import cli
+from megatron_lst.checkpoint.dist import (
+    load_dist_checkpoint,
+    save_dist_checkpoint,
+    training_args_for,
+)
+from megatron_lst.checkpoint.errors import CheckpointIntegrityError
+from megatron_lst.checkpoint.integrity import (
+    MANIFEST_FILENAME,
+    inspect_checkpoint,
+    record_checkpoint_files,
+    write_manifest,
+)
+from megatron_lst.checkpoint.model_state import build_full_model
+from megatron_lst.checkpoint.safe_pickle import read_dcp_metadata
+from megatron_lst.models.config import preset
+from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.training.checkpointing import (
+    METADATA_FILENAME,
+    TRACKER_FILENAME,
+    NonFiniteWeightsError,
+    load_checkpoint,
+)
+from megatron_lst.training.resume_check import ResumeConfigError
+
+VOCAB = JointVocab(text_size=58)
+# What lst-eval's loader passes: weights only, no optimizer.
+WEIGHTS_ONLY = argparse.Namespace(finetune=False, no_load_optim=True, no_load_rng=True,
+                                  ckpt_step=None)
+
+
+class RunsAShellCommand:
+    """Unpickling this runs `touch <marker>`: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_the_crafted_payload_runs_when_unpickled_plainly(tmp_path):
+    """The control for the refusals below: a plain unpickler runs it."""
+    pickle.loads(pickle.dumps(RunsAShellCommand(tmp_path / "ran")))
+    assert (tmp_path / "ran").exists()
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_full_model(preset("tiny", VOCAB.size))
+
+
+@pytest.fixture(scope="module")
+def saved(single_rank, tmp_path_factory):
+    """A save directory with checkpoints of iterations 1 and 2 (different weights)."""
+    root = tmp_path_factory.mktemp("saved")
+    config = preset("tiny", VOCAB.size)
+    for iteration in (1, 2):
+        save_dist_checkpoint(root, tiny_model(iteration), training_args_for(config), VOCAB, iteration)
+    return root
+
+
+@pytest.fixture
+def save_dir(saved, tmp_path):
+    """A private copy of `saved` for a test to damage."""
+    copy = tmp_path / "save"
+    shutil.copytree(saved, copy)
+    return copy
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def assert_weights_of(model, seed: int) -> None:
+    expected = weights(tiny_model(seed))
+    for name, tensor in weights(model).items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_save_records_every_file_and_verify_passes(saved, capsys):
+    checkpoint = saved / "iter_0000002"
+    manifest = json.loads((checkpoint / MANIFEST_FILENAME).read_text())
+    listed = set(manifest["files"])
+    assert {".metadata", "common.pt", "metadata.json"} <= listed
+    assert any(name.endswith(".distcp") for name in listed)
+    assert listed == {p.name for p in checkpoint.iterdir()} - {MANIFEST_FILENAME, "lst_checkpoint.json"}
+    assert cli.main(["verify", "--load", str(saved)]) == 0
+    assert f"{checkpoint}: OK ({len(listed)} files" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("forger_rewrites_manifest", [False, True])
+def test_crafted_metadata_is_refused_without_running_it(save_dir, tmp_path, forger_rewrites_manifest):
+    checkpoint = save_dir / "iter_0000002"
+    marker = tmp_path / "pwned"
+    index = checkpoint / ".metadata"
+    crafted = pickle.dumps(RunsAShellCommand(marker))  # padded: pickle stops at its STOP opcode
+    index.write_bytes(crafted + b"\0" * (index.stat().st_size - len(crafted)))
+    if forger_rewrites_manifest:  # digests catch damage, not a forger: the unpickler must hold
+        write_manifest(checkpoint, record_checkpoint_files(checkpoint))
+    expected = ("refused" if forger_rewrites_manifest else
+                r"\.metadata has changed since it was saved")
+
+    # The loader of lst-eval / lst-generate (training's load_checkpoint) and of lst-convert.
+    with pytest.raises(CheckpointIntegrityError, match=expected):
+        load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
+    with pytest.raises(CheckpointIntegrityError, match=expected):
+        load_dist_checkpoint(checkpoint, tiny_model(), VOCAB)
+    assert cli.main(["verify", "--load", str(save_dir)]) == 1
+    assert not marker.exists(), "the crafted pickle ran"
+    if forger_rewrites_manifest:
+        with pytest.raises(CheckpointIntegrityError, match=r"posix\.system|os\.system"):
+            load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
+
+
+def test_crafted_object_in_a_distcp_file_is_refused_without_running_it(single_rank, tmp_path):
+    """ShardedObjects (RNG states, _extra_state) come back through torch.load(weights_only=False)
+    inside torch's planner: the check reads them with weights_only=True first."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "crafted"
+    checkpoint.mkdir()
+    dist_checkpointing.save({"rng_state": ShardedObject("rng_state", RunsAShellCommand(marker),
+                                                        (1,), (0,), replica_id=0)}, str(checkpoint))
+    write_manifest(checkpoint, record_checkpoint_files(checkpoint))
+    report = inspect_checkpoint(checkpoint)
+    assert len(report.problems) == 1
+    assert "object 'rng_state/shard_0_1'" in report.problems[0]
+    assert "beyond tensors and plain data" in report.problems[0]
+    assert "GLOBAL posix.system" in report.problems[0]
+    assert not marker.exists()
+
+
+def test_an_index_pointing_outside_the_checkpoint_is_refused(save_dir):
+    checkpoint = save_dir / "iter_0000002"
+    index = read_dcp_metadata(checkpoint)
+    for info in index.storage_data.values():
+        info.relative_path = "../../outside.distcp"
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(index))
+    write_manifest(checkpoint, record_checkpoint_files(checkpoint))
+    [problem] = inspect_checkpoint(checkpoint).problems
+    assert "points outside the checkpoint directory ('../../outside.distcp')" in problem
+
+
+def largest_distcp(checkpoint: Path) -> Path:
+    return max(checkpoint.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("with_manifest", [True, False])
+def test_truncated_file_is_named_and_an_older_checkpoint_loads(save_dir, capsys, with_manifest):
+    newest = save_dir / "iter_0000002"
+    broken = largest_distcp(newest)
+    broken.write_bytes(broken.read_bytes()[:1000])
+    if not with_manifest:  # saved before manifests: the checkpoint index still names the file
+        (newest / MANIFEST_FILENAME).unlink()
+
+    with pytest.raises(CheckpointIntegrityError) as refused:
+        load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
+    message = str(refused.value)
+    assert f"{broken} is truncated: 1000 bytes" in message
+    assert f"Load another one with --load {save_dir} --ckpt-step 1" in message
+    assert cli.main(["verify", "--load", str(save_dir)]) == 1
+    assert f"FAILED {broken} is truncated" in capsys.readouterr().out
+
+    # Megatron-LM's --ckpt-step, and --load naming the iteration directory, pick the older one.
+    for load, step in ((save_dir, 1), (save_dir / "iter_0000001", None)):
+        model = tiny_model(seed=99)
+        args = argparse.Namespace(**{**vars(WEIGHTS_ONLY), "ckpt_step": step})
+        loaded = load_checkpoint(load, [model], None, None, args, VOCAB)
+        assert loaded.path == save_dir / "iter_0000001"
+        assert_weights_of(model, seed=1)
+    assert cli.main(["verify", "--load", str(save_dir), "--ckpt-step", "1"]) == 0
+
+
+def test_changed_byte_is_caught_by_the_digest(save_dir):
+    broken = largest_distcp(save_dir / "iter_0000002")
+    data = bytearray(broken.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    broken.write_bytes(bytes(data))
+    with pytest.raises(CheckpointIntegrityError, match=f"{broken} has changed since it was saved"):
+        load_dist_checkpoint(save_dir / "iter_0000002", tiny_model(), VOCAB)
+
+
+def test_a_file_added_after_the_save_is_named(save_dir):
+    checkpoint = save_dir / "iter_0000002"
+    shutil.copy(largest_distcp(checkpoint), checkpoint / "__7_0.distcp")
+    with pytest.raises(CheckpointIntegrityError, match=r"does not list.*\['__7_0\.distcp'\]"):
+        load_dist_checkpoint(checkpoint, tiny_model(), VOCAB)
+
+
+def test_diverged_weights_are_not_saved(saved, tmp_path):
+    save_dir = tmp_path / "save"
+    shutil.copytree(saved, save_dir)
+    model = tiny_model()
+    with torch.no_grad():
+        model.output_layer.weight[3, 5] = float("nan")
+    with pytest.raises(NonFiniteWeightsError) as refused:
+        save_dist_checkpoint(save_dir, model, training_args_for(model.lst_config), VOCAB, 3)
+    message = str(refused.value)
+    assert "iteration 3: weight output_layer.weight holds NaN or infinity" in message
+    assert f"The newest checkpoint, {save_dir / 'iter_0000002'} (iteration 2)" in message
+    assert sorted(p.name for p in save_dir.iterdir()) == [
+        "iter_0000001", "iter_0000002", TRACKER_FILENAME]
+
+
+def test_a_resume_that_breaks_the_data_position_is_refused_before_loading(save_dir):
+    checkpoint = save_dir / "iter_0000002"
+    metadata = json.loads((checkpoint / METADATA_FILENAME).read_text())
+    metadata["args"].update(global_batch_size=8, train_iters=10)
+    metadata["extra_state"] = {"consumed_samples": 16}
+    (checkpoint / METADATA_FILENAME).write_text(json.dumps(metadata))
+    training = argparse.Namespace(**{**metadata["args"], "global_batch_size": 4,
+                                     "finetune": False, "no_load_optim": False,
+                                     "no_load_rng": False, "ckpt_step": None})
+    with pytest.raises(ResumeConfigError, match="consumed 16 samples in 2 iterations of 8"):
+        # A placeholder optimizer: the flags are refused before it (or any file) is read.
+        load_checkpoint(save_dir, [tiny_model()], object(), None, training, VOCAB)
+
+
+def test_help_says_which_checkpoints_are_safe_to_accept_from_others():
+    text = cli.build_parser().format_help()
+    assert "portable (model.safetensors + lst_config.json)  safe to accept from anyone" in text
+    assert "dist checkpoints (lst-train --save)             hold pickles" in text
