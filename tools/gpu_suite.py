@@ -56,6 +56,7 @@ MEGATRON_CORE_VERSION = "0.16.1"  # the version CI tests
 ARCHIVE = "gpu_suite.tar.gz"
 SUMMARY = "summary.txt"
 ARCHIVE_EVERY_SECONDS = 20.0
+MIN_STAGE_SECONDS = 10.0  # a stage is skipped when less of the budget is left
 # H200 SXM dense bf16 peak, NVIDIA H200 datasheet (1,979 TFLOPS with sparsity); the MFU denominator
 # of bench_step (megatron_lst.training.flops.PEAK_BF16_DENSE_FLOPS).
 PEAK_SOURCE = "dense bf16 peak from the NVIDIA datasheet (H100/H200 SXM: 989 TFLOP/s)"
@@ -145,9 +146,9 @@ class Suite:
     def run(self, name: str, commands: list[list[str]], env: dict[str, str],
             check: Callable[[Path], str | None] | None = None) -> StageResult:
         """Run `commands` in order under one time limit; `check(log)` may fail the stage."""
-        limit = min(self.mode.limits[name], self.remaining())
-        if limit < 10:
+        if self.remaining() < MIN_STAGE_SECONDS:
             return self._record(StageResult(name, "skipped: the suite's budget is spent"))
+        limit = min(self.mode.limits[name], self.remaining())
         log_path = self.logs / f"{name}.log"
         start = time.monotonic()
         status = "ok"
@@ -415,12 +416,19 @@ def main(argv=None) -> int:
                         help=f"folder holding megatron-core {MEGATRON_CORE_VERSION}'s wheel")
     parser.add_argument("--fixtures", type=Path, default=CHECKOUT / "fixtures" / "reference_lst",
                         help="the reference_lst fixture folder (required on the GPU)")
+    parser.add_argument("--fetch-wheel", action="store_true",
+                        help=f"first download megatron-core=={MEGATRON_CORE_VERSION} for this "
+                        "Python into --wheels (needs an index; CI's dry run)")
     parser.add_argument("--budget", type=float, help="seconds for all stages (default: 400 on "
                         "the GPU, 600 for the dry run)")
     args = parser.parse_args(argv)
     mode = CPU_DRY_RUN if args.cpu_dry_run else GPU
     if args.budget:
         mode.budget_seconds = args.budget
+    if args.fetch_wheel:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        "--disable-pip-version-check", "-q", "--dest", str(args.wheels),
+                        f"megatron-core=={MEGATRON_CORE_VERSION}"], check=True)
     if not any(args.wheels.glob("megatron_core-*.whl")):
         parser.error(f"no megatron_core wheel in {args.wheels}: download it first "
                      "(benchmarks/README.md)")
