@@ -34,6 +34,7 @@ before anything is installed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -77,6 +78,9 @@ class Mode:
     kernel_tests: list[str]
     correctness_flags: list[str]
     stage_env: dict[str, str] = field(default_factory=dict)
+    """Added to every stage's environment."""
+    kernel_check_env: dict[str, str] = field(default_factory=dict)
+    """Added for the stages that run the Triton kernels against the references."""
 
 
 PAPER_ROWS = ["--seq-length", "4096", "--micro-batch-size", "4", "--global-batch-size", "4",
@@ -111,7 +115,8 @@ CPU_DRY_RUN = Mode(
     kernel_tests=["tests/kernels/test_triton_kernels.py", "-k",
                   "(segment_pool and 0-max) or (cross_attention and 2-3-)"],
     correctness_flags=["--device", "cpu", "--tiny"],
-    stage_env={"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""},
+    stage_env={"CUDA_VISIBLE_DEVICES": ""},
+    kernel_check_env={"TRITON_INTERPRET": "1"},
 )
 
 
@@ -245,19 +250,18 @@ def machine_site_dirs() -> list[str]:
     return [d for d in dirs if Path(d).is_dir()]
 
 
-def make_environment(venv: Path) -> Path:
-    """A fresh venv whose site-packages adds the machine's through a .pth file (processing their
-    own .pth files too, as --system-site-packages would); returns its python."""
-    import venv as venv_module
-
-    venv_module.EnvBuilder(clear=True, with_pip=False, symlinks=True).create(venv)
+def link_machine_site(venv: Path) -> None:
+    """Make the fresh venv see the running (machine's) Python's packages: a .pth file in its
+    site-packages that adds the machine's folders with their own .pth files, as
+    --system-site-packages would. Its own site-packages stays first on sys.path."""
     python = venv / "bin" / "python"
     purelib = subprocess.run([str(python), "-c", "import sysconfig; "
                               "print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
     lines = [f"import site; site.addsitedir({d!r})" for d in machine_site_dirs()]
-    Path(purelib, "machine_site.pth").write_text("\n".join(lines) + "\n")
-    return python
+    pth = Path(purelib, "machine_site.pth")
+    pth.write_text("\n".join(lines) + "\n")
+    print(f"{pth}:\n" + "\n".join(lines))
 
 
 def stage_env(mode: Mode) -> dict[str, str]:
@@ -327,7 +331,7 @@ def summarise(work: Path) -> list[str]:
         local = sum(lst["split_seconds"].get(p, 0.0) for p in ("local encoder", "local decoder"))
         share = local / lst["median_step_seconds"]
         mfu = lst.get("mfu")
-        lines.append(f"paper-1b LST step: MFU {_pct(mfu)} (target >= 40%); local modules + "
+        lines.append(f"LST step (67/33): MFU {_pct(mfu)} (target >= 40%); local modules + "
                      f"kernels {share:.0%} of the step (target <= 20%)")
     if kernels:
         lines += ["", *_kernel_lines(kernels)]
@@ -377,6 +381,36 @@ def _kernel_lines(kernels: dict) -> list[str]:
                            for name, v in r["ratios"].items())
         of_card = f", {r['of_card']:.0%} of card" if r.get("of_card") is not None else ""
         lines.append(f"{shape}: {r['fwd_bwd_ms']:.3f} ms fwd+bwd{of_card}; vs {ratios}")
+    return lines + _kernel_targets(kernels["results"])
+
+
+def _kernel_targets(results: list[dict]) -> list[str]:
+    """The issue's kernel targets, each as the worst case over the shapes measured."""
+    ours = [r for r in results if r.get("ratios")]
+    pools = [r for r in ours if r["kernel"] == "segment_pool"]
+    largest = max((r["shape"]["tokens"] for r in ours if r["kernel"] != "segment_pool"),
+                  default=None)
+    attention = [r for r in ours if r["kernel"] != "segment_pool"
+                 and r["shape"]["tokens"] == largest]
+
+    def worst(rows, impl, key):
+        values = [r["ratios"][impl][key] for r in rows if key in r["ratios"].get(impl, {})]
+        return f"{min(values):.1f}x" if values else "n/a"
+
+    lines = ["", "kernel targets (worst shape):"]
+    if pools:
+        fractions = [r["of_card"] for r in pools if r.get("of_card") is not None]
+        lines.append(f"  segment pool fwd+bwd: {min(fractions):.0%} of the copy bandwidth "
+                     f"(target >= 80%); " if fractions else "  segment pool fwd+bwd: ")
+        lines[-1] += f"scatter_reduce takes {worst(pools, 'scatter_reduce (LST ref)', 'time')} " \
+                     "its time (target >= 3x)"
+    if attention:
+        lines.append(f"  patch cross-attention fwd+bwd at N={largest}: dense-mask SDPA takes "
+                     f"{worst(attention, 'dense-mask SDPA', 'time')} its time (target >= 5x) "
+                     f"and {worst(attention, 'dense-mask SDPA', 'memory')} its memory (target "
+                     f">= 10x); compiled flex_attention takes "
+                     f"{worst(attention, 'flex_attention (LST ref GPU)', 'time')} its time "
+                     "(target > 1x)")
     return lines
 
 
@@ -421,10 +455,14 @@ def main(argv=None) -> int:
                         "Python into --wheels (needs an index; CI's dry run)")
     parser.add_argument("--budget", type=float, help="seconds for all stages (default: 400 on "
                         "the GPU, 600 for the dry run)")
+    parser.add_argument("--link-machine-site", type=Path, help=argparse.SUPPRESS)  # a stage step
     args = parser.parse_args(argv)
+    if args.link_machine_site:
+        link_machine_site(args.link_machine_site)
+        return 0
     mode = CPU_DRY_RUN if args.cpu_dry_run else GPU
     if args.budget:
-        mode.budget_seconds = args.budget
+        mode = dataclasses.replace(mode, budget_seconds=args.budget)
     if args.fetch_wheel:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                         "--disable-pip-version-check", "-q", "--dest", str(args.wheels),
@@ -450,29 +488,26 @@ def main(argv=None) -> int:
 
     python = str(venv / "bin" / "python")
 
-    def install_commands() -> list[list[str]]:
-        make_environment(venv)
-        return [[python, "-m", "pip", "install", "--no-index", "--no-deps",
-                 "--no-build-isolation", "--ignore-installed", "--no-cache-dir",
-                 "--disable-pip-version-check", "--find-links", str(args.wheels),
-                 f"megatron-core=={MEGATRON_CORE_VERSION}", "-e", "."],
-                [python, "tools/gpu_suite_checks.py", "provenance",
-                 "--megatron-core", MEGATRON_CORE_VERSION, "--prefix", str(venv),
-                 "--json", str(work / "provenance.json")]]
-
-    try:
-        commands = install_commands()
-    except (OSError, subprocess.CalledProcessError) as error:
-        commands = [[sys.executable, "-c", f"raise SystemExit({str(error)!r})"]]
-    suite.run("install", commands, env)
+    suite.run("install", [
+        [sys.executable, "-m", "venv", "--without-pip", "--clear", str(venv)],
+        [sys.executable, str(Path(__file__).resolve()), "--link-machine-site", str(venv)],
+        # pip is the machine's, seen through the link; --ignore-installed: a megatron-core that
+        # the machine may have must not stand in for the pinned one
+        [python, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
+         "--ignore-installed", "--no-cache-dir", "--disable-pip-version-check",
+         "--find-links", str(args.wheels), f"megatron-core=={MEGATRON_CORE_VERSION}", "-e", "."],
+        [python, "tools/gpu_suite_checks.py", "provenance", "--megatron-core",
+         MEGATRON_CORE_VERSION, "--prefix", str(venv), "--json", str(work / "provenance.json")],
+    ], env)
     if not suite.results[-1].ok:
         python = sys.executable  # the later stages still tell what else is broken
+    kernel_check_env = {**env, **mode.kernel_check_env}
     suite.run("correctness", [[python, "tools/gpu_suite_checks.py", "correctness",
                                *mode.correctness_flags,
                                *(["--fixtures", str(fixtures)] if fixtures else []),
-                               "--json", str(work / "correctness.json")]], env)
+                               "--json", str(work / "correctness.json")]], kernel_check_env)
     suite.run("kernel_tests", [[python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                *mode.kernel_tests]], env,
+                                *mode.kernel_tests]], kernel_check_env,
               check=lambda log: kernel_tests_check(log, gpu=not args.cpu_dry_run))
     warmup, steps = mode.step_steps
     step_runs = (("step_lst", mode.lst_flags, []), ("step_baseline", mode.baseline_flags, []),
