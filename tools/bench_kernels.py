@@ -184,21 +184,16 @@ def card_rates(device: str) -> dict:
 
 def draw_lengths(kind: str, batch: int, tokens: int, generator: torch.Generator) -> torch.Tensor:
     """`[B, P]` lengths summing to exactly `tokens` per row (zero-padded right)."""
-    rows = []
-    for _ in range(batch):
-        row, total = [], 0
-        while total < tokens:
-            if kind == "mean4":
-                length = int(torch.randint(1, 8, (1,), generator=generator))
-            else:
-                text = bool(torch.rand(1, generator=generator) < 0.5)
-                length = 1 if text else int(torch.randint(1, 21, (1,), generator=generator))
-            length = min(length, tokens - total)
-            row.append(length)
-            total += length
-        rows.append(row)
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
+    # `tokens` draws of >= 1 always suffice; the patch that crosses the end is cut.
+    if kind == "mean4":
+        draws = torch.randint(1, 8, (batch, tokens), generator=generator)
+    else:
+        text = torch.rand(batch, tokens, generator=generator) < 0.5
+        draws = torch.where(text, 1, torch.randint(1, 21, (batch, tokens), generator=generator))
+    starts = draws.cumsum(1) - draws
+    inside = starts < tokens
+    lengths = torch.where(inside, torch.minimum(draws, tokens - starts), 0)
+    return lengths[:, : int(inside.sum(1).max())].int()
 
 
 def scatter_reduce_pool(x, patch_ids, num_patches, reduce):
