@@ -468,9 +468,10 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                         "--disable-pip-version-check", "-q", "--dest", str(args.wheels),
                         f"megatron-core=={MEGATRON_CORE_VERSION}"], check=True)
-    if not any(args.wheels.glob("megatron_core-*.whl")):
-        parser.error(f"no megatron_core wheel in {args.wheels}: download it first "
-                     "(benchmarks/README.md)")
+    python_tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    if not any(args.wheels.glob(f"megatron_core-{MEGATRON_CORE_VERSION}-{python_tag}-*.whl")):
+        parser.error(f"no megatron_core-{MEGATRON_CORE_VERSION} wheel for {python_tag} in "
+                     f"{args.wheels}: download it first (benchmarks/README.md)")
     fixtures = args.fixtures if (args.fixtures / "config_A.json").is_file() else None
     if fixtures is None and not args.cpu_dry_run:
         parser.error(f"no reference fixtures at {args.fixtures}: copy the reference_lst fixture "
