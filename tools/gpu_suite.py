@@ -85,7 +85,8 @@ class Mode:
 
 PAPER_ROWS = ["--seq-length", "4096", "--micro-batch-size", "4", "--global-batch-size", "4",
               "--bf16", "--use-distributed-optimizer"]
-TINY_ROWS = ["--micro-batch-size", "2", "--global-batch-size", "2", "--use-distributed-optimizer"]
+TINY_ROWS = ["--micro-batch-size", "2", "--global-batch-size", "2", "--bf16",
+             "--use-distributed-optimizer"]
 
 GPU = Mode(
     name="gpu", budget_seconds=400,
