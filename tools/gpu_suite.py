@@ -22,8 +22,9 @@ what is left of --budget), and a failed, timed-out or skipped stage never stops 
                    positions, bf16, distributed optimizer, synthetic rows blended 67/33 text/speech
   step_baseline    the same for the token baseline
   kernel_bench     tools/bench_kernels.py at the paper's shapes
-  step_lst_speech  LST on speech-only rows with static p=4 patches, for the LST/baseline tokens/s
-                   ratio against its FLOP ceiling
+  speech_heavy     tools/bench_model.py: LST and the baseline at equal global positions on the
+                   reference's speech-heavy rows (static p=4, N/P about 3.1), the LST/baseline
+                   raw tokens/s ratio next to its FLOP ceiling
 
 Every log and JSON goes into OUT/gpu_suite.tar.gz, rewritten while stages run (a command killed
 from outside still leaves the stages done so far); OUT/summary.txt has the figures. Exit status:
@@ -73,7 +74,7 @@ class Mode:
     step_steps: tuple[int, int]  # (warmup, measured)
     lst_flags: list[str]
     baseline_flags: list[str]
-    speech_flags: list[str]
+    speech_heavy_flags: list[str]
     kernel_bench_flags: list[str]
     kernel_tests: list[str]
     correctness_flags: list[str]
@@ -91,13 +92,14 @@ TINY_ROWS = ["--micro-batch-size", "2", "--global-batch-size", "2", "--bf16",
 GPU = Mode(
     name="gpu", budget_seconds=400,
     limits={"install": 60, "correctness": 75, "kernel_tests": 75, "step_lst": 100,
-            "step_baseline": 60, "kernel_bench": 90, "step_lst_speech": 70},
+            "step_baseline": 60, "kernel_bench": 90, "speech_heavy": 90},
     step_steps=(3, 10),
     lst_flags=["--config", "examples/configs/paper_1b_lst.yaml", *PAPER_ROWS,
                "--max-tokens", "16384"],
     baseline_flags=["--config", "examples/configs/paper_1b_baseline.yaml", *PAPER_ROWS],
-    speech_flags=["--config", "examples/configs/paper_1b_lst.yaml", *PAPER_ROWS,
-                  "--patching-mode", "static", "--patch-size", "4", "--max-tokens", "16384"],
+    # N = 12800 tokens per row: P about 4096 patches, the step benchmark's positions per row
+    speech_heavy_flags=["--device", "cuda", "--presets", "paper-1b", "--tokens", "12800",
+                        "--batch-size", "4", "--warmup", "2", "--steps", "5"],
     kernel_bench_flags=["--device", "cuda"],
     kernel_tests=["-m", "gpu", "tests/kernels"],
     correctness_flags=["--device", "cuda"],
@@ -106,12 +108,12 @@ CPU_DRY_RUN = Mode(
     # About 100 s of CPU time in all; the limits only stop a hang, with room for a busy CI host.
     name="cpu-dry-run", budget_seconds=1200,
     limits={stage: 300 for stage in ("install", "correctness", "kernel_tests", "step_lst",
-                                     "step_baseline", "kernel_bench", "step_lst_speech")},
+                                     "step_baseline", "kernel_bench", "speech_heavy")},
     step_steps=(1, 2),
     lst_flags=["--config", "examples/configs/tiny_cpu_lst.yaml", *TINY_ROWS],
     baseline_flags=["--config", "examples/configs/tiny_cpu_baseline.yaml", *TINY_ROWS],
-    speech_flags=["--config", "examples/configs/tiny_cpu_lst.yaml", *TINY_ROWS,
-                  "--patching-mode", "static", "--patch-size", "4"],
+    speech_heavy_flags=["--device", "cpu", "--presets", "tiny", "--tokens", "96",
+                        "--batch-size", "2", "--warmup", "1", "--steps", "1", "--threads", "1"],
     kernel_bench_flags=["--device", "cpu", "--tiny"],
     # The compiled kernel tests need CUDA; the same file runs interpreted (a few cases).
     kernel_tests=["tests/kernels/test_triton_kernels.py", "-k",
@@ -314,21 +316,14 @@ def summarise(work: Path) -> list[str]:
                 lines.append(f"skipped: {part}: {correctness[part]['skipped']}")
     kernels = _load(work, "kernel_bench")
     card = (kernels or {}).get("card") or {}
-    for name, label in (("step_lst", "LST, 67/33 mix"), ("step_baseline", "baseline"),
-                        ("step_lst_speech", "LST, speech-only static p=4")):
+    for name, label in (("step_lst", "LST, 67/33 mix"), ("step_baseline", "baseline")):
         bench = _load(work, name)
         if bench:
             lines += ["", *_step_lines(label, bench, card)]
-    lst, base, speech = (_load(work, n) for n in ("step_lst", "step_baseline",
-                                                  "step_lst_speech"))
-    if speech and base:
-        ratio = speech["tokens_per_second"] / base["tokens_per_second"]
-        ceiling = ((speech["tokens_per_step"] / speech["global_positions_per_step"])
-                   / (base["tokens_per_step"] / base["global_positions_per_step"])
-                   * (base["flops_per_step"] / base["global_positions_per_step"])
-                   / (speech["flops_per_step"] / speech["global_positions_per_step"]))
-        lines += ["", f"speech-heavy LST raw tokens/s over the baseline's: {ratio:.2f}x; FLOP "
-                  f"ceiling {ceiling:.2f}x; {ratio / ceiling:.0%} of it (target >= 90%)"]
+    speech_heavy = _load(work, "speech_heavy")
+    if speech_heavy:
+        lines += ["", *_speech_heavy_lines(speech_heavy)]
+    lst = _load(work, "step_lst")
     if lst:
         local = sum(lst["split_seconds"].get(p, 0.0) for p in ("local encoder", "local decoder"))
         share = local / lst["median_step_seconds"]
@@ -337,6 +332,32 @@ def summarise(work: Path) -> list[str]:
                      f"kernels {share:.0%} of the step (target <= 20%)")
     if kernels:
         lines += ["", *_kernel_lines(kernels)]
+    return lines
+
+
+def _speech_heavy_lines(report: dict) -> list[str]:
+    """bench_model.py's LST/baseline pairs: raw tokens/s ratio against its FLOP ceiling."""
+    results = report["results"]
+    baselines = {(r["preset"], r["patches_per_row"]): r for r in results
+                 if r["model"] == "baseline"}
+    lines = []
+    for lst in (r for r in results if r["model"] == "lst"):
+        base = baselines.get((lst["preset"], lst["patches_per_row"]))
+        if base is None:
+            continue
+        ratio = lst["raw_tokens_per_second"] / base["raw_tokens_per_second"]
+        ceiling = (lst["tokens_per_row"] / base["tokens_per_row"]) * (
+            base["step_flops"] / lst["step_flops"])
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in (lst.get("shares") or {}).items())
+        lines += [
+            f"speech-heavy rows ({lst['preset']}, {report['args']['dtype']}, B={lst['batch']}, "
+            f"N={lst['tokens_per_row']}, P={lst['patches_per_row']}, N/P "
+            f"{lst['tokens_per_row'] / lst['patches_per_row']:.2f}): LST "
+            f"{1e3 * lst['step_seconds']:.1f} ms/step, {lst['peak_memory_mb'] / 1024:.1f} GiB "
+            f"peak ({shares}); baseline {1e3 * base['step_seconds']:.1f} ms/step, "
+            f"{base['peak_memory_mb'] / 1024:.1f} GiB peak",
+            f"  LST raw tokens/s over the baseline's: {ratio:.2f}x; FLOP ceiling {ceiling:.2f}x; "
+            f"{ratio / ceiling:.0%} of it (target >= 90%)"]
     return lines
 
 
@@ -513,17 +534,13 @@ def main(argv=None) -> int:
                                 *mode.kernel_tests]], kernel_check_env,
               check=lambda log: kernel_tests_check(log, gpu=not args.cpu_dry_run))
     warmup, steps = mode.step_steps
-    step_runs = (("step_lst", mode.lst_flags, []), ("step_baseline", mode.baseline_flags, []),
-                 ("kernel_bench", None, None),
-                 ("step_lst_speech", mode.speech_flags, ["--speech-share", "1"]))
-    for name, flags, own in step_runs:
-        if flags is None:
-            suite.run(name, [[python, "tools/bench_kernels.py", *mode.kernel_bench_flags,
-                              "--out", str(work / "kernel_bench.json")]], env)
-            continue
+    for name, flags in (("step_lst", mode.lst_flags), ("step_baseline", mode.baseline_flags)):
         suite.run(name, [[python, "tools/bench_step.py", "--warmup", str(warmup), "--steps",
-                          str(steps), *own, "--json", str(work / f"{name}.json"), "--",
-                          *flags]], env)
+                          str(steps), "--json", str(work / f"{name}.json"), "--", *flags]], env)
+    suite.run("kernel_bench", [[python, "tools/bench_kernels.py", *mode.kernel_bench_flags,
+                                "--out", str(work / "kernel_bench.json")]], env)
+    suite.run("speech_heavy", [[python, "tools/bench_model.py", *mode.speech_heavy_flags,
+                                "--json", str(work / "speech_heavy.json")]], env)
     suite.write_archive()
     print((args.out / SUMMARY).read_text())
     shutil.rmtree(scratch, ignore_errors=True)

@@ -23,7 +23,7 @@ def test_timed_out_stage_is_killed_and_the_next_still_runs(tmp_path):
     suite_tool = _load_tool()
     mode = suite_tool.Mode(
         name="test", budget_seconds=60, limits={"slow": 1, "fast": 10}, step_steps=(1, 1),
-        lst_flags=[], baseline_flags=[], speech_flags=[], kernel_bench_flags=[],
+        lst_flags=[], baseline_flags=[], speech_heavy_flags=[], kernel_bench_flags=[],
         kernel_tests=[], correctness_flags=[])
     out = tmp_path / "out"
     out.mkdir()
@@ -51,17 +51,27 @@ def _step(tokens, positions, flops, seconds, split):
             "first_step_seconds": 20.0, "split_seconds": split}
 
 
+def _model(model, tokens, patches, flops, seconds):
+    return {"model": model, "preset": "paper-1b", "tokens_per_row": tokens,
+            "patches_per_row": patches, "batch": 4, "step_seconds": seconds,
+            "raw_tokens_per_second": 4 * tokens / seconds, "peak_memory_mb": 2048.0,
+            "step_flops": flops, "shares": None}
+
+
 def test_summary_ratios_come_from_the_measurements(tmp_path):
     suite_tool = _load_tool()
     split = {"local encoder": 0.05, "global transformer": 0.6, "local decoder": 0.1, "head": 0.1}
-    # Baseline: 16384 tokens = positions, 1e15 FLOPs in 2 s. LST on speech: 3 tokens per
-    # position, 1.5x the baseline's FLOPs per position, 3 s per step.
-    (tmp_path / "step_baseline.json").write_text(json.dumps(_step(16384, 16384, 1e15, 2.0, split)))
-    (tmp_path / "step_lst_speech.json").write_text(
-        json.dumps(_step(3 * 16384, 16384, 1.5e15, 3.0, split)))
+    # Speech-heavy rows: LST 3 tokens per patch at 1.5x the baseline's FLOPs, 3 s per step;
+    # the baseline over the 4096 patches as tokens, 2 s per step.
+    (tmp_path / "speech_heavy.json").write_text(json.dumps({
+        "args": {"dtype": "bfloat16"},
+        "results": [_model("lst", 3 * 4096, 4096, 1.5e15, 3.0),
+                    _model("baseline", 4096, 4096, 1e15, 2.0)]}))
     (tmp_path / "step_lst.json").write_text(json.dumps(_step(24000, 16384, 1.2e15, 1.0, split)))
     text = "\n".join(suite_tool.summarise(tmp_path))
-    # tokens/s ratio (3 * 16384 / 3) / (16384 / 2) = 2; ceiling 3 / 1.5 = 2; 100% of it
+    # tokens/s ratio (3 * 4096 / 3) / (4096 / 2) = 2; ceiling 3 / 1.5 = 2; 100% of it
+    assert "N/P 3.00" in text
     assert "over the baseline's: 2.00x; FLOP ceiling 2.00x; 100% of it" in text
     # MFU 1.2e15 / 1 s / 989e12 = 121.3%; local modules 0.15 s of a 1 s step
+    assert "step benchmark, LST, 67/33 mix (NVIDIA H200): 1000.0 ms/step" in text
     assert "MFU 121.3% (target >= 40%); local modules + kernels 15% of the step" in text
