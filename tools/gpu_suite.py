@@ -190,8 +190,10 @@ class Suite:
                                    stderr=subprocess.STDOUT, start_new_session=True)
         while True:
             try:
-                return process.wait(timeout=max(0.1, min(ARCHIVE_EVERY_SECONDS,
+                code = process.wait(timeout=max(0.1, min(ARCHIVE_EVERY_SECONDS,
                                                          deadline - time.monotonic())))
+                _kill_group(process)  # workers it left behind (compilers, data loaders)
+                return code
             except subprocess.TimeoutExpired:
                 if time.monotonic() >= deadline:
                     _kill_group(process)
@@ -230,6 +232,7 @@ class Suite:
 
 
 def _kill_group(process: subprocess.Popen) -> None:
+    """End a stage's process group (its own session): TERM, then KILL after 10 s."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
@@ -237,9 +240,10 @@ def _kill_group(process: subprocess.Popen) -> None:
             return
         try:
             process.wait(timeout=10)
-            return
         except subprocess.TimeoutExpired:
             continue
+        if sig == signal.SIGTERM:  # the leader is gone; its group may linger a moment
+            time.sleep(0.2)
 
 
 # --- the stages ------------------------------------------------------------------------------
