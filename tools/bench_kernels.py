@@ -7,8 +7,13 @@ backward) or TFLOP/s (attention, over the useful unmasked work: 4*d*H per visibl
 pair forward, 3.5x that for fwd+bwd with the backward's recomputation, FlashAttention's
 convention), peak memory, and the ratio of each alternative to ours. Prints a table, writes JSON.
 
-    python tools/bench_kernels.py --device cuda --out benchmarks/results/h100.json
+    python tools/bench_kernels.py --device cuda --out benchmarks/results/h200.json
     python tools/bench_kernels.py --device cpu --quick    # PyTorch paths only, reduced shapes
+
+CUDA shapes are the paper's: N = 8192 and 32768 tokens per row (pooling: 2^20 tokens per call,
+width 1024; attention: one row, P = N/4 patches, W = 512 patches, k = 2, 1024 wide as 16 heads of
+64 or 8 of 128), bf16. `flex_attention` is compiled once, at one shape (the decoder direction at
+the largest N, head dim 64): every new shape would cost another compilation.
 
 On CPU only PyTorch code runs (our reference path, labelled `[torch-ref]`); the Triton kernels,
 flex_attention and the card's copy/matmul rates are CUDA-only.
@@ -62,6 +67,7 @@ class Result:
     kernel: str
     shape: dict
     impl: str
+    first_call_ms: float | None = None  # first forward + first fwd+bwd: compilation, autotuning
     fwd_ms: float | None = None
     fwd_bwd_ms: float | None = None
     rate: float | None = None  # GB/s (pool) or TFLOP/s (attention), fwd+bwd
@@ -127,11 +133,15 @@ def fwd_bwd(forward: Callable[..., torch.Tensor], inputs: list[torch.Tensor], gr
 
 
 def measure(kernel, shape, impl, forward, inputs, device, warmup, iters) -> Result:
+    start = time.perf_counter()
     with torch.no_grad():
         probe = forward(*inputs)
     grad = torch.randn_like(probe)
     del probe
     step = fwd_bwd(forward, inputs, grad)
+    step()
+    _sync(device)
+    first_call_ms = (time.perf_counter() - start) * 1e3
 
     def fwd_only():
         with torch.no_grad():
@@ -141,6 +151,7 @@ def measure(kernel, shape, impl, forward, inputs, device, warmup, iters) -> Resu
         kernel=kernel,
         shape=asdict(shape),
         impl=impl,
+        first_call_ms=first_call_ms,
         fwd_ms=time_ms(fwd_only, device, warmup, iters),
         fwd_bwd_ms=time_ms(step, device, warmup, iters),
         peak_mib=peak_mib(step, device),
@@ -173,21 +184,16 @@ def card_rates(device: str) -> dict:
 
 def draw_lengths(kind: str, batch: int, tokens: int, generator: torch.Generator) -> torch.Tensor:
     """`[B, P]` lengths summing to exactly `tokens` per row (zero-padded right)."""
-    rows = []
-    for _ in range(batch):
-        row, total = [], 0
-        while total < tokens:
-            if kind == "mean4":
-                length = int(torch.randint(1, 8, (1,), generator=generator))
-            else:
-                text = bool(torch.rand(1, generator=generator) < 0.5)
-                length = 1 if text else int(torch.randint(1, 21, (1,), generator=generator))
-            length = min(length, tokens - total)
-            row.append(length)
-            total += length
-        rows.append(row)
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
+    # `tokens` draws of >= 1 always suffice; the patch that crosses the end is cut.
+    if kind == "mean4":
+        draws = torch.randint(1, 8, (batch, tokens), generator=generator)
+    else:
+        text = torch.rand(batch, tokens, generator=generator) < 0.5
+        draws = torch.where(text, 1, torch.randint(1, 21, (batch, tokens), generator=generator))
+    starts = draws.cumsum(1) - draws
+    inside = starts < tokens
+    lengths = torch.where(inside, torch.minimum(draws, tokens - starts), 0)
+    return lengths[:, : int(inside.sum(1).max())].int()
 
 
 def scatter_reduce_pool(x, patch_ids, num_patches, reduce):
@@ -288,7 +294,8 @@ def dense_mask(start, end, num_keys):
     return (keys >= start[..., None]) & (keys < end[..., None])  # [B, Sq, Sk]
 
 
-def bench_attention(shape: AttentionShape, device: str, dtype, warmup, iters) -> list[Result]:
+def bench_attention(shape: AttentionShape, device: str, dtype, warmup, iters,
+                    with_flex: bool = False) -> list[Result]:
     q, k, v, start, end = attention_problem(shape, device, dtype)
     num_keys = k.shape[1]
     visible_pairs = int((end - start).clamp(min=0).sum())
@@ -308,7 +315,7 @@ def bench_attention(shape: AttentionShape, device: str, dtype, warmup, iters) ->
         ours: lambda q, k, v: patch_cross_attention(q, k, v, start, end),
         "dense-mask SDPA": sdpa,
     }
-    if device == "cuda":
+    if with_flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         def visible(b, h, q_idx, kv_idx):
@@ -346,30 +353,42 @@ def bench_attention(shape: AttentionShape, device: str, dtype, warmup, iters) ->
 # shapes, report
 
 
-def shapes(device: str, quick: bool):
-    if device == "cuda":
-        pool_batch, pool_tokens, dims = 64, 16384, [1024, 2048]  # 1M tokens
-        attention = dict(batch=1, tokens=16384, patches=4096, heads=16, head_dim=64)
-        windows, slot_counts = [1, 64, 512], [1, 2]
+def shapes(device: str, quick: bool, tiny: bool = False):
+    """(pool shapes, attention shapes, the attention shape timed against flex_attention)."""
+    if tiny:  # smoke runs: every path at toy sizes
+        pool = [PoolShape(2, 512, 64, "aligned", "max")]
+        attn = [AttentionShape(d, batch=1, tokens=256, patches=64, slots=2, window=16, heads=2,
+                               head_dim=32) for d in ("decoder", "encoder")]
+        return pool, attn, attn[0] if device == "cuda" else None
+    if device == "cuda" and not quick:
+        pool_tokens, dims, width = [8192, 32768], [1024], 1024
+        token_counts, head_dims, windows, slot_counts = [8192, 32768], [64, 128], [512], [2]
+        pool_batch = {n: 2**20 // n for n in pool_tokens}  # 1M tokens, 2 GiB of bf16 per call
     else:
-        pool_batch, pool_tokens, dims = 4, 4096, [256]
-        attention = dict(batch=1, tokens=2048, patches=512, heads=4, head_dim=64)
-        windows, slot_counts = [1, 64], [1, 2]
-    if quick:
-        dims, windows, slot_counts = dims[:1], windows[-1:], slot_counts[:1]
+        pool_tokens, dims, width = [4096], [256], 256
+        token_counts, head_dims, windows, slot_counts = [2048], [64], [1, 64], [1, 2]
+        pool_batch = {4096: 4}
+        if quick:
+            windows, slot_counts = windows[-1:], slot_counts[:1]
     pool = [
-        PoolShape(pool_batch, pool_tokens, d, lengths, reduce)
+        PoolShape(pool_batch[n], n, d, lengths, reduce)
+        for n in pool_tokens
         for d in dims
         for lengths in ("mean4", "aligned")
         for reduce in (("max", "mean") if not quick else ("max",))
     ]
     attn = [
-        AttentionShape(direction, slots=k, window=w, **attention)
+        AttentionShape(direction, batch=1, tokens=n, patches=n // 4, slots=k, window=w,
+                       heads=width // head_dim, head_dim=head_dim)
+        for n in token_counts
+        for head_dim in head_dims
         for direction in ("decoder", "encoder")
         for k in slot_counts
         for w in windows
     ]
-    return pool, attn
+    flex_shape = next((a for a in reversed(attn) if a.direction == "decoder"
+                       and a.head_dim == head_dims[0]), None) if device == "cuda" else None
+    return pool, attn, flex_shape
 
 
 def add_ratios(results: list[Result]) -> None:
@@ -438,21 +457,25 @@ def main(argv=None) -> None:
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument("--quick", action="store_true", help="one shape per kernel, few iterations")
+    parser.add_argument("--tiny", action="store_true",
+                        help="toy shapes, few iterations: a smoke run of every path")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no GPU; use --device cpu")
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    warmup, iters = (2, 5) if args.quick or args.device == "cpu" else (5, 20)
+    warmup, iters = ((1, 2) if args.tiny else (2, 5) if args.quick or args.device == "cpu"
+                     else (5, 20))
     torch.manual_seed(0)
     rates = card_rates(args.device)
-    pool_shapes, attention_shapes = shapes(args.device, args.quick)
+    pool_shapes, attention_shapes, flex_shape = shapes(args.device, args.quick, args.tiny)
     results = []
     for shape in pool_shapes:
         results += bench_pool(shape, args.device, dtype, warmup, iters)
     for shape in attention_shapes:
-        results += bench_attention(shape, args.device, dtype, warmup, iters)
+        results += bench_attention(shape, args.device, dtype, warmup, iters,
+                                   with_flex=shape == flex_shape)
     add_ratios(results)
     add_card_fractions(results, rates)
     print_table(results, rates)

@@ -7,11 +7,12 @@ For each model preset and token count N it times full training steps (forward, b
 - the token baseline with the same global transformer over P tokens per row, P = LST's patch
   count (compute-controlled comparison: equal steps, equal global positions),
 and reports step time (wall clock, and the process's CPU time, which busy shared hosts distort
-less), raw tokens per second (B*N for LST, B*P for the baseline), the process's
-peak resident memory and its growth over the idle model ("step peak"), and for LST the share of
-the step spent in the local encoder, the global transformer and the local decoder (+ output head
-and loss), measured by cutting the graph between the parts in one extra step. Every measurement
-runs in a fresh process so peaks do not leak between runs.
+less), raw tokens per second (B*N for LST, B*P for the baseline), peak memory (CUDA: max
+allocated; CPU: the process's peak resident set) and its growth over the idle model ("step
+peak"), and for LST the share of the step spent in the local encoder, the global transformer and
+the local decoder (+ output head and loss), measured by cutting the graph between the parts in one
+extra step. Every measurement runs in a fresh process so peaks do not leak between runs. It runs
+on CUDA (bf16 by default) or CPU (fp32): the whole model and the batch live on `--device`.
 
 Each step's exact FLOPs (`megatron_lst.training.flops`, attention included) give the achieved
 GFLOP/s and the FLOP ceiling of the comparison: LST's raw tokens/s over the baseline's can reach
@@ -22,13 +23,9 @@ dominates (about 2.1x for paper-1b and 2.8x for the 7b preset at N = 4096).
 
     python tools/bench_model.py                          # tiny and medium, N = 1024 and 4096
     python tools/bench_model.py --presets medium --tokens 1024 2048 4096 --json bench.json
+    python tools/bench_model.py --device cuda --presets paper-1b --tokens 4096 --batch-size 4
 
-Reference point (issue 5): the public reference at the "medium" configuration (global 256 x 4
-layers x 4 heads, local 128, 1 encoder and 2 decoder layers, k=2, windows 512, vocab 1020, B=2,
-fp32, 2 threads, static p=4, P = N/3.1) does 6.8k tok/s at N=1024 and 4.3k tok/s at N=4096 with a
-1.4 GB peak on its fastest CPU path (dense masks). The report compares with those figures; the
-reference timed on the project's own 2-core box does 4.6k and 2.3k
-(benchmarks/results/2026-11-25_cpu-2core_reference_vs_ours.md).
+Every comparison printed is between measurements of the same run.
 """
 
 from __future__ import annotations
@@ -45,9 +42,8 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 
-REFERENCE_TOKENS_PER_SECOND = {1024: 6800.0, 4096: 4300.0}
-REFERENCE_PEAK_GB = 1.4
 VOCAB_SIZE = 1020
+DTYPES = {"float32", "bfloat16"}
 
 
 @dataclass
@@ -60,8 +56,8 @@ class Result:
     step_seconds: float  # wall clock
     cpu_step_seconds: float  # process CPU time (all threads): steadier than wall time on busy hosts
     raw_tokens_per_second: float
-    peak_rss_mb: float
-    step_peak_mb: float  # peak RSS minus RSS of the built, idle model
+    peak_memory_mb: float  # CUDA: max allocated; CPU: peak resident set of the process
+    step_peak_mb: float  # peak memory minus that of the built, idle model
     step_flops: float  # forward + backward FLOPs of one step (training.flops, exact)
     shares: dict[str, float] | None = None  # LST: encoder / global / decoder fractions
 
@@ -100,19 +96,35 @@ def speech_heavy_batch(batch: int, num_tokens: int, patch_size: int, seed: int):
     }
 
 
-def _rss_mb() -> float:
+def _memory_mb(device: str) -> float:
+    """Memory in use now: CUDA allocated, or the process's resident set on CPU."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / 2**20
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _part_shares(model, batch) -> dict[str, float]:
+def _peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _part_shares(model, batch, device: str) -> dict[str, float]:
     """One step with the graph cut between the parts; each part's forward + backward time."""
     import torch
 
     from megatron_lst.models.loss import masked_token_mean
 
-    clock = time.perf_counter
+    def clock() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
     t0 = clock()
     token_states, global_input = model.encode(batch["tokens"], batch["patch_lengths"])
     t1 = clock()
@@ -144,7 +156,8 @@ def measure(kind: str, preset_name: str, num_tokens: int, args) -> Result:
     import torch
 
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     from megatron_lst.models import LSTModel, TokenBaselineModel, preset
     from megatron_lst.models.loss import masked_token_mean
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
@@ -152,6 +165,7 @@ def measure(kind: str, preset_name: str, num_tokens: int, args) -> Result:
 
     initialize_parallel(seed=0)
     config = preset(preset_name, VOCAB_SIZE)
+    device, dtype = args.device, getattr(torch, args.dtype)
     lst_batch = speech_heavy_batch(args.batch_size, num_tokens, args.patch_size, seed=0)
     num_patches = int((lst_batch["patch_lengths"] > 0).sum(1).max())
     shape = ModelShape.from_model_config(config)
@@ -168,7 +182,14 @@ def measure(kind: str, preset_name: str, num_tokens: int, args) -> Result:
         tokens = torch.randint(0, VOCAB_SIZE, (args.batch_size, num_patches + 1))
         batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
                  "loss_mask": torch.ones(args.batch_size, num_patches), "patch_lengths": None}
+    # megatron builds the global transformer on the current CUDA device; the rest is built on CPU
+    model = model.to(device=device, dtype=dtype)
+    batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def synchronize():
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -176,23 +197,28 @@ def measure(kind: str, preset_name: str, num_tokens: int, args) -> Result:
         masked_token_mean(per_token, batch["loss_mask"]).backward()
         optimizer.step()
 
-    idle_rss = _rss_mb()
+    synchronize()
+    idle = _memory_mb(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         step()
+    synchronize()
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
+    synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     cpu_seconds = (time.process_time() - cpu_start) / args.steps
-    shares = _part_shares(model, batch) if kind == "lst" else None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    shares = _part_shares(model, batch, device) if kind == "lst" else None
+    peak = _peak_memory_mb(device)
     destroy_parallel()
     tokens_per_row = batch["tokens"].shape[1]
     return Result(
         model=kind, preset=preset_name, tokens_per_row=tokens_per_row, patches_per_row=num_patches,
         batch=args.batch_size, step_seconds=seconds, cpu_step_seconds=cpu_seconds,
         raw_tokens_per_second=args.batch_size * tokens_per_row / seconds,
-        peak_rss_mb=peak, step_peak_mb=peak - idle_rss, step_flops=step_flops, shares=shares,
+        peak_memory_mb=peak, step_peak_mb=peak - idle, step_flops=step_flops, shares=shares,
     )
 
 
@@ -211,13 +237,13 @@ def run_isolated(kind: str, preset_name: str, num_tokens: int, args) -> Result:
 
 
 def report(results: list[Result]) -> None:
-    print(f"{'model':9}{'preset':8}{'N/row':>7}{'P/row':>7}{'step s':>9}{'cpu s':>8}{'raw tok/s':>11}"
+    print(f"{'model':9}{'preset':9}{'N/row':>7}{'P/row':>7}{'step s':>9}{'cpu s':>8}{'raw tok/s':>11}"
           f"{'GFLOP/s':>9}{'peak MB':>9}{'step MB':>9}  shares (encoder / global / decoder+head)")
     for r in results:
         shares = " / ".join(f"{v:.0%}" for v in r.shares.values()) if r.shares else ""
-        print(f"{r.model:9}{r.preset:8}{r.tokens_per_row:>7}{r.patches_per_row:>7}"
+        print(f"{r.model:9}{r.preset:9}{r.tokens_per_row:>7}{r.patches_per_row:>7}"
               f"{r.step_seconds:>9.3f}{r.cpu_step_seconds:>8.3f}{r.raw_tokens_per_second:>11.0f}"
-              f"{r.step_flops / r.step_seconds / 1e9:>9.1f}{r.peak_rss_mb:>9.0f}"
+              f"{r.step_flops / r.step_seconds / 1e9:>9.1f}{r.peak_memory_mb:>9.0f}"
               f"{r.step_peak_mb:>9.0f}  {shares}")
     by_key = {(r.model, r.preset, r.patches_per_row): r for r in results}
     for r in results:
@@ -232,11 +258,6 @@ def report(results: list[Result]) -> None:
                   f"{r.raw_tokens_per_second / base.raw_tokens_per_second:.2f}x the baseline's "
                   f"(per CPU second: {cpu_ratio:.2f}x; FLOP ceiling at equal FLOP/s: "
                   f"{ceiling:.2f}x)")
-        if r.preset == "medium" and r.tokens_per_row in REFERENCE_TOKENS_PER_SECOND:
-            ref = REFERENCE_TOKENS_PER_SECOND[r.tokens_per_row]
-            print(f"medium N={r.tokens_per_row}: {r.raw_tokens_per_second:.0f} tok/s vs the "
-                  f"reference's {ref:.0f} ({r.raw_tokens_per_second / ref:.2f}x); peak "
-                  f"{r.peak_rss_mb / 1024:.2f} GB vs {REFERENCE_PEAK_GB} GB")
 
 
 def _cpu_model() -> str:
@@ -258,9 +279,21 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU only)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when torch sees a GPU, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="parameter dtype; default bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no GPU; use --device cpu")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
 
     results = []
     for preset_name in args.presets:
@@ -270,10 +303,9 @@ def main() -> None:
                 print(f"done: {kind} {preset_name} N={num_tokens}", flush=True)
     report(results)
     if args.json:
-        import torch
-
         machine = {
             "processor": _cpu_model(), "logical_cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "python": platform.python_version(), "torch": torch.__version__,
         }
         summary = {

@@ -56,9 +56,10 @@ def test_main_writes_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
         bench,
         "shapes",
-        lambda device, quick: (
+        lambda device, quick, tiny: (
             [bench.PoolShape(1, 32, 4, "mean4", "mean")],
             [bench.AttentionShape("decoder", 1, 32, 8, 1, 2, 1, 8)],
+            None,
         ),
     )
     out = tmp_path / "bench.json"

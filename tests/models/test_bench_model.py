@@ -30,7 +30,8 @@ def test_speech_heavy_batch_keeps_the_contract():
 
 def test_lst_and_baseline_steps_report(capsys):
     bench = _load_tool()
-    args = argparse.Namespace(batch_size=2, patch_size=4, steps=1, warmup=0, threads=1)
+    args = argparse.Namespace(batch_size=2, patch_size=4, steps=1, warmup=0, threads=1,
+                              device="cpu", dtype="float32")
     threads = torch.get_num_threads()
     try:
         results = [bench.measure(kind, "tiny", 96, args) for kind in ("lst", "baseline")]
