@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from megatron_lst.tokenizer import InterleavedCodec, JointVocab, VocabularyError, joint_vocab
-from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
+from megatron_lst.tokenizer.text_tokenizer import (
+    VocabSizeError,
+    load_text_tokenizer,
+    train_sentencepiece,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "reference_lst"
@@ -110,6 +114,27 @@ def test_train_tool_text_jsonl(tmp_path):
     with pytest.raises(SystemExit, match=r"c.jsonl:1: not a text-jsonl line"):
         tool.main(["--input", str(corpus), "--input-format", "text-jsonl", "--json-key", "body",
                    "--output", str(tmp_path / "u.model")])
+
+
+def test_too_large_vocab_size_names_the_largest_possible(tmp_path):
+    words = ["hello", "world", "the", "quick", "brown", "fox"]
+    with pytest.raises(VocabSizeError) as raised:
+        train_sentencepiece(words, tmp_path / "big.model", 32000)
+    largest = raised.value.largest
+    assert 259 < largest < 32000  # specials and bytes, plus characters and merges
+    assert load_text_tokenizer(train_sentencepiece(words, tmp_path / "max.model",
+                                                   largest)).vocab_size == largest
+    with pytest.raises(VocabSizeError):
+        train_sentencepiece(words, tmp_path / "over.model", largest + 1)
+    assert not (tmp_path / "big.model").exists()
+
+    word_list = tmp_path / "words.txt"
+    word_list.write_text("\n".join(words) + "\n")
+    with pytest.raises(SystemExit, match=rf"--vocab-size 32000 is larger than {word_list} "
+                                         rf"allows: .* at most {largest} pieces; pass "
+                                         rf"--vocab-size {largest} or less"):
+        _load_tool("train_tokenizer").main(["--input", str(word_list), "--vocab-size", "32000",
+                                            "--output", str(tmp_path / "tool.model")])
 
 
 def _hf_tokenizer_json(tmp_path: Path, byte_level: bool) -> Path:
