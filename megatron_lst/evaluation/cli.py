@@ -1,6 +1,6 @@
 """`lst-eval` (story-completion accuracy) and `lst-generate` (continuation) of a checkpoint.
 
-    lst-eval --load runs/demo --items storycloze.jsonl hellaswag.jsonl --modes S->S,T->T,S->T,T->S
+    lst-eval --load runs/demo --items storycloze.jsonl hellaswag.jsonl --modes ss,tt,st,ts
     lst-generate --load runs/demo --prompt-text "the girl ran" --continue-in speech
 
 Prints one line per (file, mode) on rank 0 and, with `--output`, writes the full results as JSON
@@ -40,8 +40,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--items", nargs="+", required=True,
                         help="Story-completion JSONL files (DESIGN.md section 10).")
     parser.add_argument("--modes", default=None,
-                        help=f"Comma-separated modes out of {','.join(MODES)} (s2s, t2t, ... also "
-                             f"work). Default: all four, or T->T for a text-only file.")
+                        help=f"Comma-separated modes out of {','.join(MODES)} (quote them: the "
+                             f"shell reads '>' as a redirect), or spelled ss,tt,st,ts (any case; "
+                             f"s2s, t2t, ... also work). Default: all four, or T->T for a "
+                             f"text-only file.")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="Items per forward pass (all their endings go in one batch).")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
