@@ -75,6 +75,26 @@ def test_lst_generate_continues_a_unit_prompt_as_speech(checkpoint, capsys):
     assert output["global_steps"] >= 1
 
 
+@pytest.mark.parametrize("prompt, continue_in", [(["--prompt-text", "the girl ran"], "speech"),
+                                                 (["--prompt-units", "3 3 7 1 0"], "text")])
+def test_lst_generate_continues_in_the_named_modality_by_default(checkpoint, capsys, prompt,
+                                                                 continue_in):
+    root, _, _ = checkpoint
+    status = generate_main(["--load", str(root / "save"), *prompt, "--continue-in", continue_in,
+                            "--max-new-tokens", "10"])  # greedy, the default
+    assert status == 0
+    output = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    v = vocab()
+    marker = v.speech_marker if continue_in == "speech" else v.text_marker
+    assert output["prompt"][-1] == marker
+    body = output["tokens"][:len(output["tokens"]) - output["stopped_at_eos"]]
+    assert body
+    if continue_in == "speech":
+        assert len(output["units"]) == len(body)
+    else:
+        assert not output["units"] and all(t < v.text_size for t in body) and output["text"]
+
+
 def test_lst_eval_without_a_checkpoint(tmp_path, capsys):
     assert eval_main(["--load", str(tmp_path), "--items", str(tmp_path / "x.jsonl")]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err
