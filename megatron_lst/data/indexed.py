@@ -12,6 +12,7 @@ so document i is sequences 4i..4i+3 (aligned) or sequence i (text), read with on
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from pathlib import Path
@@ -92,7 +93,9 @@ class DocumentStore:
         self.prefix = str(prefix)
         self.manifest = Manifest.load(self.prefix)
         self.kind = self.manifest.kind
-        self.vocab = JointVocab.from_dict(self.manifest.vocab)
+        # The manifest's tokenizer digest travels with the vocabulary into checkpoints.
+        self.vocab = dataclasses.replace(JointVocab.from_dict(self.manifest.vocab),
+                                         tokenizer_sha256=self.manifest.tokenizer.sha256)
         self._per_doc = SEQUENCES_PER_DOCUMENT[self.kind]
         for path in (get_idx_path(self.prefix), get_bin_path(self.prefix)):
             if not os.path.exists(path):

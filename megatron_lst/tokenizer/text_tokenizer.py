@@ -189,7 +189,8 @@ def load_text_tokenizer(path: str | Path) -> TextTokenizer:
 def joint_vocab(tokenizer: TextTokenizer, num_units: int = 502) -> JointVocab:
     """The joint vocabulary of `tokenizer`'s pieces, the mode markers and `num_units` units."""
     return JointVocab(tokenizer.vocab_size, num_units, pad_id=tokenizer.pad_id,
-                      bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+                      bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                      tokenizer_sha256=tokenizer.sha256)
 
 
 class VocabSizeError(VocabularyError):

@@ -94,19 +94,19 @@ def patching_config_from_args(args: argparse.Namespace) -> PatchingConfig:
 
 
 def data_vocab(args: argparse.Namespace) -> JointVocab:
-    """The joint vocabulary of the datasets (`split_sources`), from their manifests; every dataset
-    must share it. It is the data's, not `--num-units`': the run trains on the ids the data holds."""
-    vocab = None
+    """The joint vocabulary of the datasets (`split_sources`), from their manifests, with their
+    tokenizer's digest (checkpoints record both); every dataset must share it. It is the data's, not `--num-units`': the run trains on the ids the data holds."""
+    vocab = first = None
     prefixes = dict.fromkeys(prefix for sources in split_sources(args).values()
                              for _, prefix in sources)
     for prefix in prefixes:
         store_vocab = DocumentStore(prefix).vocab
         if vocab is None:
-            vocab = store_vocab
-        elif store_vocab != vocab:
+            vocab, first = store_vocab, prefix
+        elif store_vocab != vocab or store_vocab.tokenizer_sha256 != vocab.tokenizer_sha256:
             raise VocabularyError(
-                f"dataset {prefix} was made with vocabulary {store_vocab.to_dict()} but the "
-                f"first dataset with {vocab.to_dict()}; preprocess every dataset with the same "
+                f"dataset {prefix} was made with vocabulary {store_vocab.to_dict()} but dataset "
+                f"{first} with {vocab.to_dict()}; preprocess every dataset with the same "
                 f"tokenizer and --num-units")
     if vocab.num_units != args.num_units:
         logger.info("the datasets hold %d speech units (--num-units %d ignored)",

@@ -253,3 +253,19 @@ def test_render(codec, tiny):
     ids = codec.encode([("speech", [12, 13, 9]), ("text", "hello world")])
     assert codec.render(ids) == "<bos> <s> [12 13 9] <t> hello world <eos>"
     assert codec.render([vocab.size + 3, vocab.text_marker]) == f"<?{vocab.size + 3}> <t>"
+
+
+def test_joint_vocab_records_the_tokenizer_digest(tiny):
+    vocab = joint_vocab(tiny, 10)
+    assert vocab.tokenizer_sha256 == tiny.sha256
+    assert JointVocab.from_dict(vocab.to_dict()).tokenizer_sha256 == tiny.sha256
+    vocab.check_tokenizer(tiny, "dataset D")
+    digest_free = JointVocab(tiny.vocab_size, 10)
+    assert digest_free == vocab  # the layout is the same
+    digest_free.check_tokenizer(tiny, "dataset D")  # old records: the size alone is checked
+    other = JointVocab(tiny.vocab_size, 10, tokenizer_sha256="f" * 64)
+    with pytest.raises(VocabularyError, match=r"is not the one dataset D was made with "
+                                              r"\(sha256 ffffffffffff...\)"):
+        other.check_tokenizer(tiny, "dataset D")
+    with pytest.raises(VocabularyError, match="pieces but dataset D was made with"):
+        JointVocab(tiny.vocab_size + 1, 10).check_tokenizer(tiny, "dataset D")

@@ -1,8 +1,13 @@
 """Where a run's training and validation rows come from: `--data-path` cut by `--split`, or
 whole datasets from `--train-data-path` / `--valid-data-path`."""
 
+import json
+
+import pytest
+
+from megatron_lst.tokenizer.vocab import VocabularyError
 from megatron_lst.training.arguments import parse_args, validate_args
-from megatron_lst.training.data_provider import build_datasets
+from megatron_lst.training.data_provider import build_datasets, data_vocab
 from training.training_cases import tiny_flags, write_corpus, write_store
 
 
@@ -45,3 +50,16 @@ def test_train_data_path_alone_means_no_validation(tmp_path, caplog):
     assert documents(datasets.train) == [("speech", 0, 60)]
     assert datasets.valid is None
     assert "no --valid-data-path: no evaluation" in caplog.text
+
+
+def test_the_vocabulary_carries_the_datasets_tokenizer_digest(tmp_path):
+    data = write_corpus(tmp_path)  # manifests record the tokenizer sha256 "000...0"
+    args = validate_args(parse_args(tiny_flags(data) + ["--train-iters", "2"]), 1)
+    assert data_vocab(args).tokenizer_sha256 == "0" * 64
+    assert data_vocab(args).to_dict()["tokenizer_sha256"] == "0" * 64  # saved in checkpoints
+    manifest = tmp_path / "text.json"
+    record = json.loads(manifest.read_text())
+    record["tokenizer"]["sha256"] = "1" * 64  # same size, another tokenizer
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(VocabularyError, match=r"dataset .*text was made with vocabulary .*'1111"):
+        data_vocab(args)
