@@ -42,7 +42,7 @@ SPLITS = ("train", "valid", "test")
 
 class DocumentRange:
     """Documents `[start, stop)` of a store, with the store's interface (`kind`, `vocab`,
-    `prefix`, len, indexing). The dataset keys its cached row index by the store's files, not by
+    `prefix`, len, indexing, `describe`). The dataset keys its cached row index by the store's files, not by
     the range: give each range a cache directory of its own (`build_datasets` does)."""
 
     def __init__(self, store: DocumentStore, start: int, stop: int):
@@ -63,6 +63,9 @@ class DocumentRange:
         if not 0 <= index < len(self):
             raise IndexError(f"document {index} outside 0..{len(self) - 1}")
         return self.store[self.start + index]
+
+    def describe(self, index: int) -> str:
+        return self.store.describe(self.start + index)
 
 
 def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
