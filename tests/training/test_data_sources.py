@@ -63,3 +63,19 @@ def test_the_vocabulary_carries_the_datasets_tokenizer_digest(tmp_path):
     manifest.write_text(json.dumps(record))
     with pytest.raises(VocabularyError, match=r"dataset .*text was made with vocabulary .*'1111"):
         data_vocab(args)
+
+
+def test_a_dataset_without_validation_documents_is_left_out_of_validation(tmp_path, caplog):
+    data = write_corpus(tmp_path)  # 60 + 60 documents, split 90,10,0: 6 valid documents each
+    small = write_store(tmp_path / "small", "aligned", 3, seed=4)  # 10% of 3 rounds to 0
+    flags = with_data(tiny_flags(data), "--data-path", *data, "0.5", str(small))
+    datasets = build_datasets(validate_args(parse_args(flags), 1))
+    assert documents(datasets.train) == [("speech", 0, 54), ("text", 0, 54), ("small", 0, 3)]
+    assert documents(datasets.valid) == [("speech", 54, 60), ("text", 54, 60)]
+    assert len(datasets.valid) == 4
+    assert f"leaves no validation documents in {small} (3 documents): validating on" in caplog.text
+
+    caplog.clear()
+    flags = with_data(tiny_flags(data), "--data-path", str(small))
+    assert build_datasets(validate_args(parse_args(flags), 1)).valid is None
+    assert "leaves no validation documents in any dataset: no evaluation" in caplog.text
