@@ -7,20 +7,17 @@ flags.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.loop import EXIT_STOPPED, pretrain
+from megatron_lst.training.train_logging import configure_console_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Every rank logs warnings; only rank 0 the informational messages.
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    configure_console_logging(int(os.environ.get("RANK", 0)))
     try:
         args = validate_args(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     except ArgumentError as error:

@@ -175,6 +175,10 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
     sources = split_sources(args)
     stores = {prefix: DocumentStore(prefix)
               for weighted in sources.values() for _, prefix in weighted}
+    for prefix, store in stores.items():
+        counts = store.manifest.counts
+        logger.info("dataset %s: %d %s documents, %d text pieces, %d units", prefix, len(store),
+                    store.kind, counts.text_pieces, counts.units)
     space_id = _space_id(args, list(stores.values()))
     patcher = Patcher(patching_config_from_args(args))
 

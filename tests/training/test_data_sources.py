@@ -79,3 +79,22 @@ def test_a_dataset_without_validation_documents_is_left_out_of_validation(tmp_pa
     flags = with_data(tiny_flags(data), "--data-path", str(small))
     assert build_datasets(validate_args(parse_args(flags), 1)).valid is None
     assert "leaves no validation documents in any dataset: no evaluation" in caplog.text
+
+
+def test_each_dataset_is_announced_once_without_the_index_reader_banners(tmp_path, caplog):
+    import logging
+
+    from megatron_lst.training.train_logging import QUIET_MEGATRON_LOGGERS
+
+    reader = logging.getLogger(QUIET_MEGATRON_LOGGERS[0])
+    level = reader.level
+    reader.setLevel(logging.WARNING)  # as `configure_console_logging` does
+    try:
+        with caplog.at_level(logging.INFO):
+            build_datasets(validate_args(parse_args(tiny_flags(write_corpus(tmp_path))
+                                                    + ["--train-iters", "2"]), 1))
+    finally:
+        reader.setLevel(level)
+    assert caplog.text.count(f"dataset {tmp_path / 'speech'}: 60 aligned documents") == 1
+    assert caplog.text.count(f"dataset {tmp_path / 'text'}: 60 text documents") == 1
+    assert "_IndexReader" not in caplog.text
