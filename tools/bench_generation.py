@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> list[Result]:
 
     vocab = JointVocab(args.text_vocab_size)
     prompt = build_prompt(vocab, units=np.random.default_rng(0).integers(0, 500, args.prompt_units))
-    sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.units, speech_only=True)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.units, modality="speech")
     initialize_parallel()
     results = []
     try:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> list[Result]:
                                       patch_size=args.patch_size)
             for cache in (True, False) if args.no_cache else (True,):
                 generate(model, prompt, vocab, patching,
-                         SamplingConfig(temperature=1.0, max_new_tokens=4, speech_only=True))
+                         SamplingConfig(temperature=1.0, max_new_tokens=4, modality="speech"))
                 out = generate(model, prompt, vocab, patching, sampling, use_cache=cache)
                 units = int(vocab.is_unit(out.tokens).sum())
                 seconds = units / args.frame_rate

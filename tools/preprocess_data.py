@@ -68,7 +68,51 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lines or utterances per worker task")
     group.add_argument("--skip-bad", action="store_true",
                        help="skip malformed documents and count them instead of stopping")
+    group.add_argument("--log-interval", type=int, default=1000,
+                       help="when stderr is not a terminal, print a progress line every this "
+                            "many documents (a terminal gets a progress bar)")
     return parser
+
+
+class Progress:
+    """Progress on stderr: a tqdm bar on a terminal, else a line every `log_interval` documents
+    (as Megatron-LM's preprocessing prints), so logs of batch jobs show it too."""
+
+    def __init__(self, total: int, unit: str, log_interval: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.unit, self.log_interval = total, unit, log_interval
+        self.done = self.documents = 0
+        self.next_line = log_interval
+        self.start = time.perf_counter()
+        self.bar = (tqdm(total=total, unit=unit, unit_scale=True, desc="preprocess",
+                         file=self.stream) if self.stream.isatty() else None)
+
+    def update(self, size: int, documents: int) -> None:
+        """`size` more of the input done (bytes or utterances), holding `documents` documents."""
+        self.done += size
+        self.documents += documents
+        if self.bar is not None:
+            self.bar.update(size)
+        elif self.documents >= self.next_line:
+            self.next_line = (self.documents // self.log_interval + 1) * self.log_interval
+            self.print_line()
+
+    def print_line(self) -> None:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        if self.unit == "B":
+            done = f"{self.done / 1e6:,.1f} of {self.total / 1e6:,.1f} MB"
+            rate = f"{self.done / 1e6 / seconds:,.2f} MB/s"
+        else:
+            done = f"{self.done:,} of {self.total:,} utterances"
+            rate = f"{self.done / seconds:,.0f} utterances/s"
+        share = 100.0 * self.done / self.total if self.total else 100.0
+        print(f"preprocess: {self.documents:,} documents, {done} ({share:.1f}%) in "
+              f"{seconds:,.0f}s, {self.documents / seconds:,.0f} documents/s, {rate}",
+              file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -83,8 +127,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for path in args.input:
         if not os.path.isfile(path):
             raise SystemExit(f"--input {path}: no such file")
-    if args.workers < 1 or args.chunk_size < 1:
-        raise SystemExit("--workers and --chunk-size must be at least 1")
+    if args.workers < 1 or args.chunk_size < 1 or args.log_interval < 1:
+        raise SystemExit("--workers, --chunk-size and --log-interval must be at least 1")
 
 
 def _worker_pool(workers: int):
@@ -146,8 +190,8 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     start = time.perf_counter()
     try:
         pool = _worker_pool(args.workers)
-        with pool or contextlib.nullcontext(), tqdm(total=total, unit=unit, unit_scale=True,
-                                                    desc="preprocess", disable=None) as progress:
+        progress = Progress(total, unit, args.log_interval)
+        with pool or contextlib.nullcontext(), contextlib.closing(progress):
             for chunk, result in _results(chunks, options, pool, args.workers):
                 for document in result.documents:
                     add(document)
@@ -155,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
                 report.bad_skipped += result.report.bad_skipped
                 report.examples += result.report.examples[: report.MAX_EXAMPLES
                                                           - len(report.examples)]
-                progress.update(chunk.size)
+                progress.update(chunk.size, len(result.documents))
         manifest = Manifest(
             kind=kind, vocab=vocab.to_dict(),
             tokenizer=TokenizerInfo(str(args.tokenizer_model), tokenizer.sha256,

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from megatron_lst.data.readers import SEGMENT_SEP, SILENCE_WORD
-from megatron_lst.tokenizer.text_tokenizer import train_sentencepiece
+from megatron_lst.tokenizer.text_tokenizer import VocabSizeError, train_sentencepiece
 
 FORMATS = ("text", "text-jsonl", "reference-jsonl")
 
@@ -62,8 +62,14 @@ def sentences(paths: Sequence[str], input_format: str, json_key: str = "text") -
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
-    model = train_sentencepiece(sentences(args.input, args.input_format, args.json_key),
-                                args.output, args.vocab_size)
+    try:
+        model = train_sentencepiece(sentences(args.input, args.input_format, args.json_key),
+                                    args.output, args.vocab_size)
+    except VocabSizeError as error:
+        raise SystemExit(f"error: --vocab-size {error.requested} is larger than "
+                         f"{' '.join(args.input)} allows: BPE on it yields at most "
+                         f"{error.largest} pieces; pass --vocab-size {error.largest} or less, or "
+                         f"train on more text") from None
     print(f"wrote {model} ({args.vocab_size} pieces)")
     return model
 

@@ -57,7 +57,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.documents import AlignedDocument, check_stored_document
 from megatron_lst.data.interleave import InterleaveConfig, InterleavedDocument, Interleaver
 from megatron_lst.patching.curriculum import Patcher
 from megatron_lst.tokenizer.vocab import MODALITY_TEXT, JointVocab
@@ -88,6 +88,9 @@ class DocumentSource(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> AlignedDocument | np.ndarray: ...
+
+    # Optional: `describe(index) -> str` names where a document is stored (file and document)
+    # in the errors of the row-index build's document check.
 
 
 @dataclass
@@ -200,10 +203,17 @@ class LSTDataset(torch.utils.data.Dataset):
             return None
         return int(self.sample_positions[row]) // self.global_batch_size
 
-    def _interleaved(self, position: int) -> tuple[int, int, InterleavedDocument]:
-        """(epoch, document id, interleaved document) at a stream position."""
+    def _interleaved(self, position: int, check: bool = False
+                     ) -> tuple[int, int, InterleavedDocument]:
+        """(epoch, document id, interleaved document) at a stream position. `check`: first check
+        the stored document (`check_stored_document`), as the row-index build does for every
+        document it reads."""
         epoch, doc_id = self._document_id(position)
         stored = self.store[doc_id]
+        if check:
+            describe = getattr(self.store, "describe", None)
+            check_stored_document(stored, self.vocab.text_size, self.vocab.num_units,
+                                  describe(doc_id) if describe else f"document {doc_id}")
         if self.store.kind == "text":
             return epoch, doc_id, self.interleaver.text_document(stored)
         layout_rng = np.random.default_rng([self.seed, epoch, doc_id, _LAYOUT])
@@ -236,8 +246,9 @@ class LSTDataset(torch.utils.data.Dataset):
         return patched
 
     def _patch_plan(self, position: int) -> _PatchPlan:
-        """The document at `position` patched under every rule it can get (see `_PlanSource`)."""
-        epoch, doc_id, doc = self._interleaved(position)
+        """The document at `position`, checked, patched under every rule it can get (see
+        `_PlanSource`)."""
+        epoch, doc_id, doc = self._interleaved(position, check=True)
         rng = self._patching_rng(epoch, doc_id)
         draw = None if rng is None else float(rng.random())  # what `Patcher.rule` draws first
         lengths = {rule: self.patcher.lengths_for_rule(doc, rule)

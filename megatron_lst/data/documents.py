@@ -68,3 +68,22 @@ class AlignedDocument:
             bad = self.unit_ids[(self.unit_ids < 0) | (self.unit_ids >= num_units)][0]
             raise DocumentError(f"{where}: speech unit {int(bad)} is outside the codebook "
                                 f"0..{num_units - 1}")
+
+
+def check_stored_document(stored: AlignedDocument | np.ndarray, text_size: int, num_units: int,
+                          where: str) -> None:
+    """Raise DocumentError, naming `where` (file and document), unless a document read from a
+    dataset holds a consistent segment table (aligned) and only ids of the vocabulary: text
+    pieces 0..text_size-1 and units 0..num_units-1. A few vector operations: cheap enough for
+    every document of a row-index build."""
+    text_ids = stored.text_ids if isinstance(stored, AlignedDocument) else np.asarray(stored)
+    try:
+        if isinstance(stored, AlignedDocument):
+            stored.validate(num_units, where)
+        if len(text_ids) and (text_ids.min() < 0 or text_ids.max() >= text_size):
+            bad = text_ids[(text_ids < 0) | (text_ids >= text_size)][0]
+            raise DocumentError(f"{where}: text id {int(bad)} is outside the tokenizer's "
+                                f"0..{text_size - 1}")
+    except DocumentError as error:
+        raise DocumentError(f"{error}; the dataset is corrupt or its .bin and .idx are from "
+                            f"different runs: re-run tools/preprocess_data.py") from None

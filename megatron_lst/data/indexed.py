@@ -12,6 +12,7 @@ so document i is sequences 4i..4i+3 (aligned) or sequence i (text), read with on
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from pathlib import Path
@@ -92,7 +93,9 @@ class DocumentStore:
         self.prefix = str(prefix)
         self.manifest = Manifest.load(self.prefix)
         self.kind = self.manifest.kind
-        self.vocab = JointVocab.from_dict(self.manifest.vocab)
+        # The manifest's tokenizer digest travels with the vocabulary into checkpoints.
+        self.vocab = dataclasses.replace(JointVocab.from_dict(self.manifest.vocab),
+                                         tokenizer_sha256=self.manifest.tokenizer.sha256)
         self._per_doc = SEQUENCES_PER_DOCUMENT[self.kind]
         for path in (get_idx_path(self.prefix), get_bin_path(self.prefix)):
             if not os.path.exists(path):
@@ -120,7 +123,19 @@ class DocumentStore:
         if (np.diff(doc_bounds) != self._per_doc).any():
             raise StoreError(f"{idx_path}: a {self.kind} document must hold {self._per_doc} "
                              f"sequences; this index was not written by DocumentWriter")
-        expected = int(lengths.sum(dtype=np.int64)) * np.dtype(_DTYPE).itemsize
+        itemsize = np.dtype(_DTYPE).itemsize
+        # DocumentWriter appends sequences back to back: each starts where the one before ends.
+        starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]) * itemsize
+        moved = np.flatnonzero(index.sequence_pointers != starts)
+        if len(moved):
+            first = int(moved[0])
+            raise StoreError(f"{idx_path}: sequence {first} (document "
+                             f"{first // self._per_doc}) starts at byte "
+                             f"{int(index.sequence_pointers[first])} of the .bin but the "
+                             f"sequences before it end at byte {int(starts[first])}: the index "
+                             f"lists the sequences in another order or is from another run "
+                             f"(re-run tools/preprocess_data.py)")
+        expected = int(lengths.sum(dtype=np.int64)) * itemsize
         bin_path = get_bin_path(self.prefix)
         actual = os.path.getsize(bin_path)
         if actual != expected:
@@ -148,6 +163,10 @@ class DocumentStore:
             return self._dataset[i]
         text_ids, unit_ids, seg_text_len, seg_unit_len = self._dataset[4 * i: 4 * i + 4]
         return AlignedDocument(text_ids, unit_ids, seg_text_len, seg_unit_len)
+
+    def describe(self, i: int) -> str:
+        """Where document `i` is stored, for error messages."""
+        return f"{get_bin_path(self.prefix)}, document {i}"
 
     def token_counts(self) -> np.ndarray:
         """[D] int64: text pieces + units of each document (no specials), from the index only."""

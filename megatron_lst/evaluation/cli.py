@@ -1,6 +1,6 @@
 """`lst-eval` (story-completion accuracy) and `lst-generate` (continuation) of a checkpoint.
 
-    lst-eval --load runs/demo --items storycloze.jsonl hellaswag.jsonl --modes S->S,T->T,S->T,T->S
+    lst-eval --load runs/demo --items storycloze.jsonl hellaswag.jsonl --modes ss,tt,st,ts
     lst-generate --load runs/demo --prompt-text "the girl ran" --continue-in speech
 
 Prints one line per (file, mode) on rank 0 and, with `--output`, writes the full results as JSON
@@ -40,8 +40,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--items", nargs="+", required=True,
                         help="Story-completion JSONL files (docs/evaluation.md#the-item-format).")
     parser.add_argument("--modes", default=None,
-                        help=f"Comma-separated modes out of {','.join(MODES)} (s2s, t2t, ... also "
-                             f"work). Default: all four, or T->T for a text-only file.")
+                        help=f"Comma-separated modes out of {','.join(MODES)} (quote them: the "
+                             f"shell reads '>' as a redirect), or spelled ss,tt,st,ts (any case; "
+                             f"s2s, t2t, ... also work). Default: all four, or T->T for a "
+                             f"text-only file.")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="Items per forward pass (all their endings go in one batch).")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -110,14 +112,17 @@ def build_generate_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-units", default=None,
                         help="Whitespace-separated unit values, or @FILE to read them from FILE.")
     parser.add_argument("--continue-in", choices=("speech", "text"), default=None,
-                        help="Switch modality after the prompt (speech-to-text, text-to-speech); "
-                             "default: continue the prompt's modality.")
+                        help="Continue in this modality: the prompt ends with its mode marker "
+                             "(<s> or <t>) and only units, or only text pieces, are generated "
+                             "until EOS or --max-new-tokens. Default: the model continues the "
+                             "prompt freely.")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy.")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--speech-only", action="store_true",
-                        help="Sample only units (and the end of sequence).")
+                        help="Generate only units (and the end of sequence), as "
+                             "--continue-in speech does.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true",
                         help="Re-run the whole model every step (the reference's way).")
@@ -145,8 +150,10 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         vocab, tokenizer = loaded.vocab, loaded.tokenizer
         units = _unit_prompt(args.prompt_units) if args.prompt_units is not None else None
         prompt = build_prompt(vocab, tokenizer, args.prompt_text, units, args.continue_in)
+        if args.speech_only and args.continue_in == "text":
+            raise GenerationError("--speech-only contradicts --continue-in text")
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
-                                  args.seed, args.speech_only)
+                                  args.seed, "speech" if args.speech_only else args.continue_in)
         result = generate(loaded.model_chunks[0], prompt, vocab, loaded.patcher.config,
                           sampling, use_cache=not args.no_cache)
     except (CheckpointError, GenerationError, ValueError) as error:

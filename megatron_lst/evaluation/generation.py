@@ -50,6 +50,9 @@ class GenerationError(ValueError):
     """A prompt or a setting generation cannot run with."""
 
 
+MODALITIES = (None, "speech", "text")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """temperature 0 is greedy; top_k 0 and top_p 1.0 keep every token."""
@@ -59,10 +62,13 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 200
     seed: int = 0
-    speech_only: bool = False
-    """Sample only speech units (and EOS): continue a prompt as speech whatever the model prefers."""
+    modality: str | None = None
+    """"speech": sample only speech units (and EOS); "text": only text pieces (and EOS); None:
+    any token the model prefers. Continues a prompt in one modality whatever the model prefers."""
 
     def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise GenerationError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
         if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got "
                                   f"{self.temperature}, {self.top_k}, {self.top_p}")
@@ -130,6 +136,19 @@ def generation_patch_size(config: PatchingConfig) -> int | None:
         raise GenerationError("aligned patching needs word boundaries that do not exist while "
                               "generating; generate with a static, mixed or curriculum model")
     return config.patch_size
+
+
+def sampling_mask(vocab: JointVocab, modality: str | None, size: int) -> torch.Tensor:
+    """[size] bool: the ids generation may produce out of `size` logits. Never the reserved ids
+    or ids past the vocabulary (padding of the output layer); with `modality` "speech" only units
+    and EOS, with "text" only text pieces (not BOS or the pad id) and EOS."""
+    ids = torch.arange(size)
+    allowed = (ids < vocab.size) & ~((ids >= vocab.text_size) & (ids < vocab.text_marker))
+    if modality == "speech":
+        allowed &= vocab.is_unit(ids) | (ids == vocab.eos_id)
+    elif modality == "text":
+        allowed &= (ids < vocab.text_size) & (ids != vocab.bos_id) & (ids != vocab.pad_id)
+    return allowed
 
 
 def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
@@ -259,8 +278,8 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     `TokenBaselineModel`, megatron wrappers allowed; TP=1 or more, PP=1).
 
     `patching`: the model's patching config (its static p is used; see the module docstring).
-    Stops at EOS or after `sampling.max_new_tokens` tokens. The reserved ids between the text
-    pieces and `<t>` are never sampled.
+    Stops at EOS or after `sampling.max_new_tokens` tokens. Only the tokens `sampling_mask`
+    allows are sampled.
     """
     from megatron.core import parallel_state
     from megatron.core.utils import get_attr_wrapped_model
@@ -286,6 +305,7 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
                  else _CachedBaseline(model, max_length))
     generator = torch.Generator().manual_seed(sampling.seed)
 
+    allowed = None  # [V] bool, once the logits' size is known
     sequence = prompt.tolist()
     result = GenerationResult(np.zeros(0, np.int64), 0, 0.0, False)
     start = time.perf_counter()
@@ -303,11 +323,9 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
         if len(sequence) > len(prompt):  # the prompt's own positions are not counted
             result.global_steps += ran
         logits = logits.float().cpu()
-        logits[vocab.text_size:vocab.text_marker] = float("-inf")  # reserved ids, never produced
-        if sampling.speech_only:
-            logits[:vocab.unit_offset] = torch.where(
-                torch.arange(vocab.unit_offset) == vocab.eos_id, logits[:vocab.unit_offset],
-                float("-inf"))
+        if allowed is None:
+            allowed = sampling_mask(vocab, sampling.modality, logits.numel())
+        logits = logits.masked_fill(~allowed, float("-inf"))
         if keep_logits:
             result.step_logits.append(logits)
         token = _sample(logits, sampling, generator)

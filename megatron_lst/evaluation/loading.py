@@ -18,7 +18,7 @@ import torch
 
 from megatron_lst.patching import Patcher
 from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, load_text_tokenizer
-from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.checkpointing import (
     CheckpointError,
     find_latest_checkpoint,
@@ -70,10 +70,7 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
         raise CheckpointError(f"{path} was trained without --tokenizer-model; pass "
                               f"--tokenizer-model with the tokenizer of its vocabulary")
     tokenizer = load_text_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size != vocab.text_size:
-        raise VocabularyError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces but "
-                              f"checkpoint {path} was trained with {vocab.text_size}; pass the "
-                              f"tokenizer it was trained with (--tokenizer-model)")
+    vocab.check_tokenizer(tokenizer, f"checkpoint {path}")  # size, and digest when recorded
 
     model_chunks, _ = build_model_chunks(args, vocab.size)
     loaded = load_checkpoint(load_dir, model_chunks, None, None, args, vocab)

@@ -50,14 +50,16 @@ MODES = {"S->S": (True, True), "T->T": (False, False), "S->T": (True, False), "T
 
 
 def parse_modes(text: str | Sequence[str]) -> list[str]:
-    """Mode names from "S->S,T->T" or a list; "s2t"-style spellings are accepted."""
+    """Mode names from "S->S,T->T" or a list. Spellings that need no shell quoting are accepted
+    too, in any case: "ss,tt,st,ts" and "s2s,t2t,s2t,t2s"."""
     names = text.split(",") if isinstance(text, str) else list(text)
     modes = []
     for name in names:
-        canonical = name.strip().upper().replace("2", "->")
+        spelled = name.strip().upper().replace("->", "").replace("2", "")
+        canonical = "->".join(spelled) if len(spelled) == 2 else spelled
         if canonical not in MODES:
             raise ValueError(f"unknown evaluation mode {name!r}; choose from {list(MODES)} "
-                             f"(or s2s, t2t, s2t, t2s)")
+                             f"(or, without shell quoting, ss, tt, st, ts)")
         modes.append(canonical)
     return modes
 

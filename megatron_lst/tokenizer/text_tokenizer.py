@@ -189,7 +189,20 @@ def load_text_tokenizer(path: str | Path) -> TextTokenizer:
 def joint_vocab(tokenizer: TextTokenizer, num_units: int = 502) -> JointVocab:
     """The joint vocabulary of `tokenizer`'s pieces, the mode markers and `num_units` units."""
     return JointVocab(tokenizer.vocab_size, num_units, pad_id=tokenizer.pad_id,
-                      bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+                      bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                      tokenizer_sha256=tokenizer.sha256)
+
+
+class VocabSizeError(VocabularyError):
+    """The text cannot give as many pieces as the requested vocabulary size."""
+
+    def __init__(self, requested: int, largest: int):
+        super().__init__(f"vocabulary size {requested} is larger than this text allows: BPE on it "
+                         f"yields at most {largest} pieces (bytes, characters and every merge of "
+                         f"its words); pass a vocabulary size of {largest} or less, or train on "
+                         f"more text")
+        self.requested = requested
+        self.largest = largest
 
 
 def train_sentencepiece(sentences: Iterable[str], model_path: str | Path, vocab_size: int
@@ -199,20 +212,45 @@ def train_sentencepiece(sentences: Iterable[str], model_path: str | Path, vocab_
     Byte fallback, split digits, a dummy prefix and no whitespace normalization (so word-by-word
     encoding equals encoding the run), unk 0 / bos 1 / eos 2, no pad piece. One thread, the input
     order as given and no output path inside the model make the file's bytes a function of the
-    sentences and `vocab_size` alone.
+    sentences and `vocab_size` alone. Raises `VocabSizeError` (with the largest size the text
+    allows) when the text cannot give `vocab_size` pieces.
     """
+    sentences = list(sentences)  # trained on twice when the size is too large
+    try:
+        model = _train_bpe(sentences, vocab_size, hard_limit=True)
+    except RuntimeError as error:
+        # A soft limit makes SentencePiece stop when no merge is left: that is the largest size.
+        largest = _piece_count(_train_bpe(sentences, vocab_size, hard_limit=False))
+        if largest >= vocab_size:
+            raise  # not a vocabulary size problem
+        raise VocabSizeError(vocab_size, largest) from error
+    model_path = Path(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    model_path.write_bytes(model)
+    return model_path
+
+
+def _train_bpe(sentences: list[str], vocab_size: int, hard_limit: bool) -> bytes:
+    """The serialized model; with `hard_limit`, SentencePiece raises RuntimeError when the text
+    gives fewer than `vocab_size` pieces."""
     import sentencepiece
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model,
-        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, split_digits=True,
-        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity",
         allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
         character_coverage=0.99995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         num_threads=1, shuffle_input_sentence=False, input_sentence_size=0,
-        minloglevel=2)
-    model_path = Path(model_path)
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    model_path.write_bytes(model.getvalue())
-    return model_path
+        minloglevel=2,
+        # Only the soft limit is spelled out: the default leaves the model's bytes as they were.
+        **({} if hard_limit else {"hard_vocab_limit": False}))
+    return model.getvalue()
+
+
+def _piece_count(model: bytes) -> int:
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_proto=model).vocab_size()

@@ -12,7 +12,7 @@ With V the text tokenizer's size:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,9 @@ class JointVocab:
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
+    tokenizer_sha256: str | None = field(default=None, compare=False)
+    """sha256 of the text tokenizer's file, when known: two tokenizers of one size give the same
+    layout (so vocabularies compare equal without it) but different text ids."""
 
     def __post_init__(self):
         if self.text_size <= max(self.pad_id, self.bos_id, self.eos_id):
@@ -110,6 +113,21 @@ class JointVocab:
                 f"{self.num_units} units); use the tokenizer and --num-units it was made with"
             )
 
+    def check_tokenizer(self, tokenizer, what: str) -> None:
+        """Raise unless `tokenizer` (a `TextTokenizer`) is the one `what` (e.g. "checkpoint
+        DIR") was made with: the same size and, when this vocabulary records it, the same
+        file digest."""
+        if tokenizer.vocab_size != self.text_size:
+            raise VocabularyError(
+                f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but {what} was made "
+                f"with {self.text_size}; pass the tokenizer it was made with (--tokenizer-model)")
+        if self.tokenizer_sha256 is not None and tokenizer.sha256 != self.tokenizer_sha256:
+            raise VocabularyError(
+                f"tokenizer {tokenizer.path} (sha256 {tokenizer.sha256[:12]}...) is not the one "
+                f"{what} was made with (sha256 {self.tokenizer_sha256[:12]}...): both have "
+                f"{self.text_size} pieces but their text ids differ; pass the tokenizer it was "
+                f"made with (--tokenizer-model)")
+
     def to_dict(self) -> dict:
         return {
             "text_size": self.text_size,
@@ -121,11 +139,13 @@ class JointVocab:
             "speech_marker": self.speech_marker,
             "unit_offset": self.unit_offset,
             "size": self.size,
+            **({"tokenizer_sha256": self.tokenizer_sha256} if self.tokenizer_sha256 else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> JointVocab:
-        vocab = cls(d["text_size"], d["num_units"], d["pad_id"], d["bos_id"], d["eos_id"])
+        vocab = cls(d["text_size"], d["num_units"], d["pad_id"], d["bos_id"], d["eos_id"],
+                    d.get("tokenizer_sha256"))
         if "size" in d:
             vocab.check_matches(d["size"], "this manifest")
         return vocab

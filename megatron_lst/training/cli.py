@@ -8,12 +8,12 @@ these flags, or a save of diverged weights (the message says which and what to d
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_lst.training.train_logging import configure_console_logging
 
 # Nothing here imports torch or megatron.core at import time: saving a dist checkpoint spawns a
 # process that re-imports the entry module (this one, or pretrain_lst.py that imports it), and
@@ -24,10 +24,7 @@ EXIT_CHECKPOINT_REFUSED = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Every rank logs warnings; only rank 0 the informational messages.
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    configure_console_logging(int(os.environ.get("RANK", 0)))
     try:
         args = validate_args(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     except ArgumentError as error:

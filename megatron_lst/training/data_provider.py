@@ -9,7 +9,8 @@ Megatron-LM does. The train dataset holds `train_iters x global_batch_size` rows
 the patcher sees each row's training step, so the curriculum follows the global step). The valid
 dataset holds `eval_iters x global_batch_size` rows in inference mode (curriculum patching is
 static) and every evaluation reads the same rows, so validation losses are comparable across a
-run and across runs.
+run and across runs. A dataset too small to have validation documents under `--split` is left
+out of the valid blend (with a warning that names it); the others are validated on.
 
 Sampling. Row i of the train dataset is the i-th sample of the training order: iteration t reads
 rows [t * G, (t + 1) * G) of a global batch of G rows. That batch is cut into micro-batches of
@@ -42,7 +43,7 @@ SPLITS = ("train", "valid", "test")
 
 class DocumentRange:
     """Documents `[start, stop)` of a store, with the store's interface (`kind`, `vocab`,
-    `prefix`, len, indexing). The dataset keys its cached row index by the store's files, not by
+    `prefix`, len, indexing, `describe`). The dataset keys its cached row index by the store's files, not by
     the range: give each range a cache directory of its own (`build_datasets` does)."""
 
     def __init__(self, store: DocumentStore, start: int, stop: int):
@@ -63,6 +64,9 @@ class DocumentRange:
         if not 0 <= index < len(self):
             raise IndexError(f"document {index} outside 0..{len(self) - 1}")
         return self.store[self.start + index]
+
+    def describe(self, index: int) -> str:
+        return self.store.describe(self.start + index)
 
 
 def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
@@ -94,19 +98,19 @@ def patching_config_from_args(args: argparse.Namespace) -> PatchingConfig:
 
 
 def data_vocab(args: argparse.Namespace) -> JointVocab:
-    """The joint vocabulary of the datasets (`split_sources`), from their manifests; every dataset
-    must share it. It is the data's, not `--num-units`': the run trains on the ids the data holds."""
-    vocab = None
+    """The joint vocabulary of the datasets (`split_sources`), from their manifests, with their
+    tokenizer's digest (checkpoints record both); every dataset must share it. It is the data's, not `--num-units`': the run trains on the ids the data holds."""
+    vocab = first = None
     prefixes = dict.fromkeys(prefix for sources in split_sources(args).values()
                              for _, prefix in sources)
     for prefix in prefixes:
         store_vocab = DocumentStore(prefix).vocab
         if vocab is None:
-            vocab = store_vocab
-        elif store_vocab != vocab:
+            vocab, first = store_vocab, prefix
+        elif store_vocab != vocab or store_vocab.tokenizer_sha256 != vocab.tokenizer_sha256:
             raise VocabularyError(
-                f"dataset {prefix} was made with vocabulary {store_vocab.to_dict()} but the "
-                f"first dataset with {vocab.to_dict()}; preprocess every dataset with the same "
+                f"dataset {prefix} was made with vocabulary {store_vocab.to_dict()} but dataset "
+                f"{first} with {vocab.to_dict()}; preprocess every dataset with the same "
                 f"tokenizer and --num-units")
     if vocab.num_units != args.num_units:
         logger.info("the datasets hold %d speech units (--num-units %d ignored)",
@@ -171,6 +175,10 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
     sources = split_sources(args)
     stores = {prefix: DocumentStore(prefix)
               for weighted in sources.values() for _, prefix in weighted}
+    for prefix, store in stores.items():
+        counts = store.manifest.counts
+        logger.info("dataset %s: %d %s documents, %d text pieces, %d units", prefix, len(store),
+                    store.kind, counts.text_pieces, counts.units)
     space_id = _space_id(args, list(stores.values()))
     patcher = Patcher(patching_config_from_args(args))
 
@@ -185,7 +193,7 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
                 f"({len(store)} documents); change --split or add documents")
         return DocumentRange(store, start, stop)
 
-    def make(split: str, num_samples: int, training: bool):
+    def make(split: str, weighted: list[tuple[float, str]], num_samples: int, training: bool):
         def make_source(prefix: str, count: int, positions: np.ndarray) -> LSTDataset:
             part = documents(prefix, split)
             cache = (cache_root / f"{Path(prefix).name}_{split}_{part.start}_{part.stop}"
@@ -196,17 +204,43 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
                 sample_positions=positions, training=training, index_cache_dir=cache,
                 index_workers=args.index_workers)
 
-        return build_blended_dataset(sources[split], num_samples, make_source)
+        return build_blended_dataset(weighted, num_samples, make_source)
 
-    train = make("train", args.train_iters * args.global_batch_size, training=True)
+    train = make("train", sources["train"], args.train_iters * args.global_batch_size,
+                 training=True)
     valid = None
+    valid_sources = _validation_sources(args, sources, stores)
+    if valid_sources:
+        valid = make("valid", valid_sources, args.eval_iters * args.global_batch_size,
+                     training=False)
+    return RunDatasets(train=train, valid=valid, vocab=vocab)
+
+
+def _validation_sources(args: argparse.Namespace, sources: dict[str, list[tuple[float, str]]],
+                        stores: dict[str, DocumentStore]) -> list[tuple[float, str]]:
+    """The weighted datasets to validate on: `--valid-data-path`, or under `--split` the datasets
+    whose valid part holds documents (the blend's weights renormalise over them); says which
+    datasets are left out, and when nothing is left to validate on."""
     if "valid" not in sources:
         logger.warning("no --valid-data-path: no evaluation")
-    elif args.data_path is not None and not _has_split(args, "valid", stores):
-        logger.warning("--split %s leaves no validation documents: no evaluation", args.split)
-    else:
-        valid = make("valid", args.eval_iters * args.global_batch_size, training=False)
-    return RunDatasets(train=train, valid=valid, vocab=vocab)
+        return []
+    if args.data_path is None:
+        return sources["valid"]
+    def valid_documents(prefix: str) -> int:
+        start, stop = split_bounds(args.split, len(stores[prefix]))["valid"]
+        return stop - start
+
+    empty = [prefix for _, prefix in sources["valid"] if valid_documents(prefix) == 0]
+    kept = [(weight, prefix) for weight, prefix in sources["valid"] if prefix not in empty]
+    if not kept:
+        logger.warning("--split %s leaves no validation documents in any dataset: no evaluation",
+                       args.split)
+    elif empty:
+        logger.warning("--split %s leaves no validation documents in %s (%s): validating on %s",
+                       args.split, ", ".join(empty),
+                       ", ".join(f"{len(stores[p])} documents" for p in empty),
+                       ", ".join(prefix for _, prefix in kept))
+    return kept
 
 
 def split_sources(args: argparse.Namespace) -> dict[str, list[tuple[float, str]]]:
@@ -219,15 +253,6 @@ def split_sources(args: argparse.Namespace) -> dict[str, list[tuple[float, str]]
     if args.valid_data_path is not None:
         split["valid"] = parse_data_path(args.valid_data_path)
     return split
-
-
-def _has_split(args: argparse.Namespace, split: str, stores: dict[str, DocumentStore]) -> bool:
-    """Whether every dataset has documents in `split`."""
-    for store in stores.values():
-        start, stop = split_bounds(args.split, len(store))[split]
-        if stop == start:
-            return False
-    return True
 
 
 class PretrainingBatchSampler:

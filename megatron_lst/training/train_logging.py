@@ -29,6 +29,31 @@ from megatron_lst.training.arguments import args_to_dict
 OPTIONAL_PACKAGES = {"tensorboard": "--tensorboard-dir", "wandb": "--wandb-project"}
 
 
+# megatron.core loggers whose INFO messages dump configurations (DDP, optimizer), every
+# parameter name of each gradient bucket, and the index reader's steps for each dataset it opens.
+QUIET_MEGATRON_LOGGERS = ("megatron.core.datasets.indexed_dataset", "megatron.core.distributed",
+                          "megatron.core.optimizer")
+
+
+def configure_console_logging(rank: int) -> None:
+    """Logging of a training process: rank 0 logs INFO, the other ranks WARNING, each line tagged
+    with the rank; megatron.core's configuration dumps (`QUIET_MEGATRON_LOGGERS`) only at WARNING.
+    Rank 0 says once which optional fused-kernel packages are missing (megatron.core's own
+    warnings about them are filtered in `megatron_lst/__init__.py`)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    for name in QUIET_MEGATRON_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    missing = [name for name, module in (("Transformer Engine", "transformer_engine"),
+                                         ("Apex", "apex"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        logging.getLogger(__name__).info(
+            "%s not installed: megatron.core uses its PyTorch fallbacks", " and ".join(missing))
+
+
 class LoggingSetupError(RuntimeError):
     """A logging flag whose optional package is missing."""
 

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.documents import AlignedDocument, DocumentError
 from megatron_lst.data.indexed import DocumentStore, DocumentWriter, StoreError
 from megatron_lst.data.manifest import Counts, Manifest, ManifestError, TokenizerInfo
 from megatron_lst.tokenizer.text_tokenizer import (
@@ -177,3 +177,72 @@ def test_writer_refuses_wrong_kind_and_empty(tmp_path, tokenizer):
                         TokenizerInfo("x", "y", 290), 502, None)
     with pytest.raises(StoreError, match="no documents to write"):
         writer.finalize(manifest)
+
+
+def _sequence_views(prefix):
+    """(writable int32 view of the .idx's sequence lengths, the .bin as a writable int32 array,
+    the sequences' start in int32 elements)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix), mmap=True)
+    pointers = dataset.index.sequence_pointers // 4  # a copy: the index unmaps with `dataset`
+    del dataset
+    idx = np.memmap(str(prefix) + ".idx", dtype=np.uint8, mode="r+")
+    count = int(idx[18:26].view(np.int64)[0])  # after the magic, version and dtype code
+    lengths = idx[34:34 + 4 * count].view(np.int32)
+    return lengths, np.memmap(str(prefix) + ".bin", dtype=np.int32, mode="r+"), pointers
+
+
+def test_an_index_with_the_same_counts_in_another_order(aligned_store):
+    prefix, documents = aligned_store
+    lengths, _, _ = _sequence_views(prefix)
+    first, second = lengths[0:4].copy(), lengths[4:8].copy()
+    assert (first != second).any()
+    lengths[0:4], lengths[4:8] = second, first  # documents 0 and 1 trade their lengths
+    lengths.flush()
+    with pytest.raises(StoreError, match=r"aligned.idx: sequence \d \(document 0\) starts at "
+                                         r"byte \d+ of the .bin but the sequences before it end "
+                                         r"at byte \d+: the index lists the sequences in another "
+                                         r"order"):
+        DocumentStore(prefix)
+
+
+def _corrupt_and_index(prefix, document: int, sequence: int, value: int | None, change: int = 0):
+    """Overwrite one stored value of `document` (its `sequence`-th array, first element), then
+    build a row index over every document."""
+    from megatron_lst.data.dataset import LSTDataset
+    from megatron_lst.patching import Patcher, PatchingConfig
+
+    _, data, pointers = _sequence_views(prefix)
+    at = int(pointers[4 * document + sequence])
+    data[at] = value if value is not None else data[at] + change
+    data.flush()
+    store = DocumentStore(prefix)
+    LSTDataset(store, 200, 8, 24, Patcher(PatchingConfig("static", patch_size=3)), 0,
+               index_workers=1)
+
+
+@pytest.mark.parametrize("sequence, value, change, message", [
+    (3, None, 1, r"segment unit lengths sum to \d+ but the document has \d+ units"),
+    (2, None, 1, r"segment text lengths sum to \d+ but the document has \d+ text pieces"),
+    (0, 290, 0, r"text id 290 is outside the tokenizer's 0..289"),
+    (1, NUM_UNITS, 0, rf"speech unit {NUM_UNITS} is outside the codebook 0..{NUM_UNITS - 1}"),
+])
+def test_corrupt_documents_are_named_when_the_row_index_reads_them(aligned_store, sequence, value,
+                                                                   change, message):
+    prefix, documents = aligned_store
+    victim = next(i for i, d in enumerate(documents) if len(d.text_ids) and len(d.unit_ids))
+    with pytest.raises(DocumentError, match=rf"aligned.bin, document {victim}: {message}; the "
+                                            rf"dataset is corrupt"):
+        _corrupt_and_index(prefix, victim, sequence, value, change)
+
+
+def test_out_of_range_text_ids_of_a_text_store_are_named(tmp_path, tokenizer):
+    from megatron_lst.data.dataset import LSTDataset
+    from megatron_lst.patching import Patcher, PatchingConfig
+
+    documents = [np.array([5, 6, 7], dtype=np.int32), np.array([5, -3, 7], dtype=np.int32)]
+    _write(tmp_path / "text", "text", documents, tokenizer)
+    with pytest.raises(DocumentError, match=r"text.bin, document 1: text id -3 is outside"):
+        LSTDataset(DocumentStore(tmp_path / "text"), 4, 4, 8,
+                   Patcher(PatchingConfig("none")), 0, index_workers=1)

@@ -180,3 +180,16 @@ def test_argument_errors(tmp_path, spm):
         preprocess.main(["--input", str(tmp_path / "missing.jsonl"), "--input-format",
                          "text-jsonl", "--tokenizer-model", str(spm), "--output-prefix",
                          str(tmp_path / "x")])
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):
+    source = tmp_path / "synthetic.jsonl"
+    _synthetic_reference(source, 250)
+    preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",
+                     "--tokenizer-model", str(spm), "--output-prefix", str(tmp_path / "out"),
+                     "--chunk-size", "30", "--log-interval", "100"])
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["preprocess: 120 documents",
+                                                      "preprocess: 210 documents"]
+    size = source.stat().st_size / 1e6
+    assert f"of {size:,.1f} MB (" in lines[0] and "documents/s" in lines[0] and "MB/s" in lines[0]

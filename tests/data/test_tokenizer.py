@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from megatron_lst.tokenizer import InterleavedCodec, JointVocab, VocabularyError, joint_vocab
-from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
+from megatron_lst.tokenizer.text_tokenizer import (
+    VocabSizeError,
+    load_text_tokenizer,
+    train_sentencepiece,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "reference_lst"
@@ -110,6 +114,27 @@ def test_train_tool_text_jsonl(tmp_path):
     with pytest.raises(SystemExit, match=r"c.jsonl:1: not a text-jsonl line"):
         tool.main(["--input", str(corpus), "--input-format", "text-jsonl", "--json-key", "body",
                    "--output", str(tmp_path / "u.model")])
+
+
+def test_too_large_vocab_size_names_the_largest_possible(tmp_path):
+    words = ["hello", "world", "the", "quick", "brown", "fox"]
+    with pytest.raises(VocabSizeError) as raised:
+        train_sentencepiece(words, tmp_path / "big.model", 32000)
+    largest = raised.value.largest
+    assert 259 < largest < 32000  # specials and bytes, plus characters and merges
+    assert load_text_tokenizer(train_sentencepiece(words, tmp_path / "max.model",
+                                                   largest)).vocab_size == largest
+    with pytest.raises(VocabSizeError):
+        train_sentencepiece(words, tmp_path / "over.model", largest + 1)
+    assert not (tmp_path / "big.model").exists()
+
+    word_list = tmp_path / "words.txt"
+    word_list.write_text("\n".join(words) + "\n")
+    with pytest.raises(SystemExit, match=rf"--vocab-size 32000 is larger than {word_list} "
+                                         rf"allows: .* at most {largest} pieces; pass "
+                                         rf"--vocab-size {largest} or less"):
+        _load_tool("train_tokenizer").main(["--input", str(word_list), "--vocab-size", "32000",
+                                            "--output", str(tmp_path / "tool.model")])
 
 
 def _hf_tokenizer_json(tmp_path: Path, byte_level: bool) -> Path:
@@ -228,3 +253,19 @@ def test_render(codec, tiny):
     ids = codec.encode([("speech", [12, 13, 9]), ("text", "hello world")])
     assert codec.render(ids) == "<bos> <s> [12 13 9] <t> hello world <eos>"
     assert codec.render([vocab.size + 3, vocab.text_marker]) == f"<?{vocab.size + 3}> <t>"
+
+
+def test_joint_vocab_records_the_tokenizer_digest(tiny):
+    vocab = joint_vocab(tiny, 10)
+    assert vocab.tokenizer_sha256 == tiny.sha256
+    assert JointVocab.from_dict(vocab.to_dict()).tokenizer_sha256 == tiny.sha256
+    vocab.check_tokenizer(tiny, "dataset D")
+    digest_free = JointVocab(tiny.vocab_size, 10)
+    assert digest_free == vocab  # the layout is the same
+    digest_free.check_tokenizer(tiny, "dataset D")  # old records: the size alone is checked
+    other = JointVocab(tiny.vocab_size, 10, tokenizer_sha256="f" * 64)
+    with pytest.raises(VocabularyError, match=r"is not the one dataset D was made with "
+                                              r"\(sha256 ffffffffffff...\)"):
+        other.check_tokenizer(tiny, "dataset D")
+    with pytest.raises(VocabularyError, match="pieces but dataset D was made with"):
+        JointVocab(tiny.vocab_size + 1, 10).check_tokenizer(tiny, "dataset D")

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from eval_cases import NUM_UNITS, random_records, tokenizer, vocab
+from eval_cases import NUM_UNITS, WORDS, random_records, tokenizer, vocab
 from training.training_cases import tiny_flags
 
 from megatron_lst.evaluation.cli import eval_main, generate_main
@@ -11,6 +11,7 @@ from megatron_lst.evaluation.items import load_items
 from megatron_lst.evaluation.scoring import evaluate_items
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.patching import Patcher, PatchingConfig
+from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
 from megatron_lst.training.arguments import parse_args, validate_args
 from megatron_lst.training.checkpointing import save_checkpoint
 from megatron_lst.training.model_provider import build_model_chunks
@@ -73,6 +74,40 @@ def test_lst_generate_continues_a_unit_prompt_as_speech(checkpoint, capsys):
     assert len(output["units"]) == len(output["tokens"]) - output["stopped_at_eos"]
     assert all(0 <= u < NUM_UNITS for u in output["units"])
     assert output["global_steps"] >= 1
+
+
+@pytest.mark.parametrize("prompt, continue_in", [(["--prompt-text", "the girl ran"], "speech"),
+                                                 (["--prompt-units", "3 3 7 1 0"], "text")])
+def test_lst_generate_continues_in_the_named_modality_by_default(checkpoint, capsys, prompt,
+                                                                 continue_in):
+    root, _, _ = checkpoint
+    status = generate_main(["--load", str(root / "save"), *prompt, "--continue-in", continue_in,
+                            "--max-new-tokens", "10"])  # greedy, the default
+    assert status == 0
+    output = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    v = vocab()
+    marker = v.speech_marker if continue_in == "speech" else v.text_marker
+    assert output["prompt"][-1] == marker
+    body = output["tokens"][:len(output["tokens"]) - output["stopped_at_eos"]]
+    assert body
+    if continue_in == "speech":
+        assert len(output["units"]) == len(body)
+    else:
+        assert not output["units"] and all(t < v.text_size for t in body) and output["text"]
+
+
+def test_a_different_tokenizer_of_the_same_size_is_refused(checkpoint, tmp_path, capsys):
+    root, items_path, _ = checkpoint
+    sentences = [" ".join(reversed(WORDS[i:] + WORDS[:i])) for i in range(len(WORDS))] * 8
+    other = load_text_tokenizer(train_sentencepiece(sentences, tmp_path / "other.model", 320))
+    assert other.vocab_size == tokenizer().vocab_size and other.sha256 != tokenizer().sha256
+    for main, flags in ((eval_main, ["--items", str(items_path)]),
+                        (generate_main, ["--prompt-text", "the girl"])):
+        assert main(["--load", str(root / "save"), *flags,
+                     "--tokenizer-model", str(other.path)]) == 2
+        error = capsys.readouterr().err
+        assert f"(sha256 {other.sha256[:12]}...) is not the one checkpoint" in error
+        assert f"made with (sha256 {tokenizer().sha256[:12]}...)" in error
 
 
 def test_lst_eval_without_a_checkpoint(tmp_path, capsys):

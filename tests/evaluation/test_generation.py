@@ -13,6 +13,7 @@ from megatron_lst.evaluation.generation import (
     _sample,
     generate,
     generation_patch_lengths,
+    sampling_mask,
 )
 from megatron_lst.patching import PatchingConfig, static_patch_lengths
 from megatron_lst.tokenizer.vocab import JointVocab
@@ -167,5 +168,31 @@ def test_prompts_and_speech_only_sampling(models):
     with pytest.raises(GenerationError, match="exactly one"):
         build_prompt(v)
     speech = generate(models["lst"], prompts()["text to speech"], v, STATIC,
-                      SamplingConfig(temperature=1.0, max_new_tokens=30, speech_only=True))
+                      SamplingConfig(temperature=1.0, max_new_tokens=30, modality="speech"))
     assert (v.is_unit(speech.tokens) | (speech.tokens == v.eos_id)).all()
+
+
+def test_sampling_mask():
+    v = VOCAB
+    ids = torch.arange(v.size + 8)  # an output layer padded past the vocabulary
+    free, speech, text = (sampling_mask(v, m, len(ids)) for m in (None, "speech", "text"))
+    reserved = (ids >= v.text_size) & (ids < v.text_marker)
+    assert torch.equal(free, (ids < v.size) & ~reserved)
+    assert torch.equal(speech, v.is_unit(ids) | (ids == v.eos_id))
+    assert torch.equal(text, (ids < v.text_size) & (ids != v.bos_id) & (ids != v.pad_id))
+    with pytest.raises(GenerationError, match="modality"):
+        SamplingConfig(modality="units")
+
+
+@pytest.mark.parametrize("modality, prompt", [("speech", "text to speech"),
+                                              ("text", "speech to text")])
+def test_greedy_generation_keeps_to_the_modality(models, modality, prompt):
+    v = vocab()
+    result = generate(models["lst"], prompts()[prompt], v, STATIC,
+                      SamplingConfig(max_new_tokens=16, modality=modality))
+    body = result.tokens[:-1] if result.stopped_at_eos else result.tokens
+    assert len(body) >= 1
+    if modality == "speech":
+        assert v.is_unit(body).all()
+    else:
+        assert (body < v.text_size).all() and not np.isin(body, [v.bos_id, v.pad_id]).any()

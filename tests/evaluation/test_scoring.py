@@ -41,8 +41,12 @@ def models(single_rank):
 
 def test_parse_modes():
     assert parse_modes("s2s, T->T,t2s") == ["S->S", "T->T", "T->S"]
+    assert parse_modes("ss,tt,ST,Ts") == ["S->S", "T->T", "S->T", "T->S"]
     with pytest.raises(ValueError, match="unknown evaluation mode 'S->X'"):
         parse_modes("S->X")
+    for bad in ("sts", "s", "S-T"):
+        with pytest.raises(ValueError, match="without shell quoting, ss, tt, st, ts"):
+            parse_modes(bad)
 
 
 def test_sequence_layout_follows_training(items):

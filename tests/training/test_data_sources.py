@@ -1,8 +1,13 @@
 """Where a run's training and validation rows come from: `--data-path` cut by `--split`, or
 whole datasets from `--train-data-path` / `--valid-data-path`."""
 
+import json
+
+import pytest
+
+from megatron_lst.tokenizer.vocab import VocabularyError
 from megatron_lst.training.arguments import parse_args, validate_args
-from megatron_lst.training.data_provider import build_datasets
+from megatron_lst.training.data_provider import build_datasets, data_vocab
 from training.training_cases import tiny_flags, write_corpus, write_store
 
 
@@ -45,3 +50,51 @@ def test_train_data_path_alone_means_no_validation(tmp_path, caplog):
     assert documents(datasets.train) == [("speech", 0, 60)]
     assert datasets.valid is None
     assert "no --valid-data-path: no evaluation" in caplog.text
+
+
+def test_the_vocabulary_carries_the_datasets_tokenizer_digest(tmp_path):
+    data = write_corpus(tmp_path)  # manifests record the tokenizer sha256 "000...0"
+    args = validate_args(parse_args(tiny_flags(data) + ["--train-iters", "2"]), 1)
+    assert data_vocab(args).tokenizer_sha256 == "0" * 64
+    assert data_vocab(args).to_dict()["tokenizer_sha256"] == "0" * 64  # saved in checkpoints
+    manifest = tmp_path / "text.json"
+    record = json.loads(manifest.read_text())
+    record["tokenizer"]["sha256"] = "1" * 64  # same size, another tokenizer
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(VocabularyError, match=r"dataset .*text was made with vocabulary .*'1111"):
+        data_vocab(args)
+
+
+def test_a_dataset_without_validation_documents_is_left_out_of_validation(tmp_path, caplog):
+    data = write_corpus(tmp_path)  # 60 + 60 documents, split 90,10,0: 6 valid documents each
+    small = write_store(tmp_path / "small", "aligned", 3, seed=4)  # 10% of 3 rounds to 0
+    flags = with_data(tiny_flags(data), "--data-path", *data, "0.5", str(small))
+    datasets = build_datasets(validate_args(parse_args(flags), 1))
+    assert documents(datasets.train) == [("speech", 0, 54), ("text", 0, 54), ("small", 0, 3)]
+    assert documents(datasets.valid) == [("speech", 54, 60), ("text", 54, 60)]
+    assert len(datasets.valid) == 4
+    assert f"leaves no validation documents in {small} (3 documents): validating on" in caplog.text
+
+    caplog.clear()
+    flags = with_data(tiny_flags(data), "--data-path", str(small))
+    assert build_datasets(validate_args(parse_args(flags), 1)).valid is None
+    assert "leaves no validation documents in any dataset: no evaluation" in caplog.text
+
+
+def test_each_dataset_is_announced_once_without_the_index_reader_banners(tmp_path, caplog):
+    import logging
+
+    from megatron_lst.training.train_logging import QUIET_MEGATRON_LOGGERS
+
+    reader = logging.getLogger(QUIET_MEGATRON_LOGGERS[0])
+    level = reader.level
+    reader.setLevel(logging.WARNING)  # as `configure_console_logging` does
+    try:
+        with caplog.at_level(logging.INFO):
+            build_datasets(validate_args(parse_args(tiny_flags(write_corpus(tmp_path))
+                                                    + ["--train-iters", "2"]), 1))
+    finally:
+        reader.setLevel(level)
+    assert caplog.text.count(f"dataset {tmp_path / 'speech'}: 60 aligned documents") == 1
+    assert caplog.text.count(f"dataset {tmp_path / 'text'}: 60 text documents") == 1
+    assert "_IndexReader" not in caplog.text

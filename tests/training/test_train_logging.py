@@ -177,3 +177,35 @@ def test_non_finite_loss_raises_with_iteration_and_advice():
         check_loss_finite({"lm loss": math.nan}, iteration=7, fp16=True)
     with pytest.raises(NonFiniteLossError, match=r"lm loss = inf"):
         check_loss_finite({"lm loss": math.inf}, iteration=1)
+
+
+@pytest.mark.slow  # imports megatron.core in a fresh interpreter
+def test_megatron_fallback_warnings_are_filtered_in_every_process():
+    import subprocess
+    import sys
+
+    # A fresh interpreter, as a spawned checkpoint writer is: the package comes first.
+    code = ("import megatron_lst, megatron.core.optimizer, megatron.core.models.backends, "
+            "megatron.core.distributed")
+    result = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert "not installed" not in result.stderr, result.stderr
+
+
+def test_console_logging_quiets_megatron_dumps_and_names_missing_packages(caplog, monkeypatch):
+    import logging
+
+    levels = {name: logging.getLogger(name).level for name in train_logging.QUIET_MEGATRON_LOGGERS}
+    monkeypatch.setattr(train_logging.importlib.util, "find_spec", lambda name: None)
+    try:
+        with caplog.at_level(logging.INFO):
+            train_logging.configure_console_logging(0)
+            logging.getLogger("megatron.core.distributed.distributed_data_parallel").info(
+                "Setting up DistributedDataParallel with config ...")
+            logging.getLogger("megatron.core.datasets.indexed_dataset").info("Load the _IndexReader")
+            logging.getLogger("megatron.core.optimizer").warning("a real problem")
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    assert caplog.messages == ["Transformer Engine and Apex not installed: megatron.core uses "
+                               "its PyTorch fallbacks", "a real problem"]
