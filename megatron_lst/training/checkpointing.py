@@ -6,7 +6,8 @@ Layout of a save directory (`--save`), Megatron-LM's names where Megatron has th
     iter_0000100/                        one complete checkpoint
         <dist_checkpointing files>       model, optimizer, per-rank RNG states (sharded)
         lst_checkpoint.json              iteration, scheduler, extra state (consumed samples,
-                                         curriculum step, ...), parallel layout, args, vocabulary
+                                         curriculum step, ...), parallel layout, args, vocabulary,
+                                         the model's kind and full configuration
     iter_0000200.tmp-<nonce>/            a save that was interrupted: never loaded, never deleted
 
 A save writes everything into `iter_XXXXXXX.tmp-<nonce>`, waits for every rank, writes
@@ -173,6 +174,8 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_lst.checkpoint.model_config import MODEL_KEY, model_record
+
     root = Path(save_dir)
     final = root / checkpoint_name(iteration)
     if final.exists():
@@ -204,6 +207,7 @@ def save_checkpoint(
             "parallel_layout": _parallel_layout(),
             "vocab": vocab.to_dict() if vocab is not None else None,
             "args": args_to_dict(args),
+            MODEL_KEY: model_record(_unwrap(model_chunks)[0]),
         }
         _write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
         os.rename(temporary, final)
