@@ -28,7 +28,7 @@ from megatron_lst.models.reference_import import (
 )
 
 # The reference options `lst_config_from_reference` requires, for exports without base args.
-_FIXED_REFERENCE_ARGS = {
+FIXED_REFERENCE_ARGS = {
     "use_rope": True, "cross_attn_encoder": True, "cross_attn_decoder": True,
     "cross_attn_init_by_pooling": True, "use_local_encoder_transformer": True,
     "non_linearity": "swiglu", "norm_type": "rmsnorm", "pre_norm": True,
@@ -116,7 +116,7 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
             f"the reference has one local window; this model has encoder {enc.window} and "
             f"decoder {dec.window}")
     args = dict(base_args or {})
-    for key, value in _FIXED_REFERENCE_ARGS.items():
+    for key, value in FIXED_REFERENCE_ARGS.items():
         args.setdefault(key, value)
     args.update(
         vocab_size=config.vocab_size,
