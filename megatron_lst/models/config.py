@@ -82,6 +82,9 @@ class GlobalModelConfig:
             raise ModelConfigError(
                 f"global hidden_size {self.hidden_size} must be divisible by num_heads "
                 f"{self.num_heads}, and num_heads by num_query_groups {self.num_query_groups}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ModelConfigError(
+                f"global head dim {self.hidden_size // self.num_heads} must be even for RoPE")
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,7 @@ def reference_case(request, tmp_path):
     return weights, args, text, GENERATED_NUM_UNITS
 
 
+@pytest.mark.slow
 def test_imported_reference_model_converts_evaluates_generates_and_trains(
         reference_case, tmp_path, capsys):
     weights, model_args, text, num_units = reference_case

@@ -22,7 +22,7 @@ def lst_configs(draw, max_width: int = 48, max_layers: int = 3) -> LSTConfig:
     of the presets (local FFN widths, windows, slot counts, switches, epsilons, RoPE bases)."""
     heads = draw(st.integers(1, 4))
     global_model = GlobalModelConfig(
-        hidden_size=heads * draw(st.integers(1, max_width // 4)),
+        hidden_size=heads * 2 * draw(st.integers(1, max_width // 8)),  # even head dim (RoPE)
         num_layers=draw(st.integers(1, max_layers)),
         num_heads=heads,
         ffn_hidden_size=draw(st.integers(1, 4 * max_width)),

@@ -166,3 +166,18 @@ def test_the_model_kind_must_match_the_checkpoint(tmp_path):
     # The baseline's stand-in local models are not compared with the local flags.
     args = validate_args(parse_args([*RUN, "--load", str(baseline), "--preset", "tiny-cpu"]), 1)
     assert args.hidden_size == 64
+
+
+def test_the_custom_model_example_builds_the_model_it_spells_out():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "configs" / "custom_model_lst.yaml"
+    config = lst_config_from_args(validate_args(parse_args(["--config", str(path)]), 1), 1000)
+    assert (config.global_model.num_query_groups, config.rope_theta, config.norm_eps) == \
+        (3, 50000.0, 1e-6)
+    assert (config.encoder.ffn_hidden_size, config.decoder.ffn_hidden_size) == (128, 160)
+    assert (config.encoder.window, config.decoder.window) == (96, 64)
+    assert config.cross_attention == dataclasses.replace(
+        config.cross_attention, slots_per_patch=2, num_heads=4, encoder_window=16,
+        decoder_window=8, all_encoder_layers=True, all_decoder_layers=False, pooling="mean",
+        double_residual=False)
