@@ -33,6 +33,9 @@ class ModelFlag:
     """int, float, str, or bool (a `--flag` / `--no-flag` pair)."""
     help: str
     choices: tuple[str, ...] | None = None
+    fixed_by_checkpoint: bool = True
+    """False for a field that changes no weight and no output of a trained model: a given value
+    replaces a loaded checkpoint's instead of contradicting it."""
 
     @property
     def dest(self) -> str:
@@ -81,12 +84,13 @@ GLOBAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
               "Key/value heads for grouped-query attention; default: one per head."),
     ModelFlag("max_sequence_length", "--max-position-embeddings", int,
               "Most global positions the model is built for (patches; tokens for the baseline). "
-              "Default: --seq-length."),
+              "Default: --seq-length. May change when resuming.", fixed_by_checkpoint=False),
     ModelFlag("rope_theta", "--rotary-base", float,
               "RoPE base (theta) of every self-attention, local and global (default 10000)."),
     ModelFlag("norm_eps", "--norm-epsilon", float, "Epsilon of every RMSNorm (default 1e-5)."),
     ModelFlag("init_std", "--init-method-std", float,
-              "Std of the normal initialisation of the weight matrices (default 0.02)."),
+              "Std of the normal initialisation of the weight matrices (default 0.02). May "
+              "change when resuming.", fixed_by_checkpoint=False),
 )
 
 LOCAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
@@ -178,14 +182,15 @@ class CheckpointArgsConflict(ValueError):
 
 def adopt_checkpoint_model(args: argparse.Namespace, saved: Mapping[str, Any], source: str) -> None:
     """Fill the model flags not given in `args` from `saved` (`flag_values` of a checkpoint's
-    configuration); a given flag must repeat the saved value."""
+    configuration); a given flag must repeat the saved value unless the field is not
+    `fixed_by_checkpoint`."""
     by_dest = {f.dest: f for f in MODEL_FLAGS}
     conflicts = []
     for dest, value in saved.items():
         given = getattr(args, dest, None)
         if given is None:
             setattr(args, dest, value)
-        elif given != value:
+        elif given != value and by_dest[dest].fixed_by_checkpoint:
             conflicts.append(f"{by_dest[dest].flag} {given} (checkpoint: {value})")
     if conflicts:
         raise CheckpointArgsConflict(

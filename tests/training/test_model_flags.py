@@ -124,7 +124,7 @@ def _variant() -> LSTConfig:
         config, encoder=dataclasses.replace(config.encoder, ffn_hidden_size=40, window=9),
         cross_attention=dataclasses.replace(config.cross_attention, pooling="mean",
                                             all_decoder_layers=False),
-        rope_theta=5000.0)
+        rope_theta=5000.0, max_sequence_length=4096)
 
 
 def test_resume_builds_the_checkpoint_model_without_model_flags(tmp_path):
@@ -149,6 +149,13 @@ def test_a_flag_that_contradicts_the_checkpoint_is_refused_with_both_values(tmp_
                      "--cross-attn-pooling max (checkpoint: mean)"):
         assert conflict in str(refused.value)
     assert "--local-decoder" not in str(refused.value)  # the values it shares are not named
+    # Fields that change no weight and no output follow the flags: the preset's
+    # --max-position-embeddings 64 replaces the checkpoint's 4096.
+    assert "--max-position-embeddings" not in str(refused.value)
+    longer = validate_args(parse_args([*LST_RUN, "--load", str(load),
+                                       "--max-position-embeddings", "512"]), 1)
+    assert lst_config_from_args(longer, 100) == dataclasses.replace(_variant(),
+                                                                    max_sequence_length=512)
     # --no-use-checkpoint-args builds the model from the flags alone.
     args = validate_args(parse_args([*LST_RUN, "--load", str(load), "--preset", "tiny-cpu",
                                      "--no-use-checkpoint-args"]), 1)
