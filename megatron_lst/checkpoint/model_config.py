@@ -30,11 +30,13 @@ class SavedModel:
     """The --patching-mode it was trained with, when recorded."""
 
 
-def model_record(module) -> dict[str, Any]:
+def model_record(module) -> dict[str, Any] | None:
     """The "model" entry of a checkpoint of `module` (an unwrapped `LSTModel` or
-    `TokenBaselineModel`)."""
+    `TokenBaselineModel`); None for another megatron module, which has no `LSTConfig`."""
     from megatron_lst.models.baseline import TokenBaselineModel
 
+    if not hasattr(module, "lst_config"):
+        return None
     kind = "baseline" if isinstance(module, TokenBaselineModel) else "lst"
     return {"kind": kind, "config": lst_config_to_dict(module.lst_config)}
 

@@ -121,10 +121,11 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
     args.update(
         vocab_size=config.vocab_size,
         dim_global=g.hidden_size, n_layers_global=g.num_layers, n_heads_global=g.num_heads,
-        # The reference's None is one key/value head per query head.
+        # None and a count equal to the heads both mean one key/value head per query head: keep
+        # the base's spelling when it says the same.
         n_kv_heads_global=(args.get("n_kv_heads_global")
-                           if (args.get("n_kv_heads_global") or g.num_heads) == g.num_query_groups
-                           else g.num_query_groups),
+                           if (args.get("n_kv_heads_global") or g.num_heads)
+                           == (g.num_query_groups or g.num_heads) else g.num_query_groups),
         dim_token=enc.hidden_size,
         dim_local_encoder=enc.hidden_size, n_layers_local_encoder=enc.num_layers,
         n_heads_local_encoder=enc.num_heads,

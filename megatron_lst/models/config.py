@@ -69,19 +69,19 @@ class GlobalModelConfig:
     num_heads: int
     ffn_hidden_size: int
     num_query_groups: int | None = None
-    """Key/value heads (GQA); None is read as one per query head and stored as that count, so
-    that two configs of the same model compare equal."""
+    """Key/value heads (GQA); None means one per query head, and a count equal to `num_heads` is
+    stored as None, so that two configs of the same model compare equal."""
 
     def __post_init__(self):
-        if self.num_query_groups is None:
-            object.__setattr__(self, "num_query_groups", self.num_heads)
-        if min(self.hidden_size, self.num_layers, self.num_heads, self.ffn_hidden_size,
-               self.num_query_groups) < 1:
+        if self.num_query_groups == self.num_heads:
+            object.__setattr__(self, "num_query_groups", None)
+        groups = self.num_query_groups or self.num_heads
+        if min(self.hidden_size, self.num_layers, self.num_heads, self.ffn_hidden_size, groups) < 1:
             raise ModelConfigError(f"global model sizes must all be >= 1, got {self}")
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_query_groups:
+        if self.hidden_size % self.num_heads or self.num_heads % groups:
             raise ModelConfigError(
                 f"global hidden_size {self.hidden_size} must be divisible by num_heads "
-                f"{self.num_heads}, and num_heads by num_query_groups {self.num_query_groups}")
+                f"{self.num_heads}, and num_heads by num_query_groups {groups}")
         if (self.hidden_size // self.num_heads) % 2:
             raise ModelConfigError(
                 f"global head dim {self.hidden_size // self.num_heads} must be even for RoPE")

@@ -288,6 +288,7 @@ def _adopt_checkpoint_model(args: argparse.Namespace) -> None:
     if args.load is None or not args.use_checkpoint_args or not os.path.isdir(args.load):
         return
     from megatron_lst.checkpoint.model_config import read_model_config
+    from megatron_lst.checkpoint.model_state import CheckpointContentError
     from megatron_lst.training.checkpointing import (
         CheckpointError,
         find_latest_checkpoint,
@@ -301,6 +302,8 @@ def _adopt_checkpoint_model(args: argparse.Namespace) -> None:
         saved = read_model_config(read_checkpoint_metadata(path), path)
     except CheckpointError:
         return
+    except CheckpointContentError as err:
+        raise ArgumentError(f"--load {args.load}: {err}") from None
     if saved.baseline != (args.patching_mode == "none"):
         raise ArgumentError(
             f"checkpoint {path} holds {'a token baseline' if saved.baseline else 'an LST model'} "

@@ -33,6 +33,8 @@ class ModelFlag:
     """int, float, str, or bool (a `--flag` / `--no-flag` pair)."""
     help: str
     choices: tuple[str, ...] | None = None
+    none_means: str | None = None
+    """The field whose value a None in this field stands for: the flag then shows that value."""
     fixed_by_checkpoint: bool = True
     """False for a field that changes no weight and no output of a trained model: a given value
     replaces a loaded checkpoint's instead of contradicting it."""
@@ -81,7 +83,8 @@ GLOBAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("global_model.num_heads", "--num-attention-heads", int,
               "Attention heads of the global transformer."),
     ModelFlag("global_model.num_query_groups", "--num-query-groups", int,
-              "Key/value heads for grouped-query attention; default: one per head."),
+              "Key/value heads for grouped-query attention; default: one per head.",
+              none_means="global_model.num_heads"),
     ModelFlag("max_sequence_length", "--max-position-embeddings", int,
               "Most global positions the model is built for (patches; tokens for the baseline). "
               "Default: --seq-length. May change when resuming.", fixed_by_checkpoint=False),
@@ -140,18 +143,24 @@ def add_model_flags(group, flags: tuple[ModelFlag, ...]) -> None:
                                help=flag.help)
 
 
+def flag_value(flag: ModelFlag, config) -> Any:
+    """The value of `flag` that describes `config`'s field."""
+    value = operator.attrgetter(flag.field)(config)
+    if value is None and flag.none_means is not None:
+        value = operator.attrgetter(flag.none_means)(config)
+    return value
+
+
 def flag_values(config, baseline: bool = False) -> dict[str, Any]:
     """Flag destination -> value of every field of an `LSTConfig` the model reads."""
-    return {f.dest: operator.attrgetter(f.field)(config) for f in model_flags_of(baseline)}
+    return {f.dest: flag_value(f, config) for f in model_flags_of(baseline)}
 
 
 def config_to_argv(config, baseline: bool = False) -> list[str]:
     """The model flags that describe `config` on a command line."""
     argv: list[str] = []
     for flag in model_flags_of(baseline):
-        value = operator.attrgetter(flag.field)(config)
-        if value is None:
-            continue
+        value = flag_value(flag, config)
         if flag.kind is bool:
             argv.append(flag.flag if value else "--no-" + flag.flag[2:])
         else:
@@ -162,8 +171,7 @@ def config_to_argv(config, baseline: bool = False) -> list[str]:
 def config_to_yaml_mapping(config, baseline: bool = False) -> dict[str, Any]:
     """The model flags that describe `config` as `--config` YAML keys (flag names without the
     dashes) and values."""
-    return {f.flag[2:]: operator.attrgetter(f.field)(config) for f in model_flags_of(baseline)
-            if operator.attrgetter(f.field)(config) is not None}
+    return {f.flag[2:]: flag_value(f, config) for f in model_flags_of(baseline)}
 
 
 def given_fields(args: argparse.Namespace, baseline: bool = False) -> dict[str | None, dict[str, Any]]:

@@ -136,6 +136,11 @@ def test_resume_builds_the_checkpoint_model_without_model_flags(tmp_path):
     repeat = validate_args(parse_args([*LST_RUN, "--load", str(load), "--preset", "tiny-cpu",
                                        *model_flags.config_to_argv(config)]), 1)
     assert lst_config_from_args(repeat, 100) == config
+    # "One key/value head per query head" may be spelled as the count; another count contradicts.
+    groups = validate_args(parse_args([*LST_RUN, "--load", str(load), "--num-query-groups", "4"]), 1)
+    assert lst_config_from_args(groups, 100) == config
+    with pytest.raises(ArgumentError, match=r"--num-query-groups 2 \(checkpoint: 4\)"):
+        validate_args(parse_args([*LST_RUN, "--load", str(load), "--num-query-groups", "2"]), 1)
 
 
 def test_a_flag_that_contradicts_the_checkpoint_is_refused_with_both_values(tmp_path):
