@@ -51,6 +51,9 @@ def checkpoint_model(path: Path) -> tuple[LSTConfig, JointVocab, dict[str, Any]]
             f"{path} records no vocabulary, so its embedding size is unknown; it was not written "
             "by lst-train or lst-convert")
     saved = read_model_config(metadata, path)
+    if saved is None:
+        raise CheckpointContentError(
+            f"{path} records no LST model; it was not written by lst-train or lst-convert")
     if saved.baseline:
         raise CheckpointContentError(
             f"{path} holds a token-baseline model (--patching-mode none); only LST models convert")

@@ -41,9 +41,11 @@ def model_record(module) -> dict[str, Any] | None:
     return {"kind": kind, "config": lst_config_to_dict(module.lst_config)}
 
 
-def read_model_config(metadata: dict[str, Any], path: str | Path) -> SavedModel:
-    """The model of a checkpoint from its `lst_checkpoint.json` contents; raises
-    `CheckpointContentError` naming `path` when neither the record nor the flags describe one."""
+def read_model_config(metadata: dict[str, Any], path: str | Path) -> SavedModel | None:
+    """The model of a checkpoint from its `lst_checkpoint.json` contents, or None for a
+    checkpoint that records neither a model nor flags and a vocabulary (one of another megatron
+    module). Raises `CheckpointContentError` naming `path` for a record or flags that do not
+    describe a model."""
     args = metadata.get("args") or {}
     patching_mode = args.get("patching_mode")
     record = metadata.get(MODEL_KEY)
@@ -54,6 +56,8 @@ def read_model_config(metadata: dict[str, Any], path: str | Path) -> SavedModel:
                 "'config': {...}}; the checkpoint is corrupt")
         config = lst_config_from_dict(record["config"])
         return SavedModel(config, record["kind"] == "baseline", patching_mode)
+    if not args or metadata.get("vocab") is None:
+        return None
     return _from_saved_args(metadata, args, path)
 
 
@@ -63,10 +67,6 @@ def _from_saved_args(metadata: dict[str, Any], args: dict[str, Any], path: str |
     from megatron_lst.training.arguments import build_parser
     from megatron_lst.training.model_provider import lst_config_from_args
 
-    if not args or metadata.get("vocab") is None:
-        raise CheckpointContentError(
-            f"{path} records neither its model configuration nor the flags and vocabulary it was "
-            "trained with; it was not written by lst-train or lst-convert")
     # Older checkpoints saved flags this version may not have; parser defaults fill the rest.
     flags = vars(build_parser().parse_args([]))
     flags.update(args)

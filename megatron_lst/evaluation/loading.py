@@ -66,6 +66,9 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
         saved = read_model_config(metadata, path)
     except CheckpointContentError as error:
         raise CheckpointError(str(error)) from None
+    if saved is None:
+        raise CheckpointError(f"{path} records no LST or baseline model; it was not written by "
+                              "lst-train or lst-convert")
     args = _inference_args(metadata.get("args") or {}, saved)
     args.tensor_model_parallel_size = tensor_model_parallel_size
     args.pipeline_model_parallel_size = pipeline_model_parallel_size

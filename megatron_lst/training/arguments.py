@@ -304,6 +304,8 @@ def _adopt_checkpoint_model(args: argparse.Namespace) -> None:
         return
     except CheckpointContentError as err:
         raise ArgumentError(f"--load {args.load}: {err}") from None
+    if saved is None:
+        return  # not an LST or baseline checkpoint: the model's shapes are checked on load
     if saved.baseline != (args.patching_mode == "none"):
         raise ArgumentError(
             f"checkpoint {path} holds {'a token baseline' if saved.baseline else 'an LST model'} "

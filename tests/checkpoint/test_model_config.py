@@ -61,5 +61,5 @@ def test_a_record_of_the_wrong_form_is_named(tmp_path):
         read_model_config({"model": {"kind": "gpt", "config": {}}}, tmp_path)
     with pytest.raises(CheckpointContentError, match=r"unknown field\(s\) \['extra'\]"):
         read_model_config({"model": {"kind": "lst", "config": {"extra": 1}}}, tmp_path)
-    with pytest.raises(CheckpointContentError, match="records neither its model configuration"):
-        read_model_config({"args": {}}, tmp_path)
+    # A checkpoint of another megatron module records no model to build.
+    assert read_model_config({"args": {"num_layers": 2}, "vocab": None}, tmp_path) is None
