@@ -124,7 +124,6 @@ LOCAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
 )
 
 MODEL_FLAGS: tuple[ModelFlag, ...] = GLOBAL_MODEL_FLAGS + LOCAL_MODEL_FLAGS
-MODEL_FLAG_DESTS: tuple[str, ...] = tuple(f.dest for f in MODEL_FLAGS)
 
 
 def model_flags_of(baseline: bool) -> tuple[ModelFlag, ...]:

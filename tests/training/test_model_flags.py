@@ -40,7 +40,7 @@ def test_every_config_field_but_the_vocabulary_has_one_flag_of_its_type():
     assert sorted(f.field for f in model_flags.MODEL_FLAGS) == sorted(leaves)
     for flag in model_flags.MODEL_FLAGS:
         assert flag.kind in typing.get_args(leaves[flag.field]) + (leaves[flag.field],), flag
-    assert len(set(model_flags.MODEL_FLAG_DESTS)) == len(model_flags.MODEL_FLAGS)
+    assert len({f.dest for f in model_flags.MODEL_FLAGS}) == len(model_flags.MODEL_FLAGS)
 
 
 def test_help_groups_the_model_flags():
