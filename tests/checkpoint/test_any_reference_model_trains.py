@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from megatron_lst.checkpoint.cli import main as convert_main
 from megatron_lst.checkpoint.model_config import read_model_config
 from megatron_lst.checkpoint.model_state import build_full_model, full_state_dict
+from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.reference import FIXED_REFERENCE_ARGS, export_reference
 from megatron_lst.data.indexed import DocumentWriter
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
@@ -147,12 +148,18 @@ def test_imported_reference_model_converts_evaluates_generates_and_trains(
                                converted).config
     imported = lst_config_from_reference(json.loads(model_args.read_text())["model_args"])
     assert config == imported
+    # The converted checkpoint loads in every tool: lst-convert itself ...
+    assert convert_main(["dist-to-portable", "--load", str(converted), "--output",
+                         str(tmp_path / "portable_again")]) == 0
+    assert load_portable(tmp_path / "portable_again").config == imported
 
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps(r) + "\n" for r in random_records(3, 4)))
     tokenizer_path = str(text.path)
+    # ... lst-eval and lst-generate ...
     before = _evaluate_and_generate(converted, items, tokenizer_path, num_units, capsys)
 
+    # ... and lst-train, which fine-tunes it with no model flag.
     data_path = write_corpus(tmp_path / "data", text, num_units)
     flags = training_flags(data_path, converted, trained, tokenizer_path)
     result = pretrain(validate_args(parse_args(flags), 1), index_cache_dir=tmp_path / "rows")
