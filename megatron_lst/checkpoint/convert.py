@@ -14,7 +14,6 @@ from typing import TextIO
 
 import torch
 
-from megatron_lst.patching.curriculum import PATCHING_MODES
 from megatron_lst.tokenizer.vocab import NUM_RESERVED, JointVocab
 
 from .dist import (
@@ -120,12 +119,14 @@ def dist_to_portable(load: str | Path, output: str | Path,
 def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int = 0,
                      stream: TextIO | None = None) -> float:
     """Portable checkpoint -> dist checkpoint `iteration` under `save` (weights only), loadable
-    under any TP/PP with `lst-train --load save --finetune`."""
+    under any TP/PP with `lst-train --load save --finetune`, `lst-eval` and `lst-generate`; it
+    records the model's whole configuration, so any model the portable form holds converts."""
     checkpoint = load_portable(portable_dir)
     before = portable_model(checkpoint, str(portable_dir))
-    # The one data flag the model builder reads: any mode but "none" builds the LST model.
+    # The one data flag the model builder reads (any mode but "none" builds the LST model); a
+    # reference mode that needs no further flags is kept for the evaluation tools' patcher.
     patching_mode = (checkpoint.reference_model_args or {}).get("patching_mode")
-    if patching_mode not in PATCHING_MODES or patching_mode == "none":
+    if patching_mode not in ("static", "aligned"):
         patching_mode = "static"
     training_args = training_args_for(checkpoint.config, checkpoint.training_args, patching_mode)
     path = save_dist_checkpoint(Path(save), before, training_args, checkpoint.vocab, iteration)

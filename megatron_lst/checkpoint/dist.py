@@ -7,8 +7,8 @@ Conversions here therefore run in a single process; the training loop's `--load`
 run's layout (optimizer state included); `LSTModel.sharded_state_dict` keeps the vocab-parallel
 token embedding and the pipeline encoder replica right under TP>1 and PP>1.
 
-The model's shape is read back from the checkpoint's saved `lst-train` flags (`args` in its
-`lst_checkpoint.json`) and vocabulary, exactly as training built it (`lst_config_from_args`).
+The model is read back from the configuration the checkpoint records (`model_config.py`), and its
+vocabulary from the same `lst_checkpoint.json`.
 """
 
 from __future__ import annotations
@@ -42,53 +42,35 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def checkpoint_model(path: Path) -> tuple[LSTConfig, JointVocab, dict[str, Any]]:
     """`(LSTConfig, vocabulary, saved lst-train flags)` of the dist checkpoint at `path`."""
     from megatron_lst.training.checkpointing import read_checkpoint_metadata
-    from megatron_lst.training.model_provider import lst_config_from_args
+
+    from .model_config import read_model_config
 
     metadata = read_checkpoint_metadata(path)
-    args = metadata.get("args") or {}
-    if args.get("patching_mode", "none") == "none":
-        raise CheckpointContentError(
-            f"{path} holds a token-baseline model (--patching-mode none); only LST models convert")
     if metadata.get("vocab") is None:
         raise CheckpointContentError(
             f"{path} records no vocabulary, so its embedding size is unknown; it was not written "
             "by lst-train or lst-convert")
-    vocab = JointVocab.from_dict(metadata["vocab"])
-    return lst_config_from_args(argparse.Namespace(**args), vocab.size), vocab, args
+    saved = read_model_config(metadata, path)
+    if saved is None:
+        raise CheckpointContentError(
+            f"{path} records no LST model; it was not written by lst-train or lst-convert")
+    if saved.baseline:
+        raise CheckpointContentError(
+            f"{path} holds a token-baseline model (--patching-mode none); only LST models convert")
+    return saved.config, JointVocab.from_dict(metadata["vocab"]), metadata.get("args") or {}
 
 
 def training_args_for(config: LSTConfig, base_args: dict[str, Any] | None = None,
                       patching_mode: str = "static") -> dict[str, Any]:
-    """`lst-train` flags (as saved in a checkpoint) that build `config`.
+    """`lst-train` flags (as saved in a checkpoint) for an LST model `config`.
 
-    `base_args` (the flags of the run that trained it) are kept and their model flags checked;
-    without them, the model flags are derived and `patching_mode` fills the one data flag the
-    model builder reads. Raises when the flags cannot express `config`.
+    `base_args` (the flags of the run that trained it) are kept with their model flags set to
+    `config`'s; without them, `patching_mode` fills the one data flag the model builder reads.
     """
-    from megatron_lst.training.model_provider import lst_config_from_args
+    from megatron_lst.training.model_flags import flag_values
 
-    g, enc, dec, xattn = config.global_model, config.encoder, config.decoder, config.cross_attention
     args = dict(base_args or {"patching_mode": patching_mode})
-    if base_args is None:
-        args.update(
-            num_layers=g.num_layers, hidden_size=g.hidden_size, num_attention_heads=g.num_heads,
-            ffn_hidden_size=g.ffn_hidden_size, num_query_groups=g.num_query_groups,
-            local_encoder_hidden_size=enc.hidden_size, local_encoder_layers=enc.num_layers,
-            local_encoder_heads=enc.num_heads,
-            local_decoder_hidden_size=dec.hidden_size, local_decoder_layers=dec.num_layers,
-            local_decoder_heads=dec.num_heads,
-            local_attention_window=enc.window,
-            cross_attn_k=xattn.slots_per_patch, cross_attn_heads=xattn.num_heads,
-            cross_attn_window_encoder=xattn.encoder_window,
-            cross_attn_window_decoder=xattn.decoder_window,
-            norm_epsilon=config.norm_eps, rotary_base=int(config.rope_theta),
-            max_tokens=config.max_sequence_length, init_method_std=config.init_std,
-        )
-    described = lst_config_from_args(argparse.Namespace(**args), config.vocab_size)
-    if described != config:
-        raise CheckpointContentError(
-            f"lst-train flags cannot describe this model (they give {described}, the model is "
-            f"{config}); it can be shared in the portable form but not trained by lst-train")
+    args.update(flag_values(config))
     return args
 
 

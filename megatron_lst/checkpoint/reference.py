@@ -28,7 +28,7 @@ from megatron_lst.models.reference_import import (
 )
 
 # The reference options `lst_config_from_reference` requires, for exports without base args.
-_FIXED_REFERENCE_ARGS = {
+FIXED_REFERENCE_ARGS = {
     "use_rope": True, "cross_attn_encoder": True, "cross_attn_decoder": True,
     "cross_attn_init_by_pooling": True, "use_local_encoder_transformer": True,
     "non_linearity": "swiglu", "norm_type": "rmsnorm", "pre_norm": True,
@@ -116,12 +116,16 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
             f"the reference has one local window; this model has encoder {enc.window} and "
             f"decoder {dec.window}")
     args = dict(base_args or {})
-    for key, value in _FIXED_REFERENCE_ARGS.items():
+    for key, value in FIXED_REFERENCE_ARGS.items():
         args.setdefault(key, value)
     args.update(
         vocab_size=config.vocab_size,
         dim_global=g.hidden_size, n_layers_global=g.num_layers, n_heads_global=g.num_heads,
-        n_kv_heads_global=g.num_query_groups,
+        # None and a count equal to the heads both mean one key/value head per query head: keep
+        # the base's spelling when it says the same.
+        n_kv_heads_global=(args.get("n_kv_heads_global")
+                           if (args.get("n_kv_heads_global") or g.num_heads)
+                           == (g.num_query_groups or g.num_heads) else g.num_query_groups),
         dim_token=enc.hidden_size,
         dim_local_encoder=enc.hidden_size, n_layers_local_encoder=enc.num_layers,
         n_heads_local_encoder=enc.num_heads,

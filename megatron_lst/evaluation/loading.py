@@ -1,10 +1,12 @@
 """The model a training checkpoint describes, with its weights, ready for scoring or generation.
 
-A checkpoint's `lst_checkpoint.json` keeps the training flags and the joint vocabulary; the model
-is rebuilt from those flags by the trainer's own `build_model_chunks` (so it is the same model,
-LST or baseline) under the layout asked for here, and its weights are read with
-`load_checkpoint` (dist-checkpointing reshards them to that layout). Optimizer and RNG state are
-not read. Call after `initialize_parallel` with the same tensor/pipeline sizes.
+A checkpoint's `lst_checkpoint.json` keeps the model's configuration, the joint vocabulary and the
+training flags. The model is built from that configuration by the trainer's own
+`build_model_chunks` (so it is the same model, LST or baseline) under the layout asked for here,
+and its weights are read with `load_checkpoint` (dist-checkpointing reshards them to that
+layout). Optimizer and RNG state are not read. Flags the checkpoint does not record (one written
+by `lst-convert` records only the model's) take `lst-train`'s defaults. Call after
+`initialize_parallel` with the same tensor/pipeline sizes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_lst.checkpoint.model_config import SavedModel, read_model_config
+from megatron_lst.checkpoint.model_state import CheckpointContentError
 from megatron_lst.patching import Patcher
 from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, load_text_tokenizer
 from megatron_lst.tokenizer.vocab import JointVocab
@@ -58,12 +62,16 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
     if metadata.get("vocab") is None:
         raise CheckpointError(f"{path} does not record its vocabulary; it cannot be evaluated")
     vocab = JointVocab.from_dict(metadata["vocab"])
-    args = argparse.Namespace(**metadata["args"])
+    try:
+        saved = read_model_config(metadata, path)
+    except CheckpointContentError as error:
+        raise CheckpointError(str(error)) from None
+    if saved is None:
+        raise CheckpointError(f"{path} records no LST or baseline model; it was not written by "
+                              "lst-train or lst-convert")
+    args = _inference_args(metadata.get("args") or {}, saved)
     args.tensor_model_parallel_size = tensor_model_parallel_size
     args.pipeline_model_parallel_size = pipeline_model_parallel_size
-    args.sequence_parallel = False
-    args.use_distributed_optimizer = False
-    args.finetune, args.no_load_optim, args.no_load_rng = False, True, True
 
     tokenizer_path = tokenizer_model or args.tokenizer_model
     if tokenizer_path is None:
@@ -72,10 +80,28 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
     tokenizer = load_text_tokenizer(tokenizer_path)
     vocab.check_tokenizer(tokenizer, f"checkpoint {path}")  # size, and digest when recorded
 
-    model_chunks, _ = build_model_chunks(args, vocab.size)
+    model_chunks, _ = build_model_chunks(args, vocab.size, saved.config)
     loaded = load_checkpoint(load_dir, model_chunks, None, None, args, vocab)
     for chunk in model_chunks:
         chunk.eval()
     return InferenceModel(model_chunks, vocab, tokenizer,
                           Patcher(patching_config_from_args(args)), loaded.path,
                           int(metadata["iteration"]))
+
+
+def _inference_args(saved_args: dict, saved: SavedModel) -> argparse.Namespace:
+    """The flags `build_model_chunks` and the patcher read: `lst-train`'s defaults, then the
+    checkpoint's saved flags, then one process's inference settings."""
+    from megatron_lst.training.arguments import build_parser
+
+    args = build_parser().parse_args([])
+    vars(args).update(saved_args)
+    if saved.baseline:
+        args.patching_mode = "none"
+    elif args.patching_mode == "none":  # an LST model whose data flags were not recorded
+        args.patching_mode = "static"
+    args.params_dtype_name = saved_args.get("params_dtype_name", "float32")
+    args.sequence_parallel = False
+    args.use_distributed_optimizer = False
+    args.finetune, args.no_load_optim, args.no_load_rng = False, True, True
+    return args

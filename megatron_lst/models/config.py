@@ -1,6 +1,7 @@
 """Model configuration: one frozen dataclass per part, presets, and the megatron.core config.
 
-`LSTConfig` describes the whole model (local encoder, global transformer, local decoder and the
+Every field has an `lst-train` flag (`megatron_lst.training.model_flags`). `LSTConfig` describes
+the whole model (local encoder, global transformer, local decoder and the
 cross-attention between them); `TokenBaselineModel` uses only `vocab_size`, `global_model`,
 `norm_eps`, `rope_theta`, `max_sequence_length` and `init_std`. `LSTConfig.transformer_config()` turns it
 into the `TransformerConfig` that megatron.core modules (the global block, the embedding and the
@@ -48,9 +49,10 @@ class LocalModelConfig:
             raise ModelConfigError(
                 f"local head dim {self.hidden_size // self.num_heads} must be even for RoPE"
             )
-        if self.num_layers < 1 or self.window < 1:
+        if min(self.num_layers, self.window, self.ffn_hidden_size) < 1:
             raise ModelConfigError(
-                f"local num_layers ({self.num_layers}) and window ({self.window}) must be >= 1"
+                f"local num_layers ({self.num_layers}), window ({self.window}) and "
+                f"ffn_hidden_size ({self.ffn_hidden_size}) must be >= 1"
             )
 
     @property
@@ -67,7 +69,22 @@ class GlobalModelConfig:
     num_heads: int
     ffn_hidden_size: int
     num_query_groups: int | None = None
-    """Key/value heads (GQA); None means one per query head."""
+    """Key/value heads (GQA); None means one per query head, and a count equal to `num_heads` is
+    stored as None, so that two configs of the same model compare equal."""
+
+    def __post_init__(self):
+        if self.num_query_groups == self.num_heads:
+            object.__setattr__(self, "num_query_groups", None)
+        groups = self.num_query_groups or self.num_heads
+        if min(self.hidden_size, self.num_layers, self.num_heads, self.ffn_hidden_size, groups) < 1:
+            raise ModelConfigError(f"global model sizes must all be >= 1, got {self}")
+        if self.hidden_size % self.num_heads or self.num_heads % groups:
+            raise ModelConfigError(
+                f"global hidden_size {self.hidden_size} must be divisible by num_heads "
+                f"{self.num_heads}, and num_heads by num_query_groups {groups}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ModelConfigError(
+                f"global head dim {self.hidden_size // self.num_heads} must be even for RoPE")
 
 
 @dataclass(frozen=True)
@@ -109,7 +126,9 @@ class LSTConfig:
     rope_theta: float = 10000.0
     """One RoPE base for the local and global models, as in the reference."""
     max_sequence_length: int = 4096
-    """GPTModel's `max_sequence_length` for the token baseline (RoPE itself has no length cap)."""
+    """Most global positions (patches; tokens for the baseline) the model is built for:
+    GPTModel's `max_sequence_length` in the token baseline. RoPE itself has no length cap, so the
+    LST model only records it."""
     init_std: float = 0.02
     """Std of the normal init of every weight matrix (megatron's `init_method_std`)."""
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_lst.training import config_files
+from megatron_lst.training import config_files, model_flags
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(parser)
     _add_network_size_args(parser)
     _add_lst_args(parser)
+    _add_local_model_args(parser)
     _add_training_args(parser)
     _add_learning_rate_args(parser)
     _add_mixed_precision_args(parser)
@@ -71,18 +72,16 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("network size (global transformer)")
-    group.add_argument("--num-layers", type=int, default=None)
-    group.add_argument("--hidden-size", type=int, default=None)
-    group.add_argument("--ffn-hidden-size", type=int, default=None,
-                       help="Default: 4 * hidden size, as in Megatron-LM.")
-    group.add_argument("--num-attention-heads", type=int, default=None)
-    group.add_argument("--num-query-groups", type=int, default=None,
-                       help="Key/value heads for grouped-query attention; default: one per head.")
-    group.add_argument("--max-position-embeddings", type=int, default=None)
-    group.add_argument("--rotary-base", type=int, default=10000)
-    group.add_argument("--norm-epsilon", type=float, default=1e-5)
-    group.add_argument("--init-method-std", type=float, default=0.02)
+    group = parser.add_argument_group(
+        "network size (global transformer)",
+        "Model flags (here and under 'LST local models and cross-attention') left out come from "
+        "the checkpoint --load resumes or fine-tunes, else from --preset or their defaults.")
+    model_flags.add_model_flags(group, model_flags.GLOBAL_MODEL_FLAGS)
+    group.add_argument("--use-checkpoint-args", action=argparse.BooleanOptionalAction,
+                       default=True,
+                       help="With --load: build the model from the checkpoint's configuration "
+                            "(default); model flags may only repeat its values. The --no- form "
+                            "builds it from the flags alone.")
     group.add_argument("--attention-dropout", type=float, default=0.0)
     group.add_argument("--hidden-dropout", type=float, default=0.0)
     group.add_argument("--num-units", type=int, default=502,
@@ -90,7 +89,7 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_lst_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("LST: patching and local models")
+    group = parser.add_argument_group("LST: patching")
     group.add_argument("--patching-mode", choices=PATCHING_MODES, default="none",
                        help="none = token baseline (every token a patch, no local models).")
     group.add_argument("--patch-size", type=int, default=4,
@@ -107,22 +106,14 @@ def _add_lst_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-tokens", type=int, default=None,
                        help="Token budget N of one row; a row holds --seq-length patches. "
                             "Default: --seq-length with --patching-mode none; required otherwise.")
-    for side in ("encoder", "decoder"):
-        group.add_argument(f"--local-{side}-layers", type=int, default=None)
-        group.add_argument(f"--local-{side}-hidden-size", type=int, default=None)
-        group.add_argument(f"--local-{side}-heads", type=int, default=None)
-    group.add_argument("--cross-attn-k", type=int, default=2,
-                       help="Key/value (encoder: query) slots per patch in cross-attention.")
-    group.add_argument("--cross-attn-heads", type=int, default=None)
-    group.add_argument("--cross-attn-window-encoder", type=int, default=512,
-                       help="Encoder cross-attention window, in patches.")
-    group.add_argument("--cross-attn-window-decoder", type=int, default=512,
-                       help="Decoder cross-attention window, in patches.")
-    group.add_argument("--local-attention-window", type=int, default=512,
-                       help="Sliding self-attention window of the local models, in tokens.")
     group.add_argument("--kernel-backend", choices=("auto", "triton", "torch"), default="auto",
                        help="Segment-pool and patch cross-attention kernels: auto picks Triton "
                             "on CUDA and PyTorch elsewhere.")
+
+
+def _add_local_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LST local models and cross-attention")
+    model_flags.add_model_flags(group, model_flags.LOCAL_MODEL_FLAGS)
 
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -258,31 +249,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def preset_defaults(name: str) -> dict[str, Any]:
-    """Flag defaults (destination -> value) of the model preset `name` of models.config.
-
-    `model_provider.lst_config_from_args` turns these flags back into the preset's LSTConfig:
-    local FFN widths follow the SwiGLU rule there, and --max-tokens, not --max-position-embeddings,
-    sets an LST model's `max_sequence_length`.
-    """
+    """Model flag defaults (destination -> value) of the model preset `name` of models.config;
+    `model_provider.lst_config_from_args` turns them back into the preset's LSTConfig."""
     from megatron_lst.models.config import preset
 
-    config = preset(name, vocab_size=1)  # sizes do not depend on the vocabulary
-    g, encoder, decoder, cross = (config.global_model, config.encoder, config.decoder,
-                                  config.cross_attention)
-    return dict(
-        num_layers=g.num_layers, hidden_size=g.hidden_size, ffn_hidden_size=g.ffn_hidden_size,
-        num_attention_heads=g.num_heads, num_query_groups=g.num_query_groups,
-        max_position_embeddings=config.max_sequence_length, rotary_base=int(config.rope_theta),
-        norm_epsilon=config.norm_eps, init_method_std=config.init_std,
-        local_encoder_layers=encoder.num_layers, local_encoder_hidden_size=encoder.hidden_size,
-        local_encoder_heads=encoder.num_heads,
-        local_decoder_layers=decoder.num_layers, local_decoder_hidden_size=decoder.hidden_size,
-        local_decoder_heads=decoder.num_heads,
-        cross_attn_k=cross.slots_per_patch, cross_attn_heads=cross.num_heads,
-        cross_attn_window_encoder=cross.encoder_window,
-        cross_attn_window_decoder=cross.decoder_window,
-        local_attention_window=encoder.window,
-    )
+    return model_flags.flag_values(preset(name, vocab_size=1))  # sizes do not depend on it
 
 
 # --- validation -------------------------------------------------------------------------
@@ -294,10 +265,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     `resume_from` (the checkpoint directory `--load` resumes from, or None), and defaults filled
     in for `global_batch_size`, `ffn_hidden_size`, `num_query_groups`,
     `max_position_embeddings`, `max_tokens`, `lr_decay_iters`, `distributed_backend`;
-    `sequence_parallel` is turned off, with a warning, without tensor parallelism. Raises
-    ArgumentError naming the flags and the fix; `args` itself is not modified.
+    `sequence_parallel` is turned off, with a warning, without tensor parallelism. With
+    `--load` and `--use-checkpoint-args` (the default), the model flags not given are the
+    checkpoint's. Raises ArgumentError naming the flags and the fix; `args` itself is not
+    modified.
     """
     args = argparse.Namespace(**vars(args))
+    _adopt_checkpoint_model(args)
     _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length",
              "train_iters", "lr")
     _validate_parallelism(args, world_size)
@@ -308,6 +282,46 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     _validate_checkpointing(args)
     _validate_logging(args)
     return args
+
+
+def _adopt_checkpoint_model(args: argparse.Namespace) -> None:
+    """`--use-checkpoint-args`: the model of the checkpoint `--load` resumes or fine-tunes.
+
+    A missing or broken `--load` is left to `_validate_checkpointing` to report.
+    """
+    if args.load is None or not args.use_checkpoint_args or not os.path.isdir(args.load):
+        return
+    from megatron_lst.checkpoint.model_config import read_model_config
+    from megatron_lst.checkpoint.model_state import CheckpointContentError
+    from megatron_lst.training.checkpointing import (
+        CheckpointError,
+        find_latest_checkpoint,
+        read_checkpoint_metadata,
+    )
+
+    try:
+        path = find_latest_checkpoint(args.load)
+        if path is None:
+            return
+        saved = read_model_config(read_checkpoint_metadata(path), path)
+    except CheckpointError:
+        return
+    except CheckpointContentError as err:
+        raise ArgumentError(f"--load {args.load}: {err}") from None
+    if saved is None:
+        return  # not an LST or baseline checkpoint: the model's shapes are checked on load
+    if saved.baseline != (args.patching_mode == "none"):
+        raise ArgumentError(
+            f"checkpoint {path} holds {'a token baseline' if saved.baseline else 'an LST model'} "
+            f"but --patching-mode {args.patching_mode} builds "
+            f"{'the token baseline' if args.patching_mode == 'none' else 'an LST model'}; "
+            + ("drop --patching-mode" if saved.baseline else
+               f"give the --patching-mode it was trained with ({saved.patching_mode})"))
+    try:
+        model_flags.adopt_checkpoint_model(
+            args, model_flags.flag_values(saved.config, saved.baseline), f"checkpoint {path}")
+    except model_flags.CheckpointArgsConflict as err:
+        raise ArgumentError(str(err)) from None
 
 
 def _require(args: argparse.Namespace, *dests: str) -> None:
@@ -428,8 +442,9 @@ def _validate_lst(args: argparse.Namespace) -> None:
                 f"with --patching-mode none, where every token is a patch; drop --max-tokens"
             )
         return
-    _positive(args, "patch_size", "cross_attn_k", "cross_attn_window_encoder",
-              "cross_attn_window_decoder", "local_attention_window")
+    _positive(args, "patch_size", "cross_attn_k", "cross_attn_heads", "cross_attn_window_encoder",
+              "cross_attn_window_decoder", "local_encoder_window", "local_decoder_window",
+              "local_encoder_ffn_hidden_size", "local_decoder_ffn_hidden_size")
     if args.max_tokens is None:
         raise ArgumentError(
             f"--patching-mode {args.patching_mode} needs --max-tokens, the token budget of a "
@@ -474,6 +489,18 @@ def _validate_lst(args: argparse.Namespace) -> None:
             f"--local-encoder-hidden-size {args.local_encoder_hidden_size}: the decoder reads the "
             f"encoder's token states"
         )
+    _check_model_config(args)
+
+
+def _check_model_config(args: argparse.Namespace) -> None:
+    """What the model configuration itself rejects (e.g. an odd head dimension), named."""
+    from megatron_lst.models.config import ModelConfigError
+    from megatron_lst.training.model_provider import lst_config_from_args
+
+    try:
+        lst_config_from_args(args, vocab_size=1)  # the vocabulary does not enter the checks
+    except ModelConfigError as err:
+        raise ArgumentError(f"the model flags describe an impossible model: {err}") from None
 
 
 def _validate_training(args: argparse.Namespace) -> None:

@@ -7,7 +7,8 @@ Layout of a save directory (`--save`), Megatron-LM's names where Megatron has th
         <dist_checkpointing files>       model, optimizer, per-rank RNG states (sharded)
         lst_manifest.json                size and SHA-256 of each of those files
         lst_checkpoint.json              iteration, scheduler, extra state (consumed samples,
-                                         curriculum step, ...), parallel layout, args, vocabulary
+                                         curriculum step, ...), parallel layout, args, vocabulary,
+                                         the model's kind and full configuration
     iter_0000200.tmp-<nonce>/            a save that was interrupted: never loaded, never deleted
 
 A save first checks that the weights are finite (a diverged model is never saved as the newest
@@ -212,6 +213,8 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_lst.checkpoint.model_config import MODEL_KEY, model_record
+
     root = Path(save_dir)
     _check_weights_finite(model_chunks, iteration, root)
     final = root / checkpoint_name(iteration)
@@ -246,6 +249,7 @@ def save_checkpoint(
             "parallel_layout": _parallel_layout(),
             "vocab": vocab.to_dict() if vocab is not None else None,
             "args": args_to_dict(args),
+            MODEL_KEY: model_record(_unwrap(model_chunks)[0]),
         }
         _write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
         os.rename(temporary, final)

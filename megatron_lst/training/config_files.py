@@ -57,7 +57,7 @@ def config_to_defaults(config: Mapping[str, Any], parser: argparse.ArgumentParse
     defaults: dict[str, Any] = {}
     for key, value in config.items():
         action = _action_for_key(key, parser, where)
-        defaults[action.dest] = _convert(action, value, f"{where}: {key}")
+        defaults[action.dest] = _convert(action, value, f"{where}: {key}", _flag_of_key(key))
     return defaults
 
 
@@ -66,9 +66,12 @@ def config_to_argv(config: Mapping[str, Any], parser: argparse.ArgumentParser) -
     argv: list[str] = []
     for key, value in config.items():
         action = _action_for_key(key, parser, "config")
-        converted = _convert(action, value, f"config: {key}")
+        converted = _convert(action, value, f"config: {key}", _flag_of_key(key))
         flag = _long_flag(action)
-        if _is_switch(action):
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if converted is not None:
+                argv.append(flag if converted else "--no-" + flag[2:])
+        elif _is_switch(action):
             if converted != action.default:
                 argv.append(flag)
         elif converted is None:
@@ -80,10 +83,14 @@ def config_to_argv(config: Mapping[str, Any], parser: argparse.ArgumentParser) -
     return argv
 
 
+def _flag_of_key(key: str) -> str:
+    return "--" + key.lstrip("-").replace("_", "-")
+
+
 def _action_for_key(key: Any, parser: argparse.ArgumentParser, where: str) -> argparse.Action:
     if not isinstance(key, str):
         raise ConfigError(f"{where}: key {key!r} is not a flag name")
-    flag = "--" + key.lstrip("-").replace("_", "-")
+    flag = _flag_of_key(key)
     by_flag = {s: a for a in parser._actions for s in a.option_strings}
     action = by_flag.get(flag)
     if action is None or flag in ("--help", "--config"):
@@ -99,16 +106,21 @@ def _long_flag(action: argparse.Action) -> str:
 
 
 def _is_switch(action: argparse.Action) -> bool:
-    return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+    return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                               argparse.BooleanOptionalAction))
 
 
-def _convert(action: argparse.Action, value: Any, where: str) -> Any:
+def _convert(action: argparse.Action, value: Any, where: str, flag: str) -> Any:
+    """`value` as `flag` (the spelling the key used, e.g. "--no-x") stores it."""
     if _is_switch(action):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {_long_flag(action)} is a switch; write true or false, "
                               f"got {value!r}")
-        # A store_false flag (`--no-x: true`) stores False in its destination.
-        return value if isinstance(action, argparse._StoreTrueAction) else not value
+        # A store_false flag (`--no-x: true`) stores False in its destination; a `--x/--no-x`
+        # pair takes `x: true|false` (or `no-x: true|false`) for its destination.
+        negated = isinstance(action, argparse._StoreFalseAction) or (
+            isinstance(action, argparse.BooleanOptionalAction) and flag != _long_flag(action))
+        return not value if negated else value
     if value is None:
         return None
     if action.nargs in ("*", "+") or isinstance(action.nargs, int):

@@ -20,57 +20,35 @@ from megatron_lst.models.config import (
     LocalModelConfig,
     swiglu_ffn_size,
 )
+from megatron_lst.training import model_flags
 
 
 def lst_config_from_args(args: argparse.Namespace, vocab_size: int) -> LSTConfig:
     """The model of validated `args` over a joint vocabulary of `vocab_size` ids.
 
-    The token baseline (--patching-mode none) reads only the global sizes, the vocabulary and
-    the RoPE settings; its local models are described by the same flags but never built.
+    Reads exactly the model flags of `model_flags` (one per `LSTConfig` field); a flag left at
+    None takes its field's default, or the rule its help names (local FFN widths: the SwiGLU
+    rule; cross-attention heads: the local encoder's). The token baseline (--patching-mode none)
+    reads only the global flags; its local models are never built.
     """
-    global_model = GlobalModelConfig(
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        num_heads=args.num_attention_heads,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_query_groups=args.num_query_groups,
-    )
-    if args.patching_mode == "none":
+    baseline = args.patching_mode == "none"
+    given = model_flags.given_fields(args, baseline)
+    global_model = GlobalModelConfig(**given.get("global_model", {}))
+    if baseline:
         # A stand-in local pair the baseline never builds: LSTConfig requires one.
         local = LocalModelConfig(hidden_size=2, num_layers=1, num_heads=1, ffn_hidden_size=2)
-        return LSTConfig(
-            vocab_size=vocab_size, global_model=global_model, encoder=local, decoder=local,
-            cross_attention=CrossAttentionConfig(num_heads=1),
-            norm_eps=args.norm_epsilon, rope_theta=float(args.rotary_base),
-            max_sequence_length=args.max_position_embeddings, init_std=args.init_method_std,
-        )
+        return LSTConfig(vocab_size=vocab_size, global_model=global_model, encoder=local,
+                         decoder=local, cross_attention=CrossAttentionConfig(num_heads=1),
+                         **given.get(None, {}))
     encoder, decoder = (
-        LocalModelConfig(
-            hidden_size=getattr(args, f"local_{side}_hidden_size"),
-            num_layers=getattr(args, f"local_{side}_layers"),
-            num_heads=getattr(args, f"local_{side}_heads"),
-            ffn_hidden_size=swiglu_ffn_size(getattr(args, f"local_{side}_hidden_size")),
-            window=args.local_attention_window,
-        )
+        LocalModelConfig(**{"ffn_hidden_size": swiglu_ffn_size(given[side]["hidden_size"]),
+                            **given[side]})
         for side in ("encoder", "decoder")
     )
-    return LSTConfig(
-        vocab_size=vocab_size,
-        global_model=global_model,
-        encoder=encoder,
-        decoder=decoder,
-        cross_attention=CrossAttentionConfig(
-            slots_per_patch=args.cross_attn_k,
-            num_heads=(args.cross_attn_heads if args.cross_attn_heads is not None
-                       else args.local_encoder_heads),
-            encoder_window=args.cross_attn_window_encoder,
-            decoder_window=args.cross_attn_window_decoder,
-        ),
-        norm_eps=args.norm_epsilon,
-        rope_theta=float(args.rotary_base),
-        max_sequence_length=args.max_tokens,
-        init_std=args.init_method_std,
-    )
+    cross_attention = CrossAttentionConfig(**{"num_heads": encoder.num_heads,
+                                              **given.get("cross_attention", {})})
+    return LSTConfig(vocab_size=vocab_size, global_model=global_model, encoder=encoder,
+                     decoder=decoder, cross_attention=cross_attention, **given.get(None, {}))
 
 
 def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):
@@ -91,8 +69,11 @@ def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):
     )
 
 
-def build_model_chunks(args: argparse.Namespace, vocab_size: int) -> tuple[list[torch.nn.Module], LSTConfig]:
+def build_model_chunks(args: argparse.Namespace, vocab_size: int, config: LSTConfig | None = None
+                       ) -> tuple[list[torch.nn.Module], LSTConfig]:
     """This rank's wrapped model chunks (one: no virtual pipeline stages) and the model config.
+
+    The model is `config` when given (a checkpoint's own), else the one the flags describe.
 
     Call after `initialize_parallel`. The returned chunks are megatron DDP modules; their
     `.config` has `finalize_model_grads_func` set to `finalize_lst_model_grads`.
@@ -101,7 +82,11 @@ def build_model_chunks(args: argparse.Namespace, vocab_size: int) -> tuple[list[
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
-    config = lst_config_from_args(args, vocab_size)
+    if config is None:
+        config = lst_config_from_args(args, vocab_size)
+    elif config.vocab_size != vocab_size:
+        raise ValueError(f"model vocab_size {config.vocab_size} differs from the vocabulary's "
+                         f"{vocab_size} ids")
     megatron_config = transformer_config_from_args(config, args)
     model = build_model(
         config, args.patching_mode, megatron_config,

@@ -1,6 +1,5 @@
 """lst-train flags: Megatron names, preset < YAML < command line, and up-front validation."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -258,10 +257,6 @@ def test_preset_flags_build_the_preset_model(name):
     from megatron_lst.training.model_provider import lst_config_from_args
 
     config = preset(name, vocab_size=1020)
-    g = config.global_model
-    # validate_args spells "one key/value head per query head" (None in the preset) as the count.
-    config = dataclasses.replace(config, global_model=dataclasses.replace(
-        g, num_query_groups=g.num_query_groups or g.num_heads))
     run = ["--preset", name, "--seq-length", "8", "--train-iters", "1", "--lr", "1e-3"]
     lst = validate_args(parse_args([*run, "--patching-mode", "static",
                                     "--max-tokens", str(config.max_sequence_length)]), 1)

@@ -58,7 +58,7 @@ def test_lst_config_from_the_tiny_preset_flags():
     assert config.cross_attention.slots_per_patch == 2
     assert config.cross_attention.encoder_window == config.cross_attention.decoder_window == 16
     assert config.encoder.window == 64
-    assert config.max_sequence_length == 24  # the token budget of a row
+    assert config.max_sequence_length == 32  # --max-position-embeddings: global positions
 
 
 # --- the loss of one iteration -----------------------------------------------------------

@@ -1,0 +1,85 @@
+"""The model configuration a training checkpoint carries, written and read back exactly.
+
+`lst_checkpoint.json` holds, under "model", the model's kind ("lst" or "baseline") and its
+`LSTConfig` as a mapping of fields (`model_state.lst_config_to_dict`). Every tool that loads the
+checkpoint builds the model from it (`lst-train --load` with `--use-checkpoint-args`, `lst-eval`,
+`lst-generate`, `lst-convert`). Checkpoints written before the record existed are read through
+their saved `lst-train` flags (`args`), as training built them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_lst.models.config import LSTConfig
+
+from .model_state import CheckpointContentError, lst_config_from_dict, lst_config_to_dict
+
+MODEL_KEY = "model"
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    config: LSTConfig
+    baseline: bool
+    """The token baseline (trained with --patching-mode none) rather than an LST model."""
+    patching_mode: str | None
+    """The --patching-mode it was trained with, when recorded."""
+
+
+def model_record(module) -> dict[str, Any] | None:
+    """The "model" entry of a checkpoint of `module` (an unwrapped `LSTModel` or
+    `TokenBaselineModel`); None for another megatron module, which has no `LSTConfig`."""
+    from megatron_lst.models.baseline import TokenBaselineModel
+
+    if not hasattr(module, "lst_config"):
+        return None
+    kind = "baseline" if isinstance(module, TokenBaselineModel) else "lst"
+    return {"kind": kind, "config": lst_config_to_dict(module.lst_config)}
+
+
+def read_model_config(metadata: dict[str, Any], path: str | Path) -> SavedModel | None:
+    """The model of a checkpoint from its `lst_checkpoint.json` contents, or None for a
+    checkpoint that records neither a model nor flags and a vocabulary (one of another megatron
+    module). Raises `CheckpointContentError` naming `path` for a record or flags that do not
+    describe a model."""
+    args = metadata.get("args") or {}
+    patching_mode = args.get("patching_mode")
+    record = metadata.get(MODEL_KEY)
+    if record is not None:
+        if record.get("kind") not in ("lst", "baseline") or not isinstance(record.get("config"), dict):
+            raise CheckpointContentError(
+                f"{path}: the model record {record!r} is not {{'kind': 'lst' | 'baseline', "
+                "'config': {...}}; the checkpoint is corrupt")
+        config = lst_config_from_dict(record["config"])
+        return SavedModel(config, record["kind"] == "baseline", patching_mode)
+    if not args or metadata.get("vocab") is None:
+        return None
+    return _from_saved_args(metadata, args, path)
+
+
+def _from_saved_args(metadata: dict[str, Any], args: dict[str, Any], path: str | Path) -> SavedModel:
+    from megatron_lst.models.config import ModelConfigError
+    from megatron_lst.tokenizer.vocab import JointVocab
+    from megatron_lst.training.arguments import build_parser
+    from megatron_lst.training.model_provider import lst_config_from_args
+
+    # Older checkpoints saved flags this version may not have; parser defaults fill the rest.
+    flags = vars(build_parser().parse_args([]))
+    flags.update(args)
+    legacy_window = flags.pop("local_attention_window", None)  # once one flag for both sides
+    for side in ("encoder", "decoder"):
+        if flags.get(f"local_{side}_window") is None:
+            flags[f"local_{side}_window"] = legacy_window
+    if flags.get("patching_mode") != "none" and flags.get("max_tokens") is not None:
+        flags["max_position_embeddings"] = flags["max_tokens"]  # what training recorded then
+    try:
+        config = lst_config_from_args(argparse.Namespace(**flags),
+                                      JointVocab.from_dict(metadata["vocab"]).size)
+    except (ModelConfigError, KeyError, TypeError) as error:
+        raise CheckpointContentError(
+            f"{path}: its saved flags do not describe a model ({error})") from None
+    return SavedModel(config, flags["patching_mode"] == "none", flags["patching_mode"])

@@ -1,0 +1,65 @@
+"""A checkpoint records its model's whole configuration: saved and read back, it is the same."""
+
+import argparse
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from training.model_config_cases import lst_configs
+
+from megatron_lst.checkpoint.dist import save_dist_checkpoint, training_args_for
+from megatron_lst.checkpoint.model_config import read_model_config
+from megatron_lst.checkpoint.model_state import (
+    CheckpointContentError,
+    build_full_model,
+    full_state_dict,
+)
+from megatron_lst.checkpoint.portable import PortableCheckpoint, load_portable, save_portable
+from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.training.arguments import parse_args, validate_args
+from megatron_lst.training.checkpointing import read_checkpoint_metadata
+from megatron_lst.training.model_provider import lst_config_from_args
+
+SMALL = lst_configs(max_width=16, max_layers=2)
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(config=SMALL)
+def test_any_config_survives_dist_and_portable_checkpoints(config, single_rank, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    model = build_full_model(config)
+    path = save_dist_checkpoint(root / "dist", model, training_args_for(config), None)
+    saved = read_model_config(json.loads(json.dumps(read_checkpoint_metadata(path))), path)
+    assert saved.config == config and not saved.baseline
+
+    save_portable(root / "portable", PortableCheckpoint(config=config, state=full_state_dict(model)))
+    assert load_portable(root / "portable").config == config
+
+
+def test_a_checkpoint_without_the_record_is_read_through_its_flags(tmp_path):
+    """Checkpoints written before the record: the model training built from their flags."""
+    vocab = JointVocab(text_size=40, num_units=20)
+    flags = ["--preset", "tiny-cpu", "--seq-length", "8", "--train-iters", "1", "--lr", "1e-3",
+             "--patching-mode", "static", "--max-tokens", "24"]
+    args = validate_args(parse_args(flags), 1)
+    saved_args = {k: v for k, v in vars(args).items()
+                  if not k.startswith(("local_encoder_window", "local_decoder_window"))}
+    saved_args["local_attention_window"] = 64  # the one local window flag of those versions
+    metadata = {"args": saved_args, "vocab": vocab.to_dict()}
+    saved = read_model_config(metadata, tmp_path)
+    expected = lst_config_from_args(argparse.Namespace(**vars(args)), vocab.size)
+    assert saved.config.encoder.window == saved.config.decoder.window == 64
+    assert saved.config.max_sequence_length == 24  # what those versions recorded: --max-tokens
+    assert saved.config.global_model == expected.global_model
+    assert saved.config.cross_attention == expected.cross_attention
+    assert saved.patching_mode == "static" and not saved.baseline
+
+
+def test_a_record_of_the_wrong_form_is_named(tmp_path):
+    with pytest.raises(CheckpointContentError, match="model record .* is not"):
+        read_model_config({"model": {"kind": "gpt", "config": {}}}, tmp_path)
+    with pytest.raises(CheckpointContentError, match=r"unknown field\(s\) \['extra'\]"):
+        read_model_config({"model": {"kind": "lst", "config": {"extra": 1}}}, tmp_path)
+    # A checkpoint of another megatron module records no model to build.
+    assert read_model_config({"args": {"num_layers": 2}, "vocab": None}, tmp_path) is None
