@@ -295,12 +295,12 @@ def _adopt_checkpoint_model(args: argparse.Namespace) -> None:
     from megatron_lst.checkpoint.model_state import CheckpointContentError
     from megatron_lst.training.checkpointing import (
         CheckpointError,
-        find_latest_checkpoint,
         read_checkpoint_metadata,
+        select_checkpoint,
     )
 
     try:
-        path = find_latest_checkpoint(args.load)
+        path = select_checkpoint(args.load, args.ckpt_step)
         if path is None:
             return
         saved = read_model_config(read_checkpoint_metadata(path), path)
