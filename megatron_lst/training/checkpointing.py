@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.arguments import args_to_dict
+from megatron_lst.training.writer_processes import writers_die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ def save_checkpoint(
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=SHARDED_STATE_METADATA)
     state["rng_state"] = _rng_sharded_object()
-    dist_checkpointing.save(state, str(temporary))
+    with writers_die_with_parent():
+        dist_checkpointing.save(state, str(temporary))
     dist.barrier()
 
     if dist.get_rank() == 0:
