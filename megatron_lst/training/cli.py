@@ -1,8 +1,8 @@
 """`lst-train` / `pretrain_lst.py`: parse the flags, validate them for this world, train.
 
-Exit status: 0 when training reached --train-iters, `loop.EXIT_STOPPED` (75) when a SIGTERM or
-SIGUSR1 stopped it after saving a checkpoint (requeue; torchrun does not pass it on), 2 for bad
-flags.
+Exit status: 0 when training reached --train-iters or stopped early after saving a checkpoint
+(--exit-signal-handler, --exit-duration-in-mins, --exit-interval; Megatron-LM's behaviour: compare
+the latest checkpoint with --train-iters to know which), 2 for bad flags.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
-from megatron_lst.training.loop import EXIT_STOPPED, pretrain
+from megatron_lst.training.loop import pretrain
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,8 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArgumentError as error:
         print(f"lst-train: {error}", file=sys.stderr)
         return 2
-    result = pretrain(args)
-    return EXIT_STOPPED if result.stopped_by_signal else 0
+    pretrain(args)
+    return 0
 
 
 if __name__ == "__main__":
