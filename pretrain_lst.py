@@ -10,8 +10,10 @@ as the `lst-train` console script.
 
 import sys
 
-from megatron_lst.training.cli import main
-
-# The guard matters: saving a dist checkpoint spawns processes that re-import this file.
+# The guard matters: saving a dist checkpoint spawns a process (megatron's results-queue manager)
+# that re-imports this file; importing the trainer only under it keeps that process small and
+# quick to start.
 if __name__ == "__main__":
+    from megatron_lst.training.cli import main
+
     sys.exit(main())

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Single-node LST pretraining with torchrun: the paper's 1B LST (curriculum patching) by default.
+# LST pretraining with torchrun, on one node or several: the paper's 1B LST (curriculum patching)
+# by default.
 #
 #   bash examples/pretrain_lst_torchrun.sh CHECKPOINT_DIR TOKENIZER_MODEL TEXT_PREFIX SPEECH_PREFIX
 #
@@ -8,11 +9,20 @@
 # --save and --load: re-running the script resumes from its latest checkpoint. Flags are grouped as
 # in Megatron-LM's examples; the YAML in CONFIG holds the rest (see examples/configs/). Environment:
 #   GPUS_PER_NODE (8), CONFIG (examples/configs/paper_1b_lst.yaml), TP (1), PP (1),
-#   TENSORBOARD_DIR (CHECKPOINT_DIR/tensorboard).
+#   TENSORBOARD_DIR (CHECKPOINT_DIR/tensorboard when the tensorboard package is installed; empty:
+#   none), DISTRIBUTED_OPTIMIZER (1 when Apex or Transformer Engine is installed, else 0).
+#
+# Several nodes: run the same command on every node with
+#   NNODES=2 RDZV_ENDPOINT=node0.example.com:29400 [RDZV_ID=myrun] [MAX_RESTARTS=3]
+# The agents meet at a c10d rendezvous on RDZV_ENDPOINT (a host:port every node reaches; the node
+# whose address it is hosts it) and number the nodes themselves. With MAX_RESTARTS > 0 a failed
+# worker or node makes torchrun restart every worker (a lost node must come back, or be replaced,
+# for the NNODES nodes to meet again), and every rank resumes from the latest complete checkpoint
+# in CHECKPOINT_DIR, which must be on storage all nodes share.
 set -euo pipefail
 
 if [ "$#" -ne 4 ]; then
-    sed -n '4,5p' "$0" >&2
+    sed -n '5p' "$0" >&2
     exit 2
 fi
 CHECKPOINT_PATH=$1
@@ -23,17 +33,41 @@ SPEECH_PREFIX=$4
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CONFIG=${CONFIG:-$REPO_ROOT/examples/configs/paper_1b_lst.yaml}
-TENSORBOARD_DIR=${TENSORBOARD_DIR:-$CHECKPOINT_PATH/tensorboard}
+NNODES=${NNODES:-1}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+have_module() { python -c "import importlib.util, sys; sys.exit(not any(importlib.util.find_spec(m) for m in sys.argv[1:]))" "$@"; }
+# TensorBoard logs only where the package is installed (pip install -e '.[logging]'): the flag
+# would stop the run at start otherwise.
+if have_module tensorboard; then DEFAULT_TENSORBOARD_DIR=$CHECKPOINT_PATH/tensorboard; else DEFAULT_TENSORBOARD_DIR=; fi
+TENSORBOARD_DIR=${TENSORBOARD_DIR-$DEFAULT_TENSORBOARD_DIR}
+# The distributed optimizer's checkpoints resume only with Apex or Transformer Engine installed
+# (megatron.core's torch.optim fallback does not restore Adam's step, and a resume would stop with
+# that message); without them the script uses the plain optimizer, whose checkpoints resume.
+if have_module apex transformer_engine; then DEFAULT_DISTRIBUTED_OPTIMIZER=1; else DEFAULT_DISTRIBUTED_OPTIMIZER=0; fi
+DISTRIBUTED_OPTIMIZER=${DISTRIBUTED_OPTIMIZER:-$DEFAULT_DISTRIBUTED_OPTIMIZER}
 
 # Megatron overlaps tensor-parallel communication with compute only with one connection.
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
-DISTRIBUTED_ARGS=(
-    --standalone
-    --nnodes 1
-    --nproc-per-node "$GPUS_PER_NODE"
-)
+if [ "$NNODES" -eq 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
+    DISTRIBUTED_ARGS=(--standalone --nnodes 1)
+elif [ -z "${RDZV_ENDPOINT:-}" ]; then
+    echo "NNODES=$NNODES needs RDZV_ENDPOINT=host:port, reachable from every node" >&2
+    exit 2
+else
+    DISTRIBUTED_ARGS=(
+        --nnodes "$NNODES"
+        --rdzv-backend c10d
+        --rdzv-endpoint "$RDZV_ENDPOINT"
+        --rdzv-id "${RDZV_ID:-lst-pretrain}"
+    )
+fi
+DISTRIBUTED_ARGS+=(--nproc-per-node "$GPUS_PER_NODE" --max-restarts "$MAX_RESTARTS")
+# torch shares its rendezvous TCPStore with the workers and keeps it across restarts, so the
+# workers of a restarted round would read the previous round's addresses (pytorch#135712):
+# a store per round instead. pretrain_lst.py refuses --max-restarts > 0 without this.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 MODEL_ARGS=(
     --config "$CONFIG"            # preset, patching mode, curriculum, optimiser, batch sizes
@@ -41,8 +75,9 @@ MODEL_ARGS=(
 
 TRAINING_ARGS=(
     --bf16
-    --use-distributed-optimizer
+    --exit-signal-handler         # SIGTERM (torchrun passes on its own): save this iteration, exit
 )
+if [ "$DISTRIBUTED_OPTIMIZER" = 1 ]; then TRAINING_ARGS+=(--use-distributed-optimizer); fi
 
 MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size "${TP:-1}"
@@ -65,8 +100,8 @@ EVAL_AND_LOGGING_ARGS=(
     --log-interval 10
     --eval-interval 1000
     --eval-iters 50
-    --tensorboard-dir "$TENSORBOARD_DIR"
 )
+if [ -n "$TENSORBOARD_DIR" ]; then EVAL_AND_LOGGING_ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR"); fi
 
 cd "$REPO_ROOT"
 exec torchrun "${DISTRIBUTED_ARGS[@]}" pretrain_lst.py \

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -168,6 +169,7 @@ def _init_process_group(backend: str, timeout: timedelta) -> None:
     if torch.distributed.is_initialized():
         return
     if _launched_by_torchrun():
+        check_elastic_restarts_can_rendezvous(os.environ)
         torch.distributed.init_process_group(backend, init_method="env://", timeout=timeout)
     else:
         torch.distributed.init_process_group(
@@ -175,6 +177,28 @@ def _init_process_group(backend: str, timeout: timedelta) -> None:
             rank=0, world_size=1, timeout=timeout,
         )
     _owns_process_group = True
+
+
+def check_elastic_restarts_can_rendezvous(environ: Mapping[str, str]) -> None:
+    """Refuse an elastic launch whose restarted rounds could not build their process groups.
+
+    With `--rdzv-backend c10d`, torchrun's agents share one TCPStore server with the workers
+    (TORCHELASTIC_USE_AGENT_STORE=True) and keep it across restart rounds, while the workers'
+    store keys (the gloo/NCCL addresses of every process group) carry no round number. A worker
+    of a restarted round can then read the address a dead worker of the previous round published,
+    and `init_process_group` fails ("Gloo connectFullMesh failed ... Connection refused") or waits
+    out its timeout (pytorch/pytorch#135712). `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` in the
+    agents' environment gives every round a fresh store, hosted by the round's rank 0.
+    """
+    restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise RuntimeError(
+            f"torchrun was started with --max-restarts {restarts} and a TCPStore shared between "
+            f"its agent and the workers, which keeps the previous round's process-group "
+            f"addresses: a restarted round would fail with 'Gloo connectFullMesh failed' (or "
+            f"hang, with NCCL). Export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun on "
+            f"every node (examples/pretrain_lst_torchrun.sh does), or run with --max-restarts 0"
+        )
 
 
 def free_local_port() -> int:

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 # The modes of megatron_lst.patching, spelled out so that parsing flags does not import torch.
 PATCHING_MODES = ("none", "static", "aligned", "mixed", "curriculum")
 
+# The signals --exit-signal accepts (exit_conditions.ExitConditions turns them into signals).
+EXIT_SIGNAL_NAMES = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+
 # The names of megatron_lst.models.config.PRESETS, spelled out so that building the parser does not
 # import torch; `preset_defaults` reads the sizes themselves from there.
 PRESET_NAMES = ("tiny", "tiny-cpu", "medium", "paper-1b", "7b")
@@ -132,6 +135,17 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adam-beta2", type=float, default=0.999)
     group.add_argument("--adam-eps", type=float, default=1e-8)
     group.add_argument("--sgd-momentum", type=float, default=0.9)
+    group.add_argument("--exit-signal-handler", action="store_true",
+                       help="On an --exit-signal (preemption, SLURM's --signal) to any rank: "
+                            "finish the iteration, save a checkpoint to --save, exit with "
+                            "status 0.")
+    group.add_argument("--exit-signal", nargs="+", choices=EXIT_SIGNAL_NAMES,
+                       default=["SIGTERM"],
+                       help="The signals --exit-signal-handler handles (default: SIGTERM).")
+    group.add_argument("--exit-duration-in-mins", type=float, default=None,
+                       help="Save and exit once training has run this many minutes.")
+    group.add_argument("--exit-interval", type=int, default=None,
+                       help="Save and exit after an iteration divisible by this.")
 
 
 def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
@@ -280,6 +294,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     _validate_training(args)
     _validate_precision(args)
     _validate_checkpointing(args)
+    _validate_exit_conditions(args)
     _validate_logging(args)
     return args
 
@@ -632,6 +647,19 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
             f"point --load at a directory written by --save"
         )
     args.resume_from = str(latest)
+
+
+def _validate_exit_conditions(args: argparse.Namespace) -> None:
+    _positive(args, "exit_interval")
+    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
+        raise ArgumentError(f"--exit-duration-in-mins must be positive, got "
+                            f"{args.exit_duration_in_mins}")
+    watched = [flag for flag, on in (("--exit-signal-handler", args.exit_signal_handler),
+                                     ("--exit-duration-in-mins", args.exit_duration_in_mins),
+                                     ("--exit-interval", args.exit_interval)) if on]
+    if watched and args.save is None:
+        raise ArgumentError(f"{', '.join(watched)} stop training early to resume later, which "
+                            f"needs a checkpoint: give --save (and the same --load to resume)")
 
 
 def _validate_logging(args: argparse.Namespace) -> None:

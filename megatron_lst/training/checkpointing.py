@@ -49,6 +49,7 @@ from megatron_lst.checkpoint.errors import CheckpointError, CheckpointIntegrityE
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.arguments import args_to_dict
 from megatron_lst.training.resume_check import ResumePosition, check_resume_flags
+from megatron_lst.training.writer_processes import writers_die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,8 @@ def save_checkpoint(
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=SHARDED_STATE_METADATA)
     state["rng_state"] = _rng_sharded_object()
-    dist_checkpointing.save(state, str(temporary))
+    with writers_die_with_parent():
+        dist_checkpointing.save(state, str(temporary))
     dist.barrier()
     files = integrity.record_checkpoint_files(temporary)
 

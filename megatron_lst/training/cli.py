@@ -1,9 +1,10 @@
 """`lst-train` / `pretrain_lst.py`: parse the flags, validate them for this world, train.
 
-Exit status: 0 when training reached --train-iters, `loop.EXIT_STOPPED` (75) when a SIGTERM or
-SIGUSR1 stopped it after saving a checkpoint (requeue; torchrun does not pass it on), 2 for bad
-flags, 3 for a refused checkpoint: a `--load` one that is damaged, unsafe or not resumable with
-these flags, or a save of diverged weights (the message says which and what to do).
+Exit status: 0 when training reached --train-iters or stopped early after saving a checkpoint
+(--exit-signal-handler, --exit-duration-in-mins, --exit-interval; Megatron-LM's behaviour: compare
+the latest checkpoint with --train-iters to know which), 2 for bad flags, 3 for a refused
+checkpoint: a `--load` one that is damaged, unsafe or not resumable with these flags, or a save of
+diverged weights (the message says which and what to do).
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lst-train: {error}", file=sys.stderr)
         return 2
     from megatron_lst.checkpoint.errors import CheckpointError
-    from megatron_lst.training.loop import EXIT_STOPPED, pretrain
+    from megatron_lst.training.loop import pretrain
 
     try:
-        result = pretrain(args)
+        pretrain(args)
     except CheckpointError as error:  # raised alike on every rank
         print(f"lst-train: {error}", file=sys.stderr)
         return EXIT_CHECKPOINT_REFUSED
-    return EXIT_STOPPED if result.stopped_by_signal else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,12 +36,12 @@ iteration in `<save>/metrics.jsonl` (iteration, consumed samples, cumulative tok
 FLOPs, global positions, training loss, learning rate, step time, validation loss and story
 accuracy where measured).
 
-Stopping early: SIGTERM (preemption) or SIGUSR1 (SLURM's `--signal=USR1@120` before the wall)
-make the loop finish the current iteration, save a checkpoint to `--save`, and return with
-`stopped_by_signal` (exit status `EXIT_STOPPED` of `pretrain_lst.py`; torchrun does not pass a
-worker's status on, so batch scripts compare the latest checkpoint with --train-iters instead, as
-`examples/pretrain_lst_slurm.sbatch` does). All ranks agree on stopping through one all-reduce
-per iteration.
+Stopping early (`exit_conditions`): with --exit-signal-handler, an --exit-signal (SIGTERM by
+default: preemption; SLURM's `--signal`), --exit-duration-in-mins or --exit-interval make the loop
+finish the current iteration, save a checkpoint of it to `--save`, and return with `exit_reason`;
+`pretrain_lst.py` then exits with status 0, as Megatron-LM does, and a batch script compares the
+latest checkpoint with --train-iters to requeue (`examples/pretrain_lst_slurm.sbatch`). All ranks
+agree on stopping through one all-reduce per iteration.
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,6 +66,7 @@ from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training import checkpointing
 from megatron_lst.training.data_provider import RunDatasets, build_datasets, build_loader
+from megatron_lst.training.exit_conditions import ExitConditions, ExitMonitor
 from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_batch
 from megatron_lst.training.model_provider import build_model_chunks
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
@@ -80,11 +79,8 @@ from megatron_lst.training.train_logging import (
 
 logger = logging.getLogger(__name__)
 
-EXIT_STOPPED = 75
-"""Exit status of `pretrain_lst.py` stopped by a signal after saving (EX_TEMPFAIL): requeue."""
 LOSS_NAME = "lm loss"
 METRICS_FILENAME = "metrics.jsonl"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass
@@ -153,7 +149,8 @@ class TrainingResult:
     tokens: int = 0
     """Real (loss-masked) tokens trained on by this run."""
     checkpoints: list[str] = field(default_factory=list)
-    stopped_by_signal: bool = False
+    exit_reason: str | None = None
+    """Why training stopped before --train-iters (`exit_conditions`); None when it did not."""
 
 
 # --- set-up -----------------------------------------------------------------------------
@@ -346,56 +343,23 @@ def _data_iterator(loader: torch.utils.data.DataLoader) -> Iterator | None:
 
 # --- the run ----------------------------------------------------------------------------
 
-class _StopSignals:
-    """Records SIGTERM / SIGUSR1; `requested()` is collective and true on every rank once any
-    rank received one."""
-
-    def __init__(self):
-        self.received = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        if _in_main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        del frame
-        self.received = True
-        print(f"received {signal.Signals(signum).name}: stopping after this iteration",
-              file=sys.stderr, flush=True)
-
-    def requested(self) -> bool:
-        flag = torch.tensor([float(self.received)], device=_device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = None,
              stream: TextIO | None = None) -> TrainingResult:
     """Train validated `args` (see `arguments.validate_args`) in this process's torch.distributed
     world; sets up and tears down the parallel state. Returns what it did."""
+    start_time = time.monotonic()  # --exit-duration-in-mins counts from here
     initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
     try:
         state, datasets = setup(args, index_cache_dir)
-        return _train(state, datasets, stream)
+        return _train(state, datasets, stream, ExitMonitor(ExitConditions.from_args(args),
+                                                           start_time))
     finally:
         destroy_parallel()
 
 
-def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None) -> TrainingResult:
+def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
+           exit_monitor: ExitMonitor) -> TrainingResult:
     args = state.args
     world = torch.distributed.get_world_size()
     result = TrainingResult(iteration=state.iteration, consumed_samples=state.consumed_samples,
@@ -410,12 +374,13 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None) -
         args, world_size=world, enabled=is_logging_rank, start_iteration=state.iteration,
         stream=stream)
     metrics = MetricsFile(Path(args.save) / METRICS_FILENAME
-                          if args.save is not None and is_logging_rank else None)
+                          if args.save is not None and is_logging_rank else None,
+                          start_iteration=state.iteration)
     story_eval = StoryCompletionEval.from_args(args, state.vocab)
     for chunk in state.model:
         chunk.train()
     try:
-        with _StopSignals() as stop:
+        with exit_monitor:
             while state.iteration < args.train_iters:
                 step = train_step(state, train_iterator)
                 state.iteration += 1
@@ -432,12 +397,13 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None) -
                     result.story_accuracy[state.iteration] = accuracy
                 metrics.write(state, step, result.eval_losses.get(state.iteration),
                               result.story_accuracy.get(state.iteration))
-                stopping = stop.requested()
-                if args.save is not None and (stopping or last or (
+                exit_reason = None if last else exit_monitor.reason(state.iteration)
+                if args.save is not None and (exit_reason or last or (
                         args.save_interval and state.iteration % args.save_interval == 0)):
                     result.checkpoints.append(_save(state))
-                if stopping:
-                    result.stopped_by_signal = True
+                if exit_reason:
+                    _print_rank0(f"exiting after iteration {state.iteration}: {exit_reason}")
+                    result.exit_reason = exit_reason
                     break
     finally:
         training_logger.close()
@@ -470,13 +436,17 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
 
 class MetricsFile:
     """`<save>/metrics.jsonl`: one JSON line per iteration, appended by the logging rank, for
-    comparisons and plots (see `read_metrics`). A resumed run appends after the lines of its
-    predecessor; iterations that a crash made it repeat appear twice, the later line wins."""
+    comparisons and plots (see `read_metrics`). A run resumed from the checkpoint of iteration
+    `start_iteration` first drops the lines of later iterations (trained after that checkpoint by
+    a run that crashed, and trained again now) and a line torn by the crash, so that the file
+    holds every iteration once."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, start_iteration: int = 0):
         self._file = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                _drop_records_after(path, start_iteration)
             self._file = open(path, "a", encoding="utf-8")
 
     def write(self, state: TrainingState, step: StepResult, valid_loss: float | None,
@@ -498,6 +468,38 @@ class MetricsFile:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _drop_records_after(path: Path, iteration: int) -> None:
+    """Rewrite `path` (atomically) without the records of iterations after `iteration` and
+    without a torn last line; says what it dropped."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept, dropped, torn = [], [], False
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record_iteration = json.loads(line)["iteration"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number == len(lines) - 1:  # the write a crash interrupted
+                torn = True
+                continue
+            raise ValueError(f"{path} line {number + 1} is not a metrics record: "
+                             f"{line[:80]!r}") from None
+        if record_iteration > iteration:
+            dropped.append(record_iteration)
+        else:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if not dropped and not torn:
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    temporary.replace(path)
+    what = [f"{len(dropped)} record(s) of iterations {min(dropped)}-{max(dropped)}"] if dropped \
+        else []
+    what += ["a torn last line"] if torn else []
+    logger.warning("%s: dropped %s, written after the checkpoint of iteration %d that this run "
+                   "resumes from", path, " and ".join(what), iteration)
 
 
 def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:

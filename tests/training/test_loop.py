@@ -154,12 +154,13 @@ def test_bad_flags_exit_with_status_2_and_name_the_flag():
 
 
 @pytest.mark.slow
-def test_signal_stops_training_with_a_checkpoint_and_status_75(tmp_path):
-    """SIGUSR1 (SLURM's warning before the wall) ends the run after the current iteration, with
-    a checkpoint of that iteration and the exit status a batch script requeues on."""
+def test_exit_signal_stops_training_with_a_checkpoint_and_status_0(tmp_path):
+    """With --exit-signal-handler, SIGUSR1 (SLURM's warning before the wall) ends the run after
+    the current iteration, with a checkpoint of that iteration and Megatron-LM's status 0."""
     save = tmp_path / "ckpt"
     flags = tiny_flags(write_corpus(tmp_path / "data")) + [
-        "--train-iters", "2000", "--eval-interval", "2000", "--save", str(save)]
+        "--train-iters", "2000", "--eval-interval", "2000", "--save", str(save),
+        "--exit-signal-handler", "--exit-signal", "SIGTERM", "SIGUSR1"]
     process = subprocess.Popen(_command(flags), env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -172,8 +173,9 @@ def test_signal_stops_training_with_a_checkpoint_and_status_75(tmp_path):
         output = "".join(lines) + process.communicate(timeout=120)[0]
     finally:
         process.kill()
-    assert process.returncode == 75, output[-3000:]
+    assert process.returncode == 0, output[-3000:]
     assert "received SIGUSR1" in output
     saved = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 1 <= saved < 2000
+    assert f"exiting after iteration {saved}: received SIGUSR1" in output
     assert (save / f"iter_{saved:07d}" / "lst_checkpoint.json").is_file()

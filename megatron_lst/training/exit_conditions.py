@@ -1,0 +1,99 @@
+"""When training stops before --train-iters: Megatron-LM's exit conditions.
+
+    --exit-signal-handler [--exit-signal SIG ...]   a signal (default SIGTERM) received by any
+                                                     rank: preemption, SLURM's --signal
+    --exit-duration-in-mins M                        M minutes since `pretrain` started
+    --exit-interval N                                after every iteration divisible by N
+
+The loop asks `ExitMonitor.reason(iteration)` after each iteration; a reason makes it save a
+checkpoint of that iteration (with --save) and return, and `pretrain_lst.py` exits with status 0,
+as Megatron-LM does: a batch script decides from the latest checkpoint whether to requeue. The
+answer is the same on every rank: signals and the clock are combined over ranks by one all-reduce
+(MAX) per iteration, made only when a signal or a duration is being watched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExitConditions:
+    """What ends a run early; empty (the default) trains to --train-iters."""
+
+    signals: tuple[signal.Signals, ...] = ()
+    duration_minutes: float | None = None
+    interval: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ExitConditions:
+        signals = ()
+        if args.exit_signal_handler:
+            signals = tuple(dict.fromkeys(signal.Signals[name] for name in args.exit_signal))
+        return cls(signals, args.exit_duration_in_mins, args.exit_interval)
+
+
+class ExitMonitor:
+    """Watches `ExitConditions` for one run; a context manager that installs the signal handlers
+    (main thread only, as Python requires) and restores the previous ones on exit.
+
+    `start_time` (`time.monotonic()`) is when the run's clock started.
+    """
+
+    def __init__(self, conditions: ExitConditions, start_time: float):
+        self.conditions = conditions
+        self.start_time = start_time
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> ExitMonitor:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.conditions.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        del frame
+        if self.received is None:
+            self.received = signal.Signals(signum)
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this "
+              f"iteration, then exiting", file=sys.stderr, flush=True)
+
+    def reason(self, iteration: int) -> str | None:
+        """Collective (when signals or a duration are watched): why the run stops after
+        `iteration`, or None to go on. The same on every rank."""
+        conditions = self.conditions
+        if conditions.signals or conditions.duration_minutes is not None:
+            minutes = (time.monotonic() - self.start_time) / 60
+            signal_number = float(self.received) if self.received is not None else 0.0
+            # [signal number received (0: none), minutes elapsed], the largest of any rank.
+            flags = torch.tensor([signal_number, minutes], dtype=torch.float64, device=_device())
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            signal_number, minutes = flags.tolist()
+            if signal_number:
+                return f"received {signal.Signals(int(signal_number)).name}"
+            if conditions.duration_minutes is not None and minutes >= conditions.duration_minutes:
+                return (f"--exit-duration-in-mins {conditions.duration_minutes:g} reached "
+                        f"({minutes:.1f} minutes)")
+        if conditions.interval and iteration % conditions.interval == 0:
+            return f"--exit-interval {conditions.interval} reached at iteration {iteration}"
+        return None
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,96 @@
+"""Megatron-LM's early exits: --exit-signal-handler, --exit-duration-in-mins, --exit-interval.
+
+`ExitMonitor.reason` in a one-process gloo world, the flags' validation, and `pretrain` stopping
+with a checkpoint of the iteration it stopped after (then resuming), and the metrics file of a
+resumed run holding every iteration once.
+"""
+
+import argparse
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from megatron_lst.parallel import free_local_port
+from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_lst.training.exit_conditions import ExitConditions, ExitMonitor
+from megatron_lst.training.loop import MetricsFile, read_metrics
+from training.training_cases import tiny_flags, write_corpus
+
+
+@pytest.fixture
+def world_of_one():
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_local_port()}",
+                                         rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def _args(**overrides) -> argparse.Namespace:
+    values = dict(exit_signal_handler=False, exit_signal=["SIGTERM"], exit_duration_in_mins=None,
+                  exit_interval=None)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_conditions_from_args_watch_signals_only_with_the_handler():
+    assert ExitConditions.from_args(_args(exit_signal=["SIGUSR1"])).signals == ()
+    conditions = ExitConditions.from_args(_args(exit_signal_handler=True,
+                                                exit_signal=["SIGTERM", "SIGUSR1", "SIGTERM"]))
+    assert conditions.signals == (signal.SIGTERM, signal.SIGUSR1)
+
+
+def test_a_received_signal_is_the_reason_and_the_handler_is_restored(world_of_one):
+    before = signal.getsignal(signal.SIGUSR1)
+    monitor = ExitMonitor(ExitConditions(signals=(signal.SIGUSR1,)), time.monotonic())
+    with monitor:
+        assert monitor.reason(1) is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert monitor.reason(2) == "received SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_duration_and_interval_reasons(world_of_one):
+    started_two_minutes_ago = time.monotonic() - 120
+    assert ExitMonitor(ExitConditions(duration_minutes=3), started_two_minutes_ago).reason(5) \
+        is None
+    reason = ExitMonitor(ExitConditions(duration_minutes=1.5), started_two_minutes_ago).reason(5)
+    assert reason.startswith("--exit-duration-in-mins 1.5 reached (2.0 minutes")
+    every_four = ExitMonitor(ExitConditions(interval=4), time.monotonic())
+    assert [every_four.reason(i) is not None for i in range(1, 9)] == [False] * 3 + [True] \
+        + [False] * 3 + [True]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--exit-interval", "0", "--save", "ckpt"], "--exit-interval must be at least 1"),
+    (["--exit-duration-in-mins", "0", "--save", "ckpt"], "--exit-duration-in-mins must be positive"),
+    (["--exit-signal-handler"], "--exit-signal-handler stop training early .* give --save"),
+])
+def test_bad_exit_flags_are_named(flags, message):
+    with pytest.raises(ArgumentError, match=message):
+        validate_args(parse_args(tiny_flags(["x"]) + ["--train-iters", "4"] + flags), 1)
+
+
+def test_exit_interval_saves_the_iteration_it_stops_after_and_the_run_resumes(tmp_path):
+    from megatron_lst.training.loop import pretrain
+
+    save = tmp_path / "ckpt"
+    flags = tiny_flags(write_corpus(tmp_path / "data")) + [
+        "--train-iters", "3", "--eval-interval", "1000", "--save", str(save), "--load", str(save)]
+    stopped = pretrain(validate_args(parse_args(flags + ["--exit-interval", "2"]), 1))
+    assert (stopped.iteration, stopped.checkpoints[-1]) == (2, str(save / "iter_0000002"))
+    assert stopped.exit_reason == "--exit-interval 2 reached at iteration 2"
+    resumed = pretrain(validate_args(parse_args(flags), 1))
+    assert (resumed.resumed_from, resumed.iteration, resumed.exit_reason) == (2, 3, None)
+    assert [r["iteration"] for r in read_metrics(save)] == [1, 2, 3]
+
+
+def test_a_resumed_run_drops_the_metrics_written_after_its_checkpoint(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"iteration": i, "loss": float(i)}) + "\n"
+                            for i in range(1, 7)) + '{"iteration": 7, "lo')  # torn by a kill
+    MetricsFile(path, start_iteration=4).close()
+    assert [json.loads(line)["iteration"] for line in path.open()] == [1, 2, 3, 4]
+    assert "dropped 2 record(s) of iterations 5-6 and a torn last line" in caplog.text
