@@ -25,6 +25,28 @@ from lst_kernels import (
 from .config import DocumentMaskingConfig
 
 
+def global_spec_for_documents(config: DocumentMaskingConfig | None, transformer_impl: str) -> str:
+    """The global block's spec under packed documents: the local one, whose core attention
+    (`CausalSDPAttention`) reads the document ranges; `transformer_impl` unchanged without."""
+    if config is None:
+        return transformer_impl
+    if transformer_impl == "transformer_engine":
+        raise ValueError(
+            "packed-document attention (--reset-attention-mask / --reset-position-ids) runs the "
+            "global block on the local spec, whose core attention reads the document ranges; use "
+            "--transformer-impl local (or auto), or turn it off with --no-reset-attention-mask")
+    return "local"
+
+
+def documents_of_stage(tokens: torch.Tensor | None,
+                       config: DocumentMaskingConfig | None) -> RowDocuments | None:
+    """`RowDocuments.of` for a model stage; raises when the stage lacks the tokens it needs."""
+    if tokens is None and config is not None:
+        raise ValueError("packed-document attention (LSTConfig.documents) needs the tokens on "
+                         "every pipeline stage: pass tokens (and patch_lengths) to this stage too")
+    return RowDocuments.of(tokens, config)
+
+
 @dataclass(frozen=True)
 class RowDocuments:
     """The documents of a batch of B rows of N input tokens."""
@@ -45,6 +67,11 @@ class RowDocuments:
     @property
     def num_tokens(self) -> int:
         return self.starts.shape[1] - 1
+
+    def token_document_starts(self) -> torch.Tensor | None:
+        """`[B, N]` first key of every token under causal attention within its document (the
+        token baseline's global attention), or None without attention reset."""
+        return self.starts[:, :self.num_tokens] if self.config.reset_attention_mask else None
 
     def token_key_starts(self, window: int) -> torch.Tensor | None:
         """`[B, N]` first key of every token's sliding window, or None without attention reset."""

@@ -51,7 +51,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from .config import LSTConfig, check_tensor_parallel_vocab
-from .documents import RowDocuments
+from .documents import RowDocuments, documents_of_stage, global_spec_for_documents
 from .global_transformer import GlobalTransformer
 from .local_decoder import LocalDecoder
 from .local_encoder import PatchEncoder, TokenEncoder
@@ -96,14 +96,7 @@ class LSTModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
         local_spec = local_layer_spec(local_attention_backend)
-        if config.documents is not None:
-            if transformer_impl == "transformer_engine":
-                raise ValueError(
-                    "packed-document attention (--reset-attention-mask / --reset-position-ids) "
-                    "runs the global block on the local spec, whose core attention reads the "
-                    "document ranges; use --transformer-impl local (or auto), or turn it off "
-                    "with --no-reset-attention-mask")
-            transformer_impl = "local"
+        transformer_impl = global_spec_for_documents(config.documents, transformer_impl)
         logger.info(
             "LSTModel stage (first=%s, last=%s): local attention %s, kernels %s",
             pre_process, post_process, local_attention_backend, kernel_backend,
@@ -149,7 +142,7 @@ class LSTModel(MegatronModule):
         """Returns, on the last stage, the per-token cross entropy `[B, N]` (fp32, unreduced) when
         `labels` are given, else the full logits `[B, N, V]` (fp32); on other stages the global
         activation `[P, B, Dg]` (`[P/tp, B, Dg]` with sequence parallelism) for the next stage."""
-        documents = self._documents(tokens)
+        documents = documents_of_stage(tokens, self.lst_config.documents)
         token_states, global_input = None, None
         if self.pre_process:
             token_states, global_input = self.encode(tokens, patch_lengths, documents)
@@ -163,13 +156,6 @@ class LSTModel(MegatronModule):
         if token_states is None:
             token_states = self.token_encoder(tokens, documents)[-1]  # the last stage's replica
         return self.decode(token_states, global_output, patch_lengths, labels, documents)
-
-    def _documents(self, tokens: torch.Tensor | None) -> RowDocuments | None:
-        config = self.lst_config.documents
-        if tokens is None and config is not None:
-            raise ValueError("packed-document attention (LSTConfig.documents) needs the tokens on "
-                             "every pipeline stage: pass tokens and patch_lengths to this stage too")
-        return RowDocuments.of(tokens, config)
 
     def encode(self, tokens: torch.Tensor, patch_lengths: torch.Tensor,
                documents: RowDocuments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
