@@ -54,7 +54,7 @@ def checkpoint_model(path: Path) -> tuple[LSTConfig, JointVocab, dict[str, Any]]
             f"{path} records no vocabulary, so its embedding size is unknown; it was not written "
             "by lst-train or lst-convert")
     vocab = JointVocab.from_dict(metadata["vocab"])
-    return lst_config_from_args(argparse.Namespace(**args), vocab.size), vocab, args
+    return lst_config_from_args(argparse.Namespace(**args), vocab.size, vocab.eos_id), vocab, args
 
 
 def training_args_for(config: LSTConfig, base_args: dict[str, Any] | None = None,
@@ -83,8 +83,11 @@ def training_args_for(config: LSTConfig, base_args: dict[str, Any] | None = None
             cross_attn_window_decoder=xattn.decoder_window,
             norm_epsilon=config.norm_eps, rotary_base=int(config.rope_theta),
             max_tokens=config.max_sequence_length, init_method_std=config.init_std,
+            reset_attention_mask=config.documents is not None and config.documents.reset_attention_mask,
+            reset_position_ids=config.documents is not None and config.documents.reset_position_ids,
         )
-    described = lst_config_from_args(argparse.Namespace(**args), config.vocab_size)
+    eos_id = None if config.documents is None else config.documents.eos_id
+    described = lst_config_from_args(argparse.Namespace(**args), config.vocab_size, eos_id)
     if described != config:
         raise CheckpointContentError(
             f"lst-train flags cannot describe this model (they give {described}, the model is "

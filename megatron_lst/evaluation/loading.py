@@ -75,7 +75,7 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
                               f"checkpoint {path} was trained with {vocab.text_size}; pass the "
                               f"tokenizer it was trained with (--tokenizer-model)")
 
-    model_chunks, _ = build_model_chunks(args, vocab.size)
+    model_chunks, _ = build_model_chunks(args, vocab.size, vocab.eos_id)
     loaded = load_checkpoint(load_dir, model_chunks, None, None, args, vocab)
     for chunk in model_chunks:
         chunk.eval()

@@ -85,6 +85,17 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--init-method-std", type=float, default=0.02)
     group.add_argument("--attention-dropout", type=float, default=0.0)
     group.add_argument("--hidden-dropout", type=float, default=0.0)
+    group.add_argument("--reset-attention-mask", action=argparse.BooleanOptionalAction,
+                       default=True,
+                       help="Rows pack several documents, each ended by EOS: no attention crosses "
+                            "a document end (local windows, pooling and decoder cross-attention, "
+                            "the global transformer). On by default, for LST and the baseline "
+                            "alike, as the reference trains; --no-reset-attention-mask lets "
+                            "attention run over the whole row.")
+    group.add_argument("--reset-position-ids", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="RoPE positions restart at 0 at every document start (LST only; "
+                            "the reference does not).")
     group.add_argument("--num-units", type=int, default=502,
                        help="Speech codebook size (joint vocabulary, DESIGN.md section 1).")
 
@@ -412,6 +423,14 @@ def _validate_model(args: argparse.Namespace) -> None:
     for dest in ("attention_dropout", "hidden_dropout"):
         if not 0.0 <= getattr(args, dest) < 1.0:
             raise ArgumentError(f"{_flag(dest)} must be in [0, 1), got {getattr(args, dest)}")
+    if args.reset_attention_mask and args.attention_dropout > 0:
+        raise ArgumentError("--reset-attention-mask runs the global attention as range attention, "
+                            "which has no dropout; set --attention-dropout 0 or pass "
+                            "--no-reset-attention-mask")
+    if args.reset_position_ids and args.patching_mode == "none":
+        raise ArgumentError("--reset-position-ids is not available for the token baseline "
+                            "(--patching-mode none): megatron's GPTModel numbers RoPE positions "
+                            "over the whole row")
 
 
 def _validate_lst(args: argparse.Namespace) -> None:

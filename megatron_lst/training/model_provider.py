@@ -16,14 +16,18 @@ import torch
 from megatron_lst.models import LSTConfig, build_model, finalize_lst_model_grads
 from megatron_lst.models.config import (
     CrossAttentionConfig,
+    DocumentMaskingConfig,
     GlobalModelConfig,
     LocalModelConfig,
     swiglu_ffn_size,
 )
 
 
-def lst_config_from_args(args: argparse.Namespace, vocab_size: int) -> LSTConfig:
-    """The model of validated `args` over a joint vocabulary of `vocab_size` ids.
+def lst_config_from_args(args: argparse.Namespace, vocab_size: int,
+                         eos_id: int | None = None) -> LSTConfig:
+    """The model of validated `args` over a joint vocabulary of `vocab_size` ids whose EOS is
+    `eos_id` (needed by --reset-attention-mask / --reset-position-ids; flags saved before those
+    existed mean neither).
 
     The token baseline (--patching-mode none) reads only the global sizes, the vocabulary and
     the RoPE settings; its local models are described by the same flags but never built.
@@ -43,6 +47,7 @@ def lst_config_from_args(args: argparse.Namespace, vocab_size: int) -> LSTConfig
             cross_attention=CrossAttentionConfig(num_heads=1),
             norm_eps=args.norm_epsilon, rope_theta=float(args.rotary_base),
             max_sequence_length=args.max_position_embeddings, init_std=args.init_method_std,
+            documents=document_config_from_args(args, eos_id),
         )
     encoder, decoder = (
         LocalModelConfig(
@@ -70,7 +75,21 @@ def lst_config_from_args(args: argparse.Namespace, vocab_size: int) -> LSTConfig
         rope_theta=float(args.rotary_base),
         max_sequence_length=args.max_tokens,
         init_std=args.init_method_std,
+        documents=document_config_from_args(args, eos_id),
     )
+
+
+def document_config_from_args(args: argparse.Namespace, eos_id: int | None) -> DocumentMaskingConfig | None:
+    """The packed-document rule of --reset-attention-mask / --reset-position-ids."""
+    reset_attention = getattr(args, "reset_attention_mask", False)
+    reset_positions = getattr(args, "reset_position_ids", False)
+    if not (reset_attention or reset_positions):
+        return None
+    if eos_id is None:
+        raise ValueError("--reset-attention-mask / --reset-position-ids find documents by the "
+                         "vocabulary's EOS id; pass it (eos_id) to build the model")
+    return DocumentMaskingConfig(eos_id=eos_id, reset_attention_mask=reset_attention,
+                                 reset_position_ids=reset_positions)
 
 
 def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):
@@ -91,7 +110,8 @@ def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):
     )
 
 
-def build_model_chunks(args: argparse.Namespace, vocab_size: int) -> tuple[list[torch.nn.Module], LSTConfig]:
+def build_model_chunks(args: argparse.Namespace, vocab_size: int,
+                       eos_id: int | None = None) -> tuple[list[torch.nn.Module], LSTConfig]:
     """This rank's wrapped model chunks (one: no virtual pipeline stages) and the model config.
 
     Call after `initialize_parallel`. The returned chunks are megatron DDP modules; their
@@ -101,7 +121,7 @@ def build_model_chunks(args: argparse.Namespace, vocab_size: int) -> tuple[list[
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
-    config = lst_config_from_args(args, vocab_size)
+    config = lst_config_from_args(args, vocab_size, eos_id)
     megatron_config = transformer_config_from_args(config, args)
     model = build_model(
         config, args.patching_mode, megatron_config,

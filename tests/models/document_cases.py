@@ -1,24 +1,22 @@
-"""Packed rows of several documents and a dense-mask oracle of the document rule, for the model
-tests. The oracle is written from the rule, not from the code under test:
-
-- a position's document: the number of EOS tokens before it (position 0..N, N the last target);
-- patch q (tokens `[c[q], c[q+1])`) belongs to the document of its first position;
-- local self-attention: token i sees j with `0 <= i - j < W` in its own document;
-- encoder pooling: the slots of patch q see the tokens of patches `q - W + 1 .. q` of q's document;
-- decoder: token t sees the slots of the last W patches that end at or before t, of t's document;
-- global: patch q sees patches r <= q of its document.
-Every attention runs densely under these masks (a query that sees nothing outputs 0), replacing
-the model's range attention by overriding the forward of the modules that hold it.
+"""Packed rows of several documents, and the model run densely under the document rule's masks
+(`patching.document_rule`): every attention runs dense (a query that sees nothing outputs 0),
+replacing the model's range attention by overriding the forward of the modules that hold it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import numpy as np
 import torch
 from model_cases import PATCH_RULES
+from patching.document_rule import (
+    decoder_mask,
+    dense_attention,
+    encoder_mask,
+    global_mask,
+    self_attention_mask,
+)
 from patching.patching_cases import VOCAB, random_interleaved
 
 EOS = VOCAB.eos_id
@@ -50,77 +48,6 @@ def packed_batch(rule: str, num_documents: list[int], seed: int, max_blocks: int
     return tokens, labels, patch_lengths
 
 
-def _documents(tokens: torch.Tensor) -> torch.Tensor:
-    """[B, N + 1] document of every position: EOS tokens before it."""
-    return torch.cat([torch.zeros_like(tokens[:, :1]), (tokens == EOS).long().cumsum(1)], 1)
-
-
-def _patch_facts(tokens, patch_lengths):
-    """(patch of every position [B, N + 1], patch document [B, P], patch last position [B, P])."""
-    batch, num_tokens = tokens.shape
-    doc = _documents(tokens)
-    patch_of = torch.full((batch, num_tokens + 1), -1, dtype=torch.long)
-    patch_doc = torch.zeros(patch_lengths.shape, dtype=torch.long)
-    patch_last = torch.zeros(patch_lengths.shape, dtype=torch.long)
-    for b in range(batch):
-        start = 0
-        for q, length in enumerate(patch_lengths[b].tolist()):
-            patch_of[b, start:start + length] = q
-            patch_doc[b, q] = doc[b, min(start, num_tokens)]
-            patch_last[b, q] = start + length - 1
-            start += length
-    return patch_of, patch_doc, patch_last
-
-
-def self_attention_mask(tokens, window):
-    """[B, N, N] token i sees token j."""
-    n = tokens.shape[1]
-    doc = _documents(tokens)[:, :n]
-    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    return (i - j >= 0) & (i - j < window) & (doc[:, :, None] == doc[:, None, :])
-
-
-def encoder_mask(tokens, patch_lengths, window, slots):
-    """[B, P * k, N] slot s (patch s // k) sees token j."""
-    n = tokens.shape[1]
-    patch_of, patch_doc, _ = _patch_facts(tokens, patch_lengths)
-    doc = _documents(tokens)[:, :n]
-    q = torch.arange(patch_lengths.shape[1])[None, :, None]  # [1, P, 1]
-    of = patch_of[:, None, :n]  # [B, 1, N]
-    visible = (of <= q) & (of >= q - window + 1) & (doc[:, None, :] == patch_doc[:, :, None])
-    return visible.repeat_interleave(slots, dim=1)
-
-
-def decoder_mask(tokens, patch_lengths, window, slots):
-    """[B, N, P * k] token t sees slot s (patch s // k)."""
-    n = tokens.shape[1]
-    _, patch_doc, patch_last = _patch_facts(tokens, patch_lengths)
-    doc = _documents(tokens)[:, :n]
-    t = torch.arange(n)[None, :, None]  # [1, N, 1]
-    ended = patch_last[:, None, :] <= t  # [B, N, P]: patch q ends at or before t
-    last_ended = torch.where(ended, torch.arange(patch_lengths.shape[1]), -1).max(-1, keepdim=True).values
-    q = torch.arange(patch_lengths.shape[1])[None, None, :]
-    visible = ended & (q >= last_ended - window + 1) & (patch_doc[:, None, :] == doc[:, :, None])
-    return visible.repeat_interleave(slots, dim=2)
-
-
-def global_mask(tokens, patch_lengths):
-    """[B, P, P] patch q sees patch r."""
-    _, patch_doc, _ = _patch_facts(tokens, patch_lengths)
-    p = patch_lengths.shape[1]
-    causal = torch.arange(p)[None, :] <= torch.arange(p)[:, None]
-    return causal & (patch_doc[:, :, None] == patch_doc[:, None, :])
-
-
-def dense_attention(q, k, v, visible):
-    """q [B, Sq, H, d], k/v [B, Sk, H, d], visible [B, Sq, Sk] -> [B, Sq, H, d]; rows that see
-    nothing give 0."""
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
-
-
 @contextlib.contextmanager
 def dense_document_attention(model, tokens, patch_lengths):
     """Run every attention of `model` (an LSTModel or the token baseline) densely under the
@@ -138,13 +65,13 @@ def dense_document_attention(model, tokens, patch_lengths):
         for stack in (model.token_encoder.layers, model.local_decoder.layers):
             for layer in stack:
                 core = layer.self_attention.core_attention
-                mask = self_attention_mask(tokens, core.window)
+                mask = self_attention_mask(tokens, EOS, core.window)
                 override(core, lambda q, kk, v, key_start=None, mask=mask: dense_attention(q, kk, v, mask))
         for layers, mask in (
             (model.patch_encoder.cross_attn_layers,
-             encoder_mask(tokens, patch_lengths, config.cross_attention.encoder_window, k)),
+             encoder_mask(tokens, EOS, patch_lengths, config.cross_attention.encoder_window, k)),
             (model.local_decoder.cross_attn_layers,
-             decoder_mask(tokens, patch_lengths, config.cross_attention.decoder_window, k)),
+             decoder_mask(tokens, EOS, patch_lengths, config.cross_attention.decoder_window, k)),
         ):
             for cross in layers:
                 def attend(queries, keys, key_start, key_end, cross=cross, mask=mask):
@@ -152,10 +79,10 @@ def dense_document_attention(model, tokens, patch_lengths):
                     q = cross.linear_q(cross.norm_q(queries)).unflatten(-1, (cross.num_heads, -1))
                     return cross.linear_proj(dense_attention(q, kk, v, mask).flatten(-2))
                 override(cross, attend)
-        block, mask = model.global_transformer.block, global_mask(tokens, patch_lengths)
+        block, mask = model.global_transformer.block, global_mask(tokens, EOS, patch_lengths)
     else:
         block = model.decoder
-        mask = self_attention_mask(tokens, tokens.shape[1])
+        mask = self_attention_mask(tokens, EOS, tokens.shape[1])
     for layer in block.layers:
         core = layer.self_attention.core_attention
 
