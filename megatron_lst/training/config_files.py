@@ -70,7 +70,8 @@ def config_to_argv(config: Mapping[str, Any], parser: argparse.ArgumentParser) -
         flag = _long_flag(action)
         if _is_switch(action):
             if converted != action.default:
-                argv.append(flag)
+                negated = isinstance(action, argparse.BooleanOptionalAction) and not converted
+                argv.append("--no-" + flag[2:] if negated else flag)
         elif converted is None:
             continue
         elif isinstance(converted, list):
@@ -99,7 +100,8 @@ def _long_flag(action: argparse.Action) -> str:
 
 
 def _is_switch(action: argparse.Action) -> bool:
-    return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+    return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                               argparse.BooleanOptionalAction))
 
 
 def _convert(action: argparse.Action, value: Any, where: str) -> Any:
@@ -108,7 +110,7 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {_long_flag(action)} is a switch; write true or false, "
                               f"got {value!r}")
         # A store_false flag (`--no-x: true`) stores False in its destination.
-        return value if isinstance(action, argparse._StoreTrueAction) else not value
+        return not value if isinstance(action, argparse._StoreFalseAction) else value
     if value is None:
         return None
     if action.nargs in ("*", "+") or isinstance(action.nargs, int):

@@ -102,3 +102,39 @@ def test_reset_position_ids_makes_a_document_independent_of_its_place(single_ran
         packed = model(tokens, patch_lengths)[0, start:end]
         alone = model(tokens[:, start:end], alone_lengths)[0]
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_flags_build_the_document_rule():
+    """--reset-attention-mask is on by default (and says so in --help), --no-reset-attention-mask
+    turns it off, in flags and YAML alike; the model provider turns them into LSTConfig.documents
+    with the vocabulary's EOS."""
+    from megatron_lst.training.arguments import build_parser, parse_args
+    from megatron_lst.training.config_files import config_to_argv
+    from megatron_lst.training.model_provider import lst_config_from_args
+
+    parser = build_parser()
+    assert "On by default, for LST and the baseline" in " ".join(parser.format_help().split())
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "16", "--train-iters", "1", "--lr", "1e-3"]
+    on = parse_args(base)
+    assert on.reset_attention_mask and not on.reset_position_ids
+    assert lst_config_from_args(on, 128, eos_id=EOS).documents == DocumentMaskingConfig(EOS)
+    off = parse_args([*base, "--no-reset-attention-mask"])
+    assert not off.reset_attention_mask
+    assert lst_config_from_args(off, 128, eos_id=EOS).documents is None
+    assert config_to_argv({"reset_attention_mask": False}, parser) == ["--no-reset-attention-mask"]
+    with pytest.raises(ValueError, match="EOS"):
+        lst_config_from_args(on, 128)
+
+
+def test_reference_attn_impl_records_the_rule():
+    from megatron_lst.checkpoint.reference import reference_model_args
+    from megatron_lst.models.reference_import import lst_config_from_reference
+
+    config = dataclasses.replace(tiny_config(), documents=DOCUMENTS)
+    args = reference_model_args(config)
+    assert args["attn_impl"] == "xformers" and args["eos_id"] == EOS
+    assert lst_config_from_reference(args).documents == DOCUMENTS
+    plain = reference_model_args(dataclasses.replace(config, documents=None), base_args=args)
+    assert plain["attn_impl"] == "sdpa"
+    assert lst_config_from_reference(plain).documents is None

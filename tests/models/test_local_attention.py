@@ -166,3 +166,17 @@ def test_documents_cpu_path_gradcheck_float64(monkeypatch):
                                requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(
         lambda q, k, v: sliding_window_attention_cpu(q, k, v, 5, key_start), inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flash_attn_available(), reason="flash-attn is not installed")
+def test_flash_varlen_documents_match_range_attention_on_gpu():
+    from lst_kernels import document_starts, sliding_window_key_starts
+
+    generator = torch.Generator().manual_seed(1)
+    tokens = packed_tokens([[40, 100, 7, 153], [300]], generator).cuda()
+    key_start = sliding_window_key_starts(document_starts(tokens, EOS)[:, :-1], 64)
+    q, k, v = (torch.randn(2, 300, 4, 64, generator=generator).cuda().bfloat16() for _ in range(3))
+    flash = SlidingWindowAttention(window=64, backend="flash")(q, k, v, key_start)
+    reference = range_sliding_window(q.float(), k.float(), v.float(), 64, key_start)
+    torch.testing.assert_close(flash.float(), reference, atol=2e-2, rtol=2e-2)
