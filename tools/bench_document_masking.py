@@ -155,14 +155,17 @@ def run_isolated(preset_name: str, num_tokens: int, args) -> Result:
     return result
 
 
-def report(results: list[Result]) -> None:
-    print(f"{'preset':<8} {'N':>5} {'P':>5} {'docs':>5} {'masked s':>9} {'plain s':>8} "
-          f"{'ratio':>6} {'cpu ratio':>9} {'peak MB':>8} {'KB/token':>8}")
-    for r in results:
-        per_token = 1024 * r.masked_step_peak_mb / (r.batch * r.tokens_per_row)
-        print(f"{r.preset:<8} {r.tokens_per_row:>5} {r.patches_per_row:>5} "
-              f"{r.documents_per_row:>5.1f} {r.masked_seconds:>9.3f} {r.unmasked_seconds:>8.3f} "
-              f"{r.ratio:>6.3f} {r.cpu_ratio:>9.3f} {r.masked_step_peak_mb:>8.0f} {per_token:>8.1f}")
+HEADER = (f"{'preset':<8} {'N':>5} {'P':>5} {'docs':>5} {'masked s':>9} {'plain s':>8} "
+          f"{'ratio':>6} {'masked cpu s':>12} {'plain cpu s':>11} {'cpu ratio':>9} "
+          f"{'peak MB':>8} {'KB/token':>8}")
+
+
+def report_row(r: Result) -> str:
+    per_token = 1024 * r.masked_step_peak_mb / (r.batch * r.tokens_per_row)
+    return (f"{r.preset:<8} {r.tokens_per_row:>5} {r.patches_per_row:>5} "
+            f"{r.documents_per_row:>5.1f} {r.masked_seconds:>9.3f} {r.unmasked_seconds:>8.3f} "
+            f"{r.ratio:>6.3f} {r.masked_cpu_seconds:>12.3f} {r.unmasked_cpu_seconds:>11.3f} "
+            f"{r.cpu_ratio:>9.3f} {r.masked_step_peak_mb:>8.0f} {per_token:>8.1f}")
 
 
 def main() -> None:
@@ -178,8 +181,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--json", type=str, default=None, help="Also write the results here.")
     args = parser.parse_args()
-    results = [run_isolated(p, n, args) for p in args.presets for n in args.tokens]
-    report(results)
+    print(HEADER, flush=True)
+    results = []
+    for preset_name in args.presets:
+        for num_tokens in args.tokens:
+            results.append(run_isolated(preset_name, num_tokens, args))
+            print(report_row(results[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"ratio": r.ratio, "cpu_ratio": r.cpu_ratio} for r in results],
