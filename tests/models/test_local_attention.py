@@ -114,15 +114,11 @@ def packed_tokens(document_lengths: list[list[int]], generator) -> torch.Tensor:
 
 
 def dense_document_window(q, k, v, tokens, window):
-    """O(N^2) reference from the rule: token i attends j with 0 <= i - j < W in the same
-    document (as many EOS before j as before i). [B, N, H, d] in float64."""
-    n = q.shape[1]
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    eos_before = torch.cat([torch.zeros_like(tokens[:, :1]), (tokens[:, :-1] == EOS).long()], 1)
-    document = eos_before.cumsum(1)  # [B, N]
-    same_document = document[:, :, None] == document[:, None, :]  # [B, N, N]
-    visible = (i - j >= 0) & (i - j < window) & same_document  # [B, N, N]
+    """O(N^2) reference from the rule (`patching.document_rule`): token i attends j with
+    0 <= i - j < W in the same document. [B, N, H, d] in float64."""
+    from patching.document_rule import self_attention_mask
+
+    visible = self_attention_mask(tokens, EOS, window)  # [B, N, N]
     scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(q.shape[-1])
     probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v.double())
