@@ -69,7 +69,8 @@ class CausalSDPAttention(MegatronModule):
         seq_len, batch = query.shape[:2]
         num_keys = key.shape[0]
         dropout = self.dropout if self.training else 0.0
-        if attention_mask is not None:
+        # On CPU, rows of one document (every key start 0) take the plain causal kernel below.
+        if attention_mask is not None and (query.is_cuda or bool(attention_mask.any())):
             return self._document_attention(query, key, value, attention_mask, dropout)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, heads, S, d]
         # With a KV cache the queries are the last `seq_len` of `num_keys` positions, so the
