@@ -57,16 +57,23 @@ def _check_window(num_slots_per_patch: int, window: int) -> None:
 
 
 def decoder_key_ranges(
-    decoder_patch_ids: torch.Tensor, num_slots_per_patch: int, window: int, num_patches: int
+    decoder_patch_ids: torch.Tensor, num_slots_per_patch: int, window: int, num_patches: int,
+    document_first_patch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot range `[start, end)` each decoder token attends: two `[B, N]` int32.
 
     A token with decoder patch j sees the k slots of every global patch q with `q <= j < q + W`,
     q in `[0, P)`: slots `[max(j - W + 1, 0) * k, (min(j, P - 1) + 1) * k)`, empty when no such q.
+    With `document_first_patch` (`[B, N]`, `token_document_first_patch`) only the patches of the
+    token's own document: q >= that patch as well (empty for a document's first token when its
+    first patch is still open).
     """
     _check_window(num_slots_per_patch, window)
     j = decoder_patch_ids.long()  # [B, N]
-    first = (j - window + 1).clamp(min=0, max=num_patches)
+    first = j - window + 1
+    if document_first_patch is not None:
+        first = torch.maximum(first, document_first_patch.long())
+    first = first.clamp(min=0, max=num_patches)
     last_excl = torch.maximum((j + 1).clamp(min=0, max=num_patches), first)
     start = (first * num_slots_per_patch).int()
     end = (last_excl * num_slots_per_patch).int()
@@ -74,12 +81,15 @@ def decoder_key_ranges(
 
 
 def encoder_key_ranges(
-    patch_lengths: torch.Tensor, num_slots_per_patch: int, window: int, num_tokens: int
+    patch_lengths: torch.Tensor, num_slots_per_patch: int, window: int, num_tokens: int,
+    document_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token range `[start, end)` each encoder query slot attends: two `[B, P * k]` int32.
 
     Slot s belongs to patch q = s // k and sees tokens i with `patch_id[i] <= q < patch_id[i] + W`,
     i.e. the tokens of patches `q - W + 1 .. q`: `[c[max(q - W + 1, 0)], c[q + 1])` clipped to N.
+    With `document_starts` (`[B, N + 1]`, see `document_starts`) the range starts no earlier than
+    the first position of patch q's document.
     """
     _check_window(num_slots_per_patch, window)
     bounds = patch_boundaries(patch_lengths).clamp(max=num_tokens)  # [B, P + 1]
@@ -87,6 +97,66 @@ def encoder_key_ranges(
     q = torch.arange(num_patches, device=bounds.device)  # [P]
     start = bounds[:, (q - window + 1).clamp(min=0)]  # [B, P]
     end = bounds[:, q + 1]  # [B, P]
+    if document_starts is not None:
+        start = torch.maximum(start, document_starts.gather(1, bounds[:, :-1]))
     start = start.repeat_interleave(num_slots_per_patch, dim=1).int()  # [B, P * k]
     end = end.repeat_interleave(num_slots_per_patch, dim=1).int()
     return start, end
+
+
+# --- documents in packed rows ---------------------------------------------------------------
+# A row may pack several documents. Positions 0..N of a row of N inputs (N: the row's last
+# target) each belong to one: an EOS ends its document and the token after it starts the next.
+# Attention never crosses a document start, and since document starts are non-decreasing in the
+# position too, every range above stays one contiguous range once cut at the query's document
+# start (`max(start, document start)`).
+
+
+def document_starts(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """First position of the document of every position 0..N: `[B, N + 1]` int64.
+
+    tokens `[B, N]`: position i > 0 starts a document iff `tokens[i - 1] == eos_id` (position N,
+    the row's last target, included); position 0 always does.
+    """
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [B, N], got shape {tuple(tokens.shape)}")
+    batch, num_tokens = tokens.shape
+    positions = torch.arange(num_tokens + 1, device=tokens.device).expand(batch, -1)  # [B, N+1]
+    starts_here = torch.ones(batch, num_tokens + 1, dtype=torch.bool, device=tokens.device)
+    starts_here[:, 1:] = tokens == eos_id
+    return torch.where(starts_here, positions, 0).cummax(dim=1).values  # [B, N + 1]
+
+
+def sliding_window_key_starts(token_document_starts: torch.Tensor, window: int) -> torch.Tensor:
+    """First key of every query of a causal sliding window cut at documents: `[B, N]` int64.
+
+    token_document_starts `[B, N]` (`document_starts(...)[:, :N]`): query i sees keys
+    `[max(i - W + 1, document start of i), i]`.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    num_tokens = token_document_starts.shape[1]
+    positions = torch.arange(num_tokens, device=token_document_starts.device)  # [N]
+    return torch.maximum(positions - window + 1, token_document_starts.long())
+
+
+def patch_document_starts(patch_lengths: torch.Tensor, document_starts: torch.Tensor) -> torch.Tensor:
+    """First patch of the document of every patch: `[B, P]` int64.
+
+    A patch's document is that of its first position (clipped to N, which zero-length trailing
+    patches start at); patches never span two documents, so the document's first patch is the
+    one that starts at the document's first position.
+    """
+    num_tokens = document_starts.shape[1] - 1
+    first_token, _ = patch_spans(patch_lengths, num_tokens)  # [B, P]
+    first_token_document = document_starts.gather(1, first_token)  # [B, P]
+    ids = patch_ids_from_lengths(patch_lengths, num_tokens + 1)  # [B, N + 1]
+    return ids.gather(1, first_token_document)
+
+
+def token_document_first_patch(patch_lengths: torch.Tensor, document_starts: torch.Tensor) -> torch.Tensor:
+    """First patch of the document of every input token: `[B, N]` int64 (`document_starts`
+    `[B, N + 1]`)."""
+    num_tokens = document_starts.shape[1] - 1
+    ids = patch_ids_from_lengths(patch_lengths, num_tokens + 1)  # [B, N + 1]
+    return ids.gather(1, document_starts[:, :num_tokens])

@@ -76,9 +76,12 @@ def _from_saved_args(metadata: dict[str, Any], args: dict[str, Any], path: str |
             flags[f"local_{side}_window"] = legacy_window
     if flags.get("patching_mode") != "none" and flags.get("max_tokens") is not None:
         flags["max_position_embeddings"] = flags["max_tokens"]  # what training recorded then
+    for dest in ("reset_attention_mask", "reset_position_ids"):
+        if args.get(dest) is None:  # saved before document masking existed: trained without
+            flags[dest] = False
+    vocab = JointVocab.from_dict(metadata["vocab"])
     try:
-        config = lst_config_from_args(argparse.Namespace(**flags),
-                                      JointVocab.from_dict(metadata["vocab"]).size)
+        config = lst_config_from_args(argparse.Namespace(**flags), vocab.size, vocab.eos_id)
     except (ModelConfigError, KeyError, TypeError) as error:
         raise CheckpointContentError(
             f"{path}: its saved flags do not describe a model ({error})") from None

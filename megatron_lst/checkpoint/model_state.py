@@ -17,6 +17,7 @@ import torch
 
 from megatron_lst.models.config import (
     CrossAttentionConfig,
+    DocumentMaskingConfig,
     GlobalModelConfig,
     LocalModelConfig,
     LSTConfig,
@@ -35,11 +36,13 @@ def lst_config_to_dict(config: LSTConfig) -> dict[str, Any]:
 def lst_config_from_dict(data: dict[str, Any]) -> LSTConfig:
     """Inverse of `lst_config_to_dict`; unknown or missing fields are errors, not defaults."""
     parts = {"global_model": GlobalModelConfig, "encoder": LocalModelConfig,
-             "decoder": LocalModelConfig, "cross_attention": CrossAttentionConfig}
+             "decoder": LocalModelConfig, "cross_attention": CrossAttentionConfig,
+             "documents": DocumentMaskingConfig}
     fields = {}
     for name, value in data.items():
         kind = parts.get(name)
-        fields[name] = _dataclass_from_dict(kind, value, name) if kind else value
+        fields[name] = _dataclass_from_dict(kind, value, name) if kind and value is not None \
+            else value  # documents: None for rows that are one sequence
     return _dataclass_from_dict(LSTConfig, fields, "lst_config")
 
 

@@ -21,6 +21,7 @@ import torch
 
 from megatron_lst.models.config import LSTConfig, swiglu_ffn_size
 from megatron_lst.models.reference_import import (
+    DOCUMENT_MASKING_ATTN_IMPLS,
     ReferenceImportError,
     canonical_state_dict,
     lst_config_from_reference,
@@ -141,6 +142,7 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         downsampling_by_pooling={"max": "max", "mean": "avg"}[xattn.pooling],
         norm_eps=config.norm_eps, rope_theta=config.rope_theta,
     )
+    _set_document_rule(args, config)
     reimported = lst_config_from_reference(args)
     # The reference has no fields for these two; they do not change the function.
     reimported = dataclasses.replace(reimported, max_sequence_length=config.max_sequence_length,
@@ -150,6 +152,23 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
             f"this model cannot be written as reference arguments: they describe {reimported}, "
             f"the model is {config}")
     return args
+
+
+def _set_document_rule(args: dict[str, Any], config: LSTConfig) -> None:
+    """Record which rule the model was trained with in the reference's terms: `attn_impl`
+    "xformers" with the block-causal bias at `eos_id` (document masking), or "sdpa" (causal over
+    the row). The reference has no per-document RoPE positions."""
+    documents = config.documents
+    if documents is None:
+        args["attn_impl"] = "sdpa"
+        return
+    if documents.reset_position_ids or not documents.reset_attention_mask:
+        raise ReferenceImportError(
+            "the reference restarts no RoPE positions per document and masks documents whenever "
+            f"it knows them; this model's rule ({documents}) has no reference counterpart")
+    if args.get("attn_impl") not in DOCUMENT_MASKING_ATTN_IMPLS:
+        args["attn_impl"] = "xformers"
+    args.update(attn_bias_type="block_causal", eos_id=documents.eos_id)
 
 
 def _multiple_of(config: LSTConfig, preferred: int | None, multiplier: float) -> int:

@@ -80,7 +80,7 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
     tokenizer = load_text_tokenizer(tokenizer_path)
     vocab.check_tokenizer(tokenizer, f"checkpoint {path}")  # size, and digest when recorded
 
-    model_chunks, _ = build_model_chunks(args, vocab.size, saved.config)
+    model_chunks, _ = build_model_chunks(args, vocab.size, config=saved.config)
     loaded = load_checkpoint(load_dir, model_chunks, None, None, args, vocab)
     for chunk in model_chunks:
         chunk.eval()

@@ -4,6 +4,8 @@ Every token is its own global position; there are no local modules. It is megatr
 with the same block spec, width, depth, heads, RMSNorm, SwiGLU and interleaved RoPE as LST's
 global transformer, plus the usual final norm and a vocab-parallel head over the joint vocabulary,
 so LST and the baseline are compared inside one framework on the same interleaved data.
+Packed documents (`LSTConfig.documents`): attention is causal within each document, the first key
+of every token going to the core attention in the attention-mask slot (see `global_attention.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .config import LSTConfig, check_tensor_parallel_vocab
+from .config import LSTConfig, ModelConfigError, check_tensor_parallel_vocab
+from .documents import documents_of_stage, global_spec_for_documents
 from .specs import global_block_spec
 
 
@@ -29,6 +32,11 @@ class TokenBaselineModel(GPTModel):
         transformer_impl: str = "auto",
     ):
         check_tensor_parallel_vocab(config, megatron_config)
+        if config.documents is not None and config.documents.reset_position_ids:
+            raise ModelConfigError(
+                "the token baseline takes its RoPE positions from megatron's GPTModel (0..N-1 per "
+                "row) and cannot restart them per document; drop --reset-position-ids")
+        transformer_impl = global_spec_for_documents(config.documents, transformer_impl)
         super().__init__(
             config=megatron_config,
             transformer_layer_spec=global_block_spec(megatron_config, transformer_impl),
@@ -52,7 +60,9 @@ class TokenBaselineModel(GPTModel):
         fp32 logits `[B, N, V]` without; the hidden activation on non-last pipeline stages.
         `patch_lengths` is accepted and unused: the baseline's patches are its tokens."""
         del patch_lengths
-        output = super().forward(input_ids=tokens, position_ids=None, attention_mask=None,
+        documents = documents_of_stage(tokens, self.lst_config.documents)
+        key_start = None if documents is None else documents.token_document_starts()  # [B, N]
+        output = super().forward(input_ids=tokens, position_ids=None, attention_mask=key_start,
                                  labels=labels)
         if labels is not None or not self.post_process:
             return output

@@ -116,6 +116,17 @@ class CrossAttentionConfig:
 
 
 @dataclass(frozen=True)
+class DocumentMaskingConfig:
+    """Rows that pack several documents, each ended by `eos_id` (see `documents.py`)."""
+
+    eos_id: int
+    reset_attention_mask: bool = True
+    """No attention crosses a document start (Megatron-LM's `--reset-attention-mask`)."""
+    reset_position_ids: bool = False
+    """RoPE positions restart at every document start (Megatron-LM's `--reset-position-ids`)."""
+
+
+@dataclass(frozen=True)
 class LSTConfig:
     vocab_size: int
     global_model: GlobalModelConfig
@@ -131,6 +142,9 @@ class LSTConfig:
     LST model only records it."""
     init_std: float = 0.02
     """Std of the normal init of every weight matrix (megatron's `init_method_std`)."""
+    documents: DocumentMaskingConfig | None = None
+    """Packed documents in a row; None: every row is one sequence (attention and positions run
+    across EOS)."""
 
     def __post_init__(self):
         if self.decoder.hidden_size != self.encoder.hidden_size:

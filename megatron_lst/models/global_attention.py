@@ -6,6 +6,12 @@ positions. `CausalSDPAttention` fills the same `core_attention` slot with
 `scaled_dot_product_attention(is_causal=True)` (PyTorch's flash kernels on CPU and CUDA: no score
 matrix kept, masked blocks skipped). Same inputs and outputs as megatron's module; under
 megatron's inference KV cache (fewer queries than keys) the causal mask is aligned to the end.
+
+Packed documents: the block passes `attention_mask` = the first key of every query, `[B, S]` int64
+(`RowDocuments.global_key_starts`; causal within the query's document), instead of a mask tensor.
+Query s then sees keys `[key_start[s], s]`, run as range attention without any `[S, S]` tensor:
+on CPU the chunked two-block flash path of `sliding_window_cpu` (window S), elsewhere
+`lst_kernels.patch_cross_attention` (the Triton range kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from lst_kernels import patch_cross_attention
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from .sliding_window_cpu import sliding_window_attention_cpu
 
 
 class CausalSDPAttention(MegatronModule):
@@ -52,15 +61,18 @@ class CausalSDPAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+        if attention_bias is not None or packed_seq_params is not None:
             raise ValueError(
-                "CausalSDPAttention applies the causal mask itself and takes no attention_mask, "
-                "attention_bias or packed sequences"
+                "CausalSDPAttention applies the causal mask itself and takes no attention_bias or "
+                "packed sequences"
             )
         seq_len, batch = query.shape[:2]
         num_keys = key.shape[0]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, heads, S, d]
         dropout = self.dropout if self.training else 0.0
+        # On CPU, rows of one document (every key start 0) take the plain causal kernel below.
+        if attention_mask is not None and (query.is_cuda or bool(attention_mask.any())):
+            return self._document_attention(query, key, value, attention_mask, dropout)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, heads, S, d]
         # With a KV cache the queries are the last `seq_len` of `num_keys` positions, so the
         # causal mask is aligned bottom-right; SDPA's `is_causal` aligns it top-left, which is
         # only right when the two lengths agree.
@@ -82,3 +94,26 @@ class CausalSDPAttention(MegatronModule):
         else:
             out = attend()
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)  # [S, B, Hp*d]
+
+    def _document_attention(self, query, key, value, key_start, dropout):
+        """Causal attention within documents: query s sees keys `[key_start[b, s], s]`."""
+        seq_len, batch = query.shape[:2]
+        if key.shape[0] != seq_len or key_start.shape != (batch, seq_len) \
+                or key_start.is_floating_point():
+            raise ValueError(
+                f"CausalSDPAttention takes as attention_mask the first key of every query, "
+                f"[B, S] = {(batch, seq_len)} int, over as many keys as queries; got "
+                f"{tuple(key_start.shape)} {key_start.dtype} with {key.shape[0]} keys")
+        if dropout > 0:
+            raise ValueError("attention dropout is not supported with packed-document attention "
+                             "(--reset-attention-mask); set --attention-dropout 0")
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [B, S, heads, d]
+        if self.groups_per_partition != self.heads_per_partition:
+            repeat = self.heads_per_partition // self.groups_per_partition
+            k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+        if q.device.type == "cpu":
+            out = sliding_window_attention_cpu(q, k, v, seq_len, key_start, scale=self.scale)
+        else:
+            key_end = torch.arange(1, seq_len + 1, device=q.device).expand(batch, seq_len)
+            out = patch_cross_attention(q, k, v, key_start, key_end, scale=self.scale)
+        return out.transpose(0, 1).reshape(seq_len, batch, -1)  # [S, B, Hp*d]

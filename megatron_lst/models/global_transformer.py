@@ -38,16 +38,20 @@ class GlobalTransformer(MegatronModule):
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         self.block.set_input_tensor(input_tensor)
 
-    def forward(self, hidden_states: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor | None, key_start: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """`[S, B, H]` (`[S/tp, B, H]` under sequence parallelism) -> the same shape.
 
         `hidden_states` is the input on the first pipeline stage and ignored (None) on the others.
         Causal: no mask tensor is passed; the core attention (causal SDPA in the local spec, TE's
-        in the TE spec) applies its causal mask type itself.
+        in the TE spec) applies its causal mask type itself. Packed documents: `key_start [B, S]`,
+        the first key of every position (causal within its document), goes to the core attention
+        in the attention-mask slot (only `CausalSDPAttention` of the local spec reads it), and
+        `positions [B, S]` are the RoPE positions (None: 0..S-1).
         """
         local = hidden_states if self.pre_process else self.block.input_tensor
         seq_len = local.shape[0]
         if self.config.sequence_parallel:
             seq_len *= parallel_state.get_tensor_model_parallel_world_size()
-        rotary = self.rope.angles(seq_len, local.device)  # [S, 1, 1, d]
-        return self.block(hidden_states, attention_mask=None, rotary_pos_emb=rotary)
+        rotary = self.rope.angles_at(positions, seq_len, local.device)  # [S, 1 or B, 1, d]
+        return self.block(hidden_states, attention_mask=key_start, rotary_pos_emb=rotary)

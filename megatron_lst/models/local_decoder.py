@@ -8,6 +8,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .config import LSTConfig
 from .cross_attention import PatchCrossAttention, add_cross_attention_update
+from .documents import RowDocuments
 from .local_layers import SlidingKVCache
 from .rope import RotaryTable
 
@@ -46,6 +47,7 @@ class LocalDecoder(torch.nn.Module):
         token_states: torch.Tensor,  # [B, N, Dd]: the encoder's final hidden states
         global_states: torch.Tensor,  # [B, P, Dg]
         patch_lengths: torch.Tensor,  # [B, P]
+        documents: RowDocuments | None = None,  # packed documents: attend within them only
     ) -> torch.Tensor:
         batch, num_tokens, width = token_states.shape
         num_patches = global_states.shape[1]
@@ -53,17 +55,23 @@ class LocalDecoder(torch.nn.Module):
             batch, num_patches * self.slots_per_patch, width
         )  # [B, P*k, Dd]
         decoder_patch_ids = patch_ids_from_lengths(patch_lengths[:, 1:], num_tokens)  # [B, N]
+        positions = first_patch = self_key_start = None
+        if documents is not None:
+            positions = documents.token_positions()  # [B, N] or None
+            first_patch = documents.token_first_patch(patch_lengths)  # [B, N] or None
+            self_key_start = documents.token_key_starts(
+                self.layers[0].self_attention.core_attention.window)
         key_start, key_end = decoder_key_ranges(
-            decoder_patch_ids, self.slots_per_patch, self.window, num_patches
+            decoder_patch_ids, self.slots_per_patch, self.window, num_patches, first_patch
         )  # [B, N] each
-        rope = self.rope.cos_sin(num_tokens, token_states.device)
+        rope = self.rope.cos_sin_at(positions, num_tokens, token_states.device)
 
         h = token_states
         for i, layer in enumerate(self.layers):
             if i < len(self.cross_attn_layers):
                 update = self.cross_attn_layers[i](h, slots, key_start, key_end)  # [B, N, Dd]
                 h = add_cross_attention_update(h, update, self.double_residual)
-            h = layer(h, rope)
+            h = layer(h, rope, self_key_start)
         return self.final_norm(h)  # [B, N, Dd]
 
     def forward_step(self, token_states: torch.Tensor, new_global_states: torch.Tensor,

@@ -13,6 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .config import LSTConfig
 from .cross_attention import PatchCrossAttention, add_cross_attention_update
+from .documents import RowDocuments
 from .local_layers import SlidingKVCache
 from .rope import RotaryTable
 
@@ -34,13 +35,18 @@ class TokenEncoder(torch.nn.Module):
         )
         self.rope = RotaryTable(enc.head_dim, config.rope_theta)
 
-    def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """tokens `[B, N]` -> the hidden state after every layer, each `[B, N, De]`."""
+    def forward(self, tokens: torch.Tensor, documents: RowDocuments | None = None) -> list[torch.Tensor]:
+        """tokens `[B, N]` (packing `documents`, if given) -> the hidden state after every layer,
+        each `[B, N, De]`."""
         h = self.embedding(tokens)  # [B, N, De], complete on every tensor-parallel rank
-        rope = self.rope.cos_sin(tokens.shape[1], tokens.device)
+        positions = key_start = None
+        if documents is not None:
+            positions = documents.token_positions()  # [B, N] or None
+            key_start = documents.token_key_starts(self.layers[0].self_attention.core_attention.window)
+        rope = self.rope.cos_sin_at(positions, tokens.shape[1], tokens.device)
         states = []
         for layer in self.layers:
-            h = layer(h, rope)
+            h = layer(h, rope, key_start)
             states.append(h)
         return states
 
@@ -84,14 +90,17 @@ class PatchEncoder(torch.nn.Module):
             for _ in range(num_cross)
         )
 
-    def forward(self, layer_states: list[torch.Tensor], patch_lengths: torch.Tensor) -> torch.Tensor:
-        """layer_states: `TokenEncoder` output; patch_lengths `[B, P]` -> patches `[B, P, k*De]`."""
+    def forward(self, layer_states: list[torch.Tensor], patch_lengths: torch.Tensor,
+                documents: RowDocuments | None = None) -> torch.Tensor:
+        """layer_states: `TokenEncoder` output; patch_lengths `[B, P]` -> patches `[B, P, k*De]`.
+        With `documents`, a patch's slots see only the tokens of its own document."""
         # Cross-attention follows the last len(cross_attn_layers) encoder layers.
         states = layer_states[len(layer_states) - len(self.cross_attn_layers):]
         batch, num_tokens, width = states[0].shape
         num_patches = patch_lengths.shape[1]
         key_start, key_end = encoder_key_ranges(
-            patch_lengths, self.slots_per_patch, self.window, num_tokens
+            patch_lengths, self.slots_per_patch, self.window, num_tokens,
+            None if documents is None else documents.encoder_document_starts(),
         )  # [B, P*k] each
 
         pooled = segment_pool(states[0], patch_lengths, self.pooling, self.kernel_backend)  # [B, P, De]

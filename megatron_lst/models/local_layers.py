@@ -64,11 +64,14 @@ class LocalSelfAttention(torch.nn.Module):
         self.linear_proj = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.core_attention = SlidingWindowAttention(config.window, attention_backend)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                key_start: torch.Tensor | None = None) -> torch.Tensor:
+        """`x [B, N, D]`, RoPE tables, and the first key of every query `[B, N]` for packed
+        documents (None: the window alone) -> `[B, N, D]`."""
         q, k, v = self.linear_qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)  # [B, N, H, d]
         q = apply_interleaved_rope(q, *rope)
         k = apply_interleaved_rope(k, *rope)
-        out = self.core_attention(q, k, v)  # [B, N, H, d]
+        out = self.core_attention(q, k, v, key_start)  # [B, N, H, d]
         return self.linear_proj(out.flatten(-2))  # [B, N, D]
 
     def forward_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -108,8 +111,9 @@ class LocalTransformerLayer(torch.nn.Module):
         self.pre_mlp_norm = torch.nn.RMSNorm(config.hidden_size, eps=norm_eps)
         self.mlp = build_module(submodules.mlp, config.hidden_size, config.ffn_hidden_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attention(self.input_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                key_start: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attention(self.input_norm(x), rope, key_start)
         return x + self.mlp(self.pre_mlp_norm(x))
 
     def forward_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],

@@ -28,9 +28,12 @@ copies' gradients over the same group before the optimizer step, as
 `_allreduce_word_embedding_grads` does. Checkpoints must store the replica once (it is a
 duplicate of the first stage's `token_encoder`).
 
-Differences from the reference, all deliberate: no attention blocking at EOS inside a row (the
-reference does it only on its GPU path; its CPU path and these fixtures do not), and a
-vocabulary that must divide by the tensor-parallel size (megatron's vocab-parallel layers).
+Packed documents (`LSTConfig.documents`, see `documents.py`): every attention stops at the
+document start of its query, as the reference's GPU path does (its CPU path and the fixtures do
+not: `documents=None`). Every stage derives the documents from the tokens, so stages between the
+first and the last need `tokens` and `patch_lengths` too when attention is reset.
+Difference from the reference, deliberate: a vocabulary that must divide by the tensor-parallel
+size (megatron's vocab-parallel layers).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from .config import LSTConfig, check_tensor_parallel_vocab
+from .documents import RowDocuments, documents_of_stage, global_spec_for_documents
 from .global_transformer import GlobalTransformer
 from .local_decoder import LocalDecoder
 from .local_encoder import PatchEncoder, TokenEncoder
@@ -92,6 +96,7 @@ class LSTModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
         local_spec = local_layer_spec(local_attention_backend)
+        transformer_impl = global_spec_for_documents(config.documents, transformer_impl)
         logger.info(
             "LSTModel stage (first=%s, last=%s): local attention %s, kernels %s",
             pre_process, post_process, local_attention_backend, kernel_backend,
@@ -137,20 +142,26 @@ class LSTModel(MegatronModule):
         """Returns, on the last stage, the per-token cross entropy `[B, N]` (fp32, unreduced) when
         `labels` are given, else the full logits `[B, N, V]` (fp32); on other stages the global
         activation `[P, B, Dg]` (`[P/tp, B, Dg]` with sequence parallelism) for the next stage."""
+        documents = documents_of_stage(tokens, self.lst_config.documents)
         token_states, global_input = None, None
         if self.pre_process:
-            token_states, global_input = self.encode(tokens, patch_lengths)
-        global_output = self.global_transformer(global_input)  # [P(/tp), B, Dg]
+            token_states, global_input = self.encode(tokens, patch_lengths, documents)
+        key_start = positions = None
+        if documents is not None:
+            key_start = documents.global_key_starts(patch_lengths)  # [B, P] or None
+            positions = documents.patch_positions(patch_lengths)  # [B, P] or None
+        global_output = self.global_transformer(global_input, key_start, positions)  # [P(/tp), B, Dg]
         if not self.post_process:
             return global_output
         if token_states is None:
-            token_states = self.token_encoder(tokens)[-1]  # the last stage's replica
-        return self.decode(token_states, global_output, patch_lengths, labels)
+            token_states = self.token_encoder(tokens, documents)[-1]  # the last stage's replica
+        return self.decode(token_states, global_output, patch_lengths, labels, documents)
 
-    def encode(self, tokens: torch.Tensor, patch_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, tokens: torch.Tensor, patch_lengths: torch.Tensor,
+               documents: RowDocuments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """First stage: `(token states [B, N, De], global input [P(/tp), B, Dg])`."""
-        layer_states = self.token_encoder(tokens)  # N_enc x [B, N, De]
-        patches = self.patch_encoder(layer_states, patch_lengths)  # [B, P, k*De]
+        layer_states = self.token_encoder(tokens, documents)  # N_enc x [B, N, De]
+        patches = self.patch_encoder(layer_states, patch_lengths, documents)  # [B, P, k*De]
         if self.global_input_projection is not None:
             patches = self.global_input_projection(patches)  # [B, P, Dg]
         global_input = patches.transpose(0, 1).contiguous()  # [P, B, Dg]
@@ -171,6 +182,7 @@ class LSTModel(MegatronModule):
         global_output: torch.Tensor,  # [P(/tp), B, Dg]
         patch_lengths: torch.Tensor,  # [B, P]
         labels: torch.Tensor | None = None,  # [B, N]
+        documents: RowDocuments | None = None,
     ) -> torch.Tensor:
         """Last stage: local decoder and output head; returns what `forward` returns there."""
         if self.config.sequence_parallel:
@@ -179,7 +191,8 @@ class LSTModel(MegatronModule):
             global_output = tensor_parallel.gather_from_sequence_parallel_region(
                 global_output, tensor_parallel_output_grad=False
             )
-        hidden = self.local_decoder(token_states, global_output.transpose(0, 1), patch_lengths)
+        hidden = self.local_decoder(token_states, global_output.transpose(0, 1), patch_lengths,
+                                    documents)
         logits, _ = self.output_layer(hidden)  # [B, N, V/tp]
         if labels is None:
             return tensor_parallel.gather_from_tensor_model_parallel_region(logits).float()

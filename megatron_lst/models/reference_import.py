@@ -30,6 +30,7 @@ import torch
 
 from .config import (
     CrossAttentionConfig,
+    DocumentMaskingConfig,
     GlobalModelConfig,
     LocalModelConfig,
     LSTConfig,
@@ -93,7 +94,29 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
         ),
         norm_eps=a["norm_eps"],
         rope_theta=a["rope_theta"],
+        documents=reference_documents(a),
     )
+
+
+# The reference's attention implementations that block attention at document ends (EOS) when
+# its `attn_bias_type` asks for it; its "sdpa" runs one causal mask over the whole row.
+DOCUMENT_MASKING_ATTN_IMPLS = ("xformers", "flex_attention")
+
+
+def reference_documents(model_args: dict) -> DocumentMaskingConfig | None:
+    """The document rule a reference model was trained with: document masking at its `eos_id`
+    when `attn_impl` is one that applies the block-causal bias, else None (causal over the row).
+    RoPE positions run over the whole row either way."""
+    impl = model_args.get("attn_impl", "sdpa")
+    if impl == "sdpa" or model_args.get("attn_bias_type", "block_causal") == "causal":
+        return None
+    if impl not in DOCUMENT_MASKING_ATTN_IMPLS:
+        raise ReferenceImportError(
+            f"reference attn_impl {impl!r} is not one of 'sdpa' or {DOCUMENT_MASKING_ATTN_IMPLS}")
+    if model_args.get("eos_id") is None:
+        raise ReferenceImportError(f"reference attn_impl {impl!r} masks documents but the "
+                                   "arguments give no eos_id")
+    return DocumentMaskingConfig(eos_id=model_args["eos_id"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,23 @@ class RotaryTable:
             self._cos_sin[key] = (angles.cos(), angles.sin())
         return self._cos_sin[key]
 
+    def cos_sin_at(self, positions: torch.Tensor | None, seq_len: int,
+                   device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`cos_sin` at per-row positions `[B, S]` (each `[B, S, 1, d]`; packed documents with
+        reset positions), or the shared table of 0..S-1 when `positions` is None."""
+        cos, sin = self.cos_sin(seq_len, device)  # [1, S, 1, d]
+        if positions is None:
+            return cos, sin
+        return cos[0, positions], sin[0, positions]
+
+    def angles_at(self, positions: torch.Tensor | None, seq_len: int, device) -> torch.Tensor:
+        """`angles` at per-row positions `[B, S]` as `[S, B, 1, d]`, or `[S, 1, 1, d]` of 0..S-1
+        when `positions` is None."""
+        angles = self.angles(seq_len, device)  # [S, 1, 1, d]
+        if positions is None:
+            return angles
+        return angles[positions.t(), 0]  # [S, B, 1, d]
+
 
 def rotary_angles(seq_len: int, head_dim: int, theta: float, device) -> torch.Tensor:
     """Angles `[S, 1, 1, d]` (fp32): entry (s, 2i) and (s, 2i+1) are `s * theta^(-2i/d)`."""

@@ -12,9 +12,18 @@ block of W + C keys per chunk costs W + C, and no key is copied: blocks are view
 The ops are PyTorch's own (`aten::_scaled_dot_product_flash_attention_for_cpu` and its backward,
 what `F.scaled_dot_product_attention` runs on CPU); tests compare the result with a dense
 reference and with gradcheck in float64.
+
+Packed documents (`key_start`): query i sees keys `[key_start[i], i]`, key_start being the window
+start cut at the query's document start (`lst_kernels.sliding_window_key_starts`). A chunk whose
+queries are not cut keeps the path above; in one that is, the two blocks get per-row masks
+`[B, 1, C, C]` and `[B, 1, C, L]` built from key_start (each chunk's own, never `[N, N]`), and the
+earlier block is shortened to the keys the chunk's first query can see (skipped when none can):
+short documents cost fewer scores, not more.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -27,22 +36,67 @@ _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def sliding_window_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 window: int) -> torch.Tensor:
-    """q, k, v `[B, N, H, d]` CPU tensors (fp32/fp64/bf16/fp16) -> `[B, N, H, d]`, scale 1/sqrt(d)."""
+def sliding_window_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                                 key_start: torch.Tensor | None = None,
+                                 scale: float | None = None) -> torch.Tensor:
+    """q, k, v `[B, N, H, d]` CPU tensors (fp32/fp64/bf16/fp16) -> `[B, N, H, d]`, scale 1/sqrt(d)
+    unless given.
+
+    key_start `[B, N]` int (optional): the first key of every query, non-decreasing in the query
+    and within `[i - W + 1, i]` (packed documents); None: `max(i - W + 1, 0)`.
+    """
     if window == 1:  # each token sees only itself: softmax over one key
         return v.clone()
+    if key_start is not None:
+        key_start = key_start.long().cpu()
     out = _SlidingWindowAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                        window, min(QUERY_CHUNK, window - 1))  # [B, H, N, d]
-    return out.transpose(1, 2)
+                                        window, min(QUERY_CHUNK, window - 1), key_start,
+                                        q.shape[-1] ** -0.5 if scale is None else scale)
+    return out.transpose(1, 2)  # [B, N, H, d]
 
 
-def _chunks(num_tokens: int, window: int, chunk: int):
-    """`(s, e, p0)` per query chunk `[s, e)`; its earlier keys are `[p0, s)` (none when p0 == s)."""
+@dataclass
+class _Chunk:
+    """Query chunk `[s, e)` with earlier keys `[p0, s)` (none when p0 == s) and its masks."""
+
+    s: int
+    e: int
+    p0: int
+    own_mask: torch.Tensor | None = None  # [B, 1, c, c] additive; None: plain causal
+    early_mask: torch.Tensor | None = None  # [B or 1, 1, c, s - p0] additive; None: all visible
+    early_empty: torch.Tensor | None = None  # [B, 1, c] bool: rows that see no earlier key
+
+
+def _chunks(num_tokens: int, window: int, chunk: int, key_start: torch.Tensor | None,
+            dtype: torch.dtype):
+    """The query chunks of a row and their masks (see the module docstring)."""
     for s in range(0, num_tokens, chunk):
         e = min(s + chunk, num_tokens)
         p0 = max(0, s - window + 1)
-        yield s, e, p0
+        if key_start is None:
+            yield _Chunk(s, e, p0, early_mask=_earlier_block_mask(e - s, s - p0, window, dtype))
+            continue
+        starts = key_start[:, s:e]  # [B, c]
+        queries = torch.arange(s, e)  # [c]
+        if bool((starts == (queries - window + 1).clamp(min=0)).all()):  # not cut: as above
+            yield _Chunk(s, e, p0, early_mask=_earlier_block_mask(e - s, s - p0, window, dtype))
+            continue
+        p0 = min(max(p0, int(starts[:, 0].min())), s)
+        own_keys = queries[None, None, :]  # [1, 1, c]
+        own_hidden = (own_keys < starts[..., None]) | (own_keys > queries[None, :, None])
+        own_mask = _additive(own_hidden, dtype) if bool(own_hidden.any()) else None
+        early_mask = early_empty = None
+        if p0 < s:
+            early_keys = torch.arange(p0, s)[None, None, :]  # [1, 1, s - p0]
+            early_hidden = early_keys < starts[..., None]  # [B, c, s - p0]
+            early_mask = _additive(early_hidden, dtype)
+            early_empty = (starts >= s)[:, None]  # [B, 1, c]
+        yield _Chunk(s, e, p0, own_mask, early_mask, early_empty)
+
+
+def _additive(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool `[B, rows, keys]` (True: hidden) -> additive mask `[B, 1, rows, keys]` (0 or -inf)."""
+    return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))[:, None]
 
 
 def _earlier_block_mask(rows: int, length: int, window: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -62,52 +116,55 @@ class _SlidingWindowAttention(torch.autograd.Function):
     """q, k, v `[B, H, N, d]` -> `[B, H, N, d]`; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window, chunk):
-        scale = q.shape[-1] ** -0.5
+    def forward(ctx, q, k, v, window, chunk, key_start, scale):
         out = torch.empty_like(q)
         lse = q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
-        for s, e, p0 in _chunks(q.shape[2], window, chunk):
+        for c in _chunks(q.shape[2], window, chunk, key_start, q.dtype):
+            s, e, p0 = c.s, c.e, c.p0
             chunk_out, chunk_lse = _flash_forward(
-                q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, True, scale=scale
+                q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, c.own_mask is None,
+                attn_mask=c.own_mask, scale=scale,
             )  # [B, H, c, d], [B, H, c]
             if p0 < s:
-                mask = _earlier_block_mask(e - s, s - p0, window, q.dtype)
                 early_out, early_lse = _flash_forward(
                     q[:, :, s:e], k[:, :, p0:s], v[:, :, p0:s], 0.0, False,
-                    attn_mask=mask, scale=scale,
+                    attn_mask=c.early_mask, scale=scale,
                 )
+                if c.early_empty is not None:  # the kernel gives such rows out 0 but lse 0
+                    early_lse = early_lse.masked_fill(c.early_empty, float("-inf"))
                 merged_lse = torch.logaddexp(chunk_lse, early_lse)
                 chunk_out = (chunk_out * (chunk_lse - merged_lse).exp().unsqueeze(-1)
                              + early_out * (early_lse - merged_lse).exp().unsqueeze(-1))
                 chunk_lse = merged_lse
             out[:, :, s:e] = chunk_out
             lse[:, :, s:e] = chunk_lse
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, key_start)
         ctx.window, ctx.chunk, ctx.scale = window, chunk, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, key_start = ctx.saved_tensors
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros_like(k)
         grad_v = torch.zeros_like(v)
-        for s, e, p0 in _chunks(q.shape[2], ctx.window, ctx.chunk):
+        for c in _chunks(q.shape[2], ctx.window, ctx.chunk, key_start, q.dtype):
+            s, e, p0 = c.s, c.e, c.p0
             rows = (grad_out[:, :, s:e], q[:, :, s:e])
             saved = (out[:, :, s:e], lse[:, :, s:e])
             chunk_grad_q, chunk_grad_k, chunk_grad_v = _flash_backward(
-                *rows, k[:, :, s:e], v[:, :, s:e], *saved, 0.0, True, scale=ctx.scale
+                *rows, k[:, :, s:e], v[:, :, s:e], *saved, 0.0, c.own_mask is None,
+                attn_mask=c.own_mask, scale=ctx.scale,
             )
             grad_q[:, :, s:e] = chunk_grad_q
             grad_k[:, :, s:e] += chunk_grad_k
             grad_v[:, :, s:e] += chunk_grad_v
             if p0 < s:
-                mask = _earlier_block_mask(e - s, s - p0, ctx.window, q.dtype)
                 early_grad_q, early_grad_k, early_grad_v = _flash_backward(
                     *rows, k[:, :, p0:s], v[:, :, p0:s], *saved, 0.0, False,
-                    attn_mask=mask, scale=ctx.scale,
+                    attn_mask=c.early_mask, scale=ctx.scale,
                 )
                 grad_q[:, :, s:e] += early_grad_q
                 grad_k[:, :, p0:s] += early_grad_k
                 grad_v[:, :, p0:s] += early_grad_v
-        return grad_q, grad_k, grad_v, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None

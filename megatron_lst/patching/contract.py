@@ -17,7 +17,12 @@ Invariants (`check_batch` raises `BatchContractError` naming the first one broke
 - no patch mixes modalities; given the vocabulary also: ids are in the joint vocabulary, `modality`
   matches the ids, every text-modality token (BOS, EOS, `<t>`, pieces) is a patch of one real
   token, and every speech-mode marker `<s>` starts a patch (static patching puts the units after
-  it in the same patch, as the reference does; aligned patching gives it a patch of its own).
+  it in the same patch, as the reference does; aligned patching gives it a patch of its own);
+- documents: a row may pack several documents, each ended by EOS, and the token after an EOS
+  starts the next one (`lst_kernels.document_starts`). No patch spans two documents: every
+  position after an EOS (the row's last target included) starts a patch. This follows from EOS
+  being a text token, hence a patch of its own (checked above); the patchers also patch one
+  whole document at a time.
 
 Token -> patch ids come from `lst_kernels.ranges` (the same rule the model uses): encoder patch of
 token i = the last patch whose start is <= i; decoder patch ids = that rule on `patch_lengths[:, 1:]`.

@@ -2,7 +2,9 @@
 
 Pure, vectorised functions of an `InterleavedDocument`: no randomness, no Python loop over tokens.
 Each returns `[num_patches] int32` lengths that sum to the document's length. In every rule a text
-token (BOS, EOS, `<t>`, a text piece) is a patch of its own and no patch mixes modalities.
+token (BOS, EOS, `<t>`, a text piece) is a patch of its own and no patch mixes modalities. At an
+EOS: it is a patch of its own and ends the document, so the patches of a row packing several
+documents (cut per whole document) never span two of them.
 
 - `token_patch_lengths`: every token its own patch (the baseline without local models).
 - `static_patch_lengths`: the speech-mode marker and the units are patchable; each maximal run of

@@ -264,10 +264,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def preset_defaults(name: str) -> dict[str, Any]:
     """Model flag defaults (destination -> value) of the model preset `name` of models.config;
-    `model_provider.lst_config_from_args` turns them back into the preset's LSTConfig."""
+    `model_provider.lst_config_from_args` turns them back into the preset's LSTConfig (with the
+    document rule of its own flags, which a preset does not set)."""
     from megatron_lst.models.config import preset
 
-    return model_flags.flag_values(preset(name, vocab_size=1))  # sizes do not depend on it
+    values = model_flags.flag_values(preset(name, vocab_size=1))  # sizes do not depend on it
+    for flag in model_flags.DOCUMENT_FLAGS:
+        del values[flag.dest]
+    return values
 
 
 # --- validation -------------------------------------------------------------------------
@@ -445,6 +449,14 @@ def _validate_model(args: argparse.Namespace) -> None:
     for dest in ("attention_dropout", "hidden_dropout"):
         if not 0.0 <= getattr(args, dest) < 1.0:
             raise ArgumentError(f"{_flag(dest)} must be in [0, 1), got {getattr(args, dest)}")
+    if args.reset_attention_mask is not False and args.attention_dropout > 0:  # None: default on
+        raise ArgumentError("--reset-attention-mask runs the global attention as range attention, "
+                            "which has no dropout; set --attention-dropout 0 or pass "
+                            "--no-reset-attention-mask")
+    if args.reset_position_ids and args.patching_mode == "none":
+        raise ArgumentError("--reset-position-ids is not available for the token baseline "
+                            "(--patching-mode none): megatron's GPTModel numbers RoPE positions "
+                            "over the whole row")
 
 
 def _validate_lst(args: argparse.Namespace) -> None:
@@ -513,7 +525,7 @@ def _check_model_config(args: argparse.Namespace) -> None:
     from megatron_lst.training.model_provider import lst_config_from_args
 
     try:
-        lst_config_from_args(args, vocab_size=1)  # the vocabulary does not enter the checks
+        lst_config_from_args(args, vocab_size=2, eos_id=1)  # the vocabulary enters no check
     except ModelConfigError as err:
         raise ArgumentError(f"the model flags describe an impossible model: {err}") from None
 

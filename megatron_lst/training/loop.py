@@ -166,7 +166,8 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
 
     datasets = build_datasets(args, index_cache_dir)
     args.num_units = datasets.vocab.num_units  # checkpoints record the vocabulary trained on
-    model, model_config = build_model_chunks(args, datasets.vocab.size)
+    model, model_config = build_model_chunks(args, datasets.vocab.size,
+                                             eos_id=datasets.vocab.eos_id)
     optimizer = get_megatron_optimizer(optimizer_config_from_args(args), model)
     scheduler = scheduler_from_args(optimizer, args)
     # Megatron's schedules scale the loss through this before backward (fp16 loss scaling; a
@@ -221,7 +222,7 @@ class _ForwardStep:
     def __call__(self, data_iterator: Iterator | None, model: torch.nn.Module):
         from megatron.core import parallel_state
 
-        if data_iterator is None:  # a middle pipeline stage: its input comes from the previous
+        if data_iterator is None:  # a middle stage (no documents): its input comes from the previous
             return model(None, None, None), partial(_loss_func, None)
         batch = next(data_iterator)
         if self.flop_shape is not None and parallel_state.is_pipeline_last_stage():
@@ -316,7 +317,7 @@ def evaluate(state: TrainingState, dataset: torch.utils.data.Dataset) -> float:
     """Token-mean validation loss over all of `dataset` (`eval_iters` global batches), in eval
     mode, without gradients; the same on every rank."""
     args = state.args
-    iterator = _data_iterator(build_loader(dataset, args))
+    iterator = _data_iterator(build_loader(dataset, args), state.model_config)
     for chunk in state.model:
         chunk.eval()
     loss_sum, tokens = 0.0, 0
@@ -332,11 +333,13 @@ def evaluate(state: TrainingState, dataset: torch.utils.data.Dataset) -> float:
     return loss_sum / tokens if tokens else math.nan
 
 
-def _data_iterator(loader: torch.utils.data.DataLoader) -> Iterator | None:
-    """The loader's iterator on stages that read batches (first and last), None in between."""
+def _data_iterator(loader: torch.utils.data.DataLoader, model_config: LSTConfig) -> Iterator | None:
+    """The loader's iterator on stages that read batches, None on the others: the first and the
+    last stage, and with packed-document attention every stage (the stages in between find the
+    documents of their global positions from the tokens)."""
     from megatron.core import parallel_state
 
-    if parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage():
+    if model_config.documents is not None or parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage():
         return iter(loader)
     return None
 
@@ -368,7 +371,8 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
         _print_rank0(f"nothing to train: the checkpoint is at iteration {state.iteration} and "
                      f"--train-iters is {args.train_iters}")
         return result
-    train_iterator = _data_iterator(build_loader(datasets.train, args, state.consumed_samples))
+    train_iterator = _data_iterator(build_loader(datasets.train, args, state.consumed_samples),
+                                    state.model_config)
     is_logging_rank = torch.distributed.get_rank() == world - 1
     training_logger = build_training_logger(
         args, world_size=world, enabled=is_logging_rank, start_iteration=state.iteration,

@@ -2,7 +2,7 @@
 
 Every field of `megatron_lst.models.config.LSTConfig` and its parts has exactly one flag here,
 except `vocab_size`, which is the joint vocabulary's size (the tokenizer's pieces, the special
-ids and `--num-units`). The table is the one place that names them: the parser's model groups,
+ids and `--num-units`), and `documents.eos_id`, the vocabulary's EOS. The table is the one place that names them: the parser's model groups,
 the preset defaults, the flags a checkpoint's model is written back as, and the check of a
 flag against a checkpoint's configuration are all derived from it. Names are Megatron-LM's where
 Megatron has the field (`--num-layers`, `--ffn-hidden-size`, `--norm-epsilon`, `--rotary-base`,
@@ -72,6 +72,18 @@ def _local_flags(side: str) -> tuple[ModelFlag, ...]:
     )
 
 
+DOCUMENT_FLAGS: tuple[ModelFlag, ...] = (
+    ModelFlag("documents.reset_attention_mask", "--reset-attention-mask", bool,
+              "Rows pack several documents, each ended by EOS: no attention crosses a document "
+              "end (local windows, pooling and decoder cross-attention, the global transformer). "
+              "On by default, for LST and the baseline alike, as the reference trains; "
+              "--no-reset-attention-mask lets attention run over the whole row."),
+    ModelFlag("documents.reset_position_ids", "--reset-position-ids", bool,
+              "RoPE positions restart at 0 at every document start (LST only; off by default, "
+              "as the reference trains)."),
+)
+"""The packed-document rule: not a model size, so presets leave it at its default."""
+
 GLOBAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("global_model.num_layers", "--num-layers", int,
               "Layers of the global transformer (the token baseline's whole model)."),
@@ -94,6 +106,7 @@ GLOBAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("init_std", "--init-method-std", float,
               "Std of the normal initialisation of the weight matrices (default 0.02). May "
               "change when resuming.", fixed_by_checkpoint=False),
+    *DOCUMENT_FLAGS,
 )
 
 LOCAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
@@ -144,6 +157,8 @@ def add_model_flags(group, flags: tuple[ModelFlag, ...]) -> None:
 
 def flag_value(flag: ModelFlag, config) -> Any:
     """The value of `flag` that describes `config`'s field."""
+    if flag.part is not None and getattr(config, flag.part) is None:
+        return False  # an absent optional part (documents): its switches are off
     value = operator.attrgetter(flag.field)(config)
     if value is None and flag.none_means is not None:
         value = operator.attrgetter(flag.none_means)(config)

@@ -16,6 +16,7 @@ import torch
 from megatron_lst.models import LSTConfig, build_model, finalize_lst_model_grads
 from megatron_lst.models.config import (
     CrossAttentionConfig,
+    DocumentMaskingConfig,
     GlobalModelConfig,
     LocalModelConfig,
     swiglu_ffn_size,
@@ -23,23 +24,27 @@ from megatron_lst.models.config import (
 from megatron_lst.training import model_flags
 
 
-def lst_config_from_args(args: argparse.Namespace, vocab_size: int) -> LSTConfig:
-    """The model of validated `args` over a joint vocabulary of `vocab_size` ids.
+def lst_config_from_args(args: argparse.Namespace, vocab_size: int,
+                         eos_id: int | None = None) -> LSTConfig:
+    """The model of validated `args` over a joint vocabulary of `vocab_size` ids whose EOS is
+    `eos_id` (needed when --reset-attention-mask or --reset-position-ids is on).
 
-    Reads exactly the model flags of `model_flags` (one per `LSTConfig` field); a flag left at
-    None takes its field's default, or the rule its help names (local FFN widths: the SwiGLU
-    rule; cross-attention heads: the local encoder's). The token baseline (--patching-mode none)
-    reads only the global flags; its local models are never built.
+    Reads exactly the model flags of `model_flags` (one per `LSTConfig` field but the vocabulary
+    and its EOS); a flag left at None takes its field's default, or the rule its help names
+    (local FFN widths: the SwiGLU rule; cross-attention heads: the local encoder's; document
+    masking: on). The token baseline (--patching-mode none) reads only the global flags; its
+    local models are never built.
     """
     baseline = args.patching_mode == "none"
     given = model_flags.given_fields(args, baseline)
+    documents = _document_config(given.get("documents", {}), eos_id)
     global_model = GlobalModelConfig(**given.get("global_model", {}))
     if baseline:
         # A stand-in local pair the baseline never builds: LSTConfig requires one.
         local = LocalModelConfig(hidden_size=2, num_layers=1, num_heads=1, ffn_hidden_size=2)
         return LSTConfig(vocab_size=vocab_size, global_model=global_model, encoder=local,
                          decoder=local, cross_attention=CrossAttentionConfig(num_heads=1),
-                         **given.get(None, {}))
+                         documents=documents, **given.get(None, {}))
     encoder, decoder = (
         LocalModelConfig(**{"ffn_hidden_size": swiglu_ffn_size(given[side]["hidden_size"]),
                             **given[side]})
@@ -48,7 +53,22 @@ def lst_config_from_args(args: argparse.Namespace, vocab_size: int) -> LSTConfig
     cross_attention = CrossAttentionConfig(**{"num_heads": encoder.num_heads,
                                               **given.get("cross_attention", {})})
     return LSTConfig(vocab_size=vocab_size, global_model=global_model, encoder=encoder,
-                     decoder=decoder, cross_attention=cross_attention, **given.get(None, {}))
+                     decoder=decoder, cross_attention=cross_attention, documents=documents,
+                     **given.get(None, {}))
+
+
+def _document_config(given: dict[str, bool], eos_id: int | None) -> DocumentMaskingConfig | None:
+    """The packed-document rule of --reset-attention-mask (default on) and --reset-position-ids
+    (default off); None when both are off."""
+    reset_attention = given.get("reset_attention_mask", True)
+    reset_positions = given.get("reset_position_ids", False)
+    if not (reset_attention or reset_positions):
+        return None
+    if eos_id is None:
+        raise ValueError("--reset-attention-mask / --reset-position-ids find documents by the "
+                         "vocabulary's EOS id; pass it (eos_id) to build the model")
+    return DocumentMaskingConfig(eos_id=eos_id, reset_attention_mask=reset_attention,
+                                 reset_position_ids=reset_positions)
 
 
 def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):
@@ -69,11 +89,12 @@ def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):
     )
 
 
-def build_model_chunks(args: argparse.Namespace, vocab_size: int, config: LSTConfig | None = None
-                       ) -> tuple[list[torch.nn.Module], LSTConfig]:
+def build_model_chunks(args: argparse.Namespace, vocab_size: int, *, eos_id: int | None = None,
+                       config: LSTConfig | None = None) -> tuple[list[torch.nn.Module], LSTConfig]:
     """This rank's wrapped model chunks (one: no virtual pipeline stages) and the model config.
 
-    The model is `config` when given (a checkpoint's own), else the one the flags describe.
+    The model is `config` when given (a checkpoint's own), else the one the flags describe over
+    a vocabulary of `vocab_size` ids whose EOS is `eos_id`.
 
     Call after `initialize_parallel`. The returned chunks are megatron DDP modules; their
     `.config` has `finalize_model_grads_func` set to `finalize_lst_model_grads`.
@@ -83,7 +104,7 @@ def build_model_chunks(args: argparse.Namespace, vocab_size: int, config: LSTCon
     from megatron.core.transformer.module import Float16Module
 
     if config is None:
-        config = lst_config_from_args(args, vocab_size)
+        config = lst_config_from_args(args, vocab_size, eos_id)
     elif config.vocab_size != vocab_size:
         raise ValueError(f"model vocab_size {config.vocab_size} differs from the vocabulary's "
                          f"{vocab_size} ids")

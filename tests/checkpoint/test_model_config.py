@@ -48,11 +48,12 @@ def test_a_checkpoint_without_the_record_is_read_through_its_flags(tmp_path):
     saved_args["local_attention_window"] = 64  # the one local window flag of those versions
     metadata = {"args": saved_args, "vocab": vocab.to_dict()}
     saved = read_model_config(metadata, tmp_path)
-    expected = lst_config_from_args(argparse.Namespace(**vars(args)), vocab.size)
+    expected = lst_config_from_args(argparse.Namespace(**vars(args)), vocab.size, vocab.eos_id)
     assert saved.config.encoder.window == saved.config.decoder.window == 64
     assert saved.config.max_sequence_length == 24  # what those versions recorded: --max-tokens
     assert saved.config.global_model == expected.global_model
     assert saved.config.cross_attention == expected.cross_attention
+    assert saved.config.documents is None  # those versions trained across EOS
     assert saved.patching_mode == "static" and not saved.baseline
 
 

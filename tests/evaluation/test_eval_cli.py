@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory):
     args = validate_args(parse_args(flags), 1)
     initialize_parallel(seed=3)
     try:
-        chunks, _ = build_model_chunks(args, vocab().size)
+        chunks, _ = build_model_chunks(args, vocab().size, eos_id=vocab().eos_id)
         save_checkpoint(3, chunks, None, None, args, {}, root / "save", vocab())
         for chunk in chunks:
             chunk.eval()

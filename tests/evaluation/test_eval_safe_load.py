@@ -32,7 +32,7 @@ def crafted_checkpoint(tmp_path):
     args = validate_args(parse_args(flags), 1)
     initialize_parallel(seed=3)
     try:
-        chunks, _ = build_model_chunks(args, vocab().size)
+        chunks, _ = build_model_chunks(args, vocab().size, eos_id=vocab().eos_id)
         checkpoint = save_checkpoint(3, chunks, None, None, args, {}, tmp_path / "save", vocab())
     finally:
         destroy_parallel()

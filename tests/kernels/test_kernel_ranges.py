@@ -95,3 +95,74 @@ def test_helpers_reject_bad_arguments():
         patch_ids_from_lengths(torch.ones(3, dtype=torch.int32), 4)
     with pytest.raises(TypeError, match=r"integer"):
         patch_ids_from_lengths(torch.ones(1, 3), 4)
+
+
+# --- packed documents ---------------------------------------------------------------------------
+
+EOS = 2
+
+
+def _packed(seed):
+    """Rows of patches of 1..4 tokens, some ending with EOS (every EOS ends its patch), two
+    trailing zero-length patches; tokens `[B, N]`, lengths `[B, P]` summing to N + 1."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 5, (3, 24), generator=generator)
+    lengths[:, 0], lengths[:, -2:] = 1, 0
+    num_tokens = int(lengths.sum(1).max()) - 1
+    lengths[:, -3] += num_tokens + 1 - lengths.sum(1)
+    tokens = torch.randint(3, 9, (3, num_tokens), generator=generator)
+    ends = lengths.cumsum(1) - 1
+    for b, q in ((torch.rand(3, 24, generator=generator) < 0.25) & (ends < num_tokens)).nonzero().tolist():
+        tokens[b, ends[b, q]] = EOS
+    return tokens, lengths.int()
+
+
+def test_document_starts_by_the_rule():
+    from lst_kernels import document_starts
+
+    tokens, _ = _packed(0)
+    starts = document_starts(tokens, EOS)
+    for b in range(tokens.shape[0]):
+        current = 0
+        for i in range(tokens.shape[1] + 1):
+            if i > 0 and tokens[b, i - 1] == EOS:
+                current = i
+            assert starts[b, i] == current
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 100])
+@pytest.mark.parametrize("seed", range(3))
+def test_document_cut_ranges_equal_the_rule_masks(window, seed):
+    """Each range cut at the document start is exactly the rule's dense mask (so it is
+    contiguous): local window, encoder pooling, decoder cross-attention and global attention."""
+    from lst_kernels import (
+        document_starts,
+        patch_document_starts,
+        sliding_window_key_starts,
+        token_document_first_patch,
+    )
+    from patching.document_rule import (
+        decoder_mask,
+        encoder_mask,
+        global_mask,
+        self_attention_mask,
+    )
+
+    tokens, lengths = _packed(seed)
+    batch, num_tokens = tokens.shape
+    num_patches, k = lengths.shape[1], 2
+    starts = document_starts(tokens, EOS)
+    arange = torch.arange
+    start = sliding_window_key_starts(starts[:, :-1], window)
+    end = arange(1, num_tokens + 1).expand(batch, -1)
+    assert torch.equal(range_mask(start, end, num_tokens), self_attention_mask(tokens, EOS, window))
+    start, end = encoder_key_ranges(lengths, k, window, num_tokens, starts)
+    assert torch.equal(range_mask(start, end, num_tokens), encoder_mask(tokens, EOS, lengths, window, k))
+    ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
+    start, end = decoder_key_ranges(ids, k, window, num_patches,
+                                    token_document_first_patch(lengths, starts))
+    assert torch.equal(range_mask(start, end, num_patches * k),
+                       decoder_mask(tokens, EOS, lengths, window, k))
+    start = patch_document_starts(lengths, starts)
+    end = arange(1, num_patches + 1).expand(batch, -1)
+    assert torch.equal(range_mask(start, end, num_patches), global_mask(tokens, EOS, lengths))

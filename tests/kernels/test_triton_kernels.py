@@ -13,10 +13,20 @@ import torch
 from kernel_cases import random_patch_lengths
 from lst_kernels import (
     decoder_key_ranges,
+    document_starts,
     encoder_key_ranges,
     patch_cross_attention,
     patch_ids_from_lengths,
     segment_pool,
+    sliding_window_key_starts,
+    token_document_first_patch,
+)
+from patching.document_rule import (
+    decoder_mask,
+    dense_attention,
+    encoder_mask,
+    global_mask,
+    self_attention_mask,
 )
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -169,3 +179,71 @@ def test_double_backward_raises_instead_of_dropping_second_order_terms():
         (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
             grad.sum().backward()
+
+
+# --- packed documents: the ranges cut at document starts, against the rule's dense masks ---------
+
+EOS = 2
+
+
+def _packed_documents(generator, batch, num_patches):
+    """Rows of patches of 1..5 tokens, about one in six ending with EOS (which ends its document
+    and, as every EOS in the data, sits in a patch that ends there), no zero-length patches
+    inside, a few trailing. Returns tokens `[B, N]` (N = sum - 1) and patch lengths `[B, P]`."""
+    lengths = torch.randint(1, 6, (batch, num_patches), generator=generator)
+    lengths[:, -2:] = 0
+    lengths[:, 0] = 1
+    num_tokens = int(lengths.sum(1).max()) - 1
+    lengths[:, -3] += num_tokens + 1 - lengths.sum(1)  # every row sums to N + 1
+    tokens = torch.randint(3, 50, (batch, num_tokens), generator=generator)
+    ends = lengths.cumsum(1) - 1  # [B, P] last position of each patch
+    ending = (torch.rand(batch, num_patches, generator=generator) < 0.17) & (ends < num_tokens)
+    for b, q in ending.nonzero().tolist():
+        tokens[b, ends[b, q]] = EOS
+    return tokens, lengths.int()
+
+
+@pytest.mark.parametrize("attention", ["window", "encoder", "decoder", "global"])
+@pytest.mark.parametrize("window", [3, 500])  # tokens / patches: shorter and longer than documents
+def test_document_ranges_match_the_dense_rule(attention, window):
+    """Every attention's key ranges cut at the document start, run by the Triton kernel over
+    several 16-wide tiles, equal dense attention under the rule's masks, forward and backward."""
+    generator = torch.Generator().manual_seed(window)
+    tokens, lengths = _packed_documents(generator, batch=2, num_patches=56)
+    batch, num_tokens = tokens.shape
+    num_patches, k = lengths.shape[1], 2
+    starts = document_starts(tokens, EOS)  # [B, N + 1]
+    if attention == "window":
+        window = min(window, 40)
+        key_start = sliding_window_key_starts(starts[:, :-1], window)
+        key_end = torch.arange(1, num_tokens + 1).expand(batch, num_tokens)
+        visible, num_queries, num_keys = self_attention_mask(tokens, EOS, window), num_tokens, num_tokens
+    elif attention == "encoder":
+        key_start, key_end = encoder_key_ranges(lengths, k, window, num_tokens, starts)
+        visible = encoder_mask(tokens, EOS, lengths, window, k)
+        num_queries, num_keys = num_patches * k, num_tokens
+    elif attention == "decoder":
+        ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
+        key_start, key_end = decoder_key_ranges(ids, k, window, num_patches,
+                                                token_document_first_patch(lengths, starts))
+        visible = decoder_mask(tokens, EOS, lengths, window, k)
+        num_queries, num_keys = num_tokens, num_patches * k
+    else:
+        from lst_kernels import patch_document_starts
+
+        key_start = patch_document_starts(lengths, starts)
+        key_end = torch.arange(1, num_patches + 1).expand(batch, num_patches)
+        visible, num_queries, num_keys = global_mask(tokens, EOS, lengths), num_patches, num_patches
+    assert num_queries > 3 * 16 and num_keys > 3 * 16  # several tiles each way
+    q = torch.randn(batch, num_queries, 2, 16, generator=generator, requires_grad=True)
+    kk = torch.randn(batch, num_keys, 2, 16, generator=generator, requires_grad=True)
+    v = torch.randn(batch, num_keys, 2, 16, generator=generator, requires_grad=True)
+    inputs = [t.detach().to(DEVICE).requires_grad_() for t in (q, kk, v)]
+    out = patch_cross_attention(*inputs, key_start.to(DEVICE), key_end.to(DEVICE), backend="triton")
+    expected = dense_attention(q.double(), kk.double(), v.double(), visible)
+    torch.testing.assert_close(out.double().cpu(), expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=generator)
+    got = torch.autograd.grad(out, inputs, grad.to(DEVICE))
+    want = torch.autograd.grad(expected, (q, kk, v), grad.double())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double().cpu(), w.double(), atol=1e-5, rtol=1e-5)

@@ -1,18 +1,18 @@
-"""Sliding-window causal attention: both SDPA paths (the CPU one that merges a causal and an
-earlier block per chunk, and the any-device one with one masked block per chunk) against a dense
-masked reference, forward and backward, and the backend choice (flash-attn on CUDA half
-precision, SDPA otherwise)."""
+"""Sliding-window causal attention: both PyTorch paths (the CPU one that merges a causal and an
+earlier block per chunk, and the any-device range attention) against a dense masked reference,
+forward and backward, without and with packed documents, and the backend choice (flash-attn on
+CUDA half precision, PyTorch otherwise)."""
 
 import math
 
 import pytest
 import torch
 
-from megatron_lst.models import local_attention, sliding_window_cpu
+from megatron_lst.models import sliding_window_cpu
 from megatron_lst.models.local_attention import (
     SlidingWindowAttention,
-    chunked_sliding_window_sdpa,
     flash_attn_available,
+    range_sliding_window,
     resolve_local_attention_backend,
     sliding_window_sdpa,
 )
@@ -21,7 +21,7 @@ from megatron_lst.models.sliding_window_cpu import sliding_window_attention_cpu
 PATHS = {
     "sdpa": sliding_window_sdpa,  # dispatches: CPU path for N > W on CPU
     "cpu": sliding_window_attention_cpu,
-    "chunked": chunked_sliding_window_sdpa,
+    "range": range_sliding_window,
 }
 
 
@@ -54,12 +54,9 @@ def test_matches_dense(path, num_tokens, window):
 
 @pytest.mark.parametrize("num_tokens,window,chunk", [(23, 8, 3), (17, 5, 2), (9, 4, 1), (30, 7, 4)])
 def test_query_chunks_shorter_than_the_window(monkeypatch, num_tokens, window, chunk):
-    """C < W: the any-device path's chunks see W + C keys, the first ones partly the zero rows
-    before position 0; the CPU path's earlier blocks are partly masked, partly clipped at 0."""
-    monkeypatch.setattr(local_attention, "MAX_QUERY_CHUNK", chunk)
+    """C < W: the CPU path's earlier blocks are partly masked, partly clipped at 0."""
     monkeypatch.setattr(sliding_window_cpu, "QUERY_CHUNK", chunk)
-    for path in ("cpu", "chunked"):
-        test_matches_dense(path, num_tokens, window)
+    test_matches_dense("cpu", num_tokens, window)
 
 
 def test_cpu_path_gradcheck_float64(monkeypatch):
@@ -97,4 +94,85 @@ def test_flash_matches_sdpa_on_gpu():
                for _ in range(3))
     flash = SlidingWindowAttention(window=64, backend="flash")(q, k, v)
     reference = sliding_window_sdpa(q.float(), k.float(), v.float(), 64)
+    torch.testing.assert_close(flash.float(), reference, atol=2e-2, rtol=2e-2)
+
+
+# --- packed documents -------------------------------------------------------------------------
+
+EOS = 2
+
+
+def packed_tokens(document_lengths: list[list[int]], generator) -> torch.Tensor:
+    """`[B, N]` rows of documents of the given lengths, each ending with EOS (ids 3..9 inside)."""
+    rows = []
+    for lengths in document_lengths:
+        row = []
+        for length in lengths:
+            row += torch.randint(3, 10, (length - 1,), generator=generator).tolist() + [EOS]
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def dense_document_window(q, k, v, tokens, window):
+    """O(N^2) reference from the rule (`patching.document_rule`): token i attends j with
+    0 <= i - j < W in the same document. [B, N, H, d] in float64."""
+    from patching.document_rule import self_attention_mask
+
+    visible = self_attention_mask(tokens, EOS, window)  # [B, N, N]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v.double())
+
+
+DOCUMENT_ROWS = [[[5, 17, 1, 9], [3, 3, 20, 6]], [[12, 12, 2, 10], [30, 6]], [[1, 1, 34], [2, 2, 32]]]
+
+
+@pytest.mark.parametrize("path,chunk", [("sdpa", 128), ("cpu", 3), ("range", 128)])
+@pytest.mark.parametrize("window", [1, 4, 40])
+@pytest.mark.parametrize("rows", DOCUMENT_ROWS)
+def test_documents_match_dense(monkeypatch, path, chunk, window, rows):
+    """Windows shorter and longer than the documents, document starts inside and at the edges
+    of the CPU path's query chunks; the key starts come from the package's helpers."""
+    from lst_kernels import document_starts, sliding_window_key_starts
+
+    monkeypatch.setattr(sliding_window_cpu, "QUERY_CHUNK", chunk)
+    generator = torch.Generator().manual_seed(window * 7 + chunk)
+    tokens = packed_tokens(rows, generator)
+    key_start = sliding_window_key_starts(document_starts(tokens, EOS)[:, :-1], window)
+    q, k, v = (torch.randn(*tokens.shape, 2, 8, generator=generator, requires_grad=True)
+               for _ in range(3))
+    out = PATHS[path](q, k, v, window, key_start)
+    expected = dense_document_window(q, k, v, tokens, window)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=generator)
+    got = torch.autograd.grad(out, (q, k, v), grad, materialize_grads=True)
+    want = torch.autograd.grad(expected, (q, k, v), grad.double())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_documents_cpu_path_gradcheck_float64(monkeypatch):
+    from lst_kernels import document_starts, sliding_window_key_starts
+
+    monkeypatch.setattr(sliding_window_cpu, "QUERY_CHUNK", 3)
+    tokens = packed_tokens([[4, 1, 6], [2, 9]], torch.Generator().manual_seed(1))
+    key_start = sliding_window_key_starts(document_starts(tokens, EOS)[:, :-1], 5)
+    generator = torch.Generator().manual_seed(7)
+    inputs = tuple(torch.randn(2, 11, 2, 4, generator=generator, dtype=torch.float64,
+                               requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: sliding_window_attention_cpu(q, k, v, 5, key_start), inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flash_attn_available(), reason="flash-attn is not installed")
+def test_flash_varlen_documents_match_range_attention_on_gpu():
+    from lst_kernels import document_starts, sliding_window_key_starts
+
+    generator = torch.Generator().manual_seed(1)
+    tokens = packed_tokens([[40, 100, 7, 153], [300]], generator).cuda()
+    key_start = sliding_window_key_starts(document_starts(tokens, EOS)[:, :-1], 64)
+    q, k, v = (torch.randn(2, 300, 4, 64, generator=generator).cuda().bfloat16() for _ in range(3))
+    flash = SlidingWindowAttention(window=64, backend="flash")(q, k, v, key_start)
+    reference = range_sliding_window(q.float(), k.float(), v.float(), 64, key_start)
     torch.testing.assert_close(flash.float(), reference, atol=2e-2, rtol=2e-2)

@@ -152,3 +152,28 @@ def test_the_rows_last_target_is_checked_too():
     check_batch(hand_batch([1, 3, 9, 0, 0, 0, 0, 0, 0], row), VOCAB)  # EOS + 8 padding
     with pytest.raises(BatchContractError, match="mixes text and speech \\(at the row's last"):
         check_batch(hand_batch([1, 12, 0, 0, 0, 0, 0, 0, 0], row), VOCAB)
+
+
+def test_packed_documents_never_share_a_patch():
+    """Rows packing several documents, as the dataset cuts them, pass the contract, and every
+    position after an EOS starts a patch: no patch spans two documents, in every rule."""
+    from lst_kernels import document_starts
+
+    for rule in (lambda d: static_patch_lengths(d, 4), aligned_patch_lengths,
+                 lambda d: aligned_patch_lengths(d, "merged")):
+        rng = np.random.default_rng(5)
+        docs = [random_interleaved(rng, max_blocks=3) for _ in range(4)]
+        tokens = np.concatenate([d.tokens for d in docs]).astype(np.int64)
+        modality = np.concatenate([d.modality for d in docs]).astype(np.int64)
+        lengths = np.concatenate([rule(d) for d in docs])
+        batch = {k: v[None] for k, v in pad_row(tokens, modality, lengths, len(tokens) + 3,
+                                                len(lengths) + 2).items()}
+        check_batch(batch, VOCAB)
+        n = batch["tokens"].shape[1]
+        starts = document_starts(batch["tokens"], VOCAB.eos_id)[0]  # [N + 1]
+        ids = patch_ids(batch["patch_lengths"], n + 1)[0]  # [N + 1]
+        assert int(starts.unique().numel()) >= 4
+        new_document = starts == torch.arange(n + 1)
+        new_patch = torch.ones(n + 1, dtype=torch.bool)
+        new_patch[1:] = ids[1:] != ids[:-1]
+        assert (new_patch | ~new_document).all()

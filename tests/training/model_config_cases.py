@@ -6,10 +6,14 @@ from hypothesis import strategies as st
 
 from megatron_lst.models.config import (
     CrossAttentionConfig,
+    DocumentMaskingConfig,
     GlobalModelConfig,
     LocalModelConfig,
     LSTConfig,
 )
+
+EOS_ID = 2
+"""The EOS of every drawn configuration's vocabulary (`JointVocab`'s layout puts it at 2)."""
 
 
 def _divisors(n: int) -> list[int]:
@@ -58,5 +62,11 @@ def lst_configs(draw, max_width: int = 48, max_layers: int = 3) -> LSTConfig:
         norm_eps=draw(st.floats(1e-12, 1e-2)),
         rope_theta=draw(st.floats(1.0, 1e7)),
         max_sequence_length=draw(st.integers(2, 1 << 20)),
+        documents=draw(st.sampled_from((
+            None,  # both switches off
+            DocumentMaskingConfig(EOS_ID, reset_attention_mask=True, reset_position_ids=False),
+            DocumentMaskingConfig(EOS_ID, reset_attention_mask=True, reset_position_ids=True),
+            DocumentMaskingConfig(EOS_ID, reset_attention_mask=False, reset_position_ids=True),
+        ))),
         init_std=draw(st.floats(1e-5, 1.0)),
     )

@@ -1,5 +1,6 @@
 """lst-train flags: Megatron names, preset < YAML < command line, and up-front validation."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -253,15 +254,17 @@ def test_preset_names_are_the_model_presets():
 
 @pytest.mark.parametrize("name", arguments.PRESET_NAMES)
 def test_preset_flags_build_the_preset_model(name):
-    from megatron_lst.models.config import preset
+    from megatron_lst.models.config import DocumentMaskingConfig, preset
     from megatron_lst.training.model_provider import lst_config_from_args
 
     config = preset(name, vocab_size=1020)
     run = ["--preset", name, "--seq-length", "8", "--train-iters", "1", "--lr", "1e-3"]
     lst = validate_args(parse_args([*run, "--patching-mode", "static",
                                     "--max-tokens", str(config.max_sequence_length)]), 1)
-    assert lst_config_from_args(lst, vocab_size=1020) == config
-    baseline = lst_config_from_args(validate_args(parse_args(run), 1), vocab_size=1020)
+    # --reset-attention-mask is on by default: documents end at the vocabulary's EOS.
+    documents = DocumentMaskingConfig(eos_id=2)
+    assert lst_config_from_args(lst, 1020, eos_id=2) == dataclasses.replace(config, documents=documents)
+    baseline = lst_config_from_args(validate_args(parse_args(run), 1), 1020, eos_id=2)
     assert (baseline.global_model, baseline.rope_theta, baseline.max_sequence_length) == \
         (config.global_model, config.rope_theta, config.max_sequence_length)
 

@@ -49,7 +49,7 @@ def test_split_bounds_follow_megatron_rounding():
 
 def test_lst_config_from_the_tiny_preset_flags():
     args = validate_args(parse_args(tiny_flags(["x"]) + ["--train-iters", "2"]), 1)
-    config = lst_config_from_args(args, vocab_size=76)
+    config = lst_config_from_args(args, vocab_size=76, eos_id=2)
     assert config.vocab_size == 76
     assert (config.global_model.hidden_size, config.global_model.num_layers,
             config.global_model.num_heads, config.global_model.ffn_hidden_size) == (64, 2, 4, 176)

@@ -7,19 +7,24 @@ import typing
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 
 from megatron_lst.checkpoint.model_state import lst_config_to_dict
-from megatron_lst.models.config import LSTConfig, preset
+from megatron_lst.models.config import DocumentMaskingConfig, LSTConfig, preset
 from megatron_lst.training import arguments, model_flags
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.checkpointing import FORMAT_VERSION, METADATA_FILENAME, TRACKER_FILENAME
 from megatron_lst.training.model_provider import lst_config_from_args
-from training.model_config_cases import lst_configs
+from training.model_config_cases import EOS_ID, lst_configs
 
 # The non-model flags a run needs; none of them changes the model.
 RUN = ["--seq-length", "2", "--train-iters", "1", "--lr", "1e-3"]
 LST_RUN = [*RUN, "--patching-mode", "static", "--max-tokens", "8"]
+
+
+def _masked(config: LSTConfig) -> LSTConfig:
+    """`config` with the default document rule (--reset-attention-mask on)."""
+    return dataclasses.replace(config, documents=DocumentMaskingConfig(EOS_ID))
 
 
 def _leaf_fields(kind, prefix: str = "") -> dict[str, typing.Any]:
@@ -27,6 +32,9 @@ def _leaf_fields(kind, prefix: str = "") -> dict[str, typing.Any]:
     leaves = {}
     for field in dataclasses.fields(kind):
         hint = hints[field.name]
+        optional = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):
+            hint = optional[0]  # an optional part (documents)
         if dataclasses.is_dataclass(hint):
             leaves.update(_leaf_fields(hint, f"{prefix}{field.name}."))
         else:
@@ -37,6 +45,7 @@ def _leaf_fields(kind, prefix: str = "") -> dict[str, typing.Any]:
 def test_every_config_field_but_the_vocabulary_has_one_flag_of_its_type():
     leaves = _leaf_fields(LSTConfig)
     assert leaves.pop("vocab_size") is int  # the joint vocabulary's size, not a flag
+    assert leaves.pop("documents.eos_id") is int  # the vocabulary's EOS, not a flag
     assert sorted(f.field for f in model_flags.MODEL_FLAGS) == sorted(leaves)
     for flag in model_flags.MODEL_FLAGS:
         assert flag.kind in typing.get_args(leaves[flag.field]) + (leaves[flag.field],), flag
@@ -60,28 +69,30 @@ def test_help_groups_the_model_flags():
 def test_flags_and_yaml_give_back_any_lst_config(config, tmp_path_factory):
     argv = model_flags.config_to_argv(config)
     from_flags = validate_args(parse_args([*LST_RUN, *argv]), 1)
-    assert lst_config_from_args(from_flags, config.vocab_size) == config
+    assert lst_config_from_args(from_flags, config.vocab_size, EOS_ID) == config
 
     path = tmp_path_factory.mktemp("yaml") / "model.yaml"
     path.write_text(yaml.safe_dump(model_flags.config_to_yaml_mapping(config)))
     from_yaml = validate_args(parse_args([*LST_RUN, "--config", str(path)]), 1)
-    assert lst_config_from_args(from_yaml, config.vocab_size) == config
+    assert lst_config_from_args(from_yaml, config.vocab_size, EOS_ID) == config
 
 
 @settings(max_examples=30, deadline=None)
 @given(config=lst_configs())
 def test_flags_give_back_the_global_part_for_the_token_baseline(config):
+    assume(config.documents is None or not config.documents.reset_position_ids)  # LST only
     args = validate_args(parse_args([*RUN, *model_flags.config_to_argv(config, baseline=True)]), 1)
-    built = lst_config_from_args(args, config.vocab_size)
+    built = lst_config_from_args(args, config.vocab_size, EOS_ID)
     assert (built.global_model, built.norm_eps, built.rope_theta, built.max_sequence_length,
-            built.init_std) == (config.global_model, config.norm_eps, config.rope_theta,
-                                config.max_sequence_length, config.init_std)
+            built.init_std, built.documents) == (config.global_model, config.norm_eps,
+                                                 config.rope_theta, config.max_sequence_length,
+                                                 config.init_std, config.documents)
 
 
 @pytest.mark.parametrize("name", arguments.PRESET_NAMES)
 def test_presets_still_set_every_model_flag(name):
     args = validate_args(parse_args(["--preset", name, *LST_RUN]), 1)
-    assert lst_config_from_args(args, 1020) == preset(name, 1020)
+    assert lst_config_from_args(args, 1020, EOS_ID) == _masked(preset(name, 1020))
 
 
 def test_yaml_takes_both_spellings_of_a_switch_pair(tmp_path):
@@ -164,7 +175,7 @@ def test_a_flag_that_contradicts_the_checkpoint_is_refused_with_both_values(tmp_
     # --no-use-checkpoint-args builds the model from the flags alone.
     args = validate_args(parse_args([*LST_RUN, "--load", str(load), "--preset", "tiny-cpu",
                                      "--no-use-checkpoint-args"]), 1)
-    assert lst_config_from_args(args, 100) == preset("tiny-cpu", 100)
+    assert lst_config_from_args(args, 100, EOS_ID) == _masked(preset("tiny-cpu", 100))
 
 
 def test_the_model_kind_must_match_the_checkpoint(tmp_path):
@@ -184,7 +195,8 @@ def test_the_custom_model_example_builds_the_model_it_spells_out():
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "examples" / "configs" / "custom_model_lst.yaml"
-    config = lst_config_from_args(validate_args(parse_args(["--config", str(path)]), 1), 1000)
+    config = lst_config_from_args(validate_args(parse_args(["--config", str(path)]), 1), 1000,
+                                  EOS_ID)
     assert (config.global_model.num_query_groups, config.rope_theta, config.norm_eps) == \
         (3, 50000.0, 1e-6)
     assert (config.encoder.ffn_hidden_size, config.decoder.ffn_hidden_size) == (128, 160)
