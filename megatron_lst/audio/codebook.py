@@ -28,8 +28,10 @@ class CodebookError(ValueError):
 
 
 def _looks_pickled(head: bytes) -> bool:
-    # Pickle protocol 2+ starts with PROTO (0x80); joblib files are zlib (0x78) or pickles.
-    return head[:1] == b"\x80" or head[:2] in (b"x\x9c", b"x\x01", b"x\xda")
+    # Pickle protocol 2+ starts with PROTO (0x80); compressed joblib files are zlib streams
+    # (0x78, then a checksum byte) or gzip (1f 8b) around a pickle.
+    zlib = head[:1] == b"x" and len(head) > 1 and int.from_bytes(head[:2], "big") % 31 == 0
+    return head[:1] == b"\x80" or zlib or head[:2] == b"\x1f\x8b"
 
 
 def _checked(centroids: np.ndarray, where: str) -> np.ndarray:
@@ -88,7 +90,9 @@ def load_codebook(path: str | Path) -> KMeansCodebook:
             raise CodebookError(f"{path}: has no 'centroids' tensor (found {sorted(tensors)})")
         return KMeansCodebook(_checked(tensors["centroids"], str(path)))
     if head[:6] != _NPY_MAGIC:
-        raise CodebookError(f"{path}: not a .npy or .safetensors codebook")
+        raise CodebookError(f"{path}: not a .npy or .safetensors codebook (a pickled k-means "
+                            f"converts with: python tools/train_kmeans.py import {path} "
+                            f"--trust-pickle --output codebook.npy)")
     try:
         centroids = np.load(path, allow_pickle=False)
     except ValueError as error:  # an object array: numpy would need to unpickle it
