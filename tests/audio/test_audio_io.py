@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from audio.audio_cases import tone
 
-from megatron_lst.audio.audio_io import AudioError, audio_info, load_audio_16k, read_audio, write_wav
+from megatron_lst.audio.audio_io import (
+    AudioError,
+    audio_info,
+    load_audio_16k,
+    read_audio,
+    write_wav,
+)
 
 
 def _write_pcm(path, ints: np.ndarray, width: int, channels: int, rate: int) -> None:
