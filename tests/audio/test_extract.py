@@ -187,7 +187,10 @@ def test_unit_files_preprocess_and_train(corpus, units, tmp_path):
         write_textgrid(grid, [Interval(0.0, 0.2, ""), Interval(0.2, seconds / 2, first),
                               Interval(seconds / 2, seconds, second)])
         texts.append(text)
-    spm = train_sentencepiece(texts * 20, tmp_path / "spm.model", 40)
+    rng = np.random.default_rng(0)
+    words = " ".join(texts).split() + "and of to in is it was he she we they".split()
+    sentences = [" ".join(rng.choice(words, 10)) for _ in range(200)]
+    spm = train_sentencepiece(sentences, tmp_path / "spm.model", 290)
     prefix = tmp_path / "speech"
     # The reader pairs <textgrid-dir>/<id>.TextGrid with <units-dir>/<id>.npy.
     _load_tool("preprocess_data").main([
@@ -199,7 +202,27 @@ def test_unit_files_preprocess_and_train(corpus, units, tmp_path):
     assert store.manifest.counts.units == sum(len(u) for u in _unit_files(units).values())
 
     flags = tiny_flags([str(prefix)]) + ["--train-iters", "2", "--split", "100,0,0",
-                                         "--eval-iters", "0", "--tokenizer-model", str(spm)]
+                                         "--tokenizer-model", str(spm)]
     result = pretrain(validate_args(parse_args(flags), 1))
     assert sorted(result.losses) == [1, 2]
     assert all(np.isfinite(loss) for loss in result.losses.values())
+
+
+def test_demo_corpus_takes_hubert_units(corpus):
+    hubert_dir = corpus[1]
+    import pickle
+
+    from megatron_lst.demo_corpus.build import unit_features
+    from megatron_lst.demo_corpus.units import MfccFeatures
+
+    parser = _load_tool("build_demo_corpus").build_parser()
+    args = parser.parse_args(["--out-dir", "x", "--units", "hubert", "--hubert-dir",
+                              str(hubert_dir), "--hubert-layer", "1"])
+    features = unit_features(args.units, args.hubert_dir, args.hubert_layer)
+    wave = _waves()[0]
+    assert features(wave).shape == (len(wave) // 640, 32)
+    # The demo's synthesis workers receive the features pickled: the model reloads from its path.
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(features))(wave), features(wave))
+    assert isinstance(unit_features(), MfccFeatures)
+    with pytest.raises(ValueError, match="--hubert-dir"):
+        unit_features("hubert")
