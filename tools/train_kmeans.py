@@ -17,7 +17,6 @@ metadata): loading it never unpickles anything. `import` converts a pickled scik
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_lst.audio.audio_io import AudioError
+from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, default_device
 from megatron_lst.audio.codebook import (
     CodebookError,
     fit_codebook,
@@ -38,18 +38,13 @@ from megatron_lst.audio.hubert import HubertFeatures
 from megatron_lst.demo_corpus.optional import MissingDependencyError
 from megatron_lst.demo_corpus.units import KMeansCodebook
 
-_extract = importlib.util.spec_from_file_location(
-    "extract_units_cli", Path(__file__).resolve().with_name("extract_units.py"))
-extract_cli = importlib.util.module_from_spec(_extract)
-_extract.loader.exec_module(extract_cli)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     fit = commands.add_parser("fit", help="fit k-means on a sample of a corpus' features")
-    extract_cli.add_corpus_args(fit)
-    extract_cli.add_model_args(fit)
+    add_corpus_args(fit)
+    add_model_args(fit)
     group = fit.add_argument_group("k-means")
     group.add_argument("--num-units", type=int, default=500, help="clusters (speech units)")
     group.add_argument("--sample-hours", type=float, default=10.0,
@@ -85,7 +80,7 @@ def _fit(args: argparse.Namespace) -> KMeansCodebook:
         sample.append(jobs[i])
         samples += jobs[i].num_samples_16k
     features = HubertFeatures(args.hubert_dir, args.layer, args.frame_rate,
-                              args.device or extract_cli.default_device())
+                              args.device or default_device())
     with tqdm(desc="features", unit="s audio", disable=True if args.no_progress else None,
               total=round(samples / 16000)) as bar:
         arrays = featurize(sample, features, args.batch_size, args.max_batch_seconds, bar.update)

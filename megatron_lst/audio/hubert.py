@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_lst.demo_corpus.optional import require
+from megatron_lst.demo_corpus.optional import MissingDependencyError, require
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE
 
 
@@ -38,7 +38,12 @@ class HubertFeatures:
     def __init__(self, model_dir: str | Path, layer: int = 6,
                  frame_rate: int = UNIT_FRAME_RATE, device: str = "cpu"):
         torch = require("torch", "HuBERT features")
-        transformers = require("transformers", "HuBERT features")
+        try:
+            import transformers
+        except ImportError:
+            raise MissingDependencyError(
+                "HuBERT features need the Python package 'transformers', which is not "
+                "installed; install the audio extra: pip install 'megatron-lst[audio]'") from None
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(
