@@ -16,6 +16,7 @@ features (see hubert.py), so the units are the same for any `workers` and `batch
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -191,11 +192,12 @@ def featurize(jobs: Sequence[Job], features: HubertFeatures, batch_size: int = 8
 
 
 class _Worker:
-    """The features and codebook of one process."""
+    """The features and codebook of one process, loaded by its first batch (not in a pool
+    initializer: an initializer that raises makes the pool restart workers forever)."""
 
+    config: ExtractConfig | None = None
     features: HubertFeatures | None = None
     codebook: KMeansCodebook | None = None
-    units_dir: str = ""
 
     @classmethod
     def init(cls, config: ExtractConfig) -> None:
@@ -205,15 +207,17 @@ class _Worker:
         cls.features = HubertFeatures(config.model_dir, config.layer, config.frame_rate,
                                       config.device)
         cls.codebook = load_codebook(config.codebook)
-        cls.units_dir = config.units_dir
         if cls.codebook.centroids.shape[1] != cls.features.dim:
             raise CodebookError(
                 f"{config.codebook}: centroids of dimension {cls.codebook.centroids.shape[1]} do "
                 f"not match the model's hidden size {cls.features.dim}; use the codebook fitted "
                 f"on this model's features")
+        cls.config = config
 
     @classmethod
-    def run(cls, batch: list[Job]) -> list[tuple[Job, int]]:
+    def run(cls, config: ExtractConfig, batch: list[Job]) -> list[tuple[Job, int]]:
+        if cls.config != config:
+            cls.init(config)
         waves = [load_audio_16k(job.audio) for job in batch]
         out = []
         for job, wave, features in zip(batch, waves, cls.features.batch(waves), strict=True):
@@ -222,7 +226,7 @@ class _Worker:
                 raise RuntimeError(f"{job.audio}: read {len(wave)} samples ({len(units)} units) "
                                    f"at 16 kHz, but its header promised {job.num_samples_16k} "
                                    f"({job.num_units} units)")
-            write_units(units_path(cls.units_dir, job.id), units)
+            write_units(units_path(config.units_dir, job.id), units)
             out.append((job, len(units)))
         return out
 
@@ -247,17 +251,17 @@ def extract_units(utterances: Sequence[Utterance], config: ExtractConfig,
         if progress is not None:
             progress(seconds)
 
+    run = functools.partial(_Worker.run, config)
     if batches and config.workers == 1:
-        _Worker.init(config)
         for batch in batches:
-            account(_Worker.run(batch))
+            account(run(batch))
     elif batches:
         # A fresh server process (not a fork of this one, whose thread pools may be in use)
         # imports the model code once; the workers fork from it.
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__, "transformers.models.hubert"])
-        with context.Pool(config.workers, initializer=_Worker.init, initargs=(config,)) as pool:
-            for done in pool.imap_unordered(_Worker.run, batches):
+        with context.Pool(config.workers) as pool:
+            for done in pool.imap_unordered(run, batches):
                 account(done)
     summary.wall_seconds = time.perf_counter() - start
     return summary

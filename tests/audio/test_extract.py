@@ -166,6 +166,15 @@ def test_rerun_resumes_and_refuses_other_settings(corpus, units, tmp_path):
         _extract(corpus, units_dir, "--layer", "1")
 
 
+def test_codebook_of_another_model_is_refused(corpus, tmp_path):
+    from megatron_lst.audio.codebook import CodebookError
+
+    np.save(tmp_path / "km.npy", np.zeros((8, 768), np.float32))
+    root, hubert, _ = corpus
+    with pytest.raises(CodebookError, match="dimension 768 do not match the model's hidden size 32"):
+        _extract((root, hubert, tmp_path / "km.npy"), tmp_path / "units")
+
+
 def test_unit_files_preprocess_and_train(corpus, units, tmp_path):
     from training.training_cases import tiny_flags
 
