@@ -93,8 +93,8 @@ class ExtractSummary:
     def format(self) -> str:
         hours = self.audio_seconds / 3600
         return (f"extracted {self.utterances} utterances ({hours:.3f} h of audio, "
-                f"{self.units:,} units) in {self.wall_seconds:.1f}s; skipped {self.skipped} "
-                f"already done\n  {self.units_per_second:,.0f} units/s, "
+                f"{self.units:,} units) in {self.wall_seconds:.1f}s (model loading included); "
+                f"skipped {self.skipped} already done\n  {self.units_per_second:,.0f} units/s, "
                 f"{self.units_per_second / self.cores:,.0f} units/s per core ({self.cores} "
                 f"cores), {self.audio_seconds / max(self.wall_seconds, 1e-9):.1f}x real time")
 
