@@ -71,3 +71,15 @@ def test_unreadable_files_name_the_problem(tmp_path):
     else:
         with pytest.raises(AudioError, match="not a readable audio file"):
             read_audio(bad)
+
+
+def test_flac_reads_through_soundfile(tmp_path):
+    soundfile = pytest.importorskip("soundfile")
+    samples = tone(22050, 0.5, seed=3)
+    path = tmp_path / "x.flac"
+    soundfile.write(str(path), np.stack([samples, -samples], 1), 22050, subtype="PCM_16")
+    info = audio_info(path)
+    assert (info.num_samples, info.sample_rate) == (len(samples), 22050)
+    mono, rate = read_audio(path)
+    np.testing.assert_allclose(mono, 0.0, atol=1e-7)  # the channels cancel
+    assert rate == 22050 and len(load_audio_16k(path)) == info.num_samples_16k
