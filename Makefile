@@ -20,7 +20,7 @@ $(PY):
 
 $(STAMP): setup.py | $(PY)
 	$(PIP) install $(TORCH)
-	$(PIP) install -e ".[dev,data]"
+	$(PIP) install -e ".[dev,data,audio]"
 	touch $(STAMP)
 
 ## Run the whole test suite (unit, distributed on gloo, kernels under the Triton interpreter).

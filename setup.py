@@ -37,6 +37,9 @@ setup(
         # Data tools and the demo corpus (eSpeak NG ships inside espeakng-loader).
         "data": ["tokenizers>=0.15", "scipy>=1.10", "scikit-learn>=1.3", "threadpoolctl>=3.1",
                  "espeakng-loader>=0.2", "matplotlib>=3.7"],
+        # Audio -> units (megatron_lst/audio, tools/extract_units.py): HuBERT through
+        # transformers; soundfile reads flac (integer-PCM wav needs nothing).
+        "audio": ["transformers>=5.0", "soundfile>=0.12"],
         "logging": ["tensorboard>=2.14", "wandb>=0.16"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5"],
     },

@@ -15,14 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_lst.demo_corpus.build import (
+    UNIT_FEATURES,
     DemoCorpus,
     DemoCorpusConfig,
     build_demo_corpus,
     format_summary,
+    unit_features,
 )
 from megatron_lst.demo_corpus.optional import MissingDependencyError
 from megatron_lst.demo_corpus.tts import DEFAULT_VOICES
-from megatron_lst.demo_corpus.units import HubertFeatures
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,10 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="eSpeak NG voices, one per speaker (e.g. en-us+m3)")
     parser.add_argument("--num-units", type=int, default=defaults.num_units,
                         help="k-means clusters (speech units)")
-    parser.add_argument("--hubert", type=Path,
-                        help="local HuBERT-style weights (TorchScript file or Hugging Face "
-                             "directory) to use instead of MFCC features")
-    parser.add_argument("--hubert-layer", type=int, default=6)
+    parser.add_argument("--units", choices=UNIT_FEATURES, default="mfcc",
+                        help="features the units are made from: MFCCs (offline default) or a "
+                             "local HuBERT model (--hubert-dir)")
+    parser.add_argument("--hubert-dir", type=Path,
+                        help="--units hubert: local Hugging Face HuBERT model directory")
+    parser.add_argument("--hubert-layer", type=int, default=6,
+                        help="--units hubert: transformer layer whose output is quantised")
     parser.add_argument("--tokenizer-vocab-size", type=int, default=defaults.tokenizer_vocab_size)
     parser.add_argument("--workers", type=int, default=defaults.workers)
     parser.add_argument("--no-progress", action="store_true")
@@ -56,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> DemoCorpus:
         seed=args.seed, scale=args.scale, eval_items=args.eval_items, voices=tuple(args.voices),
         num_units=args.num_units, text_files=tuple(args.text_files),
         tokenizer_vocab_size=args.tokenizer_vocab_size, workers=args.workers)
-    features = HubertFeatures(args.hubert, args.hubert_layer) if args.hubert else None
+    try:
+        features = unit_features(args.units, args.hubert_dir, args.hubert_layer)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     corpus = build_demo_corpus(args.out_dir, config=config, features=features,
                                progress=not args.no_progress)
     print(format_summary(corpus.summary))

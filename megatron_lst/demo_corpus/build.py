@@ -335,6 +335,26 @@ def _tokenize_and_index(out_dir: Path, config: DemoCorpusConfig) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+UNIT_FEATURES = ("mfcc", "hubert")
+
+
+def unit_features(kind: str = "mfcc", hubert_dir: str | Path | None = None,
+                  hubert_layer: int = 6) -> FeatureExtractor:
+    """The features units are made from: "mfcc" (offline, the default) or "hubert" (layer
+    `hubert_layer` of the local Hugging Face HuBERT model in `hubert_dir`, on CPU)."""
+    if kind == "mfcc":
+        if hubert_dir is not None:
+            raise ValueError("a HuBERT directory was given with MFCC units; choose hubert units")
+        return MfccFeatures()
+    if kind == "hubert":
+        if hubert_dir is None:
+            raise ValueError("hubert units need the local HuBERT model directory (--hubert-dir)")
+        from megatron_lst.audio.hubert import HubertFeatures
+
+        return HubertFeatures(hubert_dir, hubert_layer)
+    raise ValueError(f"unit features must be one of {UNIT_FEATURES}, got {kind!r}")
+
+
 def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                       config: DemoCorpusConfig | None = None,
                       features: FeatureExtractor | None = None,
@@ -342,7 +362,8 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     """Build (or read back from the cache) the demo corpus under `out_dir`.
 
     `config` overrides `seed` and `scale` when given. `features` defaults to MFCCs; pass
-    `HubertFeatures(path)` to use local HuBERT weights. Returns the output paths and the summary.
+    `unit_features("hubert", model_dir)` to use a local HuBERT model. Returns the output paths
+    and the summary.
     """
     config = config or DemoCorpusConfig(seed=seed, scale=scale)
     features = features or MfccFeatures()

@@ -1,0 +1,128 @@
+"""Audio files -> mono float32 waveforms at 16 kHz.
+
+`.wav` files with integer PCM samples are read with the standard library's `wave`; everything
+else (`.flac`, float wav, ...) with `soundfile` when it is installed (the `audio` extra).
+Multi-channel audio is averaged to mono. Resampling is the exact-ratio polyphase filter of
+`megatron_lst.demo_corpus.units.resample`.
+"""
+
+from __future__ import annotations
+
+import math
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megatron_lst.demo_corpus.optional import MissingDependencyError
+from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, resample
+
+AUDIO_SUFFIXES = (".wav", ".flac")
+_AUDIO_EXTRA = "pip install 'megatron-lst[audio]'"
+
+
+class AudioError(ValueError):
+    """An audio file cannot be read."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    num_samples: int
+    """Samples per channel at `sample_rate`."""
+    sample_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return self.num_samples / self.sample_rate
+
+    @property
+    def num_samples_16k(self) -> int:
+        """Samples after resampling to 16 kHz (`resample_poly`'s output length)."""
+        g = math.gcd(FEATURE_SAMPLE_RATE, self.sample_rate)
+        up, down = FEATURE_SAMPLE_RATE // g, self.sample_rate // g
+        return -(-self.num_samples * up // down)
+
+
+def _soundfile(path: Path):
+    try:
+        import soundfile
+    except ImportError:
+        raise MissingDependencyError(
+            f"{path}: reading {path.suffix or 'this'} files needs the Python package "
+            f"'soundfile', which is not installed; install the audio extra: {_AUDIO_EXTRA} "
+            f"(integer-PCM .wav files need nothing)") from None
+    return soundfile
+
+
+def _is_pcm_wav(path: Path) -> bool:
+    if path.suffix.lower() != ".wav":
+        return False
+    try:
+        with wave.open(str(path), "rb"):
+            return True
+    except (wave.Error, EOFError):
+        return False  # e.g. IEEE-float wav: soundfile reads it
+
+
+def audio_info(path: str | Path) -> AudioInfo:
+    """Length and sample rate from the file header, without reading the samples."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such audio file")
+    if _is_pcm_wav(path):
+        with wave.open(str(path), "rb") as f:
+            return AudioInfo(f.getnframes(), f.getframerate())
+    try:
+        info = _soundfile(path).info(str(path))
+    except RuntimeError as error:  # soundfile.LibsndfileError
+        raise AudioError(f"{path}: not a readable audio file ({error})") from None
+    return AudioInfo(info.frames, info.samplerate)
+
+
+def _read_pcm_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path), "rb") as f:
+        channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
+        raw = f.readframes(f.getnframes())
+    if width == 1:  # 8-bit wav is unsigned
+        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 3:  # 24-bit: little-endian triples, sign-extended through the top byte
+        triples = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        ints = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
+        samples = ((ints ^ 0x800000) - 0x800000).astype(np.float32) / float(1 << 23)
+    elif width in (2, 4):
+        dtype = np.dtype(f"<i{width}")
+        samples = np.frombuffer(raw, dtype).astype(np.float32) / float(1 << (8 * width - 1))
+    else:
+        raise AudioError(f"{path}: unsupported wav sample width {width} bytes")
+    return samples.reshape(-1, channels).mean(1), rate
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """([n] float32 mono in [-1, 1], sample rate) of a wav or flac file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such audio file")
+    if _is_pcm_wav(path):
+        return _read_pcm_wav(path)
+    try:
+        samples, rate = _soundfile(path).read(str(path), dtype="float32", always_2d=True)
+    except RuntimeError as error:
+        raise AudioError(f"{path}: not a readable audio file ({error})") from None
+    return samples.mean(1), rate
+
+
+def load_audio_16k(path: str | Path) -> np.ndarray:
+    """[AudioInfo.num_samples_16k] float32 mono waveform at 16 kHz."""
+    samples, rate = read_audio(path)
+    return resample(samples, rate, FEATURE_SAMPLE_RATE)
+
+
+def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Write [n] float samples in [-1, 1] as 16-bit PCM mono wav."""
+    pcm = np.clip(np.round(np.asarray(samples) * 32767.0), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(pcm.tobytes())

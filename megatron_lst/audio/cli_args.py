@@ -1,0 +1,40 @@
+"""Command-line arguments shared by tools/extract_units.py and tools/train_kmeans.py."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from megatron_lst.audio.corpus import CORPUS_READERS
+from megatron_lst.demo_corpus.units import UNIT_FRAME_RATE
+
+
+def add_corpus_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", required=True, type=Path,
+                       help="the corpus: a folder (audio-dir, transcripts) or a TSV file (tsv)")
+    group.add_argument("--input-format", choices=sorted(CORPUS_READERS), required=True,
+                       help="audio-dir: every wav/flac under a folder; transcripts: LibriSpeech "
+                            "*.trans.txt or MLS transcripts.txt with their audio; tsv: lines "
+                            "PATH<TAB>TEXT")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--hubert-dir", required=True, type=Path,
+                       help="local Hugging Face HuBERT model directory (config.json + weights)")
+    group.add_argument("--layer", type=int, default=6,
+                       help="transformer layer whose output is quantised (1-based; 0 = input)")
+    group.add_argument("--frame-rate", type=int, default=UNIT_FRAME_RATE,
+                       help="unit frames per second; the model's frames are averaged to it")
+    group.add_argument("--device", default=None,
+                       help="torch device (default: cuda when available, else cpu)")
+    group.add_argument("--batch-size", type=int, default=8, help="utterances per batch")
+    group.add_argument("--max-batch-seconds", type=float, default=120.0,
+                       help="padded audio per batch, in seconds")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

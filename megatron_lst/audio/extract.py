@@ -1,0 +1,267 @@
+"""Audio -> unit files, batched, in worker processes, resumable: the engine of
+`tools/extract_units.py`.
+
+Each utterance gets `<units_dir>/<id>.npy`, a 1-D int32 array of 25 Hz unit ids (what
+`tools/preprocess_data.py --input-format textgrid` reads beside `<textgrid_dir>/<id>.TextGrid`).
+Files are written under a temporary name and renamed, so a file that exists is whole; a re-run
+skips every utterance whose file holds the expected number of units and does the rest.
+`<units_dir>/units.json` records the model, layer and codebook the units were made with, and a
+re-run with other settings stops instead of mixing two kinds of units in one folder.
+
+Batches are planned from the file headers before any worker starts: utterances sorted by length
+(longest first), cut into batches of at most `batch_size` utterances and `max_batch_seconds` of
+padded audio. The plan does not depend on the number of workers, and padding does not change the
+features (see hubert.py), so the units are the same for any `workers` and `batch_size`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megatron_lst.audio.audio_io import AudioInfo, audio_info, load_audio_16k
+from megatron_lst.audio.codebook import CodebookError, load_codebook
+from megatron_lst.audio.corpus import Utterance
+from megatron_lst.audio.hubert import HubertFeatures
+from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE, KMeansCodebook
+
+UNITS_RECORD = "units.json"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    model_dir: str
+    """Local Hugging Face HuBERT directory."""
+    codebook: str
+    """`.npy` or `.safetensors` centroids (codebook.py)."""
+    units_dir: str
+    layer: int = 6
+    frame_rate: int = UNIT_FRAME_RATE
+    device: str = "cpu"
+    batch_size: int = 8
+    max_batch_seconds: float = 120.0
+    """Padded audio per batch (batch size x longest utterance), in seconds."""
+    workers: int = 1
+    threads_per_worker: int = 1
+
+    def __post_init__(self):
+        if self.workers < 1 or self.batch_size < 1 or self.threads_per_worker < 1:
+            raise ValueError("workers, batch_size and threads_per_worker must be at least 1")
+        if self.max_batch_seconds <= 0:
+            raise ValueError(f"max_batch_seconds must be positive, got {self.max_batch_seconds}")
+        if self.device != "cpu" and self.workers > 1:
+            raise ValueError(f"one process drives {self.device}: use workers=1 there (workers "
+                             f"are for CPU extraction)")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One utterance to extract."""
+
+    id: str
+    audio: str
+    num_samples_16k: int
+    num_units: int
+
+
+@dataclass
+class ExtractSummary:
+    utterances: int = 0
+    """Extracted in this run."""
+    skipped: int = 0
+    """Already complete from an earlier run."""
+    audio_seconds: float = 0.0
+    """Extracted in this run."""
+    units: int = 0
+    wall_seconds: float = 0.0
+    cores: int = 1
+    """Worker processes x threads each."""
+
+    @property
+    def units_per_second(self) -> float:
+        return self.units / max(self.wall_seconds, 1e-9)
+
+    def format(self) -> str:
+        hours = self.audio_seconds / 3600
+        return (f"extracted {self.utterances} utterances ({hours:.3f} h of audio, "
+                f"{self.units:,} units) in {self.wall_seconds:.1f}s (model loading included); "
+                f"skipped {self.skipped} already done\n  {self.units_per_second:,.0f} units/s, "
+                f"{self.units_per_second / self.cores:,.0f} units/s per core ({self.cores} "
+                f"cores), {self.audio_seconds / max(self.wall_seconds, 1e-9):.1f}x real time")
+
+
+def units_path(units_dir: str | Path, utterance_id: str) -> Path:
+    return Path(units_dir) / f"{utterance_id}.npy"
+
+
+def is_complete(path: Path, num_units: int) -> bool:
+    """Whether `path` holds a 1-D integer array of `num_units` units."""
+    try:
+        units = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return False
+    return units.ndim == 1 and units.dtype.kind in "iu" and len(units) == num_units
+
+
+def write_units(path: Path, units: np.ndarray) -> None:
+    """Write [U] units as int32 `.npy`, atomically (a temporary file renamed over `path`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".partial{os.getpid()}")
+    with open(partial, "wb") as f:
+        np.save(f, units.astype(np.int32))
+    partial.replace(path)
+
+
+def _file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook) -> None:
+    """Write `units.json`, or check that the units already there were made the same way."""
+    record = {"model_dir": str(Path(config.model_dir).resolve()), "layer": config.layer,
+              "frame_rate": config.frame_rate, "num_units": codebook.num_units,
+              "codebook_sha256": _file_sha256(config.codebook)}
+    path = Path(config.units_dir) / UNITS_RECORD
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = {k: (previous.get(k), v) for k, v in record.items() if previous.get(k) != v}
+        if changed:
+            raise ValueError(f"{config.units_dir} holds units made with other settings "
+                             f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
+                             f"write to a new --units-dir, or delete the old units")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def make_jobs(utterances: Sequence[Utterance], frame_rate: int = UNIT_FRAME_RATE) -> list[Job]:
+    """One job per utterance, sized from the audio file headers (no samples are read)."""
+    samples_per_unit = FEATURE_SAMPLE_RATE // frame_rate
+    jobs = []
+    for utterance in utterances:
+        info: AudioInfo = audio_info(utterance.audio)
+        jobs.append(Job(utterance.id, str(utterance.audio), info.num_samples_16k,
+                        info.num_samples_16k // samples_per_unit))
+    return jobs
+
+
+def plan_jobs(utterances: Sequence[Utterance], config: ExtractConfig
+              ) -> tuple[list[Job], int]:
+    """(jobs still to do, utterances already complete)."""
+    jobs = make_jobs(utterances, config.frame_rate)
+    todo = [j for j in jobs if not is_complete(units_path(config.units_dir, j.id), j.num_units)]
+    return todo, len(jobs) - len(todo)
+
+
+def plan_batches(jobs: Sequence[Job], batch_size: int, max_batch_samples: int
+                 ) -> list[list[Job]]:
+    """Jobs sorted longest first, cut into batches of at most `batch_size` jobs and
+    `max_batch_samples` padded samples (an utterance longer than that goes alone)."""
+    batches: list[list[Job]] = []
+    for job in sorted(jobs, key=lambda j: (-j.num_samples_16k, j.id)):
+        # The first job of a batch is its longest: padded size = count x that length.
+        if batches and len(batches[-1]) < batch_size and (
+                (len(batches[-1]) + 1) * batches[-1][0].num_samples_16k <= max_batch_samples):
+            batches[-1].append(job)
+        else:
+            batches.append([job])
+    return batches
+
+
+def featurize(jobs: Sequence[Job], features: HubertFeatures, batch_size: int = 8,
+              max_batch_seconds: float = 120.0,
+              progress: Callable[[float], None] | None = None) -> list[np.ndarray]:
+    """Features [num_units, dim] of each job, in the order of `jobs`, in this process."""
+    out: dict[str, np.ndarray] = {}
+    for batch in plan_batches(jobs, batch_size, int(max_batch_seconds * FEATURE_SAMPLE_RATE)):
+        for job, array in zip(batch, features.batch([load_audio_16k(j.audio) for j in batch]),
+                              strict=True):
+            out[job.id] = array
+        if progress is not None:
+            progress(sum(j.num_samples_16k for j in batch) / FEATURE_SAMPLE_RATE)
+    return [out[job.id] for job in jobs]
+
+
+class _Worker:
+    """The features and codebook of one process, loaded by its first batch (not in a pool
+    initializer: an initializer that raises makes the pool restart workers forever)."""
+
+    config: ExtractConfig | None = None
+    features: HubertFeatures | None = None
+    codebook: KMeansCodebook | None = None
+
+    @classmethod
+    def init(cls, config: ExtractConfig) -> None:
+        import torch
+
+        torch.set_num_threads(config.threads_per_worker)
+        cls.features = HubertFeatures(config.model_dir, config.layer, config.frame_rate,
+                                      config.device)
+        cls.codebook = load_codebook(config.codebook)
+        if cls.codebook.centroids.shape[1] != cls.features.dim:
+            raise CodebookError(
+                f"{config.codebook}: centroids of dimension {cls.codebook.centroids.shape[1]} do "
+                f"not match the model's hidden size {cls.features.dim}; use the codebook fitted "
+                f"on this model's features")
+        cls.config = config
+
+    @classmethod
+    def run(cls, config: ExtractConfig, batch: list[Job]) -> list[tuple[Job, int]]:
+        if cls.config != config:
+            cls.init(config)
+        waves = [load_audio_16k(job.audio) for job in batch]
+        out = []
+        for job, wave, features in zip(batch, waves, cls.features.batch(waves), strict=True):
+            units = cls.codebook.assign(features)
+            if len(wave) != job.num_samples_16k or len(units) != job.num_units:
+                raise RuntimeError(f"{job.audio}: read {len(wave)} samples ({len(units)} units) "
+                                   f"at 16 kHz, but its header promised {job.num_samples_16k} "
+                                   f"({job.num_units} units)")
+            write_units(units_path(config.units_dir, job.id), units)
+            out.append((job, len(units)))
+        return out
+
+
+def extract_units(utterances: Sequence[Utterance], config: ExtractConfig,
+                  progress: Callable[[float], None] | None = None) -> ExtractSummary:
+    """Write the unit file of every utterance not done yet; `progress(seconds)` after each batch
+    with the seconds of audio it held."""
+    start = time.perf_counter()
+    codebook = load_codebook(config.codebook)
+    _check_units_record(config, codebook)
+    jobs, skipped = plan_jobs(utterances, config)
+    batches = plan_batches(jobs, config.batch_size,
+                           int(config.max_batch_seconds * FEATURE_SAMPLE_RATE))
+    summary = ExtractSummary(skipped=skipped, cores=config.workers * config.threads_per_worker)
+
+    def account(done: list[tuple[Job, int]]) -> None:
+        seconds = sum(job.num_samples_16k for job, _ in done) / FEATURE_SAMPLE_RATE
+        summary.utterances += len(done)
+        summary.units += sum(n for _, n in done)
+        summary.audio_seconds += seconds
+        if progress is not None:
+            progress(seconds)
+
+    run = functools.partial(_Worker.run, config)
+    if batches and config.workers == 1:
+        for batch in batches:
+            account(run(batch))
+    elif batches:
+        # A fresh server process (not a fork of this one, whose thread pools may be in use)
+        # imports the model code once; the workers fork from it.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__, "transformers.models.hubert"])
+        with context.Pool(config.workers) as pool:
+            for done in pool.imap_unordered(run, batches):
+                account(done)
+    summary.wall_seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,157 @@
+"""Features of one layer of a local Hugging Face HuBERT model, batched, at the unit frame rate.
+
+The model is a `transformers.HubertModel` directory (`config.json` + weights, e.g. what
+`save_pretrained` writes); nothing is downloaded. Layer L is the output of transformer layer L
+(1-based; 0 is the transformer's input), as `output_hidden_states` numbers them and as fairseq's
+`output_layer` does: the textless HuBERT-base units use layer 6. (Models with stable layer norm
+apply their final layer norm only after the last layer; no layer output here includes it.)
+
+Batching pads waveforms, and padding must not change any utterance's features:
+
+- a convolutional feature encoder with group norm (HuBERT base) normalises each channel over the
+  whole time axis, padding included, so it runs one utterance at a time; with layer norm (HuBERT
+  large) each frame is normalised alone and the padded batch runs at once (a valid output frame's
+  receptive field never reaches the padding);
+- the transformer zeroes padded frames (the positional convolution then sees the same zeros as
+  past the end of an unpadded utterance) and masks them as attention keys.
+
+Only layers 1..L run. The model's native frames (50 Hz for a 320x downsampling at 16 kHz) are
+averaged in groups to the unit rate (25 Hz): an utterance of n samples at 16 kHz has
+n // (16000 / frame_rate) units, unit j covering [j / rate, (j + 1) / rate) seconds; the convolution
+drops a partial frame at the end, which the last frame is repeated to fill.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from megatron_lst.demo_corpus.optional import MissingDependencyError, require
+from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE
+
+
+class HubertFeatures:
+    """16 kHz waveforms -> [num_units, hidden_size] float32 features of layer `layer`."""
+
+    def __init__(self, model_dir: str | Path, layer: int = 6,
+                 frame_rate: int = UNIT_FRAME_RATE, device: str = "cpu"):
+        torch = require("torch", "HuBERT features")
+        try:
+            import transformers
+        except ImportError:
+            raise MissingDependencyError(
+                "HuBERT features need the Python package 'transformers', which is not "
+                "installed; install the audio extra: pip install 'megatron-lst[audio]'") from None
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{model_dir}: not a Hugging Face model directory (no config.json); pass the "
+                f"local directory of a HuBERT model (what `save_pretrained` writes)")
+        self.model_dir, self.layer, self.frame_rate, self.device = model_dir, layer, frame_rate, device
+        self._torch = torch
+        model = transformers.HubertModel.from_pretrained(
+            str(model_dir), local_files_only=True, attn_implementation="sdpa",
+            use_kernels=False)  # kernels would be fetched from the Hub
+        self.model = model.eval().to(device)
+        config = model.config
+        if not 0 <= layer <= config.num_hidden_layers:
+            raise ValueError(f"layer {layer} is outside 0..{config.num_hidden_layers} of the "
+                             f"model in {model_dir}")
+        self.downsampling = math.prod(config.conv_stride)
+        native_rate = FEATURE_SAMPLE_RATE / self.downsampling
+        if FEATURE_SAMPLE_RATE % (self.downsampling * frame_rate):
+            raise ValueError(f"the model's frame rate ({native_rate:g} Hz: {self.downsampling}x "
+                             f"downsampling at {FEATURE_SAMPLE_RATE} Hz) is not a whole multiple "
+                             f"of the unit frame rate {frame_rate} Hz")
+        self.group = FEATURE_SAMPLE_RATE // (self.downsampling * frame_rate)
+        """Native frames averaged into one unit frame."""
+        self.samples_per_unit = FEATURE_SAMPLE_RATE // frame_rate
+        self.dim = config.hidden_size
+        self._per_utterance_conv = config.feat_extract_norm == "group"
+        self._stable_layer_norm = config.do_stable_layer_norm
+
+    # Worker processes reload the model from its directory rather than unpickling it.
+    def __getstate__(self) -> dict:
+        return {"model_dir": self.model_dir, "layer": self.layer, "frame_rate": self.frame_rate,
+                "device": self.device}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def cache_key(self) -> dict:
+        """Everything that changes the features: the weights' files, the layer, the rate."""
+        files = sorted(p for p in self.model_dir.iterdir() if p.is_file())
+        return {"kind": "hubert", "path": str(self.model_dir.resolve()), "layer": self.layer,
+                "frame_rate": self.frame_rate,
+                "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+
+    def num_units(self, num_samples: int) -> int:
+        """Unit frames of an utterance of `num_samples` samples at 16 kHz."""
+        return num_samples // self.samples_per_unit
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        """[n] 16 kHz waveform -> [n // samples_per_unit, dim] (the demo corpus' interface)."""
+        return self.batch([audio])[0]
+
+    def batch(self, waves: list[np.ndarray]) -> list[np.ndarray]:
+        """16 kHz waveforms [n_i] -> features [n_i // samples_per_unit, dim] each, float32."""
+        torch = self._torch
+        out: list[np.ndarray | None] = [None] * len(waves)
+        todo = []
+        for i, wave in enumerate(waves):
+            if self.num_units(len(wave)) == 0:
+                out[i] = np.zeros((0, self.dim), np.float32)
+            else:
+                todo.append(i)
+        if todo:
+            with torch.inference_mode():
+                hidden, frames = self._layer_output([waves[i] for i in todo])  # [B, T, D], [B]
+                hidden = hidden.float().cpu().numpy()
+            for row, i in enumerate(todo):
+                out[i] = self._pool(hidden[row, :frames[row]], self.num_units(len(waves[i])))
+        return out
+
+    def _conv_features(self, waves: list[np.ndarray]):
+        """[B, T, C] convolutional features (zero past each utterance's end) and [B] lengths."""
+        torch, model = self._torch, self.model
+        tensors = [torch.from_numpy(np.asarray(w, dtype=np.float32)).to(self.device)
+                   for w in waves]
+        lengths = model._get_feat_extract_output_lengths(
+            torch.tensor([len(w) for w in waves])).tolist()
+        if self._per_utterance_conv:
+            convs = [model.feature_extractor(w[None])[0].transpose(0, 1) for w in tensors]
+            conv = torch.nn.utils.rnn.pad_sequence(convs, batch_first=True)  # [B, T, C]
+        else:
+            padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)  # [B, n_max]
+            conv = model.feature_extractor(padded).transpose(1, 2)  # [B, T, C]
+        return conv, lengths
+
+    def _layer_output(self, waves: list[np.ndarray]):
+        """[B, T, D] output of layer `self.layer` and the [B] valid frame counts."""
+        torch, model = self._torch, self.model
+        conv, lengths = self._conv_features(waves)
+        hidden = model.feature_projection(conv)  # [B, T, D]
+        valid = torch.arange(hidden.shape[1], device=hidden.device)[None] < torch.tensor(
+            lengths, device=hidden.device)[:, None]  # [B, T]
+        hidden = hidden.masked_fill(~valid[..., None], 0.0)
+        # [B, 1, 1, T] additive key mask: padded frames are never attended to.
+        key_mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
+        key_mask = key_mask.masked_fill(~valid, torch.finfo(hidden.dtype).min)[:, None, None]
+        encoder = model.encoder
+        hidden = hidden + encoder.pos_conv_embed(hidden)
+        if not self._stable_layer_norm:
+            hidden = encoder.layer_norm(hidden)
+        for layer in encoder.layers[:self.layer]:
+            hidden = layer(hidden, attention_mask=key_mask)
+            if isinstance(hidden, tuple):  # transformers 4 layers return (hidden, attentions)
+                hidden = hidden[0]
+        return hidden, lengths
+
+    def _pool(self, frames: np.ndarray, num_units: int) -> np.ndarray:
+        """[T, D] native frames -> [num_units, D]: groups of `self.group` frames averaged."""
+        need = num_units * self.group
+        if len(frames) < need:
+            frames = np.concatenate([frames, np.repeat(frames[-1:], need - len(frames), 0)])
+        return frames[:need].reshape(num_units, self.group, -1).mean(1)

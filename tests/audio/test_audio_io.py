@@ -1,0 +1,85 @@
+import wave
+
+import numpy as np
+import pytest
+from audio.audio_cases import tone
+
+from megatron_lst.audio.audio_io import (
+    AudioError,
+    audio_info,
+    load_audio_16k,
+    read_audio,
+    write_wav,
+)
+
+
+def _write_pcm(path, ints: np.ndarray, width: int, channels: int, rate: int) -> None:
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(width)
+        f.setframerate(rate)
+        if width == 3:
+            as_bytes = ints.astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3]
+            f.writeframes(as_bytes.tobytes())
+        elif width == 1:
+            f.writeframes((ints + 128).astype(np.uint8).tobytes())
+        else:
+            f.writeframes(ints.astype(f"<i{width}").tobytes())
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+def test_pcm_widths_read_to_unit_scale_and_channels_average(tmp_path, width):
+    full = 1 << (8 * width - 1)
+    left = np.array([0, full // 2, -full, full - 1, -full // 4])
+    right = np.array([0, -full // 2, -full, full - 1, full // 4])
+    path = tmp_path / "x.wav"
+    _write_pcm(path, np.stack([left, right], 1).reshape(-1), width, 2, 8000)
+    samples, rate = read_audio(path)
+    assert rate == 8000 and samples.dtype == np.float32
+    np.testing.assert_allclose(samples, (left + right) / 2 / full, atol=1e-7)
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100])
+def test_header_predicts_the_resampled_length(tmp_path, rate):
+    path = tmp_path / "x.wav"
+    write_wav(path, tone(rate, 0.77, seed=1), rate)
+    info = audio_info(path)
+    assert (info.num_samples, info.sample_rate) == (round(rate * 0.77), rate)
+    wave16k = load_audio_16k(path)
+    assert len(wave16k) == info.num_samples_16k
+    assert abs(len(wave16k) - 0.77 * 16000) <= 2
+
+
+def test_resampling_keeps_a_sine_at_its_frequency(tmp_path):
+    path = tmp_path / "x.wav"
+    t = np.arange(44100) / 44100
+    write_wav(path, 0.5 * np.sin(2 * np.pi * 440 * t), 44100)
+    spectrum = np.abs(np.fft.rfft(load_audio_16k(path)))
+    assert np.argmax(spectrum) == 440  # 1 s at 16 kHz: bin k is k Hz
+
+
+def test_unreadable_files_name_the_problem(tmp_path):
+    with pytest.raises(AudioError, match="no such audio file"):
+        read_audio(tmp_path / "missing.wav")
+    bad = tmp_path / "bad.flac"
+    bad.write_bytes(b"not audio")
+    try:
+        import soundfile  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"soundfile.*megatron-lst\[audio\]"):
+            read_audio(bad)
+    else:
+        with pytest.raises(AudioError, match="not a readable audio file"):
+            read_audio(bad)
+
+
+def test_flac_reads_through_soundfile(tmp_path):
+    soundfile = pytest.importorskip("soundfile")
+    samples = tone(22050, 0.5, seed=3)
+    path = tmp_path / "x.flac"
+    soundfile.write(str(path), np.stack([samples, -samples], 1), 22050, subtype="PCM_16")
+    info = audio_info(path)
+    assert (info.num_samples, info.sample_rate) == (len(samples), 22050)
+    mono, rate = read_audio(path)
+    np.testing.assert_allclose(mono, 0.0, atol=1e-7)  # the channels cancel
+    assert rate == 22050 and len(load_audio_16k(path)) == info.num_samples_16k

@@ -1,0 +1,94 @@
+import pickle
+
+import numpy as np
+import pytest
+
+from megatron_lst.audio.codebook import (
+    CodebookError,
+    codebook_metadata,
+    fit_codebook,
+    import_pickled_codebook,
+    load_codebook,
+    save_codebook,
+)
+
+pytest.importorskip("sklearn")
+
+
+def _features(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((6, 5)) * 4
+    return [(centres[rng.integers(0, 6, 80)] + 0.3 * rng.standard_normal((80, 5))
+             ).astype(np.float32) for _ in range(5)]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_fit_save_load_assign_round_trip(tmp_path, suffix):
+    features = _features()
+    codebook = fit_codebook(features, num_units=6, max_frames=300, seed=0)
+    path = save_codebook(codebook, tmp_path / f"km{suffix}",
+                         {"layer": "6"} if suffix == ".safetensors" else None)
+    loaded = load_codebook(path)
+    np.testing.assert_array_equal(loaded.centroids, codebook.centroids)
+    frames = np.concatenate(features)
+    np.testing.assert_array_equal(loaded.assign(frames), codebook.assign(frames))
+    # Six well separated clusters: every frame of one cluster gets one unit, and all 6 are used.
+    assert len(np.unique(codebook.assign(frames))) == 6
+    assert codebook_metadata(path) == ({"layer": "6"} if suffix == ".safetensors" else {})
+    # Seeded: the same sample gives the same centroids.
+    again = fit_codebook(features, num_units=6, max_frames=300, seed=0)
+    np.testing.assert_array_equal(again.centroids, codebook.centroids)
+
+
+def test_loader_refuses_pickles(tmp_path):
+    import joblib
+    from sklearn.cluster import MiniBatchKMeans
+
+    kmeans = MiniBatchKMeans(n_clusters=4, n_init=1, random_state=0).fit(
+        np.concatenate(_features()))
+    for name, dump in [("km.bin", lambda p: joblib.dump(kmeans, p)),
+                       ("km.npy", lambda p: p.write_bytes(pickle.dumps(kmeans.cluster_centers_))),
+                       ("z.bin", lambda p: joblib.dump(kmeans, p, compress=3)),
+                       ("gz.bin", lambda p: joblib.dump(kmeans, p, compress=("gzip", 3)))]:
+        path = tmp_path / name
+        dump(path)
+        with pytest.raises(CodebookError, match="is a pickle.*--trust-pickle"):
+            load_codebook(path)
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CodebookError, match="not a plain numeric array"):
+        load_codebook(objects)
+
+
+def test_pickled_quantizer_imports_only_when_trusted(tmp_path):
+    import joblib
+    from sklearn.cluster import MiniBatchKMeans
+
+    kmeans = MiniBatchKMeans(n_clusters=4, n_init=1, random_state=0).fit(
+        np.concatenate(_features()))
+    path = tmp_path / "km.bin"
+    joblib.dump(kmeans, path)
+    with pytest.raises(CodebookError, match="--trust-pickle"):
+        import_pickled_codebook(path)
+    codebook = import_pickled_codebook(path, trust_pickle=True)
+    save_codebook(codebook, tmp_path / "km.npy")
+    loaded = load_codebook(tmp_path / "km.npy")
+    np.testing.assert_array_equal(loaded.centroids, kmeans.cluster_centers_.astype(np.float32))
+    frames = np.concatenate(_features(1))
+    np.testing.assert_array_equal(loaded.assign(frames), kmeans.predict(frames))
+
+    joblib.dump({"not": "kmeans"}, tmp_path / "other.bin")
+    with pytest.raises(CodebookError, match="no cluster_centers_"):
+        import_pickled_codebook(tmp_path / "other.bin", trust_pickle=True)
+
+
+def test_malformed_codebooks_are_refused(tmp_path):
+    np.save(tmp_path / "ints.npy", np.zeros((4, 3), np.int64))
+    with pytest.raises(CodebookError, match=r"centroids \[num_units, dim\] of floats"):
+        load_codebook(tmp_path / "ints.npy")
+    np.save(tmp_path / "nan.npy", np.full((4, 3), np.nan, np.float32))
+    with pytest.raises(CodebookError, match="NaN"):
+        load_codebook(tmp_path / "nan.npy")
+    (tmp_path / "text.npy").write_text("0 1 2")
+    with pytest.raises(CodebookError, match="not a .npy or .safetensors codebook"):
+        load_codebook(tmp_path / "text.npy")

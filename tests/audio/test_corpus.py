@@ -1,0 +1,79 @@
+import pytest
+from audio.audio_cases import tone
+
+from megatron_lst.audio.audio_io import write_wav
+from megatron_lst.audio.corpus import (
+    CorpusError,
+    read_audio_dir,
+    read_transcripts,
+    read_tsv,
+    write_mfa_corpus,
+)
+
+
+def _wav(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_wav(path, tone(8000, 0.1, 0), 8000)
+    return path
+
+
+def test_librispeech_layout(tmp_path):
+    chapter = tmp_path / "103" / "1240"
+    for n in range(2):
+        _wav(chapter / f"103-1240-000{n}.wav")
+    (chapter / "103-1240.trans.txt").write_text(
+        "103-1240-0000 CHAPTER ONE\n\n103-1240-0001 MISSUS RACHEL LYNDE\n")
+    utterances = read_transcripts(tmp_path)
+    assert [(u.id, u.text) for u in utterances] == [
+        ("103/1240/103-1240-0000", "CHAPTER ONE"), ("103/1240/103-1240-0001", "MISSUS RACHEL LYNDE")]
+    assert utterances[0].audio == chapter / "103-1240-0000.wav"
+
+
+def test_mls_layout(tmp_path):
+    _wav(tmp_path / "train" / "audio" / "4800" / "10003" / "4800_10003_000000.wav")
+    (tmp_path / "train" / "transcripts.txt").write_text("4800_10003_000000\tof the wind\n")
+    [utterance] = read_transcripts(tmp_path)
+    assert (utterance.id, utterance.text) == ("train/audio/4800/10003/4800_10003_000000",
+                                              "of the wind")
+
+
+def test_transcript_without_audio_names_the_line(tmp_path):
+    (tmp_path / "transcripts.txt").write_text("a_b_1\thello\nmissing_c_2\tworld\n")
+    _wav(tmp_path / "audio" / "a" / "b" / "a_b_1.wav")
+    with pytest.raises(CorpusError, match=r"transcripts.txt:2: no audio for 'missing_c_2'"):
+        read_transcripts(tmp_path)
+
+
+def test_tsv_and_audio_dir(tmp_path):
+    _wav(tmp_path / "clips" / "one.wav")
+    _wav(tmp_path / "clips" / "two.wav")
+    tsv = tmp_path / "list.tsv"
+    tsv.write_text("path\ttext\nclips/two.wav\thello there\nclips/one.wav\tgood day\n")
+    assert [(u.id, u.text) for u in read_tsv(tsv)] == [("clips/one", "good day"),
+                                                       ("clips/two", "hello there")]
+    assert [u.id for u in read_audio_dir(tmp_path)] == ["clips/one", "clips/two"]
+    tsv.write_text("clips/one.wav hello\n")
+    with pytest.raises(CorpusError, match=r"list.tsv:1: expected 'PATH<TAB>TEXT'"):
+        read_tsv(tsv)
+    tsv.write_text("clips/three.wav\thello\n")
+    with pytest.raises(CorpusError, match=r"list.tsv:1: no audio file"):
+        read_tsv(tsv)
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    _wav(tmp_path / "a.wav")
+    _wav(tmp_path / "a.flac")
+    with pytest.raises(CorpusError, match="share the id 'a'"):
+        read_audio_dir(tmp_path)
+
+
+def test_mfa_corpus_mirrors_the_ids(tmp_path):
+    _wav(tmp_path / "corpus" / "spk" / "u1.wav")
+    tsv = tmp_path / "corpus" / "list.tsv"
+    tsv.write_text("spk/u1.wav\thello world\n")
+    assert write_mfa_corpus(read_tsv(tsv), tmp_path / "mfa") == 1
+    assert (tmp_path / "mfa" / "spk" / "u1.lab").read_text() == "hello world\n"
+    assert (tmp_path / "mfa" / "spk" / "u1.wav").resolve() == (tmp_path / "corpus" / "spk" /
+                                                               "u1.wav").resolve()
+    with pytest.raises(CorpusError, match="no transcript"):
+        write_mfa_corpus(read_audio_dir(tmp_path / "corpus"), tmp_path / "mfa2")

@@ -1,0 +1,237 @@
+"""Audio -> HuBERT units with a tiny randomly initialised HuBERT: features against the model's own
+forward, padding invariance, the unit rate, identical files for any batch size and worker count,
+resuming, and the produced files through `preprocess_data.py --input-format textgrid` to training."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from audio.audio_cases import CLIPS, tone, write_clips
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("sklearn")
+torch = pytest.importorskip("torch")
+
+from megatron_lst.audio.audio_io import audio_info  # noqa: E402
+from megatron_lst.audio.hubert import HubertFeatures  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_hubert(directory: Path, norm: str) -> Path:
+    """A 2-layer HuBERT with the base model's 320x convolutional downsampling, saved as a user's
+    model directory. `norm` "group" is HuBERT base's feature encoder, "layer" HuBERT large's."""
+    config = transformers.HubertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        feat_extract_norm=norm, do_stable_layer_norm=norm == "layer")
+    torch.manual_seed(0)
+    transformers.HubertModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["group", "layer"])
+def hubert_dir(request, tmp_path_factory):
+    return _tiny_hubert(tmp_path_factory.mktemp(f"hubert_{request.param}"), request.param)
+
+
+def _waves() -> list[np.ndarray]:
+    return [tone(16000, seconds, seed) for seed, seconds in enumerate([1.37, 0.52, 2.01, 0.9])]
+
+
+def test_layer_features_match_the_models_hidden_states(hubert_dir):
+    model = transformers.HubertModel.from_pretrained(hubert_dir, use_kernels=False).eval()
+    waves = _waves()
+    for layer in (0, 1, 2):
+        features = HubertFeatures(hubert_dir, layer=layer, frame_rate=50)  # 50 Hz: no pooling
+        for wave, got in zip(waves, features.batch(waves), strict=True):
+            with torch.inference_mode():
+                want = model(torch.from_numpy(wave)[None], output_hidden_states=True
+                             ).hidden_states[layer][0].numpy()  # [T, D]
+            assert len(got) == len(wave) // 320 and len(want) in (len(got), len(got) - 1)
+            np.testing.assert_allclose(got[:len(want)], want, atol=2e-5, rtol=0)
+            # The convolution drops a partial last frame; the last whole frame fills in for it.
+            filled = got[len(want):]
+            np.testing.assert_array_equal(filled, np.broadcast_to(got[len(want) - 1], filled.shape))
+
+
+def test_padding_does_not_change_features_and_frames_average_to_25_hz(hubert_dir):
+    features = HubertFeatures(hubert_dir, layer=2)
+    waves = _waves()
+    batched = features.batch(waves)
+    for wave, got in zip(waves, batched, strict=True):
+        alone = features(wave)
+        assert got.shape == alone.shape == (len(wave) // 640, 32)
+        np.testing.assert_allclose(got, alone, atol=2e-5, rtol=0)
+    native = HubertFeatures(hubert_dir, layer=2, frame_rate=50)(waves[0])  # [2U (+1), D]
+    units = len(waves[0]) // 640
+    np.testing.assert_allclose(batched[0], native[:2 * units].reshape(units, 2, -1).mean(1),
+                               atol=2e-5, rtol=0)
+
+
+def test_bad_model_arguments_name_the_fix(tmp_path, hubert_dir):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        HubertFeatures(tmp_path)
+    with pytest.raises(ValueError, match="layer 3 is outside 0..2"):
+        HubertFeatures(hubert_dir, layer=3)
+    with pytest.raises(ValueError, match="not a whole multiple of the unit frame rate 30 Hz"):
+        HubertFeatures(hubert_dir, layer=2, frame_rate=30)
+
+
+# --- the tools, end to end -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Clips at 8/16/22.05/44.1 kHz listed in a TSV, a group-norm HuBERT, and its codebook fitted
+    by `train_kmeans.py fit`."""
+    root = tmp_path_factory.mktemp("corpus")
+    clips = write_clips(root / "audio")
+    words = "the cat sat on a mat by one red door".split()
+    (root / "list.tsv").write_text("".join(
+        f"{p.relative_to(root)}\t{words[i]} {words[i + 1]}\n" for i, p in enumerate(clips)))
+    hubert = _tiny_hubert(root / "hubert", "group")
+    codebook = root / "km.safetensors"
+    _load_tool("train_kmeans").main([
+        "fit", "--input", str(root / "list.tsv"), "--input-format", "tsv", "--hubert-dir",
+        str(hubert), "--layer", "2", "--num-units", "8", "--max-frames", "1000",
+        "--device", "cpu", "--no-progress", "--output", str(codebook)])
+    return root, hubert, codebook
+
+
+def _extract(corpus, units_dir: Path, *flags: str):
+    root, hubert, codebook = corpus
+    return _load_tool("extract_units").main([
+        "--input", str(root / "list.tsv"), "--input-format", "tsv", "--hubert-dir", str(hubert),
+        "--layer", "2", "--codebook", str(codebook), "--units-dir", str(units_dir),
+        "--device", "cpu", "--no-progress", *flags])
+
+
+def _unit_files(units_dir: Path) -> dict[str, np.ndarray]:
+    return {p.relative_to(units_dir).as_posix(): np.load(p) for p in sorted(units_dir.rglob("*.npy"))}
+
+
+@pytest.fixture(scope="module")
+def units(corpus, tmp_path_factory):
+    units_dir = tmp_path_factory.mktemp("units")
+    summary = _extract(corpus, units_dir, "--batch-size", "4")
+    assert (summary.utterances, summary.skipped) == (len(CLIPS), 0)
+    return units_dir
+
+
+def test_units_come_at_25_hz(corpus, units):
+    root = corpus[0]
+    files = _unit_files(units)
+    assert len(files) == len(CLIPS)
+    for path in sorted((root / "audio").rglob("*.wav")):
+        got = files[f"{path.relative_to(root).with_suffix('').as_posix()}.npy"]
+        assert got.dtype == np.int32 and got.min() >= 0 and got.max() < 8
+        assert abs(len(got) - audio_info(path).seconds * 25) <= 1
+    assert len(np.unique(np.concatenate(list(files.values())))) > 1
+
+
+def test_units_are_identical_for_any_batch_size_and_worker_count(corpus, units, tmp_path):
+    want = _unit_files(units)
+    for name, flags in [("single", ["--batch-size", "1"]),
+                        ("workers", ["--batch-size", "3", "--workers", "2",
+                                     "--threads-per-worker", "1"])]:
+        _extract(corpus, tmp_path / name, *flags)
+        got = _unit_files(tmp_path / name)
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}: {key}")
+
+
+def test_rerun_resumes_and_refuses_other_settings(corpus, units, tmp_path):
+    units_dir = tmp_path / "units"
+    shutil.copytree(units, units_dir)
+    summary = _extract(corpus, units_dir)
+    assert (summary.utterances, summary.skipped) == (0, len(CLIPS))
+    victim = sorted(units_dir.rglob("*.npy"))[2]
+    victim.write_bytes(victim.read_bytes()[:-8])  # as if cut short (only a foreign writer could)
+    summary = _extract(corpus, units_dir)
+    assert (summary.utterances, summary.skipped) == (1, len(CLIPS) - 1)
+    redone, want = _unit_files(units_dir), _unit_files(units)
+    assert redone.keys() == want.keys()
+    assert all(np.array_equal(redone[key], want[key]) for key in want)
+    with pytest.raises(ValueError, match=r"other settings \(layer: 2 -> 1\)"):
+        _extract(corpus, units_dir, "--layer", "1")
+
+
+def test_codebook_of_another_model_is_refused(corpus, tmp_path):
+    from megatron_lst.audio.codebook import CodebookError
+
+    np.save(tmp_path / "km.npy", np.zeros((8, 768), np.float32))
+    root, hubert, _ = corpus
+    with pytest.raises(CodebookError, match="dimension 768 do not match the model's hidden size 32"):
+        _extract((root, hubert, tmp_path / "km.npy"), tmp_path / "units")
+
+
+def test_unit_files_preprocess_and_train(corpus, units, tmp_path):
+    from training.training_cases import tiny_flags
+
+    from megatron_lst.data.indexed import DocumentStore
+    from megatron_lst.data.textgrid import Interval, write_textgrid
+    from megatron_lst.tokenizer.text_tokenizer import train_sentencepiece
+    from megatron_lst.training.arguments import parse_args, validate_args
+    from megatron_lst.training.loop import pretrain
+
+    root = corpus[0]
+    grids = tmp_path / "textgrid"
+    texts = []
+    for line in (root / "list.tsv").read_text().splitlines():
+        path, text = line.split("\t")
+        seconds = audio_info(root / path).num_samples_16k / 16000
+        first, second = text.split()
+        grid = grids / Path(path).with_suffix(".TextGrid")  # MFA mirrors the corpus layout
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        write_textgrid(grid, [Interval(0.0, 0.2, ""), Interval(0.2, seconds / 2, first),
+                              Interval(seconds / 2, seconds, second)])
+        texts.append(text)
+    rng = np.random.default_rng(0)
+    words = " ".join(texts).split() + "and of to in is it was he she we they".split()
+    sentences = [" ".join(rng.choice(words, 10)) for _ in range(200)]
+    spm = train_sentencepiece(sentences, tmp_path / "spm.model", 290)
+    prefix = tmp_path / "speech"
+    # The reader pairs <textgrid-dir>/<id>.TextGrid with <units-dir>/<id>.npy.
+    _load_tool("preprocess_data").main([
+        "--input-format", "textgrid", "--textgrid-dir", str(grids / "audio"), "--units-dir",
+        str(units / "audio"), "--tokenizer-model", str(spm), "--num-units", "20",
+        "--output-prefix", str(prefix)])
+    store = DocumentStore(prefix)
+    assert len(store) == len(CLIPS)
+    assert store.manifest.counts.units == sum(len(u) for u in _unit_files(units).values())
+
+    flags = tiny_flags([str(prefix)]) + ["--train-iters", "2", "--split", "100,0,0",
+                                         "--tokenizer-model", str(spm)]
+    result = pretrain(validate_args(parse_args(flags), 1))
+    assert sorted(result.losses) == [1, 2]
+    assert all(np.isfinite(loss) for loss in result.losses.values())
+
+
+def test_demo_corpus_takes_hubert_units(corpus):
+    hubert_dir = corpus[1]
+    import pickle
+
+    from megatron_lst.demo_corpus.build import unit_features
+    from megatron_lst.demo_corpus.units import MfccFeatures
+
+    parser = _load_tool("build_demo_corpus").build_parser()
+    args = parser.parse_args(["--out-dir", "x", "--units", "hubert", "--hubert-dir",
+                              str(hubert_dir), "--hubert-layer", "1"])
+    features = unit_features(args.units, args.hubert_dir, args.hubert_layer)
+    wave = _waves()[0]
+    assert features(wave).shape == (len(wave) // 640, 32)
+    # The demo's synthesis workers receive the features pickled: the model reloads from its path.
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(features))(wave), features(wave))
+    assert isinstance(unit_features(), MfccFeatures)
+    with pytest.raises(ValueError, match="--hubert-dir"):
+        unit_features("hubert")
