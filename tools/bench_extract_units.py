@@ -28,11 +28,11 @@ ARCHITECTURES = {"tiny": (TINY, 2), "base": ({}, 6)}
 
 def bench(name: str, seconds: float, batch_size: int, workdir: Path) -> dict:
     import torch
-    import transformers
 
-    from megatron_lst.audio.hubert import HubertFeatures
+    from megatron_lst.audio.hubert import HubertFeatures, load_transformers
     from megatron_lst.demo_corpus.units import KMeansCodebook
 
+    transformers = load_transformers()
     overrides, layer = ARCHITECTURES[name]
     torch.manual_seed(0)
     model_dir = workdir / name

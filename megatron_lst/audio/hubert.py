@@ -24,12 +24,35 @@ drops a partial frame at the end, which the last frame is repeated to fill.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from megatron_lst.demo_corpus.optional import MissingDependencyError, require
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE
+
+
+def load_transformers():
+    """The `transformers` package with its model classes loaded; ImportError when it is missing.
+
+    transformers 5 imports the Hugging Face `kernels` package when its models load. This
+    repository's `kernels/` folder (installed as `lst_kernels`) has the same name and shadows that
+    package whenever the checkout's root is on `sys.path` (`python -m pytest` from the root, or a
+    PYTHONPATH naming it), and the models then fail to import. They are loaded once here with
+    such entries hidden; `lst_kernels` is found through its install, not through `sys.path`.
+    """
+    import transformers
+
+    root = Path(__file__).resolve().parents[2]
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in saved if Path(entry or os.getcwd()).resolve() != root]
+    try:
+        transformers.HubertModel  # noqa: B018 (the lazy module imports the models here)
+    finally:
+        sys.path[:] = saved
+    return transformers
 
 
 class HubertFeatures:
@@ -39,7 +62,7 @@ class HubertFeatures:
                  frame_rate: int = UNIT_FRAME_RATE, device: str = "cpu"):
         torch = require("torch", "HuBERT features")
         try:
-            import transformers
+            transformers = load_transformers()
         except ImportError:
             raise MissingDependencyError(
                 "HuBERT features need the Python package 'transformers', which is not "

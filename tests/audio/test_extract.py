@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from audio.audio_cases import CLIPS, tone, write_clips
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 torch = pytest.importorskip("torch")
 
 from megatron_lst.audio.audio_io import audio_info  # noqa: E402
-from megatron_lst.audio.hubert import HubertFeatures  # noqa: E402
+from megatron_lst.audio.hubert import HubertFeatures, load_transformers  # noqa: E402
+
+transformers = load_transformers()
 
 REPO = Path(__file__).resolve().parents[2]
 
