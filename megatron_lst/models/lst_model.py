@@ -231,6 +231,11 @@ class LSTModel(MegatronModule):
         group = parallel_state.get_embedding_group()
         with torch.no_grad():
             for param in params:
+                # Both copies, as megatron marks a tied embedding: each parameter gets a DDP
+                # bucket of its own, so with the distributed optimizer its data-parallel shards
+                # cover the same elements on both stages and the embedding-group sum adds
+                # reduced shards to reduced shards (else it mixes in other parameters' grads).
+                param.shared_embedding = True
                 if not self.pre_process:
                     param.zero_()
                     # Counted once in the gradient norm (by the first stage), as GPTModel marks
