@@ -120,6 +120,7 @@ class LSTModel(MegatronModule):
                 init_method=megatron_config.init_method, bias=False, gather_output=False,
             )
         self._init_local_weights()
+        self._mark_tensor_parallel_copies()
         self._synchronise_encoder_replica()
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -222,6 +223,16 @@ class LSTModel(MegatronModule):
         for module in self.modules():
             if isinstance(module, torch.nn.Linear):
                 torch.nn.init.normal_(module.weight, std=self.lst_config.init_std)
+
+    def _mark_tensor_parallel_copies(self) -> None:
+        # Every tensor-parallel rank holds the local modules whole and should compute the same
+        # gradients for them, but GPU kernels (Triton autotuning, atomics, flash-attn's backward)
+        # do not guarantee it: megatron's finalize_model_grads averages the gradients of
+        # parameters marked so over the tensor-parallel group, which makes the copies agree.
+        for name, param in self.named_parameters():
+            if not name.startswith("global_transformer.") and not getattr(
+                    param, "tensor_model_parallel", False):
+                param.average_gradients_across_tp_domain = True
 
     def _synchronise_encoder_replica(self) -> None:
         # Stages are seeded differently; start the replica equal to the first stage's copy.

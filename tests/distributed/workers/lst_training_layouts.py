@@ -65,10 +65,12 @@ def micro_batches(step: int, dp_rank: int, dp: int) -> list[dict[str, torch.Tens
 
 
 def perturb_local_gradients(model: LSTModel, scale: float) -> None:
-    """Noise on the main gradients of the parameters every tensor-parallel rank holds whole."""
+    """Noise on the main gradients of the local-module parameters every tensor-parallel rank
+    holds whole."""
     generator = torch.Generator().manual_seed(1)
-    for param in model.parameters():
-        if not getattr(param, "tensor_model_parallel", False):
+    for name, param in model.named_parameters():
+        if not name.startswith("global_transformer.") and not getattr(
+                param, "tensor_model_parallel", False):
             param.main_grad.add_(scale * torch.randn(param.shape, generator=generator))
 
 
