@@ -30,8 +30,8 @@ from distributed.harness import report_results  # noqa: E402
 from lst_parallel_worker import load_shared_weights  # noqa: E402
 from model_cases import ragged_batch, tiny_config  # noqa: E402
 
+from megatron_lst.models import LSTModel, finalize_lst_model_grads  # noqa: E402
 from megatron_lst.models.loss import masked_token_sum  # noqa: E402
-from megatron_lst.models.lst_model import LSTModel, finalize_lst_model_grads  # noqa: E402
 from megatron_lst.models.reference_import import gather_canonical  # noqa: E402
 from megatron_lst.parallel import destroy_parallel, initialize_parallel  # noqa: E402
 
