@@ -174,6 +174,13 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("distributed")
     group.add_argument("--tensor-model-parallel-size", type=int, default=1)
     group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                       help="Global layers on the first pipeline stage (default: an even share); "
+                            "the stages without a given count split the rest evenly.")
+    group.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                       help="Global layers on the last pipeline stage, which also runs the local "
+                            "decoder, the output head and the encoder replica (default: an even "
+                            "share). tools/plan_compute.py suggests a balanced split.")
     group.add_argument("--sequence-parallel", action="store_true")
     group.add_argument("--use-distributed-optimizer", action="store_true")
     group.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
@@ -364,11 +371,13 @@ def _validate_model(args: argparse.Namespace) -> None:
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "max_position_embeddings", "num_units")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if args.num_layers % pp:
-        raise ArgumentError(
-            f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size "
-            f"{pp}; every pipeline stage needs the same number of layers"
-        )
+    from megatron_lst.parallel import ParallelLayoutError, pipeline_stage_layers
+
+    try:
+        pipeline_stage_layers(args.num_layers, pp, args.decoder_first_pipeline_num_layers,
+                              args.decoder_last_pipeline_num_layers)
+    except ParallelLayoutError as err:
+        raise ArgumentError(str(err)) from None
     if args.hidden_size % args.num_attention_heads:
         raise ArgumentError(
             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "

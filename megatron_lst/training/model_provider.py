@@ -81,6 +81,8 @@ def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None),
+        num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         fp16=args.fp16,

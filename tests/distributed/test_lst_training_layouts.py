@@ -80,3 +80,25 @@ def test_perturbed_tensor_parallel_rank_keeps_the_copies_equal():
     records = run_distributed(WORKER, 2, ["--tp", 2, "--perturb-tp-rank", 1, "--steps", 2],
                               timeout=240)
     merged_weights(records)
+
+
+PAPER_1B_LAYERS = 25  # the paper-1b preset's global layers, here at the tiny width
+
+
+@pytest.fixture(scope="module")
+def single_process_paper_1b_depth():
+    return run_distributed(WORKER, 1, ["--num-layers", PAPER_1B_LAYERS, "--steps", 2],
+                           timeout=180)
+
+
+@pytest.mark.parametrize("pp,split,expected", [
+    (2, ["--first-stage-layers", 13], [13, 12]),
+    (4, ["--first-stage-layers", 7, "--last-stage-layers", 4], [7, 7, 7, 4]),
+])
+def test_uneven_pipeline_stages_train_like_one_process(single_process_paper_1b_depth, pp, split,
+                                                       expected):
+    records = run_distributed(
+        WORKER, pp, ["--pp", pp, "--num-layers", PAPER_1B_LAYERS, "--steps", 2, *split],
+        timeout=300)
+    assert [r["global_layers"] for r in sorted(records, key=lambda r: r["pp_rank"])] == expected
+    assert_same_training(records, single_process_paper_1b_depth)

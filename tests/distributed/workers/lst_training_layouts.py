@@ -18,6 +18,7 @@ stage), and the unsharded canonical weights after the last step.
 """
 
 import argparse
+import dataclasses
 import sys
 from functools import partial
 from pathlib import Path
@@ -81,6 +82,10 @@ def main() -> None:
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--perturb-tp-rank", type=int, default=None)
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="global layers (default: the tiny preset's 2)")
+    parser.add_argument("--first-stage-layers", type=int, default=None)
+    parser.add_argument("--last-stage-layers", type=int, default=None)
     parser.add_argument("--results", required=True)
     args = parser.parse_args()
 
@@ -94,8 +99,13 @@ def main() -> None:
     dp_rank = parallel_state.get_data_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     config = tiny_config(vocab_size=VOCAB_SIZE)
+    if args.num_layers is not None:
+        config = dataclasses.replace(config, global_model=dataclasses.replace(
+            config.global_model, num_layers=args.num_layers))
     megatron_config = config.transformer_config(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+        num_layers_in_first_pipeline_stage=args.first_stage_layers,
+        num_layers_in_last_pipeline_stage=args.last_stage_layers,
         use_cpu_initialization=True, params_dtype=torch.float32, calculate_per_token_loss=True,
     )
     model = LSTModel(config, megatron_config,
@@ -146,6 +156,7 @@ def main() -> None:
     weights = gather_canonical(model, {k: p.detach() for k, p in model.named_parameters()})
     record = {
         "tp_rank": tp_rank, "dp_rank": dp_rank,
+        "global_layers": len(model.global_transformer.block.layers),
         "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
         "losses": losses,
         "weights": {name: value.tolist() for name, value in weights.items()},
