@@ -52,6 +52,7 @@ def initialize_parallel(
     context_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    backend: str | None = None,
 ) -> ParallelContext:
     """Initialise torch.distributed and megatron.core's parallel state, then seed.
 
@@ -63,7 +64,8 @@ def initialize_parallel(
     Seeding follows Megatron-LM's `_set_random_seed`: python, numpy and torch get
     `seed + 100 * pipeline_rank` (stages do not share dropout masks), and megatron's
     `model_parallel_cuda_manual_seed` derives the tensor-parallel streams from it.
-    It must run before the first forward, so it runs here.
+    It must run before the first forward, so it runs here. `backend` (--distributed-backend):
+    "nccl" or "gloo"; default nccl with CUDA, gloo without.
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -76,7 +78,9 @@ def initialize_parallel(
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         enable_cpu_compat()
-    backend = "nccl" if use_cuda else "gloo"
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ParallelLayoutError("the nccl backend needs CUDA; use gloo on CPU")
     world_size = _world_size()
     _check_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size,
                   virtual_pipeline_model_parallel_size, context_parallel_size)

@@ -141,6 +141,14 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adam-beta2", type=float, default=0.999)
     group.add_argument("--adam-eps", type=float, default=1e-8)
     group.add_argument("--sgd-momentum", type=float, default=0.9)
+    group.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                       help="Activation recomputation in the global block: full layers, or "
+                            "selective (the core attention only).")
+    group.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
+                       help="With full recomputation: checkpoint groups of "
+                            "--recompute-num-layers layers (uniform), or only the first "
+                            "--recompute-num-layers layers of each stage (block).")
+    group.add_argument("--recompute-num-layers", type=int, default=None)
 
 
 def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
@@ -182,6 +190,13 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
                             "decoder, the output head and the encoder replica (default: an even "
                             "share). tools/plan_compute.py suggests a balanced split.")
     group.add_argument("--sequence-parallel", action="store_true")
+    group.add_argument("--transformer-impl", choices=("auto", "local", "transformer_engine"),
+                       default="auto",
+                       help="Global block layers: Transformer Engine's, megatron.core's local "
+                            "ones, or auto (Transformer Engine when installed).")
+    group.add_argument("--overlap-grad-reduce", action="store_true",
+                       help="Overlap the data-parallel gradient reduction with the backward "
+                            "pass (megatron DDP buckets).")
     group.add_argument("--use-distributed-optimizer", action="store_true")
     group.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                        help="Default: nccl with CUDA, gloo without.")
@@ -361,6 +376,12 @@ def _validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
         logger.warning("--sequence-parallel has no effect with --tensor-model-parallel-size 1; "
                        "turning it off")
         args.sequence_parallel = False
+    if args.recompute_method is not None and args.recompute_granularity != "full":
+        raise ArgumentError("--recompute-method needs --recompute-granularity full")
+    if args.recompute_granularity == "full" and (args.recompute_method is None
+                                                 or args.recompute_num_layers is None):
+        raise ArgumentError("--recompute-granularity full needs --recompute-method uniform|block "
+                            "and --recompute-num-layers")
     if args.distributed_backend is None:
         import torch
 

@@ -383,7 +383,8 @@ def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = N
     """Train validated `args` (see `arguments.validate_args`) in this process's torch.distributed
     world; sets up and tears down the parallel state. Returns what it did."""
     initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                        seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
+                        seed=args.seed, timeout_minutes=args.distributed_timeout_minutes,
+                        backend=args.distributed_backend)
     try:
         state, datasets = setup(args, index_cache_dir)
         return _train(state, datasets, stream)

@@ -305,3 +305,27 @@ def test_uneven_pipeline_stages_split_like_megatron():
     assert pipeline_stage_layers(25, 4, 7, 4) == [7, 7, 7, 4]
     assert pipeline_stage_layers(25, 2, None, 12) == [13, 12]
     assert pipeline_stage_layers(24, 4) == [6, 6, 6, 6]
+
+
+def test_megatron_performance_flags_reach_the_configs():
+    from megatron_lst.models.config import preset
+    from megatron_lst.training.model_provider import transformer_config_from_args
+
+    args = valid("--recompute-granularity", "full", "--recompute-method", "uniform",
+                 "--recompute-num-layers", "1", "--transformer-impl", "local",
+                 "--overlap-grad-reduce", "--distributed-backend", "gloo")
+    assert (args.transformer_impl, args.overlap_grad_reduce, args.distributed_backend) == (
+        "local", True, "gloo")
+    config = transformer_config_from_args(preset("tiny", 64), args)
+    assert (config.recompute_granularity, config.recompute_method,
+            config.recompute_num_layers) == ("full", "uniform", 1)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--recompute-method", "uniform"], r"--recompute-method needs --recompute-granularity full"),
+    (["--recompute-granularity", "full"], r"needs --recompute-method uniform\|block and "
+                                          r"--recompute-num-layers"),
+])
+def test_incomplete_recomputation_flags_are_refused(extra, message):
+    with pytest.raises(ArgumentError, match=message):
+        valid(*extra)

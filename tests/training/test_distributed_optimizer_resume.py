@@ -5,6 +5,7 @@ Pipeline 2 x data parallel 2 with `--use-distributed-optimizer`, fp32 on gloo: 4
 straight and 2 + save + `--load` + 2 give the same losses bit for bit. The checkpoint also resumes
 under another layout (tensor 2 x data parallel 2): the optimizer state is stored in model space,
 so it reshards; the losses then agree to fp32 rounding (reductions run in another order).
+`--overlap-grad-reduce` trains the same run.
 """
 
 import pytest
@@ -31,8 +32,13 @@ def test_resume_under_pipeline_by_data_parallel_is_bitwise(tmp_path):
     resharded = _command(_flags(write_corpus(tmp_path / "data"), tp=2, pp=1) + [
         "--lr-decay-iters", "4", "--eval-interval", "1000", "--train-iters", "4",
         "--load", str(tmp_path / "ckpt")])
-    ranks = run_distributed(WORKER, 4, [*pp2, "--training-run", resharded], timeout=400)
-    for whole, before, after, other_layout in ranks:
+    # The straight run again, with the data-parallel reduction overlapped with backward.
+    overlapped = _command(flags + ["--lr-decay-iters", "4", "--eval-interval", "1000",
+                                   "--train-iters", "4", "--overlap-grad-reduce"])
+    ranks = run_distributed(WORKER, 4, [*pp2, "--training-run", resharded,
+                                        "--training-run", overlapped], timeout=500)
+    for whole, before, after, other_layout, overlap in ranks:
+        assert _losses(overlap) == pytest.approx(_losses(whole), rel=1e-6)
         assert after["resumed_from"] == 2
         stitched = {**_losses(before), **_losses(after)}
         assert stitched == _losses(whole)  # bitwise
