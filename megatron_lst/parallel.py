@@ -53,6 +53,7 @@ def initialize_parallel(
     context_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    backend: str | None = None,
 ) -> ParallelContext:
     """Initialise torch.distributed and megatron.core's parallel state, then seed.
 
@@ -64,7 +65,8 @@ def initialize_parallel(
     Seeding follows Megatron-LM's `_set_random_seed`: python, numpy and torch get
     `seed + 100 * pipeline_rank` (stages do not share dropout masks), and megatron's
     `model_parallel_cuda_manual_seed` derives the tensor-parallel streams from it.
-    It must run before the first forward, so it runs here.
+    It must run before the first forward, so it runs here. `backend` (--distributed-backend):
+    "nccl" or "gloo"; default nccl with CUDA, gloo without.
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -77,7 +79,9 @@ def initialize_parallel(
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         enable_cpu_compat()
-    backend = "nccl" if use_cuda else "gloo"
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ParallelLayoutError("the nccl backend needs CUDA; use gloo on CPU")
     world_size = _world_size()
     _check_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size,
                   virtual_pipeline_model_parallel_size, context_parallel_size)
@@ -162,6 +166,40 @@ def _check_layout(world_size: int, tp: int, pp: int, vpp: int | None, cp: int) -
             f"virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size "
             f">= 2 (got {pp}) and a value >= 1; pass None to run without interleaving"
         )
+
+
+def pipeline_stage_layers(num_layers: int, pipeline_model_parallel_size: int,
+                          first_stage_layers: int | None = None,
+                          last_stage_layers: int | None = None) -> list[int]:
+    """Global layers per pipeline stage, as megatron.core splits them with
+    `num_layers_in_first_pipeline_stage` / `num_layers_in_last_pipeline_stage`
+    (`--decoder-first-pipeline-num-layers` / `--decoder-last-pipeline-num-layers`): the given
+    counts on the first / last stage, the rest evenly over the stages without one."""
+    pp = pipeline_model_parallel_size
+    given = {0: first_stage_layers, pp - 1: last_stage_layers}
+    if pp == 1:
+        if first_stage_layers is not None or last_stage_layers is not None:
+            raise ParallelLayoutError(
+                "--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
+        return [num_layers]
+    for stage, count in given.items():
+        if count is not None and count < 1:
+            raise ParallelLayoutError(
+                f"pipeline stage {stage} is given {count} layers; give it at least 1")
+    fixed = {stage: count for stage, count in given.items() if count is not None}
+    free_stages = pp - len(fixed)
+    rest = num_layers - sum(fixed.values())
+    if rest < 0 or (free_stages == 0 and rest) or (free_stages and rest % free_stages) or (
+            free_stages and rest == 0):
+        first = "--decoder-first-pipeline-num-layers"
+        raise ParallelLayoutError(
+            f"{num_layers} global layers do not split over {pp} pipeline stages with "
+            f"{fixed or 'no'} fixed layer counts: the {rest} remaining layers must divide evenly "
+            f"(at least 1 each) over the {free_stages} other stages; set {first} and/or "
+            f"--decoder-last-pipeline-num-layers so they do (tools/plan_compute.py suggests a "
+            f"split)")
+    share = rest // free_stages if free_stages else 0
+    return [fixed.get(stage, share) for stage in range(pp)]
 
 
 def _init_process_group(backend: str, timeout: timedelta) -> None:

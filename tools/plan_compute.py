@@ -31,11 +31,13 @@ from megatron_lst.models.config import (
     preset,
     swiglu_ffn_size,
 )
+from megatron_lst.parallel import ParallelLayoutError, pipeline_stage_layers
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.flops import (
     Budget,
     ComputePlan,
     ControlMode,
+    FlopBreakdown,
     ModelPlan,
     ModelShape,
     StepShape,
@@ -93,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--cross-attn-all-layers", action=argparse.BooleanOptionalAction,
                        help="cross-attention in every local layer, else in one (default: every)")
 
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                        help="with > 1, also suggest --decoder-first/last-pipeline-num-layers "
+                             "that balance the stages' training FLOPs")
     parser.add_argument("--out", type=Path, help="write the plans as JSON here")
     return parser
 
@@ -172,6 +177,44 @@ def format_plan(computed: ComputePlan) -> str:
     return "\n".join(lines)
 
 
+def balanced_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown
+                            ) -> tuple[int | None, int | None, list[float]]:
+    """`(first-stage layers, last-stage layers, FLOPs per stage)` that minimise the largest
+    stage's share of one step's FLOPs `flops` (None: megatron's even share).
+
+    The first stage adds the encoder and the patch cross-attention to its global layers; the last
+    stage the decoder, its cross-attention, the head and the encoder replica (recomputed there).
+    `cross_attention` is counted half on each side (an estimate)."""
+    per_layer = flops.global_ / num_layers
+    first_extra = flops.encoder + flops.cross_attention / 2
+    last_extra = flops.decoder + flops.cross_attention / 2 + flops.head + flops.encoder
+    best = None
+    for first in [None, *range(1, num_layers)]:
+        for last in [None, *range(1, num_layers)]:
+            try:
+                layers = pipeline_stage_layers(num_layers, pp, first, last)
+            except ParallelLayoutError:
+                continue
+            costs = [n * per_layer for n in layers]
+            costs[0] += first_extra
+            costs[-1] += last_extra
+            if best is None or max(costs) < max(best[2]):
+                best = (first, last, costs)
+    if best is None:
+        raise ValueError(f"{num_layers} global layers cannot be split over {pp} stages")
+    return best
+
+
+def format_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown) -> str:
+    first, last, costs = balanced_pipeline_split(num_layers, pp, flops)
+    flags = " ".join(f"--decoder-{side}-pipeline-num-layers {n}"
+                     for side, n in (("first", first), ("last", last)) if n is not None)
+    shares = ", ".join(f"{c / sum(costs):.0%}" for c in costs)
+    return (f"pipeline split over {pp} stages: {flags or '(even)'}; "
+            f"layers {pipeline_stage_layers(num_layers, pp, first, last)}, "
+            f"share of the step's FLOPs per stage {shares}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -184,6 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"plan_compute: {error}", file=sys.stderr)
         return 2
     print("\n\n".join(format_plan(p) for p in plans))
+    if args.pipeline_model_parallel_size > 1:
+        lst_step = plans[0].lst.flops_per_step
+        try:
+            print("\n" + format_pipeline_split(config.global_model.num_layers,
+                                               args.pipeline_model_parallel_size, lst_step))
+        except ValueError as error:
+            print(f"plan_compute: {error}", file=sys.stderr)
+            return 2
     if args.out is not None:
         args.out.write_text(json.dumps({
             "model": {"preset": args.preset, "shape": dataclasses.asdict(lst)},

@@ -19,7 +19,8 @@ from .config import (
     preset,
     swiglu_ffn_size,
 )
-from .lst_model import LSTModel, finalize_lst_model_grads, finalize_replicated_encoder_grads
+from .lst_model import LSTModel
+from .replicated_parameters import finalize_lst_model_grads, finalize_replicated_encoder_grads
 
 
 def build_model(

@@ -11,8 +11,9 @@ One batch through the model (B rows, N tokens, P patches, k slots per patch):
 
 Local modules are plain PyTorch, replicated on every tensor-parallel rank; they see identical
 inputs and output gradients on all of them (the embedding all-reduces its output, the output head
-all-reduces its input gradient, the sequence-parallel scatter/gather exchange complete tensors), so
-their gradients agree without extra communication.
+all-reduces its input gradient, the sequence-parallel scatter/gather exchange complete tensors),
+and their gradients are averaged over the tensor-parallel group to keep the copies bit-equal
+(`replicated_parameters`).
 
 How the decoder gets the per-token encoder states under pipeline parallelism (docs/architecture.md#parallelism):
 the last stage keeps a replica of the `TokenEncoder` (embedding + encoder self-attention layers,
@@ -22,11 +23,8 @@ packing them into the pipeline's p2p tensor because (a) megatron's schedules sen
 variable-shape communication, forward and backward, through every intermediate stage; (b) the
 replica is small: in the paper's 1B it is the embedding and one 1024-wide layer next to 25 global
 layers of 2048, so the recompute adds a few percent to the last stage; (c) it is megatron's
-tied-embedding pattern: the replica starts equal to the first stage's copy (synchronised over
-megatron's embedding group at construction) and `finalize_replicated_encoder_grads` sums the two
-copies' gradients over the same group before the optimizer step, as
-`_allreduce_word_embedding_grads` does. Checkpoints must store the replica once (it is a
-duplicate of the first stage's `token_encoder`).
+tied-embedding pattern: `replicated_parameters` keeps the two copies in step (same start,
+gradients summed over megatron's embedding group, stored once in checkpoints).
 
 Packed documents (`LSTConfig.documents`, see `documents.py`): every attention stops at the
 document start of its query, as the reference's GPU path does (its CPU path and the fixtures do
@@ -43,8 +41,6 @@ import logging
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing import ShardedTensor
-from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -55,6 +51,11 @@ from .documents import RowDocuments, documents_of_stage, global_spec_for_documen
 from .global_transformer import GlobalTransformer
 from .local_decoder import LocalDecoder
 from .local_encoder import PatchEncoder, TokenEncoder
+from .replicated_parameters import (
+    fix_sharded_state_dict,
+    mark_tensor_parallel_copies,
+    synchronise_encoder_replica,
+)
 from .specs import global_block_spec, local_layer_spec
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ class LSTModel(MegatronModule):
                 init_method=megatron_config.init_method, bias=False, gather_output=False,
             )
         self._init_local_weights()
-        self._synchronise_encoder_replica()
+        mark_tensor_parallel_copies(self)
+        synchronise_encoder_replica(self)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline hook: the activation received from the previous stage."""
@@ -200,34 +202,11 @@ class LSTModel(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None) -> dict:
-        """Megatron's sharded state dict, corrected for two tensors its default gets wrong.
-
-        `MegatronModule.sharded_state_dict` treats the tensors of plain `torch.nn.Module`
-        children as replicated across tensor-parallel ranks; two of ours are not:
-        - `token_encoder.embedding` is vocab-parallel (each TP rank holds a block of rows): taken
-          as replicated, only TP rank 0's rows would be saved, under a wrong global shape;
-        - under PP>1 the last stage's `token_encoder.*` replica would be a second main copy of
-          the same keys, which dist_checkpointing refuses. As `GPTModel` does for a tied output
-          layer, the replica gets replica id 1: the first stage's copy is stored once and loading
-          fills both.
-        """
+        """Megatron's sharded state dict with the vocab-parallel token embedding sharded and the
+        encoder replica stored once (`replicated_parameters.fix_sharded_state_dict`)."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if hasattr(self, "token_encoder"):
-            state.update(self.token_encoder.embedding.sharded_state_dict(
-                prefix=f"{prefix}token_encoder.embedding.", sharded_offsets=sharded_offsets,
-                metadata=metadata))
-        if self.replicated_encoder_parameters() and not self.pre_process:
-            for value in nested_values(state):
-                if isinstance(value, ShardedTensor) and value.key.startswith(f"{prefix}token_encoder."):
-                    value.replica_id = (1, *value.replica_id[1:])
-        return state
-
-    def replicated_encoder_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters held by both the first and the last pipeline stage (empty with PP=1)."""
-        if not _holds_encoder_replica(self):
-            return []
-        return list(self.token_encoder.parameters())
+        return fix_sharded_state_dict(self, state, prefix, sharded_offsets, metadata)
 
     def _init_local_weights(self) -> None:
         """Normal(0, init_std) for every plain linear of the local modules (megatron's global
@@ -235,60 +214,3 @@ class LSTModel(MegatronModule):
         for module in self.modules():
             if isinstance(module, torch.nn.Linear):
                 torch.nn.init.normal_(module.weight, std=self.lst_config.init_std)
-
-    def _synchronise_encoder_replica(self) -> None:
-        # Stages are seeded differently; start the replica equal to the first stage's copy.
-        params = self.replicated_encoder_parameters()
-        if not params:
-            return
-        group = parallel_state.get_embedding_group()
-        with torch.no_grad():
-            for param in params:
-                if not self.pre_process:
-                    param.zero_()
-                    # Counted once in the gradient norm (by the first stage), as GPTModel marks
-                    # its tied output weight; else clipping would depend on the PP layout.
-                    param.shared = True
-                torch.distributed.all_reduce(param.data, group=group)
-
-
-def _holds_encoder_replica(model: LSTModel) -> bool:
-    return (
-        parallel_state.get_pipeline_model_parallel_world_size() > 1
-        and (model.pre_process or model.post_process)
-        and parallel_state.is_rank_in_embedding_group()
-    )
-
-
-def finalize_replicated_encoder_grads(model: LSTModel) -> None:
-    """Sum the gradients of the encoder copies held by the first and last pipeline stages.
-
-    Call after backward (and after the data-parallel gradient reduction) and before the
-    optimizer step, on every rank. Uses `main_grad` when megatron's DDP wrapper provides it.
-    """
-    params = model.replicated_encoder_parameters()
-    if not params:
-        return
-    group = parallel_state.get_embedding_group()
-    for param in params:
-        if hasattr(param, "main_grad"):
-            grad = param.main_grad
-        else:
-            if param.grad is None:  # every copy must join the collective
-                param.grad = torch.zeros_like(param)
-            grad = param.grad
-        torch.distributed.all_reduce(grad, group=group)
-
-
-def finalize_lst_model_grads(model: list, num_tokens: torch.Tensor | None = None, **kwargs) -> None:
-    """megatron's `finalize_model_grads` plus the LST encoder-replica reduction: a drop-in for
-    `config.finalize_model_grads_func` (model: the list of DDP-wrapped model chunks; chunks that
-    are not `LSTModel`, e.g. the token baseline, get megatron's reduction only)."""
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.utils import get_attr_wrapped_model
-
-    finalize_model_grads(model, num_tokens=num_tokens, **kwargs)
-    for chunk in model:
-        module = get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
-        if isinstance(module, LSTModel):
-            finalize_replicated_encoder_grads(module)

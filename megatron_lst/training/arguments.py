@@ -146,6 +146,14 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="Save and exit once training has run this many minutes.")
     group.add_argument("--exit-interval", type=int, default=None,
                        help="Save and exit after an iteration divisible by this.")
+    group.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                       help="Activation recomputation in the global block: full layers, or "
+                            "selective (the core attention only).")
+    group.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
+                       help="With full recomputation: checkpoint groups of "
+                            "--recompute-num-layers layers (uniform), or only the first "
+                            "--recompute-num-layers layers of each stage (block).")
+    group.add_argument("--recompute-num-layers", type=int, default=None)
 
 
 def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
@@ -179,7 +187,21 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("distributed")
     group.add_argument("--tensor-model-parallel-size", type=int, default=1)
     group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                       help="Global layers on the first pipeline stage (default: an even share); "
+                            "the stages without a given count split the rest evenly.")
+    group.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                       help="Global layers on the last pipeline stage, which also runs the local "
+                            "decoder, the output head and the encoder replica (default: an even "
+                            "share). tools/plan_compute.py suggests a balanced split.")
     group.add_argument("--sequence-parallel", action="store_true")
+    group.add_argument("--transformer-impl", choices=("auto", "local", "transformer_engine"),
+                       default="auto",
+                       help="Global block layers: Transformer Engine's, megatron.core's local "
+                            "ones, or auto (Transformer Engine when installed).")
+    group.add_argument("--overlap-grad-reduce", action="store_true",
+                       help="Overlap the data-parallel gradient reduction with the backward "
+                            "pass (megatron DDP buckets).")
     group.add_argument("--use-distributed-optimizer", action="store_true")
     group.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                        help="Default: nccl with CUDA, gloo without.")
@@ -391,6 +413,12 @@ def _validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
         logger.warning("--sequence-parallel has no effect with --tensor-model-parallel-size 1; "
                        "turning it off")
         args.sequence_parallel = False
+    if args.recompute_method is not None and args.recompute_granularity != "full":
+        raise ArgumentError("--recompute-method needs --recompute-granularity full")
+    if args.recompute_granularity == "full" and (args.recompute_method is None
+                                                 or args.recompute_num_layers is None):
+        raise ArgumentError("--recompute-granularity full needs --recompute-method uniform|block "
+                            "and --recompute-num-layers")
     if args.distributed_backend is None:
         import torch
 
@@ -401,11 +429,13 @@ def _validate_model(args: argparse.Namespace) -> None:
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "max_position_embeddings", "num_units")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if args.num_layers % pp:
-        raise ArgumentError(
-            f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size "
-            f"{pp}; every pipeline stage needs the same number of layers"
-        )
+    from megatron_lst.parallel import ParallelLayoutError, pipeline_stage_layers
+
+    try:
+        pipeline_stage_layers(args.num_layers, pp, args.decoder_first_pipeline_num_layers,
+                              args.decoder_last_pipeline_num_layers)
+    except ParallelLayoutError as err:
+        raise ArgumentError(str(err)) from None
     if args.hidden_size % args.num_attention_heads:
         raise ArgumentError(
             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "

@@ -352,7 +352,8 @@ def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = N
     world; sets up and tears down the parallel state. Returns what it did."""
     start_time = time.monotonic()  # --exit-duration-in-mins counts from here
     initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                        seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
+                        seed=args.seed, timeout_minutes=args.distributed_timeout_minutes,
+                        backend=args.distributed_backend)
     try:
         state, datasets = setup(args, index_cache_dir)
         return _train(state, datasets, stream, ExitMonitor(ExitConditions.from_args(args),

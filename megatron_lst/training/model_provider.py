@@ -79,6 +79,8 @@ def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None),
+        num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         fp16=args.fp16,
@@ -86,6 +88,9 @@ def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         calculate_per_token_loss=True,
+        recompute_granularity=getattr(args, "recompute_granularity", None),
+        recompute_method=getattr(args, "recompute_method", None),
+        recompute_num_layers=getattr(args, "recompute_num_layers", None),
     )
 
 
@@ -113,6 +118,7 @@ def build_model_chunks(args: argparse.Namespace, vocab_size: int, *, eos_id: int
         config, args.patching_mode, megatron_config,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        transformer_impl=getattr(args, "transformer_impl", "auto"),
         kernel_backend=args.kernel_backend,
     )
     if torch.cuda.is_available():
@@ -122,7 +128,13 @@ def build_model_chunks(args: argparse.Namespace, vocab_size: int, *, eos_id: int
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=getattr(args, "overlap_grad_reduce", False),
     )
     wrapped = DistributedDataParallel(config=megatron_config, ddp_config=ddp_config, module=model)
     megatron_config.finalize_model_grads_func = finalize_lst_model_grads
+    if ddp_config.overlap_grad_reduce:
+        # As Megatron-LM's get_model: the schedules hold the reduction back until the last
+        # micro-batch (no_sync) and start it there, bucket by bucket, during its backward pass.
+        megatron_config.no_sync_func = wrapped.no_sync
+        megatron_config.grad_sync_func = wrapped.start_grad_sync
     return [wrapped], config

@@ -19,8 +19,8 @@ from megatron_lst.checkpoint.dist import training_args_for
 from megatron_lst.checkpoint.model_state import load_full_state_dict
 from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.verify import fixed_batch
+from megatron_lst.models import LSTModel, finalize_lst_model_grads
 from megatron_lst.models.loss import masked_token_mean
-from megatron_lst.models.lst_model import LSTModel, finalize_lst_model_grads
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.training.checkpointing import load_checkpoint, save_checkpoint
 

@@ -16,8 +16,8 @@ import torch
 from distributed.harness import report_results
 from model_cases import ragged_batch, tiny_config
 
+from megatron_lst.models import LSTModel, finalize_lst_model_grads
 from megatron_lst.models.loss import masked_token_mean
-from megatron_lst.models.lst_model import LSTModel, finalize_lst_model_grads
 from megatron_lst.models.reference_import import canonical_name, gather_canonical, shard_tensor
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 

@@ -70,8 +70,12 @@ def test_validate_returns_a_copy():
     (["--micro-batch-size", "2", "--global-batch-size", "6"], 2,
      r"--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
     (["--fp16", "--bf16"], 1, r"--fp16 and --bf16 are mutually exclusive"),
-    (["--pipeline-model-parallel-size", "3"], 3, r"--num-layers 4 is not divisible by "
-                                                 r"--pipeline-model-parallel-size 3"),
+    (["--pipeline-model-parallel-size", "3"], 3, r"4 global layers do not split over 3 "
+                                                 r"pipeline stages .* set "
+                                                 r"--decoder-first-pipeline-num-layers"),
+    (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "4"], 2,
+     r"the 0 remaining layers must divide evenly \(at least 1 each\) over the 1 other"),
+    (["--decoder-last-pipeline-num-layers", "2"], 1, r"need --pipeline-model-parallel-size > 1"),
     (["--tensor-model-parallel-size", "8"], 8, r"--num-attention-heads 4 is not divisible by "
                                                r"--tensor-model-parallel-size 8"),
     (["--seq-length", "1"], 1, r"--seq-length must be at least 2"),
@@ -287,3 +291,39 @@ def test_patching_choices_are_the_patchers():
     choices = {action.dest: tuple(action.choices) for action in parser._actions if action.choices}
     assert choices["patching_mode"] == PATCHING_MODES == arguments.PATCHING_MODES
     assert choices["silence_patching"] == SILENCE_MODES
+
+
+def test_uneven_pipeline_stages_split_like_megatron():
+    from megatron_lst.parallel import pipeline_stage_layers
+
+    args = valid("--num-layers", "25", "--pipeline-model-parallel-size", "4",
+                 "--decoder-first-pipeline-num-layers", "7",
+                 "--decoder-last-pipeline-num-layers", "4", world_size=4)
+    assert (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers) == (7, 4)
+    assert pipeline_stage_layers(25, 4, 7, 4) == [7, 7, 7, 4]
+    assert pipeline_stage_layers(25, 2, None, 12) == [13, 12]
+    assert pipeline_stage_layers(24, 4) == [6, 6, 6, 6]
+
+
+def test_megatron_performance_flags_reach_the_configs():
+    from megatron_lst.models.config import preset
+    from megatron_lst.training.model_provider import transformer_config_from_args
+
+    args = valid("--recompute-granularity", "full", "--recompute-method", "uniform",
+                 "--recompute-num-layers", "1", "--transformer-impl", "local",
+                 "--overlap-grad-reduce", "--distributed-backend", "gloo")
+    assert (args.transformer_impl, args.overlap_grad_reduce, args.distributed_backend) == (
+        "local", True, "gloo")
+    config = transformer_config_from_args(preset("tiny", 64), args)
+    assert (config.recompute_granularity, config.recompute_method,
+            config.recompute_num_layers) == ("full", "uniform", 1)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--recompute-method", "uniform"], r"--recompute-method needs --recompute-granularity full"),
+    (["--recompute-granularity", "full"], r"needs --recompute-method uniform\|block and "
+                                          r"--recompute-num-layers"),
+])
+def test_incomplete_recomputation_flags_are_refused(extra, message):
+    with pytest.raises(ArgumentError, match=message):
+        valid(*extra)

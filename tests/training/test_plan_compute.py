@@ -178,3 +178,15 @@ def test_tool_runs_as_a_script():
     )
     assert result.returncode == 0, result.stderr
     assert "control data: budget 10 steps of baseline" in result.stdout
+
+
+def test_pipeline_split_balances_the_stages():
+    tool = _load_tool()
+    from megatron_lst.training.flops import FlopBreakdown
+
+    # Only global layers: megatron's even split wins where there is one.
+    assert tool.balanced_pipeline_split(24, 4, FlopBreakdown(global_=24.0))[:2] == (None, None)
+    # A last stage carrying the cost of 5 layers besides its own gets fewer layers:
+    # 25 layers + 5 over 2 stages balance at 15 + (10 + 5).
+    first, last, costs = tool.balanced_pipeline_split(25, 2, FlopBreakdown(global_=25.0, head=5.0))
+    assert costs == [15.0, 15.0] and (first, last) in ((15, None), (None, 10), (15, 10))

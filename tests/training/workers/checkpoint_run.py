@@ -16,9 +16,8 @@ this worker (the rest go to the argument parser):
                            scheduler, RNG states); the run then continues unperturbed
   --eval                   report the loss on a held-out batch (eval mode, no dropout)
   --vocab-text-size V      save and load with the joint vocabulary of a V-piece text tokenizer
-  --probe-load-errors      instead of training, load --load with the given vocabulary, into a
-                           model with --hidden-size + 16, and (without Apex/TE) into a
-                           distributed optimizer; report the errors
+  --probe-load-errors      instead of training, load --load with the given vocabulary and into a
+                           model with --hidden-size + 16; report the errors
 
 Reports per rank: losses by iteration (last pipeline stage), the iteration it resumed from, the
 eval loss.
@@ -237,11 +236,8 @@ def crash_during_save(mode: str, save_dir: str) -> None:
 
 
 def load_errors(args, vocab) -> dict:
-    """The errors of loading `args.load` with `vocab`, into a wider model, and (without Apex or
-    Transformer Engine) into a distributed optimizer."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    errors = {"have_apex_or_te": distrib_optimizer.HAVE_APEX_OR_TE}
+    """The errors of loading `args.load` with `vocab` and into a wider model."""
+    errors = {}
     model, optimizer, scheduler = build_training_state(args)
     try:
         checkpointing.load_checkpoint(args.load, [model], optimizer, scheduler, args, vocab)
@@ -255,13 +251,6 @@ def load_errors(args, vocab) -> dict:
         checkpointing.load_checkpoint(args.load, [model], optimizer, scheduler, wider)
     except checkpointing.CheckpointError as err:
         errors["shape"] = str(err)
-    if not distrib_optimizer.HAVE_APEX_OR_TE:
-        distributed = argparse.Namespace(**{**vars(args), "use_distributed_optimizer": True})
-        model, optimizer, scheduler = build_training_state(distributed)
-        try:
-            checkpointing.load_checkpoint(args.load, [model], optimizer, scheduler, distributed)
-        except checkpointing.CheckpointError as err:
-            errors["distributed_optimizer"] = str(err)
     return errors
 
 
