@@ -1,7 +1,7 @@
 """Packed rows (Megatron-LM's --reset-attention-mask): no attention crosses a document end.
 
 The model with document masking agrees with a dense-mask oracle written from the rule
-(`document_cases`) to 1e-5 in fp32, forward and backward, on rows packing 2-5 documents of
+(`packed_document_cases`) to 1e-5 in fp32, forward and backward, on rows packing 2-5 documents of
 ragged lengths, for every patching rule, with windows shorter and longer than a document; and
 perturbing a document never changes the logits of the documents after it.
 """
@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 import torch
-from document_cases import EOS, dense_document_attention, packed_batch
+from packed_document_cases import EOS, dense_document_attention, packed_batch
 from model_cases import tiny_config
 from patching.patching_cases import VOCAB
 
@@ -108,7 +108,7 @@ def test_flags_build_the_document_rule():
     """--reset-attention-mask is on by default (and says so in --help), --no-reset-attention-mask
     turns it off, in flags and YAML alike; the model provider turns them into LSTConfig.documents
     with the vocabulary's EOS."""
-    from megatron_lst.training.arguments import build_parser, parse_args
+    from megatron_lst.training.arguments import build_parser, parse_args, validate_args
     from megatron_lst.training.config_files import config_to_argv
     from megatron_lst.training.model_provider import lst_config_from_args
 
@@ -116,11 +116,11 @@ def test_flags_build_the_document_rule():
     assert "On by default, for LST and the baseline" in " ".join(parser.format_help().split())
     base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
             "--seq-length", "16", "--train-iters", "1", "--lr", "1e-3"]
-    on = parse_args(base)
-    assert on.reset_attention_mask and not on.reset_position_ids
+    on = validate_args(parse_args(base), 1)  # neither flag given: the model flags' None, the rule's default
+    assert on.reset_attention_mask is None and on.reset_position_ids is None
     assert lst_config_from_args(on, 128, eos_id=EOS).documents == DocumentMaskingConfig(EOS)
-    off = parse_args([*base, "--no-reset-attention-mask"])
-    assert not off.reset_attention_mask
+    off = validate_args(parse_args([*base, "--no-reset-attention-mask"]), 1)
+    assert off.reset_attention_mask is False
     assert lst_config_from_args(off, 128, eos_id=EOS).documents is None
     assert config_to_argv({"reset_attention_mask": False}, parser) == ["--no-reset-attention-mask"]
     with pytest.raises(ValueError, match="EOS"):
