@@ -10,8 +10,8 @@ import dataclasses
 
 import pytest
 import torch
-from packed_document_cases import EOS, dense_document_attention, packed_batch
 from model_cases import tiny_config
+from packed_document_cases import EOS, dense_document_attention, packed_batch
 from patching.patching_cases import VOCAB
 
 from megatron_lst.models.baseline import TokenBaselineModel
