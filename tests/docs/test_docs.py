@@ -30,7 +30,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
-PAGES = ("architecture.md", "data.md", "evaluation.md", "training.md", "kernels.md")
+PAGES = ("architecture.md", "data.md", "evaluation.md", "training.md", "kernels.md",
+         "audio.md")
 DOC_FILES = [DOCS / page for page in PAGES] + [REPO / "README.md"]
 
 # Flags of commands that are not ours, keyed by the words that name the command: a flag in this
