@@ -39,7 +39,7 @@ DOC_FILES = [DOCS / page for page in PAGES] + [REPO / "README.md"]
 EXTERNAL_FLAGS: dict[tuple[str, ...], frozenset[str]] = {
     # torchrun (torch.distributed.run): examples/pretrain_lst_torchrun.sh and the SLURM script
     ("torchrun",): frozenset({"--standalone", "--nnodes", "--nproc-per-node", "--rdzv-backend",
-                              "--rdzv-endpoint", "--rdzv-id"}),
+                              "--rdzv-endpoint", "--rdzv-id", "--max-restarts"}),
     # sbatch / srun options of examples/pretrain_lst_slurm.sbatch
     ("sbatch", "srun", "SLURM"): frozenset({"--signal", "--requeue"}),
     # building NVIDIA apex from source (README, "GPU extras")
