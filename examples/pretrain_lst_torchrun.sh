@@ -10,7 +10,8 @@
 # in Megatron-LM's examples; the YAML in CONFIG holds the rest (see examples/configs/). Environment:
 #   GPUS_PER_NODE (8), CONFIG (examples/configs/paper_1b_lst.yaml), TP (1), PP (1),
 #   TENSORBOARD_DIR (CHECKPOINT_DIR/tensorboard when the tensorboard package is installed; empty:
-#   none), DISTRIBUTED_OPTIMIZER (1 when Apex or Transformer Engine is installed, else 0).
+#   none), DISTRIBUTED_OPTIMIZER (1: shard the optimizer state over data-parallel ranks; 0: the
+#   plain optimizer).
 #
 # Several nodes: run the same command on every node with
 #   NNODES=2 RDZV_ENDPOINT=node0.example.com:29400 [RDZV_ID=myrun] [MAX_RESTARTS=3]
@@ -40,11 +41,9 @@ have_module() { python -c "import importlib.util, sys; sys.exit(not any(importli
 # would stop the run at start otherwise.
 if have_module tensorboard; then DEFAULT_TENSORBOARD_DIR=$CHECKPOINT_PATH/tensorboard; else DEFAULT_TENSORBOARD_DIR=; fi
 TENSORBOARD_DIR=${TENSORBOARD_DIR-$DEFAULT_TENSORBOARD_DIR}
-# The distributed optimizer's checkpoints resume only with Apex or Transformer Engine installed
-# (megatron.core's torch.optim fallback does not restore Adam's step, and a resume would stop with
-# that message); without them the script uses the plain optimizer, whose checkpoints resume.
-if have_module apex transformer_engine; then DEFAULT_DISTRIBUTED_OPTIMIZER=1; else DEFAULT_DISTRIBUTED_OPTIMIZER=0; fi
-DISTRIBUTED_OPTIMIZER=${DISTRIBUTED_OPTIMIZER:-$DEFAULT_DISTRIBUTED_OPTIMIZER}
+# The distributed optimizer's checkpoints resume with or without Apex / Transformer Engine, also
+# under another parallel layout.
+DISTRIBUTED_OPTIMIZER=${DISTRIBUTED_OPTIMIZER:-1}
 
 # Megatron overlaps tensor-parallel communication with compute only with one connection.
 export CUDA_DEVICE_MAX_CONNECTIONS=1
