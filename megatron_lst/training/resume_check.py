@@ -79,8 +79,11 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
 
 def _check_global_batch_size(saved: Mapping[str, Any], args: argparse.Namespace,
                              position: ResumePosition, checkpoint: str) -> list[str]:
-    old, new = saved.get("global_batch_size"), args.global_batch_size
-    if old is None or old == new:
+    old = saved.get("global_batch_size")
+    if old is None:  # not recorded by the run that saved it
+        return []
+    new = args.global_batch_size
+    if old == new:
         return []
     consumed, done, total = position.consumed_samples, position.iteration, args.train_iters
     if args.patching_mode == "curriculum":

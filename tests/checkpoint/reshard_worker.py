@@ -103,8 +103,8 @@ def main() -> None:
     else:
         for variant, flags in (("with_optimizer", {}), ("weights_only", {"no_load_optim": True})):
             ddp, optimizer = build(config, args.tp, args.pp)
-            loaded = load_checkpoint(args.load, [ddp], optimizer, None,
-                                     argparse.Namespace(no_load_rng=True, **flags), portable.vocab)
+            run = argparse.Namespace(**training_args_for(config), no_load_rng=True, **flags)
+            loaded = load_checkpoint(args.load, [ddp], optimizer, None, run, portable.vocab)
             assert loaded.iteration == 1 and loaded.extra_state == {"consumed_samples": 2}
             record[variant] = [train_step(ddp, optimizer, config, step) for step in (2, 3)]
     report_results(args.results, record)
