@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from megatron_lst.audio.audio_io import AudioError
-from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, default_device
-from megatron_lst.audio.codebook import CodebookError
-from megatron_lst.audio.corpus import CORPUS_READERS, CorpusError, write_mfa_corpus
+from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, default_device, run_tool
+from megatron_lst.audio.corpus import CORPUS_READERS, write_mfa_corpus
 from megatron_lst.audio.extract import ExtractConfig, ExtractSummary, extract_units
-from megatron_lst.demo_corpus.optional import MissingDependencyError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +65,4 @@ def main(argv: Sequence[str] | None = None) -> ExtractSummary:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (AudioError, CodebookError, CorpusError, MissingDependencyError, ValueError,
-            FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_tool(main)

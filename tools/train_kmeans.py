@@ -17,25 +17,21 @@ metadata): loading it never unpickles anything. `import` converts a pickled scik
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from megatron_lst.audio.audio_io import AudioError
-from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, default_device
+from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, default_device, run_tool
 from megatron_lst.audio.codebook import (
-    CodebookError,
     fit_codebook,
     import_pickled_codebook,
     save_codebook,
 )
-from megatron_lst.audio.corpus import CORPUS_READERS, CorpusError
+from megatron_lst.audio.corpus import CORPUS_READERS
 from megatron_lst.audio.extract import featurize, make_jobs
 from megatron_lst.audio.hubert import HubertFeatures
-from megatron_lst.demo_corpus.optional import MissingDependencyError
 from megatron_lst.demo_corpus.units import KMeansCodebook
 
 
@@ -108,8 +104,4 @@ def main(argv: Sequence[str] | None = None) -> KMeansCodebook:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (AudioError, CodebookError, CorpusError, MissingDependencyError, ValueError,
-            FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_tool(main)

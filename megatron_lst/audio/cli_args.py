@@ -1,12 +1,31 @@
-"""Command-line arguments shared by tools/extract_units.py and tools/train_kmeans.py."""
+"""Command-line arguments and error handling shared by tools/extract_units.py and
+tools/train_kmeans.py."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from megatron_lst.audio.corpus import CORPUS_READERS
+from megatron_lst.audio.audio_io import AudioError
+from megatron_lst.audio.codebook import CodebookError
+from megatron_lst.audio.corpus import CORPUS_READERS, CorpusError
+from megatron_lst.demo_corpus.optional import MissingDependencyError
 from megatron_lst.demo_corpus.units import UNIT_FRAME_RATE
+
+USER_ERRORS = (AudioError, CodebookError, CorpusError, MissingDependencyError, ValueError,
+               FileNotFoundError)
+"""Errors that name a bad input and its fix: a tool prints them as one line, no traceback."""
+
+
+def run_tool(main: Callable[[], Any]) -> None:
+    """Run a tool's `main`; a `USER_ERRORS` error exits with status 1 and `error: <message>`."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")
 
 
 def add_corpus_args(parser: argparse.ArgumentParser) -> None:
