@@ -2,31 +2,25 @@
 forward, padding invariance, the unit rate, identical files for any batch size and worker count,
 resuming, and the produced files through `preprocess_data.py --input-format textgrid` to training."""
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from audio.audio_cases import CLIPS, tone, write_clips
+from tool_modules import load_tool
 
 pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 torch = pytest.importorskip("torch")
+
 
 from megatron_lst.audio.audio_io import audio_info  # noqa: E402
 from megatron_lst.audio.hubert import HubertFeatures, load_transformers  # noqa: E402
 
 transformers = load_transformers()
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny_hubert(directory: Path, norm: str) -> Path:
@@ -102,7 +96,7 @@ def corpus(tmp_path_factory):
         f"{p.relative_to(root)}\t{words[i]} {words[i + 1]}\n" for i, p in enumerate(clips)))
     hubert = _tiny_hubert(root / "hubert", "group")
     codebook = root / "km.safetensors"
-    _load_tool("train_kmeans").main([
+    load_tool("train_kmeans").main([
         "fit", "--input", str(root / "list.tsv"), "--input-format", "tsv", "--hubert-dir",
         str(hubert), "--layer", "2", "--num-units", "8", "--max-frames", "1000",
         "--device", "cpu", "--no-progress", "--output", str(codebook)])
@@ -111,7 +105,7 @@ def corpus(tmp_path_factory):
 
 def _extract(corpus, units_dir: Path, *flags: str):
     root, hubert, codebook = corpus
-    return _load_tool("extract_units").main([
+    return load_tool("extract_units").main([
         "--input", str(root / "list.tsv"), "--input-format", "tsv", "--hubert-dir", str(hubert),
         "--layer", "2", "--codebook", str(codebook), "--units-dir", str(units_dir),
         "--device", "cpu", "--no-progress", *flags])
@@ -204,7 +198,7 @@ def test_unit_files_preprocess_and_train(corpus, units, tmp_path):
     spm = train_sentencepiece(sentences, tmp_path / "spm.model", 290)
     prefix = tmp_path / "speech"
     # The reader pairs <textgrid-dir>/<id>.TextGrid with <units-dir>/<id>.npy.
-    _load_tool("preprocess_data").main([
+    load_tool("preprocess_data").main([
         "--input-format", "textgrid", "--textgrid-dir", str(grids / "audio"), "--units-dir",
         str(units / "audio"), "--tokenizer-model", str(spm), "--num-units", "20",
         "--output-prefix", str(prefix)])
@@ -226,7 +220,7 @@ def test_demo_corpus_takes_hubert_units(corpus):
     from megatron_lst.demo_corpus.build import unit_features
     from megatron_lst.demo_corpus.units import MfccFeatures
 
-    parser = _load_tool("build_demo_corpus").build_parser()
+    parser = load_tool("build_demo_corpus").build_parser()
     args = parser.parse_args(["--out-dir", "x", "--units", "hubert", "--hubert-dir",
                               str(hubert_dir), "--hubert-layer", "1"])
     features = unit_features(args.units, args.hubert_dir, args.hubert_layer)

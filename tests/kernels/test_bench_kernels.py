@@ -1,23 +1,13 @@
 """Smoke test of tools/bench_kernels.py on CPU at tiny shapes: every path runs and reports."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
-
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_kernels.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("bench_kernels", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tool_modules import load_tool
 
 
 def test_pool_and_attention_benchmarks_run_on_cpu(tmp_path):
-    bench = _load_tool()
+    bench = load_tool("bench_kernels")
     results = bench.bench_pool(
         bench.PoolShape(2, 64, 8, "aligned", "max"), "cpu", torch.float32, warmup=0, iters=1
     )
@@ -44,7 +34,7 @@ def test_pool_and_attention_benchmarks_run_on_cpu(tmp_path):
 
 
 def test_lengths_sum_to_the_token_count():
-    bench = _load_tool()
+    bench = load_tool("bench_kernels")
     generator = torch.Generator().manual_seed(0)
     for kind in ("mean4", "aligned"):
         lengths = bench.draw_lengths(kind, 3, 500, generator)
@@ -52,7 +42,7 @@ def test_lengths_sum_to_the_token_count():
 
 
 def test_main_writes_json(tmp_path, monkeypatch, capsys):
-    bench = _load_tool()
+    bench = load_tool("bench_kernels")
     monkeypatch.setattr(
         bench,
         "shapes",

@@ -2,25 +2,13 @@
 comparison with its FLOP ceiling, and the speech-heavy batch keeps the batch contract."""
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
-
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_model.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("bench_model", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tool_modules import load_tool
 
 
 def test_speech_heavy_batch_keeps_the_contract():
-    bench = _load_tool()
+    bench = load_tool("bench_model")
     batch = bench.speech_heavy_batch(batch=3, num_tokens=200, patch_size=4, seed=1)
     lengths = batch["patch_lengths"]
     assert (lengths.sum(1) == 201).all() and (lengths[:, 0] == 1).all()
@@ -29,7 +17,7 @@ def test_speech_heavy_batch_keeps_the_contract():
 
 
 def test_lst_and_baseline_steps_report(capsys):
-    bench = _load_tool()
+    bench = load_tool("bench_model")
     args = argparse.Namespace(batch_size=2, patch_size=4, steps=1, warmup=0, threads=1,
                               device="cpu", dtype="float32")
     threads = torch.get_num_threads()

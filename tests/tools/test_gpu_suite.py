@@ -2,25 +2,15 @@
 stage past its limit is killed and the next one still runs, the output stays two files, and the
 summary's ratios are those of the JSON it reads."""
 
-import importlib.util
 import json
 import sys
 import tarfile
-from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "gpu_suite.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("gpu_suite", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tool_modules import load_tool
 
 
 def test_timed_out_stage_is_killed_and_the_next_still_runs(tmp_path):
-    suite_tool = _load_tool()
+    suite_tool = load_tool("gpu_suite")
     mode = suite_tool.Mode(
         name="test", budget_seconds=60, limits={"slow": 1, "fast": 10}, step_steps=(1, 1),
         lst_flags=[], baseline_flags=[], speech_heavy_flags=[], kernel_bench_flags=[],
@@ -59,7 +49,7 @@ def _model(model, tokens, patches, flops, seconds):
 
 
 def test_summary_ratios_come_from_the_measurements(tmp_path):
-    suite_tool = _load_tool()
+    suite_tool = load_tool("gpu_suite")
     split = {"local encoder": 0.05, "global transformer": 0.6, "local decoder": 0.1, "head": 0.1}
     # Speech-heavy rows: LST 3 tokens per patch at 1.5x the baseline's FLOPs, 3 s per step;
     # the baseline over the 4096 patches as tokens, 2 s per step.

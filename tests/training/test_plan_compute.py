@@ -1,12 +1,12 @@
 """The compute planner (`plan`) and its command line, tools/plan_compute.py."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tool_modules import load_tool
 
 from megatron_lst.models.config import preset
 from megatron_lst.training.flops import (
@@ -31,12 +31,6 @@ LST = ModelShape(
 BASELINE = LST.baseline_of()
 STEP = StepShape(seq_length=256, global_batch_size=8, tokens_per_patch=3.1)
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("plan_compute", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("budget", [Budget(flops=1e17), Budget(steps=5000, reference="lst"),
@@ -121,7 +115,7 @@ def test_model_shape_from_the_paper_1b_preset():
 
 def test_tool_prints_every_control_mode_and_writes_json(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    code = _load_tool().main([
+    code = load_tool("plan_compute").main([
         "--budget-flops", "1e17", "--preset", "tiny", "--text-vocab-size", "512",
         "--seq-length", "256", "--global-batch-size", "8", "--tokens-per-patch", "3.1",
         "--out", str(out),
@@ -145,7 +139,7 @@ def test_tool_prints_every_control_mode_and_writes_json(tmp_path, capsys):
 
 
 def test_tool_with_explicit_dimensions_matches_the_preset(capsys):
-    tool = _load_tool()
+    tool = load_tool("plan_compute")
     common = ["--budget-steps", "100", "--reference", "lst", "--control", "compute",
               "--text-vocab-size", "512", "--seq-length", "256", "--global-batch-size", "8",
               "--tokens-per-patch", "2"]
@@ -158,7 +152,7 @@ def test_tool_with_explicit_dimensions_matches_the_preset(capsys):
 
 
 def test_tool_reports_bad_model_arguments(capsys):
-    tool = _load_tool()
+    tool = load_tool("plan_compute")
     common = ["--budget-steps", "10", "--seq-length", "256", "--global-batch-size", "8",
               "--tokens-per-patch", "2"]
     assert tool.main([*common, "--global-dim", "64"]) == 2
@@ -181,7 +175,7 @@ def test_tool_runs_as_a_script():
 
 
 def test_pipeline_split_balances_the_stages():
-    tool = _load_tool()
+    tool = load_tool("plan_compute")
     from megatron_lst.training.flops import FlopBreakdown
 
     # Only global layers: megatron's even split wins where there is one.
