@@ -102,6 +102,6 @@ def _inference_args(saved_args: dict, saved: SavedModel) -> argparse.Namespace:
         args.patching_mode = "static"
     args.params_dtype_name = saved_args.get("params_dtype_name", "float32")
     args.sequence_parallel = False
-    args.use_distributed_optimizer = False
+    args.use_distributed_optimizer = args.overlap_param_gather = False
     args.finetune, args.no_load_optim, args.no_load_rng = False, True, True
     return args

@@ -202,6 +202,13 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overlap-grad-reduce", action="store_true",
                        help="Overlap the data-parallel gradient reduction with the backward "
                             "pass (megatron DDP buckets).")
+    group.add_argument("--overlap-param-gather", action="store_true",
+                       help="With --use-distributed-optimizer and --overlap-grad-reduce: "
+                            "all-gather the updated parameters bucket by bucket during the next "
+                            "forward pass instead of at the end of the optimizer step.")
+    group.add_argument("--ddp-bucket-size", type=int, default=None,
+                       help="Parameters per data-parallel communication bucket (default: "
+                            "megatron's, max(40M, 1M x data-parallel size)).")
     group.add_argument("--use-distributed-optimizer", action="store_true")
     group.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                        help="Default: nccl with CUDA, gloo without.")
@@ -387,7 +394,8 @@ def _positive(args: argparse.Namespace, *dests: str) -> None:
 
 def _validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size",
-              "micro_batch_size", "global_batch_size", "distributed_timeout_minutes")
+              "micro_batch_size", "global_batch_size", "distributed_timeout_minutes",
+              "ddp_bucket_size")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size < 1:
         raise ArgumentError(f"world size must be at least 1, got {world_size}")
@@ -419,6 +427,13 @@ def _validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
                                                  or args.recompute_num_layers is None):
         raise ArgumentError("--recompute-granularity full needs --recompute-method uniform|block "
                             "and --recompute-num-layers")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer
+                                          and args.overlap_grad_reduce):
+        raise ArgumentError(
+            "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce "
+            "(as in Megatron-LM): without the distributed optimizer every rank updates whole "
+            "parameters and there is nothing to gather; add both flags or drop "
+            "--overlap-param-gather")
     if args.distributed_backend is None:
         import torch
 

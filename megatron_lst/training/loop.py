@@ -36,6 +36,11 @@ iteration in `<save>/metrics.jsonl` (iteration, consumed samples, cumulative tok
 FLOPs, global positions, training loss, learning rate, step time, validation loss and story
 accuracy where measured).
 
+With --overlap-param-gather the optimizer step updates only this rank's shard of the weights
+and the next forward pass all-gathers them bucket by bucket (megatron DDP's forward pre-hooks);
+`ParamGatherHooks` finishes that gather before anything else reads the weights, as Megatron-LM's
+`train` does.
+
 Stopping early (`exit_conditions`): with --exit-signal-handler, an --exit-signal (SIGTERM by
 default: preemption; SLURM's `--signal`), --exit-duration-in-mins or --exit-interval make the loop
 finish the current iteration, save a checkpoint of it to `--save`, and return with `exit_reason`;
@@ -47,6 +52,7 @@ agree on stopping through one all-reduce per iteration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -346,6 +352,63 @@ def _data_iterator(loader: torch.utils.data.DataLoader, model_config: LSTConfig)
 
 # --- the run ----------------------------------------------------------------------------
 
+class ParamGatherHooks:
+    """When the weights are all-gathered under --overlap-param-gather (Megatron-LM's `train`).
+
+    megatron's distributed optimizer then updates only this rank's shard of each bucket at
+    `optimizer.step()`, and the DDP wrapper's forward pre-hooks all-gather the updated buckets
+    during the next forward pass. Whatever reads the weights in between must finish that gather
+    first: evaluation and checkpoint saving run inside `synchronised()`, which removes the hooks
+    with a forced synchronous gather and puts them back after; `finish()` leaves every rank with
+    the trained weights. The hooks are off for the first iteration, whose weights already agree
+    on every rank (fresh or loaded; a rank with a bad load does not spread it by a gather), and
+    go on after the first update that was not skipped. Without the flag every method is a no-op.
+    """
+
+    def __init__(self, model_chunks: list[torch.nn.Module], overlap_param_gather: bool):
+        self._chunks = model_chunks
+        self._enabled = overlap_param_gather
+        self._on = overlap_param_gather  # megatron's DDP installs them at construction
+
+    @classmethod
+    def of(cls, state: TrainingState) -> ParamGatherHooks:
+        args = state.args
+        return cls(state.model, args.use_distributed_optimizer
+                   and getattr(args, "overlap_param_gather", False))
+
+    def start(self) -> None:
+        """Before the first iteration: hooks off, no gather (the weights agree already)."""
+        self._turn_off(param_sync=False)
+
+    def after_step(self, skipped: bool) -> None:
+        """After an iteration: the hooks go on at the first update."""
+        if self._enabled and not self._on and not skipped:
+            for chunk in self._chunks:
+                chunk.enable_forward_pre_hook()
+            self._on = True
+
+    @contextlib.contextmanager
+    def synchronised(self):
+        """Inside the block every rank holds the updated weights whole."""
+        was_on = self._on
+        self._turn_off(param_sync=True)
+        try:
+            yield
+        finally:
+            if was_on:
+                self.after_step(skipped=False)
+
+    def finish(self) -> None:
+        """After the last iteration: the weights gathered, the hooks off."""
+        self._turn_off(param_sync=True)
+
+    def _turn_off(self, param_sync: bool) -> None:
+        if self._on:
+            for chunk in self._chunks:
+                chunk.disable_forward_pre_hook(param_sync=param_sync)
+            self._on = False
+
+
 def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = None,
              stream: TextIO | None = None) -> TrainingResult:
     """Train validated `args` (see `arguments.validate_args`) in this process's torch.distributed
@@ -382,34 +445,35 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
                           if args.save is not None and is_logging_rank else None,
                           start_iteration=state.iteration)
     story_eval = StoryCompletionEval.from_args(args, state.vocab)
+    param_gather = ParamGatherHooks.of(state)
     for chunk in state.model:
         chunk.train()
     try:
         with exit_monitor:
+            param_gather.start()
             while state.iteration < args.train_iters:
                 step = train_step(state, train_iterator)
+                param_gather.after_step(step.skipped)
                 state.iteration += 1
                 state.consumed_samples += args.global_batch_size
                 _record_step(state, step, result, training_logger)
                 last = state.iteration == args.train_iters
                 evaluating = state.iteration % args.eval_interval == 0 or last
-                if datasets.valid is not None and evaluating:
-                    result.eval_losses[state.iteration] = _evaluate_and_print(state,
-                                                                             datasets.valid)
-                if story_eval is not None and evaluating:
-                    accuracy = story_eval.run(state.model, state.vocab)
-                    _print_last_rank(format_accuracy(state.iteration, accuracy))
-                    result.story_accuracy[state.iteration] = accuracy
+                if evaluating and (datasets.valid is not None or story_eval is not None):
+                    with param_gather.synchronised():
+                        _evaluate(state, datasets.valid, story_eval, result)
                 metrics.write(state, step, result.eval_losses.get(state.iteration),
                               result.story_accuracy.get(state.iteration))
                 exit_reason = None if last else exit_monitor.reason(state.iteration)
                 if args.save is not None and (exit_reason or last or (
                         args.save_interval and state.iteration % args.save_interval == 0)):
-                    result.checkpoints.append(_save(state))
+                    with param_gather.synchronised():
+                        result.checkpoints.append(_save(state))
                 if exit_reason:
                     _print_rank0(f"exiting after iteration {state.iteration}: {exit_reason}")
                     result.exit_reason = exit_reason
                     break
+            param_gather.finish()
     finally:
         training_logger.close()
         metrics.close()
@@ -517,6 +581,17 @@ def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:
                 record = json.loads(line)
                 records[record["iteration"]] = record
     return [records[i] for i in sorted(records)]
+
+
+def _evaluate(state: TrainingState, valid, story_eval: StoryCompletionEval | None,
+              result: TrainingResult) -> None:
+    """The validation loss and the story-completion accuracy, whichever the run measures."""
+    if valid is not None:
+        result.eval_losses[state.iteration] = _evaluate_and_print(state, valid)
+    if story_eval is not None:
+        accuracy = story_eval.run(state.model, state.vocab)
+        _print_last_rank(format_accuracy(state.iteration, accuracy))
+        result.story_accuracy[state.iteration] = accuracy
 
 
 def _evaluate_and_print(state: TrainingState, dataset) -> float:

@@ -129,6 +129,12 @@ def build_model_chunks(args: argparse.Namespace, vocab_size: int, *, eos_id: int
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_grad_reduce=getattr(args, "overlap_grad_reduce", False),
+        # Forward pre-hooks gather the parameters; the training loop turns them off around
+        # evaluation and saving (`loop.ParamGatherHooks`). `align_param_gather` stays off, as
+        # Megatron-LM sets it without virtual pipeline stages: it only times the gathers of the
+        # interleaved schedule.
+        overlap_param_gather=getattr(args, "overlap_param_gather", False),
+        bucket_size=getattr(args, "ddp_bucket_size", None),
     )
     wrapped = DistributedDataParallel(config=megatron_config, ddp_config=ddp_config, module=model)
     megatron_config.finalize_model_grads_func = finalize_lst_model_grads

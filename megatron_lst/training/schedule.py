@@ -36,6 +36,7 @@ def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
         loss_scale_window=args.loss_scale_window,
         hysteresis=args.hysteresis,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=getattr(args, "overlap_param_gather", False),
     )
 
 

@@ -319,6 +319,30 @@ def test_megatron_performance_flags_reach_the_configs():
             config.recompute_num_layers) == ("full", "uniform", 1)
 
 
+def test_overlap_param_gather_reaches_the_ddp_and_optimizer_configs():
+    from megatron_lst.training.schedule import optimizer_config_from_args
+
+    args = valid("--use-distributed-optimizer", "--overlap-grad-reduce",
+                 "--overlap-param-gather", "--ddp-bucket-size", "1000000")
+    assert (args.overlap_param_gather, args.ddp_bucket_size) == (True, 1000000)
+    assert optimizer_config_from_args(args).overlap_param_gather
+
+
+@pytest.mark.parametrize("extra", [
+    ["--overlap-param-gather", "--overlap-grad-reduce"],
+    ["--overlap-param-gather", "--use-distributed-optimizer"],
+])
+def test_overlap_param_gather_needs_the_distributed_optimizer_and_overlapped_reduction(extra):
+    with pytest.raises(ArgumentError, match=r"--overlap-param-gather needs "
+                                            r"--use-distributed-optimizer and --overlap-grad-reduce"):
+        valid(*extra)
+
+
+def test_ddp_bucket_size_must_be_positive():
+    with pytest.raises(ArgumentError, match="--ddp-bucket-size must be at least 1"):
+        valid("--ddp-bucket-size", "0")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--recompute-method", "uniform"], r"--recompute-method needs --recompute-granularity full"),
     (["--recompute-granularity", "full"], r"needs --recompute-method uniform\|block and "

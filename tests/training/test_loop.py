@@ -1,5 +1,6 @@
-"""The training loop: sampling order, model flags, the global-batch token-mean loss, and
-`pretrain_lst.py` as a command (log lines, exit status, stopping on a signal with a checkpoint)."""
+"""The training loop: sampling order, model flags, the global-batch token-mean loss, when the
+weights are gathered under --overlap-param-gather, and `pretrain_lst.py` as a command (log lines,
+exit status, stopping on a signal with a checkpoint)."""
 
 import os
 import signal
@@ -12,6 +13,7 @@ import torch
 
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.data_provider import PretrainingBatchSampler, split_bounds
+from megatron_lst.training.loop import ParamGatherHooks
 from megatron_lst.training.model_provider import lst_config_from_args
 from training.training_cases import tiny_flags, write_corpus
 
@@ -142,6 +144,48 @@ def _command(flags: list[str]) -> list[str]:
 
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+# --- --overlap-param-gather -------------------------------------------------------------
+
+class _RecordingChunk:
+    """Stands for a megatron DDP chunk: records the forward pre-hook calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def enable_forward_pre_hook(self):
+        self.calls.append("on")
+
+    def disable_forward_pre_hook(self, param_sync=True):
+        self.calls.append("off+gather" if param_sync else "off")
+
+
+def test_param_gather_hooks_follow_megatron_lms_training_loop():
+    chunk = _RecordingChunk()
+    hooks = ParamGatherHooks([chunk], overlap_param_gather=True)
+    hooks.start()  # the first iteration runs on weights that agree already
+    hooks.after_step(skipped=True)  # a skipped fp16 update changed nothing
+    with hooks.synchronised():  # nothing to gather yet
+        pass
+    assert chunk.calls == ["off"]
+    hooks.after_step(skipped=False)
+    hooks.after_step(skipped=False)
+    with hooks.synchronised():  # evaluation or saving reads the weights
+        assert chunk.calls[-1] == "off+gather"
+    hooks.finish()
+    assert chunk.calls == ["off", "on", "off+gather", "on", "off+gather"]
+
+
+def test_param_gather_hooks_do_nothing_without_the_flag():
+    chunk = _RecordingChunk()
+    hooks = ParamGatherHooks([chunk], overlap_param_gather=False)
+    hooks.start()
+    hooks.after_step(skipped=False)
+    with hooks.synchronised():
+        pass
+    hooks.finish()
+    assert chunk.calls == []
 
 
 def test_bad_flags_exit_with_status_2_and_name_the_flag():
