@@ -382,10 +382,8 @@ class ParamGatherHooks:
 
     def after_step(self, skipped: bool) -> None:
         """After an iteration: the hooks go on at the first update."""
-        if self._enabled and not self._on and not skipped:
-            for chunk in self._chunks:
-                chunk.enable_forward_pre_hook()
-            self._on = True
+        if not skipped:
+            self._turn_on()
 
     @contextlib.contextmanager
     def synchronised(self):
@@ -396,11 +394,17 @@ class ParamGatherHooks:
             yield
         finally:
             if was_on:
-                self.after_step(skipped=False)
+                self._turn_on()
 
     def finish(self) -> None:
         """After the last iteration: the weights gathered, the hooks off."""
         self._turn_off(param_sync=True)
+
+    def _turn_on(self) -> None:
+        if self._enabled and not self._on:
+            for chunk in self._chunks:
+                chunk.enable_forward_pre_hook()
+            self._on = True
 
     def _turn_off(self, param_sync: bool) -> None:
         if self._on:
