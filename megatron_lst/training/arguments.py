@@ -207,7 +207,8 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
                             "all-gather the updated parameters bucket by bucket during the next "
                             "forward pass instead of at the end of the optimizer step.")
     group.add_argument("--ddp-bucket-size", type=int, default=None,
-                       help="Parameters per data-parallel communication bucket (default: "
+                       help="Parameters per data-parallel communication bucket with "
+                            "--overlap-grad-reduce, on the first pipeline stage (default: "
                             "megatron's, max(40M, 1M x data-parallel size)).")
     group.add_argument("--use-distributed-optimizer", action="store_true")
     group.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,

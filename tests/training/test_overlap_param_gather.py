@@ -6,8 +6,9 @@ must finish that gather before it evaluates and saves (`loop.ParamGatherHooks`).
 copies values and changes no arithmetic (both runs reduce gradients with --overlap-grad-reduce),
 so the comparison is exact: training and validation losses, and every tensor of the checkpoints
 saved in the middle and at the end (weights and Adam moments), under data parallel 2 and pipeline
-2 x data parallel 2, fp32 on gloo. Small buckets (--ddp-bucket-size) make the pre-hooks gather
-many buckets, so a weight read before its bucket arrived would change the losses. A checkpoint
+2 x data parallel 2, fp32 on gloo. Small buckets (--ddp-bucket-size; megatron splits the first
+stage's only) make the pre-hooks gather many buckets, so a weight read before its bucket arrived
+would change the losses. A checkpoint
 saved with the overlap on resumes it to the uninterrupted run's losses and final checkpoint.
 """
 
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = TESTS_DIR / "training" / "workers" / "train_worker.py"
 BUCKET_SIZE = 4000
-"""Parameters per bucket: a few dozen buckets per stage of the tiny model."""
+"""Parameters per bucket: 18 buckets when one stage holds the whole tiny model."""
 
 
 def checkpoint_tensors(directory: str) -> dict[str, torch.Tensor]:
