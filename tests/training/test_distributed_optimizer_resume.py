@@ -23,7 +23,7 @@ under other layouts:
   products, which rounds otherwise than one whole product. (Changing the data-parallel size would
   too: it regroups the micro-batch gradients and the terms of the data-parallel sum.)
 
-`--overlap-grad-reduce` trains the same run.
+`--overlap-grad-reduce` trains the same run, bit for bit (it starts the same reductions earlier).
 """
 
 import pytest
@@ -67,7 +67,7 @@ def test_resume_under_pipeline_by_data_parallel_and_other_layouts(tmp_path):
                                         "--training-run", tensor_parallel,
                                         "--training-run", overlapped], timeout=500)
     for whole, before, after, resplit, resharded, overlap in ranks:
-        assert _losses(overlap) == pytest.approx(_losses(whole), rel=1e-6)
+        assert _losses(overlap) == _losses(whole)  # bitwise: the same sums, started earlier
         later = {k: v for k, v in _losses(whole).items() if k > 2}
         assert after["resumed_from"] == resplit["resumed_from"] == resharded["resumed_from"] == 2
         assert {**_losses(before), **_losses(after)} == _losses(whole)  # bitwise
