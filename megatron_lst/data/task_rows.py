@@ -132,7 +132,7 @@ class TaskDataset(torch.utils.data.Dataset):
         check_task(task)
         if store.kind != "aligned":
             raise DatasetError(f"{task} rows need an aligned speech dataset, got a {store.kind} "
-                               f"one{_named(store)}; give only speech datasets to --data-path "
+                               f"one{_where(store)}; give only speech datasets to --data-path "
                                f"with --task {task}")
         if len(store) == 0:
             raise DatasetError("the document store is empty")
@@ -177,7 +177,7 @@ class TaskDataset(torch.utils.data.Dataset):
         lengths = self.patcher.patch_lengths(row.doc, rng, step)
         if len(row.doc) - 1 > self.max_tokens or len(lengths) > self.seq_length:
             raise DatasetError(
-                f"the {self.task} row of document {doc_id}{_named(self.store, doc_id)} has "
+                f"the {self.task} row of document {doc_id}{_where(self.store, doc_id)} has "
                 f"{len(row.doc) - 1} inputs in {len(lengths)} patches, more than --max-tokens "
                 f"{self.max_tokens} or --seq-length {self.seq_length} hold; raise them to the "
                 f"store's longest row (megatron_lst.data.task_rows.max_row_shape)")
@@ -194,9 +194,10 @@ class TaskDataset(torch.utils.data.Dataset):
         return sample
 
 
-def _named(store, index: int | None = None) -> str:
-    describe = getattr(store, "describe", None)
-    if index is not None and describe is not None:
-        return f" ({describe(index)})"
+def _where(store, index: int | None = None) -> str:
+    """" (file, document)" of a stored document or " (prefix)" of a store, when known."""
+    if index is not None:
+        describe = getattr(store, "describe", None)
+        return f" ({describe(index)})" if describe is not None else ""
     prefix = getattr(store, "prefix", None)
-    return f" ({prefix})" if prefix is not None and index is None else ""
+    return f" ({prefix})" if prefix is not None else ""

@@ -6,7 +6,8 @@
     lst-generate --load runs/demo --prompt-text "the girl ran" --continue-in speech
 
 Prints one line per (file, mode) on rank 0 and, with `--output`, writes the full results as JSON
-(`{file: {mode: {accuracy, accuracy_ci_low, ...}}}`). Launch with torchrun for tensor or pipeline
+(`{file: {mode: {accuracy, accuracy_ci_low, ...}}}`). With `--task asr|tts` it decodes held-out
+utterances instead (`downstream.py`) and prints one line per rate. Launch with torchrun for tensor or pipeline
 parallelism (`--tensor-model-parallel-size 2` and `--nproc-per-node 2`). Exit status 2 for bad
 flags or bad items (the message names the item and its line).
 
