@@ -13,7 +13,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo lint clean-venv
+.PHONY: test test-fast demo demo-downstream lint clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test-fast: $(STAMP)
 ## The main job: build the demo corpus, train LST and the baseline at equal compute, evaluate.
 demo: $(STAMP)
 	$(PY) examples/demo/run_demo.py
+
+## After the demo: fine-tune its two checkpoints on ASR and TTS, evaluate on held-out utterances.
+demo-downstream: $(STAMP)
+	$(PY) examples/demo/run_downstream.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check megatron_lst kernels tools tests examples pretrain_lst.py

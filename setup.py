@@ -30,6 +30,7 @@ setup(
         "psutil>=5.9",  # dist-checkpoint saving hangs without it
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        "jiwer>=4.0",  # WER/CER of the ASR and TTS evaluation
     ],
     extras_require={
         # apex is built from source: see README "GPU extras".

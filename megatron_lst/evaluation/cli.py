@@ -1,10 +1,13 @@
 """`lst-eval` (story-completion accuracy) and `lst-generate` (continuation) of a checkpoint.
 
     lst-eval --load runs/demo --items storycloze.jsonl hellaswag.jsonl --modes ss,tt,st,ts
+    lst-eval --load runs/asr --task asr --utterances data/speech_test
+    lst-eval --load runs/tts --task tts --utterances data/speech_test --asr-load runs/asr
     lst-generate --load runs/demo --prompt-text "the girl ran" --continue-in speech
 
 Prints one line per (file, mode) on rank 0 and, with `--output`, writes the full results as JSON
-(`{file: {mode: {accuracy, accuracy_ci_low, ...}}}`). Launch with torchrun for tensor or pipeline
+(`{file: {mode: {accuracy, accuracy_ci_low, ...}}}`). With `--task asr|tts` it decodes held-out
+utterances instead (`downstream.py`) and prints one line per rate. Launch with torchrun for tensor or pipeline
 parallelism (`--tensor-model-parallel-size 2` and `--nproc-per-node 2`). Exit status 2 for bad
 flags or bad items (the message names the item and its line).
 
@@ -37,8 +40,24 @@ def build_eval_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     parser.add_argument("--load", required=True,
                         help="A training --save directory; its latest complete checkpoint is used.")
-    parser.add_argument("--items", nargs="+", required=True,
+    parser.add_argument("--items", nargs="+", default=None,
                         help="Story-completion JSONL files (docs/evaluation.md#the-item-format).")
+    parser.add_argument("--task", choices=("asr", "tts"), default=None,
+                        help="Instead of --items: decode the --utterances with a model "
+                             "fine-tuned on this task and report WER/CER (asr) or the unit edit "
+                             "rate and ASR-CER (tts) (docs/evaluation.md#asr-and-tts).")
+    parser.add_argument("--utterances", default=None,
+                        help="With --task: prefix of an aligned dataset (tools/preprocess_data.py "
+                             "output) of held-out utterances.")
+    parser.add_argument("--num-utterances", type=int, default=None,
+                        help="With --task: the first N utterances (default: all).")
+    parser.add_argument("--asr-load", default=None,
+                        help="With --task tts: the save directory of an ASR model that "
+                             "transcribes the generated units (ASR-CER); use the same one for "
+                             "every TTS model compared.")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="With --task: re-run the whole model every decoding step instead "
+                             "of using the KV caches (the same output, slower).")
     parser.add_argument("--modes", default=None,
                         help=f"Comma-separated modes out of {','.join(MODES)} (quote them: the "
                              f"shell reads '>' as a redirect), or spelled ss,tt,st,ts (any case; "
@@ -67,10 +86,13 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_eval_parser().parse_args(argv)
     try:
+        _check_eval_inputs(args)
         modes = parse_modes(args.modes) if args.modes else None
     except ValueError as error:
         print(f"lst-eval: {error}", file=sys.stderr)
         return 2
+    if args.task is not None:
+        return task_main(args)
     context = initialize_parallel(args.tensor_model_parallel_size,
                                   args.pipeline_model_parallel_size, seed=args.seed)
     try:
@@ -100,6 +122,81 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         Path(args.output).write_text(json.dumps(
             {"checkpoint": str(model.checkpoint), "iteration": model.iteration,
              "results": results}, indent=1))
+    return 0
+
+
+def _check_eval_inputs(args: argparse.Namespace) -> None:
+    if (args.items is None) == (args.task is None):
+        raise ValueError("give --items (story completion) or --task asr|tts (exactly one)")
+    if args.task is not None and args.utterances is None:
+        raise ValueError(f"--task {args.task} decodes held-out utterances: give --utterances "
+                         f"PREFIX (an aligned dataset)")
+    if args.task is None:
+        named = [flag for flag, value in (("--utterances", args.utterances),
+                                          ("--num-utterances", args.num_utterances),
+                                          ("--asr-load", args.asr_load)) if value is not None]
+        if named:
+            raise ValueError(f"{', '.join(named)} apply to --task asr|tts only")
+    if args.asr_load is not None and args.task != "tts":
+        raise ValueError("--asr-load transcribes generated speech: it applies to --task tts")
+    if args.num_utterances is not None and args.num_utterances < 1:
+        raise ValueError(f"--num-utterances must be >= 1, got {args.num_utterances}")
+
+
+def task_main(args: argparse.Namespace) -> int:
+    """`lst-eval --task asr|tts`: decode held-out utterances on one process, print the summary."""
+    from megatron_lst.data.indexed import DocumentStore
+    from megatron_lst.evaluation.downstream import (
+        TaskModel,
+        run_asr,
+        run_tts,
+        summarise_asr,
+        summarise_tts,
+    )
+    from megatron_lst.evaluation.loading import load_inference_model
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
+
+    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
+        print("lst-eval: --task decodes on one process; drop the parallel sizes", file=sys.stderr)
+        return 2
+    initialize_parallel(seed=args.seed)
+    try:
+        store = DocumentStore(args.utterances)
+        if store.kind != "aligned":
+            raise ValueError(f"--utterances {args.utterances} is a {store.kind} dataset; give an "
+                             f"aligned (speech) one")
+        utterances = [store[i] for i in range(min(len(store), args.num_utterances or len(store)))]
+        loaded = load_inference_model(args.load, tokenizer_model=args.tokenizer_model)
+        store.vocab.check_matches(loaded.vocab.size, f"checkpoint {loaded.checkpoint}")
+        model = TaskModel.from_inference_model(loaded)
+        use_cache = not args.no_cache
+        if args.task == "asr":
+            summary = summarise_asr(run_asr(model, utterances, use_cache),
+                                    args.bootstrap_resamples, args.seed)
+        else:
+            asr = None
+            if args.asr_load is not None:
+                asr = TaskModel.from_inference_model(
+                    load_inference_model(args.asr_load, tokenizer_model=args.tokenizer_model))
+            outputs = run_tts(model, utterances, asr, use_cache)
+            summary = summarise_tts(outputs, store.manifest.frame_rate,
+                                    args.bootstrap_resamples, args.seed)
+    except (CheckpointError, OSError, ValueError) as error:
+        print(f"lst-eval: {error}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_parallel()
+    print(f"checkpoint {loaded.checkpoint} (iteration {loaded.iteration}), {args.task} on "
+          f"{len(utterances)} utterances of {args.utterances}")
+    for name, value in summary.items():
+        if not name.endswith(("_ci_low", "_ci_high")):
+            interval = (f" [{summary[name + '_ci_low']:.4f}, {summary[name + '_ci_high']:.4f}]"
+                        if name + "_ci_low" in summary else "")
+            print(f"{name}: {value:.4f}{interval}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(
+            {"checkpoint": str(loaded.checkpoint), "iteration": loaded.iteration,
+             "task": args.task, "results": summary}, indent=1))
     return 0
 
 

@@ -4,7 +4,9 @@ A batch is a dict of tensors, B rows of N input tokens and P global positions:
 
     tokens         [B, N] int64    x = row[:-1], right-padded with the pad id 0
     labels         [B, N] int64    row[1:], padded with 0
-    loss_mask      [B, N] float32  1 on the first L_b positions (real tokens), 0 on padding
+    loss_mask      [B, N] float32  1 on the trained targets, 0 on padding: pretraining trains
+                                   all L_b real positions; a task row (`data.task_rows`) only
+                                   its answer, so its prompt positions are 0 too
     modality       [B, N] int64    MODALITY_SPEECH for <s> and units, MODALITY_TEXT otherwise (and
                                    on padding)
     patch_lengths  [B, P] int32    patches of the row (x plus its last target), zero-padded right
@@ -12,8 +14,9 @@ A batch is a dict of tensors, B rows of N input tokens and P global positions:
 Invariants (`check_batch` raises `BatchContractError` naming the first one broken):
 - `sum(patch_lengths[b]) == N + 1`, `patch_lengths[b, 0] == 1`, lengths >= 0, no non-zero length
   after a zero one; the padding sits in the row's last non-zero patch (it never forms a patch);
-- `loss_mask` is 1 then 0 (padding on the right only); padded tokens and labels are 0 and have text
-  modality; `labels[b, i] == tokens[b, i + 1]` for i < L_b - 1;
+- `loss_mask` is 0 after the row's last target, which carries loss (the row's real length L_b is
+  one past its last 1; padding sits on the right only); padded tokens and labels are 0 and have
+  text modality; `labels[b, i] == tokens[b, i + 1]` for i < L_b - 1;
 - no patch mixes modalities; given the vocabulary also: ids are in the joint vocabulary, `modality`
   matches the ids, every text-modality token (BOS, EOS, `<t>`, pieces) is a patch of one real
   token, and every speech-mode marker `<s>` starts a patch (static patching puts the units after
@@ -93,9 +96,10 @@ def check_batch(batch: dict, vocab: JointVocab | None = None) -> None:
     _fail("a non-zero patch length follows a zero one", (nonzero[:, 1:] & ~nonzero[:, :-1]).any(1))
 
     _fail("loss_mask must be 0 or 1", ((mask != 0) & (mask != 1)).any(1))
-    real = mask > 0  # [B, N]
-    _fail("loss_mask must be 1 then 0 (padding on the right only)", (real[:, 1:] & ~real[:, :-1]).any(1))
-    num_real = real.sum(1)  # [B] L_b
+    trained = mask > 0  # [B, N]
+    positions = torch.arange(N, device=mask.device)
+    num_real = torch.where(trained, positions + 1, 0).amax(1)  # [B] L_b: one past the last target
+    real = positions[None] < num_real[:, None]  # [B, N]
     padding = ~real
     _fail("padded tokens must be 0", (padding & (tokens != 0)).any(1))
     _fail("padded labels must be 0", (padding & (labels != 0)).any(1))

@@ -230,6 +230,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                             "(one prefix, or weight-prefix pairs).")
     group.add_argument("--valid-data-path", nargs="*", default=None,
                        help="With --train-data-path: validation datasets, used whole.")
+    group.add_argument("--task", choices=("lm", "asr", "tts"), default="lm",
+                       help="What the rows train: lm = pretraining rows (interleaved documents, "
+                            "loss on every token); asr = one utterance a row, '<s> units <t> "
+                            "transcript EOS', loss on the transcript and EOS; tts = '<t> "
+                            "transcript <s> units EOS', loss on the units and EOS. asr and tts "
+                            "read aligned speech datasets only; fine-tune with --finetune "
+                            "--load PRETRAINED.")
     group.add_argument("--tokenizer-model", type=str, default=None)
     group.add_argument("--num-workers", type=int, default=2)
     group.add_argument("--index-workers", type=int, default=None,

@@ -12,6 +12,10 @@ static) and every evaluation reads the same rows, so validation losses are compa
 run and across runs. A dataset too small to have validation documents under `--split` is left
 out of the valid blend (with a warning that names it); the others are validated on.
 
+Tasks. `--task lm` (the default) makes the pretraining rows above; `--task asr|tts` makes one
+task row per utterance of each aligned dataset (`megatron_lst.data.task_rows`: prompt, answer,
+EOS, loss on the answer and EOS only), from the same documents, splits and blend.
+
 Sampling. Row i of the train dataset is the i-th sample of the training order: iteration t reads
 rows [t * G, (t + 1) * G) of a global batch of G rows. That batch is cut into micro-batches of
 `micro_batch_size x data_parallel_size` consecutive rows and data-parallel rank r takes rows
@@ -33,6 +37,7 @@ import torch
 from megatron_lst.data.blend import build_blended_dataset, parse_data_path
 from megatron_lst.data.dataset import DatasetError, LSTDataset
 from megatron_lst.data.indexed import DocumentStore
+from megatron_lst.data.task_rows import TaskDataset
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
@@ -194,8 +199,14 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
         return DocumentRange(store, start, stop)
 
     def make(split: str, weighted: list[tuple[float, str]], num_samples: int, training: bool):
-        def make_source(prefix: str, count: int, positions: np.ndarray) -> LSTDataset:
+        def make_source(prefix: str, count: int, positions: np.ndarray
+                        ) -> LSTDataset | TaskDataset:
             part = documents(prefix, split)
+            if args.task != "lm":
+                return TaskDataset(
+                    part, args.task, count, args.seq_length, args.max_tokens, patcher, args.seed,
+                    global_batch_size=args.global_batch_size, space_id=space_id,
+                    sample_positions=positions, training=training)
             cache = (cache_root / f"{Path(prefix).name}_{split}_{part.start}_{part.stop}"
                      if cache_root is not None else None)
             return LSTDataset(

@@ -1,4 +1,4 @@
-"""Shared pieces of the evaluation tests: a tiny tokenizer, random items, tiny models."""
+"""Shared pieces of the evaluation tests: a tiny tokenizer, random items, tiny models, short\naligned utterances."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.indexed import DocumentWriter
+from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
 from megatron_lst.models.baseline import TokenBaselineModel
 from megatron_lst.models.config import preset, with_windows
 from megatron_lst.models.lst_model import LSTModel
@@ -74,3 +77,50 @@ def tiny_model(kind: str, vocab_size: int, seed: int = 0, **megatron_overrides):
     else:
         model = TokenBaselineModel(config, megatron_config, transformer_impl="local")
     return model.eval()
+
+
+class MemoryUtterances:
+    """The `DocumentStore` interface over a list of aligned documents."""
+
+    kind = "aligned"
+
+    def __init__(self, documents):
+        self.documents = documents
+        self.vocab = vocab()
+
+    def __len__(self):
+        return len(self.documents)
+
+    def __getitem__(self, index):
+        return self.documents[index]
+
+
+def utterances(seed: int, count: int = 8, num_words: int = 3) -> list[AlignedDocument]:
+    """`count` utterances of `num_words` words, 2..3 units a word, a silence before the last."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(count):
+        words = [WORDS[i] for i in rng.choice(len(WORDS), num_words, replace=False)]
+        text_ids, pieces = tokenizer().encode_words(words)
+        units = rng.integers(2, 4, num_words)
+        seg_text = np.insert(pieces, num_words - 1, 0).astype(np.int32)
+        seg_units = np.insert(units, num_words - 1, 1).astype(np.int32)
+        docs.append(AlignedDocument(text_ids.astype(np.int32),
+                                    rng.integers(0, NUM_UNITS, int(seg_units.sum())).astype(np.int32),
+                                    seg_text, seg_units))
+    return docs
+
+
+def write_utterances(prefix: Path, docs: list[AlignedDocument]) -> Path:
+    """`docs` as an aligned dataset on disk (25 unit frames a second) of this module's vocab."""
+    writer = DocumentWriter(prefix, "aligned")
+    for doc in docs:
+        writer.add_aligned(doc)
+    info = TokenizerInfo(str(tokenizer().path), tokenizer().sha256, tokenizer().vocab_size,
+                         tokenizer().space_id)
+    counts = Counts(documents=len(docs), segments=sum(d.num_segments for d in docs),
+                    text_pieces=sum(len(d.text_ids) for d in docs),
+                    units=sum(len(d.unit_ids) for d in docs))
+    writer.finalize(Manifest("aligned", vocab().to_dict(), info, NUM_UNITS, 25.0, counts,
+                             ["test"]))
+    return prefix

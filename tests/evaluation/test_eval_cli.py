@@ -3,7 +3,15 @@
 import json
 
 import pytest
-from eval_cases import NUM_UNITS, WORDS, random_records, tokenizer, vocab
+from eval_cases import (
+    NUM_UNITS,
+    WORDS,
+    random_records,
+    tokenizer,
+    utterances,
+    vocab,
+    write_utterances,
+)
 from training.training_cases import tiny_flags
 
 from megatron_lst.evaluation.cli import eval_main, generate_main
@@ -113,3 +121,34 @@ def test_a_different_tokenizer_of_the_same_size_is_refused(checkpoint, tmp_path,
 def test_lst_eval_without_a_checkpoint(tmp_path, capsys):
     assert eval_main(["--load", str(tmp_path), "--items", str(tmp_path / "x.jsonl")]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
+def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
+    root, _, _ = checkpoint
+    prefix = write_utterances(root / "utterances", utterances(seed=4, count=3))
+    output = root / "asr.json"
+    status = eval_main(["--load", str(root / "save"), "--task", "asr", "--utterances",
+                        str(prefix), "--num-utterances", "2", "--output", str(output)])
+    assert status == 0, capsys.readouterr().err
+    results = json.loads(output.read_text())["results"]
+    assert results["num_utterances"] == 2
+    assert {"wer", "wer_ci_low", "cer", "hallucination_rate"} <= set(results)
+    assert "wer: " in capsys.readouterr().out
+    output = root / "tts.json"
+    status = eval_main(["--load", str(root / "save"), "--task", "tts", "--utterances",
+                        str(prefix), "--asr-load", str(root / "save"), "--num-utterances", "1",
+                        "--output", str(output), "--no-cache"])
+    assert status == 0, capsys.readouterr().err
+    results = json.loads(output.read_text())["results"]
+    assert {"unit_edit_rate", "asr_cer", "global_steps_per_second"} <= set(results)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--items", "x.jsonl", "--task", "asr"], "exactly one"),
+    (["--task", "asr"], "give --utterances"),
+    (["--items", "x.jsonl", "--utterances", "p"], "apply to --task asr|tts only"),
+    (["--task", "asr", "--utterances", "p", "--asr-load", "d"], "applies to --task tts"),
+])
+def test_lst_eval_task_flags_are_checked(flags, message, capsys):
+    assert eval_main(["--load", "unused", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -66,6 +66,12 @@ def move_first_token(batch):
     batch["patch_lengths"][0, 1] -= 1
 
 
+def drop_last_target(batch, row):
+    """Row `row` loses the loss on its last target: the contract then reads it as padding."""
+    last = int(batch["loss_mask"][row].nonzero().max())
+    batch["loss_mask"][row, last] = 0.0
+
+
 CASES = [
     ("missing", lambda b: b.pop("modality"), "lacks \\['modality'\\]"),
     ("dtype", lambda b: b.__setitem__("patch_lengths", b["patch_lengths"].long()), "must be torch.int32"),
@@ -74,7 +80,7 @@ CASES = [
     ("first", move_first_token, "first patch must have length 1"),
     ("negative", set_("patch_lengths", (0, 1), -1), "negative patch length"),
     ("mask values", set_("loss_mask", (1, 0), 0.5), "must be 0 or 1"),
-    ("mask hole", set_("loss_mask", (1, 3), 0.0), "1 then 0"),
+    ("mask ends early", lambda b: drop_last_target(b, 0), "padded tokens must be 0"),
     ("shift", lambda b: b["labels"].__setitem__((0, 2), b["labels"][0, 2] + 1), "shifted by one"),
     ("modality value", set_("modality", (0, 0), 2), "text \\(0\\) or speech \\(1\\)"),
 ]
@@ -101,6 +107,13 @@ def hand_batch(patch_lengths, row=HAND_ROW):
 
 def test_hand_row_passes_with_static_patches():
     check_batch(hand_batch([1, 4, 2, 1, 1, 1, 3, 0, 0]), VOCAB)  # padding 2 in the last patch
+
+
+def test_a_prompt_without_loss_passes():
+    """A task row trains only its answer: zeros in the mask before the last target are allowed."""
+    batch = hand_batch([1, 4, 2, 1, 1, 1, 3, 0, 0])
+    batch["loss_mask"][0, :7] = 0.0  # BOS .. <t> -> targets up to the first piece
+    check_batch(batch, VOCAB)
 
 
 @pytest.mark.parametrize("lengths, message", [

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from megatron_lst.data.dataset import DatasetError
 from megatron_lst.tokenizer.vocab import VocabularyError
 from megatron_lst.training.arguments import parse_args, validate_args
 from megatron_lst.training.data_provider import build_datasets, data_vocab
@@ -98,3 +99,25 @@ def test_each_dataset_is_announced_once_without_the_index_reader_banners(tmp_pat
     assert caplog.text.count(f"dataset {tmp_path / 'speech'}: 60 aligned documents") == 1
     assert caplog.text.count(f"dataset {tmp_path / 'text'}: 60 text documents") == 1
     assert "_IndexReader" not in caplog.text
+
+
+def test_task_rows_come_from_the_same_split_of_the_speech_datasets(tmp_path):
+    speech = write_store(tmp_path / "speech", "aligned", 60, seed=1)
+    flags = with_data(tiny_flags(["1.0", str(speech)]), "--data-path", str(speech),
+                      "--task", "asr", "--seq-length", "400", "--max-tokens", "400",
+                      "--max-position-embeddings", "400")
+    datasets = build_datasets(validate_args(parse_args(flags), 1))
+    assert documents(datasets.train) == [("speech", 0, 54)]
+    assert documents(datasets.valid) == [("speech", 54, 60)]
+    source = datasets.train.datasets[0]
+    assert source.task == "asr" and not datasets.valid.datasets[0].training
+    row = datasets.train[0]
+    mask = row["loss_mask"]
+    assert mask[0] == 0 and mask.sum() > 0  # the prompt carries no loss, the transcript does
+
+
+def test_task_rows_refuse_a_text_dataset(tmp_path):
+    flags = with_data(tiny_flags(write_corpus(tmp_path)), "--data-path", *write_corpus(tmp_path),
+                      "--task", "tts")
+    with pytest.raises(DatasetError, match="aligned speech dataset"):
+        build_datasets(validate_args(parse_args(flags), 1))

@@ -1,0 +1,203 @@
+"""Fine-tuning rows for ASR and TTS, made from the aligned documents of a speech store
+(docs/training.md#fine-tuning-on-asr-and-tts).
+
+Each stored aligned document is one utterance: its units (silences included) and its transcript
+(the text pieces of its words). A task row lays the utterance out in the pretraining layout
+(docs/data.md#interleaving) with the prompt first and the answer second:
+
+    asr   BOS, <s>, units, <t>, pieces, EOS
+    tts   BOS, <t>, pieces[, space], <s>, units, EOS
+
+(`space` is the tokenizer's lone word-boundary piece that interleaving puts after a text block
+before a mode switch, left out when the store records none.) The prompt is everything up to and
+including the marker that opens the answer; the answer (the pieces for ASR, the units for TTS)
+and the EOS are the targets that carry loss. The speech part is patched as in pretraining:
+aligned patching cuts it at its words and silences, static patching into runs of p, and mixed and
+curriculum patching draw one of the two per utterance.
+
+`TaskDataset` serves one utterance per row, right-padded to the batch contract, with the loss
+mask set on the answer's targets only (`megatron_lst.patching.contract`: positions after the last
+target are padding; before it, the mask marks the trained targets). Rows visit the store's
+utterances in a fresh permutation each epoch, drawn from (seed, epoch), as `LSTDataset` orders
+documents; a row whose utterance does not fit `seq_length` patches or `max_tokens` inputs raises
+`DatasetError` naming the flags to raise (`max_row_shape` measures a store up front).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_lst.data.dataset import DatasetError, pad_row
+from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.interleave import InterleavedDocument
+from megatron_lst.patching.curriculum import Patcher
+from megatron_lst.tokenizer.vocab import MODALITY_SPEECH, MODALITY_TEXT, JointVocab
+
+# Purpose tags of the generators, as in megatron_lst.data.dataset.
+_ORDER, _PATCHING = 0, 2
+
+
+@dataclass
+class TaskRow:
+    """One utterance laid out for a task."""
+
+    doc: InterleavedDocument
+    """[n] BOS ... EOS, with the word groups of its speech part (for aligned patching)."""
+    prompt_length: int
+    """Tokens of the prompt: BOS up to and including the marker that opens the answer."""
+
+    @property
+    def prompt(self) -> np.ndarray:
+        """[prompt_length] the ids generation starts from."""
+        return self.doc.tokens[:self.prompt_length].astype(np.int64)
+
+    @property
+    def answer(self) -> np.ndarray:
+        """[n - prompt_length] the targets that carry loss: the answer, then EOS."""
+        return self.doc.tokens[self.prompt_length:].astype(np.int64)
+
+    @property
+    def target_mask(self) -> np.ndarray:
+        """[n] bool: token j is a trained target (the answer and EOS)."""
+        mask = np.zeros(len(self.doc), dtype=bool)
+        mask[self.prompt_length:] = True
+        return mask
+
+
+def check_task(task: str) -> None:
+    if task not in ("asr", "tts"):
+        raise DatasetError(f"task rows are made for 'asr' or 'tts', got {task!r}")
+
+
+def task_row(doc: AlignedDocument, task: str, vocab: JointVocab, space_id: int | None) -> TaskRow:
+    """The `task` row of one stored utterance (see the module docstring)."""
+    check_task(task)
+    if not len(doc.text_ids) or not len(doc.unit_ids):
+        raise DatasetError(f"an utterance needs a transcript and units for {task} rows; this "
+                           f"one has {len(doc.text_ids)} text pieces and {len(doc.unit_ids)} "
+                           f"units (leave such documents out of the store)")
+    units = vocab.units_to_ids(doc.unit_ids, where="task row")  # [U]
+    pieces = np.asarray(doc.text_ids, dtype=np.int32)  # [T]
+    speech = np.concatenate([[vocab.speech_marker], units])  # [1 + U]
+    if task == "asr":
+        head = np.concatenate([[vocab.bos_id], speech, [vocab.text_marker]])
+        tokens = np.concatenate([head, pieces, [vocab.eos_id]])
+        prompt_length = len(head)
+    else:
+        spacer = [] if space_id is None else [space_id]
+        head = np.concatenate([[vocab.bos_id, vocab.text_marker], pieces, spacer,
+                               [vocab.speech_marker]])
+        tokens = np.concatenate([head, units, [vocab.eos_id]])
+        prompt_length = len(head)
+    tokens = tokens.astype(np.int32)
+    has_units = doc.seg_unit_len > 0  # words aligned to no frame form no group
+    unit_mask = vocab.is_unit(tokens)
+    interleaved = InterleavedDocument(
+        tokens=tokens,
+        modality=np.where(vocab.is_patchable_static(tokens), MODALITY_SPEECH,
+                          MODALITY_TEXT).astype(np.int8),
+        unit_mask=unit_mask,
+        unit_group_lengths=doc.seg_unit_len[has_units].astype(np.int32),
+        unit_group_is_silence=doc.is_silence[has_units])
+    return TaskRow(interleaved, prompt_length)
+
+
+def max_row_shape(store, task: str, patcher: Patcher, space_id: int | None) -> tuple[int, int]:
+    """(most inputs, most patches) of any `task` row of `store`'s utterances under any rule the
+    patcher can draw: the smallest `--max-tokens` and `--seq-length` that hold every row."""
+    most_inputs = most_patches = 0
+    for index in range(len(store)):
+        row = task_row(store[index], task, store.vocab, space_id)
+        most_inputs = max(most_inputs, len(row.doc) - 1)
+        for rule in patcher.candidate_rules:
+            most_patches = max(most_patches, len(patcher.lengths_for_rule(row.doc, rule)))
+    return most_inputs, most_patches
+
+
+class TaskDataset(torch.utils.data.Dataset):
+    """`num_samples` rows, one utterance of an aligned store each, for `task` "asr" or "tts".
+
+    `sample_positions` maps rows to their places in the training order (a blend's), for the
+    curriculum step `sample_positions[row] // global_batch_size`; `training=False` patches as at
+    inference (curriculum: static).
+    """
+
+    def __init__(self, store, task: str, num_samples: int, seq_length: int, max_tokens: int,
+                 patcher: Patcher, seed: int, *, global_batch_size: int = 1,
+                 space_id: int | None = None, sample_positions: np.ndarray | None = None,
+                 training: bool = True):
+        check_task(task)
+        if store.kind != "aligned":
+            raise DatasetError(f"{task} rows need an aligned speech dataset, got a {store.kind} "
+                               f"one{_where(store)}; give only speech datasets to --data-path "
+                               f"with --task {task}")
+        if len(store) == 0:
+            raise DatasetError("the document store is empty")
+        if sample_positions is None:
+            sample_positions = np.arange(num_samples, dtype=np.int64)
+        if len(sample_positions) != num_samples:
+            raise DatasetError(f"sample_positions has {len(sample_positions)} entries for "
+                               f"{num_samples} samples")
+        self.store = store
+        self.task = task
+        self.vocab = store.vocab
+        self.num_samples = num_samples
+        self.seq_length = seq_length
+        self.max_tokens = max_tokens
+        self.patcher = patcher
+        self.seed = seed
+        self.global_batch_size = global_batch_size
+        self.training = training
+        self.space_id = space_id
+        self.sample_positions = np.asarray(sample_positions, dtype=np.int64)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def document_id(self, index: int) -> tuple[int, int]:
+        """(epoch, document) of row `index`."""
+        epoch, offset = divmod(index, len(self.store))
+        if epoch not in self._orders:
+            self._orders[epoch] = np.random.default_rng(
+                [self.seed, epoch, _ORDER]).permutation(len(self.store))
+        return epoch, int(self._orders[epoch][offset])
+
+    def row(self, index: int) -> tuple[TaskRow, np.ndarray]:
+        """Row `index`: the utterance's task row and its patch lengths `[P_row]` int32."""
+        epoch, doc_id = self.document_id(index)
+        row = task_row(self.store[doc_id], self.task, self.vocab, self.space_id)
+        rng = (np.random.default_rng([self.seed, epoch, doc_id, _PATCHING])
+               if self.patcher.needs_rng else None)
+        step = (int(self.sample_positions[index]) // self.global_batch_size
+                if self.training else None)
+        lengths = self.patcher.patch_lengths(row.doc, rng, step)
+        if len(row.doc) - 1 > self.max_tokens or len(lengths) > self.seq_length:
+            raise DatasetError(
+                f"the {self.task} row of document {doc_id}{_where(self.store, doc_id)} has "
+                f"{len(row.doc) - 1} inputs in {len(lengths)} patches, more than --max-tokens "
+                f"{self.max_tokens} or --seq-length {self.seq_length} hold; raise them to the "
+                f"store's longest row (megatron_lst.data.task_rows.max_row_shape)")
+        return row, lengths
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"sample {index} is outside 0..{self.num_samples - 1}")
+        row, lengths = self.row(index)
+        sample = pad_row(row.doc.tokens.astype(np.int64), row.doc.modality.astype(np.int64),
+                         lengths, self.max_tokens, self.seq_length, self.vocab.pad_id)
+        trained = row.target_mask[1:]  # [L] target j + 1 of input j
+        sample["loss_mask"][:len(trained)] *= torch.from_numpy(trained.astype(np.float32))
+        return sample
+
+
+def _where(store, index: int | None = None) -> str:
+    """" (file, document)" of a stored document or " (prefix)" of a store, when known."""
+    if index is not None:
+        describe = getattr(store, "describe", None)
+        return f" ({describe(index)})" if describe is not None else ""
+    prefix = getattr(store, "prefix", None)
+    return f" ({prefix})" if prefix is not None else ""

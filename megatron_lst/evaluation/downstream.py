@@ -1,0 +1,180 @@
+"""ASR and TTS evaluation of fine-tuned checkpoints on held-out utterances
+(docs/evaluation.md#asr-and-tts).
+
+Each utterance is an aligned document of a speech store; its prompt is its task row's
+(`megatron_lst.data.task_rows`: `BOS <s> units <t>` for ASR, `BOS <t> transcript [space] <s>` for
+TTS), so the model reads what fine-tuning showed it. Decoding is greedy with the KV caches of
+`megatron_lst.evaluation.generation` (the same code path as `lst-generate`), restricted to text
+pieces (ASR) or units (TTS) and EOS, and stops at EOS or at the length cap
+`2 x reference length + 8` tokens; an output that reaches the cap without EOS counts as a
+hallucination (the paper's baseline "does not stop").
+
+- ASR: WER and CER of the normalised transcript (`edit_rates`), the hallucination rate.
+- TTS: the unit edit rate against the utterance's units; ASR-CER, the CER of the generated units
+  transcribed by an ASR model (pass the same one for every TTS model compared); the hallucination
+  rate; global generation steps per second of generated speech (the global model's positions
+  run while generating, over the generated units / the store's frame rate).
+
+Rates are corpus-level (summed errors over summed reference lengths) with 95% percentile
+bootstrap intervals over utterances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.task_rows import task_row
+from megatron_lst.evaluation.bootstrap import bootstrap_ci, bootstrap_ratio_ci
+from megatron_lst.evaluation.edit_rates import EditCounts, char_edits, unit_edits, word_edits
+from megatron_lst.evaluation.generation import (
+    GenerationResult,
+    SamplingConfig,
+    build_prompt,
+    generate,
+)
+from megatron_lst.patching import PatchingConfig
+from megatron_lst.tokenizer.vocab import JointVocab
+
+
+def length_cap(reference_length: int) -> int:
+    """Most tokens decoded for an answer of `reference_length` tokens (EOS included)."""
+    return 2 * reference_length + 8
+
+
+@dataclass
+class TaskModel:
+    """What decoding needs of one loaded checkpoint (`loading.InferenceModel` gives it all)."""
+
+    model: object
+    """One model chunk: an `LSTModel` or a `TokenBaselineModel`."""
+    vocab: JointVocab
+    tokenizer: object
+    patching: PatchingConfig
+    space_id: int | None = None
+    """The word-boundary piece TTS prompts put before `<s>`, as fine-tuning did."""
+
+    @classmethod
+    def from_inference_model(cls, loaded) -> TaskModel:
+        return cls(loaded.model_chunks[0], loaded.vocab, loaded.tokenizer,
+                   loaded.patcher.config, loaded.tokenizer.space_id)
+
+
+def _decode(task_model: TaskModel, prompt: np.ndarray, modality: str, cap: int,
+            use_cache: bool) -> GenerationResult:
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=cap, modality=modality)
+    return generate(task_model.model, prompt, task_model.vocab, task_model.patching, sampling,
+                    use_cache=use_cache)
+
+
+def _text_of(task_model: TaskModel, ids: np.ndarray) -> str:
+    vocab = task_model.vocab
+    pieces = [int(i) for i in ids if i < vocab.text_size and i not in (vocab.bos_id, vocab.eos_id)]
+    return task_model.tokenizer.decode(pieces)
+
+
+def _units_of(vocab: JointVocab, ids: np.ndarray) -> np.ndarray:
+    return vocab.ids_to_units(ids[vocab.is_unit(ids)])
+
+
+def transcribe(asr: TaskModel, units: np.ndarray, max_new_tokens: int, use_cache: bool = True
+               ) -> tuple[str, GenerationResult]:
+    """Greedy transcript of `units` (raw values) by an ASR model, and its generation."""
+    prompt = build_prompt(asr.vocab, units=units, continue_in="text")  # BOS <s> units <t>
+    result = _decode(asr, prompt, "text", max_new_tokens, use_cache)
+    return _text_of(asr, result.tokens), result
+
+
+@dataclass
+class AsrOutput:
+    reference: str
+    hypothesis: str
+    words: EditCounts
+    chars: EditCounts
+    hit_cap: bool
+
+
+def run_asr(asr: TaskModel, utterances: list[AlignedDocument], use_cache: bool = True
+            ) -> list[AsrOutput]:
+    outputs = []
+    for doc in utterances:
+        row = task_row(doc, "asr", asr.vocab, asr.space_id)
+        reference = asr.tokenizer.decode([int(i) for i in doc.text_ids])
+        cap = length_cap(len(row.answer))
+        result = _decode(asr, row.prompt, "text", cap, use_cache)
+        hypothesis = _text_of(asr, result.tokens)
+        outputs.append(AsrOutput(reference, hypothesis, word_edits(reference, hypothesis),
+                                 char_edits(reference, hypothesis), not result.stopped_at_eos))
+    return outputs
+
+
+@dataclass
+class TtsOutput:
+    reference_units: np.ndarray
+    units: np.ndarray
+    unit_errors: EditCounts
+    hit_cap: bool
+    global_steps: int
+    transcript: str | None = None
+    """The ASR model's transcript of `units` (None without one)."""
+    chars: EditCounts | None = None
+    """CER counts of `transcript` against the utterance's transcript."""
+
+
+def run_tts(tts: TaskModel, utterances: list[AlignedDocument], asr: TaskModel | None = None,
+            use_cache: bool = True) -> list[TtsOutput]:
+    outputs = []
+    for doc in utterances:
+        row = task_row(doc, "tts", tts.vocab, tts.space_id)
+        result = _decode(tts, row.prompt, "speech", length_cap(len(row.answer)), use_cache)
+        units = _units_of(tts.vocab, result.tokens)
+        output = TtsOutput(doc.unit_ids, units, unit_edits(doc.unit_ids, units),
+                           not result.stopped_at_eos, result.global_steps)
+        if asr is not None:
+            reference = tts.tokenizer.decode([int(i) for i in doc.text_ids])
+            cap = length_cap(len(doc.text_ids) + 1)
+            output.transcript = transcribe(asr, units, cap, use_cache)[0] if len(units) else ""
+            output.chars = char_edits(reference, output.transcript)
+        outputs.append(output)
+    return outputs
+
+
+def _rate(counts: list[EditCounts], name: str, resamples: int, seed: int) -> dict[str, float]:
+    errors = np.array([c.errors for c in counts], dtype=np.float64)
+    lengths = np.array([c.reference_length for c in counts], dtype=np.float64)
+    low, high = bootstrap_ratio_ci(errors, lengths, resamples, seed=seed)
+    return {name: float(errors.sum() / lengths.sum()), f"{name}_ci_low": low,
+            f"{name}_ci_high": high}
+
+
+def _share(flags: list[bool], name: str, resamples: int, seed: int) -> dict[str, float]:
+    outcomes = np.asarray(flags, dtype=np.float64)
+    low, high = bootstrap_ci(outcomes, resamples, seed=seed)
+    return {name: float(outcomes.mean()), f"{name}_ci_low": low, f"{name}_ci_high": high}
+
+
+def summarise_asr(outputs: list[AsrOutput], resamples: int = 1000, seed: int = 0
+                  ) -> dict[str, float]:
+    """wer, cer, hallucination_rate (each with `_ci_low`/`_ci_high`), num_utterances."""
+    return {**_rate([o.words for o in outputs], "wer", resamples, seed),
+            **_rate([o.chars for o in outputs], "cer", resamples, seed),
+            **_share([o.hit_cap for o in outputs], "hallucination_rate", resamples, seed),
+            "num_utterances": float(len(outputs))}
+
+
+def summarise_tts(outputs: list[TtsOutput], frame_rate: float, resamples: int = 1000,
+                  seed: int = 0) -> dict[str, float]:
+    """unit_edit_rate, hallucination_rate, asr_cer (with an ASR model; each with its interval),
+    global_steps_per_second (of generated speech), num_utterances."""
+    summary = {**_rate([o.unit_errors for o in outputs], "unit_edit_rate", resamples, seed),
+               **_share([o.hit_cap for o in outputs], "hallucination_rate", resamples, seed)}
+    if all(o.chars is not None for o in outputs):
+        summary.update(_rate([o.chars for o in outputs], "asr_cer", resamples, seed))
+    generated_seconds = sum(len(o.units) for o in outputs) / frame_rate
+    steps = sum(o.global_steps for o in outputs)
+    summary["global_steps_per_second"] = (steps / generated_seconds if generated_seconds
+                                          else float("nan"))
+    summary["num_utterances"] = float(len(outputs))
+    return summary

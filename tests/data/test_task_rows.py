@@ -1,0 +1,141 @@
+"""ASR and TTS task rows: the layout, the markers, EOS and which targets carry loss, under every
+patching mode; the dataset's refusals."""
+
+import numpy as np
+import pytest
+import torch
+from document_cases import SPACE_ID, VOCAB, MemoryStore, aligned_store, text_store
+
+from megatron_lst.data.dataset import DatasetError
+from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.task_rows import TaskDataset, max_row_shape, task_row
+from megatron_lst.patching import Patcher, PatchingConfig, aligned_patch_lengths, check_batch
+
+U = VOCAB.unit_offset
+# "hi there" with a silence in the middle: word 1 = pieces 7, 8 over units 1 2; silence over unit
+# 3; word 2 = piece 9 over units 4 5 6.
+HAND_DOC = AlignedDocument(
+    text_ids=np.array([7, 8, 9], np.int32), unit_ids=np.array([1, 2, 3, 4, 5, 6], np.int32),
+    seg_text_len=np.array([2, 0, 1], np.int32), seg_unit_len=np.array([2, 1, 3], np.int32))
+
+PATCHINGS = {
+    "none": PatchingConfig("none"),
+    "static": PatchingConfig("static", patch_size=3),
+    "aligned": PatchingConfig("aligned"),
+    "aligned merged": PatchingConfig("aligned", silence="merged"),
+    "mixed": PatchingConfig("mixed", patch_size=4, prob_static=0.5),
+    "curriculum": PatchingConfig("curriculum", patch_size=2, aligned_until_step=2,
+                                 static_from_step=6),
+}
+
+
+def test_hand_asr_row():
+    row = task_row(HAND_DOC, "asr", VOCAB, SPACE_ID)
+    v = VOCAB
+    assert row.doc.tokens.tolist() == [v.bos_id, v.speech_marker, U + 1, U + 2, U + 3, U + 4,
+                                       U + 5, U + 6, v.text_marker, 7, 8, 9, v.eos_id]
+    assert row.prompt.tolist() == row.doc.tokens[:9].tolist()  # up to and including <t>
+    assert row.answer.tolist() == [7, 8, 9, v.eos_id]
+    assert row.target_mask.tolist() == [False] * 9 + [True] * 4
+    # Aligned patching cuts the speech at the word, the silence and the word.
+    assert aligned_patch_lengths(row.doc).tolist() == [1, 1, 2, 1, 3, 1, 1, 1, 1, 1]
+
+
+def test_hand_tts_row():
+    row = task_row(HAND_DOC, "tts", VOCAB, SPACE_ID)
+    v = VOCAB
+    assert row.doc.tokens.tolist() == [v.bos_id, v.text_marker, 7, 8, 9, SPACE_ID,
+                                       v.speech_marker, U + 1, U + 2, U + 3, U + 4, U + 5, U + 6,
+                                       v.eos_id]
+    assert row.prompt.tolist()[-1] == v.speech_marker and len(row.prompt) == 7
+    assert row.answer.tolist() == [U + 1, U + 2, U + 3, U + 4, U + 5, U + 6, v.eos_id]
+    assert aligned_patch_lengths(row.doc).tolist() == [1] * 7 + [2, 1, 3, 1]
+    # Without a word-boundary piece the marker follows the transcript directly.
+    assert task_row(HAND_DOC, "tts", VOCAB, None).doc.tokens[5] == v.speech_marker
+
+
+def _dataset(task, patching, store=None, training=True, **kwargs):
+    store = store or aligned_store(seed=3, num_documents=12, max_segments=20)
+    seq_length, max_tokens = 160, 160
+    return TaskDataset(store, task, 30, seq_length, max_tokens, Patcher(patching), seed=5,
+                       global_batch_size=4, space_id=SPACE_ID, training=training, **kwargs)
+
+
+@pytest.mark.parametrize("patching", sorted(PATCHINGS))
+@pytest.mark.parametrize("task", ["asr", "tts"])
+def test_rows_train_the_answer_and_eos_only(task, patching):
+    dataset = _dataset(task, PATCHINGS[patching])
+    batch = {k: torch.stack([dataset[i][k] for i in range(len(dataset))])
+             for k in dataset[0]}
+    check_batch(batch, VOCAB)
+    v = VOCAB
+    answer_marker, prompt_marker = ((v.text_marker, v.speech_marker) if task == "asr"
+                                    else (v.speech_marker, v.text_marker))
+    for index in range(len(dataset)):
+        row, _ = dataset.row(index)
+        tokens, labels = batch["tokens"][index], batch["labels"][index]
+        mask = batch["loss_mask"][index].bool()
+        n = len(row.doc) - 1  # real inputs
+        assert tokens[0] == v.bos_id and tokens[1] == prompt_marker
+        assert labels[n - 1] == v.eos_id and mask[n - 1] and not mask[n:].any()
+        marker_at = int((tokens == answer_marker).nonzero()[0, 0])
+        # Every target before the answer's first token is prompt (no loss), every later one is
+        # answer or EOS (loss): the marker itself is a prompt target.
+        assert not mask[:marker_at].any() and mask[marker_at:n].all()
+        trained = labels[mask]
+        if task == "asr":
+            assert ((trained < v.text_size) & (trained != v.bos_id)).all()
+            assert trained.tolist() == [*dataset.store[dataset.document_id(index)[1]].text_ids,
+                                        v.eos_id]
+        else:
+            assert (v.is_unit(trained[:-1]).all()) and trained[-1] == v.eos_id
+        assert int(mask.sum()) == len(row.answer)
+
+
+def test_curriculum_rows_follow_the_training_step():
+    """Curriculum: aligned before tau1, static from tau2; at inference static."""
+    patching = PATCHINGS["curriculum"]
+    dataset = _dataset("asr", patching)
+    static = Patcher(PatchingConfig("static", patch_size=2))
+    aligned = Patcher(PatchingConfig("aligned"))
+    for index, expected in ((0, aligned), (7, aligned), (24, static), (29, static)):
+        row, lengths = dataset.row(index)
+        assert lengths.tolist() == expected.patch_lengths(row.doc).tolist(), index
+    inference = _dataset("asr", patching, training=False)
+    row, lengths = inference.row(0)
+    assert lengths.tolist() == static.patch_lengths(row.doc).tolist()
+
+
+def test_epochs_visit_every_utterance_once():
+    dataset = _dataset("tts", PATCHINGS["static"])
+    first = [dataset.document_id(i)[1] for i in range(12)]
+    second = [dataset.document_id(i)[1] for i in range(12, 24)]
+    assert sorted(first) == sorted(second) == list(range(12)) and first != second
+
+
+def test_text_store_is_refused():
+    with pytest.raises(DatasetError, match="aligned speech dataset.*--task asr"):
+        _dataset("asr", PATCHINGS["static"], store=text_store(seed=1, num_documents=4))
+
+
+def test_unknown_task_is_refused():
+    with pytest.raises(DatasetError, match="'asr' or 'tts'"):
+        task_row(HAND_DOC, "lm", VOCAB, SPACE_ID)
+
+
+def test_too_long_row_names_the_flags_and_max_row_shape_sizes_them():
+    store = MemoryStore("aligned", [HAND_DOC])
+    patcher = Patcher(PatchingConfig("static", patch_size=3))
+    dataset = TaskDataset(store, "asr", 1, 8, 10, patcher, seed=0)
+    with pytest.raises(DatasetError, match="--max-tokens 10 or --seq-length 8"):
+        dataset[0]
+    inputs, patches = max_row_shape(store, "asr", patcher, None)
+    assert (inputs, patches) == (12, 9)  # BOS, [<s> u u], [u u u], [u], <t>, 7, 8, 9, EOS
+    TaskDataset(store, "asr", 1, patches, inputs, patcher, seed=0)[0]  # fits exactly
+
+
+def test_utterance_without_transcript_is_refused():
+    silent = AlignedDocument(np.zeros(0, np.int32), np.array([1, 2], np.int32),
+                             np.array([0], np.int32), np.array([2], np.int32))
+    with pytest.raises(DatasetError, match="needs a transcript and units"):
+        task_row(silent, "asr", VOCAB, SPACE_ID)

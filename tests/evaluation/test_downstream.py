@@ -1,0 +1,101 @@
+"""ASR and TTS evaluation: a tiny LST and a tiny token baseline trained on the task rows of 8
+utterances decode them back exactly (WER 0, unit edit rate 0), with and without the KV cache;
+the summaries count what they should."""
+
+import numpy as np
+import pytest
+import torch
+from eval_cases import MemoryUtterances, tiny_model, tokenizer, utterances, vocab
+
+from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.task_rows import TaskDataset
+from megatron_lst.evaluation.downstream import (
+    TaskModel,
+    length_cap,
+    run_asr,
+    run_tts,
+    summarise_asr,
+    summarise_tts,
+)
+from megatron_lst.evaluation.edit_rates import EditCounts
+from megatron_lst.models.loss import masked_token_mean
+from megatron_lst.patching import Patcher, PatchingConfig
+
+STATIC = PatchingConfig("static", patch_size=3)
+PATCHING = {"lst": STATIC, "baseline": PatchingConfig("none")}
+
+
+def overfit(kind: str, task: str, docs: list[AlignedDocument], steps: int = 300):
+    """A tiny `kind` model trained on the 8 `task` rows of `docs` in one batch, till it repeats
+    them; in eval mode."""
+    patcher = Patcher(PATCHING[kind])
+    dataset = TaskDataset(MemoryUtterances(docs), task, len(docs), 64, 64, patcher, seed=0,
+                          space_id=tokenizer().space_id, training=False)
+    batch = {k: torch.stack([dataset[i][k] for i in range(len(docs))]) for k in dataset[0]}
+    model = tiny_model(kind, vocab().size, seed=1).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = masked_token_mean(model(batch["tokens"], batch["patch_lengths"], batch["labels"]),
+                                 batch["loss_mask"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 1e-3:
+            break
+    model.eval()
+    return TaskModel(model, vocab(), tokenizer(), PATCHING[kind], tokenizer().space_id), loss.item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_tiny_models_overfit_8_asr_utterances_to_wer_0(single_rank, kind):
+    docs = utterances(seed=11)
+    asr, loss = overfit(kind, "asr", docs)
+    assert loss < 0.05
+    outputs = run_asr(asr, docs)
+    summary = summarise_asr(outputs)
+    assert summary["wer"] == 0.0 and summary["cer"] == 0.0, [o.hypothesis for o in outputs]
+    assert summary["hallucination_rate"] == 0.0 and summary["num_utterances"] == 8
+    # The cache changes nothing: the same transcripts with full recomputation every step.
+    uncached = run_asr(asr, docs, use_cache=False)
+    assert [o.hypothesis for o in uncached] == [o.hypothesis for o in outputs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_tiny_models_overfit_8_tts_utterances_to_unit_edit_rate_0(single_rank, kind):
+    docs = utterances(seed=12)
+    tts, loss = overfit(kind, "tts", docs)
+    assert loss < 0.05
+    outputs = run_tts(tts, docs)
+    summary = summarise_tts(outputs, frame_rate=25.0)
+    assert summary["unit_edit_rate"] == 0.0 and summary["hallucination_rate"] == 0.0
+    for doc, output in zip(docs, outputs, strict=True):
+        np.testing.assert_array_equal(output.units, doc.unit_ids)
+    # Global steps per second of speech: positions run per generated second; LST runs one per
+    # closed patch of p=3 units, the baseline one per token.
+    units = sum(len(d.unit_ids) for d in docs)
+    steps = sum(o.global_steps for o in outputs)
+    assert summary["global_steps_per_second"] == pytest.approx(steps / (units / 25.0))
+    if kind == "baseline":
+        assert steps == units  # one position per unit (the EOS step's input is the last unit)
+    else:
+        assert steps < units / 2
+    uncached = run_tts(tts, docs, use_cache=False)
+    for a, b in zip(uncached, outputs, strict=True):
+        np.testing.assert_array_equal(a.units, b.units)
+
+
+def test_length_cap_is_twice_the_reference_plus_8():
+    assert length_cap(5) == 18
+
+
+def test_summaries_are_corpus_rates_with_intervals():
+    from megatron_lst.evaluation.downstream import AsrOutput
+
+    outputs = [AsrOutput("a b", "a", EditCounts(1, 2), EditCounts(2, 3), False),
+               AsrOutput("c d e f", "c d e f", EditCounts(0, 4), EditCounts(0, 7), True)]
+    summary = summarise_asr(outputs, resamples=200)
+    assert summary["wer"] == pytest.approx(1 / 6) and summary["cer"] == pytest.approx(2 / 10)
+    assert summary["hallucination_rate"] == 0.5
+    assert 0.0 <= summary["wer_ci_low"] <= summary["wer"] <= summary["wer_ci_high"] <= 0.5
