@@ -3,6 +3,7 @@ baseline, several seeds, under each control mode, scored on spoken and written s
 
     python examples/compute_controlled/study.py run --preset cpu [--out-dir runs/study_cpu]
         [--corpus-dir data_cache/study_cpu] [--seeds 1 2 3]
+    python examples/compute_controlled/study.py plan --preset h200   # runs and FLOPs, no training
     python examples/compute_controlled/study.py report --preset cpu [--out-dir runs/study_cpu]
 
 `run` builds (or reads back) the preset's demo corpus, plans each model's steps under every
@@ -52,7 +53,6 @@ def build_corpus(preset: StudyPreset, corpus_dir: Path):
     from megatron_lst.demo_corpus.build import DemoCorpusConfig, build_demo_corpus
 
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in preset.corpus.items()}
-    fields.setdefault("eval_items", preset.eval_items)
     return build_demo_corpus(corpus_dir, config=DemoCorpusConfig(**fields), progress=False)
 
 
@@ -72,12 +72,13 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
     tokenizer = str(corpus.paths["tokenizer"])
     vocab = JointVocab(load_text_tokenizer(tokenizer).vocab_size,
                        corpus.summary["config"]["num_units"])
-    shapes, step = {}, None
+    shapes, step, row_tokens = {}, None, {}
     for model in preset.lst_models:
         args = _validated_args(["--config", str(model.config_path), *model.flags,
                                 "--tokenizer-model", tokenizer])
         config = lst_config_from_args(args, vocab.size, vocab.eos_id)
         shapes[model.name] = ModelShape.from_model_config(config)
+        row_tokens[model.name] = args.max_tokens
         this_step = (args.seq_length, args.global_batch_size)
         if step not in (None, this_step):
             raise SystemExit(f"study: the LST models' steps differ ({step} vs {this_step}); "
@@ -88,13 +89,17 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
     if (baseline.seq_length, baseline.global_batch_size) != step:
         raise SystemExit(f"study: the baseline's step {(baseline.seq_length, baseline.global_batch_size)}"
                          f" differs from LST's {step}; compute control needs equal steps")
-    step_shape = StepShape(step[0], step[1], preset.tokens_per_patch)
     budget = Budget(steps=preset.budget_steps, reference="baseline")
     steps: dict[str, dict[str, int]] = {}
     plans: dict[str, dict] = {}
     for control in preset.controls:
         steps[control], plans[control] = {}, {}
         for name, shape in shapes.items():
+            # An LST row computes all --max-tokens token positions, padding included: that is
+            # what its FLOPs count; the data it consumes is the real tokens per patch.
+            tokens_per_patch = (preset.tokens_per_patch if control == "data"
+                                else row_tokens[name] / step[0])
+            step_shape = StepShape(step[0], step[1], tokens_per_patch)
             computed = plan(budget, shape, shape.baseline_of(), control, step_shape)
             steps[control][name] = computed.lst.steps
             steps[control][preset.baseline.name] = computed.baseline.steps
@@ -205,8 +210,9 @@ def run_one(preset: StudyPreset, run: Run, corpus, runs_dir: Path) -> str:
     return "; ".join(done)
 
 
-def run_study(preset: StudyPreset, out_dir: Path, corpus_dir: Path) -> dict:
-    started = time.perf_counter()
+def write_plan(preset: StudyPreset, out_dir: Path, corpus_dir: Path):
+    """Build the corpus, plan every run and write `<out_dir>/plan.json`; returns
+    `(corpus, steps, runs)` and prints the runs with their planned training FLOPs."""
     corpus = build_corpus(preset, corpus_dir)
     steps, plans = plan_steps(preset, corpus)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +220,21 @@ def run_study(preset: StudyPreset, out_dir: Path, corpus_dir: Path) -> dict:
         {"preset": _preset_dict(preset), "corpus_dir": str(corpus_dir), "steps": steps,
          "plans": plans}, indent=1) + "\n")
     runs = plan_runs(preset, steps)
+    flops_per_step = {name: plan[("baseline" if name == preset.baseline.name else "lst")]
+                      ["flops_per_step"]["total"]
+                      for control in plans.values() for lst_name, plan in control.items()
+                      for name in (lst_name, preset.baseline.name)}
+    total = sum(run.steps * flops_per_step[run.model] for run in runs)
+    print(f"study {preset.name}: {len(runs)} runs, {total:.3e} planned training FLOPs "
+          f"(at {preset.tokens_per_patch:g} tokens per LST patch)")
+    for run in runs:
+        print(f"  {run.name}: {run.steps * flops_per_step[run.model]:.3e} FLOPs")
+    return corpus, steps, runs
+
+
+def run_study(preset: StudyPreset, out_dir: Path, corpus_dir: Path) -> dict:
+    started = time.perf_counter()
+    corpus, steps, runs = write_plan(preset, out_dir, corpus_dir)
     print(f"study {preset.name}: {len(runs)} runs ({len(preset.seeds)} seeds; steps per control "
           f"{json.dumps(steps)}) in {out_dir / 'runs'}", flush=True)
     for i, run in enumerate(runs, 1):
@@ -249,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "train and score every run, then report"),
+                            ("plan", "build the corpus, print the runs and their FLOPs"),
                             ("report", "aggregate the finished runs")):
         p = commands.add_parser(name, help=help_text)
         p.add_argument("--preset", default="cpu",
@@ -256,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out-dir", type=Path,
                        help="default: runs/study_<preset name> in the checkout")
         p.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
-        if name == "run":
+        if name != "report":
             p.add_argument("--corpus-dir", type=Path,
                            help="default: data_cache/study_<preset name> in the checkout")
     return parser
@@ -268,11 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     if options.seeds:
         preset = preset.replace(seeds=tuple(options.seeds))
     out_dir = options.out_dir or REPO_ROOT / "runs" / f"study_{preset.name}"
-    if options.command == "run":
-        corpus_dir = options.corpus_dir or REPO_ROOT / "data_cache" / f"study_{preset.name}"
-        run_study(preset, out_dir, corpus_dir)
-    else:
+    if options.command == "report":
         report(preset, out_dir)
+        return 0
+    corpus_dir = options.corpus_dir or REPO_ROOT / "data_cache" / f"study_{preset.name}"
+    if options.command == "plan":
+        write_plan(preset, out_dir, corpus_dir)
+    else:
+        run_study(preset, out_dir, corpus_dir)
     return 0
 
 

@@ -56,9 +56,10 @@ class StudyPreset:
     """`DemoCorpusConfig` fields; unset ones keep the demo's defaults."""
     text_weight: float = 0.67
     speech_weight: float = 0.33
-    tokens_per_patch: float = 3.4
-    """Mean input tokens per LST patch on the study's rows, for the FLOP and data plans; the
-    report prints the value each LST run measured."""
+    tokens_per_patch: float = 1.3
+    """Mean real (unpadded) input tokens per LST patch on the study's rows: the data plan's
+    exchange rate (the FLOP plan counts the padded row the model computes, --max-tokens per
+    --seq-length patches). The report prints the value each LST run measured."""
     eval_items: int = 300
     eval_sets: tuple[str, ...] = EVAL_SETS
     modes: tuple[str, ...] = MODES
