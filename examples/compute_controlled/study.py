@@ -9,11 +9,12 @@ baseline, several seeds, under each control mode, scored on spoken and written s
 `run` builds (or reads back) the preset's demo corpus, plans each model's steps under every
 control with the FLOP planner (compute: equal steps of equal global positions, the paper's;
 flops: equal total FLOPs; data: equal raw tokens; the baseline's `budget_steps` is the budget),
-then trains and scores every distinct run in this process, one at a time, and ends with `report`.
+then trains and scores every distinct run, one at a time, and ends with `report`.
 Runs are ordinary `pretrain_lst.py` save directories under `<out-dir>/runs/<model>-<N>steps-seed<S>`
-(resume, evaluate or convert them with the usual tools). A run whose `eval.json` is there is
-skipped; a run interrupted during training resumes from its latest checkpoint; one line per run
-reports what happened.
+(resume, evaluate or convert them with the usual tools): each is trained by `pretrain_lst.py` in a
+child process (its log in the run's `train.log`) and scored in this one. A run whose `eval.json`
+is there is skipped; a run interrupted during training resumes from its latest checkpoint; one
+line per run reports what happened.
 
 `report` writes `<out-dir>/study.json` (every number, per-item outcomes aside), `study.md` (the
 table: accuracy as the mean over seeds and items with its 95% two-level bootstrap interval and
@@ -44,6 +45,7 @@ from study_config import (  # noqa: E402
 )
 
 EVAL_FILENAME = "eval.json"
+TRAIN_LOG = "train.log"
 BATCH_SIZE = 16
 
 
@@ -141,15 +143,18 @@ def latest_iteration(save_dir: Path) -> int:
     return 0 if path is None else int(read_checkpoint_metadata(path)["iteration"])
 
 
-def train(flags: list[str]) -> None:
-    import contextlib
-    import io
+def train(flags: list[str], log_path: Path) -> None:
+    """Run `pretrain_lst.py flags` in a child process (a fresh process group per run, as a user
+    would launch it), its output appended to `log_path`."""
+    import subprocess
 
-    from megatron_lst.training.loop import pretrain
-
-    # The per-interval log goes to a buffer: the study prints one line per run.
-    with contextlib.redirect_stdout(io.StringIO()):
-        pretrain(_validated_args(flags))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        finished = subprocess.run([sys.executable, str(REPO_ROOT / "pretrain_lst.py"), *flags],
+                                  stdout=log, stderr=subprocess.STDOUT, check=False)
+    if finished.returncode != 0:
+        raise SystemExit(f"study: training failed (exit status {finished.returncode}); see "
+                         f"{log_path}. Re-running the study resumes from the last checkpoint")
 
 
 def evaluate(save_dir: Path, preset: StudyPreset, corpus) -> dict:
@@ -191,7 +196,7 @@ def run_one(preset: StudyPreset, run: Run, corpus, runs_dir: Path) -> str:
     start_iteration = latest_iteration(save_dir)
     if start_iteration < run.steps:
         started = time.perf_counter()
-        train(training_flags(preset, run, corpus, runs_dir))
+        train(training_flags(preset, run, corpus, runs_dir), save_dir / TRAIN_LOG)
         resumed = f" (resumed from {start_iteration})" if start_iteration else ""
         done.append(f"trained {run.steps - start_iteration} steps{resumed} in "
                     f"{time.perf_counter() - started:.0f} s")

@@ -32,7 +32,7 @@ def test_smoke_study_resumes_skips_and_reports(tmp_path, capsys):
     # An interrupted run: its training stopped (and saved) after 3 of 6 steps.
     interrupted = runs[0]
     study.train([*study.training_flags(SMOKE, interrupted, corpus, runs_dir),
-                 "--exit-interval", "3"])
+                 "--exit-interval", "3"], runs_dir / interrupted.name / "train.log")
     assert study.latest_iteration(runs_dir / interrupted.name) == 3
     # A finished run: trained and scored before the study starts.
     finished = runs[1]
