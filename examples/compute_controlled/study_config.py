@@ -143,10 +143,12 @@ class Run:
 
 
 def plan_runs(preset: StudyPreset, steps: dict[str, dict[str, int]]) -> list[Run]:
-    """The distinct runs of the study, in training order; `steps[control][model]` is the plan."""
+    """The distinct runs of the study in training order, `steps[control][model]` being the plan:
+    control by control (in the preset's order), so a study stopped early has every seed of its
+    first controls."""
     runs: list[Run] = []
-    for seed in preset.seeds:
-        for control in preset.controls:
+    for control in preset.controls:
+        for seed in preset.seeds:
             for model in preset.models:
                 run = Run(model.name, steps[control][model.name], seed)
                 if run not in runs:
