@@ -14,7 +14,15 @@ For each built demo corpus (tools/build_demo_corpus.py output), from its trainin
   different words of similar length: a word whose renditions lie as far apart as two different
   words gives a language model over units nothing to recognise it by;
 - voice variety: the voices and the mean Jensen-Shannon divergence (bits) between two voices'
-  unit distributions.
+  unit distributions;
+- a copy heuristic on the story sets (`eval/{topic,storycloze}.jsonl`): pick the ending whose unit
+  n-grams (speech) or words (text) occur most in the context; on the topic set also with the
+  spoken context cut to its last K units. It says whether the units carry the cue a model
+  could copy from the context.
+
+With `--checkpoints RUN_DIR...` (training save directories of models trained on the first corpus)
+it also scores S->S on the topic set with the context cut to its last K units: a model whose
+choice does not move with K does not use the spoken context.
 
 Prints one table (a column per corpus) and writes the numbers as JSON.
 """
@@ -155,6 +163,92 @@ def analyze(corpus_dir: Path, num_words: int = 40, num_pairs: int = 60, seed: in
     }
 
 
+COPY_NGRAMS = (2, 3, 4, 6)
+CONTEXT_UNITS = (32, 64, 128, None)  # None: the whole context
+
+
+def _ngrams(sequence: Sequence, n: int) -> set[tuple]:
+    return {tuple(sequence[i:i + n]) for i in range(len(sequence) - n + 1)}
+
+
+def truncate_context(record: dict, num_units: int | None) -> dict:
+    """The item with its spoken context cut to the last `num_units` units (segments trimmed)."""
+    context = record["context"]
+    units = context["units"]
+    if num_units is None or len(units) <= num_units:
+        return record
+    drop, segments = len(units) - num_units, []
+    for word, count in context["segments"]:
+        if drop >= count:
+            drop -= count
+            continue
+        segments.append([word, count - drop])
+        drop = 0
+    return {**record, "context": {**context, "units": units[-num_units:], "segments": segments}}
+
+
+def copy_accuracy(records: Sequence[dict], n: int | None) -> float:
+    """Accuracy of picking the ending with the largest share of its unit n-grams in the context
+    (n None: of its words in the context's words)."""
+    correct = 0
+    for record in records:
+        if n is None:
+            context = set(record["context"]["text"].split())
+            pieces = [set(e["text"].split()) for e in record["endings"]]
+        else:
+            context = _ngrams(record["context"]["units"], n)
+            pieces = [_ngrams(e["units"], n) for e in record["endings"]]
+        shares = [len(p & context) / max(len(p), 1) for p in pieces]
+        correct += int(np.argmax(shares)) == record["label"]
+    return correct / len(records)
+
+
+def copy_heuristic(corpus_dir: Path) -> dict:
+    from megatron_lst.demo_corpus.eval_sets import read_items
+
+    out = {}
+    for eval_set in ("topic", "storycloze"):
+        records = read_items(corpus_dir / "eval" / f"{eval_set}.jsonl")
+        out[eval_set] = {"words": copy_accuracy(records, None),
+                         **{f"unit_{n}grams": copy_accuracy(records, n) for n in COPY_NGRAMS}}
+    topic = read_items(corpus_dir / "eval" / "topic.jsonl")
+    out["topic_unit_3grams_by_context_units"] = {
+        str(k or "all"): copy_accuracy([truncate_context(r, k) for r in topic], 3)
+        for k in CONTEXT_UNITS}
+    return out
+
+
+def checkpoint_context_curve(corpus_dir: Path, checkpoints: Sequence[Path], num_items: int,
+                             work_dir: Path) -> dict:
+    """Per checkpoint: S->S topic accuracy (summed, normalised) with the context cut to K units."""
+    from megatron_lst.demo_corpus.eval_sets import read_items, write_items
+    from megatron_lst.evaluation import load_items
+    from megatron_lst.evaluation.loading import load_inference_model
+    from megatron_lst.evaluation.scoring import score_items
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
+
+    records = read_items(corpus_dir / "eval" / "topic.jsonl")[:num_items]
+    paths = {}
+    for k in CONTEXT_UNITS:
+        paths[str(k or "all")] = work_dir / f"topic_context_{k or 'all'}.jsonl"
+        write_items(paths[str(k or "all")], [truncate_context(r, k) for r in records])
+    curves = {}
+    for checkpoint in checkpoints:
+        initialize_parallel()
+        try:
+            model = load_inference_model(checkpoint)
+            curves[str(checkpoint)] = {}
+            for k, path in paths.items():
+                items = load_items(path, model.tokenizer, model.vocab)
+                scores = score_items(model.model_chunks, items, model.vocab, model.patcher,
+                                     "S->S", 16)
+                curves[str(checkpoint)][k] = [float(scores.correct().mean()),
+                                              float(scores.correct(normalised=True).mean())]
+        finally:
+            destroy_parallel()
+    return curves
+
+
 _ROWS = (
     ("codebook size", "num_units", "{:d}"), ("deduplicated runs", "deduplicated", "{}"),
     ("voices", "voices", "{:d}"), ("units per second", "units_per_second", "{:.1f}"),
@@ -174,6 +268,14 @@ def format_table(results: list[dict]) -> str:
     rows = [["", *names]]
     for label, key, fmt in _ROWS:
         rows.append([label, *("-" if r[key] is None else fmt.format(r[key]) for r in results)])
+    for eval_set in ("topic", "storycloze"):
+        for key in ("words", *(f"unit_{n}grams" for n in COPY_NGRAMS)):
+            rows.append([f"copy acc., {eval_set}, {key.replace('_', ' ')}",
+                         *(f"{r['copy'][eval_set][key]:.3f}" for r in results)])
+    for k in CONTEXT_UNITS:
+        rows.append([f"copy acc., topic, 3-grams, context {k or 'all'} units",
+                     *(f"{r['copy']['topic_unit_3grams_by_context_units'][str(k or 'all')]:.3f}"
+                       for r in results)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                                for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
@@ -186,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="write the numbers as JSON here")
     parser.add_argument("--words", type=int, default=40, help="frequent words compared")
     parser.add_argument("--pairs", type=int, default=60, help="rendition pairs drawn per word")
+    parser.add_argument("--checkpoints", nargs="+", type=Path, default=[], metavar="RUN_DIR",
+                        help="save directories of models trained on the first corpus: score S->S "
+                             "on its topic set with the spoken context cut to K units")
+    parser.add_argument("--checkpoint-items", type=int, default=200,
+                        help="topic items scored per checkpoint and context length")
     return parser
 
 
@@ -197,10 +304,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"build one with tools/build_demo_corpus.py --out-dir {directory}",
                   file=sys.stderr)
             return 2
-    results = [analyze(d, args.words, args.pairs) for d in args.corpus_dirs]
+    results = [{**analyze(d, args.words, args.pairs), "copy": copy_heuristic(d)}
+                for d in args.corpus_dirs]
     print(format_table(results))
+    output: dict = {"corpora": results}
+    if args.checkpoints:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work_dir:
+            curves = checkpoint_context_curve(args.corpus_dirs[0], args.checkpoints,
+                                              args.checkpoint_items, Path(work_dir))
+        output["checkpoint_context_curves"] = curves
+        for checkpoint, curve in curves.items():
+            print(f"S->S topic, context cut to K units (summed/normalised), {checkpoint}: " +
+                  ", ".join(f"K={k} {a:.3f}/{b:.3f}" for k, (a, b) in curve.items()))
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        args.out.write_text(json.dumps(output, indent=1) + "\n")
     return 0
 
 
