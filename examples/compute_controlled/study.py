@@ -17,9 +17,9 @@ is there is skipped; a run interrupted during training resumes from its latest c
 line per run reports what happened.
 
 `report` writes `<out-dir>/study.json` (every number, per-item outcomes aside), `study.md` (the
-table: accuracy as the mean over seeds and items with its 95% two-level bootstrap interval and
-the seed spread, then LST minus the baseline per control with its paired interval; see
-study_stats.py) and `accuracy_vs_flops.png` (accuracy against each run's measured training FLOPs).
+tables, for the summed and the length-normalised log-likelihood score: accuracy as the mean over
+seeds and items with its 95% two-level bootstrap interval and the seeds' sd, then LST minus the
+baseline per control with its paired interval; see study_stats.py) and `accuracy_vs_flops.png` (accuracy against each run's measured training FLOPs).
 """
 
 from __future__ import annotations
@@ -263,7 +263,8 @@ def report(preset: StudyPreset, out_dir: Path) -> dict:
     study = aggregate(preset, plan["steps"], out_dir / "runs")
     table = format_table(study)
     print(table)
-    (out_dir / "study.md").write_text(table + "\n")
+    normalised = format_table(study, score="normalised")
+    (out_dir / "study.md").write_text(f"{table}\n\n{normalised}\n")
     (out_dir / "study.json").write_text(json.dumps(study, indent=1) + "\n")
     plot(study, out_dir / "accuracy_vs_flops.png")
     print(f"wrote {out_dir / 'study.md'}, {out_dir / 'study.json'} and "

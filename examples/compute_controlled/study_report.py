@@ -105,11 +105,15 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_table(study: dict, score: str = "summed",
-                 difference_modes: tuple[str, ...] = ("S->S", "T->T")) -> str:
-    """Markdown: accuracy (%) per (control, model) with its 95% interval and seed sd, then the
-    LST-minus-baseline differences (points) on `difference_modes`."""
+                 difference_modes: tuple[str, ...] = ("S->S", "T->T"),
+                 accuracy_modes: tuple[str, ...] | None = None) -> str:
+    """Markdown: accuracy (%) per (control, model) with its 95% interval and seed sd (on
+    `accuracy_modes`, default all), then the LST-minus-baseline differences (points) on
+    `difference_modes`."""
     keys = list(dict.fromkeys(k.rsplit(" ", 1)[0] for g in study["groups"]
                               for k in g["accuracy"] if k.endswith(" " + score)))
+    if accuracy_modes is not None:
+        keys = [k for k in keys if k.split(" ", 1)[1] in accuracy_modes]
     header = ["control", "model", "steps", "train FLOPs", "seeds", *keys]
     rows = [[g["control"], g["model"], f"{g['steps']:,}", f"{g['flops']:.2e}",
              str(len(g["seeds"])),
