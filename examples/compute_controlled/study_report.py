@@ -87,7 +87,11 @@ def aggregate(preset: StudyPreset, steps: dict[str, dict[str, int]], runs_dir: P
                             "set": eval_set, "mode": mode, "score": score,
                             "seeds": [len(first), len(second)],
                             **difference_estimate(first, second).as_dict()})
-    return {"preset": preset.name, "steps": steps, "runs": list(records.values()),
+    runs = [{**record, "results": {
+        eval_set: {mode: {k: v for k, v in scores.items() if k not in SCORES.values()}
+                   for mode, scores in modes.items()}
+        for eval_set, modes in record["results"].items()}} for record in records.values()]
+    return {"preset": preset.name, "steps": steps, "runs": runs,
             "groups": groups, "differences": differences, "missing_runs": missing}
 
 
@@ -120,7 +124,7 @@ def format_table(study: dict, score: str = "summed",
              *(_cell(g["accuracy"][f"{k} {score}"], g["accuracy"][f"{k} {score}"]["spread"])
                for k in keys)] for g in study["groups"]]
     parts = [f"Accuracy (%, {score} log-likelihood): mean over seeds and items "
-             f"[95% two-level bootstrap interval] and the seeds' sd", _markdown(header, rows)]
+             f"[95% two-level bootstrap interval] and the seeds' sd", "", _markdown(header, rows)]
     chosen = [d for d in study["differences"] if d["score"] == score
               and d["mode"] in difference_modes]
     if chosen:
@@ -132,8 +136,8 @@ def format_table(study: dict, score: str = "summed",
         rows = [[control, f"{model} - {chosen[0]['baseline']}",
                  *(cells.get(c, "-") for c in columns)] for (control, model), cells in
                 by_row.items()]
-        parts += ["", "LST minus baseline (points) [95% paired two-level bootstrap interval]",
-                  _markdown(["control", "difference", *columns], rows)]
+        parts += ["", f"LST minus baseline (points, {score}) [95% paired two-level bootstrap "
+                  f"interval]", "", _markdown(["control", "difference", *columns], rows)]
     if study["missing_runs"]:
         parts += ["", f"unfinished runs (left out): {', '.join(study['missing_runs'])}"]
     return "\n".join(parts)
