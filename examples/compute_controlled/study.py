@@ -52,6 +52,7 @@ BATCH_SIZE = 16
 # --- corpus and plan -----------------------------------------------------------------------
 
 def build_corpus(preset: StudyPreset, corpus_dir: Path):
+    """The preset's demo corpus under `corpus_dir`, built once and then read from its cache."""
     from megatron_lst.demo_corpus.build import DemoCorpusConfig, build_demo_corpus
 
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in preset.corpus.items()}
