@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="eSpeak NG voices, one per speaker (e.g. en-us+m3)")
     parser.add_argument("--num-units", type=int, default=defaults.num_units,
                         help="k-means clusters (speech units)")
+    parser.add_argument("--deduplicate-units", action="store_true",
+                        help="collapse runs of a repeated unit within each word to one unit")
     parser.add_argument("--units", choices=UNIT_FEATURES, default="mfcc",
                         help="features the units are made from: MFCCs (offline default) or a "
                              "local HuBERT model (--hubert-dir)")
@@ -58,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> DemoCorpus:
     args = build_parser().parse_args(argv)
     config = DemoCorpusConfig(
         seed=args.seed, scale=args.scale, eval_items=args.eval_items, voices=tuple(args.voices),
-        num_units=args.num_units, text_files=tuple(args.text_files),
+        num_units=args.num_units, deduplicate_units=args.deduplicate_units,
+        text_files=tuple(args.text_files),
         tokenizer_vocab_size=args.tokenizer_vocab_size, workers=args.workers)
     try:
         features = unit_features(args.units, args.hubert_dir, args.hubert_layer)

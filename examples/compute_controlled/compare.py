@@ -39,7 +39,8 @@ def plan_compute_flags(lst_args, text_vocab_size: int, tokens_per_patch: float) 
     from megatron_lst.tokenizer.vocab import JointVocab
     from megatron_lst.training.model_provider import lst_config_from_args
 
-    config = lst_config_from_args(lst_args, JointVocab(text_vocab_size, lst_args.num_units).size)
+    vocab = JointVocab(text_vocab_size, lst_args.num_units)
+    config = lst_config_from_args(lst_args, vocab.size, vocab.eos_id)
     g, enc, dec, xattn = config.global_model, config.encoder, config.decoder, config.cross_attention
     if enc.hidden_size != dec.hidden_size or enc.num_heads != dec.num_heads \
             or xattn.encoder_window != xattn.decoder_window:

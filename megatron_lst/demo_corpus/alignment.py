@@ -92,3 +92,24 @@ def on_the_fly_line(file_id: str, segments: Sequence[tuple[str, int]], units: np
         parts.append(f"{MODE_SEP}TEXT {word} {MODE_SEP}HUBERT {unit_text}")
         offset += count
     return json.dumps({"file_id": file_id, "interleaved": " ".join(parts)})
+
+
+def deduplicate_runs(units: np.ndarray, segments: Sequence[tuple[str, int]]
+                     ) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """Collapse runs of one repeated unit inside each segment to a single unit, as HuBERT unit
+    pipelines do ("deduplicated units"): `([n] units, segments) -> ([m] units, segments)`.
+
+    Runs are collapsed within a segment only, so every segment keeps at least one unit and the
+    word alignment stays exact; a run that crosses a word boundary keeps one unit on each side.
+    """
+    units = np.asarray(units)
+    if sum(n for _, n in segments) != len(units):
+        raise AlignmentError(f"segments hold {sum(n for _, n in segments)} units but the "
+                             f"utterance has {len(units)}")
+    keep = np.ones(len(units), dtype=bool)
+    keep[1:] = units[1:] != units[:-1]
+    starts = np.cumsum([0] + [n for _, n in segments[:-1]])
+    keep[starts[starts < len(units)]] = True  # a segment's first unit always stays
+    kept_per_segment = np.add.reduceat(keep, starts) if len(units) else np.zeros(0, int)
+    return units[keep], [(w, int(k)) for (w, _), k in zip(segments, kept_per_segment,
+                                                         strict=True)]

@@ -36,7 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from megatron_lst.data.textgrid import Interval, write_textgrid
-from megatron_lst.demo_corpus.alignment import SILENCE, on_the_fly_line, segments_from_intervals
+from megatron_lst.demo_corpus.alignment import (
+    SILENCE,
+    deduplicate_runs,
+    on_the_fly_line,
+    segments_from_intervals,
+)
 from megatron_lst.demo_corpus.eval_sets import (
     EVAL_SETS,
     SpokenText,
@@ -81,6 +86,9 @@ class DemoCorpusConfig:
     """Items per evaluation set."""
     voices: tuple[str, ...] = DEFAULT_VOICES
     num_units: int = 500
+    deduplicate_units: bool = False
+    """Collapse runs of a repeated unit within each word or silence to one unit (as HuBERT unit
+    pipelines do); the TextGrids then time the kept units at 1/25 s each."""
     kmeans_frames: int = 50_000
     """Frames the codebook is fitted on (drawn evenly from the training speech)."""
     text_files: tuple[str, ...] = ()
@@ -190,6 +198,12 @@ def _voice(config: DemoCorpusConfig, index: int, stream: int) -> Voice:
     return Voice(config.voices[int(rng.integers(len(config.voices)))])
 
 
+def training_voice(config: DemoCorpusConfig, index: int) -> str:
+    """The voice of speech document `index` of its split: the speaker of line `index` of
+    `speech/train.on_the_fly.jsonl` (and of `speech/valid.on_the_fly.jsonl`)."""
+    return _voice(config, index, 0).name
+
+
 def _speech_requests(config: DemoCorpusConfig, documents: dict[str, list[_Document]],
                      items: dict[str, list[TextItem]]) -> list[SpeechRequest]:
     requests = []
@@ -238,9 +252,21 @@ def _cached(directory: Path, make) -> Path:
 # 4. outputs
 
 
-def _spoken(utterance: Utterance, units: np.ndarray) -> SpokenText:
+def _spoken(utterance: Utterance, units: np.ndarray, deduplicate: bool) -> SpokenText:
     segments = segments_from_intervals(utterance.words, len(units))
+    if deduplicate:
+        units, segments = deduplicate_runs(units, segments)
     return SpokenText(" ".join(w.label for w in utterance.words), units, segments)
+
+
+def _segment_intervals(segments: list[tuple[str, int]]) -> list[Interval]:
+    """Word intervals timing each unit of `segments` at 1 / UNIT_FRAME_RATE seconds."""
+    out, start = [], 0
+    for word, count in segments:
+        if word != SILENCE:
+            out.append(Interval(start / UNIT_FRAME_RATE, (start + count) / UNIT_FRAME_RATE, word))
+        start += count
+    return out
 
 
 def _textgrid_intervals(utterance: Utterance, xmax: float) -> list[Interval]:
@@ -253,7 +279,8 @@ def _textgrid_intervals(utterance: Utterance, xmax: float) -> list[Interval]:
 
 
 def _write_speech_split(out_dir: Path, split: str, docs: list[_Document],
-                        utterances: dict[str, Utterance], units_of: dict[str, np.ndarray]) -> dict:
+                        utterances: dict[str, Utterance], units_of: dict[str, np.ndarray],
+                        deduplicate: bool) -> dict:
     """Write one split's on-the-fly JSONL, TextGrids and unit arrays; return its counts."""
     counts = {"documents": 0, "seconds": 0.0, "units": 0, "words": 0, "silences": 0,
               "static_patches": 0}
@@ -263,12 +290,13 @@ def _write_speech_split(out_dir: Path, split: str, docs: list[_Document],
     with open(out_dir / "speech" / f"{split}.on_the_fly.jsonl", "w", encoding="utf-8") as f:
         for doc in docs:
             utterance = utterances[doc.id]
-            units = units_of[doc.id]
-            spoken = _spoken(utterance, units)
+            spoken = _spoken(utterance, units_of[doc.id], deduplicate)
+            units = spoken.units
             f.write(on_the_fly_line(doc.id, spoken.segments, units) + "\n")
             xmax = len(units) / UNIT_FRAME_RATE
-            write_textgrid(grid_dir / f"{doc.id}.TextGrid", _textgrid_intervals(utterance, xmax),
-                           xmax=xmax)
+            intervals = (_segment_intervals(spoken.segments) if deduplicate
+                         else _textgrid_intervals(utterance, xmax))
+            write_textgrid(grid_dir / f"{doc.id}.TextGrid", intervals, xmax=xmax)
             np.save(unit_dir / f"{doc.id}.npy", units.astype(np.int16))
             counts["documents"] += 1
             counts["seconds"] += utterance.duration
@@ -439,13 +467,14 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     ends = np.cumsum([len(utterances[i].features) for i in ids])
     units_of = dict(zip(ids, np.split(all_units, ends[:-1]), strict=True))
     speech_counts = {split: _write_speech_split(out_dir, split, documents[f"speech_{split}"],
-                                                utterances, units_of)
+                                                utterances, units_of,
+                                                config.deduplicate_units)
                      for split in ("train", "valid")}
     text_counts = {split: _write_text_split(out_dir, split, documents[f"text_{split}"])
                    for split in ("train", "valid")}
 
     def speak(utterance_id: str) -> SpokenText:
-        return _spoken(utterances[utterance_id], units_of[utterance_id])
+        return _spoken(utterances[utterance_id], units_of[utterance_id], config.deduplicate_units)
 
     for s, name in enumerate(EVAL_SETS):
         records = []
