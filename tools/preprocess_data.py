@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import multiprocessing
 import os
 import sys
 import time
@@ -40,6 +39,7 @@ from megatron_lst.data.readers import (
     textgrid_utterances,
     utterance_chunks,
 )
+from megatron_lst.data.worker_pool import worker_pool
 from megatron_lst.tokenizer.text_tokenizer import joint_vocab, load_text_tokenizer
 from megatron_lst.tokenizer.vocab import VocabularyError
 
@@ -131,13 +131,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--workers, --chunk-size and --log-interval must be at least 1")
 
 
-def _worker_pool(workers: int):
-    """A process pool, or None to parse in this process. Created before any other thread."""
-    if workers == 1:
-        return None
-    # fork: workers start at once and inherit the imported modules.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(workers)
+def _parsing_workers(workers: int):
+    """Worker processes for the block, or no pool (None) to parse in this process. Entered
+    before any other thread starts; leaving it early (bad input) waits only for the chunks in hand."""
+    return worker_pool(workers) if workers > 1 else contextlib.nullcontext()
 
 
 def _results(chunks: Iterator[Chunk], options: ReadOptions, pool, workers: int
@@ -151,13 +148,13 @@ def _results(chunks: Iterator[Chunk], options: ReadOptions, pool, workers: int
     # A bounded window of chunks in flight keeps memory flat on corpora of any size.
     in_flight: deque = deque()
     for chunk in chunks:
-        in_flight.append((chunk, pool.apply_async(parse, (chunk,))))
+        in_flight.append((chunk, pool.submit(parse, chunk)))
         if len(in_flight) >= 4 * workers:
             done, result = in_flight.popleft()
-            yield done, result.get()
+            yield done, result.result()
     while in_flight:
         done, result = in_flight.popleft()
-        yield done, result.get()
+        yield done, result.result()
 
 
 def main(argv: Sequence[str] | None = None) -> Manifest:
@@ -189,9 +186,8 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     counts, report = Counts(), ReadReport()
     start = time.perf_counter()
     try:
-        pool = _worker_pool(args.workers)
         progress = Progress(total, unit, args.log_interval)
-        with pool or contextlib.nullcontext(), contextlib.closing(progress):
+        with _parsing_workers(args.workers) as pool, contextlib.closing(progress):
             for chunk, result in _results(chunks, options, pool, args.workers):
                 for document in result.documents:
                     add(document)

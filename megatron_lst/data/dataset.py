@@ -43,9 +43,9 @@ static, as at inference).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import multiprocessing
 import os
 import time
 from collections import OrderedDict
@@ -59,6 +59,7 @@ import torch
 
 from megatron_lst.data.documents import AlignedDocument, check_stored_document
 from megatron_lst.data.interleave import InterleaveConfig, InterleavedDocument, Interleaver
+from megatron_lst.data.worker_pool import worker_pool
 from megatron_lst.patching.curriculum import Patcher
 from megatron_lst.tokenizer.vocab import MODALITY_TEXT, JointVocab
 
@@ -374,13 +375,17 @@ class LSTDataset(torch.utils.data.Dataset):
 _PLAN_DATASET: LSTDataset | None = None  # what a forked plan worker serves
 
 
-def _plan_in_worker(position: int) -> _PatchPlan | Exception:
-    """A worker's plan, or the error planning raised: blocks are planned ahead of need, so the
-    error is raised only if the rows reach that position (as without workers)."""
-    try:
-        return _PLAN_DATASET._patch_plan(position)
-    except Exception as error:  # noqa: BLE001 - re-raised in the parent when the plan is used
-        return error
+def _plan_in_worker(positions: range) -> list[_PatchPlan | Exception]:
+    """A worker's plans of `positions`, each the plan or the error planning raised: blocks are
+    planned ahead of need, so an error is raised only if the rows reach that position (as
+    without workers)."""
+    plans: list[_PatchPlan | Exception] = []
+    for position in positions:
+        try:
+            plans.append(_PLAN_DATASET._patch_plan(position))
+        except Exception as error:  # noqa: BLE001 - re-raised in the parent when the plan is used
+            plans.append(error)
+    return plans
 
 
 class _PlanSource:
@@ -389,7 +394,8 @@ class _PlanSource:
     The first `IN_PROCESS_PLANS` positions are planned here; later ones, with `index_workers` > 1,
     in blocks by a pool of forked workers (they inherit the dataset: nothing is pickled but
     positions and plans), each block twice the last up to `MAX_PLAN_BLOCK`. The pool plans the
-    next block while this process cuts rows from the current one. A document's rule is chosen
+    next block while this process cuts rows from the current one; leaving drops the parts of it
+    no worker has started (`worker_pool`: no `Pool.terminate()`, which can hang). A document's rule is chosen
     from its plan at the step of the row where it begins, as `_patched` would choose it.
     """
 
@@ -400,7 +406,8 @@ class _PlanSource:
         self.planned = 0  # positions below this are planned
         self.block = dataset.index_workers * 16
         self.pool = None
-        self.pending = None  # (positions, AsyncResult) of the block the pool is planning
+        self.pending = None  # (positions, [Future]) of the block the pool is planning
+        self._pool_scope = contextlib.ExitStack()
 
     def __enter__(self) -> _PlanSource:
         return self
@@ -408,8 +415,8 @@ class _PlanSource:
     def __exit__(self, *exc_info) -> None:
         global _PLAN_DATASET
         if self.pool is not None:
-            self.pool.terminate()  # also drops the block planned ahead and never needed
-            self.pool.join()
+            self._pool_scope.close()  # also drops the block planned ahead and never needed
+            self.pool = None
             _PLAN_DATASET = None
 
     def patch_ends(self, position: int, start_row: int) -> np.ndarray:
@@ -435,10 +442,12 @@ class _PlanSource:
             return
         if self.pool is None:
             _PLAN_DATASET = self.dataset
-            self.pool = multiprocessing.get_context("fork").Pool(self.dataset.index_workers)
+            self.pool = self._pool_scope.enter_context(
+                worker_pool(self.dataset.index_workers, "fork"))
             self.pending = self._submit(self.planned)
-        positions, result = self.pending
-        self.plans.update(zip(positions, result.get(), strict=True))
+        positions, parts = self.pending
+        plans = (plan for part in parts for plan in part.result())
+        self.plans.update(zip(positions, plans, strict=True))
         self.planned = positions.stop
         self.pending = self._submit(self.planned)
 
@@ -446,7 +455,9 @@ class _PlanSource:
         positions = range(first, first + self.block)
         self.block = min(2 * self.block, MAX_PLAN_BLOCK)
         chunk = max(1, len(positions) // (4 * self.dataset.index_workers))
-        return positions, self.pool.map_async(_plan_in_worker, positions, chunk)
+        parts = [self.pool.submit(_plan_in_worker, positions[i:i + chunk])
+                 for i in range(0, len(positions), chunk)]
+        return positions, parts
 
 
 def pad_row(tokens: np.ndarray, modality: np.ndarray, patch_lengths: np.ndarray, max_tokens: int,
