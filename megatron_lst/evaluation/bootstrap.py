@@ -3,6 +3,8 @@ of a corpus-level rate (a ratio of per-item sums, such as WER)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 # Resamples drawn per chunk: bounds memory at chunk x items indices.
@@ -20,20 +22,8 @@ def bootstrap_ci(correct: np.ndarray, num_resamples: int = 1000, confidence: flo
     if outcomes.ndim != 1 or not len(outcomes):
         raise ValueError(f"bootstrap_ci needs a non-empty 1-D array of outcomes, got shape "
                          f"{outcomes.shape}")
-    if num_resamples < 1:
-        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    rng = np.random.default_rng(seed)
-    n = len(outcomes)
-    means = np.empty(num_resamples)
-    for start in range(0, num_resamples, _CHUNK):
-        size = min(_CHUNK, num_resamples - start)
-        picks = rng.integers(0, n, size=(size, n))  # [chunk, n]
-        means[start:start + size] = outcomes[picks].mean(axis=1)
-    tail = 100.0 * (1.0 - confidence) / 2.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return float(low), float(high)
+    return _percentile_interval(lambda picks: outcomes[picks].mean(axis=1), len(outcomes),
+                                num_resamples, confidence, seed)
 
 
 def bootstrap_ratio_ci(numerators: np.ndarray, denominators: np.ndarray,
@@ -53,17 +43,25 @@ def bootstrap_ratio_ci(numerators: np.ndarray, denominators: np.ndarray,
     if (den <= 0).any():
         raise ValueError("bootstrap_ratio_ci needs positive denominators (an item of length 0 "
                          "has no rate); leave such items out")
+    return _percentile_interval(lambda picks: num[picks].sum(axis=1) / den[picks].sum(axis=1),
+                                len(num), num_resamples, confidence, seed)
+
+
+def _percentile_interval(statistic: Callable[[np.ndarray], np.ndarray], n: int,
+                         num_resamples: int, confidence: float, seed: int
+                         ) -> tuple[float, float]:
+    """The (low, high) percentiles of `statistic` over `num_resamples` draws of n item indices
+    with replacement; `statistic` maps indices [chunk, n] to one value per draw [chunk]."""
     if num_resamples < 1:
         raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     rng = np.random.default_rng(seed)
-    n = len(num)
-    ratios = np.empty(num_resamples)
+    values = np.empty(num_resamples)
     for start in range(0, num_resamples, _CHUNK):
         size = min(_CHUNK, num_resamples - start)
         picks = rng.integers(0, n, size=(size, n))  # [chunk, n]
-        ratios[start:start + size] = num[picks].sum(axis=1) / den[picks].sum(axis=1)
+        values[start:start + size] = statistic(picks)
     tail = 100.0 * (1.0 - confidence) / 2.0
-    low, high = np.percentile(ratios, [tail, 100.0 - tail])
+    low, high = np.percentile(values, [tail, 100.0 - tail])
     return float(low), float(high)
