@@ -165,11 +165,6 @@ class LSTDataset(torch.utils.data.Dataset):
             raise DatasetError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if index_workers is not None and index_workers < 0:
             raise DatasetError(f"index_workers must be >= 0, got {index_workers}")
-        if sample_positions is None:
-            sample_positions = np.arange(num_samples, dtype=np.int64)
-        if len(sample_positions) != num_samples:
-            raise DatasetError(f"sample_positions has {len(sample_positions)} entries for "
-                               f"{num_samples} samples")
         self.store = store
         self.vocab = store.vocab
         self.num_samples = num_samples
@@ -179,7 +174,7 @@ class LSTDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.global_batch_size = global_batch_size
         self.training = training
-        self.sample_positions = np.asarray(sample_positions, dtype=np.int64)
+        self.sample_positions = checked_sample_positions(sample_positions, num_samples)
         self.index_workers = (len(os.sched_getaffinity(0)) if index_workers is None
                               else index_workers)
         if space_id is None and hasattr(store, "manifest"):
@@ -458,6 +453,18 @@ class _PlanSource:
         parts = [self.pool.submit(_plan_in_worker, positions[i:i + chunk])
                  for i in range(0, len(positions), chunk)]
         return positions, parts
+
+
+def checked_sample_positions(sample_positions: np.ndarray | None, num_samples: int
+                             ) -> np.ndarray:
+    """`[num_samples]` int64 places of a dataset's rows in the training order (0, 1, ... when
+    None): their curriculum step is `position // global_batch_size`."""
+    if sample_positions is None:
+        return np.arange(num_samples, dtype=np.int64)
+    if len(sample_positions) != num_samples:
+        raise DatasetError(f"sample_positions has {len(sample_positions)} entries for "
+                           f"{num_samples} samples")
+    return np.asarray(sample_positions, dtype=np.int64)
 
 
 def pad_row(tokens: np.ndarray, modality: np.ndarray, patch_lengths: np.ndarray, max_tokens: int,

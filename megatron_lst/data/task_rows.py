@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_lst.data.dataset import DatasetError, pad_row
+from megatron_lst.data.dataset import DatasetError, checked_sample_positions, pad_row
 from megatron_lst.data.documents import AlignedDocument
 from megatron_lst.data.interleave import InterleavedDocument
 from megatron_lst.patching.curriculum import Patcher
@@ -136,11 +136,6 @@ class TaskDataset(torch.utils.data.Dataset):
                                f"with --task {task}")
         if len(store) == 0:
             raise DatasetError("the document store is empty")
-        if sample_positions is None:
-            sample_positions = np.arange(num_samples, dtype=np.int64)
-        if len(sample_positions) != num_samples:
-            raise DatasetError(f"sample_positions has {len(sample_positions)} entries for "
-                               f"{num_samples} samples")
         self.store = store
         self.task = task
         self.vocab = store.vocab
@@ -152,7 +147,7 @@ class TaskDataset(torch.utils.data.Dataset):
         self.global_batch_size = global_batch_size
         self.training = training
         self.space_id = space_id
-        self.sample_positions = np.asarray(sample_positions, dtype=np.int64)
+        self.sample_positions = checked_sample_positions(sample_positions, num_samples)
         self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
