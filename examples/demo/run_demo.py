@@ -147,7 +147,12 @@ def format_table(reports: list[ModelReport]) -> str:
         rows.append([r.name, str(r.steps), f"{r.global_positions:,}", f"{r.tokens:,}",
                      f"{r.flops:.3e}", f"{r.final_train_loss:.3f}", f"{r.valid_loss:.3f}",
                      *accuracies])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return text_table(rows)
+
+
+def text_table(rows: list[list[str]]) -> str:
+    """Rows of cells, the first the header, as left-aligned columns under a dashed rule."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -40,7 +40,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # see run_demo.py
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_demo import MODELS  # noqa: E402  (the same two model configs)
+from run_demo import MODELS, text_table  # noqa: E402  (the same two model configs, table layout)
 
 TASKS = ("asr", "tts")
 SPLIT = "98,2,0"  # the split the demo pretrained with: its valid utterances stay held out
@@ -164,10 +164,7 @@ def format_table(results: list[ModelResult], steps: int) -> str:
                      rate(r.asr, "hallucination_rate"), rate(r.tts, "unit_edit_rate"),
                      rate(r.tts, "asr_cer"), rate(r.tts, "hallucination_rate"),
                      f"{r.tts['global_steps_per_second']:.1f}"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows)
 
 
 def plot(results: list[ModelResult], path: Path) -> None:
