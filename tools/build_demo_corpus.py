@@ -40,12 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--voices", nargs="+", default=list(DEFAULT_VOICES),
                         help="eSpeak NG voices, one per speaker (e.g. en-us+m3)")
     parser.add_argument("--num-units", type=int, default=defaults.num_units,
-                        help="k-means clusters (speech units)")
+                        help="k-means clusters (speech units); with --units phones, the unit "
+                             "vocabulary (at least the number of phones spoken)")
     parser.add_argument("--deduplicate-units", action="store_true",
                         help="collapse runs of a repeated unit within each word to one unit")
-    parser.add_argument("--units", choices=UNIT_FEATURES, default="mfcc",
-                        help="features the units are made from: MFCCs (offline default) or a "
-                             "local HuBERT model (--hubert-dir)")
+    parser.add_argument("--units", choices=(*UNIT_FEATURES, "phones"), default="mfcc",
+                        help="k-means units of MFCCs (offline default) or of a local HuBERT "
+                             "model (--hubert-dir), or 'phones': the phoneme eSpeak speaks at "
+                             "each frame (speaker-independent, noise-free units)")
     parser.add_argument("--hubert-dir", type=Path,
                         help="--units hubert: local Hugging Face HuBERT model directory")
     parser.add_argument("--hubert-layer", type=int, default=6,
@@ -60,11 +62,13 @@ def main(argv: Sequence[str] | None = None) -> DemoCorpus:
     args = build_parser().parse_args(argv)
     config = DemoCorpusConfig(
         seed=args.seed, scale=args.scale, eval_items=args.eval_items, voices=tuple(args.voices),
+        units="phones" if args.units == "phones" else "kmeans",
         num_units=args.num_units, deduplicate_units=args.deduplicate_units,
         text_files=tuple(args.text_files),
         tokenizer_vocab_size=args.tokenizer_vocab_size, workers=args.workers)
     try:
-        features = unit_features(args.units, args.hubert_dir, args.hubert_layer)
+        feature_kind = "mfcc" if args.units == "phones" else args.units
+        features = unit_features(feature_kind, args.hubert_dir, args.hubert_layer)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     corpus = build_demo_corpus(args.out_dir, config=config, features=features,

@@ -7,14 +7,16 @@ same configuration returns at once and a changed setting redoes only the stages 
 1. text: generated stories (or the user's text files), split into speech documents, text-only
    documents and a validation part of each; held-out stories for evaluation never appear in them;
 2. speech: eSpeak NG synthesis with word times, featurised at 25 Hz (audio is not stored);
-3. codebook: k-means on the training speech features;
+3. units: k-means on the training speech features (`units="kmeans"`), or eSpeak's own phonemes
+   at 25 Hz (`units="phones"`, see phones.py);
 4. outputs, written to `<out_dir>`:
    `speech/{train,valid}.on_the_fly.jsonl`  reference "on the fly" form (word / `[SIL]` segments),
    `textgrid/{train,valid}/<id>.TextGrid` + `units/{train,valid}/<id>.npy`  MFA-style word tiers
                                             and unit arrays, the input form of real user data,
    `text/{train,valid}.jsonl`               text-only documents, `{"id", "text"}`,
    `eval/{storycloze,topic,hellaswag}.jsonl`  evaluation items (see eval_sets.py),
-   `codebook.npy`, `summary.json`.
+   `codebook.npy` (k-means) or `phones.json` (phone units: the label of each unit id),
+   `summary.json`.
 5. `tools/train_tokenizer.py` trains a small SentencePiece tokenizer on the training text
    (`tokenizer/spm.model`) and `tools/preprocess_data.py` writes the indexed datasets
    `indexed/{speech,text}_{train,valid}.{bin,idx,json}`.
@@ -29,7 +31,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,7 @@ from megatron_lst.demo_corpus.eval_sets import (
 )
 from megatron_lst.demo_corpus.ngram import NgramLM
 from megatron_lst.demo_corpus.optional import require
+from megatron_lst.demo_corpus.phones import PhoneInventory, frame_phones
 from megatron_lst.demo_corpus.speech import SpeechRequest, Utterance, synthesize_utterances
 from megatron_lst.demo_corpus.stories import Story, generate_stories, normalize_words
 from megatron_lst.demo_corpus.tts import DEFAULT_VOICES, Voice
@@ -65,10 +68,14 @@ from megatron_lst.demo_corpus.units import (
 )
 
 # Bump when a change to this package changes what the stages produce: it is part of every key.
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
+UNIT_KINDS = ("kmeans", "phones")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _OUTPUT_DIRS = ("speech", "text", "textgrid", "units", "eval", "tokenizer", "indexed")
+# The file that says what each unit id is, by kind of unit, and what writes it to a path.
+_UNIT_TABLES = {"kmeans": "codebook.npy", "phones": "phones.json"}
+UnitTableWriter = Callable[[Path], object]
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,11 @@ class DemoCorpusConfig:
     eval_items: int = 300
     """Items per evaluation set."""
     voices: tuple[str, ...] = DEFAULT_VOICES
+    units: str = "kmeans"
+    """"kmeans": clusters of the speech features (MFCC or HuBERT, real-data practice); "phones":
+    the phoneme eSpeak speaks at each frame (speaker-independent and noise-free, see phones.py)."""
     num_units: int = 500
+    """k-means clusters; for phone units, the unit vocabulary (at least the phones spoken)."""
     deduplicate_units: bool = False
     """Collapse runs of a repeated unit within each word or silence to one unit (as HuBERT unit
     pipelines do); the TextGrids then time the kept units at 1/25 s each."""
@@ -101,6 +112,8 @@ class DemoCorpusConfig:
             raise ValueError(f"scale must be positive, got {self.scale}")
         if not self.voices:
             raise ValueError("voices must name at least one eSpeak voice, e.g. 'en-us+m3'")
+        if self.units not in UNIT_KINDS:
+            raise ValueError(f"units must be one of {UNIT_KINDS}, got {self.units!r}")
         if self.eval_items < 1:
             raise ValueError(f"eval_items must be at least 1, got {self.eval_items}")
 
@@ -223,7 +236,8 @@ def _save_utterances(directory: Path, utterances: list[Utterance]) -> None:
     features = np.concatenate([u.features for u in utterances])
     np.save(directory / "features.npy", features)
     index = [{"id": u.id, "num_units": len(u.features), "duration": u.duration,
-              "words": [[w.label, w.start, w.end] for w in u.words]} for u in utterances]
+              "words": [[w.label, w.start, w.end] for w in u.words],
+              "phones": [[p.label, p.start, p.end] for p in u.phones]} for u in utterances]
     (directory / "utterances.json").write_text(json.dumps(index))
 
 
@@ -232,7 +246,8 @@ def _load_utterances(directory: Path) -> dict[str, Utterance]:
     index = json.loads((directory / "utterances.json").read_text())
     offsets = np.concatenate([[0], np.cumsum([u["num_units"] for u in index])])
     return {u["id"]: Utterance(u["id"], [Interval(s, e, w) for w, s, e in u["words"]],
-                               features[offsets[i]:offsets[i + 1]], u["duration"])
+                               features[offsets[i]:offsets[i + 1]], u["duration"],
+                               [Interval(s, e, p) for p, s, e in u["phones"]])
             for i, u in enumerate(index)}
 
 
@@ -415,7 +430,7 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     if manifest_path.is_file():
         summary = json.loads(manifest_path.read_text())
         if summary.get("key") == output_key:
-            return DemoCorpus(out_dir, _paths(out_dir), summary)
+            return DemoCorpus(out_dir, _paths(out_dir, config.units), summary)
 
     t = time.perf_counter()
     documents, eval_stories = _text_stage(config)
@@ -441,31 +456,23 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     timings["speech"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    codebook_key = _key("codebook", speech_key, config.num_units, config.kmeans_frames,
-                        config.seed)
-    extractor = UnitExtractor(features)
-
-    def make_codebook(directory: Path) -> None:
-        train = [utterances[d.id].features.astype(np.float32)
-                 for d in documents["speech_train"]]
-        extractor.fit(train, config.num_units, config.seed, config.kmeans_frames)
-        extractor.codebook.save(directory / "codebook.npy")
-
-    codebook_dir = _cached(cache / f"codebook-{codebook_key}", make_codebook)
-    extractor.codebook = KMeansCodebook.load(codebook_dir / "codebook.npy")
-    timings["codebook"] = time.perf_counter() - t
+    train_ids = [d.id for d in documents["speech_train"]]
+    if config.units == "phones":
+        units_of, unit_table = _phone_units(config, utterances)
+    else:
+        units_of, unit_table = _kmeans_units(config, cache, speech_key, utterances, train_ids,
+                                             features)
+    timings["units"] = time.perf_counter() - t
 
     t = time.perf_counter()
     manifest_path.unlink(missing_ok=True)  # outputs are half-written until the summary is back
     for sub in _OUTPUT_DIRS:  # no file of an earlier configuration may survive
         shutil.rmtree(out_dir / sub, ignore_errors=True)
+    for old_table in _UNIT_TABLES.values():
+        (out_dir / old_table).unlink(missing_ok=True)
     for sub in ("speech", "text", "eval"):
         (out_dir / sub).mkdir(parents=True)
-    shutil.copyfile(codebook_dir / "codebook.npy", out_dir / "codebook.npy")
-    ids = list(utterances)
-    all_units = extractor.units_of_features(np.concatenate([utterances[i].features for i in ids]))
-    ends = np.cumsum([len(utterances[i].features) for i in ids])
-    units_of = dict(zip(ids, np.split(all_units, ends[:-1]), strict=True))
+    unit_table(out_dir / _UNIT_TABLES[config.units])
     speech_counts = {split: _write_speech_split(out_dir, split, documents[f"speech_{split}"],
                                                 utterances, units_of,
                                                 config.deduplicate_units)
@@ -501,7 +508,48 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     summary["key"] = output_key
     manifest_path.write_text(json.dumps(summary, indent=2))
     # Return what a cached re-run returns (JSON types: lists, not tuples).
-    return DemoCorpus(out_dir, _paths(out_dir), json.loads(manifest_path.read_text()))
+    return DemoCorpus(out_dir, _paths(out_dir, config.units),
+                      json.loads(manifest_path.read_text()))
+
+
+def _kmeans_units(config: DemoCorpusConfig, cache: Path, speech_key: str,
+                  utterances: dict[str, Utterance], train_ids: list[str],
+                  features: FeatureExtractor) -> tuple[dict[str, np.ndarray], UnitTableWriter]:
+    """Units of every utterance by a k-means codebook fitted on the training speech (cached), and
+    a function that writes the codebook to a path."""
+    codebook_key = _key("codebook", speech_key, config.num_units, config.kmeans_frames,
+                        config.seed)
+    extractor = UnitExtractor(features)
+
+    def make_codebook(directory: Path) -> None:
+        train = [utterances[i].features.astype(np.float32) for i in train_ids]
+        extractor.fit(train, config.num_units, config.seed, config.kmeans_frames)
+        extractor.codebook.save(directory / "codebook.npy")
+
+    codebook_path = _cached(cache / f"codebook-{codebook_key}", make_codebook) / "codebook.npy"
+    extractor.codebook = KMeansCodebook.load(codebook_path)
+    ids = list(utterances)
+    all_units = extractor.units_of_features(np.concatenate([utterances[i].features for i in ids]))
+    ends = np.cumsum([len(utterances[i].features) for i in ids])
+    units_of = dict(zip(ids, np.split(all_units, ends[:-1]), strict=True))
+    return units_of, lambda path: shutil.copyfile(codebook_path, path)
+
+
+def _phone_units(config: DemoCorpusConfig, utterances: dict[str, Utterance]
+                 ) -> tuple[dict[str, np.ndarray], UnitTableWriter]:
+    """Units of every utterance as eSpeak's phones at 25 Hz (one per feature frame), and a
+    function that writes the phone of each unit id to a path.
+
+    The inventory holds the phones of every utterance, evaluation speech included: it is a symbol
+    table, nothing is learned from it.
+    """
+    labels = {i: frame_phones(u.phones, len(u.features)) for i, u in utterances.items()}
+    inventory = PhoneInventory(label for frames in labels.values() for label in frames)
+    if len(inventory) > config.num_units:
+        raise ValueError(f"the speech holds {len(inventory)} distinct phones but num_units is "
+                         f"{config.num_units}; phone units need --num-units {len(inventory)} or "
+                         f"more")
+    return {i: inventory.units(frames) for i, frames in labels.items()}, inventory.save
 
 
 def _progress_bar(enabled: bool, total: int, what: str):
@@ -512,7 +560,7 @@ def _progress_bar(enabled: bool, total: int, what: str):
     return tqdm(total=total, desc=what, unit="utt")
 
 
-def _paths(out_dir: Path) -> dict[str, Path]:
+def _paths(out_dir: Path, units: str) -> dict[str, Path]:
     paths = {f"speech_{s}": out_dir / "speech" / f"{s}.on_the_fly.jsonl" for s in ("train", "valid")}
     paths.update({f"text_{s}": out_dir / "text" / f"{s}.jsonl" for s in ("train", "valid")})
     paths.update({f"textgrid_{s}": out_dir / "textgrid" / s for s in ("train", "valid")})
@@ -521,7 +569,7 @@ def _paths(out_dir: Path) -> dict[str, Path]:
     paths.update({f"indexed_{k}_{s}": out_dir / "indexed" / f"{k}_{s}"
                   for k in ("speech", "text") for s in ("train", "valid")})
     paths["tokenizer"] = out_dir / "tokenizer" / "spm.model"
-    paths["codebook"] = out_dir / "codebook.npy"
+    paths["codebook" if units == "kmeans" else "phones"] = out_dir / _UNIT_TABLES[units]
     paths["summary"] = out_dir / "summary.json"
     return paths
 

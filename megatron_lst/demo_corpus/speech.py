@@ -37,6 +37,8 @@ class Utterance:
     """[num_units, dim] float16 at 25 Hz."""
     duration: float
     """Seconds of audio."""
+    phones: list[Interval]
+    """eSpeak's phones (label: its mnemonic) with their times, in order."""
 
 
 def speakable(text: str) -> tuple[str, list[str]]:
@@ -70,8 +72,9 @@ class _Worker:
             synthesis = cls.synthesizer.synthesize(text, request.voice)
             features = cls.features(resample(synthesis.audio, synthesis.sample_rate))
             intervals = [Interval(w.start, w.end, word) for w, word in zip(synthesis.words, words, strict=True)]
+            phones = [Interval(p.start, p.end, p.name) for p in synthesis.phones]
             out.append(Utterance(request.id, intervals, features.astype(np.float16),
-                                 synthesis.duration))
+                                 synthesis.duration, phones))
         return out
 
 

@@ -4,7 +4,8 @@ The PyPI package `espeakng-loader` bundles the library and its voice data, so no
 needed. The library runs in synchronous mode with a synth callback that receives the audio and the
 events of each chunk:
 
-- WORD events give a word's character position in the input text and its audio start time;
+- WORD events give a word's character position in the input text (their audio time runs up to
+  ~50 ms early: a word starts at its first phone);
 - PHONEME events give phone start times; pause phones (names starting with `_`) mark silences.
 
 eSpeak sometimes reports two words as one WORD event ("there was": about 4% of words); their time
@@ -86,6 +87,16 @@ class TimedWord:
     """Seconds; a following pause is not part of the word."""
 
 
+@dataclass(frozen=True)
+class TimedPhone:
+    name: str
+    """eSpeak's phoneme mnemonic, e.g. `'a` (stressed), `@2`, `_:` (a pause)."""
+    start: float
+    """Seconds."""
+    end: float
+    """Seconds: the next phone's start, or the end of the audio."""
+
+
 @dataclass
 class Synthesis:
     audio: np.ndarray
@@ -93,6 +104,8 @@ class Synthesis:
     sample_rate: int
     words: list[TimedWord]
     """One per whitespace-separated input token, in order, non-overlapping."""
+    phones: list[TimedPhone]
+    """Every phone eSpeak spoke, in order, each running to the next one's start."""
 
     @property
     def duration(self) -> float:
@@ -102,7 +115,7 @@ class Synthesis:
 @dataclass(frozen=True)
 class _WordStart:
     position: int  # 1-based character position
-    time: float  # seconds
+    time: float  # seconds: the first phone
     speech_end: float  # seconds: the first pause phone after it, or the next word's start
 
 
@@ -173,21 +186,40 @@ class EspeakSynthesizer:
         audio = audio.astype(np.float32) / 32768.0
         duration = len(audio) / self.sample_rate
         words = _time_tokens(tokens, _word_starts(self._events, duration), duration)
-        return Synthesis(audio, self.sample_rate, words)
+        return Synthesis(audio, self.sample_rate, words, _phones(self._events, duration))
+
+
+def _phones(events: list[tuple[int, int, int, bytes]], duration: float) -> list[TimedPhone]:
+    """The PHONEME events as phones that run to the next one's start (the last one to the end)."""
+    starts = [(name.decode("ascii", "replace"), min(ms / 1000.0, duration))
+              for kind, _, ms, name in events if kind == _EVENT_PHONEME]
+    ends = [start for _, start in starts[1:]] + [duration]
+    return [TimedPhone(name, start, max(end, start))
+            for (name, start), end in zip(starts, ends, strict=True)]
 
 
 def _word_starts(events: list[tuple[int, int, int, bytes]], duration: float) -> list[_WordStart]:
-    """Each WORD event with the time its speech ends (first pause phone, else next word)."""
+    """Each WORD event with the times its speech starts (its first phone) and ends (its first
+    pause phone, else the next word's start).
+
+    The WORD event itself comes up to ~50 ms before the word's first phone, while the previous
+    word's last phone is still sounding, so its own time is used only for a word without phones.
+    """
+    word_at = [i for i, event in enumerate(events) if event[0] == _EVENT_WORD]
+    spans = []  # (position, start, first pause phone or None) per WORD event
+    for k, i in enumerate(word_at):
+        following = events[i + 1:word_at[k + 1] if k + 1 < len(word_at) else len(events)]
+        phones = [(ms / 1000.0, name.startswith(b"_"))
+                  for kind, _, ms, name in following if kind == _EVENT_PHONEME]
+        first = next((n for n, (_, pause) in enumerate(phones) if not pause), None)
+        start = events[i][2] / 1000.0 if first is None else phones[first][0]
+        pause = next((t for t, is_pause in phones[first or 0:] if is_pause), None)
+        spans.append((events[i][1], min(start, duration), pause))
     starts = []
-    for i, (kind, position, ms, _) in enumerate(events):
-        if kind != _EVENT_WORD:
-            continue
-        end = duration
-        for kind2, _, ms2, name in events[i + 1:]:
-            if kind2 == _EVENT_WORD or name.startswith(b"_"):
-                end = ms2 / 1000.0
-                break
-        starts.append(_WordStart(position, ms / 1000.0, min(end, duration)))
+    for k, (position, start, pause) in enumerate(spans):
+        end = pause if pause is not None else (spans[k + 1][1] if k + 1 < len(spans)
+                                               else duration)
+        starts.append(_WordStart(position, start, min(max(end, start), duration)))
     return starts
 
 
