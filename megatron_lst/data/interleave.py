@@ -14,6 +14,10 @@ not words:
 - the last block is cut to the words left; if it is left with fewer than 3 words (and is not the
   only block) those words join the block before it, which keeps its modality.
 
+With `speech_only_fraction` f > 0 (not the reference's default), a document is first laid out as
+one speech block with probability f: speech-only data, as the reference's pure speech ("sep")
+mode reads it, from the same aligned documents.
+
 Segments of a block: its words, the silences between them and the silences after its last word.
 A silence on a block boundary belongs to speech only: a text block drops it; a speech block keeps
 ceil(n / 2) of its n units (the half next to the speech: the first half of a trailing silence,
@@ -59,6 +63,8 @@ class InterleaveConfig:
     """A text block has at most this fraction of the document's words."""
     min_last_block_words: int = 3
     """A shorter last block joins the block before it."""
+    speech_only_fraction: float = 0.0
+    """Share of documents laid out as one speech block (speech-only data)."""
 
     def __post_init__(self):
         if not 1 <= self.min_text_words <= self.max_text_words:
@@ -70,6 +76,9 @@ class InterleaveConfig:
             raise ValueError(f"speech_to_text_ratio must be > 0, got {self.speech_to_text_ratio}")
         if not 0.0 < self.max_text_fraction <= 1.0:
             raise ValueError(f"max_text_fraction must be in (0, 1], got {self.max_text_fraction}")
+        if not 0.0 <= self.speech_only_fraction <= 1.0:
+            raise ValueError(f"speech_only_fraction must be in [0, 1], got "
+                             f"{self.speech_only_fraction}")
 
 
 @dataclass
@@ -131,6 +140,9 @@ def draw_block_layout(num_words: int, rng: np.random.Generator,
     if num_words < 1:
         raise ValueError(f"a block layout needs at least one word, got {num_words}")
     c = config
+    # Drawn only when used, so the default's layouts are the reference's draws exactly.
+    if c.speech_only_fraction > 0 and rng.random() < c.speech_only_fraction:
+        return BlockLayout(np.array([True]), np.array([num_words], dtype=np.int64))
     hi = max(c.min_block_words, min(c.max_text_words, int(num_words * c.max_text_fraction)))
     lo = max(c.min_block_words, min(c.min_text_words, hi))
     speech_lo = max(c.min_block_words, int(c.speech_to_text_ratio * lo))

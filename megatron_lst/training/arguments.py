@@ -237,6 +237,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                             "transcript <s> units EOS', loss on the units and EOS. asr and tts "
                             "read aligned speech datasets only; fine-tune with --finetune "
                             "--load PRETRAINED.")
+    group.add_argument("--speech-only-fraction", type=float, default=0.0,
+                       help="Share of aligned speech documents laid out as one speech block "
+                            "(speech-only data) instead of interleaved text and speech blocks "
+                            "(default 0: the reference's interleaving for every document).")
     group.add_argument("--tokenizer-model", type=str, default=None)
     group.add_argument("--num-workers", type=int, default=2)
     group.add_argument("--index-workers", type=int, default=None,
@@ -606,6 +610,12 @@ def _validate_training(args: argparse.Namespace) -> None:
     for dest in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, dest) < 1.0:
             raise ArgumentError(f"{_flag(dest)} must be in [0, 1), got {getattr(args, dest)}")
+    if not 0.0 <= args.speech_only_fraction <= 1.0:
+        raise ArgumentError(f"--speech-only-fraction must be in [0, 1], got "
+                            f"{args.speech_only_fraction}")
+    if args.speech_only_fraction > 0 and args.task != "lm":
+        raise ArgumentError(f"--speech-only-fraction lays out pretraining documents; --task "
+                            f"{args.task} rows are one utterance each: drop the flag")
     if args.data_path is not None and args.train_data_path is not None:
         raise ArgumentError("give --data-path (cut by --split) or --train-data-path (with "
                             "--valid-data-path), not both")

@@ -37,6 +37,7 @@ import torch
 from megatron_lst.data.blend import build_blended_dataset, parse_data_path
 from megatron_lst.data.dataset import DatasetError, LSTDataset
 from megatron_lst.data.indexed import DocumentStore
+from megatron_lst.data.interleave import InterleaveConfig
 from megatron_lst.data.task_rows import TaskDataset
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
@@ -198,6 +199,8 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
                 f"({len(store)} documents); change --split or add documents")
         return DocumentRange(store, start, stop)
 
+    interleave = InterleaveConfig(speech_only_fraction=args.speech_only_fraction)
+
     def make(split: str, weighted: list[tuple[float, str]], num_samples: int, training: bool):
         def make_source(prefix: str, count: int, positions: np.ndarray
                         ) -> LSTDataset | TaskDataset:
@@ -212,8 +215,8 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
             return LSTDataset(
                 part, count, args.seq_length, args.max_tokens,
                 patcher, args.seed, global_batch_size=args.global_batch_size, space_id=space_id,
-                sample_positions=positions, training=training, index_cache_dir=cache,
-                index_workers=args.index_workers)
+                interleave=interleave, sample_positions=positions, training=training,
+                index_cache_dir=cache, index_workers=args.index_workers)
 
         return build_blended_dataset(weighted, num_samples, make_source)
 

@@ -112,6 +112,21 @@ def test_block_layout_distribution(num_words, seed):
         assert lengths[-1] >= 3
 
 
+def test_speech_only_fraction_lays_out_whole_documents_as_speech():
+    config = InterleaveConfig(speech_only_fraction=0.25)
+    layouts = [draw_block_layout(40, np.random.default_rng([7, i]), config) for i in range(2000)]
+    whole = [len(out.num_words) == 1 and out.is_speech[0] for out in layouts]
+    assert all(out.num_words.tolist() == [40] for out, w in zip(layouts, whole, strict=True) if w)
+    # One block of all 40 words happens only by the speech-only draw (the others alternate).
+    assert abs(np.mean(whole) - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 2000)
+    # The tokens: BOS, <s>, every unit of the document, EOS.
+    doc = Interleaver(V, SPACE_ID, InterleaveConfig(speech_only_fraction=1.0))(
+        HAND, np.random.default_rng(0))
+    assert doc.tokens.tolist() == [BOS, S, *u(*range(20)), EOS]
+    with pytest.raises(ValueError, match="speech_only_fraction must be in"):
+        InterleaveConfig(speech_only_fraction=1.5)
+
+
 def test_first_block_modality_is_a_fair_coin():
     first_speech = [draw_block_layout(50, np.random.default_rng([4, i])).is_speech[0]
                     for i in range(2000)]

@@ -121,3 +121,20 @@ def test_task_rows_refuse_a_text_dataset(tmp_path):
                       "--task", "tts")
     with pytest.raises(DatasetError, match="aligned speech dataset"):
         build_datasets(validate_args(parse_args(flags), 1))
+
+
+def test_speech_only_fraction_reaches_the_training_and_validation_rows(tmp_path):
+    flags = tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "2"]
+    default = build_datasets(validate_args(parse_args(flags), 1))
+    speech_only = build_datasets(validate_args(
+        parse_args(flags + ["--speech-only-fraction", "1"]), 1))
+    for datasets in (default, speech_only):
+        assert [s.interleaver.config.speech_only_fraction
+                for split in (datasets.train, datasets.valid) for s in split.datasets] == (
+            [0.0] * 4 if datasets is default else [1.0] * 4)
+    # Speech-only rows hold no text block; the default's interleaved rows do.
+    def text_markers(datasets):
+        rows = [datasets.train.datasets[0][i]["tokens"].numpy() for i in range(4)]
+        return sum(int((row == datasets.vocab.text_marker).sum()) for row in rows)
+
+    assert text_markers(speech_only) == 0 < text_markers(default)
