@@ -15,9 +15,9 @@ SMOKE = StudyPreset(
     models=(ModelSpec("lst", "tiny_cpu_lst.yaml"),
             ModelSpec("baseline", "tiny_cpu_baseline.yaml", is_baseline=True)),
     budget_steps=6, seeds=(1, 2), controls=("compute",),
-    corpus={"speech_documents": 8, "text_documents": 12, "num_units": 16,
+    corpus={"speech_documents": 8, "text_documents": 12, "units": "phones", "num_units": 64,
             "tokenizer_vocab_size": 300, "workers": 1, "deduplicate_units": True},
-    eval_items=4, train_flags=("--eval-iters", "1"))
+    eval_items=4, train_flags=("--eval-iters", "1", "--speech-only-fraction", "0.5"))
 
 
 @pytest.mark.slow
