@@ -145,6 +145,7 @@ def analyze(corpus_dir: Path, num_words: int = 40, num_pairs: int = 60, seed: in
     return {
         "corpus": str(corpus_dir),
         "num_units": codebook,
+        "unit_kind": summary["config"].get("units", "kmeans"),
         "deduplicated": bool(summary["config"].get("deduplicate_units", False)),
         "voices": len(per_voice),
         "documents": len(lines),
@@ -250,7 +251,8 @@ def checkpoint_context_curve(corpus_dir: Path, checkpoints: Sequence[Path], num_
 
 
 _ROWS = (
-    ("codebook size", "num_units", "{:d}"), ("deduplicated runs", "deduplicated", "{}"),
+    ("units", "unit_kind", "{}"), ("unit vocabulary", "num_units", "{:d}"),
+    ("deduplicated runs", "deduplicated", "{}"),
     ("voices", "voices", "{:d}"), ("units per second", "units_per_second", "{:.1f}"),
     ("units per word", "units_per_word", "{:.2f}"), ("mean run length", "mean_run_length", "{:.2f}"),
     ("unigram entropy (bits/unit)", "unigram_bits_per_unit", "{:.2f}"),
