@@ -79,18 +79,13 @@ class StudyPreset:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise StudyConfigError(f"preset {self.name}: seeds must be distinct and non-empty, "
                                    f"got {self.seeds}")
-        for control in self.controls:
-            if control not in CONTROLS:
-                raise StudyConfigError(f"preset {self.name}: unknown control {control!r}; "
-                                       f"choose from {CONTROLS}")
-        for mode in self.modes:
-            if mode not in MODES:
-                raise StudyConfigError(f"preset {self.name}: unknown mode {mode!r}; "
-                                       f"choose from {MODES}")
-        for eval_set in self.eval_sets:
-            if eval_set not in EVAL_SETS:
-                raise StudyConfigError(f"preset {self.name}: unknown evaluation set "
-                                       f"{eval_set!r}; choose from {EVAL_SETS}")
+        for what, chosen, known in (("control", self.controls, CONTROLS),
+                                    ("mode", self.modes, MODES),
+                                    ("evaluation set", self.eval_sets, EVAL_SETS)):
+            for value in chosen:
+                if value not in known:
+                    raise StudyConfigError(f"preset {self.name}: unknown {what} {value!r}; "
+                                           f"choose from {known}")
 
     @property
     def baseline(self) -> ModelSpec:
