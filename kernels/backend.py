@@ -9,6 +9,7 @@ before Triton is first imported). The environment variable `LST_KERNEL_BACKEND` 
 import functools
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -25,6 +26,36 @@ def triton_available() -> bool:
 def triton_interpreted() -> bool:
     """True when Triton kernels run in the CPU interpreter (`TRITON_INTERPRET=1`)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0", "2.4rc1" or "2.13.0+cpu"."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"cannot read a release number from version {version!r}")
+    return int(match[1]), int(match[2])
+
+
+@functools.cache
+def interpreter_incompatibility() -> str | None:
+    """Why the installed Triton interpreter cannot run these kernels, or None.
+
+    Triton before 3.7 turns a loaded scalar into a Python int with `int()` on a one-element
+    array, which NumPy 2.4 made an error: every kernel whose loop bounds are loaded from memory
+    fails with "only 0-dimensional arrays can be converted to Python scalars". Compiled
+    (CUDA) launches do not go through that code.
+    """
+    import numpy
+    import triton
+
+    triton_version, numpy_version = triton.__version__, numpy.__version__
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (
+            f"the Triton {triton_version} interpreter cannot run these kernels with NumPy "
+            f"{numpy_version} (it calls int() on one-element arrays, an error since NumPy 2.4; "
+            "Triton 3.7 fixed it): install 'numpy<2.4' or 'triton>=3.7', or use backend='torch'"
+        )
+    return None
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
@@ -50,4 +81,6 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
                 "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                 "imported; move the tensors to CUDA or use backend='torch'"
             )
+        if not on_cuda and interpreter_incompatibility():
+            raise RuntimeError(interpreter_incompatibility())
     return backend

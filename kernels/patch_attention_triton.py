@@ -203,19 +203,19 @@ _fwd_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY)(_attn_fwd_kernel)
 _dq_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
 _dkdv_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
 
-# Fixed tiles for the interpreter (tiny, so CPU tests take seconds).
-_INTERPRETED_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
+# Tiles when not autotuning, i.e. under the interpreter (tiny, so CPU tests take seconds).
+_FIXED_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
 def _launch(tuned, plain, blocks_along: str, length: int, batch_heads: int, args, meta,
-            on_cuda: bool):
-    """Launch `tuned` (autotuned, CUDA) or `plain` with fixed interpreter tiles over
+            autotune: bool):
+    """Launch `tuned` (autotuned) or `plain` with `_FIXED_TILES` over
     (ceil(length / tile), batch * heads) programs; `blocks_along` names the tile on axis 0."""
-    if on_cuda:
+    if autotune:
         tuned[lambda cfg: (triton.cdiv(length, cfg[blocks_along]), batch_heads)](*args, **meta)
     else:
-        grid = (triton.cdiv(length, _INTERPRETED_TILES[blocks_along]), batch_heads)
-        plain[grid](*args, **meta, **_INTERPRETED_TILES)
+        grid = (triton.cdiv(length, _FIXED_TILES[blocks_along]), batch_heads)
+        plain[grid](*args, **meta, **_FIXED_TILES)
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:

@@ -121,8 +121,9 @@ _bwd_tuned = triton.autotune(
     key=["dim", "REDUCE"],
 )(_segment_pool_bwd_kernel)
 
-# Fixed blocks for the interpreter (tiny, so CPU tests take seconds).
-_INTERPRETED_BLOCKS = {"BLOCK_T": 2, "BLOCK_N": 16, "BLOCK_D": 32}
+# Blocks when not autotuning, i.e. under the interpreter (tiny, so CPU tests take seconds).
+_FIXED_FWD_BLOCKS = {"BLOCK_T": 2, "BLOCK_D": 32}
+_FIXED_BWD_BLOCKS = {"BLOCK_N": 16, "BLOCK_D": 32}
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -156,7 +157,7 @@ def segment_pool_forward(
         grid = lambda cfg: (batch * num_patches, triton.cdiv(dim, cfg["BLOCK_D"]))  # noqa: E731
         _fwd_tuned[grid](*args, **meta)
     else:
-        blocks = {k: _INTERPRETED_BLOCKS[k] for k in ("BLOCK_T", "BLOCK_D")}
+        blocks = _FIXED_FWD_BLOCKS
         grid = (batch * num_patches, triton.cdiv(dim, blocks["BLOCK_D"]))
         _segment_pool_fwd_kernel[grid](*args, **meta, **blocks)
     return out, argmax
@@ -191,7 +192,7 @@ def segment_pool_backward(
         )
         _bwd_tuned[grid](*args, **meta)
     else:
-        blocks = {k: _INTERPRETED_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_D")}
+        blocks = _FIXED_BWD_BLOCKS
         grid = (batch * triton.cdiv(num_tokens, blocks["BLOCK_N"]),
                 triton.cdiv(dim, blocks["BLOCK_D"]))
         _segment_pool_bwd_kernel[grid](*args, **meta, **blocks)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from kernel_cases import brute_patch_ids, brute_segment_pool, random_patch_lengths
-from lst_kernels import segment_pool, segment_pool_reference
+from lst_kernels import backend, segment_pool, segment_pool_reference
 from lst_kernels.backend import BACKEND_ENV_VAR, resolve_backend
 
 REDUCTIONS = ["max", "mean", "sum"]
@@ -126,3 +126,29 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         resolve_backend("triton", cpu)
+
+
+@pytest.mark.parametrize(
+    ("triton_version", "numpy_version", "refused"),
+    [("3.6.0", "2.4.0", True), ("3.6.0", "2.10.1", True), ("3.6.0", "2.3.5", False),
+     ("3.7.0", "2.4.0", False), ("3.10.0+git1", "2.5.2", False), ("2.3.1", "1.26.4", False)],
+)
+def test_interpreter_refuses_triton_before_3_7_with_numpy_2_4(
+    monkeypatch, triton_version, numpy_version, refused
+):
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    backend.interpreter_incompatibility.cache_clear()
+    try:
+        if refused:
+            with pytest.raises(RuntimeError, match=r"numpy<2.4.*triton>=3.7"):
+                resolve_backend("triton", torch.zeros(1))
+        else:
+            assert resolve_backend("triton", torch.zeros(1)) == "triton"
+    finally:
+        backend.interpreter_incompatibility.cache_clear()

@@ -1,4 +1,5 @@
-"""Compiles every Triton kernel (bf16 inputs) for an H100 (sm_90) down to a cubin, no GPU needed.
+"""Compiles every Triton kernel (bf16 inputs) for an H100/H200 (sm_90) down to a cubin, no GPU
+needed: one tile each, then every config the autotuner may pick, within sm_90's shared memory.
 
 The interpreter runs kernels as NumPy and misses what only the compiler checks (loop-carried
 types, layouts, lowering); this catches those on CPU-only machines.
@@ -24,6 +25,8 @@ import triton.language as tl  # noqa: E402
 from lst_kernels import patch_attention_triton, segment_pool_triton  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
+# Shared memory one block may use on sm_90 (H100/H200: 227 KiB with the opt-in carve-out).
+SM90_MAX_SHARED_BYTES = 227 * 1024
 INT32_POINTERS = {
     "start_ptr",
     "end_ptr",
@@ -67,6 +70,7 @@ def _compile(kernel, signature, constexprs, num_warps=4, num_stages=3):
         options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True},
     )
     assert compiled.asm["cubin"]
+    return compiled
 
 
 @pytest.mark.parametrize("reduce", [0, 1, 2], ids=["max", "mean", "sum"])
@@ -88,3 +92,29 @@ def test_attention_kernels_compile():
         patch_attention_triton._attn_bwd_dkdv_kernel,
     ):
         _compile(kernel, _signature(kernel, "bf16", constexprs), constexprs, num_stages=2)
+
+
+def _autotune_configs(tuned):
+    return [(config.kwargs, config.num_warps, config.num_stages) for config in tuned.configs]
+
+
+def test_every_autotune_config_compiles_within_sm90_shared_memory():
+    # The configs the GPU autotuner may pick, at their heaviest: head dim 128 (BLOCK_D 128) for
+    # attention, max with its arg-max for the segment pool.
+    attention = {"PRECISION": "tf32", "BLOCK_D": 128}
+    pool = {"REDUCE": 0, "ACC_DTYPE": tl.float32}
+    for tuned, fixed in (
+        (patch_attention_triton._fwd_tuned, attention),
+        (patch_attention_triton._dq_tuned, attention),
+        (patch_attention_triton._dkdv_tuned, attention),
+        (segment_pool_triton._fwd_tuned, pool),
+        (segment_pool_triton._bwd_tuned, pool),
+    ):
+        for tiles, num_warps, num_stages in _autotune_configs(tuned):
+            constexprs = {**fixed, **tiles}
+            kernel = tuned.fn
+            compiled = _compile(
+                kernel, _signature(kernel, "bf16", constexprs), constexprs, num_warps, num_stages
+            )
+            shared = compiled.metadata.shared
+            assert shared <= SM90_MAX_SHARED_BYTES, (kernel.__name__, tiles, shared)

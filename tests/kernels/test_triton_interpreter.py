@@ -18,6 +18,10 @@ pytest.importorskip("triton")
     reason="this process already runs test_triton_kernels.py interpreted",
 )
 def test_triton_kernels_under_interpreter():
+    from lst_kernels.backend import interpreter_incompatibility
+
+    if interpreter_incompatibility():
+        pytest.skip(interpreter_incompatibility())
     checks = Path(__file__).with_name("test_triton_kernels.py")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(

@@ -1,4 +1,5 @@
-"""Triton kernels vs the PyTorch references, forward and backward.
+"""Triton kernels vs the PyTorch references, forward and backward, at the interpreter's tiles and
+at every tile size the GPU autotuner may pick.
 
 Runs compiled on CUDA, or on CPU under the Triton interpreter when this process started with
 TRITON_INTERPRET=1 (`test_triton_interpreter.py` launches exactly that in a subprocess, so a plain
@@ -144,6 +145,75 @@ def test_patch_cross_attention_arbitrary_ranges(head_dim):
 
     _compare(run, [q, k, v], 1e-5)
 
+
+
+# --- every tile size the autotuner may pick ---------------------------------------------------
+# A compiled launch runs the one config the autotuner picks, the interpreter fixed tiny tiles; here
+# autotuning is off and each config's tiles are forced (the interpreter's or the compiler's
+# launch), at shapes spanning two to three of its tiles.
+
+
+def _autotune_tiles(tuned, names) -> list[dict]:
+    return [{name: config.kwargs[name] for name in names} for config in tuned.configs]
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("config", range(5))
+def test_segment_pool_at_the_autotuner_tiles(monkeypatch, config, reduce):
+    from lst_kernels import segment_pool_triton as kernels
+
+    forward = _autotune_tiles(kernels._fwd_tuned, ("BLOCK_T", "BLOCK_D"))[config]
+    backward = _autotune_tiles(kernels._bwd_tuned, ("BLOCK_N", "BLOCK_D"))[config]
+    monkeypatch.setattr(kernels, "use_autotune", lambda *tensors: False)
+    monkeypatch.setattr(kernels, "_FIXED_FWD_BLOCKS", forward)
+    monkeypatch.setattr(kernels, "_FIXED_BWD_BLOCKS", backward)
+    generator = torch.Generator().manual_seed(config)
+    lengths = random_patch_lengths(generator, batch=2, num_patches=30, max_length=12)
+    lengths[:, 0] = 3 * forward["BLOCK_T"] + 1  # a patch that takes four row steps
+    num_tokens = int(lengths.sum(1).max())
+    dim = 2 * max(forward["BLOCK_D"], backward["BLOCK_D"]) + 40  # three channel blocks
+    assert num_tokens > 2 * backward["BLOCK_N"]  # several token blocks in the backward
+    x = torch.randn(2, num_tokens, dim, generator=generator)
+    if reduce == "max":
+        x = x.round(decimals=1)
+    x, lengths = x.to(DEVICE), lengths.to(DEVICE)
+    _compare(lambda t, backend: segment_pool(t, lengths, reduce, backend=backend), [x], 1e-5)
+
+
+@pytest.mark.parametrize("direction", ["decoder", "encoder"])
+@pytest.mark.parametrize("config", range(5))
+def test_patch_cross_attention_at_the_autotuner_tiles(monkeypatch, config, direction):
+    from lst_kernels import patch_attention_triton as kernels
+
+    tiles = _autotune_tiles(kernels._fwd_tuned, ("BLOCK_M", "BLOCK_N"))[config]
+    for tuned in (kernels._dq_tuned, kernels._dkdv_tuned):  # the three kernels share the configs
+        assert _autotune_tiles(tuned, ("BLOCK_M", "BLOCK_N"))[config] == tiles
+    monkeypatch.setattr(kernels, "use_autotune", lambda *tensors: False)
+    monkeypatch.setattr(kernels, "_FIXED_TILES", tiles)
+    generator = torch.Generator().manual_seed(config)
+    k, window, num_patches = 2, 80, 120  # a token sees up to 160 slots: more than one key tile
+    lengths = torch.randint(1, 5, (1, num_patches), generator=generator, dtype=torch.int32)
+    num_tokens = int(lengths.sum()) - 1
+    if direction == "decoder":
+        ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
+        start, end = decoder_key_ranges(ids, k, window, num_patches)
+        num_queries, num_keys = num_tokens, num_patches * k
+    else:
+        start, end = encoder_key_ranges(lengths, k, window, num_tokens)
+        num_queries, num_keys = num_patches * k, num_tokens
+    assert min(num_queries, num_keys) > 1.5 * max(tiles.values())
+    assert int((end - start).max()) > tiles["BLOCK_N"]
+    head_dim = 64  # as in the kernel benchmarks at the paper's shapes
+    q = torch.randn(1, num_queries, 2, head_dim, generator=generator).to(DEVICE)
+    kv = torch.randn(1, num_keys, 2, 2 * head_dim, generator=generator).to(DEVICE)
+    start, end = start.to(DEVICE), end.to(DEVICE)
+
+    def run(q, kv, backend):
+        return patch_cross_attention(
+            q, kv[..., :head_dim], kv[..., head_dim:], start, end, backend=backend
+        )
+
+    _compare(run, [q, kv], 1e-5)
 
 def test_bf16_inputs():
     generator = torch.Generator().manual_seed(9)
