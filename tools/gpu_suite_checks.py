@@ -9,7 +9,10 @@ provenance   megatron-core is the pinned version and is imported from the suite'
              from this checkout; torch and triton are the machine's.
 correctness  (1) one LST forward and backward with the Triton kernels against the same model with
              the PyTorch kernels: logits, loss and every parameter gradient, in fp32 and, on CUDA,
-             in bf16; (2) the reference LST's logits from the fixtures, in fp32, with the kernel
+             in bf16; the same in fp32 on rows packing four documents with document masking
+             (`--reset-attention-mask`), and on those rows, with the Triton kernels, the logits
+             after each row's first document end must not move when that first document's tokens
+             change; (2) the reference LST's logits from the fixtures, in fp32, with the kernel
              backend the device gets by default (Triton on CUDA). On CPU (1) runs the Triton
              kernels under the Triton interpreter (TRITON_INTERPRET=1 must be set before the
              process starts), in fp32 only: the interpreter computes half-precision `tl.dot`
@@ -23,6 +26,8 @@ Tolerances (relative errors are ||got - want|| / ||want|| per tensor):
   exceed 2x the PyTorch-kernel bf16 model's error plus 1e-3: bf16 rounding (8-bit mantissa,
   ~4e-3 per operation) dominates both, and the kernels accumulate in fp32, so a correct kernel
   adds no error of its own; a bf16-only bug (an overflow, a lost cast) shows as a multiple.
+- packed documents: as fp32 above; a later document's logits move by at most 1e-5 of the largest
+  logit (summation order only: shapes and ranges are unchanged) where a leak moves them by far more.
 - reference logits, fp32: max |difference| <= 1e-4, as tests/models/test_reference_parity.py.
 """
 
@@ -114,6 +119,54 @@ def _forward_backward(model, batch) -> dict:
     return tensors
 
 
+PACKED_EOS = 2  # the end-of-document id of the packed rows (any id of the vocabulary)
+
+
+def packed_documents(batch: dict, documents_per_row: int, seed: int) -> dict:
+    """`batch` with each row cut into `documents_per_row` documents: EOS on the last token of
+    `documents_per_row - 1` random single-token patches (an EOS always ends a patch, as the
+    patchers guarantee); no other token is EOS. Tokens and labels stay the row's two views."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1)  # [B, N + 1]
+    tokens = torch.where(tokens == PACKED_EOS, PACKED_EOS + 1, tokens)
+    lengths = batch["patch_lengths"]  # [B, P], summing to N + 1 per row
+    ends = lengths.cumsum(dim=1) - 1  # [B, P] last row position of each patch
+    num_inputs = batch["tokens"].shape[1]
+    for row in range(tokens.shape[0]):
+        candidates = ((lengths[row] == 1) & (ends[row] > 0) & (ends[row] < num_inputs - 1))
+        candidates = candidates.nonzero().flatten()
+        if len(candidates) < documents_per_row - 1:
+            raise ValueError(f"row {row} has {len(candidates)} single-token patches, too few "
+                             f"for {documents_per_row} documents")
+        chosen = candidates[torch.randperm(len(candidates), generator=generator)]
+        tokens[row, ends[row, chosen[: documents_per_row - 1]]] = PACKED_EOS
+    return {**batch, "tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+
+def check_document_isolation(model, batch, backend: str) -> dict:
+    """Change every token of each row's first document (not its EOS): the logits after that EOS
+    must not move. `backend` names the model's kernels in the report."""
+    import torch
+
+    tokens = batch["tokens"]
+    first_end = (tokens == PACKED_EOS).int().argmax(dim=1)  # [B] each row's first EOS
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    first_document = positions[None, :] < first_end[:, None]  # [B, N]
+    others = model.lst_config.vocab_size - PACKED_EOS - 1  # ids above EOS
+    changed = torch.where(first_document, (tokens + 7) % others + PACKED_EOS + 1, tokens)
+    later = positions[None, :] > first_end[:, None]
+    with torch.no_grad():
+        before = model(tokens, batch["patch_lengths"]).float()  # [B, N, V]
+        after = model(changed, batch["patch_lengths"]).float()
+    moved = float((after - before).abs()[later].max() / before.abs().max())
+    changed_first = float((after - before).abs()[first_document].max() / before.abs().max())
+    return {"check": f"packed documents: later logits unchanged by the first ({backend})",
+            "relative_error": moved, "limit": 1e-5, "ok": moved <= 1e-5 and changed_first > 1e-3,
+            "first_document_moved": changed_first}
+
+
 def compare_kernel_backends(device: str, tiny: bool) -> dict:
     """LST with Triton vs PyTorch kernels, fp32 (and bf16 on CUDA): worst relative errors."""
     import dataclasses
@@ -122,6 +175,7 @@ def compare_kernel_backends(device: str, tiny: bool) -> dict:
     from bench_model import speech_heavy_batch
 
     from megatron_lst.models import preset
+    from megatron_lst.models.config import DocumentMaskingConfig
 
     vocab = 1020
     if tiny:  # CPU: Triton runs interpreted, a few hundred tokens at most
@@ -154,6 +208,19 @@ def compare_kernel_backends(device: str, tiny: bool) -> dict:
     report["checks"].append({"check": "fp32 triton vs torch kernels", "worst_tensor": name,
                              "relative_error": error, "limit": 1e-4, "ok": error <= 1e-4})
     del triton_fp32
+    packed_config = dataclasses.replace(config, documents=DocumentMaskingConfig(PACKED_EOS))
+    packed = packed_documents(batch, documents_per_row=4, seed=1)
+    packed_models = {}
+    for backend in ("torch", "triton"):
+        packed_models[backend] = _build(packed_config, device, torch.float32, backend)
+        packed_models[backend].load_state_dict(weights)
+    name, error = worst(_forward_backward(packed_models["triton"], packed),
+                        _forward_backward(packed_models["torch"], packed))
+    report["checks"].append({
+        "check": "fp32 triton vs torch kernels, 4 packed documents per row", "worst_tensor": name,
+        "relative_error": error, "limit": 1e-4, "ok": error <= 1e-4})
+    report["checks"].append(check_document_isolation(packed_models["triton"], packed, "triton"))
+    del packed_models
     if device == "cuda":
         errors = {}
         for backend in ("torch", "triton"):
