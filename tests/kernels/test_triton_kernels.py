@@ -153,8 +153,11 @@ def test_patch_cross_attention_arbitrary_ranges(head_dim):
 # launch), at shapes spanning two to three of its tiles.
 
 
-def _autotune_tiles(tuned, names) -> list[dict]:
-    return [{name: config.kwargs[name] for name in names} for config in tuned.configs]
+def _autotune_launches(tuned) -> list[dict]:
+    """Each autotune config as launch keywords: its tiles, warps and stages (the interpreter
+    ignores the last two)."""
+    return [{**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            for config in tuned.configs]
 
 
 @pytest.mark.parametrize("reduce", ["max", "mean"])
@@ -162,8 +165,8 @@ def _autotune_tiles(tuned, names) -> list[dict]:
 def test_segment_pool_at_the_autotuner_tiles(monkeypatch, config, reduce):
     from lst_kernels import segment_pool_triton as kernels
 
-    forward = _autotune_tiles(kernels._fwd_tuned, ("BLOCK_T", "BLOCK_D"))[config]
-    backward = _autotune_tiles(kernels._bwd_tuned, ("BLOCK_N", "BLOCK_D"))[config]
+    forward = _autotune_launches(kernels._fwd_tuned)[config]
+    backward = _autotune_launches(kernels._bwd_tuned)[config]
     monkeypatch.setattr(kernels, "use_autotune", lambda *tensors: False)
     monkeypatch.setattr(kernels, "_FIXED_FWD_BLOCKS", forward)
     monkeypatch.setattr(kernels, "_FIXED_BWD_BLOCKS", backward)
@@ -185,11 +188,12 @@ def test_segment_pool_at_the_autotuner_tiles(monkeypatch, config, reduce):
 def test_patch_cross_attention_at_the_autotuner_tiles(monkeypatch, config, direction):
     from lst_kernels import patch_attention_triton as kernels
 
-    tiles = _autotune_tiles(kernels._fwd_tuned, ("BLOCK_M", "BLOCK_N"))[config]
+    launch = _autotune_launches(kernels._fwd_tuned)[config]
     for tuned in (kernels._dq_tuned, kernels._dkdv_tuned):  # the three kernels share the configs
-        assert _autotune_tiles(tuned, ("BLOCK_M", "BLOCK_N"))[config] == tiles
+        assert _autotune_launches(tuned)[config] == launch
     monkeypatch.setattr(kernels, "use_autotune", lambda *tensors: False)
-    monkeypatch.setattr(kernels, "_FIXED_TILES", tiles)
+    monkeypatch.setattr(kernels, "_FIXED_TILES", launch)
+    tiles = {name: launch[name] for name in ("BLOCK_M", "BLOCK_N")}
     generator = torch.Generator().manual_seed(config)
     k, window, num_patches = 2, 80, 120  # a token sees up to 160 slots: more than one key tile
     lengths = torch.randint(1, 5, (1, num_patches), generator=generator, dtype=torch.int32)
