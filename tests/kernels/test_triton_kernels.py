@@ -93,18 +93,25 @@ def test_segment_pool_max_long_patches():
     )
 
 
-def _attention_case(seed, direction, k, window, head_dim=16, heads=2):
-    generator = torch.Generator().manual_seed(seed)
-    lengths = random_patch_lengths(generator, batch=2, num_patches=13, max_length=5)
+def _cross_attention_ranges(lengths, num_tokens, direction, k, window):
+    """The model's key ranges of one direction for patch lengths `[B, P]`: (start, end,
+    number of queries, number of keys)."""
     num_patches = lengths.shape[1]
-    num_tokens = max(int(lengths.sum(1).max()) - 1, 1)
     if direction == "decoder":
         ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
         start, end = decoder_key_ranges(ids, k, window, num_patches)
-        num_queries, num_keys = num_tokens, num_patches * k
-    else:
-        start, end = encoder_key_ranges(lengths, k, window, num_tokens)
-        num_queries, num_keys = num_patches * k, num_tokens
+        return start, end, num_tokens, num_patches * k
+    start, end = encoder_key_ranges(lengths, k, window, num_tokens)
+    return start, end, num_patches * k, num_tokens
+
+
+def _attention_case(seed, direction, k, window, head_dim=16, heads=2):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = random_patch_lengths(generator, batch=2, num_patches=13, max_length=5)
+    num_tokens = max(int(lengths.sum(1).max()) - 1, 1)
+    start, end, num_queries, num_keys = _cross_attention_ranges(
+        lengths, num_tokens, direction, k, window
+    )
     q = torch.randn(2, num_queries, heads, head_dim, generator=generator)
     kv = torch.randn(2, num_keys, heads, 2 * head_dim, generator=generator)
     return q, kv, start, end
@@ -198,13 +205,9 @@ def test_patch_cross_attention_at_the_autotuner_tiles(monkeypatch, config, direc
     k, window, num_patches = 2, 80, 120  # a token sees up to 160 slots: more than one key tile
     lengths = torch.randint(1, 5, (1, num_patches), generator=generator, dtype=torch.int32)
     num_tokens = int(lengths.sum()) - 1
-    if direction == "decoder":
-        ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
-        start, end = decoder_key_ranges(ids, k, window, num_patches)
-        num_queries, num_keys = num_tokens, num_patches * k
-    else:
-        start, end = encoder_key_ranges(lengths, k, window, num_tokens)
-        num_queries, num_keys = num_patches * k, num_tokens
+    start, end, num_queries, num_keys = _cross_attention_ranges(
+        lengths, num_tokens, direction, k, window
+    )
     assert min(num_queries, num_keys) > 1.5 * max(tiles.values())
     assert int((end - start).max()) > tiles["BLOCK_N"]
     head_dim = 64  # as in the kernel benchmarks at the paper's shapes
