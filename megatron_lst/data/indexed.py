@@ -31,6 +31,11 @@ from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
 SEQUENCES_PER_DOCUMENT = {"aligned": 4, "text": 1}
 _DTYPE = np.int32
+# The head of a Megatron `.idx` (megatron.core.datasets.indexed_dataset, version 1): magic,
+# version, dtype code, sequence count, document count; then int32 sequence lengths, int64
+# sequence pointers and int64 document indices.
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_INDEX_HEAD = struct.Struct("<9sQBQQ")
 
 
 class StoreError(DocumentError):
@@ -82,6 +87,26 @@ class DocumentWriter:
         manifest.save(self.prefix)
 
 
+def _check_index_file(idx_path: str) -> None:
+    """Raise StoreError unless `idx_path` starts like a version-1 Megatron index and is exactly
+    as long as the counts in its head say (checked before megatron.core reads it)."""
+    size = os.path.getsize(idx_path)
+    with open(idx_path, "rb") as stream:
+        head = stream.read(_INDEX_HEAD.size)
+    advice = "the file is truncated or not a Megatron index (re-run tools/preprocess_data.py)"
+    if len(head) < _INDEX_HEAD.size:
+        raise StoreError(f"{idx_path}: {size} bytes, shorter than an index header; {advice}")
+    magic, version, _, num_sequences, num_documents = _INDEX_HEAD.unpack(head)
+    if magic != _INDEX_MAGIC or version != 1:
+        raise StoreError(f"{idx_path}: does not start with a version-1 Megatron index header; "
+                         f"{advice}")
+    expected = _INDEX_HEAD.size + 12 * num_sequences + 8 * num_documents
+    if size != expected:
+        raise StoreError(f"{idx_path}: is {size} bytes but its header lists {num_sequences} "
+                         f"sequences and {num_documents} document indices ({expected} bytes); "
+                         f"{advice}")
+
+
 class DocumentStore:
     """Random access to the documents at `prefix` (`.bin`, `.idx`, `.json`), validated on open.
 
@@ -101,6 +126,7 @@ class DocumentStore:
             if not os.path.exists(path):
                 raise StoreError(f"{path}: not found; the manifest {self.prefix}.json has no data "
                                  f"next to it (re-run tools/preprocess_data.py)")
+        _check_index_file(get_idx_path(self.prefix))
         try:
             self._dataset = IndexedDataset(self.prefix, mmap=True)
         except (AssertionError, ValueError, struct.error) as error:

@@ -4,7 +4,9 @@ Exit status: 0 when training reached --train-iters or stopped early after saving
 (--exit-signal-handler, --exit-duration-in-mins, --exit-interval; Megatron-LM's behaviour: compare
 the latest checkpoint with --train-iters to know which), 2 for bad flags, 3 for a refused
 checkpoint: a `--load` one that is damaged, unsafe or not resumable with these flags, or a save of
-diverged weights (the message says which and what to do).
+diverged weights, 4 for bad training data (a dataset that is missing, truncated, inconsistent
+with its manifest, or of another vocabulary), 5 for a non-finite loss (the message names the
+checkpoint to resume from). Each prints one message that says what is wrong and what to do.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from megatron_lst.training.train_logging import configure_console_logging
 
 
 EXIT_CHECKPOINT_REFUSED = 3
+EXIT_BAD_DATA = 4
+EXIT_NON_FINITE_LOSS = 5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,13 +36,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lst-train: {error}", file=sys.stderr)
         return 2
     from megatron_lst.checkpoint.errors import CheckpointError
+    from megatron_lst.data.dataset import DatasetError
+    from megatron_lst.data.documents import DocumentError
+    from megatron_lst.tokenizer.vocab import VocabularyError
     from megatron_lst.training.loop import pretrain
+    from megatron_lst.training.train_logging import NonFiniteLossError
 
     try:
         pretrain(args)
     except CheckpointError as error:  # raised alike on every rank
         print(f"lst-train: {error}", file=sys.stderr)
         return EXIT_CHECKPOINT_REFUSED
+    except (DocumentError, DatasetError, VocabularyError) as error:
+        print(f"lst-train: bad training data: {error}", file=sys.stderr)
+        return EXIT_BAD_DATA
+    except NonFiniteLossError as error:
+        print(f"lst-train: {error}", file=sys.stderr)
+        return EXIT_NON_FINITE_LOSS
     return 0
 
 

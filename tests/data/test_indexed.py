@@ -1,3 +1,4 @@
+import gc
 import json
 import pickle
 import random
@@ -110,12 +111,20 @@ def test_truncated_bin(aligned_store):
         DocumentStore(prefix)
 
 
-def test_truncated_idx(aligned_store):
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw[:-9], r"is \d+ bytes but its header lists 120 sequences and 31 document"),
+    (lambda raw: raw + b"\0", r"is \d+ bytes but its header lists 120 sequences"),
+    (lambda raw: raw[:20], r"20 bytes, shorter than an index header"),
+    (lambda raw: b"x" * len(raw), r"does not start with a version-1 Megatron index header"),
+], ids=["truncated", "trailing bytes", "shorter than a header", "not an index"])
+def test_damaged_idx_is_named_before_megatron_reads_it(aligned_store, damage, message, capfd):
     prefix, _ = aligned_store
     idx_path = prefix.with_name(prefix.name + ".idx")
-    idx_path.write_bytes(idx_path.read_bytes()[:-9])
-    with pytest.raises(StoreError, match=r"aligned.idx: unreadable index"):
+    idx_path.write_bytes(damage(idx_path.read_bytes()))
+    with pytest.raises(StoreError, match=rf"aligned.idx: {message}.*not a Megatron index"):
         DocumentStore(prefix)
+    gc.collect()  # megatron's half-built reader, had it been made, would complain here
+    assert "Exception ignored" not in capfd.readouterr().err
 
 
 def test_missing_manifest_and_data(aligned_store):

@@ -1,0 +1,43 @@
+"""`lst-train`'s exit status and message for bad data and a non-finite loss: one line that names
+the problem, no traceback (docs/training.md, "Exit status")."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_lst.data.dataset import DatasetError
+from megatron_lst.tokenizer.vocab import VocabularyError
+from megatron_lst.training import cli, loop
+from megatron_lst.training.train_logging import NonFiniteLossError
+from training.training_cases import tiny_flags, write_corpus
+
+ENTRY = [sys.executable, "-m", "megatron_lst.training.cli"]
+
+
+@pytest.mark.parametrize("error, status", [
+    (DatasetError("speech: 3 documents, none usable"), cli.EXIT_BAD_DATA),
+    (VocabularyError("text ids 0..511, tokenizer has 1000"), cli.EXIT_BAD_DATA),
+    (NonFiniteLossError("iteration 7: lm loss = nan"), cli.EXIT_NON_FINITE_LOSS),
+])
+def test_each_failure_has_its_status_and_one_line(tmp_path, monkeypatch, capsys, error, status):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(loop, "pretrain", fail)
+    assert cli.main(tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "2"]) == status
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(str(error))
+
+
+@pytest.mark.slow
+def test_a_truncated_index_exits_4_naming_the_file(tmp_path):
+    data_path = write_corpus(tmp_path)
+    idx = tmp_path / "speech.idx"
+    idx.write_bytes(idx.read_bytes()[:-8])
+    run = subprocess.run([*ENTRY, *tiny_flags(data_path), "--train-iters", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == cli.EXIT_BAD_DATA, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"lst-train: bad training data: {idx}: is ")
+    assert "re-run tools/preprocess_data.py" in last
