@@ -490,7 +490,8 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
                  training_logger) -> None:
     if not step.skipped:
         try:
-            check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16)
+            check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16,
+                              clip_grad=state.args.clip_grad)
         except NonFiniteLossError as err:
             save_dir = state.args.save if state.args.save is not None else state.args.load
             raise NonFiniteLossError(

@@ -71,17 +71,21 @@ def require_optional_package(package: str) -> None:
         )
 
 
-def check_loss_finite(losses: Mapping[str, float], iteration: int, fp16: bool = False) -> None:
-    """Raise NonFiniteLossError, saying what to try, if any loss is NaN or infinite."""
+def check_loss_finite(losses: Mapping[str, float], iteration: int, fp16: bool = False,
+                      clip_grad: float | None = None) -> None:
+    """Raise NonFiniteLossError, saying what to try, if any loss is NaN or infinite. `fp16` and
+    `clip_grad` (the run's flags; 0 turns clipping off) tailor the advice."""
     bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
     if not bad:
         return
     described = ", ".join(f"{name} = {value}" for name, value in bad.items())
     precision_hint = ("with --fp16, lower --initial-loss-scale or switch to --bf16"
                       if fp16 else "if the run uses reduced precision, try --bf16 or fp32")
+    clip_hint = ("turn gradient clipping on (--clip-grad 1.0; it is off)" if clip_grad == 0
+                 else "lower --clip-grad")
     raise NonFiniteLossError(
         f"iteration {iteration}: {described}. The run diverged or met bad data: lower --lr or "
-        f"lengthen --lr-warmup-iters, lower --clip-grad, check the batches of this iteration, "
+        f"lengthen --lr-warmup-iters, {clip_hint}, check the batches of this iteration, "
         f"{precision_hint}; then resume from the last good checkpoint with --load"
     )
 

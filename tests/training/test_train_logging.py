@@ -175,8 +175,10 @@ def test_non_finite_loss_raises_with_iteration_and_advice():
     with pytest.raises(NonFiniteLossError, match=r"iteration 7: lm loss = nan.*lower --lr.*"
                                                  r"--initial-loss-scale.*--load"):
         check_loss_finite({"lm loss": math.nan}, iteration=7, fp16=True)
-    with pytest.raises(NonFiniteLossError, match=r"lm loss = inf"):
-        check_loss_finite({"lm loss": math.inf}, iteration=1)
+    with pytest.raises(NonFiniteLossError, match=r"lm loss = inf.*lower --clip-grad"):
+        check_loss_finite({"lm loss": math.inf}, iteration=1, clip_grad=1.0)
+    with pytest.raises(NonFiniteLossError, match=r"turn gradient clipping on \(--clip-grad 1.0"):
+        check_loss_finite({"lm loss": math.inf}, iteration=1, clip_grad=0.0)
 
 
 @pytest.mark.slow  # imports megatron.core in a fresh interpreter
