@@ -17,6 +17,7 @@ import argparse
 import logging
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,34 @@ PRESET_NAMES = ("tiny", "tiny-cpu", "medium", "paper-1b", "7b")
 
 class ArgumentError(ValueError):
     """A flag value or a combination of flags that cannot run; the message says which and why."""
+
+
+# Megatron-LM parallelism flags that lst-train does not take, with what to use instead (a plain
+# "unrecognized arguments" would not say whether the flag was mistyped or is not supported).
+_NO_VIRTUAL_PIPELINE = ("virtual pipeline stages (the interleaved schedule) are not supported; "
+                        "use --pipeline-model-parallel-size alone")
+_NO_EXPERTS = "the global transformer is dense: there are no experts to place"
+UNSUPPORTED_MEGATRON_FLAGS = {
+    "--context-parallel-size": "context parallelism is not supported; split the global "
+                               "transformer with --tensor-model-parallel-size (with "
+                               "--sequence-parallel) and --pipeline-model-parallel-size",
+    "--num-layers-per-virtual-pipeline-stage": _NO_VIRTUAL_PIPELINE,
+    "--num-virtual-stages-per-pipeline-rank": _NO_VIRTUAL_PIPELINE,
+    "--expert-model-parallel-size": _NO_EXPERTS,
+    "--expert-tensor-parallel-size": _NO_EXPERTS,
+    "--num-experts": _NO_EXPERTS,
+}
+
+
+def _refuse_unsupported_megatron_flags(argv: Sequence[str], config_keys: Sequence[str]) -> None:
+    """ArgumentError for a Megatron-LM flag of UNSUPPORTED_MEGATRON_FLAGS, on the command line
+    (`--flag V` or `--flag=V`) or as a --config key."""
+    given = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    given += [f"--{key}" for key in config_keys]
+    for flag in given:
+        if flag in UNSUPPORTED_MEGATRON_FLAGS:
+            raise ArgumentError(f"{flag} is a Megatron-LM flag that lst-train does not take: "
+                                f"{UNSUPPORTED_MEGATRON_FLAGS[flag]}")
 
 
 # --- the parser ------------------------------------------------------------------------
@@ -293,6 +322,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pre, _ = parser.parse_known_args(argv)
     try:
         config = config_files.load_config(pre.config) if pre.config else {}
+        _refuse_unsupported_megatron_flags(sys.argv[1:] if argv is None else argv, list(config))
         config_dests = config_files.config_to_defaults(config, parser, source=pre.config)
     except config_files.ConfigError as err:
         raise ArgumentError(str(err)) from None

@@ -28,6 +28,8 @@ from unittest import mock
 
 import pytest
 
+from megatron_lst.training.arguments import UNSUPPORTED_MEGATRON_FLAGS
+
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 PAGES = ("architecture.md", "data.md", "evaluation.md", "training.md", "kernels.md",
@@ -44,6 +46,8 @@ EXTERNAL_FLAGS: dict[tuple[str, ...], frozenset[str]] = {
     ("sbatch", "srun", "SLURM"): frozenset({"--signal", "--requeue"}),
     # building NVIDIA apex from source (README, "GPU extras")
     ("apex",): frozenset({"--cpp_ext", "--cuda_ext"}),
+    # Megatron-LM flags lst-train refuses by name (docs/training.md, "Not supported")
+    ("Not supported",): frozenset(UNSUPPORTED_MEGATRON_FLAGS),
 }
 
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")

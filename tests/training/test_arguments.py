@@ -114,6 +114,22 @@ def test_impossible_combinations_name_the_flags(extra, world_size, message):
         valid(*extra, world_size=world_size)
 
 
+@pytest.mark.parametrize("given", [
+    ["--context-parallel-size", "2"],
+    ["--num-layers-per-virtual-pipeline-stage=1"],
+    ["--expert-model-parallel-size", "2"],
+    ["--config", "CONFIG"],  # the same key in a --config file
+])
+def test_unsupported_megatron_flags_are_named_not_unrecognized(tmp_path, given):
+    config = tmp_path / "config.yaml"
+    config.write_text("context-parallel-size: 2\n")
+    given = [str(config) if value == "CONFIG" else value for value in given]
+    flag = "--context-parallel-size" if "--config" in given else given[0].split("=")[0]
+    with pytest.raises(ArgumentError, match=rf"{flag} is a Megatron-LM flag that lst-train does "
+                                            rf"not take: .*(use|dense|split)"):
+        parse_args(given)
+
+
 def test_missing_model_size_names_the_flags():
     with pytest.raises(ArgumentError, match=r"missing --num-layers, --hidden-size"):
         validate_args(parse_args(["--seq-length", "16", "--train-iters", "1", "--lr", "1"]), 1)
