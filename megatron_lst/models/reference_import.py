@@ -51,6 +51,9 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
         "cross_attn_init_by_pooling": True, "use_local_encoder_transformer": True,
         "non_linearity": "swiglu", "norm_type": "rmsnorm", "pre_norm": True,
         "weight_tying": False, "tie_local_encoder_decoder_logits": False,
+        # byte n-gram embeddings add ngram_ids to every batch (the reference refuses batches
+        # without them); the hash n-gram embeddings are refused below
+        "encoder_enable_byte_ngrams": False,
     }
     for key, value in required.items():
         if a.get(key, value) != value:

@@ -23,7 +23,7 @@ from megatron_lst.checkpoint.reference import (
     reference_model_args,
 )
 from megatron_lst.models.config import GlobalModelConfig, preset
-from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.models.reference_import import ReferenceImportError, lst_config_from_reference
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +141,18 @@ def test_ffn_widths_no_multiple_of_produces_are_refused(single_rank):
     assert reference_model_args(tiny)["multiple_of"] == 256
 
 
-@pytest.mark.parametrize("option", ["weight_tying", "tie_local_encoder_decoder_logits"])
-def test_tied_reference_heads_are_refused_naming_the_option(reference, option):
+@pytest.mark.parametrize("option", ["weight_tying", "tie_local_encoder_decoder_logits",
+                                    "encoder_enable_byte_ngrams"])
+def test_unsupported_reference_options_are_refused_without_fixtures(option):
+    model_args = reference_model_args(preset("tiny", 64))
+    assert lst_config_from_reference(model_args).vocab_size == 64  # as exported, accepted
+    with pytest.raises(ReferenceImportError, match=f"{option}=True is not supported"):
+        lst_config_from_reference({**model_args, option: True})
+
+
+@pytest.mark.parametrize("option", ["weight_tying", "tie_local_encoder_decoder_logits",
+                                    "encoder_enable_byte_ngrams"])
+def test_unsupported_reference_options_are_refused_naming_them(reference, option):
     state, model_args = reference
     with pytest.raises(ReferenceImportError, match=f"{option}=True is not supported"):
         import_reference(state, {**model_args, option: True})
