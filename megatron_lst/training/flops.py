@@ -593,4 +593,10 @@ def plan(budget: Budget, lst_shape: ModelShape, baseline_shape: ModelShape, mode
         )
         for name in shapes
     }
+    for name, model in sorted(plans.items(), key=lambda item: item[0] != reference):
+        if model.steps < 1:
+            raise ValueError(
+                f"plan: the budget buys no training step of {name} under {mode.value} control "
+                f"(one step costs {float(per_step[name]):.3e} FLOPs); raise the budget or make "
+                f"the step smaller (--global-batch-size, --seq-length)")
     return ComputePlan(mode, budget, step, **plans)

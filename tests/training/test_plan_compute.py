@@ -101,6 +101,19 @@ def test_bad_budgets_and_arguments_are_rejected():
         plan(Budget(steps=1), LST, BASELINE, "tokens", STEP)
 
 
+def test_a_budget_below_one_step_is_refused_naming_the_model():
+    baseline_step, lst_step = STEP.flops(BASELINE).total, STEP.flops(LST).total
+    assert 1.5 * baseline_step < lst_step
+    for mode in ControlMode:  # the reference model (the baseline) cannot take one step
+        with pytest.raises(ValueError, match=f"no training step of baseline under {mode.value}"):
+            plan(Budget(flops=0.5 * baseline_step), LST, BASELINE, mode, STEP)
+    # One baseline step and not one LST step: only equal FLOPs leaves LST without a step.
+    between = Budget(flops=1.5 * baseline_step)
+    assert plan(between, LST, BASELINE, "compute", STEP).lst.steps == 1
+    with pytest.raises(ValueError, match="no training step of lst under flops control"):
+        plan(between, LST, BASELINE, "flops", STEP)
+
+
 def test_model_shape_from_the_paper_1b_preset():
     shape = ModelShape.from_model_config(preset("paper-1b", vocab_size=32508))
     assert shape.global_stack == StackShape(dim=2048, layers=25, heads=16, ffn_hidden=5632)
