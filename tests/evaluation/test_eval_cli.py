@@ -123,6 +123,16 @@ def test_lst_eval_without_a_checkpoint(tmp_path, capsys):
     assert "holds no complete checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("main, flags", [
+    (eval_main, ["--items", "items.jsonl"]),
+    (generate_main, ["--prompt-text", "once"]),
+], ids=["lst-eval", "lst-generate"])
+def test_an_impossible_layout_is_one_line_not_a_traceback(main, flags, tmp_path, capsys):
+    assert main(["--load", str(tmp_path), *flags, "--tensor-model-parallel-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "world size 1 is not divisible by tensor (2)" in err
+
+
 def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     root, _, _ = checkpoint
     prefix = write_utterances(root / "utterances", utterances(seed=4, count=3))
