@@ -248,7 +248,8 @@ def test_a_nan_loss_names_the_checkpoint_to_resume_from(tmp_path):
 
     fake_checkpoint(tmp_path, 100)
     (tmp_path / TRACKER_FILENAME).write_text("100")
-    state = argparse.Namespace(args=argparse.Namespace(fp16=False, save=str(tmp_path), load=None),
+    state = argparse.Namespace(args=argparse.Namespace(fp16=False, clip_grad=1.0, save=str(tmp_path),
+                                                       load=None),
                                iteration=101)
     step = StepResult(loss=float("nan"), num_tokens=64, flops=FlopBreakdown(), seconds=0.1,
                       learning_rate=1e-3, grad_norm=None, loss_scale=None, skipped=False)
