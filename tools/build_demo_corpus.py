@@ -59,13 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> DemoCorpus:
-    args = build_parser().parse_args(argv)
-    config = DemoCorpusConfig(
-        seed=args.seed, scale=args.scale, eval_items=args.eval_items, voices=tuple(args.voices),
-        units="phones" if args.units == "phones" else "kmeans",
-        num_units=args.num_units, deduplicate_units=args.deduplicate_units,
-        text_files=tuple(args.text_files),
-        tokenizer_vocab_size=args.tokenizer_vocab_size, workers=args.workers)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = DemoCorpusConfig(
+            seed=args.seed, scale=args.scale, eval_items=args.eval_items,
+            voices=tuple(args.voices), units="phones" if args.units == "phones" else "kmeans",
+            num_units=args.num_units, deduplicate_units=args.deduplicate_units,
+            text_files=tuple(args.text_files),
+            tokenizer_vocab_size=args.tokenizer_vocab_size, workers=args.workers)
+    except ValueError as error:  # DemoCorpusConfig names the field and the rule
+        parser.error(str(error))
     try:
         feature_kind = "mfcc" if args.units == "phones" else args.units
         features = unit_features(feature_kind, args.hubert_dir, args.hubert_layer)

@@ -9,6 +9,8 @@ import pytest
 pytest.importorskip("espeakng_loader", reason="espeakng-loader is not installed "
                     "(pip install 'megatron-lst[data]')")
 
+from tool_modules import load_tool  # noqa: E402
+
 from megatron_lst.data.readers import parse_reference_line, read_textgrid_corpus  # noqa: E402
 from megatron_lst.demo_corpus import build as build_module  # noqa: E402
 from megatron_lst.demo_corpus.alignment import SILENCE  # noqa: E402
@@ -116,3 +118,16 @@ def test_summary_table_names_every_figure(corpus):
     for label in ("audio (hours)", "units per word", "static p=4", "aligned",
                   "storycloze: items / endings-only 3-gram acc (chance)", "time: speech (s)"):
         assert label in table
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--scale", "-1"], "scale must be positive, got -1.0"),
+    (["--eval-items", "0"], "eval_items must be at least 1, got 0"),
+])
+def test_tool_refuses_a_bad_config_as_a_usage_error(tmp_path, capsys, flags, message):
+    tool = load_tool("build_demo_corpus")
+    with pytest.raises(SystemExit) as stopped:
+        tool.main(["--out-dir", str(tmp_path / "corpus"), *flags])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "corpus").exists()
