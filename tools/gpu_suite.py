@@ -15,9 +15,10 @@ what is left of --budget), and a failed, timed-out or skipped stage never stops 
                    not see); then `pip install --no-index --no-deps --no-build-isolation
                    --find-links wheels megatron-core==PIN -e .` into it, and a provenance check
   correctness      tools/gpu_suite_checks.py: Triton vs PyTorch kernels in a whole LST forward and
-                   backward (fp32, bf16), the reference fixture logits in fp32
-  kernel_tests     the CUDA kernel tests (`pytest -m gpu tests/kernels`); on CPU a few of the same
-                   tests under the Triton interpreter
+                   backward (fp32, bf16; fp32 on packed documents too, with a check that no
+                   document reads the one before it), the reference fixture logits in fp32
+  kernel_tests     the CUDA kernel tests (`pytest -m gpu tests/kernels`) but those of every
+                   autotune config; on CPU a few of the same tests under the Triton interpreter
   step_lst         tools/bench_step.py: paper-1b LST, all 25 global layers, 4 rows x 4096 global
                    positions, bf16, distributed optimizer, synthetic rows blended 67/33 text/speech
   step_baseline    the same for the token baseline
@@ -25,6 +26,8 @@ what is left of --budget), and a failed, timed-out or skipped stage never stops 
   speech_heavy     tools/bench_model.py: LST and the baseline at equal global positions on the
                    reference's speech-heavy rows (static p=4, N/P about 3.1), the LST/baseline
                    raw tokens/s ratio next to its FLOP ceiling
+  kernel_tile_tests  the kernel tests at every autotune config's tiles, warps and stages, last:
+                   dozens of compilations that must not take time from the benchmarks
 
 Every log and JSON goes into OUT/gpu_suite.tar.gz, rewritten while stages run (a command killed
 from outside still leaves the stages done so far); OUT/summary.txt has the figures. Exit status:
@@ -77,6 +80,7 @@ class Mode:
     speech_heavy_flags: list[str]
     kernel_bench_flags: list[str]
     kernel_tests: list[str]
+    kernel_tile_tests: list[str]
     correctness_flags: list[str]
     stage_env: dict[str, str] = field(default_factory=dict)
     """Added to every stage's environment."""
@@ -84,6 +88,7 @@ class Mode:
     """Added for the stages that run the Triton kernels against the references."""
 
 
+AUTOTUNE_TILE_TESTS = "autotuner_tiles"  # tests/kernels/test_triton_kernels.py, by name
 PAPER_ROWS = ["--seq-length", "4096", "--micro-batch-size", "4", "--global-batch-size", "4",
               "--bf16", "--use-distributed-optimizer"]
 TINY_ROWS = ["--micro-batch-size", "2", "--global-batch-size", "2", "--bf16",
@@ -92,7 +97,7 @@ TINY_ROWS = ["--micro-batch-size", "2", "--global-batch-size", "2", "--bf16",
 GPU = Mode(
     name="gpu", budget_seconds=400,
     limits={"install": 60, "correctness": 75, "kernel_tests": 75, "step_lst": 100,
-            "step_baseline": 60, "kernel_bench": 90, "speech_heavy": 90},
+            "step_baseline": 60, "kernel_bench": 90, "speech_heavy": 90, "kernel_tile_tests": 60},
     step_steps=(3, 10),
     lst_flags=["--config", "examples/configs/paper_1b_lst.yaml", *PAPER_ROWS,
                "--max-tokens", "16384"],
@@ -101,14 +106,17 @@ GPU = Mode(
     speech_heavy_flags=["--device", "cuda", "--presets", "paper-1b", "--tokens", "12800",
                         "--batch-size", "4", "--warmup", "2", "--steps", "5"],
     kernel_bench_flags=["--device", "cuda"],
-    kernel_tests=["-m", "gpu", "tests/kernels"],
+    kernel_tests=["-m", "gpu", "tests/kernels", "-k", f"not {AUTOTUNE_TILE_TESTS}"],
+    kernel_tile_tests=["-m", "gpu", "tests/kernels/test_triton_kernels.py", "-k",
+                       AUTOTUNE_TILE_TESTS],
     correctness_flags=["--device", "cuda"],
 )
 CPU_DRY_RUN = Mode(
     # About 100 s of CPU time in all; the limits only stop a hang, with room for a busy CI host.
     name="cpu-dry-run", budget_seconds=1200,
     limits={stage: 300 for stage in ("install", "correctness", "kernel_tests", "step_lst",
-                                     "step_baseline", "kernel_bench", "speech_heavy")},
+                                     "step_baseline", "kernel_bench", "speech_heavy",
+                                     "kernel_tile_tests")},
     step_steps=(1, 2),
     lst_flags=["--config", "examples/configs/tiny_cpu_lst.yaml", *TINY_ROWS],
     baseline_flags=["--config", "examples/configs/tiny_cpu_baseline.yaml", *TINY_ROWS],
@@ -117,7 +125,10 @@ CPU_DRY_RUN = Mode(
     kernel_bench_flags=["--device", "cpu", "--tiny"],
     # The compiled kernel tests need CUDA; the same file runs interpreted (a few cases).
     kernel_tests=["tests/kernels/test_triton_kernels.py", "-k",
-                  "(segment_pool and 0-max) or (cross_attention and 2-3-)"],
+                  f"((segment_pool and 0-max) or (cross_attention and 2-3-)) and not "
+                  f"{AUTOTUNE_TILE_TESTS}"],
+    kernel_tile_tests=["tests/kernels/test_triton_kernels.py", "-k",
+                       f"{AUTOTUNE_TILE_TESTS} and 0-"],
     correctness_flags=["--device", "cpu", "--tiny"],
     stage_env={"CUDA_VISIBLE_DEVICES": ""},
     kernel_check_env={"TRITON_INTERPRET": "1"},
@@ -545,6 +556,9 @@ def main(argv=None) -> int:
                                 "--out", str(work / "kernel_bench.json")]], env)
     suite.run("speech_heavy", [[python, "tools/bench_model.py", *mode.speech_heavy_flags,
                                 "--json", str(work / "speech_heavy.json")]], env)
+    suite.run("kernel_tile_tests", [[python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                     *mode.kernel_tile_tests]], kernel_check_env,
+              check=lambda log: kernel_tests_check(log, gpu=not args.cpu_dry_run))
     suite.write_archive()
     print((args.out / SUMMARY).read_text())
     shutil.rmtree(scratch, ignore_errors=True)

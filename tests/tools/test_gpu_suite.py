@@ -14,7 +14,7 @@ def test_timed_out_stage_is_killed_and_the_next_still_runs(tmp_path):
     mode = suite_tool.Mode(
         name="test", budget_seconds=60, limits={"slow": 1, "fast": 10}, step_steps=(1, 1),
         lst_flags=[], baseline_flags=[], speech_heavy_flags=[], kernel_bench_flags=[],
-        kernel_tests=[], correctness_flags=[])
+        kernel_tests=[], kernel_tile_tests=[], correctness_flags=[])
     out = tmp_path / "out"
     out.mkdir()
     suite = suite_tool.Suite(mode, out, tmp_path / "work", command="test")
