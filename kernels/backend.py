@@ -81,6 +81,6 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
                 "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                 "imported; move the tensors to CUDA or use backend='torch'"
             )
-        if not on_cuda and interpreter_incompatibility():
-            raise RuntimeError(interpreter_incompatibility())
+        if not on_cuda and (why := interpreter_incompatibility()):
+            raise RuntimeError(why)
     return backend

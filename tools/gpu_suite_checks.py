@@ -160,11 +160,17 @@ def check_document_isolation(model, batch, backend: str) -> dict:
     with torch.no_grad():
         before = model(tokens, batch["patch_lengths"]).float()  # [B, N, V]
         after = model(changed, batch["patch_lengths"]).float()
-    moved = float((after - before).abs()[later].max() / before.abs().max())
-    changed_first = float((after - before).abs()[first_document].max() / before.abs().max())
+    change = (after - before).abs() / before.abs().max()  # [B, N, V], of the largest logit
+    moved, changed_first = (float(change[where].max()) for where in (later, first_document))
     return {"check": f"packed documents: later logits unchanged by the first ({backend})",
             "relative_error": moved, "limit": 1e-5, "ok": moved <= 1e-5 and changed_first > 1e-3,
             "first_document_moved": changed_first}
+
+
+def _within(check: str, worst_tensor: str, error: float, limit: float) -> dict:
+    """One check of the report: the worst tensor's relative error against its limit."""
+    return {"check": check, "worst_tensor": worst_tensor, "relative_error": error,
+            "limit": limit, "ok": error <= limit}
 
 
 def compare_kernel_backends(device: str, tiny: bool) -> dict:
@@ -205,8 +211,7 @@ def compare_kernel_backends(device: str, tiny: bool) -> dict:
     triton_fp32 = _build(config, device, torch.float32, "triton")
     triton_fp32.load_state_dict(weights)
     name, error = worst(_forward_backward(triton_fp32, batch), want)
-    report["checks"].append({"check": "fp32 triton vs torch kernels", "worst_tensor": name,
-                             "relative_error": error, "limit": 1e-4, "ok": error <= 1e-4})
+    report["checks"].append(_within("fp32 triton vs torch kernels", name, error, 1e-4))
     del triton_fp32
     packed_config = dataclasses.replace(config, documents=DocumentMaskingConfig(PACKED_EOS))
     packed = packed_documents(batch, documents_per_row=4, seed=1)
@@ -216,9 +221,8 @@ def compare_kernel_backends(device: str, tiny: bool) -> dict:
         packed_models[backend].load_state_dict(weights)
     name, error = worst(_forward_backward(packed_models["triton"], packed),
                         _forward_backward(packed_models["torch"], packed))
-    report["checks"].append({
-        "check": "fp32 triton vs torch kernels, 4 packed documents per row", "worst_tensor": name,
-        "relative_error": error, "limit": 1e-4, "ok": error <= 1e-4})
+    report["checks"].append(
+        _within("fp32 triton vs torch kernels, 4 packed documents per row", name, error, 1e-4))
     report["checks"].append(check_document_isolation(packed_models["triton"], packed, "triton"))
     del packed_models
     if device == "cuda":
@@ -233,8 +237,8 @@ def compare_kernel_backends(device: str, tiny: bool) -> dict:
         name = max(ratios, key=lambda n: ratios[n][0] / ratios[n][1])
         error, limit = ratios[name]
         report["checks"].append({
-            "check": "bf16 triton kernels vs fp32, against 2x bf16 torch kernels + 1e-3",
-            "worst_tensor": name, "relative_error": error, "limit": limit, "ok": error <= limit,
+            **_within("bf16 triton kernels vs fp32, against 2x bf16 torch kernels + 1e-3", name,
+                      error, limit),
             "torch_kernels_bf16_error": errors["torch"][name]})
     return report
 

@@ -81,7 +81,7 @@ def _default_modes(items) -> list[str]:
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
     from megatron_lst.evaluation.loading import load_inference_model
-    from megatron_lst.parallel import ParallelLayoutError, destroy_parallel, initialize_parallel
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_eval_parser().parse_args(argv)
@@ -93,13 +93,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.task is not None:
         return task_main(args)
-    try:
+    try:  # an impossible layout (ParallelLayoutError) is a ValueError too
         context = initialize_parallel(args.tensor_model_parallel_size,
                                       args.pipeline_model_parallel_size, seed=args.seed)
-    except ParallelLayoutError as error:
-        print(f"lst-eval: {error}", file=sys.stderr)
-        return 2
-    try:
         model = load_inference_model(args.load, args.tensor_model_parallel_size,
                                      args.pipeline_model_parallel_size, args.tokenizer_model)
         results = {}
@@ -240,16 +236,12 @@ def _unit_prompt(text: str) -> list[int]:
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
     from megatron_lst.evaluation.loading import load_inference_model
-    from megatron_lst.parallel import ParallelLayoutError, destroy_parallel, initialize_parallel
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_generate_parser().parse_args(argv)
-    try:
+    try:  # an impossible layout (ParallelLayoutError) is a ValueError too
         context = initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
-    except ParallelLayoutError as error:
-        print(f"lst-generate: {error}", file=sys.stderr)
-        return 2
-    try:
         loaded = load_inference_model(args.load, args.tensor_model_parallel_size, 1,
                                       args.tokenizer_model)
         vocab, tokenizer = loaded.vocab, loaded.tokenizer
