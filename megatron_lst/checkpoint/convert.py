@@ -89,7 +89,8 @@ def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
     checkpoint = load_portable(portable_dir)
     before = portable_model(checkpoint, str(portable_dir))
     reference = export_reference(full_state_dict(before), checkpoint.config)
-    model_args = reference_model_args(checkpoint.config, checkpoint.reference_model_args)
+    model_args = reference_model_args(checkpoint.config, checkpoint.reference_model_args,
+                                      (checkpoint.training_args or {}).get("max_tokens"))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     torch.save({"model": reference}, output / REFERENCE_WEIGHTS_FILENAME)

@@ -21,7 +21,8 @@ import torch
 
 from megatron_lst.models.config import LSTConfig, swiglu_ffn_size
 from megatron_lst.models.reference_import import (
-    DOCUMENT_MASKING_ATTN_IMPLS,
+    CAUSAL_ATTN_IMPLS,
+    REQUIRED_REFERENCE_OPTIONS,
     ReferenceImportError,
     canonical_state_dict,
     lst_config_from_reference,
@@ -29,14 +30,8 @@ from megatron_lst.models.reference_import import (
 )
 
 # The reference options `lst_config_from_reference` requires, for exports without base args.
-FIXED_REFERENCE_ARGS = {
-    "use_rope": True, "cross_attn_encoder": True, "cross_attn_decoder": True,
-    "cross_attn_init_by_pooling": True, "use_local_encoder_transformer": True,
-    "non_linearity": "swiglu", "norm_type": "rmsnorm", "pre_norm": True,
-    "weight_tying": False, "tie_local_encoder_decoder_logits": False,
-    "encoder_hash_byte_group_size": [], "head_dim": None, "n_kv_heads": None,
-    "ffn_dim_multiplier": 1.0,
-}
+FIXED_REFERENCE_ARGS = {**REQUIRED_REFERENCE_OPTIONS, "encoder_hash_byte_group_size": [],
+                        "ffn_dim_multiplier": 1.0}
 _MULTIPLE_OF_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
@@ -103,13 +98,16 @@ def export_reference(state: dict[str, torch.Tensor], config: LSTConfig) -> dict[
     return out
 
 
-def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = None) -> dict[str, Any]:
+def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = None,
+                         max_tokens: int | None = None) -> dict[str, Any]:
     """The reference's model arguments for `config`.
 
     `base_args` (the arguments an imported checkpoint came with) keeps the reference options
     this package does not model (data, tokenizer, init, ...); the architecture fields are
-    overwritten from `config`. Raises when `config` is not expressible in the reference's args
-    (e.g. different encoder and decoder windows, or FFN widths no `multiple_of` produces).
+    overwritten from `config`. `max_tokens`: the longest row in tokens the model trained on
+    (`--max-tokens`), for the reference's `max_encoder_seq_length` where `base_args` has none.
+    Raises when `config` is not expressible in the reference's args (e.g. different encoder and
+    decoder windows, or FFN widths no `multiple_of` produces).
     """
     g, enc, dec, xattn = config.global_model, config.encoder, config.decoder, config.cross_attention
     if enc.window != dec.window:
@@ -133,7 +131,6 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         dim_local_decoder=dec.hidden_size, n_layers_local_decoder=dec.num_layers,
         n_heads_local_decoder=dec.num_heads,
         multiple_of=_multiple_of(config, args.get("multiple_of"), args["ffn_dim_multiplier"] or 1.0),
-        local_attention_window_len=enc.window,
         cross_attn_k=xattn.slots_per_patch, cross_attn_nheads=xattn.num_heads,
         cross_attn_window_encoder=xattn.encoder_window,
         cross_attn_window_decoder=xattn.decoder_window,
@@ -142,7 +139,8 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         downsampling_by_pooling={"max": "max", "mean": "avg"}[xattn.pooling],
         norm_eps=config.norm_eps, rope_theta=config.rope_theta,
     )
-    _set_document_rule(args, config)
+    args.setdefault("max_seqlen", config.max_sequence_length)  # the global RoPE table, in patches
+    _set_attention_rule(args, config, max_tokens)
     reimported = lst_config_from_reference(args)
     # The reference has no fields for these two; they do not change the function.
     reimported = dataclasses.replace(reimported, max_sequence_length=config.max_sequence_length,
@@ -154,21 +152,35 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
     return args
 
 
-def _set_document_rule(args: dict[str, Any], config: LSTConfig) -> None:
-    """Record which rule the model was trained with in the reference's terms: `attn_impl`
-    "xformers" with the block-causal bias at `eos_id` (document masking), or "sdpa" (causal over
-    the row). The reference has no per-document RoPE positions."""
-    documents = config.documents
-    if documents is None:
-        args["attn_impl"] = "sdpa"
-        return
-    if documents.reset_position_ids or not documents.reset_attention_mask:
-        raise ReferenceImportError(
-            "the reference restarts no RoPE positions per document and masks documents whenever "
-            f"it knows them; this model's rule ({documents}) has no reference counterpart")
-    if args.get("attn_impl") not in DOCUMENT_MASKING_ATTN_IMPLS:
-        args["attn_impl"] = "xformers"
-    args.update(attn_bias_type="block_causal", eos_id=documents.eos_id)
+def _set_attention_rule(args: dict[str, Any], config: LSTConfig, max_tokens: int | None) -> None:
+    """Write the model's self-attention rule in the reference's terms (the inverse of
+    `reference_attention`), with `max_encoder_seq_length` (the longest row the reference can run,
+    in tokens) from the base args, else `max_tokens`, else the local window:
+
+    - document masking: `attn_impl` "xformers" with the block-causal bias at `eos_id`;
+    - no document rule, no row longer than the window: the reference's causal `attn_impl`
+      ("sdpa", or the base's "flex_attention"), the same function on every row it can run;
+    - no document rule, longer rows: "xformers" with the "causal" bias: the same function on
+      rows of one document (the reference's local attention also stops at EOS on packed rows).
+    """
+    window, documents = config.encoder.window, config.documents
+    longest = args.get("max_encoder_seq_length") or max_tokens or window
+    if documents is not None:
+        if documents.reset_position_ids or not documents.reset_attention_mask:
+            raise ReferenceImportError(
+                "the reference restarts no RoPE positions per document and masks documents "
+                f"whenever it knows them; this model's rule ({documents}) has no reference "
+                "counterpart")
+        args.update(attn_impl="xformers", attn_bias_type="block_causal", eos_id=documents.eos_id,
+                    local_attention_window_len=window, max_encoder_seq_length=longest)
+    elif window >= longest:
+        if args.get("attn_impl") not in CAUSAL_ATTN_IMPLS:
+            args["attn_impl"] = "sdpa"
+        args.setdefault("local_attention_window_len", window)
+        args["max_encoder_seq_length"] = window
+    else:
+        args.update(attn_impl="xformers", attn_bias_type="causal",
+                    local_attention_window_len=window, max_encoder_seq_length=longest)
 
 
 def _multiple_of(config: LSTConfig, preferred: int | None, multiplier: float) -> int:

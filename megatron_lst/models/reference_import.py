@@ -34,6 +34,7 @@ from .config import (
     GlobalModelConfig,
     LocalModelConfig,
     LSTConfig,
+    ModelConfigError,
     swiglu_ffn_size,
 )
 
@@ -42,27 +43,59 @@ class ReferenceImportError(ValueError):
     """A reference checkpoint or config cannot be mapped onto `LSTModel`."""
 
 
+# The reference's own defaults (its `ByteLatentTransformerArgs`) for every field read here: an
+# args file that leaves a field out means what it means to the reference.
+REFERENCE_DEFAULTS = {
+    "vocab_size": -1, "dim_global": 512, "n_layers_global": 8, "n_heads_global": 8,
+    "n_kv_heads_global": None, "dim_token": None, "dim_local_encoder": 512,
+    "dim_local_decoder": 512, "n_layers_local_encoder": 8, "n_layers_local_decoder": 8,
+    "n_heads_local_encoder": 8, "n_heads_local_decoder": 8, "head_dim": None, "n_kv_heads": None,
+    "multiple_of": 256, "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 10000.0,
+    "attn_impl": "sdpa", "attn_bias_type": "causal", "eos_id": 2,
+    "local_attention_window_len": None, "max_encoder_seq_length": None,
+    "cross_attn_encoder": False, "cross_attn_decoder": False, "cross_attn_init_by_pooling": False,
+    "cross_attn_k": None, "cross_attn_nheads": None, "cross_attn_window_encoder": None,
+    "cross_attn_window_decoder": None, "cross_attn_all_layers_encoder": False,
+    "cross_attn_all_layers_decoder": False, "downsampling_by_pooling": None,
+    "use_local_encoder_transformer": False, "use_rope": True, "non_linearity": "swiglu",
+    "norm_type": "rmsnorm", "pre_norm": True, "weight_tying": False,
+    "tie_local_encoder_decoder_logits": False, "encoder_enable_byte_ngrams": False,
+    "encoder_hash_byte_group_size": None, "pm_size": 0,
+}
+
+# Reference options LSTModel implements only with one value.
+REQUIRED_REFERENCE_OPTIONS = {
+    "use_rope": True, "cross_attn_encoder": True, "cross_attn_decoder": True,
+    "cross_attn_init_by_pooling": True, "use_local_encoder_transformer": True,
+    "non_linearity": "swiglu", "norm_type": "rmsnorm", "pre_norm": True,
+    "weight_tying": False, "tie_local_encoder_decoder_logits": False,
+    # byte n-gram embeddings add ngram_ids to every batch (the reference refuses batches
+    # without them); the hash n-gram embeddings are refused below
+    "encoder_enable_byte_ngrams": False,
+    # extra "parameter mixing" rows in the token embedding and the output layer
+    "pm_size": 0,
+    "head_dim": None,
+    "n_kv_heads": None,  # the local models' grouped-query attention
+}
+
+
 def lst_config_from_reference(model_args: dict) -> LSTConfig:
     """`LSTConfig` from the reference's `ByteLatentTransformerArgs` (as a dict, e.g. `model_args`
-    of a reference config). Raises for reference options this package does not implement."""
-    a = model_args
-    required = {
-        "use_rope": True, "cross_attn_encoder": True, "cross_attn_decoder": True,
-        "cross_attn_init_by_pooling": True, "use_local_encoder_transformer": True,
-        "non_linearity": "swiglu", "norm_type": "rmsnorm", "pre_norm": True,
-        "weight_tying": False, "tie_local_encoder_decoder_logits": False,
-        # byte n-gram embeddings add ngram_ids to every batch (the reference refuses batches
-        # without them); the hash n-gram embeddings are refused below
-        "encoder_enable_byte_ngrams": False,
-    }
-    for key, value in required.items():
-        if a.get(key, value) != value:
+    of a reference config; a field left out takes the reference's default). Raises for reference
+    options this package does not implement and for arguments the reference itself cannot build
+    a model from."""
+    a = {**REFERENCE_DEFAULTS, **model_args}
+    for key, value in REQUIRED_REFERENCE_OPTIONS.items():
+        if a[key] != value:
             raise ReferenceImportError(f"reference option {key}={a[key]!r} is not supported (need {value!r})")
-    if a.get("encoder_hash_byte_group_size"):
+    if a["encoder_hash_byte_group_size"]:
         raise ReferenceImportError("reference hash n-gram embeddings are not supported")
-    if a.get("head_dim") is not None or a.get("n_kv_heads") is not None:
-        raise ReferenceImportError("reference head_dim / local n_kv_heads overrides are not supported")
-    dim_token = a.get("dim_token") or a["dim_local_encoder"]
+    for key in ("vocab_size", "multiple_of", "cross_attn_k", "cross_attn_nheads"):
+        if not isinstance(a[key], int) or a[key] < 1:
+            raise ReferenceImportError(
+                f"reference {key}={a[key]!r}: the reference builds no model without a positive "
+                "integer there; fix the model arguments")
+    dim_token = a["dim_token"] or a["dim_local_encoder"]
     if dim_token != a["dim_local_encoder"]:
         raise ReferenceImportError(
             f"reference dim_token {dim_token} != dim_local_encoder {a['dim_local_encoder']}: "
@@ -71,55 +104,90 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     pooling = {"max": "max", "avg": "mean"}.get(a["downsampling_by_pooling"])
     if pooling is None:
         raise ReferenceImportError(f"reference pooling {a['downsampling_by_pooling']!r} is not supported")
-
-    multiple_of, multiplier = a["multiple_of"], a.get("ffn_dim_multiplier") or 1.0
+    window, documents = reference_attention(a)
+    multiple_of, multiplier = a["multiple_of"], a["ffn_dim_multiplier"] or 1.0
 
     def local(dim: int, layers: int, heads: int) -> LocalModelConfig:
         return LocalModelConfig(dim, layers, heads, swiglu_ffn_size(dim, multiple_of, multiplier),
-                                window=a["local_attention_window_len"])
+                                window=window)
 
-    return LSTConfig(
-        vocab_size=a["vocab_size"],
-        global_model=GlobalModelConfig(
-            hidden_size=a["dim_global"], num_layers=a["n_layers_global"],
-            num_heads=a["n_heads_global"],
-            ffn_hidden_size=swiglu_ffn_size(a["dim_global"], multiple_of, multiplier),
-            num_query_groups=a.get("n_kv_heads_global"),
-        ),
-        encoder=local(a["dim_local_encoder"], a["n_layers_local_encoder"], a["n_heads_local_encoder"]),
-        decoder=local(a["dim_local_decoder"], a["n_layers_local_decoder"], a["n_heads_local_decoder"]),
-        cross_attention=CrossAttentionConfig(
-            slots_per_patch=a["cross_attn_k"], num_heads=a["cross_attn_nheads"],
-            encoder_window=a["cross_attn_window_encoder"], decoder_window=a["cross_attn_window_decoder"],
-            all_encoder_layers=a["cross_attn_all_layers_encoder"],
-            all_decoder_layers=a["cross_attn_all_layers_decoder"],
-            pooling=pooling, double_residual=True,
-        ),
-        norm_eps=a["norm_eps"],
-        rope_theta=a["rope_theta"],
-        documents=reference_documents(a),
-    )
+    try:
+        return LSTConfig(
+            vocab_size=a["vocab_size"],
+            global_model=GlobalModelConfig(
+                hidden_size=a["dim_global"], num_layers=a["n_layers_global"],
+                num_heads=a["n_heads_global"],
+                ffn_hidden_size=swiglu_ffn_size(a["dim_global"], multiple_of, multiplier),
+                num_query_groups=a["n_kv_heads_global"],
+            ),
+            encoder=local(a["dim_local_encoder"], a["n_layers_local_encoder"], a["n_heads_local_encoder"]),
+            decoder=local(a["dim_local_decoder"], a["n_layers_local_decoder"], a["n_heads_local_decoder"]),
+            cross_attention=CrossAttentionConfig(
+                slots_per_patch=a["cross_attn_k"], num_heads=a["cross_attn_nheads"],
+                encoder_window=_patch_window(a["cross_attn_window_encoder"]),
+                decoder_window=_patch_window(a["cross_attn_window_decoder"]),
+                all_encoder_layers=a["cross_attn_all_layers_encoder"],
+                all_decoder_layers=a["cross_attn_all_layers_decoder"],
+                pooling=pooling, double_residual=True,
+            ),
+            norm_eps=a["norm_eps"],
+            rope_theta=a["rope_theta"],
+            documents=documents,
+        )
+    except ModelConfigError as error:
+        raise ReferenceImportError(f"the reference model arguments describe no valid model: {error}") from None
 
 
-# The reference's attention implementations that block attention at document ends (EOS) when
-# its `attn_bias_type` asks for it; its "sdpa" runs one causal mask over the whole row.
-DOCUMENT_MASKING_ATTN_IMPLS = ("xformers", "flex_attention")
+def _patch_window(window: int | None) -> int:
+    """A reference cross-attention window in patches. None: its mask is `patch id == query
+    patch`, i.e. a slot sees its own patch's tokens and a token its own global patch."""
+    return 1 if window is None else window
 
 
-def reference_documents(model_args: dict) -> DocumentMaskingConfig | None:
-    """The document rule a reference model was trained with: document masking at its `eos_id`
-    when `attn_impl` is one that applies the block-causal bias, else None (causal over the row).
-    RoPE positions run over the whole row either way."""
-    impl = model_args.get("attn_impl", "sdpa")
-    if impl == "sdpa" or model_args.get("attn_bias_type", "block_causal") == "causal":
-        return None
-    if impl not in DOCUMENT_MASKING_ATTN_IMPLS:
+# The reference's attention implementations whose self-attention is plain causal over the whole
+# row: no sliding window and no document ends (its "sdpa" path needs LST_SUPPRESS_ATTN_ERROR=1 to
+# run at all and then builds a causal mask; "flex_attention" builds a causal block mask).
+CAUSAL_ATTN_IMPLS = ("sdpa", "flex_attention")
+
+
+def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | None]:
+    """`(local window in tokens, document rule)` of the self-attention a reference model ran with,
+    which its `attn_impl` decides (its cross-attention is masked by patch windows only, always):
+
+    - "xformers": the local models attend `local_attention_window_len` tokens and stop at EOS;
+      the global model stops at EOS with `attn_bias_type` "block_causal" (-> document masking at
+      `eos_id`) and runs over the whole row with "causal" (-> no document rule; the local models'
+      stop at EOS is then lost on packed rows);
+    - `CAUSAL_ATTN_IMPLS`: causal attention over the whole row everywhere. Rows are at most
+      `max_encoder_seq_length` tokens (its local RoPE table), so that window is the same function.
+    """
+    a = {**REFERENCE_DEFAULTS, **model_args}
+    impl = a["attn_impl"]
+    if impl == "xformers":
+        window, bias = a["local_attention_window_len"], a["attn_bias_type"]
+        if not isinstance(window, int) or window < 1:
+            raise ReferenceImportError(
+                f"reference attn_impl 'xformers' needs local_attention_window_len >= 1 (got "
+                f"{window!r}): its local attention is a sliding window")
+        if bias in (None, "causal"):
+            return window, None
+        if bias != "block_causal":
+            raise ReferenceImportError(
+                f"reference attn_bias_type {bias!r} is not one of 'causal' or 'block_causal'")
+        if a["eos_id"] is None:
+            raise ReferenceImportError("reference attn_bias_type 'block_causal' masks documents "
+                                       "but the arguments give no eos_id")
+        return window, DocumentMaskingConfig(eos_id=a["eos_id"])
+    if impl not in CAUSAL_ATTN_IMPLS:
         raise ReferenceImportError(
-            f"reference attn_impl {impl!r} is not one of 'sdpa' or {DOCUMENT_MASKING_ATTN_IMPLS}")
-    if model_args.get("eos_id") is None:
-        raise ReferenceImportError(f"reference attn_impl {impl!r} masks documents but the "
-                                   "arguments give no eos_id")
-    return DocumentMaskingConfig(eos_id=model_args["eos_id"])
+            f"reference attn_impl {impl!r} is not one of 'xformers', {', '.join(map(repr, CAUSAL_ATTN_IMPLS))}")
+    longest = a["max_encoder_seq_length"]
+    if not isinstance(longest, int) or longest < 1:
+        raise ReferenceImportError(
+            f"reference attn_impl {impl!r} attends over the whole row, whose length "
+            f"max_encoder_seq_length bounds, but that is {longest!r}; set it to the longest row in "
+            "tokens the model ran on")
+    return longest, None
 
 
 @dataclasses.dataclass(frozen=True)

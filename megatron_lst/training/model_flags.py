@@ -76,8 +76,9 @@ DOCUMENT_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("documents.reset_attention_mask", "--reset-attention-mask", bool,
               "Rows pack several documents, each ended by EOS: no attention crosses a document "
               "end (local windows, pooling and decoder cross-attention, the global transformer). "
-              "On by default, for LST and the baseline alike, as the reference trains; "
-              "--no-reset-attention-mask lets attention run over the whole row."),
+              "On by default, for LST and the baseline alike, as the reference's GPU path masks "
+              "its self-attention; --no-reset-attention-mask lets attention run over the whole "
+              "row."),
     ModelFlag("documents.reset_position_ids", "--reset-position-ids", bool,
               "RoPE positions restart at 0 at every document start (LST only; off by default, "
               "as the reference trains)."),

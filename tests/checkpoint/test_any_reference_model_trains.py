@@ -46,7 +46,10 @@ def generated_reference_args(vocab_size: int) -> dict:
         "dim_global": 48, "n_layers_global": 3, "n_heads_global": 6, "n_kv_heads_global": 3,
         "dim_token": 24, "dim_local_encoder": 24, "n_layers_local_encoder": 2,
         "n_heads_local_encoder": 3, "dim_local_decoder": 24, "n_layers_local_decoder": 3,
-        "n_heads_local_decoder": 6, "multiple_of": 16, "local_attention_window_len": 20,
+        "n_heads_local_decoder": 6, "multiple_of": 16,
+        # a sliding window over rows of up to 512 tokens, no document masking
+        "attn_impl": "xformers", "attn_bias_type": "causal", "local_attention_window_len": 20,
+        "max_encoder_seq_length": 512,
         "cross_attn_k": 3, "cross_attn_nheads": 3, "cross_attn_window_encoder": 3,
         "cross_attn_window_decoder": 5, "cross_attn_all_layers_encoder": False,
         "cross_attn_all_layers_decoder": False, "downsampling_by_pooling": "avg",

@@ -73,3 +73,15 @@ def test_refused_checkpoint_exits_1_naming_the_tensor(tiny_portable, tmp_path, c
 def test_save_directory_without_checkpoint_exits_1(tmp_path, capsys):
     assert main(["dist-to-portable", "--load", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
     assert f"{tmp_path} holds no complete dist checkpoint" in capsys.readouterr().err
+
+
+def test_reference_args_the_reference_cannot_run_exit_1_naming_the_field(reference_fixtures, tmp_path,
+                                                                       capsys):
+    model_args = json.loads((reference_fixtures / "config_A.json").read_text())["model_args"]
+    (tmp_path / "params.json").write_text(json.dumps({"model": {**model_args, "cross_attn_k": None}}))
+    assert main(["import-reference",
+                 "--reference-ckpt", str(reference_fixtures / "state_dict_A.safetensors"),
+                 "--reference-args", str(tmp_path / "params.json"),
+                 "--output", str(tmp_path / "portable")]) == 1
+    assert "reference cross_attn_k=None" in capsys.readouterr().err
+    assert not (tmp_path / "portable").exists()

@@ -156,3 +156,94 @@ def test_unsupported_reference_options_are_refused_naming_them(reference, option
     state, model_args = reference
     with pytest.raises(ReferenceImportError, match=f"{option}=True is not supported"):
         import_reference(state, {**model_args, option: True})
+
+
+@pytest.mark.parametrize(("update", "window", "documents"), [
+    # "sdpa" and "flex_attention" attend causally over the whole row, whatever the window says:
+    # the longest row (max_encoder_seq_length) is the window that computes the same
+    ({"attn_impl": "sdpa", "local_attention_window_len": 8, "max_encoder_seq_length": 300}, 300, False),
+    ({"attn_impl": "flex_attention", "attn_bias_type": "block_causal"}, 512, False),
+    ({"attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 8}, 8, True),
+    ({"attn_impl": "xformers", "attn_bias_type": "causal", "local_attention_window_len": 8}, 8, False),
+])
+def test_attention_rule_follows_the_reference_attn_impl(update, window, documents):
+    model_args = {**reference_model_args(preset("tiny", 64)), **update}
+    config = lst_config_from_reference(model_args)
+    assert config.encoder.window == config.decoder.window == window
+    assert (config.documents is not None) == documents
+
+
+@pytest.mark.parametrize(("update", "message"), [
+    ({"attn_impl": "fmha"}, "attn_impl 'fmha' is not one of"),
+    ({"attn_impl": "xformers", "local_attention_window_len": None}, "needs local_attention_window_len"),
+    ({"attn_impl": "xformers", "attn_bias_type": "local_block_causal"}, "attn_bias_type 'local_block_causal'"),
+    ({"attn_impl": "sdpa", "max_encoder_seq_length": None}, "max_encoder_seq_length"),
+    ({"cross_attn_k": None}, "cross_attn_k=None"),
+    ({"cross_attn_nheads": None}, "cross_attn_nheads=None"),
+    ({"multiple_of": None}, "multiple_of=None"),
+    ({"vocab_size": -1}, "vocab_size=-1"),
+    ({"pm_size": 8}, "pm_size=8 is not supported"),
+    ({"head_dim": 16}, "head_dim=16 is not supported"),
+    ({"n_heads_local_encoder": 5}, "describe no valid model: local hidden_size .* num_heads 5"),
+])
+def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(update, message):
+    model_args = {**reference_model_args(preset("tiny", 64)), **update}
+    with pytest.raises(ReferenceImportError, match=message):
+        lst_config_from_reference(model_args)
+
+
+def test_missing_reference_args_take_the_reference_defaults():
+    model_args = reference_model_args(preset("tiny", 64))
+    assert model_args["multiple_of"] == 256  # the reference's default: leaving it out is the same
+    del model_args["multiple_of"]
+    assert lst_config_from_reference(model_args) == lst_config_from_reference(
+        reference_model_args(preset("tiny", 64)))
+    del model_args["cross_attn_encoder"]  # the reference's default is False
+    with pytest.raises(ReferenceImportError, match="cross_attn_encoder=False is not supported"):
+        lst_config_from_reference(model_args)
+
+
+def test_no_cross_attention_window_means_the_own_patch_only(reference):
+    _, model_args = reference
+    config = lst_config_from_reference({**model_args, "cross_attn_window_encoder": None,
+                                        "cross_attn_window_decoder": None})
+    assert (config.cross_attention.encoder_window, config.cross_attention.decoder_window) == (1, 1)
+
+
+def test_sdpa_reference_ignores_its_local_window(single_rank, reference, reference_fixtures):
+    """The fixture logits come from the reference's "sdpa" path, which attends over the whole row:
+    with a local window of 8 tokens in its args (rows are 89-124 tokens) they stay the same, and
+    the import must reproduce them. The same window under "xformers" changes them."""
+    state, model_args = reference
+    data = json.loads((reference_fixtures / "inputs_ragged.json").read_text())
+    expected = torch.from_numpy(np.load(reference_fixtures / "logits_A_ragged.npy"))
+    tokens = torch.tensor(data["tokens"])
+    patch_lengths = torch.tensor(data["patch_lengths"], dtype=torch.int32)
+
+    def logits(update):
+        config, full = import_reference(state, {**model_args, **update})
+        model = build_full_model(config)
+        load_full_state_dict(model, full, "reference fixture")
+        with torch.no_grad():
+            return model.eval()(tokens, patch_lengths)
+
+    assert (logits({"local_attention_window_len": 8}) - expected).abs().max().item() <= 1e-4
+    windowed = logits({"local_attention_window_len": 8, "attn_impl": "xformers", "attn_bias_type": "causal"})
+    assert (windowed - expected).abs().max().item() > 1e-2
+
+
+def test_export_writes_the_attention_rule_the_reference_runs():
+    """The exported args reimport to the same model, and name the longest row the reference can
+    run (its local RoPE table) and the global RoPE table."""
+    tiny = preset("tiny", 64)  # local window 512, no document rule
+    short_rows = reference_model_args(tiny)  # rows no longer than the window: causal "sdpa"
+    assert (short_rows["attn_impl"], short_rows["max_encoder_seq_length"]) == ("sdpa", 512)
+    assert short_rows["max_seqlen"] == tiny.max_sequence_length
+    long_rows = reference_model_args(tiny, max_tokens=2048)  # the window cuts rows: "xformers"
+    assert (long_rows["attn_impl"], long_rows["attn_bias_type"]) == ("xformers", "causal")
+    assert (long_rows["local_attention_window_len"], long_rows["max_encoder_seq_length"]) == (512, 2048)
+    flex = reference_model_args(tiny, base_args={"attn_impl": "flex_attention"})
+    assert flex["attn_impl"] == "flex_attention"  # as causal as "sdpa": the base's choice stays
+    for args in (short_rows, long_rows, flex):
+        assert dataclasses.replace(lst_config_from_reference(args),
+                                   max_sequence_length=tiny.max_sequence_length) == tiny
