@@ -124,16 +124,24 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
     records the model's whole configuration, so any model the portable form holds converts."""
     checkpoint = load_portable(portable_dir)
     before = portable_model(checkpoint, str(portable_dir))
-    # The one data flag the model builder reads (any mode but "none" builds the LST model); a
-    # reference mode that needs no further flags is kept for the evaluation tools' patcher.
-    patching_mode = (checkpoint.reference_model_args or {}).get("patching_mode")
-    if patching_mode not in ("static", "aligned"):
-        patching_mode = "static"
-    training_args = training_args_for(checkpoint.config, checkpoint.training_args, patching_mode)
+    training_args = training_args_for(checkpoint.config, checkpoint.training_args,
+                                      reference_patching(checkpoint.reference_model_args or {}))
     path = save_dist_checkpoint(Path(save), before, training_args, checkpoint.vocab, iteration)
     after = build_full_model(checkpoint.config)
     load_dist_checkpoint(path, after, checkpoint.vocab)
     return verify_same_function(before, after, "portable-to-dist", stream=stream)
+
+
+def reference_patching(model_args: dict) -> dict[str, object]:
+    """The patching flags for the evaluation tools' patcher from a reference model's args: its
+    mode where it needs no further flags ("static" with its `patch_size`, or "aligned"), else
+    static patching of 4 units (any mode but "none" builds the LST model)."""
+    mode, size = model_args.get("patching_mode"), model_args.get("patch_size")
+    if mode == "aligned":
+        return {"patching_mode": "aligned"}
+    if mode == "static" and size is not None and float(size).is_integer() and size >= 1:
+        return {"patching_mode": "static", "patch_size": int(size)}
+    return {"patching_mode": "static", "patch_size": 4}
 
 
 def _check_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],

@@ -61,15 +61,16 @@ def checkpoint_model(path: Path) -> tuple[LSTConfig, JointVocab, dict[str, Any]]
 
 
 def training_args_for(config: LSTConfig, base_args: dict[str, Any] | None = None,
-                      patching_mode: str = "static") -> dict[str, Any]:
+                      patching: dict[str, Any] | None = None) -> dict[str, Any]:
     """`lst-train` flags (as saved in a checkpoint) for an LST model `config`.
 
     `base_args` (the flags of the run that trained it) are kept with their model flags set to
-    `config`'s; without them, `patching_mode` fills the one data flag the model builder reads.
+    `config`'s; without them, the `patching` flags (default: static) fill the data flags the
+    model builder and the evaluation tools' patcher read.
     """
     from megatron_lst.training.model_flags import flag_values
 
-    args = dict(base_args or {"patching_mode": patching_mode})
+    args = dict(base_args or patching or {"patching_mode": "static"})
     args.update(flag_values(config))
     return args
 

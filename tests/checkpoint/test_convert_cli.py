@@ -85,3 +85,26 @@ def test_reference_args_the_reference_cannot_run_exit_1_naming_the_field(referen
                  "--output", str(tmp_path / "portable")]) == 1
     assert "reference cross_attn_k=None" in capsys.readouterr().err
     assert not (tmp_path / "portable").exists()
+
+
+@pytest.mark.parametrize(("patching", "saved"), [
+    ({"patching_mode": "static", "patch_size": 6.0}, {"patching_mode": "static", "patch_size": 6}),
+    ({"patching_mode": "aligned"}, {"patching_mode": "aligned"}),
+    ({"patching_mode": "curriculum"}, {"patching_mode": "static", "patch_size": 4}),
+])
+def test_converted_reference_keeps_its_patching_for_evaluation(reference_fixtures, tmp_path, patching,
+                                                               saved):
+    """The evaluation tools patch as the dist checkpoint's flags say: a reference model's static
+    patch size reaches them (a mode that needs more flags falls back to static patches of 4)."""
+    from megatron_lst.training.checkpointing import find_latest_checkpoint, read_checkpoint_metadata
+
+    model_args = json.loads((reference_fixtures / "config_A.json").read_text())["model_args"]
+    (tmp_path / "params.json").write_text(json.dumps({"model": {**model_args, **patching}}))
+    assert main(["import-reference",
+                 "--reference-ckpt", str(reference_fixtures / "state_dict_A.safetensors"),
+                 "--reference-args", str(tmp_path / "params.json"),
+                 "--output", str(tmp_path / "portable")]) == 0
+    assert main(["portable-to-dist", "--portable", str(tmp_path / "portable"),
+                 "--save", str(tmp_path / "dist")]) == 0
+    args = read_checkpoint_metadata(find_latest_checkpoint(tmp_path / "dist"))["args"]
+    assert {key: args.get(key) for key in saved} == saved
