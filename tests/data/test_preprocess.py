@@ -150,14 +150,17 @@ def test_skip_bad_counts_in_manifest(tmp_path, spm, capsys):
     with open(source, "a") as f:
         f.write("not json\n")
         f.write(json.dumps({"interleaved": f"{SEP}PHONES a"}) + "\n")
+    with open(source, "ab") as f:  # a Latin-1 word: a line that is not UTF-8
+        f.write(f'{{"interleaved": "{SEP}TEXT caf\xe9 {SEP}HUBERT 1"}}\n'.encode("latin-1"))
     manifest = preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",
                                 "--tokenizer-model", str(spm), "--output-prefix",
                                 str(tmp_path / "out"), "--skip-bad", "--workers", "2",
                                 "--chunk-size", "3"])
-    assert manifest.counts.documents == 10 and manifest.counts.bad_skipped == 2
-    assert DocumentStore(tmp_path / "out").manifest.counts.bad_skipped == 2
+    assert manifest.counts.documents == 10 and manifest.counts.bad_skipped == 3
+    assert DocumentStore(tmp_path / "out").manifest.counts.bad_skipped == 3
     out = capsys.readouterr().out
-    assert "skipped 2 bad documents" in out and "in.jsonl:11: not valid JSON" in out
+    assert "skipped 3 bad documents" in out and "in.jsonl:11: not valid JSON" in out
+    assert "in.jsonl:13: the line holds the byte 0xe9, which is not UTF-8" in out
 
 
 def test_store_refuses_another_tokenizer(tmp_path, spm):

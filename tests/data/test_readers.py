@@ -130,6 +130,24 @@ def test_text_jsonl(tmp_path, tokenizer):
     assert len(list(read_text_jsonl(path, tokenizer, skip_bad=True))) == 1
 
 
+@pytest.mark.parametrize("read, raw, message", [
+    (read_text_jsonl, b'{"text": "caf\xe9"}\n', r"x.jsonl:2: the line holds the byte 0xe9, "
+                                                  r"which is not UTF-8, at character 13"),
+    (read_text_jsonl, b'{"text": "a \\ud800 b"}\n', r"x.jsonl:2: 'text' holds a lone surrogate "
+                                                     r"\\ud800"),
+    (read_reference_jsonl, b'{"interleaved": "' + SEP.encode() + b'TEXT \\udfff a"}\n',
+     r"x.jsonl:2: \"interleaved\" holds a lone surrogate \\udfff"),
+])
+def test_text_that_is_not_utf8_names_the_line(tmp_path, tokenizer, read, raw, message):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"text": "hello", "interleaved": "' + SEP.encode() + b'TEXT a"}\n' + raw)
+    with pytest.raises(DocumentError, match=message):
+        list(read(path, tokenizer))
+    report = ReadReport()
+    assert len(list(read(path, tokenizer, skip_bad=True, report=report))) == 1
+    assert report.bad_skipped == 1
+
+
 def _utterance(textgrid_dir: Path, units_dir: Path, name: str, intervals, units,
                as_text=False):
     textgrid_dir.mkdir(parents=True, exist_ok=True)
