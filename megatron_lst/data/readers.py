@@ -274,7 +274,13 @@ def load_units(path: Path) -> np.ndarray:
             raise DocumentError(f"{path}: expected a 1-D integer array of units, got "
                                 f"{units.dtype} with shape {units.shape}")
         return units.astype(np.int64)
-    return parse_units_text(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DocumentError(f"{path}: not a text file of units ({error.reason} at byte "
+                            f"{error.start}); expected whitespace-separated integers, or a "
+                            f".npy array") from None
+    return parse_units_text(text, str(path))
 
 
 def _frame(seconds: float, frame_rate: float) -> int:

@@ -201,6 +201,10 @@ def test_textgrid_bad_units(tmp_path, tokenizer):
     with pytest.raises(DocumentError, match=r"a.npy: expected a 1-D integer array"):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
     (tmp_path / "u" / "a.npy").unlink()
+    (tmp_path / "u" / "a.txt").write_bytes(b"1 2 \xff 3\n")
+    with pytest.raises(DocumentError, match=r"a.txt: not a text file of units"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+    (tmp_path / "u" / "a.txt").unlink()
     with pytest.raises(DocumentError, match=r"a.TextGrid: no unit file a\{.npy"):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
     report = ReadReport()
