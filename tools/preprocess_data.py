@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import sys
 import time
@@ -127,6 +128,11 @@ def _check_args(args: argparse.Namespace) -> None:
     for path in args.input:
         if not os.path.isfile(path):
             raise SystemExit(f"--input {path}: no such file")
+    if not os.path.exists(args.tokenizer_model):
+        raise SystemExit(f"--tokenizer-model {args.tokenizer_model}: no such file")
+    if not (math.isfinite(args.frame_rate) and args.frame_rate > 0):
+        raise SystemExit(f"--frame-rate must be a positive number of unit frames per second "
+                         f"(HuBERT's is 25), got {args.frame_rate}")
     if args.workers < 1 or args.chunk_size < 1 or args.log_interval < 1:
         raise SystemExit("--workers, --chunk-size and --log-interval must be at least 1")
 

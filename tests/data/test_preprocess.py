@@ -183,6 +183,15 @@ def test_argument_errors(tmp_path, spm):
         preprocess.main(["--input", str(tmp_path / "missing.jsonl"), "--input-format",
                          "text-jsonl", "--tokenizer-model", str(spm), "--output-prefix",
                          str(tmp_path / "x")])
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 2)
+    reference = ["--input", str(source), "--input-format", "reference-jsonl",
+                 "--output-prefix", str(tmp_path / "x")]
+    with pytest.raises(SystemExit, match="--tokenizer-model .*nope.model: no such file"):
+        preprocess.main([*reference, "--tokenizer-model", str(tmp_path / "nope.model")])
+    for rate in ("0", "-25", "nan", "inf"):
+        with pytest.raises(SystemExit, match="--frame-rate must be a positive number"):
+            preprocess.main([*reference, "--tokenizer-model", str(spm), "--frame-rate", rate])
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):
