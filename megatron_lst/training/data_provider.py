@@ -149,7 +149,10 @@ def _space_id(args: argparse.Namespace, stores: list[DocumentStore]) -> int | No
         return space_id
     from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 
-    tokenizer = load_text_tokenizer(args.tokenizer_model)
+    try:
+        tokenizer = load_text_tokenizer(args.tokenizer_model)
+    except FileNotFoundError as error:
+        raise VocabularyError(f"--tokenizer-model: {error}") from None
     for store in stores:
         store.check_tokenizer(tokenizer)
     return tokenizer.space_id

@@ -138,3 +138,17 @@ def test_speech_only_fraction_reaches_the_training_and_validation_rows(tmp_path)
         return sum(int((row == datasets.vocab.text_marker).sum()) for row in rows)
 
     assert text_markers(speech_only) == 0 < text_markers(default)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"--tokenizer-model: .*spm.model: tokenizer not found"),
+    (b"junk", r"spm.model: not a SentencePiece model"),
+])
+def test_a_missing_or_unreadable_tokenizer_is_a_vocabulary_error(tmp_path, content, message):
+    tokenizer = tmp_path / "spm.model"
+    if content is not None:
+        tokenizer.write_bytes(content)
+    flags = tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "2",
+                                                  "--tokenizer-model", str(tokenizer)]
+    with pytest.raises(VocabularyError, match=message):  # lst-train: exit 4, one line
+        build_datasets(validate_args(parse_args(flags), 1))
