@@ -26,7 +26,7 @@ from megatron.core.datasets.indexed_dataset import (
 )
 
 from megatron_lst.data.documents import AlignedDocument, DocumentError
-from megatron_lst.data.manifest import Manifest
+from megatron_lst.data.manifest import Manifest, ManifestError
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
 SEQUENCES_PER_DOCUMENT = {"aligned": 4, "text": 1}
@@ -119,7 +119,7 @@ class DocumentStore:
         self.manifest = Manifest.load(self.prefix)
         self.kind = self.manifest.kind
         # The manifest's tokenizer digest travels with the vocabulary into checkpoints.
-        self.vocab = dataclasses.replace(JointVocab.from_dict(self.manifest.vocab),
+        self.vocab = dataclasses.replace(self._manifest_vocab(),
                                          tokenizer_sha256=self.manifest.tokenizer.sha256)
         self._per_doc = SEQUENCES_PER_DOCUMENT[self.kind]
         for path in (get_idx_path(self.prefix), get_bin_path(self.prefix)):
@@ -134,6 +134,14 @@ class DocumentStore:
                              f"is truncated or not a Megatron index (re-run "
                              f"tools/preprocess_data.py)") from error
         self._validate()
+
+    def _manifest_vocab(self) -> JointVocab:
+        try:
+            return JointVocab.from_dict(self.manifest.vocab)
+        except (KeyError, TypeError) as error:
+            raise ManifestError(f"{Manifest.path_for(self.prefix)}: unreadable vocabulary "
+                                f"({type(error).__name__}: {error}); re-run "
+                                f"tools/preprocess_data.py") from None
 
     def _validate(self) -> None:
         index = self._dataset.index

@@ -97,7 +97,23 @@ class Manifest:
                                     f"re-run tools/preprocess_data.py")
             raw["tokenizer"] = TokenizerInfo(**raw["tokenizer"])
             raw["counts"] = Counts(**raw["counts"])
+            _check_integer_counts(raw["counts"])
+            _check_space_id(raw["tokenizer"])
             return cls(**raw)
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ManifestError(f"{path}: unreadable manifest ({error}); re-run "
                                 f"tools/preprocess_data.py") from error
+
+
+def _check_integer_counts(counts: Counts) -> None:
+    not_integers = [f.name for f in fields(counts) if type(getattr(counts, f.name)) is not int]
+    if not_integers:
+        raise TypeError(f"counts {not_integers} are not integers")
+
+
+def _check_space_id(tokenizer: TokenizerInfo) -> None:
+    space_id = tokenizer.space_id
+    if space_id is not None and not (type(space_id) is int
+                                     and 0 <= space_id < tokenizer.vocab_size):
+        raise TypeError(f"tokenizer space_id {space_id!r} is not a piece of the "
+                        f"{tokenizer.vocab_size}-piece tokenizer")

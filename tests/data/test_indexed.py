@@ -165,6 +165,27 @@ def test_unreadable_manifest(aligned_store):
         DocumentStore(prefix)
 
 
+@pytest.mark.parametrize("section, key, value, message", [
+    ("vocab", "text_size", None, r"unreadable vocabulary \(KeyError: 'text_size'\)"),
+    ("vocab", "num_units", "502", r"unreadable vocabulary \(TypeError"),
+    ("counts", "documents", 30.0, r"unreadable manifest \(counts \['documents'\] are not integers"),
+    ("counts", "units", "7", r"unreadable manifest \(counts \['units'\] are not integers"),
+    ("tokenizer", "space_id", 10**6, r"unreadable manifest \(tokenizer space_id 1000000 is not "
+                                      r"a piece of the \d+-piece tokenizer"),
+])
+def test_a_hand_edited_manifest_is_refused_by_name(aligned_store, section, key, value, message):
+    prefix, _ = aligned_store
+    path = prefix.with_name(prefix.name + ".json")
+    raw = json.loads(path.read_text())
+    if value is None:
+        del raw[section][key]
+    else:
+        raw[section][key] = value
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"aligned.json: " + message):
+        DocumentStore(prefix)
+
+
 def test_check_tokenizer(aligned_store, tokenizer, tmp_path):
     prefix, _ = aligned_store
     store = DocumentStore(prefix)
