@@ -127,6 +127,9 @@ class DocumentStore:
                 raise StoreError(f"{path}: not found; the manifest {self.prefix}.json has no data "
                                  f"next to it (re-run tools/preprocess_data.py)")
         _check_index_file(get_idx_path(self.prefix))
+        if os.path.getsize(get_bin_path(self.prefix)) == 0:  # megatron.core cannot map it
+            raise StoreError(f"{get_bin_path(self.prefix)}: is empty (0 bytes); the file is "
+                             f"truncated or was never written (re-run tools/preprocess_data.py)")
         try:
             self._dataset = IndexedDataset(self.prefix, mmap=True)
         except (AssertionError, ValueError, struct.error) as error:

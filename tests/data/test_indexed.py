@@ -111,6 +111,16 @@ def test_truncated_bin(aligned_store):
         DocumentStore(prefix)
 
 
+def test_an_empty_bin_is_named_without_noise_from_megatron(aligned_store, capfd):
+    prefix, _ = aligned_store
+    prefix.with_name(prefix.name + ".bin").write_bytes(b"")
+    with pytest.raises(StoreError, match=r"aligned.bin: is empty \(0 bytes\); the file is "
+                                         r"truncated"):
+        DocumentStore(prefix)
+    gc.collect()
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda raw: raw[:-9], r"is \d+ bytes but its header lists 120 sequences and 31 document"),
     (lambda raw: raw + b"\0", r"is \d+ bytes but its header lists 120 sequences"),
