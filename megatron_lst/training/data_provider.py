@@ -139,7 +139,7 @@ def _space_id(args: argparse.Namespace, stores: list[DocumentStore]) -> int | No
     if args.tokenizer_model is None:
         recorded = {store.manifest.tokenizer.space_id for store in stores}
         if len(recorded) > 1:
-            raise ValueError(
+            raise VocabularyError(
                 f"the datasets record different word-boundary pieces {sorted(recorded, key=str)}: "
                 "they were made with different tokenizers; preprocess them with one tokenizer")
         space_id = recorded.pop()

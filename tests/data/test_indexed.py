@@ -142,8 +142,11 @@ def test_missing_manifest_and_data(aligned_store):
     prefix.with_name(prefix.name + ".bin").unlink()
     with pytest.raises(StoreError, match=r"aligned.bin: not found"):
         DocumentStore(prefix)
+    with pytest.raises(ManifestError, match=r"aligned.bin.json: manifest not found; .*a dataset "
+                                            r"is named by its prefix: pass .*aligned, without .bin"):
+        DocumentStore(f"{prefix}.bin")
     prefix.with_name(prefix.name + ".json").unlink()
-    with pytest.raises(ManifestError, match=r"aligned.json: manifest not found"):
+    with pytest.raises(ManifestError, match=r"aligned.json: manifest not found; [^;]*$"):
         DocumentStore(prefix)
 
 

@@ -152,3 +152,14 @@ def test_a_missing_or_unreadable_tokenizer_is_a_vocabulary_error(tmp_path, conte
                                                   "--tokenizer-model", str(tokenizer)]
     with pytest.raises(VocabularyError, match=message):  # lst-train: exit 4, one line
         build_datasets(validate_args(parse_args(flags), 1))
+
+
+def test_datasets_recording_different_word_boundary_pieces_are_a_vocabulary_error(tmp_path):
+    data = write_corpus(tmp_path)
+    manifest = tmp_path / "text.json"
+    record = json.loads(manifest.read_text())
+    record["tokenizer"]["space_id"] = 5  # speech.json records none
+    manifest.write_text(json.dumps(record))
+    args = validate_args(parse_args(tiny_flags(data) + ["--train-iters", "2"]), 1)
+    with pytest.raises(VocabularyError, match=r"record different word-boundary pieces"):
+        build_datasets(args)  # lst-train: exit 4, one line
