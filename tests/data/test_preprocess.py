@@ -189,6 +189,12 @@ def test_argument_errors(tmp_path, spm):
                  "--output-prefix", str(tmp_path / "x")]
     with pytest.raises(SystemExit, match="--tokenizer-model .*nope.model: no such file"):
         preprocess.main([*reference, "--tokenizer-model", str(tmp_path / "nope.model")])
+    corpus = tmp_path / "corpus.json"
+    corpus.write_bytes(source.read_bytes())
+    with pytest.raises(SystemExit, match=r"--output-prefix .*corpus would overwrite .*corpus.json"):
+        preprocess.main(["--input", str(corpus), "--input-format", "reference-jsonl",
+                         "--tokenizer-model", str(spm), "--output-prefix", str(tmp_path / "corpus")])
+    assert corpus.read_bytes() == source.read_bytes()
     for rate in ("0", "-25", "nan", "inf"):
         with pytest.raises(SystemExit, match="--frame-rate must be a positive number"):
             preprocess.main([*reference, "--tokenizer-model", str(spm), "--frame-rate", rate])
