@@ -213,6 +213,11 @@ class DocumentStore:
         per_doc = lengths.reshape(-1, 4)
         return per_doc[:, 0] + per_doc[:, 1]
 
+    def part_lengths(self) -> np.ndarray:
+        """[D, 4] int64 (aligned) or [D, 1] (text): the length of each document's sequences
+        (text ids, unit ids, the two segment tables), from the index only."""
+        return self._dataset.sequence_lengths.astype(np.int64).reshape(-1, self._per_doc)
+
     def check_tokenizer(self, tokenizer) -> None:
         """Raise VocabularyError unless `tokenizer` is the one the text ids were made with."""
         info = self.manifest.tokenizer

@@ -49,7 +49,7 @@ SPLITS = ("train", "valid", "test")
 
 class DocumentRange:
     """Documents `[start, stop)` of a store, with the store's interface (`kind`, `vocab`,
-    `prefix`, len, indexing, `describe`). The dataset keys its cached row index by the store's files, not by
+    `prefix`, len, indexing, `describe`, `part_lengths`). The dataset keys its cached row index by the store's files, not by
     the range: give each range a cache directory of its own (`build_datasets` does)."""
 
     def __init__(self, store: DocumentStore, start: int, stop: int):
@@ -73,6 +73,9 @@ class DocumentRange:
 
     def describe(self, index: int) -> str:
         return self.store.describe(self.start + index)
+
+    def part_lengths(self) -> np.ndarray:
+        return self.store.part_lengths()[self.start:self.stop]
 
 
 def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
