@@ -157,6 +157,10 @@ def parse_reference_interleaved(interleaved: str, tokenizer: TextTokenizer, num_
 def _finish(text_ids: np.ndarray, unit_ids: np.ndarray, seg_text_len: np.ndarray,
             seg_unit_len: np.ndarray, seg_texts: list[str], num_units: int, where: str,
             counts: Counts) -> tuple[AlignedDocument, Counts]:
+    if not len(unit_ids):
+        raise DocumentError(f"{where}: no speech units in any segment (no HUBERT payloads); an "
+                            f"aligned document needs units: give text-only documents to "
+                            f"--input-format text-jsonl")
     empty_words = np.flatnonzero(seg_text_len == 0)
     for i in empty_words:
         if seg_texts[i]:

@@ -90,6 +90,8 @@ def test_reference_pairing_rules(tokenizer):
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1.5"), r"bad.jsonl:2 \(utt\): speech unit '1.5'"),
     (_line(""), r"bad.jsonl:2 \(utt\): empty document"),
     (_line(f"{SEP}TEXT [SIL] {SEP}HUBERT "), r"bad.jsonl:2 \(utt\): empty document"),
+    (_line(f"{SEP}TEXT a {SEP}TEXT b {SEP}HUBERT "), r"bad.jsonl:2 \(utt\): no speech units in "
+                                                    r"any segment"),
     (_line(f"TEXT a {SEP}HUBERT 1"), r"bad.jsonl:2 \(utt\): text before the first"),
     (_line(f"{SEP}TEXT [SIL] a {SEP}HUBERT 1"), r"bad.jsonl:2 \(utt\): segment 0 mixes \[SIL\]"),
 ])
@@ -140,7 +142,8 @@ def test_text_jsonl(tmp_path, tokenizer):
 ])
 def test_text_that_is_not_utf8_names_the_line(tmp_path, tokenizer, read, raw, message):
     path = tmp_path / "x.jsonl"
-    path.write_bytes(b'{"text": "hello", "interleaved": "' + SEP.encode() + b'TEXT a"}\n' + raw)
+    path.write_bytes(b'{"text": "hello", "interleaved": "' + SEP.encode() + b'TEXT a ' + SEP.encode()
+                     + b'HUBERT 1"}\n' + raw)
     with pytest.raises(DocumentError, match=message):
         list(read(path, tokenizer))
     report = ReadReport()
