@@ -130,6 +130,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--input {path}: no such file")
     if not os.path.exists(args.tokenizer_model):
         raise SystemExit(f"--tokenizer-model {args.tokenizer_model}: no such file")
+    if not os.path.basename(args.output_prefix):
+        raise SystemExit(f"--output-prefix {args.output_prefix} names a directory; give a path "
+                         f"and a name, e.g. {os.path.join(args.output_prefix, 'corpus')}, for "
+                         f"corpus.bin/.idx/.json there")
     _check_outputs_spare_inputs(args)
     if not (math.isfinite(args.frame_rate) and args.frame_rate > 0):
         raise SystemExit(f"--frame-rate must be a positive number of unit frames per second "
@@ -250,5 +254,5 @@ def _print_summary(args, counts: Counts, report: ReadReport, seconds: float) -> 
 if __name__ == "__main__":
     try:
         main()
-    except (DocumentError, VocabularyError) as error:
+    except (DocumentError, VocabularyError, OSError) as error:
         sys.exit(f"error: {error}")

@@ -1,6 +1,9 @@
 import importlib.util
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +198,9 @@ def test_argument_errors(tmp_path, spm):
         preprocess.main(["--input", str(corpus), "--input-format", "reference-jsonl",
                          "--tokenizer-model", str(spm), "--output-prefix", str(tmp_path / "corpus")])
     assert corpus.read_bytes() == source.read_bytes()
+    with pytest.raises(SystemExit, match=r"--output-prefix .*out/ names a directory; .*out/corpus"):
+        preprocess.main([*reference[:-1], str(tmp_path / "out") + "/", "--tokenizer-model",
+                         str(spm)])
     for rate in ("0", "-25", "nan", "inf"):
         with pytest.raises(SystemExit, match="--frame-rate must be a positive number"):
             preprocess.main([*reference, "--tokenizer-model", str(spm), "--frame-rate", rate])
@@ -211,3 +217,16 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):
                                                       "preprocess: 210 documents"]
     size = source.stat().st_size / 1e6
     assert f"of {size:,.1f} MB (" in lines[0] and "documents/s" in lines[0] and "MB/s" in lines[0]
+
+
+def test_an_unwritable_output_is_one_line(tmp_path, spm):
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 2)
+    (tmp_path / "file").write_text("")
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input",
+                          str(source), "--input-format", "reference-jsonl", "--tokenizer-model",
+                          str(spm), "--output-prefix", str(tmp_path / "file" / "out")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().startswith("error: ") and "file" in run.stderr
