@@ -279,3 +279,10 @@ def test_a_file_that_is_no_tokenizer_is_a_vocabulary_error(tmp_path, name, conte
     (tmp_path / name).write_bytes(content)
     with pytest.raises(VocabularyError, match=message):
         load_text_tokenizer(tmp_path / name)
+
+
+def test_a_vocabulary_beyond_int32_ids_is_refused():
+    JointVocab(300, 2**31 - 306)  # the largest: ids 0 .. 2**31 - 1
+    with pytest.raises(VocabularyError, match=r"300 text pieces, 6 markers and 100000000000 speech "
+                                              r"units .* more than int32 ids address"):
+        JointVocab(300, 10**11)
