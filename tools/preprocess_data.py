@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import sys
 import time
@@ -127,8 +128,30 @@ def _check_args(args: argparse.Namespace) -> None:
     for path in args.input:
         if not os.path.isfile(path):
             raise SystemExit(f"--input {path}: no such file")
+    if not os.path.exists(args.tokenizer_model):
+        raise SystemExit(f"--tokenizer-model {args.tokenizer_model}: no such file")
+    if not os.path.basename(args.output_prefix):
+        raise SystemExit(f"--output-prefix {args.output_prefix} names a directory; give a path "
+                         f"and a name, e.g. {os.path.join(args.output_prefix, 'corpus')}, for "
+                         f"corpus.bin/.idx/.json there")
+    _check_outputs_spare_inputs(args)
+    if not (math.isfinite(args.frame_rate) and args.frame_rate > 0):
+        raise SystemExit(f"--frame-rate must be a positive number of unit frames per second "
+                         f"(HuBERT's is 25), got {args.frame_rate}")
     if args.workers < 1 or args.chunk_size < 1 or args.log_interval < 1:
         raise SystemExit("--workers, --chunk-size and --log-interval must be at least 1")
+
+
+def _check_outputs_spare_inputs(args: argparse.Namespace) -> None:
+    """Refuse an --output-prefix whose files would replace an input or the tokenizer (a corpus
+    named `corpus.json` with prefix `corpus`)."""
+    inputs = [*args.input, args.tokenizer_model]
+    for suffix in (".bin", ".idx", ".json"):
+        for output in (args.output_prefix + suffix, args.output_prefix + ".partial" + suffix):
+            for path in inputs:
+                if os.path.exists(output) and os.path.samefile(output, path):
+                    raise SystemExit(f"--output-prefix {args.output_prefix} would overwrite "
+                                     f"{path} with {output}; choose another prefix")
 
 
 def _parsing_workers(workers: int):
@@ -231,5 +254,5 @@ def _print_summary(args, counts: Counts, report: ReadReport, seconds: float) -> 
 if __name__ == "__main__":
     try:
         main()
-    except (DocumentError, VocabularyError) as error:
+    except (DocumentError, VocabularyError, OSError) as error:
         sys.exit(f"error: {error}")

@@ -304,10 +304,9 @@ class LSTDataset(torch.utils.data.Dataset):
         if key is None:
             return self._build_row_heads()
         path = Path(cache_dir) / f"lst_rows_{key}.npy"
-        if path.exists():
-            heads = np.load(path)
-            if heads.shape == (self.num_samples, 3) and heads.dtype == np.int64:
-                return heads
+        heads = self._cached_row_heads(path)
+        if heads is not None:
+            return heads
         heads = self._build_row_heads()
         path.parent.mkdir(parents=True, exist_ok=True)
         # Several ranks may build the same index: each writes its own file, then renames it.
@@ -315,6 +314,20 @@ class LSTDataset(torch.utils.data.Dataset):
         np.save(partial, heads)
         os.replace(partial, path)
         return heads
+
+    def _cached_row_heads(self, path: Path) -> np.ndarray | None:
+        """The row index cached at `path`, or None when there is none or it is damaged (it is
+        then rebuilt and replaced)."""
+        if not path.exists():
+            return None
+        try:
+            heads = np.load(path)
+        except (ValueError, OSError, EOFError) as error:
+            logger.warning("%s: damaged row index (%s); building it again", path, error)
+            return None
+        if heads.shape == (self.num_samples, 3) and heads.dtype == np.int64:
+            return heads
+        return None
 
     def _build_row_heads(self) -> np.ndarray:
         """[num_samples, 3] int64: (position, patch, start_row) of every row's head."""

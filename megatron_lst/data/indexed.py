@@ -26,7 +26,7 @@ from megatron.core.datasets.indexed_dataset import (
 )
 
 from megatron_lst.data.documents import AlignedDocument, DocumentError
-from megatron_lst.data.manifest import Manifest
+from megatron_lst.data.manifest import Manifest, ManifestError
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
 SEQUENCES_PER_DOCUMENT = {"aligned": 4, "text": 1}
@@ -119,7 +119,7 @@ class DocumentStore:
         self.manifest = Manifest.load(self.prefix)
         self.kind = self.manifest.kind
         # The manifest's tokenizer digest travels with the vocabulary into checkpoints.
-        self.vocab = dataclasses.replace(JointVocab.from_dict(self.manifest.vocab),
+        self.vocab = dataclasses.replace(self._manifest_vocab(),
                                          tokenizer_sha256=self.manifest.tokenizer.sha256)
         self._per_doc = SEQUENCES_PER_DOCUMENT[self.kind]
         for path in (get_idx_path(self.prefix), get_bin_path(self.prefix)):
@@ -127,6 +127,9 @@ class DocumentStore:
                 raise StoreError(f"{path}: not found; the manifest {self.prefix}.json has no data "
                                  f"next to it (re-run tools/preprocess_data.py)")
         _check_index_file(get_idx_path(self.prefix))
+        if os.path.getsize(get_bin_path(self.prefix)) == 0:  # megatron.core cannot map it
+            raise StoreError(f"{get_bin_path(self.prefix)}: is empty (0 bytes); the file is "
+                             f"truncated or was never written (re-run tools/preprocess_data.py)")
         try:
             self._dataset = IndexedDataset(self.prefix, mmap=True)
         except (AssertionError, ValueError, struct.error) as error:
@@ -134,6 +137,14 @@ class DocumentStore:
                              f"is truncated or not a Megatron index (re-run "
                              f"tools/preprocess_data.py)") from error
         self._validate()
+
+    def _manifest_vocab(self) -> JointVocab:
+        try:
+            return JointVocab.from_dict(self.manifest.vocab)
+        except (KeyError, TypeError) as error:
+            raise ManifestError(f"{Manifest.path_for(self.prefix)}: unreadable vocabulary "
+                                f"({type(error).__name__}: {error}); re-run "
+                                f"tools/preprocess_data.py") from None
 
     def _validate(self) -> None:
         index = self._dataset.index
@@ -201,6 +212,11 @@ class DocumentStore:
             return lengths
         per_doc = lengths.reshape(-1, 4)
         return per_doc[:, 0] + per_doc[:, 1]
+
+    def part_lengths(self) -> np.ndarray:
+        """[D, 4] int64 (aligned) or [D, 1] (text): the length of each document's sequences
+        (text ids, unit ids, the two segment tables), from the index only."""
+        return self._dataset.sequence_lengths.astype(np.int64).reshape(-1, self._per_doc)
 
     def check_tokenizer(self, tokenizer) -> None:
         """Raise VocabularyError unless `tokenizer` is the one the text ids were made with."""

@@ -8,6 +8,7 @@ frame rate, and counts that the store checks against the index on open.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -86,7 +87,8 @@ class Manifest:
         path = cls.path_for(prefix)
         if not path.exists():
             raise ManifestError(f"{path}: manifest not found; datasets must be written by "
-                                f"tools/preprocess_data.py, which writes it next to .bin/.idx")
+                                f"tools/preprocess_data.py, which writes it next to .bin/.idx"
+                                f"{_suffix_hint(prefix)}")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(raw, dict):
@@ -97,7 +99,31 @@ class Manifest:
                                     f"re-run tools/preprocess_data.py")
             raw["tokenizer"] = TokenizerInfo(**raw["tokenizer"])
             raw["counts"] = Counts(**raw["counts"])
+            _check_integer_counts(raw["counts"])
+            _check_space_id(raw["tokenizer"])
             return cls(**raw)
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ManifestError(f"{path}: unreadable manifest ({error}); re-run "
                                 f"tools/preprocess_data.py") from error
+
+
+def _check_integer_counts(counts: Counts) -> None:
+    not_integers = [f.name for f in fields(counts) if type(getattr(counts, f.name)) is not int]
+    if not_integers:
+        raise TypeError(f"counts {not_integers} are not integers")
+
+
+def _check_space_id(tokenizer: TokenizerInfo) -> None:
+    space_id = tokenizer.space_id
+    if space_id is not None and not (type(space_id) is int
+                                     and 0 <= space_id < tokenizer.vocab_size):
+        raise TypeError(f"tokenizer space_id {space_id!r} is not a piece of the "
+                        f"{tokenizer.vocab_size}-piece tokenizer")
+
+
+def _suffix_hint(prefix: str | Path) -> str:
+    """Advice for a prefix given with a file suffix (`data/speech.bin` for `data/speech`)."""
+    stem, suffix = os.path.splitext(str(prefix))
+    if suffix in (".bin", ".idx", ".json") and Manifest.path_for(stem).exists():
+        return f"; a dataset is named by its prefix: pass {stem}, without {suffix}"
+    return ""

@@ -157,6 +157,10 @@ def parse_reference_interleaved(interleaved: str, tokenizer: TextTokenizer, num_
 def _finish(text_ids: np.ndarray, unit_ids: np.ndarray, seg_text_len: np.ndarray,
             seg_unit_len: np.ndarray, seg_texts: list[str], num_units: int, where: str,
             counts: Counts) -> tuple[AlignedDocument, Counts]:
+    if not len(unit_ids):
+        raise DocumentError(f"{where}: no speech units in any segment (no HUBERT payloads); an "
+                            f"aligned document needs units: give text-only documents to "
+                            f"--input-format text-jsonl")
     empty_words = np.flatnonzero(seg_text_len == 0)
     for i in empty_words:
         if seg_texts[i]:
@@ -175,9 +179,26 @@ def _finish(text_ids: np.ndarray, unit_ids: np.ndarray, seg_text_len: np.ndarray
     return doc, counts
 
 
+def _check_utf8(text: str, where: str, what: str) -> str:
+    """`text`, unless it holds a byte that is not UTF-8 (JSONL is read with "surrogateescape",
+    which keeps such a byte as a surrogate) or a lone surrogate (a JSON escape such as
+    `\\ud800`): no tokenizer can encode either, so either is a DocumentError naming `where`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        problem = (f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8"
+                   if 0xDC80 <= code <= 0xDCFF else
+                   f"a lone surrogate \\u{code:04x} (half of a UTF-16 pair)")
+        raise DocumentError(f"{where}: {what} holds {problem}, at character {error.start}; "
+                            f"write the corpus as UTF-8 text") from None
+    return text
+
+
 def parse_reference_line(line: str, tokenizer: TextTokenizer, num_units: int,
                          where: str) -> tuple[AlignedDocument, Counts]:
     """One JSON line of the reference "on the fly" format."""
+    _check_utf8(line, where, "the line")
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -187,6 +208,7 @@ def parse_reference_line(line: str, tokenizer: TextTokenizer, num_units: int,
         raise DocumentError(f"{where}: expected an object with an \"interleaved\" string, got "
                             f"{line.strip()[:60]!r}")
     file_id = record.get("file_id")
+    _check_utf8(record["interleaved"], where, '"interleaved"')
     return parse_reference_interleaved(record["interleaved"], tokenizer, num_units,
                                        f"{where} ({file_id})" if file_id else where)
 
@@ -194,6 +216,7 @@ def parse_reference_line(line: str, tokenizer: TextTokenizer, num_units: int,
 def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
                     where: str) -> tuple[np.ndarray, Counts]:
     """One JSON line of a text corpus: [T] int32 text ids of `record[key]`."""
+    _check_utf8(line, where, "the line")
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -202,7 +225,7 @@ def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
     if not isinstance(record, dict) or not isinstance(record.get(key), str):
         raise DocumentError(f"{where}: expected an object with a {key!r} string, got "
                             f"{line.strip()[:60]!r}")
-    text = record[key]
+    text = _check_utf8(record[key], where, repr(key))
     if not text.strip():
         raise DocumentError(f"{where}: empty document (no text under {key!r})")
     ids = np.array(tokenizer.encode(text), dtype=np.int32)
@@ -211,7 +234,7 @@ def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
 
 def _read_lines(path: Path, parse, skip_bad: bool, report: ReadReport | None
                 ) -> Iterator[SourceDocument]:
-    with open(path, encoding="utf-8") as lines:
+    with open(path, encoding="utf-8", errors="surrogateescape") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -255,7 +278,13 @@ def load_units(path: Path) -> np.ndarray:
             raise DocumentError(f"{path}: expected a 1-D integer array of units, got "
                                 f"{units.dtype} with shape {units.shape}")
         return units.astype(np.int64)
-    return parse_units_text(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DocumentError(f"{path}: not a text file of units ({error.reason} at byte "
+                            f"{error.start}); expected whitespace-separated integers, or a "
+                            f".npy array") from None
+    return parse_units_text(text, str(path))
 
 
 def _frame(seconds: float, frame_rate: float) -> int:
@@ -413,7 +442,7 @@ class ChunkResult:
 def line_chunks(paths: list[str], chunk_size: int) -> Iterator[Chunk]:
     """The non-blank lines of `paths`, in order, `chunk_size` lines at a time."""
     for path in paths:
-        with open(path, encoding="utf-8") as lines:
+        with open(path, encoding="utf-8", errors="surrogateescape") as lines:
             chunk: list[tuple[int, str]] = []
             for number, line in enumerate(lines, 1):
                 if line.strip():

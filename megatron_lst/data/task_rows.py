@@ -20,7 +20,8 @@ mask set on the answer's targets only (`megatron_lst.patching.contract`: positio
 target are padding; before it, the mask marks the trained targets). Rows visit the store's
 utterances in a fresh permutation each epoch, drawn from (seed, epoch), as `LSTDataset` orders
 documents; a row whose utterance does not fit `seq_length` patches or `max_tokens` inputs raises
-`DatasetError` naming the flags to raise (`max_row_shape` measures a store up front).
+`DatasetError` naming the flags to raise (`max_row_shape` measures a store up front); a store
+with an utterance that has no transcript or no units is refused when the dataset is made.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ class TaskDataset(torch.utils.data.Dataset):
                                f"with --task {task}")
         if len(store) == 0:
             raise DatasetError("the document store is empty")
+        if hasattr(store, "part_lengths"):
+            _check_utterances(store, task)
         self.store = store
         self.task = task
         self.vocab = store.vocab
@@ -187,6 +190,20 @@ class TaskDataset(torch.utils.data.Dataset):
         trained = row.target_mask[1:]  # [L] target j + 1 of input j
         sample["loss_mask"][:len(trained)] *= torch.from_numpy(trained.astype(np.float32))
         return sample
+
+
+def _check_utterances(store, task: str) -> None:
+    """Refuse, before training, a store with utterances that have no transcript (silence only)
+    or no units: their rows cannot be made, and training would stop when it reached one."""
+    lengths = store.part_lengths()  # [D, 4]: text ids, unit ids, segment tables
+    unusable = np.flatnonzero((lengths[:, 0] == 0) | (lengths[:, 1] == 0))
+    if len(unusable):
+        first = int(unusable[0])
+        raise DatasetError(
+            f"{len(unusable)} of {len(store)} utterances{_where(store)} lack a transcript or "
+            f"units, which {task} rows need: document {first}{_where(store, first)} has "
+            f"{lengths[first, 0]} text pieces and {lengths[first, 1]} units; leave such "
+            f"utterances out of the corpus and re-run tools/preprocess_data.py")
 
 
 def _where(store, index: int | None = None) -> str:

@@ -14,6 +14,7 @@ Praat's own reader does. Strings escape `"` as `""`. Files may be UTF-8 or UTF-1
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -57,10 +58,16 @@ class _Token:
     line: int
 
 
-def _decode(raw: bytes) -> str:
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return raw.decode("utf-16")
-    return raw.decode("utf-8-sig")
+def _decode(path: Path, raw: bytes) -> str:
+    encoding = "utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].decode(encoding, errors="replace").count("\n") + 1
+        name = "UTF-16" if encoding == "utf-16" else "UTF-8"
+        raise TextGridError(f"{path}:{line}: not {name} text ({error.reason} at byte "
+                            f"{error.start}); save the TextGrid as UTF-8, or as UTF-16 with a "
+                            f"byte-order mark") from None
 
 
 def _tokens(text: str) -> Iterator[_Token]:
@@ -96,12 +103,19 @@ class _Cursor:
     def string(self, what: str) -> str:
         return self._next("string", what).value.replace('""', '"')
 
-    def number(self, what: str) -> float:
-        return float(self._next("number", what).value)
-
-    def count(self, what: str) -> int:
+    def _finite(self, what: str) -> tuple[_Token, float]:
         token = self._next("number", what)
         value = float(token.value)
+        if not math.isfinite(value):
+            raise TextGridError(f"{self.path}:{token.line}: {what} is {token.value}, beyond the "
+                                f"range of a floating-point number")
+        return token, value
+
+    def number(self, what: str) -> float:
+        return self._finite(what)[1]
+
+    def count(self, what: str) -> int:
+        token, value = self._finite(what)
         if value != int(value) or value < 0:
             raise TextGridError(f"{self.path}:{token.line}: {what} must be a non-negative "
                                 f"integer, found {token.value}")
@@ -118,7 +132,7 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
     listing the tiers present when `tier` is missing.
     """
     path = Path(path)
-    cursor = _Cursor(path, _decode(path.read_bytes()))
+    cursor = _Cursor(path, _decode(path, path.read_bytes()))
     if cursor.string("the file type") != "ooTextFile":
         raise TextGridError(f"{path}:1: not a Praat text file (File type is not \"ooTextFile\")")
     if cursor.string("the object class") != "TextGrid":

@@ -105,7 +105,12 @@ class SentencePieceTokenizer(TextTokenizer):
         import sentencepiece
 
         super().__init__(path)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as error:
+            raise VocabularyError(f"{path}: not a SentencePiece model ({error}); pass a .model "
+                                  f"file (tools/train_tokenizer.py makes one) or a tokenizers "
+                                  f"tokenizer.json") from None
         if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
             raise VocabularyError(f"{path}: the SentencePiece model has no BOS or EOS piece; "
                                   f"train it with bos_id and eos_id set (tools/train_tokenizer.py)")
@@ -142,7 +147,11 @@ class HFTokenizer(TextTokenizer):
             raise ImportError(f"loading {path} needs the Hugging Face `tokenizers` package: "
                               f"pip install megatron-lst[data]") from error
         super().__init__(path)
-        self._tok = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise VocabularyError(f"{path}: not a tokenizers tokenizer.json ({error}); pass one "
+                                  f"or a SentencePiece .model file") from None
         for bos, eos in _HF_BOS_EOS:
             bos_id, eos_id = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
             if bos_id is not None and eos_id is not None:

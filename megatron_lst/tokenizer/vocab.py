@@ -23,6 +23,10 @@ MODALITY_TEXT = 0
 MODALITY_SPEECH = 1
 
 
+# Joint ids are int32 in documents, rows and batches.
+_MAX_IDS = 2**31
+
+
 class VocabularyError(ValueError):
     """An id, a tokenizer or a stored artifact disagrees with the vocabulary layout."""
 
@@ -48,6 +52,11 @@ class JointVocab:
             )
         if self.num_units <= 0:
             raise VocabularyError(f"num_units must be positive, got {self.num_units}")
+        if self.size > _MAX_IDS:
+            raise VocabularyError(
+                f"{self.text_size} text pieces, 6 markers and {self.num_units} speech units make "
+                f"{self.size} ids, more than int32 ids address; num_units (--num-units) is the "
+                f"speech codebook size, e.g. HuBERT's 500 clusters + 2 = 502")
 
     @property
     def text_marker(self) -> int:

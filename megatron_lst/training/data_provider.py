@@ -49,7 +49,7 @@ SPLITS = ("train", "valid", "test")
 
 class DocumentRange:
     """Documents `[start, stop)` of a store, with the store's interface (`kind`, `vocab`,
-    `prefix`, len, indexing, `describe`). The dataset keys its cached row index by the store's files, not by
+    `prefix`, len, indexing, `describe`, `part_lengths`). The dataset keys its cached row index by the store's files, not by
     the range: give each range a cache directory of its own (`build_datasets` does)."""
 
     def __init__(self, store: DocumentStore, start: int, stop: int):
@@ -73,6 +73,9 @@ class DocumentRange:
 
     def describe(self, index: int) -> str:
         return self.store.describe(self.start + index)
+
+    def part_lengths(self) -> np.ndarray:
+        return self.store.part_lengths()[self.start:self.stop]
 
 
 def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
@@ -139,7 +142,7 @@ def _space_id(args: argparse.Namespace, stores: list[DocumentStore]) -> int | No
     if args.tokenizer_model is None:
         recorded = {store.manifest.tokenizer.space_id for store in stores}
         if len(recorded) > 1:
-            raise ValueError(
+            raise VocabularyError(
                 f"the datasets record different word-boundary pieces {sorted(recorded, key=str)}: "
                 "they were made with different tokenizers; preprocess them with one tokenizer")
         space_id = recorded.pop()
@@ -149,7 +152,10 @@ def _space_id(args: argparse.Namespace, stores: list[DocumentStore]) -> int | No
         return space_id
     from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 
-    tokenizer = load_text_tokenizer(args.tokenizer_model)
+    try:
+        tokenizer = load_text_tokenizer(args.tokenizer_model)
+    except FileNotFoundError as error:
+        raise VocabularyError(f"--tokenizer-model: {error}") from None
     for store in stores:
         store.check_tokenizer(tokenizer)
     return tokenizer.space_id

@@ -339,6 +339,22 @@ def test_row_index_cache(tmp_path, monkeypatch):
     assert not list(cache.glob("*.partial.npy"))
 
 
+@pytest.mark.parametrize("damage", [lambda raw: raw[:50], lambda raw: b"garbage"])
+def test_a_damaged_row_index_cache_is_rebuilt(tmp_path, caplog, damage):
+    store = aligned_store(6, 8)
+    store.prefix = str(tmp_path / "corpus")
+    (tmp_path / "corpus.json").write_text("{}")
+    cache = tmp_path / "cache"
+    built = dataset(MODES["static"], store, index_cache_dir=cache)
+    (cached,) = cache.glob("lst_rows_*.npy")
+    intact = cached.read_bytes()
+    cached.write_bytes(damage(intact))
+    rebuilt = dataset(MODES["static"], store, index_cache_dir=cache)
+    assert "damaged row index" in caplog.text
+    assert torch.equal(rebuilt[5]["tokens"], built[5]["tokens"])
+    assert cached.read_bytes() == intact
+
+
 class _StoreRange:
     """Documents [start, stop) of a store, sharing its files (as training's splits do)."""
 

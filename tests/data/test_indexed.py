@@ -111,6 +111,16 @@ def test_truncated_bin(aligned_store):
         DocumentStore(prefix)
 
 
+def test_an_empty_bin_is_named_without_noise_from_megatron(aligned_store, capfd):
+    prefix, _ = aligned_store
+    prefix.with_name(prefix.name + ".bin").write_bytes(b"")
+    with pytest.raises(StoreError, match=r"aligned.bin: is empty \(0 bytes\); the file is "
+                                         r"truncated"):
+        DocumentStore(prefix)
+    gc.collect()
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda raw: raw[:-9], r"is \d+ bytes but its header lists 120 sequences and 31 document"),
     (lambda raw: raw + b"\0", r"is \d+ bytes but its header lists 120 sequences"),
@@ -132,8 +142,11 @@ def test_missing_manifest_and_data(aligned_store):
     prefix.with_name(prefix.name + ".bin").unlink()
     with pytest.raises(StoreError, match=r"aligned.bin: not found"):
         DocumentStore(prefix)
+    with pytest.raises(ManifestError, match=r"aligned.bin.json: manifest not found; .*a dataset "
+                                            r"is named by its prefix: pass .*aligned, without .bin"):
+        DocumentStore(f"{prefix}.bin")
     prefix.with_name(prefix.name + ".json").unlink()
-    with pytest.raises(ManifestError, match=r"aligned.json: manifest not found"):
+    with pytest.raises(ManifestError, match=r"aligned.json: manifest not found; [^;]*$"):
         DocumentStore(prefix)
 
 
@@ -162,6 +175,27 @@ def test_unreadable_manifest(aligned_store):
         DocumentStore(prefix)
     path.write_text("[1, 2]")
     with pytest.raises(ManifestError, match="unreadable manifest .*expected a JSON object"):
+        DocumentStore(prefix)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("vocab", "text_size", None, r"unreadable vocabulary \(KeyError: 'text_size'\)"),
+    ("vocab", "num_units", "502", r"unreadable vocabulary \(TypeError"),
+    ("counts", "documents", 30.0, r"unreadable manifest \(counts \['documents'\] are not integers"),
+    ("counts", "units", "7", r"unreadable manifest \(counts \['units'\] are not integers"),
+    ("tokenizer", "space_id", 10**6, r"unreadable manifest \(tokenizer space_id 1000000 is not "
+                                      r"a piece of the \d+-piece tokenizer"),
+])
+def test_a_hand_edited_manifest_is_refused_by_name(aligned_store, section, key, value, message):
+    prefix, _ = aligned_store
+    path = prefix.with_name(prefix.name + ".json")
+    raw = json.loads(path.read_text())
+    if value is None:
+        del raw[section][key]
+    else:
+        raw[section][key] = value
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"aligned.json: " + message):
         DocumentStore(prefix)
 
 

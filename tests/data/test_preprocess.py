@@ -1,6 +1,9 @@
 import importlib.util
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,14 +153,17 @@ def test_skip_bad_counts_in_manifest(tmp_path, spm, capsys):
     with open(source, "a") as f:
         f.write("not json\n")
         f.write(json.dumps({"interleaved": f"{SEP}PHONES a"}) + "\n")
+    with open(source, "ab") as f:  # a Latin-1 word: a line that is not UTF-8
+        f.write(f'{{"interleaved": "{SEP}TEXT caf\xe9 {SEP}HUBERT 1"}}\n'.encode("latin-1"))
     manifest = preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",
                                 "--tokenizer-model", str(spm), "--output-prefix",
                                 str(tmp_path / "out"), "--skip-bad", "--workers", "2",
                                 "--chunk-size", "3"])
-    assert manifest.counts.documents == 10 and manifest.counts.bad_skipped == 2
-    assert DocumentStore(tmp_path / "out").manifest.counts.bad_skipped == 2
+    assert manifest.counts.documents == 10 and manifest.counts.bad_skipped == 3
+    assert DocumentStore(tmp_path / "out").manifest.counts.bad_skipped == 3
     out = capsys.readouterr().out
-    assert "skipped 2 bad documents" in out and "in.jsonl:11: not valid JSON" in out
+    assert "skipped 3 bad documents" in out and "in.jsonl:11: not valid JSON" in out
+    assert "in.jsonl:13: the line holds the byte 0xe9, which is not UTF-8" in out
 
 
 def test_store_refuses_another_tokenizer(tmp_path, spm):
@@ -180,6 +186,24 @@ def test_argument_errors(tmp_path, spm):
         preprocess.main(["--input", str(tmp_path / "missing.jsonl"), "--input-format",
                          "text-jsonl", "--tokenizer-model", str(spm), "--output-prefix",
                          str(tmp_path / "x")])
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 2)
+    reference = ["--input", str(source), "--input-format", "reference-jsonl",
+                 "--output-prefix", str(tmp_path / "x")]
+    with pytest.raises(SystemExit, match="--tokenizer-model .*nope.model: no such file"):
+        preprocess.main([*reference, "--tokenizer-model", str(tmp_path / "nope.model")])
+    corpus = tmp_path / "corpus.json"
+    corpus.write_bytes(source.read_bytes())
+    with pytest.raises(SystemExit, match=r"--output-prefix .*corpus would overwrite .*corpus.json"):
+        preprocess.main(["--input", str(corpus), "--input-format", "reference-jsonl",
+                         "--tokenizer-model", str(spm), "--output-prefix", str(tmp_path / "corpus")])
+    assert corpus.read_bytes() == source.read_bytes()
+    with pytest.raises(SystemExit, match=r"--output-prefix .*out/ names a directory; .*out/corpus"):
+        preprocess.main([*reference[:-1], str(tmp_path / "out") + "/", "--tokenizer-model",
+                         str(spm)])
+    for rate in ("0", "-25", "nan", "inf"):
+        with pytest.raises(SystemExit, match="--frame-rate must be a positive number"):
+            preprocess.main([*reference, "--tokenizer-model", str(spm), "--frame-rate", rate])
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):
@@ -193,3 +217,16 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):
                                                       "preprocess: 210 documents"]
     size = source.stat().st_size / 1e6
     assert f"of {size:,.1f} MB (" in lines[0] and "documents/s" in lines[0] and "MB/s" in lines[0]
+
+
+def test_an_unwritable_output_is_one_line(tmp_path, spm):
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 2)
+    (tmp_path / "file").write_text("")
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input",
+                          str(source), "--input-format", "reference-jsonl", "--tokenizer-model",
+                          str(spm), "--output-prefix", str(tmp_path / "file" / "out")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().startswith("error: ") and "file" in run.stderr

@@ -90,6 +90,8 @@ def test_reference_pairing_rules(tokenizer):
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1.5"), r"bad.jsonl:2 \(utt\): speech unit '1.5'"),
     (_line(""), r"bad.jsonl:2 \(utt\): empty document"),
     (_line(f"{SEP}TEXT [SIL] {SEP}HUBERT "), r"bad.jsonl:2 \(utt\): empty document"),
+    (_line(f"{SEP}TEXT a {SEP}TEXT b {SEP}HUBERT "), r"bad.jsonl:2 \(utt\): no speech units in "
+                                                    r"any segment"),
     (_line(f"TEXT a {SEP}HUBERT 1"), r"bad.jsonl:2 \(utt\): text before the first"),
     (_line(f"{SEP}TEXT [SIL] a {SEP}HUBERT 1"), r"bad.jsonl:2 \(utt\): segment 0 mixes \[SIL\]"),
 ])
@@ -128,6 +130,25 @@ def test_text_jsonl(tmp_path, tokenizer):
     with pytest.raises(DocumentError, match=r"text.jsonl:2: empty document"):
         list(read_text_jsonl(path, tokenizer))
     assert len(list(read_text_jsonl(path, tokenizer, skip_bad=True))) == 1
+
+
+@pytest.mark.parametrize("read, raw, message", [
+    (read_text_jsonl, b'{"text": "caf\xe9"}\n', r"x.jsonl:2: the line holds the byte 0xe9, "
+                                                  r"which is not UTF-8, at character 13"),
+    (read_text_jsonl, b'{"text": "a \\ud800 b"}\n', r"x.jsonl:2: 'text' holds a lone surrogate "
+                                                     r"\\ud800"),
+    (read_reference_jsonl, b'{"interleaved": "' + SEP.encode() + b'TEXT \\udfff a"}\n',
+     r"x.jsonl:2: \"interleaved\" holds a lone surrogate \\udfff"),
+])
+def test_text_that_is_not_utf8_names_the_line(tmp_path, tokenizer, read, raw, message):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"text": "hello", "interleaved": "' + SEP.encode() + b'TEXT a ' + SEP.encode()
+                     + b'HUBERT 1"}\n' + raw)
+    with pytest.raises(DocumentError, match=message):
+        list(read(path, tokenizer))
+    report = ReadReport()
+    assert len(list(read(path, tokenizer, skip_bad=True, report=report))) == 1
+    assert report.bad_skipped == 1
 
 
 def _utterance(textgrid_dir: Path, units_dir: Path, name: str, intervals, units,
@@ -183,6 +204,10 @@ def test_textgrid_bad_units(tmp_path, tokenizer):
     with pytest.raises(DocumentError, match=r"a.npy: expected a 1-D integer array"):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
     (tmp_path / "u" / "a.npy").unlink()
+    (tmp_path / "u" / "a.txt").write_bytes(b"1 2 \xff 3\n")
+    with pytest.raises(DocumentError, match=r"a.txt: not a text file of units"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+    (tmp_path / "u" / "a.txt").unlink()
     with pytest.raises(DocumentError, match=r"a.TextGrid: no unit file a\{.npy"):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
     report = ReadReport()

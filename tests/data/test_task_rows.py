@@ -8,6 +8,8 @@ from document_cases import SPACE_ID, VOCAB, MemoryStore, aligned_store, text_sto
 
 from megatron_lst.data.dataset import DatasetError
 from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.indexed import DocumentStore, DocumentWriter
+from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
 from megatron_lst.data.task_rows import TaskDataset, max_row_shape, task_row
 from megatron_lst.patching import Patcher, PatchingConfig, aligned_patch_lengths, check_batch
 
@@ -139,3 +141,21 @@ def test_utterance_without_transcript_is_refused():
                              np.array([0], np.int32), np.array([2], np.int32))
     with pytest.raises(DatasetError, match="needs a transcript and units"):
         task_row(silent, "asr", VOCAB, SPACE_ID)
+
+
+def test_a_store_with_an_utterance_without_transcript_is_refused_before_training(tmp_path):
+    silent = AlignedDocument(np.zeros(0, np.int32), np.array([1, 2], np.int32),
+                             np.array([0], np.int32), np.array([2], np.int32))
+    writer = DocumentWriter(tmp_path / "speech", "aligned")
+    for doc in (HAND_DOC, silent, HAND_DOC):
+        writer.add_aligned(doc)
+    counts = Counts(documents=3, segments=7, text_pieces=6, units=14)
+    writer.finalize(Manifest("aligned", VOCAB.to_dict(), TokenizerInfo("none", "0" * 64,
+                                                                       VOCAB.text_size),
+                             VOCAB.num_units, 25.0, counts))
+    store = DocumentStore(tmp_path / "speech")
+    patcher = Patcher(PATCHINGS["static"])
+    with pytest.raises(DatasetError, match=r"1 of 3 utterances \(.*speech\) lack a transcript or "
+                                           r"units, which tts rows need: document 1 \(.*speech.bin, "
+                                           r"document 1\) has 0 text pieces and 2 units"):
+        TaskDataset(store, "tts", 3, 16, 32, patcher, seed=0)

@@ -150,6 +150,29 @@ def test_interval_ending_before_start(tmp_path):
         read_textgrid(path)
 
 
+@pytest.mark.parametrize("old, new, message", [
+    ("xmax = 1.1", "xmax = 1e400", r"x.TextGrid:21: an interval's xmax is 1e400, beyond the range"),
+    ("intervals: size = 3", "intervals: size = 3e999", r"x.TextGrid:14: the number of intervals "
+                                                        r"or points is 3e999, beyond the range"),
+])
+def test_a_number_beyond_the_float_range_names_its_line(tmp_path, old, new, message):
+    path = tmp_path / "x.TextGrid"
+    path.write_text(LONG.replace(old, new, 1))
+    with pytest.raises(TextGridError, match=message):
+        read_textgrid(path)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (LONG.replace('"world"', '"caf\xe9"').encode("latin-1"), r"x.TextGrid:26: not UTF-8 text"),
+    (LONG.encode("utf-16")[:-1], r"x.TextGrid:\d+: not UTF-16 text"),
+])
+def test_text_in_another_encoding_names_the_file_and_line(tmp_path, raw, message):
+    path = tmp_path / "x.TextGrid"
+    path.write_bytes(raw)
+    with pytest.raises(TextGridError, match=message + r" .*save the TextGrid as UTF-8"):
+        read_textgrid(path)
+
+
 @settings(max_examples=40, deadline=None)
 @given(labels=st.lists(st.text(max_size=8), min_size=1, max_size=6),
        gaps=st.lists(st.floats(0.0, 2.0), min_size=12, max_size=12))

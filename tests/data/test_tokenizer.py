@@ -269,3 +269,20 @@ def test_joint_vocab_records_the_tokenizer_digest(tiny):
         other.check_tokenizer(tiny, "dataset D")
     with pytest.raises(VocabularyError, match="pieces but dataset D was made with"):
         JointVocab(tiny.vocab_size + 1, 10).check_tokenizer(tiny, "dataset D")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("junk.model", b"not a model", r"junk.model: not a SentencePiece model"),
+    ("tokenizer.json", b'{"model":', r"tokenizer.json: not a tokenizers tokenizer.json"),
+])
+def test_a_file_that_is_no_tokenizer_is_a_vocabulary_error(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(VocabularyError, match=message):
+        load_text_tokenizer(tmp_path / name)
+
+
+def test_a_vocabulary_beyond_int32_ids_is_refused():
+    JointVocab(300, 2**31 - 306)  # the largest: ids 0 .. 2**31 - 1
+    with pytest.raises(VocabularyError, match=r"300 text pieces, 6 markers and 100000000000 speech "
+                                              r"units .* more than int32 ids address"):
+        JointVocab(300, 10**11)

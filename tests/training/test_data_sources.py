@@ -138,3 +138,28 @@ def test_speech_only_fraction_reaches_the_training_and_validation_rows(tmp_path)
         return sum(int((row == datasets.vocab.text_marker).sum()) for row in rows)
 
     assert text_markers(speech_only) == 0 < text_markers(default)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"--tokenizer-model: .*spm.model: tokenizer not found"),
+    (b"junk", r"spm.model: not a SentencePiece model"),
+])
+def test_a_missing_or_unreadable_tokenizer_is_a_vocabulary_error(tmp_path, content, message):
+    tokenizer = tmp_path / "spm.model"
+    if content is not None:
+        tokenizer.write_bytes(content)
+    flags = tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "2",
+                                                  "--tokenizer-model", str(tokenizer)]
+    with pytest.raises(VocabularyError, match=message):  # lst-train: exit 4, one line
+        build_datasets(validate_args(parse_args(flags), 1))
+
+
+def test_datasets_recording_different_word_boundary_pieces_are_a_vocabulary_error(tmp_path):
+    data = write_corpus(tmp_path)
+    manifest = tmp_path / "text.json"
+    record = json.loads(manifest.read_text())
+    record["tokenizer"]["space_id"] = 5  # speech.json records none
+    manifest.write_text(json.dumps(record))
+    args = validate_args(parse_args(tiny_flags(data) + ["--train-iters", "2"]), 1)
+    with pytest.raises(VocabularyError, match=r"record different word-boundary pieces"):
+        build_datasets(args)  # lst-train: exit 4, one line
