@@ -159,6 +159,17 @@ def _complete_checkpoints(root: Path) -> dict[int, Path]:
     return complete
 
 
+def checkpoints_from(root: str | os.PathLike, first_iteration: int) -> list[Path]:
+    """The `iter_XXXXXXX` directories under `root`, complete or not, of iteration
+    `first_iteration` or later, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = {int(match.group(1)): entry for entry in root.iterdir()
+             if (match := _COMPLETE_NAME.match(entry.name))}
+    return [found[i] for i in sorted(found) if i >= first_iteration]
+
+
 def _is_complete(path: Path) -> bool:
     return (path / METADATA_FILENAME).is_file() and (path / "metadata.json").is_file()
 
@@ -221,10 +232,12 @@ def save_checkpoint(
     root = Path(save_dir)
     _check_weights_finite(model_chunks, iteration, root)
     final = root / checkpoint_name(iteration)
-    if final.exists():
+    if later := checkpoints_from(root, iteration):
         raise CheckpointError(
-            f"{final} already exists; refusing to overwrite a checkpoint. Save into another "
-            f"--save directory or move that checkpoint away"
+            f"{root} already holds {[entry.name for entry in later]}; refusing to save iteration "
+            f"{iteration} there: it would overwrite a checkpoint or lie behind a newer one that "
+            f"resuming loads instead. Save into another --save directory or move those "
+            f"checkpoints away"
         )
     extra_json = json.dumps(extra_state)  # fail before any writing if it is not JSON-able
     nonce = _broadcast_from_rank0(secrets.token_hex(6))

@@ -18,7 +18,7 @@ from megatron_lst.checkpoint.dist import (
     save_dist_checkpoint,
     training_args_for,
 )
-from megatron_lst.checkpoint.errors import CheckpointIntegrityError
+from megatron_lst.checkpoint.errors import CheckpointError, CheckpointIntegrityError
 from megatron_lst.checkpoint.integrity import (
     MANIFEST_FILENAME,
     inspect_checkpoint,
@@ -215,6 +215,20 @@ def test_diverged_weights_are_not_saved(saved, tmp_path):
     message = str(refused.value)
     assert "iteration 3: weight output_layer.weight holds NaN or infinity" in message
     assert f"The newest checkpoint, {save_dir / 'iter_0000002'} (iteration 2)" in message
+    assert sorted(p.name for p in save_dir.iterdir()) == [
+        "iter_0000001", "iter_0000002", TRACKER_FILENAME]
+
+
+@pytest.mark.parametrize("iteration", [2, 0])
+def test_a_save_at_or_behind_an_existing_checkpoint_is_refused(save_dir, iteration):
+    """Iteration 2 would overwrite a checkpoint; iteration 0 would move the pointer behind
+    iteration 2, which resuming loads instead."""
+    model = tiny_model()
+    with pytest.raises(CheckpointError, match=rf"already holds .*'iter_0000002'\]; refusing "
+                                              rf"to save iteration {iteration}"):
+        save_dist_checkpoint(save_dir, model, training_args_for(model.lst_config), VOCAB,
+                             iteration)
+    assert (save_dir / TRACKER_FILENAME).read_text() == "2"
     assert sorted(p.name for p in save_dir.iterdir()) == [
         "iter_0000001", "iter_0000002", TRACKER_FILENAME]
 

@@ -202,6 +202,26 @@ def test_load_directory_with_checkpoint_and_corrupt_pointer(tmp_path):
         valid("--load", str(tmp_path), "--save", str(tmp_path))
 
 
+def test_save_directory_with_newer_checkpoints_is_refused_before_training(tmp_path):
+    """Resuming an older checkpoint (or starting over) into a --save directory with newer ones
+    would train up to the first colliding save and fail there, or save behind them."""
+    for iteration in (10, 20):
+        checkpoint = tmp_path / f"iter_{iteration:07d}"
+        checkpoint.mkdir()
+        (checkpoint / "metadata.json").write_text("{}")
+        (checkpoint / METADATA_FILENAME).write_text("{}")
+    save = ("--save", str(tmp_path))
+    assert valid("--load", str(tmp_path), *save).resume_from == str(tmp_path / "iter_0000020")
+    with pytest.raises(ArgumentError, match=r"already holds \['iter_0000020'\], newer than "
+                                            r"iteration 10"):
+        valid("--load", str(tmp_path), "--ckpt-step", "10", *save)
+    with pytest.raises(ArgumentError, match=r"already holds \['iter_0000010', 'iter_0000020'\]"):
+        valid(*save)
+    with pytest.raises(ArgumentError, match=r"newer than iteration 0.*pass another --save"):
+        valid("--load", str(tmp_path), "--finetune", *save)
+    assert valid("--load", str(tmp_path), "--finetune", "--save", str(tmp_path / "new")).finetune
+
+
 # --- presets and YAML ----------------------------------------------------------------------
 
 def test_precedence_is_preset_then_yaml_then_command_line(tmp_path):
