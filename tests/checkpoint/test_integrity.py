@@ -188,6 +188,21 @@ def test_truncated_file_is_named_and_an_older_checkpoint_loads(save_dir, capsys,
     assert cli.main(["verify", "--load", str(save_dir), "--ckpt-step", "1"]) == 0
 
 
+@pytest.mark.parametrize(("damage", "expected"), [
+    (lambda c: (c / "common.pt").unlink(), r"common\.pt is missing; megatron stores"),
+    (lambda c: (c / "metadata.json").write_text("{bad"), r"metadata\.json is missing or damaged"),
+    (lambda c: (c / "metadata.json").write_text("[]"), r"metadata\.json holds a JSON list"),
+])
+def test_megatron_files_a_manifest_would_catch_are_named_without_one(save_dir, damage, expected):
+    """A checkpoint saved before manifests: megatron's own config and common state are checked
+    too, not left to fail inside megatron with a traceback."""
+    newest = save_dir / "iter_0000002"
+    (newest / MANIFEST_FILENAME).unlink()
+    damage(newest)
+    with pytest.raises(CheckpointIntegrityError, match=expected):
+        load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
+
+
 def test_changed_byte_is_caught_by_the_digest(save_dir):
     broken = largest_distcp(save_dir / "iter_0000002")
     data = bytearray(broken.read_bytes())
