@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_lst.models.config import LSTConfig, swiglu_ffn_size
+from megatron_lst.models.config import LSTConfig, ModelConfigError, swiglu_ffn_size
 from megatron_lst.models.reference_import import (
     DOCUMENT_MASKING_ATTN_IMPLS,
     ReferenceImportError,
@@ -53,7 +54,13 @@ def read_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own SafetensorError
             raise ReferenceImportError(f"cannot read reference checkpoint {path}: {error}") from None
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ReferenceImportError(
+            f"cannot read reference checkpoint {path}: it is not a torch checkpoint of tensors "
+            f"and plain data, or it is truncated ({reason})") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -68,8 +75,11 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: JSON and UTF-8 decoding
         raise ReferenceImportError(f"cannot read reference model args {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ReferenceImportError(
+            f"{path} holds a JSON {type(data).__name__}, not the reference's model arguments")
     for key in ("model_args", "model"):
         if isinstance(data.get(key), dict):
             return data[key]
@@ -84,7 +94,13 @@ def import_reference(
     reference: dict[str, torch.Tensor], model_args: dict[str, Any]
 ) -> tuple[LSTConfig, dict[str, torch.Tensor]]:
     """`(LSTConfig, full state dict)` of a reference checkpoint."""
-    config = lst_config_from_reference(model_args)
+    try:
+        config = lst_config_from_reference(model_args)
+    except KeyError as error:
+        raise ReferenceImportError(f"reference model args lack {error}") from None
+    except (ModelConfigError, TypeError) as error:
+        raise ReferenceImportError(
+            f"reference model args do not describe a model this package builds: {error}") from None
     return config, canonical_state_dict(reference, config)
 
 

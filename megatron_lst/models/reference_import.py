@@ -251,7 +251,15 @@ def canonical_state_dict(reference: dict[str, torch.Tensor], config: LSTConfig) 
         missing = [name for name in mapping.reference if name not in ref]
         if missing:
             raise ReferenceImportError(f"reference checkpoint has no tensor {missing[0]!r}")
-        out[mapping.ours] = mapping.combine([ref.pop(name) for name in mapping.reference])
+        parts = [ref.pop(name) for name in mapping.reference]
+        try:
+            out[mapping.ours] = mapping.combine(parts)
+        except RuntimeError:
+            shapes = {name: tuple(part.shape) for name, part in zip(mapping.reference, parts,
+                                                                     strict=True)}
+            raise ReferenceImportError(
+                f"reference tensors {shapes} do not combine into {mapping.ours!r}: their shapes "
+                "do not fit the model args") from None
     if ref:
         raise ReferenceImportError(f"reference tensors left unmapped: {sorted(ref)}")
     return out

@@ -110,6 +110,51 @@ def test_missing_reference_tensor_is_named(reference):
         import_reference(state, model_args)
 
 
+def test_reference_tensors_that_do_not_combine_are_named_with_their_shapes(reference):
+    state, model_args = reference
+    state = {**state, "global_transformer.layers.0.attention.wq.weight": torch.zeros(64, 65)}
+    with pytest.raises(ReferenceImportError, match=r"'global_transformer\.layers\.0\.attention\."
+                                                   r"wq\.weight': \(64, 65\).* do not combine"):
+        import_reference(state, model_args)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"dim_global": None}, r"lack 'dim_global'"),
+    ({"n_kv_heads_global": 3}, r"do not describe a model .*num_query_groups 3"),
+    ({"cross_attn_k": 0}, r"do not describe a model .*cross-attention sizes must all be >= 1"),
+    ({"dim_global": "64"}, r"do not describe a model this package builds: unsupported operand"),
+])
+def test_model_args_that_describe_no_model_are_refused_naming_why(reference, edit, message):
+    state, model_args = reference
+    model_args = {**model_args, **edit}
+    if edit.get("dim_global", 0) is None:
+        del model_args["dim_global"]
+    with pytest.raises(ReferenceImportError, match=message):
+        import_reference(state, model_args)
+
+
+@pytest.mark.parametrize(("name", "content", "reader", "message"), [
+    ("consolidated.pth", b'{"model": {}}', read_reference_state_dict,
+     r"not a torch checkpoint of tensors and plain data, or it is truncated"),
+    ("params.json", b"\xb8\x00", read_reference_model_args, r"cannot read reference model args"),
+    ("params.json", b"[1, 2]", read_reference_model_args, r"holds a JSON list, not the reference"),
+])
+def test_unreadable_reference_files_are_refused_naming_them(tmp_path, name, content, reader,
+                                                           message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ReferenceImportError, match=message):
+        reader(path)
+
+
+def test_truncated_consolidated_checkpoint_is_refused_naming_it(reference, tmp_path):
+    path = tmp_path / "consolidated.pth"
+    torch.save({"model": reference[0]}, path)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(ReferenceImportError, match=rf"cannot read reference checkpoint {path}"):
+        read_reference_state_dict(path)
+
+
 def test_unmapped_model_tensor_is_named_on_export(imported_model):
     state = full_state_dict(imported_model)
     state["local_decoder.extra_gate.weight"] = torch.zeros(2)
