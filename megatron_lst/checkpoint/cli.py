@@ -14,7 +14,8 @@ between the model before and after conversion, and exits 1 if it exceeds the tol
 `verify` checks a dist checkpoint's files without loading a model: sizes and SHA-256 digests
 against the manifest written at save time, truncation against the checkpoint index, and that
 its pickled parts hold only checkpoint data.
-Exit status: 0 on success, 1 for a checkpoint that is refused or fails verification.
+Exit status: 0 on success, 1 for a checkpoint that is refused or fails verification, or an
+output that exists already or cannot be written; 2 for bad arguments.
 
 Checkpoints from others: see SAFETY_NOTE (printed at the end of --help).
 """
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_dist = commands.add_parser("portable-to-dist", help="portable -> dist checkpoint (weights only)")
     to_dist.add_argument("--portable", required=True, help="portable checkpoint directory")
     to_dist.add_argument("--save", required=True, help="lst-train --save directory to write into")
-    to_dist.add_argument("--iteration", type=int, default=0,
+    to_dist.add_argument("--iteration", type=_iteration, default=0,
                          help="iteration number of the written checkpoint (default 0)")
 
     verify = commands.add_parser("verify", help="check a dist checkpoint's files")
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--ckpt-step", type=int, default=None,
                         help="the checkpoint of this iteration (default: the latest)")
     return parser
+
+
+def _iteration(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"an iteration number is 0 or more, got {value}")
+    return value
 
 
 def verify_command(load: str, ckpt_step: int | None) -> int:
@@ -132,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             convert.portable_to_dist(args.portable, args.save, args.iteration, sys.stdout)
     except (CheckpointContentError, CheckpointError, ReferenceImportError, VocabularyError,
-            VerificationError) as error:
+            VerificationError, OSError) as error:  # OSError: an output it cannot write
         print(f"lst-convert {args.command}: {error}", file=sys.stderr)
         return 1
     finally:
