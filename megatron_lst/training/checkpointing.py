@@ -37,6 +37,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,7 +224,8 @@ def save_checkpoint(
     virtual pipeline stage. `optimizer`: a megatron.core optimizer or None. `scheduler`: an
     `OptimizerParamScheduler` or None. `extra_state`: JSON-able training position (consumed
     samples, curriculum step, data seed, FLOP counters ...), returned as is by `load_checkpoint`.
-    Raises NonFiniteWeightsError, saving nothing, when a weight is NaN or infinite.
+    Raises NonFiniteWeightsError, saving nothing, when a weight is NaN or infinite, and
+    CheckpointSaveError when writing fails (the checkpoints saved before stay as they were).
     """
     from megatron.core import dist_checkpointing
 
@@ -242,40 +244,75 @@ def save_checkpoint(
     extra_json = json.dumps(extra_state)  # fail before any writing if it is not JSON-able
     nonce = _broadcast_from_rank0(secrets.token_hex(6))
     temporary = root / f"{final.name}.tmp-{nonce}"
-    if dist.get_rank() == 0:
-        temporary.mkdir(parents=True)
-    dist.barrier()
+    with _save_failure_explained(iteration, root, temporary):
+        if dist.get_rank() == 0:
+            temporary.mkdir(parents=True)
+        dist.barrier()
 
-    state = _model_sharded_state_dict(model_chunks)
-    if optimizer is not None:
-        with _unpadded_param_index_maps(optimizer):
-            state["optimizer"] = optimizer.sharded_state_dict(state,
-                                                              metadata=SHARDED_STATE_METADATA)
-    state["rng_state"] = _rng_sharded_object()
-    with writers_die_with_parent():
-        dist_checkpointing.save(state, str(temporary))
-    dist.barrier()
-    files = integrity.record_checkpoint_files(temporary)
+        state = _model_sharded_state_dict(model_chunks)
+        if optimizer is not None:
+            with _unpadded_param_index_maps(optimizer):
+                state["optimizer"] = optimizer.sharded_state_dict(state,
+                                                                  metadata=SHARDED_STATE_METADATA)
+        state["rng_state"] = _rng_sharded_object()
+        with writers_die_with_parent():
+            dist_checkpointing.save(state, str(temporary))
+        dist.barrier()
+        files = integrity.record_checkpoint_files(temporary)
 
-    if dist.get_rank() == 0:
-        integrity.write_manifest(temporary, files)
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "iteration": iteration,
-            "extra_state": json.loads(extra_json),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "sharded_state_metadata": SHARDED_STATE_METADATA,
-            "parallel_layout": _parallel_layout(),
-            "vocab": vocab.to_dict() if vocab is not None else None,
-            "args": args_to_dict(args),
-            MODEL_KEY: model_record(_unwrap(model_chunks)[0]),
-        }
-        _write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
-        os.rename(temporary, final)
-        _fsync_directory(root)
-        _replace_file_durably(root / TRACKER_FILENAME, str(iteration))
+        if dist.get_rank() == 0:
+            integrity.write_manifest(temporary, files)
+            metadata = {
+                "format_version": FORMAT_VERSION,
+                "iteration": iteration,
+                "extra_state": json.loads(extra_json),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "sharded_state_metadata": SHARDED_STATE_METADATA,
+                "parallel_layout": _parallel_layout(),
+                "vocab": vocab.to_dict() if vocab is not None else None,
+                "args": args_to_dict(args),
+                MODEL_KEY: model_record(_unwrap(model_chunks)[0]),
+            }
+            _write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
+            os.rename(temporary, final)
+            _fsync_directory(root)
+            _replace_file_durably(root / TRACKER_FILENAME, str(iteration))
     dist.barrier()
     return final
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (a full disk, a directory that cannot be written)."""
+
+
+@contextlib.contextmanager
+def _save_failure_explained(iteration: int, root: Path, temporary: Path):
+    """Within the block, a failed write (OSError, or torch.distributed.checkpoint's
+    CheckpointException wrapping the writers' errors) raises CheckpointSaveError naming it, the
+    free space left, and that the checkpoints saved before are untouched."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (OSError, CheckpointException) as error:
+        if isinstance(error, CheckpointException):
+            reason = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}"
+                               for rank, (exc, _) in sorted(error.failures.items()))
+        else:
+            reason = f"{type(error).__name__}: {error}"
+        raise CheckpointSaveError(
+            f"saving the checkpoint of iteration {iteration} into {root} failed ({reason}); "
+            f"{_free_space(root)}. Checkpoints saved before are untouched ({TRACKER_FILENAME} "
+            f"is replaced only after a complete save). Remove the interrupted save "
+            f"{temporary.name} if it is there, make room or fix the directory, and resume with "
+            f"--load {root}") from None
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free on the filesystem of {path}"
+    except OSError as error:
+        return f"{path} cannot be inspected ({error})"
 
 
 def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,

@@ -3,6 +3,7 @@ anything of them runs, truncated files named with the way back to an older check
 weights never saved, and `lst-convert verify`."""
 
 import argparse
+import errno
 import json
 import os
 import pickle
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_lst.checkpoint import cli
+from megatron_lst.checkpoint import cli, integrity
 from megatron_lst.checkpoint.dist import (
     load_dist_checkpoint,
     save_dist_checkpoint,
@@ -32,6 +35,7 @@ from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.checkpointing import (
     METADATA_FILENAME,
     TRACKER_FILENAME,
+    CheckpointSaveError,
     NonFiniteWeightsError,
     load_checkpoint,
 )
@@ -246,6 +250,38 @@ def test_a_save_at_or_behind_an_existing_checkpoint_is_refused(save_dir, iterati
     assert (save_dir / TRACKER_FILENAME).read_text() == "2"
     assert sorted(p.name for p in save_dir.iterdir()) == [
         "iter_0000001", "iter_0000002", TRACKER_FILENAME]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _writers_failed(*args, **kwargs):
+    raise CheckpointException("write", {0: (OSError(errno.ENOSPC, "No space left on device"),
+                                            None)})
+
+
+@pytest.mark.parametrize(("where", "name", "failure"), [
+    (integrity, "write_manifest", _disk_full),
+    (dist_checkpointing, "save", _writers_failed),
+])
+def test_a_failed_save_is_explained_and_the_previous_checkpoint_stays(save_dir, monkeypatch,
+                                                                      where, name, failure):
+    monkeypatch.setattr(where, name, failure)
+    model = tiny_model()
+    with pytest.raises(CheckpointSaveError) as failed:
+        save_dist_checkpoint(save_dir, model, training_args_for(model.lst_config), VOCAB, 3)
+    message = str(failed.value)
+    assert f"saving the checkpoint of iteration 3 into {save_dir} failed (" in message
+    assert "No space left on device" in message and "MiB free on the filesystem" in message
+    assert "Checkpoints saved before are untouched" in message
+    assert (save_dir / TRACKER_FILENAME).read_text() == "2"
+    [interrupted] = save_dir.glob("iter_0000003.tmp-*")
+    assert f"Remove the interrupted save {interrupted.name}" in message
+    monkeypatch.undo()
+    loaded = load_checkpoint(save_dir, [model], None, None, WEIGHTS_ONLY, VOCAB)
+    assert loaded.path == save_dir / "iter_0000002"
+    assert_weights_of(model, seed=2)
 
 
 def test_a_resume_that_breaks_the_data_position_is_refused_before_loading(save_dir):
