@@ -734,6 +734,9 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
     if args.load is None:
         return
     auto_resume = args.save is not None and os.path.abspath(args.save) == os.path.abspath(args.load)
+    if os.path.exists(args.load) and not os.path.isdir(args.load):
+        raise ArgumentError(f"--load {args.load} is a file; point --load at a --save directory, "
+                            f"or one iter_XXXXXXX directory in it")
     if not os.path.isdir(args.load):
         if auto_resume:
             return  # first run of an auto-resuming job: nothing saved yet

@@ -104,6 +104,8 @@ def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
     if _COMPLETE_NAME.match(root.name) and _is_complete(root):
         return root
     complete = _complete_checkpoints(root)
+    if _COMPLETE_NAME.match(root.name) and not complete:
+        raise CheckpointError(_incomplete_checkpoint_message(root))
     pointed = _read_tracker(root)
     if pointed is not None and pointed not in complete:
         raise CheckpointError(
@@ -169,6 +171,14 @@ def checkpoints_from(root: str | os.PathLike, first_iteration: int) -> list[Path
     found = {int(match.group(1)): entry for entry in root.iterdir()
              if (match := _COMPLETE_NAME.match(entry.name))}
     return [found[i] for i in sorted(found) if i >= first_iteration]
+
+
+def _incomplete_checkpoint_message(path: Path) -> str:
+    missing = [name for name in (METADATA_FILENAME, "metadata.json") if not (path / name).is_file()]
+    others = sorted(_complete_checkpoints(path.parent)) if path.parent.is_dir() else []
+    return (f"{path} is an incomplete checkpoint (no {' or '.join(missing)}): a save that did not "
+            f"finish, or a damaged copy. Load a complete one of {path.parent} "
+            f"({others or 'none found'}) with --load {path.parent} [--ckpt-step N]")
 
 
 def _is_complete(path: Path) -> bool:
