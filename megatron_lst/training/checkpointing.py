@@ -64,6 +64,12 @@ FORMAT_VERSION = 1
 # `chained_optim_avoid_prefix` keeps the keys of a one-optimizer chain free of a chain index.
 SHARDED_STATE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                           "chained_optim_avoid_prefix": True}
+# The fields of lst_checkpoint.json that loading reads, and their JSON types.
+_TRAINING_METADATA_FIELDS = {
+    "iteration": int, "extra_state": dict, "scheduler": (dict, type(None)),
+    "sharded_state_metadata": dict, "parallel_layout": dict, "vocab": (dict, type(None)),
+    "args": dict,
+}
 _COMPLETE_NAME = re.compile(r"^iter_(\d{7,})$")
 _TEMPORARY_NAME = re.compile(r"^iter_(\d{7,})\.tmp-[0-9a-f]+$")
 
@@ -417,6 +423,7 @@ def load_checkpoint(
     if path is None:
         return None
     metadata = read_checkpoint_metadata(path)
+    _check_training_metadata(metadata, path)
     if vocab is not None and metadata["vocab"] is not None:
         vocab.check_matches(metadata["vocab"]["size"], f"checkpoint {path}")
 
@@ -472,6 +479,22 @@ def load_checkpoint(
         return LoadedCheckpoint(path=path, iteration=0, saved_args=metadata["args"])
     return LoadedCheckpoint(path=path, iteration=metadata["iteration"],
                             extra_state=metadata["extra_state"], saved_args=metadata["args"])
+
+
+def _check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
+    """Refuse, naming the field, a `lst_checkpoint.json` without a field `save_checkpoint`
+    writes, or with one of another type (the file is written after the manifest, so no digest
+    covers it)."""
+    wrong = [f"{name!r} ({'missing' if name not in metadata else type(metadata[name]).__name__})"
+             for name, kinds in _TRAINING_METADATA_FIELDS.items()
+             if not isinstance(metadata.get(name, ...), kinds)]
+    if wrong:
+        others = sorted(i for i in _complete_checkpoints(path.parent)
+                        if checkpoint_name(i) != path.name)
+        raise CheckpointError(
+            f"{path / METADATA_FILENAME} is damaged: field(s) {', '.join(wrong)} are not what a "
+            f"save writes. Restore the file from a copy, or load another checkpoint of "
+            f"{path.parent} (complete ones: {others or 'none'}) with --ckpt-step N")
 
 
 def verify_or_point_elsewhere(path: Path) -> None:

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -282,6 +283,23 @@ def test_a_failed_save_is_explained_and_the_previous_checkpoint_stays(save_dir, 
     loaded = load_checkpoint(save_dir, [model], None, None, WEIGHTS_ONLY, VOCAB)
     assert loaded.path == save_dir / "iter_0000002"
     assert_weights_of(model, seed=2)
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    (lambda m: m.pop("args"), "'args' (missing)"),
+    (lambda m: m.update(extra_state=None), "'extra_state' (NoneType)"),
+    (lambda m: m.update(iteration="2"), "'iteration' (str)"),
+])
+def test_checkpoint_metadata_with_a_field_missing_or_mistyped_is_named(save_dir, edit, named):
+    """lst_checkpoint.json is written after the manifest: no digest catches its damage."""
+    checkpoint = save_dir / "iter_0000002"
+    metadata = json.loads((checkpoint / METADATA_FILENAME).read_text())
+    edit(metadata)
+    (checkpoint / METADATA_FILENAME).write_text(json.dumps(metadata))
+    with pytest.raises(CheckpointError, match=rf"{METADATA_FILENAME} is damaged: field\(s\) "
+                                              rf"{re.escape(named)} are not what a save writes.* "
+                                              rf"\(complete ones: \[1\]\)"):
+        load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
 
 
 def test_a_resume_that_breaks_the_data_position_is_refused_before_loading(save_dir):
