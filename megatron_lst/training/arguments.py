@@ -721,6 +721,8 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
     from megatron_lst.training.checkpointing import CheckpointError, select_checkpoint
 
     _positive(args, "save_interval")
+    if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise ArgumentError(f"--save {args.save} is a file; give a directory (created if missing)")
     _check_no_newer_checkpoints(args)
     if args.save_interval is not None and args.save is None:
         # Configs ship a save interval and leave the directory to the command line.

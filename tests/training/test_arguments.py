@@ -185,11 +185,14 @@ def test_load_directory_missing(tmp_path):
     assert auto_resume.resume_from is None
 
 
-def test_load_naming_a_file_says_so(tmp_path):
+def test_load_or_save_naming_a_file_says_so(tmp_path):
     (tmp_path / TRACKER_FILENAME).write_text("20")
     with pytest.raises(ArgumentError, match=r"--load .*latest_checkpointed_iteration\.txt is a "
                                             r"file; point --load at a --save directory"):
         valid("--load", str(tmp_path / TRACKER_FILENAME))
+    with pytest.raises(ArgumentError, match=r"--save .*latest_checkpointed_iteration\.txt is a "
+                                            r"file; give a directory"):
+        valid("--save", str(tmp_path / TRACKER_FILENAME))
 
 
 def test_load_directory_without_checkpoint(tmp_path):
