@@ -12,8 +12,9 @@ written here loads under any TP/PP (`lst-train --load SAVE_DIR --finetune`), and
 any TP/PP converts here. Every command prints the max abs logit difference on a fixed batch
 between the model before and after conversion, and exits 1 if it exceeds the tolerance.
 `verify` checks a dist checkpoint's files without loading a model: sizes and SHA-256 digests
-against the manifest written at save time, truncation against the checkpoint index, and that
-its pickled parts hold only checkpoint data.
+against the manifest written at save time, truncation against the checkpoint index, that
+its pickled parts hold only checkpoint data, and that its lst_checkpoint.json holds every field a
+save writes.
 Exit status: 0 on success, 1 for a checkpoint that is refused or fails verification, or an
 output that exists already or cannot be written; 2 for bad arguments.
 
@@ -106,13 +107,29 @@ def verify_command(load: str, ckpt_step: int | None) -> int:
     if not report.has_manifest:
         print(f"{path}: no manifest (saved before file digests were recorded, or by another "
               f"tool): digests not checked")
-    for problem in report.problems:
+    problems = [*report.problems, *_metadata_problems(path)]
+    for problem in problems:
         print(f"FAILED {problem}")
-    if report.problems:
+    if problems:
         return 1
     print(f"{path}: OK ({report.files_checked} files, {report.bytes_checked} bytes matched "
           f"their digests; index and pickled objects hold only checkpoint data)")
     return 0
+
+
+def _metadata_problems(path) -> list[str]:
+    """The problem with the checkpoint's `lst_checkpoint.json` (written after the manifest, so
+    no digest covers it), if any."""
+    from megatron_lst.training.checkpointing import (
+        check_training_metadata,
+        read_checkpoint_metadata,
+    )
+
+    try:
+        check_training_metadata(read_checkpoint_metadata(path), path)
+    except CheckpointError as error:
+        return [str(error)]
+    return []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

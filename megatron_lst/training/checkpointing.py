@@ -423,7 +423,7 @@ def load_checkpoint(
     if path is None:
         return None
     metadata = read_checkpoint_metadata(path)
-    _check_training_metadata(metadata, path)
+    check_training_metadata(metadata, path)
     if vocab is not None and metadata["vocab"] is not None:
         vocab.check_matches(metadata["vocab"]["size"], f"checkpoint {path}")
 
@@ -481,7 +481,7 @@ def load_checkpoint(
                             extra_state=metadata["extra_state"], saved_args=metadata["args"])
 
 
-def _check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
+def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
     """Refuse, naming the field, a `lst_checkpoint.json` without a field `save_checkpoint`
     writes, or with one of another type (the file is written after the manifest, so no digest
     covers it)."""

@@ -290,16 +290,19 @@ def test_a_failed_save_is_explained_and_the_previous_checkpoint_stays(save_dir, 
     (lambda m: m.update(extra_state=None), "'extra_state' (NoneType)"),
     (lambda m: m.update(iteration="2"), "'iteration' (str)"),
 ])
-def test_checkpoint_metadata_with_a_field_missing_or_mistyped_is_named(save_dir, edit, named):
+def test_checkpoint_metadata_with_a_field_missing_or_mistyped_is_named(save_dir, edit, named,
+                                                                      capsys):
     """lst_checkpoint.json is written after the manifest: no digest catches its damage."""
     checkpoint = save_dir / "iter_0000002"
     metadata = json.loads((checkpoint / METADATA_FILENAME).read_text())
     edit(metadata)
     (checkpoint / METADATA_FILENAME).write_text(json.dumps(metadata))
-    with pytest.raises(CheckpointError, match=rf"{METADATA_FILENAME} is damaged: field\(s\) "
-                                              rf"{re.escape(named)} are not what a save writes.* "
-                                              rf"\(complete ones: \[1\]\)"):
+    expected = (rf"{METADATA_FILENAME} is damaged: field\(s\) {re.escape(named)} are not what a "
+                rf"save writes.* \(complete ones: \[1\]\)")
+    with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
+    assert cli.main(["verify", "--load", str(save_dir)]) == 1
+    assert re.search(f"FAILED .*{expected}", capsys.readouterr().out)
 
 
 def test_a_resume_that_breaks_the_data_position_is_refused_before_loading(save_dir):
