@@ -188,6 +188,10 @@ def _set_document_rule(args: dict[str, Any], config: LSTConfig) -> None:
 
 
 def _multiple_of(config: LSTConfig, preferred: int | None, multiplier: float) -> int:
+    if not isinstance(preferred, int | None) or not isinstance(multiplier, int | float):
+        raise ReferenceImportError(
+            f"the reference model args kept with the checkpoint give multiple_of {preferred!r} "
+            f"and ffn_dim_multiplier {multiplier!r}; both must be numbers")
     widths = {(config.global_model.hidden_size, config.global_model.ffn_hidden_size),
               (config.encoder.hidden_size, config.encoder.ffn_hidden_size),
               (config.decoder.hidden_size, config.decoder.ffn_hidden_size)}

@@ -186,6 +186,13 @@ def test_ffn_widths_no_multiple_of_produces_are_refused(single_rank):
     assert reference_model_args(tiny)["multiple_of"] == 256
 
 
+@pytest.mark.parametrize("base", [{"multiple_of": "256"}, {"ffn_dim_multiplier": "1.0"}])
+def test_reference_args_of_the_wrong_type_kept_for_export_are_named(base):
+    with pytest.raises(ReferenceImportError, match=r"give multiple_of .* and ffn_dim_multiplier "
+                                                   r".*; both must be numbers"):
+        reference_model_args(preset("tiny", 64), base)
+
+
 @pytest.mark.parametrize("option", ["weight_tying", "tie_local_encoder_decoder_logits",
                                     "encoder_enable_byte_ngrams"])
 def test_unsupported_reference_options_are_refused_without_fixtures(option):
