@@ -12,9 +12,11 @@ written here loads under any TP/PP (`lst-train --load SAVE_DIR --finetune`), and
 any TP/PP converts here. Every command prints the max abs logit difference on a fixed batch
 between the model before and after conversion, and exits 1 if it exceeds the tolerance.
 `verify` checks a dist checkpoint's files without loading a model: sizes and SHA-256 digests
-against the manifest written at save time, truncation against the checkpoint index, and that
-its pickled parts hold only checkpoint data.
-Exit status: 0 on success, 1 for a checkpoint that is refused or fails verification.
+against the manifest written at save time, truncation against the checkpoint index, that
+its pickled parts hold only checkpoint data, and that its lst_checkpoint.json holds every field a
+save writes.
+Exit status: 0 on success, 1 for a checkpoint that is refused or fails verification, or an
+output that exists already or cannot be written; 2 for bad arguments.
 
 Checkpoints from others: see SAFETY_NOTE (printed at the end of --help).
 """
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_dist = commands.add_parser("portable-to-dist", help="portable -> dist checkpoint (weights only)")
     to_dist.add_argument("--portable", required=True, help="portable checkpoint directory")
     to_dist.add_argument("--save", required=True, help="lst-train --save directory to write into")
-    to_dist.add_argument("--iteration", type=int, default=0,
+    to_dist.add_argument("--iteration", type=_iteration, default=0,
                          help="iteration number of the written checkpoint (default 0)")
 
     verify = commands.add_parser("verify", help="check a dist checkpoint's files")
@@ -83,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--ckpt-step", type=int, default=None,
                         help="the checkpoint of this iteration (default: the latest)")
     return parser
+
+
+def _iteration(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"an iteration number is 0 or more, got {value}")
+    return value
 
 
 def verify_command(load: str, ckpt_step: int | None) -> int:
@@ -98,13 +107,29 @@ def verify_command(load: str, ckpt_step: int | None) -> int:
     if not report.has_manifest:
         print(f"{path}: no manifest (saved before file digests were recorded, or by another "
               f"tool): digests not checked")
-    for problem in report.problems:
+    problems = [*report.problems, *_metadata_problems(path)]
+    for problem in problems:
         print(f"FAILED {problem}")
-    if report.problems:
+    if problems:
         return 1
     print(f"{path}: OK ({report.files_checked} files, {report.bytes_checked} bytes matched "
           f"their digests; index and pickled objects hold only checkpoint data)")
     return 0
+
+
+def _metadata_problems(path) -> list[str]:
+    """The problem with the checkpoint's `lst_checkpoint.json` (written after the manifest, so
+    no digest covers it), if any."""
+    from megatron_lst.training.checkpointing import (
+        check_training_metadata,
+        read_checkpoint_metadata,
+    )
+
+    try:
+        check_training_metadata(read_checkpoint_metadata(path), path)
+    except CheckpointError as error:
+        return [str(error)]
+    return []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             convert.portable_to_dist(args.portable, args.save, args.iteration, sys.stdout)
     except (CheckpointContentError, CheckpointError, ReferenceImportError, VocabularyError,
-            VerificationError) as error:
+            VerificationError, OSError) as error:  # OSError: an output it cannot write
         print(f"lst-convert {args.command}: {error}", file=sys.stderr)
         return 1
     finally:

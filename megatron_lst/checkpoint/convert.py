@@ -29,7 +29,13 @@ from .model_state import (
     full_state_dict,
     load_full_state_dict,
 )
-from .portable import PortableCheckpoint, load_portable, save_portable
+from .portable import (
+    CONFIG_FILENAME,
+    WEIGHTS_FILENAME,
+    PortableCheckpoint,
+    load_portable,
+    save_portable,
+)
 from .reference import (
     export_reference,
     import_reference,
@@ -41,6 +47,7 @@ from .verify import VerificationError, verify_same_function
 
 REFERENCE_WEIGHTS_FILENAME = "consolidated.pth"
 REFERENCE_ARGS_FILENAME = "params.json"
+PORTABLE_FILENAMES = (WEIGHTS_FILENAME, CONFIG_FILENAME)
 
 
 def portable_model(checkpoint: PortableCheckpoint, source: str):
@@ -66,6 +73,7 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
 
     Also checks that exporting the imported tensors gives back the reference state dict exactly.
     """
+    _refuse_to_overwrite(output, PORTABLE_FILENAMES)
     original = read_reference_state_dict(reference_ckpt)
     model_args = read_reference_model_args(reference_args)
     config, state = import_reference(original, model_args)
@@ -86,6 +94,7 @@ def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
                                  stream: TextIO | None = None) -> float:
     """Portable checkpoint -> `output/consolidated.pth` (BLT's `{"model": state dict}`) and
     `output/params.json` (`{"model": model args}`)."""
+    _refuse_to_overwrite(output, (REFERENCE_WEIGHTS_FILENAME, REFERENCE_ARGS_FILENAME))
     checkpoint = load_portable(portable_dir)
     before = portable_model(checkpoint, str(portable_dir))
     reference = export_reference(full_state_dict(before), checkpoint.config)
@@ -106,6 +115,7 @@ def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
 def dist_to_portable(load: str | Path, output: str | Path,
                      stream: TextIO | None = None) -> float:
     """Dist checkpoint (any TP/PP it was saved with) -> portable checkpoint in `output`."""
+    _refuse_to_overwrite(output, PORTABLE_FILENAMES)
     path = resolve_checkpoint(load)
     config, vocab, training_args = checkpoint_model(path)
     before = build_full_model(config)
@@ -139,9 +149,19 @@ def reference_patching(model_args: dict) -> dict[str, object]:
     mode, size = model_args.get("patching_mode"), model_args.get("patch_size")
     if mode == "aligned":
         return {"patching_mode": "aligned"}
-    if mode == "static" and size is not None and float(size).is_integer() and size >= 1:
+    if mode == "static" and isinstance(size, (int, float)) and float(size).is_integer() and size >= 1:
         return {"patching_mode": "static", "patch_size": int(size)}
     return {"patching_mode": "static", "patch_size": 4}
+
+
+def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None:
+    """Refuse an `output` directory that already holds a file the conversion would write: a
+    checkpoint converted before, which a failed conversion would leave half replaced."""
+    existing = [name for name in filenames if (Path(output) / name).exists()]
+    if existing:
+        raise CheckpointContentError(
+            f"{output} already holds {existing}; refusing to overwrite a checkpoint. Give a new "
+            f"--output directory, or move that checkpoint away")
 
 
 def _check_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],

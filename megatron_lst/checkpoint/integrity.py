@@ -16,6 +16,8 @@ before anything of a checkpoint is unpickled) checks, naming every file at fault
     index       `.metadata` reads under the restricted unpickler (`safe_pickle`), and every
                 `.distcp` file it points into is long enough (a truncated file is named)
     objects     byte items and common.pt load under torch's `weights_only` unpickler
+    config      megatron's `metadata.json` is a JSON object, and the common state file it
+                names (common.pt) is there
 
 The digests catch damage (a truncated or altered file), not a forger: whoever crafts a
 checkpoint can write a matching manifest. Safety against crafted files comes from the restricted
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FILENAME = "lst_manifest.json"
 MANIFEST_FORMAT_VERSION = 1
+MEGATRON_CONFIG_FILENAME = "metadata.json"
 # Written after the manifest (lst_checkpoint.json) or describing the directory as a whole: not
 # listed in it.
 UNLISTED_FILENAMES = frozenset({MANIFEST_FILENAME, "lst_checkpoint.json"})
@@ -179,8 +182,27 @@ def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
             found = _gather(safe_pickle.check_byte_items(directory, metadata, keys))
             problems += [found[key] for key in sorted(found)]
     problems += safe_pickle.check_common_state(directory)
+    problems += _megatron_config_problems(directory)
     return VerificationReport(directory, files_checked, bytes_checked, manifest is not None,
                               tuple(problems))
+
+
+def _megatron_config_problems(directory: Path) -> list[str]:
+    """Problems with megatron's `metadata.json`, which names the checkpoint's backends, and
+    with the common state file its "torch" common backend reads (checked against the manifest
+    too, when there is one)."""
+    path = directory / MEGATRON_CONFIG_FILENAME
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return [f"{path} is missing or damaged: {err}"]
+    if not isinstance(config, dict):
+        return [f"{path} holds a JSON {type(config).__name__}, not megatron's checkpoint config"]
+    common = directory / safe_pickle.COMMON_STATE_FILENAME
+    if config.get("common_backend") == "torch" and not common.is_file():
+        return [f"{common} is missing; megatron stores the checkpoint's common state there "
+                f"({path.name} names the 'torch' common backend)"]
+    return []
 
 
 def _file_problem(path: Path, expected: FileRecord) -> str | None:

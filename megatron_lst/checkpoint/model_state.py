@@ -21,6 +21,7 @@ from megatron_lst.models.config import (
     GlobalModelConfig,
     LocalModelConfig,
     LSTConfig,
+    ModelConfigError,
 )
 from megatron_lst.models.reference_import import canonical_name, shard_tensor
 
@@ -47,13 +48,16 @@ def lst_config_from_dict(data: dict[str, Any]) -> LSTConfig:
 
 
 def _dataclass_from_dict(kind: type, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise CheckpointContentError(f"{where}: a JSON {type(data).__name__}, not the fields of "
+                                     f"{kind.__name__}")
     names = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise CheckpointContentError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
     try:
         return kind(**data)
-    except TypeError as error:
+    except (TypeError, ModelConfigError) as error:  # ModelConfigError: sizes that do not fit
         raise CheckpointContentError(f"{where}: {error}") from None
 
 

@@ -80,16 +80,13 @@ def load_portable(directory: str | Path, vocab: JointVocab | None = None) -> Por
 
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILENAME, directory / WEIGHTS_FILENAME
-    try:
-        metadata = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointContentError(f"cannot read {config_path}: {error}") from None
-    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointContentError(
-            f"{config_path} is not an {FORMAT} v{FORMAT_VERSION} config (format "
-            f"{metadata.get('format')!r} v{metadata.get('format_version')!r})")
+    metadata = _read_config(config_path)
     config = lst_config_from_dict(metadata["lst_config"])
-    stored_vocab = JointVocab.from_dict(metadata["vocab"]) if metadata["vocab"] else None
+    try:
+        stored_vocab = JointVocab.from_dict(metadata["vocab"]) if metadata["vocab"] else None
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointContentError(
+            f"{config_path}: 'vocab' is not a joint vocabulary layout ({error!r})") from None
     if vocab is not None:
         vocab.check_matches(config.vocab_size, f"portable checkpoint {directory}")
     try:
@@ -103,3 +100,36 @@ def load_portable(directory: str | Path, vocab: JointVocab | None = None) -> Por
         reference_model_args=metadata.get("reference_model_args"),
         source=metadata.get("source", ""),
     )
+
+
+# The fields of lst_config.json that loading reads, and their JSON types.
+_CONFIG_FIELDS = {"lst_config": dict, "vocab": (dict, type(None)),
+                  "training_args": (dict, type(None)), "reference_model_args": (dict, type(None)),
+                  "source": str}
+
+
+def _read_config(config_path: Path) -> dict[str, Any]:
+    """The `lst_config.json` at `config_path`, refused naming the fault when it is not one."""
+    try:
+        metadata = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:  # ValueError: JSON and UTF-8 decoding
+        raise CheckpointContentError(f"cannot read {config_path}: {error}") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointContentError(f"{config_path} holds a JSON {type(metadata).__name__}, not "
+                                     f"an {FORMAT} config object")
+    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointContentError(
+            f"{config_path} is not an {FORMAT} v{FORMAT_VERSION} config (format "
+            f"{metadata.get('format')!r} v{metadata.get('format_version')!r})")
+    metadata.setdefault("vocab", None)  # optional fields: absent means unknown
+    metadata.setdefault("training_args", None)
+    metadata.setdefault("reference_model_args", None)
+    metadata.setdefault("source", "")
+    wrong = [f"{name!r} ({type(metadata[name]).__name__ if name in metadata else 'missing'})"
+             for name, kinds in _CONFIG_FIELDS.items()
+             if not isinstance(metadata.get(name), kinds)]
+    if wrong:
+        raise CheckpointContentError(
+            f"{config_path}: field(s) {', '.join(wrong)} are not what {FORMAT} v{FORMAT_VERSION} "
+            f"holds; the config is damaged or was not written by lst-convert")
+    return metadata

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,13 @@ def read_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own SafetensorError
             raise ReferenceImportError(f"cannot read reference checkpoint {path}: {error}") from None
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ReferenceImportError(
+            f"cannot read reference checkpoint {path}: it is not a torch checkpoint of tensors "
+            f"and plain data, or it is truncated ({reason})") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -63,8 +70,11 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: JSON and UTF-8 decoding
         raise ReferenceImportError(f"cannot read reference model args {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ReferenceImportError(
+            f"{path} holds a JSON {type(data).__name__}, not the reference's model arguments")
     for key in ("model_args", "model"):
         if isinstance(data.get(key), dict):
             return data[key]
@@ -184,6 +194,10 @@ def _set_attention_rule(args: dict[str, Any], config: LSTConfig, max_tokens: int
 
 
 def _multiple_of(config: LSTConfig, preferred: int | None, multiplier: float) -> int:
+    if not isinstance(preferred, int | None) or not isinstance(multiplier, int | float):
+        raise ReferenceImportError(
+            f"the reference model args kept with the checkpoint give multiple_of {preferred!r} "
+            f"and ffn_dim_multiplier {multiplier!r}; both must be numbers")
     widths = {(config.global_model.hidden_size, config.global_model.ffn_hidden_size),
               (config.encoder.hidden_size, config.encoder.ffn_hidden_size),
               (config.decoder.hidden_size, config.decoder.ffn_hidden_size)}

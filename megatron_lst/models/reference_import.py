@@ -134,8 +134,9 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
             rope_theta=a["rope_theta"],
             documents=documents,
         )
-    except ModelConfigError as error:
-        raise ReferenceImportError(f"the reference model arguments describe no valid model: {error}") from None
+    except (ModelConfigError, TypeError) as error:  # TypeError: a size that is no number
+        raise ReferenceImportError(
+            f"reference model args do not describe a model this package builds: {error}") from None
 
 
 def _patch_window(window: int | None) -> int:
@@ -319,7 +320,15 @@ def canonical_state_dict(reference: dict[str, torch.Tensor], config: LSTConfig) 
         missing = [name for name in mapping.reference if name not in ref]
         if missing:
             raise ReferenceImportError(f"reference checkpoint has no tensor {missing[0]!r}")
-        out[mapping.ours] = mapping.combine([ref.pop(name) for name in mapping.reference])
+        parts = [ref.pop(name) for name in mapping.reference]
+        try:
+            out[mapping.ours] = mapping.combine(parts)
+        except RuntimeError:
+            shapes = {name: tuple(part.shape) for name, part in zip(mapping.reference, parts,
+                                                                     strict=True)}
+            raise ReferenceImportError(
+                f"reference tensors {shapes} do not combine into {mapping.ours!r}: their shapes "
+                "do not fit the model args") from None
     if ref:
         raise ReferenceImportError(f"reference tensors left unmapped: {sorted(ref)}")
     return out

@@ -721,6 +721,9 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
     from megatron_lst.training.checkpointing import CheckpointError, select_checkpoint
 
     _positive(args, "save_interval")
+    if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise ArgumentError(f"--save {args.save} is a file; give a directory (created if missing)")
+    _check_no_newer_checkpoints(args)
     if args.save_interval is not None and args.save is None:
         # Configs ship a save interval and leave the directory to the command line.
         logger.warning("--save-interval %d without --save: no checkpoints will be written",
@@ -733,6 +736,9 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
     if args.load is None:
         return
     auto_resume = args.save is not None and os.path.abspath(args.save) == os.path.abspath(args.load)
+    if os.path.exists(args.load) and not os.path.isdir(args.load):
+        raise ArgumentError(f"--load {args.load} is a file; point --load at a --save directory, "
+                            f"or one iter_XXXXXXX directory in it")
     if not os.path.isdir(args.load):
         if auto_resume:
             return  # first run of an auto-resuming job: nothing saved yet
@@ -752,6 +758,35 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
             f"point --load at a directory written by --save"
         )
     args.resume_from = str(latest)
+
+
+def _check_no_newer_checkpoints(args: argparse.Namespace) -> None:
+    """Refuse a --save directory holding checkpoints newer than the iteration the run starts
+    from: its first save would collide with one of them only after training up to it, and one it
+    does write would lie behind them (resuming loads the newest)."""
+    from megatron_lst.training.checkpointing import (
+        CheckpointError,
+        checkpoints_from,
+        select_checkpoint,
+    )
+
+    if args.save is None:
+        return
+    start = 0
+    if args.load is not None and not args.finetune and os.path.isdir(args.load):
+        try:
+            loaded = select_checkpoint(args.load, args.ckpt_step)
+        except CheckpointError:
+            return  # reported by _validate_checkpointing
+        if loaded is not None:
+            start = int(loaded.name.removeprefix("iter_"))
+    newer = checkpoints_from(args.save, start + 1)
+    if newer:
+        raise ArgumentError(
+            f"--save {args.save} already holds {[entry.name for entry in newer]}, newer than "
+            f"iteration {start} where this run starts: its checkpoints would collide with them or "
+            f"lie behind them (resuming loads the newest). Resume from the newest with --load "
+            f"{args.save}, or move those checkpoints away, or pass another --save")
 
 
 def _validate_exit_conditions(args: argparse.Namespace) -> None:

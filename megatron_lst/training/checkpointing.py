@@ -37,6 +37,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ FORMAT_VERSION = 1
 # `chained_optim_avoid_prefix` keeps the keys of a one-optimizer chain free of a chain index.
 SHARDED_STATE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                           "chained_optim_avoid_prefix": True}
+# The fields of lst_checkpoint.json that loading reads, and their JSON types.
+_TRAINING_METADATA_FIELDS = {
+    "iteration": int, "extra_state": dict, "scheduler": (dict, type(None)),
+    "sharded_state_metadata": dict, "parallel_layout": dict, "vocab": (dict, type(None)),
+    "args": dict,
+}
 _COMPLETE_NAME = re.compile(r"^iter_(\d{7,})$")
 _TEMPORARY_NAME = re.compile(r"^iter_(\d{7,})\.tmp-[0-9a-f]+$")
 
@@ -103,6 +110,8 @@ def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
     if _COMPLETE_NAME.match(root.name) and _is_complete(root):
         return root
     complete = _complete_checkpoints(root)
+    if _COMPLETE_NAME.match(root.name) and not complete:
+        raise CheckpointError(_incomplete_checkpoint_message(root))
     pointed = _read_tracker(root)
     if pointed is not None and pointed not in complete:
         raise CheckpointError(
@@ -159,6 +168,25 @@ def _complete_checkpoints(root: Path) -> dict[int, Path]:
     return complete
 
 
+def checkpoints_from(root: str | os.PathLike, first_iteration: int) -> list[Path]:
+    """The `iter_XXXXXXX` directories under `root`, complete or not, of iteration
+    `first_iteration` or later, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = {int(match.group(1)): entry for entry in root.iterdir()
+             if (match := _COMPLETE_NAME.match(entry.name))}
+    return [found[i] for i in sorted(found) if i >= first_iteration]
+
+
+def _incomplete_checkpoint_message(path: Path) -> str:
+    missing = [name for name in (METADATA_FILENAME, "metadata.json") if not (path / name).is_file()]
+    others = sorted(_complete_checkpoints(path.parent)) if path.parent.is_dir() else []
+    return (f"{path} is an incomplete checkpoint (no {' or '.join(missing)}): a save that did not "
+            f"finish, or a damaged copy. Load a complete one of {path.parent} "
+            f"({others or 'none found'}) with --load {path.parent} [--ckpt-step N]")
+
+
 def _is_complete(path: Path) -> bool:
     return (path / METADATA_FILENAME).is_file() and (path / "metadata.json").is_file()
 
@@ -212,7 +240,8 @@ def save_checkpoint(
     virtual pipeline stage. `optimizer`: a megatron.core optimizer or None. `scheduler`: an
     `OptimizerParamScheduler` or None. `extra_state`: JSON-able training position (consumed
     samples, curriculum step, data seed, FLOP counters ...), returned as is by `load_checkpoint`.
-    Raises NonFiniteWeightsError, saving nothing, when a weight is NaN or infinite.
+    Raises NonFiniteWeightsError, saving nothing, when a weight is NaN or infinite, and
+    CheckpointSaveError when writing fails (the checkpoints saved before stay as they were).
     """
     from megatron.core import dist_checkpointing
 
@@ -221,48 +250,85 @@ def save_checkpoint(
     root = Path(save_dir)
     _check_weights_finite(model_chunks, iteration, root)
     final = root / checkpoint_name(iteration)
-    if final.exists():
+    if later := checkpoints_from(root, iteration):
         raise CheckpointError(
-            f"{final} already exists; refusing to overwrite a checkpoint. Save into another "
-            f"--save directory or move that checkpoint away"
+            f"{root} already holds {[entry.name for entry in later]}; refusing to save iteration "
+            f"{iteration} there: it would overwrite a checkpoint or lie behind a newer one that "
+            f"resuming loads instead. Save into another --save directory or move those "
+            f"checkpoints away"
         )
     extra_json = json.dumps(extra_state)  # fail before any writing if it is not JSON-able
     nonce = _broadcast_from_rank0(secrets.token_hex(6))
     temporary = root / f"{final.name}.tmp-{nonce}"
-    if dist.get_rank() == 0:
-        temporary.mkdir(parents=True)
-    dist.barrier()
+    with _save_failure_explained(iteration, root, temporary):
+        if dist.get_rank() == 0:
+            temporary.mkdir(parents=True)
+        dist.barrier()
 
-    state = _model_sharded_state_dict(model_chunks)
-    if optimizer is not None:
-        with _unpadded_param_index_maps(optimizer):
-            state["optimizer"] = optimizer.sharded_state_dict(state,
-                                                              metadata=SHARDED_STATE_METADATA)
-    state["rng_state"] = _rng_sharded_object()
-    with writers_die_with_parent():
-        dist_checkpointing.save(state, str(temporary))
-    dist.barrier()
-    files = integrity.record_checkpoint_files(temporary)
+        state = _model_sharded_state_dict(model_chunks)
+        if optimizer is not None:
+            with _unpadded_param_index_maps(optimizer):
+                state["optimizer"] = optimizer.sharded_state_dict(state,
+                                                                  metadata=SHARDED_STATE_METADATA)
+        state["rng_state"] = _rng_sharded_object()
+        with writers_die_with_parent():
+            dist_checkpointing.save(state, str(temporary))
+        dist.barrier()
+        files = integrity.record_checkpoint_files(temporary)
 
-    if dist.get_rank() == 0:
-        integrity.write_manifest(temporary, files)
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "iteration": iteration,
-            "extra_state": json.loads(extra_json),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "sharded_state_metadata": SHARDED_STATE_METADATA,
-            "parallel_layout": _parallel_layout(),
-            "vocab": vocab.to_dict() if vocab is not None else None,
-            "args": args_to_dict(args),
-            MODEL_KEY: model_record(_unwrap(model_chunks)[0]),
-        }
-        _write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
-        os.rename(temporary, final)
-        _fsync_directory(root)
-        _replace_file_durably(root / TRACKER_FILENAME, str(iteration))
+        if dist.get_rank() == 0:
+            integrity.write_manifest(temporary, files)
+            metadata = {
+                "format_version": FORMAT_VERSION,
+                "iteration": iteration,
+                "extra_state": json.loads(extra_json),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "sharded_state_metadata": SHARDED_STATE_METADATA,
+                "parallel_layout": _parallel_layout(),
+                "vocab": vocab.to_dict() if vocab is not None else None,
+                "args": args_to_dict(args),
+                MODEL_KEY: model_record(_unwrap(model_chunks)[0]),
+            }
+            _write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
+            os.rename(temporary, final)
+            _fsync_directory(root)
+            _replace_file_durably(root / TRACKER_FILENAME, str(iteration))
     dist.barrier()
     return final
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (a full disk, a directory that cannot be written)."""
+
+
+@contextlib.contextmanager
+def _save_failure_explained(iteration: int, root: Path, temporary: Path):
+    """Within the block, a failed write (OSError, or torch.distributed.checkpoint's
+    CheckpointException wrapping the writers' errors) raises CheckpointSaveError naming it, the
+    free space left, and that the checkpoints saved before are untouched."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (OSError, CheckpointException) as error:
+        if isinstance(error, CheckpointException):
+            reason = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}"
+                               for rank, (exc, _) in sorted(error.failures.items()))
+        else:
+            reason = f"{type(error).__name__}: {error}"
+        raise CheckpointSaveError(
+            f"saving the checkpoint of iteration {iteration} into {root} failed ({reason}); "
+            f"{_free_space(root)}. Checkpoints saved before are untouched ({TRACKER_FILENAME} "
+            f"is replaced only after a complete save). Remove the interrupted save "
+            f"{temporary.name} if it is there, make room or fix the directory, and resume with "
+            f"--load {root}") from None
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free on the filesystem of {path}"
+    except OSError as error:
+        return f"{path} cannot be inspected ({error})"
 
 
 def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,
@@ -357,6 +423,7 @@ def load_checkpoint(
     if path is None:
         return None
     metadata = read_checkpoint_metadata(path)
+    check_training_metadata(metadata, path)
     if vocab is not None and metadata["vocab"] is not None:
         vocab.check_matches(metadata["vocab"]["size"], f"checkpoint {path}")
 
@@ -412,6 +479,22 @@ def load_checkpoint(
         return LoadedCheckpoint(path=path, iteration=0, saved_args=metadata["args"])
     return LoadedCheckpoint(path=path, iteration=metadata["iteration"],
                             extra_state=metadata["extra_state"], saved_args=metadata["args"])
+
+
+def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
+    """Refuse, naming the field, a `lst_checkpoint.json` without a field `save_checkpoint`
+    writes, or with one of another type (the file is written after the manifest, so no digest
+    covers it)."""
+    wrong = [f"{name!r} ({'missing' if name not in metadata else type(metadata[name]).__name__})"
+             for name, kinds in _TRAINING_METADATA_FIELDS.items()
+             if not isinstance(metadata.get(name, ...), kinds)]
+    if wrong:
+        others = sorted(i for i in _complete_checkpoints(path.parent)
+                        if checkpoint_name(i) != path.name)
+        raise CheckpointError(
+            f"{path / METADATA_FILENAME} is damaged: field(s) {', '.join(wrong)} are not what a "
+            f"save writes. Restore the file from a copy, or load another checkpoint of "
+            f"{path.parent} (complete ones: {others or 'none'}) with --ckpt-step N")
 
 
 def verify_or_point_elsewhere(path: Path) -> None:

@@ -108,3 +108,28 @@ def test_converted_reference_keeps_its_patching_for_evaluation(reference_fixture
                  "--save", str(tmp_path / "dist")]) == 0
     args = read_checkpoint_metadata(find_latest_checkpoint(tmp_path / "dist"))["args"]
     assert {key: args.get(key) for key in saved} == saved
+
+def test_output_holding_a_checkpoint_is_refused_and_kept(tiny_portable, tmp_path, capsys):
+    """A conversion into a directory that holds a converted checkpoint would replace it, half
+    on a failure: refused before anything is written."""
+    dist, portable = tmp_path / "dist", tmp_path / "portable"
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(dist)]) == 0
+    assert main(["dist-to-portable", "--load", str(dist), "--output", str(portable)]) == 0
+    before = {path.name: path.stat().st_mtime_ns for path in portable.iterdir()}
+    capsys.readouterr()
+    assert main(["dist-to-portable", "--load", str(dist), "--output", str(portable)]) == 1
+    assert (f"{portable} already holds ['model.safetensors', 'lst_config.json']; refusing to "
+            f"overwrite a checkpoint") in capsys.readouterr().err
+    assert {path.name: path.stat().st_mtime_ns for path in portable.iterdir()} == before
+    assert main(["dist-to-portable", "--load", str(dist),
+                 "--output", str(portable / WEIGHTS_FILENAME)]) == 1  # a file, not a directory
+    assert f"File exists: '{portable / WEIGHTS_FILENAME}'" in capsys.readouterr().err
+
+
+def test_a_negative_iteration_is_a_usage_error(tiny_portable, tmp_path, capsys):
+    with pytest.raises(SystemExit) as usage:
+        main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(tmp_path / "d"),
+              "--iteration", "-5"])
+    assert usage.value.code == 2
+    assert "--iteration: an iteration number is 0 or more, got -5" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

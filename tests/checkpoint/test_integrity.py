@@ -3,22 +3,26 @@ anything of them runs, truncated files named with the way back to an older check
 weights never saved, and `lst-convert verify`."""
 
 import argparse
+import errno
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_lst.checkpoint import cli
+from megatron_lst.checkpoint import cli, integrity
 from megatron_lst.checkpoint.dist import (
     load_dist_checkpoint,
     save_dist_checkpoint,
     training_args_for,
 )
-from megatron_lst.checkpoint.errors import CheckpointIntegrityError
+from megatron_lst.checkpoint.errors import CheckpointError, CheckpointIntegrityError
 from megatron_lst.checkpoint.integrity import (
     MANIFEST_FILENAME,
     inspect_checkpoint,
@@ -32,6 +36,7 @@ from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.checkpointing import (
     METADATA_FILENAME,
     TRACKER_FILENAME,
+    CheckpointSaveError,
     NonFiniteWeightsError,
     load_checkpoint,
 )
@@ -188,6 +193,21 @@ def test_truncated_file_is_named_and_an_older_checkpoint_loads(save_dir, capsys,
     assert cli.main(["verify", "--load", str(save_dir), "--ckpt-step", "1"]) == 0
 
 
+@pytest.mark.parametrize(("damage", "expected"), [
+    (lambda c: (c / "common.pt").unlink(), r"common\.pt is missing; megatron stores"),
+    (lambda c: (c / "metadata.json").write_text("{bad"), r"metadata\.json is missing or damaged"),
+    (lambda c: (c / "metadata.json").write_text("[]"), r"metadata\.json holds a JSON list"),
+])
+def test_megatron_files_a_manifest_would_catch_are_named_without_one(save_dir, damage, expected):
+    """A checkpoint saved before manifests: megatron's own config and common state are checked
+    too, not left to fail inside megatron with a traceback."""
+    newest = save_dir / "iter_0000002"
+    (newest / MANIFEST_FILENAME).unlink()
+    damage(newest)
+    with pytest.raises(CheckpointIntegrityError, match=expected):
+        load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
+
+
 def test_changed_byte_is_caught_by_the_digest(save_dir):
     broken = largest_distcp(save_dir / "iter_0000002")
     data = bytearray(broken.read_bytes())
@@ -217,6 +237,72 @@ def test_diverged_weights_are_not_saved(saved, tmp_path):
     assert f"The newest checkpoint, {save_dir / 'iter_0000002'} (iteration 2)" in message
     assert sorted(p.name for p in save_dir.iterdir()) == [
         "iter_0000001", "iter_0000002", TRACKER_FILENAME]
+
+
+@pytest.mark.parametrize("iteration", [2, 0])
+def test_a_save_at_or_behind_an_existing_checkpoint_is_refused(save_dir, iteration):
+    """Iteration 2 would overwrite a checkpoint; iteration 0 would move the pointer behind
+    iteration 2, which resuming loads instead."""
+    model = tiny_model()
+    with pytest.raises(CheckpointError, match=rf"already holds .*'iter_0000002'\]; refusing "
+                                              rf"to save iteration {iteration}"):
+        save_dist_checkpoint(save_dir, model, training_args_for(model.lst_config), VOCAB,
+                             iteration)
+    assert (save_dir / TRACKER_FILENAME).read_text() == "2"
+    assert sorted(p.name for p in save_dir.iterdir()) == [
+        "iter_0000001", "iter_0000002", TRACKER_FILENAME]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _writers_failed(*args, **kwargs):
+    raise CheckpointException("write", {0: (OSError(errno.ENOSPC, "No space left on device"),
+                                            None)})
+
+
+@pytest.mark.parametrize(("where", "name", "failure"), [
+    (integrity, "write_manifest", _disk_full),
+    (dist_checkpointing, "save", _writers_failed),
+])
+def test_a_failed_save_is_explained_and_the_previous_checkpoint_stays(save_dir, monkeypatch,
+                                                                      where, name, failure):
+    monkeypatch.setattr(where, name, failure)
+    model = tiny_model()
+    with pytest.raises(CheckpointSaveError) as failed:
+        save_dist_checkpoint(save_dir, model, training_args_for(model.lst_config), VOCAB, 3)
+    message = str(failed.value)
+    assert f"saving the checkpoint of iteration 3 into {save_dir} failed (" in message
+    assert "No space left on device" in message and "MiB free on the filesystem" in message
+    assert "Checkpoints saved before are untouched" in message
+    assert (save_dir / TRACKER_FILENAME).read_text() == "2"
+    [interrupted] = save_dir.glob("iter_0000003.tmp-*")
+    assert f"Remove the interrupted save {interrupted.name}" in message
+    monkeypatch.undo()
+    loaded = load_checkpoint(save_dir, [model], None, None, WEIGHTS_ONLY, VOCAB)
+    assert loaded.path == save_dir / "iter_0000002"
+    assert_weights_of(model, seed=2)
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    (lambda m: m.pop("args"), "'args' (missing)"),
+    (lambda m: m.update(extra_state=None), "'extra_state' (NoneType)"),
+    (lambda m: m.update(iteration="2"), "'iteration' (str)"),
+])
+def test_checkpoint_metadata_with_a_field_missing_or_mistyped_is_named(save_dir, edit, named,
+                                                                      capsys):
+    """lst_checkpoint.json is written after the manifest: no digest catches its damage."""
+    checkpoint = save_dir / "iter_0000002"
+    metadata = json.loads((checkpoint / METADATA_FILENAME).read_text())
+    edit(metadata)
+    (checkpoint / METADATA_FILENAME).write_text(json.dumps(metadata))
+    expected = (rf"{METADATA_FILENAME} is damaged: field\(s\) {re.escape(named)} are not what a "
+                rf"save writes.* \(complete ones: \[1\]\)")
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
+    assert cli.main(["verify", "--load", str(save_dir)]) == 1
+    assert re.search(f"FAILED .*{expected}", capsys.readouterr().out)
 
 
 def test_a_resume_that_breaks_the_data_position_is_refused_before_loading(save_dir):

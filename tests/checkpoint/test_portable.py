@@ -81,6 +81,38 @@ def test_config_dict_round_trip_and_unknown_field(model):
         lst_config_from_dict(data)
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d["global_model"].update(hidden_size=63), r"global_model: global hidden_size 63"),
+    (lambda d: d.update(encoder=5), r"encoder: a JSON int, not the fields of LocalModelConfig"),
+])
+def test_config_dict_of_an_impossible_model_is_refused_naming_the_part(model, edit, message):
+    data = lst_config_to_dict(model.lst_config)
+    edit(data)
+    with pytest.raises(CheckpointContentError, match=message):
+        lst_config_from_dict(data)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: [1], r"holds a JSON list, not an lst-portable config object"),
+    (lambda m: m.pop("lst_config") and m, r"field\(s\) 'lst_config' \(missing\) are not what"),
+    (lambda m: m.update(training_args=[1]) or m, r"field\(s\) 'training_args' \(list\)"),
+    (lambda m: m.update(vocab={"size": 3}) or m, r"'vocab' is not a joint vocabulary layout"),
+])
+def test_damaged_config_file_is_refused_naming_the_field(saved, edit, message):
+    """The portable form is the one to accept from others: a bad config is an error, not a
+    traceback."""
+    path = saved / CONFIG_FILENAME
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(CheckpointContentError, match=message):
+        load_portable(saved)
+
+
+def test_config_file_that_is_not_text_is_refused(saved):
+    (saved / CONFIG_FILENAME).write_bytes(b"\xb8\xff")
+    with pytest.raises(CheckpointContentError, match=rf"cannot read {saved / CONFIG_FILENAME}"):
+        load_portable(saved)
+
+
 def rewrite_weights(directory, edit):
     state = load_file(str(directory / WEIGHTS_FILENAME))
     edit(state)

@@ -110,6 +110,49 @@ def test_missing_reference_tensor_is_named(reference):
         import_reference(state, model_args)
 
 
+def test_reference_tensors_that_do_not_combine_are_named_with_their_shapes(reference):
+    state, model_args = reference
+    state = {**state, "global_transformer.layers.0.attention.wq.weight": torch.zeros(64, 65)}
+    with pytest.raises(ReferenceImportError, match=r"'global_transformer\.layers\.0\.attention\."
+                                                   r"wq\.weight': \(64, 65\).* do not combine"):
+        import_reference(state, model_args)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"dim_global": None}, r"do not describe a model this package builds"),
+    ({"n_kv_heads_global": 3}, r"do not describe a model .*num_query_groups 3"),
+    ({"cross_attn_window_encoder": 0}, r"do not describe a model .*cross-attention sizes must all be >= 1"),
+    ({"dim_global": "64"}, r"do not describe a model this package builds: unsupported operand"),
+])
+def test_model_args_that_describe_no_model_are_refused_naming_why(reference, edit, message):
+    state, model_args = reference
+    model_args = {**model_args, **edit}
+    with pytest.raises(ReferenceImportError, match=message):
+        import_reference(state, model_args)
+
+
+@pytest.mark.parametrize(("name", "content", "reader", "message"), [
+    ("consolidated.pth", b'{"model": {}}', read_reference_state_dict,
+     r"not a torch checkpoint of tensors and plain data, or it is truncated"),
+    ("params.json", b"\xb8\x00", read_reference_model_args, r"cannot read reference model args"),
+    ("params.json", b"[1, 2]", read_reference_model_args, r"holds a JSON list, not the reference"),
+])
+def test_unreadable_reference_files_are_refused_naming_them(tmp_path, name, content, reader,
+                                                           message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ReferenceImportError, match=message):
+        reader(path)
+
+
+def test_truncated_consolidated_checkpoint_is_refused_naming_it(reference, tmp_path):
+    path = tmp_path / "consolidated.pth"
+    torch.save({"model": reference[0]}, path)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(ReferenceImportError, match=rf"cannot read reference checkpoint {path}"):
+        read_reference_state_dict(path)
+
+
 def test_unmapped_model_tensor_is_named_on_export(imported_model):
     state = full_state_dict(imported_model)
     state["local_decoder.extra_gate.weight"] = torch.zeros(2)
@@ -139,6 +182,13 @@ def test_ffn_widths_no_multiple_of_produces_are_refused(single_rank):
     with pytest.raises(ReferenceImportError, match="multiple_of"):
         reference_model_args(odd)
     assert reference_model_args(tiny)["multiple_of"] == 256
+
+
+@pytest.mark.parametrize("base", [{"multiple_of": "256"}, {"ffn_dim_multiplier": "1.0"}])
+def test_reference_args_of_the_wrong_type_kept_for_export_are_named(base):
+    with pytest.raises(ReferenceImportError, match=r"give multiple_of .* and ffn_dim_multiplier "
+                                                   r".*; both must be numbers"):
+        reference_model_args(preset("tiny", 64), base)
 
 
 @pytest.mark.parametrize("option", ["weight_tying", "tie_local_encoder_decoder_logits",
@@ -184,7 +234,7 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
     ({"vocab_size": -1}, "vocab_size=-1"),
     ({"pm_size": 8}, "pm_size=8 is not supported"),
     ({"head_dim": 16}, "head_dim=16 is not supported"),
-    ({"n_heads_local_encoder": 5}, "describe no valid model: local hidden_size .* num_heads 5"),
+    ({"n_heads_local_encoder": 5}, "do not describe a model .*local hidden_size .* num_heads 5"),
 ])
 def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(update, message):
     model_args = {**reference_model_args(preset("tiny", 64)), **update}

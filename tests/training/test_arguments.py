@@ -185,6 +185,16 @@ def test_load_directory_missing(tmp_path):
     assert auto_resume.resume_from is None
 
 
+def test_load_or_save_naming_a_file_says_so(tmp_path):
+    (tmp_path / TRACKER_FILENAME).write_text("20")
+    with pytest.raises(ArgumentError, match=r"--load .*latest_checkpointed_iteration\.txt is a "
+                                            r"file; point --load at a --save directory"):
+        valid("--load", str(tmp_path / TRACKER_FILENAME))
+    with pytest.raises(ArgumentError, match=r"--save .*latest_checkpointed_iteration\.txt is a "
+                                            r"file; give a directory"):
+        valid("--save", str(tmp_path / TRACKER_FILENAME))
+
+
 def test_load_directory_without_checkpoint(tmp_path):
     with pytest.raises(ArgumentError, match=r"holds no complete checkpoint"):
         valid("--load", str(tmp_path))
@@ -200,6 +210,26 @@ def test_load_directory_with_checkpoint_and_corrupt_pointer(tmp_path):
     (tmp_path / TRACKER_FILENAME).write_text("40")
     with pytest.raises(ArgumentError, match=r"--load .*names iteration 40.*corrupt"):
         valid("--load", str(tmp_path), "--save", str(tmp_path))
+
+
+def test_save_directory_with_newer_checkpoints_is_refused_before_training(tmp_path):
+    """Resuming an older checkpoint (or starting over) into a --save directory with newer ones
+    would train up to the first colliding save and fail there, or save behind them."""
+    for iteration in (10, 20):
+        checkpoint = tmp_path / f"iter_{iteration:07d}"
+        checkpoint.mkdir()
+        (checkpoint / "metadata.json").write_text("{}")
+        (checkpoint / METADATA_FILENAME).write_text("{}")
+    save = ("--save", str(tmp_path))
+    assert valid("--load", str(tmp_path), *save).resume_from == str(tmp_path / "iter_0000020")
+    with pytest.raises(ArgumentError, match=r"already holds \['iter_0000020'\], newer than "
+                                            r"iteration 10"):
+        valid("--load", str(tmp_path), "--ckpt-step", "10", *save)
+    with pytest.raises(ArgumentError, match=r"already holds \['iter_0000010', 'iter_0000020'\]"):
+        valid(*save)
+    with pytest.raises(ArgumentError, match=r"newer than iteration 0.*pass another --save"):
+        valid("--load", str(tmp_path), "--finetune", *save)
+    assert valid("--load", str(tmp_path), "--finetune", "--save", str(tmp_path / "new")).finetune
 
 
 # --- presets and YAML ----------------------------------------------------------------------

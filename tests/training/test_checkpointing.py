@@ -118,6 +118,15 @@ def test_directory_without_metadata_is_not_complete(tmp_path):
     assert find_latest_checkpoint(tmp_path) is None
 
 
+def test_load_naming_an_incomplete_checkpoint_says_so(tmp_path):
+    """Not "no checkpoint": the directory named is one, left by a save that did not finish."""
+    fake_checkpoint(tmp_path, 100)
+    partial = fake_checkpoint(tmp_path, 200, complete=False)
+    with pytest.raises(CheckpointError, match=rf"{partial} is an incomplete checkpoint \(no "
+                                              rf"{METADATA_FILENAME}\).* \(\[100\]\)"):
+        find_latest_checkpoint(partial)
+
+
 @pytest.mark.parametrize("pointer", ["300", "not-a-number"])
 def test_pointer_to_nothing_is_corruption_not_a_fresh_start(tmp_path, pointer):
     fake_checkpoint(tmp_path, 100)
