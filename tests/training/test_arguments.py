@@ -108,6 +108,32 @@ def test_validate_returns_a_copy():
     (["--train-data-path", "a", "--valid-data-path", "0.5", "b", "-1", "c"], 1,
      r"--valid-data-path weights \['0.5', '-1'\] must be finite"),
     (["--distributed-timeout-minutes", "0"], 1, r"--distributed-timeout-minutes must be at least 1"),
+    # Each of these used to pass validation and then hang, crash in torch or megatron.core, or
+    # train wrongly (a NaN --clip-grad turned clipping off; --adam-eps 0 gave a NaN loss).
+    (["--clip-grad", "nan"], 1, r"--clip-grad must be a finite number, got nan"),
+    (["--lr", "inf"], 1, r"--lr must be a finite number, got inf"),
+    (["--adam-eps", "0"], 1, r"--adam-eps must be positive"),
+    (["--optimizer", "sgd", "--sgd-momentum", "-1"], 1, r"--sgd-momentum must be >= 0"),
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "-1"], 1,
+     r"--lr-wsd-decay-iters -1 must be in \[1, --lr-decay-iters 10\]"),
+    (["--hidden-size", "60"], 1, r"impossible model: global head dim 15 must be even"),
+    (["--rotary-base", "0"], 1, r"--rotary-base must be positive"),
+    (["--norm-epsilon", "-1"], 1, r"--norm-epsilon must be >= 0"),
+    (["--init-method-std", "-1"], 1, r"--init-method-std must be >= 0"),
+    (["--recompute-granularity", "full", "--recompute-method", "block",
+      "--recompute-num-layers", "0"], 1, r"--recompute-num-layers must be at least 1"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "3"], 1,
+     r"groups of --recompute-num-layers 3 layers, which must divide .* \[4\]"),
+    (["--num-layers", "5", "--pipeline-model-parallel-size", "2",
+      "--decoder-first-pipeline-num-layers", "3", "--recompute-granularity", "full",
+      "--recompute-method", "uniform", "--recompute-num-layers", "2"], 2,
+     r"stage \[3, 2\]; use a divisor of 1"),
+    (["--fp16", "--hysteresis", "0"], 1, r"--hysteresis must be at least 1"),
+    (["--fp16", "--loss-scale-window", "0"], 1, r"--loss-scale-window must be at least 1"),
+    (["--fp16", "--min-loss-scale", "0"], 1, r"--min-loss-scale 0.0 must be positive"),
+    (["--data-path", "a", "--split", "abc"], 1, r"--split 'abc': expected comma-separated"),
+    (["--data-path", "a", "--split", "nan,1,1"], 1, r"proportions must be finite"),
 ], ids=lambda v: v if isinstance(v, int) else None)
 def test_impossible_combinations_name_the_flags(extra, world_size, message):
     with pytest.raises(ArgumentError, match=message):
