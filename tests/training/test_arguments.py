@@ -255,6 +255,11 @@ def test_yaml_switches_and_lists(tmp_path):
     ("bf16: yes please\n", r"--bf16 is a switch; write true or false"),
     ("seq-length: [1, 2]\n", r"--seq-length takes one value"),
     ("config: other.yaml\n", r"unknown key 'config'"),
+    # PyYAML keeps the last of a repeated key, and a null replaced the default: both were silent.
+    ("lr: 1e-3\nseq-length: 16\nlr: 1e-2\n", r"key 'lr' appears twice \(lines 1 and 3\)"),
+    ("seq-length: 16\nseq_length: 32\n", r"keys 'seq-length' and 'seq_length' both set --seq-length"),
+    ("micro-batch-size: null\n", r"--micro-batch-size cannot be null; give a value, or leave "
+                                  r"the key out for its default 1"),
     ("- a\n- b\n", r"must be a mapping"),
 ])
 def test_bad_yaml_names_the_key_and_the_fix(tmp_path, text, message):
