@@ -795,6 +795,9 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
         raise ArgumentError("--finetune loads weights from --load DIR; give --load")
     if args.ckpt_step is not None and args.load is None:
         raise ArgumentError("--ckpt-step picks a checkpoint of --load DIR; give --load")
+    for flag, path in (("--save", args.save), ("--load", args.load)):
+        if path is not None:
+            _check_no_file_in_the_way(flag, path)
     args.resume_from = None
     if args.load is None:
         return
@@ -818,6 +821,17 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
             f"point --load at a directory written by --save"
         )
     args.resume_from = str(latest)
+
+
+def _check_no_file_in_the_way(flag: str, path: str) -> None:
+    """`path` is a directory or can be made one: neither it nor an ancestor is a file (saving
+    would otherwise fail at the first write, after the datasets and the model are built)."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ArgumentError(f"{flag} {path}: {existing} is a file, not a directory; give the "
+                            f"directory checkpoints are saved in")
 
 
 def _validate_exit_conditions(args: argparse.Namespace) -> None:

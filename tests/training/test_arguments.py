@@ -211,6 +211,18 @@ def test_load_directory_missing(tmp_path):
     assert auto_resume.resume_from is None
 
 
+@pytest.mark.parametrize("flags", [["--save", "FILE"], ["--save", "FILE/run"],
+                                   ["--load", "FILE"], ["--save", "FILE", "--load", "FILE"]])
+def test_a_file_where_the_checkpoint_directory_goes_is_refused(tmp_path, flags):
+    """--save under a file failed with NotADirectoryError once the datasets were built; --load
+    of a file said it did not exist."""
+    (tmp_path / "file").write_text("")
+    flags = [flag.replace("FILE", str(tmp_path / "file")) for flag in flags]
+    with pytest.raises(ArgumentError, match=rf"{flags[0]} .*: {tmp_path / 'file'} is a file, "
+                                            r"not a directory"):
+        valid(*flags)
+
+
 def test_load_directory_without_checkpoint(tmp_path):
     with pytest.raises(ArgumentError, match=r"holds no complete checkpoint"):
         valid("--load", str(tmp_path))
