@@ -105,7 +105,11 @@ class SentencePieceTokenizer(TextTokenizer):
         import sentencepiece
 
         super().__init__(path)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except RuntimeError as error:  # what sentencepiece raises for a file it cannot parse
+            raise VocabularyError(f"{path} is not a SentencePiece model ({error}); pass the "
+                                  f".model file tools/train_tokenizer.py wrote") from None
         if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
             raise VocabularyError(f"{path}: the SentencePiece model has no BOS or EOS piece; "
                                   f"train it with bos_id and eos_id set (tools/train_tokenizer.py)")
@@ -142,7 +146,11 @@ class HFTokenizer(TextTokenizer):
             raise ImportError(f"loading {path} needs the Hugging Face `tokenizers` package: "
                               f"pip install megatron-lst[data]") from error
         super().__init__(path)
-        self._tok = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise VocabularyError(f"{path} is not a Hugging Face tokenizer.json ({error}); pass "
+                                  f"the tokenizer.json of a tokenizers tokenizer") from None
         for bos, eos in _HF_BOS_EOS:
             bos_id, eos_id = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
             if bos_id is not None and eos_id is not None:

@@ -140,7 +140,7 @@ def _space_id(args: argparse.Namespace, stores: list[DocumentStore]) -> int | No
     if args.tokenizer_model is None:
         recorded = {store.manifest.tokenizer.space_id for store in stores}
         if len(recorded) > 1:
-            raise ValueError(
+            raise VocabularyError(
                 f"the datasets record different word-boundary pieces {sorted(recorded, key=str)}: "
                 "they were made with different tokenizers; preprocess them with one tokenizer")
         space_id = recorded.pop()
@@ -150,7 +150,10 @@ def _space_id(args: argparse.Namespace, stores: list[DocumentStore]) -> int | No
         return space_id
     from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 
-    tokenizer = load_text_tokenizer(args.tokenizer_model)
+    try:
+        tokenizer = load_text_tokenizer(args.tokenizer_model)
+    except FileNotFoundError as error:
+        raise VocabularyError(f"--tokenizer-model: {error}") from None
     for store in stores:
         store.check_tokenizer(tokenizer)
     return tokenizer.space_id

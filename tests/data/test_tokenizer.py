@@ -184,6 +184,18 @@ def test_missing_tokenizer_file(tmp_path):
         load_text_tokenizer(tmp_path / "nope.model")
 
 
+@pytest.mark.parametrize("name, message", [
+    ("notes.model", r"notes.model is not a SentencePiece model \(.*\); pass the .model file"),
+    ("tokenizer.json", r"tokenizer.json is not a Hugging Face tokenizer.json \(.*\); pass"),
+])
+def test_a_file_that_is_no_tokenizer_is_named(tmp_path, name, message):
+    """Was sentencepiece's RuntimeError ('unk is not defined') or tokenizers' bare Exception,
+    a traceback from lst-train and lst-eval."""
+    (tmp_path / name).write_text('{"x": 1 2}\n')
+    with pytest.raises(VocabularyError, match=message):
+        load_text_tokenizer(tmp_path / name)
+
+
 @pytest.fixture
 def codec(tiny):
     return InterleavedCodec(tiny, joint_vocab(tiny, num_units=50))

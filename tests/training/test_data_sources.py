@@ -138,3 +138,27 @@ def test_speech_only_fraction_reaches_the_training_and_validation_rows(tmp_path)
         return sum(int((row == datasets.vocab.text_marker).sum()) for row in rows)
 
     assert text_markers(speech_only) == 0 < text_markers(default)
+
+
+def test_a_missing_tokenizer_is_bad_training_data_not_a_traceback(tmp_path):
+    """A FileNotFoundError from the tokenizer loader escaped lst-train's error handling."""
+    flags = tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "2", "--tokenizer-model",
+                                                   str(tmp_path / "missing.model")]
+    with pytest.raises(VocabularyError, match=r"--tokenizer-model: .*missing.model: tokenizer "
+                                              r"not found"):
+        build_datasets(validate_args(parse_args(flags), 1))
+
+
+def test_datasets_of_different_word_boundary_pieces_are_bad_training_data(tmp_path):
+    """Was a plain ValueError, a traceback from lst-train instead of its exit status 4."""
+    stores = []
+    for name, space_id in (("a", 3), ("b", 4)):
+        prefix = write_store(tmp_path / name, "text", 12, seed=len(stores))
+        manifest_path = prefix.with_suffix(".json")
+        manifest = json.loads(manifest_path.read_text())
+        manifest["tokenizer"]["space_id"] = space_id
+        manifest_path.write_text(json.dumps(manifest))
+        stores += ["0.5", str(prefix)]
+    flags = with_data(tiny_flags(["unused"]), "--data-path", *stores)
+    with pytest.raises(VocabularyError, match=r"different word-boundary pieces \[3, 4\]"):
+        build_datasets(validate_args(parse_args(flags), 1))
