@@ -33,12 +33,15 @@ def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a flat mapping (keys not yet checked against the flags)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
+        raise ConfigError(f"--config {path}: " + ("not a file" if path.exists() else "no such file"))
     with path.open(encoding="utf-8") as f:
         try:
             config = yaml.load(f, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise ConfigError(f"--config {path} is not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"--config {path} is not UTF-8 text ({err.reason} at byte "
+                              f"{err.start}); save it as UTF-8") from None
     if config is None:
         return {}
     if not isinstance(config, Mapping):

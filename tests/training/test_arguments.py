@@ -282,6 +282,17 @@ def test_bad_yaml_names_the_key_and_the_fix(tmp_path, text, message):
             config_to_argv(load_config(write_yaml(tmp_path, text)), arguments.build_parser())
 
 
+def test_a_config_that_is_no_utf8_file_is_named(tmp_path):
+    """Non-UTF-8 bytes were a UnicodeDecodeError traceback."""
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"seq-length: 16\nlr: \xff\n")
+    with pytest.raises(ArgumentError, match=r"run.yaml is not UTF-8 text \(invalid start byte "
+                                            r"at byte 19\); save it as UTF-8"):
+        parse_args(["--config", str(config)])
+    with pytest.raises(ArgumentError, match=rf"--config {tmp_path}: not a file"):
+        parse_args(["--config", str(tmp_path)])
+
+
 def test_unknown_preset_is_named():
     with pytest.raises(SystemExit):
         parse_args(["--preset", "13b"])
