@@ -368,6 +368,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     _validate_model(args)
     _validate_lst(args)
     _check_model_config(args)
+    _validate_backends(args)
     _validate_training(args)
     _validate_precision(args)
     _validate_checkpointing(args)
@@ -646,6 +647,36 @@ def _check_model_config(args: argparse.Namespace) -> None:
         lst_config_from_args(args, vocab_size=2, eos_id=1)  # the vocabulary enters no check
     except ModelConfigError as err:
         raise ArgumentError(f"the model flags describe an impossible model: {err}") from None
+
+
+def _validate_backends(args: argparse.Namespace) -> None:
+    """The communication and global-block backends the flags name, and on a machine without
+    CUDA the kernel backend, can run here (each used to fail only once the model was built or
+    ran)."""
+    import torch
+    from lst_kernels.backend import resolve_backend
+
+    from megatron_lst.models.specs import resolve_transformer_impl
+
+    if args.distributed_backend == "nccl" and not torch.cuda.is_available():
+        raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo (the default "
+                            "without CUDA)")
+    packed_documents = args.reset_attention_mask is not False or args.reset_position_ids
+    if args.transformer_impl == "transformer_engine" and packed_documents:
+        raise ArgumentError(
+            "--transformer-impl transformer_engine cannot run packed-document attention "
+            "(--reset-attention-mask, on by default, or --reset-position-ids): use "
+            "--transformer-impl local or auto, or pass --no-reset-attention-mask")
+    try:
+        resolve_transformer_impl(args.transformer_impl)
+    except RuntimeError as err:
+        raise ArgumentError(f"--transformer-impl {args.transformer_impl}: {err}") from None
+    if args.patching_mode == "none" or torch.cuda.is_available():
+        return  # the token baseline runs no LST kernels; a CUDA tensor here would open a context
+    try:
+        resolve_backend(args.kernel_backend, torch.empty(0))  # where the kernels run on CPU
+    except RuntimeError as err:
+        raise ArgumentError(f"--kernel-backend {args.kernel_backend}: {err}") from None
 
 
 def _validate_training(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_lst.training import arguments
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
@@ -134,10 +135,31 @@ def test_validate_returns_a_copy():
     (["--fp16", "--min-loss-scale", "0"], 1, r"--min-loss-scale 0.0 must be positive"),
     (["--data-path", "a", "--split", "abc"], 1, r"--split 'abc': expected comma-separated"),
     (["--data-path", "a", "--split", "nan,1,1"], 1, r"proportions must be finite"),
+    (["--transformer-impl", "transformer_engine"], 1,
+     r"--transformer-impl transformer_engine cannot run packed-document attention"),
 ], ids=lambda v: v if isinstance(v, int) else None)
 def test_impossible_combinations_name_the_flags(extra, world_size, message):
     with pytest.raises(ArgumentError, match=message):
         valid(*extra, world_size=world_size)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the backends a CPU-only machine lacks")
+@pytest.mark.parametrize("extra, message", [
+    (["--distributed-backend", "nccl"], r"--distributed-backend nccl needs CUDA; use gloo"),
+    (["--transformer-impl", "transformer_engine", "--no-reset-attention-mask"],
+     r"--transformer-impl transformer_engine: .*needs transformer_engine installed and CUDA"),
+    (["--patching-mode", "static", "--max-tokens", "64", "--local-encoder-layers", "1",
+      "--local-encoder-hidden-size", "32", "--local-encoder-heads", "2",
+      "--local-decoder-layers", "1", "--local-decoder-hidden-size", "32",
+      "--local-decoder-heads", "2", "--kernel-backend", "triton"],
+     r"--kernel-backend triton: backend='triton' on CPU tensors needs TRITON_INTERPRET=1|"
+     r"--kernel-backend triton: backend='triton' needs the `triton` package"),
+])
+def test_backends_this_machine_cannot_run_are_named(extra, message, monkeypatch):
+    """Each failed with a traceback once the model was built or ran."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ArgumentError, match=message):
+        valid(*extra)
 
 
 @pytest.mark.parametrize("given", [
