@@ -215,9 +215,20 @@ def format_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown) -> str
             f"share of the step's FLOPs per stage {shares}")
 
 
+def _check_tool_flags(args: argparse.Namespace) -> None:
+    """The flags checked before any planning: a bad --out would fail only after the tables."""
+    if args.pipeline_model_parallel_size < 1:
+        raise ValueError(f"--pipeline-model-parallel-size must be at least 1, got "
+                         f"{args.pipeline_model_parallel_size}")
+    if args.out is not None and not args.out.parent.is_dir():
+        raise ValueError(f"--out {args.out}: directory {args.out.parent} does not exist; create "
+                         "it or write elsewhere")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_tool_flags(args)
         config = model_config(args)
         lst = ModelShape.from_model_config(config)
         budget = Budget(flops=args.budget_flops, steps=args.budget_steps, reference=args.reference)

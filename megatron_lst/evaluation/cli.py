@@ -105,7 +105,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                 model.model_chunks, items, model.vocab, model.patcher,
                 modes or _default_modes(items), args.batch_size,
                 bootstrap_resamples=args.bootstrap_resamples, seed=args.seed)
-    except (CheckpointError, ItemError, ValueError) as error:
+    except (CheckpointError, ItemError, OSError, ValueError) as error:
         print(f"lst-eval: {error}", file=sys.stderr)
         return 2
     finally:
@@ -141,6 +141,9 @@ def _check_eval_inputs(args: argparse.Namespace) -> None:
         raise ValueError("--asr-load transcribes generated speech: it applies to --task tts")
     if args.num_utterances is not None and args.num_utterances < 1:
         raise ValueError(f"--num-utterances must be >= 1, got {args.num_utterances}")
+    if args.output is not None and not Path(args.output).parent.is_dir():
+        raise ValueError(f"--output {args.output}: directory {Path(args.output).parent} does not "
+                         "exist; create it or write elsewhere")
 
 
 def task_main(args: argparse.Namespace) -> int:
@@ -229,9 +232,18 @@ def build_generate_parser() -> argparse.ArgumentParser:
 
 
 def _unit_prompt(text: str) -> list[int]:
+    """The unit values of --prompt-units (inline, or @FILE)."""
     if text.startswith("@"):
-        text = Path(text[1:]).read_text()
-    return [int(u) for u in text.split()]
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as error:
+            raise ValueError(f"--prompt-units {text}: cannot read {text[1:]} "
+                             f"({error.strerror or error})") from None
+    try:
+        return [int(u) for u in text.split()]
+    except ValueError as error:
+        raise ValueError(f"--prompt-units: {error}; give whitespace-separated integer unit "
+                         "values") from None
 
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
@@ -253,7 +265,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                                   args.seed, "speech" if args.speech_only else args.continue_in)
         result = generate(loaded.model_chunks[0], prompt, vocab, loaded.patcher.config,
                           sampling, use_cache=not args.no_cache)
-    except (CheckpointError, GenerationError, ValueError) as error:
+    except (CheckpointError, GenerationError, OSError, ValueError) as error:
         print(f"lst-generate: {error}", file=sys.stderr)
         return 2
     finally:

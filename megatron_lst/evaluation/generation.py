@@ -35,6 +35,7 @@ the same patch lengths: the reference implementation's way, and what the cache m
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -69,9 +70,9 @@ class SamplingConfig:
     def __post_init__(self):
         if self.modality not in MODALITIES:
             raise GenerationError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
-        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise GenerationError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got "
-                                  f"{self.temperature}, {self.top_k}, {self.top_p}")
+        if not 0 <= self.temperature < math.inf or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"need a finite temperature >= 0, top_k >= 0 and 0 < top_p <= 1, "
+                                  f"got {self.temperature}, {self.top_k}, {self.top_p}")
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 

@@ -363,9 +363,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     _adopt_checkpoint_model(args)
     _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length",
              "train_iters", "lr")
+    _require_finite(args)
     _validate_parallelism(args, world_size)
     _validate_model(args)
     _validate_lst(args)
+    _check_model_config(args)
+    _validate_backends(args)
     _validate_training(args)
     _validate_precision(args)
     _validate_checkpointing(args)
@@ -423,6 +426,14 @@ def _require(args: argparse.Namespace, *dests: str) -> None:
         )
 
 
+def _require_finite(args: argparse.Namespace) -> None:
+    """Every number flag is finite: a NaN passes no range check (`nan < 0` is False), so a
+    `--clip-grad nan` would silently turn clipping off."""
+    for dest, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ArgumentError(f"{_flag(dest)} must be a finite number, got {value}")
+
+
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
@@ -469,6 +480,7 @@ def _validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
                                                  or args.recompute_num_layers is None):
         raise ArgumentError("--recompute-granularity full needs --recompute-method uniform|block "
                             "and --recompute-num-layers")
+    _positive(args, "recompute_num_layers")
     if args.overlap_param_gather and not (args.use_distributed_optimizer
                                           and args.overlap_grad_reduce):
         raise ArgumentError(
@@ -489,10 +501,17 @@ def _validate_model(args: argparse.Namespace) -> None:
     from megatron_lst.parallel import ParallelLayoutError, pipeline_stage_layers
 
     try:
-        pipeline_stage_layers(args.num_layers, pp, args.decoder_first_pipeline_num_layers,
-                              args.decoder_last_pipeline_num_layers)
+        stage_layers = pipeline_stage_layers(args.num_layers, pp,
+                                             args.decoder_first_pipeline_num_layers,
+                                             args.decoder_last_pipeline_num_layers)
     except ParallelLayoutError as err:
         raise ArgumentError(str(err)) from None
+    _check_uniform_recompute(args, stage_layers)
+    if args.rotary_base is not None and args.rotary_base <= 0:
+        raise ArgumentError(f"--rotary-base must be positive, got {args.rotary_base}")
+    for dest in ("norm_epsilon", "init_method_std"):
+        if getattr(args, dest) is not None and getattr(args, dest) < 0:
+            raise ArgumentError(f"{_flag(dest)} must be >= 0, got {getattr(args, dest)}")
     if args.hidden_size % args.num_attention_heads:
         raise ArgumentError(
             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
@@ -544,6 +563,20 @@ def _validate_model(args: argparse.Namespace) -> None:
         raise ArgumentError("--reset-position-ids is not available for the token baseline "
                             "(--patching-mode none): megatron's GPTModel numbers RoPE positions "
                             "over the whole row")
+
+
+def _check_uniform_recompute(args: argparse.Namespace, stage_layers: Sequence[int]) -> None:
+    """Uniform recomputation checkpoints whole groups of --recompute-num-layers layers of each
+    pipeline stage (megatron.core indexes past a stage's last layer otherwise)."""
+    if args.recompute_method != "uniform":
+        return
+    group = args.recompute_num_layers
+    if any(layers % group for layers in stage_layers):
+        raise ArgumentError(
+            f"--recompute-method uniform checkpoints groups of --recompute-num-layers {group} "
+            f"layers, which must divide the global layers of every pipeline stage "
+            f"{list(stage_layers)}; use a divisor of {math.gcd(*stage_layers)}"
+        )
 
 
 def _validate_lst(args: argparse.Namespace) -> None:
@@ -603,7 +636,6 @@ def _validate_lst(args: argparse.Namespace) -> None:
             f"--local-encoder-hidden-size {args.local_encoder_hidden_size}: the decoder reads the "
             f"encoder's token states"
         )
-    _check_model_config(args)
 
 
 def _check_model_config(args: argparse.Namespace) -> None:
@@ -615,6 +647,36 @@ def _check_model_config(args: argparse.Namespace) -> None:
         lst_config_from_args(args, vocab_size=2, eos_id=1)  # the vocabulary enters no check
     except ModelConfigError as err:
         raise ArgumentError(f"the model flags describe an impossible model: {err}") from None
+
+
+def _validate_backends(args: argparse.Namespace) -> None:
+    """The communication and global-block backends the flags name, and on a machine without
+    CUDA the kernel backend, can run here (each used to fail only once the model was built or
+    ran)."""
+    import torch
+    from lst_kernels.backend import resolve_backend
+
+    from megatron_lst.models.specs import resolve_transformer_impl
+
+    if args.distributed_backend == "nccl" and not torch.cuda.is_available():
+        raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo (the default "
+                            "without CUDA)")
+    packed_documents = args.reset_attention_mask is not False or args.reset_position_ids
+    if args.transformer_impl == "transformer_engine" and packed_documents:
+        raise ArgumentError(
+            "--transformer-impl transformer_engine cannot run packed-document attention "
+            "(--reset-attention-mask, on by default, or --reset-position-ids): use "
+            "--transformer-impl local or auto, or pass --no-reset-attention-mask")
+    try:
+        resolve_transformer_impl(args.transformer_impl)
+    except RuntimeError as err:
+        raise ArgumentError(f"--transformer-impl {args.transformer_impl}: {err}") from None
+    if args.patching_mode == "none" or torch.cuda.is_available():
+        return  # the token baseline runs no LST kernels; a CUDA tensor here would open a context
+    try:
+        resolve_backend(args.kernel_backend, torch.empty(0))  # where the kernels run on CPU
+    except RuntimeError as err:
+        raise ArgumentError(f"--kernel-backend {args.kernel_backend}: {err}") from None
 
 
 def _validate_training(args: argparse.Namespace) -> None:
@@ -634,6 +696,16 @@ def _validate_training(args: argparse.Namespace) -> None:
         )
     if args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None:
         raise ArgumentError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    if (args.lr_wsd_decay_iters is not None
+            and not 1 <= args.lr_wsd_decay_iters <= args.lr_decay_iters):
+        raise ArgumentError(
+            f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} must be in [1, --lr-decay-iters "
+            f"{args.lr_decay_iters}]: WSD decays over the last iterations of the decay")
+    if args.adam_eps <= 0:
+        raise ArgumentError(f"--adam-eps must be positive (it keeps Adam's update finite where "
+                            f"a gradient is 0), got {args.adam_eps}")
+    if args.sgd_momentum < 0:
+        raise ArgumentError(f"--sgd-momentum must be >= 0, got {args.sgd_momentum}")
     if args.clip_grad < 0 or args.weight_decay < 0:
         raise ArgumentError(f"--clip-grad {args.clip_grad} and --weight-decay "
                             f"{args.weight_decay} must be >= 0 (0 turns them off)")
@@ -649,6 +721,8 @@ def _validate_training(args: argparse.Namespace) -> None:
     if args.data_path is not None and args.train_data_path is not None:
         raise ArgumentError("give --data-path (cut by --split) or --train-data-path (with "
                             "--valid-data-path), not both")
+    if args.data_path is not None:
+        _check_split(args.split)
     if args.valid_data_path is not None and args.train_data_path is None:
         raise ArgumentError("--valid-data-path goes with --train-data-path; with --data-path the "
                             "validation documents come from --split")
@@ -695,6 +769,17 @@ def _check_data_path(data_path: Sequence[str], flag: str) -> None:
         raise ArgumentError(f"{flag} weights {weights} must be finite, >= 0, and not all 0")
 
 
+def _check_split(split: str) -> None:
+    """`--split` as `data_provider.split_bounds` reads it, checked before any data is read."""
+    from megatron_lst.data.dataset import DatasetError
+    from megatron_lst.training.data_provider import split_bounds
+
+    try:
+        split_bounds(split, 1)
+    except DatasetError as err:
+        raise ArgumentError(str(err)) from None
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -711,9 +796,21 @@ def _validate_precision(args: argparse.Namespace) -> None:
                             f"(bf16 and fp32 train unscaled); drop it or add --fp16")
     if args.fp16 and args.loss_scale is not None and args.loss_scale <= 0:
         raise ArgumentError(f"--loss-scale must be positive, got {args.loss_scale}")
+    if args.fp16 and args.loss_scale is None:
+        _check_dynamic_loss_scale(args)
     args.params_dtype_name = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
     # The distributed optimizer also works in fp32: it shards fp32 state across data-parallel
     # ranks without a separate main copy, so there is nothing to reject here.
+
+
+def _check_dynamic_loss_scale(args: argparse.Namespace) -> None:
+    """The settings of megatron.core's DynamicGradScaler (--fp16 without --loss-scale)."""
+    _positive(args, "hysteresis", "loss_scale_window")
+    if not 0 < args.min_loss_scale <= args.initial_loss_scale:
+        raise ArgumentError(
+            f"--min-loss-scale {args.min_loss_scale} must be positive and at most "
+            f"--initial-loss-scale {args.initial_loss_scale}"
+        )
 
 
 def _validate_checkpointing(args: argparse.Namespace) -> None:
@@ -721,8 +818,9 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
     from megatron_lst.training.checkpointing import CheckpointError, select_checkpoint
 
     _positive(args, "save_interval")
-    if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):
-        raise ArgumentError(f"--save {args.save} is a file; give a directory (created if missing)")
+    for flag, path in (("--save", args.save), ("--load", args.load)):
+        if path is not None:
+            _check_no_file_in_the_way(flag, path)
     _check_no_newer_checkpoints(args)
     if args.save_interval is not None and args.save is None:
         # Configs ship a save interval and leave the directory to the command line.
@@ -736,9 +834,6 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
     if args.load is None:
         return
     auto_resume = args.save is not None and os.path.abspath(args.save) == os.path.abspath(args.load)
-    if os.path.exists(args.load) and not os.path.isdir(args.load):
-        raise ArgumentError(f"--load {args.load} is a file; point --load at a --save directory, "
-                            f"or one iter_XXXXXXX directory in it")
     if not os.path.isdir(args.load):
         if auto_resume:
             return  # first run of an auto-resuming job: nothing saved yet
@@ -787,6 +882,18 @@ def _check_no_newer_checkpoints(args: argparse.Namespace) -> None:
             f"iteration {start} where this run starts: its checkpoints would collide with them or "
             f"lie behind them (resuming loads the newest). Resume from the newest with --load "
             f"{args.save}, or move those checkpoints away, or pass another --save")
+
+
+def _check_no_file_in_the_way(flag: str, path: str) -> None:
+    """`path` is a directory or can be made one: neither it nor an ancestor is a file (saving
+    would otherwise fail at the first write, after the datasets and the model are built)."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        advice = ("give a directory (created if missing)" if flag == "--save" else
+                  "point --load at a --save directory, or one iter_XXXXXXX directory in it")
+        raise ArgumentError(f"{flag} {path}: {existing} is a file, not a directory; {advice}")
 
 
 def _validate_exit_conditions(args: argparse.Namespace) -> None:

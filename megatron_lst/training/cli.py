@@ -2,9 +2,10 @@
 
 Exit status: 0 when training reached --train-iters or stopped early after saving a checkpoint
 (--exit-signal-handler, --exit-duration-in-mins, --exit-interval; Megatron-LM's behaviour: compare
-the latest checkpoint with --train-iters to know which), 2 for bad flags, 3 for a refused
-checkpoint: a `--load` one that is damaged, unsafe or not resumable with these flags, a save of
-diverged weights, or a save that failed (a full disk), 4 for bad training data (a dataset that is missing, truncated, inconsistent
+the latest checkpoint with --train-iters to know which), 2 for bad flags or --eval-data items (as
+lst-eval), 3 for a refused checkpoint: a `--load` one that is damaged, unsafe or not resumable
+with these flags, a save of diverged weights, or a save that failed (a full disk), 4 for bad
+training data (a dataset that is missing, truncated, inconsistent
 with its manifest, or of another vocabulary), 5 for a non-finite loss (the message names the
 checkpoint to resume from). Each prints one message that says what is wrong and what to do.
 """
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_lst.checkpoint.errors import CheckpointError
     from megatron_lst.data.dataset import DatasetError
     from megatron_lst.data.documents import DocumentError
+    from megatron_lst.evaluation.items import ItemError
     from megatron_lst.tokenizer.vocab import VocabularyError
     from megatron_lst.training.loop import pretrain
     from megatron_lst.training.train_logging import NonFiniteLossError
@@ -47,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as error:  # raised alike on every rank
         print(f"lst-train: {error}", file=sys.stderr)
         return EXIT_CHECKPOINT_REFUSED
+    except ItemError as error:
+        print(f"lst-train: --eval-data: {error}", file=sys.stderr)
+        return 2
     except (DocumentError, DatasetError, VocabularyError) as error:
         print(f"lst-train: bad training data: {error}", file=sys.stderr)
         return EXIT_BAD_DATA

@@ -8,6 +8,10 @@ else is allowed, so every file reads as a command line:
     seq-length: 2048          ->  --seq-length 2048
     bf16: true                ->  --bf16
     data-path: [0.67, a, 0.33, b]  ->  --data-path 0.67 a 0.33 b
+
+Each flag may appear once (a key repeated, or spelled both ways, is an error rather than a silent
+last-one-wins), and `null` only for a flag whose default is "not given"; flags given on the
+command line override the file's values.
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a flat mapping (keys not yet checked against the flags)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
+        raise ConfigError(f"--config {path}: " + ("not a file" if path.exists() else "no such file"))
     with path.open(encoding="utf-8") as f:
         try:
-            config = yaml.safe_load(f)
+            config = yaml.load(f, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise ConfigError(f"--config {path} is not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"--config {path} is not UTF-8 text ({err.reason} at byte "
+                              f"{err.start}); save it as UTF-8") from None
     if config is None:
         return {}
     if not isinstance(config, Mapping):
@@ -43,6 +50,24 @@ def load_config(path: str | Path) -> dict[str, Any]:
             f"{type(config).__name__}"
         )
     return dict(config)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                continue  # not a flag name: config_to_defaults names it
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"--config {self.name}: key {key!r} appears twice (lines "
+                                  f"{seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def config_to_defaults(config: Mapping[str, Any], parser: argparse.ArgumentParser,
@@ -54,18 +79,14 @@ def config_to_defaults(config: Mapping[str, Any], parser: argparse.ArgumentParse
     closest flag.
     """
     where = f"--config {source}" if source is not None else "config"
-    defaults: dict[str, Any] = {}
-    for key, value in config.items():
-        action = _action_for_key(key, parser, where)
-        defaults[action.dest] = _convert(action, value, f"{where}: {key}", _flag_of_key(key))
-    return defaults
+    return {action.dest: _convert(action, value, f"{where}: {key}", _flag_of_key(key))
+            for key, value, action in _keyed_actions(config, parser, where)}
 
 
 def config_to_argv(config: Mapping[str, Any], parser: argparse.ArgumentParser) -> list[str]:
     """The command line equivalent to `config` (switches set to false are left out)."""
     argv: list[str] = []
-    for key, value in config.items():
-        action = _action_for_key(key, parser, "config")
+    for key, value, action in _keyed_actions(config, parser, "config"):
         converted = _convert(action, value, f"config: {key}", _flag_of_key(key))
         flag = _long_flag(action)
         if isinstance(action, argparse.BooleanOptionalAction):
@@ -85,6 +106,21 @@ def config_to_argv(config: Mapping[str, Any], parser: argparse.ArgumentParser) -
 
 def _flag_of_key(key: str) -> str:
     return "--" + key.lstrip("-").replace("_", "-")
+
+
+def _keyed_actions(config: Mapping[str, Any], parser: argparse.ArgumentParser, where: str
+                   ) -> list[tuple[str, Any, argparse.Action]]:
+    """`(key, value, action)` of every key of `config`; two keys of one flag (`seq-length` and
+    `seq_length`, or `x` and `no-x`) are an error, not a silent last-one-wins."""
+    keyed, key_of_dest = [], {}
+    for key, value in config.items():
+        action = _action_for_key(key, parser, where)
+        if action.dest in key_of_dest:
+            raise ConfigError(f"{where}: keys {key_of_dest[action.dest]!r} and {key!r} both set "
+                              f"{_long_flag(action)}; keep one")
+        key_of_dest[action.dest] = key
+        keyed.append((key, value, action))
+    return keyed
 
 
 def _action_for_key(key: Any, parser: argparse.ArgumentParser, where: str) -> argparse.Action:
@@ -122,6 +158,9 @@ def _convert(action: argparse.Action, value: Any, where: str, flag: str) -> Any:
             isinstance(action, argparse.BooleanOptionalAction) and flag != _long_flag(action))
         return not value if negated else value
     if value is None:
+        if action.default is not None:
+            raise ConfigError(f"{where}: {_long_flag(action)} cannot be null; give a value, or "
+                              f"leave the key out for its default {action.default!r}")
         return None
     if action.nargs in ("*", "+") or isinstance(action.nargs, int):
         items = list(value) if isinstance(value, (list, tuple)) else [value]

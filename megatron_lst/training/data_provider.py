@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,8 @@ def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
         raise DatasetError(f"--split {split!r}: expected comma-separated proportions like "
                            f"969,30,1") from None
     parts = (parts + [0.0, 0.0, 0.0])[:3]
-    if any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise DatasetError(f"--split {split!r}: proportions must be >= 0 and not all 0")
+    if not all(0 <= p < math.inf for p in parts) or sum(parts) <= 0:
+        raise DatasetError(f"--split {split!r}: proportions must be finite, >= 0 and not all 0")
     cumulative = np.concatenate([[0.0], np.cumsum(parts) / sum(parts)])
     edges = [int(round(c * num_documents)) for c in cumulative]
     edges[-1] = num_documents

@@ -469,8 +469,8 @@ class Budget:
     def __post_init__(self) -> None:
         if (self.flops is None) == (self.steps is None):
             raise ValueError(f"Budget: give exactly one of flops and steps, got {self}")
-        if (self.flops if self.flops is not None else self.steps) <= 0:
-            raise ValueError(f"Budget: the budget must be positive, got {self}")
+        if not 0 < (self.flops if self.flops is not None else self.steps) < math.inf:
+            raise ValueError(f"Budget: the budget must be positive and finite, got {self}")
         if self.reference not in ("lst", "baseline"):
             raise ValueError(f"Budget.reference = {self.reference!r}; use 'lst' or 'baseline'")
 
@@ -485,9 +485,10 @@ class StepShape:
     tokens_per_patch: float
 
     def __post_init__(self) -> None:
-        if self.seq_length < 2 or self.global_batch_size < 1 or self.tokens_per_patch < 1:
+        if (self.seq_length < 2 or self.global_batch_size < 1
+                or not 1 <= self.tokens_per_patch < math.inf):
             raise ValueError(
-                f"StepShape {self}: needs seq_length >= 2, global_batch_size >= 1 and "
+                f"StepShape {self}: needs seq_length >= 2, global_batch_size >= 1 and a finite "
                 "tokens_per_patch >= 1 (a patch holds at least one token)"
             )
 

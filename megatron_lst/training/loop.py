@@ -69,7 +69,7 @@ import torch
 from megatron_lst.models import LSTConfig
 from megatron_lst.models.loss import masked_token_sum
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
-from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import checkpointing
 from megatron_lst.training.data_provider import RunDatasets, build_datasets, build_loader
 from megatron_lst.training.exit_conditions import ExitConditions, ExitMonitor
@@ -171,6 +171,7 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
     from megatron.core.utils import get_model_config
 
     datasets = build_datasets(args, index_cache_dir)
+    _check_vocab_splits(datasets.vocab, args.tensor_model_parallel_size)
     args.num_units = datasets.vocab.num_units  # checkpoints record the vocabulary trained on
     model, model_config = build_model_chunks(args, datasets.vocab.size,
                                              eos_id=datasets.vocab.eos_id)
@@ -189,6 +190,18 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
     if args.load is not None:
         _restore(state)
     return state, datasets
+
+
+def _check_vocab_splits(vocab: JointVocab, tensor_model_parallel_size: int) -> None:
+    """The vocab-parallel embedding and output head split the datasets' vocabulary evenly over
+    the tensor-parallel ranks: say so in terms of the flags before megatron.core builds them."""
+    tp = tensor_model_parallel_size
+    if vocab.size % tp:
+        units = vocab.num_units + (-vocab.size) % tp
+        raise VocabularyError(
+            f"the datasets' joint vocabulary of {vocab.size} ids ({vocab.num_units} units) does "
+            f"not split over --tensor-model-parallel-size {tp}; preprocess the datasets with "
+            f"--num-units {units} (spare unit slots) or use another tensor-parallel size")
 
 
 def _restore(state: TrainingState) -> None:

@@ -68,6 +68,7 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
             f"would continue at that sample of other rows (data repeated or skipped). Resume "
             f"with the checkpoint's values, or start a new schedule from its weights with "
             f"--finetune")
+    _check_optimizer_precision(saved, args, checkpoint)
     notes = [f"{_flag(name)} changed from {saved[name]} to {current.get(name)}"
              for name in NOTED_FLAGS if changed(name)]
     if any(changed(name) for name in ("data_path", "train_data_path", "split")):
@@ -75,6 +76,27 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
                      f"these flags name; if it is not the data the checkpoint was trained on, "
                      f"samples are repeated or skipped")
     return notes + _check_global_batch_size(saved, args, position, checkpoint)
+
+
+# The precision flags of each parameter dtype `validate_args` derives.
+_PRECISION_FLAGS = {"float32": "neither --bf16 nor --fp16", "bfloat16": "--bf16",
+                    "float16": "--fp16"}
+
+
+def _check_optimizer_precision(saved: Mapping[str, Any], args: argparse.Namespace,
+                               checkpoint: str) -> None:
+    """Mixed precision (--bf16, --fp16) keeps fp32 main weights in the optimizer state and fp32
+    training does not, so the optimizer state of one does not load into the other (megatron.core
+    fails with a KeyError on a missing state key)."""
+    old, new = saved.get("params_dtype_name"), getattr(args, "params_dtype_name", None)
+    if old is None or new is None or getattr(args, "no_load_optim", False):
+        return
+    if (old == "float32") != (new == "float32"):
+        raise ResumeConfigError(
+            f"checkpoint {checkpoint} was trained in {old} ({_PRECISION_FLAGS[old]}) and this "
+            f"run trains in {new} ({_PRECISION_FLAGS[new]}): their optimizer states differ (mixed "
+            f"precision keeps fp32 main weights). Resume with {_PRECISION_FLAGS[old]}, or add "
+            f"--no-load-optim to continue the schedule with a fresh optimizer state")
 
 
 def _check_global_batch_size(saved: Mapping[str, Any], args: argparse.Namespace,

@@ -118,6 +118,25 @@ def test_a_different_tokenizer_of_the_same_size_is_refused(checkpoint, tmp_path,
         assert f"made with (sha256 {tokenizer().sha256[:12]}...)" in error
 
 
+@pytest.mark.parametrize("main, flags, message", [
+    (eval_main, ["--items", "ITEMS", "--tokenizer-model", "MISSING"], "tokenizer not found"),
+    (generate_main, ["--prompt-text", "the", "--tokenizer-model", "MISSING"], "tokenizer not found"),
+    (generate_main, ["--prompt-units", "@MISSING"], "--prompt-units @"),
+    (generate_main, ["--prompt-units", "3 x"], "--prompt-units: invalid literal for int()"),
+    (generate_main, ["--prompt-text", "the", "--temperature", "nan"], "need a finite temperature"),
+], ids=["eval-tokenizer", "generate-tokenizer", "units-file", "units-value", "temperature"])
+def test_bad_inputs_found_after_loading_are_one_line(checkpoint, tmp_path, capsys, main, flags,
+                                                     message):
+    """Each of these was a traceback (FileNotFoundError, torch.multinomial's RuntimeError) or
+    a message that named no flag."""
+    root, items_path, _ = checkpoint
+    values = {"ITEMS": str(items_path), "MISSING": str(tmp_path / "missing"),
+              "@MISSING": f"@{tmp_path / 'missing'}"}
+    assert main(["--load", str(root / "save"), *(values.get(f, f) for f in flags)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_lst_eval_without_a_checkpoint(tmp_path, capsys):
     assert eval_main(["--load", str(tmp_path), "--items", str(tmp_path / "x.jsonl")]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err
@@ -158,6 +177,9 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     (["--task", "asr"], "give --utterances"),
     (["--items", "x.jsonl", "--utterances", "p"], "apply to --task asr|tts only"),
     (["--task", "asr", "--utterances", "p", "--asr-load", "d"], "applies to --task tts"),
+    # Checked before the work: a missing directory was a traceback after the evaluation.
+    (["--items", "x.jsonl", "--output", "/nonexistent_dir/r.json"],
+     "--output /nonexistent_dir/r.json: directory /nonexistent_dir does not exist"),
 ])
 def test_lst_eval_task_flags_are_checked(flags, message, capsys):
     assert eval_main(["--load", "unused", *flags]) == 2

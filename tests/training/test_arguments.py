@@ -4,6 +4,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_lst.training import arguments
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
@@ -108,10 +109,57 @@ def test_validate_returns_a_copy():
     (["--train-data-path", "a", "--valid-data-path", "0.5", "b", "-1", "c"], 1,
      r"--valid-data-path weights \['0.5', '-1'\] must be finite"),
     (["--distributed-timeout-minutes", "0"], 1, r"--distributed-timeout-minutes must be at least 1"),
+    # Each of these used to pass validation and then hang, crash in torch or megatron.core, or
+    # train wrongly (a NaN --clip-grad turned clipping off; --adam-eps 0 gave a NaN loss).
+    (["--clip-grad", "nan"], 1, r"--clip-grad must be a finite number, got nan"),
+    (["--lr", "inf"], 1, r"--lr must be a finite number, got inf"),
+    (["--adam-eps", "0"], 1, r"--adam-eps must be positive"),
+    (["--optimizer", "sgd", "--sgd-momentum", "-1"], 1, r"--sgd-momentum must be >= 0"),
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "-1"], 1,
+     r"--lr-wsd-decay-iters -1 must be in \[1, --lr-decay-iters 10\]"),
+    (["--hidden-size", "60"], 1, r"impossible model: global head dim 15 must be even"),
+    (["--rotary-base", "0"], 1, r"--rotary-base must be positive"),
+    (["--norm-epsilon", "-1"], 1, r"--norm-epsilon must be >= 0"),
+    (["--init-method-std", "-1"], 1, r"--init-method-std must be >= 0"),
+    (["--recompute-granularity", "full", "--recompute-method", "block",
+      "--recompute-num-layers", "0"], 1, r"--recompute-num-layers must be at least 1"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "3"], 1,
+     r"groups of --recompute-num-layers 3 layers, which must divide .* \[4\]"),
+    (["--num-layers", "5", "--pipeline-model-parallel-size", "2",
+      "--decoder-first-pipeline-num-layers", "3", "--recompute-granularity", "full",
+      "--recompute-method", "uniform", "--recompute-num-layers", "2"], 2,
+     r"stage \[3, 2\]; use a divisor of 1"),
+    (["--fp16", "--hysteresis", "0"], 1, r"--hysteresis must be at least 1"),
+    (["--fp16", "--loss-scale-window", "0"], 1, r"--loss-scale-window must be at least 1"),
+    (["--fp16", "--min-loss-scale", "0"], 1, r"--min-loss-scale 0.0 must be positive"),
+    (["--data-path", "a", "--split", "abc"], 1, r"--split 'abc': expected comma-separated"),
+    (["--data-path", "a", "--split", "nan,1,1"], 1, r"proportions must be finite"),
+    (["--transformer-impl", "transformer_engine"], 1,
+     r"--transformer-impl transformer_engine cannot run packed-document attention"),
 ], ids=lambda v: v if isinstance(v, int) else None)
 def test_impossible_combinations_name_the_flags(extra, world_size, message):
     with pytest.raises(ArgumentError, match=message):
         valid(*extra, world_size=world_size)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the backends a CPU-only machine lacks")
+@pytest.mark.parametrize("extra, message", [
+    (["--distributed-backend", "nccl"], r"--distributed-backend nccl needs CUDA; use gloo"),
+    (["--transformer-impl", "transformer_engine", "--no-reset-attention-mask"],
+     r"--transformer-impl transformer_engine: .*needs transformer_engine installed and CUDA"),
+    (["--patching-mode", "static", "--max-tokens", "64", "--local-encoder-layers", "1",
+      "--local-encoder-hidden-size", "32", "--local-encoder-heads", "2",
+      "--local-decoder-layers", "1", "--local-decoder-hidden-size", "32",
+      "--local-decoder-heads", "2", "--kernel-backend", "triton"],
+     r"--kernel-backend triton: backend='triton' on CPU tensors needs TRITON_INTERPRET=1|"
+     r"--kernel-backend triton: backend='triton' needs the `triton` package"),
+])
+def test_backends_this_machine_cannot_run_are_named(extra, message, monkeypatch):
+    """Each failed with a traceback once the model was built or ran."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ArgumentError, match=message):
+        valid(*extra)
 
 
 @pytest.mark.parametrize("given", [
@@ -185,14 +233,17 @@ def test_load_directory_missing(tmp_path):
     assert auto_resume.resume_from is None
 
 
-def test_load_or_save_naming_a_file_says_so(tmp_path):
-    (tmp_path / TRACKER_FILENAME).write_text("20")
-    with pytest.raises(ArgumentError, match=r"--load .*latest_checkpointed_iteration\.txt is a "
-                                            r"file; point --load at a --save directory"):
-        valid("--load", str(tmp_path / TRACKER_FILENAME))
-    with pytest.raises(ArgumentError, match=r"--save .*latest_checkpointed_iteration\.txt is a "
-                                            r"file; give a directory"):
-        valid("--save", str(tmp_path / TRACKER_FILENAME))
+@pytest.mark.parametrize("flags", [["--save", "FILE"], ["--save", "FILE/run"],
+                                   ["--load", "FILE"], ["--save", "FILE", "--load", "FILE"]])
+def test_a_file_where_the_checkpoint_directory_goes_is_refused(tmp_path, flags):
+    """--save under a file failed with NotADirectoryError once the datasets were built; --load
+    of a file said it did not exist."""
+    (tmp_path / "file").write_text("")
+    flags = [flag.replace("FILE", str(tmp_path / "file")) for flag in flags]
+    advice = "give a directory" if flags[0] == "--save" else "point --load at a --save directory"
+    with pytest.raises(ArgumentError, match=rf"{flags[0]} .*: {tmp_path / 'file'} is a file, "
+                                            rf"not a directory; {advice}"):
+        valid(*flags)
 
 
 def test_load_directory_without_checkpoint(tmp_path):
@@ -259,6 +310,11 @@ def test_yaml_switches_and_lists(tmp_path):
     ("bf16: yes please\n", r"--bf16 is a switch; write true or false"),
     ("seq-length: [1, 2]\n", r"--seq-length takes one value"),
     ("config: other.yaml\n", r"unknown key 'config'"),
+    # PyYAML keeps the last of a repeated key, and a null replaced the default: both were silent.
+    ("lr: 1e-3\nseq-length: 16\nlr: 1e-2\n", r"key 'lr' appears twice \(lines 1 and 3\)"),
+    ("seq-length: 16\nseq_length: 32\n", r"keys 'seq-length' and 'seq_length' both set --seq-length"),
+    ("micro-batch-size: null\n", r"--micro-batch-size cannot be null; give a value, or leave "
+                                  r"the key out for its default 1"),
     ("- a\n- b\n", r"must be a mapping"),
 ])
 def test_bad_yaml_names_the_key_and_the_fix(tmp_path, text, message):
@@ -267,6 +323,17 @@ def test_bad_yaml_names_the_key_and_the_fix(tmp_path, text, message):
     if not text.startswith("-"):
         with pytest.raises(ConfigError, match=message):
             config_to_argv(load_config(write_yaml(tmp_path, text)), arguments.build_parser())
+
+
+def test_a_config_that_is_no_utf8_file_is_named(tmp_path):
+    """Non-UTF-8 bytes were a UnicodeDecodeError traceback."""
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"seq-length: 16\nlr: \xff\n")
+    with pytest.raises(ArgumentError, match=r"run.yaml is not UTF-8 text \(invalid start byte "
+                                            r"at byte 19\); save it as UTF-8"):
+        parse_args(["--config", str(config)])
+    with pytest.raises(ArgumentError, match=rf"--config {tmp_path}: not a file"):
+        parse_args(["--config", str(tmp_path)])
 
 
 def test_unknown_preset_is_named():

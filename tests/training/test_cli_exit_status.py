@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from megatron_lst.data.dataset import DatasetError
+from megatron_lst.evaluation.items import ItemError
 from megatron_lst.tokenizer.vocab import VocabularyError
 from megatron_lst.training import cli, loop
 from megatron_lst.training.train_logging import NonFiniteLossError
@@ -19,6 +20,8 @@ ENTRY = [sys.executable, "-m", "megatron_lst.training.cli"]
     (DatasetError("speech: 3 documents, none usable"), cli.EXIT_BAD_DATA),
     (VocabularyError("text ids 0..511, tokenizer has 1000"), cli.EXIT_BAD_DATA),
     (NonFiniteLossError("iteration 7: lm loss = nan"), cli.EXIT_NON_FINITE_LOSS),
+    # An --eval-data item was a traceback (lst-eval reports the same error with status 2).
+    (ItemError("items.jsonl:1: not a JSON object"), 2),
 ])
 def test_each_failure_has_its_status_and_one_line(tmp_path, monkeypatch, capsys, error, status):
     def fail(args):

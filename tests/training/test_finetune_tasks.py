@@ -30,6 +30,6 @@ def test_finetune_on_task_rows_trains_the_answers_from_iteration_0(tmp_path, tas
     assert all(math.isfinite(loss) for loss in result.losses.values())
     assert result.checkpoints[-1].endswith("iter_0000003")
     # The loss counted exactly the answers and EOS of the 12 rows it trained on.
-    train = build_datasets(validate_args(parse_args(flags), 1)).train
+    train = build_datasets(args).train
     answers = sum(len(train.datasets[0].row(i)[0].answer) for i in range(12))
     assert result.tokens == answers

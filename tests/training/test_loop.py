@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.data_provider import PretrainingBatchSampler, split_bounds
-from megatron_lst.training.loop import ParamGatherHooks
+from megatron_lst.training.loop import ParamGatherHooks, _check_vocab_splits
 from megatron_lst.training.model_provider import lst_config_from_args
 from training.training_cases import tiny_flags, write_corpus
 
@@ -34,6 +35,16 @@ def test_sampler_resumes_at_the_consumed_sample():
     resumed = list(PretrainingBatchSampler(24, 8, 2, 1, 2))
     assert resumed == straight[2:]
     assert len(PretrainingBatchSampler(24, 8, 2, 1, 2)) == len(resumed)
+
+
+def test_a_vocabulary_that_does_not_split_over_tensor_parallel_ranks_names_the_fix():
+    """Was a ModelConfigError traceback on every rank from the model build (torchrun, TP 2, a
+    dataset vocabulary of 77 ids); lst-train now exits 4 with this line."""
+    _check_vocab_splits(JointVocab(text_size=50, num_units=20), 2)  # 76 ids
+    with pytest.raises(VocabularyError, match=r"77 ids \(21 units\) does not split over "
+                                              r"--tensor-model-parallel-size 2; preprocess the "
+                                              r"datasets with --num-units 22"):
+        _check_vocab_splits(JointVocab(text_size=50, num_units=21), 2)
 
 
 def test_sampler_rejects_a_checkpoint_past_the_end():

@@ -1,6 +1,7 @@
 """The compute planner (`plan`) and its command line, tools/plan_compute.py."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,13 @@ def test_bad_budgets_and_arguments_are_rejected():
         Budget(steps=1, reference="bpe")
     with pytest.raises(ValueError, match="tokens_per_patch"):
         StepShape(256, 8, 0.5)
+    # Infinite or NaN amounts used to end in an OverflowError from Fraction, or a message about
+    # "integer ratio" that named no flag.
+    for amount in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="positive and finite"):
+            Budget(flops=amount)
+        with pytest.raises(ValueError, match="a finite tokens_per_patch"):
+            StepShape(256, 8, amount)
     with pytest.raises(ValueError, match="LST shape first"):
         plan(Budget(steps=1), BASELINE, LST, "compute", STEP)
     with pytest.raises(ValueError):
@@ -174,6 +182,20 @@ def test_tool_reports_bad_model_arguments(capsys):
     assert "use a preset or the dimension flags" in capsys.readouterr().err
     assert tool.main([*common, "--preset", "tiny", "--cross-attn-k", "4"]) == 2
     assert "--cross-attn-k both given" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--pipeline-model-parallel-size", "0"], "--pipeline-model-parallel-size must be at least 1"),
+    (["--out", "/nonexistent_dir/plan.json"], "directory /nonexistent_dir does not exist"),
+])
+def test_tool_checks_its_flags_before_planning(flags, message, capsys):
+    """A pipeline size below 1 was ignored (no split printed, status 0), and a missing --out
+    directory was a traceback after the tables."""
+    common = ["--budget-steps", "10", "--seq-length", "256", "--global-batch-size", "8",
+              "--tokens-per-patch", "2", "--preset", "tiny"]
+    assert load_tool("plan_compute").main([*common, *flags]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
 
 
 @pytest.mark.slow  # a fresh interpreter imports megatron.core through megatron_lst.models

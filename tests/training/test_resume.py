@@ -194,3 +194,22 @@ def test_a_higher_global_batch_size_resumes_with_a_note_except_under_the_curricu
 def test_flags_an_older_checkpoint_does_not_record_are_not_compared():
     saved = {k: v for k, v in SAVED_FLAGS.items() if k != "max_tokens"}
     assert check_resume_flags(saved, resumed_with(max_tokens=200), AT_ITERATION_10, "c") == []
+
+
+@pytest.mark.parametrize("saved_dtype, dtype, message", [
+    ("float32", "bfloat16", r"trained in float32 \(neither --bf16 nor --fp16\) and this run "
+                            r"trains in bfloat16 \(--bf16\).*Resume with neither --bf16 nor "
+                            r"--fp16, or add --no-load-optim"),
+    ("bfloat16", "float32", r"trained in bfloat16 \(--bf16\) .*Resume with --bf16"),
+])
+def test_a_resume_between_fp32_and_mixed_precision_is_refused_unless_the_optimizer_is_fresh(
+        saved_dtype, dtype, message):
+    """megatron.core failed with a KeyError on the optimizer state (fp32_param, pre_wd_mult)."""
+    saved = {**SAVED_FLAGS, "params_dtype_name": saved_dtype}
+    with pytest.raises(ResumeConfigError, match=message):
+        check_resume_flags(saved, resumed_with(params_dtype_name=dtype), AT_ITERATION_10, "c")
+    fresh_optimizer = resumed_with(params_dtype_name=dtype, no_load_optim=True)
+    assert check_resume_flags(saved, fresh_optimizer, AT_ITERATION_10, "c") == []
+    other_half = resumed_with(params_dtype_name="float16")  # both keep fp32 main weights
+    assert check_resume_flags({**SAVED_FLAGS, "params_dtype_name": "bfloat16"}, other_half,
+                              AT_ITERATION_10, "c") == []
