@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
         textgrid_dir=str(args.textgrid_dir) if args.textgrid_dir else None,
         units_dir=str(args.units_dir) if args.units_dir else None, skip_bad=args.skip_bad)
     if args.input_format == "textgrid":
-        utterances = textgrid_utterances(args.textgrid_dir)
+        utterances = textgrid_utterances(args.textgrid_dir, args.units_dir)
         chunks = utterance_chunks(utterances, args.chunk_size)
         total, unit = len(utterances), "utt"
         sources = [str(args.textgrid_dir), str(args.units_dir)]

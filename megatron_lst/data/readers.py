@@ -353,23 +353,46 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
                    seg_texts, num_units, where, counts)
 
 
+def _unit_file_at(base: Path) -> Path | None:
+    """`base` with the first unit-file suffix that exists, or None."""
+    for suffix in UNIT_FILE_SUFFIXES:
+        candidate = base.with_name(base.name + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def find_units_file(textgrid_path: Path, textgrid_dir: Path, units_dir: Path) -> Path:
     """The unit file of an utterance: same relative path under `units_dir`, else same stem."""
     relative = textgrid_path.relative_to(textgrid_dir).with_suffix("")
     for base in (units_dir / relative, units_dir / relative.name):
-        for suffix in UNIT_FILE_SUFFIXES:
-            candidate = base.with_name(base.name + suffix)
-            if candidate.is_file():
-                return candidate
+        found = _unit_file_at(base)
+        if found is not None:
+            return found
     raise DocumentError(f"{textgrid_path}: no unit file {relative}{{{','.join(UNIT_FILE_SUFFIXES)}}}"
                         f" under {units_dir}")
 
 
-def textgrid_utterances(textgrid_dir: str | Path) -> list[Path]:
-    """All `*.TextGrid` files under `textgrid_dir`, sorted (the corpus order)."""
-    paths = sorted(Path(textgrid_dir).rglob("*.TextGrid"))
+def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list[Path]:
+    """All `*.TextGrid` files under `textgrid_dir`, sorted (the corpus order). Refuses TextGrids
+    of one stem in different folders whose unit files `units_dir` does not hold by relative
+    path: the stem fallback of `find_units_file` would give them the same units."""
+    textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
+    paths = sorted(textgrid_dir.rglob("*.TextGrid"))
     if not paths:
         raise DocumentError(f"{textgrid_dir}: no *.TextGrid files found")
+    by_stem: dict[str, list[Path]] = {}
+    for path in paths:
+        by_stem.setdefault(path.stem, []).append(path)
+    for stem, same in by_stem.items():
+        by_stem_only = [path for path in same if len(same) > 1 and _unit_file_at(
+            units_dir / path.relative_to(textgrid_dir).with_suffix("")) is None]
+        if by_stem_only:
+            raise DocumentError(
+                f"{len(same)} TextGrids share the name {stem!r} ({', '.join(map(str, same[:3]))}"
+                f"{', ...' if len(same) > 3 else ''}) and {by_stem_only[0]} has no unit file at "
+                f"its relative path under {units_dir}: by name alone they would all read one "
+                f"unit file; lay the unit files out in the TextGrids' folders")
     return paths
 
 
@@ -379,7 +402,7 @@ def read_textgrid_corpus(textgrid_dir: str | Path, units_dir: str | Path,
                          report: ReadReport | None = None) -> Iterator[SourceDocument]:
     """Aligned documents of every TextGrid under `textgrid_dir` with its unit file."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
-    for path in textgrid_utterances(textgrid_dir):
+    for path in textgrid_utterances(textgrid_dir, units_dir):
         try:
             units_path = find_units_file(path, textgrid_dir, units_dir)
             doc, counts = parse_textgrid_utterance(path, units_path, tokenizer, frame_rate,

@@ -147,6 +147,10 @@ class LSTConfig:
     across EOS)."""
 
     def __post_init__(self):
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ModelConfigError(f"{name} must be a positive number, got {value!r}")
         if self.decoder.hidden_size != self.encoder.hidden_size:
             # The decoder's input is the encoder's final hidden state (reference rule 8).
             raise ModelConfigError(

@@ -181,6 +181,20 @@ def test_textgrid_corpus(tmp_path, tokenizer):
     assert sources[1].counts.silences == 3 and sources[1].counts.words == 2
 
 
+
+def test_textgrids_of_one_name_in_two_folders_need_their_own_unit_files(tmp_path, tokenizer):
+    """By name alone spk1/a and spk2/a would both read units/a.npy: refused unless each has a
+    unit file at its relative path."""
+    grids, units = tmp_path / "grids", tmp_path / "units"
+    _utterance(grids / "spk1", units, "a", WORD_TIER, [1] * 25)  # units/a.npy: by name only
+    _utterance(grids / "spk2", units / "spk2", "a", WORD_TIER, [2] * 25)
+    with pytest.raises(DocumentError, match=r"2 TextGrids share the name 'a' .*spk1/a.TextGrid "
+                                            r"has no unit file at its relative path"):
+        list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))
+    _utterance(grids / "spk1", units / "spk1", "a", WORD_TIER, [3] * 25)
+    sources = list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))
+    assert [s.document.unit_ids[0] for s in sources] == [3, 2]
+
 def test_textgrid_zero_frame_silence_dropped(tmp_path, tokenizer):
     tier = [Interval(0.0, 0.01, ""), Interval(0.01, 0.4, "hello")]
     _utterance(tmp_path / "g", tmp_path / "u", "a", tier, [3] * 10)

@@ -55,6 +55,17 @@ def test_invalid_configs_name_the_problem():
         check_tensor_parallel_vocab(config, config.transformer_config(tensor_model_parallel_size=2))
 
 
+
+@pytest.mark.parametrize("field", ["norm_eps", "rope_theta", "init_std"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), None])
+def test_scales_must_be_positive_numbers(field, value):
+    """A non-positive RoPE base or norm epsilon gave NaN logits, which lst-convert then blamed
+    on the conversion."""
+    import dataclasses
+
+    with pytest.raises(ModelConfigError, match=f"{field} must be a positive number"):
+        dataclasses.replace(preset("tiny", 64), **{field: value})
+
 def test_build_model_picks_the_baseline_for_mode_none(single_rank):
     config = preset("tiny", vocab_size=64)
     megatron_config = config.transformer_config()
