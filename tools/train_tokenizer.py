@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megatron_lst.data.readers import SEGMENT_SEP, SILENCE_WORD
 from megatron_lst.tokenizer.text_tokenizer import VocabSizeError, train_sentencepiece
+from megatron_lst.tokenizer.vocab import VocabularyError
 
 FORMATS = ("text", "text-jsonl", "reference-jsonl")
 
@@ -70,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                          f"{' '.join(args.input)} allows: BPE on it yields at most "
                          f"{error.largest} pieces; pass --vocab-size {error.largest} or less, or "
                          f"train on more text") from None
+    except VocabularyError as error:
+        raise SystemExit(f"error: --vocab-size: {error}") from None
     print(f"wrote {model} ({args.vocab_size} pieces)")
     return model
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -228,6 +229,12 @@ def train_sentencepiece(sentences: Iterable[str], model_path: str | Path, vocab_
     try:
         model = _train_bpe(sentences, vocab_size, hard_limit=True)
     except RuntimeError as error:
+        needed = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(error))
+        if needed:
+            raise VocabularyError(
+                f"vocabulary size {vocab_size} is too small for this text: its characters, the "
+                f"256 byte-fallback pieces and unk/bos/eos need {needed.group(2)} pieces before "
+                f"any merge; pass a larger vocabulary size") from None
         # A soft limit makes SentencePiece stop when no merge is left: that is the largest size.
         largest = _piece_count(_train_bpe(sentences, vocab_size, hard_limit=False))
         if largest >= vocab_size:

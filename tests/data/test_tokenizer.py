@@ -137,6 +137,17 @@ def test_too_large_vocab_size_names_the_largest_possible(tmp_path):
                                             "--output", str(tmp_path / "tool.model")])
 
 
+
+def test_too_small_vocab_size_names_the_pieces_the_text_needs(tmp_path):
+    """Was sentencepiece's RuntimeError ('Vocabulary size is smaller than required_chars')."""
+    word_list = tmp_path / "words.txt"
+    word_list.write_text("hello\nworld\n")
+    with pytest.raises(SystemExit, match=r"--vocab-size: vocabulary size 60 is too small for this "
+                                         r"text: .* need \d+ pieces before any merge"):
+        _load_tool("train_tokenizer").main(["--input", str(word_list), "--vocab-size", "60",
+                                            "--output", str(tmp_path / "tool.model")])
+    assert not (tmp_path / "tool.model").exists()
+
 def _hf_tokenizer_json(tmp_path: Path, byte_level: bool) -> Path:
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers, trainers
