@@ -612,6 +612,10 @@ def _validate_lst(args: argparse.Namespace) -> None:
                 f"--curriculum-tau1 {args.curriculum_tau1} must be >= 0 and <= "
                 f"--curriculum-tau2 {args.curriculum_tau2}: aligned until tau1, static after tau2"
             )
+        if args.curriculum_tau2 > args.train_iters:
+            # A warning, not an error: a later run may extend --train-iters and resume.
+            logger.warning("--curriculum-tau2 %d is beyond --train-iters %d: this run ends before "
+                           "its static phase", args.curriculum_tau2, args.train_iters)
     if args.patching_mode == "mixed" and not 0.0 <= args.mixed_static_prob <= 1.0:
         raise ArgumentError(f"--mixed-static-prob must be in [0, 1], got {args.mixed_static_prob}")
     for side in ("encoder", "decoder"):

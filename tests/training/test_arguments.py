@@ -209,6 +209,17 @@ def test_save_interval_without_save_warns(caplog):
     assert "no checkpoints will be written" in caplog.text
 
 
+
+def test_curriculum_beyond_the_run_warns(caplog):
+    curriculum = ["--patching-mode", "curriculum", "--max-tokens", "64", "--curriculum-tau1", "5",
+                  "--local-encoder-layers", "1", "--local-encoder-hidden-size", "32",
+                  "--local-encoder-heads", "4", "--local-decoder-layers", "1",
+                  "--local-decoder-hidden-size", "32", "--local-decoder-heads", "4"]
+    valid(*curriculum, "--curriculum-tau2", "10")  # --train-iters 10: static from step 10
+    assert "static phase" not in caplog.text
+    valid(*curriculum, "--curriculum-tau2", "11")
+    assert "--curriculum-tau2 11 is beyond --train-iters 10" in caplog.text
+
 def test_distributed_optimizer_in_fp32_is_allowed():
     args = valid("--use-distributed-optimizer", world_size=2)
     assert args.use_distributed_optimizer and args.params_dtype_name == "float32"
