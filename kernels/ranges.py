@@ -4,6 +4,9 @@ All helpers are pure, vectorised and free of host synchronisation. They implemen
 reference trainer's rules (see docs/architecture.md#the-batch-contract and the reference fixtures' "Batch contract"):
 
 - boundaries `c = [0, cumsum(patch_lengths)]` (`[B, P + 1]`); patch p owns tokens `[c[p], c[p+1])`;
+- lengths are >= 0. CPU lengths are checked (ValueError); CUDA ones are not, since that would
+  sync the host: there a negative length counts as 0, so the boundaries never decrease and the
+  kernels never index outside their rows;
 - the patch id of token i is the last patch whose start is <= i, i.e. `#{c <= i} - 1`. Zero-length
   patches own no token; tokens at or beyond the total length get the id P (a patch that does not
   exist, so they are pooled nowhere and attended by no slot).
@@ -22,12 +25,25 @@ def _check_lengths(patch_lengths: torch.Tensor) -> None:
         )
     if patch_lengths.is_floating_point() or patch_lengths.is_complex():
         raise TypeError(f"patch_lengths must be an integer tensor, got {patch_lengths.dtype}")
+    if patch_lengths.device.type == "cpu":  # free on the host; on CUDA it would sync
+        _refuse_negative_lengths(patch_lengths)
+
+
+def _refuse_negative_lengths(patch_lengths: torch.Tensor) -> None:
+    negative_rows = (patch_lengths < 0).any(dim=1).nonzero().flatten()
+    if len(negative_rows):
+        raise ValueError(
+            f"patch_lengths must be >= 0, got negative lengths in rows {negative_rows[:8].tolist()}"
+        )
 
 
 def patch_boundaries(patch_lengths: torch.Tensor) -> torch.Tensor:
-    """Boundaries `[B, P + 1]` (int64): 0, then the inclusive cumulative patch lengths."""
+    """Boundaries `[B, P + 1]` (int64): 0, then the inclusive cumulative patch lengths.
+
+    Non-decreasing: a negative length (unchecked on CUDA) counts as 0.
+    """
     _check_lengths(patch_lengths)
-    cumulative = patch_lengths.long().cumsum(dim=-1)  # [B, P]
+    cumulative = patch_lengths.long().clamp(min=0).cumsum(dim=-1)  # [B, P]
     return torch.nn.functional.pad(cumulative, (1, 0))  # [B, P + 1]
 
 

@@ -95,6 +95,14 @@ def test_helpers_reject_bad_arguments():
         patch_ids_from_lengths(torch.ones(3, dtype=torch.int32), 4)
     with pytest.raises(TypeError, match=r"integer"):
         patch_ids_from_lengths(torch.ones(1, 3), 4)
+    negative = torch.tensor([[1, 3, 2], [1, 5, -3]], dtype=torch.int32)
+    for helper in (
+        patch_ids_from_lengths,
+        patch_spans,
+        lambda lengths, n: encoder_key_ranges(lengths, 1, 2, n),
+    ):
+        with pytest.raises(ValueError, match=r"patch_lengths must be >= 0.*rows \[1\]"):
+            helper(negative, 6)
 
 
 # --- packed documents ---------------------------------------------------------------------------

@@ -109,6 +109,9 @@ def test_rejects_bad_inputs():
         segment_pool(x, torch.ones(3, 5, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"\[B, N, D\]"):
         segment_pool(x[0], torch.ones(2, 5, dtype=torch.int32))
+    # Without the check a later patch would start before the row: [-2, 3] pools x[-2:1].
+    with pytest.raises(ValueError, match=r"patch_lengths must be >= 0"):
+        segment_pool(x, torch.tensor([[-2, 3], [1, 2]], dtype=torch.int32))
 
 
 def test_backend_switch(monkeypatch):

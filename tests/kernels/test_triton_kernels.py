@@ -18,6 +18,7 @@ from lst_kernels import (
     encoder_key_ranges,
     patch_cross_attention,
     patch_ids_from_lengths,
+    ranges,
     segment_pool,
     sliding_window_key_starts,
     token_document_first_patch,
@@ -91,6 +92,23 @@ def test_segment_pool_max_long_patches():
     _compare(
         lambda t, backend: segment_pool(t, lengths.to(DEVICE), "max", backend=backend), [x], 1e-6
     )
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum"])
+def test_segment_pool_counts_unchecked_negative_lengths_as_empty(monkeypatch, reduce):
+    # CUDA lengths are not checked for negatives (that would sync the host): a negative length
+    # must count as 0, never start a patch before its row (an out-of-bounds read of x). The
+    # interpreter runs on CPU, where lengths are checked: switch the check off to take that path.
+    monkeypatch.setattr(ranges, "_refuse_negative_lengths", lambda patch_lengths: None)
+    lengths = torch.tensor([[-2, 3, 2], [3, -1, 4]], dtype=torch.int32)
+    x = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    triton_x, reference_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = segment_pool(triton_x, lengths.to(DEVICE), reduce, backend="triton")
+    expected = segment_pool(reference_x, lengths.clamp(min=0).to(DEVICE), reduce, backend="torch")
+    out.backward(torch.ones_like(out))
+    expected.backward(torch.ones_like(expected))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(triton_x.grad, reference_x.grad, rtol=0, atol=1e-6)
 
 
 def _cross_attention_ranges(lengths, num_tokens, direction, k, window):
