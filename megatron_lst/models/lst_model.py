@@ -61,6 +61,29 @@ from .specs import global_block_spec, local_layer_spec
 logger = logging.getLogger(__name__)
 
 
+def check_input_shapes(tokens: torch.Tensor | None, patch_lengths: torch.Tensor | None,
+                       labels: torch.Tensor | None, needs_batch: bool) -> None:
+    """Raise ValueError unless tokens `[B, N]`, patch_lengths `[B, P]` and labels `[B, N]` (each
+    integer, or None where the stage takes none; `needs_batch`: tokens and patch_lengths are
+    required). Reads shapes only: no host sync."""
+    if needs_batch and (tokens is None or patch_lengths is None):
+        raise ValueError("the first and last pipeline stages need tokens [B, N] and "
+                         "patch_lengths [B, P]; got None for "
+                         f"{'tokens' if tokens is None else 'patch_lengths'}")
+    for name, tensor in (("tokens", tokens), ("patch_lengths", patch_lengths), ("labels", labels)):
+        if tensor is not None and (tensor.dim() != 2 or tensor.is_floating_point()):
+            raise ValueError(f"{name} must be a 2-D integer tensor, got shape "
+                             f"{tuple(tensor.shape)} of {tensor.dtype}")
+    if tokens is None:
+        return
+    if patch_lengths is not None and patch_lengths.shape[0] != tokens.shape[0]:
+        raise ValueError(f"patch_lengths has {patch_lengths.shape[0]} rows but tokens "
+                         f"{tuple(tokens.shape)} has {tokens.shape[0]}")
+    if labels is not None and labels.shape != tokens.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the shape of tokens "
+                         f"{tuple(tokens.shape)}")
+
+
 class LSTModel(MegatronModule):
     """LST for one pipeline stage.
 
@@ -144,6 +167,7 @@ class LSTModel(MegatronModule):
         """Returns, on the last stage, the per-token cross entropy `[B, N]` (fp32, unreduced) when
         `labels` are given, else the full logits `[B, N, V]` (fp32); on other stages the global
         activation `[P, B, Dg]` (`[P/tp, B, Dg]` with sequence parallelism) for the next stage."""
+        check_input_shapes(tokens, patch_lengths, labels, self.pre_process or self.post_process)
         documents = documents_of_stage(tokens, self.lst_config.documents)
         token_states, global_input = None, None
         if self.pre_process:
