@@ -12,7 +12,7 @@ A batch is a dict of tensors, B rows of N input tokens and P global positions:
     patch_lengths  [B, P] int32    patches of the row (x plus its last target), zero-padded right
 
 Invariants (`check_batch` raises `BatchContractError` naming the first one broken):
-- `sum(patch_lengths[b]) == N + 1`, `patch_lengths[b, 0] == 1`, lengths >= 0, no non-zero length
+- N >= 1; `sum(patch_lengths[b]) == N + 1`, `patch_lengths[b, 0] == 1`, lengths >= 0, no non-zero length
   after a zero one; the padding sits in the row's last non-zero patch (it never forms a patch);
 - `loss_mask` is 0 after the row's last target, which carries loss (the row's real length L_b is
   one past its last 1; padding sits on the right only); padded tokens and labels are 0 and have
@@ -87,6 +87,9 @@ def check_batch(batch: dict, vocab: JointVocab | None = None) -> None:
                                      f"{tuple(tokens.shape)}")
     if lengths.shape[0] != B:
         raise BatchContractError(f"patch_lengths has {lengths.shape[0]} rows, tokens {B}")
+    if N == 0:
+        raise BatchContractError("tokens has no positions (N = 0); a row needs at least one input "
+                                 "token and its target")
 
     lengths64 = lengths.long()
     _fail("negative patch length", (lengths64 < 0).any(1))

@@ -76,6 +76,8 @@ CASES = [
     ("missing", lambda b: b.pop("modality"), "lacks \\['modality'\\]"),
     ("dtype", lambda b: b.__setitem__("patch_lengths", b["patch_lengths"].long()), "must be torch.int32"),
     ("shape", lambda b: b.__setitem__("labels", b["labels"][:, :-1]), "labels has shape"),
+    ("no positions", lambda b: b.update({k: v[:, :0] for k, v in b.items() if k != "patch_lengths"}),
+     "no positions \\(N = 0\\)"),
     ("sum", set_("patch_lengths", (0, 1), 7), "must sum to N \\+ 1"),
     ("first", move_first_token, "first patch must have length 1"),
     ("negative", set_("patch_lengths", (0, 1), -1), "negative patch length"),
