@@ -63,9 +63,9 @@ logger = logging.getLogger(__name__)
 
 def check_input_shapes(tokens: torch.Tensor | None, patch_lengths: torch.Tensor | None,
                        labels: torch.Tensor | None, needs_batch: bool) -> None:
-    """Raise ValueError unless tokens `[B, N]`, patch_lengths `[B, P]` and labels `[B, N]` (each
-    integer, or None where the stage takes none; `needs_batch`: tokens and patch_lengths are
-    required). Reads shapes only: no host sync."""
+    """Raise ValueError unless tokens `[B, N]`, patch_lengths `[B, P]` (P >= 1) and labels
+    `[B, N]` (each integer, or None where the stage takes none; `needs_batch`: tokens and
+    patch_lengths are required). Reads shapes only: no host sync."""
     if needs_batch and (tokens is None or patch_lengths is None):
         raise ValueError("the first and last pipeline stages need tokens [B, N] and "
                          "patch_lengths [B, P]; got None for "
@@ -74,6 +74,9 @@ def check_input_shapes(tokens: torch.Tensor | None, patch_lengths: torch.Tensor 
         if tensor is not None and (tensor.dim() != 2 or tensor.is_floating_point()):
             raise ValueError(f"{name} must be a 2-D integer tensor, got shape "
                              f"{tuple(tensor.shape)} of {tensor.dtype}")
+    if patch_lengths is not None and patch_lengths.shape[1] == 0:
+        raise ValueError("patch_lengths has no patches (P = 0); the global transformer needs at "
+                         "least one position per row")
     if tokens is None:
         return
     if patch_lengths is not None and patch_lengths.shape[0] != tokens.shape[0]:

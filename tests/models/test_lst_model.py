@@ -21,6 +21,7 @@ LENGTHS = torch.ones(3, 8, dtype=torch.int32)
         (TOKENS, LENGTHS[0], None, r"patch_lengths must be a 2-D integer tensor"),
         (TOKENS, LENGTHS.float(), None, r"patch_lengths must be a 2-D integer tensor.*float32"),
         (TOKENS, LENGTHS[:2], None, r"patch_lengths has 2 rows but tokens \(3, 7\) has 3"),
+        (TOKENS, LENGTHS[:, :0], None, r"patch_lengths has no patches \(P = 0\)"),
         (TOKENS, LENGTHS, TOKENS[:2], r"labels \(2, 7\) must have the shape of tokens \(3, 7\)"),
         (TOKENS, LENGTHS, TOKENS[:, 1:], r"labels \(3, 6\) must have the shape of tokens"),
     ],
