@@ -83,6 +83,32 @@ def test_bad_model_arguments_name_the_fix(tmp_path, hubert_dir):
         HubertFeatures(hubert_dir, layer=2, frame_rate=30)
 
 
+def test_incomplete_model_directories_are_refused(tmp_path, hubert_dir):
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(hubert_dir / "model.safetensors")
+    cases = {"no_weights": None, "cut": (hubert_dir / "model.safetensors").read_bytes()[:200],
+             "partial": {k: v for k, v in weights.items() if ".layers.1." not in k},
+             "no_mask": {k: v for k, v in weights.items() if k != "masked_spec_embed"}}
+    for name, content in cases.items():
+        directory = tmp_path / name
+        directory.mkdir()
+        shutil.copy(hubert_dir / "config.json", directory)
+        if isinstance(content, bytes):
+            (directory / "model.safetensors").write_bytes(content)
+        elif content is not None:
+            save_file(content, directory / "model.safetensors", metadata={"format": "pt"})
+    for name in ("no_weights", "cut"):
+        with pytest.raises(ValueError, match=f"{name}: cannot load a HuBERT model"):
+            HubertFeatures(tmp_path / name, layer=2)
+    # transformers would fill layer 2 with random weights and only log a warning.
+    with pytest.raises(ValueError, match=r"partial: the weights lack 16 .*encoder\.layers\.1\."):
+        HubertFeatures(tmp_path / "partial", layer=2)
+    wave = tone(16000, 0.5, seed=0)
+    np.testing.assert_array_equal(HubertFeatures(tmp_path / "no_mask", layer=2)(wave),
+                                  HubertFeatures(hubert_dir, layer=2)(wave))
+
+
 # --- the tools, end to end -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
