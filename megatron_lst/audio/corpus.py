@@ -154,17 +154,27 @@ def write_mfa_corpus(utterances: list[Utterance], out_dir: str | Path) -> int:
     `<textgrid dir>/<id>.TextGrid`. Speakers are the folders holding the files.
     """
     out_dir = Path(out_dir)
-    written = 0
-    for utterance in utterances:
-        if utterance.text is None:
-            raise CorpusError(f"{utterance.audio}: no transcript; the aligner needs one per "
-                              f"utterance (use the transcripts or tsv layout)")
-        base = out_dir / utterance.id
-        base.parent.mkdir(parents=True, exist_ok=True)
-        link = base.with_name(base.name + utterance.audio.suffix.lower())
-        if link.is_symlink() or link.exists():
-            link.unlink()
+    links = [_mfa_link(utterance, out_dir) for utterance in utterances]
+    for utterance, link in zip(utterances, links, strict=True):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()  # an earlier run's link
         os.symlink(utterance.audio.resolve(), link)
-        base.with_name(base.name + ".lab").write_text(utterance.text + "\n", encoding="utf-8")
-        written += 1
-    return written
+        link.with_suffix(".lab").write_text(utterance.text + "\n", encoding="utf-8")
+    return len(links)
+
+
+def _mfa_link(utterance: Utterance, out_dir: Path) -> Path:
+    """Where the aligner's link to `utterance`'s audio goes; refuses a place that holds a file
+    (the corpus' own audio, when `out_dir` is the corpus: replacing it would delete it)."""
+    if utterance.text is None:
+        raise CorpusError(f"{utterance.audio}: no transcript; the aligner needs one per "
+                          f"utterance (use the transcripts or tsv layout)")
+    link = out_dir / f"{utterance.id}{utterance.audio.suffix.lower()}"
+    is_the_audio = link.parent.resolve() / link.name == utterance.audio.parent.resolve() / (
+        utterance.audio.name)
+    if is_the_audio or (link.exists() and not link.is_symlink()):
+        raise CorpusError(f"{link}: the aligner's link to {utterance.audio} would replace this "
+                          f"file; write the aligner's corpus to a folder outside the corpus "
+                          f"(--mfa-corpus-dir)")
+    return link

@@ -77,3 +77,20 @@ def test_mfa_corpus_mirrors_the_ids(tmp_path):
                                                                "u1.wav").resolve()
     with pytest.raises(CorpusError, match="no transcript"):
         write_mfa_corpus(read_audio_dir(tmp_path / "corpus"), tmp_path / "mfa2")
+
+
+def test_mfa_corpus_never_replaces_a_file(tmp_path):
+    corpus = tmp_path / "corpus"
+    audio = _wav(corpus / "spk" / "u1.wav")
+    original = audio.read_bytes()
+    tsv = corpus / "list.tsv"
+    tsv.write_text("spk/u1.wav\thello world\n")
+    # The corpus itself as the aligner's folder: the link would have replaced (deleted) the audio.
+    with pytest.raises(CorpusError, match=r"u1\.wav: the aligner's link .* would replace"):
+        write_mfa_corpus(read_tsv(tsv), corpus)
+    assert audio.read_bytes() == original and not audio.is_symlink()
+    _wav(tmp_path / "mfa" / "spk" / "u1.wav")  # a real file where the link goes
+    with pytest.raises(CorpusError, match="would replace this file"):
+        write_mfa_corpus(read_tsv(tsv), tmp_path / "mfa")
+    assert write_mfa_corpus(read_tsv(tsv), tmp_path / "mfa2") == 1
+    assert write_mfa_corpus(read_tsv(tsv), tmp_path / "mfa2") == 1  # a re-run replaces its links
