@@ -129,6 +129,21 @@ def corpus(tmp_path_factory):
     return root, hubert, codebook
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--output", "km.bin"], "--output km.bin: a codebook is saved as .npy or .safetensors"),
+    (["--output", "missing/km.npy"], "directory missing does not exist"),
+    (["--num-units", "0"], "--num-units 0 needs at least one unit"),
+    (["--num-units", "8", "--max-frames", "4"], r"--max-frames \(4\) at least one frame per unit"),
+    (["--sample-hours", "0"], "--sample-hours must be positive"),
+])
+def test_train_kmeans_refuses_bad_arguments_before_any_work(tmp_path, flags, message):
+    """Checked before the corpus is read (an empty folder here) and hours of features made."""
+    argv = ["fit", "--input", str(tmp_path), "--input-format", "audio-dir", "--hubert-dir",
+            str(tmp_path / "none"), "--output", str(tmp_path / "km.npy"), *flags]
+    with pytest.raises(ValueError, match=message):
+        load_tool("train_kmeans").main(argv)
+
+
 def _extract(corpus, units_dir: Path, *flags: str):
     root, hubert, codebook = corpus
     return load_tool("extract_units").main([
