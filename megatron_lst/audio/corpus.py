@@ -67,15 +67,22 @@ def read_audio_dir(root: str | Path) -> list[Utterance]:
     return _unique([Utterance(_relative_id(p, root), p) for p in paths], str(root))
 
 
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").split("\n")  # as iterating the file splits
+    except UnicodeDecodeError as error:
+        raise CorpusError(f"{path}: not UTF-8 text ({error}); convert it, e.g. with "
+                          f"iconv -t utf-8") from None
+
+
 def _transcript_lines(path: Path) -> Iterator[tuple[int, str, str]]:
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            parts = line.strip().split(maxsplit=1)
-            if len(parts) < 2:
-                raise CorpusError(f"{path}:{number}: expected 'ID TEXT', found {line.strip()!r}")
-            yield number, parts[0], parts[1]
+    for number, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) < 2:
+            raise CorpusError(f"{path}:{number}: expected 'ID TEXT', found {line.strip()!r}")
+        yield number, parts[0], parts[1]
 
 
 def _find_audio(folder: Path, utterance_id: str) -> Path | None:
@@ -119,21 +126,19 @@ def read_tsv(path: str | Path) -> list[Utterance]:
         raise CorpusError(f"{path}: no such file")
     root = path.parent
     utterances = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            audio_name, tab, text = line.partition("\t")
-            if not tab or not audio_name.strip():
-                raise CorpusError(f"{path}:{number}: expected 'PATH<TAB>TEXT', found {line!r}")
-            if number == 1 and audio_name.strip().lower() == "path":
-                continue
-            audio = Path(audio_name.strip())
-            audio = audio if audio.is_absolute() else root / audio
-            if not audio.is_file():
-                raise CorpusError(f"{path}:{number}: no audio file {audio}")
-            utterances.append(Utterance(_relative_id(audio, root), audio, text.strip()))
+    for number, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        audio_name, tab, text = line.partition("\t")
+        if not tab or not audio_name.strip():
+            raise CorpusError(f"{path}:{number}: expected 'PATH<TAB>TEXT', found {line!r}")
+        if number == 1 and audio_name.strip().lower() == "path":
+            continue
+        audio = Path(audio_name.strip())
+        audio = audio if audio.is_absolute() else root / audio
+        if not audio.is_file():
+            raise CorpusError(f"{path}:{number}: no audio file {audio}")
+        utterances.append(Utterance(_relative_id(audio, root), audio, text.strip()))
     if not utterances:
         raise CorpusError(f"{path}: lists no utterances")
     return _unique(utterances, str(path))
