@@ -201,6 +201,10 @@ def test_rerun_resumes_and_refuses_other_settings(corpus, units, tmp_path):
     assert all(np.array_equal(redone[key], want[key]) for key in want)
     with pytest.raises(ValueError, match=r"other settings \(layer: 2 -> 1\)"):
         _extract(corpus, units_dir, "--layer", "1")
+    for damaged in ("", "[]"):  # was a bare JSONDecodeError or AttributeError
+        (units_dir / "units.json").write_text(damaged)
+        with pytest.raises(ValueError, match=r"units\.json is damaged"):
+            _extract(corpus, units_dir)
 
 
 def test_codebook_of_another_model_is_refused(corpus, tmp_path):
