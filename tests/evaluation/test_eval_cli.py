@@ -200,6 +200,8 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     (["--items", "x.jsonl", "--output", "/nonexistent_dir/r.json"],
      "--output /nonexistent_dir/r.json: directory /nonexistent_dir does not exist"),
     (["--items", "x.jsonl", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--items", "a.jsonl", "x.jsonl", "--output", "./x.jsonl"],
+     "--output ./x.jsonl is one of the --items files"),
     (["--task", "asr", "--utterances", "p", "--bootstrap-resamples", "0"],
      "--bootstrap-resamples must be >= 1, got 0"),
 ])
