@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, default_device, run_tool
 from megatron_lst.audio.codebook import (
+    CODEBOOK_SUFFIXES,
     fit_codebook,
     import_pickled_codebook,
     save_codebook,
@@ -60,6 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse what would fail only after the features are extracted and k-means is fitted."""
+    if args.output.suffix not in CODEBOOK_SUFFIXES:
+        raise ValueError(f"--output {args.output}: a codebook is saved as "
+                         f"{' or '.join(CODEBOOK_SUFFIXES)}")
+    if not args.output.parent.is_dir():
+        raise ValueError(f"--output {args.output}: directory {args.output.parent} does not exist; "
+                         f"create it or write elsewhere")
+    if args.command != "fit":
+        return
+    if args.num_units < 1 or args.max_frames < args.num_units:
+        raise ValueError(f"--num-units {args.num_units} needs at least one unit and --max-frames "
+                         f"({args.max_frames}) at least one frame per unit")
+    if not args.sample_hours > 0:
+        raise ValueError(f"--sample-hours must be positive, got {args.sample_hours}")
+
+
 def _fit(args: argparse.Namespace) -> KMeansCodebook:
     import torch
 
@@ -93,6 +111,7 @@ def _fit(args: argparse.Namespace) -> KMeansCodebook:
 
 def main(argv: Sequence[str] | None = None) -> KMeansCodebook:
     args = build_parser().parse_args(argv)
+    _check_args(args)
     if args.command == "fit":
         codebook = _fit(args)
     else:

@@ -72,18 +72,45 @@ def audio_info(path: str | Path) -> AudioInfo:
         raise AudioError(f"{path}: no such audio file")
     if _is_pcm_wav(path):
         with wave.open(str(path), "rb") as f:
-            return AudioInfo(f.getnframes(), f.getframerate())
+            _check_last_frame(path, f)
+            return AudioInfo(f.getnframes(), _checked_rate(path, f.getframerate()))
     try:
         info = _soundfile(path).info(str(path))
     except RuntimeError as error:  # soundfile.LibsndfileError
         raise AudioError(f"{path}: not a readable audio file ({error})") from None
-    return AudioInfo(info.frames, info.samplerate)
+    return AudioInfo(info.frames, _checked_rate(path, info.samplerate))
+
+
+def _checked_rate(path: Path, rate: int) -> int:
+    if rate < 1:
+        raise AudioError(f"{path}: the header gives a sample rate of {rate} Hz; the file is "
+                         f"damaged, re-encode it from its source")
+    return rate
+
+
+def _truncated(path: Path, promised: int, present: int | None = None) -> AudioError:
+    holds = "ends before them" if present is None else f"holds {present}"
+    return AudioError(f"{path}: truncated: the header promises {promised} samples per channel "
+                      f"but the file {holds}; re-copy or re-encode it, or leave it out")
+
+
+def _check_last_frame(path: Path, f: wave.Wave_read) -> None:
+    """Refuse a PCM wav whose data ends before the frames its header counts (a cut-off copy),
+    reading only the last frame."""
+    frames = f.getnframes()
+    if frames:
+        f.setpos(frames - 1)
+        if len(f.readframes(1)) < f.getnchannels() * f.getsampwidth():
+            raise _truncated(path, frames)
 
 
 def _read_pcm_wav(path: Path) -> tuple[np.ndarray, int]:
     with wave.open(str(path), "rb") as f:
         channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
-        raw = f.readframes(f.getnframes())
+        frames, raw = f.getnframes(), f.readframes(f.getnframes())
+    if len(raw) < frames * channels * width:
+        raise _truncated(path, frames, len(raw) // (channels * width))
+    _checked_rate(path, rate)
     if width == 1:  # 8-bit wav is unsigned
         samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width == 3:  # 24-bit: little-endian triples, sign-extended through the top byte
@@ -109,7 +136,10 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         samples, rate = _soundfile(path).read(str(path), dtype="float32", always_2d=True)
     except RuntimeError as error:
         raise AudioError(f"{path}: not a readable audio file ({error})") from None
-    return samples.mean(1), rate
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{path}: holds NaN or infinite samples, which would silently become "
+                         f"units; fix the file or leave it out")
+    return samples.mean(1), _checked_rate(path, rate)
 
 
 def load_audio_16k(path: str | Path) -> np.ndarray:

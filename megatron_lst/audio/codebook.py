@@ -86,6 +86,9 @@ def load_codebook(path: str | Path) -> KMeansCodebook:
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as error:
             raise CodebookError(f"{path}: not a readable safetensors file ({error})") from None
+        except TypeError as error:  # a dtype numpy lacks, e.g. bfloat16
+            raise CodebookError(f"{path}: holds a tensor numpy cannot read ({error}); save the "
+                                f"centroids as float32") from None
         if "centroids" not in tensors:
             raise CodebookError(f"{path}: has no 'centroids' tensor (found {sorted(tensors)})")
         return KMeansCodebook(_checked(tensors["centroids"], str(path)))

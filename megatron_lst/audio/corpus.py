@@ -67,15 +67,22 @@ def read_audio_dir(root: str | Path) -> list[Utterance]:
     return _unique([Utterance(_relative_id(p, root), p) for p in paths], str(root))
 
 
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").split("\n")  # as iterating the file splits
+    except UnicodeDecodeError as error:
+        raise CorpusError(f"{path}: not UTF-8 text ({error}); convert it, e.g. with "
+                          f"iconv -t utf-8") from None
+
+
 def _transcript_lines(path: Path) -> Iterator[tuple[int, str, str]]:
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            parts = line.strip().split(maxsplit=1)
-            if len(parts) < 2:
-                raise CorpusError(f"{path}:{number}: expected 'ID TEXT', found {line.strip()!r}")
-            yield number, parts[0], parts[1]
+    for number, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) < 2:
+            raise CorpusError(f"{path}:{number}: expected 'ID TEXT', found {line.strip()!r}")
+        yield number, parts[0], parts[1]
 
 
 def _find_audio(folder: Path, utterance_id: str) -> Path | None:
@@ -119,21 +126,19 @@ def read_tsv(path: str | Path) -> list[Utterance]:
         raise CorpusError(f"{path}: no such file")
     root = path.parent
     utterances = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            audio_name, tab, text = line.partition("\t")
-            if not tab or not audio_name.strip():
-                raise CorpusError(f"{path}:{number}: expected 'PATH<TAB>TEXT', found {line!r}")
-            if number == 1 and audio_name.strip().lower() == "path":
-                continue
-            audio = Path(audio_name.strip())
-            audio = audio if audio.is_absolute() else root / audio
-            if not audio.is_file():
-                raise CorpusError(f"{path}:{number}: no audio file {audio}")
-            utterances.append(Utterance(_relative_id(audio, root), audio, text.strip()))
+    for number, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        audio_name, tab, text = line.partition("\t")
+        if not tab or not audio_name.strip():
+            raise CorpusError(f"{path}:{number}: expected 'PATH<TAB>TEXT', found {line!r}")
+        if number == 1 and audio_name.strip().lower() == "path":
+            continue
+        audio = Path(audio_name.strip())
+        audio = audio if audio.is_absolute() else root / audio
+        if not audio.is_file():
+            raise CorpusError(f"{path}:{number}: no audio file {audio}")
+        utterances.append(Utterance(_relative_id(audio, root), audio, text.strip()))
     if not utterances:
         raise CorpusError(f"{path}: lists no utterances")
     return _unique(utterances, str(path))
@@ -154,17 +159,27 @@ def write_mfa_corpus(utterances: list[Utterance], out_dir: str | Path) -> int:
     `<textgrid dir>/<id>.TextGrid`. Speakers are the folders holding the files.
     """
     out_dir = Path(out_dir)
-    written = 0
-    for utterance in utterances:
-        if utterance.text is None:
-            raise CorpusError(f"{utterance.audio}: no transcript; the aligner needs one per "
-                              f"utterance (use the transcripts or tsv layout)")
-        base = out_dir / utterance.id
-        base.parent.mkdir(parents=True, exist_ok=True)
-        link = base.with_name(base.name + utterance.audio.suffix.lower())
-        if link.is_symlink() or link.exists():
-            link.unlink()
+    links = [_mfa_link(utterance, out_dir) for utterance in utterances]
+    for utterance, link in zip(utterances, links, strict=True):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()  # an earlier run's link
         os.symlink(utterance.audio.resolve(), link)
-        base.with_name(base.name + ".lab").write_text(utterance.text + "\n", encoding="utf-8")
-        written += 1
-    return written
+        link.with_suffix(".lab").write_text(utterance.text + "\n", encoding="utf-8")
+    return len(links)
+
+
+def _mfa_link(utterance: Utterance, out_dir: Path) -> Path:
+    """Where the aligner's link to `utterance`'s audio goes; refuses a place that holds a file
+    (the corpus' own audio, when `out_dir` is the corpus: replacing it would delete it)."""
+    if utterance.text is None:
+        raise CorpusError(f"{utterance.audio}: no transcript; the aligner needs one per "
+                          f"utterance (use the transcripts or tsv layout)")
+    link = out_dir / f"{utterance.id}{utterance.audio.suffix.lower()}"
+    is_the_audio = link.parent.resolve() / link.name == utterance.audio.parent.resolve() / (
+        utterance.audio.name)
+    if is_the_audio or (link.exists() and not link.is_symlink()):
+        raise CorpusError(f"{link}: the aligner's link to {utterance.audio} would replace this "
+                          f"file; write the aligner's corpus to a folder outside the corpus "
+                          f"(--mfa-corpus-dir)")
+    return link

@@ -132,7 +132,7 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook) -> None
               "codebook_sha256": _file_sha256(config.codebook)}
     path = Path(config.units_dir) / UNITS_RECORD
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = _read_units_record(path)
         changed = {k: (previous.get(k), v) for k, v in record.items() if previous.get(k) != v}
         if changed:
             raise ValueError(f"{config.units_dir} holds units made with other settings "
@@ -140,7 +140,20 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook) -> None
                              f"write to a new --units-dir, or delete the old units")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)
+
+
+def _read_units_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is damaged, so the settings of the units beside it are unknown; "
+                         f"write to a new --units-dir, or delete the old units and {path.name}")
+    return record
 
 
 def make_jobs(utterances: Sequence[Utterance], frame_rate: int = UNIT_FRAME_RATE) -> list[Job]:

@@ -55,6 +55,31 @@ def load_transformers():
     return transformers
 
 
+# Used only in pre-training (masked frames); a checkpoint may leave it out.
+_TRAINING_ONLY_WEIGHTS = ("masked_spec_embed",)
+
+
+def _load_model(transformers, model_dir: Path):
+    """The `HubertModel` saved in `model_dir`, refusing a directory whose weights are missing,
+    unreadable or incomplete: transformers would fill missing weights with random values and
+    only log a warning, and every unit would then be noise."""
+    try:
+        model, info = transformers.HubertModel.from_pretrained(
+            str(model_dir), local_files_only=True, attn_implementation="sdpa",
+            use_kernels=False, output_loading_info=True)  # kernels would be fetched from the Hub
+    except Exception as error:  # OSError, SafetensorError, UnpicklingError, config validation
+        raise ValueError(f"{model_dir}: cannot load a HuBERT model from this directory "
+                         f"({type(error).__name__}: {error}); pass the complete directory "
+                         f"`save_pretrained` wrote (config.json and the weights)") from error
+    missing = [k for k in info["missing_keys"] if k not in _TRAINING_ONLY_WEIGHTS]
+    if missing:
+        raise ValueError(f"{model_dir}: the weights lack {len(missing)} of the model's tensors "
+                         f"(e.g. {', '.join(sorted(missing)[:3])}), which would be random; the "
+                         f"directory is incomplete or holds another model, re-save it with "
+                         f"`save_pretrained`")
+    return model
+
+
 class HubertFeatures:
     """16 kHz waveforms -> [num_units, hidden_size] float32 features of layer `layer`."""
 
@@ -74,9 +99,7 @@ class HubertFeatures:
                 f"local directory of a HuBERT model (what `save_pretrained` writes)")
         self.model_dir, self.layer, self.frame_rate, self.device = model_dir, layer, frame_rate, device
         self._torch = torch
-        model = transformers.HubertModel.from_pretrained(
-            str(model_dir), local_files_only=True, attn_implementation="sdpa",
-            use_kernels=False)  # kernels would be fetched from the Hub
+        model = _load_model(transformers, model_dir)
         self.model = model.eval().to(device)
         config = model.config
         if not 0 <= layer <= config.num_hidden_layers:

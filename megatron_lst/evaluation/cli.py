@@ -30,7 +30,7 @@ from megatron_lst.evaluation.generation import (
     build_prompt,
     generate,
 )
-from megatron_lst.evaluation.items import ItemError, load_items
+from megatron_lst.evaluation.items import ItemError, check_items_for_speech, load_items
 from megatron_lst.evaluation.scoring import MODES, evaluate_items, parse_modes
 from megatron_lst.training.checkpointing import CheckpointError
 
@@ -98,13 +98,12 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                                       args.pipeline_model_parallel_size, seed=args.seed)
         model = load_inference_model(args.load, args.tensor_model_parallel_size,
                                      args.pipeline_model_parallel_size, args.tokenizer_model)
-        results = {}
-        for path in args.items:
-            items = load_items(path, model.tokenizer, model.vocab)
-            results[path] = evaluate_items(
-                model.model_chunks, items, model.vocab, model.patcher,
-                modes or _default_modes(items), args.batch_size,
-                bootstrap_resamples=args.bootstrap_resamples, seed=args.seed)
+        item_sets = _load_item_sets(args.items, model, modes)
+        results = {path: evaluate_items(model.model_chunks, items, model.vocab, model.patcher,
+                                        modes or _default_modes(items), args.batch_size,
+                                        bootstrap_resamples=args.bootstrap_resamples,
+                                        seed=args.seed)
+                   for path, items in item_sets.items()}
     except (CheckpointError, ItemError, OSError, ValueError) as error:
         print(f"lst-eval: {error}", file=sys.stderr)
         return 2
@@ -125,6 +124,17 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _load_item_sets(paths: Sequence[str], model, modes: list[str] | None) -> dict[str, list]:
+    """Every file's items, checked against the model and the speech `modes` need before any file
+    is scored (a bad second file was found only after the first was evaluated)."""
+    item_sets = {path: load_items(path, model.tokenizer, model.vocab) for path in paths}
+    for items in item_sets.values():
+        for mode in modes or []:
+            if any(MODES[mode]):
+                check_items_for_speech(items, mode)
+    return item_sets
+
+
 def _check_eval_inputs(args: argparse.Namespace) -> None:
     if (args.items is None) == (args.task is None):
         raise ValueError("give --items (story completion) or --task asr|tts (exactly one)")
@@ -139,11 +149,19 @@ def _check_eval_inputs(args: argparse.Namespace) -> None:
             raise ValueError(f"{', '.join(named)} apply to --task asr|tts only")
     if args.asr_load is not None and args.task != "tts":
         raise ValueError("--asr-load transcribes generated speech: it applies to --task tts")
+    for flag, value in (("--batch-size", args.batch_size),
+                        ("--bootstrap-resamples", args.bootstrap_resamples)):
+        if value < 1:  # found only after the model was loaded and every item scored
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.num_utterances is not None and args.num_utterances < 1:
         raise ValueError(f"--num-utterances must be >= 1, got {args.num_utterances}")
     if args.output is not None and not Path(args.output).parent.is_dir():
         raise ValueError(f"--output {args.output}: directory {Path(args.output).parent} does not "
                          "exist; create it or write elsewhere")
+    if args.output is not None and any(Path(args.output).resolve() == Path(items).resolve()
+                                       for items in args.items or []):
+        raise ValueError(f"--output {args.output} is one of the --items files, which the results "
+                         f"would overwrite; write them to another file")
 
 
 def task_main(args: argparse.Namespace) -> int:

@@ -72,17 +72,31 @@ def read_hellaswag(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ItemError(f"{where}: not a JSON object ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ItemError(f"{where}: not a JSON object (a {type(row).__name__})")
         context = row.get("ctx") or " ".join(
             part for part in (row.get("ctx_a", ""), row.get("ctx_b", "")) if part)
         if not context or "endings" not in row or "label" not in row:
             raise ItemError(f"{where}: a HellaSwag line needs \"ctx\" (or \"ctx_a\"/\"ctx_b\"), "
                             f"\"endings\" and \"label\" (the unlabelled test split cannot be "
                             f"scored)")
+        endings = row["endings"]
+        if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
+            raise ItemError(f"{where}: \"endings\" must be a list of strings, got {endings!r}")
         item_id = str(row.get("ind", number - 1))
         records.append({"id": item_id, "context": {"text": context.strip()},
-                        "endings": [{"text": str(e).strip()} for e in row["endings"]],
-                        "label": int(row["label"])})
+                        "endings": [{"text": e.strip()} for e in endings],
+                        "label": _hellaswag_label(row["label"], where)})
     return records
+
+
+def _hellaswag_label(label, where: str) -> int:
+    """The ending index, given as an integer or a string of digits (as the Hub's copy has it)."""
+    if isinstance(label, str) and label.strip().isdigit():
+        return int(label)
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise ItemError(f"{where}: \"label\" {label!r} is not an ending index")
+    return label
 
 
 def read_storycloze(path: str | Path) -> list[dict]:
@@ -96,6 +110,11 @@ def read_storycloze(path: str | Path) -> list[dict]:
             raise ItemError(f"{path}: not a StoryCloze CSV, missing columns {missing}")
         records = []
         for number, row in enumerate(reader, start=2):  # line 1 is the header
+            short = [c for c in needed if row[c] is None]
+            if short:
+                raise ItemError(f"{path}:{number}: the row ends before the columns {short}")
+            if not row["InputStoryid"].strip():
+                raise ItemError(f"{path}:{number}: the story has no InputStoryid")
             answer = row["AnswerRightEnding"].strip()
             if answer not in ("1", "2"):
                 raise ItemError(f"{path}:{number}: story {row['InputStoryid']!r} has "
@@ -146,6 +165,15 @@ def _read_units(path: Path, item_id: str) -> dict:
     return part
 
 
+def _check_output(output: Path, source: Path) -> None:
+    if not output.parent.is_dir():
+        raise ItemError(f"--output {output}: directory {output.parent} does not exist; create it "
+                        f"or write elsewhere")
+    if output.resolve() == source.resolve():
+        raise ItemError(f"--output {output} is the benchmark file being imported, which it would "
+                        f"overwrite; write the items to another file")
+
+
 READERS = {"hellaswag": read_hellaswag, "storycloze": read_storycloze,
            "topic-storycloze": read_storycloze}
 
@@ -161,9 +189,13 @@ def import_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     try:
+        _check_output(Path(args.output), Path(args.input))
         records = READERS[args.format](args.input)
         if args.units_dir is not None:
             records = attach_units(records, args.units_dir)
+    except UnicodeDecodeError as error:
+        print(f"lst-import-eval: {args.input} is not UTF-8 text ({error})", file=sys.stderr)
+        return 2
     except (ItemError, OSError) as error:
         print(f"lst-import-eval: {error}", file=sys.stderr)
         return 2

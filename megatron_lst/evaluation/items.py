@@ -81,8 +81,9 @@ def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> 
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise ItemError(f"cannot read evaluation items from {path}: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:  # a folder, a binary or UTF-16 file, ...
+        raise ItemError(f"cannot read evaluation items from {path}: {err}; items are UTF-8 "
+                        f"JSON lines") from None
     items, seen = [], {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -157,13 +158,12 @@ def _units(values, vocab: JointVocab, where: str) -> np.ndarray:
         raise ItemError(f"{where}: \"units\" must be a non-empty list of unit values")
     if not all(isinstance(u, int) and not isinstance(u, bool) for u in values):
         raise ItemError(f"{where}: \"units\" must hold integers")
-    units = np.asarray(values, dtype=np.int64)
-    bad = np.flatnonzero((units < 0) | (units >= vocab.num_units))
-    if len(bad):
-        raise ItemError(f"{where}: unit {int(units[bad[0]])} at position {int(bad[0])} is outside "
-                        f"the codebook 0..{vocab.num_units - 1}; were the units made with another "
-                        f"codebook (--num-units)?")
-    return units
+    bad = next((i for i, u in enumerate(values) if not 0 <= u < vocab.num_units), None)
+    if bad is not None:  # checked before numpy, which overflows on integers beyond int64
+        raise ItemError(f"{where}: unit {values[bad]} at position {bad} is outside the codebook "
+                        f"0..{vocab.num_units - 1}; were the units made with another codebook "
+                        f"(--num-units)?")
+    return np.asarray(values, dtype=np.int64)
 
 
 def _segments(values, num_units: int, where: str) -> tuple[np.ndarray, np.ndarray]:

@@ -83,3 +83,34 @@ def test_flac_reads_through_soundfile(tmp_path):
     mono, rate = read_audio(path)
     np.testing.assert_allclose(mono, 0.0, atol=1e-7)  # the channels cancel
     assert rate == 22050 and len(load_audio_16k(path)) == info.num_samples_16k
+
+
+@pytest.mark.parametrize("cut", [1, 2, 4000])
+def test_truncated_pcm_wav_names_the_file_and_what_it_lacks(tmp_path, cut):
+    """A cut-off copy (the header counts frames the data lacks; cut=1 leaves half a sample)."""
+    path = tmp_path / "cut.wav"
+    _write_pcm(path, np.zeros(2 * 3000, np.int64), 2, 2, 16000)
+    path.write_bytes(path.read_bytes()[:-cut])
+    for read in (audio_info, read_audio):
+        with pytest.raises(AudioError, match=r"cut\.wav: truncated: the header promises 3000"):
+            read(path)
+
+
+def test_zero_sample_rate_is_refused(tmp_path):
+    path = tmp_path / "x.wav"
+    write_wav(path, np.zeros(100), 16000)
+    raw = bytearray(path.read_bytes())
+    raw[24:28] = (0).to_bytes(4, "little")  # the fmt chunk's sample rate
+    path.write_bytes(bytes(raw))
+    for read in (audio_info, load_audio_16k):
+        with pytest.raises(AudioError, match="x.wav: the header gives a sample rate of 0 Hz"):
+            read(path)
+
+
+def test_non_finite_float_samples_are_refused(tmp_path):
+    soundfile = pytest.importorskip("soundfile")
+    path = tmp_path / "x.wav"
+    soundfile.write(str(path), np.array([0.1, np.nan, 0.2] * 100, np.float32), 16000,
+                    subtype="FLOAT")
+    with pytest.raises(AudioError, match="x.wav: holds NaN or infinite samples"):
+        read_audio(path)

@@ -92,3 +92,14 @@ def test_malformed_codebooks_are_refused(tmp_path):
     (tmp_path / "text.npy").write_text("0 1 2")
     with pytest.raises(CodebookError, match="not a .npy or .safetensors codebook"):
         load_codebook(tmp_path / "text.npy")
+
+
+def test_bfloat16_safetensors_codebook_is_refused_by_name(tmp_path):
+    """numpy has no bfloat16: safetensors' TypeError was a traceback."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    save_file({"centroids": torch.ones(4, 3, dtype=torch.bfloat16)}, tmp_path / "bf16.safetensors")
+    with pytest.raises(CodebookError, match=r"bf16\.safetensors: .*bfloat16.*save the centroids "
+                                            r"as float32"):
+        load_codebook(tmp_path / "bf16.safetensors")

@@ -77,3 +77,36 @@ def test_mfa_corpus_mirrors_the_ids(tmp_path):
                                                                "u1.wav").resolve()
     with pytest.raises(CorpusError, match="no transcript"):
         write_mfa_corpus(read_audio_dir(tmp_path / "corpus"), tmp_path / "mfa2")
+
+
+def test_mfa_corpus_never_replaces_a_file(tmp_path):
+    corpus = tmp_path / "corpus"
+    audio = _wav(corpus / "spk" / "u1.wav")
+    original = audio.read_bytes()
+    tsv = corpus / "list.tsv"
+    tsv.write_text("spk/u1.wav\thello world\n")
+    # The corpus itself as the aligner's folder: the link would have replaced (deleted) the audio.
+    with pytest.raises(CorpusError, match=r"u1\.wav: the aligner's link .* would replace"):
+        write_mfa_corpus(read_tsv(tsv), corpus)
+    assert audio.read_bytes() == original and not audio.is_symlink()
+    _wav(tmp_path / "mfa" / "spk" / "u1.wav")  # a real file where the link goes
+    with pytest.raises(CorpusError, match="would replace this file"):
+        write_mfa_corpus(read_tsv(tsv), tmp_path / "mfa")
+    assert write_mfa_corpus(read_tsv(tsv), tmp_path / "mfa2") == 1
+    assert write_mfa_corpus(read_tsv(tsv), tmp_path / "mfa2") == 1  # a re-run replaces its links
+
+
+def test_transcripts_that_are_not_utf8_name_the_file(tmp_path):
+    """The tools printed only the codec's message, naming no file."""
+    _wav(tmp_path / "ls" / "1" / "2" / "1-2-0000.wav")
+    transcript = tmp_path / "ls" / "1" / "2" / "1-2.trans.txt"
+    transcript.write_bytes("1-2-0000 café\n".encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"1-2\.trans\.txt: not UTF-8 text"):
+        read_transcripts(tmp_path / "ls")
+    _wav(tmp_path / "a.wav")
+    tsv = tmp_path / "list.tsv"
+    tsv.write_bytes("a.wav\tcafé\r\n".encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"list\.tsv: not UTF-8 text"):
+        read_tsv(tsv)
+    tsv.write_text("a.wav\tcafé\r\n", encoding="utf-8")
+    assert [(u.id, u.text) for u in read_tsv(tsv)] == [("a", "café")]

@@ -83,6 +83,32 @@ def test_bad_model_arguments_name_the_fix(tmp_path, hubert_dir):
         HubertFeatures(hubert_dir, layer=2, frame_rate=30)
 
 
+def test_incomplete_model_directories_are_refused(tmp_path, hubert_dir):
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(hubert_dir / "model.safetensors")
+    cases = {"no_weights": None, "cut": (hubert_dir / "model.safetensors").read_bytes()[:200],
+             "partial": {k: v for k, v in weights.items() if ".layers.1." not in k},
+             "no_mask": {k: v for k, v in weights.items() if k != "masked_spec_embed"}}
+    for name, content in cases.items():
+        directory = tmp_path / name
+        directory.mkdir()
+        shutil.copy(hubert_dir / "config.json", directory)
+        if isinstance(content, bytes):
+            (directory / "model.safetensors").write_bytes(content)
+        elif content is not None:
+            save_file(content, directory / "model.safetensors", metadata={"format": "pt"})
+    for name in ("no_weights", "cut"):
+        with pytest.raises(ValueError, match=f"{name}: cannot load a HuBERT model"):
+            HubertFeatures(tmp_path / name, layer=2)
+    # transformers would fill layer 2 with random weights and only log a warning.
+    with pytest.raises(ValueError, match=r"partial: the weights lack 16 .*encoder\.layers\.1\."):
+        HubertFeatures(tmp_path / "partial", layer=2)
+    wave = tone(16000, 0.5, seed=0)
+    np.testing.assert_array_equal(HubertFeatures(tmp_path / "no_mask", layer=2)(wave),
+                                  HubertFeatures(hubert_dir, layer=2)(wave))
+
+
 # --- the tools, end to end -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -101,6 +127,21 @@ def corpus(tmp_path_factory):
         str(hubert), "--layer", "2", "--num-units", "8", "--max-frames", "1000",
         "--device", "cpu", "--no-progress", "--output", str(codebook)])
     return root, hubert, codebook
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--output", "km.bin"], "--output km.bin: a codebook is saved as .npy or .safetensors"),
+    (["--output", "missing/km.npy"], "directory missing does not exist"),
+    (["--num-units", "0"], "--num-units 0 needs at least one unit"),
+    (["--num-units", "8", "--max-frames", "4"], r"--max-frames \(4\) at least one frame per unit"),
+    (["--sample-hours", "0"], "--sample-hours must be positive"),
+])
+def test_train_kmeans_refuses_bad_arguments_before_any_work(tmp_path, flags, message):
+    """Checked before the corpus is read (an empty folder here) and hours of features made."""
+    argv = ["fit", "--input", str(tmp_path), "--input-format", "audio-dir", "--hubert-dir",
+            str(tmp_path / "none"), "--output", str(tmp_path / "km.npy"), *flags]
+    with pytest.raises(ValueError, match=message):
+        load_tool("train_kmeans").main(argv)
 
 
 def _extract(corpus, units_dir: Path, *flags: str):
@@ -160,6 +201,10 @@ def test_rerun_resumes_and_refuses_other_settings(corpus, units, tmp_path):
     assert all(np.array_equal(redone[key], want[key]) for key in want)
     with pytest.raises(ValueError, match=r"other settings \(layer: 2 -> 1\)"):
         _extract(corpus, units_dir, "--layer", "1")
+    for damaged in ("", "[]"):  # was a bare JSONDecodeError or AttributeError
+        (units_dir / "units.json").write_text(damaged)
+        with pytest.raises(ValueError, match=r"units\.json is damaged"):
+            _extract(corpus, units_dir)
 
 
 def test_codebook_of_another_model_is_refused(corpus, tmp_path):

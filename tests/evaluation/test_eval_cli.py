@@ -71,6 +71,25 @@ def test_lst_eval_names_a_bad_item(checkpoint, capsys):
     assert eval_main(["--load", str(root / "save"), "--items", str(bad), "--modes", "x"]) == 2
 
 
+@pytest.mark.parametrize("second, modes, message", [
+    ({"label": 5}, "ss,tt", "label 5"),
+    ({"context": {"text": "the dog"}, "endings": [{"text": "sat"}, {"text": "ran"}]}, "tt,st",
+     "cannot be scored S->T"),
+])
+def test_every_item_file_is_checked_before_any_is_scored(checkpoint, capsys, monkeypatch,
+                                                         second, modes, message):
+    """A bad second file was found only after the first was evaluated, its results lost."""
+    root, items_path, _ = checkpoint
+    scored = []
+    monkeypatch.setattr("megatron_lst.evaluation.cli.evaluate_items",
+                        lambda *args, **kwargs: scored.append(args))
+    bad = root / "second.jsonl"
+    bad.write_text(json.dumps({**random_records(7, 1)[0], **second}) + "\n")
+    assert eval_main(["--load", str(root / "save"), "--items", str(items_path), str(bad),
+                      "--modes", modes]) == 2
+    assert message in capsys.readouterr().err and scored == []
+
+
 def test_lst_generate_continues_a_unit_prompt_as_speech(checkpoint, capsys):
     root, _, _ = checkpoint
     status = generate_main(["--load", str(root / "save"), "--prompt-units", "3 3 7 1 0",
@@ -180,6 +199,11 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     # Checked before the work: a missing directory was a traceback after the evaluation.
     (["--items", "x.jsonl", "--output", "/nonexistent_dir/r.json"],
      "--output /nonexistent_dir/r.json: directory /nonexistent_dir does not exist"),
+    (["--items", "x.jsonl", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--items", "a.jsonl", "x.jsonl", "--output", "./x.jsonl"],
+     "--output ./x.jsonl is one of the --items files"),
+    (["--task", "asr", "--utterances", "p", "--bootstrap-resamples", "0"],
+     "--bootstrap-resamples must be >= 1, got 0"),
 ])
 def test_lst_eval_task_flags_are_checked(flags, message, capsys):
     assert eval_main(["--load", "unused", *flags]) == 2

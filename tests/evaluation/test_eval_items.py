@@ -54,6 +54,8 @@ BAD_ITEMS = {
     "unit out of range": (lambda r: r["endings"][1]["units"].__setitem__(3, NUM_UNITS),
                           f"ending 1: unit {NUM_UNITS} at position 3 is outside the codebook"),
     "negative unit": (lambda r: r["context"]["units"].__setitem__(0, -1), "context: unit -1"),
+    "unit beyond int64": (lambda r: r["context"]["units"].__setitem__(2, 10**30),
+                          f"context: unit {10**30} at position 2 is outside the codebook"),
     "segments do not cover units": (lambda r: r["context"]["units"].pop(),
                                     "context: segments cover"),
     "empty text": (lambda r: r["endings"][0].update(text=" "), 'ending 0: "text" is missing'),
@@ -83,3 +85,6 @@ def test_bad_json_and_duplicate_ids_name_the_line(tmp_path):
         load_items(path, tokenizer(), vocab())
     with pytest.raises(ItemError, match="holds no items"):
         load_items(write(tmp_path, []), tokenizer(), vocab())
+    path.write_text(path.read_text(), encoding="utf-16")
+    with pytest.raises(ItemError, match=rf"cannot read evaluation items from {path}: .*UTF-8"):
+        load_items(path, tokenizer(), vocab())

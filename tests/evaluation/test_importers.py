@@ -80,3 +80,40 @@ def test_import_errors_name_the_story(tmp_path):
     with pytest.raises(ItemError, match=r"item 's1': no unit file .*s1/context.units"):
         attach_units(records, tmp_path / "units")
     assert "units" not in records[0]["context"]  # the input records are left as they were
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"ctx": "a", "endings": ["b", "c"], "label": 1.7}, "\"label\" 1.7 is not an ending index"),
+    ({"ctx": "a", "endings": ["b", "c"], "label": "one"}, "\"label\" 'one' is not an ending"),
+    ({"ctx": "a", "endings": ["b", "c"], "label": None}, "\"label\" None is not an ending"),
+    ({"ctx": "a", "endings": "bcde", "label": 0}, "\"endings\" must be a list of strings"),
+    (["a", "b"], "not a JSON object \\(a list\\)"),
+])
+def test_malformed_hellaswag_lines_are_refused(tmp_path, row, message):
+    """They were tracebacks, or silently wrong: label 1.7 became 1, "bcde" four endings."""
+    path = tmp_path / "hs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ItemError, match=rf"hs.jsonl:1: {message}"):
+        read_hellaswag(path)
+
+
+def test_malformed_storycloze_rows_are_refused(tmp_path):
+    with pytest.raises(ItemError, match=r"short.csv:3: the row ends before the columns "
+                                        r"\['RandomFifthSentenceQuiz2', 'AnswerRightEnding'\]"):
+        read_storycloze(write_cloze(tmp_path / "short.csv", ["s1,a.,b.,c.,d.,e.,f.,1",
+                                                             "s2,a.,b.,c.,d.,e."]))
+    with pytest.raises(ItemError, match=r"noid.csv:2: the story has no InputStoryid"):
+        read_storycloze(write_cloze(tmp_path / "noid.csv", [" ,a.,b.,c.,d.,e.,f.,1"]))
+
+
+def test_import_refuses_an_output_that_would_overwrite_the_input(tmp_path, capsys):
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
+    original = cloze.read_text()
+    assert import_main(["storycloze", str(cloze), "--output", str(cloze)]) == 2
+    assert "is the benchmark file being imported" in capsys.readouterr().err
+    assert cloze.read_text() == original
+    assert import_main(["storycloze", str(cloze), "--output", str(tmp_path / "no/x.jsonl")]) == 2
+    assert "directory" in capsys.readouterr().err
+    cloze.write_text(original, encoding="utf-16")
+    assert import_main(["storycloze", str(cloze), "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert f"{cloze} is not UTF-8 text" in capsys.readouterr().err
