@@ -4,9 +4,8 @@
 
 - `MfccFeatures` (default): 13 MFCCs with deltas and delta-deltas (39-d) at 50 Hz, normalised to
   zero mean and unit variance per utterance, two frames stacked -> 78-d at 25 Hz. Plain numpy/scipy.
-- `HubertFeatures`: one layer of a HuBERT-style model whose weights the user has on disk (a
-  TorchScript file, or a Hugging Face model directory read with `transformers`); nothing is
-  downloaded. Frames are averaged in groups to reach 25 Hz.
+- HuBERT features (`megatron_lst.audio.hubert.HubertFeatures`, a model directory on disk) plug
+  in the same way (`build.unit_features`).
 
 Unit j of an utterance covers the time [j / 25, (j + 1) / 25) seconds; an utterance of n samples
 at 16 kHz has n // 640 units.
@@ -132,66 +131,6 @@ class MfccFeatures:
         feats = np.concatenate([ceps, _deltas(ceps), _deltas(_deltas(ceps))], axis=1)  # [F, 39]
         feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
         return feats.reshape(num_units, self.dim).astype(np.float32)  # [F / stack, 39 * stack]
-
-
-class HubertFeatures:
-    """One hidden layer of a local HuBERT-style model, averaged to 25 Hz.
-
-    `path` is either a TorchScript file whose module maps a waveform [1, n] (16 kHz, float32) to
-    features [1, T, D] (or a tuple/list of such per layer), or a Hugging Face model directory
-    (`config.json` + weights) loaded with `transformers` without network access.
-    """
-
-    def __init__(self, path: str | Path, layer: int = 6, native_frame_rate: int = 50):
-        torch = require("torch", "HuBERT features")
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"HuBERT weights not found at {path}; pass a TorchScript file "
-                                    f"or a Hugging Face model directory that exists locally")
-        if native_frame_rate % UNIT_FRAME_RATE:
-            raise ValueError(f"native_frame_rate {native_frame_rate} is not a multiple of "
-                             f"{UNIT_FRAME_RATE} Hz")
-        self.path, self.layer, self.native_frame_rate = path, layer, native_frame_rate
-        self._torch = torch
-        if path.is_dir():
-            transformers = require("transformers", "HuBERT features from a Hugging Face directory")
-            self._hf = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
-            self._model = self._hf.eval()
-        else:
-            self._hf = None
-            self._model = torch.jit.load(str(path), map_location="cpu").eval()
-
-    def __getstate__(self) -> dict:
-        # Worker processes reload the model from its path rather than unpickling it.
-        return {"path": self.path, "layer": self.layer,
-                "native_frame_rate": self.native_frame_rate}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(**state)
-
-    def cache_key(self) -> dict:
-        stat = self.path.stat()
-        return {"kind": "hubert", "path": str(self.path.resolve()), "mtime": stat.st_mtime,
-                "layer": self.layer, "native_frame_rate": self.native_frame_rate}
-
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        wave = torch.from_numpy(np.asarray(audio, dtype=np.float32))[None]  # [1, n]
-        with torch.inference_mode():
-            if self._hf is not None:
-                out = self._model(wave, output_hidden_states=True).hidden_states[self.layer]
-            else:
-                out = self._model(wave)
-                if isinstance(out, (tuple, list)):
-                    out = out[self.layer]
-        feats = out[0].float().numpy()  # [T, D] at the native rate
-        group = self.native_frame_rate // UNIT_FRAME_RATE
-        num_units = len(audio) * UNIT_FRAME_RATE // FEATURE_SAMPLE_RATE
-        # Models drop a partial frame at the end; repeat the last frame to fill.
-        need = num_units * group
-        if len(feats) < need:
-            feats = np.concatenate([feats, np.repeat(feats[-1:], need - len(feats), 0)])
-        return feats[:need].reshape(num_units, group, -1).mean(1)  # [num_units, D]
 
 
 @dataclass

@@ -3,7 +3,6 @@ import pytest
 
 from megatron_lst.demo_corpus.tts import Voice
 from megatron_lst.demo_corpus.units import (
-    HubertFeatures,
     KMeansCodebook,
     MfccFeatures,
     UnitExtractor,
@@ -66,31 +65,6 @@ def test_codebook_assigns_the_nearest_centroid_and_round_trips(tmp_path):
 def test_extractor_needs_a_codebook():
     with pytest.raises(RuntimeError, match="no codebook"):
         UnitExtractor()(np.zeros(16000, np.float32), 16000)
-
-
-def test_hubert_style_torchscript_weights(tmp_path):
-    torch = pytest.importorskip("torch")
-
-    class Frames(torch.nn.Module):  # 50 Hz frames of 4 features, like HuBERT's 20 ms stride
-        def forward(self, wave):
-            n = (wave.shape[1] - 80) // 320
-            x = wave[:, : n * 320].reshape(1, n, 320)
-            return torch.stack([x.mean(-1), x.std(-1), x.abs().max(-1).values,
-                                x[..., 0]], dim=-1)
-
-    path = tmp_path / "hubert.pt"
-    torch.jit.script(Frames()).save(str(path))
-    features = HubertFeatures(path, layer=0)
-    audio = np.random.default_rng(0).normal(size=16000).astype(np.float32)
-    feats = features(audio)
-    assert feats.shape == (25, 4)
-    # Pairs of 50 Hz frames are averaged; the missing last frame repeats the one before.
-    direct = Frames()(torch.from_numpy(audio)[None])[0].numpy()
-    np.testing.assert_allclose(feats[0], direct[:2].mean(0), rtol=1e-5)
-    np.testing.assert_allclose(feats[-1], direct[-1], rtol=1e-5)
-    assert features.cache_key()["kind"] == "hubert"
-    with pytest.raises(FileNotFoundError, match="not found"):
-        HubertFeatures(tmp_path / "missing.pt")
 
 
 def _edit_similarity(a, b):
