@@ -28,7 +28,13 @@ import numpy as np
 from megatron_lst.data.documents import AlignedDocument
 from megatron_lst.data.task_rows import task_row
 from megatron_lst.evaluation.bootstrap import bootstrap_ci, bootstrap_ratio_ci
-from megatron_lst.evaluation.edit_rates import EditCounts, char_edits, unit_edits, word_edits
+from megatron_lst.evaluation.edit_rates import (
+    EditCounts,
+    char_edits,
+    normalise_text,
+    unit_edits,
+    word_edits,
+)
 from megatron_lst.evaluation.generation import (
     GenerationResult,
     SamplingConfig,
@@ -96,12 +102,23 @@ class AsrOutput:
     hit_cap: bool
 
 
+def transcripts(model: TaskModel, utterances: list[AlignedDocument]) -> list[str]:
+    """The utterances' transcripts, refusing (before any decoding) one that normalises to
+    nothing: it has no error rate."""
+    texts = [model.tokenizer.decode([int(i) for i in doc.text_ids]) for doc in utterances]
+    for index, text in enumerate(texts):
+        if not normalise_text(text):
+            raise ValueError(f"utterance {index} of the evaluation set has the transcript "
+                             f"{text!r}, which holds no letter or digit, so no error rate; "
+                             f"leave it out of the set")
+    return texts
+
+
 def run_asr(asr: TaskModel, utterances: list[AlignedDocument], use_cache: bool = True
             ) -> list[AsrOutput]:
     outputs = []
-    for doc in utterances:
+    for doc, reference in zip(utterances, transcripts(asr, utterances), strict=True):
         row = task_row(doc, "asr", asr.vocab, asr.space_id)
-        reference = asr.tokenizer.decode([int(i) for i in doc.text_ids])
         cap = length_cap(len(row.answer))
         result = _decode(asr, row.prompt, "text", cap, use_cache)
         hypothesis = _text_of(asr, result.tokens)
@@ -126,14 +143,14 @@ class TtsOutput:
 def run_tts(tts: TaskModel, utterances: list[AlignedDocument], asr: TaskModel | None = None,
             use_cache: bool = True) -> list[TtsOutput]:
     outputs = []
-    for doc in utterances:
+    references = transcripts(tts, utterances) if asr is not None else [None] * len(utterances)
+    for doc, reference in zip(utterances, references, strict=True):
         row = task_row(doc, "tts", tts.vocab, tts.space_id)
         result = _decode(tts, row.prompt, "speech", length_cap(len(row.answer)), use_cache)
         units = _units_of(tts.vocab, result.tokens)
         output = TtsOutput(doc.unit_ids, units, unit_edits(doc.unit_ids, units),
                            not result.stopped_at_eos, result.global_steps)
         if asr is not None:
-            reference = tts.tokenizer.decode([int(i) for i in doc.text_ids])
             cap = length_cap(len(doc.text_ids) + 1)
             output.transcript = transcribe(asr, units, cap, use_cache)[0] if len(units) else ""
             output.chars = char_edits(reference, output.transcript)

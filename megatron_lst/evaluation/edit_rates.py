@@ -5,26 +5,29 @@ Counts come from `jiwer` (Levenshtein alignment: substitutions + deletions + ins
 utterance at a time, so a corpus rate is `sum(errors) / sum(reference_length)` over utterances and
 a bootstrap can resample utterances (`bootstrap.bootstrap_ratio_ci`).
 
-Text normalisation, applied to reference and hypothesis alike before counting:
-lowercase; every character other than a-z, 0-9 and the apostrophe becomes a space; runs of
-whitespace collapse to one space; leading and trailing spaces go. CER counts the characters of
-that normalised string, spaces between words included.
+Text normalisation, applied to reference and hypothesis alike before counting: Unicode NFC
+(so an accent written as a combining mark stays with its letter), lowercase; every character that
+is not a letter or a digit (of any script) or the apostrophe becomes a space; runs of whitespace
+collapse to one space; leading and trailing spaces go. On ASCII text that is: keep a-z, 0-9 and
+the apostrophe. CER counts the characters of that normalised string, spaces between words
+included.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import jiwer
 import numpy as np
 
-_NOT_KEPT = re.compile(r"[^a-z0-9']+")
+_NOT_KEPT = re.compile(r"(?:[^\w']|_)+")  # \w: letters and digits of any script, and "_"
 
 
 def normalise_text(text: str) -> str:
     """The text WER and CER compare (see the module docstring)."""
-    return _NOT_KEPT.sub(" ", text.lower()).strip()
+    return _NOT_KEPT.sub(" ", unicodedata.normalize("NFC", text).lower()).strip()
 
 
 @dataclass(frozen=True)

@@ -99,3 +99,30 @@ def test_summaries_are_corpus_rates_with_intervals():
     assert summary["wer"] == pytest.approx(1 / 6) and summary["cer"] == pytest.approx(2 / 10)
     assert summary["hallucination_rate"] == 0.5
     assert 0.0 <= summary["wer_ci_low"] <= summary["wer"] <= summary["wer_ci_high"] <= 0.5
+
+
+class _Transcripts:
+    """A tokenizer stand-in whose `decode` gives these transcripts in turn."""
+
+    def __init__(self, *texts: str):
+        self._texts = iter(texts)
+
+    def decode(self, ids):
+        return next(self._texts)
+
+
+class _NeverDecodes(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise AssertionError("decoded before the transcripts were checked")
+
+
+@pytest.mark.parametrize("task", ["asr", "tts"])
+def test_a_transcript_without_letters_is_refused_before_decoding(task):
+    docs = utterances(seed=13, count=3)
+    model = TaskModel(_NeverDecodes(), vocab(), _Transcripts("a cat", " ?! ", "dog"), STATIC, None)
+    with pytest.raises(ValueError, match=r"utterance 1 of the evaluation set has the transcript "
+                                         r"' \?! ', which holds no letter or digit"):
+        if task == "asr":
+            run_asr(model, docs)
+        else:
+            run_tts(model, docs, asr=model)

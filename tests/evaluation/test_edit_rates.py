@@ -15,6 +15,16 @@ from megatron_lst.evaluation.edit_rates import (
 
 def test_normalisation_lowercases_strips_punctuation_and_collapses_spaces():
     assert normalise_text("  Hello,  World!\tIt's 2 o'clock. ") == "hello world it's 2 o'clock"
+    assert normalise_text("snake_case--dash") == "snake case dash"
+
+
+def test_normalisation_keeps_the_letters_of_every_script():
+    """Multilingual LibriSpeech and non-Latin scripts: letters are letters (they were dropped,
+    so 'été' vs 'èté' counted 0 errors and a Japanese reference was 'empty')."""
+    assert normalise_text("Été, ÇA VA?") == "été ça va"
+    assert normalise_text("e\u0301te\u0301") == "été"  # combining accents join their letters
+    assert char_edits("été", "èté") == EditCounts(1, 3)
+    assert word_edits("日本語 テスト", "日本語") == EditCounts(1, 2)
 
 
 @pytest.mark.parametrize("reference, hypothesis, expected", [
