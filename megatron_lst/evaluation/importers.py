@@ -74,6 +74,10 @@ def read_hellaswag(path: str | Path) -> list[dict]:
             raise ItemError(f"{where}: not a JSON object ({err.msg})") from None
         if not isinstance(row, dict):
             raise ItemError(f"{where}: not a JSON object (a {type(row).__name__})")
+        parts = [row.get(key) for key in ("ctx", "ctx_a", "ctx_b") if row.get(key) is not None]
+        if not all(isinstance(part, str) for part in parts):
+            raise ItemError(f"{where}: \"ctx\", \"ctx_a\" and \"ctx_b\" must be strings, got "
+                            f"{parts!r}")
         context = row.get("ctx") or " ".join(
             part for part in (row.get("ctx_a", ""), row.get("ctx_b", "")) if part)
         if not context or "endings" not in row or "label" not in row:

@@ -88,6 +88,8 @@ def test_import_errors_name_the_story(tmp_path):
     ({"ctx": "a", "endings": ["b", "c"], "label": None}, "\"label\" None is not an ending"),
     ({"ctx": "a", "endings": "bcde", "label": 0}, "\"endings\" must be a list of strings"),
     (["a", "b"], "not a JSON object \\(a list\\)"),
+    ({"ctx": ["a"], "endings": ["b", "c"], "label": 0}, "\"ctx\", \"ctx_a\" and \"ctx_b\" must be strings"),
+    ({"ctx_a": "a", "ctx_b": 3, "endings": ["b", "c"], "label": 0}, "\"ctx\", .* must be strings"),
 ])
 def test_malformed_hellaswag_lines_are_refused(tmp_path, row, message):
     """They were tracebacks, or silently wrong: label 1.7 became 1, "bcde" four endings."""
