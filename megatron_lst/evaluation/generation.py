@@ -163,7 +163,10 @@ def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Gen
     """One token id from `logits [V]`."""
     if sampling.temperature == 0.0:
         return int(torch.argmax(logits))
-    logits = logits.double() / sampling.temperature
+    # Shifted to a largest logit of 0 first: a tiny temperature then sends the others to -inf
+    # instead of overflowing the largest to inf (softmax NaN).
+    logits = logits.double()
+    logits = (logits - logits.max()) / sampling.temperature
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -148,6 +148,14 @@ def test_sampling():
         SamplingConfig(top_p=0.0)
 
 
+def test_a_tiny_temperature_samples_the_largest_logit():
+    """logits / temperature overflowed to inf: softmax NaN, torch.multinomial's RuntimeError."""
+    logits = torch.tensor([0.5, 3.0, -2.0, float("-inf")])
+    generator = torch.Generator().manual_seed(0)
+    sampling = SamplingConfig(temperature=1e-320, top_p=0.5)
+    assert {_sample(logits, sampling, generator) for _ in range(10)} == {1}
+
+
 def test_refusals(models):
     with pytest.raises(GenerationError, match="aligned patching"):
         generate(models["lst"], prompts()["speech"], vocab(), PatchingConfig("aligned"))
