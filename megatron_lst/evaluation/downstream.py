@@ -21,6 +21,8 @@ bootstrap intervals over utterances.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +32,7 @@ from megatron_lst.data.task_rows import task_row
 from megatron_lst.evaluation.bootstrap import bootstrap_ci, bootstrap_ratio_ci
 from megatron_lst.evaluation.edit_rates import EditCounts, char_edits, unit_edits, word_edits
 from megatron_lst.evaluation.generation import (
+    GenerationError,
     GenerationResult,
     SamplingConfig,
     build_prompt,
@@ -96,14 +99,24 @@ class AsrOutput:
     hit_cap: bool
 
 
+@contextmanager
+def _naming_utterance(number: int, what: str = "") -> Iterator[None]:
+    """Generation errors (a prompt longer than the model's context) name the utterance."""
+    try:
+        yield
+    except GenerationError as error:
+        raise GenerationError(f"{what}utterance {number}: {error}") from None
+
+
 def run_asr(asr: TaskModel, utterances: list[AlignedDocument], use_cache: bool = True
             ) -> list[AsrOutput]:
     outputs = []
-    for doc in utterances:
+    for number, doc in enumerate(utterances):
         row = task_row(doc, "asr", asr.vocab, asr.space_id)
         reference = asr.tokenizer.decode([int(i) for i in doc.text_ids])
         cap = length_cap(len(row.answer))
-        result = _decode(asr, row.prompt, "text", cap, use_cache)
+        with _naming_utterance(number):
+            result = _decode(asr, row.prompt, "text", cap, use_cache)
         hypothesis = _text_of(asr, result.tokens)
         outputs.append(AsrOutput(reference, hypothesis, word_edits(reference, hypothesis),
                                  char_edits(reference, hypothesis), not result.stopped_at_eos))
@@ -126,16 +139,18 @@ class TtsOutput:
 def run_tts(tts: TaskModel, utterances: list[AlignedDocument], asr: TaskModel | None = None,
             use_cache: bool = True) -> list[TtsOutput]:
     outputs = []
-    for doc in utterances:
+    for number, doc in enumerate(utterances):
         row = task_row(doc, "tts", tts.vocab, tts.space_id)
-        result = _decode(tts, row.prompt, "speech", length_cap(len(row.answer)), use_cache)
+        with _naming_utterance(number):
+            result = _decode(tts, row.prompt, "speech", length_cap(len(row.answer)), use_cache)
         units = _units_of(tts.vocab, result.tokens)
         output = TtsOutput(doc.unit_ids, units, unit_edits(doc.unit_ids, units),
                            not result.stopped_at_eos, result.global_steps)
         if asr is not None:
             reference = tts.tokenizer.decode([int(i) for i in doc.text_ids])
             cap = length_cap(len(doc.text_ids) + 1)
-            output.transcript = transcribe(asr, units, cap, use_cache)[0] if len(units) else ""
+            with _naming_utterance(number, "--asr-load transcribing the units generated for "):
+                output.transcript = transcribe(asr, units, cap, use_cache)[0] if len(units) else ""
             output.chars = char_edits(reference, output.transcript)
         outputs.append(output)
     return outputs

@@ -2,6 +2,8 @@
 utterances decode them back exactly (WER 0, unit edit rate 0), with and without the KV cache;
 the summaries count what they should."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from megatron_lst.evaluation.downstream import (
     summarise_tts,
 )
 from megatron_lst.evaluation.edit_rates import EditCounts
+from megatron_lst.evaluation.generation import GenerationError
 from megatron_lst.models.loss import masked_token_mean
 from megatron_lst.patching import Patcher, PatchingConfig
 
@@ -99,3 +102,13 @@ def test_summaries_are_corpus_rates_with_intervals():
     assert summary["wer"] == pytest.approx(1 / 6) and summary["cer"] == pytest.approx(2 / 10)
     assert summary["hallucination_rate"] == 0.5
     assert 0.0 <= summary["wer_ci_low"] <= summary["wer"] <= summary["wer_ci_high"] <= 0.5
+
+
+@pytest.mark.parametrize("run", [run_asr, run_tts])
+def test_an_utterance_longer_than_the_context_is_named(single_rank, run):
+    model = tiny_model("lst", vocab().size, seed=1)
+    model.lst_config = dataclasses.replace(model.lst_config, max_sequence_length=4)
+    task_model = TaskModel(model, vocab(), tokenizer(), STATIC, tokenizer().space_id)
+    with pytest.raises(GenerationError, match=r"^utterance 0: the prompt needs \d+ global "
+                                              r"positions.* context is 4 "):
+        run(task_model, utterances(seed=2, count=2))
