@@ -21,6 +21,7 @@ bootstrap intervals over utterances.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,12 +35,15 @@ from megatron_lst.evaluation.edit_rates import EditCounts, char_edits, unit_edit
 from megatron_lst.evaluation.generation import (
     GenerationError,
     GenerationResult,
+    PromptTooLongError,
     SamplingConfig,
     build_prompt,
     generate,
 )
 from megatron_lst.patching import PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab
+
+logger = logging.getLogger(__name__)
 
 
 def length_cap(reference_length: int) -> int:
@@ -149,11 +153,25 @@ def run_tts(tts: TaskModel, utterances: list[AlignedDocument], asr: TaskModel | 
         if asr is not None:
             reference = tts.tokenizer.decode([int(i) for i in doc.text_ids])
             cap = length_cap(len(doc.text_ids) + 1)
-            with _naming_utterance(number, "--asr-load transcribing the units generated for "):
-                output.transcript = transcribe(asr, units, cap, use_cache)[0] if len(units) else ""
+            output.transcript = _transcript_of_generated(asr, units, cap, use_cache, number)
             output.chars = char_edits(reference, output.transcript)
         outputs.append(output)
     return outputs
+
+
+def _transcript_of_generated(asr: TaskModel, units: np.ndarray, cap: int, use_cache: bool,
+                             number: int) -> str:
+    """The ASR model's transcript of the units generated for utterance `number`: empty for no
+    units, and for more than the ASR model's context holds (a TTS output that ran on to its
+    length cap), with a warning; its CER then counts every character as an error."""
+    if not len(units):
+        return ""
+    try:
+        return transcribe(asr, units, cap, use_cache)[0]
+    except PromptTooLongError as error:
+        logger.warning("utterance %d: the ASR model cannot transcribe the %d generated units (%s): "
+                       "empty transcript", number, len(units), error)
+        return ""
 
 
 def _rate(counts: list[EditCounts], name: str, resamples: int, seed: int) -> dict[str, float]:

@@ -56,6 +56,10 @@ class GenerationError(ValueError):
     """A prompt or a setting generation cannot run with."""
 
 
+class PromptTooLongError(GenerationError):
+    """A prompt that needs more global positions than the model's context."""
+
+
 MODALITIES = (None, "speech", "text")
 
 
@@ -329,7 +333,7 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
         positions = lengths.shape[1] if is_lst else len(sequence)
         if positions > model.lst_config.max_sequence_length:
             if len(sequence) == len(prompt):
-                raise GenerationError(_prompt_too_long(positions, model.lst_config, is_lst))
+                raise PromptTooLongError(_prompt_too_long(positions, model.lst_config, is_lst))
             result.stopped_at_context_limit = True
             break
         if cache is not None:

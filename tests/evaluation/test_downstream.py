@@ -112,3 +112,18 @@ def test_an_utterance_longer_than_the_context_is_named(single_rank, run):
     with pytest.raises(GenerationError, match=r"^utterance 0: the prompt needs \d+ global "
                                               r"positions.* context is 4 "):
         run(task_model, utterances(seed=2, count=2))
+
+
+def test_generated_units_too_long_for_the_asr_model_get_an_empty_transcript(single_rank, caplog):
+    """A TTS output that ran on to its length cap can need more global positions than the ASR
+    model's context: one utterance's transcript, not the end of the whole evaluation."""
+    tts = TaskModel(tiny_model("lst", vocab().size, seed=1), vocab(), tokenizer(), STATIC,
+                    tokenizer().space_id)
+    short = tiny_model("lst", vocab().size, seed=2)
+    short.lst_config = dataclasses.replace(short.lst_config, max_sequence_length=4)
+    asr = TaskModel(short, vocab(), tokenizer(), STATIC, tokenizer().space_id)
+    [output] = run_tts(tts, utterances(seed=2, count=1), asr)
+    assert len(output.units) > 3, "the test needs units that do not fit 4 positions"
+    assert output.transcript == ""
+    assert output.chars.errors == output.chars.reference_length > 0
+    assert "utterance 0: the ASR model cannot transcribe" in caplog.text
