@@ -96,11 +96,30 @@ def training_flags(name: str, corpus, out_dir: Path, train_iters: int, seed: int
         "--log-interval", str(max(1, train_iters // 20)),
         "--save", str(out_dir / name), "--save-interval", str(train_iters),
         "--num-workers", "0", "--seed", str(seed),
+        *curriculum_flags(name, train_iters),
     ]
-    if name == "lst":
-        flags += ["--curriculum-tau1", str(train_iters // 3),
-                  "--curriculum-tau2", str(2 * train_iters // 3)]
     return flags
+
+
+def curriculum_flags(name: str, train_iters: int) -> list[str]:
+    if name != "lst":
+        return []
+    return ["--curriculum-tau1", str(train_iters // 3),
+            "--curriculum-tau2", str(2 * train_iters // 3)]
+
+
+def check_train_iters(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a --train-iters the models' YAMLs cannot train (one not past their warm-up)
+    before the corpus is built and the previous demo run removed."""
+    from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
+
+    for name in MODELS:
+        flags = ["--config", str(MODELS[name]), "--train-iters", str(args.train_iters),
+                 "--save", str(args.out_dir / name), *curriculum_flags(name, args.train_iters)]
+        try:
+            validate_args(parse_args(flags), world_size=1)
+        except ArgumentError as error:
+            parser.error(f"--train-iters {args.train_iters}: {error}")
 
 
 def train(name: str, flags: list[str]) -> tuple[object, object, float]:
@@ -184,7 +203,9 @@ def plot(reports: list[ModelReport], path: Path) -> None:
 
 
 def run(argv: list[str] | None = None) -> list[ModelReport]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_train_iters(parser, args)
     started = time.perf_counter()
     from megatron_lst.demo_corpus.build import build_demo_corpus, format_summary
 

@@ -299,6 +299,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         "units": vocab.ids_to_units(ids[is_unit]).tolist(),
         "text": tokenizer.decode(pieces),
         "stopped_at_eos": result.stopped_at_eos,
+        "stopped_at_context_limit": result.stopped_at_context_limit,
         "global_steps": result.global_steps,
         "seconds": round(result.seconds, 4),
     }))

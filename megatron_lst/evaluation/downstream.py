@@ -21,6 +21,9 @@ bootstrap intervals over utterances.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,13 +39,17 @@ from megatron_lst.evaluation.edit_rates import (
     word_edits,
 )
 from megatron_lst.evaluation.generation import (
+    GenerationError,
     GenerationResult,
+    PromptTooLongError,
     SamplingConfig,
     build_prompt,
     generate,
 )
 from megatron_lst.patching import PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab
+
+logger = logging.getLogger(__name__)
 
 
 def length_cap(reference_length: int) -> int:
@@ -114,13 +121,24 @@ def transcripts(model: TaskModel, utterances: list[AlignedDocument]) -> list[str
     return texts
 
 
+@contextmanager
+def _naming_utterance(number: int, what: str = "") -> Iterator[None]:
+    """Generation errors (a prompt longer than the model's context) name the utterance."""
+    try:
+        yield
+    except GenerationError as error:
+        raise GenerationError(f"{what}utterance {number}: {error}") from None
+
+
 def run_asr(asr: TaskModel, utterances: list[AlignedDocument], use_cache: bool = True
             ) -> list[AsrOutput]:
     outputs = []
-    for doc, reference in zip(utterances, transcripts(asr, utterances), strict=True):
+    for number, (doc, reference) in enumerate(zip(utterances, transcripts(asr, utterances),
+                                                  strict=True)):
         row = task_row(doc, "asr", asr.vocab, asr.space_id)
         cap = length_cap(len(row.answer))
-        result = _decode(asr, row.prompt, "text", cap, use_cache)
+        with _naming_utterance(number):
+            result = _decode(asr, row.prompt, "text", cap, use_cache)
         hypothesis = _text_of(asr, result.tokens)
         outputs.append(AsrOutput(reference, hypothesis, word_edits(reference, hypothesis),
                                  char_edits(reference, hypothesis), not result.stopped_at_eos))
@@ -144,18 +162,34 @@ def run_tts(tts: TaskModel, utterances: list[AlignedDocument], asr: TaskModel | 
             use_cache: bool = True) -> list[TtsOutput]:
     outputs = []
     references = transcripts(tts, utterances) if asr is not None else [None] * len(utterances)
-    for doc, reference in zip(utterances, references, strict=True):
+    for number, (doc, reference) in enumerate(zip(utterances, references, strict=True)):
         row = task_row(doc, "tts", tts.vocab, tts.space_id)
-        result = _decode(tts, row.prompt, "speech", length_cap(len(row.answer)), use_cache)
+        with _naming_utterance(number):
+            result = _decode(tts, row.prompt, "speech", length_cap(len(row.answer)), use_cache)
         units = _units_of(tts.vocab, result.tokens)
         output = TtsOutput(doc.unit_ids, units, unit_edits(doc.unit_ids, units),
                            not result.stopped_at_eos, result.global_steps)
         if asr is not None:
             cap = length_cap(len(doc.text_ids) + 1)
-            output.transcript = transcribe(asr, units, cap, use_cache)[0] if len(units) else ""
+            output.transcript = _transcript_of_generated(asr, units, cap, use_cache, number)
             output.chars = char_edits(reference, output.transcript)
         outputs.append(output)
     return outputs
+
+
+def _transcript_of_generated(asr: TaskModel, units: np.ndarray, cap: int, use_cache: bool,
+                             number: int) -> str:
+    """The ASR model's transcript of the units generated for utterance `number`: empty for no
+    units, and for more than the ASR model's context holds (a TTS output that ran on to its
+    length cap), with a warning; its CER then counts every character as an error."""
+    if not len(units):
+        return ""
+    try:
+        return transcribe(asr, units, cap, use_cache)[0]
+    except PromptTooLongError as error:
+        logger.warning("utterance %d: the ASR model cannot transcribe the %d generated units (%s): "
+                       "empty transcript", number, len(units), error)
+        return ""
 
 
 def _rate(counts: list[EditCounts], name: str, resamples: int, seed: int) -> dict[str, float]:

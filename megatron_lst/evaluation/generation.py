@@ -29,6 +29,11 @@ in training, static patching saw the whole run. Aligned patching needs word boun
 not exist while generating, so it is refused. The token baseline is one patch per token: its
 global model (the whole `GPTModel`) runs once per token, with the same cache.
 
+The context is the model's `max_sequence_length` (`--max-position-embeddings`) global positions:
+the patches of the sequence with the next token's slot for an LST model (as a training row's
+patches cover its inputs and last target), its tokens for the baseline. A prompt longer than that
+is refused; generation that reaches it stops there (`stopped_at_context_limit`).
+
 `generate(..., use_cache=False)` instead re-runs the whole model on the sequence each step with
 the same patch lengths: the reference implementation's way, and what the cache must reproduce.
 """
@@ -49,6 +54,10 @@ from megatron_lst.tokenizer.vocab import JointVocab
 
 class GenerationError(ValueError):
     """A prompt or a setting generation cannot run with."""
+
+
+class PromptTooLongError(GenerationError):
+    """A prompt that needs more global positions than the model's context."""
 
 
 MODALITIES = (None, "speech", "text")
@@ -84,6 +93,8 @@ class GenerationResult:
     """Positions the global model processed for the generated tokens (prompt prefill excluded)."""
     seconds: float
     stopped_at_eos: bool
+    stopped_at_context_limit: bool = False
+    """The next token would have needed more global positions than the model's context."""
     step_logits: list[torch.Tensor] = field(default_factory=list, repr=False)
     """[V] fp32 logits of each generated token, with `generate(..., keep_logits=True)`."""
 
@@ -156,7 +167,10 @@ def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Gen
     """One token id from `logits [V]`."""
     if sampling.temperature == 0.0:
         return int(torch.argmax(logits))
-    logits = logits.double() / sampling.temperature
+    # Shifted to a largest logit of 0 first: a tiny temperature then sends the others to -inf
+    # instead of overflowing the largest to inf (softmax NaN).
+    logits = logits.double()
+    logits = (logits - logits.max()) / sampling.temperature
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -279,8 +293,8 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     `TokenBaselineModel`, megatron wrappers allowed; TP=1 or more, PP=1).
 
     `patching`: the model's patching config (its static p is used; see the module docstring).
-    Stops at EOS or after `sampling.max_new_tokens` tokens. Only the tokens `sampling_mask`
-    allows are sampled.
+    Stops at EOS, after `sampling.max_new_tokens` tokens, or at the model's context (see the
+    module docstring). Only the tokens `sampling_mask` allows are sampled.
     """
     from megatron.core import parallel_state
     from megatron.core.utils import get_attr_wrapped_model
@@ -316,6 +330,12 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
         if is_lst:
             lengths = torch.from_numpy(
                 generation_patch_lengths(np.asarray(sequence), vocab, patch_size))[None].to(device)
+        positions = lengths.shape[1] if is_lst else len(sequence)
+        if positions > model.lst_config.max_sequence_length:
+            if len(sequence) == len(prompt):
+                raise PromptTooLongError(_prompt_too_long(positions, model.lst_config, is_lst))
+            result.stopped_at_context_limit = True
+            break
         if cache is not None:
             logits, ran = cache.step(tokens, lengths) if is_lst else cache.step(tokens)
         else:  # the whole model on the whole sequence, the reference implementation's way
@@ -337,3 +357,9 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     result.seconds = time.perf_counter() - start
     result.tokens = np.asarray(sequence[len(prompt):], dtype=np.int64)
     return result
+
+
+def _prompt_too_long(positions: int, config, is_lst: bool) -> str:
+    what = "patches (with the next token's)" if is_lst else "tokens"
+    return (f"the prompt needs {positions} global positions, {what}, but the model's context is "
+            f"{config.max_sequence_length} (--max-position-embeddings); shorten the prompt")

@@ -905,6 +905,10 @@ def _validate_exit_conditions(args: argparse.Namespace) -> None:
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise ArgumentError(f"--exit-duration-in-mins must be positive, got "
                             f"{args.exit_duration_in_mins}")
+    if not args.exit_signal_handler and args.exit_signal != ["SIGTERM"]:
+        raise ArgumentError(f"--exit-signal {' '.join(args.exit_signal)} is handled only with "
+                            f"--exit-signal-handler (without it the signal ends the run unsaved); "
+                            f"add --exit-signal-handler")
     watched = [flag for flag, on in (("--exit-signal-handler", args.exit_signal_handler),
                                      ("--exit-duration-in-mins", args.exit_duration_in_mins),
                                      ("--exit-interval", args.exit_interval)) if on]

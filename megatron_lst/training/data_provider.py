@@ -21,13 +21,20 @@ rows [t * G, (t + 1) * G) of a global batch of G rows. That batch is cut into mi
 `micro_batch_size x data_parallel_size` consecutive rows and data-parallel rank r takes rows
 [r * b, (r + 1) * b) of each (b = micro-batch size), which is `MegatronPretrainingSampler`. A run
 resumed with `consumed_samples` continues at exactly the next row.
+
+Loader workers (`--num-workers`) ignore the run's `--exit-signal`s under `--exit-signal-handler`:
+torchrun sends its SIGTERM to each trainer's whole process group and SLURM signals every process
+of the step, and a worker killed by it would crash the trainer at its next batch instead of
+letting it save and exit. The trainer stops its workers when it exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +49,7 @@ from megatron_lst.data.interleave import InterleaveConfig
 from megatron_lst.data.task_rows import TaskDataset
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+from megatron_lst.training.exit_conditions import ExitConditions
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +322,15 @@ def build_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
         micro_batch_size=args.micro_batch_size,
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         data_parallel_size=parallel_state.get_data_parallel_world_size())
+    exit_signals = ExitConditions.from_args(args).signals
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=args.num_workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        worker_init_fn=functools.partial(_ignore_signals, exit_signals) if exit_signals else None)
+
+
+def _ignore_signals(signals: tuple[signal.Signals, ...], worker_id: int) -> None:
+    """A loader worker's start: leave `signals` (the run's exit signals) to the trainer."""
+    del worker_id
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)

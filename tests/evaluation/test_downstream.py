@@ -2,6 +2,8 @@
 utterances decode them back exactly (WER 0, unit edit rate 0), with and without the KV cache;
 the summaries count what they should."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from megatron_lst.evaluation.downstream import (
     summarise_tts,
 )
 from megatron_lst.evaluation.edit_rates import EditCounts
+from megatron_lst.evaluation.generation import GenerationError
 from megatron_lst.models.loss import masked_token_mean
 from megatron_lst.patching import Patcher, PatchingConfig
 
@@ -126,3 +129,28 @@ def test_a_transcript_without_letters_is_refused_before_decoding(task):
             run_asr(model, docs)
         else:
             run_tts(model, docs, asr=model)
+
+
+@pytest.mark.parametrize("run", [run_asr, run_tts])
+def test_an_utterance_longer_than_the_context_is_named(single_rank, run):
+    model = tiny_model("lst", vocab().size, seed=1)
+    model.lst_config = dataclasses.replace(model.lst_config, max_sequence_length=4)
+    task_model = TaskModel(model, vocab(), tokenizer(), STATIC, tokenizer().space_id)
+    with pytest.raises(GenerationError, match=r"^utterance 0: the prompt needs \d+ global "
+                                              r"positions.* context is 4 "):
+        run(task_model, utterances(seed=2, count=2))
+
+
+def test_generated_units_too_long_for_the_asr_model_get_an_empty_transcript(single_rank, caplog):
+    """A TTS output that ran on to its length cap can need more global positions than the ASR
+    model's context: one utterance's transcript, not the end of the whole evaluation."""
+    tts = TaskModel(tiny_model("lst", vocab().size, seed=1), vocab(), tokenizer(), STATIC,
+                    tokenizer().space_id)
+    short = tiny_model("lst", vocab().size, seed=2)
+    short.lst_config = dataclasses.replace(short.lst_config, max_sequence_length=4)
+    asr = TaskModel(short, vocab(), tokenizer(), STATIC, tokenizer().space_id)
+    [output] = run_tts(tts, utterances(seed=2, count=1), asr)
+    assert len(output.units) > 3, "the test needs units that do not fit 4 positions"
+    assert output.transcript == ""
+    assert output.chars.errors == output.chars.reference_length > 0
+    assert "utterance 0: the ASR model cannot transcribe" in caplog.text

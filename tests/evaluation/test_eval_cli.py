@@ -143,7 +143,10 @@ def test_a_different_tokenizer_of_the_same_size_is_refused(checkpoint, tmp_path,
     (generate_main, ["--prompt-units", "@MISSING"], "--prompt-units @"),
     (generate_main, ["--prompt-units", "3 x"], "--prompt-units: invalid literal for int()"),
     (generate_main, ["--prompt-text", "the", "--temperature", "nan"], "need a finite temperature"),
-], ids=["eval-tokenizer", "generate-tokenizer", "units-file", "units-value", "temperature"])
+    (generate_main, ["--prompt-units", " ".join(["3"] * 200)],
+     "context is 32 (--max-position-embeddings); shorten the prompt"),
+], ids=["eval-tokenizer", "generate-tokenizer", "units-file", "units-value", "temperature",
+        "prompt-too-long"])
 def test_bad_inputs_found_after_loading_are_one_line(checkpoint, tmp_path, capsys, main, flags,
                                                      message):
     """Each of these was a traceback (FileNotFoundError, torch.multinomial's RuntimeError) or

@@ -1,6 +1,8 @@
 """Generation: the KV-cached loop gives exactly the tokens of re-running the whole model each
 step (greedy), for LST and the token baseline; patch boundaries; sampling."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -146,6 +148,14 @@ def test_sampling():
         SamplingConfig(top_p=0.0)
 
 
+def test_a_tiny_temperature_samples_the_largest_logit():
+    """logits / temperature overflowed to inf: softmax NaN, torch.multinomial's RuntimeError."""
+    logits = torch.tensor([0.5, 3.0, -2.0, float("-inf")])
+    generator = torch.Generator().manual_seed(0)
+    sampling = SamplingConfig(temperature=1e-320, top_p=0.5)
+    assert {_sample(logits, sampling, generator) for _ in range(10)} == {1}
+
+
 def test_refusals(models):
     with pytest.raises(GenerationError, match="aligned patching"):
         generate(models["lst"], prompts()["speech"], vocab(), PatchingConfig("aligned"))
@@ -196,3 +206,34 @@ def test_greedy_generation_keeps_to_the_modality(models, modality, prompt):
         assert v.is_unit(body).all()
     else:
         assert (body < v.text_size).all() and not np.isin(body, [v.bos_id, v.pad_id]).any()
+
+
+def _positions(kind: str, sequence: np.ndarray) -> int:
+    """Global positions a model needs to predict the token after `sequence`."""
+    if kind == "baseline":
+        return len(sequence)
+    return len(generation_patch_lengths(sequence, vocab(), STATIC.patch_size))
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_a_prompt_longer_than_the_context_is_refused(models, kind, monkeypatch):
+    model, prompt = models[kind], prompts()["text"]
+    context = _positions(kind, prompt) - 1
+    monkeypatch.setattr(model, "lst_config",
+                        dataclasses.replace(model.lst_config, max_sequence_length=context))
+    with pytest.raises(GenerationError, match=rf"the prompt needs {context + 1} global "
+                                              rf"positions.* context is {context} .*shorten"):
+        generate(model, prompt, vocab(), STATIC, SamplingConfig(max_new_tokens=4))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_generation_stops_at_the_context_limit(models, kind, use_cache, monkeypatch):
+    model, prompt, context = models[kind], prompts()["text"], 12
+    monkeypatch.setattr(model, "lst_config",
+                        dataclasses.replace(model.lst_config, max_sequence_length=context))
+    result = generate(model, prompt, vocab(), STATIC,
+                      SamplingConfig(max_new_tokens=50, modality="text"), use_cache=use_cache)
+    assert result.stopped_at_context_limit and not result.stopped_at_eos
+    sequence = np.concatenate([prompt, result.tokens])
+    assert _positions(kind, sequence[:-1]) <= context < _positions(kind, sequence)

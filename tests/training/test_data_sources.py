@@ -1,14 +1,18 @@
 """Where a run's training and validation rows come from: `--data-path` cut by `--split`, or
 whole datasets from `--train-data-path` / `--valid-data-path`."""
 
+import argparse
 import json
+import os
+import signal
 
 import pytest
+import torch
 
 from megatron_lst.data.dataset import DatasetError
 from megatron_lst.tokenizer.vocab import VocabularyError
 from megatron_lst.training.arguments import parse_args, validate_args
-from megatron_lst.training.data_provider import build_datasets, data_vocab
+from megatron_lst.training.data_provider import build_datasets, build_loader, data_vocab
 from training.training_cases import tiny_flags, write_corpus, write_store
 
 
@@ -163,3 +167,31 @@ def test_datasets_recording_different_word_boundary_pieces_are_a_vocabulary_erro
     args = validate_args(parse_args(tiny_flags(data) + ["--train-iters", "2"]), 1)
     with pytest.raises(VocabularyError, match=r"record different word-boundary pieces"):
         build_datasets(args)  # lst-train: exit 4, one line
+
+
+class _SignalledRows(torch.utils.data.Dataset):
+    """Rows whose loader worker is sent `sig` while it reads them, as torchrun's SIGTERM (to the
+    trainer's process group) and SLURM's signals (to every process of the step) reach it."""
+
+    def __init__(self, sig: signal.Signals):
+        self.sig = sig
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        os.kill(os.getpid(), self.sig)
+        return torch.tensor(index)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_loader_workers_leave_the_exit_signals_to_the_trainer(monkeypatch, sig):
+    from megatron.core import parallel_state
+
+    monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda: 0)
+    monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda: 1)
+    args = argparse.Namespace(micro_batch_size=2, num_workers=2, exit_signal_handler=True,
+                              exit_signal=["SIGTERM", "SIGUSR1"], exit_duration_in_mins=None,
+                              exit_interval=None)
+    batches = list(build_loader(_SignalledRows(signal.Signals[sig]), args))
+    assert torch.cat(batches).tolist() == list(range(8))

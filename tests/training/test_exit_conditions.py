@@ -67,6 +67,8 @@ def test_duration_and_interval_reasons(world_of_one):
     (["--exit-interval", "0", "--save", "ckpt"], "--exit-interval must be at least 1"),
     (["--exit-duration-in-mins", "0", "--save", "ckpt"], "--exit-duration-in-mins must be positive"),
     (["--exit-signal-handler"], "--exit-signal-handler stop training early .* give --save"),
+    (["--exit-signal", "SIGUSR1", "--save", "ckpt"],
+     "--exit-signal SIGUSR1 is handled only with --exit-signal-handler"),
 ])
 def test_bad_exit_flags_are_named(flags, message):
     with pytest.raises(ArgumentError, match=message):

@@ -1,0 +1,35 @@
+"""examples/demo/run_demo.py (`make demo`): its flags are checked before the corpus is built."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN_DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo" / "run_demo.py"
+
+
+def _run_demo_module(monkeypatch):
+    spec = importlib.util.spec_from_file_location("run_demo", RUN_DEMO)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "run_demo", module)  # its dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_run_too_short_for_the_warm_up_is_refused_before_the_corpus_is_built(
+        tmp_path, monkeypatch, capsys):
+    """It was a traceback (ArgumentError) after minutes of corpus building and after the previous
+    demo run was removed."""
+    import megatron_lst.demo_corpus.build as build
+
+    def corpus_built(*args, **kwargs):
+        raise AssertionError("the corpus was built before --train-iters was checked")
+
+    monkeypatch.setattr(build, "build_demo_corpus", corpus_built)
+    with pytest.raises(SystemExit) as stopped:
+        _run_demo_module(monkeypatch).run(["--train-iters", "4", "--out-dir", str(tmp_path / "out"),
+                                "--corpus-dir", str(tmp_path / "corpus")])
+    assert stopped.value.code == 2
+    assert "--train-iters 4: --lr-warmup-iters 5 must be in [0, --lr-decay-iters 4)" \
+        in capsys.readouterr().err
