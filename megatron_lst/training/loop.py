@@ -622,10 +622,12 @@ def _evaluate_and_print(state: TrainingState, dataset) -> float:
 
 def _save(state: TrainingState) -> str:
     args = state.args
+    start = time.perf_counter()
     path = checkpointing.save_checkpoint(state.iteration, state.model, state.optimizer,
                                          state.scheduler, args, state.extra_state(), args.save,
                                          state.vocab)
-    _print_rank0(f"saved checkpoint {path}")
+    # The save time bounds the kill window a preemption must leave (docs/training.md).
+    _print_rank0(f"saved checkpoint {path} in {time.perf_counter() - start:.1f} s")
     return str(path)
 
 

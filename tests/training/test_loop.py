@@ -3,6 +3,7 @@ weights are gathered under --overlap-param-gather, and `pretrain_lst.py` as a co
 exit status, stopping on a signal with a checkpoint)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,7 +135,9 @@ def test_eval_data_logs_story_accuracy_at_every_eval_interval(tmp_path, capsys):
         for mode in accuracy.values():
             assert mode["num_items"] == 6
             assert mode["accuracy_ci_low"] <= mode["accuracy"] <= mode["accuracy_ci_high"]
-    assert "story completion at iteration 2 | S->S accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "story completion at iteration 2 | S->S accuracy" in out
+    assert re.search(r"saved checkpoint .*iter_0000002 in \d+\.\d s", out)  # the save's time
     logged = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").open()]
     assert [sorted(r["story_accuracy"]) for r in logged] == [["S->S", "T->T"]] * 2
 
