@@ -5,9 +5,9 @@ Each utterance is an aligned document of a speech store; its prompt is its task 
 (`megatron_lst.data.task_rows`: `BOS <s> units <t>` for ASR, `BOS <t> transcript [space] <s>` for
 TTS), so the model reads what fine-tuning showed it. Decoding is greedy with the KV caches of
 `megatron_lst.evaluation.generation` (the same code path as `lst-generate`), restricted to text
-pieces (ASR) or units (TTS) and EOS, and stops at EOS or at the length cap
-`2 x reference length + 8` tokens; an output that reaches the cap without EOS counts as a
-hallucination (the paper's baseline "does not stop").
+pieces (ASR) or units (TTS) and EOS, and stops at EOS, at the length cap
+`2 x reference length + 8` tokens or at the model's context, whichever comes first; an output
+that ends without EOS counts as a hallucination (the paper's baseline "does not stop").
 
 - ASR: WER and CER of the normalised transcript (`edit_rates`), the hallucination rate.
 - TTS: the unit edit rate against the utterance's units; ASR-CER, the CER of the generated units
