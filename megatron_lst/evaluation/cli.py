@@ -32,6 +32,7 @@ from megatron_lst.evaluation.generation import (
 )
 from megatron_lst.evaluation.items import ItemError, check_items_for_speech, load_items
 from megatron_lst.evaluation.scoring import MODES, evaluate_items, parse_modes
+from megatron_lst.training.arguments import seed_flag
 from megatron_lst.training.checkpointing import CheckpointError
 
 
@@ -70,7 +71,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-model", default=None,
                         help="Tokenizer path, when it moved since training.")
     parser.add_argument("--bootstrap-resamples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap resampling.")
+    parser.add_argument("--seed", type=seed_flag, default=0, help="Seed of the bootstrap resampling.")
     parser.add_argument("--output", default=None, help="Write the results here as JSON.")
     return parser
 
@@ -241,7 +242,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speech-only", action="store_true",
                         help="Generate only units (and the end of sequence), as "
                              "--continue-in speech does.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--no-cache", action="store_true",
                         help="Re-run the whole model every step (the reference's way).")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)

@@ -148,6 +148,22 @@ def _add_local_model_args(parser: argparse.ArgumentParser) -> None:
     model_flags.add_model_flags(group, model_flags.LOCAL_MODEL_FLAGS)
 
 
+MAX_SEED = 2**31 - 1
+"""numpy takes seeds below 2**32, and every pipeline stage adds 100 to the run's seed."""
+
+
+def seed_flag(text: str) -> int:
+    """argparse type of `--seed` (lst-train, lst-eval, lst-generate): an integer in
+    [0, MAX_SEED]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, {MAX_SEED}]")
+    return value
+
+
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--micro-batch-size", type=int, default=1)
@@ -156,7 +172,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seq-length", type=int, default=None,
                        help="Global positions (patches) per sample.")
     group.add_argument("--train-iters", type=int, default=None)
-    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument("--seed", type=seed_flag, default=1234)
     group.add_argument("--clip-grad", type=float, default=1.0)
     group.add_argument("--weight-decay", type=float, default=0.01)
     group.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")

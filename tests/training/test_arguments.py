@@ -352,6 +352,21 @@ def test_unknown_preset_is_named():
         parse_args(["--preset", "13b"])
 
 
+
+@pytest.mark.parametrize("seed", ["-1", str(2**31), "x"])
+def test_seeds_numpy_cannot_take_are_usage_errors(seed, capsys):
+    """--seed -1 passed, then numpy refused it inside set-up ('Seed must be between 0 and
+    2**32 - 1', naming no flag); lst-eval and lst-generate use the same type."""
+    from megatron_lst.evaluation.cli import build_eval_parser
+
+    with pytest.raises(SystemExit):
+        parse_args([*BASE, "--seed", seed])
+    assert "argument --seed:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_eval_parser().parse_args(["--load", "x", "--seed", seed])
+    assert "argument --seed:" in capsys.readouterr().err
+    assert parse_args([*BASE, "--seed", str(2**31 - 1)]).seed == 2**31 - 1
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_parse_validate_and_equal_their_command_line(path):
     parser = arguments.build_parser()
