@@ -273,6 +273,11 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     args = build_generate_parser().parse_args(argv)
     try:  # an impossible layout (ParallelLayoutError) is a ValueError too
         context = initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
+        if context.world_size != args.tensor_model_parallel_size:
+            raise ValueError(
+                f"lst-generate decodes one sequence, on --tensor-model-parallel-size "
+                f"{args.tensor_model_parallel_size} processes; it was started on "
+                f"{context.world_size}, which would all decode the same one")
         loaded = load_inference_model(args.load, args.tensor_model_parallel_size, 1,
                                       args.tokenizer_model)
         vocab, tokenizer = loaded.vocab, loaded.tokenizer

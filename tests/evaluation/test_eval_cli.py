@@ -211,3 +211,18 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
 def test_lst_eval_task_flags_are_checked(flags, message, capsys):
     assert eval_main(["--load", "unused", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_generate_on_more_processes_than_its_tensor_parallel_ranks_is_refused(monkeypatch, capsys):
+    """Data-parallel replicas of lst-generate all decoded the same sequence."""
+    import dataclasses
+
+    import megatron_lst.parallel as parallel
+
+    def two_processes(*args, **kwargs):
+        return dataclasses.replace(initialize_parallel(*args, **kwargs), world_size=2)
+
+    monkeypatch.setattr(parallel, "initialize_parallel", two_processes)
+    assert generate_main(["--load", "unused", "--prompt-text", "the"]) == 2
+    assert ("decodes one sequence, on --tensor-model-parallel-size 1 processes; it was started "
+            "on 2") in capsys.readouterr().err
