@@ -116,9 +116,7 @@ GPU = Mode(
 CPU_DRY_RUN = Mode(
     # About 100 s of CPU time in all; the limits only stop a hang, with room for a busy CI host.
     name="cpu-dry-run", budget_seconds=1200,
-    limits={stage: 300 for stage in ("install", "correctness", "kernel_tests", "step_lst",
-                                     "step_baseline", "kernel_bench", "speech_heavy",
-                                     "kernel_tile_tests")},
+    limits=dict.fromkeys(GPU.limits, 300),
     step_steps=(1, 2),
     lst_flags=["--config", "examples/configs/tiny_cpu_lst.yaml", *TINY_ROWS],
     baseline_flags=["--config", "examples/configs/tiny_cpu_baseline.yaml", *TINY_ROWS],
@@ -547,9 +545,12 @@ def main(argv=None) -> int:
                                *mode.correctness_flags,
                                *(["--fixtures", str(fixtures)] if fixtures else []),
                                "--json", str(work / "correctness.json")]], kernel_check_env)
-    suite.run("kernel_tests", [[python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                *mode.kernel_tests]], kernel_check_env,
-              check=lambda log: kernel_tests_check(log, gpu=not args.cpu_dry_run))
+
+    def kernel_test_stage(name: str, selection: list[str]) -> None:
+        suite.run(name, [[python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection]],
+                  kernel_check_env, check=lambda log: kernel_tests_check(log, gpu=not args.cpu_dry_run))
+
+    kernel_test_stage("kernel_tests", mode.kernel_tests)
     warmup, steps = mode.step_steps
     for name, flags in (("step_lst", mode.lst_flags), ("step_baseline", mode.baseline_flags)):
         suite.run(name, [[python, "tools/bench_step.py", "--warmup", str(warmup), "--steps",
@@ -558,9 +559,7 @@ def main(argv=None) -> int:
                                 "--out", str(work / "kernel_bench.json")]], env)
     suite.run("speech_heavy", [[python, "tools/bench_model.py", *mode.speech_heavy_flags,
                                 "--json", str(work / "speech_heavy.json")]], env)
-    suite.run("kernel_tile_tests", [[python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                     *mode.kernel_tile_tests]], kernel_check_env,
-              check=lambda log: kernel_tests_check(log, gpu=not args.cpu_dry_run))
+    kernel_test_stage("kernel_tile_tests", mode.kernel_tile_tests)
     suite.write_archive()
     print((args.out / SUMMARY).read_text())
     shutil.rmtree(scratch, ignore_errors=True)

@@ -146,12 +146,13 @@ def _check_outputs_spare_inputs(args: argparse.Namespace) -> None:
     """Refuse an --output-prefix whose files would replace an input or the tokenizer (a corpus
     named `corpus.json` with prefix `corpus`)."""
     inputs = [*args.input, args.tokenizer_model]
-    for suffix in (".bin", ".idx", ".json"):
-        for output in (args.output_prefix + suffix, args.output_prefix + ".partial" + suffix):
-            for path in inputs:
-                if os.path.exists(output) and os.path.samefile(output, path):
-                    raise SystemExit(f"--output-prefix {args.output_prefix} would overwrite "
-                                     f"{path} with {output}; choose another prefix")
+    outputs = [args.output_prefix + middle + suffix for middle in ("", ".partial")
+               for suffix in (".bin", ".idx", ".json")]
+    for output in filter(os.path.exists, outputs):
+        replaced = next((path for path in inputs if os.path.samefile(output, path)), None)
+        if replaced is not None:
+            raise SystemExit(f"--output-prefix {args.output_prefix} would overwrite "
+                             f"{replaced} with {output}; choose another prefix")
 
 
 def _parsing_workers(workers: int):

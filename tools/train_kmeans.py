@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, default_device, run_tool
 from megatron_lst.audio.codebook import (
-    CODEBOOK_SUFFIXES,
+    check_codebook_suffix,
     fit_codebook,
     import_pickled_codebook,
     save_codebook,
@@ -63,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse what would fail only after the features are extracted and k-means is fitted."""
-    if args.output.suffix not in CODEBOOK_SUFFIXES:
-        raise ValueError(f"--output {args.output}: a codebook is saved as "
-                         f"{' or '.join(CODEBOOK_SUFFIXES)}")
+    check_codebook_suffix(args.output, f"--output {args.output}")
     if not args.output.parent.is_dir():
         raise ValueError(f"--output {args.output}: directory {args.output.parent} does not exist; "
                          f"create it or write elsewhere")

@@ -43,12 +43,18 @@ def _checked(centroids: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(centroids, dtype=np.float32)
 
 
+def check_codebook_suffix(path: Path, name: str | None = None) -> None:
+    """Raise CodebookError unless `path` (called `name` in the message) is a codebook file name."""
+    if path.suffix not in CODEBOOK_SUFFIXES:
+        raise CodebookError(f"{name or path}: a codebook is saved as "
+                            f"{' or '.join(CODEBOOK_SUFFIXES)}")
+
+
 def save_codebook(codebook: KMeansCodebook, path: str | Path,
                   metadata: dict[str, str] | None = None) -> Path:
     """Write the centroids to `path` (`.npy`, or `.safetensors` with `metadata`), atomically."""
     path = Path(path)
-    if path.suffix not in CODEBOOK_SUFFIXES:
-        raise CodebookError(f"{path}: a codebook is saved as {' or '.join(CODEBOOK_SUFFIXES)}")
+    check_codebook_suffix(path)
     if metadata and path.suffix == ".npy":
         raise CodebookError(f"{path}: .npy files carry no metadata; save as .safetensors")
     centroids = _checked(codebook.centroids, str(path))

@@ -207,11 +207,8 @@ class DocumentStore:
 
     def token_counts(self) -> np.ndarray:
         """[D] int64: text pieces + units of each document (no specials), from the index only."""
-        lengths = self._dataset.sequence_lengths.astype(np.int64)
-        if self.kind == "text":
-            return lengths
-        per_doc = lengths.reshape(-1, 4)
-        return per_doc[:, 0] + per_doc[:, 1]
+        parts = self.part_lengths()
+        return parts[:, 0] if self.kind == "text" else parts[:, 0] + parts[:, 1]
 
     def part_lengths(self) -> np.ndarray:
         """[D, 4] int64 (aligned) or [D, 1] (text): the length of each document's sequences

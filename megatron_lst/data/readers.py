@@ -385,7 +385,9 @@ def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list
     for path in paths:
         by_stem.setdefault(path.stem, []).append(path)
     for stem, same in by_stem.items():
-        by_stem_only = [path for path in same if len(same) > 1 and _unit_file_at(
+        if len(same) < 2:
+            continue
+        by_stem_only = [path for path in same if _unit_file_at(
             units_dir / path.relative_to(textgrid_dir).with_suffix("")) is None]
         if by_stem_only:
             raise DocumentError(

@@ -30,8 +30,8 @@ from megatron_lst.evaluation.generation import (
     build_prompt,
     generate,
 )
-from megatron_lst.evaluation.items import ItemError, check_items_for_speech, load_items
-from megatron_lst.evaluation.scoring import MODES, evaluate_items, parse_modes
+from megatron_lst.evaluation.items import ItemError, load_items
+from megatron_lst.evaluation.scoring import MODES, check_items_for_mode, evaluate_items, parse_modes
 from megatron_lst.training.arguments import seed_flag
 from megatron_lst.training.checkpointing import CheckpointError
 
@@ -131,8 +131,7 @@ def _load_item_sets(paths: Sequence[str], model, modes: list[str] | None) -> dic
     item_sets = {path: load_items(path, model.tokenizer, model.vocab) for path in paths}
     for items in item_sets.values():
         for mode in modes or []:
-            if any(MODES[mode]):
-                check_items_for_speech(items, mode)
+            check_items_for_mode(items, mode)
     return item_sets
 
 

@@ -229,6 +229,12 @@ class ModeScores:
         return np.asarray(best) == self.labels
 
 
+def check_items_for_mode(items: Sequence[EvalItem], mode: str) -> None:
+    """Raise naming the first text-only item when `mode` puts speech on either side."""
+    if any(MODES[mode]):
+        check_items_for_speech(items, mode)
+
+
 def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalItem],
                 vocab: JointVocab, patcher: Patcher, mode: str, batch_size: int) -> ModeScores:
     """Score every ending of `items` in `mode` (collective over the model's ranks)."""
@@ -238,8 +244,7 @@ def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalIte
         raise ValueError(f"unknown evaluation mode {mode!r}; choose from {list(MODES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 item, got {batch_size}")
-    if any(MODES[mode]):
-        check_items_for_speech(items, mode)
+    check_items_for_mode(items, mode)
     patcher = inference_patcher(patcher.config)
     config = _unwrap(model_chunks[0]).config
     multiple_of = (parallel_state.get_tensor_model_parallel_world_size()

@@ -834,14 +834,10 @@ def _check_dynamic_loss_scale(args: argparse.Namespace) -> None:
 
 
 def _validate_checkpointing(args: argparse.Namespace) -> None:
-    # Imported here: checkpointing imports megatron.core, which argument parsing must not need.
-    from megatron_lst.training.checkpointing import CheckpointError, select_checkpoint
-
     _positive(args, "save_interval")
     for flag, path in (("--save", args.save), ("--load", args.load)):
         if path is not None:
             _check_no_file_in_the_way(flag, path)
-    _check_no_newer_checkpoints(args)
     if args.save_interval is not None and args.save is None:
         # Configs ship a save interval and leave the directory to the command line.
         logger.warning("--save-interval %d without --save: no checkpoints will be written",
@@ -850,13 +846,23 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
         raise ArgumentError("--finetune loads weights from --load DIR; give --load")
     if args.ckpt_step is not None and args.load is None:
         raise ArgumentError("--ckpt-step picks a checkpoint of --load DIR; give --load")
-    args.resume_from = None
+    latest = _checkpoint_to_load(args)
+    args.resume_from = None if latest is None else str(latest)
+    _check_no_newer_checkpoints(args, latest)
+
+
+def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
+    """The checkpoint --load (and --ckpt-step) name, or None: no --load, or the first run of an
+    auto-resuming job (--save and --load the same directory, nothing saved yet)."""
+    # Imported here: checkpointing imports megatron.core, which argument parsing must not need.
+    from megatron_lst.training.checkpointing import CheckpointError, select_checkpoint
+
     if args.load is None:
-        return
+        return None
     auto_resume = args.save is not None and os.path.abspath(args.save) == os.path.abspath(args.load)
     if not os.path.isdir(args.load):
         if auto_resume:
-            return  # first run of an auto-resuming job: nothing saved yet
+            return None
         raise ArgumentError(
             f"--load {args.load} does not exist; check the path, or pass the same directory "
             f"to --save and --load to resume automatically once a checkpoint exists"
@@ -865,36 +871,24 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
         latest = select_checkpoint(args.load, args.ckpt_step)
     except CheckpointError as err:
         raise ArgumentError(f"--load {args.load}: {err}") from None
-    if latest is None:
-        if auto_resume:
-            return
+    if latest is None and not auto_resume:
         raise ArgumentError(
             f"--load {args.load} holds no complete checkpoint (no iter_XXXXXXX directory); "
             f"point --load at a directory written by --save"
         )
-    args.resume_from = str(latest)
+    return latest
 
 
-def _check_no_newer_checkpoints(args: argparse.Namespace) -> None:
+def _check_no_newer_checkpoints(args: argparse.Namespace, loaded: Path | None) -> None:
     """Refuse a --save directory holding checkpoints newer than the iteration the run starts
-    from: its first save would collide with one of them only after training up to it, and one it
-    does write would lie behind them (resuming loads the newest)."""
-    from megatron_lst.training.checkpointing import (
-        CheckpointError,
-        checkpoints_from,
-        select_checkpoint,
-    )
+    from (`loaded`'s, 0 with --finetune or without one): its first save would collide with one
+    of them only after training up to it, and one it does write would lie behind them (resuming
+    loads the newest)."""
+    from megatron_lst.training.checkpointing import checkpoints_from
 
     if args.save is None:
         return
-    start = 0
-    if args.load is not None and not args.finetune and os.path.isdir(args.load):
-        try:
-            loaded = select_checkpoint(args.load, args.ckpt_step)
-        except CheckpointError:
-            return  # reported by _validate_checkpointing
-        if loaded is not None:
-            start = int(loaded.name.removeprefix("iter_"))
+    start = 0 if loaded is None or args.finetune else int(loaded.name.removeprefix("iter_"))
     newer = checkpoints_from(args.save, start + 1)
     if newer:
         raise ArgumentError(

@@ -180,15 +180,24 @@ def checkpoints_from(root: str | os.PathLike, first_iteration: int) -> list[Path
 
 
 def _incomplete_checkpoint_message(path: Path) -> str:
-    missing = [name for name in (METADATA_FILENAME, "metadata.json") if not (path / name).is_file()]
-    others = sorted(_complete_checkpoints(path.parent)) if path.parent.is_dir() else []
+    missing = [name for name in _COMPLETE_MARKERS if not (path / name).is_file()]
+    others = _other_complete_checkpoints(path) if path.parent.is_dir() else []
     return (f"{path} is an incomplete checkpoint (no {' or '.join(missing)}): a save that did not "
             f"finish, or a damaged copy. Load a complete one of {path.parent} "
             f"({others or 'none found'}) with --load {path.parent} [--ckpt-step N]")
 
 
+def _other_complete_checkpoints(path: Path) -> list[int]:
+    """The iterations of the complete checkpoints next to `path` (itself excluded), oldest first."""
+    return sorted(i for i in _complete_checkpoints(path.parent) if checkpoint_name(i) != path.name)
+
+
+# A save writes ours last, after megatron's: a directory with both is a complete checkpoint.
+_COMPLETE_MARKERS = (METADATA_FILENAME, integrity.MEGATRON_CONFIG_FILENAME)
+
+
 def _is_complete(path: Path) -> bool:
-    return (path / METADATA_FILENAME).is_file() and (path / "metadata.json").is_file()
+    return all((path / name).is_file() for name in _COMPLETE_MARKERS)
 
 
 def _read_tracker(root: Path) -> int | None:
@@ -489,8 +498,7 @@ def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
              for name, kinds in _TRAINING_METADATA_FIELDS.items()
              if not isinstance(metadata.get(name, ...), kinds)]
     if wrong:
-        others = sorted(i for i in _complete_checkpoints(path.parent)
-                        if checkpoint_name(i) != path.name)
+        others = _other_complete_checkpoints(path)
         raise CheckpointError(
             f"{path / METADATA_FILENAME} is damaged: field(s) {', '.join(wrong)} are not what a "
             f"save writes. Restore the file from a copy, or load another checkpoint of "
@@ -503,8 +511,7 @@ def verify_or_point_elsewhere(path: Path) -> None:
     try:
         integrity.verify_checkpoint(path)
     except CheckpointIntegrityError as err:
-        others = sorted((i for i in _complete_checkpoints(path.parent)
-                         if path.name != checkpoint_name(i)), reverse=True)
+        others = _other_complete_checkpoints(path)[::-1]  # newest first
         if not others:
             raise CheckpointIntegrityError(
                 f"{err}\nNo other complete checkpoint is next to it; restore its files from a "

@@ -75,14 +75,19 @@ def test_save_directory_without_checkpoint_exits_1(tmp_path, capsys):
     assert f"{tmp_path} holds no complete dist checkpoint" in capsys.readouterr().err
 
 
-def test_reference_args_the_reference_cannot_run_exit_1_naming_the_field(reference_fixtures, tmp_path,
-                                                                       capsys):
+def import_edited_reference(reference_fixtures, tmp_path, edits: dict) -> int:
+    """`lst-convert import-reference` of the fixture with its model args edited, into
+    `tmp_path/portable`; its exit status."""
     model_args = json.loads((reference_fixtures / "config_A.json").read_text())["model_args"]
-    (tmp_path / "params.json").write_text(json.dumps({"model": {**model_args, "cross_attn_k": None}}))
-    assert main(["import-reference",
+    (tmp_path / "params.json").write_text(json.dumps({"model": {**model_args, **edits}}))
+    return main(["import-reference",
                  "--reference-ckpt", str(reference_fixtures / "state_dict_A.safetensors"),
                  "--reference-args", str(tmp_path / "params.json"),
-                 "--output", str(tmp_path / "portable")]) == 1
+                 "--output", str(tmp_path / "portable")])
+
+def test_reference_args_the_reference_cannot_run_exit_1_naming_the_field(reference_fixtures, tmp_path,
+                                                                       capsys):
+    assert import_edited_reference(reference_fixtures, tmp_path, {"cross_attn_k": None}) == 1
     assert "reference cross_attn_k=None" in capsys.readouterr().err
     assert not (tmp_path / "portable").exists()
 
@@ -98,16 +103,12 @@ def test_converted_reference_keeps_its_patching_for_evaluation(reference_fixture
     patch size reaches them (a mode that needs more flags falls back to static patches of 4)."""
     from megatron_lst.training.checkpointing import find_latest_checkpoint, read_checkpoint_metadata
 
-    model_args = json.loads((reference_fixtures / "config_A.json").read_text())["model_args"]
-    (tmp_path / "params.json").write_text(json.dumps({"model": {**model_args, **patching}}))
-    assert main(["import-reference",
-                 "--reference-ckpt", str(reference_fixtures / "state_dict_A.safetensors"),
-                 "--reference-args", str(tmp_path / "params.json"),
-                 "--output", str(tmp_path / "portable")]) == 0
+    assert import_edited_reference(reference_fixtures, tmp_path, patching) == 0
     assert main(["portable-to-dist", "--portable", str(tmp_path / "portable"),
                  "--save", str(tmp_path / "dist")]) == 0
     args = read_checkpoint_metadata(find_latest_checkpoint(tmp_path / "dist"))["args"]
     assert {key: args.get(key) for key in saved} == saved
+
 
 def test_output_holding_a_checkpoint_is_refused_and_kept(tiny_portable, tmp_path, capsys):
     """A conversion into a directory that holds a converted checkpoint would replace it, half

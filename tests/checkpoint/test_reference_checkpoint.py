@@ -118,19 +118,6 @@ def test_reference_tensors_that_do_not_combine_are_named_with_their_shapes(refer
         import_reference(state, model_args)
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    ({"dim_global": None}, r"do not describe a model this package builds"),
-    ({"n_kv_heads_global": 3}, r"do not describe a model .*num_query_groups 3"),
-    ({"cross_attn_window_encoder": 0}, r"do not describe a model .*cross-attention sizes must all be >= 1"),
-    ({"dim_global": "64"}, r"do not describe a model this package builds: unsupported operand"),
-])
-def test_model_args_that_describe_no_model_are_refused_naming_why(reference, edit, message):
-    state, model_args = reference
-    model_args = {**model_args, **edit}
-    with pytest.raises(ReferenceImportError, match=message):
-        import_reference(state, model_args)
-
-
 @pytest.mark.parametrize(("name", "content", "reader", "message"), [
     ("consolidated.pth", b'{"model": {}}', read_reference_state_dict,
      r"not a torch checkpoint of tensors and plain data, or it is truncated"),
@@ -200,14 +187,6 @@ def test_unsupported_reference_options_are_refused_without_fixtures(option):
         lst_config_from_reference({**model_args, option: True})
 
 
-@pytest.mark.parametrize("option", ["weight_tying", "tie_local_encoder_decoder_logits",
-                                    "encoder_enable_byte_ngrams"])
-def test_unsupported_reference_options_are_refused_naming_them(reference, option):
-    state, model_args = reference
-    with pytest.raises(ReferenceImportError, match=f"{option}=True is not supported"):
-        import_reference(state, {**model_args, option: True})
-
-
 @pytest.mark.parametrize(("update", "window", "documents"), [
     # "sdpa" and "flex_attention" attend causally over the whole row, whatever the window says:
     # the longest row (max_encoder_seq_length) is the window that computes the same
@@ -235,6 +214,10 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
     ({"pm_size": 8}, "pm_size=8 is not supported"),
     ({"head_dim": 16}, "head_dim=16 is not supported"),
     ({"n_heads_local_encoder": 5}, "do not describe a model .*local hidden_size .* num_heads 5"),
+    ({"dim_global": None}, r"do not describe a model this package builds"),
+    ({"n_kv_heads_global": 3}, r"do not describe a model .*num_query_groups 3"),
+    ({"cross_attn_window_encoder": 0}, r"do not describe a model .*cross-attention sizes must all be >= 1"),
+    ({"dim_global": "64"}, r"do not describe a model this package builds: unsupported operand"),
 ])
 def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(update, message):
     model_args = {**reference_model_args(preset("tiny", 64)), **update}

@@ -219,6 +219,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):
     assert f"of {size:,.1f} MB (" in lines[0] and "documents/s" in lines[0] and "MB/s" in lines[0]
 
 
+@pytest.mark.slow  # a fresh interpreter runs the tool
 def test_an_unwritable_output_is_one_line(tmp_path, spm):
     source = tmp_path / "in.jsonl"
     _synthetic_reference(source, 2)

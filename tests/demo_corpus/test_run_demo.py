@@ -1,20 +1,9 @@
 """examples/demo/run_demo.py (`make demo`): its flags are checked before the corpus is built."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from tool_modules import TOOLS, load_tool
 
-RUN_DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo" / "run_demo.py"
-
-
-def _run_demo_module(monkeypatch):
-    spec = importlib.util.spec_from_file_location("run_demo", RUN_DEMO)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "run_demo", module)  # its dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
+DEMO_DIR = TOOLS.parent / "examples" / "demo"
 
 
 def test_a_run_too_short_for_the_warm_up_is_refused_before_the_corpus_is_built(
@@ -28,8 +17,8 @@ def test_a_run_too_short_for_the_warm_up_is_refused_before_the_corpus_is_built(
 
     monkeypatch.setattr(build, "build_demo_corpus", corpus_built)
     with pytest.raises(SystemExit) as stopped:
-        _run_demo_module(monkeypatch).run(["--train-iters", "4", "--out-dir", str(tmp_path / "out"),
-                                "--corpus-dir", str(tmp_path / "corpus")])
+        load_tool("run_demo", DEMO_DIR).run(["--train-iters", "4", "--out-dir", str(tmp_path / "out"),
+                                             "--corpus-dir", str(tmp_path / "corpus")])
     assert stopped.value.code == 2
     assert "--train-iters 4: --lr-warmup-iters 5 must be in [0, --lr-decay-iters 4)" \
         in capsys.readouterr().err

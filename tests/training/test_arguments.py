@@ -15,6 +15,7 @@ from megatron_lst.training.config_files import (
     config_to_defaults,
     load_config,
 )
+from training.training_cases import fake_checkpoint
 
 CONFIGS = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -278,10 +279,7 @@ def test_save_directory_with_newer_checkpoints_is_refused_before_training(tmp_pa
     """Resuming an older checkpoint (or starting over) into a --save directory with newer ones
     would train up to the first colliding save and fail there, or save behind them."""
     for iteration in (10, 20):
-        checkpoint = tmp_path / f"iter_{iteration:07d}"
-        checkpoint.mkdir()
-        (checkpoint / "metadata.json").write_text("{}")
-        (checkpoint / METADATA_FILENAME).write_text("{}")
+        fake_checkpoint(tmp_path, iteration)
     save = ("--save", str(tmp_path))
     assert valid("--load", str(tmp_path), *save).resume_from == str(tmp_path / "iter_0000020")
     with pytest.raises(ArgumentError, match=r"already holds \['iter_0000020'\], newer than "

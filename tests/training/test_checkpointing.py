@@ -27,6 +27,7 @@ from megatron_lst.training.checkpointing import (
     read_checkpoint_metadata,
     select_checkpoint,
 )
+from training.training_cases import fake_checkpoint
 
 WORKER = Path(__file__).parent / "workers" / "checkpoint_worker.py"
 TINY_RUN = [
@@ -40,15 +41,6 @@ WITH_DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--no-r
 
 
 # --- finding the latest complete checkpoint (no processes) -------------------------------
-
-def fake_checkpoint(root: Path, iteration: int, complete: bool = True) -> Path:
-    path = root / f"iter_{iteration:07d}"
-    path.mkdir(parents=True)
-    (path / "metadata.json").write_text("{}")
-    if complete:
-        (path / METADATA_FILENAME).write_text("{}")
-    return path
-
 
 def test_no_directory_and_empty_directory_mean_no_checkpoint_yet(tmp_path):
     assert find_latest_checkpoint(tmp_path / "missing") is None

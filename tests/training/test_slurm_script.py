@@ -57,7 +57,8 @@ def _run(tmp_path: Path, *, saved_before: int | None, step_saves: int | None, st
     return done, requeues.read_text().split() if requeues.exists() else []
 
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+pytestmark = [pytest.mark.slow,  # each runs the script, whose flag check imports megatron.core
+              pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")]
 
 
 def test_a_step_that_fails_without_saving_is_not_requeued(tmp_path):

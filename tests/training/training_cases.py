@@ -14,6 +14,7 @@ from data.document_cases import VOCAB, random_aligned_document
 from megatron_lst.data.indexed import DocumentWriter
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
 from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, joint_vocab
+from megatron_lst.training.checkpointing import METADATA_FILENAME
 
 
 def write_store(prefix: Path, kind: str, num_documents: int, seed: int,
@@ -67,3 +68,14 @@ def tiny_flags(data_path: list[str], patching_mode: str = "curriculum") -> list[
         flags += ["--max-tokens", "24", "--kernel-backend", "torch",
                   "--curriculum-tau1", "2", "--curriculum-tau2", "6"]
     return flags
+
+
+def fake_checkpoint(root: Path, iteration: int, complete: bool = True) -> Path:
+    """An `iter_XXXXXXX` directory holding the files that make a checkpoint complete (megatron's
+    metadata.json, and ours unless `complete` is False), with no tensors."""
+    path = root / f"iter_{iteration:07d}"
+    path.mkdir(parents=True)
+    (path / "metadata.json").write_text("{}")
+    if complete:
+        (path / METADATA_FILENAME).write_text("{}")
+    return path
