@@ -24,6 +24,7 @@ import torch
 from megatron_lst.models.config import LSTConfig
 from megatron_lst.tokenizer.vocab import JointVocab
 
+from .errors import mistyped_fields
 from .model_state import CheckpointContentError, lst_config_from_dict, lst_config_to_dict
 
 WEIGHTS_FILENAME = "model.safetensors"
@@ -125,9 +126,7 @@ def _read_config(config_path: Path) -> dict[str, Any]:
     metadata.setdefault("training_args", None)
     metadata.setdefault("reference_model_args", None)
     metadata.setdefault("source", "")
-    wrong = [f"{name!r} ({type(metadata[name]).__name__ if name in metadata else 'missing'})"
-             for name, kinds in _CONFIG_FIELDS.items()
-             if not isinstance(metadata.get(name), kinds)]
+    wrong = mistyped_fields(metadata, _CONFIG_FIELDS)
     if wrong:
         raise CheckpointContentError(
             f"{config_path}: field(s) {', '.join(wrong)} are not what {FORMAT} v{FORMAT_VERSION} "

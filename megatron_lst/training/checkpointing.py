@@ -47,7 +47,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_lst.checkpoint import integrity
-from megatron_lst.checkpoint.errors import CheckpointError, CheckpointIntegrityError
+from megatron_lst.checkpoint.errors import (
+    CheckpointError,
+    CheckpointIntegrityError,
+    mistyped_fields,
+)
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.arguments import args_to_dict
 from megatron_lst.training.resume_check import ResumePosition, check_resume_flags
@@ -494,9 +498,7 @@ def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
     """Refuse, naming the field, a `lst_checkpoint.json` without a field `save_checkpoint`
     writes, or with one of another type (the file is written after the manifest, so no digest
     covers it)."""
-    wrong = [f"{name!r} ({'missing' if name not in metadata else type(metadata[name]).__name__})"
-             for name, kinds in _TRAINING_METADATA_FIELDS.items()
-             if not isinstance(metadata.get(name, ...), kinds)]
+    wrong = mistyped_fields(metadata, _TRAINING_METADATA_FIELDS)
     if wrong:
         others = _other_complete_checkpoints(path)
         raise CheckpointError(
