@@ -32,7 +32,7 @@ from megatron_lst.models.reference_import import (
 
 # The reference options `lst_config_from_reference` requires, for exports without base args.
 FIXED_REFERENCE_ARGS = {**REQUIRED_REFERENCE_OPTIONS, "encoder_hash_byte_group_size": [],
-                        "ffn_dim_multiplier": 1.0}
+                        "ffn_dim_multiplier": 1.0, "head_dim": None, "n_kv_heads": None}
 _MULTIPLE_OF_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
@@ -149,12 +149,11 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         downsampling_by_pooling={"max": "max", "mean": "avg"}[xattn.pooling],
         norm_eps=config.norm_eps, rope_theta=config.rope_theta,
     )
-    args.setdefault("max_seqlen", config.max_sequence_length)  # the global RoPE table, in patches
+    args["max_seqlen"] = config.max_sequence_length  # the global RoPE table, in patches
     _set_attention_rule(args, config, max_tokens)
     reimported = lst_config_from_reference(args)
-    # The reference has no fields for these two; they do not change the function.
-    reimported = dataclasses.replace(reimported, max_sequence_length=config.max_sequence_length,
-                                     init_std=config.init_std)
+    # The reference has no field for the init std; it does not change the function.
+    reimported = dataclasses.replace(reimported, init_std=config.init_std)
     if reimported != config:
         raise ReferenceImportError(
             f"this model cannot be written as reference arguments: they describe {reimported}, "

@@ -60,7 +60,7 @@ REFERENCE_DEFAULTS = {
     "use_local_encoder_transformer": False, "use_rope": True, "non_linearity": "swiglu",
     "norm_type": "rmsnorm", "pre_norm": True, "weight_tying": False,
     "tie_local_encoder_decoder_logits": False, "encoder_enable_byte_ngrams": False,
-    "encoder_hash_byte_group_size": None, "pm_size": 0,
+    "encoder_hash_byte_group_size": None, "pm_size": 0, "max_seqlen": 1024,
 }
 
 # Reference options LSTModel implements only with one value.
@@ -74,8 +74,6 @@ REQUIRED_REFERENCE_OPTIONS = {
     "encoder_enable_byte_ngrams": False,
     # extra "parameter mixing" rows in the token embedding and the output layer
     "pm_size": 0,
-    "head_dim": None,
-    "n_kv_heads": None,  # the local models' grouped-query attention
 }
 
 
@@ -90,7 +88,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
             raise ReferenceImportError(f"reference option {key}={a[key]!r} is not supported (need {value!r})")
     if a["encoder_hash_byte_group_size"]:
         raise ReferenceImportError("reference hash n-gram embeddings are not supported")
-    for key in ("vocab_size", "multiple_of", "cross_attn_k", "cross_attn_nheads"):
+    for key in ("vocab_size", "multiple_of", "cross_attn_k", "cross_attn_nheads", "max_seqlen"):
         if not isinstance(a[key], int) or a[key] < 1:
             raise ReferenceImportError(
                 f"reference {key}={a[key]!r}: the reference builds no model without a positive "
@@ -104,6 +102,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     pooling = {"max": "max", "avg": "mean"}.get(a["downsampling_by_pooling"])
     if pooling is None:
         raise ReferenceImportError(f"reference pooling {a['downsampling_by_pooling']!r} is not supported")
+    _check_head_shapes(a)
     window, documents = reference_attention(a)
     multiple_of, multiplier = a["multiple_of"], a["ffn_dim_multiplier"] or 1.0
 
@@ -132,11 +131,34 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
             ),
             norm_eps=a["norm_eps"],
             rope_theta=a["rope_theta"],
+            max_sequence_length=a["max_seqlen"],
             documents=documents,
         )
     except (ModelConfigError, TypeError) as error:  # TypeError: a size that is no number
         raise ReferenceImportError(
             f"reference model args do not describe a model this package builds: {error}") from None
+
+
+def _check_head_shapes(a: dict) -> None:
+    """The reference's `head_dim` (one for the global and both local models) and `n_kv_heads`
+    (the local models' key/value heads) may be spelled out; this package builds them only as
+    `hidden size / heads` and one key/value head per local query head, so other values are
+    refused naming the field."""
+    models = {"global": ("dim_global", "n_heads_global"),
+              "local encoder": ("dim_local_encoder", "n_heads_local_encoder"),
+              "local decoder": ("dim_local_decoder", "n_heads_local_decoder")}
+    head_dim, kv_heads = a["head_dim"], a["n_kv_heads"]
+    for model, (dim, heads) in models.items():
+        if head_dim is not None and head_dim * a[heads] != a[dim]:
+            raise ReferenceImportError(
+                f"reference head_dim={head_dim!r} is not supported: the {model} model's "
+                f"{dim} {a[dim]!r} / {heads} {a[heads]!r} is another head size (this package "
+                "builds heads of hidden size / heads; set head_dim to null)")
+        if kv_heads is not None and model != "global" and kv_heads != a[heads]:
+            raise ReferenceImportError(
+                f"reference n_kv_heads={kv_heads!r} is not supported: grouped-query attention in "
+                f"the local models ({heads} {a[heads]!r}) is not implemented; only one key/value "
+                "head per query head (n_kv_heads null or equal to the local heads)")
 
 
 def _patch_window(window: int | None) -> int:

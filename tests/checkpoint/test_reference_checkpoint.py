@@ -212,7 +212,9 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
     ({"multiple_of": None}, "multiple_of=None"),
     ({"vocab_size": -1}, "vocab_size=-1"),
     ({"pm_size": 8}, "pm_size=8 is not supported"),
-    ({"head_dim": 16}, "head_dim=16 is not supported"),
+    ({"head_dim": 8}, "head_dim=8 is not supported: the global model.s dim_global 64 / n_heads_global 4"),
+    ({"n_kv_heads": 1}, "n_kv_heads=1 is not supported: grouped-query attention in the local models"),
+    ({"max_seqlen": 0}, "max_seqlen=0"),
     ({"n_heads_local_encoder": 5}, "do not describe a model .*local hidden_size .* num_heads 5"),
     ({"dim_global": None}, r"do not describe a model this package builds"),
     ({"n_kv_heads_global": 3}, r"do not describe a model .*num_query_groups 3"),
@@ -223,6 +225,26 @@ def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(up
     model_args = {**reference_model_args(preset("tiny", 64)), **update}
     with pytest.raises(ReferenceImportError, match=message):
         lst_config_from_reference(model_args)
+
+
+def test_head_sizes_spelled_out_as_the_reference_derives_them_are_accepted():
+    model_args = reference_model_args(preset("tiny", 64))
+    same_heads = {"head_dim": model_args["dim_global"] // model_args["n_heads_global"],
+                  "n_kv_heads": model_args["n_heads_local_encoder"]}
+    assert same_heads["head_dim"] * model_args["n_heads_local_decoder"] == model_args["dim_local_decoder"]
+    assert lst_config_from_reference({**model_args, **same_heads}) == lst_config_from_reference(model_args)
+
+
+def test_the_global_rope_table_is_the_model_context_both_ways():
+    """The reference runs at most `max_seqlen` patches (its global RoPE table; 1024 when left out):
+    imported as max_sequence_length, exported from it."""
+    model_args = reference_model_args(preset("tiny", 64))
+    assert lst_config_from_reference({**model_args, "max_seqlen": 300}).max_sequence_length == 300
+    del model_args["max_seqlen"]
+    imported = lst_config_from_reference(model_args)
+    assert imported.max_sequence_length == 1024
+    assert reference_model_args(dataclasses.replace(imported, max_sequence_length=2048),
+                                base_args={**model_args, "max_seqlen": 1024})["max_seqlen"] == 2048
 
 
 def test_missing_reference_args_take_the_reference_defaults():
@@ -278,5 +300,4 @@ def test_export_writes_the_attention_rule_the_reference_runs():
     flex = reference_model_args(tiny, base_args={"attn_impl": "flex_attention"})
     assert flex["attn_impl"] == "flex_attention"  # as causal as "sdpa": the base's choice stays
     for args in (short_rows, long_rows, flex):
-        assert dataclasses.replace(lst_config_from_reference(args),
-                                   max_sequence_length=tiny.max_sequence_length) == tiny
+        assert lst_config_from_reference(args) == tiny
