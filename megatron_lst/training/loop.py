@@ -431,15 +431,17 @@ def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = N
     """Train validated `args` (see `arguments.validate_args`) in this process's torch.distributed
     world; sets up and tears down the parallel state. Returns what it did."""
     start_time = time.monotonic()  # --exit-duration-in-mins counts from here
-    initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                        seed=args.seed, timeout_minutes=args.distributed_timeout_minutes,
-                        backend=args.distributed_backend)
-    try:
-        state, datasets = setup(args, index_cache_dir)
-        return _train(state, datasets, stream, ExitMonitor(ExitConditions.from_args(args),
-                                                           start_time))
-    finally:
-        destroy_parallel()
+    # The exit signals are watched from here on: one that arrives during setup (SLURM's warning
+    # while a large checkpoint loads) stops the run after its first iteration, with a checkpoint.
+    with ExitMonitor(ExitConditions.from_args(args), start_time) as exit_monitor:
+        initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                            seed=args.seed, timeout_minutes=args.distributed_timeout_minutes,
+                            backend=args.distributed_backend)
+        try:
+            state, datasets = setup(args, index_cache_dir)
+            return _train(state, datasets, stream, exit_monitor)
+        finally:
+            destroy_parallel()
 
 
 def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
@@ -466,31 +468,30 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     for chunk in state.model:
         chunk.train()
     try:
-        with exit_monitor:
-            param_gather.start()
-            while state.iteration < args.train_iters:
-                step = train_step(state, train_iterator)
-                param_gather.after_step(step.skipped)
-                state.iteration += 1
-                state.consumed_samples += args.global_batch_size
-                _record_step(state, step, result, training_logger)
-                last = state.iteration == args.train_iters
-                evaluating = state.iteration % args.eval_interval == 0 or last
-                if evaluating and (datasets.valid is not None or story_eval is not None):
-                    with param_gather.synchronised():
-                        _evaluate(state, datasets.valid, story_eval, result)
-                metrics.write(state, step, result.eval_losses.get(state.iteration),
-                              result.story_accuracy.get(state.iteration))
-                exit_reason = None if last else exit_monitor.reason(state.iteration)
-                if args.save is not None and (exit_reason or last or (
-                        args.save_interval and state.iteration % args.save_interval == 0)):
-                    with param_gather.synchronised():
-                        result.checkpoints.append(_save(state))
-                if exit_reason:
-                    _print_rank0(f"exiting after iteration {state.iteration}: {exit_reason}")
-                    result.exit_reason = exit_reason
-                    break
-            param_gather.finish()
+        param_gather.start()
+        while state.iteration < args.train_iters:
+            step = train_step(state, train_iterator)
+            param_gather.after_step(step.skipped)
+            state.iteration += 1
+            state.consumed_samples += args.global_batch_size
+            _record_step(state, step, result, training_logger)
+            last = state.iteration == args.train_iters
+            evaluating = state.iteration % args.eval_interval == 0 or last
+            if evaluating and (datasets.valid is not None or story_eval is not None):
+                with param_gather.synchronised():
+                    _evaluate(state, datasets.valid, story_eval, result)
+            metrics.write(state, step, result.eval_losses.get(state.iteration),
+                          result.story_accuracy.get(state.iteration))
+            exit_reason = None if last else exit_monitor.reason(state.iteration)
+            if args.save is not None and (exit_reason or last or (
+                    args.save_interval and state.iteration % args.save_interval == 0)):
+                with param_gather.synchronised():
+                    result.checkpoints.append(_save(state))
+            if exit_reason:
+                _print_rank0(f"exiting after iteration {state.iteration}: {exit_reason}")
+                result.exit_reason = exit_reason
+                break
+        param_gather.finish()
     finally:
         training_logger.close()
         metrics.close()

@@ -89,6 +89,29 @@ def test_exit_interval_saves_the_iteration_it_stops_after_and_the_run_resumes(tm
     assert [r["iteration"] for r in read_metrics(save)] == [1, 2, 3]
 
 
+def test_a_signal_during_setup_stops_the_run_after_its_first_iteration(tmp_path, monkeypatch):
+    """SLURM's warning can arrive while a run loads its checkpoint: it is held, not lost (the
+    SLURM script's workers ignore it until a handler is installed) and not fatal."""
+    from megatron_lst.training import loop
+
+    setup = loop.setup
+
+    def setup_interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return setup(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "setup", setup_interrupted)
+    save = tmp_path / "ckpt"
+    flags = tiny_flags(write_corpus(tmp_path / "data")) + [
+        "--train-iters", "3", "--eval-interval", "1000", "--save", str(save),
+        "--exit-signal-handler", "--exit-signal", "SIGUSR1"]
+    previous = signal.getsignal(signal.SIGUSR1)
+    stopped = loop.pretrain(validate_args(parse_args(flags), 1))
+    assert (stopped.iteration, stopped.exit_reason) == (1, "received SIGUSR1")
+    assert stopped.checkpoints == [str(save / "iter_0000001")]
+    assert signal.getsignal(signal.SIGUSR1) is previous
+
+
 def test_a_resumed_run_drops_the_metrics_written_after_its_checkpoint(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"iteration": i, "loss": float(i)}) + "\n"
