@@ -79,6 +79,12 @@ REQUIRED_REFERENCE_OPTIONS = {
 }
 
 
+# The reference's `downsampling_by_pooling` values this package implements ->
+# `CrossAttentionConfig.pooling` ("avg" and "mean" both pool by mean in the reference; its "min"
+# has no counterpart here).
+REFERENCE_POOLING = {"max": "max", "avg": "mean", "mean": "mean"}
+
+
 def lst_config_from_reference(model_args: dict) -> LSTConfig:
     """`LSTConfig` from the reference's `ByteLatentTransformerArgs` (as a dict, e.g. `model_args`
     of a reference config; a field left out takes the reference's default). Raises for reference
@@ -101,9 +107,11 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
             f"reference dim_token {dim_token} != dim_local_encoder {a['dim_local_encoder']}: "
             "token-embedding projections are not supported"
         )
-    pooling = {"max": "max", "avg": "mean"}.get(a["downsampling_by_pooling"])
-    if pooling is None:
-        raise ReferenceImportError(f"reference pooling {a['downsampling_by_pooling']!r} is not supported")
+    pooling = a["downsampling_by_pooling"]
+    if not isinstance(pooling, str) or pooling not in REFERENCE_POOLING:
+        raise ReferenceImportError(
+            f"reference downsampling_by_pooling={pooling!r} is not supported "
+            f"(need one of {', '.join(map(repr, REFERENCE_POOLING))})")
     window, documents = reference_attention(a)
     multiple_of, multiplier = a["multiple_of"], a["ffn_dim_multiplier"] or 1.0
 
@@ -128,7 +136,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
                 decoder_window=_patch_window(a["cross_attn_window_decoder"]),
                 all_encoder_layers=a["cross_attn_all_layers_encoder"],
                 all_decoder_layers=a["cross_attn_all_layers_decoder"],
-                pooling=pooling, double_residual=True,
+                pooling=REFERENCE_POOLING[pooling], double_residual=True,
             ),
             norm_eps=a["norm_eps"],
             rope_theta=a["rope_theta"],

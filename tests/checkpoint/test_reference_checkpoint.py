@@ -225,6 +225,23 @@ def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(up
         lst_config_from_reference(model_args)
 
 
+def test_reference_mean_pooling_is_spelt_avg_or_mean():
+    """The reference pools by mean for "avg" and for "mean" alike."""
+    model_args = reference_model_args(preset("tiny", 64))
+    configs = [lst_config_from_reference({**model_args, "downsampling_by_pooling": name})
+               for name in ("avg", "mean")]
+    assert configs[0] == configs[1]
+    assert configs[0].cross_attention.pooling == "mean"
+
+
+@pytest.mark.parametrize("pooling", ["min", None, "avgmax", ["max"]])
+def test_reference_pooling_without_counterpart_is_refused_naming_the_field(pooling):
+    model_args = {**reference_model_args(preset("tiny", 64)), "downsampling_by_pooling": pooling}
+    with pytest.raises(ReferenceImportError,
+                       match=rf"downsampling_by_pooling={re.escape(repr(pooling))} is not supported"):
+        lst_config_from_reference(model_args)
+
+
 def test_missing_reference_args_take_the_reference_defaults():
     model_args = reference_model_args(preset("tiny", 64))
     assert model_args["multiple_of"] == 256  # the reference's default: leaving it out is the same
