@@ -95,7 +95,9 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
         if a[key] != value:
             raise ReferenceImportError(f"reference option {key}={a[key]!r} is not supported (need {value!r})")
     if a["encoder_hash_byte_group_size"]:
-        raise ReferenceImportError("reference hash n-gram embeddings are not supported")
+        raise ReferenceImportError(
+            f"reference encoder_hash_byte_group_size={a['encoder_hash_byte_group_size']!r} is not "
+            "supported: hash n-gram embeddings have no counterpart here (need [] or None)")
     for key in ("vocab_size", "multiple_of", "cross_attn_k", "cross_attn_nheads"):
         if not isinstance(a[key], int) or a[key] < 1:
             raise ReferenceImportError(

@@ -225,6 +225,15 @@ def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(up
         lst_config_from_reference(model_args)
 
 
+@pytest.mark.parametrize("sizes", [[4], "3,4"])
+def test_reference_hash_embeddings_are_refused_naming_the_field(sizes):
+    """The reference's debug.yaml sets encoder_hash_byte_group_size: [4]."""
+    model_args = {**reference_model_args(preset("tiny", 64)), "encoder_hash_byte_group_size": sizes}
+    with pytest.raises(ReferenceImportError,
+                       match=rf"encoder_hash_byte_group_size={re.escape(repr(sizes))} is not supported"):
+        lst_config_from_reference(model_args)
+
+
 def test_reference_mean_pooling_is_spelt_avg_or_mean():
     """The reference pools by mean for "avg" and for "mean" alike."""
     model_args = reference_model_args(preset("tiny", 64))
