@@ -155,6 +155,11 @@ def _patch_window(window: int | None) -> int:
     return 1 if window is None else window
 
 
+# The reference model marks the global patches that hold this token id (its `EOS_ID` constant),
+# whatever its `eos_id` argument, and its global block-causal mask ends documents at `eos_id`.
+REFERENCE_EOS_ID = 2
+
+
 # The reference's attention implementations whose self-attention is plain causal over the whole
 # row: no sliding window and no document ends (its "sdpa" path needs LST_SUPPRESS_ATTN_ERROR=1 to
 # run at all and then builds a causal mask; "flex_attention" builds a causal block mask).
@@ -167,7 +172,7 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
 
     - "xformers": the local models attend `local_attention_window_len` tokens and stop at EOS;
       the global model stops at EOS with `attn_bias_type` "block_causal" (-> document masking at
-      `eos_id`) and runs over the whole row with "causal" (-> no document rule; the local models'
+      `eos_id`, which must be `REFERENCE_EOS_ID`) and runs over the whole row with "causal" (-> no document rule; the local models'
       stop at EOS is then lost on packed rows);
     - `CAUSAL_ATTN_IMPLS`: causal attention over the whole row everywhere. Rows are at most
       `max_encoder_seq_length` tokens (its local RoPE table), so that window is the same function.
@@ -188,6 +193,12 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
         if a["eos_id"] is None:
             raise ReferenceImportError("reference attn_bias_type 'block_causal' masks documents "
                                        "but the arguments give no eos_id")
+        if a["eos_id"] != REFERENCE_EOS_ID:
+            raise ReferenceImportError(
+                f"reference eos_id={a['eos_id']!r} with attn_bias_type 'block_causal': its local "
+                "attention stops at eos_id, but its global attention looks for eos_id among "
+                f"patches marked with its fixed EOS id {REFERENCE_EOS_ID}, a rule no document "
+                f"masking here computes; only eos_id {REFERENCE_EOS_ID} imports")
         return window, DocumentMaskingConfig(eos_id=a["eos_id"])
     if impl not in CAUSAL_ATTN_IMPLS:
         raise ReferenceImportError(

@@ -17,6 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+# The reference's fixed token ids (its `tokenizers/constants.py`).
+BOE_ID, EOS_ID = 0, 2
+
 # The reference's defaults (`ByteLatentTransformerArgs`) for the fields read here.
 DEFAULTS = {
     "dim_global": 512, "n_layers_global": 8, "n_heads_global": 8, "n_kv_heads_global": None,
@@ -193,16 +196,18 @@ def pool(h: torch.Tensor, patch: torch.Tensor, num_patches: int, mode: str) -> t
     return out.scatter_reduce(1, index, h, reduce=reduce, include_self=False)
 
 
-def global_documents(is_eos, enc_patch, num_patches, a) -> torch.Tensor:
-    """`[B, P]` document of each patch for the global mask: with "xformers" and "block_causal" a
-    patch holding an EOS token ends its document; otherwise one document per row."""
-    b = is_eos.shape[0]
+def global_documents(tokens, enc_patch, num_patches, a) -> torch.Tensor:
+    """`[B, P]` document of each patch for the global mask. With "xformers" and "block_causal" the
+    reference gives each patch a global token: its fixed EOS id 2 where the patch holds token 2,
+    else its BOE id 0; a global token equal to `eos_id` ends its document. Otherwise one
+    document per row."""
+    b = tokens.shape[0]
     if a["attn_impl"] != "xformers" or a["attn_bias_type"] != "block_causal":
         return torch.zeros(b, num_patches, dtype=torch.long)
-    eos_patch = torch.zeros(b, num_patches, dtype=torch.bool)
-    rows, cols = torch.where(is_eos)
-    eos_patch[rows, enc_patch[rows, cols]] = True
-    return document_ids(eos_patch)
+    global_tokens = torch.full((b, num_patches), BOE_ID)
+    rows, cols = torch.where(tokens == EOS_ID)
+    global_tokens[rows, enc_patch[rows, cols]] = EOS_ID
+    return document_ids(global_tokens == a["eos_id"])
 
 
 # ----------------------------------------------------------------------------- the model
@@ -245,7 +250,7 @@ def reference_logits(model_args: dict, sd: dict[str, torch.Tensor], tokens: torc
     g = slots.reshape(b, num_patches, k * de)  # [B, P, k*De]
     if "global_transformer.token_embedding_projection.weight" in sd:
         g = g @ sd["global_transformer.token_embedding_projection.weight"].T  # [B, P, Dg]
-    global_mask = self_attention_mask(global_documents(is_eos, enc_patch, num_patches, a), None)
+    global_mask = self_attention_mask(global_documents(tokens, enc_patch, num_patches, a), None)
     heads = a["n_heads_global"]
     for i in range(a["n_layers_global"]):
         g = transformer_block(g, sd, f"global_transformer.layers.{i}.", heads,

@@ -234,6 +234,17 @@ def test_reference_hash_embeddings_are_refused_naming_the_field(sizes):
         lst_config_from_reference(model_args)
 
 
+def test_reference_documents_at_another_eos_id_are_refused_naming_it():
+    """The reference's local attention stops at `eos_id`, but its global model marks the patches
+    holding its fixed EOS id 2 and ends documents at those equal to `eos_id`: with eos_id 5 its
+    global attention runs over the whole row, a rule `LSTConfig.documents` cannot express."""
+    model_args = {**reference_model_args(preset("tiny", 64)), "attn_impl": "xformers",
+                  "attn_bias_type": "block_causal", "local_attention_window_len": 8}
+    assert lst_config_from_reference({**model_args, "eos_id": 2}).documents.eos_id == 2
+    with pytest.raises(ReferenceImportError, match="eos_id=5 with attn_bias_type 'block_causal'"):
+        lst_config_from_reference({**model_args, "eos_id": 5})
+
+
 def test_reference_mean_pooling_is_spelt_avg_or_mean():
     """The reference pools by mean for "avg" and for "mean" alike."""
     model_args = reference_model_args(preset("tiny", 64))
