@@ -58,7 +58,8 @@ CONFIGURATIONS = {
                               "cross_attn_window_encoder": 2},
     "ffn_multiplier_norm_eps_rope_theta": {
         "multiple_of": 8, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-3, "rope_theta": 500.0,
-        "n_layers_global": 3, "n_layers_local_encoder": 1, "n_layers_local_decoder": 3},
+        "n_layers_global": 3, "n_layers_local_encoder": 1, "n_layers_local_decoder": 3,
+        "n_heads_local_encoder": 4, "n_heads_local_decoder": 1},
     "flex_attention": {"attn_impl": "flex_attention", "attn_bias_type": "block_causal"},
     # documents of 5..12 tokens, local windows shorter than a document
     "xformers_block_causal_docs_own_patch_windows": {
