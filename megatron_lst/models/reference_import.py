@@ -77,6 +77,12 @@ REQUIRED_REFERENCE_OPTIONS = {
 }
 
 
+# The reference's `downsampling_by_pooling` values this package implements ->
+# `CrossAttentionConfig.pooling` ("avg" and "mean" both pool by mean in the reference; its "min"
+# has no counterpart here).
+REFERENCE_POOLING = {"max": "max", "avg": "mean", "mean": "mean"}
+
+
 def lst_config_from_reference(model_args: dict) -> LSTConfig:
     """`LSTConfig` from the reference's `ByteLatentTransformerArgs` (as a dict, e.g. `model_args`
     of a reference config; a field left out takes the reference's default). Raises for reference
@@ -87,7 +93,9 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
         if a[key] != value:
             raise ReferenceImportError(f"reference option {key}={a[key]!r} is not supported (need {value!r})")
     if a["encoder_hash_byte_group_size"]:
-        raise ReferenceImportError("reference hash n-gram embeddings are not supported")
+        raise ReferenceImportError(
+            f"reference encoder_hash_byte_group_size={a['encoder_hash_byte_group_size']!r} is not "
+            "supported: hash n-gram embeddings have no counterpart here (need [] or None)")
     for key in ("vocab_size", "multiple_of", "cross_attn_k", "cross_attn_nheads", "max_seqlen"):
         if not isinstance(a[key], int) or a[key] < 1:
             raise ReferenceImportError(
@@ -99,9 +107,11 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
             f"reference dim_token {dim_token} != dim_local_encoder {a['dim_local_encoder']}: "
             "token-embedding projections are not supported"
         )
-    pooling = {"max": "max", "avg": "mean"}.get(a["downsampling_by_pooling"])
-    if pooling is None:
-        raise ReferenceImportError(f"reference pooling {a['downsampling_by_pooling']!r} is not supported")
+    pooling = a["downsampling_by_pooling"]
+    if not isinstance(pooling, str) or pooling not in REFERENCE_POOLING:
+        raise ReferenceImportError(
+            f"reference downsampling_by_pooling={pooling!r} is not supported "
+            f"(need one of {', '.join(map(repr, REFERENCE_POOLING))})")
     _check_head_shapes(a)
     window, documents = reference_attention(a)
     multiple_of, multiplier = a["multiple_of"], a["ffn_dim_multiplier"] or 1.0
@@ -127,7 +137,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
                 decoder_window=_patch_window(a["cross_attn_window_decoder"]),
                 all_encoder_layers=a["cross_attn_all_layers_encoder"],
                 all_decoder_layers=a["cross_attn_all_layers_decoder"],
-                pooling=pooling, double_residual=True,
+                pooling=REFERENCE_POOLING[pooling], double_residual=True,
             ),
             norm_eps=a["norm_eps"],
             rope_theta=a["rope_theta"],
@@ -167,6 +177,11 @@ def _patch_window(window: int | None) -> int:
     return 1 if window is None else window
 
 
+# The reference model marks the global patches that hold this token id (its `EOS_ID` constant),
+# whatever its `eos_id` argument, and its global block-causal mask ends documents at `eos_id`.
+REFERENCE_EOS_ID = 2
+
+
 # The reference's attention implementations whose self-attention is plain causal over the whole
 # row: no sliding window and no document ends (its "sdpa" path needs LST_SUPPRESS_ATTN_ERROR=1 to
 # run at all and then builds a causal mask; "flex_attention" builds a causal block mask).
@@ -179,7 +194,7 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
 
     - "xformers": the local models attend `local_attention_window_len` tokens and stop at EOS;
       the global model stops at EOS with `attn_bias_type` "block_causal" (-> document masking at
-      `eos_id`) and runs over the whole row with "causal" (-> no document rule; the local models'
+      `eos_id`, which must be `REFERENCE_EOS_ID`) and runs over the whole row with "causal" (-> no document rule; the local models'
       stop at EOS is then lost on packed rows);
     - `CAUSAL_ATTN_IMPLS`: causal attention over the whole row everywhere. Rows are at most
       `max_encoder_seq_length` tokens (its local RoPE table), so that window is the same function.
@@ -200,6 +215,12 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
         if a["eos_id"] is None:
             raise ReferenceImportError("reference attn_bias_type 'block_causal' masks documents "
                                        "but the arguments give no eos_id")
+        if a["eos_id"] != REFERENCE_EOS_ID:
+            raise ReferenceImportError(
+                f"reference eos_id={a['eos_id']!r} with attn_bias_type 'block_causal': its local "
+                "attention stops at eos_id, but its global attention looks for eos_id among "
+                f"patches marked with its fixed EOS id {REFERENCE_EOS_ID}, a rule no document "
+                f"masking here computes; only eos_id {REFERENCE_EOS_ID} imports")
         return window, DocumentMaskingConfig(eos_id=a["eos_id"])
     if impl not in CAUSAL_ATTN_IMPLS:
         raise ReferenceImportError(

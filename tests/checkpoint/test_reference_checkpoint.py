@@ -247,6 +247,43 @@ def test_the_global_rope_table_is_the_model_context_both_ways():
                                 base_args={**model_args, "max_seqlen": 1024})["max_seqlen"] == 2048
 
 
+@pytest.mark.parametrize("sizes", [[4], "3,4"])
+def test_reference_hash_embeddings_are_refused_naming_the_field(sizes):
+    """The reference's debug.yaml sets encoder_hash_byte_group_size: [4]."""
+    model_args = {**reference_model_args(preset("tiny", 64)), "encoder_hash_byte_group_size": sizes}
+    with pytest.raises(ReferenceImportError,
+                       match=rf"encoder_hash_byte_group_size={re.escape(repr(sizes))} is not supported"):
+        lst_config_from_reference(model_args)
+
+
+def test_reference_documents_at_another_eos_id_are_refused_naming_it():
+    """The reference's local attention stops at `eos_id`, but its global model marks the patches
+    holding its fixed EOS id 2 and ends documents at those equal to `eos_id`: with eos_id 5 its
+    global attention runs over the whole row, a rule `LSTConfig.documents` cannot express."""
+    model_args = {**reference_model_args(preset("tiny", 64)), "attn_impl": "xformers",
+                  "attn_bias_type": "block_causal", "local_attention_window_len": 8}
+    assert lst_config_from_reference({**model_args, "eos_id": 2}).documents.eos_id == 2
+    with pytest.raises(ReferenceImportError, match="eos_id=5 with attn_bias_type 'block_causal'"):
+        lst_config_from_reference({**model_args, "eos_id": 5})
+
+
+def test_reference_mean_pooling_is_spelt_avg_or_mean():
+    """The reference pools by mean for "avg" and for "mean" alike."""
+    model_args = reference_model_args(preset("tiny", 64))
+    configs = [lst_config_from_reference({**model_args, "downsampling_by_pooling": name})
+               for name in ("avg", "mean")]
+    assert configs[0] == configs[1]
+    assert configs[0].cross_attention.pooling == "mean"
+
+
+@pytest.mark.parametrize("pooling", ["min", None, "avgmax", ["max"]])
+def test_reference_pooling_without_counterpart_is_refused_naming_the_field(pooling):
+    model_args = {**reference_model_args(preset("tiny", 64)), "downsampling_by_pooling": pooling}
+    with pytest.raises(ReferenceImportError,
+                       match=rf"downsampling_by_pooling={re.escape(repr(pooling))} is not supported"):
+        lst_config_from_reference(model_args)
+
+
 def test_missing_reference_args_take_the_reference_defaults():
     model_args = reference_model_args(preset("tiny", 64))
     assert model_args["multiple_of"] == 256  # the reference's default: leaving it out is the same

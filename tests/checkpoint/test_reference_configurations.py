@@ -1,0 +1,193 @@
+"""Imported reference checkpoints compute the reference's function on configurations other than
+the fixture's: `LSTModel` built by `lst_config_from_reference` and loaded through the import path
+agrees with an independent dense-mask re-implementation of the reference forward
+(`reference_oracle`), and the export gives back the reference tensors.
+
+The oracle itself is proven on the reference's own logits (the fixtures; skipped without them).
+Weights are random, made in the reference's names and shapes straight from the arguments.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from checkpoint.reference_oracle import reference_logits, reference_tensor_shapes
+from megatron_lst.checkpoint.model_state import full_state_dict
+from megatron_lst.checkpoint.reference import export_reference
+from megatron_lst.models.lst_model import LSTModel
+from megatron_lst.models.reference_import import (
+    REQUIRED_REFERENCE_OPTIONS,
+    load_reference_state_dict,
+    lst_config_from_reference,
+)
+
+VOCAB, EOS = 40, 2
+
+BASE_ARGS = {
+    **REQUIRED_REFERENCE_OPTIONS, "encoder_hash_byte_group_size": [], "vocab_size": VOCAB,
+    "eos_id": EOS, "dim_global": 32, "n_layers_global": 2, "n_heads_global": 4,
+    "dim_token": None, "dim_local_encoder": 16, "dim_local_decoder": 16,
+    "n_layers_local_encoder": 2, "n_layers_local_decoder": 2, "n_heads_local_encoder": 2,
+    "n_heads_local_decoder": 2, "multiple_of": 16, "ffn_dim_multiplier": 1.0,
+    "attn_impl": "sdpa", "attn_bias_type": "causal", "max_encoder_seq_length": 64,
+    "local_attention_window_len": 64, "cross_attn_k": 2, "cross_attn_nheads": 2,
+    "cross_attn_window_encoder": 3, "cross_attn_window_decoder": 4,
+    "cross_attn_all_layers_encoder": True, "cross_attn_all_layers_decoder": True,
+    "downsampling_by_pooling": "max",
+}
+
+# Each differs from BASE_ARGS in the fields named; together they cover every option the import
+# accepts. "docs" cases pack several EOS-separated documents per row.
+CONFIGURATIONS = {
+    "base": {},
+    "gqa_avg_pooling": {"n_heads_global": 4, "n_kv_heads_global": 2, "downsampling_by_pooling": "avg"},
+    "cross_attention_first_and_last_layer_only": {
+        "n_layers_local_encoder": 3, "n_layers_local_decoder": 3,
+        "cross_attn_all_layers_encoder": False, "cross_attn_all_layers_decoder": False},
+    "own_patch_windows": {"cross_attn_window_encoder": None, "cross_attn_window_decoder": None},
+    "one_slot_more_heads": {"cross_attn_k": 1, "cross_attn_nheads": 4, "dim_global": 24,
+                            "n_heads_global": 2, "cross_attn_window_encoder": 1,
+                            "cross_attn_window_decoder": 2},
+    "defaults_spelt_out_mean_pooling": {"dim_token": 16, "n_kv_heads_global": 4,
+                                        "ffn_dim_multiplier": None, "multiple_of": 32,
+                                        "downsampling_by_pooling": "mean"},
+    "projected_three_slots": {"cross_attn_k": 3, "dim_global": 40, "n_heads_global": 5,
+                              "cross_attn_window_encoder": 2},
+    "ffn_multiplier_norm_eps_rope_theta": {
+        "multiple_of": 8, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-3, "rope_theta": 500.0,
+        "n_layers_global": 3, "n_layers_local_encoder": 1, "n_layers_local_decoder": 3,
+        "n_heads_local_encoder": 4, "n_heads_local_decoder": 1},
+    "flex_attention": {"attn_impl": "flex_attention", "attn_bias_type": "block_causal"},
+    # documents of 5..12 tokens, local windows shorter than a document
+    "xformers_block_causal_docs_own_patch_windows": {
+        "attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 5,
+        "cross_attn_window_encoder": None, "cross_attn_window_decoder": None},
+    "xformers_block_causal_gqa_docs_own_patch_windows": {
+        "attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 3,
+        "n_kv_heads_global": 1, "cross_attn_all_layers_encoder": False,
+        "cross_attn_window_encoder": 1, "cross_attn_window_decoder": 1,
+        "downsampling_by_pooling": "avg"},
+    "xformers_block_causal_docs": {
+        "attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 5},
+    "xformers_causal_docs": {
+        "attn_impl": "xformers", "attn_bias_type": "causal", "local_attention_window_len": 5},
+}
+
+# Configurations whose imported model computes another function than the reference on rows that
+# pack several documents (strict: a fix makes these tests fail until the mark is removed).
+KNOWN_DIVERGENCES = {
+    "xformers_block_causal_docs":
+        "the reference's cross-attention is masked by patch windows only, so patch slots and "
+        "tokens see the previous document's tokens and patches within the window; LSTModel's "
+        "document masking also stops the cross-attention at document starts",
+    "xformers_causal_docs":
+        "the reference's local attention always stops at EOS (local_block_causal) while its "
+        "global attention does not; LSTConfig.documents masks all attentions or none, and the "
+        "import maps attn_bias_type 'causal' to none",
+}
+
+
+def configuration_params():
+    return [pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_DIVERGENCES[name], strict=True))
+            if name in KNOWN_DIVERGENCES else name for name in sorted(CONFIGURATIONS)]
+
+
+def reference_args(name: str) -> dict:
+    return {**BASE_ARGS, **CONFIGURATIONS[name]}
+
+
+def random_reference_state(model_args: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights in the reference's names and shapes: norms near 1, matrices with std
+    1/sqrt(fan_in) (activations stay O(1)), embeddings with std 1."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in sorted(reference_tensor_shapes(model_args).items()):
+        noise = torch.randn(shape, generator=generator)
+        if len(shape) == 1:
+            state[name] = 1.0 + 0.1 * noise
+        elif name.endswith("tok_embeddings.weight"):
+            state[name] = noise
+        else:
+            state[name] = noise / shape[1] ** 0.5
+    return state
+
+
+def random_patch_lengths(generator: torch.Generator, row: torch.Tensor, patches: int,
+                         longest: int) -> list[int]:
+    """`patches` lengths summing to `len(row) + 1` (the batch contract), the first 1, then random
+    lengths 1..longest, and zero-length patches where the tokens run out first. As in LST data,
+    an EOS and the token after it (the next document's BOS) are patches of their own."""
+    n = len(row)
+    eos = torch.nonzero(row == EOS).flatten().tolist()
+    starts = sorted({start for e in eos for start in (e, e + 1, e + 2)} | {n})
+    lengths, position = [1], 1
+    while position < n:
+        next_start = min(start for start in starts if start > position)
+        drawn = int(torch.randint(1, longest + 1, (1,), generator=generator))
+        lengths.append(min(drawn, next_start - position))
+        position += lengths[-1]
+    lengths[-1] += 1  # the last patch also holds the last target's place
+    return lengths + [0] * (patches - len(lengths))
+
+
+def random_batch(model_args: dict, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tokens [3, 30]` (under "xformers" several documents of 5..12 tokens, each ended by EOS)
+    and ragged `patch_lengths [3, 30]` that end in zero-length patches."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, n = 3, 30
+    tokens = torch.randint(3, VOCAB, (rows, n), generator=generator)
+    if model_args["attn_impl"] == "xformers":
+        for row in tokens:
+            position = int(torch.randint(3, 8, (1,), generator=generator))
+            while position < n:
+                row[position] = EOS
+                position += int(torch.randint(5, 13, (1,), generator=generator))
+    lengths = [random_patch_lengths(generator, row, n, longest)  # n patches always suffice
+               for row, longest in zip(tokens, (5, 2, 4), strict=True)]
+    return tokens, torch.tensor(lengths, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("inputs", ["static", "aligned", "ragged"])
+def test_oracle_reproduces_the_reference_logits(reference_fixtures, inputs):
+    model_args = json.loads((reference_fixtures / "config_A.json").read_text())["model_args"]
+    reference = load_file(str(reference_fixtures / "state_dict_A.safetensors"))
+    assert {name: tuple(t.shape) for name, t in reference.items()} == reference_tensor_shapes(model_args)
+    data = json.loads((reference_fixtures / f"inputs_{inputs}.json").read_text())
+    expected = torch.from_numpy(np.load(reference_fixtures / f"logits_A_{inputs}.npy"))
+    logits = reference_logits(model_args, reference, torch.tensor(data["tokens"]),
+                              torch.tensor(data["patch_lengths"]))
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def imported_model(model_args: dict, reference: dict[str, torch.Tensor]) -> LSTModel:
+    config = lst_config_from_reference(model_args)
+    model = LSTModel(config, config.transformer_config(), transformer_impl="local",
+                     local_attention_backend="sdpa", kernel_backend="torch")
+    load_reference_state_dict(model, reference)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", configuration_params())
+def test_imported_model_matches_reference_forward(single_rank, name):
+    model_args = reference_args(name)
+    reference = random_reference_state(model_args, seed=len(name))
+    tokens, patch_lengths = random_batch(model_args)
+    with torch.no_grad():
+        expected = reference_logits(model_args, reference, tokens, patch_lengths)
+        logits = imported_model(model_args, reference)(tokens, patch_lengths)
+    assert logits.shape == expected.shape == (*tokens.shape, VOCAB)
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
+def test_export_gives_back_the_reference_tensors(single_rank, name):
+    model_args = reference_args(name)
+    reference = random_reference_state(model_args, seed=len(name))
+    model = imported_model(model_args, reference)
+    exported = export_reference(full_state_dict(model), model.lst_config)
+    assert sorted(exported) == sorted(reference)
+    for key, tensor in reference.items():
+        assert torch.equal(exported[key], tensor), key
