@@ -117,12 +117,19 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         for mode, s in per_mode.items():
             print(f"{Path(path).name} {mode}: accuracy {s['accuracy']:.4f} "
                   f"[{s['accuracy_ci_low']:.4f}, {s['accuracy_ci_high']:.4f}]  per-token "
-                  f"{s['accuracy_normalised']:.4f}  ({int(s['num_items'])} items)")
+                  f"{s['accuracy_normalised']:.4f}  ({_item_count(s)})")
     if args.output:
         Path(args.output).write_text(json.dumps(
             {"checkpoint": str(model.checkpoint), "iteration": model.iteration,
              "results": results}, indent=1))
     return 0
+
+
+def _item_count(summary: dict[str, float]) -> str:
+    """"1871 items", and how many were scored past the model's context when any were."""
+    count = f"{int(summary['num_items'])} items"
+    beyond = int(summary["num_items_beyond_context"])
+    return f"{count}, {beyond} beyond the model's context" if beyond else count
 
 
 def _load_item_sets(paths: Sequence[str], model, modes: list[str] | None) -> dict[str, list]:

@@ -60,6 +60,27 @@ def test_lst_eval_matches_in_memory_scoring(checkpoint, capsys):
     assert "items.jsonl T->T: accuracy" in capsys.readouterr().out
 
 
+def test_lst_eval_counts_items_beyond_the_context(checkpoint, capsys, caplog):
+    """An item longer than the model's context was scored, and reported, as any other."""
+    root, _, _ = checkpoint
+    record = random_records(8, 1)[0]
+    record["context"] = {"text": " ".join(WORDS), "units": [3, 1]}  # too long as text only
+    items = root / "long.jsonl"
+    items.write_text(json.dumps(record) + "\n")
+    output = root / "long.json"
+    assert eval_main(["--load", str(root / "save"), "--items", str(items), "--modes", "ss,tt",
+                      "--bootstrap-resamples", "10", "--output", str(output)]) == 0
+    results = json.loads(output.read_text())["results"][str(items)]
+    assert results["S->S"]["num_items_beyond_context"] == 0
+    assert results["T->T"]["num_items_beyond_context"] == 1
+    out = capsys.readouterr().out
+    assert "long.jsonl S->S: accuracy" in out and "(1 items)\n" in out
+    assert "(1 items, 1 beyond the model's context)" in out
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("T->T: 1 of 1 items need more global positions than the model's "
+                              "context of 32 (--max-position-embeddings), the first, item")
+
+
 def test_lst_eval_names_a_bad_item(checkpoint, capsys):
     root, _, _ = checkpoint
     record = random_records(6, 1)[0]

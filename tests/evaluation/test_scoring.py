@@ -141,7 +141,8 @@ def test_scores_are_deterministic_and_independent_of_batching(items, models, kin
 def test_accuracy_from_scores():
     scores = ModeScores("T->T", logprob=np.array([-3.0, -4.0, -10.0, -9.0, -1.0, -2.0, -3.0]),
                         num_tokens=np.array([1, 2, 10, 3, 1, 1, 1]),
-                        item_offsets=np.array([0, 2, 4, 7]), labels=np.array([0, 0, 2]))
+                        item_offsets=np.array([0, 2, 4, 7]), labels=np.array([0, 0, 2]),
+                        beyond_context=np.zeros(3, bool))
     assert scores.correct().tolist() == [True, False, False]
     # Per token: item 0 -3 vs -2 -> ending 1; item 1 -1 vs -3 -> ending 0.
     assert scores.correct(normalised=True).tolist() == [False, True, False]
@@ -175,3 +176,24 @@ def test_items_that_cannot_be_scored(items, models):
     score_items([models["lst"]], unaligned, vocab(), STATIC, "S->S", 1)
     with pytest.raises(ItemError, match="ending 1: aligned patching needs \"segments\""):
         score_items([models["lst"]], unaligned, vocab(), ALIGNED, "T->S", 1)
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_items_longer_than_the_context_are_counted_and_named(items, single_rank, kind, caplog):
+    """They were scored, silently, past the context the model was built for (RoPE has no cap)."""
+    needed = [max(len(s.patch_lengths) if kind == "lst" else len(s.tokens) - 1
+                  for s in (build_sequence(item, e, "S->S", vocab(), STATIC)
+                            for e in range(len(item.endings)))) for item in items]
+    longest = max(needed)
+    fits = tiny_model(kind, vocab().size, seed=3, max_sequence_length=longest)
+    results = evaluate_items([fits], items, vocab(), STATIC, ["S->S"], 4, 100)
+    assert results["S->S"]["num_items_beyond_context"] == 0 and not caplog.records
+    short = tiny_model(kind, vocab().size, seed=3, max_sequence_length=longest - 1)
+    results = evaluate_items([short], items, vocab(), STATIC, ["S->S"], 4, 100)
+    assert results["S->S"]["num_items_beyond_context"] == needed.count(longest)
+    first = items[needed.index(longest)]
+    [warning] = caplog.records
+    assert warning.getMessage().startswith(
+        f"S->S: {needed.count(longest)} of {len(items)} items need more global positions than "
+        f"the model's context of {longest - 1} (--max-position-embeddings), the first, "
+        f"{first.describe()}, needs {longest}; they are scored past the context")
