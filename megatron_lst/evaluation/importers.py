@@ -54,7 +54,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_lst.evaluation.items import ItemError
+from megatron_lst.evaluation.items import ItemError, text_lines
 
 STORYCLOZE_CONTEXT = tuple(f"InputSentence{i}" for i in range(1, 5))
 STORYCLOZE_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
@@ -64,7 +64,7 @@ def read_hellaswag(path: str | Path) -> list[dict]:
     """Text-only items of a HellaSwag JSONL file."""
     path = Path(path)
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text_lines(path), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -106,7 +106,7 @@ def _hellaswag_label(label, where: str) -> int:
 def read_storycloze(path: str | Path) -> list[dict]:
     """Text-only items of a StoryCloze or TopicStoryCloze CSV file."""
     path = Path(path)
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # a spreadsheet's BOM dropped
         reader = csv.DictReader(f)
         needed = ("InputStoryid", *STORYCLOZE_CONTEXT, *STORYCLOZE_ENDINGS, "AnswerRightEnding")
         missing = [c for c in needed if c not in (reader.fieldnames or [])]

@@ -88,3 +88,18 @@ def test_bad_json_and_duplicate_ids_name_the_line(tmp_path):
     path.write_text(path.read_text(), encoding="utf-16")
     with pytest.raises(ItemError, match=rf"cannot read evaluation items from {path}: .*UTF-8"):
         load_items(path, tokenizer(), vocab())
+
+
+def test_json_lines_hold_any_unicode_and_may_start_with_a_bom(tmp_path):
+    """U+2028 and U+0085 inside a JSON string split the line (str.splitlines), and a BOM made
+    the first line "not a JSON object"."""
+    records = random_records(4, 3)
+    records[0]["context"]["text"] = "the dog\u2028ran"
+    records[1]["endings"][0]["text"] = "the cat\x85sat"
+    path = tmp_path / "items.jsonl"
+    path.write_text("\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
+    items = load_items(path, tokenizer(), vocab())
+    assert [i.id for i in items] == [r["id"] for r in records]
+    assert items[0].context.text == "the dog\u2028ran"
+    assert items[2].source.endswith("items.jsonl:3")

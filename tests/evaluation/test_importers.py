@@ -119,3 +119,17 @@ def test_import_refuses_an_output_that_would_overwrite_the_input(tmp_path, capsy
     cloze.write_text(original, encoding="utf-16")
     assert import_main(["storycloze", str(cloze), "--output", str(tmp_path / "x.jsonl")]) == 2
     assert f"{cloze} is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_benchmark_files_with_a_bom_or_unicode_line_separators(tmp_path):
+    """A spreadsheet's BOM made the CSV "missing columns ['InputStoryid']"; U+2028 inside a
+    HellaSwag string split its line ("not a JSON object")."""
+    cloze = tmp_path / "cloze.csv"
+    cloze.write_text("\ufeff" + CLOZE_HEADER + "s1,a.,b.,c.,d.,e.,f.,2\n", encoding="utf-8")
+    assert read_storycloze(cloze)[0]["id"] == "s1"
+    path = tmp_path / "hs.jsonl"
+    row = {"ind": 3, "ctx": "the girl\u2028ran", "endings": ["a\x85b", "c"], "label": 1}
+    path.write_text("\ufeff" + json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    [record] = read_hellaswag(path)
+    assert record["context"]["text"] == "the girl\u2028ran"
+    assert record["endings"][0]["text"] == "a\x85b"
