@@ -150,23 +150,33 @@ def _read_units(path: Path, item_id: str) -> dict:
     if not path.is_file():
         raise ItemError(f"item {item_id!r}: no unit file {path}; the units directory needs "
                         f"<id>/context.units and <id>/ending<k>.units for every item")
+    text = _read_utf8(path, item_id)
     try:
-        units = [int(u) for u in path.read_text().split()]
+        units = [int(u) for u in text.split()]
     except ValueError:
         raise ItemError(f"item {item_id!r}: {path} must hold whitespace-separated integers") from None
     part = {"units": units}
     align = path.with_suffix(".align")
     if align.is_file():
         segments = []
-        for number, line in enumerate(align.read_text().splitlines(), start=1):
+        for number, line in enumerate(_read_utf8(align, item_id).splitlines(), start=1):
             fields = line.split()
             if not fields:
                 continue
-            if len(fields) != 2 or not fields[1].isdigit():
+            if len(fields) != 2 or not (fields[1].isascii() and fields[1].isdigit()):
                 raise ItemError(f"item {item_id!r}: {align}:{number} must be \"word n_units\"")
             segments.append([fields[0], int(fields[1])])
         part["segments"] = segments
     return part
+
+
+def _read_utf8(path: Path, item_id: str) -> str:
+    """A unit or alignment file's text; one that is not UTF-8 is an error naming it (the
+    importer's own message would name the benchmark file)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ItemError(f"item {item_id!r}: {path} is not UTF-8 text ({error})") from None
 
 
 def _check_output(output: Path, source: Path) -> None:

@@ -133,3 +133,22 @@ def test_benchmark_files_with_a_bom_or_unicode_line_separators(tmp_path):
     [record] = read_hellaswag(path)
     assert record["context"]["text"] == "the girl\u2028ran"
     assert record["endings"][0]["text"] == "a\x85b"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("context.align", "caf\xe9 3\n".encode("latin-1"), "context.align is not UTF-8 text"),
+    ("ending1.units", b"1 2 \xff", "ending1.units is not UTF-8 text"),
+    ("context.align", "cafe 2\xb2\n".encode(), "context.align:1 must be \"word n_units\""),
+])
+def test_bad_unit_files_are_named(tmp_path, capsys, name, content, message):
+    """A file that is not UTF-8 was reported as the benchmark CSV; a count of "2²" (digits to
+    str.isdigit, not to int) was a ValueError traceback."""
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
+    units = tmp_path / "units"
+    for part in ("context", "ending0", "ending1"):
+        write_units(units, "s1", part, [1, 2, 3])
+    (units / "s1" / name).write_bytes(content)
+    assert import_main(["storycloze", str(cloze), "--units-dir", str(units),
+                        "--output", str(tmp_path / "items.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"item 's1': {units / 's1' / name.split('.')[0]}" in err and message in err, err
