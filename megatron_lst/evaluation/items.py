@@ -176,7 +176,8 @@ def _units(values, vocab: JointVocab, where: str) -> np.ndarray:
 def _segments(values, num_units: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(values, list) or not all(
             isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str)
-            and isinstance(s[1], int) and s[1] >= 0 for s in values):
+            and isinstance(s[1], int) and not isinstance(s[1], bool) and s[1] >= 0
+            for s in values):
         raise ItemError(f"{where}: \"segments\" must be a list of [word, number of units >= 0]")
     counts = np.array([n for _, n in values], dtype=np.int64)
     if int(counts.sum()) != num_units:

@@ -58,6 +58,9 @@ BAD_ITEMS = {
                           f"context: unit {10**30} at position 2 is outside the codebook"),
     "segments do not cover units": (lambda r: r["context"]["units"].pop(),
                                     "context: segments cover"),
+    "boolean segment count": (  # true counted as 1 unit
+        lambda r: r["context"].update(units=[1, 2], segments=[["the", True], ["[SIL]", 1]]),
+        'context: "segments" must be a list of [word, number of units >= 0]'),
     "empty text": (lambda r: r["endings"][0].update(text=" "), 'ending 0: "text" is missing'),
     "units on some parts only": (lambda r: r["endings"][0].pop("units") and
                                  r["endings"][0].pop("segments"), "some parts have \"units\""),
