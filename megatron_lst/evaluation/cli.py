@@ -77,7 +77,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 
 def _default_modes(items) -> list[str]:
-    return list(MODES) if items[0].context.has_speech else ["T->T"]
+    """All four modes when any item has speech (a text-only item among them is then refused,
+    named), T->T for a text-only file."""
+    return list(MODES) if any(item.context.has_speech for item in items) else ["T->T"]
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:

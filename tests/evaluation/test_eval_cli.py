@@ -60,6 +60,20 @@ def test_lst_eval_matches_in_memory_scoring(checkpoint, capsys):
     assert "items.jsonl T->T: accuracy" in capsys.readouterr().out
 
 
+def test_default_modes_of_a_file_mixing_text_only_and_spoken_items(checkpoint, capsys):
+    """The first item alone chose them: a text-only first item had the file scored T->T only,
+    silently, where a spoken first item had the text-only one refused."""
+    root, _, _ = checkpoint
+    text_only = {"id": "t", "context": {"text": "the dog"},
+                 "endings": [{"text": "sat"}, {"text": "ran"}], "label": 0}
+    mixed = root / "mixed.jsonl"
+    mixed.write_text(json.dumps(text_only) + "\n" + json.dumps(random_records(9, 1)[0]) + "\n")
+    assert eval_main(["--load", str(root / "save"), "--items", str(mixed)]) == 2
+    assert "item 't' " in (err := capsys.readouterr().err) and "cannot be scored S->S" in err
+    assert eval_main(["--load", str(root / "save"), "--items", str(mixed), "--modes", "tt",
+                      "--bootstrap-resamples", "10"]) == 0
+
+
 def test_lst_eval_counts_items_beyond_the_context(checkpoint, capsys, caplog):
     """An item longer than the model's context was scored, and reported, as any other."""
     root, _, _ = checkpoint
