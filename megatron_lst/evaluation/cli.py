@@ -77,7 +77,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 
 def _default_modes(items) -> list[str]:
-    return list(MODES) if items[0].context.has_speech else ["T->T"]
+    """All four modes when any item has speech (a text-only item among them is then refused,
+    named), T->T for a text-only file."""
+    return list(MODES) if any(item.context.has_speech for item in items) else ["T->T"]
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
@@ -117,12 +119,19 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         for mode, s in per_mode.items():
             print(f"{Path(path).name} {mode}: accuracy {s['accuracy']:.4f} "
                   f"[{s['accuracy_ci_low']:.4f}, {s['accuracy_ci_high']:.4f}]  per-token "
-                  f"{s['accuracy_normalised']:.4f}  ({int(s['num_items'])} items)")
+                  f"{s['accuracy_normalised']:.4f}  ({_item_count(s)})")
     if args.output:
         Path(args.output).write_text(json.dumps(
             {"checkpoint": str(model.checkpoint), "iteration": model.iteration,
              "results": results}, indent=1))
     return 0
+
+
+def _item_count(summary: dict[str, float]) -> str:
+    """"1871 items", and how many were scored past the model's context when any were."""
+    count = f"{int(summary['num_items'])} items"
+    beyond = int(summary["num_items_beyond_context"])
+    return f"{count}, {beyond} beyond the model's context" if beyond else count
 
 
 def _load_item_sets(paths: Sequence[str], model, modes: list[str] | None) -> dict[str, list]:

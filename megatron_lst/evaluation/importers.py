@@ -54,7 +54,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_lst.evaluation.items import ItemError
+from megatron_lst.evaluation.items import ItemError, text_lines
 
 STORYCLOZE_CONTEXT = tuple(f"InputSentence{i}" for i in range(1, 5))
 STORYCLOZE_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
@@ -64,7 +64,7 @@ def read_hellaswag(path: str | Path) -> list[dict]:
     """Text-only items of a HellaSwag JSONL file."""
     path = Path(path)
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text_lines(path), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -106,7 +106,7 @@ def _hellaswag_label(label, where: str) -> int:
 def read_storycloze(path: str | Path) -> list[dict]:
     """Text-only items of a StoryCloze or TopicStoryCloze CSV file."""
     path = Path(path)
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # a spreadsheet's BOM dropped
         reader = csv.DictReader(f)
         needed = ("InputStoryid", *STORYCLOZE_CONTEXT, *STORYCLOZE_ENDINGS, "AnswerRightEnding")
         missing = [c for c in needed if c not in (reader.fieldnames or [])]
@@ -150,23 +150,33 @@ def _read_units(path: Path, item_id: str) -> dict:
     if not path.is_file():
         raise ItemError(f"item {item_id!r}: no unit file {path}; the units directory needs "
                         f"<id>/context.units and <id>/ending<k>.units for every item")
+    text = _read_utf8(path, item_id)
     try:
-        units = [int(u) for u in path.read_text().split()]
+        units = [int(u) for u in text.split()]
     except ValueError:
         raise ItemError(f"item {item_id!r}: {path} must hold whitespace-separated integers") from None
     part = {"units": units}
     align = path.with_suffix(".align")
     if align.is_file():
         segments = []
-        for number, line in enumerate(align.read_text().splitlines(), start=1):
+        for number, line in enumerate(_read_utf8(align, item_id).splitlines(), start=1):
             fields = line.split()
             if not fields:
                 continue
-            if len(fields) != 2 or not fields[1].isdigit():
+            if len(fields) != 2 or not (fields[1].isascii() and fields[1].isdigit()):
                 raise ItemError(f"item {item_id!r}: {align}:{number} must be \"word n_units\"")
             segments.append([fields[0], int(fields[1])])
         part["segments"] = segments
     return part
+
+
+def _read_utf8(path: Path, item_id: str) -> str:
+    """A unit or alignment file's text; one that is not UTF-8 is an error naming it (the
+    importer's own message would name the benchmark file)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ItemError(f"item {item_id!r}: {path} is not UTF-8 text ({error})") from None
 
 
 def _check_output(output: Path, source: Path) -> None:

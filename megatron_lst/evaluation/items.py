@@ -80,7 +80,7 @@ def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> 
     """Read, validate and tokenize every item of a JSONL file (blank lines are skipped)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = text_lines(path)
     except (OSError, UnicodeDecodeError) as err:  # a folder, a binary or UTF-16 file, ...
         raise ItemError(f"cannot read evaluation items from {path}: {err}; items are UTF-8 "
                         f"JSON lines") from None
@@ -102,6 +102,13 @@ def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> 
     if not items:
         raise ItemError(f"{path} holds no items")
     return items
+
+
+def text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a leading byte-order mark dropped), split at line ends
+    only: a JSON string may hold U+2028, U+0085 and the other characters `str.splitlines` also
+    splits at, so line numbers stay an editor's."""
+    return path.read_text(encoding="utf-8-sig").split("\n")
 
 
 def item_from_record(record: dict, tokenizer: PieceEncoder, vocab: JointVocab,
@@ -169,7 +176,8 @@ def _units(values, vocab: JointVocab, where: str) -> np.ndarray:
 def _segments(values, num_units: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(values, list) or not all(
             isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str)
-            and isinstance(s[1], int) and s[1] >= 0 for s in values):
+            and isinstance(s[1], int) and not isinstance(s[1], bool) and s[1] >= 0
+            for s in values):
         raise ItemError(f"{where}: \"segments\" must be a list of [word, number of units >= 0]")
     counts = np.array([n for _, n in values], dtype=np.int64)
     if int(counts.sum()) != num_units:

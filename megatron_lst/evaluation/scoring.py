@@ -24,7 +24,9 @@ decoder output at t-1, which reads only patches ending at or before t-1 (docs/ar
 it equals the next-token log-prob of the prefix (a test checks this). Sequences are patched as the
 model is at inference: the whole sequence by the eval patcher (`inference_patcher`: curriculum
 and mixed models are patched statically). A batch holds every ending of `batch_size` items, padded
-as training pads (the padding joins each row's last patch). The forward goes through megatron's
+as training pads (the padding joins each row's last patch). An item longer than the model's
+context (--max-position-embeddings) is still scored, with a warning, and counted in the results
+(`items_beyond_context`). The forward goes through megatron's
 forward-only schedule, so tensor and pipeline parallelism work; scores are broadcast from the last
 pipeline stage, and data-parallel replicas each score a contiguous share of the items and
 exchange the scores, so every rank returns the same result.
@@ -33,6 +35,7 @@ exchange the scores, so every rank returns the same result.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +47,8 @@ from megatron_lst.evaluation.bootstrap import bootstrap_ci
 from megatron_lst.evaluation.items import EvalItem, ItemError, Utterance, check_items_for_speech
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab
+
+logger = logging.getLogger(__name__)
 
 # Mode name -> (context is speech, ending is speech).
 MODES = {"S->S": (True, True), "T->T": (False, False), "S->T": (True, False), "T->S": (False, True)}
@@ -216,6 +221,7 @@ class ModeScores:
     num_tokens: np.ndarray  # [R] int64 scored tokens
     item_offsets: np.ndarray  # [I + 1] rows of item i: item_offsets[i] .. item_offsets[i + 1]
     labels: np.ndarray  # [I]
+    beyond_context: np.ndarray  # [I] bool: scored past the model's context (items_beyond_context)
 
     @property
     def normalised(self) -> np.ndarray:
@@ -235,6 +241,40 @@ def check_items_for_mode(items: Sequence[EvalItem], mode: str) -> None:
         check_items_for_speech(items, mode)
 
 
+def items_beyond_context(model_chunk: torch.nn.Module, items: Sequence[EvalItem],
+                         sequences: Sequence[Sequence[ScoredSequence]], mode: str) -> np.ndarray:
+    """`[I]` bool: the items with an ending whose sequence (`sequences[item][ending]`) needs more
+    global positions (patches for LST, input tokens for the baseline) than the model's
+    `max_sequence_length` (--max-position-embeddings).
+
+    RoPE has no length cap, so such an item is scored past the context the model was built for;
+    a warning names the first and how many there are.
+    """
+    model = _unwrap(model_chunk)
+    context = model.lst_config.max_sequence_length
+    needed = np.array([max(_sequence_positions(model, s) for s in endings) for endings in sequences])
+    beyond = needed > context
+    if beyond.any():
+        first = int(np.argmax(beyond))
+        logger.warning(
+            "%s: %d of %d items need more global positions than the model's context of %d "
+            "(--max-position-embeddings), the first, %s, needs %d; they are scored past the context the "
+            "model was built for (counted in num_items_beyond_context): shorten them or leave "
+            "them out", mode, int(beyond.sum()), len(items), context, items[first].describe(),
+            int(needed[first]))
+    return beyond
+
+
+def _sequence_positions(model: torch.nn.Module, sequence: ScoredSequence) -> int:
+    """Global positions of one sequence's forward: its patches for LST (the one holding the last
+    label included), its input tokens for the token baseline."""
+    from megatron_lst.models.lst_model import LSTModel
+
+    if isinstance(model, LSTModel):
+        return len(sequence.patch_lengths)
+    return len(sequence.tokens) - 1
+
+
 def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalItem],
                 vocab: JointVocab, patcher: Patcher, mode: str, batch_size: int) -> ModeScores:
     """Score every ending of `items` in `mode` (collective over the model's ranks)."""
@@ -246,6 +286,9 @@ def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalIte
         raise ValueError(f"batch_size must be >= 1 item, got {batch_size}")
     check_items_for_mode(items, mode)
     patcher = inference_patcher(patcher.config)
+    sequences = [[build_sequence(item, e, mode, vocab, patcher) for e in range(len(item.endings))]
+                 for item in items]
+    beyond_context = items_beyond_context(model_chunks[0], items, sequences, mode)
     config = _unwrap(model_chunks[0]).config
     multiple_of = (parallel_state.get_tensor_model_parallel_world_size()
                    if config.sequence_parallel else 1)
@@ -253,12 +296,11 @@ def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalIte
     # Data-parallel replicas score contiguous shares of the items, then exchange the scores.
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    share = items[dp_rank * len(items) // dp_size:(dp_rank + 1) * len(items) // dp_size]
+    share = sequences[dp_rank * len(items) // dp_size:(dp_rank + 1) * len(items) // dp_size]
     logprobs, counts = [np.zeros(0)], [np.zeros(0, np.int64)]
     for start in range(0, len(share), batch_size):
-        sequences = [build_sequence(item, e, mode, vocab, patcher)
-                     for item in share[start:start + batch_size] for e in range(len(item.endings))]
-        batch = collate(sequences, multiple_of)
+        batch = collate([sequence for endings in share[start:start + batch_size]
+                         for sequence in endings], multiple_of)
         logprobs.append(ending_logprobs(model_chunks, batch).numpy())
         counts.append(batch["score_mask"].sum(dim=1).numpy().astype(np.int64))
     scores = (np.concatenate(logprobs), np.concatenate(counts))
@@ -269,7 +311,7 @@ def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalIte
         scores = tuple(np.concatenate(parts) for parts in zip(*shares, strict=True))
     endings_per_item = [len(item.endings) for item in items]
     return ModeScores(mode, scores[0], scores[1], np.concatenate([[0], np.cumsum(endings_per_item)]),
-                      np.array([item.label for item in items]))
+                      np.array([item.label for item in items]), beyond_context)
 
 
 def evaluate_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalItem],
@@ -281,7 +323,8 @@ def evaluate_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[Eval
     Collective: call on every rank of the model. The model chunks are put in eval mode and their
     previous mode restored. Returns, per mode,
     `{"accuracy", "accuracy_ci_low", "accuracy_ci_high", "accuracy_normalised",
-      "accuracy_normalised_ci_low", "accuracy_normalised_ci_high", "num_items"}`.
+      "accuracy_normalised_ci_low", "accuracy_normalised_ci_high", "num_items",
+      "num_items_beyond_context"}` (see `items_beyond_context`).
     """
     was_training = [chunk.training for chunk in model_chunks]
     for chunk in model_chunks:
@@ -300,7 +343,8 @@ def evaluate_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[Eval
 def summarise(scores: ModeScores, bootstrap_resamples: int = 1000,
               seed: int = 0) -> dict[str, float]:
     """Accuracies (summed and per-token-normalised scores) with 95% bootstrap intervals."""
-    summary: dict[str, float] = {"num_items": float(len(scores.labels))}
+    summary: dict[str, float] = {"num_items": float(len(scores.labels)),
+                                 "num_items_beyond_context": float(scores.beyond_context.sum())}
     for suffix, normalised in (("", False), ("_normalised", True)):
         correct = scores.correct(normalised)
         low, high = bootstrap_ci(correct, bootstrap_resamples, 0.95, seed)

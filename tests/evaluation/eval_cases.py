@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 import tempfile
@@ -66,9 +67,12 @@ def tiny_lst_config(vocab_size: int):
     return with_windows(preset("tiny", vocab_size), 16, 4)
 
 
-def tiny_model(kind: str, vocab_size: int, seed: int = 0, **megatron_overrides):
-    """A tiny LST (`kind="lst"`) or token baseline (`"baseline"`) in eval mode, CPU kernels."""
-    config = tiny_lst_config(vocab_size)
+def tiny_model(kind: str, vocab_size: int, seed: int = 0, max_sequence_length: int = 4096,
+               **megatron_overrides):
+    """A tiny LST (`kind="lst"`) or token baseline (`"baseline"`) in eval mode, CPU kernels, whose
+    context is `max_sequence_length` global positions."""
+    config = dataclasses.replace(tiny_lst_config(vocab_size),
+                                 max_sequence_length=max_sequence_length)
     megatron_config = config.transformer_config(**megatron_overrides)
     torch.manual_seed(seed)
     if kind == "lst":

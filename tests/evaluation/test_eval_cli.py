@@ -60,6 +60,41 @@ def test_lst_eval_matches_in_memory_scoring(checkpoint, capsys):
     assert "items.jsonl T->T: accuracy" in capsys.readouterr().out
 
 
+def test_default_modes_of_a_file_mixing_text_only_and_spoken_items(checkpoint, capsys):
+    """The first item alone chose them: a text-only first item had the file scored T->T only,
+    silently, where a spoken first item had the text-only one refused."""
+    root, _, _ = checkpoint
+    text_only = {"id": "t", "context": {"text": "the dog"},
+                 "endings": [{"text": "sat"}, {"text": "ran"}], "label": 0}
+    mixed = root / "mixed.jsonl"
+    mixed.write_text(json.dumps(text_only) + "\n" + json.dumps(random_records(9, 1)[0]) + "\n")
+    assert eval_main(["--load", str(root / "save"), "--items", str(mixed)]) == 2
+    assert "item 't' " in (err := capsys.readouterr().err) and "cannot be scored S->S" in err
+    assert eval_main(["--load", str(root / "save"), "--items", str(mixed), "--modes", "tt",
+                      "--bootstrap-resamples", "10"]) == 0
+
+
+def test_lst_eval_counts_items_beyond_the_context(checkpoint, capsys, caplog):
+    """An item longer than the model's context was scored, and reported, as any other."""
+    root, _, _ = checkpoint
+    record = random_records(8, 1)[0]
+    record["context"] = {"text": " ".join(WORDS), "units": [3, 1]}  # too long as text only
+    items = root / "long.jsonl"
+    items.write_text(json.dumps(record) + "\n")
+    output = root / "long.json"
+    assert eval_main(["--load", str(root / "save"), "--items", str(items), "--modes", "ss,tt",
+                      "--bootstrap-resamples", "10", "--output", str(output)]) == 0
+    results = json.loads(output.read_text())["results"][str(items)]
+    assert results["S->S"]["num_items_beyond_context"] == 0
+    assert results["T->T"]["num_items_beyond_context"] == 1
+    out = capsys.readouterr().out
+    assert "long.jsonl S->S: accuracy" in out and "(1 items)\n" in out
+    assert "(1 items, 1 beyond the model's context)" in out
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("T->T: 1 of 1 items need more global positions than the model's "
+                              "context of 32 (--max-position-embeddings), the first, item")
+
+
 def test_lst_eval_names_a_bad_item(checkpoint, capsys):
     root, _, _ = checkpoint
     record = random_records(6, 1)[0]

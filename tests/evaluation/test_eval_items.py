@@ -58,6 +58,9 @@ BAD_ITEMS = {
                           f"context: unit {10**30} at position 2 is outside the codebook"),
     "segments do not cover units": (lambda r: r["context"]["units"].pop(),
                                     "context: segments cover"),
+    "boolean segment count": (  # true counted as 1 unit
+        lambda r: r["context"].update(units=[1, 2], segments=[["the", True], ["[SIL]", 1]]),
+        'context: "segments" must be a list of [word, number of units >= 0]'),
     "empty text": (lambda r: r["endings"][0].update(text=" "), 'ending 0: "text" is missing'),
     "units on some parts only": (lambda r: r["endings"][0].pop("units") and
                                  r["endings"][0].pop("segments"), "some parts have \"units\""),
@@ -88,3 +91,18 @@ def test_bad_json_and_duplicate_ids_name_the_line(tmp_path):
     path.write_text(path.read_text(), encoding="utf-16")
     with pytest.raises(ItemError, match=rf"cannot read evaluation items from {path}: .*UTF-8"):
         load_items(path, tokenizer(), vocab())
+
+
+def test_json_lines_hold_any_unicode_and_may_start_with_a_bom(tmp_path):
+    """U+2028 and U+0085 inside a JSON string split the line (str.splitlines), and a BOM made
+    the first line "not a JSON object"."""
+    records = random_records(4, 3)
+    records[0]["context"]["text"] = "the dog\u2028ran"
+    records[1]["endings"][0]["text"] = "the cat\x85sat"
+    path = tmp_path / "items.jsonl"
+    path.write_text("\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
+    items = load_items(path, tokenizer(), vocab())
+    assert [i.id for i in items] == [r["id"] for r in records]
+    assert items[0].context.text == "the dog\u2028ran"
+    assert items[2].source.endswith("items.jsonl:3")

@@ -119,3 +119,36 @@ def test_import_refuses_an_output_that_would_overwrite_the_input(tmp_path, capsy
     cloze.write_text(original, encoding="utf-16")
     assert import_main(["storycloze", str(cloze), "--output", str(tmp_path / "x.jsonl")]) == 2
     assert f"{cloze} is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_benchmark_files_with_a_bom_or_unicode_line_separators(tmp_path):
+    """A spreadsheet's BOM made the CSV "missing columns ['InputStoryid']"; U+2028 inside a
+    HellaSwag string split its line ("not a JSON object")."""
+    cloze = tmp_path / "cloze.csv"
+    cloze.write_text("\ufeff" + CLOZE_HEADER + "s1,a.,b.,c.,d.,e.,f.,2\n", encoding="utf-8")
+    assert read_storycloze(cloze)[0]["id"] == "s1"
+    path = tmp_path / "hs.jsonl"
+    row = {"ind": 3, "ctx": "the girl\u2028ran", "endings": ["a\x85b", "c"], "label": 1}
+    path.write_text("\ufeff" + json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    [record] = read_hellaswag(path)
+    assert record["context"]["text"] == "the girl\u2028ran"
+    assert record["endings"][0]["text"] == "a\x85b"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("context.align", "caf\xe9 3\n".encode("latin-1"), "context.align is not UTF-8 text"),
+    ("ending1.units", b"1 2 \xff", "ending1.units is not UTF-8 text"),
+    ("context.align", "cafe 2\xb2\n".encode(), "context.align:1 must be \"word n_units\""),
+])
+def test_bad_unit_files_are_named(tmp_path, capsys, name, content, message):
+    """A file that is not UTF-8 was reported as the benchmark CSV; a count of "2²" (digits to
+    str.isdigit, not to int) was a ValueError traceback."""
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
+    units = tmp_path / "units"
+    for part in ("context", "ending0", "ending1"):
+        write_units(units, "s1", part, [1, 2, 3])
+    (units / "s1" / name).write_bytes(content)
+    assert import_main(["storycloze", str(cloze), "--units-dir", str(units),
+                        "--output", str(tmp_path / "items.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"item 's1': {units / 's1' / name.split('.')[0]}" in err and message in err, err

@@ -17,6 +17,7 @@ from megatron_lst.evaluation.scoring import (
     inference_patcher,
     parse_modes,
     score_items,
+    summarise,
 )
 from megatron_lst.patching import Patcher, PatchingConfig, check_batch
 from megatron_lst.tokenizer.vocab import MODALITY_SPEECH, MODALITY_TEXT
@@ -141,7 +142,8 @@ def test_scores_are_deterministic_and_independent_of_batching(items, models, kin
 def test_accuracy_from_scores():
     scores = ModeScores("T->T", logprob=np.array([-3.0, -4.0, -10.0, -9.0, -1.0, -2.0, -3.0]),
                         num_tokens=np.array([1, 2, 10, 3, 1, 1, 1]),
-                        item_offsets=np.array([0, 2, 4, 7]), labels=np.array([0, 0, 2]))
+                        item_offsets=np.array([0, 2, 4, 7]), labels=np.array([0, 0, 2]),
+                        beyond_context=np.zeros(3, bool))
     assert scores.correct().tolist() == [True, False, False]
     # Per token: item 0 -3 vs -2 -> ending 1; item 1 -1 vs -3 -> ending 0.
     assert scores.correct(normalised=True).tolist() == [False, True, False]
@@ -175,3 +177,113 @@ def test_items_that_cannot_be_scored(items, models):
     score_items([models["lst"]], unaligned, vocab(), STATIC, "S->S", 1)
     with pytest.raises(ItemError, match="ending 1: aligned patching needs \"segments\""):
         score_items([models["lst"]], unaligned, vocab(), ALIGNED, "T->S", 1)
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_items_longer_than_the_context_are_counted_and_named(items, single_rank, kind, caplog):
+    """They were scored, silently, past the context the model was built for (RoPE has no cap)."""
+    needed = [max(len(s.patch_lengths) if kind == "lst" else len(s.tokens) - 1
+                  for s in (build_sequence(item, e, "S->S", vocab(), STATIC)
+                            for e in range(len(item.endings)))) for item in items]
+    longest = max(needed)
+    fits = tiny_model(kind, vocab().size, seed=3, max_sequence_length=longest)
+    results = evaluate_items([fits], items, vocab(), STATIC, ["S->S"], 4, 100)
+    assert results["S->S"]["num_items_beyond_context"] == 0 and not caplog.records
+    short = tiny_model(kind, vocab().size, seed=3, max_sequence_length=longest - 1)
+    results = evaluate_items([short], items, vocab(), STATIC, ["S->S"], 4, 100)
+    assert results["S->S"]["num_items_beyond_context"] == needed.count(longest)
+    first = items[needed.index(longest)]
+    [warning] = caplog.records
+    assert warning.getMessage().startswith(
+        f"S->S: {needed.count(longest)} of {len(items)} items need more global positions than "
+        f"the model's context of {longest - 1} (--max-position-embeddings), the first, "
+        f"{first.describe()}, needs {longest}; they are scored past the context")
+
+
+# --- an independent scorer, from the rule docs/evaluation.md#scoring states -----------------
+
+def documented_sequence(record: dict, ending: int, mode: str) -> tuple[list[int], int]:
+    """The joint ids of one (item, ending) in `mode` as the docs' table lays them out, and where
+    the ending's own tokens start; from the JSON record, not from `EvalItem`."""
+    v, pieces = vocab(), tokenizer().encode
+    context, candidate = record["context"], record["endings"][ending]
+    context_speech, ending_speech = mode[0] == "S", mode[-1] == "S"
+    ids = [v.bos_id, v.speech_marker if context_speech else v.text_marker]
+    ids += ([v.unit_offset + u for u in context["units"]] if context_speech
+            else pieces(context["text"]))
+    if context_speech and not ending_speech:
+        ids.append(v.text_marker)
+    if ending_speech and not context_speech:
+        ids += [tokenizer().space_id, v.speech_marker]
+    start = len(ids)
+    ids += ([v.unit_offset + u for u in candidate["units"]] if ending_speech
+            else pieces(candidate["text"]))
+    return ids, start
+
+
+def documented_score(model, record: dict, ending: int, mode: str,
+                     patch_size: int | None) -> tuple[float, int]:
+    """Sum over the ending's tokens of the next-token log-prob of the prefix before each, the
+    prefix patched as generation patches it; and the number of those tokens."""
+    from megatron_lst.evaluation.generation import generation_patch_lengths
+
+    ids, start = documented_sequence(record, ending, mode)
+    total = 0.0
+    for t in range(start, len(ids)):
+        prefix = np.asarray(ids[:t])
+        lengths = torch.from_numpy(generation_patch_lengths(prefix, vocab(), patch_size))[None]
+        with torch.no_grad():
+            logits = model(torch.from_numpy(prefix.astype(np.int64))[None], lengths)
+        total += torch.log_softmax(logits[0, -1].double(), -1)[ids[t]].item()
+    return total, len(ids) - start
+
+
+def documented_interval(correct: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """The 95% percentile bootstrap: `resamples` draws of n items with replacement."""
+    picks = np.random.default_rng(seed).integers(0, len(correct), size=(resamples, len(correct)))
+    low, high = np.percentile(correct[picks].mean(axis=1), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def crafted_records() -> list[dict]:
+    """Three and four endings, a one-unit ending, a context a whole number of patches long, an
+    ending that is a prefix of another, and two identical endings (a tie goes to the first)."""
+    records = random_records(11, 2, num_endings=3) + random_records(12, 1, num_endings=4)
+    records[0]["endings"][1] = {"text": "sat", "units": [7]}
+    records[1]["context"] = {"text": "the dog ran", "units": [1, 2, 3, 4, 5, 6]}
+    records[1]["endings"][2] = {"text": records[1]["endings"][0]["text"] + " home",
+                                "units": records[1]["endings"][0]["units"] + [9, 9]}
+    records[2]["endings"][3] = records[2]["endings"][1]
+    records[2]["label"] = 3
+    return records
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_lst_eval_scores_by_the_documented_rule(models, kind):
+    records, seed, resamples = crafted_records(), 5, 300
+    scored = items_of(records)
+    patch_size = STATIC.config.patch_size if kind == "lst" else None
+    for mode in MODES:
+        scores = score_items([models[kind]], scored, vocab(), STATIC, mode, batch_size=2)
+        expected = [documented_score(models[kind], r, e, mode, patch_size)
+                    for r in records for e in range(len(r["endings"]))]
+        np.testing.assert_allclose(scores.logprob, [s for s, _ in expected], rtol=1e-4,
+                                   atol=1e-4, err_msg=mode)
+        np.testing.assert_array_equal(scores.num_tokens, [n for _, n in expected], err_msg=mode)
+        summary = summarise(scores, resamples, seed)
+        for suffix, per_token in (("", False), ("_normalised", True)):
+            rows = iter([s / n if per_token else s for s, n in expected])
+            choices = [int(np.argmax([next(rows) for _ in r["endings"]])) for r in records]
+            correct = np.array(choices) == [r["label"] for r in records]
+            assert summary[f"accuracy{suffix}"] == correct.mean(), (mode, suffix)
+            low, high = documented_interval(correct.astype(float), resamples, seed)
+            assert summary[f"accuracy{suffix}_ci_low"] == pytest.approx(low), (mode, suffix)
+            assert summary[f"accuracy{suffix}_ci_high"] == pytest.approx(high), (mode, suffix)
+
+
+def test_lst_and_baseline_count_the_same_tokens(models):
+    scored = items_of(crafted_records())
+    for mode in MODES:
+        lst, baseline = (score_items([models[kind]], scored, vocab(), STATIC, mode, 3)
+                         for kind in ("lst", "baseline"))
+        np.testing.assert_array_equal(lst.num_tokens, baseline.num_tokens, err_msg=mode)
