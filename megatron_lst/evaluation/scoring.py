@@ -26,10 +26,10 @@ model is at inference: the whole sequence by the eval patcher (`inference_patche
 and mixed models are patched statically). A batch holds every ending of `batch_size` items, padded
 as training pads (the padding joins each row's last patch). An item longer than the model's
 context (--max-position-embeddings) is still scored, with a warning, and counted in the results
-(`items_beyond_context`). The forward goes through megatron's
-forward-only schedule, so tensor and pipeline parallelism work; scores are broadcast from the last
-pipeline stage, and data-parallel replicas each score a contiguous share of the items and
-exchange the scores, so every rank returns the same result.
+(`items_beyond_context`). The forward goes through megatron's forward-only schedule, so tensor
+and pipeline parallelism work; scores are broadcast from the last pipeline stage, and
+data-parallel replicas each score a contiguous share of the items and exchange the scores, so
+every rank returns the same result.
 """
 
 from __future__ import annotations
