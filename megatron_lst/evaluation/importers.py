@@ -132,6 +132,22 @@ def read_storycloze(path: str | Path) -> list[dict]:
     return records
 
 
+def check_item_ids(records: Sequence[dict], source: str | Path) -> None:
+    """Every id is unique, non-empty and one path component: lst-eval refuses repeated ids, and
+    with --units-dir an id names its folder (two items of one id would read the same units)."""
+    first_seen: dict[str, int] = {}
+    for number, record in enumerate(records, start=1):
+        item_id = record["id"]
+        if not item_id.strip() or item_id in (".", "..") or "/" in item_id or "\\" in item_id:
+            raise ItemError(f"{source}: item {number} has the id {item_id!r}; an id names the "
+                            f"item's --units-dir folder: a file name, not empty, '.' or '..', "
+                            f"without '/' or '\\'")
+        if item_id in first_seen:
+            raise ItemError(f"{source}: items {first_seen[item_id]} and {number} share the id "
+                            f"{item_id!r}; lst-eval needs every id once: remove the repeated item")
+        first_seen[item_id] = number
+
+
 def attach_units(records: Sequence[dict], units_dir: str | Path) -> list[dict]:
     """Copies of the records with `units` (and `segments` where a .align file exists)."""
     units_dir = Path(units_dir)
@@ -205,6 +221,7 @@ def import_main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_output(Path(args.output), Path(args.input))
         records = READERS[args.format](args.input)
+        check_item_ids(records, args.input)
         if args.units_dir is not None:
             records = attach_units(records, args.units_dir)
     except UnicodeDecodeError as error:

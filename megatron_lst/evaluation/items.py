@@ -117,8 +117,8 @@ def item_from_record(record: dict, tokenizer: PieceEncoder, vocab: JointVocab,
     if not isinstance(record, dict):
         raise ItemError(f"{source}: an item must be a JSON object, got {type(record).__name__}")
     item_id = record.get("id")
-    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
-        raise ItemError(f"{source}: the item has no \"id\" (a string or an integer)")
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or not str(item_id).strip():
+        raise ItemError(f"{source}: the item has no \"id\" (a non-empty string or an integer)")
     where = f"item {str(item_id)!r} ({source})"
     for key in ("context", "endings", "label"):
         if key not in record:

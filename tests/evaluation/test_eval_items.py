@@ -79,6 +79,14 @@ def test_bad_item_names_item_and_line(tmp_path, case):
     assert message in text, text
 
 
+def test_an_empty_id_is_refused_naming_the_line(tmp_path):
+    records = random_records(1, 2) + [broken(lambda r: r.update(id=" "))]
+    path = write(tmp_path, records)
+    with pytest.raises(ItemError,
+                       match=rf'{path}:{len(records)}: the item has no "id" \(a non-empty string'):
+        load_items(path, tokenizer(), vocab())
+
+
 def test_bad_json_and_duplicate_ids_name_the_line(tmp_path):
     path = write(tmp_path, random_records(3, 1) + ["{not json"])
     with pytest.raises(ItemError, match=rf"{path}:2: not a JSON object"):

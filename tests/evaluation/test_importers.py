@@ -1,6 +1,7 @@
 """Benchmark importers: HellaSwag JSONL and StoryCloze CSV, with per-ending unit files."""
 
 import json
+import re
 
 import pytest
 from eval_cases import tokenizer, vocab
@@ -106,6 +107,22 @@ def test_malformed_storycloze_rows_are_refused(tmp_path):
                                                              "s2,a.,b.,c.,d.,e."]))
     with pytest.raises(ItemError, match=r"noid.csv:2: the story has no InputStoryid"):
         read_storycloze(write_cloze(tmp_path / "noid.csv", [" ,a.,b.,c.,d.,e.,f.,1"]))
+
+
+@pytest.mark.parametrize(("ids", "message"), [
+    (["s1", "s2", "s1"], r"items 1 and 3 share the id 's1'"),
+    (["s1", "../s2"], r"item 2 has the id '../s2'; an id names the item's --units-dir folder"),
+    (["..", "s2"], r"item 1 has the id '..'"),
+])
+def test_ids_that_lst_eval_or_a_units_folder_cannot_tell_apart_are_refused(tmp_path, capsys, ids,
+                                                                           message):
+    """Repeated ids were written (lst-eval refused the output; with --units-dir both items read
+    one folder), and an id with '/' named a folder outside --units-dir."""
+    cloze = write_cloze(tmp_path / "cloze.csv", [f"{i},a.,b.,c.,d.,e.,f.,1" for i in ids])
+    output = tmp_path / "items.jsonl"
+    assert import_main(["storycloze", str(cloze), "--output", str(output)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not output.exists()
 
 
 def test_import_refuses_an_output_that_would_overwrite_the_input(tmp_path, capsys):
