@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 PAGES = ("architecture.md", "data.md", "evaluation.md", "training.md", "kernels.md",
          "audio.md")
-DOC_FILES = [DOCS / page for page in PAGES] + [REPO / "README.md"]
+DOC_FILES = [DOCS / page for page in PAGES] + [REPO / "README.md", REPO / "kernels" / "README.md",
+                                              REPO / "benchmarks" / "README.md"]
 
 # Flags of commands that are not ours, keyed by the words that name the command: a flag in this
 # table is accepted only in a paragraph that names its command.
@@ -44,6 +45,9 @@ EXTERNAL_FLAGS: dict[tuple[str, ...], frozenset[str]] = {
                               "--rdzv-endpoint", "--rdzv-id", "--max-restarts"}),
     # sbatch / srun options of examples/pretrain_lst_slurm.sbatch
     ("sbatch", "srun", "SLURM"): frozenset({"--signal", "--requeue"}),
+    # pip: the wheels the GPU suite installs offline (benchmarks/README.md)
+    ("pip",): frozenset({"--no-index", "--no-deps", "--no-build-isolation", "--find-links",
+                         "--only-binary", "--python-version", "--implementation", "--platform"}),
     # building NVIDIA apex from source (README, "GPU extras")
     ("apex",): frozenset({"--cpp_ext", "--cuda_ext"}),
     # Megatron-LM flags lst-train refuses by name (docs/training.md, "Not supported")
@@ -190,7 +194,7 @@ def _check_path(path: str, base: Path) -> str | None:
 
 # --- the tests ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_named_paths_exist(doc: Path):
     text = doc.read_text()
     problems = [f"{path}: {error}" for path, before in _named_paths(text)
@@ -204,7 +208,7 @@ def test_named_paths_exist(doc: Path):
     assert not problems, f"{doc.relative_to(REPO)} names what is not there: {problems}"
 
 
-@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_named_flags_exist(doc: Path, project_flags: set[str]):
     unknown = []
     for paragraph in _paragraphs(doc.read_text()):
