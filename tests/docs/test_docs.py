@@ -44,7 +44,8 @@ EXTERNAL_FLAGS: dict[tuple[str, ...], frozenset[str]] = {
     ("torchrun",): frozenset({"--standalone", "--nnodes", "--nproc-per-node", "--rdzv-backend",
                               "--rdzv-endpoint", "--rdzv-id", "--max-restarts"}),
     # sbatch / srun options of examples/pretrain_lst_slurm.sbatch
-    ("sbatch", "srun", "SLURM"): frozenset({"--signal", "--requeue"}),
+    ("sbatch", "srun", "SLURM"): frozenset({"--signal", "--requeue", "--export", "--nodes",
+                                            "--time", "--partition"}),
     # pip: the wheels the GPU suite installs offline (benchmarks/README.md)
     ("pip",): frozenset({"--no-index", "--no-deps", "--no-build-isolation", "--find-links",
                          "--only-binary", "--python-version", "--implementation", "--platform"}),
