@@ -80,7 +80,7 @@ class ExitMonitor:
             minutes = (time.monotonic() - self.start_time) / 60
             signal_number = float(self.received) if self.received is not None else 0.0
             # [signal number received (0: none), minutes elapsed], the largest of any rank.
-            flags = torch.tensor([signal_number, minutes], dtype=torch.float64, device=_device())
+            flags = torch.tensor([signal_number, minutes], dtype=torch.float64, device=collective_device())
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
             signal_number, minutes = flags.tolist()
             if signal_number:
@@ -93,7 +93,8 @@ class ExitMonitor:
         return None
 
 
-def _device() -> torch.device:
+def collective_device() -> torch.device:
+    """Where a collective's tensor lives: the current GPU with CUDA, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
