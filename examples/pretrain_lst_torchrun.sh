@@ -102,8 +102,8 @@ EVAL_AND_LOGGING_ARGS=(
 )
 if [ -n "$TENSORBOARD_DIR" ]; then EVAL_AND_LOGGING_ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR"); fi
 
-cd "$REPO_ROOT"
-exec torchrun "${DISTRIBUTED_ARGS[@]}" pretrain_lst.py \
+# No `cd`: relative paths in the arguments stay relative to the caller's directory.
+exec torchrun "${DISTRIBUTED_ARGS[@]}" "$REPO_ROOT/pretrain_lst.py" \
     "${MODEL_ARGS[@]}" \
     "${TRAINING_ARGS[@]}" \
     "${MODEL_PARALLEL_ARGS[@]}" \

@@ -239,6 +239,14 @@ def check_elastic_restarts_can_rendezvous(environ: Mapping[str, str]) -> None:
         )
 
 
+def collective_device() -> torch.device:
+    """Where this rank's tensors for collectives and the model's inputs live: the current GPU
+    with CUDA, else the CPU (gloo)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def free_local_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

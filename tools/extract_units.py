@@ -26,7 +26,7 @@ from megatron_lst.audio.extract import ExtractConfig, ExtractSummary, extract_un
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_corpus_args(parser)
     add_model_args(parser)
     group = parser.add_argument_group("output")

@@ -277,7 +277,7 @@ def report(preset: StudyPreset, out_dir: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "train and score every run, then report"),
                             ("plan", "build the corpus, print the runs and their FLOPs"),

@@ -61,7 +61,7 @@ class ModelResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", type=Path, default=REPO_ROOT / "runs" / "demo")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "runs" / "downstream")
     parser.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data_cache" / "demo")

@@ -152,8 +152,8 @@ class KMeansCodebook:
         cluster = require("sklearn.cluster", "fitting the unit codebook (k-means)")
         if len(frames) < num_units:
             raise ValueError(f"k-means needs at least {num_units} frames to make {num_units} "
-                             f"units but got {len(frames)}; synthesise more audio or lower "
-                             f"num_units")
+                             f"units but got {len(frames)}; give it more audio or fewer units "
+                             f"(--num-units)")
         kmeans = cluster.MiniBatchKMeans(n_clusters=num_units, n_init=1, batch_size=4096,
                                          max_iter=20, random_state=seed)
         kmeans.fit(frames.astype(np.float32))

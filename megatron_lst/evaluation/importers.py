@@ -10,6 +10,10 @@ and per ending in a directory keyed by item id:
                                            line per word in order ("[SIL] n" for silences),
                                            summing to the units; needed for aligned patching
 
+A `<name>.npy` may stand where there is no `<name>.units`: what `tools/extract_units.py
+--input-format audio-dir` writes for audio laid out as `<item id>/context.wav` and
+`<item id>/ending<k>.wav`.
+
 Readers (the item id each one uses is what keys UNITS_DIR):
 
 - `read_hellaswag`: HellaSwag JSONL, one object per line with `ctx` (or `ctx_a` + `ctx_b`),
@@ -54,6 +58,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_lst.data.readers import DocumentError, load_units
 from megatron_lst.evaluation.items import ItemError, text_lines
 
 STORYCLOZE_CONTEXT = tuple(f"InputSentence{i}" for i in range(1, 5))
@@ -157,21 +162,21 @@ def attach_units(records: Sequence[dict], units_dir: str | Path) -> list[dict]:
         parts = [("context", record["context"])] + [
             (f"ending{k}", ending) for k, ending in enumerate(record["endings"])]
         for name, part in parts:
-            part.update(_read_units(item_dir / f"{name}.units", record["id"]))
+            part.update(_read_units(item_dir / name, record["id"]))
         out.append(record)
     return out
 
 
-def _read_units(path: Path, item_id: str) -> dict:
-    if not path.is_file():
-        raise ItemError(f"item {item_id!r}: no unit file {path}; the units directory needs "
-                        f"<id>/context.units and <id>/ending<k>.units for every item")
-    text = _read_utf8(path, item_id)
-    try:
-        units = [int(u) for u in text.split()]
-    except ValueError:
-        raise ItemError(f"item {item_id!r}: {path} must hold whitespace-separated integers") from None
-    part = {"units": units}
+def _read_units(base: Path, item_id: str) -> dict:
+    """The units of `base`.units (text) or `base`.npy (tools/extract_units.py's), and the
+    segments of `base`.align where it exists."""
+    path = next((base.with_suffix(s) for s in (".units", ".npy") if base.with_suffix(s).is_file()),
+                None)
+    if path is None:
+        raise ItemError(f"item {item_id!r}: no unit file {base}.units (or .npy); the units "
+                        f"directory needs <id>/context.units and <id>/ending<k>.units (or .npy) "
+                        f"for every item")
+    part = {"units": _unit_values(path, item_id)}
     align = path.with_suffix(".align")
     if align.is_file():
         segments = []
@@ -184,6 +189,19 @@ def _read_units(path: Path, item_id: str) -> dict:
             segments.append([fields[0], int(fields[1])])
         part["segments"] = segments
     return part
+
+
+def _unit_values(path: Path, item_id: str) -> list[int]:
+    if path.suffix == ".npy":
+        try:
+            return load_units(path).tolist()
+        except DocumentError as error:
+            raise ItemError(f"item {item_id!r}: {error}") from None
+    text = _read_utf8(path, item_id)
+    try:
+        return [int(u) for u in text.split()]
+    except ValueError:
+        raise ItemError(f"item {item_id!r}: {path} must hold whitespace-separated integers") from None
 
 
 def _read_utf8(path: Path, item_id: str) -> str:

@@ -52,6 +52,7 @@ from megatron_lst.checkpoint.errors import (
     CheckpointIntegrityError,
     mistyped_fields,
 )
+from megatron_lst.parallel import collective_device
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.arguments import args_to_dict
 from megatron_lst.training.resume_check import ResumePosition, check_resume_flags
@@ -351,7 +352,7 @@ def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,
     rank is finite."""
     named = [(name, param) for chunk in _unwrap(model_chunks)
              for name, param in chunk.named_parameters()]
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = collective_device()
     # One device sync: a finite flag per parameter [num_params].
     finite = torch.stack([torch.isfinite(param.detach()).all() for _, param in named]) \
         if named else torch.ones(0, dtype=torch.bool, device=device)

@@ -47,6 +47,7 @@ from megatron_lst.data.dataset import DatasetError, LSTDataset
 from megatron_lst.data.indexed import DocumentStore
 from megatron_lst.data.interleave import InterleaveConfig
 from megatron_lst.data.task_rows import TaskDataset
+from megatron_lst.parallel import collective_device
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.exit_conditions import ExitConditions
@@ -175,20 +176,36 @@ def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None 
 
     `index_cache_dir`: where the datasets keep their row indices, so that restarts and the other
     ranks read them back (default: `<--save>/lst_row_index`, none without --save). With a cache,
-    rank 0 builds the indices first and the other ranks then read them.
+    rank 0 builds the indices first and the other ranks then read them; when rank 0 fails, the
+    other ranks raise DatasetError.
     """
     if args.data_path is None and args.train_data_path is None:
         raise DatasetError("no --data-path or --train-data-path: give the dataset prefixes "
                            "written by tools/preprocess_data.py")
     if index_cache_dir is None and args.save is not None:
         index_cache_dir = Path(args.save) / "lst_row_index"
-    distributed = torch.distributed.is_initialized() and index_cache_dir is not None
-    if distributed and torch.distributed.get_rank() != 0:
-        torch.distributed.barrier()  # rank 0 is building the row indices
-    datasets = _build_datasets(args, Path(index_cache_dir) if index_cache_dir else None)
-    if distributed and torch.distributed.get_rank() == 0:
-        torch.distributed.barrier()
+    cache_root = Path(index_cache_dir) if index_cache_dir else None
+    if not (torch.distributed.is_initialized() and cache_root is not None):
+        return _build_datasets(args, cache_root)
+    if torch.distributed.get_rank() != 0:
+        if _rank_zero_failed(False):  # waits while rank 0 builds the row indices
+            raise DatasetError("rank 0 failed to build the datasets (its message says why); "
+                               "this rank stops with it")
+        return _build_datasets(args, cache_root)
+    try:
+        datasets = _build_datasets(args, cache_root)
+    except Exception:
+        _rank_zero_failed(True)  # the other ranks stop with an error, not in a broken barrier
+        raise
+    _rank_zero_failed(False)
     return datasets
+
+
+def _rank_zero_failed(failed: bool) -> bool:
+    """Collective: rank 0's `failed`, on every rank (the other ranks' value is not used)."""
+    flag = torch.tensor([float(failed)], device=collective_device())
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDatasets:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from megatron_lst.parallel import collective_device
+
 
 @dataclass(frozen=True)
 class ExitConditions:
@@ -80,7 +82,8 @@ class ExitMonitor:
             minutes = (time.monotonic() - self.start_time) / 60
             signal_number = float(self.received) if self.received is not None else 0.0
             # [signal number received (0: none), minutes elapsed], the largest of any rank.
-            flags = torch.tensor([signal_number, minutes], dtype=torch.float64, device=_device())
+            flags = torch.tensor([signal_number, minutes], dtype=torch.float64,
+                                 device=collective_device())
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
             signal_number, minutes = flags.tolist()
             if signal_number:
@@ -92,8 +95,3 @@ class ExitMonitor:
             return f"--exit-interval {conditions.interval} reached at iteration {iteration}"
         return None
 
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -68,7 +68,7 @@ import torch
 
 from megatron_lst.models import LSTConfig
 from megatron_lst.models.loss import masked_token_sum
-from megatron_lst.parallel import destroy_parallel, initialize_parallel
+from megatron_lst.parallel import collective_device, destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import checkpointing
 from megatron_lst.training.data_provider import RunDatasets, build_datasets, build_loader
@@ -247,17 +247,12 @@ class _ForwardStep:
         if self.flop_shape is not None and parallel_state.is_pipeline_last_stage():
             self.flops += flops_per_batch(self.flop_shape, batch["patch_lengths"],
                                           batch["tokens"].shape[1])
-        device = _device()
+        device = collective_device()
         tokens = batch["tokens"].to(device, non_blocking=True)  # [b, N]
         patch_lengths = batch["patch_lengths"].to(device, non_blocking=True)  # [b, P]
         labels = batch["labels"].to(device, non_blocking=True)  # [b, N]
         loss_mask = batch["loss_mask"].to(device, non_blocking=True)  # [b, N]
         return model(tokens, patch_lengths, labels), partial(_loss_func, loss_mask)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
 
 
 def _run_schedule(state: TrainingState, data_iterator: Iterator | None, forward_only: bool,
@@ -289,7 +284,7 @@ def _reduce_over_replicas(losses_reduced: list[dict], flops: FlopBreakdown
     from megatron.core import parallel_state
 
     parts = dataclasses.fields(FlopBreakdown)
-    totals = torch.zeros(2 + len(parts), dtype=torch.float64, device=_device())
+    totals = torch.zeros(2 + len(parts), dtype=torch.float64, device=collective_device())
     if (parallel_state.is_pipeline_last_stage()
             and parallel_state.get_tensor_model_parallel_rank() == 0):
         for reduced in losses_reduced:

@@ -6,7 +6,7 @@
   from the parsers themselves), or belongs to an external command named in the same paragraph
   (`EXTERNAL_FLAGS`); every `make` target named there exists in the Makefile;
 - every flag of lst-train (docs/training.md) and of lst-eval / lst-generate
-  (docs/evaluation.md) is documented;
+  (docs/evaluation.md) is documented; every `--help` description is a whole sentence;
 - the worked examples of docs/data.md marked `<!-- docs-test: run -->` run as written, in order,
   in a scratch directory, and the output block marked `<!-- docs-test: output -->` is what the
   example before it prints;
@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 PAGES = ("architecture.md", "data.md", "evaluation.md", "training.md", "kernels.md",
          "audio.md")
-DOC_FILES = [DOCS / page for page in PAGES] + [REPO / "README.md"]
+DOC_FILES = [DOCS / page for page in PAGES] + [REPO / "README.md", REPO / "kernels" / "README.md",
+                                              REPO / "benchmarks" / "README.md"]
 
 # Flags of commands that are not ours, keyed by the words that name the command: a flag in this
 # table is accepted only in a paragraph that names its command.
@@ -43,7 +44,11 @@ EXTERNAL_FLAGS: dict[tuple[str, ...], frozenset[str]] = {
     ("torchrun",): frozenset({"--standalone", "--nnodes", "--nproc-per-node", "--rdzv-backend",
                               "--rdzv-endpoint", "--rdzv-id", "--max-restarts"}),
     # sbatch / srun options of examples/pretrain_lst_slurm.sbatch
-    ("sbatch", "srun", "SLURM"): frozenset({"--signal", "--requeue"}),
+    ("sbatch", "srun", "SLURM"): frozenset({"--signal", "--requeue", "--export", "--nodes",
+                                            "--time", "--partition"}),
+    # pip: the wheels the GPU suite installs offline (benchmarks/README.md)
+    ("pip",): frozenset({"--no-index", "--no-deps", "--no-build-isolation", "--find-links",
+                         "--only-binary", "--python-version", "--implementation", "--platform"}),
     # building NVIDIA apex from source (README, "GPU extras")
     ("apex",): frozenset({"--cpp_ext", "--cuda_ext"}),
     # Megatron-LM flags lst-train refuses by name (docs/training.md, "Not supported")
@@ -108,15 +113,19 @@ def _script_parsers() -> Iterator[argparse.ArgumentParser]:
 
 
 @pytest.fixture(scope="module")
-def project_flags() -> set[str]:
+def project_parsers() -> list[argparse.ArgumentParser]:
     from megatron_lst.checkpoint.cli import build_parser as convert_parser
     from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
     from megatron_lst.evaluation.importers import import_main
     from megatron_lst.training.arguments import build_parser as train_parser
 
-    parsers = [train_parser(), build_eval_parser(), build_generate_parser(), convert_parser(),
-               _capture_parser(import_main, []), *_script_parsers()]
-    flags = set().union(*(_option_strings(p) for p in parsers))
+    return [train_parser(), build_eval_parser(), build_generate_parser(), convert_parser(),
+            _capture_parser(import_main, []), *_script_parsers()]
+
+
+@pytest.fixture(scope="module")
+def project_flags(project_parsers: list[argparse.ArgumentParser]) -> set[str]:
+    flags = set().union(*(_option_strings(p) for p in project_parsers))
     assert {"--seq-length", "--max-tokens", "--items", "--prompt-text", "--reference-ckpt",
             "--units-dir", "--input-format", "--budget-flops"} <= flags  # every kind was found
     return flags
@@ -190,7 +199,7 @@ def _check_path(path: str, base: Path) -> str | None:
 
 # --- the tests ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_named_paths_exist(doc: Path):
     text = doc.read_text()
     problems = [f"{path}: {error}" for path, before in _named_paths(text)
@@ -204,7 +213,7 @@ def test_named_paths_exist(doc: Path):
     assert not problems, f"{doc.relative_to(REPO)} names what is not there: {problems}"
 
 
-@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_named_flags_exist(doc: Path, project_flags: set[str]):
     unknown = []
     for paragraph in _paragraphs(doc.read_text()):
@@ -232,6 +241,13 @@ def test_every_user_facing_flag_is_documented():
         flags = set().union(*(_option_strings(p) for p in parsers)) - {"-h", "--help"}
         missing = sorted(flags - _documented_flags(page))
         assert not missing, f"docs/{page} does not document {missing}"
+
+
+def test_help_descriptions_are_whole_sentences(project_parsers: list[argparse.ArgumentParser]):
+    """`--help` opens with the script's first docstring paragraph; its first line alone cut
+    three of them mid-sentence ("... against the token")."""
+    cut = [p.description for p in project_parsers if not p.description.rstrip().endswith(".")]
+    assert not cut, f"--help descriptions cut short: {cut}"
 
 
 def test_every_page_is_linked_from_the_readme():

@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 from eval_cases import tokenizer, vocab
 
@@ -54,6 +55,24 @@ def test_worked_example_storycloze_with_units(tmp_path):
         "label": 0}
     (item,) = load_items(output, tokenizer(), vocab())
     assert item.context.segment_is_silence.tolist() == [False, True, False]
+
+
+def test_units_as_tools_extract_units_writes_them(tmp_path):
+    """`tools/extract_units.py --input-format audio-dir` on `<id>/context.wav`, `<id>/ending<k>.wav`
+    writes `<id>/context.npy`, ...: the importer wanted `.units` text and refused them."""
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
+    units = tmp_path / "units" / "s1"
+    units.mkdir(parents=True)
+    for name, values in (("context", [3, 3, 5]), ("ending0", [1, 2]), ("ending1", [4])):
+        np.save(units / f"{name}.npy", np.asarray(values, np.int32))
+    (units / "context.align").write_text("a 2\n[SIL] 1\n")
+    (record,) = attach_units(read_storycloze(cloze), tmp_path / "units")
+    assert record["context"] == {"text": "a. b. c. d.", "units": [3, 3, 5],
+                                 "segments": [["a", 2], ["[SIL]", 1]]}
+    assert [e["units"] for e in record["endings"]] == [[1, 2], [4]]
+    np.save(units / "ending1.npy", np.zeros((2, 2), np.int32))
+    with pytest.raises(ItemError, match=r"item 's1': .*ending1.npy: expected a 1-D integer array"):
+        attach_units(read_storycloze(cloze), tmp_path / "units")
 
 
 def test_hellaswag_jsonl(tmp_path):

@@ -1,6 +1,7 @@
 """`lst-train`'s exit status and message for bad data and a non-finite loss: one line that names
 the problem, no traceback (docs/training.md, "Exit status")."""
 
+import os
 import subprocess
 import sys
 
@@ -44,3 +45,27 @@ def test_a_truncated_index_exits_4_naming_the_file(tmp_path):
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith(f"lst-train: bad training data: {idx}: is ")
     assert "re-run tools/preprocess_data.py" in last
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bad_data_stops_every_rank_with_one_line(tmp_path):
+    """Rank 0 opens the datasets while the other ranks wait for its row indices: when it failed,
+    they died in a broken gloo barrier, a traceback ending 'Connection closed by peer'."""
+    data_path = write_corpus(tmp_path)
+    idx = tmp_path / "speech.idx"
+    idx.write_bytes(idx.read_bytes()[:-8])
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "--module", "megatron_lst.training.cli", *tiny_flags(data_path), "--train-iters", "2",
+         "--save", str(tmp_path / "ckpt")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "[rank1]: Traceback" not in output and "Connection closed by peer" not in output, \
+        output[-3000:]
+    # One message per rank (the two processes' lines may interleave in the shared pipe).
+    assert output.count("lst-train: ") == 2, output[-3000:]
+    assert f"lst-train: bad training data: {idx}: is " in output
+    assert "lst-train: bad training data: rank 0 failed to build the datasets" in output
+    assert output.count("exitcode  : 4") == 2

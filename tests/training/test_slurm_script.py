@@ -1,4 +1,5 @@
-"""examples/pretrain_lst_slurm.sbatch's decision after the step: finished, requeue, or give up.
+"""examples/pretrain_lst_slurm.sbatch's decision after the step: finished, requeue, or give up;
+and a job that cannot start stops before the step.
 
 `srun` and `scontrol` are stand-ins on PATH: the step only sets the checkpoint tracker and exits
 with a status, and `scontrol requeue` is recorded, so the test runs the script's own bash.
@@ -88,3 +89,28 @@ def test_a_finished_run_ends_the_job(tmp_path):
     assert done.returncode == 0, done.stderr
     assert requeues == []
     assert f"training finished at iteration {TRAIN_ITERS}" in done.stdout
+
+
+@pytest.mark.parametrize("submit_dir, config, error", [
+    ("elsewhere", None, "no pretrain_lst.py in {submit_dir}: submit from the repository root"),
+    (str(REPO), "missing.yaml", "CONFIG=missing.yaml: no such file"),
+], ids=["submitted-outside-the-repository", "missing-config"])
+def test_a_job_that_cannot_start_stops_before_the_step(tmp_path, submit_dir, config, error):
+    """Submitted from another directory, every node's workers failed to open pretrain_lst.py
+    and the script ended in a traceback about the default --config; a missing CONFIG also
+    reached the step."""
+    if submit_dir == "elsewhere":
+        submit_dir = str(tmp_path)
+    _stand_ins(tmp_path / "bin", step_saves=None, step_status=1)
+    (tmp_path / "bin" / "srun").write_text(f'#!/bin/bash\ntouch "{tmp_path}/step_ran"\n')
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+           "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1", "SLURM_JOB_ID": "77",
+           "SLURM_SUBMIT_DIR": submit_dir, "REQUEUES": str(tmp_path / "requeues")}
+    env.pop("REPO_ROOT", None)
+    if config is not None:
+        env["CONFIG"] = config
+    done = subprocess.run(["bash", str(SCRIPT), "ckpt", "spm.model", "text", "speech"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert error.format(submit_dir=submit_dir) in done.stderr
+    assert not (tmp_path / "step_ran").exists()
