@@ -186,6 +186,10 @@ def pipeline_stage_layers(num_layers: int, pipeline_model_parallel_size: int,
         if count is not None and count < 1:
             raise ParallelLayoutError(
                 f"pipeline stage {stage} is given {count} layers; give it at least 1")
+    if num_layers < pp:
+        raise ParallelLayoutError(
+            f"{num_layers} global layers cannot fill {pp} pipeline stages (each needs at least "
+            f"1): use --pipeline-model-parallel-size {num_layers} or less, or more --num-layers")
     fixed = {stage: count for stage, count in given.items() if count is not None}
     free_stages = pp - len(fixed)
     rest = num_layers - sum(fixed.values())
@@ -196,10 +200,21 @@ def pipeline_stage_layers(num_layers: int, pipeline_model_parallel_size: int,
             f"{num_layers} global layers do not split over {pp} pipeline stages with "
             f"{fixed or 'no'} fixed layer counts: the {rest} remaining layers must divide evenly "
             f"(at least 1 each) over the {free_stages} other stages; set {first} and/or "
-            f"--decoder-last-pipeline-num-layers so they do (tools/plan_compute.py suggests a "
-            f"split)")
+            f"--decoder-last-pipeline-num-layers so they do, e.g. "
+            f"{_working_split(num_layers, pp)} (tools/plan_compute.py suggests a balanced split)")
     share = rest // free_stages if free_stages else 0
     return [fixed.get(stage, share) for stage in range(pp)]
+
+
+def _working_split(num_layers: int, pp: int) -> str:
+    """The split flags that put `num_layers` >= `pp` global layers on `pp` stages: an even share
+    on every stage, the remainder on the first."""
+    share = num_layers // pp
+    first = num_layers - share * (pp - 1)
+    layers = [first] + [share] * (pp - 1)
+    if first == share:
+        return f"drop both (even stages {layers})"
+    return f"--decoder-first-pipeline-num-layers {first} alone (stages {layers})"
 
 
 def _init_process_group(backend: str, timeout: timedelta) -> None:
