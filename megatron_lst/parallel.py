@@ -186,10 +186,7 @@ def pipeline_stage_layers(num_layers: int, pipeline_model_parallel_size: int,
         if count is not None and count < 1:
             raise ParallelLayoutError(
                 f"pipeline stage {stage} is given {count} layers; give it at least 1")
-    if num_layers < pp:
-        raise ParallelLayoutError(
-            f"{num_layers} global layers cannot fill {pp} pipeline stages (each needs at least "
-            f"1): use --pipeline-model-parallel-size {num_layers} or less, or more --num-layers")
+    _check_stages_fill(num_layers, pp)
     fixed = {stage: count for stage, count in given.items() if count is not None}
     free_stages = pp - len(fixed)
     rest = num_layers - sum(fixed.values())
@@ -206,15 +203,32 @@ def pipeline_stage_layers(num_layers: int, pipeline_model_parallel_size: int,
     return [fixed.get(stage, share) for stage in range(pp)]
 
 
+def first_stage_layers_for_any_split(num_layers: int, pipeline_model_parallel_size: int
+                                     ) -> int | None:
+    """The `--decoder-first-pipeline-num-layers` that puts `num_layers` global layers on
+    `pipeline_model_parallel_size` stages: None where they split evenly, else an even share on
+    every stage and the remainder on the first."""
+    pp = pipeline_model_parallel_size
+    _check_stages_fill(num_layers, pp)
+    if num_layers % pp == 0:
+        return None
+    return num_layers - (num_layers // pp) * (pp - 1)
+
+
+def _check_stages_fill(num_layers: int, pp: int) -> None:
+    if num_layers < pp:
+        raise ParallelLayoutError(
+            f"{num_layers} global layers cannot fill {pp} pipeline stages (each needs at least "
+            f"1): use --pipeline-model-parallel-size {num_layers} or less")
+
+
 def _working_split(num_layers: int, pp: int) -> str:
-    """The split flags that put `num_layers` >= `pp` global layers on `pp` stages: an even share
-    on every stage, the remainder on the first."""
-    share = num_layers // pp
-    first = num_layers - share * (pp - 1)
-    layers = [first] + [share] * (pp - 1)
-    if first == share:
-        return f"drop both (even stages {layers})"
-    return f"--decoder-first-pipeline-num-layers {first} alone (stages {layers})"
+    """How to put `num_layers` global layers on `pp` stages, in flags."""
+    first = first_stage_layers_for_any_split(num_layers, pp)
+    if first is None:
+        return f"drop both (even stages {pipeline_stage_layers(num_layers, pp)})"
+    return (f"--decoder-first-pipeline-num-layers {first} alone (stages "
+            f"{pipeline_stage_layers(num_layers, pp, first)})")
 
 
 def _init_process_group(backend: str, timeout: timedelta) -> None:

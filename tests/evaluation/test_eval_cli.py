@@ -1,6 +1,7 @@
 """`lst-eval` on a saved checkpoint: the same accuracies as scoring the model in memory."""
 
 import json
+import shutil
 
 import pytest
 from eval_cases import (
@@ -21,7 +22,7 @@ from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
 from megatron_lst.training.arguments import parse_args, validate_args
-from megatron_lst.training.checkpointing import save_checkpoint
+from megatron_lst.training.checkpointing import METADATA_FILENAME, save_checkpoint
 from megatron_lst.training.model_provider import build_model_chunks
 
 
@@ -135,6 +136,23 @@ def test_a_different_tokenizer_of_the_same_size_is_refused(checkpoint, tmp_path,
         error = capsys.readouterr().err
         assert f"(sha256 {other.sha256[:12]}...) is not the one checkpoint" in error
         assert f"made with (sha256 {tokenizer().sha256[:12]}...)" in error
+
+
+def test_a_checkpoint_of_an_uneven_pipeline_split_scores_on_one_process(checkpoint, tmp_path):
+    """The training run's --decoder-first-pipeline-num-layers reached the one-stage model
+    ("Mismatch: 1 middle layers remaining but 0 middle PP stages available")."""
+    root, items_path, expected = checkpoint
+    save = tmp_path / "save"
+    shutil.copytree(root / "save", save)
+    [metadata_path] = save.glob(f"iter_*/{METADATA_FILENAME}")
+    metadata = json.loads(metadata_path.read_text())
+    metadata["args"].update(pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=1,
+                            decoder_last_pipeline_num_layers=1)
+    metadata_path.write_text(json.dumps(metadata))
+    output = tmp_path / "results.json"
+    assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "ss,tt",
+                      "--batch-size", "2", "--output", str(output)]) == 0
+    assert json.loads(output.read_text())["results"][str(items_path)] == expected
 
 
 @pytest.mark.parametrize("main, flags, message", [
