@@ -17,8 +17,9 @@ from training.training_cases import tiny_flags
 
 from megatron_lst.evaluation.cli import eval_main, generate_main
 from megatron_lst.evaluation.items import load_items
+from megatron_lst.evaluation.loading import load_inference_model
 from megatron_lst.evaluation.scoring import evaluate_items
-from megatron_lst.parallel import destroy_parallel, initialize_parallel
+from megatron_lst.parallel import ParallelLayoutError, destroy_parallel, initialize_parallel
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
 from megatron_lst.training.arguments import parse_args, validate_args
@@ -153,6 +154,23 @@ def test_a_checkpoint_of_an_uneven_pipeline_split_scores_on_one_process(checkpoi
     assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "ss,tt",
                       "--batch-size", "2", "--output", str(output)]) == 0
     assert json.loads(output.read_text())["results"][str(items_path)] == expected
+
+
+@pytest.mark.parametrize("tp, message", [
+    (3, r"--tensor-model-parallel-size 3 does not divide the attention heads \(4\), query groups "
+        r"\(4\), FFN width \(176\) of the model of .*iter_0000003; use one of \[1, 2\]"),
+    (4, r"--tensor-model-parallel-size 4 does not divide the vocabulary size \(VOCAB\) of .*; "
+        r"use one of \[1, 2\]"),
+])
+def test_a_tensor_parallel_size_the_model_does_not_split_into_is_refused_before_building(
+        checkpoint, tp, message):
+    """megatron.core failed while building the model, naming its config fields
+    ("num_attention_heads (4) must be a multiple of tensor_model_parallel_size (3)"), or the
+    vocabulary check advised padding the vocabulary of a trained model."""
+    root, _, _ = checkpoint
+    assert vocab().size % 4 == 2  # divides by 2, not by 4
+    with pytest.raises(ParallelLayoutError, match=message.replace("VOCAB", str(vocab().size))):
+        load_inference_model(root / "save", tensor_model_parallel_size=tp)
 
 
 @pytest.mark.parametrize("main, flags, message", [
