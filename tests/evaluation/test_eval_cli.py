@@ -262,3 +262,18 @@ def test_generate_on_more_processes_than_its_tensor_parallel_ranks_is_refused(mo
     assert generate_main(["--load", "unused", "--prompt-text", "the"]) == 2
     assert ("decodes one sequence, on --tensor-model-parallel-size 1 processes; it was started "
             "on 2") in capsys.readouterr().err
+
+
+def test_a_task_on_more_than_one_process_is_refused(monkeypatch, capsys):
+    """Every process decoded all the utterances, printed the results and wrote --output."""
+    import dataclasses
+
+    import megatron_lst.parallel as parallel
+
+    def two_processes(*args, **kwargs):
+        return dataclasses.replace(initialize_parallel(*args, **kwargs), world_size=2)
+
+    monkeypatch.setattr(parallel, "initialize_parallel", two_processes)
+    assert eval_main(["--load", "unused", "--task", "asr", "--utterances", "unused"]) == 2
+    assert ("--task decodes on one process; it was started on 2, which would all decode the same "
+            "utterances") in capsys.readouterr().err
