@@ -186,6 +186,7 @@ def pipeline_stage_layers(num_layers: int, pipeline_model_parallel_size: int,
         if count is not None and count < 1:
             raise ParallelLayoutError(
                 f"pipeline stage {stage} is given {count} layers; give it at least 1")
+    _check_stages_fill(num_layers, pp)
     fixed = {stage: count for stage, count in given.items() if count is not None}
     free_stages = pp - len(fixed)
     rest = num_layers - sum(fixed.values())
@@ -196,10 +197,38 @@ def pipeline_stage_layers(num_layers: int, pipeline_model_parallel_size: int,
             f"{num_layers} global layers do not split over {pp} pipeline stages with "
             f"{fixed or 'no'} fixed layer counts: the {rest} remaining layers must divide evenly "
             f"(at least 1 each) over the {free_stages} other stages; set {first} and/or "
-            f"--decoder-last-pipeline-num-layers so they do (tools/plan_compute.py suggests a "
-            f"split)")
+            f"--decoder-last-pipeline-num-layers so they do, e.g. "
+            f"{_working_split(num_layers, pp)} (tools/plan_compute.py suggests a balanced split)")
     share = rest // free_stages if free_stages else 0
     return [fixed.get(stage, share) for stage in range(pp)]
+
+
+def first_stage_layers_for_any_split(num_layers: int, pipeline_model_parallel_size: int
+                                     ) -> int | None:
+    """The `--decoder-first-pipeline-num-layers` that puts `num_layers` global layers on
+    `pipeline_model_parallel_size` stages: None where they split evenly, else an even share on
+    every stage and the remainder on the first."""
+    pp = pipeline_model_parallel_size
+    _check_stages_fill(num_layers, pp)
+    if num_layers % pp == 0:
+        return None
+    return num_layers - (num_layers // pp) * (pp - 1)
+
+
+def _check_stages_fill(num_layers: int, pp: int) -> None:
+    if num_layers < pp:
+        raise ParallelLayoutError(
+            f"{num_layers} global layers cannot fill {pp} pipeline stages (each needs at least "
+            f"1): use --pipeline-model-parallel-size {num_layers} or less")
+
+
+def _working_split(num_layers: int, pp: int) -> str:
+    """How to put `num_layers` global layers on `pp` stages, in flags."""
+    first = first_stage_layers_for_any_split(num_layers, pp)
+    if first is None:
+        return f"drop both (even stages {pipeline_stage_layers(num_layers, pp)})"
+    return (f"--decoder-first-pipeline-num-layers {first} alone (stages "
+            f"{pipeline_stage_layers(num_layers, pp, first)})")
 
 
 def _init_process_group(backend: str, timeout: timedelta) -> None:

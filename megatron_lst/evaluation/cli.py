@@ -189,8 +189,12 @@ def task_main(args: argparse.Namespace) -> int:
     if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
         print("lst-eval: --task decodes on one process; drop the parallel sizes", file=sys.stderr)
         return 2
-    initialize_parallel(seed=args.seed)
     try:
+        context = initialize_parallel(seed=args.seed)
+        if context.world_size != 1:
+            raise ValueError(
+                f"--task decodes on one process; it was started on {context.world_size}, which "
+                f"would all decode the same utterances: run lst-eval without torchrun")
         store = DocumentStore(args.utterances)
         if store.kind != "aligned":
             raise ValueError(f"--utterances {args.utterances} is a {store.kind} dataset; give an "

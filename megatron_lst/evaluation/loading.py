@@ -2,16 +2,18 @@
 
 A checkpoint's `lst_checkpoint.json` keeps the model's configuration, the joint vocabulary and the
 training flags. The model is built from that configuration by the trainer's own
-`build_model_chunks` (so it is the same model, LST or baseline) under the layout asked for here,
-and its weights are read with `load_checkpoint` (dist-checkpointing reshards them to that
-layout). Optimizer and RNG state are not read. Flags the checkpoint does not record (one written
-by `lst-convert` records only the model's) take `lst-train`'s defaults. Call after
-`initialize_parallel` with the same tensor/pipeline sizes.
+`build_model_chunks` (so it is the same model, LST or baseline) under the layout asked for here
+(the global layers split evenly over its pipeline stages, any remainder on the first, whatever
+split training used), and its weights are read with `load_checkpoint` (dist-checkpointing
+reshards them to that layout). Optimizer and RNG state are not read. Flags the checkpoint does
+not record (one written by `lst-convert` records only the model's) take `lst-train`'s defaults.
+Call after `initialize_parallel` with the same tensor/pipeline sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,8 @@ import torch
 
 from megatron_lst.checkpoint.model_config import SavedModel, read_model_config
 from megatron_lst.checkpoint.model_state import CheckpointContentError
+from megatron_lst.models.config import LSTConfig
+from megatron_lst.parallel import ParallelLayoutError, first_stage_layers_for_any_split
 from megatron_lst.patching import Patcher
 from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, load_text_tokenizer
 from megatron_lst.tokenizer.vocab import JointVocab
@@ -72,6 +76,11 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
     args = _inference_args(metadata.get("args") or {}, saved)
     args.tensor_model_parallel_size = tensor_model_parallel_size
     args.pipeline_model_parallel_size = pipeline_model_parallel_size
+    _check_tensor_parallel_size_fits(saved.config, tensor_model_parallel_size, path)
+    # The training run's stage split fits its own pipeline size only.
+    args.decoder_first_pipeline_num_layers = first_stage_layers_for_any_split(
+        saved.config.global_model.num_layers, pipeline_model_parallel_size)
+    args.decoder_last_pipeline_num_layers = None
 
     tokenizer_path = tokenizer_model or args.tokenizer_model
     if tokenizer_path is None:
@@ -87,6 +96,23 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
     return InferenceModel(model_chunks, vocab, tokenizer,
                           Patcher(patching_config_from_args(args)), loaded.path,
                           int(metadata["iteration"]))
+
+
+def _check_tensor_parallel_size_fits(config: LSTConfig, tp: int, path: Path) -> None:
+    """Tensor parallelism splits the global model's heads, query groups and FFN width and the
+    vocabulary over its ranks: refuse a size that does not divide them all, naming the sizes
+    that do."""
+    model = config.global_model
+    sizes = {"attention heads": model.num_heads,
+             "query groups": model.num_query_groups or model.num_heads,
+             "FFN width": model.ffn_hidden_size, "vocabulary size": config.vocab_size}
+    undivided = [f"{name} ({count})" for name, count in sizes.items() if count % tp]
+    if undivided:
+        common = math.gcd(*sizes.values())
+        fitting = [size for size in range(1, common + 1) if common % size == 0]
+        raise ParallelLayoutError(
+            f"--tensor-model-parallel-size {tp} does not divide the {', '.join(undivided)} of "
+            f"the model of {path}; use one of {fitting}")
 
 
 def _inference_args(saved_args: dict, saved: SavedModel) -> argparse.Namespace:

@@ -69,6 +69,7 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
             f"with the checkpoint's values, or start a new schedule from its weights with "
             f"--finetune")
     _check_optimizer_precision(saved, args, checkpoint)
+    _check_optimizer_kind(saved, args, checkpoint)
     notes = [f"{_flag(name)} changed from {saved[name]} to {current.get(name)}"
              for name in NOTED_FLAGS if changed(name)]
     if any(changed(name) for name in ("data_path", "train_data_path", "split")):
@@ -97,6 +98,27 @@ def _check_optimizer_precision(saved: Mapping[str, Any], args: argparse.Namespac
             f"run trains in {new} ({_PRECISION_FLAGS[new]}): their optimizer states differ (mixed "
             f"precision keeps fp32 main weights). Resume with {_PRECISION_FLAGS[old]}, or add "
             f"--no-load-optim to continue the schedule with a fresh optimizer state")
+
+
+def _check_optimizer_kind(saved: Mapping[str, Any], args: argparse.Namespace,
+                          checkpoint: str) -> None:
+    """The plain and the distributed optimizer lay their states out differently in a checkpoint,
+    so neither loads the other's (megatron.core fails with a KeyError: on a missing state key,
+    or on 'pre_wd_mult' of a parameter group)."""
+    old = saved.get("use_distributed_optimizer")
+    new = getattr(args, "use_distributed_optimizer", None)
+    if old is None or new is None or old == new or getattr(args, "no_load_optim", False):
+        return
+    raise ResumeConfigError(
+        f"checkpoint {checkpoint} was trained {_with(old)} --use-distributed-optimizer and this "
+        f"run is started {_with(new)} it: the plain and the distributed optimizer store their "
+        f"states differently and neither loads the other's. Resume {_with(old)} "
+        f"--use-distributed-optimizer (the data-parallel size may change), or add "
+        f"--no-load-optim to continue the schedule with a fresh optimizer state")
+
+
+def _with(flag_given: bool) -> str:
+    return "with" if flag_given else "without"
 
 
 def _check_global_batch_size(saved: Mapping[str, Any], args: argparse.Namespace,

@@ -1,6 +1,7 @@
 """`lst-eval` on a saved checkpoint: the same accuracies as scoring the model in memory."""
 
 import json
+import shutil
 
 import pytest
 from eval_cases import (
@@ -16,12 +17,13 @@ from training.training_cases import tiny_flags
 
 from megatron_lst.evaluation.cli import eval_main, generate_main
 from megatron_lst.evaluation.items import load_items
+from megatron_lst.evaluation.loading import load_inference_model
 from megatron_lst.evaluation.scoring import evaluate_items
-from megatron_lst.parallel import destroy_parallel, initialize_parallel
+from megatron_lst.parallel import ParallelLayoutError, destroy_parallel, initialize_parallel
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
 from megatron_lst.training.arguments import parse_args, validate_args
-from megatron_lst.training.checkpointing import save_checkpoint
+from megatron_lst.training.checkpointing import METADATA_FILENAME, save_checkpoint
 from megatron_lst.training.model_provider import build_model_chunks
 
 
@@ -172,6 +174,40 @@ def test_a_different_tokenizer_of_the_same_size_is_refused(checkpoint, tmp_path,
         assert f"made with (sha256 {tokenizer().sha256[:12]}...)" in error
 
 
+def test_a_checkpoint_of_an_uneven_pipeline_split_scores_on_one_process(checkpoint, tmp_path):
+    """The training run's --decoder-first-pipeline-num-layers reached the one-stage model
+    ("Mismatch: 1 middle layers remaining but 0 middle PP stages available")."""
+    root, items_path, expected = checkpoint
+    save = tmp_path / "save"
+    shutil.copytree(root / "save", save)
+    [metadata_path] = save.glob(f"iter_*/{METADATA_FILENAME}")
+    metadata = json.loads(metadata_path.read_text())
+    metadata["args"].update(pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=1,
+                            decoder_last_pipeline_num_layers=1)
+    metadata_path.write_text(json.dumps(metadata))
+    output = tmp_path / "results.json"
+    assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "ss,tt",
+                      "--batch-size", "2", "--output", str(output)]) == 0
+    assert json.loads(output.read_text())["results"][str(items_path)] == expected
+
+
+@pytest.mark.parametrize("tp, message", [
+    (3, r"--tensor-model-parallel-size 3 does not divide the attention heads \(4\), query groups "
+        r"\(4\), FFN width \(176\) of the model of .*iter_0000003; use one of \[1, 2\]"),
+    (4, r"--tensor-model-parallel-size 4 does not divide the vocabulary size \(VOCAB\) of .*; "
+        r"use one of \[1, 2\]"),
+])
+def test_a_tensor_parallel_size_the_model_does_not_split_into_is_refused_before_building(
+        checkpoint, tp, message):
+    """megatron.core failed while building the model, naming its config fields
+    ("num_attention_heads (4) must be a multiple of tensor_model_parallel_size (3)"), or the
+    vocabulary check advised padding the vocabulary of a trained model."""
+    root, _, _ = checkpoint
+    assert vocab().size % 4 == 2  # divides by 2, not by 4
+    with pytest.raises(ParallelLayoutError, match=message.replace("VOCAB", str(vocab().size))):
+        load_inference_model(root / "save", tensor_model_parallel_size=tp)
+
+
 @pytest.mark.parametrize("main, flags, message", [
     (eval_main, ["--items", "ITEMS", "--tokenizer-model", "MISSING"], "tokenizer not found"),
     (generate_main, ["--prompt-text", "the", "--tokenizer-model", "MISSING"], "tokenizer not found"),
@@ -261,3 +297,18 @@ def test_generate_on_more_processes_than_its_tensor_parallel_ranks_is_refused(mo
     assert generate_main(["--load", "unused", "--prompt-text", "the"]) == 2
     assert ("decodes one sequence, on --tensor-model-parallel-size 1 processes; it was started "
             "on 2") in capsys.readouterr().err
+
+
+def test_a_task_on_more_than_one_process_is_refused(monkeypatch, capsys):
+    """Every process decoded all the utterances, printed the results and wrote --output."""
+    import dataclasses
+
+    import megatron_lst.parallel as parallel
+
+    def two_processes(*args, **kwargs):
+        return dataclasses.replace(initialize_parallel(*args, **kwargs), world_size=2)
+
+    monkeypatch.setattr(parallel, "initialize_parallel", two_processes)
+    assert eval_main(["--load", "unused", "--task", "asr", "--utterances", "unused"]) == 2
+    assert ("--task decodes on one process; it was started on 2, which would all decode the same "
+            "utterances") in capsys.readouterr().err

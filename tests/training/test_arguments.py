@@ -74,9 +74,15 @@ def test_validate_returns_a_copy():
     (["--fp16", "--bf16"], 1, r"--fp16 and --bf16 are mutually exclusive"),
     (["--pipeline-model-parallel-size", "3"], 3, r"4 global layers do not split over 3 "
                                                  r"pipeline stages .* set "
-                                                 r"--decoder-first-pipeline-num-layers"),
+                                                 r"--decoder-first-pipeline-num-layers .*, e.g. "
+                                                 r"--decoder-first-pipeline-num-layers 2 alone "
+                                                 r"\(stages \[2, 1, 1\]\)"),
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "4"], 2,
-     r"the 0 remaining layers must divide evenly \(at least 1 each\) over the 1 other"),
+     r"the 0 remaining layers must divide evenly \(at least 1 each\) over the 1 other .*, e.g. "
+     r"drop both \(even stages \[2, 2\]\)"),
+    (["--pipeline-model-parallel-size", "8"], 8, r"4 global layers cannot fill 8 pipeline stages "
+                                                 r"\(each needs at least 1\): use "
+                                                 r"--pipeline-model-parallel-size 4 or less"),
     (["--decoder-last-pipeline-num-layers", "2"], 1, r"need --pipeline-model-parallel-size > 1"),
     (["--tensor-model-parallel-size", "8"], 8, r"--num-attention-heads 4 is not divisible by "
                                                r"--tensor-model-parallel-size 8"),

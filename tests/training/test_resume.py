@@ -213,3 +213,23 @@ def test_a_resume_between_fp32_and_mixed_precision_is_refused_unless_the_optimiz
     other_half = resumed_with(params_dtype_name="float16")  # both keep fp32 main weights
     assert check_resume_flags({**SAVED_FLAGS, "params_dtype_name": "bfloat16"}, other_half,
                               AT_ITERATION_10, "c") == []
+
+
+@pytest.mark.parametrize("saved_distributed, distributed, message", [
+    (True, False, r"trained with --use-distributed-optimizer and this run is started without "
+                  r"it.*Resume with --use-distributed-optimizer"),
+    (False, True, r"trained without --use-distributed-optimizer and this run is started with "
+                  r"it.*Resume without --use-distributed-optimizer"),
+])
+def test_a_resume_between_the_plain_and_the_distributed_optimizer_is_refused_unless_fresh(
+        saved_distributed, distributed, message):
+    """megatron.core failed with a KeyError ('pre_wd_mult', or the distributed optimizer's
+    'optimizer.state.param.*' missing from the plain optimizer's checkpoint)."""
+    saved = {**SAVED_FLAGS, "use_distributed_optimizer": saved_distributed}
+    with pytest.raises(ResumeConfigError, match=message):
+        check_resume_flags(saved, resumed_with(use_distributed_optimizer=distributed),
+                           AT_ITERATION_10, "c")
+    fresh_optimizer = resumed_with(use_distributed_optimizer=distributed, no_load_optim=True)
+    assert check_resume_flags(saved, fresh_optimizer, AT_ITERATION_10, "c") == []
+    same_optimizer = resumed_with(use_distributed_optimizer=saved_distributed)
+    assert check_resume_flags(saved, same_optimizer, AT_ITERATION_10, "c") == []

@@ -5,7 +5,13 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from megatron_lst.parallel import ParallelLayoutError, destroy_parallel, initialize_parallel
+from megatron_lst.parallel import (
+    ParallelLayoutError,
+    destroy_parallel,
+    first_stage_layers_for_any_split,
+    initialize_parallel,
+    pipeline_stage_layers,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +73,17 @@ def test_relayout_keeps_the_process_group():
 def test_destroy_without_initialise_is_harmless():
     destroy_parallel()
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("num_layers, pp, first, stages", [
+    (4, 2, None, [2, 2]), (3, 2, 2, [2, 1]), (25, 4, 7, [7, 6, 6, 6]), (3, 3, None, [1, 1, 1]),
+])
+def test_any_pipeline_size_up_to_the_layers_gets_a_split(num_layers, pp, first, stages):
+    assert first_stage_layers_for_any_split(num_layers, pp) == first
+    assert pipeline_stage_layers(num_layers, pp, first) == stages
+
+
+def test_more_pipeline_stages_than_layers_are_refused_naming_the_most_that_fit():
+    with pytest.raises(ParallelLayoutError, match=r"3 global layers cannot fill 4 pipeline "
+                                                  r"stages .* --pipeline-model-parallel-size 3"):
+        first_stage_layers_for_any_split(3, 4)
