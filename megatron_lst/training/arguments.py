@@ -214,6 +214,16 @@ def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr-wsd-decay-iters", type=int, default=None)
     group.add_argument("--lr-wsd-decay-style", default="exponential",
                        choices=("exponential", "linear", "cosine", "minus_sqrt"))
+    on_resume = group.add_mutually_exclusive_group()
+    on_resume.add_argument(
+        "--override-opt_param-scheduler", action="store_true",
+        help="On resume, use this run's learning-rate and weight-decay flags instead of the "
+             "checkpoint's (the schedule's position, the samples consumed, is kept).")
+    on_resume.add_argument(
+        "--use-checkpoint-opt_param-scheduler", action="store_true",
+        help="On resume, keep the checkpoint's learning-rate and weight-decay schedule whatever "
+             "this run's flags say. Without either flag a resume that changes the schedule's "
+             "flags is refused.")
 
 
 def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:

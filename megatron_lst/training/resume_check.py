@@ -33,6 +33,9 @@ ROW_FLAGS = {
     "max_tokens": "cuts the documents into rows",
     "seed": "orders the documents",
 }
+# Flags of the learning-rate and weight-decay schedule a checkpoint continues.
+SCHEDULE_FLAGS = ("lr", "min_lr", "lr_decay_style", "lr_decay_iters", "lr_warmup_iters",
+                  "lr_warmup_init", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay")
 # Flags that may name the same data otherwise, or regroup the same rows: a note.
 NOTED_FLAGS = ("data_path", "train_data_path", "split", "tokenizer_model", "micro_batch_size")
 
@@ -72,6 +75,7 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
     _check_optimizer_kind(saved, args, checkpoint)
     notes = [f"{_flag(name)} changed from {saved[name]} to {current.get(name)}"
              for name in NOTED_FLAGS if changed(name)]
+    notes += check_schedule_flags(saved, args, checkpoint)
     if any(changed(name) for name in ("data_path", "train_data_path", "split")):
         notes.append(f"the run continues at sample {position.consumed_samples} of the data "
                      f"these flags name; if it is not the data the checkpoint was trained on, "
@@ -97,7 +101,7 @@ def _check_optimizer_precision(saved: Mapping[str, Any], args: argparse.Namespac
             f"checkpoint {checkpoint} was trained in {old} ({_PRECISION_FLAGS[old]}) and this "
             f"run trains in {new} ({_PRECISION_FLAGS[new]}): their optimizer states differ (mixed "
             f"precision keeps fp32 main weights). Resume with {_PRECISION_FLAGS[old]}, or add "
-            f"--no-load-optim to continue the schedule with a fresh optimizer state")
+            f"--no-load-optim to go on with a fresh optimizer state and learning-rate schedule")
 
 
 def _check_optimizer_kind(saved: Mapping[str, Any], args: argparse.Namespace,
@@ -114,7 +118,36 @@ def _check_optimizer_kind(saved: Mapping[str, Any], args: argparse.Namespace,
         f"run is started {_with(new)} it: the plain and the distributed optimizer store their "
         f"states differently and neither loads the other's. Resume {_with(old)} "
         f"--use-distributed-optimizer (the data-parallel size may change), or add "
-        f"--no-load-optim to continue the schedule with a fresh optimizer state")
+        f"--no-load-optim to go on with a fresh optimizer state and learning-rate schedule")
+
+
+def check_schedule_flags(saved: Mapping[str, Any], args: argparse.Namespace,
+                         checkpoint: str) -> list[str]:
+    """A resume continues the checkpoint's learning-rate and weight-decay schedule; one whose
+    schedule flags differ must say which schedule it wants, as in Megatron-LM:
+    --use-checkpoint-opt_param-scheduler keeps the checkpoint's (a note),
+    --override-opt_param-scheduler takes the flags' (a note); without either it is refused
+    (the checkpoint's values won silently before). Not compared with --no-load-optim, which
+    loads no schedule."""
+    if getattr(args, "no_load_optim", False):
+        return []
+    current = args_to_dict(args)
+    changes = [f"{_flag(name)} {saved[name]} -> {current.get(name)}" for name in SCHEDULE_FLAGS
+               if name in saved and saved[name] != current.get(name)]
+    if not changes:
+        return []
+    if getattr(args, "use_checkpoint_opt_param_scheduler", False):
+        return [f"the checkpoint's learning-rate schedule is kept "
+                f"(--use-checkpoint-opt_param-scheduler), not this run's {'; '.join(changes)}"]
+    if getattr(args, "override_opt_param_scheduler", False):
+        return [f"this run's learning-rate schedule replaces the checkpoint's "
+                f"(--override-opt_param-scheduler): {'; '.join(changes)}"]
+    raise ResumeConfigError(
+        f"checkpoint {checkpoint} continues a learning-rate schedule that this run's flags "
+        f"change: {'; '.join(changes)} (--lr-decay-iters defaults to --train-iters). Resume "
+        f"with the checkpoint's values, add --override-opt_param-scheduler to follow this "
+        f"run's flags from the checkpoint's position, or --use-checkpoint-opt_param-scheduler "
+        f"to keep the checkpoint's schedule")
 
 
 def _with(flag_given: bool) -> str:

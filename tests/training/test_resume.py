@@ -191,6 +191,59 @@ def test_a_higher_global_batch_size_resumes_with_a_note_except_under_the_curricu
                                                     global_batch_size=16), AT_ITERATION_10, "c")
 
 
+SAVED_SCHEDULE = {**SAVED_FLAGS, "lr": 3e-3, "min_lr": 3e-4, "lr_decay_iters": 10}
+
+
+def test_a_changed_learning_rate_schedule_needs_a_choice_of_schedule():
+    """The checkpoint's schedule won silently: a resume with another --lr kept the old one."""
+    changed = {"lr": 1e-2, "min_lr": 3e-4, "lr_decay_iters": 20}
+    with pytest.raises(ResumeConfigError, match=r"--lr 0.003 -> 0.01; --lr-decay-iters 10 -> 20 "
+                                                r"\(--lr-decay-iters defaults to --train-iters\)"):
+        check_resume_flags(SAVED_SCHEDULE, resumed_with(**changed), AT_ITERATION_10, "c")
+    [kept] = check_resume_flags(SAVED_SCHEDULE, resumed_with(
+        **changed, use_checkpoint_opt_param_scheduler=True), AT_ITERATION_10, "c")
+    assert kept.startswith("the checkpoint's learning-rate schedule is kept")
+    [replaced] = check_resume_flags(SAVED_SCHEDULE, resumed_with(
+        **changed, override_opt_param_scheduler=True), AT_ITERATION_10, "c")
+    assert "replaces the checkpoint's (--override-opt_param-scheduler): --lr 0.003 -> 0.01" in replaced
+    fresh = resumed_with(**changed, no_load_optim=True)  # no schedule is loaded
+    assert check_resume_flags(SAVED_SCHEDULE, fresh, AT_ITERATION_10, "c") == []
+    same = resumed_with(lr=3e-3, min_lr=3e-4, lr_decay_iters=10)
+    assert check_resume_flags(SAVED_SCHEDULE, same, AT_ITERATION_10, "c") == []
+
+
+def test_the_schedule_a_resume_asks_for_is_the_one_it_follows(tmp_path):
+    """Extending a run from 2 to 4 iterations: --override-opt_param-scheduler decays over the 4
+    (the straight 4-iteration run's learning rates), --use-checkpoint-opt_param-scheduler stays
+    at the end of the 2-iteration decay (--min-lr), no flag is refused."""
+    from megatron_lst.training.arguments import parse_args, validate_args
+    from megatron_lst.training.loop import pretrain, read_metrics
+
+    base = tiny_flags(write_corpus(tmp_path / "data")) + ["--eval-interval", "1000"]
+
+    def run(save: Path, *flags: str):
+        return pretrain(validate_args(parse_args(base + ["--save", str(save), *flags]), 1))
+
+    def learning_rates(save: Path) -> dict[int, float]:
+        return {r["iteration"]: r["learning_rate"] for r in read_metrics(save)}
+
+    run(tmp_path / "straight", "--train-iters", "4")
+    for name in ("override", "keep", "refused"):
+        run(tmp_path / name, "--train-iters", "2")
+    extend = ["--train-iters", "4"]
+    run(tmp_path / "override", *extend, "--load", str(tmp_path / "override"),
+        "--override-opt_param-scheduler")
+    run(tmp_path / "keep", *extend, "--load", str(tmp_path / "keep"),
+        "--use-checkpoint-opt_param-scheduler")
+    with pytest.raises(ResumeConfigError, match="--lr-decay-iters 2 -> 4"):
+        run(tmp_path / "refused", *extend, "--load", str(tmp_path / "refused"))
+
+    straight, override = learning_rates(tmp_path / "straight"), learning_rates(tmp_path / "override")
+    assert straight[3] > 3e-4  # still decaying
+    assert [override[i] for i in (3, 4)] == pytest.approx([straight[i] for i in (3, 4)])
+    assert learning_rates(tmp_path / "keep")[3] == pytest.approx(3e-4)
+
+
 def test_flags_an_older_checkpoint_does_not_record_are_not_compared():
     saved = {k: v for k, v in SAVED_FLAGS.items() if k != "max_tokens"}
     assert check_resume_flags(saved, resumed_with(max_tokens=200), AT_ITERATION_10, "c") == []
