@@ -17,8 +17,8 @@
    model training FLOPs) and `<out-dir>/results.json`.
 
 Validation loss is the held-out token mean over `--split`'s validation documents of the training
-sets, each model on its own rows: an LST row of 32 patches holds several times the tokens of a
-baseline row of 32 tokens, mostly speech units, which are harder to predict than text pieces, so
+sets, each model on its own rows: an LST row of 128 patches holds several times the tokens of a
+baseline row of 128 tokens, mostly speech units, which are harder to predict than text pieces, so
 the two losses measure different token mixtures and are not comparable across models. Compare the
 models by their story-completion accuracy; compare a model's curve with itself. Everything runs in
 this process, one model at a time, on one CPU process group.
@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,16 +111,18 @@ def curriculum_flags(name: str, train_iters: int) -> list[str]:
 
 def check_train_iters(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse a --train-iters the models' YAMLs cannot train (one not past their warm-up)
-    before the corpus is built and the previous demo run removed."""
+    before the corpus is built and the previous demo run removed. The flags are checked with an
+    empty --save: the previous run's checkpoints, which `run` removes, are no reason to stop."""
     from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 
-    for name in MODELS:
-        flags = ["--config", str(MODELS[name]), "--train-iters", str(args.train_iters),
-                 "--save", str(args.out_dir / name), *curriculum_flags(name, args.train_iters)]
-        try:
-            validate_args(parse_args(flags), world_size=1)
-        except ArgumentError as error:
-            parser.error(f"--train-iters {args.train_iters}: {error}")
+    with tempfile.TemporaryDirectory() as empty_save:
+        for name in MODELS:
+            flags = ["--config", str(MODELS[name]), "--train-iters", str(args.train_iters),
+                     "--save", empty_save, *curriculum_flags(name, args.train_iters)]
+            try:
+                validate_args(parse_args(flags), world_size=1)
+            except ArgumentError as error:
+                parser.error(f"--train-iters {args.train_iters}: {error}")
 
 
 def train(name: str, flags: list[str]) -> tuple[object, object, float]:

@@ -22,3 +22,25 @@ def test_a_run_too_short_for_the_warm_up_is_refused_before_the_corpus_is_built(
     assert stopped.value.code == 2
     assert "--train-iters 4: --lr-warmup-iters 5 must be in [0, --lr-decay-iters 4)" \
         in capsys.readouterr().err
+
+
+def test_a_second_demo_replaces_the_first_runs_checkpoints(tmp_path, monkeypatch):
+    """`make demo` twice: the flag check refused the second ('--save ... already holds
+    ['iter_0003600']') although the demo removes its previous runs before training."""
+    from training.training_cases import fake_checkpoint
+
+    import megatron_lst.demo_corpus.build as build
+
+    class CorpusBuilt(Exception):
+        pass
+
+    def corpus_built(*args, **kwargs):
+        raise CorpusBuilt
+
+    out = tmp_path / "out"
+    for name in ("lst", "baseline"):
+        fake_checkpoint(out / name, 3600)
+    monkeypatch.setattr(build, "build_demo_corpus", corpus_built)
+    with pytest.raises(CorpusBuilt):  # past the flag check
+        load_tool("run_demo", DEMO_DIR).run(["--out-dir", str(out), "--corpus-dir",
+                                             str(tmp_path / "corpus")])
