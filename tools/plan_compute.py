@@ -201,7 +201,9 @@ def balanced_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown
             if best is None or max(costs) < max(best[2]):
                 best = (first, last, costs)
     if best is None:
-        raise ValueError(f"{num_layers} global layers cannot be split over {pp} stages")
+        raise ValueError(f"{num_layers} global layers cannot be split over {pp} pipeline stages "
+                         f"(each needs at least 1): use --pipeline-model-parallel-size "
+                         f"{num_layers} or less")
     return best
 
 
@@ -234,18 +236,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget = Budget(flops=args.budget_flops, steps=args.budget_steps, reference=args.reference)
         step = StepShape(args.seq_length, args.global_batch_size, args.tokens_per_patch)
         plans = [plan(budget, lst, lst.baseline_of(), mode, step) for mode in args.control]
-    except ValueError as error:  # ModelConfigError is a ValueError too
+        split = (format_pipeline_split(config.global_model.num_layers,
+                                       args.pipeline_model_parallel_size,
+                                       plans[0].lst.flops_per_step)
+                 if args.pipeline_model_parallel_size > 1 else None)
+    except ValueError as error:  # ModelConfigError and ParallelLayoutError are ValueErrors too
         print(f"plan_compute: {error}", file=sys.stderr)
         return 2
     print("\n\n".join(format_plan(p) for p in plans))
-    if args.pipeline_model_parallel_size > 1:
-        lst_step = plans[0].lst.flops_per_step
-        try:
-            print("\n" + format_pipeline_split(config.global_model.num_layers,
-                                               args.pipeline_model_parallel_size, lst_step))
-        except ValueError as error:
-            print(f"plan_compute: {error}", file=sys.stderr)
-            return 2
+    if split is not None:
+        print("\n" + split)
     if args.out is not None:
         args.out.write_text(json.dumps({
             "model": {"preset": args.preset, "shape": dataclasses.asdict(lst)},

@@ -187,6 +187,9 @@ def test_tool_reports_bad_model_arguments(capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--pipeline-model-parallel-size", "0"], "--pipeline-model-parallel-size must be at least 1"),
     (["--out", "/nonexistent_dir/plan.json"], "directory /nonexistent_dir does not exist"),
+    # the tiny preset's 2 global layers (the error came after the tables)
+    (["--pipeline-model-parallel-size", "4"], "2 global layers cannot be split over 4 pipeline stages (each needs at least 1): use "
+     "--pipeline-model-parallel-size 2 or less"),
 ])
 def test_tool_checks_its_flags_before_planning(flags, message, capsys):
     """A pipeline size below 1 was ignored (no split printed, status 0), and a missing --out
