@@ -66,6 +66,11 @@ def build_eval_parser() -> argparse.ArgumentParser:
                              f"text-only file.")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="Items per forward pass (all their endings go in one batch).")
+    parser.add_argument("--truncate-context", action="store_true",
+                        help="Cut an item's context from the left until it fits the model's "
+                             "context (--max-position-embeddings), as lm-eval-harness does; "
+                             "without it such items are scored whole, past the context, with a "
+                             "warning.")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parser.add_argument("--tokenizer-model", default=None,
@@ -105,7 +110,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         results = {path: evaluate_items(model.model_chunks, items, model.vocab, model.patcher,
                                         modes or _default_modes(items), args.batch_size,
                                         bootstrap_resamples=args.bootstrap_resamples,
-                                        seed=args.seed)
+                                        seed=args.seed, truncate_context=args.truncate_context)
                    for path, items in item_sets.items()}
     except (CheckpointError, ItemError, OSError, ValueError) as error:
         print(f"lst-eval: {error}", file=sys.stderr)
@@ -128,10 +133,14 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _item_count(summary: dict[str, float]) -> str:
-    """"1871 items", and how many were scored past the model's context when any were."""
-    count = f"{int(summary['num_items'])} items"
-    beyond = int(summary["num_items_beyond_context"])
-    return f"{count}, {beyond} beyond the model's context" if beyond else count
+    """"1871 items", and how many had their context cut or were scored past the model's context
+    when any were."""
+    parts = [f"{int(summary['num_items'])} items"]
+    for key, what in (("num_items_truncated", "context cut to fit"),
+                      ("num_items_beyond_context", "beyond the model's context")):
+        if int(summary[key]):
+            parts.append(f"{int(summary[key])} {what}")
+    return ", ".join(parts)
 
 
 def _load_item_sets(paths: Sequence[str], model, modes: list[str] | None) -> dict[str, list]:

@@ -25,8 +25,9 @@ it equals the next-token log-prob of the prefix (a test checks this). Sequences 
 model is at inference: the whole sequence by the eval patcher (`inference_patcher`: curriculum
 and mixed models are patched statically). A batch holds every ending of `batch_size` items, padded
 as training pads (the padding joins each row's last patch). An item longer than the model's
-context (--max-position-embeddings) is still scored, with a warning, and counted in the results
-(`items_beyond_context`). The forward goes through megatron's forward-only schedule, so tensor
+context (--max-position-embeddings) is scored whole, past the context, with a warning and a count
+in the results, or, with `truncate_context` (lst-eval --truncate-context), with its context cut
+from the left to fit (`fit_to_context`). The forward goes through megatron's forward-only schedule, so tensor
 and pipeline parallelism work; scores are broadcast from the last pipeline stage, and
 data-parallel replicas each score a contiguous share of the items and exchange the scores, so
 every rank returns the same result.
@@ -221,7 +222,8 @@ class ModeScores:
     num_tokens: np.ndarray  # [R] int64 scored tokens
     item_offsets: np.ndarray  # [I + 1] rows of item i: item_offsets[i] .. item_offsets[i + 1]
     labels: np.ndarray  # [I]
-    beyond_context: np.ndarray  # [I] bool: scored past the model's context (items_beyond_context)
+    truncated: np.ndarray  # [I] bool: a context cut to fit the model's (fit_to_context)
+    beyond_context: np.ndarray  # [I] bool: scored past the model's context (fit_to_context)
 
     @property
     def normalised(self) -> np.ndarray:
@@ -241,28 +243,65 @@ def check_items_for_mode(items: Sequence[EvalItem], mode: str) -> None:
         check_items_for_speech(items, mode)
 
 
-def items_beyond_context(model_chunk: torch.nn.Module, items: Sequence[EvalItem],
-                         sequences: Sequence[Sequence[ScoredSequence]], mode: str) -> np.ndarray:
-    """`[I]` bool: the items with an ending whose sequence (`sequences[item][ending]`) needs more
-    global positions (patches for LST, input tokens for the baseline) than the model's
-    `max_sequence_length` (--max-position-embeddings).
+def fit_to_context(model_chunk: torch.nn.Module, items: Sequence[EvalItem],
+                   sequences: list[list[ScoredSequence]], mode: str, truncate: bool
+                   ) -> tuple[list[list[ScoredSequence]], np.ndarray, np.ndarray]:
+    """`(sequences, truncated [I] bool, beyond_context [I] bool)` for the model's context of
+    `max_sequence_length` global positions (--max-position-embeddings; patches for LST, input
+    tokens for the token baseline).
 
-    RoPE has no length cap, so such an item is scored past the context the model was built for;
-    a warning names the first and how many there are.
+    With `truncate`, an ending's sequence that needs more positions has its context cut from the
+    left until it fits (`cut_context`), as lm-eval-harness truncates; `truncated` marks the items
+    so cut. An item that still needs more (every item, without `truncate`) is scored past the
+    context the model was built for (RoPE has no cap): `beyond_context` marks it, and a warning
+    names the first and says how many there are.
     """
     model = _unwrap(model_chunk)
     context = model.lst_config.max_sequence_length
+    truncated = np.zeros(len(items), bool)
+    if truncate:
+        fitted = []
+        for i, endings in enumerate(sequences):
+            cut = [cut_context(s, context, model) or s for s in endings]
+            truncated[i] = any(c is not s for c, s in zip(cut, endings, strict=True))
+            fitted.append(cut)
+        sequences = fitted
     needed = np.array([max(_sequence_positions(model, s) for s in endings) for endings in sequences])
     beyond = needed > context
     if beyond.any():
         first = int(np.argmax(beyond))
         logger.warning(
             "%s: %d of %d items need more global positions than the model's context of %d "
-            "(--max-position-embeddings), the first, %s, needs %d; they are scored past the context the "
-            "model was built for (counted in num_items_beyond_context): shorten them or leave "
-            "them out", mode, int(beyond.sum()), len(items), context, items[first].describe(),
+            "(--max-position-embeddings)%s, the first, %s, needs %d; they are scored past the "
+            "context the model was built for (counted in num_items_beyond_context): shorten them "
+            "or leave them out", mode, int(beyond.sum()), len(items), context,
+            " even with their context cut" if truncate else "", items[first].describe(),
             int(needed[first]))
-    return beyond
+    return sequences, truncated, beyond
+
+
+def cut_context(sequence: ScoredSequence, context: int, model: torch.nn.Module
+                ) -> ScoredSequence | None:
+    """`sequence` (when it needs more than `context` global positions of `model`) with the fewest
+    leading tokens dropped that make it fit, or None when even its ending does not fit.
+
+    The cut falls before a whole patch, and the token just before it stays as a patch of its own:
+    the layout every training row starts with (a head of one token, then whole patches:
+    `megatron_lst.data.dataset`). Every scored token, and the token before the first of them,
+    stays.
+    """
+    if _sequence_positions(model, sequence) <= context:
+        return sequence
+    starts = np.cumsum(sequence.patch_lengths) - sequence.patch_lengths  # [P] first token of each
+    for patch in range(1, len(sequence.patch_lengths)):
+        start = int(starts[patch])
+        if start > sequence.first_scored:
+            break
+        cut = ScoredSequence(sequence.tokens[start - 1:], sequence.first_scored - (start - 1),
+                             np.concatenate([[1], sequence.patch_lengths[patch:]]).astype(np.int32))
+        if _sequence_positions(model, cut) <= context:
+            return cut
+    return None
 
 
 def _sequence_positions(model: torch.nn.Module, sequence: ScoredSequence) -> int:
@@ -276,8 +315,10 @@ def _sequence_positions(model: torch.nn.Module, sequence: ScoredSequence) -> int
 
 
 def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalItem],
-                vocab: JointVocab, patcher: Patcher, mode: str, batch_size: int) -> ModeScores:
-    """Score every ending of `items` in `mode` (collective over the model's ranks)."""
+                vocab: JointVocab, patcher: Patcher, mode: str, batch_size: int,
+                truncate_context: bool = False) -> ModeScores:
+    """Score every ending of `items` in `mode` (collective over the model's ranks); with
+    `truncate_context`, contexts longer than the model's are cut from the left (`fit_to_context`)."""
     from megatron.core import parallel_state
 
     if mode not in MODES:
@@ -288,7 +329,8 @@ def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalIte
     patcher = inference_patcher(patcher.config)
     sequences = [[build_sequence(item, e, mode, vocab, patcher) for e in range(len(item.endings))]
                  for item in items]
-    beyond_context = items_beyond_context(model_chunks[0], items, sequences, mode)
+    sequences, truncated, beyond_context = fit_to_context(model_chunks[0], items, sequences, mode,
+                                                          truncate_context)
     config = _unwrap(model_chunks[0]).config
     multiple_of = (parallel_state.get_tensor_model_parallel_world_size()
                    if config.sequence_parallel else 1)
@@ -311,20 +353,20 @@ def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalIte
         scores = tuple(np.concatenate(parts) for parts in zip(*shares, strict=True))
     endings_per_item = [len(item.endings) for item in items]
     return ModeScores(mode, scores[0], scores[1], np.concatenate([[0], np.cumsum(endings_per_item)]),
-                      np.array([item.label for item in items]), beyond_context)
+                      np.array([item.label for item in items]), truncated, beyond_context)
 
 
 def evaluate_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalItem],
                    vocab: JointVocab, patcher_for_eval: Patcher, modes: Sequence[str],
                    batch_size: int, bootstrap_resamples: int = 1000,
-                   seed: int = 0) -> dict[str, dict[str, float]]:
+                   seed: int = 0, truncate_context: bool = False) -> dict[str, dict[str, float]]:
     """Accuracy per mode with 95% bootstrap intervals: the trainer's periodic-evaluation hook.
 
     Collective: call on every rank of the model. The model chunks are put in eval mode and their
     previous mode restored. Returns, per mode,
     `{"accuracy", "accuracy_ci_low", "accuracy_ci_high", "accuracy_normalised",
       "accuracy_normalised_ci_low", "accuracy_normalised_ci_high", "num_items",
-      "num_items_beyond_context"}` (see `items_beyond_context`).
+      "num_items_truncated", "num_items_beyond_context"}` (see `fit_to_context`).
     """
     was_training = [chunk.training for chunk in model_chunks]
     for chunk in model_chunks:
@@ -332,7 +374,8 @@ def evaluate_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[Eval
     try:
         results = {}
         for mode in modes:
-            scores = score_items(model_chunks, items, vocab, patcher_for_eval, mode, batch_size)
+            scores = score_items(model_chunks, items, vocab, patcher_for_eval, mode, batch_size,
+                                 truncate_context)
             results[mode] = summarise(scores, bootstrap_resamples, seed)
         return results
     finally:
@@ -344,6 +387,7 @@ def summarise(scores: ModeScores, bootstrap_resamples: int = 1000,
               seed: int = 0) -> dict[str, float]:
     """Accuracies (summed and per-token-normalised scores) with 95% bootstrap intervals."""
     summary: dict[str, float] = {"num_items": float(len(scores.labels)),
+                                 "num_items_truncated": float(scores.truncated.sum()),
                                  "num_items_beyond_context": float(scores.beyond_context.sum())}
     for suffix, normalised in (("", False), ("_normalised", True)):
         correct = scores.correct(normalised)

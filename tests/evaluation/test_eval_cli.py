@@ -97,6 +97,21 @@ def test_lst_eval_counts_items_beyond_the_context(checkpoint, capsys, caplog):
                               "context of 32 (--max-position-embeddings), the first, item")
 
 
+def test_lst_eval_truncate_context_cuts_the_context_to_fit(checkpoint, capsys):
+    root, _, _ = checkpoint
+    record = random_records(8, 1)[0]
+    record["context"] = {"text": " ".join(WORDS), "units": [3, 1]}  # too long as text only
+    items = root / "long.jsonl"
+    items.write_text(json.dumps(record) + "\n")
+    output = root / "cut.json"
+    assert eval_main(["--load", str(root / "save"), "--items", str(items), "--modes", "tt",
+                      "--truncate-context", "--bootstrap-resamples", "10",
+                      "--output", str(output)]) == 0
+    results = json.loads(output.read_text())["results"][str(items)]["T->T"]
+    assert (results["num_items_truncated"], results["num_items_beyond_context"]) == (1, 0)
+    assert "(1 items, 1 context cut to fit)" in capsys.readouterr().out
+
+
 def test_lst_eval_names_a_bad_item(checkpoint, capsys):
     root, _, _ = checkpoint
     record = random_records(6, 1)[0]

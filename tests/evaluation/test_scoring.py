@@ -10,8 +10,11 @@ from megatron_lst.evaluation.items import ItemError, item_from_record
 from megatron_lst.evaluation.scoring import (
     MODES,
     ModeScores,
+    ScoredSequence,
     build_sequence,
     collate,
+    cut_context,
+    ending_logprobs,
     evaluate_items,
     flatten_results,
     inference_patcher,
@@ -143,7 +146,7 @@ def test_accuracy_from_scores():
     scores = ModeScores("T->T", logprob=np.array([-3.0, -4.0, -10.0, -9.0, -1.0, -2.0, -3.0]),
                         num_tokens=np.array([1, 2, 10, 3, 1, 1, 1]),
                         item_offsets=np.array([0, 2, 4, 7]), labels=np.array([0, 0, 2]),
-                        beyond_context=np.zeros(3, bool))
+                        truncated=np.zeros(3, bool), beyond_context=np.zeros(3, bool))
     assert scores.correct().tolist() == [True, False, False]
     # Per token: item 0 -3 vs -2 -> ending 1; item 1 -1 vs -3 -> ending 0.
     assert scores.correct(normalised=True).tolist() == [False, True, False]
@@ -198,6 +201,66 @@ def test_items_longer_than_the_context_are_counted_and_named(items, single_rank,
         f"S->S: {needed.count(longest)} of {len(items)} items need more global positions than "
         f"the model's context of {longest - 1} (--max-position-embeddings), the first, "
         f"{first.describe()}, needs {longest}; they are scored past the context")
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_a_cut_context_fits_the_model_and_keeps_every_scored_token(items, single_rank, kind):
+    """The cut starts at a patch, keeps the token before it as a patch of one (a training row's
+    head), drops the fewest whole patches that make it fit and no scored token; a sequence that
+    does not fit even cut just before its ending is None."""
+    model = tiny_model(kind, vocab().size, seed=3)
+
+    def positions(sequence):
+        return len(sequence.patch_lengths) if kind == "lst" else len(sequence.tokens) - 1
+
+    def cut_at(whole, patch):  # the sequence from patch `patch` on, with its head token
+        start = int(np.cumsum(whole.patch_lengths)[patch - 1])
+        return ScoredSequence(whole.tokens[start - 1:], whole.first_scored - (start - 1),
+                              np.concatenate([[1], whole.patch_lengths[patch:]]).astype(np.int32))
+
+    cut_some = too_long = 0
+    for context, item in ((c, i) for c in (10, 3) for i in items):
+        for ending in range(len(item.endings)):
+            whole = build_sequence(item, ending, "S->S", vocab(), STATIC)
+            cut = cut_context(whole, context, model)
+            if positions(whole) <= context:
+                assert cut is whole
+                continue
+            starts = list(np.cumsum(whole.patch_lengths) - whole.patch_lengths)
+            allowed = [k for k in range(1, len(starts)) if starts[k] <= whole.first_scored]
+            if cut is None:
+                assert positions(cut_at(whole, allowed[-1])) > context
+                too_long += 1
+                continue
+            cut_some += 1
+            assert positions(cut) <= context and cut.patch_lengths[0] == 1
+            dropped = len(whole.tokens) - len(cut.tokens)
+            patch = starts.index(dropped + 1)
+            np.testing.assert_array_equal(cut.tokens, cut_at(whole, patch).tokens)
+            np.testing.assert_array_equal(cut.patch_lengths, cut_at(whole, patch).patch_lengths)
+            np.testing.assert_array_equal(cut.tokens[cut.first_scored:],
+                                          whole.tokens[whole.first_scored:])
+            assert patch == allowed[0] or positions(cut_at(whole, patch - 1)) > context
+    assert cut_some and too_long  # both cases ran
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_truncated_items_are_scored_on_their_cut_sequences(items, single_rank, kind, caplog):
+    model = tiny_model(kind, vocab().size, seed=3, max_sequence_length=12)
+    whole = evaluate_items([model], items, vocab(), STATIC, ["T->T"], 4, 100)["T->T"]
+    cut = evaluate_items([model], items, vocab(), STATIC, ["T->T"], 4, 100,
+                         truncate_context=True)["T->T"]
+    assert whole["num_items_truncated"] == 0 and whole["num_items_beyond_context"] > 0
+    assert cut["num_items_truncated"] > 0
+    assert cut["num_items_beyond_context"] < whole["num_items_beyond_context"]
+    scores = score_items([model], items, vocab(), STATIC, "T->T", 4, truncate_context=True)
+    expected = []
+    for item in items:
+        for ending in range(len(item.endings)):
+            sequence = build_sequence(item, ending, "T->T", vocab(), inference_patcher(STATIC.config))
+            sequence = cut_context(sequence, 12, model) or sequence
+            expected.append(ending_logprobs([model], collate([sequence])).item())
+    np.testing.assert_allclose(scores.logprob, expected, rtol=1e-5, atol=1e-5)
 
 
 # --- an independent scorer, from the rule docs/evaluation.md#scoring states -----------------
