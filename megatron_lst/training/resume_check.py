@@ -73,6 +73,7 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
             f"--finetune")
     _check_optimizer_precision(saved, args, checkpoint)
     _check_optimizer_kind(saved, args, checkpoint)
+    batch_notes = _check_global_batch_size(saved, args, position, checkpoint)
     notes = [f"{_flag(name)} changed from {saved[name]} to {current.get(name)}"
              for name in NOTED_FLAGS if changed(name)]
     notes += check_schedule_flags(saved, args, checkpoint)
@@ -80,7 +81,7 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
         notes.append(f"the run continues at sample {position.consumed_samples} of the data "
                      f"these flags name; if it is not the data the checkpoint was trained on, "
                      f"samples are repeated or skipped")
-    return notes + _check_global_batch_size(saved, args, position, checkpoint)
+    return notes + batch_notes
 
 
 # The precision flags of each parameter dtype `validate_args` derives.
@@ -124,7 +125,8 @@ def _check_optimizer_kind(saved: Mapping[str, Any], args: argparse.Namespace,
 def check_schedule_flags(saved: Mapping[str, Any], args: argparse.Namespace,
                          checkpoint: str) -> list[str]:
     """A resume continues the checkpoint's learning-rate and weight-decay schedule; one whose
-    schedule flags differ must say which schedule it wants, as in Megatron-LM:
+    schedule flags or --global-batch-size (the schedule counts samples) differ must say which
+    schedule it wants, as in Megatron-LM:
     --use-checkpoint-opt_param-scheduler keeps the checkpoint's (a note),
     --override-opt_param-scheduler takes the flags' (a note); without either it is refused
     (the checkpoint's values won silently before). Not compared with --no-load-optim, which
@@ -134,6 +136,7 @@ def check_schedule_flags(saved: Mapping[str, Any], args: argparse.Namespace,
     current = args_to_dict(args)
     changes = [f"{_flag(name)} {saved[name]} -> {current.get(name)}" for name in SCHEDULE_FLAGS
                if name in saved and saved[name] != current.get(name)]
+    changes += _schedule_batch_size_change(saved, args)
     if not changes:
         return []
     if getattr(args, "use_checkpoint_opt_param_scheduler", False):
@@ -148,6 +151,17 @@ def check_schedule_flags(saved: Mapping[str, Any], args: argparse.Namespace,
         f"with the checkpoint's values, add --override-opt_param-scheduler to follow this "
         f"run's flags from the checkpoint's position, or --use-checkpoint-opt_param-scheduler "
         f"to keep the checkpoint's schedule")
+
+
+def _schedule_batch_size_change(saved: Mapping[str, Any], args: argparse.Namespace) -> list[str]:
+    """The schedule counts samples (`schedule.scheduler_from_args`): its warm-up and decay end at
+    their iterations times --global-batch-size, so another batch size moves them (the
+    checkpoint's decay, kept, ended early). Compared where the checkpoint records its schedule."""
+    old, new = saved.get("global_batch_size"), getattr(args, "global_batch_size", None)
+    if old is None or old == new or not any(name in saved for name in SCHEDULE_FLAGS):
+        return []
+    return [f"--global-batch-size {old} -> {new} (the schedule counts samples: warm-up and decay "
+            f"end at their iterations x --global-batch-size)"]
 
 
 def _with(flag_given: bool) -> str:

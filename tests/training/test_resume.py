@@ -192,6 +192,7 @@ def test_a_higher_global_batch_size_resumes_with_a_note_except_under_the_curricu
 
 
 SAVED_SCHEDULE = {**SAVED_FLAGS, "lr": 3e-3, "min_lr": 3e-4, "lr_decay_iters": 10}
+SAME_SCHEDULE = {"lr": 3e-3, "min_lr": 3e-4, "lr_decay_iters": 10}
 
 
 def test_a_changed_learning_rate_schedule_needs_a_choice_of_schedule():
@@ -210,6 +211,24 @@ def test_a_changed_learning_rate_schedule_needs_a_choice_of_schedule():
     assert check_resume_flags(SAVED_SCHEDULE, fresh, AT_ITERATION_10, "c") == []
     same = resumed_with(lr=3e-3, min_lr=3e-4, lr_decay_iters=10)
     assert check_resume_flags(SAVED_SCHEDULE, same, AT_ITERATION_10, "c") == []
+
+
+def test_another_global_batch_size_changes_the_schedule_it_counts_in_samples():
+    """The checkpoint's decay, over 10 x 8 samples, was kept silently at 16 per iteration: the
+    learning rate reached --min-lr after 15 of the run's 20 iterations."""
+    with pytest.raises(ResumeConfigError, match=r"--global-batch-size 8 -> 16 \(the schedule "
+                                                r"counts samples"):
+        check_resume_flags(SAVED_SCHEDULE, resumed_with(**SAME_SCHEDULE, global_batch_size=16),
+                           AT_ITERATION_10, "c")
+    [kept, batch] = check_resume_flags(SAVED_SCHEDULE, resumed_with(
+        **SAME_SCHEDULE, global_batch_size=16, use_checkpoint_opt_param_scheduler=True),
+        AT_ITERATION_10, "c")
+    assert "kept (--use-checkpoint-opt_param-scheduler), not this run's --global-batch-size 8 -> 16" in kept
+    assert batch.startswith("--global-batch-size changed from 8 to 16")
+    curriculum = {**SAVED_SCHEDULE, "patching_mode": "curriculum"}  # the data's refusal first
+    with pytest.raises(ResumeConfigError, match="under curriculum patching"):
+        check_resume_flags(curriculum, resumed_with(**SAME_SCHEDULE, patching_mode="curriculum",
+                                                    global_batch_size=16), AT_ITERATION_10, "c")
 
 
 def test_the_schedule_a_resume_asks_for_is_the_one_it_follows(tmp_path):
