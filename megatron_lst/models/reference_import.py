@@ -159,6 +159,8 @@ def _check_head_shapes(a: dict) -> None:
               "local decoder": ("dim_local_decoder", "n_heads_local_decoder")}
     head_dim, kv_heads = a["head_dim"], a["n_kv_heads"]
     for model, (dim, heads) in models.items():
+        if not (isinstance(a[dim], int) and isinstance(a[heads], int)):
+            continue  # no sizes to compare: the model's configuration refuses them, named
         if head_dim is not None and head_dim * a[heads] != a[dim]:
             raise ReferenceImportError(
                 f"reference head_dim={head_dim!r} is not supported: the {model} model's "

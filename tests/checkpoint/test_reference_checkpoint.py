@@ -220,6 +220,9 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
     ({"n_kv_heads_global": 3}, r"do not describe a model .*num_query_groups 3"),
     ({"cross_attn_window_encoder": 0}, r"do not describe a model .*cross-attention sizes must all be >= 1"),
     ({"dim_global": "64"}, r"do not describe a model this package builds: unsupported operand"),
+    # head_dim spelled out beside a size that is no number (was a TypeError traceback)
+    ({"head_dim": 16, "n_heads_global": None}, r"do not describe a model this package builds"),
+    ({"head_dim": 16, "dim_local_decoder": None}, r"do not describe a model this package builds"),
 ])
 def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(update, message):
     model_args = {**reference_model_args(preset("tiny", 64)), **update}
