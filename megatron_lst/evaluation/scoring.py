@@ -297,6 +297,8 @@ def cut_context(sequence: ScoredSequence, context: int, model: torch.nn.Module
         start = int(starts[patch])
         if start > sequence.first_scored:
             break
+        if start == 0:  # after empty leading patches: no token before the cut to keep
+            continue
         cut = ScoredSequence(sequence.tokens[start - 1:], sequence.first_scored - (start - 1),
                              np.concatenate([[1], sequence.patch_lengths[patch:]]).astype(np.int32))
         if _sequence_positions(model, cut) <= context:

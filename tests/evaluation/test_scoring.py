@@ -244,6 +244,17 @@ def test_a_cut_context_fits_the_model_and_keeps_every_scored_token(items, single
     assert cut_some and too_long  # both cases ran
 
 
+def test_a_cut_after_empty_leading_patches_keeps_the_token_before_it(single_rank):
+    """A cut at a patch that starts at token 0 has no token before it: it took the last token
+    alone (tokens[-1:]), dropping the scored ones."""
+    model = tiny_model("lst", vocab().size, seed=3)
+    sequence = ScoredSequence(np.arange(6, dtype=np.int32), 4, np.array([0, 0, 2, 2, 2], np.int32))
+    cut = cut_context(sequence, 4, model)
+    np.testing.assert_array_equal(cut.tokens, np.arange(1, 6))  # token 1 is the head
+    np.testing.assert_array_equal(cut.patch_lengths, [1, 2, 2])
+    assert cut.first_scored == 3
+
+
 @pytest.mark.parametrize("kind", ["lst", "baseline"])
 def test_truncated_items_are_scored_on_their_cut_sequences(items, single_rank, kind, caplog):
     model = tiny_model(kind, vocab().size, seed=3, max_sequence_length=12)
