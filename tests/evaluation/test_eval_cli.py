@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from eval_cases import (
@@ -76,13 +77,19 @@ def test_default_modes_of_a_file_mixing_text_only_and_spoken_items(checkpoint, c
                       "--bootstrap-resamples", "10"]) == 0
 
 
+def _long_item(root: Path) -> Path:
+    """An items file of one item longer than the checkpoint's context of 32 as text only."""
+    record = random_records(8, 1)[0]
+    record["context"] = {"text": " ".join(WORDS), "units": [3, 1]}
+    items = root / "long.jsonl"
+    items.write_text(json.dumps(record) + "\n")
+    return items
+
+
 def test_lst_eval_counts_items_beyond_the_context(checkpoint, capsys, caplog):
     """An item longer than the model's context was scored, and reported, as any other."""
     root, _, _ = checkpoint
-    record = random_records(8, 1)[0]
-    record["context"] = {"text": " ".join(WORDS), "units": [3, 1]}  # too long as text only
-    items = root / "long.jsonl"
-    items.write_text(json.dumps(record) + "\n")
+    items = _long_item(root)
     output = root / "long.json"
     assert eval_main(["--load", str(root / "save"), "--items", str(items), "--modes", "ss,tt",
                       "--bootstrap-resamples", "10", "--output", str(output)]) == 0
@@ -99,10 +106,7 @@ def test_lst_eval_counts_items_beyond_the_context(checkpoint, capsys, caplog):
 
 def test_lst_eval_truncate_context_cuts_the_context_to_fit(checkpoint, capsys):
     root, _, _ = checkpoint
-    record = random_records(8, 1)[0]
-    record["context"] = {"text": " ".join(WORDS), "units": [3, 1]}  # too long as text only
-    items = root / "long.jsonl"
-    items.write_text(json.dumps(record) + "\n")
+    items = _long_item(root)
     output = root / "cut.json"
     assert eval_main(["--load", str(root / "save"), "--items", str(items), "--modes", "tt",
                       "--truncate-context", "--bootstrap-resamples", "10",
