@@ -27,10 +27,10 @@ and mixed models are patched statically). A batch holds every ending of `batch_s
 as training pads (the padding joins each row's last patch). An item longer than the model's
 context (--max-position-embeddings) is scored whole, past the context, with a warning and a count
 in the results, or, with `truncate_context` (lst-eval --truncate-context), with its context cut
-from the left to fit (`fit_to_context`). The forward goes through megatron's forward-only schedule, so tensor
-and pipeline parallelism work; scores are broadcast from the last pipeline stage, and
-data-parallel replicas each score a contiguous share of the items and exchange the scores, so
-every rank returns the same result.
+from the left to fit (`fit_to_context`). The forward goes through megatron's forward-only
+schedule, so tensor and pipeline parallelism work; scores are broadcast from the last pipeline
+stage, and data-parallel replicas each score a contiguous share of the items and exchange the
+scores, so every rank returns the same result.
 """
 
 from __future__ import annotations
@@ -163,14 +163,18 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
 
 
+def _is_lst(model: torch.nn.Module) -> bool:
+    """Whether an unwrapped model is LST (global positions are patches) rather than the token
+    baseline (global positions are tokens)."""
+    from megatron_lst.models.lst_model import LSTModel
+
+    return isinstance(model, LSTModel)
+
+
 def _global_positions(chunk: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """Sequence length of the global model (the pipeline's p2p shape): patches for LST, tokens
     for the token baseline."""
-    from megatron_lst.models.lst_model import LSTModel
-
-    if isinstance(_unwrap(chunk), LSTModel):
-        return batch["patch_lengths"].shape[1]
-    return batch["tokens"].shape[1]
+    return batch["patch_lengths" if _is_lst(_unwrap(chunk)) else "tokens"].shape[1]
 
 
 def ending_logprobs(model_chunks: Sequence[torch.nn.Module],
@@ -292,6 +296,7 @@ def cut_context(sequence: ScoredSequence, context: int, model: torch.nn.Module
     """
     if _sequence_positions(model, sequence) <= context:
         return sequence
+    lst = _is_lst(model)
     starts = np.cumsum(sequence.patch_lengths) - sequence.patch_lengths  # [P] first token of each
     for patch in range(1, len(sequence.patch_lengths)):
         start = int(starts[patch])
@@ -299,21 +304,19 @@ def cut_context(sequence: ScoredSequence, context: int, model: torch.nn.Module
             break
         if start == 0:  # after empty leading patches: no token before the cut to keep
             continue
-        cut = ScoredSequence(sequence.tokens[start - 1:], sequence.first_scored - (start - 1),
-                             np.concatenate([[1], sequence.patch_lengths[patch:]]).astype(np.int32))
-        if _sequence_positions(model, cut) <= context:
-            return cut
+        # Positions of the cut sequence: the head patch and patches `patch..`, or its input tokens.
+        positions = 1 + len(sequence.patch_lengths) - patch if lst else len(sequence.tokens) - start
+        if positions <= context:
+            lengths = np.concatenate([[1], sequence.patch_lengths[patch:]]).astype(np.int32)
+            return ScoredSequence(sequence.tokens[start - 1:], sequence.first_scored - (start - 1),
+                                  lengths)
     return None
 
 
 def _sequence_positions(model: torch.nn.Module, sequence: ScoredSequence) -> int:
     """Global positions of one sequence's forward: its patches for LST (the one holding the last
     label included), its input tokens for the token baseline."""
-    from megatron_lst.models.lst_model import LSTModel
-
-    if isinstance(model, LSTModel):
-        return len(sequence.patch_lengths)
-    return len(sequence.tokens) - 1
+    return len(sequence.patch_lengths) if _is_lst(model) else len(sequence.tokens) - 1
 
 
 def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalItem],

@@ -196,8 +196,8 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
 
     - "xformers": the local models attend `local_attention_window_len` tokens and stop at EOS;
       the global model stops at EOS with `attn_bias_type` "block_causal" (-> document masking at
-      `eos_id`, which must be `REFERENCE_EOS_ID`) and runs over the whole row with "causal" (-> no document rule; the local models'
-      stop at EOS is then lost on packed rows);
+      `eos_id`, which must be `REFERENCE_EOS_ID`) and runs over the whole row with "causal" (-> no
+      document rule; the local models' stop at EOS is then lost on packed rows);
     - `CAUSAL_ATTN_IMPLS`: causal attention over the whole row everywhere. Rows are at most
       `max_encoder_seq_length` tokens (its local RoPE table), so that window is the same function.
     """

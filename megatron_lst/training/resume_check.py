@@ -76,7 +76,7 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
     batch_notes = _check_global_batch_size(saved, args, position, checkpoint)
     notes = [f"{_flag(name)} changed from {saved[name]} to {current.get(name)}"
              for name in NOTED_FLAGS if changed(name)]
-    notes += check_schedule_flags(saved, args, checkpoint)
+    notes += _check_schedule_flags(saved, current, args, checkpoint)
     if any(changed(name) for name in ("data_path", "train_data_path", "split")):
         notes.append(f"the run continues at sample {position.consumed_samples} of the data "
                      f"these flags name; if it is not the data the checkpoint was trained on, "
@@ -122,18 +122,17 @@ def _check_optimizer_kind(saved: Mapping[str, Any], args: argparse.Namespace,
         f"--no-load-optim to go on with a fresh optimizer state and learning-rate schedule")
 
 
-def check_schedule_flags(saved: Mapping[str, Any], args: argparse.Namespace,
-                         checkpoint: str) -> list[str]:
+def _check_schedule_flags(saved: Mapping[str, Any], current: Mapping[str, Any],
+                          args: argparse.Namespace, checkpoint: str) -> list[str]:
     """A resume continues the checkpoint's learning-rate and weight-decay schedule; one whose
     schedule flags or --global-batch-size (the schedule counts samples) differ must say which
     schedule it wants, as in Megatron-LM:
     --use-checkpoint-opt_param-scheduler keeps the checkpoint's (a note),
-    --override-opt_param-scheduler takes the flags' (a note); without either it is refused
-    (the checkpoint's values won silently before). Not compared with --no-load-optim, which
-    loads no schedule."""
+    --override-opt_param-scheduler takes the flags' (a note); without either it is refused.
+    `current`: `args` as the checkpoint's JSON holds them. Not compared with --no-load-optim,
+    which loads no schedule."""
     if getattr(args, "no_load_optim", False):
         return []
-    current = args_to_dict(args)
     changes = [f"{_flag(name)} {saved[name]} -> {current.get(name)}" for name in SCHEDULE_FLAGS
                if name in saved and saved[name] != current.get(name)]
     changes += _schedule_batch_size_change(saved, args)

@@ -59,7 +59,7 @@ def scheduler_from_args(optimizer, args: argparse.Namespace) -> OptimizerParamSc
         wd_incr_style="constant",
         wsd_decay_steps=wsd_decay_steps,
         lr_wsd_decay_style=args.lr_wsd_decay_style,
-        # A resume has passed `resume_check.check_schedule_flags`: the checkpoint's schedule
+        # A resume has passed `resume_check.check_resume_flags`: the checkpoint's schedule
         # (in samples) is kept unless --override-opt_param-scheduler asks for the flags'.
         override_opt_param_scheduler=getattr(args, "override_opt_param_scheduler", False),
         use_checkpoint_opt_param_scheduler=not getattr(args, "override_opt_param_scheduler", False),
