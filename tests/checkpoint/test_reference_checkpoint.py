@@ -223,6 +223,18 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
     # head_dim spelled out beside a size that is no number (was a TypeError traceback)
     ({"head_dim": 16, "n_heads_global": None}, r"do not describe a model this package builds"),
     ({"head_dim": 16, "dim_local_decoder": None}, r"do not describe a model this package builds"),
+    # the reference's forward prepends patch_size - 1 BOE tokens for patching_mode ''
+    ({"patching_mode": "", "patch_size": 4}, r"patching_mode '' is not supported: .* 4 - 1 BOE"),
+    # no decoder patch projection for equal widths: P*k slots masked over P global states
+    ({"dim_global": 32}, r"dim_global 32 == dim_local_decoder 32 with cross_attn_k 2: .*cannot run"),
+    # the token width then comes from dim_global // patch_size
+    ({"use_local_encoder_transformer": False, "dim_token": None, "patch_size": 4},
+     r"token width dim_global 64 // patch_size 4 .* != dim_local_encoder 32"),
+    ({"use_local_encoder_transformer": False, "dim_token": None, "patch_size": None},
+     r"dim_global 64 // patch_size None, which is no width"),
+    ({"dim_token": 16}, r"token width dim_token 16 != dim_local_encoder 32"),
+    # a multiplier of 0 gives FFNs of width 0 (it was read as no multiplier, 1.0)
+    ({"ffn_dim_multiplier": 0.0}, r"do not describe a model .*ffn_hidden_size=0"),
 ])
 def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(update, message):
     model_args = {**reference_model_args(preset("tiny", 64)), **update}
@@ -341,3 +353,51 @@ def test_export_writes_the_attention_rule_the_reference_runs():
     assert flex["attn_impl"] == "flex_attention"  # as causal as "sdpa": the base's choice stays
     for args in (short_rows, long_rows, flex):
         assert lst_config_from_reference(args) == tiny
+
+
+def test_token_width_from_global_width_and_patch_size_imports():
+    """Without `use_local_encoder_transformer` the reference's token width is
+    `dim_global // patch_size`; where that is the local width the model is the same."""
+    model_args = reference_model_args(preset("tiny", 64))
+    same = {**model_args, "use_local_encoder_transformer": False, "dim_token": None, "patch_size": 2.0}
+    assert lst_config_from_reference(same) == lst_config_from_reference(model_args)
+
+
+def test_equal_global_and_decoder_widths_import_and_export_the_identity(single_rank):
+    """The reference stores no decoder patch projection when dim_global == dim_local_decoder (one
+    slot): the import puts the identity there, the export leaves it out, and refuses a model
+    whose projection is no longer the identity (it has no reference checkpoint)."""
+    tiny = preset("tiny", 64)
+    model_args = {**reference_model_args(tiny), "dim_global": 32, "n_heads_global": 2,
+                  "cross_attn_k": 1}
+    config = lst_config_from_reference(model_args)
+    state = full_state_dict(build_full_model(config))
+    state["local_decoder.patch_projection.weight"] = torch.eye(32)
+    reference = export_reference(state, config)
+    assert "local_decoder.patch_embedding_projection.weight" not in reference
+    assert "global_transformer.token_embedding_projection.weight" not in reference
+    _, state = import_reference(reference, model_args)
+    assert torch.equal(state["local_decoder.patch_projection.weight"], torch.eye(32))
+    assert export_reference(state, config).keys() == reference.keys()
+    state["local_decoder.patch_projection.weight"][0, 1] = 0.5
+    with pytest.raises(ReferenceImportError, match=r"patch_projection.weight' is not the identity"):
+        export_reference(state, config)
+    # our own model with equal widths and two slots: the reference cannot run it
+    two_slots = dataclasses.replace(config, cross_attention=dataclasses.replace(
+        config.cross_attention, slots_per_patch=2))
+    with pytest.raises(ReferenceImportError, match="2 slots per patch has no reference checkpoint"):
+        export_reference(full_state_dict(build_full_model(two_slots)), two_slots)
+
+
+def test_ffn_widths_of_another_multiplier_export_without_the_original_args():
+    """A model imported with ffn_dim_multiplier 1.3 exports from its config alone (as after a
+    training checkpoint, which keeps no reference args): the args written give the same widths."""
+    model_args = {**reference_model_args(preset("tiny", 64)), "multiple_of": 8,
+                  "ffn_dim_multiplier": 1.3}
+    config = lst_config_from_reference(model_args)
+    assert config.global_model.ffn_hidden_size == 224  # 8 * ceil(int(1.3 * 170) / 8)
+    written = reference_model_args(config)
+    assert lst_config_from_reference(written) == config
+    # with the original args kept, their spelling stays
+    kept = reference_model_args(config, base_args=model_args)
+    assert (kept["multiple_of"], kept["ffn_dim_multiplier"]) == (8, 1.3)

@@ -12,11 +12,23 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from checkpoint.reference_oracle import reference_logits, reference_tensor_shapes
+from megatron_lst.checkpoint.convert import (
+    dist_to_portable,
+    export_portable_to_reference,
+    import_reference_to_portable,
+    portable_to_dist,
+)
 from megatron_lst.checkpoint.model_state import full_state_dict
-from megatron_lst.checkpoint.reference import export_reference
+from megatron_lst.checkpoint.portable import load_portable
+from megatron_lst.checkpoint.reference import (
+    export_reference,
+    import_reference,
+    read_reference_model_args,
+    read_reference_state_dict,
+)
 from megatron_lst.models.lst_model import LSTModel
 from megatron_lst.models.reference_import import (
     REQUIRED_REFERENCE_OPTIONS,
@@ -61,6 +73,22 @@ CONFIGURATIONS = {
         "n_layers_global": 3, "n_layers_local_encoder": 1, "n_layers_local_decoder": 3,
         "n_heads_local_encoder": 4, "n_heads_local_decoder": 1},
     "flex_attention": {"attn_impl": "flex_attention", "attn_bias_type": "block_causal"},
+    # Dg == Dd with one slot: the reference stores no decoder patch projection (and, as k*De ==
+    # Dg, no global input projection); the import puts the identity in its place
+    "equal_widths_one_slot_no_projections": {"cross_attn_k": 1, "dim_global": 16,
+                                             "n_heads_global": 2, "n_kv_heads_global": 1},
+    # the token width from dim_global // patch_size (32 // 2 == dim_local_encoder)
+    "token_width_from_patch_size": {"use_local_encoder_transformer": False, "dim_token": None,
+                                    "patch_size": 2, "patching_mode": "static"},
+    "head_dim_and_local_kv_heads_spelt_out": {"head_dim": 8, "n_kv_heads": 2,
+                                              "n_kv_heads_global": None},
+    # fields that change training or initialisation only, or that the reference does not read
+    "training_and_init_fields": {
+        "dropout": 0.25, "init_base_std": 0.5, "init_std_factor": "current_depth", "seed": 7,
+        "rope_use_fp32_in_outer_product": True, "norm_affine": False, "max_length": 3,
+        "cross_attn_use_flex_attention": True, "encoder_hash_byte_group_vocab": 7,
+        "encoder_hash_byte_group_nb_functions": 5, "patching_mode": "aligned",
+        "patch_size": 6.0, "share_encoder_decoder_emb": False},
     # documents of 5..12 tokens, local windows shorter than a document
     "xformers_block_causal_docs_own_patch_windows": {
         "attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 5,
@@ -191,3 +219,32 @@ def test_export_gives_back_the_reference_tensors(single_rank, name):
     assert sorted(exported) == sorted(reference)
     for key, tensor in reference.items():
         assert torch.equal(exported[key], tensor), key
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
+def test_import_training_checkpoint_export_reimport_is_identical(single_rank, tmp_path, name):
+    """Reference checkpoint -> portable -> our training (dist) checkpoint -> portable -> reference
+    checkpoint: the reference tensors come back bit for bit, and the written args import to the
+    same configuration (the dist checkpoint keeps lst-train's flags, not the reference's args)."""
+    model_args = reference_args(name)
+    reference = random_reference_state(model_args, seed=len(name))
+    save_file(reference, str(tmp_path / "reference.safetensors"))
+    (tmp_path / "params.json").write_text(json.dumps({"model": model_args}))
+    config, state = import_reference(reference, model_args)
+
+    import_reference_to_portable(tmp_path / "reference.safetensors", tmp_path / "params.json",
+                                 tmp_path / "portable", num_units=20)
+    portable_to_dist(tmp_path / "portable", tmp_path / "dist")
+    dist_to_portable(tmp_path / "dist", tmp_path / "portable_again")
+    assert load_portable(tmp_path / "portable_again").config == config
+    export_portable_to_reference(tmp_path / "portable_again", tmp_path / "exported")
+
+    exported = read_reference_state_dict(tmp_path / "exported" / "consolidated.pth")
+    assert sorted(exported) == sorted(reference)
+    for key, tensor in reference.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    written = read_reference_model_args(tmp_path / "exported" / "params.json")
+    config_again, state_again = import_reference(exported, written)
+    assert config_again == config
+    assert sorted(state_again) == sorted(state)
+    assert all(torch.equal(state_again[key], tensor) for key, tensor in state.items())
