@@ -40,6 +40,7 @@ from .reference import (
     export_reference,
     import_reference,
     read_reference_model_args,
+    read_reference_patcher_args,
     read_reference_state_dict,
     reference_model_args,
 )
@@ -76,6 +77,7 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     _refuse_to_overwrite(output, PORTABLE_FILENAMES)
     original = read_reference_state_dict(reference_ckpt)
     model_args = read_reference_model_args(reference_args)
+    patching = reference_patching(model_args, read_reference_patcher_args(reference_args))
     config, state = import_reference(original, model_args)
     _check_identical(export_reference(state, config), original, "re-exported reference state dict")
     if stream is not None:
@@ -85,7 +87,8 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     load_full_state_dict(before, state, str(reference_ckpt))
     save_portable(output, PortableCheckpoint(
         config=config, state=state, vocab=reference_vocab(config.vocab_size, num_units),
-        reference_model_args=model_args, source=f"reference checkpoint {reference_ckpt}"))
+        training_args=patching, reference_model_args=model_args,
+        source=f"reference checkpoint {reference_ckpt}"))
     after = portable_model(load_portable(output), str(output))
     return verify_same_function(before, after, "import-reference", stream=stream)
 
@@ -142,16 +145,39 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
     return verify_same_function(before, after, "portable-to-dist", stream=stream)
 
 
-def reference_patching(model_args: dict) -> dict[str, object]:
-    """The patching flags for the evaluation tools' patcher from a reference model's args: its
-    mode where it needs no further flags ("static" with its `patch_size`, or "aligned"), else
-    static patching of 4 units (any mode but "none" builds the LST model)."""
-    mode, size = model_args.get("patching_mode"), model_args.get("patch_size")
+# The reference's LST patchers (its data's `patcher_args.patching_mode`) -> ours as evaluated:
+# its curriculum ends static (`evaluation.scoring.inference_patcher` scores ours so too).
+REFERENCE_LST_PATCHERS = {"lst_static": "static", "lst_curriculum": "static", "lst_align": "aligned"}
+
+
+def reference_patching(model_args: dict, patcher_args: dict | None = None) -> dict[str, object]:
+    """The patching flags for the evaluation tools' patcher from a reference run: its data's
+    patcher (`patcher_args`, the `data.patcher_args` of its params.json) where that is one of its
+    LST patchers (`REFERENCE_LST_PATCHERS`, with its `patch_size`), else the model args' mode where
+    it needs no further flags ("static" with its `patch_size`, or "aligned"), else static
+    patching of 4 units (any mode but "none" builds the LST model). The model args' own
+    `patching_mode` and `patch_size` are not what the data was patched with when the data's
+    patcher is given (the reference's lst.yaml: model static 6, data lst_static 4)."""
+    patcher_args = patcher_args or {}
+    mode = REFERENCE_LST_PATCHERS.get(patcher_args.get("patching_mode"))
     if mode == "aligned":
         return {"patching_mode": "aligned"}
-    if mode == "static" and isinstance(size, (int, float)) and float(size).is_integer() and size >= 1:
-        return {"patching_mode": "static", "patch_size": int(size)}
+    if mode == "static" and _patch_size(patcher_args.get("patch_size")):
+        return {"patching_mode": "static", "patch_size": _patch_size(patcher_args["patch_size"])}
+    mode, size = model_args.get("patching_mode"), _patch_size(model_args.get("patch_size"))
+    if mode == "aligned":
+        return {"patching_mode": "aligned"}
+    if mode in ("static", "curriculum") and size:
+        return {"patching_mode": "static", "patch_size": size}
     return {"patching_mode": "static", "patch_size": 4}
+
+
+def _patch_size(size: object) -> int | None:
+    """A reference `patch_size` (a float there) as a whole number of units, or None."""
+    if isinstance(size, int | float) and not isinstance(size, bool) and float(size).is_integer() \
+            and size >= 1:
+        return int(size)
+    return None
 
 
 def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None:

@@ -40,7 +40,8 @@ class PortableCheckpoint:
     """Full state dict (`model_state.full_state_dict` names)."""
     vocab: JointVocab | None = None
     training_args: dict[str, Any] | None = None
-    """The `lst-train` flags of the run that trained it (from a dist checkpoint), if known."""
+    """The `lst-train` flags of the run that trained it (from a dist checkpoint), if known; for
+    an imported reference model, the patching flags of its data (`convert.reference_patching`)."""
     reference_model_args: dict[str, Any] | None = None
     """The reference's model arguments, when imported from the reference implementation."""
     source: str = ""

@@ -87,6 +87,16 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_reference_patcher_args(path: str | Path) -> dict[str, Any] | None:
+    """The patcher the reference run's data used (`data.patcher_args` of BLT's params.json), or
+    None when the file does not hold it (e.g. model args alone). Call after
+    `read_reference_model_args` has read the file."""
+    data = json.loads(Path(path).read_text())
+    section = data.get("data") if isinstance(data, dict) else None
+    patcher = section.get("patcher_args") if isinstance(section, dict) else None
+    return patcher if isinstance(patcher, dict) else None
+
+
 def import_reference(
     reference: dict[str, torch.Tensor], model_args: dict[str, Any]
 ) -> tuple[LSTConfig, dict[str, torch.Tensor]]:

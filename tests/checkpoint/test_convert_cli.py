@@ -75,11 +75,15 @@ def test_save_directory_without_checkpoint_exits_1(tmp_path, capsys):
     assert f"{tmp_path} holds no complete dist checkpoint" in capsys.readouterr().err
 
 
-def import_edited_reference(reference_fixtures, tmp_path, edits: dict) -> int:
-    """`lst-convert import-reference` of the fixture with its model args edited, into
-    `tmp_path/portable`; its exit status."""
+def import_edited_reference(reference_fixtures, tmp_path, edits: dict,
+                            patcher_args: dict | None = None) -> int:
+    """`lst-convert import-reference` of the fixture with its model args edited (and, given, its
+    data's `patcher_args`), into `tmp_path/portable`; its exit status."""
     model_args = json.loads((reference_fixtures / "config_A.json").read_text())["model_args"]
-    (tmp_path / "params.json").write_text(json.dumps({"model": {**model_args, **edits}}))
+    params = {"model": {**model_args, **edits}}
+    if patcher_args is not None:
+        params["data"] = {"patcher_args": patcher_args, "seq_len": 4096}
+    (tmp_path / "params.json").write_text(json.dumps(params))
     return main(["import-reference",
                  "--reference-ckpt", str(reference_fixtures / "state_dict_A.safetensors"),
                  "--reference-args", str(tmp_path / "params.json"),
@@ -104,6 +108,31 @@ def test_converted_reference_keeps_its_patching_for_evaluation(reference_fixture
     from megatron_lst.training.checkpointing import find_latest_checkpoint, read_checkpoint_metadata
 
     assert import_edited_reference(reference_fixtures, tmp_path, patching) == 0
+    assert main(["portable-to-dist", "--portable", str(tmp_path / "portable"),
+                 "--save", str(tmp_path / "dist")]) == 0
+    args = read_checkpoint_metadata(find_latest_checkpoint(tmp_path / "dist"))["args"]
+    assert {key: args.get(key) for key in saved} == saved
+
+
+@pytest.mark.parametrize(("patcher_args", "saved"), [
+    # the reference's lst.yaml: model args static 6, its data patched by lst_static 4
+    ({"patching_mode": "lst_static", "patch_size": 4}, {"patching_mode": "static", "patch_size": 4}),
+    ({"patching_mode": "lst_align", "patch_size": 4}, {"patching_mode": "aligned"}),
+    # the curriculum ends static, as our evaluation scores a curriculum model
+    ({"patching_mode": "lst_curriculum", "patch_size": 3, "patcher_curr_align_steps": 10,
+      "patcher_curr_mixed_steps": 20}, {"patching_mode": "static", "patch_size": 3}),
+    # not an LST patcher: the model args' mode, as without patcher args
+    ({"patching_mode": "entropy"}, {"patching_mode": "static", "patch_size": 6}),
+])
+def test_converted_reference_is_evaluated_with_its_data_patcher(reference_fixtures, tmp_path,
+                                                                 patcher_args, saved):
+    """A BLT params.json keeps the data's patcher under data.patcher_args, which is what the
+    model was trained on; the model args' patching_mode and patch_size are not (they were
+    read alone, and a model trained on lst_static 4 was evaluated with static patches of 6)."""
+    from megatron_lst.training.checkpointing import find_latest_checkpoint, read_checkpoint_metadata
+
+    edits = {"patching_mode": "static", "patch_size": 6.0}
+    assert import_edited_reference(reference_fixtures, tmp_path, edits, patcher_args) == 0
     assert main(["portable-to-dist", "--portable", str(tmp_path / "portable"),
                  "--save", str(tmp_path / "dist")]) == 0
     args = read_checkpoint_metadata(find_latest_checkpoint(tmp_path / "dist"))["args"]
