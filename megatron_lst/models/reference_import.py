@@ -84,6 +84,11 @@ REQUIRED_REFERENCE_OPTIONS = {
 }
 
 
+# Sizes the reference reads as `value or derived`: 0 means what null means (heads of hidden size /
+# heads, one key/value head per query head).
+UNSET_WHEN_ZERO = ("head_dim", "n_kv_heads", "n_kv_heads_global")
+
+
 # The reference's `downsampling_by_pooling` values this package implements ->
 # `CrossAttentionConfig.pooling` ("avg" and "mean" both pool by mean in the reference; its "min"
 # has no counterpart here).
@@ -96,6 +101,9 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     options this package does not implement and for arguments the reference itself cannot build
     a model from."""
     a = {**REFERENCE_DEFAULTS, **model_args}
+    for key in UNSET_WHEN_ZERO:
+        if a[key] == 0 and a[key] is not None:
+            a[key] = None
     for key, value in REQUIRED_REFERENCE_OPTIONS.items():
         if a[key] != value and key != "use_local_encoder_transformer":
             raise ReferenceImportError(f"reference option {key}={a[key]!r} is not supported (need {value!r})")

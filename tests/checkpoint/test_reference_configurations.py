@@ -82,6 +82,8 @@ CONFIGURATIONS = {
                                     "patch_size": 2, "patching_mode": "static"},
     "head_dim_and_local_kv_heads_spelt_out": {"head_dim": 8, "n_kv_heads": 2,
                                               "n_kv_heads_global": None},
+    # the reference reads these sizes as `value or derived`: 0 is null
+    "zero_head_sizes_mean_derived": {"head_dim": 0, "n_kv_heads": 0, "n_kv_heads_global": 0},
     # fields that change training or initialisation only, or that the reference does not read
     "training_and_init_fields": {
         "dropout": 0.25, "init_base_std": 0.5, "init_std_factor": "current_depth", "seed": 7,
