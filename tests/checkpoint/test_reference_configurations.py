@@ -1,7 +1,9 @@
 """Imported reference checkpoints compute the reference's function on configurations other than
 the fixture's: `LSTModel` built by `lst_config_from_reference` and loaded through the import path
 agrees with an independent dense-mask re-implementation of the reference forward
-(`reference_oracle`), and the export gives back the reference tensors.
+(`reference_oracle`), the export gives back the reference tensors, and a round trip through
+our training checkpoint (reference -> portable -> dist -> portable -> reference) changes no tensor
+and no configuration. Named configurations cover each option; a property test draws them together.
 
 The oracle itself is proven on the reference's own logits (the fixtures; skipped without them).
 Weights are random, made in the reference's names and shapes straight from the arguments.
