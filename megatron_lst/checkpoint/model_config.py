@@ -54,8 +54,8 @@ def read_model_config(metadata: dict[str, Any], path: str | Path) -> SavedModel 
     patching_mode = args.get("patching_mode")
     record = metadata.get(MODEL_KEY)
     if record is not None:
-        if not isinstance(record, dict) or record.get("kind") not in ("lst", "baseline") \
-                or not isinstance(record.get("config"), dict):
+        if not isinstance(record, dict) or set(record) != {"kind", "config"} \
+                or record["kind"] not in ("lst", "baseline") or not isinstance(record["config"], dict):
             raise CheckpointContentError(
                 f"{path}: the model record {record!r} is not {{'kind': 'lst' | 'baseline', "
                 "'config': {...}}; the checkpoint is corrupt")
