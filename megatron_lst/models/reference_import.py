@@ -207,7 +207,7 @@ def _check_decoder_projection(a: dict) -> None:
     themselves, which is our projection with the identity matrix when `cross_attn_k` is 1; with
     more slots it masks P*k slots over P states, which it cannot run."""
     dg, dd, k = a["dim_global"], a["dim_local_decoder"], a["cross_attn_k"]
-    if dg == dd and k != 1:
+    if isinstance(dg, int) and dg == dd and k != 1:
         raise ReferenceImportError(
             f"reference dim_global {dg!r} == dim_local_decoder {dd!r} with cross_attn_k {k!r}: "
             "the reference then builds no decoder patch projection and its cross-attention masks "
