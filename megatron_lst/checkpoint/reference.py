@@ -221,7 +221,8 @@ def _ffn_rule(config: LSTConfig, preferred: int | None,
               preferred_multiplier: float | None) -> tuple[int, float]:
     """`(multiple_of, ffn_dim_multiplier)` with which the reference's rule gives every FFN width of
     `config`: the preferred ones (the base args') where they do, else multiplier 1.0 with the
-    largest `multiple_of` that does, else the shortest decimal multiplier that does (a model
+    first `multiple_of` that does (powers of two from 256 down, then the other divisors of the
+    widths), else the shortest decimal multiplier that does (a model
     imported with another multiplier keeps its widths when the checkpoint no longer carries the
     reference's args, e.g. after a training checkpoint)."""
     multiplier = 1.0 if preferred_multiplier is None else preferred_multiplier
@@ -233,7 +234,13 @@ def _ffn_rule(config: LSTConfig, preferred: int | None,
     widths = sorted({(config.global_model.hidden_size, config.global_model.ffn_hidden_size),
                      (config.encoder.hidden_size, config.encoder.ffn_hidden_size),
                      (config.decoder.hidden_size, config.decoder.ffn_hidden_size)})
-    candidates = ((preferred,) if preferred else ()) + _MULTIPLE_OF_CANDIDATES
+    # every width is a multiple of multiple_of: the usual powers of two, then the other divisors
+    # of the widths' greatest common divisor (e.g. 48)
+    common = math.gcd(*(ffn for _, ffn in widths))
+    divisors = sorted((d for d in range(1, math.isqrt(common) + 1) if common % d == 0
+                       for d in (d, common // d)), reverse=True)
+    candidates = tuple(dict.fromkeys(((preferred,) if preferred else ()) + _MULTIPLE_OF_CANDIDATES
+                                     + tuple(divisors)))
 
     def gives_widths(multiple_of: int, m: float) -> bool:
         return all(swiglu_ffn_size(dim, multiple_of, m) == ffn for dim, ffn in widths)

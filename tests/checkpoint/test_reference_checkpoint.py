@@ -389,15 +389,22 @@ def test_equal_global_and_decoder_widths_import_and_export_the_identity(single_r
         export_reference(full_state_dict(build_full_model(two_slots)), two_slots)
 
 
-def test_ffn_widths_of_another_multiplier_export_without_the_original_args():
-    """A model imported with ffn_dim_multiplier 1.3 exports from its config alone (as after a
-    training checkpoint, which keeps no reference args): the args written give the same widths."""
-    model_args = {**reference_model_args(preset("tiny", 64)), "multiple_of": 8,
-                  "ffn_dim_multiplier": 1.3}
+@pytest.mark.parametrize(("rule", "global_ffn"), [
+    ({"multiple_of": 8, "ffn_dim_multiplier": 1.3}, 224),  # 8 * ceil(int(1.3 * 170) / 8)
+    # 96 is no power of two, and no power of two with any multiplier gives 192 and 96
+    ({"multiple_of": 96, "dim_token": 16, "dim_local_encoder": 16, "dim_local_decoder": 16}, 192),
+    ({"multiple_of": 48, "ffn_dim_multiplier": 0.7}, 144),
+])
+def test_ffn_widths_of_any_rule_export_without_the_original_args(rule, global_ffn):
+    """A model imported with another FFN rule exports from its config alone (as after a
+    training checkpoint, which keeps no reference args): the args written give the same widths
+    (the export knew multiplier 1.0 and powers of two only, and refused these)."""
+    model_args = {**reference_model_args(preset("tiny", 64)), **rule}
     config = lst_config_from_reference(model_args)
-    assert config.global_model.ffn_hidden_size == 224  # 8 * ceil(int(1.3 * 170) / 8)
+    assert config.global_model.ffn_hidden_size == global_ffn
     written = reference_model_args(config)
     assert lst_config_from_reference(written) == config
     # with the original args kept, their spelling stays
     kept = reference_model_args(config, base_args=model_args)
-    assert (kept["multiple_of"], kept["ffn_dim_multiplier"]) == (8, 1.3)
+    assert {key: kept[key] for key in ("multiple_of", "ffn_dim_multiplier")} == {
+        "multiple_of": rule["multiple_of"], "ffn_dim_multiplier": rule.get("ffn_dim_multiplier", 1.0)}
