@@ -27,6 +27,7 @@ Layouts (reference -> ours):
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     options this package does not implement and for arguments the reference itself cannot build
     a model from."""
     a = {**REFERENCE_DEFAULTS, **model_args}
+    _read_whole_numbers(a)
     for key in UNSET_WHEN_ZERO:
         if a[key] == 0 and a[key] is not None:
             a[key] = None
@@ -127,8 +129,14 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     _check_decoder_projection(a)
     window, documents = reference_attention(a)
     # None: no multiplier (the reference multiplies only by a number it is given, 0 included)
-    multiple_of = a["multiple_of"]
-    multiplier = 1.0 if a["ffn_dim_multiplier"] is None else a["ffn_dim_multiplier"]
+    multiple_of, multiplier = a["multiple_of"], a["ffn_dim_multiplier"]
+    if multiplier is None:
+        multiplier = 1.0
+    elif not isinstance(multiplier, int | float) or isinstance(multiplier, bool) \
+            or not math.isfinite(multiplier):
+        raise ReferenceImportError(
+            f"reference ffn_dim_multiplier={multiplier!r} is not a number; the reference builds "
+            "no FFN from it (give a number, or null for none)")
 
     def local(dim: int, layers: int, heads: int) -> LocalModelConfig:
         return LocalModelConfig(dim, layers, heads, swiglu_ffn_size(dim, multiple_of, multiplier),
@@ -161,6 +169,29 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     except (ModelConfigError, TypeError) as error:  # TypeError: a size that is no number
         raise ReferenceImportError(
             f"reference model args do not describe a model this package builds: {error}") from None
+
+
+# The reference's integer fields read here (pydantic reads 64.0 there as 64).
+WHOLE_NUMBER_FIELDS = (
+    "vocab_size", "dim_global", "n_layers_global", "n_heads_global", "n_kv_heads_global",
+    "dim_token", "dim_local_encoder", "dim_local_decoder", "n_layers_local_encoder",
+    "n_layers_local_decoder", "n_heads_local_encoder", "n_heads_local_decoder", "head_dim",
+    "n_kv_heads", "multiple_of", "eos_id", "local_attention_window_len", "max_encoder_seq_length",
+    "cross_attn_k", "cross_attn_nheads", "cross_attn_window_encoder", "cross_attn_window_decoder",
+    "pm_size", "max_seqlen")
+
+
+def _read_whole_numbers(a: dict) -> None:
+    """Integer fields written as floats: a whole one (64.0) is that integer, as the reference
+    reads it; another (NaN, 2.5) is refused naming the field."""
+    for key in WHOLE_NUMBER_FIELDS:
+        value = a[key]
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ReferenceImportError(
+                    f"reference {key}={value!r} is not a whole number; the reference builds no "
+                    "model from it")
+            a[key] = int(value)
 
 
 def _check_token_width(a: dict) -> None:
@@ -224,6 +255,11 @@ def _check_head_shapes(a: dict) -> None:
               "local encoder": ("dim_local_encoder", "n_heads_local_encoder"),
               "local decoder": ("dim_local_decoder", "n_heads_local_decoder")}
     head_dim, kv_heads = a["head_dim"], a["n_kv_heads"]
+    for key in ("head_dim", "n_kv_heads"):
+        if a[key] is not None and (not isinstance(a[key], int) or isinstance(a[key], bool)):
+            raise ReferenceImportError(
+                f"reference {key}={a[key]!r} is not a number of units or heads (give an integer, "
+                "or null for the one derived from the hidden size and heads)")
     for model, (dim, heads) in models.items():
         if not (isinstance(a[dim], int) and isinstance(a[heads], int)):
             continue  # no sizes to compare: the model's configuration refuses them, named

@@ -144,3 +144,10 @@ def test_every_field_of_another_type_is_named():
 def test_a_record_or_flags_that_are_no_object_are_named(tmp_path, metadata, message):
     with pytest.raises(CheckpointContentError, match=message):
         read_model_config(metadata, tmp_path)
+
+
+def test_a_record_with_zero_heads_is_named_not_a_division_by_zero():
+    data = lst_config_to_dict(_config_with_documents())
+    data["encoder"]["num_heads"] = 0
+    with pytest.raises(CheckpointContentError, match=r"encoder: local .*num_heads \(0\)"):
+        lst_config_from_dict(data)

@@ -235,6 +235,15 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
     ({"dim_token": 16}, r"token width dim_token 16 != dim_local_encoder 32"),
     # a multiplier of 0 gives FFNs of width 0 (it was read as no multiplier, 1.0)
     ({"ffn_dim_multiplier": 0.0}, r"do not describe a model .*ffn_hidden_size=0"),
+    # values of another type that were tracebacks (ValueError, TypeError, ZeroDivisionError)
+    ({"ffn_dim_multiplier": float("nan")}, r"ffn_dim_multiplier=nan is not a number"),
+    ({"ffn_dim_multiplier": "max"}, r"ffn_dim_multiplier='max' is not a number"),
+    ({"dim_global": float("nan")}, r"dim_global=nan is not a whole number"),
+    ({"cross_attn_window_decoder": 2.5}, r"cross_attn_window_decoder=2.5 is not a whole number"),
+    ({"head_dim": {}}, r"head_dim=\{\} is not a number of units or heads"),
+    ({"n_kv_heads": "2"}, r"n_kv_heads='2' is not a number of units or heads"),
+    ({"n_heads_local_encoder": 0}, r"do not describe a model .*num_heads \(0\), .* must be >= 1"),
+    ({"n_heads_local_decoder": False}, r"do not describe a model .*num_heads \(False\), .* must be >= 1"),
 ])
 def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(update, message):
     model_args = {**reference_model_args(preset("tiny", 64)), **update}
@@ -408,3 +417,14 @@ def test_ffn_widths_of_any_rule_export_without_the_original_args(rule, global_ff
     kept = reference_model_args(config, base_args=model_args)
     assert {key: kept[key] for key in ("multiple_of", "ffn_dim_multiplier")} == {
         "multiple_of": rule["multiple_of"], "ffn_dim_multiplier": rule.get("ffn_dim_multiplier", 1.0)}
+
+
+def test_whole_numbers_written_as_floats_read_as_integers():
+    """The reference reads an integer field given as 64.0 as 64 (pydantic): so does the import."""
+    model_args = reference_model_args(preset("tiny", 64))
+    floats = {key: float(model_args[key]) for key in
+              ("dim_global", "n_heads_global", "dim_local_encoder", "cross_attn_k", "max_seqlen",
+               "cross_attn_window_encoder", "multiple_of")}
+    config = lst_config_from_reference({**model_args, **floats})
+    assert config == lst_config_from_reference(model_args)
+    assert isinstance(config.global_model.hidden_size, int)
