@@ -159,13 +159,14 @@ def reference_patching(model_args: dict, patcher_args: dict | None = None) -> di
     `patching_mode` and `patch_size` are not what the data was patched with when the data's
     patcher is given (the reference's lst.yaml: model static 6, data lst_static 4)."""
     patcher_args = patcher_args or {}
-    mode = REFERENCE_LST_PATCHERS.get(patcher_args.get("patching_mode"))
+    mode = patcher_args.get("patching_mode")
+    mode = REFERENCE_LST_PATCHERS.get(mode) if isinstance(mode, str) else None
     if mode == "aligned":
         return {"patching_mode": "aligned"}
     if mode == "static" and _patch_size(patcher_args.get("patch_size")):
         return {"patching_mode": "static", "patch_size": _patch_size(patcher_args["patch_size"])}
     mode, size = model_args.get("patching_mode"), _patch_size(model_args.get("patch_size"))
-    if mode == "aligned":
+    if mode == "aligned":  # (== on any JSON value: a list or a mapping is no mode)
         return {"patching_mode": "aligned"}
     if mode in ("static", "curriculum") and size:
         return {"patching_mode": "static", "patch_size": size}

@@ -163,3 +163,14 @@ def test_a_negative_iteration_is_a_usage_error(tiny_portable, tmp_path, capsys):
     assert usage.value.code == 2
     assert "--iteration: an iteration number is 0 or more, got -5" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("patcher_args", [{"patching_mode": ["lst_static"]}, {"patching_mode": {}},
+                                          {"patching_mode": "lst_static", "patch_size": True}])
+def test_a_data_patcher_of_another_form_falls_back_to_the_model_args(patcher_args):
+    """A params.json is a file from others: a patcher mode that is no string was a TypeError
+    (unhashable), and a patch size of true no size."""
+    from megatron_lst.checkpoint.convert import reference_patching
+
+    assert reference_patching({"patching_mode": "static", "patch_size": 6.0}, patcher_args) == {
+        "patching_mode": "static", "patch_size": 6}
