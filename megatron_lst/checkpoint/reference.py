@@ -198,7 +198,13 @@ def _set_attention_rule(args: dict[str, Any], config: LSTConfig, max_tokens: int
       rows of one document (the reference's local attention also stops at EOS on packed rows).
     """
     window, documents = config.encoder.window, config.documents
-    longest = args.get("max_encoder_seq_length") or max_tokens or window
+    kept = args.get("max_encoder_seq_length")
+    if kept is not None and (not isinstance(kept, int | float) or isinstance(kept, bool)
+                             or not float(kept).is_integer() or kept < 0):
+        raise ReferenceImportError(
+            f"the reference model args kept with the checkpoint give max_encoder_seq_length "
+            f"{kept!r}; it must be a whole number of tokens (or null)")
+    longest = int(kept or 0) or max_tokens or window
     if documents is not None:
         if documents.reset_position_ids or not documents.reset_attention_mask:
             raise ReferenceImportError(

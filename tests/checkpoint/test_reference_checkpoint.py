@@ -171,6 +171,16 @@ def test_ffn_widths_no_multiple_of_produces_are_refused(single_rank):
     assert reference_model_args(tiny)["multiple_of"] == 256
 
 
+@pytest.mark.parametrize("base", [{"max_encoder_seq_length": "512"},
+                                  {"max_encoder_seq_length": [512]}])
+def test_longest_row_of_the_wrong_type_kept_for_export_is_named(base):
+    """A portable checkpoint's reference args come from others: the kept longest row was
+    compared with the window as it was (TypeError: '>=' not supported)."""
+    with pytest.raises(ReferenceImportError, match=r"give max_encoder_seq_length .*; it must be "
+                                                   r"a whole number of tokens"):
+        reference_model_args(preset("tiny", 64), base)
+
+
 @pytest.mark.parametrize("base", [{"multiple_of": "256"}, {"ffn_dim_multiplier": "1.0"}])
 def test_reference_args_of_the_wrong_type_kept_for_export_are_named(base):
     with pytest.raises(ReferenceImportError, match=r"give multiple_of .* and ffn_dim_multiplier "
