@@ -96,17 +96,22 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
 def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
                                  stream: TextIO | None = None) -> float:
     """Portable checkpoint -> `output/consolidated.pth` (BLT's `{"model": state dict}`) and
-    `output/params.json` (`{"model": model args}`)."""
+    `output/params.json` (`{"model": model args}`, with `"data": {"patcher_args": ...}` where the
+    checkpoint's flags name a patching the reference has, `reference_patcher_args`)."""
     _refuse_to_overwrite(output, (REFERENCE_WEIGHTS_FILENAME, REFERENCE_ARGS_FILENAME))
     checkpoint = load_portable(portable_dir)
     before = portable_model(checkpoint, str(portable_dir))
     reference = export_reference(full_state_dict(before), checkpoint.config)
     model_args = reference_model_args(checkpoint.config, checkpoint.reference_model_args,
                                       (checkpoint.training_args or {}).get("max_tokens"))
+    params = {"model": model_args}
+    patcher_args = reference_patcher_args(checkpoint.training_args)
+    if patcher_args is not None:
+        params["data"] = {"patcher_args": patcher_args}
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     torch.save({"model": reference}, output / REFERENCE_WEIGHTS_FILENAME)
-    (output / REFERENCE_ARGS_FILENAME).write_text(json.dumps({"model": model_args}, indent=1) + "\n")
+    (output / REFERENCE_ARGS_FILENAME).write_text(json.dumps(params, indent=1) + "\n")
 
     config, state = import_reference(read_reference_state_dict(output / REFERENCE_WEIGHTS_FILENAME),
                                      read_reference_model_args(output / REFERENCE_ARGS_FILENAME))
@@ -171,6 +176,25 @@ def reference_patching(model_args: dict, patcher_args: dict | None = None) -> di
     if mode in ("static", "curriculum") and size:
         return {"patching_mode": "static", "patch_size": size}
     return {"patching_mode": "static", "patch_size": 4}
+
+
+def reference_patcher_args(training_args: dict | None) -> dict[str, object] | None:
+    """The reference data's `patcher_args` for our patching flags (the inverse of
+    `reference_patching`): static -> lst_static with the patch size, aligned -> lst_align,
+    curriculum -> lst_curriculum with its steps, mixed (no reference counterpart; scored static)
+    -> lst_static; None for the token baseline or flags that name no patching."""
+    args = training_args or {}
+    mode, size = args.get("patching_mode"), _patch_size(args.get("patch_size"))
+    if mode == "aligned":
+        return {"patching_mode": "lst_align"}
+    if mode not in ("static", "mixed", "curriculum") or size is None:
+        return None
+    steps = args.get("curriculum_tau1"), args.get("curriculum_tau2")
+    if mode == "curriculum" and all(isinstance(step, int) and not isinstance(step, bool)
+                                    for step in steps):
+        return {"patching_mode": "lst_curriculum", "patch_size": size,
+                "patcher_curr_align_steps": steps[0], "patcher_curr_mixed_steps": steps[1]}
+    return {"patching_mode": "lst_static", "patch_size": size}
 
 
 def _patch_size(size: object) -> int | None:

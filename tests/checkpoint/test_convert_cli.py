@@ -174,3 +174,46 @@ def test_a_data_patcher_of_another_form_falls_back_to_the_model_args(patcher_arg
 
     assert reference_patching({"patching_mode": "static", "patch_size": 6.0}, patcher_args) == {
         "patching_mode": "static", "patch_size": 6}
+
+
+def test_the_data_patcher_survives_export_and_reimport(reference_fixtures, tmp_path):
+    """reference (model args static 6, data lst_static 4) -> portable -> dist -> portable ->
+    reference: the written params.json keeps the data's patcher, so importing it again patches
+    as the model was trained (the export wrote the model args alone)."""
+    assert import_edited_reference(reference_fixtures, tmp_path,
+                                   {"patching_mode": "static", "patch_size": 6.0},
+                                   {"patching_mode": "lst_static", "patch_size": 4}) == 0
+    portable_again, exported = tmp_path / "portable_again", tmp_path / "exported"
+    assert main(["portable-to-dist", "--portable", str(tmp_path / "portable"),
+                 "--save", str(tmp_path / "dist")]) == 0
+    assert main(["dist-to-portable", "--load", str(tmp_path / "dist"),
+                 "--output", str(portable_again)]) == 0
+    assert main(["export-reference", "--portable", str(portable_again),
+                 "--output", str(exported)]) == 0
+    params = json.loads((exported / "params.json").read_text())
+    assert params["data"] == {"patcher_args": {"patching_mode": "lst_static", "patch_size": 4}}
+    assert main(["import-reference", "--reference-ckpt", str(exported / "consolidated.pth"),
+                 "--reference-args", str(exported / "params.json"),
+                 "--output", str(tmp_path / "reimported")]) == 0
+    training_args = json.loads((tmp_path / "reimported" / "lst_config.json").read_text())["training_args"]
+    assert training_args == {"patching_mode": "static", "patch_size": 4}
+
+
+@pytest.mark.parametrize(("flags", "patcher_args"), [
+    ({"patching_mode": "static", "patch_size": 3}, {"patching_mode": "lst_static", "patch_size": 3}),
+    ({"patching_mode": "aligned", "patch_size": 4}, {"patching_mode": "lst_align"}),
+    ({"patching_mode": "curriculum", "patch_size": 4, "curriculum_tau1": 10, "curriculum_tau2": 30},
+     {"patching_mode": "lst_curriculum", "patch_size": 4, "patcher_curr_align_steps": 10,
+      "patcher_curr_mixed_steps": 30}),
+    ({"patching_mode": "mixed", "patch_size": 5}, {"patching_mode": "lst_static", "patch_size": 5}),
+    ({"patching_mode": "none", "patch_size": 4}, None),
+    (None, None),
+])
+def test_our_patching_flags_as_the_reference_data_patcher(flags, patcher_args):
+    from megatron_lst.checkpoint.convert import reference_patcher_args, reference_patching
+
+    assert reference_patcher_args(flags) == patcher_args
+    if patcher_args is not None:  # read back as our evaluation patches
+        expected = ({"patching_mode": "aligned"} if flags["patching_mode"] == "aligned" else
+                    {"patching_mode": "static", "patch_size": flags["patch_size"]})
+        assert reference_patching({}, patcher_args) == expected
