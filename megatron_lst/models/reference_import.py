@@ -311,14 +311,15 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
             raise ReferenceImportError(
                 f"reference attn_impl 'xformers' needs local_attention_window_len >= 1 (got "
                 f"{window!r}): its local attention is a sliding window")
+        if a["eos_id"] is None:
+            raise ReferenceImportError(
+                "reference attn_impl 'xformers' stops its local attention at eos_id (and with "
+                "attn_bias_type 'block_causal' its global one), but the arguments give no eos_id")
         if bias in (None, "causal"):
             return window, None
         if bias != "block_causal":
             raise ReferenceImportError(
                 f"reference attn_bias_type {bias!r} is not one of 'causal' or 'block_causal'")
-        if a["eos_id"] is None:
-            raise ReferenceImportError("reference attn_bias_type 'block_causal' masks documents "
-                                       "but the arguments give no eos_id")
         if a["eos_id"] != REFERENCE_EOS_ID:
             raise ReferenceImportError(
                 f"reference eos_id={a['eos_id']!r} with attn_bias_type 'block_causal': its local "

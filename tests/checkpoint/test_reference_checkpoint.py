@@ -216,6 +216,11 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
     ({"attn_impl": "fmha"}, "attn_impl 'fmha' is not one of"),
     ({"attn_impl": "xformers", "local_attention_window_len": None}, "needs local_attention_window_len"),
     ({"attn_impl": "xformers", "attn_bias_type": "local_block_causal"}, "attn_bias_type 'local_block_causal'"),
+    # its local attention always stops at eos_id under xformers (it asserts one is given)
+    ({"attn_impl": "xformers", "attn_bias_type": "causal", "local_attention_window_len": 8,
+      "eos_id": None}, "attn_impl 'xformers' stops its local attention at eos_id"),
+    ({"attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 8,
+      "eos_id": None}, "attn_impl 'xformers' stops its local attention at eos_id"),
     ({"attn_impl": "sdpa", "max_encoder_seq_length": None}, "max_encoder_seq_length"),
     ({"cross_attn_k": None}, "cross_attn_k=None"),
     ({"cross_attn_nheads": None}, "cross_attn_nheads=None"),
