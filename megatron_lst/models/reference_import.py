@@ -104,7 +104,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     a = {**REFERENCE_DEFAULTS, **model_args}
     _read_whole_numbers(a)
     for key in UNSET_WHEN_ZERO:
-        if a[key] == 0 and a[key] is not None:
+        if a[key] == 0:  # 0 and false; None == 0 is False
             a[key] = None
     for key, value in REQUIRED_REFERENCE_OPTIONS.items():
         if a[key] != value and key != "use_local_encoder_transformer":
@@ -420,6 +420,9 @@ def _cross_attention_layers(ours: str, ref: str, count: int) -> list[TensorMappi
     return mappings
 
 
+DECODER_PROJECTION = "local_decoder.patch_projection.weight"
+
+
 def reference_tensor_map(config: LSTConfig) -> list[TensorMapping]:
     """Every tensor of an unsharded `LSTModel` (TP=1, PP=1, local spec) with the reference tensors
     it is made of, in the reference's module order. Import combines, export splits."""
@@ -436,7 +439,7 @@ def reference_tensor_map(config: LSTConfig) -> list[TensorMapping]:
     for i in range(g.num_layers):
         mappings += _global_layer(f"global_transformer.block.layers.{i}.", f"global_transformer.layers.{i}.", g)
     if _reference_has_decoder_projection(config):
-        mappings.append(TensorMapping("local_decoder.patch_projection.weight",
+        mappings.append(TensorMapping(DECODER_PROJECTION,
                                       ("local_decoder.patch_embedding_projection.weight",)))
     mappings += _cross_attention_layers("local_decoder", "local_decoder",
                                         config.decoder.num_layers if xattn.all_decoder_layers else 1)
@@ -446,9 +449,6 @@ def reference_tensor_map(config: LSTConfig) -> list[TensorMapping]:
         TensorMapping("output_layer.weight", ("local_decoder.output.weight",)),
     ]
     return mappings
-
-
-DECODER_PROJECTION = "local_decoder.patch_projection.weight"
 
 
 def _reference_has_decoder_projection(config: LSTConfig) -> bool:
