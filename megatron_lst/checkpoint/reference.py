@@ -228,9 +228,9 @@ def _ffn_rule(config: LSTConfig, preferred: int | None,
     """`(multiple_of, ffn_dim_multiplier)` with which the reference's rule gives every FFN width of
     `config`: the preferred ones (the base args') where they do, else multiplier 1.0 with the
     first `multiple_of` that does (powers of two from 256 down, then the other divisors of the
-    widths), else the shortest decimal multiplier that does (a model
-    imported with another multiplier keeps its widths when the checkpoint no longer carries the
-    reference's args, e.g. after a training checkpoint)."""
+    widths), else the shortest decimal multiplier that does. So a model imported with another
+    rule keeps its widths when the checkpoint no longer carries the reference's args (e.g. after
+    a training checkpoint)."""
     multiplier = 1.0 if preferred_multiplier is None else preferred_multiplier
     if not isinstance(preferred, int | None) or not isinstance(multiplier, int | float) \
             or isinstance(multiplier, bool):
@@ -243,8 +243,8 @@ def _ffn_rule(config: LSTConfig, preferred: int | None,
     # every width is a multiple of multiple_of: the usual powers of two, then the other divisors
     # of the widths' greatest common divisor (e.g. 48)
     common = math.gcd(*(ffn for _, ffn in widths))
-    divisors = sorted((d for d in range(1, math.isqrt(common) + 1) if common % d == 0
-                       for d in (d, common // d)), reverse=True)
+    divisors = sorted({d for small in range(1, math.isqrt(common) + 1) if common % small == 0
+                       for d in (small, common // small)}, reverse=True)
     candidates = tuple(dict.fromkeys(((preferred,) if preferred else ()) + _MULTIPLE_OF_CANDIDATES
                                      + tuple(divisors)))
 
