@@ -40,6 +40,7 @@ from .reference import (
     export_reference,
     import_reference,
     read_reference_model_args,
+    read_reference_patcher_args,
     read_reference_state_dict,
     reference_model_args,
 )
@@ -76,6 +77,7 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     _refuse_to_overwrite(output, PORTABLE_FILENAMES)
     original = read_reference_state_dict(reference_ckpt)
     model_args = read_reference_model_args(reference_args)
+    patching = reference_patching(model_args, read_reference_patcher_args(reference_args))
     config, state = import_reference(original, model_args)
     _check_identical(export_reference(state, config), original, "re-exported reference state dict")
     if stream is not None:
@@ -85,7 +87,8 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     load_full_state_dict(before, state, str(reference_ckpt))
     save_portable(output, PortableCheckpoint(
         config=config, state=state, vocab=reference_vocab(config.vocab_size, num_units),
-        reference_model_args=model_args, source=f"reference checkpoint {reference_ckpt}"))
+        training_args=patching, reference_model_args=model_args,
+        source=f"reference checkpoint {reference_ckpt}"))
     after = portable_model(load_portable(output), str(output))
     return verify_same_function(before, after, "import-reference", stream=stream)
 
@@ -93,17 +96,22 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
 def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
                                  stream: TextIO | None = None) -> float:
     """Portable checkpoint -> `output/consolidated.pth` (BLT's `{"model": state dict}`) and
-    `output/params.json` (`{"model": model args}`)."""
+    `output/params.json` (`{"model": model args}`, with `"data": {"patcher_args": ...}` where the
+    checkpoint's flags name a patching the reference has, `reference_patcher_args`)."""
     _refuse_to_overwrite(output, (REFERENCE_WEIGHTS_FILENAME, REFERENCE_ARGS_FILENAME))
     checkpoint = load_portable(portable_dir)
     before = portable_model(checkpoint, str(portable_dir))
     reference = export_reference(full_state_dict(before), checkpoint.config)
     model_args = reference_model_args(checkpoint.config, checkpoint.reference_model_args,
                                       (checkpoint.training_args or {}).get("max_tokens"))
+    params = {"model": model_args}
+    patcher_args = reference_patcher_args(checkpoint.training_args)
+    if patcher_args is not None:
+        params["data"] = {"patcher_args": patcher_args}
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     torch.save({"model": reference}, output / REFERENCE_WEIGHTS_FILENAME)
-    (output / REFERENCE_ARGS_FILENAME).write_text(json.dumps({"model": model_args}, indent=1) + "\n")
+    (output / REFERENCE_ARGS_FILENAME).write_text(json.dumps(params, indent=1) + "\n")
 
     config, state = import_reference(read_reference_state_dict(output / REFERENCE_WEIGHTS_FILENAME),
                                      read_reference_model_args(output / REFERENCE_ARGS_FILENAME))
@@ -142,16 +150,59 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
     return verify_same_function(before, after, "portable-to-dist", stream=stream)
 
 
-def reference_patching(model_args: dict) -> dict[str, object]:
-    """The patching flags for the evaluation tools' patcher from a reference model's args: its
-    mode where it needs no further flags ("static" with its `patch_size`, or "aligned"), else
-    static patching of 4 units (any mode but "none" builds the LST model)."""
-    mode, size = model_args.get("patching_mode"), model_args.get("patch_size")
+# The reference's LST patchers (its data's `patcher_args.patching_mode`) -> ours as evaluated:
+# its curriculum ends static (`evaluation.scoring.inference_patcher` scores ours so too).
+REFERENCE_LST_PATCHERS = {"lst_static": "static", "lst_curriculum": "static", "lst_align": "aligned"}
+
+
+def reference_patching(model_args: dict, patcher_args: dict | None = None) -> dict[str, object]:
+    """The patching flags for the evaluation tools' patcher from a reference run: its data's
+    patcher (`patcher_args`, the `data.patcher_args` of its params.json) where that is one of its
+    LST patchers (`REFERENCE_LST_PATCHERS`, with its `patch_size`), else the model args' mode where
+    it needs no further flags ("static" with its `patch_size`, or "aligned"), else static
+    patching of 4 units (any mode but "none" builds the LST model). The model args' own
+    `patching_mode` and `patch_size` are not what the data was patched with when the data's
+    patcher is given (the reference's lst.yaml: model static 6, data lst_static 4)."""
+    patcher_args = patcher_args or {}
+    mode = patcher_args.get("patching_mode")
+    mode = REFERENCE_LST_PATCHERS.get(mode) if isinstance(mode, str) else None
     if mode == "aligned":
         return {"patching_mode": "aligned"}
-    if mode == "static" and isinstance(size, (int, float)) and float(size).is_integer() and size >= 1:
-        return {"patching_mode": "static", "patch_size": int(size)}
+    if mode == "static" and _patch_size(patcher_args.get("patch_size")):
+        return {"patching_mode": "static", "patch_size": _patch_size(patcher_args["patch_size"])}
+    mode, size = model_args.get("patching_mode"), _patch_size(model_args.get("patch_size"))
+    if mode == "aligned":  # (== on any JSON value: a list or a mapping is no mode)
+        return {"patching_mode": "aligned"}
+    if mode in ("static", "curriculum") and size:
+        return {"patching_mode": "static", "patch_size": size}
     return {"patching_mode": "static", "patch_size": 4}
+
+
+def reference_patcher_args(training_args: dict | None) -> dict[str, object] | None:
+    """The reference data's `patcher_args` for our patching flags (the inverse of
+    `reference_patching`): static -> lst_static with the patch size, aligned -> lst_align,
+    curriculum -> lst_curriculum with its steps, mixed (no reference counterpart; scored static)
+    -> lst_static; None for the token baseline or flags that name no patching."""
+    args = training_args or {}
+    mode, size = args.get("patching_mode"), _patch_size(args.get("patch_size"))
+    if mode == "aligned":
+        return {"patching_mode": "lst_align"}
+    if mode not in ("static", "mixed", "curriculum") or size is None:
+        return None
+    steps = args.get("curriculum_tau1"), args.get("curriculum_tau2")
+    if mode == "curriculum" and all(isinstance(step, int) and not isinstance(step, bool)
+                                    for step in steps):
+        return {"patching_mode": "lst_curriculum", "patch_size": size,
+                "patcher_curr_align_steps": steps[0], "patcher_curr_mixed_steps": steps[1]}
+    return {"patching_mode": "lst_static", "patch_size": size}
+
+
+def _patch_size(size: object) -> int | None:
+    """A reference `patch_size` (a float there) as a whole number of units, or None."""
+    if isinstance(size, int | float) and not isinstance(size, bool) and float(size).is_integer() \
+            and size >= 1:
+        return int(size)
+    return None
 
 
 def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None:

@@ -47,10 +47,15 @@ def read_model_config(metadata: dict[str, Any], path: str | Path) -> SavedModel 
     module). Raises `CheckpointContentError` naming `path` for a record or flags that do not
     describe a model."""
     args = metadata.get("args") or {}
+    if not isinstance(args, dict):
+        raise CheckpointContentError(
+            f"{path}: its saved flags 'args' are a JSON {type(args).__name__}, not the flags "
+            "object a save writes; the checkpoint is corrupt")
     patching_mode = args.get("patching_mode")
     record = metadata.get(MODEL_KEY)
     if record is not None:
-        if record.get("kind") not in ("lst", "baseline") or not isinstance(record.get("config"), dict):
+        if not isinstance(record, dict) or set(record) != {"kind", "config"} \
+                or record["kind"] not in ("lst", "baseline") or not isinstance(record["config"], dict):
             raise CheckpointContentError(
                 f"{path}: the model record {record!r} is not {{'kind': 'lst' | 'baseline', "
                 "'config': {...}}; the checkpoint is corrupt")

@@ -11,6 +11,8 @@ is filled from the same `token_encoder.*` tensors.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any
 
 import torch
@@ -34,8 +36,18 @@ def lst_config_to_dict(config: LSTConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# Fields a record may leave out, with the value that means: `documents` did not exist before
+# document masking, and those models trained across EOS.
+_FIELDS_OF_OLDER_RECORDS = {LSTConfig: {"documents": None}}
+
+
 def lst_config_from_dict(data: dict[str, Any]) -> LSTConfig:
-    """Inverse of `lst_config_to_dict`; unknown or missing fields are errors, not defaults."""
+    """Inverse of `lst_config_to_dict`. Unknown fields, missing fields (but `documents`, absent
+    from records written before document masking) and values of another type are errors that
+    name the field, never defaults."""
+    if not isinstance(data, dict):
+        raise CheckpointContentError(f"lst_config: a JSON {type(data).__name__}, not the fields "
+                                     "of LSTConfig")
     parts = {"global_model": GlobalModelConfig, "encoder": LocalModelConfig,
              "decoder": LocalModelConfig, "cross_attention": CrossAttentionConfig,
              "documents": DocumentMaskingConfig}
@@ -55,10 +67,43 @@ def _dataclass_from_dict(kind: type, data: dict[str, Any], where: str):
     unknown = sorted(set(data) - names)
     if unknown:
         raise CheckpointContentError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    data = {**_FIELDS_OF_OLDER_RECORDS.get(kind, {}), **data}
+    missing = sorted(names - set(data))
+    if missing:
+        raise CheckpointContentError(
+            f"{where}: missing field(s) {missing}; a saved {kind.__name__} records every field "
+            "(the config is damaged or was not written by this package)")
+    hints = typing.get_type_hints(kind)
+    for name, value in data.items():
+        if not _fits(value, hints[name]):
+            raise CheckpointContentError(
+                f"{where}: field {name!r} is {value!r} ({type(value).__name__}), not "
+                f"{_describe(hints[name])}; the config is damaged")
     try:
         return kind(**data)
     except (TypeError, ModelConfigError) as error:  # ModelConfigError: sizes that do not fit
         raise CheckpointContentError(f"{where}: {error}") from None
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value is of a config field's type (a bool is no number here, an integer
+    is a float)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return annotation is bool
+    if annotation is float:
+        return isinstance(value, int | float)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(annotation))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(annotation, f"a {getattr(annotation, '__name__', annotation)}")
 
 
 def build_full_model(config: LSTConfig):

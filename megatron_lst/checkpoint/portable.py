@@ -40,7 +40,8 @@ class PortableCheckpoint:
     """Full state dict (`model_state.full_state_dict` names)."""
     vocab: JointVocab | None = None
     training_args: dict[str, Any] | None = None
-    """The `lst-train` flags of the run that trained it (from a dist checkpoint), if known."""
+    """The `lst-train` flags of the run that trained it (from a dist checkpoint), if known; for
+    an imported reference model, the patching flags of its data (`convert.reference_patching`)."""
     reference_model_args: dict[str, Any] | None = None
     """The reference's model arguments, when imported from the reference implementation."""
     source: str = ""
@@ -122,6 +123,11 @@ def _read_config(config_path: Path) -> dict[str, Any]:
         raise CheckpointContentError(
             f"{config_path} is not an {FORMAT} v{FORMAT_VERSION} config (format "
             f"{metadata.get('format')!r} v{metadata.get('format_version')!r})")
+    unknown = sorted(set(metadata) - {"format", "format_version", *_CONFIG_FIELDS})
+    if unknown:  # a misspelt field would otherwise read as absent
+        raise CheckpointContentError(
+            f"{config_path}: unknown field(s) {unknown}; {FORMAT} v{FORMAT_VERSION} holds "
+            f"{sorted(_CONFIG_FIELDS)} besides format and format_version")
     metadata.setdefault("vocab", None)  # optional fields: absent means unknown
     metadata.setdefault("training_args", None)
     metadata.setdefault("reference_model_args", None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from megatron_lst.models.reference_import import (
     ReferenceImportError,
     canonical_state_dict,
     lst_config_from_reference,
+    reference_identity_tensors,
     reference_tensor_map,
 )
 
@@ -85,6 +87,16 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_reference_patcher_args(path: str | Path) -> dict[str, Any] | None:
+    """The patcher the reference run's data used (`data.patcher_args` of BLT's params.json), or
+    None when the file does not hold it (e.g. model args alone). Call after
+    `read_reference_model_args` has read the file."""
+    data = json.loads(Path(path).read_text())
+    section = data.get("data") if isinstance(data, dict) else None
+    patcher = section.get("patcher_args") if isinstance(section, dict) else None
+    return patcher if isinstance(patcher, dict) else None
+
+
 def import_reference(
     reference: dict[str, torch.Tensor], model_args: dict[str, Any]
 ) -> tuple[LSTConfig, dict[str, torch.Tensor]]:
@@ -102,6 +114,16 @@ def export_reference(state: dict[str, torch.Tensor], config: LSTConfig) -> dict[
             raise ReferenceImportError(f"state dict has no tensor {mapping.ours!r} to export")
         for name, tensor in zip(mapping.reference, mapping.split(ours.pop(mapping.ours)), strict=True):
             out[name] = tensor.contiguous()
+    for name, size in reference_identity_tensors(config).items():
+        if name not in ours:
+            raise ReferenceImportError(f"state dict has no tensor {name!r} to export")
+        tensor = ours.pop(name)
+        if not torch.equal(tensor, torch.eye(size, dtype=tensor.dtype, device=tensor.device)):
+            raise ReferenceImportError(
+                f"tensor {name!r} is not the identity matrix, but the reference has no such "
+                f"layer for this model (global hidden_size {size} equal to the decoder's, one slot "
+                "per patch): a model whose decoder projection was trained has no reference "
+                "checkpoint")
     if ours:
         raise ReferenceImportError(
             f"tensors with no place in the reference checkpoint: {sorted(ours)}")
@@ -117,7 +139,7 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
     overwritten from `config`. `max_tokens`: the longest row in tokens the model trained on
     (`--max-tokens`), for the reference's `max_encoder_seq_length` where `base_args` has none.
     Raises when `config` is not expressible in the reference's args (e.g. different encoder and
-    decoder windows, or FFN widths no `multiple_of` produces).
+    decoder windows, or FFN widths the reference's rule does not produce).
     """
     g, enc, dec, xattn = config.global_model, config.encoder, config.decoder, config.cross_attention
     if enc.window != dec.window:
@@ -140,7 +162,6 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         n_heads_local_encoder=enc.num_heads,
         dim_local_decoder=dec.hidden_size, n_layers_local_decoder=dec.num_layers,
         n_heads_local_decoder=dec.num_heads,
-        multiple_of=_multiple_of(config, args.get("multiple_of"), args["ffn_dim_multiplier"] or 1.0),
         cross_attn_k=xattn.slots_per_patch, cross_attn_nheads=xattn.num_heads,
         cross_attn_window_encoder=xattn.encoder_window,
         cross_attn_window_decoder=xattn.decoder_window,
@@ -150,6 +171,10 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         norm_eps=config.norm_eps, rope_theta=config.rope_theta,
     )
     args["max_seqlen"] = config.max_sequence_length  # the global RoPE table, in patches
+    multiple_of, multiplier = _ffn_rule(config, args.get("multiple_of"), args["ffn_dim_multiplier"])
+    args["multiple_of"] = multiple_of
+    if multiplier != (1.0 if args["ffn_dim_multiplier"] is None else args["ffn_dim_multiplier"]):
+        args["ffn_dim_multiplier"] = multiplier  # else the base's spelling (None is 1.0) stays
     _set_attention_rule(args, config, max_tokens)
     reimported = lst_config_from_reference(args)
     # The reference has no field for the init std; it does not change the function.
@@ -173,7 +198,13 @@ def _set_attention_rule(args: dict[str, Any], config: LSTConfig, max_tokens: int
       rows of one document (the reference's local attention also stops at EOS on packed rows).
     """
     window, documents = config.encoder.window, config.documents
-    longest = args.get("max_encoder_seq_length") or max_tokens or window
+    kept = args.get("max_encoder_seq_length")
+    if kept is not None and (not isinstance(kept, int | float) or isinstance(kept, bool)
+                             or not float(kept).is_integer() or kept < 0):
+        raise ReferenceImportError(
+            f"the reference model args kept with the checkpoint give max_encoder_seq_length "
+            f"{kept!r}; it must be a whole number of tokens (or null)")
+    longest = int(kept or 0) or max_tokens or window
     if documents is not None:
         if documents.reset_position_ids or not documents.reset_attention_mask:
             raise ReferenceImportError(
@@ -192,18 +223,48 @@ def _set_attention_rule(args: dict[str, Any], config: LSTConfig, max_tokens: int
                     local_attention_window_len=window, max_encoder_seq_length=longest)
 
 
-def _multiple_of(config: LSTConfig, preferred: int | None, multiplier: float) -> int:
-    if not isinstance(preferred, int | None) or not isinstance(multiplier, int | float):
+def _ffn_rule(config: LSTConfig, preferred: int | None,
+              preferred_multiplier: float | None) -> tuple[int, float]:
+    """`(multiple_of, ffn_dim_multiplier)` with which the reference's rule gives every FFN width of
+    `config`: the preferred ones (the base args') where they do, else multiplier 1.0 with the
+    first `multiple_of` that does (powers of two from 256 down, then the other divisors of the
+    widths), else the shortest decimal multiplier that does. So a model imported with another
+    rule keeps its widths when the checkpoint no longer carries the reference's args (e.g. after
+    a training checkpoint)."""
+    multiplier = 1.0 if preferred_multiplier is None else preferred_multiplier
+    if not isinstance(preferred, int | None) or not isinstance(multiplier, int | float) \
+            or isinstance(multiplier, bool):
         raise ReferenceImportError(
             f"the reference model args kept with the checkpoint give multiple_of {preferred!r} "
-            f"and ffn_dim_multiplier {multiplier!r}; both must be numbers")
-    widths = {(config.global_model.hidden_size, config.global_model.ffn_hidden_size),
-              (config.encoder.hidden_size, config.encoder.ffn_hidden_size),
-              (config.decoder.hidden_size, config.decoder.ffn_hidden_size)}
-    for multiple_of in ((preferred,) if preferred else ()) + _MULTIPLE_OF_CANDIDATES:
-        if all(swiglu_ffn_size(dim, multiple_of, multiplier) == ffn for dim, ffn in widths):
-            return multiple_of
+            f"and ffn_dim_multiplier {preferred_multiplier!r}; both must be numbers")
+    widths = sorted({(config.global_model.hidden_size, config.global_model.ffn_hidden_size),
+                     (config.encoder.hidden_size, config.encoder.ffn_hidden_size),
+                     (config.decoder.hidden_size, config.decoder.ffn_hidden_size)})
+    # every width is a multiple of multiple_of: the usual powers of two, then the other divisors
+    # of the widths' greatest common divisor (e.g. 48)
+    common = math.gcd(*(ffn for _, ffn in widths))
+    divisors = sorted({d for small in range(1, math.isqrt(common) + 1) if common % small == 0
+                       for d in (small, common // small)}, reverse=True)
+    candidates = tuple(dict.fromkeys(((preferred,) if preferred else ()) + _MULTIPLE_OF_CANDIDATES
+                                     + tuple(divisors)))
+
+    def gives_widths(multiple_of: int, m: float) -> bool:
+        return all(swiglu_ffn_size(dim, multiple_of, m) == ffn for dim, ffn in widths)
+
+    for m in dict.fromkeys((multiplier, 1.0)):
+        for multiple_of in candidates:
+            if gives_widths(multiple_of, m):
+                return multiple_of, m
+    for multiple_of in candidates:
+        # int(m * int(8 * dim / 3)) must fall in (ffn - multiple_of, ffn] for every width
+        base = [(int(8 * dim / 3), ffn) for dim, ffn in widths]
+        low = max((ffn - multiple_of + 1) / width for width, ffn in base)
+        high = min((ffn + 1) / width for width, ffn in base)
+        for digits in range(1, 9):
+            m = math.ceil(low * 10 ** digits) / 10 ** digits
+            if m < high and gives_widths(multiple_of, m):
+                return multiple_of, m
     raise ReferenceImportError(
-        f"no reference multiple_of gives the FFN widths (hidden, ffn) {sorted(widths)}; the "
-        "reference computes them as multiple_of * ceil(int(ffn_dim_multiplier * int(8 * hidden / "
-        f"3)) / multiple_of) (ffn_dim_multiplier {multiplier})")
+        f"no reference multiple_of and ffn_dim_multiplier give the FFN widths (hidden, ffn) "
+        f"{widths}; the reference computes them as multiple_of * ceil(int(ffn_dim_multiplier * "
+        "int(8 * hidden / 3)) / multiple_of)")

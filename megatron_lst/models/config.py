@@ -41,6 +41,13 @@ class LocalModelConfig:
     """Sliding-window length in tokens: token i attends tokens i-window+1 .. i."""
 
     def __post_init__(self):
+        if min(self.hidden_size, self.num_layers, self.num_heads, self.window,
+               self.ffn_hidden_size) < 1:  # before dividing by num_heads
+            raise ModelConfigError(
+                f"local hidden_size ({self.hidden_size}), num_layers ({self.num_layers}), "
+                f"num_heads ({self.num_heads}), window ({self.window}) and ffn_hidden_size "
+                f"({self.ffn_hidden_size}) must be >= 1"
+            )
         if self.hidden_size % self.num_heads:
             raise ModelConfigError(
                 f"local hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -48,11 +55,6 @@ class LocalModelConfig:
         if (self.hidden_size // self.num_heads) % 2:
             raise ModelConfigError(
                 f"local head dim {self.hidden_size // self.num_heads} must be even for RoPE"
-            )
-        if min(self.num_layers, self.window, self.ffn_hidden_size) < 1:
-            raise ModelConfigError(
-                f"local num_layers ({self.num_layers}), window ({self.window}) and "
-                f"ffn_hidden_size ({self.ffn_hidden_size}) must be >= 1"
             )
 
     @property

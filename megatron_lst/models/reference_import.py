@@ -17,12 +17,17 @@ Layouts (reference -> ours):
   `linear_fc2`. Under TP each rank holds `[w1_r; w3_r]`, so fc1 is sharded per half;
 - cross-attention `wk, wv` -> `linear_kv = [wk; wv]`; `cross_attn_norm_q/kv` -> `norm_q/kv`;
 - `attention_norm` / `ffn_norm` -> `input_norm` / `pre_mlp_norm` (local) or megatron's
-  `input_layernorm` / `pre_mlp_layernorm`.
+  `input_layernorm` / `pre_mlp_layernorm`;
+- the decoder's patch projection: the reference builds it only when `dim_global` differs from
+  `dim_local_decoder`; without it (then `cross_attn_k` is 1) its cross-attention reads the global
+  output itself, which our `local_decoder.patch_projection` computes as the identity matrix
+  (`reference_identity_tensors`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -61,9 +66,12 @@ REFERENCE_DEFAULTS = {
     "norm_type": "rmsnorm", "pre_norm": True, "weight_tying": False,
     "tie_local_encoder_decoder_logits": False, "encoder_enable_byte_ngrams": False,
     "encoder_hash_byte_group_size": None, "pm_size": 0, "max_seqlen": 1024,
+    "patch_size": None, "patching_mode": None,
 }
 
-# Reference options LSTModel implements only with one value.
+# Reference options LSTModel implements only with one value; `use_local_encoder_transformer`
+# only picks the token width when `dim_token` is null, and any value giving the local width
+# imports (`_check_token_width`).
 REQUIRED_REFERENCE_OPTIONS = {
     "use_rope": True, "cross_attn_encoder": True, "cross_attn_decoder": True,
     "cross_attn_init_by_pooling": True, "use_local_encoder_transformer": True,
@@ -75,6 +83,11 @@ REQUIRED_REFERENCE_OPTIONS = {
     # extra "parameter mixing" rows in the token embedding and the output layer
     "pm_size": 0,
 }
+
+
+# Sizes the reference reads as `value or derived`: 0 means what null means (heads of hidden size /
+# heads, one key/value head per query head).
+UNSET_WHEN_ZERO = ("head_dim", "n_kv_heads", "n_kv_heads_global")
 
 
 # The reference's `downsampling_by_pooling` values this package implements ->
@@ -89,8 +102,12 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     options this package does not implement and for arguments the reference itself cannot build
     a model from."""
     a = {**REFERENCE_DEFAULTS, **model_args}
+    _read_whole_numbers(a)
+    for key in UNSET_WHEN_ZERO:
+        if a[key] == 0:  # 0 and false; None == 0 is False
+            a[key] = None
     for key, value in REQUIRED_REFERENCE_OPTIONS.items():
-        if a[key] != value:
+        if a[key] != value and key != "use_local_encoder_transformer":
             raise ReferenceImportError(f"reference option {key}={a[key]!r} is not supported (need {value!r})")
     if a["encoder_hash_byte_group_size"]:
         raise ReferenceImportError(
@@ -101,20 +118,25 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
             raise ReferenceImportError(
                 f"reference {key}={a[key]!r}: the reference builds no model without a positive "
                 "integer there; fix the model arguments")
-    dim_token = a["dim_token"] or a["dim_local_encoder"]
-    if dim_token != a["dim_local_encoder"]:
-        raise ReferenceImportError(
-            f"reference dim_token {dim_token} != dim_local_encoder {a['dim_local_encoder']}: "
-            "token-embedding projections are not supported"
-        )
+    _check_token_width(a)
+    _check_patching_mode(a)
     pooling = a["downsampling_by_pooling"]
     if not isinstance(pooling, str) or pooling not in REFERENCE_POOLING:
         raise ReferenceImportError(
             f"reference downsampling_by_pooling={pooling!r} is not supported "
             f"(need one of {', '.join(map(repr, REFERENCE_POOLING))})")
     _check_head_shapes(a)
+    _check_decoder_projection(a)
     window, documents = reference_attention(a)
-    multiple_of, multiplier = a["multiple_of"], a["ffn_dim_multiplier"] or 1.0
+    # None: no multiplier (the reference multiplies only by a number it is given, 0 included)
+    multiple_of, multiplier = a["multiple_of"], a["ffn_dim_multiplier"]
+    if multiplier is None:
+        multiplier = 1.0
+    elif not isinstance(multiplier, int | float) or isinstance(multiplier, bool) \
+            or not math.isfinite(multiplier):
+        raise ReferenceImportError(
+            f"reference ffn_dim_multiplier={multiplier!r} is not a number; the reference builds "
+            "no FFN from it (give a number, or null for none)")
 
     def local(dim: int, layers: int, heads: int) -> LocalModelConfig:
         return LocalModelConfig(dim, layers, heads, swiglu_ffn_size(dim, multiple_of, multiplier),
@@ -149,6 +171,81 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
             f"reference model args do not describe a model this package builds: {error}") from None
 
 
+# The reference's integer fields read here (pydantic reads 64.0 there as 64).
+WHOLE_NUMBER_FIELDS = (
+    "vocab_size", "dim_global", "n_layers_global", "n_heads_global", "n_kv_heads_global",
+    "dim_token", "dim_local_encoder", "dim_local_decoder", "n_layers_local_encoder",
+    "n_layers_local_decoder", "n_heads_local_encoder", "n_heads_local_decoder", "head_dim",
+    "n_kv_heads", "multiple_of", "eos_id", "local_attention_window_len", "max_encoder_seq_length",
+    "cross_attn_k", "cross_attn_nheads", "cross_attn_window_encoder", "cross_attn_window_decoder",
+    "pm_size", "max_seqlen")
+
+
+def _read_whole_numbers(a: dict) -> None:
+    """Integer fields written as floats: a whole one (64.0) is that integer, as the reference
+    reads it; another (NaN, 2.5) is refused naming the field."""
+    for key in WHOLE_NUMBER_FIELDS:
+        value = a[key]
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ReferenceImportError(
+                    f"reference {key}={value!r} is not a whole number; the reference builds no "
+                    "model from it")
+            a[key] = int(value)
+
+
+def _check_token_width(a: dict) -> None:
+    """The reference's token width (its `dim_token_emb`): `dim_token` when given, else
+    `dim_local_encoder` with `use_local_encoder_transformer`, else `dim_global // patch_size`. A
+    width other than `dim_local_encoder` gives its local models a token projection that its
+    forward never applies, and patch slots it cannot reshape to the local width: refused."""
+    de = a["dim_local_encoder"]
+    if a["dim_token"] is not None:
+        width, source = a["dim_token"], f"dim_token {a['dim_token']!r}"
+    elif a["use_local_encoder_transformer"]:
+        return
+    elif isinstance(a["dim_global"], int) and isinstance(a["patch_size"], int | float) \
+            and a["patch_size"] > 0:
+        width = a["dim_global"] // a["patch_size"]
+        source = (f"dim_global {a['dim_global']} // patch_size {a['patch_size']!r} (dim_token "
+                  "null and use_local_encoder_transformer false)")
+    else:
+        raise ReferenceImportError(
+            f"reference use_local_encoder_transformer=False with dim_token null takes the token "
+            f"width from dim_global {a['dim_global']!r} // patch_size {a['patch_size']!r}, which "
+            "is no width; set dim_token to dim_local_encoder")
+    if width != de:
+        raise ReferenceImportError(
+            f"reference token width {source} != dim_local_encoder {de!r}: token-embedding "
+            "projections are not supported (the reference cannot reshape its patch slots then); "
+            "set dim_token to dim_local_encoder")
+
+
+def _check_patching_mode(a: dict) -> None:
+    """The reference's forward prepends `patch_size - 1` BOE tokens to every row (and adds them to
+    the first patch) when `patching_mode` is the empty string; no model here does that."""
+    if a.get("patching_mode") == "":
+        raise ReferenceImportError(
+            f"reference patching_mode '' is not supported: the reference then prepends "
+            f"patch_size - 1 = {a.get('patch_size')!r} - 1 BOE tokens to every row inside the "
+            "model, which LSTModel does not (name the patching mode the model was trained with, "
+            "e.g. 'static', or null)")
+
+
+def _check_decoder_projection(a: dict) -> None:
+    """The reference builds the decoder's patch projection (global output -> k slots) only when
+    `dim_global != dim_local_decoder`. Without it, its cross-attention reads the P global states
+    themselves, which is our projection with the identity matrix when `cross_attn_k` is 1; with
+    more slots it masks P*k slots over P states, which it cannot run."""
+    dg, dd, k = a["dim_global"], a["dim_local_decoder"], a["cross_attn_k"]
+    if isinstance(dg, int) and dg == dd and k != 1:
+        raise ReferenceImportError(
+            f"reference dim_global {dg!r} == dim_local_decoder {dd!r} with cross_attn_k {k!r}: "
+            "the reference then builds no decoder patch projection and its cross-attention masks "
+            f"P*{k} slots over the P global states, which it cannot run; equal widths import "
+            "only with cross_attn_k 1")
+
+
 def _check_head_shapes(a: dict) -> None:
     """The reference's `head_dim` (one for the global and both local models) and `n_kv_heads`
     (the local models' key/value heads) may be spelled out; this package builds them only as
@@ -158,6 +255,11 @@ def _check_head_shapes(a: dict) -> None:
               "local encoder": ("dim_local_encoder", "n_heads_local_encoder"),
               "local decoder": ("dim_local_decoder", "n_heads_local_decoder")}
     head_dim, kv_heads = a["head_dim"], a["n_kv_heads"]
+    for key in ("head_dim", "n_kv_heads"):
+        if a[key] is not None and (not isinstance(a[key], int) or isinstance(a[key], bool)):
+            raise ReferenceImportError(
+                f"reference {key}={a[key]!r} is not a number of units or heads (give an integer, "
+                "or null for the one derived from the hidden size and heads)")
     for model, (dim, heads) in models.items():
         if not (isinstance(a[dim], int) and isinstance(a[heads], int)):
             continue  # no sizes to compare: the model's configuration refuses them, named
@@ -209,14 +311,15 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
             raise ReferenceImportError(
                 f"reference attn_impl 'xformers' needs local_attention_window_len >= 1 (got "
                 f"{window!r}): its local attention is a sliding window")
+        if a["eos_id"] is None:
+            raise ReferenceImportError(
+                "reference attn_impl 'xformers' stops its local attention at eos_id (and with "
+                "attn_bias_type 'block_causal' its global one), but the arguments give no eos_id")
         if bias in (None, "causal"):
             return window, None
         if bias != "block_causal":
             raise ReferenceImportError(
                 f"reference attn_bias_type {bias!r} is not one of 'causal' or 'block_causal'")
-        if a["eos_id"] is None:
-            raise ReferenceImportError("reference attn_bias_type 'block_causal' masks documents "
-                                       "but the arguments give no eos_id")
         if a["eos_id"] != REFERENCE_EOS_ID:
             raise ReferenceImportError(
                 f"reference eos_id={a['eos_id']!r} with attn_bias_type 'block_causal': its local "
@@ -317,6 +420,9 @@ def _cross_attention_layers(ours: str, ref: str, count: int) -> list[TensorMappi
     return mappings
 
 
+DECODER_PROJECTION = "local_decoder.patch_projection.weight"
+
+
 def reference_tensor_map(config: LSTConfig) -> list[TensorMapping]:
     """Every tensor of an unsharded `LSTModel` (TP=1, PP=1, local spec) with the reference tensors
     it is made of, in the reference's module order. Import combines, export splits."""
@@ -332,8 +438,9 @@ def reference_tensor_map(config: LSTConfig) -> list[TensorMapping]:
                                       ("global_transformer.token_embedding_projection.weight",)))
     for i in range(g.num_layers):
         mappings += _global_layer(f"global_transformer.block.layers.{i}.", f"global_transformer.layers.{i}.", g)
-    mappings.append(TensorMapping("local_decoder.patch_projection.weight",
-                                  ("local_decoder.patch_embedding_projection.weight",)))
+    if _reference_has_decoder_projection(config):
+        mappings.append(TensorMapping(DECODER_PROJECTION,
+                                      ("local_decoder.patch_embedding_projection.weight",)))
     mappings += _cross_attention_layers("local_decoder", "local_decoder",
                                         config.decoder.num_layers if xattn.all_decoder_layers else 1)
     mappings += _local_layers("local_decoder", "local_decoder", config.decoder.num_layers)
@@ -342,6 +449,31 @@ def reference_tensor_map(config: LSTConfig) -> list[TensorMapping]:
         TensorMapping("output_layer.weight", ("local_decoder.output.weight",)),
     ]
     return mappings
+
+
+def _reference_has_decoder_projection(config: LSTConfig) -> bool:
+    """Whether the reference stores the decoder's patch projection (`_check_decoder_projection`):
+    it builds one only when `dim_global != dim_local_decoder`, and runs without one only with one
+    slot per patch, where ours is the identity."""
+    g, dec, k = config.global_model, config.decoder, config.cross_attention.slots_per_patch
+    if g.hidden_size != dec.hidden_size:
+        return True
+    if k != 1:
+        raise ReferenceImportError(
+            f"a model with global hidden_size {g.hidden_size} == decoder hidden_size "
+            f"{dec.hidden_size} and {k} slots per patch has no reference checkpoint: the reference "
+            "builds no decoder patch projection for equal widths and then runs only with "
+            "cross_attn_k 1")
+    return False
+
+
+def reference_identity_tensors(config: LSTConfig) -> dict[str, int]:
+    """Our tensors the reference does not store because it applies no layer there, with the size
+    of the identity matrix that computes the same: `{DECODER_PROJECTION: Dg}` when the reference
+    has no decoder patch projection, else empty."""
+    if _reference_has_decoder_projection(config):
+        return {}
+    return {DECODER_PROJECTION: config.global_model.hidden_size}
 
 
 # Reference names of one global layer's tensors, relative to `global_transformer.layers.{i}.`.
@@ -376,6 +508,9 @@ def canonical_state_dict(reference: dict[str, torch.Tensor], config: LSTConfig) 
                 "do not fit the model args") from None
     if ref:
         raise ReferenceImportError(f"reference tensors left unmapped: {sorted(ref)}")
+    dtype = reference["local_decoder.output.weight"].dtype
+    for name, size in reference_identity_tensors(config).items():
+        out[name] = torch.eye(size, dtype=dtype)
     return out
 
 

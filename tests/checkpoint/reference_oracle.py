@@ -35,10 +35,12 @@ DEFAULTS = {
 
 
 def _args(model_args: dict) -> dict:
-    a = {**DEFAULTS, **model_args}
-    for key in ("head_dim", "n_kv_heads"):  # the local models' head layout
-        assert a.get(key) is None, f"the oracle covers {key}=None only, not {a[key]!r}"
-    return a
+    return {**DEFAULTS, "head_dim": None, "n_kv_heads": None, **model_args}
+
+
+def _local_kv_heads(heads: int, a: dict) -> int:
+    """The local models' key/value heads: `n_kv_heads` (shared by both), else one per query head."""
+    return a["n_kv_heads"] or heads
 
 
 def ffn_width(dim: int, a: dict) -> int:
@@ -49,7 +51,7 @@ def ffn_width(dim: int, a: dict) -> int:
 
 
 def _block_shapes(prefix: str, dim: int, heads: int, kv_heads: int, a: dict) -> dict:
-    head_dim, hidden = dim // heads, ffn_width(dim, a)
+    head_dim, hidden = a["head_dim"] or dim // heads, ffn_width(dim, a)
     return {
         f"{prefix}attention.wq.weight": (heads * head_dim, dim),
         f"{prefix}attention.wk.weight": (kv_heads * head_dim, dim),
@@ -78,7 +80,7 @@ def reference_tensor_shapes(model_args: dict) -> dict[str, tuple[int, ...]]:
               "local_encoder.patch_embedding_projection.weight": (de * k, de)}
     for i in range(a["n_layers_local_encoder"]):
         heads = a["n_heads_local_encoder"]
-        shapes |= _block_shapes(f"local_encoder.layers.{i}.", de, heads, heads, a)
+        shapes |= _block_shapes(f"local_encoder.layers.{i}.", de, heads, _local_kv_heads(heads, a), a)
     for i in range(a["n_layers_local_encoder"] if a["cross_attn_all_layers_encoder"] else 1):
         shapes |= _cross_shapes(f"local_encoder.cross_attn_layers.{i}.", de)
     if de * k != dg:
@@ -89,11 +91,15 @@ def reference_tensor_shapes(model_args: dict) -> dict[str, tuple[int, ...]]:
                                 a["n_kv_heads_global"] or heads, a)
     for i in range(a["n_layers_local_decoder"]):
         heads = a["n_heads_local_decoder"]
-        shapes |= _block_shapes(f"local_decoder.layers.{i}.", dd, heads, heads, a)
+        shapes |= _block_shapes(f"local_decoder.layers.{i}.", dd, heads, _local_kv_heads(heads, a), a)
     for i in range(a["n_layers_local_decoder"] if a["cross_attn_all_layers_decoder"] else 1):
         shapes |= _cross_shapes(f"local_decoder.cross_attn_layers.{i}.", dd)
-    # the decoder's slots have the encoder's token width (shared encoder/decoder token dim)
-    shapes["local_decoder.patch_embedding_projection.weight"] = (de * k, dg)
+    # the decoder's slots have the encoder's token width (shared encoder/decoder token dim); the
+    # reference builds this projection only when the global and decoder widths differ
+    if dg != dd:
+        shapes["local_decoder.patch_embedding_projection.weight"] = (de * k, dg)
+    else:
+        assert k == 1, "the reference runs without a decoder projection only with one slot"
     shapes["local_decoder.norm.weight"] = (dd,)
     shapes["local_decoder.output.weight"] = (a["vocab_size"], dd)
     return shapes
@@ -236,8 +242,9 @@ def reference_logits(model_args: dict, sd: dict[str, torch.Tensor], tokens: torc
     enc_cross = patch_window_mask(slot_patch, enc_patch, a["cross_attn_window_encoder"])  # [B, P*k, N]
     layers = a["n_layers_local_encoder"]
     for i in range(layers):
-        h = transformer_block(h, sd, f"local_encoder.layers.{i}.", a["n_heads_local_encoder"],
-                              a["n_heads_local_encoder"], local_mask, a)
+        heads = a["n_heads_local_encoder"]
+        h = transformer_block(h, sd, f"local_encoder.layers.{i}.", heads,
+                              _local_kv_heads(heads, a), local_mask, a)
         if i == layers - 1 or a["cross_attn_all_layers_encoder"]:
             if slots is None:
                 pooled = pool(h, enc_patch, num_patches, a["downsampling_by_pooling"])  # [B, P, De]
@@ -257,13 +264,16 @@ def reference_logits(model_args: dict, sd: dict[str, torch.Tensor], tokens: torc
                               a["n_kv_heads_global"] or heads, global_mask, a)
 
     # Local decoder: encoder states cross-attend the projected global slots, then self-attend.
-    kv = (g @ sd["local_decoder.patch_embedding_projection.weight"].T).reshape(b, -1, dd)  # [B, P*k, Dd]
+    kv = g  # [B, P, Dg]: read as it is when Dg == Dd (then k == 1)
+    if "local_decoder.patch_embedding_projection.weight" in sd:
+        kv = (g @ sd["local_decoder.patch_embedding_projection.weight"].T).reshape(b, -1, dd)  # [B, P*k, Dd]
     dec_cross = patch_window_mask(dec_patch, slot_patch, a["cross_attn_window_decoder"])  # [B, N, P*k]
     for i in range(a["n_layers_local_decoder"]):
         if i == 0 or a["cross_attn_all_layers_decoder"]:
             h = cross_attention_update(h, kv, sd, f"local_decoder.cross_attn_layers.{i}.",
                                        a["cross_attn_nheads"], dec_cross, a)
-        h = transformer_block(h, sd, f"local_decoder.layers.{i}.", a["n_heads_local_decoder"],
-                              a["n_heads_local_decoder"], local_mask, a)
+        heads = a["n_heads_local_decoder"]
+        h = transformer_block(h, sd, f"local_decoder.layers.{i}.", heads,
+                              _local_kv_heads(heads, a), local_mask, a)
     h = rms_norm(h, sd["local_decoder.norm.weight"], a["norm_eps"])
     return (h @ sd["local_decoder.output.weight"].T).float()

@@ -75,11 +75,15 @@ def test_save_directory_without_checkpoint_exits_1(tmp_path, capsys):
     assert f"{tmp_path} holds no complete dist checkpoint" in capsys.readouterr().err
 
 
-def import_edited_reference(reference_fixtures, tmp_path, edits: dict) -> int:
-    """`lst-convert import-reference` of the fixture with its model args edited, into
-    `tmp_path/portable`; its exit status."""
+def import_edited_reference(reference_fixtures, tmp_path, edits: dict,
+                            patcher_args: dict | None = None) -> int:
+    """`lst-convert import-reference` of the fixture with its model args edited (and, given, its
+    data's `patcher_args`), into `tmp_path/portable`; its exit status."""
     model_args = json.loads((reference_fixtures / "config_A.json").read_text())["model_args"]
-    (tmp_path / "params.json").write_text(json.dumps({"model": {**model_args, **edits}}))
+    params = {"model": {**model_args, **edits}}
+    if patcher_args is not None:
+        params["data"] = {"patcher_args": patcher_args, "seq_len": 4096}
+    (tmp_path / "params.json").write_text(json.dumps(params))
     return main(["import-reference",
                  "--reference-ckpt", str(reference_fixtures / "state_dict_A.safetensors"),
                  "--reference-args", str(tmp_path / "params.json"),
@@ -110,6 +114,31 @@ def test_converted_reference_keeps_its_patching_for_evaluation(reference_fixture
     assert {key: args.get(key) for key in saved} == saved
 
 
+@pytest.mark.parametrize(("patcher_args", "saved"), [
+    # the reference's lst.yaml: model args static 6, its data patched by lst_static 4
+    ({"patching_mode": "lst_static", "patch_size": 4}, {"patching_mode": "static", "patch_size": 4}),
+    ({"patching_mode": "lst_align", "patch_size": 4}, {"patching_mode": "aligned"}),
+    # the curriculum ends static, as our evaluation scores a curriculum model
+    ({"patching_mode": "lst_curriculum", "patch_size": 3, "patcher_curr_align_steps": 10,
+      "patcher_curr_mixed_steps": 20}, {"patching_mode": "static", "patch_size": 3}),
+    # not an LST patcher: the model args' mode, as without patcher args
+    ({"patching_mode": "entropy"}, {"patching_mode": "static", "patch_size": 6}),
+])
+def test_converted_reference_is_evaluated_with_its_data_patcher(reference_fixtures, tmp_path,
+                                                                 patcher_args, saved):
+    """A BLT params.json keeps the data's patcher under data.patcher_args, which is what the
+    model was trained on; the model args' patching_mode and patch_size are not (they were
+    read alone, and a model trained on lst_static 4 was evaluated with static patches of 6)."""
+    from megatron_lst.training.checkpointing import find_latest_checkpoint, read_checkpoint_metadata
+
+    edits = {"patching_mode": "static", "patch_size": 6.0}
+    assert import_edited_reference(reference_fixtures, tmp_path, edits, patcher_args) == 0
+    assert main(["portable-to-dist", "--portable", str(tmp_path / "portable"),
+                 "--save", str(tmp_path / "dist")]) == 0
+    args = read_checkpoint_metadata(find_latest_checkpoint(tmp_path / "dist"))["args"]
+    assert {key: args.get(key) for key in saved} == saved
+
+
 def test_output_holding_a_checkpoint_is_refused_and_kept(tiny_portable, tmp_path, capsys):
     """A conversion into a directory that holds a converted checkpoint would replace it, half
     on a failure: refused before anything is written."""
@@ -134,3 +163,57 @@ def test_a_negative_iteration_is_a_usage_error(tiny_portable, tmp_path, capsys):
     assert usage.value.code == 2
     assert "--iteration: an iteration number is 0 or more, got -5" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("patcher_args", [{"patching_mode": ["lst_static"]}, {"patching_mode": {}},
+                                          {"patching_mode": "lst_static", "patch_size": True}])
+def test_a_data_patcher_of_another_form_falls_back_to_the_model_args(patcher_args):
+    """A params.json is a file from others: a patcher mode that is no string was a TypeError
+    (unhashable), and a patch size of true no size."""
+    from megatron_lst.checkpoint.convert import reference_patching
+
+    assert reference_patching({"patching_mode": "static", "patch_size": 6.0}, patcher_args) == {
+        "patching_mode": "static", "patch_size": 6}
+
+
+def test_the_data_patcher_survives_export_and_reimport(reference_fixtures, tmp_path):
+    """reference (model args static 6, data lst_static 4) -> portable -> dist -> portable ->
+    reference: the written params.json keeps the data's patcher, so importing it again patches
+    as the model was trained (the export wrote the model args alone)."""
+    assert import_edited_reference(reference_fixtures, tmp_path,
+                                   {"patching_mode": "static", "patch_size": 6.0},
+                                   {"patching_mode": "lst_static", "patch_size": 4}) == 0
+    portable_again, exported = tmp_path / "portable_again", tmp_path / "exported"
+    assert main(["portable-to-dist", "--portable", str(tmp_path / "portable"),
+                 "--save", str(tmp_path / "dist")]) == 0
+    assert main(["dist-to-portable", "--load", str(tmp_path / "dist"),
+                 "--output", str(portable_again)]) == 0
+    assert main(["export-reference", "--portable", str(portable_again),
+                 "--output", str(exported)]) == 0
+    params = json.loads((exported / "params.json").read_text())
+    assert params["data"] == {"patcher_args": {"patching_mode": "lst_static", "patch_size": 4}}
+    assert main(["import-reference", "--reference-ckpt", str(exported / "consolidated.pth"),
+                 "--reference-args", str(exported / "params.json"),
+                 "--output", str(tmp_path / "reimported")]) == 0
+    training_args = json.loads((tmp_path / "reimported" / "lst_config.json").read_text())["training_args"]
+    assert training_args == {"patching_mode": "static", "patch_size": 4}
+
+
+@pytest.mark.parametrize(("flags", "patcher_args"), [
+    ({"patching_mode": "static", "patch_size": 3}, {"patching_mode": "lst_static", "patch_size": 3}),
+    ({"patching_mode": "aligned", "patch_size": 4}, {"patching_mode": "lst_align"}),
+    ({"patching_mode": "curriculum", "patch_size": 4, "curriculum_tau1": 10, "curriculum_tau2": 30},
+     {"patching_mode": "lst_curriculum", "patch_size": 4, "patcher_curr_align_steps": 10,
+      "patcher_curr_mixed_steps": 30}),
+    ({"patching_mode": "mixed", "patch_size": 5}, {"patching_mode": "lst_static", "patch_size": 5}),
+    ({"patching_mode": "none", "patch_size": 4}, None),
+    (None, None),
+])
+def test_our_patching_flags_as_the_reference_data_patcher(flags, patcher_args):
+    from megatron_lst.checkpoint.convert import reference_patcher_args, reference_patching
+
+    assert reference_patcher_args(flags) == patcher_args
+    if patcher_args is not None:  # read back as our evaluation patches
+        expected = ({"patching_mode": "aligned"} if flags["patching_mode"] == "aligned" else
+                    {"patching_mode": "static", "patch_size": flags["patch_size"]})
+        assert reference_patching({}, patcher_args) == expected

@@ -1,6 +1,7 @@
 """A checkpoint records its model's whole configuration: saved and read back, it is the same."""
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -13,6 +14,8 @@ from megatron_lst.checkpoint.model_state import (
     CheckpointContentError,
     build_full_model,
     full_state_dict,
+    lst_config_from_dict,
+    lst_config_to_dict,
 )
 from megatron_lst.checkpoint.portable import PortableCheckpoint, load_portable, save_portable
 from megatron_lst.tokenizer.vocab import JointVocab
@@ -64,3 +67,87 @@ def test_a_record_of_the_wrong_form_is_named(tmp_path):
         read_model_config({"model": {"kind": "lst", "config": {"extra": 1}}}, tmp_path)
     # A checkpoint of another megatron module records no model to build.
     assert read_model_config({"args": {"num_layers": 2}, "vocab": None}, tmp_path) is None
+
+
+def _leaves(data: dict, prefix: tuple = ()) -> list[tuple]:
+    """Every `(path, value)` of a nested config dict, nested parts included as their own path."""
+    found = []
+    for name, value in data.items():
+        found.append(((*prefix, name), value))
+        if isinstance(value, dict):
+            found += _leaves(value, (*prefix, name))
+    return found
+
+
+def _edited(data: dict, path: tuple, value=None, delete: bool = False) -> dict:
+    data = json.loads(json.dumps(data))
+    parent = data
+    for name in path[:-1]:
+        parent = parent[name]
+    if delete:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return data
+
+
+def _config_with_documents():
+    """Every field set, none null: grouped-query attention and document masking."""
+    from megatron_lst.models.config import DocumentMaskingConfig, GlobalModelConfig, preset
+
+    return dataclasses.replace(preset("tiny", 64), documents=DocumentMaskingConfig(eos_id=2),
+                               global_model=GlobalModelConfig(64, 2, 4, 256, 2))
+
+
+def test_every_missing_field_is_named_not_defaulted():
+    """A record without a field is damaged: no dataclass default takes its place (a default
+    window or cross-attention would build another model). Only `documents`, which records before
+    document masking lack, reads as None (those models trained across EOS)."""
+    config = _config_with_documents()
+    data = lst_config_to_dict(config)
+    for path, _ in _leaves(data):
+        if path == ("documents",):
+            assert lst_config_from_dict(_edited(data, path, delete=True)).documents is None
+            continue
+        with pytest.raises(CheckpointContentError, match=rf"missing field\(s\) \['{path[-1]}'\]"):
+            lst_config_from_dict(_edited(data, path, delete=True))
+
+
+# A JSON value of another type for each kind of field (the first: a number where a switch is
+# wanted, the second: text; integers get a fractional number too).
+WRONG_VALUES = {int: (2.0, "2"), float: (True, "1e-5"), bool: (1, "false"), str: (1, None)}
+
+
+def test_every_field_of_another_type_is_named():
+    """`"false"` is truthy, 32.0 builds float widths and "2" compares unequal to EOS 2: a value of
+    another type is refused naming the field, never used."""
+    config = _config_with_documents()
+    data = lst_config_to_dict(config)
+    checked = 0
+    for path, value in _leaves(data):
+        if isinstance(value, dict) or value is None:
+            continue
+        for wrong in WRONG_VALUES[type(value)]:
+            with pytest.raises(CheckpointContentError, match=rf"field '{path[-1]}' is {wrong!r}"):
+                lst_config_from_dict(_edited(data, path, wrong))
+            checked += 1
+    assert checked == 2 * 31  # every scalar field of LSTConfig and its parts
+    # integers are numbers: a float field written as an integer reads as that number
+    assert lst_config_from_dict(_edited(data, ("rope_theta",), 10000)) == config
+
+
+@pytest.mark.parametrize(("metadata", "message"), [
+    ({"model": ["lst"]}, r"model record \['lst'\] is not"),
+    ({"model": {"kind": "lst", "config": {}, "dtype": "bf16"}}, r"model record .*'dtype'.* is not"),
+    ({"args": ["--preset"], "vocab": {}}, r"saved flags 'args' are a JSON list"),
+])
+def test_a_record_or_flags_that_are_no_object_are_named(tmp_path, metadata, message):
+    with pytest.raises(CheckpointContentError, match=message):
+        read_model_config(metadata, tmp_path)
+
+
+def test_a_record_with_zero_heads_is_named_not_a_division_by_zero():
+    data = lst_config_to_dict(_config_with_documents())
+    data["encoder"]["num_heads"] = 0
+    with pytest.raises(CheckpointContentError, match=r"encoder: local .*num_heads \(0\)"):
+        lst_config_from_dict(data)

@@ -97,6 +97,9 @@ def test_config_dict_of_an_impossible_model_is_refused_naming_the_part(model, ed
     (lambda m: m.pop("lst_config") and m, r"field\(s\) 'lst_config' \(missing\) are not what"),
     (lambda m: m.update(training_args=[1]) or m, r"field\(s\) 'training_args' \(list\)"),
     (lambda m: m.update(vocab={"size": 3}) or m, r"'vocab' is not a joint vocabulary layout"),
+    # a misspelt field read as absent: the flags would have been lost without a word
+    (lambda m: m.update(training_arg=m.pop("training_args")) or m,
+     r"unknown field\(s\) \['training_arg'\]"),
 ])
 def test_damaged_config_file_is_refused_naming_the_field(saved, edit, message):
     """The portable form is the one to accept from others: a bad config is an error, not a

@@ -171,6 +171,16 @@ def test_ffn_widths_no_multiple_of_produces_are_refused(single_rank):
     assert reference_model_args(tiny)["multiple_of"] == 256
 
 
+@pytest.mark.parametrize("base", [{"max_encoder_seq_length": "512"},
+                                  {"max_encoder_seq_length": [512]}])
+def test_longest_row_of_the_wrong_type_kept_for_export_is_named(base):
+    """A portable checkpoint's reference args come from others: the kept longest row was
+    compared with the window as it was (TypeError: '>=' not supported)."""
+    with pytest.raises(ReferenceImportError, match=r"give max_encoder_seq_length .*; it must be "
+                                                   r"a whole number of tokens"):
+        reference_model_args(preset("tiny", 64), base)
+
+
 @pytest.mark.parametrize("base", [{"multiple_of": "256"}, {"ffn_dim_multiplier": "1.0"}])
 def test_reference_args_of_the_wrong_type_kept_for_export_are_named(base):
     with pytest.raises(ReferenceImportError, match=r"give multiple_of .* and ffn_dim_multiplier "
@@ -206,6 +216,11 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
     ({"attn_impl": "fmha"}, "attn_impl 'fmha' is not one of"),
     ({"attn_impl": "xformers", "local_attention_window_len": None}, "needs local_attention_window_len"),
     ({"attn_impl": "xformers", "attn_bias_type": "local_block_causal"}, "attn_bias_type 'local_block_causal'"),
+    # its local attention always stops at eos_id under xformers (it asserts one is given)
+    ({"attn_impl": "xformers", "attn_bias_type": "causal", "local_attention_window_len": 8,
+      "eos_id": None}, "attn_impl 'xformers' stops its local attention at eos_id"),
+    ({"attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 8,
+      "eos_id": None}, "attn_impl 'xformers' stops its local attention at eos_id"),
     ({"attn_impl": "sdpa", "max_encoder_seq_length": None}, "max_encoder_seq_length"),
     ({"cross_attn_k": None}, "cross_attn_k=None"),
     ({"cross_attn_nheads": None}, "cross_attn_nheads=None"),
@@ -223,6 +238,27 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
     # head_dim spelled out beside a size that is no number (was a TypeError traceback)
     ({"head_dim": 16, "n_heads_global": None}, r"do not describe a model this package builds"),
     ({"head_dim": 16, "dim_local_decoder": None}, r"do not describe a model this package builds"),
+    # the reference's forward prepends patch_size - 1 BOE tokens for patching_mode ''
+    ({"patching_mode": "", "patch_size": 4}, r"patching_mode '' is not supported: .* 4 - 1 BOE"),
+    # no decoder patch projection for equal widths: P*k slots masked over P global states
+    ({"dim_global": 32}, r"dim_global 32 == dim_local_decoder 32 with cross_attn_k 2: .*cannot run"),
+    # the token width then comes from dim_global // patch_size
+    ({"use_local_encoder_transformer": False, "dim_token": None, "patch_size": 4},
+     r"token width dim_global 64 // patch_size 4 .* != dim_local_encoder 32"),
+    ({"use_local_encoder_transformer": False, "dim_token": None, "patch_size": None},
+     r"dim_global 64 // patch_size None, which is no width"),
+    ({"dim_token": 16}, r"token width dim_token 16 != dim_local_encoder 32"),
+    # a multiplier of 0 gives FFNs of width 0 (it was read as no multiplier, 1.0)
+    ({"ffn_dim_multiplier": 0.0}, r"do not describe a model .*ffn_hidden_size=0"),
+    # values of another type that were tracebacks (ValueError, TypeError, ZeroDivisionError)
+    ({"ffn_dim_multiplier": float("nan")}, r"ffn_dim_multiplier=nan is not a number"),
+    ({"ffn_dim_multiplier": "max"}, r"ffn_dim_multiplier='max' is not a number"),
+    ({"dim_global": float("nan")}, r"dim_global=nan is not a whole number"),
+    ({"cross_attn_window_decoder": 2.5}, r"cross_attn_window_decoder=2.5 is not a whole number"),
+    ({"head_dim": {}}, r"head_dim=\{\} is not a number of units or heads"),
+    ({"n_kv_heads": "2"}, r"n_kv_heads='2' is not a number of units or heads"),
+    ({"n_heads_local_encoder": 0}, r"do not describe a model .*num_heads \(0\), .* must be >= 1"),
+    ({"n_heads_local_decoder": False}, r"do not describe a model .*num_heads \(False\), .* must be >= 1"),
 ])
 def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(update, message):
     model_args = {**reference_model_args(preset("tiny", 64)), **update}
@@ -341,3 +377,69 @@ def test_export_writes_the_attention_rule_the_reference_runs():
     assert flex["attn_impl"] == "flex_attention"  # as causal as "sdpa": the base's choice stays
     for args in (short_rows, long_rows, flex):
         assert lst_config_from_reference(args) == tiny
+
+
+def test_token_width_from_global_width_and_patch_size_imports():
+    """Without `use_local_encoder_transformer` the reference's token width is
+    `dim_global // patch_size`; where that is the local width the model is the same."""
+    model_args = reference_model_args(preset("tiny", 64))
+    same = {**model_args, "use_local_encoder_transformer": False, "dim_token": None, "patch_size": 2.0}
+    assert lst_config_from_reference(same) == lst_config_from_reference(model_args)
+
+
+def test_equal_global_and_decoder_widths_import_and_export_the_identity(single_rank):
+    """The reference stores no decoder patch projection when dim_global == dim_local_decoder (one
+    slot): the import puts the identity there, the export leaves it out, and refuses a model
+    whose projection is no longer the identity (it has no reference checkpoint)."""
+    tiny = preset("tiny", 64)
+    model_args = {**reference_model_args(tiny), "dim_global": 32, "n_heads_global": 2,
+                  "cross_attn_k": 1}
+    config = lst_config_from_reference(model_args)
+    state = full_state_dict(build_full_model(config))
+    state["local_decoder.patch_projection.weight"] = torch.eye(32)
+    reference = export_reference(state, config)
+    assert "local_decoder.patch_embedding_projection.weight" not in reference
+    assert "global_transformer.token_embedding_projection.weight" not in reference
+    _, state = import_reference(reference, model_args)
+    assert torch.equal(state["local_decoder.patch_projection.weight"], torch.eye(32))
+    assert export_reference(state, config).keys() == reference.keys()
+    state["local_decoder.patch_projection.weight"][0, 1] = 0.5
+    with pytest.raises(ReferenceImportError, match=r"patch_projection.weight' is not the identity"):
+        export_reference(state, config)
+    # our own model with equal widths and two slots: the reference cannot run it
+    two_slots = dataclasses.replace(config, cross_attention=dataclasses.replace(
+        config.cross_attention, slots_per_patch=2))
+    with pytest.raises(ReferenceImportError, match="2 slots per patch has no reference checkpoint"):
+        export_reference(full_state_dict(build_full_model(two_slots)), two_slots)
+
+
+@pytest.mark.parametrize(("rule", "global_ffn"), [
+    ({"multiple_of": 8, "ffn_dim_multiplier": 1.3}, 224),  # 8 * ceil(int(1.3 * 170) / 8)
+    # 96 is no power of two, and no power of two with any multiplier gives 192 and 96
+    ({"multiple_of": 96, "dim_token": 16, "dim_local_encoder": 16, "dim_local_decoder": 16}, 192),
+    ({"multiple_of": 48, "ffn_dim_multiplier": 0.7}, 144),
+])
+def test_ffn_widths_of_any_rule_export_without_the_original_args(rule, global_ffn):
+    """A model imported with another FFN rule exports from its config alone (as after a
+    training checkpoint, which keeps no reference args): the args written give the same widths
+    (the export knew multiplier 1.0 and powers of two only, and refused these)."""
+    model_args = {**reference_model_args(preset("tiny", 64)), **rule}
+    config = lst_config_from_reference(model_args)
+    assert config.global_model.ffn_hidden_size == global_ffn
+    written = reference_model_args(config)
+    assert lst_config_from_reference(written) == config
+    # with the original args kept, their spelling stays
+    kept = reference_model_args(config, base_args=model_args)
+    assert {key: kept[key] for key in ("multiple_of", "ffn_dim_multiplier")} == {
+        "multiple_of": rule["multiple_of"], "ffn_dim_multiplier": rule.get("ffn_dim_multiplier", 1.0)}
+
+
+def test_whole_numbers_written_as_floats_read_as_integers():
+    """The reference reads an integer field given as 64.0 as 64 (pydantic): so does the import."""
+    model_args = reference_model_args(preset("tiny", 64))
+    floats = {key: float(model_args[key]) for key in
+              ("dim_global", "n_heads_global", "dim_local_encoder", "cross_attn_k", "max_seqlen",
+               "cross_attn_window_encoder", "multiple_of")}
+    config = lst_config_from_reference({**model_args, **floats})
+    assert config == lst_config_from_reference(model_args)
+    assert isinstance(config.global_model.hidden_size, int)

@@ -1,7 +1,9 @@
 """Imported reference checkpoints compute the reference's function on configurations other than
 the fixture's: `LSTModel` built by `lst_config_from_reference` and loaded through the import path
 agrees with an independent dense-mask re-implementation of the reference forward
-(`reference_oracle`), and the export gives back the reference tensors.
+(`reference_oracle`), the export gives back the reference tensors, and a round trip through
+our training checkpoint (reference -> portable -> dist -> portable -> reference) changes no tensor
+and no configuration. Named configurations cover each option; a property test draws them together.
 
 The oracle itself is proven on the reference's own logits (the fixtures; skipped without them).
 Weights are random, made in the reference's names and shapes straight from the arguments.
@@ -12,11 +14,26 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 from checkpoint.reference_oracle import reference_logits, reference_tensor_shapes
+from megatron_lst.checkpoint.convert import (
+    dist_to_portable,
+    export_portable_to_reference,
+    import_reference_to_portable,
+    portable_to_dist,
+)
 from megatron_lst.checkpoint.model_state import full_state_dict
-from megatron_lst.checkpoint.reference import export_reference
+from megatron_lst.checkpoint.portable import load_portable
+from megatron_lst.checkpoint.reference import (
+    export_reference,
+    import_reference,
+    read_reference_model_args,
+    read_reference_state_dict,
+    reference_model_args,
+)
 from megatron_lst.models.lst_model import LSTModel
 from megatron_lst.models.reference_import import (
     REQUIRED_REFERENCE_OPTIONS,
@@ -61,6 +78,24 @@ CONFIGURATIONS = {
         "n_layers_global": 3, "n_layers_local_encoder": 1, "n_layers_local_decoder": 3,
         "n_heads_local_encoder": 4, "n_heads_local_decoder": 1},
     "flex_attention": {"attn_impl": "flex_attention", "attn_bias_type": "block_causal"},
+    # Dg == Dd with one slot: the reference stores no decoder patch projection (and, as k*De ==
+    # Dg, no global input projection); the import puts the identity in its place
+    "equal_widths_one_slot_no_projections": {"cross_attn_k": 1, "dim_global": 16,
+                                             "n_heads_global": 2, "n_kv_heads_global": 1},
+    # the token width from dim_global // patch_size (32 // 2 == dim_local_encoder)
+    "token_width_from_patch_size": {"use_local_encoder_transformer": False, "dim_token": None,
+                                    "patch_size": 2, "patching_mode": "static"},
+    "head_dim_and_local_kv_heads_spelt_out": {"head_dim": 8, "n_kv_heads": 2,
+                                              "n_kv_heads_global": None},
+    # the reference reads these sizes as `value or derived`: 0 is null
+    "zero_head_sizes_mean_derived": {"head_dim": 0, "n_kv_heads": 0, "n_kv_heads_global": 0},
+    # fields that change training or initialisation only, or that the reference does not read
+    "training_and_init_fields": {
+        "dropout": 0.25, "init_base_std": 0.5, "init_std_factor": "current_depth", "seed": 7,
+        "rope_use_fp32_in_outer_product": True, "norm_affine": False, "max_length": 3,
+        "cross_attn_use_flex_attention": True, "encoder_hash_byte_group_vocab": 7,
+        "encoder_hash_byte_group_nb_functions": 5, "patching_mode": "aligned",
+        "patch_size": 6.0, "share_encoder_decoder_emb": False},
     # documents of 5..12 tokens, local windows shorter than a document
     "xformers_block_causal_docs_own_patch_windows": {
         "attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 5,
@@ -191,3 +226,104 @@ def test_export_gives_back_the_reference_tensors(single_rank, name):
     assert sorted(exported) == sorted(reference)
     for key, tensor in reference.items():
         assert torch.equal(exported[key], tensor), key
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
+def test_import_training_checkpoint_export_reimport_is_identical(single_rank, tmp_path, name):
+    """Reference checkpoint -> portable -> our training (dist) checkpoint -> portable -> reference
+    checkpoint: the reference tensors come back bit for bit, and the written args import to the
+    same configuration (the dist checkpoint keeps lst-train's flags, not the reference's args)."""
+    model_args = reference_args(name)
+    reference = random_reference_state(model_args, seed=len(name))
+    save_file(reference, str(tmp_path / "reference.safetensors"))
+    (tmp_path / "params.json").write_text(json.dumps({"model": model_args}))
+    config, state = import_reference(reference, model_args)
+
+    import_reference_to_portable(tmp_path / "reference.safetensors", tmp_path / "params.json",
+                                 tmp_path / "portable", num_units=20)
+    portable_to_dist(tmp_path / "portable", tmp_path / "dist")
+    dist_to_portable(tmp_path / "dist", tmp_path / "portable_again")
+    assert load_portable(tmp_path / "portable_again").config == config
+    export_portable_to_reference(tmp_path / "portable_again", tmp_path / "exported")
+
+    exported = read_reference_state_dict(tmp_path / "exported" / "consolidated.pth")
+    assert sorted(exported) == sorted(reference)
+    for key, tensor in reference.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    written = read_reference_model_args(tmp_path / "exported" / "params.json")
+    config_again, state_again = import_reference(exported, written)
+    assert config_again == config
+    assert sorted(state_again) == sorted(state)
+    assert all(torch.equal(state_again[key], tensor) for key, tensor in state.items())
+
+
+@st.composite
+def reference_configurations(draw) -> dict:
+    """Reference model args drawn over every option the import accepts: widths (the global one
+    equal to the local one with one slot, else any that `k * De` may project from), layers,
+    heads and key/value heads, slots, cross-attention heads and windows, layer switches,
+    pooling, FFN rule, norm epsilon, RoPE base, attention implementation and head sizes spelt
+    out or left null."""
+    local = draw(st.sampled_from((8, 16, 24)))
+    local_heads = draw(st.sampled_from([h for h in (1, 2, 4) if local % h == 0 and (local // h) % 2 == 0]))
+    slots = draw(st.integers(1, 3))
+    global_heads = draw(st.sampled_from((1, 2, 4)))
+    if slots == 1 and draw(st.booleans()):
+        global_heads = draw(st.sampled_from([h for h in (1, 2, 4) if (local // h) % 2 == 0]))
+        width = local  # no global input projection and no decoder patch projection
+    else:
+        width = global_heads * 2 * draw(st.integers(2, 5))
+        if width == local:
+            width += 2 * global_heads  # equal widths need one slot (a case of the branch above)
+    windows = (None, 1, 2, 3, 64)
+    impl = draw(st.sampled_from(("sdpa", "flex_attention", "xformers")))
+    args = {
+        "dim_global": width, "n_heads_global": global_heads,
+        "n_kv_heads_global": draw(st.sampled_from([None] + [g for g in (1, 2, 4) if global_heads % g == 0])),
+        "dim_local_encoder": local, "dim_local_decoder": local,
+        "n_layers_global": draw(st.integers(1, 2)), "n_layers_local_encoder": draw(st.integers(1, 3)),
+        "n_layers_local_decoder": draw(st.integers(1, 3)),
+        "n_heads_local_encoder": local_heads,
+        "n_heads_local_decoder": draw(st.sampled_from([h for h in (1, 2, 4) if local % h == 0 and (local // h) % 2 == 0])),
+        "cross_attn_k": slots,
+        "cross_attn_nheads": draw(st.sampled_from([h for h in (1, 2, 4) if local % h == 0])),
+        "cross_attn_window_encoder": draw(st.sampled_from(windows)),
+        "cross_attn_window_decoder": draw(st.sampled_from(windows)),
+        "cross_attn_all_layers_encoder": draw(st.booleans()),
+        "cross_attn_all_layers_decoder": draw(st.booleans()),
+        "downsampling_by_pooling": draw(st.sampled_from(("max", "avg", "mean"))),
+        "multiple_of": draw(st.sampled_from((1, 8, 16, 32))),
+        "ffn_dim_multiplier": draw(st.sampled_from((None, 1.0, 0.5, 1.3))),
+        "norm_eps": draw(st.sampled_from((1e-5, 1e-3, 0.1))),
+        "rope_theta": draw(st.sampled_from((10.0, 500.0, 10000.0))),
+        "attn_impl": impl, "attn_bias_type": draw(st.sampled_from(("causal", "block_causal"))),
+    }
+    if impl == "xformers":
+        # documents: only where the reference's cross-attention cannot see across one (own
+        # patch windows) and its global attention stops at EOS too (KNOWN_DIVERGENCES)
+        args.update(attn_bias_type="block_causal", cross_attn_window_encoder=None,
+                    cross_attn_window_decoder=draw(st.sampled_from((None, 1))),
+                    local_attention_window_len=draw(st.integers(1, 8)))
+    if draw(st.booleans()):  # spelt out where they restate the derived sizes
+        head_sizes = {width // global_heads, local // local_heads, local // args["n_heads_local_decoder"]}
+        args.update(head_dim=head_sizes.pop() if len(head_sizes) == 1 else None,
+                    n_kv_heads=local_heads if local_heads == args["n_heads_local_decoder"] else None)
+    return {**BASE_ARGS, **args}
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(model_args=reference_configurations())
+def test_any_accepted_reference_configuration_matches_the_oracle_and_exports_back(single_rank,
+                                                                                  model_args):
+    reference = random_reference_state(model_args, seed=1)
+    tokens, patch_lengths = random_batch(model_args)
+    model = imported_model(model_args, reference)
+    with torch.no_grad():
+        expected = reference_logits(model_args, reference, tokens, patch_lengths)
+        logits = model(tokens, patch_lengths)
+    assert (logits - expected).abs().max().item() <= 1e-4
+    exported = export_reference(full_state_dict(model), model.lst_config)
+    assert sorted(exported) == sorted(reference)
+    assert all(torch.equal(exported[key], tensor) for key, tensor in reference.items())
+    assert lst_config_from_reference(reference_model_args(model.lst_config)) == model.lst_config
