@@ -400,6 +400,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     _validate_checkpointing(args)
     _validate_exit_conditions(args)
     _validate_logging(args)
+    _check_save_writable(args)  # last: it creates --save, which no refused run should leave
     return args
 
 
@@ -918,6 +919,19 @@ def _check_no_file_in_the_way(flag: str, path: str) -> None:
         advice = ("give a directory (created if missing)" if flag == "--save" else
                   "point --load at a --save directory, or one iter_XXXXXXX directory in it")
         raise ArgumentError(f"{flag} {path}: {existing} is a file, not a directory; {advice}")
+
+
+def _check_save_writable(args: argparse.Namespace) -> None:
+    """--save can be written (a read-only or full filesystem used to fail with a traceback while
+    the row-index cache was written there, or only at the first save)."""
+    from megatron_lst.training.save_directory import SaveDirectoryError, check_writable
+
+    if args.save is None:
+        return
+    try:
+        check_writable(args.save)
+    except SaveDirectoryError as err:
+        raise ArgumentError(str(err)) from None
 
 
 def _validate_exit_conditions(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ Layout of a save directory (`--save`), Megatron-LM's names where Megatron has th
                                          curriculum step, ...), parallel layout, args, vocabulary,
                                          the model's kind and full configuration
     iter_0000200.tmp-<nonce>/            a save that was interrupted: never loaded, never deleted
+    lst_train.lock                       held by the run writing here (`save_directory`)
 
 A save first checks that the weights are finite (a diverged model is never saved as the newest
 checkpoint), writes everything into `iter_XXXXXXX.tmp-<nonce>`, waits for every rank, records

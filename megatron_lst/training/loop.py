@@ -70,7 +70,7 @@ from megatron_lst.models import LSTConfig
 from megatron_lst.models.loss import masked_token_sum
 from megatron_lst.parallel import collective_device, destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
-from megatron_lst.training import checkpointing
+from megatron_lst.training import checkpointing, save_directory
 from megatron_lst.training.data_provider import RunDatasets, build_datasets, build_loader
 from megatron_lst.training.exit_conditions import ExitConditions, ExitMonitor
 from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_batch
@@ -180,6 +180,8 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
     # Megatron's schedules scale the loss through this before backward (fp16 loss scaling; a
     # no-op scale of 1 otherwise).
     get_model_config(model[0]).grad_scale_func = optimizer.scale_loss
+    if args.save is not None:
+        _check_room_for_checkpoint(args, model)
     shape = ModelShape.from_model_config(model_config)
     state = TrainingState(
         args=args, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -190,6 +192,22 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
     if args.load is not None:
         _restore(state)
     return state, datasets
+
+
+def _check_room_for_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module]) -> None:
+    """Collective: every rank raises InsufficientSpaceError when --save cannot hold a
+    checkpoint (rank 0 measures the free space)."""
+    needed = save_directory.checkpoint_bytes_lower_bound(
+        model, args.optimizer, args.sgd_momentum, args.fp16 or args.bf16)
+    refusal = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            save_directory.check_room_for_checkpoint(args.save, needed)
+        except save_directory.InsufficientSpaceError as err:
+            refusal = [str(err)]
+    torch.distributed.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise save_directory.InsufficientSpaceError(refusal[0])
 
 
 def _check_vocab_splits(vocab: JointVocab, tensor_model_parallel_size: int) -> None:
@@ -433,10 +451,31 @@ def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = N
                             seed=args.seed, timeout_minutes=args.distributed_timeout_minutes,
                             backend=args.distributed_backend)
         try:
-            state, datasets = setup(args, index_cache_dir)
-            return _train(state, datasets, stream, exit_monitor)
+            with _save_directory_lock(args.save):
+                state, datasets = setup(args, index_cache_dir)
+                return _train(state, datasets, stream, exit_monitor)
         finally:
             destroy_parallel()
+
+
+@contextlib.contextmanager
+def _save_directory_lock(save_dir: str | None):
+    """Collective: rank 0 holds the lock of `--save` for the block (`save_directory`); every rank
+    raises SaveDirectoryBusyError, before any work, when another run holds it."""
+    if save_dir is None:
+        yield
+        return
+    refusal = [None]
+    with contextlib.ExitStack() as stack:
+        if torch.distributed.get_rank() == 0:
+            try:
+                stack.enter_context(save_directory.SaveDirectoryLock(save_dir))
+            except save_directory.SaveDirectoryBusyError as err:
+                refusal = [str(err)]
+        torch.distributed.broadcast_object_list(refusal, src=0)
+        if refusal[0] is not None:
+            raise save_directory.SaveDirectoryBusyError(refusal[0])
+        yield
 
 
 def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,

@@ -1,0 +1,141 @@
+"""A `--save` directory that cannot take this run's checkpoints is refused before any work: one
+that cannot be written (read-only filesystem, no permission, full disk), one whose filesystem has
+less room than a checkpoint, one another run is writing (docs/training.md#checkpointing). Each
+used to surface only later: a traceback while the row-index cache was written there, a failed
+save after training up to it, or two runs mixing their metrics and racing to the same
+checkpoint names."""
+
+import errno
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_lst.training import cli, save_directory
+from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_lst.training.checkpointing import TRACKER_FILENAME
+from megatron_lst.training.save_directory import (
+    LOCK_FILENAME,
+    SaveDirectoryBusyError,
+    SaveDirectoryLock,
+)
+from training.training_cases import tiny_flags, write_corpus
+
+REPO = Path(__file__).resolve().parents[2]
+VALID_FLAGS = ["--preset", "tiny-cpu", "--seq-length", "16", "--train-iters", "10", "--lr",
+               "1e-3"]
+
+
+@pytest.mark.parametrize("error, named", [
+    (OSError(errno.EROFS, "Read-only file system"), "read-only filesystem"),
+    (OSError(errno.EACCES, "Permission denied"), "permission denied"),
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+])
+def test_a_save_directory_that_cannot_be_written_is_refused_by_the_flags(tmp_path, monkeypatch,
+                                                                        error, named):
+    def failing_open(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise error
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(save_directory, "open", failing_open, raising=False)
+    save = tmp_path / "run"
+    with pytest.raises(ArgumentError, match=rf"--save {save} cannot be written \({named}\): "
+                                            r"checkpoints, metrics.jsonl .* Give a writable"):
+        validate_args(parse_args([*VALID_FLAGS, "--save", str(save)]), 1)
+    assert list(save.iterdir()) == []  # no probe file left behind
+
+
+def test_a_writable_save_directory_is_created_and_left_empty(tmp_path):
+    save = tmp_path / "new" / "run"
+    validate_args(parse_args([*VALID_FLAGS, "--save", str(save)]), 1)
+    assert save.is_dir() and list(save.iterdir()) == []
+
+
+def test_refused_flags_create_no_save_directory(tmp_path):
+    save = tmp_path / "run"
+    with pytest.raises(ArgumentError, match="--lr must be positive"):
+        validate_args(parse_args([*VALID_FLAGS, "--lr", "-1", "--save", str(save)]), 1)
+    assert not save.exists()
+
+
+HOLD_LOCK = ("import sys; from megatron_lst.training.save_directory import SaveDirectoryLock; "
+             "lock = SaveDirectoryLock(sys.argv[1]).__enter__(); print('held', flush=True); "
+             "sys.stdin.read()")
+
+
+def hold_lock(save: Path) -> subprocess.Popen:
+    """Another process that holds the lock of `save` until its stdin closes or it is killed."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(save)], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_the_lock_names_its_holder_and_goes_with_it_even_on_sigkill(tmp_path):
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(SaveDirectoryBusyError, match=rf"--save {tmp_path} is being written by "
+                                                         rf"another run \(holder: pid "
+                                                         rf"{holder.pid} on host .*Wait for"):
+            SaveDirectoryLock(tmp_path).__enter__()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    with SaveDirectoryLock(tmp_path):  # the kernel dropped the killed holder's lock
+        pass
+    with SaveDirectoryLock(tmp_path):  # and leaving the block released ours
+        pass
+
+
+def test_lst_train_on_a_save_directory_another_run_writes_exits_3_before_any_work(
+        tmp_path, capsys):
+    save = tmp_path / "run"
+    flags = tiny_flags(write_corpus(tmp_path / "data")) + ["--train-iters", "2", "--save",
+                                                          str(save)]
+    holder = hold_lock(save)
+    try:
+        assert cli.main(flags) == cli.EXIT_CHECKPOINT_REFUSED
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"lst-train: --save {save} is being written by another run "
+                              f"(holder: pid {holder.pid} ")
+    assert sorted(p.name for p in save.iterdir()) == [LOCK_FILENAME]  # no index, no metrics
+
+
+@pytest.mark.slow
+def test_a_save_filesystem_without_room_for_a_checkpoint_is_refused_before_training(
+        tmp_path, monkeypatch, capsys):
+    """The estimate is a lower bound of the checkpoint the run then writes, and close to it:
+    a filesystem with less free space is refused, one with the real size is not."""
+    data_path = write_corpus(tmp_path / "data")
+    estimates = []
+    measure = save_directory.check_room_for_checkpoint
+
+    def recording(save_dir, needed_bytes):
+        estimates.append(needed_bytes)
+        measure(save_dir, needed_bytes)
+
+    monkeypatch.setattr(save_directory, "check_room_for_checkpoint", recording)
+    saved = tmp_path / "saved"
+    assert cli.main(tiny_flags(data_path) + ["--train-iters", "2", "--save", str(saved)]) == 0
+    checkpoint = saved / f"iter_{int((saved / TRACKER_FILENAME).read_text()):07d}"
+    size = sum(f.stat().st_size for f in checkpoint.iterdir())
+    [estimate] = estimates
+    assert 0.8 * size <= estimate <= size
+
+    class Usage:
+        free = estimate - 1
+
+    monkeypatch.setattr(save_directory.shutil, "disk_usage", lambda path: Usage)
+    refused = tmp_path / "refused"
+    assert cli.main(tiny_flags(data_path) + ["--train-iters", "2", "--save", str(refused)]) \
+        == cli.EXIT_CHECKPOINT_REFUSED
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"lst-train: --save {refused} has {(estimate - 1) / 2**20:.1f} MiB "
+                              f"free on its filesystem, less than one checkpoint")
+    assert not list(refused.glob("iter_*")) and not (refused / "metrics.jsonl").exists()
