@@ -866,7 +866,12 @@ def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
     """The checkpoint --load (and --ckpt-step) name, or None: no --load, or the first run of an
     auto-resuming job (--save and --load the same directory, nothing saved yet)."""
     # Imported here: checkpointing imports megatron.core, which argument parsing must not need.
-    from megatron_lst.training.checkpointing import CheckpointError, select_checkpoint
+    from megatron_lst.training.checkpointing import (
+        METADATA_FILENAME,
+        CheckpointError,
+        checkpoints_from,
+        select_checkpoint,
+    )
 
     if args.load is None:
         return None
@@ -883,9 +888,14 @@ def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
     except CheckpointError as err:
         raise ArgumentError(f"--load {args.load}: {err}") from None
     if latest is None and not auto_resume:
+        incomplete = [entry.name for entry in checkpoints_from(args.load, 0)]
+        found = (f"its {', '.join(incomplete)} lack(s) {METADATA_FILENAME}, which every "
+                 f"lst-train save writes last: a save that did not finish, or a checkpoint of "
+                 f"another program (Megatron-LM's own have none)" if incomplete else
+                 "no iter_XXXXXXX directory")
         raise ArgumentError(
-            f"--load {args.load} holds no complete checkpoint (no iter_XXXXXXX directory); "
-            f"point --load at a directory written by --save"
+            f"--load {args.load} holds no complete checkpoint ({found}); point --load at a "
+            f"directory written by lst-train --save"
         )
     return latest
 

@@ -270,6 +270,16 @@ def test_load_directory_without_checkpoint(tmp_path):
     assert valid("--load", str(tmp_path), "--save", str(tmp_path)).resume_from is None
 
 
+def test_load_directory_of_another_program_names_what_its_checkpoints_lack(tmp_path):
+    """A Megatron-LM save directory has iter_XXXXXXX directories without our metadata; the
+    message said there was no iter_XXXXXXX directory at all."""
+    fake_checkpoint(tmp_path, 10, complete=False)
+    with pytest.raises(ArgumentError, match=rf"--load {tmp_path} holds no complete checkpoint "
+                                            rf"\(its iter_0000010 lack\(s\) {METADATA_FILENAME}, "
+                                            rf".*another program .*written by lst-train --save"):
+        valid("--load", str(tmp_path))
+
+
 def test_load_directory_with_checkpoint_and_corrupt_pointer(tmp_path):
     checkpoint = tmp_path / "iter_0000020"
     checkpoint.mkdir()
