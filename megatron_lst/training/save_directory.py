@@ -6,7 +6,8 @@ or a full disk is refused there, naming the directory and the error; it used to 
 traceback while rank 0 cached the datasets' row indices under `--save`, or, for a directory the
 index cache did not touch, only at the first checkpoint, after training up to it.
 
-`check_room_for_checkpoint(...)` (every rank, once the model and optimizer are built) refuses a
+`checkpoint_bytes_lower_bound` and `check_room_for_checkpoint` (once the model and optimizer are
+built) refuse a
 `--save` whose filesystem has less free space than one checkpoint of this model and optimizer
 takes at least (a full disk that still holds a few files would otherwise fail the first save,
 after training up to it).
@@ -17,8 +18,9 @@ after training up to it).
 it to the same `iter_XXXXXXX` names; it is refused before any work, naming the holder. The lock
 is the kernel's and belongs to the process: it goes when that process ends, however it ends
 (SIGKILL included), so a restarted job takes it again at once, and the processes a trainer forks
-(data-loader workers, checkpoint writers) do not inherit it. Nothing is locked on a filesystem
-without POSIX locks (a warning says so).
+(data-loader workers, checkpoint writers) do not inherit it. A lock held from another host is
+waited for a while before refusing (a network filesystem keeps a crashed node's lock until its
+lease runs out). Nothing is locked on a filesystem without POSIX locks (a warning says so).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -123,39 +126,66 @@ def check_room_for_checkpoint(save_dir: str | os.PathLike, needed_bytes: int) ->
             f"it. Make room there or give another --save")
 
 
+REMOTE_HOLDER_WAIT_SECONDS = 150.0
+"""How long a lock held from another host is waited for before refusing: a network filesystem
+keeps the lock of a crashed client until its lease runs out (90 s for NFSv4 by default), and a
+job restarted on other nodes would otherwise be refused by its own dead predecessor."""
+
+
 class SaveDirectoryLock:
     """Context manager: hold the lock of `save_dir` (see the module docstring) or raise
-    SaveDirectoryBusyError naming the run that holds it."""
+    SaveDirectoryBusyError naming the run that holds it. A holder on this host is alive (the
+    kernel frees a dead process's lock): refused at once. A holder on another host may be a
+    crashed node whose lock the file server has not yet dropped: waited for up to
+    `remote_wait_seconds` first."""
 
-    def __init__(self, save_dir: str | os.PathLike):
+    def __init__(self, save_dir: str | os.PathLike,
+                 remote_wait_seconds: float = REMOTE_HOLDER_WAIT_SECONDS):
         self.path = Path(save_dir) / LOCK_FILENAME
+        self.remote_wait_seconds = remote_wait_seconds
         self._fd: int | None = None
 
     def __enter__(self) -> SaveDirectoryLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
-            os.close(fd)
-            if error.errno in (errno.EACCES, errno.EAGAIN):
-                holder = holder or "not recorded"
+        deadline = None
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as error:
+                if error.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    logger.warning("cannot lock %s (%s): nothing stops another run from writing "
+                                   "the same --save directory", self.path, error.strerror)
+                    return self
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            if deadline is None and _holder_host(holder) not in (None, socket.gethostname()):
+                logger.warning("%s is held by %s; waiting up to %.0f s in case that is a crashed "
+                               "node whose lock the file server still keeps", self.path, holder,
+                               self.remote_wait_seconds)
+                deadline = time.monotonic() + self.remote_wait_seconds
+            if deadline is None or time.monotonic() >= deadline:
+                os.close(fd)
                 raise SaveDirectoryBusyError(
                     f"--save {self.path.parent} is being written by another run (holder: "
-                    f"{holder}; lock file {self.path}): two runs on one save directory would mix "
-                    f"their metrics and race to the same checkpoint names. Wait for that run to "
-                    f"end or stop it, or give this run another --save") from None
-            logger.warning("cannot lock %s (%s): nothing stops another run from writing the same "
-                           "--save directory", self.path, error.strerror)
-            return self
+                    f"{holder or 'not recorded'}; lock file {self.path}): two runs on one save "
+                    f"directory would mix their metrics and race to the same checkpoint names. "
+                    f"Wait for that run to end or stop it, or give this run another --save")
+            time.sleep(1.0)
         self._fd = fd
         os.ftruncate(fd, 0)
-        os.write(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, started "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode())
+        os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode(), 0)
         return self
 
     def __exit__(self, *exc_info) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing releases the lock
             self._fd = None
+
+
+def _holder_host(holder: str) -> str | None:
+    """The host a lock file's record names, None when it names none."""
+    match = re.search(r" on host (\S+), started ", holder)
+    return match.group(1) if match else None

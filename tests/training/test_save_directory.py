@@ -9,6 +9,7 @@ import errno
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -61,14 +62,22 @@ def test_refused_flags_create_no_save_directory(tmp_path):
     assert not save.exists()
 
 
-HOLD_LOCK = ("import sys; from megatron_lst.training.save_directory import SaveDirectoryLock; "
-             "lock = SaveDirectoryLock(sys.argv[1]).__enter__(); print('held', flush=True); "
-             "sys.stdin.read()")
+HOLD_LOCK = """
+import os, sys
+from megatron_lst.training.save_directory import SaveDirectoryLock
+lock = SaveDirectoryLock(sys.argv[1]).__enter__()
+if len(sys.argv) > 2:  # pose as a run on another host (through the lock's own descriptor:
+    os.ftruncate(lock._fd, 0)  # closing any other one would drop the POSIX lock)
+    os.pwrite(lock._fd, f"pid 1 on host {sys.argv[2]}, started then".encode(), 0)
+print("held", flush=True)
+sys.stdin.read()
+"""
 
 
-def hold_lock(save: Path) -> subprocess.Popen:
-    """Another process that holds the lock of `save` until its stdin closes or it is killed."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(save)], cwd=REPO,
+def hold_lock(save: Path, *host: str) -> subprocess.Popen:
+    """Another process that holds the lock of `save` until its stdin closes or it is killed
+    (with `host`: recorded as a run on that host)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(save), *host], cwd=REPO,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -88,6 +97,21 @@ def test_the_lock_names_its_holder_and_goes_with_it_even_on_sigkill(tmp_path):
         pass
     with SaveDirectoryLock(tmp_path):  # and leaving the block released ours
         pass
+
+
+def test_a_lock_held_from_another_host_is_waited_for_then_refused(tmp_path):
+    """A file server keeps a crashed node's lock until its lease runs out: a restarted job must
+    not be refused by its dead predecessor, a live run elsewhere still refuses."""
+    holder = hold_lock(tmp_path, "node-elsewhere")
+    try:
+        with pytest.raises(SaveDirectoryBusyError, match=r"holder: pid 1 on host node-elsewhere"):
+            SaveDirectoryLock(tmp_path, remote_wait_seconds=0.5).__enter__()
+        threading.Timer(1.0, holder.kill).start()  # the node's lease runs out while we wait
+        with SaveDirectoryLock(tmp_path, remote_wait_seconds=600):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def test_lst_train_on_a_save_directory_another_run_writes_exits_3_before_any_work(
