@@ -46,12 +46,32 @@ class ArgumentError(ValueError):
 _NO_VIRTUAL_PIPELINE = ("virtual pipeline stages (the interleaved schedule) are not supported; "
                         "use --pipeline-model-parallel-size alone")
 _NO_EXPERTS = "the global transformer is dense: there are no experts to place"
+_NO_CONTEXT_PARALLEL = ("context parallelism is not supported; split the global transformer with "
+                        "--tensor-model-parallel-size (with --sequence-parallel) and "
+                        "--pipeline-model-parallel-size")
+_STAGE_SPLIT = ("the pipeline stages are given as layer counts: use "
+                "--decoder-first-pipeline-num-layers and --decoder-last-pipeline-num-layers (the "
+                "first stage also runs the local encoder, the last the local decoder and head)")
+_NO_FSDP = ("FSDP is not supported; shard the optimizer state with --use-distributed-optimizer "
+            "and the weights with --tensor-model-parallel-size / --pipeline-model-parallel-size")
+_NO_ENCODER_PARALLEL = ("there is no separately parallelised encoder model: the local encoder "
+                        "runs on the first pipeline stage, replicated over tensor-parallel ranks")
 UNSUPPORTED_MEGATRON_FLAGS = {
-    "--context-parallel-size": "context parallelism is not supported; split the global "
-                               "transformer with --tensor-model-parallel-size (with "
-                               "--sequence-parallel) and --pipeline-model-parallel-size",
+    "--context-parallel-size": _NO_CONTEXT_PARALLEL,
+    "--hierarchical-context-parallel-sizes": _NO_CONTEXT_PARALLEL,
+    "--cp-comm-type": _NO_CONTEXT_PARALLEL,
     "--num-layers-per-virtual-pipeline-stage": _NO_VIRTUAL_PIPELINE,
     "--num-virtual-stages-per-pipeline-rank": _NO_VIRTUAL_PIPELINE,
+    "--pipeline-model-parallel-layout": _STAGE_SPLIT,
+    "--account-for-embedding-in-pipeline-split": _STAGE_SPLIT,
+    "--account-for-loss-in-pipeline-split": _STAGE_SPLIT,
+    "--encoder-tensor-model-parallel-size": _NO_ENCODER_PARALLEL,
+    "--encoder-pipeline-model-parallel-size": _NO_ENCODER_PARALLEL,
+    "--use-torch-fsdp2": _NO_FSDP,
+    "--use-megatron-fsdp": _NO_FSDP,
+    "--use-custom-fsdp": _NO_FSDP,
+    "--num-distributed-optimizer-instances": ("one distributed-optimizer instance shards over "
+                                              "the whole data-parallel group; drop the flag"),
     "--expert-model-parallel-size": _NO_EXPERTS,
     "--expert-tensor-parallel-size": _NO_EXPERTS,
     "--num-experts": _NO_EXPERTS,
