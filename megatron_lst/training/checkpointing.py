@@ -327,8 +327,10 @@ def _save_failure_explained(iteration: int, root: Path, temporary: Path):
         yield
     except (OSError, CheckpointException) as error:
         if isinstance(error, CheckpointException):
+            # Only the ranks whose writers failed hear why; the others get no failures.
             reason = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}"
-                               for rank, (exc, _) in sorted(error.failures.items()))
+                               for rank, (exc, _) in sorted(error.failures.items())) or (
+                "another rank's checkpoint writers failed; its message says why")
         else:
             reason = f"{type(error).__name__}: {error}"
         raise CheckpointSaveError(
