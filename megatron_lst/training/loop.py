@@ -71,7 +71,12 @@ from megatron_lst.models.loss import masked_token_sum
 from megatron_lst.parallel import collective_device, destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import checkpointing, save_directory
-from megatron_lst.training.data_provider import RunDatasets, build_datasets, build_loader
+from megatron_lst.training.data_provider import (
+    RunDatasets,
+    build_datasets,
+    build_loader,
+    data_vocab,
+)
 from megatron_lst.training.exit_conditions import ExitConditions, ExitMonitor
 from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_batch
 from megatron_lst.training.model_provider import build_model_chunks
@@ -170,8 +175,10 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.utils import get_model_config
 
+    if args.data_path is not None or args.train_data_path is not None:
+        # From the manifests, before the row indices are built (minutes on a large corpus).
+        _check_vocab_splits(data_vocab(args), args.tensor_model_parallel_size)
     datasets = build_datasets(args, index_cache_dir)
-    _check_vocab_splits(datasets.vocab, args.tensor_model_parallel_size)
     args.num_units = datasets.vocab.num_units  # checkpoints record the vocabulary trained on
     model, model_config = build_model_chunks(args, datasets.vocab.size,
                                              eos_id=datasets.vocab.eos_id)
