@@ -175,8 +175,10 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.utils import get_model_config
 
-    if args.data_path is not None or args.train_data_path is not None:
-        # From the manifests, before the row indices are built (minutes on a large corpus).
+    if args.tensor_model_parallel_size > 1 and (args.data_path is not None
+                                                or args.train_data_path is not None):
+        # From the datasets' headers, before the row indices are built (minutes on a large
+        # corpus); every rank reads them, and a broken dataset is named by each.
         _check_vocab_splits(data_vocab(args), args.tensor_model_parallel_size)
     datasets = build_datasets(args, index_cache_dir)
     args.num_units = datasets.vocab.num_units  # checkpoints record the vocabulary trained on
