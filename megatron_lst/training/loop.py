@@ -57,6 +57,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -602,35 +603,45 @@ class MetricsFile:
 
 
 def _drop_records_after(path: Path, iteration: int) -> None:
-    """Rewrite `path` (atomically) without the records of iterations after `iteration` and
-    without a torn last line; says what it dropped."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept, dropped, torn = [], [], False
+    """Rewrite `path` (atomically) without the records of iterations after `iteration`, without
+    a torn last line and without any other line that is no metrics record (two writers, a
+    damaged copy: `read_metrics` could not read the file back, and the run used to stop with a
+    traceback on the logging rank alone, the other ranks waiting for it). Such a file is first
+    copied to `<name>.damaged`, so nothing is lost; says what it dropped."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept, dropped, torn, damaged = [], [], False, []
     for number, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            record_iteration = json.loads(line)["iteration"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if number == len(lines) - 1:  # the write a crash interrupted
+            record_iteration = int(json.loads(line)["iteration"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if number == len(lines) - 1 and not line.endswith("\n"):  # a crash's torn write
                 torn = True
-                continue
-            raise ValueError(f"{path} line {number + 1} is not a metrics record: "
-                             f"{line[:80]!r}") from None
+            else:
+                damaged.append(number + 1)
+            continue
         if record_iteration > iteration:
             dropped.append(record_iteration)
         else:
             kept.append(line if line.endswith("\n") else line + "\n")
-    if not dropped and not torn:
+    if not dropped and not torn and not damaged:
         return
+    if damaged:
+        shutil.copyfile(path, path.with_name(path.name + ".damaged"))
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(kept), encoding="utf-8")
     temporary.replace(path)
     what = [f"{len(dropped)} record(s) of iterations {min(dropped)}-{max(dropped)}"] if dropped \
         else []
     what += ["a torn last line"] if torn else []
-    logger.warning("%s: dropped %s, written after the checkpoint of iteration %d that this run "
-                   "resumes from", path, " and ".join(what), iteration)
+    if dropped or torn:
+        logger.warning("%s: dropped %s, written after the checkpoint of iteration %d that this "
+                       "run resumes from", path, " and ".join(what), iteration)
+    if damaged:
+        logger.warning("%s: dropped line(s) %s, which are no metrics records; the file as it was "
+                       "is kept as %s", path, ", ".join(map(str, damaged)),
+                       path.with_name(path.name + ".damaged"))
 
 
 def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:
