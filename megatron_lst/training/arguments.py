@@ -952,14 +952,16 @@ def _check_no_file_in_the_way(flag: str, path: str) -> None:
 
 
 def _check_save_writable(args: argparse.Namespace) -> None:
-    """--save can be written (a read-only or full filesystem used to fail with a traceback while
-    the row-index cache was written there, or only at the first save)."""
+    """--save and --tensorboard-dir can be written (a read-only or full filesystem used to fail
+    with a traceback: while the row-index cache was written to --save, or only at the first save;
+    on the logging rank alone, the others waiting for it, when TensorBoard opened its directory)."""
     from megatron_lst.training.save_directory import SaveDirectoryError, check_writable
 
-    if args.save is None:
-        return
     try:
-        check_writable(args.save)
+        if args.save is not None:
+            check_writable(args.save)
+        if args.tensorboard_dir is not None:
+            check_writable(args.tensorboard_dir, "--tensorboard-dir", "the TensorBoard events")
     except SaveDirectoryError as err:
         raise ArgumentError(str(err)) from None
 

@@ -52,9 +52,10 @@ class SaveDirectoryBusyError(CheckpointError):
     """Another run holds the lock of the `--save` directory."""
 
 
-def check_writable(path: str | os.PathLike) -> None:
+def check_writable(path: str | os.PathLike, flag: str = "--save",
+                   contents: str = "checkpoints, metrics.jsonl and the row-index cache") -> None:
     """Create `path` if missing and write, sync and remove a probe file in it; SaveDirectoryError
-    naming the directory and the OS error otherwise."""
+    naming `flag`, the directory, what goes there (`contents`) and the OS error otherwise."""
     directory = Path(path)
     probe = directory / (f".lst_write_probe-{socket.gethostname()}-{os.getpid()}-"
                          f"{secrets.token_hex(4)}")
@@ -69,8 +70,8 @@ def check_writable(path: str | os.PathLike) -> None:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
         raise SaveDirectoryError(
-            f"--save {path} cannot be written ({_describe(error)}): checkpoints, metrics.jsonl and "
-            f"the row-index cache go there. Give a writable directory with free space") from None
+            f"{flag} {path} cannot be written ({_describe(error)}): {contents} go there. Give "
+            f"a writable directory with free space") from None
 
 
 def _describe(error: OSError) -> str:

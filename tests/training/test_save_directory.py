@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lst.training import cli, save_directory
+from megatron_lst.training import cli, save_directory, train_logging
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.checkpointing import TRACKER_FILENAME
 from megatron_lst.training.save_directory import (
@@ -47,6 +47,21 @@ def test_a_save_directory_that_cannot_be_written_is_refused_by_the_flags(tmp_pat
                                             r"checkpoints, metrics.jsonl .* Give a writable"):
         validate_args(parse_args([*VALID_FLAGS, "--save", str(save)]), 1)
     assert list(save.iterdir()) == []  # no probe file left behind
+
+
+def test_a_tensorboard_directory_that_cannot_be_written_is_refused_by_the_flags(tmp_path,
+                                                                              monkeypatch):
+    """It failed on the logging rank alone, while the other ranks waited for it."""
+    monkeypatch.setattr(train_logging, "require_optional_package", lambda name: None)
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(save_directory, "open", failing_open, raising=False)
+    events = tmp_path / "tb"
+    with pytest.raises(ArgumentError, match=rf"--tensorboard-dir {events} cannot be written "
+                                            r"\(read-only filesystem\): the TensorBoard events"):
+        validate_args(parse_args([*VALID_FLAGS, "--tensorboard-dir", str(events)]), 1)
 
 
 def test_a_writable_save_directory_is_created_and_left_empty(tmp_path):
