@@ -6,6 +6,7 @@ save after training up to it, or two runs mixing their metrics and racing to the
 checkpoint names."""
 
 import errno
+import os
 import signal
 import subprocess
 import sys
@@ -178,3 +179,26 @@ def test_a_save_filesystem_without_room_for_a_checkpoint_is_refused_before_train
     assert message.startswith(f"lst-train: --save {refused} has {(estimate - 1) / 2**20:.1f} MiB "
                               f"free on its filesystem, less than one checkpoint")
     assert not list(refused.glob("iter_*")) and not (refused / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_every_rank_refuses_a_save_directory_another_run_writes_with_one_line(tmp_path):
+    save = tmp_path / "run"
+    flags = tiny_flags(write_corpus(tmp_path / "data")) + ["--train-iters", "2", "--save",
+                                                          str(save)]
+    holder = hold_lock(save)
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             "--module", "megatron_lst.training.cli", *flags],
+            capture_output=True, text=True, timeout=300, cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    output = run.stdout + run.stderr
+    assert output.count(f"lst-train: --save {save} is being written by another run (holder: "
+                        f"pid {holder.pid} ") == 2, output[-3000:]
+    assert "[rank1]: Traceback" not in output and "[rank0]: Traceback" not in output
+    assert sorted(p.name for p in save.iterdir()) == [LOCK_FILENAME]
