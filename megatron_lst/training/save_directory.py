@@ -96,6 +96,8 @@ def checkpoint_bytes_lower_bound(model_chunks, optimizer: str, sgd_momentum: flo
     from megatron.core import parallel_state
     from megatron.core.utils import unwrap_model
 
+    from megatron_lst.parallel import collective_device
+
     state_words = {"adam": 2, "sgd": 1 if sgd_momentum > 0 else 0}[optimizer]
     state_words += 1 if mixed_precision else 0
     total = 0
@@ -109,9 +111,7 @@ def checkpoint_bytes_lower_bound(model_chunks, optimizer: str, sgd_momentum: flo
                         tp_rank > 0 and not getattr(param, "tensor_model_parallel", False)):
                     continue
                 total += param.numel() * (param.element_size() + 4 * state_words)
-    count = torch.tensor([total], dtype=torch.float64)
-    if torch.cuda.is_available():
-        count = count.cuda()
+    count = torch.tensor([total], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(count)
     return int(count.item())
 
