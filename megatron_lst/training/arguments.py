@@ -46,12 +46,32 @@ class ArgumentError(ValueError):
 _NO_VIRTUAL_PIPELINE = ("virtual pipeline stages (the interleaved schedule) are not supported; "
                         "use --pipeline-model-parallel-size alone")
 _NO_EXPERTS = "the global transformer is dense: there are no experts to place"
+_NO_CONTEXT_PARALLEL = ("context parallelism is not supported; split the global transformer with "
+                        "--tensor-model-parallel-size (with --sequence-parallel) and "
+                        "--pipeline-model-parallel-size")
+_STAGE_SPLIT = ("the pipeline stages are given as layer counts: use "
+                "--decoder-first-pipeline-num-layers and --decoder-last-pipeline-num-layers (the "
+                "first stage also runs the local encoder, the last the local decoder and head)")
+_NO_FSDP = ("FSDP is not supported; shard the optimizer state with --use-distributed-optimizer "
+            "and the weights with --tensor-model-parallel-size / --pipeline-model-parallel-size")
+_NO_ENCODER_PARALLEL = ("there is no separately parallelised encoder model: the local encoder "
+                        "runs on the first pipeline stage, replicated over tensor-parallel ranks")
 UNSUPPORTED_MEGATRON_FLAGS = {
-    "--context-parallel-size": "context parallelism is not supported; split the global "
-                               "transformer with --tensor-model-parallel-size (with "
-                               "--sequence-parallel) and --pipeline-model-parallel-size",
+    "--context-parallel-size": _NO_CONTEXT_PARALLEL,
+    "--hierarchical-context-parallel-sizes": _NO_CONTEXT_PARALLEL,
+    "--cp-comm-type": _NO_CONTEXT_PARALLEL,
     "--num-layers-per-virtual-pipeline-stage": _NO_VIRTUAL_PIPELINE,
     "--num-virtual-stages-per-pipeline-rank": _NO_VIRTUAL_PIPELINE,
+    "--pipeline-model-parallel-layout": _STAGE_SPLIT,
+    "--account-for-embedding-in-pipeline-split": _STAGE_SPLIT,
+    "--account-for-loss-in-pipeline-split": _STAGE_SPLIT,
+    "--encoder-tensor-model-parallel-size": _NO_ENCODER_PARALLEL,
+    "--encoder-pipeline-model-parallel-size": _NO_ENCODER_PARALLEL,
+    "--use-torch-fsdp2": _NO_FSDP,
+    "--use-megatron-fsdp": _NO_FSDP,
+    "--use-custom-fsdp": _NO_FSDP,
+    "--num-distributed-optimizer-instances": ("one distributed-optimizer instance shards over "
+                                              "the whole data-parallel group; drop the flag"),
     "--expert-model-parallel-size": _NO_EXPERTS,
     "--expert-tensor-parallel-size": _NO_EXPERTS,
     "--num-experts": _NO_EXPERTS,
@@ -400,6 +420,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     _validate_checkpointing(args)
     _validate_exit_conditions(args)
     _validate_logging(args)
+    _check_save_writable(args)  # last: it creates --save, which no refused run should leave
     return args
 
 
@@ -865,7 +886,12 @@ def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
     """The checkpoint --load (and --ckpt-step) name, or None: no --load, or the first run of an
     auto-resuming job (--save and --load the same directory, nothing saved yet)."""
     # Imported here: checkpointing imports megatron.core, which argument parsing must not need.
-    from megatron_lst.training.checkpointing import CheckpointError, select_checkpoint
+    from megatron_lst.training.checkpointing import (
+        METADATA_FILENAME,
+        CheckpointError,
+        checkpoints_from,
+        select_checkpoint,
+    )
 
     if args.load is None:
         return None
@@ -882,9 +908,14 @@ def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
     except CheckpointError as err:
         raise ArgumentError(f"--load {args.load}: {err}") from None
     if latest is None and not auto_resume:
+        incomplete = [entry.name for entry in checkpoints_from(args.load, 0)]
+        found = (f"its {', '.join(incomplete)} lack(s) {METADATA_FILENAME}, which every "
+                 f"lst-train save writes last: a save that did not finish, or a checkpoint of "
+                 f"another program (Megatron-LM's own have none)" if incomplete else
+                 "no iter_XXXXXXX directory")
         raise ArgumentError(
-            f"--load {args.load} holds no complete checkpoint (no iter_XXXXXXX directory); "
-            f"point --load at a directory written by --save"
+            f"--load {args.load} holds no complete checkpoint ({found}); point --load at a "
+            f"directory written by lst-train --save"
         )
     return latest
 
@@ -918,6 +949,21 @@ def _check_no_file_in_the_way(flag: str, path: str) -> None:
         advice = ("give a directory (created if missing)" if flag == "--save" else
                   "point --load at a --save directory, or one iter_XXXXXXX directory in it")
         raise ArgumentError(f"{flag} {path}: {existing} is a file, not a directory; {advice}")
+
+
+def _check_save_writable(args: argparse.Namespace) -> None:
+    """--save and --tensorboard-dir can be written (a read-only or full filesystem used to fail
+    with a traceback: while the row-index cache was written to --save, or only at the first save;
+    on the logging rank alone, the others waiting for it, when TensorBoard opened its directory)."""
+    from megatron_lst.training.save_directory import SaveDirectoryError, check_writable
+
+    try:
+        if args.save is not None:
+            check_writable(args.save)
+        if args.tensorboard_dir is not None:
+            check_writable(args.tensorboard_dir, "--tensorboard-dir", "the TensorBoard events")
+    except SaveDirectoryError as err:
+        raise ArgumentError(str(err)) from None
 
 
 def _validate_exit_conditions(args: argparse.Namespace) -> None:

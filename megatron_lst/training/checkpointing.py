@@ -10,6 +10,7 @@ Layout of a save directory (`--save`), Megatron-LM's names where Megatron has th
                                          curriculum step, ...), parallel layout, args, vocabulary,
                                          the model's kind and full configuration
     iter_0000200.tmp-<nonce>/            a save that was interrupted: never loaded, never deleted
+    lst_train.lock                       held by the run writing here (`save_directory`)
 
 A save first checks that the weights are finite (a diverged model is never saved as the newest
 checkpoint), writes everything into `iter_XXXXXXX.tmp-<nonce>`, waits for every rank, records
@@ -290,8 +291,8 @@ def save_checkpoint(
         dist.barrier()
         files = integrity.record_checkpoint_files(temporary)
 
+        failure = None
         if dist.get_rank() == 0:
-            integrity.write_manifest(temporary, files)
             metadata = {
                 "format_version": FORMAT_VERSION,
                 "iteration": iteration,
@@ -303,12 +304,30 @@ def save_checkpoint(
                 "args": args_to_dict(args),
                 MODEL_KEY: model_record(_unwrap(model_chunks)[0]),
             }
-            _write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
-            os.rename(temporary, final)
-            _fsync_directory(root)
-            _replace_file_durably(root / TRACKER_FILENAME, str(iteration))
+            try:
+                _finish_on_rank0(temporary, final, files, metadata)
+            except OSError as error:
+                failure = error
+        # Every rank learns whether rank 0 finished: the others used to wait in a barrier that
+        # broke with a gloo traceback when rank 0 stopped on a full disk.
+        if _broadcast_from_rank0("failed" if failure is not None else ""):
+            if failure is not None:
+                raise failure
+            raise CheckpointSaveError(
+                f"saving the checkpoint of iteration {iteration} into {root} failed on rank 0 "
+                f"(its message says why); checkpoints saved before are untouched")
     dist.barrier()
     return final
+
+
+def _finish_on_rank0(temporary: Path, final: Path, files: Any, metadata: dict[str, Any]) -> None:
+    """Rank 0's part of a save, once every rank wrote its shards: the manifest, our metadata
+    last, the rename to the final name, then the pointer file."""
+    integrity.write_manifest(temporary, files)
+    _write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
+    os.rename(temporary, final)
+    _fsync_directory(final.parent)
+    _replace_file_durably(final.parent / TRACKER_FILENAME, str(metadata["iteration"]))
 
 
 class CheckpointSaveError(CheckpointError):
@@ -326,8 +345,10 @@ def _save_failure_explained(iteration: int, root: Path, temporary: Path):
         yield
     except (OSError, CheckpointException) as error:
         if isinstance(error, CheckpointException):
+            # Only the ranks whose writers failed hear why; the others get no failures.
             reason = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}"
-                               for rank, (exc, _) in sorted(error.failures.items()))
+                               for rank, (exc, _) in sorted(error.failures.items())) or (
+                "another rank's checkpoint writers failed; its message says why")
         else:
             reason = f"{type(error).__name__}: {error}"
         raise CheckpointSaveError(

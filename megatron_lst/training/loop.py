@@ -57,6 +57,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,8 +71,13 @@ from megatron_lst.models import LSTConfig
 from megatron_lst.models.loss import masked_token_sum
 from megatron_lst.parallel import collective_device, destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
-from megatron_lst.training import checkpointing
-from megatron_lst.training.data_provider import RunDatasets, build_datasets, build_loader
+from megatron_lst.training import checkpointing, save_directory
+from megatron_lst.training.data_provider import (
+    RunDatasets,
+    build_datasets,
+    build_loader,
+    data_vocab,
+)
 from megatron_lst.training.exit_conditions import ExitConditions, ExitMonitor
 from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_batch
 from megatron_lst.training.model_provider import build_model_chunks
@@ -170,8 +176,12 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.utils import get_model_config
 
+    if args.tensor_model_parallel_size > 1 and (args.data_path is not None
+                                                or args.train_data_path is not None):
+        # From the datasets' headers, before the row indices are built (minutes on a large
+        # corpus); every rank reads them, and a broken dataset is named by each.
+        _check_vocab_splits(data_vocab(args), args.tensor_model_parallel_size)
     datasets = build_datasets(args, index_cache_dir)
-    _check_vocab_splits(datasets.vocab, args.tensor_model_parallel_size)
     args.num_units = datasets.vocab.num_units  # checkpoints record the vocabulary trained on
     model, model_config = build_model_chunks(args, datasets.vocab.size,
                                              eos_id=datasets.vocab.eos_id)
@@ -180,6 +190,8 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
     # Megatron's schedules scale the loss through this before backward (fp16 loss scaling; a
     # no-op scale of 1 otherwise).
     get_model_config(model[0]).grad_scale_func = optimizer.scale_loss
+    if args.save is not None:
+        _check_room_for_checkpoint(args, model)
     shape = ModelShape.from_model_config(model_config)
     state = TrainingState(
         args=args, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -190,6 +202,22 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
     if args.load is not None:
         _restore(state)
     return state, datasets
+
+
+def _check_room_for_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module]) -> None:
+    """Collective: every rank raises InsufficientSpaceError when --save cannot hold a
+    checkpoint (rank 0 measures the free space)."""
+    needed = save_directory.checkpoint_bytes_lower_bound(
+        model, args.optimizer, args.sgd_momentum, args.fp16 or args.bf16)
+    refusal = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            save_directory.check_room_for_checkpoint(args.save, needed)
+        except save_directory.InsufficientSpaceError as err:
+            refusal = [str(err)]
+    torch.distributed.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise save_directory.InsufficientSpaceError(refusal[0])
 
 
 def _check_vocab_splits(vocab: JointVocab, tensor_model_parallel_size: int) -> None:
@@ -433,10 +461,31 @@ def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = N
                             seed=args.seed, timeout_minutes=args.distributed_timeout_minutes,
                             backend=args.distributed_backend)
         try:
-            state, datasets = setup(args, index_cache_dir)
-            return _train(state, datasets, stream, exit_monitor)
+            with _save_directory_lock(args.save):
+                state, datasets = setup(args, index_cache_dir)
+                return _train(state, datasets, stream, exit_monitor)
         finally:
             destroy_parallel()
+
+
+@contextlib.contextmanager
+def _save_directory_lock(save_dir: str | None):
+    """Collective: rank 0 holds the lock of `--save` for the block (`save_directory`); every rank
+    raises SaveDirectoryBusyError, before any work, when another run holds it."""
+    if save_dir is None:
+        yield
+        return
+    refusal = [None]
+    with contextlib.ExitStack() as stack:
+        if torch.distributed.get_rank() == 0:
+            try:
+                stack.enter_context(save_directory.SaveDirectoryLock(save_dir))
+            except save_directory.SaveDirectoryBusyError as err:
+                refusal = [str(err)]
+        torch.distributed.broadcast_object_list(refusal, src=0)
+        if refusal[0] is not None:
+            raise save_directory.SaveDirectoryBusyError(refusal[0])
+        yield
 
 
 def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
@@ -554,35 +603,45 @@ class MetricsFile:
 
 
 def _drop_records_after(path: Path, iteration: int) -> None:
-    """Rewrite `path` (atomically) without the records of iterations after `iteration` and
-    without a torn last line; says what it dropped."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept, dropped, torn = [], [], False
+    """Rewrite `path` (atomically) without the records of iterations after `iteration`, without
+    a torn last line and without any other line that is no metrics record (two writers, a
+    damaged copy: `read_metrics` could not read the file back, and the run used to stop with a
+    traceback on the logging rank alone, the other ranks waiting for it). Such a file is first
+    copied to `<name>.damaged`, so nothing is lost; says what it dropped."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept, dropped, torn, damaged = [], [], False, []
     for number, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            record_iteration = json.loads(line)["iteration"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if number == len(lines) - 1:  # the write a crash interrupted
+            record_iteration = int(json.loads(line)["iteration"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if number == len(lines) - 1 and not line.endswith("\n"):  # a crash's torn write
                 torn = True
-                continue
-            raise ValueError(f"{path} line {number + 1} is not a metrics record: "
-                             f"{line[:80]!r}") from None
+            else:
+                damaged.append(number + 1)
+            continue
         if record_iteration > iteration:
             dropped.append(record_iteration)
         else:
             kept.append(line if line.endswith("\n") else line + "\n")
-    if not dropped and not torn:
+    if not dropped and not torn and not damaged:
         return
+    if damaged:
+        shutil.copyfile(path, path.with_name(path.name + ".damaged"))
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(kept), encoding="utf-8")
     temporary.replace(path)
     what = [f"{len(dropped)} record(s) of iterations {min(dropped)}-{max(dropped)}"] if dropped \
         else []
     what += ["a torn last line"] if torn else []
-    logger.warning("%s: dropped %s, written after the checkpoint of iteration %d that this run "
-                   "resumes from", path, " and ".join(what), iteration)
+    if dropped or torn:
+        logger.warning("%s: dropped %s, written after the checkpoint of iteration %d that this "
+                       "run resumes from", path, " and ".join(what), iteration)
+    if damaged:
+        logger.warning("%s: dropped line(s) %s, which are no metrics records; the file as it was "
+                       "is kept as %s", path, ", ".join(map(str, damaged)),
+                       path.with_name(path.name + ".damaged"))
 
 
 def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:

@@ -285,6 +285,20 @@ def test_a_failed_save_is_explained_and_the_previous_checkpoint_stays(save_dir, 
     assert_weights_of(model, seed=2)
 
 
+def test_a_rank_whose_writers_did_not_fail_says_another_ranks_did(save_dir, monkeypatch):
+    """torch.distributed.checkpoint tells only the failing ranks why: the others' message read
+    'failed ()'."""
+    def others_failed(*args, **kwargs):
+        raise CheckpointException("write", {})
+
+    monkeypatch.setattr(dist_checkpointing, "save", others_failed)
+    model = tiny_model()
+    with pytest.raises(CheckpointSaveError, match=r"into .* failed \(another rank's checkpoint "
+                                                  r"writers failed; its message says why\); "):
+        save_dist_checkpoint(save_dir, model, training_args_for(model.lst_config), VOCAB, 3)
+    assert (save_dir / TRACKER_FILENAME).read_text() == "2"
+
+
 @pytest.mark.parametrize(("edit", "named"), [
     (lambda m: m.pop("args"), "'args' (missing)"),
     (lambda m: m.update(extra_state=None), "'extra_state' (NoneType)"),

@@ -173,6 +173,11 @@ def test_backends_this_machine_cannot_run_are_named(extra, message, monkeypatch)
     ["--context-parallel-size", "2"],
     ["--num-layers-per-virtual-pipeline-stage=1"],
     ["--expert-model-parallel-size", "2"],
+    # Megatron-LM layout flags that were a bare "unrecognized arguments".
+    ["--pipeline-model-parallel-layout", "Et|tL"],
+    ["--use-torch-fsdp2"],
+    ["--cp-comm-type", "p2p"],
+    ["--encoder-pipeline-model-parallel-size", "1"],
     ["--config", "CONFIG"],  # the same key in a --config file
 ])
 def test_unsupported_megatron_flags_are_named_not_unrecognized(tmp_path, given):
@@ -181,7 +186,7 @@ def test_unsupported_megatron_flags_are_named_not_unrecognized(tmp_path, given):
     given = [str(config) if value == "CONFIG" else value for value in given]
     flag = "--context-parallel-size" if "--config" in given else given[0].split("=")[0]
     with pytest.raises(ArgumentError, match=rf"{flag} is a Megatron-LM flag that lst-train does "
-                                            rf"not take: .*(use|dense|split)"):
+                                            rf"not take: .*(use|dense|split|encoder)"):
         parse_args(given)
 
 
@@ -268,6 +273,16 @@ def test_load_directory_without_checkpoint(tmp_path):
     with pytest.raises(ArgumentError, match=r"holds no complete checkpoint"):
         valid("--load", str(tmp_path))
     assert valid("--load", str(tmp_path), "--save", str(tmp_path)).resume_from is None
+
+
+def test_load_directory_of_another_program_names_what_its_checkpoints_lack(tmp_path):
+    """A Megatron-LM save directory has iter_XXXXXXX directories without our metadata; the
+    message said there was no iter_XXXXXXX directory at all."""
+    fake_checkpoint(tmp_path, 10, complete=False)
+    with pytest.raises(ArgumentError, match=rf"--load {tmp_path} holds no complete checkpoint "
+                                            rf"\(its iter_0000010 lack\(s\) {METADATA_FILENAME}, "
+                                            rf".*another program .*written by lst-train --save"):
+        valid("--load", str(tmp_path))
 
 
 def test_load_directory_with_checkpoint_and_corrupt_pointer(tmp_path):

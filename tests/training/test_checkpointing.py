@@ -258,3 +258,45 @@ def test_a_nan_loss_names_the_checkpoint_to_resume_from(tmp_path):
         _record_step(state, step, result=None, training_logger=None)
     assert "iteration 101: lm loss = nan" in str(stopped.value)
     assert f"The newest checkpoint, {tmp_path / 'iter_0000100'} (iteration 100)" in str(stopped.value)
+
+
+FULL_DISK_ON_RANK0 = """
+import errno, sys
+
+if __name__ == "__main__":  # the checkpoint writers re-import this file
+    from megatron_lst.checkpoint import integrity
+    from megatron_lst.training import cli
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    integrity.write_manifest = full_disk  # rank 0 alone writes the manifest
+    sys.exit(cli.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path):
+    """The other ranks waited for rank 0 in a barrier that broke with a gloo traceback
+    ('Connection closed by peer') when rank 0 stopped on a full disk."""
+    from training.training_cases import tiny_flags, write_corpus
+
+    script = tmp_path / "full_disk_on_rank0.py"
+    script.write_text(FULL_DISK_ON_RANK0)
+    save = tmp_path / "ckpt"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), *tiny_flags(write_corpus(tmp_path / "data")), "--train-iters", "2",
+         "--save", str(save)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+    output = run.stdout + run.stderr
+    assert output.count("exitcode  : 3") == 2, output[-3000:]
+    assert "[rank1]: Traceback" not in output and "Connection closed by peer" not in output, \
+        output[-3000:]
+    assert (f"lst-train: saving the checkpoint of iteration 2 into {save} failed (OSError: [Errno "
+            f"28] No space left on device)") in output
+    assert (f"lst-train: saving the checkpoint of iteration 2 into {save} failed on rank 0 (its "
+            f"message says why)") in output
+    assert find_latest_checkpoint(save) is None and len(list(save.glob("iter_0000002.tmp-*"))) == 1

@@ -119,3 +119,18 @@ def test_a_resumed_run_drops_the_metrics_written_after_its_checkpoint(tmp_path, 
     MetricsFile(path, start_iteration=4).close()
     assert [json.loads(line)["iteration"] for line in path.open()] == [1, 2, 3, 4]
     assert "dropped 2 record(s) of iterations 5-6 and a torn last line" in caplog.text
+
+
+def test_a_metrics_file_with_damaged_lines_is_kept_aside_and_resumed(tmp_path, caplog):
+    """A line that is no metrics record before the last one stopped the run with a ValueError
+    traceback on the logging rank alone (the other ranks then waited for it)."""
+    path = tmp_path / "metrics.jsonl"
+    records = [json.dumps({"iteration": i, "loss": float(i)}) + "\n" for i in range(1, 6)]
+    original = "".join(records[:2]) + "garbage\n" + records[2] + '{"iteration": "x"}\n' + \
+        "".join(records[3:])
+    path.write_text(original)
+    MetricsFile(path, start_iteration=4).close()
+    assert [json.loads(line)["iteration"] for line in path.open()] == [1, 2, 3, 4]
+    assert (tmp_path / "metrics.jsonl.damaged").read_text() == original
+    assert "dropped line(s) 3, 5, which are no metrics records" in caplog.text
+    assert "dropped 1 record(s) of iterations 5-5" in caplog.text

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+from megatron_lst.training import loop
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.data_provider import PretrainingBatchSampler, split_bounds
 from megatron_lst.training.loop import ParamGatherHooks, _check_vocab_splits
@@ -46,6 +47,23 @@ def test_a_vocabulary_that_does_not_split_over_tensor_parallel_ranks_names_the_f
                                               r"--tensor-model-parallel-size 2; preprocess the "
                                               r"datasets with --num-units 22"):
         _check_vocab_splits(JointVocab(text_size=50, num_units=21), 2)
+
+
+def test_a_vocabulary_that_does_not_split_is_refused_before_the_row_indices_are_built(
+        tmp_path, monkeypatch):
+    """The check ran on the built datasets: after rank 0 had built every row index (minutes on a
+    large corpus)."""
+    args = validate_args(parse_args(tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "2"]),
+                         1)
+    args.tensor_model_parallel_size = 3  # the corpus's 76 ids do not split over 3 ranks
+
+    def build_datasets(*args, **kwargs):
+        raise AssertionError("the row indices were built before the vocabulary was checked")
+
+    monkeypatch.setattr(loop, "build_datasets", build_datasets)
+    with pytest.raises(VocabularyError, match=r"76 ids \(20 units\) does not split over "
+                                              r"--tensor-model-parallel-size 3"):
+        loop.setup(args)
 
 
 def test_sampler_rejects_a_checkpoint_past_the_end():
