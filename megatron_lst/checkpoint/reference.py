@@ -24,6 +24,7 @@ import torch
 from megatron_lst.models.config import LSTConfig, swiglu_ffn_size
 from megatron_lst.models.reference_import import (
     CAUSAL_ATTN_IMPLS,
+    REFERENCE_FIELDS_ITS_MODEL_IGNORES,
     REQUIRED_REFERENCE_OPTIONS,
     ReferenceImportError,
     canonical_state_dict,
@@ -32,8 +33,10 @@ from megatron_lst.models.reference_import import (
     reference_tensor_map,
 )
 
-# The reference options `lst_config_from_reference` requires, for exports without base args.
-FIXED_REFERENCE_ARGS = {**REQUIRED_REFERENCE_OPTIONS, "encoder_hash_byte_group_size": [],
+# The reference options `lst_config_from_reference` requires, and the reference's defaults for
+# the fields its model ignores, for exports without base args.
+FIXED_REFERENCE_ARGS = {**REQUIRED_REFERENCE_OPTIONS, **REFERENCE_FIELDS_ITS_MODEL_IGNORES,
+                        "encoder_hash_byte_group_size": [],
                         "ffn_dim_multiplier": 1.0, "head_dim": None, "n_kv_heads": None}
 _MULTIPLE_OF_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 

@@ -62,9 +62,7 @@ REFERENCE_DEFAULTS = {
     "cross_attn_k": None, "cross_attn_nheads": None, "cross_attn_window_encoder": None,
     "cross_attn_window_decoder": None, "cross_attn_all_layers_encoder": False,
     "cross_attn_all_layers_decoder": False, "downsampling_by_pooling": None,
-    "use_local_encoder_transformer": False, "use_rope": True, "non_linearity": "swiglu",
-    "norm_type": "rmsnorm", "pre_norm": True, "weight_tying": False,
-    "tie_local_encoder_decoder_logits": False, "encoder_enable_byte_ngrams": False,
+    "use_local_encoder_transformer": False, "use_rope": True, "encoder_enable_byte_ngrams": False,
     "encoder_hash_byte_group_size": None, "pm_size": 0, "max_seqlen": 1024,
     "patch_size": None, "patching_mode": None,
 }
@@ -75,13 +73,19 @@ REFERENCE_DEFAULTS = {
 REQUIRED_REFERENCE_OPTIONS = {
     "use_rope": True, "cross_attn_encoder": True, "cross_attn_decoder": True,
     "cross_attn_init_by_pooling": True, "use_local_encoder_transformer": True,
-    "non_linearity": "swiglu", "norm_type": "rmsnorm", "pre_norm": True,
-    "weight_tying": False, "tie_local_encoder_decoder_logits": False,
     # byte n-gram embeddings add ngram_ids to every batch (the reference refuses batches
     # without them); the hash n-gram embeddings are refused below
     "encoder_enable_byte_ngrams": False,
     # extra "parameter mixing" rows in the token embedding and the output layer
     "pm_size": 0,
+}
+
+# Fields of the reference's args that its model never reads: its norms are RMSNorm, its FFNs
+# SwiGLU and its output layer the local decoder's own, whatever these say, so any value imports.
+# An export writes the reference's defaults.
+REFERENCE_FIELDS_ITS_MODEL_IGNORES = {
+    "non_linearity": "swiglu", "norm_type": "rmsnorm", "pre_norm": True, "weight_tying": False,
+    "tie_local_encoder_decoder_logits": False,
 }
 
 

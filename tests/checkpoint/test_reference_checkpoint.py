@@ -188,13 +188,27 @@ def test_reference_args_of_the_wrong_type_kept_for_export_are_named(base):
         reference_model_args(preset("tiny", 64), base)
 
 
-@pytest.mark.parametrize("option", ["weight_tying", "tie_local_encoder_decoder_logits",
-                                    "encoder_enable_byte_ngrams"])
+@pytest.mark.parametrize("option", ["encoder_enable_byte_ngrams", "cross_attn_init_by_pooling"])
 def test_unsupported_reference_options_are_refused_without_fixtures(option):
     model_args = reference_model_args(preset("tiny", 64))
     assert lst_config_from_reference(model_args).vocab_size == 64  # as exported, accepted
-    with pytest.raises(ReferenceImportError, match=f"{option}=True is not supported"):
-        lst_config_from_reference({**model_args, option: True})
+    flipped = not model_args[option]
+    with pytest.raises(ReferenceImportError, match=f"{option}={flipped} is not supported"):
+        lst_config_from_reference({**model_args, option: flipped})
+
+
+def test_reference_fields_its_model_never_reads_import_whatever_they_say():
+    # The reference builds RMSNorm, SwiGLU and the decoder's own output layer whatever these say
+    # (its ByteLatentTransformer passes none of them to its local or global models).
+    model_args = reference_model_args(preset("tiny", 64))
+    other_values = {"non_linearity": "gelu", "norm_type": "layernorm", "pre_norm": False,
+                    "weight_tying": True, "tie_local_encoder_decoder_logits": True}
+    assert lst_config_from_reference({**model_args, **other_values}) == \
+        lst_config_from_reference(model_args)
+    exported = reference_model_args(preset("tiny", 64))
+    assert {key: exported[key] for key in other_values} == {
+        "non_linearity": "swiglu", "norm_type": "rmsnorm", "pre_norm": True,
+        "weight_tying": False, "tie_local_encoder_decoder_logits": False}
 
 
 @pytest.mark.parametrize(("update", "window", "documents"), [
