@@ -8,10 +8,12 @@
 # and aligned speech-text documents), blended 67% / 33% as in the paper. CHECKPOINT_DIR is both
 # --save and --load: re-running the script resumes from its latest checkpoint. Flags are grouped as
 # in Megatron-LM's examples; the YAML in CONFIG holds the rest (see examples/configs/). Environment:
-#   GPUS_PER_NODE (8), CONFIG (examples/configs/paper_1b_lst.yaml), TP (1), PP (1),
+#   GPUS_PER_NODE (8), CONFIG (examples/configs/paper_1b_lst.yaml), TP (1), PP (1) (they
+#   override the parallel sizes in CONFIG: TP=2 for examples/configs/7b_lst.yaml),
 #   TENSORBOARD_DIR (CHECKPOINT_DIR/tensorboard when the tensorboard package is installed; empty:
-#   none), DISTRIBUTED_OPTIMIZER (1: shard the optimizer state over data-parallel ranks; 0: the
-#   plain optimizer).
+#   none), DISTRIBUTED_OPTIMIZER (1: shard the optimizer state over data-parallel ranks; 0: do not
+#   pass --use-distributed-optimizer, the plain optimizer unless CONFIG sets it, as the paper
+#   configs do).
 #
 # Several nodes: run the same command on every node with
 #   NNODES=2 RDZV_ENDPOINT=node0.example.com:29400 [RDZV_ID=myrun] [MAX_RESTARTS=3]

@@ -1,7 +1,7 @@
 """Token <-> patch bookkeeping shared by segment pooling and patch cross-attention.
 
 All helpers are pure, vectorised and free of host synchronisation. They implement the LST
-reference trainer's rules (see docs/architecture.md#the-batch-contract and the reference fixtures' "Batch contract"):
+reference trainer's rules (see docs/architecture.md#the-batch-contract):
 
 - boundaries `c = [0, cumsum(patch_lengths)]` (`[B, P + 1]`); patch p owns tokens `[c[p], c[p+1])`;
 - lengths are >= 0. CPU lengths are checked (ValueError); CUDA ones are not, since that would

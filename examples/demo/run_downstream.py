@@ -14,7 +14,7 @@ same steps, then evaluated on held-out utterances (the paper's low-data ASR comp
 3. evaluates on held-out utterances no training step ever saw, neither in pretraining nor in
    fine-tuning: the valid part of `speech_train` under that split and the corpus's
    `speech_valid`. ASR: greedy decoding with the KV cache, WER, CER and the hallucination rate
-   (outputs that hit the length cap) at every saved step (the curve) and at the end; TTS: unit
+   (outputs that end without EOS, at the length cap or the model's context) at every saved step (the curve) and at the end; TTS: unit
    edit rate, ASR-CER (the generated units transcribed by the final ASR model with the lower
    WER, the same one for both TTS models), hallucination rate and global generation steps per
    second of speech (`megatron_lst.evaluation.downstream`);

@@ -2,7 +2,7 @@
 
 Weights are normalised and count samples: with rows of a fixed number of global positions, a
 weight is a share of the compute (the paper's 67% text / 33% interleaved is a share of tokens;
-scale the weights by each source's tokens per sample to blend by tokens). Sample i of the blend is
+to blend by tokens, divide each weight by its source's tokens per sample). Sample i of the blend is
 drawn from the dataset whose share falls furthest behind its weight, `argmax_d w_d max(i, 1) - n_d`
 (n_d: samples taken from d so far; ties to the lowest index): Megatron's greedy blending, run by megatron.core's prebuilt
 `helpers_cpp` when the installed wheel has it, else by the same loop in numpy.

@@ -1,4 +1,4 @@
-"""The batch contract between the data pipeline and the model (fixtures README "Batch contract").
+"""The batch contract between the data pipeline and the model (docs/architecture.md#the-batch-contract).
 
 A batch is a dict of tensors, B rows of N input tokens and P global positions:
 

@@ -118,7 +118,8 @@ def patching_config_from_args(args: argparse.Namespace) -> PatchingConfig:
 
 def data_vocab(args: argparse.Namespace) -> JointVocab:
     """The joint vocabulary of the datasets (`split_sources`), from their manifests, with their
-    tokenizer's digest (checkpoints record both); every dataset must share it. It is the data's, not `--num-units`': the run trains on the ids the data holds."""
+    tokenizer's digest (checkpoints record both); every dataset must share it. It is the data's,
+    not `--num-units`'s: the run trains on the ids the data holds."""
     vocab = first = None
     prefixes = dict.fromkeys(prefix for sources in split_sources(args).values()
                              for _, prefix in sources)

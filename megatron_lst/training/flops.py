@@ -9,14 +9,15 @@ kernel.
 
 What is not counted: the embedding lookup, norms, softmax, RoPE, activations, residual adds and
 the max-pool that initialises the patch states (all elementwise, well under 1% of the total).
-Self-attention is counted as causal over the whole row: a model that also masks at document
-boundaries (the reference's block-causal GPU path) does less work than counted.
+Attention is counted over the whole row, as if no document ended inside it: with document masking
+(`--reset-attention-mask`, on by default, as the reference's block-causal GPU path) the model
+does less attention work on packed rows than counted, and the counts do not depend on where
+documents end.
 Training is counted as 3x the forward pass (the backward pass computes two products per forward
 product); recomputation (activation checkpointing, flash-attention's backward) is not counted,
 as is usual for MFU.
 
-Shapes follow the reference LST (fixtures/reference_lst/README.md, "What the reference forward
-computes"): per row, N tokens and P patches, De/Dg/Dd the encoder/global/decoder widths, k the
+Shapes follow the reference LST: per row, N tokens and P patches, De/Dg/Dd the encoder/global/decoder widths, k the
 cross-attention slots per patch.
 - local encoder: n_enc layers (sliding-window self-attention + SwiGLU) over N tokens; the patch
   states are pooled, projected De -> De*k over P patches and refined by cross-attention after
