@@ -8,12 +8,11 @@
 # and aligned speech-text documents), blended 67% / 33% as in the paper. CHECKPOINT_DIR is both
 # --save and --load: re-running the script resumes from its latest checkpoint. Flags are grouped as
 # in Megatron-LM's examples; the YAML in CONFIG holds the rest (see examples/configs/). Environment:
-#   GPUS_PER_NODE (8), CONFIG (examples/configs/paper_1b_lst.yaml), TP (1), PP (1) (they
-#   override the parallel sizes in CONFIG: TP=2 for examples/configs/7b_lst.yaml),
+#   GPUS_PER_NODE (8), CONFIG (examples/configs/paper_1b_lst.yaml), TP and PP (when set, they
+#   override the parallel sizes in CONFIG; unset, CONFIG's hold, 1 where it has none),
 #   TENSORBOARD_DIR (CHECKPOINT_DIR/tensorboard when the tensorboard package is installed; empty:
-#   none), DISTRIBUTED_OPTIMIZER (1: shard the optimizer state over data-parallel ranks; 0: do not
-#   pass --use-distributed-optimizer, the plain optimizer unless CONFIG sets it, as the paper
-#   configs do).
+#   none), DISTRIBUTED_OPTIMIZER (1, the default: shard the optimizer state over data-parallel
+#   ranks; 0: the plain optimizer, whatever CONFIG says).
 #
 # Several nodes: run the same command on every node with
 #   NNODES=2 RDZV_ENDPOINT=node0.example.com:29400 [RDZV_ID=myrun] [MAX_RESTARTS=3]
@@ -78,12 +77,13 @@ TRAINING_ARGS=(
     --bf16
     --exit-signal-handler         # SIGTERM (torchrun passes on its own): save this iteration, exit
 )
-if [ "$DISTRIBUTED_OPTIMIZER" = 1 ]; then TRAINING_ARGS+=(--use-distributed-optimizer); fi
+if [ "$DISTRIBUTED_OPTIMIZER" = 1 ]; then TRAINING_ARGS+=(--use-distributed-optimizer)
+else TRAINING_ARGS+=(--no-use-distributed-optimizer); fi
 
-MODEL_PARALLEL_ARGS=(
-    --tensor-model-parallel-size "${TP:-1}"
-    --pipeline-model-parallel-size "${PP:-1}"
-)
+# TP and PP, when set, override the parallel sizes in CONFIG (1 where CONFIG has none).
+MODEL_PARALLEL_ARGS=()
+if [ -n "${TP:-}" ]; then MODEL_PARALLEL_ARGS+=(--tensor-model-parallel-size "$TP"); fi
+if [ -n "${PP:-}" ]; then MODEL_PARALLEL_ARGS+=(--pipeline-model-parallel-size "$PP"); fi
 
 DATA_ARGS=(
     --data-path 0.67 "$TEXT_PREFIX" 0.33 "$SPEECH_PREFIX"

@@ -285,7 +285,10 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
                        help="Parameters per data-parallel communication bucket with "
                             "--overlap-grad-reduce, on the first pipeline stage (default: "
                             "megatron's, max(40M, 1M x data-parallel size)).")
-    group.add_argument("--use-distributed-optimizer", action="store_true")
+    group.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="Shard the optimizer state over data-parallel ranks; "
+                            "--no-use-distributed-optimizer overrides a config that sets it.")
     group.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                        help="Default: nccl with CUDA, gloo without.")
     group.add_argument("--distributed-timeout-minutes", type=int, default=30,

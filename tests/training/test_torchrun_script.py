@@ -20,8 +20,9 @@ SCRIPT = REPO / "examples" / "pretrain_lst_torchrun.sh"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-def _launch(tmp_path: Path, cwd: Path) -> tuple[Path, list[str]]:
-    """Run the script from `cwd` with relative paths; (torchrun's cwd, torchrun's arguments)."""
+def _launch(tmp_path: Path, cwd: Path, **environment: str) -> tuple[Path, list[str]]:
+    """Run the script from `cwd` with relative paths and `environment` added; (torchrun's cwd,
+    torchrun's arguments)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "torchrun.log"
@@ -29,7 +30,8 @@ def _launch(tmp_path: Path, cwd: Path) -> tuple[Path, list[str]]:
         f'#!/bin/bash\npwd > "{record}"\nprintf "%s\\n" "$@" >> "{record}"\n')
     (bin_dir / "torchrun").chmod(0o755)
     env = {**os.environ, "TENSORBOARD_DIR": "", "GPUS_PER_NODE": "1",
-           "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+           "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           **environment}
     done = subprocess.run(["bash", str(SCRIPT), "ckpt/lst", "spm.model", "data/text",
                            "data/speech"], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=60)
@@ -48,3 +50,32 @@ def test_relative_paths_stay_relative_to_the_callers_directory(tmp_path):
     assert str(REPO / "pretrain_lst.py") in arguments
     for flag, value in (("--save", "ckpt/lst"), ("--tokenizer-model", "spm.model")):
         assert arguments[arguments.index(flag) + 1] == value
+
+
+def _trainer_args(arguments: list[str]):
+    """What lst-train makes of the arguments the script hands torchrun (after the script)."""
+    from megatron_lst.training.arguments import parse_args
+
+    return parse_args(arguments[arguments.index(str(REPO / "pretrain_lst.py")) + 1:])
+
+
+def test_parallel_sizes_of_the_config_hold_unless_tp_or_pp_is_set(tmp_path):
+    """TP and PP used to be passed as 1 when unset, overriding CONFIG: the 7B config's tensor
+    parallelism 2 trained at 1 (and dropped its sequence parallelism with a warning)."""
+    config = str(REPO / "examples" / "configs" / "7b_lst.yaml")
+    _, arguments = _launch(tmp_path, tmp_path, CONFIG=config)
+    args = _trainer_args(arguments)
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 1)
+    assert args.sequence_parallel
+    (tmp_path / "set").mkdir()
+    _, arguments = _launch(tmp_path / "set", tmp_path, CONFIG=config, TP="4", PP="2")
+    args = _trainer_args(arguments)
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (4, 2)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("1", True), ("0", False)])
+def test_distributed_optimizer_setting_wins_over_the_config(tmp_path, setting, expected):
+    """The paper configs set use-distributed-optimizer: true, so DISTRIBUTED_OPTIMIZER=0 used
+    to leave the distributed optimizer on."""
+    _, arguments = _launch(tmp_path, tmp_path, DISTRIBUTED_OPTIMIZER=setting)
+    assert _trainer_args(arguments).use_distributed_optimizer is expected
