@@ -50,11 +50,21 @@ def read_model_config(metadata: dict[str, Any], path: str | Path) -> SavedModel 
     patching_mode = args.get("patching_mode")
     record = metadata.get(MODEL_KEY)
     if record is not None:
-        if record.get("kind") not in ("lst", "baseline") or not isinstance(record.get("config"), dict):
+        if not isinstance(record, dict) or record.get("kind") not in ("lst", "baseline") or \
+                not isinstance(record.get("config"), dict):
             raise CheckpointContentError(
                 f"{path}: the model record {record!r} is not {{'kind': 'lst' | 'baseline', "
                 "'config': {...}}; the checkpoint is corrupt")
-        config = lst_config_from_dict(record["config"])
+        try:
+            config = lst_config_from_dict(record["config"])
+        except CheckpointContentError as error:
+            raise CheckpointContentError(f"{path}: the model record does not describe a model "
+                                         f"({error}); the checkpoint is corrupt") from None
+        vocab = metadata.get("vocab")
+        if isinstance(vocab, dict) and config.vocab_size != vocab.get("size"):
+            raise CheckpointContentError(
+                f"{path}: the model record's vocab_size {config.vocab_size} differs from the "
+                f"{vocab.get('size')} ids of the recorded vocabulary; the checkpoint is corrupt")
         return SavedModel(config, record["kind"] == "baseline", patching_mode)
     if not args or metadata.get("vocab") is None:
         return None

@@ -141,10 +141,9 @@ class DocumentStore:
     def _manifest_vocab(self) -> JointVocab:
         try:
             return JointVocab.from_dict(self.manifest.vocab)
-        except (KeyError, TypeError) as error:
+        except VocabularyError as error:
             raise ManifestError(f"{Manifest.path_for(self.prefix)}: unreadable vocabulary "
-                                f"({type(error).__name__}: {error}); re-run "
-                                f"tools/preprocess_data.py") from None
+                                f"({error}); re-run tools/preprocess_data.py") from None
 
     def _validate(self) -> None:
         index = self._dataset.index

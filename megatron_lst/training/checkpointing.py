@@ -53,7 +53,7 @@ from megatron_lst.checkpoint.errors import (
     mistyped_fields,
 )
 from megatron_lst.parallel import collective_device
-from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.arguments import args_to_dict
 from megatron_lst.training.resume_check import ResumePosition, check_resume_flags
 from megatron_lst.training.writer_processes import writers_die_with_parent
@@ -233,6 +233,7 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{metadata_path} has format version {metadata.get('format_version')!r}; this "
             f"code reads version {FORMAT_VERSION}"
         )
+    check_training_metadata(metadata, Path(path))
     return metadata
 
 
@@ -437,9 +438,8 @@ def load_checkpoint(
     if path is None:
         return None
     metadata = read_checkpoint_metadata(path)
-    check_training_metadata(metadata, path)
     if vocab is not None and metadata["vocab"] is not None:
-        vocab.check_matches(metadata["vocab"]["size"], f"checkpoint {path}")
+        vocab.check_matches(JointVocab.from_dict(metadata["vocab"]).size, f"checkpoint {path}")
 
     finetune = bool(getattr(args, "finetune", False))
     if optimizer is not None and not finetune:  # a training run that continues this one
@@ -497,9 +497,19 @@ def load_checkpoint(
 
 def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
     """Refuse, naming the field, a `lst_checkpoint.json` without a field `save_checkpoint`
-    writes, or with one of another type (the file is written after the manifest, so no digest
+    writes, or with one of another type, a vocabulary that is not a joint vocabulary layout, or
+    a model record that is not an object (the file is written after the manifest, so no digest
     covers it)."""
+    from megatron_lst.checkpoint.model_config import MODEL_KEY
+
     wrong = mistyped_fields(metadata, _TRAINING_METADATA_FIELDS)
+    if isinstance(metadata.get("vocab"), dict):
+        try:
+            JointVocab.from_dict(metadata["vocab"])
+        except VocabularyError as error:
+            wrong.append(f"'vocab' ({error})")
+    if metadata.get(MODEL_KEY) is not None and not isinstance(metadata[MODEL_KEY], dict):
+        wrong.append(f"{MODEL_KEY!r} ({type(metadata[MODEL_KEY]).__name__})")
     if wrong:
         others = _other_complete_checkpoints(path)
         raise CheckpointError(

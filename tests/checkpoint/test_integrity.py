@@ -289,6 +289,9 @@ def test_a_failed_save_is_explained_and_the_previous_checkpoint_stays(save_dir, 
     (lambda m: m.pop("args"), "'args' (missing)"),
     (lambda m: m.update(extra_state=None), "'extra_state' (NoneType)"),
     (lambda m: m.update(iteration="2"), "'iteration' (str)"),
+    (lambda m: m["vocab"].update(num_units="16"),
+     "'vocab' (vocabulary field(s) 'num_units' (str) are not integers)"),
+    (lambda m: m.update(model=[]), "'model' (list)"),
 ])
 def test_checkpoint_metadata_with_a_field_missing_or_mistyped_is_named(save_dir, edit, named,
                                                                       capsys):

@@ -179,8 +179,14 @@ def test_unreadable_manifest(aligned_store):
 
 
 @pytest.mark.parametrize("section, key, value, message", [
-    ("vocab", "text_size", None, r"unreadable vocabulary \(KeyError: 'text_size'\)"),
-    ("vocab", "num_units", "502", r"unreadable vocabulary \(TypeError"),
+    ("vocab", "text_size", None, r"unreadable vocabulary \(vocabulary field\(s\) 'text_size' "
+                                 r"\(missing\) are not integers\)"),
+    ("vocab", "num_units", "502", r"unreadable vocabulary \(vocabulary field\(s\) 'num_units' "
+                                  r"\(str\) are not integers\)"),
+    ("vocab", "size", 10**6, r"unreadable vocabulary \(vocabulary field 'size' is 1000000 but "
+                             r"text_size \d+ and num_units \d+ make it \d+; the record was "
+                             r"edited"),
+    ("vocab", "pad_id", -1, r"unreadable vocabulary \(special ids must be >= 0"),
     ("counts", "documents", 30.0, r"unreadable manifest \(counts \['documents'\] are not integers"),
     ("counts", "units", "7", r"unreadable manifest \(counts \['units'\] are not integers"),
     ("tokenizer", "space_id", 10**6, r"unreadable manifest \(tokenizer space_id 1000000 is not "

@@ -1,6 +1,7 @@
 """`lst-eval` on a saved checkpoint: the same accuracies as scoring the model in memory."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -208,6 +209,41 @@ def test_a_checkpoint_of_an_uneven_pipeline_split_scores_on_one_process(checkpoi
     assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "ss,tt",
                       "--batch-size", "2", "--output", str(output)]) == 0
     assert json.loads(output.read_text())["results"][str(items_path)] == expected
+
+
+def _edit_size(metadata):
+    metadata["model"]["config"]["vocab_size"] += 1
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["vocab"].pop("num_units"),
+     r"field\(s\) 'vocab' \(vocabulary field\(s\) 'num_units' \(missing\) are not integers\)"),
+    (lambda m: m["vocab"].update(size=m["vocab"]["size"] + 1),
+     r"'vocab' \(vocabulary field 'size' is \d+ but text_size \d+ and num_units \d+ make it"),
+    (lambda m: m.update(args=[]), r"field\(s\) 'args' \(list\) are not what a save writes"),
+    (lambda m: m.update(model="lst"), r"field\(s\) 'model' \(str\) are not what a save writes"),
+    (lambda m: m["model"]["config"]["global_model"].update(hidden_size="64"),
+     r"iter_0000003: the model record does not describe a model \(global_model: "),
+    (_edit_size, r"iter_0000003: the model record's vocab_size \d+ differs from the \d+ ids of "
+                 r"the recorded vocabulary; the checkpoint is corrupt"),
+], ids=["vocab-field-missing", "vocab-size", "args-list", "model-string", "config-type",
+        "config-vocab-size"])
+def test_a_hand_edited_checkpoint_record_is_one_line_naming_the_file(checkpoint, tmp_path, capsys,
+                                                                     edit, message):
+    """lst_checkpoint.json is written after the file digests: lst-eval read its vocabulary,
+    flags and model record unchecked (KeyError, AttributeError, TypeError tracebacks), and named
+    no file for a model record that does not describe a model."""
+    root, items_path, _ = checkpoint
+    save = tmp_path / "save"
+    shutil.copytree(root / "save", save)
+    [metadata_path] = save.glob(f"iter_*/{METADATA_FILENAME}")
+    metadata = json.loads(metadata_path.read_text())
+    edit(metadata)
+    metadata_path.write_text(json.dumps(metadata))
+    assert eval_main(["--load", str(save), "--items", str(items_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(save) in err and "Traceback" not in err
+    assert re.search(message, err), err
 
 
 @pytest.mark.parametrize("tp, message", [
