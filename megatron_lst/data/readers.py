@@ -204,6 +204,8 @@ def parse_reference_line(line: str, tokenizer: TextTokenizer, num_units: int,
     except json.JSONDecodeError as error:
         raise DocumentError(f"{where}: not valid JSON ({error.msg} at column {error.colno})"
                             ) from None
+    except RecursionError:
+        raise DocumentError(f"{where}: not a document (JSON nested too deeply to read)") from None
     if not isinstance(record, dict) or not isinstance(record.get("interleaved"), str):
         raise DocumentError(f"{where}: expected an object with an \"interleaved\" string, got "
                             f"{line.strip()[:60]!r}")
@@ -222,6 +224,8 @@ def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
     except json.JSONDecodeError as error:
         raise DocumentError(f"{where}: not valid JSON ({error.msg} at column {error.colno})"
                             ) from None
+    except RecursionError:
+        raise DocumentError(f"{where}: not a document (JSON nested too deeply to read)") from None
     if not isinstance(record, dict) or not isinstance(record.get(key), str):
         raise DocumentError(f"{where}: expected an object with a {key!r} string, got "
                             f"{line.strip()[:60]!r}")

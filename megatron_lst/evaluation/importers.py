@@ -77,6 +77,9 @@ def read_hellaswag(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ItemError(f"{where}: not a JSON object ({err.msg})") from None
+        except RecursionError:
+            raise ItemError(f"{where}: not a HellaSwag line (JSON nested too deeply to read)"
+                            ) from None
         if not isinstance(row, dict):
             raise ItemError(f"{where}: not a JSON object (a {type(row).__name__})")
         parts = [row.get(key) for key in ("ctx", "ctx_a", "ctx_b") if row.get(key) is not None]

@@ -78,6 +78,8 @@ def test_reference_pairing_rules(tokenizer):
 
 @pytest.mark.parametrize("line,message", [
     ("{not json\n", r"bad.jsonl:2: not valid JSON"),
+    ("[" * 100_000 + "\n", r"bad.jsonl:2: not a document \(JSON nested too deeply"),  # was a
+    # RecursionError traceback
     ('{"file_id": "u"}\n', r"bad.jsonl:2: expected an object with an \"interleaved\" string"),
     (_line(f"{SEP}TEXT a {SEP}AUDIO 1 2"), r"bad.jsonl:2 \(utt\): segment 1 has unknown head "
                                            r"'AUDIO'"),

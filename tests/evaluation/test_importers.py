@@ -110,11 +110,12 @@ def test_import_errors_name_the_story(tmp_path):
     (["a", "b"], "not a JSON object \\(a list\\)"),
     ({"ctx": ["a"], "endings": ["b", "c"], "label": 0}, "\"ctx\", \"ctx_a\" and \"ctx_b\" must be strings"),
     ({"ctx_a": "a", "ctx_b": 3, "endings": ["b", "c"], "label": 0}, "\"ctx\", .* must be strings"),
+    ("[" * 100_000, r"not a HellaSwag line \(JSON nested too deeply"),  # a RecursionError
 ])
 def test_malformed_hellaswag_lines_are_refused(tmp_path, row, message):
     """They were tracebacks, or silently wrong: label 1.7 became 1, "bcde" four endings."""
     path = tmp_path / "hs.jsonl"
-    path.write_text(json.dumps(row) + "\n")
+    path.write_text((row if isinstance(row, str) else json.dumps(row)) + "\n")
     with pytest.raises(ItemError, match=rf"hs.jsonl:1: {message}"):
         read_hellaswag(path)
 
