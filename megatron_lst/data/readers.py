@@ -85,6 +85,12 @@ def parse_units_text(text: str, where: str, num_tokens: int | None = None) -> np
             units = None
     # numpy's separator also matches no whitespace at all ("1+2" reads as 1, 2): count tokens.
     if units is not None and len(units) == num_tokens:
+        limits = np.iinfo(np.int64)
+        if ((units == limits.max) | (units == limits.min)).any():  # numpy saturates, silently
+            beyond = next(token for token in text.split()
+                          if not limits.min < int(token) < limits.max)
+            raise DocumentError(f"{where}: speech unit {beyond} is beyond 64-bit integers, "
+                                f"outside any codebook")
         return units
     for token in text.split():
         try:

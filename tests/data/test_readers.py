@@ -86,6 +86,9 @@ def test_reference_pairing_rules(tokenizer):
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1 20"), r"bad.jsonl:2 \(utt\): speech unit 20 \(unit 1, "
                                              r"segment 0\) is outside the codebook 0..19"),
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1 -3"), r"bad.jsonl:2 \(utt\): speech unit -3"),
+    # numpy read it as 9223372036854775807, the number the error then named
+    (_line(f"{SEP}TEXT a {SEP}HUBERT 1 {10**20}"), rf"bad.jsonl:2 \(utt\): speech unit {10**20} "
+                                                  r"is beyond 64-bit integers"),
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1 x2"), r"bad.jsonl:2 \(utt\): speech unit 'x2' is not an "
                                              r"integer"),
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1+2"), r"bad.jsonl:2 \(utt\): speech unit '1\+2'"),
