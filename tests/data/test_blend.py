@@ -30,6 +30,9 @@ def test_parse_data_path():
     (["-1", "a", "2", "b"], "weight -1 of 'a' must be finite and >= 0"),
     (["0", "a", "0", "b"], "the weights sum to 0"),
     (["nan", "a", "1", "b"], "must be finite"),
+    # Both sources drew the same rows in the same order: half the dataset was trained on twice.
+    (["0.5", "data/a", "0.2", "b", "0.3", "./data//a"],
+     r"names './data//a' twice \(also as 'data/a'\): .* give it once with the summed weight 0.8"),
 ])
 def test_parse_data_path_errors(args, message):
     with pytest.raises(DatasetError, match=message):
