@@ -210,7 +210,7 @@ def task_main(args: argparse.Namespace) -> int:
                              f"aligned (speech) one")
         utterances = [store[i] for i in range(min(len(store), args.num_utterances or len(store)))]
         loaded = load_inference_model(args.load, tokenizer_model=args.tokenizer_model)
-        store.vocab.check_matches(loaded.vocab.size, f"checkpoint {loaded.checkpoint}")
+        store.vocab.check_same(loaded.vocab, f"checkpoint {loaded.checkpoint}")
         model = TaskModel.from_inference_model(loaded)
         use_cache = not args.no_cache
         if args.task == "asr":

@@ -125,6 +125,25 @@ class JointVocab:
                 f"{self.num_units} units); use the tokenizer and --num-units it was made with"
             )
 
+    def check_same(self, other: JointVocab, what: str) -> None:
+        """Raise unless `other`, the vocabulary `what` (e.g. "checkpoint DIR") was made with, is
+        this layout, from the same tokenizer file when both record its digest: one of the same
+        size can still hold other units at an id (another text size and --num-units) or other
+        text pieces (another tokenizer)."""
+        if other != self:
+            raise VocabularyError(
+                f"{what} was made with {other.text_size} text pieces and {other.num_units} "
+                f"speech units ({other.size} ids) but this run's data has {self.text_size} and "
+                f"{self.num_units} ({self.size} ids); use data made with the tokenizer and "
+                f"--num-units it was made with")
+        if None not in (self.tokenizer_sha256, other.tokenizer_sha256) and \
+                self.tokenizer_sha256 != other.tokenizer_sha256:
+            raise VocabularyError(
+                f"{what} was made with the tokenizer of sha256 {other.tokenizer_sha256[:12]}... "
+                f"but this run's data with the one of sha256 {self.tokenizer_sha256[:12]}...: "
+                f"both have {self.text_size} pieces but their text ids differ; use data made "
+                f"with the tokenizer it was made with")
+
     def check_tokenizer(self, tokenizer, what: str) -> None:
         """Raise unless `tokenizer` (a `TextTokenizer`) is the one `what` (e.g. "checkpoint
         DIR") was made with: the same size and, when this vocabulary records it, the same

@@ -430,7 +430,7 @@ def load_checkpoint(
     `args.no_load_optim`, `args.no_load_rng` and `args.finetune` (weights only, iteration 0).
     Model and optimizer reshard to the current tensor/pipeline layout; RNG states are skipped,
     with a warning, when the layout differs. Raises VocabularyError when the checkpoint's
-    vocabulary differs from `vocab`, CheckpointError naming the tensor when a model shape differs.
+    vocabulary differs from `vocab` (layout or tokenizer), CheckpointError naming the tensor when a model shape differs.
     """
     from megatron.core import dist_checkpointing
 
@@ -439,7 +439,7 @@ def load_checkpoint(
         return None
     metadata = read_checkpoint_metadata(path)
     if vocab is not None and metadata["vocab"] is not None:
-        vocab.check_matches(JointVocab.from_dict(metadata["vocab"]).size, f"checkpoint {path}")
+        vocab.check_same(JointVocab.from_dict(metadata["vocab"]), f"checkpoint {path}")
 
     finetune = bool(getattr(args, "finetune", False))
     if optimizer is not None and not finetune:  # a training run that continues this one
