@@ -126,12 +126,18 @@ def test_an_empty_bin_is_named_without_noise_from_megatron(aligned_store, capfd)
     (lambda raw: raw + b"\0", r"is \d+ bytes but its header lists 120 sequences"),
     (lambda raw: raw[:20], r"20 bytes, shorter than an index header"),
     (lambda raw: b"x" * len(raw), r"does not start with a version-1 Megatron index header"),
-], ids=["truncated", "trailing bytes", "shorter than a header", "not an index"])
+    # megatron.core raised "99 is not a valid DType" and printed an ignored AttributeError
+    (lambda raw: raw[:17] + bytes([99]) + raw[18:], r"its header gives dtype code 99, not "
+                                                    r"int32's 4"),
+    (lambda raw: raw[:17] + bytes([8]) + raw[18:], r"its header gives dtype code 8"),
+], ids=["truncated", "trailing bytes", "shorter than a header", "not an index",
+        "unknown dtype code", "another dtype"])
 def test_damaged_idx_is_named_before_megatron_reads_it(aligned_store, damage, message, capfd):
     prefix, _ = aligned_store
     idx_path = prefix.with_name(prefix.name + ".idx")
     idx_path.write_bytes(damage(idx_path.read_bytes()))
-    with pytest.raises(StoreError, match=rf"aligned.idx: {message}.*not a Megatron index"):
+    with pytest.raises(StoreError, match=rf"aligned.idx: {message}.*(not a Megatron index|not "
+                                         rf"written by tools/preprocess_data.py)"):
         DocumentStore(prefix)
     gc.collect()  # megatron's half-built reader, had it been made, would complain here
     assert "Exception ignored" not in capfd.readouterr().err
@@ -253,6 +259,29 @@ def test_an_index_with_the_same_counts_in_another_order(aligned_store):
                                          r"byte \d+ of the .bin but the sequences before it end "
                                          r"at byte \d+: the index lists the sequences in another "
                                          r"order"):
+        DocumentStore(prefix)
+
+
+def test_a_negative_sequence_length_is_refused(aligned_store):
+    """Lengths that still sum to the .bin and the manifest's counts, pointers moved to match:
+    the store opened and document 0 read its units as text (a length of -5 read as empty)."""
+    prefix, documents = aligned_store
+    lengths, _, _ = _sequence_views(prefix)
+    shift = int(lengths[1]) + 5
+    lengths[0] += shift  # text ids take the units' place: units -5
+    lengths[1] -= shift
+    lengths.flush()
+    idx = np.memmap(str(prefix) + ".idx", dtype=np.uint8, mode="r+")
+    pointers = idx[34 + 4 * len(lengths):34 + 12 * len(lengths)].view(np.int64)
+    pointers[1] += 4 * shift  # sequence 1 starts where the longer sequence 0 ends
+    idx.flush()
+    manifest = prefix.with_name(prefix.name + ".json")
+    raw = json.loads(manifest.read_text())
+    raw["counts"]["text_pieces"] += shift
+    raw["counts"]["units"] -= shift
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(StoreError, match=r"aligned.idx: sequence 1 \(document 0\) has length "
+                                         r"-5; the index is damaged"):
         DocumentStore(prefix)
 
 
