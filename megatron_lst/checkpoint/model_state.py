@@ -94,7 +94,8 @@ def _full_shape(local_shape: torch.Size, partition: str, tp: int) -> tuple[int, 
 def load_full_state_dict(model, state: dict[str, torch.Tensor], source: str) -> None:
     """Load full tensors into `model` (any tensor-parallel rank and pipeline stage).
 
-    Refuses, naming the tensor and `source`, a missing tensor, a tensor of the wrong shape and,
+    Refuses, naming the tensor and `source`, a missing tensor, a tensor of the wrong shape or
+    of integers or booleans for a floating-point weight (any float dtype is cast) and,
     for a model holding every layer (PP=1), a tensor the model does not have.
     """
     from megatron.core import parallel_state
@@ -118,6 +119,10 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor], source: str) -> 
                 f"{source}: tensor {name!r} has shape {tuple(full.shape)} but the model expects "
                 f"{want}; build the model from the checkpoint's own config"
                 + (" (another vocabulary?)" if name in _VOCAB_TENSORS else ""))
+        if full.is_floating_point() != target.is_floating_point():  # .to() would cast silently
+            raise CheckpointContentError(
+                f"{source}: tensor {name!r} holds {full.dtype} but the model's is "
+                f"{target.dtype}; the file was not written from this model's weights")
         sharded[key] = shard_tensor(full, partition, tp_rank, tp).to(target.dtype)
     if model.pre_process and model.post_process:
         unexpected = sorted(set(state) - expected)

@@ -126,7 +126,12 @@ def rewrite_weights(directory, edit):
      r"'patch_encoder\.patch_projection\.weight' has shape \(64, 31\) but the model expects \(64, 32\)"),
     (lambda s: s.update({"local_decoder.layers.2.input_norm.weight": torch.ones(32)}),
      r"does not have: \['local_decoder\.layers\.2\.input_norm\.weight'\]"),
-], ids=["missing", "wrong-shape", "unexpected"])
+    # An integer tensor was cast to the weights' float dtype without a word.
+    (lambda s: s.update({"patch_encoder.patch_projection.weight": torch.ones(64, 32,
+                                                                             dtype=torch.int64)}),
+     r"'patch_encoder\.patch_projection\.weight' holds torch\.int64 but the model's is "
+     r"torch\.float32"),
+], ids=["missing", "wrong-shape", "unexpected", "integer-dtype"])
 def test_mismatched_tensors_are_refused_by_name(saved, edit, message):
     rewrite_weights(saved, edit)
     with pytest.raises(CheckpointContentError, match=message):
