@@ -209,8 +209,8 @@ def _read_tracker(root: Path) -> int | None:
     tracker = root / TRACKER_FILENAME
     if not tracker.is_file():
         return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
+    text = tracker.read_bytes().decode("utf-8", errors="replace").strip()
+    if not (text.isascii() and text.isdigit()):
         raise CheckpointError(
             f"{tracker} should hold an iteration number, found {text[:40]!r}; the save directory "
             f"is corrupt. Write the iteration of a complete iter_XXXXXXX directory into it"

@@ -119,11 +119,14 @@ def test_load_naming_an_incomplete_checkpoint_says_so(tmp_path):
         find_latest_checkpoint(partial)
 
 
-@pytest.mark.parametrize("pointer", ["300", "not-a-number"])
+# A pointer of bytes that are not UTF-8 was "'utf-8' codec can't decode byte 0xff", naming no
+# file.
+@pytest.mark.parametrize("pointer", ["300", "not-a-number", b"\xff\xfe1\x00"])
 def test_pointer_to_nothing_is_corruption_not_a_fresh_start(tmp_path, pointer):
     fake_checkpoint(tmp_path, 100)
-    (tmp_path / TRACKER_FILENAME).write_text(pointer)
-    with pytest.raises(CheckpointError, match="corrupt"):
+    tracker = tmp_path / TRACKER_FILENAME
+    tracker.write_bytes(pointer if isinstance(pointer, bytes) else pointer.encode())
+    with pytest.raises(CheckpointError, match=f"{tracker} .*corrupt"):
         find_latest_checkpoint(tmp_path)
 
 
