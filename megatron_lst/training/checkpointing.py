@@ -222,8 +222,8 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The `lst_checkpoint.json` of one checkpoint directory."""
     metadata_path = Path(path) / METADATA_FILENAME
     try:
-        metadata = json.loads(metadata_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: JSON, UTF-8
         raise CheckpointError(f"cannot read {metadata_path}: {err}") from None
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{metadata_path} holds a JSON {type(metadata).__name__}, not the "
