@@ -97,14 +97,19 @@ class Manifest:
                 raise ManifestError(f"{path}: manifest format version "
                                     f"{raw.get('format_version')} is not {FORMAT_VERSION}; "
                                     f"re-run tools/preprocess_data.py")
+            if raw.get("kind") not in KINDS:  # Manifest's own error would not name the file
+                raise TypeError(f"kind {raw.get('kind')!r} is not one of {KINDS}")
             raw["tokenizer"] = TokenizerInfo(**raw["tokenizer"])
             raw["counts"] = Counts(**raw["counts"])
             _check_integer_counts(raw["counts"])
             _check_space_id(raw["tokenizer"])
             return cls(**raw)
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except ManifestError:
+            raise
+        # ValueError: JSON and UTF-8 decoding
+        except (ValueError, KeyError, TypeError, RecursionError) as error:
             raise ManifestError(f"{path}: unreadable manifest ({error}); re-run "
-                                f"tools/preprocess_data.py") from error
+                                f"tools/preprocess_data.py") from None
 
 
 def _check_integer_counts(counts: Counts) -> None:

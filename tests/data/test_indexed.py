@@ -173,6 +173,7 @@ def test_manifest_disagreeing_with_index(aligned_store, field, value, message):
 def test_unreadable_manifest(aligned_store):
     prefix, _ = aligned_store
     path = prefix.with_name(prefix.name + ".json")
+    raw = json.loads(path.read_text())
     path.write_text("{")
     with pytest.raises(ManifestError, match="aligned.json: unreadable manifest"):
         DocumentStore(prefix)
@@ -181,6 +182,14 @@ def test_unreadable_manifest(aligned_store):
         DocumentStore(prefix)
     path.write_text("[1, 2]")
     with pytest.raises(ManifestError, match="unreadable manifest .*expected a JSON object"):
+        DocumentStore(prefix)
+    # Both named no file: "'utf-8' codec can't decode ...", "manifest kind must be one of ..."
+    path.write_bytes(b"\xff\xfe{\x00}\x00")
+    with pytest.raises(ManifestError, match="aligned.json: unreadable manifest .*'utf-8' codec"):
+        DocumentStore(prefix)
+    path.write_text(json.dumps({**raw, "kind": "audio"}))
+    with pytest.raises(ManifestError, match=r"aligned.json: unreadable manifest \(kind 'audio' is "
+                                            r"not one of \('aligned', 'text'\)\)"):
         DocumentStore(prefix)
 
 
