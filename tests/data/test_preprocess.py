@@ -204,6 +204,13 @@ def test_argument_errors(tmp_path, spm):
     for rate in ("0", "-25", "nan", "inf"):
         with pytest.raises(SystemExit, match="--frame-rate must be a positive number"):
             preprocess.main([*reference, "--tokenizer-model", str(spm), "--frame-rate", rate])
+    # Every document of a file named twice (a glob and the file again) was stored twice.
+    with pytest.raises(SystemExit, match=rf"--input names {source} twice \(also as "
+                                         rf".*/\.\./{tmp_path.name}/in.jsonl\): its documents "
+                                         rf"would be stored twice"):
+        preprocess.main([*reference[:2], str(tmp_path / ".." / tmp_path.name / "in.jsonl"),
+                         *reference[2:], "--tokenizer-model", str(spm)])
+    assert not (tmp_path / "x.bin").exists()
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):
