@@ -250,7 +250,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-text", default=None)
     prompt.add_argument("--prompt-units", default=None,
-                        help="Whitespace-separated unit values, or @FILE to read them from FILE.")
+                        help="Whitespace-separated unit values, or @FILE to read them from "
+                             "FILE (text, or the .npy tools/extract_units.py writes).")
     parser.add_argument("--continue-in", choices=("speech", "text"), default=None,
                         help="Continue in this modality: the prompt ends with its mode marker "
                              "(<s> or <t>) and only units, or only text pieces, are generated "
@@ -272,13 +273,19 @@ def build_generate_parser() -> argparse.ArgumentParser:
 
 
 def _unit_prompt(text: str) -> list[int]:
-    """The unit values of --prompt-units (inline, or @FILE)."""
+    """The unit values of --prompt-units: inline, or @FILE (whitespace-separated values, or the
+    .npy array tools/extract_units.py writes)."""
+    from megatron_lst.data.documents import DocumentError
+    from megatron_lst.data.readers import load_units
+
     if text.startswith("@"):
         try:
-            text = Path(text[1:]).read_text()
+            return load_units(Path(text[1:])).tolist()
         except OSError as error:
             raise ValueError(f"--prompt-units {text}: cannot read {text[1:]} "
                              f"({error.strerror or error})") from None
+        except DocumentError as error:  # not UTF-8 or .npy, or not integers; names the file
+            raise ValueError(f"--prompt-units {text}: {error}") from None
     try:
         return [int(u) for u in text.split()]
     except ValueError as error:

@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from eval_cases import (
     NUM_UNITS,
@@ -147,6 +148,24 @@ def test_every_item_file_is_checked_before_any_is_scored(checkpoint, capsys, mon
     assert message in capsys.readouterr().err and scored == []
 
 
+def test_lst_generate_reads_a_unit_prompt_from_the_npy_extract_units_writes(checkpoint, tmp_path,
+                                                                            capsys):
+    """@FILE was read as text: the .npy of tools/extract_units.py was a UnicodeDecodeError."""
+    root, _, _ = checkpoint
+    units = np.array([3, 1, 4, 1, 5], dtype=np.int16)
+    np.save(tmp_path / "prompt.npy", units)
+    (tmp_path / "prompt.units").write_text("3 1 4 1 5\n")
+    outputs = []
+    for name in ("prompt.npy", "prompt.units"):
+        assert generate_main(["--load", str(root / "save"), "--prompt-units",
+                              f"@{tmp_path / name}", "--max-new-tokens", "4", "--seed", "7"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        del result["seconds"]
+        outputs.append(result)
+    assert outputs[0] == outputs[1]
+    assert outputs[0]["prompt"][-5:] == [vocab().unit_offset + u for u in (3, 1, 4, 1, 5)]
+
+
 def test_lst_generate_continues_a_unit_prompt_as_speech(checkpoint, capsys):
     root, _, _ = checkpoint
     status = generate_main(["--load", str(root / "save"), "--prompt-units", "3 3 7 1 0",
@@ -268,20 +287,26 @@ def test_a_tensor_parallel_size_the_model_does_not_split_into_is_refused_before_
     (generate_main, ["--prompt-text", "the", "--tokenizer-model", "MISSING"], "tokenizer not found"),
     (generate_main, ["--prompt-units", "@MISSING"], "--prompt-units @"),
     (generate_main, ["--prompt-units", "3 x"], "--prompt-units: invalid literal for int()"),
+    # "'utf-8' codec can't decode byte 0x93", naming no file
+    (generate_main, ["--prompt-units", "@BINARY"], "--prompt-units @BINARY: BINARY: not a text "
+                                                   "file of units"),
     (generate_main, ["--prompt-text", "the", "--temperature", "nan"], "need a finite temperature"),
     (generate_main, ["--prompt-units", " ".join(["3"] * 200)],
      "context is 32 (--max-position-embeddings); shorten the prompt"),
-], ids=["eval-tokenizer", "generate-tokenizer", "units-file", "units-value", "temperature",
-        "prompt-too-long"])
+], ids=["eval-tokenizer", "generate-tokenizer", "units-file", "units-value", "units-binary",
+        "temperature", "prompt-too-long"])
 def test_bad_inputs_found_after_loading_are_one_line(checkpoint, tmp_path, capsys, main, flags,
                                                      message):
     """Each of these was a traceback (FileNotFoundError, torch.multinomial's RuntimeError) or
     a message that named no flag."""
     root, items_path, _ = checkpoint
+    binary = tmp_path / "units.bin"
+    binary.write_bytes(b"\x93NUMPY but not one")
     values = {"ITEMS": str(items_path), "MISSING": str(tmp_path / "missing"),
-              "@MISSING": f"@{tmp_path / 'missing'}"}
+              "@MISSING": f"@{tmp_path / 'missing'}", "@BINARY": f"@{binary}"}
     assert main(["--load", str(root / "save"), *(values.get(f, f) for f in flags)]) == 2
     err = capsys.readouterr().err
+    message = message.replace("BINARY", str(binary))
     assert message in err and "Traceback" not in err
 
 
