@@ -98,16 +98,19 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         item_id = str(row.get("ind", number - 1))
         records.append({"id": item_id, "context": {"text": context.strip()},
                         "endings": [{"text": e.strip()} for e in endings],
-                        "label": _hellaswag_label(row["label"], where)})
+                        "label": _hellaswag_label(row["label"], len(endings), where)})
     return records
 
 
-def _hellaswag_label(label, where: str) -> int:
+def _hellaswag_label(label, num_endings: int, where: str) -> int:
     """The ending index, given as an integer or a string of digits (as the Hub's copy has it)."""
     if isinstance(label, str) and label.strip().isdigit():
-        return int(label)
+        label = int(label)
     if not isinstance(label, int) or isinstance(label, bool):
         raise ItemError(f"{where}: \"label\" {label!r} is not an ending index")
+    if not 0 <= label < num_endings:
+        raise ItemError(f"{where}: \"label\" {label} is not an ending index 0..{num_endings - 1} "
+                        f"of its {num_endings} endings")
     return label
 
 

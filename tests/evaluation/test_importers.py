@@ -106,6 +106,10 @@ def test_import_errors_name_the_story(tmp_path):
     ({"ctx": "a", "endings": ["b", "c"], "label": 1.7}, "\"label\" 1.7 is not an ending index"),
     ({"ctx": "a", "endings": ["b", "c"], "label": "one"}, "\"label\" 'one' is not an ending"),
     ({"ctx": "a", "endings": ["b", "c"], "label": None}, "\"label\" None is not an ending"),
+    # written to the items file, refused only by lst-eval
+    ({"ctx": "a", "endings": ["b", "c"], "label": "2"}, "\"label\" 2 is not an ending index 0..1 "
+                                                       "of its 2 endings"),
+    ({"ctx": "a", "endings": ["b", "c"], "label": -1}, "\"label\" -1 is not an ending index"),
     ({"ctx": "a", "endings": "bcde", "label": 0}, "\"endings\" must be a list of strings"),
     (["a", "b"], "not a JSON object \\(a list\\)"),
     ({"ctx": ["a"], "endings": ["b", "c"], "label": 0}, "\"ctx\", \"ctx_a\" and \"ctx_b\" must be strings"),
