@@ -176,10 +176,18 @@ def _check_eval_inputs(args: argparse.Namespace) -> None:
     if args.output is not None and not Path(args.output).parent.is_dir():
         raise ValueError(f"--output {args.output}: directory {Path(args.output).parent} does not "
                          "exist; create it or write elsewhere")
+    if args.output is not None and Path(args.output).is_dir():  # found after all the scoring
+        raise ValueError(f"--output {args.output} is a directory; name the results file, e.g. "
+                         f"{Path(args.output) / 'results.json'}")
     if args.output is not None and any(Path(args.output).resolve() == Path(items).resolve()
                                        for items in args.items or []):
         raise ValueError(f"--output {args.output} is one of the --items files, which the results "
                          f"would overwrite; write them to another file")
+    if args.output is not None and args.utterances is not None and any(
+            Path(args.output).resolve() == Path(args.utterances + suffix).resolve()
+            for suffix in (".bin", ".idx", ".json")):
+        raise ValueError(f"--output {args.output} is a file of the --utterances dataset, which "
+                         f"the results would overwrite; write them to another file")
 
 
 def task_main(args: argparse.Namespace) -> int:

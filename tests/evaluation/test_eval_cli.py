@@ -358,6 +358,11 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
      "--output ./x.jsonl is one of the --items files"),
     (["--task", "asr", "--utterances", "p", "--bootstrap-resamples", "0"],
      "--bootstrap-resamples must be >= 1, got 0"),
+    # An IsADirectoryError traceback after the evaluation; the dataset's manifest overwritten.
+    (["--items", "x.jsonl", "--output", "/tmp"], "--output /tmp is a directory; name the results "
+                                                 "file, e.g. /tmp/results.json"),
+    (["--task", "asr", "--utterances", "./utts", "--output", "utts.json"],
+     "--output utts.json is a file of the --utterances dataset"),
 ])
 def test_lst_eval_task_flags_are_checked(flags, message, capsys):
     assert eval_main(["--load", "unused", *flags]) == 2
