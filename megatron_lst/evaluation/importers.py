@@ -223,6 +223,9 @@ def _check_output(output: Path, source: Path) -> None:
     if not output.parent.is_dir():
         raise ItemError(f"--output {output}: directory {output.parent} does not exist; create it "
                         f"or write elsewhere")
+    if output.is_dir():
+        raise ItemError(f"--output {output} is a directory; name the items file, e.g. "
+                        f"{output / 'items.jsonl'}")
     if output.resolve() == source.resolve():
         raise ItemError(f"--output {output} is the benchmark file being imported, which it would "
                         f"overwrite; write the items to another file")

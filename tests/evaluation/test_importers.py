@@ -157,6 +157,9 @@ def test_import_refuses_an_output_that_would_overwrite_the_input(tmp_path, capsy
     assert cloze.read_text() == original
     assert import_main(["storycloze", str(cloze), "--output", str(tmp_path / "no/x.jsonl")]) == 2
     assert "directory" in capsys.readouterr().err
+    # An IsADirectoryError traceback once the items were read
+    assert import_main(["storycloze", str(cloze), "--output", str(tmp_path)]) == 2
+    assert f"--output {tmp_path} is a directory; name the items file" in capsys.readouterr().err
     cloze.write_text(original, encoding="utf-16")
     assert import_main(["storycloze", str(cloze), "--output", str(tmp_path / "x.jsonl")]) == 2
     assert f"{cloze} is not UTF-8 text" in capsys.readouterr().err
