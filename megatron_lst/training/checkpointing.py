@@ -218,8 +218,9 @@ def _read_tracker(root: Path) -> int | None:
     return int(text)
 
 
-def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The `lst_checkpoint.json` of one checkpoint directory."""
+def read_checkpoint_metadata(path: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
+    """The `lst_checkpoint.json` of one checkpoint directory: a JSON object of this format
+    version and, when `strict`, with every field a save writes (`check_training_metadata`)."""
     metadata_path = Path(path) / METADATA_FILENAME
     try:
         metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
@@ -233,7 +234,8 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{metadata_path} has format version {metadata.get('format_version')!r}; this "
             f"code reads version {FORMAT_VERSION}"
         )
-    check_training_metadata(metadata, Path(path))
+    if strict:
+        check_training_metadata(metadata, Path(path))
     return metadata
 
 
