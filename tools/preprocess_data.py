@@ -130,9 +130,9 @@ def _check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--input {path}: no such file")
         again = next((other for other in args.input[:number] if os.path.samefile(other, path)),
                      None)
-        if again is not None:
-            raise SystemExit(f"--input names {again} twice (also as {path}): its documents "
-                             f"would be stored twice; give each file once")
+        if again is not None:  # allowed (to repeat a corpus on purpose), but said
+            print(f"warning: --input names {again} twice (also as {path}): its documents are "
+                  f"stored twice", file=sys.stderr)
     if not os.path.exists(args.tokenizer_model):
         raise SystemExit(f"--tokenizer-model {args.tokenizer_model}: no such file")
     if not os.path.basename(args.output_prefix):

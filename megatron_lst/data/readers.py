@@ -281,13 +281,15 @@ def load_units(path: Path) -> np.ndarray:
     """[U] int64 units of a `.npy` integer array or a whitespace-separated text file."""
     if path.suffix == ".npy":
         try:
-            units = np.load(path, allow_pickle=False)
+            # Mapped, not read: a header claiming more values than the file holds is an error
+            # here instead of an allocation of that size.
+            units = np.load(path, allow_pickle=False, mmap_mode="r")
         except (ValueError, OSError) as error:
             raise DocumentError(f"{path}: not a readable .npy array ({error})") from None
         if units.ndim != 1 or units.dtype.kind not in "iu":
             raise DocumentError(f"{path}: expected a 1-D integer array of units, got "
                                 f"{units.dtype} with shape {units.shape}")
-        return units.astype(np.int64)
+        return np.array(units, dtype=np.int64)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

@@ -222,6 +222,13 @@ def test_textgrid_bad_units(tmp_path, tokenizer):
     np.save(tmp_path / "u" / "a.npy", np.zeros((25, 2), dtype=np.int64))
     with pytest.raises(DocumentError, match=r"a.npy: expected a 1-D integer array"):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+    # A header claiming 10**13 values: numpy allocated them first (a MemoryError traceback).
+    np.save(tmp_path / "u" / "a.npy", np.zeros(25, dtype=np.int64))
+    raw = (tmp_path / "u" / "a.npy").read_bytes()
+    (tmp_path / "u" / "a.npy").write_bytes(raw.replace(b"(25,)", b"(10000000000000,)"))
+    with pytest.raises(DocumentError, match=r"a.npy: not a readable .npy array \(mmap length is "
+                                            r"greater than file size\)"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
     (tmp_path / "u" / "a.npy").unlink()
     (tmp_path / "u" / "a.txt").write_bytes(b"1 2 \xff 3\n")
     with pytest.raises(DocumentError, match=r"a.txt: not a text file of units"):
