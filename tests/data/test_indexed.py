@@ -206,15 +206,22 @@ def test_unreadable_manifest(aligned_store):
     ("counts", "units", "7", r"unreadable manifest \(counts \['units'\] are not integers"),
     ("tokenizer", "space_id", 10**6, r"unreadable manifest \(tokenizer space_id 1000000 is not "
                                       r"a piece of the \d+-piece tokenizer"),
+    # TypeErrors where the fields were first used ("'int' object is not subscriptable")
+    ("tokenizer", "sha256", 5, r"unreadable manifest \(tokenizer sha256 5: not what "
+                               r"tools/preprocess_data.py writes\)"),
+    ("tokenizer", "vocab_size", "290", r"unreadable manifest \(tokenizer vocab_size '290'"),
+    (None, "frame_rate", "25", r"unreadable manifest \(frame_rate '25' is not a positive number"),
+    (None, "frame_rate", None, r"unreadable manifest \(frame_rate None is not a positive number"),
 ])
 def test_a_hand_edited_manifest_is_refused_by_name(aligned_store, section, key, value, message):
     prefix, _ = aligned_store
     path = prefix.with_name(prefix.name + ".json")
     raw = json.loads(path.read_text())
-    if value is None:
-        del raw[section][key]
+    record = raw if section is None else raw[section]
+    if value is None and section is not None:
+        del record[key]
     else:
-        raw[section][key] = value
+        record[key] = value
     path.write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match=r"aligned.json: " + message):
         DocumentStore(prefix)
