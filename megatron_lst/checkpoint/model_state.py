@@ -42,8 +42,9 @@ def lst_config_from_dict(data: dict[str, Any]) -> LSTConfig:
     fields = {}
     for name, value in data.items():
         kind = parts.get(name)
-        fields[name] = _dataclass_from_dict(kind, value, name) if kind and value is not None \
-            else value  # documents: None for rows that are one sequence
+        # documents: None for rows that are one sequence; every other part is required.
+        fields[name] = value if kind is None or (value is None and name == "documents") \
+            else _dataclass_from_dict(kind, value, name)
     return _dataclass_from_dict(LSTConfig, fields, "lst_config")
 
 
@@ -59,6 +60,9 @@ def _dataclass_from_dict(kind: type, data: dict[str, Any], where: str):
         return kind(**data)
     except (TypeError, ModelConfigError) as error:  # ModelConfigError: sizes that do not fit
         raise CheckpointContentError(f"{where}: {error}") from None
+    except ZeroDivisionError:  # a head count of 0, divided by before it is checked
+        raise CheckpointContentError(f"{where}: a count of 0 that sizes are divided by, in "
+                                     f"{data}") from None
 
 
 def build_full_model(config: LSTConfig):
