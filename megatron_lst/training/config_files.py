@@ -220,9 +220,13 @@ def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {_long_flag(action)} takes an integer, got {value!r}")
     if kind is float and isinstance(value, bool):
         raise ConfigError(f"{where}: {_long_flag(action)} takes a number, got {value!r}")
+    if kind not in (int, float, str) and not isinstance(value, str):
+        value = str(value)  # a flag's own type parses text, as on the command line (1.5 -> 1)
     try:
         converted = kind(int(value) if kind is int and isinstance(value, float) else value)
-    except (TypeError, ValueError):
+    except argparse.ArgumentTypeError as error:  # the flag's own type says what is wrong
+        raise ConfigError(f"{where}: {_long_flag(action)}: {error}") from None
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(
             f"{where}: {_long_flag(action)} takes a {getattr(kind, '__name__', kind)}, got "
             f"{value!r}"

@@ -346,6 +346,11 @@ def test_yaml_values_of_text_flags_are_taken_as_written(tmp_path):
     ("micro-batch-size: null\n", r"--micro-batch-size cannot be null; give a value, or leave "
                                   r"the key out for its default 1"),
     ("- a\n- b\n", r"must be a mapping"),
+    # --seed's own type: its ArgumentTypeError and int(inf)'s OverflowError were tracebacks, and
+    # 1.5 became seed 1 (the command line refuses --seed 1.5).
+    ("seed: -1\n", r"--seed: -1 is not in \[0, 2147483647\]"),
+    ("seed: .inf\n", r"--seed: not an integer: 'inf'"),
+    ("seed: 1.5\n", r"--seed: not an integer: '1.5'"),
 ])
 def test_bad_yaml_names_the_key_and_the_fix(tmp_path, text, message):
     with pytest.raises(ArgumentError, match=message):
