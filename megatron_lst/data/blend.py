@@ -60,6 +60,10 @@ def parse_data_path(args: Sequence[str]) -> list[tuple[float, str]]:
         pairs.append((w, prefix))
     _refuse_repeated_prefixes(pairs)
     total = sum(w for w, _ in pairs)
+    if total == np.inf:  # finite weights whose sum overflows: normalise them by the largest
+        largest = max(w for w, _ in pairs)
+        pairs = [(w / largest, prefix) for w, prefix in pairs]
+        total = sum(w for w, _ in pairs)
     if total <= 0:
         raise DatasetError(f"--data-path {' '.join(args)}: the weights sum to 0")
     return [(w / total, prefix) for w, prefix in pairs]
