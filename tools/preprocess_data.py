@@ -125,9 +125,14 @@ def _check_args(args: argparse.Namespace) -> None:
                              "not --input")
     elif not args.input:
         raise SystemExit(f"--input-format {args.input_format} needs --input")
-    for path in args.input:
+    for number, path in enumerate(args.input):
         if not os.path.isfile(path):
             raise SystemExit(f"--input {path}: no such file")
+        again = next((other for other in args.input[:number] if os.path.samefile(other, path)),
+                     None)
+        if again is not None:  # allowed (to repeat a corpus on purpose), but said
+            print(f"warning: --input names {again} twice (also as {path}): its documents are "
+                  f"stored twice", file=sys.stderr)
     if not os.path.exists(args.tokenizer_model):
         raise SystemExit(f"--tokenizer-model {args.tokenizer_model}: no such file")
     if not os.path.basename(args.output_prefix):

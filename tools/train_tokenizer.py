@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from megatron_lst.tokenizer.text_tokenizer import VocabSizeError, train_sentence
 from megatron_lst.tokenizer.vocab import VocabularyError
 
 FORMATS = ("text", "text-jsonl", "reference-jsonl")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,25 +47,53 @@ def _reference_words(interleaved: str) -> str:
 def sentences(paths: Sequence[str], input_format: str, json_key: str = "text") -> Iterator[str]:
     """The training sentences of `paths`, in order; blank lines are skipped."""
     for path in paths:
-        with open(path, encoding="utf-8") as lines:
+        # A byte that is no UTF-8 reads as a lone surrogate U+DC80..U+DCFF: the line is named.
+        with open(path, encoding="utf-8", errors="surrogateescape") as lines:
             for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                if input_format == "text":
-                    yield line.rstrip("\n")
-                    continue
-                try:
-                    record = json.loads(line)
-                    text = (record[json_key] if input_format == "text-jsonl"
-                            else _reference_words(record["interleaved"]))
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-                    raise SystemExit(f"{path}:{number}: not a {input_format} line ({error!r})") from None
-                if text.strip():
-                    yield text
+                bad = _NOT_UTF8.search(line)
+                if bad:
+                    raise SystemExit(f"{path}:{number}: not UTF-8 text (the byte "
+                                     f"0x{ord(bad.group()) - 0xDC00:02x} at character "
+                                     f"{bad.start()}); save the corpus as UTF-8")
+                if line.strip():
+                    yield from _line_text(line, input_format, json_key, f"{path}:{number}")
+
+
+def _line_text(line: str, input_format: str, json_key: str, where: str) -> Iterator[str]:
+    """The training sentence of one non-blank line, if it holds text."""
+    if input_format == "text":
+        yield line.rstrip("\n")
+        return
+    try:
+        record = json.loads(line)
+        text = (record[json_key] if input_format == "text-jsonl"
+                else _reference_words(record["interleaved"]))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError) as error:
+        raise SystemExit(f"{where}: not a {input_format} line ({error!r})") from None
+    if not isinstance(text, str):
+        raise SystemExit(f"{where}: not a {input_format} line ({json_key!r} holds a "
+                         f"{type(text).__name__}, not text)")
+    if text.strip():
+        yield text
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    """Every input is a file, and --output is none of them (training reads the corpus before
+    writing the model: the corpus would be replaced by it)."""
+    for path in args.input:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--input {path}: no such file")
+    if args.output.exists():
+        replaced = next((path for path in args.input if os.path.samefile(path, args.output)),
+                        None)
+        if replaced is not None:
+            raise SystemExit(f"--output {args.output} is the --input {replaced}, which the model "
+                             f"would overwrite; write the model to another file")
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
+    _check_files(args)
     try:
         model = train_sentencepiece(sentences(args.input, args.input_format, args.json_key),
                                     args.output, args.vocab_size)

@@ -93,7 +93,7 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
 
     metadata = read_checkpoint_metadata(path)
     if vocab is not None and metadata.get("vocab") is not None:
-        vocab.check_matches(metadata["vocab"]["size"], f"dist checkpoint {path}")
+        vocab.check_same(JointVocab.from_dict(metadata["vocab"]), f"dist checkpoint {path}")
     verify_or_point_elsewhere(Path(path))
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     # Checked on a copy with factories built (fused SwiGLU fc1 is saved as its halves);

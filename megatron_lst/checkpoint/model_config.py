@@ -48,9 +48,9 @@ def read_model_config(metadata: dict[str, Any], path: str | Path) -> SavedModel 
     describe a model."""
     args = metadata.get("args") or {}
     if not isinstance(args, dict):
-        raise CheckpointContentError(
-            f"{path}: its saved flags 'args' are a JSON {type(args).__name__}, not the flags "
-            "object a save writes; the checkpoint is corrupt")
+        raise CheckpointContentError(f"{path}: the saved flags ('args') are a JSON "
+                                     f"{type(args).__name__}, not an object; the checkpoint is "
+                                     f"corrupt")
     patching_mode = args.get("patching_mode")
     record = metadata.get(MODEL_KEY)
     if record is not None:
@@ -59,16 +59,37 @@ def read_model_config(metadata: dict[str, Any], path: str | Path) -> SavedModel 
             raise CheckpointContentError(
                 f"{path}: the model record {record!r} is not {{'kind': 'lst' | 'baseline', "
                 "'config': {...}}; the checkpoint is corrupt")
-        config = lst_config_from_dict(record["config"])
+        try:
+            config = lst_config_from_dict(record["config"])
+        except CheckpointContentError as error:
+            raise CheckpointContentError(f"{path}: the model record does not describe a model "
+                                         f"({error}); the checkpoint is corrupt") from None
+        vocab = _recorded_vocab(metadata, path)
+        if vocab is not None and config.vocab_size != vocab.size:
+            raise CheckpointContentError(
+                f"{path}: the model record's vocab_size {config.vocab_size} differs from the "
+                f"{vocab.size} ids of the recorded vocabulary; the checkpoint is corrupt")
         return SavedModel(config, record["kind"] == "baseline", patching_mode)
     if not args or metadata.get("vocab") is None:
         return None
     return _from_saved_args(metadata, args, path)
 
 
+def _recorded_vocab(metadata: dict[str, Any], path: str | Path):
+    """The checkpoint's `JointVocab`, or None when it records none."""
+    from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+
+    if metadata.get("vocab") is None:
+        return None
+    try:
+        return JointVocab.from_dict(metadata["vocab"])
+    except VocabularyError as error:
+        raise CheckpointContentError(f"{path}: the recorded vocabulary is damaged ({error}); "
+                                     f"the checkpoint is corrupt") from None
+
+
 def _from_saved_args(metadata: dict[str, Any], args: dict[str, Any], path: str | Path) -> SavedModel:
     from megatron_lst.models.config import ModelConfigError
-    from megatron_lst.tokenizer.vocab import JointVocab
     from megatron_lst.training.arguments import build_parser
     from megatron_lst.training.model_provider import lst_config_from_args
 
@@ -84,7 +105,7 @@ def _from_saved_args(metadata: dict[str, Any], args: dict[str, Any], path: str |
     for dest in ("reset_attention_mask", "reset_position_ids"):
         if args.get(dest) is None:  # saved before document masking existed: trained without
             flags[dest] = False
-    vocab = JointVocab.from_dict(metadata["vocab"])
+    vocab = _recorded_vocab(metadata, path)
     try:
         config = lst_config_from_args(argparse.Namespace(**flags), vocab.size, vocab.eos_id)
     except (ModelConfigError, KeyError, TypeError) as error:

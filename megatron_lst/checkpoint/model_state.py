@@ -54,8 +54,9 @@ def lst_config_from_dict(data: dict[str, Any]) -> LSTConfig:
     fields = {}
     for name, value in data.items():
         kind = parts.get(name)
-        fields[name] = _dataclass_from_dict(kind, value, name) if kind and value is not None \
-            else value  # documents: None for rows that are one sequence
+        # documents: None for rows that are one sequence; every other part is required.
+        fields[name] = value if kind is None or (value is None and name == "documents") \
+            else _dataclass_from_dict(kind, value, name)
     return _dataclass_from_dict(LSTConfig, fields, "lst_config")
 
 
@@ -83,6 +84,9 @@ def _dataclass_from_dict(kind: type, data: dict[str, Any], where: str):
         return kind(**data)
     except (TypeError, ModelConfigError) as error:  # ModelConfigError: sizes that do not fit
         raise CheckpointContentError(f"{where}: {error}") from None
+    except ZeroDivisionError:  # a head count of 0, divided by before it is checked
+        raise CheckpointContentError(f"{where}: a count of 0 that sizes are divided by, in "
+                                     f"{data}") from None
 
 
 def _fits(value: Any, annotation: Any) -> bool:
@@ -139,7 +143,8 @@ def _full_shape(local_shape: torch.Size, partition: str, tp: int) -> tuple[int, 
 def load_full_state_dict(model, state: dict[str, torch.Tensor], source: str) -> None:
     """Load full tensors into `model` (any tensor-parallel rank and pipeline stage).
 
-    Refuses, naming the tensor and `source`, a missing tensor, a tensor of the wrong shape and,
+    Refuses, naming the tensor and `source`, a missing tensor, a tensor of the wrong shape or
+    of integers or booleans for a floating-point weight (any float dtype is cast) and,
     for a model holding every layer (PP=1), a tensor the model does not have.
     """
     from megatron.core import parallel_state
@@ -163,6 +168,10 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor], source: str) -> 
                 f"{source}: tensor {name!r} has shape {tuple(full.shape)} but the model expects "
                 f"{want}; build the model from the checkpoint's own config"
                 + (" (another vocabulary?)" if name in _VOCAB_TENSORS else ""))
+        if full.is_floating_point() != target.is_floating_point():  # .to() would cast silently
+            raise CheckpointContentError(
+                f"{source}: tensor {name!r} holds {full.dtype} but the model's is "
+                f"{target.dtype}; the file was not written from this model's weights")
         sharded[key] = shard_tensor(full, partition, tp_rank, tp).to(target.dtype)
     if model.pre_process and model.post_process:
         unexpected = sorted(set(state) - expected)

@@ -14,12 +14,28 @@ blend's training steps.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from megatron_lst.data.dataset import DatasetError, LSTDataset
+
+
+def _refuse_repeated_prefixes(pairs: list[tuple[float, str]]) -> None:
+    """Two sources on one dataset draw the same rows in the same order (one seed, one
+    document order): each row would be trained on twice and the rest of the dataset never."""
+    first_of: dict[str, tuple[float, str]] = {}
+    for weight, prefix in pairs:
+        key = os.path.normpath(os.path.abspath(prefix))
+        if key in first_of:
+            first_weight, first_prefix = first_of[key]
+            raise DatasetError(
+                f"--data-path names {prefix!r} twice (also as {first_prefix!r}): both would "
+                f"draw the same rows, each trained on twice; give it once with the summed "
+                f"weight {first_weight + weight:g}")
+        first_of[key] = (weight, prefix)
 
 
 def parse_data_path(args: Sequence[str]) -> list[tuple[float, str]]:
@@ -42,7 +58,12 @@ def parse_data_path(args: Sequence[str]) -> list[tuple[float, str]]:
         if not np.isfinite(w) or w < 0:
             raise DatasetError(f"--data-path: weight {weight} of {prefix!r} must be finite and >= 0")
         pairs.append((w, prefix))
+    _refuse_repeated_prefixes(pairs)
     total = sum(w for w, _ in pairs)
+    if total == np.inf:  # finite weights whose sum overflows: normalise them by the largest
+        largest = max(w for w, _ in pairs)
+        pairs = [(w / largest, prefix) for w, prefix in pairs]
+        total = sum(w for w, _ in pairs)
     if total <= 0:
         raise DatasetError(f"--data-path {' '.join(args)}: the weights sum to 0")
     return [(w / total, prefix) for w, prefix in pairs]

@@ -36,6 +36,7 @@ _DTYPE = np.int32
 # sequence pointers and int64 document indices.
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _INDEX_HEAD = struct.Struct("<9sQBQQ")
+_INT32_CODE = 4  # megatron.core's DType code of int32, the only dtype DocumentWriter writes
 
 
 class StoreError(DocumentError):
@@ -96,10 +97,14 @@ def _check_index_file(idx_path: str) -> None:
     advice = "the file is truncated or not a Megatron index (re-run tools/preprocess_data.py)"
     if len(head) < _INDEX_HEAD.size:
         raise StoreError(f"{idx_path}: {size} bytes, shorter than an index header; {advice}")
-    magic, version, _, num_sequences, num_documents = _INDEX_HEAD.unpack(head)
+    magic, version, dtype_code, num_sequences, num_documents = _INDEX_HEAD.unpack(head)
     if magic != _INDEX_MAGIC or version != 1:
         raise StoreError(f"{idx_path}: does not start with a version-1 Megatron index header; "
                          f"{advice}")
+    if dtype_code != _INT32_CODE:  # megatron.core fails on an unknown code, noisily
+        raise StoreError(f"{idx_path}: its header gives dtype code {dtype_code}, not int32's "
+                         f"{_INT32_CODE}: the data was not written by tools/preprocess_data.py "
+                         f"(re-run it)")
     expected = _INDEX_HEAD.size + 12 * num_sequences + 8 * num_documents
     if size != expected:
         raise StoreError(f"{idx_path}: is {size} bytes but its header lists {num_sequences} "
@@ -141,16 +146,13 @@ class DocumentStore:
     def _manifest_vocab(self) -> JointVocab:
         try:
             return JointVocab.from_dict(self.manifest.vocab)
-        except (KeyError, TypeError) as error:
+        except VocabularyError as error:
             raise ManifestError(f"{Manifest.path_for(self.prefix)}: unreadable vocabulary "
-                                f"({type(error).__name__}: {error}); re-run "
-                                f"tools/preprocess_data.py") from None
+                                f"({error}); re-run tools/preprocess_data.py") from None
 
     def _validate(self) -> None:
         index = self._dataset.index
         idx_path = get_idx_path(self.prefix)
-        if index.dtype != _DTYPE:
-            raise StoreError(f"{idx_path}: stores {np.dtype(index.dtype).name}, expected int32")
         lengths = self._dataset.sequence_lengths
         doc_bounds = self._dataset.document_indices
         num_docs = len(doc_bounds) - 1
@@ -160,6 +162,12 @@ class DocumentStore:
         if (np.diff(doc_bounds) != self._per_doc).any():
             raise StoreError(f"{idx_path}: a {self.kind} document must hold {self._per_doc} "
                              f"sequences; this index was not written by DocumentWriter")
+        negative = np.flatnonzero(lengths < 0)
+        if len(negative):
+            first = int(negative[0])
+            raise StoreError(f"{idx_path}: sequence {first} (document {first // self._per_doc}) "
+                             f"has length {int(lengths[first])}; the index is damaged (re-run "
+                             f"tools/preprocess_data.py)")
         itemsize = np.dtype(_DTYPE).itemsize
         # DocumentWriter appends sequences back to back: each starts where the one before ends.
         starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]) * itemsize

@@ -97,20 +97,44 @@ class Manifest:
                 raise ManifestError(f"{path}: manifest format version "
                                     f"{raw.get('format_version')} is not {FORMAT_VERSION}; "
                                     f"re-run tools/preprocess_data.py")
+            if raw.get("kind") not in KINDS:  # Manifest's own error would not name the file
+                raise TypeError(f"kind {raw.get('kind')!r} is not one of {KINDS}")
             raw["tokenizer"] = TokenizerInfo(**raw["tokenizer"])
             raw["counts"] = Counts(**raw["counts"])
             _check_integer_counts(raw["counts"])
+            _check_tokenizer_fields(raw["tokenizer"])
             _check_space_id(raw["tokenizer"])
+            _check_frame_rate(raw.get("kind"), raw.get("frame_rate"))
             return cls(**raw)
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except ManifestError:
+            raise
+        # ValueError: JSON and UTF-8 decoding
+        except (ValueError, KeyError, TypeError, RecursionError) as error:
             raise ManifestError(f"{path}: unreadable manifest ({error}); re-run "
-                                f"tools/preprocess_data.py") from error
+                                f"tools/preprocess_data.py") from None
 
 
 def _check_integer_counts(counts: Counts) -> None:
     not_integers = [f.name for f in fields(counts) if type(getattr(counts, f.name)) is not int]
     if not_integers:
         raise TypeError(f"counts {not_integers} are not integers")
+
+
+def _check_tokenizer_fields(tokenizer: TokenizerInfo) -> None:
+    wrong = [f"{name} {getattr(tokenizer, name)!r}" for name, kind in
+             (("path", str), ("sha256", str), ("vocab_size", int))
+             if type(getattr(tokenizer, name)) is not kind]
+    if wrong:
+        raise TypeError(f"tokenizer {', '.join(wrong)}: not what tools/preprocess_data.py writes")
+
+
+def _check_frame_rate(kind: str, frame_rate) -> None:
+    """Aligned data records its positive unit frame rate; text data records none."""
+    if kind == "text" and frame_rate is None:
+        return
+    if type(frame_rate) not in (int, float) or not 0 < frame_rate < float("inf"):
+        raise TypeError(f"frame_rate {frame_rate!r} is not a positive number of unit frames per "
+                        f"second")
 
 
 def _check_space_id(tokenizer: TokenizerInfo) -> None:

@@ -85,6 +85,12 @@ def parse_units_text(text: str, where: str, num_tokens: int | None = None) -> np
             units = None
     # numpy's separator also matches no whitespace at all ("1+2" reads as 1, 2): count tokens.
     if units is not None and len(units) == num_tokens:
+        limits = np.iinfo(np.int64)
+        if ((units == limits.max) | (units == limits.min)).any():  # numpy saturates, silently
+            beyond = next(token for token in text.split()
+                          if not limits.min < int(token) < limits.max)
+            raise DocumentError(f"{where}: speech unit {beyond} is beyond 64-bit integers, "
+                                f"outside any codebook")
         return units
     for token in text.split():
         try:
@@ -204,6 +210,8 @@ def parse_reference_line(line: str, tokenizer: TextTokenizer, num_units: int,
     except json.JSONDecodeError as error:
         raise DocumentError(f"{where}: not valid JSON ({error.msg} at column {error.colno})"
                             ) from None
+    except RecursionError:
+        raise DocumentError(f"{where}: not a document (JSON nested too deeply to read)") from None
     if not isinstance(record, dict) or not isinstance(record.get("interleaved"), str):
         raise DocumentError(f"{where}: expected an object with an \"interleaved\" string, got "
                             f"{line.strip()[:60]!r}")
@@ -222,6 +230,8 @@ def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
     except json.JSONDecodeError as error:
         raise DocumentError(f"{where}: not valid JSON ({error.msg} at column {error.colno})"
                             ) from None
+    except RecursionError:
+        raise DocumentError(f"{where}: not a document (JSON nested too deeply to read)") from None
     if not isinstance(record, dict) or not isinstance(record.get(key), str):
         raise DocumentError(f"{where}: expected an object with a {key!r} string, got "
                             f"{line.strip()[:60]!r}")
@@ -271,13 +281,15 @@ def load_units(path: Path) -> np.ndarray:
     """[U] int64 units of a `.npy` integer array or a whitespace-separated text file."""
     if path.suffix == ".npy":
         try:
-            units = np.load(path, allow_pickle=False)
+            # Mapped, not read: a header claiming more values than the file holds is an error
+            # here instead of an allocation of that size.
+            units = np.load(path, allow_pickle=False, mmap_mode="r")
         except (ValueError, OSError) as error:
             raise DocumentError(f"{path}: not a readable .npy array ({error})") from None
         if units.ndim != 1 or units.dtype.kind not in "iu":
             raise DocumentError(f"{path}: expected a 1-D integer array of units, got "
                                 f"{units.dtype} with shape {units.shape}")
-        return units.astype(np.int64)
+        return np.array(units, dtype=np.int64)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

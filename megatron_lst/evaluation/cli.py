@@ -176,10 +176,18 @@ def _check_eval_inputs(args: argparse.Namespace) -> None:
     if args.output is not None and not Path(args.output).parent.is_dir():
         raise ValueError(f"--output {args.output}: directory {Path(args.output).parent} does not "
                          "exist; create it or write elsewhere")
+    if args.output is not None and Path(args.output).is_dir():  # found after all the scoring
+        raise ValueError(f"--output {args.output} is a directory; name the results file, e.g. "
+                         f"{Path(args.output) / 'results.json'}")
     if args.output is not None and any(Path(args.output).resolve() == Path(items).resolve()
                                        for items in args.items or []):
         raise ValueError(f"--output {args.output} is one of the --items files, which the results "
                          f"would overwrite; write them to another file")
+    if args.output is not None and args.utterances is not None and any(
+            Path(args.output).resolve() == Path(args.utterances + suffix).resolve()
+            for suffix in (".bin", ".idx", ".json")):
+        raise ValueError(f"--output {args.output} is a file of the --utterances dataset, which "
+                         f"the results would overwrite; write them to another file")
 
 
 def task_main(args: argparse.Namespace) -> int:
@@ -210,7 +218,7 @@ def task_main(args: argparse.Namespace) -> int:
                              f"aligned (speech) one")
         utterances = [store[i] for i in range(min(len(store), args.num_utterances or len(store)))]
         loaded = load_inference_model(args.load, tokenizer_model=args.tokenizer_model)
-        store.vocab.check_matches(loaded.vocab.size, f"checkpoint {loaded.checkpoint}")
+        store.vocab.check_same(loaded.vocab, f"checkpoint {loaded.checkpoint}")
         model = TaskModel.from_inference_model(loaded)
         use_cache = not args.no_cache
         if args.task == "asr":
@@ -250,7 +258,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-text", default=None)
     prompt.add_argument("--prompt-units", default=None,
-                        help="Whitespace-separated unit values, or @FILE to read them from FILE.")
+                        help="Whitespace-separated unit values, or @FILE to read them from "
+                             "FILE (text, or the .npy tools/extract_units.py writes).")
     parser.add_argument("--continue-in", choices=("speech", "text"), default=None,
                         help="Continue in this modality: the prompt ends with its mode marker "
                              "(<s> or <t>) and only units, or only text pieces, are generated "
@@ -272,13 +281,19 @@ def build_generate_parser() -> argparse.ArgumentParser:
 
 
 def _unit_prompt(text: str) -> list[int]:
-    """The unit values of --prompt-units (inline, or @FILE)."""
+    """The unit values of --prompt-units: inline, or @FILE (whitespace-separated values, or the
+    .npy array tools/extract_units.py writes)."""
+    from megatron_lst.data.documents import DocumentError
+    from megatron_lst.data.readers import load_units
+
     if text.startswith("@"):
         try:
-            text = Path(text[1:]).read_text()
+            return load_units(Path(text[1:])).tolist()
         except OSError as error:
             raise ValueError(f"--prompt-units {text}: cannot read {text[1:]} "
                              f"({error.strerror or error})") from None
+        except DocumentError as error:  # not UTF-8 or .npy, or not integers; names the file
+            raise ValueError(f"--prompt-units {text}: {error}") from None
     try:
         return [int(u) for u in text.split()]
     except ValueError as error:

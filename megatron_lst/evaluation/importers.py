@@ -77,6 +77,9 @@ def read_hellaswag(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ItemError(f"{where}: not a JSON object ({err.msg})") from None
+        except RecursionError:
+            raise ItemError(f"{where}: not a HellaSwag line (JSON nested too deeply to read)"
+                            ) from None
         if not isinstance(row, dict):
             raise ItemError(f"{where}: not a JSON object (a {type(row).__name__})")
         parts = [row.get(key) for key in ("ctx", "ctx_a", "ctx_b") if row.get(key) is not None]
@@ -95,16 +98,19 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         item_id = str(row.get("ind", number - 1))
         records.append({"id": item_id, "context": {"text": context.strip()},
                         "endings": [{"text": e.strip()} for e in endings],
-                        "label": _hellaswag_label(row["label"], where)})
+                        "label": _hellaswag_label(row["label"], len(endings), where)})
     return records
 
 
-def _hellaswag_label(label, where: str) -> int:
+def _hellaswag_label(label, num_endings: int, where: str) -> int:
     """The ending index, given as an integer or a string of digits (as the Hub's copy has it)."""
     if isinstance(label, str) and label.strip().isdigit():
-        return int(label)
+        label = int(label)
     if not isinstance(label, int) or isinstance(label, bool):
         raise ItemError(f"{where}: \"label\" {label!r} is not an ending index")
+    if not 0 <= label < num_endings:
+        raise ItemError(f"{where}: \"label\" {label} is not an ending index 0..{num_endings - 1} "
+                        f"of its {num_endings} endings")
     return label
 
 
@@ -217,6 +223,9 @@ def _check_output(output: Path, source: Path) -> None:
     if not output.parent.is_dir():
         raise ItemError(f"--output {output}: directory {output.parent} does not exist; create it "
                         f"or write elsewhere")
+    if output.is_dir():
+        raise ItemError(f"--output {output} is a directory; name the items file, e.g. "
+                        f"{output / 'items.jsonl'}")
     if output.resolve() == source.resolve():
         raise ItemError(f"--output {output} is the benchmark file being imported, which it would "
                         f"overwrite; write the items to another file")

@@ -93,6 +93,8 @@ def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> 
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ItemError(f"{where}: not a JSON object ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise ItemError(f"{where}: not an item (JSON nested too deeply to read)") from None
         item = item_from_record(record, tokenizer, vocab, where)
         if item.id in seen:
             raise ItemError(f"{item.describe()}: id already used at {seen[item.id]}; ids must be "
@@ -179,10 +181,11 @@ def _segments(values, num_units: int, where: str) -> tuple[np.ndarray, np.ndarra
             and isinstance(s[1], int) and not isinstance(s[1], bool) and s[1] >= 0
             for s in values):
         raise ItemError(f"{where}: \"segments\" must be a list of [word, number of units >= 0]")
-    counts = np.array([n for _, n in values], dtype=np.int64)
-    if int(counts.sum()) != num_units:
-        raise ItemError(f"{where}: segments cover {int(counts.sum())} units but \"units\" has "
+    covered = sum(n for _, n in values)  # Python ints: numpy would overflow or wrap around
+    if covered != num_units:
+        raise ItemError(f"{where}: segments cover {covered} units but \"units\" has "
                         f"{num_units}")
+    counts = np.array([n for _, n in values], dtype=np.int64)
     is_silence = np.array([w == SILENCE_WORD for w, _ in values], dtype=bool)
     kept = counts > 0  # a word with no frames has no units to patch
     return counts[kept], is_silence[kept]

@@ -45,6 +45,9 @@ class JointVocab:
     layout (so vocabularies compare equal without it) but different text ids."""
 
     def __post_init__(self):
+        if min(self.pad_id, self.bos_id, self.eos_id) < 0:
+            raise VocabularyError(f"special ids must be >= 0, got pad={self.pad_id} "
+                                  f"bos={self.bos_id} eos={self.eos_id}")
         if self.text_size <= max(self.pad_id, self.bos_id, self.eos_id):
             raise VocabularyError(
                 f"text tokenizer size {self.text_size} is too small to hold the special ids "
@@ -122,6 +125,25 @@ class JointVocab:
                 f"{self.num_units} units); use the tokenizer and --num-units it was made with"
             )
 
+    def check_same(self, other: JointVocab, what: str) -> None:
+        """Raise unless `other`, the vocabulary `what` (e.g. "checkpoint DIR") was made with, is
+        this layout, from the same tokenizer file when both record its digest: one of the same
+        size can still hold other units at an id (another text size and --num-units) or other
+        text pieces (another tokenizer)."""
+        if other != self:
+            raise VocabularyError(
+                f"{what} was made with {other.text_size} text pieces and {other.num_units} "
+                f"speech units ({other.size} ids) but this run's data has {self.text_size} and "
+                f"{self.num_units} ({self.size} ids); use data made with the tokenizer and "
+                f"--num-units it was made with")
+        if None not in (self.tokenizer_sha256, other.tokenizer_sha256) and \
+                self.tokenizer_sha256 != other.tokenizer_sha256:
+            raise VocabularyError(
+                f"{what} was made with the tokenizer of sha256 {other.tokenizer_sha256[:12]}... "
+                f"but this run's data with the one of sha256 {self.tokenizer_sha256[:12]}...: "
+                f"both have {self.text_size} pieces but their text ids differ; use data made "
+                f"with the tokenizer it was made with")
+
     def check_tokenizer(self, tokenizer, what: str) -> None:
         """Raise unless `tokenizer` (a `TextTokenizer`) is the one `what` (e.g. "checkpoint
         DIR") was made with: the same size and, when this vocabulary records it, the same
@@ -153,8 +175,30 @@ class JointVocab:
 
     @classmethod
     def from_dict(cls, d: dict) -> JointVocab:
-        vocab = cls(d["text_size"], d["num_units"], d["pad_id"], d["bos_id"], d["eos_id"],
-                    d.get("tokenizer_sha256"))
-        if "size" in d:
-            vocab.check_matches(d["size"], "this manifest")
+        """The layout `to_dict` wrote. Raises VocabularyError, naming the field, for a record
+        that is not one (a field missing or not an integer, ids that disagree with the sizes)."""
+        if not isinstance(d, dict):
+            raise VocabularyError(f"a vocabulary layout is a JSON object, got a "
+                                  f"{type(d).__name__}")
+        fields = ("text_size", "num_units", "pad_id", "bos_id", "eos_id")
+        wrong = [f"{name!r} ({type(d[name]).__name__ if name in d else 'missing'})"
+                 for name in fields if not _is_int(d.get(name))]
+        if wrong:
+            raise VocabularyError(f"vocabulary field(s) {', '.join(wrong)} are not integers")
+        sha256 = d.get("tokenizer_sha256")
+        if sha256 is not None and not isinstance(sha256, str):
+            raise VocabularyError(f"vocabulary field 'tokenizer_sha256' is a "
+                                  f"{type(sha256).__name__}, not a hex digest")
+        vocab = cls(*(d[name] for name in fields), sha256)
+        # The derived ids are written too: one that disagrees means the record was edited.
+        for name in ("text_marker", "speech_marker", "unit_offset", "size"):
+            if name in d and d[name] != getattr(vocab, name):
+                raise VocabularyError(
+                    f"vocabulary field {name!r} is {d[name]!r} but text_size {vocab.text_size} "
+                    f"and num_units {vocab.num_units} make it {getattr(vocab, name)}; the record "
+                    f"was edited or damaged")
         return vocab
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -446,7 +446,8 @@ def _adopt_checkpoint_model(args: argparse.Namespace) -> None:
         path = select_checkpoint(args.load, args.ckpt_step)
         if path is None:
             return
-        saved = read_model_config(read_checkpoint_metadata(path), path)
+        # Lenient: a record lacking a field loading needs is named when loading starts.
+        saved = read_model_config(read_checkpoint_metadata(path, strict=False), path)
     except CheckpointError:
         return
     except CheckpointContentError as err:

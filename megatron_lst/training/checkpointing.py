@@ -54,7 +54,7 @@ from megatron_lst.checkpoint.errors import (
     mistyped_fields,
 )
 from megatron_lst.parallel import collective_device
-from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.arguments import args_to_dict
 from megatron_lst.training.resume_check import ResumePosition, check_resume_flags
 from megatron_lst.training.writer_processes import writers_die_with_parent
@@ -210,8 +210,8 @@ def _read_tracker(root: Path) -> int | None:
     tracker = root / TRACKER_FILENAME
     if not tracker.is_file():
         return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
+    text = tracker.read_bytes().decode("utf-8", errors="replace").strip()
+    if not (text.isascii() and text.isdigit()):
         raise CheckpointError(
             f"{tracker} should hold an iteration number, found {text[:40]!r}; the save directory "
             f"is corrupt. Write the iteration of a complete iter_XXXXXXX directory into it"
@@ -219,12 +219,13 @@ def _read_tracker(root: Path) -> int | None:
     return int(text)
 
 
-def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The `lst_checkpoint.json` of one checkpoint directory."""
+def read_checkpoint_metadata(path: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
+    """The `lst_checkpoint.json` of one checkpoint directory: a JSON object of this format
+    version and, when `strict`, with every field a save writes (`check_training_metadata`)."""
     metadata_path = Path(path) / METADATA_FILENAME
     try:
-        metadata = json.loads(metadata_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: JSON, UTF-8
         raise CheckpointError(f"cannot read {metadata_path}: {err}") from None
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{metadata_path} holds a JSON {type(metadata).__name__}, not the "
@@ -234,6 +235,8 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{metadata_path} has format version {metadata.get('format_version')!r}; this "
             f"code reads version {FORMAT_VERSION}"
         )
+    if strict:
+        check_training_metadata(metadata, Path(path))
     return metadata
 
 
@@ -450,7 +453,7 @@ def load_checkpoint(
     `args.no_load_optim`, `args.no_load_rng` and `args.finetune` (weights only, iteration 0).
     Model and optimizer reshard to the current tensor/pipeline layout; RNG states are skipped,
     with a warning, when the layout differs. Raises VocabularyError when the checkpoint's
-    vocabulary differs from `vocab`, CheckpointError naming the tensor when a model shape differs.
+    vocabulary differs from `vocab` (layout or tokenizer), CheckpointError naming the tensor when a model shape differs.
     """
     from megatron.core import dist_checkpointing
 
@@ -458,9 +461,8 @@ def load_checkpoint(
     if path is None:
         return None
     metadata = read_checkpoint_metadata(path)
-    check_training_metadata(metadata, path)
     if vocab is not None and metadata["vocab"] is not None:
-        vocab.check_matches(metadata["vocab"]["size"], f"checkpoint {path}")
+        vocab.check_same(JointVocab.from_dict(metadata["vocab"]), f"checkpoint {path}")
 
     finetune = bool(getattr(args, "finetune", False))
     if optimizer is not None and not finetune:  # a training run that continues this one
@@ -518,9 +520,19 @@ def load_checkpoint(
 
 def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
     """Refuse, naming the field, a `lst_checkpoint.json` without a field `save_checkpoint`
-    writes, or with one of another type (the file is written after the manifest, so no digest
+    writes, or with one of another type, a vocabulary that is not a joint vocabulary layout, or
+    a model record that is not an object (the file is written after the manifest, so no digest
     covers it)."""
+    from megatron_lst.checkpoint.model_config import MODEL_KEY
+
     wrong = mistyped_fields(metadata, _TRAINING_METADATA_FIELDS)
+    if isinstance(metadata.get("vocab"), dict):
+        try:
+            JointVocab.from_dict(metadata["vocab"])
+        except VocabularyError as error:
+            wrong.append(f"'vocab' ({error})")
+    if metadata.get(MODEL_KEY) is not None and not isinstance(metadata[MODEL_KEY], dict):
+        wrong.append(f"{MODEL_KEY!r} ({type(metadata[MODEL_KEY]).__name__})")
     if wrong:
         others = _other_complete_checkpoints(path)
         raise CheckpointError(

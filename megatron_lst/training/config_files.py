@@ -11,7 +11,9 @@ else is allowed, so every file reads as a command line:
 
 Each flag may appear once (a key repeated, or spelled both ways, is an error rather than a silent
 last-one-wins), and `null` only for a flag whose default is "not given"; flags given on the
-command line override the file's values.
+command line override the file's values. A flag that takes text (a path, a name) gets the value
+as written: YAML would read `save: 0755` as the octal number 493 and `data-path: 2024_01` as
+202401, but the command line `--save 0755` means the directory `0755`.
 """
 
 from __future__ import annotations
@@ -29,19 +31,31 @@ class ConfigError(ValueError):
     """A config file that does not map onto the command-line flags."""
 
 
+class ConfigValues(dict):
+    """A config file's flat mapping of keys to YAML values; `written` keeps each top-level
+    value as the file spells it (strings, lists of strings), for flags that take text."""
+
+    def __init__(self, values: Mapping[str, Any], written: Mapping[Any, Any]):
+        super().__init__(values)
+        self.written = dict(written)
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a flat mapping (keys not yet checked against the flags)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: " + ("not a file" if path.exists() else "no such file"))
-    with path.open(encoding="utf-8") as f:
-        try:
-            config = yaml.load(f, Loader=_UniqueKeyLoader)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path} is not valid YAML: {err}") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"--config {path} is not UTF-8 text ({err.reason} at byte "
-                              f"{err.start}); save it as UTF-8") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path} is not UTF-8 text ({err.reason} at byte "
+                          f"{err.start}); save it as UTF-8") from None
+    try:
+        config = yaml.load(text, Loader=_loader_for(path))
+        # Every scalar as the text it is written as (no numbers, booleans or dates).
+        written = yaml.load(text, Loader=yaml.BaseLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path} is not valid YAML: {err}") from None
     if config is None:
         return {}
     if not isinstance(config, Mapping):
@@ -49,7 +63,16 @@ def load_config(path: str | Path) -> dict[str, Any]:
             f"--config {path} must be a mapping of flag names to values, got a "
             f"{type(config).__name__}"
         )
-    return dict(config)
+    return ConfigValues(config, written if isinstance(written, Mapping) else {})
+
+
+def _loader_for(path: Path):
+    """`_UniqueKeyLoader` naming `path` in its errors (it reads a string, not the file)."""
+    def make(stream):
+        loader = _UniqueKeyLoader(stream)
+        loader.name = str(path)
+        return loader
+    return make
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -79,7 +102,8 @@ def config_to_defaults(config: Mapping[str, Any], parser: argparse.ArgumentParse
     closest flag.
     """
     where = f"--config {source}" if source is not None else "config"
-    return {action.dest: _convert(action, value, f"{where}: {key}", _flag_of_key(key))
+    return {action.dest: _convert(action, _as_written(config, key, value, action),
+                                  f"{where}: {key}", _flag_of_key(key))
             for key, value, action in _keyed_actions(config, parser, where)}
 
 
@@ -87,7 +111,8 @@ def config_to_argv(config: Mapping[str, Any], parser: argparse.ArgumentParser) -
     """The command line equivalent to `config` (switches set to false are left out)."""
     argv: list[str] = []
     for key, value, action in _keyed_actions(config, parser, "config"):
-        converted = _convert(action, value, f"config: {key}", _flag_of_key(key))
+        converted = _convert(action, _as_written(config, key, value, action), f"config: {key}",
+                             _flag_of_key(key))
         flag = _long_flag(action)
         if isinstance(action, argparse.BooleanOptionalAction):
             if converted is not None:
@@ -102,6 +127,20 @@ def config_to_argv(config: Mapping[str, Any], parser: argparse.ArgumentParser) -
         else:
             argv += [flag, str(converted)]
     return argv
+
+
+def _as_written(config: Mapping[str, Any], key: str, value: Any, action: argparse.Action) -> Any:
+    """`value`, or for a flag that takes text the value as the file writes it (`0755`, not 493;
+    `2024_01`, not 202401; `yes`, not True). `null` stays None."""
+    written = getattr(config, "written", {}).get(key)
+    if value is None or written is None or action.type not in (None, str) or _is_switch(action):
+        return value
+    if isinstance(value, list) and isinstance(written, list) and len(written) == len(value):
+        return [w if isinstance(w, str) and v is not None and not isinstance(v, str) else v
+                for v, w in zip(value, written, strict=True)]
+    if isinstance(written, str) and not isinstance(value, (str, list, Mapping)):
+        return written
+    return value
 
 
 def _flag_of_key(key: str) -> str:
@@ -181,9 +220,13 @@ def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {_long_flag(action)} takes an integer, got {value!r}")
     if kind is float and isinstance(value, bool):
         raise ConfigError(f"{where}: {_long_flag(action)} takes a number, got {value!r}")
+    if kind not in (int, float, str) and not isinstance(value, str):
+        value = str(value)  # a flag's own type parses text, as on the command line (1.5 -> 1)
     try:
         converted = kind(int(value) if kind is int and isinstance(value, float) else value)
-    except (TypeError, ValueError):
+    except argparse.ArgumentTypeError as error:  # the flag's own type says what is wrong
+        raise ConfigError(f"{where}: {_long_flag(action)}: {error}") from None
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(
             f"{where}: {_long_flag(action)} takes a {getattr(kind, '__name__', kind)}, got "
             f"{value!r}"

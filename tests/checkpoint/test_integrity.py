@@ -32,7 +32,7 @@ from megatron_lst.checkpoint.integrity import (
 from megatron_lst.checkpoint.model_state import build_full_model
 from megatron_lst.checkpoint.safe_pickle import read_dcp_metadata
 from megatron_lst.models.config import preset
-from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.checkpointing import (
     METADATA_FILENAME,
     TRACKER_FILENAME,
@@ -303,6 +303,9 @@ def test_a_rank_whose_writers_did_not_fail_says_another_ranks_did(save_dir, monk
     (lambda m: m.pop("args"), "'args' (missing)"),
     (lambda m: m.update(extra_state=None), "'extra_state' (NoneType)"),
     (lambda m: m.update(iteration="2"), "'iteration' (str)"),
+    (lambda m: m["vocab"].update(num_units="16"),
+     "'vocab' (vocabulary field(s) 'num_units' (str) are not integers)"),
+    (lambda m: m.update(model=[]), "'model' (list)"),
 ])
 def test_checkpoint_metadata_with_a_field_missing_or_mistyped_is_named(save_dir, edit, named,
                                                                       capsys):
@@ -337,3 +340,27 @@ def test_help_says_which_checkpoints_are_safe_to_accept_from_others():
     text = cli.build_parser().format_help()
     assert "portable (model.safetensors + lst_config.json)  safe to accept from anyone" in text
     assert "dist checkpoints (lst-train --save)             hold pickles" in text
+
+
+def test_data_of_another_vocabulary_of_the_same_size_is_refused(save_dir):
+    """Only the sizes were compared: data with 1 more text piece and 1 unit fewer (every unit id
+    one off) or made with another tokenizer of the same size loaded the checkpoint silently."""
+    checkpoint = save_dir / "iter_0000002"
+    metadata = json.loads((checkpoint / METADATA_FILENAME).read_text())
+    metadata["vocab"]["tokenizer_sha256"] = "a" * 64
+    (checkpoint / METADATA_FILENAME).write_text(json.dumps(metadata))
+    shifted = JointVocab(VOCAB.text_size + 1, VOCAB.num_units - 1, tokenizer_sha256="a" * 64)
+    assert shifted.size == VOCAB.size
+    with pytest.raises(VocabularyError, match=rf"iter_0000002 was made with 58 text pieces and "
+                                              rf"502 speech units \({VOCAB.size} ids\) but this "
+                                              rf"run's data has 59 and 501"):
+        load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, shifted)
+    other_tokenizer = JointVocab(VOCAB.text_size, tokenizer_sha256="b" * 64)
+    with pytest.raises(VocabularyError, match=r"tokenizer of sha256 aaaaaaaaaaaa... but this run's "
+                                              r"data with the one of sha256 bbbbbbbbbbbb..."):
+        load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, other_tokenizer)
+    model = tiny_model()
+    # The same tokenizer, and data that records no digest, load.
+    for same in (JointVocab(VOCAB.text_size, tokenizer_sha256="a" * 64), VOCAB):
+        assert load_checkpoint(save_dir, [model], None, None, WEIGHTS_ONLY, same).iteration == 2
+    assert_weights_of(model, seed=2)

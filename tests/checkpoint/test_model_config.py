@@ -139,7 +139,7 @@ def test_every_field_of_another_type_is_named():
 @pytest.mark.parametrize(("metadata", "message"), [
     ({"model": ["lst"]}, r"model record \['lst'\] is not"),
     ({"model": {"kind": "lst", "config": {}, "dtype": "bf16"}}, r"model record .*'dtype'.* is not"),
-    ({"args": ["--preset"], "vocab": {}}, r"saved flags 'args' are a JSON list"),
+    ({"args": ["--preset"], "vocab": {}}, r"saved flags \('args'\) are a JSON list"),
 ])
 def test_a_record_or_flags_that_are_no_object_are_named(tmp_path, metadata, message):
     with pytest.raises(CheckpointContentError, match=message):

@@ -84,6 +84,13 @@ def test_config_dict_round_trip_and_unknown_field(model):
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda d: d["global_model"].update(hidden_size=63), r"global_model: global hidden_size 63"),
     (lambda d: d.update(encoder=5), r"encoder: a JSON int, not the fields of LocalModelConfig"),
+    # AttributeError ('NoneType' object has no attribute 'hidden_size') and ZeroDivisionError
+    # tracebacks: only "documents" may be null, and a head count of 0 is divided by.
+    (lambda d: d.update(decoder=None), r"decoder: a JSON NoneType, not the fields of "
+                                       r"LocalModelConfig"),
+    (lambda d: d.update(cross_attention=None), r"cross_attention: a JSON NoneType"),
+    (lambda d: d["encoder"].update(num_heads=0), r"encoder: a count of 0 that sizes are divided "
+                                                 r"by, in \{.*'num_heads': 0"),
 ])
 def test_config_dict_of_an_impossible_model_is_refused_naming_the_part(model, edit, message):
     data = lst_config_to_dict(model.lst_config)
@@ -129,7 +136,12 @@ def rewrite_weights(directory, edit):
      r"'patch_encoder\.patch_projection\.weight' has shape \(64, 31\) but the model expects \(64, 32\)"),
     (lambda s: s.update({"local_decoder.layers.2.input_norm.weight": torch.ones(32)}),
      r"does not have: \['local_decoder\.layers\.2\.input_norm\.weight'\]"),
-], ids=["missing", "wrong-shape", "unexpected"])
+    # An integer tensor was cast to the weights' float dtype without a word.
+    (lambda s: s.update({"patch_encoder.patch_projection.weight": torch.ones(64, 32,
+                                                                             dtype=torch.int64)}),
+     r"'patch_encoder\.patch_projection\.weight' holds torch\.int64 but the model's is "
+     r"torch\.float32"),
+], ids=["missing", "wrong-shape", "unexpected", "integer-dtype"])
 def test_mismatched_tensors_are_refused_by_name(saved, edit, message):
     rewrite_weights(saved, edit)
     with pytest.raises(CheckpointContentError, match=message):

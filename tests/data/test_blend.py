@@ -21,6 +21,10 @@ def test_parse_data_path():
     assert parse_data_path(["data/a"]) == [(1.0, "data/a")]
     assert parse_data_path(["2", "text", "1", "speech"]) == [(2 / 3, "text"), (1 / 3, "speech")]
     assert parse_data_path(["0.67", "t", "0.33", "s"]) == [(0.67, "t"), (0.33, "s")]
+    # The sum overflowed to inf and every weight normalised to 0 ("blending weights must be
+    # non-negative and not all 0, got [0. 0.]").
+    assert parse_data_path(["1e308", "t", "1e308", "s", "0", "u"]) == [
+        (0.5, "t"), (0.5, "s"), (0.0, "u")]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -30,6 +34,9 @@ def test_parse_data_path():
     (["-1", "a", "2", "b"], "weight -1 of 'a' must be finite and >= 0"),
     (["0", "a", "0", "b"], "the weights sum to 0"),
     (["nan", "a", "1", "b"], "must be finite"),
+    # Both sources drew the same rows in the same order: half the dataset was trained on twice.
+    (["0.5", "data/a", "0.2", "b", "0.3", "./data//a"],
+     r"names './data//a' twice \(also as 'data/a'\): .* give it once with the summed weight 0.8"),
 ])
 def test_parse_data_path_errors(args, message):
     with pytest.raises(DatasetError, match=message):

@@ -126,12 +126,18 @@ def test_an_empty_bin_is_named_without_noise_from_megatron(aligned_store, capfd)
     (lambda raw: raw + b"\0", r"is \d+ bytes but its header lists 120 sequences"),
     (lambda raw: raw[:20], r"20 bytes, shorter than an index header"),
     (lambda raw: b"x" * len(raw), r"does not start with a version-1 Megatron index header"),
-], ids=["truncated", "trailing bytes", "shorter than a header", "not an index"])
+    # megatron.core raised "99 is not a valid DType" and printed an ignored AttributeError
+    (lambda raw: raw[:17] + bytes([99]) + raw[18:], r"its header gives dtype code 99, not "
+                                                    r"int32's 4"),
+    (lambda raw: raw[:17] + bytes([8]) + raw[18:], r"its header gives dtype code 8"),
+], ids=["truncated", "trailing bytes", "shorter than a header", "not an index",
+        "unknown dtype code", "another dtype"])
 def test_damaged_idx_is_named_before_megatron_reads_it(aligned_store, damage, message, capfd):
     prefix, _ = aligned_store
     idx_path = prefix.with_name(prefix.name + ".idx")
     idx_path.write_bytes(damage(idx_path.read_bytes()))
-    with pytest.raises(StoreError, match=rf"aligned.idx: {message}.*not a Megatron index"):
+    with pytest.raises(StoreError, match=rf"aligned.idx: {message}.*(not a Megatron index|not "
+                                         rf"written by tools/preprocess_data.py)"):
         DocumentStore(prefix)
     gc.collect()  # megatron's half-built reader, had it been made, would complain here
     assert "Exception ignored" not in capfd.readouterr().err
@@ -167,6 +173,7 @@ def test_manifest_disagreeing_with_index(aligned_store, field, value, message):
 def test_unreadable_manifest(aligned_store):
     prefix, _ = aligned_store
     path = prefix.with_name(prefix.name + ".json")
+    raw = json.loads(path.read_text())
     path.write_text("{")
     with pytest.raises(ManifestError, match="aligned.json: unreadable manifest"):
         DocumentStore(prefix)
@@ -176,24 +183,45 @@ def test_unreadable_manifest(aligned_store):
     path.write_text("[1, 2]")
     with pytest.raises(ManifestError, match="unreadable manifest .*expected a JSON object"):
         DocumentStore(prefix)
+    # Both named no file: "'utf-8' codec can't decode ...", "manifest kind must be one of ..."
+    path.write_bytes(b"\xff\xfe{\x00}\x00")
+    with pytest.raises(ManifestError, match="aligned.json: unreadable manifest .*'utf-8' codec"):
+        DocumentStore(prefix)
+    path.write_text(json.dumps({**raw, "kind": "audio"}))
+    with pytest.raises(ManifestError, match=r"aligned.json: unreadable manifest \(kind 'audio' is "
+                                            r"not one of \('aligned', 'text'\)\)"):
+        DocumentStore(prefix)
 
 
 @pytest.mark.parametrize("section, key, value, message", [
-    ("vocab", "text_size", None, r"unreadable vocabulary \(KeyError: 'text_size'\)"),
-    ("vocab", "num_units", "502", r"unreadable vocabulary \(TypeError"),
+    ("vocab", "text_size", None, r"unreadable vocabulary \(vocabulary field\(s\) 'text_size' "
+                                 r"\(missing\) are not integers\)"),
+    ("vocab", "num_units", "502", r"unreadable vocabulary \(vocabulary field\(s\) 'num_units' "
+                                  r"\(str\) are not integers\)"),
+    ("vocab", "size", 10**6, r"unreadable vocabulary \(vocabulary field 'size' is 1000000 but "
+                             r"text_size \d+ and num_units \d+ make it \d+; the record was "
+                             r"edited"),
+    ("vocab", "pad_id", -1, r"unreadable vocabulary \(special ids must be >= 0"),
     ("counts", "documents", 30.0, r"unreadable manifest \(counts \['documents'\] are not integers"),
     ("counts", "units", "7", r"unreadable manifest \(counts \['units'\] are not integers"),
     ("tokenizer", "space_id", 10**6, r"unreadable manifest \(tokenizer space_id 1000000 is not "
                                       r"a piece of the \d+-piece tokenizer"),
+    # TypeErrors where the fields were first used ("'int' object is not subscriptable")
+    ("tokenizer", "sha256", 5, r"unreadable manifest \(tokenizer sha256 5: not what "
+                               r"tools/preprocess_data.py writes\)"),
+    ("tokenizer", "vocab_size", "290", r"unreadable manifest \(tokenizer vocab_size '290'"),
+    (None, "frame_rate", "25", r"unreadable manifest \(frame_rate '25' is not a positive number"),
+    (None, "frame_rate", None, r"unreadable manifest \(frame_rate None is not a positive number"),
 ])
 def test_a_hand_edited_manifest_is_refused_by_name(aligned_store, section, key, value, message):
     prefix, _ = aligned_store
     path = prefix.with_name(prefix.name + ".json")
     raw = json.loads(path.read_text())
-    if value is None:
-        del raw[section][key]
+    record = raw if section is None else raw[section]
+    if value is None and section is not None:
+        del record[key]
     else:
-        raw[section][key] = value
+        record[key] = value
     path.write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match=r"aligned.json: " + message):
         DocumentStore(prefix)
@@ -247,6 +275,29 @@ def test_an_index_with_the_same_counts_in_another_order(aligned_store):
                                          r"byte \d+ of the .bin but the sequences before it end "
                                          r"at byte \d+: the index lists the sequences in another "
                                          r"order"):
+        DocumentStore(prefix)
+
+
+def test_a_negative_sequence_length_is_refused(aligned_store):
+    """Lengths that still sum to the .bin and the manifest's counts, pointers moved to match:
+    the store opened and document 0 read its units as text (a length of -5 read as empty)."""
+    prefix, documents = aligned_store
+    lengths, _, _ = _sequence_views(prefix)
+    shift = int(lengths[1]) + 5
+    lengths[0] += shift  # text ids take the units' place: units -5
+    lengths[1] -= shift
+    lengths.flush()
+    idx = np.memmap(str(prefix) + ".idx", dtype=np.uint8, mode="r+")
+    pointers = idx[34 + 4 * len(lengths):34 + 12 * len(lengths)].view(np.int64)
+    pointers[1] += 4 * shift  # sequence 1 starts where the longer sequence 0 ends
+    idx.flush()
+    manifest = prefix.with_name(prefix.name + ".json")
+    raw = json.loads(manifest.read_text())
+    raw["counts"]["text_pieces"] += shift
+    raw["counts"]["units"] -= shift
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(StoreError, match=r"aligned.idx: sequence 1 \(document 0\) has length "
+                                         r"-5; the index is damaged"):
         DocumentStore(prefix)
 
 

@@ -85,7 +85,7 @@ def test_reference_fixture_converts_and_reads_back(tmp_path):
         assert got_words == [w for w in words if w != "[SIL]"]
 
 
-def test_workers_give_identical_files(tmp_path, spm):
+def test_workers_give_identical_files(tmp_path, spm, capsys):
     source = tmp_path / "synthetic.jsonl"
     _synthetic_reference(source, 300)
     outputs = []
@@ -98,6 +98,9 @@ def test_workers_give_identical_files(tmp_path, spm):
         outputs.append(_files(prefix))
     assert outputs[0] == outputs[1]
     assert manifest.counts.documents == 600 and len(DocumentStore(tmp_path / "w2")) == 600
+    # A file named twice (a glob and the file again) is stored twice: said, not silent.
+    assert (f"warning: --input names {source} twice (also as {source}): its documents are "
+            f"stored twice") in capsys.readouterr().err
 
 
 def test_text_jsonl_converts(tmp_path, spm):

@@ -78,12 +78,17 @@ def test_reference_pairing_rules(tokenizer):
 
 @pytest.mark.parametrize("line,message", [
     ("{not json\n", r"bad.jsonl:2: not valid JSON"),
+    ("[" * 100_000 + "\n", r"bad.jsonl:2: not a document \(JSON nested too deeply"),  # was a
+    # RecursionError traceback
     ('{"file_id": "u"}\n', r"bad.jsonl:2: expected an object with an \"interleaved\" string"),
     (_line(f"{SEP}TEXT a {SEP}AUDIO 1 2"), r"bad.jsonl:2 \(utt\): segment 1 has unknown head "
                                            r"'AUDIO'"),
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1 20"), r"bad.jsonl:2 \(utt\): speech unit 20 \(unit 1, "
                                              r"segment 0\) is outside the codebook 0..19"),
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1 -3"), r"bad.jsonl:2 \(utt\): speech unit -3"),
+    # numpy read it as 9223372036854775807, the number the error then named
+    (_line(f"{SEP}TEXT a {SEP}HUBERT 1 {10**20}"), rf"bad.jsonl:2 \(utt\): speech unit {10**20} "
+                                                  r"is beyond 64-bit integers"),
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1 x2"), r"bad.jsonl:2 \(utt\): speech unit 'x2' is not an "
                                              r"integer"),
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1+2"), r"bad.jsonl:2 \(utt\): speech unit '1\+2'"),
@@ -216,6 +221,13 @@ def test_textgrid_bad_units(tmp_path, tokenizer):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
     np.save(tmp_path / "u" / "a.npy", np.zeros((25, 2), dtype=np.int64))
     with pytest.raises(DocumentError, match=r"a.npy: expected a 1-D integer array"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+    # A header claiming 10**13 values: numpy allocated them first (a MemoryError traceback).
+    np.save(tmp_path / "u" / "a.npy", np.zeros(25, dtype=np.int64))
+    raw = (tmp_path / "u" / "a.npy").read_bytes()
+    (tmp_path / "u" / "a.npy").write_bytes(raw.replace(b"(25,)", b"(10000000000000,)"))
+    with pytest.raises(DocumentError, match=r"a.npy: not a readable .npy array \(mmap length is "
+                                            r"greater than file size\)"):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
     (tmp_path / "u" / "a.npy").unlink()
     (tmp_path / "u" / "a.txt").write_bytes(b"1 2 \xff 3\n")

@@ -116,6 +116,33 @@ def test_train_tool_text_jsonl(tmp_path):
                    "--output", str(tmp_path / "u.model")])
 
 
+def test_train_tool_refuses_bad_inputs_and_keeps_the_corpus(tmp_path):
+    """--output naming the corpus replaced it with the model; a missing or non-UTF-8 input and a
+    JSON value that is no string were tracebacks (FileNotFoundError, UnicodeDecodeError,
+    AttributeError)."""
+    tool = _load_tool("train_tokenizer")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_tiny_corpus()) + "\n")
+    before = corpus.read_bytes()
+    with pytest.raises(SystemExit, match=rf"--output {corpus} is the --input {corpus}, which "
+                                         rf"the model would overwrite"):
+        tool.main(["--input", str(corpus), "--vocab-size", "300", "--output", str(corpus)])
+    assert corpus.read_bytes() == before
+    with pytest.raises(SystemExit, match=rf"--input {tmp_path / 'missing.txt'}: no such file"):
+        tool.main(["--input", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "m")])
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"hello\n\ncaf\xe9\n")
+    with pytest.raises(SystemExit, match=r"latin.txt:3: not UTF-8 text \(the byte 0xe9 at "
+                                         r"character 3\); save the corpus as UTF-8"):
+        tool.main(["--input", str(latin), "--output", str(tmp_path / "l.model")])
+    numbers = tmp_path / "n.jsonl"
+    numbers.write_text('{"text": "fine"}\n{"text": 5}\n')
+    with pytest.raises(SystemExit, match=r"n.jsonl:2: not a text-jsonl line \('text' holds a "
+                                         r"int, not text\)"):
+        tool.main(["--input", str(numbers), "--input-format", "text-jsonl", "--output",
+                   str(tmp_path / "n.model")])
+
+
 def test_too_large_vocab_size_names_the_largest_possible(tmp_path):
     words = ["hello", "world", "the", "quick", "brown", "fox"]
     with pytest.raises(VocabSizeError) as raised:

@@ -1,9 +1,11 @@
 """`lst-eval` on a saved checkpoint: the same accuracies as scoring the model in memory."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from eval_cases import (
     NUM_UNITS,
@@ -146,6 +148,24 @@ def test_every_item_file_is_checked_before_any_is_scored(checkpoint, capsys, mon
     assert message in capsys.readouterr().err and scored == []
 
 
+def test_lst_generate_reads_a_unit_prompt_from_the_npy_extract_units_writes(checkpoint, tmp_path,
+                                                                            capsys):
+    """@FILE was read as text: the .npy of tools/extract_units.py was a UnicodeDecodeError."""
+    root, _, _ = checkpoint
+    units = np.array([3, 1, 4, 1, 5], dtype=np.int16)
+    np.save(tmp_path / "prompt.npy", units)
+    (tmp_path / "prompt.units").write_text("3 1 4 1 5\n")
+    outputs = []
+    for name in ("prompt.npy", "prompt.units"):
+        assert generate_main(["--load", str(root / "save"), "--prompt-units",
+                              f"@{tmp_path / name}", "--max-new-tokens", "4", "--seed", "7"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        del result["seconds"]
+        outputs.append(result)
+    assert outputs[0] == outputs[1]
+    assert outputs[0]["prompt"][-5:] == [vocab().unit_offset + u for u in (3, 1, 4, 1, 5)]
+
+
 def test_lst_generate_continues_a_unit_prompt_as_speech(checkpoint, capsys):
     root, _, _ = checkpoint
     status = generate_main(["--load", str(root / "save"), "--prompt-units", "3 3 7 1 0",
@@ -210,6 +230,41 @@ def test_a_checkpoint_of_an_uneven_pipeline_split_scores_on_one_process(checkpoi
     assert json.loads(output.read_text())["results"][str(items_path)] == expected
 
 
+def _edit_size(metadata):
+    metadata["model"]["config"]["vocab_size"] += 1
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["vocab"].pop("num_units"),
+     r"field\(s\) 'vocab' \(vocabulary field\(s\) 'num_units' \(missing\) are not integers\)"),
+    (lambda m: m["vocab"].update(size=m["vocab"]["size"] + 1),
+     r"'vocab' \(vocabulary field 'size' is \d+ but text_size \d+ and num_units \d+ make it"),
+    (lambda m: m.update(args=[]), r"field\(s\) 'args' \(list\) are not what a save writes"),
+    (lambda m: m.update(model="lst"), r"field\(s\) 'model' \(str\) are not what a save writes"),
+    (lambda m: m["model"]["config"]["global_model"].update(hidden_size="64"),
+     r"iter_0000003: the model record does not describe a model \(global_model: "),
+    (_edit_size, r"iter_0000003: the model record's vocab_size \d+ differs from the \d+ ids of "
+                 r"the recorded vocabulary; the checkpoint is corrupt"),
+], ids=["vocab-field-missing", "vocab-size", "args-list", "model-string", "config-type",
+        "config-vocab-size"])
+def test_a_hand_edited_checkpoint_record_is_one_line_naming_the_file(checkpoint, tmp_path, capsys,
+                                                                     edit, message):
+    """lst_checkpoint.json is written after the file digests: lst-eval read its vocabulary,
+    flags and model record unchecked (KeyError, AttributeError, TypeError tracebacks), and named
+    no file for a model record that does not describe a model."""
+    root, items_path, _ = checkpoint
+    save = tmp_path / "save"
+    shutil.copytree(root / "save", save)
+    [metadata_path] = save.glob(f"iter_*/{METADATA_FILENAME}")
+    metadata = json.loads(metadata_path.read_text())
+    edit(metadata)
+    metadata_path.write_text(json.dumps(metadata))
+    assert eval_main(["--load", str(save), "--items", str(items_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(save) in err and "Traceback" not in err
+    assert re.search(message, err), err
+
+
 @pytest.mark.parametrize("tp, message", [
     (3, r"--tensor-model-parallel-size 3 does not divide the attention heads \(4\), query groups "
         r"\(4\), FFN width \(176\) of the model of .*iter_0000003; use one of \[1, 2\]"),
@@ -232,20 +287,26 @@ def test_a_tensor_parallel_size_the_model_does_not_split_into_is_refused_before_
     (generate_main, ["--prompt-text", "the", "--tokenizer-model", "MISSING"], "tokenizer not found"),
     (generate_main, ["--prompt-units", "@MISSING"], "--prompt-units @"),
     (generate_main, ["--prompt-units", "3 x"], "--prompt-units: invalid literal for int()"),
+    # "'utf-8' codec can't decode byte 0x93", naming no file
+    (generate_main, ["--prompt-units", "@BINARY"], "--prompt-units @BINARY: BINARY: not a text "
+                                                   "file of units"),
     (generate_main, ["--prompt-text", "the", "--temperature", "nan"], "need a finite temperature"),
     (generate_main, ["--prompt-units", " ".join(["3"] * 200)],
      "context is 32 (--max-position-embeddings); shorten the prompt"),
-], ids=["eval-tokenizer", "generate-tokenizer", "units-file", "units-value", "temperature",
-        "prompt-too-long"])
+], ids=["eval-tokenizer", "generate-tokenizer", "units-file", "units-value", "units-binary",
+        "temperature", "prompt-too-long"])
 def test_bad_inputs_found_after_loading_are_one_line(checkpoint, tmp_path, capsys, main, flags,
                                                      message):
     """Each of these was a traceback (FileNotFoundError, torch.multinomial's RuntimeError) or
     a message that named no flag."""
     root, items_path, _ = checkpoint
+    binary = tmp_path / "units.bin"
+    binary.write_bytes(b"\x93NUMPY but not one")
     values = {"ITEMS": str(items_path), "MISSING": str(tmp_path / "missing"),
-              "@MISSING": f"@{tmp_path / 'missing'}"}
+              "@MISSING": f"@{tmp_path / 'missing'}", "@BINARY": f"@{binary}"}
     assert main(["--load", str(root / "save"), *(values.get(f, f) for f in flags)]) == 2
     err = capsys.readouterr().err
+    message = message.replace("BINARY", str(binary))
     assert message in err and "Traceback" not in err
 
 
@@ -297,6 +358,11 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
      "--output ./x.jsonl is one of the --items files"),
     (["--task", "asr", "--utterances", "p", "--bootstrap-resamples", "0"],
      "--bootstrap-resamples must be >= 1, got 0"),
+    # An IsADirectoryError traceback after the evaluation; the dataset's manifest overwritten.
+    (["--items", "x.jsonl", "--output", "/tmp"], "--output /tmp is a directory; name the results "
+                                                 "file, e.g. /tmp/results.json"),
+    (["--task", "asr", "--utterances", "./utts", "--output", "utts.json"],
+     "--output utts.json is a file of the --utterances dataset"),
 ])
 def test_lst_eval_task_flags_are_checked(flags, message, capsys):
     assert eval_main(["--load", "unused", *flags]) == 2

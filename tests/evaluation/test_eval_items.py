@@ -61,6 +61,14 @@ BAD_ITEMS = {
     "boolean segment count": (  # true counted as 1 unit
         lambda r: r["context"].update(units=[1, 2], segments=[["the", True], ["[SIL]", 1]]),
         'context: "segments" must be a list of [word, number of units >= 0]'),
+    # numpy raised OverflowError on a count beyond int64, and int64 sums wrapped around: four
+    # counts of 2**62 and one of 2 "covered" 2 units.
+    "segment count beyond int64": (
+        lambda r: r["context"].update(units=[1, 2], segments=[["the", 2**64], ["[SIL]", 2]]),
+        f"context: segments cover {2**64 + 2} units but \"units\" has 2"),
+    "segment counts summing past int64": (
+        lambda r: r["context"].update(units=[1, 2], segments=[["w", 2**62]] * 4 + [["x", 2]]),
+        f"context: segments cover {2**64 + 2} units but \"units\" has 2"),
     "empty text": (lambda r: r["endings"][0].update(text=" "), 'ending 0: "text" is missing'),
     "units on some parts only": (lambda r: r["endings"][0].pop("units") and
                                  r["endings"][0].pop("segments"), "some parts have \"units\""),
@@ -90,6 +98,9 @@ def test_an_empty_id_is_refused_naming_the_line(tmp_path):
 def test_bad_json_and_duplicate_ids_name_the_line(tmp_path):
     path = write(tmp_path, random_records(3, 1) + ["{not json"])
     with pytest.raises(ItemError, match=rf"{path}:2: not a JSON object"):
+        load_items(path, tokenizer(), vocab())
+    path = write(tmp_path, random_records(3, 1) + ["[" * 100_000])  # RecursionError
+    with pytest.raises(ItemError, match=rf"{path}:2: not an item \(JSON nested too deeply"):
         load_items(path, tokenizer(), vocab())
     path = write(tmp_path, random_records(3, 1) * 2)
     with pytest.raises(ItemError, match=r"id already used at .*items.jsonl:1"):

@@ -106,15 +106,20 @@ def test_import_errors_name_the_story(tmp_path):
     ({"ctx": "a", "endings": ["b", "c"], "label": 1.7}, "\"label\" 1.7 is not an ending index"),
     ({"ctx": "a", "endings": ["b", "c"], "label": "one"}, "\"label\" 'one' is not an ending"),
     ({"ctx": "a", "endings": ["b", "c"], "label": None}, "\"label\" None is not an ending"),
+    # written to the items file, refused only by lst-eval
+    ({"ctx": "a", "endings": ["b", "c"], "label": "2"}, "\"label\" 2 is not an ending index 0..1 "
+                                                       "of its 2 endings"),
+    ({"ctx": "a", "endings": ["b", "c"], "label": -1}, "\"label\" -1 is not an ending index"),
     ({"ctx": "a", "endings": "bcde", "label": 0}, "\"endings\" must be a list of strings"),
     (["a", "b"], "not a JSON object \\(a list\\)"),
     ({"ctx": ["a"], "endings": ["b", "c"], "label": 0}, "\"ctx\", \"ctx_a\" and \"ctx_b\" must be strings"),
     ({"ctx_a": "a", "ctx_b": 3, "endings": ["b", "c"], "label": 0}, "\"ctx\", .* must be strings"),
+    ("[" * 100_000, r"not a HellaSwag line \(JSON nested too deeply"),  # a RecursionError
 ])
 def test_malformed_hellaswag_lines_are_refused(tmp_path, row, message):
     """They were tracebacks, or silently wrong: label 1.7 became 1, "bcde" four endings."""
     path = tmp_path / "hs.jsonl"
-    path.write_text(json.dumps(row) + "\n")
+    path.write_text((row if isinstance(row, str) else json.dumps(row)) + "\n")
     with pytest.raises(ItemError, match=rf"hs.jsonl:1: {message}"):
         read_hellaswag(path)
 
@@ -152,6 +157,9 @@ def test_import_refuses_an_output_that_would_overwrite_the_input(tmp_path, capsy
     assert cloze.read_text() == original
     assert import_main(["storycloze", str(cloze), "--output", str(tmp_path / "no/x.jsonl")]) == 2
     assert "directory" in capsys.readouterr().err
+    # An IsADirectoryError traceback once the items were read
+    assert import_main(["storycloze", str(cloze), "--output", str(tmp_path)]) == 2
+    assert f"--output {tmp_path} is a directory; name the items file" in capsys.readouterr().err
     cloze.write_text(original, encoding="utf-16")
     assert import_main(["storycloze", str(cloze), "--output", str(tmp_path / "x.jsonl")]) == 2
     assert f"{cloze} is not UTF-8 text" in capsys.readouterr().err

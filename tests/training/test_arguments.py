@@ -333,6 +333,21 @@ def test_yaml_switches_and_lists(tmp_path):
     assert args.data_path == ["0.67", "text", "0.33", "speech"]
 
 
+def test_yaml_values_of_text_flags_are_taken_as_written(tmp_path):
+    """YAML 1.1 read `0755` as the octal 493, `2024_01` as 202401, `yes` as True and a date as a
+    date: `save: 0755` saved into the directory 493. The command line takes them as written."""
+    config = write_yaml(tmp_path, "save: 0755\nload: yes\ntokenizer-model: 2024-01-01\n"
+                                  "data-path: [0.5, 2024_01, 0.50, '007', 5e-1, 0x1f]\n"
+                                  "seq-length: 0x10\nlr: 1e-3\n")
+    args = parse_args(["--config", config])
+    assert (args.save, args.load, args.tokenizer_model) == ("0755", "yes", "2024-01-01")
+    assert args.data_path == ["0.5", "2024_01", "0.50", "007", "5e-1", "0x1f"]
+    assert args.seq_length == 16 and args.lr == 1e-3  # numbers still read as YAML numbers
+    argv = config_to_argv(load_config(config), arguments.build_parser())
+    assert argv[argv.index("--save") + 1] == "0755"
+    assert argv[argv.index("--data-path") + 1:argv.index("--data-path") + 3] == ["0.5", "2024_01"]
+
+
 @pytest.mark.parametrize("text, message", [
     ("micro_bach_size: 2\n", r"unknown key 'micro_bach_size'; did you mean 'micro-batch-size'"),
     ("patching-mode: dynamic\n", r"'dynamic' is not one of"),
@@ -346,6 +361,11 @@ def test_yaml_switches_and_lists(tmp_path):
     ("micro-batch-size: null\n", r"--micro-batch-size cannot be null; give a value, or leave "
                                   r"the key out for its default 1"),
     ("- a\n- b\n", r"must be a mapping"),
+    # --seed's own type: its ArgumentTypeError and int(inf)'s OverflowError were tracebacks, and
+    # 1.5 became seed 1 (the command line refuses --seed 1.5).
+    ("seed: -1\n", r"--seed: -1 is not in \[0, 2147483647\]"),
+    ("seed: .inf\n", r"--seed: not an integer: 'inf'"),
+    ("seed: 1.5\n", r"--seed: not an integer: '1.5'"),
 ])
 def test_bad_yaml_names_the_key_and_the_fix(tmp_path, text, message):
     with pytest.raises(ArgumentError, match=message):

@@ -119,11 +119,14 @@ def test_load_naming_an_incomplete_checkpoint_says_so(tmp_path):
         find_latest_checkpoint(partial)
 
 
-@pytest.mark.parametrize("pointer", ["300", "not-a-number"])
+# A pointer of bytes that are not UTF-8 was "'utf-8' codec can't decode byte 0xff", naming no
+# file.
+@pytest.mark.parametrize("pointer", ["300", "not-a-number", b"\xff\xfe1\x00"])
 def test_pointer_to_nothing_is_corruption_not_a_fresh_start(tmp_path, pointer):
     fake_checkpoint(tmp_path, 100)
-    (tmp_path / TRACKER_FILENAME).write_text(pointer)
-    with pytest.raises(CheckpointError, match="corrupt"):
+    tracker = tmp_path / TRACKER_FILENAME
+    tracker.write_bytes(pointer if isinstance(pointer, bytes) else pointer.encode())
+    with pytest.raises(CheckpointError, match=f"{tracker} .*corrupt"):
         find_latest_checkpoint(tmp_path)
 
 
@@ -131,10 +134,13 @@ def test_pointer_to_nothing_is_corruption_not_a_fresh_start(tmp_path, pointer):
     ("[1]", "holds a JSON list, not the checkpoint's metadata object"),
     ('{"format_version": 99}', "format version 99"),
     ("{", "cannot read"),
+    # 'utf-8' codec can't decode byte 0xff ..., naming no file
+    (b"\xff\xfe{\x00", rf"cannot read .*{METADATA_FILENAME}: 'utf-8' codec can't decode"),
 ])
 def test_unreadable_checkpoint_metadata_is_named(tmp_path, content, message):
     path = fake_checkpoint(tmp_path, 100)
-    (path / METADATA_FILENAME).write_text(content)
+    (path / METADATA_FILENAME).write_bytes(content if isinstance(content, bytes)
+                                           else content.encode())
     with pytest.raises(CheckpointError, match=message):
         read_checkpoint_metadata(path)
 

@@ -205,3 +205,21 @@ def test_the_custom_model_example_builds_the_model_it_spells_out():
         config.cross_attention, slots_per_patch=2, num_heads=4, encoder_window=16,
         decoder_window=8, all_encoder_layers=True, all_decoder_layers=False, pooling="mean",
         double_residual=False)
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda record: record.update(args=["--seq-length"]), r"the saved flags \('args'\) are a JSON list"),
+    (lambda record: record.update(model="lst"), r"the model record 'lst' is not"),
+    (lambda record: record["model"]["config"]["global_model"].update(num_layers="2"),
+     r"the model record does not describe a model \(global_model: "),
+])
+def test_a_damaged_checkpoint_record_is_a_usage_error_naming_it(tmp_path, damage, named):
+    """The model flags come from the record: 'args' or 'model' that are no objects were
+    AttributeError tracebacks, and a config that builds no model was named without the file."""
+    load = _fake_checkpoint(tmp_path / "ckpt", _variant())
+    path = load / "iter_0000005" / METADATA_FILENAME
+    record = json.loads(path.read_text())
+    damage(record)
+    path.write_text(json.dumps(record))
+    with pytest.raises(ArgumentError, match=rf"--load {load}: {path.parent}: {named}"):
+        validate_args(parse_args([*LST_RUN, "--load", str(load)]), 1)
