@@ -149,10 +149,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _check_outputs_spare_inputs(args: argparse.Namespace) -> None:
     """Refuse an --output-prefix whose files would replace an input or the tokenizer (a corpus
-    named `corpus.json` with prefix `corpus`)."""
+    named `corpus.json` with prefix `corpus`), or are directories (found only at the end, after
+    the whole corpus was read)."""
     inputs = [*args.input, args.tokenizer_model]
     outputs = [args.output_prefix + middle + suffix for middle in ("", ".partial")
                for suffix in (".bin", ".idx", ".json")]
+    blocked = next((output for output in outputs if os.path.isdir(output)), None)
+    if blocked is not None:
+        raise SystemExit(f"--output-prefix {args.output_prefix}: {blocked} is a directory, where "
+                         f"the dataset writes a file; choose another prefix")
     for output in filter(os.path.exists, outputs):
         replaced = next((path for path in inputs if os.path.samefile(output, path)), None)
         if replaced is not None:

@@ -204,6 +204,10 @@ def test_argument_errors(tmp_path, spm):
     with pytest.raises(SystemExit, match=r"--output-prefix .*out/ names a directory; .*out/corpus"):
         preprocess.main([*reference[:-1], str(tmp_path / "out") + "/", "--tokenizer-model",
                          str(spm)])
+    (tmp_path / "taken.idx").mkdir()
+    with pytest.raises(SystemExit, match=r"--output-prefix .*taken: .*taken.idx is a directory"):
+        preprocess.main([*reference[:-1], str(tmp_path / "taken"), "--tokenizer-model", str(spm)])
+    assert not list(tmp_path.glob("taken*.partial*"))
     for rate in ("0", "-25", "nan", "inf"):
         with pytest.raises(SystemExit, match="--frame-rate must be a positive number"):
             preprocess.main([*reference, "--tokenizer-model", str(spm), "--frame-rate", rate])
