@@ -84,9 +84,6 @@ def _dataclass_from_dict(kind: type, data: dict[str, Any], where: str):
         return kind(**data)
     except (TypeError, ModelConfigError) as error:  # ModelConfigError: sizes that do not fit
         raise CheckpointContentError(f"{where}: {error}") from None
-    except ZeroDivisionError:  # a head count of 0, divided by before it is checked
-        raise CheckpointContentError(f"{where}: a count of 0 that sizes are divided by, in "
-                                     f"{data}") from None
 
 
 def _fits(value: Any, annotation: Any) -> bool:

@@ -153,6 +153,9 @@ class LSTConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ModelConfigError(f"{name} must be a positive number, got {value!r}")
+        for name in ("vocab_size", "max_sequence_length"):
+            if getattr(self, name) < 1:  # an embedding of no rows, a RoPE table of no positions
+                raise ModelConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.decoder.hidden_size != self.encoder.hidden_size:
             # The decoder's input is the encoder's final hidden state (reference rule 8).
             raise ModelConfigError(

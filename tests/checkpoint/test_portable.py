@@ -85,12 +85,15 @@ def test_config_dict_round_trip_and_unknown_field(model):
     (lambda d: d["global_model"].update(hidden_size=63), r"global_model: global hidden_size 63"),
     (lambda d: d.update(encoder=5), r"encoder: a JSON int, not the fields of LocalModelConfig"),
     # AttributeError ('NoneType' object has no attribute 'hidden_size') and ZeroDivisionError
-    # tracebacks: only "documents" may be null, and a head count of 0 is divided by.
+    # tracebacks: only "documents" may be null, and sizes are checked before a head count
+    # divides them.
     (lambda d: d.update(decoder=None), r"decoder: a JSON NoneType, not the fields of "
                                        r"LocalModelConfig"),
     (lambda d: d.update(cross_attention=None), r"cross_attention: a JSON NoneType"),
-    (lambda d: d["encoder"].update(num_heads=0), r"encoder: a count of 0 that sizes are divided "
-                                                 r"by, in \{.*'num_heads': 0"),
+    (lambda d: d["encoder"].update(num_heads=0), r"encoder: local .*num_heads \(0\).* must be "
+                                                 r">= 1"),
+    (lambda d: d.update(vocab_size=0), r"vocab_size must be >= 1, got 0"),
+    (lambda d: d.update(max_sequence_length=-1), r"max_sequence_length must be >= 1, got -1"),
 ])
 def test_config_dict_of_an_impossible_model_is_refused_naming_the_part(model, edit, message):
     data = lst_config_to_dict(model.lst_config)
