@@ -202,6 +202,7 @@ def _convert(action: argparse.Action, value: Any, where: str, flag: str) -> Any:
                               f"leave the key out for its default {action.default!r}")
         return None
     if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+        _refuse_a_command_line_in_one_string(action, value, where)
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         if action.nargs == "+" and not items:
             raise ConfigError(f"{where}: {_long_flag(action)} needs at least one value")
@@ -209,6 +210,21 @@ def _convert(action: argparse.Action, value: Any, where: str, flag: str) -> Any:
     if isinstance(value, (list, tuple, Mapping)):
         raise ConfigError(f"{where}: {_long_flag(action)} takes one value, got {value!r}")
     return _convert_one(action, value, where)
+
+
+def _refuse_a_command_line_in_one_string(action: argparse.Action, value: Any, where: str) -> None:
+    """`data-path: "0.67 a 0.33 b"` is one value, the path '0.67 a 0.33 b' (a manifest that is
+    not found); a string of several words whose first is a number is that mistake, not a path."""
+    if not isinstance(value, str) or len(value.split()) < 2:
+        return
+    try:
+        float(value.split()[0])
+    except ValueError:
+        return
+    items = ", ".join(value.split())
+    raise ConfigError(f"{where}: {_long_flag(action)} takes a list, and {value!r} is one string; "
+                      f"write [{items}] (a YAML list), or quote a path with spaces as the only "
+                      f"item of a list")
 
 
 def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:

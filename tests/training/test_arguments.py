@@ -366,6 +366,9 @@ def test_yaml_values_of_text_flags_are_taken_as_written(tmp_path):
     ("seed: -1\n", r"--seed: -1 is not in \[0, 2147483647\]"),
     ("seed: .inf\n", r"--seed: not an integer: 'inf'"),
     ("seed: 1.5\n", r"--seed: not an integer: '1.5'"),
+    # one string was one path, '0.67 a 0.33 b', refused later as a manifest not found
+    ("data-path: '0.67 a 0.33 b'\n", r"--data-path takes a list, and '0.67 a 0.33 b' is one "
+                                     r"string; write \[0.67, a, 0.33, b\]"),
 ])
 def test_bad_yaml_names_the_key_and_the_fix(tmp_path, text, message):
     with pytest.raises(ArgumentError, match=message):
@@ -532,3 +535,8 @@ def test_ddp_bucket_size_must_be_positive():
 def test_incomplete_recomputation_flags_are_refused(extra, message):
     with pytest.raises(ArgumentError, match=message):
         valid(*extra)
+
+
+def test_a_path_with_spaces_is_still_one_data_path(tmp_path):
+    args = parse_args(["--config", write_yaml(tmp_path, "data-path: 'my data/corpus'\n")])
+    assert args.data_path == ["my data/corpus"]
