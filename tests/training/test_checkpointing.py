@@ -300,7 +300,10 @@ def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path):
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
     output = run.stdout + run.stderr
-    assert output.count("exitcode  : 3") == 2, output[-3000:]
+    # Each rank exits with 3; once one has, torchrun may end the other with SIGTERM (-15) before
+    # it exits by itself (both lines below show that both ranks got there).
+    codes = re.findall(r"exitcode  : (-?\d+)", output)
+    assert "3" in codes and set(codes) <= {"3", "-15"}, output[-3000:]
     assert "[rank1]: Traceback" not in output and "Connection closed by peer" not in output, \
         output[-3000:]
     assert (f"lst-train: saving the checkpoint of iteration 2 into {save} failed (OSError: [Errno "

@@ -2,6 +2,7 @@
 the problem, no traceback (docs/training.md, "Exit status")."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -68,4 +69,7 @@ def test_bad_data_stops_every_rank_with_one_line(tmp_path):
     assert output.count("lst-train: ") == 2, output[-3000:]
     assert f"lst-train: bad training data: {idx}: is " in output
     assert "lst-train: bad training data: rank 0 failed to build the datasets" in output
-    assert output.count("exitcode  : 4") == 2
+    # Each rank exits with 4; once one has, torchrun may end the other with SIGTERM (-15) before
+    # it exits by itself (its line above shows it got there).
+    codes = re.findall(r"exitcode  : (-?\d+)", output)
+    assert "4" in codes and set(codes) <= {"4", "-15"}, output[-3000:]
