@@ -209,15 +209,22 @@ def _check_room_for_checkpoint(args: argparse.Namespace, model: list[torch.nn.Mo
     checkpoint (rank 0 measures the free space)."""
     needed = save_directory.checkpoint_bytes_lower_bound(
         model, args.optimizer, args.sgd_momentum, args.fp16 or args.bf16)
+    _check_on_rank0(lambda: save_directory.check_room_for_checkpoint(args.save, needed),
+                    save_directory.InsufficientSpaceError)
+
+
+def _check_on_rank0(check, error_type: type[Exception]) -> None:
+    """Collective: run `check()` on rank 0; when it raises `error_type`, every rank raises
+    `error_type` with its message (the others would otherwise wait for rank 0 in a barrier)."""
     refusal = [None]
     if torch.distributed.get_rank() == 0:
         try:
-            save_directory.check_room_for_checkpoint(args.save, needed)
-        except save_directory.InsufficientSpaceError as err:
+            check()
+        except error_type as err:
             refusal = [str(err)]
     torch.distributed.broadcast_object_list(refusal, src=0)
     if refusal[0] is not None:
-        raise save_directory.InsufficientSpaceError(refusal[0])
+        raise error_type(refusal[0])
 
 
 def _check_vocab_splits(vocab: JointVocab, tensor_model_parallel_size: int) -> None:
@@ -475,16 +482,9 @@ def _save_directory_lock(save_dir: str | None):
     if save_dir is None:
         yield
         return
-    refusal = [None]
     with contextlib.ExitStack() as stack:
-        if torch.distributed.get_rank() == 0:
-            try:
-                stack.enter_context(save_directory.SaveDirectoryLock(save_dir))
-            except save_directory.SaveDirectoryBusyError as err:
-                refusal = [str(err)]
-        torch.distributed.broadcast_object_list(refusal, src=0)
-        if refusal[0] is not None:
-            raise save_directory.SaveDirectoryBusyError(refusal[0])
+        _check_on_rank0(lambda: stack.enter_context(save_directory.SaveDirectoryLock(save_dir)),
+                        save_directory.SaveDirectoryBusyError)
         yield
 
 
