@@ -37,14 +37,18 @@ def lst_config_to_dict(config: LSTConfig) -> dict[str, Any]:
 
 
 # Fields a record may leave out, with the value that means: `documents` did not exist before
-# document masking, and those models trained across EOS.
-_FIELDS_OF_OLDER_RECORDS = {LSTConfig: {"documents": None}}
+# document masking, and those models trained across EOS; the head shapes (`num_query_groups` of
+# the local models, `kv_channels`) did not exist before grouped-query local attention and explicit
+# head sizes, and those models had one key/value head per query head of `hidden / heads`.
+_FIELDS_OF_OLDER_RECORDS = {LSTConfig: {"documents": None},
+                            LocalModelConfig: {"num_query_groups": None, "kv_channels": None},
+                            GlobalModelConfig: {"kv_channels": None}}
 
 
 def lst_config_from_dict(data: dict[str, Any]) -> LSTConfig:
-    """Inverse of `lst_config_to_dict`. Unknown fields, missing fields (but `documents`, absent
-    from records written before document masking) and values of another type are errors that
-    name the field, never defaults."""
+    """Inverse of `lst_config_to_dict`. Unknown fields, missing fields (but those of
+    `_FIELDS_OF_OLDER_RECORDS`, absent from records written before they existed) and values of
+    another type are errors that name the field, never defaults."""
     if not isinstance(data, dict):
         raise CheckpointContentError(f"lst_config: a JSON {type(data).__name__}, not the fields "
                                      "of LSTConfig")

@@ -160,6 +160,15 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         n_kv_heads_global=(args.get("n_kv_heads_global")
                            if (args.get("n_kv_heads_global") or g.num_heads)
                            == (g.num_query_groups or g.num_heads) else g.num_query_groups),
+        head_dim=_shared_reference_size(
+            "head_dim", args.get("head_dim"),
+            {"global": (g.head_dim, g.hidden_size // g.num_heads, g.kv_channels),
+             "local encoder": (enc.head_dim, enc.hidden_size // enc.num_heads, enc.kv_channels),
+             "local decoder": (dec.head_dim, dec.hidden_size // dec.num_heads, dec.kv_channels)}),
+        n_kv_heads=_shared_reference_size(
+            "n_kv_heads", args.get("n_kv_heads"),
+            {"local encoder": (enc.kv_groups, enc.num_heads, enc.num_query_groups),
+             "local decoder": (dec.kv_groups, dec.num_heads, dec.num_query_groups)}),
         dim_token=enc.hidden_size,
         dim_local_encoder=enc.hidden_size, n_layers_local_encoder=enc.num_layers,
         n_heads_local_encoder=enc.num_heads,
@@ -187,6 +196,27 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
             f"this model cannot be written as reference arguments: they describe {reimported}, "
             f"the model is {config}")
     return args
+
+
+def _shared_reference_size(field: str, kept: Any, models: dict[str, tuple[int, int, int | None]]) -> Any:
+    """The value of a reference size field that several of its models share (`head_dim`: the
+    global and both local models; `n_kv_heads`: both local models), each of which reads it as
+    `value or derived`. `models`: name -> (the model's size, the size derived without the field,
+    the size the model spells out or None). The kept (base args') spelling when it gives every
+    size; else null when no model spells one out; else the one size they all have. Models of
+    different spelt-out sizes have no reference arguments: refused, naming the sizes."""
+    if all((kept or derived) == size for size, derived, _ in models.values()):
+        return kept
+    if all(explicit is None for _, _, explicit in models.values()):
+        return None
+    sizes = {size for size, _, _ in models.values()}
+    if len(sizes) == 1:
+        return sizes.pop()
+    described = ", ".join(f"{name} {size}" for name, (size, _, _) in models.items())
+    raise ReferenceImportError(
+        f"the reference has one {field} for the {' and '.join(models)} models; this model's "
+        f"differ ({described}), so no reference arguments describe it (give them the same size, "
+        "or keep the checkpoint in this package's formats)")
 
 
 def _set_attention_rule(args: dict[str, Any], config: LSTConfig, max_tokens: int | None) -> None:

@@ -29,6 +29,37 @@ def swiglu_ffn_size(hidden_size: int, multiple_of: int = 256, multiplier: float 
     return multiple_of * math.ceil(width / multiple_of)
 
 
+def _head_shape_errors(where: str, hidden: int, heads: int, groups: int,
+                       kv_channels: int | None) -> str | None:
+    """What is wrong with a self-attention's heads, or None: `groups` key/value heads must divide
+    the `heads` query heads; a head size of `kv_channels` (None: `hidden / heads`, which must then
+    divide) must be even for RoPE."""
+    if heads % groups:
+        return (f"{where} num_heads {heads} is not divisible by num_query_groups {groups} "
+                "(each key/value head serves a whole group of query heads)")
+    if kv_channels is None and hidden % heads:
+        return (f"{where} hidden_size {hidden} is not divisible by num_heads {heads}; "
+                "choose a divisor or give the head size (kv_channels) explicitly")
+    head_dim = kv_channels if kv_channels is not None else hidden // heads
+    if head_dim % 2:
+        return f"{where} head dim {head_dim} must be even for RoPE"
+    return None
+
+
+def _given_or(value: int | None, default: int) -> int:
+    """A size that may be None ("derived"): 0 stays 0, to be refused as no size."""
+    return default if value is None else value
+
+
+def _normalise_head_shape(config, groups_field: str | None) -> None:
+    """Store spelt-out defaults as None (key/value heads equal to the heads, a head size equal to
+    `hidden / heads`), so that two configs of the same model compare equal."""
+    if groups_field and getattr(config, groups_field) == config.num_heads:
+        object.__setattr__(config, groups_field, None)
+    if config.kv_channels is not None and config.kv_channels * config.num_heads == config.hidden_size:
+        object.__setattr__(config, "kv_channels", None)
+
+
 @dataclass(frozen=True)
 class LocalModelConfig:
     """A stack of pre-norm sliding-window causal self-attention layers (encoder or decoder)."""
@@ -39,27 +70,40 @@ class LocalModelConfig:
     ffn_hidden_size: int
     window: int = 512
     """Sliding-window length in tokens: token i attends tokens i-window+1 .. i."""
+    num_query_groups: int | None = None
+    """Key/value heads (grouped-query attention: query head h reads key/value head
+    `h // (num_heads / num_query_groups)`); None means one per query head, and a count equal to
+    `num_heads` is stored as None."""
+    kv_channels: int | None = None
+    """Size of one attention head (megatron's `kv_channels`): q, k and v are `num_heads` (resp.
+    `num_query_groups`) heads of this size, and the output projection reads
+    `num_heads * kv_channels`. None means `hidden_size / num_heads`; that value is stored as
+    None."""
 
     def __post_init__(self):
-        if min(self.hidden_size, self.num_layers, self.num_heads, self.window,
-               self.ffn_hidden_size) < 1:  # before dividing by num_heads
+        _normalise_head_shape(self, "num_query_groups")
+        sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                 "num_heads": self.num_heads, "window": self.window,
+                 "ffn_hidden_size": self.ffn_hidden_size,
+                 "num_query_groups": _given_or(self.num_query_groups, self.num_heads),
+                 "kv_channels": _given_or(self.kv_channels, 1)}
+        if min(sizes.values()) < 1:  # before dividing by num_heads
             raise ModelConfigError(
-                f"local hidden_size ({self.hidden_size}), num_layers ({self.num_layers}), "
-                f"num_heads ({self.num_heads}), window ({self.window}) and ffn_hidden_size "
-                f"({self.ffn_hidden_size}) must be >= 1"
-            )
-        if self.hidden_size % self.num_heads:
-            raise ModelConfigError(
-                f"local hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ModelConfigError(
-                f"local head dim {self.hidden_size // self.num_heads} must be even for RoPE"
-            )
+                "local " + ", ".join(f"{name} ({getattr(self, name)})" for name in sizes)
+                + " must be >= 1")
+        error = _head_shape_errors("local", self.hidden_size, self.num_heads, self.kv_groups,
+                                   self.kv_channels)
+        if error:
+            raise ModelConfigError(error)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_heads
+
+    @property
+    def kv_groups(self) -> int:
+        """Key/value heads (`num_query_groups`, or one per query head)."""
+        return _given_or(self.num_query_groups, self.num_heads)
 
 
 @dataclass(frozen=True)
@@ -73,20 +117,24 @@ class GlobalModelConfig:
     num_query_groups: int | None = None
     """Key/value heads (GQA); None means one per query head, and a count equal to `num_heads` is
     stored as None, so that two configs of the same model compare equal."""
+    kv_channels: int | None = None
+    """Size of one attention head (megatron's `kv_channels`); None means `hidden_size /
+    num_heads`, and that value is stored as None."""
 
     def __post_init__(self):
-        if self.num_query_groups == self.num_heads:
-            object.__setattr__(self, "num_query_groups", None)
-        groups = self.num_query_groups or self.num_heads
-        if min(self.hidden_size, self.num_layers, self.num_heads, self.ffn_hidden_size, groups) < 1:
+        _normalise_head_shape(self, "num_query_groups")
+        groups = _given_or(self.num_query_groups, self.num_heads)
+        if min(self.hidden_size, self.num_layers, self.num_heads, self.ffn_hidden_size, groups,
+               _given_or(self.kv_channels, 1)) < 1:
             raise ModelConfigError(f"global model sizes must all be >= 1, got {self}")
-        if self.hidden_size % self.num_heads or self.num_heads % groups:
-            raise ModelConfigError(
-                f"global hidden_size {self.hidden_size} must be divisible by num_heads "
-                f"{self.num_heads}, and num_heads by num_query_groups {groups}")
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ModelConfigError(
-                f"global head dim {self.hidden_size // self.num_heads} must be even for RoPE")
+        error = _head_shape_errors("global", self.hidden_size, self.num_heads, groups,
+                                   self.kv_channels)
+        if error:
+            raise ModelConfigError(error)
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_heads
 
 
 @dataclass(frozen=True)
@@ -191,6 +239,7 @@ class LSTConfig:
             hidden_size=g.hidden_size,
             num_attention_heads=g.num_heads,
             num_query_groups=g.num_query_groups,
+            kv_channels=g.head_dim,
             ffn_hidden_size=g.ffn_hidden_size,
             normalization="RMSNorm",
             layernorm_epsilon=self.norm_eps,

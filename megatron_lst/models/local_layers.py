@@ -23,7 +23,7 @@ from .rope import apply_interleaved_rope
 @dataclass
 class SlidingKVCache:
     """Generation cache of one sliding-window layer: keys (RoPE applied) and values of the last
-    `window - 1 + spare` tokens, each `[1, L, H, d]`: the next token's window, plus `spare`
+    `window - 1 + spare` tokens, each `[1, L, G, d]` (the layer's key/value heads): the next token's window, plus `spare`
     tokens that `drop_last` can take back."""
 
     window: int
@@ -32,7 +32,7 @@ class SlidingKVCache:
     values: torch.Tensor | None = None
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new tokens' `k, v [1, n, H, d]`; returns all cached keys and values."""
+        """Append the new tokens' `k, v [1, n, G, d]`; returns all cached keys and values."""
         if self.keys is not None:
             k, v = torch.cat([self.keys, k], dim=1), torch.cat([self.values, v], dim=1)
         first_kept = max(k.shape[1] - (self.window - 1 + self.spare), 0)
@@ -54,37 +54,58 @@ class LocalLayerSubmodules:
 
 
 class LocalSelfAttention(torch.nn.Module):
-    """Multi-head sliding-window causal self-attention; q, k, v from one fused projection."""
+    """Sliding-window causal self-attention with `H` query heads and `G` key/value heads of size
+    `d` (`G == H`: multi-head; `G < H`: grouped-query, query head h reads key/value head
+    `h // (H / G)`, the reference's `repeat_kv` order); q, k, v from one fused projection."""
 
     def __init__(self, config: LocalModelConfig, attention_backend: str = "auto"):
         super().__init__()
-        self.num_heads = config.num_heads
-        # Rows [q; k; v], each [D, D], heads contiguous within each.
-        self.linear_qkv = torch.nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.linear_proj = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.num_heads, self.num_groups, self.head_dim = config.num_heads, config.kv_groups, config.head_dim
+        # Rows [q; k; v]: [H*d, D], [G*d, D], [G*d, D], heads contiguous within each.
+        self.linear_qkv = torch.nn.Linear(
+            config.hidden_size, (self.num_heads + 2 * self.num_groups) * self.head_dim, bias=False)
+        self.linear_proj = torch.nn.Linear(self.num_heads * self.head_dim, config.hidden_size,
+                                           bias=False)
         self.core_attention = SlidingWindowAttention(config.window, attention_backend)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`x [B, N, D]` -> q `[B, N, H, d]`, k and v `[B, N, G, d]` (no RoPE yet)."""
+        q, k, v = self.linear_qkv(x).split(
+            [self.num_heads * self.head_dim, self.num_groups * self.head_dim,
+             self.num_groups * self.head_dim], dim=-1)
+        return (q.unflatten(-1, (self.num_heads, self.head_dim)),
+                k.unflatten(-1, (self.num_groups, self.head_dim)),
+                v.unflatten(-1, (self.num_groups, self.head_dim)))
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        """Key/value heads `[B, L, G, d]` -> one per query head `[B, L, H, d]`."""
+        if self.num_groups == self.num_heads:
+            return t
+        return t.repeat_interleave(self.num_heads // self.num_groups, dim=2)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 key_start: torch.Tensor | None = None) -> torch.Tensor:
         """`x [B, N, D]`, RoPE tables, and the first key of every query `[B, N]` for packed
         documents (None: the window alone) -> `[B, N, D]`."""
-        q, k, v = self.linear_qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)  # [B, N, H, d]
+        q, k, v = self._project(x)
         q = apply_interleaved_rope(q, *rope)
         k = apply_interleaved_rope(k, *rope)
-        out = self.core_attention(q, k, v, key_start)  # [B, N, H, d]
+        out = self.core_attention(q, self._expand(k), self._expand(v), key_start)  # [B, N, H, d]
         return self.linear_proj(out.flatten(-2))  # [B, N, D]
 
     def forward_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      cache: SlidingKVCache) -> torch.Tensor:
         """The next `n` tokens of a sequence whose earlier tokens are in `cache`: `x [1, n, D]`,
-        `rope` the tables at their positions `[1, n, 1, d]` -> `[1, n, D]`; extends `cache`."""
-        q, k, v = self.linear_qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        `rope` the tables at their positions `[1, n, 1, d]` -> `[1, n, D]`; extends `cache`
+        (which keeps the G key/value heads, not their expansion)."""
+        q, k, v = self._project(x)
         q = apply_interleaved_rope(q, *rope)
-        keys, values = cache.extend(apply_interleaved_rope(k, *rope), v)  # [1, L, H, d]
+        keys, values = cache.extend(apply_interleaved_rope(k, *rope), v)  # [1, L, G, d]
         window = self.core_attention.window
         place = torch.arange(keys.shape[1] - q.shape[1], keys.shape[1], device=x.device)  # [n]
         start = (place - window + 1).clamp(min=0)[None]  # [1, n]
-        out = patch_cross_attention(q, keys, values, start, place[None] + 1)  # [1, n, H, d]
+        out = patch_cross_attention(q, self._expand(keys), self._expand(values), start,
+                                    place[None] + 1)  # [1, n, H, d]
         return self.linear_proj(out.flatten(-2))
 
 

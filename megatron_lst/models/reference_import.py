@@ -144,7 +144,8 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
 
     def local(dim: int, layers: int, heads: int) -> LocalModelConfig:
         return LocalModelConfig(dim, layers, heads, swiglu_ffn_size(dim, multiple_of, multiplier),
-                                window=window)
+                                window=window, num_query_groups=a["n_kv_heads"],
+                                kv_channels=a["head_dim"])
 
     try:
         return LSTConfig(
@@ -153,7 +154,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
                 hidden_size=a["dim_global"], num_layers=a["n_layers_global"],
                 num_heads=a["n_heads_global"],
                 ffn_hidden_size=swiglu_ffn_size(a["dim_global"], multiple_of, multiplier),
-                num_query_groups=a["n_kv_heads_global"],
+                num_query_groups=a["n_kv_heads_global"], kv_channels=a["head_dim"],
             ),
             encoder=local(a["dim_local_encoder"], a["n_layers_local_encoder"], a["n_heads_local_encoder"]),
             decoder=local(a["dim_local_decoder"], a["n_layers_local_decoder"], a["n_heads_local_decoder"]),
@@ -251,32 +252,40 @@ def _check_decoder_projection(a: dict) -> None:
 
 
 def _check_head_shapes(a: dict) -> None:
-    """The reference's `head_dim` (one for the global and both local models) and `n_kv_heads`
-    (the local models' key/value heads) may be spelled out; this package builds them only as
-    `hidden size / heads` and one key/value head per local query head, so other values are
-    refused naming the field."""
-    models = {"global": ("dim_global", "n_heads_global"),
-              "local encoder": ("dim_local_encoder", "n_heads_local_encoder"),
-              "local decoder": ("dim_local_decoder", "n_heads_local_decoder")}
-    head_dim, kv_heads = a["head_dim"], a["n_kv_heads"]
-    for key in ("head_dim", "n_kv_heads"):
-        if a[key] is not None and (not isinstance(a[key], int) or isinstance(a[key], bool)):
+    """The reference's `head_dim` (one head size for the global and both local models; null:
+    each model's `dim / n_heads`) and `n_kv_heads` (the local models' key/value heads; the global
+    model's are `n_kv_heads_global`) must be whole numbers, and each of its three
+    `TransformerBlock`s asserts `dim % n_heads == 0` (even when `head_dim` is given) and
+    `n_heads % n_kv_heads == 0`; its RoPE pairs the head's channels, so a head size must be
+    even. Arguments breaking these build no reference model: refused, naming the field."""
+    for key in ("head_dim", "n_kv_heads", "n_kv_heads_global"):
+        if a[key] is not None and (not isinstance(a[key], int) or isinstance(a[key], bool)
+                                   or a[key] < 1):
             raise ReferenceImportError(
-                f"reference {key}={a[key]!r} is not a number of units or heads (give an integer, "
-                "or null for the one derived from the hidden size and heads)")
-    for model, (dim, heads) in models.items():
-        if not (isinstance(a[dim], int) and isinstance(a[heads], int)):
+                f"reference {key}={a[key]!r} is not a number of units or heads (give a positive "
+                "integer, or null for the one derived from the hidden size and heads)")
+    models = {"global": ("dim_global", "n_heads_global", "n_kv_heads_global"),
+              "local encoder": ("dim_local_encoder", "n_heads_local_encoder", "n_kv_heads"),
+              "local decoder": ("dim_local_decoder", "n_heads_local_decoder", "n_kv_heads")}
+    for model, (dim, heads, kv_heads) in models.items():
+        if not (isinstance(a[dim], int) and isinstance(a[heads], int) and a[heads] >= 1):
             continue  # no sizes to compare: the model's configuration refuses them, named
-        if head_dim is not None and head_dim * a[heads] != a[dim]:
+        if a[dim] % a[heads]:
             raise ReferenceImportError(
-                f"reference head_dim={head_dim!r} is not supported: the {model} model's "
-                f"{dim} {a[dim]!r} / {heads} {a[heads]!r} is another head size (this package "
-                "builds heads of hidden size / heads; set head_dim to null)")
-        if kv_heads is not None and model != "global" and kv_heads != a[heads]:
+                f"reference {dim} {a[dim]!r} is not divisible by {heads} {a[heads]!r}: the "
+                f"reference's {model} blocks assert it (whatever head_dim says); fix the model "
+                "arguments")
+        if a[kv_heads] is not None and a[heads] % a[kv_heads]:
             raise ReferenceImportError(
-                f"reference n_kv_heads={kv_heads!r} is not supported: grouped-query attention in "
-                f"the local models ({heads} {a[heads]!r}) is not implemented; only one key/value "
-                "head per query head (n_kv_heads null or equal to the local heads)")
+                f"reference {heads} {a[heads]!r} is not divisible by {kv_heads} "
+                f"{a[kv_heads]!r}: the reference's {model} blocks share each key/value head "
+                "among a whole group of query heads; fix the model arguments")
+        head_dim = a["head_dim"] or a[dim] // a[heads]
+        if head_dim % 2:
+            raise ReferenceImportError(
+                f"reference head size {head_dim} of the {model} model (head_dim "
+                f"{a['head_dim']!r}, {dim} {a[dim]!r} / {heads} {a[heads]!r}) is odd: the "
+                "reference's RoPE rotates pairs of channels and cannot run it")
 
 
 def _patch_window(window: int | None) -> int:
@@ -379,15 +388,15 @@ class TensorMapping:
 
 
 def _transformer_layer(ours: str, ref: str, norms: tuple[str, str], qkv_groups: int = 1,
-                       queries_per_group: int = 1) -> list[TensorMapping]:
+                       row_shares: tuple[int, int, int] = (1, 1, 1)) -> list[TensorMapping]:
     """A self-attention + SwiGLU layer. `ours`/`ref`: the layer's name prefixes, trailing dot
     included; `norms`: our names of its attention and FFN pre-norms; the fused QKV stacks
-    `qkv_groups` groups of `queries_per_group` query heads, one key head and one value head
-    (one group: plain `[wq; wk; wv]`)."""
+    `qkv_groups` groups, each of `row_shares` (query, key, value) heads (one group: plain
+    `[wq; wk; wv]`). Head sizes come from the tensors' rows."""
     return [
         TensorMapping(f"{ours}self_attention.linear_qkv.weight",
                       tuple(f"{ref}attention.{w}.weight" for w in ("wq", "wk", "wv")),
-                      qkv_groups, (queries_per_group, 1, 1)),
+                      qkv_groups, row_shares),
         TensorMapping(f"{ours}self_attention.linear_proj.weight", (f"{ref}attention.wo.weight",)),
         TensorMapping(f"{ours}mlp.linear_fc1.weight",
                       (f"{ref}feed_forward.w1.weight", f"{ref}feed_forward.w3.weight")),
@@ -402,12 +411,14 @@ _GLOBAL_NORMS = ("input_layernorm", "pre_mlp_layernorm")  # megatron's local-spe
 
 def _global_layer(ours: str, ref: str, g: GlobalModelConfig) -> list[TensorMapping]:
     groups = g.num_query_groups or g.num_heads
-    return _transformer_layer(ours, ref, _GLOBAL_NORMS, groups, g.num_heads // groups)
+    return _transformer_layer(ours, ref, _GLOBAL_NORMS, groups, (g.num_heads // groups, 1, 1))
 
 
-def _local_layers(ours: str, ref: str, count: int) -> list[TensorMapping]:
-    return [mapping for i in range(count) for mapping in
-            _transformer_layer(f"{ours}.layers.{i}.", f"{ref}.layers.{i}.", ("input_norm", "pre_mlp_norm"))]
+def _local_layers(ours: str, ref: str, local: LocalModelConfig) -> list[TensorMapping]:
+    """A local model's layers: its fused QKV is plain `[wq; wk; wv]`, of `H`, `G` and `G` heads."""
+    return [mapping for i in range(local.num_layers) for mapping in
+            _transformer_layer(f"{ours}.layers.{i}.", f"{ref}.layers.{i}.", ("input_norm", "pre_mlp_norm"),
+                               row_shares=(local.num_heads, local.kv_groups, local.kv_groups))]
 
 
 def _cross_attention_layers(ours: str, ref: str, count: int) -> list[TensorMapping]:
@@ -432,7 +443,7 @@ def reference_tensor_map(config: LSTConfig) -> list[TensorMapping]:
     it is made of, in the reference's module order. Import combines, export splits."""
     xattn, g = config.cross_attention, config.global_model
     mappings = [TensorMapping("token_encoder.embedding.weight", ("local_encoder.tok_embeddings.weight",))]
-    mappings += _local_layers("token_encoder", "local_encoder", config.encoder.num_layers)
+    mappings += _local_layers("token_encoder", "local_encoder", config.encoder)
     mappings.append(TensorMapping("patch_encoder.patch_projection.weight",
                                   ("local_encoder.patch_embedding_projection.weight",)))
     mappings += _cross_attention_layers("patch_encoder", "local_encoder",
@@ -447,7 +458,7 @@ def reference_tensor_map(config: LSTConfig) -> list[TensorMapping]:
                                       ("local_decoder.patch_embedding_projection.weight",)))
     mappings += _cross_attention_layers("local_decoder", "local_decoder",
                                         config.decoder.num_layers if xattn.all_decoder_layers else 1)
-    mappings += _local_layers("local_decoder", "local_decoder", config.decoder.num_layers)
+    mappings += _local_layers("local_decoder", "local_decoder", config.decoder)
     mappings += [
         TensorMapping("local_decoder.final_norm.weight", ("local_decoder.norm.weight",)),
         TensorMapping("output_layer.weight", ("local_decoder.output.weight",)),

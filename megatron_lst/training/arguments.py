@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import operator
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -388,9 +389,15 @@ def preset_defaults(name: str) -> dict[str, Any]:
     document rule of its own flags, which a preset does not set)."""
     from megatron_lst.models.config import preset
 
-    values = model_flags.flag_values(preset(name, vocab_size=1))  # sizes do not depend on it
+    config = preset(name, vocab_size=1)  # sizes do not depend on it
+    values = model_flags.flag_values(config)
     for flag in model_flags.DOCUMENT_FLAGS:
         del values[flag.dest]
+    for flag in model_flags.MODEL_FLAGS:
+        if flag.none_means is not None and operator.attrgetter(flag.field)(config) is None:
+            # derived (key/value heads, head sizes): stays derived from the sizes the command
+            # line may change, e.g. --local-encoder-heads 6 gets 6 key/value heads of its size
+            values[flag.dest] = None
     return values
 
 
@@ -547,7 +554,7 @@ def _validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
 
 def _validate_model(args: argparse.Namespace) -> None:
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-              "ffn_hidden_size", "max_position_embeddings", "num_units")
+              "kv_channels", "ffn_hidden_size", "max_position_embeddings", "num_units")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     from megatron_lst.parallel import ParallelLayoutError, pipeline_stage_layers
 
@@ -563,10 +570,10 @@ def _validate_model(args: argparse.Namespace) -> None:
     for dest in ("norm_epsilon", "init_method_std"):
         if getattr(args, dest) is not None and getattr(args, dest) < 0:
             raise ArgumentError(f"{_flag(dest)} must be >= 0, got {getattr(args, dest)}")
-    if args.hidden_size % args.num_attention_heads:
+    if args.kv_channels is None and args.hidden_size % args.num_attention_heads:
         raise ArgumentError(
             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
-            f"{args.num_attention_heads}"
+            f"{args.num_attention_heads}; choose a divisor or give the head size (--kv-channels)"
         )
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
@@ -672,12 +679,18 @@ def _validate_lst(args: argparse.Namespace) -> None:
     for side in ("encoder", "decoder"):
         dests = [f"local_{side}_layers", f"local_{side}_hidden_size", f"local_{side}_heads"]
         _require(args, *dests)
-        _positive(args, *dests)
+        _positive(args, *dests, f"local_{side}_query_groups", f"local_{side}_kv_channels")
         hidden, heads = getattr(args, dests[1]), getattr(args, dests[2])
-        if hidden % heads:
+        if getattr(args, f"local_{side}_kv_channels") is None and hidden % heads:
             raise ArgumentError(
                 f"--local-{side}-hidden-size {hidden} is not divisible by --local-{side}-heads "
-                f"{heads}"
+                f"{heads}; choose a divisor or give the head size (--local-{side}-kv-channels)"
+            )
+        groups = getattr(args, f"local_{side}_query_groups")
+        if groups is not None and heads % groups:
+            raise ArgumentError(
+                f"--local-{side}-heads {heads} is not divisible by --local-{side}-query-groups "
+                f"{groups}: each key/value head serves a whole group of query heads"
             )
         cross_heads = args.cross_attn_heads if args.cross_attn_heads is not None else heads
         if hidden % cross_heads:

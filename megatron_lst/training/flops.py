@@ -178,6 +178,7 @@ class ModelShape:
             global_stack=StackShape(
                 dim=g.hidden_size, layers=g.num_layers, heads=g.num_heads,
                 kv_heads=g.num_query_groups, ffn_hidden=g.ffn_hidden_size,
+                head_dim=g.kv_channels,
             ),
             encoder=_local_stack(config.encoder),
             decoder=_local_stack(config.decoder),
@@ -219,7 +220,8 @@ class ModelShape:
 def _local_stack(local: LocalModelConfig) -> StackShape:
     return StackShape(
         dim=local.hidden_size, layers=local.num_layers, heads=local.num_heads,
-        ffn_hidden=local.ffn_hidden_size, window=local.window,
+        kv_heads=local.num_query_groups, ffn_hidden=local.ffn_hidden_size, window=local.window,
+        head_dim=local.kv_channels,
     )
 
 

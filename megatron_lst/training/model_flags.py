@@ -63,6 +63,12 @@ def _local_flags(side: str) -> tuple[ModelFlag, ...]:
         ModelFlag(f"{side}.num_heads", f"--local-{side}-heads", int,
                   f"Self-attention heads of the local {side}; the head dimension must be even "
                   "(RoPE)."),
+        ModelFlag(f"{side}.num_query_groups", f"--local-{side}-query-groups", int,
+                  f"Key/value heads of the local {side} (grouped-query attention; they must "
+                  "divide its heads); default: one per head.", none_means=f"{side}.num_heads"),
+        ModelFlag(f"{side}.kv_channels", f"--local-{side}-kv-channels", int,
+                  f"Size of one attention head of the local {side} (even, for RoPE); default: "
+                  "hidden size / heads.", none_means=f"{side}.head_dim"),
         ModelFlag(f"{side}.ffn_hidden_size", f"--local-{side}-ffn-hidden-size", int,
                   f"SwiGLU hidden width of the local {side}. Default: the reference's rule, "
                   "256 * ceil(int(8 * hidden / 3) / 256)."),
@@ -98,6 +104,9 @@ GLOBAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("global_model.num_query_groups", "--num-query-groups", int,
               "Key/value heads for grouped-query attention; default: one per head.",
               none_means="global_model.num_heads"),
+    ModelFlag("global_model.kv_channels", "--kv-channels", int,
+              "Size of one attention head of the global transformer (even, for RoPE); default: "
+              "hidden size / heads.", none_means="global_model.head_dim"),
     ModelFlag("max_sequence_length", "--max-position-embeddings", int,
               "Most global positions the model is built for (patches; tokens for the baseline). "
               "Default: --seq-length. May change when resuming.", fixed_by_checkpoint=False),

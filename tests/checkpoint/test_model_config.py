@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import operator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -92,22 +93,33 @@ def _edited(data: dict, path: tuple, value=None, delete: bool = False) -> dict:
 
 
 def _config_with_documents():
-    """Every field set, none null: grouped-query attention and document masking."""
+    """Every field set, none null: grouped-query attention and head sizes other than hidden /
+    heads in every model, and document masking."""
     from megatron_lst.models.config import DocumentMaskingConfig, GlobalModelConfig, preset
 
-    return dataclasses.replace(preset("tiny", 64), documents=DocumentMaskingConfig(eos_id=2),
-                               global_model=GlobalModelConfig(64, 2, 4, 256, 2))
+    config = preset("tiny", 64)
+    encoder, decoder = (dataclasses.replace(local, num_query_groups=1, kv_channels=8)
+                        for local in (config.encoder, config.decoder))
+    return dataclasses.replace(config, documents=DocumentMaskingConfig(eos_id=2),
+                               global_model=GlobalModelConfig(64, 2, 4, 256, 2, 32),
+                               encoder=encoder, decoder=decoder)
 
 
 def test_every_missing_field_is_named_not_defaulted():
     """A record without a field is damaged: no dataclass default takes its place (a default
-    window or cross-attention would build another model). Only `documents`, which records before
-    document masking lack, reads as None (those models trained across EOS)."""
+    window or cross-attention would build another model). Only the fields older records lack
+    read as what those models had: `documents` (before document masking) as None, they trained
+    across EOS; the head shapes (before local grouped-query attention and explicit head sizes)
+    as one key/value head per query head of hidden / heads."""
     config = _config_with_documents()
     data = lst_config_to_dict(config)
     for path, _ in _leaves(data):
         if path == ("documents",):
             assert lst_config_from_dict(_edited(data, path, delete=True)).documents is None
+            continue
+        if path[-1] in ("num_query_groups", "kv_channels") and path != ("global_model", "num_query_groups"):
+            older = lst_config_from_dict(_edited(data, path, delete=True))
+            assert getattr(operator.attrgetter(".".join(path[:-1]))(older), path[-1]) is None
             continue
         with pytest.raises(CheckpointContentError, match=rf"missing field\(s\) \['{path[-1]}'\]"):
             lst_config_from_dict(_edited(data, path, delete=True))
@@ -131,7 +143,7 @@ def test_every_field_of_another_type_is_named():
             with pytest.raises(CheckpointContentError, match=rf"field '{path[-1]}' is {wrong!r}"):
                 lst_config_from_dict(_edited(data, path, wrong))
             checked += 1
-    assert checked == 2 * 31  # every scalar field of LSTConfig and its parts
+    assert checked == 2 * 36  # every scalar field of LSTConfig and its parts
     # integers are numbers: a float field written as an integer reads as that number
     assert lst_config_from_dict(_edited(data, ("rope_theta",), 10000)) == config
 

@@ -237,3 +237,30 @@ def test_generation_stops_at_the_context_limit(models, kind, use_cache, monkeypa
     assert result.stopped_at_context_limit and not result.stopped_at_eos
     sequence = np.concatenate([prompt, result.tokens])
     assert _positions(kind, sequence[:-1]) <= context < _positions(kind, sequence)
+
+
+def test_greedy_cache_with_grouped_query_heads_and_other_head_sizes(single_rank):
+    """Local and global grouped-query attention with heads of another size than hidden / heads:
+    the caches keep the key/value heads, and the cached loop still gives the tokens (and logits)
+    of full recomputation."""
+    from eval_cases import tiny_lst_config
+
+    from megatron_lst.models.config import GlobalModelConfig
+    from megatron_lst.models.lst_model import LSTModel
+
+    config = tiny_lst_config(VOCAB.size)
+    encoder, decoder = (dataclasses.replace(local, num_query_groups=1, kv_channels=12)
+                        for local in (config.encoder, config.decoder))
+    config = dataclasses.replace(config, encoder=encoder, decoder=decoder,
+                                 global_model=GlobalModelConfig(64, 2, 4, 256, 2, 10))
+    torch.manual_seed(6)
+    model = LSTModel(config, config.transformer_config(), transformer_impl="local",
+                     local_attention_backend="sdpa", kernel_backend="torch").eval()
+    sampling = SamplingConfig(max_new_tokens=30)
+    for ids in prompts().values():
+        cached = generate(model, ids, vocab(), STATIC, sampling, use_cache=True, keep_logits=True)
+        full = generate(model, ids, vocab(), STATIC, sampling, use_cache=False, keep_logits=True)
+        np.testing.assert_array_equal(cached.tokens, full.tokens)
+        for a, b in zip(cached.step_logits, full.step_logits, strict=True):
+            finite = torch.isfinite(a)
+            assert torch.equal(finite, torch.isfinite(b)) and (a - b)[finite].abs().max() < 1e-5

@@ -31,17 +31,21 @@ def lst_configs(draw, max_width: int = 48, max_layers: int = 3) -> LSTConfig:
         num_heads=heads,
         ffn_hidden_size=draw(st.integers(1, 4 * max_width)),
         num_query_groups=draw(st.sampled_from(_divisors(heads))),
+        kv_channels=draw(st.sampled_from((None, 2, 6, 16))),  # None: hidden / heads
     )
     local_hidden = 2 * draw(st.integers(1, max_width // 2))
     even_head_counts = [d for d in _divisors(local_hidden) if (local_hidden // d) % 2 == 0]
 
     def local() -> LocalModelConfig:
+        local_heads = draw(st.sampled_from(even_head_counts))
         return LocalModelConfig(
             hidden_size=local_hidden,
             num_layers=draw(st.integers(1, max_layers)),
-            num_heads=draw(st.sampled_from(even_head_counts)),
+            num_heads=local_heads,
             ffn_hidden_size=draw(st.integers(1, 4 * max_width)),
             window=draw(st.integers(1, 4096)),
+            num_query_groups=draw(st.sampled_from(_divisors(local_heads))),
+            kv_channels=draw(st.sampled_from((None, 2, 10))),  # None: hidden / heads
         )
 
     return LSTConfig(

@@ -412,3 +412,30 @@ def test_peak_flops_table_and_mfu():
     assert device_peak_flops("cpu") is None
     assert mfu(494.5e12, 989e12) == pytest.approx(0.5)
     assert mfu(1e12, None) is None
+
+
+def test_model_config_head_shapes_reach_the_flop_count():
+    """Grouped key/value heads and head sizes other than hidden / heads (local and global) are
+    counted: a local stack's dense FLOPs per position are twice the matrix parameters of the
+    layers the model builds, and the global stack's q/k/v/o widths are heads * kv_channels and
+    groups * kv_channels."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_lst.models.config import GlobalModelConfig, preset
+    from megatron_lst.models.specs import local_layer_spec
+
+    config = preset("tiny", 64)
+    encoder = dataclasses.replace(config.encoder, num_query_groups=1, kv_channels=12)
+    config = dataclasses.replace(config, encoder=encoder, decoder=encoder,
+                                 global_model=GlobalModelConfig(64, 2, 4, 256, 2, 24))
+    shape = ModelShape.from_model_config(config)
+    layer = build_module(local_layer_spec("sdpa"), encoder, norm_eps=1e-5)
+    matrices = sum(p.numel() for p in layer.parameters() if p.dim() == 2)
+    assert matrices == 32 * 12 * (2 * 2 + 2 * 1) + 3 * 32 * encoder.ffn_hidden_size  # q,o; k,v
+    assert shape.encoder.dense_flops(5) == 2 * 5 * encoder.num_layers * matrices
+    assert shape.encoder.attention_flops(7) == 4 * encoder.num_layers * 2 * 12 * 7
+    g = shape.global_stack
+    assert (g.attention_dim, g.num_kv_heads) == (4 * 24, 2)
+    assert g.dense_flops(1) == 2 * 2 * (2 * 64 * 4 * 24 + 2 * 64 * 2 * 24 + 3 * 64 * 256)
