@@ -8,6 +8,16 @@ with no visible key outputs 0 (as the reference's flex attention does).
 
 `reference_tensor_shapes` lists every tensor the reference builds for the arguments, so tests can
 make random reference checkpoints without going through this package's export.
+
+Head shapes, as the reference builds them (`base_transformer.TransformerBlock` / `Attention`,
+`model/blt.py`): every block has `head_dim = args.head_dim or dim // n_heads` and
+`n_kv_heads or n_heads` key/value heads, so wq is `[heads * head_dim, dim]`, wk and wv
+`[kv_heads * head_dim, dim]`, wo `[dim, heads * head_dim]`. `head_dim` is one field passed to all
+three models (the local encoder and decoder get it explicitly, the global model keeps it in its
+copy of the args); `n_kv_heads` goes to both local models, `n_kv_heads_global` replaces it for
+the global one. Each model's RoPE table has `head_dim` channels (`args.head_dim or dim //
+n_heads`), attention is scaled by `1/sqrt(head_dim)` (the kernels' default), and `repeat_kv`
+expands key/value head i to query heads `i * rep .. i * rep + rep - 1` (repeat_interleave).
 """
 
 from __future__ import annotations

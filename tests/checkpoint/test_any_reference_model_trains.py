@@ -5,8 +5,9 @@ training steps resumed from it with no model flags -> lst-eval / lst-generate on
 Cases: the reference fixture's config A (skipped without the fixtures) and a generated reference
 configuration that differs from every preset in each model field the flags cover (local FFN
 widths from another `multiple_of`, cross-attention only at the first encoder and decoder layer,
-mean pooling, other windows, slots, heads, grouped-query global attention, norm epsilon and RoPE
-base), its weights random and written in the reference's own layout.
+mean pooling, other windows, slots, heads, grouped-query global and local attention, heads of
+another size than hidden / heads, norm epsilon and RoPE base), its weights random and written in
+the reference's own layout.
 """
 
 import json
@@ -47,6 +48,8 @@ def generated_reference_args(vocab_size: int) -> dict:
         "dim_token": 24, "dim_local_encoder": 24, "n_layers_local_encoder": 2,
         "n_heads_local_encoder": 3, "dim_local_decoder": 24, "n_layers_local_decoder": 3,
         "n_heads_local_decoder": 6, "multiple_of": 16,
+        # heads of another size than dim / heads everywhere, local grouped-query attention
+        "head_dim": 12, "n_kv_heads": 3,
         # a sliding window over rows of up to 512 tokens, no document masking
         "attn_impl": "xformers", "attn_bias_type": "causal", "local_attention_window_len": 20,
         "max_encoder_seq_length": 512,

@@ -10,6 +10,7 @@ Weights are random, made in the reference's names and shapes straight from the a
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -262,8 +263,8 @@ def reference_configurations(draw) -> dict:
     """Reference model args drawn over every option the import accepts: widths (the global one
     equal to the local one with one slot, else any that `k * De` may project from), layers,
     heads and key/value heads, slots, cross-attention heads and windows, layer switches,
-    pooling, FFN rule, norm epsilon, RoPE base, attention implementation and head sizes spelt
-    out or left null."""
+    pooling, FFN rule, norm epsilon, RoPE base, attention implementation, and head sizes and
+    local key/value heads left null, spelt out as derived, or of other values."""
     local = draw(st.sampled_from((8, 16, 24)))
     local_heads = draw(st.sampled_from([h for h in (1, 2, 4) if local % h == 0 and (local // h) % 2 == 0]))
     slots = draw(st.integers(1, 3))
@@ -304,10 +305,15 @@ def reference_configurations(draw) -> dict:
         args.update(attn_bias_type="block_causal", cross_attn_window_encoder=None,
                     cross_attn_window_decoder=draw(st.sampled_from((None, 1))),
                     local_attention_window_len=draw(st.integers(1, 8)))
+    shared_heads = math.gcd(local_heads, args["n_heads_local_decoder"])
     if draw(st.booleans()):  # spelt out where they restate the derived sizes
         head_sizes = {width // global_heads, local // local_heads, local // args["n_heads_local_decoder"]}
         args.update(head_dim=head_sizes.pop() if len(head_sizes) == 1 else None,
                     n_kv_heads=local_heads if local_heads == args["n_heads_local_decoder"] else None)
+    elif draw(st.booleans()):  # heads of another size, local key/value heads shared by groups
+        args.update(head_dim=draw(st.sampled_from((None, 2, 6, 12))),
+                    n_kv_heads=draw(st.sampled_from(
+                        [None] + [g for g in (1, 2, 4) if shared_heads % g == 0])))
     return {**BASE_ARGS, **args}
 
 

@@ -115,6 +115,44 @@ def test_impossible_local_model_is_named():
         validate_args(parse_args(argv), 1)
 
 
+def test_head_shape_flags_build_grouped_heads_of_their_size():
+    argv = ["--preset", "tiny-cpu", *LST_RUN, "--local-encoder-query-groups", "1",
+            "--local-decoder-kv-channels", "12", "--kv-channels", "20", "--num-query-groups", "2"]
+    config = lst_config_from_args(validate_args(parse_args(argv), 1), 64, EOS_ID)
+    assert (config.encoder.num_query_groups, config.encoder.head_dim) == (1, 16)
+    assert (config.decoder.num_query_groups, config.decoder.kv_channels) == (None, 12)
+    assert (config.global_model.num_query_groups, config.global_model.kv_channels) == (2, 20)
+    # a head size makes a width that heads do not divide possible, as in Megatron-LM
+    argv = ["--preset", "tiny-cpu", *LST_RUN, "--hidden-size", "60", "--kv-channels", "16"]
+    assert lst_config_from_args(validate_args(parse_args(argv), 1), 64, EOS_ID).global_model.head_dim == 16
+
+
+def test_a_preset_leaves_derived_head_shapes_derived():
+    """The presets have one key/value head per query head of hidden / heads: other head counts
+    or widths on the command line get theirs, not the preset's two groups of 16 channels."""
+    argv = ["--preset", "tiny-cpu", *LST_RUN, "--local-encoder-heads", "4",
+            "--local-decoder-hidden-size", "32", "--local-decoder-heads", "8",
+            "--num-attention-heads", "8"]
+    config = lst_config_from_args(validate_args(parse_args(argv), 1), 64, EOS_ID)
+    assert (config.encoder.kv_groups, config.encoder.head_dim) == (4, 8)
+    assert (config.decoder.kv_groups, config.decoder.head_dim) == (8, 4)
+    assert (config.global_model.num_query_groups, config.global_model.head_dim) == (None, 8)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--local-encoder-query-groups", "3"],
+     r"--local-encoder-heads 2 is not divisible by --local-encoder-query-groups 3"),
+    (["--local-decoder-query-groups", "0"], r"--local-decoder-query-groups must be at least 1"),
+    (["--local-encoder-kv-channels", "7"], r"impossible model: local head dim 7 must be even"),
+    (["--kv-channels", "0"], r"--kv-channels must be at least 1"),
+    (["--hidden-size", "60", "--num-attention-heads", "8"],
+     r"--hidden-size 60 is not divisible by --num-attention-heads 8; .*--kv-channels"),
+])
+def test_impossible_head_shapes_are_named(extra, message):
+    with pytest.raises(ArgumentError, match=message):
+        validate_args(parse_args(["--preset", "tiny-cpu", *LST_RUN, *extra]), 1)
+
+
 # --- a checkpoint's configuration decides the model ----------------------------------------
 
 def _fake_checkpoint(root, config: LSTConfig, kind: str = "lst", patching_mode: str = "static"):
