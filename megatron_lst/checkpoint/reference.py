@@ -149,6 +149,12 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         raise ReferenceImportError(
             f"the reference has one local window; this model has encoder {enc.window} and "
             f"decoder {dec.window}")
+    for name, model in (("global", g), ("local encoder", enc), ("local decoder", dec)):
+        if model.hidden_size % model.num_heads:
+            raise ReferenceImportError(
+                f"the {name} model's hidden_size {model.hidden_size} is not divisible by its "
+                f"{model.num_heads} heads: the reference's blocks assert dim % n_heads == 0 even "
+                "with a head_dim, so no reference arguments describe this model")
     args = dict(base_args or {})
     for key, value in FIXED_REFERENCE_ARGS.items():
         args.setdefault(key, value)

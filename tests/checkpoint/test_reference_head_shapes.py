@@ -9,6 +9,7 @@ reference would), the export gives back the reference tensors and arguments, and
 through the portable and training checkpoint formats changes nothing.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -147,8 +148,6 @@ def test_portable_and_training_checkpoints_keep_the_head_shapes(single_rank, tmp
 
 
 def _replace_local(config, side: str, **fields):
-    import dataclasses
-
     return dataclasses.replace(config, **{side: dataclasses.replace(getattr(config, side), **fields)})
 
 
@@ -164,6 +163,17 @@ def test_models_the_reference_args_cannot_express_are_refused_on_export(side, fi
     config = _replace_local(lst_config_from_reference(head_shape_args("all_on_packed_documents")),
                             side, **fields)
     with pytest.raises(ReferenceImportError, match=message):
+        reference_model_args(config)
+
+
+def test_a_width_its_heads_do_not_divide_is_refused_on_export():
+    """A head size lets this package build 38 wide with 4 heads of 10; the reference asserts
+    dim % n_heads == 0 whatever its head_dim."""
+    config = lst_config_from_reference(head_shape_args("all_on_packed_documents"))
+    config = dataclasses.replace(config, global_model=dataclasses.replace(
+        config.global_model, hidden_size=38))
+    with pytest.raises(ReferenceImportError, match=r"global model.s hidden_size 38 is not "
+                                                   r"divisible by its 4 heads: the reference"):
         reference_model_args(config)
 
 
