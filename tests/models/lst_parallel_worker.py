@@ -9,6 +9,7 @@ wrapper, then `finalize_lst_model_grads` (sequence-parallel norm grads, encoder 
 """
 
 import argparse
+import dataclasses
 import zlib
 from functools import partial
 
@@ -67,12 +68,23 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def training_step(sequence_parallel: bool, tp: int) -> dict:
+def head_shapes_config():
+    """The tiny model with grouped key/value heads and head sizes other than hidden / heads in
+    the global model (2 groups of 4 heads of 24) and both local models (1 group of 2 heads of 12)."""
+    config = tiny_config()
+    encoder, decoder = (dataclasses.replace(local, num_query_groups=1, kv_channels=12)
+                        for local in (config.encoder, config.decoder))
+    return dataclasses.replace(config, encoder=encoder, decoder=decoder,
+                               global_model=dataclasses.replace(
+                                   config.global_model, num_query_groups=2, kv_channels=24))
+
+
+def training_step(sequence_parallel: bool, tp: int, head_shapes: bool = False) -> dict:
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    config = tiny_config()
+    config = head_shapes_config() if head_shapes else tiny_config()
     megatron_config = config.transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
@@ -115,11 +127,14 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--sequence-parallel", choices=("off", "on", "both"), default="off")
     parser.add_argument("--results", required=True)
+    parser.add_argument("--head-shapes", action="store_true",
+                        help="the model of head_shapes_config instead of the tiny preset")
     args = parser.parse_args()
 
     initialize_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.sequence_parallel]
-    record = {("sp" if sp else "no_sp"): training_step(sp, args.tp) for sp in modes}
+    record = {("sp" if sp else "no_sp"): training_step(sp, args.tp, args.head_shapes)
+              for sp in modes}
     report_results(args.results, record)
     destroy_parallel()
 

@@ -54,3 +54,22 @@ def test_layout_matches_single_process(reference, tp, pp):
             difference = (grad - reference_grads[name]).abs().max().item()
             assert difference <= TOLERANCE, f"{variant}: gradient of {name} differs by {difference}"
         assert any(grad.abs().max() > 1e-3 for grad in grads.values())
+
+
+def test_head_shapes_under_tensor_parallelism():
+    """Grouped key/value heads and head sizes other than hidden / heads (global and local): TP=2
+    with and without sequence parallelism gives the single process's loss and gradients (the
+    global QKV rows split by whole query groups of 24-channel heads)."""
+    reference_loss, reference_grads = merged(
+        run_distributed(WORKER, 1, ["--tp", "1", "--pp", "1", "--head-shapes"], timeout=240), "no_sp")
+    qkv = reference_grads["global_transformer.block.layers.0.self_attention.linear_qkv.weight"]
+    assert qkv.shape == (2 * (2 + 2) * 24, 64)  # 2 groups of (2 query, 1 key, 1 value) heads
+    records = run_distributed(WORKER, 2, ["--tp", 2, "--pp", 1, "--sequence-parallel", "both",
+                                          "--head-shapes"], timeout=400)
+    for variant in records[0]:
+        loss, grads = merged(records, variant)
+        assert abs(loss - reference_loss) <= TOLERANCE, f"{variant}: loss {loss} vs {reference_loss}"
+        assert grads.keys() == reference_grads.keys()
+        for name, grad in grads.items():
+            difference = (grad - reference_grads[name]).abs().max().item()
+            assert difference <= TOLERANCE, f"{variant}: gradient of {name} differs by {difference}"
