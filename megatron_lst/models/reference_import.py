@@ -9,7 +9,9 @@ Two steps:
    tensor-parallel rank, pipeline stage or global-block spec (local or Transformer Engine names).
 
 Layouts (reference -> ours):
-- local attention `wq, wk, wv` -> `linear_qkv = [wq; wk; wv]`; `wo` -> `linear_proj`;
+- local attention `wq, wk, wv` -> `linear_qkv = [wq; wk; wv]` (`H`, `G` and `G` heads of
+  `head_dim` rows: the reference's `n_kv_heads` key/value heads and `head_dim` head size); `wo`
+  -> `linear_proj`;
 - global attention -> megatron's grouped `linear_qkv`: for each KV group g, the rows of its query
   heads, then its key head, then its value head (reference GQA repeats each KV head for
   consecutive query heads, which is megatron's grouping);
