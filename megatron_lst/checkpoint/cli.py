@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--reference-ckpt", required=True,
                      help="the reference's consolidated.pth, or a state dict .pth/.safetensors")
     imp.add_argument("--reference-args", required=True,
-                     help="its params.json (model args under 'model') or a JSON with 'model_args'")
+                     help="its params.json (model args under 'model'), the training YAML it was "
+                          "launched with, or a JSON with 'model_args'")
     imp.add_argument("--output", required=True, help="portable checkpoint directory to write")
     imp.add_argument("--num-units", type=int, default=502,
                      help="speech-unit slots of the reference vocabulary (default 502)")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from megatron_lst.models.config import LSTConfig, swiglu_ffn_size
 from megatron_lst.models.reference_import import (
@@ -69,17 +70,28 @@ def read_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def read_reference_model_args(path: str | Path) -> dict[str, Any]:
-    """The reference's model arguments from a JSON file: its `model_args` (the fixtures'
-    `config_A.json`), its `model` (BLT's `params.json`), or the arguments themselves."""
+def _read_reference_document(path: str | Path, what: str) -> Any:
+    """The JSON (BLT's `params.json`, the fixtures' `config_A.json`) or YAML (the reference's
+    training config, e.g. its `lst/configs/*.yaml`; by the `.yaml`/`.yml` suffix) in `path`."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:  # ValueError: JSON and UTF-8 decoding
-        raise ReferenceImportError(f"cannot read reference model args {path}: {error}") from None
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: JSON and UTF-8 decoding
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ReferenceImportError(f"cannot read reference {what} {path}: {reason}") from None
+
+
+def read_reference_model_args(path: str | Path) -> dict[str, Any]:
+    """The reference's model arguments from a JSON or YAML file: its `model_args` (the fixtures'
+    `config_A.json`), its `model` (BLT's `params.json`, or the training YAML it was launched
+    with), or the arguments themselves."""
+    data = _read_reference_document(path, "model args")
     if not isinstance(data, dict):
         raise ReferenceImportError(
-            f"{path} holds a JSON {type(data).__name__}, not the reference's model arguments")
+            f"{path} holds a {type(data).__name__}, not the reference's model arguments")
     for key in ("model_args", "model"):
         if isinstance(data.get(key), dict):
             return data[key]
@@ -91,10 +103,10 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
 
 
 def read_reference_patcher_args(path: str | Path) -> dict[str, Any] | None:
-    """The patcher the reference run's data used (`data.patcher_args` of BLT's params.json), or
-    None when the file does not hold it (e.g. model args alone). Call after
+    """The patcher the reference run's data used (`data.patcher_args` of BLT's params.json or of
+    its training YAML), or None when the file does not hold it (e.g. model args alone). Call after
     `read_reference_model_args` has read the file."""
-    data = json.loads(Path(path).read_text())
+    data = _read_reference_document(path, "model args")
     section = data.get("data") if isinstance(data, dict) else None
     patcher = section.get("patcher_args") if isinstance(section, dict) else None
     return patcher if isinstance(patcher, dict) else None

@@ -19,6 +19,7 @@ from megatron_lst.checkpoint.reference import (
     export_reference,
     import_reference,
     read_reference_model_args,
+    read_reference_patcher_args,
     read_reference_state_dict,
     reference_model_args,
 )
@@ -122,7 +123,10 @@ def test_reference_tensors_that_do_not_combine_are_named_with_their_shapes(refer
     ("consolidated.pth", b'{"model": {}}', read_reference_state_dict,
      r"not a torch checkpoint of tensors and plain data, or it is truncated"),
     ("params.json", b"\xb8\x00", read_reference_model_args, r"cannot read reference model args"),
-    ("params.json", b"[1, 2]", read_reference_model_args, r"holds a JSON list, not the reference"),
+    ("params.json", b"[1, 2]", read_reference_model_args, r"holds a list, not the reference"),
+    ("lst.yaml", b"model: {dim_global: [64", read_reference_model_args,
+     r"cannot read reference model args .*lst\.yaml"),
+    ("lst.yaml", b"- 1\n- 2\n", read_reference_model_args, r"holds a list, not the reference"),
 ])
 def test_unreadable_reference_files_are_refused_naming_them(tmp_path, name, content, reader,
                                                            message):
@@ -130,6 +134,28 @@ def test_unreadable_reference_files_are_refused_naming_them(tmp_path, name, cont
     path.write_bytes(content)
     with pytest.raises(ReferenceImportError, match=message):
         reader(path)
+
+
+def test_the_reference_training_yaml_reads_as_its_params_json(tmp_path):
+    """A reference run launched with a YAML config (model args under `model`, the patcher under
+    `data.patcher_args`) gives the same arguments as the params.json BLT writes from it."""
+    params = {"name": "lst_static", "optim": {"lr": 4e-4},
+              "model": {"dim_global": 64, "n_heads_global": 4, "dim_local_encoder": 32,
+                        "dim_local_decoder": 32, "cross_attn_k": 2, "patching_mode": "static",
+                        "encoder_hash_byte_group_size": [], "attn_impl": "xformers"},
+              "data": {"seq_len": 512, "patcher_args": {"patching_mode": "lst_static",
+                                                        "patch_size": 4}}}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    (tmp_path / "lst.yml").write_text(
+        "name: lst_static\noptim:\n  lr: 4.0e-04\nmodel:\n  dim_global: 64\n  n_heads_global: 4\n"
+        "  dim_local_encoder: 32\n  dim_local_decoder: 32\n  cross_attn_k: 2\n"
+        "  patching_mode: static\n  encoder_hash_byte_group_size: []\n  attn_impl: \"xformers\"\n"
+        "data:\n  seq_len: 512\n  patcher_args:\n    patching_mode: lst_static\n"
+        "    patch_size: 4\n")
+    for reader in (read_reference_model_args, read_reference_patcher_args):
+        assert reader(tmp_path / "lst.yml") == reader(tmp_path / "params.json")
+    assert read_reference_patcher_args(tmp_path / "lst.yml") == {"patching_mode": "lst_static",
+                                                                  "patch_size": 4}
 
 
 def test_truncated_consolidated_checkpoint_is_refused_naming_it(reference, tmp_path):
