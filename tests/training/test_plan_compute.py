@@ -172,6 +172,32 @@ def test_tool_with_explicit_dimensions_matches_the_preset(capsys):
     assert capsys.readouterr().out == from_preset
 
 
+def test_head_shape_flags_reach_the_flop_estimate(capsys):
+    """Grouped key/value heads and explicit head sizes change the attention projections' FLOPs:
+    the plan equals the estimate of the model built with them, and differs from the default."""
+    tool = load_tool("plan_compute")
+    common = ["--budget-steps", "100", "--reference", "lst", "--control", "compute",
+              "--text-vocab-size", "512", "--seq-length", "256", "--global-batch-size", "8",
+              "--tokens-per-patch", "2", "--global-dim", "64", "--global-layers", "2",
+              "--global-heads", "4", "--local-dim", "32", "--encoder-layers", "1",
+              "--decoder-layers", "2", "--local-heads", "4"]
+    shaped = ["--global-kv-heads", "2", "--global-kv-channels", "24", "--local-kv-heads", "1",
+              "--local-kv-channels", "12"]
+    args = tool.build_parser().parse_args([*common, *shaped])
+    config = tool.model_config(args)
+    assert (config.global_model.num_query_groups, config.global_model.head_dim) == (2, 24)
+    assert (config.encoder.kv_groups, config.encoder.head_dim) == (1, 12)
+    assert (config.decoder.kv_groups, config.decoder.head_dim) == (1, 12)
+    expected = 100 * estimate_flops(ModelShape.from_model_config(config), 256 * 2, 256, 8).total
+    assert tool.main([*common, *shaped]) == 0
+    lst_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lst"))
+    assert lst_row.split()[4] == f"{expected:.3e}"
+    assert tool.main(common) == 0
+    default_row = next(line for line in capsys.readouterr().out.splitlines()
+                       if line.startswith("lst"))
+    assert default_row.split()[4] != lst_row.split()[4]
+
+
 def test_tool_reports_bad_model_arguments(capsys):
     tool = load_tool("plan_compute")
     common = ["--budget-steps", "10", "--seq-length", "256", "--global-batch-size", "8",
