@@ -55,7 +55,7 @@ import copy
 import csv
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from megatron_lst.data.readers import DocumentError, load_units
@@ -115,17 +115,24 @@ def _hellaswag_label(label, num_endings: int, where: str) -> int:
 
 
 def read_storycloze(path: str | Path) -> list[dict]:
-    """Text-only items of a StoryCloze or TopicStoryCloze CSV file."""
+    """Text-only items of a StoryCloze or TopicStoryCloze CSV file. Errors name the line a row
+    starts on (a quoted field may hold line breaks, so a row can span several lines)."""
     path = Path(path)
     with open(path, encoding="utf-8-sig", newline="") as f:  # a spreadsheet's BOM dropped
-        reader = csv.DictReader(f)
+        reader = csv.reader(f)
+        header = next(reader, [])
         needed = ("InputStoryid", *STORYCLOZE_CONTEXT, *STORYCLOZE_ENDINGS, "AnswerRightEnding")
-        missing = [c for c in needed if c not in (reader.fieldnames or [])]
+        missing = [c for c in needed if c not in header]
         if missing:
             raise ItemError(f"{path}: not a StoryCloze CSV, missing columns {missing}")
         records = []
-        for number, row in enumerate(reader, start=2):  # line 1 is the header
-            short = [c for c in needed if row[c] is None]
+        for number, values in _rows_by_first_line(reader, path):
+            if any(v.strip() for v in values[len(header):]):  # an empty one: a trailing comma
+                raise ItemError(f"{path}:{number}: the row has {len(values)} fields but the "
+                                f"header {len(header)}; quote a field that holds a comma "
+                                f"(\"a, b\")")
+            row = dict(zip(header, values, strict=False))
+            short = [c for c in needed if c not in row]
             if short:
                 raise ItemError(f"{path}:{number}: the row ends before the columns {short}")
             if not row["InputStoryid"].strip():
@@ -141,6 +148,22 @@ def read_storycloze(path: str | Path) -> list[dict]:
                 "label": int(answer) - 1,
             })
     return records
+
+
+def _rows_by_first_line(reader, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(the line a row starts on, its fields) for each row left in the `csv.reader`, blank lines
+    skipped: a row spans several lines when a quoted field holds line breaks."""
+    while True:
+        ended = reader.line_num  # the last line of the previous row
+        try:
+            values = next(reader, None)
+        except csv.Error as error:  # a field past csv's size limit: an unclosed quote, ...
+            raise ItemError(f"{path}:{ended + 1}: not a CSV row ({error}); check the row's "
+                            f"quotes") from None
+        if values is None:
+            return
+        if values:  # a blank line reads as []
+            yield ended + 1, values
 
 
 def check_item_ids(records: Sequence[dict], source: str | Path) -> None:

@@ -196,3 +196,21 @@ def test_bad_unit_files_are_named(tmp_path, capsys, name, content, message):
                         "--output", str(tmp_path / "items.jsonl")]) == 2
     err = capsys.readouterr().err
     assert f"item 's1': {units / 's1' / name.split('.')[0]}" in err and message in err, err
+
+
+def test_storycloze_errors_name_the_line_a_multi_line_row_starts_on(tmp_path):
+    """A quoted field may hold line breaks; errors counted rows, so every row after such a one
+    was named by a line number too small."""
+    cloze = write_cloze(tmp_path / "cloze.csv", [
+        's1,"a.\nstill a.",b.,c.,d.,e.,"f.\r\nand f.",1', "", "s2,a.,b.,c.,d.,e.,f.,3"])
+    with pytest.raises(ItemError, match=r"cloze.csv:6: story 's2' has AnswerRightEnding '3'"):
+        read_storycloze(cloze)
+    cloze = write_cloze(tmp_path / "cloze.csv", ['s1,"a.\nb.",b.,c.,d.,e.,f.,1', "s2,a., x,b.,c.,d.,e.,f.,1"])
+    with pytest.raises(ItemError, match=r"cloze.csv:4: the row has 9 fields but the header 8; "
+                                        r"quote a field that holds a comma"):
+        read_storycloze(cloze)
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1,", 's2,"a.' + "x" * 200_000])
+    with pytest.raises(ItemError, match=r"cloze.csv:3: not a CSV row \(field larger than"):
+        read_storycloze(cloze)
+    [record] = read_storycloze(write_cloze(tmp_path / "ok.csv", ['s1,"a.\nb.",b.,c.,d.,e.,f.,2,']))
+    assert record["context"]["text"] == "a.\nb. b. c. d." and record["label"] == 1
