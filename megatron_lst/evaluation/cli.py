@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +34,12 @@ from megatron_lst.evaluation.generation import (
 from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.evaluation.scoring import MODES, check_items_for_mode, evaluate_items, parse_modes
 from megatron_lst.training.arguments import seed_flag
-from megatron_lst.training.checkpointing import CheckpointError
+from megatron_lst.training.checkpointing import TRACKER_FILENAME, CheckpointError
+from megatron_lst.training.loop import METRICS_FILENAME
+from megatron_lst.training.save_directory import LOCK_FILENAME
+
+RUN_FILENAMES = (TRACKER_FILENAME, METRICS_FILENAME, LOCK_FILENAME)
+"""Files a training run keeps at the top of its --save directory (the rest is in folders)."""
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
@@ -106,6 +112,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                                       args.pipeline_model_parallel_size, seed=args.seed)
         model = load_inference_model(args.load, args.tensor_model_parallel_size,
                                      args.pipeline_model_parallel_size, args.tokenizer_model)
+        if args.output is not None:  # the tokenizer the checkpoint names
+            _check_output_spares(args.output, model.tokenizer.path, "the model's tokenizer")
         item_sets = _load_item_sets(args.items, model, modes)
         results = {path: evaluate_items(model.model_chunks, items, model.vocab, model.patcher,
                                         modes or _default_modes(items), args.batch_size,
@@ -126,9 +134,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                   f"[{s['accuracy_ci_low']:.4f}, {s['accuracy_ci_high']:.4f}]  per-token "
                   f"{s['accuracy_normalised']:.4f}  ({_item_count(s)})")
     if args.output:
-        Path(args.output).write_text(json.dumps(
-            {"checkpoint": str(model.checkpoint), "iteration": model.iteration,
-             "results": results}, indent=1))
+        return _write_results(args.output, {"checkpoint": str(model.checkpoint),
+                                            "iteration": model.iteration, "results": results})
     return 0
 
 
@@ -173,21 +180,62 @@ def _check_eval_inputs(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.num_utterances is not None and args.num_utterances < 1:
         raise ValueError(f"--num-utterances must be >= 1, got {args.num_utterances}")
-    if args.output is not None and not Path(args.output).parent.is_dir():
-        raise ValueError(f"--output {args.output}: directory {Path(args.output).parent} does not "
-                         "exist; create it or write elsewhere")
-    if args.output is not None and Path(args.output).is_dir():  # found after all the scoring
+    if args.output is not None:
+        _check_output(args)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """--output is written after all the work, over whatever is there: refuse, before any, a path
+    that cannot be a results file or that names an input (an items file, a file of the
+    --utterances dataset, the tokenizer, a file of a checkpoint directory)."""
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise ValueError(f"--output {args.output}: directory {output.parent} does not exist; "
+                         f"create it or write elsewhere")
+    if output.is_dir():  # found after all the scoring
         raise ValueError(f"--output {args.output} is a directory; name the results file, e.g. "
-                         f"{Path(args.output) / 'results.json'}")
-    if args.output is not None and any(Path(args.output).resolve() == Path(items).resolve()
-                                       for items in args.items or []):
+                         f"{output / 'results.json'}")
+    if not os.access(output.parent, os.W_OK):
+        raise ValueError(f"--output {args.output}: directory {output.parent} is not writable; "
+                         f"write the results elsewhere")
+    if any(output.resolve() == Path(items).resolve() for items in args.items or []):
         raise ValueError(f"--output {args.output} is one of the --items files, which the results "
                          f"would overwrite; write them to another file")
-    if args.output is not None and args.utterances is not None and any(
-            Path(args.output).resolve() == Path(args.utterances + suffix).resolve()
+    if args.utterances is not None and any(
+            output.resolve() == Path(args.utterances + suffix).resolve()
             for suffix in (".bin", ".idx", ".json")):
         raise ValueError(f"--output {args.output} is a file of the --utterances dataset, which "
                          f"the results would overwrite; write them to another file")
+    if args.tokenizer_model is not None:
+        _check_output_spares(args.output, args.tokenizer_model, "the --tokenizer-model file")
+    for flag in ("--load", "--asr-load"):
+        directory = getattr(args, flag[2:].replace("-", "_"))
+        if directory is None or not output.resolve().is_relative_to(Path(directory).resolve()):
+            continue
+        inside = output.resolve().relative_to(Path(directory).resolve())
+        if len(inside.parts) > 1 or inside.name in RUN_FILENAMES:
+            raise ValueError(f"--output {args.output} is a file of the training run in the "
+                             f"{flag} directory {directory} (its checkpoints, index or logs), "
+                             f"which the results would overwrite; write them to another file")
+
+
+def _check_output_spares(output: str, path: str | os.PathLike, what: str) -> None:
+    """Refuse an --output that is `path`, an input the results would overwrite."""
+    if Path(output).resolve() == Path(path).resolve():
+        raise ValueError(f"--output {output} is {what}, which the results would overwrite; "
+                         f"write them to another file")
+
+
+def _write_results(output: str, results: dict) -> int:
+    """Write the results JSON to --output; 0, or 2 with a one-line error when it cannot be
+    written (the results are on stdout already)."""
+    try:
+        Path(output).write_text(json.dumps(results, indent=1))
+    except OSError as error:
+        print(f"lst-eval: cannot write the results to --output {output} "
+              f"({error.strerror or error}); they are printed above", file=sys.stderr)
+        return 2
+    return 0
 
 
 def task_main(args: argparse.Namespace) -> int:
@@ -218,6 +266,8 @@ def task_main(args: argparse.Namespace) -> int:
                              f"aligned (speech) one")
         utterances = [store[i] for i in range(min(len(store), args.num_utterances or len(store)))]
         loaded = load_inference_model(args.load, tokenizer_model=args.tokenizer_model)
+        if args.output is not None:  # the tokenizer the checkpoint names
+            _check_output_spares(args.output, loaded.tokenizer.path, "the model's tokenizer")
         store.vocab.check_same(loaded.vocab, f"checkpoint {loaded.checkpoint}")
         model = TaskModel.from_inference_model(loaded)
         use_cache = not args.no_cache
@@ -245,9 +295,9 @@ def task_main(args: argparse.Namespace) -> int:
                         if name + "_ci_low" in summary else "")
             print(f"{name}: {value:.4f}{interval}")
     if args.output:
-        Path(args.output).write_text(json.dumps(
-            {"checkpoint": str(loaded.checkpoint), "iteration": loaded.iteration,
-             "task": args.task, "results": summary}, indent=1))
+        return _write_results(args.output, {"checkpoint": str(loaded.checkpoint),
+                                            "iteration": loaded.iteration, "task": args.task,
+                                            "results": summary})
     return 0
 
 

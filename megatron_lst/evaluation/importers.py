@@ -280,9 +280,14 @@ def import_main(argv: Sequence[str] | None = None) -> int:
     except (ItemError, OSError) as error:
         print(f"lst-import-eval: {error}", file=sys.stderr)
         return 2
-    with open(args.output, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    except OSError as error:
+        print(f"lst-import-eval: cannot write --output {args.output} "
+              f"({error.strerror or error})", file=sys.stderr)
+        return 2
     print(f"wrote {len(records)} items to {args.output}")
     return 0
 

@@ -310,6 +310,44 @@ def test_bad_inputs_found_after_loading_are_one_line(checkpoint, tmp_path, capsy
     assert message in err and "Traceback" not in err
 
 
+def test_lst_eval_output_never_overwrites_the_tokenizer_or_the_checkpoint(checkpoint, tmp_path,
+                                                                         capsys):
+    """--output was written over whatever it named once the scoring was done: the model's
+    tokenizer, the checkpoint tracker or a checkpoint's file were lost."""
+    root, items_path, _ = checkpoint
+    tokenizer_copy = tmp_path / "spm.model"
+    shutil.copy(tokenizer().path, tokenizer_copy)
+    before = Path(tokenizer().path).read_bytes()
+    save = root / "save"
+    for output, extra, message in [
+        (tokenizer().path, [], "is the model's tokenizer, which the results would overwrite"),
+        (tokenizer_copy, ["--tokenizer-model", str(tokenizer_copy)], "is the --tokenizer-model file"),
+        (save / "latest_checkpointed_iteration.txt", [], "is a file of the training run in the "
+                                                         f"--load directory {save}"),
+        (save / "iter_0000003" / METADATA_FILENAME, [], "is a file of the training run"),
+    ]:
+        kept = Path(output).read_bytes()
+        assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "tt",
+                          "--output", str(output), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {output} {message}" in err and err.count("\n") == 1, err
+        assert Path(output).read_bytes() == kept
+    assert Path(tokenizer().path).read_bytes() == before
+
+
+def test_lst_eval_output_that_cannot_be_written_is_one_line(checkpoint, tmp_path, capsys):
+    """A FileNotFoundError traceback after all the scoring (here: a link to a missing folder)."""
+    root, items_path, _ = checkpoint
+    output = tmp_path / "results.json"
+    output.symlink_to(tmp_path / "gone" / "results.json")
+    assert eval_main(["--load", str(root / "save"), "--items", str(items_path), "--modes", "tt",
+                      "--bootstrap-resamples", "10", "--output", str(output)]) == 2
+    captured = capsys.readouterr()
+    assert "items.jsonl T->T: accuracy" in captured.out
+    assert captured.err == (f"lst-eval: cannot write the results to --output {output} (No such "
+                            f"file or directory); they are printed above\n")
+
+
 def test_lst_eval_without_a_checkpoint(tmp_path, capsys):
     assert eval_main(["--load", str(tmp_path), "--items", str(tmp_path / "x.jsonl")]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err

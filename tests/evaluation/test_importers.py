@@ -160,6 +160,11 @@ def test_import_refuses_an_output_that_would_overwrite_the_input(tmp_path, capsy
     # An IsADirectoryError traceback once the items were read
     assert import_main(["storycloze", str(cloze), "--output", str(tmp_path)]) == 2
     assert f"--output {tmp_path} is a directory; name the items file" in capsys.readouterr().err
+    link = tmp_path / "link.jsonl"  # a FileNotFoundError traceback once the items were read
+    link.symlink_to(tmp_path / "gone" / "items.jsonl")
+    assert import_main(["storycloze", str(cloze), "--output", str(link)]) == 2
+    assert capsys.readouterr().err == (f"lst-import-eval: cannot write --output {link} (No such "
+                                       f"file or directory)\n")
     cloze.write_text(original, encoding="utf-16")
     assert import_main(["storycloze", str(cloze), "--output", str(tmp_path / "x.jsonl")]) == 2
     assert f"{cloze} is not UTF-8 text" in capsys.readouterr().err
