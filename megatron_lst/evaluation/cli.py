@@ -338,17 +338,21 @@ def _unit_prompt(text: str) -> list[int]:
 
     if text.startswith("@"):
         try:
-            return load_units(Path(text[1:])).tolist()
+            units = load_units(Path(text[1:])).tolist()
         except OSError as error:
             raise ValueError(f"--prompt-units {text}: cannot read {text[1:]} "
                              f"({error.strerror or error})") from None
         except DocumentError as error:  # not UTF-8 or .npy, or not integers; names the file
             raise ValueError(f"--prompt-units {text}: {error}") from None
-    try:
-        return [int(u) for u in text.split()]
-    except ValueError as error:
-        raise ValueError(f"--prompt-units: {error}; give whitespace-separated integer unit "
-                         "values") from None
+    else:
+        try:
+            units = [int(u) for u in text.split()]
+        except ValueError as error:
+            raise ValueError(f"--prompt-units: {error}; give whitespace-separated integer unit "
+                             "values") from None
+    if not units:
+        raise ValueError(f"--prompt-units {text!r} holds no units; give the units to continue")
+    return units
 
 
 def generate_main(argv: Sequence[str] | None = None) -> int:

@@ -119,7 +119,7 @@ def generation_patch_lengths(tokens: np.ndarray, vocab: JointVocab, patch_size: 
 def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
                  units: np.ndarray | None = None, continue_in: str | None = None) -> np.ndarray:
     """`[n]` joint ids of a prompt in training's layout: `BOS, <t>, pieces` for `text` or
-    `BOS, <s>, units` for `units` (exactly one of them). `continue_in` "speech" or "text" switches
+    `BOS, <s>, units` for `units` (exactly one of them, not empty). `continue_in` "speech" or "text" switches
     modality after the prompt as the interleaver does (`space, <s>` after text, `<t>` after
     speech), so the model answers in the other modality; None continues the prompt's run."""
     if (text is None) == (units is None):
@@ -129,10 +129,19 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
     if text is not None:
         if tokenizer is None:
             raise GenerationError("a text prompt needs the tokenizer")
-        ids = [vocab.bos_id, vocab.text_marker, *tokenizer.encode(text)]
+        # Without pieces the model would run on from BOS and a marker alone.
+        if not text.strip():
+            raise GenerationError(f"the text prompt {text!r} is empty; give the text to continue")
+        pieces = tokenizer.encode(text)
+        if not pieces:
+            raise GenerationError(f"the tokenizer turns the text prompt {text!r} into no pieces; "
+                                  f"give text in words it knows")
+        ids = [vocab.bos_id, vocab.text_marker, *pieces]
         if continue_in == "speech":
             ids += [tokenizer.space_id, vocab.speech_marker]
     else:
+        if not len(units):
+            raise GenerationError("the unit prompt holds no units; give the units to continue")
         ids = [vocab.bos_id, vocab.speech_marker,
                *vocab.units_to_ids(np.asarray(units), where="unit prompt").tolist()]
         if continue_in == "text":

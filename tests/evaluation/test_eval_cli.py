@@ -293,8 +293,11 @@ def test_a_tensor_parallel_size_the_model_does_not_split_into_is_refused_before_
     (generate_main, ["--prompt-text", "the", "--temperature", "nan"], "need a finite temperature"),
     (generate_main, ["--prompt-units", " ".join(["3"] * 200)],
      "context is 32 (--max-position-embeddings); shorten the prompt"),
+    # Generated from BOS and a marker alone, as if prompted
+    (generate_main, ["--prompt-units", "@EMPTY"], "--prompt-units '@EMPTY' holds no units"),
+    (generate_main, ["--prompt-text", " "], "the text prompt ' ' is empty"),
 ], ids=["eval-tokenizer", "generate-tokenizer", "units-file", "units-value", "units-binary",
-        "temperature", "prompt-too-long"])
+        "temperature", "prompt-too-long", "units-empty", "text-empty"])
 def test_bad_inputs_found_after_loading_are_one_line(checkpoint, tmp_path, capsys, main, flags,
                                                      message):
     """Each of these was a traceback (FileNotFoundError, torch.multinomial's RuntimeError) or
@@ -302,11 +305,13 @@ def test_bad_inputs_found_after_loading_are_one_line(checkpoint, tmp_path, capsy
     root, items_path, _ = checkpoint
     binary = tmp_path / "units.bin"
     binary.write_bytes(b"\x93NUMPY but not one")
+    (tmp_path / "empty.units").write_text("\n")
     values = {"ITEMS": str(items_path), "MISSING": str(tmp_path / "missing"),
+              "@EMPTY": f"@{tmp_path / 'empty.units'}",
               "@MISSING": f"@{tmp_path / 'missing'}", "@BINARY": f"@{binary}"}
     assert main(["--load", str(root / "save"), *(values.get(f, f) for f in flags)]) == 2
     err = capsys.readouterr().err
-    message = message.replace("BINARY", str(binary))
+    message = message.replace("BINARY", str(binary)).replace("@EMPTY", values["@EMPTY"])
     assert message in err and "Traceback" not in err
 
 

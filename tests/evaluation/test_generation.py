@@ -2,6 +2,8 @@
 step (greedy), for LST and the token baseline; patch boundaries; sampling."""
 
 import dataclasses
+import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,6 +179,14 @@ def test_prompts_and_speech_only_sampling(models):
         tv.bos_id, tv.text_marker, *tok.encode("the dog"), tok.space_id, tv.speech_marker]
     with pytest.raises(GenerationError, match="exactly one"):
         build_prompt(v)
+    # Each was generated from BOS and a marker alone, as if a prompt had been given.
+    for text in ("", " \t"):
+        with pytest.raises(GenerationError, match=re.escape(f"the text prompt {text!r} is empty")):
+            build_prompt(tv, tok, text=text)
+    with pytest.raises(GenerationError, match="the tokenizer turns the text prompt 'x' into no"):
+        build_prompt(tv, SimpleNamespace(encode=lambda text: []), text="x")
+    with pytest.raises(GenerationError, match="the unit prompt holds no units"):
+        build_prompt(v, units=np.zeros(0, np.int64))
     speech = generate(models["lst"], prompts()["text to speech"], v, STATIC,
                       SamplingConfig(temperature=1.0, max_new_tokens=30, modality="speech"))
     assert (v.is_unit(speech.tokens) | (speech.tokens == v.eos_id)).all()
