@@ -151,12 +151,13 @@ def _item_count(summary: dict[str, float]) -> str:
 
 
 def _load_item_sets(paths: Sequence[str], model, modes: list[str] | None) -> dict[str, list]:
-    """Every file's items, checked against the model and the speech `modes` need before any file
-    is scored (a bad second file was found only after the first was evaluated)."""
+    """Every file's items, checked against the model and what its `modes` (or the file's default
+    ones) need before any file is scored (a bad second file was found only after the first was
+    evaluated)."""
     item_sets = {path: load_items(path, model.tokenizer, model.vocab) for path in paths}
     for items in item_sets.values():
-        for mode in modes or []:
-            check_items_for_mode(items, mode)
+        for mode in modes or _default_modes(items):
+            check_items_for_mode(items, mode, model.patcher.config)
     return item_sets
 
 

@@ -15,7 +15,8 @@ known but not aligned: static patching does not need them, aligned patching refu
 Every problem is an `ItemError` naming the file, the line and the item id. Format problems
 (missing endings, a label out of range, units outside the codebook, ...) are raised while loading,
 before any model work; an item that lacks what a mode or patching needs (units for a speech mode,
-segments for aligned patching) is refused when it is scored.
+segments for aligned patching) is refused by `scoring.check_items_for_mode` (lst-eval and training
+call it before any scoring).
 """
 
 from __future__ import annotations

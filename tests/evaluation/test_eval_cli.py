@@ -133,6 +133,10 @@ def test_lst_eval_names_a_bad_item(checkpoint, capsys):
     ({"label": 5}, "ss,tt", "label 5"),
     ({"context": {"text": "the dog"}, "endings": [{"text": "sat"}, {"text": "ran"}]}, "tt,st",
      "cannot be scored S->T"),
+    # The default modes of the second file (all four: it has spoken items) were checked only
+    # when it was scored.
+    ({"context": {"text": "the dog"}, "endings": [{"text": "sat"}, {"text": "ran"}]}, None,
+     "cannot be scored S->S"),
 ])
 def test_every_item_file_is_checked_before_any_is_scored(checkpoint, capsys, monkeypatch,
                                                          second, modes, message):
@@ -142,9 +146,10 @@ def test_every_item_file_is_checked_before_any_is_scored(checkpoint, capsys, mon
     monkeypatch.setattr("megatron_lst.evaluation.cli.evaluate_items",
                         lambda *args, **kwargs: scored.append(args))
     bad = root / "second.jsonl"
-    bad.write_text(json.dumps({**random_records(7, 1)[0], **second}) + "\n")
+    bad.write_text(json.dumps({**random_records(7, 1)[0], **second}) + "\n"
+                   + json.dumps(random_records(8, 1)[0]) + "\n")
     assert eval_main(["--load", str(root / "save"), "--items", str(items_path), str(bad),
-                      "--modes", modes]) == 2
+                      *(["--modes", modes] if modes else [])]) == 2
     assert message in capsys.readouterr().err and scored == []
 
 

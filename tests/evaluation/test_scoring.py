@@ -12,6 +12,7 @@ from megatron_lst.evaluation.scoring import (
     ModeScores,
     ScoredSequence,
     build_sequence,
+    check_items_for_mode,
     collate,
     cut_context,
     ending_logprobs,
@@ -180,6 +181,12 @@ def test_items_that_cannot_be_scored(items, models):
     score_items([models["lst"]], unaligned, vocab(), STATIC, "S->S", 1)
     with pytest.raises(ItemError, match="ending 1: aligned patching needs \"segments\""):
         score_items([models["lst"]], unaligned, vocab(), ALIGNED, "T->S", 1)
+    # Found before any scoring: lst-eval and training check the items of every mode up front.
+    with pytest.raises(ItemError, match="ending 1: aligned patching needs \"segments\" .* to "
+                                        "score it T->S"):
+        check_items_for_mode(unaligned, "T->S", ALIGNED.config)
+    check_items_for_mode(unaligned, "S->T", ALIGNED.config)  # the ending is text
+    check_items_for_mode(unaligned, "T->S", PatchingConfig("mixed", patch_size=3))
 
 
 @pytest.mark.parametrize("kind", ["lst", "baseline"])
