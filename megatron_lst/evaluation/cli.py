@@ -101,7 +101,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = build_eval_parser().parse_args(argv)
     try:
         _check_eval_inputs(args)
-        modes = parse_modes(args.modes) if args.modes else None
+        modes = parse_modes(args.modes) if args.modes is not None else None
     except ValueError as error:
         print(f"lst-eval: {error}", file=sys.stderr)
         return 2

@@ -411,6 +411,8 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
                                                  "file, e.g. /tmp/results.json"),
     (["--task", "asr", "--utterances", "./utts", "--output", "utts.json"],
      "--output utts.json is a file of the --utterances dataset"),
+    # An empty list (an unset shell variable) scored the default modes
+    (["--items", "x.jsonl", "--modes", ""], "unknown evaluation mode ''"),
 ])
 def test_lst_eval_task_flags_are_checked(flags, message, capsys):
     assert eval_main(["--load", "unused", *flags]) == 2
