@@ -271,6 +271,9 @@ def import_main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_output(Path(args.output), Path(args.input))
         records = READERS[args.format](args.input)
+        if not records:  # an empty items file, which lst-eval refuses
+            raise ItemError(f"{args.input} holds no {args.format} items (a header or blank lines "
+                            f"only); nothing was written")
         check_item_ids(records, args.input)
         if args.units_dir is not None:
             records = attach_units(records, args.units_dir)

@@ -219,3 +219,20 @@ def test_storycloze_errors_name_the_line_a_multi_line_row_starts_on(tmp_path):
         read_storycloze(cloze)
     [record] = read_storycloze(write_cloze(tmp_path / "ok.csv", ['s1,"a.\nb.",b.,c.,d.,e.,f.,2,']))
     assert record["context"]["text"] == "a.\nb. b. c. d." and record["label"] == 1
+
+
+@pytest.mark.parametrize("name, content", [
+    ("cloze.csv", CLOZE_HEADER), ("cloze.csv", CLOZE_HEADER + "\n\n"), ("hs.jsonl", ""),
+    ("hs.jsonl", "\n  \n"),
+])
+def test_a_benchmark_file_without_items_is_refused(tmp_path, capsys, name, content):
+    """It "wrote 0 items", exit status 0: an empty items file that lst-eval then refused."""
+    path = tmp_path / name
+    path.write_text(content)
+    output = tmp_path / "items.jsonl"
+    output.write_text("kept\n")
+    fmt = "storycloze" if name.endswith(".csv") else "hellaswag"
+    assert import_main([fmt, str(path), "--output", str(output)]) == 2
+    assert capsys.readouterr().err == (f"lst-import-eval: {path} holds no {fmt} items (a header "
+                                       f"or blank lines only); nothing was written\n")
+    assert output.read_text() == "kept\n"
