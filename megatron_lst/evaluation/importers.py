@@ -95,7 +95,11 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         endings = row["endings"]
         if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
             raise ItemError(f"{where}: \"endings\" must be a list of strings, got {endings!r}")
-        item_id = str(row.get("ind", number - 1))
+        item_id = row.get("ind", number - 1)
+        if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
+            raise ItemError(f"{where}: \"ind\" {item_id!r} is not an item id (an integer or a "
+                            f"string); fix it or leave \"ind\" out to number the lines")
+        item_id = str(item_id)
         records.append({"id": item_id, "context": {"text": context.strip()},
                         "endings": [{"text": e.strip()} for e in endings],
                         "label": _hellaswag_label(row["label"], len(endings), where)})

@@ -115,6 +115,9 @@ def test_import_errors_name_the_story(tmp_path):
     ({"ctx": ["a"], "endings": ["b", "c"], "label": 0}, "\"ctx\", \"ctx_a\" and \"ctx_b\" must be strings"),
     ({"ctx_a": "a", "ctx_b": 3, "endings": ["b", "c"], "label": 0}, "\"ctx\", .* must be strings"),
     ("[" * 100_000, r"not a HellaSwag line \(JSON nested too deeply"),  # a RecursionError
+    # the ids "None" and "1.5"
+    ({"ind": None, "ctx": "a", "endings": ["b", "c"], "label": 0}, "\"ind\" None is not an item id"),
+    ({"ind": 1.5, "ctx": "a", "endings": ["b", "c"], "label": 0}, "\"ind\" 1.5 is not an item id"),
 ])
 def test_malformed_hellaswag_lines_are_refused(tmp_path, row, message):
     """They were tracebacks, or silently wrong: label 1.7 became 1, "bcde" four endings."""
