@@ -238,10 +238,11 @@ def _unit_values(path: Path, item_id: str) -> list[int]:
 
 
 def _read_utf8(path: Path, item_id: str) -> str:
-    """A unit or alignment file's text; one that is not UTF-8 is an error naming it (the
-    importer's own message would name the benchmark file)."""
+    """A unit or alignment file's text, a leading byte-order mark dropped (it made the first
+    unit no integer, and a first "[SIL]" a word); one that is not UTF-8 is an error naming it
+    (the importer's own message would name the benchmark file)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise ItemError(f"item {item_id!r}: {path} is not UTF-8 text ({error})") from None
 

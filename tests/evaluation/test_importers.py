@@ -239,3 +239,17 @@ def test_a_benchmark_file_without_items_is_refused(tmp_path, capsys, name, conte
     assert capsys.readouterr().err == (f"lst-import-eval: {path} holds no {fmt} items (a header "
                                        f"or blank lines only); nothing was written\n")
     assert output.read_text() == "kept\n"
+
+
+def test_unit_files_with_a_byte_order_mark(tmp_path):
+    """A BOM (a Windows editor's) made a .units file "must hold whitespace-separated integers"
+    and a first "[SIL]" of an .align file the word "\\ufeff[SIL]", silently."""
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
+    units = tmp_path / "units"
+    for part in ("context", "ending0", "ending1"):
+        write_units(units, "s1", part, [1, 2, 3])
+    (units / "s1" / "context.units").write_text("\ufeff1 2 3\r\n", encoding="utf-8")
+    (units / "s1" / "context.align").write_text("\ufeff[SIL] 1\r\nab 2\r\n", encoding="utf-8")
+    (record,) = attach_units(read_storycloze(cloze), units)
+    assert record["context"]["units"] == [1, 2, 3]
+    assert record["context"]["segments"] == [["[SIL]", 1], ["ab", 2]]
