@@ -322,7 +322,10 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     patch_size = generation_patch_size(patching) if is_lst else None
     model.eval()
     device = next(model.parameters()).device
-    max_length = len(prompt) + sampling.max_new_tokens + 1
+    # Global positions the caches hold: generation stops at the model's context, so a large
+    # max_new_tokens must not size them (it allocated caches, and RoPE angles, of its length).
+    max_length = min(len(prompt) + sampling.max_new_tokens + 1,
+                     model.lst_config.max_sequence_length)
     cache = None
     if use_cache:
         cache = (_CachedLST(model, max_length, patch_size) if is_lst

@@ -242,8 +242,9 @@ def test_generation_stops_at_the_context_limit(models, kind, use_cache, monkeypa
     model, prompt, context = models[kind], prompts()["text"], 12
     monkeypatch.setattr(model, "lst_config",
                         dataclasses.replace(model.lst_config, max_sequence_length=context))
+    # The caches were sized by max_new_tokens: a large one failed to allocate them
     result = generate(model, prompt, vocab(), STATIC,
-                      SamplingConfig(max_new_tokens=50, modality="text"), use_cache=use_cache)
+                      SamplingConfig(max_new_tokens=10**12, modality="text"), use_cache=use_cache)
     assert result.stopped_at_context_limit and not result.stopped_at_eos
     sequence = np.concatenate([prompt, result.tokens])
     assert _positions(kind, sequence[:-1]) <= context < _positions(kind, sequence)
