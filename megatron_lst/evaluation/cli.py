@@ -278,8 +278,13 @@ def task_main(args: argparse.Namespace) -> int:
         else:
             asr = None
             if args.asr_load is not None:
-                asr = TaskModel.from_inference_model(
-                    load_inference_model(args.asr_load, tokenizer_model=args.tokenizer_model))
+                asr_loaded = load_inference_model(args.asr_load,
+                                                  tokenizer_model=args.tokenizer_model)
+                _check_asr_reads_the_units(asr_loaded.vocab, loaded.vocab, args)
+                if args.output is not None:
+                    _check_output_spares(args.output, asr_loaded.tokenizer.path,
+                                         "the --asr-load model's tokenizer")
+                asr = TaskModel.from_inference_model(asr_loaded)
             outputs = run_tts(model, utterances, asr, use_cache)
             summary = summarise_tts(outputs, store.manifest.frame_rate,
                                     args.bootstrap_resamples, args.seed)
@@ -300,6 +305,15 @@ def task_main(args: argparse.Namespace) -> int:
                                             "iteration": loaded.iteration, "task": args.task,
                                             "results": summary})
     return 0
+
+
+def _check_asr_reads_the_units(asr_vocab, tts_vocab, args: argparse.Namespace) -> None:
+    """The --asr-load model must read the units the TTS model writes: units past its codebook
+    stopped the evaluation midway, a larger codebook of its own gave a garbage ASR-CER."""
+    if asr_vocab.num_units != tts_vocab.num_units:
+        raise ValueError(f"--asr-load {args.asr_load} reads {asr_vocab.num_units} speech units but "
+                         f"the TTS model of --load {args.load} writes {tts_vocab.num_units}; give "
+                         f"an ASR model trained on the TTS model's codebook")
 
 
 def build_generate_parser() -> argparse.ArgumentParser:

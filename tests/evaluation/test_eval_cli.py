@@ -393,6 +393,41 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     assert {"unit_edit_rate", "asr_cer", "global_steps_per_second"} <= set(results)
 
 
+def test_an_asr_model_of_another_codebook_is_refused_before_decoding(checkpoint, monkeypatch,
+                                                                     capsys):
+    """Its ASR-CER read the TTS units as other units (a larger codebook), or stopped midway
+    (a unit past a smaller one)."""
+    import dataclasses
+
+    import megatron_lst.evaluation.loading as loading
+    from megatron_lst.tokenizer.text_tokenizer import joint_vocab
+
+    root, _, _ = checkpoint
+    prefix = write_utterances(root / "utterances", utterances(seed=4, count=2))
+    load = loading.load_inference_model
+
+    def asr_of_32_units(path, *args, **kwargs):
+        loaded = load(path, *args, **kwargs)
+        if Path(path).name == "asr":
+            return dataclasses.replace(loaded, vocab=joint_vocab(tokenizer(), 2 * NUM_UNITS))
+        return loaded
+
+    monkeypatch.setattr(loading, "load_inference_model", asr_of_32_units)
+    decoded = []
+    monkeypatch.setattr("megatron_lst.evaluation.downstream.run_tts",
+                        lambda *args, **kwargs: decoded.append(args))
+    asr = root / "asr"
+    if not asr.exists():
+        asr.symlink_to(root / "save")
+    assert eval_main(["--load", str(root / "save"), "--task", "tts", "--utterances", str(prefix),
+                      "--asr-load", str(asr)]) == 2
+    assert capsys.readouterr().err == (
+        f"lst-eval: --asr-load {asr} reads {2 * NUM_UNITS} speech units but the TTS model of "
+        f"--load {root / 'save'} writes {NUM_UNITS}; give an ASR model trained on the TTS "
+        f"model's codebook\n")
+    assert decoded == []
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--items", "x.jsonl", "--task", "asr"], "exactly one"),
     (["--task", "asr"], "give --utterances"),
