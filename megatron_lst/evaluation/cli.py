@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -228,10 +229,11 @@ def _check_output_spares(output: str, path: str | os.PathLike, what: str) -> Non
 
 
 def _write_results(output: str, results: dict) -> int:
-    """Write the results JSON to --output; 0, or 2 with a one-line error when it cannot be
-    written (the results are on stdout already)."""
+    """Write the results JSON to --output, a value that is not a number (the steps per second
+    of a TTS model that generated no units) as null: standard JSON has no NaN. 0, or 2 with a
+    one-line error when it cannot be written (the results are on stdout already)."""
     try:
-        Path(output).write_text(json.dumps(results, indent=1))
+        Path(output).write_text(json.dumps(_nan_as_null(results), indent=1, allow_nan=False))
     except OSError as error:
         print(f"lst-eval: cannot write the results to --output {output} "
               f"({error.strerror or error}); they are printed above", file=sys.stderr)
@@ -305,6 +307,12 @@ def task_main(args: argparse.Namespace) -> int:
                                             "iteration": loaded.iteration, "task": args.task,
                                             "results": summary})
     return 0
+
+
+def _nan_as_null(value):
+    if isinstance(value, dict):
+        return {key: _nan_as_null(item) for key, item in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _check_asr_reads_the_units(asr_vocab, tts_vocab, args: argparse.Namespace) -> None:

@@ -393,6 +393,22 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     assert {"unit_edit_rate", "asr_cer", "global_steps_per_second"} <= set(results)
 
 
+def test_results_that_are_not_a_number_are_written_as_null(tmp_path):
+    """json.dumps wrote NaN (the steps per second of a TTS model that generated no units), which
+    is no JSON: strict readers (jq, JavaScript) refused the file."""
+    from megatron_lst.evaluation.cli import _write_results
+
+    output = tmp_path / "tts.json"
+    assert _write_results(str(output), {"task": "tts", "results": {
+        "unit_edit_rate": 1.0, "global_steps_per_second": float("nan")}}) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    written = json.loads(output.read_text(), parse_constant=refuse)
+    assert written["results"] == {"unit_edit_rate": 1.0, "global_steps_per_second": None}
+
+
 def test_an_asr_model_of_another_codebook_is_refused_before_decoding(checkpoint, monkeypatch,
                                                                      capsys):
     """Its ASR-CER read the TTS units as other units (a larger codebook), or stopped midway
