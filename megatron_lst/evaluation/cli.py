@@ -103,6 +103,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_eval_inputs(args)
         modes = parse_modes(args.modes) if args.modes is not None else None
+        for items in args.items or []:  # read only once the model is loaded, maybe minutes later
+            if not Path(items).exists():
+                raise ValueError(f"--items {items} does not exist; give story-completion items "
+                                 f"as JSONL (docs/evaluation.md#the-item-format)")
     except ValueError as error:
         print(f"lst-eval: {error}", file=sys.stderr)
         return 2

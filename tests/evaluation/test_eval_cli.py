@@ -359,15 +359,33 @@ def test_lst_eval_output_that_cannot_be_written_is_one_line(checkpoint, tmp_path
 
 
 def test_lst_eval_without_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "x.jsonl").write_text("{}\n")
     assert eval_main(["--load", str(tmp_path), "--items", str(tmp_path / "x.jsonl")]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
+def test_lst_eval_refuses_missing_items_before_loading_the_model(checkpoint, capsys, monkeypatch):
+    """A mistyped --items was found once the checkpoint was loaded, minutes later for a large
+    model."""
+    root, items_path, _ = checkpoint
+    monkeypatch.setattr("megatron_lst.evaluation.loading.load_inference_model",
+                        lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    missing = root / "typo.jsonl"
+    assert eval_main(["--load", str(root / "save"), "--items", str(items_path),
+                      str(missing)]) == 2
+    assert capsys.readouterr().err == (f"lst-eval: --items {missing} does not exist; give "
+                                       f"story-completion items as JSONL "
+                                       f"(docs/evaluation.md#the-item-format)\n")
 
 
 @pytest.mark.parametrize("main, flags", [
     (eval_main, ["--items", "items.jsonl"]),
     (generate_main, ["--prompt-text", "once"]),
 ], ids=["lst-eval", "lst-generate"])
-def test_an_impossible_layout_is_one_line_not_a_traceback(main, flags, tmp_path, capsys):
+def test_an_impossible_layout_is_one_line_not_a_traceback(main, flags, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "items.jsonl").write_text("{}\n")
     assert main(["--load", str(tmp_path), *flags, "--tensor-model-parallel-size", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "world size 1 is not divisible by tensor (2)" in err
