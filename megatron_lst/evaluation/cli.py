@@ -347,8 +347,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--speech-only", action="store_true",
-                        help="Generate only units (and the end of sequence), as "
-                             "--continue-in speech does.")
+                        help="The same as --continue-in speech: generate only units (and the "
+                             "end of sequence), after the speech marker.")
     parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--no-cache", action="store_true",
                         help="Re-run the whole model every step (the reference's way).")
@@ -399,11 +399,14 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                                       args.tokenizer_model)
         vocab, tokenizer = loaded.vocab, loaded.tokenizer
         units = _unit_prompt(args.prompt_units) if args.prompt_units is not None else None
-        prompt = build_prompt(vocab, tokenizer, args.prompt_text, units, args.continue_in)
         if args.speech_only and args.continue_in == "text":
             raise GenerationError("--speech-only contradicts --continue-in text")
+        # --speech-only is --continue-in speech: a text prompt ends with "space, <s>", as the
+        # interleaver opens a speech run (units right after text pieces: a layout never trained)
+        continue_in = "speech" if args.speech_only else args.continue_in
+        prompt = build_prompt(vocab, tokenizer, args.prompt_text, units, continue_in)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
-                                  args.seed, "speech" if args.speech_only else args.continue_in)
+                                  args.seed, continue_in)
         result = generate(loaded.model_chunks[0], prompt, vocab, loaded.patcher.config,
                           sampling, use_cache=not args.no_cache)
     except (CheckpointError, GenerationError, OSError, ValueError) as error:

@@ -185,12 +185,17 @@ def test_lst_generate_continues_a_unit_prompt_as_speech(checkpoint, capsys):
 
 
 @pytest.mark.parametrize("prompt, continue_in", [(["--prompt-text", "the girl ran"], "speech"),
-                                                 (["--prompt-units", "3 3 7 1 0"], "text")])
+                                                 (["--prompt-units", "3 3 7 1 0"], "text"),
+                                                 (["--prompt-text", "the girl ran"], None)])
 def test_lst_generate_continues_in_the_named_modality_by_default(checkpoint, capsys, prompt,
                                                                  continue_in):
+    """None: --speech-only, which generated units right after the text pieces, without the
+    "space, <s>" that opens every speech run in training."""
     root, _, _ = checkpoint
-    status = generate_main(["--load", str(root / "save"), *prompt, "--continue-in", continue_in,
+    flags = ["--continue-in", continue_in] if continue_in else ["--speech-only"]
+    status = generate_main(["--load", str(root / "save"), *prompt, *flags,
                             "--max-new-tokens", "10"])  # greedy, the default
+    continue_in = continue_in or "speech"
     assert status == 0
     output = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     v = vocab()
