@@ -370,9 +370,23 @@ def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalIte
         torch.distributed.all_gather_object(shares, scores,
                                             group=parallel_state.get_data_parallel_group())
         scores = tuple(np.concatenate(parts) for parts in zip(*shares, strict=True))
-    endings_per_item = [len(item.endings) for item in items]
-    return ModeScores(mode, scores[0], scores[1], np.concatenate([[0], np.cumsum(endings_per_item)]),
+    offsets = np.concatenate([[0], np.cumsum([len(item.endings) for item in items])])
+    _check_finite(scores[0], offsets, items, mode)
+    return ModeScores(mode, scores[0], scores[1], offsets,
                       np.array([item.label for item in items]), truncated, beyond_context)
+
+
+def _check_finite(logprob: np.ndarray, item_offsets: np.ndarray, items: Sequence[EvalItem],
+                  mode: str) -> None:
+    """Raise when a log-probability `[R]` is NaN or infinite: argmax took a NaN for the best
+    ending, so a model with broken weights scored as if it guessed."""
+    bad = np.flatnonzero(~np.isfinite(logprob))
+    if bad.size:
+        item = int(np.searchsorted(item_offsets, bad[0], side="right")) - 1
+        raise ValueError(f"{mode}: the model gives {bad.size} of {len(logprob)} endings a "
+                         f"log-probability that is not a number (the first: "
+                         f"{items[item].describe()}, ending {bad[0] - item_offsets[item]}); its "
+                         f"weights hold NaN or inf (a diverged run?): evaluate another checkpoint")
 
 
 def evaluate_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalItem],

@@ -189,6 +189,19 @@ def test_items_that_cannot_be_scored(items, models):
     check_items_for_mode(unaligned, "T->S", PatchingConfig("mixed", patch_size=3))
 
 
+def test_a_model_that_scores_nan_is_refused(items, single_rank):
+    """A diverged checkpoint's NaN log-probabilities were scored: argmax takes the first NaN
+    for the best ending, so its accuracy was the share of items labelled 0, silently."""
+    model = tiny_model("lst", vocab().size, seed=3)
+    with torch.no_grad():
+        model.output_layer.weight[vocab().text_marker + 3] = float("nan")
+    with pytest.raises(ValueError, match=r"S->S: the model gives 18 of 18 endings a "
+                                         r"log-probability that is not a number \(the first: "
+                                         r"item 'item-0-0' \(test:0\), ending 0\); its weights "
+                                         r"hold NaN or inf"):
+        score_items([model], items, vocab(), STATIC, "S->S", 3)
+
+
 @pytest.mark.parametrize("kind", ["lst", "baseline"])
 def test_items_longer_than_the_context_are_counted_and_named(items, single_rank, kind, caplog):
     """They were scored, silently, past the context the model was built for (RoPE has no cap)."""
