@@ -359,6 +359,10 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
         if allowed is None:
             allowed = sampling_mask(vocab, sampling.modality, logits.numel())
         logits = logits.masked_fill(~allowed, float("-inf"))
+        if logits.isnan().any():  # argmax took a NaN for the best token, sampling failed
+            raise GenerationError(
+                f"the model's logits after {len(sequence)} tokens are not numbers; its weights "
+                f"hold NaN or inf (a diverged run?): generate with another checkpoint")
         if keep_logits:
             result.step_logits.append(logits)
         token = _sample(logits, sampling, generator)

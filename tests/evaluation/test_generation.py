@@ -225,6 +225,19 @@ def _positions(kind: str, sequence: np.ndarray) -> int:
     return len(generation_patch_lengths(sequence, vocab(), STATIC.patch_size))
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_model_whose_logits_are_nan_is_refused(single_rank, temperature):
+    """Greedy decoding took the NaN for the best token (garbage, silently); sampling was a
+    torch.multinomial RuntimeError traceback."""
+    model = tiny_model("lst", VOCAB.size, seed=5)
+    with torch.no_grad():
+        model.output_layer.weight[VOCAB.text_marker + 3] = float("nan")
+    with pytest.raises(GenerationError, match=r"the model's logits after 9 tokens are not "
+                                              r"numbers; its weights hold NaN or inf"):
+        generate(model, prompts()["speech"], vocab(), STATIC,
+                 SamplingConfig(temperature=temperature, max_new_tokens=4))
+
+
 @pytest.mark.parametrize("kind", ["lst", "baseline"])
 def test_a_prompt_longer_than_the_context_is_refused(models, kind, monkeypatch):
     model, prompt = models[kind], prompts()["text"]
