@@ -95,6 +95,10 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         endings = row["endings"]
         if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
             raise ItemError(f"{where}: \"endings\" must be a list of strings, got {endings!r}")
+        empty = [k for k, ending in enumerate(endings) if not ending.strip()]
+        if empty:  # written, then refused by lst-eval naming the items file instead
+            raise ItemError(f"{where}: endings {empty} have no text; fill them in or leave the "
+                            f"line out")
         item_id = row.get("ind", number - 1)
         if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
             raise ItemError(f"{where}: \"ind\" {item_id!r} is not an item id (an integer or a "
@@ -141,6 +145,10 @@ def read_storycloze(path: str | Path) -> list[dict]:
                 raise ItemError(f"{path}:{number}: the row ends before the columns {short}")
             if not row["InputStoryid"].strip():
                 raise ItemError(f"{path}:{number}: the story has no InputStoryid")
+            empty = [c for c in (*STORYCLOZE_CONTEXT, *STORYCLOZE_ENDINGS) if not row[c].strip()]
+            if empty:  # written, then refused by lst-eval naming the items file instead
+                raise ItemError(f"{path}:{number}: story {row['InputStoryid']!r} has no text in "
+                                f"{empty}; fill them in or leave the story out")
             answer = row["AnswerRightEnding"].strip()
             if answer not in ("1", "2"):
                 raise ItemError(f"{path}:{number}: story {row['InputStoryid']!r} has "

@@ -118,6 +118,8 @@ def test_import_errors_name_the_story(tmp_path):
     # the ids "None" and "1.5"
     ({"ind": None, "ctx": "a", "endings": ["b", "c"], "label": 0}, "\"ind\" None is not an item id"),
     ({"ind": 1.5, "ctx": "a", "endings": ["b", "c"], "label": 0}, "\"ind\" 1.5 is not an item id"),
+    # written, then refused by lst-eval naming the items file
+    ({"ctx": "a", "endings": ["b", " ", "c"], "label": 0}, r"endings \[1\] have no text"),
 ])
 def test_malformed_hellaswag_lines_are_refused(tmp_path, row, message):
     """They were tracebacks, or silently wrong: label 1.7 became 1, "bcde" four endings."""
@@ -134,6 +136,11 @@ def test_malformed_storycloze_rows_are_refused(tmp_path):
                                                              "s2,a.,b.,c.,d.,e."]))
     with pytest.raises(ItemError, match=r"noid.csv:2: the story has no InputStoryid"):
         read_storycloze(write_cloze(tmp_path / "noid.csv", [" ,a.,b.,c.,d.,e.,f.,1"]))
+    # written, then refused by lst-eval naming the items file
+    with pytest.raises(ItemError, match=r"empty.csv:3: story 's2' has no text in "
+                                        r"\['InputSentence2', 'RandomFifthSentenceQuiz2'\]"):
+        read_storycloze(write_cloze(tmp_path / "empty.csv", ["s1,a.,b.,c.,d.,e.,f.,1",
+                                                             "s2,a., ,c.,d.,e.,,1"]))
 
 
 @pytest.mark.parametrize(("ids", "message"), [
