@@ -95,6 +95,9 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         endings = row["endings"]
         if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
             raise ItemError(f"{where}: \"endings\" must be a list of strings, got {endings!r}")
+        if len(endings) < 2:
+            raise ItemError(f"{where}: \"endings\" lists {len(endings)} ending(s); an item "
+                            f"needs at least 2 to choose from")
         empty = [k for k, ending in enumerate(endings) if not ending.strip()]
         if empty:  # written, then refused by lst-eval naming the items file instead
             raise ItemError(f"{where}: endings {empty} have no text; fill them in or leave the "

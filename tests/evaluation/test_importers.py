@@ -120,6 +120,7 @@ def test_import_errors_name_the_story(tmp_path):
     ({"ind": 1.5, "ctx": "a", "endings": ["b", "c"], "label": 0}, "\"ind\" 1.5 is not an item id"),
     # written, then refused by lst-eval naming the items file
     ({"ctx": "a", "endings": ["b", " ", "c"], "label": 0}, r"endings \[1\] have no text"),
+    ({"ctx": "a", "endings": ["b"], "label": 0}, r"\"endings\" lists 1 ending\(s\); an item needs"),
 ])
 def test_malformed_hellaswag_lines_are_refused(tmp_path, row, message):
     """They were tracebacks, or silently wrong: label 1.7 became 1, "bcde" four endings."""
