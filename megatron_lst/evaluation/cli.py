@@ -36,11 +36,7 @@ from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.evaluation.scoring import MODES, check_items_for_mode, evaluate_items, parse_modes
 from megatron_lst.training.arguments import seed_flag
 from megatron_lst.training.checkpointing import TRACKER_FILENAME, CheckpointError
-from megatron_lst.training.loop import METRICS_FILENAME
 from megatron_lst.training.save_directory import LOCK_FILENAME
-
-RUN_FILENAMES = (TRACKER_FILENAME, METRICS_FILENAME, LOCK_FILENAME)
-"""Files a training run keeps at the top of its --save directory (the rest is in folders)."""
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
@@ -218,8 +214,12 @@ def _check_output(args: argparse.Namespace) -> None:
         directory = getattr(args, flag[2:].replace("-", "_"))
         if directory is None or not output.resolve().is_relative_to(Path(directory).resolve()):
             continue
+        from megatron_lst.training.loop import METRICS_FILENAME  # a slow import: only here
+
+        # Folders hold the checkpoints and the row index; these files the run's state and logs.
         inside = output.resolve().relative_to(Path(directory).resolve())
-        if len(inside.parts) > 1 or inside.name in RUN_FILENAMES:
+        if len(inside.parts) > 1 or inside.name in (TRACKER_FILENAME, METRICS_FILENAME,
+                                                    LOCK_FILENAME):
             raise ValueError(f"--output {args.output} is a file of the training run in the "
                              f"{flag} directory {directory} (its checkpoints, index or logs), "
                              f"which the results would overwrite; write them to another file")
