@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +35,8 @@ from megatron_lst.evaluation.generation import (
 from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.evaluation.scoring import MODES, check_items_for_mode, evaluate_items, parse_modes
 from megatron_lst.training.arguments import seed_flag
-from megatron_lst.training.checkpointing import CheckpointError
+from megatron_lst.training.checkpointing import TRACKER_FILENAME, CheckpointError
+from megatron_lst.training.save_directory import LOCK_FILENAME
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
@@ -95,7 +98,11 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = build_eval_parser().parse_args(argv)
     try:
         _check_eval_inputs(args)
-        modes = parse_modes(args.modes) if args.modes else None
+        modes = parse_modes(args.modes) if args.modes is not None else None
+        for items in args.items or []:  # read only once the model is loaded, maybe minutes later
+            if not Path(items).exists():
+                raise ValueError(f"--items {items} does not exist; give story-completion items "
+                                 f"as JSONL (docs/evaluation.md#the-item-format)")
     except ValueError as error:
         print(f"lst-eval: {error}", file=sys.stderr)
         return 2
@@ -106,6 +113,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                                       args.pipeline_model_parallel_size, seed=args.seed)
         model = load_inference_model(args.load, args.tensor_model_parallel_size,
                                      args.pipeline_model_parallel_size, args.tokenizer_model)
+        if args.output is not None:  # the tokenizer the checkpoint names
+            _check_output_spares(args.output, model.tokenizer.path, "the model's tokenizer")
         item_sets = _load_item_sets(args.items, model, modes)
         results = {path: evaluate_items(model.model_chunks, items, model.vocab, model.patcher,
                                         modes or _default_modes(items), args.batch_size,
@@ -126,9 +135,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                   f"[{s['accuracy_ci_low']:.4f}, {s['accuracy_ci_high']:.4f}]  per-token "
                   f"{s['accuracy_normalised']:.4f}  ({_item_count(s)})")
     if args.output:
-        Path(args.output).write_text(json.dumps(
-            {"checkpoint": str(model.checkpoint), "iteration": model.iteration,
-             "results": results}, indent=1))
+        return _write_results(args.output, {"checkpoint": str(model.checkpoint),
+                                            "iteration": model.iteration, "results": results})
     return 0
 
 
@@ -144,12 +152,13 @@ def _item_count(summary: dict[str, float]) -> str:
 
 
 def _load_item_sets(paths: Sequence[str], model, modes: list[str] | None) -> dict[str, list]:
-    """Every file's items, checked against the model and the speech `modes` need before any file
-    is scored (a bad second file was found only after the first was evaluated)."""
+    """Every file's items, checked against the model and what its `modes` (or the file's default
+    ones) need before any file is scored (a bad second file was found only after the first was
+    evaluated)."""
     item_sets = {path: load_items(path, model.tokenizer, model.vocab) for path in paths}
     for items in item_sets.values():
-        for mode in modes or []:
-            check_items_for_mode(items, mode)
+        for mode in modes or _default_modes(items):
+            check_items_for_mode(items, mode, model.patcher.config)
     return item_sets
 
 
@@ -173,21 +182,67 @@ def _check_eval_inputs(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.num_utterances is not None and args.num_utterances < 1:
         raise ValueError(f"--num-utterances must be >= 1, got {args.num_utterances}")
-    if args.output is not None and not Path(args.output).parent.is_dir():
-        raise ValueError(f"--output {args.output}: directory {Path(args.output).parent} does not "
-                         "exist; create it or write elsewhere")
-    if args.output is not None and Path(args.output).is_dir():  # found after all the scoring
+    if args.output is not None:
+        _check_output(args)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """--output is written after all the work, over whatever is there: refuse, before any, a path
+    that cannot be a results file or that names an input (an items file, a file of the
+    --utterances dataset, the tokenizer, a file of a checkpoint directory)."""
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise ValueError(f"--output {args.output}: directory {output.parent} does not exist; "
+                         f"create it or write elsewhere")
+    if output.is_dir():  # found after all the scoring
         raise ValueError(f"--output {args.output} is a directory; name the results file, e.g. "
-                         f"{Path(args.output) / 'results.json'}")
-    if args.output is not None and any(Path(args.output).resolve() == Path(items).resolve()
-                                       for items in args.items or []):
+                         f"{output / 'results.json'}")
+    if not os.access(output.parent, os.W_OK):
+        raise ValueError(f"--output {args.output}: directory {output.parent} is not writable; "
+                         f"write the results elsewhere")
+    if any(output.resolve() == Path(items).resolve() for items in args.items or []):
         raise ValueError(f"--output {args.output} is one of the --items files, which the results "
                          f"would overwrite; write them to another file")
-    if args.output is not None and args.utterances is not None and any(
-            Path(args.output).resolve() == Path(args.utterances + suffix).resolve()
+    if args.utterances is not None and any(
+            output.resolve() == Path(args.utterances + suffix).resolve()
             for suffix in (".bin", ".idx", ".json")):
         raise ValueError(f"--output {args.output} is a file of the --utterances dataset, which "
                          f"the results would overwrite; write them to another file")
+    if args.tokenizer_model is not None:
+        _check_output_spares(args.output, args.tokenizer_model, "the --tokenizer-model file")
+    for flag in ("--load", "--asr-load"):
+        directory = getattr(args, flag[2:].replace("-", "_"))
+        if directory is None or not output.resolve().is_relative_to(Path(directory).resolve()):
+            continue
+        from megatron_lst.training.loop import METRICS_FILENAME  # a slow import: only here
+
+        # Folders hold the checkpoints and the row index; these files the run's state and logs.
+        inside = output.resolve().relative_to(Path(directory).resolve())
+        if len(inside.parts) > 1 or inside.name in (TRACKER_FILENAME, METRICS_FILENAME,
+                                                    LOCK_FILENAME):
+            raise ValueError(f"--output {args.output} is a file of the training run in the "
+                             f"{flag} directory {directory} (its checkpoints, index or logs), "
+                             f"which the results would overwrite; write them to another file")
+
+
+def _check_output_spares(output: str, path: str | os.PathLike, what: str) -> None:
+    """Refuse an --output that is `path`, an input the results would overwrite."""
+    if Path(output).resolve() == Path(path).resolve():
+        raise ValueError(f"--output {output} is {what}, which the results would overwrite; "
+                         f"write them to another file")
+
+
+def _write_results(output: str, results: dict) -> int:
+    """Write the results JSON to --output, a value that is not a number (the steps per second
+    of a TTS model that generated no units) as null: standard JSON has no NaN. 0, or 2 with a
+    one-line error when it cannot be written (the results are on stdout already)."""
+    try:
+        Path(output).write_text(json.dumps(_nan_as_null(results), indent=1, allow_nan=False))
+    except OSError as error:
+        print(f"lst-eval: cannot write the results to --output {output} "
+              f"({error.strerror or error}); they are printed above", file=sys.stderr)
+        return 2
+    return 0
 
 
 def task_main(args: argparse.Namespace) -> int:
@@ -218,6 +273,8 @@ def task_main(args: argparse.Namespace) -> int:
                              f"aligned (speech) one")
         utterances = [store[i] for i in range(min(len(store), args.num_utterances or len(store)))]
         loaded = load_inference_model(args.load, tokenizer_model=args.tokenizer_model)
+        if args.output is not None:  # the tokenizer the checkpoint names
+            _check_output_spares(args.output, loaded.tokenizer.path, "the model's tokenizer")
         store.vocab.check_same(loaded.vocab, f"checkpoint {loaded.checkpoint}")
         model = TaskModel.from_inference_model(loaded)
         use_cache = not args.no_cache
@@ -227,8 +284,13 @@ def task_main(args: argparse.Namespace) -> int:
         else:
             asr = None
             if args.asr_load is not None:
-                asr = TaskModel.from_inference_model(
-                    load_inference_model(args.asr_load, tokenizer_model=args.tokenizer_model))
+                asr_loaded = load_inference_model(args.asr_load,
+                                                  tokenizer_model=args.tokenizer_model)
+                _check_asr_reads_the_units(asr_loaded.vocab, loaded.vocab, args)
+                if args.output is not None:
+                    _check_output_spares(args.output, asr_loaded.tokenizer.path,
+                                         "the --asr-load model's tokenizer")
+                asr = TaskModel.from_inference_model(asr_loaded)
             outputs = run_tts(model, utterances, asr, use_cache)
             summary = summarise_tts(outputs, store.manifest.frame_rate,
                                     args.bootstrap_resamples, args.seed)
@@ -245,10 +307,25 @@ def task_main(args: argparse.Namespace) -> int:
                         if name + "_ci_low" in summary else "")
             print(f"{name}: {value:.4f}{interval}")
     if args.output:
-        Path(args.output).write_text(json.dumps(
-            {"checkpoint": str(loaded.checkpoint), "iteration": loaded.iteration,
-             "task": args.task, "results": summary}, indent=1))
+        return _write_results(args.output, {"checkpoint": str(loaded.checkpoint),
+                                            "iteration": loaded.iteration, "task": args.task,
+                                            "results": summary})
     return 0
+
+
+def _nan_as_null(value):
+    if isinstance(value, dict):
+        return {key: _nan_as_null(item) for key, item in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _check_asr_reads_the_units(asr_vocab, tts_vocab, args: argparse.Namespace) -> None:
+    """The --asr-load model must read the units the TTS model writes: units past its codebook
+    stopped the evaluation midway, a larger codebook of its own gave a garbage ASR-CER."""
+    if asr_vocab.num_units != tts_vocab.num_units:
+        raise ValueError(f"--asr-load {args.asr_load} reads {asr_vocab.num_units} speech units but "
+                         f"the TTS model of --load {args.load} writes {tts_vocab.num_units}; give "
+                         f"an ASR model trained on the TTS model's codebook")
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -270,8 +347,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--speech-only", action="store_true",
-                        help="Generate only units (and the end of sequence), as "
-                             "--continue-in speech does.")
+                        help="The same as --continue-in speech: generate only units (and the "
+                             "end of sequence), after the speech marker.")
     parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--no-cache", action="store_true",
                         help="Re-run the whole model every step (the reference's way).")
@@ -288,17 +365,21 @@ def _unit_prompt(text: str) -> list[int]:
 
     if text.startswith("@"):
         try:
-            return load_units(Path(text[1:])).tolist()
+            units = load_units(Path(text[1:])).tolist()
         except OSError as error:
             raise ValueError(f"--prompt-units {text}: cannot read {text[1:]} "
                              f"({error.strerror or error})") from None
         except DocumentError as error:  # not UTF-8 or .npy, or not integers; names the file
             raise ValueError(f"--prompt-units {text}: {error}") from None
-    try:
-        return [int(u) for u in text.split()]
-    except ValueError as error:
-        raise ValueError(f"--prompt-units: {error}; give whitespace-separated integer unit "
-                         "values") from None
+    else:
+        try:
+            units = [int(u) for u in text.split()]
+        except ValueError as error:
+            raise ValueError(f"--prompt-units: {error}; give whitespace-separated integer unit "
+                             "values") from None
+    if not units:
+        raise ValueError(f"--prompt-units {text!r} holds no units; give the units to continue")
+    return units
 
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
@@ -318,11 +399,14 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                                       args.tokenizer_model)
         vocab, tokenizer = loaded.vocab, loaded.tokenizer
         units = _unit_prompt(args.prompt_units) if args.prompt_units is not None else None
-        prompt = build_prompt(vocab, tokenizer, args.prompt_text, units, args.continue_in)
         if args.speech_only and args.continue_in == "text":
             raise GenerationError("--speech-only contradicts --continue-in text")
+        # --speech-only is --continue-in speech: a text prompt ends with "space, <s>", as the
+        # interleaver opens a speech run (units right after text pieces: a layout never trained)
+        continue_in = "speech" if args.speech_only else args.continue_in
+        prompt = build_prompt(vocab, tokenizer, args.prompt_text, units, continue_in)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
-                                  args.seed, "speech" if args.speech_only else args.continue_in)
+                                  args.seed, continue_in)
         result = generate(loaded.model_chunks[0], prompt, vocab, loaded.patcher.config,
                           sampling, use_cache=not args.no_cache)
     except (CheckpointError, GenerationError, OSError, ValueError) as error:

@@ -119,7 +119,7 @@ def generation_patch_lengths(tokens: np.ndarray, vocab: JointVocab, patch_size: 
 def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
                  units: np.ndarray | None = None, continue_in: str | None = None) -> np.ndarray:
     """`[n]` joint ids of a prompt in training's layout: `BOS, <t>, pieces` for `text` or
-    `BOS, <s>, units` for `units` (exactly one of them). `continue_in` "speech" or "text" switches
+    `BOS, <s>, units` for `units` (exactly one of them, not empty). `continue_in` "speech" or "text" switches
     modality after the prompt as the interleaver does (`space, <s>` after text, `<t>` after
     speech), so the model answers in the other modality; None continues the prompt's run."""
     if (text is None) == (units is None):
@@ -129,10 +129,19 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
     if text is not None:
         if tokenizer is None:
             raise GenerationError("a text prompt needs the tokenizer")
-        ids = [vocab.bos_id, vocab.text_marker, *tokenizer.encode(text)]
+        # Without pieces the model would run on from BOS and a marker alone.
+        if not text.strip():
+            raise GenerationError(f"the text prompt {text!r} is empty; give the text to continue")
+        pieces = tokenizer.encode(text)
+        if not pieces:
+            raise GenerationError(f"the tokenizer turns the text prompt {text!r} into no pieces; "
+                                  f"give text in words it knows")
+        ids = [vocab.bos_id, vocab.text_marker, *pieces]
         if continue_in == "speech":
             ids += [tokenizer.space_id, vocab.speech_marker]
     else:
+        if not len(units):
+            raise GenerationError("the unit prompt holds no units; give the units to continue")
         ids = [vocab.bos_id, vocab.speech_marker,
                *vocab.units_to_ids(np.asarray(units), where="unit prompt").tolist()]
         if continue_in == "text":
@@ -313,7 +322,10 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     patch_size = generation_patch_size(patching) if is_lst else None
     model.eval()
     device = next(model.parameters()).device
-    max_length = len(prompt) + sampling.max_new_tokens + 1
+    # Global positions the caches hold: generation stops at the model's context, so a large
+    # max_new_tokens must not size them (it allocated caches, and RoPE angles, of its length).
+    max_length = min(len(prompt) + sampling.max_new_tokens + 1,
+                     model.lst_config.max_sequence_length)
     cache = None
     if use_cache:
         cache = (_CachedLST(model, max_length, patch_size) if is_lst
@@ -347,6 +359,10 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
         if allowed is None:
             allowed = sampling_mask(vocab, sampling.modality, logits.numel())
         logits = logits.masked_fill(~allowed, float("-inf"))
+        if logits.isnan().any():  # argmax took a NaN for the best token, sampling failed
+            raise GenerationError(
+                f"the model's logits after {len(sequence)} tokens are not numbers; its weights "
+                f"hold NaN or inf (a diverged run?): generate with another checkpoint")
         if keep_logits:
             result.step_logits.append(logits)
         token = _sample(logits, sampling, generator)

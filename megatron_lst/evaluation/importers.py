@@ -55,7 +55,7 @@ import copy
 import csv
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from megatron_lst.data.readers import DocumentError, load_units
@@ -95,7 +95,18 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         endings = row["endings"]
         if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
             raise ItemError(f"{where}: \"endings\" must be a list of strings, got {endings!r}")
-        item_id = str(row.get("ind", number - 1))
+        if len(endings) < 2:
+            raise ItemError(f"{where}: \"endings\" lists {len(endings)} ending(s); an item "
+                            f"needs at least 2 to choose from")
+        empty = [k for k, ending in enumerate(endings) if not ending.strip()]
+        if empty:  # written, then refused by lst-eval naming the items file instead
+            raise ItemError(f"{where}: endings {empty} have no text; fill them in or leave the "
+                            f"line out")
+        item_id = row.get("ind", number - 1)
+        if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
+            raise ItemError(f"{where}: \"ind\" {item_id!r} is not an item id (an integer or a "
+                            f"string); fix it or leave \"ind\" out to number the lines")
+        item_id = str(item_id)
         records.append({"id": item_id, "context": {"text": context.strip()},
                         "endings": [{"text": e.strip()} for e in endings],
                         "label": _hellaswag_label(row["label"], len(endings), where)})
@@ -115,21 +126,32 @@ def _hellaswag_label(label, num_endings: int, where: str) -> int:
 
 
 def read_storycloze(path: str | Path) -> list[dict]:
-    """Text-only items of a StoryCloze or TopicStoryCloze CSV file."""
+    """Text-only items of a StoryCloze or TopicStoryCloze CSV file. Errors name the line a row
+    starts on (a quoted field may hold line breaks, so a row can span several lines)."""
     path = Path(path)
     with open(path, encoding="utf-8-sig", newline="") as f:  # a spreadsheet's BOM dropped
-        reader = csv.DictReader(f)
+        reader = csv.reader(f)
+        header = next(reader, [])
         needed = ("InputStoryid", *STORYCLOZE_CONTEXT, *STORYCLOZE_ENDINGS, "AnswerRightEnding")
-        missing = [c for c in needed if c not in (reader.fieldnames or [])]
+        missing = [c for c in needed if c not in header]
         if missing:
             raise ItemError(f"{path}: not a StoryCloze CSV, missing columns {missing}")
         records = []
-        for number, row in enumerate(reader, start=2):  # line 1 is the header
-            short = [c for c in needed if row[c] is None]
+        for number, values in _rows_by_first_line(reader, path):
+            if any(v.strip() for v in values[len(header):]):  # an empty one: a trailing comma
+                raise ItemError(f"{path}:{number}: the row has {len(values)} fields but the "
+                                f"header {len(header)}; quote a field that holds a comma "
+                                f"(\"a, b\")")
+            row = dict(zip(header, values, strict=False))
+            short = [c for c in needed if c not in row]
             if short:
                 raise ItemError(f"{path}:{number}: the row ends before the columns {short}")
             if not row["InputStoryid"].strip():
                 raise ItemError(f"{path}:{number}: the story has no InputStoryid")
+            empty = [c for c in (*STORYCLOZE_CONTEXT, *STORYCLOZE_ENDINGS) if not row[c].strip()]
+            if empty:  # written, then refused by lst-eval naming the items file instead
+                raise ItemError(f"{path}:{number}: story {row['InputStoryid']!r} has no text in "
+                                f"{empty}; fill them in or leave the story out")
             answer = row["AnswerRightEnding"].strip()
             if answer not in ("1", "2"):
                 raise ItemError(f"{path}:{number}: story {row['InputStoryid']!r} has "
@@ -141,6 +163,22 @@ def read_storycloze(path: str | Path) -> list[dict]:
                 "label": int(answer) - 1,
             })
     return records
+
+
+def _rows_by_first_line(reader, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(the line a row starts on, its fields) for each row left in the `csv.reader`, blank lines
+    skipped: a row spans several lines when a quoted field holds line breaks."""
+    while True:
+        ended = reader.line_num  # the last line of the previous row
+        try:
+            values = next(reader, None)
+        except csv.Error as error:  # a field past csv's size limit: an unclosed quote, ...
+            raise ItemError(f"{path}:{ended + 1}: not a CSV row ({error}); check the row's "
+                            f"quotes") from None
+        if values is None:
+            return
+        if values:  # a blank line reads as []
+            yield ended + 1, values
 
 
 def check_item_ids(records: Sequence[dict], source: str | Path) -> None:
@@ -211,10 +249,11 @@ def _unit_values(path: Path, item_id: str) -> list[int]:
 
 
 def _read_utf8(path: Path, item_id: str) -> str:
-    """A unit or alignment file's text; one that is not UTF-8 is an error naming it (the
-    importer's own message would name the benchmark file)."""
+    """A unit or alignment file's text, a leading byte-order mark dropped (it made the first
+    unit no integer, and a first "[SIL]" a word); one that is not UTF-8 is an error naming it
+    (the importer's own message would name the benchmark file)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise ItemError(f"item {item_id!r}: {path} is not UTF-8 text ({error})") from None
 
@@ -248,6 +287,9 @@ def import_main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_output(Path(args.output), Path(args.input))
         records = READERS[args.format](args.input)
+        if not records:  # an empty items file, which lst-eval refuses
+            raise ItemError(f"{args.input} holds no {args.format} items (a header or blank lines "
+                            f"only); nothing was written")
         check_item_ids(records, args.input)
         if args.units_dir is not None:
             records = attach_units(records, args.units_dir)
@@ -257,9 +299,14 @@ def import_main(argv: Sequence[str] | None = None) -> int:
     except (ItemError, OSError) as error:
         print(f"lst-import-eval: {error}", file=sys.stderr)
         return 2
-    with open(args.output, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    except OSError as error:
+        print(f"lst-import-eval: cannot write --output {args.output} "
+              f"({error.strerror or error})", file=sys.stderr)
+        return 2
     print(f"wrote {len(records)} items to {args.output}")
     return 0
 

@@ -15,7 +15,8 @@ known but not aligned: static patching does not need them, aligned patching refu
 Every problem is an `ItemError` naming the file, the line and the item id. Format problems
 (missing endings, a label out of range, units outside the codebook, ...) are raised while loading,
 before any model work; an item that lacks what a mode or patching needs (units for a speech mode,
-segments for aligned patching) is refused when it is scored.
+segments for aligned patching) is refused by `scoring.check_items_for_mode` (lst-eval and training
+call it before any scoring).
 """
 
 from __future__ import annotations
@@ -148,7 +149,10 @@ def _utterance(record: dict, tokenizer: PieceEncoder, vocab: JointVocab, where: 
     if not isinstance(text, str) or not text.strip():
         raise ItemError(f"{where}: \"text\" is missing or empty")
     text_ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
-    if text_ids.size and text_ids.max() >= vocab.text_size:
+    if not text_ids.size:  # an ending of no pieces has no score (0 / 0 tokens per token)
+        raise ItemError(f"{where}: the tokenizer turns \"text\" {text!r} into no pieces; write "
+                        f"it in words the tokenizer knows")
+    if text_ids.max() >= vocab.text_size:
         raise ItemError(f"{where}: the tokenizer gave piece {int(text_ids.max())}, outside the "
                         f"vocabulary's {vocab.text_size} text ids; use the tokenizer the model "
                         f"was trained with")

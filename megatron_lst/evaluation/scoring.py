@@ -101,12 +101,7 @@ def build_sequence(item: EvalItem, ending: int, mode: str, vocab: JointVocab,
     context_speech, ending_speech = MODES[mode]
     context, candidate = item.context, item.endings[ending]
     if patcher.rule(None, None) == "aligned":
-        for name, part, speech in (("context", context, context_speech),
-                                   (f"ending {ending}", candidate, ending_speech)):
-            if speech and part.segment_units is None:
-                raise ItemError(f"{item.describe()}, {name}: aligned patching needs \"segments\" "
-                                f"(the units of each word); add them or evaluate with static "
-                                f"patching")
+        _check_segments(item, ending, mode)
     marker = {True: vocab.speech_marker, False: vocab.text_marker}
     parts = [[vocab.bos_id, marker[context_speech]]]
     parts.append(vocab.units_to_ids(context.units) if context_speech else context.text_ids)
@@ -123,6 +118,18 @@ def build_sequence(item: EvalItem, ending: int, mode: str, vocab: JointVocab,
         tokens, vocab, np.concatenate([g for g, _ in groups] or [np.zeros(0, np.int64)]),
         np.concatenate([s for _, s in groups] or [np.zeros(0, bool)]))
     return ScoredSequence(tokens, first_scored, patcher.patch_lengths(doc))
+
+
+def _check_segments(item: EvalItem, ending: int, mode: str) -> None:
+    """Raise when a speech side of (item, ending) in `mode` has no segments (aligned patching
+    needs them)."""
+    context_speech, ending_speech = MODES[mode]
+    for name, part, speech in (("context", item.context, context_speech),
+                               (f"ending {ending}", item.endings[ending], ending_speech)):
+        if speech and part.segment_units is None:
+            raise ItemError(f"{item.describe()}, {name}: aligned patching needs \"segments\" "
+                            f"(the units of each word) to score it {mode}; add them or evaluate "
+                            f"with static patching")
 
 
 def collate(sequences: Sequence[ScoredSequence], multiple_of: int = 1) -> dict[str, torch.Tensor]:
@@ -241,10 +248,17 @@ class ModeScores:
         return np.asarray(best) == self.labels
 
 
-def check_items_for_mode(items: Sequence[EvalItem], mode: str) -> None:
-    """Raise naming the first text-only item when `mode` puts speech on either side."""
+def check_items_for_mode(items: Sequence[EvalItem], mode: str,
+                         patching: PatchingConfig | None = None) -> None:
+    """Raise naming the first item `mode` cannot score: a text-only one when the mode puts speech
+    on either side; with the model's `patching`, one without segments when the model is
+    evaluated with aligned patching (`inference_patcher`)."""
     if any(MODES[mode]):
         check_items_for_speech(items, mode)
+    if patching is not None and inference_patcher(patching).rule(None, None) == "aligned":
+        for item in items:
+            for ending in range(len(item.endings)):
+                _check_segments(item, ending, mode)
 
 
 def fit_to_context(model_chunk: torch.nn.Module, items: Sequence[EvalItem],
@@ -330,7 +344,7 @@ def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalIte
         raise ValueError(f"unknown evaluation mode {mode!r}; choose from {list(MODES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 item, got {batch_size}")
-    check_items_for_mode(items, mode)
+    check_items_for_mode(items, mode, patcher.config)
     patcher = inference_patcher(patcher.config)
     sequences = [[build_sequence(item, e, mode, vocab, patcher) for e in range(len(item.endings))]
                  for item in items]
@@ -356,9 +370,23 @@ def score_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalIte
         torch.distributed.all_gather_object(shares, scores,
                                             group=parallel_state.get_data_parallel_group())
         scores = tuple(np.concatenate(parts) for parts in zip(*shares, strict=True))
-    endings_per_item = [len(item.endings) for item in items]
-    return ModeScores(mode, scores[0], scores[1], np.concatenate([[0], np.cumsum(endings_per_item)]),
+    offsets = np.concatenate([[0], np.cumsum([len(item.endings) for item in items])])
+    _check_finite(scores[0], offsets, items, mode)
+    return ModeScores(mode, scores[0], scores[1], offsets,
                       np.array([item.label for item in items]), truncated, beyond_context)
+
+
+def _check_finite(logprob: np.ndarray, item_offsets: np.ndarray, items: Sequence[EvalItem],
+                  mode: str) -> None:
+    """Raise when a log-probability `[R]` is NaN or infinite: argmax took a NaN for the best
+    ending, so a model with broken weights scored as if it guessed."""
+    bad = np.flatnonzero(~np.isfinite(logprob))
+    if bad.size:
+        item = int(np.searchsorted(item_offsets, bad[0], side="right")) - 1
+        raise ValueError(f"{mode}: the model gives {bad.size} of {len(logprob)} endings a "
+                         f"log-probability that is not a number (the first: "
+                         f"{items[item].describe()}, ending {bad[0] - item_offsets[item]}); its "
+                         f"weights hold NaN or inf (a diverged run?): evaluate another checkpoint")
 
 
 def evaluate_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[EvalItem],

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from megatron_lst.evaluation.items import EvalItem, load_items
-from megatron_lst.evaluation.scoring import evaluate_items, inference_patcher
+from megatron_lst.evaluation.scoring import (
+    check_items_for_mode,
+    evaluate_items,
+    inference_patcher,
+)
 from megatron_lst.patching import Patcher
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 from megatron_lst.tokenizer.vocab import JointVocab
@@ -37,8 +41,11 @@ class StoryCompletionEval:
             return None
         items = load_items(args.eval_data, load_text_tokenizer(args.tokenizer_model), vocab)
         spoken = all(u.has_speech for item in items for u in (item.context, *item.endings))
-        return cls(items, inference_patcher(patching_config_from_args(args)),
-                   ("S->S", "T->T") if spoken else ("T->T",), args.micro_batch_size)
+        modes = ("S->S", "T->T") if spoken else ("T->T",)
+        patching = patching_config_from_args(args)
+        for mode in modes:  # at the start, not at the first evaluation
+            check_items_for_mode(items, mode, patching)
+        return cls(items, inference_patcher(patching), modes, args.micro_batch_size)
 
     def run(self, model_chunks: list[torch.nn.Module], vocab: JointVocab) -> dict[str, dict]:
         """Per mode: accuracy with its 95% bootstrap interval (collective: every rank calls)."""

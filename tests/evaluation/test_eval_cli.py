@@ -133,6 +133,10 @@ def test_lst_eval_names_a_bad_item(checkpoint, capsys):
     ({"label": 5}, "ss,tt", "label 5"),
     ({"context": {"text": "the dog"}, "endings": [{"text": "sat"}, {"text": "ran"}]}, "tt,st",
      "cannot be scored S->T"),
+    # The default modes of the second file (all four: it has spoken items) were checked only
+    # when it was scored.
+    ({"context": {"text": "the dog"}, "endings": [{"text": "sat"}, {"text": "ran"}]}, None,
+     "cannot be scored S->S"),
 ])
 def test_every_item_file_is_checked_before_any_is_scored(checkpoint, capsys, monkeypatch,
                                                          second, modes, message):
@@ -142,9 +146,10 @@ def test_every_item_file_is_checked_before_any_is_scored(checkpoint, capsys, mon
     monkeypatch.setattr("megatron_lst.evaluation.cli.evaluate_items",
                         lambda *args, **kwargs: scored.append(args))
     bad = root / "second.jsonl"
-    bad.write_text(json.dumps({**random_records(7, 1)[0], **second}) + "\n")
+    bad.write_text(json.dumps({**random_records(7, 1)[0], **second}) + "\n"
+                   + json.dumps(random_records(8, 1)[0]) + "\n")
     assert eval_main(["--load", str(root / "save"), "--items", str(items_path), str(bad),
-                      "--modes", modes]) == 2
+                      *(["--modes", modes] if modes else [])]) == 2
     assert message in capsys.readouterr().err and scored == []
 
 
@@ -180,12 +185,17 @@ def test_lst_generate_continues_a_unit_prompt_as_speech(checkpoint, capsys):
 
 
 @pytest.mark.parametrize("prompt, continue_in", [(["--prompt-text", "the girl ran"], "speech"),
-                                                 (["--prompt-units", "3 3 7 1 0"], "text")])
+                                                 (["--prompt-units", "3 3 7 1 0"], "text"),
+                                                 (["--prompt-text", "the girl ran"], None)])
 def test_lst_generate_continues_in_the_named_modality_by_default(checkpoint, capsys, prompt,
                                                                  continue_in):
+    """None: --speech-only, which generated units right after the text pieces, without the
+    "space, <s>" that opens every speech run in training."""
     root, _, _ = checkpoint
-    status = generate_main(["--load", str(root / "save"), *prompt, "--continue-in", continue_in,
+    flags = ["--continue-in", continue_in] if continue_in else ["--speech-only"]
+    status = generate_main(["--load", str(root / "save"), *prompt, *flags,
                             "--max-new-tokens", "10"])  # greedy, the default
+    continue_in = continue_in or "speech"
     assert status == 0
     output = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     v = vocab()
@@ -293,8 +303,11 @@ def test_a_tensor_parallel_size_the_model_does_not_split_into_is_refused_before_
     (generate_main, ["--prompt-text", "the", "--temperature", "nan"], "need a finite temperature"),
     (generate_main, ["--prompt-units", " ".join(["3"] * 200)],
      "context is 32 (--max-position-embeddings); shorten the prompt"),
+    # Generated from BOS and a marker alone, as if prompted
+    (generate_main, ["--prompt-units", "@EMPTY"], "--prompt-units '@EMPTY' holds no units"),
+    (generate_main, ["--prompt-text", " "], "the text prompt ' ' is empty"),
 ], ids=["eval-tokenizer", "generate-tokenizer", "units-file", "units-value", "units-binary",
-        "temperature", "prompt-too-long"])
+        "temperature", "prompt-too-long", "units-empty", "text-empty"])
 def test_bad_inputs_found_after_loading_are_one_line(checkpoint, tmp_path, capsys, main, flags,
                                                      message):
     """Each of these was a traceback (FileNotFoundError, torch.multinomial's RuntimeError) or
@@ -302,24 +315,82 @@ def test_bad_inputs_found_after_loading_are_one_line(checkpoint, tmp_path, capsy
     root, items_path, _ = checkpoint
     binary = tmp_path / "units.bin"
     binary.write_bytes(b"\x93NUMPY but not one")
+    (tmp_path / "empty.units").write_text("\n")
     values = {"ITEMS": str(items_path), "MISSING": str(tmp_path / "missing"),
+              "@EMPTY": f"@{tmp_path / 'empty.units'}",
               "@MISSING": f"@{tmp_path / 'missing'}", "@BINARY": f"@{binary}"}
     assert main(["--load", str(root / "save"), *(values.get(f, f) for f in flags)]) == 2
     err = capsys.readouterr().err
-    message = message.replace("BINARY", str(binary))
+    message = message.replace("BINARY", str(binary)).replace("@EMPTY", values["@EMPTY"])
     assert message in err and "Traceback" not in err
 
 
+def test_lst_eval_output_never_overwrites_the_tokenizer_or_the_checkpoint(checkpoint, tmp_path,
+                                                                         capsys):
+    """--output was written over whatever it named once the scoring was done: the model's
+    tokenizer, the checkpoint tracker or a checkpoint's file were lost."""
+    root, items_path, _ = checkpoint
+    tokenizer_copy = tmp_path / "spm.model"
+    shutil.copy(tokenizer().path, tokenizer_copy)
+    before = Path(tokenizer().path).read_bytes()
+    save = root / "save"
+    for output, extra, message in [
+        (tokenizer().path, [], "is the model's tokenizer, which the results would overwrite"),
+        (tokenizer_copy, ["--tokenizer-model", str(tokenizer_copy)], "is the --tokenizer-model file"),
+        (save / "latest_checkpointed_iteration.txt", [], "is a file of the training run in the "
+                                                         f"--load directory {save}"),
+        (save / "iter_0000003" / METADATA_FILENAME, [], "is a file of the training run"),
+    ]:
+        kept = Path(output).read_bytes()
+        assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "tt",
+                          "--output", str(output), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {output} {message}" in err and err.count("\n") == 1, err
+        assert Path(output).read_bytes() == kept
+    assert Path(tokenizer().path).read_bytes() == before
+
+
+def test_lst_eval_output_that_cannot_be_written_is_one_line(checkpoint, tmp_path, capsys):
+    """A FileNotFoundError traceback after all the scoring (here: a link to a missing folder)."""
+    root, items_path, _ = checkpoint
+    output = tmp_path / "results.json"
+    output.symlink_to(tmp_path / "gone" / "results.json")
+    assert eval_main(["--load", str(root / "save"), "--items", str(items_path), "--modes", "tt",
+                      "--bootstrap-resamples", "10", "--output", str(output)]) == 2
+    captured = capsys.readouterr()
+    assert "items.jsonl T->T: accuracy" in captured.out
+    assert captured.err == (f"lst-eval: cannot write the results to --output {output} (No such "
+                            f"file or directory); they are printed above\n")
+
+
 def test_lst_eval_without_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "x.jsonl").write_text("{}\n")
     assert eval_main(["--load", str(tmp_path), "--items", str(tmp_path / "x.jsonl")]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
+def test_lst_eval_refuses_missing_items_before_loading_the_model(checkpoint, capsys, monkeypatch):
+    """A mistyped --items was found once the checkpoint was loaded, minutes later for a large
+    model."""
+    root, items_path, _ = checkpoint
+    monkeypatch.setattr("megatron_lst.evaluation.loading.load_inference_model",
+                        lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    missing = root / "typo.jsonl"
+    assert eval_main(["--load", str(root / "save"), "--items", str(items_path),
+                      str(missing)]) == 2
+    assert capsys.readouterr().err == (f"lst-eval: --items {missing} does not exist; give "
+                                       f"story-completion items as JSONL "
+                                       f"(docs/evaluation.md#the-item-format)\n")
 
 
 @pytest.mark.parametrize("main, flags", [
     (eval_main, ["--items", "items.jsonl"]),
     (generate_main, ["--prompt-text", "once"]),
 ], ids=["lst-eval", "lst-generate"])
-def test_an_impossible_layout_is_one_line_not_a_traceback(main, flags, tmp_path, capsys):
+def test_an_impossible_layout_is_one_line_not_a_traceback(main, flags, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "items.jsonl").write_text("{}\n")
     assert main(["--load", str(tmp_path), *flags, "--tensor-model-parallel-size", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "world size 1 is not divisible by tensor (2)" in err
@@ -345,6 +416,57 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     assert {"unit_edit_rate", "asr_cer", "global_steps_per_second"} <= set(results)
 
 
+def test_results_that_are_not_a_number_are_written_as_null(tmp_path):
+    """json.dumps wrote NaN (the steps per second of a TTS model that generated no units), which
+    is no JSON: strict readers (jq, JavaScript) refused the file."""
+    from megatron_lst.evaluation.cli import _write_results
+
+    output = tmp_path / "tts.json"
+    assert _write_results(str(output), {"task": "tts", "results": {
+        "unit_edit_rate": 1.0, "global_steps_per_second": float("nan")}}) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    written = json.loads(output.read_text(), parse_constant=refuse)
+    assert written["results"] == {"unit_edit_rate": 1.0, "global_steps_per_second": None}
+
+
+def test_an_asr_model_of_another_codebook_is_refused_before_decoding(checkpoint, monkeypatch,
+                                                                     capsys):
+    """Its ASR-CER read the TTS units as other units (a larger codebook), or stopped midway
+    (a unit past a smaller one)."""
+    import dataclasses
+
+    import megatron_lst.evaluation.loading as loading
+    from megatron_lst.tokenizer.text_tokenizer import joint_vocab
+
+    root, _, _ = checkpoint
+    prefix = write_utterances(root / "utterances", utterances(seed=4, count=2))
+    load = loading.load_inference_model
+
+    def asr_of_32_units(path, *args, **kwargs):
+        loaded = load(path, *args, **kwargs)
+        if Path(path).name == "asr":
+            return dataclasses.replace(loaded, vocab=joint_vocab(tokenizer(), 2 * NUM_UNITS))
+        return loaded
+
+    monkeypatch.setattr(loading, "load_inference_model", asr_of_32_units)
+    decoded = []
+    monkeypatch.setattr("megatron_lst.evaluation.downstream.run_tts",
+                        lambda *args, **kwargs: decoded.append(args))
+    asr = root / "asr"
+    if not asr.exists():
+        asr.symlink_to(root / "save")
+    assert eval_main(["--load", str(root / "save"), "--task", "tts", "--utterances", str(prefix),
+                      "--asr-load", str(asr)]) == 2
+    assert capsys.readouterr().err == (
+        f"lst-eval: --asr-load {asr} reads {2 * NUM_UNITS} speech units but the TTS model of "
+        f"--load {root / 'save'} writes {NUM_UNITS}; give an ASR model trained on the TTS "
+        f"model's codebook\n")
+    assert decoded == []
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--items", "x.jsonl", "--task", "asr"], "exactly one"),
     (["--task", "asr"], "give --utterances"),
@@ -363,6 +485,8 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
                                                  "file, e.g. /tmp/results.json"),
     (["--task", "asr", "--utterances", "./utts", "--output", "utts.json"],
      "--output utts.json is a file of the --utterances dataset"),
+    # An empty list (an unset shell variable) scored the default modes
+    (["--items", "x.jsonl", "--modes", ""], "unknown evaluation mode ''"),
 ])
 def test_lst_eval_task_flags_are_checked(flags, message, capsys):
     assert eval_main(["--load", "unused", *flags]) == 2

@@ -125,3 +125,24 @@ def test_json_lines_hold_any_unicode_and_may_start_with_a_bom(tmp_path):
     assert [i.id for i in items] == [r["id"] for r in records]
     assert items[0].context.text == "the dog\u2028ran"
     assert items[2].source.endswith("items.jsonl:3")
+
+
+class DroppingTokenizer:
+    """A tokenizer that drops what it cannot spell (as a normalizer stripping marks may)."""
+
+    space_id = tokenizer().space_id
+
+    def encode(self, text):
+        return tokenizer().encode(text) if text.isascii() else []
+
+
+def test_text_the_tokenizer_turns_into_no_pieces_is_refused(tmp_path):
+    """An ending of no pieces was scored a log-probability of 0 over 0 tokens: the best summed
+    score, and a NaN per-token one that argmax took as the best too, silently."""
+    record = {"id": "s", "context": {"text": "the girl ran"},
+              "endings": [{"text": "home"}, {"text": "\u0301"}], "label": 0}
+    with pytest.raises(ItemError, match=r"item 's' \(.*items.jsonl:1\), ending 1: the tokenizer "
+                                        r"turns \"text\" '\u0301' into no pieces"):
+        load_items(write(tmp_path, [record]), DroppingTokenizer(), vocab())
+    record["endings"][1]["text"] = "the cat"
+    assert len(load_items(write(tmp_path, [record]), DroppingTokenizer(), vocab())) == 1

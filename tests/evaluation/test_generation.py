@@ -2,6 +2,8 @@
 step (greedy), for LST and the token baseline; patch boundaries; sampling."""
 
 import dataclasses
+import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,6 +179,14 @@ def test_prompts_and_speech_only_sampling(models):
         tv.bos_id, tv.text_marker, *tok.encode("the dog"), tok.space_id, tv.speech_marker]
     with pytest.raises(GenerationError, match="exactly one"):
         build_prompt(v)
+    # Each was generated from BOS and a marker alone, as if a prompt had been given.
+    for text in ("", " \t"):
+        with pytest.raises(GenerationError, match=re.escape(f"the text prompt {text!r} is empty")):
+            build_prompt(tv, tok, text=text)
+    with pytest.raises(GenerationError, match="the tokenizer turns the text prompt 'x' into no"):
+        build_prompt(tv, SimpleNamespace(encode=lambda text: []), text="x")
+    with pytest.raises(GenerationError, match="the unit prompt holds no units"):
+        build_prompt(v, units=np.zeros(0, np.int64))
     speech = generate(models["lst"], prompts()["text to speech"], v, STATIC,
                       SamplingConfig(temperature=1.0, max_new_tokens=30, modality="speech"))
     assert (v.is_unit(speech.tokens) | (speech.tokens == v.eos_id)).all()
@@ -215,6 +225,19 @@ def _positions(kind: str, sequence: np.ndarray) -> int:
     return len(generation_patch_lengths(sequence, vocab(), STATIC.patch_size))
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_model_whose_logits_are_nan_is_refused(single_rank, temperature):
+    """Greedy decoding took the NaN for the best token (garbage, silently); sampling was a
+    torch.multinomial RuntimeError traceback."""
+    model = tiny_model("lst", VOCAB.size, seed=5)
+    with torch.no_grad():
+        model.output_layer.weight[VOCAB.text_marker + 3] = float("nan")
+    with pytest.raises(GenerationError, match=r"the model's logits after 9 tokens are not "
+                                              r"numbers; its weights hold NaN or inf"):
+        generate(model, prompts()["speech"], vocab(), STATIC,
+                 SamplingConfig(temperature=temperature, max_new_tokens=4))
+
+
 @pytest.mark.parametrize("kind", ["lst", "baseline"])
 def test_a_prompt_longer_than_the_context_is_refused(models, kind, monkeypatch):
     model, prompt = models[kind], prompts()["text"]
@@ -232,8 +255,9 @@ def test_generation_stops_at_the_context_limit(models, kind, use_cache, monkeypa
     model, prompt, context = models[kind], prompts()["text"], 12
     monkeypatch.setattr(model, "lst_config",
                         dataclasses.replace(model.lst_config, max_sequence_length=context))
+    # The caches were sized by max_new_tokens: a large one failed to allocate them
     result = generate(model, prompt, vocab(), STATIC,
-                      SamplingConfig(max_new_tokens=50, modality="text"), use_cache=use_cache)
+                      SamplingConfig(max_new_tokens=10**12, modality="text"), use_cache=use_cache)
     assert result.stopped_at_context_limit and not result.stopped_at_eos
     sequence = np.concatenate([prompt, result.tokens])
     assert _positions(kind, sequence[:-1]) <= context < _positions(kind, sequence)

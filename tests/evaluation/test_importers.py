@@ -115,6 +115,12 @@ def test_import_errors_name_the_story(tmp_path):
     ({"ctx": ["a"], "endings": ["b", "c"], "label": 0}, "\"ctx\", \"ctx_a\" and \"ctx_b\" must be strings"),
     ({"ctx_a": "a", "ctx_b": 3, "endings": ["b", "c"], "label": 0}, "\"ctx\", .* must be strings"),
     ("[" * 100_000, r"not a HellaSwag line \(JSON nested too deeply"),  # a RecursionError
+    # the ids "None" and "1.5"
+    ({"ind": None, "ctx": "a", "endings": ["b", "c"], "label": 0}, "\"ind\" None is not an item id"),
+    ({"ind": 1.5, "ctx": "a", "endings": ["b", "c"], "label": 0}, "\"ind\" 1.5 is not an item id"),
+    # written, then refused by lst-eval naming the items file
+    ({"ctx": "a", "endings": ["b", " ", "c"], "label": 0}, r"endings \[1\] have no text"),
+    ({"ctx": "a", "endings": ["b"], "label": 0}, r"\"endings\" lists 1 ending\(s\); an item needs"),
 ])
 def test_malformed_hellaswag_lines_are_refused(tmp_path, row, message):
     """They were tracebacks, or silently wrong: label 1.7 became 1, "bcde" four endings."""
@@ -131,6 +137,11 @@ def test_malformed_storycloze_rows_are_refused(tmp_path):
                                                              "s2,a.,b.,c.,d.,e."]))
     with pytest.raises(ItemError, match=r"noid.csv:2: the story has no InputStoryid"):
         read_storycloze(write_cloze(tmp_path / "noid.csv", [" ,a.,b.,c.,d.,e.,f.,1"]))
+    # written, then refused by lst-eval naming the items file
+    with pytest.raises(ItemError, match=r"empty.csv:3: story 's2' has no text in "
+                                        r"\['InputSentence2', 'RandomFifthSentenceQuiz2'\]"):
+        read_storycloze(write_cloze(tmp_path / "empty.csv", ["s1,a.,b.,c.,d.,e.,f.,1",
+                                                             "s2,a., ,c.,d.,e.,,1"]))
 
 
 @pytest.mark.parametrize(("ids", "message"), [
@@ -160,6 +171,11 @@ def test_import_refuses_an_output_that_would_overwrite_the_input(tmp_path, capsy
     # An IsADirectoryError traceback once the items were read
     assert import_main(["storycloze", str(cloze), "--output", str(tmp_path)]) == 2
     assert f"--output {tmp_path} is a directory; name the items file" in capsys.readouterr().err
+    link = tmp_path / "link.jsonl"  # a FileNotFoundError traceback once the items were read
+    link.symlink_to(tmp_path / "gone" / "items.jsonl")
+    assert import_main(["storycloze", str(cloze), "--output", str(link)]) == 2
+    assert capsys.readouterr().err == (f"lst-import-eval: cannot write --output {link} (No such "
+                                       f"file or directory)\n")
     cloze.write_text(original, encoding="utf-16")
     assert import_main(["storycloze", str(cloze), "--output", str(tmp_path / "x.jsonl")]) == 2
     assert f"{cloze} is not UTF-8 text" in capsys.readouterr().err
@@ -196,3 +212,52 @@ def test_bad_unit_files_are_named(tmp_path, capsys, name, content, message):
                         "--output", str(tmp_path / "items.jsonl")]) == 2
     err = capsys.readouterr().err
     assert f"item 's1': {units / 's1' / name.split('.')[0]}" in err and message in err, err
+
+
+def test_storycloze_errors_name_the_line_a_multi_line_row_starts_on(tmp_path):
+    """A quoted field may hold line breaks; errors counted rows, so every row after such a one
+    was named by a line number too small."""
+    cloze = write_cloze(tmp_path / "cloze.csv", [
+        's1,"a.\nstill a.",b.,c.,d.,e.,"f.\r\nand f.",1', "", "s2,a.,b.,c.,d.,e.,f.,3"])
+    with pytest.raises(ItemError, match=r"cloze.csv:6: story 's2' has AnswerRightEnding '3'"):
+        read_storycloze(cloze)
+    cloze = write_cloze(tmp_path / "cloze.csv", ['s1,"a.\nb.",b.,c.,d.,e.,f.,1', "s2,a., x,b.,c.,d.,e.,f.,1"])
+    with pytest.raises(ItemError, match=r"cloze.csv:4: the row has 9 fields but the header 8; "
+                                        r"quote a field that holds a comma"):
+        read_storycloze(cloze)
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1,", 's2,"a.' + "x" * 200_000])
+    with pytest.raises(ItemError, match=r"cloze.csv:3: not a CSV row \(field larger than"):
+        read_storycloze(cloze)
+    [record] = read_storycloze(write_cloze(tmp_path / "ok.csv", ['s1,"a.\nb.",b.,c.,d.,e.,f.,2,']))
+    assert record["context"]["text"] == "a.\nb. b. c. d." and record["label"] == 1
+
+
+@pytest.mark.parametrize("name, content", [
+    ("cloze.csv", CLOZE_HEADER), ("cloze.csv", CLOZE_HEADER + "\n\n"), ("hs.jsonl", ""),
+    ("hs.jsonl", "\n  \n"),
+])
+def test_a_benchmark_file_without_items_is_refused(tmp_path, capsys, name, content):
+    """It "wrote 0 items", exit status 0: an empty items file that lst-eval then refused."""
+    path = tmp_path / name
+    path.write_text(content)
+    output = tmp_path / "items.jsonl"
+    output.write_text("kept\n")
+    fmt = "storycloze" if name.endswith(".csv") else "hellaswag"
+    assert import_main([fmt, str(path), "--output", str(output)]) == 2
+    assert capsys.readouterr().err == (f"lst-import-eval: {path} holds no {fmt} items (a header "
+                                       f"or blank lines only); nothing was written\n")
+    assert output.read_text() == "kept\n"
+
+
+def test_unit_files_with_a_byte_order_mark(tmp_path):
+    """A BOM (a Windows editor's) made a .units file "must hold whitespace-separated integers"
+    and a first "[SIL]" of an .align file the word "\\ufeff[SIL]", silently."""
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
+    units = tmp_path / "units"
+    for part in ("context", "ending0", "ending1"):
+        write_units(units, "s1", part, [1, 2, 3])
+    (units / "s1" / "context.units").write_text("\ufeff1 2 3\r\n", encoding="utf-8")
+    (units / "s1" / "context.align").write_text("\ufeff[SIL] 1\r\nab 2\r\n", encoding="utf-8")
+    (record,) = attach_units(read_storycloze(cloze), units)
+    assert record["context"]["units"] == [1, 2, 3]
+    assert record["context"]["segments"] == [["[SIL]", 1], ["ab", 2]]

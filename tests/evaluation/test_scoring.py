@@ -12,6 +12,7 @@ from megatron_lst.evaluation.scoring import (
     ModeScores,
     ScoredSequence,
     build_sequence,
+    check_items_for_mode,
     collate,
     cut_context,
     ending_logprobs,
@@ -180,6 +181,25 @@ def test_items_that_cannot_be_scored(items, models):
     score_items([models["lst"]], unaligned, vocab(), STATIC, "S->S", 1)
     with pytest.raises(ItemError, match="ending 1: aligned patching needs \"segments\""):
         score_items([models["lst"]], unaligned, vocab(), ALIGNED, "T->S", 1)
+    # Found before any scoring: lst-eval and training check the items of every mode up front.
+    with pytest.raises(ItemError, match="ending 1: aligned patching needs \"segments\" .* to "
+                                        "score it T->S"):
+        check_items_for_mode(unaligned, "T->S", ALIGNED.config)
+    check_items_for_mode(unaligned, "S->T", ALIGNED.config)  # the ending is text
+    check_items_for_mode(unaligned, "T->S", PatchingConfig("mixed", patch_size=3))
+
+
+def test_a_model_that_scores_nan_is_refused(items, single_rank):
+    """A diverged checkpoint's NaN log-probabilities were scored: argmax takes the first NaN
+    for the best ending, so its accuracy was the share of items labelled 0, silently."""
+    model = tiny_model("lst", vocab().size, seed=3)
+    with torch.no_grad():
+        model.output_layer.weight[vocab().text_marker + 3] = float("nan")
+    with pytest.raises(ValueError, match=r"S->S: the model gives 18 of 18 endings a "
+                                         r"log-probability that is not a number \(the first: "
+                                         r"item 'item-0-0' \(test:0\), ending 0\); its weights "
+                                         r"hold NaN or inf"):
+        score_items([model], items, vocab(), STATIC, "S->S", 3)
 
 
 @pytest.mark.parametrize("kind", ["lst", "baseline"])

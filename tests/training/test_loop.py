@@ -160,6 +160,31 @@ def test_eval_data_logs_story_accuracy_at_every_eval_interval(tmp_path, capsys):
     assert [sorted(r["story_accuracy"]) for r in logged] == [["S->S", "T->T"]] * 2
 
 
+def test_eval_data_an_aligned_model_cannot_score_is_refused_at_the_start(tmp_path):
+    """Items without segments for an aligned model were loaded, and refused at the first
+    evaluation, --eval-interval iterations into the run, which it stopped."""
+    import json
+
+    from evaluation.eval_cases import random_records, tokenizer, vocab
+
+    from megatron_lst.evaluation.items import ItemError
+    from megatron_lst.training.story_eval import StoryCompletionEval
+
+    records = random_records(0, 2)
+    del records[1]["context"]["segments"]
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(r) + "\n" for r in records))
+    flags = tiny_flags(write_corpus(tmp_path, tokenizer()), patching_mode="aligned") + [
+        "--train-iters", "2", "--tokenizer-model", str(tokenizer().path),
+        "--eval-data", str(items)]
+    args = validate_args(parse_args(flags), 1)
+    with pytest.raises(ItemError, match=r"item 'item-0-1' .*, context: aligned patching needs "
+                                        r"\"segments\" .* to score it S->S"):
+        StoryCompletionEval.from_args(args, vocab())
+    args.patching_mode = "curriculum"  # evaluated with static patches: no segments needed
+    assert StoryCompletionEval.from_args(args, vocab()).modes == ("S->S", "T->T")
+
+
 def test_eval_data_needs_a_tokenizer(tmp_path):
     items = tmp_path / "items.jsonl"
     items.write_text("{}\n")
