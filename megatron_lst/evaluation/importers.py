@@ -258,7 +258,9 @@ def _read_utf8(path: Path, item_id: str) -> str:
         raise ItemError(f"item {item_id!r}: {path} is not UTF-8 text ({error})") from None
 
 
-def _check_output(output: Path, source: Path) -> None:
+def _check_output(output: Path, source: Path, units_dir: str | None) -> None:
+    """Refuse, before reading anything, an --output that cannot be an items file or that names an
+    input the items would overwrite (the benchmark file, a file of --units-dir)."""
     if not output.parent.is_dir():
         raise ItemError(f"--output {output}: directory {output.parent} does not exist; create it "
                         f"or write elsewhere")
@@ -268,6 +270,10 @@ def _check_output(output: Path, source: Path) -> None:
     if output.resolve() == source.resolve():
         raise ItemError(f"--output {output} is the benchmark file being imported, which it would "
                         f"overwrite; write the items to another file")
+    if (units_dir is not None and output.exists()
+            and output.resolve().is_relative_to(Path(units_dir).resolve())):
+        raise ItemError(f"--output {output} is a file of --units-dir {units_dir}, which the items "
+                        f"would overwrite; write them to another file")
 
 
 READERS = {"hellaswag": read_hellaswag, "storycloze": read_storycloze,
@@ -285,7 +291,7 @@ def import_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     try:
-        _check_output(Path(args.output), Path(args.input))
+        _check_output(Path(args.output), Path(args.input), args.units_dir)
         records = READERS[args.format](args.input)
         if not records:  # an empty items file, which lst-eval refuses
             raise ItemError(f"{args.input} holds no {args.format} items (a header or blank lines "

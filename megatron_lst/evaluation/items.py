@@ -103,7 +103,8 @@ def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> 
         seen[item.id] = where
         items.append(item)
     if not items:
-        raise ItemError(f"{path} holds no items")
+        raise ItemError(f"{path} holds no items (blank lines only); write one story-completion "
+                        f"item per line (docs/evaluation.md#the-item-format)")
     return items
 
 

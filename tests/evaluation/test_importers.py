@@ -160,6 +160,22 @@ def test_ids_that_lst_eval_or_a_units_folder_cannot_tell_apart_are_refused(tmp_p
     assert not output.exists()
 
 
+def test_import_refuses_an_output_that_would_overwrite_a_unit_file(tmp_path, capsys):
+    """An --output naming a file of --units-dir was overwritten by the items (its units lost);
+    a new file there is harmless and still written."""
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
+    units = tmp_path / "units"
+    for name in ("context", "ending0", "ending1"):
+        write_units(units, "s1", name, [1, 2, 3])
+    unit_file = units / "s1" / "ending0.units"
+    assert import_main(["storycloze", str(cloze), "--units-dir", str(units),
+                        "--output", str(unit_file)]) == 2
+    assert f"--output {unit_file} is a file of --units-dir" in capsys.readouterr().err
+    assert unit_file.read_text() == "1 2 3\n"
+    assert import_main(["storycloze", str(cloze), "--units-dir", str(units),
+                        "--output", str(units / "items.jsonl")]) == 0
+
+
 def test_import_refuses_an_output_that_would_overwrite_the_input(tmp_path, capsys):
     cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
     original = cloze.read_text()
