@@ -289,9 +289,14 @@ def load_units(path: Path) -> np.ndarray:
         if units.ndim != 1 or units.dtype.kind not in "iu":
             raise DocumentError(f"{path}: expected a 1-D integer array of units, got "
                                 f"{units.dtype} with shape {units.shape}")
+        if units.dtype == np.uint64 and units.size and units.max() > np.iinfo(np.int64).max:
+            # as int64 it would wrap to a negative unit, and be refused as that
+            raise DocumentError(f"{path}: unit {units.max()} is beyond any codebook; the file "
+                                f"does not hold unit ids")
         return np.array(units, dtype=np.int64)
     try:
-        text = path.read_text(encoding="utf-8")
+        # a leading byte-order mark (a Windows editor's) dropped: it made the first unit no integer
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise DocumentError(f"{path}: not a text file of units ({error.reason} at byte "
                             f"{error.start}); expected whitespace-separated integers, or a "

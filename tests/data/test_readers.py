@@ -8,6 +8,7 @@ import pytest
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.readers import (
     ReadReport,
+    load_units,
     parse_reference_interleaved,
     read_reference_jsonl,
     read_text_jsonl,
@@ -240,6 +241,19 @@ def test_textgrid_bad_units(tmp_path, tokenizer):
     assert list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20,
                                      skip_bad=True, report=report)) == []
     assert report.bad_skipped == 1
+
+
+def test_unit_files_with_a_byte_order_mark_or_ids_beyond_int64(tmp_path):
+    """A text unit file saved with a BOM was 'not integers'; a uint64 .npy id past int64 wrapped
+    to a negative unit and was refused as that."""
+    (tmp_path / "a.txt").write_bytes("\ufeff3 1 4\n".encode())
+    assert load_units(tmp_path / "a.txt").tolist() == [3, 1, 4]
+    np.save(tmp_path / "b.npy", np.array([1, 2**64 - 1], dtype=np.uint64))
+    with pytest.raises(DocumentError, match=r"b.npy: unit 18446744073709551615 is beyond any "
+                                            r"codebook"):
+        load_units(tmp_path / "b.npy")
+    np.save(tmp_path / "c.npy", np.array([1, 499], dtype=np.uint64))
+    assert load_units(tmp_path / "c.npy").tolist() == [1, 499]
 
 
 def test_textgrid_missing_tier(tmp_path, tokenizer):
