@@ -575,6 +575,7 @@ def _validate_model(args: argparse.Namespace) -> None:
             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
             f"{args.num_attention_heads}; choose a divisor or give the head size (--kv-channels)"
         )
+    _check_even_head_dim(args, "hidden_size", "num_attention_heads", "kv_channels")
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
     if args.num_attention_heads % args.num_query_groups:
@@ -621,6 +622,25 @@ def _validate_model(args: argparse.Namespace) -> None:
         raise ArgumentError("--reset-position-ids is not available for the token baseline "
                             "(--patching-mode none): megatron's GPTModel numbers RoPE positions "
                             "over the whole row")
+
+
+def _check_even_head_dim(args: argparse.Namespace, hidden: str, heads: str, kv_channels: str) -> None:
+    """RoPE rotates pairs of channels: one attention head, of `kv_channels` channels or else
+    hidden / heads, must have an even size. Named by the flags that set it."""
+    if getattr(args, kv_channels) is not None:
+        if getattr(args, kv_channels) % 2:
+            raise ArgumentError(
+                f"{_flag(kv_channels)} {getattr(args, kv_channels)} must be even: RoPE rotates "
+                f"pairs of channels of each attention head"
+            )
+        return
+    head_dim = getattr(args, hidden) // getattr(args, heads)
+    if head_dim % 2:
+        raise ArgumentError(
+            f"{_flag(hidden)} {getattr(args, hidden)} over {_flag(heads)} {getattr(args, heads)} "
+            f"makes attention heads of {head_dim} channels, which must be even: RoPE rotates pairs "
+            f"of channels; choose another head count or give an even head size ({_flag(kv_channels)})"
+        )
 
 
 def _check_uniform_recompute(args: argparse.Namespace, stage_layers: Sequence[int]) -> None:
@@ -686,6 +706,7 @@ def _validate_lst(args: argparse.Namespace) -> None:
                 f"--local-{side}-hidden-size {hidden} is not divisible by --local-{side}-heads "
                 f"{heads}; choose a divisor or give the head size (--local-{side}-kv-channels)"
             )
+        _check_even_head_dim(args, *dests[1:], f"local_{side}_kv_channels")
         groups = getattr(args, f"local_{side}_query_groups")
         if groups is not None and heads % groups:
             raise ArgumentError(

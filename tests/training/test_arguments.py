@@ -124,7 +124,9 @@ def test_validate_returns_a_copy():
     (["--optimizer", "sgd", "--sgd-momentum", "-1"], 1, r"--sgd-momentum must be >= 0"),
     (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "-1"], 1,
      r"--lr-wsd-decay-iters -1 must be in \[1, --lr-decay-iters 10\]"),
-    (["--hidden-size", "60"], 1, r"impossible model: global head dim 15 must be even"),
+    (["--hidden-size", "60"], 1,
+     r"--hidden-size 60 over --num-attention-heads 4 makes attention heads of 15 channels, which "
+     r"must be even"),
     (["--rotary-base", "0"], 1, r"--rotary-base must be positive"),
     (["--norm-epsilon", "-1"], 1, r"--norm-epsilon must be >= 0"),
     (["--init-method-std", "-1"], 1, r"--init-method-std must be >= 0"),
