@@ -243,7 +243,8 @@ def task_main(args: argparse.Namespace) -> int:
         if not name.endswith(("_ci_low", "_ci_high")):
             interval = (f" [{summary[name + '_ci_low']:.4f}, {summary[name + '_ci_high']:.4f}]"
                         if name + "_ci_low" in summary else "")
-            print(f"{name}: {value:.4f}{interval}")
+            shown = str(value) if isinstance(value, int) else f"{value:.4f}"  # a count, a rate
+            print(f"{name}: {shown}{interval}")
     if args.output:
         Path(args.output).write_text(json.dumps(
             {"checkpoint": str(loaded.checkpoint), "iteration": loaded.iteration,
