@@ -47,7 +47,8 @@ from megatron_lst.training.flops import (
 _DIMENSIONS = ("global_dim", "global_layers", "global_heads", "local_dim", "encoder_layers",
                "decoder_layers", "local_heads")
 # Dimension flags with a default; like the ones above, they describe a model without a preset.
-_DEFAULTS = {"global_kv_heads": None, "global_ffn_hidden": None, "local_ffn_hidden": None,
+_DEFAULTS = {"global_kv_heads": None, "global_kv_channels": None, "global_ffn_hidden": None,
+             "local_kv_heads": None, "local_kv_channels": None, "local_ffn_hidden": None,
              "local_window": 512, "cross_attn_k": 2, "cross_attn_heads": None,
              "cross_attn_window": 512, "cross_attn_all_layers": True}
 
@@ -82,11 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--global-layers", type=int)
     group.add_argument("--global-heads", type=int)
     group.add_argument("--global-kv-heads", type=int, help="default: --global-heads (no GQA)")
+    group.add_argument("--global-kv-channels", type=int,
+                       help="size of one global attention head (lst-train --kv-channels); "
+                            "default: --global-dim / --global-heads")
     group.add_argument("--global-ffn-hidden", type=int, help="default: the reference SwiGLU rule")
     group.add_argument("--local-dim", type=int, help="encoder and decoder width")
     group.add_argument("--encoder-layers", type=int)
     group.add_argument("--decoder-layers", type=int)
     group.add_argument("--local-heads", type=int)
+    group.add_argument("--local-kv-heads", type=int,
+                       help="key/value heads of the encoder and decoder (lst-train "
+                            "--local-*-query-groups); default: --local-heads (no GQA)")
+    group.add_argument("--local-kv-channels", type=int,
+                       help="size of one encoder and decoder attention head (lst-train "
+                            "--local-*-kv-channels); default: --local-dim / --local-heads")
     group.add_argument("--local-ffn-hidden", type=int, help="default: the reference SwiGLU rule")
     group.add_argument("--local-window", type=int, help="in tokens (default: 512)")
     group.add_argument("--cross-attn-k", type=int, help="slots per patch (default: 2)")
@@ -124,13 +134,16 @@ def model_config(args: argparse.Namespace) -> LSTConfig:
 
     def local(layers: int) -> LocalModelConfig:
         ffn = args.local_ffn_hidden or swiglu_ffn_size(args.local_dim)
-        return LocalModelConfig(args.local_dim, layers, args.local_heads, ffn, args.local_window)
+        return LocalModelConfig(args.local_dim, layers, args.local_heads, ffn, args.local_window,
+                                num_query_groups=args.local_kv_heads,
+                                kv_channels=args.local_kv_channels)
 
     return LSTConfig(
         vocab_size=vocab_size,
         global_model=GlobalModelConfig(
             args.global_dim, args.global_layers, args.global_heads,
             args.global_ffn_hidden or swiglu_ffn_size(args.global_dim), args.global_kv_heads,
+            kv_channels=args.global_kv_channels,
         ),
         encoder=local(args.encoder_layers),
         decoder=local(args.decoder_layers),
