@@ -856,6 +856,13 @@ def _check_data_path(data_path: Sequence[str], flag: str) -> None:
         )
     if any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
         raise ArgumentError(f"{flag} weights {weights} must be finite, >= 0, and not all 0")
+    from megatron_lst.data.blend import parse_data_path
+    from megatron_lst.data.dataset import DatasetError
+
+    try:  # a prefix named twice, before any data is read (exit status 2, not 4)
+        parse_data_path(data_path)
+    except DatasetError as err:
+        raise ArgumentError(str(err).replace("--data-path", flag, 1)) from None
 
 
 def _check_split(split: str) -> None:

@@ -124,6 +124,11 @@ def test_validate_returns_a_copy():
     (["--optimizer", "sgd", "--sgd-momentum", "-1"], 1, r"--sgd-momentum must be >= 0"),
     (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "-1"], 1,
      r"--lr-wsd-decay-iters -1 must be in \[1, --lr-decay-iters 10\]"),
+    # a prefix named twice was refused only once training read the data, as bad data (status 4)
+    (["--data-path", "0.5", "data/a", "0.3", "./data//a"], 1,
+     r"--data-path names './data//a' twice \(also as 'data/a'\): .* summed weight 0.8"),
+    (["--train-data-path", "1", "t", "2", "t"], 1,
+     r"--train-data-path names 't' twice .* summed weight 3"),
     (["--hidden-size", "60"], 1,
      r"--hidden-size 60 over --num-attention-heads 4 makes attention heads of 15 channels, which "
      r"must be even"),
