@@ -42,8 +42,9 @@ class ArgumentError(ValueError):
     """A flag value or a combination of flags that cannot run; the message says which and why."""
 
 
-# Megatron-LM parallelism flags that lst-train does not take, with what to use instead (a plain
-# "unrecognized arguments" would not say whether the flag was mistyped or is not supported).
+# Megatron-LM flags that lst-train does not take (parallelism it does not support, a switch it
+# does not need), with what to use instead (a plain "unrecognized arguments" would not say
+# whether the flag was mistyped or is not supported).
 _NO_VIRTUAL_PIPELINE = ("virtual pipeline stages (the interleaved schedule) are not supported; "
                         "use --pipeline-model-parallel-size alone")
 _NO_EXPERTS = "the global transformer is dense: there are no experts to place"
@@ -76,6 +77,10 @@ UNSUPPORTED_MEGATRON_FLAGS = {
     "--expert-model-parallel-size": _NO_EXPERTS,
     "--expert-tensor-parallel-size": _NO_EXPERTS,
     "--num-experts": _NO_EXPERTS,
+    "--group-query-attention": ("grouped-query attention needs no switch here: --num-query-groups "
+                                "below --num-attention-heads turns it on (the local models: "
+                                "--local-encoder-query-groups, --local-decoder-query-groups); "
+                                "drop the flag"),
 }
 
 

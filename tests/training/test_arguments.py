@@ -185,6 +185,8 @@ def test_backends_this_machine_cannot_run_are_named(extra, message, monkeypatch)
     ["--use-torch-fsdp2"],
     ["--cp-comm-type", "p2p"],
     ["--encoder-pipeline-model-parallel-size", "1"],
+    # Megatron-LM's GQA switch, from a ported script: was "unrecognized arguments"
+    ["--group-query-attention", "--num-query-groups", "2"],
     ["--config", "CONFIG"],  # the same key in a --config file
 ])
 def test_unsupported_megatron_flags_are_named_not_unrecognized(tmp_path, given):
@@ -195,6 +197,13 @@ def test_unsupported_megatron_flags_are_named_not_unrecognized(tmp_path, given):
     with pytest.raises(ArgumentError, match=rf"{flag} is a Megatron-LM flag that lst-train does "
                                             rf"not take: .*(use|dense|split|encoder)"):
         parse_args(given)
+
+
+def test_megatron_gqa_switch_says_that_query_groups_suffice():
+    with pytest.raises(ArgumentError, match=r"--group-query-attention is a Megatron-LM flag .*: "
+                                            r"grouped-query attention needs no switch here: "
+                                            r"--num-query-groups below --num-attention-heads"):
+        parse_args(["--group-query-attention", "--num-query-groups", "2"])
 
 
 def test_missing_model_size_names_the_flags():
