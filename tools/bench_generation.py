@@ -31,6 +31,7 @@ class Result:
     wall_seconds: float
     global_steps_per_speech_second: float
     wall_seconds_per_speech_second: float
+    stopped_by: str  # "max-new-tokens" (all --units generated), "eos" or "context limit"
 
 
 def build(kind: str, preset_name: str, vocab_size: int):
@@ -70,11 +71,31 @@ def run(args: argparse.Namespace) -> list[Result]:
                 out = generate(model, prompt, vocab, patching, sampling, use_cache=cache)
                 units = int(vocab.is_unit(out.tokens).sum())
                 seconds = units / args.frame_rate
+                stopped_by = ("context limit" if out.stopped_at_context_limit
+                              else "eos" if out.stopped_at_eos else "max-new-tokens")
                 results.append(Result(kind, cache, units, seconds, out.global_steps, out.seconds,
-                                      out.global_steps / seconds, out.seconds / seconds))
+                                      out.global_steps / seconds, out.seconds / seconds,
+                                      stopped_by))
     finally:
         destroy_parallel()
     return results
+
+
+def comparison_lines(results: list[Result], units: int, patch_size: int) -> list[str]:
+    """LST's global steps over the baseline's per second of generated speech (the two may
+    generate different amounts: a model stops at EOS or at its context), and a note for each run
+    that generated fewer than `units` units."""
+    lst, base = results[0], next(r for r in results if r.model == "baseline")
+    ratio = lst.global_steps_per_speech_second / base.global_steps_per_speech_second
+    lines = [f"LST / baseline global steps per second of speech: {ratio:.3f} "
+             f"(1/p = {1 / patch_size:.3f})"]
+    for r in results:
+        if r.generated_units < units:
+            lines.append(f"note: {r.model} (cache {r.cache}) generated {r.generated_units} of "
+                         f"--units {units} units: it stopped at {r.stopped_by}; its rates are "
+                         f"per the speech it generated (a shorter --prompt-units or --units, or "
+                         f"a preset with a longer context, generates them all)")
+    return lines
 
 
 def main() -> None:
@@ -97,9 +118,8 @@ def main() -> None:
         print(f"{r.model:9} {str(r.cache):5} {r.generated_units:6d} {r.speech_seconds:8.2f} "
               f"{r.global_steps:12d} {r.wall_seconds:8.3f} {r.global_steps_per_speech_second:14.2f} "
               f"{r.wall_seconds_per_speech_second:15.4f}")
-    lst, base = results[0], next(r for r in results if r.model == "baseline")
-    print(f"LST / baseline global steps: {lst.global_steps / base.global_steps:.3f} "
-          f"(1/p = {1 / args.patch_size:.3f})")
+    for line in comparison_lines(results, args.units, args.patch_size):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)

@@ -84,16 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--global-heads", type=int)
     group.add_argument("--global-kv-heads", type=int, help="default: --global-heads (no GQA)")
     group.add_argument("--global-kv-channels", type=int,
-                       help="size of one attention head (default: --global-dim / --global-heads)")
+                       help="size of one global attention head (lst-train --kv-channels); "
+                            "default: --global-dim / --global-heads")
     group.add_argument("--global-ffn-hidden", type=int, help="default: the reference SwiGLU rule")
     group.add_argument("--local-dim", type=int, help="encoder and decoder width")
     group.add_argument("--encoder-layers", type=int)
     group.add_argument("--decoder-layers", type=int)
     group.add_argument("--local-heads", type=int)
     group.add_argument("--local-kv-heads", type=int,
-                       help="key/value heads of the local models (default: --local-heads)")
+                       help="key/value heads of the encoder and decoder (lst-train "
+                            "--local-*-query-groups); default: --local-heads (no GQA)")
     group.add_argument("--local-kv-channels", type=int,
-                       help="size of one local attention head (default: --local-dim / --local-heads)")
+                       help="size of one encoder and decoder attention head (lst-train "
+                            "--local-*-kv-channels); default: --local-dim / --local-heads")
     group.add_argument("--local-ffn-hidden", type=int, help="default: the reference SwiGLU rule")
     group.add_argument("--local-window", type=int, help="in tokens (default: 512)")
     group.add_argument("--cross-attn-k", type=int, help="slots per patch (default: 2)")

@@ -305,7 +305,8 @@ def task_main(args: argparse.Namespace) -> int:
         if not name.endswith(("_ci_low", "_ci_high")):
             interval = (f" [{summary[name + '_ci_low']:.4f}, {summary[name + '_ci_high']:.4f}]"
                         if name + "_ci_low" in summary else "")
-            print(f"{name}: {value:.4f}{interval}")
+            shown = str(value) if isinstance(value, int) else f"{value:.4f}"  # a count, a rate
+            print(f"{name}: {shown}{interval}")
     if args.output:
         return _write_results(args.output, {"checkpoint": str(loaded.checkpoint),
                                             "iteration": loaded.iteration, "task": args.task,

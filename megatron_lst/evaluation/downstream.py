@@ -207,16 +207,16 @@ def _share(flags: list[bool], name: str, resamples: int, seed: int) -> dict[str,
 
 
 def summarise_asr(outputs: list[AsrOutput], resamples: int = 1000, seed: int = 0
-                  ) -> dict[str, float]:
+                  ) -> dict[str, float | int]:
     """wer, cer, hallucination_rate (each with `_ci_low`/`_ci_high`), num_utterances."""
     return {**_rate([o.words for o in outputs], "wer", resamples, seed),
             **_rate([o.chars for o in outputs], "cer", resamples, seed),
             **_share([o.hit_cap for o in outputs], "hallucination_rate", resamples, seed),
-            "num_utterances": float(len(outputs))}
+            "num_utterances": len(outputs)}
 
 
 def summarise_tts(outputs: list[TtsOutput], frame_rate: float, resamples: int = 1000,
-                  seed: int = 0) -> dict[str, float]:
+                  seed: int = 0) -> dict[str, float | int]:
     """unit_edit_rate, hallucination_rate, asr_cer (with an ASR model; each with its interval),
     global_steps_per_second (of generated speech), num_utterances."""
     summary = {**_rate([o.unit_errors for o in outputs], "unit_edit_rate", resamples, seed),
@@ -227,5 +227,5 @@ def summarise_tts(outputs: list[TtsOutput], frame_rate: float, resamples: int = 
     steps = sum(o.global_steps for o in outputs)
     summary["global_steps_per_second"] = (steps / generated_seconds if generated_seconds
                                           else float("nan"))
-    summary["num_utterances"] = float(len(outputs))
+    summary["num_utterances"] = len(outputs)
     return summary

@@ -417,11 +417,12 @@ def evaluate_items(model_chunks: Sequence[torch.nn.Module], items: Sequence[Eval
 
 
 def summarise(scores: ModeScores, bootstrap_resamples: int = 1000,
-              seed: int = 0) -> dict[str, float]:
-    """Accuracies (summed and per-token-normalised scores) with 95% bootstrap intervals."""
-    summary: dict[str, float] = {"num_items": float(len(scores.labels)),
-                                 "num_items_truncated": float(scores.truncated.sum()),
-                                 "num_items_beyond_context": float(scores.beyond_context.sum())}
+              seed: int = 0) -> dict[str, float | int]:
+    """Accuracies (summed and per-token-normalised scores) with 95% bootstrap intervals, and the
+    item counts (ints)."""
+    summary: dict[str, float | int] = {"num_items": len(scores.labels),
+                                       "num_items_truncated": int(scores.truncated.sum()),
+                                       "num_items_beyond_context": int(scores.beyond_context.sum())}
     for suffix, normalised in (("", False), ("_normalised", True)):
         correct = scores.correct(normalised)
         low, high = bootstrap_ci(correct, bootstrap_resamples, 0.95, seed)

@@ -42,8 +42,9 @@ class ArgumentError(ValueError):
     """A flag value or a combination of flags that cannot run; the message says which and why."""
 
 
-# Megatron-LM parallelism flags that lst-train does not take, with what to use instead (a plain
-# "unrecognized arguments" would not say whether the flag was mistyped or is not supported).
+# Megatron-LM flags that lst-train does not take (parallelism it does not support, a switch it
+# does not need), with what to use instead (a plain "unrecognized arguments" would not say
+# whether the flag was mistyped or is not supported).
 _NO_VIRTUAL_PIPELINE = ("virtual pipeline stages (the interleaved schedule) are not supported; "
                         "use --pipeline-model-parallel-size alone")
 _NO_EXPERTS = "the global transformer is dense: there are no experts to place"
@@ -76,6 +77,10 @@ UNSUPPORTED_MEGATRON_FLAGS = {
     "--expert-model-parallel-size": _NO_EXPERTS,
     "--expert-tensor-parallel-size": _NO_EXPERTS,
     "--num-experts": _NO_EXPERTS,
+    "--group-query-attention": ("grouped-query attention needs no switch here: --num-query-groups "
+                                "below --num-attention-heads turns it on (the local models: "
+                                "--local-encoder-query-groups, --local-decoder-query-groups); "
+                                "drop the flag"),
 }
 
 
@@ -575,6 +580,7 @@ def _validate_model(args: argparse.Namespace) -> None:
             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
             f"{args.num_attention_heads}; choose a divisor or give the head size (--kv-channels)"
         )
+    _check_even_head_dim(args, "hidden_size", "num_attention_heads", "kv_channels")
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
     if args.num_attention_heads % args.num_query_groups:
@@ -621,6 +627,25 @@ def _validate_model(args: argparse.Namespace) -> None:
         raise ArgumentError("--reset-position-ids is not available for the token baseline "
                             "(--patching-mode none): megatron's GPTModel numbers RoPE positions "
                             "over the whole row")
+
+
+def _check_even_head_dim(args: argparse.Namespace, hidden: str, heads: str, kv_channels: str) -> None:
+    """RoPE rotates pairs of channels: one attention head, of `kv_channels` channels or else
+    hidden / heads, must have an even size. Named by the flags that set it."""
+    if getattr(args, kv_channels) is not None:
+        if getattr(args, kv_channels) % 2:
+            raise ArgumentError(
+                f"{_flag(kv_channels)} {getattr(args, kv_channels)} must be even: RoPE rotates "
+                f"pairs of channels of each attention head"
+            )
+        return
+    head_dim = getattr(args, hidden) // getattr(args, heads)
+    if head_dim % 2:
+        raise ArgumentError(
+            f"{_flag(hidden)} {getattr(args, hidden)} over {_flag(heads)} {getattr(args, heads)} "
+            f"makes attention heads of {head_dim} channels, which must be even: RoPE rotates pairs "
+            f"of channels; choose another head count or give an even head size ({_flag(kv_channels)})"
+        )
 
 
 def _check_uniform_recompute(args: argparse.Namespace, stage_layers: Sequence[int]) -> None:
@@ -686,6 +711,7 @@ def _validate_lst(args: argparse.Namespace) -> None:
                 f"--local-{side}-hidden-size {hidden} is not divisible by --local-{side}-heads "
                 f"{heads}; choose a divisor or give the head size (--local-{side}-kv-channels)"
             )
+        _check_even_head_dim(args, *dests[1:], f"local_{side}_kv_channels")
         groups = getattr(args, f"local_{side}_query_groups")
         if groups is not None and heads % groups:
             raise ArgumentError(
@@ -835,6 +861,13 @@ def _check_data_path(data_path: Sequence[str], flag: str) -> None:
         )
     if any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
         raise ArgumentError(f"{flag} weights {weights} must be finite, >= 0, and not all 0")
+    from megatron_lst.data.blend import parse_data_path
+    from megatron_lst.data.dataset import DatasetError
+
+    try:  # a prefix named twice, before any data is read (exit status 2, not 4)
+        parse_data_path(data_path)
+    except DatasetError as err:
+        raise ArgumentError(str(err).replace("--data-path", flag, 1)) from None
 
 
 def _check_split(split: str) -> None:

@@ -3,7 +3,7 @@
 Every iteration the training loop hands `TrainingLogger.on_iteration` what it measured; every
 `--log-interval` iterations the logger averages the interval and emits one line like Megatron-LM's:
 
-    [2026-01-01 12:00:00] iteration   100/  1000 | consumed samples:    400 | elapsed time per
+    [2026-01-01 12:00:00] iteration  100/1000 | consumed samples:          400 | elapsed time per
     iteration (ms): 812.3 | learning rate: 3.000000E-04 | global batch size:     4 | lm loss:
     4.812345E+00 | loss scale: 1.0 | grad norm: 0.912 | tokens/s: 1234.5 | global positions/s:
     80.1 | TFLOP/s/device: 0.12 | number of skipped iterations:   0 | number of nan iterations:   0 |

@@ -98,6 +98,9 @@ def test_lst_eval_counts_items_beyond_the_context(checkpoint, capsys, caplog):
     results = json.loads(output.read_text())["results"][str(items)]
     assert results["S->S"]["num_items_beyond_context"] == 0
     assert results["T->T"]["num_items_beyond_context"] == 1
+    # counts are written as counts: `"num_items": 1`, not `1.0`
+    for key in ("num_items", "num_items_truncated", "num_items_beyond_context"):
+        assert type(results["T->T"][key]) is int, (key, results["T->T"][key])
     out = capsys.readouterr().out
     assert "long.jsonl S->S: accuracy" in out and "(1 items)\n" in out
     assert "(1 items, 1 beyond the model's context)" in out
@@ -404,9 +407,10 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
                         str(prefix), "--num-utterances", "2", "--output", str(output)])
     assert status == 0, capsys.readouterr().err
     results = json.loads(output.read_text())["results"]
-    assert results["num_utterances"] == 2
+    assert results["num_utterances"] == 2 and type(results["num_utterances"]) is int
     assert {"wer", "wer_ci_low", "cer", "hallucination_rate"} <= set(results)
-    assert "wer: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wer: " in out and "\nnum_utterances: 2\n" in out  # a count, not "2.0000"
     output = root / "tts.json"
     status = eval_main(["--load", str(root / "save"), "--task", "tts", "--utterances",
                         str(prefix), "--asr-load", str(root / "save"), "--num-utterances", "1",

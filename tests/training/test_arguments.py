@@ -124,7 +124,14 @@ def test_validate_returns_a_copy():
     (["--optimizer", "sgd", "--sgd-momentum", "-1"], 1, r"--sgd-momentum must be >= 0"),
     (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "-1"], 1,
      r"--lr-wsd-decay-iters -1 must be in \[1, --lr-decay-iters 10\]"),
-    (["--hidden-size", "60"], 1, r"impossible model: global head dim 15 must be even"),
+    # a prefix named twice was refused only once training read the data, as bad data (status 4)
+    (["--data-path", "0.5", "data/a", "0.3", "./data//a"], 1,
+     r"--data-path names './data//a' twice \(also as 'data/a'\): .* summed weight 0.8"),
+    (["--train-data-path", "1", "t", "2", "t"], 1,
+     r"--train-data-path names 't' twice .* summed weight 3"),
+    (["--hidden-size", "60"], 1,
+     r"--hidden-size 60 over --num-attention-heads 4 makes attention heads of 15 channels, which "
+     r"must be even"),
     (["--rotary-base", "0"], 1, r"--rotary-base must be positive"),
     (["--norm-epsilon", "-1"], 1, r"--norm-epsilon must be >= 0"),
     (["--init-method-std", "-1"], 1, r"--init-method-std must be >= 0"),
@@ -178,6 +185,8 @@ def test_backends_this_machine_cannot_run_are_named(extra, message, monkeypatch)
     ["--use-torch-fsdp2"],
     ["--cp-comm-type", "p2p"],
     ["--encoder-pipeline-model-parallel-size", "1"],
+    # Megatron-LM's GQA switch, from a ported script: was "unrecognized arguments"
+    ["--group-query-attention", "--num-query-groups", "2"],
     ["--config", "CONFIG"],  # the same key in a --config file
 ])
 def test_unsupported_megatron_flags_are_named_not_unrecognized(tmp_path, given):
@@ -188,6 +197,13 @@ def test_unsupported_megatron_flags_are_named_not_unrecognized(tmp_path, given):
     with pytest.raises(ArgumentError, match=rf"{flag} is a Megatron-LM flag that lst-train does "
                                             rf"not take: .*(use|dense|split|encoder)"):
         parse_args(given)
+
+
+def test_megatron_gqa_switch_says_that_query_groups_suffice():
+    with pytest.raises(ArgumentError, match=r"--group-query-attention is a Megatron-LM flag .*: "
+                                            r"grouped-query attention needs no switch here: "
+                                            r"--num-query-groups below --num-attention-heads"):
+        parse_args(["--group-query-attention", "--num-query-groups", "2"])
 
 
 def test_missing_model_size_names_the_flags():

@@ -111,7 +111,9 @@ def test_impossible_local_model_is_named():
     argv = ["--preset", "tiny-cpu", *LST_RUN, "--local-encoder-hidden-size", "30",
             "--local-decoder-hidden-size", "30", "--local-encoder-heads", "6",
             "--local-decoder-heads", "6", "--cross-attn-heads", "6"]
-    with pytest.raises(ArgumentError, match="impossible model: local head dim 5 must be even"):
+    with pytest.raises(ArgumentError, match="--local-encoder-hidden-size 30 over --local-encoder-heads 6 "
+                       r"makes attention heads of 5 channels, which must be even: .*"
+                       r"\(--local-encoder-kv-channels\)"):
         validate_args(parse_args(argv), 1)
 
 
@@ -143,7 +145,15 @@ def test_a_preset_leaves_derived_head_shapes_derived():
     (["--local-encoder-query-groups", "3"],
      r"--local-encoder-heads 2 is not divisible by --local-encoder-query-groups 3"),
     (["--local-decoder-query-groups", "0"], r"--local-decoder-query-groups must be at least 1"),
-    (["--local-encoder-kv-channels", "7"], r"impossible model: local head dim 7 must be even"),
+    (["--local-encoder-kv-channels", "7"], r"--local-encoder-kv-channels 7 must be even: RoPE"),
+    (["--local-decoder-kv-channels", "9"], r"--local-decoder-kv-channels 9 must be even: RoPE"),
+    (["--kv-channels", "7"], r"--kv-channels 7 must be even: RoPE"),
+    (["--local-decoder-heads", "32"],
+     r"--local-decoder-hidden-size 32 over --local-decoder-heads 32 makes attention heads of 1 "
+     r"channels, which must be even.*\(--local-decoder-kv-channels\)"),
+    (["--hidden-size", "48", "--num-attention-heads", "16"],
+     r"--hidden-size 48 over --num-attention-heads 16 makes attention heads of 3 channels, which "
+     r"must be even.*\(--kv-channels\)"),
     (["--kv-channels", "0"], r"--kv-channels must be at least 1"),
     (["--hidden-size", "60", "--num-attention-heads", "8"],
      r"--hidden-size 60 is not divisible by --num-attention-heads 8; .*--kv-channels"),

@@ -172,30 +172,46 @@ def test_tool_with_explicit_dimensions_matches_the_preset(capsys):
     assert capsys.readouterr().out == from_preset
 
 
-def test_head_shape_flags_reach_the_flop_estimate(capsys):
-    """Grouped key/value heads and explicit head sizes change the attention projections' FLOPs:
-    the plan equals the estimate of the model built with them, and differs from the default."""
+def test_tool_plans_the_head_shapes_lst_train_can_set(tmp_path):
+    """A model with grouped key/value heads and head sizes other than width / heads (lst-train
+    --kv-channels, --local-*-query-groups, --local-*-kv-channels) is planned with its own FLOPs:
+    the planner had no flags for the head sizes or the local key/value heads."""
     tool = load_tool("plan_compute")
+    dims = ["--global-dim", "64", "--global-layers", "2", "--global-heads", "4",
+            "--local-dim", "32", "--encoder-layers", "1", "--decoder-layers", "2",
+            "--local-heads", "4"]
     common = ["--budget-steps", "100", "--reference", "lst", "--control", "compute",
               "--text-vocab-size", "512", "--seq-length", "256", "--global-batch-size", "8",
-              "--tokens-per-patch", "2", "--global-dim", "64", "--global-layers", "2",
-              "--global-heads", "4", "--local-dim", "32", "--encoder-layers", "1",
-              "--decoder-layers", "2", "--local-heads", "4"]
-    shaped = ["--global-kv-heads", "2", "--global-kv-channels", "24", "--local-kv-heads", "1",
-              "--local-kv-channels", "12"]
-    args = tool.build_parser().parse_args([*common, *shaped])
-    config = tool.model_config(args)
-    assert (config.global_model.num_query_groups, config.global_model.head_dim) == (2, 24)
-    assert (config.encoder.kv_groups, config.encoder.head_dim) == (1, 12)
-    assert (config.decoder.kv_groups, config.decoder.head_dim) == (1, 12)
-    expected = 100 * estimate_flops(ModelShape.from_model_config(config), 256 * 2, 256, 8).total
-    assert tool.main([*common, *shaped]) == 0
-    lst_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lst"))
-    assert lst_row.split()[4] == f"{expected:.3e}"
-    assert tool.main(common) == 0
-    default_row = next(line for line in capsys.readouterr().out.splitlines()
-                       if line.startswith("lst"))
-    assert default_row.split()[4] != lst_row.split()[4]
+              "--tokens-per-patch", "2", *dims]
+    plain, shaped = tmp_path / "plain.json", tmp_path / "shaped.json"
+    assert tool.main([*common, "--out", str(plain)]) == 0
+    assert tool.main([*common, "--global-kv-channels", "24", "--local-kv-heads", "2",
+                      "--local-kv-channels", "12", "--out", str(shaped)]) == 0
+
+    def lst_flops(path):
+        [computed] = json.loads(path.read_text())["plans"]
+        return computed["lst"]["flops"]
+
+    # Independent count of the change (training = 3 x forward; 100 steps of 8 rows of 256
+    # patches, 2 tokens each). Projections per position and layer: q and o 2 * dim * (heads x
+    # head size), k and v 2 * dim * head size * key/value heads, against 4 * dim^2 before;
+    # attention products 4 * (heads x head size) per query-key pair and layer.
+    rows, patches, tokens = 100 * 8, 256, 512
+    global_pairs, local_pairs = patches * (patches + 1) // 2, tokens * (tokens + 1) // 2
+
+    def change(layers, positions, pairs, dim, attention_dim, kv_width):
+        dense = 2 * positions * layers * (2 * dim * attention_dim + 2 * dim * kv_width
+                                          - 4 * dim * dim)
+        attention = 4 * layers * (attention_dim - dim) * pairs
+        return 3 * rows * (dense + attention)
+
+    plain_flops, shaped_flops = lst_flops(plain), lst_flops(shaped)
+    expected = {"global": change(2, patches, global_pairs, 64, 4 * 24, 4 * 24),
+                "encoder": change(1, tokens, local_pairs, 32, 4 * 12, 2 * 12),
+                "decoder": change(2, tokens, local_pairs, 32, 4 * 12, 2 * 12),
+                "cross_attention": 0, "head": 0}
+    for part, value in expected.items():
+        assert shaped_flops[part] - plain_flops[part] == pytest.approx(value, rel=1e-9), part
 
 
 def test_tool_reports_bad_model_arguments(capsys):

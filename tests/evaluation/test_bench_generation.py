@@ -1,0 +1,31 @@
+"""tools/bench_generation.py: the LST / baseline comparison is per second of generated speech."""
+
+from tool_modules import load_tool
+
+
+def test_comparison_is_per_second_of_speech_and_names_runs_that_stopped_early():
+    """The baseline of tiny-cpu (a context of 64 tokens) stops after 13 of 40 units behind a
+    50-unit prompt; the ratio of raw global steps (10 / 12 = 0.833) hid LST's 4x saving."""
+    bench = load_tool("bench_generation")
+    lst = bench.Result("lst", True, 40, 1.6, 10, 0.12, 10 / 1.6, 0.12 / 1.6, "max-new-tokens")
+    base = bench.Result("baseline", True, 13, 0.52, 12, 0.02, 12 / 0.52, 0.02 / 0.52,
+                        "context limit")
+    first, *notes = bench.comparison_lines([lst, base], units=40, patch_size=4)
+    assert first == ("LST / baseline global steps per second of speech: "
+                     f"{(10 / 1.6) / (12 / 0.52):.3f} (1/p = 0.250)")
+    assert f"{(10 / 1.6) / (12 / 0.52):.3f}" == "0.271"
+    [note] = notes
+    assert note.startswith("note: baseline (cache True) generated 13 of --units 40 units: it "
+                           "stopped at context limit")
+
+
+def test_a_run_records_why_generation_stopped():
+    bench = load_tool("bench_generation")
+    args = bench.argparse.Namespace(preset="tiny-cpu", units=40, prompt_units=50, patch_size=4,
+                                    frame_rate=25.0, text_vocab_size=512, no_cache=False)
+    lst, base = bench.run(args)
+    for result in (lst, base):
+        assert result.stopped_by in ("max-new-tokens", "eos", "context limit")
+        assert (result.generated_units == 40) == (result.stopped_by == "max-new-tokens")
+    # 50 prompt units and 40 more do not fit the baseline's 64 tokens; LST's 64 patches hold them
+    assert base.generated_units < 40 and base.stopped_by in ("eos", "context limit")
