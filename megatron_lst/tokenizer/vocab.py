@@ -125,6 +125,12 @@ class JointVocab:
                 f"{self.num_units} units); use the tokenizer and --num-units it was made with"
             )
 
+    def describe(self) -> str:
+        """`text pieces, speech units and tokenizer digest`, for messages comparing two."""
+        digest = (f", tokenizer sha256 {self.tokenizer_sha256[:12]}..."
+                  if self.tokenizer_sha256 else "")
+        return f"{self.text_size} text pieces and {self.num_units} speech units{digest}"
+
     def check_same(self, other: JointVocab, what: str) -> None:
         """Raise unless `other`, the vocabulary `what` (e.g. "checkpoint DIR") was made with, is
         this layout, from the same tokenizer file when both record its digest: one of the same

@@ -129,9 +129,9 @@ def data_vocab(args: argparse.Namespace) -> JointVocab:
             vocab, first = store_vocab, prefix
         elif store_vocab != vocab or store_vocab.tokenizer_sha256 != vocab.tokenizer_sha256:
             raise VocabularyError(
-                f"dataset {prefix} was made with vocabulary {store_vocab.to_dict()} but dataset "
-                f"{first} with {vocab.to_dict()}; preprocess every dataset with the same "
-                f"tokenizer and --num-units")
+                f"dataset {prefix} was made with {store_vocab.describe()} but dataset {first} "
+                f"with {vocab.describe()}; preprocess every dataset with the same tokenizer and "
+                f"--num-units")
     if vocab.num_units != args.num_units:
         logger.info("the datasets hold %d speech units (--num-units %d ignored)",
                     vocab.num_units, args.num_units)

@@ -66,7 +66,9 @@ def test_the_vocabulary_carries_the_datasets_tokenizer_digest(tmp_path):
     record = json.loads(manifest.read_text())
     record["tokenizer"]["sha256"] = "1" * 64  # same size, another tokenizer
     manifest.write_text(json.dumps(record))
-    with pytest.raises(VocabularyError, match=r"dataset .*text was made with vocabulary .*'1111"):
+    with pytest.raises(VocabularyError, match=r"dataset .*text was made with \d+ text pieces and "
+                                              r"\d+ speech units, tokenizer sha256 111111111111\.\.\. "
+                                              r"but dataset .* sha256 000000000000\.\.\.; preprocess"):
         data_vocab(args)
 
 
