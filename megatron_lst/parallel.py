@@ -155,9 +155,10 @@ def _check_layout(world_size: int, tp: int, pp: int, vpp: int | None, cp: int) -
             raise ParallelLayoutError(f"{name}={size}; it must be at least 1")
     model_size = tp * pp * cp
     if world_size % model_size:
+        factors = f"tensor ({tp}) x pipeline ({pp})" + (f" x context ({cp})" if cp > 1 else "")
         raise ParallelLayoutError(
-            f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) x "
-            f"context ({cp}) parallel = {model_size} processes per model replica; launch a "
+            f"world size {world_size} is not divisible by {factors} parallel = {model_size} "
+            f"processes per model replica; launch a "
             f"multiple of {model_size} processes (e.g. torchrun --nproc-per-node {model_size}) "
             f"or choose sizes whose product divides {world_size}"
         )

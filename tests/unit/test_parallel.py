@@ -45,7 +45,9 @@ def test_seeds_python_numpy_and_torch():
 @pytest.mark.parametrize("sizes, message", [
     ({"tensor_model_parallel_size": 2}, r"world size 1 is not divisible by .* = 2"),
     ({"pipeline_model_parallel_size": 2, "tensor_model_parallel_size": 3},
-     r"tensor \(3\) x pipeline \(2\) .* = 6"),
+     r"tensor \(3\) x pipeline \(2\) parallel = 6"),  # no context parallelism to name
+    ({"tensor_model_parallel_size": 2, "context_parallel_size": 2},
+     r"tensor \(2\) x pipeline \(1\) x context \(2\) parallel = 4"),
     ({"virtual_pipeline_model_parallel_size": 2}, r"needs pipeline_model_parallel_size >= 2"),
     ({"context_parallel_size": 0}, r"context_parallel_size=0"),
 ])
