@@ -100,7 +100,11 @@ def _check_last_frame(path: Path, f: wave.Wave_read) -> None:
     frames = f.getnframes()
     if frames:
         f.setpos(frames - 1)
-        if len(f.readframes(1)) < f.getnchannels() * f.getsampwidth():
+        try:
+            last = f.readframes(1)
+        except RuntimeError:  # `wave` cannot seek past the RIFF chunk the data chunk overruns
+            raise _truncated(path, frames) from None
+        if len(last) < f.getnchannels() * f.getsampwidth():
             raise _truncated(path, frames)
 
 

@@ -114,3 +114,16 @@ def test_non_finite_float_samples_are_refused(tmp_path):
                     subtype="FLOAT")
     with pytest.raises(AudioError, match="x.wav: holds NaN or infinite samples"):
         read_audio(path)
+
+
+def test_data_chunk_longer_than_the_file_is_refused_as_truncated(tmp_path):
+    """A data chunk whose length runs past the end of a file with a consistent RIFF size: `wave`
+    raised a bare RuntimeError seeking to the last frame."""
+    path = tmp_path / "x.wav"
+    write_wav(path, np.zeros(1000), 16000)
+    raw = bytearray(path.read_bytes())
+    raw[40:44] = (4 * 2000).to_bytes(4, "little")  # the data chunk's length: 4000 samples
+    path.write_bytes(bytes(raw))
+    for read in (audio_info, read_audio):
+        with pytest.raises(AudioError, match=r"x\.wav: truncated: the header promises 4000"):
+            read(path)
