@@ -16,16 +16,26 @@ from megatron_lst.demo_corpus.optional import MissingDependencyError
 from megatron_lst.demo_corpus.units import UNIT_FRAME_RATE
 
 USER_ERRORS = (AudioError, CodebookError, CorpusError, MissingDependencyError, ValueError,
-               FileNotFoundError)
-"""Errors that name a bad input and its fix: a tool prints them as one line, no traceback."""
+               OSError)
+"""Errors that name a bad input and its fix: a tool prints them as one line, no traceback.
+(OSError: a path that cannot be read or written, e.g. an unreadable audio file or a read-only
+--units-dir.)"""
+
+
+def error_line(error: BaseException) -> str:
+    """The one line a tool prints for a `USER_ERRORS` error."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return (f"error: {error.filename}: {error.strerror}; check the path, its permissions "
+                f"and the free space there")
+    return f"error: {error}"
 
 
 def run_tool(main: Callable[[], Any]) -> None:
-    """Run a tool's `main`; a `USER_ERRORS` error exits with status 1 and `error: <message>`."""
+    """Run a tool's `main`; a `USER_ERRORS` error exits with status 1 and its `error_line`."""
     try:
         main()
     except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+        sys.exit(error_line(error))
 
 
 def add_corpus_args(parser: argparse.ArgumentParser) -> None:

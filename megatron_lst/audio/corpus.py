@@ -159,6 +159,9 @@ def write_mfa_corpus(utterances: list[Utterance], out_dir: str | Path) -> int:
     `<textgrid dir>/<id>.TextGrid`. Speakers are the folders holding the files.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CorpusError(f"--mfa-corpus-dir {out_dir} is a file; pass a folder (it is created "
+                          f"when missing)")
     links = [_mfa_link(utterance, out_dir) for utterance in utterances]
     for utterance, link in zip(utterances, links, strict=True):
         link.parent.mkdir(parents=True, exist_ok=True)

@@ -131,6 +131,9 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook) -> None
               "frame_rate": config.frame_rate, "num_units": codebook.num_units,
               "codebook_sha256": _file_sha256(config.codebook)}
     path = Path(config.units_dir) / UNITS_RECORD
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"--units-dir {config.units_dir} is a file; pass a folder (it is created "
+                         f"when missing)")
     if path.is_file():
         previous = _read_units_record(path)
         changed = {k: (previous.get(k), v) for k, v in record.items() if previous.get(k) != v}

@@ -2,6 +2,7 @@
 forward, padding invariance, the unit rate, identical files for any batch size and worker count,
 resuming, and the produced files through `preprocess_data.py --input-format textgrid` to training."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -276,3 +277,29 @@ def test_demo_corpus_takes_hubert_units(corpus):
     assert isinstance(unit_features(), MfccFeatures)
     with pytest.raises(ValueError, match="--hubert-dir"):
         unit_features("hubert")
+
+
+def test_output_folders_that_cannot_be_written_end_in_one_line(corpus, tmp_path):
+    """An OSError on an output path (here a folder under a file; a read-only or unwritable
+    --units-dir is the same) was a traceback; an output folder that is a file said only
+    'File exists'."""
+    from megatron_lst.audio.cli_args import run_tool
+
+    blocker = tmp_path / "file"
+    blocker.write_text("user data\n")
+    cases = [
+        (["--units-dir", str(blocker / "units")], rf"error: {blocker / 'units'}: Not a directory; "
+                                                  r"check the path, its permissions"),
+        (["--units-dir", str(blocker)], rf"--units-dir {blocker} is a file; pass a folder"),
+        (["--units-dir", str(tmp_path / "u"), "--mfa-corpus-dir", str(blocker)],
+         rf"--mfa-corpus-dir {blocker} is a file; pass a folder"),
+    ]
+    for flags, message in cases:
+        root, hubert, codebook = corpus
+        argv = ["--input", str(root / "list.tsv"), "--input-format", "tsv", "--hubert-dir",
+                str(hubert), "--layer", "2", "--codebook", str(codebook), "--device", "cpu",
+                "--no-progress", *flags]
+        with pytest.raises(SystemExit) as exit_info:
+            run_tool(lambda argv=argv: load_tool("extract_units").main(argv))
+        assert re.search(message, exit_info.value.code), exit_info.value.code
+        assert blocker.read_text() == "user data\n"
