@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, default_device, run_tool
+from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, resolve_device, run_tool
 from megatron_lst.audio.codebook import (
     check_codebook_suffix,
     fit_codebook,
@@ -74,6 +74,7 @@ def _check_args(args: argparse.Namespace) -> None:
                          f"({args.max_frames}) at least one frame per unit")
     if not args.sample_hours > 0:
         raise ValueError(f"--sample-hours must be positive, got {args.sample_hours}")
+    args.device = resolve_device(args.device)
 
 
 def _fit(args: argparse.Namespace) -> KMeansCodebook:
@@ -91,8 +92,7 @@ def _fit(args: argparse.Namespace) -> KMeansCodebook:
             break
         sample.append(jobs[i])
         samples += jobs[i].num_samples_16k
-    features = HubertFeatures(args.hubert_dir, args.layer, args.frame_rate,
-                              args.device or default_device())
+    features = HubertFeatures(args.hubert_dir, args.layer, args.frame_rate, args.device)
     with tqdm(desc="features", unit="s audio", disable=True if args.no_progress else None,
               total=round(samples / 16000)) as bar:
         arrays = featurize(sample, features, args.batch_size, args.max_batch_seconds, bar.update)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import time
@@ -56,8 +57,12 @@ class ExtractConfig:
     def __post_init__(self):
         if self.workers < 1 or self.batch_size < 1 or self.threads_per_worker < 1:
             raise ValueError("workers, batch_size and threads_per_worker must be at least 1")
-        if self.max_batch_seconds <= 0:
-            raise ValueError(f"max_batch_seconds must be positive, got {self.max_batch_seconds}")
+        if not (math.isfinite(self.max_batch_seconds) and self.max_batch_seconds > 0):
+            raise ValueError(f"max_batch_seconds must be positive and finite, got "
+                             f"{self.max_batch_seconds}")
+        if self.frame_rate < 1:
+            raise ValueError(f"frame_rate must be at least 1 unit frame per second, got "
+                             f"{self.frame_rate}")
         if self.device != "cpu" and self.workers > 1:
             raise ValueError(f"one process drives {self.device}: use workers=1 there (workers "
                              f"are for CPU extraction)")

@@ -107,7 +107,7 @@ class HubertFeatures:
                              f"model in {model_dir}")
         self.downsampling = math.prod(config.conv_stride)
         native_rate = FEATURE_SAMPLE_RATE / self.downsampling
-        if FEATURE_SAMPLE_RATE % (self.downsampling * frame_rate):
+        if frame_rate < 1 or FEATURE_SAMPLE_RATE % (self.downsampling * frame_rate):
             raise ValueError(f"the model's frame rate ({native_rate:g} Hz: {self.downsampling}x "
                              f"downsampling at {FEATURE_SAMPLE_RATE} Hz) is not a whole multiple "
                              f"of the unit frame rate {frame_rate} Hz")

@@ -303,3 +303,34 @@ def test_output_folders_that_cannot_be_written_end_in_one_line(corpus, tmp_path)
             run_tool(lambda argv=argv: load_tool("extract_units").main(argv))
         assert re.search(message, exit_info.value.code), exit_info.value.code
         assert blocker.read_text() == "user data\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--frame-rate", "0"], "argument --frame-rate: expected a whole number of at least 1, got '0'"),
+    (["--frame-rate", "-25"], "argument --frame-rate: expected a whole number of at least 1"),
+    (["--batch-size", "0"], "argument --batch-size: expected a whole number of at least 1"),
+    (["--max-batch-seconds", "inf"], "argument --max-batch-seconds: expected a finite number"),
+    (["--max-batch-seconds", "nan"], "argument --max-batch-seconds: expected a finite number"),
+    (["--device", "bogus"], "--device bogus: not a torch device; use cpu"),
+])
+@pytest.mark.parametrize("tool", ["extract_units", "train_kmeans"])
+def test_bad_model_flags_are_refused_by_name(tmp_path, capsys, tool, flags, message):
+    """--frame-rate 0 was a ZeroDivisionError (-25 a reshape error), --max-batch-seconds inf an
+    OverflowError, and an unknown --device a torch RuntimeError, all after the corpus was read."""
+    from megatron_lst.audio.cli_args import run_tool
+
+    (tmp_path / "list.tsv").write_text("")  # never read: the flags are refused first
+    argv = ["--input", str(tmp_path / "list.tsv"), "--input-format", "tsv", "--hubert-dir",
+            str(tmp_path / "none"), *flags]
+    argv = (["fit", *argv, "--output", str(tmp_path / "km.npy")] if tool == "train_kmeans"
+            else [*argv, "--codebook", str(tmp_path / "km.npy"), "--units-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool(lambda: load_tool(tool).main(argv))
+    said = f"{exit_info.value.code} {capsys.readouterr().err}"
+    assert message in said, said
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no GPU")
+def test_cuda_device_without_a_gpu_is_refused_by_name(corpus, tmp_path):
+    with pytest.raises(ValueError, match="--device cuda: torch sees 0 CUDA device"):
+        _extract(corpus, tmp_path / "units", "--device", "cuda")
