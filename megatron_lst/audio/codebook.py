@@ -38,9 +38,16 @@ def _checked(centroids: np.ndarray, where: str) -> np.ndarray:
     if centroids.ndim != 2 or centroids.dtype.kind != "f" or 0 in centroids.shape:
         raise CodebookError(f"{where}: expected centroids [num_units, dim] of floats, got "
                             f"{centroids.dtype} with shape {centroids.shape}")
+    with np.errstate(over="ignore"):  # overflow is what the check below finds
+        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        squared_norms = (centroids.astype(np.float64) ** 2).sum(1)
     if not np.isfinite(centroids).all():
-        raise CodebookError(f"{where}: the centroids hold NaN or infinite values")
-    return np.ascontiguousarray(centroids, dtype=np.float32)
+        raise CodebookError(f"{where}: the centroids hold NaN or infinite values (in float32)")
+    if not (squared_norms < np.finfo(np.float32).max).all():
+        raise CodebookError(f"{where}: the centroids are too large for float32 distances "
+                            f"(squared norm up to {squared_norms.max():.3g}); this is not a "
+                            f"k-means codebook of speech features")
+    return centroids
 
 
 def check_codebook_suffix(path: Path, name: str | None = None) -> None:

@@ -103,3 +103,14 @@ def test_bfloat16_safetensors_codebook_is_refused_by_name(tmp_path):
     with pytest.raises(CodebookError, match=r"bf16\.safetensors: .*bfloat16.*save the centroids "
                                             r"as float32"):
         load_codebook(tmp_path / "bf16.safetensors")
+
+
+@pytest.mark.parametrize("value, message", [
+    (1e200, r"NaN or infinite values \(in float32\)"),  # finite float64, inf as float32
+    (3e38, "too large for float32 distances"),  # finite float32, but ||c||^2 overflows
+])
+def test_centroids_that_overflow_float32_are_refused(tmp_path, value, message):
+    """Such centroids loaded as inf (or gave inf distances), and every frame became unit 0."""
+    np.save(tmp_path / "km.npy", np.full((4, 3), value, np.float64))
+    with pytest.raises(CodebookError, match=message):
+        load_codebook(tmp_path / "km.npy")
