@@ -137,7 +137,15 @@ def import_pickled_codebook(path: str | Path, trust_pickle: bool = False) -> KMe
             f"names; do it only for a file from a source you trust, with --trust-pickle")
     import joblib
 
-    model = joblib.load(path)  # the trusted unpickling: the one place that runs file code
+    try:
+        model = joblib.load(path)  # the trusted unpickling: the one place that runs file code
+    except OSError:
+        raise
+    except Exception as error:  # not a pickle, cut short, or naming a module not installed
+        raise CodebookError(f"{path}: cannot unpickle it ({type(error).__name__}: {error}); "
+                            f"expected a joblib or pickle file of a scikit-learn k-means (like "
+                            f"the textless quantizers' km.bin), read with its packages "
+                            f"installed") from None
     centroids = getattr(model, "cluster_centers_", None)
     if centroids is None:
         raise CodebookError(f"{path}: unpickled a {type(model).__name__}, which has no "

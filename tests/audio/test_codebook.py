@@ -114,3 +114,14 @@ def test_centroids_that_overflow_float32_are_refused(tmp_path, value, message):
     np.save(tmp_path / "km.npy", np.full((4, 3), value, np.float64))
     with pytest.raises(CodebookError, match=message):
         load_codebook(tmp_path / "km.npy")
+
+
+@pytest.mark.parametrize("content", [b"", b"0 1 2\n", b"\x80\x04\x95\x10", b"NUMPY\x00\x01"])
+def test_importing_a_file_that_is_no_pickle_names_it(tmp_path, content):
+    """An empty, text, cut-off or other file was an EOFError, IndexError or KeyError from the
+    unpickler."""
+    pytest.importorskip("joblib")
+    path = tmp_path / "km.bin"
+    path.write_bytes(content)
+    with pytest.raises(CodebookError, match=r"km\.bin: cannot unpickle it \(.*scikit-learn"):
+        import_pickled_codebook(path, trust_pickle=True)
