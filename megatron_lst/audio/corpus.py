@@ -69,7 +69,8 @@ def read_audio_dir(root: str | Path) -> list[Utterance]:
 
 def _read_lines(path: Path) -> list[str]:
     try:
-        return path.read_text(encoding="utf-8").split("\n")  # as iterating the file splits
+        # utf-8-sig: a byte-order mark (Excel, Notepad) would otherwise start the first path or id
+        return path.read_text(encoding="utf-8-sig").split("\n")  # as iterating the file splits
     except UnicodeDecodeError as error:
         raise CorpusError(f"{path}: not UTF-8 text ({error}); convert it, e.g. with "
                           f"iconv -t utf-8") from None

@@ -110,3 +110,18 @@ def test_transcripts_that_are_not_utf8_name_the_file(tmp_path):
         read_tsv(tsv)
     tsv.write_text("a.wav\tcafé\r\n", encoding="utf-8")
     assert [(u.id, u.text) for u in read_tsv(tsv)] == [("a", "café")]
+
+
+def test_listings_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    """The mark became part of the first path or id: 'no audio file <BOM>a.wav', a header line
+    read as a path, 'no audio for <BOM>1-2-0000'."""
+    _wav(tmp_path / "a.wav")
+    tsv = tmp_path / "list.tsv"
+    for content in ("path\ttext\na.wav\thello\n", "a.wav\thello\n"):
+        tsv.write_text("\ufeff" + content, encoding="utf-8")
+        assert [(u.id, u.text) for u in read_tsv(tsv)] == [("a", "hello")]
+    _wav(tmp_path / "ls" / "1" / "2" / "1-2-0000.wav")
+    (tmp_path / "ls" / "1" / "2" / "1-2.trans.txt").write_text("\ufeff1-2-0000 HELLO\n",
+                                                               encoding="utf-8")
+    assert [(u.id, u.text) for u in read_transcripts(tmp_path / "ls")] == [("1/2/1-2-0000",
+                                                                            "HELLO")]
