@@ -179,6 +179,9 @@ def _mfa_link(utterance: Utterance, out_dir: Path) -> Path:
     if utterance.text is None:
         raise CorpusError(f"{utterance.audio}: no transcript; the aligner needs one per "
                           f"utterance (use the transcripts or tsv layout)")
+    if not utterance.text.strip():  # the aligner skips it: no TextGrid, the utterance lost
+        raise CorpusError(f"{utterance.audio}: its transcript is empty; the aligner needs the "
+                          f"words spoken: fill them in, or leave the utterance out of the list")
     link = out_dir / f"{utterance.id}{utterance.audio.suffix.lower()}"
     is_the_audio = link.parent.resolve() / link.name == utterance.audio.parent.resolve() / (
         utterance.audio.name)

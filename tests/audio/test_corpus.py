@@ -125,3 +125,14 @@ def test_listings_saved_with_a_byte_order_mark_read_as_without(tmp_path):
                                                                encoding="utf-8")
     assert [(u.id, u.text) for u in read_transcripts(tmp_path / "ls")] == [("1/2/1-2-0000",
                                                                             "HELLO")]
+
+
+def test_mfa_corpus_refuses_an_empty_transcript(tmp_path):
+    """A TSV line 'PATH<TAB>' wrote an empty .lab, which the aligner skips: the utterance got no
+    TextGrid and silently left the dataset."""
+    _wav(tmp_path / "a.wav")
+    _wav(tmp_path / "b.wav")
+    tsv = tmp_path / "list.tsv"
+    tsv.write_text("a.wav\thello\nb.wav\t  \n")
+    with pytest.raises(CorpusError, match=r"b\.wav: its transcript is empty"):
+        write_mfa_corpus(read_tsv(tsv), tmp_path / "mfa")
