@@ -81,10 +81,16 @@ def audio_info(path: str | Path) -> AudioInfo:
     return AudioInfo(info.frames, _checked_rate(path, info.samplerate))
 
 
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 1_000_000
+"""Sample rates outside these (Hz) are damaged headers: no recording of speech has them, and
+resampling from, e.g., a prime rate near 2**32 would need a filter of hundreds of GiB."""
+
+
 def _checked_rate(path: Path, rate: int) -> int:
-    if rate < 1:
-        raise AudioError(f"{path}: the header gives a sample rate of {rate} Hz; the file is "
-                         f"damaged, re-encode it from its source")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{path}: the header gives a sample rate of {rate} Hz, outside "
+                         f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz; the file is damaged, "
+                         f"re-encode it from its source")
     return rate
 
 

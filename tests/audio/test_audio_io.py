@@ -96,14 +96,18 @@ def test_truncated_pcm_wav_names_the_file_and_what_it_lacks(tmp_path, cut):
             read(path)
 
 
-def test_zero_sample_rate_is_refused(tmp_path):
+@pytest.mark.parametrize("rate", [0, 1, 999, 4_294_967_291])
+def test_implausible_sample_rate_is_refused(tmp_path, rate):
+    """A damaged header's rate: 1 Hz made 16000x resampled noise, 4294967291 Hz (prime) a
+    MemoryError (a 640 GiB resampling filter)."""
     path = tmp_path / "x.wav"
     write_wav(path, np.zeros(100), 16000)
     raw = bytearray(path.read_bytes())
-    raw[24:28] = (0).to_bytes(4, "little")  # the fmt chunk's sample rate
+    raw[24:28] = rate.to_bytes(4, "little")  # the fmt chunk's sample rate
     path.write_bytes(bytes(raw))
     for read in (audio_info, load_audio_16k):
-        with pytest.raises(AudioError, match="x.wav: the header gives a sample rate of 0 Hz"):
+        with pytest.raises(AudioError, match=f"x.wav: the header gives a sample rate of {rate} "
+                                             f"Hz, outside 1000..1000000 Hz"):
             read(path)
 
 
