@@ -130,8 +130,10 @@ def _file_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook) -> None:
-    """Write `units.json`, or check that the units already there were made the same way."""
+def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
+                        utterances: Sequence[Utterance]) -> None:
+    """Write `units.json`, or check that the units already there were made the same way (a
+    folder holding unit files of `utterances` without the record is refused)."""
     record = {"model_dir": str(Path(config.model_dir).resolve()), "layer": config.layer,
               "frame_rate": config.frame_rate, "num_units": codebook.num_units,
               "codebook_sha256": _file_sha256(config.codebook)}
@@ -147,6 +149,12 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook) -> None
                              f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
                              f"write to a new --units-dir, or delete the old units")
         return
+    present = [u.id for u in utterances if units_path(config.units_dir, u.id).exists()]
+    if present:  # a run writes the record first, so these come from elsewhere
+        raise ValueError(f"{config.units_dir} holds unit files of {len(present)} of these "
+                         f"utterances (e.g. {present[0]}.npy) but no {UNITS_RECORD}, so how they "
+                         f"were made is unknown and a re-run would keep them; write to a new "
+                         f"--units-dir, or delete them")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(record, indent=2) + "\n")
@@ -258,7 +266,7 @@ def extract_units(utterances: Sequence[Utterance], config: ExtractConfig,
     with the seconds of audio it held."""
     start = time.perf_counter()
     codebook = load_codebook(config.codebook)
-    _check_units_record(config, codebook)
+    _check_units_record(config, codebook, utterances)
     jobs, skipped = plan_jobs(utterances, config)
     batches = plan_batches(jobs, config.batch_size,
                            int(config.max_batch_seconds * FEATURE_SAMPLE_RATE))

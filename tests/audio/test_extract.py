@@ -206,6 +206,12 @@ def test_rerun_resumes_and_refuses_other_settings(corpus, units, tmp_path):
         (units_dir / "units.json").write_text(damaged)
         with pytest.raises(ValueError, match=r"units\.json is damaged"):
             _extract(corpus, units_dir)
+    # Unit files without the record (copied without it, or made otherwise) were kept as done.
+    (units_dir / "units.json").unlink()
+    with pytest.raises(ValueError, match=r"holds unit files of 6 of these utterances \(e\.g\. "
+                                         r"audio/spk0/utt0\.npy\) but no units\.json"):
+        _extract(corpus, units_dir, "--layer", "1")
+    assert _unit_files(units_dir).keys() == want.keys()
 
 
 def test_codebook_of_another_model_is_refused(corpus, tmp_path):
