@@ -110,6 +110,40 @@ def test_incomplete_model_directories_are_refused(tmp_path, hubert_dir):
                                   HubertFeatures(hubert_dir, layer=2)(wave))
 
 
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_pickled_weights_beyond_tensors_and_damaged_strides_are_refused_in_one_line(tmp_path):
+    """A pytorch_model.bin that is no plain state dict gave torch's multi-line message advising
+    weights_only=False; conv_stride with a 0 a ZeroDivisionError."""
+    import json
+    import pickle
+
+    source = _tiny_hubert(tmp_path / "source", "group")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(source / "config.json", pickled)
+    with open(pickled / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"encoder.layers.0.x": _RunsCode()}, f)
+    with pytest.raises(ValueError) as error:
+        HubertFeatures(pickled, layer=2)
+    message = str(error.value)
+    assert "\n" not in message and "weights_only" not in message, message
+    assert message.startswith(f"{pickled}: its weights file is a pickle holding more than "
+                              f"tensors, which the weights-only load refuses"), message
+
+    config = json.loads((source / "config.json").read_text())
+    config["conv_stride"][-1] = 0
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"source: config.json gives conv_stride \[5, 2, 2, 2, "
+                                         r"2, 2, 0\], a downsampling of 0; the config is "
+                                         r"damaged"):
+        HubertFeatures(source, layer=2)
+
+
 # --- the tools, end to end -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
