@@ -78,7 +78,15 @@ def audio_info(path: str | Path) -> AudioInfo:
         info = _soundfile(path).info(str(path))
     except RuntimeError as error:  # soundfile.LibsndfileError
         raise AudioError(f"{path}: not a readable audio file ({error})") from None
+    if info.frames == _UNKNOWN_LENGTH:
+        raise AudioError(f"{path}: its header does not give its length (a FLAC written while "
+                         f"streaming), and libsndfile fails at the end of such a file; "
+                         f"re-encode it, e.g. ffmpeg -i IN -c:a flac OUT.flac")
     return AudioInfo(info.frames, _checked_rate(path, info.samplerate))
+
+
+_UNKNOWN_LENGTH = 2**63 - 1
+"""libsndfile's frame count for a file whose header leaves its length open (0 total samples)."""
 
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 1_000_000

@@ -131,3 +131,19 @@ def test_data_chunk_longer_than_the_file_is_refused_as_truncated(tmp_path):
     for read in (audio_info, read_audio):
         with pytest.raises(AudioError, match=r"x\.wav: truncated: the header promises 4000"):
             read(path)
+
+
+def test_flac_of_unstated_length_is_refused_by_name(tmp_path):
+    """STREAMINFO total samples 0 (unknown): libsndfile reported 2**63 - 1 frames, planned as
+    that many units, and reading it failed with numpy's 'array is too big'."""
+    soundfile = pytest.importorskip("soundfile")
+    path = tmp_path / "x.flac"
+    soundfile.write(str(path), tone(16000, 0.5, seed=0), 16000, subtype="PCM_16")
+    raw = bytearray(path.read_bytes())
+    # 'fLaC', the block header (4 bytes), then STREAMINFO: 10 bytes of block and frame sizes,
+    # and 8 bytes whose low 36 bits count the samples.
+    packed = int.from_bytes(raw[18:26], "big") & ~((1 << 36) - 1)
+    raw[18:26] = packed.to_bytes(8, "big")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(AudioError, match=r"x\.flac: its header does not give its length"):
+        audio_info(path)
