@@ -7,7 +7,8 @@
 
 Both formats are the same stream of values (numbers, quoted strings, `<exists>` flags) with or
 without labels around them, so one tokenizer that drops labels and `[n]` indices reads both, as
-Praat's own reader does. Strings escape `"` as `""`. Files may be UTF-8 or UTF-16 (with a BOM).
+Praat's own reader does. Strings escape `"` as `""`. Files may be UTF-8 or UTF-16 (with a BOM, as
+Praat writes it, or without: the `File type` the file starts with tells the byte order).
 
 `write_textgrid` writes the long format, which Praat and MFA read.
 """
@@ -58,13 +59,18 @@ class _Token:
     line: int
 
 
+# A TextGrid starts with `File type`; in UTF-16 without a byte-order mark, that tells the order.
+_UTF16_WITHOUT_MARK = {"File".encode(order): order for order in ("utf-16-le", "utf-16-be")}
+
+
 def _decode(path: Path, raw: bytes) -> str:
     encoding = "utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    encoding = _UTF16_WITHOUT_MARK.get(raw[:8], encoding)
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as error:
         line = raw[:error.start].decode(encoding, errors="replace").count("\n") + 1
-        name = "UTF-16" if encoding == "utf-16" else "UTF-8"
+        name = "UTF-16" if encoding.startswith("utf-16") else "UTF-8"
         raise TextGridError(f"{path}:{line}: not {name} text ({error.reason} at byte "
                             f"{error.start}); save the TextGrid as UTF-8, or as UTF-16 with a "
                             f"byte-order mark") from None

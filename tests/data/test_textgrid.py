@@ -162,9 +162,20 @@ def test_a_number_beyond_the_float_range_names_its_line(tmp_path, old, new, mess
         read_textgrid(path)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_a_byte_order_mark_is_read(tmp_path, encoding):
+    """Was refused as 'expected the file type (string), found '\\x00''."""
+    path = tmp_path / "x.TextGrid"
+    path.write_bytes(LONG.encode(encoding))
+    utf8 = tmp_path / "y.TextGrid"
+    utf8.write_text(LONG, encoding="utf-8")
+    assert read_textgrid(path) == read_textgrid(utf8)
+
+
 @pytest.mark.parametrize("raw, message", [
     (LONG.replace('"world"', '"caf\xe9"').encode("latin-1"), r"x.TextGrid:26: not UTF-8 text"),
     (LONG.encode("utf-16")[:-1], r"x.TextGrid:\d+: not UTF-16 text"),
+    (LONG.encode("utf-16-le")[:-1], r"x.TextGrid:\d+: not UTF-16 text"),
 ])
 def test_text_in_another_encoding_names_the_file_and_line(tmp_path, raw, message):
     path = tmp_path / "x.TextGrid"
