@@ -17,6 +17,7 @@ metadata): loading it never unpickles anything. `import` converts a pickled scik
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +68,13 @@ def _check_args(args: argparse.Namespace) -> None:
     if not args.output.parent.is_dir():
         raise ValueError(f"--output {args.output}: directory {args.output.parent} does not exist; "
                          f"create it or write elsewhere")
+    inputs = ([args.pickle] if args.command == "import" else
+              list(args.hubert_dir.iterdir()) if args.hubert_dir.is_dir() else [])
+    replaced = next((path for path in inputs if args.output.exists() and path.exists()
+                     and os.path.samefile(path, args.output)), None)
+    if replaced is not None:
+        raise ValueError(f"--output {args.output} would replace the input {replaced}; write the "
+                         f"codebook elsewhere")
     if args.command != "fit":
         return
     if args.num_units < 1 or args.max_frames < args.num_units:

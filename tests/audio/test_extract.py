@@ -374,3 +374,25 @@ def test_bad_model_flags_are_refused_by_name(tmp_path, capsys, tool, flags, mess
 def test_cuda_device_without_a_gpu_is_refused_by_name(corpus, tmp_path):
     with pytest.raises(ValueError, match="--device cuda: torch sees 0 CUDA device"):
         _extract(corpus, tmp_path / "units", "--device", "cuda")
+
+
+def test_train_kmeans_never_writes_over_its_inputs(corpus, tmp_path):
+    """`import km.npy --output km.npy` replaced the user's pickle, and `fit --output
+    <hubert-dir>/model.safetensors` the model's weights, after the work was done."""
+    root = corpus[0]
+    hubert = shutil.copytree(corpus[1], tmp_path / "hubert")
+    weights = (hubert / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"model\.safetensors would replace the input .*hubert/"
+                                         r"model\.safetensors; write the codebook elsewhere"):
+        load_tool("train_kmeans").main([
+            "fit", "--input", str(root / "list.tsv"), "--input-format", "tsv", "--hubert-dir",
+            str(hubert), "--layer", "2", "--num-units", "8", "--max-frames", "1000",
+            "--device", "cpu", "--no-progress", "--output", str(hubert / "model.safetensors")])
+    assert (hubert / "model.safetensors").read_bytes() == weights
+
+    pickled = tmp_path / "km.npy"  # a pickle despite the name
+    pickled.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(ValueError, match=r"km\.npy would replace the input .*km\.npy"):
+        load_tool("train_kmeans").main(["import", str(pickled), "--trust-pickle", "--output",
+                                        str(tmp_path / "." / "km.npy")])
+    assert pickled.read_bytes() == b"\x80\x04K\x01."
