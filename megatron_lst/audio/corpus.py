@@ -38,11 +38,27 @@ class Utterance:
 
 
 def _relative_id(audio: Path, root: Path) -> str:
-    try:
-        relative = audio.resolve().relative_to(root.resolve())
-    except ValueError:
-        relative = Path(audio.name)  # outside the root (absolute TSV paths): the file name
+    # Lexically first: a file reached through a linked folder keeps the link's place.
+    relative = Path(os.path.relpath(audio, root))
+    if ".." in relative.parts:
+        try:
+            relative = audio.resolve().relative_to(root.resolve())
+        except ValueError:
+            relative = Path(audio.name)  # outside the root (absolute TSV paths): the file name
     return relative.with_suffix("").as_posix()
+
+
+def _files_under(root: Path) -> Iterator[Path]:
+    """Every file under `root`, following linked folders (a corpus assembled from symlinks to
+    speakers or subsets, which `Path.rglob` skips), each real folder once (a link up loops)."""
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(folder) / name for name in names)
 
 
 def _unique(utterances: list[Utterance], source: str) -> list[Utterance]:
@@ -61,7 +77,7 @@ def read_audio_dir(root: str | Path) -> list[Utterance]:
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: no such folder")
-    paths = [p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
+    paths = [p for p in _files_under(root) if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
     if not paths:
         raise CorpusError(f"{root}: no {'/'.join(AUDIO_SUFFIXES)} files found")
     return _unique([Utterance(_relative_id(p, root), p) for p in paths], str(root))
@@ -104,7 +120,8 @@ def read_transcripts(root: str | Path) -> list[Utterance]:
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: no such folder")
-    files = sorted([*root.rglob("*.trans.txt"), *root.rglob("transcripts.txt")])
+    files = sorted(p for p in _files_under(root)
+                   if p.name.endswith(".trans.txt") or p.name == "transcripts.txt")
     if not files:
         raise CorpusError(f"{root}: no LibriSpeech *.trans.txt or MLS transcripts.txt files")
     utterances = []

@@ -136,3 +136,20 @@ def test_mfa_corpus_refuses_an_empty_transcript(tmp_path):
     tsv.write_text("a.wav\thello\nb.wav\t  \n")
     with pytest.raises(CorpusError, match=r"b\.wav: its transcript is empty"):
         write_mfa_corpus(read_tsv(tsv), tmp_path / "mfa")
+
+
+def test_linked_folders_are_followed_once(tmp_path):
+    """A corpus assembled from symlinks (train-960 -> the three LibriSpeech subsets) read
+    nothing through the links: Path.rglob does not follow them, so those utterances were
+    silently left out."""
+    chapter = tmp_path / "elsewhere" / "103" / "1240"
+    _wav(chapter / "103-1240-0000.wav")
+    (chapter / "103-1240.trans.txt").write_text("103-1240-0000 CHAPTER ONE\n")
+    corpus = tmp_path / "corpus"
+    _wav(corpus / "19" / "198" / "19-198-0000.wav")
+    (corpus / "19" / "198" / "19-198.trans.txt").write_text("19-198-0000 NORTHANGER ABBEY\n")
+    (corpus / "103").symlink_to(tmp_path / "elsewhere" / "103", target_is_directory=True)
+    (corpus / "19" / "up").symlink_to(corpus, target_is_directory=True)  # a loop: read once
+    want = ["103/1240/103-1240-0000", "19/198/19-198-0000"]
+    assert [u.id for u in read_transcripts(corpus)] == want
+    assert [u.id for u in read_audio_dir(corpus)] == want
