@@ -3,7 +3,8 @@
 `read_textgrid` reads one interval tier from a TextGrid in either of Praat's text formats:
 
 - long ("ooTextFile" with `xmin = 0`, `intervals [1]:` ... labels), MFA's default;
-- short (the same values, one per line, without labels).
+- short (the same values, one per line, without labels; `File type = "ooTextFile short"` from older
+  writers is read too).
 
 Both formats are the same stream of values (numbers, quoted strings, `<exists>` flags) with or
 without labels around them, so one tokenizer that drops labels and `[n]` indices reads both, as
@@ -139,7 +140,9 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
     """
     path = Path(path)
     cursor = _Cursor(path, _decode(path, path.read_bytes()))
-    if cursor.string("the file type") != "ooTextFile":
+    # "ooTextFile short": what older Praat, the Penn Phonetics Lab Forced Aligner and praatio
+    # write on short-format files (whose next line is often just "TextGrid").
+    if cursor.string("the file type") not in ("ooTextFile", "ooTextFile short"):
         raise TextGridError(f"{path}:1: not a Praat text file (File type is not \"ooTextFile\")")
     if cursor.string("the object class") != "TextGrid":
         raise TextGridError(f"{path}:2: not a TextGrid (Object class is not \"TextGrid\")")

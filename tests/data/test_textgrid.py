@@ -86,6 +86,15 @@ def test_reads_word_tier(tmp_path, content):
     assert read_textgrid(path) == EXPECTED
 
 
+def test_reads_the_older_short_header(tmp_path):
+    """'File type = "ooTextFile short"' then '"TextGrid"' (P2FA, praatio, older Praat) was
+    refused as 'not a Praat text file'."""
+    path = tmp_path / "utt.TextGrid"
+    path.write_text(SHORT.replace('"ooTextFile"', '"ooTextFile short"').replace(
+        'Object class = "TextGrid"', '"TextGrid"'))
+    assert read_textgrid(path) == EXPECTED
+
+
 def test_reads_other_tier_and_utf16(tmp_path):
     path = tmp_path / "utt.TextGrid"
     path.write_bytes(LONG.replace("AH0", "é").encode("utf-16"))
