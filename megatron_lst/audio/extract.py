@@ -32,7 +32,7 @@ import numpy as np
 from megatron_lst.audio.audio_io import AudioInfo, audio_info, load_audio_16k
 from megatron_lst.audio.codebook import CodebookError, load_codebook
 from megatron_lst.audio.corpus import Utterance
-from megatron_lst.audio.hubert import HubertFeatures
+from megatron_lst.audio.hubert import HubertFeatures, load_transformers
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE, KMeansCodebook
 
 UNITS_RECORD = "units.json"
@@ -233,6 +233,11 @@ class _Worker:
         import torch
 
         torch.set_num_threads(config.threads_per_worker)
+        if multiprocessing.parent_process() is not None:
+            # A pool worker: transformers' weight-loading bar would print once per worker, and
+            # its tqdm lock (a semaphore) outlives the worker the pool terminates, which the
+            # resource tracker reports after the tool's last line.
+            load_transformers().utils.logging.disable_progress_bar()
         cls.features = HubertFeatures(config.model_dir, config.layer, config.frame_rate,
                                       config.device)
         cls.codebook = load_codebook(config.codebook)

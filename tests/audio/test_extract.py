@@ -396,3 +396,29 @@ def test_train_kmeans_never_writes_over_its_inputs(corpus, tmp_path):
         load_tool("train_kmeans").main(["import", str(pickled), "--trust-pickle", "--output",
                                         str(tmp_path / "." / "km.npy")])
     assert pickled.read_bytes() == b"\x80\x04K\x01."
+
+
+def test_a_bad_file_met_by_a_worker_ends_the_tool_in_one_line(corpus, tmp_path):
+    """Each pool worker's weight-loading bar left a tqdm semaphore behind the terminated
+    worker, and the resource tracker's 'leaked semaphore objects' warning followed the error."""
+    import os
+    import subprocess
+    import sys
+
+    soundfile = pytest.importorskip("soundfile")
+    root, hubert, codebook = corpus
+    audio = shutil.copytree(root / "audio", tmp_path / "audio")
+    # Its header is sound, so the worker reading it is the first to find it bad.
+    soundfile.write(str(audio / "spk0" / "zz.wav"), np.full(16000, np.nan, np.float32), 16000,
+                    subtype="FLOAT")
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[2] / "tools" / "extract_units.py"),
+         "--input", str(audio), "--input-format", "audio-dir", "--hubert-dir", str(hubert),
+         "--layer", "2", "--codebook", str(codebook), "--units-dir", str(tmp_path / "units"),
+         "--device", "cpu", "--no-progress", "--workers", "2", "--threads-per-worker", "1",
+         "--batch-size", "1"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert lines[-1].startswith(f"error: {audio / 'spk0' / 'zz.wav'}: holds NaN"), run.stderr
