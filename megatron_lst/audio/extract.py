@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_lst.audio.audio_io import AudioInfo, audio_info, load_audio_16k
+from megatron_lst.audio.audio_io import AudioError, AudioInfo, audio_info, load_audio_16k
 from megatron_lst.audio.codebook import CodebookError, load_codebook
 from megatron_lst.audio.corpus import Utterance
 from megatron_lst.audio.hubert import HubertFeatures, load_transformers
@@ -257,9 +257,10 @@ class _Worker:
         for job, wave, features in zip(batch, waves, cls.features.batch(waves), strict=True):
             units = cls.codebook.assign(features)
             if len(wave) != job.num_samples_16k or len(units) != job.num_units:
-                raise RuntimeError(f"{job.audio}: read {len(wave)} samples ({len(units)} units) "
-                                   f"at 16 kHz, but its header promised {job.num_samples_16k} "
-                                   f"({job.num_units} units)")
+                raise AudioError(f"{job.audio}: read {len(wave)} samples ({len(units)} units) "
+                                 f"at 16 kHz, but its header promised {job.num_samples_16k} "
+                                 f"({job.num_units} units) when the run began; if the file was "
+                                 f"being written meanwhile, re-run to extract it again")
             write_units(units_path(config.units_dir, job.id), units)
             out.append((job, len(units)))
         return out

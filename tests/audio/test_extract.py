@@ -422,3 +422,25 @@ def test_a_bad_file_met_by_a_worker_ends_the_tool_in_one_line(corpus, tmp_path):
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert lines[-1].startswith(f"error: {audio / 'spk0' / 'zz.wav'}: holds NaN"), run.stderr
+
+
+def test_audio_changed_during_the_run_is_named_not_a_crash(corpus, tmp_path):
+    """A file still being copied grows after the headers were read: a bare RuntimeError."""
+    from megatron_lst.audio.audio_io import AudioError, write_wav
+    from megatron_lst.audio.corpus import read_tsv
+    from megatron_lst.audio.extract import ExtractConfig, extract_units
+
+    root, hubert, codebook = corpus
+    copy = tmp_path / "corpus"
+    shutil.copytree(root / "audio", copy / "audio")
+    shutil.copy(root / "list.tsv", copy)
+    grows = copy / "audio" / "spk1" / "utt5.wav"  # the shortest: the last batch
+    config = ExtractConfig(str(hubert), str(codebook), str(tmp_path / "units"), layer=2,
+                           batch_size=1)
+
+    def copy_goes_on(seconds):
+        write_wav(grows, tone(16000, 3.0, seed=9), 16000)
+
+    with pytest.raises(AudioError, match=r"utt5\.wav: read 48000 samples .* promised 10560 "
+                                         r"\(16 units\) when the run began"):
+        extract_units(read_tsv(copy / "list.tsv"), config, progress=copy_goes_on)
