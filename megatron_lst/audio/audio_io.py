@@ -61,8 +61,8 @@ def _is_pcm_wav(path: Path) -> bool:
     try:
         with wave.open(str(path), "rb"):
             return True
-    except (wave.Error, EOFError):
-        return False  # e.g. IEEE-float wav: soundfile reads it
+    except (wave.Error, EOFError, RuntimeError):  # RuntimeError: a chunk past the RIFF's end
+        return False  # e.g. IEEE-float wav: soundfile reads it (or names what is wrong)
 
 
 def audio_info(path: str | Path) -> AudioInfo:

@@ -147,3 +147,18 @@ def test_flac_of_unstated_length_is_refused_by_name(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(AudioError, match=r"x\.flac: its header does not give its length"):
         audio_info(path)
+
+
+def test_fmt_chunk_longer_than_the_file_is_named_not_a_crash(tmp_path):
+    """A fmt chunk size running past the RIFF's end made `wave.open` raise a bare RuntimeError
+    (before the PCM check could fall back to soundfile)."""
+    pytest.importorskip("soundfile")
+    path = tmp_path / "x.wav"
+    write_wav(path, np.full(1000, 0.5), 16000)  # read as chunk headers: 16383-byte chunks
+    raw = bytearray(path.read_bytes())
+    raw[16:20] = (230).to_bytes(4, "little")  # the fmt chunk's size
+    path.write_bytes(bytes(raw))
+    for read in (audio_info, read_audio):
+        with pytest.raises(AudioError, match=r"x\.wav: not a readable audio file"):
+            read(path)
+
