@@ -154,6 +154,11 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         samples, rate = _soundfile(path).read(str(path), dtype="float32", always_2d=True)
     except RuntimeError as error:
         raise AudioError(f"{path}: not a readable audio file ({error})") from None
+    except MemoryError:  # the header's length, allocated before a sample is decoded
+        info = audio_info(path)
+        raise AudioError(f"{path}: the header gives {info.seconds / 3600:,.1f} hours of audio, "
+                         f"more than fits in memory; the header is damaged (re-encode the file) "
+                         f"or the recording is too long (split it)") from None
     if not np.isfinite(samples).all():
         raise AudioError(f"{path}: holds NaN or infinite samples, which would silently become "
                          f"units; fix the file or leave it out")

@@ -162,3 +162,16 @@ def test_fmt_chunk_longer_than_the_file_is_named_not_a_crash(tmp_path):
         with pytest.raises(AudioError, match=r"x\.wav: not a readable audio file"):
             read(path)
 
+
+def test_flac_claiming_more_audio_than_memory_holds_is_named(tmp_path):
+    """STREAMINFO damaged to claim 2**36 - 1 samples: numpy's MemoryError (256 GiB)."""
+    soundfile = pytest.importorskip("soundfile")
+    path = tmp_path / "x.flac"
+    soundfile.write(str(path), tone(16000, 0.5, seed=0), 16000, subtype="PCM_16")
+    raw = bytearray(path.read_bytes())
+    packed = int.from_bytes(raw[18:26], "big") | ((1 << 36) - 1)  # see the test above
+    raw[18:26] = packed.to_bytes(8, "big")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(AudioError, match=r"x\.flac: the header gives 1,193\.0 hours of audio, "
+                                         r"more than fits in memory"):
+        read_audio(path)
