@@ -13,6 +13,7 @@ trusted, keeping just its `cluster_centers_`.
 
 from __future__ import annotations
 
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,9 @@ def load_codebook(path: str | Path) -> KMeansCodebook:
                             f"--trust-pickle --output codebook.npy)")
     try:
         centroids = np.load(path, allow_pickle=False)
-    except ValueError as error:  # an object array: numpy would need to unpickle it
+    # ValueError: an object array (numpy would need to unpickle it) or cut short; SyntaxError,
+    # TokenError: a damaged header, which numpy parses as a Python literal.
+    except (ValueError, SyntaxError, tokenize.TokenError) as error:
         raise CodebookError(f"{path}: not a plain numeric array ({error})") from None
     return KMeansCodebook(_checked(centroids, str(path)))
 

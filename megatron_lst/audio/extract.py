@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import time
+import tokenize
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,7 @@ def is_complete(path: Path, num_units: int) -> bool:
     """Whether `path` holds a 1-D integer array of `num_units` units."""
     try:
         units = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, SyntaxError, tokenize.TokenError):  # the last two: a damaged header
         return False
     return units.ndim == 1 and units.dtype.kind in "iu" and len(units) == num_units
 

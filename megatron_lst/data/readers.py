@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import tokenize
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -284,7 +285,8 @@ def load_units(path: Path) -> np.ndarray:
             # Mapped, not read: a header claiming more values than the file holds is an error
             # here instead of an allocation of that size.
             units = np.load(path, allow_pickle=False, mmap_mode="r")
-        except (ValueError, OSError) as error:
+        # SyntaxError, TokenError: a damaged header, which numpy parses as a Python literal.
+        except (ValueError, OSError, SyntaxError, tokenize.TokenError) as error:
             raise DocumentError(f"{path}: not a readable .npy array ({error})") from None
         if units.ndim != 1 or units.dtype.kind not in "iu":
             raise DocumentError(f"{path}: expected a 1-D integer array of units, got "

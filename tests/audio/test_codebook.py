@@ -89,6 +89,12 @@ def test_malformed_codebooks_are_refused(tmp_path):
     np.save(tmp_path / "nan.npy", np.full((4, 3), np.nan, np.float32))
     with pytest.raises(CodebookError, match="NaN"):
         load_codebook(tmp_path / "nan.npy")
+    np.save(tmp_path / "header.npy", np.zeros((4, 3), np.float32))
+    damaged = (tmp_path / "header.npy").read_bytes().replace(b"}", b" ")  # tokenize.TokenError
+    for broken in (damaged, damaged.replace(b"'<f4'", b"',f4'")):  # SyntaxError
+        (tmp_path / "header.npy").write_bytes(broken)
+        with pytest.raises(CodebookError, match=r"header\.npy: not a plain numeric array"):
+            load_codebook(tmp_path / "header.npy")
     (tmp_path / "text.npy").write_text("0 1 2")
     with pytest.raises(CodebookError, match="not a .npy or .safetensors codebook"):
         load_codebook(tmp_path / "text.npy")

@@ -229,6 +229,10 @@ def test_textgrid_bad_units(tmp_path, tokenizer):
     with pytest.raises(DocumentError, match=r"a.npy: not a readable .npy array \(mmap length is "
                                             r"greater than file size\)"):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+    # A damaged header (its closing brace lost): numpy's tokenize.TokenError was a traceback.
+    (tmp_path / "u" / "a.npy").write_bytes(raw.replace(b"}", b" "))
+    with pytest.raises(DocumentError, match=r"a.npy: not a readable .npy array"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
     (tmp_path / "u" / "a.npy").unlink()
     (tmp_path / "u" / "a.txt").write_bytes(b"1 2 \xff 3\n")
     with pytest.raises(DocumentError, match=r"a.txt: not a text file of units"):
