@@ -164,4 +164,10 @@ def fit_codebook(features: list[np.ndarray], num_units: int, max_frames: int,
     if len(frames) > max_frames:
         pick = np.random.default_rng(seed).choice(len(frames), max_frames, replace=False)
         frames = frames[np.sort(pick)]
+    rows = np.ascontiguousarray(frames)  # [n, dim], each row compared as one opaque value
+    distinct = len(np.unique(rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1])))))
+    if distinct < num_units:  # scikit-learn would repeat centroids: units that never occur
+        raise CodebookError(f"the sampled features hold only {distinct} distinct frames for "
+                            f"{num_units} clusters (silent or repeated audio?); fit on more "
+                            f"varied speech, or ask for fewer --num-units")
     return KMeansCodebook.fit(frames, num_units, seed)

@@ -131,3 +131,14 @@ def test_importing_a_file_that_is_no_pickle_names_it(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CodebookError, match=r"km\.bin: cannot unpickle it \(.*scikit-learn"):
         import_pickled_codebook(path, trust_pickle=True)
+
+
+@pytest.mark.parametrize("distinct", [1, 3])
+def test_fit_on_too_few_distinct_frames_is_refused(distinct):
+    """Silent audio gives identical frames: k-means returned 8 equal centroids (every frame
+    unit 0) and train_kmeans wrote that codebook without a word."""
+    rng = np.random.default_rng(0)
+    frames = rng.standard_normal((distinct, 5)).astype(np.float32)[rng.integers(0, distinct, 200)]
+    with pytest.raises(CodebookError, match=rf"features hold only {distinct} distinct frames "
+                                            r"for 8 clusters \(silent or repeated audio\?\)"):
+        fit_codebook([frames[:120], frames[120:]], num_units=8, max_frames=1000)
