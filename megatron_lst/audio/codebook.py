@@ -48,6 +48,11 @@ def _checked(centroids: np.ndarray, where: str) -> np.ndarray:
         raise CodebookError(f"{where}: the centroids are too large for float32 distances "
                             f"(squared norm up to {squared_norms.max():.3g}); this is not a "
                             f"k-means codebook of speech features")
+    distinct = len(np.unique(centroids, axis=0))
+    if distinct < len(centroids):
+        raise CodebookError(f"{where}: only {distinct} of its {len(centroids)} centroids are "
+                            f"distinct, and a repeated centroid is a unit that never occurs; "
+                            f"this is not a fitted k-means codebook")
     return centroids
 
 

@@ -142,3 +142,15 @@ def test_fit_on_too_few_distinct_frames_is_refused(distinct):
     with pytest.raises(CodebookError, match=rf"features hold only {distinct} distinct frames "
                                             r"for 8 clusters \(silent or repeated audio\?\)"):
         fit_codebook([frames[:120], frames[120:]], num_units=8, max_frames=1000)
+
+
+def test_codebook_with_repeated_centroids_is_refused(tmp_path):
+    """An all-zero (or otherwise repeated) centroid array loaded, and every frame became unit 0."""
+    centroids = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    centroids[2] = centroids[0]
+    np.save(tmp_path / "km.npy", centroids)
+    with pytest.raises(CodebookError, match=r"km\.npy: only 3 of its 4 centroids are distinct"):
+        load_codebook(tmp_path / "km.npy")
+    np.save(tmp_path / "zeros.npy", np.zeros((8, 3), np.float32))
+    with pytest.raises(CodebookError, match=r"zeros\.npy: only 1 of its 8 centroids"):
+        load_codebook(tmp_path / "zeros.npy")

@@ -253,7 +253,7 @@ def test_rerun_resumes_and_refuses_other_settings(corpus, units, tmp_path):
 def test_codebook_of_another_model_is_refused(corpus, tmp_path):
     from megatron_lst.audio.codebook import CodebookError
 
-    np.save(tmp_path / "km.npy", np.zeros((8, 768), np.float32))
+    np.save(tmp_path / "km.npy", np.random.default_rng(0).standard_normal((8, 768), np.float32))
     root, hubert, _ = corpus
     with pytest.raises(CodebookError, match="dimension 768 do not match the model's hidden size 32"):
         _extract((root, hubert, tmp_path / "km.npy"), tmp_path / "units")
