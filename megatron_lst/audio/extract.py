@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_lst.audio.audio_io import AudioError, AudioInfo, audio_info, load_audio_16k
-from megatron_lst.audio.codebook import CodebookError, load_codebook
+from megatron_lst.audio.codebook import CodebookError, codebook_metadata, load_codebook
 from megatron_lst.audio.corpus import Utterance
 from megatron_lst.audio.hubert import HubertFeatures, load_transformers
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE, KMeansCodebook
@@ -125,6 +125,18 @@ def write_units(path: Path, units: np.ndarray) -> None:
     with open(partial, "wb") as f:
         np.save(f, units.astype(np.int32))
     partial.replace(path)
+
+
+def _check_codebook_settings(config: ExtractConfig) -> None:
+    """Refuse a `.safetensors` codebook whose metadata names another layer or frame rate: its
+    centroids have the right dimension, and the units would be silently meaningless."""
+    recorded = codebook_metadata(config.codebook)
+    for key, flag, value in (("layer", "--layer", config.layer),
+                             ("frame_rate", "--frame-rate", config.frame_rate)):
+        if key in recorded and recorded[key] != str(value):
+            raise CodebookError(f"{config.codebook} was fitted on {key} {recorded[key]} "
+                                f"features, but this run extracts {flag} {value}; pass "
+                                f"{flag} {recorded[key]}, or the codebook fitted on {key} {value}")
 
 
 def _file_sha256(path: str) -> str:
@@ -273,6 +285,7 @@ def extract_units(utterances: Sequence[Utterance], config: ExtractConfig,
     with the seconds of audio it held."""
     start = time.perf_counter()
     codebook = load_codebook(config.codebook)
+    _check_codebook_settings(config)
     _check_units_record(config, codebook, utterances)
     jobs, skipped = plan_jobs(utterances, config)
     batches = plan_batches(jobs, config.batch_size,

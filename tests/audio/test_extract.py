@@ -236,8 +236,13 @@ def test_rerun_resumes_and_refuses_other_settings(corpus, units, tmp_path):
     redone, want = _unit_files(units_dir), _unit_files(units)
     assert redone.keys() == want.keys()
     assert all(np.array_equal(redone[key], want[key]) for key in want)
-    with pytest.raises(ValueError, match=r"other settings \(layer: 2 -> 1\)"):
-        _extract(corpus, units_dir, "--layer", "1")
+    # The same centroids without the metadata that ties them to layer 2.
+    from megatron_lst.audio.codebook import load_codebook
+
+    bare = tmp_path / "km.npy"
+    np.save(bare, load_codebook(corpus[2]).centroids)
+    with pytest.raises(ValueError, match=r"other settings \(layer: 2 -> 1, codebook_sha256"):
+        _extract(corpus, units_dir, "--layer", "1", "--codebook", str(bare))
     for damaged in ("", "[]"):  # was a bare JSONDecodeError or AttributeError
         (units_dir / "units.json").write_text(damaged)
         with pytest.raises(ValueError, match=r"units\.json is damaged"):
@@ -246,8 +251,24 @@ def test_rerun_resumes_and_refuses_other_settings(corpus, units, tmp_path):
     (units_dir / "units.json").unlink()
     with pytest.raises(ValueError, match=r"holds unit files of 6 of these utterances \(e\.g\. "
                                          r"audio/spk0/utt0\.npy\) but no units\.json"):
-        _extract(corpus, units_dir, "--layer", "1")
+        _extract(corpus, units_dir, "--layer", "1", "--codebook", str(bare))
     assert _unit_files(units_dir).keys() == want.keys()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--layer", "1"], r"km\.safetensors was fitted on layer 2 features, but this run extracts "
+                       r"--layer 1; pass --layer 2, or the codebook fitted on layer 1"),
+    (["--frame-rate", "50"], r"fitted on frame_rate 25 features, but this run extracts "
+                             r"--frame-rate 50"),
+])
+def test_codebook_fitted_on_other_features_is_refused(corpus, tmp_path, flags, message):
+    """The .safetensors codebook records its layer and frame rate, but extraction never read
+    them: same-sized features of another layer got meaningless units without a word."""
+    from megatron_lst.audio.codebook import CodebookError
+
+    with pytest.raises(CodebookError, match=message):
+        _extract(corpus, tmp_path / "units", *flags)
+    assert not (tmp_path / "units").exists()
 
 
 def test_codebook_of_another_model_is_refused(corpus, tmp_path):
