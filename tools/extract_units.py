@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, default_device, run_tool
+from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, resolve_device, run_tool
 from megatron_lst.audio.corpus import CORPUS_READERS, write_mfa_corpus
 from megatron_lst.audio.extract import ExtractConfig, ExtractSummary, extract_units
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> ExtractSummary:
     args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
     utterances = CORPUS_READERS[args.input_format](args.input)
     if args.mfa_corpus_dir:
         count = write_mfa_corpus(utterances, args.mfa_corpus_dir)
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> ExtractSummary:
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
     config = ExtractConfig(
         model_dir=str(args.hubert_dir), codebook=str(args.codebook), units_dir=str(args.units_dir),
-        layer=args.layer, frame_rate=args.frame_rate, device=args.device or default_device(),
+        layer=args.layer, frame_rate=args.frame_rate, device=device,
         batch_size=args.batch_size, max_batch_seconds=args.max_batch_seconds,
         workers=args.workers, threads_per_worker=threads)
     with tqdm(desc="extract", unit="s audio", disable=True if args.no_progress else None,

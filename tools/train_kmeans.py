@@ -17,13 +17,14 @@ metadata): loading it never unpickles anything. `import` converts a pickled scik
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, default_device, run_tool
+from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, resolve_device, run_tool
 from megatron_lst.audio.codebook import (
     check_codebook_suffix,
     fit_codebook,
@@ -67,6 +68,13 @@ def _check_args(args: argparse.Namespace) -> None:
     if not args.output.parent.is_dir():
         raise ValueError(f"--output {args.output}: directory {args.output.parent} does not exist; "
                          f"create it or write elsewhere")
+    inputs = ([args.pickle] if args.command == "import" else
+              list(args.hubert_dir.iterdir()) if args.hubert_dir.is_dir() else [])
+    replaced = next((path for path in inputs if args.output.exists() and path.exists()
+                     and os.path.samefile(path, args.output)), None)
+    if replaced is not None:
+        raise ValueError(f"--output {args.output} would replace the input {replaced}; write the "
+                         f"codebook elsewhere")
     if args.command != "fit":
         return
     if args.num_units < 1 or args.max_frames < args.num_units:
@@ -74,6 +82,7 @@ def _check_args(args: argparse.Namespace) -> None:
                          f"({args.max_frames}) at least one frame per unit")
     if not args.sample_hours > 0:
         raise ValueError(f"--sample-hours must be positive, got {args.sample_hours}")
+    args.device = resolve_device(args.device)
 
 
 def _fit(args: argparse.Namespace) -> KMeansCodebook:
@@ -91,8 +100,7 @@ def _fit(args: argparse.Namespace) -> KMeansCodebook:
             break
         sample.append(jobs[i])
         samples += jobs[i].num_samples_16k
-    features = HubertFeatures(args.hubert_dir, args.layer, args.frame_rate,
-                              args.device or default_device())
+    features = HubertFeatures(args.hubert_dir, args.layer, args.frame_rate, args.device)
     with tqdm(desc="features", unit="s audio", disable=True if args.no_progress else None,
               total=round(samples / 16000)) as bar:
         arrays = featurize(sample, features, args.batch_size, args.max_batch_seconds, bar.update)

@@ -61,8 +61,8 @@ def _is_pcm_wav(path: Path) -> bool:
     try:
         with wave.open(str(path), "rb"):
             return True
-    except (wave.Error, EOFError):
-        return False  # e.g. IEEE-float wav: soundfile reads it
+    except (wave.Error, EOFError, RuntimeError):  # RuntimeError: a chunk past the RIFF's end
+        return False  # e.g. IEEE-float wav: soundfile reads it (or names what is wrong)
 
 
 def audio_info(path: str | Path) -> AudioInfo:
@@ -78,13 +78,27 @@ def audio_info(path: str | Path) -> AudioInfo:
         info = _soundfile(path).info(str(path))
     except RuntimeError as error:  # soundfile.LibsndfileError
         raise AudioError(f"{path}: not a readable audio file ({error})") from None
+    if info.frames == _UNKNOWN_LENGTH:
+        raise AudioError(f"{path}: its header does not give its length (a FLAC written while "
+                         f"streaming), and libsndfile fails at the end of such a file; "
+                         f"re-encode it, e.g. ffmpeg -i IN -c:a flac OUT.flac")
     return AudioInfo(info.frames, _checked_rate(path, info.samplerate))
 
 
+_UNKNOWN_LENGTH = 2**63 - 1
+"""libsndfile's frame count for a file whose header leaves its length open (0 total samples)."""
+
+
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 1_000_000
+"""Sample rates outside these (Hz) are damaged headers: no recording of speech has them, and
+resampling from, e.g., a prime rate near 2**32 would need a filter of hundreds of GiB."""
+
+
 def _checked_rate(path: Path, rate: int) -> int:
-    if rate < 1:
-        raise AudioError(f"{path}: the header gives a sample rate of {rate} Hz; the file is "
-                         f"damaged, re-encode it from its source")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{path}: the header gives a sample rate of {rate} Hz, outside "
+                         f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz; the file is damaged, "
+                         f"re-encode it from its source")
     return rate
 
 
@@ -100,7 +114,11 @@ def _check_last_frame(path: Path, f: wave.Wave_read) -> None:
     frames = f.getnframes()
     if frames:
         f.setpos(frames - 1)
-        if len(f.readframes(1)) < f.getnchannels() * f.getsampwidth():
+        try:
+            last = f.readframes(1)
+        except RuntimeError:  # `wave` cannot seek past the RIFF chunk the data chunk overruns
+            raise _truncated(path, frames) from None
+        if len(last) < f.getnchannels() * f.getsampwidth():
             raise _truncated(path, frames)
 
 
@@ -136,6 +154,11 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         samples, rate = _soundfile(path).read(str(path), dtype="float32", always_2d=True)
     except RuntimeError as error:
         raise AudioError(f"{path}: not a readable audio file ({error})") from None
+    except MemoryError:  # the header's length, allocated before a sample is decoded
+        info = audio_info(path)
+        raise AudioError(f"{path}: the header gives {info.seconds / 3600:,.1f} hours of audio, "
+                         f"more than fits in memory; the header is damaged (re-encode the file) "
+                         f"or the recording is too long (split it)") from None
     if not np.isfinite(samples).all():
         raise AudioError(f"{path}: holds NaN or infinite samples, which would silently become "
                          f"units; fix the file or leave it out")

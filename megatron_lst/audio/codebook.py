@@ -13,6 +13,7 @@ trusted, keeping just its `cluster_centers_`.
 
 from __future__ import annotations
 
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,21 @@ def _checked(centroids: np.ndarray, where: str) -> np.ndarray:
     if centroids.ndim != 2 or centroids.dtype.kind != "f" or 0 in centroids.shape:
         raise CodebookError(f"{where}: expected centroids [num_units, dim] of floats, got "
                             f"{centroids.dtype} with shape {centroids.shape}")
+    with np.errstate(over="ignore"):  # overflow is what the check below finds
+        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        squared_norms = (centroids.astype(np.float64) ** 2).sum(1)
     if not np.isfinite(centroids).all():
-        raise CodebookError(f"{where}: the centroids hold NaN or infinite values")
-    return np.ascontiguousarray(centroids, dtype=np.float32)
+        raise CodebookError(f"{where}: the centroids hold NaN or infinite values (in float32)")
+    if not (squared_norms < np.finfo(np.float32).max).all():
+        raise CodebookError(f"{where}: the centroids are too large for float32 distances "
+                            f"(squared norm up to {squared_norms.max():.3g}); this is not a "
+                            f"k-means codebook of speech features")
+    distinct = len(np.unique(centroids, axis=0))
+    if distinct < len(centroids):
+        raise CodebookError(f"{where}: only {distinct} of its {len(centroids)} centroids are "
+                            f"distinct, and a repeated centroid is a unit that never occurs; "
+                            f"this is not a fitted k-means codebook")
+    return centroids
 
 
 def check_codebook_suffix(path: Path, name: str | None = None) -> None:
@@ -104,7 +117,9 @@ def load_codebook(path: str | Path) -> KMeansCodebook:
                             f"--trust-pickle --output codebook.npy)")
     try:
         centroids = np.load(path, allow_pickle=False)
-    except ValueError as error:  # an object array: numpy would need to unpickle it
+    # ValueError: an object array (numpy would need to unpickle it) or cut short; SyntaxError,
+    # TokenError: a damaged header, which numpy parses as a Python literal.
+    except (ValueError, SyntaxError, tokenize.TokenError) as error:
         raise CodebookError(f"{path}: not a plain numeric array ({error})") from None
     return KMeansCodebook(_checked(centroids, str(path)))
 
@@ -130,7 +145,15 @@ def import_pickled_codebook(path: str | Path, trust_pickle: bool = False) -> KMe
             f"names; do it only for a file from a source you trust, with --trust-pickle")
     import joblib
 
-    model = joblib.load(path)  # the trusted unpickling: the one place that runs file code
+    try:
+        model = joblib.load(path)  # the trusted unpickling: the one place that runs file code
+    except OSError:
+        raise
+    except Exception as error:  # not a pickle, cut short, or naming a module not installed
+        raise CodebookError(f"{path}: cannot unpickle it ({type(error).__name__}: {error}); "
+                            f"expected a joblib or pickle file of a scikit-learn k-means (like "
+                            f"the textless quantizers' km.bin), read with its packages "
+                            f"installed") from None
     centroids = getattr(model, "cluster_centers_", None)
     if centroids is None:
         raise CodebookError(f"{path}: unpickled a {type(model).__name__}, which has no "
@@ -146,4 +169,10 @@ def fit_codebook(features: list[np.ndarray], num_units: int, max_frames: int,
     if len(frames) > max_frames:
         pick = np.random.default_rng(seed).choice(len(frames), max_frames, replace=False)
         frames = frames[np.sort(pick)]
+    rows = np.ascontiguousarray(frames)  # [n, dim], each row compared as one opaque value
+    distinct = len(np.unique(rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1])))))
+    if distinct < num_units:  # scikit-learn would repeat centroids: units that never occur
+        raise CodebookError(f"the sampled features hold only {distinct} distinct frames for "
+                            f"{num_units} clusters (silent or repeated audio?); fit on more "
+                            f"varied speech, or ask for fewer --num-units")
     return KMeansCodebook.fit(frames, num_units, seed)

@@ -38,11 +38,27 @@ class Utterance:
 
 
 def _relative_id(audio: Path, root: Path) -> str:
-    try:
-        relative = audio.resolve().relative_to(root.resolve())
-    except ValueError:
-        relative = Path(audio.name)  # outside the root (absolute TSV paths): the file name
+    # Lexically first: a file reached through a linked folder keeps the link's place.
+    relative = Path(os.path.relpath(audio, root))
+    if ".." in relative.parts:
+        try:
+            relative = audio.resolve().relative_to(root.resolve())
+        except ValueError:
+            relative = Path(audio.name)  # outside the root (absolute TSV paths): the file name
     return relative.with_suffix("").as_posix()
+
+
+def _files_under(root: Path) -> Iterator[Path]:
+    """Every file under `root`, following linked folders (a corpus assembled from symlinks to
+    speakers or subsets, which `Path.rglob` skips), each real folder once (a link up loops)."""
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(folder) / name for name in names)
 
 
 def _unique(utterances: list[Utterance], source: str) -> list[Utterance]:
@@ -61,7 +77,7 @@ def read_audio_dir(root: str | Path) -> list[Utterance]:
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: no such folder")
-    paths = [p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
+    paths = [p for p in _files_under(root) if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
     if not paths:
         raise CorpusError(f"{root}: no {'/'.join(AUDIO_SUFFIXES)} files found")
     return _unique([Utterance(_relative_id(p, root), p) for p in paths], str(root))
@@ -69,7 +85,8 @@ def read_audio_dir(root: str | Path) -> list[Utterance]:
 
 def _read_lines(path: Path) -> list[str]:
     try:
-        return path.read_text(encoding="utf-8").split("\n")  # as iterating the file splits
+        # utf-8-sig: a byte-order mark (Excel, Notepad) would otherwise start the first path or id
+        return path.read_text(encoding="utf-8-sig").split("\n")  # as iterating the file splits
     except UnicodeDecodeError as error:
         raise CorpusError(f"{path}: not UTF-8 text ({error}); convert it, e.g. with "
                           f"iconv -t utf-8") from None
@@ -103,7 +120,8 @@ def read_transcripts(root: str | Path) -> list[Utterance]:
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: no such folder")
-    files = sorted([*root.rglob("*.trans.txt"), *root.rglob("transcripts.txt")])
+    files = sorted(p for p in _files_under(root)
+                   if p.name.endswith(".trans.txt") or p.name == "transcripts.txt")
     if not files:
         raise CorpusError(f"{root}: no LibriSpeech *.trans.txt or MLS transcripts.txt files")
     utterances = []
@@ -159,6 +177,9 @@ def write_mfa_corpus(utterances: list[Utterance], out_dir: str | Path) -> int:
     `<textgrid dir>/<id>.TextGrid`. Speakers are the folders holding the files.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CorpusError(f"--mfa-corpus-dir {out_dir} is a file; pass a folder (it is created "
+                          f"when missing)")
     links = [_mfa_link(utterance, out_dir) for utterance in utterances]
     for utterance, link in zip(utterances, links, strict=True):
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +196,9 @@ def _mfa_link(utterance: Utterance, out_dir: Path) -> Path:
     if utterance.text is None:
         raise CorpusError(f"{utterance.audio}: no transcript; the aligner needs one per "
                           f"utterance (use the transcripts or tsv layout)")
+    if not utterance.text.strip():  # the aligner skips it: no TextGrid, the utterance lost
+        raise CorpusError(f"{utterance.audio}: its transcript is empty; the aligner needs the "
+                          f"words spoken: fill them in, or leave the utterance out of the list")
     link = out_dir / f"{utterance.id}{utterance.audio.suffix.lower()}"
     is_the_audio = link.parent.resolve() / link.name == utterance.audio.parent.resolve() / (
         utterance.audio.name)

@@ -19,19 +19,21 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import time
+import tokenize
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from megatron_lst.audio.audio_io import AudioInfo, audio_info, load_audio_16k
-from megatron_lst.audio.codebook import CodebookError, load_codebook
+from megatron_lst.audio.audio_io import AudioError, AudioInfo, audio_info, load_audio_16k
+from megatron_lst.audio.codebook import CodebookError, codebook_metadata, load_codebook
 from megatron_lst.audio.corpus import Utterance
-from megatron_lst.audio.hubert import HubertFeatures
+from megatron_lst.audio.hubert import HubertFeatures, load_transformers
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE, KMeansCodebook
 
 UNITS_RECORD = "units.json"
@@ -56,8 +58,12 @@ class ExtractConfig:
     def __post_init__(self):
         if self.workers < 1 or self.batch_size < 1 or self.threads_per_worker < 1:
             raise ValueError("workers, batch_size and threads_per_worker must be at least 1")
-        if self.max_batch_seconds <= 0:
-            raise ValueError(f"max_batch_seconds must be positive, got {self.max_batch_seconds}")
+        if not (math.isfinite(self.max_batch_seconds) and self.max_batch_seconds > 0):
+            raise ValueError(f"max_batch_seconds must be positive and finite, got "
+                             f"{self.max_batch_seconds}")
+        if self.frame_rate < 1:
+            raise ValueError(f"frame_rate must be at least 1 unit frame per second, got "
+                             f"{self.frame_rate}")
         if self.device != "cpu" and self.workers > 1:
             raise ValueError(f"one process drives {self.device}: use workers=1 there (workers "
                              f"are for CPU extraction)")
@@ -107,7 +113,7 @@ def is_complete(path: Path, num_units: int) -> bool:
     """Whether `path` holds a 1-D integer array of `num_units` units."""
     try:
         units = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, SyntaxError, tokenize.TokenError):  # the last two: a damaged header
         return False
     return units.ndim == 1 and units.dtype.kind in "iu" and len(units) == num_units
 
@@ -121,16 +127,33 @@ def write_units(path: Path, units: np.ndarray) -> None:
     partial.replace(path)
 
 
+def _check_codebook_settings(config: ExtractConfig) -> None:
+    """Refuse a `.safetensors` codebook whose metadata names another layer or frame rate: its
+    centroids have the right dimension, and the units would be silently meaningless."""
+    recorded = codebook_metadata(config.codebook)
+    for key, flag, value in (("layer", "--layer", config.layer),
+                             ("frame_rate", "--frame-rate", config.frame_rate)):
+        if key in recorded and recorded[key] != str(value):
+            raise CodebookError(f"{config.codebook} was fitted on {key} {recorded[key]} "
+                                f"features, but this run extracts {flag} {value}; pass "
+                                f"{flag} {recorded[key]}, or the codebook fitted on {key} {value}")
+
+
 def _file_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook) -> None:
-    """Write `units.json`, or check that the units already there were made the same way."""
+def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
+                        utterances: Sequence[Utterance]) -> None:
+    """Write `units.json`, or check that the units already there were made the same way (a
+    folder holding unit files of `utterances` without the record is refused)."""
     record = {"model_dir": str(Path(config.model_dir).resolve()), "layer": config.layer,
               "frame_rate": config.frame_rate, "num_units": codebook.num_units,
               "codebook_sha256": _file_sha256(config.codebook)}
     path = Path(config.units_dir) / UNITS_RECORD
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"--units-dir {config.units_dir} is a file; pass a folder (it is created "
+                         f"when missing)")
     if path.is_file():
         previous = _read_units_record(path)
         changed = {k: (previous.get(k), v) for k, v in record.items() if previous.get(k) != v}
@@ -139,6 +162,12 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook) -> None
                              f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
                              f"write to a new --units-dir, or delete the old units")
         return
+    present = [u.id for u in utterances if units_path(config.units_dir, u.id).exists()]
+    if present:  # a run writes the record first, so these come from elsewhere
+        raise ValueError(f"{config.units_dir} holds unit files of {len(present)} of these "
+                         f"utterances (e.g. {present[0]}.npy) but no {UNITS_RECORD}, so how they "
+                         f"were made is unknown and a re-run would keep them; write to a new "
+                         f"--units-dir, or delete them")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(record, indent=2) + "\n")
@@ -217,6 +246,11 @@ class _Worker:
         import torch
 
         torch.set_num_threads(config.threads_per_worker)
+        if multiprocessing.parent_process() is not None:
+            # A pool worker: transformers' weight-loading bar would print once per worker, and
+            # its tqdm lock (a semaphore) outlives the worker the pool terminates, which the
+            # resource tracker reports after the tool's last line.
+            load_transformers().utils.logging.disable_progress_bar()
         cls.features = HubertFeatures(config.model_dir, config.layer, config.frame_rate,
                                       config.device)
         cls.codebook = load_codebook(config.codebook)
@@ -236,9 +270,10 @@ class _Worker:
         for job, wave, features in zip(batch, waves, cls.features.batch(waves), strict=True):
             units = cls.codebook.assign(features)
             if len(wave) != job.num_samples_16k or len(units) != job.num_units:
-                raise RuntimeError(f"{job.audio}: read {len(wave)} samples ({len(units)} units) "
-                                   f"at 16 kHz, but its header promised {job.num_samples_16k} "
-                                   f"({job.num_units} units)")
+                raise AudioError(f"{job.audio}: read {len(wave)} samples ({len(units)} units) "
+                                 f"at 16 kHz, but its header promised {job.num_samples_16k} "
+                                 f"({job.num_units} units) when the run began; if the file was "
+                                 f"being written meanwhile, re-run to extract it again")
             write_units(units_path(config.units_dir, job.id), units)
             out.append((job, len(units)))
         return out
@@ -250,7 +285,8 @@ def extract_units(utterances: Sequence[Utterance], config: ExtractConfig,
     with the seconds of audio it held."""
     start = time.perf_counter()
     codebook = load_codebook(config.codebook)
-    _check_units_record(config, codebook)
+    _check_codebook_settings(config)
+    _check_units_record(config, codebook, utterances)
     jobs, skipped = plan_jobs(utterances, config)
     batches = plan_batches(jobs, config.batch_size,
                            int(config.max_batch_seconds * FEATURE_SAMPLE_RATE))

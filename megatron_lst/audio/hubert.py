@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -67,9 +68,15 @@ def _load_model(transformers, model_dir: Path):
         model, info = transformers.HubertModel.from_pretrained(
             str(model_dir), local_files_only=True, attn_implementation="sdpa",
             use_kernels=False, output_loading_info=True)  # kernels would be fetched from the Hub
-    except Exception as error:  # OSError, SafetensorError, UnpicklingError, config validation
+    except pickle.UnpicklingError as error:  # torch's advice (weights_only=False) is not ours
+        raise ValueError(f"{model_dir}: its weights file is a pickle holding more than tensors, "
+                         f"which the weights-only load refuses (unpickling it could run any "
+                         f"code); from a copy you trust, re-save the model with "
+                         f"`save_pretrained` (model.safetensors)") from error
+    except Exception as error:  # OSError, SafetensorError, config validation
+        first_line = str(error).strip().split("\n")[0]
         raise ValueError(f"{model_dir}: cannot load a HuBERT model from this directory "
-                         f"({type(error).__name__}: {error}); pass the complete directory "
+                         f"({type(error).__name__}: {first_line}); pass the complete directory "
                          f"`save_pretrained` wrote (config.json and the weights)") from error
     missing = [k for k in info["missing_keys"] if k not in _TRAINING_ONLY_WEIGHTS]
     if missing:
@@ -106,8 +113,12 @@ class HubertFeatures:
             raise ValueError(f"layer {layer} is outside 0..{config.num_hidden_layers} of the "
                              f"model in {model_dir}")
         self.downsampling = math.prod(config.conv_stride)
+        if self.downsampling < 1:
+            raise ValueError(f"{model_dir}: config.json gives conv_stride {config.conv_stride}, "
+                             f"a downsampling of {self.downsampling}; the config is damaged, "
+                             f"re-save the model with `save_pretrained`")
         native_rate = FEATURE_SAMPLE_RATE / self.downsampling
-        if FEATURE_SAMPLE_RATE % (self.downsampling * frame_rate):
+        if frame_rate < 1 or FEATURE_SAMPLE_RATE % (self.downsampling * frame_rate):
             raise ValueError(f"the model's frame rate ({native_rate:g} Hz: {self.downsampling}x "
                              f"downsampling at {FEATURE_SAMPLE_RATE} Hz) is not a whole multiple "
                              f"of the unit frame rate {frame_rate} Hz")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import tokenize
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -284,7 +285,8 @@ def load_units(path: Path) -> np.ndarray:
             # Mapped, not read: a header claiming more values than the file holds is an error
             # here instead of an allocation of that size.
             units = np.load(path, allow_pickle=False, mmap_mode="r")
-        except (ValueError, OSError) as error:
+        # SyntaxError, TokenError: a damaged header, which numpy parses as a Python literal.
+        except (ValueError, OSError, SyntaxError, tokenize.TokenError) as error:
             raise DocumentError(f"{path}: not a readable .npy array ({error})") from None
         if units.ndim != 1 or units.dtype.kind not in "iu":
             raise DocumentError(f"{path}: expected a 1-D integer array of units, got "
@@ -391,13 +393,21 @@ def find_units_file(textgrid_path: Path, textgrid_dir: Path, units_dir: Path) ->
 
 
 def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list[Path]:
-    """All `*.TextGrid` files under `textgrid_dir`, sorted (the corpus order). Refuses TextGrids
-    of one stem in different folders whose unit files `units_dir` does not hold by relative
-    path: the stem fallback of `find_units_file` would give them the same units."""
+    """All `*.TextGrid` files (the suffix in any case) under `textgrid_dir`, sorted (the corpus
+    order). Refuses TextGrids of one stem in different folders whose unit files `units_dir` does
+    not hold by relative path: the stem fallback of `find_units_file` would give them the same
+    units; and two of one utterance (`a.TextGrid`, `a.textgrid`)."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
-    paths = sorted(textgrid_dir.rglob("*.TextGrid"))
+    paths = sorted(path for path in textgrid_dir.rglob("*")
+                   if path.suffix.lower() == ".textgrid" and path.is_file())
     if not paths:
         raise DocumentError(f"{textgrid_dir}: no *.TextGrid files found")
+    by_utterance: dict[Path, Path] = {}
+    for path in paths:
+        other = by_utterance.setdefault(path.with_suffix(""), path)
+        if other != path:
+            raise DocumentError(f"{other} and {path.name}: two TextGrids of one utterance; "
+                                f"keep one")
     by_stem: dict[str, list[Path]] = {}
     for path in paths:
         by_stem.setdefault(path.stem, []).append(path)

@@ -3,11 +3,13 @@
 `read_textgrid` reads one interval tier from a TextGrid in either of Praat's text formats:
 
 - long ("ooTextFile" with `xmin = 0`, `intervals [1]:` ... labels), MFA's default;
-- short (the same values, one per line, without labels).
+- short (the same values, one per line, without labels; `File type = "ooTextFile short"` from older
+  writers is read too).
 
 Both formats are the same stream of values (numbers, quoted strings, `<exists>` flags) with or
 without labels around them, so one tokenizer that drops labels and `[n]` indices reads both, as
-Praat's own reader does. Strings escape `"` as `""`. Files may be UTF-8 or UTF-16 (with a BOM).
+Praat's own reader does. Strings escape `"` as `""`. Files may be UTF-8 or UTF-16 (with a BOM, as
+Praat writes it, or without: the `File type` the file starts with tells the byte order).
 
 `write_textgrid` writes the long format, which Praat and MFA read.
 """
@@ -58,13 +60,18 @@ class _Token:
     line: int
 
 
+# A TextGrid starts with `File type`; in UTF-16 without a byte-order mark, that tells the order.
+_UTF16_WITHOUT_MARK = {"File".encode(order): order for order in ("utf-16-le", "utf-16-be")}
+
+
 def _decode(path: Path, raw: bytes) -> str:
     encoding = "utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    encoding = _UTF16_WITHOUT_MARK.get(raw[:8], encoding)
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as error:
         line = raw[:error.start].decode(encoding, errors="replace").count("\n") + 1
-        name = "UTF-16" if encoding == "utf-16" else "UTF-8"
+        name = "UTF-16" if encoding.startswith("utf-16") else "UTF-8"
         raise TextGridError(f"{path}:{line}: not {name} text ({error.reason} at byte "
                             f"{error.start}); save the TextGrid as UTF-8, or as UTF-16 with a "
                             f"byte-order mark") from None
@@ -133,7 +140,9 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
     """
     path = Path(path)
     cursor = _Cursor(path, _decode(path, path.read_bytes()))
-    if cursor.string("the file type") != "ooTextFile":
+    # "ooTextFile short": what older Praat, the Penn Phonetics Lab Forced Aligner and praatio
+    # write on short-format files (whose next line is often just "TextGrid").
+    if cursor.string("the file type") not in ("ooTextFile", "ooTextFile short"):
         raise TextGridError(f"{path}:1: not a Praat text file (File type is not \"ooTextFile\")")
     if cursor.string("the object class") != "TextGrid":
         raise TextGridError(f"{path}:2: not a TextGrid (Object class is not \"TextGrid\")")

@@ -96,14 +96,18 @@ def test_truncated_pcm_wav_names_the_file_and_what_it_lacks(tmp_path, cut):
             read(path)
 
 
-def test_zero_sample_rate_is_refused(tmp_path):
+@pytest.mark.parametrize("rate", [0, 1, 999, 4_294_967_291])
+def test_implausible_sample_rate_is_refused(tmp_path, rate):
+    """A damaged header's rate: 1 Hz made 16000x resampled noise, 4294967291 Hz (prime) a
+    MemoryError (a 640 GiB resampling filter)."""
     path = tmp_path / "x.wav"
     write_wav(path, np.zeros(100), 16000)
     raw = bytearray(path.read_bytes())
-    raw[24:28] = (0).to_bytes(4, "little")  # the fmt chunk's sample rate
+    raw[24:28] = rate.to_bytes(4, "little")  # the fmt chunk's sample rate
     path.write_bytes(bytes(raw))
     for read in (audio_info, load_audio_16k):
-        with pytest.raises(AudioError, match="x.wav: the header gives a sample rate of 0 Hz"):
+        with pytest.raises(AudioError, match=f"x.wav: the header gives a sample rate of {rate} "
+                                             f"Hz, outside 1000..1000000 Hz"):
             read(path)
 
 
@@ -113,4 +117,61 @@ def test_non_finite_float_samples_are_refused(tmp_path):
     soundfile.write(str(path), np.array([0.1, np.nan, 0.2] * 100, np.float32), 16000,
                     subtype="FLOAT")
     with pytest.raises(AudioError, match="x.wav: holds NaN or infinite samples"):
+        read_audio(path)
+
+
+def test_data_chunk_longer_than_the_file_is_refused_as_truncated(tmp_path):
+    """A data chunk whose length runs past the end of a file with a consistent RIFF size: `wave`
+    raised a bare RuntimeError seeking to the last frame."""
+    path = tmp_path / "x.wav"
+    write_wav(path, np.zeros(1000), 16000)
+    raw = bytearray(path.read_bytes())
+    raw[40:44] = (4 * 2000).to_bytes(4, "little")  # the data chunk's length: 4000 samples
+    path.write_bytes(bytes(raw))
+    for read in (audio_info, read_audio):
+        with pytest.raises(AudioError, match=r"x\.wav: truncated: the header promises 4000"):
+            read(path)
+
+
+def test_flac_of_unstated_length_is_refused_by_name(tmp_path):
+    """STREAMINFO total samples 0 (unknown): libsndfile reported 2**63 - 1 frames, planned as
+    that many units, and reading it failed with numpy's 'array is too big'."""
+    soundfile = pytest.importorskip("soundfile")
+    path = tmp_path / "x.flac"
+    soundfile.write(str(path), tone(16000, 0.5, seed=0), 16000, subtype="PCM_16")
+    raw = bytearray(path.read_bytes())
+    # 'fLaC', the block header (4 bytes), then STREAMINFO: 10 bytes of block and frame sizes,
+    # and 8 bytes whose low 36 bits count the samples.
+    packed = int.from_bytes(raw[18:26], "big") & ~((1 << 36) - 1)
+    raw[18:26] = packed.to_bytes(8, "big")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(AudioError, match=r"x\.flac: its header does not give its length"):
+        audio_info(path)
+
+
+def test_fmt_chunk_longer_than_the_file_is_named_not_a_crash(tmp_path):
+    """A fmt chunk size running past the RIFF's end made `wave.open` raise a bare RuntimeError
+    (before the PCM check could fall back to soundfile)."""
+    pytest.importorskip("soundfile")
+    path = tmp_path / "x.wav"
+    write_wav(path, np.full(1000, 0.5), 16000)  # read as chunk headers: 16383-byte chunks
+    raw = bytearray(path.read_bytes())
+    raw[16:20] = (230).to_bytes(4, "little")  # the fmt chunk's size
+    path.write_bytes(bytes(raw))
+    for read in (audio_info, read_audio):
+        with pytest.raises(AudioError, match=r"x\.wav: not a readable audio file"):
+            read(path)
+
+
+def test_flac_claiming_more_audio_than_memory_holds_is_named(tmp_path):
+    """STREAMINFO damaged to claim 2**36 - 1 samples: numpy's MemoryError (256 GiB)."""
+    soundfile = pytest.importorskip("soundfile")
+    path = tmp_path / "x.flac"
+    soundfile.write(str(path), tone(16000, 0.5, seed=0), 16000, subtype="PCM_16")
+    raw = bytearray(path.read_bytes())
+    packed = int.from_bytes(raw[18:26], "big") | ((1 << 36) - 1)  # see the test above
+    raw[18:26] = packed.to_bytes(8, "big")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(AudioError, match=r"x\.flac: the header gives 1,193\.0 hours of audio, "
+                                         r"more than fits in memory"):
         read_audio(path)

@@ -89,6 +89,12 @@ def test_malformed_codebooks_are_refused(tmp_path):
     np.save(tmp_path / "nan.npy", np.full((4, 3), np.nan, np.float32))
     with pytest.raises(CodebookError, match="NaN"):
         load_codebook(tmp_path / "nan.npy")
+    np.save(tmp_path / "header.npy", np.zeros((4, 3), np.float32))
+    damaged = (tmp_path / "header.npy").read_bytes().replace(b"}", b" ")  # tokenize.TokenError
+    for broken in (damaged, damaged.replace(b"'<f4'", b"',f4'")):  # SyntaxError
+        (tmp_path / "header.npy").write_bytes(broken)
+        with pytest.raises(CodebookError, match=r"header\.npy: not a plain numeric array"):
+            load_codebook(tmp_path / "header.npy")
     (tmp_path / "text.npy").write_text("0 1 2")
     with pytest.raises(CodebookError, match="not a .npy or .safetensors codebook"):
         load_codebook(tmp_path / "text.npy")
@@ -103,3 +109,48 @@ def test_bfloat16_safetensors_codebook_is_refused_by_name(tmp_path):
     with pytest.raises(CodebookError, match=r"bf16\.safetensors: .*bfloat16.*save the centroids "
                                             r"as float32"):
         load_codebook(tmp_path / "bf16.safetensors")
+
+
+@pytest.mark.parametrize("value, message", [
+    (1e200, r"NaN or infinite values \(in float32\)"),  # finite float64, inf as float32
+    (3e38, "too large for float32 distances"),  # finite float32, but ||c||^2 overflows
+])
+def test_centroids_that_overflow_float32_are_refused(tmp_path, value, message):
+    """Such centroids loaded as inf (or gave inf distances), and every frame became unit 0."""
+    np.save(tmp_path / "km.npy", np.full((4, 3), value, np.float64))
+    with pytest.raises(CodebookError, match=message):
+        load_codebook(tmp_path / "km.npy")
+
+
+@pytest.mark.parametrize("content", [b"", b"0 1 2\n", b"\x80\x04\x95\x10", b"NUMPY\x00\x01"])
+def test_importing_a_file_that_is_no_pickle_names_it(tmp_path, content):
+    """An empty, text, cut-off or other file was an EOFError, IndexError or KeyError from the
+    unpickler."""
+    pytest.importorskip("joblib")
+    path = tmp_path / "km.bin"
+    path.write_bytes(content)
+    with pytest.raises(CodebookError, match=r"km\.bin: cannot unpickle it \(.*scikit-learn"):
+        import_pickled_codebook(path, trust_pickle=True)
+
+
+@pytest.mark.parametrize("distinct", [1, 3])
+def test_fit_on_too_few_distinct_frames_is_refused(distinct):
+    """Silent audio gives identical frames: k-means returned 8 equal centroids (every frame
+    unit 0) and train_kmeans wrote that codebook without a word."""
+    rng = np.random.default_rng(0)
+    frames = rng.standard_normal((distinct, 5)).astype(np.float32)[rng.integers(0, distinct, 200)]
+    with pytest.raises(CodebookError, match=rf"features hold only {distinct} distinct frames "
+                                            r"for 8 clusters \(silent or repeated audio\?\)"):
+        fit_codebook([frames[:120], frames[120:]], num_units=8, max_frames=1000)
+
+
+def test_codebook_with_repeated_centroids_is_refused(tmp_path):
+    """An all-zero (or otherwise repeated) centroid array loaded, and every frame became unit 0."""
+    centroids = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    centroids[2] = centroids[0]
+    np.save(tmp_path / "km.npy", centroids)
+    with pytest.raises(CodebookError, match=r"km\.npy: only 3 of its 4 centroids are distinct"):
+        load_codebook(tmp_path / "km.npy")
+    np.save(tmp_path / "zeros.npy", np.zeros((8, 3), np.float32))
+    with pytest.raises(CodebookError, match=r"zeros\.npy: only 1 of its 8 centroids"):
+        load_codebook(tmp_path / "zeros.npy")

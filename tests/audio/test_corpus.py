@@ -110,3 +110,46 @@ def test_transcripts_that_are_not_utf8_name_the_file(tmp_path):
         read_tsv(tsv)
     tsv.write_text("a.wav\tcafé\r\n", encoding="utf-8")
     assert [(u.id, u.text) for u in read_tsv(tsv)] == [("a", "café")]
+
+
+def test_listings_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    """The mark became part of the first path or id: 'no audio file <BOM>a.wav', a header line
+    read as a path, 'no audio for <BOM>1-2-0000'."""
+    _wav(tmp_path / "a.wav")
+    tsv = tmp_path / "list.tsv"
+    for content in ("path\ttext\na.wav\thello\n", "a.wav\thello\n"):
+        tsv.write_text("\ufeff" + content, encoding="utf-8")
+        assert [(u.id, u.text) for u in read_tsv(tsv)] == [("a", "hello")]
+    _wav(tmp_path / "ls" / "1" / "2" / "1-2-0000.wav")
+    (tmp_path / "ls" / "1" / "2" / "1-2.trans.txt").write_text("\ufeff1-2-0000 HELLO\n",
+                                                               encoding="utf-8")
+    assert [(u.id, u.text) for u in read_transcripts(tmp_path / "ls")] == [("1/2/1-2-0000",
+                                                                            "HELLO")]
+
+
+def test_mfa_corpus_refuses_an_empty_transcript(tmp_path):
+    """A TSV line 'PATH<TAB>' wrote an empty .lab, which the aligner skips: the utterance got no
+    TextGrid and silently left the dataset."""
+    _wav(tmp_path / "a.wav")
+    _wav(tmp_path / "b.wav")
+    tsv = tmp_path / "list.tsv"
+    tsv.write_text("a.wav\thello\nb.wav\t  \n")
+    with pytest.raises(CorpusError, match=r"b\.wav: its transcript is empty"):
+        write_mfa_corpus(read_tsv(tsv), tmp_path / "mfa")
+
+
+def test_linked_folders_are_followed_once(tmp_path):
+    """A corpus assembled from symlinks (train-960 -> the three LibriSpeech subsets) read
+    nothing through the links: Path.rglob does not follow them, so those utterances were
+    silently left out."""
+    chapter = tmp_path / "elsewhere" / "103" / "1240"
+    _wav(chapter / "103-1240-0000.wav")
+    (chapter / "103-1240.trans.txt").write_text("103-1240-0000 CHAPTER ONE\n")
+    corpus = tmp_path / "corpus"
+    _wav(corpus / "19" / "198" / "19-198-0000.wav")
+    (corpus / "19" / "198" / "19-198.trans.txt").write_text("19-198-0000 NORTHANGER ABBEY\n")
+    (corpus / "103").symlink_to(tmp_path / "elsewhere" / "103", target_is_directory=True)
+    (corpus / "19" / "up").symlink_to(corpus, target_is_directory=True)  # a loop: read once
+    want = ["103/1240/103-1240-0000", "19/198/19-198-0000"]
+    assert [u.id for u in read_transcripts(corpus)] == want
+    assert [u.id for u in read_audio_dir(corpus)] == want

@@ -2,6 +2,7 @@
 forward, padding invariance, the unit rate, identical files for any batch size and worker count,
 resuming, and the produced files through `preprocess_data.py --input-format textgrid` to training."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,40 @@ def test_incomplete_model_directories_are_refused(tmp_path, hubert_dir):
                                   HubertFeatures(hubert_dir, layer=2)(wave))
 
 
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_pickled_weights_beyond_tensors_and_damaged_strides_are_refused_in_one_line(tmp_path):
+    """A pytorch_model.bin that is no plain state dict gave torch's multi-line message advising
+    weights_only=False; conv_stride with a 0 a ZeroDivisionError."""
+    import json
+    import pickle
+
+    source = _tiny_hubert(tmp_path / "source", "group")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(source / "config.json", pickled)
+    with open(pickled / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"encoder.layers.0.x": _RunsCode()}, f)
+    with pytest.raises(ValueError) as error:
+        HubertFeatures(pickled, layer=2)
+    message = str(error.value)
+    assert "\n" not in message and "weights_only" not in message, message
+    assert message.startswith(f"{pickled}: its weights file is a pickle holding more than "
+                              f"tensors, which the weights-only load refuses"), message
+
+    config = json.loads((source / "config.json").read_text())
+    config["conv_stride"][-1] = 0
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"source: config.json gives conv_stride \[5, 2, 2, 2, "
+                                         r"2, 2, 0\], a downsampling of 0; the config is "
+                                         r"damaged"):
+        HubertFeatures(source, layer=2)
+
+
 # --- the tools, end to end -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -194,23 +229,52 @@ def test_rerun_resumes_and_refuses_other_settings(corpus, units, tmp_path):
     assert (summary.utterances, summary.skipped) == (0, len(CLIPS))
     victim = sorted(units_dir.rglob("*.npy"))[2]
     victim.write_bytes(victim.read_bytes()[:-8])  # as if cut short (only a foreign writer could)
+    other = sorted(units_dir.rglob("*.npy"))[3]  # a damaged header: was a TokenError traceback
+    other.write_bytes(other.read_bytes().replace(b"}", b" "))
     summary = _extract(corpus, units_dir)
-    assert (summary.utterances, summary.skipped) == (1, len(CLIPS) - 1)
+    assert (summary.utterances, summary.skipped) == (2, len(CLIPS) - 2)
     redone, want = _unit_files(units_dir), _unit_files(units)
     assert redone.keys() == want.keys()
     assert all(np.array_equal(redone[key], want[key]) for key in want)
-    with pytest.raises(ValueError, match=r"other settings \(layer: 2 -> 1\)"):
-        _extract(corpus, units_dir, "--layer", "1")
+    # The same centroids without the metadata that ties them to layer 2.
+    from megatron_lst.audio.codebook import load_codebook
+
+    bare = tmp_path / "km.npy"
+    np.save(bare, load_codebook(corpus[2]).centroids)
+    with pytest.raises(ValueError, match=r"other settings \(layer: 2 -> 1, codebook_sha256"):
+        _extract(corpus, units_dir, "--layer", "1", "--codebook", str(bare))
     for damaged in ("", "[]"):  # was a bare JSONDecodeError or AttributeError
         (units_dir / "units.json").write_text(damaged)
         with pytest.raises(ValueError, match=r"units\.json is damaged"):
             _extract(corpus, units_dir)
+    # Unit files without the record (copied without it, or made otherwise) were kept as done.
+    (units_dir / "units.json").unlink()
+    with pytest.raises(ValueError, match=r"holds unit files of 6 of these utterances \(e\.g\. "
+                                         r"audio/spk0/utt0\.npy\) but no units\.json"):
+        _extract(corpus, units_dir, "--layer", "1", "--codebook", str(bare))
+    assert _unit_files(units_dir).keys() == want.keys()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--layer", "1"], r"km\.safetensors was fitted on layer 2 features, but this run extracts "
+                       r"--layer 1; pass --layer 2, or the codebook fitted on layer 1"),
+    (["--frame-rate", "50"], r"fitted on frame_rate 25 features, but this run extracts "
+                             r"--frame-rate 50"),
+])
+def test_codebook_fitted_on_other_features_is_refused(corpus, tmp_path, flags, message):
+    """The .safetensors codebook records its layer and frame rate, but extraction never read
+    them: same-sized features of another layer got meaningless units without a word."""
+    from megatron_lst.audio.codebook import CodebookError
+
+    with pytest.raises(CodebookError, match=message):
+        _extract(corpus, tmp_path / "units", *flags)
+    assert not (tmp_path / "units").exists()
 
 
 def test_codebook_of_another_model_is_refused(corpus, tmp_path):
     from megatron_lst.audio.codebook import CodebookError
 
-    np.save(tmp_path / "km.npy", np.zeros((8, 768), np.float32))
+    np.save(tmp_path / "km.npy", np.random.default_rng(0).standard_normal((8, 768), np.float32))
     root, hubert, _ = corpus
     with pytest.raises(CodebookError, match="dimension 768 do not match the model's hidden size 32"):
         _extract((root, hubert, tmp_path / "km.npy"), tmp_path / "units")
@@ -276,3 +340,130 @@ def test_demo_corpus_takes_hubert_units(corpus):
     assert isinstance(unit_features(), MfccFeatures)
     with pytest.raises(ValueError, match="--hubert-dir"):
         unit_features("hubert")
+
+
+def test_output_folders_that_cannot_be_written_end_in_one_line(corpus, tmp_path):
+    """An OSError on an output path (here a folder under a file; a read-only or unwritable
+    --units-dir is the same) was a traceback; an output folder that is a file said only
+    'File exists'."""
+    from megatron_lst.audio.cli_args import run_tool
+
+    blocker = tmp_path / "file"
+    blocker.write_text("user data\n")
+    cases = [
+        (["--units-dir", str(blocker / "units")], rf"error: {blocker / 'units'}: Not a directory; "
+                                                  r"check the path, its permissions"),
+        (["--units-dir", str(blocker)], rf"--units-dir {blocker} is a file; pass a folder"),
+        (["--units-dir", str(tmp_path / "u"), "--mfa-corpus-dir", str(blocker)],
+         rf"--mfa-corpus-dir {blocker} is a file; pass a folder"),
+    ]
+    for flags, message in cases:
+        root, hubert, codebook = corpus
+        argv = ["--input", str(root / "list.tsv"), "--input-format", "tsv", "--hubert-dir",
+                str(hubert), "--layer", "2", "--codebook", str(codebook), "--device", "cpu",
+                "--no-progress", *flags]
+        with pytest.raises(SystemExit) as exit_info:
+            run_tool(lambda argv=argv: load_tool("extract_units").main(argv))
+        assert re.search(message, exit_info.value.code), exit_info.value.code
+        assert blocker.read_text() == "user data\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--frame-rate", "0"], "argument --frame-rate: expected a whole number of at least 1, got '0'"),
+    (["--frame-rate", "-25"], "argument --frame-rate: expected a whole number of at least 1"),
+    (["--batch-size", "0"], "argument --batch-size: expected a whole number of at least 1"),
+    (["--max-batch-seconds", "inf"], "argument --max-batch-seconds: expected a finite number"),
+    (["--max-batch-seconds", "nan"], "argument --max-batch-seconds: expected a finite number"),
+    (["--device", "bogus"], "--device bogus: not a torch device; use cpu"),
+])
+@pytest.mark.parametrize("tool", ["extract_units", "train_kmeans"])
+def test_bad_model_flags_are_refused_by_name(tmp_path, capsys, tool, flags, message):
+    """--frame-rate 0 was a ZeroDivisionError (-25 a reshape error), --max-batch-seconds inf an
+    OverflowError, and an unknown --device a torch RuntimeError, all after the corpus was read."""
+    from megatron_lst.audio.cli_args import run_tool
+
+    (tmp_path / "list.tsv").write_text("")  # never read: the flags are refused first
+    argv = ["--input", str(tmp_path / "list.tsv"), "--input-format", "tsv", "--hubert-dir",
+            str(tmp_path / "none"), *flags]
+    argv = (["fit", *argv, "--output", str(tmp_path / "km.npy")] if tool == "train_kmeans"
+            else [*argv, "--codebook", str(tmp_path / "km.npy"), "--units-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool(lambda: load_tool(tool).main(argv))
+    said = f"{exit_info.value.code} {capsys.readouterr().err}"
+    assert message in said, said
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no GPU")
+def test_cuda_device_without_a_gpu_is_refused_by_name(corpus, tmp_path):
+    with pytest.raises(ValueError, match="--device cuda: torch sees 0 CUDA device"):
+        _extract(corpus, tmp_path / "units", "--device", "cuda")
+
+
+def test_train_kmeans_never_writes_over_its_inputs(corpus, tmp_path):
+    """`import km.npy --output km.npy` replaced the user's pickle, and `fit --output
+    <hubert-dir>/model.safetensors` the model's weights, after the work was done."""
+    root = corpus[0]
+    hubert = shutil.copytree(corpus[1], tmp_path / "hubert")
+    weights = (hubert / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"model\.safetensors would replace the input .*hubert/"
+                                         r"model\.safetensors; write the codebook elsewhere"):
+        load_tool("train_kmeans").main([
+            "fit", "--input", str(root / "list.tsv"), "--input-format", "tsv", "--hubert-dir",
+            str(hubert), "--layer", "2", "--num-units", "8", "--max-frames", "1000",
+            "--device", "cpu", "--no-progress", "--output", str(hubert / "model.safetensors")])
+    assert (hubert / "model.safetensors").read_bytes() == weights
+
+    pickled = tmp_path / "km.npy"  # a pickle despite the name
+    pickled.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(ValueError, match=r"km\.npy would replace the input .*km\.npy"):
+        load_tool("train_kmeans").main(["import", str(pickled), "--trust-pickle", "--output",
+                                        str(tmp_path / "." / "km.npy")])
+    assert pickled.read_bytes() == b"\x80\x04K\x01."
+
+
+def test_a_bad_file_met_by_a_worker_ends_the_tool_in_one_line(corpus, tmp_path):
+    """Each pool worker's weight-loading bar left a tqdm semaphore behind the terminated
+    worker, and the resource tracker's 'leaked semaphore objects' warning followed the error."""
+    import os
+    import subprocess
+    import sys
+
+    soundfile = pytest.importorskip("soundfile")
+    root, hubert, codebook = corpus
+    audio = shutil.copytree(root / "audio", tmp_path / "audio")
+    # Its header is sound, so the worker reading it is the first to find it bad.
+    soundfile.write(str(audio / "spk0" / "zz.wav"), np.full(16000, np.nan, np.float32), 16000,
+                    subtype="FLOAT")
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[2] / "tools" / "extract_units.py"),
+         "--input", str(audio), "--input-format", "audio-dir", "--hubert-dir", str(hubert),
+         "--layer", "2", "--codebook", str(codebook), "--units-dir", str(tmp_path / "units"),
+         "--device", "cpu", "--no-progress", "--workers", "2", "--threads-per-worker", "1",
+         "--batch-size", "1"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert lines[-1].startswith(f"error: {audio / 'spk0' / 'zz.wav'}: holds NaN"), run.stderr
+
+
+def test_audio_changed_during_the_run_is_named_not_a_crash(corpus, tmp_path):
+    """A file still being copied grows after the headers were read: a bare RuntimeError."""
+    from megatron_lst.audio.audio_io import AudioError, write_wav
+    from megatron_lst.audio.corpus import read_tsv
+    from megatron_lst.audio.extract import ExtractConfig, extract_units
+
+    root, hubert, codebook = corpus
+    copy = tmp_path / "corpus"
+    shutil.copytree(root / "audio", copy / "audio")
+    shutil.copy(root / "list.tsv", copy)
+    grows = copy / "audio" / "spk1" / "utt5.wav"  # the shortest: the last batch
+    config = ExtractConfig(str(hubert), str(codebook), str(tmp_path / "units"), layer=2,
+                           batch_size=1)
+
+    def copy_goes_on(seconds):
+        write_wav(grows, tone(16000, 3.0, seed=9), 16000)
+
+    with pytest.raises(AudioError, match=r"utt5\.wav: read 48000 samples .* promised 10560 "
+                                         r"\(16 units\) when the run began"):
+        extract_units(read_tsv(copy / "list.tsv"), config, progress=copy_goes_on)

@@ -230,6 +230,10 @@ def test_textgrid_bad_units(tmp_path, tokenizer):
     with pytest.raises(DocumentError, match=r"a.npy: not a readable .npy array \(mmap length is "
                                             r"greater than file size\)"):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+    # A damaged header (its closing brace lost): numpy's tokenize.TokenError was a traceback.
+    (tmp_path / "u" / "a.npy").write_bytes(raw.replace(b"}", b" "))
+    with pytest.raises(DocumentError, match=r"a.npy: not a readable .npy array"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
     (tmp_path / "u" / "a.npy").unlink()
     (tmp_path / "u" / "a.txt").write_bytes(b"1 2 \xff 3\n")
     with pytest.raises(DocumentError, match=r"a.txt: not a text file of units"):
@@ -290,3 +294,18 @@ def test_textgrid_with_gaps_is_an_error(tmp_path, tokenizer, intervals, message)
     np.save(tmp_path / "u" / "a.npy", np.ones(25, dtype=np.int64))
     with pytest.raises(DocumentError, match=message):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+
+
+def test_textgrid_suffix_in_another_case_is_read(tmp_path, tokenizer):
+    """b.textgrid beside a.TextGrid was silently left out of the dataset."""
+    grids, units = tmp_path / "grids", tmp_path / "units"
+    _utterance(grids, units, "a", WORD_TIER, [1] * 25)
+    _utterance(grids, units, "b", WORD_TIER, [2] * 25)
+    (grids / "b.TextGrid").rename(grids / "b.textgrid")
+    sources = list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))
+    assert [s.document.unit_ids[0] for s in sources] == [1, 2]
+    (grids / "a.TEXTGRID").write_bytes((grids / "a.TextGrid").read_bytes())
+    if len(list(grids.iterdir())) == 3:  # a case-sensitive file system
+        with pytest.raises(DocumentError, match=r"a.TEXTGRID and a.TextGrid: two TextGrids of "
+                                                r"one utterance; keep one"):
+            list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))

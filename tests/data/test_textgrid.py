@@ -86,6 +86,15 @@ def test_reads_word_tier(tmp_path, content):
     assert read_textgrid(path) == EXPECTED
 
 
+def test_reads_the_older_short_header(tmp_path):
+    """'File type = "ooTextFile short"' then '"TextGrid"' (P2FA, praatio, older Praat) was
+    refused as 'not a Praat text file'."""
+    path = tmp_path / "utt.TextGrid"
+    path.write_text(SHORT.replace('"ooTextFile"', '"ooTextFile short"').replace(
+        'Object class = "TextGrid"', '"TextGrid"'))
+    assert read_textgrid(path) == EXPECTED
+
+
 def test_reads_other_tier_and_utf16(tmp_path):
     path = tmp_path / "utt.TextGrid"
     path.write_bytes(LONG.replace("AH0", "é").encode("utf-16"))
@@ -162,9 +171,20 @@ def test_a_number_beyond_the_float_range_names_its_line(tmp_path, old, new, mess
         read_textgrid(path)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_a_byte_order_mark_is_read(tmp_path, encoding):
+    """Was refused as 'expected the file type (string), found '\\x00''."""
+    path = tmp_path / "x.TextGrid"
+    path.write_bytes(LONG.encode(encoding))
+    utf8 = tmp_path / "y.TextGrid"
+    utf8.write_text(LONG, encoding="utf-8")
+    assert read_textgrid(path) == read_textgrid(utf8)
+
+
 @pytest.mark.parametrize("raw, message", [
     (LONG.replace('"world"', '"caf\xe9"').encode("latin-1"), r"x.TextGrid:26: not UTF-8 text"),
     (LONG.encode("utf-16")[:-1], r"x.TextGrid:\d+: not UTF-16 text"),
+    (LONG.encode("utf-16-le")[:-1], r"x.TextGrid:\d+: not UTF-16 text"),
 ])
 def test_text_in_another_encoding_names_the_file_and_line(tmp_path, raw, message):
     path = tmp_path / "x.TextGrid"
