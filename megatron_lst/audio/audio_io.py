@@ -143,6 +143,20 @@ def _read_pcm_wav(path: Path) -> tuple[np.ndarray, int]:
     return samples.reshape(-1, channels).mean(1), rate
 
 
+def _check_fits_in_memory(path: Path) -> None:
+    """Refuse a file whose header claims more float32 samples than the free memory holds:
+    soundfile allocates the header's length before decoding a sample (a damaged FLAC header of
+    2**36 samples was a 256 GiB MemoryError, or an overcommitted allocation)."""
+    import psutil
+
+    info = audio_info(path)
+    channels = _soundfile(path).info(str(path)).channels
+    if info.num_samples * channels * 4 > psutil.virtual_memory().available:
+        raise AudioError(f"{path}: the header gives {info.seconds / 3600:,.1f} hours of audio, "
+                         f"more than fits in memory; the header is damaged (re-encode the file) "
+                         f"or the recording is too long (split it)")
+
+
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """([n] float32 mono in [-1, 1], sample rate) of a wav or flac file."""
     path = Path(path)
@@ -150,15 +164,11 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         raise AudioError(f"{path}: no such audio file")
     if _is_pcm_wav(path):
         return _read_pcm_wav(path)
+    _check_fits_in_memory(path)
     try:
         samples, rate = _soundfile(path).read(str(path), dtype="float32", always_2d=True)
     except RuntimeError as error:
         raise AudioError(f"{path}: not a readable audio file ({error})") from None
-    except MemoryError:  # the header's length, allocated before a sample is decoded
-        info = audio_info(path)
-        raise AudioError(f"{path}: the header gives {info.seconds / 3600:,.1f} hours of audio, "
-                         f"more than fits in memory; the header is damaged (re-encode the file) "
-                         f"or the recording is too long (split it)") from None
     if not np.isfinite(samples).all():
         raise AudioError(f"{path}: holds NaN or infinite samples, which would silently become "
                          f"units; fix the file or leave it out")

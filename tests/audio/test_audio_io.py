@@ -164,7 +164,8 @@ def test_fmt_chunk_longer_than_the_file_is_named_not_a_crash(tmp_path):
 
 
 def test_flac_claiming_more_audio_than_memory_holds_is_named(tmp_path):
-    """STREAMINFO damaged to claim 2**36 - 1 samples: numpy's MemoryError (256 GiB)."""
+    """STREAMINFO damaged to claim 2**36 - 1 samples (256 GiB as float32): refused from the header,
+    not left to the allocation (a MemoryError traceback, or an overcommitted allocation)."""
     soundfile = pytest.importorskip("soundfile")
     path = tmp_path / "x.flac"
     soundfile.write(str(path), tone(16000, 0.5, seed=0), 16000, subtype="PCM_16")
