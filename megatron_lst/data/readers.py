@@ -165,9 +165,10 @@ def _finish(text_ids: np.ndarray, unit_ids: np.ndarray, seg_text_len: np.ndarray
             seg_unit_len: np.ndarray, seg_texts: list[str], num_units: int, where: str,
             counts: Counts) -> tuple[AlignedDocument, Counts]:
     if not len(unit_ids):
-        raise DocumentError(f"{where}: no speech units in any segment (no HUBERT payloads); an "
-                            f"aligned document needs units: give text-only documents to "
-                            f"--input-format text-jsonl")
+        raise DocumentError(f"{where}: no speech units (no HUBERT payloads, or an empty unit "
+                            f"file: audio shorter than one unit frame has none); an aligned "
+                            f"document needs units: leave such utterances out (--skip-bad), and "
+                            f"give text-only documents to --input-format text-jsonl")
     empty_words = np.flatnonzero(seg_text_len == 0)
     for i in empty_words:
         if seg_texts[i]:

@@ -96,8 +96,8 @@ def test_reference_pairing_rules(tokenizer):
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1.5"), r"bad.jsonl:2 \(utt\): speech unit '1.5'"),
     (_line(""), r"bad.jsonl:2 \(utt\): empty document"),
     (_line(f"{SEP}TEXT [SIL] {SEP}HUBERT "), r"bad.jsonl:2 \(utt\): empty document"),
-    (_line(f"{SEP}TEXT a {SEP}TEXT b {SEP}HUBERT "), r"bad.jsonl:2 \(utt\): no speech units in "
-                                                    r"any segment"),
+    (_line(f"{SEP}TEXT a {SEP}TEXT b {SEP}HUBERT "), r"bad.jsonl:2 \(utt\): no speech units \(no "
+                                                    r"HUBERT payloads"),
     (_line(f"TEXT a {SEP}HUBERT 1"), r"bad.jsonl:2 \(utt\): text before the first"),
     (_line(f"{SEP}TEXT [SIL] a {SEP}HUBERT 1"), r"bad.jsonl:2 \(utt\): segment 0 mixes \[SIL\]"),
 ])
@@ -245,6 +245,15 @@ def test_textgrid_bad_units(tmp_path, tokenizer):
     assert list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20,
                                      skip_bad=True, report=report)) == []
     assert report.bad_skipped == 1
+
+
+def test_an_utterance_too_short_for_a_unit_names_its_empty_unit_file(tmp_path, tokenizer):
+    """Audio shorter than one unit frame gets an empty unit file; the refusal spoke only of the
+    reference format's HUBERT payloads and sent the user to text-jsonl."""
+    _utterance(tmp_path / "g", tmp_path / "u", "a", [Interval(0.0, 0.03, "hi")], [])
+    with pytest.raises(DocumentError, match=r"a.npy: no speech units \(.*an empty unit file: "
+                                            r"audio shorter than one unit frame.*--skip-bad"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer))
 
 
 def test_unit_files_with_a_byte_order_mark_or_ids_beyond_int64(tmp_path):
