@@ -114,8 +114,14 @@ class DemoCorpusConfig:
             raise ValueError("voices must name at least one eSpeak voice, e.g. 'en-us+m3'")
         if self.units not in UNIT_KINDS:
             raise ValueError(f"units must be one of {UNIT_KINDS}, got {self.units!r}")
-        if self.eval_items < 1:
-            raise ValueError(f"eval_items must be at least 1, got {self.eval_items}")
+        for name in ("eval_items", "num_units", "kmeans_frames", "tokenizer_vocab_size"):
+            if getattr(self, name) < 1:  # found deep in the build, after the slow steps
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if min(self.speech_documents, self.text_documents) < 0:
+            raise ValueError(f"document counts must be >= 0, got speech_documents "
+                             f"{self.speech_documents} and text_documents {self.text_documents}")
+        if not 0 <= self.valid_fraction < 1:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
 
 
 @dataclass

@@ -123,6 +123,9 @@ def test_summary_table_names_every_figure(corpus):
 @pytest.mark.parametrize("flags, message", [
     (["--scale", "-1"], "scale must be positive, got -1.0"),
     (["--eval-items", "0"], "eval_items must be at least 1, got 0"),
+    # found only inside k-means, after the synthesis
+    (["--num-units", "-3"], "num_units must be at least 1, got -3"),
+    (["--tokenizer-vocab-size", "0"], "tokenizer_vocab_size must be at least 1, got 0"),
 ])
 def test_tool_refuses_a_bad_config_as_a_usage_error(tmp_path, capsys, flags, message):
     tool = load_tool("build_demo_corpus")
