@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_config import (  # noqa: E402
     REPO_ROOT,
     Run,
+    StudyConfigError,
     StudyPreset,
     load_preset,
     plan_runs,
@@ -296,9 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    preset = load_preset(options.preset)
-    if options.seeds:
-        preset = preset.replace(seeds=tuple(options.seeds))
+    try:
+        preset = load_preset(options.preset)
+        if options.seeds:
+            preset = preset.replace(seeds=tuple(options.seeds))
+    except StudyConfigError as error:
+        raise SystemExit(f"study: {error}") from None
     out_dir = options.out_dir or REPO_ROOT / "runs" / f"study_{preset.name}"
     if options.command == "report":
         report(preset, out_dir)
