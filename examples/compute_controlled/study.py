@@ -262,10 +262,22 @@ def _preset_dict(preset: StudyPreset) -> dict:
 
 def report(preset: StudyPreset, out_dir: Path) -> dict:
     """Aggregate the finished runs of `<out_dir>` into study.json, study.md and the plot."""
-    from study_report import aggregate, format_table, plot
+    from study_report import StudyReportError, aggregate, format_table, plot
 
-    plan = json.loads((out_dir / "plan.json").read_text())
-    study = aggregate(preset, plan["steps"], out_dir / "runs")
+    plan_path = out_dir / "plan.json"
+    if not plan_path.is_file():
+        raise SystemExit(f"study: no {plan_path}: {out_dir} holds no study of this preset; give "
+                         f"the --out-dir of `study.py run`, or run `study.py plan` first")
+    plan = json.loads(plan_path.read_text())
+    unplanned = [f"{control}/{model.name}" for control in preset.controls for model in preset.models
+                 if model.name not in plan["steps"].get(control, {})]
+    if unplanned:
+        raise SystemExit(f"study: {plan_path} plans no {', '.join(unplanned)}: it was planned for "
+                         f"another preset; report with that preset, or plan this one first")
+    try:
+        study = aggregate(preset, plan["steps"], out_dir / "runs")
+    except StudyReportError as error:
+        raise SystemExit(f"study: no report: {error}") from None
     table = format_table(study)
     print(table)
     normalised = format_table(study, score="normalised")
