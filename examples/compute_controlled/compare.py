@@ -12,7 +12,9 @@ dimensions and step shape to `tools/plan_compute.py` (which prints its table) an
 steps each model gets under the chosen control mode. `evaluate` scores the latest checkpoint of a
 run on story-completion items with `megatron_lst.evaluation` (single process). `report` reads each
 run's `metrics.jsonl` (written by the training loop next to its checkpoints) and `eval.json`, prints
-a comparison table and writes `loss_vs_flops.png` and `comparison.json`.
+a comparison table and writes `loss_vs_flops.png` and `comparison.json`; it refuses runs trained
+on different vocabularies, data or splits (read from their latest checkpoints) or scored on
+different numbers of items, which are no comparison.
 """
 
 from __future__ import annotations
@@ -117,19 +119,82 @@ def evaluate(options: argparse.Namespace) -> int:
 
 # --- report -------------------------------------------------------------------------------
 
-def report(options: argparse.Namespace) -> int:
-    from megatron_lst.training.loop import read_metrics
+def _named_runs(specs: list[str]) -> dict[str, Path]:
+    """`--runs NAME=SAVE_DIR ...` as {name: directory}; refuses a malformed, repeated or missing
+    one."""
+    runs: dict[str, Path] = {}
+    for spec in specs:
+        name, equals, directory = spec.partition("=")
+        if not equals or not name or not directory:
+            raise SystemExit(f"report: --runs {spec!r} is not NAME=SAVE_DIR")
+        if name in runs:
+            raise SystemExit(f"report: --runs names {name!r} twice")
+        if not Path(directory).is_dir():
+            raise SystemExit(f"report: run {name}: no directory {directory}")
+        runs[name] = Path(directory)
+    return runs
 
-    runs = dict(run.split("=", 1) for run in options.runs)
-    rows, curves = [], {}
+
+def _training_setup(directory: Path) -> dict | None:
+    """What makes two runs comparable, from the latest checkpoint of `directory` (None when it
+    has none): the vocabulary (tokenizer included) and the training data and split."""
+    from megatron_lst.training.checkpointing import (
+        CheckpointError,
+        find_latest_checkpoint,
+        read_checkpoint_metadata,
+    )
+
+    try:
+        path = find_latest_checkpoint(directory)
+        metadata = None if path is None else read_checkpoint_metadata(path, strict=False)
+    except CheckpointError as error:
+        raise SystemExit(f"report: {error}") from None
+    if metadata is None:
+        return None
+    args = metadata.get("args") or {}
+    return {"vocabulary": metadata.get("vocab"), "data": args.get("data_path"),
+            "split": args.get("split")}
+
+
+def check_comparable(setups: dict[str, dict | None],
+                     evaluations: dict[str, dict]) -> None:
+    """Refuses runs trained on different vocabularies or data, or scored on different numbers
+    of items of one set: their losses and accuracies are no comparison."""
+    known = {name: setup for name, setup in setups.items() if setup is not None}
+    for field in ("vocabulary", "data", "split"):
+        values = {name: setup[field] for name, setup in known.items()}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            raise SystemExit(f"report: the runs were trained with different {field}: "
+                             f"{json.dumps(values)}; compare runs of one vocabulary and data")
+    for eval_set in dict.fromkeys(s for results in evaluations.values() for s in results):
+        counts = {name: {mode: summary.get("num_items") for mode, summary in
+                         results[eval_set].items()}
+                  for name, results in evaluations.items() if eval_set in results}
+        if len({json.dumps(c, sort_keys=True) for c in counts.values()}) > 1:
+            raise SystemExit(f"report: {eval_set} was scored on different items per run "
+                             f"{json.dumps(counts)}; score every run on the same items")
+
+
+def report(options: argparse.Namespace) -> int:
+    from study_report import StudyReportError, read_run_metrics
+
+    runs = _named_runs(options.runs)
+    evaluations, setups, curves = {}, {}, {}
     for name, directory in runs.items():
-        metrics = read_metrics(directory)
-        curves[name] = metrics
+        try:
+            curves[name] = read_run_metrics(directory)
+        except StudyReportError as error:
+            raise SystemExit(f"report: run {name}: {error}") from None
+        evaluation_path = directory / "eval.json"
+        evaluations[name] = (json.loads(evaluation_path.read_text())["results"]
+                             if evaluation_path.is_file() else {})
+        setups[name] = _training_setup(directory)
+    check_comparable(setups, evaluations)
+    rows = []
+    for name, metrics in curves.items():
+        evaluation = evaluations[name]
         last = metrics[-1]
         valid = [m for m in metrics if "valid_loss" in m]
-        evaluation_path = Path(directory) / "eval.json"
-        evaluation = (json.loads(evaluation_path.read_text())["results"]
-                      if evaluation_path.is_file() else {})
         row = {"model": name, "steps": last["iteration"], "tokens": last["tokens"],
                "global positions": last["global_positions"], "FLOPs": last["flops"],
                "valid loss": valid[-1]["valid_loss"] if valid else None}

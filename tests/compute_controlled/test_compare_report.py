@@ -1,0 +1,72 @@
+"""compare.py report on runs that are no comparison, and on malformed --runs."""
+
+import json
+
+import pytest
+from compare import build_parser
+
+VOCAB = {"text_size": 300, "num_units": 64, "size": 370, "tokenizer_sha256": "aa"}
+
+
+def _write_run(root, name, vocab=VOCAB, data=("0.67", "text", "0.33", "speech"), num_items=5,
+               metrics_lines=None):
+    """A run directory: metrics.jsonl, eval.json and a checkpoint's metadata at iteration 4."""
+    from megatron_lst.checkpoint.integrity import MEGATRON_CONFIG_FILENAME
+    from megatron_lst.training.checkpointing import FORMAT_VERSION, METADATA_FILENAME
+
+    run_dir = root / name
+    checkpoint = run_dir / "iter_0000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / METADATA_FILENAME).write_text(json.dumps(
+        {"format_version": FORMAT_VERSION, "iteration": 4, "vocab": vocab, "args": {"data_path": list(data), "split": "98,2,0"}}))
+    (checkpoint / MEGATRON_CONFIG_FILENAME).write_text("{}")
+    lines = metrics_lines or [json.dumps({"iteration": i, "loss": 2.0 / i, "flops": 10.0 * i,
+                                          "tokens": 5 * i, "global_positions": 4 * i})
+                              for i in range(1, 5)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run_dir / "eval.json").write_text(json.dumps({"results": {"storycloze": {
+        "S->S": {"accuracy": 0.6, "num_items": float(num_items)}}}}))
+    return run_dir
+
+
+def _report(tmp_path, *runs):
+    options = build_parser().parse_args(["report", "--runs", *runs,
+                                         "--out-dir", str(tmp_path / "out")])
+    return options.run(options)
+
+
+def test_comparable_runs_are_reported(tmp_path):
+    lst, base = _write_run(tmp_path, "lst"), _write_run(tmp_path, "base")
+    assert _report(tmp_path, f"lst={lst}", f"baseline={base}") == 0
+    rows = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [(r["model"], r["steps"], r["storycloze S->S"]) for r in rows] == [
+        ("lst", 4, 0.6), ("baseline", 4, 0.6)]
+
+
+@pytest.mark.parametrize("odd, message", [
+    ({"vocab": {**VOCAB, "num_units": 100}}, "trained with different vocabulary"),
+    ({"vocab": {**VOCAB, "tokenizer_sha256": "bb"}}, "trained with different vocabulary"),
+    ({"data": ("1.0", "other_text")}, "trained with different data"),
+    ({"num_items": 6}, "storycloze was scored on different items per run"),
+])
+def test_runs_that_are_no_comparison_are_refused(tmp_path, odd, message):
+    lst, base = _write_run(tmp_path, "lst", **odd), _write_run(tmp_path, "base")
+    with pytest.raises(SystemExit, match=f"report: .*{message}"):
+        _report(tmp_path, f"lst={lst}", f"baseline={base}")
+    assert not (tmp_path / "out" / "comparison.json").exists()
+
+
+def test_bad_runs_are_named(tmp_path):
+    lst = _write_run(tmp_path, "lst")
+    with pytest.raises(SystemExit, match=r"--runs 'lst' is not NAME=SAVE_DIR"):
+        _report(tmp_path, "lst")
+    with pytest.raises(SystemExit, match=r"run baseline: no directory .*missing"):
+        _report(tmp_path, f"lst={lst}", f"baseline={tmp_path / 'missing'}")
+    with pytest.raises(SystemExit, match=r"--runs names 'lst' twice"):
+        _report(tmp_path, f"lst={lst}", f"lst={lst}")
+    damaged = _write_run(tmp_path, "damaged", metrics_lines=['{"iteration": 1, "loss": 1.0, '
+                                                             '"flops": 1, "tokens": 1, '
+                                                             '"global_positions": 1}',
+                                                             '{"iteration": 2, "lo'])
+    with pytest.raises(SystemExit, match=r"run damaged: .*metrics.jsonl: line 2 is no metrics"):
+        _report(tmp_path, f"lst={lst}", f"damaged={damaged}")
