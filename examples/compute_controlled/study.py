@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study_config import (  # noqa: E402
     REPO_ROOT,
+    ModelSpec,
     Run,
     StudyConfigError,
     StudyPreset,
@@ -60,10 +61,20 @@ def build_corpus(preset: StudyPreset, corpus_dir: Path):
     return build_demo_corpus(corpus_dir, config=DemoCorpusConfig(**fields), progress=False)
 
 
-def _validated_args(flags: list[str]):
-    from megatron_lst.training.arguments import parse_args, validate_args
+def _validated_args(preset: StudyPreset, model: ModelSpec, tokenizer: str):
+    """lst-train's validated arguments of `model`'s runs: its config, the preset's train_flags,
+    then its own flags (as `training_flags` orders them); refuses invalid ones naming the model."""
+    from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 
-    return validate_args(parse_args(flags), world_size=1)
+    flags = ["--config", str(model.config_path), *preset.train_flags, *model.flags,
+             "--tokenizer-model", tokenizer]
+    try:
+        return validate_args(parse_args(flags), world_size=1)
+    except ArgumentError as error:
+        raise SystemExit(f"study: model {model.name}: {error}") from None
+    except SystemExit as error:  # argparse has printed which flag is wrong
+        raise SystemExit(f"study: model {model.name}: its config, the preset's train_flags or "
+                         f"its flags are no valid lst-train arguments (above)") from error
 
 
 def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], dict]:
@@ -78,8 +89,7 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
                        corpus.summary["config"]["num_units"])
     shapes, step, row_tokens = {}, None, {}
     for model in preset.lst_models:
-        args = _validated_args(["--config", str(model.config_path), *model.flags,
-                                "--tokenizer-model", tokenizer])
+        args = _validated_args(preset, model, tokenizer)
         config = lst_config_from_args(args, vocab.size, vocab.eos_id)
         shapes[model.name] = ModelShape.from_model_config(config)
         row_tokens[model.name] = args.max_tokens
@@ -88,8 +98,7 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
             raise SystemExit(f"study: the LST models' steps differ ({step} vs {this_step}); "
                              f"every model must share the global step shape")
         step = this_step
-    baseline = _validated_args(["--config", str(preset.baseline.config_path),
-                                *preset.baseline.flags, "--tokenizer-model", tokenizer])
+    baseline = _validated_args(preset, preset.baseline, tokenizer)
     if (baseline.seq_length, baseline.global_batch_size) != step:
         raise SystemExit(f"study: the baseline's step {(baseline.seq_length, baseline.global_batch_size)}"
                          f" differs from LST's {step}; compute control needs equal steps")
@@ -104,7 +113,11 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
             tokens_per_patch = (preset.tokens_per_patch if control == "data"
                                 else row_tokens[name] / step[0])
             step_shape = StepShape(step[0], step[1], tokens_per_patch)
-            computed = plan(budget, shape, shape.baseline_of(), control, step_shape)
+            try:
+                computed = plan(budget, shape, shape.baseline_of(), control, step_shape)
+            except ValueError as error:  # a budget below one step of a model
+                raise SystemExit(f"study: budget_steps {preset.budget_steps} (of the baseline) "
+                                 f"for model {name}: {error}") from None
             steps[control][name] = computed.lst.steps
             steps[control][preset.baseline.name] = computed.baseline.steps
             plans[control][name] = computed.as_dict()
