@@ -14,7 +14,9 @@ Runs are ordinary `pretrain_lst.py` save directories under `<out-dir>/runs/<mode
 (resume, evaluate or convert them with the usual tools): each is trained by `pretrain_lst.py` in a
 child process (its log in the run's `train.log`) and scored in this one. A run whose `eval.json`
 is there is skipped; a run interrupted during training resumes from its latest checkpoint; one
-line per run reports what happened.
+line per run reports what happened. A run records the flags it started with (`study_run.json`):
+a preset edited since (model flags, train_flags, corpus) is refused for that run, never trained
+on top of it or reported as its result.
 
 `report` writes `<out-dir>/study.json` (every number, per-item outcomes aside), `study.md` (the
 tables, for the summed and the length-normalised log-likelihood score: accuracy as the mean over
@@ -25,6 +27,7 @@ baseline per control with its paired interval; see study_stats.py) and `accuracy
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -48,6 +51,8 @@ from study_config import (  # noqa: E402
 
 EVAL_FILENAME = "eval.json"
 TRAIN_LOG = "train.log"
+RUN_RECORD = "study_run.json"
+RUN_DIR_MARK = "<run directory>"
 BATCH_SIZE = 16
 
 
@@ -204,17 +209,56 @@ def evaluate(save_dir: Path, preset: StudyPreset, corpus) -> dict:
         destroy_parallel()
 
 
+def check_run_flags(save_dir: Path, flags: list[str]) -> None:
+    """Refuses to resume or reuse the run in `save_dir` when it was started with other flags
+    than `flags` (a preset edited between two starts of a study: its model, train_flags or
+    corpus); records `flags` in `<save_dir>/study_run.json` when the run starts afresh. A run
+    directory of an older study, without the record, is taken as it is."""
+    record_path = save_dir / RUN_RECORD
+    # The run's own directory differs with --out-dir alone; it is no part of what was trained.
+    written = [RUN_DIR_MARK if flag == str(save_dir) else flag for flag in flags]
+    if record_path.is_file():
+        try:
+            recorded = json.loads(record_path.read_text(encoding="utf-8"))["flags"]
+        except (ValueError, KeyError, TypeError) as error:  # ValueError: JSON, UTF-8
+            raise SystemExit(f"study: {record_path} is damaged ({error!r}); it records the flags "
+                             f"the run was started with: restore it, or delete it to take the "
+                             f"run as it is") from None
+        if recorded != written:
+            changes = []
+            for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(
+                    a=recorded, b=written, autojunk=False).get_opcodes():
+                if tag == "equal":
+                    continue
+                # A changed value is shown after its flag.
+                flag = (f"{recorded[i1 - 1]} " if i1 and i2 > i1 and j2 > j1
+                        and not recorded[i1].startswith("--") else "")
+                changes.append(f"{flag}{' '.join(recorded[i1:i2]) or '(none)'!r} -> "
+                               f"{flag}{' '.join(written[j1:j2]) or '(none)'!r}")
+            raise SystemExit(
+                f"study: {save_dir} was started with other training flags than the preset gives "
+                f"it now ({'; '.join(changes[:4])}); restore the preset (or --corpus-dir), or "
+                f"give another --out-dir: the run is kept as it is")
+    elif latest_iteration(save_dir) == 0 and not (save_dir / EVAL_FILENAME).exists():
+        save_dir.mkdir(parents=True, exist_ok=True)
+        tmp = record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"flags": written}, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(record_path)
+
+
 def run_one(preset: StudyPreset, run: Run, corpus, runs_dir: Path) -> str:
     """Train (or resume) and score one run unless it is finished; returns what was done."""
     save_dir = runs_dir / run.name
     eval_path = save_dir / EVAL_FILENAME
+    flags = training_flags(preset, run, corpus, runs_dir)
+    check_run_flags(save_dir, flags)
     if eval_path.is_file():
         return "finished earlier, skipped"
     done = []
     start_iteration = latest_iteration(save_dir)
     if start_iteration < run.steps:
         started = time.perf_counter()
-        train(training_flags(preset, run, corpus, runs_dir), save_dir / TRAIN_LOG)
+        train(flags, save_dir / TRAIN_LOG)
         resumed = f" (resumed from {start_iteration})" if start_iteration else ""
         done.append(f"trained {run.steps - start_iteration} steps{resumed} in "
                     f"{time.perf_counter() - started:.0f} s")

@@ -58,3 +58,38 @@ def test_train_flags_are_planned_with(corpus):
     _, plans = study.plan_steps(_preset(train_flags=("--global-batch-size", "2",
                                                      "--micro-batch-size", "2")), corpus)
     assert plans["compute"]["lst"]["step"]["global_batch_size"] == 2
+
+
+def _fake_corpus(root):
+    names = ("indexed_text_train", "indexed_speech_train", "tokenizer")
+    return SimpleNamespace(paths={name: root / name for name in names})
+
+
+def test_a_run_started_with_other_flags_is_refused_not_reused(tmp_path):
+    import json
+
+    from study_config import Run
+
+    preset, run = _preset(), Run("lst", 6, 1)
+    runs_dir, corpus = tmp_path / "runs", _fake_corpus(tmp_path / "corpus")
+    flags = study.training_flags(preset, run, corpus, runs_dir)
+    study.check_run_flags(runs_dir / run.name, flags)  # a fresh run: records its flags
+    recorded = json.loads((runs_dir / run.name / "study_run.json").read_text())["flags"]
+    assert recorded == [study.RUN_DIR_MARK if f == str(runs_dir / run.name) else f for f in flags]
+    study.check_run_flags(runs_dir / run.name, flags)  # the same flags: fine
+    # The run finished; then the preset's LST model was edited (another patching mode).
+    (runs_dir / run.name / "eval.json").write_text("{}")
+    edited = _preset(lst_flags=("--patching-mode", "static"))
+    with pytest.raises(SystemExit, match=r"started with other training flags .*'\(none\)' -> "
+                                         r"'--patching-mode static'.*the run is kept as it is"):
+        study.run_one(edited, run, corpus, runs_dir)
+    assert (runs_dir / run.name / "eval.json").read_text() == "{}"
+    # Another --out-dir alone is no change: the run's own directory is not compared.
+    moved = tmp_path / "moved" / "runs"
+    (moved / run.name).mkdir(parents=True)
+    (moved / run.name / "study_run.json").write_text(
+        (runs_dir / run.name / "study_run.json").read_text())
+    study.check_run_flags(moved / run.name, study.training_flags(preset, run, corpus, moved))
+    (moved / run.name / "study_run.json").write_text("{")
+    with pytest.raises(SystemExit, match="study_run.json is damaged"):
+        study.check_run_flags(moved / run.name, flags)
