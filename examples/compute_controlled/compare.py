@@ -110,9 +110,12 @@ def evaluate(options: argparse.Namespace) -> int:
                 batch_size=options.batch_size)
     finally:
         destroy_parallel()
-    options.out.write_text(json.dumps({"checkpoint": str(model.checkpoint),
-                                       "iteration": model.iteration, "results": results},
-                                      indent=1) + "\n")
+    # Written whole or not at all: a half-written eval.json would read as a damaged result.
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = options.out.with_name(options.out.name + ".tmp")
+    tmp.write_text(json.dumps({"checkpoint": str(model.checkpoint), "iteration": model.iteration,
+                               "results": results}, indent=1) + "\n")
+    tmp.replace(options.out)
     print(json.dumps(results, indent=1))
     return 0
 
@@ -175,6 +178,22 @@ def check_comparable(setups: dict[str, dict | None],
                              f"{json.dumps(counts)}; score every run on the same items")
 
 
+def _evaluation(name: str, path: Path) -> dict:
+    """The `results` of a run's eval.json ({} when it has none); refuses a damaged one."""
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))["results"]
+        if not isinstance(results, dict) or not all(
+                isinstance(modes, dict) and all(isinstance(m, dict) for m in modes.values())
+                for modes in results.values()):
+            raise TypeError("results is no mapping of sets to modes to scores")
+    except (ValueError, KeyError, TypeError) as error:  # ValueError: JSON, UTF-8
+        raise SystemExit(f"report: run {name}: {path} is damaged ({error!r}); score the run "
+                         f"again with `compare.py evaluate --out {path}`") from None
+    return results
+
+
 def report(options: argparse.Namespace) -> int:
     from study_report import StudyReportError, read_run_metrics
 
@@ -185,9 +204,7 @@ def report(options: argparse.Namespace) -> int:
             curves[name] = read_run_metrics(directory)
         except StudyReportError as error:
             raise SystemExit(f"report: run {name}: {error}") from None
-        evaluation_path = directory / "eval.json"
-        evaluations[name] = (json.loads(evaluation_path.read_text())["results"]
-                             if evaluation_path.is_file() else {})
+        evaluations[name] = _evaluation(name, directory / "eval.json")
         setups[name] = _training_setup(directory)
     check_comparable(setups, evaluations)
     rows = []

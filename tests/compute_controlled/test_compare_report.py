@@ -70,3 +70,14 @@ def test_bad_runs_are_named(tmp_path):
                                                              '{"iteration": 2, "lo'])
     with pytest.raises(SystemExit, match=r"run damaged: .*metrics.jsonl: line 2 is no metrics"):
         _report(tmp_path, f"lst={lst}", f"damaged={damaged}")
+
+
+def test_a_damaged_eval_json_is_named(tmp_path):
+    lst, base = _write_run(tmp_path, "lst"), _write_run(tmp_path, "base")
+    (base / "eval.json").write_text('{"results": {"storycloze": {"S->S": {"accur')
+    with pytest.raises(SystemExit, match=r"run baseline: .*eval.json is damaged .*score the run "
+                                         r"again with `compare.py evaluate"):
+        _report(tmp_path, f"lst={lst}", f"baseline={base}")
+    (base / "eval.json").write_text('{"results": [1]}')
+    with pytest.raises(SystemExit, match=r"run baseline: .*eval.json is damaged"):
+        _report(tmp_path, f"lst={lst}", f"baseline={base}")
