@@ -49,7 +49,9 @@ def check_evaluation(name: str, evaluation: dict, preset: StudyPreset) -> None:
     items (it was scored under another preset, or damaged)."""
     for eval_set in preset.eval_sets:
         for mode in preset.modes:
-            scores = evaluation.get("results", {}).get(eval_set, {}).get(mode)
+            scores = evaluation.get("results") if isinstance(evaluation, dict) else None
+            for key in (eval_set, mode):
+                scores = scores.get(key) if isinstance(scores, dict) else None
             if not isinstance(scores, dict) or not all(
                     isinstance(scores.get(f), list) for f in SCORES.values()):
                 raise StudyReportError(

@@ -63,6 +63,18 @@ def test_an_eval_json_of_another_preset_is_named(tmp_path, odd, message):
         aggregate(PRESET, STEPS, tmp_path)
 
 
+@pytest.mark.parametrize("text", ['[1, 2]', '{"results": [1]}', '{"results": {"storycloze": 1}}'])
+def test_an_eval_json_of_another_shape_is_named(tmp_path, text):
+    _write_study(tmp_path)
+    (tmp_path / "lst-4steps-seed1" / "eval.json").write_text(text)
+    with pytest.raises(StudyReportError, match="run lst-4steps-seed1: its eval.json has no "
+                                               "storycloze S->S scores"):
+        aggregate(PRESET, STEPS, tmp_path)
+    (tmp_path / "lst-4steps-seed1" / "eval.json").write_text(text[:-2])
+    with pytest.raises(StudyReportError, match="lst-4steps-seed1/eval.json is damaged"):
+        aggregate(PRESET, STEPS, tmp_path)
+
+
 def test_a_damaged_or_missing_metrics_file_is_named(tmp_path):
     _write_study(tmp_path)
     metrics = tmp_path / "lst-4steps-seed2" / "metrics.jsonl"
