@@ -99,6 +99,10 @@ def evaluate(options: argparse.Namespace) -> int:
     from megatron_lst.evaluation.loading import load_inference_model
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
 
+    stems = [Path(path).stem for path in options.items]
+    if len(set(stems)) != len(stems):  # results are keyed by the file's stem
+        raise SystemExit(f"evaluate: --items {' '.join(options.items)}: two files share a name "
+                         f"({stems}); their results would overwrite each other")
     initialize_parallel()
     try:
         model = load_inference_model(options.checkpoint, tokenizer_model=options.tokenizer_model)
@@ -288,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("evaluate", help="story-completion accuracy of a run's checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="the run's --save directory")
     p.add_argument("--items", nargs="+", required=True, help="evaluation JSONL files")
-    p.add_argument("--modes", nargs="+", default=["S->S", "T->T"])
+    p.add_argument("--modes", nargs="+", default=["S->S", "T->T"],
+                   choices=("S->S", "T->T", "S->T", "T->S"))
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", type=Path, required=True)

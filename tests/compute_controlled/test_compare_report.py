@@ -81,3 +81,16 @@ def test_a_damaged_eval_json_is_named(tmp_path):
     (base / "eval.json").write_text('{"results": [1]}')
     with pytest.raises(SystemExit, match=r"run baseline: .*eval.json is damaged"):
         _report(tmp_path, f"lst={lst}", f"baseline={base}")
+
+
+def test_evaluate_refuses_what_it_cannot_score_before_loading(tmp_path, capsys):
+    def evaluate(*flags):
+        options = build_parser().parse_args(["evaluate", "--checkpoint", str(tmp_path / "none"),
+                                             "--out", str(tmp_path / "eval.json"), *flags])
+        return options.run(options)
+
+    with pytest.raises(SystemExit, match="two files share a name"):
+        evaluate("--items", "a/storycloze.jsonl", "b/storycloze.jsonl")
+    with pytest.raises(SystemExit):
+        evaluate("--items", "a/storycloze.jsonl", "--modes", "S-S")
+    assert "invalid choice: 'S-S'" in capsys.readouterr().err
