@@ -167,8 +167,8 @@ def latest_iteration(save_dir: Path) -> int:
 
 
 def train(flags: list[str], log_path: Path) -> None:
-    """Run `pretrain_lst.py flags` in a child process (a fresh process group per run, as a user
-    would launch it), its output appended to `log_path`."""
+    """Run `pretrain_lst.py flags` in a child process (in the study's process group, so that
+    Ctrl-C stops both), its output appended to `log_path`."""
     import subprocess
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,8 @@ def train(flags: list[str], log_path: Path) -> None:
                                   stdout=log, stderr=subprocess.STDOUT, check=False)
     if finished.returncode != 0:
         raise SystemExit(f"study: training failed (exit status {finished.returncode}); see "
-                         f"{log_path}. Re-running the study resumes from the last checkpoint")
+                         f"{log_path}. Re-running the study resumes from the last checkpoint; "
+                         f"`study.py report` aggregates the runs finished so far")
 
 
 def evaluate(save_dir: Path, preset: StudyPreset, corpus) -> dict:
@@ -380,7 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     if options.command == "plan":
         write_plan(preset, out_dir, corpus_dir)
     else:
-        run_study(preset, out_dir, corpus_dir)
+        try:
+            run_study(preset, out_dir, corpus_dir)
+        except KeyboardInterrupt:  # the training child, in this process group, got it too
+            raise SystemExit("study: interrupted; finished runs are kept, and the same command "
+                             "resumes the rest (`study.py report` aggregates the finished "
+                             "ones)") from None
     return 0
 
 

@@ -93,3 +93,13 @@ def test_a_run_started_with_other_flags_is_refused_not_reused(tmp_path):
     (moved / run.name / "study_run.json").write_text("{")
     with pytest.raises(SystemExit, match="study_run.json is damaged"):
         study.check_run_flags(moved / run.name, flags)
+
+
+def test_an_interrupted_study_says_how_to_resume(monkeypatch, tmp_path):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "run_study", interrupted)
+    with pytest.raises(SystemExit, match="study: interrupted; finished runs are kept, and the "
+                                         "same command resumes the rest"):
+        study.main(["run", "--preset", "cpu", "--out-dir", str(tmp_path)])
