@@ -3,6 +3,7 @@ LST-minus-baseline differences, a markdown table and a plot against training FLO
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,16 @@ def run_record(run: Run, save_dir: Path, preset: StudyPreset) -> dict | None:
             "flops": last["flops"], "tokens": last["tokens"],
             "global_positions": last["global_positions"],
             "tokens_per_global_position": last["tokens"] / last["global_positions"],
-            "valid_loss": valid[-1]["valid_loss"] if valid else None,
+            # null for a NaN or infinite one: study.json stays standard JSON
+            "valid_loss": _finite(valid[-1]["valid_loss"]) if valid else None,
+            "non_finite_loss_iterations": [
+                m["iteration"] for m in metrics
+                if any(_finite(m.get(key, 0.0)) is None for key in ("loss", "valid_loss"))],
             "results": evaluation["results"]}
+
+
+def _finite(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def aggregate(preset: StudyPreset, steps: dict[str, dict[str, int]], runs_dir: Path) -> dict:
@@ -209,7 +218,23 @@ def format_table(study: dict, score: str = "summed",
                   f"interval]", "", _markdown(["control", "difference", *columns], rows)]
     if study["missing_runs"]:
         parts += ["", f"unfinished runs (left out): {', '.join(study['missing_runs'])}"]
+    diverged = [f"{r['run']} (iterations {_spans(r['non_finite_loss_iterations'])})"
+                for r in study["runs"] if r.get("non_finite_loss_iterations")]
+    if diverged:
+        parts += ["", f"runs with a NaN or infinite loss (diverged? their accuracy is in the "
+                      f"tables above): {', '.join(diverged)}"]
     return "\n".join(parts)
+
+
+def _spans(numbers: list[int]) -> str:
+    """'3-5, 9' for [3, 4, 5, 9]."""
+    spans: list[list[int]] = []
+    for number in numbers:
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def plot(study: dict, path: Path, score: str = "summed") -> None:

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import study
 from study_config import load_preset
-from study_report import StudyReportError, aggregate
+from study_report import StudyReportError, aggregate, format_table
 
 PRESET = load_preset("cpu").replace(seeds=(1, 2), controls=("compute",),
                                     eval_sets=("storycloze",), modes=("S->S",))
 STEPS = {"compute": {"lst": 4, "baseline": 4}}
 
 
-def _write_run(runs_dir, name, correct=(1, 0, 1, 0, 1), eval_sets=("storycloze",)):
+def _write_run(runs_dir, name, correct=(1, 0, 1, 0, 1), eval_sets=("storycloze",),
+               losses=(4.0, 3.0, 2.0, 1.0)):
     """A finished run's eval.json and metrics.jsonl (4 iterations)."""
     run_dir = runs_dir / name
     run_dir.mkdir(parents=True)
@@ -22,8 +23,9 @@ def _write_run(runs_dir, name, correct=(1, 0, 1, 0, 1), eval_sets=("storycloze",
     (run_dir / "eval.json").write_text(json.dumps(
         {"iteration": 4, "checkpoint": "x", "results": {s: {"S->S": scores} for s in eval_sets}}))
     (run_dir / "metrics.jsonl").write_text("".join(
-        json.dumps({"iteration": i, "loss": 1.0, "flops": 10.0 * i, "tokens": 5 * i,
-                    "global_positions": 4 * i}) + "\n" for i in range(1, 5)))
+        json.dumps({"iteration": i, "loss": losses[i - 1], "flops": 10.0 * i, "tokens": 5 * i,
+                    "global_positions": 4 * i, **({"valid_loss": losses[i - 1]} if i % 2 == 0
+                                                  else {})}) + "\n" for i in range(1, 5)))
     return run_dir
 
 
@@ -100,3 +102,17 @@ def test_study_report_refuses_by_name(tmp_path):
                                          "another preset"):
         study.report(h200, out_dir)
     assert not (out_dir / "study.json").exists()
+
+
+def test_a_run_with_nan_losses_is_flagged_and_study_json_stays_json(tmp_path):
+    nan = float("nan")
+    _write_study(tmp_path, **{"lst-4steps-seed2": {"losses": (4.0, nan, nan, float("inf"))}})
+    result = aggregate(PRESET, STEPS, tmp_path)
+    runs = {r["run"]: r for r in result["runs"]}
+    assert runs["lst-4steps-seed2"]["non_finite_loss_iterations"] == [2, 3, 4]
+    assert runs["lst-4steps-seed2"]["valid_loss"] is None
+    assert runs["lst-4steps-seed1"]["non_finite_loss_iterations"] == []
+    assert runs["lst-4steps-seed1"]["valid_loss"] == 1.0
+    json.dumps(result, allow_nan=False)  # no NaN in study.json
+    assert ("runs with a NaN or infinite loss (diverged? their accuracy is in the tables above): "
+            "lst-4steps-seed2 (iterations 2-4)") in format_table(result)
