@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,26 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # --- plan ---------------------------------------------------------------------------------
 
 def _validated(config: Path, world_size: int):
-    from megatron_lst.training.arguments import parse_args, validate_args
+    from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 
-    return validate_args(parse_args(["--config", str(config)]), world_size)
+    try:
+        return validate_args(parse_args(["--config", str(config)]), world_size)
+    except ArgumentError as error:
+        raise SystemExit(f"plan: {config}: {error}") from None
+
+
+def _positive(kind):
+    """argparse type: a finite `kind` > 0 (a budget, a rate, a process count)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: "
+                                             f"{text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
 
 
 def plan_compute_flags(lst_args, text_vocab_size: int, tokens_per_patch: float) -> list[str]:
@@ -80,10 +98,13 @@ def plan(options: argparse.Namespace) -> int:
     budget = (["--budget-flops", str(options.budget_flops)] if options.budget_flops is not None
               else ["--budget-steps", str(options.budget_steps)])
     planned = options.out.with_suffix(".plan_compute.json")
-    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "plan_compute.py"), *budget,
-                    "--control", options.control, "--out", str(planned),
-                    *plan_compute_flags(lst, text_vocab_size, options.tokens_per_patch)],
-                   check=True)
+    finished = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "plan_compute.py"),
+                               *budget, "--control", options.control, "--out", str(planned),
+                               *plan_compute_flags(lst, text_vocab_size, options.tokens_per_patch)],
+                              check=False)
+    if finished.returncode != 0:  # it printed why; a plan of an earlier call may be in `planned`
+        raise SystemExit(f"plan: tools/plan_compute.py found no plan (above); {options.out} "
+                         f"is left as it was")
     [computed] = json.loads(planned.read_text())["plans"]
     steps = {"lst": computed["lst"]["steps"], "baseline": computed["baseline"]["steps"]}
     options.out.write_text(json.dumps({"control": options.control, "steps": steps,
@@ -280,12 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-config", type=Path, required=True)
     p.add_argument("--tokenizer-model", required=True)
     amount = p.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--budget-flops", type=float)
-    amount.add_argument("--budget-steps", type=int)
+    amount.add_argument("--budget-flops", type=_positive(float))
+    amount.add_argument("--budget-steps", type=_positive(int))
     p.add_argument("--control", choices=("compute", "flops", "data"), default="compute")
-    p.add_argument("--tokens-per-patch", type=float, default=3.1,
+    p.add_argument("--tokens-per-patch", type=_positive(float), default=3.1,
                    help="mean input tokens per LST patch on your data (flops/data control)")
-    p.add_argument("--world-size", type=int, default=1, help="processes of the training runs")
+    p.add_argument("--world-size", type=_positive(int), default=1,
+                   help="processes of the training runs")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=plan)
 

@@ -94,3 +94,40 @@ def test_evaluate_refuses_what_it_cannot_score_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate("--items", "a/storycloze.jsonl", "--modes", "S-S")
     assert "invalid choice: 'S-S'" in capsys.readouterr().err
+
+
+def _plan(tmp_path, tokenizer, *flags, lst_config="tiny_cpu_lst.yaml"):
+    from compare import REPO_ROOT
+
+    configs = REPO_ROOT / "examples" / "configs"
+    options = build_parser().parse_args([
+        "plan", "--lst-config", str(configs / lst_config),
+        "--baseline-config", str(configs / "tiny_cpu_baseline.yaml"),
+        "--tokenizer-model", str(tokenizer), "--out", str(tmp_path / "plan.json"), *flags])
+    return options.run(options)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget-steps", "0"], "argument --budget-steps: must be > 0, got 0"),
+    (["--budget-flops", "nan"], "argument --budget-flops: must be > 0, got nan"),
+    (["--budget-steps", "10", "--world-size", "0"], "argument --world-size: must be > 0"),
+    (["--budget-steps", "10", "--tokens-per-patch", "-1"], "--tokens-per-patch: must be > 0"),
+])
+def test_plan_refuses_budgets_that_buy_nothing(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        _plan(tmp_path, "unused.model", *flags)
+    assert message in capsys.readouterr().err
+
+
+def test_plan_names_what_it_cannot_plan(tmp_path, capfd, small_tokenizer):
+    with pytest.raises(SystemExit, match=r"plan: .*no_such.yaml: --config .*no such file"):
+        _plan(tmp_path, small_tokenizer, "--budget-steps", "3", lst_config="no_such.yaml")
+    assert _plan(tmp_path, small_tokenizer, "--budget-steps", "3") == 0
+    written = (tmp_path / "plan.json").read_text()
+    assert json.loads(written)["steps"] == {"lst": 3, "baseline": 3}
+    # A budget below one step: plan_compute.py says why, and the earlier plan stays.
+    with pytest.raises(SystemExit, match=r"plan: tools/plan_compute.py found no plan \(above\); "
+                                         r".*plan.json is left as it was"):
+        _plan(tmp_path, small_tokenizer, "--budget-flops", "1")
+    assert "the budget buys no training step" in capfd.readouterr().err  # the child's
+    assert (tmp_path / "plan.json").read_text() == written

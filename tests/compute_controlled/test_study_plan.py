@@ -8,15 +8,10 @@ from study_config import ModelSpec, StudyPreset
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(small_tokenizer):
     """What plan_steps reads of a built corpus: a text tokenizer and the unit count."""
-    from megatron_lst.tokenizer.text_tokenizer import train_sentencepiece
-
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
-    sentences = [" ".join(words[(i * 7 + j) % len(words)] for j in range(6 + i % 5)) + f" {i}."
-                 for i in range(400)]
-    path = train_sentencepiece(sentences, tmp_path_factory.mktemp("spm") / "spm.model", 300)
-    return SimpleNamespace(paths={"tokenizer": path}, summary={"config": {"num_units": 64}})
+    return SimpleNamespace(paths={"tokenizer": small_tokenizer},
+                           summary={"config": {"num_units": 64}})
 
 
 def _preset(lst_flags=(), train_flags=(), budget_steps=6, controls=("compute",)):
