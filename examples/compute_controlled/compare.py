@@ -14,7 +14,8 @@ run on story-completion items with `megatron_lst.evaluation` (single process). `
 run's `metrics.jsonl` (written by the training loop next to its checkpoints) and `eval.json`, prints
 a comparison table and writes `loss_vs_flops.png` and `comparison.json`; it refuses runs trained
 on different vocabularies, data or splits (read from their latest checkpoints) or scored on
-different numbers of items, which are no comparison.
+different numbers of items, which are no comparison, and notes a run that trained short of the
+steps of `<out-dir>/plan.json`, was scored at an older checkpoint, or has NaN or infinite losses.
 """
 
 from __future__ import annotations
@@ -204,11 +205,12 @@ def check_comparable(setups: dict[str, dict | None],
 
 
 def _evaluation(name: str, path: Path) -> dict:
-    """The `results` of a run's eval.json ({} when it has none); refuses a damaged one."""
+    """A run's eval.json ({"results": {}} when it has none); refuses a damaged one."""
     if not path.is_file():
-        return {}
+        return {"results": {}}
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))["results"]
+        evaluation = json.loads(path.read_text(encoding="utf-8"))
+        results = evaluation["results"]
         if not isinstance(results, dict) or not all(
                 isinstance(modes, dict) and all(isinstance(m, dict) for m in modes.values())
                 for modes in results.values()):
@@ -216,7 +218,35 @@ def _evaluation(name: str, path: Path) -> dict:
     except (ValueError, KeyError, TypeError) as error:  # ValueError: JSON, UTF-8
         raise SystemExit(f"report: run {name}: {path} is damaged ({error!r}); score the run "
                          f"again with `compare.py evaluate --out {path}`") from None
-    return results
+    return evaluation
+
+
+def _notes(name: str, metrics: list[dict], evaluation: dict, planned: dict) -> list[str]:
+    """What makes a run's row no like-for-like comparison: training short of (or past) its
+    planned steps, scores of an older checkpoint than the metrics' last, NaN or infinite
+    losses."""
+    notes, trained = [], metrics[-1]["iteration"]
+    if name in planned and trained != planned[name]:
+        notes.append(f"trained {trained} of its planned {planned[name]} steps")
+    scored = evaluation.get("iteration")
+    if evaluation["results"] and scored is not None and scored != trained:
+        notes.append(f"scored at iteration {scored}, not its last {trained}")
+    non_finite = [m["iteration"] for m in metrics
+                  if any(isinstance(m.get(k), float) and not math.isfinite(m[k])
+                         for k in ("loss", "valid_loss"))]
+    if non_finite:
+        notes.append(f"NaN or infinite loss at {len(non_finite)} iteration(s), first "
+                     f"{non_finite[0]}")
+    return notes
+
+
+def _planned_steps(out_dir: Path) -> dict:
+    """{run name: steps} of `<out_dir>/plan.json` (run.sh's plan), {} when there is none."""
+    try:
+        steps = json.loads((out_dir / "plan.json").read_text(encoding="utf-8"))["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return steps if isinstance(steps, dict) else {}
 
 
 def report(options: argparse.Namespace) -> int:
@@ -231,20 +261,29 @@ def report(options: argparse.Namespace) -> int:
             raise SystemExit(f"report: run {name}: {error}") from None
         evaluations[name] = _evaluation(name, directory / "eval.json")
         setups[name] = _training_setup(directory)
-    check_comparable(setups, evaluations)
-    rows = []
+    check_comparable(setups, {name: e["results"] for name, e in evaluations.items()})
+    rows, planned = [], _planned_steps(options.out_dir)
     for name, metrics in curves.items():
-        evaluation = evaluations[name]
+        evaluation = evaluations[name]["results"]
         last = metrics[-1]
         valid = [m for m in metrics if "valid_loss" in m]
+        valid_loss = valid[-1]["valid_loss"] if valid else None
         row = {"model": name, "steps": last["iteration"], "tokens": last["tokens"],
                "global positions": last["global_positions"], "FLOPs": last["flops"],
-               "valid loss": valid[-1]["valid_loss"] if valid else None}
+               # null for NaN or infinity (then in the note): comparison.json stays JSON
+               "valid loss": valid_loss if valid_loss is None or math.isfinite(valid_loss)
+               else None}
         for eval_set, modes in evaluation.items():
             for mode, summary in modes.items():
                 row[f"{eval_set} {mode}"] = summary["accuracy"]
+        notes = _notes(name, metrics, evaluations[name], planned)
+        if notes:
+            row["note"] = "; ".join(notes)
         rows.append(row)
     print(_table(rows))
+    for row in rows:
+        if "note" in row:
+            print(f"note: {row['model']}: {row['note']}")
     options.out_dir.mkdir(parents=True, exist_ok=True)
     (options.out_dir / "comparison.json").write_text(json.dumps(rows, indent=1) + "\n")
     _plot(curves, options.out_dir / "loss_vs_flops.png")

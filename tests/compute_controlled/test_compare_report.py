@@ -131,3 +131,25 @@ def test_plan_names_what_it_cannot_plan(tmp_path, capfd, small_tokenizer):
         _plan(tmp_path, small_tokenizer, "--budget-flops", "1")
     assert "the budget buys no training step" in capfd.readouterr().err  # the child's
     assert (tmp_path / "plan.json").read_text() == written
+
+
+def test_runs_short_of_their_plan_stale_scores_and_nan_losses_are_noted(tmp_path, capsys):
+    nan = float("nan")
+    lines = [json.dumps({"iteration": i, "loss": nan if i > 2 else 1.0, "flops": 10.0 * i,
+                         "tokens": 5 * i, "global_positions": 4 * i,
+                         **({"valid_loss": nan} if i == 4 else {})}) for i in range(1, 5)]
+    lst, base = _write_run(tmp_path, "lst", metrics_lines=lines), _write_run(tmp_path, "base")
+    evaluation = json.loads((lst / "eval.json").read_text())
+    (lst / "eval.json").write_text(json.dumps({**evaluation, "iteration": 2}))
+    (base / "eval.json").write_text(json.dumps({**evaluation, "iteration": 4}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "plan.json").write_text(json.dumps({"steps": {"lst": 6, "baseline": 4}}))
+    _report(tmp_path, f"lst={lst}", f"baseline={base}")
+    rows = json.loads((out / "comparison.json").read_text(),  # standard JSON: no NaN
+                      parse_constant=lambda constant: pytest.fail(f"{constant} in the JSON"))
+    assert rows[0]["note"] == ("trained 4 of its planned 6 steps; scored at iteration 2, not its "
+                               "last 4; NaN or infinite loss at 2 iteration(s), first 3")
+    assert rows[0]["valid loss"] is None
+    assert "note" not in rows[1]
+    assert "note: lst: trained 4 of its planned 6 steps" in capsys.readouterr().out
