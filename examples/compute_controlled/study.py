@@ -60,10 +60,9 @@ BATCH_SIZE = 16
 
 def build_corpus(preset: StudyPreset, corpus_dir: Path):
     """The preset's demo corpus under `corpus_dir`, built once and then read from its cache."""
-    from megatron_lst.demo_corpus.build import DemoCorpusConfig, build_demo_corpus
+    from megatron_lst.demo_corpus.build import build_demo_corpus
 
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in preset.corpus.items()}
-    return build_demo_corpus(corpus_dir, config=DemoCorpusConfig(**fields), progress=False)
+    return build_demo_corpus(corpus_dir, config=preset.corpus_config(), progress=False)
 
 
 def _validated_args(preset: StudyPreset, model: ModelSpec, tokenizer: str):

@@ -98,6 +98,7 @@ class StudyPreset:
         if len(baselines) != 1 or len(self.models) < 2:
             raise StudyConfigError(f"preset {self.name}: needs exactly one baseline model and at "
                                    f"least one LST model, got baselines {baselines}")
+        self.corpus_config()  # refuses fields DemoCorpusConfig does not take
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise StudyConfigError(f"preset {self.name}: seeds must be distinct and non-empty, "
                                    f"got {self.seeds}")
@@ -111,6 +112,17 @@ class StudyPreset:
                 if value not in known:
                     raise StudyConfigError(f"preset {self.name}: unknown {what} {value!r}; "
                                            f"choose from {known}")
+
+    def corpus_config(self):
+        """The study's `DemoCorpusConfig` (YAML lists as tuples)."""
+        from megatron_lst.demo_corpus.build import DemoCorpusConfig
+
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in self.corpus.items()}
+        try:
+            return DemoCorpusConfig(**fields)
+        except (TypeError, ValueError) as error:
+            raise StudyConfigError(f"preset {self.name}: corpus: {error}; the fields are "
+                                   f"DemoCorpusConfig's (megatron_lst/demo_corpus/build.py)") from None
 
     @property
     def baseline(self) -> ModelSpec:
