@@ -98,3 +98,17 @@ def test_study_cli_refuses_a_bad_seed_override_without_a_traceback():
         study.main(["plan", "--preset", "cpu", "--seeds", "1", "1"])
     with pytest.raises(SystemExit, match=r"study: preset cpu: seed -2 is not an integer"):
         study.main(["plan", "--preset", "cpu", "--seeds", "-2"])
+
+
+def test_anchors_and_merge_keys_load(tmp_path):
+    # A model written as another's copy with one field overridden: no repeated key.
+    path = tmp_path / "anchored.yaml"
+    path.write_text("models:\n"
+                    "  lst: &lst {config: tiny_cpu_lst.yaml, flags: [--seq-length, '128']}\n"
+                    "  lst_static:\n    <<: *lst\n    flags: [--patching-mode, static]\n"
+                    "  baseline: {config: tiny_cpu_baseline.yaml, baseline: true}\n"
+                    "budget_steps: 5\n")
+    models = {m.name: m for m in load_preset(path).models}
+    assert models["lst_static"].config == "tiny_cpu_lst.yaml"
+    assert models["lst_static"].flags == ("--patching-mode", "static")
+    assert models["lst"].flags == ("--seq-length", "128")
