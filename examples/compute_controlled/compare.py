@@ -12,13 +12,17 @@ dimensions and step shape to `tools/plan_compute.py` (which prints its table) an
 steps each model gets under the chosen control mode. `evaluate` scores the latest checkpoint of a
 run on story-completion items with `megatron_lst.evaluation` (single process). `report` reads each
 run's `metrics.jsonl` (written by the training loop next to its checkpoints) and `eval.json`, prints
-a comparison table and writes `loss_vs_flops.png` and `comparison.json`.
+a comparison table and writes `loss_vs_flops.png` and `comparison.json`; it refuses runs trained
+on different vocabularies, data or splits (read from their latest checkpoints) or scored on
+different numbers of items, which are no comparison, and notes a run that trained short of the
+steps of `<out-dir>/plan.json`, was scored at an older checkpoint, or has NaN or infinite losses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +33,26 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # --- plan ---------------------------------------------------------------------------------
 
 def _validated(config: Path, world_size: int):
-    from megatron_lst.training.arguments import parse_args, validate_args
+    from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 
-    return validate_args(parse_args(["--config", str(config)]), world_size)
+    try:
+        return validate_args(parse_args(["--config", str(config)]), world_size)
+    except ArgumentError as error:
+        raise SystemExit(f"plan: {config}: {error}") from None
+
+
+def _positive(kind):
+    """argparse type: a finite `kind` > 0 (a budget, a rate, a process count)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: "
+                                             f"{text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
 
 
 def plan_compute_flags(lst_args, text_vocab_size: int, tokens_per_patch: float) -> list[str]:
@@ -78,10 +99,13 @@ def plan(options: argparse.Namespace) -> int:
     budget = (["--budget-flops", str(options.budget_flops)] if options.budget_flops is not None
               else ["--budget-steps", str(options.budget_steps)])
     planned = options.out.with_suffix(".plan_compute.json")
-    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "plan_compute.py"), *budget,
-                    "--control", options.control, "--out", str(planned),
-                    *plan_compute_flags(lst, text_vocab_size, options.tokens_per_patch)],
-                   check=True)
+    finished = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "plan_compute.py"),
+                               *budget, "--control", options.control, "--out", str(planned),
+                               *plan_compute_flags(lst, text_vocab_size, options.tokens_per_patch)],
+                              check=False)
+    if finished.returncode != 0:  # it printed why; a plan of an earlier call may be in `planned`
+        raise SystemExit(f"plan: tools/plan_compute.py found no plan (above); {options.out} "
+                         f"is left as it was")
     [computed] = json.loads(planned.read_text())["plans"]
     steps = {"lst": computed["lst"]["steps"], "baseline": computed["baseline"]["steps"]}
     options.out.write_text(json.dumps({"control": options.control, "steps": steps,
@@ -97,6 +121,10 @@ def evaluate(options: argparse.Namespace) -> int:
     from megatron_lst.evaluation.loading import load_inference_model
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
 
+    stems = [Path(path).stem for path in options.items]
+    if len(set(stems)) != len(stems):  # results are keyed by the file's stem
+        raise SystemExit(f"evaluate: --items {' '.join(options.items)}: two files share a name "
+                         f"({stems}); their results would overwrite each other")
     initialize_parallel()
     try:
         model = load_inference_model(options.checkpoint, tokenizer_model=options.tokenizer_model)
@@ -108,36 +136,154 @@ def evaluate(options: argparse.Namespace) -> int:
                 batch_size=options.batch_size)
     finally:
         destroy_parallel()
-    options.out.write_text(json.dumps({"checkpoint": str(model.checkpoint),
-                                       "iteration": model.iteration, "results": results},
-                                      indent=1) + "\n")
+    # Written whole or not at all: a half-written eval.json would read as a damaged result.
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = options.out.with_name(options.out.name + ".tmp")
+    tmp.write_text(json.dumps({"checkpoint": str(model.checkpoint), "iteration": model.iteration,
+                               "results": results}, indent=1) + "\n")
+    tmp.replace(options.out)
     print(json.dumps(results, indent=1))
     return 0
 
 
 # --- report -------------------------------------------------------------------------------
 
-def report(options: argparse.Namespace) -> int:
-    from megatron_lst.training.loop import read_metrics
+def _named_runs(specs: list[str]) -> dict[str, Path]:
+    """`--runs NAME=SAVE_DIR ...` as {name: directory}; refuses a malformed, repeated or missing
+    one."""
+    runs: dict[str, Path] = {}
+    for spec in specs:
+        name, equals, directory = spec.partition("=")
+        if not equals or not name or not directory:
+            raise SystemExit(f"report: --runs {spec!r} is not NAME=SAVE_DIR")
+        if name in runs:
+            raise SystemExit(f"report: --runs names {name!r} twice")
+        if not Path(directory).is_dir():
+            raise SystemExit(f"report: run {name}: no directory {directory}")
+        runs[name] = Path(directory)
+    return runs
 
-    runs = dict(run.split("=", 1) for run in options.runs)
-    rows, curves = [], {}
+
+def _training_setup(directory: Path) -> dict | None:
+    """What makes two runs comparable, from the latest checkpoint of `directory` (None when it
+    has none): the vocabulary (tokenizer included) and the training data and split."""
+    from megatron_lst.training.checkpointing import (
+        CheckpointError,
+        find_latest_checkpoint,
+        read_checkpoint_metadata,
+    )
+
+    try:
+        path = find_latest_checkpoint(directory)
+        metadata = None if path is None else read_checkpoint_metadata(path, strict=False)
+    except CheckpointError as error:
+        raise SystemExit(f"report: {error}") from None
+    if metadata is None:
+        return None
+    args = metadata.get("args") or {}
+    return {"vocabulary": metadata.get("vocab"), "data": args.get("data_path"),
+            "split": args.get("split")}
+
+
+def check_comparable(setups: dict[str, dict | None],
+                     evaluations: dict[str, dict]) -> None:
+    """Refuses runs trained on different vocabularies or data, or scored on different numbers
+    of items of one set: their losses and accuracies are no comparison."""
+    known = {name: setup for name, setup in setups.items() if setup is not None}
+    for field in ("vocabulary", "data", "split"):
+        values = {name: setup[field] for name, setup in known.items()}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            raise SystemExit(f"report: the runs were trained with different {field}: "
+                             f"{json.dumps(values)}; compare runs of one vocabulary and data")
+    for eval_set in dict.fromkeys(s for results in evaluations.values() for s in results):
+        counts = {name: {mode: summary.get("num_items") for mode, summary in
+                         results[eval_set].items()}
+                  for name, results in evaluations.items() if eval_set in results}
+        if len({json.dumps(c, sort_keys=True) for c in counts.values()}) > 1:
+            raise SystemExit(f"report: {eval_set} was scored on different items per run "
+                             f"{json.dumps(counts)}; score every run on the same items")
+
+
+def _evaluation(name: str, path: Path) -> dict:
+    """A run's eval.json ({"results": {}} when it has none); refuses a damaged one."""
+    if not path.is_file():
+        return {"results": {}}
+    try:
+        evaluation = json.loads(path.read_text(encoding="utf-8"))
+        results = evaluation["results"]
+        if not isinstance(results, dict) or not all(
+                isinstance(modes, dict) and all(isinstance(m, dict) for m in modes.values())
+                for modes in results.values()):
+            raise TypeError("results is no mapping of sets to modes to scores")
+    except (ValueError, KeyError, TypeError) as error:  # ValueError: JSON, UTF-8
+        raise SystemExit(f"report: run {name}: {path} is damaged ({error!r}); score the run "
+                         f"again with `compare.py evaluate --out {path}`") from None
+    return evaluation
+
+
+def _notes(name: str, metrics: list[dict], evaluation: dict, planned: dict) -> list[str]:
+    """What makes a run's row no like-for-like comparison: training short of (or past) its
+    planned steps, scores of an older checkpoint than the metrics' last, NaN or infinite
+    losses."""
+    notes, trained = [], metrics[-1]["iteration"]
+    if name in planned and trained != planned[name]:
+        notes.append(f"trained {trained} of its planned {planned[name]} steps")
+    scored = evaluation.get("iteration")
+    if evaluation["results"] and scored is not None and scored != trained:
+        notes.append(f"scored at iteration {scored}, not its last {trained}")
+    non_finite = [m["iteration"] for m in metrics
+                  if any(isinstance(m.get(k), float) and not math.isfinite(m[k])
+                         for k in ("loss", "valid_loss"))]
+    if non_finite:
+        notes.append(f"NaN or infinite loss at {len(non_finite)} iteration(s), first "
+                     f"{non_finite[0]}")
+    return notes
+
+
+def _planned_steps(out_dir: Path) -> dict:
+    """{run name: steps} of `<out_dir>/plan.json` (run.sh's plan), {} when there is none."""
+    try:
+        steps = json.loads((out_dir / "plan.json").read_text(encoding="utf-8"))["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return steps if isinstance(steps, dict) else {}
+
+
+def report(options: argparse.Namespace) -> int:
+    from study_report import StudyReportError, read_run_metrics
+
+    runs = _named_runs(options.runs)
+    evaluations, setups, curves = {}, {}, {}
     for name, directory in runs.items():
-        metrics = read_metrics(directory)
-        curves[name] = metrics
+        try:
+            curves[name] = read_run_metrics(directory)
+        except StudyReportError as error:
+            raise SystemExit(f"report: run {name}: {error}") from None
+        evaluations[name] = _evaluation(name, directory / "eval.json")
+        setups[name] = _training_setup(directory)
+    check_comparable(setups, {name: e["results"] for name, e in evaluations.items()})
+    rows, planned = [], _planned_steps(options.out_dir)
+    for name, metrics in curves.items():
+        evaluation = evaluations[name]["results"]
         last = metrics[-1]
         valid = [m for m in metrics if "valid_loss" in m]
-        evaluation_path = Path(directory) / "eval.json"
-        evaluation = (json.loads(evaluation_path.read_text())["results"]
-                      if evaluation_path.is_file() else {})
+        valid_loss = valid[-1]["valid_loss"] if valid else None
         row = {"model": name, "steps": last["iteration"], "tokens": last["tokens"],
                "global positions": last["global_positions"], "FLOPs": last["flops"],
-               "valid loss": valid[-1]["valid_loss"] if valid else None}
+               # null for NaN or infinity (then in the note): comparison.json stays JSON
+               "valid loss": valid_loss if valid_loss is None or math.isfinite(valid_loss)
+               else None}
         for eval_set, modes in evaluation.items():
             for mode, summary in modes.items():
                 row[f"{eval_set} {mode}"] = summary["accuracy"]
+        notes = _notes(name, metrics, evaluations[name], planned)
+        if notes:
+            row["note"] = "; ".join(notes)
         rows.append(row)
     print(_table(rows))
+    for row in rows:
+        if "note" in row:
+            print(f"note: {row['model']}: {row['note']}")
     options.out_dir.mkdir(parents=True, exist_ok=True)
     (options.out_dir / "comparison.json").write_text(json.dumps(rows, indent=1) + "\n")
     _plot(curves, options.out_dir / "loss_vs_flops.png")
@@ -194,19 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-config", type=Path, required=True)
     p.add_argument("--tokenizer-model", required=True)
     amount = p.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--budget-flops", type=float)
-    amount.add_argument("--budget-steps", type=int)
+    amount.add_argument("--budget-flops", type=_positive(float))
+    amount.add_argument("--budget-steps", type=_positive(int))
     p.add_argument("--control", choices=("compute", "flops", "data"), default="compute")
-    p.add_argument("--tokens-per-patch", type=float, default=3.1,
+    p.add_argument("--tokens-per-patch", type=_positive(float), default=3.1,
                    help="mean input tokens per LST patch on your data (flops/data control)")
-    p.add_argument("--world-size", type=int, default=1, help="processes of the training runs")
+    p.add_argument("--world-size", type=_positive(int), default=1,
+                   help="processes of the training runs")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=plan)
 
     p = commands.add_parser("evaluate", help="story-completion accuracy of a run's checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="the run's --save directory")
     p.add_argument("--items", nargs="+", required=True, help="evaluation JSONL files")
-    p.add_argument("--modes", nargs="+", default=["S->S", "T->T"])
+    p.add_argument("--modes", nargs="+", default=["S->S", "T->T"],
+                   choices=("S->S", "T->T", "S->T", "T->S"))
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", type=Path, required=True)

@@ -14,7 +14,9 @@ Runs are ordinary `pretrain_lst.py` save directories under `<out-dir>/runs/<mode
 (resume, evaluate or convert them with the usual tools): each is trained by `pretrain_lst.py` in a
 child process (its log in the run's `train.log`) and scored in this one. A run whose `eval.json`
 is there is skipped; a run interrupted during training resumes from its latest checkpoint; one
-line per run reports what happened.
+line per run reports what happened. A run records the flags it started with (`study_run.json`):
+a preset edited since (model flags, train_flags, corpus) is refused for that run, never trained
+on top of it or reported as its result.
 
 `report` writes `<out-dir>/study.json` (every number, per-item outcomes aside), `study.md` (the
 tables, for the summed and the length-normalised log-likelihood score: accuracy as the mean over
@@ -25,6 +27,7 @@ baseline per control with its paired interval; see study_stats.py) and `accuracy
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -38,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study_config import (  # noqa: E402
     REPO_ROOT,
+    ModelSpec,
     Run,
+    StudyConfigError,
     StudyPreset,
     load_preset,
     plan_runs,
@@ -46,6 +51,8 @@ from study_config import (  # noqa: E402
 
 EVAL_FILENAME = "eval.json"
 TRAIN_LOG = "train.log"
+RUN_RECORD = "study_run.json"
+RUN_DIR_MARK = "<run directory>"
 BATCH_SIZE = 16
 
 
@@ -53,16 +60,25 @@ BATCH_SIZE = 16
 
 def build_corpus(preset: StudyPreset, corpus_dir: Path):
     """The preset's demo corpus under `corpus_dir`, built once and then read from its cache."""
-    from megatron_lst.demo_corpus.build import DemoCorpusConfig, build_demo_corpus
+    from megatron_lst.demo_corpus.build import build_demo_corpus
 
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in preset.corpus.items()}
-    return build_demo_corpus(corpus_dir, config=DemoCorpusConfig(**fields), progress=False)
+    return build_demo_corpus(corpus_dir, config=preset.corpus_config(), progress=False)
 
 
-def _validated_args(flags: list[str]):
-    from megatron_lst.training.arguments import parse_args, validate_args
+def _validated_args(preset: StudyPreset, model: ModelSpec, tokenizer: str):
+    """lst-train's validated arguments of `model`'s runs: its config, the preset's train_flags,
+    then its own flags (as `training_flags` orders them); refuses invalid ones naming the model."""
+    from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 
-    return validate_args(parse_args(flags), world_size=1)
+    flags = ["--config", str(model.config_path), *preset.train_flags, *model.flags,
+             "--tokenizer-model", tokenizer]
+    try:
+        return validate_args(parse_args(flags), world_size=1)
+    except ArgumentError as error:
+        raise SystemExit(f"study: model {model.name}: {error}") from None
+    except SystemExit as error:  # argparse has printed which flag is wrong
+        raise SystemExit(f"study: model {model.name}: its config, the preset's train_flags or "
+                         f"its flags are no valid lst-train arguments (above)") from error
 
 
 def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], dict]:
@@ -77,8 +93,7 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
                        corpus.summary["config"]["num_units"])
     shapes, step, row_tokens = {}, None, {}
     for model in preset.lst_models:
-        args = _validated_args(["--config", str(model.config_path), *model.flags,
-                                "--tokenizer-model", tokenizer])
+        args = _validated_args(preset, model, tokenizer)
         config = lst_config_from_args(args, vocab.size, vocab.eos_id)
         shapes[model.name] = ModelShape.from_model_config(config)
         row_tokens[model.name] = args.max_tokens
@@ -87,8 +102,7 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
             raise SystemExit(f"study: the LST models' steps differ ({step} vs {this_step}); "
                              f"every model must share the global step shape")
         step = this_step
-    baseline = _validated_args(["--config", str(preset.baseline.config_path),
-                                *preset.baseline.flags, "--tokenizer-model", tokenizer])
+    baseline = _validated_args(preset, preset.baseline, tokenizer)
     if (baseline.seq_length, baseline.global_batch_size) != step:
         raise SystemExit(f"study: the baseline's step {(baseline.seq_length, baseline.global_batch_size)}"
                          f" differs from LST's {step}; compute control needs equal steps")
@@ -103,7 +117,11 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
             tokens_per_patch = (preset.tokens_per_patch if control == "data"
                                 else row_tokens[name] / step[0])
             step_shape = StepShape(step[0], step[1], tokens_per_patch)
-            computed = plan(budget, shape, shape.baseline_of(), control, step_shape)
+            try:
+                computed = plan(budget, shape, shape.baseline_of(), control, step_shape)
+            except ValueError as error:  # a budget below one step of a model
+                raise SystemExit(f"study: budget_steps {preset.budget_steps} (of the baseline) "
+                                 f"for model {name}: {error}") from None
             steps[control][name] = computed.lst.steps
             steps[control][preset.baseline.name] = computed.baseline.steps
             plans[control][name] = computed.as_dict()
@@ -148,8 +166,8 @@ def latest_iteration(save_dir: Path) -> int:
 
 
 def train(flags: list[str], log_path: Path) -> None:
-    """Run `pretrain_lst.py flags` in a child process (a fresh process group per run, as a user
-    would launch it), its output appended to `log_path`."""
+    """Run `pretrain_lst.py flags` in a child process (in the study's process group, so that
+    Ctrl-C stops both), its output appended to `log_path`."""
     import subprocess
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +176,8 @@ def train(flags: list[str], log_path: Path) -> None:
                                   stdout=log, stderr=subprocess.STDOUT, check=False)
     if finished.returncode != 0:
         raise SystemExit(f"study: training failed (exit status {finished.returncode}); see "
-                         f"{log_path}. Re-running the study resumes from the last checkpoint")
+                         f"{log_path}. Re-running the study resumes from the last checkpoint; "
+                         f"`study.py report` aggregates the runs finished so far")
 
 
 def evaluate(save_dir: Path, preset: StudyPreset, corpus) -> dict:
@@ -190,17 +209,56 @@ def evaluate(save_dir: Path, preset: StudyPreset, corpus) -> dict:
         destroy_parallel()
 
 
+def check_run_flags(save_dir: Path, flags: list[str]) -> None:
+    """Refuses to resume or reuse the run in `save_dir` when it was started with other flags
+    than `flags` (a preset edited between two starts of a study: its model, train_flags or
+    corpus); records `flags` in `<save_dir>/study_run.json` when the run starts afresh. A run
+    directory of an older study, without the record, is taken as it is."""
+    record_path = save_dir / RUN_RECORD
+    # The run's own directory differs with --out-dir alone; it is no part of what was trained.
+    written = [RUN_DIR_MARK if flag == str(save_dir) else flag for flag in flags]
+    if record_path.is_file():
+        try:
+            recorded = json.loads(record_path.read_text(encoding="utf-8"))["flags"]
+        except (ValueError, KeyError, TypeError) as error:  # ValueError: JSON, UTF-8
+            raise SystemExit(f"study: {record_path} is damaged ({error!r}); it records the flags "
+                             f"the run was started with: restore it, or delete it to take the "
+                             f"run as it is") from None
+        if recorded != written:
+            changes = []
+            for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(
+                    a=recorded, b=written, autojunk=False).get_opcodes():
+                if tag == "equal":
+                    continue
+                # A changed value is shown after its flag.
+                flag = (f"{recorded[i1 - 1]} " if i1 and i2 > i1 and j2 > j1
+                        and not recorded[i1].startswith("--") else "")
+                changes.append(f"{flag}{' '.join(recorded[i1:i2]) or '(none)'!r} -> "
+                               f"{flag}{' '.join(written[j1:j2]) or '(none)'!r}")
+            raise SystemExit(
+                f"study: {save_dir} was started with other training flags than the preset gives "
+                f"it now ({'; '.join(changes[:4])}); restore the preset (or --corpus-dir), or "
+                f"give another --out-dir: the run is kept as it is")
+    elif latest_iteration(save_dir) == 0 and not (save_dir / EVAL_FILENAME).exists():
+        save_dir.mkdir(parents=True, exist_ok=True)
+        tmp = record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"flags": written}, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(record_path)
+
+
 def run_one(preset: StudyPreset, run: Run, corpus, runs_dir: Path) -> str:
     """Train (or resume) and score one run unless it is finished; returns what was done."""
     save_dir = runs_dir / run.name
     eval_path = save_dir / EVAL_FILENAME
+    flags = training_flags(preset, run, corpus, runs_dir)
+    check_run_flags(save_dir, flags)
     if eval_path.is_file():
         return "finished earlier, skipped"
     done = []
     start_iteration = latest_iteration(save_dir)
     if start_iteration < run.steps:
         started = time.perf_counter()
-        train(training_flags(preset, run, corpus, runs_dir), save_dir / TRAIN_LOG)
+        train(flags, save_dir / TRAIN_LOG)
         resumed = f" (resumed from {start_iteration})" if start_iteration else ""
         done.append(f"trained {run.steps - start_iteration} steps{resumed} in "
                     f"{time.perf_counter() - started:.0f} s")
@@ -261,10 +319,22 @@ def _preset_dict(preset: StudyPreset) -> dict:
 
 def report(preset: StudyPreset, out_dir: Path) -> dict:
     """Aggregate the finished runs of `<out_dir>` into study.json, study.md and the plot."""
-    from study_report import aggregate, format_table, plot
+    from study_report import StudyReportError, aggregate, format_table, plot
 
-    plan = json.loads((out_dir / "plan.json").read_text())
-    study = aggregate(preset, plan["steps"], out_dir / "runs")
+    plan_path = out_dir / "plan.json"
+    if not plan_path.is_file():
+        raise SystemExit(f"study: no {plan_path}: {out_dir} holds no study of this preset; give "
+                         f"the --out-dir of `study.py run`, or run `study.py plan` first")
+    plan = json.loads(plan_path.read_text())
+    unplanned = [f"{control}/{model.name}" for control in preset.controls for model in preset.models
+                 if model.name not in plan["steps"].get(control, {})]
+    if unplanned:
+        raise SystemExit(f"study: {plan_path} plans no {', '.join(unplanned)}: it was planned for "
+                         f"another preset; report with that preset, or plan this one first")
+    try:
+        study = aggregate(preset, plan["steps"], out_dir / "runs")
+    except StudyReportError as error:
+        raise SystemExit(f"study: no report: {error}") from None
     table = format_table(study)
     print(table)
     normalised = format_table(study, score="normalised")
@@ -296,9 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    preset = load_preset(options.preset)
-    if options.seeds:
-        preset = preset.replace(seeds=tuple(options.seeds))
+    try:
+        preset = load_preset(options.preset)
+        if options.seeds:
+            preset = preset.replace(seeds=tuple(options.seeds))
+    except StudyConfigError as error:
+        raise SystemExit(f"study: {error}") from None
     out_dir = options.out_dir or REPO_ROOT / "runs" / f"study_{preset.name}"
     if options.command == "report":
         report(preset, out_dir)
@@ -307,7 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     if options.command == "plan":
         write_plan(preset, out_dir, corpus_dir)
     else:
-        run_study(preset, out_dir, corpus_dir)
+        try:
+            run_study(preset, out_dir, corpus_dir)
+        except KeyboardInterrupt:  # the training child, in this process group, got it too
+            raise SystemExit("study: interrupted; finished runs are kept, and the same command "
+                             "resumes the rest (`study.py report` aggregates the finished "
+                             "ones)") from None
     return 0
 
 

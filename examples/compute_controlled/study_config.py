@@ -10,6 +10,8 @@ trains the same steps), so the study trains each distinct run once.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,9 @@ PRESETS = Path(__file__).resolve().parent / "presets"
 CONTROLS = ("compute", "flops", "data")
 MODES = ("S->S", "T->T", "S->T", "T->S")
 EVAL_SETS = ("storycloze", "topic")
+MAX_SEED = 2**31 - 1  # lst-train's --seed range
+# A model name names its runs' directories (<model>-<N>steps-seed<S>): no path separators.
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=]*")
 
 
 class StudyConfigError(ValueError):
@@ -70,22 +75,54 @@ class StudyPreset:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise StudyConfigError(f"preset {self.name}: model names repeat: {names}")
+        for name in names:
+            if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+                raise StudyConfigError(f"preset {self.name}: model name {name!r} cannot name a "
+                                       f"run directory; use letters, digits, '_', '.', '+', '='")
+        for what, value, low in (("budget_steps", self.budget_steps, 1),
+                                 ("eval_items", self.eval_items, 1)):
+            if not _is_int(value) or value < low:
+                raise StudyConfigError(f"preset {self.name}: {what} must be an integer >= {low}, "
+                                       f"got {value!r}")
+        for what, value in (("text_weight", self.text_weight),
+                            ("speech_weight", self.speech_weight),
+                            ("tokens_per_patch", self.tokens_per_patch)):
+            if not _is_number(value) or not value > 0:
+                raise StudyConfigError(f"preset {self.name}: {what} must be a number > 0, got "
+                                       f"{value!r}")
+        for seed in self.seeds:
+            if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+                raise StudyConfigError(f"preset {self.name}: seed {seed!r} is not an integer in "
+                                       f"[0, {MAX_SEED}] (lst-train's --seed)")
         baselines = [m.name for m in self.models if m.is_baseline]
         if len(baselines) != 1 or len(self.models) < 2:
             raise StudyConfigError(f"preset {self.name}: needs exactly one baseline model and at "
                                    f"least one LST model, got baselines {baselines}")
-        if self.budget_steps < 1:
-            raise StudyConfigError(f"preset {self.name}: budget_steps must be >= 1")
+        self.corpus_config()  # refuses fields DemoCorpusConfig does not take
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise StudyConfigError(f"preset {self.name}: seeds must be distinct and non-empty, "
                                    f"got {self.seeds}")
         for what, chosen, known in (("control", self.controls, CONTROLS),
                                     ("mode", self.modes, MODES),
                                     ("evaluation set", self.eval_sets, EVAL_SETS)):
+            if not chosen or len(set(chosen)) != len(chosen):
+                raise StudyConfigError(f"preset {self.name}: the {what}s must be distinct and "
+                                       f"non-empty, got {chosen}")
             for value in chosen:
                 if value not in known:
                     raise StudyConfigError(f"preset {self.name}: unknown {what} {value!r}; "
                                            f"choose from {known}")
+
+    def corpus_config(self):
+        """The study's `DemoCorpusConfig` (YAML lists as tuples)."""
+        from megatron_lst.demo_corpus.build import DemoCorpusConfig
+
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in self.corpus.items()}
+        try:
+            return DemoCorpusConfig(**fields)
+        except (TypeError, ValueError) as error:
+            raise StudyConfigError(f"preset {self.name}: corpus: {error}; the fields are "
+                                   f"DemoCorpusConfig's (megatron_lst/demo_corpus/build.py)") from None
 
     @property
     def baseline(self) -> ModelSpec:
@@ -99,6 +136,60 @@ class StudyPreset:
         return dataclasses.replace(self, **changes)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last, so a
+    second model of one name would silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: its keys may be overridden here
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key in seen:
+                raise StudyConfigError(f"key {key!r} appears twice (lines {seen[key]} and "
+                                       f"{line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _list_field(raw: dict, key: str, path: Path) -> tuple:
+    value = raw.pop(key)
+    if not isinstance(value, list):
+        raise StudyConfigError(f"{path}: {key} must be a YAML list, got {value!r}")
+    return tuple(value)
+
+
+def _model_spec(name, spec, path: Path) -> ModelSpec:
+    if not isinstance(spec, dict) or not isinstance(spec.get("config"), str):
+        raise StudyConfigError(f"{path}: model {name!r} must be a mapping with a `config` (an "
+                               f"lst-train YAML), got {spec!r}")
+    unknown = set(spec) - {"config", "flags", "baseline"}
+    if unknown:
+        raise StudyConfigError(f"{path}: model {name!r} has unknown field(s) {sorted(unknown)}; "
+                               f"a model has config, flags and baseline")
+    flags = spec.get("flags", [])
+    if not isinstance(flags, list):
+        raise StudyConfigError(f"{path}: model {name!r}: flags must be a YAML list of "
+                               f"lst-train arguments, got {flags!r}")
+    baseline = spec.get("baseline", False)
+    if not isinstance(baseline, bool):
+        raise StudyConfigError(f"{path}: model {name!r}: baseline must be true or false, got "
+                               f"{baseline!r}")
+    return ModelSpec(name=name, config=spec["config"], flags=tuple(str(f) for f in flags),
+                     is_baseline=baseline)
+
+
 def load_preset(path_or_name: str | Path) -> StudyPreset:
     """A preset from a YAML file, or by name from presets/ ("cpu" -> presets/cpu.yaml)."""
     path = Path(path_or_name)
@@ -107,19 +198,26 @@ def load_preset(path_or_name: str | Path) -> StudyPreset:
     if not path.is_file():
         known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
         raise StudyConfigError(f"no study preset {path}; give a YAML file or one of {known}")
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except (yaml.YAMLError, StudyConfigError, UnicodeDecodeError) as error:
+        raise StudyConfigError(f"{path} is no valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise StudyConfigError(f"{path} holds no mapping of preset fields")
     raw = dict(raw)
+    if not isinstance(raw.get("models"), dict):
+        raise StudyConfigError(f"{path}: `models` must be a mapping of model names to their "
+                               f"config and flags; see {PRESETS / 'cpu.yaml'}")
+    if not isinstance(raw.get("corpus", {}), dict):
+        raise StudyConfigError(f"{path}: `corpus` must be a mapping of DemoCorpusConfig fields")
+    models = tuple(_model_spec(name, spec, path) for name, spec in raw.pop("models").items())
+    tuples = {k: _list_field(raw, k, path) for k in ("seeds", "controls", "eval_sets", "modes",
+                                                      "train_flags") if k in raw}
+    if "train_flags" in tuples:
+        tuples["train_flags"] = tuple(str(f) for f in tuples["train_flags"])
     try:
-        models = tuple(ModelSpec(name=name, config=spec["config"],
-                                 flags=tuple(str(f) for f in spec.get("flags", ())),
-                                 is_baseline=bool(spec.get("baseline", False)))
-                       for name, spec in raw.pop("models").items())
-        tuples = {k: tuple(raw.pop(k)) for k in ("seeds", "controls", "eval_sets", "modes",
-                                                 "train_flags") if k in raw}
-        return StudyPreset(name=raw.pop("name", path.stem), models=models, **tuples, **raw)
-    except (KeyError, TypeError) as error:
+        return StudyPreset(name=str(raw.pop("name", path.stem)), models=models, **tuples, **raw)
+    except TypeError as error:
         raise StudyConfigError(f"{path}: not a study preset ({error}); see "
                                f"{PRESETS / 'cpu.yaml'} for the fields") from None
 

@@ -3,6 +3,7 @@ LST-minus-baseline differences, a markdown table and a plot against training FLO
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +14,86 @@ EVAL_FILENAME = "eval.json"
 SCORES = {"summed": "correct", "normalised": "correct_normalised"}
 
 
-def run_record(run: Run, save_dir: Path) -> dict | None:
-    """What one finished run measured (None while it is unfinished)."""
+class StudyReportError(ValueError):
+    """A finished run whose files the report cannot use as they are."""
+
+
+def read_run_metrics(save_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl by iteration; refuses a missing, empty or damaged
+    file by name (a finished run's file is never repaired by a resume)."""
     import json
 
-    from megatron_lst.training.loop import read_metrics
+    path = save_dir / "metrics.jsonl"
+    records: dict[int, dict] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise StudyReportError(f"{path} is missing: {save_dir} holds no training metrics") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            iteration = int(record["iteration"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise StudyReportError(
+                f"{path}: line {number} is no metrics record ({line[:60]!r}); remove or repair "
+                f"that line (keep a copy) and report again") from None
+        records[iteration] = record
+    if not records:
+        raise StudyReportError(f"{path} holds no metrics records")
+    return [records[i] for i in sorted(records)]
+
+
+def check_evaluation(name: str, evaluation: dict, preset: StudyPreset) -> None:
+    """Refuses an eval.json that lacks a set or mode of `preset`, or whose scores are on no
+    items (it was scored under another preset, or damaged)."""
+    for eval_set in preset.eval_sets:
+        for mode in preset.modes:
+            scores = evaluation.get("results") if isinstance(evaluation, dict) else None
+            for key in (eval_set, mode):
+                scores = scores.get(key) if isinstance(scores, dict) else None
+            if not isinstance(scores, dict) or not all(
+                    isinstance(scores.get(f), list) for f in SCORES.values()):
+                raise StudyReportError(
+                    f"run {name}: its {EVAL_FILENAME} has no {eval_set} {mode} scores (scored "
+                    f"under another preset?); delete it and run the study again to rescore "
+                    f"the run's checkpoint")
+            if not scores[SCORES["summed"]]:
+                raise StudyReportError(f"run {name}: its {EVAL_FILENAME} scored no {eval_set} "
+                                       f"items; an accuracy needs at least one")
+
+
+def run_record(run: Run, save_dir: Path, preset: StudyPreset) -> dict | None:
+    """What one finished run measured (None while it is unfinished)."""
+    import json
 
     eval_path = save_dir / EVAL_FILENAME
     if not eval_path.is_file():
         return None
-    evaluation = json.loads(eval_path.read_text())
-    metrics = read_metrics(save_dir)
+    try:
+        evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StudyReportError(f"{eval_path} is damaged ({error}); delete it and run the study "
+                               f"again to rescore the run's checkpoint") from None
+    check_evaluation(run.name, evaluation, preset)
+    metrics = read_run_metrics(save_dir)
     last = metrics[-1]
     valid = [m for m in metrics if "valid_loss" in m]
     return {"run": run.name, "model": run.model, "steps": run.steps, "seed": run.seed,
             "flops": last["flops"], "tokens": last["tokens"],
             "global_positions": last["global_positions"],
             "tokens_per_global_position": last["tokens"] / last["global_positions"],
-            "valid_loss": valid[-1]["valid_loss"] if valid else None,
+            # null for a NaN or infinite one: study.json stays standard JSON
+            "valid_loss": _finite(valid[-1]["valid_loss"]) if valid else None,
+            "non_finite_loss_iterations": [
+                m["iteration"] for m in metrics
+                if any(_finite(m.get(key, 0.0)) is None for key in ("loss", "valid_loss"))],
             "results": evaluation["results"]}
+
+
+def _finite(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def aggregate(preset: StudyPreset, steps: dict[str, dict[str, int]], runs_dir: Path) -> dict:
@@ -41,13 +103,14 @@ def aggregate(preset: StudyPreset, steps: dict[str, dict[str, int]], runs_dir: P
     missing: list[str] = []
     groups: list[dict] = []
     outcomes: dict[tuple, np.ndarray] = {}  # (control, model, set, mode, score) -> [S, I]
+    item_counts: dict[tuple[str, str], tuple[str, int]] = {}  # (set, mode) -> a run, its items
     for control in preset.controls:
         for model in preset.models:
             runs = [Run(model.name, steps[control][model.name], seed) for seed in preset.seeds]
             finished = []
             for run in runs:
                 if run.name not in records:
-                    record = run_record(run, runs_dir / run.name)
+                    record = run_record(run, runs_dir / run.name, preset)
                     if record is None:
                         if run.name not in missing:
                             missing.append(run.name)
@@ -66,7 +129,7 @@ def aggregate(preset: StudyPreset, steps: dict[str, dict[str, int]], runs_dir: P
             for eval_set in preset.eval_sets:
                 for mode in preset.modes:
                     for score, field in SCORES.items():
-                        array = np.array([r["results"][eval_set][mode][field] for r in finished])
+                        array = _outcomes(finished, eval_set, mode, field, item_counts)
                         outcomes[control, model.name, eval_set, mode, score] = array
                         group["accuracy"][f"{eval_set} {mode} {score}"] = {
                             **accuracy_estimate(array).as_dict(), "spread": seed_spread(array)}
@@ -93,6 +156,21 @@ def aggregate(preset: StudyPreset, steps: dict[str, dict[str, int]], runs_dir: P
         for eval_set, modes in record["results"].items()}} for record in records.values()]
     return {"preset": preset.name, "steps": steps, "runs": runs,
             "groups": groups, "differences": differences, "missing_runs": missing}
+
+
+def _outcomes(records: list[dict], eval_set: str, mode: str, field: str,
+              seen: dict[tuple[str, str], tuple[str, int]]) -> np.ndarray:
+    """[seeds, items] outcomes of `records`; refuses runs scored on different numbers of items
+    (another eval_items) than each other or than the runs `seen` before, which neither a mean
+    over seeds nor a paired difference can pool."""
+    counts = {r["run"]: len(r["results"][eval_set][mode][field]) for r in records}
+    first = seen.setdefault((eval_set, mode), next(iter(counts.items())))
+    counts = {first[0]: first[1], **counts}
+    if len(set(counts.values())) > 1:
+        raise StudyReportError(f"{eval_set} {mode}: the runs were scored on different numbers of "
+                               f"items {counts}; delete the eval.json of the runs scored under "
+                               f"another eval_items and run the study again to rescore them")
+    return np.array([r["results"][eval_set][mode][field] for r in records])
 
 
 def _cell(estimate: dict, spread: dict | None = None, signed: bool = False) -> str:
@@ -140,7 +218,23 @@ def format_table(study: dict, score: str = "summed",
                   f"interval]", "", _markdown(["control", "difference", *columns], rows)]
     if study["missing_runs"]:
         parts += ["", f"unfinished runs (left out): {', '.join(study['missing_runs'])}"]
+    diverged = [f"{r['run']} (iterations {_spans(r['non_finite_loss_iterations'])})"
+                for r in study["runs"] if r.get("non_finite_loss_iterations")]
+    if diverged:
+        parts += ["", f"runs with a NaN or infinite loss (diverged? their accuracy is in the "
+                      f"tables above): {', '.join(diverged)}"]
     return "\n".join(parts)
+
+
+def _spans(numbers: list[int]) -> str:
+    """'3-5, 9' for [3, 4, 5, 9]."""
+    spans: list[list[int]] = []
+    for number in numbers:
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def plot(study: dict, path: Path, score: str = "summed") -> None:

@@ -58,3 +58,22 @@ def test_bad_shapes_are_named():
         accuracy_estimate(np.ones(5))
     with pytest.raises(ValueError, match="different numbers of items"):
         difference_estimate(np.ones((1, 5)), np.ones((1, 6)))
+
+
+def test_small_cases_match_their_exact_bootstrap_distribution():
+    # One seed, items (1, 0, 1, 1): a resample's accuracy is Binomial(4, 3/4) / 4, whose
+    # cumulative probabilities are 1/256, 13/256 (> 2.5%), ..., 175/256 (< 97.5%), 1: the
+    # percentile interval is [1/4, 1].
+    estimate = accuracy_estimate(np.array([[1, 0, 1, 1]]), num_resamples=20000)
+    assert (estimate.value, estimate.low, estimate.high) == (0.75, 0.25, 1.0)
+    # Ties: two items, one right: 0, 1/2 or 1 with 1/4, 1/2, 1/4.
+    assert accuracy_estimate(np.array([[1, 0]])).as_dict() == {
+        "value": 0.5, "ci_low": 0.0, "ci_high": 1.0}
+    # Three seeds at 1/2, 1 and 0: sd with ddof 1 is 1/2.
+    spread = seed_spread(np.array([[1, 0], [1, 1], [0, 0]]))
+    assert spread == {"sd": 0.5, "min": 0.0, "max": 1.0, "per_seed": [0.5, 1.0, 0.0]}
+    # One seed: no spread.
+    assert seed_spread(np.array([[1, 0, 1, 1]]))["sd"] == 0.0
+    # Equal outcomes, different seed counts: the difference is exactly zero.
+    same = difference_estimate(np.array([[1, 0, 1]]), np.array([[1, 0, 1], [1, 0, 1]]))
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
