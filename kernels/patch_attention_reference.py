@@ -67,6 +67,7 @@ def patch_cross_attention_reference(
     """Range-restricted softmax attention: q `[B, Sq, H, d]`, k/v `[B, Sk, H, d]` -> like q.
 
     Computes in fp32 (fp64 for fp64 inputs) and returns q's dtype. `scale` defaults to 1/sqrt(d).
+    The output depends on q, k and v even when no query sees a key (zero output and gradients).
     """
     check_attention_inputs(q, k, v, key_start, key_end)
     batch, num_queries, heads, head_dim = q.shape
@@ -104,6 +105,9 @@ def patch_cross_attention_reference(
         if not bool(nonempty.all()):
             out = torch.where(nonempty[..., None, None], out, 0.0)
         outputs.append(out.to(q.dtype))
-    if not outputs:  # Sq == 0
-        return torch.zeros_like(q)
-    return torch.cat(outputs, dim=1)
+    out = torch.cat(outputs, dim=1) if outputs else torch.zeros_like(q)  # [B, Sq, H, d]
+    if not out.requires_grad:
+        # No query sees a key (or Sq == 0): nothing above used q, k or v. Empty sums (exactly 0)
+        # keep them in the graph with zero gradients, as on the Triton path.
+        out = out + (q[:, :0].sum() + k[:, :0].sum() + v[:, :0].sum()).to(out.dtype)
+    return out

@@ -78,6 +78,22 @@ def test_empty_range_outputs_zero_and_gets_zero_gradient():
     assert (kk.grad[:, 2] == 0).all() and (v.grad[:, 2] == 0).all()  # key 2 is seen by no query
 
 
+@pytest.mark.parametrize("num_queries, num_keys", [(3, 5), (0, 5), (3, 0)])
+def test_no_query_seeing_a_key_still_gives_zero_gradients(num_queries, num_keys):
+    # Every range empty (or no queries, or no keys): the output used to be a fresh zero tensor
+    # outside the graph, so backward raised "does not require grad" (the Triton path gives
+    # zero gradients) and q, k, v got None instead of zeros.
+    q, kk, v = (t.requires_grad_() for t in _qkv(torch.Generator().manual_seed(5), 2, num_queries,
+                                                  num_keys, dtype=torch.float32))
+    start = torch.full((2, num_queries), 4, dtype=torch.int32)
+    end = torch.full((2, num_queries), 2, dtype=torch.int32)  # end < start: empty everywhere
+    out = patch_cross_attention(q, kk, v, start, end, backend="torch")
+    assert out.shape == q.shape and out.dtype == q.dtype and (out == 0).all()
+    grads = torch.autograd.grad(out, (q, kk, v), torch.ones_like(out))
+    for grad, t in zip(grads, (q, kk, v), strict=True):
+        assert grad.shape == t.shape and (grad == 0).all()
+
+
 def test_gradcheck_float64():
     start, end, num_queries, num_keys = _model_ranges(9, "encoder", 2, 1, batch=1, num_patches=4)
     q, kk, v = (
