@@ -744,11 +744,11 @@ def _check_model_config(args: argparse.Namespace) -> None:
 
 
 def _validate_backends(args: argparse.Namespace) -> None:
-    """The communication and global-block backends the flags name, and on a machine without
-    CUDA the kernel backend, can run here (each used to fail only once the model was built or
-    ran)."""
+    """The communication and global-block backends the flags name, and the kernel backend
+    (--kernel-backend, or LST_KERNEL_BACKEND under auto), can run here (each used to fail only
+    once the model was built or ran)."""
     import torch
-    from lst_kernels.backend import resolve_backend
+    from lst_kernels.backend import BACKEND_ENV_VAR, resolve_backend
 
     from megatron_lst.models.specs import resolve_transformer_impl
 
@@ -765,12 +765,18 @@ def _validate_backends(args: argparse.Namespace) -> None:
         resolve_transformer_impl(args.transformer_impl)
     except RuntimeError as err:
         raise ArgumentError(f"--transformer-impl {args.transformer_impl}: {err}") from None
-    if args.patching_mode == "none" or torch.cuda.is_available():
-        return  # the token baseline runs no LST kernels; a CUDA tensor here would open a context
+    if args.patching_mode == "none":
+        return  # the token baseline runs no LST kernels
+    # With CUDA the kernels get CUDA tensors: no tensor stands for those (a CUDA one here would
+    # open a context), which still checks LST_KERNEL_BACKEND and that Triton is installed.
+    tensors = () if torch.cuda.is_available() else (torch.empty(0),)
+    source = f"--kernel-backend {args.kernel_backend}"
+    if args.kernel_backend == "auto" and BACKEND_ENV_VAR in os.environ:
+        source += f" with {BACKEND_ENV_VAR}={os.environ[BACKEND_ENV_VAR]}"
     try:
-        resolve_backend(args.kernel_backend, torch.empty(0))  # where the kernels run on CPU
-    except RuntimeError as err:
-        raise ArgumentError(f"--kernel-backend {args.kernel_backend}: {err}") from None
+        resolve_backend(args.kernel_backend, *tensors)
+    except (RuntimeError, ValueError) as err:
+        raise ArgumentError(f"{source}: {err}") from None
 
 
 def _validate_training(args: argparse.Namespace) -> None:

@@ -176,6 +176,36 @@ def test_backends_this_machine_cannot_run_are_named(extra, message, monkeypatch)
         valid(*extra)
 
 
+LST_FLAGS = ["--patching-mode", "static", "--max-tokens", "64", "--local-encoder-layers", "1",
+             "--local-encoder-hidden-size", "32", "--local-encoder-heads", "2",
+             "--local-decoder-layers", "1", "--local-decoder-hidden-size", "32",
+             "--local-decoder-heads", "2"]
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_a_misspelled_kernel_backend_variable_is_a_flag_error(monkeypatch, cuda):
+    """LST_KERNEL_BACKEND=trtion was a bare ValueError traceback from lst-train on CPU, and on
+    CUDA it passed validation and failed at the model's first forward."""
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "trtion")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    with pytest.raises(ArgumentError, match=r"--kernel-backend auto with LST_KERNEL_BACKEND=trtion: "
+                                            r"LST_KERNEL_BACKEND='trtion' is not one of"):
+        valid(*LST_FLAGS, *(["--distributed-backend", "gloo"] if cuda else []))
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "torch")
+    valid(*LST_FLAGS, *(["--distributed-backend", "gloo"] if cuda else []))
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "trtion")
+    valid("--kernel-backend", "torch", *LST_FLAGS)  # an explicit choice ignores the variable
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the backends a CPU-only machine lacks")
+def test_a_kernel_backend_variable_this_machine_cannot_run_is_named(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "triton")
+    with pytest.raises(ArgumentError, match=r"--kernel-backend auto with LST_KERNEL_BACKEND=triton: "
+                                            r"backend='triton' (on CPU|needs the `triton`)"):
+        valid(*LST_FLAGS)
+
+
 @pytest.mark.parametrize("given", [
     ["--context-parallel-size", "2"],
     ["--num-layers-per-virtual-pipeline-stage=1"],
