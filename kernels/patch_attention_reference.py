@@ -41,6 +41,10 @@ def check_attention_inputs(
         raise ValueError(
             f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch, heads and head dim"
         )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them"
+        )
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise TypeError(
             f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"

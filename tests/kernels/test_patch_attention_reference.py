@@ -119,6 +119,20 @@ def test_half_inputs_keep_dtype():
     torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_keys_on_another_device_than_the_queries_are_named(backend, monkeypatch):
+    # k or v on another device (meta stands for CUDA here) got PyTorch's SDPA device error, or
+    # with backend="triton" and q on CUDA: "backend='triton' on CPU tensors needs
+    # TRITON_INTERPRET=1", which blamed the wrong thing.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 4, 2, 8)
+    k = torch.randn(1, 5, 2, 8)
+    ranges = torch.zeros(1, 4, dtype=torch.int32)
+    for keys, values in ((k.to("meta"), k), (k, k.to("meta"))):
+        with pytest.raises(ValueError, match=r"q, k, v must be on one device, got cpu, "):
+            patch_cross_attention(q, keys, values, ranges, ranges, backend=backend)
+
+
 def test_rejects_bad_inputs():
     q = torch.randn(1, 4, 2, 8)
     k = torch.randn(1, 5, 2, 8)
