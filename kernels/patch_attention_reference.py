@@ -54,7 +54,7 @@ def check_attention_inputs(
             raise ValueError(
                 f"{name} must be [B, Sq] = {(batch, num_queries)}, got {tuple(bound.shape)}"
             )
-        if bound.is_floating_point():
+        if bound.is_floating_point() or bound.is_complex() or bound.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got {bound.dtype}")
         if bound.device != q.device:
             raise ValueError(f"{name} is on {bound.device} but q is on {q.device}; move it")

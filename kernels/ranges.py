@@ -23,7 +23,8 @@ def _check_lengths(patch_lengths: torch.Tensor) -> None:
         raise ValueError(
             f"patch_lengths must be [B, P], got shape {tuple(patch_lengths.shape)}"
         )
-    if patch_lengths.is_floating_point() or patch_lengths.is_complex():
+    if patch_lengths.is_floating_point() or patch_lengths.is_complex() \
+            or patch_lengths.dtype == torch.bool:
         raise TypeError(f"patch_lengths must be an integer tensor, got {patch_lengths.dtype}")
     if patch_lengths.device.type == "cpu":  # free on the host; on CUDA it would sync
         _refuse_negative_lengths(patch_lengths)

@@ -143,3 +143,6 @@ def test_rejects_bad_inputs():
         patch_cross_attention(q, torch.randn(1, 5, 3, 8), torch.randn(1, 5, 3, 8), ranges, ranges)
     with pytest.raises(TypeError, match="integer"):
         patch_cross_attention(q, k, k, ranges.float(), ranges)
+    # A bool mask passed by mistake was read as ranges of 0 and 1 without a word.
+    with pytest.raises(TypeError, match=r"key_end must be an integer tensor, got torch.bool"):
+        patch_cross_attention(q, k, k, ranges, ranges.bool())

@@ -112,6 +112,9 @@ def test_rejects_bad_inputs():
     # Without the check a later patch would start before the row: [-2, 3] pools x[-2:1].
     with pytest.raises(ValueError, match=r"patch_lengths must be >= 0"):
         segment_pool(x, torch.tensor([[-2, 3], [1, 2]], dtype=torch.int32))
+    # A bool mask passed by mistake was read as lengths 0 and 1 without a word.
+    with pytest.raises(TypeError, match=r"patch_lengths must be an integer tensor, got torch.bool"):
+        segment_pool(x, torch.ones(2, 5, dtype=torch.bool))
 
 
 def test_backend_switch(monkeypatch):
