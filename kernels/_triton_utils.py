@@ -3,7 +3,10 @@
 import torch
 import triton
 
-from .backend import triton_interpreted
+from .backend import interpret_requested, triton_interpreted
+
+# Whether the kernels, defined right after this module is imported, run in the interpreter.
+INTERPRETED = interpret_requested()
 
 
 def use_autotune(*tensors: torch.Tensor) -> bool:

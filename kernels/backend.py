@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import os
 import re
+import sys
 
 import torch
 
@@ -24,8 +25,21 @@ def triton_available() -> bool:
 
 
 def triton_interpreted() -> bool:
-    """True when Triton kernels run in the CPU interpreter (`TRITON_INTERPRET=1`)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the Triton kernels run in the CPU interpreter.
+
+    Triton picks the interpreter when a kernel is defined, if TRITON_INTERPRET is true then (as
+    Triton reads it: 1, y, yes, on, true). Once the kernels are defined, their choice holds: setting
+    the variable later changes nothing (their compiled launch then fails on CPU tensors).
+    """
+    defined = sys.modules.get(f"{__package__}._triton_utils")
+    if defined is not None:
+        return defined.INTERPRETED
+    return interpret_requested()
+
+
+def interpret_requested() -> bool:
+    """Whether TRITON_INTERPRET asks for the interpreter now, read as Triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "y", "yes", "on", "true")
 
 
 def _release(version: str) -> tuple[int, int]:

@@ -1,5 +1,8 @@
 """PyTorch segment pool: brute-force oracle, LST reference semantics, gradients, backend switch."""
 
+import sys
+from types import SimpleNamespace
+
 import pytest
 import torch
 from kernel_cases import brute_patch_ids, brute_segment_pool, random_patch_lengths
@@ -134,6 +137,31 @@ def test_backend_switch(monkeypatch):
         resolve_backend("triton", cpu)
 
 
+@pytest.mark.parametrize("value", ["1", "true", "ON", "yes", "y"])
+def test_the_interpreter_switch_is_read_as_triton_reads_it(monkeypatch, value):
+    # Triton runs the interpreter for TRITON_INTERPRET=true (or on, yes, y), but backend="triton"
+    # refused CPU tensors unless the value was exactly "1".
+    monkeypatch.delitem(sys.modules, "lst_kernels._triton_utils", raising=False)  # not defined yet
+    monkeypatch.setattr(backend, "interpreter_incompatibility", lambda: None)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert resolve_backend("triton", torch.zeros(1)) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        resolve_backend("triton", torch.zeros(1))
+
+
+def test_the_interpreter_switch_set_after_the_kernels_were_defined_is_refused(monkeypatch):
+    # Triton chose compiled kernels when they were defined; TRITON_INTERPRET=1 set afterwards
+    # passed the check and the launch failed with "0 active drivers ([]). There should only be
+    # one." Now the kernels' own choice decides, and the error says when to set the variable.
+    monkeypatch.setitem(sys.modules, "lst_kernels._triton_utils", SimpleNamespace(INTERPRETED=False))
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 set before triton is imported"):
+        resolve_backend("triton", torch.zeros(1))
+
+
 @pytest.mark.parametrize(
     ("triton_version", "numpy_version", "refused"),
     [("3.6.0", "2.4.0", True), ("3.6.0", "2.10.1", True), ("3.6.0", "2.3.5", False),
@@ -147,7 +175,7 @@ def test_interpreter_refuses_triton_before_3_7_with_numpy_2_4(
 
     monkeypatch.setattr(triton, "__version__", triton_version)
     monkeypatch.setattr(numpy, "__version__", numpy_version)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "triton_interpreted", lambda: True)
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     backend.interpreter_incompatibility.cache_clear()
     try:
