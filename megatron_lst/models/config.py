@@ -51,6 +51,11 @@ def _given_or(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
+def _head_dim(config) -> int:
+    """A local or global config's head size: `kv_channels`, else `hidden_size / num_heads`."""
+    return config.kv_channels if config.kv_channels is not None else config.hidden_size // config.num_heads
+
+
 def _normalise_head_shape(config, groups_field: str | None) -> None:
     """Store spelt-out defaults as None (key/value heads equal to the heads, a head size equal to
     `hidden / heads`), so that two configs of the same model compare equal."""
@@ -98,7 +103,7 @@ class LocalModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_heads
+        return _head_dim(self)
 
     @property
     def kv_groups(self) -> int:
@@ -134,7 +139,7 @@ class GlobalModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_heads
+        return _head_dim(self)
 
 
 @dataclass(frozen=True)
