@@ -88,7 +88,7 @@ def _refuse_unsupported_megatron_flags(argv: Sequence[str], config_keys: Sequenc
     """ArgumentError for a Megatron-LM flag of UNSUPPORTED_MEGATRON_FLAGS, on the command line
     (`--flag V` or `--flag=V`) or as a --config key."""
     given = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
-    given += [f"--{key}" for key in config_keys]
+    given += [config_files.flag_of_key(key) for key in config_keys if isinstance(key, str)]
     for flag in given:
         if flag in UNSUPPORTED_MEGATRON_FLAGS:
             raise ArgumentError(f"{flag} is a Megatron-LM flag that lst-train does not take: "

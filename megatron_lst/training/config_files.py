@@ -103,7 +103,7 @@ def config_to_defaults(config: Mapping[str, Any], parser: argparse.ArgumentParse
     """
     where = f"--config {source}" if source is not None else "config"
     return {action.dest: _convert(action, _as_written(config, key, value, action),
-                                  f"{where}: {key}", _flag_of_key(key))
+                                  f"{where}: {key}", flag_of_key(key))
             for key, value, action in _keyed_actions(config, parser, where)}
 
 
@@ -112,7 +112,7 @@ def config_to_argv(config: Mapping[str, Any], parser: argparse.ArgumentParser) -
     argv: list[str] = []
     for key, value, action in _keyed_actions(config, parser, "config"):
         converted = _convert(action, _as_written(config, key, value, action), f"config: {key}",
-                             _flag_of_key(key))
+                             flag_of_key(key))
         flag = _long_flag(action)
         if isinstance(action, argparse.BooleanOptionalAction):
             if converted is not None:
@@ -143,7 +143,8 @@ def _as_written(config: Mapping[str, Any], key: str, value: Any, action: argpars
     return value
 
 
-def _flag_of_key(key: str) -> str:
+def flag_of_key(key: str) -> str:
+    """The flag a YAML key names: `seq_length`, `seq-length` and `--seq-length` are --seq-length."""
     return "--" + key.lstrip("-").replace("_", "-")
 
 
@@ -165,7 +166,7 @@ def _keyed_actions(config: Mapping[str, Any], parser: argparse.ArgumentParser, w
 def _action_for_key(key: Any, parser: argparse.ArgumentParser, where: str) -> argparse.Action:
     if not isinstance(key, str):
         raise ConfigError(f"{where}: key {key!r} is not a flag name")
-    flag = _flag_of_key(key)
+    flag = flag_of_key(key)
     by_flag = {s: a for a in parser._actions for s in a.option_strings}
     action = by_flag.get(flag)
     if action is None or flag in ("--help", "--config"):

@@ -229,6 +229,17 @@ def test_unsupported_megatron_flags_are_named_not_unrecognized(tmp_path, given):
         parse_args(given)
 
 
+@pytest.mark.parametrize("key", ["context_parallel_size", "--context-parallel-size"])
+def test_unsupported_megatron_flag_is_named_under_any_spelling_of_its_config_key(tmp_path, key):
+    # A key spelled with underscores (as argparse's dest, Megatron-LM's args.yaml) or with the
+    # dashes was "unknown key ...; did you mean 'tensor-model-parallel-size'?".
+    config = tmp_path / "config.yaml"
+    config.write_text(f"{key}: 2\n")
+    with pytest.raises(ArgumentError, match=r"--context-parallel-size is a Megatron-LM flag that "
+                                            r"lst-train does not take: context parallelism"):
+        parse_args(["--config", str(config)])
+
+
 def test_megatron_gqa_switch_says_that_query_groups_suffice():
     with pytest.raises(ArgumentError, match=r"--group-query-attention is a Megatron-LM flag .*: "
                                             r"grouped-query attention needs no switch here: "
