@@ -58,6 +58,21 @@ _NO_FSDP = ("FSDP is not supported; shard the optimizer state with --use-distrib
             "and the weights with --tensor-model-parallel-size / --pipeline-model-parallel-size")
 _NO_ENCODER_PARALLEL = ("there is no separately parallelised encoder model: the local encoder "
                         "runs on the first pipeline stage, replicated over tensor-parallel ranks")
+_FIXED_ARCHITECTURE = ("the architecture is fixed to the reference's (pre-norm RMSNorm, SwiGLU, "
+                       "interleaved RoPE of --rotary-base, no linear biases, untied output "
+                       "weights); drop the flag")
+_FUSIONS = ("the global block's kernels follow --transformer-impl (megatron.core picks the "
+            "attention backend; the fusions that need CUDA kernels are off); drop the flag")
+_TOKENIZER_BY_PATH = ("the data is tokenized beforehand (docs/data.md) and a tokenizer is given "
+                      "by path only, with --tokenizer-model; drop the flag")
+_ITERATIONS_NOT_SAMPLES = ("training is counted in iterations: use --train-iters, "
+                           "--lr-decay-iters and --lr-warmup-iters (samples / "
+                           "--global-batch-size)")
+_OWN_CHECKPOINT_FORMAT = ("lst-train writes its own distributed checkpoint format (model, "
+                          "optimizer and RNG state); drop the flag")
+_LOGGED_ALWAYS = ("the log is a fixed set of values, written every --log-interval iterations "
+                  "to the log line, TensorBoard and W&B (loss, learning rate, grad norm, loss "
+                  "scale, throughput; docs/training.md, 'The log line'); drop the flag")
 UNSUPPORTED_MEGATRON_FLAGS = {
     "--context-parallel-size": _NO_CONTEXT_PARALLEL,
     "--hierarchical-context-parallel-sizes": _NO_CONTEXT_PARALLEL,
@@ -81,6 +96,59 @@ UNSUPPORTED_MEGATRON_FLAGS = {
                                 "below --num-attention-heads turns it on (the local models: "
                                 "--local-encoder-query-groups, --local-decoder-query-groups); "
                                 "drop the flag"),
+    "--lr-warmup-fraction": ("give the warm-up as a number of iterations, --lr-warmup-iters "
+                             "(the fraction x --lr-decay-iters)"),
+    "--rampup-batch-size": ("a batch-size ramp-up is not supported; every iteration takes "
+                            "--global-batch-size"),
+    "--train-samples": _ITERATIONS_NOT_SAMPLES,
+    "--lr-decay-samples": _ITERATIONS_NOT_SAMPLES,
+    "--lr-warmup-samples": _ITERATIONS_NOT_SAMPLES,
+    "--weight-decay-incr-style": ("the weight decay is constant, --weight-decay; drop the flag "
+                                  "and --start-weight-decay / --end-weight-decay"),
+    "--start-weight-decay": "the weight decay is constant: use --weight-decay",
+    "--end-weight-decay": "the weight decay is constant: use --weight-decay",
+    "--recompute-activations": "use --recompute-granularity selective (the same thing)",
+    "--vocab-file": _TOKENIZER_BY_PATH,
+    "--merge-file": _TOKENIZER_BY_PATH,
+    "--tokenizer-type": _TOKENIZER_BY_PATH,
+    "--vocab-size": ("the vocabulary is the tokenizer's text ids plus --num-units speech units "
+                     "(docs/data.md#the-joint-vocabulary); drop the flag"),
+    "--make-vocab-size-divisible-by": ("the joint vocabulary is not padded; where tensor "
+                                       "parallelism needs it divisible, raise --num-units "
+                                       "(docs/data.md#the-joint-vocabulary)"),
+    "--data-cache-path": ("the datasets keep their row indices under --save "
+                          "(<--save>/lst_row_index); drop the flag"),
+    "--normalization": _FIXED_ARCHITECTURE,
+    "--swiglu": _FIXED_ARCHITECTURE,
+    "--untie-embeddings-and-output-weights": _FIXED_ARCHITECTURE,
+    "--position-embedding-type": _FIXED_ARCHITECTURE,
+    "--use-rotary-position-embeddings": _FIXED_ARCHITECTURE,
+    "--no-position-embedding": _FIXED_ARCHITECTURE,
+    "--disable-bias-linear": _FIXED_ARCHITECTURE,
+    "--use-mcore-models": "the models are always megatron.core's; drop the flag",
+    "--use-legacy-models": "the models are always megatron.core's; drop the flag",
+    "--use-flash-attn": _FUSIONS,
+    "--attention-backend": _FUSIONS,
+    "--no-masked-softmax-fusion": _FUSIONS,
+    "--no-bias-gelu-fusion": _FUSIONS,
+    "--no-bias-swiglu-fusion": _FUSIONS,
+    "--no-bias-dropout-fusion": _FUSIONS,
+    "--no-rope-fusion": _FUSIONS,
+    "--no-gradient-accumulation-fusion": _FUSIONS,
+    "--no-persist-layer-norm": _FUSIONS,
+    "--ckpt-format": _OWN_CHECKPOINT_FORMAT,
+    "--use-dist-ckpt": _OWN_CHECKPOINT_FORMAT,
+    "--async-save": _OWN_CHECKPOINT_FORMAT,
+    "--log-throughput": _LOGGED_ALWAYS,
+    "--log-params-norm": _LOGGED_ALWAYS,
+    "--log-num-zeros-in-grad": _LOGGED_ALWAYS,
+    "--log-timers-to-tensorboard": _LOGGED_ALWAYS,
+    "--log-validation-ppl-to-tensorboard": _LOGGED_ALWAYS,
+    "--timing-log-level": _LOGGED_ALWAYS,
+    "--tensorboard-log-interval": ("TensorBoard gets the scalars every --log-interval "
+                                   "iterations: use --log-interval"),
+    "--wandb-save-dir": ("W&B writes where the wandb package is told to (WANDB_DIR); drop the "
+                         "flag"),
 }
 
 

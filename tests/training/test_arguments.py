@@ -240,6 +240,39 @@ def test_unsupported_megatron_flag_is_named_under_any_spelling_of_its_config_key
         parse_args(["--config", str(config)])
 
 
+@pytest.mark.parametrize(("given", "instead"), [
+    # Flags of Megatron-LM's example launch scripts (examples/gpt3, examples/llama,
+    # examples/mixtral), each a bare "unrecognized arguments" before.
+    (["--lr-warmup-fraction", ".001"], r"--lr-warmup-iters"),
+    (["--rampup-batch-size", "16", "16", "5859375"], r"--global-batch-size"),
+    (["--train-samples", "1000"], r"--train-iters"),
+    (["--lr-decay-samples", "1000"], r"--lr-decay-iters"),
+    (["--weight-decay-incr-style", "constant"], r"--weight-decay"),
+    (["--recompute-activations"], r"--recompute-granularity selective"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], r"--tokenizer-model"),
+    (["--vocab-file", "v.json", "--merge-file", "m.txt"], r"--tokenizer-model"),
+    (["--vocab-size", "32000"], r"--num-units"),
+    (["--make-vocab-size-divisible-by", "128"], r"--num-units"),
+    (["--data-cache-path", "/tmp/cache"], r"--save"),
+    (["--normalization=RMSNorm"], r"RMSNorm, SwiGLU"),
+    (["--swiglu"], r"drop the flag"),
+    (["--untie-embeddings-and-output-weights"], r"untied output weights"),
+    (["--position-embedding-type", "rope"], r"--rotary-base"),
+    (["--disable-bias-linear"], r"no linear biases"),
+    (["--use-mcore-models"], r"megatron.core's"),
+    (["--use-flash-attn"], r"--transformer-impl"),
+    (["--no-masked-softmax-fusion"], r"--transformer-impl"),
+    (["--ckpt-format", "torch_dist"], r"its own distributed checkpoint format"),
+    (["--log-throughput"], r"--log-interval"),
+    (["--tensorboard-log-interval", "1"], r"use --log-interval"),
+    (["--wandb-save-dir", "/tmp/w"], r"WANDB_DIR"),
+])
+def test_megatron_launch_script_flags_are_refused_with_what_to_use(given, instead):
+    with pytest.raises(ArgumentError, match=rf"{given[0].split('=')[0]} is a Megatron-LM flag "
+                                            rf"that lst-train does not take: .*{instead}"):
+        parse_args([*BASE, *given])
+
+
 def test_megatron_gqa_switch_says_that_query_groups_suffice():
     with pytest.raises(ArgumentError, match=r"--group-query-attention is a Megatron-LM flag .*: "
                                             r"grouped-query attention needs no switch here: "
