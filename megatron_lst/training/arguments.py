@@ -431,7 +431,8 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
 def _add_validation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("validation")
     group.add_argument("--eval-interval", type=int, default=1000)
-    group.add_argument("--eval-iters", type=int, default=100)
+    group.add_argument("--eval-iters", type=int, default=100,
+                       help="Global batches of validation rows; 0: no validation.")
     group.add_argument("--eval-data", type=str, default=None,
                        help="Story-completion JSONL for likelihood evaluation.")
 
@@ -848,7 +849,9 @@ def _validate_backends(args: argparse.Namespace) -> None:
 
 
 def _validate_training(args: argparse.Namespace) -> None:
-    _positive(args, "train_iters", "log_interval", "eval_interval", "eval_iters")
+    _positive(args, "train_iters", "log_interval", "eval_interval")
+    if args.eval_iters < 0:
+        raise ArgumentError(f"--eval-iters must be >= 0 (0: no validation), got {args.eval_iters}")
     if args.lr <= 0:
         raise ArgumentError(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.min_lr <= args.lr:

@@ -256,7 +256,11 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
     train = make("train", sources["train"], args.train_iters * args.global_batch_size,
                  training=True)
     valid = None
-    valid_sources = _validation_sources(args, sources, stores)
+    if args.eval_iters == 0:  # Megatron-LM's way of training without validation
+        logger.warning("--eval-iters 0: no evaluation")
+        valid_sources = []
+    else:
+        valid_sources = _validation_sources(args, sources, stores)
     if valid_sources:
         valid = make("valid", valid_sources, args.eval_iters * args.global_batch_size,
                      training=False)

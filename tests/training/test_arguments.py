@@ -273,6 +273,13 @@ def test_megatron_launch_script_flags_are_refused_with_what_to_use(given, instea
         parse_args([*BASE, *given])
 
 
+def test_eval_iters_zero_is_megatrons_no_validation_and_negative_is_refused():
+    assert valid("--eval-iters", "0").eval_iters == 0
+    with pytest.raises(ArgumentError, match=r"--eval-iters must be >= 0 \(0: no validation\), "
+                                            r"got -1"):
+        valid("--eval-iters", "-1")
+
+
 def test_megatron_gqa_switch_says_that_query_groups_suffice():
     with pytest.raises(ArgumentError, match=r"--group-query-attention is a Megatron-LM flag .*: "
                                             r"grouped-query attention needs no switch here: "

@@ -57,6 +57,16 @@ def test_train_data_path_alone_means_no_validation(tmp_path, caplog):
     assert "no --valid-data-path: no evaluation" in caplog.text
 
 
+def test_eval_iters_zero_means_no_validation_as_in_megatron(tmp_path, caplog):
+    # Megatron-LM trains without validation at --eval-iters 0; it was refused ("must be at
+    # least 1") and a ported script had to find another way.
+    flags = tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "2", "--eval-iters", "0"]
+    datasets = build_datasets(validate_args(parse_args(flags), 1))
+    assert documents(datasets.train) == [("speech", 0, 54), ("text", 0, 54)]
+    assert datasets.valid is None
+    assert "--eval-iters 0: no evaluation" in caplog.text
+
+
 def test_the_vocabulary_carries_the_datasets_tokenizer_digest(tmp_path):
     data = write_corpus(tmp_path)  # manifests record the tokenizer sha256 "000...0"
     args = validate_args(parse_args(tiny_flags(data) + ["--train-iters", "2"]), 1)
