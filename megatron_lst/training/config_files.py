@@ -167,10 +167,13 @@ def _action_for_key(key: Any, parser: argparse.ArgumentParser, where: str) -> ar
     if not isinstance(key, str):
         raise ConfigError(f"{where}: key {key!r} is not a flag name")
     flag = flag_of_key(key)
-    by_flag = {s: a for a in parser._actions for s in a.option_strings}
+    # Keyed by the flag's spelling with dashes: `override-opt_param-scheduler` and
+    # `override_opt_param_scheduler` both name --override-opt_param-scheduler.
+    by_flag = {flag_of_key(s): a for a in parser._actions for s in a.option_strings}
     action = by_flag.get(flag)
     if action is None or flag in ("--help", "--config"):
-        known = [s for s in by_flag if s.startswith("--") and s not in ("--help", "--config")]
+        known = [s for a in parser._actions for s in a.option_strings
+                 if s.startswith("--") and s not in ("--help", "--config")]
         close = difflib.get_close_matches(flag, known, n=1, cutoff=0.0)
         hint = f"; did you mean {close[0].lstrip('-')!r} ({close[0]})?" if close else ""
         raise ConfigError(f"{where}: unknown key {key!r}{hint}")
@@ -195,7 +198,8 @@ def _convert(action: argparse.Action, value: Any, where: str, flag: str) -> Any:
         # A store_false flag (`--no-x: true`) stores False in its destination; a `--x/--no-x`
         # pair takes `x: true|false` (or `no-x: true|false`) for its destination.
         negated = isinstance(action, argparse._StoreFalseAction) or (
-            isinstance(action, argparse.BooleanOptionalAction) and flag != _long_flag(action))
+            isinstance(action, argparse.BooleanOptionalAction)
+            and flag != flag_of_key(_long_flag(action)))
         return not value if negated else value
     if value is None:
         if action.default is not None:

@@ -445,6 +445,15 @@ def test_yaml_values_of_text_flags_are_taken_as_written(tmp_path):
     assert argv[argv.index("--data-path") + 1:argv.index("--data-path") + 3] == ["0.5", "2024_01"]
 
 
+@pytest.mark.parametrize("key", ["override-opt_param-scheduler", "override_opt_param_scheduler",
+                                 "override-opt-param-scheduler"])
+def test_a_flag_spelled_with_an_underscore_is_a_config_key_in_any_spelling(tmp_path, key):
+    # Megatron-LM's --override-opt_param-scheduler, written as the flag is spelled, was
+    # "unknown key 'override-opt_param-scheduler'; did you mean 'override-opt_param-scheduler'".
+    args = parse_args([*BASE, "--config", write_yaml(tmp_path, f"{key}: true\n")])
+    assert args.override_opt_param_scheduler and not args.use_checkpoint_opt_param_scheduler
+
+
 @pytest.mark.parametrize("text, message", [
     ("micro_bach_size: 2\n", r"unknown key 'micro_bach_size'; did you mean 'micro-batch-size'"),
     ("patching-mode: dynamic\n", r"'dynamic' is not one of"),
