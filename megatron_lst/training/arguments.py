@@ -73,6 +73,7 @@ _OWN_CHECKPOINT_FORMAT = ("lst-train writes its own distributed checkpoint forma
 _LOGGED_ALWAYS = ("the log is a fixed set of values, written every --log-interval iterations "
                   "to the log line, TensorBoard and W&B (loss, learning rate, grad norm, loss "
                   "scale, throughput; docs/training.md, 'The log line'); drop the flag")
+_NO_SUCH_SETTING = "lst-train has no such setting; drop the flag"
 UNSUPPORTED_MEGATRON_FLAGS = {
     "--context-parallel-size": _NO_CONTEXT_PARALLEL,
     "--hierarchical-context-parallel-sizes": _NO_CONTEXT_PARALLEL,
@@ -125,6 +126,25 @@ UNSUPPORTED_MEGATRON_FLAGS = {
     "--use-rotary-position-embeddings": _FIXED_ARCHITECTURE,
     "--no-position-embedding": _FIXED_ARCHITECTURE,
     "--disable-bias-linear": _FIXED_ARCHITECTURE,
+    "--rotary-percent": ("RoPE rotates every channel of each head (Megatron-LM's "
+                         "--rotary-percent 1.0); drop the flag"),
+    "--apply-layernorm-1p": _FIXED_ARCHITECTURE,
+    "--qk-layernorm": _FIXED_ARCHITECTURE,
+    "--calculate-per-token-loss": ("the loss is always a token mean over the global batch "
+                                   "(every real token weighs the same); drop the flag"),
+    "--decoupled-lr": "every parameter takes --lr (and --min-lr); drop the flag",
+    "--decoupled-min-lr": "every parameter takes --lr (and --min-lr); drop the flag",
+    "--fp8-format": "FP8 training is not supported; use --bf16",
+    "--mock-data": ("there is no mock dataset: give --data-path (docs/data.md builds one; "
+                    "`make demo` trains on a small generated corpus)"),
+    "--tiktoken-pattern": _TOKENIZER_BY_PATH,
+    "--cross-entropy-loss-fusion": _FUSIONS,
+    "--grad-reduce-in-bf16": _NO_SUCH_SETTING,
+    "--manual-gc": _NO_SUCH_SETTING,
+    "--empty-unused-memory-level": _NO_SUCH_SETTING,
+    "--no-mmap-bin-files": _NO_SUCH_SETTING,
+    "--no-create-attention-mask-in-dataloader": _NO_SUCH_SETTING,
+    "--profile": _NO_SUCH_SETTING,
     "--use-mcore-models": "the models are always megatron.core's; drop the flag",
     "--use-legacy-models": "the models are always megatron.core's; drop the flag",
     "--use-flash-attn": _FUSIONS,

@@ -266,6 +266,13 @@ def test_unsupported_megatron_flag_is_named_under_any_spelling_of_its_config_key
     (["--log-throughput"], r"--log-interval"),
     (["--tensorboard-log-interval", "1"], r"use --log-interval"),
     (["--wandb-save-dir", "/tmp/w"], r"WANDB_DIR"),
+    # examples/llama/train_llama3_8b_h100_fp8.sh
+    (["--rotary-percent", "1.0"], r"every channel"),
+    (["--calculate-per-token-loss"], r"token mean"),
+    (["--decoupled-lr", "5e-4"], r"--lr"),
+    (["--fp8-format", "hybrid"], r"use --bf16"),
+    (["--mock-data"], r"--data-path"),
+    (["--manual-gc"], r"no such setting; drop the flag"),
 ])
 def test_megatron_launch_script_flags_are_refused_with_what_to_use(given, instead):
     with pytest.raises(ArgumentError, match=rf"{given[0].split('=')[0]} is a Megatron-LM flag "
