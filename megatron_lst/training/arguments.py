@@ -74,6 +74,8 @@ _LOGGED_ALWAYS = ("the log is a fixed set of values, written every --log-interva
                   "to the log line, TensorBoard and W&B (loss, learning rate, grad norm, loss "
                   "scale, throughput; docs/training.md, 'The log line'); drop the flag")
 _NO_SUCH_SETTING = "lst-train has no such setting; drop the flag"
+# Megatron-LM's mixture-of-experts flags (--moe-router-topk, --moe-grouped-gemm, ...) all start so.
+MIXTURE_OF_EXPERTS_PREFIX = "--moe-"
 UNSUPPORTED_MEGATRON_FLAGS = {
     "--context-parallel-size": _NO_CONTEXT_PARALLEL,
     "--hierarchical-context-parallel-sizes": _NO_CONTEXT_PARALLEL,
@@ -178,9 +180,11 @@ def _refuse_unsupported_megatron_flags(argv: Sequence[str], config_keys: Sequenc
     given = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
     given += [config_files.flag_of_key(key) for key in config_keys if isinstance(key, str)]
     for flag in given:
-        if flag in UNSUPPORTED_MEGATRON_FLAGS:
+        reason = UNSUPPORTED_MEGATRON_FLAGS.get(
+            flag, _NO_EXPERTS if flag.startswith(MIXTURE_OF_EXPERTS_PREFIX) else None)
+        if reason is not None:
             raise ArgumentError(f"{flag} is a Megatron-LM flag that lst-train does not take: "
-                                f"{UNSUPPORTED_MEGATRON_FLAGS[flag]}")
+                                f"{reason}")
 
 
 # --- the parser ------------------------------------------------------------------------

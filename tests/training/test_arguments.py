@@ -273,6 +273,9 @@ def test_unsupported_megatron_flag_is_named_under_any_spelling_of_its_config_key
     (["--fp8-format", "hybrid"], r"use --bf16"),
     (["--mock-data"], r"--data-path"),
     (["--manual-gc"], r"no such setting; drop the flag"),
+    # examples/mixtral: every mixture-of-experts flag, not only --num-experts
+    (["--moe-router-topk", "2"], r"dense: there are no experts"),
+    (["--moe-grouped-gemm"], r"dense: there are no experts"),
 ])
 def test_megatron_launch_script_flags_are_refused_with_what_to_use(given, instead):
     with pytest.raises(ArgumentError, match=rf"{given[0].split('=')[0]} is a Megatron-LM flag "
