@@ -122,7 +122,8 @@ UNSUPPORTED_MEGATRON_FLAGS = {
     "--data-cache-path": ("the datasets keep their row indices under --save "
                           "(<--save>/lst_row_index); drop the flag"),
     "--normalization": _FIXED_ARCHITECTURE,
-    "--swiglu": _FIXED_ARCHITECTURE,
+    "--swiglu": (f"{_FIXED_ARCHITECTURE}, and give --ffn-hidden-size: its default is 4 x "
+                 f"--hidden-size, not Megatron-LM's SwiGLU default int(8h/3/64) x 64"),
     "--untie-embeddings-and-output-weights": _FIXED_ARCHITECTURE,
     "--position-embedding-type": _FIXED_ARCHITECTURE,
     "--use-rotary-position-embeddings": _FIXED_ARCHITECTURE,

@@ -255,7 +255,7 @@ def test_unsupported_megatron_flag_is_named_under_any_spelling_of_its_config_key
     (["--make-vocab-size-divisible-by", "128"], r"--num-units"),
     (["--data-cache-path", "/tmp/cache"], r"--save"),
     (["--normalization=RMSNorm"], r"RMSNorm, SwiGLU"),
-    (["--swiglu"], r"drop the flag"),
+    (["--swiglu"], r"drop the flag, and give --ffn-hidden-size: its default is 4 x --hidden-size"),
     (["--untie-embeddings-and-output-weights"], r"untied output weights"),
     (["--position-embedding-type", "rope"], r"--rotary-base"),
     (["--disable-bias-linear"], r"no linear biases"),
