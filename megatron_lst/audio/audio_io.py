@@ -31,6 +31,7 @@ class AudioInfo:
     num_samples: int
     """Samples per channel at `sample_rate`."""
     sample_rate: int
+    channels: int
 
     @property
     def seconds(self) -> float:
@@ -73,7 +74,8 @@ def audio_info(path: str | Path) -> AudioInfo:
     if _is_pcm_wav(path):
         with wave.open(str(path), "rb") as f:
             _check_last_frame(path, f)
-            return AudioInfo(f.getnframes(), _checked_rate(path, f.getframerate()))
+            return AudioInfo(f.getnframes(), _checked_rate(path, f.getframerate()),
+                             f.getnchannels())
     try:
         info = _soundfile(path).info(str(path))
     except RuntimeError as error:  # soundfile.LibsndfileError
@@ -82,7 +84,7 @@ def audio_info(path: str | Path) -> AudioInfo:
         raise AudioError(f"{path}: its header does not give its length (a FLAC written while "
                          f"streaming), and libsndfile fails at the end of such a file; "
                          f"re-encode it, e.g. ffmpeg -i IN -c:a flac OUT.flac")
-    return AudioInfo(info.frames, _checked_rate(path, info.samplerate))
+    return AudioInfo(info.frames, _checked_rate(path, info.samplerate), info.channels)
 
 
 _UNKNOWN_LENGTH = 2**63 - 1
@@ -150,8 +152,7 @@ def _check_fits_in_memory(path: Path) -> None:
     import psutil
 
     info = audio_info(path)
-    channels = _soundfile(path).info(str(path)).channels
-    if info.num_samples * channels * 4 > psutil.virtual_memory().available:
+    if info.num_samples * info.channels * 4 > psutil.virtual_memory().available:
         raise AudioError(f"{path}: the header gives {info.seconds / 3600:,.1f} hours of audio, "
                          f"more than fits in memory; the header is damaged (re-encode the file) "
                          f"or the recording is too long (split it)")
