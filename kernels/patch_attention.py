@@ -5,6 +5,9 @@ import torch
 from .backend import resolve_backend
 from .patch_attention_reference import check_attention_inputs, patch_cross_attention_reference
 
+# The largest head dim the Triton kernel takes: past it no tile fits sm_90's shared memory in fp32.
+TRITON_MAX_HEAD_DIM = 256
+
 
 def patch_cross_attention(
     q: torch.Tensor,
@@ -22,11 +25,18 @@ def patch_cross_attention(
     gradients. Ranges from `decoder_key_ranges` / `encoder_key_ranges` are non-decreasing in i,
     which lets the Triton kernel skip key blocks; any other ranges are still computed correctly.
     `scale` defaults to 1/sqrt(d). backend: "auto" (Triton on CUDA, else PyTorch), "triton" or
-    "torch"; see `lst_kernels.backend`.
+    "torch"; see `lst_kernels.backend`. The Triton kernel takes d <= `TRITON_MAX_HEAD_DIM` (256).
     """
     check_attention_inputs(q, k, v, key_start, key_end)
     if resolve_backend(backend, q, k, v, key_start, key_end) == "torch":
         return patch_cross_attention_reference(q, k, v, key_start, key_end, scale)
+    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim {q.shape[-1]} is larger than the Triton patch attention kernel takes "
+            f"({TRITON_MAX_HEAD_DIM}: its tiles would not fit in GPU shared memory); use "
+            "backend='torch' (LST_KERNEL_BACKEND=torch for a model) or heads of at most "
+            f"{TRITON_MAX_HEAD_DIM}"
+        )
     from .patch_attention_triton import PatchCrossAttentionFunction
 
     if not q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -277,12 +276,13 @@ def check_reference_logits(device: str, fixtures: Path) -> dict:
 
 def correctness(device: str, fixtures: Path | None, tiny: bool) -> dict:
     import torch
+    from lst_kernels.backend import interpret_requested
 
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("correctness: --device cuda but torch sees no GPU")
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device == "cpu" and not interpret_requested():
         raise SystemExit("correctness: on CPU the Triton kernels need TRITON_INTERPRET=1 set "
                          "before this process starts")
     initialize_parallel(seed=1234)

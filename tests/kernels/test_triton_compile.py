@@ -1,18 +1,18 @@
 """Compiles every Triton kernel (bf16 inputs) for an H100/H200 (sm_90) down to a cubin, no GPU
-needed: one tile each, then every config the autotuner may pick, within sm_90's shared memory.
+needed: one tile each, then every config the autotuner may pick, within sm_90's shared memory,
+and the smallest attention config at the largest head dim the kernel takes (256), fp32 included.
 
 The interpreter runs kernels as NumPy and misses what only the compiler checks (loop-carried
 types, layouts, lowering); this catches those on CPU-only machines.
 """
 
-import os
-
 import pytest
+from lst_kernels.backend import interpret_requested
 
 triton = pytest.importorskip("triton")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter mode"),
+    pytest.mark.skipif(interpret_requested(), reason="interpreter mode"),
 ]
 
 try:
@@ -121,10 +121,17 @@ def test_every_bf16_autotune_config_fits_sm90_shared_memory():
         assert not too_big, (tuned.fn.__name__, too_big)
 
 
-def test_fp32_attention_at_head_dim_128_keeps_a_config_that_fits():
-    # fp32 tiles take twice the bytes: the largest configs overflow (the autotuner skips a config
-    # that runs out of resources), but each kernel must keep at least one that fits.
+@pytest.mark.parametrize("dtype, head_block", [("fp32", 128), ("fp32", 256), ("bf16", 256)])
+def test_attention_keeps_a_config_that_fits_at_large_heads(dtype, head_block):
+    # fp32 tiles take twice the bytes and head dim 256 twice again: the larger configs overflow
+    # there (the autotuner skips a config that runs out of resources), but the smallest must fit,
+    # or a launch at that head dim would have no config to run.
+    precision = "ieee" if dtype == "fp32" else "tf32"
     for name in ATTENTION_KERNELS:
         tuned = getattr(patch_attention_triton, name)
-        shared = _shared_bytes_of_every_config(tuned, {"PRECISION": "ieee", "BLOCK_D": 128}, "fp32")
-        assert min(shared.values()) <= SM90_MAX_SHARED_BYTES, (name, shared)
+        smallest = min(tuned.configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
+                                                     c.num_stages))
+        constexprs = {"PRECISION": precision, "BLOCK_D": head_block, **smallest.kwargs}
+        compiled = _compile(tuned.fn, _signature(tuned.fn, dtype, constexprs), constexprs,
+                            smallest.num_warps, smallest.num_stages)
+        assert compiled.metadata.shared <= SM90_MAX_SHARED_BYTES, (name, str(smallest))

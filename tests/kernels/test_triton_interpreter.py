@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from lst_kernels.backend import interpret_requested
 
 pytest.importorskip("triton")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") == "1",
+    interpret_requested(),
     reason="this process already runs test_triton_kernels.py interpreted",
 )
 def test_triton_kernels_under_interpreter():

@@ -7,7 +7,6 @@ TRITON_INTERPRET=1 (`test_triton_interpreter.py` launches exactly that in a subp
 `tl.dot` wrongly, so on CPU `patch_cross_attention` runs bf16 inputs upcast to fp32.
 """
 
-import os
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from lst_kernels import (
     sliding_window_key_starts,
     token_document_first_patch,
 )
+from lst_kernels.backend import interpret_requested
 from patching.document_rule import (
     decoder_mask,
     dense_attention,
@@ -31,10 +31,11 @@ from patching.document_rule import (
     self_attention_mask,
 )
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = interpret_requested()
 # Compiled runs need CUDA (the conftest skips `gpu` tests without it); interpreted ones do not.
 pytestmark = [] if INTERPRETED else [pytest.mark.gpu]
 pytest.importorskip("triton")
+from lst_kernels import patch_attention_triton, segment_pool_triton  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
 # (dtype, forward/backward tolerance vs the fp32 reference on the same rounded inputs). The
@@ -153,9 +154,10 @@ def test_patch_cross_attention(direction, k, window, dtype, tolerance):
     _compare(run, [q, kv], tolerance)
 
 
-@pytest.mark.parametrize("head_dim", [8, 12])
+@pytest.mark.parametrize("head_dim", [8, 12, 200])
 def test_patch_cross_attention_arbitrary_ranges(head_dim):
-    # Non-monotone ranges, empty ranges, out-of-bounds ends, a head dim that is not a power of two.
+    # Non-monotone ranges, empty ranges, out-of-bounds ends, head dims that are not a power of two
+    # (200: 56 of the 256 padded channels masked, at the kernel's largest head block).
     generator = torch.Generator().manual_seed(head_dim)
     num_queries, num_keys = 37, 29
     start = torch.randint(-3, num_keys, (2, num_queries), generator=generator, dtype=torch.int32)
@@ -172,6 +174,15 @@ def test_patch_cross_attention_arbitrary_ranges(head_dim):
 
 
 
+def test_patch_cross_attention_refuses_a_head_dim_past_the_kernel():
+    # Head dim 264 pads to a 512-wide block: no tile fits shared memory, so the call says so and
+    # names the backend that takes it, instead of failing inside the autotuner.
+    q = torch.zeros(1, 4, 1, 264, device=DEVICE)
+    ranges = torch.zeros(1, 4, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 264 is larger than.*backend='torch'"):
+        patch_cross_attention(q, q, q, ranges, ranges + 1, backend="triton")
+    assert patch_cross_attention(q, q, q, ranges, ranges + 1, backend="torch").shape == q.shape
+
 # --- every tile size the autotuner may pick ---------------------------------------------------
 # A compiled launch runs the one config the autotuner picks, the interpreter fixed tiny tiles; here
 # autotuning is off and each config's tiles are forced (the interpreter's or the compiler's
@@ -186,15 +197,13 @@ def _autotune_launches(tuned) -> list[dict]:
 
 
 @pytest.mark.parametrize("reduce", ["max", "mean"])
-@pytest.mark.parametrize("config", range(5))
+@pytest.mark.parametrize("config", range(len(segment_pool_triton._fwd_tuned.configs)))
 def test_segment_pool_at_the_autotuner_tiles(monkeypatch, config, reduce):
-    from lst_kernels import segment_pool_triton as kernels
-
-    forward = _autotune_launches(kernels._fwd_tuned)[config]
-    backward = _autotune_launches(kernels._bwd_tuned)[config]
-    monkeypatch.setattr(kernels, "use_autotune", lambda *tensors: False)
-    monkeypatch.setattr(kernels, "_FIXED_FWD_BLOCKS", forward)
-    monkeypatch.setattr(kernels, "_FIXED_BWD_BLOCKS", backward)
+    forward = _autotune_launches(segment_pool_triton._fwd_tuned)[config]
+    backward = _autotune_launches(segment_pool_triton._bwd_tuned)[config]
+    monkeypatch.setattr(segment_pool_triton, "use_autotune", lambda *tensors: False)
+    monkeypatch.setattr(segment_pool_triton, "_FIXED_FWD_BLOCKS", forward)
+    monkeypatch.setattr(segment_pool_triton, "_FIXED_BWD_BLOCKS", backward)
     generator = torch.Generator().manual_seed(config)
     lengths = random_patch_lengths(generator, batch=2, num_patches=30, max_length=12)
     lengths[:, 0] = 3 * forward["BLOCK_T"] + 1  # a patch that takes four row steps
@@ -209,15 +218,14 @@ def test_segment_pool_at_the_autotuner_tiles(monkeypatch, config, reduce):
 
 
 @pytest.mark.parametrize("direction", ["decoder", "encoder"])
-@pytest.mark.parametrize("config", range(5))
+@pytest.mark.parametrize("config", range(len(patch_attention_triton._fwd_tuned.configs)))
 def test_patch_cross_attention_at_the_autotuner_tiles(monkeypatch, config, direction):
-    from lst_kernels import patch_attention_triton as kernels
-
-    launch = _autotune_launches(kernels._fwd_tuned)[config]
-    for tuned in (kernels._dq_tuned, kernels._dkdv_tuned):  # the three kernels share the configs
+    launch = _autotune_launches(patch_attention_triton._fwd_tuned)[config]
+    # The three kernels share the configs.
+    for tuned in (patch_attention_triton._dq_tuned, patch_attention_triton._dkdv_tuned):
         assert _autotune_launches(tuned)[config] == launch
-    monkeypatch.setattr(kernels, "use_autotune", lambda *tensors: False)
-    monkeypatch.setattr(kernels, "_FIXED_TILES", launch)
+    monkeypatch.setattr(patch_attention_triton, "use_autotune", lambda *tensors: False)
+    monkeypatch.setattr(patch_attention_triton, "_FIXED_TILES", launch)
     tiles = {name: launch[name] for name in ("BLOCK_M", "BLOCK_N")}
     generator = torch.Generator().manual_seed(config)
     k, window, num_patches = 2, 80, 120  # a token sees up to 160 slots: more than one key tile
