@@ -32,9 +32,9 @@ from megatron_lst.checkpoint.reference import (
     export_reference,
     import_reference,
     read_reference_model_args,
-    read_reference_state_dict,
     reference_model_args,
 )
+from megatron_lst.checkpoint.reference_files import read_reference_state_dict
 from megatron_lst.models.lst_model import LSTModel
 from megatron_lst.models.reference_import import (
     REQUIRED_REFERENCE_OPTIONS,
