@@ -63,6 +63,11 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ReferenceImportError(
             f"{path} holds a {type(data).__name__}, not the reference's model arguments")
+    if data.get("train_entropy_model") is True:
+        raise ReferenceImportError(
+            f"{path} is the config of a reference run that trained its entropy model "
+            "(train_entropy_model: true), a plain transformer that scores bytes for entropy "
+            "patching, not an LST model; import the checkpoint of an LST run")
     for key in ("model_args", "model"):
         if isinstance(data.get(key), dict):
             return data[key]

@@ -345,3 +345,34 @@ def test_import_never_replaces_an_existing_output(tmp_path, state, capsys):
     assert _import(tmp_path, state, MODEL_ARGS) == 1
     assert "refusing to overwrite a checkpoint" in capsys.readouterr().err
     assert (tmp_path / "out" / WEIGHTS_FILENAME).read_bytes() == b"earlier import"
+
+
+def test_an_entropy_model_run_is_refused_naming_it(tmp_path, state, capsys):
+    torch.save({"model": state}, tmp_path / "consolidated.pth")
+    (tmp_path / "params.json").write_text(json.dumps(
+        {**PARAMS, "train_entropy_model": True, "entropy_model": {"dim": 64, "n_layers": 2}}))
+    assert main(["import-reference", "--reference-ckpt", str(tmp_path),
+                 "--output", str(tmp_path / "out"), "--num-units", NUM_UNITS]) == 1
+    assert "trained its entropy model (train_entropy_model: true)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fixture_saved_as_a_training_step_imports_like_its_state_dict(reference_fixtures, tmp_path):
+    """The fixture's weights and args, saved the way the reference's training saves a step, import
+    to the same portable checkpoint as the fixture's safetensors does."""
+    weights = load_file(str(reference_fixtures / "state_dict_A.safetensors"))
+    args = json.loads((reference_fixtures / "config_A.json").read_text())["model_args"]
+    step = tmp_path / "checkpoints" / "0000000100"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": weights}, checkpoint_id=step)
+    (step / "params.json").write_text(json.dumps({**PARAMS, "model": args}))
+    assert main(["import-reference", "--reference-ckpt", str(step),
+                 "--output", str(tmp_path / "from_step")]) == 0
+    assert main(["import-reference",
+                 "--reference-ckpt", str(reference_fixtures / "state_dict_A.safetensors"),
+                 "--reference-args", str(reference_fixtures / "config_A.json"),
+                 "--output", str(tmp_path / "from_file")]) == 0
+    assert_same_tensors(load_file(str(tmp_path / "from_step" / WEIGHTS_FILENAME)),
+                        load_file(str(tmp_path / "from_file" / WEIGHTS_FILENAME)))
+    assert load_portable(tmp_path / "from_step").config == load_portable(tmp_path / "from_file").config
