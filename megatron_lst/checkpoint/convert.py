@@ -8,7 +8,12 @@ Returns the measured max abs logit difference.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -101,12 +106,13 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
         print(f"verify import-reference: export of the import == original ({len(original)} "
               "tensors identical)", file=stream)
     load_full_state_dict(before, state, str(checkpoint))
-    save_portable(output, PortableCheckpoint(
-        config=config, state=state, vocab=reference_vocab(config.vocab_size, num_units),
-        training_args=patching, reference_model_args=model_args,
-        source=f"reference checkpoint {checkpoint}"))
-    after = portable_model(load_portable(output), str(output))
-    return verify_same_function(before, after, "import-reference", stream=stream)
+    with staged_output(output, PORTABLE_FILENAMES) as staged:
+        save_portable(staged, PortableCheckpoint(
+            config=config, state=state, vocab=reference_vocab(config.vocab_size, num_units),
+            training_args=patching, reference_model_args=model_args,
+            source=f"reference checkpoint {checkpoint}"))
+        after = portable_model(load_portable(staged), str(output))
+        return verify_same_function(before, after, "import-reference", stream=stream)
 
 
 def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
@@ -126,16 +132,15 @@ def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
     patcher_args = reference_patcher_args(checkpoint.training_args)
     if patcher_args is not None:
         params["data"] = {"patcher_args": patcher_args}
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": reference}, output / REFERENCE_WEIGHTS_FILENAME)
-    (output / REFERENCE_ARGS_FILENAME).write_text(json.dumps(params, indent=1) + "\n")
-
-    config, state = import_reference(read_reference_state_dict(output / REFERENCE_WEIGHTS_FILENAME),
-                                     read_reference_model_args(output / REFERENCE_ARGS_FILENAME))
-    after = build_full_model(config)
-    load_full_state_dict(after, state, str(output))
-    return verify_same_function(before, after, "export-reference", stream=stream)
+    with staged_output(output, (REFERENCE_WEIGHTS_FILENAME, REFERENCE_ARGS_FILENAME)) as staged:
+        torch.save({"model": reference}, staged / REFERENCE_WEIGHTS_FILENAME)
+        (staged / REFERENCE_ARGS_FILENAME).write_text(json.dumps(params, indent=1) + "\n")
+        config, state = import_reference(
+            read_reference_state_dict(staged / REFERENCE_WEIGHTS_FILENAME),
+            read_reference_model_args(staged / REFERENCE_ARGS_FILENAME))
+        after = build_full_model(config)
+        load_full_state_dict(after, state, str(output))
+        return verify_same_function(before, after, "export-reference", stream=stream)
 
 
 def dist_to_portable(load: str | Path, output: str | Path,
@@ -146,11 +151,12 @@ def dist_to_portable(load: str | Path, output: str | Path,
     config, vocab, training_args = checkpoint_model(path)
     before = build_full_model(config)
     load_dist_checkpoint(path, before, vocab)
-    save_portable(output, PortableCheckpoint(
-        config=config, state=full_state_dict(before), vocab=vocab, training_args=training_args,
-        source=f"dist checkpoint {path}"))
-    after = portable_model(load_portable(output, vocab), str(output))
-    return verify_same_function(before, after, "dist-to-portable", stream=stream)
+    with staged_output(output, PORTABLE_FILENAMES) as staged:
+        save_portable(staged, PortableCheckpoint(
+            config=config, state=full_state_dict(before), vocab=vocab,
+            training_args=training_args, source=f"dist checkpoint {path}"))
+        after = portable_model(load_portable(staged, vocab), str(output))
+        return verify_same_function(before, after, "dist-to-portable", stream=stream)
 
 
 def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int = 0,
@@ -221,6 +227,27 @@ def _patch_size(size: object) -> int | None:
             and size >= 1:
         return int(size)
     return None
+
+
+@contextlib.contextmanager
+def staged_output(output: str | Path, filenames: tuple[str, ...]) -> Iterator[Path]:
+    """A scratch directory beside `output` for a conversion to write `filenames` into and verify
+    them there; when the block completes they move into `output` (created if absent), else the
+    scratch directory is removed: a conversion that fails or is interrupted leaves nothing at
+    `output`, and never replaces a checkpoint there (`_refuse_to_overwrite`, checked again
+    before the move)."""
+    _refuse_to_overwrite(output, filenames)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield scratch
+        _refuse_to_overwrite(output, filenames)
+        output.mkdir(exist_ok=True)
+        for name in filenames:
+            os.replace(scratch / name, output / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None:

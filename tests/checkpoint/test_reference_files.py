@@ -376,3 +376,27 @@ def test_fixture_saved_as_a_training_step_imports_like_its_state_dict(reference_
     assert_same_tensors(load_file(str(tmp_path / "from_step" / WEIGHTS_FILENAME)),
                         load_file(str(tmp_path / "from_file" / WEIGHTS_FILENAME)))
     assert load_portable(tmp_path / "from_step").config == load_portable(tmp_path / "from_file").config
+
+
+def test_a_conversion_that_fails_its_verification_leaves_nothing_at_output(tmp_path, state,
+                                                                          monkeypatch, capsys):
+    from megatron_lst.checkpoint import convert
+    from megatron_lst.checkpoint.verify import VerificationError
+
+    save_training_step(tmp_path, state)
+    step = tmp_path / "0000001000"
+    assert main(["import-reference", "--reference-ckpt", str(step), "--output",
+                 str(tmp_path / "portable"), "--num-units", NUM_UNITS]) == 0
+
+    def mismatch(before, after, command, stream=None):
+        raise VerificationError(f"{command}: max |logits before - after| = 1.0")
+
+    monkeypatch.setattr(convert, "verify_same_function", mismatch)
+    for command, source, output in (("import-reference", ["--reference-ckpt", str(step),
+                                                          "--num-units", NUM_UNITS], "again"),
+                                    ("export-reference", ["--portable", str(tmp_path / "portable")],
+                                     "exported")):
+        assert main([command, *source, "--output", str(tmp_path / output)]) == 1
+        assert f"{command}: max |logits before - after| = 1.0" in capsys.readouterr().err
+        assert not (tmp_path / output).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000001000", "portable"]  # no scratch
