@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "consolidated.pth, or a state dict .pth/.safetensors")
     imp.add_argument("--reference-args", default=None,
                      help="its params.json (model args under 'model'), the training YAML it was "
-                          "launched with, or a JSON with 'model_args' (default: the params.json "
-                          "beside the checkpoint)")
+                          "launched with, or a JSON with 'model_args'; a directory: its "
+                          "params.json (default: the params.json beside the checkpoint)")
     imp.add_argument("--output", required=True, help="portable checkpoint directory to write")
     imp.add_argument("--num-units", type=int, default=502,
                      help="speech-unit slots of the reference vocabulary (default 502)")

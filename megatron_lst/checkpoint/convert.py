@@ -89,8 +89,12 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     """
     _refuse_to_overwrite(output, PORTABLE_FILENAMES)
     checkpoint = locate_reference_checkpoint(reference_ckpt)
-    reference_args = reference_args if reference_args is not None \
-        else reference_params_beside(checkpoint)
+    if reference_args is None or Path(reference_args).is_dir():
+        reference_args = reference_params_beside(checkpoint if reference_args is None
+                                                 else reference_args)
+    if stream is not None:
+        form = "torch.distributed.checkpoint" if checkpoint.is_dir() else "file"
+        print(f"import-reference: {checkpoint} ({form}), model args {reference_args}", file=stream)
     original = read_reference_state_dict(checkpoint)
     model_args = read_reference_model_args(reference_args)
     patching = reference_patching(model_args, read_reference_patcher_args(reference_args))

@@ -96,7 +96,7 @@ def locate_reference_checkpoint(path: str | Path) -> Path:
 
 def reference_params_beside(checkpoint: str | Path) -> Path:
     """The `params.json` the reference writes next to a checkpoint (`locate_reference_checkpoint`'s
-    result): in a DCP step directory, or beside consolidated.pth."""
+    result): in a DCP step directory (or any directory given), or beside consolidated.pth."""
     checkpoint = Path(checkpoint)
     params = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / PARAMS_FILENAME
     if not params.is_file():

@@ -125,6 +125,10 @@ def test_import_of_a_step_directory_uses_its_params_json_and_exports_back(tmp_pa
     step = save_training_step(tmp_path / "checkpoints", state)
     assert main(["import-reference", "--reference-ckpt", str(step),
                  "--output", str(tmp_path / "portable"), "--num-units", NUM_UNITS]) == 0
+    out = capsys.readouterr().out
+    assert (f"import-reference: {step} (torch.distributed.checkpoint), model args "
+            f"{step / 'params.json'}") in out
+    assert "export of the import == original (83 tensors identical)" in out
     imported = load_portable(tmp_path / "portable")
     assert imported.reference_model_args == MODEL_ARGS
     assert imported.training_args == {"patching_mode": "static", "patch_size": 4}
@@ -133,7 +137,14 @@ def test_import_of_a_step_directory_uses_its_params_json_and_exports_back(tmp_pa
     written = torch.load(tmp_path / "exported" / "consolidated.pth", weights_only=True)
     assert list(written) == ["model"]  # what the reference's loader reads: st_dict["model"]
     assert_same_tensors(written["model"], state)
-    assert "export of the import == original (83 tensors identical)" in capsys.readouterr().out
+    # --reference-args may name the directory holding params.json
+    consolidated = consolidate(step)
+    assert main(["import-reference", "--reference-ckpt", str(consolidated / "consolidated.pth"),
+                 "--reference-args", str(step), "--output", str(tmp_path / "again"),
+                 "--num-units", NUM_UNITS]) == 0
+    assert f"model args {step / 'params.json'}" in capsys.readouterr().out
+    assert_same_tensors(load_file(str(tmp_path / "again" / WEIGHTS_FILENAME)),
+                        load_file(str(tmp_path / "portable" / WEIGHTS_FILENAME)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
