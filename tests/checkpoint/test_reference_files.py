@@ -22,15 +22,27 @@ from distributed.harness import run_distributed
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from checkpoint.reference_oracle import REFERENCE_MODEL_FIELDS, REFERENCE_PATCHER_FIELDS
 from checkpoint.test_reference_configurations import random_reference_state, reference_args
+from megatron_lst.checkpoint import convert
 from megatron_lst.checkpoint.cli import main
-from megatron_lst.checkpoint.portable import WEIGHTS_FILENAME, load_portable
+from megatron_lst.checkpoint.model_state import build_full_model, full_state_dict
+from megatron_lst.checkpoint.portable import (
+    WEIGHTS_FILENAME,
+    PortableCheckpoint,
+    load_portable,
+    save_portable,
+)
 from megatron_lst.checkpoint.reference_files import (
     locate_reference_checkpoint,
     read_reference_state_dict,
     reference_params_beside,
 )
+from megatron_lst.checkpoint.verify import VerificationError
+from megatron_lst.models.config import preset
 from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.parallel import destroy_parallel, initialize_parallel
+from megatron_lst.tokenizer.vocab import JointVocab
 
 MODEL_ARGS = reference_args("base")
 NUM_UNITS = "10"  # of the configurations' 40-id vocabulary
@@ -391,9 +403,6 @@ def test_fixture_saved_as_a_training_step_imports_like_its_state_dict(reference_
 
 def test_a_conversion_that_fails_its_verification_leaves_nothing_at_output(tmp_path, state,
                                                                           monkeypatch, capsys):
-    from megatron_lst.checkpoint import convert
-    from megatron_lst.checkpoint.verify import VerificationError
-
     save_training_step(tmp_path, state)
     step = tmp_path / "0000001000"
     assert main(["import-reference", "--reference-ckpt", str(step), "--output",
@@ -411,3 +420,28 @@ def test_a_conversion_that_fails_its_verification_leaves_nothing_at_output(tmp_p
         assert f"{command}: max |logits before - after| = 1.0" in capsys.readouterr().err
         assert not (tmp_path / output).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0000001000", "portable"]  # no scratch
+
+
+def test_export_of_a_model_trained_here_writes_only_fields_the_reference_loader_accepts(tmp_path):
+    """The reference's loader validates params.json with pydantic models that forbid unknown
+    fields and reads `torch.load(consolidated.pth, weights_only=True)["model"]`."""
+    vocab = JointVocab(text_size=58)
+    initialize_parallel()
+    try:
+        config = preset("tiny", vocab.size)
+        state = full_state_dict(build_full_model(config))
+        save_portable(tmp_path / "portable", PortableCheckpoint(
+            config=config, state=state, vocab=vocab,
+            training_args={"patching_mode": "curriculum", "patch_size": 4, "curriculum_tau1": 10,
+                           "curriculum_tau2": 20, "max_tokens": 256}))
+    finally:
+        destroy_parallel()
+    assert main(["export-reference", "--portable", str(tmp_path / "portable"),
+                 "--output", str(tmp_path / "exported")]) == 0
+    params = json.loads((tmp_path / "exported" / "params.json").read_text())
+    assert sorted(params) == ["data", "model"] and sorted(params["data"]) == ["patcher_args"]
+    assert set(params["model"]) <= REFERENCE_MODEL_FIELDS, set(params["model"]) - REFERENCE_MODEL_FIELDS
+    assert set(params["data"]["patcher_args"]) <= REFERENCE_PATCHER_FIELDS
+    weights = torch.load(tmp_path / "exported" / "consolidated.pth", weights_only=True)
+    assert list(weights) == ["model"]
+    assert {t.dtype for t in weights["model"].values()} == {torch.float32}
