@@ -1,6 +1,6 @@
 """`lst-convert` / `tools/convert_checkpoint.py`: convert LST checkpoints and verify each result.
 
-    lst-convert import-reference --reference-ckpt consolidated.pth --reference-args params.json --output DIR
+    lst-convert import-reference --reference-ckpt STEP_DIR|consolidated.pth [--reference-args params.json] --output DIR
     lst-convert export-reference --portable DIR --output REF_DIR
     lst-convert dist-to-portable --load SAVE_DIR --output DIR
     lst-convert portable-to-dist --portable DIR --save SAVE_DIR [--iteration N]
@@ -40,7 +40,9 @@ checkpoints from others:
   portable (model.safetensors + lst_config.json)  safe to accept from anyone: raw tensors and
                                                   JSON, nothing is unpickled
   reference consolidated.pth (import-reference)   read with torch.load(weights_only=True):
-                                                  tensors and plain data only
+                                                  tensors and plain data only; its step
+                                                  directories (DCP) with the dist checkpoints'
+                                                  restricted unpickler, tensors weights_only
   dist checkpoints (lst-train --save)             hold pickles; every loader reads them with a
                                                   restricted unpickler and refuses anything but
                                                   checkpoint data before megatron reads them
@@ -56,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = commands.add_parser("import-reference", help="reference checkpoint -> portable")
     imp.add_argument("--reference-ckpt", required=True,
-                     help="the reference's consolidated.pth, or a state dict .pth/.safetensors")
-    imp.add_argument("--reference-args", required=True,
+                     help="the reference's checkpoint: a step directory its training saved "
+                          "(torch.distributed.checkpoint), its consolidated/ directory or "
+                          "consolidated.pth, or a state dict .pth/.safetensors")
+    imp.add_argument("--reference-args", default=None,
                      help="its params.json (model args under 'model'), the training YAML it was "
-                          "launched with, or a JSON with 'model_args'")
+                          "launched with, or a JSON with 'model_args'; a directory: its "
+                          "params.json (default: the params.json beside the checkpoint)")
     imp.add_argument("--output", required=True, help="portable checkpoint directory to write")
     imp.add_argument("--num-units", type=int, default=502,
                      help="speech-unit slots of the reference vocabulary (default 502)")

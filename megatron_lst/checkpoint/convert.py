@@ -8,12 +8,18 @@ Returns the measured max abs logit difference.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
+from megatron_lst.models.reference_import import ReferenceImportError, lst_config_from_reference
 from megatron_lst.tokenizer.vocab import NUM_RESERVED, JointVocab
 
 from .dist import (
@@ -37,12 +43,17 @@ from .portable import (
     save_portable,
 )
 from .reference import (
+    check_reference_shapes,
     export_reference,
     import_reference,
     read_reference_model_args,
     read_reference_patcher_args,
-    read_reference_state_dict,
     reference_model_args,
+)
+from .reference_files import (
+    locate_reference_checkpoint,
+    read_reference_state_dict,
+    reference_params_beside,
 )
 from .verify import VerificationError, verify_same_function
 
@@ -67,57 +78,73 @@ def reference_vocab(vocab_size: int, num_units: int) -> JointVocab:
     return JointVocab(text_size=text_size, num_units=num_units)
 
 
-def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str | Path,
+def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str | Path | None,
                                  output: str | Path, num_units: int = 502,
                                  stream: TextIO | None = None) -> float:
-    """Reference checkpoint + model args -> portable checkpoint in `output`.
+    """Reference checkpoint (any form `reference_files` reads) + model args (None: the
+    params.json the reference writes beside the checkpoint) -> portable checkpoint in `output`,
+    in the checkpoint's dtype. Nothing is written unless every check passes.
 
     Also checks that exporting the imported tensors gives back the reference state dict exactly.
     """
     _refuse_to_overwrite(output, PORTABLE_FILENAMES)
-    original = read_reference_state_dict(reference_ckpt)
+    checkpoint = locate_reference_checkpoint(reference_ckpt)
+    if reference_args is None or Path(reference_args).is_dir():
+        reference_args = reference_params_beside(checkpoint if reference_args is None
+                                                 else reference_args)
+    if stream is not None:
+        form = "torch.distributed.checkpoint" if checkpoint.is_dir() else "file"
+        print(f"import-reference: {checkpoint} ({form}), model args {reference_args}", file=stream)
+    original = read_reference_state_dict(checkpoint)
     model_args = read_reference_model_args(reference_args)
     patching = reference_patching(model_args, read_reference_patcher_args(reference_args))
-    config, state = import_reference(original, model_args)
+    before = build_full_model(lst_config_from_reference(model_args))
+    try:
+        check_reference_shapes(original, before.lst_config,
+                               {name: tuple(t.shape) for name, t in full_state_dict(before).items()})
+        config, state = import_reference(original, model_args)
+    except ReferenceImportError as error:
+        raise ReferenceImportError(f"{checkpoint} (model args {reference_args}): {error}") from None
     _check_identical(export_reference(state, config), original, "re-exported reference state dict")
     if stream is not None:
         print(f"verify import-reference: export of the import == original ({len(original)} "
               "tensors identical)", file=stream)
-    before = build_full_model(config)
-    load_full_state_dict(before, state, str(reference_ckpt))
-    save_portable(output, PortableCheckpoint(
-        config=config, state=state, vocab=reference_vocab(config.vocab_size, num_units),
-        training_args=patching, reference_model_args=model_args,
-        source=f"reference checkpoint {reference_ckpt}"))
-    after = portable_model(load_portable(output), str(output))
-    return verify_same_function(before, after, "import-reference", stream=stream)
+    load_full_state_dict(before, state, str(checkpoint))
+    with staged_output(output, PORTABLE_FILENAMES) as staged:
+        save_portable(staged, PortableCheckpoint(
+            config=config, state=state, vocab=reference_vocab(config.vocab_size, num_units),
+            training_args=patching, reference_model_args=model_args,
+            source=f"reference checkpoint {checkpoint}"))
+        after = portable_model(load_portable(staged), str(output))
+        return verify_same_function(before, after, "import-reference", stream=stream)
 
 
 def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
                                  stream: TextIO | None = None) -> float:
-    """Portable checkpoint -> `output/consolidated.pth` (BLT's `{"model": state dict}`) and
-    `output/params.json` (`{"model": model args}`, with `"data": {"patcher_args": ...}` where the
-    checkpoint's flags name a patching the reference has, `reference_patcher_args`)."""
+    """Portable checkpoint -> `output/consolidated.pth` (BLT's `{"model": state dict}`, the
+    portable's tensors exactly, in their dtype) and `output/params.json` (`{"model": model
+    args}`, with `"data": {"patcher_args": ...}` where the checkpoint's flags name a patching the
+    reference has, `reference_patcher_args`): the reference's `generate.py`/`eval.py` load that
+    directory (`load_consolidated_model_and_tokenizer`)."""
     _refuse_to_overwrite(output, (REFERENCE_WEIGHTS_FILENAME, REFERENCE_ARGS_FILENAME))
     checkpoint = load_portable(portable_dir)
-    before = portable_model(checkpoint, str(portable_dir))
-    reference = export_reference(full_state_dict(before), checkpoint.config)
+    before = portable_model(checkpoint, str(portable_dir))  # checks every tensor's name and shape
+    reference = export_reference(checkpoint.state, checkpoint.config)
     model_args = reference_model_args(checkpoint.config, checkpoint.reference_model_args,
                                       (checkpoint.training_args or {}).get("max_tokens"))
     params = {"model": model_args}
     patcher_args = reference_patcher_args(checkpoint.training_args)
     if patcher_args is not None:
         params["data"] = {"patcher_args": patcher_args}
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": reference}, output / REFERENCE_WEIGHTS_FILENAME)
-    (output / REFERENCE_ARGS_FILENAME).write_text(json.dumps(params, indent=1) + "\n")
-
-    config, state = import_reference(read_reference_state_dict(output / REFERENCE_WEIGHTS_FILENAME),
-                                     read_reference_model_args(output / REFERENCE_ARGS_FILENAME))
-    after = build_full_model(config)
-    load_full_state_dict(after, state, str(output))
-    return verify_same_function(before, after, "export-reference", stream=stream)
+    with staged_output(output, (REFERENCE_WEIGHTS_FILENAME, REFERENCE_ARGS_FILENAME)) as staged:
+        torch.save({"model": reference}, staged / REFERENCE_WEIGHTS_FILENAME)
+        (staged / REFERENCE_ARGS_FILENAME).write_text(json.dumps(params, indent=1) + "\n")
+        config, state = import_reference(
+            read_reference_state_dict(staged / REFERENCE_WEIGHTS_FILENAME),
+            read_reference_model_args(staged / REFERENCE_ARGS_FILENAME))
+        after = build_full_model(config)
+        load_full_state_dict(after, state, str(output))
+        return verify_same_function(before, after, "export-reference", stream=stream)
 
 
 def dist_to_portable(load: str | Path, output: str | Path,
@@ -128,11 +155,12 @@ def dist_to_portable(load: str | Path, output: str | Path,
     config, vocab, training_args = checkpoint_model(path)
     before = build_full_model(config)
     load_dist_checkpoint(path, before, vocab)
-    save_portable(output, PortableCheckpoint(
-        config=config, state=full_state_dict(before), vocab=vocab, training_args=training_args,
-        source=f"dist checkpoint {path}"))
-    after = portable_model(load_portable(output, vocab), str(output))
-    return verify_same_function(before, after, "dist-to-portable", stream=stream)
+    with staged_output(output, PORTABLE_FILENAMES) as staged:
+        save_portable(staged, PortableCheckpoint(
+            config=config, state=full_state_dict(before), vocab=vocab,
+            training_args=training_args, source=f"dist checkpoint {path}"))
+        after = portable_model(load_portable(staged, vocab), str(output))
+        return verify_same_function(before, after, "dist-to-portable", stream=stream)
 
 
 def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int = 0,
@@ -203,6 +231,27 @@ def _patch_size(size: object) -> int | None:
             and size >= 1:
         return int(size)
     return None
+
+
+@contextlib.contextmanager
+def staged_output(output: str | Path, filenames: tuple[str, ...]) -> Iterator[Path]:
+    """A scratch directory beside `output` for a conversion to write `filenames` into and verify
+    them there; when the block completes they move into `output` (created if absent), else the
+    scratch directory is removed: a conversion that fails or is interrupted leaves nothing at
+    `output`, and never replaces a checkpoint there (`_refuse_to_overwrite`, checked again
+    before the move)."""
+    _refuse_to_overwrite(output, filenames)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield scratch
+        _refuse_to_overwrite(output, filenames)
+        output.mkdir(exist_ok=True)
+        for name in filenames:
+            os.replace(scratch / name, output / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +41,6 @@ FIXED_REFERENCE_ARGS = {**REQUIRED_REFERENCE_OPTIONS, **REFERENCE_FIELDS_ITS_MOD
 _MULTIPLE_OF_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
-def read_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A reference state dict from `.safetensors`, or from a `.pth`/`.pt` holding either the
-    state dict itself or BLT's consolidated `{"model": state dict, "optim": ...}`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReferenceImportError(f"reference checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as error:  # safetensors raises its own SafetensorError
-            raise ReferenceImportError(f"cannot read reference checkpoint {path}: {error}") from None
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ReferenceImportError(
-            f"cannot read reference checkpoint {path}: it is not a torch checkpoint of tensors "
-            f"and plain data, or it is truncated ({reason})") from None
-    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
-        loaded = loaded["model"]
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ReferenceImportError(
-            f"{path} holds neither a state dict nor BLT's consolidated {{'model': state dict}}")
-    return loaded
-
-
 def _read_reference_document(path: str | Path, what: str) -> Any:
     """The JSON (BLT's `params.json`, the fixtures' `config_A.json`) or YAML (the reference's
     training config, e.g. its `lst/configs/*.yaml`; by the `.yaml`/`.yml` suffix) in `path`."""
@@ -92,6 +63,11 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ReferenceImportError(
             f"{path} holds a {type(data).__name__}, not the reference's model arguments")
+    if data.get("train_entropy_model") is True:
+        raise ReferenceImportError(
+            f"{path} is the config of a reference run that trained its entropy model "
+            "(train_entropy_model: true), a plain transformer that scores bytes for entropy "
+            "patching, not an LST model; import the checkpoint of an LST run")
     for key in ("model_args", "model"):
         if isinstance(data.get(key), dict):
             return data[key]
@@ -118,6 +94,22 @@ def import_reference(
     """`(LSTConfig, full state dict)` of a reference checkpoint."""
     config = lst_config_from_reference(model_args)
     return config, canonical_state_dict(reference, config)
+
+
+def check_reference_shapes(reference: dict[str, torch.Tensor], config: LSTConfig,
+                           model_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse, naming it, a reference tensor whose shape is not the one the model args give:
+    `model_shapes` (our full state dict's name -> shape for `config`) split back into the
+    reference's tensors (`reference_tensor_map`). Tensors the args do not describe are left to
+    the import, which names them."""
+    for mapping in reference_tensor_map(config):
+        wanted = mapping.split(torch.empty(model_shapes[mapping.ours], device="meta"))
+        for name, want in zip(mapping.reference, wanted, strict=True):
+            if name in reference and tuple(reference[name].shape) != tuple(want.shape):
+                raise ReferenceImportError(
+                    f"reference tensor {name!r} has shape {tuple(reference[name].shape)}, but the "
+                    f"model args give {tuple(want.shape)}: the checkpoint and the args are of "
+                    "different models; pass the params.json saved with this checkpoint")
 
 
 def export_reference(state: dict[str, torch.Tensor], config: LSTConfig) -> dict[str, torch.Tensor]:

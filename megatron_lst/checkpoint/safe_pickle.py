@@ -55,6 +55,10 @@ DCP_METADATA_GLOBALS = frozenset({
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("collections", "OrderedDict"),
+    # StorageMeta.checkpoint_id: the path torch's FileSystemWriter saved to (the reference
+    # implementation's checkpoints hold it); building one is pure string handling
+    *((module, name) for module in ("pathlib", "pathlib._local")
+      for name in ("PosixPath", "PurePosixPath")),
 })
 
 

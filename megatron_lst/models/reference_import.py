@@ -508,12 +508,11 @@ def global_layer_to_megatron(layer: dict[str, torch.Tensor], g: GlobalModelConfi
 
 def canonical_state_dict(reference: dict[str, torch.Tensor], config: LSTConfig) -> dict[str, torch.Tensor]:
     """Reference state dict -> unsharded `LSTModel` names and layouts (`reference_tensor_map`)."""
+    mappings = reference_tensor_map(config)
+    _check_reference_names(reference, {name for m in mappings for name in m.reference})
     ref = dict(reference)
     out: dict[str, torch.Tensor] = {}
-    for mapping in reference_tensor_map(config):
-        missing = [name for name in mapping.reference if name not in ref]
-        if missing:
-            raise ReferenceImportError(f"reference checkpoint has no tensor {missing[0]!r}")
+    for mapping in mappings:
         parts = [ref.pop(name) for name in mapping.reference]
         try:
             out[mapping.ours] = mapping.combine(parts)
@@ -523,12 +522,43 @@ def canonical_state_dict(reference: dict[str, torch.Tensor], config: LSTConfig) 
             raise ReferenceImportError(
                 f"reference tensors {shapes} do not combine into {mapping.ours!r}: their shapes "
                 "do not fit the model args") from None
-    if ref:
-        raise ReferenceImportError(f"reference tensors left unmapped: {sorted(ref)}")
     dtype = reference["local_decoder.output.weight"].dtype
     for name, size in reference_identity_tensors(config).items():
         out[name] = torch.eye(size, dtype=dtype)
     return out
+
+
+# Reference modules the import does not support, by name prefix, with the args field that builds them.
+_UNSUPPORTED_REFERENCE_MODULES = {"encoder_hash_tok_embedding.": "encoder_hash_byte_group_size",
+                                  "encoder_ngram_embedding.": "encoder_ngram_to_size_str"}
+
+
+def _check_reference_names(reference: dict[str, torch.Tensor], expected: set[str]) -> None:
+    """Refuse a reference state dict whose tensor names are not those the model args give, naming
+    the missing and the unmapped ones (up to 5 of each) and the count of each."""
+    missing = sorted(expected - set(reference))
+    unmapped = sorted(set(reference) - expected)
+    if not missing and not unmapped:
+        return
+
+    def some(names: list[str]) -> str:
+        return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
+    parts = []
+    if missing:
+        parts.append(f"reference checkpoint has no tensor {missing[0]!r} ({len(missing)} the model "
+                     f"args describe are missing: {some(missing)})")
+    if unmapped:
+        parts.append(f"reference tensors left unmapped ({len(unmapped)} the model args do not "
+                     f"describe): {some(unmapped)}")
+    modules = sorted({field for name in unmapped
+                      for prefix, field in _UNSUPPORTED_REFERENCE_MODULES.items()
+                      if name.startswith(prefix)})
+    advice = (f"the checkpoint holds modules built by {modules}, which this import does not "
+              "support" if modules else
+              "the checkpoint and the model args are of different models: pass the params.json "
+              "saved with this checkpoint")
+    raise ReferenceImportError(f"{'; '.join(parts)}; {advice}")
 
 
 _GLOBAL_LAYER = re.compile(r"^global_transformer\.block\.layers\.(\d+)\.(.*)$")

@@ -20,9 +20,9 @@ from megatron_lst.checkpoint.reference import (
     import_reference,
     read_reference_model_args,
     read_reference_patcher_args,
-    read_reference_state_dict,
     reference_model_args,
 )
+from megatron_lst.checkpoint.reference_files import read_reference_state_dict
 from megatron_lst.models.config import GlobalModelConfig, preset
 from megatron_lst.models.reference_import import ReferenceImportError, lst_config_from_reference
 
@@ -121,7 +121,7 @@ def test_reference_tensors_that_do_not_combine_are_named_with_their_shapes(refer
 
 @pytest.mark.parametrize(("name", "content", "reader", "message"), [
     ("consolidated.pth", b'{"model": {}}', read_reference_state_dict,
-     r"not a torch checkpoint of tensors and plain data, or it is truncated"),
+     r"cannot read reference checkpoint .*truncated, damaged or not written by torch\.save"),
     ("params.json", b"\xb8\x00", read_reference_model_args, r"cannot read reference model args"),
     ("params.json", b"[1, 2]", read_reference_model_args, r"holds a list, not the reference"),
     ("lst.yaml", b"model: {dim_global: [64", read_reference_model_args,

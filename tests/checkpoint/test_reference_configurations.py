@@ -19,7 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from checkpoint.reference_oracle import reference_logits, reference_tensor_shapes
+from checkpoint.reference_oracle import (
+    REFERENCE_MODEL_FIELDS,
+    reference_logits,
+    reference_tensor_shapes,
+)
 from megatron_lst.checkpoint.convert import (
     dist_to_portable,
     export_portable_to_reference,
@@ -32,9 +36,9 @@ from megatron_lst.checkpoint.reference import (
     export_reference,
     import_reference,
     read_reference_model_args,
-    read_reference_state_dict,
     reference_model_args,
 )
+from megatron_lst.checkpoint.reference_files import read_reference_state_dict
 from megatron_lst.models.lst_model import LSTModel
 from megatron_lst.models.reference_import import (
     REQUIRED_REFERENCE_OPTIONS,
@@ -252,6 +256,7 @@ def test_import_training_checkpoint_export_reimport_is_identical(single_rank, tm
     for key, tensor in reference.items():
         assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
     written = read_reference_model_args(tmp_path / "exported" / "params.json")
+    assert set(written) <= REFERENCE_MODEL_FIELDS, set(written) - REFERENCE_MODEL_FIELDS
     config_again, state_again = import_reference(exported, written)
     assert config_again == config
     assert sorted(state_again) == sorted(state)

@@ -35,9 +35,9 @@ from megatron_lst.checkpoint.reference import (
     export_reference,
     import_reference,
     read_reference_model_args,
-    read_reference_state_dict,
     reference_model_args,
 )
+from megatron_lst.checkpoint.reference_files import read_reference_state_dict
 from megatron_lst.models.reference_import import ReferenceImportError, lst_config_from_reference
 
 # BASE_ARGS: global 32 wide with 4 heads (head size 8), local models 16 wide with 2 heads (8).
