@@ -138,3 +138,11 @@ def test_reference_attn_impl_records_the_rule():
     plain = reference_model_args(dataclasses.replace(config, documents=None), base_args=args)
     assert plain["attn_impl"] == "sdpa"
     assert lst_config_from_reference(plain).documents is None
+    # Rules the reference has no arguments for are refused with what to do instead.
+    from megatron_lst.models.reference_import import ReferenceImportError
+
+    for rule, message in ((DocumentMaskingConfig(eos_id=5), r"EOS id 5; .* fixed EOS id 2"),
+                          (DocumentMaskingConfig(EOS, reset_position_ids=True),
+                           r"restarts no RoPE positions")):
+        with pytest.raises(ReferenceImportError, match=message):
+            reference_model_args(dataclasses.replace(config, documents=rule))
