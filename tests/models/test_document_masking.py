@@ -159,6 +159,36 @@ def test_reset_position_ids_makes_a_document_independent_of_its_place(single_ran
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_reset_positions_follow_the_rule_on_edge_rows(rule):
+    """RoPE positions with --reset-position-ids, counted by hand: a token's is its distance to
+    its document's first token (the one after the last EOS before it, or the row's first); a
+    patch's, the number of earlier patches of its document (a patch's document is that of its
+    first position, clipped to N for the trailing empty patches)."""
+    from megatron_lst.models.documents import RowDocuments
+
+    tokens, _, patch_lengths = edge_batch(rule)
+    documents = RowDocuments.of(tokens, DocumentMaskingConfig(EOS, reset_attention_mask=False,
+                                                              reset_position_ids=True))
+    batch, num_tokens = tokens.shape
+    for b in range(batch):
+        row = tokens[b].tolist()
+        start = 0
+        document_of = []  # of positions 0..N
+        for i in range(num_tokens + 1):
+            if i > 0 and row[i - 1] == EOS:
+                start = i
+            document_of.append(start)
+            if i < num_tokens:
+                assert documents.token_positions()[b, i] == i - start, (b, i)
+        first, seen = 0, []
+        for q, length in enumerate(patch_lengths[b].tolist()):
+            patch_document = document_of[min(first, num_tokens)]
+            assert documents.patch_positions(patch_lengths)[b, q] == seen.count(patch_document), (b, q)
+            seen.append(patch_document)
+            first += length
+
+
 def test_flags_build_the_document_rule():
     """--reset-attention-mask is on by default (and says so in --help), --no-reset-attention-mask
     turns it off, in flags and YAML alike; the model provider turns them into LSTConfig.documents
