@@ -36,7 +36,7 @@ setup(
         # apex is built from source: see README "GPU extras".
         "gpu": ["flash-attn>=2.6", "transformer-engine[pytorch]>=2.0"],
         # Data tools and the demo corpus (eSpeak NG ships inside espeakng-loader).
-        "data": ["tokenizers>=0.15", "scipy>=1.10", "scikit-learn>=1.3", "threadpoolctl>=3.1",
+        "data": ["tokenizers>=0.15.1", "scipy>=1.10", "scikit-learn>=1.3", "threadpoolctl>=3.1",
                  "espeakng-loader>=0.2", "matplotlib>=3.7"],
         # Audio -> units (megatron_lst/audio, tools/extract_units.py): HuBERT through
         # transformers; soundfile reads flac (integer-PCM wav needs nothing).

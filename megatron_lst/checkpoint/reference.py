@@ -24,6 +24,7 @@ import yaml
 from megatron_lst.models.config import LSTConfig, swiglu_ffn_size
 from megatron_lst.models.reference_import import (
     CAUSAL_ATTN_IMPLS,
+    REFERENCE_EOS_ID,
     REFERENCE_FIELDS_ITS_MODEL_IGNORES,
     REQUIRED_REFERENCE_OPTIONS,
     ReferenceImportError,
@@ -254,6 +255,13 @@ def _set_attention_rule(args: dict[str, Any], config: LSTConfig, max_tokens: int
                 "the reference restarts no RoPE positions per document and masks documents "
                 f"whenever it knows them; this model's rule ({documents}) has no reference "
                 "counterpart")
+        if documents.eos_id != REFERENCE_EOS_ID:
+            raise ReferenceImportError(
+                f"this model ends documents at its vocabulary's EOS id {documents.eos_id}; the "
+                f"reference's block-causal global attention ends them at its fixed EOS id "
+                f"{REFERENCE_EOS_ID}, so no reference arguments describe it: keep the checkpoint "
+                "in this package's formats (or train with a tokenizer whose EOS id is "
+                f"{REFERENCE_EOS_ID}, or with --no-reset-attention-mask)")
         args.update(attn_impl="xformers", attn_bias_type="block_causal", eos_id=documents.eos_id,
                     local_attention_window_len=window, max_encoder_seq_length=longest)
     elif window >= longest:

@@ -209,7 +209,8 @@ class LSTDataset(torch.utils.data.Dataset):
         if check:
             describe = getattr(self.store, "describe", None)
             check_stored_document(stored, self.vocab.text_size, self.vocab.num_units,
-                                  describe(doc_id) if describe else f"document {doc_id}")
+                                  describe(doc_id) if describe else f"document {doc_id}",
+                                  (self.vocab.bos_id, self.vocab.eos_id))
         if self.store.kind == "text":
             return epoch, doc_id, self.interleaver.text_document(stored)
         layout_rng = np.random.default_rng([self.seed, epoch, doc_id, _LAYOUT])

@@ -71,10 +71,12 @@ class AlignedDocument:
 
 
 def check_stored_document(stored: AlignedDocument | np.ndarray, text_size: int, num_units: int,
-                          where: str) -> None:
+                          where: str, bos_eos: tuple[int, int] | None = None) -> None:
     """Raise DocumentError, naming `where` (file and document), unless a document read from a
     dataset holds a consistent segment table (aligned) and only ids of the vocabulary: text
-    pieces 0..text_size-1 and units 0..num_units-1. A few vector operations: cheap enough for
+    pieces 0..text_size-1 and units 0..num_units-1, none of them `bos_eos` (the vocabulary's
+    BOS and EOS ids, when given: the interleaver places those, and an EOS among the pieces
+    would end the document there in a packed row). A few vector operations: cheap enough for
     every document of a row-index build."""
     text_ids = stored.text_ids if isinstance(stored, AlignedDocument) else np.asarray(stored)
     try:
@@ -87,3 +89,14 @@ def check_stored_document(stored: AlignedDocument | np.ndarray, text_size: int, 
     except DocumentError as error:
         raise DocumentError(f"{error}; the dataset is corrupt or its .bin and .idx are from "
                             f"different runs: re-run tools/preprocess_data.py") from None
+    if bos_eos is not None and len(text_ids):
+        special = np.flatnonzero(np.isin(text_ids, bos_eos))
+        if len(special):
+            found = int(text_ids[special[0]])
+            name = "EOS" if found == bos_eos[1] else "BOS"
+            raise DocumentError(
+                f"{where}: text piece {int(special[0])} is id {found}, the tokenizer's {name}; a "
+                f"document's text cannot hold BOS or EOS (an EOS would end the document there "
+                f"in a packed row, --reset-attention-mask). The text spelled a special token "
+                f"(e.g. '</s>') and an older tools/preprocess_data.py kept it as that id: re-run "
+                f"it, which encodes such text as plain pieces")

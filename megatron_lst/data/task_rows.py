@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from megatron_lst.data.dataset import DatasetError, checked_sample_positions, pad_row
-from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.documents import AlignedDocument, check_stored_document
 from megatron_lst.data.interleave import InterleavedDocument
 from megatron_lst.patching.curriculum import Patcher
 from megatron_lst.tokenizer.vocab import MODALITY_SPEECH, MODALITY_TEXT, JointVocab
@@ -167,7 +167,13 @@ class TaskDataset(torch.utils.data.Dataset):
     def row(self, index: int) -> tuple[TaskRow, np.ndarray]:
         """Row `index`: the utterance's task row and its patch lengths `[P_row]` int32."""
         epoch, doc_id = self.document_id(index)
-        row = task_row(self.store[doc_id], self.task, self.vocab, self.space_id)
+        stored = self.store[doc_id]
+        describe = getattr(self.store, "describe", None)
+        # A BOS/EOS among the transcript's pieces would cut the row's document mid-answer.
+        check_stored_document(stored, self.vocab.text_size, self.vocab.num_units,
+                              describe(doc_id) if describe else f"document {doc_id}",
+                              (self.vocab.bos_id, self.vocab.eos_id))
+        row = task_row(stored, self.task, self.vocab, self.space_id)
         rng = (np.random.default_rng([self.seed, epoch, doc_id, _PATCHING])
                if self.patcher.needs_rng else None)
         step = (int(self.sample_positions[index]) // self.global_batch_size

@@ -303,7 +303,8 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
 
     `patching`: the model's patching config (its static p is used; see the module docstring).
     Stops at EOS, after `sampling.max_new_tokens` tokens, or at the model's context (see the
-    module docstring). Only the tokens `sampling_mask` allows are sampled.
+    module docstring). Only the tokens `sampling_mask` allows are sampled. A model with packed-
+    document rules (`LSTConfig.documents`) takes a prompt of one document: no EOS in it.
     """
     from megatron.core import parallel_state
     from megatron.core.utils import get_attr_wrapped_model
@@ -318,6 +319,7 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     if not len(prompt) or prompt[0] != vocab.bos_id:
         raise GenerationError(f"a prompt starts with BOS ({vocab.bos_id}); got {prompt[:1]}")
     model = get_attr_wrapped_model(model, "pre_process", return_model_obj=True)
+    _check_one_document(prompt, vocab, model.lst_config.documents)
     is_lst = isinstance(model, LSTModel)
     patch_size = generation_patch_size(patching) if is_lst else None
     model.eval()
@@ -373,6 +375,19 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     result.seconds = time.perf_counter() - start
     result.tokens = np.asarray(sequence[len(prompt):], dtype=np.int64)
     return result
+
+
+def _check_one_document(prompt: np.ndarray, vocab: JointVocab, documents) -> None:
+    """A model trained on packed documents (`LSTConfig.documents`) reads nothing before an EOS
+    and may restart its positions there, which the cached loop does not do: refuse a prompt of
+    several documents for such a model rather than let the two loops disagree."""
+    eos_at = np.flatnonzero(prompt == vocab.eos_id)
+    if documents is not None and len(eos_at):
+        raise GenerationError(
+            f"the prompt holds EOS ({vocab.eos_id}) at position {int(eos_at[0])}: this model "
+            "masks packed documents (--reset-attention-mask / --reset-position-ids), so what "
+            "comes before an EOS is another document, which the continuation cannot see; give "
+            "one document as the prompt (what follows its last EOS, starting with BOS)")
 
 
 def _prompt_too_long(positions: int, config, is_lst: bool) -> str:

@@ -153,6 +153,13 @@ class HFTokenizer(TextTokenizer):
         except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception
             raise VocabularyError(f"{path}: not a tokenizers tokenizer.json ({error}); pass one "
                                   f"or a SentencePiece .model file") from None
+        # Text that spells a special token ("</s>" in a transcript) is encoded as the text it is:
+        # by default `tokenizers` turns it into the special id, and an EOS inside a document
+        # would end the document there in a packed row (--reset-attention-mask).
+        if not hasattr(self._tok, "encode_special_tokens"):
+            raise ImportError(f"loading {path} needs tokenizers >= 0.15.1 (it encodes text that "
+                              f"spells a special token as plain text): pip install -U tokenizers")
+        self._tok.encode_special_tokens = True
         for bos, eos in _HF_BOS_EOS:
             bos_id, eos_id = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
             if bos_id is not None and eos_id is not None:

@@ -340,3 +340,27 @@ def test_out_of_range_text_ids_of_a_text_store_are_named(tmp_path, tokenizer):
     with pytest.raises(DocumentError, match=r"text.bin, document 1: text id -3 is outside"):
         LSTDataset(DocumentStore(tmp_path / "text"), 4, 4, 8,
                    Patcher(PatchingConfig("none")), 0, index_workers=1)
+
+
+@pytest.mark.parametrize("special, name", [("eos_id", "EOS"), ("bos_id", "BOS")])
+def test_bos_or_eos_among_the_text_pieces_is_named(tmp_path, tokenizer, special, name):
+    """An EOS stored among a document's pieces (text spelling '</s>', kept as the special id by
+    an older preprocessing) would end the document mid-way in a packed row: the row-index build
+    names it instead, in text and aligned stores."""
+    from megatron_lst.data.dataset import LSTDataset
+    from megatron_lst.patching import Patcher, PatchingConfig
+
+    special_id = getattr(tokenizer, special)
+    documents = [np.array([5, 6, 7], dtype=np.int32), np.array([5, 6, special_id], dtype=np.int32)]
+    _write(tmp_path / "text", "text", documents, tokenizer)
+    with pytest.raises(DocumentError, match=rf"text.bin, document 1: text piece 2 is id "
+                                            rf"{special_id}, the tokenizer's {name}; .* re-run"):
+        LSTDataset(DocumentStore(tmp_path / "text"), 4, 4, 8,
+                   Patcher(PatchingConfig("none")), 0, index_workers=1)
+    aligned = [AlignedDocument(np.array([9, special_id], np.int32), np.array([1, 2], np.int32),
+                               np.array([2, 0], np.int32), np.array([1, 1], np.int32))]
+    _write(tmp_path / "aligned", "aligned", aligned, tokenizer)
+    with pytest.raises(DocumentError, match=rf"aligned.bin, document 0: text piece 1 is id "
+                                            rf"{special_id}, the tokenizer's {name}"):
+        LSTDataset(DocumentStore(tmp_path / "aligned"), 4, 4, 8,
+                   Patcher(PatchingConfig("static")), 0, index_workers=1)

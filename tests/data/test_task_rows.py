@@ -143,6 +143,22 @@ def test_utterance_without_transcript_is_refused():
         task_row(silent, "asr", VOCAB, SPACE_ID)
 
 
+def test_an_eos_among_the_transcript_pieces_is_named():
+    """A transcript holding the EOS id (a '</s>' kept as the special id by an older
+    preprocessing) would end the row's document in the middle of the answer."""
+    from megatron_lst.data.documents import DocumentError
+
+    stray = AlignedDocument(np.array([7, VOCAB.eos_id, 9], np.int32), HAND_DOC.unit_ids,
+                            HAND_DOC.seg_text_len, HAND_DOC.seg_unit_len)
+    store = MemoryStore("aligned", [HAND_DOC, stray])
+    dataset = TaskDataset(store, "asr", 2, 40, 40, Patcher(PATCHINGS["static"]), seed=0)
+    rows = [dataset.document_id(i)[1] for i in range(2)]
+    with pytest.raises(DocumentError, match=rf"document 1: text piece 1 is id {VOCAB.eos_id}, "
+                                            r"the tokenizer's EOS"):
+        dataset[rows.index(1)]
+    dataset[rows.index(0)]  # the clean utterance still makes its row
+
+
 def test_a_store_with_an_utterance_without_transcript_is_refused_before_training(tmp_path):
     silent = AlignedDocument(np.zeros(0, np.int32), np.array([1, 2], np.int32),
                              np.array([0], np.int32), np.array([2], np.int32))

@@ -204,6 +204,18 @@ def test_hf_tokenizer_with_metaspace(tmp_path):
     assert joint_vocab(tok, 10).size == tok.vocab_size + 6 + 10
 
 
+def test_hf_tokenizer_encodes_special_token_spellings_as_text(tmp_path):
+    """A transcript word "</s>" is text: tokenizers' default turned it into the EOS id, which ends
+    a document in a packed row (--reset-attention-mask) in the middle of the real one."""
+    tok = load_text_tokenizer(_hf_tokenizer_json(tmp_path, byte_level=False))
+    for text in ("hello </s> world", "<s>", "world</s>"):
+        ids = tok.encode(text)
+        assert tok.eos_id not in ids and tok.bos_id not in ids, (text, ids)
+    ids, lengths = tok.encode_words(["hello", "</s>", "world"])
+    assert tok.eos_id not in ids.tolist() and lengths.tolist()[1] > 1
+    assert tok.encode("hello world") == tok.encode_words(["hello", "world"])[0].tolist()
+
+
 def test_hf_tokenizer_without_word_prefix_is_refused(tmp_path):
     with pytest.raises(VocabularyError, match="one by one differs"):
         load_text_tokenizer(_hf_tokenizer_json(tmp_path, byte_level=True))

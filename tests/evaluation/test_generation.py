@@ -19,6 +19,7 @@ from megatron_lst.evaluation.generation import (
     generation_patch_lengths,
     sampling_mask,
 )
+from megatron_lst.models.config import DocumentMaskingConfig
 from megatron_lst.patching import PatchingConfig, static_patch_lengths
 from megatron_lst.tokenizer.vocab import JointVocab
 
@@ -288,3 +289,32 @@ def test_greedy_cache_with_grouped_query_heads_and_other_head_sizes(single_rank)
         for a, b in zip(cached.step_logits, full.step_logits, strict=True):
             finite = torch.isfinite(a)
             assert torch.equal(finite, torch.isfinite(b)) and (a - b)[finite].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_models_with_document_rules_generate_one_document(models, kind):
+    """A model trained on packed documents (--reset-attention-mask, and --reset-position-ids for
+    LST) generates as the rules have it for a prompt of one document: the cached loop gives the
+    whole model's tokens and logits. A prompt holding an EOS, whose earlier document the whole
+    model hides (and whose positions it restarts) but the cached loop would read, is refused."""
+    model = models[kind]
+    plain = model.lst_config
+    model.lst_config = dataclasses.replace(plain, documents=DocumentMaskingConfig(
+        VOCAB.eos_id, reset_position_ids=kind == "lst"))
+    try:
+        sampling = SamplingConfig(max_new_tokens=16)
+        for ids in prompts().values():
+            cached = generate(model, ids, vocab(), STATIC, sampling, keep_logits=True)
+            full = generate(model, ids, vocab(), STATIC, sampling, use_cache=False,
+                            keep_logits=True)
+            np.testing.assert_array_equal(cached.tokens, full.tokens)
+            for a, b in zip(cached.step_logits, full.step_logits, strict=True):
+                finite = torch.isfinite(a)
+                torch.testing.assert_close(a[finite], b[finite], atol=1e-5, rtol=1e-5)
+        two_documents = np.concatenate([prompts()["text"], [VOCAB.eos_id], prompts()["speech"]])
+        with pytest.raises(GenerationError, match=r"the prompt holds EOS \(2\) at position 6: "
+                                                  r"this model masks packed documents"):
+            generate(model, two_documents, vocab(), STATIC, sampling)
+    finally:
+        model.lst_config = plain
+    generate(model, two_documents, vocab(), STATIC, SamplingConfig(max_new_tokens=2))

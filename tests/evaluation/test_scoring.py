@@ -1,6 +1,8 @@
 """Likelihood scoring: layout per mode, exactness against incremental next-token log-probs,
 determinism, batch invariance, accuracy, and the patching used at inference."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,7 @@ from megatron_lst.evaluation.scoring import (
     score_items,
     summarise,
 )
+from megatron_lst.models.config import DocumentMaskingConfig
 from megatron_lst.patching import Patcher, PatchingConfig, check_batch
 from megatron_lst.tokenizer.vocab import MODALITY_SPEECH, MODALITY_TEXT
 
@@ -141,6 +144,23 @@ def test_scores_are_deterministic_and_independent_of_batching(items, models, kin
     one_by_one = score_items([models[kind]], items, vocab(), STATIC, "S->S", batch_size=1)
     np.testing.assert_allclose(one_by_one.logprob, first.logprob, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(first.item_offsets, [0, 2, 4, 6, 8, 10, 14, 18])
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_document_rules_leave_the_scores_of_one_document_sequences(items, models, kind):
+    """lst-eval scores one document per sequence (no EOS; padding is the pad id): a model with
+    the packed-document rules (--reset-attention-mask, and --reset-position-ids for LST) scores
+    every mode as without them."""
+    model, plain = models[kind], models[kind].lst_config
+    rules = DocumentMaskingConfig(vocab().eos_id, reset_position_ids=kind == "lst")
+    for mode in ("S->S", "T->S"):
+        without = score_items([model], items, vocab(), STATIC, mode, batch_size=3)
+        model.lst_config = dataclasses.replace(plain, documents=rules)
+        try:
+            masked = score_items([model], items, vocab(), STATIC, mode, batch_size=3)
+        finally:
+            model.lst_config = plain
+        np.testing.assert_allclose(masked.logprob, without.logprob, rtol=1e-5, atol=1e-5)
 
 
 def test_accuracy_from_scores():

@@ -16,8 +16,10 @@ from functools import partial
 import torch
 from distributed.harness import report_results
 from model_cases import ragged_batch, tiny_config
+from packed_document_cases import EOS, packed_batch
 
 from megatron_lst.models import LSTModel, finalize_lst_model_grads
+from megatron_lst.models.config import DocumentMaskingConfig
 from megatron_lst.models.loss import masked_token_mean
 from megatron_lst.models.reference_import import canonical_name, gather_canonical, shard_tensor
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
@@ -49,8 +51,13 @@ def load_shared_weights(model) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def shared_batch(tp: int) -> dict[str, torch.Tensor]:
-    batch = ragged_batch("static", batch_size=2, seed=5)
+def shared_batch(tp: int, documents: bool = False) -> dict[str, torch.Tensor]:
+    if documents:  # rows packing 3 and 4 documents (mixed static and aligned patching)
+        tokens, labels, patch_lengths = packed_batch("mixed", [3, 4], seed=5)
+        batch = {"tokens": tokens, "labels": labels, "loss_mask": (tokens != 0).float(),
+                 "patch_lengths": patch_lengths}  # no real token is the pad id 0
+    else:
+        batch = ragged_batch("static", batch_size=2, seed=5)
     # Sequence parallelism splits the patches over TP ranks: pad with zero-length patches.
     extra = -batch["patch_lengths"].shape[1] % tp
     batch["patch_lengths"] = torch.nn.functional.pad(batch["patch_lengths"], (0, extra))
@@ -79,12 +86,16 @@ def head_shapes_config():
                                    config.global_model, num_query_groups=2, kv_channels=24))
 
 
-def training_step(sequence_parallel: bool, tp: int, head_shapes: bool = False) -> dict:
+def training_step(sequence_parallel: bool, tp: int, head_shapes: bool = False,
+                  documents: bool = False) -> dict:
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     config = head_shapes_config() if head_shapes else tiny_config()
+    if documents:  # packed rows, attention and positions reset at every document
+        config = dataclasses.replace(config, documents=DocumentMaskingConfig(
+            eos_id=EOS, reset_position_ids=True))
     megatron_config = config.transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
@@ -104,7 +115,7 @@ def training_step(sequence_parallel: bool, tp: int, head_shapes: bool = False) -
     )
     megatron_config.finalize_model_grads_func = finalize_lst_model_grads
     ddp_model.zero_grad_buffer()
-    batch = shared_batch(tp)
+    batch = shared_batch(tp, documents)
     reduced = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter([batch]),
@@ -129,11 +140,14 @@ def main() -> None:
     parser.add_argument("--results", required=True)
     parser.add_argument("--head-shapes", action="store_true",
                         help="the model of head_shapes_config instead of the tiny preset")
+    parser.add_argument("--documents", action="store_true",
+                        help="rows packing several documents, with attention and RoPE positions "
+                             "reset at each (LSTConfig.documents)")
     args = parser.parse_args()
 
     initialize_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.sequence_parallel]
-    record = {("sp" if sp else "no_sp"): training_step(sp, args.tp, args.head_shapes)
+    record = {("sp" if sp else "no_sp"): training_step(sp, args.tp, args.head_shapes, args.documents)
               for sp in modes}
     report_results(args.results, record)
     destroy_parallel()

@@ -73,3 +73,15 @@ def test_head_shapes_under_tensor_parallelism():
     records = run_distributed(WORKER, 2, ["--tp", 2, "--pp", 1, "--sequence-parallel", "both",
                                           "--head-shapes"], timeout=400)
     assert_every_variant_matches(records, reference_loss, reference_grads)
+
+
+def test_packed_documents_under_tensor_sequence_and_pipeline_parallelism():
+    """Rows packing several documents, attention and RoPE positions reset at each: TP2 x PP2,
+    with and without sequence parallelism, gives the single process's loss and gradients (every
+    stage cuts its attention at the documents of the same tokens; the global key starts and
+    positions cover the whole patch sequence under sequence parallelism)."""
+    reference_loss, reference_grads = merged(
+        run_distributed(WORKER, 1, ["--tp", "1", "--pp", "1", "--documents"], timeout=240), "no_sp")
+    records = run_distributed(WORKER, 4, ["--tp", 2, "--pp", 2, "--sequence-parallel", "both",
+                                          "--documents"], timeout=400)
+    assert_every_variant_matches(records, reference_loss, reference_grads)
