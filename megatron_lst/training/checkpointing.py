@@ -55,7 +55,7 @@ from megatron_lst.checkpoint.errors import (
 )
 from megatron_lst.parallel import collective_device
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
-from megatron_lst.training.arguments import args_to_dict
+from megatron_lst.training.args_json import args_to_dict
 from megatron_lst.training.resume_check import ResumePosition, check_resume_flags
 from megatron_lst.training.writer_processes import writers_die_with_parent
 
