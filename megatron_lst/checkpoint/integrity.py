@@ -37,6 +37,7 @@ from typing import Any
 import torch.distributed as dist
 
 from . import safe_pickle
+from .durable_files import write_file_durably
 from .errors import CheckpointError, CheckpointIntegrityError
 
 logger = logging.getLogger(__name__)
@@ -112,11 +113,7 @@ def write_manifest(directory: str | os.PathLike, records: dict[str, FileRecord])
     manifest = {"format_version": MANIFEST_FORMAT_VERSION, "algorithm": "sha256",
                 "files": {name: {"size": r.size, "sha256": r.sha256}
                           for name, r in sorted(records.items())}}
-    path = Path(directory) / MANIFEST_FILENAME
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(manifest, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
+    write_file_durably(Path(directory) / MANIFEST_FILENAME, json.dumps(manifest, indent=1))
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, FileRecord] | None:

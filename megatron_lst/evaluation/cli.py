@@ -36,6 +36,7 @@ from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.evaluation.scoring import MODES, check_items_for_mode, evaluate_items, parse_modes
 from megatron_lst.training.arguments import seed_flag
 from megatron_lst.training.checkpointing import TRACKER_FILENAME, CheckpointError
+from megatron_lst.training.metrics import METRICS_FILENAME
 from megatron_lst.training.save_directory import LOCK_FILENAME
 
 
@@ -214,8 +215,6 @@ def _check_output(args: argparse.Namespace) -> None:
         directory = getattr(args, flag[2:].replace("-", "_"))
         if directory is None or not output.resolve().is_relative_to(Path(directory).resolve()):
             continue
-        from megatron_lst.training.loop import METRICS_FILENAME  # a slow import: only here
-
         # Folders hold the checkpoints and the row index; these files the run's state and logs.
         inside = output.resolve().relative_to(Path(directory).resolve())
         if len(inside.parts) > 1 or inside.name in (TRACKER_FILENAME, METRICS_FILENAME,

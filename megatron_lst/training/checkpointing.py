@@ -19,8 +19,9 @@ renames the directory to `iter_XXXXXXX` and only then replaces the pointer file 
 os.replace). A process killed at any point leaves the previous
 checkpoint complete and named by the pointer (or, killed between the rename and the pointer, a
 complete newer checkpoint that loading finds). Model and optimizer are saved as sharded tensors in
-model space, so a checkpoint loads under another tensor/pipeline-parallel layout; RNG states are
-restored only under the layout that saved them.
+model space (the optimizer's state: `optimizer_state`), so a checkpoint loads under another
+tensor/pipeline-parallel layout; RNG states (`rng_state`) are restored only under the layout that
+saved them.
 
 Loading verifies the checkpoint's files first (digests, truncation) and reads its pickled parts
 with a restricted unpickler (`megatron_lst.checkpoint.safe_pickle`), so a crafted checkpoint is
@@ -35,7 +36,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
 import secrets
 import shutil
@@ -43,11 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lst.checkpoint import integrity
+from megatron_lst.checkpoint import durable_files, integrity
 from megatron_lst.checkpoint.errors import (
     CheckpointError,
     CheckpointIntegrityError,
@@ -55,8 +54,10 @@ from megatron_lst.checkpoint.errors import (
 )
 from megatron_lst.parallel import collective_device
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
-from megatron_lst.training.arguments import args_to_dict
+from megatron_lst.training import optimizer_state
+from megatron_lst.training.args_json import args_to_dict
 from megatron_lst.training.resume_check import ResumePosition, check_resume_flags
+from megatron_lst.training.rng_state import restore_rng_state, rng_sharded_object
 from megatron_lst.training.writer_processes import writers_die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -64,12 +65,6 @@ logger = logging.getLogger(__name__)
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 METADATA_FILENAME = "lst_checkpoint.json"
 FORMAT_VERSION = 1
-# How megatron.core lays out optimizer state: `fully_reshardable` stores each state tensor in model
-# space (the distributed optimizer gathers its shards), so it loads under any TP/PP/DP layout
-# (with `_unpadded_param_index_maps` around it, see there);
-# `chained_optim_avoid_prefix` keeps the keys of a one-optimizer chain free of a chain index.
-SHARDED_STATE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                          "chained_optim_avoid_prefix": True}
 # The fields of lst_checkpoint.json that loading reads, and their JSON types.
 _TRAINING_METADATA_FIELDS = {
     "iteration": int, "extra_state": dict, "scheduler": (dict, type(None)),
@@ -285,10 +280,8 @@ def save_checkpoint(
 
         state = _model_sharded_state_dict(model_chunks)
         if optimizer is not None:
-            with _unpadded_param_index_maps(optimizer):
-                state["optimizer"] = optimizer.sharded_state_dict(state,
-                                                                  metadata=SHARDED_STATE_METADATA)
-        state["rng_state"] = _rng_sharded_object()
+            state["optimizer"] = optimizer_state.sharded_state_to_save(optimizer, state)
+        state["rng_state"] = rng_sharded_object()
         with writers_die_with_parent():
             dist_checkpointing.save(state, str(temporary))
         dist.barrier()
@@ -301,7 +294,7 @@ def save_checkpoint(
                 "iteration": iteration,
                 "extra_state": json.loads(extra_json),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "sharded_state_metadata": SHARDED_STATE_METADATA,
+                "sharded_state_metadata": optimizer_state.SHARDED_STATE_METADATA,
                 "parallel_layout": _parallel_layout(),
                 "vocab": vocab.to_dict() if vocab is not None else None,
                 "args": args_to_dict(args),
@@ -327,10 +320,10 @@ def _finish_on_rank0(temporary: Path, final: Path, files: Any, metadata: dict[st
     """Rank 0's part of a save, once every rank wrote its shards: the manifest, our metadata
     last, the rename to the final name, then the pointer file."""
     integrity.write_manifest(temporary, files)
-    _write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
+    durable_files.write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
     os.rename(temporary, final)
-    _fsync_directory(final.parent)
-    _replace_file_durably(final.parent / TRACKER_FILENAME, str(metadata["iteration"]))
+    durable_files.fsync_directory(final.parent)
+    durable_files.replace_file_durably(final.parent / TRACKER_FILENAME, str(metadata["iteration"]))
 
 
 class CheckpointSaveError(CheckpointError):
@@ -415,28 +408,6 @@ def _broadcast_from_rank0(value: str) -> str:
     return box[0]
 
 
-def _write_file_durably(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_file_durably(path: Path, text: str) -> None:
-    temporary = path.with_name(f"{path.name}.tmp-{secrets.token_hex(6)}")
-    _write_file_durably(temporary, text)
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- loading ----------------------------------------------------------------------------
 
 def load_checkpoint(
@@ -483,25 +454,17 @@ def load_checkpoint(
 
     state = _model_sharded_state_dict(model_chunks)
     _check_model_shapes(state, path)
-    torch_adam_optimizers = _torch_adam_distributed_optimizers(optimizer) if load_optim else []
     if load_optim:
-        for inner in torch_adam_optimizers:
-            _initialise_torch_adam_state(inner)
-        with _unpadded_param_index_maps(optimizer):
-            state["optimizer"] = optimizer.sharded_state_dict(
-                state, is_loading=True, metadata=metadata["sharded_state_metadata"])
+        state["optimizer"] = optimizer_state.sharded_state_to_load(
+            optimizer, state, metadata["sharded_state_metadata"])
     if load_rng:
-        state["rng_state"] = _rng_sharded_object()
+        state["rng_state"] = rng_sharded_object()
     loaded = dist_checkpointing.load(state, str(path))
 
     for key, chunk in zip(_model_keys(model_chunks), _unwrap(model_chunks), strict=True):
         chunk.load_state_dict(loaded[key], strict=True)
     if load_optim:
-        with _unpadded_param_index_maps(optimizer):
-            if torch_adam_optimizers:
-                _load_torch_adam_distributed_state(torch_adam_optimizers[0], loaded["optimizer"])
-            else:
-                optimizer.load_state_dict(loaded["optimizer"])
+        optimizer_state.load_state(optimizer, loaded["optimizer"])
         if scheduler is not None and metadata["scheduler"] is not None:
             scheduler.load_state_dict(metadata["scheduler"])
     elif optimizer is not None:
@@ -509,7 +472,7 @@ def load_checkpoint(
         # refresh it from the weights just loaded; the plain fp32 optimizer has none.
         optimizer.reload_model_params()
     if load_rng:
-        _restore_rng_state(loaded["rng_state"])
+        restore_rng_state(loaded["rng_state"])
     dist.barrier()
 
     if finetune:
@@ -558,109 +521,6 @@ def verify_or_point_elsewhere(path: Path) -> None:
             f"{others}.") from None
 
 
-@contextlib.contextmanager
-def _unpadded_param_index_maps(optimizer: Any):
-    """Within the block, the distributed optimizer's buffers map each parameter to its offsets
-    in the buffer without the padding between gradient buckets.
-
-    megatron-core 0.16's `fully_reshardable` optimizer state gathers each buffer's shards into
-    one tensor per buffer that leaves that padding out (`get_parameter_state_dp_zero`), then
-    slices it, on save and on load, at the padded offsets of `buffer.param_index_map`: with more
-    than one bucket (the encoder replica's own buckets under pipeline parallelism, the buckets of
-    `--overlap-grad-reduce`) every parameter after the first padded bucket end gets another
-    parameter's state. The state dict's keys are model-space names, so the corrected offsets
-    also load checkpoints saved under other layouts. A no-op for other optimizers.
-    """
-    buffers = [buffer for inner in getattr(optimizer, "chained_optimizers", [optimizer])
-               for buffer in getattr(inner, "buffers", [])]
-    saved = [buffer.param_index_map for buffer in buffers]
-    try:
-        for buffer in buffers:
-            buffer.param_index_map = _unpadded_index_map(buffer)
-        yield
-    finally:
-        for buffer, index_map in zip(buffers, saved, strict=True):
-            buffer.param_index_map = index_map
-
-
-def _unpadded_index_map(buffer: Any) -> dict:
-    """`buffer.param_index_map` with the padding after each bucket's end taken out."""
-    removed_before = []  # per bucket: padding elements of the buckets before it
-    removed = 0
-    for (start, end), bucket in zip(buffer.bucket_indices, buffer.buckets, strict=True):
-        removed_before.append(removed)
-        removed += (end - start) - bucket.numel_unpadded
-    return {param: (start - removed_before[bucket_id], end - removed_before[bucket_id], bucket_id)
-            for param, (start, end, bucket_id) in buffer.param_index_map.items()}
-
-
-def _torch_adam_distributed_optimizers(optimizer: Any) -> list[Any]:
-    """The DistributedOptimizer in `optimizer` if it runs megatron.core's torch.optim fallback
-    (neither Apex nor Transformer Engine installed: `torch.optim.AdamW` on the shards), else [].
-
-    megatron-core 0.16's DistributedOptimizer cannot load its state on that fallback by itself
-    (Apex's and TE's fused Adam keep the step in the param groups; torch's Adam keeps one per
-    parameter): `sharded_state_dict(is_loading=True)` reads the step from per-parameter state
-    that a fresh optimizer has not created yet (it asserts), and `load_state_dict` hands every
-    parameter one shared `step` tensor, then fails copying the loaded shards over a state that
-    has a step the checkpoint does not carry. `_initialise_torch_adam_state` and
-    `_load_torch_adam_distributed_state` do those two parts correctly.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
-        return []
-    inners = getattr(optimizer, "chained_optimizers", [optimizer])
-    found = [inner for inner in inners
-             if isinstance(inner, distrib_optimizer.DistributedOptimizer)]
-    if not found:
-        return []
-    if len(inners) > 1 or not isinstance(found[0].optimizer, torch.optim.Adam | torch.optim.AdamW):
-        raise CheckpointError(
-            "loading distributed-optimizer state without Apex or Transformer Engine is supported "
-            f"for one Adam optimizer, not {[type(i.optimizer).__name__ for i in inners]}; install "
-            "Apex or Transformer Engine, run without --use-distributed-optimizer, or pass "
-            "--no-load-optim to load the weights only")
-    return found
-
-
-def _initialise_torch_adam_state(optimizer: Any) -> None:
-    """Create the per-parameter state torch's Adam creates lazily at its first step (zeros, step
-    0), without stepping (a step would apply weight decay). Loading overwrites all of it."""
-    inner = optimizer.optimizer
-    for group in inner.param_groups:
-        for param in group["params"]:
-            if param.numel() == 0 or inner.state.get(param):
-                continue
-            state = {"step": torch.tensor(0.0),
-                     "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                     "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
-            if group.get("amsgrad"):
-                state["max_exp_avg_sq"] = torch.zeros_like(param,
-                                                           memory_format=torch.preserve_format)
-            inner.state[param] = state
-
-
-def _load_torch_adam_distributed_state(optimizer: Any, state: dict[str, Any]) -> None:
-    """`optimizer.load_state_dict(state)` for a DistributedOptimizer on torch's Adam: the param
-    groups and Adam's step first, then the shards of weights and moments with the step set
-    aside, then every parameter gets its own copy of the step (a shared tensor would be
-    incremented once per parameter at each step, breaking Adam's bias correction)."""
-    state = dict(state)
-    param_state = state.pop("param_state")
-    sharding_type = state.pop("param_state_sharding_type")
-    if sharding_type != "fully_reshardable":
-        raise CheckpointError(
-            f"distributed-optimizer state of sharding type {sharding_type!r} loads without Apex "
-            "or Transformer Engine only as 'fully_reshardable' (what this trainer saves)")
-    optimizer.load_state_dict(state)
-    adam_state = optimizer.optimizer.state
-    steps = {param: values.pop("step") for param, values in adam_state.items()}
-    optimizer.load_parameter_state_from_fully_reshardable(param_state)
-    for param, step in steps.items():
-        adam_state[param]["step"] = step.detach().clone()
-
-
 def _check_model_shapes(state: dict[str, Any], path: Path) -> None:
     """Name the first model tensor whose global shape differs from the checkpoint's."""
     from megatron.core import dist_checkpointing
@@ -685,7 +545,7 @@ def _check_model_shapes(state: dict[str, Any], path: Path) -> None:
             )
 
 
-# --- model, RNG and layout state --------------------------------------------------------
+# --- model and layout state ------------------------------------------------------------
 
 def _unwrap(model_chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
     from megatron.core.utils import unwrap_model
@@ -717,38 +577,3 @@ def _parallel_layout() -> dict[str, int]:
     }
 
 
-def _rng_sharded_object():
-    """This rank's RNG states as one cell of a (pipeline, tensor, data) grid of objects."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing import ShardedObject
-
-    grid = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-            ps.get_data_parallel_world_size(with_context_parallel=True))
-    cell = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-            ps.get_data_parallel_rank(with_context_parallel=True))
-    return ShardedObject("rng_state", _capture_rng_state(), grid, cell, replica_id=0)
-
-
-def _capture_rng_state() -> dict[str, Any]:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, cached_gaussian),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": get_cuda_rng_tracker().get_states(),
-    }
-
-
-def _restore_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    random.setstate(state["python"])
-    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])

@@ -32,14 +32,14 @@ Evaluation, saving, metrics: every `--eval-interval` iterations and after the la
 on the validation rows (the same rows each time, see `data_provider`) and, with `--eval-data`,
 story-completion accuracy (`story_eval`); a checkpoint to `--save`
 every `--save-interval` iterations and after the last one; with `--save`, one JSON line per
-iteration in `<save>/metrics.jsonl` (iteration, consumed samples, cumulative tokens and model
-FLOPs, global positions, training loss, learning rate, step time, validation loss and story
+iteration in `<save>/metrics.jsonl` (`metrics`; iteration, consumed samples, cumulative tokens and
+model FLOPs, global positions, training loss, learning rate, step time, validation loss and story
 accuracy where measured).
 
 With --overlap-param-gather the optimizer step updates only this rank's shard of the weights
 and the next forward pass all-gathers them bucket by bucket (megatron DDP's forward pre-hooks);
-`ParamGatherHooks` finishes that gather before anything else reads the weights, as Megatron-LM's
-`train` does.
+`ParamGatherHooks` (`param_gather`) finishes that gather before anything else reads the weights,
+as Megatron-LM's `train` does.
 
 Stopping early (`exit_conditions`): with --exit-signal-handler, an --exit-signal (SIGTERM by
 default: preemption; SLURM's `--signal`), --exit-duration-in-mins or --exit-interval make the loop
@@ -54,10 +54,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,7 +78,9 @@ from megatron_lst.training.data_provider import (
 )
 from megatron_lst.training.exit_conditions import ExitConditions, ExitMonitor
 from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_batch
+from megatron_lst.training.metrics import METRICS_FILENAME, MetricsFile
 from megatron_lst.training.model_provider import build_model_chunks
+from megatron_lst.training.param_gather import ParamGatherHooks
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
 from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
 from megatron_lst.training.train_logging import (
@@ -92,7 +92,6 @@ from megatron_lst.training.train_logging import (
 logger = logging.getLogger(__name__)
 
 LOSS_NAME = "lm loss"
-METRICS_FILENAME = "metrics.jsonl"
 
 
 @dataclass
@@ -395,67 +394,6 @@ def _data_iterator(loader: torch.utils.data.DataLoader, model_config: LSTConfig)
 
 # --- the run ----------------------------------------------------------------------------
 
-class ParamGatherHooks:
-    """When the weights are all-gathered under --overlap-param-gather (Megatron-LM's `train`).
-
-    megatron's distributed optimizer then updates only this rank's shard of each bucket at
-    `optimizer.step()`, and the DDP wrapper's forward pre-hooks all-gather the updated buckets
-    during the next forward pass. Whatever reads the weights in between must finish that gather
-    first: evaluation and checkpoint saving run inside `synchronised()`, which removes the hooks
-    with a forced synchronous gather and puts them back after; `finish()` leaves every rank with
-    the trained weights. The hooks are off for the first iteration, whose weights already agree
-    on every rank (fresh or loaded; a rank with a bad load does not spread it by a gather), and
-    go on after the first update that was not skipped. Without the flag every method is a no-op.
-    """
-
-    def __init__(self, model_chunks: list[torch.nn.Module], overlap_param_gather: bool):
-        self._chunks = model_chunks
-        self._enabled = overlap_param_gather
-        self._on = overlap_param_gather  # megatron's DDP installs them at construction
-
-    @classmethod
-    def of(cls, state: TrainingState) -> ParamGatherHooks:
-        args = state.args
-        return cls(state.model, args.use_distributed_optimizer
-                   and getattr(args, "overlap_param_gather", False))
-
-    def start(self) -> None:
-        """Before the first iteration: hooks off, no gather (the weights agree already)."""
-        self._turn_off(param_sync=False)
-
-    def after_step(self, skipped: bool) -> None:
-        """After an iteration: the hooks go on at the first update."""
-        if not skipped:
-            self._turn_on()
-
-    @contextlib.contextmanager
-    def synchronised(self):
-        """Inside the block every rank holds the updated weights whole."""
-        was_on = self._on
-        self._turn_off(param_sync=True)
-        try:
-            yield
-        finally:
-            if was_on:
-                self._turn_on()
-
-    def finish(self) -> None:
-        """After the last iteration: the weights gathered, the hooks off."""
-        self._turn_off(param_sync=True)
-
-    def _turn_on(self) -> None:
-        if self._enabled and not self._on:
-            for chunk in self._chunks:
-                chunk.enable_forward_pre_hook()
-            self._on = True
-
-    def _turn_off(self, param_sync: bool) -> None:
-        if self._on:
-            for chunk in self._chunks:
-                chunk.disable_forward_pre_hook(param_sync=param_sync)
-            self._on = False
-
-
 def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = None,
              stream: TextIO | None = None) -> TrainingResult:
     """Train validated `args` (see `arguments.validate_args`) in this process's torch.distributed
@@ -508,7 +446,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
                           if args.save is not None and is_logging_rank else None,
                           start_iteration=state.iteration)
     story_eval = StoryCompletionEval.from_args(args, state.vocab)
-    param_gather = ParamGatherHooks.of(state)
+    param_gather = ParamGatherHooks.from_args(state.model, args)
     for chunk in state.model:
         chunk.train()
     try:
@@ -524,8 +462,8 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
             if evaluating and (datasets.valid is not None or story_eval is not None):
                 with param_gather.synchronised():
                     _evaluate(state, datasets.valid, story_eval, result)
-            metrics.write(state, step, result.eval_losses.get(state.iteration),
-                          result.story_accuracy.get(state.iteration))
+            metrics.write(_metrics_record(state, step, result.eval_losses.get(state.iteration),
+                                          result.story_accuracy.get(state.iteration)))
             exit_reason = None if last else exit_monitor.reason(state.iteration)
             if args.save is not None and (exit_reason or last or (
                     args.save_interval and state.iteration % args.save_interval == 0)):
@@ -566,94 +504,19 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
         loss_scale=step.loss_scale, flops=step.flops.total, skipped=step.skipped)
 
 
-class MetricsFile:
-    """`<save>/metrics.jsonl`: one JSON line per iteration, appended by the logging rank, for
-    comparisons and plots (see `read_metrics`). A run resumed from the checkpoint of iteration
-    `start_iteration` first drops the lines of later iterations (trained after that checkpoint by
-    a run that crashed, and trained again now) and a line torn by the crash, so that the file
-    holds every iteration once."""
-
-    def __init__(self, path: Path | None, start_iteration: int = 0):
-        self._file = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_file():
-                _drop_records_after(path, start_iteration)
-            self._file = open(path, "a", encoding="utf-8")
-
-    def write(self, state: TrainingState, step: StepResult, valid_loss: float | None,
-              story_accuracy: dict[str, dict] | None = None) -> None:
-        if self._file is None:
-            return
-        record = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-                  "tokens": state.tokens, "flops": state.flops.total,
-                  "global_positions": state.consumed_samples * state.args.seq_length,
-                  "loss": step.loss, "learning_rate": step.learning_rate,
-                  "step_seconds": step.seconds}
-        if valid_loss is not None:
-            record["valid_loss"] = valid_loss
-        if story_accuracy is not None:
-            record["story_accuracy"] = {mode: r["accuracy"] for mode, r in story_accuracy.items()}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-def _drop_records_after(path: Path, iteration: int) -> None:
-    """Rewrite `path` (atomically) without the records of iterations after `iteration`, without
-    a torn last line and without any other line that is no metrics record (two writers, a
-    damaged copy: `read_metrics` could not read the file back, and the run used to stop with a
-    traceback on the logging rank alone, the other ranks waiting for it). Such a file is first
-    copied to `<name>.damaged`, so nothing is lost; says what it dropped."""
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-    kept, dropped, torn, damaged = [], [], False, []
-    for number, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record_iteration = int(json.loads(line)["iteration"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            if number == len(lines) - 1 and not line.endswith("\n"):  # a crash's torn write
-                torn = True
-            else:
-                damaged.append(number + 1)
-            continue
-        if record_iteration > iteration:
-            dropped.append(record_iteration)
-        else:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    if not dropped and not torn and not damaged:
-        return
-    if damaged:
-        shutil.copyfile(path, path.with_name(path.name + ".damaged"))
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(kept), encoding="utf-8")
-    temporary.replace(path)
-    what = [f"{len(dropped)} record(s) of iterations {min(dropped)}-{max(dropped)}"] if dropped \
-        else []
-    what += ["a torn last line"] if torn else []
-    if dropped or torn:
-        logger.warning("%s: dropped %s, written after the checkpoint of iteration %d that this "
-                       "run resumes from", path, " and ".join(what), iteration)
-    if damaged:
-        logger.warning("%s: dropped line(s) %s, which are no metrics records; the file as it was "
-                       "is kept as %s", path, ", ".join(map(str, damaged)),
-                       path.with_name(path.name + ".damaged"))
-
-
-def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of `<save_dir>/metrics.jsonl` by iteration (the last line of a repeated
-    iteration wins)."""
-    records: dict[int, dict[str, Any]] = {}
-    with open(Path(save_dir) / METRICS_FILENAME, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                records[record["iteration"]] = record
-    return [records[i] for i in sorted(records)]
+def _metrics_record(state: TrainingState, step: StepResult, valid_loss: float | None,
+                    story_accuracy: dict[str, dict] | None) -> dict[str, Any]:
+    """The `metrics.jsonl` line of the iteration `state` just finished."""
+    record = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+              "tokens": state.tokens, "flops": state.flops.total,
+              "global_positions": state.consumed_samples * state.args.seq_length,
+              "loss": step.loss, "learning_rate": step.learning_rate,
+              "step_seconds": step.seconds}
+    if valid_loss is not None:
+        record["valid_loss"] = valid_loss
+    if story_accuracy is not None:
+        record["story_accuracy"] = {mode: r["accuracy"] for mode, r in story_accuracy.items()}
+    return record
 
 
 def _evaluate(state: TrainingState, valid, story_eval: StoryCompletionEval | None,

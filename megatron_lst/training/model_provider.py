@@ -130,7 +130,7 @@ def build_model_chunks(args: argparse.Namespace, vocab_size: int, *, eos_id: int
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_grad_reduce=getattr(args, "overlap_grad_reduce", False),
         # Forward pre-hooks gather the parameters; the training loop turns them off around
-        # evaluation and saving (`loop.ParamGatherHooks`). `align_param_gather` stays off, as
+        # evaluation and saving (`param_gather.ParamGatherHooks`). `align_param_gather` stays off, as
         # Megatron-LM sets it without virtual pipeline stages: it only times the gathers of the
         # interleaved schedule.
         overlap_param_gather=getattr(args, "overlap_param_gather", False),

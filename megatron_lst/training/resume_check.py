@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_lst.checkpoint.errors import CheckpointError
-from megatron_lst.training.arguments import args_to_dict
+from megatron_lst.training.args_json import args_to_dict
+from megatron_lst.training.flag_checks import flag_name
 
 # Flags that decide the training rows and their patching, and why.
 ROW_FLAGS = {
@@ -62,7 +63,7 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
     def changed(name: str) -> bool:
         return name in saved and saved[name] != current.get(name)
 
-    refused = [f"{_flag(name)} {saved[name]} -> {current.get(name)} (it {why})"
+    refused = [f"{flag_name(name)} {saved[name]} -> {current.get(name)} (it {why})"
                for name, why in ROW_FLAGS.items() if changed(name)]
     if refused:
         raise ResumeConfigError(
@@ -74,7 +75,7 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
     _check_optimizer_precision(saved, args, checkpoint)
     _check_optimizer_kind(saved, args, checkpoint)
     batch_notes = _check_global_batch_size(saved, args, position, checkpoint)
-    notes = [f"{_flag(name)} changed from {saved[name]} to {current.get(name)}"
+    notes = [f"{flag_name(name)} changed from {saved[name]} to {current.get(name)}"
              for name in NOTED_FLAGS if changed(name)]
     notes += _check_schedule_flags(saved, current, args, checkpoint)
     if any(changed(name) for name in ("data_path", "train_data_path", "split")):
@@ -133,7 +134,7 @@ def _check_schedule_flags(saved: Mapping[str, Any], current: Mapping[str, Any],
     which loads no schedule."""
     if getattr(args, "no_load_optim", False):
         return []
-    changes = [f"{_flag(name)} {saved[name]} -> {current.get(name)}" for name in SCHEDULE_FLAGS
+    changes = [f"{flag_name(name)} {saved[name]} -> {current.get(name)}" for name in SCHEDULE_FLAGS
                if name in saved and saved[name] != current.get(name)]
     changes += _schedule_batch_size_change(saved, args)
     if not changes:
@@ -197,7 +198,3 @@ def _check_global_batch_size(saved: Mapping[str, Any], args: argparse.Namespace,
             f"start a new schedule from the weights with --finetune")
     return [f"--global-batch-size changed from {old} to {new}: the run continues at sample "
             f"{consumed}, {new} samples per iteration"]
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")

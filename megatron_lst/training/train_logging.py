@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
 
-from megatron_lst.training.arguments import args_to_dict
+from megatron_lst.training.args_json import args_to_dict
 
 OPTIONAL_PACKAGES = {"tensorboard": "--tensorboard-dir", "wandb": "--wandb-project"}
 

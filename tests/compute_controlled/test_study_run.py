@@ -48,7 +48,7 @@ def test_smoke_study_resumes_skips_and_reports(tmp_path, capsys):
     assert lines[2].startswith("[3/4] lst-6steps-seed2: trained 6 steps in")
     assert (runs_dir / finished.name / "eval.json").read_text() == finished_eval
 
-    from megatron_lst.training.loop import read_metrics
+    from megatron_lst.training.metrics import read_metrics
 
     resumed = read_metrics(runs_dir / interrupted.name)
     assert [m["iteration"] for m in resumed] == list(range(1, 7))

@@ -32,7 +32,7 @@ from distributed.two_nodes import (
     wait_until_gone,
     worker_of,
 )
-from megatron_lst.training.loop import read_metrics
+from megatron_lst.training.metrics import read_metrics
 
 ITERATIONS = 12
 SAVE_INTERVAL = 4

@@ -28,7 +28,7 @@ from unittest import mock
 
 import pytest
 
-from megatron_lst.training.arguments import UNSUPPORTED_MEGATRON_FLAGS
+from megatron_lst.training.megatron_flags import UNSUPPORTED_MEGATRON_FLAGS
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"

@@ -17,7 +17,7 @@ import torch
 from megatron_lst.parallel import free_local_port
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.exit_conditions import ExitConditions, ExitMonitor
-from megatron_lst.training.loop import MetricsFile, read_metrics
+from megatron_lst.training.metrics import MetricsFile, read_metrics
 from training.training_cases import tiny_flags, write_corpus
 
 

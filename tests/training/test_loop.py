@@ -16,8 +16,9 @@ from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import loop
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.data_provider import PretrainingBatchSampler, split_bounds
-from megatron_lst.training.loop import ParamGatherHooks, _check_vocab_splits
+from megatron_lst.training.loop import _check_vocab_splits
 from megatron_lst.training.model_provider import lst_config_from_args
+from megatron_lst.training.param_gather import ParamGatherHooks
 from training.training_cases import tiny_flags, write_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

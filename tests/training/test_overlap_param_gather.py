@@ -2,7 +2,7 @@
 
 With it the distributed optimizer's step updates only each rank's shard of the weights and the
 next forward pass all-gathers them bucket by bucket (megatron DDP's forward pre-hooks); the loop
-must finish that gather before it evaluates and saves (`loop.ParamGatherHooks`). The gather
+must finish that gather before it evaluates and saves (`param_gather.ParamGatherHooks`). The gather
 copies values and changes no arithmetic (both runs reduce gradients with --overlap-grad-reduce),
 so the comparison is exact: training and validation losses, and every tensor of the checkpoints
 saved in the middle and at the end (weights and Adam moments), under data parallel 2 and pipeline

@@ -236,7 +236,8 @@ def test_the_schedule_a_resume_asks_for_is_the_one_it_follows(tmp_path):
     (the straight 4-iteration run's learning rates), --use-checkpoint-opt_param-scheduler stays
     at the end of the 2-iteration decay (--min-lr), no flag is refused."""
     from megatron_lst.training.arguments import parse_args, validate_args
-    from megatron_lst.training.loop import pretrain, read_metrics
+    from megatron_lst.training.loop import pretrain
+    from megatron_lst.training.metrics import read_metrics
 
     base = tiny_flags(write_corpus(tmp_path / "data")) + ["--eval-interval", "1000"]
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from distributed.harness import report_results
 
+from megatron_lst.checkpoint import durable_files
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import checkpointing
@@ -230,7 +231,7 @@ def crash_during_save(mode: str, save_dir: str) -> None:
         def die(path, text):
             os._exit(17)
 
-        checkpointing._replace_file_durably = die
+        durable_files.replace_file_durably = die
     else:
         raise ValueError(f"unknown --crash mode {mode!r}")
 

@@ -1,0 +1,165 @@
+"""The checks of `arguments.validate_args` for the flags that name checkpoints and directories.
+
+`--load` (with `--ckpt-step`, `--finetune`, `--use-checkpoint-args`) must name a complete
+checkpoint, whose model configuration then fills in the model flags not given; `--save` must be a
+directory that can be written and holds no checkpoint newer than where the run starts;
+`--tensorboard-dir` must be writable. Each raises ArgumentError naming the flag and the fix. The
+checkpoint modules are imported inside the functions: they import megatron.core, which parsing
+flags must not need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from megatron_lst.training import model_flags
+from megatron_lst.training.flag_checks import ArgumentError, require_positive
+
+logger = logging.getLogger(__name__)
+
+
+def adopt_model_from_load(args: argparse.Namespace) -> None:
+    """`--use-checkpoint-args`: the model of the checkpoint `--load` resumes or fine-tunes.
+
+    A missing or broken `--load` is left to `validate_checkpointing` to report.
+    """
+    if args.load is None or not args.use_checkpoint_args or not os.path.isdir(args.load):
+        return
+    from megatron_lst.checkpoint.model_config import read_model_config
+    from megatron_lst.checkpoint.model_state import CheckpointContentError
+    from megatron_lst.training.checkpointing import (
+        CheckpointError,
+        read_checkpoint_metadata,
+        select_checkpoint,
+    )
+
+    try:
+        path = select_checkpoint(args.load, args.ckpt_step)
+        if path is None:
+            return
+        # Lenient: a record lacking a field loading needs is named when loading starts.
+        saved = read_model_config(read_checkpoint_metadata(path, strict=False), path)
+    except CheckpointError:
+        return
+    except CheckpointContentError as err:
+        raise ArgumentError(f"--load {args.load}: {err}") from None
+    if saved is None:
+        return  # not an LST or baseline checkpoint: the model's shapes are checked on load
+    if saved.baseline != (args.patching_mode == "none"):
+        raise ArgumentError(
+            f"checkpoint {path} holds {'a token baseline' if saved.baseline else 'an LST model'} "
+            f"but --patching-mode {args.patching_mode} builds "
+            f"{'the token baseline' if args.patching_mode == 'none' else 'an LST model'}; "
+            + ("drop --patching-mode" if saved.baseline else
+               f"give the --patching-mode it was trained with ({saved.patching_mode})"))
+    try:
+        model_flags.adopt_checkpoint_model(
+            args, model_flags.flag_values(saved.config, saved.baseline), f"checkpoint {path}")
+    except model_flags.CheckpointArgsConflict as err:
+        raise ArgumentError(str(err)) from None
+
+
+def validate_checkpointing(args: argparse.Namespace) -> None:
+    """--save-interval, --save and --load (directories or to be made ones), what needs --load
+    (--finetune, --ckpt-step), and the checkpoint to load; sets `args.resume_from`."""
+    require_positive(args, "save_interval")
+    for flag, path in (("--save", args.save), ("--load", args.load)):
+        if path is not None:
+            _check_no_file_in_the_way(flag, path)
+    if args.save_interval is not None and args.save is None:
+        # Configs ship a save interval and leave the directory to the command line.
+        logger.warning("--save-interval %d without --save: no checkpoints will be written",
+                       args.save_interval)
+    if args.finetune and args.load is None:
+        raise ArgumentError("--finetune loads weights from --load DIR; give --load")
+    if args.ckpt_step is not None and args.load is None:
+        raise ArgumentError("--ckpt-step picks a checkpoint of --load DIR; give --load")
+    latest = _checkpoint_to_load(args)
+    args.resume_from = None if latest is None else str(latest)
+    _check_no_newer_checkpoints(args, latest)
+
+
+def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
+    """The checkpoint --load (and --ckpt-step) name, or None: no --load, or the first run of an
+    auto-resuming job (--save and --load the same directory, nothing saved yet)."""
+    from megatron_lst.training.checkpointing import (
+        METADATA_FILENAME,
+        CheckpointError,
+        checkpoints_from,
+        select_checkpoint,
+    )
+
+    if args.load is None:
+        return None
+    auto_resume = args.save is not None and os.path.abspath(args.save) == os.path.abspath(args.load)
+    if not os.path.isdir(args.load):
+        if auto_resume:
+            return None
+        raise ArgumentError(
+            f"--load {args.load} does not exist; check the path, or pass the same directory "
+            f"to --save and --load to resume automatically once a checkpoint exists"
+        )
+    try:
+        latest = select_checkpoint(args.load, args.ckpt_step)
+    except CheckpointError as err:
+        raise ArgumentError(f"--load {args.load}: {err}") from None
+    if latest is None and not auto_resume:
+        incomplete = [entry.name for entry in checkpoints_from(args.load, 0)]
+        found = (f"its {', '.join(incomplete)} lack(s) {METADATA_FILENAME}, which every "
+                 f"lst-train save writes last: a save that did not finish, or a checkpoint of "
+                 f"another program (Megatron-LM's own have none)" if incomplete else
+                 "no iter_XXXXXXX directory")
+        raise ArgumentError(
+            f"--load {args.load} holds no complete checkpoint ({found}); point --load at a "
+            f"directory written by lst-train --save"
+        )
+    return latest
+
+
+def _check_no_newer_checkpoints(args: argparse.Namespace, loaded: Path | None) -> None:
+    """Refuse a --save directory holding checkpoints newer than the iteration the run starts
+    from (`loaded`'s, 0 with --finetune or without one): its first save would collide with one
+    of them only after training up to it, and one it does write would lie behind them (resuming
+    loads the newest)."""
+    from megatron_lst.training.checkpointing import checkpoints_from
+
+    if args.save is None:
+        return
+    start = 0 if loaded is None or args.finetune else int(loaded.name.removeprefix("iter_"))
+    newer = checkpoints_from(args.save, start + 1)
+    if newer:
+        raise ArgumentError(
+            f"--save {args.save} already holds {[entry.name for entry in newer]}, newer than "
+            f"iteration {start} where this run starts: its checkpoints would collide with them or "
+            f"lie behind them (resuming loads the newest). Resume from the newest with --load "
+            f"{args.save}, or move those checkpoints away, or pass another --save")
+
+
+def _check_no_file_in_the_way(flag: str, path: str) -> None:
+    """`path` is a directory or can be made one: neither it nor an ancestor is a file (saving
+    would otherwise fail at the first write, after the datasets and the model are built)."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        advice = ("give a directory (created if missing)" if flag == "--save" else
+                  "point --load at a --save directory, or one iter_XXXXXXX directory in it")
+        raise ArgumentError(f"{flag} {path}: {existing} is a file, not a directory; {advice}")
+
+
+def check_save_writable(args: argparse.Namespace) -> None:
+    """--save and --tensorboard-dir can be written (a read-only or full filesystem used to fail
+    with a traceback: while the row-index cache was written to --save, or only at the first save;
+    on the logging rank alone, the others waiting for it, when TensorBoard opened its directory)."""
+    from megatron_lst.training.save_directory import SaveDirectoryError, check_writable
+
+    try:
+        if args.save is not None:
+            check_writable(args.save)
+        if args.tensorboard_dir is not None:
+            check_writable(args.tensorboard_dir, "--tensorboard-dir", "the TensorBoard events")
+    except SaveDirectoryError as err:
+        raise ArgumentError(str(err)) from None

@@ -1,0 +1,99 @@
+"""`<save>/metrics.jsonl`: the training loop's metrics, one JSON line per iteration.
+
+The logging rank appends a line per iteration (`MetricsFile`; the loop decides what a line holds,
+see `loop`); a resumed run first drops the lines a crashed run wrote after the checkpoint it
+resumes from; `read_metrics` reads the file back for comparisons and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILENAME = "metrics.jsonl"
+
+
+class MetricsFile:
+    """`<save>/metrics.jsonl`: one JSON line per iteration, appended by the logging rank, for
+    comparisons and plots (see `read_metrics`). A run resumed from the checkpoint of iteration
+    `start_iteration` first drops the lines of later iterations (trained after that checkpoint by
+    a run that crashed, and trained again now) and a line torn by the crash, so that the file
+    holds every iteration once."""
+
+    def __init__(self, path: Path | None, start_iteration: int = 0):
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                _drop_records_after(path, start_iteration)
+            self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append `record`, one iteration's metrics with its "iteration", as one line."""
+        if self._file is None:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _drop_records_after(path: Path, iteration: int) -> None:
+    """Rewrite `path` (atomically) without the records of iterations after `iteration`, without
+    a torn last line and without any other line that is no metrics record (two writers, a
+    damaged copy: `read_metrics` could not read the file back, and the run used to stop with a
+    traceback on the logging rank alone, the other ranks waiting for it). Such a file is first
+    copied to `<name>.damaged`, so nothing is lost; says what it dropped."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept, dropped, torn, damaged = [], [], False, []
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record_iteration = int(json.loads(line)["iteration"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if number == len(lines) - 1 and not line.endswith("\n"):  # a crash's torn write
+                torn = True
+            else:
+                damaged.append(number + 1)
+            continue
+        if record_iteration > iteration:
+            dropped.append(record_iteration)
+        else:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if not dropped and not torn and not damaged:
+        return
+    if damaged:
+        shutil.copyfile(path, path.with_name(path.name + ".damaged"))
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    temporary.replace(path)
+    what = [f"{len(dropped)} record(s) of iterations {min(dropped)}-{max(dropped)}"] if dropped \
+        else []
+    what += ["a torn last line"] if torn else []
+    if dropped or torn:
+        logger.warning("%s: dropped %s, written after the checkpoint of iteration %d that this "
+                       "run resumes from", path, " and ".join(what), iteration)
+    if damaged:
+        logger.warning("%s: dropped line(s) %s, which are no metrics records; the file as it was "
+                       "is kept as %s", path, ", ".join(map(str, damaged)),
+                       path.with_name(path.name + ".damaged"))
+
+
+def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `<save_dir>/metrics.jsonl` by iteration (the last line of a repeated
+    iteration wins)."""
+    records: dict[int, dict[str, Any]] = {}
+    with open(Path(save_dir) / METRICS_FILENAME, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                records[record["iteration"]] = record
+    return [records[i] for i in sorted(records)]

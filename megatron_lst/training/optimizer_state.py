@@ -1,0 +1,156 @@
+"""The optimizer's state in a checkpoint: megatron.core's sharded optimizer state dict, with two
+fixes for megatron-core 0.16's distributed optimizer.
+
+Saved in model space (`SHARDED_STATE_METADATA`), so it loads under any tensor/pipeline/data-
+parallel layout. The fixes: the offsets of each parameter's state in the distributed optimizer's
+buffers leave out the padding between gradient buckets (`_unpadded_param_index_maps`), and on
+megatron.core's torch.optim fallback (neither Apex nor Transformer Engine installed) Adam's state
+is created before loading and its step loaded per parameter (`_torch_adam_distributed_optimizers`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from megatron_lst.checkpoint.errors import CheckpointError
+
+# How megatron.core lays out optimizer state: `fully_reshardable` stores each state tensor in model
+# space (the distributed optimizer gathers its shards), so it loads under any TP/PP/DP layout
+# (with `_unpadded_param_index_maps` around it, see there);
+# `chained_optim_avoid_prefix` keeps the keys of a one-optimizer chain free of a chain index.
+SHARDED_STATE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                          "chained_optim_avoid_prefix": True}
+
+
+def sharded_state_to_save(optimizer: Any, model_state: dict[str, Any]) -> dict[str, Any]:
+    """The sharded state dict of `optimizer` to save next to `model_state` (the model's)."""
+    with _unpadded_param_index_maps(optimizer):
+        return optimizer.sharded_state_dict(model_state, metadata=SHARDED_STATE_METADATA)
+
+
+def sharded_state_to_load(optimizer: Any, model_state: dict[str, Any],
+                          metadata: dict[str, Any]) -> dict[str, Any]:
+    """The sharded state dict that `dist_checkpointing.load` fills with the state of `optimizer`
+    saved under `metadata` (the checkpoint's `sharded_state_metadata`). Raises CheckpointError
+    for distributed-optimizer state that the torch.optim fallback cannot load."""
+    for inner in _torch_adam_distributed_optimizers(optimizer):
+        _initialise_torch_adam_state(inner)
+    with _unpadded_param_index_maps(optimizer):
+        return optimizer.sharded_state_dict(model_state, is_loading=True, metadata=metadata)
+
+
+def load_state(optimizer: Any, state: dict[str, Any]) -> None:
+    """Load into `optimizer` the `state` that `dist_checkpointing.load` filled in (see
+    `sharded_state_to_load`)."""
+    torch_adam_optimizers = _torch_adam_distributed_optimizers(optimizer)
+    with _unpadded_param_index_maps(optimizer):
+        if torch_adam_optimizers:
+            _load_torch_adam_distributed_state(torch_adam_optimizers[0], state)
+        else:
+            optimizer.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def _unpadded_param_index_maps(optimizer: Any):
+    """Within the block, the distributed optimizer's buffers map each parameter to its offsets
+    in the buffer without the padding between gradient buckets.
+
+    megatron-core 0.16's `fully_reshardable` optimizer state gathers each buffer's shards into
+    one tensor per buffer that leaves that padding out (`get_parameter_state_dp_zero`), then
+    slices it, on save and on load, at the padded offsets of `buffer.param_index_map`: with more
+    than one bucket (the encoder replica's own buckets under pipeline parallelism, the buckets of
+    `--overlap-grad-reduce`) every parameter after the first padded bucket end gets another
+    parameter's state. The state dict's keys are model-space names, so the corrected offsets
+    also load checkpoints saved under other layouts. A no-op for other optimizers.
+    """
+    buffers = [buffer for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+               for buffer in getattr(inner, "buffers", [])]
+    saved = [buffer.param_index_map for buffer in buffers]
+    try:
+        for buffer in buffers:
+            buffer.param_index_map = _unpadded_index_map(buffer)
+        yield
+    finally:
+        for buffer, index_map in zip(buffers, saved, strict=True):
+            buffer.param_index_map = index_map
+
+
+def _unpadded_index_map(buffer: Any) -> dict:
+    """`buffer.param_index_map` with the padding after each bucket's end taken out."""
+    removed_before = []  # per bucket: padding elements of the buckets before it
+    removed = 0
+    for (start, end), bucket in zip(buffer.bucket_indices, buffer.buckets, strict=True):
+        removed_before.append(removed)
+        removed += (end - start) - bucket.numel_unpadded
+    return {param: (start - removed_before[bucket_id], end - removed_before[bucket_id], bucket_id)
+            for param, (start, end, bucket_id) in buffer.param_index_map.items()}
+
+
+def _torch_adam_distributed_optimizers(optimizer: Any) -> list[Any]:
+    """The DistributedOptimizer in `optimizer` if it runs megatron.core's torch.optim fallback
+    (neither Apex nor Transformer Engine installed: `torch.optim.AdamW` on the shards), else [].
+
+    megatron-core 0.16's DistributedOptimizer cannot load its state on that fallback by itself
+    (Apex's and TE's fused Adam keep the step in the param groups; torch's Adam keeps one per
+    parameter): `sharded_state_dict(is_loading=True)` reads the step from per-parameter state
+    that a fresh optimizer has not created yet (it asserts), and `load_state_dict` hands every
+    parameter one shared `step` tensor, then fails copying the loaded shards over a state that
+    has a step the checkpoint does not carry. `_initialise_torch_adam_state` and
+    `_load_torch_adam_distributed_state` do those two parts correctly.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return []
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    found = [inner for inner in inners
+             if isinstance(inner, distrib_optimizer.DistributedOptimizer)]
+    if not found:
+        return []
+    if len(inners) > 1 or not isinstance(found[0].optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise CheckpointError(
+            "loading distributed-optimizer state without Apex or Transformer Engine is supported "
+            f"for one Adam optimizer, not {[type(i.optimizer).__name__ for i in inners]}; install "
+            "Apex or Transformer Engine, run without --use-distributed-optimizer, or pass "
+            "--no-load-optim to load the weights only")
+    return found
+
+
+def _initialise_torch_adam_state(optimizer: Any) -> None:
+    """Create the per-parameter state torch's Adam creates lazily at its first step (zeros, step
+    0), without stepping (a step would apply weight decay). Loading overwrites all of it."""
+    inner = optimizer.optimizer
+    for group in inner.param_groups:
+        for param in group["params"]:
+            if param.numel() == 0 or inner.state.get(param):
+                continue
+            state = {"step": torch.tensor(0.0),
+                     "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                     "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(param,
+                                                           memory_format=torch.preserve_format)
+            inner.state[param] = state
+
+
+def _load_torch_adam_distributed_state(optimizer: Any, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)` for a DistributedOptimizer on torch's Adam: the param
+    groups and Adam's step first, then the shards of weights and moments with the step set
+    aside, then every parameter gets its own copy of the step (a shared tensor would be
+    incremented once per parameter at each step, breaking Adam's bias correction)."""
+    state = dict(state)
+    param_state = state.pop("param_state")
+    sharding_type = state.pop("param_state_sharding_type")
+    if sharding_type != "fully_reshardable":
+        raise CheckpointError(
+            f"distributed-optimizer state of sharding type {sharding_type!r} loads without Apex "
+            "or Transformer Engine only as 'fully_reshardable' (what this trainer saves)")
+    optimizer.load_state_dict(state)
+    adam_state = optimizer.optimizer.state
+    steps = {param: values.pop("step") for param, values in adam_state.items()}
+    optimizer.load_parameter_state_from_fully_reshardable(param_state)
+    for param, step in steps.items():
+        adam_state[param]["step"] = step.detach().clone()
