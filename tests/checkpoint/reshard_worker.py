@@ -65,6 +65,8 @@ def train_step(ddp, optimizer, config, step: int) -> float | None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch = fixed_batch(config, seed=step)
+    if config.documents is not None:  # rows packing documents: one ends every 11 tokens
+        batch["tokens"][:, 10::11] = config.documents.eos_id
     batch["labels"] = batch["tokens"].roll(-1, dims=1)
     batch["loss_mask"] = torch.ones(batch["tokens"].shape)
     ddp.zero_grad_buffer()

@@ -6,8 +6,13 @@ The losses agree to fp32 rounding (TOLERANCE), not bit for bit: tensor paralleli
 matrix products of the global block and the vocabulary-parallel head, and one stage instead of
 two back-propagates the token encoder's two gradients summed instead of one by one, so sums run
 in another order. tests/training/test_distributed_optimizer_resume.py shows the layout changes
-that keep every sum in order resuming bit for bit."""
+that keep every sum in order resuming bit for bit.
 
+Run for the tiny preset and for it with the newest model features: grouped key/value heads and
+head sizes other than hidden / heads in the global and both local models, on rows packing
+documents with attention and RoPE positions reset at each."""
+
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,7 +21,7 @@ from distributed.harness import run_distributed
 
 from megatron_lst.checkpoint.model_state import build_full_model, full_state_dict
 from megatron_lst.checkpoint.portable import PortableCheckpoint, save_portable
-from megatron_lst.models.config import preset
+from megatron_lst.models.config import DocumentMaskingConfig, preset
 from megatron_lst.tokenizer.vocab import JointVocab
 
 WORKER = Path(__file__).resolve().parent / "reshard_worker.py"
@@ -26,10 +31,22 @@ TOLERANCE = 1e-5
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def portable(single_rank, tmp_path_factory):
+def newest_features(config):
+    """Global: 2 key/value groups of 4 heads of 24; local: 1 key/value head for 2 of 12."""
+    encoder, decoder = (dataclasses.replace(local, num_query_groups=1, kv_channels=12)
+                        for local in (config.encoder, config.decoder))
+    return dataclasses.replace(
+        config, encoder=encoder, decoder=decoder,
+        global_model=dataclasses.replace(config.global_model, num_query_groups=2, kv_channels=24),
+        documents=DocumentMaskingConfig(eos_id=VOCAB.eos_id, reset_position_ids=True))
+
+
+@pytest.fixture(scope="module", params=["tiny", "newest-features"])
+def portable(single_rank, tmp_path_factory, request):
     torch.manual_seed(11)
     config = preset("tiny", VOCAB.size)
+    if request.param == "newest-features":
+        config = newest_features(config)
     directory = tmp_path_factory.mktemp("portable")
     save_portable(directory, PortableCheckpoint(
         config=config, state=full_state_dict(build_full_model(config)), vocab=VOCAB))

@@ -3,8 +3,14 @@ data parallel give the losses and weights of one process training on the same gl
 (fp32, gloo on CPU). Every copy of a parameter (the last stage's encoder replica, the local
 modules on every tensor-parallel rank) must end up bit-equal to the others.
 
-A rank whose local-module gradients are perturbed (as non-deterministic GPU kernels do) must not
-make its tensor-parallel copies drift apart: their gradients are averaged over the group.
+A rank whose local-module gradients are perturbed (as non-deterministic GPU kernels do), or that
+reads other tokens than its tensor-parallel peers (under sequence parallelism), must not make its
+copies drift apart: their gradients are averaged over the group.
+
+The newest model features (grouped key/value heads and head sizes other than hidden / heads in
+the global and the local models, rows packing several documents with attention and RoPE
+positions reset at each) train the same under TP=2 with sequence parallelism, TP=4, PP=2, each
+with data parallelism and the distributed optimizer where four processes allow.
 """
 
 import pytest
@@ -102,3 +108,46 @@ def test_uneven_pipeline_stages_train_like_one_process(single_process_paper_1b_d
         timeout=300)
     assert [r["global_layers"] for r in sorted(records, key=lambda r: r["pp_rank"])] == expected
     assert_same_training(records, single_process_paper_1b_depth)
+
+
+NEWEST_FEATURES = ["--newest-features"]
+QKV = "self_attention.linear_qkv.weight"
+
+
+@pytest.fixture(scope="module")
+def single_process_newest_features():
+    return run_distributed(WORKER, 1, NEWEST_FEATURES, timeout=180)
+
+
+def test_newest_features_model_has_the_head_shapes(single_process_newest_features):
+    [record] = single_process_newest_features
+    shapes = {name: torch.tensor(values).shape for name, values in record["weights"].items()}
+    # global: 2 groups of (2 query, 1 key, 1 value) heads of 24 channels over the 64-wide input
+    assert shapes[f"global_transformer.block.layers.0.{QKV}"] == (2 * (2 + 2) * 24, 64)
+    # local: 2 query heads and 1 key/value head of 12 channels over the 32-wide input
+    assert shapes[f"token_encoder.layers.0.{QKV}"] == ((2 + 1 + 1) * 12, 32)
+    assert shapes[f"local_decoder.layers.0.{QKV}"] == ((2 + 1 + 1) * 12, 32)
+
+
+@pytest.mark.parametrize("layout", [
+    ["--tp", 2, "--sequence-parallel", "--distributed-optimizer"],
+    ["--pp", 2, "--distributed-optimizer"],
+], ids=["tp2-sp-dp2", "pp2-dp2"])
+def test_newest_features_train_like_one_process(single_process_newest_features, layout):
+    records = run_distributed(WORKER, 4, [*NEWEST_FEATURES, *layout], timeout=300)
+    assert_same_training(records, single_process_newest_features)
+
+
+def test_newest_features_split_over_four_tensor_parallel_ranks():
+    one_group_per_head = [*NEWEST_FEATURES, "--global-query-groups", 4, "--steps", 2]
+    reference = run_distributed(WORKER, 1, one_group_per_head, timeout=180)
+    records = run_distributed(WORKER, 4, [*one_group_per_head, "--tp", 4, "--sequence-parallel"],
+                              timeout=300)
+    assert_same_training(records, reference)
+
+
+def test_unequal_tensor_parallel_data_keeps_the_sequence_parallel_copies_equal():
+    # merged_weights compares the local modules of both tensor-parallel ranks bit for bit.
+    records = run_distributed(WORKER, 2, [*NEWEST_FEATURES, "--tp", 2, "--sequence-parallel",
+                                          "--steps", 2, "--unequal-tp-data"], timeout=240)
+    merged_weights(records)

@@ -10,8 +10,13 @@ optionally the distributed optimizer's sharded buckets), megatron's forward-back
 `finalize_lst_model_grads`, a megatron Adam optimizer with gradient clipping.
 
 `--perturb-tp-rank R` adds noise to the local-module gradients of tensor-parallel rank R before
-they are finalised, as a non-deterministic kernel would; the test checks that the copies still
-agree afterwards.
+they are finalised, as a non-deterministic kernel would; `--unequal-tp-data` gives every
+tensor-parallel rank other token ids (same shapes, as a data bug would); the test checks that
+the copies still agree afterwards.
+
+`--newest-features` trains `newest_features_config` (grouped key/value heads and head sizes
+other than hidden / heads, global and local; packed documents with attention and RoPE positions
+reset) on rows packing several documents, `--sequence-parallel` turns sequence parallelism on.
 
 Reports per rank: its coordinates, the (CE sum, token count) of its micro-batches per step (last
 stage), and the unsharded canonical weights after the last step.
@@ -30,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "models"))
 from distributed.harness import report_results  # noqa: E402
 from lst_parallel_worker import load_shared_weights  # noqa: E402
 from model_cases import ragged_batch, tiny_config  # noqa: E402
+from packed_document_cases import EOS, packed_batch  # noqa: E402
 
 from megatron_lst.models import LSTModel, finalize_lst_model_grads  # noqa: E402
+from megatron_lst.models.config import DocumentMaskingConfig  # noqa: E402
 from megatron_lst.models.loss import masked_token_sum  # noqa: E402
 from megatron_lst.models.reference_import import gather_canonical  # noqa: E402
 from megatron_lst.parallel import destroy_parallel, initialize_parallel  # noqa: E402
@@ -58,11 +65,45 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def micro_batches(step: int, dp_rank: int, dp: int) -> list[dict[str, torch.Tensor]]:
+def newest_features_config(config, global_query_groups: int = 2):
+    """`config` with grouped key/value heads and head sizes other than hidden / heads in the
+    global model (`global_query_groups` groups of 4 heads of 24; 4, one per head, lets TP=4
+    split them) and both local models (1 group of 2 heads of 12), on packed documents with
+    attention and RoPE positions reset at every document start."""
+    encoder, decoder = (dataclasses.replace(local, num_query_groups=1, kv_channels=12)
+                        for local in (config.encoder, config.decoder))
+    return dataclasses.replace(
+        config, encoder=encoder, decoder=decoder,
+        global_model=dataclasses.replace(config.global_model, num_query_groups=global_query_groups,
+                                         kv_channels=24),
+        documents=DocumentMaskingConfig(eos_id=EOS, reset_attention_mask=True,
+                                        reset_position_ids=True))
+
+
+def packed_rows(step: int, patch_multiple: int) -> dict[str, torch.Tensor]:
+    """The step's global batch of rows packing 1-3 documents each, patched static or aligned per
+    document, with zero-length patches appended up to a multiple of `patch_multiple`."""
+    tokens, labels, patch_lengths = packed_batch("mixed", [2, 3, 1, 2], seed=200 + step)
+    patch_lengths = torch.nn.functional.pad(patch_lengths,
+                                            (0, -patch_lengths.shape[1] % patch_multiple))
+    return {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(tokens.shape),
+            "patch_lengths": patch_lengths}
+
+
+def micro_batches(step: int, dp_rank: int, dp: int, packed: bool = False,
+                  patch_multiple: int = 1) -> list[dict[str, torch.Tensor]]:
     """This data-parallel rank's rows of the step's global batch, one row per micro-batch."""
-    batch = ragged_batch("static", batch_size=GLOBAL_BATCH, seed=100 + step)
+    batch = (packed_rows(step, patch_multiple) if packed
+             else ragged_batch("static", batch_size=GLOBAL_BATCH, seed=100 + step))
     rows = range(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
     return [{key: value[row:row + 1] for key, value in batch.items()} for row in rows]
+
+
+def unequal_tokens(batch: dict[str, torch.Tensor], tp_rank: int) -> dict[str, torch.Tensor]:
+    """The batch with token ids shifted by `tp_rank` (EOS kept, so are the shapes)."""
+    tokens = batch["tokens"]
+    shifted = torch.where(tokens == EOS, tokens, (tokens + tp_rank) % VOCAB_SIZE)
+    return {**batch, "tokens": shifted}
 
 
 def perturb_local_gradients(model: LSTModel, scale: float) -> None:
@@ -86,6 +127,13 @@ def main() -> None:
                         help="global layers (default: the tiny preset's 2)")
     parser.add_argument("--first-stage-layers", type=int, default=None)
     parser.add_argument("--last-stage-layers", type=int, default=None)
+    parser.add_argument("--newest-features", action="store_true",
+                        help="grouped-query heads and kv_channels (global and local) on packed "
+                             "documents with attention and positions reset (newest_features_config)")
+    parser.add_argument("--global-query-groups", type=int, default=2,
+                        help="with --newest-features: the global model's key/value heads")
+    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--unequal-tp-data", action="store_true")
     parser.add_argument("--results", required=True)
     args = parser.parse_args()
 
@@ -99,6 +147,8 @@ def main() -> None:
     dp_rank = parallel_state.get_data_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     config = tiny_config(vocab_size=VOCAB_SIZE)
+    if args.newest_features:
+        config = newest_features_config(config, args.global_query_groups)
     if args.num_layers is not None:
         config = dataclasses.replace(config, global_model=dataclasses.replace(
             config.global_model, num_layers=args.num_layers))
@@ -106,6 +156,7 @@ def main() -> None:
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
         num_layers_in_first_pipeline_stage=args.first_stage_layers,
         num_layers_in_last_pipeline_stage=args.last_stage_layers,
+        sequence_parallel=args.sequence_parallel,
         use_cpu_initialization=True, params_dtype=torch.float32, calculate_per_token_loss=True,
     )
     model = LSTModel(config, megatron_config,
@@ -138,7 +189,10 @@ def main() -> None:
     for step in range(args.steps):
         ddp_model.zero_grad_buffer()
         optimizer.zero_grad()
-        batches = micro_batches(step, dp_rank, dp)
+        batches = micro_batches(step, dp_rank, dp, args.newest_features,
+                                patch_multiple=args.tp if args.sequence_parallel else 1)
+        if args.unequal_tp_data:
+            batches = [unequal_tokens(batch, tp_rank) for batch in batches]
         reduced = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(batches),
