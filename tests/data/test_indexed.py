@@ -250,6 +250,64 @@ def test_writer_refuses_wrong_kind_and_empty(tmp_path, tokenizer):
         writer.finalize(manifest)
 
 
+
+@pytest.mark.parametrize("kind", ["aligned", "text"])
+def test_writer_files_are_what_megatron_core_writes(tmp_path, tokenizer, kind):
+    """The streamed index is byte for byte megatron.core's `IndexedDatasetBuilder`'s."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(3)
+    documents = [_random_aligned(rng) for _ in range(50)]
+    if kind == "text":
+        documents = [doc.text_ids for doc in documents]  # some are empty
+    _write(tmp_path / "ours", kind, documents, tokenizer)
+    builder = IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.int32)
+    for doc in documents:
+        parts = ((doc.text_ids, doc.unit_ids, doc.seg_text_len, doc.seg_unit_len)
+                 if kind == "aligned" else (doc,))
+        builder.add_document(np.concatenate(parts).astype(np.int32), [len(p) for p in parts])
+    builder.finalize(str(tmp_path / "theirs.idx"))
+    for suffix in (".bin", ".idx"):
+        ours = (tmp_path / f"ours{suffix}").read_bytes()
+        assert ours == (tmp_path / f"theirs{suffix}").read_bytes(), suffix
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ours.bin", "ours.idx", "ours.json", "theirs.bin", "theirs.idx"]  # no spool left
+    assert len(DocumentStore(tmp_path / "ours")) == 50
+
+
+def test_writer_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer, monkeypatch):
+    """Peak Python allocations while writing 4x the documents stay those of 1x: the sequence
+    lengths are spooled to disk, not held in lists (megatron.core's builder holds ~300 bytes per
+    aligned document until it writes the index). Blocks of 64 KiB, so both corpora span many."""
+    import tracemalloc
+
+    from megatron_lst.data import indexed
+
+    monkeypatch.setattr(indexed, "_SPOOL_BUFFER", 1 << 16)
+    doc = _random_aligned(np.random.default_rng(1))
+
+    def peak_bytes(num_documents, name):
+        counts = Counts(documents=num_documents, segments=num_documents * doc.num_segments,
+                        text_pieces=num_documents * len(doc.text_ids),
+                        units=num_documents * len(doc.unit_ids))
+        manifest = Manifest("aligned", joint_vocab(tokenizer, NUM_UNITS).to_dict(),
+                            TokenizerInfo(tokenizer.path, tokenizer.sha256, tokenizer.vocab_size),
+                            NUM_UNITS, 25.0, counts, ["memory"])
+        tracemalloc.start()
+        try:
+            writer = DocumentWriter(tmp_path / name, "aligned")
+            for _ in range(num_documents):
+                writer.add_aligned(doc)
+            writer.finalize(manifest)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak_bytes(20_000, "small"), peak_bytes(80_000, "large")
+    assert len(DocumentStore(tmp_path / "large")) == 80_000
+    assert large < small + 256 * 1024, (small, large)
+
+
 def _sequence_views(prefix):
     """(writable int32 view of the .idx's sequence lengths, the .bin as a writable int32 array,
     the sequences' start in int32 elements)."""
