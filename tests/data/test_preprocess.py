@@ -150,6 +150,36 @@ def test_bad_input_stops_with_file_and_line(tmp_path, spm, workers):
     assert not list(tmp_path.glob("out*"))  # no partial output left behind
 
 
+
+def test_a_run_stopped_while_renaming_leaves_no_dataset_that_looks_whole(tmp_path, spm,
+                                                                        monkeypatch):
+    """Rewriting a prefix with the same documents in another order (same sizes, same counts)
+    and stopping after the new .bin replaced the old one: the old .idx and manifest would cut
+    the new .bin at the old places. The old manifest is removed first, so the store refuses."""
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 12)
+    prefix = tmp_path / "out"
+    argv = ["--input", str(source), "--input-format", "reference-jsonl",
+            "--tokenizer-model", str(spm), "--output-prefix", str(prefix)]
+    preprocess.main(argv)
+    source.write_text("".join(reversed(source.read_text().splitlines(keepends=True))))
+    replace = os.replace
+
+    def stop_at_the_index(src, dst):
+        if str(dst).endswith(".idx"):
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stop_at_the_index)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess.main(argv)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(DocumentError, match=r"out.json: manifest not found"):
+        DocumentStore(prefix)
+    preprocess.main(argv)  # the next run completes it
+    assert len(DocumentStore(prefix)) == 12
+
+
 def test_skip_bad_counts_in_manifest(tmp_path, spm, capsys):
     source = tmp_path / "in.jsonl"
     _synthetic_reference(source, 10)
