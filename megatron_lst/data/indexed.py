@@ -146,6 +146,17 @@ def _check_index_file(idx_path: str) -> None:
         raise StoreError(f"{idx_path}: is {size} bytes but its header lists {num_sequences} "
                          f"sequences and {num_documents} document indices ({expected} bytes); "
                          f"{advice}")
+    if num_documents == 0:
+        raise StoreError(f"{idx_path}: its header lists no document indices; {advice}")
+    with open(idx_path, "rb") as stream:  # the document boundaries: 0 first, the count last
+        stream.seek(_INDEX_HEAD.size + 12 * num_sequences)
+        first = int.from_bytes(stream.read(8), "little", signed=True)
+        stream.seek(size - 8)
+        last = int.from_bytes(stream.read(8), "little", signed=True)
+    if (first, last) != (0, num_sequences):
+        raise StoreError(f"{idx_path}: its document boundaries run from sequence {first} to "
+                         f"{last}, not from 0 to its {num_sequences} sequences; the index is "
+                         f"damaged (re-run tools/preprocess_data.py)")
 
 
 class DocumentStore:

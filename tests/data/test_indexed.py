@@ -143,6 +143,43 @@ def test_damaged_idx_is_named_before_megatron_reads_it(aligned_store, damage, me
     assert "Exception ignored" not in capfd.readouterr().err
 
 
+
+def _shift_document_boundaries(raw: bytes, shift: int, last_only: bool) -> bytes:
+    boundaries = np.frombuffer(raw[34 + 12 * 120:], dtype=np.int64).copy()  # [31]
+    if last_only:
+        boundaries[-1] += shift
+    else:
+        boundaries += shift
+    return raw[:34 + 12 * 120] + boundaries.tobytes()
+
+
+@pytest.mark.parametrize("shift, last_only, bounds", [
+    (4, False, "from sequence 4 to 124"),  # megatron.core: an AssertionError with no message
+    (10**12, True, "from sequence 0 to 1000000000120"),
+    (-120, True, "from sequence 0 to 0"),
+])
+def test_document_boundaries_outside_the_sequences_are_named(aligned_store, shift, last_only,
+                                                             bounds):
+    prefix, _ = aligned_store
+    idx_path = prefix.with_name(prefix.name + ".idx")
+    idx_path.write_bytes(_shift_document_boundaries(idx_path.read_bytes(), shift, last_only))
+    with pytest.raises(StoreError, match=rf"aligned.idx: its document boundaries run {bounds}, "
+                                         rf"not from 0 to its 120 sequences; the index is "
+                                         rf"damaged \(re-run tools/preprocess_data.py\)"):
+        DocumentStore(prefix)
+
+
+def test_a_directory_given_as_a_prefix_is_named_with_the_datasets_in_it(aligned_store,
+                                                                          tmp_path):
+    prefix, _ = aligned_store
+    with pytest.raises(ManifestError, match=rf"sub is a directory: name a dataset in it by its "
+                                            rf"prefix, .* e.g. {prefix} \({prefix}\)"):
+        DocumentStore(prefix.parent)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match=r"empty is a directory: .* e.g. .*empty/corpus$"):
+        DocumentStore(tmp_path / "empty")
+
+
 def test_missing_manifest_and_data(aligned_store):
     prefix, _ = aligned_store
     prefix.with_name(prefix.name + ".bin").unlink()
