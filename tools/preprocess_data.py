@@ -276,3 +276,6 @@ if __name__ == "__main__":
         main()
     except (DocumentError, VocabularyError, OSError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # main() has removed its partial files
+        print("interrupted: nothing written (the partial output was removed)", file=sys.stderr)
+        sys.exit(130)

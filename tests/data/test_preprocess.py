@@ -268,3 +268,33 @@ def test_an_unwritable_output_is_one_line(tmp_path, spm):
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.strip().startswith("error: ") and "file" in run.stderr
+
+
+@pytest.mark.slow  # a fresh interpreter runs the tool
+def test_ctrl_c_is_one_line_and_leaves_no_files(tmp_path, spm):
+    """Ctrl-C while documents are written: the partial files are removed, and the tool says so
+    in one line with the shell's status for SIGINT (it printed a traceback)."""
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 20)
+    (tmp_path / "out").mkdir()
+    interrupt_at_the_third_document = (
+        "import runpy, sys\n"
+        "from megatron_lst.data.indexed import DocumentWriter\n"
+        "add = DocumentWriter.add_aligned\n"
+        "def add_then_stop(self, doc):\n"
+        "    if self.num_documents == 2:\n"
+        "        raise KeyboardInterrupt\n"
+        "    add(self, doc)\n"
+        "DocumentWriter.add_aligned = add_then_stop\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    run = subprocess.run([sys.executable, "-c", interrupt_at_the_third_document,
+                          str(REPO / "tools" / "preprocess_data.py"), "--input", str(source),
+                          "--input-format", "reference-jsonl", "--tokenizer-model", str(spm),
+                          "--output-prefix", str(tmp_path / "out" / "corpus")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.returncode == 130 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().endswith("interrupted: nothing written (the partial output was "
+                                       "removed)")
+    assert not list((tmp_path / "out").iterdir())
