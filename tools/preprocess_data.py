@@ -241,10 +241,19 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     except BaseException:
         writer.abort()
         raise
-    for suffix in (".bin", ".idx", ".json"):
-        os.replace(partial + suffix, args.output_prefix + suffix)
+    _publish(partial, args.output_prefix)
     _print_summary(args, counts, report, time.perf_counter() - start)
     return manifest
+
+
+def _publish(partial: str, prefix: str) -> None:
+    """Rename the finished `partial.*` files to `prefix.*`. A dataset is whole only with its
+    manifest, so an older manifest at `prefix` goes first and the new one comes last: a run
+    stopped between the renames leaves no manifest (an error that says to re-run) rather than
+    new data under an old manifest."""
+    Path(prefix + ".json").unlink(missing_ok=True)
+    for suffix in (".bin", ".idx", ".json"):
+        os.replace(partial + suffix, prefix + suffix)
 
 
 def _print_summary(args, counts: Counts, report: ReadReport, seconds: float) -> None:
@@ -267,3 +276,6 @@ if __name__ == "__main__":
         main()
     except (DocumentError, VocabularyError, OSError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # main() has removed its partial files
+        print("interrupted: nothing written (the partial output was removed)", file=sys.stderr)
+        sys.exit(130)

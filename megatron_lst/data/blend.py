@@ -25,10 +25,11 @@ from megatron_lst.data.dataset import DatasetError, LSTDataset
 
 def _refuse_repeated_prefixes(pairs: list[tuple[float, str]]) -> None:
     """Two sources on one dataset draw the same rows in the same order (one seed, one
-    document order): each row would be trained on twice and the rest of the dataset never."""
+    document order): each row would be trained on twice and the rest of the dataset never.
+    One dataset: the same data file, through any spelling or symbolic link."""
     first_of: dict[str, tuple[float, str]] = {}
     for weight, prefix in pairs:
-        key = os.path.normpath(os.path.abspath(prefix))
+        key = os.path.realpath(prefix + ".bin")
         if key in first_of:
             first_weight, first_prefix = first_of[key]
             raise DatasetError(

@@ -31,7 +31,8 @@ sequential pass cuts the rows from their patch ends, picking each document's rul
 the row where it begins. The result does not depend on the number of workers (`index_workers`,
 default: every CPU this process may use; the first 512 documents are always done in-process, so
 small datasets never start a pool). `__getitem__` repeats the same deterministic work for one row. With `index_cache_dir`, a store on disk (one with a `prefix`) keeps
-that row index in `lst_rows_<hash>.npy`, the hash covering the store's files (size, mtime, path),
+that row index in `lst_rows_<hash>.npy`, the hash covering the store's files (size, mtime,
+ctime, path),
 its length and, for a view of part of a store, the view's `start`, and every setting the cut
 depends on, so a restart or another rank loads it instead.
 
@@ -47,6 +48,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -289,7 +291,10 @@ class LSTDataset(torch.utils.data.Dataset):
         if prefix is None:
             return None
         files = [Path(str(prefix) + suffix) for suffix in (".json", ".idx", ".bin")]
-        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+        # The change time too: rewriting a file in place and setting its old mtime back (cp -p,
+        # rsync -t, os.utime) keeps size and mtime but always moves st_ctime.
+        stats = [(f.name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+                 for f in files if f.exists() for stat in (f.stat(),)]
         interleave = self.interleaver.config
         # A view of part of a store (training's train/valid/test document ranges) shares the
         # store's files: its length and first document tell the views apart.
@@ -310,10 +315,17 @@ class LSTDataset(torch.utils.data.Dataset):
             return heads
         heads = self._build_row_heads()
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Several ranks may build the same index: each writes its own file, then renames it.
-        partial = path.with_suffix(f".{os.getpid()}.partial.npy")
-        np.save(partial, heads)
-        os.replace(partial, path)
+        # Several processes may build the same index, on several hosts of a shared file system
+        # (where process ids repeat): each writes a file of a name no other has, then renames it.
+        descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.",
+                                               suffix=".partial.npy")
+        try:
+            with os.fdopen(descriptor, "wb") as stream:
+                np.save(stream, heads)
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
         return heads
 
     def _cached_row_heads(self, path: Path) -> np.ndarray | None:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import (
     IndexedDataset,
-    IndexedDatasetBuilder,
     get_bin_path,
     get_idx_path,
 )
@@ -37,6 +37,7 @@ _DTYPE = np.int32
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _INDEX_HEAD = struct.Struct("<9sQBQQ")
 _INT32_CODE = 4  # megatron.core's DType code of int32, the only dtype DocumentWriter writes
+_SPOOL_BUFFER = 1 << 20  # bytes: DocumentWriter's write buffer and index block
 
 
 class StoreError(DocumentError):
@@ -44,7 +45,13 @@ class StoreError(DocumentError):
 
 
 class DocumentWriter:
-    """Appends documents to `<prefix>.bin`; `finalize(manifest)` writes `.idx` and `.json`."""
+    """Streams documents to `<prefix>.bin`; `finalize(manifest)` writes `.idx` and `.json`.
+
+    Memory does not grow with the corpus: each document's bytes go straight to the `.bin` and its
+    sequence lengths to a spool file next to it (`<prefix>.lengths.tmp`, int32), which `finalize`
+    turns, block by block, into the index megatron.core's `IndexedDatasetBuilder` would write
+    (byte for byte: lengths, then int64 byte offsets, then document boundaries).
+    """
 
     def __init__(self, prefix: str | Path, kind: str):
         if kind not in SEQUENCES_PER_DOCUMENT:
@@ -52,28 +59,33 @@ class DocumentWriter:
         self.prefix = str(prefix)
         self.kind = kind
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._builder = IndexedDatasetBuilder(get_bin_path(self.prefix), dtype=_DTYPE)
+        self._spool_path = Path(self.prefix + ".lengths.tmp")
+        self._data = open(get_bin_path(self.prefix), "wb", buffering=_SPOOL_BUFFER)  # noqa: SIM115
+        self._lengths = open(self._spool_path, "wb", buffering=_SPOOL_BUFFER)  # noqa: SIM115
         self.num_documents = 0
+
+    def _add(self, parts: tuple[np.ndarray, ...]) -> None:
+        for part in parts:
+            self._data.write(np.ascontiguousarray(part, dtype=_DTYPE).tobytes())
+        self._lengths.write(np.array([len(part) for part in parts], dtype=_DTYPE).tobytes())
+        self.num_documents += 1
 
     def add_aligned(self, doc: AlignedDocument) -> None:
         if self.kind != "aligned":
             raise ValueError(f"{self.prefix}: cannot add an aligned document to a text dataset")
-        parts = (doc.text_ids, doc.unit_ids, doc.seg_text_len, doc.seg_unit_len)
-        self._builder.add_document(np.concatenate(parts).astype(_DTYPE, copy=False),
-                                   [len(p) for p in parts])
-        self.num_documents += 1
+        self._add((doc.text_ids, doc.unit_ids, doc.seg_text_len, doc.seg_unit_len))
 
     def add_text(self, text_ids: np.ndarray) -> None:
         if self.kind != "text":
             raise ValueError(f"{self.prefix}: cannot add a text document to an aligned dataset")
-        self._builder.add_document(np.asarray(text_ids, dtype=_DTYPE), [len(text_ids)])
-        self.num_documents += 1
+        self._add((np.asarray(text_ids),))
 
     def abort(self) -> None:
         """Close and delete whatever this writer has written."""
-        self._builder.data_file.close()
+        self._data.close()
+        self._lengths.close()
         for path in (get_bin_path(self.prefix), get_idx_path(self.prefix),
-                     Manifest.path_for(self.prefix)):
+                     Manifest.path_for(self.prefix), self._spool_path):
             Path(path).unlink(missing_ok=True)
 
     def finalize(self, manifest: Manifest) -> None:
@@ -84,8 +96,32 @@ class DocumentWriter:
             raise ValueError(f"{self.prefix}: manifest says {manifest.counts.documents} "
                              f"{manifest.kind} documents, the writer holds {self.num_documents} "
                              f"{self.kind} documents")
-        self._builder.finalize(get_idx_path(self.prefix))
+        self._data.close()
+        self._lengths.close()
+        self._write_index()
+        self._spool_path.unlink()
         manifest.save(self.prefix)
+
+    def _write_index(self) -> None:
+        per_doc = SEQUENCES_PER_DOCUMENT[self.kind]
+        num_sequences = per_doc * self.num_documents
+        itemsize = np.dtype(_DTYPE).itemsize
+        with open(get_idx_path(self.prefix), "wb") as index:
+            index.write(_INDEX_HEAD.pack(_INDEX_MAGIC, 1, _INT32_CODE, num_sequences,
+                                         self.num_documents + 1))
+            with open(self._spool_path, "rb") as spool:  # [num_sequences] int32 lengths
+                shutil.copyfileobj(spool, index, _SPOOL_BUFFER)
+            with open(self._spool_path, "rb") as spool:  # [num_sequences] int64 byte offsets
+                offset = 0
+                while block := spool.read(_SPOOL_BUFFER):
+                    ends = offset + np.cumsum(np.frombuffer(block, dtype=_DTYPE),
+                                              dtype=np.int64) * itemsize
+                    index.write(np.concatenate([[offset], ends[:-1]]).astype(np.int64).tobytes())
+                    offset = int(ends[-1])
+            step = _SPOOL_BUFFER // 8  # [num_documents + 1] int64 first sequence of each document
+            for first in range(0, self.num_documents + 1, step):
+                last = min(first + step, self.num_documents + 1)
+                index.write((np.arange(first, last, dtype=np.int64) * per_doc).tobytes())
 
 
 def _check_index_file(idx_path: str) -> None:
@@ -110,6 +146,17 @@ def _check_index_file(idx_path: str) -> None:
         raise StoreError(f"{idx_path}: is {size} bytes but its header lists {num_sequences} "
                          f"sequences and {num_documents} document indices ({expected} bytes); "
                          f"{advice}")
+    if num_documents == 0:
+        raise StoreError(f"{idx_path}: its header lists no document indices; {advice}")
+    with open(idx_path, "rb") as stream:  # the document boundaries: 0 first, the count last
+        stream.seek(_INDEX_HEAD.size + 12 * num_sequences)
+        first = int.from_bytes(stream.read(8), "little", signed=True)
+        stream.seek(size - 8)
+        last = int.from_bytes(stream.read(8), "little", signed=True)
+    if (first, last) != (0, num_sequences):
+        raise StoreError(f"{idx_path}: its document boundaries run from sequence {first} to "
+                         f"{last}, not from 0 to its {num_sequences} sequences; the index is "
+                         f"damaged (re-run tools/preprocess_data.py)")
 
 
 class DocumentStore:

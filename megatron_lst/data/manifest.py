@@ -146,7 +146,15 @@ def _check_space_id(tokenizer: TokenizerInfo) -> None:
 
 
 def _suffix_hint(prefix: str | Path) -> str:
-    """Advice for a prefix given with a file suffix (`data/speech.bin` for `data/speech`)."""
+    """Advice for a prefix given with a file suffix (`data/speech.bin` for `data/speech`), or
+    naming a directory (`data` for `data/speech`)."""
+    if os.path.isdir(prefix):
+        found = sorted(str(path)[:-len(".json")] for path in Path(prefix).glob("*.json")
+                       if path.with_suffix(".idx").exists())
+        example = found[0] if found else os.path.join(str(prefix), "corpus")
+        listing = f" ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''})" if found else ""
+        return (f"; {prefix} is a directory: name a dataset in it by its prefix, the path of its "
+                f"files without .bin/.idx/.json, e.g. {example}{listing}")
     stem, suffix = os.path.splitext(str(prefix))
     if suffix in (".bin", ".idx", ".json") and Manifest.path_for(stem).exists():
         return f"; a dataset is named by its prefix: pass {stem}, without {suffix}"

@@ -96,6 +96,9 @@ def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
     except ValueError:
         raise DatasetError(f"--split {split!r}: expected comma-separated proportions like "
                            f"969,30,1") from None
+    if len(parts) > len(SPLITS):  # a fourth share was dropped, moving the others' edges
+        raise DatasetError(f"--split {split!r}: {len(parts)} proportions; give at most three, "
+                           f"for train, valid and test (e.g. 969,30,1)")
     parts = (parts + [0.0, 0.0, 0.0])[:3]
     if not all(0 <= p < math.inf for p in parts) or sum(parts) <= 0:
         raise DatasetError(f"--split {split!r}: proportions must be finite, >= 0 and not all 0")

@@ -43,6 +43,18 @@ def test_parse_data_path_errors(args, message):
         parse_data_path(args)
 
 
+
+def test_a_dataset_named_twice_through_a_link_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.bin").write_bytes(b"")
+    (tmp_path / "mirror").symlink_to(tmp_path / "data")  # the same files, another path
+    (tmp_path / "b.bin").symlink_to(tmp_path / "data" / "a.bin")
+    for other in (tmp_path / "mirror" / "a", tmp_path / "b"):
+        with pytest.raises(DatasetError, match=rf"names '{other}' twice \(also as "
+                                               rf"'{tmp_path}/data/a'\)"):
+            parse_data_path(["0.5", str(tmp_path / "data" / "a"), "0.5", str(other)])
+
+
 def greedy_loop(weights, size):
     """Megatron's rule written plainly: the source furthest behind its share, lowest on ties."""
     taken = [0] * len(weights)

@@ -1,6 +1,7 @@
 """LSTDataset: the batch contract in every mode, an unbroken token stream, determinism, early-stopped
 rows, curriculum steps, and text-only stores."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,49 @@ def test_row_index_cache(tmp_path, monkeypatch):
     dataset(MODES["curriculum"], store, index_cache_dir=cache, global_batch_size=2)
     assert len(list(cache.glob("lst_rows_*.npy"))) == 4
     assert not list(cache.glob("*.partial.npy"))
+
+
+
+def test_row_index_cache_sees_a_rewrite_that_keeps_size_and_mtime(tmp_path):
+    """The store rewritten in place with segments of the same lengths in another order (same
+    .bin size, same .idx) and its old mtime set back, as `cp -p` or `rsync -t` leave it: the
+    cached index of the old segments would cut the new documents at the wrong patches."""
+    store = aligned_store(6, 8)
+    store.prefix = str(tmp_path / "corpus")
+    data = tmp_path / "corpus.bin"
+    data.write_bytes(b"old segments")
+    cache = tmp_path / "cache"
+    dataset(MODES["aligned"], store, index_cache_dir=cache)
+    before = data.stat()
+    store.documents = [AlignedDocument(doc.text_ids, doc.unit_ids, doc.seg_text_len[::-1].copy(),
+                                       doc.seg_unit_len[::-1].copy()) for doc in store.documents]
+    data.write_bytes(b"new segments")
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (data.stat().st_size, data.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    cached = dataset(MODES["aligned"], store, index_cache_dir=cache)
+    fresh = dataset(MODES["aligned"], store)
+    assert not np.array_equal(cached._heads, dataset(MODES["aligned"], aligned_store(6, 8))._heads)
+    np.testing.assert_array_equal(cached._heads, fresh._heads)
+    assert len(list(cache.glob("lst_rows_*.npy"))) == 2
+
+
+def test_row_index_cache_leaves_another_hosts_partial_file_alone(tmp_path):
+    """Ranks on several hosts of a shared file system may share a process id: a writer must not
+    take over (and rename away) a file another process is still writing."""
+    store = aligned_store(6, 8)
+    store.prefix = str(tmp_path / "corpus")
+    (tmp_path / "corpus.json").write_text("{}")
+    cache = tmp_path / "cache"
+    built = dataset(MODES["static"], store, index_cache_dir=cache)
+    (cached,) = cache.glob("lst_rows_*.npy")
+    cached.unlink()
+    foreign = cache / f"{cached.stem}.{os.getpid()}.partial.npy"  # what the old names were
+    foreign.write_bytes(b"another host is writing this")
+    rebuilt = dataset(MODES["static"], store, index_cache_dir=cache)
+    assert foreign.read_bytes() == b"another host is writing this"
+    np.testing.assert_array_equal(np.load(cached), built._heads)
+    np.testing.assert_array_equal(rebuilt._heads, built._heads)
+    assert sorted(cache.iterdir()) == sorted([cached, foreign])
 
 
 @pytest.mark.parametrize("damage", [lambda raw: raw[:50], lambda raw: b"garbage"])

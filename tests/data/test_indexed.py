@@ -143,6 +143,43 @@ def test_damaged_idx_is_named_before_megatron_reads_it(aligned_store, damage, me
     assert "Exception ignored" not in capfd.readouterr().err
 
 
+
+def _shift_document_boundaries(raw: bytes, shift: int, last_only: bool) -> bytes:
+    boundaries = np.frombuffer(raw[34 + 12 * 120:], dtype=np.int64).copy()  # [31]
+    if last_only:
+        boundaries[-1] += shift
+    else:
+        boundaries += shift
+    return raw[:34 + 12 * 120] + boundaries.tobytes()
+
+
+@pytest.mark.parametrize("shift, last_only, bounds", [
+    (4, False, "from sequence 4 to 124"),  # megatron.core: an AssertionError with no message
+    (10**12, True, "from sequence 0 to 1000000000120"),
+    (-120, True, "from sequence 0 to 0"),
+])
+def test_document_boundaries_outside_the_sequences_are_named(aligned_store, shift, last_only,
+                                                             bounds):
+    prefix, _ = aligned_store
+    idx_path = prefix.with_name(prefix.name + ".idx")
+    idx_path.write_bytes(_shift_document_boundaries(idx_path.read_bytes(), shift, last_only))
+    with pytest.raises(StoreError, match=rf"aligned.idx: its document boundaries run {bounds}, "
+                                         rf"not from 0 to its 120 sequences; the index is "
+                                         rf"damaged \(re-run tools/preprocess_data.py\)"):
+        DocumentStore(prefix)
+
+
+def test_a_directory_given_as_a_prefix_is_named_with_the_datasets_in_it(aligned_store,
+                                                                          tmp_path):
+    prefix, _ = aligned_store
+    with pytest.raises(ManifestError, match=rf"sub is a directory: name a dataset in it by its "
+                                            rf"prefix, .* e.g. {prefix} \({prefix}\)"):
+        DocumentStore(prefix.parent)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match=r"empty is a directory: .* e.g. .*empty/corpus$"):
+        DocumentStore(tmp_path / "empty")
+
+
 def test_missing_manifest_and_data(aligned_store):
     prefix, _ = aligned_store
     prefix.with_name(prefix.name + ".bin").unlink()
@@ -248,6 +285,64 @@ def test_writer_refuses_wrong_kind_and_empty(tmp_path, tokenizer):
                         TokenizerInfo("x", "y", 290), 502, None)
     with pytest.raises(StoreError, match="no documents to write"):
         writer.finalize(manifest)
+
+
+
+@pytest.mark.parametrize("kind", ["aligned", "text"])
+def test_writer_files_are_what_megatron_core_writes(tmp_path, tokenizer, kind):
+    """The streamed index is byte for byte megatron.core's `IndexedDatasetBuilder`'s."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(3)
+    documents = [_random_aligned(rng) for _ in range(50)]
+    if kind == "text":
+        documents = [doc.text_ids for doc in documents]  # some are empty
+    _write(tmp_path / "ours", kind, documents, tokenizer)
+    builder = IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.int32)
+    for doc in documents:
+        parts = ((doc.text_ids, doc.unit_ids, doc.seg_text_len, doc.seg_unit_len)
+                 if kind == "aligned" else (doc,))
+        builder.add_document(np.concatenate(parts).astype(np.int32), [len(p) for p in parts])
+    builder.finalize(str(tmp_path / "theirs.idx"))
+    for suffix in (".bin", ".idx"):
+        ours = (tmp_path / f"ours{suffix}").read_bytes()
+        assert ours == (tmp_path / f"theirs{suffix}").read_bytes(), suffix
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ours.bin", "ours.idx", "ours.json", "theirs.bin", "theirs.idx"]  # no spool left
+    assert len(DocumentStore(tmp_path / "ours")) == 50
+
+
+def test_writer_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer, monkeypatch):
+    """Peak Python allocations while writing 4x the documents stay those of 1x: the sequence
+    lengths are spooled to disk, not held in lists (megatron.core's builder holds ~300 bytes per
+    aligned document until it writes the index). Blocks of 64 KiB, so both corpora span many."""
+    import tracemalloc
+
+    from megatron_lst.data import indexed
+
+    monkeypatch.setattr(indexed, "_SPOOL_BUFFER", 1 << 16)
+    doc = _random_aligned(np.random.default_rng(1))
+
+    def peak_bytes(num_documents, name):
+        counts = Counts(documents=num_documents, segments=num_documents * doc.num_segments,
+                        text_pieces=num_documents * len(doc.text_ids),
+                        units=num_documents * len(doc.unit_ids))
+        manifest = Manifest("aligned", joint_vocab(tokenizer, NUM_UNITS).to_dict(),
+                            TokenizerInfo(tokenizer.path, tokenizer.sha256, tokenizer.vocab_size),
+                            NUM_UNITS, 25.0, counts, ["memory"])
+        tracemalloc.start()
+        try:
+            writer = DocumentWriter(tmp_path / name, "aligned")
+            for _ in range(num_documents):
+                writer.add_aligned(doc)
+            writer.finalize(manifest)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak_bytes(20_000, "small"), peak_bytes(80_000, "large")
+    assert len(DocumentStore(tmp_path / "large")) == 80_000
+    assert large < small + 256 * 1024, (small, large)
 
 
 def _sequence_views(prefix):

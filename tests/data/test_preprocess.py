@@ -150,6 +150,36 @@ def test_bad_input_stops_with_file_and_line(tmp_path, spm, workers):
     assert not list(tmp_path.glob("out*"))  # no partial output left behind
 
 
+
+def test_a_run_stopped_while_renaming_leaves_no_dataset_that_looks_whole(tmp_path, spm,
+                                                                        monkeypatch):
+    """Rewriting a prefix with the same documents in another order (same sizes, same counts)
+    and stopping after the new .bin replaced the old one: the old .idx and manifest would cut
+    the new .bin at the old places. The old manifest is removed first, so the store refuses."""
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 12)
+    prefix = tmp_path / "out"
+    argv = ["--input", str(source), "--input-format", "reference-jsonl",
+            "--tokenizer-model", str(spm), "--output-prefix", str(prefix)]
+    preprocess.main(argv)
+    source.write_text("".join(reversed(source.read_text().splitlines(keepends=True))))
+    replace = os.replace
+
+    def stop_at_the_index(src, dst):
+        if str(dst).endswith(".idx"):
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stop_at_the_index)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess.main(argv)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(DocumentError, match=r"out.json: manifest not found"):
+        DocumentStore(prefix)
+    preprocess.main(argv)  # the next run completes it
+    assert len(DocumentStore(prefix)) == 12
+
+
 def test_skip_bad_counts_in_manifest(tmp_path, spm, capsys):
     source = tmp_path / "in.jsonl"
     _synthetic_reference(source, 10)
@@ -238,3 +268,33 @@ def test_an_unwritable_output_is_one_line(tmp_path, spm):
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.strip().startswith("error: ") and "file" in run.stderr
+
+
+@pytest.mark.slow  # a fresh interpreter runs the tool
+def test_ctrl_c_is_one_line_and_leaves_no_files(tmp_path, spm):
+    """Ctrl-C while documents are written: the partial files are removed, and the tool says so
+    in one line with the shell's status for SIGINT (it printed a traceback)."""
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 20)
+    (tmp_path / "out").mkdir()
+    interrupt_at_the_third_document = (
+        "import runpy, sys\n"
+        "from megatron_lst.data.indexed import DocumentWriter\n"
+        "add = DocumentWriter.add_aligned\n"
+        "def add_then_stop(self, doc):\n"
+        "    if self.num_documents == 2:\n"
+        "        raise KeyboardInterrupt\n"
+        "    add(self, doc)\n"
+        "DocumentWriter.add_aligned = add_then_stop\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    run = subprocess.run([sys.executable, "-c", interrupt_at_the_third_document,
+                          str(REPO / "tools" / "preprocess_data.py"), "--input", str(source),
+                          "--input-format", "reference-jsonl", "--tokenizer-model", str(spm),
+                          "--output-prefix", str(tmp_path / "out" / "corpus")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.returncode == 130 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().endswith("interrupted: nothing written (the partial output was "
+                                       "removed)")
+    assert not list((tmp_path / "out").iterdir())

@@ -12,7 +12,12 @@ import torch
 from megatron_lst.data.dataset import DatasetError
 from megatron_lst.tokenizer.vocab import VocabularyError
 from megatron_lst.training.arguments import parse_args, validate_args
-from megatron_lst.training.data_provider import build_datasets, build_loader, data_vocab
+from megatron_lst.training.data_provider import (
+    build_datasets,
+    build_loader,
+    data_vocab,
+    split_bounds,
+)
 from training.training_cases import tiny_flags, write_corpus, write_store
 
 
@@ -207,3 +212,11 @@ def test_loader_workers_leave_the_exit_signals_to_the_trainer(monkeypatch, sig):
                               exit_interval=None)
     batches = list(build_loader(_SignalledRows(signal.Signals[sig]), args))
     assert torch.cat(batches).tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("split", ["1,1,1,97", "98,1,1,0"])
+def test_a_split_of_more_than_three_parts_is_refused(split):
+    """The fourth share was dropped: 1,1,1,97 trained on a third of every dataset."""
+    with pytest.raises(DatasetError, match=rf"--split '{split}': 4 proportions; give at most "
+                                           rf"three, for train, valid and test"):
+        split_bounds(split, 100)
