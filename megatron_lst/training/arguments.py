@@ -222,6 +222,12 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
                             "decoder, the output head and the encoder replica (default: an even "
                             "share). tools/plan_compute.py suggests a balanced split.")
     group.add_argument("--sequence-parallel", action="store_true")
+    group.add_argument("--context-parallel-size", type=int, default=1,
+                       help="Megatron-LM's; only 1: context parallelism is not supported (the "
+                            "flag is taken so that ported launch scripts run).")
+    group.add_argument("--expert-model-parallel-size", type=int, default=1,
+                       help="Megatron-LM's; only 1: the global transformer has no experts (the "
+                            "flag is taken so that ported launch scripts run).")
     group.add_argument("--transformer-impl", choices=("auto", "local", "transformer_engine"),
                        default="auto",
                        help="Global block layers: Transformer Engine's, megatron.core's local "
@@ -272,6 +278,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                             "(speech-only data) instead of interleaved text and speech blocks "
                             "(default 0: the reference's interleaving for every document).")
     group.add_argument("--tokenizer-model", type=str, default=None)
+    group.add_argument("--eod-mask-loss", action="store_true",
+                       help="Leave out of the loss the prediction made at each end-of-document "
+                            "token (the next document's first token), as Megatron-LM's flag "
+                            "does; off by default, as the reference trains.")
     group.add_argument("--num-workers", type=int, default=2)
     group.add_argument("--index-workers", type=int, default=None,
                        help="Processes that interleave and patch documents while a dataset's "

@@ -266,10 +266,12 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 
 class _ForwardStep:
-    """Megatron's `forward_step_func`; on the last stage it also counts the micro-batch FLOPs."""
+    """Megatron's `forward_step_func`; on the last stage it also counts the micro-batch FLOPs.
+    With `eod_id` (--eod-mask-loss) the loss leaves out the positions whose input is that token."""
 
-    def __init__(self, flop_shape: ModelShape | None):
+    def __init__(self, flop_shape: ModelShape | None, eod_id: int | None = None):
         self.flop_shape = flop_shape
+        self.eod_id = eod_id
         self.flops = FlopBreakdown()
 
     def __call__(self, data_iterator: Iterator | None, model: torch.nn.Module):
@@ -286,6 +288,8 @@ class _ForwardStep:
         patch_lengths = batch["patch_lengths"].to(device, non_blocking=True)  # [b, P]
         labels = batch["labels"].to(device, non_blocking=True)  # [b, N]
         loss_mask = batch["loss_mask"].to(device, non_blocking=True)  # [b, N]
+        if self.eod_id is not None:
+            loss_mask = loss_mask * (tokens != self.eod_id)
         return model(tokens, patch_lengths, labels), partial(_loss_func, loss_mask)
 
 
@@ -294,7 +298,8 @@ def _run_schedule(state: TrainingState, data_iterator: Iterator | None, forward_
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     args = state.args
-    forward_step = _ForwardStep(state.flop_shape if count_flops else None)
+    forward_step = _ForwardStep(state.flop_shape if count_flops else None,
+                                state.vocab.eos_id if args.eod_mask_loss else None)
     losses_reduced = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iterator,

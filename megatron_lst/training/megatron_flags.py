@@ -15,8 +15,8 @@ from megatron_lst.training.flag_checks import ArgumentError
 
 _NO_VIRTUAL_PIPELINE = ("virtual pipeline stages (the interleaved schedule) are not supported; "
                         "use --pipeline-model-parallel-size alone")
-_NO_EXPERTS = "the global transformer is dense: there are no experts to place"
-_NO_CONTEXT_PARALLEL = ("context parallelism is not supported; split the global transformer with "
+NO_EXPERTS = "the global transformer is dense: there are no experts to place"
+NO_CONTEXT_PARALLEL = ("context parallelism is not supported; split the global transformer with "
                         "--tensor-model-parallel-size (with --sequence-parallel) and "
                         "--pipeline-model-parallel-size")
 _STAGE_SPLIT = ("the pipeline stages are given as layer counts: use "
@@ -42,12 +42,17 @@ _LOGGED_ALWAYS = ("the log is a fixed set of values, written every --log-interva
                   "to the log line, TensorBoard and W&B (loss, learning rate, grad norm, loss "
                   "scale, throughput; docs/training.md, 'The log line'); drop the flag")
 _NO_SUCH_SETTING = "lst-train has no such setting; drop the flag"
+# Megatron-LM parallel sizes lst-train takes only at 1 (their default), with why not more: launch
+# scripts spell them out even for a model that uses neither.
+SIZES_ONLY_ONE = {
+    "context_parallel_size": NO_CONTEXT_PARALLEL,
+    "expert_model_parallel_size": NO_EXPERTS,
+}
 # Megatron-LM's mixture-of-experts flags (--moe-router-topk, --moe-grouped-gemm, ...) all start so.
 MIXTURE_OF_EXPERTS_PREFIX = "--moe-"
 UNSUPPORTED_MEGATRON_FLAGS = {
-    "--context-parallel-size": _NO_CONTEXT_PARALLEL,
-    "--hierarchical-context-parallel-sizes": _NO_CONTEXT_PARALLEL,
-    "--cp-comm-type": _NO_CONTEXT_PARALLEL,
+    "--hierarchical-context-parallel-sizes": NO_CONTEXT_PARALLEL,
+    "--cp-comm-type": NO_CONTEXT_PARALLEL,
     "--num-layers-per-virtual-pipeline-stage": _NO_VIRTUAL_PIPELINE,
     "--num-virtual-stages-per-pipeline-rank": _NO_VIRTUAL_PIPELINE,
     "--pipeline-model-parallel-layout": _STAGE_SPLIT,
@@ -60,9 +65,8 @@ UNSUPPORTED_MEGATRON_FLAGS = {
     "--use-custom-fsdp": _NO_FSDP,
     "--num-distributed-optimizer-instances": ("one distributed-optimizer instance shards over "
                                               "the whole data-parallel group; drop the flag"),
-    "--expert-model-parallel-size": _NO_EXPERTS,
-    "--expert-tensor-parallel-size": _NO_EXPERTS,
-    "--num-experts": _NO_EXPERTS,
+    "--expert-tensor-parallel-size": NO_EXPERTS,
+    "--num-experts": NO_EXPERTS,
     "--group-query-attention": ("grouped-query attention needs no switch here: --num-query-groups "
                                 "below --num-attention-heads turns it on (the local models: "
                                 "--local-encoder-query-groups, --local-decoder-query-groups); "
@@ -150,7 +154,7 @@ def refuse_unsupported_megatron_flags(argv: Sequence[str], config_keys: Sequence
     given += [config_files.flag_of_key(key) for key in config_keys if isinstance(key, str)]
     for flag in given:
         reason = UNSUPPORTED_MEGATRON_FLAGS.get(
-            flag, _NO_EXPERTS if flag.startswith(MIXTURE_OF_EXPERTS_PREFIX) else None)
+            flag, NO_EXPERTS if flag.startswith(MIXTURE_OF_EXPERTS_PREFIX) else None)
         if reason is not None:
             raise ArgumentError(f"{flag} is a Megatron-LM flag that lst-train does not take: "
                                 f"{reason}")

@@ -22,6 +22,7 @@ from megatron_lst.training.flag_checks import (
     require,
     require_positive,
 )
+from megatron_lst.training.megatron_flags import SIZES_ONLY_ONE
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ def validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
     require_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "micro_batch_size", "global_batch_size", "distributed_timeout_minutes",
                      "ddp_bucket_size")
+    for dest, reason in SIZES_ONLY_ONE.items():
+        if getattr(args, dest) != 1:
+            raise ArgumentError(f"{flag_name(dest)} {getattr(args, dest)}: {reason}; only 1 (the "
+                                f"default) is taken")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size < 1:
         raise ArgumentError(f"world size must be at least 1, got {world_size}")
@@ -111,24 +116,16 @@ def validate_model(args: argparse.Namespace) -> None:
     _check_even_head_dim(args, "hidden_size", "num_attention_heads", "kv_channels")
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
-    if args.num_attention_heads % args.num_query_groups:
+    heads = args.num_attention_heads
+    if heads % args.num_query_groups:
+        fitting = [g for g in _divisors(heads) if g % tp == 0]
         raise ArgumentError(
-            f"--num-attention-heads {args.num_attention_heads} is not divisible by "
-            f"--num-query-groups {args.num_query_groups}"
+            f"--num-attention-heads {heads} is not divisible by --num-query-groups "
+            f"{args.num_query_groups}; use one of {fitting}"
         )
-    for dest in ("num_attention_heads", "num_query_groups"):
-        if getattr(args, dest) % tp:
-            raise ArgumentError(
-                f"{flag_name(dest)} {getattr(args, dest)} is not divisible by "
-                f"--tensor-model-parallel-size {tp}; tensor parallelism splits heads across ranks"
-            )
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
-    if args.ffn_hidden_size % tp:
-        raise ArgumentError(
-            f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by "
-            f"--tensor-model-parallel-size {tp}"
-        )
+    _check_tensor_parallel_split(args, tp)
     if args.seq_length < 2:
         raise ArgumentError(f"--seq-length must be at least 2 (inputs and shifted labels), "
                             f"got {args.seq_length}")
@@ -155,6 +152,25 @@ def validate_model(args: argparse.Namespace) -> None:
         raise ArgumentError("--reset-position-ids is not available for the token baseline "
                             "(--patching-mode none): megatron's GPTModel numbers RoPE positions "
                             "over the whole row")
+
+
+def _divisors(number: int) -> list[int]:
+    return [size for size in range(1, number + 1) if number % size == 0]
+
+
+def _check_tensor_parallel_split(args: argparse.Namespace, tp: int) -> None:
+    """Tensor parallelism splits the global model's heads, query groups and FFN width over its
+    ranks: refuse a size that does not divide them all, naming the sizes that do."""
+    split = ("num_attention_heads", "num_query_groups", "ffn_hidden_size")
+    undivided = [f"{flag_name(dest)} {getattr(args, dest)}" for dest in split
+                 if getattr(args, dest) % tp]
+    if undivided:
+        fitting = _divisors(math.gcd(*(getattr(args, dest) for dest in split)))
+        raise ArgumentError(
+            f"--tensor-model-parallel-size {tp} does not divide {', '.join(undivided)}: "
+            f"tensor parallelism splits the heads, query groups and FFN width over its ranks; "
+            f"use one of {fitting}"
+        )
 
 
 def _check_even_head_dim(args: argparse.Namespace, hidden: str, heads: str,

@@ -84,8 +84,14 @@ def test_validate_returns_a_copy():
                                                  r"\(each needs at least 1\): use "
                                                  r"--pipeline-model-parallel-size 4 or less"),
     (["--decoder-last-pipeline-num-layers", "2"], 1, r"need --pipeline-model-parallel-size > 1"),
-    (["--tensor-model-parallel-size", "8"], 8, r"--num-attention-heads 4 is not divisible by "
-                                               r"--tensor-model-parallel-size 8"),
+    (["--tensor-model-parallel-size", "8"], 8, r"--tensor-model-parallel-size 8 does not divide "
+                                               r"--num-attention-heads 4, --num-query-groups 4: "
+                                               r".*use one of \[1, 2, 4\]"),
+    # The sizes that work divide the query groups too (was: no size named).
+    (["--tensor-model-parallel-size", "4", "--num-query-groups", "2"], 4,
+     r"does not divide --num-query-groups 2: .*use one of \[1, 2\]"),
+    (["--tensor-model-parallel-size", "2", "--num-query-groups", "3"], 2,
+     r"--num-attention-heads 4 is not divisible by --num-query-groups 3; use one of \[2, 4\]"),
     (["--seq-length", "1"], 1, r"--seq-length must be at least 2"),
     (["--patching-mode", "static", "--patch-size", "0", "--max-tokens", "64"], 1,
      r"--patch-size must be at least 1"),
@@ -207,9 +213,9 @@ def test_a_kernel_backend_variable_this_machine_cannot_run_is_named(monkeypatch)
 
 
 @pytest.mark.parametrize("given", [
-    ["--context-parallel-size", "2"],
+    ["--hierarchical-context-parallel-sizes", "2", "2"],
     ["--num-layers-per-virtual-pipeline-stage=1"],
-    ["--expert-model-parallel-size", "2"],
+    ["--expert-tensor-parallel-size", "2"],
     # Megatron-LM layout flags that were a bare "unrecognized arguments".
     ["--pipeline-model-parallel-layout", "Et|tL"],
     ["--use-torch-fsdp2"],
@@ -221,23 +227,36 @@ def test_a_kernel_backend_variable_this_machine_cannot_run_is_named(monkeypatch)
 ])
 def test_unsupported_megatron_flags_are_named_not_unrecognized(tmp_path, given):
     config = tmp_path / "config.yaml"
-    config.write_text("context-parallel-size: 2\n")
+    config.write_text("cp-comm-type: p2p\n")
     given = [str(config) if value == "CONFIG" else value for value in given]
-    flag = "--context-parallel-size" if "--config" in given else given[0].split("=")[0]
+    flag = "--cp-comm-type" if "--config" in given else given[0].split("=")[0]
     with pytest.raises(ArgumentError, match=rf"{flag} is a Megatron-LM flag that lst-train does "
                                             rf"not take: .*(use|dense|split|encoder)"):
         parse_args(given)
 
 
-@pytest.mark.parametrize("key", ["context_parallel_size", "--context-parallel-size"])
+@pytest.mark.parametrize("key", ["cp_comm_type", "--cp-comm-type"])
 def test_unsupported_megatron_flag_is_named_under_any_spelling_of_its_config_key(tmp_path, key):
     # A key spelled with underscores (as argparse's dest, Megatron-LM's args.yaml) or with the
     # dashes was "unknown key ...; did you mean 'tensor-model-parallel-size'?".
     config = tmp_path / "config.yaml"
-    config.write_text(f"{key}: 2\n")
-    with pytest.raises(ArgumentError, match=r"--context-parallel-size is a Megatron-LM flag that "
+    config.write_text(f"{key}: p2p\n")
+    with pytest.raises(ArgumentError, match=r"--cp-comm-type is a Megatron-LM flag that "
                                             r"lst-train does not take: context parallelism"):
         parse_args(["--config", str(config)])
+
+
+@pytest.mark.parametrize("flag", ["--context-parallel-size", "--expert-model-parallel-size"])
+def test_megatron_parallel_sizes_of_one_are_taken_and_more_refused(tmp_path, flag):
+    # Megatron-LM launch scripts spell out `--context-parallel-size 1` for models that use no
+    # context parallelism: that was refused like any context parallelism.
+    assert valid(*LST_FLAGS, flag, "1")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"{flag.lstrip('-').replace('-', '_')}: 1\n")
+    assert valid(*LST_FLAGS, "--config", str(config))
+    reason = "context parallelism" if "context" in flag else "no experts"
+    with pytest.raises(ArgumentError, match=rf"{flag} 2: .*{reason}.*only 1 \(the default\)"):
+        valid(*LST_FLAGS, flag, "2")
 
 
 @pytest.mark.parametrize(("given", "instead"), [

@@ -281,3 +281,23 @@ def test_exit_signal_stops_training_with_a_checkpoint_and_status_0(tmp_path):
     assert 1 <= saved < 2000
     assert f"exiting after iteration {saved}: received SIGUSR1" in output
     assert (save / f"iter_{saved:07d}" / "lst_checkpoint.json").is_file()
+
+
+@pytest.mark.parametrize("eod_id, counted", [(None, 5), (2, 3)])
+def test_eod_mask_loss_leaves_out_the_predictions_made_at_end_of_document(eod_id, counted):
+    # --eod-mask-loss (Megatron-LM's flag; was "unrecognized arguments"): the positions whose
+    # input is the end-of-document token drop out of the loss sum and the token count.
+    tokens = torch.tensor([[5, 2, 7, 2, 9, 0]])  # [b=1, N=6]; the last position is padding
+    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
+             "loss_mask": torch.tensor([[1.0, 1, 1, 1, 1, 0]]),
+             "patch_lengths": torch.ones(1, 6, dtype=torch.int32)}
+    per_token_loss = torch.arange(1.0, 7.0).unsqueeze(0)  # [1, 6]
+
+    def model(tokens, patch_lengths, labels):
+        return per_token_loss
+
+    output, loss_func = loop._ForwardStep(None, eod_id)(iter([batch]), model)
+    loss_sum, num_tokens, _ = loss_func(output)
+    assert int(num_tokens) == counted
+    assert float(loss_sum) == (1 + 3 + 5 if eod_id == 2 else 1 + 2 + 3 + 4 + 5)
+    assert parse_args(["--eod-mask-loss"]).eod_mask_loss
