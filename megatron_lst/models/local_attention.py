@@ -10,8 +10,8 @@ packed rows; None means one document per row (`max(i - W + 1, 0)`). Backends:
   earlier block merged by log-sum-exp, about W + 64 scores per query). Elsewhere: range attention
   (`lst_kernels.patch_cross_attention` with keys `[key_start[i], i + 1)`, the Triton kernel on
   CUDA): no mask tensor and no copy of the keys. Work and memory are O(N * W), never O(N^2).
-"auto" picks flash when it is installed and the inputs are CUDA fp16/bf16, else sdpa; the choice
-is logged once per distinct outcome.
+"auto" picks flash when it is installed and the inputs are CUDA fp16/bf16 with heads of at most
+256 channels, else sdpa; the choice is logged once per distinct outcome.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from .sliding_window_cpu import sliding_window_attention_cpu
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash", "sdpa")
+# flash-attn 2's kernels take heads of at most 256 channels.
+FLASH_ATTN_MAX_HEAD_DIM = 256
 
 
 @functools.cache
@@ -45,11 +47,14 @@ def resolve_local_attention_backend(requested: str, q: torch.Tensor) -> str:
     """"flash" or "sdpa" for inputs like `q`; raise when an explicit choice cannot run."""
     if requested not in BACKENDS:
         raise ValueError(f"local attention backend {requested!r} is not one of {BACKENDS}")
-    flash_ok = flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    head_dim = q.shape[-1]
+    flash_ok = (flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                and head_dim <= FLASH_ATTN_MAX_HEAD_DIM)
     if requested == "flash" and not flash_ok:
         raise RuntimeError(
             "local attention backend 'flash' needs flash-attn installed and CUDA fp16/bf16 inputs "
-            f"(got device {q.device}, dtype {q.dtype}); use 'auto' or 'sdpa'"
+            f"with heads of at most {FLASH_ATTN_MAX_HEAD_DIM} (got device {q.device}, dtype "
+            f"{q.dtype}, head dim {head_dim}); use 'auto' or 'sdpa'"
         )
     if requested == "auto":
         requested = "flash" if flash_ok else "sdpa"

@@ -4,11 +4,12 @@ forward and backward, without and with packed documents, and the backend choice 
 CUDA half precision, PyTorch otherwise)."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from megatron_lst.models import sliding_window_cpu
+from megatron_lst.models import local_attention, sliding_window_cpu
 from megatron_lst.models.local_attention import (
     SlidingWindowAttention,
     flash_attn_available,
@@ -84,6 +85,21 @@ def test_cpu_falls_back_to_sdpa():
         resolve_local_attention_backend("flash", q)
     with pytest.raises(ValueError, match="not one of"):
         resolve_local_attention_backend("xformers", q)
+
+
+def test_auto_leaves_flash_attn_for_heads_wider_than_it_takes(monkeypatch):
+    # flash-attn 2 raises for heads over 256 channels (possible with --local-*-kv-channels): "auto"
+    # chose it anyway on CUDA. A stand-in for a CUDA tensor: only its device, dtype and shape count.
+    monkeypatch.setattr(local_attention, "flash_attn_available", lambda: True)
+
+    def cuda_query(head_dim):
+        return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.bfloat16,
+                               shape=(1, 8, 2, head_dim))
+
+    assert resolve_local_attention_backend("auto", cuda_query(256)) == "flash"
+    assert resolve_local_attention_backend("auto", cuda_query(320)) == "sdpa"
+    with pytest.raises(RuntimeError, match="heads of at most 256 .*head dim 320"):
+        resolve_local_attention_backend("flash", cuda_query(320))
 
 
 @pytest.mark.gpu
