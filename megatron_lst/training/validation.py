@@ -35,7 +35,6 @@ def require_finite(args: argparse.Namespace) -> None:
             raise ArgumentError(f"{flag_name(dest)} must be a finite number, got {value}")
 
 
-
 def validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
     require_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "micro_batch_size", "global_batch_size", "distributed_timeout_minutes",
@@ -118,10 +117,14 @@ def validate_model(args: argparse.Namespace) -> None:
         args.num_query_groups = args.num_attention_heads
     heads = args.num_attention_heads
     if heads % args.num_query_groups:
+        # Counts tensor parallelism can split too; none when tp does not divide the heads.
         fitting = [g for g in _divisors(heads) if g % tp == 0]
+        advice = (f"use one of {fitting}" if fitting else
+                  f"use one of {_divisors(heads)}, with a --tensor-model-parallel-size that "
+                  f"divides it ({tp} divides none of them)")
         raise ArgumentError(
             f"--num-attention-heads {heads} is not divisible by --num-query-groups "
-            f"{args.num_query_groups}; use one of {fitting}"
+            f"{args.num_query_groups}; {advice}"
         )
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size

@@ -92,6 +92,11 @@ def test_validate_returns_a_copy():
      r"does not divide --num-query-groups 2: .*use one of \[1, 2\]"),
     (["--tensor-model-parallel-size", "2", "--num-query-groups", "3"], 2,
      r"--num-attention-heads 4 is not divisible by --num-query-groups 3; use one of \[2, 4\]"),
+    # No group count fits a tensor-parallel size that does not divide the heads (was: "use one
+    # of []").
+    (["--tensor-model-parallel-size", "8", "--num-query-groups", "3"], 8,
+     r"--num-query-groups 3; use one of \[1, 2, 4\], with a --tensor-model-parallel-size that "
+     r"divides it \(8 divides none of them\)"),
     (["--seq-length", "1"], 1, r"--seq-length must be at least 2"),
     (["--patching-mode", "static", "--patch-size", "0", "--max-tokens", "64"], 1,
      r"--patch-size must be at least 1"),
