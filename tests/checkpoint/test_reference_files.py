@@ -324,6 +324,35 @@ def test_crafted_dcp_index_is_refused_without_running_it(tmp_path, state):
     assert UNPICKLED == []
 
 
+@pytest.mark.parametrize("size, chunks_too, what", [
+    # 4 TB: a bare "DefaultCPUAllocator: can't allocate memory" traceback
+    ((10**6, 10**6), True, r"\(4000000000000 bytes of torch.float32\), but stores \d+ bytes"),
+    # the index's one chunk kept: loaded without a word, the rest uninitialised memory
+    ((64, 10**5), False, r"\(6400000 elements\), but its stored chunks hold \d+"),
+])
+def test_a_dcp_index_giving_a_tensor_more_elements_than_stored_is_named(tmp_path, state, size,
+                                                                         chunks_too, what):
+    """A damaged or crafted .metadata whose shape of a model tensor exceeds what is stored for
+    it is refused naming the tensor, before anything of that shape is allocated."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    from megatron_lst.checkpoint.safe_pickle import read_dcp_metadata
+
+    step = save_training_step(tmp_path, state)
+    metadata = read_dcp_metadata(step)
+    name = sorted(key for key in metadata.state_dict_metadata if key.startswith("model."))[0]
+    item = metadata.state_dict_metadata[name]
+    item.size = torch.Size(size)
+    if chunks_too:
+        item.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size(size))]
+    (step / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ReferenceImportError, match=rf"{step}: its \.metadata gives tensor "
+                                                   rf"'{re.escape(name)}' the shape "
+                                                   rf"\({size[0]}, {size[1]}\) {what}.*the "
+                                                   rf"index is damaged or crafted"):
+        read_reference_state_dict(step)
+
+
 def test_dcp_checkpoint_without_model_tensors_is_named(tmp_path):
     step = tmp_path / "0000000001"
     with warnings.catch_warnings():
