@@ -384,6 +384,11 @@ def test_row_index_cache_leaves_another_hosts_partial_file_alone(tmp_path):
     foreign.write_bytes(b"another host is writing this")
     rebuilt = dataset(MODES["static"], store, index_cache_dir=cache)
     assert foreign.read_bytes() == b"another host is writing this"
+    # with the permissions of any new file (mkstemp's were owner-only: another user resuming
+    # the run found the index unreadable, called it damaged and built it again)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert cached.stat().st_mode & 0o777 == 0o666 & ~umask
     np.testing.assert_array_equal(np.load(cached), built._heads)
     np.testing.assert_array_equal(rebuilt._heads, built._heads)
     assert sorted(cache.iterdir()) == sorted([cached, foreign])
