@@ -399,6 +399,21 @@ def test_import_never_replaces_an_existing_output(tmp_path, state, capsys):
     assert (tmp_path / "out" / WEIGHTS_FILENAME).read_bytes() == b"earlier import"
 
 
+@pytest.mark.parametrize("output", ["out", "out/portable"])
+def test_an_output_that_is_a_file_is_refused_before_converting(tmp_path, state, capsys, output):
+    # It failed after the whole conversion and its checks ("verify ...: max |logits| ...")
+    # with a bare "[Errno 17] File exists".
+    (tmp_path / "out").write_text("a file")
+    torch.save({"model": state}, tmp_path / "consolidated.pth")
+    (tmp_path / "params.json").write_text(json.dumps(PARAMS))
+    assert main(["import-reference", "--reference-ckpt", str(tmp_path / "consolidated.pth"),
+                 "--output", str(tmp_path / output), "--num-units", NUM_UNITS]) == 1
+    printed = capsys.readouterr()
+    assert f"{tmp_path / 'out'} is a file, not a directory; give a directory" in printed.err
+    assert "verify" not in printed.out
+    assert (tmp_path / "out").read_text() == "a file"
+
+
 def test_an_entropy_model_run_is_refused_naming_it(tmp_path, state, capsys):
     torch.save({"model": state}, tmp_path / "consolidated.pth")
     (tmp_path / "params.json").write_text(json.dumps(
