@@ -315,18 +315,23 @@ def validate_backends(args: argparse.Namespace) -> None:
         resolve_transformer_impl(args.transformer_impl)
     except RuntimeError as err:
         raise ArgumentError(f"--transformer-impl {args.transformer_impl}: {err}") from None
-    if args.patching_mode == "none":
-        return  # the token baseline runs no LST kernels
     # With CUDA the kernels get CUDA tensors: no tensor stands for those (a CUDA one here would
     # open a context), which still checks LST_KERNEL_BACKEND and that Triton is installed.
     tensors = () if torch.cuda.is_available() else (torch.empty(0),)
-    source = f"--kernel-backend {args.kernel_backend}"
-    if args.kernel_backend == "auto" and BACKEND_ENV_VAR in os.environ:
-        source += f" with {BACKEND_ENV_VAR}={os.environ[BACKEND_ENV_VAR]}"
-    try:
-        resolve_backend(args.kernel_backend, *tensors)
-    except (RuntimeError, ValueError) as err:
-        raise ArgumentError(f"{source}: {err}") from None
+    chosen = []  # (backend, what chooses it)
+    if args.patching_mode != "none":  # pooling and cross-attention
+        chosen.append((args.kernel_backend, f"--kernel-backend {args.kernel_backend}"))
+    if torch.cuda.is_available() and (packed_documents or args.patching_mode != "none"):
+        # The range attention of packed documents (global model) and of the local windows runs
+        # the same kernel on CUDA (CPU has its own path) under "auto", whatever --kernel-backend.
+        chosen.append(("auto", "the global and local range attention"))
+    for backend, source in chosen:
+        if backend == "auto" and BACKEND_ENV_VAR in os.environ:
+            source += f" with {BACKEND_ENV_VAR}={os.environ[BACKEND_ENV_VAR]}"
+        try:
+            resolve_backend(backend, *tensors)
+        except (RuntimeError, ValueError) as err:
+            raise ArgumentError(f"{source}: {err}") from None
 
 
 def validate_training(args: argparse.Namespace) -> None:

@@ -205,7 +205,34 @@ def test_a_misspelled_kernel_backend_variable_is_a_flag_error(monkeypatch, cuda)
     monkeypatch.setenv("LST_KERNEL_BACKEND", "torch")
     valid(*LST_FLAGS, *(["--distributed-backend", "gloo"] if cuda else []))
     monkeypatch.setenv("LST_KERNEL_BACKEND", "trtion")
-    valid("--kernel-backend", "torch", *LST_FLAGS)  # an explicit choice ignores the variable
+    if not cuda:  # on CUDA the range attention reads it whatever --kernel-backend (next test)
+        valid("--kernel-backend", "torch", *LST_FLAGS)  # an explicit choice ignores the variable
+
+
+@pytest.mark.parametrize("model", [[], LST_FLAGS], ids=["baseline", "lst"])
+def test_the_kernel_backend_variable_is_checked_for_the_range_attention_on_cuda(monkeypatch,
+                                                                                model):
+    """On CUDA the range attention of packed documents (the default, in the token baseline and
+    LST's global model) and of LST's local windows runs the Triton kernel under "auto", whatever
+    --kernel-backend says: LST_KERNEL_BACKEND=trtion passed validation there (for the baseline,
+    or with --kernel-backend torch) and failed at the first forward. Without CUDA that attention
+    has its own path, and the baseline without packed documents runs no kernel."""
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "trtion")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for backend in ("auto", "torch"):
+        source = ("--kernel-backend auto" if model and backend == "auto" else
+                  "the global and local range attention")
+        with pytest.raises(ArgumentError, match=rf"{source} with LST_KERNEL_BACKEND=trtion: "
+                                                r"LST_KERNEL_BACKEND='trtion' is not one of"):
+            valid("--distributed-backend", "gloo", "--kernel-backend", backend, *model,
+                  *(["--no-reset-attention-mask"] if model else []))
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "torch")
+    valid("--distributed-backend", "gloo", *model)
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "trtion")
+    valid("--distributed-backend", "gloo", "--no-reset-attention-mask", "--kernel-backend",
+          "triton")  # the baseline without packed documents runs no kernel
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    valid("--kernel-backend", "torch", *model)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the backends a CPU-only machine lacks")
