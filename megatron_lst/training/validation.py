@@ -295,12 +295,15 @@ def check_model_config(args: argparse.Namespace) -> None:
 
 def validate_backends(args: argparse.Namespace) -> None:
     """The communication and global-block backends the flags name, and the kernel backend
-    (--kernel-backend, or LST_KERNEL_BACKEND under auto), can run here (each used to fail only
-    once the model was built or ran)."""
+    (--kernel-backend, or LST_KERNEL_BACKEND under auto, which the range attention reads on
+    CUDA), can run here, with heads the Triton patch attention kernel takes where it runs (each
+    used to fail only once the model was built or ran)."""
     import torch
     from lst_kernels.backend import BACKEND_ENV_VAR, resolve_backend
+    from lst_kernels.patch_attention import TRITON_MAX_HEAD_DIM
 
     from megatron_lst.models.specs import resolve_transformer_impl
+    from megatron_lst.training.model_provider import lst_config_from_args
 
     if args.distributed_backend == "nccl" and not torch.cuda.is_available():
         raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo (the default "
@@ -318,20 +321,32 @@ def validate_backends(args: argparse.Namespace) -> None:
     # With CUDA the kernels get CUDA tensors: no tensor stands for those (a CUDA one here would
     # open a context), which still checks LST_KERNEL_BACKEND and that Triton is installed.
     tensors = () if torch.cuda.is_available() else (torch.empty(0),)
-    chosen = []  # (backend, what chooses it)
+    config = lst_config_from_args(args, vocab_size=2, eos_id=1)
+    # (backend, what chooses it, the attention whose heads it gets, their size, the PyTorch switch)
+    chosen = []
     if args.patching_mode != "none":  # pooling and cross-attention
-        chosen.append((args.kernel_backend, f"--kernel-backend {args.kernel_backend}"))
+        chosen.append((args.kernel_backend, f"--kernel-backend {args.kernel_backend}",
+                       "cross-attention", config.encoder.hidden_size
+                       // config.cross_attention.num_heads, "--kernel-backend torch"))
     if torch.cuda.is_available() and (packed_documents or args.patching_mode != "none"):
         # The range attention of packed documents (global model) and of the local windows runs
         # the same kernel on CUDA (CPU has its own path) under "auto", whatever --kernel-backend.
-        chosen.append(("auto", "the global and local range attention"))
-    for backend, source in chosen:
+        chosen.append(("auto", "the global and local range attention", "global attention",
+                       config.global_model.head_dim if packed_documents else 0,
+                       f"{BACKEND_ENV_VAR}=torch"))
+    for backend, source, attention, head_dim, switch in chosen:
         if backend == "auto" and BACKEND_ENV_VAR in os.environ:
             source += f" with {BACKEND_ENV_VAR}={os.environ[BACKEND_ENV_VAR]}"
         try:
-            resolve_backend(backend, *tensors)
+            resolved = resolve_backend(backend, *tensors)
         except (RuntimeError, ValueError) as err:
             raise ArgumentError(f"{source}: {err}") from None
+        if resolved == "triton" and head_dim > TRITON_MAX_HEAD_DIM:  # refused at the first call
+            raise ArgumentError(
+                f"{source} runs the Triton patch attention kernel, which takes heads of up to "
+                f"{TRITON_MAX_HEAD_DIM} channels (larger tiles do not fit GPU shared memory); "
+                f"this model's {attention} heads have {head_dim}: pass {switch} (PyTorch "
+                f"attention), or use smaller heads")
 
 
 def validate_training(args: argparse.Namespace) -> None:

@@ -235,6 +235,37 @@ def test_the_kernel_backend_variable_is_checked_for_the_range_attention_on_cuda(
     valid("--kernel-backend", "torch", *model)
 
 
+def test_heads_past_the_triton_kernel_are_refused_before_building_on_cuda(monkeypatch):
+    """The Triton patch attention kernel refuses heads of more than 256 channels: a model whose
+    cross-attention or packed-document global attention has them failed at its first forward on
+    CUDA. Refused up front naming the heads and the switch to PyTorch attention."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("LST_KERNEL_BACKEND", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gloo = ["--distributed-backend", "gloo"]
+    wide_cross = [*LST_FLAGS, "--local-encoder-hidden-size", "1024", "--local-decoder-hidden-size",
+                  "1024", "--local-encoder-heads", "4", "--local-decoder-heads", "4",
+                  "--cross-attn-heads", "2"]  # cross-attention heads of 512 channels
+    with pytest.raises(ArgumentError, match=r"--kernel-backend auto runs the Triton patch "
+                                            r"attention kernel, .* up to 256 channels .*"
+                                            r"cross-attention heads have 512: pass "
+                                            r"--kernel-backend torch"):
+        valid(*gloo, *wide_cross)
+    valid(*gloo, *wide_cross, "--kernel-backend", "torch")
+    wide_global = ["--kv-channels", "320"]
+    with pytest.raises(ArgumentError, match=r"the global and local range attention runs the "
+                                            r"Triton .* global attention heads have 320: pass "
+                                            r"LST_KERNEL_BACKEND=torch"):
+        valid(*gloo, *wide_global)
+    valid(*gloo, *wide_global, "--no-reset-attention-mask")  # megatron's own attention then
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "torch")
+    valid(*gloo, *wide_global)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("LST_KERNEL_BACKEND")
+    valid(*wide_global)
+    valid(*wide_cross)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the backends a CPU-only machine lacks")
 def test_a_kernel_backend_variable_this_machine_cannot_run_is_named(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
