@@ -256,7 +256,16 @@ def staged_output(output: str | Path, filenames: tuple[str, ...]) -> Iterator[Pa
 
 def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None:
     """Refuse an `output` directory that already holds a file the conversion would write: a
-    checkpoint converted before, which a failed conversion would leave half replaced."""
+    checkpoint converted before, which a failed conversion would leave half replaced; and an
+    `output` that is a file or lies under one (the move into it failed, after the whole
+    conversion and its checks, with a bare 'File exists')."""
+    existing = Path(output).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CheckpointContentError(
+            f"{output}: {existing} is a file, not a directory; give a directory for the converted "
+            f"checkpoint (created if missing)")
     existing = [name for name in filenames if (Path(output) / name).exists()]
     if existing:
         raise CheckpointContentError(

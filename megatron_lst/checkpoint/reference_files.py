@@ -23,6 +23,7 @@ floating point, of one dtype and finite; a file that breaks any of this is refus
 from __future__ import annotations
 
 import collections
+import math
 import pickle
 import re
 import warnings
@@ -205,9 +206,11 @@ def _read_dcp_model_state(directory: Path) -> dict[str, torch.Tensor]:
     if problems:
         raise ReferenceImportError(f"reference checkpoint {directory} is incomplete: "
                                    f"{'; '.join(problems)}")
+    model = {key: item for key, item in metadata.state_dict_metadata.items()
+             if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+    _check_stored_sizes(directory, metadata, model)  # before allocating what the index says
     tensors = {key.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype)
-               for key, item in metadata.state_dict_metadata.items()
-               if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+               for key, item in model.items()}
     if not tensors:
         top = sorted({key.split(".")[0] for key in metadata.state_dict_metadata})
         raise ReferenceImportError(
@@ -228,6 +231,36 @@ def _read_dcp_model_state(directory: Path) -> dict[str, torch.Tensor]:
             f"cannot read reference checkpoint {directory}: its .distcp files are damaged "
             f"({type(error).__name__}: {reason})") from None
     return tensors
+
+
+def _check_stored_sizes(directory: Path, metadata, model: dict) -> None:
+    """Refuse an index that gives a model tensor a shape its chunks do not fill, or more elements
+    than its stored bytes hold (each chunk is saved whole, a torch.save no smaller than its
+    data): a damaged or crafted index, which would otherwise make loading allocate that shape (a
+    4 TB `torch.empty` failed with a bare allocator error) or return the elements no chunk holds
+    as uninitialised memory."""
+    stored: dict[str, int] = collections.defaultdict(int)
+    transformed: set[str] = set()
+    for index, info in metadata.storage_data.items():
+        stored[index.fqn] += info.length
+        if info.transform_descriptors:  # compressed: no lower bound on the bytes
+            transformed.add(index.fqn)
+    for key, item in sorted(model.items()):
+        numel = math.prod(item.size)
+        covered = sum(math.prod(chunk.sizes) for chunk in item.chunks)
+        if covered != numel:  # the elements no chunk holds would load as uninitialised memory
+            raise ReferenceImportError(
+                f"reference checkpoint {directory}: its {DCP_METADATA_FILENAME} gives tensor "
+                f"{key!r} the shape {tuple(item.size)} ({numel} elements), but its stored chunks "
+                f"hold {covered}; the index is damaged or crafted: import another copy of the "
+                "checkpoint")
+        needed = numel * item.properties.dtype.itemsize
+        if key not in transformed and stored[key] < needed:
+            raise ReferenceImportError(
+                f"reference checkpoint {directory}: its {DCP_METADATA_FILENAME} gives tensor "
+                f"{key!r} the shape {tuple(item.size)} ({needed} bytes of "
+                f"{item.properties.dtype}), but stores {stored[key]} bytes for it; the index is "
+                "damaged or crafted: import another copy of the checkpoint")
 
 
 def _strip_wrapper_prefixes(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:

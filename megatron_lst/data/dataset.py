@@ -48,7 +48,7 @@ import contextlib
 import hashlib
 import logging
 import os
-import tempfile
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -317,14 +317,15 @@ class LSTDataset(torch.utils.data.Dataset):
         path.parent.mkdir(parents=True, exist_ok=True)
         # Several processes may build the same index, on several hosts of a shared file system
         # (where process ids repeat): each writes a file of a name no other has, then renames it.
-        descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.",
-                                               suffix=".partial.npy")
+        # Created as np.save creates files (the umask's permissions, not mkstemp's owner-only
+        # ones), so that whoever else may read the --save directory can read the index too.
+        partial = path.with_name(f"{path.stem}.{secrets.token_hex(8)}.partial.npy")
         try:
-            with os.fdopen(descriptor, "wb") as stream:
+            with open(partial, "xb") as stream:
                 np.save(stream, heads)
             os.replace(partial, path)
         except BaseException:
-            Path(partial).unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
             raise
         return heads
 

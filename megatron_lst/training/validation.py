@@ -35,7 +35,6 @@ def require_finite(args: argparse.Namespace) -> None:
             raise ArgumentError(f"{flag_name(dest)} must be a finite number, got {value}")
 
 
-
 def validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
     require_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "micro_batch_size", "global_batch_size", "distributed_timeout_minutes",
@@ -118,10 +117,14 @@ def validate_model(args: argparse.Namespace) -> None:
         args.num_query_groups = args.num_attention_heads
     heads = args.num_attention_heads
     if heads % args.num_query_groups:
+        # Counts tensor parallelism can split too; none when tp does not divide the heads.
         fitting = [g for g in _divisors(heads) if g % tp == 0]
+        advice = (f"use one of {fitting}" if fitting else
+                  f"use one of {_divisors(heads)}, with a --tensor-model-parallel-size that "
+                  f"divides it ({tp} divides none of them)")
         raise ArgumentError(
             f"--num-attention-heads {heads} is not divisible by --num-query-groups "
-            f"{args.num_query_groups}; use one of {fitting}"
+            f"{args.num_query_groups}; {advice}"
         )
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
@@ -292,12 +295,15 @@ def check_model_config(args: argparse.Namespace) -> None:
 
 def validate_backends(args: argparse.Namespace) -> None:
     """The communication and global-block backends the flags name, and the kernel backend
-    (--kernel-backend, or LST_KERNEL_BACKEND under auto), can run here (each used to fail only
-    once the model was built or ran)."""
+    (--kernel-backend, or LST_KERNEL_BACKEND under auto, which the range attention reads on
+    CUDA), can run here, with heads the Triton patch attention kernel takes where it runs (each
+    used to fail only once the model was built or ran)."""
     import torch
     from lst_kernels.backend import BACKEND_ENV_VAR, resolve_backend
+    from lst_kernels.patch_attention import TRITON_MAX_HEAD_DIM
 
     from megatron_lst.models.specs import resolve_transformer_impl
+    from megatron_lst.training.model_provider import lst_config_from_args
 
     if args.distributed_backend == "nccl" and not torch.cuda.is_available():
         raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo (the default "
@@ -312,18 +318,35 @@ def validate_backends(args: argparse.Namespace) -> None:
         resolve_transformer_impl(args.transformer_impl)
     except RuntimeError as err:
         raise ArgumentError(f"--transformer-impl {args.transformer_impl}: {err}") from None
-    if args.patching_mode == "none":
-        return  # the token baseline runs no LST kernels
     # With CUDA the kernels get CUDA tensors: no tensor stands for those (a CUDA one here would
     # open a context), which still checks LST_KERNEL_BACKEND and that Triton is installed.
     tensors = () if torch.cuda.is_available() else (torch.empty(0),)
-    source = f"--kernel-backend {args.kernel_backend}"
-    if args.kernel_backend == "auto" and BACKEND_ENV_VAR in os.environ:
-        source += f" with {BACKEND_ENV_VAR}={os.environ[BACKEND_ENV_VAR]}"
-    try:
-        resolve_backend(args.kernel_backend, *tensors)
-    except (RuntimeError, ValueError) as err:
-        raise ArgumentError(f"{source}: {err}") from None
+    config = lst_config_from_args(args, vocab_size=2, eos_id=1)
+    # (backend, what chooses it, the attention whose heads it gets, their size, the PyTorch switch)
+    chosen = []
+    if args.patching_mode != "none":  # pooling and cross-attention
+        chosen.append((args.kernel_backend, f"--kernel-backend {args.kernel_backend}",
+                       "cross-attention", config.encoder.hidden_size
+                       // config.cross_attention.num_heads, "--kernel-backend torch"))
+    if torch.cuda.is_available() and (packed_documents or args.patching_mode != "none"):
+        # The range attention of packed documents (global model) and of the local windows runs
+        # the same kernel on CUDA (CPU has its own path) under "auto", whatever --kernel-backend.
+        chosen.append(("auto", "the global and local range attention", "global attention",
+                       config.global_model.head_dim if packed_documents else 0,
+                       f"{BACKEND_ENV_VAR}=torch"))
+    for backend, source, attention, head_dim, switch in chosen:
+        if backend == "auto" and BACKEND_ENV_VAR in os.environ:
+            source += f" with {BACKEND_ENV_VAR}={os.environ[BACKEND_ENV_VAR]}"
+        try:
+            resolved = resolve_backend(backend, *tensors)
+        except (RuntimeError, ValueError) as err:
+            raise ArgumentError(f"{source}: {err}") from None
+        if resolved == "triton" and head_dim > TRITON_MAX_HEAD_DIM:  # refused at the first call
+            raise ArgumentError(
+                f"{source} runs the Triton patch attention kernel, which takes heads of up to "
+                f"{TRITON_MAX_HEAD_DIM} channels (larger tiles do not fit GPU shared memory); "
+                f"this model's {attention} heads have {head_dim}: pass {switch} (PyTorch "
+                f"attention), or use smaller heads")
 
 
 def validate_training(args: argparse.Namespace) -> None:

@@ -153,7 +153,8 @@ def test_output_holding_a_checkpoint_is_refused_and_kept(tiny_portable, tmp_path
     assert {path.name: path.stat().st_mtime_ns for path in portable.iterdir()} == before
     assert main(["dist-to-portable", "--load", str(dist),
                  "--output", str(portable / WEIGHTS_FILENAME)]) == 1  # a file, not a directory
-    assert f"File exists: '{portable / WEIGHTS_FILENAME}'" in capsys.readouterr().err
+    assert (f"{portable / WEIGHTS_FILENAME} is a file, not a directory; give a directory"
+            in capsys.readouterr().err)
 
 
 def test_a_negative_iteration_is_a_usage_error(tiny_portable, tmp_path, capsys):

@@ -324,6 +324,35 @@ def test_crafted_dcp_index_is_refused_without_running_it(tmp_path, state):
     assert UNPICKLED == []
 
 
+@pytest.mark.parametrize("size, chunks_too, what", [
+    # 4 TB: a bare "DefaultCPUAllocator: can't allocate memory" traceback
+    ((10**6, 10**6), True, r"\(4000000000000 bytes of torch.float32\), but stores \d+ bytes"),
+    # the index's one chunk kept: loaded without a word, the rest uninitialised memory
+    ((64, 10**5), False, r"\(6400000 elements\), but its stored chunks hold \d+"),
+])
+def test_a_dcp_index_giving_a_tensor_more_elements_than_stored_is_named(tmp_path, state, size,
+                                                                         chunks_too, what):
+    """A damaged or crafted .metadata whose shape of a model tensor exceeds what is stored for
+    it is refused naming the tensor, before anything of that shape is allocated."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    from megatron_lst.checkpoint.safe_pickle import read_dcp_metadata
+
+    step = save_training_step(tmp_path, state)
+    metadata = read_dcp_metadata(step)
+    name = sorted(key for key in metadata.state_dict_metadata if key.startswith("model."))[0]
+    item = metadata.state_dict_metadata[name]
+    item.size = torch.Size(size)
+    if chunks_too:
+        item.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size(size))]
+    (step / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ReferenceImportError, match=rf"{step}: its \.metadata gives tensor "
+                                                   rf"'{re.escape(name)}' the shape "
+                                                   rf"\({size[0]}, {size[1]}\) {what}.*the "
+                                                   rf"index is damaged or crafted"):
+        read_reference_state_dict(step)
+
+
 def test_dcp_checkpoint_without_model_tensors_is_named(tmp_path):
     step = tmp_path / "0000000001"
     with warnings.catch_warnings():
@@ -368,6 +397,21 @@ def test_import_never_replaces_an_existing_output(tmp_path, state, capsys):
     assert _import(tmp_path, state, MODEL_ARGS) == 1
     assert "refusing to overwrite a checkpoint" in capsys.readouterr().err
     assert (tmp_path / "out" / WEIGHTS_FILENAME).read_bytes() == b"earlier import"
+
+
+@pytest.mark.parametrize("output", ["out", "out/portable"])
+def test_an_output_that_is_a_file_is_refused_before_converting(tmp_path, state, capsys, output):
+    # It failed after the whole conversion and its checks ("verify ...: max |logits| ...")
+    # with a bare "[Errno 17] File exists".
+    (tmp_path / "out").write_text("a file")
+    torch.save({"model": state}, tmp_path / "consolidated.pth")
+    (tmp_path / "params.json").write_text(json.dumps(PARAMS))
+    assert main(["import-reference", "--reference-ckpt", str(tmp_path / "consolidated.pth"),
+                 "--output", str(tmp_path / output), "--num-units", NUM_UNITS]) == 1
+    printed = capsys.readouterr()
+    assert f"{tmp_path / 'out'} is a file, not a directory; give a directory" in printed.err
+    assert "verify" not in printed.out
+    assert (tmp_path / "out").read_text() == "a file"
 
 
 def test_an_entropy_model_run_is_refused_naming_it(tmp_path, state, capsys):

@@ -364,20 +364,31 @@ def test_row_index_cache_sees_a_rewrite_that_keeps_size_and_mtime(tmp_path):
     assert len(list(cache.glob("lst_rows_*.npy"))) == 2
 
 
-def test_row_index_cache_leaves_another_hosts_partial_file_alone(tmp_path):
-    """Ranks on several hosts of a shared file system may share a process id: a writer must not
-    take over (and rename away) a file another process is still writing."""
+def _cached_static_dataset(tmp_path):
+    """(store on disk, cache directory, the dataset built, its cached row index file)."""
     store = aligned_store(6, 8)
     store.prefix = str(tmp_path / "corpus")
     (tmp_path / "corpus.json").write_text("{}")
     cache = tmp_path / "cache"
     built = dataset(MODES["static"], store, index_cache_dir=cache)
     (cached,) = cache.glob("lst_rows_*.npy")
+    return store, cache, built, cached
+
+
+def test_row_index_cache_leaves_another_hosts_partial_file_alone(tmp_path):
+    """Ranks on several hosts of a shared file system may share a process id: a writer must not
+    take over (and rename away) a file another process is still writing."""
+    store, cache, built, cached = _cached_static_dataset(tmp_path)
     cached.unlink()
     foreign = cache / f"{cached.stem}.{os.getpid()}.partial.npy"  # what the old names were
     foreign.write_bytes(b"another host is writing this")
     rebuilt = dataset(MODES["static"], store, index_cache_dir=cache)
     assert foreign.read_bytes() == b"another host is writing this"
+    # with the permissions of any new file (mkstemp's were owner-only: another user resuming
+    # the run found the index unreadable, called it damaged and built it again)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert cached.stat().st_mode & 0o777 == 0o666 & ~umask
     np.testing.assert_array_equal(np.load(cached), built._heads)
     np.testing.assert_array_equal(rebuilt._heads, built._heads)
     assert sorted(cache.iterdir()) == sorted([cached, foreign])
@@ -385,12 +396,7 @@ def test_row_index_cache_leaves_another_hosts_partial_file_alone(tmp_path):
 
 @pytest.mark.parametrize("damage", [lambda raw: raw[:50], lambda raw: b"garbage"])
 def test_a_damaged_row_index_cache_is_rebuilt(tmp_path, caplog, damage):
-    store = aligned_store(6, 8)
-    store.prefix = str(tmp_path / "corpus")
-    (tmp_path / "corpus.json").write_text("{}")
-    cache = tmp_path / "cache"
-    built = dataset(MODES["static"], store, index_cache_dir=cache)
-    (cached,) = cache.glob("lst_rows_*.npy")
+    store, cache, built, cached = _cached_static_dataset(tmp_path)
     intact = cached.read_bytes()
     cached.write_bytes(damage(intact))
     rebuilt = dataset(MODES["static"], store, index_cache_dir=cache)

@@ -92,6 +92,11 @@ def test_validate_returns_a_copy():
      r"does not divide --num-query-groups 2: .*use one of \[1, 2\]"),
     (["--tensor-model-parallel-size", "2", "--num-query-groups", "3"], 2,
      r"--num-attention-heads 4 is not divisible by --num-query-groups 3; use one of \[2, 4\]"),
+    # No group count fits a tensor-parallel size that does not divide the heads (was: "use one
+    # of []").
+    (["--tensor-model-parallel-size", "8", "--num-query-groups", "3"], 8,
+     r"--num-query-groups 3; use one of \[1, 2, 4\], with a --tensor-model-parallel-size that "
+     r"divides it \(8 divides none of them\)"),
     (["--seq-length", "1"], 1, r"--seq-length must be at least 2"),
     (["--patching-mode", "static", "--patch-size", "0", "--max-tokens", "64"], 1,
      r"--patch-size must be at least 1"),
@@ -200,7 +205,65 @@ def test_a_misspelled_kernel_backend_variable_is_a_flag_error(monkeypatch, cuda)
     monkeypatch.setenv("LST_KERNEL_BACKEND", "torch")
     valid(*LST_FLAGS, *(["--distributed-backend", "gloo"] if cuda else []))
     monkeypatch.setenv("LST_KERNEL_BACKEND", "trtion")
-    valid("--kernel-backend", "torch", *LST_FLAGS)  # an explicit choice ignores the variable
+    if not cuda:  # on CUDA the range attention reads it whatever --kernel-backend (next test)
+        valid("--kernel-backend", "torch", *LST_FLAGS)  # an explicit choice ignores the variable
+
+
+@pytest.mark.parametrize("model", [[], LST_FLAGS], ids=["baseline", "lst"])
+def test_the_kernel_backend_variable_is_checked_for_the_range_attention_on_cuda(monkeypatch,
+                                                                                model):
+    """On CUDA the range attention of packed documents (the default, in the token baseline and
+    LST's global model) and of LST's local windows runs the Triton kernel under "auto", whatever
+    --kernel-backend says: LST_KERNEL_BACKEND=trtion passed validation there (for the baseline,
+    or with --kernel-backend torch) and failed at the first forward. Without CUDA that attention
+    has its own path, and the baseline without packed documents runs no kernel."""
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "trtion")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for backend in ("auto", "torch"):
+        source = ("--kernel-backend auto" if model and backend == "auto" else
+                  "the global and local range attention")
+        with pytest.raises(ArgumentError, match=rf"{source} with LST_KERNEL_BACKEND=trtion: "
+                                                r"LST_KERNEL_BACKEND='trtion' is not one of"):
+            valid("--distributed-backend", "gloo", "--kernel-backend", backend, *model,
+                  *(["--no-reset-attention-mask"] if model else []))
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "torch")
+    valid("--distributed-backend", "gloo", *model)
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "trtion")
+    valid("--distributed-backend", "gloo", "--no-reset-attention-mask", "--kernel-backend",
+          "triton")  # the baseline without packed documents runs no kernel
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    valid("--kernel-backend", "torch", *model)
+
+
+def test_heads_past_the_triton_kernel_are_refused_before_building_on_cuda(monkeypatch):
+    """The Triton patch attention kernel refuses heads of more than 256 channels: a model whose
+    cross-attention or packed-document global attention has them failed at its first forward on
+    CUDA. Refused up front naming the heads and the switch to PyTorch attention."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("LST_KERNEL_BACKEND", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gloo = ["--distributed-backend", "gloo"]
+    wide_cross = [*LST_FLAGS, "--local-encoder-hidden-size", "1024", "--local-decoder-hidden-size",
+                  "1024", "--local-encoder-heads", "4", "--local-decoder-heads", "4",
+                  "--cross-attn-heads", "2"]  # cross-attention heads of 512 channels
+    with pytest.raises(ArgumentError, match=r"--kernel-backend auto runs the Triton patch "
+                                            r"attention kernel, .* up to 256 channels .*"
+                                            r"cross-attention heads have 512: pass "
+                                            r"--kernel-backend torch"):
+        valid(*gloo, *wide_cross)
+    valid(*gloo, *wide_cross, "--kernel-backend", "torch")
+    wide_global = ["--kv-channels", "320"]
+    with pytest.raises(ArgumentError, match=r"the global and local range attention runs the "
+                                            r"Triton .* global attention heads have 320: pass "
+                                            r"LST_KERNEL_BACKEND=torch"):
+        valid(*gloo, *wide_global)
+    valid(*gloo, *wide_global, "--no-reset-attention-mask")  # megatron's own attention then
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "torch")
+    valid(*gloo, *wide_global)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("LST_KERNEL_BACKEND")
+    valid(*wide_global)
+    valid(*wide_cross)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the backends a CPU-only machine lacks")

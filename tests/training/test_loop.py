@@ -301,3 +301,30 @@ def test_eod_mask_loss_leaves_out_the_predictions_made_at_end_of_document(eod_id
     assert int(num_tokens) == counted
     assert float(loss_sum) == (1 + 3 + 5 if eod_id == 2 else 1 + 2 + 3 + 4 + 5)
     assert parse_args(["--eod-mask-loss"]).eod_mask_loss
+
+
+@pytest.mark.parametrize("flags, counted", [([], 5), (["--eod-mask-loss"], 3)])
+def test_eod_mask_loss_reaches_the_schedule_with_the_vocabulary_eos(monkeypatch, flags, counted):
+    # The flag must reach the forward step of training and validation (`_run_schedule`), with the
+    # run's EOS id: the test above drives `_ForwardStep` directly and would pass with it unwired.
+    import argparse
+    from types import SimpleNamespace
+
+    from megatron.core import pipeline_parallel
+
+    tokens = torch.tensor([[5, 7, 9, 7, 9, 0]])  # [b=1, N=6]; 7 plays EOS, the last is padding
+    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
+             "loss_mask": torch.tensor([[1.0, 1, 1, 1, 1, 0]]),
+             "patch_lengths": torch.ones(1, 6, dtype=torch.int32)}
+
+    def one_micro_batch(forward_step_func, data_iterator, model, **_):
+        output, loss_func = forward_step_func(data_iterator, model[0])
+        return [loss_func(output)[2]]
+
+    monkeypatch.setattr(pipeline_parallel, "get_forward_backward_func", lambda: one_micro_batch)
+    args = argparse.Namespace(**{**vars(parse_args(flags)), "num_micro_batches": 1,
+                                 "seq_length": 6, "micro_batch_size": 1})
+    state = SimpleNamespace(args=args, flop_shape=None, vocab=SimpleNamespace(eos_id=7),
+                            model=[lambda tokens, patch_lengths, labels: torch.ones(1, 6)])
+    losses, _ = loop._run_schedule(state, iter([batch]), forward_only=True, count_flops=False)
+    assert losses[0][loop.LOSS_NAME].tolist() == [counted, counted]
