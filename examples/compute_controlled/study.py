@@ -113,13 +113,13 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
         steps[control], plans[control] = {}, {}
         for name, shape in shapes.items():
             # An LST row computes all --max-tokens token positions, padding included: that is
-            # what its FLOPs count; the data it consumes is the real tokens per patch.
-            tokens_per_patch = (preset.tokens_per_patch if control == "data"
-                                else row_tokens[name] / step[0])
-            step_shape = StepShape(step[0], step[1], tokens_per_patch)
+            # what its FLOPs count (and its runs log); the data it consumes is the real tokens
+            # per patch.
             try:
+                step_shape = StepShape(step[0], step[1], preset.tokens_per_patch,
+                                       max_tokens=row_tokens[name])
                 computed = plan(budget, shape, shape.baseline_of(), control, step_shape)
-            except ValueError as error:  # a budget below one step of a model
+            except ValueError as error:  # a budget below one step, tokens that do not fit a row
                 raise SystemExit(f"study: budget_steps {preset.budget_steps} (of the baseline) "
                                  f"for model {name}: {error}") from None
             steps[control][name] = computed.lst.steps
@@ -293,7 +293,7 @@ def write_plan(preset: StudyPreset, out_dir: Path, corpus_dir: Path):
                       for name in (lst_name, preset.baseline.name)}
     total = sum(run.steps * flops_per_step[run.model] for run in runs)
     print(f"study {preset.name}: {len(runs)} runs, {total:.3e} planned training FLOPs "
-          f"(at {preset.tokens_per_patch:g} tokens per LST patch)")
+          f"(LST rows counted at their --max-tokens positions, as the runs log them)")
     for run in runs:
         print(f"  {run.name}: {run.steps * flops_per_step[run.model]:.3e} FLOPs")
     return corpus, steps, runs

@@ -481,11 +481,19 @@ class Budget:
 @dataclass(frozen=True)
 class StepShape:
     """The work of one step: `global_batch_size` rows of `seq_length` global positions; an LST
-    row holds `tokens_per_patch` tokens per patch on average (input tokens N over patches P)."""
+    row holds `tokens_per_patch` real input tokens per patch on average (input tokens N over
+    patches P: the data a step consumes).
+
+    `max_tokens` is the token positions of an LST row (`lst-train --max-tokens`): rows are padded
+    to it and the model computes every position, so an LST step's FLOPs count `max_tokens` tokens
+    per row, the same count the training log reports. None: rows hold exactly
+    `seq_length * tokens_per_patch` positions (no padding).
+    """
 
     seq_length: int
     global_batch_size: int
     tokens_per_patch: float
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if (self.seq_length < 2 or self.global_batch_size < 1
@@ -494,15 +502,44 @@ class StepShape:
                 f"StepShape {self}: needs seq_length >= 2, global_batch_size >= 1 and a finite "
                 "tokens_per_patch >= 1 (a patch holds at least one token)"
             )
+        if self.max_tokens is None:
+            return
+        if self.max_tokens < self.seq_length:
+            raise ValueError(
+                f"max_tokens {self.max_tokens} is smaller than seq_length {self.seq_length}: an "
+                "LST row of P patches needs at least P token positions (lst-train refuses it too)"
+            )
+        if self.tokens_per_patch * self.seq_length > self.max_tokens:
+            raise ValueError(
+                f"tokens_per_patch {self.tokens_per_patch:g} x seq_length {self.seq_length} = "
+                f"{self.tokens_per_patch * self.seq_length:g} real tokens per row do not fit in "
+                f"max_tokens {self.max_tokens} positions; a row holds at most "
+                f"{self.max_tokens / self.seq_length:g} tokens per patch: lower tokens_per_patch "
+                "or raise max_tokens"
+            )
 
     def tokens_per_row(self, shape: ModelShape) -> float:
+        """Real input tokens per row (the data a step consumes)."""
         return self.seq_length if shape.is_baseline else self.seq_length * self.tokens_per_patch
 
+    def computed_tokens_per_row(self, shape: ModelShape) -> float:
+        """Token positions the model computes per row, padding included."""
+        if shape.is_baseline or self.max_tokens is None:
+            return self.tokens_per_row(shape)
+        return self.max_tokens
+
     def flops(self, shape: ModelShape) -> FlopBreakdown:
-        """Training FLOPs of one step (closed-form estimate, `estimate_flops`)."""
-        return estimate_flops(
-            shape, self.tokens_per_row(shape), self.seq_length, self.global_batch_size
+        """Training FLOPs of one step (closed-form estimate, `estimate_flops`) over the
+        positions the model computes."""
+        flops = estimate_flops(
+            shape, self.computed_tokens_per_row(shape), self.seq_length, self.global_batch_size
         )
+        if not math.isfinite(flops.total):
+            raise ValueError(
+                f"StepShape {self}: one step of this model would cost {flops.total} FLOPs (beyond "
+                "float range); give a realistic seq_length, global_batch_size and tokens_per_patch"
+            )
+        return flops
 
 
 @dataclass(frozen=True)
