@@ -53,6 +53,9 @@ __all__ = [
     "flops_per_batch",
     "estimate_flops",
     "PEAK_BF16_DENSE_FLOPS",
+    "PEAK_TF32_DENSE_FLOPS",
+    "PEAK_FP32_FLOPS",
+    "matmul_precision",
     "peak_flops_by_name",
     "device_peak_flops",
     "mfu",
@@ -417,22 +420,58 @@ PEAK_BF16_DENSE_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
 )
 
 
-def peak_flops_by_name(device_name: str) -> float | None:
-    """Peak dense bf16 FLOP/s of a GPU named like torch.cuda.get_device_name() reports it, or
-    None when the GPU is missing from PEAK_BF16_DENSE_FLOPS."""
-    for parts, peak in PEAK_BF16_DENSE_FLOPS:
+# The same GPUs' other math modes, for runs that do not train in 16 bits (fp16 has bf16's peak
+# on all of them). TF32 tensor cores, dense: H100 SXM5 and H200 989 "with sparsity" -> 494, H100
+# PCIe 756 -> 378, A100 156. Plain FP32 (CUDA cores, what fp32 matmuls use while torch leaves
+# TF32 off, its default): H100 SXM5 and H200 67, H100 PCIe 51, A100 19.5.
+PEAK_TF32_DENSE_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
+    (("NVL",), None),
+    (("H200",), 494e12),
+    (("H100", "PCIe"), 378e12),
+    (("H100", "HBM3"), 494e12),
+    (("H100", "SXM"), 494e12),
+    (("A100",), 156e12),
+)
+PEAK_FP32_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
+    (("NVL",), None),
+    (("H200",), 67e12),
+    (("H100", "PCIe"), 51e12),
+    (("H100", "HBM3"), 67e12),
+    (("H100", "SXM"), 67e12),
+    (("A100",), 19.5e12),
+)
+_PEAK_TABLES = {"bf16": PEAK_BF16_DENSE_FLOPS, "fp16": PEAK_BF16_DENSE_FLOPS,
+                "tf32": PEAK_TF32_DENSE_FLOPS, "fp32": PEAK_FP32_FLOPS}
+
+
+def matmul_precision(bf16: bool = False, fp16: bool = False) -> str:
+    """The math mode of a run's matrix products, a key of the peak tables: "bf16" or "fp16"
+    (lst-train --bf16 / --fp16), else fp32 weights multiplied in TF32 when torch allows it
+    (`torch.backends.cuda.matmul.allow_tf32`) or in plain FP32 (torch's default)."""
+    if bf16 or fp16:
+        return "bf16" if bf16 else "fp16"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def peak_flops_by_name(device_name: str, precision: str = "bf16") -> float | None:
+    """Peak dense FLOP/s in `precision` ("bf16", "fp16", "tf32" or "fp32") of a GPU named like
+    torch.cuda.get_device_name() reports it, or None when the GPU is missing from the tables."""
+    if precision not in _PEAK_TABLES:
+        raise ValueError(f"precision {precision!r}: use one of {sorted(_PEAK_TABLES)}")
+    for parts, peak in _PEAK_TABLES[precision]:
         if all(part.lower() in device_name.lower() for part in parts):
             return peak
     return None
 
 
-def device_peak_flops(device: torch.device | str | None = None) -> float | None:
-    """Peak dense bf16 FLOP/s of a device (default: the current CUDA device); None on CPU, when
-    CUDA is absent, and on unknown GPUs."""
+def device_peak_flops(device: torch.device | str | None = None,
+                      precision: str = "bf16") -> float | None:
+    """Peak dense FLOP/s in `precision` (see `peak_flops_by_name`) of a device (default: the
+    current CUDA device); None on CPU, when CUDA is absent, and on unknown GPUs."""
     device = torch.device("cuda" if device is None else device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return peak_flops_by_name(torch.cuda.get_device_name(device))
+    return peak_flops_by_name(torch.cuda.get_device_name(device), precision)
 
 
 def mfu(flops_per_s: float, peak_flops: float | None) -> float | None:
