@@ -320,3 +320,33 @@ def test_tool_refuses_crafted_sizes_with_one_clear_error(flags, message, capsys)
     captured = capsys.readouterr()
     assert status == 2 and captured.out == ""
     assert message in captured.err and "Traceback" not in captured.err
+
+
+def test_the_plan_agrees_with_what_training_logs(tmp_path):
+    """A few steps of lst-train on the tiny CPU preset log the planner's FLOPs per step, to the
+    one term the planner estimates: with cross-attention windows (16) wider than the rows' 8
+    patches, a row's encoder and decoder cross-attention pairs add up to P (N + 1) - 1 whatever
+    its patches, where the planner's even patches give N (2P + 1) / 2."""
+    from data.document_cases import VOCAB  # the vocabulary of write_corpus's stores
+
+    from megatron_lst.training.arguments import parse_args, validate_args
+    from megatron_lst.training.loop import pretrain
+    from megatron_lst.training.model_provider import lst_config_from_args
+    from training.training_cases import tiny_flags, write_corpus
+
+    args = validate_args(parse_args(tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "3"]), 1)
+    rows, patches, tokens = args.global_batch_size, args.seq_length, args.max_tokens
+    config = lst_config_from_args(args, VOCAB.size, VOCAB.eos_id)
+    xattn = config.cross_attention
+    assert min(xattn.encoder_window, xattn.decoder_window) >= patches
+    assert not (xattn.all_encoder_layers and config.encoder.num_layers > 1)
+    assert not (xattn.all_decoder_layers and config.decoder.num_layers > 1)
+
+    planned = StepShape(patches, rows, 1.0, max_tokens=tokens).flops(
+        ModelShape.from_model_config(config)).total
+    estimated_pairs = rows * tokens * (2 * patches + 1) / 2
+    true_pairs = rows * (patches * (tokens + 1) - 1)
+    per_pair = 3 * 4 * config.encoder.hidden_size * xattn.slots_per_patch
+    logged = pretrain(args).flops
+    steps = [logged[i] - logged.get(i - 1, 0.0) for i in sorted(logged)]
+    assert steps == [planned - per_pair * (estimated_pairs - true_pairs)] * 3
