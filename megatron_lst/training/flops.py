@@ -14,8 +14,9 @@ Attention is counted over the whole row, as if no document ended inside it: with
 does less attention work on packed rows than counted, and the counts do not depend on where
 documents end.
 Training is counted as 3x the forward pass (the backward pass computes two products per forward
-product); recomputation (activation checkpointing, flash-attention's backward) is not counted,
-as is usual for MFU.
+product); recomputation (activation checkpointing, flash-attention's backward, the last pipeline
+stage's TokenEncoder replica when PP > 1) is not counted, as is usual for MFU: the counts are
+model FLOPs, the same under every parallel layout.
 
 Shapes follow the reference LST: per row, N tokens and P patches, De/Dg/Dd the encoder/global/decoder widths, k the
 cross-attention slots per patch.
