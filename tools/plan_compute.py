@@ -257,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget = Budget(flops=args.budget_flops, steps=args.budget_steps, reference=args.reference)
         step = StepShape(args.seq_length, args.global_batch_size, args.tokens_per_patch,
                          args.max_tokens)
-        plans = [plan(budget, lst, lst.baseline_of(), mode, step) for mode in args.control]
+        plans = [plan(budget, lst, lst.baseline_of(), mode, step)
+                 for mode in dict.fromkeys(args.control)]  # a mode named twice: one table
         split = (format_pipeline_split(config.global_model.num_layers,
                                        args.pipeline_model_parallel_size,
                                        plans[0].lst.flops_per_step)

@@ -350,3 +350,11 @@ def test_the_plan_agrees_with_what_training_logs(tmp_path):
     logged = pretrain(args).flops
     steps = [logged[i] - logged.get(i - 1, 0.0) for i in sorted(logged)]
     assert steps == [planned - per_pair * (estimated_pairs - true_pairs)] * 3
+
+
+def test_a_control_named_twice_is_planned_once(capsys):
+    argv = ["--budget-steps", "10", "--seq-length", "64", "--global-batch-size", "2",
+            "--tokens-per-patch", "2", "--preset", "tiny", "--control", "flops", "data", "flops"]
+    assert load_tool("plan_compute").main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("control flops:") == 1 and out.count("control data:") == 1
