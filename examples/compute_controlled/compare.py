@@ -101,8 +101,8 @@ def plan(options: argparse.Namespace) -> int:
 
     lst = _validated(options.lst_config, options.world_size)
     baseline = _validated(options.baseline_config, options.world_size)
-    for name in ("hidden_size", "num_layers", "num_attention_heads", "seq_length",
-                 "global_batch_size"):
+    for name in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "ffn_hidden_size", "seq_length", "global_batch_size"):
         if getattr(lst, name) != getattr(baseline, name):
             raise SystemExit(f"plan: the configs differ in {name} ({getattr(lst, name)} vs "
                              f"{getattr(baseline, name)}); the baseline must share LST's global "

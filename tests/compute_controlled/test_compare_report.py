@@ -190,3 +190,19 @@ def test_plan_describes_the_model_and_rows_lst_train_builds(tmp_path):
                                                 "local-decoder-ffn-hidden-size: 64"))
     with pytest.raises(SystemExit, match="differ in ffn_hidden_size"):
         plan_compute_flags(validate_args(parse_args(["--config", str(local)]), 1), 100, 1.3)
+
+
+def test_plan_refuses_a_baseline_with_other_global_head_shapes(tmp_path):
+    """The plan costs the baseline as LST's global stack over tokens: a baseline config with
+    other key/value heads, head size or FFN width would train another model than planned."""
+    from compare import REPO_ROOT
+
+    configs = REPO_ROOT / "examples" / "configs"
+    baseline = tmp_path / "baseline.yaml"
+    baseline.write_text((configs / "tiny_cpu_baseline.yaml").read_text() + "num-query-groups: 2\n")
+    options = build_parser().parse_args([
+        "plan", "--lst-config", str(configs / "tiny_cpu_lst.yaml"), "--baseline-config",
+        str(baseline), "--tokenizer-model", "unused.model", "--budget-steps", "3",
+        "--out", str(tmp_path / "plan.json")])
+    with pytest.raises(SystemExit, match=r"the configs differ in num_query_groups \(4 vs 2\)"):
+        options.run(options)
