@@ -106,6 +106,15 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
     if (baseline.seq_length, baseline.global_batch_size) != step:
         raise SystemExit(f"study: the baseline's step {(baseline.seq_length, baseline.global_batch_size)}"
                          f" differs from LST's {step}; compute control needs equal steps")
+    # The baseline as lst-train builds it: the plan costs it as the LST models' global stack over
+    # tokens, so another global model would train differently from its plan.
+    baseline_shape = ModelShape.from_model_config(
+        lst_config_from_args(baseline, vocab.size, vocab.eos_id)).baseline_of()
+    for name, shape in shapes.items():
+        if shape.baseline_of() != baseline_shape:
+            raise SystemExit(f"study: the baseline's global model {baseline_shape.global_stack} "
+                             f"differs from model {name}'s {shape.global_stack}; compute control "
+                             f"compares equal global models")
     budget = Budget(steps=preset.budget_steps, reference="baseline")
     steps: dict[str, dict[str, int]] = {}
     plans: dict[str, dict] = {}
@@ -118,7 +127,7 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
             try:
                 step_shape = StepShape(step[0], step[1], preset.tokens_per_patch,
                                        max_tokens=row_tokens[name])
-                computed = plan(budget, shape, shape.baseline_of(), control, step_shape)
+                computed = plan(budget, shape, baseline_shape, control, step_shape)
             except ValueError as error:  # a budget below one step, tokens that do not fit a row
                 raise SystemExit(f"study: budget_steps {preset.budget_steps} (of the baseline) "
                                  f"for model {name}: {error}") from None
