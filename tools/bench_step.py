@@ -202,7 +202,8 @@ class StepBenchmark:
     """CUDA: max allocated over the measured steps; CPU: peak resident set of the process."""
     tflops_per_device: float
     peak_tflops: float | None
-    """The device's dense bf16 peak used for the MFU (`training.flops.PEAK_BF16_DENSE_FLOPS`)."""
+    """The device's dense peak in the run's precision used for the MFU
+    (`training.flops.device_peak_flops`: bf16/fp16, TF32 or FP32)."""
     mfu: float | None
     split_seconds: dict[str, float]
     """Median seconds per step of each part."""
@@ -217,7 +218,7 @@ def run_benchmark(flags: Sequence[str], steps: int, warmup: int,
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
     from megatron_lst.training.arguments import parse_args, validate_args
     from megatron_lst.training.data_provider import build_loader
-    from megatron_lst.training.flops import device_peak_flops
+    from megatron_lst.training.flops import device_peak_flops, matmul_precision
     from megatron_lst.training.loop import setup, train_step
 
     if steps < 1 or warmup < 1:
@@ -261,7 +262,8 @@ def run_benchmark(flags: Sequence[str], steps: int, warmup: int,
                     splits.append(split)
         finally:
             destroy_parallel()
-    return _summarise(args, flags, results, splits, device_peak_flops(),
+    peak = device_peak_flops(precision=matmul_precision(args.bf16, args.fp16))
+    return _summarise(args, flags, results, splits, peak,
                       setup_seconds=setup_seconds, first_step_seconds=warmup_seconds[0])
 
 
@@ -315,7 +317,7 @@ def _summarise(args, flags, results, splits, peak_flops, setup_seconds,
 
 
 def format_table(bench: StepBenchmark) -> str:
-    mfu = (f"{100 * bench.mfu:.1f}% of {bench.peak_tflops:.0f} TFLOP/s dense bf16"
+    mfu = (f"{100 * bench.mfu:.1f}% of {bench.peak_tflops:.0f} TFLOP/s (dense peak in the run's precision)"
            if bench.mfu is not None else "n/a (no known peak)")
     lines = [
         f"device                  {bench.device}",

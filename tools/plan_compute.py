@@ -1,7 +1,8 @@
 """Turn a training budget into steps for LST and its token baseline under each control mode.
 
     python tools/plan_compute.py --budget-flops 1e21 --preset paper-1b \
-        --seq-length 2048 --global-batch-size 256 --tokens-per-patch 3.1 --out plan.json
+        --seq-length 2048 --global-batch-size 256 --tokens-per-patch 3.1 --max-tokens 8192 \
+        --out plan.json
 
 prints, for each control mode (compute: equal steps of equal global positions, as in the paper;
 flops: equal total FLOPs, local modules included; data: equal raw tokens), the steps, tokens,
@@ -9,7 +10,9 @@ global positions and FLOPs split per model part of LST and of the baseline (the 
 transformer run over tokens, with the same width, depth and vocabulary). `--budget-steps N`
 fixes the steps of the `--reference` model instead of a FLOP total. The model is a preset of
 megatron_lst.models.config or given by its dimensions (--global-dim ... without --preset).
-FLOPs are the closed-form estimate of megatron_lst.training.flops (training = 3x forward).
+FLOPs are the closed-form estimate of megatron_lst.training.flops (training = 3x forward); an LST
+row counts its --max-tokens positions (padding included, as training computes and logs them),
+its tokens the real --tokens-per-patch.
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tokens-per-patch", type=float, required=True,
                        help="mean input tokens per LST patch, e.g. 3.1 for static p=4 on "
                             "speech-heavy data (1.0 = every token its own patch)")
+    group.add_argument("--max-tokens", type=int,
+                       help="token positions of an LST row, as lst-train --max-tokens: rows are "
+                            "padded to it and LST FLOPs count all of them, as the training log "
+                            "does (default: seq-length x tokens-per-patch, no padding)")
 
     group = parser.add_argument_group("vocabulary")
     group.add_argument("--text-vocab-size", type=int, default=32000,
@@ -180,7 +187,8 @@ def format_plan(computed: ComputePlan) -> str:
     lines = [
         f"control {computed.control.value}: budget {amount}; "
         f"step = {step.global_batch_size} rows x {step.seq_length} global positions, "
-        f"{step.tokens_per_patch:g} tokens per LST patch",
+        f"{step.tokens_per_patch:g} tokens per LST patch"
+        + (f", LST rows padded to {step.max_tokens} tokens" if step.max_tokens is not None else ""),
     ]
     rows = [list(_COLUMNS), _row("lst", computed.lst), _row("baseline", computed.baseline)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
@@ -247,8 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = model_config(args)
         lst = ModelShape.from_model_config(config)
         budget = Budget(flops=args.budget_flops, steps=args.budget_steps, reference=args.reference)
-        step = StepShape(args.seq_length, args.global_batch_size, args.tokens_per_patch)
-        plans = [plan(budget, lst, lst.baseline_of(), mode, step) for mode in args.control]
+        step = StepShape(args.seq_length, args.global_batch_size, args.tokens_per_patch,
+                         args.max_tokens)
+        plans = [plan(budget, lst, lst.baseline_of(), mode, step)
+                 for mode in dict.fromkeys(args.control)]  # a mode named twice: one table
         split = (format_pipeline_split(config.global_model.num_layers,
                                        args.pipeline_model_parallel_size,
                                        plans[0].lst.flops_per_step)

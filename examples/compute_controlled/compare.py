@@ -63,22 +63,35 @@ def plan_compute_flags(lst_args, text_vocab_size: int, tokens_per_patch: float) 
     vocab = JointVocab(text_vocab_size, lst_args.num_units)
     config = lst_config_from_args(lst_args, vocab.size, vocab.eos_id)
     g, enc, dec, xattn = config.global_model, config.encoder, config.decoder, config.cross_attention
-    if enc.hidden_size != dec.hidden_size or enc.num_heads != dec.num_heads \
-            or xattn.encoder_window != xattn.decoder_window:
-        raise SystemExit("plan: tools/plan_compute.py describes one local width, head count and "
-                         "cross-attention window for encoder and decoder; these configs differ")
+    # plan_compute.py describes both local models with one set of flags.
+    differing = [name for name in ("hidden_size", "num_heads", "num_query_groups", "kv_channels",
+                                   "ffn_hidden_size", "window")
+                 if getattr(enc, name) != getattr(dec, name)]
+    if xattn.encoder_window != xattn.decoder_window:
+        differing.append("cross-attention window")
+    if xattn.all_encoder_layers != xattn.all_decoder_layers:
+        differing.append("cross-attention layers")
+    if differing:
+        raise SystemExit(f"plan: tools/plan_compute.py describes the encoder and decoder with one "
+                         f"set of sizes; these configs differ in {', '.join(differing)}")
+    optional = {"--global-kv-heads": g.num_query_groups, "--global-kv-channels": g.kv_channels,
+                "--local-kv-heads": enc.num_query_groups, "--local-kv-channels": enc.kv_channels}
     return [
         "--global-dim", str(g.hidden_size), "--global-layers", str(g.num_layers),
         "--global-heads", str(g.num_heads), "--global-ffn-hidden", str(g.ffn_hidden_size),
-        *(["--global-kv-heads", str(g.num_query_groups)] if g.num_query_groups else []),
+        *(x for flag, value in optional.items() if value is not None for x in (flag, str(value))),
         "--local-dim", str(enc.hidden_size), "--encoder-layers", str(enc.num_layers),
         "--decoder-layers", str(dec.num_layers), "--local-heads", str(enc.num_heads),
+        "--local-ffn-hidden", str(enc.ffn_hidden_size),
         "--local-window", str(enc.window), "--cross-attn-k", str(xattn.slots_per_patch),
         "--cross-attn-heads", str(xattn.num_heads),
         "--cross-attn-window", str(xattn.encoder_window),
+        "--cross-attn-all-layers" if xattn.all_encoder_layers else "--no-cross-attn-all-layers",
         "--text-vocab-size", str(text_vocab_size), "--num-units", str(lst_args.num_units),
         "--seq-length", str(lst_args.seq_length),
         "--global-batch-size", str(lst_args.global_batch_size),
+        # LST rows are padded to --max-tokens: FLOPs count them all, as the runs log them.
+        "--max-tokens", str(lst_args.max_tokens),
         "--tokens-per-patch", str(tokens_per_patch),
     ]
 
@@ -88,8 +101,8 @@ def plan(options: argparse.Namespace) -> int:
 
     lst = _validated(options.lst_config, options.world_size)
     baseline = _validated(options.baseline_config, options.world_size)
-    for name in ("hidden_size", "num_layers", "num_attention_heads", "seq_length",
-                 "global_batch_size"):
+    for name in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "ffn_hidden_size", "seq_length", "global_batch_size"):
         if getattr(lst, name) != getattr(baseline, name):
             raise SystemExit(f"plan: the configs differ in {name} ({getattr(lst, name)} vs "
                              f"{getattr(baseline, name)}); the baseline must share LST's global "

@@ -106,6 +106,15 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
     if (baseline.seq_length, baseline.global_batch_size) != step:
         raise SystemExit(f"study: the baseline's step {(baseline.seq_length, baseline.global_batch_size)}"
                          f" differs from LST's {step}; compute control needs equal steps")
+    # The baseline as lst-train builds it: the plan costs it as the LST models' global stack over
+    # tokens, so another global model would train differently from its plan.
+    baseline_shape = ModelShape.from_model_config(
+        lst_config_from_args(baseline, vocab.size, vocab.eos_id)).baseline_of()
+    for name, shape in shapes.items():
+        if shape.baseline_of() != baseline_shape:
+            raise SystemExit(f"study: the baseline's global model {baseline_shape.global_stack} "
+                             f"differs from model {name}'s {shape.global_stack}; compute control "
+                             f"compares equal global models")
     budget = Budget(steps=preset.budget_steps, reference="baseline")
     steps: dict[str, dict[str, int]] = {}
     plans: dict[str, dict] = {}
@@ -113,13 +122,13 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
         steps[control], plans[control] = {}, {}
         for name, shape in shapes.items():
             # An LST row computes all --max-tokens token positions, padding included: that is
-            # what its FLOPs count; the data it consumes is the real tokens per patch.
-            tokens_per_patch = (preset.tokens_per_patch if control == "data"
-                                else row_tokens[name] / step[0])
-            step_shape = StepShape(step[0], step[1], tokens_per_patch)
+            # what its FLOPs count (and its runs log); the data it consumes is the real tokens
+            # per patch.
             try:
-                computed = plan(budget, shape, shape.baseline_of(), control, step_shape)
-            except ValueError as error:  # a budget below one step of a model
+                step_shape = StepShape(step[0], step[1], preset.tokens_per_patch,
+                                       max_tokens=row_tokens[name])
+                computed = plan(budget, shape, baseline_shape, control, step_shape)
+            except ValueError as error:  # a budget below one step, tokens that do not fit a row
                 raise SystemExit(f"study: budget_steps {preset.budget_steps} (of the baseline) "
                                  f"for model {name}: {error}") from None
             steps[control][name] = computed.lst.steps
@@ -293,7 +302,7 @@ def write_plan(preset: StudyPreset, out_dir: Path, corpus_dir: Path):
                       for name in (lst_name, preset.baseline.name)}
     total = sum(run.steps * flops_per_step[run.model] for run in runs)
     print(f"study {preset.name}: {len(runs)} runs, {total:.3e} planned training FLOPs "
-          f"(at {preset.tokens_per_patch:g} tokens per LST patch)")
+          f"(LST rows counted at their --max-tokens positions, as the runs log them)")
     for run in runs:
         print(f"  {run.name}: {run.steps * flops_per_step[run.model]:.3e} FLOPs")
     return corpus, steps, runs

@@ -14,8 +14,9 @@ Attention is counted over the whole row, as if no document ended inside it: with
 does less attention work on packed rows than counted, and the counts do not depend on where
 documents end.
 Training is counted as 3x the forward pass (the backward pass computes two products per forward
-product); recomputation (activation checkpointing, flash-attention's backward) is not counted,
-as is usual for MFU.
+product); recomputation (activation checkpointing, flash-attention's backward, the last pipeline
+stage's TokenEncoder replica when PP > 1) is not counted, as is usual for MFU: the counts are
+model FLOPs, the same under every parallel layout.
 
 Shapes follow the reference LST: per row, N tokens and P patches, De/Dg/Dd the encoder/global/decoder widths, k the
 cross-attention slots per patch.
@@ -53,6 +54,9 @@ __all__ = [
     "flops_per_batch",
     "estimate_flops",
     "PEAK_BF16_DENSE_FLOPS",
+    "PEAK_TF32_DENSE_FLOPS",
+    "PEAK_FP32_FLOPS",
+    "matmul_precision",
     "peak_flops_by_name",
     "device_peak_flops",
     "mfu",
@@ -417,22 +421,58 @@ PEAK_BF16_DENSE_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
 )
 
 
-def peak_flops_by_name(device_name: str) -> float | None:
-    """Peak dense bf16 FLOP/s of a GPU named like torch.cuda.get_device_name() reports it, or
-    None when the GPU is missing from PEAK_BF16_DENSE_FLOPS."""
-    for parts, peak in PEAK_BF16_DENSE_FLOPS:
+# The same GPUs' other math modes, for runs that do not train in 16 bits (fp16 has bf16's peak
+# on all of them). TF32 tensor cores, dense: H100 SXM5 and H200 989 "with sparsity" -> 494, H100
+# PCIe 756 -> 378, A100 156. Plain FP32 (CUDA cores, what fp32 matmuls use while torch leaves
+# TF32 off, its default): H100 SXM5 and H200 67, H100 PCIe 51, A100 19.5.
+PEAK_TF32_DENSE_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
+    (("NVL",), None),
+    (("H200",), 494e12),
+    (("H100", "PCIe"), 378e12),
+    (("H100", "HBM3"), 494e12),
+    (("H100", "SXM"), 494e12),
+    (("A100",), 156e12),
+)
+PEAK_FP32_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
+    (("NVL",), None),
+    (("H200",), 67e12),
+    (("H100", "PCIe"), 51e12),
+    (("H100", "HBM3"), 67e12),
+    (("H100", "SXM"), 67e12),
+    (("A100",), 19.5e12),
+)
+_PEAK_TABLES = {"bf16": PEAK_BF16_DENSE_FLOPS, "fp16": PEAK_BF16_DENSE_FLOPS,
+                "tf32": PEAK_TF32_DENSE_FLOPS, "fp32": PEAK_FP32_FLOPS}
+
+
+def matmul_precision(bf16: bool = False, fp16: bool = False) -> str:
+    """The math mode of a run's matrix products, a key of the peak tables: "bf16" or "fp16"
+    (lst-train --bf16 / --fp16), else fp32 weights multiplied in TF32 when torch allows it
+    (`torch.backends.cuda.matmul.allow_tf32`) or in plain FP32 (torch's default)."""
+    if bf16 or fp16:
+        return "bf16" if bf16 else "fp16"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def peak_flops_by_name(device_name: str, precision: str = "bf16") -> float | None:
+    """Peak dense FLOP/s in `precision` ("bf16", "fp16", "tf32" or "fp32") of a GPU named like
+    torch.cuda.get_device_name() reports it, or None when the GPU is missing from the tables."""
+    if precision not in _PEAK_TABLES:
+        raise ValueError(f"precision {precision!r}: use one of {sorted(_PEAK_TABLES)}")
+    for parts, peak in _PEAK_TABLES[precision]:
         if all(part.lower() in device_name.lower() for part in parts):
             return peak
     return None
 
 
-def device_peak_flops(device: torch.device | str | None = None) -> float | None:
-    """Peak dense bf16 FLOP/s of a device (default: the current CUDA device); None on CPU, when
-    CUDA is absent, and on unknown GPUs."""
+def device_peak_flops(device: torch.device | str | None = None,
+                      precision: str = "bf16") -> float | None:
+    """Peak dense FLOP/s in `precision` (see `peak_flops_by_name`) of a device (default: the
+    current CUDA device); None on CPU, when CUDA is absent, and on unknown GPUs."""
     device = torch.device("cuda" if device is None else device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return peak_flops_by_name(torch.cuda.get_device_name(device))
+    return peak_flops_by_name(torch.cuda.get_device_name(device), precision)
 
 
 def mfu(flops_per_s: float, peak_flops: float | None) -> float | None:
@@ -481,11 +521,19 @@ class Budget:
 @dataclass(frozen=True)
 class StepShape:
     """The work of one step: `global_batch_size` rows of `seq_length` global positions; an LST
-    row holds `tokens_per_patch` tokens per patch on average (input tokens N over patches P)."""
+    row holds `tokens_per_patch` real input tokens per patch on average (input tokens N over
+    patches P: the data a step consumes).
+
+    `max_tokens` is the token positions of an LST row (`lst-train --max-tokens`): rows are padded
+    to it and the model computes every position, so an LST step's FLOPs count `max_tokens` tokens
+    per row, the same count the training log reports. None: rows hold exactly
+    `seq_length * tokens_per_patch` positions (no padding).
+    """
 
     seq_length: int
     global_batch_size: int
     tokens_per_patch: float
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if (self.seq_length < 2 or self.global_batch_size < 1
@@ -494,15 +542,44 @@ class StepShape:
                 f"StepShape {self}: needs seq_length >= 2, global_batch_size >= 1 and a finite "
                 "tokens_per_patch >= 1 (a patch holds at least one token)"
             )
+        if self.max_tokens is None:
+            return
+        if self.max_tokens < self.seq_length:
+            raise ValueError(
+                f"max_tokens {self.max_tokens} is smaller than seq_length {self.seq_length}: an "
+                "LST row of P patches needs at least P token positions (lst-train refuses it too)"
+            )
+        if self.tokens_per_patch * self.seq_length > self.max_tokens:
+            raise ValueError(
+                f"tokens_per_patch {self.tokens_per_patch:g} x seq_length {self.seq_length} = "
+                f"{self.tokens_per_patch * self.seq_length:g} real tokens per row do not fit in "
+                f"max_tokens {self.max_tokens} positions; a row holds at most "
+                f"{self.max_tokens / self.seq_length:g} tokens per patch: lower tokens_per_patch "
+                "or raise max_tokens"
+            )
 
     def tokens_per_row(self, shape: ModelShape) -> float:
+        """Real input tokens per row (the data a step consumes)."""
         return self.seq_length if shape.is_baseline else self.seq_length * self.tokens_per_patch
 
+    def computed_tokens_per_row(self, shape: ModelShape) -> float:
+        """Token positions the model computes per row, padding included."""
+        if shape.is_baseline or self.max_tokens is None:
+            return self.tokens_per_row(shape)
+        return self.max_tokens
+
     def flops(self, shape: ModelShape) -> FlopBreakdown:
-        """Training FLOPs of one step (closed-form estimate, `estimate_flops`)."""
-        return estimate_flops(
-            shape, self.tokens_per_row(shape), self.seq_length, self.global_batch_size
+        """Training FLOPs of one step (closed-form estimate, `estimate_flops`) over the
+        positions the model computes."""
+        flops = estimate_flops(
+            shape, self.computed_tokens_per_row(shape), self.seq_length, self.global_batch_size
         )
+        if not math.isfinite(flops.total):
+            raise ValueError(
+                f"StepShape {self}: one step of this model would cost {flops.total} FLOPs (beyond "
+                "float range); give a realistic seq_length, global_batch_size and tokens_per_patch"
+            )
+        return flops
 
 
 @dataclass(frozen=True)

@@ -310,14 +310,15 @@ def build_training_logger(args: argparse.Namespace, *, world_size: int, enabled:
     """The logger the flags describe: TensorBoard under `--tensorboard-dir`, W&B for
     `--wandb-project`, and a progress bar when `stream` is a terminal and `--no-progress-bar` is
     not given. Writers are created only where `enabled` (the logging rank). `peak_flops` (one
-    device's peak FLOP/s, for MFU) defaults to `training.flops.device_peak_flops()` on CUDA."""
+    device's peak FLOP/s, for MFU) defaults to `training.flops.device_peak_flops()` on CUDA, in
+    the precision the run multiplies in (--bf16, --fp16, else fp32 or TF32)."""
     import torch
 
     stream = stream if stream is not None else sys.stdout
     if peak_flops is None and torch.cuda.is_available():
-        from megatron_lst.training.flops import device_peak_flops
+        from megatron_lst.training.flops import device_peak_flops, matmul_precision
 
-        peak_flops = device_peak_flops()
+        peak_flops = device_peak_flops(precision=matmul_precision(args.bf16, args.fp16))
     tensorboard_writer = wandb_run = None
     if enabled and args.tensorboard_dir is not None:
         require_optional_package("tensorboard")

@@ -153,3 +153,56 @@ def test_runs_short_of_their_plan_stale_scores_and_nan_losses_are_noted(tmp_path
     assert rows[0]["valid loss"] is None
     assert "note" not in rows[1]
     assert "note: lst: trained 4 of its planned 6 steps" in capsys.readouterr().out
+
+
+def test_plan_describes_the_model_and_rows_lst_train_builds(tmp_path):
+    """`compare.py plan` handed plan_compute.py neither the head shapes (local GQA, kv-channels),
+    the local FFN width, one-layer cross-attention nor the padded row (--max-tokens), so it
+    planned another model than the runs train and log: here the per-step FLOPs of the model
+    lst-train builds from the config must be the ones planned."""
+    from compare import REPO_ROOT, plan_compute_flags
+    from tool_modules import load_tool
+
+    from megatron_lst.training.arguments import parse_args, validate_args
+    from megatron_lst.training.flops import ModelShape, StepShape
+    from megatron_lst.training.model_provider import lst_config_from_args
+
+    config = tmp_path / "lst.yaml"
+    config.write_text((REPO_ROOT / "examples" / "configs" / "tiny_cpu_lst.yaml").read_text() + "\n".join([
+        "kv-channels: 8", "num-query-groups: 2",
+        *(f"local-{side}-{key}" for side in ("encoder", "decoder")
+          for key in ("query-groups: 1", "kv-channels: 8", "ffn-hidden-size: 48")),
+        "cross-attn-all-layers-encoder: false", "cross-attn-all-layers-decoder: false", ""]))
+    args = validate_args(parse_args(["--config", str(config)]), 1)
+    tool = load_tool("plan_compute")
+    planned = tool.build_parser().parse_args(
+        ["--budget-steps", "1", *plan_compute_flags(args, 100, 1.3)])
+    planned_shape = ModelShape.from_model_config(tool.model_config(planned))
+    step = StepShape(planned.seq_length, planned.global_batch_size, planned.tokens_per_patch,
+                     planned.max_tokens)
+
+    trained = lst_config_from_args(args, planned_shape.vocab_size, 2)
+    assert planned_shape == ModelShape.from_model_config(trained)
+    assert step.computed_tokens_per_row(planned_shape) == args.max_tokens == 512
+
+    local = tmp_path / "odd.yaml"
+    local.write_text(config.read_text().replace("local-decoder-ffn-hidden-size: 48",
+                                                "local-decoder-ffn-hidden-size: 64"))
+    with pytest.raises(SystemExit, match="differ in ffn_hidden_size"):
+        plan_compute_flags(validate_args(parse_args(["--config", str(local)]), 1), 100, 1.3)
+
+
+def test_plan_refuses_a_baseline_with_other_global_head_shapes(tmp_path):
+    """The plan costs the baseline as LST's global stack over tokens: a baseline config with
+    other key/value heads, head size or FFN width would train another model than planned."""
+    from compare import REPO_ROOT
+
+    configs = REPO_ROOT / "examples" / "configs"
+    baseline = tmp_path / "baseline.yaml"
+    baseline.write_text((configs / "tiny_cpu_baseline.yaml").read_text() + "num-query-groups: 2\n")
+    options = build_parser().parse_args([
+        "plan", "--lst-config", str(configs / "tiny_cpu_lst.yaml"), "--baseline-config",
+        str(baseline), "--tokenizer-model", "unused.model", "--budget-steps", "3",
+        "--out", str(tmp_path / "plan.json")])
+    with pytest.raises(SystemExit, match=r"the configs differ in num_query_groups \(4 vs 2\)"):
+        options.run(options)

@@ -55,6 +55,18 @@ def test_train_flags_are_planned_with(corpus):
     assert plans["compute"]["lst"]["step"]["global_batch_size"] == 2
 
 
+def test_a_baseline_with_another_global_model_is_refused(corpus):
+    """The plan costs the baseline as the LST model's global stack over tokens; a baseline with
+    other key/value heads was planned as one model and trained as another."""
+    odd = _preset()
+    odd = odd.replace(models=(odd.models[0], ModelSpec("baseline", "tiny_cpu_baseline.yaml",
+                                                       ("--num-query-groups", "2"),
+                                                       is_baseline=True)))
+    with pytest.raises(SystemExit, match=r"study: the baseline's global model .*heads=4, "
+                                         r"kv_heads=2.* differs from model lst's"):
+        study.plan_steps(odd, corpus)
+
+
 def _fake_corpus(root):
     names = ("indexed_text_train", "indexed_speech_train", "tokenizer")
     return SimpleNamespace(paths={name: root / name for name in names})

@@ -264,3 +264,97 @@ def test_pipeline_split_balances_the_stages():
     # 25 layers + 5 over 2 stages balance at 15 + (10 + 5).
     first, last, costs = tool.balanced_pipeline_split(25, 2, FlopBreakdown(global_=25.0, head=5.0))
     assert costs == [15.0, 15.0] and (first, last) in ((15, None), (None, 10), (15, 10))
+
+
+def test_padded_lst_rows_cost_their_max_tokens_and_consume_their_real_tokens():
+    """lst-train pads every LST row to --max-tokens and counts (and logs) FLOPs over all of
+    them; the planner used to cost a step at seq_length x tokens_per_patch tokens, so a plan
+    at 3.1 tokens per patch for rows of 4 x seq_length positions undercounted each LST step and
+    equal-FLOPs control gave LST more FLOPs than the baseline."""
+    padded = StepShape(seq_length=256, global_batch_size=8, tokens_per_patch=3.1, max_tokens=1024)
+    # Training counts rows of 1024 positions over 256 patches (flops_per_batch).
+    assert padded.flops(LST) == estimate_flops(LST, 1024, 256, 8)
+    assert padded.flops(BASELINE) == STEP.flops(BASELINE)
+    budget = Budget(flops=50 * padded.flops(BASELINE).total)
+    equal_flops = plan(budget, LST, BASELINE, "flops", padded)
+    assert equal_flops.lst.flops.total <= budget.flops < equal_flops.lst.flops.total \
+        + padded.flops(LST).total
+    assert equal_flops.lst.steps < plan(budget, LST, BASELINE, "flops", STEP).lst.steps
+    # The data a step consumes is still the real tokens.
+    equal_data = plan(budget, LST, BASELINE, "data", padded)
+    assert equal_data.lst.tokens_per_step == 256 * 8 * 3.1
+    assert equal_data.lst.steps == math.floor(equal_data.baseline.tokens / (256 * 8 * 3.1))
+
+
+@pytest.mark.parametrize("max_tokens, tokens_per_patch, message", [
+    (200, 1.0, "max_tokens 200 is smaller than seq_length 256"),
+    (1024, 4.5, "do not fit in max_tokens 1024 positions; a row holds at most 4 tokens per patch"),
+])
+def test_impossible_rows_are_refused(max_tokens, tokens_per_patch, message):
+    with pytest.raises(ValueError, match=message):
+        StepShape(256, 8, tokens_per_patch, max_tokens=max_tokens)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "tiyn"], "invalid choice: 'tiyn'"),
+    (["--preset", "tiny", "--seq-length", "0"], "needs seq_length >= 2"),
+    (["--preset", "tiny", "--global-batch-size", "-8"], "global_batch_size >= 1"),
+    (["--preset", "tiny", "--tokens-per-patch", "0.5"], "a finite tokens_per_patch >= 1"),
+    (["--preset", "tiny", "--max-tokens", "100"], "max_tokens 100 is smaller than seq_length 256"),
+    (["--preset", "tiny", "--max-tokens", "300"], "a row holds at most 1.17188 tokens per patch"),
+    # used to be an OverflowError traceback from Fraction(inf)
+    (["--preset", "tiny", "--tokens-per-patch", "1e307"], "beyond float range"),
+    (["--global-dim", "0", "--global-layers", "2", "--global-heads", "2", "--local-dim", "8",
+      "--encoder-layers", "1", "--decoder-layers", "1", "--local-heads", "2"],
+     "global model sizes must all be >= 1"),
+])
+def test_tool_refuses_crafted_sizes_with_one_clear_error(flags, message, capsys):
+    # A flag given twice takes its last value, so `flags` override these.
+    argv = ["--budget-steps", "10", "--seq-length", "256", "--global-batch-size", "8",
+            "--tokens-per-patch", "2", *flags]
+    tool = load_tool("plan_compute")
+    try:
+        status = tool.main(argv)
+    except SystemExit as exit_:  # argparse's own refusal
+        status = exit_.code
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ""
+    assert message in captured.err and "Traceback" not in captured.err
+
+
+def test_the_plan_agrees_with_what_training_logs(tmp_path):
+    """A few steps of lst-train on the tiny CPU preset log the planner's FLOPs per step, to the
+    one term the planner estimates: with cross-attention windows (16) wider than the rows' 8
+    patches, a row's encoder and decoder cross-attention pairs add up to P (N + 1) - 1 whatever
+    its patches, where the planner's even patches give N (2P + 1) / 2."""
+    from data.document_cases import VOCAB  # the vocabulary of write_corpus's stores
+
+    from megatron_lst.training.arguments import parse_args, validate_args
+    from megatron_lst.training.loop import pretrain
+    from megatron_lst.training.model_provider import lst_config_from_args
+    from training.training_cases import tiny_flags, write_corpus
+
+    args = validate_args(parse_args(tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "3"]), 1)
+    rows, patches, tokens = args.global_batch_size, args.seq_length, args.max_tokens
+    config = lst_config_from_args(args, VOCAB.size, VOCAB.eos_id)
+    xattn = config.cross_attention
+    assert min(xattn.encoder_window, xattn.decoder_window) >= patches
+    assert not (xattn.all_encoder_layers and config.encoder.num_layers > 1)
+    assert not (xattn.all_decoder_layers and config.decoder.num_layers > 1)
+
+    planned = StepShape(patches, rows, 1.0, max_tokens=tokens).flops(
+        ModelShape.from_model_config(config)).total
+    estimated_pairs = rows * tokens * (2 * patches + 1) / 2
+    true_pairs = rows * (patches * (tokens + 1) - 1)
+    per_pair = 3 * 4 * config.encoder.hidden_size * xattn.slots_per_patch
+    logged = pretrain(args).flops
+    steps = [logged[i] - logged.get(i - 1, 0.0) for i in sorted(logged)]
+    assert steps == [planned - per_pair * (estimated_pairs - true_pairs)] * 3
+
+
+def test_a_control_named_twice_is_planned_once(capsys):
+    argv = ["--budget-steps", "10", "--seq-length", "64", "--global-batch-size", "2",
+            "--tokens-per-patch", "2", "--preset", "tiny", "--control", "flops", "data", "flops"]
+    assert load_tool("plan_compute").main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("control flops:") == 1 and out.count("control data:") == 1

@@ -211,3 +211,26 @@ def test_console_logging_quiets_megatron_dumps_and_names_missing_packages(caplog
             logging.getLogger(name).setLevel(level)
     assert caplog.messages == ["Transformer Engine and Apex not installed: megatron.core uses "
                                "its PyTorch fallbacks", "a real problem"]
+
+
+@pytest.mark.parametrize("precision_flags, allow_tf32, peak", [
+    (["--bf16"], False, 989e12), (["--fp16"], False, 989e12), ([], False, 67e12), ([], True, 494e12),
+])
+def test_mfu_peak_is_the_runs_precision(monkeypatch, precision_flags, allow_tf32, peak):
+    """MFU was always taken over the bf16 peak: an fp32 run on an H100 (no TF32, torch's
+    default) showed 15x too low a utilisation."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    flags = ["--num-layers", "2", "--hidden-size", "8", "--num-attention-heads", "2",
+             "--seq-length", "4", "--train-iters", "4", "--lr", "1", *precision_flags]
+    args = validate_args(parse_args(flags), 1)
+    before = torch.backends.cuda.matmul.allow_tf32  # monkeypatch cannot set this one
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        logger = build_training_logger(args, world_size=1, enabled=True, stream=io.StringIO())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert logger.peak_flops == peak
+    logger.close()
