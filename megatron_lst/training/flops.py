@@ -53,9 +53,7 @@ __all__ = [
     "decoder_cross_attention_pairs",
     "flops_per_batch",
     "estimate_flops",
-    "PEAK_BF16_DENSE_FLOPS",
-    "PEAK_TF32_DENSE_FLOPS",
-    "PEAK_FP32_FLOPS",
+    "PEAK_DENSE_FLOPS",
     "matmul_precision",
     "peak_flops_by_name",
     "device_peak_flops",
@@ -406,43 +404,22 @@ def estimate_flops(shape: ModelShape, seq_tokens: float, num_patches: int, batch
     return forward.scaled(3) if training else forward
 
 
-# Peak dense (no structured sparsity) bf16 tensor-core FLOP/s per GPU, from NVIDIA's datasheets:
-# H100 SXM5 and H200 SXM: 1,979 TFLOPS "with sparsity" -> 989 dense (H100 and H200 datasheets);
-# H100 PCIe: 1,513 with sparsity -> 756 dense (H100 datasheet); A100 SXM4 and PCIe: 312 dense
-# (A100 datasheet). Matched against torch.cuda.get_device_name(), first match wins. The
+# Peak dense (no structured sparsity) FLOP/s per GPU and math mode, from NVIDIA's datasheets.
+# bf16 tensor cores (fp16 has the same peak): H100 SXM5 and H200 SXM 1,979 TFLOPS "with sparsity"
+# -> 989 dense; H100 PCIe 1,513 -> 756; A100 SXM4 and PCIe 312. TF32 tensor cores: 989 -> 494,
+# 756 -> 378, A100 156. Plain FP32 (CUDA cores, what fp32 matmuls use while torch leaves TF32 off,
+# its default): 67, 51, 19.5. Matched against torch.cuda.get_device_name(), first match wins. The
 # power-capped NVL boards are left out on purpose (None), as are all other GPUs: no MFU for them.
-PEAK_BF16_DENSE_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
+PEAK_DENSE_FLOPS: tuple[tuple[tuple[str, ...], dict[str, float] | None], ...] = (
     (("NVL",), None),
-    (("H200",), 989e12),
-    (("H100", "PCIe"), 756e12),
-    (("H100", "HBM3"), 989e12),  # SXM5 boards report themselves as "NVIDIA H100 80GB HBM3"
-    (("H100", "SXM"), 989e12),
-    (("A100",), 312e12),
+    (("H200",), {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    (("H100", "PCIe"), {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    # SXM5 boards report themselves as "NVIDIA H100 80GB HBM3".
+    (("H100", "HBM3"), {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    (("H100", "SXM"), {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    (("A100",), {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
 )
-
-
-# The same GPUs' other math modes, for runs that do not train in 16 bits (fp16 has bf16's peak
-# on all of them). TF32 tensor cores, dense: H100 SXM5 and H200 989 "with sparsity" -> 494, H100
-# PCIe 756 -> 378, A100 156. Plain FP32 (CUDA cores, what fp32 matmuls use while torch leaves
-# TF32 off, its default): H100 SXM5 and H200 67, H100 PCIe 51, A100 19.5.
-PEAK_TF32_DENSE_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
-    (("NVL",), None),
-    (("H200",), 494e12),
-    (("H100", "PCIe"), 378e12),
-    (("H100", "HBM3"), 494e12),
-    (("H100", "SXM"), 494e12),
-    (("A100",), 156e12),
-)
-PEAK_FP32_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
-    (("NVL",), None),
-    (("H200",), 67e12),
-    (("H100", "PCIe"), 51e12),
-    (("H100", "HBM3"), 67e12),
-    (("H100", "SXM"), 67e12),
-    (("A100",), 19.5e12),
-)
-_PEAK_TABLES = {"bf16": PEAK_BF16_DENSE_FLOPS, "fp16": PEAK_BF16_DENSE_FLOPS,
-                "tf32": PEAK_TF32_DENSE_FLOPS, "fp32": PEAK_FP32_FLOPS}
+PRECISIONS = ("bf16", "fp16", "tf32", "fp32")
 
 
 def matmul_precision(bf16: bool = False, fp16: bool = False) -> str:
@@ -457,11 +434,11 @@ def matmul_precision(bf16: bool = False, fp16: bool = False) -> str:
 def peak_flops_by_name(device_name: str, precision: str = "bf16") -> float | None:
     """Peak dense FLOP/s in `precision` ("bf16", "fp16", "tf32" or "fp32") of a GPU named like
     torch.cuda.get_device_name() reports it, or None when the GPU is missing from the tables."""
-    if precision not in _PEAK_TABLES:
-        raise ValueError(f"precision {precision!r}: use one of {sorted(_PEAK_TABLES)}")
-    for parts, peak in _PEAK_TABLES[precision]:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {sorted(PRECISIONS)}")
+    for parts, peaks in PEAK_DENSE_FLOPS:
         if all(part.lower() in device_name.lower() for part in parts):
-            return peak
+            return None if peaks is None else peaks["bf16" if precision == "fp16" else precision]
     return None
 
 
