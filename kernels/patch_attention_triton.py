@@ -190,9 +190,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 def _tile_configs() -> list[triton.Config]:
-    """The autotuner's candidates. A config that runs out of shared memory is skipped when tuning;
-    the two 32-query tiles are the ones that fit sm_90's 227 KiB for fp32 at head dim 256 (the
-    64-tile configs need 208-544 KiB there); bf16 fits every config up to head dim 256."""
+    """The autotuner's candidates; `_tiles_for_the_head` picks those it tries for a launch."""
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
         for m, n, w, s in [
@@ -202,10 +200,27 @@ def _tile_configs() -> list[triton.Config]:
     ]
 
 
+def _tiles_for_the_head(configs: list[triton.Config], named_args: dict, **meta
+                        ) -> list[triton.Config]:
+    """The autotuner's early prune (Triton passes the launch's constexprs as `meta`): fp32 heads
+    of 256 channels take the 32-query tiles, the only ones within sm_90's 227 KiB of shared memory
+    there (the others need 208-676 KiB); every other launch takes the larger tiles, which fit
+    (bf16 up to head dim 256: 196 KiB at most) and run faster. Each config tried costs a
+    compilation, and one that does not fit costs it for nothing."""
+    if "BLOCK_D" not in meta:  # a Triton that passes no constexprs: try every config
+        return configs
+    wide_fp32 = meta["BLOCK_D"] >= 256 and meta["PRECISION"] == "ieee"
+    return [config for config in configs if (config.kwargs["BLOCK_M"] == 32) == wide_fp32]
+
+
 _TUNE_KEY = ["head_dim", "PRECISION"]
-_fwd_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY)(_attn_fwd_kernel)
-_dq_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
-_dkdv_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+_PRUNE = {"early_config_prune": _tiles_for_the_head}
+_fwd_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY, prune_configs_by=_PRUNE)(
+    _attn_fwd_kernel)
+_dq_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY, prune_configs_by=_PRUNE)(
+    _attn_bwd_dq_kernel)
+_dkdv_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY, prune_configs_by=_PRUNE)(
+    _attn_bwd_dkdv_kernel)
 
 # Tiles when not autotuning, i.e. under the interpreter (tiny, so CPU tests take seconds).
 _FIXED_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}

@@ -121,17 +121,39 @@ def test_every_bf16_autotune_config_fits_sm90_shared_memory():
         assert not too_big, (tuned.fn.__name__, too_big)
 
 
+def _tried_configs(tuned, precision: str, head_block: int) -> list:
+    """The configs the autotuner tries for a launch with these constexprs: its early prune, called
+    as Triton calls it (configs, the launch's named arguments, the constexprs as keywords)."""
+    return tuned.early_config_prune(tuned.configs, {}, PRECISION=precision, BLOCK_D=head_block)
+
+
+def test_the_autotuner_tries_the_small_tiles_only_for_wide_fp32_heads():
+    # Each config tried costs a compilation (minutes for the large tiles at head dim 256, which
+    # do not even fit in fp32): fp32 at 256 tries the 32-query tiles, every other launch the rest.
+    for name in ATTENTION_KERNELS:
+        tuned = getattr(patch_attention_triton, name)
+        small = [c for c in tuned.configs if c.kwargs["BLOCK_M"] == 32]
+        large = [c for c in tuned.configs if c.kwargs["BLOCK_M"] != 32]
+        assert small and large
+        assert _tried_configs(tuned, "ieee", 256) == small
+        for precision, head_block in (("ieee", 128), ("tf32", 256), ("tf32", 64), ("ieee", 16)):
+            assert _tried_configs(tuned, precision, head_block) == large
+
+
 @pytest.mark.parametrize("dtype, head_block", [("fp32", 128), ("fp32", 256), ("bf16", 256)])
 def test_attention_keeps_a_config_that_fits_at_large_heads(dtype, head_block):
-    # fp32 tiles take twice the bytes and head dim 256 twice again: the larger configs overflow
-    # there (the autotuner skips a config that runs out of resources), but the smallest must fit,
-    # or a launch at that head dim would have no config to run.
+    # fp32 tiles take twice the bytes and head dim 256 twice again. The autotuner skips a config
+    # that runs out of resources, but the configs it tries must hold one that fits, or a launch
+    # at that head dim would have none to run; for fp32 at 256 every config it tries must fit.
     precision = "ieee" if dtype == "fp32" else "tf32"
     for name in ATTENTION_KERNELS:
         tuned = getattr(patch_attention_triton, name)
-        smallest = min(tuned.configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
-                                                     c.num_stages))
-        constexprs = {"PRECISION": precision, "BLOCK_D": head_block, **smallest.kwargs}
-        compiled = _compile(tuned.fn, _signature(tuned.fn, dtype, constexprs), constexprs,
-                            smallest.num_warps, smallest.num_stages)
-        assert compiled.metadata.shared <= SM90_MAX_SHARED_BYTES, (name, str(smallest))
+        tried = _tried_configs(tuned, precision, head_block)
+        if (dtype, head_block) != ("fp32", 256):
+            tried = [min(tried, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
+                                               c.num_stages))]
+        for config in tried:
+            constexprs = {"PRECISION": precision, "BLOCK_D": head_block, **config.kwargs}
+            compiled = _compile(tuned.fn, _signature(tuned.fn, dtype, constexprs), constexprs,
+                                config.num_warps, config.num_stages)
+            assert compiled.metadata.shared <= SM90_MAX_SHARED_BYTES, (name, str(config))
