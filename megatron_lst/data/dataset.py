@@ -59,7 +59,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from megatron_lst.data.documents import AlignedDocument, check_stored_document
+from megatron_lst.data.documents import AlignedDocument, check_document_of
 from megatron_lst.data.interleave import InterleaveConfig, InterleavedDocument, Interleaver
 from megatron_lst.data.worker_pool import worker_pool
 from megatron_lst.patching.curriculum import Patcher
@@ -209,10 +209,7 @@ class LSTDataset(torch.utils.data.Dataset):
         epoch, doc_id = self._document_id(position)
         stored = self.store[doc_id]
         if check:
-            describe = getattr(self.store, "describe", None)
-            check_stored_document(stored, self.vocab.text_size, self.vocab.num_units,
-                                  describe(doc_id) if describe else f"document {doc_id}",
-                                  (self.vocab.bos_id, self.vocab.eos_id))
+            check_document_of(self.store, doc_id, stored, self.vocab)
         if self.store.kind == "text":
             return epoch, doc_id, self.interleaver.text_document(stored)
         layout_rng = np.random.default_rng([self.seed, epoch, doc_id, _LAYOUT])

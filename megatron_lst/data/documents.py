@@ -100,3 +100,12 @@ def check_stored_document(stored: AlignedDocument | np.ndarray, text_size: int, 
                 f"in a packed row, --reset-attention-mask). The text spelled a special token "
                 f"(e.g. '</s>') and an older tools/preprocess_data.py kept it as that id: re-run "
                 f"it, which encodes such text as plain pieces")
+
+
+def check_document_of(store, doc_id: int, stored: AlignedDocument | np.ndarray, vocab) -> None:
+    """`check_stored_document` for document `doc_id` read from `store` (named by the store's
+    optional `describe`), against `vocab` (a JointVocab) with its BOS and EOS ids refused."""
+    describe = getattr(store, "describe", None)
+    check_stored_document(stored, vocab.text_size, vocab.num_units,
+                          describe(doc_id) if describe else f"document {doc_id}",
+                          (vocab.bos_id, vocab.eos_id))

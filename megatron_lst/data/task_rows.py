@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from megatron_lst.data.dataset import DatasetError, checked_sample_positions, pad_row
-from megatron_lst.data.documents import AlignedDocument, check_stored_document
+from megatron_lst.data.documents import AlignedDocument, check_document_of
 from megatron_lst.data.interleave import InterleavedDocument
 from megatron_lst.patching.curriculum import Patcher
 from megatron_lst.tokenizer.vocab import MODALITY_SPEECH, MODALITY_TEXT, JointVocab
@@ -168,11 +168,8 @@ class TaskDataset(torch.utils.data.Dataset):
         """Row `index`: the utterance's task row and its patch lengths `[P_row]` int32."""
         epoch, doc_id = self.document_id(index)
         stored = self.store[doc_id]
-        describe = getattr(self.store, "describe", None)
         # A BOS/EOS among the transcript's pieces would cut the row's document mid-answer.
-        check_stored_document(stored, self.vocab.text_size, self.vocab.num_units,
-                              describe(doc_id) if describe else f"document {doc_id}",
-                              (self.vocab.bos_id, self.vocab.eos_id))
+        check_document_of(self.store, doc_id, stored, self.vocab)
         row = task_row(stored, self.task, self.vocab, self.space_id)
         rng = (np.random.default_rng([self.seed, epoch, doc_id, _PATCHING])
                if self.patcher.needs_rng else None)

@@ -381,8 +381,10 @@ def _check_one_document(prompt: np.ndarray, vocab: JointVocab, documents) -> Non
     """A model trained on packed documents (`LSTConfig.documents`) reads nothing before an EOS
     and may restart its positions there, which the cached loop does not do: refuse a prompt of
     several documents for such a model rather than let the two loops disagree."""
+    if documents is None:
+        return
     eos_at = np.flatnonzero(prompt == vocab.eos_id)
-    if documents is not None and len(eos_at):
+    if len(eos_at):
         raise GenerationError(
             f"the prompt holds EOS ({vocab.eos_id}) at position {int(eos_at[0])}: this model "
             "masks packed documents (--reset-attention-mask / --reset-position-ids), so what "
