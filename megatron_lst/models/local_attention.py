@@ -10,20 +10,21 @@ packed rows; None means one document per row (`max(i - W + 1, 0)`). Backends:
   earlier block merged by log-sum-exp, about W + 64 scores per query). Elsewhere: range attention
   (`lst_kernels.patch_cross_attention` with keys `[key_start[i], i + 1)`, the Triton kernel on
   CUDA): no mask tensor and no copy of the keys. Work and memory are O(N * W), never O(N^2).
-"auto" picks flash when it is installed and the inputs are CUDA fp16/bf16 with heads of at most
-256 channels, else sdpa; the choice is logged once per distinct outcome.
+"auto" picks flash when it imports (`optional_imports`: a build for another torch or CUDA is
+installed but does not import) and the inputs are CUDA fp16/bf16 with heads of at most 256
+channels, else sdpa; the choice is logged once per distinct outcome.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 
 import torch
 import torch.nn.functional as F
 from lst_kernels import patch_cross_attention
 
+from .optional_imports import import_failure
 from .sliding_window_cpu import sliding_window_attention_cpu
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,13 @@ BACKENDS = ("auto", "flash", "sdpa")
 FLASH_ATTN_MAX_HEAD_DIM = 256
 
 
-@functools.cache
+def flash_attn_failure() -> str | None:
+    """None when flash-attn's two functions import; else why not (see `optional_imports`)."""
+    return import_failure("flash_attn", "flash_attn_func", "flash_attn_varlen_func")
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return flash_attn_failure() is None
 
 
 @functools.cache
@@ -48,18 +53,23 @@ def resolve_local_attention_backend(requested: str, q: torch.Tensor) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"local attention backend {requested!r} is not one of {BACKENDS}")
     head_dim = q.shape[-1]
-    flash_ok = (flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-                and head_dim <= FLASH_ATTN_MAX_HEAD_DIM)
+    inputs_ok = (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                 and head_dim <= FLASH_ATTN_MAX_HEAD_DIM)
+    # Only CUDA inputs import flash-attn: CPU runs never pay for (or warn about) it.
+    failure = flash_attn_failure() if inputs_ok or requested == "flash" else None
+    flash_ok = inputs_ok and failure is None
     if requested == "flash" and not flash_ok:
         raise RuntimeError(
             "local attention backend 'flash' needs flash-attn installed and CUDA fp16/bf16 inputs "
             f"with heads of at most {FLASH_ATTN_MAX_HEAD_DIM} (got device {q.device}, dtype "
-            f"{q.dtype}, head dim {head_dim}); use 'auto' or 'sdpa'"
+            f"{q.dtype}, head dim {head_dim}"
+            + (f"; flash-attn is {failure}" if failure else "") + "); use 'auto' or 'sdpa'"
         )
     if requested == "auto":
         requested = "flash" if flash_ok else "sdpa"
         _log_choice(requested, "flash-attn windowed kernel" if flash_ok else
-                    f"PyTorch, device {q.device.type}, {q.dtype}")
+                    f"PyTorch, device {q.device.type}, {q.dtype}"
+                    + (f", flash-attn {failure}" if failure else ""))
     return requested
 
 
