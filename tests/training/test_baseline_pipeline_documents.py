@@ -4,11 +4,11 @@ trains the same under pipeline parallelism as in one process.
 The baseline's attention is causal within each document: every pipeline stage computes the
 document starts from the row's tokens, so every stage must receive them, and each stage's layers
 must see the same cut. Real `lst-train` flags through `pretrain` (fp32, gloo). Initialisation
-draws other weights under another pipeline layout, so every run starts from one single-process
-checkpoint (taken after one iteration, loaded resharded): PP=2 and PP=2 x DP=2 must then give the
-single process's loss at every later iteration. A single-process run without the reset shows
-that the rows do pack documents (its losses differ), so the comparison is not one of unpacked
-rows.
+draws other weights under another parallel layout, so every run starts from one single-process
+checkpoint (taken after one iteration, loaded resharded): PP=2, PP=2 x DP=2 and PP=2 x TP=2 with
+sequence parallelism must then give the single process's loss at every later iteration. A
+single-process run without the reset shows that the rows do pack documents (its losses differ),
+so the comparison is not one of unpacked rows.
 """
 
 import shlex
@@ -69,10 +69,15 @@ def test_rows_pack_several_documents(single_process):
     assert losses(packed) != pytest.approx(losses(unpacked), rel=1e-4)
 
 
-@pytest.mark.parametrize("processes", [2, 4], ids=["pp2", "pp2-dp2"])
-def test_pipeline_parallel_baseline_trains_like_one_process(flags, single_process, processes):
-    ranks = run_distributed(WORKER, processes, [
-        "--training-run", shlex.join(flags + ["--pipeline-model-parallel-size", "2"])],
-        timeout=300)
+@pytest.mark.parametrize("processes,layout", [
+    (2, ["--pipeline-model-parallel-size", "2"]),
+    (4, ["--pipeline-model-parallel-size", "2"]),
+    (4, ["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
+         "--sequence-parallel"]),
+], ids=["pp2", "pp2-dp2", "pp2-tp2-sp"])
+def test_pipeline_parallel_baseline_trains_like_one_process(flags, single_process, processes,
+                                                            layout):
+    ranks = run_distributed(WORKER, processes, ["--training-run", shlex.join(flags + layout)],
+                            timeout=300)
     for [run] in ranks:  # every rank reports the global batch's loss
         assert losses(run) == pytest.approx(losses(single_process[0]), rel=LOSS_TOLERANCE)
