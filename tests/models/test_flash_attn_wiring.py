@@ -7,7 +7,7 @@ contiguous `cu_seqlens` from 0 to the token count, `max_seqlen` covering the lon
 `[total, H, d]` varlen inputs), computed densely. With the "flash" backend forced, the wiring
 (`flash_sliding_window`: the window size, the documents of every row as varlen sequences) must
 give the PyTorch path's outputs and gradients on packed rows, for windows shorter and longer than
-the documents, and in a grouped-query layer. A flash-attn that is installed but does not import
+the documents, in a grouped-query layer and in a whole LST model. A flash-attn that is installed but does not import
 (a build for another torch) is passed over by "auto" and named by an explicit "flash"; likewise
 Transformer Engine for the global block.
 """
@@ -152,6 +152,49 @@ def test_grouped_query_layer_on_flash_matches_sdpa(fake_flash, documents):
                                         layers["sdpa"].named_parameters(), strict=True):
         torch.testing.assert_close(flash.grad, sdpa.grad, atol=3e-2, rtol=1e-2, msg=name)
     assert fake_flash.calls, "the flash backend ran"
+
+
+def test_lst_model_on_flash_matches_sdpa_on_packed_documents(single_rank, fake_flash):
+    """A whole LST model in fp16 on rows packing documents, the local encoder and decoder with
+    different windows: logits and every weight gradient of the flash backend equal the PyTorch
+    backend's, each local layer ran flash-attn's varlen kernel with its own window, and the
+    varlen sequences are the documents of the rows."""
+    import dataclasses
+
+    from model_cases import tiny_config
+    from packed_document_cases import EOS as DOCUMENT_EOS
+    from packed_document_cases import packed_batch
+
+    from megatron_lst.models.config import DocumentMaskingConfig
+    from megatron_lst.models.lst_model import LSTModel
+
+    config = tiny_config(token_window=6, patch_window=3)
+    config = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, window=9),
+                                 documents=DocumentMaskingConfig(eos_id=DOCUMENT_EOS))
+    tokens, _, patch_lengths = packed_batch("mixed", [3, 2], seed=3)  # [2, N]
+    results = {}
+    for backend in ("flash", "sdpa"):
+        torch.manual_seed(0)
+        model = LSTModel(config, config.transformer_config(), transformer_impl="local",
+                         local_attention_backend=backend, kernel_backend="torch").half()
+        logits = model(tokens, patch_lengths)  # [B, N, V]
+        logits.float().square().sum().backward()
+        results[backend] = (logits.float(), {name: p.grad.float()
+                                             for name, p in model.named_parameters()})
+    (flash_logits, flash_grads), (logits, grads) = results["flash"], results["sdpa"]
+    torch.testing.assert_close(flash_logits, logits, atol=2e-3, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(flash_grads[name], grad, rtol=0,
+                                   atol=1e-2 * grad.abs().max().item(), msg=name)
+
+    layers = config.encoder.num_layers + config.decoder.num_layers
+    assert len(fake_flash.calls) == layers
+    assert {call["window_size"] for _, call in fake_flash.calls} == {(5, 0), (8, 0)}
+    num_tokens = tokens.shape[1]
+    starts = [b * num_tokens + i for b in range(2) for i in range(num_tokens)
+              if i == 0 or tokens[b, i - 1] == DOCUMENT_EOS]
+    for _, call in fake_flash.calls:
+        assert call["cu_seqlens_q"] == [*starts, tokens.numel()]
 
 
 def test_the_fake_refuses_what_flash_attn_refuses(fake_flash):
