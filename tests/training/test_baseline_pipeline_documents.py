@@ -5,8 +5,9 @@ The baseline's attention is causal within each document: every pipeline stage co
 document starts from the row's tokens, so every stage must receive them, and each stage's layers
 must see the same cut. Real `lst-train` flags through `pretrain` (fp32, gloo). Initialisation
 draws other weights under another parallel layout, so every run starts from one single-process
-checkpoint (taken after one iteration, loaded resharded): PP=2, PP=2 x DP=2 and PP=2 x TP=2 with
-sequence parallelism must then give the single process's loss at every later iteration. A
+checkpoint (taken after one iteration, loaded resharded): PP=2, PP=2 x DP=2, PP=2 x TP=2 with
+sequence parallelism and PP=4 (middle stages) must then give the single process's training and
+validation losses at every later iteration. A
 single-process run without the reset shows that the rows do pack documents (its losses differ),
 so the comparison is not one of unpacked rows.
 """
@@ -33,7 +34,7 @@ def baseline_flags(data_path: list[str]) -> list[str]:
                         ("--micro-batch-size", "1")):
         flags[flags.index(flag) + 1] = value
     return flags + ["--num-layers", "4", "--train-iters", str(ITERATIONS),
-                    "--lr-decay-iters", str(ITERATIONS), "--eval-interval", "1000",
+                    "--lr-decay-iters", str(ITERATIONS), "--eval-interval", "2",
                     "--lr", "1e-2"]
 
 
@@ -67,6 +68,7 @@ def single_process(flags):
 def test_rows_pack_several_documents(single_process):
     packed, unpacked = single_process
     assert losses(packed) != pytest.approx(losses(unpacked), rel=1e-4)
+    assert sorted(packed["eval_losses"]) == ["2", "4"]
 
 
 @pytest.mark.parametrize("processes,layout", [
@@ -74,10 +76,13 @@ def test_rows_pack_several_documents(single_process):
     (4, ["--pipeline-model-parallel-size", "2"]),
     (4, ["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
          "--sequence-parallel"]),
-], ids=["pp2", "pp2-dp2", "pp2-tp2-sp"])
+    (4, ["--pipeline-model-parallel-size", "4"]),  # middle stages need the tokens too
+], ids=["pp2", "pp2-dp2", "pp2-tp2-sp", "pp4"])
 def test_pipeline_parallel_baseline_trains_like_one_process(flags, single_process, processes,
                                                             layout):
     ranks = run_distributed(WORKER, processes, ["--training-run", shlex.join(flags + layout)],
                             timeout=300)
     for [run] in ranks:  # every rank reports the global batch's loss
         assert losses(run) == pytest.approx(losses(single_process[0]), rel=LOSS_TOLERANCE)
+        assert run["eval_losses"] == pytest.approx(single_process[0]["eval_losses"],
+                                                   rel=LOSS_TOLERANCE)
