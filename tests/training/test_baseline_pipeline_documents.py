@@ -7,9 +7,8 @@ must see the same cut. Real `lst-train` flags through `pretrain` (fp32, gloo). I
 draws other weights under another parallel layout, so every run starts from one single-process
 checkpoint (taken after one iteration, loaded resharded): PP=2, PP=2 x DP=2, PP=2 x TP=2 with
 sequence parallelism and PP=4 (middle stages) must then give the single process's training and
-validation losses at every later iteration. A
-single-process run without the reset shows that the rows do pack documents (its losses differ),
-so the comparison is not one of unpacked rows.
+validation losses at every later iteration. A single-process run without the reset shows that
+the rows do pack documents (its losses differ), so the comparison is not one of unpacked rows.
 """
 
 import shlex
