@@ -74,8 +74,10 @@ def resolve_local_attention_backend(requested: str, q: torch.Tensor) -> str:
 
 
 class SlidingWindowAttention(torch.nn.Module):
-    """Core attention (no parameters): q, k, v `[B, N, H, d]` (+ optional key_start `[B, N]`)
-    -> `[B, N, H, d]`, scale 1/sqrt(d)."""
+    """Core attention (no parameters): q `[B, N, H, d]`, k and v `[B, N, G, d]` (G divides H:
+    query head h reads key/value head `h // (H / G)`) (+ optional key_start `[B, N]`)
+    -> `[B, N, H, d]`, scale 1/sqrt(d). flash-attn reads the G heads as they are (its GQA); the
+    PyTorch paths get them repeated to H."""
 
     def __init__(self, window: int, backend: str = "auto"):
         super().__init__()
@@ -90,13 +92,27 @@ class SlidingWindowAttention(torch.nn.Module):
                 key_start: torch.Tensor | None = None) -> torch.Tensor:
         if resolve_local_attention_backend(self.backend, q) == "flash":
             return flash_sliding_window(q, k, v, self.window, key_start)
-        return sliding_window_sdpa(q, k, v, self.window, key_start)
+        return sliding_window_sdpa(q, *expand_kv_heads(q, k, v), self.window, key_start)
+
+
+def expand_kv_heads(q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v `[B, L, G, d]` -> one head per query head of q `[B, N, H, d]`: `[B, L, H, d]`, head h
+    a copy of head `h // (H / G)` (the reference's `repeat_kv` order); unchanged when G == H."""
+    heads, groups = q.shape[2], k.shape[2]
+    if groups == heads:
+        return k, v
+    if heads % groups:
+        raise ValueError(f"{groups} key/value heads do not divide {heads} query heads")
+    return (k.repeat_interleave(heads // groups, dim=2),
+            v.repeat_interleave(heads // groups, dim=2))
 
 
 def flash_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                          key_start: torch.Tensor | None = None) -> torch.Tensor:
-    """flash-attn on `[B, N, H, d]`; with `key_start`, every document of every row is one
-    sequence of `flash_attn_varlen_func` (its window then never crosses a document start)."""
+    """flash-attn on q `[B, N, H, d]`, k and v `[B, N, G, d]`; with `key_start`, every document
+    of every row is one sequence of `flash_attn_varlen_func` (its window then never crosses a
+    document start)."""
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     if key_start is None:

@@ -13,7 +13,8 @@ Documented behaviour it follows (`flash_attn_interface.py` docstrings and the ch
 - a query that sees no key outputs 0; `softmax_scale` defaults to `1 / sqrt(d)`;
 - `max_seqlen_q/k` must be at least the longest sequence (the kernels size their grids by them).
 
-`calls` records every call (entry point and keyword arguments) for the tests to inspect.
+`calls` records every call (entry point, keyword arguments, query and key/value head counts) for
+the tests to inspect.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                     return_attn_probs=False):
     calls.append(("flash_attn_func", {"causal": causal, "window_size": window_size,
-                                      "dropout_p": dropout_p, "softmax_scale": softmax_scale}))
+                                      "dropout_p": dropout_p, "softmax_scale": softmax_scale,
+                                      "heads": (q.shape[-2], k.shape[-2])}))
     _check(q, k, v, dims=4)
     if k.shape[0] != q.shape[0]:
         raise RuntimeError("q and k must have the same batch size")
@@ -102,7 +104,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         "causal": causal, "window_size": window_size, "dropout_p": dropout_p,
         "softmax_scale": softmax_scale, "cu_seqlens_q": cu_seqlens_q.tolist(),
         "cu_seqlens_k": cu_seqlens_k.tolist(), "max_seqlen_q": max_seqlen_q,
-        "max_seqlen_k": max_seqlen_k}))
+        "max_seqlen_k": max_seqlen_k, "heads": (q.shape[-2], k.shape[-2])}))
     _check(q, k, v, dims=3)
     q_bounds = _check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
     k_bounds = _check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
