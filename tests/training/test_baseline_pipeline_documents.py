@@ -72,11 +72,12 @@ def test_rows_pack_several_documents(single_process):
 
 @pytest.mark.parametrize("processes,layout", [
     (2, ["--pipeline-model-parallel-size", "2"]),
+    (2, ["--pipeline-model-parallel-size", "2", "--micro-batch-size", "2"]),  # 2 rows per step
     (4, ["--pipeline-model-parallel-size", "2"]),
     (4, ["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
          "--sequence-parallel"]),
     (4, ["--pipeline-model-parallel-size", "4"]),  # middle stages need the tokens too
-], ids=["pp2", "pp2-dp2", "pp2-tp2-sp", "pp4"])
+], ids=["pp2", "pp2-mb2", "pp2-dp2", "pp2-tp2-sp", "pp4"])
 def test_pipeline_parallel_baseline_trains_like_one_process(flags, single_process, processes,
                                                             layout):
     ranks = run_distributed(WORKER, processes, ["--training-run", shlex.join(flags + layout)],
