@@ -12,7 +12,7 @@ packed rows; None means one document per row (`max(i - W + 1, 0)`). Backends:
   CUDA): no mask tensor and no copy of the keys. Work and memory are O(N * W), never O(N^2).
 "auto" picks flash when it imports (`optional_imports`: a build for another torch or CUDA is
 installed but does not import) and the inputs are CUDA fp16/bf16 with heads of at most 256
-channels, else sdpa; the choice is logged once per distinct outcome.
+channels on an Ampere or newer GPU, else sdpa; the choice is logged once per distinct outcome.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "flash", "sdpa")
 # flash-attn 2's kernels take heads of at most 256 channels.
 FLASH_ATTN_MAX_HEAD_DIM = 256
+# ... and run on Ampere (compute capability 8.0) and newer GPUs.
+FLASH_ATTN_MIN_CAPABILITY = (8, 0)
 
 
 def flash_attn_failure() -> str | None:
@@ -55,20 +57,25 @@ def resolve_local_attention_backend(requested: str, q: torch.Tensor) -> str:
     head_dim = q.shape[-1]
     inputs_ok = (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
                  and head_dim <= FLASH_ATTN_MAX_HEAD_DIM)
+    # flash-attn 2 refuses GPUs before Ampere at the first call
+    capability = torch.cuda.get_device_capability(q.device) if inputs_ok else None
+    inputs_ok = inputs_ok and capability >= FLASH_ATTN_MIN_CAPABILITY
     # Only CUDA inputs import flash-attn: CPU runs never pay for (or warn about) it.
     failure = flash_attn_failure() if inputs_ok or requested == "flash" else None
     flash_ok = inputs_ok and failure is None
+    gpu = "" if capability is None else f", compute capability {capability[0]}.{capability[1]}"
     if requested == "flash" and not flash_ok:
         raise RuntimeError(
             "local attention backend 'flash' needs flash-attn installed and CUDA fp16/bf16 inputs "
-            f"with heads of at most {FLASH_ATTN_MAX_HEAD_DIM} (got device {q.device}, dtype "
-            f"{q.dtype}, head dim {head_dim}"
+            f"with heads of at most {FLASH_ATTN_MAX_HEAD_DIM} on a GPU of compute capability "
+            f"{'.'.join(map(str, FLASH_ATTN_MIN_CAPABILITY))} or newer (got device {q.device}"
+            f"{gpu}, dtype {q.dtype}, head dim {head_dim}"
             + (f"; flash-attn is {failure}" if failure else "") + "); use 'auto' or 'sdpa'"
         )
     if requested == "auto":
         requested = "flash" if flash_ok else "sdpa"
         _log_choice(requested, "flash-attn windowed kernel" if flash_ok else
-                    f"PyTorch, device {q.device.type}, {q.dtype}"
+                    f"PyTorch, device {q.device.type}{gpu}, {q.dtype}"
                     + (f", flash-attn {failure}" if failure else ""))
     return requested
 

@@ -7,9 +7,9 @@ contiguous `cu_seqlens` from 0 to the token count, `max_seqlen` covering the lon
 `[total, H, d]` varlen inputs), computed densely. With the "flash" backend forced, the wiring
 (`flash_sliding_window`: the window size, the documents of every row as varlen sequences) must
 give the PyTorch path's outputs and gradients on packed rows, for windows shorter and longer than
-the documents, in a grouped-query layer and in a whole LST model. A flash-attn that is installed but does not import
-(a build for another torch) is passed over by "auto" and named by an explicit "flash"; likewise
-Transformer Engine for the global block.
+the documents, in a grouped-query layer and in a whole LST model. "auto" passes over a flash-attn
+that is installed but does not import (a build for another torch) and GPUs older than it takes
+(Ampere), which an explicit "flash" names; likewise a Transformer Engine that does not import.
 """
 
 import sys
@@ -240,6 +240,12 @@ def fresh_import_checks():
     optional_imports.import_failure.cache_clear()
 
 
+@pytest.fixture
+def hopper(monkeypatch):
+    """CUDA device 0 reports compute capability 9.0 (an H100)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+
+
 def cuda_query(head_dim=64):
     """Stands in for a CUDA bf16 tensor: only device, dtype and shape are read."""
     from types import SimpleNamespace
@@ -248,7 +254,7 @@ def cuda_query(head_dim=64):
                            shape=(1, 8, 2, head_dim))
 
 
-def test_auto_passes_over_a_flash_attn_that_does_not_import(tmp_path, monkeypatch,
+def test_auto_passes_over_a_flash_attn_that_does_not_import(tmp_path, monkeypatch, hopper,
                                                             fresh_import_checks, caplog):
     # Was: find_spec found the package, "auto" chose flash and the first forward raised.
     broken_package(tmp_path, monkeypatch, "flash_attn",
@@ -260,7 +266,7 @@ def test_auto_passes_over_a_flash_attn_that_does_not_import(tmp_path, monkeypatc
         resolve_local_attention_backend("flash", cuda_query())
 
 
-def test_flash_attn_that_imports_is_chosen_and_an_absent_one_is_not(monkeypatch,
+def test_flash_attn_that_imports_is_chosen_and_an_absent_one_is_not(monkeypatch, hopper,
                                                                      fresh_import_checks):
     monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_module())
     assert resolve_local_attention_backend("auto", cuda_query()) == "flash"
@@ -269,6 +275,19 @@ def test_flash_attn_that_imports_is_chosen_and_an_absent_one_is_not(monkeypatch,
     assert resolve_local_attention_backend("auto", cuda_query()) == "sdpa"
     with pytest.raises(RuntimeError, match="flash-attn is not installed"):
         resolve_local_attention_backend("flash", cuda_query())
+
+
+def test_auto_passes_over_gpus_older_than_flash_attn_takes(monkeypatch, fresh_import_checks):
+    """flash-attn 2 raises "FlashAttention only supports Ampere GPUs or newer" at its first call:
+    "auto" chose it on a V100 or T4 all the same."""
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_module())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+    assert resolve_local_attention_backend("auto", cuda_query()) == "sdpa"
+    with pytest.raises(RuntimeError, match=r"compute capability 8.0 or newer \(got device "
+                                           r"cuda:0, compute capability 7.5"):
+        resolve_local_attention_backend("flash", cuda_query())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    assert resolve_local_attention_backend("auto", cuda_query()) == "flash"
 
 
 def test_auto_passes_over_a_transformer_engine_that_does_not_import(tmp_path, monkeypatch,
