@@ -10,20 +10,21 @@ packed rows; None means one document per row (`max(i - W + 1, 0)`). Backends:
   earlier block merged by log-sum-exp, about W + 64 scores per query). Elsewhere: range attention
   (`lst_kernels.patch_cross_attention` with keys `[key_start[i], i + 1)`, the Triton kernel on
   CUDA): no mask tensor and no copy of the keys. Work and memory are O(N * W), never O(N^2).
-"auto" picks flash when it is installed and the inputs are CUDA fp16/bf16 with heads of at most
-256 channels, else sdpa; the choice is logged once per distinct outcome.
+"auto" picks flash when it imports (`optional_imports`: a build for another torch or CUDA is
+installed but does not import) and the inputs are CUDA fp16/bf16 with heads of at most 256
+channels on an Ampere or newer GPU, else sdpa; the choice is logged once per distinct outcome.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 
 import torch
 import torch.nn.functional as F
 from lst_kernels import patch_cross_attention
 
+from .optional_imports import import_failure
 from .sliding_window_cpu import sliding_window_attention_cpu
 
 logger = logging.getLogger(__name__)
@@ -31,11 +32,17 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "flash", "sdpa")
 # flash-attn 2's kernels take heads of at most 256 channels.
 FLASH_ATTN_MAX_HEAD_DIM = 256
+# ... and run on Ampere (compute capability 8.0) and newer GPUs.
+FLASH_ATTN_MIN_CAPABILITY = (8, 0)
 
 
-@functools.cache
+def flash_attn_failure() -> str | None:
+    """None when flash-attn's two functions import; else why not (see `optional_imports`)."""
+    return import_failure("flash_attn", "flash_attn_func", "flash_attn_varlen_func")
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return flash_attn_failure() is None
 
 
 @functools.cache
@@ -48,24 +55,36 @@ def resolve_local_attention_backend(requested: str, q: torch.Tensor) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"local attention backend {requested!r} is not one of {BACKENDS}")
     head_dim = q.shape[-1]
-    flash_ok = (flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-                and head_dim <= FLASH_ATTN_MAX_HEAD_DIM)
+    inputs_ok = (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                 and head_dim <= FLASH_ATTN_MAX_HEAD_DIM)
+    # flash-attn 2 refuses GPUs before Ampere at the first call
+    capability = torch.cuda.get_device_capability(q.device) if inputs_ok else None
+    inputs_ok = inputs_ok and capability >= FLASH_ATTN_MIN_CAPABILITY
+    # Only CUDA inputs import flash-attn: CPU runs never pay for (or warn about) it.
+    failure = flash_attn_failure() if inputs_ok or requested == "flash" else None
+    flash_ok = inputs_ok and failure is None
+    gpu = "" if capability is None else f", compute capability {capability[0]}.{capability[1]}"
     if requested == "flash" and not flash_ok:
         raise RuntimeError(
             "local attention backend 'flash' needs flash-attn installed and CUDA fp16/bf16 inputs "
-            f"with heads of at most {FLASH_ATTN_MAX_HEAD_DIM} (got device {q.device}, dtype "
-            f"{q.dtype}, head dim {head_dim}); use 'auto' or 'sdpa'"
+            f"with heads of at most {FLASH_ATTN_MAX_HEAD_DIM} on a GPU of compute capability "
+            f"{'.'.join(map(str, FLASH_ATTN_MIN_CAPABILITY))} or newer (got device {q.device}"
+            f"{gpu}, dtype {q.dtype}, head dim {head_dim}"
+            + (f"; flash-attn is {failure}" if failure else "") + "); use 'auto' or 'sdpa'"
         )
     if requested == "auto":
         requested = "flash" if flash_ok else "sdpa"
         _log_choice(requested, "flash-attn windowed kernel" if flash_ok else
-                    f"PyTorch, device {q.device.type}, {q.dtype}")
+                    f"PyTorch, device {q.device.type}{gpu}, {q.dtype}"
+                    + (f", flash-attn {failure}" if failure else ""))
     return requested
 
 
 class SlidingWindowAttention(torch.nn.Module):
-    """Core attention (no parameters): q, k, v `[B, N, H, d]` (+ optional key_start `[B, N]`)
-    -> `[B, N, H, d]`, scale 1/sqrt(d)."""
+    """Core attention (no parameters): q `[B, N, H, d]`, k and v `[B, N, G, d]` (G divides H:
+    query head h reads key/value head `h // (H / G)`) (+ optional key_start `[B, N]`)
+    -> `[B, N, H, d]`, scale 1/sqrt(d). flash-attn reads the G heads as they are (its GQA); the
+    PyTorch paths get them repeated to H."""
 
     def __init__(self, window: int, backend: str = "auto"):
         super().__init__()
@@ -80,13 +99,27 @@ class SlidingWindowAttention(torch.nn.Module):
                 key_start: torch.Tensor | None = None) -> torch.Tensor:
         if resolve_local_attention_backend(self.backend, q) == "flash":
             return flash_sliding_window(q, k, v, self.window, key_start)
-        return sliding_window_sdpa(q, k, v, self.window, key_start)
+        return sliding_window_sdpa(q, *expand_kv_heads(q, k, v), self.window, key_start)
+
+
+def expand_kv_heads(q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v `[B, L, G, d]` -> one head per query head of q `[B, N, H, d]`: `[B, L, H, d]`, head h
+    a copy of head `h // (H / G)` (the reference's `repeat_kv` order); unchanged when G == H."""
+    heads, groups = q.shape[2], k.shape[2]
+    if groups == heads:
+        return k, v
+    if heads % groups:
+        raise ValueError(f"{groups} key/value heads do not divide {heads} query heads")
+    return (k.repeat_interleave(heads // groups, dim=2),
+            v.repeat_interleave(heads // groups, dim=2))
 
 
 def flash_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                          key_start: torch.Tensor | None = None) -> torch.Tensor:
-    """flash-attn on `[B, N, H, d]`; with `key_start`, every document of every row is one
-    sequence of `flash_attn_varlen_func` (its window then never crosses a document start)."""
+    """flash-attn on q `[B, N, H, d]`, k and v `[B, N, G, d]`; with `key_start`, every document
+    of every row is one sequence of `flash_attn_varlen_func` (its window then never crosses a
+    document start)."""
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     if key_start is None:

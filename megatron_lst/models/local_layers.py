@@ -16,7 +16,7 @@ from lst_kernels import patch_cross_attention
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .config import LocalModelConfig
-from .local_attention import SlidingWindowAttention
+from .local_attention import SlidingWindowAttention, expand_kv_heads
 from .rope import apply_interleaved_rope
 
 
@@ -77,12 +77,6 @@ class LocalSelfAttention(torch.nn.Module):
                 k.unflatten(-1, (self.num_groups, self.head_dim)),
                 v.unflatten(-1, (self.num_groups, self.head_dim)))
 
-    def _expand(self, t: torch.Tensor) -> torch.Tensor:
-        """Key/value heads `[B, L, G, d]` -> one per query head `[B, L, H, d]`."""
-        if self.num_groups == self.num_heads:
-            return t
-        return t.repeat_interleave(self.num_heads // self.num_groups, dim=2)
-
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 key_start: torch.Tensor | None = None) -> torch.Tensor:
         """`x [B, N, D]`, RoPE tables, and the first key of every query `[B, N]` for packed
@@ -90,7 +84,7 @@ class LocalSelfAttention(torch.nn.Module):
         q, k, v = self._project(x)
         q = apply_interleaved_rope(q, *rope)
         k = apply_interleaved_rope(k, *rope)
-        out = self.core_attention(q, self._expand(k), self._expand(v), key_start)  # [B, N, H, d]
+        out = self.core_attention(q, k, v, key_start)  # [B, N, H, d]
         return self.linear_proj(out.flatten(-2))  # [B, N, D]
 
     def forward_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -104,7 +98,7 @@ class LocalSelfAttention(torch.nn.Module):
         window = self.core_attention.window
         place = torch.arange(keys.shape[1] - q.shape[1], keys.shape[1], device=x.device)  # [n]
         start = (place - window + 1).clamp(min=0)[None]  # [1, n]
-        out = patch_cross_attention(q, self._expand(keys), self._expand(values), start,
+        out = patch_cross_attention(q, *expand_kv_heads(q, keys, values), start,
                                     place[None] + 1)  # [1, n, H, d]
         return self.linear_proj(out.flatten(-2))
 

@@ -3,7 +3,8 @@
 Swapping implementations is a different spec, never an `if` inside a layer.
 - Global block: megatron's Transformer Engine layer spec (`transformer_impl="transformer_engine"`)
   or its local PyTorch spec (`"local"`, with causal SDPA as core attention and norms that support
-  sequence parallelism); `"auto"` takes TE when it is installed and CUDA is up.
+  sequence parallelism); `"auto"` takes TE when CUDA is up and `transformer_engine.pytorch`
+  imports (an installed build for another torch or CUDA that does not is passed over, logged).
 - Local layers: `LocalSelfAttention` + `SwiGLUMLP`, with the sliding-window attention backend
   ("auto" | "flash" | "sdpa", see `local_attention.py`) as a spec parameter.
 """
@@ -11,8 +12,6 @@ Swapping implementations is a different spec, never an `if` inside a layer.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
 import logging
 
 import torch
@@ -22,26 +21,32 @@ from megatron_lst.compat.norm import SequenceParallelTorchNorm
 
 from .global_attention import CausalSDPAttention
 from .local_layers import LocalLayerSubmodules, LocalSelfAttention, LocalTransformerLayer, SwiGLUMLP
+from .optional_imports import import_failure
 
 logger = logging.getLogger(__name__)
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 
 
-@functools.cache
-def transformer_engine_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
+def transformer_engine_failure() -> str | None:
+    """None when Transformer Engine's PyTorch modules import; else why not."""
+    return import_failure("transformer_engine.pytorch")
 
 
 def resolve_transformer_impl(transformer_impl: str) -> str:
-    """"local" or "transformer_engine"; "auto" picks TE when installed and CUDA is available."""
+    """"local" or "transformer_engine"; "auto" picks TE when it imports and CUDA is available."""
     if transformer_impl not in TRANSFORMER_IMPLS:
         raise ValueError(f"transformer_impl {transformer_impl!r} is not one of {TRANSFORMER_IMPLS}")
-    te_ok = transformer_engine_available() and torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
+    # TE is imported only where it could be chosen: without CUDA "auto" never pays for it.
+    wanted = transformer_impl == "transformer_engine" or (transformer_impl == "auto" and cuda)
+    failure = transformer_engine_failure() if wanted else None
+    te_ok = cuda and failure is None
     if transformer_impl == "transformer_engine" and not te_ok:
         raise RuntimeError(
-            "transformer_impl='transformer_engine' needs transformer_engine installed and CUDA; "
-            "use 'local' or 'auto'"
+            "transformer_impl='transformer_engine' needs transformer_engine installed and CUDA "
+            f"({'CUDA is up' if cuda else 'CUDA is not available'}"
+            + (f"; transformer_engine is {failure}" if failure else "") + "); use 'local' or 'auto'"
         )
     if transformer_impl == "auto":
         return "transformer_engine" if te_ok else "local"

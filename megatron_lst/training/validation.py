@@ -296,8 +296,9 @@ def check_model_config(args: argparse.Namespace) -> None:
 def validate_backends(args: argparse.Namespace) -> None:
     """The communication and global-block backends the flags name, and the kernel backend
     (--kernel-backend, or LST_KERNEL_BACKEND under auto, which the range attention reads on
-    CUDA), can run here, with heads the Triton patch attention kernel takes where it runs (each
-    used to fail only once the model was built or ran)."""
+    CUDA), can run here, with heads the Triton patch attention kernel takes where it runs: the
+    cross-attention's, the packed-document global attention's and the local windows' (each used
+    to fail only once the model was built or ran)."""
     import torch
     from lst_kernels.backend import BACKEND_ENV_VAR, resolve_backend
     from lst_kernels.patch_attention import TRITON_MAX_HEAD_DIM
@@ -334,6 +335,14 @@ def validate_backends(args: argparse.Namespace) -> None:
         chosen.append(("auto", "the global and local range attention", "global attention",
                        config.global_model.head_dim if packed_documents else 0,
                        f"{BACKEND_ENV_VAR}=torch"))
+    if torch.cuda.is_available() and args.patching_mode != "none":
+        # A local window runs range attention where a row is longer than it or documents cut
+        # it: flash-attn takes heads of at most 256 channels, so wider ones reach the kernel.
+        for side, local in (("encoder", config.encoder), ("decoder", config.decoder)):
+            if args.reset_attention_mask is not False or args.max_tokens > local.window:
+                chosen.append(("auto", "the global and local range attention",
+                               f"local {side} self-attention ({_local_head_flags(args, side)})",
+                               local.head_dim, f"{BACKEND_ENV_VAR}=torch"))
     for backend, source, attention, head_dim, switch in chosen:
         if backend == "auto" and BACKEND_ENV_VAR in os.environ:
             source += f" with {BACKEND_ENV_VAR}={os.environ[BACKEND_ENV_VAR]}"
@@ -347,6 +356,15 @@ def validate_backends(args: argparse.Namespace) -> None:
                 f"{TRITON_MAX_HEAD_DIM} channels (larger tiles do not fit GPU shared memory); "
                 f"this model's {attention} heads have {head_dim}: pass {switch} (PyTorch "
                 f"attention), or use smaller heads")
+
+
+def _local_head_flags(args: argparse.Namespace, side: str) -> str:
+    """The flags that set one local model's head size, with their values."""
+    kv_channels = getattr(args, f"local_{side}_kv_channels")
+    if kv_channels is not None:
+        return f"--local-{side}-kv-channels {kv_channels}"
+    return (f"--local-{side}-hidden-size {getattr(args, f'local_{side}_hidden_size')} / "
+            f"--local-{side}-heads {getattr(args, f'local_{side}_heads')}")
 
 
 def validate_training(args: argparse.Namespace) -> None:

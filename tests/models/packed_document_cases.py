@@ -118,6 +118,12 @@ def _batch(rows, row_lengths):
     return tokens, labels, patch_lengths
 
 
+def _one_kv_head_per_query_head(q, k, v):
+    """Key/value heads `[B, L, G, d]` repeated to q's H heads (head h reads head h // (H / G))."""
+    repeat = q.shape[2] // k.shape[2]
+    return k.repeat_interleave(repeat, 2), v.repeat_interleave(repeat, 2)
+
+
 @contextlib.contextmanager
 def dense_document_attention(model, tokens, patch_lengths):
     """Run every attention of `model` (an LSTModel or the token baseline) densely under the
@@ -136,7 +142,8 @@ def dense_document_attention(model, tokens, patch_lengths):
             for layer in stack:
                 core = layer.self_attention.core_attention
                 mask = self_attention_mask(tokens, EOS, core.window)
-                override(core, lambda q, kk, v, key_start=None, mask=mask: dense_attention(q, kk, v, mask))
+                override(core, lambda q, kk, v, key_start=None, mask=mask: dense_attention(
+                    q, *_one_kv_head_per_query_head(q, kk, v), mask))
         for layers, mask in (
             (model.patch_encoder.cross_attn_layers,
              encoder_mask(tokens, EOS, patch_lengths, config.cross_attention.encoder_window, k)),

@@ -90,7 +90,8 @@ def test_cpu_falls_back_to_sdpa():
 def test_auto_leaves_flash_attn_for_heads_wider_than_it_takes(monkeypatch):
     # flash-attn 2 raises for heads over 256 channels (possible with --local-*-kv-channels): "auto"
     # chose it anyway on CUDA. A stand-in for a CUDA tensor: only its device, dtype and shape count.
-    monkeypatch.setattr(local_attention, "flash_attn_available", lambda: True)
+    monkeypatch.setattr(local_attention, "flash_attn_failure", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
 
     def cuda_query(head_dim):
         return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.bfloat16,

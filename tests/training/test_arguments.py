@@ -266,6 +266,39 @@ def test_heads_past_the_triton_kernel_are_refused_before_building_on_cuda(monkey
     valid(*wide_cross)
 
 
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+def test_local_heads_past_the_triton_kernel_are_refused_naming_the_flag(monkeypatch, side):
+    """A local window's heads wider than 256 channels (--local-*-kv-channels, or hidden / heads):
+    flash-attn does not take them, so on CUDA the window ran the Triton range kernel, which
+    refused them at the first forward. Refused up front naming the flag and the switch; a row
+    no longer than the window without documents runs PyTorch's causal kernel and is taken."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("LST_KERNEL_BACKEND", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gloo = ["--distributed-backend", "gloo"]
+    wide = [*LST_FLAGS, f"--local-{side}-kv-channels", "320"]
+    with pytest.raises(ArgumentError, match=rf"the global and local range attention runs the "
+                                            rf"Triton .* local {side} self-attention "
+                                            rf"\(--local-{side}-kv-channels 320\) heads have 320: "
+                                            r"pass LST_KERNEL_BACKEND=torch"):
+        valid(*gloo, *wide)
+    # Wide heads from hidden / heads name those two flags.
+    with pytest.raises(ArgumentError, match=rf"\(--local-{side}-hidden-size 1024 / "
+                                            rf"--local-{side}-heads 2\) heads have 512"):
+        valid(*gloo, *LST_FLAGS, "--local-encoder-hidden-size", "1024",
+              "--local-decoder-hidden-size", "1024", "--cross-attn-heads", "8",
+              f"--local-{'decoder' if side == 'encoder' else 'encoder'}-kv-channels", "64")
+    # Rows of 64 tokens fit a window of 64 and hold one document: no range attention.
+    valid(*gloo, *wide, "--no-reset-attention-mask", f"--local-{side}-window", "64")
+    with pytest.raises(ArgumentError, match=rf"local {side} self-attention"):
+        valid(*gloo, *wide, "--no-reset-attention-mask", f"--local-{side}-window", "63")
+    monkeypatch.setenv("LST_KERNEL_BACKEND", "torch")
+    valid(*gloo, *wide)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("LST_KERNEL_BACKEND")
+    valid(*wide)  # the CPU path takes any head size
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the backends a CPU-only machine lacks")
 def test_a_kernel_backend_variable_this_machine_cannot_run_is_named(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
