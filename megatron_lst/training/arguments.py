@@ -257,13 +257,14 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data-path", nargs="*", default=None,
-                       help="One dataset prefix, or weight-prefix pairs 'W1 P1 W2 P2 ...' to "
-                            "blend several.")
+                       help="One dataset prefix, weight-prefix pairs 'W1 P1 W2 P2 ...' to "
+                            "blend several, or prefixes 'P1 P2 ...' without weights, blended by "
+                            "their sizes (as Megatron-LM does).")
     group.add_argument("--split", type=str, default="969,30,1",
                        help="Train,valid,test proportions of --data-path.")
     group.add_argument("--train-data-path", nargs="*", default=None,
                        help="Instead of --data-path and --split: training datasets, used whole "
-                            "(one prefix, or weight-prefix pairs).")
+                            "(one prefix, weight-prefix pairs, or prefixes without weights).")
     group.add_argument("--valid-data-path", nargs="*", default=None,
                        help="With --train-data-path: validation datasets, used whole.")
     group.add_argument("--task", choices=("lm", "asr", "tts"), default="lm",

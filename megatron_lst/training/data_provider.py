@@ -2,8 +2,9 @@
 datasets from `--train-data-path`/`--valid-data-path`), and loaders with Megatron's pretraining
 sampler semantics.
 
-Datasets. `--data-path` names indexed datasets (`tools/preprocess_data.py` output), optionally
-weighted (`W1 P1 W2 P2 ...`, blended by `megatron_lst.data.blend`). `--split a,b,c` cuts every
+Datasets. `--data-path` names indexed datasets (`tools/preprocess_data.py` output), weighted
+(`W1 P1 W2 P2 ...`, blended by `megatron_lst.data.blend`) or not (`P1 P2 ...`: as in Megatron-LM,
+each split blends them by their sizes there, `split_sizes`). `--split a,b,c` cuts every
 dataset's documents, in stored order, into train / valid / test ranges of those proportions, as
 Megatron-LM does. The train dataset holds `train_iters x global_batch_size` rows (training mode:
 the patcher sees each row's training step, so the curriculum follows the global step). The valid
@@ -42,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_lst.data.blend import build_blended_dataset, parse_data_path
+from megatron_lst.data.blend import build_blended_dataset, parse_data_path, weights_from_sizes
 from megatron_lst.data.dataset import DatasetError, LSTDataset
 from megatron_lst.data.indexed import DocumentStore
 from megatron_lst.data.interleave import InterleaveConfig
@@ -86,6 +87,10 @@ class DocumentRange:
 
     def part_lengths(self) -> np.ndarray:
         return self.store.part_lengths()[self.start:self.stop]
+
+    def token_counts(self) -> np.ndarray:
+        """[stop - start] int64: text pieces + units of each document (no specials)."""
+        return self.store.token_counts()[self.start:self.stop]
 
 
 def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
@@ -237,7 +242,8 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
 
     interleave = InterleaveConfig(speech_only_fraction=args.speech_only_fraction)
 
-    def make(split: str, weighted: list[tuple[float, str]], num_samples: int, training: bool):
+    def make(split: str, sources: list[tuple[float | None, str]], num_samples: int,
+             training: bool):
         def make_source(prefix: str, count: int, positions: np.ndarray
                         ) -> LSTDataset | TaskDataset:
             part = documents(prefix, split)
@@ -254,7 +260,15 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
                 interleave=interleave, sample_positions=positions, training=training,
                 index_cache_dir=cache, index_workers=args.index_workers)
 
-        return build_blended_dataset(weighted, num_samples, make_source)
+        if any(weight is None for weight, _ in sources):  # given without weights: by size
+            prefixes = [prefix for _, prefix in sources]
+            sizes = split_sizes([documents(prefix, split) for prefix in prefixes], args.task)
+            sources = weights_from_sizes(prefixes, sizes, split)
+            logger.info("%s blend of datasets given without weights, weighted by their %s: %s",
+                        split, "utterances" if args.task != "lm" else "tokens",
+                        ", ".join(f"{prefix} {size} ({weight:.4g})"
+                                  for (weight, prefix), size in zip(sources, sizes, strict=True)))
+        return build_blended_dataset(sources, num_samples, make_source)
 
     train = make("train", sources["train"], args.train_iters * args.global_batch_size,
                  training=True)
@@ -270,8 +284,20 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
     return RunDatasets(train=train, valid=valid, vocab=vocab)
 
 
-def _validation_sources(args: argparse.Namespace, sources: dict[str, list[tuple[float, str]]],
-                        stores: dict[str, DocumentStore]) -> list[tuple[float, str]]:
+def split_sizes(parts: list[DocumentRange], task: str) -> list[int]:
+    """What Megatron-LM weighs datasets given without weights by, their samples in one epoch of
+    the split, here: the utterances of each part for task rows (one row each), and for
+    pretraining rows the text pieces and units of its documents (Megatron-LM's samples are its
+    tokens over --seq-length; rows of patches hold a number of tokens that depends on the
+    patching, so the tokens stand in for them)."""
+    if task != "lm":
+        return [len(part) for part in parts]
+    return [int(part.token_counts().sum()) for part in parts]
+
+
+def _validation_sources(args: argparse.Namespace,
+                        sources: dict[str, list[tuple[float | None, str]]],
+                        stores: dict[str, DocumentStore]) -> list[tuple[float | None, str]]:
     """The weighted datasets to validate on: `--valid-data-path`, or under `--split` the datasets
     whose valid part holds documents (the blend's weights renormalise over them); says which
     datasets are left out, and when nothing is left to validate on."""
@@ -297,9 +323,10 @@ def _validation_sources(args: argparse.Namespace, sources: dict[str, list[tuple[
     return kept
 
 
-def split_sources(args: argparse.Namespace) -> dict[str, list[tuple[float, str]]]:
+def split_sources(args: argparse.Namespace) -> dict[str, list[tuple[float | None, str]]]:
     """The weighted dataset prefixes of each split: `--data-path` for train and valid (cut by
-    `--split`), or `--train-data-path` and, when given, `--valid-data-path`."""
+    `--split`), or `--train-data-path` and, when given, `--valid-data-path` (weights None: given
+    without weights, see `parse_data_path`)."""
     if args.data_path is not None:
         sources = parse_data_path(args.data_path)
         return {"train": sources, "valid": sources}
