@@ -250,8 +250,8 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                        help="Default: nccl with CUDA, gloo without.")
     group.add_argument("--distributed-timeout-minutes", type=int, default=30,
-                       help="How long a collective may wait, including the other ranks' wait "
-                            "while rank 0 builds the datasets' row indices.")
+                       help="How long a collective may wait (not the other ranks' wait while "
+                            "rank 0 builds the datasets' row indices, which has no limit).")
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:

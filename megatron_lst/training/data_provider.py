@@ -48,10 +48,10 @@ from megatron_lst.data.dataset import DatasetError, LSTDataset
 from megatron_lst.data.indexed import DocumentStore
 from megatron_lst.data.interleave import InterleaveConfig
 from megatron_lst.data.task_rows import TaskDataset
-from megatron_lst.parallel import collective_device
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.exit_conditions import ExitConditions
+from megatron_lst.training.rank_zero_first import OtherRankFailed, rank_zero_first
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +185,10 @@ def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None 
 
     `index_cache_dir`: where the datasets keep their row indices, so that restarts and the other
     ranks read them back (default: `<--save>/lst_row_index`, none without --save). With a cache,
-    rank 0 builds the indices first and the other ranks then read them; when rank 0 fails, the
-    other ranks raise DatasetError.
+    rank 0 builds the indices first and the other ranks then read them, waiting on the process
+    group's store for as long as that takes (`rank_zero_first`: not a collective, which
+    --distributed-timeout-minutes would cut short); when a rank fails, the others raise
+    DatasetError.
     """
     if args.data_path is None and args.train_data_path is None:
         raise DatasetError("no --data-path or --train-data-path: give the dataset prefixes "
@@ -194,27 +196,12 @@ def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None 
     if index_cache_dir is None and args.save is not None:
         index_cache_dir = Path(args.save) / "lst_row_index"
     cache_root = Path(index_cache_dir) if index_cache_dir else None
-    if not (torch.distributed.is_initialized() and cache_root is not None):
+    if cache_root is None:  # every rank builds its own row indices
         return _build_datasets(args, cache_root)
-    if torch.distributed.get_rank() != 0:
-        if _rank_zero_failed(False):  # waits while rank 0 builds the row indices
-            raise DatasetError("rank 0 failed to build the datasets (its message says why); "
-                               "this rank stops with it")
-        return _build_datasets(args, cache_root)
-    try:
-        datasets = _build_datasets(args, cache_root)
-    except Exception:
-        _rank_zero_failed(True)  # the other ranks stop with an error, not in a broken barrier
-        raise
-    _rank_zero_failed(False)
-    return datasets
-
-
-def _rank_zero_failed(failed: bool) -> bool:
-    """Collective: rank 0's `failed`, on every rank (the other ranks' value is not used)."""
-    flag = torch.tensor([float(failed)], device=collective_device())
-    torch.distributed.broadcast(flag, src=0)
-    return bool(flag.item())
+    try:  # rank 0 builds and caches the row indices, then the other ranks load them
+        return rank_zero_first(lambda: _build_datasets(args, cache_root), "build the datasets")
+    except OtherRankFailed as error:
+        raise DatasetError(str(error)) from None
 
 
 def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDatasets:

@@ -1,0 +1,113 @@
+"""Work that rank 0 does first and the other ranks after it (building the datasets' row indices,
+which the other ranks then load from rank 0's cache), with waits that no timeout cuts short.
+
+A collective (a barrier, a broadcast) waits at most `--distributed-timeout-minutes`, and building
+the row indices of a large corpus can take longer (minutes per million documents, see
+docs/data.md): the waiting ranks then died in an opaque gloo/NCCL timeout. Here the ranks wait on
+keys of the process group's key-value store instead, polled every `POLL_SECONDS` without a
+deadline and with a log line every `REPORT_SECONDS`:
+
+1. rank 0 does the work and sets `<key>/rank0` to "done", or "failed" if it raised;
+2. the other ranks wait for that key, then do the work (loading what rank 0 cached) or, when
+   rank 0 failed, raise `OtherRankFailed`;
+3. every rank adds itself to `<key>/finished` (or sets `<key>/failed` to its rank when its work
+   raised) and waits until all have, so that no rank leaves for the next collective while
+   another still builds (a rank without rank 0's cache, on storage of its own, builds again).
+
+A rank that dies without a word leaves the others waiting until the launcher (torchrun, SLURM)
+stops them, as it does when a rank exits; when the store's server goes (rank 0 serves it
+without torchrun), the polls end with `OtherRankFailed` at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0
+REPORT_SECONDS = 60.0
+_DONE, _FAILED = b"done", b"failed"
+_calls = itertools.count()  # every rank makes the same calls in the same order
+
+T = TypeVar("T")
+
+
+class OtherRankFailed(RuntimeError):
+    """Another rank failed at the work (its own message says why), or its store went away."""
+
+
+def rank_zero_first(work: Callable[[], T], what: str) -> T:
+    """`work()` on rank 0, then on the other ranks of the default process group; returns on
+    every rank once every rank has done it. `what` (e.g. "build the datasets") names the work in
+    the wait's log lines and errors. Without a process group of several ranks: `work()`."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return work()
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    # The restart count keeps an elastic restart, whose store may outlive the last attempt, off
+    # that attempt's keys.
+    key = (f"lst_rank_zero_first/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+           f"{next(_calls)}")
+    return run_rank_zero_first(work, what, _get_default_store(), key,
+                               torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
+def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank: int,
+                        world_size: int) -> T:
+    """`rank_zero_first` on an explicit `store` (a `torch.distributed.Store` every rank shares)
+    under `key`, as `rank` of `world_size`."""
+    if rank != 0:
+        _wait(f"rank 0 to {what}", quiet=rank != 1,
+              done=lambda: store.check([f"{key}/rank0"]))
+        if store.get(f"{key}/rank0") != _DONE:
+            raise OtherRankFailed(f"rank 0 failed to {what} (its message says why); this rank "
+                                 f"stops with it")
+    try:
+        result = work()
+    except BaseException:
+        store.set(f"{key}/failed", str(rank))
+        if rank == 0:
+            store.set(f"{key}/rank0", _FAILED)
+        raise
+    if rank == 0:
+        store.set(f"{key}/rank0", _DONE)
+    store.add(f"{key}/finished", 1)
+
+    def all_finished() -> bool:
+        if store.check([f"{key}/failed"]):
+            failed = store.get(f"{key}/failed").decode()
+            raise OtherRankFailed(f"rank {failed} failed to {what} (its message says why); this "
+                                 f"rank stops with it")
+        return store.add(f"{key}/finished", 0) >= world_size
+
+    _wait(f"the other ranks to {what}", quiet=rank != 0, done=all_finished)
+    return result
+
+
+def _wait(whom: str, quiet: bool, done: Callable[[], bool]) -> None:
+    """Poll `done()` until it holds; unless `quiet`, log every `REPORT_SECONDS` of waiting."""
+    started = last_report = time.monotonic()
+    while True:
+        try:
+            if done():
+                return
+        except OtherRankFailed:
+            raise
+        except (RuntimeError, OSError) as error:  # the store's server (rank 0) is gone
+            raise OtherRankFailed(f"lost the process group's store while waiting for {whom} "
+                                 f"({error}): the rank or launcher serving it has stopped, and "
+                                 f"the job's first error says why") from None
+        time.sleep(POLL_SECONDS)
+        if not quiet and time.monotonic() - last_report >= REPORT_SECONDS:
+            last_report = time.monotonic()
+            logger.info("waiting for %s: %.0f min so far (no time limit: "
+                        "--distributed-timeout-minutes does not apply to this wait)",
+                        whom, (last_report - started) / 60)

@@ -1,0 +1,172 @@
+"""Rank 0 first, the other ranks after it: waits on the store's keys, not on a timed collective
+(threads stand in for ranks and share one in-memory store)."""
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from megatron_lst.training import rank_zero_first as module
+from megatron_lst.training.rank_zero_first import OtherRankFailed, run_rank_zero_first
+
+
+class CountingStore:
+    """A `HashStore` that counts the polls of each key (`check` and `add(key, 0)`)."""
+
+    def __init__(self):
+        self.store = torch.distributed.HashStore()
+        self.polls: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.polled = threading.Condition(self.lock)
+
+    def _count(self, key):
+        with self.polled:
+            self.polls[key] = self.polls.get(key, 0) + 1
+            self.polled.notify_all()
+
+    def wait_for_polls(self, key, count):
+        with self.polled:
+            self.polled.wait_for(lambda: self.polls.get(key, 0) >= count)
+
+    def check(self, keys):
+        self._count(keys[0])
+        return self.store.check(keys)
+
+    def add(self, key, value):
+        if value == 0:
+            self._count(key)
+        return self.store.add(key, value)
+
+    def get(self, key):
+        return self.store.get(key)
+
+    def set(self, key, value):
+        self.store.set(key, value)
+
+
+def run_ranks(works, store):
+    """Each rank's `works[rank]` under `run_rank_zero_first` on its own thread; returns their
+    results (or raised exceptions) in rank order and the threads, running."""
+    outcomes = [None] * len(works)
+
+    def rank_main(rank):
+        try:
+            outcomes[rank] = run_rank_zero_first(works[rank], "build the datasets", store, "k",
+                                                 rank, len(works))
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            outcomes[rank] = error
+
+    threads = [threading.Thread(target=rank_main, args=(rank,), daemon=True)
+               for rank in range(len(works))]
+    for thread in threads:
+        thread.start()
+    return outcomes, threads
+
+
+@pytest.fixture(autouse=True)
+def fast_polls(monkeypatch):
+    monkeypatch.setattr(module, "POLL_SECONDS", 0.001)
+    monkeypatch.setattr(module, "REPORT_SECONDS", 0.0)  # a log line every poll
+
+
+def test_other_ranks_wait_for_a_slow_rank_zero_however_long_it_takes(caplog):
+    # Was a broadcast: a row-index build longer than --distributed-timeout-minutes killed the
+    # waiting ranks with a gloo/NCCL timeout.
+    store, order = CountingStore(), []
+    release = threading.Event()
+
+    def slow_rank_zero():
+        release.wait()  # building, for as long as the test likes
+        order.append("rank 0 built")
+        return "datasets 0"
+
+    def loading(rank):
+        def work():
+            order.append(f"rank {rank} loaded")
+            return f"datasets {rank}"
+        return work
+
+    with caplog.at_level(logging.INFO, logger=module.__name__):
+        outcomes, threads = run_ranks([slow_rank_zero, loading(1), loading(2)], store)
+        store.wait_for_polls("k/rank0", 200)  # the other ranks keep waiting
+        assert order == []
+        release.set()
+        for thread in threads:
+            thread.join()
+    assert outcomes == ["datasets 0", "datasets 1", "datasets 2"]
+    assert order[0] == "rank 0 built" and sorted(order[1:]) == ["rank 1 loaded", "rank 2 loaded"]
+    waits = [r.getMessage() for r in caplog.records if "waiting for rank 0" in r.getMessage()]
+    assert waits and waits[0].startswith("waiting for rank 0 to build the datasets: ")
+    assert "--distributed-timeout-minutes does not apply" in waits[0]
+    assert all(r.thread == threads[1].ident for r in caplog.records
+               if "waiting for rank 0" in r.getMessage())  # one rank reports, not every rank
+
+
+def test_no_rank_leaves_while_another_still_builds():
+    # A rank without rank 0's cache (storage of its own) builds again: rank 0 waits for it here
+    # instead of in the next collective, which would time out.
+    store = CountingStore()
+    release = threading.Event()
+
+    def slow_rank_one():
+        release.wait()
+        return 1
+
+    outcomes, threads = run_ranks([lambda: 0, slow_rank_one], store)
+    store.wait_for_polls("k/finished", 100)
+    assert threads[0].is_alive() and outcomes == [None, None]
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert outcomes == [0, 1]
+
+
+def test_when_rank_zero_fails_the_others_stop_without_working():
+    store, worked = CountingStore(), []
+
+    def failing():
+        raise ValueError("bad.idx: truncated")
+
+    outcomes, threads = run_ranks([failing, lambda: worked.append(1)], store)
+    for thread in threads:
+        thread.join()
+    assert isinstance(outcomes[0], ValueError)
+    assert isinstance(outcomes[1], OtherRankFailed)
+    assert str(outcomes[1]) == ("rank 0 failed to build the datasets (its message says why); "
+                                "this rank stops with it")
+    assert worked == []
+
+
+def test_when_another_rank_fails_rank_zero_stops_instead_of_waiting():
+    store = CountingStore()
+
+    def failing():
+        raise ValueError("no such file")
+
+    outcomes, threads = run_ranks([lambda: 0, lambda: 1, failing], store)
+    for thread in threads:
+        thread.join()
+    assert isinstance(outcomes[2], ValueError)
+    for outcome in outcomes[:2]:
+        assert isinstance(outcome, OtherRankFailed)
+        assert str(outcome).startswith("rank 2 failed to build the datasets")
+
+
+def test_a_lost_store_is_named():
+    class GoneStore(CountingStore):
+        def check(self, keys):
+            raise RuntimeError("Connection reset by peer")
+
+    outcomes, threads = run_ranks([lambda: 0, lambda: 1], GoneStore())
+    for thread in threads:
+        thread.join()
+    assert [type(outcome) for outcome in outcomes] == [OtherRankFailed, OtherRankFailed]
+    assert str(outcomes[1]).startswith(
+        "lost the process group's store while waiting for rank 0 to build the datasets "
+        "(Connection reset by peer): the rank or launcher serving it has stopped")
+    assert "waiting for the other ranks to build the datasets" in str(outcomes[0])
+
+
+def test_a_single_process_just_works():
+    assert module.rank_zero_first(lambda: 7, "build the datasets") == 7
