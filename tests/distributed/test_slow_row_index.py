@@ -2,9 +2,9 @@
 group's timeout (which a collective wait would hit)."""
 
 import pytest
+from training.training_cases import tiny_flags, write_corpus
 
 from distributed.harness import WORKERS_DIR, run_distributed
-from training.training_cases import tiny_flags, write_corpus
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
