@@ -37,6 +37,14 @@ _DTYPE = np.int32
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _INDEX_HEAD = struct.Struct("<9sQBQQ")
 _INT32_CODE = 4  # megatron.core's DType code of int32, the only dtype DocumentWriter writes
+# megatron.core's DType codes, to name what another writer stored (Megatron-LM's
+# preprocess_data.py picks uint16 for vocabularies under 65500 tokens, else int32).
+_DTYPE_NAMES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64",
+                7: "float32", 8: "uint16"}
+_MEGATRON_LM_ADVICE = ("LST datasets hold int32 ids of the joint text+speech vocabulary with a "
+                       "manifest (a Megatron-LM preprocess_data.py output does not): run "
+                       "tools/preprocess_data.py on the source documents (text JSONL: "
+                       "--input-format text-jsonl)")
 _SPOOL_BUFFER = 1 << 20  # bytes: DocumentWriter's write buffer and index block
 
 
@@ -138,16 +146,25 @@ def _check_index_file(idx_path: str) -> None:
         raise StoreError(f"{idx_path}: does not start with a version-1 Megatron index header; "
                          f"{advice}")
     if dtype_code != _INT32_CODE:  # megatron.core fails on an unknown code, noisily
+        dtype = f"{_DTYPE_NAMES[dtype_code]} ids" if dtype_code in _DTYPE_NAMES else "no dtype"
         raise StoreError(f"{idx_path}: its header gives dtype code {dtype_code}, not int32's "
-                         f"{_INT32_CODE}: the data was not written by tools/preprocess_data.py "
-                         f"(re-run it)")
+                         f"{_INT32_CODE} ({dtype}): the data was not written by "
+                         f"tools/preprocess_data.py; {_MEGATRON_LM_ADVICE}")
     expected = _INDEX_HEAD.size + 12 * num_sequences + 8 * num_documents
+    if num_sequences and size == expected + num_sequences:  # an int8 mode after each sequence
+        raise StoreError(f"{idx_path}: holds a sequence mode for each of its {num_sequences} "
+                         f"sequences, a multimodal Megatron index, which tools/preprocess_data.py "
+                         f"never writes; {_MEGATRON_LM_ADVICE}")
     if size != expected:
         raise StoreError(f"{idx_path}: is {size} bytes but its header lists {num_sequences} "
                          f"sequences and {num_documents} document indices ({expected} bytes); "
                          f"{advice}")
     if num_documents == 0:
         raise StoreError(f"{idx_path}: its header lists no document indices; {advice}")
+    if num_documents == 1:  # just the leading 0: megatron.core cannot map the empty .bin
+        raise StoreError(f"{idx_path}: holds no documents; a dataset needs at least one: leave "
+                         f"it out of the data paths, or re-run tools/preprocess_data.py on "
+                         f"inputs that have documents")
     with open(idx_path, "rb") as stream:  # the document boundaries: 0 first, the count last
         stream.seek(_INDEX_HEAD.size + 12 * num_sequences)
         first = int.from_bytes(stream.read(8), "little", signed=True)
@@ -157,6 +174,22 @@ def _check_index_file(idx_path: str) -> None:
         raise StoreError(f"{idx_path}: its document boundaries run from sequence {first} to "
                          f"{last}, not from 0 to its {num_sequences} sequences; the index is "
                          f"damaged (re-run tools/preprocess_data.py)")
+
+
+def _refuse_empty_bin(prefix: str) -> None:
+    """Raise StoreError for a `.bin` of 0 bytes (megatron.core cannot map it): documents that
+    all hold nothing, or a truncated file, whichever the `.idx` (checked) says."""
+    idx_path, bin_path = get_idx_path(prefix), get_bin_path(prefix)
+    with open(idx_path, "rb") as stream:
+        _, _, _, num_sequences, num_documents = _INDEX_HEAD.unpack(stream.read(_INDEX_HEAD.size))
+        lengths = np.fromfile(stream, dtype=np.int32, count=num_sequences)
+    if not lengths.any():
+        raise StoreError(f"{bin_path}: holds no tokens: each of the {num_documents - 1} "
+                         f"documents {idx_path} lists is empty (no text pieces, no units), "
+                         f"nothing to train on; re-run tools/preprocess_data.py on inputs with "
+                         f"text or speech")
+    raise StoreError(f"{bin_path}: is empty (0 bytes); the file is truncated or was never "
+                     f"written (re-run tools/preprocess_data.py)")
 
 
 class DocumentStore:
@@ -180,8 +213,7 @@ class DocumentStore:
                                  f"next to it (re-run tools/preprocess_data.py)")
         _check_index_file(get_idx_path(self.prefix))
         if os.path.getsize(get_bin_path(self.prefix)) == 0:  # megatron.core cannot map it
-            raise StoreError(f"{get_bin_path(self.prefix)}: is empty (0 bytes); the file is "
-                             f"truncated or was never written (re-run tools/preprocess_data.py)")
+            _refuse_empty_bin(self.prefix)
         try:
             self._dataset = IndexedDataset(self.prefix, mmap=True)
         except (AssertionError, ValueError, struct.error) as error:
