@@ -301,6 +301,19 @@ def test_unsupported_megatron_flags_are_named_not_unrecognized(tmp_path, given):
         parse_args(given)
 
 
+@pytest.mark.parametrize("given, reason", [
+    # Megatron-LM data flags of a ported launch script: were "unrecognized arguments".
+    (["--test-data-path", "a"], "never reads a test split; drop the flag"),
+    (["--per-split-data-args-path", "splits.json"], "give the datasets on the command line"),
+    (["--dataloader-type", "cyclic"], "always Megatron-LM's 'single' one"),
+    (["--num-dataset-builder-threads", "4"], "use that"),
+])
+def test_megatron_data_flags_are_named_with_what_to_do(given, reason):
+    with pytest.raises(ArgumentError, match=rf"{given[0]} is a Megatron-LM flag that lst-train "
+                                            rf"does not take: .*{reason}"):
+        parse_args(given)
+
+
 @pytest.mark.parametrize("key", ["cp_comm_type", "--cp-comm-type"])
 def test_unsupported_megatron_flag_is_named_under_any_spelling_of_its_config_key(tmp_path, key):
     # A key spelled with underscores (as argparse's dest, Megatron-LM's args.yaml) or with the
