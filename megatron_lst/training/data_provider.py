@@ -56,6 +56,8 @@ from megatron_lst.training.rank_zero_first import OtherRankFailed, rank_zero_fir
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+# BOS, <t> and EOS around a text document's pieces (`Interleaver.text_document`).
+_SPECIALS_PER_DOCUMENT = 3
 
 
 class DocumentRange:
@@ -273,13 +275,14 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
 
 def split_sizes(parts: list[DocumentRange], task: str) -> list[int]:
     """What Megatron-LM weighs datasets given without weights by, their samples in one epoch of
-    the split, here: the utterances of each part for task rows (one row each), and for
-    pretraining rows the text pieces and units of its documents (Megatron-LM's samples are its
-    tokens over --seq-length; rows of patches hold a number of tokens that depends on the
-    patching, so the tokens stand in for them)."""
+    the split (its tokens over --seq-length), here: the utterances of each part for task rows (one
+    row each), and for pretraining rows its documents' tokens: text pieces and units, plus the
+    BOS, `<t>` and EOS a document is laid out with. A text document's tokens are its patches, so
+    the weights of text datasets are their rows per epoch; an aligned document's count both its
+    transcript and its units, of which interleaving reads one or the other, word by word."""
     if task != "lm":
         return [len(part) for part in parts]
-    return [int(part.token_counts().sum()) for part in parts]
+    return [int(part.token_counts().sum()) + _SPECIALS_PER_DOCUMENT * len(part) for part in parts]
 
 
 def _validation_sources(args: argparse.Namespace,

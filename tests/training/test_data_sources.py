@@ -247,12 +247,13 @@ def test_datasets_without_weights_are_blended_by_size_as_in_megatron(tmp_path, c
                                                                      train_documents):
     # Megatron-LM weighs a list of prefixes without weights by the datasets' sizes, so that one
     # epoch of the blend is one epoch of every dataset (was refused: "several datasets without
-    # weights"). Documents of 11 pieces are 14 stream tokens: 2 rows of 7 new tokens each.
+    # weights"). Documents of 11 and 25 pieces are 14 and 28 stream tokens (BOS <t> ... EOS), one
+    # patch each: 2 and 4 rows of 7 new tokens (--seq-length 8).
     import logging
 
     big = write_text_store(tmp_path / "big", 100, 11)
-    small = write_text_store(tmp_path / "small", 20, 11)
-    rows = [2 * count for count in train_documents]  # one epoch of each train part
+    small = write_text_store(tmp_path / "small", 20, 25)
+    rows = [2 * train_documents[0], 4 * train_documents[1]]  # one epoch of each train part
     iters = sum(rows) // 4  # --global-batch-size 4
     flags = with_data(tiny_flags([big]), flag, big, small) + ["--train-iters", str(iters)]
     with caplog.at_level(logging.INFO):
@@ -265,7 +266,7 @@ def test_datasets_without_weights_are_blended_by_size_as_in_megatron(tmp_path, c
         # once, none of them repeated while another is not finished.
         position, _, _ = source._heads[-1]
         assert position == count - 1
-    tokens = [count * 11 for count in train_documents]
+    tokens = [train_documents[0] * 14, train_documents[1] * 28]
     assert (f"train blend of datasets given without weights, weighted by their tokens: "
             f"{big} {tokens[0]} ({tokens[0] / sum(tokens):.4g}), "
             f"{small} {tokens[1]} ({tokens[1] / sum(tokens):.4g})") in caplog.text
