@@ -46,6 +46,7 @@ _MEGATRON_LM_ADVICE = ("LST datasets hold int32 ids of the joint text+speech voc
                        "tools/preprocess_data.py on the source documents (text JSONL: "
                        "--input-format text-jsonl)")
 _SPOOL_BUFFER = 1 << 20  # bytes: DocumentWriter's write buffer and index block
+_VALIDATE_BLOCK = 1 << 20  # documents DocumentStore checks at a time when it opens a store
 
 
 class StoreError(DocumentError):
@@ -230,43 +231,53 @@ class DocumentStore:
                                 f"({error}); re-run tools/preprocess_data.py") from None
 
     def _validate(self) -> None:
-        index = self._dataset.index
-        idx_path = get_idx_path(self.prefix)
-        lengths = self._dataset.sequence_lengths
+        """The index against itself, the `.bin` and the manifest, in blocks of
+        `_VALIDATE_BLOCK` sequences: memory stays flat however large the corpus (every rank opens
+        every store)."""
+        lengths = self._dataset.sequence_lengths  # [num_sequences] int32, memory-mapped
+        pointers = self._dataset.index.sequence_pointers  # [num_sequences] int64
         doc_bounds = self._dataset.document_indices
+        idx_path = get_idx_path(self.prefix)
         num_docs = len(doc_bounds) - 1
         if num_docs != self.manifest.counts.documents:
             raise StoreError(f"{idx_path}: holds {num_docs} documents but {self.prefix}.json "
                              f"says {self.manifest.counts.documents}")
-        if (np.diff(doc_bounds) != self._per_doc).any():
-            raise StoreError(f"{idx_path}: a {self.kind} document must hold {self._per_doc} "
-                             f"sequences; this index was not written by DocumentWriter")
-        negative = np.flatnonzero(lengths < 0)
-        if len(negative):
-            first = int(negative[0])
-            raise StoreError(f"{idx_path}: sequence {first} (document {first // self._per_doc}) "
-                             f"has length {int(lengths[first])}; the index is damaged (re-run "
-                             f"tools/preprocess_data.py)")
+        for first in range(0, num_docs, _VALIDATE_BLOCK):
+            if (np.diff(doc_bounds[first:first + _VALIDATE_BLOCK + 1]) != self._per_doc).any():
+                raise StoreError(f"{idx_path}: a {self.kind} document must hold {self._per_doc} "
+                                 f"sequences; this index was not written by DocumentWriter")
         itemsize = np.dtype(_DTYPE).itemsize
-        # DocumentWriter appends sequences back to back: each starts where the one before ends.
-        starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]) * itemsize
-        moved = np.flatnonzero(index.sequence_pointers != starts)
-        if len(moved):
-            first = int(moved[0])
-            raise StoreError(f"{idx_path}: sequence {first} (document "
-                             f"{first // self._per_doc}) starts at byte "
-                             f"{int(index.sequence_pointers[first])} of the .bin but the "
-                             f"sequences before it end at byte {int(starts[first])}: the index "
-                             f"lists the sequences in another order or is from another run "
-                             f"(re-run tools/preprocess_data.py)")
-        expected = int(lengths.sum(dtype=np.int64)) * itemsize
+        end = 0  # byte of the .bin where the sequences checked so far end
+        per_column = np.zeros(self._per_doc, dtype=np.int64)
+        block_size = _VALIDATE_BLOCK * self._per_doc  # whole documents
+        for first in range(0, len(lengths), block_size):
+            block = lengths[first:first + block_size]
+            negative = np.flatnonzero(block < 0)
+            if len(negative):
+                bad = first + int(negative[0])
+                raise StoreError(f"{idx_path}: sequence {bad} (document {bad // self._per_doc}) "
+                                 f"has length {int(lengths[bad])}; the index is damaged (re-run "
+                                 f"tools/preprocess_data.py)")
+            # DocumentWriter appends sequences back to back: each starts where the one before ends.
+            ends = end + np.cumsum(block, dtype=np.int64) * itemsize
+            starts = np.concatenate([[end], ends[:-1]])
+            moved = np.flatnonzero(pointers[first:first + block_size] != starts)
+            if len(moved):
+                bad = first + int(moved[0])
+                raise StoreError(f"{idx_path}: sequence {bad} (document "
+                                 f"{bad // self._per_doc}) starts at byte {int(pointers[bad])} of "
+                                 f"the .bin but the sequences before it end at byte "
+                                 f"{int(starts[moved[0]])}: the index lists the sequences in "
+                                 f"another order or is from another run (re-run "
+                                 f"tools/preprocess_data.py)")
+            end = int(ends[-1])
+            per_column += block.reshape(-1, self._per_doc).sum(axis=0, dtype=np.int64)
         bin_path = get_bin_path(self.prefix)
         actual = os.path.getsize(bin_path)
-        if actual != expected:
+        if actual != end:
             raise StoreError(f"{bin_path}: is {actual} bytes but {idx_path} describes "
-                             f"{expected} bytes; the file is truncated or from another run "
+                             f"{end} bytes; the file is truncated or from another run "
                              f"(re-run tools/preprocess_data.py)")
-        per_column = lengths.reshape(num_docs, self._per_doc).sum(axis=0, dtype=np.int64)
         stored = {"text_pieces": int(per_column[0])}
         if self.kind == "aligned":
             stored.update(units=int(per_column[1]), segments=int(per_column[2]))
@@ -297,10 +308,18 @@ class DocumentStore:
         parts = self.part_lengths()
         return parts[:, 0] if self.kind == "text" else parts[:, 0] + parts[:, 1]
 
-    def part_lengths(self) -> np.ndarray:
-        """[D, 4] int64 (aligned) or [D, 1] (text): the length of each document's sequences
-        (text ids, unit ids, the two segment tables), from the index only."""
-        return self._dataset.sequence_lengths.astype(np.int64).reshape(-1, self._per_doc)
+    def token_total(self, start: int = 0, stop: int | None = None) -> int:
+        """Text pieces + units of documents `[start, stop)` (no specials), from the index only,
+        without a per-document array."""
+        columns = 1 if self.kind == "text" else 2  # text ids (and unit ids)
+        lengths = self._dataset.sequence_lengths.reshape(-1, self._per_doc)
+        return int(lengths[start:stop, :columns].sum(dtype=np.int64))
+
+    def part_lengths(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """[D, 4] int64 (aligned) or [D, 1] (text): the length of each sequence of documents
+        `[start, stop)` (text ids, unit ids, the two segment tables), from the index only."""
+        lengths = self._dataset.sequence_lengths.reshape(-1, self._per_doc)
+        return lengths[start:stop].astype(np.int64)
 
     def check_tokenizer(self, tokenizer) -> None:
         """Raise VocabularyError unless `tokenizer` is the one the text ids were made with."""

@@ -62,7 +62,7 @@ _SPECIALS_PER_DOCUMENT = 3
 
 class DocumentRange:
     """Documents `[start, stop)` of a store, with the store's interface (`kind`, `vocab`,
-    `prefix`, len, indexing, `describe`, `part_lengths`). The dataset keys its cached row index by the store's files, not by
+    `prefix`, len, indexing, `describe`, `part_lengths`, `token_total`). The dataset keys its cached row index by the store's files, not by
     the range: give each range a cache directory of its own (`build_datasets` does)."""
 
     def __init__(self, store: DocumentStore, start: int, stop: int):
@@ -88,11 +88,11 @@ class DocumentRange:
         return self.store.describe(self.start + index)
 
     def part_lengths(self) -> np.ndarray:
-        return self.store.part_lengths()[self.start:self.stop]
+        return self.store.part_lengths(self.start, self.stop)
 
-    def token_counts(self) -> np.ndarray:
-        """[stop - start] int64: text pieces + units of each document (no specials)."""
-        return self.store.token_counts()[self.start:self.stop]
+    def token_total(self) -> int:
+        """Text pieces + units of the range's documents (no specials)."""
+        return self.store.token_total(self.start, self.stop)
 
 
 def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
@@ -282,7 +282,7 @@ def split_sizes(parts: list[DocumentRange], task: str) -> list[int]:
     transcript and its units, of which interleaving reads one or the other, word by word."""
     if task != "lm":
         return [len(part) for part in parts]
-    return [int(part.token_counts().sum()) + _SPECIALS_PER_DOCUMENT * len(part) for part in parts]
+    return [part.token_total() + _SPECIALS_PER_DOCUMENT * len(part) for part in parts]
 
 
 def _validation_sources(args: argparse.Namespace,

@@ -535,3 +535,31 @@ def test_a_dataset_with_nothing_in_it_is_named_as_such(tmp_path, tokenizer, docu
         DocumentStore(prefix)
     gc.collect()
     assert "Exception ignored" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_opening_a_store_checks_it_block_by_block_with_memory_flat(aligned_store, monkeypatch,
+                                                                   block):
+    """The whole-index arrays of the check (cumulative byte offsets, one int64 a sequence) took
+    640 MB to open a store of 10M aligned documents, on every rank: now a block at a time. An
+    error in a later block is found and named as before."""
+    from megatron_lst.data import indexed
+
+    monkeypatch.setattr(indexed, "_VALIDATE_BLOCK", block)
+    prefix, documents = aligned_store
+    store = DocumentStore(prefix)
+    assert len(store) == 30
+    assert store.token_total() == sum(len(d.text_ids) + len(d.unit_ids) for d in documents)
+    assert store.token_total(4, 9) == sum(len(d.text_ids) + len(d.unit_ids)
+                                          for d in documents[4:9])
+    del store
+    lengths, _, pointers = _sequence_views(prefix)
+    victim = 4 * 7 + 1  # document 7's units, in a later block
+    lengths[victim] += 1
+    lengths[victim + 1] -= 1  # the same total: only the next sequence's start moves
+    lengths.flush()
+    with pytest.raises(StoreError, match=rf"aligned.idx: sequence {victim + 1} \(document 7\) "
+                                         rf"starts at byte {4 * int(pointers[victim + 1])} of the "
+                                         rf".bin but the sequences before it end at byte "
+                                         rf"{4 * int(pointers[victim + 1]) + 4}"):
+        DocumentStore(prefix)
