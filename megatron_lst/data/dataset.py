@@ -82,6 +82,40 @@ class DatasetError(ValueError):
     """The dataset cannot be built from these documents and settings."""
 
 
+class EpochOrders:
+    """Stream position q of a store of `size` documents is document
+    `default_rng([seed, q // size, ORDER]).permutation(size)[q % size]` of epoch q // size.
+
+    The orders of the `KEPT` epochs used last are kept (int32 where the ids fit), not every
+    epoch's: a permutation of 100M documents is 400 MB, and a run of many epochs, in every
+    loader worker of every rank, kept one for each. The row-index pass and the rows read the
+    stream in order, so a position rarely reaches back further (tiny stores, many epochs a row,
+    redraw their cheap orders).
+    """
+
+    KEPT = 4
+
+    def __init__(self, seed: int, size: int):
+        self.seed = seed
+        self.size = size
+        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def document(self, position: int) -> tuple[int, int]:
+        """(epoch, document id) at stream `position`."""
+        epoch, offset = divmod(position, self.size)
+        order = self._orders.get(epoch)
+        if order is None:
+            order = np.random.default_rng([self.seed, epoch, _ORDER]).permutation(self.size)
+            if self.size <= np.iinfo(np.int32).max:
+                order = order.astype(np.int32)
+            self._orders[epoch] = order
+            if len(self._orders) > self.KEPT:
+                self._orders.popitem(last=False)
+        else:
+            self._orders.move_to_end(epoch)
+        return epoch, int(order[offset])
+
+
 class DocumentSource(Protocol):
     """What the dataset reads: `megatron_lst.data.indexed.DocumentStore` or any look-alike."""
 
@@ -182,18 +216,14 @@ class LSTDataset(torch.utils.data.Dataset):
         if space_id is None and hasattr(store, "manifest"):
             space_id = store.manifest.tokenizer.space_id  # recorded by tools/preprocess_data.py
         self.interleaver = Interleaver(store.vocab, space_id, interleave or InterleaveConfig())
-        self._orders: dict[int, np.ndarray] = {}
+        self._orders = EpochOrders(seed, len(store))
         self._documents: OrderedDict[tuple[int, int], _PatchedDocument] = OrderedDict()
         self._heads = self._load_or_build_row_heads(index_cache_dir)
 
     # ----- the stream of patched documents -----
 
     def _document_id(self, position: int) -> tuple[int, int]:
-        epoch, offset = divmod(position, len(self.store))
-        if epoch not in self._orders:
-            self._orders[epoch] = np.random.default_rng(
-                [self.seed, epoch, _ORDER]).permutation(len(self.store))
-        return epoch, int(self._orders[epoch][offset])
+        return self._orders.document(position)
 
     def step_of_row(self, row: int) -> int | None:
         """Training step of a row (None when not training), which drives curriculum patching."""

@@ -431,3 +431,15 @@ def test_row_index_cache_tells_ranges_of_one_store_apart(tmp_path):
         for i in (0, 17, 39):
             assert torch.equal(cached[i]["tokens"], fresh[i]["tokens"])
     assert len(list(cache.glob("lst_rows_*.npy"))) == 3
+
+
+def test_epoch_orders_keep_a_few_epochs_and_answer_as_the_formula():
+    # Every epoch's permutation was kept: 400 MB an epoch for 100M documents, per loader worker.
+    from megatron_lst.data.dataset import EpochOrders
+
+    orders = EpochOrders(seed=5, size=7)
+    for position in [*range(70), 3, 68, 10, 69]:  # ten epochs forward, then back and forth
+        epoch, offset = divmod(position, 7)
+        expected = int(np.random.default_rng([5, epoch, 0]).permutation(7)[offset])
+        assert orders.document(position) == (epoch, expected)
+        assert len(orders._orders) <= EpochOrders.KEPT
