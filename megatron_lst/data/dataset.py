@@ -361,8 +361,8 @@ class LSTDataset(torch.utils.data.Dataset):
         then rebuilt and replaced)."""
         if not path.exists():
             return None
-        try:
-            heads = np.load(path)
+        try:  # mapped, not read: the ranks of a node share its pages (24 bytes a row)
+            heads = np.load(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as error:
             logger.warning("%s: damaged row index (%s); building it again", path, error)
             return None
