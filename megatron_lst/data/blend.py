@@ -1,9 +1,9 @@
 """Blending datasets by weight (`--data-path W1 P1 W2 P2 ...`, as in Megatron-LM).
 
-Prefixes given without weights (`--data-path P1 P2 ...`) are weighted by their sizes, as Megatron-LM's
-`get_blend_from_list` and `BlendedMegatronDatasetBuilder` weight them (by each dataset's samples
-in one epoch of the split): `parse_data_path` leaves their weights None and `weights_from_sizes`
-fills them in from the sizes of the documents each split reads.
+Prefixes given without weights (`--data-path P1 P2 ...`) are weighted by their sizes, as
+Megatron-LM's `get_blend_from_list` and `BlendedMegatronDatasetBuilder` weight them (by each
+dataset's samples in one epoch of the split): `parse_data_path` leaves their weights None and
+`weights_from_sizes` fills them in from the sizes of the documents each split reads.
 
 Weights are normalised and count samples: with rows of a fixed number of global positions, a
 weight is a share of the compute (the paper's 67% text / 33% interleaved is a share of tokens;

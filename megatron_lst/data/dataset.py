@@ -87,8 +87,8 @@ class EpochOrders:
     `default_rng([seed, q // size, ORDER]).permutation(size)[q % size]` of epoch q // size.
 
     The orders of the `KEPT` epochs used last are kept (int32 where the ids fit), not every
-    epoch's: a permutation of 100M documents is 400 MB, and a run of many epochs, in every
-    loader worker of every rank, kept one for each. The row-index pass and the rows read the
+    epoch's: a permutation of 100M documents is 400 MB even as int32, and a run of many epochs
+    kept one for each, in every loader worker of every rank. The row-index pass and the rows read the
     stream in order, so a position rarely reaches back further (tiny stores, many epochs a row,
     redraw their cheap orders).
     """

@@ -62,8 +62,9 @@ _SPECIALS_PER_DOCUMENT = 3
 
 class DocumentRange:
     """Documents `[start, stop)` of a store, with the store's interface (`kind`, `vocab`,
-    `prefix`, len, indexing, `describe`, `part_lengths`, `token_total`). The dataset keys its cached row index by the store's files, not by
-    the range: give each range a cache directory of its own (`build_datasets` does)."""
+    `prefix`, len, indexing, `describe`, `part_lengths`, `token_total`). The dataset keys its
+    cached row index by the store's files, not by the range: give each range a cache directory
+    of its own (`build_datasets` does)."""
 
     def __init__(self, store: DocumentStore, start: int, stop: int):
         if not 0 <= start <= stop <= len(store):
