@@ -98,7 +98,11 @@ class DocumentRange:
 
 def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
     """`"969,30,1"` -> `{"train": (0, a), "valid": (a, b), "test": (b, D)}` over D documents,
-    Megatron-LM's rounding: cumulative proportions times D, rounded."""
+    with megatron.core's arithmetic (`parse_and_normalize_split`,
+    `convert_split_vector_to_split_matrix`): the proportions normalised, summed one after the
+    other in floating point, each edge `round(edge * D)`, so that every edge falls where
+    Megatron-LM puts it ("7,2,1" over 15 documents: valid is [10, 13), as 0.7 + 0.2 is just
+    under 0.9)."""
     try:
         parts = [float(p) for p in split.replace("/", ",").split(",")]
     except ValueError:
@@ -110,8 +114,12 @@ def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
     parts = (parts + [0.0, 0.0, 0.0])[:3]
     if not all(0 <= p < math.inf for p in parts) or sum(parts) <= 0:
         raise DatasetError(f"--split {split!r}: proportions must be finite, >= 0 and not all 0")
-    cumulative = np.concatenate([[0.0], np.cumsum(parts) / sum(parts)])
-    edges = [int(round(c * num_documents)) for c in cumulative]
+    shares = np.array(parts, dtype=np.float64)
+    shares = (shares / np.sum(shares)).tolist()
+    cumulative = [0.0]
+    for share in shares:
+        cumulative.append(cumulative[-1] + share)
+    edges = [int(round(c * float(num_documents))) for c in cumulative]
     edges[-1] = num_documents
     return {name: (edges[i], edges[i + 1]) for i, name in enumerate(SPLITS)}
 
