@@ -8,11 +8,14 @@ keys of the process group's key-value store instead, polled every `POLL_SECONDS`
 deadline and with a log line every `REPORT_SECONDS`:
 
 1. rank 0 does the work and sets `<key>/rank0` to "done", or "failed" if it raised;
-2. the other ranks wait for that key, then do the work (loading what rank 0 cached) or, when
-   rank 0 failed, raise `OtherRankFailed`;
+2. the other ranks wait for that key (and raise `OtherRankFailed` when rank 0 failed); then on
+   each host the first rank to get there does the work, and the host's other ranks wait for it
+   before they do theirs: ranks that do not find rank 0's cache (a copy of the data on each
+   node's own disk is a different file, with a row index of its own) build it once per host and
+   load it from there, instead of every rank of the host building it at once over the same CPUs;
 3. every rank adds itself to `<key>/finished` (or sets `<key>/failed` to its rank when its work
    raised) and waits until all have, so that no rank leaves for the next collective while
-   another still builds (a rank without rank 0's cache, on storage of its own, builds again).
+   another still builds.
 
 A rank that dies without a word leaves the others waiting until the launcher (torchrun, SLURM)
 stops them, as it does when a rank exits; when the store's server goes (rank 0 serves it
@@ -24,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -45,9 +49,10 @@ class OtherRankFailed(RuntimeError):
 
 
 def rank_zero_first(work: Callable[[], T], what: str) -> T:
-    """`work()` on rank 0, then on the other ranks of the default process group; returns on
-    every rank once every rank has done it. `what` (e.g. "build the datasets") names the work in
-    the wait's log lines and errors. Without a process group of several ranks: `work()`."""
+    """`work()` on rank 0, then on the other ranks of the default process group (first one per
+    host); returns on every rank once every rank has done it. `what` (e.g. "build the
+    datasets") names the work in the wait's log lines and errors. Without a process group of
+    several ranks: `work()`."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return work()
     from torch.distributed.distributed_c10d import _get_default_store
@@ -57,19 +62,29 @@ def rank_zero_first(work: Callable[[], T], what: str) -> T:
     key = (f"lst_rank_zero_first/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
            f"{next(_calls)}")
     return run_rank_zero_first(work, what, _get_default_store(), key,
-                               torch.distributed.get_rank(), torch.distributed.get_world_size())
+                               torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                               socket.gethostname())
 
 
 def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank: int,
-                        world_size: int) -> T:
+                        world_size: int, host: str) -> T:
     """`rank_zero_first` on an explicit `store` (a `torch.distributed.Store` every rank shares)
-    under `key`, as `rank` of `world_size`."""
-    if rank != 0:
+    under `key`, as `rank` of `world_size` running on `host`."""
+    host_key = f"{key}/host/{host}"
+    if rank == 0:
+        store.add(f"{host_key}/arrivals", 1)  # first on its host: the others come after it
+        leads_host = True
+    else:
         _wait(f"rank 0 to {what}", quiet=rank != 1,
               done=lambda: store.check([f"{key}/rank0"]))
         if store.get(f"{key}/rank0") != _DONE:
             raise OtherRankFailed(f"rank 0 failed to {what} (its message says why); this rank "
-                                 f"stops with it")
+                                  f"stops with it")
+        arrival = store.add(f"{host_key}/arrivals", 1)
+        leads_host = arrival == 1
+        if not leads_host:
+            _wait(f"the first rank on {host} to {what}", quiet=arrival != 2,
+                  done=lambda: _failed(store, key, what) or store.check([f"{host_key}/done"]))
     try:
         result = work()
     except BaseException:
@@ -79,17 +94,22 @@ def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank:
         raise
     if rank == 0:
         store.set(f"{key}/rank0", _DONE)
+    if leads_host:
+        store.set(f"{host_key}/done", _DONE)
     store.add(f"{key}/finished", 1)
-
-    def all_finished() -> bool:
-        if store.check([f"{key}/failed"]):
-            failed = store.get(f"{key}/failed").decode()
-            raise OtherRankFailed(f"rank {failed} failed to {what} (its message says why); this "
-                                 f"rank stops with it")
-        return store.add(f"{key}/finished", 0) >= world_size
-
-    _wait(f"the other ranks to {what}", quiet=rank != 0, done=all_finished)
+    _wait(f"the other ranks to {what}", quiet=rank != 0,
+          done=lambda: _failed(store, key, what)
+          or store.add(f"{key}/finished", 0) >= world_size)
     return result
+
+
+def _failed(store, key: str, what: str) -> bool:
+    """False, or OtherRankFailed when a rank has set `<key>/failed`."""
+    if store.check([f"{key}/failed"]):
+        failed = store.get(f"{key}/failed").decode()
+        raise OtherRankFailed(f"rank {failed} failed to {what} (its message says why); this "
+                              f"rank stops with it")
+    return False
 
 
 def _wait(whom: str, quiet: bool, done: Callable[[], bool]) -> None:
@@ -101,10 +121,10 @@ def _wait(whom: str, quiet: bool, done: Callable[[], bool]) -> None:
                 return
         except OtherRankFailed:
             raise
-        except (RuntimeError, OSError) as error:  # the store's server (rank 0) is gone
+        except (RuntimeError, OSError) as error:  # the store's server is gone
             raise OtherRankFailed(f"lost the process group's store while waiting for {whom} "
-                                 f"({error}): the rank or launcher serving it has stopped, and "
-                                 f"the job's first error says why") from None
+                                  f"({error}): the rank or launcher serving it has stopped, and "
+                                  f"the job's first error says why") from None
         time.sleep(POLL_SECONDS)
         if not quiet and time.monotonic() - last_report >= REPORT_SECONDS:
             last_report = time.monotonic()

@@ -45,15 +45,17 @@ class CountingStore:
         self.store.set(key, value)
 
 
-def run_ranks(works, store):
-    """Each rank's `works[rank]` under `run_rank_zero_first` on its own thread; returns their
-    results (or raised exceptions) in rank order and the threads, running."""
+def run_ranks(works, store, hosts=None):
+    """Each rank's `works[rank]` under `run_rank_zero_first` on its own thread (on `hosts[rank]`,
+    default one host); returns their results (or raised exceptions) in rank order and the
+    threads, running."""
     outcomes = [None] * len(works)
+    hosts = hosts or ["node0"] * len(works)
 
     def rank_main(rank):
         try:
             outcomes[rank] = run_rank_zero_first(works[rank], "build the datasets", store, "k",
-                                                 rank, len(works))
+                                                 rank, len(works), hosts[rank])
         except Exception as error:  # noqa: BLE001 - the test inspects it
             outcomes[rank] = error
 
@@ -120,6 +122,72 @@ def test_no_rank_leaves_while_another_still_builds():
     for thread in threads:
         thread.join()
     assert outcomes == [0, 1]
+
+
+def test_on_each_host_one_rank_works_before_the_others():
+    # A copy of the data on each node's own disk misses rank 0's cache: every rank of the node
+    # built the same row index at once, over the same CPUs. Now the host's first rank builds it
+    # and the host's other ranks load it.
+    store, started = CountingStore(), []
+    release = threading.Event()
+    lock = threading.Lock()
+
+    def work(rank, slow=False):
+        def run():
+            with lock:
+                started.append(rank)
+            if slow:
+                release.wait()
+            return rank
+        return run
+
+    hosts = ["node0", "node0", "node1", "node1", "node1"]
+    leader_of_node1 = []
+
+    def node1_rank(rank):
+        def run():
+            with lock:
+                first = not leader_of_node1
+                leader_of_node1.append(rank)
+            return work(rank, slow=first)()
+        return run
+
+    outcomes, threads = run_ranks([work(0), work(1), node1_rank(2), node1_rank(3),
+                                   node1_rank(4)], store, hosts)
+    store.wait_for_polls("k/host/node1/done", 100)  # node1's others wait for its first rank
+    with lock:
+        assert sorted(started) == [0, 1, leader_of_node1[0]]
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert outcomes == [0, 1, 2, 3, 4]
+    assert sorted(started) == [0, 1, 2, 3, 4]
+
+
+def test_a_host_leader_failing_stops_the_ranks_waiting_for_it():
+    store, started = CountingStore(), []
+    lock = threading.Lock()
+
+    def node1_rank(rank):
+        def run():
+            with lock:
+                started.append(rank)
+                leads = len(started) == 1
+            if leads:
+                raise ValueError("no space left on device")
+            return rank
+        return run
+
+    outcomes, threads = run_ranks([lambda: 0, node1_rank(1), node1_rank(2)], store,
+                                  ["node0", "node1", "node1"])
+    for thread in threads:
+        thread.join()
+    leader = started[0]
+    assert started == [leader]  # the host's other rank never started
+    assert isinstance(outcomes[leader], ValueError)
+    for rank in (0, 3 - leader):
+        assert isinstance(outcomes[rank], OtherRankFailed)
+        assert str(outcomes[rank]).startswith(f"rank {leader} failed to build the datasets")
 
 
 def test_when_rank_zero_fails_the_others_stop_without_working():

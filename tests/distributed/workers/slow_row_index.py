@@ -23,7 +23,9 @@ def main() -> None:
     parser.add_argument("--results", required=True)
     args, flags = parser.parse_known_args()
 
-    dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout_seconds))
+    dist.init_process_group("gloo")  # the ranks may start seconds apart on a busy machine
+    dist.barrier()
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=args.timeout_seconds))
     rank = dist.get_rank()
     build = data_provider._build_datasets
 
