@@ -30,11 +30,12 @@ get (static and aligned for mixed and curriculum patching, with the document's r
 sequential pass cuts the rows from their patch ends, picking each document's rule from the step of
 the row where it begins. The result does not depend on the number of workers (`index_workers`,
 default: every CPU this process may use; the first 512 documents are always done in-process, so
-small datasets never start a pool). `__getitem__` repeats the same deterministic work for one row. With `index_cache_dir`, a store on disk (one with a `prefix`) keeps
-that row index in `lst_rows_<hash>.npy`, the hash covering the store's files (size, mtime,
-ctime, path),
-its length and, for a view of part of a store, the view's `start`, and every setting the cut
-depends on, so a restart or another rank loads it instead.
+small datasets never start a pool). The build logs its progress every `PROGRESS_SECONDS` and
+passes the line to `on_progress` when given. `__getitem__` repeats the same deterministic work
+for one row. With `index_cache_dir`, a store on disk (one with a `prefix`) keeps that row index in
+`lst_rows_<hash>.npy` (memory-mapped when loaded), the hash covering the store's files (size,
+mtime, ctime, path), its length and, for a view of part of a store, the view's `start`, and every
+setting the cut depends on, so a restart or another rank loads it instead.
 
 Curriculum step of row r: `sample_positions[r] // global_batch_size`, where `sample_positions`
 maps the dataset's rows to their places in the training order (identity by default; a blend passes
@@ -185,6 +186,7 @@ class LSTDataset(torch.utils.data.Dataset):
         training: bool = True,
         index_cache_dir: str | Path | None = None,
         index_workers: int | None = None,
+        on_progress: Callable[[str], None] | None = None,
     ):
         if store.kind not in ("aligned", "text"):
             raise DatasetError(f"document store kind must be 'aligned' or 'text', got {store.kind!r}")
@@ -216,6 +218,7 @@ class LSTDataset(torch.utils.data.Dataset):
         if space_id is None and hasattr(store, "manifest"):
             space_id = store.manifest.tokenizer.space_id  # recorded by tools/preprocess_data.py
         self.interleaver = Interleaver(store.vocab, space_id, interleave or InterleaveConfig())
+        self.on_progress = on_progress
         self._orders = EpochOrders(seed, len(store))
         self._documents: OrderedDict[tuple[int, int], _PatchedDocument] = OrderedDict()
         self._heads = self._load_or_build_row_heads(index_cache_dir)
@@ -382,9 +385,13 @@ class LSTDataset(torch.utils.data.Dataset):
                 plans.release_before(head.position)
                 if time.monotonic() - last_report > PROGRESS_SECONDS:
                     last_report = time.monotonic()
-                    logger.info("row index: %d of %d rows, %d documents, %.0f documents/s",
-                                row + 1, self.num_samples, head.position,
-                                head.position / (last_report - started))
+                    message = (f"row index of {getattr(self.store, 'prefix', 'the documents')}: "
+                               f"{row + 1} of {self.num_samples} rows, {head.position} "
+                               f"documents, {head.position / (last_report - started):.0f} "
+                               f"documents/s")
+                    logger.info("%s", message)
+                    if self.on_progress is not None:
+                        self.on_progress(message)
         return heads
 
     def _stored_patch_ends(self, position: int, start_row: int) -> np.ndarray:

@@ -51,7 +51,11 @@ from megatron_lst.data.task_rows import TaskDataset
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.exit_conditions import ExitConditions
-from megatron_lst.training.rank_zero_first import OtherRankFailed, rank_zero_first
+from megatron_lst.training.rank_zero_first import (
+    OtherRankFailed,
+    rank_zero_first,
+    report_progress,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +260,8 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
                 part, count, args.seq_length, args.max_tokens,
                 patcher, args.seed, global_batch_size=args.global_batch_size, space_id=space_id,
                 interleave=interleave, sample_positions=positions, training=training,
-                index_cache_dir=cache, index_workers=args.index_workers)
+                index_cache_dir=cache, index_workers=args.index_workers,
+                on_progress=report_progress)
 
         if any(weight is None for weight, _ in sources):  # given without weights: by size
             prefixes = [prefix for _, prefix in sources]

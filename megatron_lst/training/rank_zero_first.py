@@ -17,6 +17,10 @@ deadline and with a log line every `REPORT_SECONDS`:
    raised) and waits until all have, so that no rank leaves for the next collective while
    another still builds.
 
+The rank that others wait on passes on how far it has got: `report_progress(text)`, called
+from the work (the row-index build calls it with its progress line), sets a key whose latest text
+the waiting ranks add to their log lines.
+
 A rank that dies without a word leaves the others waiting until the launcher (torchrun, SLURM)
 stops them, as it does when a rank exits; when the store's server goes (rank 0 serves it
 without torchrun), the polls end with `OtherRankFailed` at once.
@@ -40,6 +44,8 @@ POLL_SECONDS = 1.0
 REPORT_SECONDS = 60.0
 _DONE, _FAILED = b"done", b"failed"
 _calls = itertools.count()  # every rank makes the same calls in the same order
+# (store, key) where this process's work reports its progress, while other ranks wait for it.
+_progress_key: tuple[object, str] | None = None
 
 T = TypeVar("T")
 
@@ -66,6 +72,14 @@ def rank_zero_first(work: Callable[[], T], what: str) -> T:
                                socket.gethostname())
 
 
+def report_progress(text: str) -> None:
+    """Tell the ranks waiting for this process's work how far it has got (a no-op unless this
+    process does work of `rank_zero_first` that other ranks wait for)."""
+    if _progress_key is not None:
+        store, key = _progress_key
+        store.set(key, text)
+
+
 def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank: int,
                         world_size: int, host: str) -> T:
     """`rank_zero_first` on an explicit `store` (a `torch.distributed.Store` every rank shares)
@@ -76,7 +90,8 @@ def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank:
         leads_host = True
     else:
         _wait(f"rank 0 to {what}", quiet=rank != 1,
-              done=lambda: store.check([f"{key}/rank0"]))
+              done=lambda: store.check([f"{key}/rank0"]),
+              progress=(store, f"{key}/rank0/progress"))
         if store.get(f"{key}/rank0") != _DONE:
             raise OtherRankFailed(f"rank 0 failed to {what} (its message says why); this rank "
                                   f"stops with it")
@@ -84,7 +99,11 @@ def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank:
         leads_host = arrival == 1
         if not leads_host:
             _wait(f"the first rank on {host} to {what}", quiet=arrival != 2,
-                  done=lambda: _failed(store, key, what) or store.check([f"{host_key}/done"]))
+                  done=lambda: _failed(store, key, what) or store.check([f"{host_key}/done"]),
+                  progress=(store, f"{host_key}/progress"))
+    global _progress_key
+    progress_key = f"{key}/rank0/progress" if rank == 0 else f"{host_key}/progress"
+    _progress_key = (store, progress_key) if leads_host else None
     try:
         result = work()
     except BaseException:
@@ -92,6 +111,8 @@ def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank:
         if rank == 0:
             store.set(f"{key}/rank0", _FAILED)
         raise
+    finally:
+        _progress_key = None
     if rank == 0:
         store.set(f"{key}/rank0", _DONE)
     if leads_host:
@@ -112,8 +133,10 @@ def _failed(store, key: str, what: str) -> bool:
     return False
 
 
-def _wait(whom: str, quiet: bool, done: Callable[[], bool]) -> None:
-    """Poll `done()` until it holds; unless `quiet`, log every `REPORT_SECONDS` of waiting."""
+def _wait(whom: str, quiet: bool, done: Callable[[], bool],
+          progress: tuple[object, str] | None = None) -> None:
+    """Poll `done()` until it holds; unless `quiet`, log every `REPORT_SECONDS` of waiting, with
+    the latest text at `progress` (store, key) when there is one."""
     started = last_report = time.monotonic()
     while True:
         try:
@@ -129,5 +152,13 @@ def _wait(whom: str, quiet: bool, done: Callable[[], bool]) -> None:
         if not quiet and time.monotonic() - last_report >= REPORT_SECONDS:
             last_report = time.monotonic()
             logger.info("waiting for %s: %.0f min so far (no time limit: "
-                        "--distributed-timeout-minutes does not apply to this wait)",
-                        whom, (last_report - started) / 60)
+                        "--distributed-timeout-minutes does not apply to this wait)%s",
+                        whom, (last_report - started) / 60, _latest(progress))
+
+
+def _latest(progress: tuple[object, str] | None) -> str:
+    """"; <text>" of the progress key when set, else ""."""
+    if progress is None:
+        return ""
+    store, key = progress
+    return f"; {store.get(key).decode()}" if store.check([key]) else ""

@@ -447,3 +447,21 @@ def test_epoch_orders_keep_a_few_epochs_and_answer_as_the_formula():
         expected = int(np.random.default_rng([5, epoch, 0]).permutation(7)[offset])
         assert orders.document(position) == (epoch, expected)
         assert len(orders._orders) <= EpochOrders.KEPT
+
+
+def test_row_index_progress_names_the_store_and_reaches_on_progress(monkeypatch, caplog):
+    import logging
+
+    from megatron_lst.data import dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "PROGRESS_SECONDS", -1.0)  # a line after every row
+    store = text_store(3, 20)
+    store.prefix = "data/text"
+    lines = []
+    with caplog.at_level(logging.INFO, logger=dataset_module.__name__):
+        LSTDataset(store, 6, 8, 8, Patcher(PatchingConfig("none")), 0, index_workers=1,
+                   on_progress=lines.append)
+    assert len(lines) == 6
+    assert lines[0].startswith("row index of data/text: 1 of 6 rows, ")
+    assert lines[-1].startswith("row index of data/text: 6 of 6 rows, ")
+    assert [r.getMessage() for r in caplog.records if "row index of" in r.getMessage()] == lines

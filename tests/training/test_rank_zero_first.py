@@ -76,9 +76,11 @@ def test_other_ranks_wait_for_a_slow_rank_zero_however_long_it_takes(caplog):
     # Was a broadcast: a row-index build longer than --distributed-timeout-minutes killed the
     # waiting ranks with a gloo/NCCL timeout.
     store, order = CountingStore(), []
-    release = threading.Event()
+    reported, release = threading.Event(), threading.Event()
 
     def slow_rank_zero():
+        module.report_progress("row index of data/speech: 5 of 10 rows")
+        reported.set()
         release.wait()  # building, for as long as the test likes
         order.append("rank 0 built")
         return "datasets 0"
@@ -91,7 +93,8 @@ def test_other_ranks_wait_for_a_slow_rank_zero_however_long_it_takes(caplog):
 
     with caplog.at_level(logging.INFO, logger=module.__name__):
         outcomes, threads = run_ranks([slow_rank_zero, loading(1), loading(2)], store)
-        store.wait_for_polls("k/rank0", 200)  # the other ranks keep waiting
+        reported.wait()
+        store.wait_for_polls("k/rank0", store.polls.get("k/rank0", 0) + 100)  # still waiting
         assert order == []
         release.set()
         for thread in threads:
@@ -103,6 +106,11 @@ def test_other_ranks_wait_for_a_slow_rank_zero_however_long_it_takes(caplog):
     assert "--distributed-timeout-minutes does not apply" in waits[0]
     assert all(r.thread == threads[1].ident for r in caplog.records
                if "waiting for rank 0" in r.getMessage())  # one rank reports, not every rank
+    # With rank 0's progress, passed on through the store.
+    assert waits[-1].endswith("does not apply to this wait); row index of data/speech: 5 of 10 "
+                              "rows")
+    module.report_progress("after the work")  # a no-op outside it
+    assert store.get("k/rank0/progress") == b"row index of data/speech: 5 of 10 rows"
 
 
 def test_no_rank_leaves_while_another_still_builds():
