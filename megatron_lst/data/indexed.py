@@ -275,9 +275,11 @@ class DocumentStore:
         bin_path = get_bin_path(self.prefix)
         actual = os.path.getsize(bin_path)
         if actual != end:
+            cause = ("truncated" if actual < end else
+                     "longer: written to after its index, or a .bin of another run")
             raise StoreError(f"{bin_path}: is {actual} bytes but {idx_path} describes "
-                             f"{end} bytes; the file is truncated or from another run "
-                             f"(re-run tools/preprocess_data.py)")
+                             f"{end} bytes; the file is {cause} (re-run "
+                             f"tools/preprocess_data.py)")
         stored = {"text_pieces": int(per_column[0])}
         if self.kind == "aligned":
             stored.update(units=int(per_column[1]), segments=int(per_column[2]))

@@ -109,6 +109,12 @@ def test_truncated_bin(aligned_store):
     with pytest.raises(StoreError, match=rf"aligned.bin: is {size - 4} bytes but .*aligned.idx "
                                          rf"describes {size} bytes; the file is truncated"):
         DocumentStore(prefix)
+    with open(bin_path, "r+b") as f:  # the other way: 4 bytes more than the index describes
+        f.truncate(size + 4)
+    with pytest.raises(StoreError, match=rf"aligned.bin: is {size + 4} bytes but .*aligned.idx "
+                                         rf"describes {size} bytes; the file is longer: written "
+                                         rf"to after its index, or a .bin of another run"):
+        DocumentStore(prefix)
 
 
 def test_an_empty_bin_is_named_without_noise_from_megatron(aligned_store, capfd):
