@@ -1,5 +1,10 @@
 """Blending datasets by weight (`--data-path W1 P1 W2 P2 ...`, as in Megatron-LM).
 
+Prefixes given without weights (`--data-path P1 P2 ...`) are weighted by their sizes, as
+Megatron-LM's `get_blend_from_list` and `BlendedMegatronDatasetBuilder` weight them (by each
+dataset's samples in one epoch of the split): `parse_data_path` leaves their weights None and
+`weights_from_sizes` fills them in from the sizes of the documents each split reads.
+
 Weights are normalised and count samples: with rows of a fixed number of global positions, a
 weight is a share of the compute (the paper's 67% text / 33% interleaved is a share of tokens;
 to blend by tokens, divide each weight by its source's tokens per sample). Sample i of the blend is
@@ -23,32 +28,49 @@ import torch
 from megatron_lst.data.dataset import DatasetError, LSTDataset
 
 
-def _refuse_repeated_prefixes(pairs: list[tuple[float, str]]) -> None:
+def _refuse_repeated_prefixes(pairs: list[tuple[float | None, str]]) -> None:
     """Two sources on one dataset draw the same rows in the same order (one seed, one
     document order): each row would be trained on twice and the rest of the dataset never.
     One dataset: the same data file, through any spelling or symbolic link."""
-    first_of: dict[str, tuple[float, str]] = {}
+    first_of: dict[str, tuple[float | None, str]] = {}
     for weight, prefix in pairs:
         key = os.path.realpath(prefix + ".bin")
         if key in first_of:
             first_weight, first_prefix = first_of[key]
+            fix = ("give it once" if weight is None else
+                   f"give it once with the summed weight {first_weight + weight:g}")
             raise DatasetError(
                 f"--data-path names {prefix!r} twice (also as {first_prefix!r}): both would "
-                f"draw the same rows, each trained on twice; give it once with the summed "
-                f"weight {first_weight + weight:g}")
+                f"draw the same rows, each trained on twice; {fix}")
         first_of[key] = (weight, prefix)
 
 
-def parse_data_path(args: Sequence[str]) -> list[tuple[float, str]]:
-    """`["P"]` or `["W1", "P1", "W2", "P2", ...]` -> normalised `[(weight, prefix), ...]`."""
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_data_path(args: Sequence[str]) -> list[tuple[float | None, str]]:
+    """`["P"]` or `["W1", "P1", "W2", "P2", ...]` -> normalised `[(weight, prefix), ...]`;
+    `["P1", "P2", ...]` (several prefixes, none of them a number) -> `[(None, P1), ...]`: weighted
+    by size, `weights_from_sizes`, once the documents of each split are known (Megatron-LM's
+    reading of a list without weights)."""
     args = list(args)
     if not args:
         raise DatasetError("--data-path is empty; give a prefix, or weight-prefix pairs W1 P1 W2 P2")
     if len(args) == 1:
         return [(1.0, args[0])]
+    if not any(_is_number(arg) for arg in args):
+        pairs: list[tuple[float | None, str]] = [(None, prefix) for prefix in args]
+        _refuse_repeated_prefixes(pairs)
+        return pairs
     if len(args) % 2:
         raise DatasetError(f"--data-path {' '.join(args)}: expected weight-prefix pairs "
-                           f"(W1 P1 W2 P2 ...), got {len(args)} values")
+                           f"(W1 P1 W2 P2 ...) or prefixes without weights, got {len(args)} "
+                           f"values, some of them numbers")
     pairs = []
     for weight, prefix in zip(args[0::2], args[1::2], strict=True):
         try:
@@ -60,14 +82,30 @@ def parse_data_path(args: Sequence[str]) -> list[tuple[float, str]]:
             raise DatasetError(f"--data-path: weight {weight} of {prefix!r} must be finite and >= 0")
         pairs.append((w, prefix))
     _refuse_repeated_prefixes(pairs)
+    return _normalised(pairs, f"--data-path {' '.join(args)}: the weights sum to 0")
+
+
+def _normalised(pairs: list[tuple[float, str]], all_zero: str) -> list[tuple[float, str]]:
     total = sum(w for w, _ in pairs)
     if total == np.inf:  # finite weights whose sum overflows: normalise them by the largest
         largest = max(w for w, _ in pairs)
         pairs = [(w / largest, prefix) for w, prefix in pairs]
         total = sum(w for w, _ in pairs)
     if total <= 0:
-        raise DatasetError(f"--data-path {' '.join(args)}: the weights sum to 0")
+        raise DatasetError(all_zero)
     return [(w / total, prefix) for w, prefix in pairs]
+
+
+def weights_from_sizes(prefixes: Sequence[str], sizes: Sequence[int], split: str
+                       ) -> list[tuple[float, str]]:
+    """Normalised `[(weight, prefix)]` of datasets given without weights, each weighted by its
+    size in `split` (its samples there, or what they are proportional to)."""
+    if len(sizes) != len(prefixes):
+        raise ValueError(f"{len(sizes)} sizes for {len(prefixes)} datasets")
+    return _normalised(
+        [(float(size), prefix) for size, prefix in zip(sizes, prefixes, strict=True)],
+        f"the {split} documents of {', '.join(prefixes)} hold nothing to weigh them by (their "
+        f"sizes are all 0); give weights, --data-path W1 P1 W2 P2 ...")
 
 
 def _blending_indices_numpy(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

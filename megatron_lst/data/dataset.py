@@ -30,11 +30,12 @@ get (static and aligned for mixed and curriculum patching, with the document's r
 sequential pass cuts the rows from their patch ends, picking each document's rule from the step of
 the row where it begins. The result does not depend on the number of workers (`index_workers`,
 default: every CPU this process may use; the first 512 documents are always done in-process, so
-small datasets never start a pool). `__getitem__` repeats the same deterministic work for one row. With `index_cache_dir`, a store on disk (one with a `prefix`) keeps
-that row index in `lst_rows_<hash>.npy`, the hash covering the store's files (size, mtime,
-ctime, path),
-its length and, for a view of part of a store, the view's `start`, and every setting the cut
-depends on, so a restart or another rank loads it instead.
+small datasets never start a pool). The build logs its progress every `PROGRESS_SECONDS` and
+passes the line to `on_progress` when given. `__getitem__` repeats the same deterministic work
+for one row. With `index_cache_dir`, a store on disk (one with a `prefix`) keeps that row index in
+`lst_rows_<hash>.npy` (memory-mapped when loaded), the hash covering the store's files (size,
+mtime, ctime, path), its length and, for a view of part of a store, the view's `start`, and every
+setting the cut depends on, so a restart or another rank loads it instead.
 
 Curriculum step of row r: `sample_positions[r] // global_batch_size`, where `sample_positions`
 maps the dataset's rows to their places in the training order (identity by default; a blend passes
@@ -80,6 +81,40 @@ PROGRESS_SECONDS = 30.0
 
 class DatasetError(ValueError):
     """The dataset cannot be built from these documents and settings."""
+
+
+class EpochOrders:
+    """Stream position q of a store of `size` documents is document
+    `default_rng([seed, q // size, ORDER]).permutation(size)[q % size]` of epoch q // size.
+
+    The orders of the `KEPT` epochs used last are kept (int32 where the ids fit), not every
+    epoch's: a permutation of 100M documents is 400 MB even as int32, and a run of many epochs
+    kept one for each, in every loader worker of every rank. The row-index pass and the rows read the
+    stream in order, so a position rarely reaches back further (tiny stores, many epochs a row,
+    redraw their cheap orders).
+    """
+
+    KEPT = 4
+
+    def __init__(self, seed: int, size: int):
+        self.seed = seed
+        self.size = size
+        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def document(self, position: int) -> tuple[int, int]:
+        """(epoch, document id) at stream `position`."""
+        epoch, offset = divmod(position, self.size)
+        order = self._orders.get(epoch)
+        if order is None:
+            order = np.random.default_rng([self.seed, epoch, _ORDER]).permutation(self.size)
+            if self.size <= np.iinfo(np.int32).max:
+                order = order.astype(np.int32)
+            self._orders[epoch] = order
+            if len(self._orders) > self.KEPT:
+                self._orders.popitem(last=False)
+        else:
+            self._orders.move_to_end(epoch)
+        return epoch, int(order[offset])
 
 
 class DocumentSource(Protocol):
@@ -151,6 +186,7 @@ class LSTDataset(torch.utils.data.Dataset):
         training: bool = True,
         index_cache_dir: str | Path | None = None,
         index_workers: int | None = None,
+        on_progress: Callable[[str], None] | None = None,
     ):
         if store.kind not in ("aligned", "text"):
             raise DatasetError(f"document store kind must be 'aligned' or 'text', got {store.kind!r}")
@@ -182,18 +218,15 @@ class LSTDataset(torch.utils.data.Dataset):
         if space_id is None and hasattr(store, "manifest"):
             space_id = store.manifest.tokenizer.space_id  # recorded by tools/preprocess_data.py
         self.interleaver = Interleaver(store.vocab, space_id, interleave or InterleaveConfig())
-        self._orders: dict[int, np.ndarray] = {}
+        self.on_progress = on_progress
+        self._orders = EpochOrders(seed, len(store))
         self._documents: OrderedDict[tuple[int, int], _PatchedDocument] = OrderedDict()
         self._heads = self._load_or_build_row_heads(index_cache_dir)
 
     # ----- the stream of patched documents -----
 
     def _document_id(self, position: int) -> tuple[int, int]:
-        epoch, offset = divmod(position, len(self.store))
-        if epoch not in self._orders:
-            self._orders[epoch] = np.random.default_rng(
-                [self.seed, epoch, _ORDER]).permutation(len(self.store))
-        return epoch, int(self._orders[epoch][offset])
+        return self._orders.document(position)
 
     def step_of_row(self, row: int) -> int | None:
         """Training step of a row (None when not training), which drives curriculum patching."""
@@ -331,8 +364,8 @@ class LSTDataset(torch.utils.data.Dataset):
         then rebuilt and replaced)."""
         if not path.exists():
             return None
-        try:
-            heads = np.load(path)
+        try:  # mapped, not read: the ranks of a node share its pages (24 bytes a row)
+            heads = np.load(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as error:
             logger.warning("%s: damaged row index (%s); building it again", path, error)
             return None
@@ -352,9 +385,13 @@ class LSTDataset(torch.utils.data.Dataset):
                 plans.release_before(head.position)
                 if time.monotonic() - last_report > PROGRESS_SECONDS:
                     last_report = time.monotonic()
-                    logger.info("row index: %d of %d rows, %d documents, %.0f documents/s",
-                                row + 1, self.num_samples, head.position,
-                                head.position / (last_report - started))
+                    message = (f"row index of {getattr(self.store, 'prefix', 'the documents')}: "
+                               f"{row + 1} of {self.num_samples} rows, {head.position} "
+                               f"documents, {head.position / (last_report - started):.0f} "
+                               f"documents/s")
+                    logger.info("%s", message)
+                    if self.on_progress is not None:
+                        self.on_progress(message)
         return heads
 
     def _stored_patch_ends(self, position: int, start_row: int) -> np.ndarray:

@@ -37,7 +37,16 @@ _DTYPE = np.int32
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _INDEX_HEAD = struct.Struct("<9sQBQQ")
 _INT32_CODE = 4  # megatron.core's DType code of int32, the only dtype DocumentWriter writes
+# megatron.core's DType codes, to name what another writer stored (Megatron-LM's
+# preprocess_data.py picks uint16 for vocabularies under 65500 tokens, else int32).
+_DTYPE_NAMES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64",
+                7: "float32", 8: "uint16"}
+_MEGATRON_LM_ADVICE = ("LST datasets hold int32 ids of the joint text+speech vocabulary with a "
+                       "manifest (a Megatron-LM preprocess_data.py output does not): run "
+                       "tools/preprocess_data.py on the source documents (text JSONL: "
+                       "--input-format text-jsonl)")
 _SPOOL_BUFFER = 1 << 20  # bytes: DocumentWriter's write buffer and index block
+_VALIDATE_BLOCK = 1 << 20  # documents DocumentStore checks at a time when it opens a store
 
 
 class StoreError(DocumentError):
@@ -138,16 +147,25 @@ def _check_index_file(idx_path: str) -> None:
         raise StoreError(f"{idx_path}: does not start with a version-1 Megatron index header; "
                          f"{advice}")
     if dtype_code != _INT32_CODE:  # megatron.core fails on an unknown code, noisily
+        dtype = f"{_DTYPE_NAMES[dtype_code]} ids" if dtype_code in _DTYPE_NAMES else "no dtype"
         raise StoreError(f"{idx_path}: its header gives dtype code {dtype_code}, not int32's "
-                         f"{_INT32_CODE}: the data was not written by tools/preprocess_data.py "
-                         f"(re-run it)")
+                         f"{_INT32_CODE} ({dtype}): the data was not written by "
+                         f"tools/preprocess_data.py; {_MEGATRON_LM_ADVICE}")
     expected = _INDEX_HEAD.size + 12 * num_sequences + 8 * num_documents
+    if num_sequences and size == expected + num_sequences:  # an int8 mode after each sequence
+        raise StoreError(f"{idx_path}: holds a sequence mode for each of its {num_sequences} "
+                         f"sequences, a multimodal Megatron index, which tools/preprocess_data.py "
+                         f"never writes; {_MEGATRON_LM_ADVICE}")
     if size != expected:
         raise StoreError(f"{idx_path}: is {size} bytes but its header lists {num_sequences} "
                          f"sequences and {num_documents} document indices ({expected} bytes); "
                          f"{advice}")
     if num_documents == 0:
         raise StoreError(f"{idx_path}: its header lists no document indices; {advice}")
+    if num_documents == 1:  # just the leading 0: megatron.core cannot map the empty .bin
+        raise StoreError(f"{idx_path}: holds no documents; a dataset needs at least one: leave "
+                         f"it out of the data paths, or re-run tools/preprocess_data.py on "
+                         f"inputs that have documents")
     with open(idx_path, "rb") as stream:  # the document boundaries: 0 first, the count last
         stream.seek(_INDEX_HEAD.size + 12 * num_sequences)
         first = int.from_bytes(stream.read(8), "little", signed=True)
@@ -157,6 +175,22 @@ def _check_index_file(idx_path: str) -> None:
         raise StoreError(f"{idx_path}: its document boundaries run from sequence {first} to "
                          f"{last}, not from 0 to its {num_sequences} sequences; the index is "
                          f"damaged (re-run tools/preprocess_data.py)")
+
+
+def _refuse_empty_bin(prefix: str) -> None:
+    """Raise StoreError for a `.bin` of 0 bytes (megatron.core cannot map it): documents that
+    all hold nothing, or a truncated file, whichever the `.idx` (checked) says."""
+    idx_path, bin_path = get_idx_path(prefix), get_bin_path(prefix)
+    with open(idx_path, "rb") as stream:
+        _, _, _, num_sequences, num_documents = _INDEX_HEAD.unpack(stream.read(_INDEX_HEAD.size))
+        lengths = np.fromfile(stream, dtype=np.int32, count=num_sequences)
+    if not lengths.any():
+        raise StoreError(f"{bin_path}: holds no tokens: each of the {num_documents - 1} "
+                         f"documents {idx_path} lists is empty (no text pieces, no units), "
+                         f"nothing to train on; re-run tools/preprocess_data.py on inputs with "
+                         f"text or speech")
+    raise StoreError(f"{bin_path}: is empty (0 bytes); the file is truncated or was never "
+                     f"written (re-run tools/preprocess_data.py)")
 
 
 class DocumentStore:
@@ -180,8 +214,7 @@ class DocumentStore:
                                  f"next to it (re-run tools/preprocess_data.py)")
         _check_index_file(get_idx_path(self.prefix))
         if os.path.getsize(get_bin_path(self.prefix)) == 0:  # megatron.core cannot map it
-            raise StoreError(f"{get_bin_path(self.prefix)}: is empty (0 bytes); the file is "
-                             f"truncated or was never written (re-run tools/preprocess_data.py)")
+            _refuse_empty_bin(self.prefix)
         try:
             self._dataset = IndexedDataset(self.prefix, mmap=True)
         except (AssertionError, ValueError, struct.error) as error:
@@ -198,43 +231,55 @@ class DocumentStore:
                                 f"({error}); re-run tools/preprocess_data.py") from None
 
     def _validate(self) -> None:
-        index = self._dataset.index
-        idx_path = get_idx_path(self.prefix)
-        lengths = self._dataset.sequence_lengths
+        """The index against itself, the `.bin` and the manifest, in blocks of
+        `_VALIDATE_BLOCK` sequences: memory stays flat however large the corpus (every rank opens
+        every store)."""
+        lengths = self._dataset.sequence_lengths  # [num_sequences] int32, memory-mapped
+        pointers = self._dataset.index.sequence_pointers  # [num_sequences] int64
         doc_bounds = self._dataset.document_indices
+        idx_path = get_idx_path(self.prefix)
         num_docs = len(doc_bounds) - 1
         if num_docs != self.manifest.counts.documents:
             raise StoreError(f"{idx_path}: holds {num_docs} documents but {self.prefix}.json "
                              f"says {self.manifest.counts.documents}")
-        if (np.diff(doc_bounds) != self._per_doc).any():
-            raise StoreError(f"{idx_path}: a {self.kind} document must hold {self._per_doc} "
-                             f"sequences; this index was not written by DocumentWriter")
-        negative = np.flatnonzero(lengths < 0)
-        if len(negative):
-            first = int(negative[0])
-            raise StoreError(f"{idx_path}: sequence {first} (document {first // self._per_doc}) "
-                             f"has length {int(lengths[first])}; the index is damaged (re-run "
-                             f"tools/preprocess_data.py)")
+        for first in range(0, num_docs, _VALIDATE_BLOCK):
+            if (np.diff(doc_bounds[first:first + _VALIDATE_BLOCK + 1]) != self._per_doc).any():
+                raise StoreError(f"{idx_path}: a {self.kind} document must hold {self._per_doc} "
+                                 f"sequences; this index was not written by DocumentWriter")
         itemsize = np.dtype(_DTYPE).itemsize
-        # DocumentWriter appends sequences back to back: each starts where the one before ends.
-        starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]) * itemsize
-        moved = np.flatnonzero(index.sequence_pointers != starts)
-        if len(moved):
-            first = int(moved[0])
-            raise StoreError(f"{idx_path}: sequence {first} (document "
-                             f"{first // self._per_doc}) starts at byte "
-                             f"{int(index.sequence_pointers[first])} of the .bin but the "
-                             f"sequences before it end at byte {int(starts[first])}: the index "
-                             f"lists the sequences in another order or is from another run "
-                             f"(re-run tools/preprocess_data.py)")
-        expected = int(lengths.sum(dtype=np.int64)) * itemsize
+        end = 0  # byte of the .bin where the sequences checked so far end
+        per_column = np.zeros(self._per_doc, dtype=np.int64)
+        block_size = _VALIDATE_BLOCK * self._per_doc  # whole documents
+        for first in range(0, len(lengths), block_size):
+            block = lengths[first:first + block_size]
+            negative = np.flatnonzero(block < 0)
+            if len(negative):
+                bad = first + int(negative[0])
+                raise StoreError(f"{idx_path}: sequence {bad} (document {bad // self._per_doc}) "
+                                 f"has length {int(lengths[bad])}; the index is damaged (re-run "
+                                 f"tools/preprocess_data.py)")
+            # DocumentWriter appends sequences back to back: each starts where the one before ends.
+            ends = end + np.cumsum(block, dtype=np.int64) * itemsize
+            starts = np.concatenate([[end], ends[:-1]])
+            moved = np.flatnonzero(pointers[first:first + block_size] != starts)
+            if len(moved):
+                bad = first + int(moved[0])
+                raise StoreError(f"{idx_path}: sequence {bad} (document "
+                                 f"{bad // self._per_doc}) starts at byte {int(pointers[bad])} of "
+                                 f"the .bin but the sequences before it end at byte "
+                                 f"{int(starts[moved[0]])}: the index lists the sequences in "
+                                 f"another order or is from another run (re-run "
+                                 f"tools/preprocess_data.py)")
+            end = int(ends[-1])
+            per_column += block.reshape(-1, self._per_doc).sum(axis=0, dtype=np.int64)
         bin_path = get_bin_path(self.prefix)
         actual = os.path.getsize(bin_path)
-        if actual != expected:
+        if actual != end:
+            cause = ("truncated" if actual < end else
+                     "longer: written to after its index, or a .bin of another run")
             raise StoreError(f"{bin_path}: is {actual} bytes but {idx_path} describes "
-                             f"{expected} bytes; the file is truncated or from another run "
-                             f"(re-run tools/preprocess_data.py)")
-        per_column = lengths.reshape(num_docs, self._per_doc).sum(axis=0, dtype=np.int64)
+                             f"{end} bytes; the file is {cause} (re-run "
+                             f"tools/preprocess_data.py)")
         stored = {"text_pieces": int(per_column[0])}
         if self.kind == "aligned":
             stored.update(units=int(per_column[1]), segments=int(per_column[2]))
@@ -265,10 +310,18 @@ class DocumentStore:
         parts = self.part_lengths()
         return parts[:, 0] if self.kind == "text" else parts[:, 0] + parts[:, 1]
 
-    def part_lengths(self) -> np.ndarray:
-        """[D, 4] int64 (aligned) or [D, 1] (text): the length of each document's sequences
-        (text ids, unit ids, the two segment tables), from the index only."""
-        return self._dataset.sequence_lengths.astype(np.int64).reshape(-1, self._per_doc)
+    def token_total(self, start: int = 0, stop: int | None = None) -> int:
+        """Text pieces + units of documents `[start, stop)` (no specials), from the index only,
+        without a per-document array."""
+        columns = 1 if self.kind == "text" else 2  # text ids (and unit ids)
+        lengths = self._dataset.sequence_lengths.reshape(-1, self._per_doc)
+        return int(lengths[start:stop, :columns].sum(dtype=np.int64))
+
+    def part_lengths(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """[D, 4] int64 (aligned) or [D, 1] (text): the length of each sequence of documents
+        `[start, stop)` (text ids, unit ids, the two segment tables), from the index only."""
+        lengths = self._dataset.sequence_lengths.reshape(-1, self._per_doc)
+        return lengths[start:stop].astype(np.int64)
 
     def check_tokenizer(self, tokenizer) -> None:
         """Raise VocabularyError unless `tokenizer` is the one the text ids were made with."""

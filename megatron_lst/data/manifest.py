@@ -88,7 +88,7 @@ class Manifest:
         if not path.exists():
             raise ManifestError(f"{path}: manifest not found; datasets must be written by "
                                 f"tools/preprocess_data.py, which writes it next to .bin/.idx"
-                                f"{_suffix_hint(prefix)}")
+                                f"{_suffix_hint(prefix)}{_index_without_manifest_hint(prefix)}")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(raw, dict):
@@ -143,6 +143,18 @@ def _check_space_id(tokenizer: TokenizerInfo) -> None:
                                      and 0 <= space_id < tokenizer.vocab_size):
         raise TypeError(f"tokenizer space_id {space_id!r} is not a piece of the "
                         f"{tokenizer.vocab_size}-piece tokenizer")
+
+
+def _index_without_manifest_hint(prefix: str | Path) -> str:
+    """Advice for a `.bin/.idx` pair with no manifest, as Megatron-LM's preprocess_data.py
+    writes them."""
+    if not (os.path.exists(f"{prefix}.idx") and os.path.exists(f"{prefix}.bin")):
+        return ""
+    return (f"; {prefix}.bin/.idx are there without it, as Megatron-LM's preprocess_data.py "
+            f"writes them: its ids are of a text tokenizer alone (uint16 under 65500 tokens), "
+            f"not of the joint text+speech vocabulary the manifest records; run "
+            f"tools/preprocess_data.py on the source documents (text JSONL: --input-format "
+            f"text-jsonl)")
 
 
 def _suffix_hint(prefix: str | Path) -> str:

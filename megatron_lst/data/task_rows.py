@@ -31,14 +31,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_lst.data.dataset import DatasetError, checked_sample_positions, pad_row
+from megatron_lst.data.dataset import DatasetError, EpochOrders, checked_sample_positions, pad_row
 from megatron_lst.data.documents import AlignedDocument, check_document_of
 from megatron_lst.data.interleave import InterleavedDocument
 from megatron_lst.patching.curriculum import Patcher
 from megatron_lst.tokenizer.vocab import MODALITY_SPEECH, MODALITY_TEXT, JointVocab
 
-# Purpose tags of the generators, as in megatron_lst.data.dataset.
-_ORDER, _PATCHING = 0, 2
+# Purpose tag of the patching generator, as in megatron_lst.data.dataset (the epoch orders are
+# `EpochOrders`').
+_PATCHING = 2
 
 
 @dataclass
@@ -151,18 +152,14 @@ class TaskDataset(torch.utils.data.Dataset):
         self.training = training
         self.space_id = space_id
         self.sample_positions = checked_sample_positions(sample_positions, num_samples)
-        self._orders: dict[int, np.ndarray] = {}
+        self._orders = EpochOrders(seed, len(store))
 
     def __len__(self) -> int:
         return self.num_samples
 
     def document_id(self, index: int) -> tuple[int, int]:
         """(epoch, document) of row `index`."""
-        epoch, offset = divmod(index, len(self.store))
-        if epoch not in self._orders:
-            self._orders[epoch] = np.random.default_rng(
-                [self.seed, epoch, _ORDER]).permutation(len(self.store))
-        return epoch, int(self._orders[epoch][offset])
+        return self._orders.document(index)
 
     def row(self, index: int) -> tuple[TaskRow, np.ndarray]:
         """Row `index`: the utterance's task row and its patch lengths `[P_row]` int32."""

@@ -250,20 +250,21 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                        help="Default: nccl with CUDA, gloo without.")
     group.add_argument("--distributed-timeout-minutes", type=int, default=30,
-                       help="How long a collective may wait, including the other ranks' wait "
-                            "while rank 0 builds the datasets' row indices.")
+                       help="How long a collective may wait (not the other ranks' wait while "
+                            "rank 0 builds the datasets' row indices, which has no limit).")
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data-path", nargs="*", default=None,
-                       help="One dataset prefix, or weight-prefix pairs 'W1 P1 W2 P2 ...' to "
-                            "blend several.")
+                       help="One dataset prefix, weight-prefix pairs 'W1 P1 W2 P2 ...' to "
+                            "blend several, or prefixes 'P1 P2 ...' without weights, blended by "
+                            "their sizes (as Megatron-LM does).")
     group.add_argument("--split", type=str, default="969,30,1",
                        help="Train,valid,test proportions of --data-path.")
     group.add_argument("--train-data-path", nargs="*", default=None,
                        help="Instead of --data-path and --split: training datasets, used whole "
-                            "(one prefix, or weight-prefix pairs).")
+                            "(one prefix, weight-prefix pairs, or prefixes without weights).")
     group.add_argument("--valid-data-path", nargs="*", default=None,
                        help="With --train-data-path: validation datasets, used whole.")
     group.add_argument("--task", choices=("lm", "asr", "tts"), default="lm",

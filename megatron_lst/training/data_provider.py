@@ -2,8 +2,9 @@
 datasets from `--train-data-path`/`--valid-data-path`), and loaders with Megatron's pretraining
 sampler semantics.
 
-Datasets. `--data-path` names indexed datasets (`tools/preprocess_data.py` output), optionally
-weighted (`W1 P1 W2 P2 ...`, blended by `megatron_lst.data.blend`). `--split a,b,c` cuts every
+Datasets. `--data-path` names indexed datasets (`tools/preprocess_data.py` output), weighted
+(`W1 P1 W2 P2 ...`, blended by `megatron_lst.data.blend`) or not (`P1 P2 ...`: as in Megatron-LM,
+each split blends them by their sizes there, `split_sizes`). `--split a,b,c` cuts every
 dataset's documents, in stored order, into train / valid / test ranges of those proportions, as
 Megatron-LM does. The train dataset holds `train_iters x global_batch_size` rows (training mode:
 the patcher sees each row's training step, so the curriculum follows the global step). The valid
@@ -42,25 +43,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_lst.data.blend import build_blended_dataset, parse_data_path
+from megatron_lst.data.blend import build_blended_dataset, parse_data_path, weights_from_sizes
 from megatron_lst.data.dataset import DatasetError, LSTDataset
 from megatron_lst.data.indexed import DocumentStore
 from megatron_lst.data.interleave import InterleaveConfig
 from megatron_lst.data.task_rows import TaskDataset
-from megatron_lst.parallel import collective_device
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.exit_conditions import ExitConditions
+from megatron_lst.training.rank_zero_first import (
+    OtherRankFailed,
+    rank_zero_first,
+    report_progress,
+)
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+# BOS, <t> and EOS around a text document's pieces (`Interleaver.text_document`).
+_SPECIALS_PER_DOCUMENT = 3
 
 
 class DocumentRange:
     """Documents `[start, stop)` of a store, with the store's interface (`kind`, `vocab`,
-    `prefix`, len, indexing, `describe`, `part_lengths`). The dataset keys its cached row index by the store's files, not by
-    the range: give each range a cache directory of its own (`build_datasets` does)."""
+    `prefix`, len, indexing, `describe`, `part_lengths`, `token_total`). The dataset keys its
+    cached row index by the store's files, not by the range: give each range a cache directory
+    of its own (`build_datasets` does)."""
 
     def __init__(self, store: DocumentStore, start: int, stop: int):
         if not 0 <= start <= stop <= len(store):
@@ -85,12 +93,20 @@ class DocumentRange:
         return self.store.describe(self.start + index)
 
     def part_lengths(self) -> np.ndarray:
-        return self.store.part_lengths()[self.start:self.stop]
+        return self.store.part_lengths(self.start, self.stop)
+
+    def token_total(self) -> int:
+        """Text pieces + units of the range's documents (no specials)."""
+        return self.store.token_total(self.start, self.stop)
 
 
 def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
     """`"969,30,1"` -> `{"train": (0, a), "valid": (a, b), "test": (b, D)}` over D documents,
-    Megatron-LM's rounding: cumulative proportions times D, rounded."""
+    with megatron.core's arithmetic (`parse_and_normalize_split`,
+    `convert_split_vector_to_split_matrix`): the proportions normalised, summed one after the
+    other in floating point, each edge `round(edge * D)`, so that every edge falls where
+    Megatron-LM puts it ("7,2,1" over 15 documents: valid is [10, 13), as 0.7 + 0.2 is just
+    under 0.9)."""
     try:
         parts = [float(p) for p in split.replace("/", ",").split(",")]
     except ValueError:
@@ -102,8 +118,12 @@ def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
     parts = (parts + [0.0, 0.0, 0.0])[:3]
     if not all(0 <= p < math.inf for p in parts) or sum(parts) <= 0:
         raise DatasetError(f"--split {split!r}: proportions must be finite, >= 0 and not all 0")
-    cumulative = np.concatenate([[0.0], np.cumsum(parts) / sum(parts)])
-    edges = [int(round(c * num_documents)) for c in cumulative]
+    shares = np.array(parts, dtype=np.float64)
+    shares = (shares / np.sum(shares)).tolist()
+    cumulative = [0.0]
+    for share in shares:
+        cumulative.append(cumulative[-1] + share)
+    edges = [int(round(c * float(num_documents))) for c in cumulative]
     edges[-1] = num_documents
     return {name: (edges[i], edges[i + 1]) for i, name in enumerate(SPLITS)}
 
@@ -180,8 +200,10 @@ def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None 
 
     `index_cache_dir`: where the datasets keep their row indices, so that restarts and the other
     ranks read them back (default: `<--save>/lst_row_index`, none without --save). With a cache,
-    rank 0 builds the indices first and the other ranks then read them; when rank 0 fails, the
-    other ranks raise DatasetError.
+    rank 0 builds the indices first and the other ranks then read them, waiting on the process
+    group's store for as long as that takes (`rank_zero_first`: not a collective, which
+    --distributed-timeout-minutes would cut short); when a rank fails, the others raise
+    DatasetError.
     """
     if args.data_path is None and args.train_data_path is None:
         raise DatasetError("no --data-path or --train-data-path: give the dataset prefixes "
@@ -189,27 +211,12 @@ def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None 
     if index_cache_dir is None and args.save is not None:
         index_cache_dir = Path(args.save) / "lst_row_index"
     cache_root = Path(index_cache_dir) if index_cache_dir else None
-    if not (torch.distributed.is_initialized() and cache_root is not None):
+    if cache_root is None:  # every rank builds its own row indices
         return _build_datasets(args, cache_root)
-    if torch.distributed.get_rank() != 0:
-        if _rank_zero_failed(False):  # waits while rank 0 builds the row indices
-            raise DatasetError("rank 0 failed to build the datasets (its message says why); "
-                               "this rank stops with it")
-        return _build_datasets(args, cache_root)
-    try:
-        datasets = _build_datasets(args, cache_root)
-    except Exception:
-        _rank_zero_failed(True)  # the other ranks stop with an error, not in a broken barrier
-        raise
-    _rank_zero_failed(False)
-    return datasets
-
-
-def _rank_zero_failed(failed: bool) -> bool:
-    """Collective: rank 0's `failed`, on every rank (the other ranks' value is not used)."""
-    flag = torch.tensor([float(failed)], device=collective_device())
-    torch.distributed.broadcast(flag, src=0)
-    return bool(flag.item())
+    try:  # rank 0 builds and caches the row indices, then the other ranks load them
+        return rank_zero_first(lambda: _build_datasets(args, cache_root), "build the datasets")
+    except OtherRankFailed as error:
+        raise DatasetError(str(error)) from None
 
 
 def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDatasets:
@@ -237,7 +244,8 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
 
     interleave = InterleaveConfig(speech_only_fraction=args.speech_only_fraction)
 
-    def make(split: str, weighted: list[tuple[float, str]], num_samples: int, training: bool):
+    def make(split: str, sources: list[tuple[float | None, str]], num_samples: int,
+             training: bool):
         def make_source(prefix: str, count: int, positions: np.ndarray
                         ) -> LSTDataset | TaskDataset:
             part = documents(prefix, split)
@@ -252,9 +260,18 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
                 part, count, args.seq_length, args.max_tokens,
                 patcher, args.seed, global_batch_size=args.global_batch_size, space_id=space_id,
                 interleave=interleave, sample_positions=positions, training=training,
-                index_cache_dir=cache, index_workers=args.index_workers)
+                index_cache_dir=cache, index_workers=args.index_workers,
+                on_progress=report_progress)
 
-        return build_blended_dataset(weighted, num_samples, make_source)
+        if any(weight is None for weight, _ in sources):  # given without weights: by size
+            prefixes = [prefix for _, prefix in sources]
+            sizes = split_sizes([documents(prefix, split) for prefix in prefixes], args.task)
+            sources = weights_from_sizes(prefixes, sizes, split)
+            logger.info("%s blend of datasets given without weights, weighted by their %s: %s",
+                        split, "utterances" if args.task != "lm" else "tokens",
+                        ", ".join(f"{prefix} {size} ({weight:.4g})"
+                                  for (weight, prefix), size in zip(sources, sizes, strict=True)))
+        return build_blended_dataset(sources, num_samples, make_source)
 
     train = make("train", sources["train"], args.train_iters * args.global_batch_size,
                  training=True)
@@ -270,8 +287,21 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
     return RunDatasets(train=train, valid=valid, vocab=vocab)
 
 
-def _validation_sources(args: argparse.Namespace, sources: dict[str, list[tuple[float, str]]],
-                        stores: dict[str, DocumentStore]) -> list[tuple[float, str]]:
+def split_sizes(parts: list[DocumentRange], task: str) -> list[int]:
+    """What Megatron-LM weighs datasets given without weights by, their samples in one epoch of
+    the split (its tokens over --seq-length), here: the utterances of each part for task rows (one
+    row each), and for pretraining rows its documents' tokens: text pieces and units, plus the
+    BOS, `<t>` and EOS a document is laid out with. A text document's tokens are its patches, so
+    the weights of text datasets are their rows per epoch; an aligned document's count both its
+    transcript and its units, of which interleaving reads one or the other, word by word."""
+    if task != "lm":
+        return [len(part) for part in parts]
+    return [part.token_total() + _SPECIALS_PER_DOCUMENT * len(part) for part in parts]
+
+
+def _validation_sources(args: argparse.Namespace,
+                        sources: dict[str, list[tuple[float | None, str]]],
+                        stores: dict[str, DocumentStore]) -> list[tuple[float | None, str]]:
     """The weighted datasets to validate on: `--valid-data-path`, or under `--split` the datasets
     whose valid part holds documents (the blend's weights renormalise over them); says which
     datasets are left out, and when nothing is left to validate on."""
@@ -297,9 +327,10 @@ def _validation_sources(args: argparse.Namespace, sources: dict[str, list[tuple[
     return kept
 
 
-def split_sources(args: argparse.Namespace) -> dict[str, list[tuple[float, str]]]:
+def split_sources(args: argparse.Namespace) -> dict[str, list[tuple[float | None, str]]]:
     """The weighted dataset prefixes of each split: `--data-path` for train and valid (cut by
-    `--split`), or `--train-data-path` and, when given, `--valid-data-path`."""
+    `--split`), or `--train-data-path` and, when given, `--valid-data-path` (weights None: given
+    without weights, see `parse_data_path`)."""
     if args.data_path is not None:
         sources = parse_data_path(args.data_path)
         return {"train": sources, "valid": sources}

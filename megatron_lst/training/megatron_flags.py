@@ -42,6 +42,11 @@ _LOGGED_ALWAYS = ("the log is a fixed set of values, written every --log-interva
                   "to the log line, TensorBoard and W&B (loss, learning rate, grad norm, loss "
                   "scale, throughput; docs/training.md, 'The log line'); drop the flag")
 _NO_SUCH_SETTING = "lst-train has no such setting; drop the flag"
+_DATA_ON_THE_COMMAND_LINE = ("give the datasets on the command line (or in --config): --data-path "
+                             "with --split, or --train-data-path and --valid-data-path, each one "
+                             "prefix, weight-prefix pairs or prefixes without weights")
+_ONE_VALIDATION_BLEND = ("validation reads --eval-iters x --global-batch-size rows of one blend of "
+                         "the validation datasets, the same rows every time; drop the flag")
 # Megatron-LM parallel sizes lst-train takes only at 1 (their default), with why not more: launch
 # scripts spell them out even for a model that uses neither.
 SIZES_ONLY_ONE = {
@@ -93,6 +98,23 @@ UNSUPPORTED_MEGATRON_FLAGS = {
                                        "(docs/data.md#the-joint-vocabulary)"),
     "--data-cache-path": ("the datasets keep their row indices under --save "
                           "(<--save>/lst_row_index); drop the flag"),
+    "--test-data-path": ("lst-train validates on --valid-data-path (or --split's valid part) and "
+                         "never reads a test split; drop the flag (lst-eval scores held-out "
+                         "data, docs/evaluation.md)"),
+    "--data-args-path": _DATA_ON_THE_COMMAND_LINE,
+    "--per-split-data-args-path": _DATA_ON_THE_COMMAND_LINE,
+    "--dataloader-type": ("the loader is always Megatron-LM's 'single' one (rows in training "
+                          "order, a resume continues at the next row) over --train-iters x "
+                          "--global-batch-size rows, which repeat the datasets' epochs as "
+                          "needed; drop the flag"),
+    "--num-dataset-builder-threads": ("the row indices are built by --index-workers processes; "
+                                      "use that"),
+    "--mid-level-dataset-surplus": ("each dataset of a blend is built for exactly the rows the "
+                                    "blend takes from it; drop the flag"),
+    "--dataloader-fast-cache-load": ("the other ranks load rank 0's cached row indices once it "
+                                     "has built them; drop the flag"),
+    "--multiple-validation-sets": _ONE_VALIDATION_BLEND,
+    "--full-validation": _ONE_VALIDATION_BLEND,
     "--normalization": _FIXED_ARCHITECTURE,
     "--swiglu": (f"{_FIXED_ARCHITECTURE}, and give --ffn-hidden-size: its default is 4 x "
                  f"--hidden-size, not Megatron-LM's SwiGLU default int(8h/3/64) x 64"),

@@ -438,22 +438,31 @@ def validate_data(args: argparse.Namespace) -> None:
 
 
 def _check_data_path(data_path: Sequence[str], flag: str) -> None:
+    """One prefix, weight-prefix pairs, or prefixes without weights (blended by their sizes, as
+    Megatron-LM blends them); a list of prefixes with some numbers among them is refused."""
     if not data_path:
         raise ArgumentError(f"{flag} needs at least one dataset prefix")
-    if len(data_path) == 1:
-        return
+    if len(data_path) > 1 and any(_is_number(p) for p in data_path):
+        _check_weights(data_path, flag)
+    from megatron_lst.data.blend import parse_data_path
+    from megatron_lst.data.dataset import DatasetError
+
+    try:  # a prefix named twice, before any data is read (exit status 2, not 4)
+        parse_data_path(data_path)
+    except DatasetError as err:
+        raise ArgumentError(str(err).replace("--data-path", flag, 1)) from None
+
+
+def _check_weights(data_path: Sequence[str], flag: str) -> None:
+    """Weight-prefix pairs 'W1 P1 W2 P2 ...' (`data_path` holds numbers)."""
     weights = data_path[0::2]
     try:
         values = [float(w) for w in weights]
     except ValueError:
-        if any(_is_number(p) for p in data_path):
-            raise ArgumentError(
-                f"{flag} {' '.join(data_path)} mixes weights and prefixes; give one prefix "
-                f"or weight-prefix pairs 'W1 P1 W2 P2 ...'"
-            ) from None
         raise ArgumentError(
-            f"{flag} {' '.join(data_path)} names several datasets without weights; the "
-            f"blend draws samples by weight: give weight-prefix pairs 'W1 P1 W2 P2 ...'"
+            f"{flag} {' '.join(data_path)} mixes weights and prefixes; give one prefix, "
+            f"weight-prefix pairs 'W1 P1 W2 P2 ...', or prefixes without weights 'P1 P2 ...' "
+            f"(blended by their sizes)"
         ) from None
     if len(data_path) % 2:
         raise ArgumentError(
@@ -462,13 +471,6 @@ def _check_data_path(data_path: Sequence[str], flag: str) -> None:
         )
     if any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
         raise ArgumentError(f"{flag} weights {weights} must be finite, >= 0, and not all 0")
-    from megatron_lst.data.blend import parse_data_path
-    from megatron_lst.data.dataset import DatasetError
-
-    try:  # a prefix named twice, before any data is read (exit status 2, not 4)
-        parse_data_path(data_path)
-    except DatasetError as err:
-        raise ArgumentError(str(err).replace("--data-path", flag, 1)) from None
 
 
 def _check_split(split: str) -> None:

@@ -11,6 +11,7 @@ from megatron_lst.data.blend import (
     blending_indices,
     build_blended_dataset,
     parse_data_path,
+    weights_from_sizes,
 )
 from megatron_lst.data.dataset import DatasetError, LSTDataset
 from megatron_lst.patching.contract import check_batch
@@ -27,8 +28,22 @@ def test_parse_data_path():
         (0.5, "t"), (0.5, "s"), (0.0, "u")]
 
 
+def test_prefixes_without_weights_are_left_to_be_weighted_by_size():
+    # Megatron-LM's get_blend_from_list: a list with no number in it is prefixes, no weights.
+    assert parse_data_path(["a", "b", "c"]) == [(None, "a"), (None, "b"), (None, "c")]
+    assert weights_from_sizes(["a", "b", "c"], [300, 100, 0], "train") == [
+        (0.75, "a"), (0.25, "b"), (0.0, "c")]
+    with pytest.raises(DatasetError, match=r"the valid documents of a, b hold nothing to weigh "
+                                           r"them by .*give weights, --data-path W1 P1"):
+        weights_from_sizes(["a", "b"], [0, 0], "valid")
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "--data-path is empty"),
+    (["a", "b", "1"], r"expected weight-prefix pairs \(W1 P1 W2 P2 ...\) or prefixes without "
+                      "weights, got 3 values, some of them numbers"),
+    (["data/a", "b", "./data//a"], r"names './data//a' twice \(also as 'data/a'\): .* give it "
+                                   r"once$"),
     (["1", "a", "2"], "expected weight-prefix pairs"),
     (["a", "1", "b", "2"], "'a' \\(before '1'\\) is not a weight"),
     (["-1", "a", "2", "b"], "weight -1 of 'a' must be finite and >= 0"),

@@ -328,6 +328,8 @@ def test_row_index_cache(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(LSTDataset, "_build_row_heads", no_build)
         loaded = dataset(MODES["curriculum"], store, index_cache_dir=cache, global_batch_size=2)
+    # Mapped, not read into each rank's memory (24 bytes a row: 1.2 GB for 50M rows).
+    assert isinstance(loaded._heads, np.memmap)
     for i in (0, 17, 39):
         assert torch.equal(loaded[i]["tokens"], built[i]["tokens"])
         assert torch.equal(loaded[i]["patch_lengths"], built[i]["patch_lengths"])
@@ -394,13 +396,15 @@ def test_row_index_cache_leaves_another_hosts_partial_file_alone(tmp_path):
     assert sorted(cache.iterdir()) == sorted([cached, foreign])
 
 
-@pytest.mark.parametrize("damage", [lambda raw: raw[:50], lambda raw: b"garbage"])
+@pytest.mark.parametrize("damage", [lambda raw: raw[:50], lambda raw: b"garbage",
+                                    lambda raw: raw[:-8]])  # a whole header, a row short
 def test_a_damaged_row_index_cache_is_rebuilt(tmp_path, caplog, damage):
     store, cache, built, cached = _cached_static_dataset(tmp_path)
     intact = cached.read_bytes()
     cached.write_bytes(damage(intact))
     rebuilt = dataset(MODES["static"], store, index_cache_dir=cache)
     assert "damaged row index" in caplog.text
+    assert not isinstance(rebuilt._heads, np.memmap)
     assert torch.equal(rebuilt[5]["tokens"], built[5]["tokens"])
     assert cached.read_bytes() == intact
 
@@ -431,3 +435,33 @@ def test_row_index_cache_tells_ranges_of_one_store_apart(tmp_path):
         for i in (0, 17, 39):
             assert torch.equal(cached[i]["tokens"], fresh[i]["tokens"])
     assert len(list(cache.glob("lst_rows_*.npy"))) == 3
+
+
+def test_epoch_orders_keep_a_few_epochs_and_answer_as_the_formula():
+    # Every epoch's permutation was kept: 400 MB an epoch for 100M documents, per loader worker.
+    from megatron_lst.data.dataset import EpochOrders
+
+    orders = EpochOrders(seed=5, size=7)
+    for position in [*range(70), 3, 68, 10, 69]:  # ten epochs forward, then back and forth
+        epoch, offset = divmod(position, 7)
+        expected = int(np.random.default_rng([5, epoch, 0]).permutation(7)[offset])
+        assert orders.document(position) == (epoch, expected)
+        assert len(orders._orders) <= EpochOrders.KEPT
+
+
+def test_row_index_progress_names_the_store_and_reaches_on_progress(monkeypatch, caplog):
+    import logging
+
+    from megatron_lst.data import dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "PROGRESS_SECONDS", -1.0)  # a line after every row
+    store = text_store(3, 20)
+    store.prefix = "data/text"
+    lines = []
+    with caplog.at_level(logging.INFO, logger=dataset_module.__name__):
+        LSTDataset(store, 6, 8, 8, Patcher(PatchingConfig("none")), 0, index_workers=1,
+                   on_progress=lines.append)
+    assert len(lines) == 6
+    assert lines[0].startswith("row index of data/text: 1 of 6 rows, ")
+    assert lines[-1].startswith("row index of data/text: 6 of 6 rows, ")
+    assert [r.getMessage() for r in caplog.records if "row index of" in r.getMessage()] == lines

@@ -109,6 +109,12 @@ def test_truncated_bin(aligned_store):
     with pytest.raises(StoreError, match=rf"aligned.bin: is {size - 4} bytes but .*aligned.idx "
                                          rf"describes {size} bytes; the file is truncated"):
         DocumentStore(prefix)
+    with open(bin_path, "r+b") as f:  # the other way: 4 bytes more than the index describes
+        f.truncate(size + 4)
+    with pytest.raises(StoreError, match=rf"aligned.bin: is {size + 4} bytes but .*aligned.idx "
+                                         rf"describes {size} bytes; the file is longer: written "
+                                         rf"to after its index, or a .bin of another run"):
+        DocumentStore(prefix)
 
 
 def test_an_empty_bin_is_named_without_noise_from_megatron(aligned_store, capfd):
@@ -459,3 +465,107 @@ def test_bos_or_eos_among_the_text_pieces_is_named(tmp_path, tokenizer, special,
                                             rf"{special_id}, the tokenizer's {name}"):
         LSTDataset(DocumentStore(tmp_path / "aligned"), 4, 4, 8,
                    Patcher(PatchingConfig("static")), 0, index_workers=1)
+
+
+def _megatron_lm_files(prefix, documents, dtype=np.int32, multimodal=False):
+    """`documents` (lists of ids) as Megatron-LM's preprocess_data.py writes them, through
+    megatron.core's `IndexedDatasetBuilder`: one sequence per document, no manifest."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype, multimodal=multimodal)
+    for document in documents:
+        builder.add_item(torch.tensor(document, dtype=torch.int64), *([0] if multimodal else []))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+
+
+def _text_manifest(prefix, tokenizer, documents):
+    """A text manifest next to files another writer made (what copying one over would give)."""
+    Manifest("text", joint_vocab(tokenizer, NUM_UNITS).to_dict(),
+             TokenizerInfo(tokenizer.path, tokenizer.sha256, tokenizer.vocab_size), NUM_UNITS,
+             None, Counts(documents=len(documents), text_pieces=sum(map(len, documents))),
+             ["megatron-lm"]).save(prefix)
+
+
+def test_megatron_lm_preprocess_output_is_named_with_the_way_to_convert_it(tmp_path, tokenizer):
+    # Megatron-LM writes uint16 ids below 65500 tokens and no manifest.
+    prefix = tmp_path / "corpus_text_document"
+    documents = [[5, 6, 7], [8, 9]]
+    _megatron_lm_files(prefix, documents, np.uint16)
+    with pytest.raises(ManifestError, match=r"corpus_text_document.json: manifest not found; .*"
+                                            r"corpus_text_document.bin/.idx are there without it, "
+                                            r"as Megatron-LM's preprocess_data.py writes them: .*"
+                                            r"run tools/preprocess_data.py on the source "
+                                            r"documents \(text JSONL: --input-format text-jsonl\)"):
+        DocumentStore(prefix)
+    _text_manifest(prefix, tokenizer, documents)  # copied over: the ids are still uint16
+    with pytest.raises(StoreError, match=r"corpus_text_document.idx: its header gives dtype code "
+                                         r"8, not int32's 4 \(uint16 ids\): .* run "
+                                         r"tools/preprocess_data.py on the source documents"):
+        DocumentStore(prefix)
+
+
+def test_a_megatron_int32_index_with_a_manifest_reads_as_written(tmp_path, tokenizer):
+    prefix = tmp_path / "int32"
+    documents = [[5, 6, 7], [], [8, 9]]  # a zero-length document among them
+    _megatron_lm_files(prefix, documents)
+    _text_manifest(prefix, tokenizer, documents)
+    store = DocumentStore(prefix)
+    assert [store[i].tolist() for i in range(3)] == documents
+
+
+def test_a_multimodal_index_is_named_by_its_sequence_modes(tmp_path, tokenizer):
+    # Its modes (one int8 per sequence) made the size check call it truncated.
+    prefix = tmp_path / "multimodal"
+    _megatron_lm_files(prefix, [[5, 6, 7], [8, 9]], multimodal=True)
+    _text_manifest(prefix, tokenizer, [[5, 6, 7], [8, 9]])
+    with pytest.raises(StoreError, match=r"multimodal.idx: holds a sequence mode for each of its 2 "
+                                         r"sequences, a multimodal Megatron index"):
+        DocumentStore(prefix)
+
+
+@pytest.mark.parametrize("documents, message", [
+    # Was "aligned.bin: is empty (0 bytes); the file is truncated": the files were whole.
+    ([], r"empty.idx: holds no documents; a dataset needs at least one: leave it out of the "
+         r"data paths"),
+    ([[], []], r"empty.bin: holds no tokens: each of the 2 documents .*empty.idx lists is empty "
+               r"\(no text pieces, no units\), nothing to train on"),
+])
+def test_a_dataset_with_nothing_in_it_is_named_as_such(tmp_path, tokenizer, documents, message,
+                                                       capfd):
+    prefix = tmp_path / "empty"
+    _megatron_lm_files(prefix, documents)
+    _text_manifest(prefix, tokenizer, documents)
+    with pytest.raises(StoreError, match=message):
+        DocumentStore(prefix)
+    gc.collect()
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_opening_a_store_checks_it_block_by_block_with_memory_flat(aligned_store, monkeypatch,
+                                                                   block):
+    """The whole-index arrays of the check (cumulative byte offsets, one int64 a sequence) took
+    640 MB to open a store of 10M aligned documents, on every rank: now a block at a time. An
+    error in a later block is found and named as before."""
+    from megatron_lst.data import indexed
+
+    monkeypatch.setattr(indexed, "_VALIDATE_BLOCK", block)
+    prefix, documents = aligned_store
+    store = DocumentStore(prefix)
+    assert len(store) == 30
+    assert store.token_total() == sum(len(d.text_ids) + len(d.unit_ids) for d in documents)
+    assert store.token_total(4, 9) == sum(len(d.text_ids) + len(d.unit_ids)
+                                          for d in documents[4:9])
+    del store
+    lengths, _, pointers = _sequence_views(prefix)
+    victim = 4 * 7 + 1  # document 7's units, in a later block
+    lengths[victim] += 1
+    lengths[victim + 1] -= 1  # the same total: only the next sequence's start moves
+    lengths.flush()
+    with pytest.raises(StoreError, match=rf"aligned.idx: sequence {victim + 1} \(document 7\) "
+                                         rf"starts at byte {4 * int(pointers[victim + 1])} of the "
+                                         rf".bin but the sequences before it end at byte "
+                                         rf"{4 * int(pointers[victim + 1]) + 4}"):
+        DocumentStore(prefix)

@@ -116,14 +116,17 @@ def test_validate_returns_a_copy():
     (["--finetune"], 1, r"--finetune loads weights from --load DIR"),
     (["--data-path", "0.5", "a", "b"], 1, r"odd number of items|mixes weights and prefixes"),
     (["--data-path", "a", "0.5"], 1, r"mixes weights and prefixes"),
-    (["--data-path", "a", "b"], 1, r"several datasets without weights"),
+    (["--data-path", "a", "1", "b"], 1, r"mixes weights and prefixes; .* or prefixes without "
+                                        r"weights 'P1 P2 ...'"),
+    (["--train-data-path", "a", "./a"], 1, r"--train-data-path names './a' twice \(also as 'a'\)"
+                                           r".*; give it once$"),
     (["--index-workers", "-1"], 1, r"--index-workers must be >= 0, got -1"),
     (["--speech-only-fraction", "1.5"], 1, r"--speech-only-fraction must be in \[0, 1\], got 1.5"),
     (["--speech-only-fraction", "0.5", "--task", "asr"], 1,
      r"--task asr rows are one utterance each: drop the flag"),
     (["--data-path", "a", "--train-data-path", "b"], 1, r"--data-path .* or --train-data-path .*not both"),
     (["--valid-data-path", "b"], 1, r"--valid-data-path goes with --train-data-path"),
-    (["--train-data-path", "a", "b"], 1, r"--train-data-path a b names several datasets without"),
+    (["--train-data-path", "a", "b", "2"], 1, r"--train-data-path a b 2 mixes weights and prefixes"),
     (["--train-data-path", "a", "--valid-data-path", "0.5", "b", "-1", "c"], 1,
      r"--valid-data-path weights \['0.5', '-1'\] must be finite"),
     (["--distributed-timeout-minutes", "0"], 1, r"--distributed-timeout-minutes must be at least 1"),
@@ -328,6 +331,19 @@ def test_unsupported_megatron_flags_are_named_not_unrecognized(tmp_path, given):
     flag = "--cp-comm-type" if "--config" in given else given[0].split("=")[0]
     with pytest.raises(ArgumentError, match=rf"{flag} is a Megatron-LM flag that lst-train does "
                                             rf"not take: .*(use|dense|split|encoder)"):
+        parse_args(given)
+
+
+@pytest.mark.parametrize("given, reason", [
+    # Megatron-LM data flags of a ported launch script: were "unrecognized arguments".
+    (["--test-data-path", "a"], "never reads a test split; drop the flag"),
+    (["--per-split-data-args-path", "splits.json"], "give the datasets on the command line"),
+    (["--dataloader-type", "cyclic"], "always Megatron-LM's 'single' one"),
+    (["--num-dataset-builder-threads", "4"], "use that"),
+])
+def test_megatron_data_flags_are_named_with_what_to_do(given, reason):
+    with pytest.raises(ArgumentError, match=rf"{given[0]} is a Megatron-LM flag that lst-train "
+                                            rf"does not take: .*{reason}"):
         parse_args(given)
 
 
@@ -688,13 +704,16 @@ def test_preset_flags_build_the_preset_model(name):
         (config.global_model, config.rope_theta, config.max_sequence_length)
 
 
-@pytest.mark.parametrize("data_path", [["a"], ["0.7", "a", "0.3", "b"], ["1", "a", "0", "b"]])
-def test_accepted_data_paths_are_ones_the_blend_reads(data_path):
+@pytest.mark.parametrize("data_path, prefixes", [
+    (["a"], ["a"]), (["0.7", "a", "0.3", "b"], ["a", "b"]), (["1", "a", "0", "b"], ["a", "b"]),
+    # Megatron-LM's list without weights: blended by the datasets' sizes.
+    (["a", "b"], ["a", "b"]), (["a", "b", "c"], ["a", "b", "c"])])
+def test_accepted_data_paths_are_ones_the_blend_reads(data_path, prefixes):
     # validate_args must accept exactly what megatron_lst.data.blend can build.
     from megatron_lst.data.blend import parse_data_path
 
     assert valid("--data-path", *data_path).data_path == data_path
-    assert [prefix for _, prefix in parse_data_path(data_path)] == data_path[-1::-2][::-1]
+    assert [prefix for _, prefix in parse_data_path(data_path)] == prefixes
 
 
 def test_patching_choices_are_the_patchers():

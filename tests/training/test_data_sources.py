@@ -6,6 +6,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,3 +221,64 @@ def test_a_split_of_more_than_three_parts_is_refused(split):
     with pytest.raises(DatasetError, match=rf"--split '{split}': 4 proportions; give at most "
                                            rf"three, for train, valid and test"):
         split_bounds(split, 100)
+
+
+def write_text_store(prefix, num_documents: int, pieces: int):
+    """`num_documents` text documents of `pieces` text pieces each (`BOS <t> pieces EOS` in the
+    stream: one patch a token)."""
+    from data.document_cases import VOCAB
+
+    from megatron_lst.data.indexed import DocumentWriter
+    from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
+
+    writer = DocumentWriter(prefix, "text")
+    for i in range(num_documents):
+        writer.add_text(np.full(pieces, 4 + i % (VOCAB.text_size - 4), dtype=np.int32))
+    info = TokenizerInfo(path="none", sha256="0" * 64, vocab_size=VOCAB.text_size)
+    writer.finalize(Manifest("text", VOCAB.to_dict(), info, VOCAB.num_units, None,
+                             Counts(documents=num_documents, text_pieces=num_documents * pieces),
+                             ["fixed"]))
+    return str(prefix)
+
+
+@pytest.mark.parametrize("flag, train_documents", [("--data-path", (90, 18)),
+                                                   ("--train-data-path", (100, 20))])
+def test_datasets_without_weights_are_blended_by_size_as_in_megatron(tmp_path, caplog, flag,
+                                                                     train_documents):
+    # Megatron-LM weighs a list of prefixes without weights by the datasets' sizes, so that one
+    # epoch of the blend is one epoch of every dataset (was refused: "several datasets without
+    # weights"). Documents of 11 and 25 pieces are 14 and 28 stream tokens (BOS <t> ... EOS), one
+    # patch each: 2 and 4 rows of 7 new tokens (--seq-length 8).
+    import logging
+
+    big = write_text_store(tmp_path / "big", 100, 11)
+    small = write_text_store(tmp_path / "small", 20, 25)
+    rows = [2 * train_documents[0], 4 * train_documents[1]]  # one epoch of each train part
+    iters = sum(rows) // 4  # --global-batch-size 4
+    flags = with_data(tiny_flags([big]), flag, big, small) + ["--train-iters", str(iters)]
+    with caplog.at_level(logging.INFO):
+        datasets = build_datasets(validate_args(parse_args(flags), 1))
+    train = datasets.train
+    assert [len(source) for source in train.datasets] == rows
+    np.testing.assert_array_equal(np.bincount(train.dataset_index), rows)
+    for source, count in zip(train.datasets, train_documents, strict=True):
+        # The last row starts in the last document of the first epoch: each dataset is read
+        # once, none of them repeated while another is not finished.
+        position, _, _ = source._heads[-1]
+        assert position == count - 1
+    tokens = [train_documents[0] * 14, train_documents[1] * 28]
+    assert (f"train blend of datasets given without weights, weighted by their tokens: "
+            f"{big} {tokens[0]} ({tokens[0] / sum(tokens):.4g}), "
+            f"{small} {tokens[1]} ({tokens[1] / sum(tokens):.4g})") in caplog.text
+    if flag == "--data-path":  # validation blends the valid parts (10 and 2 documents) by size
+        assert documents(datasets.valid) == [("big", 90, 100), ("small", 18, 20)]
+
+
+def test_task_rows_without_weights_are_blended_by_utterances(tmp_path):
+    many = write_store(tmp_path / "many", "aligned", 40, seed=5)
+    few = write_store(tmp_path / "few", "aligned", 10, seed=6)
+    flags = with_data(tiny_flags([str(many)]), "--train-data-path", str(many), str(few),
+                      "--task", "asr", "--max-tokens", "200", "--seq-length", "120",
+                      "--max-position-embeddings", "256") + ["--train-iters", "5"]
+    train = build_datasets(validate_args(parse_args(flags), 1)).train
+    assert [len(source) for source in train.datasets] == [16, 4]  # 20 rows, 40:10

@@ -78,6 +78,28 @@ def test_split_bounds_follow_megatron_rounding():
     assert split_bounds("90,10", 60) == {"train": (0, 54), "valid": (54, 60), "test": (60, 60)}
 
 
+@pytest.mark.parametrize("split", ["969,30,1", "98,2,0", "7,2,1", "80,15,5", "1,1,1", "99,1",
+                                   "0.9,0.05,0.05", "949,50,1"])
+def test_split_bounds_are_megatron_cores_to_the_document(split):
+    # Cumulative sums of the integer parts, divided once, rounded some edges the other way:
+    # "7,2,1" over 15 documents gave valid [10, 14) where Megatron-LM takes [10, 13).
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for documents in range(1, 3001):
+        ours = split_bounds(split, documents)
+        for name, bookends in zip(("train", "valid", "test"), matrix, strict=True):
+            start, stop = ours[name]
+            if bookends is None:  # megatron.core builds no dataset for a share of 0
+                assert start == stop, (split, documents, name)
+            else:
+                assert (start, stop) == (round(bookends[0] * documents),
+                                         round(bookends[1] * documents)), (split, documents, name)
+
+
 # --- the model the flags describe --------------------------------------------------------
 
 def test_lst_config_from_the_tiny_preset_flags():
