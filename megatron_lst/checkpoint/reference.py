@@ -83,10 +83,22 @@ def read_reference_patcher_args(path: str | Path) -> dict[str, Any] | None:
     """The patcher the reference run's data used (`data.patcher_args` of BLT's params.json or of
     its training YAML), or None when the file does not hold it (e.g. model args alone). Call after
     `read_reference_model_args` has read the file."""
+    return _reference_data_entry(path, "patcher_args")
+
+
+def read_reference_tokenizer_args(path: str | Path) -> dict[str, Any] | None:
+    """The tokenizer the reference run's data used (`data.tokenizer_args` of its params.json or
+    training YAML: `{"name": ..., "init_kwargs": {...}}`), or None when the file does not hold
+    it. Call after `read_reference_model_args` has read the file."""
+    return _reference_data_entry(path, "tokenizer_args")
+
+
+def _reference_data_entry(path: str | Path, key: str) -> dict[str, Any] | None:
+    """`data[key]` of a reference run config when it is a mapping, else None."""
     data = _read_reference_document(path, "model args")
     section = data.get("data") if isinstance(data, dict) else None
-    patcher = section.get("patcher_args") if isinstance(section, dict) else None
-    return patcher if isinstance(patcher, dict) else None
+    entry = section.get(key) if isinstance(section, dict) else None
+    return entry if isinstance(entry, dict) else None
 
 
 def import_reference(
