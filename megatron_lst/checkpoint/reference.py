@@ -202,7 +202,7 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         cross_attn_window_decoder=xattn.decoder_window,
         cross_attn_all_layers_encoder=xattn.all_encoder_layers,
         cross_attn_all_layers_decoder=xattn.all_decoder_layers,
-        downsampling_by_pooling={"max": "max", "mean": "avg"}[xattn.pooling],
+        downsampling_by_pooling={"max": "max", "mean": "avg", "min": "min"}[xattn.pooling],
         norm_eps=config.norm_eps, rope_theta=config.rope_theta,
     )
     args["max_seqlen"] = config.max_sequence_length  # the global RoPE table, in patches

@@ -142,6 +142,10 @@ class GlobalModelConfig:
         return _head_dim(self)
 
 
+# How the patch slots start from their patch's tokens (`CrossAttentionConfig.pooling`).
+POOLINGS = ("max", "mean", "min")
+
+
 @dataclass(frozen=True)
 class CrossAttentionConfig:
     """How patches and tokens exchange information (docs/architecture.md#attention-ranges)."""
@@ -158,14 +162,15 @@ class CrossAttentionConfig:
     all_decoder_layers: bool = True
     """Cross-attend before every decoder layer (else only before the first)."""
     pooling: str = "max"
-    """How the slots are initialised from their patch's tokens: "max" or "mean"."""
+    """How the slots are initialised from their patch's tokens: "max", "mean" or "min"."""
     double_residual: bool = True
     """Reference quirk: its cross-attention returns `x + out` and the caller adds `x` again, so the
     update is `x <- 2 * x + out`. True reproduces the reference; False is the usual `x + out`."""
 
     def __post_init__(self):
-        if self.pooling not in ("max", "mean"):
-            raise ModelConfigError(f"cross-attention pooling must be 'max' or 'mean', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ModelConfigError(f"cross-attention pooling must be one of {POOLINGS}, got "
+                                   f"{self.pooling!r}")
         if min(self.slots_per_patch, self.num_heads, self.encoder_window, self.decoder_window) < 1:
             raise ModelConfigError(f"cross-attention sizes must all be >= 1, got {self}")
 

@@ -96,10 +96,10 @@ REFERENCE_FIELDS_ITS_MODEL_IGNORES = {
 UNSET_WHEN_ZERO = ("head_dim", "n_kv_heads", "n_kv_heads_global")
 
 
-# The reference's `downsampling_by_pooling` values this package implements ->
-# `CrossAttentionConfig.pooling` ("avg" and "mean" both pool by mean in the reference; its "min"
-# has no counterpart here).
-REFERENCE_POOLING = {"max": "max", "avg": "mean", "mean": "mean"}
+# The reference's `downsampling_by_pooling` values -> `CrossAttentionConfig.pooling` ("avg" and
+# "mean" both pool by mean in the reference). It tests for each name inside the string and
+# concatenates the pools of every one it finds, which its patch projection cannot take then.
+REFERENCE_POOLING = {"max": "max", "avg": "mean", "mean": "mean", "min": "min"}
 
 
 def lst_config_from_reference(model_args: dict) -> LSTConfig:

@@ -23,6 +23,8 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
+from megatron_lst.models.config import POOLINGS
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelFlag:
@@ -139,7 +141,7 @@ LOCAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
               "form only before the first."),
     ModelFlag("cross_attention.pooling", "--cross-attn-pooling", str,
               "How the slots start from their patch's tokens (default max).",
-              choices=("max", "mean")),
+              choices=POOLINGS),
     ModelFlag("cross_attention.double_residual", "--cross-attn-double-residual", bool,
               "Reference quirk, on by default: the cross-attention update is x <- 2 * x + out, as "
               "the reference computes it (needed for its checkpoints). --no-cross-attn-double-"

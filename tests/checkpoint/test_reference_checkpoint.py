@@ -356,7 +356,16 @@ def test_reference_mean_pooling_is_spelt_avg_or_mean():
     assert configs[0].cross_attention.pooling == "mean"
 
 
-@pytest.mark.parametrize("pooling", ["min", None, "avgmax", ["max"]])
+def test_reference_min_pooling_imports_and_exports_as_min():
+    """The reference pools by min for "min" (its `patch_reduce` with "amin"); the logits are
+    compared with the oracle in test_reference_configurations."""
+    config = lst_config_from_reference({**reference_model_args(preset("tiny", 64)),
+                                        "downsampling_by_pooling": "min"})
+    assert config.cross_attention.pooling == "min"
+    assert reference_model_args(config)["downsampling_by_pooling"] == "min"
+
+
+@pytest.mark.parametrize("pooling", [None, "avgmax", "maximum", ["max"]])
 def test_reference_pooling_without_counterpart_is_refused_naming_the_field(pooling):
     model_args = {**reference_model_args(preset("tiny", 64)), "downsampling_by_pooling": pooling}
     with pytest.raises(ReferenceImportError,
