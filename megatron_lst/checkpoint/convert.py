@@ -29,6 +29,7 @@ from .dist import (
     save_dist_checkpoint,
     training_args_for,
 )
+from .full_shapes import check_full_state_shapes, full_state_shapes
 from .model_state import (
     CheckpointContentError,
     build_full_model,
@@ -66,6 +67,10 @@ PORTABLE_FILENAMES = (WEIGHTS_FILENAME, CONFIG_FILENAME)
 
 
 def portable_model(checkpoint: PortableCheckpoint, source: str):
+    """The model of a portable checkpoint, its tensors' names and shapes checked against its
+    config before the model is built."""
+    check_full_state_shapes({name: tuple(t.shape) for name, t in checkpoint.state.items()},
+                            checkpoint.config, source)
     model = build_full_model(checkpoint.config)
     load_full_state_dict(model, checkpoint.state, source)
     return model
@@ -108,13 +113,13 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     tokenizer_model, num_units = _reference_tokenizer(reference_args, num_units)
     if tokenizer_model is not None:
         patching["tokenizer_model"] = tokenizer_model
-    before = build_full_model(lst_config_from_reference(model_args))
-    try:
-        check_reference_shapes(original, before.lst_config,
-                               {name: tuple(t.shape) for name, t in full_state_dict(before).items()})
+    config = lst_config_from_reference(model_args)
+    try:  # names and shapes before a model of the size the args give is built
+        check_reference_shapes(original, config, full_state_shapes(config))
         config, state = import_reference(original, model_args)
     except ReferenceImportError as error:
         raise ReferenceImportError(f"{checkpoint} (model args {reference_args}): {error}") from None
+    before = build_full_model(config)
     _check_identical(export_reference(state, config), original, "re-exported reference state dict")
     if stream is not None:
         print(f"verify import-reference: export of the import == original ({len(original)} "

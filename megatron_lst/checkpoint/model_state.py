@@ -168,7 +168,7 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor], source: str) -> 
             raise CheckpointContentError(
                 f"{source}: tensor {name!r} has shape {tuple(full.shape)} but the model expects "
                 f"{want}; build the model from the checkpoint's own config"
-                + (" (another vocabulary?)" if name in _VOCAB_TENSORS else ""))
+                + (" (another vocabulary?)" if name in VOCAB_TENSORS else ""))
         if full.is_floating_point() != target.is_floating_point():  # .to() would cast silently
             raise CheckpointContentError(
                 f"{source}: tensor {name!r} holds {full.dtype} but the model's is "
@@ -183,4 +183,4 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor], source: str) -> 
     model.load_state_dict(sharded, strict=False)
 
 
-_VOCAB_TENSORS = ("token_encoder.embedding.weight", "output_layer.weight")
+VOCAB_TENSORS = ("token_encoder.embedding.weight", "output_layer.weight")
