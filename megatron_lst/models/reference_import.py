@@ -65,7 +65,8 @@ REFERENCE_DEFAULTS = {
     "cross_attn_window_decoder": None, "cross_attn_all_layers_encoder": False,
     "cross_attn_all_layers_decoder": False, "downsampling_by_pooling": None,
     "use_local_encoder_transformer": False, "use_rope": True, "encoder_enable_byte_ngrams": False,
-    "encoder_hash_byte_group_size": None, "pm_size": 0, "max_seqlen": 1024,
+    "encoder_hash_byte_group_size": None, "encoder_hash_byte_group_nb_functions": 3,
+    "pm_size": 0, "max_seqlen": 1024,
     "patch_size": None, "patching_mode": None,
 }
 
@@ -115,10 +116,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     for key, value in REQUIRED_REFERENCE_OPTIONS.items():
         if a[key] != value and key != "use_local_encoder_transformer":
             raise ReferenceImportError(f"reference option {key}={a[key]!r} is not supported (need {value!r})")
-    if a["encoder_hash_byte_group_size"]:
-        raise ReferenceImportError(
-            f"reference encoder_hash_byte_group_size={a['encoder_hash_byte_group_size']!r} is not "
-            "supported: hash n-gram embeddings have no counterpart here (need [] or None)")
+    _check_hash_embeddings(a)
     for key in ("vocab_size", "multiple_of", "cross_attn_k", "cross_attn_nheads", "max_seqlen"):
         if not isinstance(a[key], int) or a[key] < 1:
             raise ReferenceImportError(
@@ -185,7 +183,7 @@ WHOLE_NUMBER_FIELDS = (
     "n_layers_local_decoder", "n_heads_local_encoder", "n_heads_local_decoder", "head_dim",
     "n_kv_heads", "multiple_of", "eos_id", "local_attention_window_len", "max_encoder_seq_length",
     "cross_attn_k", "cross_attn_nheads", "cross_attn_window_encoder", "cross_attn_window_decoder",
-    "pm_size", "max_seqlen")
+    "pm_size", "max_seqlen", "encoder_hash_byte_group_nb_functions")
 
 
 def _read_whole_numbers(a: dict) -> None:
@@ -226,6 +224,23 @@ def _check_token_width(a: dict) -> None:
             f"reference token width {source} != dim_local_encoder {de!r}: token-embedding "
             "projections are not supported (the reference cannot reshape its patch slots then); "
             "set dim_token to dim_local_encoder")
+
+
+def _check_hash_embeddings(a: dict) -> None:
+    """The reference builds `encoder_hash_byte_group_nb_functions` hash n-gram embedding tables
+    for each size in `encoder_hash_byte_group_size` and adds them to the token embedding: none
+    (and the same function as without) when either is empty. Tables are refused: they have no
+    counterpart here."""
+    sizes, functions = a["encoder_hash_byte_group_size"], a["encoder_hash_byte_group_nb_functions"]
+    if not isinstance(functions, int) or isinstance(functions, bool):
+        raise ReferenceImportError(
+            f"reference encoder_hash_byte_group_nb_functions={functions!r} is not a number of "
+            "hash functions; the reference builds no model from it")
+    if sizes and functions > 0:
+        raise ReferenceImportError(
+            f"reference encoder_hash_byte_group_size={sizes!r} is not supported: with "
+            f"encoder_hash_byte_group_nb_functions={functions} it adds hash n-gram embeddings, "
+            "which have no counterpart here (need [] or None, or 0 hash functions)")
 
 
 def _check_patching_mode(a: dict) -> None:

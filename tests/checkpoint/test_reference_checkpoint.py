@@ -336,6 +336,16 @@ def test_reference_hash_embeddings_are_refused_naming_the_field(sizes):
         lst_config_from_reference(model_args)
 
 
+@pytest.mark.parametrize("functions", [None, "3"])
+def test_reference_hash_function_counts_that_are_no_count_are_refused_naming_the_field(functions):
+    model_args = {**reference_model_args(preset("tiny", 64)), "encoder_hash_byte_group_size": [],
+                  "encoder_hash_byte_group_nb_functions": functions}
+    with pytest.raises(ReferenceImportError,
+                       match=rf"encoder_hash_byte_group_nb_functions={re.escape(repr(functions))} "
+                             "is not a number of hash functions"):
+        lst_config_from_reference(model_args)
+
+
 def test_reference_documents_at_another_eos_id_are_refused_naming_it():
     """The reference's local attention stops at `eos_id`, but its global model marks the patches
     holding its fixed EOS id 2 and ends documents at those equal to `eos_id`: with eos_id 5 its

@@ -96,6 +96,9 @@ CONFIGURATIONS = {
                                               "n_kv_heads_global": None},
     # the reference reads these sizes as `value or derived`: 0 is null
     "zero_head_sizes_mean_derived": {"head_dim": 0, "n_kv_heads": 0, "n_kv_heads_global": 0},
+    # hash n-gram sizes but no hash functions: the reference builds no hash embedding table
+    "hash_sizes_without_hash_functions": {"encoder_hash_byte_group_size": [3, 4],
+                                          "encoder_hash_byte_group_nb_functions": 0},
     # fields that change training or initialisation only, or that the reference does not read
     "training_and_init_fields": {
         "dropout": 0.25, "init_base_std": 0.5, "init_std_factor": "current_depth", "seed": 7,
