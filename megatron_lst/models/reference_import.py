@@ -122,6 +122,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
             raise ReferenceImportError(
                 f"reference {key}={a[key]!r}: the reference builds no model without a positive "
                 "integer there; fix the model arguments")
+    _check_cross_attention_heads(a)
     _check_token_width(a)
     _check_patching_mode(a)
     pooling = a["downsampling_by_pooling"]
@@ -224,6 +225,23 @@ def _check_token_width(a: dict) -> None:
             f"reference token width {source} != dim_local_encoder {de!r}: token-embedding "
             "projections are not supported (the reference cannot reshape its patch slots then); "
             "set dim_token to dim_local_encoder")
+
+
+def _check_cross_attention_heads(a: dict) -> None:
+    """The reference's cross-attention heads have `dim // cross_attn_nheads` channels each (its
+    `wq`, `wk`, `wv` are `nheads * head size` rows by `dim`), so a head count that does not divide
+    the local width covers fewer channels than the width; LSTModel's cross-attention splits the
+    width evenly: refused, naming the fields."""
+    heads = a["cross_attn_nheads"]
+    for dim in ("dim_local_encoder", "dim_local_decoder"):
+        width = a[dim]
+        if isinstance(width, int) and width >= 1 and width % heads:
+            raise ReferenceImportError(
+                f"reference cross_attn_nheads {heads} does not divide {dim} {width}: its "
+                f"cross-attention then has heads of {width} // {heads} = {width // heads} "
+                f"channels, {heads * (width // heads)} of the {width}, which LSTModel's (heads "
+                f"splitting the width evenly) does not compute; not supported (need a head "
+                f"count that divides {width})")
 
 
 def _check_hash_embeddings(a: dict) -> None:

@@ -336,6 +336,19 @@ def test_reference_hash_embeddings_are_refused_naming_the_field(sizes):
         lst_config_from_reference(model_args)
 
 
+@pytest.mark.parametrize(("heads", "channels"), [(3, 10), (64, 0)])
+def test_reference_cross_attention_heads_not_dividing_the_width_are_refused_naming_them(heads,
+                                                                                        channels):
+    """The reference's cross-attention heads are `dim // nheads` wide: with 3 heads on a local
+    width of 32 they cover 30 channels; LSTModel's split the width evenly."""
+    model_args = {**reference_model_args(preset("tiny", 64)), "cross_attn_nheads": heads}
+    assert model_args["dim_local_encoder"] == 32
+    with pytest.raises(ReferenceImportError,
+                       match=rf"cross_attn_nheads {heads} does not divide dim_local_encoder 32: "
+                             rf".* heads of 32 // {heads} = {channels} channels"):
+        lst_config_from_reference(model_args)
+
+
 @pytest.mark.parametrize("functions", [None, "3"])
 def test_reference_hash_function_counts_that_are_no_count_are_refused_naming_the_field(functions):
     model_args = {**reference_model_args(preset("tiny", 64)), "encoder_hash_byte_group_size": [],
