@@ -39,8 +39,12 @@ def lst_config_to_dict(config: LSTConfig) -> dict[str, Any]:
 # Fields a record may leave out, with the value that means: `documents` did not exist before
 # document masking, and those models trained across EOS; the head shapes (`num_query_groups` of
 # the local models, `kv_channels`) did not exist before grouped-query local attention and explicit
-# head sizes, and those models had one key/value head per query head of `hidden / heads`.
+# head sizes, and those models had one key/value head per query head of `hidden / heads`; the
+# cross-attention and global switches of `documents` did not exist before they could be turned
+# off, and every attention was reset.
 _FIELDS_OF_OLDER_RECORDS = {LSTConfig: {"documents": None},
+                            DocumentMaskingConfig: {"reset_cross_attention": True,
+                                                    "reset_global_attention": True},
                             LocalModelConfig: {"num_query_groups": None, "kv_channels": None},
                             GlobalModelConfig: {"kv_channels": None}}
 

@@ -184,6 +184,19 @@ class DocumentMaskingConfig:
     """No attention crosses a document start (Megatron-LM's `--reset-attention-mask`)."""
     reset_position_ids: bool = False
     """RoPE positions restart at every document start (Megatron-LM's `--reset-position-ids`)."""
+    reset_cross_attention: bool = True
+    """With `reset_attention_mask`, the LST model's patch cross-attention (encoder slots and
+    decoder tokens) stops at document starts too; False: its patch windows alone bound it, as the
+    reference's cross-attention, whose masks know no documents."""
+    reset_global_attention: bool = True
+    """With `reset_attention_mask`, the LST model's global transformer stops at document starts
+    too; False: it is causal over the whole row, as the reference's global model with
+    attn_bias_type "causal" (whose local models still stop at EOS)."""
+
+    def __post_init__(self):
+        if not self.reset_attention_mask:  # no attention is reset: the two switches mean nothing
+            object.__setattr__(self, "reset_cross_attention", True)
+            object.__setattr__(self, "reset_global_attention", True)
 
 
 @dataclass(frozen=True)

@@ -342,12 +342,13 @@ CAUSAL_ATTN_IMPLS = ("sdpa", "flex_attention")
 
 def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | None]:
     """`(local window in tokens, document rule)` of the self-attention a reference model ran with,
-    which its `attn_impl` decides (its cross-attention is masked by patch windows only, always):
+    which its `attn_impl` decides (its cross-attention is masked by patch windows only, always:
+    the document rules keep the cross-attention unreset):
 
-    - "xformers": the local models attend `local_attention_window_len` tokens and stop at EOS;
-      the global model stops at EOS with `attn_bias_type` "block_causal" (-> document masking at
-      `eos_id`, which must be `REFERENCE_EOS_ID`) and runs over the whole row with "causal" (-> no
-      document rule; the local models' stop at EOS is then lost on packed rows);
+    - "xformers": the local models attend `local_attention_window_len` tokens and stop at
+      `eos_id` (-> document masking at `eos_id`); the global model stops at EOS too with
+      `attn_bias_type` "block_causal" (then `eos_id` must be `REFERENCE_EOS_ID`) and runs over
+      the whole row with "causal" (-> the global attention unreset);
     - `CAUSAL_ATTN_IMPLS`: causal attention over the whole row everywhere. Rows are at most
       `max_encoder_seq_length` tokens (its local RoPE table), so that window is the same function.
     """
@@ -359,12 +360,15 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
             raise ReferenceImportError(
                 f"reference attn_impl 'xformers' needs local_attention_window_len >= 1 (got "
                 f"{window!r}): its local attention is a sliding window")
-        if a["eos_id"] is None:
+        eos = a["eos_id"]
+        if not isinstance(eos, int) or isinstance(eos, bool) or eos < 0:
             raise ReferenceImportError(
                 "reference attn_impl 'xformers' stops its local attention at eos_id (and with "
-                "attn_bias_type 'block_causal' its global one), but the arguments give no eos_id")
+                f"attn_bias_type 'block_causal' its global one), but the arguments give eos_id "
+                f"{eos!r}, no token id")
         if bias in (None, "causal"):
-            return window, None
+            return window, DocumentMaskingConfig(eos_id=a["eos_id"], reset_cross_attention=False,
+                                                 reset_global_attention=False)
         if bias != "block_causal":
             raise ReferenceImportError(
                 f"reference attn_bias_type {bias!r} is not one of 'causal' or 'block_causal'")
@@ -374,7 +378,7 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
                 "attention stops at eos_id, but its global attention looks for eos_id among "
                 f"patches marked with its fixed EOS id {REFERENCE_EOS_ID}, a rule no document "
                 f"masking here computes; only eos_id {REFERENCE_EOS_ID} imports")
-        return window, DocumentMaskingConfig(eos_id=a["eos_id"])
+        return window, DocumentMaskingConfig(eos_id=a["eos_id"], reset_cross_attention=False)
     if impl not in CAUSAL_ATTN_IMPLS:
         raise ReferenceImportError(
             f"reference attn_impl {impl!r} is not one of 'xformers', {', '.join(map(repr, CAUSAL_ATTN_IMPLS))}")

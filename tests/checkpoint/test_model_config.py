@@ -100,7 +100,9 @@ def _config_with_documents():
     config = preset("tiny", 64)
     encoder, decoder = (dataclasses.replace(local, num_query_groups=1, kv_channels=8)
                         for local in (config.encoder, config.decoder))
-    return dataclasses.replace(config, documents=DocumentMaskingConfig(eos_id=2),
+    return dataclasses.replace(config, documents=DocumentMaskingConfig(
+                                   eos_id=2, reset_cross_attention=False,
+                                   reset_global_attention=False),
                                global_model=GlobalModelConfig(64, 2, 4, 256, 2, 32),
                                encoder=encoder, decoder=decoder)
 
@@ -110,7 +112,8 @@ def test_every_missing_field_is_named_not_defaulted():
     window or cross-attention would build another model). Only the fields older records lack
     read as what those models had: `documents` (before document masking) as None, they trained
     across EOS; the head shapes (before local grouped-query attention and explicit head sizes)
-    as one key/value head per query head of hidden / heads."""
+    as one key/value head per query head of hidden / heads; the document rule's cross-attention
+    and global switches (before they could be turned off) as on."""
     config = _config_with_documents()
     data = lst_config_to_dict(config)
     for path, _ in _leaves(data):
@@ -120,6 +123,10 @@ def test_every_missing_field_is_named_not_defaulted():
         if path[-1] in ("num_query_groups", "kv_channels") and path != ("global_model", "num_query_groups"):
             older = lst_config_from_dict(_edited(data, path, delete=True))
             assert getattr(operator.attrgetter(".".join(path[:-1]))(older), path[-1]) is None
+            continue
+        if path[-1] in ("reset_cross_attention", "reset_global_attention"):
+            older = lst_config_from_dict(_edited(data, path, delete=True))
+            assert getattr(older.documents, path[-1]) is True
             continue
         with pytest.raises(CheckpointContentError, match=rf"missing field\(s\) \['{path[-1]}'\]"):
             lst_config_from_dict(_edited(data, path, delete=True))
@@ -143,7 +150,7 @@ def test_every_field_of_another_type_is_named():
             with pytest.raises(CheckpointContentError, match=rf"field '{path[-1]}' is {wrong!r}"):
                 lst_config_from_dict(_edited(data, path, wrong))
             checked += 1
-    assert checked == 2 * 36  # every scalar field of LSTConfig and its parts
+    assert checked == 2 * 38  # every scalar field of LSTConfig and its parts
     # integers are numbers: a float field written as an integer reads as that number
     assert lst_config_from_dict(_edited(data, ("rope_theta",), 10000)) == config
 

@@ -121,24 +121,6 @@ CONFIGURATIONS = {
         "attn_impl": "xformers", "attn_bias_type": "causal", "local_attention_window_len": 5},
 }
 
-# Configurations whose imported model computes another function than the reference on rows that
-# pack several documents (strict: a fix makes these tests fail until the mark is removed).
-KNOWN_DIVERGENCES = {
-    "xformers_block_causal_docs":
-        "the reference's cross-attention is masked by patch windows only, so patch slots and "
-        "tokens see the previous document's tokens and patches within the window; LSTModel's "
-        "document masking also stops the cross-attention at document starts",
-    "xformers_causal_docs":
-        "the reference's local attention always stops at EOS (local_block_causal) while its "
-        "global attention does not; LSTConfig.documents masks all attentions or none, and the "
-        "import maps attn_bias_type 'causal' to none",
-}
-
-
-def configuration_params():
-    return [pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_DIVERGENCES[name], strict=True))
-            if name in KNOWN_DIVERGENCES else name for name in sorted(CONFIGURATIONS)]
-
 
 def reference_args(name: str) -> dict:
     return {**BASE_ARGS, **CONFIGURATIONS[name]}
@@ -215,7 +197,7 @@ def imported_model(model_args: dict, reference: dict[str, torch.Tensor]) -> LSTM
     return model.eval()
 
 
-@pytest.mark.parametrize("name", configuration_params())
+@pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
 def test_imported_model_matches_reference_forward(single_rank, name):
     model_args = reference_args(name)
     reference = random_reference_state(model_args, seed=len(name))
@@ -309,12 +291,8 @@ def reference_configurations(draw) -> dict:
         "rope_theta": draw(st.sampled_from((10.0, 500.0, 10000.0))),
         "attn_impl": impl, "attn_bias_type": draw(st.sampled_from(("causal", "block_causal"))),
     }
-    if impl == "xformers":
-        # documents: only where the reference's cross-attention cannot see across one (own
-        # patch windows) and its global attention stops at EOS too (KNOWN_DIVERGENCES)
-        args.update(attn_bias_type="block_causal", cross_attn_window_encoder=None,
-                    cross_attn_window_decoder=draw(st.sampled_from((None, 1))),
-                    local_attention_window_len=draw(st.integers(1, 8)))
+    if impl == "xformers":  # packed documents, local windows shorter than some of them
+        args.update(local_attention_window_len=draw(st.integers(1, 8)))
     shared_heads = math.gcd(local_heads, args["n_heads_local_decoder"])
     if draw(st.booleans()):  # spelt out where they restate the derived sizes
         head_sizes = {width // global_heads, local // local_heads, local // args["n_heads_local_decoder"]}

@@ -72,6 +72,9 @@ def lst_configs(draw, max_width: int = 48, max_layers: int = 3) -> LSTConfig:
             DocumentMaskingConfig(EOS_ID, reset_attention_mask=True, reset_position_ids=False),
             DocumentMaskingConfig(EOS_ID, reset_attention_mask=True, reset_position_ids=True),
             DocumentMaskingConfig(EOS_ID, reset_attention_mask=False, reset_position_ids=True),
+            # the reference's rules: cross-attention (and global attention) across documents
+            DocumentMaskingConfig(EOS_ID, reset_cross_attention=False),
+            DocumentMaskingConfig(EOS_ID, reset_cross_attention=False, reset_global_attention=False),
         ))),
         init_std=draw(st.floats(1e-5, 1.0)),
     )
