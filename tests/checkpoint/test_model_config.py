@@ -41,6 +41,30 @@ def test_any_config_survives_dist_and_portable_checkpoints(config, single_rank, 
     assert load_portable(root / "portable").config == config
 
 
+def test_a_record_of_more_weights_than_the_checkpoint_holds_is_refused_before_building(
+        single_rank, tmp_path):
+    """A crafted or damaged record of a far larger model beside a small checkpoint: every tool
+    built the model it names before loading (one of billions of weights fails in the
+    allocator)."""
+    from megatron_lst.checkpoint.convert import dist_to_portable
+    from megatron_lst.models.config import preset
+
+    vocab = JointVocab(text_size=58)
+    config = preset("tiny", vocab.size)
+    path = save_dist_checkpoint(tmp_path / "dist", build_full_model(config),
+                                training_args_for(config), vocab)
+    record = json.loads((path / "lst_checkpoint.json").read_text())
+    record["model"]["config"]["global_model"].update(hidden_size=1 << 16, num_layers=64,
+                                                      num_heads=512, ffn_hidden_size=1 << 18)
+    (path / "lst_checkpoint.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointContentError, match=r"the model record describes \d+ weights, but "
+                                                     r"the checkpoint's tensors hold \d+"):
+        read_model_config(record, path)
+    with pytest.raises(CheckpointContentError, match="the model record describes"):
+        dist_to_portable(tmp_path / "dist", tmp_path / "portable")
+    assert not (tmp_path / "portable").exists()
+
+
 def test_a_checkpoint_without_the_record_is_read_through_its_flags(tmp_path):
     """Checkpoints written before the record: the model training built from their flags."""
     vocab = JointVocab(text_size=40, num_units=20)
