@@ -1,7 +1,7 @@
 """`lst-convert` / `tools/convert_checkpoint.py`: convert LST checkpoints and verify each result.
 
     lst-convert import-reference --reference-ckpt STEP_DIR|consolidated.pth [--reference-args params.json] --output DIR
-    lst-convert export-reference --portable DIR --output REF_DIR
+    lst-convert export-reference --portable DIR --output REF_DIR [--tokenizer-model spm.model]
     lst-convert dist-to-portable --load SAVE_DIR --output DIR
     lst-convert portable-to-dist --portable DIR --save SAVE_DIR [--iteration N]
     lst-convert verify --load SAVE_DIR [--ckpt-step N]
@@ -66,13 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "launched with, or a JSON with 'model_args'; a directory: its "
                           "params.json (default: the params.json beside the checkpoint)")
     imp.add_argument("--output", required=True, help="portable checkpoint directory to write")
-    imp.add_argument("--num-units", type=int, default=502,
-                     help="speech-unit slots of the reference vocabulary (default 502)")
+    imp.add_argument("--num-units", type=int, default=None,
+                     help="speech-unit slots of the reference vocabulary (default: the "
+                          "speech_vocab_size_unit of the run's data.tokenizer_args, else 502)")
 
     exp = commands.add_parser("export-reference", help="portable -> reference checkpoint")
     exp.add_argument("--portable", required=True, help="portable checkpoint directory")
     exp.add_argument("--output", required=True,
                      help="directory for consolidated.pth and params.json")
+    exp.add_argument("--tokenizer-model", default=None,
+                     help="the SentencePiece model params.json names for the reference's "
+                          "tokenizer (default: the checkpoint's --tokenizer-model, kept from "
+                          "the training run or the imported params.json)")
 
     to_portable = commands.add_parser("dist-to-portable", help="dist checkpoint -> portable")
     to_portable.add_argument("--load", required=True,
@@ -154,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             convert.import_reference_to_portable(args.reference_ckpt, args.reference_args,
                                                  args.output, args.num_units, sys.stdout)
         elif args.command == "export-reference":
-            convert.export_portable_to_reference(args.portable, args.output, sys.stdout)
+            convert.export_portable_to_reference(args.portable, args.output, sys.stdout,
+                                                 args.tokenizer_model)
         elif args.command == "dist-to-portable":
             convert.dist_to_portable(args.load, args.output, sys.stdout)
         else:

@@ -29,6 +29,7 @@ from .dist import (
     save_dist_checkpoint,
     training_args_for,
 )
+from .full_shapes import check_full_state_shapes, full_state_shapes
 from .model_state import (
     CheckpointContentError,
     build_full_model,
@@ -48,6 +49,7 @@ from .reference import (
     import_reference,
     read_reference_model_args,
     read_reference_patcher_args,
+    read_reference_tokenizer_args,
     reference_model_args,
 )
 from .reference_files import (
@@ -55,14 +57,20 @@ from .reference_files import (
     read_reference_state_dict,
     reference_params_beside,
 )
+from .reference_run import export_sections, imported_tokenizer
 from .verify import VerificationError, verify_same_function
 
 REFERENCE_WEIGHTS_FILENAME = "consolidated.pth"
+DEFAULT_REFERENCE_UNITS = 502  # the reference tokenizer's speech_vocab_size_unit default
 REFERENCE_ARGS_FILENAME = "params.json"
 PORTABLE_FILENAMES = (WEIGHTS_FILENAME, CONFIG_FILENAME)
 
 
 def portable_model(checkpoint: PortableCheckpoint, source: str):
+    """The model of a portable checkpoint, its tensors' names and shapes checked against its
+    config before the model is built."""
+    check_full_state_shapes({name: tuple(t.shape) for name, t in checkpoint.state.items()},
+                            checkpoint.config, source)
     model = build_full_model(checkpoint.config)
     load_full_state_dict(model, checkpoint.state, source)
     return model
@@ -79,13 +87,17 @@ def reference_vocab(vocab_size: int, num_units: int) -> JointVocab:
 
 
 def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str | Path | None,
-                                 output: str | Path, num_units: int = 502,
+                                 output: str | Path, num_units: int | None = None,
                                  stream: TextIO | None = None) -> float:
     """Reference checkpoint (any form `reference_files` reads) + model args (None: the
     params.json the reference writes beside the checkpoint) -> portable checkpoint in `output`,
     in the checkpoint's dtype. Nothing is written unless every check passes.
 
-    Also checks that exporting the imported tensors gives back the reference state dict exactly.
+    `num_units`: the vocabulary's speech units; None: the `speech_vocab_size_unit` of the run's
+    "lst" tokenizer (`data.tokenizer_args`), else its default 502. The tokenizer's SentencePiece
+    model is recorded as the `tokenizer_model` flag (what `lst-eval` loads, and the export
+    writes back). Also checks that exporting the imported tensors gives back the reference state
+    dict exactly.
     """
     _refuse_to_overwrite(output, PORTABLE_FILENAMES)
     checkpoint = locate_reference_checkpoint(reference_ckpt)
@@ -98,13 +110,16 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     original = read_reference_state_dict(checkpoint)
     model_args = read_reference_model_args(reference_args)
     patching = reference_patching(model_args, read_reference_patcher_args(reference_args))
-    before = build_full_model(lst_config_from_reference(model_args))
-    try:
-        check_reference_shapes(original, before.lst_config,
-                               {name: tuple(t.shape) for name, t in full_state_dict(before).items()})
+    tokenizer_model, num_units = _reference_tokenizer(reference_args, num_units)
+    if tokenizer_model is not None:
+        patching["tokenizer_model"] = tokenizer_model
+    config = lst_config_from_reference(model_args)
+    try:  # names and shapes before a model of the size the args give is built
+        check_reference_shapes(original, config, full_state_shapes(config))
         config, state = import_reference(original, model_args)
     except ReferenceImportError as error:
         raise ReferenceImportError(f"{checkpoint} (model args {reference_args}): {error}") from None
+    before = build_full_model(config)
     _check_identical(export_reference(state, config), original, "re-exported reference state dict")
     if stream is not None:
         print(f"verify import-reference: export of the import == original ({len(original)} "
@@ -120,22 +135,32 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
 
 
 def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
-                                 stream: TextIO | None = None) -> float:
+                                 stream: TextIO | None = None,
+                                 tokenizer_model: str | None = None) -> float:
     """Portable checkpoint -> `output/consolidated.pth` (BLT's `{"model": state dict}`, the
-    portable's tensors exactly, in their dtype) and `output/params.json` (`{"model": model
-    args}`, with `"data": {"patcher_args": ...}` where the checkpoint's flags name a patching the
+    portable's tensors exactly, in their dtype) and `output/params.json`: `{"model": model
+    args, "data": {"tokenizer_args": ..., "patcher_args": ...}, "distributed": {"model_dtype":
+    ...}}` (`reference_run`; `patcher_args` where the checkpoint's flags name a patching the
     reference has, `reference_patcher_args`): the reference's `generate.py`/`eval.py` load that
-    directory (`load_consolidated_model_and_tokenizer`)."""
+    directory (`load_consolidated_model_and_tokenizer`). `tokenizer_model`: the SentencePiece
+    model the tokenizer args name (default: the checkpoint's `tokenizer_model` flag)."""
     _refuse_to_overwrite(output, (REFERENCE_WEIGHTS_FILENAME, REFERENCE_ARGS_FILENAME))
     checkpoint = load_portable(portable_dir)
     before = portable_model(checkpoint, str(portable_dir))  # checks every tensor's name and shape
     reference = export_reference(checkpoint.state, checkpoint.config)
+    training_args = checkpoint.training_args or {}
     model_args = reference_model_args(checkpoint.config, checkpoint.reference_model_args,
-                                      (checkpoint.training_args or {}).get("max_tokens"))
-    params = {"model": model_args}
+                                      training_args.get("max_tokens"))
+    if tokenizer_model is None and isinstance(training_args.get("tokenizer_model"), str):
+        tokenizer_model = training_args["tokenizer_model"]
+    params = {"model": model_args, **export_sections(reference, tokenizer_model, checkpoint.vocab)}
     patcher_args = reference_patcher_args(checkpoint.training_args)
     if patcher_args is not None:
-        params["data"] = {"patcher_args": patcher_args}
+        params["data"]["patcher_args"] = patcher_args
+    if tokenizer_model is None and stream is not None:
+        print("export-reference: no SentencePiece model is known for this checkpoint, so "
+              "params.json names none (data.tokenizer_args.init_kwargs.bpe_tokenizer_path): "
+              "pass --tokenizer-model for the reference to build its tokenizer", file=stream)
     with staged_output(output, (REFERENCE_WEIGHTS_FILENAME, REFERENCE_ARGS_FILENAME)) as staged:
         torch.save({"model": reference}, staged / REFERENCE_WEIGHTS_FILENAME)
         (staged / REFERENCE_ARGS_FILENAME).write_text(json.dumps(params, indent=1) + "\n")
@@ -145,6 +170,22 @@ def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
         after = build_full_model(config)
         load_full_state_dict(after, state, str(output))
         return verify_same_function(before, after, "export-reference", stream=stream)
+
+
+def _reference_tokenizer(reference_args: str | Path, num_units: int | None) -> tuple[str | None, int]:
+    """`(SentencePiece model or None, speech units)` of the reference run whose config is
+    `reference_args`: its "lst" tokenizer's (`data.tokenizer_args`), the units `num_units` when
+    given. Refuses a `num_units` other than the tokenizer's: the ids past the text pieces would
+    name other units."""
+    path, units = imported_tokenizer(read_reference_tokenizer_args(reference_args))
+    if num_units is None:
+        return path, units or DEFAULT_REFERENCE_UNITS
+    if units is not None and units != num_units:
+        raise ReferenceImportError(
+            f"--num-units {num_units} differs from the {units} speech units of the reference "
+            f"run's tokenizer (data.tokenizer_args.init_kwargs.speech_vocab_size_unit in "
+            f"{reference_args}); leave --num-units out to use the run's")
+    return path, num_units
 
 
 def dist_to_portable(load: str | Path, output: str | Path,

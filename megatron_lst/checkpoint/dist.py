@@ -23,7 +23,7 @@ from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from .model_state import CheckpointContentError
 
 # Keys of a training checkpoint that are not model tensors.
-_NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
+NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -114,7 +114,7 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
                 f"{tuple(saved[tensor.key].global_shape)} but the model expects "
                 f"{tuple(tensor.global_shape)}; build the model from the checkpoint's own flags")
     if model.pre_process and model.post_process:
-        unexpected = sorted(k for k in saved if k not in expected and not k.startswith(_NON_MODEL_PREFIXES))
+        unexpected = sorted(k for k in saved if k not in expected and not k.startswith(NON_MODEL_PREFIXES))
         if unexpected:
             raise CheckpointContentError(
                 f"dist checkpoint {path} holds tensor(s) the model does not have: {unexpected[:5]}")

@@ -69,6 +69,8 @@ def read_model_config(metadata: dict[str, Any], path: str | Path) -> SavedModel 
             raise CheckpointContentError(
                 f"{path}: the model record's vocab_size {config.vocab_size} differs from the "
                 f"{vocab.size} ids of the recorded vocabulary; the checkpoint is corrupt")
+        if record["kind"] == "lst":
+            check_stored_weights(config, path)
         return SavedModel(config, record["kind"] == "baseline", patching_mode)
     if not args or metadata.get("vocab") is None:
         return None
@@ -111,4 +113,34 @@ def _from_saved_args(metadata: dict[str, Any], args: dict[str, Any], path: str |
     except (ModelConfigError, KeyError, TypeError) as error:
         raise CheckpointContentError(
             f"{path}: its saved flags do not describe a model ({error})") from None
+    if flags["patching_mode"] != "none":
+        check_stored_weights(config, path)
     return SavedModel(config, flags["patching_mode"] == "none", flags["patching_mode"])
+
+
+def check_stored_weights(config: LSTConfig, path: str | Path) -> None:
+    """Refuse an LST model record that describes more weights than the checkpoint's files hold
+    (a damaged or crafted record: every tool builds the model it names before loading, and a
+    record of billions of weights beside a small checkpoint allocated them first, failing in the
+    allocator). Reads the checkpoint index alone, with the restricted unpickler; an index that
+    cannot be read is left to the loading, which names the problem."""
+    import math
+
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .dist import NON_MODEL_PREFIXES
+    from .errors import CheckpointError
+    from .full_shapes import full_state_shapes
+    from .safe_pickle import read_dcp_metadata
+
+    try:
+        index = read_dcp_metadata(path)
+    except CheckpointError:  # missing, damaged or refused: the loading names the problem
+        return
+    stored = sum(math.prod(item.size) for key, item in index.state_dict_metadata.items()
+                 if isinstance(item, TensorStorageMetadata) and not key.startswith(NON_MODEL_PREFIXES))
+    described = sum(math.prod(shape) for shape in full_state_shapes(config).values())
+    if described > stored:
+        raise CheckpointContentError(
+            f"{path}: the model record describes {described} weights, but the checkpoint's "
+            f"tensors hold {stored}; the record is damaged or of another model")

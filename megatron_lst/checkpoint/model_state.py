@@ -39,8 +39,12 @@ def lst_config_to_dict(config: LSTConfig) -> dict[str, Any]:
 # Fields a record may leave out, with the value that means: `documents` did not exist before
 # document masking, and those models trained across EOS; the head shapes (`num_query_groups` of
 # the local models, `kv_channels`) did not exist before grouped-query local attention and explicit
-# head sizes, and those models had one key/value head per query head of `hidden / heads`.
+# head sizes, and those models had one key/value head per query head of `hidden / heads`; the
+# cross-attention and global switches of `documents` did not exist before they could be turned
+# off, and every attention was reset.
 _FIELDS_OF_OLDER_RECORDS = {LSTConfig: {"documents": None},
+                            DocumentMaskingConfig: {"reset_cross_attention": True,
+                                                    "reset_global_attention": True},
                             LocalModelConfig: {"num_query_groups": None, "kv_channels": None},
                             GlobalModelConfig: {"kv_channels": None}}
 
@@ -168,7 +172,7 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor], source: str) -> 
             raise CheckpointContentError(
                 f"{source}: tensor {name!r} has shape {tuple(full.shape)} but the model expects "
                 f"{want}; build the model from the checkpoint's own config"
-                + (" (another vocabulary?)" if name in _VOCAB_TENSORS else ""))
+                + (" (another vocabulary?)" if name in VOCAB_TENSORS else ""))
         if full.is_floating_point() != target.is_floating_point():  # .to() would cast silently
             raise CheckpointContentError(
                 f"{source}: tensor {name!r} holds {full.dtype} but the model's is "
@@ -183,4 +187,4 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor], source: str) -> 
     model.load_state_dict(sharded, strict=False)
 
 
-_VOCAB_TENSORS = ("token_encoder.embedding.weight", "output_layer.weight")
+VOCAB_TENSORS = ("token_encoder.embedding.weight", "output_layer.weight")

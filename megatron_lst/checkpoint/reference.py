@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import yaml
 
-from megatron_lst.models.config import LSTConfig, swiglu_ffn_size
+from megatron_lst.models.config import DocumentMaskingConfig, LSTConfig, swiglu_ffn_size
 from megatron_lst.models.reference_import import (
     CAUSAL_ATTN_IMPLS,
     REFERENCE_EOS_ID,
@@ -83,10 +83,22 @@ def read_reference_patcher_args(path: str | Path) -> dict[str, Any] | None:
     """The patcher the reference run's data used (`data.patcher_args` of BLT's params.json or of
     its training YAML), or None when the file does not hold it (e.g. model args alone). Call after
     `read_reference_model_args` has read the file."""
+    return _reference_data_entry(path, "patcher_args")
+
+
+def read_reference_tokenizer_args(path: str | Path) -> dict[str, Any] | None:
+    """The tokenizer the reference run's data used (`data.tokenizer_args` of its params.json or
+    training YAML: `{"name": ..., "init_kwargs": {...}}`), or None when the file does not hold
+    it. Call after `read_reference_model_args` has read the file."""
+    return _reference_data_entry(path, "tokenizer_args")
+
+
+def _reference_data_entry(path: str | Path, key: str) -> dict[str, Any] | None:
+    """`data[key]` of a reference run config when it is a mapping, else None."""
     data = _read_reference_document(path, "model args")
     section = data.get("data") if isinstance(data, dict) else None
-    patcher = section.get("patcher_args") if isinstance(section, dict) else None
-    return patcher if isinstance(patcher, dict) else None
+    entry = section.get(key) if isinstance(section, dict) else None
+    return entry if isinstance(entry, dict) else None
 
 
 def import_reference(
@@ -190,7 +202,7 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         cross_attn_window_decoder=xattn.decoder_window,
         cross_attn_all_layers_encoder=xattn.all_encoder_layers,
         cross_attn_all_layers_decoder=xattn.all_decoder_layers,
-        downsampling_by_pooling={"max": "max", "mean": "avg"}[xattn.pooling],
+        downsampling_by_pooling={"max": "max", "mean": "avg", "min": "min"}[xattn.pooling],
         norm_eps=config.norm_eps, rope_theta=config.rope_theta,
     )
     args["max_seqlen"] = config.max_sequence_length  # the global RoPE table, in patches
@@ -202,6 +214,8 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
     reimported = lst_config_from_reference(args)
     # The reference has no field for the init std; it does not change the function.
     reimported = dataclasses.replace(reimported, init_std=config.init_std)
+    if _approximates(reimported.documents, config.documents):
+        reimported = dataclasses.replace(reimported, documents=config.documents)
     if reimported != config:
         raise ReferenceImportError(
             f"this model cannot be written as reference arguments: they describe {reimported}, "
@@ -230,12 +244,27 @@ def _shared_reference_size(field: str, kept: Any, models: dict[str, tuple[int, i
         "or keep the checkpoint in this package's formats)")
 
 
+def _approximates(reference: DocumentMaskingConfig | None,
+                  ours: DocumentMaskingConfig | None) -> bool:
+    """Whether the reference's document rule `reference` (of the args written for a model) is the
+    one `_set_attention_rule` writes for our rule `ours` where the reference has no exact
+    counterpart: the same function on rows of one document, another on packed rows."""
+    if reference is None or reference.reset_cross_attention:
+        return False
+    if ours is None:  # xformers "causal": its local attention stops at EOS all the same
+        return not reference.reset_global_attention
+    return ours.reset_cross_attention and reference == dataclasses.replace(
+        ours, reset_cross_attention=False)
+
+
 def _set_attention_rule(args: dict[str, Any], config: LSTConfig, max_tokens: int | None) -> None:
     """Write the model's self-attention rule in the reference's terms (the inverse of
     `reference_attention`), with `max_encoder_seq_length` (the longest row the reference can run,
     in tokens) from the base args, else `max_tokens`, else the local window:
 
-    - document masking: `attn_impl` "xformers" with the block-causal bias at `eos_id`;
+    - document masking: `attn_impl` "xformers" with the block-causal bias at `eos_id` (the
+      global attention unreset: the "causal" bias). The reference's cross-attention never stops
+      at documents: a model whose does differs from it on packed rows (`_approximates`);
     - no document rule, no row longer than the window: the reference's causal `attn_impl`
       ("sdpa", or the base's "flex_attention"), the same function on every row it can run;
     - no document rule, longer rows: "xformers" with the "causal" bias: the same function on
@@ -255,6 +284,10 @@ def _set_attention_rule(args: dict[str, Any], config: LSTConfig, max_tokens: int
                 "the reference restarts no RoPE positions per document and masks documents "
                 f"whenever it knows them; this model's rule ({documents}) has no reference "
                 "counterpart")
+        if not documents.reset_global_attention:
+            args.update(attn_impl="xformers", attn_bias_type="causal", eos_id=documents.eos_id,
+                        local_attention_window_len=window, max_encoder_seq_length=longest)
+            return
         if documents.eos_id != REFERENCE_EOS_ID:
             raise ReferenceImportError(
                 f"this model ends documents at its vocabulary's EOS id {documents.eos_id}; the "

@@ -142,6 +142,10 @@ class GlobalModelConfig:
         return _head_dim(self)
 
 
+# How the patch slots start from their patch's tokens (`CrossAttentionConfig.pooling`).
+POOLINGS = ("max", "mean", "min")
+
+
 @dataclass(frozen=True)
 class CrossAttentionConfig:
     """How patches and tokens exchange information (docs/architecture.md#attention-ranges)."""
@@ -158,14 +162,15 @@ class CrossAttentionConfig:
     all_decoder_layers: bool = True
     """Cross-attend before every decoder layer (else only before the first)."""
     pooling: str = "max"
-    """How the slots are initialised from their patch's tokens: "max" or "mean"."""
+    """How the slots are initialised from their patch's tokens: "max", "mean" or "min"."""
     double_residual: bool = True
     """Reference quirk: its cross-attention returns `x + out` and the caller adds `x` again, so the
     update is `x <- 2 * x + out`. True reproduces the reference; False is the usual `x + out`."""
 
     def __post_init__(self):
-        if self.pooling not in ("max", "mean"):
-            raise ModelConfigError(f"cross-attention pooling must be 'max' or 'mean', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ModelConfigError(f"cross-attention pooling must be one of {POOLINGS}, got "
+                                   f"{self.pooling!r}")
         if min(self.slots_per_patch, self.num_heads, self.encoder_window, self.decoder_window) < 1:
             raise ModelConfigError(f"cross-attention sizes must all be >= 1, got {self}")
 
@@ -179,6 +184,19 @@ class DocumentMaskingConfig:
     """No attention crosses a document start (Megatron-LM's `--reset-attention-mask`)."""
     reset_position_ids: bool = False
     """RoPE positions restart at every document start (Megatron-LM's `--reset-position-ids`)."""
+    reset_cross_attention: bool = True
+    """With `reset_attention_mask`, the LST model's patch cross-attention (encoder slots and
+    decoder tokens) stops at document starts too; False: its patch windows alone bound it, as the
+    reference's cross-attention, whose masks know no documents."""
+    reset_global_attention: bool = True
+    """With `reset_attention_mask`, the LST model's global transformer stops at document starts
+    too; False: it is causal over the whole row, as the reference's global model with
+    attn_bias_type "causal" (whose local models still stop at EOS)."""
+
+    def __post_init__(self):
+        if not self.reset_attention_mask:  # no attention is reset: the two switches mean nothing
+            object.__setattr__(self, "reset_cross_attention", True)
+            object.__setattr__(self, "reset_global_attention", True)
 
 
 @dataclass(frozen=True)

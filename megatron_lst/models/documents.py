@@ -4,8 +4,9 @@
 A row packs documents that each end with EOS; position i > 0 starts a document iff token i - 1 is
 EOS (`lst_kernels.document_starts`). With attention reset, every attention's key range starts no
 earlier than its query's document start: the local sliding windows, the encoder's pooling
-cross-attention and the decoder's cross-attention (patches of the same document only), and the
-global transformer (causal within the document). Every one stays one contiguous range per query.
+cross-attention and the decoder's cross-attention (patches of the same document only; unless
+`reset_cross_attention` is off), and the global transformer (causal within the document; unless
+`reset_global_attention` is off). Every one stays one contiguous range per query.
 With position reset, RoPE positions count from the document start, in the local models (tokens)
 and the global one (patches).
 """
@@ -85,13 +86,19 @@ class RowDocuments:
             return None
         return torch.arange(self.num_tokens, device=self.starts.device) - self.starts[:, :self.num_tokens]
 
+    @property
+    def resets_cross_attention(self) -> bool:
+        return self.config.reset_attention_mask and self.config.reset_cross_attention
+
     def encoder_document_starts(self) -> torch.Tensor | None:
-        """`document_starts` for `encoder_key_ranges`, or None without attention reset."""
-        return self.starts if self.config.reset_attention_mask else None
+        """`document_starts` for `encoder_key_ranges`, or None when the cross-attention is not
+        reset."""
+        return self.starts if self.resets_cross_attention else None
 
     def token_first_patch(self, patch_lengths: torch.Tensor) -> torch.Tensor | None:
-        """`[B, N]` first patch of every token's document for `decoder_key_ranges`, or None."""
-        if not self.config.reset_attention_mask:
+        """`[B, N]` first patch of every token's document for `decoder_key_ranges`, or None when
+        the cross-attention is not reset."""
+        if not self.resets_cross_attention:
             return None
         return token_document_first_patch(patch_lengths, self.starts)
 
@@ -100,8 +107,11 @@ class RowDocuments:
         return patch_document_starts(patch_lengths, self.starts)
 
     def global_key_starts(self, patch_lengths: torch.Tensor) -> torch.Tensor | None:
-        """`[B, P]` first key of every global position (causal within its document), or None."""
-        return self.patch_first_patch(patch_lengths) if self.config.reset_attention_mask else None
+        """`[B, P]` first key of every global position (causal within its document), or None
+        when the global attention is not reset."""
+        if not (self.config.reset_attention_mask and self.config.reset_global_attention):
+            return None
+        return self.patch_first_patch(patch_lengths)
 
     def patch_positions(self, patch_lengths: torch.Tensor) -> torch.Tensor | None:
         """`[B, P]` RoPE position of every global position, or None (0..P-1)."""

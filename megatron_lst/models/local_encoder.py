@@ -67,8 +67,8 @@ class TokenEncoder(torch.nn.Module):
 class PatchEncoder(torch.nn.Module):
     """Token states -> k slots per patch -> one vector of width `k * De` per patch.
 
-    The slots start as a segment max (or mean) pool of their patch's tokens at the first layer
-    that cross-attends (empty patch -> 0), projected `De -> k * De` and viewed as `[B, P*k, De]`
+    The slots start as a segment max (or mean, or min) pool of their patch's tokens at the first
+    layer that cross-attends (empty patch -> 0), projected `De -> k * De` and viewed as `[B, P*k, De]`
     (slot s belongs to patch s // k). Then, after every encoder layer (or only the last), the
     slots of patch q attend the tokens of patches q-W+1 .. q in that layer's states.
     """
@@ -90,6 +90,13 @@ class PatchEncoder(torch.nn.Module):
             for _ in range(num_cross)
         )
 
+    def pool(self, h: torch.Tensor, patch_lengths: torch.Tensor) -> torch.Tensor:
+        """`h [B, N, De]` pooled over the patches of `patch_lengths [B, P]` -> `[B, P, De]`; min
+        is the negated max of the negated states (empty patch -> 0 either way)."""
+        if self.pooling == "min":
+            return -segment_pool(-h, patch_lengths, "max", self.kernel_backend)
+        return segment_pool(h, patch_lengths, self.pooling, self.kernel_backend)
+
     def forward(self, layer_states: list[torch.Tensor], patch_lengths: torch.Tensor,
                 documents: RowDocuments | None = None) -> torch.Tensor:
         """layer_states: `TokenEncoder` output; patch_lengths `[B, P]` -> patches `[B, P, k*De]`.
@@ -103,7 +110,7 @@ class PatchEncoder(torch.nn.Module):
             None if documents is None else documents.encoder_document_starts(),
         )  # [B, P*k] each
 
-        pooled = segment_pool(states[0], patch_lengths, self.pooling, self.kernel_backend)  # [B, P, De]
+        pooled = self.pool(states[0], patch_lengths)  # [B, P, De]
         slots = self.patch_projection(pooled).view(batch, num_patches * self.slots_per_patch, width)
         for cross_attn, h in zip(self.cross_attn_layers, states, strict=True):
             update = cross_attn(slots, h, key_start, key_end)  # [B, P*k, De]
@@ -119,7 +126,7 @@ class PatchEncoder(torch.nn.Module):
         first = bounds[max(patch - self.window + 1, 0)]  # the tokens this patch's slots see
         start, end = bounds[patch], bounds[patch + 1]
         lengths = torch.tensor([[end - start]], device=states[0].device)
-        pooled = segment_pool(states[0][:, start:end], lengths, self.pooling, self.kernel_backend)
+        pooled = self.pool(states[0][:, start:end], lengths)
         width = pooled.shape[-1]
         slots = self.patch_projection(pooled).view(1, self.slots_per_patch, width)  # [1, k, De]
         key_start = torch.zeros(1, self.slots_per_patch, dtype=torch.int32, device=slots.device)

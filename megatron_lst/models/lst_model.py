@@ -27,8 +27,10 @@ tied-embedding pattern: `replicated_parameters` keeps the two copies in step (sa
 gradients summed over megatron's embedding group, stored once in checkpoints).
 
 Packed documents (`LSTConfig.documents`, see `documents.py`): every attention stops at the
-document start of its query, as the reference's GPU path does (its CPU path and the fixtures do
-not: `documents=None`). Every stage derives the documents from the tokens, so stages between the
+document start of its query (but the cross-attention, or also the global attention, where the
+rule turns that off: the reference's GPU path stops its local self-attention at EOS, its global
+one with attn_bias_type "block_causal", its cross-attention never; its CPU path and the fixtures
+stop nowhere: `documents=None`). Every stage derives the documents from the tokens, so stages between the
 first and the last need `tokens` and `patch_lengths` too when attention is reset.
 Difference from the reference, deliberate: a vocabulary that must divide by the tensor-parallel
 size (megatron's vocab-parallel layers).

@@ -65,7 +65,8 @@ REFERENCE_DEFAULTS = {
     "cross_attn_window_decoder": None, "cross_attn_all_layers_encoder": False,
     "cross_attn_all_layers_decoder": False, "downsampling_by_pooling": None,
     "use_local_encoder_transformer": False, "use_rope": True, "encoder_enable_byte_ngrams": False,
-    "encoder_hash_byte_group_size": None, "pm_size": 0, "max_seqlen": 1024,
+    "encoder_hash_byte_group_size": None, "encoder_hash_byte_group_nb_functions": 3,
+    "pm_size": 0, "max_seqlen": 1024,
     "patch_size": None, "patching_mode": None,
 }
 
@@ -96,10 +97,10 @@ REFERENCE_FIELDS_ITS_MODEL_IGNORES = {
 UNSET_WHEN_ZERO = ("head_dim", "n_kv_heads", "n_kv_heads_global")
 
 
-# The reference's `downsampling_by_pooling` values this package implements ->
-# `CrossAttentionConfig.pooling` ("avg" and "mean" both pool by mean in the reference; its "min"
-# has no counterpart here).
-REFERENCE_POOLING = {"max": "max", "avg": "mean", "mean": "mean"}
+# The reference's `downsampling_by_pooling` values -> `CrossAttentionConfig.pooling` ("avg" and
+# "mean" both pool by mean in the reference). It tests for each name inside the string and
+# concatenates the pools of every one it finds, which its patch projection cannot take then.
+REFERENCE_POOLING = {"max": "max", "avg": "mean", "mean": "mean", "min": "min"}
 
 
 def lst_config_from_reference(model_args: dict) -> LSTConfig:
@@ -115,15 +116,13 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     for key, value in REQUIRED_REFERENCE_OPTIONS.items():
         if a[key] != value and key != "use_local_encoder_transformer":
             raise ReferenceImportError(f"reference option {key}={a[key]!r} is not supported (need {value!r})")
-    if a["encoder_hash_byte_group_size"]:
-        raise ReferenceImportError(
-            f"reference encoder_hash_byte_group_size={a['encoder_hash_byte_group_size']!r} is not "
-            "supported: hash n-gram embeddings have no counterpart here (need [] or None)")
+    _check_hash_embeddings(a)
     for key in ("vocab_size", "multiple_of", "cross_attn_k", "cross_attn_nheads", "max_seqlen"):
         if not isinstance(a[key], int) or a[key] < 1:
             raise ReferenceImportError(
                 f"reference {key}={a[key]!r}: the reference builds no model without a positive "
                 "integer there; fix the model arguments")
+    _check_cross_attention_heads(a)
     _check_token_width(a)
     _check_patching_mode(a)
     pooling = a["downsampling_by_pooling"]
@@ -185,7 +184,7 @@ WHOLE_NUMBER_FIELDS = (
     "n_layers_local_decoder", "n_heads_local_encoder", "n_heads_local_decoder", "head_dim",
     "n_kv_heads", "multiple_of", "eos_id", "local_attention_window_len", "max_encoder_seq_length",
     "cross_attn_k", "cross_attn_nheads", "cross_attn_window_encoder", "cross_attn_window_decoder",
-    "pm_size", "max_seqlen")
+    "pm_size", "max_seqlen", "encoder_hash_byte_group_nb_functions")
 
 
 def _read_whole_numbers(a: dict) -> None:
@@ -226,6 +225,40 @@ def _check_token_width(a: dict) -> None:
             f"reference token width {source} != dim_local_encoder {de!r}: token-embedding "
             "projections are not supported (the reference cannot reshape its patch slots then); "
             "set dim_token to dim_local_encoder")
+
+
+def _check_cross_attention_heads(a: dict) -> None:
+    """The reference's cross-attention heads have `dim // cross_attn_nheads` channels each (its
+    `wq`, `wk`, `wv` are `nheads * head size` rows by `dim`), so a head count that does not divide
+    the local width covers fewer channels than the width; LSTModel's cross-attention splits the
+    width evenly: refused, naming the fields."""
+    heads = a["cross_attn_nheads"]
+    for dim in ("dim_local_encoder", "dim_local_decoder"):
+        width = a[dim]
+        if isinstance(width, int) and width >= 1 and width % heads:
+            raise ReferenceImportError(
+                f"reference cross_attn_nheads {heads} does not divide {dim} {width}: its "
+                f"cross-attention then has heads of {width} // {heads} = {width // heads} "
+                f"channels, {heads * (width // heads)} of the {width}, which LSTModel's (heads "
+                f"splitting the width evenly) does not compute; not supported (need a head "
+                f"count that divides {width})")
+
+
+def _check_hash_embeddings(a: dict) -> None:
+    """The reference builds `encoder_hash_byte_group_nb_functions` hash n-gram embedding tables
+    for each size in `encoder_hash_byte_group_size` and adds them to the token embedding: none
+    (and the same function as without) when either is empty. Tables are refused: they have no
+    counterpart here."""
+    sizes, functions = a["encoder_hash_byte_group_size"], a["encoder_hash_byte_group_nb_functions"]
+    if not isinstance(functions, int) or isinstance(functions, bool):
+        raise ReferenceImportError(
+            f"reference encoder_hash_byte_group_nb_functions={functions!r} is not a number of "
+            "hash functions; the reference builds no model from it")
+    if sizes and functions > 0:
+        raise ReferenceImportError(
+            f"reference encoder_hash_byte_group_size={sizes!r} is not supported: with "
+            f"encoder_hash_byte_group_nb_functions={functions} it adds hash n-gram embeddings, "
+            "which have no counterpart here (need [] or None, or 0 hash functions)")
 
 
 def _check_patching_mode(a: dict) -> None:
@@ -309,12 +342,13 @@ CAUSAL_ATTN_IMPLS = ("sdpa", "flex_attention")
 
 def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | None]:
     """`(local window in tokens, document rule)` of the self-attention a reference model ran with,
-    which its `attn_impl` decides (its cross-attention is masked by patch windows only, always):
+    which its `attn_impl` decides (its cross-attention is masked by patch windows only, always:
+    the document rules keep the cross-attention unreset):
 
-    - "xformers": the local models attend `local_attention_window_len` tokens and stop at EOS;
-      the global model stops at EOS with `attn_bias_type` "block_causal" (-> document masking at
-      `eos_id`, which must be `REFERENCE_EOS_ID`) and runs over the whole row with "causal" (-> no
-      document rule; the local models' stop at EOS is then lost on packed rows);
+    - "xformers": the local models attend `local_attention_window_len` tokens and stop at
+      `eos_id` (-> document masking at `eos_id`); the global model stops at EOS too with
+      `attn_bias_type` "block_causal" (then `eos_id` must be `REFERENCE_EOS_ID`) and runs over
+      the whole row with "causal" (-> the global attention unreset);
     - `CAUSAL_ATTN_IMPLS`: causal attention over the whole row everywhere. Rows are at most
       `max_encoder_seq_length` tokens (its local RoPE table), so that window is the same function.
     """
@@ -326,12 +360,15 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
             raise ReferenceImportError(
                 f"reference attn_impl 'xformers' needs local_attention_window_len >= 1 (got "
                 f"{window!r}): its local attention is a sliding window")
-        if a["eos_id"] is None:
+        eos = a["eos_id"]
+        if not isinstance(eos, int) or isinstance(eos, bool) or eos < 0:
             raise ReferenceImportError(
                 "reference attn_impl 'xformers' stops its local attention at eos_id (and with "
-                "attn_bias_type 'block_causal' its global one), but the arguments give no eos_id")
+                f"attn_bias_type 'block_causal' its global one), but the arguments give eos_id "
+                f"{eos!r}, no token id")
         if bias in (None, "causal"):
-            return window, None
+            return window, DocumentMaskingConfig(eos_id=a["eos_id"], reset_cross_attention=False,
+                                                 reset_global_attention=False)
         if bias != "block_causal":
             raise ReferenceImportError(
                 f"reference attn_bias_type {bias!r} is not one of 'causal' or 'block_causal'")
@@ -341,7 +378,7 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
                 "attention stops at eos_id, but its global attention looks for eos_id among "
                 f"patches marked with its fixed EOS id {REFERENCE_EOS_ID}, a rule no document "
                 f"masking here computes; only eos_id {REFERENCE_EOS_ID} imports")
-        return window, DocumentMaskingConfig(eos_id=a["eos_id"])
+        return window, DocumentMaskingConfig(eos_id=a["eos_id"], reset_cross_attention=False)
     if impl not in CAUSAL_ATTN_IMPLS:
         raise ReferenceImportError(
             f"reference attn_impl {impl!r} is not one of 'xformers', {', '.join(map(repr, CAUSAL_ATTN_IMPLS))}")

@@ -23,6 +23,8 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
+from megatron_lst.models.config import POOLINGS
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelFlag:
@@ -78,7 +80,7 @@ def _local_flags(side: str) -> tuple[ModelFlag, ...]:
     )
 
 
-DOCUMENT_FLAGS: tuple[ModelFlag, ...] = (
+BASE_DOCUMENT_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("documents.reset_attention_mask", "--reset-attention-mask", bool,
               "Rows pack several documents, each ended by EOS: no attention crosses a document "
               "end (local windows, pooling and decoder cross-attention, the global transformer). "
@@ -89,6 +91,22 @@ DOCUMENT_FLAGS: tuple[ModelFlag, ...] = (
               "RoPE positions restart at 0 at every document start (LST only; off by default, "
               "as the reference trains)."),
 )
+"""The packed-document rule of LST and the baseline."""
+
+LST_DOCUMENT_FLAGS: tuple[ModelFlag, ...] = (
+    ModelFlag("documents.reset_cross_attention", "--reset-cross-attention-mask", bool,
+              "With --reset-attention-mask, the patch cross-attention (encoder slots, decoder "
+              "tokens) stops at document ends too (default); --no-reset-cross-attention-mask "
+              "bounds it by the patch windows alone, as the reference's cross-attention."),
+    ModelFlag("documents.reset_global_attention", "--reset-global-attention-mask", bool,
+              "With --reset-attention-mask, the global transformer stops at document ends too "
+              "(default); --no-reset-global-attention-mask makes it causal over the whole row, "
+              "as the reference's global model with attn_bias_type causal."),
+)
+"""The LST model's exceptions to it (the baseline has neither cross-attention nor local
+models)."""
+
+DOCUMENT_FLAGS = BASE_DOCUMENT_FLAGS + LST_DOCUMENT_FLAGS
 """The packed-document rule: not a model size, so presets leave it at its default."""
 
 GLOBAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
@@ -116,10 +134,11 @@ GLOBAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("init_std", "--init-method-std", float,
               "Std of the normal initialisation of the weight matrices (default 0.02). May "
               "change when resuming.", fixed_by_checkpoint=False),
-    *DOCUMENT_FLAGS,
+    *BASE_DOCUMENT_FLAGS,
 )
 
 LOCAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
+    *LST_DOCUMENT_FLAGS,
     *_local_flags("encoder"),
     *_local_flags("decoder"),
     ModelFlag("cross_attention.slots_per_patch", "--cross-attn-k", int,
@@ -139,7 +158,7 @@ LOCAL_MODEL_FLAGS: tuple[ModelFlag, ...] = (
               "form only before the first."),
     ModelFlag("cross_attention.pooling", "--cross-attn-pooling", str,
               "How the slots start from their patch's tokens (default max).",
-              choices=("max", "mean")),
+              choices=POOLINGS),
     ModelFlag("cross_attention.double_residual", "--cross-attn-double-residual", bool,
               "Reference quirk, on by default: the cross-attention update is x <- 2 * x + out, as "
               "the reference computes it (needed for its checkpoints). --no-cross-attn-double-"

@@ -58,17 +58,20 @@ def lst_config_from_args(args: argparse.Namespace, vocab_size: int,
 
 
 def _document_config(given: dict[str, bool], eos_id: int | None) -> DocumentMaskingConfig | None:
-    """The packed-document rule of --reset-attention-mask (default on) and --reset-position-ids
-    (default off); None when both are off."""
+    """The packed-document rule of --reset-attention-mask (default on), --reset-position-ids
+    (default off) and, for LST, --reset-cross-attention-mask and --reset-global-attention-mask
+    (default on); None when the first two are off."""
     reset_attention = given.get("reset_attention_mask", True)
     reset_positions = given.get("reset_position_ids", False)
+    switches = {name: given[name] for name in ("reset_cross_attention", "reset_global_attention")
+                if name in given}
     if not (reset_attention or reset_positions):
         return None
     if eos_id is None:
         raise ValueError("--reset-attention-mask / --reset-position-ids find documents by the "
                          "vocabulary's EOS id; pass it (eos_id) to build the model")
     return DocumentMaskingConfig(eos_id=eos_id, reset_attention_mask=reset_attention,
-                                 reset_position_ids=reset_positions)
+                                 reset_position_ids=reset_positions, **switches)
 
 
 def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):

@@ -192,7 +192,7 @@ def test_the_data_patcher_survives_export_and_reimport(reference_fixtures, tmp_p
     assert main(["export-reference", "--portable", str(portable_again),
                  "--output", str(exported)]) == 0
     params = json.loads((exported / "params.json").read_text())
-    assert params["data"] == {"patcher_args": {"patching_mode": "lst_static", "patch_size": 4}}
+    assert params["data"]["patcher_args"] == {"patching_mode": "lst_static", "patch_size": 4}
     assert main(["import-reference", "--reference-ckpt", str(exported / "consolidated.pth"),
                  "--reference-args", str(exported / "params.json"),
                  "--output", str(tmp_path / "reimported")]) == 0

@@ -41,6 +41,30 @@ def test_any_config_survives_dist_and_portable_checkpoints(config, single_rank, 
     assert load_portable(root / "portable").config == config
 
 
+def test_a_record_of_more_weights_than_the_checkpoint_holds_is_refused_before_building(
+        single_rank, tmp_path):
+    """A crafted or damaged record of a far larger model beside a small checkpoint: every tool
+    built the model it names before loading (one of billions of weights fails in the
+    allocator)."""
+    from megatron_lst.checkpoint.convert import dist_to_portable
+    from megatron_lst.models.config import preset
+
+    vocab = JointVocab(text_size=58)
+    config = preset("tiny", vocab.size)
+    path = save_dist_checkpoint(tmp_path / "dist", build_full_model(config),
+                                training_args_for(config), vocab)
+    record = json.loads((path / "lst_checkpoint.json").read_text())
+    record["model"]["config"]["global_model"].update(hidden_size=1 << 16, num_layers=64,
+                                                      num_heads=512, ffn_hidden_size=1 << 18)
+    (path / "lst_checkpoint.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointContentError, match=r"the model record describes \d+ weights, but "
+                                                     r"the checkpoint's tensors hold \d+"):
+        read_model_config(record, path)
+    with pytest.raises(CheckpointContentError, match="the model record describes"):
+        dist_to_portable(tmp_path / "dist", tmp_path / "portable")
+    assert not (tmp_path / "portable").exists()
+
+
 def test_a_checkpoint_without_the_record_is_read_through_its_flags(tmp_path):
     """Checkpoints written before the record: the model training built from their flags."""
     vocab = JointVocab(text_size=40, num_units=20)
@@ -100,7 +124,9 @@ def _config_with_documents():
     config = preset("tiny", 64)
     encoder, decoder = (dataclasses.replace(local, num_query_groups=1, kv_channels=8)
                         for local in (config.encoder, config.decoder))
-    return dataclasses.replace(config, documents=DocumentMaskingConfig(eos_id=2),
+    return dataclasses.replace(config, documents=DocumentMaskingConfig(
+                                   eos_id=2, reset_cross_attention=False,
+                                   reset_global_attention=False),
                                global_model=GlobalModelConfig(64, 2, 4, 256, 2, 32),
                                encoder=encoder, decoder=decoder)
 
@@ -110,7 +136,8 @@ def test_every_missing_field_is_named_not_defaulted():
     window or cross-attention would build another model). Only the fields older records lack
     read as what those models had: `documents` (before document masking) as None, they trained
     across EOS; the head shapes (before local grouped-query attention and explicit head sizes)
-    as one key/value head per query head of hidden / heads."""
+    as one key/value head per query head of hidden / heads; the document rule's cross-attention
+    and global switches (before they could be turned off) as on."""
     config = _config_with_documents()
     data = lst_config_to_dict(config)
     for path, _ in _leaves(data):
@@ -120,6 +147,10 @@ def test_every_missing_field_is_named_not_defaulted():
         if path[-1] in ("num_query_groups", "kv_channels") and path != ("global_model", "num_query_groups"):
             older = lst_config_from_dict(_edited(data, path, delete=True))
             assert getattr(operator.attrgetter(".".join(path[:-1]))(older), path[-1]) is None
+            continue
+        if path[-1] in ("reset_cross_attention", "reset_global_attention"):
+            older = lst_config_from_dict(_edited(data, path, delete=True))
+            assert getattr(older.documents, path[-1]) is True
             continue
         with pytest.raises(CheckpointContentError, match=rf"missing field\(s\) \['{path[-1]}'\]"):
             lst_config_from_dict(_edited(data, path, delete=True))
@@ -143,7 +174,7 @@ def test_every_field_of_another_type_is_named():
             with pytest.raises(CheckpointContentError, match=rf"field '{path[-1]}' is {wrong!r}"):
                 lst_config_from_dict(_edited(data, path, wrong))
             checked += 1
-    assert checked == 2 * 36  # every scalar field of LSTConfig and its parts
+    assert checked == 2 * 38  # every scalar field of LSTConfig and its parts
     # integers are numbers: a float field written as an integer reads as that number
     assert lst_config_from_dict(_edited(data, ("rope_theta",), 10000)) == config
 

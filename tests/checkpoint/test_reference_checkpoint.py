@@ -23,7 +23,7 @@ from megatron_lst.checkpoint.reference import (
     reference_model_args,
 )
 from megatron_lst.checkpoint.reference_files import read_reference_state_dict
-from megatron_lst.models.config import GlobalModelConfig, preset
+from megatron_lst.models.config import DocumentMaskingConfig, GlobalModelConfig, preset
 from megatron_lst.models.reference_import import ReferenceImportError, lst_config_from_reference
 
 
@@ -240,16 +240,21 @@ def test_reference_fields_its_model_never_reads_import_whatever_they_say():
 @pytest.mark.parametrize(("update", "window", "documents"), [
     # "sdpa" and "flex_attention" attend causally over the whole row, whatever the window says:
     # the longest row (max_encoder_seq_length) is the window that computes the same
-    ({"attn_impl": "sdpa", "local_attention_window_len": 8, "max_encoder_seq_length": 300}, 300, False),
-    ({"attn_impl": "flex_attention", "attn_bias_type": "block_causal"}, 512, False),
-    ({"attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 8}, 8, True),
-    ({"attn_impl": "xformers", "attn_bias_type": "causal", "local_attention_window_len": 8}, 8, False),
+    ({"attn_impl": "sdpa", "local_attention_window_len": 8, "max_encoder_seq_length": 300}, 300, None),
+    ({"attn_impl": "flex_attention", "attn_bias_type": "block_causal"}, 512, None),
+    # xformers: the local attention stops at eos_id, the global one too with "block_causal";
+    # the cross-attention never (its masks are the patch windows alone)
+    ({"attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 8}, 8,
+     DocumentMaskingConfig(2, reset_cross_attention=False)),
+    ({"attn_impl": "xformers", "attn_bias_type": "causal", "local_attention_window_len": 8,
+      "eos_id": 7}, 8,
+     DocumentMaskingConfig(7, reset_cross_attention=False, reset_global_attention=False)),
 ])
 def test_attention_rule_follows_the_reference_attn_impl(update, window, documents):
     model_args = {**reference_model_args(preset("tiny", 64)), **update}
     config = lst_config_from_reference(model_args)
     assert config.encoder.window == config.decoder.window == window
-    assert (config.documents is not None) == documents
+    assert config.documents == documents
 
 
 @pytest.mark.parametrize(("update", "message"), [
@@ -336,6 +341,29 @@ def test_reference_hash_embeddings_are_refused_naming_the_field(sizes):
         lst_config_from_reference(model_args)
 
 
+@pytest.mark.parametrize(("heads", "channels"), [(3, 10), (64, 0)])
+def test_reference_cross_attention_heads_not_dividing_the_width_are_refused_naming_them(heads,
+                                                                                        channels):
+    """The reference's cross-attention heads are `dim // nheads` wide: with 3 heads on a local
+    width of 32 they cover 30 channels; LSTModel's split the width evenly."""
+    model_args = {**reference_model_args(preset("tiny", 64)), "cross_attn_nheads": heads}
+    assert model_args["dim_local_encoder"] == 32
+    with pytest.raises(ReferenceImportError,
+                       match=rf"cross_attn_nheads {heads} does not divide dim_local_encoder 32: "
+                             rf".* heads of 32 // {heads} = {channels} channels"):
+        lst_config_from_reference(model_args)
+
+
+@pytest.mark.parametrize("functions", [None, "3"])
+def test_reference_hash_function_counts_that_are_no_count_are_refused_naming_the_field(functions):
+    model_args = {**reference_model_args(preset("tiny", 64)), "encoder_hash_byte_group_size": [],
+                  "encoder_hash_byte_group_nb_functions": functions}
+    with pytest.raises(ReferenceImportError,
+                       match=rf"encoder_hash_byte_group_nb_functions={re.escape(repr(functions))} "
+                             "is not a number of hash functions"):
+        lst_config_from_reference(model_args)
+
+
 def test_reference_documents_at_another_eos_id_are_refused_naming_it():
     """The reference's local attention stops at `eos_id`, but its global model marks the patches
     holding its fixed EOS id 2 and ends documents at those equal to `eos_id`: with eos_id 5 its
@@ -356,7 +384,16 @@ def test_reference_mean_pooling_is_spelt_avg_or_mean():
     assert configs[0].cross_attention.pooling == "mean"
 
 
-@pytest.mark.parametrize("pooling", ["min", None, "avgmax", ["max"]])
+def test_reference_min_pooling_imports_and_exports_as_min():
+    """The reference pools by min for "min" (its `patch_reduce` with "amin"); the logits are
+    compared with the oracle in test_reference_configurations."""
+    config = lst_config_from_reference({**reference_model_args(preset("tiny", 64)),
+                                        "downsampling_by_pooling": "min"})
+    assert config.cross_attention.pooling == "min"
+    assert reference_model_args(config)["downsampling_by_pooling"] == "min"
+
+
+@pytest.mark.parametrize("pooling", [None, "avgmax", "maximum", ["max"]])
 def test_reference_pooling_without_counterpart_is_refused_naming_the_field(pooling):
     model_args = {**reference_model_args(preset("tiny", 64)), "downsampling_by_pooling": pooling}
     with pytest.raises(ReferenceImportError,
@@ -416,8 +453,32 @@ def test_export_writes_the_attention_rule_the_reference_runs():
     assert (long_rows["local_attention_window_len"], long_rows["max_encoder_seq_length"]) == (512, 2048)
     flex = reference_model_args(tiny, base_args={"attn_impl": "flex_attention"})
     assert flex["attn_impl"] == "flex_attention"  # as causal as "sdpa": the base's choice stays
-    for args in (short_rows, long_rows, flex):
+    for args in (short_rows, flex):
         assert lst_config_from_reference(args) == tiny
+    # the reference has no causal window over packed rows: its "xformers" local attention stops
+    # at EOS too (the same function on rows of one document), and reimports so
+    assert lst_config_from_reference(long_rows) == dataclasses.replace(
+        tiny, documents=DocumentMaskingConfig(2, reset_cross_attention=False,
+                                              reset_global_attention=False))
+
+
+def test_document_rules_export_as_the_reference_attention_that_runs_them():
+    """Document masking with the cross-attention unreset is the reference's "xformers"
+    "block_causal", and with the global attention unreset too its "causal": both export and
+    reimport exactly. Our default rule (cross-attention reset too) exports as "block_causal",
+    whose cross-attention sees across documents within its windows."""
+    tiny = preset("tiny", 64)
+    for bias, documents in (
+            ("block_causal", DocumentMaskingConfig(2, reset_cross_attention=False)),
+            ("causal", DocumentMaskingConfig(2, reset_cross_attention=False,
+                                             reset_global_attention=False)),
+            ("block_causal", DocumentMaskingConfig(2))):
+        config = dataclasses.replace(tiny, documents=documents)
+        args = reference_model_args(config)
+        assert (args["attn_impl"], args["attn_bias_type"], args["eos_id"]) == ("xformers", bias, 2)
+        reimported = lst_config_from_reference(args)
+        assert reimported == dataclasses.replace(
+            config, documents=dataclasses.replace(documents, reset_cross_attention=False))
 
 
 def test_token_width_from_global_width_and_patch_size_imports():

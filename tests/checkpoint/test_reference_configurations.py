@@ -73,6 +73,8 @@ CONFIGURATIONS = {
     "one_slot_more_heads": {"cross_attn_k": 1, "cross_attn_nheads": 4, "dim_global": 24,
                             "n_heads_global": 2, "cross_attn_window_encoder": 1,
                             "cross_attn_window_decoder": 2},
+    "min_pooling_three_slots": {"downsampling_by_pooling": "min", "cross_attn_k": 3,
+                                "dim_global": 40, "n_heads_global": 5},
     "defaults_spelt_out_mean_pooling": {"dim_token": 16, "n_kv_heads_global": 4,
                                         "ffn_dim_multiplier": None, "multiple_of": 32,
                                         "downsampling_by_pooling": "mean"},
@@ -94,6 +96,9 @@ CONFIGURATIONS = {
                                               "n_kv_heads_global": None},
     # the reference reads these sizes as `value or derived`: 0 is null
     "zero_head_sizes_mean_derived": {"head_dim": 0, "n_kv_heads": 0, "n_kv_heads_global": 0},
+    # hash n-gram sizes but no hash functions: the reference builds no hash embedding table
+    "hash_sizes_without_hash_functions": {"encoder_hash_byte_group_size": [3, 4],
+                                          "encoder_hash_byte_group_nb_functions": 0},
     # fields that change training or initialisation only, or that the reference does not read
     "training_and_init_fields": {
         "dropout": 0.25, "init_base_std": 0.5, "init_std_factor": "current_depth", "seed": 7,
@@ -115,24 +120,6 @@ CONFIGURATIONS = {
     "xformers_causal_docs": {
         "attn_impl": "xformers", "attn_bias_type": "causal", "local_attention_window_len": 5},
 }
-
-# Configurations whose imported model computes another function than the reference on rows that
-# pack several documents (strict: a fix makes these tests fail until the mark is removed).
-KNOWN_DIVERGENCES = {
-    "xformers_block_causal_docs":
-        "the reference's cross-attention is masked by patch windows only, so patch slots and "
-        "tokens see the previous document's tokens and patches within the window; LSTModel's "
-        "document masking also stops the cross-attention at document starts",
-    "xformers_causal_docs":
-        "the reference's local attention always stops at EOS (local_block_causal) while its "
-        "global attention does not; LSTConfig.documents masks all attentions or none, and the "
-        "import maps attn_bias_type 'causal' to none",
-}
-
-
-def configuration_params():
-    return [pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_DIVERGENCES[name], strict=True))
-            if name in KNOWN_DIVERGENCES else name for name in sorted(CONFIGURATIONS)]
 
 
 def reference_args(name: str) -> dict:
@@ -210,7 +197,7 @@ def imported_model(model_args: dict, reference: dict[str, torch.Tensor]) -> LSTM
     return model.eval()
 
 
-@pytest.mark.parametrize("name", configuration_params())
+@pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
 def test_imported_model_matches_reference_forward(single_rank, name):
     model_args = reference_args(name)
     reference = random_reference_state(model_args, seed=len(name))
@@ -297,19 +284,15 @@ def reference_configurations(draw) -> dict:
         "cross_attn_window_decoder": draw(st.sampled_from(windows)),
         "cross_attn_all_layers_encoder": draw(st.booleans()),
         "cross_attn_all_layers_decoder": draw(st.booleans()),
-        "downsampling_by_pooling": draw(st.sampled_from(("max", "avg", "mean"))),
+        "downsampling_by_pooling": draw(st.sampled_from(("max", "avg", "mean", "min"))),
         "multiple_of": draw(st.sampled_from((1, 8, 16, 32))),
         "ffn_dim_multiplier": draw(st.sampled_from((None, 1.0, 0.5, 1.3))),
         "norm_eps": draw(st.sampled_from((1e-5, 1e-3, 0.1))),
         "rope_theta": draw(st.sampled_from((10.0, 500.0, 10000.0))),
         "attn_impl": impl, "attn_bias_type": draw(st.sampled_from(("causal", "block_causal"))),
     }
-    if impl == "xformers":
-        # documents: only where the reference's cross-attention cannot see across one (own
-        # patch windows) and its global attention stops at EOS too (KNOWN_DIVERGENCES)
-        args.update(attn_bias_type="block_causal", cross_attn_window_encoder=None,
-                    cross_attn_window_decoder=draw(st.sampled_from((None, 1))),
-                    local_attention_window_len=draw(st.integers(1, 8)))
+    if impl == "xformers":  # packed documents, local windows shorter than some of them
+        args.update(local_attention_window_len=draw(st.integers(1, 8)))
     shared_heads = math.gcd(local_heads, args["n_heads_local_decoder"])
     if draw(st.booleans()):  # spelt out where they restate the derived sizes
         head_sizes = {width // global_heads, local // local_heads, local // args["n_heads_local_decoder"]}

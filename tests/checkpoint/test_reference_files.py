@@ -483,7 +483,11 @@ def test_export_of_a_model_trained_here_writes_only_fields_the_reference_loader_
     assert main(["export-reference", "--portable", str(tmp_path / "portable"),
                  "--output", str(tmp_path / "exported")]) == 0
     params = json.loads((tmp_path / "exported" / "params.json").read_text())
-    assert sorted(params) == ["data", "model"] and sorted(params["data"]) == ["patcher_args"]
+    assert sorted(params) == ["data", "distributed", "model"]
+    assert sorted(params["data"]) == ["patcher_args", "tokenizer_args"]
+    assert params["data"]["tokenizer_args"] == {"name": "lst",
+                                                "init_kwargs": {"speech_vocab_size_unit": 502}}
+    assert params["distributed"] == {"model_dtype": "fp32"}
     assert set(params["model"]) <= REFERENCE_MODEL_FIELDS, set(params["model"]) - REFERENCE_MODEL_FIELDS
     assert set(params["data"]["patcher_args"]) <= REFERENCE_PATCHER_FIELDS
     weights = torch.load(tmp_path / "exported" / "consolidated.pth", weights_only=True)

@@ -265,9 +265,10 @@ def test_generation_stops_at_the_context_limit(models, kind, use_cache, monkeypa
 
 
 def test_greedy_cache_with_grouped_query_heads_and_other_head_sizes(single_rank):
-    """Local and global grouped-query attention with heads of another size than hidden / heads:
-    the caches keep the key/value heads, and the cached loop still gives the tokens (and logits)
-    of full recomputation."""
+    """Local and global grouped-query attention with heads of another size than hidden / heads,
+    and min pooling (the one patch `encode_patch` pools as the whole row's pooling does): the
+    caches keep the key/value heads, and the cached loop still gives the tokens (and logits) of
+    full recomputation."""
     from eval_cases import tiny_lst_config
 
     from megatron_lst.models.config import GlobalModelConfig
@@ -277,7 +278,9 @@ def test_greedy_cache_with_grouped_query_heads_and_other_head_sizes(single_rank)
     encoder, decoder = (dataclasses.replace(local, num_query_groups=1, kv_channels=12)
                         for local in (config.encoder, config.decoder))
     config = dataclasses.replace(config, encoder=encoder, decoder=decoder,
-                                 global_model=GlobalModelConfig(64, 2, 4, 256, 2, 10))
+                                 global_model=GlobalModelConfig(64, 2, 4, 256, 2, 10),
+                                 cross_attention=dataclasses.replace(config.cross_attention,
+                                                                     pooling="min"))
     torch.manual_seed(6)
     model = LSTModel(config, config.transformer_config(), transformer_impl="local",
                      local_attention_backend="sdpa", kernel_backend="torch").eval()

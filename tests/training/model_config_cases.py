@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from megatron_lst.models.config import (
+    POOLINGS,
     CrossAttentionConfig,
     DocumentMaskingConfig,
     GlobalModelConfig,
@@ -60,7 +61,7 @@ def lst_configs(draw, max_width: int = 48, max_layers: int = 3) -> LSTConfig:
             decoder_window=draw(st.integers(1, 4096)),
             all_encoder_layers=draw(st.booleans()),
             all_decoder_layers=draw(st.booleans()),
-            pooling=draw(st.sampled_from(("max", "mean"))),
+            pooling=draw(st.sampled_from(POOLINGS)),
             double_residual=draw(st.booleans()),
         ),
         norm_eps=draw(st.floats(1e-12, 1e-2)),
@@ -71,6 +72,9 @@ def lst_configs(draw, max_width: int = 48, max_layers: int = 3) -> LSTConfig:
             DocumentMaskingConfig(EOS_ID, reset_attention_mask=True, reset_position_ids=False),
             DocumentMaskingConfig(EOS_ID, reset_attention_mask=True, reset_position_ids=True),
             DocumentMaskingConfig(EOS_ID, reset_attention_mask=False, reset_position_ids=True),
+            # the reference's rules: cross-attention (and global attention) across documents
+            DocumentMaskingConfig(EOS_ID, reset_cross_attention=False),
+            DocumentMaskingConfig(EOS_ID, reset_cross_attention=False, reset_global_attention=False),
         ))),
         init_std=draw(st.floats(1e-5, 1.0)),
     )

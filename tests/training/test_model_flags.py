@@ -80,7 +80,9 @@ def test_flags_and_yaml_give_back_any_lst_config(config, tmp_path_factory):
 @settings(max_examples=30, deadline=None)
 @given(config=lst_configs())
 def test_flags_give_back_the_global_part_for_the_token_baseline(config):
-    assume(config.documents is None or not config.documents.reset_position_ids)  # LST only
+    # LST only: position reset, and turning the cross-attention or global reset off
+    assume(config.documents is None or not (config.documents.reset_position_ids or not (
+        config.documents.reset_cross_attention and config.documents.reset_global_attention)))
     args = validate_args(parse_args([*RUN, *model_flags.config_to_argv(config, baseline=True)]), 1)
     built = lst_config_from_args(args, config.vocab_size, EOS_ID)
     assert (built.global_model, built.norm_eps, built.rope_theta, built.max_sequence_length,

@@ -1,0 +1,70 @@
+"""`full_state_shapes` states, from the configuration alone, the names and shapes of the model
+that configuration builds; the conversions check a file against it before building a model."""
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from safetensors.torch import save_file
+from training.model_config_cases import lst_configs
+
+from checkpoint.test_reference_configurations import BASE_ARGS, random_reference_state
+from megatron_lst.checkpoint.convert import import_reference_to_portable, portable_to_dist
+from megatron_lst.checkpoint.full_shapes import check_full_state_shapes, full_state_shapes
+from megatron_lst.checkpoint.model_state import (
+    CheckpointContentError,
+    build_full_model,
+    full_state_dict,
+)
+from megatron_lst.checkpoint.portable import CONFIG_FILENAME, PortableCheckpoint, save_portable
+from megatron_lst.models.config import preset
+from megatron_lst.models.reference_import import ReferenceImportError
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=lst_configs())
+def test_the_shapes_are_those_of_the_built_model(single_rank, config):
+    built = {name: tuple(t.shape) for name, t in full_state_dict(build_full_model(config)).items()}
+    assert full_state_shapes(config) == built
+
+
+def test_another_models_tensors_are_named():
+    config = preset("tiny", 64)
+    shapes = full_state_shapes(config)
+    check_full_state_shapes(shapes, config, "f")
+    wide = dict(shapes, **{"output_layer.weight": (64, 7)})
+    with pytest.raises(CheckpointContentError, match=r"f: tensor 'output_layer.weight' has shape "
+                                                     r"\(64, 7\) but the model expects .* "
+                                                     r"\(another vocabulary\?\)"):
+        check_full_state_shapes(wide, config, "f")
+    with pytest.raises(CheckpointContentError, match="f has no tensor 'local_decoder.final_norm.weight', which the model needs"):
+        check_full_state_shapes({n: s for n, s in shapes.items() if "final_norm" not in n}, config, "f")
+    with pytest.raises(CheckpointContentError, match=r"does not have: \['extra.weight'\]"):
+        check_full_state_shapes(dict(shapes, **{"extra.weight": (1,)}), config, "f")
+
+
+def test_reference_args_of_a_far_larger_model_are_refused_before_building_it(single_rank, tmp_path):
+    """A params.json of another run beside a small checkpoint described a model of about 30
+    billion parameters: the import allocated it before comparing, and died in the allocator."""
+    save_file(random_reference_state(BASE_ARGS, 1), str(tmp_path / "consolidated.safetensors"))
+    huge = {**BASE_ARGS, "dim_global": 1 << 17, "n_heads_global": 1024, "n_layers_global": 128}
+    (tmp_path / "params.json").write_text(json.dumps({"model": huge}))
+    with pytest.raises(ReferenceImportError, match=r"has shape \(32, 32\), but the model args give "
+                                                   r"\(131072, 131072\)"):
+        import_reference_to_portable(tmp_path / "consolidated.safetensors", None,
+                                     tmp_path / "portable")
+    assert not (tmp_path / "portable").exists()
+
+
+def test_a_portable_config_of_a_far_larger_model_is_refused_before_building_it(single_rank,
+                                                                               tmp_path):
+    """A crafted lst_config.json beside small weights: refused naming the tensor."""
+    config = preset("tiny", 64)
+    save_portable(tmp_path / "portable", PortableCheckpoint(
+        config=config, state=full_state_dict(build_full_model(config))))
+    record = json.loads((tmp_path / "portable" / CONFIG_FILENAME).read_text())
+    record["lst_config"]["global_model"]["hidden_size"] = 1 << 17
+    record["lst_config"]["global_model"]["num_layers"] = 128
+    (tmp_path / "portable" / CONFIG_FILENAME).write_text(json.dumps(record))
+    with pytest.raises(CheckpointContentError, match="has no tensor 'global_input_projection.weight'"):
+        portable_to_dist(tmp_path / "portable", tmp_path / "dist")

@@ -1,0 +1,160 @@
+"""The exported `params.json` holds what the reference's loader reads beyond the model args:
+its tokenizer (`data.tokenizer_args`: "lst" with the SentencePiece model and the speech units)
+and the weights' dtype (`distributed.model_dtype`, which it casts every weight to; unset it would
+build the byte tokenizer and cast to bf16). The import reads the tokenizer back, so both survive
+reference -> portable -> dist -> portable -> reference.
+
+The reference validates params.json as its `TrainArgs`, which refuses unknown keys: the keys
+written must be among its fields (`REFERENCE_RUN_FIELDS`, from `lst/args.py`,
+`lst/distributed.py`, `lst/tokenizers/build_tokenizer.py` and `lst_tokenizer.py`).
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from checkpoint.test_reference_configurations import BASE_ARGS, random_reference_state
+from megatron_lst.checkpoint.cli import main
+from megatron_lst.checkpoint.portable import load_portable
+from megatron_lst.checkpoint.reference import import_reference, read_reference_model_args
+from megatron_lst.checkpoint.reference_files import read_reference_state_dict
+from megatron_lst.checkpoint.reference_run import reference_model_dtype
+from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.tokenizer.vocab import JointVocab
+
+UNITS = 20
+VOCAB = JointVocab(text_size=BASE_ARGS["vocab_size"] - 6 - UNITS, num_units=UNITS)
+SPM = "/data/lst/spm.model"
+RUN_TOKENIZER = {"name": "lst", "init_kwargs": {"bpe_tokenizer_path": SPM,
+                                                "speech_vocab_size_unit": UNITS}}
+
+REFERENCE_RUN_FIELDS = {
+    "data": {"tokenizer_args", "patcher_args"},
+    "distributed": {"model_dtype"},
+}
+TOKENIZER_FIELDS = {"name", "init_kwargs"}
+LST_TOKENIZER_KWARGS = {"bpe_tokenizer_path", "tokenization_mode", "add_bos", "add_eos",
+                        "speech_mode", "hubert_bpe_model_path", "add_mode_token",
+                        "speech_vocab_size_unit"}
+
+
+def write_reference(tmp_path, dtype=torch.float32, tokenizer_args=None):
+    """A reference checkpoint of `BASE_ARGS` in `dtype` and its params.json (with the run's
+    tokenizer args, when given) under `tmp_path/run`."""
+    run = tmp_path / "run"
+    run.mkdir()
+    state = {name: t.to(dtype) for name, t in random_reference_state(BASE_ARGS, seed=3).items()}
+    save_file(state, str(run / "consolidated.safetensors"))
+    params = {"model": BASE_ARGS}
+    if tokenizer_args is not None:
+        params["data"] = {"tokenizer_args": tokenizer_args}
+    (run / "params.json").write_text(json.dumps(params))
+    return state
+
+
+def convert(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def assert_loadable_by_the_reference(params: dict) -> None:
+    assert set(params) <= {"model", *REFERENCE_RUN_FIELDS}
+    for section, fields in REFERENCE_RUN_FIELDS.items():
+        assert set(params[section]) <= fields, section
+    tokenizer = params["data"]["tokenizer_args"]
+    assert set(tokenizer) <= TOKENIZER_FIELDS
+    assert set(tokenizer["init_kwargs"]) <= LST_TOKENIZER_KWARGS
+
+
+def test_tokenizer_and_dtype_survive_reference_portable_dist_portable_reference(tmp_path, capsys):
+    state = write_reference(tmp_path, tokenizer_args=RUN_TOKENIZER)
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable") == 0
+    portable = load_portable(tmp_path / "portable")
+    assert portable.vocab == VOCAB  # the units of the run's tokenizer, without --num-units
+    assert portable.training_args["tokenizer_model"] == SPM
+    assert convert("portable-to-dist", "--portable", tmp_path / "portable",
+                   "--save", tmp_path / "dist") == 0
+    assert convert("dist-to-portable", "--load", tmp_path / "dist",
+                   "--output", tmp_path / "portable_again") == 0
+    assert convert("export-reference", "--portable", tmp_path / "portable_again",
+                   "--output", tmp_path / "exported") == 0
+    assert "no SentencePiece model" not in capsys.readouterr().out
+
+    params = json.loads((tmp_path / "exported/params.json").read_text())
+    assert_loadable_by_the_reference(params)
+    assert params["data"]["tokenizer_args"] == RUN_TOKENIZER
+    assert params["distributed"] == {"model_dtype": "fp32"}
+    exported = read_reference_state_dict(tmp_path / "exported/consolidated.pth")
+    assert sorted(exported) == sorted(state)
+    assert all(torch.equal(exported[name], tensor) for name, tensor in state.items())
+    config, _ = import_reference(state, BASE_ARGS)
+    assert import_reference(exported, read_reference_model_args(
+        tmp_path / "exported/params.json"))[0] == config
+
+    # and the exported folder imports again as it was imported the first time
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "exported",
+                   "--output", tmp_path / "reimported") == 0
+    reimported = load_portable(tmp_path / "reimported")
+    assert reimported.vocab == VOCAB and reimported.config == config
+    assert reimported.training_args["tokenizer_model"] == SPM
+
+
+def test_a_bf16_checkpoint_exports_as_bf16_with_the_tokenizer_given(tmp_path, capsys):
+    write_reference(tmp_path, dtype=torch.bfloat16)
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable", "--num-units", UNITS) == 0
+    assert "tokenizer_model" not in load_portable(tmp_path / "portable").training_args
+    assert convert("export-reference", "--portable", tmp_path / "portable",
+                   "--output", tmp_path / "exported", "--tokenizer-model", "other/spm.model") == 0
+    params = json.loads((tmp_path / "exported/params.json").read_text())
+    assert_loadable_by_the_reference(params)
+    assert params["distributed"] == {"model_dtype": "bf16"}
+    assert params["data"]["tokenizer_args"] == {
+        "name": "lst", "init_kwargs": {"bpe_tokenizer_path": "other/spm.model",
+                                       "speech_vocab_size_unit": UNITS}}
+    assert "no SentencePiece model" not in capsys.readouterr().out
+
+
+def test_an_export_without_a_known_tokenizer_says_so(tmp_path, capsys):
+    write_reference(tmp_path)
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable", "--num-units", UNITS) == 0
+    assert convert("export-reference", "--portable", tmp_path / "portable",
+                   "--output", tmp_path / "exported") == 0
+    assert "no SentencePiece model is known" in capsys.readouterr().out
+    params = json.loads((tmp_path / "exported/params.json").read_text())
+    # still the LST tokenizer and its units: the reference refuses to build it, naming the
+    # path, rather than reading the ids as bytes
+    assert params["data"]["tokenizer_args"] == {"name": "lst",
+                                                "init_kwargs": {"speech_vocab_size_unit": UNITS}}
+
+
+@pytest.mark.parametrize("path", ["???", "", None])
+def test_a_placeholder_tokenizer_path_is_not_recorded(tmp_path, path):
+    """The reference's template configs spell the path to be given as OmegaConf's '???'."""
+    write_reference(tmp_path, tokenizer_args={"name": "lst", "init_kwargs": {
+        "bpe_tokenizer_path": path, "speech_vocab_size_unit": UNITS}})
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable") == 0
+    portable = load_portable(tmp_path / "portable")
+    assert portable.vocab == VOCAB and "tokenizer_model" not in portable.training_args
+
+
+def test_num_units_other_than_the_run_tokenizers_is_refused(tmp_path, capsys):
+    write_reference(tmp_path, tokenizer_args=RUN_TOKENIZER)
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable", "--num-units", UNITS + 2) == 1
+    err = capsys.readouterr().err
+    assert f"--num-units {UNITS + 2} differs from the {UNITS} speech units" in err
+    assert "speech_vocab_size_unit" in err
+    assert not (tmp_path / "portable").exists()
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float64,), (torch.float32, torch.bfloat16)])
+def test_a_dtype_the_reference_cannot_run_is_named(dtypes):
+    state = {f"w{i}": torch.zeros(2, dtype=dtype) for i, dtype in enumerate(dtypes)}
+    with pytest.raises(ReferenceImportError, match="distributed.model_dtype") as error:
+        reference_model_dtype(state)
+    assert all(str(dtype) in str(error.value) for dtype in dtypes)
