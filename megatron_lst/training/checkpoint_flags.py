@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megatron_lst.training import model_flags
 from megatron_lst.training.flag_checks import ArgumentError, require_positive
+from megatron_lst.training.foreign_checkpoints import foreign_checkpoint_advice
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,10 @@ def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
                  f"lst-train save writes last: a save that did not finish, or a checkpoint of "
                  f"another program (Megatron-LM's own have none)" if incomplete else
                  "no iter_XXXXXXX directory")
+        other = foreign_checkpoint_advice(args.load)
         raise ArgumentError(
             f"--load {args.load} holds no complete checkpoint ({found}); point --load at a "
-            f"directory written by lst-train --save"
+            f"directory written by lst-train --save" + (f". {other}" if other else "")
         )
     return latest
 
@@ -147,6 +149,8 @@ def _check_no_file_in_the_way(flag: str, path: str) -> None:
     if not existing.is_dir():
         advice = ("give a directory (created if missing)" if flag == "--save" else
                   "point --load at a --save directory, or one iter_XXXXXXX directory in it")
+        if flag == "--load" and (other := foreign_checkpoint_advice(existing)) is not None:
+            advice = f"{advice}. {other}"
         raise ArgumentError(f"{flag} {path}: {existing} is a file, not a directory; {advice}")
 
 
