@@ -466,7 +466,8 @@ def load_checkpoint(
     for key, chunk in zip(_model_keys(model_chunks), _unwrap(model_chunks), strict=True):
         chunk.load_state_dict(loaded[key], strict=True)
     if load_optim:
-        optimizer_state.load_state(optimizer, loaded["optimizer"])
+        optimizer_state.load_state(optimizer, loaded["optimizer"], keep_run_schedule=bool(
+            getattr(args, "override_opt_param_scheduler", False)))
         if scheduler is not None and metadata["scheduler"] is not None:
             scheduler.load_state_dict(metadata["scheduler"])
     elif optimizer is not None:

@@ -49,9 +49,26 @@ def sharded_state_to_load(optimizer: Any, model_state: dict[str, Any],
         return optimizer.sharded_state_dict(model_state, is_loading=True, metadata=metadata)
 
 
-def load_state(optimizer: Any, state: dict[str, Any]) -> None:
+# The learning-rate bounds megatron.core keeps in each parameter group (`max_lr`, `min_lr`: from
+# --lr and --min-lr when the optimizer is built), which its scheduler reads instead of its own.
+_SCHEDULE_KEYS = ("max_lr", "min_lr")
+
+
+def load_state(optimizer: Any, state: dict[str, Any], keep_run_schedule: bool = False) -> None:
     """Load into `optimizer` the `state` that `dist_checkpointing.load` filled in (see
-    `sharded_state_to_load`)."""
+    `sharded_state_to_load`). The parameter groups come back with the checkpoint's `max_lr` and
+    `min_lr`; `keep_run_schedule` (--override-opt_param-scheduler) keeps this run's instead, so
+    that the scheduler follows this run's --lr and --min-lr (it used to follow the new decay
+    and warm-up but the checkpoint's learning rates)."""
+    run_schedule = [{key: group[key] for key in _SCHEDULE_KEYS if key in group}
+                    for group in optimizer.param_groups]
+    _load_state(optimizer, state)
+    if keep_run_schedule:
+        for group, values in zip(optimizer.param_groups, run_schedule, strict=True):
+            group.update(values)
+
+
+def _load_state(optimizer: Any, state: dict[str, Any]) -> None:
     torch_adam_optimizers = _torch_adam_distributed_optimizers(optimizer)
     with _unpadded_param_index_maps(optimizer):
         if torch_adam_optimizers:
