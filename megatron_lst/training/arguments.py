@@ -305,6 +305,12 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-load-rng", action="store_true", help="Do not load RNG states.")
     group.add_argument("--finetune", action="store_true",
                        help="Load model weights only; start at iteration 0.")
+    group.add_argument("--pretrained-checkpoint", type=str, default=None,
+                       help="With --load (the run's own save directory, usually --save): while "
+                            "--load holds no checkpoint, fine-tune from this one (weights only, "
+                            "iteration 0, as --finetune); once it holds one, resume it. A "
+                            "fine-tuning job that is stopped and requeued resumes its own "
+                            "progress with the same command.")
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -374,12 +380,15 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     `resume_from` (the checkpoint directory `--load` resumes from, or None), and defaults filled
     in for `global_batch_size`, `ffn_hidden_size`, `num_query_groups`,
     `max_position_embeddings`, `max_tokens`, `lr_decay_iters`, `distributed_backend`;
-    `sequence_parallel` is turned off, with a warning, without tensor parallelism. With
+    `sequence_parallel` is turned off, with a warning, without tensor parallelism;
+    `--pretrained-checkpoint` becomes `--load` with `--finetune` while `--load` holds no
+    checkpoint. With
     `--load` and `--use-checkpoint-args` (the default), the model flags not given are the
     checkpoint's. Raises ArgumentError naming the flags and the fix; `args` itself is not
     modified.
     """
     args = argparse.Namespace(**vars(args))
+    checkpoint_flags.choose_pretrained_or_own_checkpoint(args)
     checkpoint_flags.adopt_model_from_load(args)
     require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length",
             "train_iters", "lr")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megatron_lst.training import model_flags
 from megatron_lst.training.flag_checks import ArgumentError, require_positive
+from megatron_lst.training.foreign_checkpoints import foreign_checkpoint_advice
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,56 @@ def adopt_model_from_load(args: argparse.Namespace) -> None:
             args, model_flags.flag_values(saved.config, saved.baseline), f"checkpoint {path}")
     except model_flags.CheckpointArgsConflict as err:
         raise ArgumentError(str(err)) from None
+
+
+def choose_pretrained_or_own_checkpoint(args: argparse.Namespace) -> None:
+    """`--pretrained-checkpoint` (Megatron-LM's): while `--load` holds no complete checkpoint,
+    load the pretrained one instead, with `--finetune` (weights only, iteration 0); once it holds
+    one (this run's own, saved before it was stopped), leave `--load` to resume it. Sets
+    `args.load` and `args.finetune` accordingly."""
+    from megatron_lst.training.checkpointing import CheckpointError, select_checkpoint
+
+    pretrained = args.pretrained_checkpoint
+    if pretrained is None:
+        return
+    if args.load is None:
+        raise ArgumentError(
+            f"--pretrained-checkpoint {pretrained} is loaded only while --load holds no "
+            f"checkpoint of this run: give --load, the run's own save directory (usually the "
+            f"same as --save)")
+    if args.finetune:
+        raise ArgumentError(
+            "--pretrained-checkpoint fine-tunes from it (weights only, iteration 0) by itself, "
+            "and only until --load holds a checkpoint; with --finetune every resume would start "
+            "again at iteration 0. Drop --finetune")
+    if args.ckpt_step is not None:
+        raise ArgumentError(
+            f"--ckpt-step {args.ckpt_step} with --pretrained-checkpoint: a resumed run would "
+            f"look for that step in --load {args.load}. To fine-tune from one pretrained step, "
+            f"name its directory: --pretrained-checkpoint DIR/iter_XXXXXXX")
+    _check_no_file_in_the_way("--load", args.load)
+    try:
+        own = select_checkpoint(args.load) if os.path.isdir(args.load) else None
+    except CheckpointError as err:
+        raise ArgumentError(f"--load {args.load}: {err}") from None
+    if own is not None:
+        logger.info("--load %s holds %s: resuming it (--pretrained-checkpoint %s is not loaded)",
+                    args.load, own.name, pretrained)
+        return
+    _check_no_file_in_the_way("--pretrained-checkpoint", pretrained)
+    try:
+        found = select_checkpoint(pretrained) if os.path.isdir(pretrained) else None
+    except CheckpointError as err:
+        raise ArgumentError(f"--pretrained-checkpoint {pretrained}: {err}") from None
+    if found is None:
+        other = foreign_checkpoint_advice(pretrained)
+        raise ArgumentError(
+            f"--pretrained-checkpoint {pretrained} holds no complete checkpoint (or does not "
+            f"exist); name a directory written by lst-train --save, or one iter_XXXXXXX "
+            f"directory in it" + (f". {other}" if other else ""))
+    logger.info("--load %s holds no checkpoint yet: fine-tuning from --pretrained-checkpoint %s",
+                args.load, found)
+    args.load, args.finetune = pretrained, True
 
 
 def validate_checkpointing(args: argparse.Namespace) -> None:
@@ -112,9 +163,10 @@ def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
                  f"lst-train save writes last: a save that did not finish, or a checkpoint of "
                  f"another program (Megatron-LM's own have none)" if incomplete else
                  "no iter_XXXXXXX directory")
+        other = foreign_checkpoint_advice(args.load)
         raise ArgumentError(
             f"--load {args.load} holds no complete checkpoint ({found}); point --load at a "
-            f"directory written by lst-train --save"
+            f"directory written by lst-train --save" + (f". {other}" if other else "")
         )
     return latest
 
@@ -146,7 +198,9 @@ def _check_no_file_in_the_way(flag: str, path: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         advice = ("give a directory (created if missing)" if flag == "--save" else
-                  "point --load at a --save directory, or one iter_XXXXXXX directory in it")
+                  f"point {flag} at a --save directory, or one iter_XXXXXXX directory in it")
+        if flag != "--save" and (other := foreign_checkpoint_advice(existing)) is not None:
+            advice = f"{advice}. {other}"
         raise ArgumentError(f"{flag} {path}: {existing} is a file, not a directory; {advice}")
 
 

@@ -453,10 +453,12 @@ def load_checkpoint(
         load_rng = False
 
     state = _model_sharded_state_dict(model_chunks)
-    _check_model_shapes(state, path)
+    saved_tensors = dist_checkpointing.load_tensors_metadata(str(path))
+    _check_model_shapes(state, saved_tensors, path)
     if load_optim:
         state["optimizer"] = optimizer_state.sharded_state_to_load(
             optimizer, state, metadata["sharded_state_metadata"])
+        _check_optimizer_tensors(state["optimizer"], saved_tensors, path, metadata["args"], args)
     if load_rng:
         state["rng_state"] = rng_sharded_object()
     loaded = dist_checkpointing.load(state, str(path))
@@ -464,7 +466,8 @@ def load_checkpoint(
     for key, chunk in zip(_model_keys(model_chunks), _unwrap(model_chunks), strict=True):
         chunk.load_state_dict(loaded[key], strict=True)
     if load_optim:
-        optimizer_state.load_state(optimizer, loaded["optimizer"])
+        optimizer_state.load_state(optimizer, loaded["optimizer"], keep_run_schedule=bool(
+            getattr(args, "override_opt_param_scheduler", False)))
         if scheduler is not None and metadata["scheduler"] is not None:
             scheduler.load_state_dict(metadata["scheduler"])
     elif optimizer is not None:
@@ -521,13 +524,43 @@ def verify_or_point_elsewhere(path: Path) -> None:
             f"{others}.") from None
 
 
-def _check_model_shapes(state: dict[str, Any], path: Path) -> None:
-    """Name the first model tensor whose global shape differs from the checkpoint's."""
-    from megatron.core import dist_checkpointing
+def _check_optimizer_tensors(optimizer_state_to_load: Any, saved: dict[str, Any], path: Path,
+                             saved_args: dict[str, Any], args: argparse.Namespace) -> None:
+    """Name the first optimizer state tensor this run's optimizer loads that the checkpoint
+    lacks (megatron.core fails with a KeyError listing every key of the checkpoint): the
+    checkpoint's optimizer was another one (--optimizer, SGD without momentum), or it was saved
+    before the optimizer's first step by a version that then saved no moments."""
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    missing = next((sharded.key for sharded in nested_values(optimizer_state_to_load)
+                    if isinstance(sharded, ShardedTensor) and sharded.key not in saved), None)
+    if missing is None:
+        return
+    before, now = _optimizer_flags(saved_args), _optimizer_flags(vars(args))
+    why = (f"it was saved with {before} and this run uses {now}" if before != now else
+           f"it was saved with {now}, as this run is, but before the optimizer's first step "
+           f"(fp16 skips its first steps) by a version that then saved no optimizer moments")
+    raise CheckpointError(
+        f"checkpoint {path} holds no optimizer state {missing!r}, which this run's optimizer "
+        f"loads: {why}. Resume with the checkpoint's optimizer flags, or add --no-load-optim to "
+        f"go on from its weights with a fresh optimizer state and learning-rate schedule")
+
+
+def _optimizer_flags(values: dict[str, Any]) -> str:
+    """The optimizer flags of a run's `args` (as a dict) that decide its state's tensors."""
+    name = values.get("optimizer", "adam")
+    if name == "sgd":
+        return f"--optimizer sgd --sgd-momentum {values.get('sgd_momentum')}"
+    return f"--optimizer {name}"
+
+
+def _check_model_shapes(state: dict[str, Any], saved: dict[str, Any], path: Path) -> None:
+    """Name the first model tensor whose global shape differs from the checkpoint's (`saved`:
+    its tensors' metadata)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
     for sharded in nested_values(state):
         if not isinstance(sharded, ShardedTensor):
             continue

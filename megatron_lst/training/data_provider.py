@@ -370,7 +370,13 @@ class PretrainingBatchSampler:
 
 def build_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
                  consumed_samples: int = 0) -> torch.utils.data.DataLoader:
-    """This data-parallel rank's loader over `dataset` from `consumed_samples` on."""
+    """This data-parallel rank's loader over `dataset` from `consumed_samples` on.
+
+    The loader draws its workers' base seed from a generator of its own (seeded with --seed), not
+    from torch's global one: each iterator it makes draws once, and a draw from the global
+    generator (which hidden dropout uses on CPU) would shift the dropout masks of a resumed run,
+    whose restored generator state is followed by the training loader's draw, from those of the
+    uninterrupted run."""
     from megatron.core import parallel_state
 
     sampler = PretrainingBatchSampler(
@@ -382,6 +388,7 @@ def build_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=args.num_workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        generator=torch.Generator().manual_seed(args.seed),
         worker_init_fn=functools.partial(_ignore_signals, exit_signals) if exit_signals else None)
 
 

@@ -5,8 +5,9 @@
     --exit-duration-in-mins M                        M minutes since `pretrain` started
     --exit-interval N                                after every iteration divisible by N
 
-The loop asks `ExitMonitor.reason(iteration)` after each iteration; a reason makes it save a
-checkpoint of that iteration (with --save) and return, and `pretrain_lst.py` exits with status 0,
+The loop asks `ExitMonitor.reason(iteration)` after each iteration (and again after a periodic
+save, for a signal that came during it); a reason makes it save a checkpoint of that iteration
+(with --save, unless that save was just made) and return, and `pretrain_lst.py` exits with status 0,
 as Megatron-LM does: a batch script decides from the latest checkpoint whether to requeue. The
 answer is the same on every rank: signals and the clock are combined over ranks by one all-reduce
 (MAX) per iteration, made only when a signal or a duration is being watched.

@@ -474,6 +474,11 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
                     args.save_interval and state.iteration % args.save_interval == 0)):
                 with param_gather.synchronised():
                     result.checkpoints.append(_save(state))
+                if not exit_reason and not last:
+                    # A signal (or the duration) that came during this periodic save stops the
+                    # run now, with this checkpoint: not after one more iteration and a second
+                    # save that the kill window may cut off.
+                    exit_reason = exit_monitor.reason(state.iteration)
             if exit_reason:
                 _print_rank0(f"exiting after iteration {state.iteration}: {exit_reason}")
                 result.exit_reason = exit_reason

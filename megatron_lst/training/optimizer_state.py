@@ -6,6 +6,12 @@ parallel layout. The fixes: the offsets of each parameter's state in the distrib
 buffers leave out the padding between gradient buckets (`_unpadded_param_index_maps`), and on
 megatron.core's torch.optim fallback (neither Apex nor Transformer Engine installed) Adam's state
 is created before loading and its step loaded per parameter (`_torch_adam_distributed_optimizers`).
+
+Every parameter's state exists before a save or a load (`_initialise_state`): an optimizer that
+has not stepped yet (fp16 skips its first steps while the loss scale comes down from 2^32) has
+none, and megatron.core either failed to save it (the distributed optimizer on torch's Adam: an
+assertion) or saved a checkpoint without the moments that loading asks for (a KeyError on
+resume); SGD, for which megatron.core has no state initialiser, could not be loaded at all.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ SHARDED_STATE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
 
 def sharded_state_to_save(optimizer: Any, model_state: dict[str, Any]) -> dict[str, Any]:
     """The sharded state dict of `optimizer` to save next to `model_state` (the model's)."""
+    _initialise_state(optimizer)
     with _unpadded_param_index_maps(optimizer):
         return optimizer.sharded_state_dict(model_state, metadata=SHARDED_STATE_METADATA)
 
@@ -36,20 +43,38 @@ def sharded_state_to_load(optimizer: Any, model_state: dict[str, Any],
     """The sharded state dict that `dist_checkpointing.load` fills with the state of `optimizer`
     saved under `metadata` (the checkpoint's `sharded_state_metadata`). Raises CheckpointError
     for distributed-optimizer state that the torch.optim fallback cannot load."""
-    for inner in _torch_adam_distributed_optimizers(optimizer):
-        _initialise_torch_adam_state(inner)
-    with _unpadded_param_index_maps(optimizer):
+    _torch_adam_distributed_optimizers(optimizer)  # raises for what the fallback cannot load
+    _initialise_state(optimizer)
+    with _unpadded_param_index_maps(optimizer), _state_initialisers_present(optimizer):
         return optimizer.sharded_state_dict(model_state, is_loading=True, metadata=metadata)
 
 
-def load_state(optimizer: Any, state: dict[str, Any]) -> None:
+# The learning-rate bounds megatron.core keeps in each parameter group (`max_lr`, `min_lr`: from
+# --lr and --min-lr when the optimizer is built), which its scheduler reads instead of its own.
+_SCHEDULE_KEYS = ("max_lr", "min_lr")
+
+
+def load_state(optimizer: Any, state: dict[str, Any], keep_run_schedule: bool = False) -> None:
     """Load into `optimizer` the `state` that `dist_checkpointing.load` filled in (see
-    `sharded_state_to_load`)."""
+    `sharded_state_to_load`). The parameter groups come back with the checkpoint's `max_lr` and
+    `min_lr`; `keep_run_schedule` (--override-opt_param-scheduler) keeps this run's instead, so
+    that the scheduler follows this run's --lr and --min-lr (it used to follow the new decay
+    and warm-up but the checkpoint's learning rates)."""
+    run_schedule = [{key: group[key] for key in _SCHEDULE_KEYS if key in group}
+                    for group in optimizer.param_groups]
+    _load_state(optimizer, state)
+    if keep_run_schedule:
+        for group, values in zip(optimizer.param_groups, run_schedule, strict=True):
+            group.update(values)
+
+
+def _load_state(optimizer: Any, state: dict[str, Any]) -> None:
     torch_adam_optimizers = _torch_adam_distributed_optimizers(optimizer)
     with _unpadded_param_index_maps(optimizer):
         if torch_adam_optimizers:
             _load_torch_adam_distributed_state(torch_adam_optimizers[0], state)
         else:
+            _add_step_zero(optimizer, state)
             optimizer.load_state_dict(state)
 
 
@@ -119,21 +144,99 @@ def _torch_adam_distributed_optimizers(optimizer: Any) -> list[Any]:
     return found
 
 
-def _initialise_torch_adam_state(optimizer: Any) -> None:
-    """Create the per-parameter state torch's Adam creates lazily at its first step (zeros, step
-    0), without stepping (a step would apply weight decay). Loading overwrites all of it."""
-    inner = optimizer.optimizer
+def _inner_optimizers(optimizer: Any) -> list[Any]:
+    """The megatron.core optimizers (each wrapping one torch optimizer) of `optimizer`."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _initialise_state(optimizer: Any) -> None:
+    """Give every parameter without state the state its optimizer's first step would create,
+    without stepping (a step would apply weight decay): the next step then computes what it
+    would have. torch's Adam: zero moments and step 0; torch's SGD with momentum: a zero momentum
+    buffer (its first step sets the buffer to the gradient: 0 * momentum + gradient is the same);
+    other optimizers (Apex's, Transformer Engine's): megatron.core's initialiser. Parameters
+    that have state keep it."""
+    for inner in _inner_optimizers(optimizer):
+        torch_optimizer = inner.optimizer
+        if isinstance(torch_optimizer, torch.optim.Adam | torch.optim.AdamW):
+            _initialise_torch_adam_state(torch_optimizer)
+        elif isinstance(torch_optimizer, torch.optim.SGD):
+            _initialise_torch_sgd_state(torch_optimizer)
+        elif torch_optimizer is not None and inner.init_state_fn is not None:
+            inner.init_state_fn(torch_optimizer, inner.config)
+
+
+def _initialise_torch_adam_state(inner: torch.optim.Optimizer) -> None:
+    """The per-parameter state torch's Adam creates lazily at its first step (zeros, step 0)."""
     for group in inner.param_groups:
         for param in group["params"]:
             if param.numel() == 0 or inner.state.get(param):
                 continue
-            state = {"step": torch.tensor(0.0),
+            # Where torch's Adam keeps the step: on the parameter's device when fused or
+            # capturable, else a CPU scalar.
+            on_device = group.get("fused") or group.get("capturable")
+            state = {"step": torch.zeros((), dtype=torch.get_default_dtype(),
+                                         device=param.device if on_device else None),
                      "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
                      "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
             if group.get("amsgrad"):
                 state["max_exp_avg_sq"] = torch.zeros_like(param,
                                                            memory_format=torch.preserve_format)
             inner.state[param] = state
+
+
+def _initialise_torch_sgd_state(inner: torch.optim.Optimizer) -> None:
+    """A zero momentum buffer per parameter, where SGD keeps one (momentum > 0)."""
+    for group in inner.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for param in group["params"]:
+            if param.numel() and inner.state.get(param, {}).get("momentum_buffer") is None:
+                inner.state[param]["momentum_buffer"] = torch.zeros_like(
+                    param, memory_format=torch.preserve_format)
+
+
+@contextlib.contextmanager
+def _state_initialisers_present(optimizer: Any):
+    """Within the block, megatron.core optimizers built without a state initialiser (SGD's is
+    None, which `sharded_state_dict(is_loading=True)` calls) have one that does nothing: the
+    state was initialised before (`_initialise_state`)."""
+    missing = [inner for inner in _inner_optimizers(optimizer) if inner.init_state_fn is None]
+    try:
+        for inner in missing:
+            inner.init_state_fn = _state_already_initialised
+        yield
+    finally:
+        for inner in missing:
+            inner.init_state_fn = None
+
+
+def _state_already_initialised(optimizer: torch.optim.Optimizer, config: Any = None) -> None:
+    del optimizer, config
+
+
+def _add_step_zero(optimizer: Any, state: dict[str, Any]) -> None:
+    """megatron.core saves torch Adam's step (as "common_step") only when it is not 0, so the
+    state of an optimizer that had not stepped yet comes back with moments and no step, which
+    torch's Adam refuses to load (KeyError: 'step'): give those parameters step 0 in `state`
+    (the state dict `dist_checkpointing.load` filled in)."""
+    inners = _inner_optimizers(optimizer)
+    if len(inners) == 1:
+        states = [state]
+    else:  # one state dict per chained optimizer, by index
+        states = [state[key] for key in sorted(state)] if isinstance(state, dict) else list(state)
+    for inner, inner_state in zip(inners, states, strict=True):
+        if not isinstance(inner.optimizer, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        # torch's state dict: nested under "optimizer" by the mixed-precision optimizer.
+        torch_state = inner_state.get("optimizer", inner_state)["state"]
+        if "common_step" in torch_state:
+            continue
+        # A CPU step, as torch's Adam keeps it unless fused or capturable; its load_state_dict
+        # moves the step to the parameter's device in those cases.
+        for per_param in torch_state.values():
+            if isinstance(per_param, dict) and per_param and "step" not in per_param:
+                per_param["step"] = torch.zeros((), dtype=torch.get_default_dtype())
 
 
 def _load_torch_adam_distributed_state(optimizer: Any, state: dict[str, Any]) -> None:

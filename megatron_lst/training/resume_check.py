@@ -4,7 +4,8 @@ A checkpoint keeps the run's flags (`args` in its `lst_checkpoint.json`) and its
 training data (`consumed_samples`). That position only means something under the flags that
 built the training rows: row r of the training order is cut (`--seq-length` patches within a
 `--max-tokens` budget) and patched (`--patching-mode` and its parameters) from the documents the
-`--seed` orders, and under curriculum patching its training step is `r // --global-batch-size`.
+`--seed` orders and lays out (`--speech-only-fraction`; `--task` makes other rows altogether),
+and under curriculum patching its training step is `r // --global-batch-size`.
 A resume that changes any of these would continue at row `consumed_samples` of another row
 sequence (rows repeated or skipped, the curriculum moved), so it is refused with the flag's
 saved value. Changes that keep the rows (the data paths of moved datasets, the micro-batch size)
@@ -33,6 +34,8 @@ ROW_FLAGS = {
     "seq_length": "cuts the documents into rows",
     "max_tokens": "cuts the documents into rows",
     "seed": "orders the documents",
+    "speech_only_fraction": "lays out the speech documents",
+    "task": "makes the rows",
 }
 # Flags of the learning-rate and weight-decay schedule a checkpoint continues.
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_decay_style", "lr_decay_iters", "lr_warmup_iters",

@@ -86,7 +86,9 @@ def check_loss_finite(losses: Mapping[str, float], iteration: int, fp16: bool = 
     raise NonFiniteLossError(
         f"iteration {iteration}: {described}. The run diverged or met bad data: lower --lr or "
         f"lengthen --lr-warmup-iters, {clip_hint}, check the batches of this iteration, "
-        f"{precision_hint}; then resume from the last good checkpoint with --load"
+        f"{precision_hint}; then resume from the last good checkpoint with --load (with "
+        f"--override-opt_param-scheduler where you change --lr or the warm-up: the checkpoint "
+        f"continues its own learning-rate schedule otherwise)"
     )
 
 

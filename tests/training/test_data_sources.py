@@ -210,7 +210,7 @@ def test_loader_workers_leave_the_exit_signals_to_the_trainer(monkeypatch, sig):
     monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda: 1)
     args = argparse.Namespace(micro_batch_size=2, num_workers=2, exit_signal_handler=True,
                               exit_signal=["SIGTERM", "SIGUSR1"], exit_duration_in_mins=None,
-                              exit_interval=None)
+                              exit_interval=None, seed=1)
     batches = list(build_loader(_SignalledRows(signal.Signals[sig]), args))
     assert torch.cat(batches).tolist() == list(range(8))
 

@@ -134,3 +134,27 @@ def test_a_metrics_file_with_damaged_lines_is_kept_aside_and_resumed(tmp_path, c
     assert (tmp_path / "metrics.jsonl.damaged").read_text() == original
     assert "dropped line(s) 3, 5, which are no metrics records" in caplog.text
     assert "dropped 1 record(s) of iterations 5-5" in caplog.text
+
+
+def test_a_signal_during_a_periodic_save_stops_the_run_with_that_checkpoint(tmp_path,
+                                                                            monkeypatch):
+    """It used to train one more iteration and save again: a second save inside the kill
+    window that follows the signal (torchrun's 30 s, SLURM's KillWait)."""
+    from megatron_lst.training import checkpointing, loop
+
+    save_checkpoint = checkpointing.save_checkpoint
+
+    def save_then_signalled(iteration, *args, **kwargs):
+        path = save_checkpoint(iteration, *args, **kwargs)
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return path
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_signalled)
+    save = tmp_path / "ckpt"
+    flags = tiny_flags(write_corpus(tmp_path / "data")) + [
+        "--train-iters", "6", "--eval-interval", "1000", "--save", str(save),
+        "--save-interval", "2", "--exit-signal-handler", "--exit-signal", "SIGUSR1"]
+    stopped = loop.pretrain(validate_args(parse_args(flags), 1))
+    assert (stopped.iteration, stopped.exit_reason) == (2, "received SIGUSR1")
+    assert stopped.checkpoints == [str(save / "iter_0000002")]

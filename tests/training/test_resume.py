@@ -135,7 +135,8 @@ def test_data_parallel_run_has_the_single_process_losses(tmp_path):
 
 SAVED_FLAGS = {"patching_mode": "static", "patch_size": 4, "seq_length": 32, "max_tokens": 96,
                "seed": 1234, "global_batch_size": 8, "micro_batch_size": 2,
-               "data_path": ["/data/mls"], "split": "969,30,1", "train_iters": 10}
+               "data_path": ["/data/mls"], "split": "969,30,1", "train_iters": 10,
+               "speech_only_fraction": 0.0, "task": "lm"}
 AT_ITERATION_10 = ResumePosition(iteration=10, consumed_samples=80)
 
 
@@ -152,6 +153,9 @@ def test_unchanged_data_flags_resume_without_a_note():
     ("patching_mode", "aligned", "--patching-mode static -> aligned (it patches every row)"),
     ("seq_length", 64, "--seq-length 32 -> 64 (it cuts the documents into rows)"),
     ("seed", 7, "--seed 1234 -> 7 (it orders the documents)"),
+    ("speech_only_fraction", 0.5,
+     "--speech-only-fraction 0.0 -> 0.5 (it lays out the speech documents)"),
+    ("task", "asr", "--task lm -> asr (it makes the rows)"),
 ])
 def test_a_change_of_the_rows_is_refused_naming_the_flag(flag, value, why):
     with pytest.raises(ResumeConfigError) as refused:

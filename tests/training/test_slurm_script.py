@@ -114,3 +114,26 @@ def test_a_job_that_cannot_start_stops_before_the_step(tmp_path, submit_dir, con
     assert done.returncode == 2
     assert error.format(submit_dir=submit_dir) in done.stderr
     assert not (tmp_path / "step_ran").exists()
+
+
+@pytest.mark.parametrize("config_text, error", [
+    ("preset: tiny-cpu\n", "sets no train-iters (got 'None')"),
+    ("preset: tiny-cpu\ntrain-iters: [6\n", "cannot read --train-iters from CONFIG="),
+], ids=["no-train-iters", "unreadable"])
+def test_a_config_without_train_iters_stops_before_the_step(tmp_path, config_text, error):
+    """The script read --train-iters only after the step, to decide on the requeue: a CONFIG it
+    could not read it from ended the job after training, without a requeue."""
+    config = tmp_path / "run.yaml"
+    config.write_text(config_text)
+    _stand_ins(tmp_path / "bin", step_saves=None, step_status=0)
+    (tmp_path / "bin" / "srun").write_text(f'#!/bin/bash\ntouch "{tmp_path}/step_ran"\n')
+    python_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{python_dir}:{os.environ['PATH']}",
+           "CONFIG": str(config), "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1",
+           "SLURM_JOB_ID": "77", "SLURM_SUBMIT_DIR": str(REPO),
+           "REQUEUES": str(tmp_path / "requeues")}
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "ckpt"), "spm.model", "text",
+                           "speech"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert error in done.stderr
+    assert not (tmp_path / "step_ran").exists()
