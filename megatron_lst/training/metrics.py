@@ -34,11 +34,30 @@ class MetricsFile:
             self._file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append `record`, one iteration's metrics with its "iteration", as one line."""
+        """Append `record`, one iteration's metrics with its "iteration", as one line.
+
+        A write that fails (a full disk, a file system gone read-only) stops the metrics file
+        with one error and leaves training running: only the logging rank writes it, and raising
+        there would leave the other ranks waiting in their next collective. The log lines keep
+        the metrics; the next checkpoint save, which every rank makes, stops the run cleanly if
+        the disk still cannot take it."""
         if self._file is None:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:
+            logger.error("cannot append to %s (%s): no more metrics lines this run (the log "
+                         "keeps them); free space or fix the file system, then resume",
+                         self._file.name, err)
+            self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        try:
+            self._file.close()
+        except OSError:  # flushing what the failed write left buffered fails again
+            pass
+        self._file = None
 
     def close(self) -> None:
         if self._file is not None:

@@ -6,7 +6,9 @@ resumed run holding every iteration once.
 """
 
 import argparse
+import errno
 import json
+import logging
 import os
 import signal
 import time
@@ -158,3 +160,21 @@ def test_a_signal_during_a_periodic_save_stops_the_run_with_that_checkpoint(tmp_
     stopped = loop.pretrain(validate_args(parse_args(flags), 1))
     assert (stopped.iteration, stopped.exit_reason) == (2, "received SIGUSR1")
     assert stopped.checkpoints == [str(save / "iter_0000002")]
+
+
+def test_a_metrics_write_that_fails_stops_the_metrics_file_not_the_run(tmp_path, caplog,
+                                                                        monkeypatch):
+    """A full disk made the logging rank's append raise OSError: that rank stopped with a
+    traceback and the other ranks waited for it in their next collective."""
+    path = tmp_path / "metrics.jsonl"
+    metrics = MetricsFile(path)
+    metrics.write({"iteration": 1, "loss": 1.0})
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(metrics._file, "write", lambda text: (_ for _ in ()).throw(full))
+    metrics.write({"iteration": 2, "loss": 2.0})
+    metrics.write({"iteration": 3, "loss": 3.0})  # no second error, no exception
+    metrics.close()
+    assert read_metrics(tmp_path) == [{"iteration": 1, "loss": 1.0}]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    assert str(path) in errors[0]
