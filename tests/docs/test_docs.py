@@ -312,3 +312,111 @@ def test_no_file_points_to_a_missing_document():
             if (error := _check_path(link, REPO)) is not None:
                 problems.append(f"{where}: {error}")
     assert not problems, f"files point to documents the repository lacks: {problems}"
+
+
+# --- every fenced command parses with its own command's parser ------------------------------
+
+# Commands shown in fenced blocks that are not ours, or that take no flags of ours.
+FOREIGN_COMMANDS = ("make", "bash", "sbatch", "mfa", "python -m pytest", "python3 -m", "python -")
+TORCHRUN_SWITCHES = {"--standalone"}  # torchrun options without a value
+
+
+def _fenced_commands(text: str) -> Iterator[str]:
+    """Every command line of the fenced shell blocks of `text`: continuation lines joined, a
+    `for VAR in A B; do` loop's `$VAR` replaced by its first value."""
+    for match in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.DOTALL | re.MULTILINE):
+        if match.group(1) in ("json", "python"):
+            continue
+        loop_values: dict[str, str] = {}
+        for line in re.sub(r"\\\n\s*", " ", match.group(2)).splitlines():
+            line = line.strip()
+            if loop := re.match(r"for (\w+) in (\S+)", line):
+                loop_values[loop.group(1)] = loop.group(2)
+            for name, value in loop_values.items():
+                line = line.replace(f"${name}", value)
+            if re.match(r"(\w+=\S+ )*(python|lst-|torchrun)", line):
+                yield line
+
+
+def _our_command(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(what runs, its arguments) of a command line, or None for a command not ours."""
+    while argv and re.fullmatch(r"\w+=\S*", argv[0]):  # environment assignments
+        argv = argv[1:]
+    if argv[0] == "torchrun":  # torchrun's options, then the script or `-m module`
+        i = 1
+        while argv[i].startswith("--"):
+            i += 1 if argv[i] in TORCHRUN_SWITCHES or "=" in argv[i] else 2
+        argv = ["python", *argv[i:]]
+    if argv[0].startswith("lst-"):
+        return argv[0], argv[1:]
+    if argv[0] in ("python", "python3"):
+        if argv[1] == "-m":
+            return argv[2], argv[3:]
+        return argv[1], argv[2:]
+    return None
+
+
+def _parse_as_command(command: str, argv: list[str]) -> None:
+    """Parse `argv` with `command`'s own parser; SystemExit (argparse's error) when it fails."""
+    from megatron_lst.checkpoint.cli import build_parser as convert_parser
+    from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
+    from megatron_lst.evaluation.importers import import_main
+    from megatron_lst.training.arguments import ArgumentError
+    from megatron_lst.training.arguments import parse_args as parse_train_args
+
+    def train(args: list[str]) -> None:
+        try:
+            parse_train_args(args)
+        except ArgumentError as error:  # a --config file that does not map onto the flags
+            raise SystemExit(str(error)) from None
+
+    parsers: dict[str, Callable[[list[str]], object]] = {
+        "lst-train": train, "pretrain_lst.py": train,
+        "lst-eval": build_eval_parser().parse_args,
+        "megatron_lst.evaluation.cli": build_eval_parser().parse_args,
+        "lst-generate": build_generate_parser().parse_args,
+        "lst-convert": convert_parser().parse_args,
+        "lst-import-eval": _capture_parser(import_main, []).parse_args,
+    }
+    if command in parsers:
+        parsers[command](argv)
+        return
+    path = REPO / command
+    assert path.suffix == ".py" and path.is_file(), f"no parser known for {command!r}"
+    module = _load_script(path)
+    parser = (module.build_parser() if hasattr(module, "build_parser")
+              else _capture_parser(module.main))
+    if "--" in argv:  # tools/bench_step.py: its own flags, then lst-train's after `--`
+        train(argv[argv.index("--") + 1:])
+        argv = argv[:argv.index("--")]
+    parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_fenced_commands_parse(doc: Path, monkeypatch: pytest.MonkeyPatch):
+    """Every command a fenced block shows is accepted by the parser of the command it runs: each
+    flag belongs to that command (not merely to some parser of the project), its value has the
+    right type and is one of its choices, and the required arguments are there. `--config` files
+    are read from the repository root, as the docs run them."""
+    import contextlib
+    import io
+    import shlex
+
+    monkeypatch.chdir(REPO)
+    problems, parsed = [], 0
+    for line in _fenced_commands(doc.read_text()):
+        if line.startswith(FOREIGN_COMMANDS) or (command := _our_command(
+                shlex.split(line, comments=True))) is None:
+            continue
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                _parse_as_command(*command)
+            parsed += 1
+        except SystemExit as exit_:
+            message = stderr.getvalue().strip().splitlines()[-1:] or [str(exit_.code)]
+            problems.append(f"{line}\n    -> {message[0]}")
+    assert not problems, (f"{doc.relative_to(REPO)} shows commands their parsers refuse:\n"
+                          + "\n".join(problems))
+    if re.search(r"^```bash\n(lst-|python tools/)", doc.read_text(), re.MULTILINE):
+        assert parsed, f"{doc.relative_to(REPO)}: no command of its shell blocks was found"
