@@ -41,7 +41,11 @@ from megatron_lst.training.save_directory import LOCK_FILENAME
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lst-eval", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="lst-eval",
+                                     description="Score a checkpoint on story-completion items "
+                                                 "(accuracy per mode), or, with --task asr|tts, "
+                                                 "decode held-out utterances (WER and CER, or "
+                                                 "the unit edit rate and ASR-CER).",
                                      allow_abbrev=False)
     parser.add_argument("--load", required=True,
                         help="A training --save directory; its latest complete checkpoint is used.")
