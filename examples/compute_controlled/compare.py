@@ -36,7 +36,10 @@ def _validated(config: Path, world_size: int):
     from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 
     try:
-        return validate_args(parse_args(["--config", str(config)]), world_size)
+        args = parse_args(["--config", str(config)])
+        # Planning saves nothing (the runs pass --save): no warning about --save-interval.
+        args.save_interval = None
+        return validate_args(args, world_size)
     except ArgumentError as error:
         raise SystemExit(f"plan: {config}: {error}") from None
 
