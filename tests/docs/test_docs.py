@@ -420,3 +420,96 @@ def test_fenced_commands_parse(doc: Path, monkeypatch: pytest.MonkeyPatch):
                           + "\n".join(problems))
     if re.search(r"^```bash\n(lst-|python tools/)", doc.read_text(), re.MULTILINE):
         assert parsed, f"{doc.relative_to(REPO)}: no command of its shell blocks was found"
+
+
+# --- the documented defaults are the parsers' ----------------------------------------------
+
+def _model_field_default(option: str) -> object:
+    """The dataclass default of the model configuration field behind a model flag of lst-train
+    (whose parser default is None, "not given"); None when the field has none."""
+    import dataclasses
+
+    from megatron_lst.models import config
+    from megatron_lst.training.model_flags import MODEL_FLAGS
+
+    classes = {None: config.LSTConfig, "cross_attention": config.CrossAttentionConfig,
+               "documents": config.DocumentMaskingConfig, "global_model": config.GlobalModelConfig,
+               "encoder": config.LocalModelConfig, "decoder": config.LocalModelConfig}
+    flag = next((f for f in MODEL_FLAGS if f.flag == option), None)
+    if flag is None:
+        return None
+    field = next(f for f in dataclasses.fields(classes[flag.part]) if f.name == flag.name)
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _documented_default_matches(cell: str, action: argparse.Action, default: object) -> bool | None:
+    """Whether a table's default cell states `default`; None when the cell is prose (a rule, a
+    derived value) that this check cannot read."""
+    cell = cell.split(" (")[0].strip().strip("`")
+    if cell == "required":
+        return action.required
+    if cell in ("on", "off"):
+        return bool(default) == (cell == "on")
+    if default is None or not re.fullmatch(r"[\w.,+-]+", cell):
+        return None
+    if isinstance(default, list) and len(default) == 1:
+        default = default[0]
+    if isinstance(default, bool):
+        return None
+    if isinstance(default, int | float):
+        try:
+            return float(cell) == float(default)
+        except ValueError:
+            return None
+    return cell == str(default)
+
+
+def _default_tables(text: str) -> Iterator[tuple[str, list[str], str]]:
+    """(the `## ` section, the flags of a row, its default cell) of every `| flag | default |`
+    table row."""
+    section = ""
+    in_table = False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+        if re.match(r"\|\s*flag\s*\|\s*default\s*\|", line):
+            in_table = True
+            continue
+        if not line.startswith("|"):
+            in_table = False
+        elif in_table and "`--" in line:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            yield section, FLAG.findall(cells[0]), cells[1]
+
+
+def test_documented_defaults_are_the_parsers():
+    """The "default" column of the flag tables (docs/training.md: lst-train; docs/evaluation.md:
+    lst-eval, then lst-generate under "Generation") states each parser's default: a literal value,
+    `on` / `off`, or `required`. A model flag of lst-train, which defaults to "not given",
+    is compared with its configuration field's default. Prose defaults ("preset", a rule) are
+    not read."""
+    from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
+    from megatron_lst.training.arguments import build_parser as train_parser
+
+    parsers = {"training.md": lambda section: train_parser(),
+               "evaluation.md": lambda section: (build_generate_parser() if section == "Generation"
+                                                 else build_eval_parser())}
+    wrong, checked = [], 0
+    for page, parser_of in parsers.items():
+        for section, flags, cell in _default_tables((DOCS / page).read_text()):
+            actions = {o: a for a in parser_of(section)._actions for o in a.option_strings}
+            flags = [f for f in flags if not f.startswith("--no-")]  # a switch's negative form
+            values = [v.strip() for v in cell.split(",")] if len(flags) > 1 else [cell]
+            if len(values) != len(flags):
+                values = [cell] * len(flags)  # one value for every flag of the row
+            for flag, value in zip(flags, values, strict=True):
+                action = actions[flag]
+                default = action.default if action.default is not None else (
+                    _model_field_default(flag) if page == "training.md" else None)
+                verdict = _documented_default_matches(value, action, default)
+                checked += verdict is not None
+                if verdict is False:
+                    wrong.append(f"docs/{page} {flag}: documented {value!r}, parser has "
+                                 f"{'required' if action.required else repr(default)}")
+    assert not wrong, "\n".join(wrong)
+    assert checked >= 60, f"only {checked} documented defaults could be read"
