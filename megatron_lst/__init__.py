@@ -6,7 +6,7 @@ import warnings
 # Transformer Engine or Apex (five warnings, again in each process a checkpoint save spawns), and
 # that its own default CUDA-graph scope is deprecated. The package is imported before megatron.core
 # by every entry point and spawned process: the training log says once instead which optional
-# packages are missing (`training.train_logging.configure_console_logging`).
+# packages are missing (`training.train_logging.note_missing_fused_kernels`).
 for _message in (r"(Transformer Engine and Apex are|Apex is) not installed",
                  r"full scope is deprecated"):
     warnings.filterwarnings("ignore", message=_message, category=UserWarning,
