@@ -329,5 +329,9 @@ def test_a_weights_only_checkpoint_is_refused_for_resuming_and_fine_tunes(tmp_pa
     # A fresh optimizer (--no-load-optim) or --finetune trains from the weights.
     assert cli.main(flags + ["--load", str(weights), "--no-load-optim",
                              "--save", str(tmp_path / "fresh")]) == 0
+    capsys.readouterr()
     assert cli.main(flags + ["--load", str(weights), "--finetune",
                              "--save", str(tmp_path / "tuned")]) == 0
+    # It said "resumed from ... at iteration 0, 0 samples consumed", as if resuming.
+    assert (f"fine-tuning from the weights of {weights / 'iter_0000000'}: iteration 0, a new "
+            f"optimizer and schedule") in capsys.readouterr().out
