@@ -540,3 +540,13 @@ def test_loading_a_checkpoint_prints_no_torch_deprecation_warnings(checkpoint):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "T->T: accuracy" in run.stdout
     assert "Warning" not in run.stderr, run.stderr
+
+
+def test_lst_eval_and_generate_load_one_checkpoint_directory(checkpoint, capsys):
+    """docs/evaluation.md: --load takes a save directory or one checkpoint directory in it."""
+    root, items_path, _ = checkpoint
+    one = root / "save" / "iter_0000003"
+    assert eval_main(["--load", str(one), "--items", str(items_path), "--modes", "tt"]) == 0
+    assert f"checkpoint {one} (iteration 3)" in capsys.readouterr().out
+    assert generate_main(["--load", str(one), "--prompt-text", WORDS[0],
+                          "--max-new-tokens", "2"]) == 0
