@@ -317,7 +317,7 @@ def test_no_file_points_to_a_missing_document():
 # --- every fenced command parses with its own command's parser ------------------------------
 
 # Commands shown in fenced blocks that are not ours, or that take no flags of ours.
-FOREIGN_COMMANDS = ("make", "bash", "sbatch", "mfa", "python -m pytest", "python3 -m", "python -")
+FOREIGN_COMMANDS = ("make", "bash", "sbatch", "mfa", "python - <<")
 TORCHRUN_SWITCHES = {"--standalone"}  # torchrun options without a value
 
 
@@ -350,8 +350,8 @@ def _our_command(argv: list[str]) -> tuple[str, list[str]] | None:
     if argv[0].startswith("lst-"):
         return argv[0], argv[1:]
     if argv[0] in ("python", "python3"):
-        if argv[1] == "-m":
-            return argv[2], argv[3:]
+        if argv[1] == "-m":  # our modules only (not pytest, pip, venv)
+            return (argv[2], argv[3:]) if argv[2].startswith("megatron_lst") else None
         return argv[1], argv[2:]
     return None
 
@@ -374,6 +374,7 @@ def _parse_as_command(command: str, argv: list[str]) -> None:
         "lst-train": train, "pretrain_lst.py": train,
         "lst-eval": build_eval_parser().parse_args,
         "megatron_lst.evaluation.cli": build_eval_parser().parse_args,
+        "megatron_lst.training.cli": train,
         "lst-generate": build_generate_parser().parse_args,
         "lst-convert": convert_parser().parse_args,
         "lst-import-eval": _capture_parser(import_main, []).parse_args,
