@@ -514,3 +514,31 @@ def test_documented_defaults_are_the_parsers():
                                  f"{'required' if action.required else repr(default)}")
     assert not wrong, "\n".join(wrong)
     assert checked >= 60, f"only {checked} documented defaults could be read"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _subparsers(sub)
+
+
+def test_help_defaults_are_the_parsers(project_parsers: list[argparse.ArgumentParser]):
+    """A `--help` line that states its default ("(default 512)", "(default: text)") states the
+    parser's: a changed default otherwise leaves the help saying the old one."""
+    wrong, checked = [], 0
+    for parser in project_parsers:
+        for sub in _subparsers(parser):
+            for action in sub._actions:
+                stated = re.search(r"\(default:? ([^;),]+)", action.help or "")
+                if not stated or action.default is None or not action.option_strings:
+                    continue
+                value = stated.group(1).split(":")[0].strip()
+                verdict = _documented_default_matches(value, action, action.default)
+                checked += verdict is not None
+                if verdict is False:
+                    wrong.append(f"{sub.prog} {action.option_strings[0]}: help says {value!r}, "
+                                 f"parser has {action.default!r}")
+    assert not wrong, "\n".join(wrong)
+    assert checked >= 10, f"only {checked} stated defaults could be read"
