@@ -345,7 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
         else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        usage="%(prog)s [-h] [--steps STEPS] [--warmup WARMUP] [--speech-share SPEECH_SHARE] "
+              "[--json JSON] -- LST-TRAIN FLAGS",
+        epilog="Everything after `--` is lst-train flags, e.g. -- --config "
+               "examples/configs/tiny_cpu_lst.yaml; without --data-path the steps read a "
+               "synthetic corpus.")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--speech-share", type=float, default=0.33,

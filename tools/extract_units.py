@@ -14,7 +14,6 @@ re-running skips utterances already done. See docs/audio.md for the whole recipe
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from megatron_lst.audio.cli_args import add_corpus_args, add_model_args, resolve_device, run_tool
 from megatron_lst.audio.corpus import CORPUS_READERS, write_mfa_corpus
-from megatron_lst.audio.extract import ExtractConfig, ExtractSummary, extract_units
+from megatron_lst.audio.extract import ExtractConfig, ExtractSummary, extract_units, usable_cpus
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="processes (CPU extraction)")
     group.add_argument("--threads-per-worker", type=int, default=None,
-                       help="torch threads per process (default: CPU cores / workers)")
+                       help="torch threads per process (default: the CPUs this process may use / "
+                            "workers)")
     group.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> ExtractSummary:
         count = write_mfa_corpus(utterances, args.mfa_corpus_dir)
         print(f"wrote the aligner's corpus ({count} utterances) to {args.mfa_corpus_dir}")
     workers = max(1, args.workers)
-    threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    threads = args.threads_per_worker or max(1, usable_cpus() // workers)
     config = ExtractConfig(
         model_dir=str(args.hubert_dir), codebook=str(args.codebook), units_dir=str(args.units_dir),
         layer=args.layer, frame_rate=args.frame_rate, device=device,

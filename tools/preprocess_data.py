@@ -50,28 +50,35 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("input")
     group.add_argument("--input", nargs="+", default=[], metavar="PATH",
                        help="JSONL files (reference-jsonl, text-jsonl), read in the given order")
-    group.add_argument("--input-format", choices=INPUT_FORMATS, required=True)
+    group.add_argument("--input-format", choices=INPUT_FORMATS, required=True,
+                       help="reference-jsonl: the reference's speech-text lines; textgrid: MFA "
+                            "word tiers with unit files; text-jsonl: text-only documents "
+                            "(docs/data.md#input-formats)")
     group.add_argument("--textgrid-dir", type=Path, help="textgrid: MFA output (*.TextGrid)")
     group.add_argument("--units-dir", type=Path,
                        help="textgrid: per-utterance units (.npy or text), matched by path/stem")
-    group.add_argument("--textgrid-tier", default="words")
-    group.add_argument("--json-key", default="text", help="text-jsonl: the text field")
+    group.add_argument("--textgrid-tier", default="words",
+                       help="textgrid: the tier of words to read (default: words)")
+    group.add_argument("--json-key", default="text", help="text-jsonl: the text field (default: text)")
     group = parser.add_argument_group("vocabulary")
     group.add_argument("--tokenizer-model", required=True, type=Path,
                        help="SentencePiece .model or tokenizers tokenizer.json")
-    group.add_argument("--num-units", type=int, default=502, help="speech codebook size")
-    group.add_argument("--frame-rate", type=float, default=25.0, help="unit frames per second")
+    group.add_argument("--num-units", type=int, default=502,
+                       help="speech codebook size (default 502: HuBERT's 500 clusters and 2 spare "
+                            "slots); every dataset of a run needs the same")
+    group.add_argument("--frame-rate", type=float, default=25.0, help="unit frames per second (default 25)")
     group = parser.add_argument_group("output")
     group.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.json")
     group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=1)
+    group.add_argument("--workers", type=int, default=1,
+                       help="parsing processes (default 1; the output is the same for any number)")
     group.add_argument("--chunk-size", type=int, default=64,
-                       help="lines or utterances per worker task")
+                       help="lines or utterances per worker task (default 64)")
     group.add_argument("--skip-bad", action="store_true",
                        help="skip malformed documents and count them instead of stopping")
     group.add_argument("--log-interval", type=int, default=1000,
                        help="when stderr is not a terminal, print a progress line every this "
-                            "many documents (a terminal gets a progress bar)")
+                            "many documents (default 1000; a terminal gets a progress bar)")
     return parser
 
 

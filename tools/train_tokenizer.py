@@ -27,10 +27,16 @@ _NOT_UTF8 = re.compile("[\udc80-\udcff]")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH")
-    parser.add_argument("--input-format", choices=FORMATS, default="text")
-    parser.add_argument("--json-key", default="text", help="text-jsonl: the text field")
-    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="the training text files")
+    parser.add_argument("--input-format", choices=FORMATS, default="text",
+                        help="text: lines of text; text-jsonl: --json-key of each line; "
+                             "reference-jsonl: the words of the reference's speech-text lines (default: "
+                             "text)")
+    parser.add_argument("--json-key", default="text", help="text-jsonl: the text field (default: text)")
+    parser.add_argument("--vocab-size", type=int, default=512,
+                        help="pieces of the tokenizer; one the text cannot reach is refused "
+                             "with the largest it can (default 512)")
     parser.add_argument("--output", required=True, type=Path, help="the .model file to write")
     return parser
 

@@ -36,7 +36,10 @@ def _validated(config: Path, world_size: int):
     from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 
     try:
-        return validate_args(parse_args(["--config", str(config)]), world_size)
+        args = parse_args(["--config", str(config)])
+        # Planning saves nothing (the runs pass --save): no warning about --save-interval.
+        args.save_interval = None
+        return validate_args(args, world_size)
     except ArgumentError as error:
         raise SystemExit(f"plan: {config}: {error}") from None
 
@@ -349,18 +352,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("plan", help="steps for both models under one budget")
-    p.add_argument("--lst-config", type=Path, required=True)
-    p.add_argument("--baseline-config", type=Path, required=True)
-    p.add_argument("--tokenizer-model", required=True)
+    p.add_argument("--lst-config", type=Path, required=True,
+                   help="lst-train YAML of the LST run (examples/configs)")
+    p.add_argument("--baseline-config", type=Path, required=True,
+                   help="lst-train YAML of the token baseline: the same global model and step")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="the runs' tokenizer (its size sets the vocabulary's FLOPs)")
     amount = p.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--budget-flops", type=_positive(float))
-    amount.add_argument("--budget-steps", type=_positive(int))
-    p.add_argument("--control", choices=("compute", "flops", "data"), default="compute")
+    amount.add_argument("--budget-flops", type=_positive(float),
+                        help="total training FLOPs of the baseline, e.g. 1e20")
+    amount.add_argument("--budget-steps", type=_positive(int),
+                        help="training steps of the baseline")
+    p.add_argument("--control", choices=("compute", "flops", "data"), default="compute",
+                   help="what the two runs share: compute (equal steps of equal global "
+                        "positions, the paper's), flops or data (raw tokens) (default: compute)")
     p.add_argument("--tokens-per-patch", type=_positive(float), default=3.1,
-                   help="mean input tokens per LST patch on your data (flops/data control)")
+                   help="mean input tokens per LST patch on your data (flops/data control; "
+                        "default 3.1)")
     p.add_argument("--world-size", type=_positive(int), default=1,
-                   help="processes of the training runs")
-    p.add_argument("--out", type=Path, required=True)
+                   help="processes of the training runs (default 1)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the plan JSON to write (the runs' steps); tools/plan_compute.py's full "
+                        "plan goes beside it (plan.json: plan.plan_compute.json)")
     p.set_defaults(run=plan)
 
     p = commands.add_parser("evaluate", help="story-completion accuracy of a run's checkpoint")

@@ -73,7 +73,10 @@ def _validated_args(preset: StudyPreset, model: ModelSpec, tokenizer: str):
     flags = ["--config", str(model.config_path), *preset.train_flags, *model.flags,
              "--tokenizer-model", tokenizer]
     try:
-        return validate_args(parse_args(flags), world_size=1)
+        args = parse_args(flags)
+        # Planning saves nothing (each run passes its --save): no warning about --save-interval.
+        args.save_interval = None
+        return validate_args(args, world_size=1)
     except ArgumentError as error:
         raise SystemExit(f"study: model {model.name}: {error}") from None
     except SystemExit as error:  # argparse has printed which flag is wrong

@@ -66,14 +66,20 @@ class ModelReport:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "runs" / "demo")
-    parser.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data_cache" / "demo")
-    parser.add_argument("--corpus-scale", type=float, default=1.0)
-    parser.add_argument("--train-iters", type=int, default=3600)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "runs" / "demo",
+                        help="the two runs' save directories, results.json and the plot")
+    parser.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data_cache" / "demo",
+                        help="the demo corpus: built there, or read back from its cache when "
+                             "built with the same settings")
+    parser.add_argument("--corpus-scale", type=float, default=1.0,
+                        help="multiplies the number of training documents of the corpus")
+    parser.add_argument("--train-iters", type=int, default=3600,
+                        help="training steps of each model (the same global positions per step)")
     parser.add_argument("--eval-items", type=int, default=300,
                         help="story-completion items scored per mode (at most the set's size)")
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=1234, help="seed of both runs")
     return parser
 
 

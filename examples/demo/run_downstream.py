@@ -61,16 +61,24 @@ class ModelResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo-dir", type=Path, default=REPO_ROOT / "runs" / "demo")
-    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "runs" / "downstream")
-    parser.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data_cache" / "demo")
-    parser.add_argument("--train-iters", type=int, default=240)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--demo-dir", type=Path, default=REPO_ROOT / "runs" / "demo",
+                        help="`make demo`'s output: the two pretrained checkpoints (the demo "
+                             "runs first when it holds none)")
+    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "runs" / "downstream",
+                        help="the fine-tuning runs, results.json and the WER plot")
+    parser.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data_cache" / "demo",
+                        help="the demo corpus the checkpoints were trained on")
+    parser.add_argument("--train-iters", type=int, default=240,
+                        help="fine-tuning steps of 4 utterances, per model and task")
     parser.add_argument("--curve-points", type=int, default=4,
                         help="saved checkpoints (evenly spaced) the WER curve is measured at")
-    parser.add_argument("--curve-utterances", type=int, default=12)
-    parser.add_argument("--tts-utterances", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--curve-utterances", type=int, default=12,
+                        help="held-out utterances the WER curve decodes at each of them")
+    parser.add_argument("--tts-utterances", type=int, default=12,
+                        help="held-out utterances the TTS models speak")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the fine-tuning runs")
     return parser
 
 

@@ -90,7 +90,8 @@ class ExtractSummary:
     units: int = 0
     wall_seconds: float = 0.0
     cores: int = 1
-    """Worker processes x threads each."""
+    """CPU cores the run had: worker processes x threads each, at most the CPUs this process may
+    use (more threads than cores share them)."""
 
     @property
     def units_per_second(self) -> float:
@@ -103,6 +104,14 @@ class ExtractSummary:
                 f"skipped {self.skipped} already done\n  {self.units_per_second:,.0f} units/s, "
                 f"{self.units_per_second / self.cores:,.0f} units/s per core ({self.cores} "
                 f"cores), {self.audio_seconds / max(self.wall_seconds, 1e-9):.1f}x real time")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and `taskset` cut
+    below `os.cpu_count()`)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def units_path(units_dir: str | Path, utterance_id: str) -> Path:
@@ -290,7 +299,8 @@ def extract_units(utterances: Sequence[Utterance], config: ExtractConfig,
     jobs, skipped = plan_jobs(utterances, config)
     batches = plan_batches(jobs, config.batch_size,
                            int(config.max_batch_seconds * FEATURE_SAMPLE_RATE))
-    summary = ExtractSummary(skipped=skipped, cores=config.workers * config.threads_per_worker)
+    summary = ExtractSummary(skipped=skipped, cores=min(config.workers * config.threads_per_worker,
+                                                        usable_cpus()))
 
     def account(done: list[tuple[Job, int]]) -> None:
         seconds = sum(job.num_samples_16k for job, _ in done) / FEATURE_SAMPLE_RATE

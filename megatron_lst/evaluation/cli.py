@@ -41,10 +41,15 @@ from megatron_lst.training.save_directory import LOCK_FILENAME
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lst-eval", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="lst-eval",
+                                     description="Score a checkpoint on story-completion items "
+                                                 "(accuracy per mode), or, with --task asr|tts, "
+                                                 "decode held-out utterances (WER and CER, or "
+                                                 "the unit edit rate and ASR-CER).",
                                      allow_abbrev=False)
     parser.add_argument("--load", required=True,
-                        help="A training --save directory; its latest complete checkpoint is used.")
+                        help="A training --save directory, whose latest complete checkpoint is "
+                             "used, or one checkpoint directory in it (DIR/iter_0000100).")
     parser.add_argument("--items", nargs="+", default=None,
                         help="Story-completion JSONL files (docs/evaluation.md#the-item-format).")
     parser.add_argument("--task", choices=("asr", "tts"), default=None,
@@ -331,7 +336,9 @@ def _check_asr_reads_the_units(asr_vocab, tts_vocab, args: argparse.Namespace) -
 def build_generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lst-generate", allow_abbrev=False,
                                      description="Continue a text or speech prompt.")
-    parser.add_argument("--load", required=True, help="A training --save directory.")
+    parser.add_argument("--load", required=True,
+                        help="A training --save directory (its latest complete checkpoint) or one "
+                             "checkpoint directory in it (DIR/iter_0000100).")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-text", default=None)
     prompt.add_argument("--prompt-units", default=None,

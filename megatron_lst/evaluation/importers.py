@@ -284,11 +284,17 @@ def import_main(argv: Sequence[str] | None = None) -> int:
     """`lst-import-eval FORMAT INPUT [--units-dir DIR] --output ITEMS.jsonl`."""
     parser = argparse.ArgumentParser(prog="lst-import-eval",
                                      description="Convert a benchmark file to lst-eval items.")
-    parser.add_argument("format", choices=sorted(READERS))
-    parser.add_argument("input")
+    parser.add_argument("format", choices=sorted(READERS),
+                        help="storycloze / topic-storycloze: the StoryCloze CSV columns; "
+                             "hellaswag: HellaSwag JSONL.")
+    parser.add_argument("input", help="The benchmark file.")
     parser.add_argument("--units-dir", default=None,
-                        help="Per-item unit files (see the module docstring); text-only without.")
-    parser.add_argument("--output", required=True)
+                        help="Speech of each item: UNITS_DIR/<item id>/context.units and "
+                             "ending<k>.units (whitespace-separated unit values, or .npy), "
+                             "optionally <name>.align word alignments "
+                             "(docs/evaluation.md#importing-the-public-benchmarks). Without it "
+                             "the items are text-only (T->T).")
+    parser.add_argument("--output", required=True, help="The items JSONL file to write.")
     args = parser.parse_args(argv)
     try:
         _check_output(Path(args.output), Path(args.input), args.units_dir)

@@ -231,7 +231,10 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--transformer-impl", choices=("auto", "local", "transformer_engine"),
                        default="auto",
                        help="Global block layers: Transformer Engine's, megatron.core's local "
-                            "ones, or auto (Transformer Engine when installed).")
+                            "ones, or auto: Transformer Engine where it is installed and CUDA "
+                            "is present, local otherwise. Document masking (--reset-attention-"
+                            "mask, the default) runs on the local spec: auto then picks local, "
+                            "and transformer_engine is refused.")
     group.add_argument("--overlap-grad-reduce", action="store_true",
                        help="Overlap the data-parallel gradient reduction with the backward "
                             "pass (megatron DDP buckets).")

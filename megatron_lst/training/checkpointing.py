@@ -436,6 +436,13 @@ def load_checkpoint(
         vocab.check_same(JointVocab.from_dict(metadata["vocab"]), f"checkpoint {path}")
 
     finetune = bool(getattr(args, "finetune", False))
+    if (optimizer is not None and not finetune and not getattr(args, "no_load_optim", False)
+            and holds_weights_only(metadata)):
+        raise CheckpointError(
+            f"checkpoint {path} holds model weights only (no optimizer state, learning-rate "
+            f"schedule or data position: what lst-convert portable-to-dist writes), so a run "
+            f"cannot resume from it; start training from these weights with --finetune "
+            f"(iteration 0, a new optimizer)")
     if optimizer is not None and not finetune:  # a training run that continues this one
         notes = check_resume_flags(
             metadata["args"], args, ResumePosition(metadata["iteration"], int(
@@ -482,6 +489,13 @@ def load_checkpoint(
         return LoadedCheckpoint(path=path, iteration=0, saved_args=metadata["args"])
     return LoadedCheckpoint(path=path, iteration=metadata["iteration"],
                             extra_state=metadata["extra_state"], saved_args=metadata["args"])
+
+
+def holds_weights_only(metadata: dict[str, Any]) -> bool:
+    """Whether the checkpoint of `metadata` (its `lst_checkpoint.json`) was saved without an
+    optimizer, as `lst-convert portable-to-dist` saves: no schedule and no training position.
+    A training run saves both with every checkpoint."""
+    return metadata["scheduler"] is None and "consumed_samples" not in metadata["extra_state"]
 
 
 def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:

@@ -18,7 +18,10 @@ import sys
 from collections.abc import Sequence
 
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
-from megatron_lst.training.train_logging import configure_console_logging
+from megatron_lst.training.train_logging import (
+    configure_console_logging,
+    note_missing_fused_kernels,
+)
 
 # Nothing here imports torch or megatron.core at import time: saving a dist checkpoint spawns a
 # process that re-imports the entry module (this one, or pretrain_lst.py that imports it), and
@@ -37,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArgumentError as error:
         print(f"lst-train: {error}", file=sys.stderr)
         return 2
+    note_missing_fused_kernels()
     from megatron_lst.checkpoint.errors import CheckpointError
     from megatron_lst.data.dataset import DatasetError
     from megatron_lst.data.documents import DocumentError

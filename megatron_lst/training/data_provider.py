@@ -277,7 +277,7 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
                  training=True)
     valid = None
     if args.eval_iters == 0:  # Megatron-LM's way of training without validation
-        logger.warning("--eval-iters 0: no evaluation")
+        logger.warning("--eval-iters 0: no validation loss")
         valid_sources = []
     else:
         valid_sources = _validation_sources(args, sources, stores)
@@ -306,7 +306,7 @@ def _validation_sources(args: argparse.Namespace,
     whose valid part holds documents (the blend's weights renormalise over them); says which
     datasets are left out, and when nothing is left to validate on."""
     if "valid" not in sources:
-        logger.warning("no --valid-data-path: no evaluation")
+        logger.warning("no --valid-data-path: no validation loss")
         return []
     if args.data_path is None:
         return sources["valid"]
@@ -317,7 +317,7 @@ def _validation_sources(args: argparse.Namespace,
     empty = [prefix for _, prefix in sources["valid"] if valid_documents(prefix) == 0]
     kept = [(weight, prefix) for weight, prefix in sources["valid"] if prefix not in empty]
     if not kept:
-        logger.warning("--split %s leaves no validation documents in any dataset: no evaluation",
+        logger.warning("--split %s leaves no validation documents in any dataset: no validation loss",
                        args.split)
     elif empty:
         logger.warning("--split %s leaves no validation documents in %s (%s): validating on %s",

@@ -252,8 +252,12 @@ def _restore(state: TrainingState) -> None:
     if "flops" in extra:
         state.flops = FlopBreakdown(**{f.name: extra["flops"][f.name.rstrip("_")]
                                        for f in dataclasses.fields(FlopBreakdown)})
-    _print_rank0(f"resumed from {loaded.path} at iteration {state.iteration}, "
-                 f"{state.consumed_samples} samples consumed")
+    if args.finetune:
+        _print_rank0(f"fine-tuning from the weights of {loaded.path}: iteration 0, a new "
+                     f"optimizer and schedule")
+    else:
+        _print_rank0(f"resumed from {loaded.path} at iteration {state.iteration}, "
+                     f"{state.consumed_samples} samples consumed")
 
 
 # --- one iteration ----------------------------------------------------------------------

@@ -37,15 +37,21 @@ QUIET_MEGATRON_LOGGERS = ("megatron.core.datasets.indexed_dataset", "megatron.co
 
 def configure_console_logging(rank: int) -> None:
     """Logging of a training process: rank 0 logs INFO, the other ranks WARNING, each line tagged
-    with the rank; megatron.core's configuration dumps (`QUIET_MEGATRON_LOGGERS`) only at WARNING.
-    Rank 0 says once which optional fused-kernel packages are missing (megatron.core's own
-    warnings about them are filtered in `megatron_lst/__init__.py`)."""
+    with the rank; megatron.core's configuration dumps (`QUIET_MEGATRON_LOGGERS`) only at WARNING."""
     import logging
 
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     for name in QUIET_MEGATRON_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def note_missing_fused_kernels() -> None:
+    """Say once (INFO: rank 0) which optional fused-kernel packages are missing; megatron.core's
+    own warnings about them are filtered in `megatron_lst/__init__.py`. Called once the flags are
+    valid, so that `--help` and a refused flag print nothing else."""
+    import logging
+
     missing = [name for name, module in (("Transformer Engine", "transformer_engine"),
                                          ("Apex", "apex"))
                if importlib.util.find_spec(module) is None]

@@ -222,6 +222,20 @@ def test_units_are_identical_for_any_batch_size_and_worker_count(corpus, units, 
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}: {key}")
 
 
+def test_the_summary_counts_cores_not_oversubscribed_threads(corpus, tmp_path, monkeypatch,
+                                                             capsys):
+    """`--workers 8` on a 2-core machine reported "units/s per core (8 cores)", a quarter of the
+    real per-core rate: threads beyond the CPUs this process may use share them."""
+    import megatron_lst.audio.extract as extract
+
+    monkeypatch.setattr(extract, "usable_cpus", lambda: 2)
+    summary = _extract(corpus, tmp_path / "over", "--threads-per-worker", "6")
+    assert summary.utterances == len(CLIPS) and summary.cores == 2
+    assert "(2 cores)" in capsys.readouterr().out
+    summary = _extract(corpus, tmp_path / "under", "--threads-per-worker", "1")
+    assert summary.cores == 1
+
+
 def test_rerun_resumes_and_refuses_other_settings(corpus, units, tmp_path):
     units_dir = tmp_path / "units"
     shutil.copytree(units, units_dir)

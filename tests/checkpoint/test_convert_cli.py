@@ -218,3 +218,19 @@ def test_our_patching_flags_as_the_reference_data_patcher(flags, patcher_args):
         expected = ({"patching_mode": "aligned"} if flags["patching_mode"] == "aligned" else
                     {"patching_mode": "static", "patch_size": flags["patch_size"]})
         assert reference_patching({}, patcher_args) == expected
+
+
+def test_a_converted_checkpoint_asks_for_its_tokenizer_by_size(tiny_portable, tmp_path, capsys):
+    """A dist checkpoint from portable-to-dist names no tokenizer; lst-eval said it 'was trained
+    without --tokenizer-model', which a converted checkpoint never was."""
+    from megatron_lst.evaluation.cli import eval_main
+
+    dist, items = tmp_path / "dist", tmp_path / "items.jsonl"
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(dist)]) == 0
+    items.write_text(json.dumps({"id": 0, "context": {"text": "a b"}, "label": 0,
+                                 "endings": [{"text": "c"}, {"text": "d"}]}) + "\n")
+    capsys.readouterr()
+    assert eval_main(["--load", str(dist), "--items", str(items)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "names no tokenizer" in last and "lst-convert" in last
+    assert "pass --tokenizer-model with the tokenizer of its vocabulary (58 text pieces)" in last

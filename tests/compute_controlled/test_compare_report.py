@@ -119,10 +119,11 @@ def test_plan_refuses_budgets_that_buy_nothing(tmp_path, capsys, flags, message)
     assert message in capsys.readouterr().err
 
 
-def test_plan_names_what_it_cannot_plan(tmp_path, capfd, small_tokenizer):
+def test_plan_names_what_it_cannot_plan(tmp_path, capfd, caplog, small_tokenizer):
     with pytest.raises(SystemExit, match=r"plan: .*no_such.yaml: --config .*no such file"):
         _plan(tmp_path, small_tokenizer, "--budget-steps", "3", lst_config="no_such.yaml")
     assert _plan(tmp_path, small_tokenizer, "--budget-steps", "3") == 0
+    assert "--save-interval" not in caplog.text  # the runs save, the plan does not
     written = (tmp_path / "plan.json").read_text()
     assert json.loads(written)["steps"] == {"lst": 3, "baseline": 3}
     # A budget below one step: plan_compute.py says why, and the earlier plan stays.

@@ -22,9 +22,12 @@ def _preset(lst_flags=(), train_flags=(), budget_steps=6, controls=("compute",))
         train_flags=tuple(train_flags))
 
 
-def test_a_plannable_preset_plans(corpus):
+def test_a_plannable_preset_plans(corpus, caplog):
     steps, _ = study.plan_steps(_preset(), corpus)
     assert steps == {"compute": {"lst": 6, "baseline": 6}}
+    # The configs' save-interval is for the runs, which pass --save; the plan saves nothing and
+    # warned "--save-interval 30 without --save" for every model.
+    assert "--save-interval" not in caplog.text
 
 
 def test_a_budget_below_one_step_names_the_model(corpus):

@@ -312,3 +312,233 @@ def test_no_file_points_to_a_missing_document():
             if (error := _check_path(link, REPO)) is not None:
                 problems.append(f"{where}: {error}")
     assert not problems, f"files point to documents the repository lacks: {problems}"
+
+
+# --- every fenced command parses with its own command's parser ------------------------------
+
+# Commands shown in fenced blocks that are not ours, or that take no flags of ours.
+FOREIGN_COMMANDS = ("make", "bash", "sbatch", "mfa", "python - <<")
+TORCHRUN_SWITCHES = {"--standalone"}  # torchrun options without a value
+
+
+def _fenced_commands(text: str) -> Iterator[str]:
+    """Every command line of the fenced shell blocks of `text`: continuation lines joined, a
+    `for VAR in A B; do` loop's `$VAR` replaced by its first value."""
+    for match in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.DOTALL | re.MULTILINE):
+        if match.group(1) in ("json", "python"):
+            continue
+        loop_values: dict[str, str] = {}
+        for line in re.sub(r"\\\n\s*", " ", match.group(2)).splitlines():
+            line = line.strip()
+            if loop := re.match(r"for (\w+) in (\S+)", line):
+                loop_values[loop.group(1)] = loop.group(2)
+            for name, value in loop_values.items():
+                line = line.replace(f"${name}", value)
+            if re.match(r"(\w+=\S+ )*(python|lst-|torchrun)", line):
+                yield line
+
+
+def _our_command(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(what runs, its arguments) of a command line, or None for a command not ours."""
+    while argv and re.fullmatch(r"\w+=\S*", argv[0]):  # environment assignments
+        argv = argv[1:]
+    if argv[0] == "torchrun":  # torchrun's options, then the script or `-m module`
+        i = 1
+        while argv[i].startswith("--"):
+            i += 1 if argv[i] in TORCHRUN_SWITCHES or "=" in argv[i] else 2
+        argv = ["python", *argv[i:]]
+    if argv[0].startswith("lst-"):
+        return argv[0], argv[1:]
+    if argv[0] in ("python", "python3"):
+        if argv[1] == "-m":  # our modules only (not pytest, pip, venv)
+            return (argv[2], argv[3:]) if argv[2].startswith("megatron_lst") else None
+        return argv[1], argv[2:]
+    return None
+
+
+def _parse_as_command(command: str, argv: list[str]) -> None:
+    """Parse `argv` with `command`'s own parser; SystemExit (argparse's error) when it fails."""
+    from megatron_lst.checkpoint.cli import build_parser as convert_parser
+    from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
+    from megatron_lst.evaluation.importers import import_main
+    from megatron_lst.training.arguments import ArgumentError
+    from megatron_lst.training.arguments import parse_args as parse_train_args
+
+    def train(args: list[str]) -> None:
+        try:
+            parse_train_args(args)
+        except ArgumentError as error:  # a --config file that does not map onto the flags
+            raise SystemExit(str(error)) from None
+
+    parsers: dict[str, Callable[[list[str]], object]] = {
+        "lst-train": train, "pretrain_lst.py": train,
+        "lst-eval": build_eval_parser().parse_args,
+        "megatron_lst.evaluation.cli": build_eval_parser().parse_args,
+        "megatron_lst.training.cli": train,
+        "lst-generate": build_generate_parser().parse_args,
+        "lst-convert": convert_parser().parse_args,
+        "lst-import-eval": _capture_parser(import_main, []).parse_args,
+    }
+    if command in parsers:
+        parsers[command](argv)
+        return
+    path = REPO / command
+    assert path.suffix == ".py" and path.is_file(), f"no parser known for {command!r}"
+    module = _load_script(path)
+    parser = (module.build_parser() if hasattr(module, "build_parser")
+              else _capture_parser(module.main))
+    if "--" in argv:  # tools/bench_step.py: its own flags, then lst-train's after `--`
+        train(argv[argv.index("--") + 1:])
+        argv = argv[:argv.index("--")]
+    parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_fenced_commands_parse(doc: Path, monkeypatch: pytest.MonkeyPatch):
+    """Every command a fenced block shows is accepted by the parser of the command it runs: each
+    flag belongs to that command (not merely to some parser of the project), its value has the
+    right type and is one of its choices, and the required arguments are there. `--config` files
+    are read from the repository root, as the docs run them."""
+    import contextlib
+    import io
+    import shlex
+
+    monkeypatch.chdir(REPO)
+    problems, parsed = [], 0
+    for line in _fenced_commands(doc.read_text()):
+        if line.startswith(FOREIGN_COMMANDS) or (command := _our_command(
+                shlex.split(line, comments=True))) is None:
+            continue
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                _parse_as_command(*command)
+            parsed += 1
+        except SystemExit as exit_:
+            message = stderr.getvalue().strip().splitlines()[-1:] or [str(exit_.code)]
+            problems.append(f"{line}\n    -> {message[0]}")
+    assert not problems, (f"{doc.relative_to(REPO)} shows commands their parsers refuse:\n"
+                          + "\n".join(problems))
+    if re.search(r"^```bash\n(lst-|python tools/)", doc.read_text(), re.MULTILINE):
+        assert parsed, f"{doc.relative_to(REPO)}: no command of its shell blocks was found"
+
+
+# --- the documented defaults are the parsers' ----------------------------------------------
+
+def _model_field_default(option: str) -> object:
+    """The dataclass default of the model configuration field behind a model flag of lst-train
+    (whose parser default is None, "not given"); None when the field has none."""
+    import dataclasses
+
+    from megatron_lst.models import config
+    from megatron_lst.training.model_flags import MODEL_FLAGS
+
+    classes = {None: config.LSTConfig, "cross_attention": config.CrossAttentionConfig,
+               "documents": config.DocumentMaskingConfig, "global_model": config.GlobalModelConfig,
+               "encoder": config.LocalModelConfig, "decoder": config.LocalModelConfig}
+    flag = next((f for f in MODEL_FLAGS if f.flag == option), None)
+    if flag is None:
+        return None
+    field = next(f for f in dataclasses.fields(classes[flag.part]) if f.name == flag.name)
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _documented_default_matches(cell: str, action: argparse.Action, default: object) -> bool | None:
+    """Whether a table's default cell states `default`; None when the cell is prose (a rule, a
+    derived value) that this check cannot read."""
+    cell = cell.split(" (")[0].strip().strip("`")
+    if cell == "required":
+        return action.required
+    if cell in ("on", "off"):
+        return bool(default) == (cell == "on")
+    if default is None or not re.fullmatch(r"[\w.,+-]+", cell):
+        return None
+    if isinstance(default, list) and len(default) == 1:
+        default = default[0]
+    if isinstance(default, bool):
+        return None
+    if isinstance(default, int | float):
+        try:
+            return float(cell) == float(default)
+        except ValueError:
+            return None
+    return cell == str(default)
+
+
+def _default_tables(text: str) -> Iterator[tuple[str, list[str], str]]:
+    """(the `## ` section, the flags of a row, its default cell) of every `| flag | default |`
+    table row."""
+    section = ""
+    in_table = False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+        if re.match(r"\|\s*flag\s*\|\s*default\s*\|", line):
+            in_table = True
+            continue
+        if not line.startswith("|"):
+            in_table = False
+        elif in_table and "`--" in line:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            yield section, FLAG.findall(cells[0]), cells[1]
+
+
+def test_documented_defaults_are_the_parsers():
+    """The "default" column of the flag tables (docs/training.md: lst-train; docs/evaluation.md:
+    lst-eval, then lst-generate under "Generation") states each parser's default: a literal value,
+    `on` / `off`, or `required`. A model flag of lst-train, which defaults to "not given",
+    is compared with its configuration field's default. Prose defaults ("preset", a rule) are
+    not read."""
+    from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
+    from megatron_lst.training.arguments import build_parser as train_parser
+
+    parsers = {"training.md": lambda section: train_parser(),
+               "evaluation.md": lambda section: (build_generate_parser() if section == "Generation"
+                                                 else build_eval_parser())}
+    wrong, checked = [], 0
+    for page, parser_of in parsers.items():
+        for section, flags, cell in _default_tables((DOCS / page).read_text()):
+            actions = {o: a for a in parser_of(section)._actions for o in a.option_strings}
+            flags = [f for f in flags if not f.startswith("--no-")]  # a switch's negative form
+            values = [v.strip() for v in cell.split(",")] if len(flags) > 1 else [cell]
+            if len(values) != len(flags):
+                values = [cell] * len(flags)  # one value for every flag of the row
+            for flag, value in zip(flags, values, strict=True):
+                action = actions[flag]
+                default = action.default if action.default is not None else (
+                    _model_field_default(flag) if page == "training.md" else None)
+                verdict = _documented_default_matches(value, action, default)
+                checked += verdict is not None
+                if verdict is False:
+                    wrong.append(f"docs/{page} {flag}: documented {value!r}, parser has "
+                                 f"{'required' if action.required else repr(default)}")
+    assert not wrong, "\n".join(wrong)
+    assert checked >= 60, f"only {checked} documented defaults could be read"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _subparsers(sub)
+
+
+def test_help_defaults_are_the_parsers(project_parsers: list[argparse.ArgumentParser]):
+    """A `--help` line that states its default ("(default 512)", "(default: text)") states the
+    parser's: a changed default otherwise leaves the help saying the old one."""
+    wrong, checked = [], 0
+    for parser in project_parsers:
+        for sub in _subparsers(parser):
+            for action in sub._actions:
+                stated = re.search(r"\(default:? ([^;),]+)", action.help or "")
+                if not stated or action.default is None or not action.option_strings:
+                    continue
+                value = stated.group(1).split(":")[0].strip()
+                verdict = _documented_default_matches(value, action, action.default)
+                checked += verdict is not None
+                if verdict is False:
+                    wrong.append(f"{sub.prog} {action.option_strings[0]}: help says {value!r}, "
+                                 f"parser has {action.default!r}")
+    assert not wrong, "\n".join(wrong)
+    assert checked >= 10, f"only {checked} stated defaults could be read"

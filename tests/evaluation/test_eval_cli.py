@@ -525,3 +525,28 @@ def test_a_task_on_more_than_one_process_is_refused(monkeypatch, capsys):
     assert eval_main(["--load", "unused", "--task", "asr", "--utterances", "unused"]) == 2
     assert ("--task decodes on one process; it was started on 2, which would all decode the same "
             "utterances") in capsys.readouterr().err
+
+
+def test_loading_a_checkpoint_prints_no_torch_deprecation_warnings(checkpoint):
+    """Every lst-eval, lst-generate and resume printed six lines of torch's FutureWarnings about
+    the ShardedTensor checkpoint loading megatron.core does, which no user can act on."""
+    import subprocess
+    import sys
+
+    root, items_path, _ = checkpoint
+    run = subprocess.run([sys.executable, "-m", "megatron_lst.evaluation.cli", "--load",
+                          str(root / "save"), "--items", str(items_path), "--modes", "tt"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "T->T: accuracy" in run.stdout
+    assert "Warning" not in run.stderr, run.stderr
+
+
+def test_lst_eval_and_generate_load_one_checkpoint_directory(checkpoint, capsys):
+    """docs/evaluation.md: --load takes a save directory or one checkpoint directory in it."""
+    root, items_path, _ = checkpoint
+    one = root / "save" / "iter_0000003"
+    assert eval_main(["--load", str(one), "--items", str(items_path), "--modes", "tt"]) == 0
+    assert f"checkpoint {one} (iteration 3)" in capsys.readouterr().out
+    assert generate_main(["--load", str(one), "--prompt-text", WORDS[0],
+                          "--max-new-tokens", "2"]) == 0

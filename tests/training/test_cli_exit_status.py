@@ -73,3 +73,17 @@ def test_bad_data_stops_every_rank_with_one_line(tmp_path):
     # it exits by itself (its line above shows it got there).
     codes = re.findall(r"exitcode  : (-?\d+)", output)
     assert "4" in codes and set(codes) <= {"4", "-15"}, output[-3000:]
+
+
+@pytest.mark.parametrize("flags, out, err", [
+    (["--help"], "usage: ", ""),
+    (["--seq-length", "x"], "", "argument --seq-length: invalid int value: 'x'"),
+    (["--seq-length", "8"], "", "lst-train: "),
+])
+def test_help_and_refused_flags_print_no_log_lines(flags, out, err):
+    """`lst-train --help` and every refused flag began with '[rank 0] INFO ... Transformer
+    Engine and Apex not installed', a note for a run that never starts."""
+    run = subprocess.run([*ENTRY, *flags], capture_output=True, text=True, timeout=120)
+    assert run.returncode == (0 if flags == ["--help"] else 2)
+    assert run.stdout.startswith(out) and err in run.stderr
+    assert "[rank 0]" not in run.stdout + run.stderr, run.stderr

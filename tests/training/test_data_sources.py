@@ -60,7 +60,7 @@ def test_train_data_path_alone_means_no_validation(tmp_path, caplog):
     datasets = build_datasets(validate_args(parse_args(flags), 1))
     assert documents(datasets.train) == [("speech", 0, 60)]
     assert datasets.valid is None
-    assert "no --valid-data-path: no evaluation" in caplog.text
+    assert "no --valid-data-path: no validation loss" in caplog.text
 
 
 def test_eval_iters_zero_means_no_validation_as_in_megatron(tmp_path, caplog):
@@ -70,7 +70,7 @@ def test_eval_iters_zero_means_no_validation_as_in_megatron(tmp_path, caplog):
     datasets = build_datasets(validate_args(parse_args(flags), 1))
     assert documents(datasets.train) == [("speech", 0, 54), ("text", 0, 54)]
     assert datasets.valid is None
-    assert "--eval-iters 0: no evaluation" in caplog.text
+    assert "--eval-iters 0: no validation loss" in caplog.text
 
 
 def test_the_vocabulary_carries_the_datasets_tokenizer_digest(tmp_path):
@@ -101,7 +101,7 @@ def test_a_dataset_without_validation_documents_is_left_out_of_validation(tmp_pa
     caplog.clear()
     flags = with_data(tiny_flags(data), "--data-path", str(small))
     assert build_datasets(validate_args(parse_args(flags), 1)).valid is None
-    assert "leaves no validation documents in any dataset: no evaluation" in caplog.text
+    assert "leaves no validation documents in any dataset: no validation loss" in caplog.text
 
 
 def test_each_dataset_is_announced_once_without_the_index_reader_banners(tmp_path, caplog):

@@ -310,3 +310,32 @@ def test_a_resume_between_the_plain_and_the_distributed_optimizer_is_refused_unl
     assert check_resume_flags(saved, fresh_optimizer, AT_ITERATION_10, "c") == []
     same_optimizer = resumed_with(use_distributed_optimizer=saved_distributed)
     assert check_resume_flags(saved, same_optimizer, AT_ITERATION_10, "c") == []
+
+
+@pytest.mark.slow
+def test_a_weights_only_checkpoint_is_refused_for_resuming_and_fine_tunes(tmp_path, capsys):
+    """`lst-convert portable-to-dist` writes weights only; `lst-train --load` of it without
+    `--finetune` ended in megatron's KeyError about the missing optimizer state (a traceback,
+    exit status 1) instead of saying what to pass."""
+    from megatron_lst.checkpoint.cli import main as convert
+    from megatron_lst.training import cli
+
+    flags = tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "2"]
+    trained, portable, weights = tmp_path / "trained", tmp_path / "portable", tmp_path / "weights"
+    assert cli.main(flags + ["--save", str(trained)]) == 0
+    assert convert(["dist-to-portable", "--load", str(trained), "--output", str(portable)]) == 0
+    assert convert(["portable-to-dist", "--portable", str(portable), "--save", str(weights)]) == 0
+    capsys.readouterr()
+    assert cli.main(flags + ["--load", str(weights), "--save", str(tmp_path / "resumed")]) == 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lst-train: ") and "holds model weights only" in last
+    assert "--finetune" in last
+    # A fresh optimizer (--no-load-optim) or --finetune trains from the weights.
+    assert cli.main(flags + ["--load", str(weights), "--no-load-optim",
+                             "--save", str(tmp_path / "fresh")]) == 0
+    capsys.readouterr()
+    assert cli.main(flags + ["--load", str(weights), "--finetune",
+                             "--save", str(tmp_path / "tuned")]) == 0
+    # It said "resumed from ... at iteration 0, 0 samples consumed", as if resuming.
+    assert (f"fine-tuning from the weights of {weights / 'iter_0000000'}: iteration 0, a new "
+            f"optimizer and schedule") in capsys.readouterr().out

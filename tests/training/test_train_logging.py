@@ -202,6 +202,7 @@ def test_console_logging_quiets_megatron_dumps_and_names_missing_packages(caplog
     try:
         with caplog.at_level(logging.INFO):
             train_logging.configure_console_logging(0)
+            train_logging.note_missing_fused_kernels()
             logging.getLogger("megatron.core.distributed.distributed_data_parallel").info(
                 "Setting up DistributedDataParallel with config ...")
             logging.getLogger("megatron.core.datasets.indexed_dataset").info("Load the _IndexReader")
