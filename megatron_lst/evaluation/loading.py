@@ -85,8 +85,8 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
     tokenizer_path = tokenizer_model or args.tokenizer_model
     if tokenizer_path is None:
         raise CheckpointError(f"{path} names no tokenizer (its run had no --tokenizer-model, or "
-                              f"lst-convert wrote it from a portable or reference checkpoint, "
-                              f"which keep none); pass --tokenizer-model with the tokenizer of "
+                              f"lst-convert wrote it from a portable or reference checkpoint "
+                              f"that names none); pass --tokenizer-model with the tokenizer of "
                               f"its vocabulary ({vocab.text_size} text pieces)")
     tokenizer = load_text_tokenizer(tokenizer_path)
     vocab.check_tokenizer(tokenizer, f"checkpoint {path}")  # size, and digest when recorded
