@@ -59,7 +59,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from megatron_lst.data.readers import DocumentError, load_units
-from megatron_lst.evaluation.items import ItemError, text_lines
+from megatron_lst.evaluation.items import ItemError, json_line, lone_surrogate, text_lines
 
 STORYCLOZE_CONTEXT = tuple(f"InputSentence{i}" for i in range(1, 5))
 STORYCLOZE_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
@@ -73,13 +73,7 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ItemError(f"{where}: not a JSON object ({err.msg})") from None
-        except RecursionError:
-            raise ItemError(f"{where}: not a HellaSwag line (JSON nested too deeply to read)"
-                            ) from None
+        row = json_line(line, where, "a HellaSwag line")
         if not isinstance(row, dict):
             raise ItemError(f"{where}: not a JSON object (a {type(row).__name__})")
         parts = [row.get(key) for key in ("ctx", "ctx_a", "ctx_b") if row.get(key) is not None]
@@ -102,6 +96,13 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         if empty:  # written, then refused by lst-eval naming the items file instead
             raise ItemError(f"{where}: endings {empty} have no text; fill them in or leave the "
                             f"line out")
+        for name, text in (("the context", context),
+                           *((f"ending {k}", e) for k, e in enumerate(endings))):
+            bad = lone_surrogate(text)
+            if bad is not None:  # written, then refused by lst-eval naming the items file instead
+                raise ItemError(f"{where}: {name} holds {text[bad]!r} at character {bad}, half "
+                                f"of a UTF-16 surrogate pair and no character; write the "
+                                f"character itself (or both halves of its escape)")
         item_id = row.get("ind", number - 1)
         if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
             raise ItemError(f"{where}: \"ind\" {item_id!r} is not an item id (an integer or a "

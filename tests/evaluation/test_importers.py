@@ -115,6 +115,11 @@ def test_import_errors_name_the_story(tmp_path):
     ({"ctx": ["a"], "endings": ["b", "c"], "label": 0}, "\"ctx\", \"ctx_a\" and \"ctx_b\" must be strings"),
     ({"ctx_a": "a", "ctx_b": 3, "endings": ["b", "c"], "label": 0}, "\"ctx\", .* must be strings"),
     ("[" * 100_000, r"not a HellaSwag line \(JSON nested too deeply"),  # a RecursionError
+    # a ValueError past Python's integer digit limit, and a SentencePiece RuntimeError in lst-eval
+    ('{"ind": ' + "9" * 5000 + ', "ctx": "a", "endings": ["b", "c"], "label": 0}',
+     r"not a HellaSwag line \(it holds an integer of more than \d+ digits"),
+    ({"ctx": "a", "endings": ["b", "c\ud83d"], "label": 0},
+     r"ending 1 holds '\\ud83d' at character 1, half of a UTF-16 surrogate pair"),
     # the ids "None" and "1.5"
     ({"ind": None, "ctx": "a", "endings": ["b", "c"], "label": 0}, "\"ind\" None is not an item id"),
     ({"ind": 1.5, "ctx": "a", "endings": ["b", "c"], "label": 0}, "\"ind\" 1.5 is not an item id"),
