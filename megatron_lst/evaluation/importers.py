@@ -58,7 +58,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from megatron_lst.data.readers import DocumentError, load_units
+from megatron_lst.data.readers import DocumentError, load_units, parse_units_text
 from megatron_lst.evaluation.items import ItemError, json_line, lone_surrogate, text_lines
 
 STORYCLOZE_CONTEXT = tuple(f"InputSentence{i}" for i in range(1, 5))
@@ -237,16 +237,19 @@ def _read_units(base: Path, item_id: str) -> dict:
 
 
 def _unit_values(path: Path, item_id: str) -> list[int]:
-    if path.suffix == ".npy":
-        try:
-            return load_units(path).tolist()
-        except DocumentError as error:
-            raise ItemError(f"item {item_id!r}: {error}") from None
-    text = _read_utf8(path, item_id)
+    """The units of a .npy or .units file, read as training reads units (`int()` took "1_2" for
+    12 and "１２" for 12); an empty file is refused naming it (written, it was refused by
+    lst-eval naming the items file)."""
     try:
-        return [int(u) for u in text.split()]
-    except ValueError:
-        raise ItemError(f"item {item_id!r}: {path} must hold whitespace-separated integers") from None
+        units = (load_units(path) if path.suffix == ".npy"
+                 else parse_units_text(_read_utf8(path, item_id), str(path)))
+    except DocumentError as error:
+        raise ItemError(f"item {item_id!r}: {error}; a unit file holds whitespace-separated "
+                        f"integers") from None
+    if not units.size:
+        raise ItemError(f"item {item_id!r}: {path} holds no units; every context and ending "
+                        f"needs its speech (re-extract it, or import without --units-dir)")
+    return units.tolist()
 
 
 def _read_utf8(path: Path, item_id: str) -> str:

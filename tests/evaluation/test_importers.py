@@ -220,6 +220,13 @@ def test_benchmark_files_with_a_bom_or_unicode_line_separators(tmp_path):
     ("context.align", "caf\xe9 3\n".encode("latin-1"), "context.align is not UTF-8 text"),
     ("ending1.units", b"1 2 \xff", "ending1.units is not UTF-8 text"),
     ("context.align", "cafe 2\xb2\n".encode(), "context.align:1 must be \"word n_units\""),
+    # int() read "2_0" as unit 20 and a full-width "１２" as 12, where training's reader refuses
+    ("ending0.units", b"1 2_0 3", "ending0.units: speech units are not whitespace-separated "
+                                  "integers"),
+    ("context.units", "1 \uff11\uff12 3".encode(), "context.units: speech units are not"),
+    ("ending1.units", b"5.0 1", "ending1.units: speech unit '5.0' is not an integer"),
+    # written as "units": [], then refused by lst-eval naming the items file
+    ("ending1.units", b" \n", "ending1.units holds no units"),
 ])
 def test_bad_unit_files_are_named(tmp_path, capsys, name, content, message):
     """A file that is not UTF-8 was reported as the benchmark CSV; a count of "2²" (digits to
