@@ -132,7 +132,10 @@ def read_storycloze(path: str | Path) -> list[dict]:
     path = Path(path)
     with open(path, encoding="utf-8-sig", newline="") as f:  # a spreadsheet's BOM dropped
         reader = csv.reader(f)
-        header = next(reader, [])
+        try:
+            header = next(reader, [])
+        except csv.Error as error:  # an unclosed quote ran the header past csv's field limit
+            raise ItemError(f"{path}:1: not a CSV header ({error}); check its quotes") from None
         needed = ("InputStoryid", *STORYCLOZE_CONTEXT, *STORYCLOZE_ENDINGS, "AnswerRightEnding")
         missing = [c for c in needed if c not in header]
         if missing:

@@ -256,6 +256,11 @@ def test_storycloze_errors_name_the_line_a_multi_line_row_starts_on(tmp_path):
     cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1,", 's2,"a.' + "x" * 200_000])
     with pytest.raises(ItemError, match=r"cloze.csv:3: not a CSV row \(field larger than"):
         read_storycloze(cloze)
+    # The same in the header was a csv.Error traceback.
+    header = tmp_path / "header.csv"
+    header.write_text('"InputStoryid,' + "x" * 200_000 + "\n")
+    with pytest.raises(ItemError, match=r"header.csv:1: not a CSV header \(field larger than"):
+        read_storycloze(header)
     [record] = read_storycloze(write_cloze(tmp_path / "ok.csv", ['s1,"a.\nb.",b.,c.,d.,e.,f.,2,']))
     assert record["context"]["text"] == "a.\nb. b. c. d." and record["label"] == 1
 
