@@ -368,7 +368,7 @@ def _unit_prompt(text: str) -> list[int]:
     """The unit values of --prompt-units: inline, or @FILE (whitespace-separated values, or the
     .npy array tools/extract_units.py writes)."""
     from megatron_lst.data.documents import DocumentError
-    from megatron_lst.data.readers import load_units
+    from megatron_lst.data.readers import load_units, parse_units_text
 
     if text.startswith("@"):
         try:
@@ -379,11 +379,10 @@ def _unit_prompt(text: str) -> list[int]:
         except DocumentError as error:  # not UTF-8 or .npy, or not integers; names the file
             raise ValueError(f"--prompt-units {text}: {error}") from None
     else:
-        try:
-            units = [int(u) for u in text.split()]
-        except ValueError as error:
-            raise ValueError(f"--prompt-units: {error}; give whitespace-separated integer unit "
-                             "values") from None
+        try:  # as a units file is read: int() took "2_0" for 20 and full-width digits for ASCII
+            units = parse_units_text(text, "--prompt-units").tolist()
+        except DocumentError as error:
+            raise ValueError(f"{error}; give whitespace-separated integer unit values") from None
     if not units:
         raise ValueError(f"--prompt-units {text!r} holds no units; give the units to continue")
     return units

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from megatron_lst.data.interleave import InterleavedDocument
+from megatron_lst.evaluation.items import lone_surrogate
 from megatron_lst.patching import PatchingConfig, static_patch_lengths
 from megatron_lst.tokenizer.vocab import JointVocab
 
@@ -132,6 +133,11 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
         # Without pieces the model would run on from BOS and a marker alone.
         if not text.strip():
             raise GenerationError(f"the text prompt {text!r} is empty; give the text to continue")
+        bad = lone_surrogate(text)
+        if bad is not None:  # the tokenizer raised a RuntimeError naming no input
+            raise GenerationError(f"the text prompt holds {text[bad]!r} at character {bad}, a "
+                                  f"byte that is not UTF-8 (or half a surrogate pair), which no "
+                                  f"tokenizer encodes; give UTF-8 text")
         pieces = tokenizer.encode(text)
         if not pieces:
             raise GenerationError(f"the tokenizer turns the text prompt {text!r} into no pieces; "

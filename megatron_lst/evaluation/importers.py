@@ -58,8 +58,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from megatron_lst.data.readers import DocumentError, load_units
-from megatron_lst.evaluation.items import ItemError, text_lines
+from megatron_lst.data.readers import DocumentError, load_units, parse_units_text
+from megatron_lst.evaluation.items import ItemError, json_line, lone_surrogate, text_lines
 
 STORYCLOZE_CONTEXT = tuple(f"InputSentence{i}" for i in range(1, 5))
 STORYCLOZE_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
@@ -73,13 +73,7 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ItemError(f"{where}: not a JSON object ({err.msg})") from None
-        except RecursionError:
-            raise ItemError(f"{where}: not a HellaSwag line (JSON nested too deeply to read)"
-                            ) from None
+        row = json_line(line, where, "a HellaSwag line")
         if not isinstance(row, dict):
             raise ItemError(f"{where}: not a JSON object (a {type(row).__name__})")
         parts = [row.get(key) for key in ("ctx", "ctx_a", "ctx_b") if row.get(key) is not None]
@@ -102,6 +96,13 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         if empty:  # written, then refused by lst-eval naming the items file instead
             raise ItemError(f"{where}: endings {empty} have no text; fill them in or leave the "
                             f"line out")
+        for name, text in (("the context", context),
+                           *((f"ending {k}", e) for k, e in enumerate(endings))):
+            bad = lone_surrogate(text)
+            if bad is not None:  # written, then refused by lst-eval naming the items file instead
+                raise ItemError(f"{where}: {name} holds {text[bad]!r} at character {bad}, half "
+                                f"of a UTF-16 surrogate pair and no character; write the "
+                                f"character itself (or both halves of its escape)")
         item_id = row.get("ind", number - 1)
         if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
             raise ItemError(f"{where}: \"ind\" {item_id!r} is not an item id (an integer or a "
@@ -131,7 +132,10 @@ def read_storycloze(path: str | Path) -> list[dict]:
     path = Path(path)
     with open(path, encoding="utf-8-sig", newline="") as f:  # a spreadsheet's BOM dropped
         reader = csv.reader(f)
-        header = next(reader, [])
+        try:
+            header = next(reader, [])
+        except csv.Error as error:  # an unclosed quote ran the header past csv's field limit
+            raise ItemError(f"{path}:1: not a CSV header ({error}); check its quotes") from None
         needed = ("InputStoryid", *STORYCLOZE_CONTEXT, *STORYCLOZE_ENDINGS, "AnswerRightEnding")
         missing = [c for c in needed if c not in header]
         if missing:
@@ -236,16 +240,19 @@ def _read_units(base: Path, item_id: str) -> dict:
 
 
 def _unit_values(path: Path, item_id: str) -> list[int]:
-    if path.suffix == ".npy":
-        try:
-            return load_units(path).tolist()
-        except DocumentError as error:
-            raise ItemError(f"item {item_id!r}: {error}") from None
-    text = _read_utf8(path, item_id)
+    """The units of a .npy or .units file, read as training reads units (`int()` took "1_2" for
+    12 and "１２" for 12); an empty file is refused naming it (written, it was refused by
+    lst-eval naming the items file)."""
     try:
-        return [int(u) for u in text.split()]
-    except ValueError:
-        raise ItemError(f"item {item_id!r}: {path} must hold whitespace-separated integers") from None
+        units = (load_units(path) if path.suffix == ".npy"
+                 else parse_units_text(_read_utf8(path, item_id), str(path)))
+    except DocumentError as error:
+        raise ItemError(f"item {item_id!r}: {error}; a unit file holds whitespace-separated "
+                        f"integers") from None
+    if not units.size:
+        raise ItemError(f"item {item_id!r}: {path} holds no units; every context and ending "
+                        f"needs its speech (re-extract it, or import without --units-dir)")
+    return units.tolist()
 
 
 def _read_utf8(path: Path, item_id: str) -> str:

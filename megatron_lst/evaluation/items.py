@@ -22,6 +22,7 @@ call it before any scoring).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,13 +91,7 @@ def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> 
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ItemError(f"{where}: not a JSON object ({err.msg} at column {err.colno})") from None
-        except RecursionError:
-            raise ItemError(f"{where}: not an item (JSON nested too deeply to read)") from None
-        item = item_from_record(record, tokenizer, vocab, where)
+        item = item_from_record(json_line(line, where, "an item"), tokenizer, vocab, where)
         if item.id in seen:
             raise ItemError(f"{item.describe()}: id already used at {seen[item.id]}; ids must be "
                             f"unique")
@@ -113,6 +108,21 @@ def text_lines(path: Path) -> list[str]:
     only: a JSON string may hold U+2028, U+0085 and the other characters `str.splitlines` also
     splits at, so line numbers stay an editor's."""
     return path.read_text(encoding="utf-8-sig").split("\n")
+
+
+def json_line(line: str, where: str, what: str) -> object:
+    """The JSON value of one line of a JSONL file; an ItemError naming `where` (file:line) when
+    the line is not JSON or is JSON that Python refuses to read as `what`."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ItemError(f"{where}: not a JSON object ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise ItemError(f"{where}: not {what} (JSON nested too deeply to read)") from None
+    except ValueError:  # an integer literal past Python's digit limit: no field takes one
+        raise ItemError(f"{where}: not {what} (it holds an integer of more than "
+                        f"{sys.get_int_max_str_digits()} digits, which no field takes); fix "
+                        f"that line") from None
 
 
 def item_from_record(record: dict, tokenizer: PieceEncoder, vocab: JointVocab,
@@ -149,6 +159,11 @@ def _utterance(record: dict, tokenizer: PieceEncoder, vocab: JointVocab, where: 
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ItemError(f"{where}: \"text\" is missing or empty")
+    bad = lone_surrogate(text)
+    if bad is not None:
+        raise ItemError(f"{where}: \"text\" holds {text[bad]!r} at character {bad}, half of a "
+                        f"UTF-16 surrogate pair and no character; write the character itself "
+                        f"(or both halves of its escape)")
     text_ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
     if not text_ids.size:  # an ending of no pieces has no score (0 / 0 tokens per token)
         raise ItemError(f"{where}: the tokenizer turns \"text\" {text!r} into no pieces; write "
@@ -165,6 +180,17 @@ def _utterance(record: dict, tokenizer: PieceEncoder, vocab: JointVocab, where: 
     elif record.get("segments") is not None:
         raise ItemError(f"{where}: has \"segments\" but no \"units\"")
     return Utterance(text, text_ids, units, segment_units, segment_is_silence)
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate in `text` (a JSON escape such as "\\ud83d" without its
+    other half, or a byte that was not UTF-8 in a command line), which no tokenizer can encode;
+    None when every character is one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
 
 
 def _units(values, vocab: JointVocab, where: str) -> np.ndarray:

@@ -299,7 +299,11 @@ def test_a_tensor_parallel_size_the_model_does_not_split_into_is_refused_before_
     (eval_main, ["--items", "ITEMS", "--tokenizer-model", "MISSING"], "tokenizer not found"),
     (generate_main, ["--prompt-text", "the", "--tokenizer-model", "MISSING"], "tokenizer not found"),
     (generate_main, ["--prompt-units", "@MISSING"], "--prompt-units @"),
-    (generate_main, ["--prompt-units", "3 x"], "--prompt-units: invalid literal for int()"),
+    (generate_main, ["--prompt-units", "3 x"], "--prompt-units: speech unit 'x' is not an "
+                                                "integer; give whitespace-separated integer"),
+    # int() read "2_0" as unit 20
+    (generate_main, ["--prompt-units", "3 2_0"], "--prompt-units: speech units are not "
+                                                 "whitespace-separated integers"),
     # "'utf-8' codec can't decode byte 0x93", naming no file
     (generate_main, ["--prompt-units", "@BINARY"], "--prompt-units @BINARY: BINARY: not a text "
                                                    "file of units"),
@@ -309,7 +313,8 @@ def test_a_tensor_parallel_size_the_model_does_not_split_into_is_refused_before_
     # Generated from BOS and a marker alone, as if prompted
     (generate_main, ["--prompt-units", "@EMPTY"], "--prompt-units '@EMPTY' holds no units"),
     (generate_main, ["--prompt-text", " "], "the text prompt ' ' is empty"),
-], ids=["eval-tokenizer", "generate-tokenizer", "units-file", "units-value", "units-binary",
+], ids=["eval-tokenizer", "generate-tokenizer", "units-file", "units-value",
+        "units-underscore", "units-binary",
         "temperature", "prompt-too-long", "units-empty", "text-empty"])
 def test_bad_inputs_found_after_loading_are_one_line(checkpoint, tmp_path, capsys, main, flags,
                                                      message):

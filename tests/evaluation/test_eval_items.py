@@ -70,6 +70,10 @@ BAD_ITEMS = {
         lambda r: r["context"].update(units=[1, 2], segments=[["w", 2**62]] * 4 + [["x", 2]]),
         f"context: segments cover {2**64 + 2} units but \"units\" has 2"),
     "empty text": (lambda r: r["endings"][0].update(text=" "), 'ending 0: "text" is missing'),
+    # SentencePiece raised a RuntimeError naming neither the file nor the item.
+    "lone surrogate in text": (lambda r: r["endings"][1].update(text="the \ud83d dog"),
+                               "ending 1: \"text\" holds '\\ud83d' at character 4, half of a "
+                               "UTF-16 surrogate pair"),
     "units on some parts only": (lambda r: r["endings"][0].pop("units") and
                                  r["endings"][0].pop("segments"), "some parts have \"units\""),
 }
@@ -101,6 +105,11 @@ def test_bad_json_and_duplicate_ids_name_the_line(tmp_path):
         load_items(path, tokenizer(), vocab())
     path = write(tmp_path, random_records(3, 1) + ["[" * 100_000])  # RecursionError
     with pytest.raises(ItemError, match=rf"{path}:2: not an item \(JSON nested too deeply"):
+        load_items(path, tokenizer(), vocab())
+    # json.loads raised a ValueError naming no line on an integer past Python's digit limit.
+    path = write(tmp_path, random_records(3, 1) + ['{"id": "x", "label": ' + "1" * 5000 + "}"])
+    with pytest.raises(ItemError, match=rf"{path}:2: not an item \(it holds an integer of more "
+                                        rf"than \d+ digits"):
         load_items(path, tokenizer(), vocab())
     path = write(tmp_path, random_records(3, 1) * 2)
     with pytest.raises(ItemError, match=r"id already used at .*items.jsonl:1"):

@@ -186,6 +186,11 @@ def test_prompts_and_speech_only_sampling(models):
             build_prompt(tv, tok, text=text)
     with pytest.raises(GenerationError, match="the tokenizer turns the text prompt 'x' into no"):
         build_prompt(tv, SimpleNamespace(encode=lambda text: []), text="x")
+    # A byte that is not UTF-8 on the command line reaches argv as a lone surrogate: SentencePiece
+    # raised a RuntimeError naming no input.
+    with pytest.raises(GenerationError, match=r"the text prompt holds '\\udcff' at character 4, "
+                                              r"a byte that is not UTF-8"):
+        build_prompt(tv, tok, text="the \udcff dog")
     with pytest.raises(GenerationError, match="the unit prompt holds no units"):
         build_prompt(v, units=np.zeros(0, np.int64))
     speech = generate(models["lst"], prompts()["text to speech"], v, STATIC,

@@ -115,6 +115,11 @@ def test_import_errors_name_the_story(tmp_path):
     ({"ctx": ["a"], "endings": ["b", "c"], "label": 0}, "\"ctx\", \"ctx_a\" and \"ctx_b\" must be strings"),
     ({"ctx_a": "a", "ctx_b": 3, "endings": ["b", "c"], "label": 0}, "\"ctx\", .* must be strings"),
     ("[" * 100_000, r"not a HellaSwag line \(JSON nested too deeply"),  # a RecursionError
+    # a ValueError past Python's integer digit limit, and a SentencePiece RuntimeError in lst-eval
+    ('{"ind": ' + "9" * 5000 + ', "ctx": "a", "endings": ["b", "c"], "label": 0}',
+     r"not a HellaSwag line \(it holds an integer of more than \d+ digits"),
+    ({"ctx": "a", "endings": ["b", "c\ud83d"], "label": 0},
+     r"ending 1 holds '\\ud83d' at character 1, half of a UTF-16 surrogate pair"),
     # the ids "None" and "1.5"
     ({"ind": None, "ctx": "a", "endings": ["b", "c"], "label": 0}, "\"ind\" None is not an item id"),
     ({"ind": 1.5, "ctx": "a", "endings": ["b", "c"], "label": 0}, "\"ind\" 1.5 is not an item id"),
@@ -215,6 +220,13 @@ def test_benchmark_files_with_a_bom_or_unicode_line_separators(tmp_path):
     ("context.align", "caf\xe9 3\n".encode("latin-1"), "context.align is not UTF-8 text"),
     ("ending1.units", b"1 2 \xff", "ending1.units is not UTF-8 text"),
     ("context.align", "cafe 2\xb2\n".encode(), "context.align:1 must be \"word n_units\""),
+    # int() read "2_0" as unit 20 and a full-width "１２" as 12, where training's reader refuses
+    ("ending0.units", b"1 2_0 3", "ending0.units: speech units are not whitespace-separated "
+                                  "integers"),
+    ("context.units", "1 \uff11\uff12 3".encode(), "context.units: speech units are not"),
+    ("ending1.units", b"5.0 1", "ending1.units: speech unit '5.0' is not an integer"),
+    # written as "units": [], then refused by lst-eval naming the items file
+    ("ending1.units", b" \n", "ending1.units holds no units"),
 ])
 def test_bad_unit_files_are_named(tmp_path, capsys, name, content, message):
     """A file that is not UTF-8 was reported as the benchmark CSV; a count of "2²" (digits to
@@ -244,6 +256,11 @@ def test_storycloze_errors_name_the_line_a_multi_line_row_starts_on(tmp_path):
     cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1,", 's2,"a.' + "x" * 200_000])
     with pytest.raises(ItemError, match=r"cloze.csv:3: not a CSV row \(field larger than"):
         read_storycloze(cloze)
+    # The same in the header was a csv.Error traceback.
+    header = tmp_path / "header.csv"
+    header.write_text('"InputStoryid,' + "x" * 200_000 + "\n")
+    with pytest.raises(ItemError, match=r"header.csv:1: not a CSV header \(field larger than"):
+        read_storycloze(header)
     [record] = read_storycloze(write_cloze(tmp_path / "ok.csv", ['s1,"a.\nb.",b.,c.,d.,e.,f.,2,']))
     assert record["context"]["text"] == "a.\nb. b. c. d." and record["label"] == 1
 

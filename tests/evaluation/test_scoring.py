@@ -146,6 +146,20 @@ def test_scores_are_deterministic_and_independent_of_batching(items, models, kin
     np.testing.assert_array_equal(first.item_offsets, [0, 2, 4, 6, 8, 10, 14, 18])
 
 
+@pytest.mark.parametrize("kind,patcher", [("lst", STATIC), ("lst", ALIGNED), ("baseline", STATIC)],
+                         ids=["lst-static", "lst-aligned", "baseline"])
+def test_padding_never_changes_a_score_in_any_mode(items, models, kind, patcher):
+    """Ragged items (contexts of 14-40 units, 2 or 4 endings) in batches of 3 that split them:
+    each row is padded to the longest of its batch, and every score equals the row scored
+    alone."""
+    for mode in MODES:
+        batched = score_items([models[kind]], items, vocab(), patcher, mode, batch_size=3)
+        alone = score_items([models[kind]], items, vocab(), patcher, mode, batch_size=1)
+        np.testing.assert_allclose(batched.logprob, alone.logprob, rtol=1e-5, atol=1e-4,
+                                   err_msg=mode)
+        np.testing.assert_array_equal(batched.num_tokens, alone.num_tokens, err_msg=mode)
+
+
 @pytest.mark.parametrize("kind", ["lst", "baseline"])
 def test_document_rules_leave_the_scores_of_one_document_sequences(items, models, kind):
     """lst-eval scores one document per sequence (no EOS; padding is the pad id): a model with
