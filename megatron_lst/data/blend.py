@@ -45,7 +45,8 @@ def _refuse_repeated_prefixes(pairs: list[tuple[float | None, str]]) -> None:
         first_of[key] = (weight, prefix)
 
 
-def _is_number(text: str) -> bool:
+def is_weight(text: str) -> bool:
+    """Whether a `--data-path` value reads as a weight (a number), not a prefix."""
     try:
         float(text)
     except ValueError:
@@ -63,7 +64,7 @@ def parse_data_path(args: Sequence[str]) -> list[tuple[float | None, str]]:
         raise DatasetError("--data-path is empty; give a prefix, or weight-prefix pairs W1 P1 W2 P2")
     if len(args) == 1:
         return [(1.0, args[0])]
-    if not any(_is_number(arg) for arg in args):
+    if not any(is_weight(arg) for arg in args):
         pairs: list[tuple[float | None, str]] = [(None, prefix) for prefix in args]
         _refuse_repeated_prefixes(pairs)
         return pairs

@@ -440,12 +440,13 @@ def validate_data(args: argparse.Namespace) -> None:
 def _check_data_path(data_path: Sequence[str], flag: str) -> None:
     """One prefix, weight-prefix pairs, or prefixes without weights (blended by their sizes, as
     Megatron-LM blends them); a list of prefixes with some numbers among them is refused."""
+    from megatron_lst.data.blend import is_weight, parse_data_path
+    from megatron_lst.data.dataset import DatasetError
+
     if not data_path:
         raise ArgumentError(f"{flag} needs at least one dataset prefix")
-    if len(data_path) > 1 and any(_is_number(p) for p in data_path):
+    if len(data_path) > 1 and any(is_weight(p) for p in data_path):
         _check_weights(data_path, flag)
-    from megatron_lst.data.blend import parse_data_path
-    from megatron_lst.data.dataset import DatasetError
 
     try:  # a prefix named twice, before any data is read (exit status 2, not 4)
         parse_data_path(data_path)
@@ -482,14 +483,6 @@ def _check_split(split: str) -> None:
         split_bounds(split, 1)
     except DatasetError as err:
         raise ArgumentError(str(err)) from None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def validate_precision(args: argparse.Namespace) -> None:
