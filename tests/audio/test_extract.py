@@ -45,14 +45,22 @@ def _waves() -> list[np.ndarray]:
     return [tone(16000, seconds, seed) for seed, seconds in enumerate([1.37, 0.52, 2.01, 0.9])]
 
 
+def _model_input(wave: np.ndarray, normalize: bool) -> torch.Tensor:
+    """[1, n]: what Hugging Face's feature extractor hands the model."""
+    extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=normalize)
+    return extractor(wave, sampling_rate=16000, return_tensors="pt").input_values
+
+
 def test_layer_features_match_the_models_hidden_states(hubert_dir):
     model = transformers.HubertModel.from_pretrained(hubert_dir, use_kernels=False).eval()
     waves = _waves()
+    # HuBERT large (layer-norm encoder) was pre-trained on normalised waveforms, base was not.
+    normalize = model.config.feat_extract_norm == "layer"
     for layer in (0, 1, 2):
         features = HubertFeatures(hubert_dir, layer=layer, frame_rate=50)  # 50 Hz: no pooling
         for wave, got in zip(waves, features.batch(waves), strict=True):
             with torch.inference_mode():
-                want = model(torch.from_numpy(wave)[None], output_hidden_states=True
+                want = model(_model_input(wave, normalize), output_hidden_states=True
                              ).hidden_states[layer][0].numpy()  # [T, D]
             assert len(got) == len(wave) // 320 and len(want) in (len(got), len(got) - 1)
             np.testing.assert_allclose(got[:len(want)], want, atol=2e-5, rtol=0)
@@ -73,6 +81,28 @@ def test_padding_does_not_change_features_and_frames_average_to_25_hz(hubert_dir
     units = len(waves[0]) // 640
     np.testing.assert_allclose(batched[0], native[:2 * units].reshape(units, 2, -1).mean(1),
                                atol=2e-5, rtol=0)
+
+
+def test_input_normalisation_follows_the_preprocessor_config(tmp_path, hubert_dir):
+    """A layer-norm HuBERT (large) given raw waveforms computed features of input it never saw
+    in training; `preprocessor_config.json` says what the model takes when it is there."""
+    model = transformers.HubertModel.from_pretrained(hubert_dir, use_kernels=False).eval()
+    wave = 0.01 + 0.2 * tone(16000, 1.1, seed=7)  # an offset and a scale normalisation undoes
+    for do_normalize in (True, False):
+        directory = tmp_path / f"normalize_{do_normalize}"
+        shutil.copytree(hubert_dir, directory)
+        transformers.Wav2Vec2FeatureExtractor(do_normalize=do_normalize).save_pretrained(directory)
+        got = HubertFeatures(directory, layer=2, frame_rate=50)(wave)
+        with torch.inference_mode():
+            want = model(_model_input(wave, do_normalize), output_hidden_states=True
+                         ).hidden_states[2][0].numpy()
+        np.testing.assert_allclose(got[:len(want)], want, atol=2e-5, rtol=0)
+    if model.config.feat_extract_norm == "layer":  # where the two inputs give other features
+        raw = HubertFeatures(tmp_path / "normalize_False", layer=2)(wave)
+        assert np.abs(HubertFeatures(hubert_dir, layer=2)(wave) - raw).max() > 1e-2
+    (tmp_path / "normalize_True" / "preprocessor_config.json").write_text('{"do_normalize": 1}')
+    with pytest.raises(ValueError, match="preprocessor_config.json: expected a JSON object"):
+        HubertFeatures(tmp_path / "normalize_True", layer=2)
 
 
 def test_bad_model_arguments_name_the_fix(tmp_path, hubert_dir):
