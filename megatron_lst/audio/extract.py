@@ -186,13 +186,24 @@ def _read_units_record(path: Path) -> dict:
 
 
 def make_jobs(utterances: Sequence[Utterance], frame_rate: int = UNIT_FRAME_RATE) -> list[Job]:
-    """One job per utterance, sized from the audio file headers (no samples are read)."""
+    """One job per utterance, sized from the audio file headers (no samples are read). Refuses
+    audio shorter than one unit frame, naming every such file: it would give an empty unit file
+    (an empty or cut-off recording, seen as an utterance that was extracted)."""
     samples_per_unit = FEATURE_SAMPLE_RATE // frame_rate
     jobs = []
     for utterance in utterances:
         info: AudioInfo = audio_info(utterance.audio)
         jobs.append(Job(utterance.id, str(utterance.audio), info.num_samples_16k,
                         info.num_samples_16k // samples_per_unit))
+    empty = [job for job in jobs if job.num_units == 0]
+    if empty:
+        shown = ", ".join(f"{job.audio} ({job.num_samples_16k / FEATURE_SAMPLE_RATE * 1000:.0f} ms)"
+                          for job in empty[:5])
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise AudioError(f"{len(empty)} audio file(s) are shorter than one unit frame "
+                         f"({1000 / frame_rate:g} ms at {frame_rate} Hz), so they would give no "
+                         f"units: {shown}{more}; they are empty or cut off: leave them out of "
+                         f"the corpus (or re-export them from their source)")
     return jobs
 
 

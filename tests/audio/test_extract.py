@@ -497,3 +497,31 @@ def test_audio_changed_during_the_run_is_named_not_a_crash(corpus, tmp_path):
     with pytest.raises(AudioError, match=r"utt5\.wav: read 48000 samples .* promised 10560 "
                                          r"\(16 units\) when the run began"):
         extract_units(read_tsv(copy / "list.tsv"), config, progress=copy_goes_on)
+
+
+def test_audio_shorter_than_one_unit_frame_is_named_not_an_empty_unit_file(corpus, tmp_path):
+    """A zero-length or cut-off recording gave an empty unit file, counted as extracted, and a
+    re-run skipped it as complete."""
+    from megatron_lst.audio.audio_io import AudioError, write_wav
+
+    root, hubert, codebook = corpus
+    audio = tmp_path / "audio"
+    shutil.copytree(root / "audio", audio)
+    write_wav(audio / "empty.wav", np.zeros(0), 16000)
+    write_wav(audio / "spk0" / "click.wav", tone(44100, 0.035, seed=3), 44100)  # 35 ms < 40 ms
+    write_wav(audio / "spk1" / "unit.wav", tone(8000, 0.04, seed=4), 8000)  # one unit: kept
+    flags = ["--input-format", "audio-dir", "--hubert-dir", str(hubert), "--layer", "2",
+             "--codebook", str(codebook), "--device", "cpu", "--no-progress"]
+    units_dir = tmp_path / "units"
+    with pytest.raises(AudioError, match=r"^2 audio file\(s\) are shorter than one unit frame "
+                                         r"\(40 ms at 25 Hz\).*empty\.wav \(0 ms\), .*click\.wav "
+                                         r"\(35 ms\); .*leave them out"):
+        load_tool("extract_units").main(["--input", str(audio), "--units-dir", str(units_dir),
+                                         *flags])
+    assert not list(units_dir.rglob("*.npy"))
+    (audio / "empty.wav").unlink()
+    (audio / "spk0" / "click.wav").unlink()
+    summary = load_tool("extract_units").main(["--input", str(audio), "--units-dir",
+                                               str(units_dir), *flags])
+    assert summary.utterances == len(CLIPS) + 1
+    assert len(np.load(units_dir / "spk1" / "unit.npy")) == 1
