@@ -34,9 +34,8 @@ from megatron_lst.audio.audio_io import AudioError, AudioInfo, audio_info, load_
 from megatron_lst.audio.codebook import CodebookError, codebook_metadata, load_codebook
 from megatron_lst.audio.corpus import Utterance
 from megatron_lst.audio.hubert import HubertFeatures, load_transformers
+from megatron_lst.audio.units_record import UNITS_RECORD, read_units_record
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE, KMeansCodebook
-
-UNITS_RECORD = "units.json"
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
         raise ValueError(f"--units-dir {config.units_dir} is a file; pass a folder (it is created "
                          f"when missing)")
     if path.is_file():
-        previous = _read_units_record(path)
+        previous = read_units_record(path)
         changed = {k: (previous.get(k), v) for k, v in record.items() if previous.get(k) != v}
         if changed:
             raise ValueError(f"{config.units_dir} holds units made with other settings "
@@ -172,17 +171,6 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(record, indent=2) + "\n")
     partial.replace(path)
-
-
-def _read_units_record(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        record = None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path} is damaged, so the settings of the units beside it are unknown; "
-                         f"write to a new --units-dir, or delete the old units and {path.name}")
-    return record
 
 
 def make_jobs(utterances: Sequence[Utterance], frame_rate: int = UNIT_FRAME_RATE) -> list[Job]:

@@ -525,3 +525,23 @@ def test_audio_shorter_than_one_unit_frame_is_named_not_an_empty_unit_file(corpu
                                                str(units_dir), *flags])
     assert summary.utterances == len(CLIPS) + 1
     assert len(np.load(units_dir / "spk1" / "unit.npy")) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-units", "7"], r"come from a codebook of 8 units \(.*units\.json\), more than "
+                           r"--num-units 7 holds; pass --num-units 8"),
+    (["--num-units", "8", "--frame-rate", "50"], r"at 25 Hz \(.*units\.json\), not --frame-rate "
+                                                 r"50; pass --frame-rate 25"),
+])
+def test_preprocessing_units_with_a_smaller_vocabulary_or_another_rate_is_refused(
+        units, tmp_path, flags, message):
+    """A codebook larger than --num-units showed only in the utterances that happened to use a
+    unit past the vocabulary: each one refused, or under --skip-bad silently dropped."""
+    tokenizer = tmp_path / "spm.model"
+    tokenizer.write_bytes(b"never read: the check comes first")
+    # A subfolder of the --units-dir of the extraction: the record is found above it.
+    with pytest.raises(SystemExit, match=message):
+        load_tool("preprocess_data").main([
+            "--input-format", "textgrid", "--textgrid-dir", str(tmp_path), "--units-dir",
+            str(units / "audio"), "--tokenizer-model", str(tokenizer),
+            "--output-prefix", str(tmp_path / "out"), *flags])
