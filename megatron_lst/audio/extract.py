@@ -175,14 +175,25 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
 
 def make_jobs(utterances: Sequence[Utterance], frame_rate: int = UNIT_FRAME_RATE) -> list[Job]:
     """One job per utterance, sized from the audio file headers (no samples are read). Refuses
-    audio shorter than one unit frame, naming every such file: it would give an empty unit file
-    (an empty or cut-off recording, seen as an utterance that was extracted)."""
+    unreadable audio, naming the first five such files and their count, and audio shorter than
+    one unit frame, likewise: it would give an empty unit file (an empty or cut-off recording,
+    seen as an utterance that was extracted)."""
     samples_per_unit = FEATURE_SAMPLE_RATE // frame_rate
-    jobs = []
+    jobs, unreadable = [], []
     for utterance in utterances:
-        info: AudioInfo = audio_info(utterance.audio)
+        try:
+            info: AudioInfo = audio_info(utterance.audio)
+        except AudioError as error:  # all of them named at once, not one per run
+            unreadable.append(str(error))
+            continue
         jobs.append(Job(utterance.id, str(utterance.audio), info.num_samples_16k,
                         info.num_samples_16k // samples_per_unit))
+    if len(unreadable) == 1:
+        raise AudioError(unreadable[0])
+    if unreadable:
+        more = f" (and {len(unreadable) - 5} more)" if len(unreadable) > 5 else ""
+        raise AudioError(f"{len(unreadable)} audio files cannot be used{more}: "
+                         + " | ".join(unreadable[:5]))
     empty = [job for job in jobs if job.num_units == 0]
     if empty:
         shown = ", ".join(f"{job.audio} ({job.num_samples_16k / FEATURE_SAMPLE_RATE * 1000:.0f} ms)"

@@ -545,3 +545,28 @@ def test_preprocessing_units_with_a_smaller_vocabulary_or_another_rate_is_refuse
             "--input-format", "textgrid", "--textgrid-dir", str(tmp_path), "--units-dir",
             str(units / "audio"), "--tokenizer-model", str(tokenizer),
             "--output-prefix", str(tmp_path / "out"), *flags])
+
+
+def test_every_unreadable_audio_file_is_named_in_one_run(corpus, tmp_path):
+    """A folder with several damaged files (or non-audio files named .wav) stopped at the first,
+    so each re-run, after hours of nothing, named the next one."""
+    from megatron_lst.audio.audio_io import AudioError
+    from megatron_lst.audio.corpus import read_audio_dir
+    from megatron_lst.audio.extract import make_jobs
+
+    audio = tmp_path / "audio"
+    shutil.copytree(corpus[0] / "audio", audio)
+    for i in range(7):
+        (audio / f"notes ü{i}.wav").write_text("not audio")
+    with pytest.raises(AudioError) as caught:
+        make_jobs(read_audio_dir(audio))
+    message = str(caught.value)
+    assert message.startswith("7 audio files cannot be used (and 2 more): ")
+    assert message.count("not a readable audio file") == 5
+    assert all(f"notes ü{i}.wav" in message for i in range(5))
+    assert "leave it out of the corpus" in message
+    (audio / "notes ü0.wav").rename(audio / "notes.txt")
+    for i in range(2, 7):
+        (audio / f"notes ü{i}.wav").unlink()
+    with pytest.raises(AudioError, match=r"^\S*notes ü1\.wav: not a readable audio file"):
+        make_jobs(read_audio_dir(audio))
