@@ -112,17 +112,22 @@ def is_complete(path: Path, num_units: int) -> bool:
     """Whether `path` holds a 1-D integer array of `num_units` units."""
     try:
         units = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, SyntaxError, tokenize.TokenError):  # the last two: a damaged header
+    # EOFError: an empty file; SyntaxError, TokenError: a damaged header
+    except (OSError, EOFError, ValueError, SyntaxError, tokenize.TokenError):
         return False
     return units.ndim == 1 and units.dtype.kind in "iu" and len(units) == num_units
 
 
 def write_units(path: Path, units: np.ndarray) -> None:
-    """Write [U] units as int32 `.npy`, atomically (a temporary file renamed over `path`)."""
+    """Write [U] units as int32 `.npy`, atomically (a temporary file renamed over `path`) and
+    durably: the data reaches the disk before the rename, so a crash of the machine cannot
+    leave a file of the right name and length whose units were never written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".partial{os.getpid()}")
     with open(partial, "wb") as f:
         np.save(f, units.astype(np.int32))
+        f.flush()
+        os.fsync(f.fileno())
     partial.replace(path)
 
 
