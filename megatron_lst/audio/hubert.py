@@ -66,10 +66,26 @@ def load_transformers():
 _TRAINING_ONLY_WEIGHTS = ("masked_spec_embed",)
 
 
+def _check_model_type(model_dir: Path) -> None:
+    """Refuse a directory whose config.json names another model type: transformers loads, e.g.,
+    a WavLM checkpoint as a HubertModel with a warning, dropping WavLM's relative position bias,
+    and every feature would be of a model that does not exist."""
+    path = model_dir / "config.json"
+    try:
+        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return  # transformers names what is wrong with the file
+    if model_type not in ("hubert", None):  # None: a hand-written config, left to transformers
+        raise ValueError(f"{path}: holds a {model_type!r} model, not a HuBERT model "
+                         f"(model_type 'hubert'); pass the directory of a HuBERT checkpoint "
+                         f"(e.g. facebook/hubert-base-ls960 saved with `save_pretrained`)")
+
+
 def _load_model(transformers, model_dir: Path):
-    """The `HubertModel` saved in `model_dir`, refusing a directory whose weights are missing,
-    unreadable or incomplete: transformers would fill missing weights with random values and
-    only log a warning, and every unit would then be noise."""
+    """The `HubertModel` saved in `model_dir`, refusing a directory of another model type, or
+    whose weights are missing, unreadable or incomplete: transformers would fill missing
+    weights with random values and only log a warning, and every unit would then be noise."""
+    _check_model_type(model_dir)
     try:
         model, info = transformers.HubertModel.from_pretrained(
             str(model_dir), local_files_only=True, attn_implementation="sdpa",

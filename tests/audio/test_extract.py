@@ -105,6 +105,22 @@ def test_input_normalisation_follows_the_preprocessor_config(tmp_path, hubert_di
         HubertFeatures(tmp_path / "normalize_True", layer=2)
 
 
+def test_a_model_of_another_kind_is_refused_by_name(tmp_path):
+    """transformers loads a WavLM checkpoint as a HubertModel with only a logged report, dropping
+    WavLM's relative position bias: the features were of a model that does not exist."""
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+                  num_conv_pos_embedding_groups=4)
+    transformers.WavLMModel(transformers.WavLMConfig(**config)).save_pretrained(tmp_path / "wavlm")
+    with pytest.raises(ValueError, match=r"wavlm/config\.json: holds a 'wavlm' model, not a "
+                                         r"HuBERT model"):
+        HubertFeatures(tmp_path / "wavlm", layer=2)
+    # A fine-tuned HuBERT (a CTC head on the same encoder) is a HuBERT model.
+    transformers.HubertForCTC(transformers.HubertConfig(vocab_size=10, **config)).save_pretrained(
+        tmp_path / "ctc")
+    assert HubertFeatures(tmp_path / "ctc", layer=2)(tone(16000, 0.5, seed=0)).shape == (12, 32)
+
+
 def test_bad_model_arguments_name_the_fix(tmp_path, hubert_dir):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         HubertFeatures(tmp_path)
