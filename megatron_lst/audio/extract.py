@@ -150,7 +150,8 @@ def _file_sha256(path: str) -> str:
 def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
                         utterances: Sequence[Utterance]) -> None:
     """Write `units.json`, or check that the units already there were made the same way (a
-    folder holding unit files of `utterances` without the record is refused)."""
+    folder holding unit files of `utterances` without the record is refused). A record beside
+    no unit file (a run stopped before its first, e.g. by a bad audio file) is replaced."""
     record = {"model_dir": str(Path(config.model_dir).resolve()), "layer": config.layer,
               "frame_rate": config.frame_rate, "num_units": codebook.num_units,
               "codebook_sha256": _file_sha256(config.codebook)}
@@ -158,7 +159,7 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"--units-dir {config.units_dir} is a file; pass a folder (it is created "
                          f"when missing)")
-    if path.is_file():
+    if path.is_file() and next(path.parent.rglob("*.npy"), None) is not None:
         previous = read_units_record(path)
         changed = {k: (previous.get(k), v) for k, v in record.items() if previous.get(k) != v}
         if changed:

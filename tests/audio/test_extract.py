@@ -539,9 +539,16 @@ def test_audio_shorter_than_one_unit_frame_is_named_not_an_empty_unit_file(corpu
     assert not list(units_dir.rglob("*.npy"))
     (audio / "empty.wav").unlink()
     (audio / "spk0" / "click.wav").unlink()
+    # The stopped run's units.json describes no unit file: other settings are not refused.
+    from megatron_lst.audio.codebook import load_codebook
+
+    bare = tmp_path / "km.npy"  # no metadata tying it to layer 2
+    np.save(bare, load_codebook(codebook).centroids)
+    flags[flags.index("--layer") + 1], flags[flags.index("--codebook") + 1] = "1", str(bare)
     summary = load_tool("extract_units").main(["--input", str(audio), "--units-dir",
                                                str(units_dir), *flags])
     assert summary.utterances == len(CLIPS) + 1
+    assert '"layer": 1' in (units_dir / "units.json").read_text()
     assert len(np.load(units_dir / "spk1" / "unit.npy")) == 1
 
 
