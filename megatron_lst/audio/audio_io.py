@@ -64,10 +64,17 @@ def _is_pcm_wav(path: Path) -> bool:
     if path.suffix.lower() != ".wav":
         return False
     try:
-        with wave.open(str(path), "rb"):
-            return True
+        with wave.open(str(path), "rb") as f:
+            # A wav written to a pipe (ffmpeg ... -f wav -) cannot go back to fill in its data
+            # length and leaves 0xFFFFFFFF there: libsndfile reads the data to the file's end,
+            # where `wave` would count 4 GiB and call the file truncated.
+            return f.getnframes() != _STREAMED_DATA_LENGTH // (f.getnchannels() * f.getsampwidth())
     except (wave.Error, EOFError, RuntimeError):  # RuntimeError: a chunk past the RIFF's end
         return False  # e.g. IEEE-float wav: soundfile reads it (or names what is wrong)
+
+
+_STREAMED_DATA_LENGTH = 0xFFFFFFFF
+"""The data chunk length a wav written without seeking leaves open."""
 
 
 def audio_info(path: str | Path) -> AudioInfo:
