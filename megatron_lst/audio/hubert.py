@@ -140,6 +140,13 @@ class HubertFeatures:
                 "HuBERT features need the Python package 'transformers', which is not "
                 "installed; install the audio extra: pip install 'megatron-lst[audio]'") from None
         model_dir = Path(model_dir)
+        if model_dir.is_file():  # e.g. fairseq's hubert_base_ls960.pt, or the weights alone
+            raise FileNotFoundError(
+                f"{model_dir}: a file, not a Hugging Face model directory; a fairseq checkpoint "
+                f"(.pt) converts with transformers' convert_hubert_original_pytorch_checkpoint_"
+                f"to_pytorch.py (in its source repository), or take the Hugging Face release "
+                f"(e.g. facebook/hubert-base-ls960) and pass the directory `save_pretrained` "
+                f"writes")
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(
                 f"{model_dir}: not a Hugging Face model directory (no config.json); pass the "

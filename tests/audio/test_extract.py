@@ -124,6 +124,11 @@ def test_a_model_of_another_kind_is_refused_by_name(tmp_path):
 def test_bad_model_arguments_name_the_fix(tmp_path, hubert_dir):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         HubertFeatures(tmp_path)
+    fairseq = tmp_path / "hubert_base_ls960.pt"  # was "no config.json" under a file
+    fairseq.write_bytes(b"PK\x03\x04 a torch zip archive")
+    with pytest.raises(FileNotFoundError, match=r"hubert_base_ls960\.pt: a file, not a Hugging "
+                                                r"Face model directory; a fairseq checkpoint"):
+        HubertFeatures(fairseq)
     with pytest.raises(ValueError, match="layer 3 is outside 0..2"):
         HubertFeatures(hubert_dir, layer=3)
     with pytest.raises(ValueError, match="not a whole multiple of the unit frame rate 30 Hz"):
