@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from megatron_lst.audio.units_record import check_units_fit
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.indexed import DocumentWriter
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
@@ -150,6 +151,11 @@ def _check_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.frame_rate) and args.frame_rate > 0):
         raise SystemExit(f"--frame-rate must be a positive number of unit frames per second "
                          f"(HuBERT's is 25), got {args.frame_rate}")
+    if args.input_format == "textgrid":
+        try:  # a codebook larger than --num-units, another frame rate: before any work
+            check_units_fit(args.units_dir, args.num_units, args.frame_rate)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     if args.workers < 1 or args.chunk_size < 1 or args.log_interval < 1:
         raise SystemExit("--workers, --chunk-size and --log-interval must be at least 1")
 

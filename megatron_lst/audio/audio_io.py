@@ -22,6 +22,10 @@ AUDIO_SUFFIXES = (".wav", ".flac")
 _AUDIO_EXTRA = "pip install 'megatron-lst[audio]'"
 
 
+_UNREADABLE_FIX = ("re-copy or re-encode it (e.g. ffmpeg -i IN -ar 16000 OUT.flac), or leave it "
+                   "out of the corpus")
+
+
 class AudioError(ValueError):
     """An audio file cannot be read."""
 
@@ -60,10 +64,17 @@ def _is_pcm_wav(path: Path) -> bool:
     if path.suffix.lower() != ".wav":
         return False
     try:
-        with wave.open(str(path), "rb"):
-            return True
+        with wave.open(str(path), "rb") as f:
+            # A wav written to a pipe (ffmpeg ... -f wav -) cannot go back to fill in its data
+            # length and leaves 0xFFFFFFFF there: libsndfile reads the data to the file's end,
+            # where `wave` would count 4 GiB and call the file truncated.
+            return f.getnframes() != _STREAMED_DATA_LENGTH // (f.getnchannels() * f.getsampwidth())
     except (wave.Error, EOFError, RuntimeError):  # RuntimeError: a chunk past the RIFF's end
         return False  # e.g. IEEE-float wav: soundfile reads it (or names what is wrong)
+
+
+_STREAMED_DATA_LENGTH = 0xFFFFFFFF
+"""The data chunk length a wav written without seeking leaves open."""
 
 
 def audio_info(path: str | Path) -> AudioInfo:
@@ -79,7 +90,8 @@ def audio_info(path: str | Path) -> AudioInfo:
     try:
         info = _soundfile(path).info(str(path))
     except RuntimeError as error:  # soundfile.LibsndfileError
-        raise AudioError(f"{path}: not a readable audio file ({error})") from None
+        raise AudioError(f"{path}: not a readable audio file ({error}); {_UNREADABLE_FIX}"
+                         ) from None
     if info.frames == _UNKNOWN_LENGTH:
         raise AudioError(f"{path}: its header does not give its length (a FLAC written while "
                          f"streaming), and libsndfile fails at the end of such a file; "
@@ -169,7 +181,8 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     try:
         samples, rate = _soundfile(path).read(str(path), dtype="float32", always_2d=True)
     except RuntimeError as error:
-        raise AudioError(f"{path}: not a readable audio file ({error})") from None
+        raise AudioError(f"{path}: not a readable audio file ({error}); {_UNREADABLE_FIX}"
+                         ) from None
     if not np.isfinite(samples).all():
         raise AudioError(f"{path}: holds NaN or infinite samples, which would silently become "
                          f"units; fix the file or leave it out")

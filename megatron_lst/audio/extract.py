@@ -34,9 +34,8 @@ from megatron_lst.audio.audio_io import AudioError, AudioInfo, audio_info, load_
 from megatron_lst.audio.codebook import CodebookError, codebook_metadata, load_codebook
 from megatron_lst.audio.corpus import Utterance
 from megatron_lst.audio.hubert import HubertFeatures, load_transformers
+from megatron_lst.audio.units_record import UNITS_RECORD, read_units_record
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE, KMeansCodebook
-
-UNITS_RECORD = "units.json"
 
 
 @dataclass(frozen=True)
@@ -122,17 +121,22 @@ def is_complete(path: Path, num_units: int) -> bool:
     """Whether `path` holds a 1-D integer array of `num_units` units."""
     try:
         units = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, SyntaxError, tokenize.TokenError):  # the last two: a damaged header
+    # EOFError: an empty file; SyntaxError, TokenError: a damaged header
+    except (OSError, EOFError, ValueError, SyntaxError, tokenize.TokenError):
         return False
     return units.ndim == 1 and units.dtype.kind in "iu" and len(units) == num_units
 
 
 def write_units(path: Path, units: np.ndarray) -> None:
-    """Write [U] units as int32 `.npy`, atomically (a temporary file renamed over `path`)."""
+    """Write [U] units as int32 `.npy`, atomically (a temporary file renamed over `path`) and
+    durably: the data reaches the disk before the rename, so a crash of the machine cannot
+    leave a file of the right name and length whose units were never written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".partial{os.getpid()}")
     with open(partial, "wb") as f:
         np.save(f, units.astype(np.int32))
+        f.flush()
+        os.fsync(f.fileno())
     partial.replace(path)
 
 
@@ -155,7 +159,8 @@ def _file_sha256(path: str) -> str:
 def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
                         utterances: Sequence[Utterance]) -> None:
     """Write `units.json`, or check that the units already there were made the same way (a
-    folder holding unit files of `utterances` without the record is refused)."""
+    folder holding unit files of `utterances` without the record is refused). A record beside
+    no unit file (a run stopped before its first, e.g. by a bad audio file) is replaced."""
     record = {"model_dir": str(Path(config.model_dir).resolve()), "layer": config.layer,
               "frame_rate": config.frame_rate, "num_units": codebook.num_units,
               "codebook_sha256": _file_sha256(config.codebook)}
@@ -163,8 +168,8 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"--units-dir {config.units_dir} is a file; pass a folder (it is created "
                          f"when missing)")
-    if path.is_file():
-        previous = _read_units_record(path)
+    if path.is_file() and next(path.parent.rglob("*.npy"), None) is not None:
+        previous = read_units_record(path)
         changed = {k: (previous.get(k), v) for k, v in record.items() if previous.get(k) != v}
         if changed:
             raise ValueError(f"{config.units_dir} holds units made with other settings "
@@ -183,25 +188,36 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
     partial.replace(path)
 
 
-def _read_units_record(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        record = None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path} is damaged, so the settings of the units beside it are unknown; "
-                         f"write to a new --units-dir, or delete the old units and {path.name}")
-    return record
-
-
 def make_jobs(utterances: Sequence[Utterance], frame_rate: int = UNIT_FRAME_RATE) -> list[Job]:
-    """One job per utterance, sized from the audio file headers (no samples are read)."""
+    """One job per utterance, sized from the audio file headers (no samples are read). Refuses
+    unreadable audio, naming the first five such files and their count, and audio shorter than
+    one unit frame, likewise: it would give an empty unit file (an empty or cut-off recording,
+    seen as an utterance that was extracted)."""
     samples_per_unit = FEATURE_SAMPLE_RATE // frame_rate
-    jobs = []
+    jobs, unreadable = [], []
     for utterance in utterances:
-        info: AudioInfo = audio_info(utterance.audio)
+        try:
+            info: AudioInfo = audio_info(utterance.audio)
+        except AudioError as error:  # all of them named at once, not one per run
+            unreadable.append(str(error))
+            continue
         jobs.append(Job(utterance.id, str(utterance.audio), info.num_samples_16k,
                         info.num_samples_16k // samples_per_unit))
+    if len(unreadable) == 1:
+        raise AudioError(unreadable[0])
+    if unreadable:
+        more = f" (and {len(unreadable) - 5} more)" if len(unreadable) > 5 else ""
+        raise AudioError(f"{len(unreadable)} audio files cannot be used{more}: "
+                         + " | ".join(unreadable[:5]))
+    empty = [job for job in jobs if job.num_units == 0]
+    if empty:
+        shown = ", ".join(f"{job.audio} ({job.num_samples_16k / FEATURE_SAMPLE_RATE * 1000:.0f} ms)"
+                          for job in empty[:5])
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise AudioError(f"{len(empty)} audio file(s) are shorter than one unit frame "
+                         f"({1000 / frame_rate:g} ms at {frame_rate} Hz), so they would give no "
+                         f"units: {shown}{more}; they are empty or cut off: leave them out of "
+                         f"the corpus (or re-export them from their source)")
     return jobs
 
 

@@ -15,6 +15,11 @@ Batching pads waveforms, and padding must not change any utterance's features:
 - the transformer zeroes padded frames (the positional convolution then sees the same zeros as
   past the end of an unpadded utterance) and masks them as attention keys.
 
+Waveforms are normalised to zero mean and unit variance, each on its own, when the model was
+trained on such input: as `preprocessor_config.json`'s `do_normalize` says when the directory has
+one (Hugging Face's feature extractor), else for models with a layer-norm feature encoder (HuBERT
+large and extra large were pre-trained with fairseq's `normalize: true`, base without).
+
 Only layers 1..L run. The model's native frames (50 Hz for a 320x downsampling at 16 kHz) are
 averaged in groups to the unit rate (25 Hz): an utterance of n samples at 16 kHz has
 n // (16000 / frame_rate) units, unit j covering [j / rate, (j + 1) / rate) seconds; the convolution
@@ -23,6 +28,7 @@ drops a partial frame at the end, which the last frame is repeated to fill.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -60,10 +66,26 @@ def load_transformers():
 _TRAINING_ONLY_WEIGHTS = ("masked_spec_embed",)
 
 
+def _check_model_type(model_dir: Path) -> None:
+    """Refuse a directory whose config.json names another model type: transformers loads, e.g.,
+    a WavLM checkpoint as a HubertModel with a warning, dropping WavLM's relative position bias,
+    and every feature would be of a model that does not exist."""
+    path = model_dir / "config.json"
+    try:
+        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return  # transformers names what is wrong with the file
+    if model_type not in ("hubert", None):  # None: a hand-written config, left to transformers
+        raise ValueError(f"{path}: holds a {model_type!r} model, not a HuBERT model "
+                         f"(model_type 'hubert'); pass the directory of a HuBERT checkpoint "
+                         f"(e.g. facebook/hubert-base-ls960 saved with `save_pretrained`)")
+
+
 def _load_model(transformers, model_dir: Path):
-    """The `HubertModel` saved in `model_dir`, refusing a directory whose weights are missing,
-    unreadable or incomplete: transformers would fill missing weights with random values and
-    only log a warning, and every unit would then be noise."""
+    """The `HubertModel` saved in `model_dir`, refusing a directory of another model type, or
+    whose weights are missing, unreadable or incomplete: transformers would fill missing
+    weights with random values and only log a warning, and every unit would then be noise."""
+    _check_model_type(model_dir)
     try:
         model, info = transformers.HubertModel.from_pretrained(
             str(model_dir), local_files_only=True, attn_implementation="sdpa",
@@ -87,6 +109,24 @@ def _load_model(transformers, model_dir: Path):
     return model
 
 
+def wants_normalized_input(model_dir: Path, feat_extract_norm: str) -> bool:
+    """Whether the model in `model_dir` takes zero-mean unit-variance waveforms: its
+    `preprocessor_config.json`'s `do_normalize`, else whether its feature encoder uses layer norm
+    (fairseq's HuBERT large recipes normalise, the base recipe does not)."""
+    path = model_dir / "preprocessor_config.json"
+    if not path.is_file():
+        return feat_extract_norm == "layer"
+    try:
+        setting = json.loads(path.read_text(encoding="utf-8")).get("do_normalize")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        setting = None
+    if not isinstance(setting, bool):
+        raise ValueError(f"{path}: expected a JSON object whose do_normalize is true or false; "
+                         f"the file is damaged: restore it, or delete it to decide from the "
+                         f"model's feature encoder ({feat_extract_norm} norm)")
+    return setting
+
+
 class HubertFeatures:
     """16 kHz waveforms -> [num_units, hidden_size] float32 features of layer `layer`."""
 
@@ -100,6 +140,13 @@ class HubertFeatures:
                 "HuBERT features need the Python package 'transformers', which is not "
                 "installed; install the audio extra: pip install 'megatron-lst[audio]'") from None
         model_dir = Path(model_dir)
+        if model_dir.is_file():  # e.g. fairseq's hubert_base_ls960.pt, or the weights alone
+            raise FileNotFoundError(
+                f"{model_dir}: a file, not a Hugging Face model directory; a fairseq checkpoint "
+                f"(.pt) converts with transformers' convert_hubert_original_pytorch_checkpoint_"
+                f"to_pytorch.py (in its source repository), or take the Hugging Face release "
+                f"(e.g. facebook/hubert-base-ls960) and pass the directory `save_pretrained` "
+                f"writes")
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(
                 f"{model_dir}: not a Hugging Face model directory (no config.json); pass the "
@@ -128,6 +175,8 @@ class HubertFeatures:
         self.dim = config.hidden_size
         self._per_utterance_conv = config.feat_extract_norm == "group"
         self._stable_layer_norm = config.do_stable_layer_norm
+        self.normalize = wants_normalized_input(model_dir, config.feat_extract_norm)
+        """Each waveform goes in at zero mean and unit variance."""
 
     # Worker processes reload the model from its directory rather than unpickling it.
     def __getstate__(self) -> dict:
@@ -173,6 +222,9 @@ class HubertFeatures:
     def _conv_features(self, waves: list[np.ndarray]):
         """[B, T, C] convolutional features (zero past each utterance's end) and [B] lengths."""
         torch, model = self._torch, self.model
+        if self.normalize:  # as Hugging Face's Wav2Vec2FeatureExtractor(do_normalize=True)
+            waves = [(w - w.mean()) / np.sqrt(w.var() + 1e-7)
+                     for w in (np.asarray(w, dtype=np.float64) for w in waves)]
         tensors = [torch.from_numpy(np.asarray(w, dtype=np.float32)).to(self.device)
                    for w in waves]
         lengths = model._get_feat_extract_output_lengths(

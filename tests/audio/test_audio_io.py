@@ -120,6 +120,26 @@ def test_non_finite_float_samples_are_refused(tmp_path):
         read_audio(path)
 
 
+@pytest.mark.parametrize("riff_length", [0xFFFFFFFF, None])
+def test_wav_written_to_a_pipe_reads_to_the_end_of_its_data(tmp_path, riff_length):
+    """ffmpeg writing wav to a pipe leaves the data length 0xFFFFFFFF (the RIFF length too, or
+    it fills that one in): `wave` took 4 GiB of frames and the whole file was 'truncated'."""
+    pytest.importorskip("soundfile")
+    path = tmp_path / "piped.wav"
+    write_wav(path, tone(22050, 0.7, seed=3), 22050)
+    want, _ = read_audio(path)  # the same samples, under a header that gives their length
+    raw = bytearray(path.read_bytes())
+    raw[40:44] = (0xFFFFFFFF).to_bytes(4, "little")  # the data chunk's length
+    if riff_length is not None:
+        raw[4:8] = riff_length.to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    info = audio_info(path)
+    assert (info.num_samples, info.sample_rate, info.channels) == (len(want), 22050, 1)
+    samples, rate = read_audio(path)
+    assert rate == 22050
+    np.testing.assert_array_equal(samples, want)
+
+
 def test_data_chunk_longer_than_the_file_is_refused_as_truncated(tmp_path):
     """A data chunk whose length runs past the end of a file with a consistent RIFF size: `wave`
     raised a bare RuntimeError seeking to the last frame."""

@@ -45,14 +45,22 @@ def _waves() -> list[np.ndarray]:
     return [tone(16000, seconds, seed) for seed, seconds in enumerate([1.37, 0.52, 2.01, 0.9])]
 
 
+def _model_input(wave: np.ndarray, normalize: bool) -> torch.Tensor:
+    """[1, n]: what Hugging Face's feature extractor hands the model."""
+    extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=normalize)
+    return extractor(wave, sampling_rate=16000, return_tensors="pt").input_values
+
+
 def test_layer_features_match_the_models_hidden_states(hubert_dir):
     model = transformers.HubertModel.from_pretrained(hubert_dir, use_kernels=False).eval()
     waves = _waves()
+    # HuBERT large (layer-norm encoder) was pre-trained on normalised waveforms, base was not.
+    normalize = model.config.feat_extract_norm == "layer"
     for layer in (0, 1, 2):
         features = HubertFeatures(hubert_dir, layer=layer, frame_rate=50)  # 50 Hz: no pooling
         for wave, got in zip(waves, features.batch(waves), strict=True):
             with torch.inference_mode():
-                want = model(torch.from_numpy(wave)[None], output_hidden_states=True
+                want = model(_model_input(wave, normalize), output_hidden_states=True
                              ).hidden_states[layer][0].numpy()  # [T, D]
             assert len(got) == len(wave) // 320 and len(want) in (len(got), len(got) - 1)
             np.testing.assert_allclose(got[:len(want)], want, atol=2e-5, rtol=0)
@@ -75,9 +83,52 @@ def test_padding_does_not_change_features_and_frames_average_to_25_hz(hubert_dir
                                atol=2e-5, rtol=0)
 
 
+def test_input_normalisation_follows_the_preprocessor_config(tmp_path, hubert_dir):
+    """A layer-norm HuBERT (large) given raw waveforms computed features of input it never saw
+    in training; `preprocessor_config.json` says what the model takes when it is there."""
+    model = transformers.HubertModel.from_pretrained(hubert_dir, use_kernels=False).eval()
+    wave = 0.01 + 0.2 * tone(16000, 1.1, seed=7)  # an offset and a scale normalisation undoes
+    for do_normalize in (True, False):
+        directory = tmp_path / f"normalize_{do_normalize}"
+        shutil.copytree(hubert_dir, directory)
+        transformers.Wav2Vec2FeatureExtractor(do_normalize=do_normalize).save_pretrained(directory)
+        got = HubertFeatures(directory, layer=2, frame_rate=50)(wave)
+        with torch.inference_mode():
+            want = model(_model_input(wave, do_normalize), output_hidden_states=True
+                         ).hidden_states[2][0].numpy()
+        np.testing.assert_allclose(got[:len(want)], want, atol=2e-5, rtol=0)
+    if model.config.feat_extract_norm == "layer":  # where the two inputs give other features
+        raw = HubertFeatures(tmp_path / "normalize_False", layer=2)(wave)
+        assert np.abs(HubertFeatures(hubert_dir, layer=2)(wave) - raw).max() > 1e-2
+    (tmp_path / "normalize_True" / "preprocessor_config.json").write_text('{"do_normalize": 1}')
+    with pytest.raises(ValueError, match="preprocessor_config.json: expected a JSON object"):
+        HubertFeatures(tmp_path / "normalize_True", layer=2)
+
+
+def test_a_model_of_another_kind_is_refused_by_name(tmp_path):
+    """transformers loads a WavLM checkpoint as a HubertModel with only a logged report, dropping
+    WavLM's relative position bias: the features were of a model that does not exist."""
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+                  num_conv_pos_embedding_groups=4)
+    transformers.WavLMModel(transformers.WavLMConfig(**config)).save_pretrained(tmp_path / "wavlm")
+    with pytest.raises(ValueError, match=r"wavlm/config\.json: holds a 'wavlm' model, not a "
+                                         r"HuBERT model"):
+        HubertFeatures(tmp_path / "wavlm", layer=2)
+    # A fine-tuned HuBERT (a CTC head on the same encoder) is a HuBERT model.
+    transformers.HubertForCTC(transformers.HubertConfig(vocab_size=10, **config)).save_pretrained(
+        tmp_path / "ctc")
+    assert HubertFeatures(tmp_path / "ctc", layer=2)(tone(16000, 0.5, seed=0)).shape == (12, 32)
+
+
 def test_bad_model_arguments_name_the_fix(tmp_path, hubert_dir):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         HubertFeatures(tmp_path)
+    fairseq = tmp_path / "hubert_base_ls960.pt"  # was "no config.json" under a file
+    fairseq.write_bytes(b"PK\x03\x04 a torch zip archive")
+    with pytest.raises(FileNotFoundError, match=r"hubert_base_ls960\.pt: a file, not a Hugging "
+                                                r"Face model directory; a fairseq checkpoint"):
+        HubertFeatures(fairseq)
     with pytest.raises(ValueError, match="layer 3 is outside 0..2"):
         HubertFeatures(hubert_dir, layer=3)
     with pytest.raises(ValueError, match="not a whole multiple of the unit frame rate 30 Hz"):
@@ -245,8 +296,10 @@ def test_rerun_resumes_and_refuses_other_settings(corpus, units, tmp_path):
     victim.write_bytes(victim.read_bytes()[:-8])  # as if cut short (only a foreign writer could)
     other = sorted(units_dir.rglob("*.npy"))[3]  # a damaged header: was a TokenError traceback
     other.write_bytes(other.read_bytes().replace(b"}", b" "))
+    # Empty, as a machine crash can leave a renamed file: was an EOFError traceback.
+    sorted(units_dir.rglob("*.npy"))[4].write_bytes(b"")
     summary = _extract(corpus, units_dir)
-    assert (summary.utterances, summary.skipped) == (2, len(CLIPS) - 2)
+    assert (summary.utterances, summary.skipped) == (3, len(CLIPS) - 3)
     redone, want = _unit_files(units_dir), _unit_files(units)
     assert redone.keys() == want.keys()
     assert all(np.array_equal(redone[key], want[key]) for key in want)
@@ -481,3 +534,83 @@ def test_audio_changed_during_the_run_is_named_not_a_crash(corpus, tmp_path):
     with pytest.raises(AudioError, match=r"utt5\.wav: read 48000 samples .* promised 10560 "
                                          r"\(16 units\) when the run began"):
         extract_units(read_tsv(copy / "list.tsv"), config, progress=copy_goes_on)
+
+
+def test_audio_shorter_than_one_unit_frame_is_named_not_an_empty_unit_file(corpus, tmp_path):
+    """A zero-length or cut-off recording gave an empty unit file, counted as extracted, and a
+    re-run skipped it as complete."""
+    from megatron_lst.audio.audio_io import AudioError, write_wav
+
+    root, hubert, codebook = corpus
+    audio = tmp_path / "audio"
+    shutil.copytree(root / "audio", audio)
+    write_wav(audio / "empty.wav", np.zeros(0), 16000)
+    write_wav(audio / "spk0" / "click.wav", tone(44100, 0.035, seed=3), 44100)  # 35 ms < 40 ms
+    write_wav(audio / "spk1" / "unit.wav", tone(8000, 0.04, seed=4), 8000)  # one unit: kept
+    flags = ["--input-format", "audio-dir", "--hubert-dir", str(hubert), "--layer", "2",
+             "--codebook", str(codebook), "--device", "cpu", "--no-progress"]
+    units_dir = tmp_path / "units"
+    with pytest.raises(AudioError, match=r"^2 audio file\(s\) are shorter than one unit frame "
+                                         r"\(40 ms at 25 Hz\).*empty\.wav \(0 ms\), .*click\.wav "
+                                         r"\(35 ms\); .*leave them out"):
+        load_tool("extract_units").main(["--input", str(audio), "--units-dir", str(units_dir),
+                                         *flags])
+    assert not list(units_dir.rglob("*.npy"))
+    (audio / "empty.wav").unlink()
+    (audio / "spk0" / "click.wav").unlink()
+    # The stopped run's units.json describes no unit file: other settings are not refused.
+    from megatron_lst.audio.codebook import load_codebook
+
+    bare = tmp_path / "km.npy"  # no metadata tying it to layer 2
+    np.save(bare, load_codebook(codebook).centroids)
+    flags[flags.index("--layer") + 1], flags[flags.index("--codebook") + 1] = "1", str(bare)
+    summary = load_tool("extract_units").main(["--input", str(audio), "--units-dir",
+                                               str(units_dir), *flags])
+    assert summary.utterances == len(CLIPS) + 1
+    assert '"layer": 1' in (units_dir / "units.json").read_text()
+    assert len(np.load(units_dir / "spk1" / "unit.npy")) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-units", "7"], r"come from a codebook of 8 units \(.*units\.json\), more than "
+                           r"--num-units 7 holds; pass --num-units 8"),
+    (["--num-units", "8", "--frame-rate", "50"], r"at 25 Hz \(.*units\.json\), not --frame-rate "
+                                                 r"50; pass --frame-rate 25"),
+])
+def test_preprocessing_units_with_a_smaller_vocabulary_or_another_rate_is_refused(
+        units, tmp_path, flags, message):
+    """A codebook larger than --num-units showed only in the utterances that happened to use a
+    unit past the vocabulary: each one refused, or under --skip-bad silently dropped."""
+    tokenizer = tmp_path / "spm.model"
+    tokenizer.write_bytes(b"never read: the check comes first")
+    # A subfolder of the --units-dir of the extraction: the record is found above it.
+    with pytest.raises(SystemExit, match=message):
+        load_tool("preprocess_data").main([
+            "--input-format", "textgrid", "--textgrid-dir", str(tmp_path), "--units-dir",
+            str(units / "audio"), "--tokenizer-model", str(tokenizer),
+            "--output-prefix", str(tmp_path / "out"), *flags])
+
+
+def test_every_unreadable_audio_file_is_named_in_one_run(corpus, tmp_path):
+    """A folder with several damaged files (or non-audio files named .wav) stopped at the first,
+    so each re-run, after hours of nothing, named the next one."""
+    from megatron_lst.audio.audio_io import AudioError
+    from megatron_lst.audio.corpus import read_audio_dir
+    from megatron_lst.audio.extract import make_jobs
+
+    audio = tmp_path / "audio"
+    shutil.copytree(corpus[0] / "audio", audio)
+    for i in range(7):
+        (audio / f"notes ü{i}.wav").write_text("not audio")
+    with pytest.raises(AudioError) as caught:
+        make_jobs(read_audio_dir(audio))
+    message = str(caught.value)
+    assert message.startswith("7 audio files cannot be used (and 2 more): ")
+    assert message.count("not a readable audio file") == 5
+    assert all(f"notes ü{i}.wav" in message for i in range(5))
+    assert "leave it out of the corpus" in message
+    (audio / "notes ü0.wav").rename(audio / "notes.txt")
+    for i in range(2, 7):
+        (audio / f"notes ü{i}.wav").unlink()
+    with pytest.raises(AudioError, match=r"^\S*notes ü1\.wav: not a readable audio file"):
+        make_jobs(read_audio_dir(audio))
