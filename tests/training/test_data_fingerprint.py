@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from distributed.harness import TESTS_DIR, run_distributed
 
 from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.training import cli
@@ -143,3 +144,25 @@ def test_lst_train_refuses_rewritten_data_and_resumes_a_node_local_copy(tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert find_latest_checkpoint(save).name == "iter_0000004"
+
+
+@pytest.mark.distributed
+def test_a_changed_node_local_copy_on_one_rank_stops_every_rank(tmp_path):
+    """Each rank reads its own copy (node-local disks): the one whose copy differs refuses, and
+    the others refuse with it instead of going on to wait for it in the next collective."""
+    shared = write_store(tmp_path / "shared" / "speech", "aligned", 20, seed=1)
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(training_data_fingerprints([(None, str(shared))])))
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+        _copy_store(shared, tmp_path / f"node{rank}" / "speech")
+    per_rank = str(tmp_path / "node{rank}" / "speech")
+    worker = TESTS_DIR / "training" / "workers" / "data_check_worker.py"
+    same = run_distributed(worker, 2, ["--prefix-per-rank", per_rank, "--saved", str(saved)])
+    assert same == [{"refusal": None}, {"refusal": None}]
+
+    write_store(tmp_path / "node1" / "speech", "aligned", 21, seed=1)  # rank 1's copy differs
+    refused = run_distributed(worker, 2, ["--prefix-per-rank", per_rank, "--saved", str(saved)])
+    for record in refused:
+        assert record["refusal"] is not None and record["refusal"].endswith("(on rank 1)")
+        assert "documents 20 -> 21" in record["refusal"]
