@@ -114,14 +114,13 @@ def test_a_checkpoint_without_fingerprints_resumes_with_a_note_and_a_damaged_one
 def test_lst_train_refuses_rewritten_data_and_resumes_a_node_local_copy(tmp_path):
     data = write_corpus(tmp_path / "shared")
     save = tmp_path / "ckpt"
-    flags = tiny_flags(data) + ["--eval-interval", "1000", "--lr-decay-iters", "4"]
     entry = [sys.executable, "-m", "megatron_lst.training.cli"]
 
     def run(data_path, iterations):
-        flags_now = tiny_flags(data_path) + flags[len(tiny_flags(data)):]
-        return subprocess.run([*entry, *flags_now, "--train-iters", str(iterations),
-                               "--save", str(save), "--load", str(save)],
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [*entry, *tiny_flags(data_path), "--eval-interval", "1000", "--lr-decay-iters", "6",
+             "--train-iters", str(iterations), "--save", str(save), "--load", str(save)],
+            capture_output=True, text=True, timeout=300)
 
     first = run(data, 2)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -129,7 +128,7 @@ def test_lst_train_refuses_rewritten_data_and_resumes_a_node_local_copy(tmp_path
     assert [entry["prefix"] for entry in record["extra_state"][FINGERPRINT_KEY]] == [
         data[1], data[3]]
 
-    # The same data on a node-local disk, other paths and file times: resumes.
+    # The same data on a node-local disk, other paths and file times, is kept for later.
     (tmp_path / "local").mkdir()
     local = ["0.5", str(_copy_store(data[1], tmp_path / "local" / "speech")),
              "0.5", str(_copy_store(data[3], tmp_path / "local" / "text"))]
@@ -140,10 +139,19 @@ def test_lst_train_refuses_rewritten_data_and_resumes_a_node_local_copy(tmp_path
     last = refused.stderr.strip().splitlines()[-1]
     assert f"dataset {data[1]}: documents 60 -> 70" in last and "Traceback" not in refused.stderr
 
-    resumed = run(local, 4)
+    resumed = run(local, 4)  # the node-local copy of the checkpoint's data: resumes
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert find_latest_checkpoint(save).name == "iter_0000004"
+
+    # A checkpoint of an older version records no fingerprints: it resumes, saying so.
+    metadata = find_latest_checkpoint(save) / METADATA_FILENAME
+    record = json.loads(metadata.read_text())
+    del record["extra_state"][FINGERPRINT_KEY]
+    metadata.write_text(json.dumps(record))
+    older = run(local, 6)
+    assert older.returncode == 0, older.stderr[-3000:]
+    assert "records no fingerprint of its training data" in older.stdout + older.stderr
 
 
 @pytest.mark.distributed
