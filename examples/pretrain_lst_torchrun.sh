@@ -104,11 +104,57 @@ EVAL_AND_LOGGING_ARGS=(
 )
 if [ -n "$TENSORBOARD_DIR" ]; then EVAL_AND_LOGGING_ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR"); fi
 
-# No `cd`: relative paths in the arguments stay relative to the caller's directory.
-exec torchrun "${DISTRIBUTED_ARGS[@]}" "$REPO_ROOT/pretrain_lst.py" \
+# SIGTERM (preemption, `docker stop`, `kill`) goes to the workers, which finish their iteration,
+# save it (--exit-signal-handler) and exit 0; torchrun's agent ignores it, so that it neither kills
+# the workers 30 s later (cutting a long save off) nor re-raises the signal on its way down, which
+# made the script exit 1 after a clean save. The agent still stops its workers on SIGINT, SIGHUP and
+# SIGQUIT, which the script passes on. Exit status: torchrun's, 0 when every worker exited 0
+# (training finished, an exit condition, or a stop on SIGTERM after its save; compare the latest
+# checkpoint with --train-iters), non-zero when a worker failed (docs/training.md, "Launching").
+DISTRIBUTED_ARGS+=(--signals-to-handle SIGINT,SIGHUP,SIGQUIT)
+# No `cd`: relative paths in the arguments stay relative to the caller's directory. The agent runs
+# in a process group of its own (set -m), so a Ctrl-C reaches it once, from this script.
+set -m
+bash -c 'trap "" TERM; exec "$@"' torchrun torchrun "${DISTRIBUTED_ARGS[@]}" \
+    "$REPO_ROOT/pretrain_lst.py" \
     "${MODEL_ARGS[@]}" \
     "${TRAINING_ARGS[@]}" \
     "${MODEL_PARALLEL_ARGS[@]}" \
     "${DATA_ARGS[@]}" \
     "${CHECKPOINT_ARGS[@]}" \
-    "${EVAL_AND_LOGGING_ARGS[@]}"
+    "${EVAL_AND_LOGGING_ARGS[@]}" &
+TORCHRUN_PID=$!
+set +m
+STOPPED_BY=
+
+stop_workers() {
+    STOPPED_BY=SIGTERM
+    # The workers are the agent's children (each in a session of its own). None yet (the agent
+    # is still meeting the other nodes): the agent stops as on SIGINT.
+    if ! pkill -TERM -P "$TORCHRUN_PID"; then kill -INT "$TORCHRUN_PID" 2>/dev/null || true; fi
+}
+trap stop_workers TERM
+for signal in INT HUP QUIT; do
+    # shellcheck disable=SC2064  # the signal's name now, the agent's pid when it comes
+    trap "kill -s $signal $TORCHRUN_PID 2>/dev/null || true" "$signal"
+done
+
+# `wait` returns early (status > 128) when a trapped signal arrives; the agent goes on.
+while true; do
+    STATUS=0
+    wait "$TORCHRUN_PID" || STATUS=$?
+    kill -0 "$TORCHRUN_PID" 2>/dev/null || break
+done
+trap - TERM INT HUP QUIT
+if [ -n "$STOPPED_BY" ]; then
+    SAVED=$(cat "$CHECKPOINT_PATH/latest_checkpointed_iteration.txt" 2>/dev/null || echo none)
+    if [ "$STATUS" -eq 0 ]; then
+        echo "stopped by $STOPPED_BY after saving: latest checkpoint in $CHECKPOINT_PATH is" \
+            "iteration $SAVED; run the script again to resume" >&2
+    else
+        echo "stopped by $STOPPED_BY, but torchrun ended with status $STATUS (a worker failed," \
+            "or none had started): latest checkpoint in $CHECKPOINT_PATH is iteration $SAVED;" \
+            "see the errors above" >&2
+    fi
+fi
+exit "$STATUS"

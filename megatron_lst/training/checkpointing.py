@@ -56,7 +56,12 @@ from megatron_lst.parallel import collective_device
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import optimizer_state
 from megatron_lst.training.args_json import args_to_dict
-from megatron_lst.training.resume_check import ResumePosition, check_resume_flags
+from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, check_same_training_data
+from megatron_lst.training.resume_check import (
+    ResumeConfigError,
+    ResumePosition,
+    check_resume_flags,
+)
 from megatron_lst.training.rng_state import restore_rng_state, rng_sharded_object
 from megatron_lst.training.writer_processes import writers_die_with_parent
 
@@ -417,9 +422,13 @@ def load_checkpoint(
     scheduler: Any,
     args: argparse.Namespace,
     vocab: JointVocab | None = None,
+    data_fingerprints: list[dict[str, Any]] | None = None,
 ) -> LoadedCheckpoint | None:
     """Collective: restore the latest complete checkpoint under `load_dir` in place.
 
+    `data_fingerprints`: this rank's `data_fingerprint.training_data_fingerprints`; a resume
+    (optimizer given, no --finetune) is refused on every rank with ResumeConfigError when they
+    differ from those in the checkpoint's extra state on any rank (None: not compared).
     Returns None when `load_dir` holds no checkpoint yet (start from scratch). Honours
     `args.no_load_optim`, `args.no_load_rng` and `args.finetune` (weights only, iteration 0).
     Model and optimizer reshard to the current tensor/pipeline layout; RNG states are skipped,
@@ -444,11 +453,16 @@ def load_checkpoint(
             f"cannot resume from it; start training from these weights with --finetune "
             f"(iteration 0, a new optimizer)")
     if optimizer is not None and not finetune:  # a training run that continues this one
-        notes = check_resume_flags(
-            metadata["args"], args, ResumePosition(metadata["iteration"], int(
-                metadata["extra_state"].get("consumed_samples", 0))), str(path))
+        position = ResumePosition(metadata["iteration"], int(
+            metadata["extra_state"].get("consumed_samples", 0)))
+        notes = check_resume_flags(metadata["args"], args, position, str(path))
         if notes and dist.get_rank() == 0:
             logger.warning("resuming from %s with other flags: %s", path, "; ".join(notes))
+        if data_fingerprints is not None:
+            data_notes = _check_training_data(metadata["extra_state"].get(FINGERPRINT_KEY),
+                                              data_fingerprints, position, path)
+            if data_notes and dist.get_rank() == 0:
+                logger.warning("%s", "; ".join(data_notes))
     verify_or_point_elsewhere(path)
     load_optim = optimizer is not None and not finetune and not getattr(args, "no_load_optim", False)
     load_rng = not finetune and not getattr(args, "no_load_rng", False)
@@ -496,6 +510,24 @@ def holds_weights_only(metadata: dict[str, Any]) -> bool:
     optimizer, as `lst-convert portable-to-dist` saves: no schedule and no training position.
     A training run saves both with every checkpoint."""
     return metadata["scheduler"] is None and "consumed_samples" not in metadata["extra_state"]
+
+
+def _check_training_data(saved: Any, current: list[dict[str, Any]], position: ResumePosition,
+                         path: Path) -> list[str]:
+    """Collective: `check_same_training_data` on every rank (node-local copies of the data may
+    differ), its refusal raised on every rank when any rank refuses."""
+    refusal = None
+    try:
+        notes = check_same_training_data(saved, current, position, str(path))
+    except ResumeConfigError as error:
+        refusal, notes = str(error), []
+    refusals = [None] * dist.get_world_size()
+    dist.all_gather_object(refusals, refusal)
+    for rank, message in enumerate(refusals):
+        if message is not None:
+            where = "" if dist.get_world_size() == 1 else f" (on rank {rank})"
+            raise ResumeConfigError(f"{message}{where}")
+    return notes
 
 
 def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:

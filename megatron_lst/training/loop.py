@@ -70,11 +70,13 @@ from megatron_lst.models.loss import masked_token_sum
 from megatron_lst.parallel import collective_device, destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import checkpointing, save_directory
+from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, training_data_fingerprints
 from megatron_lst.training.data_provider import (
     RunDatasets,
     build_datasets,
     build_loader,
     data_vocab,
+    split_sources,
 )
 from megatron_lst.training.exit_conditions import ExitConditions, ExitMonitor
 from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_batch
@@ -112,6 +114,8 @@ class TrainingState:
     """Cumulative model training FLOPs of the run, across resumes."""
     tokens: int = 0
     """Cumulative real tokens trained on, across resumes."""
+    data_fingerprints: list[dict[str, Any]] = field(default_factory=list)
+    """`data_fingerprint.training_data_fingerprints` of the training datasets."""
 
     def extra_state(self) -> dict[str, Any]:
         """The training position a checkpoint keeps besides model, optimizer and scheduler."""
@@ -121,6 +125,7 @@ class TrainingState:
             "data_seed": self.args.seed,
             "flops": self.flops.as_dict(),
             "tokens": self.tokens,
+            FINGERPRINT_KEY: self.data_fingerprints,
         }
 
 
@@ -197,6 +202,7 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
         model_config=model_config,
         flop_shape=shape.baseline_of() if args.patching_mode == "none" else shape,
         vocab=datasets.vocab,
+        data_fingerprints=training_data_fingerprints(split_sources(args)["train"]),
     )
     if args.load is not None:
         _restore(state)
@@ -241,7 +247,8 @@ def _check_vocab_splits(vocab: JointVocab, tensor_model_parallel_size: int) -> N
 def _restore(state: TrainingState) -> None:
     args = state.args
     loaded = checkpointing.load_checkpoint(args.load, state.model, state.optimizer,
-                                           state.scheduler, args, state.vocab)
+                                           state.scheduler, args, state.vocab,
+                                           state.data_fingerprints)
     if loaded is None:
         logger.info("--load %s holds no checkpoint yet: starting from scratch", args.load)
         return

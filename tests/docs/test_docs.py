@@ -42,7 +42,8 @@ DOC_FILES = [DOCS / page for page in PAGES] + [REPO / "README.md", REPO / "kerne
 EXTERNAL_FLAGS: dict[tuple[str, ...], frozenset[str]] = {
     # torchrun (torch.distributed.run): examples/pretrain_lst_torchrun.sh and the SLURM script
     ("torchrun",): frozenset({"--standalone", "--nnodes", "--nproc-per-node", "--rdzv-backend",
-                              "--rdzv-endpoint", "--rdzv-id", "--max-restarts"}),
+                              "--rdzv-endpoint", "--rdzv-id", "--max-restarts",
+                              "--signals-to-handle"}),
     # sbatch / srun options of examples/pretrain_lst_slurm.sbatch
     ("sbatch", "srun", "SLURM"): frozenset({"--signal", "--requeue", "--export", "--nodes",
                                             "--time", "--partition"}),
