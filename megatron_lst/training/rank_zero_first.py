@@ -28,9 +28,10 @@ without torchrun), the polls end with `OtherRankFailed` at once.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
-import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -63,13 +64,22 @@ def rank_zero_first(work: Callable[[], T], what: str) -> T:
         return work()
     from torch.distributed.distributed_c10d import _get_default_store
 
-    # The restart count keeps an elastic restart, whose store may outlive the last attempt, off
-    # that attempt's keys.
-    key = (f"lst_rank_zero_first/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-           f"{next(_calls)}")
+    key = f"lst_rank_zero_first/{_attempt_token()}/{next(_calls)}"
     return run_rank_zero_first(work, what, _get_default_store(), key,
                                torch.distributed.get_rank(), torch.distributed.get_world_size(),
                                socket.gethostname())
+
+
+@functools.cache
+def _attempt_token() -> str:
+    """A token rank 0 draws and every rank of this process group learns (one broadcast, the
+    first time), naming this attempt's store keys. An elastic restart may keep the last attempt's
+    store, and its restart counts differ between nodes (an agent whose workers were healthy
+    restarts them without counting a failure), so neither the call order nor
+    TORCHELASTIC_RESTART_COUNT tells attempts apart on every rank alike."""
+    token = [secrets.token_hex(8) if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 def report_progress(text: str) -> None:
