@@ -19,7 +19,11 @@ from typing import TextIO
 
 import torch
 
-from megatron_lst.models.reference_import import ReferenceImportError, lst_config_from_reference
+from megatron_lst.models.reference_import import (
+    ReferenceImportError,
+    canonical_state_dict,
+    lst_config_from_reference,
+)
 from megatron_lst.tokenizer.vocab import NUM_RESERVED, JointVocab
 
 from .dist import (
@@ -116,7 +120,7 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     config = lst_config_from_reference(model_args)
     try:  # names and shapes before a model of the size the args give is built
         check_reference_shapes(original, config, full_state_shapes(config))
-        config, state = import_reference(original, model_args)
+        state = canonical_state_dict(original, config)
     except ReferenceImportError as error:
         raise ReferenceImportError(f"{checkpoint} (model args {reference_args}): {error}") from None
     before = build_full_model(config)

@@ -26,7 +26,7 @@ from megatron.core.datasets.indexed_dataset import (
 )
 
 from megatron_lst.data.documents import AlignedDocument, DocumentError
-from megatron_lst.data.manifest import Manifest, ManifestError
+from megatron_lst.data.manifest import REPREPROCESS, Manifest, ManifestError
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
 SEQUENCES_PER_DOCUMENT = {"aligned": 4, "text": 1}
@@ -42,9 +42,7 @@ _INT32_CODE = 4  # megatron.core's DType code of int32, the only dtype DocumentW
 _DTYPE_NAMES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64",
                 7: "float32", 8: "uint16"}
 _MEGATRON_LM_ADVICE = ("LST datasets hold int32 ids of the joint text+speech vocabulary with a "
-                       "manifest (a Megatron-LM preprocess_data.py output does not): run "
-                       "tools/preprocess_data.py on the source documents (text JSONL: "
-                       "--input-format text-jsonl)")
+                       f"manifest (a Megatron-LM preprocess_data.py output does not): {REPREPROCESS}")
 _SPOOL_BUFFER = 1 << 20  # bytes: DocumentWriter's write buffer and index block
 _VALIDATE_BLOCK = 1 << 20  # documents DocumentStore checks at a time when it opens a store
 

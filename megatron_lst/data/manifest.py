@@ -145,6 +145,11 @@ def _check_space_id(tokenizer: TokenizerInfo) -> None:
                         f"{tokenizer.vocab_size}-piece tokenizer")
 
 
+# What to do with data another tool wrote (Megatron-LM's preprocess_data.py, for one).
+REPREPROCESS = ("run tools/preprocess_data.py on the source documents (text JSONL: "
+                "--input-format text-jsonl)")
+
+
 def _index_without_manifest_hint(prefix: str | Path) -> str:
     """Advice for a `.bin/.idx` pair with no manifest, as Megatron-LM's preprocess_data.py
     writes them."""
@@ -152,9 +157,7 @@ def _index_without_manifest_hint(prefix: str | Path) -> str:
         return ""
     return (f"; {prefix}.bin/.idx are there without it, as Megatron-LM's preprocess_data.py "
             f"writes them: its ids are of a text tokenizer alone (uint16 under 65500 tokens), "
-            f"not of the joint text+speech vocabulary the manifest records; run "
-            f"tools/preprocess_data.py on the source documents (text JSONL: --input-format "
-            f"text-jsonl)")
+            f"not of the joint text+speech vocabulary the manifest records; {REPREPROCESS}")
 
 
 def _suffix_hint(prefix: str | Path) -> str:

@@ -445,8 +445,8 @@ def load_checkpoint(
         vocab.check_same(JointVocab.from_dict(metadata["vocab"]), f"checkpoint {path}")
 
     finetune = bool(getattr(args, "finetune", False))
-    if (optimizer is not None and not finetune and not getattr(args, "no_load_optim", False)
-            and holds_weights_only(metadata)):
+    load_optim = optimizer is not None and not finetune and not getattr(args, "no_load_optim", False)
+    if load_optim and holds_weights_only(metadata):
         raise CheckpointError(
             f"checkpoint {path} holds model weights only (no optimizer state, learning-rate "
             f"schedule or data position: what lst-convert portable-to-dist writes), so a run "
@@ -464,7 +464,6 @@ def load_checkpoint(
             if data_notes and dist.get_rank() == 0:
                 logger.warning("%s", "; ".join(data_notes))
     verify_or_point_elsewhere(path)
-    load_optim = optimizer is not None and not finetune and not getattr(args, "no_load_optim", False)
     load_rng = not finetune and not getattr(args, "no_load_rng", False)
     if load_rng and metadata["parallel_layout"] != _parallel_layout():
         logger.warning(

@@ -202,7 +202,9 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
         model_config=model_config,
         flop_shape=shape.baseline_of() if args.patching_mode == "none" else shape,
         vocab=datasets.vocab,
-        data_fingerprints=training_data_fingerprints(split_sources(args)["train"]),
+        # only a checkpoint keeps them (--save) or is compared with them (--load)
+        data_fingerprints=(training_data_fingerprints(split_sources(args)["train"])
+                           if args.save is not None or args.load is not None else []),
     )
     if args.load is not None:
         _restore(state)

@@ -50,18 +50,15 @@ class MetricsFile:
             logger.error("cannot append to %s (%s): no more metrics lines this run (the log "
                          "keeps them); free space or fix the file system, then resume",
                          self._file.name, err)
-            self._close_quietly()
-
-    def _close_quietly(self) -> None:
-        try:
-            self._file.close()
-        except OSError:  # flushing what the failed write left buffered fails again
-            pass
-        self._file = None
+            try:
+                self.close()
+            except OSError:  # flushing what the failed write left buffered fails again
+                self._file = None
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            file, self._file = self._file, None
+            file.close()
 
 
 def _drop_records_after(path: Path, iteration: int) -> None:

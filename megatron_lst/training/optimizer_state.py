@@ -91,7 +91,7 @@ def _unpadded_param_index_maps(optimizer: Any):
     parameter's state. The state dict's keys are model-space names, so the corrected offsets
     also load checkpoints saved under other layouts. A no-op for other optimizers.
     """
-    buffers = [buffer for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+    buffers = [buffer for inner in _inner_optimizers(optimizer)
                for buffer in getattr(inner, "buffers", [])]
     saved = [buffer.param_index_map for buffer in buffers]
     try:
@@ -130,7 +130,7 @@ def _torch_adam_distributed_optimizers(optimizer: Any) -> list[Any]:
 
     if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
         return []
-    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    inners = _inner_optimizers(optimizer)
     found = [inner for inner in inners
              if isinstance(inner, distrib_optimizer.DistributedOptimizer)]
     if not found:

@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_lst.training.flag_checks import (
     ArgumentError,
@@ -23,6 +24,9 @@ from megatron_lst.training.flag_checks import (
     require_positive,
 )
 from megatron_lst.training.megatron_flags import SIZES_ONLY_ONE
+
+if TYPE_CHECKING:  # the models pull in megatron.core and torch: imported where a check runs
+    from megatron_lst.models.config import LSTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -282,29 +286,29 @@ def validate_lst(args: argparse.Namespace) -> None:
         )
 
 
-def check_model_config(args: argparse.Namespace) -> None:
-    """What the model configuration itself rejects (e.g. an odd head dimension), named."""
+def check_model_config(args: argparse.Namespace) -> LSTConfig:
+    """The model configuration of the flags (its vocabulary a stand-in: the vocabulary enters
+    no check); what the configuration itself rejects (e.g. an odd head dimension), named."""
     from megatron_lst.models.config import ModelConfigError
     from megatron_lst.training.model_provider import lst_config_from_args
 
     try:
-        lst_config_from_args(args, vocab_size=2, eos_id=1)  # the vocabulary enters no check
+        return lst_config_from_args(args, vocab_size=2, eos_id=1)
     except ModelConfigError as err:
         raise ArgumentError(f"the model flags describe an impossible model: {err}") from None
 
 
-def validate_backends(args: argparse.Namespace) -> None:
+def validate_backends(args: argparse.Namespace, config: LSTConfig) -> None:
     """The communication and global-block backends the flags name, and the kernel backend
     (--kernel-backend, or LST_KERNEL_BACKEND under auto, which the range attention reads on
     CUDA), can run here, with heads the Triton patch attention kernel takes where it runs: the
     cross-attention's, the packed-document global attention's and the local windows' (each used
-    to fail only once the model was built or ran)."""
+    to fail only once the model was built or ran). `config`: `check_model_config(args)`."""
     import torch
     from lst_kernels.backend import BACKEND_ENV_VAR, resolve_backend
     from lst_kernels.patch_attention import TRITON_MAX_HEAD_DIM
 
     from megatron_lst.models.specs import resolve_transformer_impl
-    from megatron_lst.training.model_provider import lst_config_from_args
 
     if args.distributed_backend == "nccl" and not torch.cuda.is_available():
         raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo (the default "
@@ -322,7 +326,6 @@ def validate_backends(args: argparse.Namespace) -> None:
     # With CUDA the kernels get CUDA tensors: no tensor stands for those (a CUDA one here would
     # open a context), which still checks LST_KERNEL_BACKEND and that Triton is installed.
     tensors = () if torch.cuda.is_available() else (torch.empty(0),)
-    config = lst_config_from_args(args, vocab_size=2, eos_id=1)
     # (backend, what chooses it, the attention whose heads it gets, their size, the PyTorch switch)
     chosen = []
     if args.patching_mode != "none":  # pooling and cross-attention
