@@ -167,11 +167,17 @@ def _complete_checkpoints(root: Path) -> dict[int, Path]:
             leftovers.append(entry.name)
         elif (match := _COMPLETE_NAME.match(entry.name)) and _is_complete(entry):
             complete[int(match.group(1))] = entry
-    if leftovers:
+    report = (str(root), tuple(leftovers))
+    if leftovers and report not in _reported_leftovers:  # a run looks in --load several times
+        _reported_leftovers.add(report)
         logger.warning(
             "%s holds %d interrupted save(s) that will not be loaded: %s; remove them once no "
             "save is running", root, len(leftovers), ", ".join(leftovers))
     return complete
+
+
+# (save directory, its interrupted saves) this process has reported.
+_reported_leftovers: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def checkpoints_from(root: str | os.PathLike, first_iteration: int) -> list[Path]:
