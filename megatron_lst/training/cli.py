@@ -52,18 +52,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pretrain(args)
     except CheckpointError as error:  # raised alike on every rank
-        print(f"lst-train: {error}", file=sys.stderr)
-        return EXIT_CHECKPOINT_REFUSED
+        return _report(EXIT_CHECKPOINT_REFUSED, str(error), error)
     except ItemError as error:
-        print(f"lst-train: --eval-data: {error}", file=sys.stderr)
-        return 2
+        return _report(2, f"--eval-data: {error}", error)
     except (DocumentError, DatasetError, VocabularyError) as error:
-        print(f"lst-train: bad training data: {error}", file=sys.stderr)
-        return EXIT_BAD_DATA
+        return _report(EXIT_BAD_DATA, f"bad training data: {error}", error)
     except NonFiniteLossError as error:
-        print(f"lst-train: {error}", file=sys.stderr)
-        return EXIT_NON_FINITE_LOSS
+        return _report(EXIT_NON_FINITE_LOSS, str(error), error)
     return 0
+
+
+def _report(status: int, message: str, error: Exception) -> int:
+    """Print `message` for `error` and return `status`. A rank that stops because another rank
+    failed then tells that rank it has said why: the failed rank waits for it before it exits,
+    after which the launcher ends the other ranks."""
+    from megatron_lst.training.rank_zero_first import acknowledge_other_rank_failure
+
+    print(f"lst-train: {message}", file=sys.stderr, flush=True)
+    acknowledge_other_rank_failure(error)
+    return status
 
 
 if __name__ == "__main__":

@@ -21,9 +21,13 @@ The rank that others wait on passes on how far it has got: `report_progress(text
 from the work (the row-index build calls it with its progress line), sets a key whose latest text
 the waiting ranks add to their log lines.
 
-A rank that dies without a word leaves the others waiting until the launcher (torchrun, SLURM)
-stops them, as it does when a rank exits; when the store's server goes (rank 0 serves it
-without torchrun), the polls end with `OtherRankFailed` at once.
+A rank whose work raises waits (at most `STOP_WAIT_SECONDS`) before it goes on raising, until
+every other rank has said that it stops too: those that learn of the failure raise
+`OtherRankFailed`, and call its `acknowledge()` once they have printed why they stop. A launcher
+(torchrun, SLURM) ends all ranks once one exits, so without that wait the failed rank's exit cut
+the others off before their own message. A rank that dies without a word leaves the others
+waiting until the launcher stops them; when the store's server goes (rank 0 serves it without
+torchrun), the polls end with `OtherRankFailed` at once.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
 REPORT_SECONDS = 60.0
+# How long a rank whose work failed waits for the other ranks to say that they stop with it.
+STOP_WAIT_SECONDS = 10.0
 _DONE, _FAILED = b"done", b"failed"
 _calls = itertools.count()  # every rank makes the same calls in the same order
 # (store, key) where this process's work reports its progress, while other ranks wait for it.
@@ -53,6 +59,27 @@ T = TypeVar("T")
 
 class OtherRankFailed(RuntimeError):
     """Another rank failed at the work (its own message says why), or its store went away."""
+
+    def __init__(self, message: str, acknowledge: Callable[[], None] = lambda: None):
+        super().__init__(message)
+        self._acknowledge = acknowledge
+
+    def acknowledge(self) -> None:
+        """Tell the failed rank, which waits for it, that this rank has said why it stops (call
+        it after printing the message)."""
+        try:
+            self._acknowledge()
+        except (RuntimeError, OSError):  # the store's server is gone: nobody waits any more
+            pass
+
+
+def acknowledge_other_rank_failure(error: BaseException) -> None:
+    """`acknowledge()` the OtherRankFailed that `error` is or was raised from, if any."""
+    while error is not None:
+        if isinstance(error, OtherRankFailed):
+            error.acknowledge()
+            return
+        error = error.__cause__
 
 
 def rank_zero_first(work: Callable[[], T], what: str) -> T:
@@ -104,7 +131,7 @@ def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank:
               progress=(store, f"{key}/rank0/progress"))
         if store.get(f"{key}/rank0") != _DONE:
             raise OtherRankFailed(f"rank 0 failed to {what} (its message says why); this rank "
-                                  f"stops with it")
+                                  f"stops with it", _stopping(store, key))
         arrival = store.add(f"{host_key}/arrivals", 1)
         leads_host = arrival == 1
         if not leads_host:
@@ -116,10 +143,13 @@ def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank:
     _progress_key = (store, progress_key) if leads_host else None
     try:
         result = work()
-    except BaseException:
+    except BaseException as error:
         store.set(f"{key}/failed", str(rank))
         if rank == 0:
             store.set(f"{key}/rank0", _FAILED)
+        _stopping(store, key)()
+        if isinstance(error, Exception):  # not when interrupted: stop now
+            _wait_for_the_others_to_stop(store, key, world_size)
         raise
     finally:
         _progress_key = None
@@ -139,8 +169,26 @@ def _failed(store, key: str, what: str) -> bool:
     if store.check([f"{key}/failed"]):
         failed = store.get(f"{key}/failed").decode()
         raise OtherRankFailed(f"rank {failed} failed to {what} (its message says why); this "
-                              f"rank stops with it")
+                              f"rank stops with it", _stopping(store, key))
     return False
+
+
+def _stopping(store, key: str) -> Callable[[], None]:
+    """Counts a rank into `<key>/stopping`: the ranks that failed, and those that have said
+    they stop with them."""
+    return lambda: store.add(f"{key}/stopping", 1)
+
+
+def _wait_for_the_others_to_stop(store, key: str, world_size: int) -> None:
+    """Wait until every rank is counted in `<key>/stopping`, for at most `STOP_WAIT_SECONDS`
+    (a rank still at its own work learns of the failure only when that work ends)."""
+    deadline = time.monotonic() + STOP_WAIT_SECONDS
+    try:
+        while (store.add(f"{key}/stopping", 0) < world_size
+               and time.monotonic() < deadline):
+            time.sleep(min(POLL_SECONDS, 0.05))
+    except (RuntimeError, OSError):  # the store's server is gone: nobody to wait for
+        pass
 
 
 def _wait(whom: str, quiet: bool, done: Callable[[], bool],

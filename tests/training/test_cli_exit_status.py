@@ -65,12 +65,13 @@ def test_bad_data_stops_every_rank_with_one_line(tmp_path):
     assert run.returncode != 0
     assert "[rank1]: Traceback" not in output and "Connection closed by peer" not in output, \
         output[-3000:]
-    # One message per rank (the two processes' lines may interleave in the shared pipe).
+    # One message per rank (the two processes' lines may interleave in the shared pipe): rank 0
+    # exits only once rank 1 has printed its line, or torchrun could end rank 1 before it.
     assert output.count("lst-train: ") == 2, output[-3000:]
     assert f"lst-train: bad training data: {idx}: is " in output
     assert "lst-train: bad training data: rank 0 failed to build the datasets" in output
-    # Each rank exits with 4; once one has, torchrun may end the other with SIGTERM (-15) before
-    # it exits by itself (its line above shows it got there).
+    # Each rank exits with 4; once rank 0 has, torchrun may end rank 1 with SIGTERM (-15) between
+    # its line and its exit.
     codes = re.findall(r"exitcode  : (-?\d+)", output)
     assert "4" in codes and set(codes) <= {"4", "-15"}, output[-3000:]
 
