@@ -125,15 +125,39 @@ def test_unknown_task_is_refused():
         task_row(HAND_DOC, "lm", VOCAB, SPACE_ID)
 
 
-def test_too_long_row_names_the_flags_and_max_row_shape_sizes_them():
-    store = MemoryStore("aligned", [HAND_DOC])
+def test_too_long_rows_are_refused_before_training_with_the_sizes_that_hold_them():
+    """A row too long for the flags used to stop training only when the row was reached, after
+    however many iterations came first, naming no size that would hold the store."""
+    short = AlignedDocument(np.array([7], np.int32), np.array([1, 2], np.int32),
+                            np.array([1], np.int32), np.array([2], np.int32))
+    store = MemoryStore("aligned", [short, HAND_DOC, short])
     patcher = Patcher(PatchingConfig("static", patch_size=3))
-    dataset = TaskDataset(store, "asr", 1, 8, 10, patcher, seed=0)
-    with pytest.raises(DatasetError, match="--max-tokens 10 or --seq-length 8"):
-        dataset[0]
     inputs, patches = max_row_shape(store, "asr", patcher, None)
     assert (inputs, patches) == (12, 9)  # BOS, [<s> u u], [u u u], [u], <t>, 7, 8, 9, EOS
-    TaskDataset(store, "asr", 1, patches, inputs, patcher, seed=0)[0]  # fits exactly
+    for seq_length, max_tokens in ((8, 12), (9, 11)):
+        with pytest.raises(DatasetError) as refused:
+            TaskDataset(store, "asr", 3, seq_length, max_tokens, patcher, seed=0)
+        assert str(refused.value) == (
+            f"1 of 3 utterances make asr rows longer than --max-tokens {max_tokens} inputs or "
+            f"--seq-length {seq_length} patches hold: document 1 has 12 inputs in 9 patches. The "
+            f"smallest sizes that hold every row are --max-tokens 12 and --seq-length 9 "
+            f"(--max-position-embeddings at least that): give them, or leave the longest "
+            f"utterances out of the store")
+    dataset = TaskDataset(store, "asr", 3, patches, inputs, patcher, seed=0)  # fits exactly
+    assert [len(dataset[i]["tokens"]) for i in range(3)] == [12] * 3
+
+
+def test_mixed_patching_sizes_rows_for_either_rule():
+    """Mixed patching draws static or aligned per row: the check holds a row under both, so the
+    refusal cannot depend on which rule a row happens to draw."""
+    store = MemoryStore("aligned", [HAND_DOC])
+    patcher = Patcher(PatchingConfig("mixed", patch_size=3, prob_static=0.5))
+    rules = [len(patcher.lengths_for_rule(task_row(HAND_DOC, "asr", VOCAB, None).doc, rule))
+             for rule in ("static", "aligned")]
+    assert rules == [9, 10]
+    assert max_row_shape(store, "asr", patcher, None) == (12, 10)
+    with pytest.raises(DatasetError, match="--seq-length 9 patches hold"):
+        TaskDataset(store, "asr", 1, 9, 12, patcher, seed=0)
 
 
 def test_utterance_without_transcript_is_refused():
