@@ -226,13 +226,18 @@ def _check_rows_fit(store, task: str, patcher: Patcher, space_id: int | None, se
         return
     first = int(too_long[0])
     most_inputs, most_patches = (int(v) for v in shapes.max(axis=0))
+    if patcher.config.mode == "none":  # the token baseline: --max-tokens is --seq-length
+        held = f"--seq-length {seq_length} positions hold"
+        needed = f"--seq-length {most_patches}"
+    else:  # --max-tokens may not be below --seq-length
+        held = f"--max-tokens {max_tokens} inputs or --seq-length {seq_length} patches hold"
+        needed = f"--max-tokens {max(most_inputs, most_patches)} and --seq-length {most_patches}"
     raise DatasetError(
         f"{len(too_long)} of {len(store)} utterances{_where(store)} make {task} rows longer than "
-        f"--max-tokens {max_tokens} inputs or --seq-length {seq_length} patches hold: document "
-        f"{first}{_where(store, first)} has {shapes[first, 0]} inputs in {shapes[first, 1]} "
-        f"patches. The smallest sizes that hold every row are --max-tokens {most_inputs} and "
-        f"--seq-length {most_patches} (--max-position-embeddings at least that): give them, or "
-        f"leave the longest utterances out of the store")
+        f"{held}: document {first}{_where(store, first)} has {shapes[first, 0]} inputs in "
+        f"{shapes[first, 1]} patches. The smallest sizes that hold every row are {needed} "
+        f"(--max-position-embeddings at least that): give them, or leave the longest utterances "
+        f"out of the store")
 
 
 def _where(store, index: int | None = None) -> str:

@@ -147,6 +147,18 @@ def test_too_long_rows_are_refused_before_training_with_the_sizes_that_hold_them
     assert [len(dataset[i]["tokens"]) for i in range(3)] == [12] * 3
 
 
+def test_the_baseline_is_told_the_seq_length_alone():
+    """The token baseline has no --max-tokens of its own (it is --seq-length), and its row holds a
+    position for each token up to the last target: 12 inputs need --seq-length 13."""
+    store = MemoryStore("aligned", [HAND_DOC])
+    with pytest.raises(DatasetError) as refused:
+        TaskDataset(store, "asr", 1, 12, 12, Patcher(PatchingConfig("none")), seed=0)
+    assert ("rows longer than --seq-length 12 positions hold: document 0 has 12 inputs in 13 "
+            "patches. The smallest sizes that hold every row are --seq-length 13 "
+            "(--max-position-embeddings") in str(refused.value)
+    TaskDataset(store, "asr", 1, 13, 13, Patcher(PatchingConfig("none")), seed=0)[0]
+
+
 def test_mixed_patching_sizes_rows_for_either_rule():
     """Mixed patching draws static or aligned per row: the check holds a row under both, so the
     refusal cannot depend on which rule a row happens to draw."""
