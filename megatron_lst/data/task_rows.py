@@ -19,9 +19,10 @@ curriculum patching draw one of the two per utterance.
 mask set on the answer's targets only (`megatron_lst.patching.contract`: positions after the last
 target are padding; before it, the mask marks the trained targets). Rows visit the store's
 utterances in a fresh permutation each epoch, drawn from (seed, epoch), as `LSTDataset` orders
-documents. A store with an utterance that has no transcript or no units, or whose row does not fit
-`seq_length` patches or `max_tokens` inputs under a rule the patcher can draw, is refused when the
-dataset is made, naming the sizes that hold every row (`max_row_shape`).
+documents. A store with an utterance that has no transcript or no units, ids outside the
+vocabulary, a BOS or EOS among its pieces, or a row that does not fit `seq_length` patches or
+`max_tokens` inputs under a rule the patcher can draw, is refused when the dataset is made (the
+last naming the sizes that hold every row, `max_row_shape`), not when training reaches its row.
 """
 
 from __future__ import annotations
@@ -118,10 +119,14 @@ def task_row(doc: AlignedDocument, task: str, vocab: JointVocab, space_id: int |
 
 def row_shapes(store, task: str, patcher: Patcher, space_id: int | None) -> np.ndarray:
     """[D, 2] int64: the inputs of each utterance's `task` row and its most patches under any rule
-    the patcher can draw."""
+    the patcher can draw. Raises DocumentError for an utterance that is not a valid document."""
     shapes = np.zeros((len(store), 2), dtype=np.int64)
     for index in range(len(store)):
-        row = task_row(store[index], task, store.vocab, space_id)
+        stored = store[index]
+        # Ids outside the vocabulary, or a BOS/EOS among the transcript's pieces (which would
+        # cut the row's document mid-answer), are named with the file and document.
+        check_document_of(store, index, stored, store.vocab)
+        row = task_row(stored, task, store.vocab, space_id)
         shapes[index, 0] = len(row.doc) - 1
         shapes[index, 1] = max(len(patcher.lengths_for_rule(row.doc, rule))
                                for rule in patcher.candidate_rules)
@@ -180,10 +185,7 @@ class TaskDataset(torch.utils.data.Dataset):
     def row(self, index: int) -> tuple[TaskRow, np.ndarray]:
         """Row `index`: the utterance's task row and its patch lengths `[P_row]` int32."""
         epoch, doc_id = self.document_id(index)
-        stored = self.store[doc_id]
-        # A BOS/EOS among the transcript's pieces would cut the row's document mid-answer.
-        check_document_of(self.store, doc_id, stored, self.vocab)
-        row = task_row(stored, self.task, self.vocab, self.space_id)
+        row = task_row(self.store[doc_id], self.task, self.vocab, self.space_id)
         rng = (np.random.default_rng([self.seed, epoch, doc_id, _PATCHING])
                if self.patcher.needs_rng else None)
         step = (int(self.sample_positions[index]) // self.global_batch_size

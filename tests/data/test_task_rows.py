@@ -7,7 +7,7 @@ import torch
 from document_cases import SPACE_ID, VOCAB, MemoryStore, aligned_store, text_store
 
 from megatron_lst.data.dataset import DatasetError
-from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.documents import AlignedDocument, DocumentError
 from megatron_lst.data.indexed import DocumentStore, DocumentWriter
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
 from megatron_lst.data.task_rows import TaskDataset, max_row_shape, task_row
@@ -182,17 +182,33 @@ def test_utterance_without_transcript_is_refused():
 def test_an_eos_among_the_transcript_pieces_is_named():
     """A transcript holding the EOS id (a '</s>' kept as the special id by an older
     preprocessing) would end the row's document in the middle of the answer."""
-    from megatron_lst.data.documents import DocumentError
-
     stray = AlignedDocument(np.array([7, VOCAB.eos_id, 9], np.int32), HAND_DOC.unit_ids,
                             HAND_DOC.seg_text_len, HAND_DOC.seg_unit_len)
     store = MemoryStore("aligned", [HAND_DOC, stray])
-    dataset = TaskDataset(store, "asr", 2, 40, 40, Patcher(PATCHINGS["static"]), seed=0)
-    rows = [dataset.document_id(i)[1] for i in range(2)]
     with pytest.raises(DocumentError, match=rf"document 1: text piece 1 is id {VOCAB.eos_id}, "
                                             r"the tokenizer's EOS"):
-        dataset[rows.index(1)]
-    dataset[rows.index(0)]  # the clean utterance still makes its row
+        TaskDataset(store, "asr", 2, 40, 40, Patcher(PATCHINGS["static"]), seed=0)
+    TaskDataset(MemoryStore("aligned", [HAND_DOC]), "asr", 1, 40, 40,
+                Patcher(PATCHINGS["static"]), seed=0)[0]  # the clean utterance makes its row
+
+
+@pytest.mark.parametrize("part, bad, message", [
+    ("unit_ids", VOCAB.num_units, f"memory, document 1: speech unit {VOCAB.num_units} is outside "
+                                  f"the codebook"),
+    ("text_ids", VOCAB.text_size, f"memory, document 1: text id {VOCAB.text_size} is outside the "
+                                  f"tokenizer's"),
+])
+def test_ids_outside_the_vocabulary_are_named_before_training(part, bad, message):
+    """They used to stop training at whichever iteration reached the utterance (and a unit out of
+    the codebook named neither the file nor the document)."""
+    doc = AlignedDocument(HAND_DOC.text_ids.copy(), HAND_DOC.unit_ids.copy(),
+                          HAND_DOC.seg_text_len, HAND_DOC.seg_unit_len)
+    getattr(doc, part)[1] = bad
+    store = MemoryStore("aligned", [HAND_DOC, doc])
+    store.describe = lambda index: f"memory, document {index}"
+    with pytest.raises(DocumentError) as refused:
+        TaskDataset(store, "tts", 2, 40, 40, Patcher(PATCHINGS["static"]), seed=0)
+    assert str(refused.value).startswith(message)
 
 
 def test_a_store_with_an_utterance_without_transcript_is_refused_before_training(tmp_path):
