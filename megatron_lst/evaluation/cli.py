@@ -254,6 +254,7 @@ def task_main(args: argparse.Namespace) -> int:
     from megatron_lst.data.indexed import DocumentStore
     from megatron_lst.evaluation.downstream import (
         TaskModel,
+        read_utterances,
         run_asr,
         run_tts,
         summarise_asr,
@@ -275,7 +276,7 @@ def task_main(args: argparse.Namespace) -> int:
         if store.kind != "aligned":
             raise ValueError(f"--utterances {args.utterances} is a {store.kind} dataset; give an "
                              f"aligned (speech) one")
-        utterances = [store[i] for i in range(min(len(store), args.num_utterances or len(store)))]
+        utterances = read_utterances(store, min(len(store), args.num_utterances or len(store)))
         loaded = load_inference_model(args.load, tokenizer_model=args.tokenizer_model)
         if args.output is not None:  # the tokenizer the checkpoint names
             _check_output_spares(args.output, loaded.tokenizer.path, "the model's tokenizer")

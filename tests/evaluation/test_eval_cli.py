@@ -425,6 +425,26 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     assert {"unit_edit_rate", "asr_cer", "global_steps_per_second"} <= set(results)
 
 
+@pytest.mark.parametrize("task", ["asr", "tts"])
+def test_lst_eval_task_names_a_broken_utterance_before_decoding(checkpoint, capsys, monkeypatch,
+                                                                task):
+    root, _, _ = checkpoint
+    docs = utterances(seed=4, count=3)
+    docs[1].unit_ids[0] = NUM_UNITS + 3
+    prefix = write_utterances(root / f"broken_{task}", docs)
+    import megatron_lst.evaluation.downstream as downstream
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the utterances were checked")
+
+    monkeypatch.setattr(downstream, "_decode", no_decoding)
+    assert eval_main(["--load", str(root / "save"), "--task", task, "--utterances",
+                      str(prefix)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lst-eval: {prefix}.bin, document 1: speech unit {NUM_UNITS + 3} is "
+                          f"outside the codebook 0..{NUM_UNITS - 1}"), err
+
+
 def test_results_that_are_not_a_number_are_written_as_null(tmp_path):
     """json.dumps wrote NaN (the steps per second of a TTS model that generated no units), which
     is no JSON: strict readers (jq, JavaScript) refused the file."""
