@@ -227,6 +227,8 @@ def _check_rows_fit(store, task: str, patcher: Patcher, space_id: int | None, se
     if not len(too_long):
         return
     first = int(too_long[0])
+    describe = getattr(store, "describe", None)  # the file and its document number
+    named = describe(first) if describe is not None else f"document {first}"
     most_inputs, most_patches = (int(v) for v in shapes.max(axis=0))
     if patcher.config.mode == "none":  # the token baseline: --max-tokens is --seq-length
         held = f"--seq-length {seq_length} positions hold"
@@ -236,7 +238,7 @@ def _check_rows_fit(store, task: str, patcher: Patcher, space_id: int | None, se
         needed = f"--max-tokens {max(most_inputs, most_patches)} and --seq-length {most_patches}"
     raise DatasetError(
         f"{len(too_long)} of {len(store)} utterances{_where(store)} make {task} rows longer than "
-        f"{held}: document {first}{_where(store, first)} has {shapes[first, 0]} inputs in "
+        f"{held}: {named} has {shapes[first, 0]} inputs in "
         f"{shapes[first, 1]} patches. The smallest sizes that hold every row are {needed} "
         f"(--max-position-embeddings at least that): give them, or leave the longest utterances "
         f"out of the store")

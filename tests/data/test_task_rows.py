@@ -227,3 +227,23 @@ def test_a_store_with_an_utterance_without_transcript_is_refused_before_training
                                            r"units, which tts rows need: document 1 \(.*speech.bin, "
                                            r"document 1\) has 0 text pieces and 2 units"):
         TaskDataset(store, "tts", 3, 16, 32, patcher, seed=0)
+
+
+def test_a_too_long_row_of_a_later_part_is_named_by_its_place_in_the_file():
+    """The valid part of a split starts inside the store: its first too-long utterance was named
+    'document 0 (speech.bin, document 40)', two numbers for one utterance."""
+    from megatron_lst.training.data_provider import DocumentRange
+
+    store = MemoryStore("aligned", [HAND_DOC] * 3)
+    store.describe = lambda index: f"speech.bin, document {index}"
+    store.prefix = "speech"
+    store.part_lengths = lambda start, stop: np.array(  # [D, 4] as DocumentStore's
+        [[len(d.text_ids), len(d.unit_ids), d.num_segments, d.num_segments]
+         for d in store.documents[start:stop]])
+    valid = DocumentRange(store, 2, 3)
+    with pytest.raises(DatasetError) as refused:
+        TaskDataset(valid, "asr", 1, 8, 12, Patcher(PatchingConfig("static", patch_size=3)),
+                    seed=0)
+    assert ("1 of 1 utterances (speech) make asr rows longer than --max-tokens 12 inputs or "
+            "--seq-length 8 patches hold: speech.bin, document 2 has 12 inputs in 9 patches"
+            ) in str(refused.value)
