@@ -110,3 +110,17 @@ def test_a_requeued_fine_tuning_job_that_cannot_resume_is_told_how(tmp_path):
     resumed = _validated(tmp_path, "--pretrained-checkpoint", str(pretrained), "--load", str(own),
                          "--save", str(own))
     assert (resumed.finetune, resumed.resume_from) == (False, str(own / "iter_0000002"))
+
+
+def test_a_job_that_saves_nothing_is_warned_that_a_requeue_starts_over(tmp_path, caplog):
+    pretrained, own = tmp_path / "pretrained", tmp_path / "ft"
+    fake_checkpoint(pretrained, 100)
+    assert _validated(tmp_path, "--pretrained-checkpoint", str(pretrained), "--load",
+                      str(own)).finetune
+    assert (f"--pretrained-checkpoint {pretrained} without --save: this run saves no checkpoint "
+            f"in --load {own}, so a requeued run fine-tunes from the pretrained weights again; "
+            f"give --save {own} to resume instead") in caplog.text
+    caplog.clear()
+    _validated(tmp_path, "--pretrained-checkpoint", str(pretrained), "--load", str(own),
+               "--save", str(own))
+    assert "without --save" not in caplog.text
