@@ -19,9 +19,10 @@ curriculum patching draw one of the two per utterance.
 mask set on the answer's targets only (`megatron_lst.patching.contract`: positions after the last
 target are padding; before it, the mask marks the trained targets). Rows visit the store's
 utterances in a fresh permutation each epoch, drawn from (seed, epoch), as `LSTDataset` orders
-documents; a row whose utterance does not fit `seq_length` patches or `max_tokens` inputs raises
-`DatasetError` naming the flags to raise (`max_row_shape` measures a store up front); a store
-with an utterance that has no transcript or no units is refused when the dataset is made.
+documents. A store with an utterance that has no transcript or no units, ids outside the
+vocabulary, a BOS or EOS among its pieces, or a row that does not fit `seq_length` patches or
+`max_tokens` inputs under a rule the patcher can draw, is refused when the dataset is made (the
+last naming the sizes that hold every row, `max_row_shape`), not when training reaches its row.
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ def check_task(task: str) -> None:
         raise DatasetError(f"task rows are made for 'asr' or 'tts', got {task!r}")
 
 
+def check_task_store(store, task: str) -> None:
+    """Refuse a store that holds no utterances (a text one) for `task` rows."""
+    check_task(task)
+    if store.kind != "aligned":
+        raise DatasetError(f"{task} rows need an aligned speech dataset, got a {store.kind} "
+                           f"one{_where(store)}; give only speech datasets to --data-path "
+                           f"with --task {task}")
+
+
 def task_row(doc: AlignedDocument, task: str, vocab: JointVocab, space_id: int | None) -> TaskRow:
     """The `task` row of one stored utterance (see the module docstring)."""
     check_task(task)
@@ -107,16 +117,30 @@ def task_row(doc: AlignedDocument, task: str, vocab: JointVocab, space_id: int |
     return TaskRow(interleaved, prompt_length)
 
 
+def row_shapes(store, task: str, patcher: Patcher, space_id: int | None) -> np.ndarray:
+    """[D, 2] int64: the inputs of each utterance's `task` row and its most patches under any rule
+    the patcher can draw. Raises DocumentError for an utterance that is not a valid document."""
+    shapes = np.zeros((len(store), 2), dtype=np.int64)
+    for index in range(len(store)):
+        stored = store[index]
+        # Ids outside the vocabulary, or a BOS/EOS among the transcript's pieces (which would
+        # cut the row's document mid-answer), are named with the file and document.
+        check_document_of(store, index, stored, store.vocab)
+        row = task_row(stored, task, store.vocab, space_id)
+        shapes[index, 0] = len(row.doc) - 1
+        shapes[index, 1] = max(len(patcher.lengths_for_rule(row.doc, rule))
+                               for rule in patcher.candidate_rules)
+    return shapes
+
+
 def max_row_shape(store, task: str, patcher: Patcher, space_id: int | None) -> tuple[int, int]:
     """(most inputs, most patches) of any `task` row of `store`'s utterances under any rule the
     patcher can draw: the smallest `--max-tokens` and `--seq-length` that hold every row."""
-    most_inputs = most_patches = 0
-    for index in range(len(store)):
-        row = task_row(store[index], task, store.vocab, space_id)
-        most_inputs = max(most_inputs, len(row.doc) - 1)
-        for rule in patcher.candidate_rules:
-            most_patches = max(most_patches, len(patcher.lengths_for_rule(row.doc, rule)))
-    return most_inputs, most_patches
+    shapes = row_shapes(store, task, patcher, space_id)  # [D, 2]
+    if not len(shapes):
+        return 0, 0
+    most_inputs, most_patches = shapes.max(axis=0)
+    return int(most_inputs), int(most_patches)
 
 
 class TaskDataset(torch.utils.data.Dataset):
@@ -131,15 +155,12 @@ class TaskDataset(torch.utils.data.Dataset):
                  patcher: Patcher, seed: int, *, global_batch_size: int = 1,
                  space_id: int | None = None, sample_positions: np.ndarray | None = None,
                  training: bool = True):
-        check_task(task)
-        if store.kind != "aligned":
-            raise DatasetError(f"{task} rows need an aligned speech dataset, got a {store.kind} "
-                               f"one{_where(store)}; give only speech datasets to --data-path "
-                               f"with --task {task}")
+        check_task_store(store, task)
         if len(store) == 0:
             raise DatasetError("the document store is empty")
         if hasattr(store, "part_lengths"):
             _check_utterances(store, task)
+        _check_rows_fit(store, task, patcher, space_id, seq_length, max_tokens)
         self.store = store
         self.task = task
         self.vocab = store.vocab
@@ -164,22 +185,12 @@ class TaskDataset(torch.utils.data.Dataset):
     def row(self, index: int) -> tuple[TaskRow, np.ndarray]:
         """Row `index`: the utterance's task row and its patch lengths `[P_row]` int32."""
         epoch, doc_id = self.document_id(index)
-        stored = self.store[doc_id]
-        # A BOS/EOS among the transcript's pieces would cut the row's document mid-answer.
-        check_document_of(self.store, doc_id, stored, self.vocab)
-        row = task_row(stored, self.task, self.vocab, self.space_id)
+        row = task_row(self.store[doc_id], self.task, self.vocab, self.space_id)
         rng = (np.random.default_rng([self.seed, epoch, doc_id, _PATCHING])
                if self.patcher.needs_rng else None)
         step = (int(self.sample_positions[index]) // self.global_batch_size
                 if self.training else None)
-        lengths = self.patcher.patch_lengths(row.doc, rng, step)
-        if len(row.doc) - 1 > self.max_tokens or len(lengths) > self.seq_length:
-            raise DatasetError(
-                f"the {self.task} row of document {doc_id}{_where(self.store, doc_id)} has "
-                f"{len(row.doc) - 1} inputs in {len(lengths)} patches, more than --max-tokens "
-                f"{self.max_tokens} or --seq-length {self.seq_length} hold; raise them to the "
-                f"store's longest row (megatron_lst.data.task_rows.max_row_shape)")
-        return row, lengths
+        return row, self.patcher.patch_lengths(row.doc, rng, step)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.num_samples:
@@ -204,6 +215,33 @@ def _check_utterances(store, task: str) -> None:
             f"units, which {task} rows need: document {first}{_where(store, first)} has "
             f"{lengths[first, 0]} text pieces and {lengths[first, 1]} units; leave such "
             f"utterances out of the corpus and re-run tools/preprocess_data.py")
+
+
+def _check_rows_fit(store, task: str, patcher: Patcher, space_id: int | None, seq_length: int,
+                    max_tokens: int) -> None:
+    """Refuse, before training, a store with an utterance whose row does not fit `max_tokens`
+    inputs and `seq_length` patches under some rule the patcher can draw: training would stop
+    with an error when it reached that row, after however many iterations came before it."""
+    shapes = row_shapes(store, task, patcher, space_id)  # [D, 2]
+    too_long = np.flatnonzero((shapes[:, 0] > max_tokens) | (shapes[:, 1] > seq_length))
+    if not len(too_long):
+        return
+    first = int(too_long[0])
+    describe = getattr(store, "describe", None)  # the file and its document number
+    named = describe(first) if describe is not None else f"document {first}"
+    most_inputs, most_patches = (int(v) for v in shapes.max(axis=0))
+    if patcher.config.mode == "none":  # the token baseline: --max-tokens is --seq-length
+        held = f"--seq-length {seq_length} positions hold"
+        needed = f"--seq-length {most_patches}"
+    else:  # --max-tokens may not be below --seq-length
+        held = f"--max-tokens {max_tokens} inputs or --seq-length {seq_length} patches hold"
+        needed = f"--max-tokens {max(most_inputs, most_patches)} and --seq-length {most_patches}"
+    raise DatasetError(
+        f"{len(too_long)} of {len(store)} utterances{_where(store)} make {task} rows longer than "
+        f"{held}: {named} has {shapes[first, 0]} inputs in "
+        f"{shapes[first, 1]} patches. The smallest sizes that hold every row are {needed} "
+        f"(--max-position-embeddings at least that): give them, or leave the longest utterances "
+        f"out of the store")
 
 
 def _where(store, index: int | None = None) -> str:

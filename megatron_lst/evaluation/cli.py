@@ -39,6 +39,8 @@ from megatron_lst.training.checkpointing import TRACKER_FILENAME, CheckpointErro
 from megatron_lst.training.metrics import METRICS_FILENAME
 from megatron_lst.training.save_directory import LOCK_FILENAME
 
+logger = logging.getLogger(__name__)
+
 
 def build_eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lst-eval",
@@ -254,6 +256,7 @@ def task_main(args: argparse.Namespace) -> int:
     from megatron_lst.data.indexed import DocumentStore
     from megatron_lst.evaluation.downstream import (
         TaskModel,
+        read_utterances,
         run_asr,
         run_tts,
         summarise_asr,
@@ -275,11 +278,12 @@ def task_main(args: argparse.Namespace) -> int:
         if store.kind != "aligned":
             raise ValueError(f"--utterances {args.utterances} is a {store.kind} dataset; give an "
                              f"aligned (speech) one")
-        utterances = [store[i] for i in range(min(len(store), args.num_utterances or len(store)))]
+        utterances = read_utterances(store, min(len(store), args.num_utterances or len(store)))
         loaded = load_inference_model(args.load, tokenizer_model=args.tokenizer_model)
         if args.output is not None:  # the tokenizer the checkpoint names
             _check_output_spares(args.output, loaded.tokenizer.path, "the model's tokenizer")
         store.vocab.check_same(loaded.vocab, f"checkpoint {loaded.checkpoint}")
+        _warn_of_another_task(loaded.checkpoint, args.task, "--load")
         model = TaskModel.from_inference_model(loaded)
         use_cache = not args.no_cache
         if args.task == "asr":
@@ -291,6 +295,7 @@ def task_main(args: argparse.Namespace) -> int:
                 asr_loaded = load_inference_model(args.asr_load,
                                                   tokenizer_model=args.tokenizer_model)
                 _check_asr_reads_the_units(asr_loaded.vocab, loaded.vocab, args)
+                _warn_of_another_task(asr_loaded.checkpoint, "asr", "--asr-load")
                 if args.output is not None:
                     _check_output_spares(args.output, asr_loaded.tokenizer.path,
                                          "the --asr-load model's tokenizer")
@@ -316,6 +321,18 @@ def task_main(args: argparse.Namespace) -> int:
                                             "iteration": loaded.iteration, "task": args.task,
                                             "results": summary})
     return 0
+
+
+def _warn_of_another_task(checkpoint: Path, task: str, flag: str) -> None:
+    """Warn when `checkpoint` was fine-tuned on the other task (its run's recorded `--task`): most
+    likely the other task's directory was given. Not refused: a model fine-tuned on both in turn
+    records the last."""
+    from megatron_lst.training.checkpointing import read_checkpoint_metadata
+
+    trained = (read_checkpoint_metadata(checkpoint, strict=False).get("args") or {}).get("task")
+    if trained not in (None, "lm", task):
+        logger.warning("%s %s was fine-tuned with --task %s, and is evaluated on %s: check that "
+                       "it is the %s model", flag, checkpoint, trained, task, task.upper())
 
 
 def _nan_as_null(value):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.documents import AlignedDocument, check_document_of
 from megatron_lst.data.task_rows import task_row
 from megatron_lst.evaluation.bootstrap import bootstrap_ci, bootstrap_ratio_ci
 from megatron_lst.evaluation.edit_rates import (
@@ -98,6 +98,22 @@ def transcribe(asr: TaskModel, units: np.ndarray, max_new_tokens: int, use_cache
     prompt = build_prompt(asr.vocab, units=units, continue_in="text")  # BOS <s> units <t>
     result = _decode(asr, prompt, "text", max_new_tokens, use_cache)
     return _text_of(asr, result.tokens), result
+
+
+def read_utterances(store, count: int) -> list[AlignedDocument]:
+    """The first `count` utterances of an aligned `store`, each checked before any decoding: ids
+    of the store's vocabulary, no BOS/EOS among the pieces, a transcript and units (the task row
+    of either task needs both). Raises ValueError naming the file and document."""
+    utterances = []
+    for index in range(count):
+        doc = store[index]
+        check_document_of(store, index, doc, store.vocab)
+        if not len(doc.text_ids) or not len(doc.unit_ids):
+            raise ValueError(f"{store.describe(index)}: the utterance has {len(doc.text_ids)} text "
+                             f"pieces and {len(doc.unit_ids)} units; ASR and TTS need a "
+                             f"transcript and units: leave it out of the evaluation set")
+        utterances.append(doc)
+    return utterances
 
 
 @dataclass

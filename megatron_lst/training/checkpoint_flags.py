@@ -89,6 +89,10 @@ def choose_pretrained_or_own_checkpoint(args: argparse.Namespace) -> None:
             f"look for that step in --load {args.load}. To fine-tune from one pretrained step, "
             f"name its directory: --pretrained-checkpoint DIR/iter_XXXXXXX")
     _check_no_file_in_the_way("--load", args.load)
+    if args.save is None:
+        logger.warning("--pretrained-checkpoint %s without --save: this run saves no checkpoint "
+                       "in --load %s, so a requeued run fine-tunes from the pretrained weights "
+                       "again; give --save %s to resume instead", pretrained, args.load, args.load)
     try:
         own = select_checkpoint(args.load) if os.path.isdir(args.load) else None
     except CheckpointError as err:
@@ -183,11 +187,20 @@ def _check_no_newer_checkpoints(args: argparse.Namespace, loaded: Path | None) -
     start = 0 if loaded is None or args.finetune else int(loaded.name.removeprefix("iter_"))
     newer = checkpoints_from(args.save, start + 1)
     if newer:
+        if args.pretrained_checkpoint is not None:  # --load (not --save) is looked in to resume
+            resume = (f"--pretrained-checkpoint resumes from --load only: give --load "
+                      f"{args.save}, the same directory as --save")
+        elif args.finetune:  # --finetune would start from iteration 0 again
+            resume = (f"Resume from the newest with --load {args.save} and without --finetune "
+                      f"(or fine-tune with --pretrained-checkpoint {args.load} --load "
+                      f"{args.save} --save {args.save}, which resumes by itself when requeued)")
+        else:
+            resume = f"Resume from the newest with --load {args.save}"
         raise ArgumentError(
             f"--save {args.save} already holds {[entry.name for entry in newer]}, newer than "
             f"iteration {start} where this run starts: its checkpoints would collide with them or "
-            f"lie behind them (resuming loads the newest). Resume from the newest with --load "
-            f"{args.save}, or move those checkpoints away, or pass another --save")
+            f"lie behind them (resuming loads the newest). {resume}, or move those checkpoints "
+            f"away, or pass another --save")
 
 
 def _check_no_file_in_the_way(flag: str, path: str) -> None:

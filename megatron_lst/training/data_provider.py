@@ -47,7 +47,7 @@ from megatron_lst.data.blend import build_blended_dataset, parse_data_path, weig
 from megatron_lst.data.dataset import DatasetError, LSTDataset
 from megatron_lst.data.indexed import DocumentStore
 from megatron_lst.data.interleave import InterleaveConfig
-from megatron_lst.data.task_rows import TaskDataset
+from megatron_lst.data.task_rows import TaskDataset, check_task_store
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.exit_conditions import ExitConditions
@@ -228,6 +228,9 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
         counts = store.manifest.counts
         logger.info("dataset %s: %d %s documents, %d text pieces, %d units", prefix, len(store),
                     store.kind, counts.text_pieces, counts.units)
+    if args.task != "lm":  # a text dataset is named before any speech one is measured
+        for store in stores.values():
+            check_task_store(store, args.task)
     space_id = _space_id(args, list(stores.values()))
     patcher = Patcher(patching_config_from_args(args))
 

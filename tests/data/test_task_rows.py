@@ -7,7 +7,7 @@ import torch
 from document_cases import SPACE_ID, VOCAB, MemoryStore, aligned_store, text_store
 
 from megatron_lst.data.dataset import DatasetError
-from megatron_lst.data.documents import AlignedDocument
+from megatron_lst.data.documents import AlignedDocument, DocumentError
 from megatron_lst.data.indexed import DocumentStore, DocumentWriter
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
 from megatron_lst.data.task_rows import TaskDataset, max_row_shape, task_row
@@ -125,15 +125,51 @@ def test_unknown_task_is_refused():
         task_row(HAND_DOC, "lm", VOCAB, SPACE_ID)
 
 
-def test_too_long_row_names_the_flags_and_max_row_shape_sizes_them():
-    store = MemoryStore("aligned", [HAND_DOC])
+def test_too_long_rows_are_refused_before_training_with_the_sizes_that_hold_them():
+    """A row too long for the flags used to stop training only when the row was reached, after
+    however many iterations came first, naming no size that would hold the store."""
+    short = AlignedDocument(np.array([7], np.int32), np.array([1, 2], np.int32),
+                            np.array([1], np.int32), np.array([2], np.int32))
+    store = MemoryStore("aligned", [short, HAND_DOC, short])
     patcher = Patcher(PatchingConfig("static", patch_size=3))
-    dataset = TaskDataset(store, "asr", 1, 8, 10, patcher, seed=0)
-    with pytest.raises(DatasetError, match="--max-tokens 10 or --seq-length 8"):
-        dataset[0]
     inputs, patches = max_row_shape(store, "asr", patcher, None)
     assert (inputs, patches) == (12, 9)  # BOS, [<s> u u], [u u u], [u], <t>, 7, 8, 9, EOS
-    TaskDataset(store, "asr", 1, patches, inputs, patcher, seed=0)[0]  # fits exactly
+    for seq_length, max_tokens in ((8, 12), (9, 11)):
+        with pytest.raises(DatasetError) as refused:
+            TaskDataset(store, "asr", 3, seq_length, max_tokens, patcher, seed=0)
+        assert str(refused.value) == (
+            f"1 of 3 utterances make asr rows longer than --max-tokens {max_tokens} inputs or "
+            f"--seq-length {seq_length} patches hold: document 1 has 12 inputs in 9 patches. The "
+            f"smallest sizes that hold every row are --max-tokens 12 and --seq-length 9 "
+            f"(--max-position-embeddings at least that): give them, or leave the longest "
+            f"utterances out of the store")
+    dataset = TaskDataset(store, "asr", 3, patches, inputs, patcher, seed=0)  # fits exactly
+    assert [len(dataset[i]["tokens"]) for i in range(3)] == [12] * 3
+
+
+def test_the_baseline_is_told_the_seq_length_alone():
+    """The token baseline has no --max-tokens of its own (it is --seq-length), and its row holds a
+    position for each token up to the last target: 12 inputs need --seq-length 13."""
+    store = MemoryStore("aligned", [HAND_DOC])
+    with pytest.raises(DatasetError) as refused:
+        TaskDataset(store, "asr", 1, 12, 12, Patcher(PatchingConfig("none")), seed=0)
+    assert ("rows longer than --seq-length 12 positions hold: document 0 has 12 inputs in 13 "
+            "patches. The smallest sizes that hold every row are --seq-length 13 "
+            "(--max-position-embeddings") in str(refused.value)
+    TaskDataset(store, "asr", 1, 13, 13, Patcher(PatchingConfig("none")), seed=0)[0]
+
+
+def test_mixed_patching_sizes_rows_for_either_rule():
+    """Mixed patching draws static or aligned per row: the check holds a row under both, so the
+    refusal cannot depend on which rule a row happens to draw."""
+    store = MemoryStore("aligned", [HAND_DOC])
+    patcher = Patcher(PatchingConfig("mixed", patch_size=3, prob_static=0.5))
+    rules = [len(patcher.lengths_for_rule(task_row(HAND_DOC, "asr", VOCAB, None).doc, rule))
+             for rule in ("static", "aligned")]
+    assert rules == [9, 10]
+    assert max_row_shape(store, "asr", patcher, None) == (12, 10)
+    with pytest.raises(DatasetError, match="--seq-length 9 patches hold"):
+        TaskDataset(store, "asr", 1, 9, 12, patcher, seed=0)
 
 
 def test_utterance_without_transcript_is_refused():
@@ -146,17 +182,33 @@ def test_utterance_without_transcript_is_refused():
 def test_an_eos_among_the_transcript_pieces_is_named():
     """A transcript holding the EOS id (a '</s>' kept as the special id by an older
     preprocessing) would end the row's document in the middle of the answer."""
-    from megatron_lst.data.documents import DocumentError
-
     stray = AlignedDocument(np.array([7, VOCAB.eos_id, 9], np.int32), HAND_DOC.unit_ids,
                             HAND_DOC.seg_text_len, HAND_DOC.seg_unit_len)
     store = MemoryStore("aligned", [HAND_DOC, stray])
-    dataset = TaskDataset(store, "asr", 2, 40, 40, Patcher(PATCHINGS["static"]), seed=0)
-    rows = [dataset.document_id(i)[1] for i in range(2)]
     with pytest.raises(DocumentError, match=rf"document 1: text piece 1 is id {VOCAB.eos_id}, "
                                             r"the tokenizer's EOS"):
-        dataset[rows.index(1)]
-    dataset[rows.index(0)]  # the clean utterance still makes its row
+        TaskDataset(store, "asr", 2, 40, 40, Patcher(PATCHINGS["static"]), seed=0)
+    TaskDataset(MemoryStore("aligned", [HAND_DOC]), "asr", 1, 40, 40,
+                Patcher(PATCHINGS["static"]), seed=0)[0]  # the clean utterance makes its row
+
+
+@pytest.mark.parametrize("part, bad, message", [
+    ("unit_ids", VOCAB.num_units, f"memory, document 1: speech unit {VOCAB.num_units} is outside "
+                                  f"the codebook"),
+    ("text_ids", VOCAB.text_size, f"memory, document 1: text id {VOCAB.text_size} is outside the "
+                                  f"tokenizer's"),
+])
+def test_ids_outside_the_vocabulary_are_named_before_training(part, bad, message):
+    """They used to stop training at whichever iteration reached the utterance (and a unit out of
+    the codebook named neither the file nor the document)."""
+    doc = AlignedDocument(HAND_DOC.text_ids.copy(), HAND_DOC.unit_ids.copy(),
+                          HAND_DOC.seg_text_len, HAND_DOC.seg_unit_len)
+    getattr(doc, part)[1] = bad
+    store = MemoryStore("aligned", [HAND_DOC, doc])
+    store.describe = lambda index: f"memory, document {index}"
+    with pytest.raises(DocumentError) as refused:
+        TaskDataset(store, "tts", 2, 40, 40, Patcher(PATCHINGS["static"]), seed=0)
+    assert str(refused.value).startswith(message)
 
 
 def test_a_store_with_an_utterance_without_transcript_is_refused_before_training(tmp_path):
@@ -175,3 +227,23 @@ def test_a_store_with_an_utterance_without_transcript_is_refused_before_training
                                            r"units, which tts rows need: document 1 \(.*speech.bin, "
                                            r"document 1\) has 0 text pieces and 2 units"):
         TaskDataset(store, "tts", 3, 16, 32, patcher, seed=0)
+
+
+def test_a_too_long_row_of_a_later_part_is_named_by_its_place_in_the_file():
+    """The valid part of a split starts inside the store: its first too-long utterance was named
+    'document 0 (speech.bin, document 40)', two numbers for one utterance."""
+    from megatron_lst.training.data_provider import DocumentRange
+
+    store = MemoryStore("aligned", [HAND_DOC] * 3)
+    store.describe = lambda index: f"speech.bin, document {index}"
+    store.prefix = "speech"
+    store.part_lengths = lambda start, stop: np.array(  # [D, 4] as DocumentStore's
+        [[len(d.text_ids), len(d.unit_ids), d.num_segments, d.num_segments]
+         for d in store.documents[start:stop]])
+    valid = DocumentRange(store, 2, 3)
+    with pytest.raises(DatasetError) as refused:
+        TaskDataset(valid, "asr", 1, 8, 12, Patcher(PatchingConfig("static", patch_size=3)),
+                    seed=0)
+    assert ("1 of 1 utterances (speech) make asr rows longer than --max-tokens 12 inputs or "
+            "--seq-length 8 patches hold: speech.bin, document 2 has 12 inputs in 9 patches"
+            ) in str(refused.value)

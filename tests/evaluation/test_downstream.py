@@ -154,3 +154,29 @@ def test_generated_units_too_long_for_the_asr_model_get_an_empty_transcript(sing
     assert output.transcript == ""
     assert output.chars.errors == output.chars.reference_length > 0
     assert "utterance 0: the ASR model cannot transcribe" in caplog.text
+
+
+def test_utterances_are_checked_naming_the_document_before_any_decoding(tmp_path):
+    """lst-eval --task read the utterances unchecked: a silence-only one stopped TTS with an error
+    naming no utterance, a unit outside the codebook ('task row: speech unit 99 ...') only when
+    decoding reached it, with advice (--num-units) that lst-eval does not take."""
+    from eval_cases import write_utterances
+
+    from megatron_lst.data.indexed import DocumentStore
+    from megatron_lst.evaluation.downstream import read_utterances
+
+    silent = AlignedDocument(np.zeros(0, np.int32), np.array([1, 2], np.int32),
+                             np.array([0], np.int32), np.array([2], np.int32))
+    docs = utterances(seed=1, count=3)
+    out_of_codebook = dataclasses.replace(docs[2], unit_ids=docs[2].unit_ids.copy())
+    out_of_codebook.unit_ids[0] = 99
+    cases = {"silent": ([docs[0], silent, docs[1]], "silent.bin, document 1: the utterance has 0 "
+                                                    "text pieces and 2 units"),
+             "units": ([docs[0], docs[1], out_of_codebook], "units.bin, document 2: speech unit "
+                                                            "99 is outside the codebook 0..15")}
+    for name, (stored, message) in cases.items():
+        store = DocumentStore(write_utterances(tmp_path / name, stored))
+        with pytest.raises(ValueError) as refused:
+            read_utterances(store, len(store))
+        assert message in str(refused.value)
+        assert read_utterances(store, 1)[0].unit_ids.tolist() == docs[0].unit_ids.tolist()

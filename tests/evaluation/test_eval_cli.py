@@ -425,6 +425,51 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     assert {"unit_edit_rate", "asr_cer", "global_steps_per_second"} <= set(results)
 
 
+@pytest.mark.parametrize("task", ["asr", "tts"])
+def test_lst_eval_task_names_a_broken_utterance_before_decoding(checkpoint, capsys, monkeypatch,
+                                                                task):
+    root, _, _ = checkpoint
+    docs = utterances(seed=4, count=3)
+    docs[1].unit_ids[0] = NUM_UNITS + 3
+    prefix = write_utterances(root / f"broken_{task}", docs)
+    import megatron_lst.evaluation.downstream as downstream
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the utterances were checked")
+
+    monkeypatch.setattr(downstream, "_decode", no_decoding)
+    assert eval_main(["--load", str(root / "save"), "--task", task, "--utterances",
+                      str(prefix)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lst-eval: {prefix}.bin, document 1: speech unit {NUM_UNITS + 3} is "
+                          f"outside the codebook 0..{NUM_UNITS - 1}"), err
+
+
+def test_a_model_fine_tuned_on_the_other_task_is_warned_of(checkpoint, tmp_path, capsys, caplog):
+    """The ASR and TTS save directories are easily swapped: a TTS-tuned model decoded as ASR used
+    to be scored without a word (its run records --task tts)."""
+    root, _, _ = checkpoint
+    tts_model = tmp_path / "tts_model"
+    shutil.copytree(root / "save", tts_model)
+    [metadata_path] = tts_model.glob(f"iter_*/{METADATA_FILENAME}")
+    metadata = json.loads(metadata_path.read_text())
+    metadata["args"]["task"] = "tts"
+    metadata_path.write_text(json.dumps(metadata))
+    prefix = write_utterances(tmp_path / "utterances", utterances(seed=4, count=1))
+    for load, task, warned in ((tts_model, "asr", True), (tts_model, "tts", False),
+                               (root / "save", "asr", False)):
+        caplog.clear()
+        assert eval_main(["--load", str(load), "--task", task, "--utterances", str(prefix)]) == 0
+        assert (f"--load {load}/iter_0000003 was fine-tuned with --task tts, and is evaluated on "
+                f"{task}: check that it is the {task.upper()} model" in caplog.text) == warned, (
+            load, task)
+    caplog.clear()
+    assert eval_main(["--load", str(root / "save"), "--task", "tts", "--utterances", str(prefix),
+                      "--asr-load", str(tts_model)]) == 0
+    assert f"--asr-load {tts_model}/iter_0000003 was fine-tuned with --task tts" in caplog.text
+    capsys.readouterr()
+
+
 def test_results_that_are_not_a_number_are_written_as_null(tmp_path):
     """json.dumps wrote NaN (the steps per second of a TTS model that generated no units), which
     is no JSON: strict readers (jq, JavaScript) refused the file."""

@@ -278,7 +278,7 @@ def test_task_rows_without_weights_are_blended_by_utterances(tmp_path):
     many = write_store(tmp_path / "many", "aligned", 40, seed=5)
     few = write_store(tmp_path / "few", "aligned", 10, seed=6)
     flags = with_data(tiny_flags([str(many)]), "--train-data-path", str(many), str(few),
-                      "--task", "asr", "--max-tokens", "200", "--seq-length", "120",
+                      "--task", "asr", "--max-tokens", "256", "--seq-length", "120",
                       "--max-position-embeddings", "256") + ["--train-iters", "5"]
     train = build_datasets(validate_args(parse_args(flags), 1)).train
     assert [len(source) for source in train.datasets] == [16, 4]  # 20 rows, 40:10

@@ -33,3 +33,55 @@ def test_finetune_on_task_rows_trains_the_answers_from_iteration_0(tmp_path, tas
     train = build_datasets(args).train
     answers = sum(len(train.datasets[0].row(i)[0].answer) for i in range(12))
     assert result.tokens == answers
+
+
+@pytest.mark.parametrize("patching", ["static", "none"])
+def test_the_first_fine_tuning_loss_is_the_cross_entropy_of_the_answers_alone(tmp_path, patching):
+    """The loss the loop reports at iteration 1 (the pretrained weights, before any update) equals
+    a hand computation: the full model's log-probabilities of each row's last len(answer) + 1
+    tokens (the transcript or the units, then EOS, counted from the stored utterance, not from
+    the dataset's mask), averaged over those tokens of the batch. LST's static patches of 3 put
+    `<s>` and the first units of a TTS row in one patch, across the prompt/answer boundary."""
+    import numpy as np
+    import torch
+
+    from megatron_lst.parallel import destroy_parallel, initialize_parallel
+    from megatron_lst.training.checkpointing import load_checkpoint
+    from megatron_lst.training.model_provider import build_model_chunks
+
+    speech = str(write_store(tmp_path / "speech", "aligned", 40, seed=1))
+    pretrained = tmp_path / "pretrained"
+    base = tiny_flags(["1.0", speech], patching_mode=patching)
+    pretrain(validate_args(parse_args(base + ["--train-iters", "2", "--save", str(pretrained)]),
+                           1))
+    rows = (TASK_ROWS if patching != "none" else
+            ["--seq-length", "400", "--max-position-embeddings", "400"])
+    static_3 = ["--patch-size", "3"] if patching != "none" else []
+    for task in ("asr", "tts"):
+        args = validate_args(parse_args(base + rows + static_3 + [
+            "--train-iters", "2", "--load", str(pretrained), "--finetune", "--task", task,
+            "--eval-iters", "0"]), 1)
+        reported = pretrain(args).losses[1]
+
+        datasets = build_datasets(args)
+        train, vocab = datasets.train.datasets[0], datasets.vocab
+        initialize_parallel(seed=0)
+        try:
+            chunks, _ = build_model_chunks(args, vocab.size, eos_id=vocab.eos_id)
+            load_checkpoint(str(pretrained), chunks, None, None, args, vocab)
+            model = chunks[0].eval()
+            total, count = 0.0, 0
+            for index in range(args.global_batch_size):  # the rows of iteration 1
+                row, lengths = train.row(index)
+                stored = train.store[train.document_id(index)[1]]
+                answer = len(stored.text_ids if task == "asr" else stored.unit_ids) + 1  # + EOS
+                tokens = torch.from_numpy(row.doc.tokens.astype(np.int64))  # [n]
+                with torch.no_grad():
+                    logits = model(tokens[None, :-1], torch.from_numpy(lengths)[None])  # [1, n-1, V]
+                logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+                targets = torch.arange(len(tokens) - 1 - answer, len(tokens) - 1)  # inputs
+                total -= logprobs[targets, tokens[targets + 1]].sum().item()
+                count += answer
+        finally:
+            destroy_parallel()
+        assert reported == pytest.approx(total / count, rel=1e-5), task

@@ -85,3 +85,42 @@ def test_a_stopped_fine_tuning_job_resumes_its_own_progress_with_the_same_comman
     assert {**stopped.losses, **requeued.losses} == straight.losses  # bitwise
     # Iteration 1 reads the rows pretraining's iteration 1 read, with the pretrained weights.
     assert straight.losses[1] != pretraining.losses[1]
+
+
+def test_a_requeued_fine_tuning_job_that_cannot_resume_is_told_how(tmp_path):
+    """A --save holding the first run's checkpoints refused the requeued command with 'Resume from
+    the newest with --load FT', which with --finetune still given starts at iteration 0 again
+    (and is refused again); with --pretrained-checkpoint and another --load, the same advice
+    missed that --load, not --save, is where it looks for the run's own checkpoints."""
+    pretrained, own, elsewhere = tmp_path / "pretrained", tmp_path / "ft", tmp_path / "other"
+    fake_checkpoint(pretrained, 100)
+    fake_checkpoint(own, 2)
+    with pytest.raises(ArgumentError) as refused:
+        _validated(tmp_path, "--load", str(pretrained), "--finetune", "--save", str(own))
+    assert (f"Resume from the newest with --load {own} and without --finetune (or fine-tune "
+            f"with --pretrained-checkpoint {pretrained} --load {own} --save {own}, which resumes "
+            f"by itself when requeued)") in str(refused.value)
+    with pytest.raises(ArgumentError) as refused:
+        _validated(tmp_path, "--pretrained-checkpoint", str(pretrained), "--load", str(elsewhere),
+                   "--save", str(own))
+    assert (f"--pretrained-checkpoint resumes from --load only: give --load {own}, the same "
+            f"directory as --save") in str(refused.value)
+    # The advice taken: the job resumes its own iteration 2.
+    (own / TRACKER).write_text("2")
+    resumed = _validated(tmp_path, "--pretrained-checkpoint", str(pretrained), "--load", str(own),
+                         "--save", str(own))
+    assert (resumed.finetune, resumed.resume_from) == (False, str(own / "iter_0000002"))
+
+
+def test_a_job_that_saves_nothing_is_warned_that_a_requeue_starts_over(tmp_path, caplog):
+    pretrained, own = tmp_path / "pretrained", tmp_path / "ft"
+    fake_checkpoint(pretrained, 100)
+    assert _validated(tmp_path, "--pretrained-checkpoint", str(pretrained), "--load",
+                      str(own)).finetune
+    assert (f"--pretrained-checkpoint {pretrained} without --save: this run saves no checkpoint "
+            f"in --load {own}, so a requeued run fine-tunes from the pretrained weights again; "
+            f"give --save {own} to resume instead") in caplog.text
+    caplog.clear()
+    _validated(tmp_path, "--pretrained-checkpoint", str(pretrained), "--load", str(own),
+               "--save", str(own))
+    assert "without --save" not in caplog.text
