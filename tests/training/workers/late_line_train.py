@@ -1,6 +1,7 @@
 """`lst-train` (`cli.main`) whose rank 1 takes 3 s longer to print its 'lst-train:' line:
 where every rank stops on an error, the other ranks' exits must not let the launcher end rank 1
-before its line, however late the machine's load makes it (test_save_directory.py)."""
+before its line, however late the machine's load makes it (test_save_directory.py,
+test_cli_exit_status.py)."""
 
 import os
 import sys
