@@ -11,10 +11,10 @@ a key of the process group's store and waits, at most `STOP_WAIT_SECONDS`, until
 counted itself in. A rank that stops alone (the others are in a collective or at work that ends
 later) thus exits `STOP_WAIT_SECONDS` late, and no rank waits on a store whose server is gone.
 
-`arm()`, a collective, runs where every rank is in step (after the process group starts): the
-key must be known before an error, when the ranks may be anywhere, and it must be new for each
-elastic attempt (see `attempt_token`). It outlives the process group, which the training loop
-destroys before the entry point prints.
+`arm()`, a collective, runs where every rank is in step (right after the process group starts,
+in `pretrain`, lst-eval and lst-generate): the key must be known before an error, when the ranks
+may be anywhere, and it must be new for each elastic attempt (see `attempt_token`). It outlives
+the process group, which the training loop destroys before lst-train prints.
 """
 
 from __future__ import annotations

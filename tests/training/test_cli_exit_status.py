@@ -17,7 +17,7 @@ from megatron_lst.training.train_logging import NonFiniteLossError
 from training.training_cases import tiny_flags, write_corpus
 
 ENTRY = [sys.executable, "-m", "megatron_lst.training.cli"]
-LATE_LINE_TRAIN = Path(__file__).resolve().parent / "workers" / "late_line_train.py"
+LATE_LINE = Path(__file__).resolve().parents[1] / "distributed" / "workers" / "late_line.py"
 
 
 @pytest.mark.parametrize("error, status", [
@@ -61,7 +61,7 @@ def test_bad_data_stops_every_rank_with_one_line(tmp_path):
     idx.write_bytes(idx.read_bytes()[:-8])
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(LATE_LINE_TRAIN), *tiny_flags(data_path), "--train-iters", "2",
+         str(LATE_LINE), "train", "--late", "3", *tiny_flags(data_path), "--train-iters", "2",
          "--save", str(tmp_path / "ckpt")],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})

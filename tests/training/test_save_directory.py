@@ -193,7 +193,8 @@ def test_every_rank_refuses_a_save_directory_another_run_writes_with_one_line(tm
     try:
         run = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-             str(Path(__file__).resolve().parent / "workers" / "late_line_train.py"), *flags],
+             str(REPO / "tests" / "distributed" / "workers" / "late_line.py"), "train", "--late",
+             "3", *flags],
             capture_output=True, text=True, timeout=300, cwd=REPO,
             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
     finally:
