@@ -34,6 +34,7 @@ from megatron_lst.evaluation.generation import (
 )
 from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.evaluation.scoring import MODES, check_items_for_mode, evaluate_items, parse_modes
+from megatron_lst.training import stop_together
 from megatron_lst.training.arguments import seed_flag
 from megatron_lst.training.checkpointing import TRACKER_FILENAME, CheckpointError
 from megatron_lst.training.metrics import METRICS_FILENAME
@@ -119,6 +120,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     try:  # an impossible layout (ParallelLayoutError) is a ValueError too
         context = initialize_parallel(args.tensor_model_parallel_size,
                                       args.pipeline_model_parallel_size, seed=args.seed)
+        stop_together.arm()
         model = load_inference_model(args.load, args.tensor_model_parallel_size,
                                      args.pipeline_model_parallel_size, args.tokenizer_model)
         if args.output is not None:  # the tokenizer the checkpoint names
@@ -130,7 +132,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                                         seed=args.seed, truncate_context=args.truncate_context)
                    for path, items in item_sets.items()}
     except (CheckpointError, ItemError, OSError, ValueError) as error:
-        print(f"lst-eval: {error}", file=sys.stderr)
+        print(f"lst-eval: {error}", file=sys.stderr, flush=True)
+        stop_together.stop_with_the_others()
         return 2
     finally:
         destroy_parallel()
@@ -270,6 +273,7 @@ def task_main(args: argparse.Namespace) -> int:
         return 2
     try:
         context = initialize_parallel(seed=args.seed)
+        stop_together.arm()
         if context.world_size != 1:
             raise ValueError(
                 f"--task decodes on one process; it was started on {context.world_size}, which "
@@ -304,7 +308,8 @@ def task_main(args: argparse.Namespace) -> int:
             summary = summarise_tts(outputs, store.manifest.frame_rate,
                                     args.bootstrap_resamples, args.seed)
     except (CheckpointError, OSError, ValueError) as error:
-        print(f"lst-eval: {error}", file=sys.stderr)
+        print(f"lst-eval: {error}", file=sys.stderr, flush=True)
+        stop_together.stop_with_the_others()
         return 2
     finally:
         destroy_parallel()
@@ -413,6 +418,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     args = build_generate_parser().parse_args(argv)
     try:  # an impossible layout (ParallelLayoutError) is a ValueError too
         context = initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
+        stop_together.arm()
         if context.world_size != args.tensor_model_parallel_size:
             raise ValueError(
                 f"lst-generate decodes one sequence, on --tensor-model-parallel-size "
@@ -433,7 +439,8 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         result = generate(loaded.model_chunks[0], prompt, vocab, loaded.patcher.config,
                           sampling, use_cache=not args.no_cache)
     except (CheckpointError, GenerationError, OSError, ValueError) as error:
-        print(f"lst-generate: {error}", file=sys.stderr)
+        print(f"lst-generate: {error}", file=sys.stderr, flush=True)
+        stop_together.stop_with_the_others()
         return 2
     finally:
         destroy_parallel()

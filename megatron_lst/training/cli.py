@@ -47,29 +47,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_lst.evaluation.items import ItemError
     from megatron_lst.tokenizer.vocab import VocabularyError
     from megatron_lst.training.loop import pretrain
+    from megatron_lst.training.stop_together import stop_with_the_others
     from megatron_lst.training.train_logging import NonFiniteLossError
 
     try:
         pretrain(args)
     except CheckpointError as error:  # raised alike on every rank
-        return _report(EXIT_CHECKPOINT_REFUSED, str(error), error)
+        return _report(EXIT_CHECKPOINT_REFUSED, str(error))
     except ItemError as error:
-        return _report(2, f"--eval-data: {error}", error)
+        return _report(2, f"--eval-data: {error}")
     except (DocumentError, DatasetError, VocabularyError) as error:
-        return _report(EXIT_BAD_DATA, f"bad training data: {error}", error)
+        return _report(EXIT_BAD_DATA, f"bad training data: {error}")
     except NonFiniteLossError as error:
-        return _report(EXIT_NON_FINITE_LOSS, str(error), error)
+        return _report(EXIT_NON_FINITE_LOSS, str(error))
+    except Exception:  # its traceback follows; the other ranks may be saying why they stop
+        stop_with_the_others()
+        raise
     return 0
 
 
-def _report(status: int, message: str, error: Exception) -> int:
-    """Print `message` for `error` and return `status`. A rank that stops because another rank
-    failed then tells that rank it has said why: the failed rank waits for it before it exits,
-    after which the launcher ends the other ranks."""
-    from megatron_lst.training.rank_zero_first import acknowledge_other_rank_failure
+def _report(status: int, message: str) -> int:
+    """Print `message` and return `status`, once every rank that stops has printed its own
+    message (at most `stop_together.STOP_WAIT_SECONDS` later): the launcher ends every rank
+    once one has exited."""
+    from megatron_lst.training.stop_together import stop_with_the_others
 
     print(f"lst-train: {message}", file=sys.stderr, flush=True)
-    acknowledge_other_rank_failure(error)
+    stop_with_the_others()
     return status
 
 

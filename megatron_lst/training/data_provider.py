@@ -215,8 +215,8 @@ def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None 
         return _build_datasets(args, cache_root)
     try:  # rank 0 builds and caches the row indices, then the other ranks load them
         return rank_zero_first(lambda: _build_datasets(args, cache_root), "build the datasets")
-    except OtherRankFailed as error:  # the entry point acknowledges it once it has said why
-        raise DatasetError(str(error)) from error
+    except OtherRankFailed as error:
+        raise DatasetError(str(error)) from None
 
 
 def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDatasets:

@@ -69,7 +69,7 @@ from megatron_lst.models import LSTConfig
 from megatron_lst.models.loss import masked_token_sum
 from megatron_lst.parallel import collective_device, destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
-from megatron_lst.training import checkpointing, save_directory
+from megatron_lst.training import checkpointing, save_directory, stop_together
 from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, training_data_fingerprints
 from megatron_lst.training.data_provider import (
     RunDatasets,
@@ -423,6 +423,7 @@ def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = N
         initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                             seed=args.seed, timeout_minutes=args.distributed_timeout_minutes,
                             backend=args.distributed_backend)
+        stop_together.arm()  # the ranks that stop on an error each print why before any exits
         try:
             with _save_directory_lock(args.save):
                 state, datasets = setup(args, index_cache_dir)

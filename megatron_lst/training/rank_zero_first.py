@@ -21,21 +21,17 @@ The rank that others wait on passes on how far it has got: `report_progress(text
 from the work (the row-index build calls it with its progress line), sets a key whose latest text
 the waiting ranks add to their log lines.
 
-A rank whose work raises waits (at most `STOP_WAIT_SECONDS`) before it goes on raising, until
-every other rank has said that it stops too: those that learn of the failure raise
-`OtherRankFailed`, and call its `acknowledge()` once they have printed why they stop. A launcher
-(torchrun, SLURM) ends all ranks once one exits, so without that wait the failed rank's exit cut
-the others off before their own message. A rank that dies without a word leaves the others
-waiting until the launcher stops them; when the store's server goes (rank 0 serves it without
-torchrun), the polls end with `OtherRankFailed` at once.
+A rank whose work raises stops the others with `OtherRankFailed`; the entry point has every
+rank that stops print why before any exits (`stop_together`). A rank that dies without a word
+leaves the others waiting until the launcher (torchrun, SLURM) stops them, as it does when a
+rank exits; when the store's server goes (rank 0 serves it without torchrun), the polls end
+with `OtherRankFailed` at once.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
-import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -43,12 +39,12 @@ from typing import TypeVar
 
 import torch
 
+from megatron_lst.training.stop_together import attempt_token
+
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
 REPORT_SECONDS = 60.0
-# How long a rank whose work failed waits for the other ranks to say that they stop with it.
-STOP_WAIT_SECONDS = 10.0
 _DONE, _FAILED = b"done", b"failed"
 _calls = itertools.count()  # every rank makes the same calls in the same order
 # (store, key) where this process's work reports its progress, while other ranks wait for it.
@@ -60,27 +56,6 @@ T = TypeVar("T")
 class OtherRankFailed(RuntimeError):
     """Another rank failed at the work (its own message says why), or its store went away."""
 
-    def __init__(self, message: str, acknowledge: Callable[[], None] = lambda: None):
-        super().__init__(message)
-        self._acknowledge = acknowledge
-
-    def acknowledge(self) -> None:
-        """Tell the failed rank, which waits for it, that this rank has said why it stops (call
-        it after printing the message)."""
-        try:
-            self._acknowledge()
-        except (RuntimeError, OSError):  # the store's server is gone: nobody waits any more
-            pass
-
-
-def acknowledge_other_rank_failure(error: BaseException) -> None:
-    """`acknowledge()` the OtherRankFailed that `error` is or was raised from, if any."""
-    while error is not None:
-        if isinstance(error, OtherRankFailed):
-            error.acknowledge()
-            return
-        error = error.__cause__
-
 
 def rank_zero_first(work: Callable[[], T], what: str) -> T:
     """`work()` on rank 0, then on the other ranks of the default process group (first one per
@@ -91,22 +66,10 @@ def rank_zero_first(work: Callable[[], T], what: str) -> T:
         return work()
     from torch.distributed.distributed_c10d import _get_default_store
 
-    key = f"lst_rank_zero_first/{_attempt_token()}/{next(_calls)}"
+    key = f"lst_rank_zero_first/{attempt_token()}/{next(_calls)}"
     return run_rank_zero_first(work, what, _get_default_store(), key,
                                torch.distributed.get_rank(), torch.distributed.get_world_size(),
                                socket.gethostname())
-
-
-@functools.cache
-def _attempt_token() -> str:
-    """A token rank 0 draws and every rank of this process group learns (one broadcast, the
-    first time), naming this attempt's store keys. An elastic restart may keep the last attempt's
-    store, and its restart counts differ between nodes (an agent whose workers were healthy
-    restarts them without counting a failure), so neither the call order nor
-    TORCHELASTIC_RESTART_COUNT tells attempts apart on every rank alike."""
-    token = [secrets.token_hex(8) if torch.distributed.get_rank() == 0 else None]
-    torch.distributed.broadcast_object_list(token, src=0)
-    return token[0]
 
 
 def report_progress(text: str) -> None:
@@ -131,7 +94,7 @@ def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank:
               progress=(store, f"{key}/rank0/progress"))
         if store.get(f"{key}/rank0") != _DONE:
             raise OtherRankFailed(f"rank 0 failed to {what} (its message says why); this rank "
-                                  f"stops with it", _stopping(store, key))
+                                  f"stops with it")
         arrival = store.add(f"{host_key}/arrivals", 1)
         leads_host = arrival == 1
         if not leads_host:
@@ -143,13 +106,10 @@ def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank:
     _progress_key = (store, progress_key) if leads_host else None
     try:
         result = work()
-    except BaseException as error:
+    except BaseException:
         store.set(f"{key}/failed", str(rank))
         if rank == 0:
             store.set(f"{key}/rank0", _FAILED)
-        _stopping(store, key)()
-        if isinstance(error, Exception):  # not when interrupted: stop now
-            _wait_for_the_others_to_stop(store, key, world_size)
         raise
     finally:
         _progress_key = None
@@ -169,26 +129,8 @@ def _failed(store, key: str, what: str) -> bool:
     if store.check([f"{key}/failed"]):
         failed = store.get(f"{key}/failed").decode()
         raise OtherRankFailed(f"rank {failed} failed to {what} (its message says why); this "
-                              f"rank stops with it", _stopping(store, key))
+                              f"rank stops with it")
     return False
-
-
-def _stopping(store, key: str) -> Callable[[], None]:
-    """Counts a rank into `<key>/stopping`: the ranks that failed, and those that have said
-    they stop with them."""
-    return lambda: store.add(f"{key}/stopping", 1)
-
-
-def _wait_for_the_others_to_stop(store, key: str, world_size: int) -> None:
-    """Wait until every rank is counted in `<key>/stopping`, for at most `STOP_WAIT_SECONDS`
-    (a rank still at its own work learns of the failure only when that work ends)."""
-    deadline = time.monotonic() + STOP_WAIT_SECONDS
-    try:
-        while (store.add(f"{key}/stopping", 0) < world_size
-               and time.monotonic() < deadline):
-            time.sleep(min(POLL_SECONDS, 0.05))
-    except (RuntimeError, OSError):  # the store's server is gone: nobody to wait for
-        pass
 
 
 def _wait(whom: str, quiet: bool, done: Callable[[], bool],

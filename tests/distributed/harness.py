@@ -33,7 +33,7 @@ def run_distributed(
     script_or_module: str | os.PathLike,
     nprocs: int,
     args: Sequence[str] = (),
-    timeout: float = 120.0,
+    timeout: float = 300.0,
 ) -> list[Any]:
     """Run a worker under torch.distributed.run; returns the per-rank records it reported.
 
@@ -41,7 +41,8 @@ def run_distributed(
     `--module`). The worker gets `--results FILE` appended to `args` and must call
     `report_results(FILE, record)` on every rank. `--standalone` has torchrun pick a
     free rendezvous port, so tests can run side by side. OMP_NUM_THREADS=1 keeps N
-    processes from oversubscribing the cores.
+    processes from oversubscribing the cores. `timeout` only guards against a hang: four
+    ranks of a tiny training run took 45 s on a loaded 2-core machine, so keep it generous.
     """
     script = Path(script_or_module)
     is_script = script.suffix == ".py"

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from megatron_lst.training.train_logging import NonFiniteLossError
 from training.training_cases import tiny_flags, write_corpus
 
 ENTRY = [sys.executable, "-m", "megatron_lst.training.cli"]
+LATE_LINE = Path(__file__).resolve().parents[1] / "distributed" / "workers" / "late_line.py"
 
 
 @pytest.mark.parametrize("error, status", [
@@ -52,15 +54,17 @@ def test_a_truncated_index_exits_4_naming_the_file(tmp_path):
 @pytest.mark.distributed
 def test_bad_data_stops_every_rank_with_one_line(tmp_path):
     """Rank 0 opens the datasets while the other ranks wait for its row indices: when it failed,
-    they died in a broken gloo barrier, a traceback ending 'Connection closed by peer'."""
+    they died in a broken gloo barrier, a traceback ending 'Connection closed by peer'. Rank 1
+    prints its line 3 s late here: rank 0's exit let torchrun end it before that line."""
     data_path = write_corpus(tmp_path)
     idx = tmp_path / "speech.idx"
     idx.write_bytes(idx.read_bytes()[:-8])
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "--module", "megatron_lst.training.cli", *tiny_flags(data_path), "--train-iters", "2",
+         str(LATE_LINE), "train", "--late", "3", *tiny_flags(data_path), "--train-iters", "2",
          "--save", str(tmp_path / "ckpt")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
     output = run.stdout + run.stderr
     assert run.returncode != 0
     assert "[rank1]: Traceback" not in output and "Connection closed by peer" not in output, \

@@ -7,7 +7,6 @@ import threading
 import pytest
 import torch
 
-from megatron_lst.data.dataset import DatasetError
 from megatron_lst.training import rank_zero_first as module
 from megatron_lst.training.rank_zero_first import OtherRankFailed, run_rank_zero_first
 
@@ -72,7 +71,6 @@ def run_ranks(works, store, hosts=None):
 def fast_polls(monkeypatch):
     monkeypatch.setattr(module, "POLL_SECONDS", 0.001)
     monkeypatch.setattr(module, "REPORT_SECONDS", 0.0)  # a log line every poll
-    monkeypatch.setattr(module, "STOP_WAIT_SECONDS", 0.01)  # tests that do not acknowledge
 
 
 def test_other_ranks_wait_for_a_slow_rank_zero_however_long_it_takes(caplog):
@@ -230,56 +228,6 @@ def test_when_another_rank_fails_rank_zero_stops_instead_of_waiting():
     for outcome in outcomes[:2]:
         assert isinstance(outcome, OtherRankFailed)
         assert str(outcome).startswith("rank 2 failed to build the datasets")
-
-
-def test_a_failed_rank_waits_until_the_others_have_said_they_stop(monkeypatch):
-    """A launcher ends every rank once one exits: the failed rank waits (bounded) until the
-    others have printed why they stop and acknowledged it, so that each rank's line appears."""
-    monkeypatch.setattr(module, "STOP_WAIT_SECONDS", 60.0)
-    store = CountingStore()
-
-    def failing():
-        raise ValueError("bad.idx: truncated")
-
-    outcomes, threads = run_ranks([failing, lambda: 1, lambda: 2], store)
-    for thread in threads[1:]:
-        thread.join()
-    assert all(isinstance(outcome, OtherRankFailed) for outcome in outcomes[1:])
-    outcomes[1].acknowledge()
-    with store.lock:
-        polls = store.polls.get("k/stopping", 0)
-    store.wait_for_polls("k/stopping", polls + 2)  # rank 0 looked again after that
-    assert threads[0].is_alive() and outcomes[0] is None
-    reported = DatasetError(str(outcomes[2]))  # as the entry point gets it: raised from it
-    reported.__cause__ = outcomes[2]
-    module.acknowledge_other_rank_failure(reported)
-    threads[0].join(timeout=30)
-    assert isinstance(outcomes[0], ValueError)
-
-
-def test_a_failed_rank_waits_for_the_others_only_so_long(monkeypatch):
-    """A rank still at its own work learns of the failure only when that work ends."""
-    monkeypatch.setattr(module, "STOP_WAIT_SECONDS", 0.2)
-    release = threading.Event()
-
-    def failing():
-        raise ValueError("no space left on device")
-
-    outcomes, threads = run_ranks([lambda: 0, failing, lambda: release.wait() and 2],
-                                  CountingStore(), ["node0", "node1", "node2"])
-    threads[1].join(timeout=30)
-    assert isinstance(outcomes[1], ValueError)  # raised while rank 2 still worked
-    release.set()
-    for thread in threads:
-        thread.join()
-    assert isinstance(outcomes[0], OtherRankFailed) and isinstance(outcomes[2], OtherRankFailed)
-
-
-def test_acknowledging_after_the_store_went_away_is_quiet():
-    def gone():
-        raise RuntimeError("Connection reset by peer")
-
-    OtherRankFailed("rank 0 failed to build the datasets", gone).acknowledge()
 
 
 def test_a_lost_store_is_named():

@@ -184,6 +184,8 @@ def test_a_save_filesystem_without_room_for_a_checkpoint_is_refused_before_train
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_every_rank_refuses_a_save_directory_another_run_writes_with_one_line(tmp_path):
+    """Each rank stops on the refusal. Rank 0's exit let torchrun end rank 1 before its line,
+    when load made rank 1 the slower: here it is slower (it prints 3 s late)."""
     save = tmp_path / "run"
     flags = tiny_flags(write_corpus(tmp_path / "data")) + ["--train-iters", "2", "--save",
                                                           str(save)]
@@ -191,7 +193,8 @@ def test_every_rank_refuses_a_save_directory_another_run_writes_with_one_line(tm
     try:
         run = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-             "--module", "megatron_lst.training.cli", *flags],
+             str(REPO / "tests" / "distributed" / "workers" / "late_line.py"), "train", "--late",
+             "3", *flags],
             capture_output=True, text=True, timeout=300, cwd=REPO,
             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
     finally:

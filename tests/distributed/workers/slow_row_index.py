@@ -14,6 +14,7 @@ from distributed.harness import report_results
 
 from megatron_lst.training import data_provider
 from megatron_lst.training.arguments import parse_args, validate_args
+from megatron_lst.training.stop_together import attempt_token
 
 
 def main() -> None:
@@ -25,6 +26,7 @@ def main() -> None:
 
     dist.init_process_group("gloo")  # the ranks may start seconds apart on a busy machine
     dist.barrier()
+    attempt_token()  # the one broadcast of this process's first rank_zero_first, in step here
     dist.distributed_c10d._set_pg_timeout(timedelta(seconds=args.timeout_seconds))
     rank = dist.get_rank()
     build = data_provider._build_datasets
@@ -39,6 +41,9 @@ def main() -> None:
 
     data_provider._build_datasets = slow_build
     datasets = data_provider.build_datasets(validate_args(parse_args(flags), 2), args.cache)
+    # Rank 0 sees rank 1 finish up to a poll (1 s) late: on a busy machine, more than the short
+    # timeout that rank 1 would wait for it in the gathering of the results.
+    dist.distributed_c10d._set_pg_timeout(timedelta(minutes=5))
     report_results(args.results, {"rank": rank, "train_rows": len(datasets.train),
                                   "found_rank0_cache": found_cache == [True]})
     dist.destroy_process_group()
