@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.demo_corpus.alignment import (
     SILENCE,
@@ -433,10 +434,9 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     output_key = _key("outputs", settings, [_file_sha256(p) for p in config.text_files],
                       features.cache_key())
     manifest_path = out_dir / "summary.json"
-    if manifest_path.is_file():
-        summary = json.loads(manifest_path.read_text())
-        if summary.get("key") == output_key:
-            return DemoCorpus(out_dir, _paths(out_dir, config.units), summary)
+    summary = _summary_of_outputs(manifest_path)
+    if summary is not None and summary.get("key") == output_key:
+        return DemoCorpus(out_dir, _paths(out_dir, config.units), summary)
 
     t = time.perf_counter()
     documents, eval_stories = _text_stage(config)
@@ -512,10 +512,23 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     summary = _summary(config, speech_counts, text_counts, indexed_counts, items, endings_only,
                        timings)
     summary["key"] = output_key
-    manifest_path.write_text(json.dumps(summary, indent=2))
+    replace_file_durably(manifest_path, json.dumps(summary, indent=2))  # the outputs are whole
     # Return what a cached re-run returns (JSON types: lists, not tuples).
     return DemoCorpus(out_dir, _paths(out_dir, config.units),
                       json.loads(manifest_path.read_text()))
+
+
+def _summary_of_outputs(path: Path) -> dict | None:
+    """The summary of the outputs beside it (written last, atomically): None when there is none
+    or it is no JSON object (cut short by an older build killed while writing it, or edited by
+    hand), and the outputs are built again rather than the build stopping with a traceback."""
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # JSON or UTF-8
+        summary = None
+    return summary if isinstance(summary, dict) else None
 
 
 def _kmeans_units(config: DemoCorpusConfig, cache: Path, speech_key: str,

@@ -92,6 +92,25 @@ def test_rerun_is_cached_and_a_new_codebook_reuses_the_speech(corpus, monkeypatc
     assert np.load(fewer_units.paths["codebook"]).shape == (12, 78)
 
 
+@pytest.mark.parametrize("summary", ['{"key": "0123', "[]", b"\xff\xfe"],
+                         ids=["cut-short", "no-object", "not-utf8"])
+def test_an_unreadable_summary_is_built_again(tmp_path, monkeypatch, summary):
+    """A summary.json cut short (a build killed as it wrote it) or edited by hand stopped every
+    later build with a JSON traceback (or an AttributeError); the outputs are built again."""
+    path = tmp_path / "summary.json"
+    path.write_bytes(summary.encode() if isinstance(summary, str) else summary)
+
+    class BuiltAgain(Exception):
+        pass
+
+    def text_stage(config):
+        raise BuiltAgain
+
+    monkeypatch.setattr(build_module, "_text_stage", text_stage)
+    with pytest.raises(BuiltAgain):
+        build_demo_corpus(tmp_path, config=TINY, progress=False)
+
+
 def test_user_text_files_replace_the_stories_but_not_the_held_out_sets(tmp_path):
     path = tmp_path / "book.txt"
     paragraphs = [" ".join(f"word{p}x{i}" for i in range(30)) for p in range(20)]
