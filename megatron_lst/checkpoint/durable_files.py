@@ -1,14 +1,19 @@
 """Files that must survive a crash of the process or the machine: a checkpoint's manifest and
 metadata (synced to disk before the directory is renamed), the pointer file, and the small
 outputs the tools write over a file a user may already have (results, items, a tokenizer model),
-each replaced atomically."""
+each replaced atomically; and `.npy` files whose every byte is known to be written.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
 
 
 def write_file_durably(path: Path, content: str | bytes) -> None:
@@ -45,3 +50,20 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def save_npy(file: str | os.PathLike | BinaryIO, array: np.ndarray) -> None:
+    """`np.save(file, array)` (a path, or a binary file open at its start), then OSError naming
+    the file unless all of it is there. numpy writes the array through a C copy of the file and
+    drops the error of its last flush: when the disk fills, an array that fits in that buffer
+    (a unit file, a codebook) is cut short without a word."""
+    if not hasattr(file, "write"):
+        with open(file, "wb") as stream:
+            save_npy(stream, array)
+        return
+    np.save(file, array)
+    file.flush()
+    written, expected = os.fstat(file.fileno()).st_size, file.tell()
+    if written < expected:
+        raise OSError(errno.ENOSPC, f"the disk took {written} of the array's {expected} bytes",
+                      getattr(file, "name", None))

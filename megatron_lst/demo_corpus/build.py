@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_lst.checkpoint.durable_files import replace_file_durably
+from megatron_lst.checkpoint.durable_files import replace_file_durably, save_npy
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.demo_corpus.alignment import (
     SILENCE,
@@ -241,7 +241,7 @@ def _speech_requests(config: DemoCorpusConfig, documents: dict[str, list[_Docume
 
 def _save_utterances(directory: Path, utterances: list[Utterance]) -> None:
     features = np.concatenate([u.features for u in utterances])
-    np.save(directory / "features.npy", features)
+    save_npy(directory / "features.npy", features)
     index = [{"id": u.id, "num_units": len(u.features), "duration": u.duration,
               "words": [[w.label, w.start, w.end] for w in u.words],
               "phones": [[p.label, p.start, p.end] for p in u.phones]} for u in utterances]
@@ -319,7 +319,7 @@ def _write_speech_split(out_dir: Path, split: str, docs: list[_Document],
             intervals = (_segment_intervals(spoken.segments) if deduplicate
                          else _textgrid_intervals(utterance, xmax))
             write_textgrid(grid_dir / f"{doc.id}.TextGrid", intervals, xmax=xmax)
-            np.save(unit_dir / f"{doc.id}.npy", units.astype(np.int16))
+            save_npy(unit_dir / f"{doc.id}.npy", units.astype(np.int16))
             counts["documents"] += 1
             counts["seconds"] += utterance.duration
             counts["units"] += len(units)

@@ -2,9 +2,10 @@
 
 import os
 
+import numpy as np
 import pytest
 
-from megatron_lst.checkpoint.durable_files import replace_file_durably
+from megatron_lst.checkpoint.durable_files import replace_file_durably, save_npy
 
 
 def test_a_write_that_fills_the_disk_leaves_the_old_file_and_no_temporary(tmp_path, disk_full_at):
@@ -38,3 +39,26 @@ def test_a_symbolic_link_keeps_naming_the_file_it_names(tmp_path):
     dangling.symlink_to(tmp_path / "gone" / "x.jsonl")
     with pytest.raises(FileNotFoundError):
         replace_file_durably(dangling, "new\n")
+
+
+@pytest.mark.parametrize("as_stream", [False, True], ids=["path", "stream"])
+def test_an_array_cut_short_by_a_full_disk_is_an_error_naming_the_file(tmp_path, disk_full_at,
+                                                                        as_stream):
+    """np.save wrote a small array into a C buffer whose failed flush it ignored: the file was
+    cut short and the save returned as if it were whole."""
+    path = tmp_path / "units.npy"
+    array = np.arange(1000, dtype=np.int32)
+    disk_full_at(300)
+    with pytest.raises(OSError, match="the disk took 300 of the array's 4128 bytes") as raised:
+        if as_stream:
+            with open(path, "wb") as stream:
+                save_npy(stream, array)
+        else:
+            save_npy(path, array)
+    assert raised.value.filename == str(path)
+
+
+def test_a_whole_array_reads_back(tmp_path):
+    array = np.arange(12, dtype=np.int64).reshape(4, 3)
+    save_npy(tmp_path / "a.npy", array)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), array)
