@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import re
 import shutil
@@ -34,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -73,6 +75,9 @@ CORPUS_VERSION = 2
 UNIT_KINDS = ("kmeans", "phones")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
 _OUTPUT_DIRS = ("speech", "text", "textgrid", "units", "eval", "tokenizer", "indexed")
 # The file that says what each unit id is, by kind of unit, and what writes it to a path.
 _UNIT_TABLES = {"kmeans": "codebook.npy", "phones": "phones.json"}
@@ -270,6 +275,21 @@ def _cached(directory: Path, make) -> Path:
     return directory
 
 
+def _load_cached(directory: Path, make: Callable[[Path], None], load: Callable[[Path], T]) -> T:
+    """`load` of the cache `directory` (made by `make` when missing, see `_cached`). A cache that
+    cannot be loaded (a file of it deleted or damaged, or cut short by a full disk before its
+    files were checked) is said, removed and made again: it used to stop every later build."""
+    directory = _cached(directory, make)
+    try:
+        return load(directory)
+    # ValueError: JSON, a .npy cut short; KeyError, TypeError: an index without its fields
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
+        logger.warning("%s: damaged cache (%s: %s); building it again", directory,
+                       type(error).__name__, error)
+        shutil.rmtree(directory)
+        return load(_cached(directory, make))
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. outputs
 
@@ -457,8 +477,7 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
             bar.close()
         _save_utterances(directory, utterances)
 
-    speech_dir = _cached(cache / f"speech-{speech_key}", make_speech)
-    utterances = _load_utterances(speech_dir)
+    utterances = _load_cached(cache / f"speech-{speech_key}", make_speech, _load_utterances)
     timings["speech"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -545,8 +564,11 @@ def _kmeans_units(config: DemoCorpusConfig, cache: Path, speech_key: str,
         extractor.fit(train, config.num_units, config.seed, config.kmeans_frames)
         extractor.codebook.save(directory / "codebook.npy")
 
-    codebook_path = _cached(cache / f"codebook-{codebook_key}", make_codebook) / "codebook.npy"
-    extractor.codebook = KMeansCodebook.load(codebook_path)
+    codebook_dir = cache / f"codebook-{codebook_key}"
+    extractor.codebook = _load_cached(codebook_dir, make_codebook,
+                                      lambda directory: KMeansCodebook.load(
+                                          directory / "codebook.npy"))
+    codebook_path = codebook_dir / "codebook.npy"
     ids = list(utterances)
     all_units = extractor.units_of_features(np.concatenate([utterances[i].features for i in ids]))
     ends = np.cumsum([len(utterances[i].features) for i in ids])

@@ -1,6 +1,7 @@
 """The whole build on a tiny corpus: every output readable by the project's own readers."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -109,6 +110,21 @@ def test_an_unreadable_summary_is_built_again(tmp_path, monkeypatch, summary):
     monkeypatch.setattr(build_module, "_text_stage", text_stage)
     with pytest.raises(BuiltAgain):
         build_demo_corpus(tmp_path, config=TINY, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["features.npy", "utterances.json", "codebook.npy"])
+def test_a_damaged_cache_is_built_again(corpus, tmp_path, caplog, damage):
+    """A cache whose file was cut short (a full disk, before np.save's writes were checked) or
+    deleted stopped every later build with a traceback."""
+    shutil.copytree(corpus.out_dir / "cache", tmp_path / "cache")
+    (damaged,) = (tmp_path / "cache").glob(f"*/{damage}")
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    again = build_demo_corpus(tmp_path, config=TINY, progress=False)
+    assert f"{damaged.parent}: damaged cache" in caplog.text
+    assert {k: v for k, v in again.summary.items() if k != "seconds"} == {
+        k: v for k, v in corpus.summary.items() if k != "seconds"}
+    np.testing.assert_array_equal(np.load(again.paths["codebook"]),
+                                  np.load(corpus.paths["codebook"]))
 
 
 def test_user_text_files_replace_the_stories_but_not_the_held_out_sets(tmp_path):
