@@ -30,8 +30,12 @@ def replace_file_durably(path: str | os.PathLike, content: str | bytes) -> None:
     """Replace `path` with `content` atomically: after a crash, or a write that fails (a full
     disk), it holds the old content or the new, complete (a temporary file beside it, synced,
     renamed over it; a failed write removes it). A symbolic link stays: the file it names is
-    replaced."""
+    replaced. A device or a pipe (`/dev/stdout`) is written, not replaced."""
     target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file() and not target.is_dir():
+        with open(target, "wb") as stream:
+            stream.write(content.encode("utf-8") if isinstance(content, str) else content)
+        return
     temporary = target.with_name(f"{target.name}.tmp-{secrets.token_hex(6)}")
     try:
         write_file_durably(temporary, content)

@@ -1,6 +1,8 @@
 """`replace_file_durably`: the old content or the new, whole; never a part of the new."""
 
 import os
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,3 +64,19 @@ def test_a_whole_array_reads_back(tmp_path):
     array = np.arange(12, dtype=np.int64).reshape(4, 3)
     save_npy(tmp_path / "a.npy", array)
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), array)
+
+
+def test_a_device_or_a_pipe_is_written_not_replaced(tmp_path):
+    """`--output /dev/stdout` (or a pipe) would have become a temporary file beside the device,
+    renamed over it."""
+    replace_file_durably("/dev/null", "results\n")
+    assert not Path("/dev/null").is_file()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    replace_file_durably(fifo, "results\n")
+    reader.join(timeout=60)
+    assert received == ["results\n"] and not fifo.is_file()
+    assert os.listdir(tmp_path) == ["pipe"]
