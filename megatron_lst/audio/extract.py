@@ -35,7 +35,7 @@ from megatron_lst.audio.codebook import CodebookError, codebook_metadata, load_c
 from megatron_lst.audio.corpus import Utterance
 from megatron_lst.audio.hubert import HubertFeatures, load_transformers
 from megatron_lst.audio.units_record import UNITS_RECORD, read_units_record
-from megatron_lst.checkpoint.durable_files import save_npy
+from megatron_lst.checkpoint.durable_files import replace_file_durably, save_npy
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE, KMeansCodebook
 
 
@@ -187,9 +187,7 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
                          f"were made is unknown and a re-run would keep them; write to a new "
                          f"--units-dir, or delete them")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(path)
+    replace_file_durably(path, json.dumps(record, indent=2) + "\n")
 
 
 def make_jobs(utterances: Sequence[Utterance], frame_rate: int = UNIT_FRAME_RATE) -> list[Job]:
