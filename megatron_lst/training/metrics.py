@@ -75,7 +75,9 @@ def _drop_records_after(path: Path, iteration: int) -> None:
     damaged copy: `read_metrics` could not read the file back, and the run used to stop with a
     traceback on the logging rank alone, the other ranks waiting for it). Such a file is first
     copied to `<name>.damaged` (`.damaged.1`, ... when an earlier copy is there), so nothing
-    is lost; says what it dropped."""
+    is lost; and so is the file of a run that starts from no checkpoint (`iteration` 0), whose
+    records are an earlier run's (its checkpoints moved away, or a crash before the first), to
+    `<name>.earlier`. Says what it dropped."""
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     kept, dropped, torn, damaged = [], [], False, []
     for number, line in enumerate(lines):
@@ -95,14 +97,20 @@ def _drop_records_after(path: Path, iteration: int) -> None:
             kept.append(line if line.endswith("\n") else line + "\n")
     if not dropped and not torn and not damaged:
         return
-    kept_aside = _unused_name(path.with_name(path.name + ".damaged")) if damaged else None
+    earlier = iteration == 0 and bool(dropped)
+    suffix = ".damaged" if damaged else ".earlier" if earlier else None
+    kept_aside = _unused_name(path.with_name(path.name + suffix)) if suffix else None
     if kept_aside is not None:
         shutil.copyfile(path, kept_aside)
     replace_file_durably(path, "".join(kept))  # a full disk leaves the file as it was
     what = [f"{len(dropped)} record(s) of iterations {min(dropped)}-{max(dropped)}"] if dropped \
         else []
     what += ["a torn last line"] if torn else []
-    if dropped or torn:
+    if earlier:
+        logger.warning("%s: this run starts from no checkpoint, so the %s there are an earlier "
+                       "run's; the file as it was is kept as %s", path, " and ".join(what),
+                       kept_aside)
+    elif dropped or torn:
         logger.warning("%s: dropped %s, written after the checkpoint of iteration %d that this "
                        "run resumes from", path, " and ".join(what), iteration)
     if damaged:

@@ -152,6 +152,19 @@ def test_a_second_damaged_metrics_file_keeps_the_first_copy(tmp_path):
     assert [r["iteration"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
+def test_a_run_from_no_checkpoint_keeps_the_metrics_of_an_earlier_run(tmp_path, caplog):
+    """A run started on a --save directory whose checkpoints were moved away (what the refusal
+    of newer checkpoints advises) dropped the earlier run's metrics, its only loss curve left."""
+    path = tmp_path / "metrics.jsonl"
+    earlier = "".join(json.dumps({"iteration": i, "loss": float(i)}) + "\n" for i in (1, 2, 3))
+    path.write_text(earlier)
+    MetricsFile(path, start_iteration=0).close()
+    assert path.read_text() == ""
+    assert (tmp_path / "metrics.jsonl.earlier").read_text() == earlier
+    assert (f"this run starts from no checkpoint, so the 3 record(s) of iterations 1-3 there are "
+            f"an earlier run's; the file as it was is kept as {path}.earlier") in caplog.text
+
+
 def test_resuming_a_metrics_file_on_a_full_disk_leaves_it_and_the_run_alone(tmp_path, caplog,
                                                                             disk_full_at):
     """Rewriting the file without the lines after the checkpoint raised OSError on the logging
