@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.demo_corpus.alignment import MODE_SEP, SILENCE
 from megatron_lst.demo_corpus.build import DemoCorpusConfig, training_voice
 
@@ -321,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"S->S topic, context cut to K units (summed/normalised), {checkpoint}: " +
                   ", ".join(f"K={k} {a:.3f}/{b:.3f}" for k, (a, b) in curve.items()))
     if args.out is not None:
-        args.out.write_text(json.dumps(output, indent=1) + "\n")
+        replace_file_durably(args.out, json.dumps(output, indent=1) + "\n")
     return 0
 
 

@@ -188,9 +188,10 @@ def main() -> None:
             results.append(run_isolated(preset_name, num_tokens, args))
             print(report_row(results[-1]), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) | {"ratio": r.ratio, "cpu_ratio": r.cpu_ratio} for r in results],
-                      f, indent=1)
+        from megatron_lst.checkpoint.durable_files import replace_file_durably
+
+        replace_file_durably(args.json, json.dumps(
+            [asdict(r) | {"ratio": r.ratio, "cpu_ratio": r.cpu_ratio} for r in results], indent=1))
 
 
 if __name__ == "__main__":

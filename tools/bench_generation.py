@@ -121,8 +121,9 @@ def main() -> None:
     for line in comparison_lines(results, args.units, args.patch_size):
         print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+        from megatron_lst.checkpoint.durable_files import replace_file_durably
+
+        replace_file_durably(args.json, json.dumps([asdict(r) for r in results], indent=1))
 
 
 if __name__ == "__main__":

@@ -502,8 +502,9 @@ def main(argv=None) -> None:
             "card": rates,
             "results": [asdict(r) for r in results],
         }
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        from megatron_lst.checkpoint.durable_files import replace_file_durably
+
+        replace_file_durably(args.out, json.dumps(report, indent=2))
         print(f"wrote {args.out}")
 
 

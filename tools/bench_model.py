@@ -313,8 +313,9 @@ def main() -> None:
             "command": " ".join(["python", *sys.argv]), "machine": machine, "args": vars(args),
             "results": [asdict(r) for r in results],
         }
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+        from megatron_lst.checkpoint.durable_files import replace_file_durably
+
+        replace_file_durably(args.json, json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.data.readers import SEGMENT_SEP, parse_reference_line
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
 
@@ -162,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"{name:<22}{seconds:>9.2f}{rate:>14,.0f}{per_worker:>16,.0f}{per_cpu:>14,.0f}"
               f"{lines_per_s:>11,.0f}")
     if args.output_json:
-        args.output_json.write_text(json.dumps(results, indent=2) + "\n")
+        replace_file_durably(args.output_json, json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -367,7 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.json is not None:
         report = {"command": " ".join(["python", "tools/bench_step.py", *argv]),
                   **asdict(bench)}
-        options.json.write_text(json.dumps(report, indent=1) + "\n")
+        from megatron_lst.checkpoint.durable_files import replace_file_durably
+
+        replace_file_durably(options.json, json.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.models.config import (
     PRESETS,
     CrossAttentionConfig,
@@ -270,10 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if split is not None:
         print("\n" + split)
     if args.out is not None:
-        args.out.write_text(json.dumps({
-            "model": {"preset": args.preset, "shape": dataclasses.asdict(lst)},
-            "plans": [p.as_dict() for p in plans],
-        }, indent=2) + "\n")
+        try:  # atomically: a write that fails leaves the file as it was, not half a JSON
+            replace_file_durably(args.out, json.dumps({
+                "model": {"preset": args.preset, "shape": dataclasses.asdict(lst)},
+                "plans": [p.as_dict() for p in plans],
+            }, indent=2) + "\n")
+        except OSError as error:
+            print(f"plan_compute: cannot write --out {args.out} ({error.strerror or error}); "
+                  f"the plans are printed above", file=sys.stderr)
+            return 2
     return 0
 
 

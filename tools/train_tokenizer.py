@@ -110,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
                          f"train on more text") from None
     except VocabularyError as error:
         raise SystemExit(f"error: --vocab-size: {error}") from None
+    except OSError as error:  # a full disk, a read-only folder: the model is replaced atomically
+        where = f" ({error.filename})" if error.filename else ""
+        raise SystemExit(f"error: {error.strerror or error}{where}; --output {args.output} is as "
+                         f"it was: free space, or write the model elsewhere") from None
     print(f"wrote {model} ({args.vocab_size} pieces)")
     return model
 

@@ -13,11 +13,15 @@ trusted, keeping just its `cluster_centers_`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import secrets
 import tokenize
 from pathlib import Path
 
 import numpy as np
 
+from megatron_lst.checkpoint.durable_files import save_npy
 from megatron_lst.demo_corpus.units import KMeansCodebook
 
 CODEBOOK_SUFFIXES = (".npy", ".safetensors")
@@ -65,22 +69,33 @@ def check_codebook_suffix(path: Path, name: str | None = None) -> None:
 
 def save_codebook(codebook: KMeansCodebook, path: str | Path,
                   metadata: dict[str, str] | None = None) -> Path:
-    """Write the centroids to `path` (`.npy`, or `.safetensors` with `metadata`), atomically."""
+    """Write the centroids to `path` (`.npy`, or `.safetensors` with `metadata`), atomically: a
+    write that fails (a full disk) or is killed leaves the file that was there, and a failed
+    write removes its partial file."""
     path = Path(path)
     check_codebook_suffix(path)
     if metadata and path.suffix == ".npy":
         raise CodebookError(f"{path}: .npy files carry no metadata; save as .safetensors")
     centroids = _checked(codebook.centroids, str(path))
-    partial = path.with_name(path.name + ".partial")
-    if path.suffix == ".npy":
-        with open(partial, "wb") as f:
-            np.save(f, centroids)
-    else:
-        from safetensors.numpy import save_file
+    partial = path.with_name(f"{path.name}.partial-{secrets.token_hex(4)}")  # one per writer
+    try:
+        if path.suffix == ".npy":
+            save_npy(partial, centroids)
+        else:
+            from safetensors import SafetensorError
+            from safetensors.numpy import save_file
 
-        save_file({"centroids": centroids}, str(partial),
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
-    partial.replace(path)
+            try:
+                save_file({"centroids": centroids}, str(partial),
+                          metadata={k: str(v) for k, v in (metadata or {}).items()})
+            except SafetensorError as error:  # a full disk, as an OSError names it
+                raise OSError(errno.EIO, f"cannot write the codebook ({error})",
+                              str(path)) from None
+        partial.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -35,6 +35,7 @@ from megatron_lst.audio.codebook import CodebookError, codebook_metadata, load_c
 from megatron_lst.audio.corpus import Utterance
 from megatron_lst.audio.hubert import HubertFeatures, load_transformers
 from megatron_lst.audio.units_record import UNITS_RECORD, read_units_record
+from megatron_lst.checkpoint.durable_files import replace_file_durably, save_npy
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE, KMeansCodebook
 
 
@@ -133,11 +134,14 @@ def write_units(path: Path, units: np.ndarray) -> None:
     leave a file of the right name and length whose units were never written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".partial{os.getpid()}")
-    with open(partial, "wb") as f:
-        np.save(f, units.astype(np.int32))
-        f.flush()
-        os.fsync(f.fileno())
-    partial.replace(path)
+    try:
+        with open(partial, "wb") as f:
+            save_npy(f, units.astype(np.int32))  # OSError when the disk fills
+            os.fsync(f.fileno())
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _check_codebook_settings(config: ExtractConfig) -> None:
@@ -183,9 +187,7 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
                          f"were made is unknown and a re-run would keep them; write to a new "
                          f"--units-dir, or delete them")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(path)
+    replace_file_durably(path, json.dumps(record, indent=2) + "\n")
 
 
 def make_jobs(utterances: Sequence[Utterance], frame_rate: int = UNIT_FRAME_RATE) -> list[Job]:

@@ -60,6 +60,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from megatron_lst.checkpoint.durable_files import save_npy
 from megatron_lst.data.documents import AlignedDocument, check_document_of
 from megatron_lst.data.interleave import InterleaveConfig, InterleavedDocument, Interleaver
 from megatron_lst.data.worker_pool import worker_pool
@@ -352,10 +353,14 @@ class LSTDataset(torch.utils.data.Dataset):
         partial = path.with_name(f"{path.stem}.{secrets.token_hex(8)}.partial.npy")
         try:
             with open(partial, "xb") as stream:
-                np.save(stream, heads)
+                save_npy(stream, heads)  # OSError when the disk fills, not a file cut short
             os.replace(partial, path)
-        except BaseException:
+        except BaseException as error:
             partial.unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise DatasetError(f"cannot write the row index {path} ({error.strerror or error}"
+                                   f"): free space on its filesystem (the --save directory), "
+                                   f"then start the run again") from None
             raise
         return heads
 

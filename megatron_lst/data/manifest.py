@@ -86,6 +86,11 @@ class Manifest:
     def load(cls, prefix: str | Path) -> Manifest:
         path = cls.path_for(prefix)
         if not path.exists():
+            if cls.path_for(f"{prefix}.partial").is_file():
+                raise ManifestError(
+                    f"{path}: manifest not found, and {cls.path_for(f'{prefix}.partial')} is "
+                    f"there: a tools/preprocess_data.py run was stopped while it moved its output "
+                    f"into place, so {prefix}.bin/.idx may be of two runs; run it again")
             raise ManifestError(f"{path}: manifest not found; datasets must be written by "
                                 f"tools/preprocess_data.py, which writes it next to .bin/.idx"
                                 f"{_suffix_hint(prefix)}{_index_without_manifest_hint(prefix)}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import re
 import shutil
@@ -34,9 +35,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
+from megatron_lst.checkpoint.durable_files import replace_file_durably, save_npy
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.demo_corpus.alignment import (
     SILENCE,
@@ -72,6 +75,9 @@ CORPUS_VERSION = 2
 UNIT_KINDS = ("kmeans", "phones")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
 _OUTPUT_DIRS = ("speech", "text", "textgrid", "units", "eval", "tokenizer", "indexed")
 # The file that says what each unit id is, by kind of unit, and what writes it to a path.
 _UNIT_TABLES = {"kmeans": "codebook.npy", "phones": "phones.json"}
@@ -240,7 +246,7 @@ def _speech_requests(config: DemoCorpusConfig, documents: dict[str, list[_Docume
 
 def _save_utterances(directory: Path, utterances: list[Utterance]) -> None:
     features = np.concatenate([u.features for u in utterances])
-    np.save(directory / "features.npy", features)
+    save_npy(directory / "features.npy", features)
     index = [{"id": u.id, "num_units": len(u.features), "duration": u.duration,
               "words": [[w.label, w.start, w.end] for w in u.words],
               "phones": [[p.label, p.start, p.end] for p in u.phones]} for u in utterances]
@@ -267,6 +273,21 @@ def _cached(directory: Path, make) -> Path:
     make(tmp)
     tmp.rename(directory)
     return directory
+
+
+def _load_cached(directory: Path, make: Callable[[Path], None], load: Callable[[Path], T]) -> T:
+    """`load` of the cache `directory` (made by `make` when missing, see `_cached`). A cache that
+    cannot be loaded (a file of it deleted or damaged, or cut short by a full disk before its
+    files were checked) is said, removed and made again: it used to stop every later build."""
+    directory = _cached(directory, make)
+    try:
+        return load(directory)
+    # ValueError: JSON, a .npy cut short; KeyError, TypeError: an index without its fields
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
+        logger.warning("%s: damaged cache (%s: %s); building it again", directory,
+                       type(error).__name__, error)
+        shutil.rmtree(directory)
+        return load(_cached(directory, make))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +339,7 @@ def _write_speech_split(out_dir: Path, split: str, docs: list[_Document],
             intervals = (_segment_intervals(spoken.segments) if deduplicate
                          else _textgrid_intervals(utterance, xmax))
             write_textgrid(grid_dir / f"{doc.id}.TextGrid", intervals, xmax=xmax)
-            np.save(unit_dir / f"{doc.id}.npy", units.astype(np.int16))
+            save_npy(unit_dir / f"{doc.id}.npy", units.astype(np.int16))
             counts["documents"] += 1
             counts["seconds"] += utterance.duration
             counts["units"] += len(units)
@@ -433,10 +454,9 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     output_key = _key("outputs", settings, [_file_sha256(p) for p in config.text_files],
                       features.cache_key())
     manifest_path = out_dir / "summary.json"
-    if manifest_path.is_file():
-        summary = json.loads(manifest_path.read_text())
-        if summary.get("key") == output_key:
-            return DemoCorpus(out_dir, _paths(out_dir, config.units), summary)
+    summary = _summary_of_outputs(manifest_path)
+    if summary is not None and summary.get("key") == output_key:
+        return DemoCorpus(out_dir, _paths(out_dir, config.units), summary)
 
     t = time.perf_counter()
     documents, eval_stories = _text_stage(config)
@@ -457,8 +477,7 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
             bar.close()
         _save_utterances(directory, utterances)
 
-    speech_dir = _cached(cache / f"speech-{speech_key}", make_speech)
-    utterances = _load_utterances(speech_dir)
+    utterances = _load_cached(cache / f"speech-{speech_key}", make_speech, _load_utterances)
     timings["speech"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -512,10 +531,23 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     summary = _summary(config, speech_counts, text_counts, indexed_counts, items, endings_only,
                        timings)
     summary["key"] = output_key
-    manifest_path.write_text(json.dumps(summary, indent=2))
+    replace_file_durably(manifest_path, json.dumps(summary, indent=2))  # the outputs are whole
     # Return what a cached re-run returns (JSON types: lists, not tuples).
     return DemoCorpus(out_dir, _paths(out_dir, config.units),
                       json.loads(manifest_path.read_text()))
+
+
+def _summary_of_outputs(path: Path) -> dict | None:
+    """The summary of the outputs beside it (written last, atomically): None when there is none
+    or it is no JSON object (cut short by an older build killed while writing it, or edited by
+    hand), and the outputs are built again rather than the build stopping with a traceback."""
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # JSON or UTF-8
+        summary = None
+    return summary if isinstance(summary, dict) else None
 
 
 def _kmeans_units(config: DemoCorpusConfig, cache: Path, speech_key: str,
@@ -532,8 +564,11 @@ def _kmeans_units(config: DemoCorpusConfig, cache: Path, speech_key: str,
         extractor.fit(train, config.num_units, config.seed, config.kmeans_frames)
         extractor.codebook.save(directory / "codebook.npy")
 
-    codebook_path = _cached(cache / f"codebook-{codebook_key}", make_codebook) / "codebook.npy"
-    extractor.codebook = KMeansCodebook.load(codebook_path)
+    codebook_dir = cache / f"codebook-{codebook_key}"
+    extractor.codebook = _load_cached(codebook_dir, make_codebook,
+                                      lambda directory: KMeansCodebook.load(
+                                          directory / "codebook.npy"))
+    codebook_path = codebook_dir / "codebook.npy"
     ids = list(utterances)
     all_units = extractor.units_of_features(np.concatenate([utterances[i].features for i in ids]))
     ends = np.cumsum([len(utterances[i].features) for i in ids])

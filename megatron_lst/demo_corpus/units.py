@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from megatron_lst.checkpoint.durable_files import save_npy
 from megatron_lst.demo_corpus.optional import require
 
 FEATURE_SAMPLE_RATE = 16000
@@ -171,7 +172,7 @@ class KMeansCodebook:
         return out
 
     def save(self, path: str | Path) -> None:
-        np.save(path, self.centroids)
+        save_npy(path, self.centroids)
 
     @classmethod
     def load(cls, path: str | Path) -> KMeansCodebook:

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.evaluation.generation import (
     GenerationError,
     SamplingConfig,
@@ -244,9 +245,11 @@ def _check_output_spares(output: str, path: str | os.PathLike, what: str) -> Non
 def _write_results(output: str, results: dict) -> int:
     """Write the results JSON to --output, a value that is not a number (the steps per second
     of a TTS model that generated no units) as null: standard JSON has no NaN. 0, or 2 with a
-    one-line error when it cannot be written (the results are on stdout already)."""
+    one-line error when it cannot be written (the results are on stdout already). Replaced
+    atomically: a write that fails or is killed leaves the file as it was, never half a JSON."""
     try:
-        Path(output).write_text(json.dumps(_nan_as_null(results), indent=1, allow_nan=False))
+        replace_file_durably(output, json.dumps(_nan_as_null(results), indent=1,
+                                                allow_nan=False))
     except OSError as error:
         print(f"lst-eval: cannot write the results to --output {output} "
               f"({error.strerror or error}); they are printed above", file=sys.stderr)

@@ -58,6 +58,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.data.readers import DocumentError, load_units, parse_units_text
 from megatron_lst.evaluation.items import ItemError, json_line, lone_surrogate, text_lines
 
@@ -318,10 +319,8 @@ def import_main(argv: Sequence[str] | None = None) -> int:
     except (ItemError, OSError) as error:
         print(f"lst-import-eval: {error}", file=sys.stderr)
         return 2
-    try:
-        with open(args.output, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+    try:  # atomically: a write that fails or is killed leaves no items file cut at a line end
+        replace_file_durably(args.output, "".join(json.dumps(record) + "\n" for record in records))
     except OSError as error:
         print(f"lst-import-eval: cannot write --output {args.output} "
               f"({error.strerror or error})", file=sys.stderr)

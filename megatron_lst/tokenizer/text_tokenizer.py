@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
 # Cleared when full: word caches stay bounded on corpora with very many distinct words.
@@ -229,7 +230,7 @@ def train_sentencepiece(sentences: Iterable[str], model_path: str | Path, vocab_
     Byte fallback, split digits, a dummy prefix and no whitespace normalization (so word-by-word
     encoding equals encoding the run), unk 0 / bos 1 / eos 2, no pad piece. One thread, the input
     order as given and no output path inside the model make the file's bytes a function of the
-    sentences and `vocab_size` alone. Raises `VocabSizeError` (with the largest size the text
+    sentences and `vocab_size` alone. The file at `model_path` is replaced atomically. Raises `VocabSizeError` (with the largest size the text
     allows) when the text cannot give `vocab_size` pieces.
     """
     sentences = list(sentences)  # trained on twice when the size is too large
@@ -249,7 +250,9 @@ def train_sentencepiece(sentences: Iterable[str], model_path: str | Path, vocab_
         raise VocabSizeError(vocab_size, largest) from error
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    model_path.write_bytes(model)
+    # Atomically: a disk that fills part way leaves the model that was there (a model cut short
+    # can load, its normalizer lost, and tokenize otherwise).
+    replace_file_durably(model_path, model)
     return model_path
 
 

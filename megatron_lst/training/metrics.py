@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from megatron_lst.checkpoint.durable_files import replace_file_durably
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILENAME = "metrics.jsonl"
@@ -27,11 +29,17 @@ class MetricsFile:
 
     def __init__(self, path: Path | None, start_iteration: int = 0):
         self._file = None
-        if path is not None:
+        if path is None:
+            return
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_file():
                 _drop_records_after(path, start_iteration)
-            self._file = open(path, "a", encoding="utf-8")
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        except OSError as err:  # as in `write`: only the logging rank is here
+            logger.error("cannot resume %s (%s): no metrics lines this run (the log keeps "
+                         "them), the file is as it was; free space or fix the file system, then "
+                         "resume", path, err)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append `record`, one iteration's metrics with its "iteration", as one line.
@@ -66,7 +74,10 @@ def _drop_records_after(path: Path, iteration: int) -> None:
     a torn last line and without any other line that is no metrics record (two writers, a
     damaged copy: `read_metrics` could not read the file back, and the run used to stop with a
     traceback on the logging rank alone, the other ranks waiting for it). Such a file is first
-    copied to `<name>.damaged`, so nothing is lost; says what it dropped."""
+    copied to `<name>.damaged` (`.damaged.1`, ... when an earlier copy is there), so nothing
+    is lost; and so is the file of a run that starts from no checkpoint (`iteration` 0), whose
+    records are an earlier run's (its checkpoints moved away, or a crash before the first), to
+    `<name>.earlier`. Says what it dropped."""
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     kept, dropped, torn, damaged = [], [], False, []
     for number, line in enumerate(lines):
@@ -86,30 +97,55 @@ def _drop_records_after(path: Path, iteration: int) -> None:
             kept.append(line if line.endswith("\n") else line + "\n")
     if not dropped and not torn and not damaged:
         return
-    if damaged:
-        shutil.copyfile(path, path.with_name(path.name + ".damaged"))
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(kept), encoding="utf-8")
-    temporary.replace(path)
+    earlier = iteration == 0 and bool(dropped)
+    suffix = ".damaged" if damaged else ".earlier" if earlier else None
+    kept_aside = _unused_name(path.with_name(path.name + suffix)) if suffix else None
+    if kept_aside is not None:
+        shutil.copyfile(path, kept_aside)
+    replace_file_durably(path, "".join(kept))  # a full disk leaves the file as it was
     what = [f"{len(dropped)} record(s) of iterations {min(dropped)}-{max(dropped)}"] if dropped \
         else []
     what += ["a torn last line"] if torn else []
-    if dropped or torn:
+    if earlier:
+        logger.warning("%s: this run starts from no checkpoint, so the %s there are an earlier "
+                       "run's; the file as it was is kept as %s", path, " and ".join(what),
+                       kept_aside)
+    elif dropped or torn:
         logger.warning("%s: dropped %s, written after the checkpoint of iteration %d that this "
                        "run resumes from", path, " and ".join(what), iteration)
     if damaged:
         logger.warning("%s: dropped line(s) %s, which are no metrics records; the file as it was "
-                       "is kept as %s", path, ", ".join(map(str, damaged)),
-                       path.with_name(path.name + ".damaged"))
+                       "is kept as %s", path, ", ".join(map(str, damaged)), kept_aside)
+
+
+def _unused_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ... when taken: a copy kept aside earlier stays."""
+    number = 0
+    candidate = path
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
 
 
 def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:
     """The records of `<save_dir>/metrics.jsonl` by iteration (the last line of a repeated
-    iteration wins)."""
+    iteration wins). A last line cut short without its newline (the run was killed as it wrote
+    it; resuming drops it) is left out; any other line that is no metrics record is a
+    ValueError naming the file and the line."""
+    path = Path(save_dir) / METRICS_FILENAME
     records: dict[int, dict[str, Any]] = {}
-    with open(Path(save_dir) / METRICS_FILENAME, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                records[record["iteration"]] = record
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records[int(record["iteration"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if number == len(lines) and not line.endswith("\n"):  # a crash's torn write
+                break
+            raise ValueError(f"{path}:{number}: not a metrics record ({line.strip()[:80]!r}); "
+                             f"resuming the run sets such lines aside in "
+                             f"{path.name}.damaged, or delete the line") from None
     return [records[i] for i in sorted(records)]

@@ -175,9 +175,13 @@ class SaveDirectoryLock:
                     f"Wait for that run to end or stop it, or give this run another --save")
             time.sleep(1.0)
         self._fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, started "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode(), 0)
+        except OSError as error:  # a full disk: the lock is held, only its note is missing
+            logger.warning("cannot record this run as the holder of %s (%s); the directory is "
+                           "locked all the same", self.path, error.strerror or error)
         return self
 
     def __exit__(self, *exc_info) -> None:

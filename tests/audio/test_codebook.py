@@ -11,6 +11,7 @@ from megatron_lst.audio.codebook import (
     load_codebook,
     save_codebook,
 )
+from megatron_lst.demo_corpus.units import KMeansCodebook
 
 pytest.importorskip("sklearn")
 
@@ -38,6 +39,20 @@ def test_fit_save_load_assign_round_trip(tmp_path, suffix):
     # Seeded: the same sample gives the same centroids.
     again = fit_codebook(features, num_units=6, max_frames=300, seed=0)
     np.testing.assert_array_equal(again.centroids, codebook.centroids)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_a_save_that_fills_the_disk_keeps_the_codebook_there(tmp_path, suffix, disk_full_at):
+    """np.save dropped the error of a full disk, and a codebook cut short replaced the one
+    there (train_kmeans said it wrote it); a failed safetensors save left its partial file."""
+    path = save_codebook(fit_codebook(_features(), 6, 300, seed=0), tmp_path / f"km{suffix}")
+    before = path.read_bytes()
+    larger = KMeansCodebook(np.random.default_rng(0).standard_normal((200, 5)).astype(np.float32))
+    disk_full_at(len(before) + 100)
+    with pytest.raises(OSError):
+        save_codebook(larger, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_loader_refuses_pickles(tmp_path):

@@ -409,6 +409,21 @@ def test_demo_corpus_takes_hubert_units(corpus):
         unit_features("hubert")
 
 
+def test_a_unit_file_the_disk_cannot_hold_is_an_error_not_a_file_cut_short(tmp_path,
+                                                                            disk_full_at):
+    """np.save dropped the error of a full disk: a unit file cut short was renamed into place,
+    the run said it extracted the utterance, and preprocess_data then met a damaged file."""
+    from megatron_lst.audio.extract import is_complete, units_path, write_units
+
+    path = units_path(tmp_path, "spk/utt1")
+    (tmp_path / "spk").mkdir()
+    disk_full_at(400)
+    with pytest.raises(OSError, match="the disk took 400 of the array's 2128 bytes"):
+        write_units(path, np.arange(500) % 50)
+    assert list((tmp_path / "spk").iterdir()) == []
+    assert not is_complete(path, 500)
+
+
 def test_output_folders_that_cannot_be_written_end_in_one_line(corpus, tmp_path):
     """An OSError on an output path (here a folder under a file; a read-only or unwritable
     --units-dir is the same) was a traceback; an output folder that is a file said only

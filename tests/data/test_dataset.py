@@ -409,6 +409,20 @@ def test_a_damaged_row_index_cache_is_rebuilt(tmp_path, caplog, damage):
     assert cached.read_bytes() == intact
 
 
+def test_a_row_index_the_disk_cannot_hold_is_an_error_naming_it(tmp_path, disk_full_at):
+    """np.save dropped the error of a full disk: a row index cut short was published as the
+    cache, and the next run had to find it damaged and build it again."""
+    store, cache, _, cached = _cached_static_dataset(tmp_path)
+    size = cached.stat().st_size
+    cached.unlink()
+    disk_full_at(size - 24)
+    with pytest.raises(DatasetError, match=f"cannot write the row index {cached} \\(the disk "
+                                           f"took {size - 24} of the array's {size} bytes\\): "
+                                           f"free space on its filesystem"):
+        dataset(MODES["static"], store, index_cache_dir=cache)
+    assert list(cache.iterdir()) == []
+
+
 class _StoreRange:
     """Documents [start, stop) of a store, sharing its files (as training's splits do)."""
 

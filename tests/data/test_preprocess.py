@@ -174,7 +174,12 @@ def test_a_run_stopped_while_renaming_leaves_no_dataset_that_looks_whole(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         preprocess.main(argv)
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(DocumentError, match=r"out.json: manifest not found"):
+    # It said the .bin/.idx pair looked like Megatron-LM's preprocess_data.py output.
+    with pytest.raises(DocumentError, match=rf"out.json: manifest not found, and {prefix}.partial"
+                                            rf".json is there: a tools/preprocess_data.py run was "
+                                            rf"stopped while it moved its output into place, so "
+                                            rf"{prefix}.bin/.idx may be of two runs; run it "
+                                            rf"again$"):
         DocumentStore(prefix)
     preprocess.main(argv)  # the next run completes it
     assert len(DocumentStore(prefix)) == 12

@@ -94,6 +94,25 @@ def test_training_is_deterministic(tmp_path):
     assert load_text_tokenizer(a).sha256 == load_text_tokenizer(b).sha256
 
 
+def test_training_over_a_model_when_the_disk_fills_keeps_that_model(tmp_path, disk_full_at):
+    """The model was written over the old one: a disk that filled part way left a model cut
+    short in its place (and the tool stopped with a traceback)."""
+    path = train_sentencepiece(_tiny_corpus(), tmp_path / "spm.model", 300)
+    before = path.read_bytes()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(line + "\n" for line in _tiny_corpus(seed=1)))
+    disk_full_at(len(before) // 2)
+    with pytest.raises(OSError):
+        train_sentencepiece(_tiny_corpus(seed=1), path, 300)
+    assert path.read_bytes() == before
+    with pytest.raises(SystemExit, match=f"error: File too large; --output {path} is as it "
+                                         f"was: free space, or write the model elsewhere"):
+        _load_tool("train_tokenizer").main(["--input", str(corpus), "--vocab-size", "300",
+                                            "--output", str(path)])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "spm.model"]
+
+
 def test_train_tool_reproduces_reference_pieces(tmp_path, reference_spm):
     tool = _load_tool("train_tokenizer")
     model = tool.main(["--input", str(FIXTURES / "mls.chunk.00.on_the_fly"), "--input-format",

@@ -1,7 +1,9 @@
 """The whole build on a tiny corpus: every output readable by the project's own readers."""
 
 import json
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +92,43 @@ def test_rerun_is_cached_and_a_new_codebook_reuses_the_speech(corpus, monkeypatc
                                     progress=False)
     assert fewer_units.summary["config"]["num_units"] == 12
     assert np.load(fewer_units.paths["codebook"]).shape == (12, 78)
+
+
+@pytest.mark.parametrize("summary", ['{"key": "0123', "[]", b"\xff\xfe"],
+                         ids=["cut-short", "no-object", "not-utf8"])
+def test_an_unreadable_summary_is_built_again(tmp_path, monkeypatch, summary):
+    """A summary.json cut short (a build killed as it wrote it) or edited by hand stopped every
+    later build with a JSON traceback (or an AttributeError); the outputs are built again."""
+    path = tmp_path / "summary.json"
+    path.write_bytes(summary.encode() if isinstance(summary, str) else summary)
+
+    class BuiltAgain(Exception):
+        pass
+
+    def text_stage(config):
+        raise BuiltAgain
+
+    monkeypatch.setattr(build_module, "_text_stage", text_stage)
+    with pytest.raises(BuiltAgain):
+        build_demo_corpus(tmp_path, config=TINY, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["features.npy", "utterances.json", "codebook.npy"])
+def test_a_damaged_cache_is_built_again(corpus, tmp_path, caplog, damage):
+    """A cache whose file was cut short (a full disk, before np.save's writes were checked) or
+    deleted stopped every later build with a traceback."""
+    shutil.copytree(corpus.out_dir / "cache", tmp_path / "cache")
+    before = build_demo_corpus(tmp_path, config=TINY, progress=False)  # from the caches
+    codebook = Path(before.paths["codebook"]).read_bytes()
+    (damaged,) = [path for path in (tmp_path / "cache").glob(f"*/{damage}")
+                  if damage != "codebook.npy" or path.read_bytes() == codebook]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    (tmp_path / "summary.json").unlink()
+    again = build_demo_corpus(tmp_path, config=TINY, progress=False)
+    assert f"{damaged.parent}: damaged cache" in caplog.text
+    assert ({k: v for k, v in again.summary.items() if k != "seconds"}
+            == {k: v for k, v in before.summary.items() if k != "seconds"})
+    assert Path(again.paths["codebook"]).read_bytes() == codebook
 
 
 def test_user_text_files_replace_the_stories_but_not_the_held_out_sets(tmp_path):

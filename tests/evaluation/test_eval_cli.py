@@ -18,7 +18,7 @@ from eval_cases import (
 )
 from training.training_cases import tiny_flags
 
-from megatron_lst.evaluation.cli import eval_main, generate_main
+from megatron_lst.evaluation.cli import _write_results, eval_main, generate_main
 from megatron_lst.evaluation.items import load_items
 from megatron_lst.evaluation.loading import load_inference_model
 from megatron_lst.evaluation.scoring import evaluate_items
@@ -369,6 +369,20 @@ def test_lst_eval_output_that_cannot_be_written_is_one_line(checkpoint, tmp_path
     assert "items.jsonl T->T: accuracy" in captured.out
     assert captured.err == (f"lst-eval: cannot write the results to --output {output} (No such "
                             f"file or directory); they are printed above\n")
+
+
+def test_lst_eval_output_that_fills_the_disk_keeps_the_earlier_results(tmp_path, capsys,
+                                                                       disk_full_at):
+    """The results file was opened for writing (emptied) first: a disk that filled part way left
+    half a JSON in place of the earlier run's results."""
+    output = tmp_path / "results.json"
+    output.write_text('{"earlier": 1}')
+    disk_full_at(100)
+    assert _write_results(str(output), {"items.jsonl": {"scores": list(range(200))}}) == 2
+    assert output.read_text() == '{"earlier": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    assert capsys.readouterr().err.startswith(f"lst-eval: cannot write the results to --output "
+                                              f"{output} (File too large)")
 
 
 def test_lst_eval_without_a_checkpoint(tmp_path, capsys):

@@ -181,6 +181,20 @@ def test_import_refuses_an_output_that_would_overwrite_a_unit_file(tmp_path, cap
                         "--output", str(units / "items.jsonl")]) == 0
 
 
+def test_import_that_fills_the_disk_keeps_the_earlier_items_file(tmp_path, capsys, disk_full_at):
+    """The items file was written line by line over the earlier one: a disk that filled part
+    way left the first items, cut at a line end, which lst-eval reads as a smaller benchmark."""
+    cloze = write_cloze(tmp_path / "cloze.csv", [f"s{i},a.,b.,c.,d.,e.,f.,1" for i in range(50)])
+    output = tmp_path / "items.jsonl"
+    output.write_text("earlier items\n")
+    disk_full_at(1000)
+    assert import_main(["storycloze", str(cloze), "--output", str(output)]) == 2
+    assert output.read_text() == "earlier items\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cloze.csv", "items.jsonl"]
+    assert capsys.readouterr().err == (f"lst-import-eval: cannot write --output {output} (File "
+                                       f"too large)\n")
+
+
 def test_import_refuses_an_output_that_would_overwrite_the_input(tmp_path, capsys):
     cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
     original = cloze.read_text()

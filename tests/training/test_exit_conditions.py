@@ -138,6 +138,64 @@ def test_a_metrics_file_with_damaged_lines_is_kept_aside_and_resumed(tmp_path, c
     assert "dropped 1 record(s) of iterations 5-5" in caplog.text
 
 
+def test_a_second_damaged_metrics_file_keeps_the_first_copy(tmp_path):
+    """The copy of a damaged file was written over the copy an earlier resume kept aside."""
+    path = tmp_path / "metrics.jsonl"
+    first = json.dumps({"iteration": 1}) + "\nfrom another run\n"
+    path.write_text(first)
+    MetricsFile(path, start_iteration=1).close()
+    second = path.read_text() + "from yet another run\n" + json.dumps({"iteration": 2}) + "\n"
+    path.write_text(second)
+    MetricsFile(path, start_iteration=2).close()
+    assert (tmp_path / "metrics.jsonl.damaged").read_text() == first
+    assert (tmp_path / "metrics.jsonl.damaged.1").read_text() == second
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_a_run_from_no_checkpoint_keeps_the_metrics_of_an_earlier_run(tmp_path, caplog):
+    """A run started on a --save directory whose checkpoints were moved away (what the refusal
+    of newer checkpoints advises) dropped the earlier run's metrics, its only loss curve left."""
+    path = tmp_path / "metrics.jsonl"
+    earlier = "".join(json.dumps({"iteration": i, "loss": float(i)}) + "\n" for i in (1, 2, 3))
+    path.write_text(earlier)
+    MetricsFile(path, start_iteration=0).close()
+    assert path.read_text() == ""
+    assert (tmp_path / "metrics.jsonl.earlier").read_text() == earlier
+    assert (f"this run starts from no checkpoint, so the 3 record(s) of iterations 1-3 there are "
+            f"an earlier run's; the file as it was is kept as {path}.earlier") in caplog.text
+
+
+def test_resuming_a_metrics_file_on_a_full_disk_leaves_it_and_the_run_alone(tmp_path, caplog,
+                                                                            disk_full_at):
+    """Rewriting the file without the lines after the checkpoint raised OSError on the logging
+    rank alone (the other ranks then waited for it in their first collective), and left a
+    half-written `metrics.jsonl.tmp`."""
+    path = tmp_path / "metrics.jsonl"
+    original = "".join(json.dumps({"iteration": i, "loss": float(i)}) + "\n"
+                       for i in range(1, 40))
+    path.write_text(original)
+    disk_full_at(100)
+    metrics = MetricsFile(path, start_iteration=20)
+    metrics.write({"iteration": 21, "loss": 0.0})  # nothing: the file is left alone
+    metrics.close()
+    assert path.read_text() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and f"cannot resume {path} (" in errors[0]
+
+
+def test_read_metrics_leaves_out_a_torn_last_line_and_names_a_damaged_one(tmp_path):
+    """A run killed as it wrote a line left a file read_metrics stopped on with a bare
+    JSONDecodeError (no file, no line)."""
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"iteration": i}) + "\n" for i in (1, 2))
+    path.write_text(whole + '{"iteration": 3, "lo')
+    assert read_metrics(tmp_path) == [{"iteration": 1}, {"iteration": 2}]
+    path.write_text(whole + "garbage\n" + json.dumps({"iteration": 3}) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:3: not a metrics record \\('garbage'\\)"):
+        read_metrics(tmp_path)
+
+
 def test_a_signal_during_a_periodic_save_stops_the_run_with_that_checkpoint(tmp_path,
                                                                             monkeypatch):
     """It used to train one more iteration and save again: a second save inside the kill

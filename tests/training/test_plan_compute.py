@@ -159,6 +159,22 @@ def test_tool_prints_every_control_mode_and_writes_json(tmp_path, capsys):
     ).lst.flops_per_step.as_dict()
 
 
+def test_tool_that_fills_the_disk_keeps_the_earlier_plan(tmp_path, capsys, disk_full_at):
+    """--out was opened (emptied) and then written: a disk that filled part way left half a
+    JSON where the earlier plan was, after a traceback. (The benchmark tools' JSON, too.)"""
+    out = tmp_path / "plan.json"
+    out.write_text('{"earlier": "plan"}\n')
+    disk_full_at(200)
+    assert load_tool("plan_compute").main([
+        "--budget-flops", "1e17", "--preset", "tiny", "--text-vocab-size", "512",
+        "--seq-length", "256", "--global-batch-size", "8", "--tokens-per-patch", "3.1",
+        "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"plan_compute: cannot write --out {out} (File too "
+                                       f"large); the plans are printed above\n")
+    assert out.read_text() == '{"earlier": "plan"}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
 def test_tool_with_explicit_dimensions_matches_the_preset(capsys):
     tool = load_tool("plan_compute")
     common = ["--budget-steps", "100", "--reference", "lst", "--control", "compute",

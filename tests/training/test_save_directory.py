@@ -115,6 +115,17 @@ def test_the_lock_names_its_holder_and_goes_with_it_even_on_sigkill(tmp_path):
         pass
 
 
+def test_a_lock_whose_holder_cannot_be_recorded_is_held_all_the_same(tmp_path, caplog,
+                                                                      disk_full_at):
+    """Writing who holds the lock raised OSError on a full disk, on rank 0 alone (the other
+    ranks then waited for it), with the lock held and its descriptor left open."""
+    disk_full_at(0)
+    with SaveDirectoryLock(tmp_path) as lock:
+        assert lock._fd is not None
+        assert f"cannot record this run as the holder of {lock.path}" in caplog.text
+    assert lock._fd is None
+
+
 def test_a_lock_held_from_another_host_is_waited_for_then_refused(tmp_path):
     """A file server keeps a crashed node's lock until its lease runs out: a restarted job must
     not be refused by its dead predecessor, a live run elsewhere still refuses."""
