@@ -130,14 +130,7 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
     if text is not None:
         if tokenizer is None:
             raise GenerationError("a text prompt needs the tokenizer")
-        # Without pieces the model would run on from BOS and a marker alone.
-        if not text.strip():
-            raise GenerationError(f"the text prompt {text!r} is empty; give the text to continue")
-        bad = lone_surrogate(text)
-        if bad is not None:  # the tokenizer raised a RuntimeError naming no input
-            raise GenerationError(f"the text prompt holds {text[bad]!r} at character {bad}, a "
-                                  f"byte that is not UTF-8 (or half a surrogate pair), which no "
-                                  f"tokenizer encodes; give UTF-8 text")
+        check_text_prompt(text)
         pieces = tokenizer.encode(text)
         if not pieces:
             raise GenerationError(f"the tokenizer turns the text prompt {text!r} into no pieces; "
@@ -153,6 +146,18 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
         if continue_in == "text":
             ids.append(vocab.text_marker)
     return np.asarray(ids, dtype=np.int64)
+
+
+def check_text_prompt(text: str) -> None:
+    """Raise when `text` cannot be a prompt whatever the tokenizer: empty (the model would run
+    on from BOS and a marker alone) or holding a lone surrogate (no tokenizer encodes it)."""
+    if not text.strip():
+        raise GenerationError(f"the text prompt {text!r} is empty; give the text to continue")
+    bad = lone_surrogate(text)
+    if bad is not None:  # the tokenizer raised a RuntimeError naming no input
+        raise GenerationError(f"the text prompt holds {text[bad]!r} at character {bad}, a "
+                              f"byte that is not UTF-8 (or half a surrogate pair), which no "
+                              f"tokenizer encodes; give UTF-8 text")
 
 
 def generation_patch_size(config: PatchingConfig) -> int | None:

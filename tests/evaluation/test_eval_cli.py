@@ -391,6 +391,33 @@ def test_lst_eval_refuses_missing_items_before_loading_the_model(checkpoint, cap
                                        f"(docs/evaluation.md#the-item-format)\n")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt-text", "the", "--top-k", "-1"], "need a finite temperature >= 0, top_k >= 0"),
+    (["--prompt-text", "the", "--top-p", "0"], "0 < top_p <= 1, got 0.0, 0, 0.0"),
+    (["--prompt-text", "the", "--temperature", "inf"], "need a finite temperature"),
+    (["--prompt-text", "the", "--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
+    (["--prompt-text", "the", "--speech-only", "--continue-in", "text"],
+     "--speech-only contradicts --continue-in text"),
+    (["--prompt-text", " "], "the text prompt ' ' is empty"),
+    (["--prompt-text", "the \udcff"], "a byte that is not UTF-8"),
+    (["--prompt-units", "3 x"], "--prompt-units: speech unit 'x' is not an integer"),
+    (["--prompt-units", "@MISSING"], "cannot read"),
+], ids=["top-k", "top-p", "temperature", "max-new-tokens", "contradiction", "text-empty",
+        "text-surrogate", "units-value", "units-file"])
+def test_lst_generate_refuses_bad_flags_before_loading_the_model(tmp_path, capsys, monkeypatch,
+                                                                 flags, message):
+    """Each was refused only once the checkpoint was loaded, minutes later for a large model (and
+    the tensor-parallel processes started), as lst-eval refuses its flags before."""
+    monkeypatch.setattr("megatron_lst.evaluation.loading.load_inference_model",
+                        lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("megatron_lst.parallel.initialize_parallel",
+                        lambda *args, **kwargs: pytest.fail("the processes were set up"))
+    flags = [f.replace("MISSING", str(tmp_path / "missing")) for f in flags]
+    assert generate_main(["--load", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lst-generate: ") and message in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("main, flags", [
     (eval_main, ["--items", "items.jsonl"]),
     (generate_main, ["--prompt-text", "once"]),
