@@ -258,8 +258,22 @@ def _edit_size(metadata):
      r"iter_0000003: the model record does not describe a model \(global_model: "),
     (_edit_size, r"iter_0000003: the model record's vocab_size \d+ differs from the \d+ ids of "
                  r"the recorded vocabulary; the checkpoint is corrupt"),
+    # A TypeError in the patcher; 2.5 and true were taken as patch sizes; RuntimeError, building
+    (lambda m: m["args"].update(patch_size="4"),
+     r"iter_0000003/lst_checkpoint.json: the saved flag patch_size is '4', which --patch-size "
+     r"never gives \(an integer\); the file is damaged or was edited: restore it"),
+    (lambda m: m["args"].update(patch_size=None), r"patch_size is None, .*\(an integer\)"),
+    (lambda m: m["args"].update(patch_size=2.5), r"patch_size is 2.5, .*\(an integer\)"),
+    (lambda m: m["args"].update(patch_size=True), r"patch_size is True, .*\(an integer\)"),
+    (lambda m: m["args"].update(bf16="yes"), r"bf16 is 'yes', which --bf16 never gives \(true or "
+                                             r"false\)"),
+    (lambda m: m["args"].update(silence_patching="none"),
+     r"silence_patching is 'none', .*\(one of \['separate', 'merged'\]\)"),
+    (lambda m: m["args"].update(params_dtype_name="int8"),
+     r"the saved params_dtype_name is 'int8', not one of \['float32', 'bfloat16', 'float16'\]"),
 ], ids=["vocab-field-missing", "vocab-size", "args-list", "model-string", "config-type",
-        "config-vocab-size"])
+        "config-vocab-size", "flag-string", "flag-null", "flag-fraction", "flag-bool",
+        "switch-string", "flag-choice", "params-dtype"])
 def test_a_hand_edited_checkpoint_record_is_one_line_naming_the_file(checkpoint, tmp_path, capsys,
                                                                      edit, message):
     """lst_checkpoint.json is written after the file digests: lst-eval read its vocabulary,
