@@ -136,10 +136,32 @@ def _inference_args(saved_args: dict, saved: SavedModel, path: Path) -> argparse
     elif args.patching_mode == "none":  # an LST model whose data flags were not recorded
         args.patching_mode = "static"
     args.params_dtype_name = saved_args.get("params_dtype_name", "float32")
+    _backends_that_run_here(args)
     args.sequence_parallel = False
     args.use_distributed_optimizer = args.overlap_param_gather = False
     args.finetune, args.no_load_optim, args.no_load_rng = False, True, True
     return args
+
+
+def _backends_that_run_here(args: argparse.Namespace) -> None:
+    """The global-block implementation and kernel backend training chose, where they run on this
+    machine, else "auto" (what runs here): they decide how the model computes, not what it is. A
+    run trained on GPUs with --transformer-impl transformer_engine or --kernel-backend triton
+    failed to load on a machine without Transformer Engine or CUDA (a RuntimeError traceback)."""
+    import torch
+    from lst_kernels.backend import resolve_backend
+
+    from megatron_lst.models.specs import resolve_transformer_impl
+
+    try:
+        resolve_transformer_impl(args.transformer_impl)
+    except RuntimeError:
+        args.transformer_impl = "auto"
+    try:  # CUDA tensors stand for themselves: none is made (it would open a CUDA context)
+        resolve_backend(args.kernel_backend,
+                        *(() if torch.cuda.is_available() else (torch.empty(0),)))
+    except RuntimeError:
+        args.kernel_backend = "auto"
 
 
 def _check_saved_flags(saved_args: dict, parser: argparse.ArgumentParser, path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from eval_cases import (
     NUM_UNITS,
     WORDS,
@@ -241,6 +242,43 @@ def test_a_checkpoint_of_an_uneven_pipeline_split_scores_on_one_process(checkpoi
     assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "ss,tt",
                       "--batch-size", "2", "--output", str(output)]) == 0
     assert json.loads(output.read_text())["results"][str(items_path)] == expected
+
+
+def _trained_with_transformer_engine(metadata):
+    # Transformer Engine runs without packed-document attention (lst-train refuses both)
+    metadata["args"].update(transformer_impl="transformer_engine", reset_attention_mask=False,
+                            reset_position_ids=False)
+    metadata["model"]["config"]["documents"] = None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="both backends run on CUDA machines")
+@pytest.mark.parametrize("edit", [_trained_with_transformer_engine,
+                                  lambda m: m["args"].update(kernel_backend="triton")],
+                         ids=["transformer-engine", "triton"])
+def test_a_checkpoint_trained_with_gpu_backends_loads_on_a_cpu(checkpoint, tmp_path, capsys,
+                                                               edit):
+    """A run trained with --transformer-impl transformer_engine and --kernel-backend triton on
+    GPUs: lst-eval and lst-generate failed on a machine without CUDA (RuntimeError tracebacks
+    while building or running the model); they run with the backends this machine has, and the
+    results are the saved model's (one document each: the same without document masking)."""
+    root, items_path, expected = checkpoint
+    save = tmp_path / "save"
+    shutil.copytree(root / "save", save)
+    [metadata_path] = save.glob(f"iter_*/{METADATA_FILENAME}")
+    metadata = json.loads(metadata_path.read_text())
+    edit(metadata)
+    metadata_path.write_text(json.dumps(metadata))
+    output = tmp_path / "results.json"
+    assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "ss,tt",
+                      "--output", str(output)]) == 0, capsys.readouterr().err
+    assert json.loads(output.read_text())["results"][str(items_path)] == expected
+    generated = []
+    for load in (root / "save", save):
+        capsys.readouterr()
+        assert generate_main(["--load", str(load), "--prompt-units", "3 1 4", "--max-new-tokens",
+                              "6"]) == 0, capsys.readouterr().err
+        generated.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"])
+    assert generated[0] == generated[1] and len(generated[0]) == 6
 
 
 def _edit_size(metadata):
