@@ -110,14 +110,18 @@ def test_local_models_see_each_token_once(models, monkeypatch):
     assert len(sequence) < counts["decoder"] <= len(sequence) + run_ends * (STATIC.patch_size - 1)
 
 
-def test_global_model_runs_once_per_closed_patch(models):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_global_model_runs_once_per_closed_patch(models, use_cache):
+    """Without the cache the count is the same: re-running the whole sequence each step counted
+    every position again, the prompt's too (quadratic in the length, not the model's steps)."""
     ids = prompts()["speech"]
-    result = generate(models["lst"], ids, vocab(), STATIC, SamplingConfig(max_new_tokens=20))
+    sampling = SamplingConfig(max_new_tokens=20)
+    result = generate(models["lst"], ids, vocab(), STATIC, sampling, use_cache=use_cache)
     sequence = np.concatenate([ids, result.tokens])
     closed_before = len(generation_patch_lengths(ids, vocab(), 3)) - 1
     closed_after = len(generation_patch_lengths(sequence[:-1], vocab(), 3)) - 1
-    assert result.global_steps == closed_after - closed_before
-    baseline = generate(models["baseline"], ids, vocab(), STATIC, SamplingConfig(max_new_tokens=20))
+    assert result.global_steps == closed_after - closed_before > 0
+    baseline = generate(models["baseline"], ids, vocab(), STATIC, sampling, use_cache=use_cache)
     assert baseline.global_steps == len(baseline.tokens) - 1
 
 
