@@ -213,11 +213,11 @@ def _one_value_fits(action: argparse.Action, value) -> bool:
 
 
 def _what_flag_takes(action: argparse.Action) -> str:
+    """What `_flag_takes` accepts for `action`, in words (int and seed_flag are the integers)."""
     if action.nargs == 0:
         return "true or false"
     one = (f"one of {list(action.choices)}" if action.choices is not None
            else {float: "a number", None: "a string", str: "a string"}.get(action.type,
                                                                           "an integer"))
-    # (only int and seed_flag remain: other parsers' values are never refused)
     many = f"a list of {one}" if action.nargs in ("*", "+") else one
     return many + (" or null" if action.default is None else "")
