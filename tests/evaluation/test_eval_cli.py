@@ -504,6 +504,32 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     assert {"unit_edit_rate", "asr_cer", "global_steps_per_second"} <= set(results)
 
 
+@pytest.mark.parametrize("task, aligned_flag", [("asr", "--load"), ("tts", "--load"),
+                                                ("tts", "--asr-load")])
+def test_lst_eval_task_refuses_an_aligned_model_naming_it_before_decoding(
+        checkpoint, tmp_path, capsys, monkeypatch, task, aligned_flag):
+    """The error came from the first decoding and named "utterance 0", as if the utterance were
+    at fault (for --asr-load, after the first utterance's speech was generated)."""
+    root, _, _ = checkpoint
+    aligned = tmp_path / "aligned"
+    shutil.copytree(root / "save", aligned)
+    [metadata_path] = aligned.glob(f"iter_*/{METADATA_FILENAME}")
+    metadata = json.loads(metadata_path.read_text())
+    metadata["args"]["patching_mode"] = "aligned"
+    metadata_path.write_text(json.dumps(metadata))
+    prefix = write_utterances(tmp_path / "utterances", utterances(seed=4, count=2))
+    monkeypatch.setattr("megatron_lst.evaluation.downstream.generate",
+                        lambda *args, **kwargs: pytest.fail("decoding started"))
+    loads = {"--load": root / "save", "--asr-load": root / "save", aligned_flag: aligned}
+    flags = ["--load", str(loads["--load"])] + (
+        ["--asr-load", str(loads["--asr-load"])] if task == "tts" else [])
+    assert eval_main([*flags, "--task", task, "--utterances", str(prefix)]) == 2
+    [checkpoint_dir] = aligned.glob("iter_*")
+    assert capsys.readouterr().err == (
+        f"lst-eval: checkpoint {checkpoint_dir}: aligned patching needs word boundaries that do "
+        f"not exist while generating; generate with a static, mixed or curriculum model\n")
+
+
 def test_results_that_are_not_a_number_are_written_as_null(tmp_path):
     """json.dumps wrote NaN (the steps per second of a TTS model that generated no units), which
     is no JSON: strict readers (jq, JavaScript) refused the file."""
