@@ -133,7 +133,9 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
         if tokenizer is None:
             raise GenerationError("a text prompt needs the tokenizer")
         check_text_prompt(text)
-        pieces = tokenizer.encode(text)
+        # The interleaver ends a text run with one word-boundary piece before <s>: trailing
+        # whitespace ("the girl ran ") gave a second one, a layout training never shows.
+        pieces = tokenizer.encode(text.rstrip() if continue_in == "speech" else text)
         if not pieces:
             raise GenerationError(f"the tokenizer turns the text prompt {text!r} into no pieces; "
                                   f"give text in words it knows")
