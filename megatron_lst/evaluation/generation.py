@@ -133,9 +133,10 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
         if tokenizer is None:
             raise GenerationError("a text prompt needs the tokenizer")
         check_text_prompt(text)
-        # The interleaver ends a text run with one word-boundary piece before <s>: trailing
-        # whitespace ("the girl ran ") gave a second one, a layout training never shows.
-        pieces = tokenizer.encode(text.rstrip() if continue_in == "speech" else text)
+        # Whitespace around the text encodes to word-boundary pieces of their own, as evaluation
+        # items ignore it: "<t> space the" after BOS, or "space, space, <s>" before speech (the
+        # interleaver ends a text run with one), layouts training never shows.
+        pieces = tokenizer.encode(text.strip())
         if not pieces:
             raise GenerationError(f"the tokenizer turns the text prompt {text!r} into no pieces; "
                                   f"give text in words it knows")

@@ -182,11 +182,12 @@ def test_prompts_and_speech_only_sampling(models):
     tv, tok = text_vocab(), tokenizer()
     assert build_prompt(tv, tok, text="the dog", continue_in="speech").tolist() == [
         tv.bos_id, tv.text_marker, *tok.encode("the dog"), tok.space_id, tv.speech_marker]
-    # The trailing space (or newline) encodes to a word-boundary piece: "space, space, <s>"
-    for text in ("the dog ", "the dog\n"):
-        assert tok.encode(text)[-1] != tok.encode("the dog")[-1]
-        assert (build_prompt(tv, tok, text=text, continue_in="speech").tolist()
-                == build_prompt(tv, tok, text="the dog", continue_in="speech").tolist())
+    # Whitespace around the text encoded to word-boundary pieces: "<t> space", "space, space, <s>"
+    for text in ("the dog ", "the dog\n", " the dog"):
+        assert tok.encode(text) != tok.encode("the dog")
+        for continue_in in ("speech", None):
+            assert (build_prompt(tv, tok, text=text, continue_in=continue_in).tolist()
+                    == build_prompt(tv, tok, text="the dog", continue_in=continue_in).tolist())
     with pytest.raises(GenerationError, match="exactly one"):
         build_prompt(v)
     # Each was generated from BOS and a marker alone, as if a prompt had been given.
