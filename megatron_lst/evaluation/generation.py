@@ -133,9 +133,9 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
         if tokenizer is None:
             raise GenerationError("a text prompt needs the tokenizer")
         check_text_prompt(text)
-        # Whitespace around the text encodes to word-boundary pieces of their own, as evaluation
-        # items ignore it: "<t> space the" after BOS, or "space, space, <s>" before speech (the
-        # interleaver ends a text run with one), layouts training never shows.
+        # Whitespace around the text is ignored, as evaluation items ignore it: it encodes to
+        # word-boundary pieces of their own, "<t> space the" after BOS or "space, space, <s>"
+        # before speech (the interleaver ends a text run with one), layouts training never shows.
         pieces = tokenizer.encode(text.strip())
         if not pieces:
             raise GenerationError(f"the tokenizer turns the text prompt {text!r} into no pieces; "
