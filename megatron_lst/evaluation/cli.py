@@ -31,6 +31,7 @@ from megatron_lst.evaluation.generation import (
     GenerationError,
     SamplingConfig,
     build_prompt,
+    check_text_prompt,
     generate,
 )
 from megatron_lst.evaluation.items import ItemError, load_items
@@ -419,6 +420,20 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_generate_parser().parse_args(argv)
+    try:  # the flags and the prompt's file, before the model is loaded (minutes for a large one)
+        if args.speech_only and args.continue_in == "text":
+            raise GenerationError("--speech-only contradicts --continue-in text")
+        # --speech-only is --continue-in speech: a text prompt ends with "space, <s>", as the
+        # interleaver opens a speech run (units right after text pieces: a layout never trained)
+        continue_in = "speech" if args.speech_only else args.continue_in
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
+                                  args.seed, continue_in)
+        units = _unit_prompt(args.prompt_units) if args.prompt_units is not None else None
+        if args.prompt_text is not None:
+            check_text_prompt(args.prompt_text)
+    except ValueError as error:  # GenerationError is one
+        print(f"lst-generate: {error}", file=sys.stderr)
+        return 2
     try:  # an impossible layout (ParallelLayoutError) is a ValueError too
         context = initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
         stop_together.arm()
@@ -430,15 +445,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         loaded = load_inference_model(args.load, args.tensor_model_parallel_size, 1,
                                       args.tokenizer_model)
         vocab, tokenizer = loaded.vocab, loaded.tokenizer
-        units = _unit_prompt(args.prompt_units) if args.prompt_units is not None else None
-        if args.speech_only and args.continue_in == "text":
-            raise GenerationError("--speech-only contradicts --continue-in text")
-        # --speech-only is --continue-in speech: a text prompt ends with "space, <s>", as the
-        # interleaver opens a speech run (units right after text pieces: a layout never trained)
-        continue_in = "speech" if args.speech_only else args.continue_in
         prompt = build_prompt(vocab, tokenizer, args.prompt_text, units, continue_in)
-        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
-                                  args.seed, continue_in)
         result = generate(loaded.model_chunks[0], prompt, vocab, loaded.patcher.config,
                           sampling, use_cache=not args.no_cache)
     except (CheckpointError, GenerationError, OSError, ValueError) as error:

@@ -45,6 +45,7 @@ from megatron_lst.evaluation.generation import (
     SamplingConfig,
     build_prompt,
     generate,
+    generation_patch_size,
 )
 from megatron_lst.patching import PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab
@@ -71,6 +72,12 @@ class TaskModel:
 
     @classmethod
     def from_inference_model(cls, loaded) -> TaskModel:
+        """Refuses, naming its checkpoint, a model that generation cannot decode with (aligned
+        patching): found at the first utterance, the error named it as if it were at fault."""
+        try:
+            generation_patch_size(loaded.patcher.config)
+        except GenerationError as error:
+            raise GenerationError(f"checkpoint {loaded.checkpoint}: {error}") from None
         return cls(loaded.model_chunks[0], loaded.vocab, loaded.tokenizer,
                    loaded.patcher.config, loaded.tokenizer.space_id)
 

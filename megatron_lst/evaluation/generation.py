@@ -91,7 +91,9 @@ class SamplingConfig:
 class GenerationResult:
     tokens: np.ndarray  # [n] int64 the generated ids (after the prompt), EOS included if reached
     global_steps: int
-    """Positions the global model processed for the generated tokens (prompt prefill excluded)."""
+    """Global positions the generated tokens added (prompt prefill excluded): the patches they
+    closed, one per token for the baseline; what the cached loop runs the global model on, and
+    the same count with `use_cache=False`."""
     seconds: float
     stopped_at_eos: bool
     stopped_at_context_limit: bool = False
@@ -130,15 +132,11 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
     if text is not None:
         if tokenizer is None:
             raise GenerationError("a text prompt needs the tokenizer")
-        # Without pieces the model would run on from BOS and a marker alone.
-        if not text.strip():
-            raise GenerationError(f"the text prompt {text!r} is empty; give the text to continue")
-        bad = lone_surrogate(text)
-        if bad is not None:  # the tokenizer raised a RuntimeError naming no input
-            raise GenerationError(f"the text prompt holds {text[bad]!r} at character {bad}, a "
-                                  f"byte that is not UTF-8 (or half a surrogate pair), which no "
-                                  f"tokenizer encodes; give UTF-8 text")
-        pieces = tokenizer.encode(text)
+        check_text_prompt(text)
+        # Whitespace around the text is ignored, as evaluation items ignore it: it encodes to
+        # word-boundary pieces of their own, "<t> space the" after BOS or "space, space, <s>"
+        # before speech (the interleaver ends a text run with one), layouts training never shows.
+        pieces = tokenizer.encode(text.strip())
         if not pieces:
             raise GenerationError(f"the tokenizer turns the text prompt {text!r} into no pieces; "
                                   f"give text in words it knows")
@@ -155,6 +153,18 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
     return np.asarray(ids, dtype=np.int64)
 
 
+def check_text_prompt(text: str) -> None:
+    """Raise when `text` cannot be a prompt whatever the tokenizer: empty (the model would run
+    on from BOS and a marker alone) or holding a lone surrogate (no tokenizer encodes it)."""
+    if not text.strip():
+        raise GenerationError(f"the text prompt {text!r} is empty; give the text to continue")
+    bad = lone_surrogate(text)
+    if bad is not None:  # the tokenizer raised a RuntimeError naming no input
+        raise GenerationError(f"the text prompt holds {text[bad]!r} at character {bad}, a "
+                              f"byte that is not UTF-8 (or half a surrogate pair), which no "
+                              f"tokenizer encodes; give UTF-8 text")
+
+
 def generation_patch_size(config: PatchingConfig) -> int | None:
     """The static p a model generates with (None for the token baseline)."""
     if config.mode == "none":
@@ -166,15 +176,17 @@ def generation_patch_size(config: PatchingConfig) -> int | None:
 
 
 def sampling_mask(vocab: JointVocab, modality: str | None, size: int) -> torch.Tensor:
-    """[size] bool: the ids generation may produce out of `size` logits. Never the reserved ids
-    or ids past the vocabulary (padding of the output layer); with `modality` "speech" only units
-    and EOS, with "text" only text pieces (not BOS or the pad id) and EOS."""
+    """[size] bool: the ids generation may produce out of `size` logits. Never the reserved ids,
+    ids past the vocabulary (padding of the output layer), BOS (it opens a document, and only
+    follows an EOS, where generation stops) or the pad id (a masked label, never a target); with
+    `modality` "speech" only units and EOS, with "text" only text pieces and EOS."""
     ids = torch.arange(size)
-    allowed = (ids < vocab.size) & ~((ids >= vocab.text_size) & (ids < vocab.text_marker))
+    allowed = ((ids < vocab.size) & ~((ids >= vocab.text_size) & (ids < vocab.text_marker))
+               & (ids != vocab.bos_id) & (ids != vocab.pad_id))
     if modality == "speech":
         allowed &= vocab.is_unit(ids) | (ids == vocab.eos_id)
     elif modality == "text":
-        allowed &= (ids < vocab.text_size) & (ids != vocab.bos_id) & (ids != vocab.pad_id)
+        allowed &= ids < vocab.text_size
     return allowed
 
 
@@ -248,9 +260,9 @@ class _CachedLST:
         self.decoder_cache = DecoderCache(model.local_decoder, spare=patch_size)
         self.layer_states: list[torch.Tensor] = []  # per encoder layer, [1, T, De]
 
-    def step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens `[1, N]` (the whole sequence), lengths `[1, P]` its generation patching ->
-        (logits `[V]` of the next token, global positions run)."""
+        logits `[V]` of the next token."""
         from lst_kernels import patch_ids_from_lengths
         from megatron.core import tensor_parallel
 
@@ -277,7 +289,7 @@ class _CachedLST:
             keep, self.decoder_cache)  # [1, n, Dd]
         logits, _ = model.output_layer(hidden[:, -1:])  # [1, 1, V/tp]
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-        return logits[0, -1].float(), len(closed)
+        return logits[0, -1].float()
 
 
 class _CachedBaseline:
@@ -289,7 +301,7 @@ class _CachedBaseline:
         self.model = model
         self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=max_tokens)
 
-    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
         from megatron.core.models.gpt import GPTModel
 
         new = tokens[:, self.context.sequence_len_offset:]  # [1, n]
@@ -297,7 +309,7 @@ class _CachedBaseline:
                                   attention_mask=None, inference_context=self.context,
                                   runtime_gather_output=True)
         self.context.sequence_len_offset += new.shape[1]
-        return logits[0, -1].float(), new.shape[1]
+        return logits[0, -1].float()
 
 
 @torch.no_grad()
@@ -343,6 +355,7 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     allowed = None  # [V] bool, once the logits' size is known
     sequence = prompt.tolist()
     result = GenerationResult(np.zeros(0, np.int64), 0, 0.0, False)
+    closed = None  # global positions of the sequence so far: closed patches, or tokens
     start = time.perf_counter()
     for _ in range(sampling.max_new_tokens):
         tokens = torch.tensor([sequence], dtype=torch.int64, device=device)  # [1, N]
@@ -357,12 +370,15 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
             result.stopped_at_context_limit = True
             break
         if cache is not None:
-            logits, ran = cache.step(tokens, lengths) if is_lst else cache.step(tokens)
+            logits = cache.step(tokens, lengths) if is_lst else cache.step(tokens)
         else:  # the whole model on the whole sequence, the reference implementation's way
             logits = model(tokens, lengths)[0, -1]
-            ran = tokens.shape[1] if lengths is None else lengths.shape[1]
-        if len(sequence) > len(prompt):  # the prompt's own positions are not counted
-            result.global_steps += ran
+        # What the cached loop runs the global model on, counted the same with or without it
+        # (re-running the whole sequence counted every position again, the prompt's included).
+        now_closed = positions - 1 if is_lst else positions
+        if closed is not None:  # the prompt's own positions are not counted
+            result.global_steps += now_closed - closed
+        closed = now_closed
         logits = logits.float().cpu()
         if allowed is None:
             allowed = sampling_mask(vocab, sampling.modality, logits.numel())

@@ -164,7 +164,9 @@ def _utterance(record: dict, tokenizer: PieceEncoder, vocab: JointVocab, where: 
         raise ItemError(f"{where}: \"text\" holds {text[bad]!r} at character {bad}, half of a "
                         f"UTF-16 surrogate pair and no character; write the character itself "
                         f"(or both halves of its escape)")
-    text_ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
+    # Whitespace around the text encodes to word-boundary pieces of their own: a leading one was
+    # scored as an ending's first token, a trailing one doubled the space before <s> (T->S)
+    text_ids = np.asarray(tokenizer.encode(text.strip()), dtype=np.int32)
     if not text_ids.size:  # an ending of no pieces has no score (0 / 0 tokens per token)
         raise ItemError(f"{where}: the tokenizer turns \"text\" {text!r} into no pieces; write "
                         f"it in words the tokenizer knows")

@@ -28,6 +28,7 @@ from megatron_lst.patching import Patcher
 from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, load_text_tokenizer
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.checkpointing import (
+    METADATA_FILENAME,
     CheckpointError,
     find_latest_checkpoint,
     load_checkpoint,
@@ -73,7 +74,7 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
     if saved is None:
         raise CheckpointError(f"{path} records no LST or baseline model; it was not written by "
                               "lst-train or lst-convert")
-    args = _inference_args(metadata.get("args") or {}, saved)
+    args = _inference_args(metadata.get("args") or {}, saved, path)
     args.tensor_model_parallel_size = tensor_model_parallel_size
     args.pipeline_model_parallel_size = pipeline_model_parallel_size
     _check_tensor_parallel_size_fits(saved.config, tensor_model_parallel_size, path)
@@ -117,19 +118,106 @@ def _check_tensor_parallel_size_fits(config: LSTConfig, tp: int, path: Path) -> 
             f"the model of {path}; use one of {fitting}")
 
 
-def _inference_args(saved_args: dict, saved: SavedModel) -> argparse.Namespace:
+PARAMS_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _inference_args(saved_args: dict, saved: SavedModel, path: Path) -> argparse.Namespace:
     """The flags `build_model_chunks` and the patcher read: `lst-train`'s defaults, then the
-    checkpoint's saved flags, then one process's inference settings."""
+    checkpoint's saved flags (each checked against what its flag takes), then one process's
+    inference settings."""
     from megatron_lst.training.arguments import build_parser
 
-    args = build_parser().parse_args([])
+    parser = build_parser()
+    _check_saved_flags(saved_args, parser, path)
+    args = parser.parse_args([])
     vars(args).update(saved_args)
     if saved.baseline:
         args.patching_mode = "none"
     elif args.patching_mode == "none":  # an LST model whose data flags were not recorded
         args.patching_mode = "static"
     args.params_dtype_name = saved_args.get("params_dtype_name", "float32")
+    _backends_that_run_here(args)
     args.sequence_parallel = False
     args.use_distributed_optimizer = args.overlap_param_gather = False
     args.finetune, args.no_load_optim, args.no_load_rng = False, True, True
     return args
+
+
+def _backends_that_run_here(args: argparse.Namespace) -> None:
+    """The global-block implementation and kernel backend training chose, where they run on this
+    machine, else "auto" (what runs here): they decide how the model computes, not what it is. A
+    run trained on GPUs with --transformer-impl transformer_engine or --kernel-backend triton
+    failed to load on a machine without Transformer Engine or CUDA (a RuntimeError traceback)."""
+    import torch
+    from lst_kernels.backend import resolve_backend
+
+    from megatron_lst.models.specs import resolve_transformer_impl
+
+    try:
+        resolve_transformer_impl(args.transformer_impl)
+    except RuntimeError:
+        args.transformer_impl = "auto"
+    try:  # CUDA tensors stand for themselves: none is made (it would open a CUDA context)
+        resolve_backend(args.kernel_backend,
+                        *(() if torch.cuda.is_available() else (torch.empty(0),)))
+    except RuntimeError:
+        args.kernel_backend = "auto"
+
+
+def _check_saved_flags(saved_args: dict, parser: argparse.ArgumentParser, path: Path) -> None:
+    """Refuse saved flags of a value their `lst-train` flag cannot give (a hand-edited or damaged
+    `lst_checkpoint.json`): `patch_size` "4" or null was a TypeError deep in the patcher, 2.5 was
+    taken as a patch size, a `params_dtype_name` of "int8" a RuntimeError while building. Flags
+    this version does not know (older or derived ones) are left alone."""
+    actions = {action.dest: action for action in parser._actions}
+    for dest, value in saved_args.items():
+        action = actions.get(dest)
+        if action is not None and not _flag_takes(action, value):
+            flag = action.option_strings[-1] if action.option_strings else dest
+            raise CheckpointError(
+                f"{path / METADATA_FILENAME}: the saved flag {dest} is {value!r}, which {flag} "
+                f"never gives ({_what_flag_takes(action)}); the file is damaged or was edited: "
+                f"restore it")
+    dtype = saved_args.get("params_dtype_name", "float32")
+    if dtype not in PARAMS_DTYPE_NAMES:
+        raise CheckpointError(
+            f"{path / METADATA_FILENAME}: the saved params_dtype_name is {dtype!r}, not one of "
+            f"{list(PARAMS_DTYPE_NAMES)}; the file is damaged or was edited: restore it")
+
+
+def _flag_takes(action: argparse.Action, value) -> bool:
+    """Whether parsing `action`'s flag can give `value` (JSON-read: ints for floats are fine)."""
+    if value is None:
+        return action.default is None
+    if action.nargs == 0:  # store_true / store_false / --x/--no-x
+        return isinstance(value, bool)
+    if action.nargs in ("*", "+"):
+        return isinstance(value, list) and all(_one_value_fits(action, v) for v in value)
+    return _one_value_fits(action, value)
+
+
+def _one_value_fits(action: argparse.Action, value) -> bool:
+    from megatron_lst.training.arguments import seed_flag
+
+    if isinstance(value, bool):
+        return False  # no value-taking flag parses to a bool
+    if action.choices is not None and value not in action.choices:
+        return False
+    if action.type is float:
+        return isinstance(value, (int, float))
+    if action.type in (None, str):
+        return isinstance(value, str)
+    if action.type in (int, seed_flag):
+        return isinstance(value, int)
+    return True  # a parser of its own: what it gives is not judged here
+
+
+def _what_flag_takes(action: argparse.Action) -> str:
+    """What `_flag_takes` accepts for `action`, in words (int and seed_flag are the integers)."""
+    if action.nargs == 0:
+        return "true or false"
+    one = (f"one of {list(action.choices)}" if action.choices is not None
+           else {float: "a number", None: "a string", str: "a string"}.get(action.type,
+                                                                          "an integer"))
+    many = f"a list of {one}" if action.nargs in ("*", "+") else one
+    return many + (" or null" if action.default is None else "")

@@ -87,6 +87,9 @@ def test_tiny_models_overfit_8_tts_utterances_to_unit_edit_rate_0(single_rank, k
     uncached = run_tts(tts, docs, use_cache=False)
     for a, b in zip(uncached, outputs, strict=True):
         np.testing.assert_array_equal(a.units, b.units)
+    # --no-cache counted every position of each re-run, the prompt's included: the rate was
+    # several times larger for the same output
+    assert summarise_tts(uncached, frame_rate=25.0) == summary
 
 
 def test_length_cap_is_twice_the_reference_plus_8():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from eval_cases import (
     NUM_UNITS,
     WORDS,
@@ -243,6 +244,43 @@ def test_a_checkpoint_of_an_uneven_pipeline_split_scores_on_one_process(checkpoi
     assert json.loads(output.read_text())["results"][str(items_path)] == expected
 
 
+def _trained_with_transformer_engine(metadata):
+    # Transformer Engine runs without packed-document attention (lst-train refuses both)
+    metadata["args"].update(transformer_impl="transformer_engine", reset_attention_mask=False,
+                            reset_position_ids=False)
+    metadata["model"]["config"]["documents"] = None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="both backends run on CUDA machines")
+@pytest.mark.parametrize("edit", [_trained_with_transformer_engine,
+                                  lambda m: m["args"].update(kernel_backend="triton")],
+                         ids=["transformer-engine", "triton"])
+def test_a_checkpoint_trained_with_gpu_backends_loads_on_a_cpu(checkpoint, tmp_path, capsys,
+                                                               edit):
+    """A run trained with --transformer-impl transformer_engine and --kernel-backend triton on
+    GPUs: lst-eval and lst-generate failed on a machine without CUDA (RuntimeError tracebacks
+    while building or running the model); they run with the backends this machine has, and the
+    results are the saved model's (one document each: the same without document masking)."""
+    root, items_path, expected = checkpoint
+    save = tmp_path / "save"
+    shutil.copytree(root / "save", save)
+    [metadata_path] = save.glob(f"iter_*/{METADATA_FILENAME}")
+    metadata = json.loads(metadata_path.read_text())
+    edit(metadata)
+    metadata_path.write_text(json.dumps(metadata))
+    output = tmp_path / "results.json"
+    assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "ss,tt",
+                      "--output", str(output)]) == 0, capsys.readouterr().err
+    assert json.loads(output.read_text())["results"][str(items_path)] == expected
+    generated = []
+    for load in (root / "save", save):
+        capsys.readouterr()
+        assert generate_main(["--load", str(load), "--prompt-units", "3 1 4", "--max-new-tokens",
+                              "6"]) == 0, capsys.readouterr().err
+        generated.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"])
+    assert generated[0] == generated[1] and len(generated[0]) == 6
+
+
 def _edit_size(metadata):
     metadata["model"]["config"]["vocab_size"] += 1
 
@@ -258,8 +296,22 @@ def _edit_size(metadata):
      r"iter_0000003: the model record does not describe a model \(global_model: "),
     (_edit_size, r"iter_0000003: the model record's vocab_size \d+ differs from the \d+ ids of "
                  r"the recorded vocabulary; the checkpoint is corrupt"),
+    # A TypeError in the patcher; 2.5 and true were taken as patch sizes; RuntimeError, building
+    (lambda m: m["args"].update(patch_size="4"),
+     r"iter_0000003/lst_checkpoint.json: the saved flag patch_size is '4', which --patch-size "
+     r"never gives \(an integer\); the file is damaged or was edited: restore it"),
+    (lambda m: m["args"].update(patch_size=None), r"patch_size is None, .*\(an integer\)"),
+    (lambda m: m["args"].update(patch_size=2.5), r"patch_size is 2.5, .*\(an integer\)"),
+    (lambda m: m["args"].update(patch_size=True), r"patch_size is True, .*\(an integer\)"),
+    (lambda m: m["args"].update(bf16="yes"), r"bf16 is 'yes', which --bf16 never gives \(true or "
+                                             r"false\)"),
+    (lambda m: m["args"].update(silence_patching="none"),
+     r"silence_patching is 'none', .*\(one of \['separate', 'merged'\]\)"),
+    (lambda m: m["args"].update(params_dtype_name="int8"),
+     r"the saved params_dtype_name is 'int8', not one of \['float32', 'bfloat16', 'float16'\]"),
 ], ids=["vocab-field-missing", "vocab-size", "args-list", "model-string", "config-type",
-        "config-vocab-size"])
+        "config-vocab-size", "flag-string", "flag-null", "flag-fraction", "flag-bool",
+        "switch-string", "flag-choice", "params-dtype"])
 def test_a_hand_edited_checkpoint_record_is_one_line_naming_the_file(checkpoint, tmp_path, capsys,
                                                                      edit, message):
     """lst_checkpoint.json is written after the file digests: lst-eval read its vocabulary,
@@ -405,6 +457,33 @@ def test_lst_eval_refuses_missing_items_before_loading_the_model(checkpoint, cap
                                        f"(docs/evaluation.md#the-item-format)\n")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt-text", "the", "--top-k", "-1"], "need a finite temperature >= 0, top_k >= 0"),
+    (["--prompt-text", "the", "--top-p", "0"], "0 < top_p <= 1, got 0.0, 0, 0.0"),
+    (["--prompt-text", "the", "--temperature", "inf"], "need a finite temperature"),
+    (["--prompt-text", "the", "--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
+    (["--prompt-text", "the", "--speech-only", "--continue-in", "text"],
+     "--speech-only contradicts --continue-in text"),
+    (["--prompt-text", " "], "the text prompt ' ' is empty"),
+    (["--prompt-text", "the \udcff"], "a byte that is not UTF-8"),
+    (["--prompt-units", "3 x"], "--prompt-units: speech unit 'x' is not an integer"),
+    (["--prompt-units", "@MISSING"], "cannot read"),
+], ids=["top-k", "top-p", "temperature", "max-new-tokens", "contradiction", "text-empty",
+        "text-surrogate", "units-value", "units-file"])
+def test_lst_generate_refuses_bad_flags_before_loading_the_model(tmp_path, capsys, monkeypatch,
+                                                                 flags, message):
+    """Each was refused only once the checkpoint was loaded, minutes later for a large model (and
+    the tensor-parallel processes started), as lst-eval refuses its flags before."""
+    monkeypatch.setattr("megatron_lst.evaluation.loading.load_inference_model",
+                        lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("megatron_lst.parallel.initialize_parallel",
+                        lambda *args, **kwargs: pytest.fail("the processes were set up"))
+    flags = [f.replace("MISSING", str(tmp_path / "missing")) for f in flags]
+    assert generate_main(["--load", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lst-generate: ") and message in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("main, flags", [
     (eval_main, ["--items", "items.jsonl"]),
     (generate_main, ["--prompt-text", "once"]),
@@ -482,6 +561,32 @@ def test_a_model_fine_tuned_on_the_other_task_is_warned_of(checkpoint, tmp_path,
                       "--asr-load", str(tts_model)]) == 0
     assert f"--asr-load {tts_model}/iter_0000003 was fine-tuned with --task tts" in caplog.text
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("task, aligned_flag", [("asr", "--load"), ("tts", "--load"),
+                                                ("tts", "--asr-load")])
+def test_lst_eval_task_refuses_an_aligned_model_naming_it_before_decoding(
+        checkpoint, tmp_path, capsys, monkeypatch, task, aligned_flag):
+    """The error came from the first decoding and named "utterance 0", as if the utterance were
+    at fault (for --asr-load, after the first utterance's speech was generated)."""
+    root, _, _ = checkpoint
+    aligned = tmp_path / "aligned"
+    shutil.copytree(root / "save", aligned)
+    [metadata_path] = aligned.glob(f"iter_*/{METADATA_FILENAME}")
+    metadata = json.loads(metadata_path.read_text())
+    metadata["args"]["patching_mode"] = "aligned"
+    metadata_path.write_text(json.dumps(metadata))
+    prefix = write_utterances(tmp_path / "utterances", utterances(seed=4, count=2))
+    monkeypatch.setattr("megatron_lst.evaluation.downstream.generate",
+                        lambda *args, **kwargs: pytest.fail("decoding started"))
+    loads = {"--load": root / "save", "--asr-load": root / "save", aligned_flag: aligned}
+    flags = ["--load", str(loads["--load"])] + (
+        ["--asr-load", str(loads["--asr-load"])] if task == "tts" else [])
+    assert eval_main([*flags, "--task", task, "--utterances", str(prefix)]) == 2
+    [checkpoint_dir] = aligned.glob("iter_*")
+    assert capsys.readouterr().err == (
+        f"lst-eval: checkpoint {checkpoint_dir}: aligned patching needs word boundaries that do "
+        f"not exist while generating; generate with a static, mixed or curriculum model\n")
 
 
 def test_results_that_are_not_a_number_are_written_as_null(tmp_path):

@@ -33,6 +33,24 @@ def test_loads_and_encodes_items(tmp_path):
     assert first.context.segment_is_silence.tolist() == [w == "[SIL]" for w, _ in segments]
 
 
+def test_whitespace_around_a_text_is_not_a_piece(tmp_path):
+    """" the dog" encoded to a lone word-boundary piece, then "▁the": an ending's score counted
+    an extra token, and T->S put a second boundary piece before <s>, a layout training never
+    shows. The importers strip the benchmarks' texts; a hand-written file now reads the same."""
+    record = random_records(3, 1)[0]
+    spaced = json.loads(json.dumps(record))
+    spaced["id"] = "spaced"
+    spaced["context"]["text"] = " " + record["context"]["text"] + " \n"
+    for ending in spaced["endings"]:
+        ending["text"] = "\t" + ending["text"] + " "
+    assert tokenizer().encode(spaced["endings"][0]["text"]) != tokenizer().encode(
+        record["endings"][0]["text"])
+    plain, padded = load_items(write(tmp_path, [record, spaced]), tokenizer(), vocab())
+    for a, b in zip((plain.context, *plain.endings), (padded.context, *padded.endings),
+                    strict=True):
+        assert a.text_ids.tolist() == b.text_ids.tolist()
+
+
 def test_text_only_items_load(tmp_path):
     record = {"id": 7, "context": {"text": "the girl ran"},
               "endings": [{"text": "home"}, {"text": "the cat"}], "label": 0}

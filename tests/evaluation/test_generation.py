@@ -110,14 +110,18 @@ def test_local_models_see_each_token_once(models, monkeypatch):
     assert len(sequence) < counts["decoder"] <= len(sequence) + run_ends * (STATIC.patch_size - 1)
 
 
-def test_global_model_runs_once_per_closed_patch(models):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_global_model_runs_once_per_closed_patch(models, use_cache):
+    """Without the cache the count is the same: re-running the whole sequence each step counted
+    every position again, the prompt's too (quadratic in the length, not the model's steps)."""
     ids = prompts()["speech"]
-    result = generate(models["lst"], ids, vocab(), STATIC, SamplingConfig(max_new_tokens=20))
+    sampling = SamplingConfig(max_new_tokens=20)
+    result = generate(models["lst"], ids, vocab(), STATIC, sampling, use_cache=use_cache)
     sequence = np.concatenate([ids, result.tokens])
     closed_before = len(generation_patch_lengths(ids, vocab(), 3)) - 1
     closed_after = len(generation_patch_lengths(sequence[:-1], vocab(), 3)) - 1
-    assert result.global_steps == closed_after - closed_before
-    baseline = generate(models["baseline"], ids, vocab(), STATIC, SamplingConfig(max_new_tokens=20))
+    assert result.global_steps == closed_after - closed_before > 0
+    baseline = generate(models["baseline"], ids, vocab(), STATIC, sampling, use_cache=use_cache)
     assert baseline.global_steps == len(baseline.tokens) - 1
 
 
@@ -178,6 +182,12 @@ def test_prompts_and_speech_only_sampling(models):
     tv, tok = text_vocab(), tokenizer()
     assert build_prompt(tv, tok, text="the dog", continue_in="speech").tolist() == [
         tv.bos_id, tv.text_marker, *tok.encode("the dog"), tok.space_id, tv.speech_marker]
+    # Whitespace around the text encoded to word-boundary pieces: "<t> space", "space, space, <s>"
+    for text in ("the dog ", "the dog\n", " the dog"):
+        assert tok.encode(text) != tok.encode("the dog")
+        for continue_in in ("speech", None):
+            assert (build_prompt(tv, tok, text=text, continue_in=continue_in).tolist()
+                    == build_prompt(tv, tok, text="the dog", continue_in=continue_in).tolist())
     with pytest.raises(GenerationError, match="exactly one"):
         build_prompt(v)
     # Each was generated from BOS and a marker alone, as if a prompt had been given.
@@ -203,7 +213,9 @@ def test_sampling_mask():
     ids = torch.arange(v.size + 8)  # an output layer padded past the vocabulary
     free, speech, text = (sampling_mask(v, m, len(ids)) for m in (None, "speech", "text"))
     reserved = (ids >= v.text_size) & (ids < v.text_marker)
-    assert torch.equal(free, (ids < v.size) & ~reserved)
+    # BOS and the pad id were sampled freely: an untrained model's first token was the pad (unk)
+    never = reserved | (ids == v.bos_id) | (ids == v.pad_id)
+    assert torch.equal(free, (ids < v.size) & ~never)
     assert torch.equal(speech, v.is_unit(ids) | (ids == v.eos_id))
     assert torch.equal(text, (ids < v.text_size) & (ids != v.bos_id) & (ids != v.pad_id))
     with pytest.raises(GenerationError, match="modality"):
