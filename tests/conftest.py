@@ -7,6 +7,7 @@ The markers (registered in pyproject.toml):
   slow         takes more than a few seconds; deselect with `-m "not slow"`.
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -29,16 +30,23 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def disk_full_at():
-    """`disk_full_at(n)`: from then until the test ends, a write that would take any file of this
-    process past `n` bytes writes what fits and fails (EFBIG, as a full disk fails with ENOSPC):
-    what a writer leaves when the disk fills part way through a file."""
+    """`with disk_full_at(n):` inside the block, a write that would take any file of this process
+    past `n` bytes writes what fits and fails (EFBIG, as a full disk fails with ENOSPC): what a
+    writer leaves when the disk fills part way through a file. Keep the block to the write under
+    test: the limit holds for every file of the process, pytest's own output and captures too."""
+    return _disk_full_at
+
+
+@contextlib.contextmanager
+def _disk_full_at(n: int):
     import resource
     import signal
 
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
     try:
-        yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+        yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)

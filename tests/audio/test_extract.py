@@ -417,8 +417,8 @@ def test_a_unit_file_the_disk_cannot_hold_is_an_error_not_a_file_cut_short(tmp_p
 
     path = units_path(tmp_path, "spk/utt1")
     (tmp_path / "spk").mkdir()
-    disk_full_at(400)
-    with pytest.raises(OSError, match="the disk took 400 of the array's 2128 bytes"):
+    with (disk_full_at(400),
+          pytest.raises(OSError, match="the disk took 400 of the array's 2128 bytes")):
         write_units(path, np.arange(500) % 50)
     assert list((tmp_path / "spk").iterdir()) == []
     assert not is_complete(path, 500)

@@ -13,8 +13,7 @@ from megatron_lst.checkpoint.durable_files import replace_file_durably, save_npy
 def test_a_write_that_fills_the_disk_leaves_the_old_file_and_no_temporary(tmp_path, disk_full_at):
     path = tmp_path / "results.json"
     path.write_text('{"old": 1}\n')
-    disk_full_at(64)
-    with pytest.raises(OSError):
+    with disk_full_at(64), pytest.raises(OSError):
         replace_file_durably(path, '{"new": "' + "x" * 1000 + '"}\n')
     assert path.read_text() == '{"old": 1}\n'
     assert os.listdir(tmp_path) == ["results.json"]
@@ -50,8 +49,8 @@ def test_an_array_cut_short_by_a_full_disk_is_an_error_naming_the_file(tmp_path,
     cut short and the save returned as if it were whole."""
     path = tmp_path / "units.npy"
     array = np.arange(1000, dtype=np.int32)
-    disk_full_at(300)
-    with pytest.raises(OSError, match="the disk took 300 of the array's 4128 bytes") as raised:
+    with (disk_full_at(300),
+          pytest.raises(OSError, match="the disk took 300 of the array's 4128 bytes") as raised):
         if as_stream:
             with open(path, "wb") as stream:
                 save_npy(stream, array)

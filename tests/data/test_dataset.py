@@ -415,10 +415,10 @@ def test_a_row_index_the_disk_cannot_hold_is_an_error_naming_it(tmp_path, disk_f
     store, cache, _, cached = _cached_static_dataset(tmp_path)
     size = cached.stat().st_size
     cached.unlink()
-    disk_full_at(size - 24)
-    with pytest.raises(DatasetError, match=f"cannot write the row index {cached} \\(the disk "
-                                           f"took {size - 24} of the array's {size} bytes\\): "
-                                           f"free space on its filesystem"):
+    with (disk_full_at(size - 24),
+          pytest.raises(DatasetError, match=f"cannot write the row index {cached} \\(the disk "
+                                            f"took {size - 24} of the array's {size} bytes\\): "
+                                            f"free space on its filesystem")):
         dataset(MODES["static"], store, index_cache_dir=cache)
     assert list(cache.iterdir()) == []
 

@@ -101,12 +101,12 @@ def test_training_over_a_model_when_the_disk_fills_keeps_that_model(tmp_path, di
     before = path.read_bytes()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(line + "\n" for line in _tiny_corpus(seed=1)))
-    disk_full_at(len(before) // 2)
-    with pytest.raises(OSError):
+    with disk_full_at(len(before) // 2), pytest.raises(OSError):
         train_sentencepiece(_tiny_corpus(seed=1), path, 300)
     assert path.read_bytes() == before
-    with pytest.raises(SystemExit, match=f"error: File too large; --output {path} is as it "
-                                         f"was: free space, or write the model elsewhere"):
+    with (disk_full_at(len(before) // 2),
+          pytest.raises(SystemExit, match=f"error: File too large; --output {path} is as it "
+                                          f"was: free space, or write the model elsewhere")):
         _load_tool("train_tokenizer").main(["--input", str(corpus), "--vocab-size", "300",
                                             "--output", str(path)])
     assert path.read_bytes() == before

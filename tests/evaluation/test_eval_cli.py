@@ -429,8 +429,9 @@ def test_lst_eval_output_that_fills_the_disk_keeps_the_earlier_results(tmp_path,
     half a JSON in place of the earlier run's results."""
     output = tmp_path / "results.json"
     output.write_text('{"earlier": 1}')
-    disk_full_at(100)
-    assert _write_results(str(output), {"items.jsonl": {"scores": list(range(200))}}) == 2
+    with disk_full_at(100):
+        status = _write_results(str(output), {"items.jsonl": {"scores": list(range(200))}})
+    assert status == 2
     assert output.read_text() == '{"earlier": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
     assert capsys.readouterr().err.startswith(f"lst-eval: cannot write the results to --output "

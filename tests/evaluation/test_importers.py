@@ -187,8 +187,9 @@ def test_import_that_fills_the_disk_keeps_the_earlier_items_file(tmp_path, capsy
     cloze = write_cloze(tmp_path / "cloze.csv", [f"s{i},a.,b.,c.,d.,e.,f.,1" for i in range(50)])
     output = tmp_path / "items.jsonl"
     output.write_text("earlier items\n")
-    disk_full_at(1000)
-    assert import_main(["storycloze", str(cloze), "--output", str(output)]) == 2
+    with disk_full_at(1000):
+        status = import_main(["storycloze", str(cloze), "--output", str(output)])
+    assert status == 2
     assert output.read_text() == "earlier items\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cloze.csv", "items.jsonl"]
     assert capsys.readouterr().err == (f"lst-import-eval: cannot write --output {output} (File "

@@ -174,10 +174,10 @@ def test_resuming_a_metrics_file_on_a_full_disk_leaves_it_and_the_run_alone(tmp_
     original = "".join(json.dumps({"iteration": i, "loss": float(i)}) + "\n"
                        for i in range(1, 40))
     path.write_text(original)
-    disk_full_at(100)
-    metrics = MetricsFile(path, start_iteration=20)
-    metrics.write({"iteration": 21, "loss": 0.0})  # nothing: the file is left alone
-    metrics.close()
+    with disk_full_at(100):
+        metrics = MetricsFile(path, start_iteration=20)
+        metrics.write({"iteration": 21, "loss": 0.0})  # nothing: the file is left alone
+        metrics.close()
     assert path.read_text() == original
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]

@@ -164,11 +164,12 @@ def test_tool_that_fills_the_disk_keeps_the_earlier_plan(tmp_path, capsys, disk_
     JSON where the earlier plan was, after a traceback. (The benchmark tools' JSON, too.)"""
     out = tmp_path / "plan.json"
     out.write_text('{"earlier": "plan"}\n')
-    disk_full_at(200)
-    assert load_tool("plan_compute").main([
-        "--budget-flops", "1e17", "--preset", "tiny", "--text-vocab-size", "512",
-        "--seq-length", "256", "--global-batch-size", "8", "--tokens-per-patch", "3.1",
-        "--out", str(out)]) == 2
+    with disk_full_at(200):
+        status = load_tool("plan_compute").main([
+            "--budget-flops", "1e17", "--preset", "tiny", "--text-vocab-size", "512",
+            "--seq-length", "256", "--global-batch-size", "8", "--tokens-per-patch", "3.1",
+            "--out", str(out)])
+    assert status == 2
     assert capsys.readouterr().err == (f"plan_compute: cannot write --out {out} (File too "
                                        f"large); the plans are printed above\n")
     assert out.read_text() == '{"earlier": "plan"}\n'

@@ -119,8 +119,7 @@ def test_a_lock_whose_holder_cannot_be_recorded_is_held_all_the_same(tmp_path, c
                                                                       disk_full_at):
     """Writing who holds the lock raised OSError on a full disk, on rank 0 alone (the other
     ranks then waited for it), with the lock held and its descriptor left open."""
-    disk_full_at(0)
-    with SaveDirectoryLock(tmp_path) as lock:
+    with disk_full_at(0), SaveDirectoryLock(tmp_path) as lock:
         assert lock._fd is not None
         assert f"cannot record this run as the holder of {lock.path}" in caplog.text
     assert lock._fd is None
