@@ -13,15 +13,13 @@ trusted, keeping just its `cluster_centers_`.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import secrets
+import io
 import tokenize
 from pathlib import Path
 
 import numpy as np
 
-from megatron_lst.checkpoint.durable_files import save_npy
+from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.demo_corpus.units import KMeansCodebook
 
 CODEBOOK_SUFFIXES = (".npy", ".safetensors")
@@ -77,25 +75,16 @@ def save_codebook(codebook: KMeansCodebook, path: str | Path,
     if metadata and path.suffix == ".npy":
         raise CodebookError(f"{path}: .npy files carry no metadata; save as .safetensors")
     centroids = _checked(codebook.centroids, str(path))
-    partial = path.with_name(f"{path.name}.partial-{secrets.token_hex(4)}")  # one per writer
-    try:
-        if path.suffix == ".npy":
-            save_npy(partial, centroids)
-        else:
-            from safetensors import SafetensorError
-            from safetensors.numpy import save_file
+    if path.suffix == ".npy":
+        buffer = io.BytesIO()
+        np.save(buffer, centroids)
+        content = buffer.getvalue()
+    else:
+        from safetensors.numpy import save
 
-            try:
-                save_file({"centroids": centroids}, str(partial),
-                          metadata={k: str(v) for k, v in (metadata or {}).items()})
-            except SafetensorError as error:  # a full disk, as an OSError names it
-                raise OSError(errno.EIO, f"cannot write the codebook ({error})",
-                              str(path)) from None
-        partial.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
-        raise
+        content = save({"centroids": centroids},
+                       metadata={k: str(v) for k, v in (metadata or {}).items()})
+    replace_file_durably(path, content)
     return path
 
 

@@ -16,6 +16,7 @@ features (see hubert.py), so the units are the same for any `workers` and `batch
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -140,7 +141,8 @@ def write_units(path: Path, units: np.ndarray) -> None:
             os.fsync(f.fileno())
         partial.replace(path)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the error that stopped the write is the one to see
+            partial.unlink(missing_ok=True)
         raise
 
 

@@ -31,11 +31,12 @@ def replace_file_durably(path: str | os.PathLike, content: str | bytes) -> None:
     disk), it holds the old content or the new, complete (a temporary file beside it, synced,
     renamed over it; a failed write removes it). A symbolic link stays: the file it names is
     replaced. A device or a pipe (`/dev/stdout`) is written, not replaced."""
-    target = Path(os.path.realpath(path))
-    if target.exists() and not target.is_file() and not target.is_dir():
-        with open(target, "wb") as stream:
+    # A pipe's real path (/proc/<pid>/fd/pipe:[N]) names nothing: ask the path given.
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        with open(path, "wb") as stream:
             stream.write(content.encode("utf-8") if isinstance(content, str) else content)
         return
+    target = Path(os.path.realpath(path))
     temporary = target.with_name(f"{target.name}.tmp-{secrets.token_hex(6)}")
     try:
         write_file_durably(temporary, content)

@@ -356,11 +356,12 @@ class LSTDataset(torch.utils.data.Dataset):
                 save_npy(stream, heads)  # OSError when the disk fills, not a file cut short
             os.replace(partial, path)
         except BaseException as error:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
             if isinstance(error, OSError):
                 raise DatasetError(f"cannot write the row index {path} ({error.strerror or error}"
-                                   f"): free space on its filesystem (the --save directory), "
-                                   f"then start the run again") from None
+                                   f"): free space on its filesystem or make {path.parent} "
+                                   f"writable, then start the run again") from None
             raise
         return heads
 

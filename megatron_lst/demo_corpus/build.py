@@ -279,11 +279,14 @@ def _load_cached(directory: Path, make: Callable[[Path], None], load: Callable[[
     """`load` of the cache `directory` (made by `make` when missing, see `_cached`). A cache that
     cannot be loaded (a file of it deleted or damaged, or cut short by a full disk before its
     files were checked) is said, removed and made again: it used to stop every later build."""
+    existed = directory.is_dir()
     directory = _cached(directory, make)
     try:
         return load(directory)
     # ValueError: JSON, a .npy cut short; KeyError, TypeError: an index without its fields
     except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
+        if not existed:  # just made: not damage, and making it again would fail alike
+            raise
         logger.warning("%s: damaged cache (%s: %s); building it again", directory,
                        type(error).__name__, error)
         shutil.rmtree(directory)

@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.evaluation.generation import (
@@ -41,6 +42,9 @@ from megatron_lst.training.arguments import seed_flag
 from megatron_lst.training.checkpointing import TRACKER_FILENAME, CheckpointError
 from megatron_lst.training.metrics import METRICS_FILENAME
 from megatron_lst.training.save_directory import LOCK_FILENAME
+
+if TYPE_CHECKING:
+    from megatron_lst.evaluation.loading import InferenceModel
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +295,7 @@ def task_main(args: argparse.Namespace) -> int:
         if args.output is not None:  # the tokenizer the checkpoint names
             _check_output_spares(args.output, loaded.tokenizer.path, "the model's tokenizer")
         store.vocab.check_same(loaded.vocab, f"checkpoint {loaded.checkpoint}")
-        _warn_of_another_task(loaded.checkpoint, args.task, "--load")
+        _warn_of_another_task(loaded, args.task, "--load")
         model = TaskModel.from_inference_model(loaded)
         use_cache = not args.no_cache
         if args.task == "asr":
@@ -303,7 +307,7 @@ def task_main(args: argparse.Namespace) -> int:
                 asr_loaded = load_inference_model(args.asr_load,
                                                   tokenizer_model=args.tokenizer_model)
                 _check_asr_reads_the_units(asr_loaded.vocab, loaded.vocab, args)
-                _warn_of_another_task(asr_loaded.checkpoint, "asr", "--asr-load")
+                _warn_of_another_task(asr_loaded, "asr", "--asr-load")
                 if args.output is not None:
                     _check_output_spares(args.output, asr_loaded.tokenizer.path,
                                          "the --asr-load model's tokenizer")
@@ -332,16 +336,14 @@ def task_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_of_another_task(checkpoint: Path, task: str, flag: str) -> None:
-    """Warn when `checkpoint` was fine-tuned on the other task (its run's recorded `--task`): most
+def _warn_of_another_task(loaded: InferenceModel, task: str, flag: str) -> None:
+    """Warn when `loaded` was fine-tuned on the other task (its run's recorded `--task`): most
     likely the other task's directory was given. Not refused: a model fine-tuned on both in turn
     records the last."""
-    from megatron_lst.training.checkpointing import read_checkpoint_metadata
-
-    trained = (read_checkpoint_metadata(checkpoint, strict=False).get("args") or {}).get("task")
-    if trained not in (None, "lm", task):
+    if loaded.trained_task not in ("lm", task):
         logger.warning("%s %s was fine-tuned with --task %s, and is evaluated on %s: check that "
-                       "it is the %s model", flag, checkpoint, trained, task, task.upper())
+                       "it is the %s model", flag, loaded.checkpoint, loaded.trained_task, task,
+                       task.upper())
 
 
 def _nan_as_null(value):

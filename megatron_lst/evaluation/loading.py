@@ -34,6 +34,7 @@ from megatron_lst.training.checkpointing import (
     load_checkpoint,
     read_checkpoint_metadata,
 )
+from megatron_lst.training.config_files import long_flag
 
 
 @dataclass
@@ -46,6 +47,8 @@ class InferenceModel:
     """The training patcher; scoring and generation turn it into the inference one."""
     checkpoint: Path
     iteration: int
+    trained_task: str
+    """The `--task` its run trained on: "lm" (pretraining), "asr" or "tts"."""
 
 
 def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size: int = 1,
@@ -98,7 +101,8 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
         chunk.eval()
     return InferenceModel(model_chunks, vocab, tokenizer,
                           Patcher(patching_config_from_args(args)), loaded.path,
-                          int(metadata["iteration"]))
+                          int(metadata["iteration"]),
+                          (metadata.get("args") or {}).get("task") or "lm")
 
 
 def _check_tensor_parallel_size_fits(config: LSTConfig, tp: int, path: Path) -> None:
@@ -173,7 +177,7 @@ def _check_saved_flags(saved_args: dict, parser: argparse.ArgumentParser, path: 
     for dest, value in saved_args.items():
         action = actions.get(dest)
         if action is not None and not _flag_takes(action, value):
-            flag = action.option_strings[-1] if action.option_strings else dest
+            flag = long_flag(action) if action.option_strings else dest
             raise CheckpointError(
                 f"{path / METADATA_FILENAME}: the saved flag {dest} is {value!r}, which {flag} "
                 f"never gives ({_what_flag_takes(action)}); the file is damaged or was edited: "

@@ -89,10 +89,6 @@ def choose_pretrained_or_own_checkpoint(args: argparse.Namespace) -> None:
             f"look for that step in --load {args.load}. To fine-tune from one pretrained step, "
             f"name its directory: --pretrained-checkpoint DIR/iter_XXXXXXX")
     _check_no_file_in_the_way("--load", args.load)
-    if args.save is None:
-        logger.warning("--pretrained-checkpoint %s without --save: this run saves no checkpoint "
-                       "in --load %s, so a requeued run fine-tunes from the pretrained weights "
-                       "again; give --save %s to resume instead", pretrained, args.load, args.load)
     try:
         own = select_checkpoint(args.load) if os.path.isdir(args.load) else None
     except CheckpointError as err:
@@ -114,6 +110,10 @@ def choose_pretrained_or_own_checkpoint(args: argparse.Namespace) -> None:
             f"directory in it" + (f". {other}" if other else ""))
     logger.info("--load %s holds no checkpoint yet: fine-tuning from --pretrained-checkpoint %s",
                 args.load, found)
+    if args.save is None:
+        logger.warning("--pretrained-checkpoint %s without --save: this run saves no checkpoint "
+                       "in --load %s, so a requeued run fine-tunes from the pretrained weights "
+                       "again; give --save %s to resume instead", pretrained, args.load, args.load)
     args.load, args.finetune = pretrained, True
 
 

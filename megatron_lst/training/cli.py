@@ -8,13 +8,15 @@ with these flags, a --save directory without room for a checkpoint or that anoth
 writing, a save of diverged weights, or a save that failed (a full disk), 4 for bad
 training data (a dataset that is missing, truncated, inconsistent
 with its manifest, or of another vocabulary), 5 for a non-finite loss (the message names the
-checkpoint to resume from). Each prints one message that says what is wrong and what to do.
+checkpoint to resume from). Each prints one message that says what is wrong and what to do;
+any other error exits 1 with its traceback.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
@@ -47,7 +49,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_lst.evaluation.items import ItemError
     from megatron_lst.tokenizer.vocab import VocabularyError
     from megatron_lst.training.loop import pretrain
-    from megatron_lst.training.stop_together import stop_with_the_others
     from megatron_lst.training.train_logging import NonFiniteLossError
 
     try:
@@ -60,19 +61,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(EXIT_BAD_DATA, f"bad training data: {error}")
     except NonFiniteLossError as error:
         return _report(EXIT_NON_FINITE_LOSS, str(error))
-    except Exception:  # its traceback follows; the other ranks may be saying why they stop
-        stop_with_the_others()
-        raise
+    except Exception:  # no message of ours: its traceback says what happened
+        return _report(1, None)
     return 0
 
 
-def _report(status: int, message: str) -> int:
-    """Print `message` and return `status`, once every rank that stops has printed its own
-    message (at most `stop_together.STOP_WAIT_SECONDS` later): the launcher ends every rank
-    once one has exited."""
+def _report(status: int, message: str | None) -> int:
+    """Print `message` (None: the traceback of the exception being handled) and return `status`,
+    once every rank that stops has printed its own (at most `stop_together.STOP_WAIT_SECONDS`
+    later): the launcher ends every rank once one has exited."""
     from megatron_lst.training.stop_together import stop_with_the_others
 
-    print(f"lst-train: {message}", file=sys.stderr, flush=True)
+    if message is None:
+        traceback.print_exc()
+    else:
+        print(f"lst-train: {message}", file=sys.stderr)
+    sys.stderr.flush()
     stop_with_the_others()
     return status
 

@@ -113,7 +113,7 @@ def config_to_argv(config: Mapping[str, Any], parser: argparse.ArgumentParser) -
     for key, value, action in _keyed_actions(config, parser, "config"):
         converted = _convert(action, _as_written(config, key, value, action), f"config: {key}",
                              flag_of_key(key))
-        flag = _long_flag(action)
+        flag = long_flag(action)
         if isinstance(action, argparse.BooleanOptionalAction):
             if converted is not None:
                 argv.append(flag if converted else "--no-" + flag[2:])
@@ -157,7 +157,7 @@ def _keyed_actions(config: Mapping[str, Any], parser: argparse.ArgumentParser, w
         action = _action_for_key(key, parser, where)
         if action.dest in key_of_dest:
             raise ConfigError(f"{where}: keys {key_of_dest[action.dest]!r} and {key!r} both set "
-                              f"{_long_flag(action)}; keep one")
+                              f"{long_flag(action)}; keep one")
         key_of_dest[action.dest] = key
         keyed.append((key, value, action))
     return keyed
@@ -180,7 +180,8 @@ def _action_for_key(key: Any, parser: argparse.ArgumentParser, where: str) -> ar
     return action
 
 
-def _long_flag(action: argparse.Action) -> str:
+def long_flag(action: argparse.Action) -> str:
+    """The flag's first long spelling (`--reset-attention-mask`, not `--no-reset-attention-mask`)."""
     return next(s for s in action.option_strings if s.startswith("--"))
 
 
@@ -193,27 +194,27 @@ def _convert(action: argparse.Action, value: Any, where: str, flag: str) -> Any:
     """`value` as `flag` (the spelling the key used, e.g. "--no-x") stores it."""
     if _is_switch(action):
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {_long_flag(action)} is a switch; write true or false, "
+            raise ConfigError(f"{where}: {long_flag(action)} is a switch; write true or false, "
                               f"got {value!r}")
         # A store_false flag (`--no-x: true`) stores False in its destination; a `--x/--no-x`
         # pair takes `x: true|false` (or `no-x: true|false`) for its destination.
         negated = isinstance(action, argparse._StoreFalseAction) or (
             isinstance(action, argparse.BooleanOptionalAction)
-            and flag != flag_of_key(_long_flag(action)))
+            and flag != flag_of_key(long_flag(action)))
         return not value if negated else value
     if value is None:
         if action.default is not None:
-            raise ConfigError(f"{where}: {_long_flag(action)} cannot be null; give a value, or "
+            raise ConfigError(f"{where}: {long_flag(action)} cannot be null; give a value, or "
                               f"leave the key out for its default {action.default!r}")
         return None
     if action.nargs in ("*", "+") or isinstance(action.nargs, int):
         _refuse_a_command_line_in_one_string(action, value, where)
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         if action.nargs == "+" and not items:
-            raise ConfigError(f"{where}: {_long_flag(action)} needs at least one value")
+            raise ConfigError(f"{where}: {long_flag(action)} needs at least one value")
         return [_convert_one(action, v, where) for v in items]
     if isinstance(value, (list, tuple, Mapping)):
-        raise ConfigError(f"{where}: {_long_flag(action)} takes one value, got {value!r}")
+        raise ConfigError(f"{where}: {long_flag(action)} takes one value, got {value!r}")
     return _convert_one(action, value, where)
 
 
@@ -227,7 +228,7 @@ def _refuse_a_command_line_in_one_string(action: argparse.Action, value: Any, wh
     except ValueError:
         return
     items = ", ".join(value.split())
-    raise ConfigError(f"{where}: {_long_flag(action)} takes a list, and {value!r} is one string; "
+    raise ConfigError(f"{where}: {long_flag(action)} takes a list, and {value!r} is one string; "
                       f"write [{items}] (a YAML list), or quote a path with spaces as the only "
                       f"item of a list")
 
@@ -238,18 +239,18 @@ def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
     kind = action.type or str
     if kind is int and (isinstance(value, bool) or (isinstance(value, float)
                                                       and not value.is_integer())):
-        raise ConfigError(f"{where}: {_long_flag(action)} takes an integer, got {value!r}")
+        raise ConfigError(f"{where}: {long_flag(action)} takes an integer, got {value!r}")
     if kind is float and isinstance(value, bool):
-        raise ConfigError(f"{where}: {_long_flag(action)} takes a number, got {value!r}")
+        raise ConfigError(f"{where}: {long_flag(action)} takes a number, got {value!r}")
     if kind not in (int, float, str) and not isinstance(value, str):
         value = str(value)  # a flag's own type parses text, as on the command line (1.5 -> 1)
     try:
         converted = kind(int(value) if kind is int and isinstance(value, float) else value)
     except argparse.ArgumentTypeError as error:  # the flag's own type says what is wrong
-        raise ConfigError(f"{where}: {_long_flag(action)}: {error}") from None
+        raise ConfigError(f"{where}: {long_flag(action)}: {error}") from None
     except (TypeError, ValueError, OverflowError):
         raise ConfigError(
-            f"{where}: {_long_flag(action)} takes a {getattr(kind, '__name__', kind)}, got "
+            f"{where}: {long_flag(action)} takes a {getattr(kind, '__name__', kind)}, got "
             f"{value!r}"
         ) from None
     if action.choices is not None and converted not in action.choices:

@@ -211,7 +211,7 @@ def build_datasets(args: argparse.Namespace, index_cache_dir: str | Path | None 
     if index_cache_dir is None and args.save is not None:
         index_cache_dir = Path(args.save) / "lst_row_index"
     cache_root = Path(index_cache_dir) if index_cache_dir else None
-    if cache_root is None:  # every rank builds its own row indices
+    if cache_root is None or args.task != "lm":  # every rank builds its own (task rows keep none)
         return _build_datasets(args, cache_root)
     try:  # rank 0 builds and caches the row indices, then the other ranks load them
         return rank_zero_first(lambda: _build_datasets(args, cache_root), "build the datasets")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ class MetricsFile:
                 _drop_records_after(path, start_iteration)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         except OSError as err:  # as in `write`: only the logging rank is here
-            logger.error("cannot resume %s (%s): no metrics lines this run (the log keeps "
+            logger.error("cannot append to %s (%s): no metrics lines this run (the log keeps "
                          "them), the file is as it was; free space or fix the file system, then "
                          "resume", path, err)
 
@@ -101,7 +100,7 @@ def _drop_records_after(path: Path, iteration: int) -> None:
     suffix = ".damaged" if damaged else ".earlier" if earlier else None
     kept_aside = _unused_name(path.with_name(path.name + suffix)) if suffix else None
     if kept_aside is not None:
-        shutil.copyfile(path, kept_aside)
+        replace_file_durably(kept_aside, path.read_bytes())  # a failed copy leaves none
     replace_file_durably(path, "".join(kept))  # a full disk leaves the file as it was
     what = [f"{len(dropped)} record(s) of iterations {min(dropped)}-{max(dropped)}"] if dropped \
         else []

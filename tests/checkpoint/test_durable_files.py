@@ -1,6 +1,8 @@
 """`replace_file_durably`: the old content or the new, whole; never a part of the new."""
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -79,3 +81,14 @@ def test_a_device_or_a_pipe_is_written_not_replaced(tmp_path):
     reader.join(timeout=60)
     assert received == ["results\n"] and not fifo.is_file()
     assert os.listdir(tmp_path) == ["pipe"]
+
+
+def test_dev_stdout_that_is_a_pipe_is_written():
+    """`--out /dev/stdout | jq`: the real path of a pipe, /proc/<pid>/fd/pipe:[N], names no
+    file, and the temporary file beside it could not be made (FileNotFoundError)."""
+    run = subprocess.run(
+        [sys.executable, "-c", "from megatron_lst.checkpoint.durable_files import "
+         "replace_file_durably; replace_file_durably('/dev/stdout', 'results\\n')"],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == "results\n"

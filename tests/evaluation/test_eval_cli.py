@@ -305,13 +305,15 @@ def _edit_size(metadata):
     (lambda m: m["args"].update(patch_size=True), r"patch_size is True, .*\(an integer\)"),
     (lambda m: m["args"].update(bf16="yes"), r"bf16 is 'yes', which --bf16 never gives \(true or "
                                              r"false\)"),
+    (lambda m: m["args"].update(reset_attention_mask="yes"),
+     r"reset_attention_mask is 'yes', which --reset-attention-mask never gives"),
     (lambda m: m["args"].update(silence_patching="none"),
      r"silence_patching is 'none', .*\(one of \['separate', 'merged'\]\)"),
     (lambda m: m["args"].update(params_dtype_name="int8"),
      r"the saved params_dtype_name is 'int8', not one of \['float32', 'bfloat16', 'float16'\]"),
 ], ids=["vocab-field-missing", "vocab-size", "args-list", "model-string", "config-type",
         "config-vocab-size", "flag-string", "flag-null", "flag-fraction", "flag-bool",
-        "switch-string", "flag-choice", "params-dtype"])
+        "switch-string", "negatable-switch-string", "flag-choice", "params-dtype"])
 def test_a_hand_edited_checkpoint_record_is_one_line_naming_the_file(checkpoint, tmp_path, capsys,
                                                                      edit, message):
     """lst_checkpoint.json is written after the file digests: lst-eval read its vocabulary,

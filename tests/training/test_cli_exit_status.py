@@ -36,6 +36,24 @@ def test_each_failure_has_its_status_and_one_line(tmp_path, monkeypatch, capsys,
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(str(error))
 
 
+def test_an_unexpected_error_is_printed_before_the_rank_waits_for_the_others(tmp_path, monkeypatch,
+                                                                             capsys):
+    """Any other error exits 1 with its traceback, printed before the rank counts itself as
+    stopped: once every rank has, the launcher may end this one before Python would print it."""
+    from megatron_lst.training import stop_together
+
+    def fail(args):
+        raise ZeroDivisionError("a bug")
+
+    printed_before_waiting = []
+    monkeypatch.setattr(loop, "pretrain", fail)
+    monkeypatch.setattr(stop_together, "stop_with_the_others",
+                        lambda: printed_before_waiting.append(capsys.readouterr().err))
+    assert cli.main(tiny_flags(write_corpus(tmp_path)) + ["--train-iters", "2"]) == 1
+    [err] = printed_before_waiting
+    assert "Traceback" in err and err.strip().endswith("ZeroDivisionError: a bug")
+
+
 @pytest.mark.slow
 def test_a_truncated_index_exits_4_naming_the_file(tmp_path):
     data_path = write_corpus(tmp_path)

@@ -181,7 +181,7 @@ def test_resuming_a_metrics_file_on_a_full_disk_leaves_it_and_the_run_alone(tmp_
     assert path.read_text() == original
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and f"cannot resume {path} (" in errors[0]
+    assert len(errors) == 1 and f"cannot append to {path} (" in errors[0]
 
 
 def test_read_metrics_leaves_out_a_torn_last_line_and_names_a_damaged_one(tmp_path):
