@@ -541,16 +541,21 @@ def test_lst_eval_task_names_a_broken_utterance_before_decoding(checkpoint, caps
                           f"outside the codebook 0..{NUM_UNITS - 1}"), err
 
 
+def copy_with_saved_flags(save: Path, copy: Path, **flags) -> Path:
+    """`copy`: a copy of the checkpoints in `save` whose lst_checkpoint.json records `flags`."""
+    shutil.copytree(save, copy)
+    [metadata_path] = copy.glob(f"iter_*/{METADATA_FILENAME}")
+    metadata = json.loads(metadata_path.read_text())
+    metadata["args"].update(flags)
+    metadata_path.write_text(json.dumps(metadata))
+    return copy
+
+
 def test_a_model_fine_tuned_on_the_other_task_is_warned_of(checkpoint, tmp_path, capsys, caplog):
     """The ASR and TTS save directories are easily swapped: a TTS-tuned model decoded as ASR used
     to be scored without a word (its run records --task tts)."""
     root, _, _ = checkpoint
-    tts_model = tmp_path / "tts_model"
-    shutil.copytree(root / "save", tts_model)
-    [metadata_path] = tts_model.glob(f"iter_*/{METADATA_FILENAME}")
-    metadata = json.loads(metadata_path.read_text())
-    metadata["args"]["task"] = "tts"
-    metadata_path.write_text(json.dumps(metadata))
+    tts_model = copy_with_saved_flags(root / "save", tmp_path / "tts_model", task="tts")
     prefix = write_utterances(tmp_path / "utterances", utterances(seed=4, count=1))
     for load, task, warned in ((tts_model, "asr", True), (tts_model, "tts", False),
                                (root / "save", "asr", False)):
@@ -573,12 +578,7 @@ def test_lst_eval_task_refuses_an_aligned_model_naming_it_before_decoding(
     """The error came from the first decoding and named "utterance 0", as if the utterance were
     at fault (for --asr-load, after the first utterance's speech was generated)."""
     root, _, _ = checkpoint
-    aligned = tmp_path / "aligned"
-    shutil.copytree(root / "save", aligned)
-    [metadata_path] = aligned.glob(f"iter_*/{METADATA_FILENAME}")
-    metadata = json.loads(metadata_path.read_text())
-    metadata["args"]["patching_mode"] = "aligned"
-    metadata_path.write_text(json.dumps(metadata))
+    aligned = copy_with_saved_flags(root / "save", tmp_path / "aligned", patching_mode="aligned")
     prefix = write_utterances(tmp_path / "utterances", utterances(seed=4, count=2))
     monkeypatch.setattr("megatron_lst.evaluation.downstream.generate",
                         lambda *args, **kwargs: pytest.fail("decoding started"))
