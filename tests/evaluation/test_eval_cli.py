@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -227,17 +228,25 @@ def test_a_different_tokenizer_of_the_same_size_is_refused(checkpoint, tmp_path,
         assert f"made with (sha256 {tokenizer().sha256[:12]}...)" in error
 
 
+def copy_with_edited_record(save: Path, copy: Path, edit: Callable[[dict], None]) -> Path:
+    """`copy`: a copy of the checkpoints in `save` whose lst_checkpoint.json `edit` changed."""
+    shutil.copytree(save, copy)
+    [metadata_path] = copy.glob(f"iter_*/{METADATA_FILENAME}")
+    metadata = json.loads(metadata_path.read_text())
+    edit(metadata)
+    metadata_path.write_text(json.dumps(metadata))
+    return copy
+
+
 def test_a_checkpoint_of_an_uneven_pipeline_split_scores_on_one_process(checkpoint, tmp_path):
     """The training run's --decoder-first-pipeline-num-layers reached the one-stage model
     ("Mismatch: 1 middle layers remaining but 0 middle PP stages available")."""
     root, items_path, expected = checkpoint
-    save = tmp_path / "save"
-    shutil.copytree(root / "save", save)
-    [metadata_path] = save.glob(f"iter_*/{METADATA_FILENAME}")
-    metadata = json.loads(metadata_path.read_text())
-    metadata["args"].update(pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=1,
-                            decoder_last_pipeline_num_layers=1)
-    metadata_path.write_text(json.dumps(metadata))
+    save = copy_with_edited_record(
+        root / "save", tmp_path / "save",
+        lambda m: m["args"].update(pipeline_model_parallel_size=3,
+                                   decoder_first_pipeline_num_layers=1,
+                                   decoder_last_pipeline_num_layers=1))
     output = tmp_path / "results.json"
     assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "ss,tt",
                       "--batch-size", "2", "--output", str(output)]) == 0
@@ -262,12 +271,7 @@ def test_a_checkpoint_trained_with_gpu_backends_loads_on_a_cpu(checkpoint, tmp_p
     while building or running the model); they run with the backends this machine has, and the
     results are the saved model's (one document each: the same without document masking)."""
     root, items_path, expected = checkpoint
-    save = tmp_path / "save"
-    shutil.copytree(root / "save", save)
-    [metadata_path] = save.glob(f"iter_*/{METADATA_FILENAME}")
-    metadata = json.loads(metadata_path.read_text())
-    edit(metadata)
-    metadata_path.write_text(json.dumps(metadata))
+    save = copy_with_edited_record(root / "save", tmp_path / "save", edit)
     output = tmp_path / "results.json"
     assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "ss,tt",
                       "--output", str(output)]) == 0, capsys.readouterr().err
@@ -320,12 +324,7 @@ def test_a_hand_edited_checkpoint_record_is_one_line_naming_the_file(checkpoint,
     flags and model record unchecked (KeyError, AttributeError, TypeError tracebacks), and named
     no file for a model record that does not describe a model."""
     root, items_path, _ = checkpoint
-    save = tmp_path / "save"
-    shutil.copytree(root / "save", save)
-    [metadata_path] = save.glob(f"iter_*/{METADATA_FILENAME}")
-    metadata = json.loads(metadata_path.read_text())
-    edit(metadata)
-    metadata_path.write_text(json.dumps(metadata))
+    save = copy_with_edited_record(root / "save", tmp_path / "save", edit)
     assert eval_main(["--load", str(save), "--items", str(items_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(save) in err and "Traceback" not in err
@@ -541,21 +540,12 @@ def test_lst_eval_task_names_a_broken_utterance_before_decoding(checkpoint, caps
                           f"outside the codebook 0..{NUM_UNITS - 1}"), err
 
 
-def copy_with_saved_flags(save: Path, copy: Path, **flags) -> Path:
-    """`copy`: a copy of the checkpoints in `save` whose lst_checkpoint.json records `flags`."""
-    shutil.copytree(save, copy)
-    [metadata_path] = copy.glob(f"iter_*/{METADATA_FILENAME}")
-    metadata = json.loads(metadata_path.read_text())
-    metadata["args"].update(flags)
-    metadata_path.write_text(json.dumps(metadata))
-    return copy
-
-
 def test_a_model_fine_tuned_on_the_other_task_is_warned_of(checkpoint, tmp_path, capsys, caplog):
     """The ASR and TTS save directories are easily swapped: a TTS-tuned model decoded as ASR used
     to be scored without a word (its run records --task tts)."""
     root, _, _ = checkpoint
-    tts_model = copy_with_saved_flags(root / "save", tmp_path / "tts_model", task="tts")
+    tts_model = copy_with_edited_record(root / "save", tmp_path / "tts_model",
+                                        lambda m: m["args"].update(task="tts"))
     prefix = write_utterances(tmp_path / "utterances", utterances(seed=4, count=1))
     for load, task, warned in ((tts_model, "asr", True), (tts_model, "tts", False),
                                (root / "save", "asr", False)):
@@ -578,7 +568,8 @@ def test_lst_eval_task_refuses_an_aligned_model_naming_it_before_decoding(
     """The error came from the first decoding and named "utterance 0", as if the utterance were
     at fault (for --asr-load, after the first utterance's speech was generated)."""
     root, _, _ = checkpoint
-    aligned = copy_with_saved_flags(root / "save", tmp_path / "aligned", patching_mode="aligned")
+    aligned = copy_with_edited_record(root / "save", tmp_path / "aligned",
+                                      lambda m: m["args"].update(patching_mode="aligned"))
     prefix = write_utterances(tmp_path / "utterances", utterances(seed=4, count=2))
     monkeypatch.setattr("megatron_lst.evaluation.downstream.generate",
                         lambda *args, **kwargs: pytest.fail("decoding started"))
