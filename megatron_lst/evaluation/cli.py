@@ -286,6 +286,9 @@ def task_main(args: argparse.Namespace) -> int:
         if store.kind != "aligned":
             raise ValueError(f"--utterances {args.utterances} is a {store.kind} dataset; give an "
                              f"aligned (speech) one")
+        if args.num_utterances is not None and args.num_utterances > len(store):
+            logger.warning("--num-utterances %d is more than the %d utterances of %s: decoding "
+                           "all %d", args.num_utterances, len(store), args.utterances, len(store))
         utterances = read_utterances(store, min(len(store), args.num_utterances or len(store)))
         loaded = load_inference_model(args.load, tokenizer_model=args.tokenizer_model)
         if args.output is not None:  # the tokenizer the checkpoint names

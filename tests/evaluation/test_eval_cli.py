@@ -518,6 +518,21 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     assert {"unit_edit_rate", "asr_cer", "global_steps_per_second"} <= set(results)
 
 
+def test_more_utterances_than_the_store_holds_are_warned_of(checkpoint, capsys, caplog):
+    """--num-utterances beyond the store used to be cut to the store's size without a word, so a
+    result over fewer utterances than asked for passed for the one asked for."""
+    root, _, _ = checkpoint
+    prefix = write_utterances(root / "three_utterances", utterances(seed=4, count=3))
+    output = root / "asr_of_five.json"
+    status = eval_main(["--load", str(root / "save"), "--task", "asr", "--utterances",
+                        str(prefix), "--num-utterances", "5", "--output", str(output)])
+    assert status == 0, capsys.readouterr().err
+    assert json.loads(output.read_text())["results"]["num_utterances"] == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"--num-utterances 5 is more than the 3 utterances of {prefix}: decoding all 3" in (
+        warnings)
+
+
 @pytest.mark.parametrize("task", ["asr", "tts"])
 def test_lst_eval_task_names_a_broken_utterance_before_decoding(checkpoint, capsys, monkeypatch,
                                                                 task):
