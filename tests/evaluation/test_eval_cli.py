@@ -681,6 +681,35 @@ def test_lst_eval_task_flags_are_checked(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, warning", [
+    (["--top-k", "5", "--top-p", "0.9"], "--temperature 0 decodes greedily (the most likely token "
+     "each step): --top-k 5 and --top-p 0.9 have no effect; give a --temperature above 0 to "
+     "sample with them"),
+    (["--top-p", "0.5"], "--top-p 0.5 has no effect"),
+    (["--top-k", "5", "--temperature", "0.7"], None),
+    ([], None),
+], ids=["both", "top-p", "sampled", "greedy"])
+def test_sampling_flags_greedy_decoding_ignores_are_warned_of(monkeypatch, caplog, flags,
+                                                               warning):
+    """--top-k / --top-p with --temperature 0 (the default) were ignored without a word."""
+    import megatron_lst.parallel as parallel
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(parallel, "initialize_parallel", stop)
+    with pytest.raises(Stop):
+        generate_main(["--load", "unused", "--prompt-text", "the", *flags])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if warning is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warning in warnings[0], warnings
+
+
 def test_generate_on_more_processes_than_its_tensor_parallel_ranks_is_refused(monkeypatch, capsys):
     """Data-parallel replicas of lst-generate all decoded the same sequence."""
     import dataclasses
