@@ -1,8 +1,9 @@
 """Scratch files and folders a tool writes before renaming them into place, named after their
 writer (`writer_tag`: its process id and host), so that a later run of the same tool can tell the
 scratch of a writer that was killed (SIGKILL, a lost node: no cleanup ran) from a live one's and
-remove it (`remove_stale_scratch`). A writer is gone when it ran on this host and its process is
-not alive; scratch of another host is never touched (its process ids mean nothing here).
+remove it (`remove_stale_scratch`). A writer is gone when it ran on this host (and process-id
+namespace) and its process is not alive; scratch of another host or container is never touched
+(its process ids mean nothing here).
 """
 
 from __future__ import annotations
@@ -21,15 +22,25 @@ logger = logging.getLogger(__name__)
 WRITER_TAG_PATTERN = r"(?P<pid>[0-9]+)@(?P<host>[^/@]+)"
 
 
+def this_host() -> str:
+    """The host name, with the process-id namespace where there is one (Linux: containers that
+    share the host's name, `docker --network host`, have their own process ids)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}~{namespace}"
+
+
 def writer_tag() -> str:
-    """"<pid>@<host>" of this process, to put in the name of its scratch."""
-    return f"{os.getpid()}@{socket.gethostname()}"
+    """"<pid>@<host>" of this process (`this_host`), to put in the name of its scratch."""
+    return f"{os.getpid()}@{this_host()}"
 
 
 def writer_is_gone(pid: int, host: str | None) -> bool:
     """Whether the writer `pid` on `host` (None: this host, for names without a host) is known
     to have ended: it ran on this host, and no process of that id is alive here."""
-    if host is not None and host != socket.gethostname():
+    if host is not None and host != this_host():
         return False
     if pid == os.getpid() or pid <= 0:
         return False

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from megatron_lst.checkpoint.convert import staged_output
-from megatron_lst.checkpoint.stale_scratch import writer_is_gone, writer_tag
+from megatron_lst.checkpoint.stale_scratch import this_host, writer_is_gone, writer_tag
 
-HOST = socket.gethostname()
+HOST = this_host()
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,9 @@ def test_writers_are_gone_only_when_they_ran_here_and_are_not_alive(dead_pid, li
     assert not writer_is_gone(os.getpid(), HOST)
     assert not writer_is_gone(dead_pid, HOST + "-elsewhere")  # its ids mean nothing here
     assert writer_tag() == f"{os.getpid()}@{HOST}"
+    assert HOST.startswith(socket.gethostname())
+    if os.path.exists("/proc/self/ns/pid"):  # a container sharing the host's name is not here
+        assert not writer_is_gone(dead_pid, socket.gethostname())
 
 
 def test_a_conversion_removes_the_scratch_of_a_killed_one(tmp_path, dead_pid, live_pid, caplog):
