@@ -28,6 +28,30 @@ if [ "$#" -ne 4 ]; then
     exit 2
 fi
 CHECKPOINT_PATH=$1
+
+# The traps are set before anything is started, so that no signal can kill the script and leave the
+# agent running without it: a signal before the agent's start stops the script before it (or, when it
+# comes during the start, is passed on as soon as the agent's pid is known).
+TORCHRUN_PID=
+PENDING_SIGNAL=
+STOPPED_BY=
+forward_signal() {  # $1: TERM, INT, HUP or QUIT
+    if [ "$1" = TERM ]; then
+        STOPPED_BY=SIGTERM
+        # The workers are the agent's children (each in a session of its own). None yet (the
+        # agent is still meeting the other nodes): the agent stops as on SIGINT.
+        if ! pkill -TERM -P "$TORCHRUN_PID"; then kill -INT "$TORCHRUN_PID" 2>/dev/null || true; fi
+    else
+        kill -s "$1" "$TORCHRUN_PID" 2>/dev/null || true
+    fi
+}
+on_signal() {  # $1: TERM, INT, HUP or QUIT
+    if [ -z "$TORCHRUN_PID" ]; then PENDING_SIGNAL=${PENDING_SIGNAL:-$1}; else forward_signal "$1"; fi
+}
+for signal in TERM INT HUP QUIT; do
+    # shellcheck disable=SC2064  # the signal's name now
+    trap "on_signal $signal" "$signal"
+done
 TOKENIZER_MODEL=$2
 TEXT_PREFIX=$3
 SPEECH_PREFIX=$4
@@ -112,6 +136,11 @@ if [ -n "$TENSORBOARD_DIR" ]; then EVAL_AND_LOGGING_ARGS+=(--tensorboard-dir "$T
 # (training finished, an exit condition, or a stop on SIGTERM after its save; compare the latest
 # checkpoint with --train-iters), non-zero when a worker failed (docs/training.md, "Launching").
 DISTRIBUTED_ARGS+=(--signals-to-handle SIGINT,SIGHUP,SIGQUIT)
+if [ -n "$PENDING_SIGNAL" ]; then
+    echo "stopped by SIG$PENDING_SIGNAL before torchrun started: nothing ran; run the script" \
+        "again to start (or resume from the latest checkpoint in $CHECKPOINT_PATH)" >&2
+    exit $((128 + $(kill -l "$PENDING_SIGNAL")))
+fi
 # No `cd`: relative paths in the arguments stay relative to the caller's directory. The agent runs
 # in a process group of its own (set -m), so a Ctrl-C reaches it once, from this script.
 set -m
@@ -125,19 +154,8 @@ bash -c 'trap "" TERM; exec "$@"' torchrun torchrun "${DISTRIBUTED_ARGS[@]}" \
     "${EVAL_AND_LOGGING_ARGS[@]}" &
 TORCHRUN_PID=$!
 set +m
-STOPPED_BY=
-
-stop_workers() {
-    STOPPED_BY=SIGTERM
-    # The workers are the agent's children (each in a session of its own). None yet (the agent
-    # is still meeting the other nodes): the agent stops as on SIGINT.
-    if ! pkill -TERM -P "$TORCHRUN_PID"; then kill -INT "$TORCHRUN_PID" 2>/dev/null || true; fi
-}
-trap stop_workers TERM
-for signal in INT HUP QUIT; do
-    # shellcheck disable=SC2064  # the signal's name now, the agent's pid when it comes
-    trap "kill -s $signal $TORCHRUN_PID 2>/dev/null || true" "$signal"
-done
+# A signal that came while the agent was being started is passed on now.
+if [ -n "$PENDING_SIGNAL" ]; then forward_signal "$PENDING_SIGNAL"; fi
 
 # `wait` returns early (status > 128) when a trapped signal arrives; the agent goes on.
 while true; do

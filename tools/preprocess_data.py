@@ -254,9 +254,34 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     except BaseException:
         writer.abort()
         raise
-    _publish(partial, args.output_prefix)
-    _print_summary(args, counts, report, time.perf_counter() - start)
+    try:
+        _publish(partial, args.output_prefix)
+    except KeyboardInterrupt:
+        raise Interrupted(_publish_stopped(partial, args.output_prefix)) from None
+    try:
+        _print_summary(args, counts, report, time.perf_counter() - start)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {args.output_prefix}.{{bin,idx,json}} were "
+                          f"written whole") from None
     return manifest
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C after the output began to move into place: says what it left."""
+
+
+def _publish_stopped(partial: str, prefix: str) -> str:
+    """What a Ctrl-C during `_publish` left: the files already renamed, and that the dataset is
+    incomplete until a re-run. Read from the disk: a rename may have finished just before it."""
+    suffixes = (".bin", ".idx", ".json")
+    moved = [suffix for suffix in suffixes if not os.path.exists(partial + suffix)]
+    if len(moved) == len(suffixes):
+        return f"interrupted after {prefix}.{{bin,idx,json}} were written whole"
+    published = ", ".join(prefix + suffix for suffix in moved) or "none of its files"
+    left = ", ".join(partial + suffix for suffix in suffixes if suffix not in moved)
+    return (f"interrupted while moving the output into place: published {published}; "
+            f"{left} not yet. The dataset at {prefix} is incomplete (it has no manifest, which "
+            f"readers refuse): run the same command again")
 
 
 def _publish(partial: str, prefix: str) -> None:
@@ -289,6 +314,9 @@ if __name__ == "__main__":
         main()
     except (DocumentError, VocabularyError, OSError) as error:
         sys.exit(f"error: {error}")
+    except Interrupted as stop:  # the output had begun to move into place
+        print(stop, file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:  # main() has removed its partial files
         print("interrupted: nothing written (the partial output was removed)", file=sys.stderr)
         sys.exit(130)

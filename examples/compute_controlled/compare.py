@@ -124,8 +124,11 @@ def plan(options: argparse.Namespace) -> int:
                          f"is left as it was")
     [computed] = json.loads(planned.read_text())["plans"]
     steps = {"lst": computed["lst"]["steps"], "baseline": computed["baseline"]["steps"]}
-    options.out.write_text(json.dumps({"control": options.control, "steps": steps,
-                                       "plan": computed}, indent=1) + "\n")
+    from megatron_lst.checkpoint.durable_files import replace_file_durably
+
+    # Whole or not at all: run.sh and `report` read the steps of a plan that may be there already.
+    replace_file_durably(options.out, json.dumps({"control": options.control, "steps": steps,
+                                                  "plan": computed}, indent=1) + "\n")
     print(f"steps: lst {steps['lst']}, baseline {steps['baseline']} -> {options.out}")
     return 0
 
@@ -152,12 +155,13 @@ def evaluate(options: argparse.Namespace) -> int:
                 batch_size=options.batch_size)
     finally:
         destroy_parallel()
+    from megatron_lst.checkpoint.durable_files import replace_file_durably
+
     # Written whole or not at all: a half-written eval.json would read as a damaged result.
     options.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = options.out.with_name(options.out.name + ".tmp")
-    tmp.write_text(json.dumps({"checkpoint": str(model.checkpoint), "iteration": model.iteration,
-                               "results": results}, indent=1) + "\n")
-    tmp.replace(options.out)
+    replace_file_durably(options.out, json.dumps(
+        {"checkpoint": str(model.checkpoint), "iteration": model.iteration, "results": results},
+        indent=1) + "\n")
     print(json.dumps(results, indent=1))
     return 0
 
@@ -300,8 +304,11 @@ def report(options: argparse.Namespace) -> int:
     for row in rows:
         if "note" in row:
             print(f"note: {row['model']}: {row['note']}")
+    from megatron_lst.checkpoint.durable_files import replace_file_durably
+
     options.out_dir.mkdir(parents=True, exist_ok=True)
-    (options.out_dir / "comparison.json").write_text(json.dumps(rows, indent=1) + "\n")
+    # Whole or not at all: a failed write (a full disk) keeps the previous comparison.
+    replace_file_durably(options.out_dir / "comparison.json", json.dumps(rows, indent=1) + "\n")
     _plot(curves, options.out_dir / "loss_vs_flops.png")
     print(f"wrote {options.out_dir / 'comparison.json'} and {options.out_dir / 'loss_vs_flops.png'}")
     return 0

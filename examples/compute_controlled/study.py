@@ -226,6 +226,8 @@ def check_run_flags(save_dir: Path, flags: list[str]) -> None:
     than `flags` (a preset edited between two starts of a study: its model, train_flags or
     corpus); records `flags` in `<save_dir>/study_run.json` when the run starts afresh. A run
     directory of an older study, without the record, is taken as it is."""
+    from megatron_lst.checkpoint.durable_files import replace_file_durably
+
     record_path = save_dir / RUN_RECORD
     # The run's own directory differs with --out-dir alone; it is no part of what was trained.
     written = [RUN_DIR_MARK if flag == str(save_dir) else flag for flag in flags]
@@ -253,13 +255,13 @@ def check_run_flags(save_dir: Path, flags: list[str]) -> None:
                 f"give another --out-dir: the run is kept as it is")
     elif latest_iteration(save_dir) == 0 and not (save_dir / EVAL_FILENAME).exists():
         save_dir.mkdir(parents=True, exist_ok=True)
-        tmp = record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"flags": written}, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(record_path)
+        replace_file_durably(record_path, json.dumps({"flags": written}, indent=1) + "\n")
 
 
 def run_one(preset: StudyPreset, run: Run, corpus, runs_dir: Path) -> str:
     """Train (or resume) and score one run unless it is finished; returns what was done."""
+    from megatron_lst.checkpoint.durable_files import replace_file_durably
+
     save_dir = runs_dir / run.name
     eval_path = save_dir / EVAL_FILENAME
     flags = training_flags(preset, run, corpus, runs_dir)
@@ -279,9 +281,8 @@ def run_one(preset: StudyPreset, run: Run, corpus, runs_dir: Path) -> str:
     if evaluation["iteration"] != run.steps:
         raise SystemExit(f"study: {save_dir} ends at iteration {evaluation['iteration']}, not the "
                          f"planned {run.steps}; remove the directory to retrain it")
-    tmp = eval_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(evaluation) + "\n")
-    tmp.rename(eval_path)  # a run counts as finished only once its scores are complete
+    # A run counts as finished only once its scores are complete.
+    replace_file_durably(eval_path, json.dumps(evaluation) + "\n")
     scores = ", ".join(f"{s} {m} {100 * r['accuracy']:.1f}%"
                        for s, modes in evaluation["results"].items()
                        for m, r in modes.items() if m in ("S->S", "T->T"))
@@ -292,10 +293,12 @@ def run_one(preset: StudyPreset, run: Run, corpus, runs_dir: Path) -> str:
 def write_plan(preset: StudyPreset, out_dir: Path, corpus_dir: Path):
     """Build the corpus, plan every run and write `<out_dir>/plan.json`; returns
     `(corpus, steps, runs)` and prints the runs with their planned training FLOPs."""
+    from megatron_lst.checkpoint.durable_files import replace_file_durably
+
     corpus = build_corpus(preset, corpus_dir)
     steps, plans = plan_steps(preset, corpus)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "plan.json").write_text(json.dumps(
+    replace_file_durably(out_dir / "plan.json", json.dumps(  # whole or not at all
         {"preset": _preset_dict(preset), "corpus_dir": str(corpus_dir), "steps": steps,
          "plans": plans}, indent=1) + "\n")
     runs = plan_runs(preset, steps)
@@ -333,6 +336,8 @@ def report(preset: StudyPreset, out_dir: Path) -> dict:
     """Aggregate the finished runs of `<out_dir>` into study.json, study.md and the plot."""
     from study_report import StudyReportError, aggregate, format_table, plot
 
+    from megatron_lst.checkpoint.durable_files import replace_file_durably
+
     plan_path = out_dir / "plan.json"
     if not plan_path.is_file():
         raise SystemExit(f"study: no {plan_path}: {out_dir} holds no study of this preset; give "
@@ -350,8 +355,8 @@ def report(preset: StudyPreset, out_dir: Path) -> dict:
     table = format_table(study)
     print(table)
     normalised = format_table(study, score="normalised")
-    (out_dir / "study.md").write_text(f"{table}\n\n{normalised}\n")
-    (out_dir / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    replace_file_durably(out_dir / "study.md", f"{table}\n\n{normalised}\n")
+    replace_file_durably(out_dir / "study.json", json.dumps(study, indent=1) + "\n")
     plot(study, out_dir / "accuracy_vs_flops.png")
     print(f"wrote {out_dir / 'study.md'}, {out_dir / 'study.json'} and "
           f"{out_dir / 'accuracy_vs_flops.png'}")

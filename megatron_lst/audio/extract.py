@@ -37,6 +37,7 @@ from megatron_lst.audio.corpus import Utterance
 from megatron_lst.audio.hubert import HubertFeatures, load_transformers
 from megatron_lst.audio.units_record import UNITS_RECORD, read_units_record
 from megatron_lst.checkpoint.durable_files import replace_file_durably, save_npy
+from megatron_lst.checkpoint.stale_scratch import remove_stale_scratch, writer_tag
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE, KMeansCodebook
 
 
@@ -134,7 +135,7 @@ def write_units(path: Path, units: np.ndarray) -> None:
     durably: the data reaches the disk before the rename, so a crash of the machine cannot
     leave a file of the right name and length whose units were never written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + f".partial{os.getpid()}")
+    partial = path.with_name(f"{path.name}.partial{writer_tag()}")  # see remove_stale_scratch
     try:
         with open(partial, "wb") as f:
             save_npy(f, units.astype(np.int32))  # OSError when the disk fills
@@ -144,6 +145,18 @@ def write_units(path: Path, units: np.ndarray) -> None:
         with contextlib.suppress(OSError):  # the error that stopped the write is the one to see
             partial.unlink(missing_ok=True)
         raise
+
+
+def _remove_stale_unit_scratch(units_dir: str | Path) -> None:
+    """Remove the temporary unit files (`<id>.npy.partial<pid>[@<host>]`) of workers killed
+    mid-write (SIGKILL: no cleanup ran); a live writer's are kept."""
+    folder = Path(units_dir)
+    if folder.is_dir():
+        remove_stale_scratch(folder.rglob("*.npy.partial*"),  # ids may name subfolders
+                             # Without a host: written before the host was named, by this host's
+                             # extraction (one machine's tool).
+                             r".+\.npy\.partial(?P<pid>[0-9]+)(?:@(?P<host>[^/@]+))?",
+                             "temporary unit files", folder)
 
 
 def _check_codebook_settings(config: ExtractConfig) -> None:
@@ -316,6 +329,7 @@ def extract_units(utterances: Sequence[Utterance], config: ExtractConfig,
     codebook = load_codebook(config.codebook)
     _check_codebook_settings(config)
     _check_units_record(config, codebook, utterances)
+    _remove_stale_unit_scratch(config.units_dir)
     jobs, skipped = plan_jobs(utterances, config)
     batches = plan_batches(jobs, config.batch_size,
                            int(config.max_batch_seconds * FEATURE_SAMPLE_RATE))

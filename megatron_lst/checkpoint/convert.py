@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -62,6 +63,7 @@ from .reference_files import (
     reference_params_beside,
 )
 from .reference_run import export_sections, imported_tokenizer
+from .stale_scratch import WRITER_TAG_PATTERN, remove_stale_scratch, writer_tag
 from .verify import VerificationError, verify_same_function
 
 REFERENCE_WEIGHTS_FILENAME = "consolidated.pth"
@@ -284,11 +286,19 @@ def staged_output(output: str | Path, filenames: tuple[str, ...]) -> Iterator[Pa
     them there; when the block completes they move into `output` (created if absent), else the
     scratch directory is removed: a conversion that fails or is interrupted leaves nothing at
     `output`, and never replaces a checkpoint there (`_refuse_to_overwrite`, checked again
-    before the move)."""
+    before the move). The scratch of an earlier conversion to `output` whose process was killed
+    (so its cleanup never ran) is removed first (`remove_stale_scratch`)."""
     _refuse_to_overwrite(output, filenames)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    # Named after this process, so that a later conversion to `output` removes the scratch of
+    # one that was killed (no cleanup ran), and never a live one's.
+    remove_stale_scratch(
+        output.parent.iterdir(),
+        rf"\.{re.escape(output.name)}\.partial-{WRITER_TAG_PATTERN}-[a-z0-9_]+",
+        f"scratch folders of conversions to {output.name}", output.parent)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{writer_tag()}-",
+                                    dir=output.parent))
     try:
         yield scratch
         _refuse_to_overwrite(output, filenames)

@@ -61,6 +61,11 @@ import numpy as np
 import torch
 
 from megatron_lst.checkpoint.durable_files import save_npy
+from megatron_lst.checkpoint.stale_scratch import (
+    WRITER_TAG_PATTERN,
+    remove_stale_scratch,
+    writer_tag,
+)
 from megatron_lst.data.documents import AlignedDocument, check_document_of
 from megatron_lst.data.interleave import InterleaveConfig, InterleavedDocument, Interleaver
 from megatron_lst.data.worker_pool import worker_pool
@@ -346,11 +351,17 @@ class LSTDataset(torch.utils.data.Dataset):
             return heads
         heads = self._build_row_heads()
         path.parent.mkdir(parents=True, exist_ok=True)
+        # The scratch of builds that were killed (SIGKILL: no cleanup ran), never a live one's.
+        remove_stale_scratch(
+            path.parent.iterdir(),
+            rf"lst_rows_[0-9a-f]{{32}}\.{WRITER_TAG_PATTERN}\.[0-9a-f]{{16}}\.partial\.npy",
+            "row-index scratch files", path.parent)
         # Several processes may build the same index, on several hosts of a shared file system
-        # (where process ids repeat): each writes a file of a name no other has, then renames it.
-        # Created as np.save creates files (the umask's permissions, not mkstemp's owner-only
-        # ones), so that whoever else may read the --save directory can read the index too.
-        partial = path.with_name(f"{path.stem}.{secrets.token_hex(8)}.partial.npy")
+        # (where process ids repeat): each writes a file of a name no other has (its process,
+        # host and a random part), then renames it. Created as np.save creates files (the
+        # umask's permissions, not mkstemp's owner-only ones), so that whoever else may read the
+        # --save directory can read the index too.
+        partial = path.with_name(f"{path.stem}.{writer_tag()}.{secrets.token_hex(8)}.partial.npy")
         try:
             with open(partial, "xb") as stream:
                 save_npy(stream, heads)  # OSError when the disk fills, not a file cut short

@@ -148,19 +148,19 @@ class TaskDataset(torch.utils.data.Dataset):
 
     `sample_positions` maps rows to their places in the training order (a blend's), for the
     curriculum step `sample_positions[row] // global_batch_size`; `training=False` patches as at
-    inference (curriculum: static).
+    inference (curriculum: static). `rows_fit_checked`: the caller has run `check_rows_fit` on
+    `store` with these sizes (together with the run's other parts), so it is not measured again.
     """
 
     def __init__(self, store, task: str, num_samples: int, seq_length: int, max_tokens: int,
                  patcher: Patcher, seed: int, *, global_batch_size: int = 1,
                  space_id: int | None = None, sample_positions: np.ndarray | None = None,
-                 training: bool = True):
+                 training: bool = True, rows_fit_checked: bool = False):
         check_task_store(store, task)
         if len(store) == 0:
             raise DatasetError("the document store is empty")
-        if hasattr(store, "part_lengths"):
-            _check_utterances(store, task)
-        _check_rows_fit(store, task, patcher, space_id, seq_length, max_tokens)
+        if not rows_fit_checked:
+            check_rows_fit([store], task, patcher, space_id, seq_length, max_tokens)
         self.store = store
         self.task = task
         self.vocab = store.vocab
@@ -217,29 +217,40 @@ def _check_utterances(store, task: str) -> None:
             f"utterances out of the corpus and re-run tools/preprocess_data.py")
 
 
-def _check_rows_fit(store, task: str, patcher: Patcher, space_id: int | None, seq_length: int,
-                    max_tokens: int) -> None:
-    """Refuse, before training, a store with an utterance whose row does not fit `max_tokens`
-    inputs and `seq_length` patches under some rule the patcher can draw: training would stop
-    with an error when it reached that row, after however many iterations came before it."""
-    shapes = row_shapes(store, task, patcher, space_id)  # [D, 2]
-    too_long = np.flatnonzero((shapes[:, 0] > max_tokens) | (shapes[:, 1] > seq_length))
-    if not len(too_long):
+def check_rows_fit(parts: list, task: str, patcher: Patcher, space_id: int | None,
+                   seq_length: int, max_tokens: int) -> None:
+    """Refuse, before training, stores (or parts of stores) with an utterance whose row does not
+    fit `max_tokens` inputs and `seq_length` patches under some rule the patcher can draw:
+    training would stop with an error when it reached that row, after however many iterations
+    came before it. `parts` are every store a run builds task rows of (its train and valid parts),
+    so that the sizes the refusal names hold them all, not just the first part that is refused."""
+    shapes = []  # [D_part, 2] each
+    for part in parts:
+        if hasattr(part, "part_lengths"):  # utterances without a transcript or units, named first
+            _check_utterances(part, task)
+        shapes.append(row_shapes(part, task, patcher, space_id))
+    too_long = [np.flatnonzero((part_shapes[:, 0] > max_tokens) | (part_shapes[:, 1] > seq_length))
+                for part_shapes in shapes]
+    refused = [i for i, rows in enumerate(too_long) if len(rows)]
+    if not refused:
         return
-    first = int(too_long[0])
+    store, part_shapes, first = parts[refused[0]], shapes[refused[0]], int(too_long[refused[0]][0])
     describe = getattr(store, "describe", None)  # the file and its document number
     named = describe(first) if describe is not None else f"document {first}"
-    most_inputs, most_patches = (int(v) for v in shapes.max(axis=0))
+    most_inputs, most_patches = (int(v) for v in np.concatenate(shapes).max(axis=0))
     if patcher.config.mode == "none":  # the token baseline: --max-tokens is --seq-length
         held = f"--seq-length {seq_length} positions hold"
         needed = f"--seq-length {most_patches}"
     else:  # --max-tokens may not be below --seq-length
         held = f"--max-tokens {max_tokens} inputs or --seq-length {seq_length} patches hold"
         needed = f"--max-tokens {max(most_inputs, most_patches)} and --seq-length {most_patches}"
+    elsewhere = sum(len(too_long[i]) for i in refused[1:])
+    also = (f" ({elsewhere} more in the run's other dataset parts)" if elsewhere else "")
+    every = "every row" if len(parts) == 1 else "every row of every part the run builds"
     raise DatasetError(
-        f"{len(too_long)} of {len(store)} utterances{_where(store)} make {task} rows longer than "
-        f"{held}: {named} has {shapes[first, 0]} inputs in "
-        f"{shapes[first, 1]} patches. The smallest sizes that hold every row are {needed} "
+        f"{len(too_long[refused[0]])} of {len(store)} utterances{_where(store)} make {task} rows "
+        f"longer than {held}{also}: {named} has {part_shapes[first, 0]} inputs in "
+        f"{part_shapes[first, 1]} patches. The smallest sizes that hold {every} are {needed} "
         f"(--max-position-embeddings at least that): give them, or leave the longest utterances "
         f"out of the store")
 

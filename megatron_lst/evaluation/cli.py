@@ -290,6 +290,9 @@ def task_main(args: argparse.Namespace) -> int:
         if store.kind != "aligned":
             raise ValueError(f"--utterances {args.utterances} is a {store.kind} dataset; give an "
                              f"aligned (speech) one")
+        if args.num_utterances is not None and args.num_utterances > len(store):
+            logger.warning("--num-utterances %d is more than the %d utterances of %s: decoding "
+                           "all %d", args.num_utterances, len(store), args.utterances, len(store))
         utterances = read_utterances(store, min(len(store), args.num_utterances or len(store)))
         loaded = load_inference_model(args.load, tokenizer_model=args.tokenizer_model)
         if args.output is not None:  # the tokenizer the checkpoint names
@@ -416,6 +419,20 @@ def _unit_prompt(text: str) -> list[int]:
     return units
 
 
+def _warn_of_unused_sampling_flags(args: argparse.Namespace) -> None:
+    """--temperature 0 decodes greedily: say that --top-k / --top-p, when given, do nothing."""
+    unused = [flag for flag, value, default in (("--top-k", args.top_k, 0),
+                                                 ("--top-p", args.top_p, 1.0))
+              if value != default]
+    if args.temperature == 0 and unused:
+        logger.warning("--temperature 0 decodes greedily (the most likely token each step): %s "
+                       "%s no effect; give a --temperature above 0 to sample with %s",
+                       " and ".join(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}"
+                                    for flag in unused),
+                       "has" if len(unused) == 1 else "have",
+                       "it" if len(unused) == 1 else "them")
+
+
 def generate_main(argv: Sequence[str] | None = None) -> int:
     from megatron_lst.evaluation.loading import load_inference_model
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
@@ -430,6 +447,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         continue_in = "speech" if args.speech_only else args.continue_in
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
                                   args.seed, continue_in)
+        _warn_of_unused_sampling_flags(args)
         units = _unit_prompt(args.prompt_units) if args.prompt_units is not None else None
         if args.prompt_text is not None:
             check_text_prompt(args.prompt_text)

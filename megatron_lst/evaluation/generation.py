@@ -322,7 +322,8 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     `patching`: the model's patching config (its static p is used; see the module docstring).
     Stops at EOS, after `sampling.max_new_tokens` tokens, or at the model's context (see the
     module docstring). Only the tokens `sampling_mask` allows are sampled. A model with packed-
-    document rules (`LSTConfig.documents`) takes a prompt of one document: no EOS in it.
+    document rules (`LSTConfig.documents`) takes a prompt of one document: no EOS in it. The
+    model runs in eval mode; the training mode of each of its modules is restored on return.
     """
     from megatron.core import parallel_state
     from megatron.core.utils import get_attr_wrapped_model
@@ -340,7 +341,20 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     _check_one_document(prompt, vocab, model.lst_config.documents)
     is_lst = isinstance(model, LSTModel)
     patch_size = generation_patch_size(patching) if is_lst else None
+    was_training = [(module, module.training) for module in model.modules()]
     model.eval()
+    try:
+        return _generate(model, prompt, vocab, patch_size, sampling, use_cache, keep_logits,
+                         is_lst)
+    finally:  # a caller in a training loop keeps its dropout
+        for module, training in was_training:
+            module.training = training
+
+
+def _generate(model, prompt: np.ndarray, vocab: JointVocab, patch_size: int | None,
+              sampling: SamplingConfig, use_cache: bool, keep_logits: bool,
+              is_lst: bool) -> GenerationResult:
+    """`generate`'s loop on the unwrapped `model`, in eval mode."""
     device = next(model.parameters()).device
     # Global positions the caches hold: generation stops at the model's context, so a large
     # max_new_tokens must not size them (it allocated caches, and RoPE angles, of its length).

@@ -47,7 +47,7 @@ from megatron_lst.data.blend import build_blended_dataset, parse_data_path, weig
 from megatron_lst.data.dataset import DatasetError, LSTDataset
 from megatron_lst.data.indexed import DocumentStore
 from megatron_lst.data.interleave import InterleaveConfig
-from megatron_lst.data.task_rows import TaskDataset, check_task_store
+from megatron_lst.data.task_rows import TaskDataset, check_rows_fit, check_task_store
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.exit_conditions import ExitConditions
@@ -256,7 +256,7 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
                 return TaskDataset(
                     part, args.task, count, args.seq_length, args.max_tokens, patcher, args.seed,
                     global_batch_size=args.global_batch_size, space_id=space_id,
-                    sample_positions=positions, training=training)
+                    sample_positions=positions, training=training, rows_fit_checked=True)
             cache = (cache_root / f"{Path(prefix).name}_{split}_{part.start}_{part.stop}"
                      if cache_root is not None else None)
             return LSTDataset(
@@ -276,14 +276,19 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
                                   for (weight, prefix), size in zip(sources, sizes, strict=True)))
         return build_blended_dataset(sources, num_samples, make_source)
 
-    train = make("train", sources["train"], args.train_iters * args.global_batch_size,
-                 training=True)
-    valid = None
     if args.eval_iters == 0:  # Megatron-LM's way of training without validation
         logger.warning("--eval-iters 0: no validation loss")
         valid_sources = []
     else:
         valid_sources = _validation_sources(args, sources, stores)
+    if args.task != "lm":  # one refusal names the sizes that hold the train and valid rows
+        check_rows_fit([documents(prefix, split) for split, weighted in
+                        (("train", sources["train"]), ("valid", valid_sources))
+                        for _, prefix in weighted],
+                       args.task, patcher, space_id, args.seq_length, args.max_tokens)
+    train = make("train", sources["train"], args.train_iters * args.global_batch_size,
+                 training=True)
+    valid = None
     if valid_sources:
         valid = make("valid", valid_sources, args.eval_iters * args.global_batch_size,
                      training=False)

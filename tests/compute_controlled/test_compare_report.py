@@ -207,3 +207,37 @@ def test_plan_refuses_a_baseline_with_other_global_head_shapes(tmp_path):
         "--out", str(tmp_path / "plan.json")])
     with pytest.raises(SystemExit, match=r"the configs differ in num_query_groups \(4 vs 2\)"):
         options.run(options)
+
+
+def test_a_failed_write_keeps_the_previous_comparison(tmp_path):
+    """comparison.json was written in place: a write that failed (a full disk, here a file-size
+    limit of 64 bytes in a child process) left it cut short, the previous comparison lost. It is
+    now replaced whole or not at all."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lst, base = _write_run(tmp_path, "lst"), _write_run(tmp_path, "base")
+    assert _report(tmp_path, f"lst={lst}", f"baseline={base}") == 0
+    comparison = tmp_path / "out" / "comparison.json"
+    before = comparison.read_bytes()
+    assert len(before) > 64
+    study_dir = Path(__file__).resolve().parents[2] / "examples" / "compute_controlled"
+    limited = (
+        "import resource, signal, sys\n"
+        f"sys.path.insert(0, {str(study_dir)!r})\n"
+        "from compare import build_parser\n"
+        "options = build_parser().parse_args(sys.argv[1:])\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails: EFBIG\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.getrlimit("
+        "resource.RLIMIT_FSIZE)[1]))\n"
+        "options.run(options)\n")
+    run = subprocess.run([sys.executable, "-c", limited, "report", "--runs", f"lst={lst}",
+                          f"baseline={base}", "--out-dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.returncode != 0 and "File too large" in run.stderr, run.stderr
+    assert comparison.read_bytes() == before
+    assert sorted(p.name for p in comparison.parent.iterdir()) == [
+        "comparison.json", "loss_vs_flops.png"]

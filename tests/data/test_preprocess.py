@@ -303,3 +303,35 @@ def test_ctrl_c_is_one_line_and_leaves_no_files(tmp_path, spm):
     assert run.stderr.strip().endswith("interrupted: nothing written (the partial output was "
                                        "removed)")
     assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow  # a fresh interpreter runs the tool
+def test_ctrl_c_while_publishing_says_what_was_published(tmp_path, spm):
+    """Ctrl-C between the final renames printed "nothing written" although the new .bin was in
+    place and the old manifest gone: the message now names what was published and says to
+    re-run."""
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 5)
+    prefix = tmp_path / "corpus"
+    interrupt_at_the_index = (
+        "import os, runpy, sys\n"
+        "replace = os.replace\n"
+        "def replace_then_stop(src, dst):\n"
+        "    if str(dst).endswith('.idx'):\n"
+        "        raise KeyboardInterrupt\n"
+        "    replace(src, dst)\n"
+        "os.replace = replace_then_stop\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    run = subprocess.run([sys.executable, "-c", interrupt_at_the_index,
+                          str(REPO / "tools" / "preprocess_data.py"), "--input", str(source),
+                          "--input-format", "reference-jsonl", "--tokenizer-model", str(spm),
+                          "--output-prefix", str(prefix)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.returncode == 130 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().endswith(
+        f"interrupted while moving the output into place: published {prefix}.bin; "
+        f"{prefix}.partial.idx, {prefix}.partial.json not yet. The dataset at {prefix} is "
+        f"incomplete (it has no manifest, which readers refuse): run the same command again")
+    assert "nothing written" not in run.stderr

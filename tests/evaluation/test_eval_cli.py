@@ -520,6 +520,21 @@ def test_lst_eval_task_decodes_held_out_utterances(checkpoint, capsys):
     assert {"unit_edit_rate", "asr_cer", "global_steps_per_second"} <= set(results)
 
 
+def test_more_utterances_than_the_store_holds_are_warned_of(checkpoint, capsys, caplog):
+    """--num-utterances beyond the store used to be cut to the store's size without a word, so a
+    result over fewer utterances than asked for passed for the one asked for."""
+    root, _, _ = checkpoint
+    prefix = write_utterances(root / "three_utterances", utterances(seed=4, count=3))
+    output = root / "asr_of_five.json"
+    status = eval_main(["--load", str(root / "save"), "--task", "asr", "--utterances",
+                        str(prefix), "--num-utterances", "5", "--output", str(output)])
+    assert status == 0, capsys.readouterr().err
+    assert json.loads(output.read_text())["results"]["num_utterances"] == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"--num-utterances 5 is more than the 3 utterances of {prefix}: decoding all 3" in (
+        warnings)
+
+
 @pytest.mark.parametrize("task", ["asr", "tts"])
 def test_lst_eval_task_names_a_broken_utterance_before_decoding(checkpoint, capsys, monkeypatch,
                                                                 task):
@@ -658,6 +673,35 @@ def test_an_asr_model_of_another_codebook_is_refused_before_decoding(checkpoint,
 def test_lst_eval_task_flags_are_checked(flags, message, capsys):
     assert eval_main(["--load", "unused", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, warning", [
+    (["--top-k", "5", "--top-p", "0.9"], "--temperature 0 decodes greedily (the most likely token "
+     "each step): --top-k 5 and --top-p 0.9 have no effect; give a --temperature above 0 to "
+     "sample with them"),
+    (["--top-p", "0.5"], "--top-p 0.5 has no effect"),
+    (["--top-k", "5", "--temperature", "0.7"], None),
+    ([], None),
+], ids=["both", "top-p", "sampled", "greedy"])
+def test_sampling_flags_greedy_decoding_ignores_are_warned_of(monkeypatch, caplog, flags,
+                                                               warning):
+    """--top-k / --top-p with --temperature 0 (the default) were ignored without a word."""
+    import megatron_lst.parallel as parallel
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(parallel, "initialize_parallel", stop)
+    with pytest.raises(Stop):
+        generate_main(["--load", "unused", "--prompt-text", "the", *flags])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if warning is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warning in warnings[0], warnings
 
 
 def test_generate_on_more_processes_than_its_tensor_parallel_ranks_is_refused(monkeypatch, capsys):

@@ -338,3 +338,25 @@ def test_models_with_document_rules_generate_one_document(models, kind):
     finally:
         model.lst_config = plain
     generate(model, two_documents, vocab(), STATIC, SamplingConfig(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_generation_runs_in_eval_mode_and_restores_each_modules_mode(models, kind):
+    """generate() put the model in eval mode and left it there: a caller in a training loop
+    (a sample every N iterations) went on training without dropout, without a word."""
+    model = models[kind]
+    modules = list(model.modules())
+    seen = []  # the top module's mode at each forward step
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    try:
+        model.train()
+        modules[-1].eval()  # a module its owner keeps in eval mode stays so
+        before = [module.training for module in modules]
+        generate(model, prompts()["text"], vocab(), STATIC,
+                 SamplingConfig(max_new_tokens=3), use_cache=False)
+        assert seen and not any(seen)
+        assert [module.training for module in modules] == before
+        assert before[0] and not before[-1]
+    finally:
+        hook.remove()
+        model.eval()

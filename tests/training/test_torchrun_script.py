@@ -155,3 +155,40 @@ def test_a_sigterm_stop_exits_0_after_a_clean_save_and_non_zero_when_a_worker_fa
         assert "stopped by SIGTERM after saving: latest checkpoint in ckpt is iteration 5" in stderr
     else:
         assert "torchrun ended with status 1" in stderr
+
+
+def test_a_sigterm_before_torchrun_starts_stops_the_script_without_starting_it(tmp_path):
+    """The traps used to be set only after torchrun had been started in the background, so a
+    SIGTERM before them killed the script and left the agent (and its training) running on with
+    nobody to stop it. A stand-in `python` holds the script in its `have_module` check until the
+    signal has been sent."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record, ready, go = tmp_path / "torchrun.log", tmp_path / "ready", tmp_path / "go"
+    (bin_dir / "torchrun").write_text(f'#!/bin/bash\necho started > "{record}"\n')
+    (bin_dir / "python").write_text(
+        f'#!/bin/bash\necho ready > "{ready}"\nwhile [ ! -e "{go}" ]; do sleep 0.05; done\n'
+        "exit 1\n")
+    for stand_in in ("torchrun", "python"):
+        (bin_dir / stand_in).chmod(0o755)
+    env = {**os.environ, "TENSORBOARD_DIR": "", "GPUS_PER_NODE": "1",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    script = subprocess.Popen(["bash", str(SCRIPT), "ckpt", "spm.model", "text", "speech"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if ready.exists() or script.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert ready.exists(), script.communicate(timeout=10)
+        script.send_signal(signal.SIGTERM)
+        go.write_text("go")
+        _, stderr = script.communicate(timeout=60)
+    finally:
+        go.write_text("go")
+        if script.poll() is None:
+            script.kill()
+    assert script.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM before torchrun started: nothing ran" in stderr
+    assert not record.exists()
