@@ -275,6 +275,20 @@ def test_an_unwritable_output_is_one_line(tmp_path, spm):
     assert run.stderr.strip().startswith("error: ") and "file" in run.stderr
 
 
+def _preprocess_interrupted(patch: str, source: Path, spm, prefix: Path):
+    """tools/preprocess_data.py on `source` (reference JSONL) run in a fresh interpreter after
+    the Python code `patch`, which raises KeyboardInterrupt somewhere (a Ctrl-C there)."""
+    script = patch + ("import runpy, sys\n"
+                      "sys.argv = sys.argv[1:]\n"
+                      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", script,
+                           str(REPO / "tools" / "preprocess_data.py"), "--input", str(source),
+                           "--input-format", "reference-jsonl", "--tokenizer-model", str(spm),
+                           "--output-prefix", str(prefix)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
 @pytest.mark.slow  # a fresh interpreter runs the tool
 def test_ctrl_c_is_one_line_and_leaves_no_files(tmp_path, spm):
     """Ctrl-C while documents are written: the partial files are removed, and the tool says so
@@ -283,22 +297,15 @@ def test_ctrl_c_is_one_line_and_leaves_no_files(tmp_path, spm):
     _synthetic_reference(source, 20)
     (tmp_path / "out").mkdir()
     interrupt_at_the_third_document = (
-        "import runpy, sys\n"
         "from megatron_lst.data.indexed import DocumentWriter\n"
         "add = DocumentWriter.add_aligned\n"
         "def add_then_stop(self, doc):\n"
         "    if self.num_documents == 2:\n"
         "        raise KeyboardInterrupt\n"
         "    add(self, doc)\n"
-        "DocumentWriter.add_aligned = add_then_stop\n"
-        "sys.argv = sys.argv[1:]\n"
-        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    run = subprocess.run([sys.executable, "-c", interrupt_at_the_third_document,
-                          str(REPO / "tools" / "preprocess_data.py"), "--input", str(source),
-                          "--input-format", "reference-jsonl", "--tokenizer-model", str(spm),
-                          "--output-prefix", str(tmp_path / "out" / "corpus")],
-                         capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        "DocumentWriter.add_aligned = add_then_stop\n")
+    run = _preprocess_interrupted(interrupt_at_the_third_document, source, spm,
+                                  tmp_path / "out" / "corpus")
     assert run.returncode == 130 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.strip().endswith("interrupted: nothing written (the partial output was "
                                        "removed)")
@@ -314,21 +321,14 @@ def test_ctrl_c_while_publishing_says_what_was_published(tmp_path, spm):
     _synthetic_reference(source, 5)
     prefix = tmp_path / "corpus"
     interrupt_at_the_index = (
-        "import os, runpy, sys\n"
+        "import os\n"
         "replace = os.replace\n"
         "def replace_then_stop(src, dst):\n"
         "    if str(dst).endswith('.idx'):\n"
         "        raise KeyboardInterrupt\n"
         "    replace(src, dst)\n"
-        "os.replace = replace_then_stop\n"
-        "sys.argv = sys.argv[1:]\n"
-        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    run = subprocess.run([sys.executable, "-c", interrupt_at_the_index,
-                          str(REPO / "tools" / "preprocess_data.py"), "--input", str(source),
-                          "--input-format", "reference-jsonl", "--tokenizer-model", str(spm),
-                          "--output-prefix", str(prefix)],
-                         capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        "os.replace = replace_then_stop\n")
+    run = _preprocess_interrupted(interrupt_at_the_index, source, spm, prefix)
     assert run.returncode == 130 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.strip().endswith(
         f"interrupted while moving the output into place: published {prefix}.bin; "
