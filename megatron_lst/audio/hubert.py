@@ -111,13 +111,14 @@ def _load_model(transformers, model_dir: Path):
 
 def wants_normalized_input(model_dir: Path, feat_extract_norm: str) -> bool:
     """Whether the model in `model_dir` takes zero-mean unit-variance waveforms: its
-    `preprocessor_config.json`'s `do_normalize`, else whether its feature encoder uses layer norm
-    (fairseq's HuBERT large recipes normalise, the base recipe does not)."""
+    `preprocessor_config.json`'s `do_normalize` (True when the file leaves it out, as for
+    transformers' feature extractor), else whether its feature encoder uses layer norm (fairseq's
+    HuBERT large recipes normalise, the base recipe does not)."""
     path = model_dir / "preprocessor_config.json"
     if not path.is_file():
         return feat_extract_norm == "layer"
     try:
-        setting = json.loads(path.read_text(encoding="utf-8")).get("do_normalize")
+        setting = json.loads(path.read_text(encoding="utf-8")).get("do_normalize", True)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         setting = None
     if not isinstance(setting, bool):

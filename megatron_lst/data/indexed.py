@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import (
+    DType,
     IndexedDataset,
     get_bin_path,
     get_idx_path,
@@ -36,11 +37,8 @@ _DTYPE = np.int32
 # sequence pointers and int64 document indices.
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _INDEX_HEAD = struct.Struct("<9sQBQQ")
-_INT32_CODE = 4  # megatron.core's DType code of int32, the only dtype DocumentWriter writes
-# megatron.core's DType codes, to name what another writer stored (Megatron-LM's
-# preprocess_data.py picks uint16 for vocabularies under 65500 tokens, else int32).
-_DTYPE_NAMES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64",
-                7: "float32", 8: "uint16"}
+_INT32_CODE = DType.int32.value  # the only dtype DocumentWriter writes (Megatron-LM's
+# preprocess_data.py picks uint16 for vocabularies under 65500 tokens, else int32)
 _MEGATRON_LM_ADVICE = ("LST datasets hold int32 ids of the joint text+speech vocabulary with a "
                        f"manifest (a Megatron-LM preprocess_data.py output does not): {REPREPROCESS}")
 _SPOOL_BUFFER = 1 << 20  # bytes: DocumentWriter's write buffer and index block
@@ -145,7 +143,8 @@ def _check_index_file(idx_path: str) -> None:
         raise StoreError(f"{idx_path}: does not start with a version-1 Megatron index header; "
                          f"{advice}")
     if dtype_code != _INT32_CODE:  # megatron.core fails on an unknown code, noisily
-        dtype = f"{_DTYPE_NAMES[dtype_code]} ids" if dtype_code in _DTYPE_NAMES else "no dtype"
+        dtype = (f"{DType(dtype_code).name} ids" if dtype_code in DType._value2member_map_
+                 else "no dtype")
         raise StoreError(f"{idx_path}: its header gives dtype code {dtype_code}, not int32's "
                          f"{_INT32_CODE} ({dtype}): the data was not written by "
                          f"tools/preprocess_data.py; {_MEGATRON_LM_ADVICE}")

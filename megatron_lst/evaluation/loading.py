@@ -101,8 +101,7 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
         chunk.eval()
     return InferenceModel(model_chunks, vocab, tokenizer,
                           Patcher(patching_config_from_args(args)), loaded.path,
-                          int(metadata["iteration"]),
-                          (metadata.get("args") or {}).get("task") or "lm")
+                          int(metadata["iteration"]), args.task)
 
 
 def _check_tensor_parallel_size_fits(config: LSTConfig, tp: int, path: Path) -> None:

@@ -28,9 +28,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from megatron_lst.checkpoint.errors import CheckpointError
+from megatron_lst.checkpoint.integrity import digest_file
 from megatron_lst.data.manifest import Manifest
 from megatron_lst.training.resume_check import ResumeConfigError, ResumePosition
 
@@ -38,7 +40,6 @@ from megatron_lst.training.resume_check import ResumeConfigError, ResumePosition
 FINGERPRINT_KEY = "datasets"
 _BIN_SAMPLES = 16
 _BIN_BLOCK = 64 * 1024
-_HASH_CHUNK = 8 * 1024 * 1024
 # The fields of a fingerprint and how a refusal names them.
 _FIELD_NAMES = {
     "kind": "kind", "documents": "documents", "text_pieces": "text pieces", "units": "units",
@@ -51,6 +52,7 @@ def dataset_fingerprint(prefix: str) -> dict[str, Any]:
     """The fingerprint of the dataset at `prefix` (see the module docstring), with its prefix."""
     manifest = Manifest.load(prefix)
     idx, bin_ = f"{prefix}.idx", f"{prefix}.bin"  # megatron.core's names
+    idx_record = digest_file(Path(idx))
     return {
         "prefix": prefix,
         "kind": manifest.kind,
@@ -58,9 +60,9 @@ def dataset_fingerprint(prefix: str) -> dict[str, Any]:
         "text_pieces": manifest.counts.text_pieces,
         "units": manifest.counts.units,
         "tokenizer_sha256": manifest.tokenizer.sha256,
-        "idx_bytes": os.path.getsize(idx),
+        "idx_bytes": idx_record.size,
         "bin_bytes": os.path.getsize(bin_),
-        "idx_sha256": _file_sha256(idx),
+        "idx_sha256": idx_record.sha256,
         "bin_sample_sha256": _sampled_sha256(bin_),
     }
 
@@ -109,14 +111,6 @@ def check_same_training_data(saved: Sequence[Mapping[str, Any]] | None,
             f"skipped). Restore the data the checkpoint was trained on, or train on the new data "
             f"from its weights with --finetune (a new schedule), or start a new run")
     return []
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sampled_sha256(path: str) -> str:

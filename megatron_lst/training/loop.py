@@ -202,9 +202,10 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
         model_config=model_config,
         flop_shape=shape.baseline_of() if args.patching_mode == "none" else shape,
         vocab=datasets.vocab,
-        # only a checkpoint keeps them (--save) or is compared with them (--load)
+        # only a checkpoint keeps them (--save) or is compared with them (a resume's --load)
         data_fingerprints=(training_data_fingerprints(split_sources(args)["train"])
-                           if args.save is not None or args.load is not None else []),
+                           if args.save is not None or (args.load is not None
+                                                        and not args.finetune) else []),
     )
     if args.load is not None:
         _restore(state)

@@ -7,6 +7,7 @@ resumes from; `read_metrics` reads the file back for comparisons and plots.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -57,10 +58,8 @@ class MetricsFile:
             logger.error("cannot append to %s (%s): no more metrics lines this run (the log "
                          "keeps them); free space or fix the file system, then resume",
                          self._file.name, err)
-            try:
+            with contextlib.suppress(OSError):  # flushing what the failed write left fails again
                 self.close()
-            except OSError:  # flushing what the failed write left buffered fails again
-                self._file = None
 
     def close(self) -> None:
         if self._file is not None:
@@ -77,7 +76,8 @@ def _drop_records_after(path: Path, iteration: int) -> None:
     is lost; and so is the file of a run that starts from no checkpoint (`iteration` 0), whose
     records are an earlier run's (its checkpoints moved away, or a crash before the first), to
     `<name>.earlier`. Says what it dropped."""
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    raw = path.read_bytes()
+    lines = raw.decode("utf-8", errors="replace").splitlines(keepends=True)
     kept, dropped, torn, damaged = [], [], False, []
     for number, line in enumerate(lines):
         if not line.strip():
@@ -100,7 +100,7 @@ def _drop_records_after(path: Path, iteration: int) -> None:
     suffix = ".damaged" if damaged else ".earlier" if earlier else None
     kept_aside = _unused_name(path.with_name(path.name + suffix)) if suffix else None
     if kept_aside is not None:
-        replace_file_durably(kept_aside, path.read_bytes())  # a failed copy leaves none
+        replace_file_durably(kept_aside, raw)  # a failed copy leaves none
     replace_file_durably(path, "".join(kept))  # a full disk leaves the file as it was
     what = [f"{len(dropped)} record(s) of iterations {min(dropped)}-{max(dropped)}"] if dropped \
         else []
