@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 
 from megatron_lst.audio.audio_io import audio_info  # noqa: E402
-from megatron_lst.audio.hubert import HubertFeatures, load_transformers  # noqa: E402
+from megatron_lst.audio.hubert import HubertFeatures, load_transformers, wants_normalized_input  # noqa: E402
 
 transformers = load_transformers()
 
@@ -103,6 +103,13 @@ def test_input_normalisation_follows_the_preprocessor_config(tmp_path, hubert_di
     (tmp_path / "normalize_True" / "preprocessor_config.json").write_text('{"do_normalize": 1}')
     with pytest.raises(ValueError, match="preprocessor_config.json: expected a JSON object"):
         HubertFeatures(tmp_path / "normalize_True", layer=2)
+
+
+def test_a_preprocessor_config_without_do_normalize_means_true(tmp_path):
+    """transformers' feature extractor defaults do_normalize to True: such a file was refused as
+    damaged."""
+    (tmp_path / "preprocessor_config.json").write_text('{"sampling_rate": 16000}')
+    assert wants_normalized_input(tmp_path, "group") is True
 
 
 def test_a_model_of_another_kind_is_refused_by_name(tmp_path):
