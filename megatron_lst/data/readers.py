@@ -312,6 +312,40 @@ def _frame(seconds: float, frame_rate: float) -> int:
     return int(math.floor(seconds * frame_rate + 0.5))
 
 
+_TIER_RULE = ("a word tier must cover the utterance from 0, its intervals in time order, each "
+              "starting where the one before ends (as MFA writes it)")
+
+
+def _check_tier_covers(intervals: list, bounds: list[int], frame_rate: float, tier: str,
+                       where: str) -> None:
+    """Refuse a tier that does not cover frames 0..bounds[-1] in order, naming the first interval
+    out of time order, else the first one after a gap or overlapping the one before.
+    `bounds[i]`: the start frame of interval i (and the end frame of the last)."""
+    def refuse(number: int, why: str):
+        interval = intervals[number - 1]
+        raise DocumentError(f"{where}: interval {number} of tier {tier!r} ({interval.label!r}) "
+                            f"starts at {interval.start:.3f}s = frame {bounds[number - 1]}, "
+                            f"{why}; {_TIER_RULE}")
+
+    for number in range(2, len(intervals) + 1):
+        if bounds[number - 1] < bounds[number - 2]:
+            previous = intervals[number - 2]
+            refuse(number, f"before interval {number - 1} ({previous.label!r}, from "
+                           f"{previous.start:.3f}s): the intervals are out of time order")
+    # Frames are cut at interval starts, so the tier must cover the units without gaps: a gap
+    # would silently join the frames in it to the interval before.
+    ends = [0] + [_frame(interval.end, frame_rate) for interval in intervals[:-1]]
+    for number, (start, reached) in enumerate(zip(bounds, ends, strict=False), 1):
+        if start < 0:
+            refuse(number, "before the utterance starts (time 0)")
+        if start < reached:
+            previous = intervals[number - 2]
+            refuse(number, f"inside interval {number - 1} ({previous.label!r}), which ends at "
+                           f"{previous.end:.3f}s = frame {reached}: the intervals overlap")
+        if start > reached:
+            refuse(number, f"but the tier reaches only frame {reached} before it")
+
+
 def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
                              tokenizer: TextTokenizer, frame_rate: float = 25.0,
                              num_units: int = 502, tier: str = "words"
@@ -319,8 +353,9 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
     """One utterance: the word tier of `textgrid_path` and the units of `units_path`.
 
     Interval [start, end) gets frames round(start * rate) .. round(end * rate). The intervals
-    must cover the utterance from time 0 without gaps (to the frame), and the last must end
-    within one frame of the unit count; the last segment absorbs that frame. Empty labels and `sp`, `sil`, `<eps>` are silences; silences with no frames are
+    must cover the utterance from time 0 in time order, without gaps or overlaps (to the frame),
+    and the last must end within one frame of the unit count; the last segment absorbs that
+    frame. Empty labels and `sp`, `sil`, `<eps>` are silences; silences with no frames are
     dropped.
     """
     textgrid_path, units_path = Path(textgrid_path), Path(units_path)
@@ -331,16 +366,7 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
         raise DocumentError(f"{textgrid_path}: empty document (tier {tier!r} has no intervals)")
     bounds = [_frame(iv.start, frame_rate) for iv in intervals] + [
         _frame(intervals[-1].end, frame_rate)]
-    # Frames are cut at interval starts, so the tier must cover the units without gaps: a gap
-    # would silently join the frames in it to the interval before.
-    ends = [0] + [_frame(iv.end, frame_rate) for iv in intervals[:-1]]
-    for number, (interval, start, end) in enumerate(zip(intervals, bounds, ends, strict=False), 1):
-        if start != end:
-            raise DocumentError(
-                f"{where}: interval {number} of tier {tier!r} ({interval.label!r}) starts at "
-                f"{interval.start:.3f}s = frame {start}, but the tier reaches only frame {end} "
-                f"before it; a word tier must cover the utterance from 0 without gaps (as MFA "
-                f"writes it)")
+    _check_tier_covers(intervals, bounds, frame_rate, tier, where)
     if abs(bounds[-1] - len(units)) > 1:
         raise DocumentError(
             f"{where}: the TextGrid ends at {intervals[-1].end:.3f}s = {bounds[-1]} frames at "

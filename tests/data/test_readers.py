@@ -294,6 +294,17 @@ def _raw_textgrid(path: Path, intervals) -> None:
                                                  r"reaches only frame 0"),
     ([(0.0, 0.4, "hello"), (0.6, 1.0, "world")], r"interval 2 .*'world'.* frame 15, but the "
                                                  r"tier reaches only frame 10"),
+    # An overlap, intervals out of time order and a negative start were all reported as a gap
+    # ("but the tier reaches only frame 15 before it ... without gaps").
+    ([(0.0, 0.6, "hello"), (0.4, 1.0, "world")], r"interval 2 .*'world'.* frame 10, inside "
+                                                 r"interval 1 \('hello'\), which ends at 0.600s "
+                                                 r"= frame 15: the intervals overlap; .*in time "
+                                                 r"order"),
+    ([(0.5, 1.0, "world"), (0.0, 0.5, "hello")], r"interval 2 .*'hello'.* frame 0, before "
+                                                 r"interval 1 \('world', from 0.500s\): the "
+                                                 r"intervals are out of time order"),
+    ([(-0.2, 0.5, "hello"), (0.5, 1.0, "world")], r"interval 1 .*'hello'.* starts at -0.200s = "
+                                                  r"frame -5, before the utterance starts"),
 ])
 def test_textgrid_with_gaps_is_an_error(tmp_path, tokenizer, intervals, message):
     # Frames are cut at interval starts: a gap would silently join the interval before.
