@@ -40,14 +40,19 @@ class Interval:
 
 
 # One value token: a quoted string ("" escapes a quote), a flag, or a number. Labels (`xmin =`,
-# `intervals: size =`) and indices (`[3]`) are matched so that their digits are not read as values;
-# a bare word right after `=` is a malformed value and is kept so the error points at its line.
+# `intervals: size =`, `tiers? <exists>`: a word before `=`, `:`, `[`, `<` or another word) and
+# indices (`[3]`) are matched so that their digits are not read as values. Anything else in a
+# value's place is a malformed value, kept so the error names it and its line: a bare word right
+# after `=` or on a line of its own (the short format's `nan`), and Praat's `--undefined--`. Passed
+# over, it let the next value be read in its place.
 _TOKEN = re.compile(
     r'"(?P<string>(?:[^"]|"")*)"'
     r"|(?P<flag><exists>|<absent>)"
     r"|(?P<index>\[[^\]\n]*\])"
+    r"|(?P<undefined>--undefined--)"
     r"|(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
-    r"|(?P<word>[A-Za-z_][\w?]*)"
+    r"|(?P<word>[A-Za-z_]\w*\??(?![\w?])(?=[ \t]*[=:\[<]|[ \t]+[A-Za-z_]))"
+    r"|(?P<bare>[A-Za-z_][^\s\"]*)"
     r"|=[ \t]*(?P<malformed>[^\s\"\d.+-][^\s]*)"
     r"|(?P<other>[^\s])"
 )
@@ -86,6 +91,8 @@ def _tokens(text: str) -> Iterator[_Token]:
         kind = match.lastgroup
         if kind in ("string", "flag", "number", "malformed"):
             yield _Token(kind, match.group(kind), line)
+        elif kind in ("undefined", "bare"):
+            yield _Token("malformed", match.group(kind), line)
 
 
 class _Cursor:

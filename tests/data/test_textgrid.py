@@ -171,6 +171,32 @@ def test_a_number_beyond_the_float_range_names_its_line(tmp_path, old, new, mess
         read_textgrid(path)
 
 
+def _short_with_line(number: int, value: str) -> str:
+    lines = SHORT.splitlines()
+    lines[number - 1] = value
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    # The word tier's xmin: the tier's xmax, then the interval count, were read in its place,
+    # which gave a tier of 0 intervals without a word.
+    (_short_with_line(17, "--undefined--"), r"x.TextGrid:17: expected the tier's xmin \(number\), "
+                                            r"found '--undefined--'"),
+    (_short_with_line(21, "nan"), r"x.TextGrid:21: expected an interval's xmax \(number\), found "
+                                  r"'nan'"),
+    (LONG.replace("xmin = 0.42", "xmin = --undefined--"), r"x.TextGrid:20: expected an "
+                                                          r"interval's xmin \(number\), found "
+                                                          r"'--undefined--'"),
+])
+def test_an_undefined_or_bare_value_is_named_where_it_stands(tmp_path, content, message):
+    """Praat writes an undefined number as --undefined--; it and a bare word on a line of its own
+    were passed over, so the next value was read in their place (or the error named another)."""
+    path = tmp_path / "x.TextGrid"
+    path.write_text(content)
+    with pytest.raises(TextGridError, match=message):
+        read_textgrid(path)
+
+
 @pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
 def test_utf16_without_a_byte_order_mark_is_read(tmp_path, encoding):
     """Was refused as 'expected the file type (string), found '\\x00''."""
