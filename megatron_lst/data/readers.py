@@ -37,7 +37,9 @@ from megatron_lst.tokenizer.vocab import VocabularyError
 
 SEGMENT_SEP = "<LST MODE SEP>"
 SILENCE_WORD = "[SIL]"
-TEXTGRID_SILENCES = frozenset({"", "sp", "sil", "<eps>"})
+# Word-tier labels of a silence, compared in lower case: MFA's ("", "sp", "sil", "<eps>"), Kaldi
+# lexicons' ("<sil>", "!sil") and this format's own silence word (SILENCE_WORD, "[SIL]").
+TEXTGRID_SILENCES = frozenset({"", "sp", "sil", "<eps>", "<sil>", "!sil", SILENCE_WORD.lower()})
 UNIT_FILE_SUFFIXES = (".npy", ".txt", ".km", ".units")
 
 Document = AlignedDocument | np.ndarray
@@ -355,8 +357,8 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
     Interval [start, end) gets frames round(start * rate) .. round(end * rate). The intervals
     must cover the utterance from time 0 in time order, without gaps or overlaps (to the frame),
     and the last must end within one frame of the unit count; the last segment absorbs that
-    frame. Empty labels and `sp`, `sil`, `<eps>` are silences; silences with no frames are
-    dropped.
+    frame. Empty labels and `sp`, `sil`, `<eps>`, `<sil>`, `!sil`, `[SIL]` in any case are
+    silences; silences with no frames are dropped.
     """
     textgrid_path, units_path = Path(textgrid_path), Path(units_path)
     where = f"{textgrid_path} + {units_path}"
@@ -381,7 +383,7 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
     for interval, first, last in zip(intervals, bounds[:-1], bounds[1:], strict=True):
         frames = max(int(last - first), 0)
         label = interval.label.strip()
-        if label in TEXTGRID_SILENCES:
+        if label.lower() in TEXTGRID_SILENCES:
             if frames == 0:
                 counts.empty_silences_dropped += 1
                 continue

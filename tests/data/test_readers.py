@@ -209,6 +209,18 @@ def test_textgrid_zero_frame_silence_dropped(tmp_path, tokenizer):
     assert source.counts.empty_silences_dropped == 1
 
 
+@pytest.mark.parametrize("label", ["[SIL]", "SIL", "SP", "<sil>", "<SIL>", "!SIL", "<EPS>"])
+def test_textgrid_silence_labels_of_other_aligners_are_silences(tmp_path, tokenizer, label):
+    """'[SIL]' (the reference format's silence word) and Kaldi's or upper-case silence labels
+    were read as words: their frames became a word whose text ('[SIL]', 'SIL') was trained."""
+    tier = [Interval(0.0, 0.2, label), Interval(0.2, 0.6, "hello"), Interval(0.6, 1.0, label)]
+    _utterance(tmp_path / "g", tmp_path / "u", "a", tier, [3] * 25)
+    (source,) = read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20)
+    assert _segments(source.document, tokenizer) == [("", [3] * 5), ("hello", [3] * 10),
+                                                     ("", [3] * 10)]
+    assert (source.counts.words, source.counts.silences) == (1, 2)
+
+
 def test_textgrid_length_mismatch_names_both_files(tmp_path, tokenizer):
     _utterance(tmp_path / "g", tmp_path / "u", "a", WORD_TIER, [1] * 22)
     with pytest.raises(DocumentError, match=r"g/a.TextGrid \+ .*u/a.npy: the TextGrid ends at "
