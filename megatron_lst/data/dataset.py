@@ -259,11 +259,21 @@ class LSTDataset(torch.utils.data.Dataset):
             return None
         return np.random.default_rng([self.seed, epoch, doc_id, _PATCHING])
 
-    def _check_longest(self, doc_id: int, longest: int) -> None:
-        if longest > self.max_tokens:
-            raise DatasetError(
-                f"document {doc_id} has a patch of {longest} tokens, more than "
-                f"max_tokens={self.max_tokens} can hold; raise --max-tokens or use smaller patches")
+    def _check_longest(self, doc_id: int, longest: int, rule: str) -> None:
+        """Refuse a document whose longest patch under `rule` no row can hold, naming where it
+        is stored."""
+        if longest <= self.max_tokens:
+            return
+        describe = getattr(self.store, "describe", None)
+        named = describe(doc_id) if describe is not None else f"document {doc_id}"
+        if rule == "aligned":
+            what, other = ("the units of one word or silence", "; or patch speech statically "
+                           "(--patching-mode static), or leave that utterance out of the data")
+        else:
+            what, other = f"{rule} patching", " or give a smaller --patch-size"
+        raise DatasetError(
+            f"{named}: a patch of {longest} tokens ({what}) is more than a row of --max-tokens "
+            f"{self.max_tokens} holds; raise --max-tokens to at least {longest}{other}")
 
     def _patched(self, position: int, start_row: int) -> _PatchedDocument:
         key = (position, start_row)
@@ -271,9 +281,9 @@ class LSTDataset(torch.utils.data.Dataset):
             self._documents.move_to_end(key)
             return self._documents[key]
         epoch, doc_id, doc = self._interleaved(position)
-        lengths = self.patcher.patch_lengths(doc, self._patching_rng(epoch, doc_id),
-                                             self.step_of_row(start_row))
-        self._check_longest(doc_id, int(lengths.max()))
+        rule = self.patcher.rule(self._patching_rng(epoch, doc_id), self.step_of_row(start_row))
+        lengths = self.patcher.lengths_for_rule(doc, rule)
+        self._check_longest(doc_id, int(lengths.max()), rule)
         patched = _PatchedDocument(doc, np.cumsum(lengths, dtype=np.int64), lengths)
         self._documents[key] = patched
         if len(self._documents) > 8:
@@ -499,7 +509,7 @@ class _PlanSource:
         if isinstance(plan, Exception):
             raise plan
         rule = self.dataset.patcher.rule_for_draw(plan.draw, self.dataset.step_of_row(start_row))
-        self.dataset._check_longest(plan.doc_id, plan.longest[rule])
+        self.dataset._check_longest(plan.doc_id, plan.longest[rule], rule)
         return plan.patch_ends[rule]
 
     def release_before(self, position: int) -> None:

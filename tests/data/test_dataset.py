@@ -172,11 +172,41 @@ def test_validation_mode_uses_static_curriculum():
         assert ds.step_of_row(i) is None
 
 
+class DescribedStore(MemoryStore):
+    """A store that names where its documents are stored, as DocumentStore does."""
+
+    def describe(self, index: int) -> str:
+        return f"corpus.bin, document {index}"
+
+
 def test_a_patch_longer_than_max_tokens_is_an_error():
     long_silence = AlignedDocument(np.array([7], np.int32), np.zeros(81, np.int32),
                                    np.array([1, 0], np.int32), np.array([1, 80], np.int32))
-    with pytest.raises(DatasetError, match="patch of 80 tokens, more than max_tokens=64"):
+    with pytest.raises(DatasetError, match="document 0: a patch of 80 tokens .* is more than a "
+                                           "row of --max-tokens 64 holds"):
         dataset(MODES["aligned"], MemoryStore("aligned", [long_silence]), num_samples=3)
+
+
+@pytest.mark.parametrize("config, message", [
+    (MODES["aligned"], r"80 tokens \(the units of one word or silence\) is more than a row of --max-tokens 64 "
+                       r"holds; raise --max-tokens to at least 80; or patch speech statically "
+                       r"\(--patching-mode static\), or leave that utterance out"),
+    (PatchingConfig(mode="static", patch_size=100), r"82 tokens \(static patching\) is more than "
+                                                    r"a row of --max-tokens 64 holds; raise "
+                                                    r"--max-tokens to at least 82 or give a smaller "
+                                                    r"--patch-size"),
+])
+def test_a_patch_longer_than_max_tokens_names_the_stored_document_and_the_fix(config, message):
+    """The refusal named only 'document 1' (no file) and told an aligned run to 'use smaller
+    patches', which no aligned flag does."""
+    fits = AlignedDocument(np.array([7], np.int32), np.zeros(8, np.int32),
+                           np.array([1, 0], np.int32), np.array([1, 7], np.int32))
+    long_silence = AlignedDocument(np.array([7], np.int32), np.zeros(81, np.int32),
+                                   np.array([1, 0], np.int32), np.array([1, 80], np.int32))
+    store = DescribedStore("aligned", [fits, long_silence])
+    with pytest.raises(DatasetError, match=r"^corpus.bin, document 1: a patch of "
+                                           + message):
+        dataset(config, store, num_samples=3)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -231,7 +261,8 @@ def test_worker_pool_reports_a_patch_longer_than_max_tokens(pool_after_a_few_doc
     long_silence = AlignedDocument(np.array([7], np.int32), np.zeros(81, np.int32),
                                    np.array([1, 0], np.int32), np.array([1, 80], np.int32))
     store = MemoryStore("aligned", [fits] * 30 + [long_silence])
-    with pytest.raises(DatasetError, match="patch of 80 tokens, more than max_tokens=64"):
+    with pytest.raises(DatasetError, match="document 30: a patch of 80 tokens .* is more than a "
+                                           "row of --max-tokens 64 holds"):
         dataset(MODES["aligned"], store, num_samples=400, index_workers=2)
     assert pool_after_a_few_documents == [True]
 
