@@ -39,6 +39,7 @@ from megatron_lst.data.readers import (
     line_chunks,
     parse_chunk,
     textgrid_utterances,
+    unit_files_without_textgrid,
     utterance_chunks,
 )
 from megatron_lst.data.worker_pool import worker_pool
@@ -204,6 +205,18 @@ def _results(chunks: Iterator[Chunk], options: ReadOptions, pool, workers: int
         yield done, result.result()
 
 
+def _warn_of_units_without_textgrid(args: argparse.Namespace, utterances: list[Path]) -> None:
+    """Say which unit files no TextGrid reads: their utterances are not in the dataset."""
+    left_out = unit_files_without_textgrid(args.textgrid_dir, args.units_dir, utterances)
+    if left_out:
+        examples = ", ".join(str(path) for path in left_out[:3])
+        print(f"warning: {len(left_out)} unit files under {args.units_dir} have no TextGrid under "
+              f"{args.textgrid_dir}, so their utterances are left out of the dataset ({examples}"
+              f"{', ...' if len(left_out) > 3 else ''}); the aligner may have failed on them "
+              f"(MFA lists those in unalignable.txt): align them again to include them",
+              file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> Manifest:
     args = build_parser().parse_args(argv)
     _check_args(args)
@@ -218,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
         units_dir=str(args.units_dir) if args.units_dir else None, skip_bad=args.skip_bad)
     if args.input_format == "textgrid":
         utterances = textgrid_utterances(args.textgrid_dir, args.units_dir)
+        _warn_of_units_without_textgrid(args, utterances)
         chunks = utterance_chunks(utterances, args.chunk_size)
         total, unit = len(utterances), "utt"
         sources = [str(args.textgrid_dir), str(args.units_dir)]

@@ -18,6 +18,7 @@ Blank lines in JSONL files are not documents and are passed over silently.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -452,6 +453,22 @@ def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list
                 f"its relative path under {units_dir}: by name alone they would all read one "
                 f"unit file; lay the unit files out in the TextGrids' folders")
     return paths
+
+
+def unit_files_without_textgrid(textgrid_dir: str | Path, units_dir: str | Path,
+                                utterances: list[Path]) -> list[Path]:
+    """Unit files under `units_dir` (sorted) of utterances that no TextGrid of `utterances`
+    reads: utterances the aligner left without a TextGrid (MFA lists them in unalignable.txt),
+    which the corpus would otherwise leave out without a word. A file beside the one an
+    utterance reads (`a.txt` beside `a.npy`) is of a read utterance, not listed."""
+    textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
+    read = set()  # the unit files read, without their suffix
+    for path in utterances:
+        with contextlib.suppress(DocumentError):  # its own error comes when it is read
+            read.add(find_units_file(path, textgrid_dir, units_dir).resolve().with_suffix(""))
+    return sorted(path for path in units_dir.rglob("*")
+                  if path.suffix in UNIT_FILE_SUFFIXES and path.is_file()
+                  and path.resolve().with_suffix("") not in read)
 
 
 def read_textgrid_corpus(textgrid_dir: str | Path, units_dir: str | Path,

@@ -135,6 +135,32 @@ def test_textgrid_converts(tmp_path, spm):
     np.testing.assert_array_equal(store[2].unit_ids, np.arange(2, 52))
 
 
+def test_unit_files_without_a_textgrid_are_named(tmp_path, spm, capsys):
+    """Utterances the aligner left without a TextGrid (MFA's unalignable ones) were left out of
+    the dataset without a word."""
+    grids, units = tmp_path / "grids", tmp_path / "units"
+    (grids / "spk1").mkdir(parents=True)
+    (units / "spk1").mkdir(parents=True)
+    write_textgrid(grids / "spk1" / "u0.TextGrid", [Interval(0.0, 1.0, "hello")])
+    np.save(units / "spk1" / "u0.npy", np.arange(50))
+    np.save(units / "spk1" / "u1.npy", np.arange(50))  # no TextGrid
+    (units / "u2.txt").write_text("1 2 3\n")  # no TextGrid
+    (units / "units.json").write_text("{}")  # no unit file
+    (units / "spk1" / "u0.txt").write_text("1 2 3\n")  # u0's too: u0.npy is read
+    args = ["--input-format", "textgrid", "--textgrid-dir", str(grids), "--units-dir",
+            str(units), "--tokenizer-model", str(spm), "--frame-rate", "50"]
+    preprocess.main([*args, "--output-prefix", str(tmp_path / "tg")])
+    assert len(DocumentStore(tmp_path / "tg")) == 1
+    err = capsys.readouterr().err
+    assert (f"warning: 2 unit files under {units} have no TextGrid under {grids}, so their "
+            f"utterances are left out of the dataset ({units / 'spk1' / 'u1.npy'}, "
+            f"{units / 'u2.txt'}); the aligner may have failed on them") in err
+    (units / "spk1" / "u1.npy").unlink()
+    (units / "u2.txt").unlink()
+    preprocess.main([*args, "--output-prefix", str(tmp_path / "tg2")])
+    assert "have no TextGrid" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_bad_input_stops_with_file_and_line(tmp_path, spm, workers):
     source = tmp_path / "in.jsonl"
