@@ -77,7 +77,7 @@ logger = logging.getLogger(__name__)
 # Purpose tags that keep the generators of one (seed, epoch, document) independent.
 _ORDER, _LAYOUT, _PATCHING = 0, 1, 2
 # Bump when the row cut or the generators change, so cached row indices are not reused.
-INDEX_FORMAT_VERSION = 2
+INDEX_FORMAT_VERSION = 3
 # Row-index build: documents planned in-process before a worker pool starts, the largest block a
 # pool round plans, and how often progress is logged.
 IN_PROCESS_PLANS = 512

@@ -3,7 +3,8 @@
 - `none`: every token its own patch; `--seq-length` then counts tokens.
 - `static`: `static_patch_lengths` with `patch_size`.
 - `aligned`: `aligned_patch_lengths` with `silence`.
-- `mixed`: per document, static with probability `prob_static`, else aligned.
+- `mixed`: per document, static with probability `prob_static`, else aligned; at inference
+  (step None: validation rows too) always static.
 - `curriculum`: per document, aligned with probability
       1                                  for step <  aligned_until_step   (tau1)
       (tau2 - step) / (tau2 - tau1)      for tau1 <= step < tau2
@@ -82,10 +83,10 @@ class Patcher:
             return 0.0
         if c.mode == "aligned":
             return 1.0
+        if step is None:  # mixed and curriculum models are static at inference
+            return 0.0
         if c.mode == "mixed":
             return 1.0 - c.prob_static
-        if step is None:
-            return 0.0
         tau1, tau2 = c.aligned_until_step, c.static_from_step
         if step < tau1:
             return 1.0

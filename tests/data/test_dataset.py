@@ -163,9 +163,11 @@ def test_text_store_rows_count_tokens():
         assert any(np.array_equal(tokens[a + 2:b - 1], d) for d in store.documents)
 
 
-def test_validation_mode_uses_static_curriculum():
-    config = MODES["curriculum"]
-    ds = dataset(config, training=False)
+@pytest.mark.parametrize("mode", ["curriculum", "mixed"])
+def test_validation_mode_patches_as_at_inference(mode):
+    """Validation rows are static for curriculum and mixed models (mixed ones drew aligned
+    patching for half of their documents)."""
+    ds = dataset(MODES[mode], training=False)
     reference = dataset(MODES["static"])
     for i in range(len(ds)):
         assert torch.equal(ds[i]["patch_lengths"], reference[i]["patch_lengths"])

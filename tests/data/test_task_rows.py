@@ -108,6 +108,16 @@ def test_curriculum_rows_follow_the_training_step():
     assert lengths.tolist() == static.patch_lengths(row.doc).tolist()
 
 
+def test_mixed_validation_rows_are_static():
+    """Validation task rows of a mixed model drew aligned patching for half of the utterances;
+    at inference mixed models are static."""
+    inference = _dataset("asr", PATCHINGS["mixed"], training=False)
+    static = Patcher(PatchingConfig("static", patch_size=4))
+    for index in range(len(inference)):
+        row, lengths = inference.row(index)
+        assert lengths.tolist() == static.patch_lengths(row.doc).tolist(), index
+
+
 def test_epochs_visit_every_utterance_once():
     dataset = _dataset("tts", PATCHINGS["static"])
     first = [dataset.document_id(i)[1] for i in range(12)]

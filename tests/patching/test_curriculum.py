@@ -51,9 +51,18 @@ def test_rules_of_each_mode():
 def test_mixed_frequency(prob_static):
     p = Patcher(PatchingConfig(mode="mixed", prob_static=prob_static))
     n = 4000
-    static = sum(p.rule(np.random.default_rng([7, i]), None) == "static" for i in range(n))
+    static = sum(p.rule(np.random.default_rng([7, i]), 5) == "static" for i in range(n))
     # Binomial(n, q): 5 standard deviations.
     assert abs(static / n - prob_static) <= 5 * np.sqrt(prob_static * (1 - prob_static) / n) + 1e-12
+
+
+def test_mixed_is_static_at_inference():
+    """Validation rows (step None) of a mixed model drew aligned patching for 1 - prob_static of
+    their documents, while the docs, lst-eval and lst-generate patch it statically."""
+    p = Patcher(PatchingConfig(mode="mixed", prob_static=0.0))
+    assert p.probability_aligned(None) == 0.0 and p.probability_aligned(3) == 1.0
+    rngs = [np.random.default_rng([7, i]) for i in range(50)]
+    assert {p.rule(rng, None) for rng in rngs} == {"static"}
 
 
 def test_curriculum_frequency_in_the_ramp():
