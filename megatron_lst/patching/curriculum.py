@@ -6,11 +6,12 @@
 - `mixed`: per document, static with probability `prob_static`, else aligned; at inference
   (step None: validation rows too) always static.
 - `curriculum`: per document, aligned with probability
-      1                                  for step <  aligned_until_step   (tau1)
-      (tau2 - step) / (tau2 - tau1)      for tau1 <= step < tau2
-      0                                  for step >= static_from_step     (tau2)
+      1                                  for step <= aligned_until_step   (tau1)
+      (tau2 - step) / (tau2 - tau1)      for tau1 < step < tau2
+      0                                  for step >= static_from_step     (tau2), step > tau1
   else static; at inference (step None) always static. The reference's schedule (its
-  `patcher_curr_align_steps` / `patcher_curr_mixed_steps`).
+  `patcher_curr_align_steps` / `patcher_curr_mixed_steps`: aligned through step tau1, also
+  when tau1 == tau2).
 
 The random choice uses the generator the caller passes, drawn from (seed, epoch, document), so it
 is deterministic; the step comes from the sample's place in the training order (the dataset
@@ -45,9 +46,9 @@ class PatchingConfig:
     prob_static: float = 0.5
     """Mixed mode: probability that a document is patched statically."""
     aligned_until_step: int | None = None
-    """Curriculum tau1: aligned only before this step."""
+    """Curriculum tau1: aligned up to and including this step."""
     static_from_step: int | None = None
-    """Curriculum tau2: static only from this step on."""
+    """Curriculum tau2: static only from this step on (after tau1 when the two are equal)."""
 
     def __post_init__(self):
         if self.mode not in PATCHING_MODES:
@@ -88,7 +89,7 @@ class Patcher:
         if c.mode == "mixed":
             return 1.0 - c.prob_static
         tau1, tau2 = c.aligned_until_step, c.static_from_step
-        if step < tau1:
+        if step <= tau1:
             return 1.0
         if step >= tau2:
             return 0.0

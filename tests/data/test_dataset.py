@@ -129,7 +129,7 @@ def test_samples_are_deterministic_and_depend_on_the_seed():
 
 @pytest.mark.parametrize("positions_scale", [1, 3])
 def test_curriculum_follows_the_training_step_of_each_document(positions_scale):
-    gbs, switch, seed = 4, 3, 11  # aligned before step 3, static from it
+    gbs, switch, seed = 4, 3, 11  # aligned through step 3, static after it
     config = PatchingConfig(mode="curriculum", aligned_until_step=switch, static_from_step=switch)
     store = aligned_store(4, 10)
     positions = np.arange(30) * positions_scale
@@ -141,7 +141,7 @@ def test_curriculum_follows_the_training_step_of_each_document(positions_scale):
     for k, (a, b) in enumerate(documents_of(tokens)):
         _, doc = identify(store, seed, k // len(store), tokens[a:b])
         # The rule is drawn at the step of the row holding the document's BOS.
-        rule = "aligned" if positions[rows[a]] // gbs < switch else "static"
+        rule = "aligned" if positions[rows[a]] // gbs <= switch else "static"
         expected = aligned_patch_lengths(doc) if rule == "aligned" else static_patch_lengths(doc, 4)
         np.testing.assert_array_equal(lengths[(starts >= a) & (starts < b)], expected)
         if not np.array_equal(aligned_patch_lengths(doc), static_patch_lengths(doc, 4)):

@@ -29,9 +29,11 @@ def test_curriculum_probability_at_the_boundaries():
     assert p.probability_aligned(300) == 0.0
     assert p.probability_aligned(10**9) == 0.0
     assert p.probability_aligned(None) == 0.0  # inference: static
-    # tau1 == tau2: a hard switch, no division by zero.
+    # tau1 == tau2: a hard switch, no division by zero; aligned through step tau1, as the
+    # reference's get_curr_type (step <= patcher_curr_align_steps) and as when tau1 < tau2
+    # (step 50 was static).
     hard = curriculum(50, 50)
-    assert (hard.probability_aligned(49), hard.probability_aligned(50)) == (1.0, 0.0)
+    assert [hard.probability_aligned(s) for s in (49, 50, 51)] == [1.0, 1.0, 0.0]
 
 
 def test_rules_of_each_mode():
