@@ -135,6 +135,19 @@ class _Cursor:
                                 f"integer, found {token.value}")
         return int(value)
 
+    def refuse_another_tier(self, tier: str, number: int) -> None:
+        """Refuse a tier named `tier` after the cursor, tier `number` having that name: its words
+        would be left out. A tier's header is its class and its name, the only two strings in
+        a row outside a point tier's mark and the next tier's class."""
+        later = self.tokens[self.pos:]
+        for header, name in zip(later, later[1:], strict=False):
+            if (header.kind == name.kind == "string" and header.value == "IntervalTier"
+                    and name.value.replace('""', '"') == tier):
+                raise TextGridError(f"{self.path}:{name.line}: a second tier named {tier!r} "
+                                    f"(tier {number} has that name too); one TextGrid holds "
+                                    f"the words of one utterance: split the file, or rename "
+                                    f"one of the tiers")
+
     def line(self) -> int:
         return self.tokens[min(self.pos, len(self.tokens) - 1)].line if self.tokens else 1
 
@@ -142,8 +155,8 @@ class _Cursor:
 def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
     """The intervals of the interval tier named `tier`, in file order.
 
-    Raises TextGridError (a DocumentError) naming the file and line for a malformed file, and
-    listing the tiers present when `tier` is missing.
+    Raises TextGridError (a DocumentError) naming the file and line for a malformed file,
+    listing the tiers present when `tier` is missing, and naming a second tier of its name.
     """
     path = Path(path)
     cursor = _Cursor(path, _decode(path, path.read_bytes()))
@@ -179,6 +192,7 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
                                         f"{name!r} ends before it starts")
                 intervals.append(Interval(start, end, label))
             if name == tier:
+                cursor.refuse_another_tier(tier, len(names))
                 return intervals
         elif tier_class == "TextTier":
             for _ in range(size):

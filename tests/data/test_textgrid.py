@@ -124,6 +124,21 @@ def test_missing_tier_lists_tiers(tmp_path):
         read_textgrid(path, tier="word")
 
 
+@pytest.mark.parametrize("content, line", [
+    (LONG.replace('name = "phones"', 'name = "words"'), 29),
+    # A third tier, an interval tier named "words" too (after one of one interval).
+    (SHORT.replace("<exists>\n2\n", "<exists>\n3\n", 1)
+     + '"IntervalTier"\n"words"\n0\n1.5\n1\n0\n1.5\n"x"\n', 30),
+], ids=["long", "short"])
+def test_a_second_tier_of_the_name_is_refused(tmp_path, content, line):
+    """The first tier of the name was read and a second one's words silently left out."""
+    path = tmp_path / "x.TextGrid"
+    path.write_text(content)
+    with pytest.raises(TextGridError, match=rf"x.TextGrid:{line}: a second tier named 'words' "
+                                            rf"\(tier [12] has that name too\); .*split the file"):
+        read_textgrid(path)
+
+
 def test_point_tier_is_refused(tmp_path):
     path = tmp_path / "utt.TextGrid"
     path.write_text(SHORT)
