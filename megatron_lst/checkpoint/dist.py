@@ -21,6 +21,7 @@ from megatron_lst.models.config import LSTConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
 from .model_state import CheckpointContentError
+from .safe_pickle import saved_tensors_metadata
 
 # Keys of a training checkpoint that are not model tensors.
 NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
@@ -95,7 +96,7 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
     if vocab is not None and metadata.get("vocab") is not None:
         vocab.check_same(JointVocab.from_dict(metadata["vocab"]), f"dist checkpoint {path}")
     verify_or_point_elsewhere(Path(path))
-    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    saved = saved_tensors_metadata(path)
     # Checked on a copy with factories built (fused SwiGLU fc1 is saved as its halves);
     # `load` builds and merges the factories of its own copy.
     built = model.sharded_state_dict()

@@ -22,6 +22,7 @@ job's code as well.)
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 from pathlib import Path
@@ -33,6 +34,8 @@ from .errors import CheckpointIntegrityError, UnsafeCheckpointError
 
 DCP_METADATA_FILENAME = ".metadata"
 COMMON_STATE_FILENAME = "common.pt"
+# (resolved path, SHA-256 of the bytes, Metadata) of the last index `read_dcp_metadata` read.
+_last_index: tuple[Path, bytes, Any] | None = None
 
 _DCP = "torch.distributed.checkpoint"
 # Every class torch.distributed.checkpoint's `Metadata` (with megatron's saved plans) is built
@@ -81,12 +84,21 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
 def read_dcp_metadata(checkpoint: str | Path):
     """The `torch.distributed.checkpoint.Metadata` of `checkpoint`, read with the restricted
     unpickler. Raises UnsafeCheckpointError for anything but a checkpoint index, and
-    CheckpointIntegrityError for a missing or damaged file."""
+    CheckpointIntegrityError for a missing or damaged file.
+
+    A load asks for the index several times (the model record's weight count, the verification,
+    the saved tensor shapes): the file is read each time, but bytes unpickled before (the last
+    index read, by content) are not unpickled again; the same objects come back, so callers must
+    not change them."""
+    global _last_index
     path = Path(checkpoint) / DCP_METADATA_FILENAME
     try:
         data = path.read_bytes()
     except OSError as err:
         raise CheckpointIntegrityError(f"cannot read {path}: {err}") from None
+    digest = hashlib.sha256(data).digest()
+    if _last_index is not None and _last_index[:2] == (path.resolve(), digest):
+        return _last_index[2]
     try:
         metadata = _DcpMetadataUnpickler(io.BytesIO(data), path).load()
     except UnsafeCheckpointError:
@@ -100,7 +112,18 @@ def read_dcp_metadata(checkpoint: str | Path):
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpointError(f"{path} holds a {type(metadata).__name__}, not a "
                                     f"torch.distributed.checkpoint index")
+    _last_index = (path.resolve(), digest, metadata)
     return metadata
+
+
+def saved_tensors_metadata(checkpoint: str | Path) -> dict[str, Any]:
+    """megatron.core's `dist_checkpointing.load_tensors_metadata` of `checkpoint` (its tensors
+    by key, shapes and dtypes without data), built from the index `read_dcp_metadata` reads
+    instead of megatron's own unrestricted unpickling of it."""
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    return TorchDistLoadShardedStrategy().load_tensors_metadata(
+        Path(checkpoint), read_dcp_metadata(checkpoint))
 
 
 def check_file_bounds(checkpoint: str | Path, metadata) -> list[str]:

@@ -206,29 +206,9 @@ def _check_utf8(text: str, where: str, what: str) -> str:
     return text
 
 
-def parse_reference_line(line: str, tokenizer: TextTokenizer, num_units: int,
-                         where: str) -> tuple[AlignedDocument, Counts]:
-    """One JSON line of the reference "on the fly" format."""
-    _check_utf8(line, where, "the line")
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DocumentError(f"{where}: not valid JSON ({error.msg} at column {error.colno})"
-                            ) from None
-    except RecursionError:
-        raise DocumentError(f"{where}: not a document (JSON nested too deeply to read)") from None
-    if not isinstance(record, dict) or not isinstance(record.get("interleaved"), str):
-        raise DocumentError(f"{where}: expected an object with an \"interleaved\" string, got "
-                            f"{line.strip()[:60]!r}")
-    file_id = record.get("file_id")
-    _check_utf8(record["interleaved"], where, '"interleaved"')
-    return parse_reference_interleaved(record["interleaved"], tokenizer, num_units,
-                                       f"{where} ({file_id})" if file_id else where)
-
-
-def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
-                    where: str) -> tuple[np.ndarray, Counts]:
-    """One JSON line of a text corpus: [T] int32 text ids of `record[key]`."""
+def _json_record(line: str, key: str, expected: str, where: str) -> dict:
+    """The JSON object of one corpus `line`, which must hold a string under `key` (`expected`
+    says so in the error); DocumentError naming `where` for anything else."""
     _check_utf8(line, where, "the line")
     try:
         record = json.loads(line)
@@ -238,8 +218,25 @@ def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
     except RecursionError:
         raise DocumentError(f"{where}: not a document (JSON nested too deeply to read)") from None
     if not isinstance(record, dict) or not isinstance(record.get(key), str):
-        raise DocumentError(f"{where}: expected an object with a {key!r} string, got "
+        raise DocumentError(f"{where}: expected an object with {expected}, got "
                             f"{line.strip()[:60]!r}")
+    return record
+
+
+def parse_reference_line(line: str, tokenizer: TextTokenizer, num_units: int,
+                         where: str) -> tuple[AlignedDocument, Counts]:
+    """One JSON line of the reference "on the fly" format."""
+    record = _json_record(line, "interleaved", 'an "interleaved" string', where)
+    file_id = record.get("file_id")
+    _check_utf8(record["interleaved"], where, '"interleaved"')
+    return parse_reference_interleaved(record["interleaved"], tokenizer, num_units,
+                                       f"{where} ({file_id})" if file_id else where)
+
+
+def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
+                    where: str) -> tuple[np.ndarray, Counts]:
+    """One JSON line of a text corpus: [T] int32 text ids of `record[key]`."""
+    record = _json_record(line, key, f"a {key!r} string", where)
     text = _check_utf8(record[key], where, repr(key))
     if not text.strip():
         raise DocumentError(f"{where}: empty document (no text under {key!r})")

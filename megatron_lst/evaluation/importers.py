@@ -60,7 +60,12 @@ from pathlib import Path
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.data.readers import DocumentError, load_units, parse_units_text
-from megatron_lst.evaluation.items import ItemError, json_line, lone_surrogate, text_lines
+from megatron_lst.evaluation.items import (
+    ItemError,
+    json_line,
+    refuse_lone_surrogate,
+    text_lines,
+)
 
 STORYCLOZE_CONTEXT = tuple(f"InputSentence{i}" for i in range(1, 5))
 STORYCLOZE_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
@@ -99,11 +104,8 @@ def read_hellaswag(path: str | Path) -> list[dict]:
                             f"line out")
         for name, text in (("the context", context),
                            *((f"ending {k}", e) for k, e in enumerate(endings))):
-            bad = lone_surrogate(text)
-            if bad is not None:  # written, then refused by lst-eval naming the items file instead
-                raise ItemError(f"{where}: {name} holds {text[bad]!r} at character {bad}, half "
-                                f"of a UTF-16 surrogate pair and no character; write the "
-                                f"character itself (or both halves of its escape)")
+            # (else written, then refused by lst-eval naming the items file instead)
+            refuse_lone_surrogate(text, f"{where}: {name}")
         item_id = row.get("ind", number - 1)
         if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
             raise ItemError(f"{where}: \"ind\" {item_id!r} is not an item id (an integer or a "

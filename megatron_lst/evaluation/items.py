@@ -159,11 +159,7 @@ def _utterance(record: dict, tokenizer: PieceEncoder, vocab: JointVocab, where: 
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ItemError(f"{where}: \"text\" is missing or empty")
-    bad = lone_surrogate(text)
-    if bad is not None:
-        raise ItemError(f"{where}: \"text\" holds {text[bad]!r} at character {bad}, half of a "
-                        f"UTF-16 surrogate pair and no character; write the character itself "
-                        f"(or both halves of its escape)")
+    refuse_lone_surrogate(text, f"{where}: \"text\"")
     # Whitespace around the text encodes to word-boundary pieces of their own: a leading one was
     # scored as an ending's first token, a trailing one doubled the space before <s> (T->S)
     text_ids = np.asarray(tokenizer.encode(text.strip()), dtype=np.int32)
@@ -193,6 +189,16 @@ def lone_surrogate(text: str) -> int | None:
     except UnicodeEncodeError as err:
         return err.start
     return None
+
+
+def refuse_lone_surrogate(text: str, what: str) -> None:
+    """Raise ItemError naming `what` (where `text` is in the items file) and the first lone
+    surrogate of `text`, if it holds one."""
+    bad = lone_surrogate(text)
+    if bad is not None:
+        raise ItemError(f"{what} holds {text[bad]!r} at character {bad}, half of a UTF-16 "
+                        f"surrogate pair and no character; write the character itself (or both "
+                        f"halves of its escape)")
 
 
 def _units(values, vocab: JointVocab, where: str) -> np.ndarray:

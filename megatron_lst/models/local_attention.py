@@ -94,12 +94,22 @@ class SlidingWindowAttention(torch.nn.Module):
             raise ValueError(f"local attention backend {backend!r} is not one of {BACKENDS}")
         self.window = window
         self.backend = backend
+        # The backend resolved for inputs of each (device, dtype, head channels).
+        self._resolved: dict[tuple[torch.device, torch.dtype, int], str] = {}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_start: torch.Tensor | None = None) -> torch.Tensor:
-        if resolve_local_attention_backend(self.backend, q) == "flash":
+        if self._backend_for(q) == "flash":
             return flash_sliding_window(q, k, v, self.window, key_start)
         return sliding_window_sdpa(q, *expand_kv_heads(q, k, v), self.window, key_start)
+
+    def _backend_for(self, q: torch.Tensor) -> str:
+        """`resolve_local_attention_backend` for inputs like `q`, once per device, dtype and
+        head size (on CUDA it asks the GPU's compute capability, not work for every forward)."""
+        key = (q.device, q.dtype, q.shape[-1])
+        if key not in self._resolved:
+            self._resolved[key] = resolve_local_attention_backend(self.backend, q)
+        return self._resolved[key]
 
 
 def expand_kv_heads(q: torch.Tensor, k: torch.Tensor,

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_lst.checkpoint import durable_files, integrity
+from megatron_lst.checkpoint import durable_files, integrity, safe_pickle
 from megatron_lst.checkpoint.errors import (
     CheckpointError,
     CheckpointIntegrityError,
@@ -479,7 +479,7 @@ def load_checkpoint(
         load_rng = False
 
     state = _model_sharded_state_dict(model_chunks)
-    saved_tensors = dist_checkpointing.load_tensors_metadata(str(path))
+    saved_tensors = safe_pickle.saved_tensors_metadata(path)
     _check_model_shapes(state, saved_tensors, path)
     if load_optim:
         state["optimizer"] = optimizer_state.sharded_state_to_load(

@@ -21,18 +21,38 @@ A resume compares them dataset by dataset (by position when the run names as man
 datasets as the checkpoint, since moved data keeps its fingerprint; else by prefix) and refuses a
 difference, naming the dataset and the fields. Checkpoints saved before fingerprints were
 recorded resume with a note that their data is not checked.
+
+Every rank fingerprints the copy it reads (a node's own disk may hold another copy), but the
+whole-file read, the `.idx` digest, is taken once per file: each rank takes the cheap fields and
+a sampled digest of its `.idx` (as of the `.bin`), the ranks share them (one `all_gather_object`),
+and of the ranks whose prefix and cheap fields agree, one digests the `.idx` for all of them
+(the files spread over the ranks) and shares it. On a shared filesystem a run of N ranks thus
+reads each `.idx` once instead of N times; a node-local copy that differs anywhere it is sampled
+or measured is digested on its own. A rank that cannot read its copy stops every rank with
+DatasetError naming it (no rank is left waiting in the next collective).
+
+Validation and test datasets (`--valid-data-path`, the other `--split` parts) are not
+fingerprinted: a checkpoint's position is a row of the training order only, which they do not
+build, so other validation data changes the validation losses of the resumed run, not the data
+it trains on (as `resume_check` lets the data paths change with a note).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import torch.distributed as dist
 
 from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.checkpoint.integrity import digest_file
+from megatron_lst.data.dataset import DatasetError
+from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.manifest import Manifest
 from megatron_lst.training.resume_check import ResumeConfigError, ResumePosition
 
@@ -46,32 +66,113 @@ _FIELD_NAMES = {
     "tokenizer_sha256": "tokenizer sha256", "idx_bytes": ".idx bytes", "bin_bytes": ".bin bytes",
     "idx_sha256": ".idx sha256", "bin_sample_sha256": "sampled .bin sha256",
 }
+T = TypeVar("T")
 
 
 def dataset_fingerprint(prefix: str) -> dict[str, Any]:
     """The fingerprint of the dataset at `prefix` (see the module docstring), with its prefix."""
+    fields, _ = _cheap_fingerprint(prefix)
+    return _with_idx_digest(fields, digest_file(Path(f"{prefix}.idx")).sha256)
+
+
+def training_data_fingerprints(sources: Sequence[tuple[float | None, str]]
+                               ) -> list[dict[str, Any]]:
+    """Fingerprints of the weighted training datasets `sources` (`split_sources(args)["train"]`),
+    each once, in their order, as this rank's copies of them hold. Collective when
+    torch.distributed is initialized with several ranks: each `.idx` is digested by one rank
+    of those whose copies agree (module docstring); raises DatasetError on every rank when a
+    rank cannot read its copy."""
+    prefixes = list(dict.fromkeys(p for _, p in sources))
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [dataset_fingerprint(prefix) for prefix in prefixes]
+    cheap, failure = _attempt(lambda: [_cheap_fingerprint(prefix) for prefix in prefixes])
+    # Only the keys (64 hex digits a dataset) go round: a blend of many datasets on thousands of
+    # ranks would otherwise gather every rank's fields on every rank.
+    fields_by_key = {_group_key(fields, sample): fields for fields, sample in cheap or []}
+    groups = idx_digest_groups(_share(list(fields_by_key), failure, "measure"))
+    rank = dist.get_rank()
+    digests, failure = _attempt(lambda: {
+        group.key: digest_file(Path(f"{fields_by_key[group.key]['prefix']}.idx")).sha256
+        for group in groups if group.digesting_rank == rank})
+    shared = {key: digest for part in _share(digests, failure, "digest the .idx of")
+              for key, digest in part.items()}
+    return [_with_idx_digest(fields, shared[key]) for key, fields in fields_by_key.items()]
+
+
+@dataclass(frozen=True)
+class IdxDigestGroup:
+    """The ranks whose copies of a dataset agree in every cheap field and the sampled `.idx`
+    digest (`key`, see `_group_key`): `digesting_rank`, one of `ranks`, digests the `.idx` for
+    all of them."""
+
+    key: str
+    ranks: tuple[int, ...]
+    digesting_rank: int
+
+
+def idx_digest_groups(keys_by_rank: Sequence[Sequence[str]]) -> list[IdxDigestGroup]:
+    """The groups of the ranks' dataset keys (`keys_by_rank[rank][dataset]`), in the order of
+    their first rank and dataset, the n-th group digested by the n-th of its ranks (modulo their
+    number), so that the files of a shared filesystem spread over the ranks."""
+    members: dict[str, list[int]] = {}
+    for rank, keys in enumerate(keys_by_rank):
+        for key in keys:
+            members.setdefault(key, []).append(rank)
+    return [IdxDigestGroup(key, tuple(ranks), ranks[number % len(ranks)])
+            for number, (key, ranks) in enumerate(members.items())]
+
+
+def _cheap_fingerprint(prefix: str) -> tuple[dict[str, Any], str]:
+    """Every field of the fingerprint but `idx_sha256` (None), and a sampled digest of the
+    `.idx`: what a rank reads of its copy without reading a whole file."""
     manifest = Manifest.load(prefix)
     idx, bin_ = f"{prefix}.idx", f"{prefix}.bin"  # megatron.core's names
-    idx_record = digest_file(Path(idx))
-    return {
+    fields = {
         "prefix": prefix,
         "kind": manifest.kind,
         "documents": manifest.counts.documents,
         "text_pieces": manifest.counts.text_pieces,
         "units": manifest.counts.units,
         "tokenizer_sha256": manifest.tokenizer.sha256,
-        "idx_bytes": idx_record.size,
+        "idx_bytes": os.path.getsize(idx),
         "bin_bytes": os.path.getsize(bin_),
-        "idx_sha256": idx_record.sha256,
+        "idx_sha256": None,
         "bin_sample_sha256": _sampled_sha256(bin_),
     }
+    return fields, _sampled_sha256(idx)
 
 
-def training_data_fingerprints(sources: Sequence[tuple[float | None, str]]
-                               ) -> list[dict[str, Any]]:
-    """Fingerprints of the weighted training datasets `sources` (`split_sources(args)["train"]`),
-    each once, in their order."""
-    return [dataset_fingerprint(prefix) for prefix in dict.fromkeys(p for _, p in sources)]
+def _with_idx_digest(fields: dict[str, Any], idx_sha256: str) -> dict[str, Any]:
+    return {**fields, "idx_sha256": idx_sha256}
+
+
+def _group_key(fields: Mapping[str, Any], idx_sample_sha256: str) -> str:
+    """SHA-256 of a copy's cheap fields (its prefix among them) and sampled `.idx` digest."""
+    return hashlib.sha256(json.dumps([fields, idx_sample_sha256], sort_keys=True).encode()
+                          ).hexdigest()
+
+
+def _attempt(work: Callable[[], T]) -> tuple[T | None, str | None]:
+    """`(work(), None)`, or `(None, why)` when it cannot read this rank's copy of the data."""
+    try:
+        return work(), None
+    except (OSError, DocumentError) as error:
+        return None, str(error)
+
+
+def _share(part: T, failure: str | None, what: str) -> list[T]:
+    """Collective: every rank's `part`, on every rank; DatasetError on every rank, naming each
+    rank's `failure`, when any rank failed to `what` its datasets."""
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (part, failure))
+    failed = [f"rank {rank}: {message}" for rank, (_, message) in enumerate(parts)
+              if message is not None]
+    if failed:
+        raise DatasetError(
+            f"cannot {what} the training datasets to fingerprint them for the checkpoint "
+            f"({'; '.join(failed)}). Check that every node reads a complete copy of each "
+            f"dataset (.json, .idx, .bin as tools/preprocess_data.py writes them)")
+    return [each for each, _ in parts]
 
 
 def check_same_training_data(saved: Sequence[Mapping[str, Any]] | None,

@@ -10,8 +10,9 @@ import pytest
 import torch
 from distributed.harness import run_distributed
 
+from megatron_lst.checkpoint import safe_pickle
 from megatron_lst.checkpoint.convert import dist_to_portable, portable_model, portable_to_dist
-from megatron_lst.checkpoint.dist import load_dist_checkpoint, resolve_checkpoint
+from megatron_lst.checkpoint.dist import checkpoint_model, load_dist_checkpoint, resolve_checkpoint
 from megatron_lst.checkpoint.model_state import (
     CheckpointContentError,
     build_full_model,
@@ -105,3 +106,32 @@ def test_dist_checkpoint_of_another_architecture_is_refused_by_tensor(dist_check
         config.global_model, ffn_hidden_size=512))
     with pytest.raises(CheckpointContentError, match=r"linear_fc1\.weight. has shape \(2, 512, 64\) but the model expects \(2, 1024, 64\)"):
         load_dist_checkpoint(dist_checkpoint, build_full_model(wider_ffn))
+
+
+def test_loading_a_dist_checkpoint_unpickles_its_index_once_under_the_restricted_reader(
+        dist_checkpoint, monkeypatch):
+    """The model record's weight count, the verification and the tensor shapes read one index;
+    megatron's own (unrestricted) read is its loading's alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    monkeypatch.setattr(safe_pickle, "_last_index", None)  # nothing read by earlier tests
+    restricted, unrestricted = [], []
+    restricted_load = safe_pickle._DcpMetadataUnpickler.load
+    monkeypatch.setattr(safe_pickle._DcpMetadataUnpickler, "load",
+                        lambda self: restricted.append(1) or restricted_load(self))
+    megatron_read = FileSystemReader.read_metadata
+    monkeypatch.setattr(FileSystemReader, "read_metadata",
+                        lambda self, *a, **k: unrestricted.append(1) or megatron_read(self, *a, **k))
+    config, vocab, _ = checkpoint_model(dist_checkpoint)
+    load_dist_checkpoint(dist_checkpoint, build_full_model(config), vocab)
+    assert (len(restricted), len(unrestricted)) == (1, 1)
+    # Other bytes under the same path are unpickled anew.
+    index = dist_checkpoint / safe_pickle.DCP_METADATA_FILENAME
+    original = index.read_bytes()
+    index.write_bytes(original[:-1])
+    with pytest.raises(safe_pickle.CheckpointIntegrityError, match="damaged or truncated"):
+        safe_pickle.read_dcp_metadata(dist_checkpoint)
+    assert len(restricted) == 2
+    index.write_bytes(original)  # the bytes unpickled before: their objects again
+    assert safe_pickle.read_dcp_metadata(dist_checkpoint).state_dict_metadata
+    assert len(restricted) == 2

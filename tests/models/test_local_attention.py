@@ -103,6 +103,31 @@ def test_auto_leaves_flash_attn_for_heads_wider_than_it_takes(monkeypatch):
         resolve_local_attention_backend("flash", cuda_query(320))
 
 
+def test_a_module_resolves_its_backend_once_per_device_dtype_and_head_size(monkeypatch):
+    # Was: resolved on every forward (on CUDA, a query of the GPU's compute capability each time).
+    calls = []
+    resolve = local_attention.resolve_local_attention_backend
+    monkeypatch.setattr(local_attention, "resolve_local_attention_backend",
+                        lambda requested, q: calls.append((q.dtype, q.shape[-1]))
+                        or resolve(requested, q))
+    attention = SlidingWindowAttention(window=4, backend="auto")
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 12, 2, 8, generator=generator) for _ in range(3))
+    first = attention(q, k, v)
+    torch.testing.assert_close(attention(q, k, v), first, atol=0, rtol=0)
+    assert calls == [(torch.float32, 8)]
+    attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    wide = torch.randn(1, 12, 2, 16, generator=generator)
+    attention(wide, wide, wide)
+    attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert calls == [(torch.float32, 8), (torch.bfloat16, 8), (torch.float32, 16)]
+    # An explicit choice that cannot run raises at every forward, not once.
+    flash = SlidingWindowAttention(window=4, backend="flash")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="flash"):
+            flash(q, k, v)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not flash_attn_available(), reason="flash-attn is not installed")
 def test_flash_matches_sdpa_on_gpu():

@@ -15,9 +15,12 @@ from megatron_lst.training import cli
 from megatron_lst.training.checkpointing import METADATA_FILENAME, find_latest_checkpoint
 from megatron_lst.training.data_fingerprint import (
     FINGERPRINT_KEY,
+    _cheap_fingerprint,
+    _group_key,
     _sampled_sha256,
     check_same_training_data,
     dataset_fingerprint,
+    idx_digest_groups,
     training_data_fingerprints,
 )
 from megatron_lst.training.resume_check import ResumeConfigError, ResumePosition
@@ -174,3 +177,57 @@ def test_a_changed_node_local_copy_on_one_rank_stops_every_rank(tmp_path):
     for record in refused:
         assert record["refusal"] is not None and record["refusal"].endswith("(on rank 1)")
         assert "documents 20 -> 21" in record["refusal"]
+
+
+def test_ranks_whose_copies_agree_share_one_idx_digest_spread_over_them(tmp_path):
+    speech = write_store(tmp_path / "speech", "aligned", 20, seed=1)
+    text = write_store(tmp_path / "text", "text", 20, seed=2)
+    other = write_store(tmp_path / "other" / "speech", "aligned", 20, seed=1)
+    shared = [_group_key(*_cheap_fingerprint(str(speech))),
+              _group_key(*_cheap_fingerprint(str(text)))]
+    elsewhere = _group_key(*_cheap_fingerprint(str(other)))
+    assert len({*shared, elsewhere}) == 3  # the prefix is part of the key
+    # Ranks 0-2 read one shared filesystem; rank 3 its own copy of speech at another path.
+    groups = idx_digest_groups([shared, shared, shared, [elsewhere, shared[1]]])
+    assert [(g.key, g.ranks, g.digesting_rank) for g in groups] == [
+        (shared[0], (0, 1, 2), 0), (shared[1], (0, 1, 2, 3), 1), (elsewhere, (3,), 3)]
+    # The same path holding other data on one node (rank 1): that copy is digested by rank 1.
+    write_store(tmp_path / "node1" / "speech", "aligned", 20, seed=5)
+    fields, sample = _cheap_fingerprint(str(tmp_path / "node1" / "speech"))
+    changed = _group_key({**fields, "prefix": str(speech)}, sample)
+    assert changed != shared[0]
+    groups = idx_digest_groups([shared, [changed, shared[1]]])
+    assert [(g.key, g.ranks, g.digesting_rank) for g in groups] == [
+        (shared[0], (0,), 0), (shared[1], (0, 1), 1), (changed, (1,), 1)]
+
+
+@pytest.mark.distributed
+def test_ranks_on_a_shared_filesystem_digest_each_idx_once(tmp_path):
+    speech = write_store(tmp_path / "speech", "aligned", 20, seed=1)
+    text = write_store(tmp_path / "text", "text", 20, seed=2)
+    worker = TESTS_DIR / "training" / "workers" / "fingerprint_share_worker.py"
+    records = run_distributed(worker, 2, ["--prefix", str(speech), "--prefix", str(text),
+                                          "--prefix", str(speech)])
+    expected = [dataset_fingerprint(str(speech)), dataset_fingerprint(str(text))]
+    assert [record["fingerprints"] for record in records] == [expected, expected]
+    assert [record["digested"] for record in records] == [[f"{speech}.idx"], [f"{text}.idx"]]
+
+    # Per-node copies at other paths are each fingerprinted as they are, by their own rank.
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+        _copy_store(speech, tmp_path / f"node{rank}" / "speech")
+    write_store(tmp_path / "node1" / "speech", "aligned", 21, seed=1)
+    per_rank = str(tmp_path / "node{rank}" / "speech")
+    records = run_distributed(worker, 2, ["--prefix", per_rank])
+    assert [record["fingerprints"][0]["documents"] for record in records] == [20, 21]
+    assert records[1]["fingerprints"][0] == dataset_fingerprint(per_rank.format(rank=1))
+    assert [record["digested"] for record in records] == [
+        [f"{per_rank.format(rank=rank)}.idx"] for rank in (0, 1)]
+
+    # A rank whose copy cannot be read stops both, naming itself and the file.
+    os.remove(tmp_path / "node1" / "speech.idx")
+    records = run_distributed(worker, 2, ["--prefix", per_rank])
+    for record in records:
+        assert record["fingerprints"] is None
+        assert "rank 1: " in record["error"] and "node1/speech.idx" in record["error"]
+        assert "rank 0" not in record["error"]
