@@ -101,6 +101,19 @@ class Patcher:
         mode = self.config.mode
         return (mode,) if mode in ("none", "static", "aligned") else ("static", "aligned")
 
+    def rules_at_steps(self, steps: range | None) -> tuple[str, ...]:
+        """The rules a document patched at one of `steps` can get (None: at inference, the
+        validation rows' step None), in `candidate_rules` order. P(aligned) does not rise with
+        the step, so aligned is possible when it is above 0 at the first step and static when it
+        is below 1 at the last."""
+        if steps is None:
+            return ("static",) if self.needs_rng else self.candidate_rules
+        if not len(steps):
+            return ()
+        possible = {"aligned": self.probability_aligned(steps[0]) > 0.0,
+                    "static": self.probability_aligned(steps[-1]) < 1.0}
+        return tuple(rule for rule in self.candidate_rules if possible.get(rule, True))
+
     def rule_for_draw(self, draw: float | None, step: int | None) -> str:
         """The rule of a document whose generator's first `random()` gave `draw` (None for the
         fixed modes, which draw nothing)."""

@@ -282,10 +282,15 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
     else:
         valid_sources = _validation_sources(args, sources, stores)
     if args.task != "lm":  # one refusal names the sizes that hold the train and valid rows
-        check_rows_fit([documents(prefix, split) for split, weighted in
-                        (("train", sources["train"]), ("valid", valid_sources))
-                        for _, prefix in weighted],
-                       args.task, patcher, space_id, args.seq_length, args.max_tokens)
+        # Each part under the rules its rows can get: train rows at steps 0 .. train_iters - 1,
+        # valid rows at step None (as at inference: static for mixed and curriculum patching).
+        parts = [(split, prefix) for split, weighted in
+                 (("train", sources["train"]), ("valid", valid_sources)) for _, prefix in weighted]
+        rules = {"train": patcher.rules_at_steps(range(args.train_iters)),
+                 "valid": patcher.rules_at_steps(None)}
+        check_rows_fit([documents(prefix, split) for split, prefix in parts],
+                       args.task, patcher, space_id, args.seq_length, args.max_tokens,
+                       part_rules=[rules[split] for split, _ in parts])
     train = make("train", sources["train"], args.train_iters * args.global_batch_size,
                  training=True)
     valid = None
