@@ -13,6 +13,12 @@
   `patcher_curr_align_steps` / `patcher_curr_mixed_steps`: aligned through step tau1, also
   when tau1 == tau2).
 
+Steps count the optimizer steps done before a row's iteration, as the reference's `curr_step`
+(its train state's step, 0 on the first): the first iteration, which the training loop logs as
+iteration 1, is step 0, and iteration i is step i - 1. So iteration tau1 + 1 is the last one
+patched aligned throughout and iteration `first_static_step` + 1 the first patched statically
+throughout.
+
 The random choice uses the generator the caller passes, drawn from (seed, epoch, document), so it
 is deterministic; the step comes from the sample's place in the training order (the dataset
 derives it), so it needs no state from the training loop and survives a resume.
@@ -49,6 +55,15 @@ class PatchingConfig:
     """Curriculum tau1: aligned up to and including this step."""
     static_from_step: int | None = None
     """Curriculum tau2: static only from this step on (after tau1 when the two are equal)."""
+
+    @property
+    def first_static_step(self) -> int | None:
+        """Curriculum: the first step at which every document is static (tau2, or tau1 + 1 when
+        tau1 == tau2, as step tau1 is still aligned); None for the other modes."""
+        if self.mode != "curriculum":
+            return None
+        tau1, tau2 = self.aligned_until_step, self.static_from_step
+        return tau1 + 1 if tau1 == tau2 else tau2
 
     def __post_init__(self):
         if self.mode not in PATCHING_MODES:

@@ -49,6 +49,16 @@ def test_rules_of_each_mode():
         p.rule(None, 15)
 
 
+def test_first_static_step():
+    assert curriculum(10, 20).config.first_static_step == 20
+    assert curriculum(5, 5).config.first_static_step == 6  # step 5 is aligned
+    assert PatchingConfig(mode="mixed").first_static_step is None
+    for tau1, tau2 in ((10, 20), (5, 5), (0, 0), (0, 1)):
+        p = curriculum(tau1, tau2)
+        first = p.config.first_static_step
+        assert p.probability_aligned(first) == 0.0 and p.probability_aligned(first - 1) > 0.0
+
+
 def test_rules_at_steps_are_those_the_steps_can_draw():
     """The rules a row patched at one of the steps can get: what sizes its rows are checked
     under (validation rows, step None, are static for mixed and curriculum)."""
