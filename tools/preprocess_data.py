@@ -317,6 +317,12 @@ def _print_summary(args, counts: Counts, report: ReadReport, seconds: float) -> 
         print(f"  {counts.units / seconds:,.0f} units/s")
     if counts.empty_silences_dropped:
         print(f"  dropped {counts.empty_silences_dropped} silences with no units")
+    if counts.unknown_words:
+        print(f"warning: {counts.unknown_words} word intervals are labelled <unk> or spn, the "
+              f"aligner's out-of-vocabulary word: their speech is kept without text (as a "
+              f"silence's), since the word is unknown; to train their text, add the words to the "
+              f"aligner's dictionary (MFA: mfa find_oovs / mfa g2p) and align again",
+              file=sys.stderr)
     if report.bad_skipped:
         print(f"  skipped {report.bad_skipped} bad documents (--skip-bad), e.g.:")
         for example in report.examples:

@@ -36,6 +36,9 @@ class Counts:
     """Input lines or utterances skipped as malformed (only with skip-bad)."""
     empty_silences_dropped: int = 0
     """Silence segments with no units (a zero-frame `[SIL]`): they carry nothing and are dropped."""
+    unknown_words: int = 0
+    """TextGrid word intervals labelled `<unk>` or `spn` (the aligner's unknown word): kept as
+    segments without text (dropped when they have no units), not in `words` or `silences`."""
 
     def add(self, other: Counts) -> None:
         for f in fields(self):

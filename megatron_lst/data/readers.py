@@ -41,6 +41,12 @@ SILENCE_WORD = "[SIL]"
 # Word-tier labels of a silence, compared in lower case: MFA's ("", "sp", "sil", "<eps>"), Kaldi
 # lexicons' ("<sil>", "!sil") and this format's own silence word (SILENCE_WORD, "[SIL]").
 TEXTGRID_SILENCES = frozenset({"", "sp", "sil", "<eps>", "<sil>", "!sil", SILENCE_WORD.lower()})
+# Word-tier labels of speech whose words the aligner did not know, compared in lower case: MFA's
+# out-of-vocabulary word ("<unk>", Kaldi recipes' "<UNK>"), aligned to its speech-noise phone
+# "spn" (which also stands for coughs or laughter transcribed as bracketed words). The words
+# are unknown: their frames are kept as a segment without text, as a silence's are, and counted
+# (`Counts.unknown_words`), not trained as the text "<unk>".
+TEXTGRID_UNKNOWN_WORDS = frozenset({"<unk>", "spn"})
 UNIT_FILE_SUFFIXES = (".npy", ".txt", ".km", ".units")
 
 Document = AlignedDocument | np.ndarray
@@ -356,7 +362,9 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
     must cover the utterance from time 0 in time order, without gaps or overlaps (to the frame),
     and the last must end within one frame of the unit count; the last segment absorbs that
     frame. Empty labels and `sp`, `sil`, `<eps>`, `<sil>`, `!sil`, `[SIL]` in any case are
-    silences; silences with no frames are dropped.
+    silences; silences with no frames are dropped. `<unk>` and `spn` in any case (the aligner's
+    unknown word) keep their frames as a segment without text, as a silence, and are counted as
+    `unknown_words`.
     """
     textgrid_path, units_path = Path(textgrid_path), Path(units_path)
     where = f"{textgrid_path} + {units_path}"
@@ -381,7 +389,12 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
     for interval, first, last in zip(intervals, bounds[:-1], bounds[1:], strict=True):
         frames = max(int(last - first), 0)
         label = interval.label.strip()
-        if label.lower() in TEXTGRID_SILENCES:
+        if label.lower() in TEXTGRID_UNKNOWN_WORDS:
+            counts.unknown_words += 1
+            if frames == 0:  # carries nothing, as a silence of no frames
+                continue
+            label = ""
+        elif label.lower() in TEXTGRID_SILENCES:
             if frames == 0:
                 counts.empty_silences_dropped += 1
                 continue

@@ -21,8 +21,10 @@ target are padding; before it, the mask marks the trained targets). Rows visit t
 utterances in a fresh permutation each epoch, drawn from (seed, epoch), as `LSTDataset` orders
 documents. A store with an utterance that has no transcript or no units, ids outside the
 vocabulary, a BOS or EOS among its pieces, or a row that does not fit `seq_length` patches or
-`max_tokens` inputs under a rule the patcher can draw, is refused when the dataset is made (the
-last naming the sizes that hold every row, `max_row_shape`), not when training reaches its row.
+`max_tokens` inputs under a rule the row can draw (a training row: the patcher's rules at the
+rows' steps; a validation row: static for mixed and curriculum patching, as at inference), is
+refused when the dataset is made (the last naming the sizes that hold every row,
+`max_row_shape`), not when training reaches its row.
 """
 
 from __future__ import annotations
@@ -117,9 +119,12 @@ def task_row(doc: AlignedDocument, task: str, vocab: JointVocab, space_id: int |
     return TaskRow(interleaved, prompt_length)
 
 
-def row_shapes(store, task: str, patcher: Patcher, space_id: int | None) -> np.ndarray:
-    """[D, 2] int64: the inputs of each utterance's `task` row and its most patches under any rule
-    the patcher can draw. Raises DocumentError for an utterance that is not a valid document."""
+def row_shapes(store, task: str, patcher: Patcher, space_id: int | None,
+               rules: tuple[str, ...] | None = None) -> np.ndarray:
+    """[D, 2] int64: the inputs of each utterance's `task` row and its most patches under any of
+    `rules` (default: any rule the patcher can draw). Raises DocumentError for an utterance that
+    is not a valid document."""
+    rules = patcher.candidate_rules if rules is None else rules
     shapes = np.zeros((len(store), 2), dtype=np.int64)
     for index in range(len(store)):
         stored = store[index]
@@ -128,15 +133,17 @@ def row_shapes(store, task: str, patcher: Patcher, space_id: int | None) -> np.n
         check_document_of(store, index, stored, store.vocab)
         row = task_row(stored, task, store.vocab, space_id)
         shapes[index, 0] = len(row.doc) - 1
-        shapes[index, 1] = max(len(patcher.lengths_for_rule(row.doc, rule))
-                               for rule in patcher.candidate_rules)
+        shapes[index, 1] = max((len(patcher.lengths_for_rule(row.doc, rule)) for rule in rules),
+                               default=0)
     return shapes
 
 
-def max_row_shape(store, task: str, patcher: Patcher, space_id: int | None) -> tuple[int, int]:
-    """(most inputs, most patches) of any `task` row of `store`'s utterances under any rule the
-    patcher can draw: the smallest `--max-tokens` and `--seq-length` that hold every row."""
-    shapes = row_shapes(store, task, patcher, space_id)  # [D, 2]
+def max_row_shape(store, task: str, patcher: Patcher, space_id: int | None,
+                  rules: tuple[str, ...] | None = None) -> tuple[int, int]:
+    """(most inputs, most patches) of any `task` row of `store`'s utterances under any of `rules`
+    (default: any rule the patcher can draw; `Patcher.rules_at_steps` gives those of a run's
+    steps): the smallest `--max-tokens` and `--seq-length` that hold every row."""
+    shapes = row_shapes(store, task, patcher, space_id, rules)  # [D, 2]
     if not len(shapes):
         return 0, 0
     most_inputs, most_patches = shapes.max(axis=0)
@@ -159,24 +166,36 @@ class TaskDataset(torch.utils.data.Dataset):
         check_task_store(store, task)
         if len(store) == 0:
             raise DatasetError("the document store is empty")
+        self.num_samples = num_samples
+        self.sample_positions = checked_sample_positions(sample_positions, num_samples)
+        self.global_batch_size = global_batch_size
+        self.training = training
         if not rows_fit_checked:
-            check_rows_fit([store], task, patcher, space_id, seq_length, max_tokens)
+            check_rows_fit([store], task, patcher, space_id, seq_length, max_tokens,
+                           part_rules=[patcher.rules_at_steps(self.steps)])
         self.store = store
         self.task = task
         self.vocab = store.vocab
-        self.num_samples = num_samples
         self.seq_length = seq_length
         self.max_tokens = max_tokens
         self.patcher = patcher
         self.seed = seed
-        self.global_batch_size = global_batch_size
-        self.training = training
         self.space_id = space_id
-        self.sample_positions = checked_sample_positions(sample_positions, num_samples)
         self._orders = EpochOrders(seed, len(store))
 
     def __len__(self) -> int:
         return self.num_samples
+
+    @property
+    def steps(self) -> range | None:
+        """The training steps of the rows (None: not training, the rows are patched at step
+        None as at inference)."""
+        if not self.training:
+            return None
+        if not self.num_samples:
+            return range(0)
+        first, last = int(self.sample_positions.min()), int(self.sample_positions.max())
+        return range(first // self.global_batch_size, last // self.global_batch_size + 1)
 
     def document_id(self, index: int) -> tuple[int, int]:
         """(epoch, document) of row `index`."""
@@ -218,17 +237,23 @@ def _check_utterances(store, task: str) -> None:
 
 
 def check_rows_fit(parts: list, task: str, patcher: Patcher, space_id: int | None,
-                   seq_length: int, max_tokens: int) -> None:
+                   seq_length: int, max_tokens: int,
+                   part_rules: list[tuple[str, ...]] | None = None) -> None:
     """Refuse, before training, stores (or parts of stores) with an utterance whose row does not
-    fit `max_tokens` inputs and `seq_length` patches under some rule the patcher can draw:
-    training would stop with an error when it reached that row, after however many iterations
-    came before it. `parts` are every store a run builds task rows of (its train and valid parts),
-    so that the sizes the refusal names hold them all, not just the first part that is refused."""
+    fit `max_tokens` inputs and `seq_length` patches under some rule its part can draw: training
+    would stop with an error when it reached that row, after however many iterations came before
+    it. `parts` are every store a run builds task rows of (its train and valid parts), so that the
+    sizes the refusal names hold them all, not just the first part that is refused. `part_rules`:
+    the rules each part's rows can get (`Patcher.rules_at_steps` of its steps: a train part's run
+    of training steps, None for a valid part, patched as at inference); default: every rule the
+    patcher can draw, for every part."""
+    if part_rules is None:
+        part_rules = [patcher.candidate_rules] * len(parts)
     shapes = []  # [D_part, 2] each
-    for part in parts:
+    for part, rules in zip(parts, part_rules, strict=True):
         if hasattr(part, "part_lengths"):  # utterances without a transcript or units, named first
             _check_utterances(part, task)
-        shapes.append(row_shapes(part, task, patcher, space_id))
+        shapes.append(row_shapes(part, task, patcher, space_id, rules))
     too_long = [np.flatnonzero((part_shapes[:, 0] > max_tokens) | (part_shapes[:, 1] > seq_length))
                 for part_shapes in shapes]
     refused = [i for i, rows in enumerate(too_long) if len(rows)]

@@ -207,6 +207,15 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
                         f"pass the word tier's name")
 
 
+def _is_time(value) -> bool:
+    """`value` is a time a TextGrid can hold: a finite real number of seconds, not negative."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(seconds) and seconds >= 0.0
+
+
 def _quote(label: str) -> str:
     return '"' + label.replace('"', '""') + '"'
 
@@ -217,8 +226,19 @@ def write_textgrid(path: str | Path, intervals: Sequence[Interval], xmax: float 
 
     Praat needs an interval tier to cover its whole time range, so gaps between the given
     intervals (and before the first, and up to `xmax`) are written as empty intervals. `xmax`
-    defaults to the end of the last interval. Overlapping or unordered intervals raise.
+    defaults to the end of the last interval. Overlapping or unordered intervals raise, as do
+    times that are not finite numbers of seconds >= 0 (NaN, inf, negative): `read_textgrid`
+    would refuse the file written with them. Nothing is written when the intervals are refused.
     """
+    for number, interval in enumerate(intervals, 1):
+        for name, value in (("start", interval.start), ("end", interval.end)):
+            if not _is_time(value):
+                raise TextGridError(
+                    f"{path}: interval {number} of {len(intervals)} ({interval}) has {name} "
+                    f"{value!r}; times must be finite seconds >= 0 (check the alignment that "
+                    f"gave this interval)")
+    if xmax is not None and not _is_time(xmax):
+        raise TextGridError(f"{path}: xmax {xmax!r} is not a finite number of seconds >= 0")
     end_time = float(intervals[-1].end) if intervals else 0.0
     xmax = end_time if xmax is None else float(xmax)
     if xmax < end_time:

@@ -13,6 +13,12 @@
   `patcher_curr_align_steps` / `patcher_curr_mixed_steps`: aligned through step tau1, also
   when tau1 == tau2).
 
+Steps count the optimizer steps done before a row's iteration, as the reference's `curr_step`
+(its train state's step, 0 on the first): the first iteration, which the training loop logs as
+iteration 1, is step 0, and iteration i is step i - 1. So iteration tau1 + 1 is the last one
+patched aligned throughout and iteration `first_static_step` + 1 the first patched statically
+throughout.
+
 The random choice uses the generator the caller passes, drawn from (seed, epoch, document), so it
 is deterministic; the step comes from the sample's place in the training order (the dataset
 derives it), so it needs no state from the training loop and survives a resume.
@@ -49,6 +55,15 @@ class PatchingConfig:
     """Curriculum tau1: aligned up to and including this step."""
     static_from_step: int | None = None
     """Curriculum tau2: static only from this step on (after tau1 when the two are equal)."""
+
+    @property
+    def first_static_step(self) -> int | None:
+        """Curriculum: the first step at which every document is static (tau2, or tau1 + 1 when
+        tau1 == tau2, as step tau1 is still aligned); None for the other modes."""
+        if self.mode != "curriculum":
+            return None
+        tau1, tau2 = self.aligned_until_step, self.static_from_step
+        return tau1 + 1 if tau1 == tau2 else tau2
 
     def __post_init__(self):
         if self.mode not in PATCHING_MODES:
@@ -100,6 +115,19 @@ class Patcher:
         """The rules a document can get: one for fixed modes, static or aligned for the others."""
         mode = self.config.mode
         return (mode,) if mode in ("none", "static", "aligned") else ("static", "aligned")
+
+    def rules_at_steps(self, steps: range | None) -> tuple[str, ...]:
+        """The rules a document patched at one of `steps` can get (None: at inference, the
+        validation rows' step None), in `candidate_rules` order. P(aligned) does not rise with
+        the step, so aligned is possible when it is above 0 at the first step and static when it
+        is below 1 at the last."""
+        if steps is None:
+            return ("static",) if self.needs_rng else self.candidate_rules
+        if not len(steps):
+            return ()
+        possible = {"aligned": self.probability_aligned(steps[0]) > 0.0,
+                    "static": self.probability_aligned(steps[-1]) < 1.0}
+        return tuple(rule for rule in self.candidate_rules if possible.get(rule, True))
 
     def rule_for_draw(self, draw: float | None, step: int | None) -> str:
         """The rule of a document whose generator's first `random()` gave `draw` (None for the

@@ -102,9 +102,11 @@ def _add_lst_args(parser: argparse.ArgumentParser) -> None:
                        help="Aligned patching: silences as their own patches or merged into "
                             "the next word.")
     group.add_argument("--curriculum-tau1", type=int, default=None,
-                       help="Curriculum: aligned patching until this step.")
+                       help="Curriculum: aligned patching up to and including this step "
+                            "(step i - 1 is the logged iteration i).")
     group.add_argument("--curriculum-tau2", type=int, default=None,
-                       help="Curriculum: P(aligned) falls linearly to 0 at this step, then static.")
+                       help="Curriculum: P(aligned) falls linearly to 0 at this step (static "
+                            "from it on; from tau1 + 1 when equal to tau1).")
     group.add_argument("--mixed-static-prob", type=float, default=0.5,
                        help="Mixed patching: probability a document is patched statically.")
     group.add_argument("--max-tokens", type=int, default=None,

@@ -8,8 +8,8 @@ each split blends them by their sizes there, `split_sizes`). `--split a,b,c` cut
 dataset's documents, in stored order, into train / valid / test ranges of those proportions, as
 Megatron-LM does. The train dataset holds `train_iters x global_batch_size` rows (training mode:
 the patcher sees each row's training step, so the curriculum follows the global step). The valid
-dataset holds `eval_iters x global_batch_size` rows in inference mode (curriculum patching is
-static) and every evaluation reads the same rows, so validation losses are comparable across a
+dataset holds `eval_iters x global_batch_size` rows in inference mode (curriculum and mixed
+patching are static) and every evaluation reads the same rows, so validation losses are comparable across a
 run and across runs. A dataset too small to have validation documents under `--split` is left
 out of the valid blend (with a warning that names it); the others are validated on.
 
@@ -17,8 +17,9 @@ Tasks. `--task lm` (the default) makes the pretraining rows above; `--task asr|t
 task row per utterance of each aligned dataset (`megatron_lst.data.task_rows`: prompt, answer,
 EOS, loss on the answer and EOS only), from the same documents, splits and blend.
 
-Sampling. Row i of the train dataset is the i-th sample of the training order: iteration t reads
-rows [t * G, (t + 1) * G) of a global batch of G rows. That batch is cut into micro-batches of
+Sampling. Row i of the train dataset is the i-th sample of the training order: iteration t
+(counted from 0: the loop logs it as iteration t + 1, and it is curriculum step t) reads rows
+[t * G, (t + 1) * G) of a global batch of G rows. That batch is cut into micro-batches of
 `micro_batch_size x data_parallel_size` consecutive rows and data-parallel rank r takes rows
 [r * b, (r + 1) * b) of each (b = micro-batch size), which is `MegatronPretrainingSampler`. A run
 resumed with `consumed_samples` continues at exactly the next row.
@@ -282,10 +283,15 @@ def _build_datasets(args: argparse.Namespace, cache_root: Path | None) -> RunDat
     else:
         valid_sources = _validation_sources(args, sources, stores)
     if args.task != "lm":  # one refusal names the sizes that hold the train and valid rows
-        check_rows_fit([documents(prefix, split) for split, weighted in
-                        (("train", sources["train"]), ("valid", valid_sources))
-                        for _, prefix in weighted],
-                       args.task, patcher, space_id, args.seq_length, args.max_tokens)
+        # Each part under the rules its rows can get: train rows at steps 0 .. train_iters - 1,
+        # valid rows at step None (as at inference: static for mixed and curriculum patching).
+        parts = [(split, prefix) for split, weighted in
+                 (("train", sources["train"]), ("valid", valid_sources)) for _, prefix in weighted]
+        rules = {"train": patcher.rules_at_steps(range(args.train_iters)),
+                 "valid": patcher.rules_at_steps(None)}
+        check_rows_fit([documents(prefix, split) for split, prefix in parts],
+                       args.task, patcher, space_id, args.seq_length, args.max_tokens,
+                       part_rules=[rules[split] for split, _ in parts])
     train = make("train", sources["train"], args.train_iters * args.global_batch_size,
                  training=True)
     valid = None

@@ -161,6 +161,32 @@ def test_unit_files_without_a_textgrid_are_named(tmp_path, spm, capsys):
     assert "have no TextGrid" not in capsys.readouterr().err
 
 
+def test_unknown_words_are_counted_and_warned_of(tmp_path, spm, capsys):
+    """MFA's '<unk>' word intervals were trained as the text '<unk>' without a word; they are kept
+    as speech without text, counted in the manifest and in a warning."""
+    grids, units = tmp_path / "grids", tmp_path / "units"
+    grids.mkdir()
+    units.mkdir()
+    for n, label in enumerate(("<unk>", "spn", "hello")):
+        write_textgrid(grids / f"u{n}.TextGrid", [Interval(0.0, 0.6, "hello"),
+                                                  Interval(0.6, 1.0, label)])
+        np.save(units / f"u{n}.npy", np.arange(50))
+    args = ["--input-format", "textgrid", "--textgrid-dir", str(grids), "--units-dir",
+            str(units), "--tokenizer-model", str(spm), "--frame-rate", "50"]
+    preprocess.main([*args, "--output-prefix", str(tmp_path / "tg")])
+    store = DocumentStore(tmp_path / "tg")
+    assert store.manifest.counts.unknown_words == 2 and store.manifest.counts.words == 4
+    assert [store[n].seg_text_len.tolist()[1] == 0 for n in range(3)] == [True, True, False]
+    assert ("warning: 2 word intervals are labelled <unk> or spn, the aligner's "
+            "out-of-vocabulary word: their speech is kept without text") in capsys.readouterr().err
+    (grids / "u0.TextGrid").unlink()
+    (grids / "u1.TextGrid").unlink()
+    (units / "u0.npy").unlink()
+    (units / "u1.npy").unlink()
+    preprocess.main([*args, "--output-prefix", str(tmp_path / "tg2")])
+    assert "<unk>" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_bad_input_stops_with_file_and_line(tmp_path, spm, workers):
     source = tmp_path / "in.jsonl"

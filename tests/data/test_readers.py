@@ -221,6 +221,22 @@ def test_textgrid_silence_labels_of_other_aligners_are_silences(tmp_path, tokeni
     assert (source.counts.words, source.counts.silences) == (1, 2)
 
 
+@pytest.mark.parametrize("label", ["<unk>", "<UNK>", "spn", "SPN"])
+def test_textgrid_unknown_words_keep_their_speech_without_text(tmp_path, tokenizer, label):
+    """MFA's out-of-vocabulary word ('<unk>', aligned to the speech-noise phone 'spn') was trained
+    as the literal text '<unk>' in text blocks and ASR answers; its frames are kept as a segment
+    without text, counted apart from words and silences. One of no frames is dropped."""
+    tier = [Interval(0.0, 0.2, "the"), Interval(0.2, 0.6, label), Interval(0.6, 0.6, label),
+            Interval(0.6, 1.0, "cat")]
+    _utterance(tmp_path / "g", tmp_path / "u", "a", tier, list(range(25)))
+    (source,) = read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=30)
+    assert _segments(source.document, tokenizer) == [
+        ("the", list(range(5))), ("", list(range(5, 15))), ("cat", list(range(15, 25)))]
+    counts = source.counts
+    assert (counts.words, counts.silences, counts.unknown_words) == (2, 0, 2)
+    assert counts.empty_silences_dropped == 0
+
+
 def test_textgrid_length_mismatch_names_both_files(tmp_path, tokenizer):
     _utterance(tmp_path / "g", tmp_path / "u", "a", WORD_TIER, [1] * 22)
     with pytest.raises(DocumentError, match=r"g/a.TextGrid \+ .*u/a.npy: the TextGrid ends at "

@@ -182,6 +182,30 @@ def test_mixed_patching_sizes_rows_for_either_rule():
         TaskDataset(store, "asr", 1, 9, 12, patcher, seed=0)
 
 
+def test_rows_are_sized_under_the_rules_their_steps_draw():
+    """Validation rows of a mixed model are patched statically (step None) and curriculum rows
+    before tau1 aligned only, but both were sized under static and aligned patching: a dataset
+    whose rows all fit was refused."""
+    store = MemoryStore("aligned", [HAND_DOC])
+    mixed = Patcher(PatchingConfig("mixed", patch_size=3, prob_static=0.5))
+    assert max_row_shape(store, "asr", mixed, None, ("static",)) == (12, 9)
+    valid = TaskDataset(store, "asr", 1, 9, 12, mixed, seed=0, training=False)  # fits statically
+    assert len(valid[0]["patch_lengths"]) == 9
+    with pytest.raises(DatasetError, match="--seq-length 9 patches hold: document 0 has 12 "
+                                           "inputs in 10 patches"):
+        TaskDataset(store, "asr", 1, 9, 12, mixed, seed=0)  # training rows may draw aligned (10)
+    # Curriculum, tau1 = 1: rows at steps 0 and 1 are aligned (10 patches, more than static's 9).
+    early = Patcher(PatchingConfig("curriculum", patch_size=3, aligned_until_step=1,
+                                   static_from_step=4))
+    rows = TaskDataset(store, "asr", 4, 10, 12, early, seed=0, global_batch_size=2)
+    assert rows.steps == range(0, 2)
+    late = TaskDataset(store, "asr", 2, 9, 12, early, seed=0, global_batch_size=2,
+                       sample_positions=np.array([8, 9]))  # step 4: static only
+    assert late.steps == range(4, 5) and len(late[1]["patch_lengths"]) == 9
+    with pytest.raises(DatasetError, match="document 0 has 12 inputs in 10 patches"):
+        TaskDataset(store, "asr", 8, 9, 12, early, seed=0, global_batch_size=2)  # steps 0..3
+
+
 def test_utterance_without_transcript_is_refused():
     silent = AlignedDocument(np.zeros(0, np.int32), np.array([1, 2], np.int32),
                              np.array([0], np.int32), np.array([2], np.int32))

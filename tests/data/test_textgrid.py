@@ -117,6 +117,29 @@ def test_write_rejects_overlap(tmp_path):
         write_textgrid(tmp_path / "x.TextGrid", [Interval(0, 1, "a"), Interval(0.5, 2, "b")])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+@pytest.mark.parametrize("field", ["start", "end"])
+def test_write_refuses_times_the_reader_refuses_naming_the_interval(tmp_path, bad, field):
+    """NaN and inf times were written ('nan', 'inf') and a negative start before a first interval
+    as is: files read_textgrid then refused. Nothing is written now."""
+    path = tmp_path / "x.TextGrid"
+    times = {"start": 0.5, "end": 0.9, field: bad}
+    words = [Interval(0.0, 0.5, "a"), Interval(times["start"], times["end"], "b"),
+             Interval(1.0, 1.2, "c")]
+    with pytest.raises(TextGridError, match=rf"x.TextGrid: interval 2 of 3 \(.*'b'\)\) has "
+                                            rf"{field} {bad!r}; times must be finite seconds >= 0"):
+        write_textgrid(path, words)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_write_refuses_a_bad_xmax(tmp_path, bad):
+    with pytest.raises(TextGridError, match=rf"xmax {bad!r} is not a finite number of seconds"):
+        write_textgrid(tmp_path / "x.TextGrid", [Interval(0.0, 0.5, "a")], xmax=bad)
+    with pytest.raises(TextGridError, match="xmax"):
+        write_textgrid(tmp_path / "x.TextGrid", [], xmax=bad)
+
+
 def test_missing_tier_lists_tiers(tmp_path):
     path = tmp_path / "utt.TextGrid"
     path.write_text(LONG)

@@ -49,6 +49,39 @@ def test_rules_of_each_mode():
         p.rule(None, 15)
 
 
+def test_first_static_step():
+    assert curriculum(10, 20).config.first_static_step == 20
+    assert curriculum(5, 5).config.first_static_step == 6  # step 5 is aligned
+    assert PatchingConfig(mode="mixed").first_static_step is None
+    for tau1, tau2 in ((10, 20), (5, 5), (0, 0), (0, 1)):
+        p = curriculum(tau1, tau2)
+        first = p.config.first_static_step
+        assert p.probability_aligned(first) == 0.0 and p.probability_aligned(first - 1) > 0.0
+
+
+def test_rules_at_steps_are_those_the_steps_can_draw():
+    """The rules a row patched at one of the steps can get: what sizes its rows are checked
+    under (validation rows, step None, are static for mixed and curriculum)."""
+    p = curriculum(10, 20)
+    assert p.rules_at_steps(range(0, 11)) == ("aligned",)  # through tau1: aligned only
+    assert p.rules_at_steps(range(0, 12)) == ("static", "aligned")
+    assert p.rules_at_steps(range(19, 30)) == ("static", "aligned")  # P(aligned) = 1/10 at 19
+    assert p.rules_at_steps(range(20, 30)) == ("static",)
+    assert p.rules_at_steps(None) == ("static",)
+    assert p.rules_at_steps(range(0)) == ()
+    hard = curriculum(5, 5)
+    assert hard.rules_at_steps(range(0, 6)) == ("aligned",)
+    assert hard.rules_at_steps(range(6, 9)) == ("static",)
+    for prob_static, rules in ((0.0, ("aligned",)), (0.5, ("static", "aligned")),
+                               (1.0, ("static",))):
+        mixed = Patcher(PatchingConfig(mode="mixed", prob_static=prob_static))
+        assert mixed.rules_at_steps(range(3)) == rules
+        assert mixed.rules_at_steps(None) == ("static",)
+    for mode in ("none", "static", "aligned"):
+        fixed = Patcher(PatchingConfig(mode=mode))
+        assert fixed.rules_at_steps(range(3)) == fixed.rules_at_steps(None) == (mode,)
+
+
 @pytest.mark.parametrize("prob_static", [0.0, 0.3, 1.0])
 def test_mixed_frequency(prob_static):
     p = Patcher(PatchingConfig(mode="mixed", prob_static=prob_static))

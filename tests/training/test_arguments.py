@@ -461,14 +461,25 @@ def test_save_interval_without_save_warns(caplog):
 
 
 def test_curriculum_beyond_the_run_warns(caplog):
-    curriculum = ["--patching-mode", "curriculum", "--max-tokens", "64", "--curriculum-tau1", "5",
-                  "--local-encoder-layers", "1", "--local-encoder-hidden-size", "32",
-                  "--local-encoder-heads", "4", "--local-decoder-layers", "1",
-                  "--local-decoder-hidden-size", "32", "--local-decoder-heads", "4"]
-    valid(*curriculum, "--curriculum-tau2", "10")  # --train-iters 10: static from step 10
+    model = ["--patching-mode", "curriculum", "--max-tokens", "64",
+             "--local-encoder-layers", "1", "--local-encoder-hidden-size", "32",
+             "--local-encoder-heads", "4", "--local-decoder-layers", "1",
+             "--local-decoder-hidden-size", "32", "--local-decoder-heads", "4"]
+    curriculum = [*model, "--curriculum-tau1", "5"]
+    # --train-iters 10 runs steps 0 .. 9 (iteration i is step i - 1).
+    valid(*curriculum, "--curriculum-tau2", "9")  # static from step 9: iteration 10
     assert "static phase" not in caplog.text
-    valid(*curriculum, "--curriculum-tau2", "11")
-    assert "--curriculum-tau2 11 is beyond --train-iters 10" in caplog.text
+    valid(*curriculum, "--curriculum-tau2", "10")  # step 10 is never trained
+    assert ("--curriculum-tau2 10 is beyond --train-iters 10: this run ends before its static "
+            "phase (every document static from step 10, iteration 11; iteration 10 is step 9)"
+            ) in caplog.text
+    caplog.clear()
+    # tau1 == tau2: step tau1 is still aligned, static from tau1 + 1.
+    valid(*model, "--curriculum-tau1", "8", "--curriculum-tau2", "8")  # static from step 9
+    assert "static phase" not in caplog.text
+    valid(*model, "--curriculum-tau1", "9", "--curriculum-tau2", "9")  # static from step 10
+    assert "static from step 10, iteration 11" in caplog.text
+
 
 def test_distributed_optimizer_in_fp32_is_allowed():
     args = valid("--use-distributed-optimizer", world_size=2)

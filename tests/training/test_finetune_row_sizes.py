@@ -43,3 +43,34 @@ def test_the_first_refusal_names_sizes_that_hold_the_valid_rows_too(tmp_path):
             f"--max-tokens {inputs} and --seq-length {patches} ") in message
     datasets = build_datasets(validate_args(parse_args(_flags(train, valid, inputs, patches)), 1))
     assert datasets.valid is not None and len(datasets.valid[0]["tokens"]) == inputs
+
+
+
+def test_valid_rows_of_a_mixed_model_are_sized_static(tmp_path):
+    """Validation rows of a mixed model are patched statically (as at inference), but they were
+    sized under aligned patching too: a run whose rows all fit was refused, and the refusal named
+    a --seq-length larger than any row needs."""
+    train = str(write_store(tmp_path / "train", "aligned", 3, seed=1))
+    valid = str(write_store(tmp_path / "valid", "aligned", 40, seed=2))
+    patcher = Patcher(PatchingConfig("mixed", patch_size=6))
+    train_shape = max_row_shape(DocumentStore(train), "asr", patcher, None)  # either rule
+    valid_static = max_row_shape(DocumentStore(valid), "asr", patcher, None, ("static",))
+    valid_aligned = max_row_shape(DocumentStore(valid), "asr", patcher, None, ("aligned",))
+    assert valid_aligned[1] > valid_static[1] > train_shape[1]  # the case: 93 > 79 > 61
+    inputs, patches = max(train_shape[0], valid_static[0]), valid_static[1]
+
+    def flags(max_tokens: int, seq_length: int) -> list[str]:
+        given = _flags(train, valid, max_tokens, seq_length)
+        at = given.index("--patching-mode")
+        given[at + 1] = "mixed"
+        at = given.index("--patch-size")
+        given[at + 1] = "6"
+        return given
+
+    with pytest.raises(DatasetError) as refused:
+        build_datasets(validate_args(parse_args(flags(inputs, 60)), 1))
+    assert (f"The smallest sizes that hold every row of every part the run builds are "
+            f"--max-tokens {inputs} and --seq-length {patches} ") in str(refused.value)
+    datasets = build_datasets(validate_args(parse_args(flags(inputs, patches)), 1))
+    assert datasets.valid is not None
+    assert max(len(datasets.valid[i]["patch_lengths"]) for i in range(4)) == patches
