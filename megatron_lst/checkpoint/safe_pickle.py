@@ -22,7 +22,6 @@ job's code as well.)
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 from pathlib import Path
@@ -34,7 +33,7 @@ from .errors import CheckpointIntegrityError, UnsafeCheckpointError
 
 DCP_METADATA_FILENAME = ".metadata"
 COMMON_STATE_FILENAME = "common.pt"
-# (resolved path, SHA-256 of the bytes, Metadata) of the last index `read_dcp_metadata` read.
+# (resolved path, bytes, Metadata) of the last index `read_dcp_metadata` read.
 _last_index: tuple[Path, bytes, Any] | None = None
 
 _DCP = "torch.distributed.checkpoint"
@@ -96,8 +95,8 @@ def read_dcp_metadata(checkpoint: str | Path):
         data = path.read_bytes()
     except OSError as err:
         raise CheckpointIntegrityError(f"cannot read {path}: {err}") from None
-    digest = hashlib.sha256(data).digest()
-    if _last_index is not None and _last_index[:2] == (path.resolve(), digest):
+    resolved = path.resolve()
+    if _last_index is not None and _last_index[0] == resolved and _last_index[1] == data:
         return _last_index[2]
     try:
         metadata = _DcpMetadataUnpickler(io.BytesIO(data), path).load()
@@ -112,7 +111,7 @@ def read_dcp_metadata(checkpoint: str | Path):
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpointError(f"{path} holds a {type(metadata).__name__}, not a "
                                     f"torch.distributed.checkpoint index")
-    _last_index = (path.resolve(), digest, metadata)
+    _last_index = (resolved, data, metadata)
     return metadata
 
 

@@ -66,7 +66,7 @@ from megatron_lst.checkpoint.stale_scratch import (
     remove_stale_scratch,
     writer_tag,
 )
-from megatron_lst.data.documents import AlignedDocument, check_document_of
+from megatron_lst.data.documents import AlignedDocument, check_document_of, document_name
 from megatron_lst.data.interleave import InterleaveConfig, InterleavedDocument, Interleaver
 from megatron_lst.data.worker_pool import worker_pool
 from megatron_lst.patching.curriculum import Patcher
@@ -264,8 +264,7 @@ class LSTDataset(torch.utils.data.Dataset):
         is stored."""
         if longest <= self.max_tokens:
             return
-        describe = getattr(self.store, "describe", None)
-        named = describe(doc_id) if describe is not None else f"document {doc_id}"
+        named = document_name(self.store, doc_id)
         if rule == "aligned":
             what, other = ("the units of one word or silence", "; or patch speech statically "
                            "(--patching-mode static), or leave that utterance out of the data")

@@ -102,10 +102,15 @@ def check_stored_document(stored: AlignedDocument | np.ndarray, text_size: int, 
                 f"it, which encodes such text as plain pieces")
 
 
-def check_document_of(store, doc_id: int, stored: AlignedDocument | np.ndarray, vocab) -> None:
-    """`check_stored_document` for document `doc_id` read from `store` (named by the store's
-    optional `describe`), against `vocab` (a JointVocab) with its BOS and EOS ids refused."""
+def document_name(store, doc_id: int) -> str:
+    """Document `doc_id` of `store` as errors name it: the store's optional `describe` (its file
+    and document number), else "document N"."""
     describe = getattr(store, "describe", None)
-    check_stored_document(stored, vocab.text_size, vocab.num_units,
-                          describe(doc_id) if describe else f"document {doc_id}",
+    return describe(doc_id) if describe is not None else f"document {doc_id}"
+
+
+def check_document_of(store, doc_id: int, stored: AlignedDocument | np.ndarray, vocab) -> None:
+    """`check_stored_document` for document `doc_id` read from `store` (named by
+    `document_name`), against `vocab` (a JointVocab) with its BOS and EOS ids refused."""
+    check_stored_document(stored, vocab.text_size, vocab.num_units, document_name(store, doc_id),
                           (vocab.bos_id, vocab.eos_id))

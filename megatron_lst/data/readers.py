@@ -18,7 +18,6 @@ Blank lines in JSONL files are not documents and are passed over silently.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -472,13 +471,14 @@ def unit_files_without_textgrid(textgrid_dir: str | Path, units_dir: str | Path,
     which the corpus would otherwise leave out without a word. A file beside the one an
     utterance reads (`a.txt` beside `a.npy`) is of a read utterance, not listed."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
-    read = set()  # the unit files read, without their suffix
+    listed = sorted(path for path in units_dir.rglob("*")
+                    if path.suffix in UNIT_FILE_SUFFIXES and path.is_file())
+    bases = {path.relative_to(units_dir).with_suffix("") for path in listed}
+    read = set()  # the relative bases the utterances read, by find_units_file's rule
     for path in utterances:
-        with contextlib.suppress(DocumentError):  # its own error comes when it is read
-            read.add(find_units_file(path, textgrid_dir, units_dir).resolve().with_suffix(""))
-    return sorted(path for path in units_dir.rglob("*")
-                  if path.suffix in UNIT_FILE_SUFFIXES and path.is_file()
-                  and path.resolve().with_suffix("") not in read)
+        relative = path.relative_to(textgrid_dir).with_suffix("")
+        read.add(relative if relative in bases else Path(relative.name))
+    return [path for path in listed if path.relative_to(units_dir).with_suffix("") not in read]
 
 
 def read_textgrid_corpus(textgrid_dir: str | Path, units_dir: str | Path,

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from megatron_lst.data.dataset import DatasetError, EpochOrders, checked_sample_positions, pad_row
-from megatron_lst.data.documents import AlignedDocument, check_document_of
+from megatron_lst.data.documents import AlignedDocument, check_document_of, document_name
 from megatron_lst.data.interleave import InterleavedDocument
 from megatron_lst.patching.curriculum import Patcher
 from megatron_lst.tokenizer.vocab import MODALITY_SPEECH, MODALITY_TEXT, JointVocab
@@ -260,8 +260,7 @@ def check_rows_fit(parts: list, task: str, patcher: Patcher, space_id: int | Non
     if not refused:
         return
     store, part_shapes, first = parts[refused[0]], shapes[refused[0]], int(too_long[refused[0]][0])
-    describe = getattr(store, "describe", None)  # the file and its document number
-    named = describe(first) if describe is not None else f"document {first}"
+    named = document_name(store, first)
     most_inputs, most_patches = (int(v) for v in np.concatenate(shapes).max(axis=0))
     if patcher.config.mode == "none":  # the token baseline: --max-tokens is --seq-length
         held = f"--seq-length {seq_length} positions hold"

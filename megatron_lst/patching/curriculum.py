@@ -121,12 +121,11 @@ class Patcher:
         validation rows' step None), in `candidate_rules` order. P(aligned) does not rise with
         the step, so aligned is possible when it is above 0 at the first step and static when it
         is below 1 at the last."""
-        if steps is None:
-            return ("static",) if self.needs_rng else self.candidate_rules
-        if not len(steps):
+        if steps is not None and not len(steps):
             return ()
-        possible = {"aligned": self.probability_aligned(steps[0]) > 0.0,
-                    "static": self.probability_aligned(steps[-1]) < 1.0}
+        first, last = (None, None) if steps is None else (steps[0], steps[-1])
+        possible = {"aligned": self.probability_aligned(first) > 0.0,
+                    "static": self.probability_aligned(last) < 1.0}
         return tuple(rule for rule in self.candidate_rules if possible.get(rule, True))
 
     def rule_for_draw(self, draw: float | None, step: int | None) -> str:

@@ -71,8 +71,7 @@ T = TypeVar("T")
 
 def dataset_fingerprint(prefix: str) -> dict[str, Any]:
     """The fingerprint of the dataset at `prefix` (see the module docstring), with its prefix."""
-    fields, _ = _cheap_fingerprint(prefix)
-    return _with_idx_digest(fields, digest_file(Path(f"{prefix}.idx")).sha256)
+    return _with_idx_digest(_cheap_fingerprint(prefix), digest_file(Path(f"{prefix}.idx")).sha256)
 
 
 def training_data_fingerprints(sources: Sequence[tuple[float | None, str]]
@@ -85,7 +84,8 @@ def training_data_fingerprints(sources: Sequence[tuple[float | None, str]]
     prefixes = list(dict.fromkeys(p for _, p in sources))
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [dataset_fingerprint(prefix) for prefix in prefixes]
-    cheap, failure = _attempt(lambda: [_cheap_fingerprint(prefix) for prefix in prefixes])
+    cheap, failure = _attempt(lambda: [(_cheap_fingerprint(prefix), _sampled_sha256(f"{prefix}.idx"))
+                                       for prefix in prefixes])
     # Only the keys (64 hex digits a dataset) go round: a blend of many datasets on thousands of
     # ranks would otherwise gather every rank's fields on every rank.
     fields_by_key = {_group_key(fields, sample): fields for fields, sample in cheap or []}
@@ -122,12 +122,12 @@ def idx_digest_groups(keys_by_rank: Sequence[Sequence[str]]) -> list[IdxDigestGr
             for number, (key, ranks) in enumerate(members.items())]
 
 
-def _cheap_fingerprint(prefix: str) -> tuple[dict[str, Any], str]:
-    """Every field of the fingerprint but `idx_sha256` (None), and a sampled digest of the
-    `.idx`: what a rank reads of its copy without reading a whole file."""
+def _cheap_fingerprint(prefix: str) -> dict[str, Any]:
+    """Every field of the fingerprint but `idx_sha256` (None): what a rank reads of its copy
+    without reading a whole file."""
     manifest = Manifest.load(prefix)
     idx, bin_ = f"{prefix}.idx", f"{prefix}.bin"  # megatron.core's names
-    fields = {
+    return {
         "prefix": prefix,
         "kind": manifest.kind,
         "documents": manifest.counts.documents,
@@ -139,7 +139,6 @@ def _cheap_fingerprint(prefix: str) -> tuple[dict[str, Any], str]:
         "idx_sha256": None,
         "bin_sample_sha256": _sampled_sha256(bin_),
     }
-    return fields, _sampled_sha256(idx)
 
 
 def _with_idx_digest(fields: dict[str, Any], idx_sha256: str) -> dict[str, Any]:

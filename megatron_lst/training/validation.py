@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_lst.patching.curriculum import PatchingConfig
 from megatron_lst.training.flag_checks import (
     ArgumentError,
     flag_name,
@@ -252,15 +251,18 @@ def validate_lst(args: argparse.Namespace) -> None:
             )
         # Iteration i (logged from 1) is curriculum step i - 1: the run's last step is
         # train_iters - 1. A warning, not an error: a later run may extend --train-iters and resume.
+        from megatron_lst.patching.curriculum import PatchingConfig  # torch, via the package
+
         first_static = PatchingConfig(
             "curriculum", aligned_until_step=args.curriculum_tau1,
             static_from_step=args.curriculum_tau2).first_static_step
         if first_static >= args.train_iters:
             logger.warning(
-                "--curriculum-tau2 %d is beyond --train-iters %d: this run ends before its static "
-                "phase (every document static from step %d, iteration %d; iteration %d is step %d)",
-                args.curriculum_tau2, args.train_iters, first_static, first_static + 1,
-                args.train_iters, args.train_iters - 1)
+                "--curriculum-tau1 %d / --curriculum-tau2 %d with --train-iters %d: this run ends "
+                "before its static phase (every document static from step %d, iteration %d; "
+                "iteration %d is step %d)",
+                args.curriculum_tau1, args.curriculum_tau2, args.train_iters, first_static,
+                first_static + 1, args.train_iters, args.train_iters - 1)
     if args.patching_mode == "mixed" and not 0.0 <= args.mixed_static_prob <= 1.0:
         raise ArgumentError(f"--mixed-static-prob must be in [0, 1], got {args.mixed_static_prob}")
     for side in ("encoder", "decoder"):

@@ -147,10 +147,12 @@ def test_unit_files_without_a_textgrid_are_named(tmp_path, spm, capsys):
     (units / "u2.txt").write_text("1 2 3\n")  # no TextGrid
     (units / "units.json").write_text("{}")  # no unit file
     (units / "spk1" / "u0.txt").write_text("1 2 3\n")  # u0's too: u0.npy is read
+    write_textgrid(grids / "spk1" / "u3.TextGrid", [Interval(0.0, 1.0, "hello")])
+    np.save(units / "u3.npy", np.arange(50))  # read by its name alone
     args = ["--input-format", "textgrid", "--textgrid-dir", str(grids), "--units-dir",
             str(units), "--tokenizer-model", str(spm), "--frame-rate", "50"]
     preprocess.main([*args, "--output-prefix", str(tmp_path / "tg")])
-    assert len(DocumentStore(tmp_path / "tg")) == 1
+    assert len(DocumentStore(tmp_path / "tg")) == 2
     err = capsys.readouterr().err
     assert (f"warning: 2 unit files under {units} have no TextGrid under {grids}, so their "
             f"utterances are left out of the dataset ({units / 'spk1' / 'u1.npy'}, "

@@ -470,15 +470,16 @@ def test_curriculum_beyond_the_run_warns(caplog):
     valid(*curriculum, "--curriculum-tau2", "9")  # static from step 9: iteration 10
     assert "static phase" not in caplog.text
     valid(*curriculum, "--curriculum-tau2", "10")  # step 10 is never trained
-    assert ("--curriculum-tau2 10 is beyond --train-iters 10: this run ends before its static "
-            "phase (every document static from step 10, iteration 11; iteration 10 is step 9)"
-            ) in caplog.text
+    assert ("--curriculum-tau1 5 / --curriculum-tau2 10 with --train-iters 10: this run ends "
+            "before its static phase (every document static from step 10, iteration 11; "
+            "iteration 10 is step 9)") in caplog.text
     caplog.clear()
     # tau1 == tau2: step tau1 is still aligned, static from tau1 + 1.
     valid(*model, "--curriculum-tau1", "8", "--curriculum-tau2", "8")  # static from step 9
     assert "static phase" not in caplog.text
     valid(*model, "--curriculum-tau1", "9", "--curriculum-tau2", "9")  # static from step 10
-    assert "static from step 10, iteration 11" in caplog.text
+    assert ("--curriculum-tau1 9 / --curriculum-tau2 9 with --train-iters 10: this run ends "
+            "before its static phase (every document static from step 10, iteration 11") in caplog.text
 
 
 def test_distributed_optimizer_in_fp32_is_allowed():

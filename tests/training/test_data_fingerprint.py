@@ -179,13 +179,17 @@ def test_a_changed_node_local_copy_on_one_rank_stops_every_rank(tmp_path):
         assert "documents 20 -> 21" in record["refusal"]
 
 
+def _copy_key(prefix: str) -> str:
+    """The key a rank shares for its copy of the dataset at `prefix`."""
+    return _group_key(_cheap_fingerprint(prefix), _sampled_sha256(f"{prefix}.idx"))
+
+
 def test_ranks_whose_copies_agree_share_one_idx_digest_spread_over_them(tmp_path):
     speech = write_store(tmp_path / "speech", "aligned", 20, seed=1)
     text = write_store(tmp_path / "text", "text", 20, seed=2)
     other = write_store(tmp_path / "other" / "speech", "aligned", 20, seed=1)
-    shared = [_group_key(*_cheap_fingerprint(str(speech))),
-              _group_key(*_cheap_fingerprint(str(text)))]
-    elsewhere = _group_key(*_cheap_fingerprint(str(other)))
+    shared = [_copy_key(str(speech)), _copy_key(str(text))]
+    elsewhere = _copy_key(str(other))
     assert len({*shared, elsewhere}) == 3  # the prefix is part of the key
     # Ranks 0-2 read one shared filesystem; rank 3 its own copy of speech at another path.
     groups = idx_digest_groups([shared, shared, shared, [elsewhere, shared[1]]])
@@ -193,8 +197,9 @@ def test_ranks_whose_copies_agree_share_one_idx_digest_spread_over_them(tmp_path
         (shared[0], (0, 1, 2), 0), (shared[1], (0, 1, 2, 3), 1), (elsewhere, (3,), 3)]
     # The same path holding other data on one node (rank 1): that copy is digested by rank 1.
     write_store(tmp_path / "node1" / "speech", "aligned", 20, seed=5)
-    fields, sample = _cheap_fingerprint(str(tmp_path / "node1" / "speech"))
-    changed = _group_key({**fields, "prefix": str(speech)}, sample)
+    node1 = str(tmp_path / "node1" / "speech")
+    changed = _group_key({**_cheap_fingerprint(node1), "prefix": str(speech)},
+                         _sampled_sha256(f"{node1}.idx"))
     assert changed != shared[0]
     groups = idx_digest_groups([shared, [changed, shared[1]]])
     assert [(g.key, g.ranks, g.digesting_rank) for g in groups] == [
