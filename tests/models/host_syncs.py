@@ -4,8 +4,9 @@ On CUDA each of these waits for the GPU to finish everything queued before it: `
 `tolist`, `bool()` / `int()` / `float()` of a tensor, `nonzero`, `cpu`, `numpy`, `unique`,
 `masked_select`, and `repeat_interleave` with tensor repeats but no `output_size`. On CPU they
 cost nothing, which is why a test counts them: `record_host_syncs` patches them while its block
-runs and records each call made from a file under `megatron_lst/` or `kernels/` (calls made
-inside torch, megatron or the tests are not the project's hot path and are left out).
+runs and records each call made from a file under `megatron_lst/` or `kernels/` (or the
+`lst_kernels/` it is installed as; calls made inside torch, megatron or the tests are not the
+project's hot path and are left out).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-PROJECT_DIRS = ("megatron_lst", "kernels")
+PROJECT_DIRS = ("megatron_lst", "kernels", "lst_kernels")
 _TENSOR_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu",
                    "numpy", "unique", "masked_select")
 _TORCH_FUNCTIONS = ("nonzero", "unique", "masked_select")
