@@ -195,11 +195,26 @@ def sliding_window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
     return range_sliding_window(q, k, v, window, key_start)
 
 
+@functools.lru_cache(maxsize=16)
+def causal_key_end(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """`[B, S]` int64 (a read-only expanded view): query i sees keys up to i, `key_end = i + 1`.
+    One tensor per shape and device, the same object for every layer: the range kernel then
+    prepares the ranges once for all layers (`lst_kernels.last_call`)."""
+    return torch.arange(1, length + 1, device=device).expand(batch, length)
+
+
+@functools.lru_cache(maxsize=16)
+def window_key_start(batch: int, length: int, window: int, device: torch.device) -> torch.Tensor:
+    """`[B, S]` int64: the first key of a causal window of `window` keys, `max(i - W + 1, 0)`;
+    one tensor per shape, window and device, as `causal_key_end`."""
+    return (causal_key_end(batch, length, device) - window).clamp(min=0)
+
+
 def range_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                          key_start: torch.Tensor | None = None) -> torch.Tensor:
     """Range attention, any device: query i sees keys `[key_start[i], i + 1)`; `[B, N, H, d]`."""
     batch, num_tokens = q.shape[:2]
-    key_end = torch.arange(1, num_tokens + 1, device=q.device).expand(batch, num_tokens)  # [B, N]
+    key_end = causal_key_end(batch, num_tokens, q.device)  # [B, N]
     if key_start is None:
-        key_start = (key_end - window).clamp(min=0)
+        key_start = window_key_start(batch, num_tokens, window, q.device)
     return patch_cross_attention(q, k, v, key_start, key_end)
