@@ -24,8 +24,6 @@ class LastCall:
         self.compute = compute
         self._key: tuple | None = None
         self._result: tuple | None = None
-        self.computed = 0
-        """How many calls computed (the others reused): for tests."""
 
     def __call__(self, start: torch.Tensor, end: torch.Tensor, num_keys: int) -> tuple:
         versions = (start._version, end._version, num_keys)
@@ -37,5 +35,4 @@ class LastCall:
         # only the (small) results alive, not the inputs.
         self._key = (weakref.ref(start), weakref.ref(end), versions)
         self._result = result
-        self.computed += 1
         return result
