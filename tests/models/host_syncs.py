@@ -6,7 +6,8 @@ On CUDA each of these waits for the GPU to finish everything queued before it: `
 cost nothing, which is why a test counts them: `record_host_syncs` patches them while its block
 runs and records each call made from a file under `megatron_lst/` or `kernels/` (or the
 `lst_kernels/` it is installed as; calls made inside torch, megatron or the tests are not the
-project's hot path and are left out).
+project's hot path and are left out). `count_aten_ops` counts the aten operators a block
+dispatches, for tests that a copy or a slow indexing path does not come back.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 PROJECT_DIRS = ("megatron_lst", "kernels", "lst_kernels")
 _TENSOR_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu",
@@ -79,3 +81,21 @@ def syncs_in(counts: Counter, *files: str) -> int:
     """How many recorded reads came from `files` (paths as recorded, e.g.
     "megatron_lst/models/local_attention.py")."""
     return sum(n for (file, _, _), n in counts.items() if file in files)
+
+
+class _CountAtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_aten_ops():
+    """Yields a Counter of aten operator (`torch.ops.aten.<op>.<overload>`) -> calls, filled
+    while the block runs."""
+    with _CountAtenOps() as mode:
+        yield mode.ops

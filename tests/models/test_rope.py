@@ -30,22 +30,11 @@ def test_half_precision_input_is_cast_to_fp32_once():
     """A bf16 `x` is copied to fp32 once (and the result back once), not once for each of its
     two uses: every local layer rotates its queries and keys, so a second copy is a full extra
     fp32 write and read of both. The result is the fp32 rotation rounded once to bf16."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func] += 1
-            return func(*args, **(kwargs or {}))
+    from host_syncs import count_aten_ops
 
     x = torch.randn(2, 9, 3, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
     cos, sin = RotaryTable(8, 10000.0).cos_sin(9, "cpu")
-    with CountOps() as counting:
+    with count_aten_ops() as ops:
         out = apply_interleaved_rope(x, cos, sin)
-    assert counting.ops[torch.ops.aten._to_copy.default] == 2
+    assert ops[torch.ops.aten._to_copy.default] == 2
     assert torch.equal(out, apply_interleaved_rope(x.float(), cos, sin).bfloat16())
