@@ -26,7 +26,9 @@ class LastCall:
         self._result: tuple | None = None
 
     def __call__(self, start: torch.Tensor, end: torch.Tensor, num_keys: int) -> tuple:
-        versions = (start._version, end._version, num_keys)
+        # Inference mode too: a result made under it is an inference tensor, which a later
+        # training call could not save for its backward.
+        versions = (start._version, end._version, num_keys, torch.is_inference_mode_enabled())
         key = self._key
         if key is not None and key[0]() is start and key[1]() is end and key[2] == versions:
             return self._result

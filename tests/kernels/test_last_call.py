@@ -37,3 +37,16 @@ def test_anything_else_is_computed_again():
     end[0, 0] = 1  # modified in place: its version counter moved on
     assert torch.equal(memo(start, end, 3)[1], torch.tensor([[1, 3, 3]]))
     assert clip.calls == 5
+
+
+def test_a_result_made_in_inference_mode_is_not_reused_outside_it():
+    """Under `torch.inference_mode` the preparation is an inference tensor, which a training
+    call could not save for its backward: made again outside it."""
+    clip = Clip()
+    memo = LastCall(clip)
+    start, end = torch.tensor([[0, 1, 5]]), torch.tensor([[2, 4, 9]])
+    with torch.inference_mode():
+        inference = memo(start, end, 6)
+    training = memo(start, end, 6)
+    assert clip.calls == 2 and training is not inference
+    assert not training[0].is_inference()
