@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import dot_precision, head_block, use_autotune
+from .last_call import LastCall
 
 LOG2E = 1.4426950408889634
 
@@ -262,6 +263,11 @@ def queries_per_key(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: in
     return first.contiguous(), end.contiguous()
 
 
+# Every layer of a stack passes the same range tensors: prepared once, not in each layer.
+prepared_ranges = LastCall(clamp_ranges)
+prepared_queries_per_key = LastCall(queries_per_key)
+
+
 class PatchCrossAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: `apply(q, k, v, key_start, key_end, scale)`; shapes as in
     `lst_kernels.patch_cross_attention`. Differentiable once: a double backward raises."""
@@ -272,7 +278,7 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         batch, num_queries, heads, head_dim = q.shape
         num_keys = k.shape[1]
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-        start, end = clamp_ranges(key_start, key_end, num_keys)
+        start, end = prepared_ranges(key_start, key_end, num_keys)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(batch, heads, num_queries, dtype=torch.float32, device=q.device)
         meta = dict(PRECISION=dot_precision(q.dtype), BLOCK_D=head_block(head_dim))
@@ -309,7 +315,7 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
                    *scales)
         _launch(_dq_tuned, _attn_bwd_dq_kernel, "BLOCK_M", num_queries, batch * heads, dq_args,
                 ctx.meta, tuned)
-        first_query, end_query = queries_per_key(start, end, num_keys)
+        first_query, end_query = prepared_queries_per_key(start, end, num_keys)
         dkdv_args = (q, k, v, grad_out, dk, dv, lse, delta, start, end, first_query, end_query,
                      *_strides(q, k, v, grad_out, dk, dv), heads, num_queries, num_keys, head_dim,
                      *scales)

@@ -112,8 +112,9 @@ def encoder_key_ranges(
     bounds = patch_boundaries(patch_lengths).clamp(max=num_tokens)  # [B, P + 1]
     num_patches = patch_lengths.shape[1]
     q = torch.arange(num_patches, device=bounds.device)  # [P]
-    start = bounds[:, (q - window + 1).clamp(min=0)]  # [B, P]
-    end = bounds[:, q + 1]  # [B, P]
+    # index_select and a slice: the same values as advanced indexing, which on CPU costs 10-1000x
+    start = bounds.index_select(1, (q - window + 1).clamp(min=0))  # [B, P]
+    end = bounds[:, 1:]  # [B, P]: c[q + 1]
     if document_starts is not None:
         start = torch.maximum(start, document_starts.gather(1, bounds[:, :-1]))
     start = start.repeat_interleave(num_slots_per_patch, dim=1).int()  # [B, P * k]

@@ -13,6 +13,7 @@ and the global one (patches).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from lst_kernels import (
 )
 
 from .config import DocumentMaskingConfig
+from .local_attention import VarlenSequences
 
 
 def global_spec_for_documents(config: DocumentMaskingConfig | None, transformer_impl: str) -> str:
@@ -79,6 +81,17 @@ class RowDocuments:
         if not self.config.reset_attention_mask:
             return None
         return sliding_window_key_starts(self.starts[:, :self.num_tokens], window)
+
+    def varlen_sequences(self) -> VarlenSequences:
+        """The documents of the input tokens as flash-attn's varlen sequences. Found on the
+        first call (one host sync) and kept: every local layer of the batch, encoder, decoder
+        and the last stage's encoder replica, reads the same."""
+        return self._varlen_sequences
+
+    @functools.cached_property
+    def _varlen_sequences(self) -> VarlenSequences:
+        positions = torch.arange(self.num_tokens, device=self.starts.device)  # [N]
+        return VarlenSequences.of(self.starts[:, :self.num_tokens] == positions)
 
     def token_positions(self) -> torch.Tensor | None:
         """`[B, N]` RoPE position of every token, or None (0..N-1) without position reset."""

@@ -25,6 +25,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from .local_attention import causal_key_end
 from .sliding_window_cpu import sliding_window_attention_cpu
 
 
@@ -114,6 +115,6 @@ class CausalSDPAttention(MegatronModule):
         if q.device.type == "cpu":
             out = sliding_window_attention_cpu(q, k, v, seq_len, key_start, scale=self.scale)
         else:
-            key_end = torch.arange(1, seq_len + 1, device=q.device).expand(batch, seq_len)
+            key_end = causal_key_end(batch, seq_len, q.device)  # [B, S], shared by all layers
             out = patch_cross_attention(q, k, v, key_start, key_end, scale=self.scale)
         return out.transpose(0, 1).reshape(seq_len, batch, -1)  # [S, B, Hp*d]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -98,9 +100,14 @@ class SlidingWindowAttention(torch.nn.Module):
         self._resolved: dict[tuple[torch.device, torch.dtype, int], str] = {}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                key_start: torch.Tensor | None = None) -> torch.Tensor:
+                key_start: torch.Tensor | None = None,
+                sequences: Callable[[], VarlenSequences] | None = None) -> torch.Tensor:
+        """`sequences`: gives the documents of `key_start` as flash-attn's varlen sequences,
+        called only on the flash path (`RowDocuments.varlen_sequences`: found once per batch,
+        not per layer); without it the flash path finds them from `key_start`."""
         if self._backend_for(q) == "flash":
-            return flash_sliding_window(q, k, v, self.window, key_start)
+            found = sequences() if sequences is not None and key_start is not None else None
+            return flash_sliding_window(q, k, v, self.window, key_start, found)
         return sliding_window_sdpa(q, *expand_kv_heads(q, k, v), self.window, key_start)
 
     def _backend_for(self, q: torch.Tensor) -> str:
@@ -125,24 +132,49 @@ def expand_kv_heads(q: torch.Tensor, k: torch.Tensor,
             v.repeat_interleave(heads // groups, dim=2))
 
 
+@dataclass(frozen=True)
+class VarlenSequences:
+    """The documents of a batch as `flash_attn_varlen_func` takes them: the B rows of N tokens
+    flattened to B*N, cut at every document start."""
+
+    cu_seqlens: torch.Tensor
+    """`[docs + 1]` int32: the first flat position of every document, then B*N."""
+    max_len: int
+    """The longest document's length (flash-attn sizes its grid by it)."""
+
+    @classmethod
+    def of(cls, starts_sequence: torch.Tensor) -> VarlenSequences:
+        """From `starts_sequence [B, N]` bool (true where a document starts: at least position
+        0 of every row). One host sync for both the document count and the longest document
+        (flash-attn's interface takes them on the host)."""
+        batch, num_tokens = starts_sequence.shape
+        positions = torch.arange(num_tokens, device=starts_sequence.device)  # [N]
+        start = torch.where(starts_sequence, positions, 0).cummax(dim=1).values  # [B, N]
+        num_docs, max_len = torch.stack(
+            [starts_sequence.sum(), (positions - start).max() + 1]).tolist()
+        flat_starts = torch.nonzero_static(starts_sequence.flatten(), size=num_docs).flatten()
+        total = flat_starts.new_full((1,), batch * num_tokens)
+        return cls(torch.cat([flat_starts, total]).int(), max_len)  # row b's at b*N + i
+
+
 def flash_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                         key_start: torch.Tensor | None = None) -> torch.Tensor:
+                         key_start: torch.Tensor | None = None,
+                         sequences: VarlenSequences | None = None) -> torch.Tensor:
     """flash-attn on q `[B, N, H, d]`, k and v `[B, N, G, d]`; with `key_start`, every document
     of every row is one sequence of `flash_attn_varlen_func` (its window then never crosses a
-    document start)."""
+    document start): `sequences` when given (the documents of `key_start`), else found from
+    `key_start`."""
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     if key_start is None:
         return flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
     batch, num_tokens = q.shape[:2]
-    positions = torch.arange(num_tokens, device=q.device)
-    # key_start[i] == i exactly at a document start (or everywhere when W == 1, where cutting
-    # the row into one-token sequences changes nothing).
-    starts_sequence = key_start.long() == positions  # [B, N]; true at position 0
-    flat_starts = torch.nonzero(starts_sequence.flatten()).flatten()  # row b's at b*N + i
-    total = torch.tensor([batch * num_tokens], device=q.device)
-    cu_seqlens = torch.cat([flat_starts, total]).int()  # [docs + 1]
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if sequences is None:
+        positions = torch.arange(num_tokens, device=q.device)
+        # key_start[i] == i exactly at a document start (or everywhere when W == 1, where
+        # cutting the row into one-token sequences changes nothing).
+        sequences = VarlenSequences.of(key_start.long() == positions)  # true at position 0
+    cu_seqlens, max_len = sequences.cu_seqlens, sequences.max_len
     out = flash_attn_varlen_func(
         q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, max_len, max_len,
         causal=True, window_size=(window - 1, 0),
@@ -163,11 +195,26 @@ def sliding_window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
     return range_sliding_window(q, k, v, window, key_start)
 
 
+@functools.lru_cache(maxsize=16)
+def causal_key_end(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """`[B, S]` int64 (a read-only expanded view): query i sees keys up to i, `key_end = i + 1`.
+    One tensor per shape and device, the same object for every layer: the range kernel then
+    prepares the ranges once for all layers (`lst_kernels.last_call`)."""
+    return torch.arange(1, length + 1, device=device).expand(batch, length)
+
+
+@functools.lru_cache(maxsize=16)
+def window_key_start(batch: int, length: int, window: int, device: torch.device) -> torch.Tensor:
+    """`[B, S]` int64: the first key of a causal window of `window` keys, `max(i - W + 1, 0)`;
+    one tensor per shape, window and device, as `causal_key_end`."""
+    return (causal_key_end(batch, length, device) - window).clamp(min=0)
+
+
 def range_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                          key_start: torch.Tensor | None = None) -> torch.Tensor:
     """Range attention, any device: query i sees keys `[key_start[i], i + 1)`; `[B, N, H, d]`."""
     batch, num_tokens = q.shape[:2]
-    key_end = torch.arange(1, num_tokens + 1, device=q.device).expand(batch, num_tokens)  # [B, N]
+    key_end = causal_key_end(batch, num_tokens, q.device)  # [B, N]
     if key_start is None:
-        key_start = (key_end - window).clamp(min=0)
+        key_start = window_key_start(batch, num_tokens, window, q.device)
     return patch_cross_attention(q, k, v, key_start, key_end)

@@ -55,8 +55,9 @@ class LocalDecoder(torch.nn.Module):
             batch, num_patches * self.slots_per_patch, width
         )  # [B, P*k, Dd]
         decoder_patch_ids = patch_ids_from_lengths(patch_lengths[:, 1:], num_tokens)  # [B, N]
-        positions = first_patch = self_key_start = None
+        positions = first_patch = self_key_start = sequences = None
         if documents is not None:
+            sequences = documents.varlen_sequences
             positions = documents.token_positions()  # [B, N] or None
             first_patch = documents.token_first_patch(patch_lengths)  # [B, N] or None
             self_key_start = documents.token_key_starts(
@@ -71,7 +72,7 @@ class LocalDecoder(torch.nn.Module):
             if i < len(self.cross_attn_layers):
                 update = self.cross_attn_layers[i](h, slots, key_start, key_end)  # [B, N, Dd]
                 h = add_cross_attention_update(h, update, self.double_residual)
-            h = layer(h, rope, self_key_start)
+            h = layer(h, rope, self_key_start, sequences)
         return self.final_norm(h)  # [B, N, Dd]
 
     def forward_step(self, token_states: torch.Tensor, new_global_states: torch.Tensor,

@@ -39,14 +39,15 @@ class TokenEncoder(torch.nn.Module):
         """tokens `[B, N]` (packing `documents`, if given) -> the hidden state after every layer,
         each `[B, N, De]`."""
         h = self.embedding(tokens)  # [B, N, De], complete on every tensor-parallel rank
-        positions = key_start = None
+        positions = key_start = sequences = None
         if documents is not None:
             positions = documents.token_positions()  # [B, N] or None
             key_start = documents.token_key_starts(self.layers[0].self_attention.core_attention.window)
+            sequences = documents.varlen_sequences
         rope = self.rope.cos_sin_at(positions, tokens.shape[1], tokens.device)
         states = []
         for layer in self.layers:
-            h = layer(h, rope, key_start)
+            h = layer(h, rope, key_start, sequences)
             states.append(h)
         return states
 

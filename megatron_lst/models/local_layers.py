@@ -8,6 +8,7 @@ Activations are `[B, N, D]` (batch first: the local models never shard the seque
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from lst_kernels import patch_cross_attention
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .config import LocalModelConfig
-from .local_attention import SlidingWindowAttention, expand_kv_heads
+from .local_attention import SlidingWindowAttention, VarlenSequences, expand_kv_heads
 from .rope import apply_interleaved_rope
 
 
@@ -78,13 +79,15 @@ class LocalSelfAttention(torch.nn.Module):
                 v.unflatten(-1, (self.num_groups, self.head_dim)))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                key_start: torch.Tensor | None = None) -> torch.Tensor:
+                key_start: torch.Tensor | None = None,
+                sequences: Callable[[], VarlenSequences] | None = None) -> torch.Tensor:
         """`x [B, N, D]`, RoPE tables, and the first key of every query `[B, N]` for packed
-        documents (None: the window alone) -> `[B, N, D]`."""
+        documents (None: the window alone) -> `[B, N, D]`. `sequences`: how the flash backend
+        gets the documents (`RowDocuments.varlen_sequences`: once per batch for all layers)."""
         q, k, v = self._project(x)
         q = apply_interleaved_rope(q, *rope)
         k = apply_interleaved_rope(k, *rope)
-        out = self.core_attention(q, k, v, key_start)  # [B, N, H, d]
+        out = self.core_attention(q, k, v, key_start, sequences=sequences)  # [B, N, H, d]
         return self.linear_proj(out.flatten(-2))  # [B, N, D]
 
     def forward_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -127,8 +130,9 @@ class LocalTransformerLayer(torch.nn.Module):
         self.mlp = build_module(submodules.mlp, config.hidden_size, config.ffn_hidden_size)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                key_start: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attention(self.input_norm(x), rope, key_start)
+                key_start: torch.Tensor | None = None,
+                sequences: Callable[[], VarlenSequences] | None = None) -> torch.Tensor:
+        x = x + self.self_attention(self.input_norm(x), rope, key_start, sequences)
         return x + self.mlp(self.pre_mlp_norm(x))
 
     def forward_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],

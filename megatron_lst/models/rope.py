@@ -68,7 +68,9 @@ def rotary_angles(seq_len: int, head_dim: int, theta: float, device) -> torch.Te
 
 
 def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x [B, S, H, d]` by `RotaryTable.cos_sin` tables, pairs interleaved; fp32 math."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, S, H, d/2, 2]
+    """Rotate `x [B, S, H, d]` by `RotaryTable.cos_sin` tables, pairs interleaved; fp32 math
+    (one fp32 copy of a half-precision `x`, read twice)."""
+    x32 = x.float()  # [B, S, H, d]
+    pairs = x32.unflatten(-1, (-1, 2))  # [B, S, H, d/2, 2]
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # [B, S, H, d]
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return (x32 * cos + rotated * sin).to(x.dtype)

@@ -298,7 +298,9 @@ def encoder_cross_attention_pairs(patch_lengths: torch.Tensor, num_tokens: int,
     ends = lengths.cumsum(-1)  # [B, P], exclusive ends
     starts = ends - lengths  # [B, P]
     first = (torch.arange(lengths.shape[1]) - window + 1).clamp(min=0)  # [P]
-    range_start = starts[:, first].clamp(max=num_tokens)  # [B, P]
+    # index_select, not starts[:, first]: CPU advanced indexing takes 10-1000x longer, and this
+    # runs for every micro-batch on the training step's path
+    range_start = starts.index_select(1, first).clamp(max=num_tokens)  # [B, P]
     range_end = ends.clamp(max=num_tokens)  # [B, P], the last token of a row is a target only
     return int((range_end - range_start).clamp(min=0).sum())
 

@@ -350,3 +350,39 @@ def test_document_ranges_match_the_dense_rule(attention, window):
     want = torch.autograd.grad(expected, (q, kk, v), grad.double())
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double().cpu(), w.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_layers_sharing_ranges_prepare_them_once(monkeypatch):
+    """Layers that pass the same range tensors (the global stack, the decoder's cross-attention
+    layers) clip them once and find each key's queries once, with the outputs and gradients of
+    separate preparations; new or modified range tensors are prepared again."""
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 40, 2, 16, generator=generator).to(DEVICE) for _ in range(3))
+    key_end = torch.arange(1, 41).expand(2, 40).to(DEVICE)
+    key_start = (key_end - 7).clamp(min=0)
+    calls = {"clip": 0, "queries per key": 0}
+
+    def counting(name, compute):
+        def counted(*args):
+            calls[name] += 1
+            return compute(*args)
+        return counted
+
+    for name, memo in (("clip", patch_attention_triton.prepared_ranges),
+                       ("queries per key", patch_attention_triton.prepared_queries_per_key)):
+        monkeypatch.setattr(memo, "compute", counting(name, memo.compute))
+    layers = []
+    for _ in range(3):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = patch_cross_attention(*inputs, key_start, key_end, backend="triton")
+        out.square().sum().backward()
+        layers.append((out, *(t.grad for t in inputs)))
+    assert calls == {"clip": 1, "queries per key": 1}
+    for layer in layers[1:]:
+        for got, want in zip(layer, layers[0], strict=True):
+            assert torch.equal(got, want)
+    key_start[:, 20:] = 20  # modified in place: prepared again, and the output follows
+    out = patch_cross_attention(q, k, v, key_start, key_end, backend="triton")
+    assert calls["clip"] == 2
+    expected = patch_cross_attention(q, k, v, key_start, key_end, backend="torch")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

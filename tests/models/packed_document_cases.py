@@ -142,7 +142,7 @@ def dense_document_attention(model, tokens, patch_lengths):
             for layer in stack:
                 core = layer.self_attention.core_attention
                 mask = self_attention_mask(tokens, EOS, core.window)
-                override(core, lambda q, kk, v, key_start=None, mask=mask: dense_attention(
+                override(core, lambda q, kk, v, key_start=None, sequences=None, mask=mask: dense_attention(
                     q, *_one_kv_head_per_query_head(q, kk, v), mask))
         for layers, mask in (
             (model.patch_encoder.cross_attn_layers,

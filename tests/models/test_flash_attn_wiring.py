@@ -300,3 +300,34 @@ def test_auto_passes_over_a_transformer_engine_that_does_not_import(tmp_path, mo
                                            r"\(OSError: libtransformer_engine"):
         specs.resolve_transformer_impl("transformer_engine")
     assert specs.resolve_transformer_impl("local") == "local"
+
+
+@pytest.mark.parametrize("decoder_layers,num_documents", [(2, [2, 1]), (5, [6, 4])])
+def test_flash_documents_are_read_to_the_host_once_per_batch(single_rank, fake_flash,
+                                                             decoder_layers, num_documents):
+    """flash-attn's varlen interface takes the document count and the longest document on the
+    host. They are read once per forward, for all local layers, whatever the number of layers
+    or documents: not once (or twice) in every layer, each read a GPU sync on CUDA."""
+    import dataclasses
+
+    from host_syncs import record_host_syncs, syncs_in
+    from model_cases import tiny_config
+    from packed_document_cases import EOS as DOCUMENT_EOS
+    from packed_document_cases import packed_batch
+
+    from megatron_lst.models.config import DocumentMaskingConfig
+    from megatron_lst.models.lst_model import LSTModel
+
+    config = tiny_config(token_window=6, patch_window=3)
+    config = dataclasses.replace(
+        config, decoder=dataclasses.replace(config.decoder, num_layers=decoder_layers),
+        documents=DocumentMaskingConfig(eos_id=DOCUMENT_EOS))
+    tokens, _, patch_lengths = packed_batch("static", num_documents, seed=4)
+    torch.manual_seed(0)
+    model = LSTModel(config, config.transformer_config(), transformer_impl="local",
+                     local_attention_backend="flash", kernel_backend="torch").half()
+    with record_host_syncs() as syncs:
+        model(tokens, patch_lengths).float().sum().backward()
+    assert len(fake_flash.calls) == config.encoder.num_layers + decoder_layers
+    assert syncs_in(syncs, "megatron_lst/models/local_attention.py",
+                    "megatron_lst/models/documents.py") == 1, syncs

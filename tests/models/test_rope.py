@@ -24,3 +24,17 @@ def test_rotation_is_complex_multiplication():
     expected = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
                                   * phase[None, :, None, :]).flatten(-2)
     torch.testing.assert_close(apply_interleaved_rope(x, cos, sin), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_half_precision_input_is_cast_to_fp32_once():
+    """A bf16 `x` is copied to fp32 once (and the result back once), not once for each of its
+    two uses: every local layer rotates its queries and keys, so a second copy is a full extra
+    fp32 write and read of both. The result is the fp32 rotation rounded once to bf16."""
+    from host_syncs import count_aten_ops
+
+    x = torch.randn(2, 9, 3, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    cos, sin = RotaryTable(8, 10000.0).cos_sin(9, "cpu")
+    with count_aten_ops() as ops:
+        out = apply_interleaved_rope(x, cos, sin)
+    assert ops[torch.ops.aten._to_copy.default] == 2
+    assert torch.equal(out, apply_interleaved_rope(x.float(), cos, sin).bfloat16())

@@ -472,3 +472,27 @@ def test_model_config_head_shapes_reach_the_flop_count():
     g = shape.global_stack
     assert (g.attention_dim, g.num_kv_heads) == (4 * 24, 2)
     assert g.dense_flops(1) == 2 * 2 * (2 * 64 * 4 * 24 + 2 * 64 * 2 * 24 + 3 * 64 * 256)
+
+
+def test_per_batch_count_takes_no_advanced_indexing():
+    """`flops_per_batch` runs for every micro-batch before its forward is launched. CPU advanced
+    indexing (`t[:, index]`) took 1.5-12 ms there for a paper-1b batch of 2 x 4097 patches on a
+    busy 2-core host (index_select: 0.3 ms), so the count uses index_select; same numbers."""
+    from models.host_syncs import count_aten_ops
+
+    from megatron_lst.models.config import preset
+
+    shape = ModelShape.from_model_config(preset("paper-1b", 32768))
+    lengths = torch.full((2, 4097), 4, dtype=torch.int32)
+    lengths[:, 0], lengths[:, -1] = 1, 0
+    num_tokens = int(lengths[0].sum()) - 1
+    with count_aten_ops() as ops:
+        flops = flops_per_batch(shape, lengths, num_tokens)
+    assert ops[torch.ops.aten.index.Tensor] == 0
+    assert flops == flops_per_batch(shape, lengths.long(), num_tokens)
+    window = shape.cross_attn_window_encoder
+    starts = lengths.long().cumsum(-1) - lengths  # [B, P]: the encoder ranges, restated
+    first = (torch.arange(4097) - window + 1).clamp(min=0)
+    pairs = (lengths.long().cumsum(-1).clamp(max=num_tokens)
+             - starts[:, first].clamp(max=num_tokens)).clamp(min=0).sum()
+    assert encoder_cross_attention_pairs(lengths, num_tokens, window) == int(pairs)
