@@ -50,3 +50,16 @@ def test_a_result_made_in_inference_mode_is_not_reused_outside_it():
     training = memo(start, end, 6)
     assert clip.calls == 2 and training is not inference
     assert not training[0].is_inference()
+
+
+def test_ranges_made_in_inference_mode_are_computed_each_call():
+    """Inference tensors keep no version counter, so a change in place could not be told: each
+    call computes afresh (reading `_version` of one raised)."""
+    clip = Clip()
+    memo = LastCall(clip)
+    with torch.inference_mode():
+        start, end = torch.tensor([[0, 1, 5]]), torch.tensor([[2, 4, 9]])
+        memo(start, end, 6)
+        end[0, 0] = 1
+        assert torch.equal(memo(start, end, 6)[1], torch.tensor([[1, 4, 6]]))
+    assert clip.calls == 2
