@@ -152,7 +152,10 @@ class VarlenSequences:
         start = torch.where(starts_sequence, positions, 0).cummax(dim=1).values  # [B, N]
         num_docs, max_len = torch.stack(
             [starts_sequence.sum(), (positions - start).max() + 1]).tolist()
-        flat_starts = torch.nonzero_static(starts_sequence.flatten(), size=num_docs).flatten()
+        # The flat positions of the starts, in order, without another host sync (a stable sort
+        # puts the starts first; torch.nonzero_static runs on CUDA only from torch 2.6).
+        not_start = (~starts_sequence.flatten()).to(torch.uint8)  # [B*N]
+        flat_starts = torch.argsort(not_start, stable=True)[:num_docs]  # [docs]
         total = flat_starts.new_full((1,), batch * num_tokens)
         return cls(torch.cat([flat_starts, total]).int(), max_len)  # row b's at b*N + i
 
@@ -199,15 +202,18 @@ def sliding_window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
 def causal_key_end(batch: int, length: int, device: torch.device) -> torch.Tensor:
     """`[B, S]` int64 (a read-only expanded view): query i sees keys up to i, `key_end = i + 1`.
     One tensor per shape and device, the same object for every layer: the range kernel then
-    prepares the ranges once for all layers (`lst_kernels.last_call`)."""
-    return torch.arange(1, length + 1, device=device).expand(batch, length)
+    prepares the ranges once for all layers (`lst_kernels.last_call`). Never an inference tensor,
+    even when first made under torch.inference_mode: those it would prepare again every call."""
+    with torch.inference_mode(False):
+        return torch.arange(1, length + 1, device=device).expand(batch, length)
 
 
 @functools.lru_cache(maxsize=16)
 def window_key_start(batch: int, length: int, window: int, device: torch.device) -> torch.Tensor:
     """`[B, S]` int64: the first key of a causal window of `window` keys, `max(i - W + 1, 0)`;
     one tensor per shape, window and device, as `causal_key_end`."""
-    return (causal_key_end(batch, length, device) - window).clamp(min=0)
+    with torch.inference_mode(False):
+        return (causal_key_end(batch, length, device) - window).clamp(min=0)
 
 
 def range_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,

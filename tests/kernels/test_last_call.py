@@ -63,3 +63,16 @@ def test_ranges_made_in_inference_mode_are_computed_each_call():
         end[0, 0] = 1
         assert torch.equal(memo(start, end, 6)[1], torch.tensor([[1, 4, 6]]))
     assert clip.calls == 2
+
+
+def test_calls_over_other_numbers_of_keys_keep_their_own_result():
+    """A decoder layer alternates cross-attention (P*k keys) and self-attention (N keys) over
+    other range tensors: each keeps its preparation instead of evicting the other's."""
+    clip = Clip()
+    memo = LastCall(clip)
+    cross = torch.tensor([[0, 1, 5]]), torch.tensor([[2, 4, 9]])
+    self_ = torch.tensor([[0, 0, 1]]), torch.tensor([[1, 2, 3]])
+    for _ in range(3):  # three layers
+        memo(*cross, 6)
+        memo(*self_, 3)
+    assert clip.calls == 2

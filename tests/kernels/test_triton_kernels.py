@@ -386,3 +386,23 @@ def test_layers_sharing_ranges_prepare_them_once(monkeypatch):
     assert calls["clip"] == 2
     expected = patch_cross_attention(q, k, v, key_start, key_end, backend="torch")
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_ranges_made_under_inference_mode_still_train():
+    """`causal_key_end` / `window_key_start` keep one tensor per shape for every later call, even
+    when made first under torch.inference_mode; the range preparation read the version counter
+    such inference tensors do not have."""
+    from megatron_lst.models.local_attention import causal_key_end, window_key_start
+
+    batch, length, window = 1, 37, 5  # a shape no other test uses: made here first
+    with torch.inference_mode():
+        causal_key_end(batch, length, torch.device(DEVICE))
+        window_key_start(batch, length, window, torch.device(DEVICE))
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, length, 2, 16, generator=generator).to(DEVICE)
+               for _ in range(3))
+    q.requires_grad_(True)
+    key_start = window_key_start(batch, length, window, torch.device(DEVICE))
+    key_end = causal_key_end(batch, length, torch.device(DEVICE))
+    patch_cross_attention(q, k, v, key_start, key_end, backend="triton").sum().backward()
+    assert torch.isfinite(q.grad).all() and not key_end.is_inference()
