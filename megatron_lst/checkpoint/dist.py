@@ -20,6 +20,7 @@ from typing import Any
 from megatron_lst.models.config import LSTConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
+from . import mcore_load
 from .model_state import CheckpointContentError
 
 # Keys of a training checkpoint that are not model tensors.
@@ -118,7 +119,7 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
         if unexpected:
             raise CheckpointContentError(
                 f"dist checkpoint {path} holds tensor(s) the model does not have: {unexpected[:5]}")
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    loaded = mcore_load.load_sharded({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"], strict=True)
 
 

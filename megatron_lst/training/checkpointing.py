@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_lst.checkpoint import durable_files, integrity
+from megatron_lst.checkpoint import durable_files, integrity, mcore_load
 from megatron_lst.checkpoint.errors import (
     CheckpointError,
     CheckpointIntegrityError,
@@ -487,7 +487,7 @@ def load_checkpoint(
         _check_optimizer_tensors(state["optimizer"], saved_tensors, path, metadata["args"], args)
     if load_rng:
         state["rng_state"] = rng_sharded_object()
-    loaded = dist_checkpointing.load(state, str(path))
+    loaded = mcore_load.load_sharded(state, path)
 
     for key, chunk in zip(_model_keys(model_chunks), _unwrap(model_chunks), strict=True):
         chunk.load_state_dict(loaded[key], strict=True)
