@@ -12,6 +12,7 @@ import pytest
 
 from megatron_lst import megatron_notices
 
+MEGATRON_GUIDE = "/".join(("docs", "user-guide", "hybrid-model-migration.md"))  # megatron's docs
 IMPORT_WARNINGS = [
     ("megatron.core.hyper_comm_grid", "absl.logging is not installed. Using "
      "logging.getLogger(__name__) instead. Please install absl.logging with `pip install "
@@ -32,7 +33,7 @@ LOG_RECORDS = [
      "`async_strategy` to `nvrx`."),
     ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED. GPTModel is only accepting "
      "critical bug fixes, no new features. Please reference the migration guide "
-     "`docs/user-guide/hybrid-model-migration.md` for details on how to use `HybridModel`"),
+     f"`{MEGATRON_GUIDE}` for details on how to use `HybridModel`"),
 ]
 
 
