@@ -83,8 +83,8 @@ def _unpadded_param_index_maps(optimizer: Any):
     """Within the block, the distributed optimizer's buffers map each parameter to its offsets
     in the buffer without the padding between gradient buckets.
 
-    megatron-core 0.16's `fully_reshardable` optimizer state gathers each buffer's shards into
-    one tensor per buffer that leaves that padding out (`get_parameter_state_dp_zero`), then
+    megatron-core's `fully_reshardable` optimizer state (0.16.1, still in 0.19.2) gathers each
+    buffer's shards into one tensor per buffer that leaves that padding out, then
     slices it, on save and on load, at the padded offsets of `buffer.param_index_map`: with more
     than one bucket (the encoder replica's own buckets under pipeline parallelism, the buckets of
     `--overlap-grad-reduce`) every parameter after the first padded bucket end gets another
