@@ -14,7 +14,8 @@ on the package index) as its cp312 manylinux wheel with `pip download`, unpacks 
      checkpoints saved by the installed release resume and convert under the other, and back
 
 --subset ci keeps what runs in a few minutes on 2 cores: the CPU layer, the checkpoint-layout and
-integrity tests, lst-eval's clean-output test, and single-process resumes both ways.
+integrity tests, a resume with another --lr, lst-eval's clean-output test, and single-process
+resumes across the releases both ways.
 
 Exit status: 0 when every test passed; 1 when a test failed; 2 for a bad --version or wheel; 3
 when the wheel could not be downloaded because the package index is unreachable (network errors
@@ -43,6 +44,7 @@ FULL_SUBSET = ["tests/unit", "tests/models", "tests/training", "tests/checkpoint
                "tests/evaluation"]
 CI_SUBSET = ["tests/unit", "tests/checkpoint/test_megatron_core_layouts.py",
              "tests/checkpoint/test_integrity.py",
+             "tests/training/test_resume.py::test_a_resume_with_another_peak_lr_follows_it_when_asked",
              "tests/evaluation/test_eval_cli.py::"
              "test_loading_a_checkpoint_prints_no_torch_deprecation_warnings"]
 CI_VERSIONS_SELECTION = "other_tree or installed-other-1 or other-installed-1"
