@@ -13,7 +13,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo demo-downstream lint clean-venv
+.PHONY: test test-fast demo demo-downstream lint compat-megatron-core clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ demo-downstream: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check megatron_lst kernels tools tests examples pretrain_lst.py
+
+## megatron-core forward compatibility: the tests against the newest release (or MEGATRON_CORE=X),
+## downloaded as its Python 3.12 wheel and unpacked under .cache/ (tools/megatron_core_compat.py).
+compat-megatron-core: $(STAMP)
+	$(PY) tools/megatron_core_compat.py $(if $(MEGATRON_CORE),--version $(MEGATRON_CORE))
 
 clean-venv:
 	rm -rf $(VENV)

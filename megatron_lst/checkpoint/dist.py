@@ -20,6 +20,7 @@ from typing import Any
 from megatron_lst.models.config import LSTConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
+from . import mcore_load
 from .model_state import CheckpointContentError
 from .safe_pickle import saved_tensors_metadata
 
@@ -82,7 +83,6 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
     it (`integrity.verify_checkpoint`); refuses, naming the tensor, a tensor missing from the
     checkpoint, one of another shape, or (for a model holding every layer) a checkpoint tensor
     the model does not have; and another vocabulary (`VocabularyError`)."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
@@ -119,7 +119,7 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
         if unexpected:
             raise CheckpointContentError(
                 f"dist checkpoint {path} holds tensor(s) the model does not have: {unexpected[:5]}")
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    loaded = mcore_load.load_sharded({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"], strict=True)
 
 

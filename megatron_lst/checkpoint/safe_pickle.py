@@ -165,18 +165,32 @@ def check_byte_items(checkpoint: str | Path, metadata, keys: list[str]) -> dict[
         if index.fqn not in wanted:
             continue
         where = f"{directory / info.relative_path} (object {index.fqn!r})"
-        if info.transform_descriptors:
-            problems[index.fqn] = (f"{where} is stored through stream transforms "
-                                   f"{list(info.transform_descriptors)}, which this loader "
-                                   f"cannot check")
+        try:
+            payload = read_byte_item(directory, info, where)
+        except CheckpointIntegrityError as err:
+            problems[index.fqn] = str(err)
             continue
-        with open(directory / info.relative_path, "rb") as f:
-            f.seek(info.offset)
-            payload = f.read(info.length)
         problem = _weights_only_problem(payload, where)
         if problem is not None:
             problems[index.fqn] = problem
     return problems
+
+
+def read_byte_item(checkpoint: str | Path, info, where: str) -> bytes:
+    """The stored bytes of one byte item (`info`: its `_StorageInfo` in the checkpoint index;
+    `where`: how errors name it). Raises CheckpointIntegrityError for an item stored through
+    stream transforms, which this reader cannot undo, and for a file too short to hold it."""
+    if info.transform_descriptors:
+        raise CheckpointIntegrityError(f"{where} is stored through stream transforms "
+                                       f"{list(info.transform_descriptors)}, which this loader "
+                                       f"cannot check")
+    with open(Path(checkpoint) / info.relative_path, "rb") as f:
+        f.seek(info.offset)
+        payload = f.read(info.length)
+    if len(payload) != info.length:
+        raise CheckpointIntegrityError(f"{where} is truncated: {len(payload)} of its "
+                                       f"{info.length} bytes are there")
+    return payload
 
 
 def check_common_state(checkpoint: str | Path) -> list[str]:

@@ -150,6 +150,11 @@ class _HostStream:
     def __init__(self, device: Any = None, priority: int = 0, **kwargs: Any) -> None:
         pass
 
+    @staticmethod
+    def priority_range() -> tuple[int, int]:
+        """(lowest, highest) priority: one, as the CPU runs everything in order."""
+        return (0, 0)
+
     def wait_stream(self, stream: Any) -> None:
         pass
 
@@ -190,7 +195,8 @@ def _stream_context(stream: Any = None) -> contextlib.AbstractContextManager:
 def _patch_streams_and_events() -> None:
     # Streams: distributed/param_and_grad_buffer.py and distributed/distributed_data_parallel.py
     # (grad-reduce overlap), pipeline_parallel/utils.py and combined_1f1b.py (communication
-    # streams). Events: pipeline_parallel/utils.py, utils.py, the fine-grained offloading.
+    # streams; from megatron.core 0.19 `torch.cuda.Stream.priority_range()` picks a high-priority
+    # one there). Events: pipeline_parallel/utils.py, utils.py, the fine-grained offloading.
     _set(torch.cuda, "Stream", _HostStream)
     _set(torch.cuda, "Event", _HostEvent)
     _set(torch.cuda, "current_stream", _current_stream)

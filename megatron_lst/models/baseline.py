@@ -11,7 +11,7 @@ of every token going to the core attention in the attention-mask slot (see `glob
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -66,4 +66,5 @@ class TokenBaselineModel(GPTModel):
                                  labels=labels)
         if labels is not None or not self.post_process:
             return output
-        return tensor_parallel.gather_from_tensor_model_parallel_region(output).float()
+        return tensor_parallel.gather_from_tensor_model_parallel_region(
+            output, parallel_state.get_tensor_model_parallel_group()).float()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from lst_kernels import encoder_key_ranges, segment_pool
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -29,6 +30,7 @@ class TokenEncoder(torch.nn.Module):
             config.vocab_size, enc.hidden_size,
             init_method=lambda w: torch.nn.init.normal_(w, std=config.init_std),
             config=megatron_config,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
         )
         self.layers = torch.nn.ModuleList(
             build_module(layer_spec, enc, norm_eps=config.norm_eps) for _ in range(enc.num_layers)

@@ -152,6 +152,7 @@ class LSTModel(MegatronModule):
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.decoder.hidden_size, config.vocab_size, config=head_config,
                 init_method=megatron_config.init_method, bias=False, gather_output=False,
+                tp_group=parallel_state.get_tensor_model_parallel_group(),
             )
         self._init_local_weights()
         mark_tensor_parallel_copies(self)
@@ -226,7 +227,8 @@ class LSTModel(MegatronModule):
                                     documents)
         logits, _ = self.output_layer(hidden)  # [B, N, V/tp]
         if labels is None:
-            return tensor_parallel.gather_from_tensor_model_parallel_region(logits).float()
+            return tensor_parallel.gather_from_tensor_model_parallel_region(
+                logits, parallel_state.get_tensor_model_parallel_group()).float()
         return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)  # [B, N]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_lst.checkpoint import durable_files, integrity, safe_pickle
+from megatron_lst.checkpoint import durable_files, integrity, mcore_load, safe_pickle
 from megatron_lst.checkpoint.errors import (
     CheckpointError,
     CheckpointIntegrityError,
@@ -441,8 +441,6 @@ def load_checkpoint(
     with a warning, when the layout differs. Raises VocabularyError when the checkpoint's
     vocabulary differs from `vocab` (layout or tokenizer), CheckpointError naming the tensor when a model shape differs.
     """
-    from megatron.core import dist_checkpointing
-
     path = select_checkpoint(load_dir, getattr(args, "ckpt_step", None))
     if path is None:
         return None
@@ -487,7 +485,7 @@ def load_checkpoint(
         _check_optimizer_tensors(state["optimizer"], saved_tensors, path, metadata["args"], args)
     if load_rng:
         state["rng_state"] = rng_sharded_object()
-    loaded = dist_checkpointing.load(state, str(path))
+    loaded = mcore_load.load_sharded(state, path)
 
     for key, chunk in zip(_model_keys(model_chunks), _unwrap(model_chunks), strict=True):
         chunk.load_state_dict(loaded[key], strict=True)

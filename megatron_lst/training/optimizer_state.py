@@ -69,6 +69,7 @@ def load_state(optimizer: Any, state: dict[str, Any], keep_run_schedule: bool = 
 
 
 def _load_state(optimizer: Any, state: dict[str, Any]) -> None:
+    _adopt_saved_schedule(optimizer, state)
     torch_adam_optimizers = _torch_adam_distributed_optimizers(optimizer)
     with _unpadded_param_index_maps(optimizer):
         if torch_adam_optimizers:
@@ -83,8 +84,8 @@ def _unpadded_param_index_maps(optimizer: Any):
     """Within the block, the distributed optimizer's buffers map each parameter to its offsets
     in the buffer without the padding between gradient buckets.
 
-    megatron-core 0.16's `fully_reshardable` optimizer state gathers each buffer's shards into
-    one tensor per buffer that leaves that padding out (`get_parameter_state_dp_zero`), then
+    megatron-core's `fully_reshardable` optimizer state (0.16.1, still in 0.19.2) gathers each
+    buffer's shards into one tensor per buffer that leaves that padding out, then
     slices it, on save and on load, at the padded offsets of `buffer.param_index_map`: with more
     than one bucket (the encoder replica's own buckets under pipeline parallelism, the buckets of
     `--overlap-grad-reduce`) every parameter after the first padded bucket end gets another
@@ -213,6 +214,36 @@ def _state_initialisers_present(optimizer: Any):
 
 def _state_already_initialised(optimizer: torch.optim.Optimizer, config: Any = None) -> None:
     del optimizer, config
+
+
+# What megatron-core 0.16 pairs a saved parameter group with the optimizer's by. 0.19 pairs them
+# by every per-group override as well (`max_lr`, `min_lr`: --lr and --min-lr), so resuming with
+# another --lr or --min-lr failed there ("Could not find parameter group with key ...", or a
+# KeyError in the distributed optimizer), --override-opt_param-scheduler included.
+_GROUP_STRUCTURE_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _group_structure(group: dict[str, Any]) -> tuple:
+    return tuple(group.get(key, group.get(f"pre_{key}")) for key in _GROUP_STRUCTURE_KEYS)
+
+
+def _adopt_saved_schedule(optimizer: Any, state: dict[str, Any]) -> None:
+    """Give each parameter group of `optimizer` the `_SCHEDULE_KEYS` of the saved group of the
+    same structure in `state` (the state dict `dist_checkpointing.load` filled in), which loading
+    sets anyway: megatron.core 0.19 then finds the saved groups whatever this run's --lr and
+    --min-lr are, as 0.16 did. `load_state` restores the run's values where asked to."""
+    inners = _inner_optimizers(optimizer)
+    if len(inners) == 1:
+        states = [state]
+    else:  # one state dict per chained optimizer, by index
+        states = [state[key] for key in sorted(state)] if isinstance(state, dict) else list(state)
+    for inner, inner_state in zip(inners, states, strict=True):
+        saved_groups = inner_state.get("optimizer", inner_state).get("param_groups", [])
+        by_structure = {_group_structure(group): group for group in saved_groups}
+        for group in inner.optimizer.param_groups:
+            saved = by_structure.get(_group_structure(group))
+            if saved is not None:  # else megatron.core names the group it cannot find
+                group.update({key: saved[key] for key in _SCHEDULE_KEYS if key in saved})
 
 
 def _add_step_zero(optimizer: Any, state: dict[str, Any]) -> None:

@@ -268,6 +268,38 @@ def test_the_schedule_a_resume_asks_for_is_the_one_it_follows(tmp_path):
     assert learning_rates(tmp_path / "keep")[3] == pytest.approx(3e-4)
 
 
+@pytest.mark.parametrize("optimizer_flag", ["--no-use-distributed-optimizer",
+                                            "--use-distributed-optimizer"])
+def test_a_resume_with_another_peak_lr_follows_it_when_asked(tmp_path, optimizer_flag):
+    """megatron-core 0.19 pairs saved parameter groups with the optimizer's by their max_lr and
+    min_lr too: a resume with another --lr and --min-lr failed there ("Could not find parameter
+    group with key ...", a KeyError with the distributed optimizer). With
+    --override-opt_param-scheduler it follows the new schedule from the checkpoint's position."""
+    from megatron_lst.training.arguments import parse_args, validate_args
+    from megatron_lst.training.loop import pretrain
+    from megatron_lst.training.metrics import read_metrics
+
+    base = tiny_flags(write_corpus(tmp_path / "data")) + [
+        "--eval-interval", "1000", "--lr-decay-iters", "4", optimizer_flag]
+    new_peak = ["--lr", "6e-3", "--min-lr", "6e-4"]
+
+    def run(save: Path, *flags: str):
+        return pretrain(validate_args(parse_args(base + ["--save", str(save), *flags]), 1))
+
+    run(tmp_path / "straight", "--train-iters", "4", *new_peak)
+    run(tmp_path / "resumed", "--train-iters", "2")
+    run(tmp_path / "resumed", "--train-iters", "4", *new_peak, "--load", str(tmp_path / "resumed"),
+        "--override-opt_param-scheduler")
+
+    def learning_rates(save: Path) -> dict[int, float]:
+        return {r["iteration"]: r["learning_rate"] for r in read_metrics(save)}
+
+    straight, resumed = learning_rates(tmp_path / "straight"), learning_rates(tmp_path / "resumed")
+    assert resumed[1] == pytest.approx(3e-3)  # the first run's peak
+    # the new peak's decay (the old one's is half of it at every iteration)
+    assert [resumed[i] for i in (3, 4)] == pytest.approx([straight[i] for i in (3, 4)])
+
+
 def test_flags_an_older_checkpoint_does_not_record_are_not_compared():
     saved = {k: v for k, v in SAVED_FLAGS.items() if k != "max_tokens"}
     assert check_resume_flags(saved, resumed_with(max_tokens=200), AT_ITERATION_10, "c") == []

@@ -1,5 +1,7 @@
 """megatron_lst.compat.cpu: megatron.core's CUDA calls land on the CPU."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -99,6 +101,20 @@ def test_synchronisation_streams_and_events():
     assert start.elapsed_time(end) >= 0.0
     with pytest.raises(RuntimeError, match="record"):
         torch.cuda.Event().elapsed_time(end)
+
+
+def test_megatron_communication_streams_are_made_on_the_host(monkeypatch):
+    """megatron.core 0.19 asks `torch.cuda.Stream.priority_range()` for a high-priority
+    communication stream (pipeline_parallel/utils.py `set_streams`), an AttributeError here."""
+    from megatron.core.pipeline_parallel import utils as pipeline_utils
+
+    for name in ("_COMP_STREAM", "_COMM_STREAM"):  # restored after the test
+        monkeypatch.setattr(pipeline_utils, name, None)
+    parameters = inspect.signature(pipeline_utils.set_streams).parameters
+    pipeline_utils.set_streams(**({"high_priority": True} if "high_priority" in parameters else {}))
+    stream = pipeline_utils.get_comm_stream()
+    assert stream.query() and torch.cuda.Stream.priority_range() == (0, 0)
+    stream.wait_stream(torch.cuda.current_stream())
 
 
 def test_cuda_rng_api_drives_the_cpu_generator():

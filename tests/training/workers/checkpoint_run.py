@@ -18,6 +18,7 @@ this worker (the rest go to the argument parser):
   --vocab-text-size V      save and load with the joint vocabulary of a V-piece text tokenizer
   --probe-load-errors      instead of training, load --load with the given vocabulary and into a
                            model with --hidden-size + 16; report the errors
+  --mcore-019-layout       save as megatron.core 0.19 does (checkpoint/mcore_layouts.py)
 
 Reports per rank: losses by iteration (last pipeline stage), the iteration it resumed from, the
 eval loss.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from checkpoint.mcore_layouts import mcore_019_save
 from distributed.harness import report_results
 
 from megatron_lst.checkpoint import durable_files
@@ -263,6 +265,7 @@ def main() -> None:
     own.add_argument("--eval", action="store_true")
     own.add_argument("--vocab-text-size", type=int, default=None)
     own.add_argument("--probe-load-errors", action="store_true")
+    own.add_argument("--mcore-019-layout", action="store_true")
     own.add_argument("--results", required=True)
     mine, rest = own.parse_known_args()
     args = parse_args(rest)
@@ -276,6 +279,10 @@ def main() -> None:
         report_results(mine.results, load_errors(args, vocab))
         destroy_parallel()
         return
+    if mine.mcore_019_layout:
+        from megatron.core import dist_checkpointing
+
+        dist_checkpointing.save = mcore_019_save(dist_checkpointing.save)
     model, optimizer, scheduler = build_training_state(args)
     record = {"losses": {}, "resumed_from": None, "round_trip_mismatches": None}
     iteration = 0
