@@ -215,3 +215,19 @@ def test_the_kernel_backend_reaches_every_range_attention(single_rank, monkeypat
         rope = (torch.ones(1, 1, 1, config.encoder.head_dim),) * 2
         layer.forward_step(x, rope, local_layers.SlidingKVCache(config.encoder.window))
     assert calls == [kernel_backend] * (len(global_layers) + len(windows) + len(steps))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not local_attention.flash_attn_available(), reason="flash-attn is not installed")
+def test_flash_document_attention_matches_range_attention_on_gpu(single_rank):
+    """The real flash-attn in bf16 against the Triton range kernel in fp32 (which "auto" keeps
+    for fp32 inputs), 8 query heads over 2 key/value heads, ragged documents."""
+    rows = [[40, 100, 7, 153], [300]]
+    key_start = document_key_starts(rows).cuda()  # [2, 300]
+    attention = core_attention(8, 2, 64)
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(300, 2, 8, 64, generator=generator).cuda()
+    k, v = (torch.randn(300, 2, 2, 64, generator=generator).cuda() for _ in range(2))
+    flash = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attention_mask=key_start)
+    reference = attention(q, k, v, attention_mask=key_start)  # [S, B, H*d]
+    torch.testing.assert_close(flash.float(), reference, atol=2e-2, rtol=2e-2)
