@@ -42,7 +42,8 @@ def build_model(
     if patching_mode not in PATCHING_MODES:
         raise ModelConfigError(f"patching mode {patching_mode!r} is not one of {PATCHING_MODES}")
     if patching_mode == "none":
-        return TokenBaselineModel(config, megatron_config, pre_process, post_process, transformer_impl)
+        return TokenBaselineModel(config, megatron_config, pre_process, post_process, transformer_impl,
+                                  kernel_backend)
     return LSTModel(config, megatron_config, pre_process, post_process, transformer_impl,
                     local_attention_backend, kernel_backend)
 

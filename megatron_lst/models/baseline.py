@@ -30,7 +30,10 @@ class TokenBaselineModel(GPTModel):
         pre_process: bool = True,
         post_process: bool = True,
         transformer_impl: str = "auto",
+        kernel_backend: str = "auto",
     ):
+        """`kernel_backend`: the kernels of the packed-document attention's range attention,
+        "auto" | "triton" | "torch" (`lst_kernels.backend`)."""
         check_tensor_parallel_vocab(config, megatron_config)
         if config.documents is not None and config.documents.reset_position_ids:
             raise ModelConfigError(
@@ -39,7 +42,8 @@ class TokenBaselineModel(GPTModel):
         transformer_impl = global_spec_for_documents(config.documents, transformer_impl)
         super().__init__(
             config=megatron_config,
-            transformer_layer_spec=global_block_spec(megatron_config, transformer_impl),
+            transformer_layer_spec=global_block_spec(megatron_config, transformer_impl,
+                                                     kernel_backend),
             vocab_size=config.vocab_size,
             max_sequence_length=config.max_sequence_length,
             pre_process=pre_process,

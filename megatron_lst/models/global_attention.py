@@ -9,9 +9,16 @@ megatron's inference KV cache (fewer queries than keys) the causal mask is align
 
 Packed documents: the block passes `attention_mask` = the first key of every query, `[B, S]` int64
 (`RowDocuments.global_key_starts`; causal within the query's document), instead of a mask tensor.
-Query s then sees keys `[key_start[s], s]`, run as range attention without any `[S, S]` tensor:
-on CPU the chunked two-block flash path of `sliding_window_cpu` (window S), elsewhere
-`lst_kernels.patch_cross_attention` (the Triton range kernel on CUDA).
+Query s then sees keys `[key_start[s], s]`, without any `[S, S]` tensor:
+- where flash-attn can run (`resolve_local_attention_backend` under "auto": CUDA fp16/bf16, heads
+  of at most 256 channels, Ampere or newer, flash-attn imports): `flash_attn_varlen_func`,
+  causal, every document of every row one sequence, the key/value heads as they are (its GQA).
+  The documents are read to the host once per batch, not per layer: every layer gets the same
+  `key_start` tensor, and `documents_of_key_starts` keeps the last one's (`lst_kernels`'
+  `LastCall`; layers under activation recompute, which get detached copies, read them again);
+- else range attention: on CPU the chunked two-block flash path of `sliding_window_cpu` (window
+  S), elsewhere `lst_kernels.patch_cross_attention` on the model's kernel backend (the Triton
+  range kernel on CUDA under "auto").
 """
 
 from __future__ import annotations
@@ -21,18 +28,42 @@ import math
 import torch
 import torch.nn.functional as F
 from lst_kernels import patch_cross_attention
+from lst_kernels.last_call import LastCall
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from .local_attention import causal_key_end
+from .local_attention import (
+    AttentionBackendChoice,
+    VarlenSequences,
+    causal_key_end,
+    flash_document_attention,
+)
 from .sliding_window_cpu import sliding_window_attention_cpu
+
+
+def _sequences_of(key_start: torch.Tensor, _same_key_start: torch.Tensor,
+                  _num_keys: int) -> tuple[VarlenSequences]:
+    """`LastCall`'s `compute(start, end, num_keys)`: the documents of `key_start`."""
+    return (VarlenSequences.of_key_starts(key_start),)
+
+
+# `LastCall` memoises on a (start, end) pair of range tensors: here both are the key starts.
+_last_documents = LastCall(_sequences_of)
+
+
+def documents_of_key_starts(key_start: torch.Tensor) -> VarlenSequences:
+    """The documents of `key_start [B, S]` as flash-attn's varlen sequences (one host sync),
+    the last tensor's kept while the same unchanged tensor comes back (the next layer's call)."""
+    (sequences,) = _last_documents(key_start, key_start, key_start.shape[1])
+    return sequences
 
 
 class CausalSDPAttention(MegatronModule):
     """query `[Sq, B, Hp, d]`, key/value `[Sk, B, Gp, d]` -> `[Sq, B, Hp*d]` (Hp, Gp: this
     tensor-parallel rank's heads and KV groups; Sq <= Sk, the queries being the last Sq
-    positions), causal, scale `1/sqrt(d)` unless given."""
+    positions), causal, scale `1/sqrt(d)` unless given. `kernel_backend` ("auto" | "triton" |
+    "torch", `lst_kernels.backend`): the kernels of the packed-document range attention off CPU."""
 
     def __init__(
         self,
@@ -44,6 +75,7 @@ class CausalSDPAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        kernel_backend: str = "auto",
     ):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
@@ -59,6 +91,8 @@ class CausalSDPAttention(MegatronModule):
         self.groups_per_partition = config.num_query_groups // tp
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.kernel_backend = kernel_backend
+        self._backend_for = AttentionBackendChoice("auto", "global packed-document attention")
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -97,7 +131,8 @@ class CausalSDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)  # [S, B, Hp*d]
 
     def _document_attention(self, query, key, value, key_start, dropout):
-        """Causal attention within documents: query s sees keys `[key_start[b, s], s]`."""
+        """Causal attention within documents: query s sees keys `[key_start[b, s], s]`;
+        flash-attn's varlen kernel where it can run, else range attention (module docstring)."""
         seq_len, batch = query.shape[:2]
         if key.shape[0] != seq_len or key_start.shape != (batch, seq_len) \
                 or key_start.is_floating_point():
@@ -109,6 +144,10 @@ class CausalSDPAttention(MegatronModule):
             raise ValueError("attention dropout is not supported with packed-document attention "
                              "(--reset-attention-mask); set --attention-dropout 0")
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [B, S, heads, d]
+        if self._backend_for(q) == "flash":  # k, v keep their Gp heads
+            out = flash_document_attention(q, k, v, documents_of_key_starts(key_start),
+                                           scale=self.scale)  # [B, S, Hp, d]
+            return out.transpose(0, 1).reshape(seq_len, batch, -1)  # [S, B, Hp*d]
         if self.groups_per_partition != self.heads_per_partition:
             repeat = self.heads_per_partition // self.groups_per_partition
             k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
@@ -116,5 +155,6 @@ class CausalSDPAttention(MegatronModule):
             out = sliding_window_attention_cpu(q, k, v, seq_len, key_start, scale=self.scale)
         else:
             key_end = causal_key_end(batch, seq_len, q.device)  # [B, S], shared by all layers
-            out = patch_cross_attention(q, k, v, key_start, key_end, scale=self.scale)
+            out = patch_cross_attention(q, k, v, key_start, key_end, scale=self.scale,
+                                        backend=self.kernel_backend)
         return out.transpose(0, 1).reshape(seq_len, batch, -1)  # [S, B, Hp*d]

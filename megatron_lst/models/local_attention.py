@@ -8,11 +8,13 @@ packed rows; None means one document per row (`max(i - W + 1, 0)`). Backends:
 - "sdpa": PyTorch. Rows no longer than the window and without documents use the plain causal
   kernel. Otherwise, on CPU: `sliding_window_cpu` (per query chunk, a causal block and a masked
   earlier block merged by log-sum-exp, about W + 64 scores per query). Elsewhere: range attention
-  (`lst_kernels.patch_cross_attention` with keys `[key_start[i], i + 1)`, the Triton kernel on
-  CUDA): no mask tensor and no copy of the keys. Work and memory are O(N * W), never O(N^2).
+  (`lst_kernels.patch_cross_attention` with keys `[key_start[i], i + 1)` and the model's kernel
+  backend: the Triton kernel on CUDA under "auto"): no mask tensor and no copy of the keys. Work
+  and memory are O(N * W), never O(N^2).
 "auto" picks flash when it imports (`optional_imports`: a build for another torch or CUDA is
 installed but does not import) and the inputs are CUDA fp16/bf16 with heads of at most 256
 channels on an Ampere or newer GPU, else sdpa; the choice is logged once per distinct outcome.
+The global block's packed-document attention (`global_attention.py`) makes the same choice.
 """
 
 from __future__ import annotations
@@ -48,14 +50,16 @@ def flash_attn_available() -> bool:
 
 
 @functools.cache
-def _log_choice(backend: str, reason: str) -> None:
-    logger.info("local sliding-window attention backend: %s (%s)", backend, reason)
+def _log_choice(attention: str, backend: str, reason: str) -> None:
+    logger.info("%s backend: %s (%s)", attention, backend, reason)
 
 
-def resolve_local_attention_backend(requested: str, q: torch.Tensor) -> str:
-    """"flash" or "sdpa" for inputs like `q`; raise when an explicit choice cannot run."""
+def resolve_local_attention_backend(requested: str, q: torch.Tensor,
+                                    attention: str = "local sliding-window attention") -> str:
+    """"flash" or "sdpa" for inputs like `q`; raise when an explicit choice cannot run.
+    `attention` names the caller in the log line."""
     if requested not in BACKENDS:
-        raise ValueError(f"local attention backend {requested!r} is not one of {BACKENDS}")
+        raise ValueError(f"{attention} backend {requested!r} is not one of {BACKENDS}")
     head_dim = q.shape[-1]
     inputs_ok = (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
                  and head_dim <= FLASH_ATTN_MAX_HEAD_DIM)
@@ -68,7 +72,7 @@ def resolve_local_attention_backend(requested: str, q: torch.Tensor) -> str:
     gpu = "" if capability is None else f", compute capability {capability[0]}.{capability[1]}"
     if requested == "flash" and not flash_ok:
         raise RuntimeError(
-            "local attention backend 'flash' needs flash-attn installed and CUDA fp16/bf16 inputs "
+            f"{attention} backend 'flash' needs flash-attn installed and CUDA fp16/bf16 inputs "
             f"with heads of at most {FLASH_ATTN_MAX_HEAD_DIM} on a GPU of compute capability "
             f"{'.'.join(map(str, FLASH_ATTN_MIN_CAPABILITY))} or newer (got device {q.device}"
             f"{gpu}, dtype {q.dtype}, head dim {head_dim}"
@@ -76,28 +80,47 @@ def resolve_local_attention_backend(requested: str, q: torch.Tensor) -> str:
         )
     if requested == "auto":
         requested = "flash" if flash_ok else "sdpa"
-        _log_choice(requested, "flash-attn windowed kernel" if flash_ok else
+        _log_choice(attention, requested, "flash-attn" if flash_ok else
                     f"PyTorch, device {q.device.type}{gpu}, {q.dtype}"
                     + (f", flash-attn {failure}" if failure else ""))
     return requested
+
+
+class AttentionBackendChoice:
+    """`resolve_local_attention_backend(requested, q, attention)` for inputs like `q`, kept per
+    device, dtype and head size (on CUDA it asks the GPU's compute capability, not work for every
+    forward)."""
+
+    def __init__(self, requested: str, attention: str = "local sliding-window attention"):
+        if requested not in BACKENDS:
+            raise ValueError(f"{attention} backend {requested!r} is not one of {BACKENDS}")
+        self.requested = requested
+        self.attention = attention
+        self._resolved: dict[tuple[torch.device, torch.dtype, int], str] = {}
+
+    def __call__(self, q: torch.Tensor) -> str:
+        key = (q.device, q.dtype, q.shape[-1])
+        if key not in self._resolved:
+            self._resolved[key] = resolve_local_attention_backend(self.requested, q,
+                                                                  self.attention)
+        return self._resolved[key]
 
 
 class SlidingWindowAttention(torch.nn.Module):
     """Core attention (no parameters): q `[B, N, H, d]`, k and v `[B, N, G, d]` (G divides H:
     query head h reads key/value head `h // (H / G)`) (+ optional key_start `[B, N]`)
     -> `[B, N, H, d]`, scale 1/sqrt(d). flash-attn reads the G heads as they are (its GQA); the
-    PyTorch paths get them repeated to H."""
+    PyTorch paths get them repeated to H. `kernel_backend` ("auto" | "triton" | "torch", see
+    `lst_kernels.backend`) runs the range attention off CPU."""
 
-    def __init__(self, window: int, backend: str = "auto"):
+    def __init__(self, window: int, backend: str = "auto", kernel_backend: str = "auto"):
         super().__init__()
         if window < 1:
             raise ValueError(f"sliding window must be >= 1 token, got {window}")
-        if backend not in BACKENDS:
-            raise ValueError(f"local attention backend {backend!r} is not one of {BACKENDS}")
         self.window = window
         self.backend = backend
-        # The backend resolved for inputs of each (device, dtype, head channels).
-        self._resolved: dict[tuple[torch.device, torch.dtype, int], str] = {}
+        self.kernel_backend = kernel_backend
+        self._backend_for = AttentionBackendChoice(backend)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_start: torch.Tensor | None = None,
@@ -108,15 +131,8 @@ class SlidingWindowAttention(torch.nn.Module):
         if self._backend_for(q) == "flash":
             found = sequences() if sequences is not None and key_start is not None else None
             return flash_sliding_window(q, k, v, self.window, key_start, found)
-        return sliding_window_sdpa(q, *expand_kv_heads(q, k, v), self.window, key_start)
-
-    def _backend_for(self, q: torch.Tensor) -> str:
-        """`resolve_local_attention_backend` for inputs like `q`, once per device, dtype and
-        head size (on CUDA it asks the GPU's compute capability, not work for every forward)."""
-        key = (q.device, q.dtype, q.shape[-1])
-        if key not in self._resolved:
-            self._resolved[key] = resolve_local_attention_backend(self.backend, q)
-        return self._resolved[key]
+        return sliding_window_sdpa(q, *expand_kv_heads(q, k, v), self.window, key_start,
+                                   self.kernel_backend)
 
 
 def expand_kv_heads(q: torch.Tensor, k: torch.Tensor,
@@ -159,6 +175,13 @@ class VarlenSequences:
         total = flat_starts.new_full((1,), batch * num_tokens)
         return cls(torch.cat([flat_starts, total]).int(), max_len)  # row b's at b*N + i
 
+    @classmethod
+    def of_key_starts(cls, key_start: torch.Tensor) -> VarlenSequences:
+        """From the first key of every query, `key_start [B, N]` int, causal within documents:
+        `key_start[i] == i` exactly where a document starts (at least at position 0)."""
+        positions = torch.arange(key_start.shape[1], device=key_start.device)  # [N]
+        return cls.of(key_start.long() == positions)
+
 
 def flash_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                          key_start: torch.Tensor | None = None,
@@ -167,27 +190,40 @@ def flash_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     of every row is one sequence of `flash_attn_varlen_func` (its window then never crosses a
     document start): `sequences` when given (the documents of `key_start`), else found from
     `key_start`."""
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    from flash_attn import flash_attn_func
 
     if key_start is None:
         return flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
-    batch, num_tokens = q.shape[:2]
     if sequences is None:
-        positions = torch.arange(num_tokens, device=q.device)
         # key_start[i] == i exactly at a document start (or everywhere when W == 1, where
         # cutting the row into one-token sequences changes nothing).
-        sequences = VarlenSequences.of(key_start.long() == positions)  # true at position 0
+        sequences = VarlenSequences.of_key_starts(key_start)
+    return flash_document_attention(q, k, v, sequences, window)
+
+
+def flash_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             sequences: VarlenSequences, window: int | None = None,
+                             scale: float | None = None) -> torch.Tensor:
+    """`flash_attn_varlen_func` on q `[B, N, H, d]`, k and v `[B, N, G, d]` (G heads as they
+    are) -> `[B, N, H, d]`: causal attention within every document of `sequences` (the rows
+    flattened), over the last `window` keys when given; scale 1/sqrt(d) unless given."""
+    from flash_attn import flash_attn_varlen_func
+
+    batch, num_tokens = q.shape[:2]
     cu_seqlens, max_len = sequences.cu_seqlens, sequences.max_len
     out = flash_attn_varlen_func(
         q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, max_len, max_len,
-        causal=True, window_size=(window - 1, 0),
+        softmax_scale=scale, causal=True,
+        window_size=(-1, -1) if window is None else (window - 1, 0),
     )  # [B*N, H, d]
     return out.unflatten(0, (batch, num_tokens))
 
 
 def sliding_window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                        key_start: torch.Tensor | None = None) -> torch.Tensor:
-    """PyTorch sliding-window causal attention on `[B, N, H, d]` (see module docstring)."""
+                        key_start: torch.Tensor | None = None,
+                        kernel_backend: str = "auto") -> torch.Tensor:
+    """PyTorch sliding-window causal attention on `[B, N, H, d]` (see module docstring); off
+    CPU, range attention on `kernel_backend`."""
     if q.shape[1] <= window and key_start is None:
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
@@ -195,7 +231,7 @@ def sliding_window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
         return out.transpose(1, 2)
     if q.device.type == "cpu":
         return sliding_window_attention_cpu(q, k, v, window, key_start)
-    return range_sliding_window(q, k, v, window, key_start)
+    return range_sliding_window(q, k, v, window, key_start, kernel_backend)
 
 
 @functools.lru_cache(maxsize=16)
@@ -217,10 +253,12 @@ def window_key_start(batch: int, length: int, window: int, device: torch.device)
 
 
 def range_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                         key_start: torch.Tensor | None = None) -> torch.Tensor:
-    """Range attention, any device: query i sees keys `[key_start[i], i + 1)`; `[B, N, H, d]`."""
+                         key_start: torch.Tensor | None = None,
+                         kernel_backend: str = "auto") -> torch.Tensor:
+    """Range attention, any device: query i sees keys `[key_start[i], i + 1)`; `[B, N, H, d]`.
+    `kernel_backend`: `patch_cross_attention`'s backend."""
     batch, num_tokens = q.shape[:2]
     key_end = causal_key_end(batch, num_tokens, q.device)  # [B, N]
     if key_start is None:
         key_start = window_key_start(batch, num_tokens, window, q.device)
-    return patch_cross_attention(q, k, v, key_start, key_end)
+    return patch_cross_attention(q, k, v, key_start, key_end, backend=kernel_backend)

@@ -57,9 +57,12 @@ class LocalLayerSubmodules:
 class LocalSelfAttention(torch.nn.Module):
     """Sliding-window causal self-attention with `H` query heads and `G` key/value heads of size
     `d` (`G == H`: multi-head; `G < H`: grouped-query, query head h reads key/value head
-    `h // (H / G)`, the reference's `repeat_kv` order); q, k, v from one fused projection."""
+    `h // (H / G)`, the reference's `repeat_kv` order); q, k, v from one fused projection.
+    `attention_backend`: "auto" | "flash" | "sdpa" (`local_attention`); `kernel_backend`: that of
+    the range attention, "auto" | "triton" | "torch" (`lst_kernels.backend`)."""
 
-    def __init__(self, config: LocalModelConfig, attention_backend: str = "auto"):
+    def __init__(self, config: LocalModelConfig, attention_backend: str = "auto",
+                 kernel_backend: str = "auto"):
         super().__init__()
         self.num_heads, self.num_groups, self.head_dim = config.num_heads, config.kv_groups, config.head_dim
         # Rows [q; k; v]: [H*d, D], [G*d, D], [G*d, D], heads contiguous within each.
@@ -67,7 +70,8 @@ class LocalSelfAttention(torch.nn.Module):
             config.hidden_size, (self.num_heads + 2 * self.num_groups) * self.head_dim, bias=False)
         self.linear_proj = torch.nn.Linear(self.num_heads * self.head_dim, config.hidden_size,
                                            bias=False)
-        self.core_attention = SlidingWindowAttention(config.window, attention_backend)
+        self.core_attention = SlidingWindowAttention(config.window, attention_backend,
+                                                     kernel_backend)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`x [B, N, D]` -> q `[B, N, H, d]`, k and v `[B, N, G, d]` (no RoPE yet)."""
@@ -101,8 +105,8 @@ class LocalSelfAttention(torch.nn.Module):
         window = self.core_attention.window
         place = torch.arange(keys.shape[1] - q.shape[1], keys.shape[1], device=x.device)  # [n]
         start = (place - window + 1).clamp(min=0)[None]  # [1, n]
-        out = patch_cross_attention(q, *expand_kv_heads(q, keys, values), start,
-                                    place[None] + 1)  # [1, n, H, d]
+        out = patch_cross_attention(q, *expand_kv_heads(q, keys, values), start, place[None] + 1,
+                                    backend=self.core_attention.kernel_backend)  # [1, n, H, d]
         return self.linear_proj(out.flatten(-2))
 
 

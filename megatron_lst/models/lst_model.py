@@ -98,7 +98,8 @@ class LSTModel(MegatronModule):
         pre_process / post_process: whether this is the first / last pipeline stage.
         transformer_impl: global block spec, "auto" | "local" | "transformer_engine".
         local_attention_backend: local sliding-window attention, "auto" | "flash" | "sdpa".
-        kernel_backend: segment pool and patch cross-attention kernels, "auto" | "triton" | "torch".
+        kernel_backend: segment pool, patch cross-attention and range attention kernels (the
+            local windows', the global packed-document attention's), "auto" | "triton" | "torch".
     """
 
     def __init__(
@@ -124,7 +125,7 @@ class LSTModel(MegatronModule):
         # Read by megatron's schedules and finalize_model_grads (the replica is reduced apart).
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
-        local_spec = local_layer_spec(local_attention_backend)
+        local_spec = local_layer_spec(local_attention_backend, kernel_backend)
         transformer_impl = global_spec_for_documents(config.documents, transformer_impl)
         logger.info(
             "LSTModel stage (first=%s, last=%s): local attention %s, kernels %s",
@@ -142,7 +143,8 @@ class LSTModel(MegatronModule):
             )
         # Reference rule 7: no final norm on the global output (the decoder normalises its keys).
         self.global_transformer = GlobalTransformer(
-            megatron_config, global_block_spec(megatron_config, transformer_impl), config.rope_theta,
+            megatron_config, global_block_spec(megatron_config, transformer_impl, kernel_backend),
+            config.rope_theta,
             final_norm=False, pre_process=pre_process, post_process=post_process,
         )
         if post_process:

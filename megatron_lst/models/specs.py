@@ -7,6 +7,8 @@ Swapping implementations is a different spec, never an `if` inside a layer.
   imports (an installed build for another torch or CUDA that does not is passed over, logged).
 - Local layers: `LocalSelfAttention` + `SwiGLUMLP`, with the sliding-window attention backend
   ("auto" | "flash" | "sdpa", see `local_attention.py`) as a spec parameter.
+Both take the kernel backend of their range attention ("auto" | "triton" | "torch",
+`lst_kernels.backend`) as a spec parameter of the attention.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ def resolve_transformer_impl(transformer_impl: str) -> str:
     return transformer_impl
 
 
-def global_block_spec(megatron_config, transformer_impl: str = "auto"):
+def global_block_spec(megatron_config, transformer_impl: str = "auto",
+                      kernel_backend: str = "auto"):
     """The megatron.core spec of the global transformer block (pre-norm RMSNorm, SwiGLU) for this
-    pipeline stage: TE's layer spec, or the local one as `TransformerBlockSubmodules`."""
+    pipeline stage: TE's layer spec, or the local one as `TransformerBlockSubmodules`, whose
+    packed-document attention runs its range attention on `kernel_backend`."""
     impl = resolve_transformer_impl(transformer_impl)
     logger.info("global transformer layer spec: %s", impl)
     if impl == "transformer_engine":
@@ -76,7 +80,8 @@ def global_block_spec(megatron_config, transformer_impl: str = "auto"):
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     attention = layer.submodules.self_attention
     attention = dataclasses.replace(attention, submodules=dataclasses.replace(
-        attention.submodules, core_attention=CausalSDPAttention))
+        attention.submodules, core_attention=ModuleSpec(
+            module=CausalSDPAttention, params={"kernel_backend": kernel_backend})))
     layer = dataclasses.replace(layer, submodules=dataclasses.replace(
         layer.submodules,
         self_attention=attention,
@@ -89,13 +94,14 @@ def global_block_spec(megatron_config, transformer_impl: str = "auto"):
     )
 
 
-def local_layer_spec(attention_backend: str = "auto") -> ModuleSpec:
+def local_layer_spec(attention_backend: str = "auto", kernel_backend: str = "auto") -> ModuleSpec:
     """Spec of one local encoder/decoder layer."""
     return ModuleSpec(
         module=LocalTransformerLayer,
         submodules=LocalLayerSubmodules(
             self_attention=ModuleSpec(
-                module=LocalSelfAttention, params={"attention_backend": attention_backend}
+                module=LocalSelfAttention,
+                params={"attention_backend": attention_backend, "kernel_backend": kernel_backend},
             ),
             mlp=SwiGLUMLP,
         ),

@@ -113,8 +113,10 @@ def _add_lst_args(parser: argparse.ArgumentParser) -> None:
                        help="Token budget N of one row; a row holds --seq-length patches. "
                             "Default: --seq-length with --patching-mode none; required otherwise.")
     group.add_argument("--kernel-backend", choices=("auto", "triton", "torch"), default="auto",
-                       help="Segment-pool and patch cross-attention kernels: auto picks Triton "
-                            "on CUDA and PyTorch elsewhere.")
+                       help="Segment-pool, patch cross-attention and range attention kernels "
+                            "(local windows, packed-document global attention; on CUDA where "
+                            "flash-attn does not run them): auto picks Triton on CUDA and "
+                            "PyTorch elsewhere.")
 
 
 def _add_local_model_args(parser: argparse.ArgumentParser) -> None:

@@ -310,10 +310,10 @@ def check_model_config(args: argparse.Namespace) -> LSTConfig:
 
 def validate_backends(args: argparse.Namespace, config: LSTConfig) -> None:
     """The communication and global-block backends the flags name, and the kernel backend
-    (--kernel-backend, or LST_KERNEL_BACKEND under auto, which the range attention reads on
-    CUDA), can run here, with heads the Triton patch attention kernel takes where it runs: the
-    cross-attention's, the packed-document global attention's and the local windows' (each used
-    to fail only once the model was built or ran). `config`: `check_model_config(args)`."""
+    (--kernel-backend, or LST_KERNEL_BACKEND under auto), can run here, with heads the Triton
+    patch attention kernel takes where it runs: the cross-attention's, and on CUDA the range
+    attention's, packed-document global and local windows' (each used to fail only once the
+    model was built or ran). `config`: `check_model_config(args)`."""
     import torch
     from lst_kernels.backend import BACKEND_ENV_VAR, resolve_backend
     from lst_kernels.patch_attention import TRITON_MAX_HEAD_DIM
@@ -342,20 +342,20 @@ def validate_backends(args: argparse.Namespace, config: LSTConfig) -> None:
         chosen.append((args.kernel_backend, f"--kernel-backend {args.kernel_backend}",
                        "cross-attention", config.encoder.hidden_size
                        // config.cross_attention.num_heads, "--kernel-backend torch"))
-    if torch.cuda.is_available() and (packed_documents or args.patching_mode != "none"):
-        # The range attention of packed documents (global model) and of the local windows runs
-        # the same kernel on CUDA (CPU has its own path) under "auto", whatever --kernel-backend.
-        chosen.append(("auto", "the global and local range attention", "global attention",
-                       config.global_model.head_dim if packed_documents else 0,
-                       f"{BACKEND_ENV_VAR}=torch"))
+    # On CUDA (CPU has its own path) the range attention of packed documents (the global
+    # model's, also the baseline's) and of the local windows runs the same kernel on the same
+    # backend. flash-attn runs them instead where it can, which it never does for heads of more
+    # than 256 channels: those always reach the kernel.
+    if torch.cuda.is_available() and packed_documents:
+        chosen.append((args.kernel_backend, f"--kernel-backend {args.kernel_backend}",
+                       "global attention", config.global_model.head_dim, "--kernel-backend torch"))
     if torch.cuda.is_available() and args.patching_mode != "none":
-        # A local window runs range attention where a row is longer than it or documents cut
-        # it: flash-attn takes heads of at most 256 channels, so wider ones reach the kernel.
+        # A local window runs range attention where a row is longer than it or documents cut it.
         for side, local in (("encoder", config.encoder), ("decoder", config.decoder)):
             if args.reset_attention_mask is not False or args.max_tokens > local.window:
-                chosen.append(("auto", "the global and local range attention",
+                chosen.append((args.kernel_backend, f"--kernel-backend {args.kernel_backend}",
                                f"local {side} self-attention ({_local_head_flags(args, side)})",
-                               local.head_dim, f"{BACKEND_ENV_VAR}=torch"))
+                               local.head_dim, "--kernel-backend torch"))
     for backend, source, attention, head_dim, switch in chosen:
         if backend == "auto" and BACKEND_ENV_VAR in os.environ:
             source += f" with {BACKEND_ENV_VAR}={os.environ[BACKEND_ENV_VAR]}"

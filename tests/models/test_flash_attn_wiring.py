@@ -40,8 +40,8 @@ def fake_flash(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
     real_resolve = resolve_local_attention_backend
     monkeypatch.setattr(local_attention, "resolve_local_attention_backend",
-                        lambda requested, q: "flash" if requested == "flash"
-                        else real_resolve(requested, q))
+                        lambda requested, q, *label: "flash" if requested == "flash"
+                        else real_resolve(requested, q, *label))
     return fake
 
 

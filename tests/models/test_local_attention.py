@@ -108,8 +108,8 @@ def test_a_module_resolves_its_backend_once_per_device_dtype_and_head_size(monke
     calls = []
     resolve = local_attention.resolve_local_attention_backend
     monkeypatch.setattr(local_attention, "resolve_local_attention_backend",
-                        lambda requested, q: calls.append((q.dtype, q.shape[-1]))
-                        or resolve(requested, q))
+                        lambda requested, q, *label: calls.append((q.dtype, q.shape[-1]))
+                        or resolve(requested, q, *label))
     attention = SlidingWindowAttention(window=4, backend="auto")
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 12, 2, 8, generator=generator) for _ in range(3))

@@ -208,27 +208,26 @@ def test_a_misspelled_kernel_backend_variable_is_a_flag_error(monkeypatch, cuda)
     monkeypatch.setenv("LST_KERNEL_BACKEND", "torch")
     valid(*LST_FLAGS, *(["--distributed-backend", "gloo"] if cuda else []))
     monkeypatch.setenv("LST_KERNEL_BACKEND", "trtion")
-    if not cuda:  # on CUDA the range attention reads it whatever --kernel-backend (next test)
-        valid("--kernel-backend", "torch", *LST_FLAGS)  # an explicit choice ignores the variable
+    # An explicit choice ignores the variable, on CUDA too: the range attention takes it there.
+    valid("--kernel-backend", "torch", *LST_FLAGS,
+          *(["--distributed-backend", "gloo"] if cuda else []))
 
 
 @pytest.mark.parametrize("model", [[], LST_FLAGS], ids=["baseline", "lst"])
 def test_the_kernel_backend_variable_is_checked_for_the_range_attention_on_cuda(monkeypatch,
                                                                                 model):
     """On CUDA the range attention of packed documents (the default, in the token baseline and
-    LST's global model) and of LST's local windows runs the Triton kernel under "auto", whatever
-    --kernel-backend says: LST_KERNEL_BACKEND=trtion passed validation there (for the baseline,
-    or with --kernel-backend torch) and failed at the first forward. Without CUDA that attention
-    has its own path, and the baseline without packed documents runs no kernel."""
+    LST's global model) and of LST's local windows runs on --kernel-backend; under "auto"
+    LST_KERNEL_BACKEND decides, so a misspelled one is refused for the baseline too (which pools
+    nothing), and an explicit --kernel-backend torch ignores it (it was refused when the range
+    attention ran under "auto" whatever the flag said). Without CUDA that attention has its own
+    path, and the baseline without packed documents runs no kernel."""
     monkeypatch.setenv("LST_KERNEL_BACKEND", "trtion")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for backend in ("auto", "torch"):
-        source = ("--kernel-backend auto" if model and backend == "auto" else
-                  "the global and local range attention")
-        with pytest.raises(ArgumentError, match=rf"{source} with LST_KERNEL_BACKEND=trtion: "
-                                                r"LST_KERNEL_BACKEND='trtion' is not one of"):
-            valid("--distributed-backend", "gloo", "--kernel-backend", backend, *model,
-                  *(["--no-reset-attention-mask"] if model else []))
+    with pytest.raises(ArgumentError, match=r"--kernel-backend auto with LST_KERNEL_BACKEND=trtion: "
+                                            r"LST_KERNEL_BACKEND='trtion' is not one of"):
+        valid("--distributed-backend", "gloo", *model)
+    valid("--distributed-backend", "gloo", "--kernel-backend", "torch", *model)
     monkeypatch.setenv("LST_KERNEL_BACKEND", "torch")
     valid("--distributed-backend", "gloo", *model)
     monkeypatch.setenv("LST_KERNEL_BACKEND", "trtion")
@@ -256,11 +255,15 @@ def test_heads_past_the_triton_kernel_are_refused_before_building_on_cuda(monkey
         valid(*gloo, *wide_cross)
     valid(*gloo, *wide_cross, "--kernel-backend", "torch")
     wide_global = ["--kv-channels", "320"]
-    with pytest.raises(ArgumentError, match=r"the global and local range attention runs the "
-                                            r"Triton .* global attention heads have 320: pass "
-                                            r"LST_KERNEL_BACKEND=torch"):
+    with pytest.raises(ArgumentError, match=r"--kernel-backend auto runs the Triton .* global "
+                                            r"attention heads have 320: pass "
+                                            r"--kernel-backend torch"):
         valid(*gloo, *wide_global)
+    with pytest.raises(ArgumentError, match=r"--kernel-backend triton runs the Triton .* global "
+                                            r"attention heads have 320"):
+        valid(*gloo, *wide_global, "--kernel-backend", "triton")
     valid(*gloo, *wide_global, "--no-reset-attention-mask")  # megatron's own attention then
+    valid(*gloo, *wide_global, "--kernel-backend", "torch")
     monkeypatch.setenv("LST_KERNEL_BACKEND", "torch")
     valid(*gloo, *wide_global)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -280,11 +283,12 @@ def test_local_heads_past_the_triton_kernel_are_refused_naming_the_flag(monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gloo = ["--distributed-backend", "gloo"]
     wide = [*LST_FLAGS, f"--local-{side}-kv-channels", "320"]
-    with pytest.raises(ArgumentError, match=rf"the global and local range attention runs the "
+    with pytest.raises(ArgumentError, match=rf"--kernel-backend auto runs the "
                                             rf"Triton .* local {side} self-attention "
                                             rf"\(--local-{side}-kv-channels 320\) heads have 320: "
-                                            r"pass LST_KERNEL_BACKEND=torch"):
+                                            r"pass --kernel-backend torch"):
         valid(*gloo, *wide)
+    valid(*gloo, *wide, "--kernel-backend", "torch")
     # Wide heads from hidden / heads name those two flags.
     with pytest.raises(ArgumentError, match=rf"\(--local-{side}-hidden-size 1024 / "
                                             rf"--local-{side}-heads 2\) heads have 512"):
