@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except Unreachable as error:
         print(f"megatron-core compatibility check SKIPPED: {error}", file=sys.stderr)
         return 0 if args.skip_if_unreachable else 3
-    except (BadRelease, zipfile.BadZipFile) as error:
+    except zipfile.BadZipFile as error:  # a wheel cut short, or damaged in the cache
+        print(f"megatron-core compatibility check: {wheel} is damaged ({error}); delete it "
+              f"(a wheel in --cache is downloaded again by the next run)", file=sys.stderr)
+        return 2
+    except BadRelease as error:
         print(f"megatron-core compatibility check: {error}", file=sys.stderr)
         return 2
     print(f"megatron-core compatibility: {wheel.name} unpacked at {tree}", flush=True)

@@ -73,3 +73,12 @@ def test_a_pinned_release_in_the_cache_is_used_without_the_index(tmp_path, monke
     with pytest.raises(compat.Unreachable):
         compat.download_wheel(None, tmp_path)
     assert len(commands) == 1
+
+
+def test_a_damaged_cached_wheel_is_named_with_the_fix(tmp_path, monkeypatch, capsys):
+    compat = load_tool("megatron_core_compat")
+    (tmp_path / WHEEL).write_bytes(b"half a download")
+    _pip_answers(monkeypatch, compat, 1, RETRY_WARNING)
+    assert compat.main(["--version", "0.19.2", "--cache", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path / WHEEL} is damaged" in error and "delete it" in error
