@@ -31,6 +31,11 @@ _LOAD_DEPRECATIONS = (r"`load_state_dict` is deprecated",
 # position and that no process group is used, both by megatron.core's design.
 _LOAD_NOTICES = (r"The argument order of load has been changed",
                  r"torch\.distributed is disabled, unavailable or uninitialized")
+# torch 2.13 deprecates the collectives that megatron.core's gradient and parameter buffers (the
+# distributed optimizer) and its sequence-parallel mappings call, and says so once in every
+# process that reaches them, from torch's collective wrapper; megatron-lst calls neither itself.
+_COLLECTIVE_DEPRECATIONS = (r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            r"`torch\.distributed\.reduce_scatter_tensor` is deprecated")
 # megatron.core 0.19 logs that its async save is deprecated (its synchronous
 # `dist_checkpointing.save` runs through it, in every saving process), and that GPTModel, which
 # the token baseline is built on, takes no new features.
@@ -63,6 +68,9 @@ def silence() -> None:
     for message in _LOAD_NOTICES:
         warnings.filterwarnings("ignore", message=message, category=UserWarning,
                                 module=r"torch\.distributed\.checkpoint")
+    for message in _COLLECTIVE_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning,
+                                module=r"torch\.distributed\.c10d_logger")
     for name, prefix in _LOG_NOTICES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):

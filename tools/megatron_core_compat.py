@@ -18,10 +18,13 @@ on the package index) as its cp312 manylinux wheel with `pip download`, unpacks 
 integrity tests, a resume with another --lr, lst-eval's clean-output test, and single-process
 resumes across the releases both ways.
 
+A --version whose wheel is already in --cache is used from there, without the package index.
+
 Exit status: 0 when every test passed; 1 when a test failed; 2 for a bad --version or wheel; 3
 when the wheel could not be downloaded because the package index is unreachable (network errors
-in pip's output), or 0 then with --skip-if-unreachable, after a line saying the check was SKIPPED.
-Only that case is skipped: a version the index does not have, and every test failure, fail.
+in pip's output and no list of releases from the index, or no wheel after DOWNLOAD_TIMEOUT_S), or
+0 then with --skip-if-unreachable, after a line saying the check was SKIPPED. Only that case is
+skipped: a version the index does not have, and every test failure, fail.
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ WHEEL_PLATFORM = "manylinux_2_28_x86_64"
 UNREACHABLE = re.compile(r"NewConnectionError|Failed to establish a new connection|Temporary "
                          r"failure in name resolution|Network is unreachable|ProxyError|"
                          r"ConnectTimeout|ReadTimeout|Max retries exceeded|SSLError")
+# pip's "Could not find a version that satisfies ... (from versions: 0.15.0, ...)": the index
+# answered with the releases it has ("none" when it could not be read).
+INDEX_ANSWERED = re.compile(r"\(from versions: (?!none\))")
+# The longest a wheel download may take (pip's own timeout is per read: a slow index that keeps
+# sending could hold CI for as long as it likes).
+DOWNLOAD_TIMEOUT_S = 600
 VERSIONS_TEST = "tests/checkpoint/test_megatron_core_versions.py"
 FULL_SUBSET = ["tests/unit", "tests/models", "tests/training", "tests/checkpoint",
                "tests/evaluation"]
@@ -60,16 +69,26 @@ class BadRelease(RuntimeError):
 
 
 def download_wheel(version: str | None, dest: Path) -> Path:
-    """The megatron-core wheel (cp312, manylinux) of `version` (None: the newest) in `dest`."""
+    """The megatron-core wheel (cp312, manylinux) of `version` (None: the newest) in `dest`: the
+    one already there for a given `version` (no index needed), else downloaded."""
+    cached = sorted(dest.glob(f"megatron_core-{version}-*.whl")) if version else []
+    if cached:
+        return cached[-1]
     requirement = f"megatron-core=={version}" if version else "megatron-core"
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         "--python-version", WHEEL_PYTHON, "--platform", WHEEL_PLATFORM,
-         "--disable-pip-version-check", "--dest", str(dest), requirement],
-        capture_output=True, text=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--python-version", WHEEL_PYTHON, "--platform", WHEEL_PLATFORM,
+               "--disable-pip-version-check", "--dest", str(dest), requirement]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True,
+                              timeout=DOWNLOAD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise Unreachable(f"pip download {requirement} did not finish in {DOWNLOAD_TIMEOUT_S} s "
+                          f"(the package index is too slow)") from None
     if done.returncode != 0:
         output = done.stdout + done.stderr
-        if UNREACHABLE.search(output):
+        # Retries are logged on the way to an answer too (a slow index, an unreachable extra
+        # index): an index that listed its releases was reached.
+        if UNREACHABLE.search(output) and not INDEX_ANSWERED.search(output):
             raise Unreachable(f"pip download {requirement} could not reach the package index:\n"
                               f"{output[-1500:]}")
         raise BadRelease(f"pip download {requirement} failed (not a network error: is there "
@@ -136,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except Unreachable as error:
         print(f"megatron-core compatibility check SKIPPED: {error}", file=sys.stderr)
         return 0 if args.skip_if_unreachable else 3
-    except (BadRelease, zipfile.BadZipFile) as error:
+    except zipfile.BadZipFile as error:  # a wheel cut short, or damaged in the cache
+        print(f"megatron-core compatibility check: {wheel} is damaged ({error}); delete it "
+              f"(a wheel in --cache is downloaded again by the next run)", file=sys.stderr)
+        return 2
+    except BadRelease as error:
         print(f"megatron-core compatibility check: {error}", file=sys.stderr)
         return 2
     print(f"megatron-core compatibility: {wheel.name} unpacked at {tree}", flush=True)

@@ -264,7 +264,7 @@ class _CachedLST:
         """tokens `[1, N]` (the whole sequence), lengths `[1, P]` its generation patching ->
         logits `[V]` of the next token."""
         from lst_kernels import patch_ids_from_lengths
-        from megatron.core import tensor_parallel
+        from megatron.core import parallel_state, tensor_parallel
 
         model = self.model
         seen = self.layer_states[0].shape[1] if self.layer_states else 0
@@ -288,7 +288,8 @@ class _CachedLST:
             self.layer_states[-1][:, keep:], new_global, patch_ids[:, keep:], lengths.shape[1],
             keep, self.decoder_cache)  # [1, n, Dd]
         logits, _ = model.output_layer(hidden[:, -1:])  # [1, 1, V/tp]
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(
+            logits, parallel_state.get_tensor_model_parallel_group())
         return logits[0, -1].float()
 
 

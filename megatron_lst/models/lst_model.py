@@ -207,7 +207,8 @@ class LSTModel(MegatronModule):
                     f"{tp} ranks; make the patch count (--seq-length) a multiple of {tp} or pad "
                     "patch_lengths with zero-length patches"
                 )
-            global_input = tensor_parallel.scatter_to_sequence_parallel_region(global_input)
+            global_input = tensor_parallel.scatter_to_sequence_parallel_region(
+                global_input, parallel_state.get_tensor_model_parallel_group())
         return layer_states[-1], global_input
 
     def decode(
@@ -223,7 +224,8 @@ class LSTModel(MegatronModule):
             # The decoder runs whole on every rank, so each rank's gradient is already complete:
             # split it on the way back instead of reduce-scattering.
             global_output = tensor_parallel.gather_from_sequence_parallel_region(
-                global_output, tensor_parallel_output_grad=False
+                global_output, tensor_parallel_output_grad=False,
+                group=parallel_state.get_tensor_model_parallel_group()
             )
         hidden = self.local_decoder(token_states, global_output.transpose(0, 1), patch_lengths,
                                     documents)

@@ -27,6 +27,13 @@ IMPORT_WARNINGS = [
     ("torch.distributed.checkpoint.utils", "torch.distributed is disabled, unavailable or "
      "uninitialized, assuming the intent is to load in a single process."),
 ]
+# torch 2.13 on the collectives of megatron.core's distributed optimizer and sequence parallelism
+COLLECTIVE_DEPRECATIONS = [
+    ("torch.distributed.c10d_logger", "`torch.distributed.all_gather_into_tensor` is deprecated. "
+     "Please use `torch.distributed.all_gather_single` instead."),
+    ("torch.distributed.c10d_logger", "`torch.distributed.reduce_scatter_tensor` is deprecated. "
+     "Please use `torch.distributed.reduce_scatter_single` instead."),
+]
 LOG_RECORDS = [
     ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated and "
      "will be removed in the future releases. Please, use NVRx async solution by setting "
@@ -37,10 +44,10 @@ LOG_RECORDS = [
 ]
 
 
-def _shown(module: str, message: str) -> list[str]:
+def _shown(module: str, message: str, category: type[Warning] = UserWarning) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         megatron_notices.silence()  # pytest resets the warning filters of collection time
-        warnings.warn_explicit(message, UserWarning, "emitter.py", 1, module=module)
+        warnings.warn_explicit(message, category, "emitter.py", 1, module=module)
     return [str(w.message) for w in caught]
 
 
@@ -54,6 +61,13 @@ def test_other_warnings_of_the_same_modules_are_shown(module, message):
     assert _shown(module, "something a user should see") == ["something a user should see"]
     # the same words from a module of its own are not megatron.core's notice
     assert _shown("megatron_lst.training.loop", message) == [message]
+
+
+@pytest.mark.parametrize(("module", "message"), COLLECTIVE_DEPRECATIONS)
+def test_torch_deprecations_of_megatron_core_collectives_are_not_shown(module, message):
+    assert _shown(module, message, FutureWarning) == []
+    assert _shown(module, "something a user should see", FutureWarning) == [
+        "something a user should see"]
 
 
 @pytest.mark.parametrize(("logger", "message"), LOG_RECORDS)
