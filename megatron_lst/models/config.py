@@ -56,13 +56,31 @@ def _head_dim(config) -> int:
     return config.kv_channels if config.kv_channels is not None else config.hidden_size // config.num_heads
 
 
-def _normalise_head_shape(config, groups_field: str | None) -> None:
-    """Store spelt-out defaults as None (key/value heads equal to the heads, a head size equal to
-    `hidden / heads`), so that two configs of the same model compare equal."""
-    if groups_field and getattr(config, groups_field) == config.num_heads:
-        object.__setattr__(config, groups_field, None)
+def _normalise_head_shape(config) -> None:
+    """Store a local or global config's spelt-out defaults as None (key/value heads equal to the
+    heads, a head size equal to `hidden / heads`), so that two configs of the same model compare
+    equal."""
+    if config.num_query_groups == config.num_heads:
+        object.__setattr__(config, "num_query_groups", None)
     if config.kv_channels is not None and config.kv_channels * config.num_heads == config.hidden_size:
         object.__setattr__(config, "kv_channels", None)
+
+
+def _check_stack_shape(config, where: str, size_fields: tuple[str, ...]) -> None:
+    """Refuse a local or global config (`where` names it) whose `size_fields`, key/value heads or
+    head size are below 1, every size named with its value, or whose heads do not fit
+    (`_head_shape_errors`)."""
+    groups = _given_or(config.num_query_groups, config.num_heads)
+    sizes = {**{name: getattr(config, name) for name in size_fields},
+             "num_query_groups": groups, "kv_channels": _given_or(config.kv_channels, 1)}
+    if min(sizes.values()) < 1:  # before dividing by num_heads
+        raise ModelConfigError(
+            f"{where} " + ", ".join(f"{name} ({getattr(config, name)})" for name in sizes)
+            + " must be >= 1")
+    error = _head_shape_errors(where, config.hidden_size, config.num_heads, groups,
+                               config.kv_channels)
+    if error:
+        raise ModelConfigError(error)
 
 
 @dataclass(frozen=True)
@@ -86,20 +104,9 @@ class LocalModelConfig:
     None."""
 
     def __post_init__(self):
-        _normalise_head_shape(self, "num_query_groups")
-        sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                 "num_heads": self.num_heads, "window": self.window,
-                 "ffn_hidden_size": self.ffn_hidden_size,
-                 "num_query_groups": _given_or(self.num_query_groups, self.num_heads),
-                 "kv_channels": _given_or(self.kv_channels, 1)}
-        if min(sizes.values()) < 1:  # before dividing by num_heads
-            raise ModelConfigError(
-                "local " + ", ".join(f"{name} ({getattr(self, name)})" for name in sizes)
-                + " must be >= 1")
-        error = _head_shape_errors("local", self.hidden_size, self.num_heads, self.kv_groups,
-                                   self.kv_channels)
-        if error:
-            raise ModelConfigError(error)
+        _normalise_head_shape(self)
+        _check_stack_shape(self, "local", ("hidden_size", "num_layers", "num_heads", "window",
+                                           "ffn_hidden_size"))
 
     @property
     def head_dim(self) -> int:
@@ -127,15 +134,9 @@ class GlobalModelConfig:
     num_heads`, and that value is stored as None."""
 
     def __post_init__(self):
-        _normalise_head_shape(self, "num_query_groups")
-        groups = _given_or(self.num_query_groups, self.num_heads)
-        if min(self.hidden_size, self.num_layers, self.num_heads, self.ffn_hidden_size, groups,
-               _given_or(self.kv_channels, 1)) < 1:
-            raise ModelConfigError(f"global model sizes must all be >= 1, got {self}")
-        error = _head_shape_errors("global", self.hidden_size, self.num_heads, groups,
-                                   self.kv_channels)
-        if error:
-            raise ModelConfigError(error)
+        _normalise_head_shape(self)
+        _check_stack_shape(self, "global", ("hidden_size", "num_layers", "num_heads",
+                                            "ffn_hidden_size"))
 
     @property
     def head_dim(self) -> int:

@@ -12,7 +12,11 @@ from megatron_lst.models import (
     preset,
     swiglu_ffn_size,
 )
-from megatron_lst.models.config import LocalModelConfig, check_tensor_parallel_vocab
+from megatron_lst.models.config import (
+    GlobalModelConfig,
+    LocalModelConfig,
+    check_tensor_parallel_vocab,
+)
 
 
 @pytest.mark.parametrize("hidden,expected", [(32, 256), (64, 256), (1024, 2816), (2048, 5632), (4096, 11008)])
@@ -53,6 +57,26 @@ def test_invalid_configs_name_the_problem():
     config = preset("tiny", 1021)
     with pytest.raises(ModelConfigError, match="tensor_model_parallel_size 2"):
         check_tensor_parallel_vocab(config, config.transformer_config(tensor_model_parallel_size=2))
+
+
+@pytest.mark.parametrize(("stack", "fields", "message"), [
+    (GlobalModelConfig, {"hidden_size": 0},
+     r"^global hidden_size \(0\), num_layers \(2\), num_heads \(4\), ffn_hidden_size \(256\), "
+     r"num_query_groups \(None\), kv_channels \(None\) must be >= 1$"),
+    (GlobalModelConfig, {"kv_channels": 0}, r"^global .*kv_channels \(0\) must be >= 1$"),
+    (LocalModelConfig, {"window": 0},
+     r"^local hidden_size \(64\), num_layers \(2\), num_heads \(4\), window \(0\), "
+     r"ffn_hidden_size \(256\), num_query_groups \(None\), kv_channels \(None\) must be >= 1$"),
+    (GlobalModelConfig, {"num_query_groups": 3}, r"^global num_heads 4 is not divisible by "
+                                                 r"num_query_groups 3"),
+    (LocalModelConfig, {"num_query_groups": 3}, r"^local num_heads 4 is not divisible by "
+                                                r"num_query_groups 3"),
+])
+def test_a_stack_below_one_or_with_heads_that_do_not_fit_is_named(stack, fields, message):
+    """The local and global stacks name every size with its value, and which stack it is."""
+    with pytest.raises(ModelConfigError, match=message):
+        stack(**{"hidden_size": 64, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 256,
+                 **fields})
 
 
 
