@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stage(message: str) -> None:
+def print_stage(message: str) -> None:
+    """A demo's progress line: the stage it starts now."""
     print(f"\n=== {message}", flush=True)
 
 
@@ -131,7 +132,9 @@ def check_train_iters(parser: argparse.ArgumentParser, args: argparse.Namespace)
                 parser.error(f"--train-iters {args.train_iters}: {error}")
 
 
-def train(name: str, flags: list[str]) -> tuple[object, object, float]:
+def train(flags: list[str]) -> tuple[object, object, float]:
+    """Run `pretrain_lst.py`'s loop in this process on `flags`: (its validated args, its result,
+    the seconds it took)."""
     from megatron_lst.training.arguments import parse_args, validate_args
     from megatron_lst.training.loop import pretrain
 
@@ -218,7 +221,7 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
     started = time.perf_counter()
     from megatron_lst.demo_corpus.build import build_demo_corpus, format_summary
 
-    _stage(f"demo corpus in {args.corpus_dir} (built once, then read from its cache)")
+    print_stage(f"demo corpus in {args.corpus_dir} (built once, then read from its cache)")
     corpus = build_demo_corpus(args.corpus_dir, seed=0, scale=args.corpus_scale)
     print(format_summary(corpus.summary), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,10 +232,10 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
         if save_dir.exists():
             print(f"removing the previous demo run {save_dir}", flush=True)
             shutil.rmtree(save_dir)
-        _stage(f"training {name} for {args.train_iters} steps ({MODELS[name].name})")
+        print_stage(f"training {name} for {args.train_iters} steps ({MODELS[name].name})")
         train_args, result, seconds = train(
-            name, training_flags(name, corpus, args.out_dir, args.train_iters, args.seed))
-        _stage(f"scoring {name} on {', '.join(EVAL_SETS)} ({', '.join(EVAL_MODES)})")
+            training_flags(name, corpus, args.out_dir, args.train_iters, args.seed))
+        print_stage(f"scoring {name} on {', '.join(EVAL_SETS)} ({', '.join(EVAL_MODES)})")
         accuracy = evaluate_checkpoint(
             save_dir, {s: corpus.paths[f"eval_{s}"] for s in EVAL_SETS}, args.eval_items)
         final = result.iteration
@@ -245,7 +248,7 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
             accuracy=accuracy, valid_curve=result.eval_losses, flops_curve=result.flops,
             train_seconds=seconds))
 
-    _stage("results")
+    print_stage("results")
     print(format_table(reports))
     print("(validation losses are per token of each model's own rows, which mix speech and text "
           "differently: not comparable across models; accuracy is)")
