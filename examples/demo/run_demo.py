@@ -194,19 +194,30 @@ def _accuracy_keys() -> list[str]:
 
 
 def plot(reports: list[ModelReport], path: Path) -> None:
+    lines = {}
+    for report in reports:
+        iterations = sorted(report.valid_curve)
+        lines[report.name] = ([report.flops_curve[i] for i in iterations],
+                              [report.valid_curve[i] for i in iterations])
+    plot_lines(lines, path, "cumulative model training FLOPs",
+               "validation loss (nats / token, own rows)",
+               "Tiny LST vs token baseline, equal steps x global positions (CPU demo)")
+
+
+def plot_lines(lines: dict[str, tuple[list[float], list[float]]], path: Path, xlabel: str,
+               ylabel: str, title: str) -> None:
+    """Write a demo figure to `path`: one line of points per model, `{name: (xs, ys)}`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    for report in reports:
-        iterations = sorted(report.valid_curve)
-        axes.plot([report.flops_curve[i] for i in iterations],
-                  [report.valid_curve[i] for i in iterations], marker="o", label=report.name)
-    axes.set_xlabel("cumulative model training FLOPs")
-    axes.set_ylabel("validation loss (nats / token, own rows)")
-    axes.set_title("Tiny LST vs token baseline, equal steps x global positions (CPU demo)")
+    for name, (xs, ys) in lines.items():
+        axes.plot(xs, ys, marker="o", label=name)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()

@@ -40,8 +40,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # see run_demo.py
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# The demo's two model configs, its training run in this process and its table layout.
-from run_demo import MODELS, print_stage, text_table, train  # noqa: E402
+# The demo's two model configs, its training run in this process, its table and figure layout.
+from run_demo import MODELS, plot_lines, print_stage, text_table, train  # noqa: E402
 
 TASKS = ("asr", "tts")
 SPLIT = "98,2,0"  # the split the demo pretrained with: its valid utterances stay held out
@@ -163,23 +163,12 @@ def format_table(results: list[ModelResult], steps: int) -> str:
 
 
 def plot(results: list[ModelResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    lines = {}
     for r in results:
         steps = sorted(r.wer_curve)
-        axes.plot(steps, [100 * r.wer_curve[s] for s in steps], marker="o", label=r.name)
-    axes.set_xlabel("ASR fine-tuning steps (batch 4)")
-    axes.set_ylabel("held-out WER (%)")
-    axes.set_title("Tiny LST vs token baseline: ASR fine-tuning (CPU demo)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+        lines[r.name] = (steps, [100 * r.wer_curve[s] for s in steps])
+    plot_lines(lines, path, "ASR fine-tuning steps (batch 4)", "held-out WER (%)",
+               "Tiny LST vs token baseline: ASR fine-tuning (CPU demo)")
 
 
 def run(argv: list[str] | None = None) -> list[ModelResult]:
