@@ -23,6 +23,12 @@ class ModelConfigError(ValueError):
     """A model configuration is inconsistent or asks for something not implemented."""
 
 
+CUDA_FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
+                "apply_rope_fusion", "gradient_accumulation_fusion", "persist_layer_norm")
+"""megatron.core `TransformerConfig` switches of fused kernels that need CUDA (or Apex): a
+megatron.core model on CPU needs them all off, as `LSTConfig.transformer_config` sets them."""
+
+
 def swiglu_ffn_size(hidden_size: int, multiple_of: int = 256, multiplier: float = 1.0) -> int:
     """SwiGLU hidden width of the reference (and Llama): `multiple_of * ceil(int(m * int(8h/3)) / multiple_of)`."""
     width = int(multiplier * int(2 * 4 * hidden_size / 3))
@@ -271,12 +277,7 @@ class LSTConfig:
             activation_func=F.silu,
             add_bias_linear=False,
             add_qkv_bias=False,
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
-            persist_layer_norm=False,
+            **dict.fromkeys(CUDA_FUSIONS, False),
             rotary_interleaved=True,
             hidden_dropout=0.0,
             attention_dropout=0.0,

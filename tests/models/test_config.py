@@ -13,6 +13,7 @@ from megatron_lst.models import (
     swiglu_ffn_size,
 )
 from megatron_lst.models.config import (
+    CUDA_FUSIONS,
     GlobalModelConfig,
     LocalModelConfig,
     check_tensor_parallel_vocab,
@@ -43,6 +44,7 @@ def test_presets_build_consistent_configs(name):
     assert megatron_config.rotary_interleaved and megatron_config.gated_linear_unit
     assert megatron_config.normalization == "RMSNorm" and not megatron_config.add_bias_linear
     assert megatron_config.ffn_hidden_size == config.global_model.ffn_hidden_size
+    assert not any(getattr(megatron_config, fusion) for fusion in CUDA_FUSIONS)
 
 
 def test_invalid_configs_name_the_problem():
