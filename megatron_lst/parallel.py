@@ -137,6 +137,13 @@ def destroy_parallel(keep_process_group: bool = False) -> None:
     _owns_process_group = False
 
 
+def has_other_ranks() -> bool:
+    """Whether this process is one rank of several in an initialized torch.distributed process
+    group: a collective then has other ranks to meet; otherwise the work is this process's own."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
 def _world_size() -> int:
     if torch.distributed.is_initialized():
         return torch.distributed.get_world_size()

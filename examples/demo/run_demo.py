@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stage(message: str) -> None:
+def print_stage(message: str) -> None:
+    """A demo's progress line: the stage it starts now."""
     print(f"\n=== {message}", flush=True)
 
 
@@ -131,7 +132,9 @@ def check_train_iters(parser: argparse.ArgumentParser, args: argparse.Namespace)
                 parser.error(f"--train-iters {args.train_iters}: {error}")
 
 
-def train(name: str, flags: list[str]) -> tuple[object, object, float]:
+def train(flags: list[str]) -> tuple[object, object, float]:
+    """Run `pretrain_lst.py`'s loop in this process on `flags`: (its validated args, its result,
+    the seconds it took)."""
     from megatron_lst.training.arguments import parse_args, validate_args
     from megatron_lst.training.loop import pretrain
 
@@ -191,19 +194,30 @@ def _accuracy_keys() -> list[str]:
 
 
 def plot(reports: list[ModelReport], path: Path) -> None:
+    lines = {}
+    for report in reports:
+        iterations = sorted(report.valid_curve)
+        lines[report.name] = ([report.flops_curve[i] for i in iterations],
+                              [report.valid_curve[i] for i in iterations])
+    plot_lines(lines, path, "cumulative model training FLOPs",
+               "validation loss (nats / token, own rows)",
+               "Tiny LST vs token baseline, equal steps x global positions (CPU demo)")
+
+
+def plot_lines(lines: dict[str, tuple[list[float], list[float]]], path: Path, xlabel: str,
+               ylabel: str, title: str) -> None:
+    """Write a demo figure to `path`: one line of points per model, `{name: (xs, ys)}`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    for report in reports:
-        iterations = sorted(report.valid_curve)
-        axes.plot([report.flops_curve[i] for i in iterations],
-                  [report.valid_curve[i] for i in iterations], marker="o", label=report.name)
-    axes.set_xlabel("cumulative model training FLOPs")
-    axes.set_ylabel("validation loss (nats / token, own rows)")
-    axes.set_title("Tiny LST vs token baseline, equal steps x global positions (CPU demo)")
+    for name, (xs, ys) in lines.items():
+        axes.plot(xs, ys, marker="o", label=name)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -218,7 +232,7 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
     started = time.perf_counter()
     from megatron_lst.demo_corpus.build import build_demo_corpus, format_summary
 
-    _stage(f"demo corpus in {args.corpus_dir} (built once, then read from its cache)")
+    print_stage(f"demo corpus in {args.corpus_dir} (built once, then read from its cache)")
     corpus = build_demo_corpus(args.corpus_dir, seed=0, scale=args.corpus_scale)
     print(format_summary(corpus.summary), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,10 +243,10 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
         if save_dir.exists():
             print(f"removing the previous demo run {save_dir}", flush=True)
             shutil.rmtree(save_dir)
-        _stage(f"training {name} for {args.train_iters} steps ({MODELS[name].name})")
+        print_stage(f"training {name} for {args.train_iters} steps ({MODELS[name].name})")
         train_args, result, seconds = train(
-            name, training_flags(name, corpus, args.out_dir, args.train_iters, args.seed))
-        _stage(f"scoring {name} on {', '.join(EVAL_SETS)} ({', '.join(EVAL_MODES)})")
+            training_flags(name, corpus, args.out_dir, args.train_iters, args.seed))
+        print_stage(f"scoring {name} on {', '.join(EVAL_SETS)} ({', '.join(EVAL_MODES)})")
         accuracy = evaluate_checkpoint(
             save_dir, {s: corpus.paths[f"eval_{s}"] for s in EVAL_SETS}, args.eval_items)
         final = result.iteration
@@ -245,7 +259,7 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
             accuracy=accuracy, valid_curve=result.eval_losses, flops_curve=result.flops,
             train_seconds=seconds))
 
-    _stage("results")
+    print_stage("results")
     print(format_table(reports))
     print("(validation losses are per token of each model's own rows, which mix speech and text "
           "differently: not comparable across models; accuracy is)")

@@ -40,7 +40,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # see run_demo.py
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_demo import MODELS, text_table  # noqa: E402  (the same two model configs, table layout)
+# The demo's two model configs, its training run in this process, its table and figure layout.
+from run_demo import MODELS, plot_lines, print_stage, text_table, train  # noqa: E402
 
 TASKS = ("asr", "tts")
 SPLIT = "98,2,0"  # the split the demo pretrained with: its valid utterances stay held out
@@ -82,10 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stage(message: str) -> None:
-    print(f"\n=== {message}", flush=True)
-
-
 def patcher_of(name: str):
     from megatron_lst.patching import Patcher, PatchingConfig
 
@@ -123,16 +120,6 @@ def finetune_flags(name: str, task: str, corpus, shape: tuple[int, int], save: P
         flags += ["--patching-mode", "static", "--patch-size", str(PATCH_SIZE),
                   "--max-tokens", str(max_tokens)]
     return flags
-
-
-def finetune(flags: list[str]) -> tuple[object, float]:
-    from megatron_lst.training.arguments import parse_args, validate_args
-    from megatron_lst.training.loop import pretrain
-
-    args = validate_args(parse_args(flags), world_size=1)
-    start = time.perf_counter()
-    result = pretrain(args)
-    return result, time.perf_counter() - start
 
 
 def load_task_model(checkpoint: Path):
@@ -176,23 +163,12 @@ def format_table(results: list[ModelResult], steps: int) -> str:
 
 
 def plot(results: list[ModelResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    lines = {}
     for r in results:
         steps = sorted(r.wer_curve)
-        axes.plot(steps, [100 * r.wer_curve[s] for s in steps], marker="o", label=r.name)
-    axes.set_xlabel("ASR fine-tuning steps (batch 4)")
-    axes.set_ylabel("held-out WER (%)")
-    axes.set_title("Tiny LST vs token baseline: ASR fine-tuning (CPU demo)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+        lines[r.name] = (steps, [100 * r.wer_curve[s] for s in steps])
+    plot_lines(lines, path, "ASR fine-tuning steps (batch 4)", "held-out WER (%)",
+               "Tiny LST vs token baseline: ASR fine-tuning (CPU demo)")
 
 
 def run(argv: list[str] | None = None) -> list[ModelResult]:
@@ -205,7 +181,7 @@ def run(argv: list[str] | None = None) -> list[ModelResult]:
     from megatron_lst.training.checkpointing import find_latest_checkpoint
 
     if any(find_latest_checkpoint(args.demo_dir / name) is None for name in MODELS):
-        _stage(f"no pretrained demo checkpoints in {args.demo_dir}: running the demo first")
+        print_stage(f"no pretrained demo checkpoints in {args.demo_dir}: running the demo first")
         import run_demo
 
         run_demo.run(["--out-dir", str(args.demo_dir), "--corpus-dir", str(args.corpus_dir)])
@@ -229,14 +205,14 @@ def run(argv: list[str] | None = None) -> list[ModelResult]:
             save = args.out_dir / task / name
             if save.exists():
                 shutil.rmtree(save)
-            _stage(f"fine-tuning {name} on {task}: {args.train_iters} steps, rows of "
+            print_stage(f"fine-tuning {name} on {task}: {args.train_iters} steps, rows of "
                    f"{shape[0]} tokens in {shape[1]} global positions")
             interval = save_interval if task == "asr" else args.train_iters  # the WER curve's
-            _, seconds = finetune(finetune_flags(name, task, corpus, shape, save,
+            _, _, seconds = train(finetune_flags(name, task, corpus, shape, save,
                                                  args.train_iters, interval, args.seed))
             result.finetune_seconds[task] = seconds
 
-    _stage("ASR: decoding the held-out utterances at every saved step")
+    print_stage("ASR: decoding the held-out utterances at every saved step")
     initialize_parallel(seed=args.seed)
     try:
         for name, result in results.items():
@@ -252,7 +228,7 @@ def run(argv: list[str] | None = None) -> list[ModelResult]:
             result.examples = [{"reference": o.reference, "hypothesis": o.hypothesis}
                                for o in outputs[:2]]
         best = min(results.values(), key=lambda r: r.asr["wer"]).name
-        _stage(f"TTS: generating speech for {args.tts_utterances} held-out utterances; ASR-CER "
+        print_stage(f"TTS: generating speech for {args.tts_utterances} held-out utterances; ASR-CER "
                f"by the {best} ASR model")
         judge = load_task_model(args.out_dir / "asr" / best)
         for name, result in results.items():
@@ -263,7 +239,7 @@ def run(argv: list[str] | None = None) -> list[ModelResult]:
     finally:
         destroy_parallel()
 
-    _stage("results")
+    print_stage("results")
     ordered = list(results.values())
     print(format_table(ordered, args.train_iters))
     print(f"(ASR on {len(evaluation)} held-out utterances, TTS on {args.tts_utterances}; 95% "

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megatron_lst.parallel import has_other_ranks
+
 from . import safe_pickle
 from .durable_files import write_file_durably
 from .errors import CheckpointError, CheckpointIntegrityError
@@ -75,14 +77,14 @@ def _listed_files(directory: Path) -> list[str]:
 
 def _my_share(names: list[str]) -> list[str]:
     """The names this rank hashes: every world_size-th one, or all of them in one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not has_other_ranks():
         return names
     return names[dist.get_rank()::dist.get_world_size()]
 
 
 def _gather(part: dict[str, Any]) -> dict[str, Any]:
     """The union of every rank's `part` (on every rank)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not has_other_ranks():
         return part
     parts: list[dict[str, Any]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(parts, part)
@@ -92,7 +94,7 @@ def _gather(part: dict[str, Any]) -> dict[str, Any]:
 def _broadcast_names(directory: Path) -> list[str]:
     """Rank 0's listing of `directory` on every rank (one listing, however the filesystem
     caches directory entries on other nodes)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not has_other_ranks():
         return _listed_files(directory)
     box = [_listed_files(directory) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)

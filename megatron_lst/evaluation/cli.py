@@ -138,9 +138,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                                         seed=args.seed, truncate_context=args.truncate_context)
                    for path, items in item_sets.items()}
     except (CheckpointError, ItemError, OSError, ValueError) as error:
-        print(f"lst-eval: {error}", file=sys.stderr, flush=True)
-        stop_together.stop_with_the_others()
-        return 2
+        return _refuse_with_the_others("lst-eval", error)
     finally:
         destroy_parallel()
     if context.rank != 0:
@@ -155,6 +153,14 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         return _write_results(args.output, {"checkpoint": str(model.checkpoint),
                                             "iteration": model.iteration, "results": results})
     return 0
+
+
+def _refuse_with_the_others(program: str, error: Exception) -> int:
+    """Print `program: error` and return exit status 2, once every rank that stops has printed
+    its own (`stop_together`): the launcher ends every rank once one has exited."""
+    print(f"{program}: {error}", file=sys.stderr, flush=True)
+    stop_together.stop_with_the_others()
+    return 2
 
 
 def _item_count(summary: dict[str, float]) -> str:
@@ -319,9 +325,7 @@ def task_main(args: argparse.Namespace) -> int:
             summary = summarise_tts(outputs, store.manifest.frame_rate,
                                     args.bootstrap_resamples, args.seed)
     except (CheckpointError, OSError, ValueError) as error:
-        print(f"lst-eval: {error}", file=sys.stderr, flush=True)
-        stop_together.stop_with_the_others()
-        return 2
+        return _refuse_with_the_others("lst-eval", error)
     finally:
         destroy_parallel()
     print(f"checkpoint {loaded.checkpoint} (iteration {loaded.iteration}), {args.task} on "
@@ -469,9 +473,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         result = generate(loaded.model_chunks[0], prompt, vocab, loaded.patcher.config,
                           sampling, use_cache=not args.no_cache)
     except (CheckpointError, GenerationError, OSError, ValueError) as error:
-        print(f"lst-generate: {error}", file=sys.stderr, flush=True)
-        stop_together.stop_with_the_others()
-        return 2
+        return _refuse_with_the_others("lst-generate", error)
     finally:
         destroy_parallel()
     if context.rank != 0:

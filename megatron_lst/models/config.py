@@ -23,6 +23,12 @@ class ModelConfigError(ValueError):
     """A model configuration is inconsistent or asks for something not implemented."""
 
 
+CUDA_FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
+                "apply_rope_fusion", "gradient_accumulation_fusion", "persist_layer_norm")
+"""megatron.core `TransformerConfig` switches of fused kernels that need CUDA (or Apex): a
+megatron.core model on CPU needs them all off, as `LSTConfig.transformer_config` sets them."""
+
+
 def swiglu_ffn_size(hidden_size: int, multiple_of: int = 256, multiplier: float = 1.0) -> int:
     """SwiGLU hidden width of the reference (and Llama): `multiple_of * ceil(int(m * int(8h/3)) / multiple_of)`."""
     width = int(multiplier * int(2 * 4 * hidden_size / 3))
@@ -56,13 +62,31 @@ def _head_dim(config) -> int:
     return config.kv_channels if config.kv_channels is not None else config.hidden_size // config.num_heads
 
 
-def _normalise_head_shape(config, groups_field: str | None) -> None:
-    """Store spelt-out defaults as None (key/value heads equal to the heads, a head size equal to
-    `hidden / heads`), so that two configs of the same model compare equal."""
-    if groups_field and getattr(config, groups_field) == config.num_heads:
-        object.__setattr__(config, groups_field, None)
+def _normalise_head_shape(config) -> None:
+    """Store a local or global config's spelt-out defaults as None (key/value heads equal to the
+    heads, a head size equal to `hidden / heads`), so that two configs of the same model compare
+    equal."""
+    if config.num_query_groups == config.num_heads:
+        object.__setattr__(config, "num_query_groups", None)
     if config.kv_channels is not None and config.kv_channels * config.num_heads == config.hidden_size:
         object.__setattr__(config, "kv_channels", None)
+
+
+def _check_stack_shape(config, where: str, size_fields: tuple[str, ...]) -> None:
+    """Refuse a local or global config (`where` names it) whose `size_fields`, key/value heads or
+    head size are below 1, every size named with its value, or whose heads do not fit
+    (`_head_shape_errors`)."""
+    groups = _given_or(config.num_query_groups, config.num_heads)
+    sizes = {**{name: getattr(config, name) for name in size_fields},
+             "num_query_groups": groups, "kv_channels": _given_or(config.kv_channels, 1)}
+    if min(sizes.values()) < 1:  # before dividing by num_heads
+        raise ModelConfigError(
+            f"{where} " + ", ".join(f"{name} ({getattr(config, name)})" for name in sizes)
+            + " must be >= 1")
+    error = _head_shape_errors(where, config.hidden_size, config.num_heads, groups,
+                               config.kv_channels)
+    if error:
+        raise ModelConfigError(error)
 
 
 @dataclass(frozen=True)
@@ -86,20 +110,9 @@ class LocalModelConfig:
     None."""
 
     def __post_init__(self):
-        _normalise_head_shape(self, "num_query_groups")
-        sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                 "num_heads": self.num_heads, "window": self.window,
-                 "ffn_hidden_size": self.ffn_hidden_size,
-                 "num_query_groups": _given_or(self.num_query_groups, self.num_heads),
-                 "kv_channels": _given_or(self.kv_channels, 1)}
-        if min(sizes.values()) < 1:  # before dividing by num_heads
-            raise ModelConfigError(
-                "local " + ", ".join(f"{name} ({getattr(self, name)})" for name in sizes)
-                + " must be >= 1")
-        error = _head_shape_errors("local", self.hidden_size, self.num_heads, self.kv_groups,
-                                   self.kv_channels)
-        if error:
-            raise ModelConfigError(error)
+        _normalise_head_shape(self)
+        _check_stack_shape(self, "local", ("hidden_size", "num_layers", "num_heads", "window",
+                                           "ffn_hidden_size"))
 
     @property
     def head_dim(self) -> int:
@@ -127,15 +140,9 @@ class GlobalModelConfig:
     num_heads`, and that value is stored as None."""
 
     def __post_init__(self):
-        _normalise_head_shape(self, "num_query_groups")
-        groups = _given_or(self.num_query_groups, self.num_heads)
-        if min(self.hidden_size, self.num_layers, self.num_heads, self.ffn_hidden_size, groups,
-               _given_or(self.kv_channels, 1)) < 1:
-            raise ModelConfigError(f"global model sizes must all be >= 1, got {self}")
-        error = _head_shape_errors("global", self.hidden_size, self.num_heads, groups,
-                                   self.kv_channels)
-        if error:
-            raise ModelConfigError(error)
+        _normalise_head_shape(self)
+        _check_stack_shape(self, "global", ("hidden_size", "num_layers", "num_heads",
+                                            "ffn_hidden_size"))
 
     @property
     def head_dim(self) -> int:
@@ -270,12 +277,7 @@ class LSTConfig:
             activation_func=F.silu,
             add_bias_linear=False,
             add_qkv_bias=False,
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
-            persist_layer_norm=False,
+            **dict.fromkeys(CUDA_FUSIONS, False),
             rotary_interleaved=True,
             hidden_dropout=0.0,
             attention_dropout=0.0,

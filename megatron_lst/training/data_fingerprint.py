@@ -54,6 +54,7 @@ from megatron_lst.checkpoint.integrity import digest_file
 from megatron_lst.data.dataset import DatasetError
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.manifest import Manifest
+from megatron_lst.parallel import has_other_ranks
 from megatron_lst.training.resume_check import ResumeConfigError, ResumePosition
 
 # The key of the fingerprints in a checkpoint's extra state.
@@ -82,7 +83,7 @@ def training_data_fingerprints(sources: Sequence[tuple[float | None, str]]
     of those whose copies agree (module docstring); raises DatasetError on every rank when a
     rank cannot read its copy."""
     prefixes = list(dict.fromkeys(p for _, p in sources))
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not has_other_ranks():
         return [dataset_fingerprint(prefix) for prefix in prefixes]
     cheap, failure = _attempt(lambda: [(_cheap_fingerprint(prefix), _sampled_sha256(f"{prefix}.idx"))
                                        for prefix in prefixes])

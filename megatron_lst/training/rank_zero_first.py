@@ -39,6 +39,7 @@ from typing import TypeVar
 
 import torch
 
+from megatron_lst.parallel import has_other_ranks
 from megatron_lst.training.stop_together import attempt_token
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def rank_zero_first(work: Callable[[], T], what: str) -> T:
     host); returns on every rank once every rank has done it. `what` (e.g. "build the
     datasets") names the work in the wait's log lines and errors. Without a process group of
     several ranks: `work()`."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+    if not has_other_ranks():
         return work()
     from torch.distributed.distributed_c10d import _get_default_store
 

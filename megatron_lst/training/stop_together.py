@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from megatron_lst.parallel import has_other_ranks
+
 # How long a rank that stops waits for the other ranks to say that they stop too.
 STOP_WAIT_SECONDS = 10.0
 POLL_SECONDS = 0.05
@@ -51,7 +53,7 @@ def arm() -> None:
     `stop_with_the_others`. Without a process group of several ranks, there is nobody to wait
     for."""
     global _armed
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+    if not has_other_ranks():
         _armed = None
         return
     from torch.distributed.distributed_c10d import _get_default_store

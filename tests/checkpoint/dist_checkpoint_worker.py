@@ -11,6 +11,7 @@ import argparse
 
 import torch
 from distributed.harness import report_results
+from distributed.lst_stage import cpu_stage
 
 from megatron_lst.checkpoint.dist import training_args_for
 from megatron_lst.checkpoint.model_state import load_full_state_dict
@@ -22,16 +23,10 @@ from megatron_lst.training.checkpointing import load_checkpoint, save_checkpoint
 
 
 def build_stage(config, tp: int, pp: int) -> LSTModel:
-    from megatron.core import parallel_state
-
     megatron_config = config.transformer_config(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         use_cpu_initialization=True, params_dtype=torch.float32)
-    model = LSTModel(config, megatron_config,
-                     pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage(),
-                     transformer_impl="local", local_attention_backend="sdpa", kernel_backend="torch")
-    return model.eval()
+    return cpu_stage(config, megatron_config).eval()
 
 
 def pipeline_logits(model: LSTModel, batch: dict) -> torch.Tensor | None:

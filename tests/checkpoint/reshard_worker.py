@@ -10,34 +10,29 @@ Steps use megatron's DDP, forward-backward schedule, `finalize_lst_model_grads` 
 """
 
 import argparse
-from functools import partial
 
 import torch
 from distributed.harness import report_results
+from distributed.lst_stage import cpu_stage, mean_loss_forward_step
 
 from megatron_lst.checkpoint.dist import training_args_for
 from megatron_lst.checkpoint.model_state import load_full_state_dict
 from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.verify import fixed_batch
-from megatron_lst.models import LSTModel, finalize_lst_model_grads
-from megatron_lst.models.loss import masked_token_mean
+from megatron_lst.models import finalize_lst_model_grads
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.training.checkpointing import load_checkpoint, save_checkpoint
 
 
 def build(config, tp: int, pp: int):
     """`(DDP-wrapped model, megatron Adam)` for this rank's stage."""
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     megatron_config = config.transformer_config(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         use_cpu_initialization=True, params_dtype=torch.float32)
-    model = LSTModel(config, megatron_config,
-                     pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage(),
-                     transformer_impl="local", local_attention_backend="sdpa", kernel_backend="torch")
+    model = cpu_stage(config, megatron_config)
     ddp = DistributedDataParallel(
         config=megatron_config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
         module=model)
@@ -46,17 +41,6 @@ def build(config, tp: int, pp: int):
         OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0,
                         params_dtype=torch.float32), [ddp])
     return ddp, optimizer
-
-
-def loss_func(loss_mask, per_token_loss):
-    loss = masked_token_mean(per_token_loss, loss_mask)
-    return loss, {"loss": loss.detach()}
-
-
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["patch_lengths"], labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"])
 
 
 def train_step(ddp, optimizer, config, step: int) -> float | None:
@@ -72,7 +56,7 @@ def train_step(ddp, optimizer, config, step: int) -> float | None:
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     reduced = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp],
+        forward_step_func=mean_loss_forward_step, data_iterator=iter([batch]), model=[ddp],
         num_microbatches=1, seq_length=batch["patch_lengths"].shape[1],
         micro_batch_size=batch["tokens"].shape[0], forward_only=False)
     succeeded, _, _ = optimizer.step()

@@ -11,6 +11,7 @@ Weights are random, made in the reference's names and shapes straight from the a
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,6 +198,31 @@ def imported_model(model_args: dict, reference: dict[str, torch.Tensor]) -> LSTM
     return model.eval()
 
 
+def assert_same_tensors(exported: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]):
+    """The reference tensors came back: the same names, dtypes and values, bit for bit."""
+    assert sorted(exported) == sorted(reference)
+    for key, tensor in reference.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+
+
+def export_after_training_checkpoint(reference: dict[str, torch.Tensor], model_args: dict,
+                                     config, directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reference checkpoint -> portable -> our training (dist) checkpoint -> portable -> reference
+    checkpoint, all in `directory`, checking on the way that the portable checkpoint read back
+    holds `config` (the import's): the tensors and model args of the exported reference
+    checkpoint."""
+    save_file(reference, str(directory / "reference.safetensors"))
+    (directory / "params.json").write_text(json.dumps({"model": model_args}))
+    import_reference_to_portable(directory / "reference.safetensors", directory / "params.json",
+                                 directory / "portable", num_units=20)
+    portable_to_dist(directory / "portable", directory / "dist")
+    dist_to_portable(directory / "dist", directory / "portable_again")
+    assert load_portable(directory / "portable_again").config == config
+    export_portable_to_reference(directory / "portable_again", directory / "exported")
+    return (read_reference_state_dict(directory / "exported" / "consolidated.pth"),
+            read_reference_model_args(directory / "exported" / "params.json"))
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
 def test_imported_model_matches_reference_forward(single_rank, name):
     model_args = reference_args(name)
@@ -214,10 +240,7 @@ def test_export_gives_back_the_reference_tensors(single_rank, name):
     model_args = reference_args(name)
     reference = random_reference_state(model_args, seed=len(name))
     model = imported_model(model_args, reference)
-    exported = export_reference(full_state_dict(model), model.lst_config)
-    assert sorted(exported) == sorted(reference)
-    for key, tensor in reference.items():
-        assert torch.equal(exported[key], tensor), key
+    assert_same_tensors(export_reference(full_state_dict(model), model.lst_config), reference)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
@@ -227,22 +250,9 @@ def test_import_training_checkpoint_export_reimport_is_identical(single_rank, tm
     same configuration (the dist checkpoint keeps lst-train's flags, not the reference's args)."""
     model_args = reference_args(name)
     reference = random_reference_state(model_args, seed=len(name))
-    save_file(reference, str(tmp_path / "reference.safetensors"))
-    (tmp_path / "params.json").write_text(json.dumps({"model": model_args}))
     config, state = import_reference(reference, model_args)
-
-    import_reference_to_portable(tmp_path / "reference.safetensors", tmp_path / "params.json",
-                                 tmp_path / "portable", num_units=20)
-    portable_to_dist(tmp_path / "portable", tmp_path / "dist")
-    dist_to_portable(tmp_path / "dist", tmp_path / "portable_again")
-    assert load_portable(tmp_path / "portable_again").config == config
-    export_portable_to_reference(tmp_path / "portable_again", tmp_path / "exported")
-
-    exported = read_reference_state_dict(tmp_path / "exported" / "consolidated.pth")
-    assert sorted(exported) == sorted(reference)
-    for key, tensor in reference.items():
-        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
-    written = read_reference_model_args(tmp_path / "exported" / "params.json")
+    exported, written = export_after_training_checkpoint(reference, model_args, config, tmp_path)
+    assert_same_tensors(exported, reference)
     assert set(written) <= REFERENCE_MODEL_FIELDS, set(written) - REFERENCE_MODEL_FIELDS
     config_again, state_again = import_reference(exported, written)
     assert config_again == config
@@ -317,7 +327,5 @@ def test_any_accepted_reference_configuration_matches_the_oracle_and_exports_bac
         expected = reference_logits(model_args, reference, tokens, patch_lengths)
         logits = model(tokens, patch_lengths)
     assert (logits - expected).abs().max().item() <= 1e-4
-    exported = export_reference(full_state_dict(model), model.lst_config)
-    assert sorted(exported) == sorted(reference)
-    assert all(torch.equal(exported[key], tensor) for key, tensor in reference.items())
+    assert_same_tensors(export_reference(full_state_dict(model), model.lst_config), reference)
     assert lst_config_from_reference(reference_model_args(model.lst_config)) == model.lst_config

@@ -10,34 +10,25 @@ through the portable and training checkpoint formats changes nothing.
 """
 
 import dataclasses
-import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from checkpoint.reference_oracle import reference_logits, reference_tensor_shapes
 from checkpoint.test_reference_configurations import (
     BASE_ARGS,
+    assert_same_tensors,
+    export_after_training_checkpoint,
     imported_model,
     random_batch,
     random_reference_state,
 )
-from megatron_lst.checkpoint.convert import (
-    dist_to_portable,
-    export_portable_to_reference,
-    import_reference_to_portable,
-    portable_to_dist,
-)
 from megatron_lst.checkpoint.model_state import full_state_dict
-from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.reference import (
     export_reference,
     import_reference,
-    read_reference_model_args,
     reference_model_args,
 )
-from megatron_lst.checkpoint.reference_files import read_reference_state_dict
 from megatron_lst.models.reference_import import ReferenceImportError, lst_config_from_reference
 
 # BASE_ARGS: global 32 wide with 4 heads (head size 8), local models 16 wide with 2 heads (8).
@@ -112,9 +103,7 @@ def test_export_gives_back_the_reference_tensors_and_args(single_rank, name):
     model_args = head_shape_args(name)
     reference = random_reference_state(model_args, seed=len(name))
     model = imported_model(model_args, reference)
-    exported = export_reference(full_state_dict(model), model.lst_config)
-    assert sorted(exported) == sorted(reference)
-    assert all(torch.equal(exported[key], tensor) for key, tensor in reference.items())
+    assert_same_tensors(export_reference(full_state_dict(model), model.lst_config), reference)
     for base in (model_args, None):  # with the import's args kept, and from the config alone
         written = reference_model_args(model.lst_config, base_args=base, max_tokens=64)
         for key in ("head_dim", "n_kv_heads", "n_kv_heads_global"):
@@ -129,19 +118,9 @@ def test_portable_and_training_checkpoints_keep_the_head_shapes(single_rank, tmp
     bit, and arguments that import to the same configuration."""
     model_args = head_shape_args(name)
     reference = random_reference_state(model_args, seed=len(name))
-    save_file(reference, str(tmp_path / "reference.safetensors"))
-    (tmp_path / "params.json").write_text(json.dumps({"model": model_args}))
     config, _ = import_reference(reference, model_args)
-    import_reference_to_portable(tmp_path / "reference.safetensors", tmp_path / "params.json",
-                                 tmp_path / "portable", num_units=20)
-    portable_to_dist(tmp_path / "portable", tmp_path / "dist")
-    dist_to_portable(tmp_path / "dist", tmp_path / "portable_again")
-    assert load_portable(tmp_path / "portable_again").config == config
-    export_portable_to_reference(tmp_path / "portable_again", tmp_path / "exported")
-    exported = read_reference_state_dict(tmp_path / "exported" / "consolidated.pth")
-    assert sorted(exported) == sorted(reference)
-    assert all(torch.equal(exported[key], tensor) for key, tensor in reference.items())
-    written = read_reference_model_args(tmp_path / "exported" / "params.json")
+    exported, written = export_after_training_checkpoint(reference, model_args, config, tmp_path)
+    assert_same_tensors(exported, reference)
     assert written["head_dim"] == model_args.get("head_dim")
     assert (written["n_kv_heads"] or None) == model_args.get("n_kv_heads")
     assert lst_config_from_reference(written) == config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import random
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from training.training_cases import tiny_flags
 
 from megatron_lst.data.documents import AlignedDocument
 from megatron_lst.data.indexed import DocumentWriter
@@ -24,6 +26,9 @@ from megatron_lst.tokenizer.text_tokenizer import (
     train_sentencepiece,
 )
 from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.training.arguments import parse_args, validate_args
+from megatron_lst.training.checkpointing import save_checkpoint
+from megatron_lst.training.model_provider import build_model_chunks
 
 WORDS = ("the a girl boy dog cat ran sat home park rain sun happy sad ate cake then she he "
          "went found lost key door opened closed night day").split()
@@ -128,3 +133,14 @@ def write_utterances(prefix: Path, docs: list[AlignedDocument]) -> Path:
     writer.finalize(Manifest("aligned", vocab().to_dict(), info, NUM_UNITS, 25.0, counts,
                              ["test"]))
     return prefix
+
+
+def save_tiny_checkpoint(directory: Path) -> tuple[Path, list, argparse.Namespace]:
+    """A curriculum tiny-cpu model in `vocab()`, saved by lst-train's `save_checkpoint` under
+    `directory` as iteration 3: (its checkpoint directory, the model chunks, the run's args).
+    Call between `initialize_parallel` and `destroy_parallel`."""
+    flags = tiny_flags(["unused"]) + ["--train-iters", "3", "--num-units", str(NUM_UNITS),
+                                      "--tokenizer-model", tokenizer().path]
+    args = validate_args(parse_args(flags), 1)
+    chunks, _ = build_model_chunks(args, vocab().size, eos_id=vocab().eos_id)
+    return save_checkpoint(3, chunks, None, None, args, {}, directory, vocab()), chunks, args

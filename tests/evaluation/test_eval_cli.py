@@ -13,12 +13,12 @@ from eval_cases import (
     NUM_UNITS,
     WORDS,
     random_records,
+    save_tiny_checkpoint,
     tokenizer,
     utterances,
     vocab,
     write_utterances,
 )
-from training.training_cases import tiny_flags
 
 from megatron_lst.evaluation.cli import _write_results, eval_main, generate_main
 from megatron_lst.evaluation.items import load_items
@@ -27,9 +27,7 @@ from megatron_lst.evaluation.scoring import evaluate_items
 from megatron_lst.parallel import ParallelLayoutError, destroy_parallel, initialize_parallel
 from megatron_lst.patching import Patcher, PatchingConfig
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
-from megatron_lst.training.arguments import parse_args, validate_args
-from megatron_lst.training.checkpointing import METADATA_FILENAME, save_checkpoint
-from megatron_lst.training.model_provider import build_model_chunks
+from megatron_lst.training.checkpointing import METADATA_FILENAME
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +36,9 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_cli")
     items_path = root / "items.jsonl"
     items_path.write_text("\n".join(json.dumps(r) for r in random_records(5, 6)) + "\n")
-    flags = tiny_flags(["unused"]) + ["--train-iters", "3", "--num-units", str(NUM_UNITS),
-                                      "--tokenizer-model", tokenizer().path]
-    args = validate_args(parse_args(flags), 1)
     initialize_parallel(seed=3)
     try:
-        chunks, _ = build_model_chunks(args, vocab().size, eos_id=vocab().eos_id)
-        save_checkpoint(3, chunks, None, None, args, {}, root / "save", vocab())
+        _, chunks, args = save_tiny_checkpoint(root / "save")
         for chunk in chunks:
             chunk.eval()
         patcher = Patcher(PatchingConfig("static", patch_size=args.patch_size))

@@ -6,15 +6,11 @@ import os
 import pickle
 
 import pytest
-from eval_cases import NUM_UNITS, random_records, tokenizer, vocab
-from training.training_cases import tiny_flags
+from eval_cases import random_records, save_tiny_checkpoint
 
 from megatron_lst.checkpoint.integrity import record_checkpoint_files, write_manifest
 from megatron_lst.evaluation.cli import eval_main
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
-from megatron_lst.training.arguments import parse_args, validate_args
-from megatron_lst.training.checkpointing import save_checkpoint
-from megatron_lst.training.model_provider import build_model_chunks
 
 
 class RunsAShellCommand:
@@ -27,13 +23,9 @@ class RunsAShellCommand:
 
 @pytest.fixture
 def crafted_checkpoint(tmp_path):
-    flags = tiny_flags(["unused"]) + ["--train-iters", "3", "--num-units", str(NUM_UNITS),
-                                      "--tokenizer-model", tokenizer().path]
-    args = validate_args(parse_args(flags), 1)
     initialize_parallel(seed=3)
     try:
-        chunks, _ = build_model_chunks(args, vocab().size, eos_id=vocab().eos_id)
-        checkpoint = save_checkpoint(3, chunks, None, None, args, {}, tmp_path / "save", vocab())
+        checkpoint, _, _ = save_tiny_checkpoint(tmp_path / "save")
     finally:
         destroy_parallel()
     marker = tmp_path / "pwned"

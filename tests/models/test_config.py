@@ -12,7 +12,12 @@ from megatron_lst.models import (
     preset,
     swiglu_ffn_size,
 )
-from megatron_lst.models.config import LocalModelConfig, check_tensor_parallel_vocab
+from megatron_lst.models.config import (
+    CUDA_FUSIONS,
+    GlobalModelConfig,
+    LocalModelConfig,
+    check_tensor_parallel_vocab,
+)
 
 
 @pytest.mark.parametrize("hidden,expected", [(32, 256), (64, 256), (1024, 2816), (2048, 5632), (4096, 11008)])
@@ -39,6 +44,7 @@ def test_presets_build_consistent_configs(name):
     assert megatron_config.rotary_interleaved and megatron_config.gated_linear_unit
     assert megatron_config.normalization == "RMSNorm" and not megatron_config.add_bias_linear
     assert megatron_config.ffn_hidden_size == config.global_model.ffn_hidden_size
+    assert not any(getattr(megatron_config, fusion) for fusion in CUDA_FUSIONS)
 
 
 def test_invalid_configs_name_the_problem():
@@ -53,6 +59,26 @@ def test_invalid_configs_name_the_problem():
     config = preset("tiny", 1021)
     with pytest.raises(ModelConfigError, match="tensor_model_parallel_size 2"):
         check_tensor_parallel_vocab(config, config.transformer_config(tensor_model_parallel_size=2))
+
+
+@pytest.mark.parametrize(("stack", "fields", "message"), [
+    (GlobalModelConfig, {"hidden_size": 0},
+     r"^global hidden_size \(0\), num_layers \(2\), num_heads \(4\), ffn_hidden_size \(256\), "
+     r"num_query_groups \(None\), kv_channels \(None\) must be >= 1$"),
+    (GlobalModelConfig, {"kv_channels": 0}, r"^global .*kv_channels \(0\) must be >= 1$"),
+    (LocalModelConfig, {"window": 0},
+     r"^local hidden_size \(64\), num_layers \(2\), num_heads \(4\), window \(0\), "
+     r"ffn_hidden_size \(256\), num_query_groups \(None\), kv_channels \(None\) must be >= 1$"),
+    (GlobalModelConfig, {"num_query_groups": 3}, r"^global num_heads 4 is not divisible by "
+                                                 r"num_query_groups 3"),
+    (LocalModelConfig, {"num_query_groups": 3}, r"^local num_heads 4 is not divisible by "
+                                                r"num_query_groups 3"),
+])
+def test_a_stack_below_one_or_with_heads_that_do_not_fit_is_named(stack, fields, message):
+    """The local and global stacks name every size with its value, and which stack it is."""
+    with pytest.raises(ModelConfigError, match=message):
+        stack(**{"hidden_size": 64, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 256,
+                 **fields})
 
 
 

@@ -323,7 +323,7 @@ def test_impossible_rows_are_refused(max_tokens, tokens_per_patch, message):
     (["--preset", "tiny", "--tokens-per-patch", "1e307"], "beyond float range"),
     (["--global-dim", "0", "--global-layers", "2", "--global-heads", "2", "--local-dim", "8",
       "--encoder-layers", "1", "--decoder-layers", "1", "--local-heads", "2"],
-     "global model sizes must all be >= 1"),
+     "global hidden_size (0), num_layers (2), num_heads (2)"),
 ])
 def test_tool_refuses_crafted_sizes_with_one_clear_error(flags, message, capsys):
     # A flag given twice takes its last value, so `flags` override these.

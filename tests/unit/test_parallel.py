@@ -9,6 +9,7 @@ from megatron_lst.parallel import (
     ParallelLayoutError,
     destroy_parallel,
     first_stage_layers_for_any_split,
+    has_other_ranks,
     initialize_parallel,
     pipeline_stage_layers,
 )
@@ -34,6 +35,17 @@ def test_single_process_round_trip():
     destroy_parallel()
     assert not parallel_state.model_parallel_is_initialized()
     assert not torch.distributed.is_initialized()
+
+
+def test_other_ranks_only_in_an_initialized_group_of_several(monkeypatch):
+    """No process group, and a group of one, leave the work to this process; a group of two
+    has another rank to meet."""
+    assert not has_other_ranks()
+    initialize_parallel()
+    assert not has_other_ranks()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.distributed, "get_world_size", lambda *group: 2)
+        assert has_other_ranks()
 
 
 def test_seeds_python_numpy_and_torch():

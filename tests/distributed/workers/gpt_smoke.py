@@ -54,6 +54,8 @@ def build_model(sequence_parallel: bool):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
+    from megatron_lst.models.config import CUDA_FUSIONS
+
     config = TransformerConfig(
         num_layers=2,
         hidden_size=64,
@@ -70,12 +72,7 @@ def build_model(sequence_parallel: bool):
         perform_initialization=True,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
-        gradient_accumulation_fusion=False,
-        bias_dropout_fusion=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        **dict.fromkeys(CUDA_FUSIONS, False),
     )
     return GPTModel(
         config=config,

@@ -2,7 +2,7 @@
 
 Launched by `distributed.harness.run_distributed` on tp x pp x dp processes with `--tp`, `--pp`
 and optionally `--distributed-optimizer`. Every layout starts from the same unsharded weights
-(the model tests' `load_shared_weights`) and trains on the same global batches: each step's batch
+(`lst_stage.load_shared_weights`) and trains on the same global batches: each step's batch
 is split over data-parallel ranks, then into micro-batches of one row. The loss is the token mean
 over the global batch (`calculate_per_token_loss`, as `pretrain_lst.py` trains), so the update
 does not depend on the split. The step is the real one: megatron DDP (fp32 gradient buffers,
@@ -14,9 +14,9 @@ they are finalised, as a non-deterministic kernel would; `--unequal-tp-data` giv
 tensor-parallel rank other token ids (same shapes, as a data bug would); the test checks that
 the copies still agree afterwards.
 
-`--newest-features` trains `newest_features_config` (grouped key/value heads and head sizes
-other than hidden / heads, global and local; packed documents with attention and RoPE positions
-reset) on rows packing several documents, `--sequence-parallel` turns sequence parallelism on.
+`--newest-features` trains the tiny model `with_head_shapes` (grouped key/value heads and head
+sizes other than hidden / heads, global and local) and `with_document_resets` (attention and RoPE
+positions reset at document starts) on rows packing several documents, `--sequence-parallel` turns sequence parallelism on.
 
 Reports per rank: its coordinates, the (CE sum, token count) of its micro-batches per step (last
 stage), and the unsharded canonical weights after the last step.
@@ -33,12 +33,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "models"))
 
 from distributed.harness import report_results  # noqa: E402
-from lst_parallel_worker import load_shared_weights  # noqa: E402
+from distributed.lst_stage import (  # noqa: E402
+    cpu_stage,
+    load_shared_weights,
+    with_document_resets,
+    with_head_shapes,
+)
 from model_cases import ragged_batch, tiny_config  # noqa: E402
 from packed_document_cases import EOS, packed_batch  # noqa: E402
 
 from megatron_lst.models import LSTModel, finalize_lst_model_grads  # noqa: E402
-from megatron_lst.models.config import DocumentMaskingConfig  # noqa: E402
 from megatron_lst.models.loss import masked_token_sum  # noqa: E402
 from megatron_lst.models.reference_import import gather_canonical  # noqa: E402
 from megatron_lst.parallel import destroy_parallel, initialize_parallel  # noqa: E402
@@ -63,21 +67,6 @@ def forward_step(data_iterator, model):
         return model(None, None, None), partial(loss_func, None)
     output = model(batch["tokens"], batch["patch_lengths"], labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
-
-
-def newest_features_config(config, global_query_groups: int = 2):
-    """`config` with grouped key/value heads and head sizes other than hidden / heads in the
-    global model (`global_query_groups` groups of 4 heads of 24; 4, one per head, lets TP=4
-    split them) and both local models (1 group of 2 heads of 12), on packed documents with
-    attention and RoPE positions reset at every document start."""
-    encoder, decoder = (dataclasses.replace(local, num_query_groups=1, kv_channels=12)
-                        for local in (config.encoder, config.decoder))
-    return dataclasses.replace(
-        config, encoder=encoder, decoder=decoder,
-        global_model=dataclasses.replace(config.global_model, num_query_groups=global_query_groups,
-                                         kv_channels=24),
-        documents=DocumentMaskingConfig(eos_id=EOS, reset_attention_mask=True,
-                                        reset_position_ids=True))
 
 
 def packed_rows(step: int, patch_multiple: int) -> dict[str, torch.Tensor]:
@@ -129,7 +118,7 @@ def main() -> None:
     parser.add_argument("--last-stage-layers", type=int, default=None)
     parser.add_argument("--newest-features", action="store_true",
                         help="grouped-query heads and kv_channels (global and local) on packed "
-                             "documents with attention and positions reset (newest_features_config)")
+                             "documents with attention and positions reset (lst_stage)")
     parser.add_argument("--global-query-groups", type=int, default=2,
                         help="with --newest-features: the global model's key/value heads")
     parser.add_argument("--sequence-parallel", action="store_true")
@@ -148,7 +137,7 @@ def main() -> None:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     config = tiny_config(vocab_size=VOCAB_SIZE)
     if args.newest_features:
-        config = newest_features_config(config, args.global_query_groups)
+        config = with_document_resets(with_head_shapes(config, args.global_query_groups), EOS)
     if args.num_layers is not None:
         config = dataclasses.replace(config, global_model=dataclasses.replace(
             config.global_model, num_layers=args.num_layers))
@@ -159,11 +148,7 @@ def main() -> None:
         sequence_parallel=args.sequence_parallel,
         use_cpu_initialization=True, params_dtype=torch.float32, calculate_per_token_loss=True,
     )
-    model = LSTModel(config, megatron_config,
-                     pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage(),
-                     transformer_impl="local", local_attention_backend="sdpa",
-                     kernel_backend="torch")
+    model = cpu_stage(config, megatron_config)
     load_shared_weights(model)
     ddp_model = DistributedDataParallel(
         config=megatron_config,

@@ -37,6 +37,7 @@ from checkpoint.mcore_layouts import mcore_019_save
 from distributed.harness import report_results
 
 from megatron_lst.checkpoint import durable_files
+from megatron_lst.models.config import CUDA_FUSIONS
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import checkpointing
@@ -65,12 +66,7 @@ def build_model(args):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         use_cpu_initialization=True,
         params_dtype=torch.float32,
-        gradient_accumulation_fusion=False,
-        bias_dropout_fusion=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        **dict.fromkeys(CUDA_FUSIONS, False),
     )
     model = GPTModel(
         config=config,
