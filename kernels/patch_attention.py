@@ -20,12 +20,15 @@ def patch_cross_attention(
 ) -> torch.Tensor:
     """Multi-head attention where query i of row b sees keys `key_start[b,i] <= j < key_end[b,i]`.
 
-    q `[B, Sq, H, d]`, k/v `[B, Sk, H, d]`, key_start/key_end `[B, Sq]` int -> `[B, Sq, H, d]` in
-    q's dtype (fp32 softmax and accumulation). A query with an empty range outputs 0 and gets zero
-    gradients. Ranges from `decoder_key_ranges` / `encoder_key_ranges` are non-decreasing in i,
-    which lets the Triton kernel skip key blocks; any other ranges are still computed correctly.
-    `scale` defaults to 1/sqrt(d). backend: "auto" (Triton on CUDA, else PyTorch), "triton" or
-    "torch"; see `lst_kernels.backend`. The Triton kernel takes d <= `TRITON_MAX_HEAD_DIM` (256).
+    q `[B, Sq, H, d]`, k/v `[B, Sk, G, d]`, key_start/key_end `[B, Sq]` int -> `[B, Sq, H, d]` in
+    q's dtype (fp32 softmax and accumulation). G == H is multi-head attention; G < H (G dividing
+    H) grouped-query attention, query head h reading key/value head `h // (H / G)`, with no copy
+    of k or v (their gradients come back `[B, Sk, G, d]`). A query with an empty range outputs 0
+    and gets zero gradients. Ranges from `decoder_key_ranges` / `encoder_key_ranges` are
+    non-decreasing in i, which lets the Triton kernel skip key blocks; any other ranges are still
+    computed correctly. `scale` defaults to 1/sqrt(d). backend: "auto" (Triton on CUDA, else
+    PyTorch), "triton" or "torch"; see `lst_kernels.backend`. The Triton kernel takes
+    d <= `TRITON_MAX_HEAD_DIM` (256).
     """
     check_attention_inputs(q, k, v, key_start, key_end)
     if resolve_backend(backend, q, k, v, key_start, key_end) == "torch":

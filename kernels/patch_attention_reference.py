@@ -1,7 +1,10 @@
 """PyTorch reference for patch cross-attention over per-query contiguous key ranges.
 
 Query i of batch row b attends keys `key_start[b, i] <= j < key_end[b, i]` in every head; a query
-with an empty range outputs 0 and receives no gradient. Built from autograd ops and chunked over
+with an empty range outputs 0 and receives no gradient. Grouped-query attention: k and v may have
+G heads for q's H (G dividing H); query head h reads key/value head `h // (H / G)` (what
+`repeat_interleave(H // G, dim=2)` of k and v would give, the reference LST's `repeat_kv` order),
+without copying them: SDPA's `enable_gqa` takes the G heads as they are. Built from autograd ops and chunked over
 queries, so no `[Sq, Sk]` mask or score matrix exists for the whole sequence: each chunk of at
 most 256 queries runs PyTorch's scaled_dot_product_attention with an additive mask over the keys
 between its smallest start and largest end (with ranges that grow with the query, as the model's
@@ -37,9 +40,15 @@ def check_attention_inputs(
             f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
         )
     batch, num_queries, heads, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[2] != heads or k.shape[3] != head_dim:
+    if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(
-            f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch, heads and head dim"
+            f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch and head dim"
+        )
+    kv_heads = k.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"k/v have {kv_heads} heads, which do not divide q's {heads} heads; give k and v one "
+            "head per query head, or a number of heads that divides them (grouped-query attention)"
         )
     if not (q.device == k.device == v.device):
         raise ValueError(
@@ -68,7 +77,8 @@ def patch_cross_attention_reference(
     key_end: torch.Tensor,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Range-restricted softmax attention: q `[B, Sq, H, d]`, k/v `[B, Sk, H, d]` -> like q.
+    """Range-restricted softmax attention: q `[B, Sq, H, d]`, k/v `[B, Sk, G, d]` (G divides H;
+    query head h reads key/value head `h // (H / G)`) -> like q.
 
     Computes in fp32 (fp64 for fp64 inputs) and returns q's dtype. `scale` defaults to 1/sqrt(d).
     The output depends on q, k and v even when no query sees a key (zero output and gradients).
@@ -101,10 +111,11 @@ def patch_cross_attention_reference(
         mask.masked_fill_(~visible, float("-inf"))  # [B, c, s]
         out = F.scaled_dot_product_attention(
             q[:, q0:q1].transpose(1, 2).to(compute_dtype),  # [B, H, c, d]
-            k[:, k0:k1].transpose(1, 2).to(compute_dtype),  # [B, H, s, d]
+            k[:, k0:k1].transpose(1, 2).to(compute_dtype),  # [B, G, s, d]
             v[:, k0:k1].transpose(1, 2).to(compute_dtype),
             attn_mask=mask[:, None],  # [B, 1, c, s]
             scale=scale,
+            enable_gqa=k.shape[2] != heads,
         ).transpose(1, 2)  # [B, c, H, d]
         if not bool(nonempty.all()):
             out = torch.where(nonempty[..., None, None], out, 0.0)

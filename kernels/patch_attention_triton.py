@@ -2,13 +2,18 @@
 
 Query i sees keys `[key_start[i], key_end[i])`. No mask tensor: visibility is recomputed from the
 two range vectors inside every tile, and only key blocks that a query block can see are visited.
+Grouped-query attention: k and v have G heads for the H query heads (G divides H, G == H is plain
+multi-head), query head h reads key/value head `h // (H / G)` through its pointer, so no kernel
+copies k or v.
 
 - forward (grid: query blocks x batch*heads): online softmax over key blocks in
   `[min start, max end)` of the query block; saves the base-2 logsumexp per query (+inf for a query
   with an empty range, whose output is 0).
 - backward, FlashAttention-2 style in two atomics-free passes that recompute the probabilities:
-  dQ per query block (same key loop as the forward), and dK/dV per key block over the queries that
-  can see it. For monotone ranges those queries are contiguous: query i sees key j iff
+  dQ per query block (grid: query blocks x batch*heads, same key loop as the forward), and dK/dV
+  per key block (grid: key blocks x batch*kv heads), looping over the H/G query heads of its
+  group and, for each, the queries that can see the block, summing into one dK/dV tile that is
+  written once. For monotone ranges those queries are contiguous: query i sees key j iff
   `key_end[i] > j` (a suffix) and `key_start[i] <= j` (a prefix), found by `searchsorted`; for
   non-monotone ranges the pass falls back to all queries, masked, so it stays correct.
 Memory: O(Sq + Sk) per head (output, logsumexp, per-key query bounds); no `[Sq, Sk]` tensor.
@@ -31,11 +36,12 @@ def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ks_ptr, ke_ptr,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-    num_heads, num_queries, num_keys, head_dim, scale_log2,
+    num_heads, group_size, num_queries, num_keys, head_dim, scale_log2,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(1) // num_heads
     h = tl.program_id(1) % num_heads
+    kv_head = h // group_size
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < num_queries
@@ -50,8 +56,8 @@ def _attn_fwd_kernel(
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -90,11 +96,12 @@ def _attn_bwd_dq_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
-    num_heads, num_queries, num_keys, head_dim, scale, scale_log2,
+    num_heads, group_size, num_queries, num_keys, head_dim, scale, scale_log2,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(1) // num_heads
     h = tl.program_id(1) % num_heads
+    kv_head = h // group_size
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < num_queries
@@ -114,8 +121,8 @@ def _attn_bwd_dq_kernel(
                 + offs_d[None, :], mask=md_ok, other=0.0)
     do = tl.load(do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
                  + offs_m[:, None] * stride_dos + offs_d[None, :], mask=md_ok, other=0.0)
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
@@ -140,11 +147,14 @@ def _attn_bwd_dkdv_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-    num_heads, num_queries, num_keys, head_dim, scale, scale_log2,
+    num_heads, group_size, num_queries, num_keys, head_dim, scale, scale_log2,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(1) // num_heads
-    h = tl.program_id(1) % num_heads
+    # One program per (key block, batch x kv head): it sums the gradients of the `group_size`
+    # query heads that read this kv head, so each dK/dV element is written once, without atomics.
+    num_kv_heads = num_heads // group_size
+    b = tl.program_id(1) // num_kv_heads
+    kv_head = tl.program_id(1) % num_kv_heads
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < num_keys
@@ -156,37 +166,41 @@ def _attn_bwd_dkdv_kernel(
     lo = (tl.min(first_query, axis=0) // BLOCK_M) * BLOCK_M
     hi = tl.max(end_query, axis=0)
 
-    k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks
-                + offs_d[None, :], mask=nd_ok, other=0.0)  # [N, D]
-    v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs
-                + offs_d[None, :], mask=nd_ok, other=0.0)
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
-    do_base = do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
-    stat_base = tl.program_id(1).to(tl.int64) * num_queries
+    k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
+                + offs_n[:, None] * stride_ks + offs_d[None, :], mask=nd_ok, other=0.0)  # [N, D]
+    v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
+                + offs_n[:, None] * stride_vs + offs_d[None, :], mask=nd_ok, other=0.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for m0 in range(lo, hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < num_queries
-        md_ok = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=md_ok, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=md_ok,
-                     other=0.0)
-        lse = tl.load(lse_ptr + stat_base + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(delta_ptr + stat_base + offs_m, mask=m_ok, other=0.0)
-        ks = tl.load(ks_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
-        ke = tl.load(ke_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # [N, M]
-        visible = (offs_n[:, None] >= ks[None, :]) & (offs_n[:, None] < ke[None, :])
-        pt = tl.where(visible, tl.exp2(st - lse[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [N, M]
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    dk_ptrs = dk_ptr + b.to(tl.int64) * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks
+    for h in range(kv_head * group_size, (kv_head + 1) * group_size):  # the group's query heads
+        q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+        do_base = do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
+        stat_base = (b * num_heads + h).to(tl.int64) * num_queries
+        for m0 in range(lo, hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < num_queries
+            md_ok = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=md_ok,
+                        other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=md_ok,
+                         other=0.0)
+            lse = tl.load(lse_ptr + stat_base + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + stat_base + offs_m, mask=m_ok, other=0.0)
+            ks = tl.load(ks_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
+            ke = tl.load(ke_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # [N, M]
+            visible = (offs_n[:, None] >= ks[None, :]) & (offs_n[:, None] < ke[None, :])
+            pt = tl.where(visible, tl.exp2(st - lse[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [N, M]
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    dk_ptrs = (dk_ptr + b.to(tl.int64) * stride_dkb + kv_head * stride_dkh
+               + offs_n[:, None] * stride_dks)
     tl.store(dk_ptrs + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=nd_ok)
-    dv_ptrs = dv_ptr + b.to(tl.int64) * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs
+    dv_ptrs = (dv_ptr + b.to(tl.int64) * stride_dvb + kv_head * stride_dvh
+               + offs_n[:, None] * stride_dvs)
     tl.store(dv_ptrs + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=nd_ok)
 
 
@@ -230,7 +244,7 @@ _FIXED_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
 def _launch(tuned, plain, blocks_along: str, length: int, batch_heads: int, args, meta,
             autotune: bool):
     """Launch `tuned` (autotuned) or `plain` with `_FIXED_TILES` over
-    (ceil(length / tile), batch * heads) programs; `blocks_along` names the tile on axis 0."""
+    (ceil(length / tile), batch_heads) programs; `blocks_along` names the tile on axis 0."""
     if autotune:
         tuned[lambda cfg: (triton.cdiv(length, cfg[blocks_along]), batch_heads)](*args, **meta)
     else:
@@ -270,13 +284,15 @@ prepared_queries_per_key = LastCall(queries_per_key)
 
 class PatchCrossAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: `apply(q, k, v, key_start, key_end, scale)`; shapes as in
-    `lst_kernels.patch_cross_attention`. Differentiable once: a double backward raises."""
+    `lst_kernels.patch_cross_attention` (q `[B, Sq, H, d]`, k/v `[B, Sk, G, d]`, G dividing H,
+    checked there). Differentiable once: a double backward raises."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_start, key_end, scale):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         batch, num_queries, heads, head_dim = q.shape
         num_keys = k.shape[1]
+        group_size = heads // k.shape[2]  # query heads per key/value head
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         start, end = prepared_ranges(key_start, key_end, num_keys)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -284,7 +300,7 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         meta = dict(PRECISION=dot_precision(q.dtype), BLOCK_D=head_block(head_dim))
         if q.numel() and num_keys:
             args = (q, k, v, out, lse, start, end, *_strides(q, k, v, out),
-                    heads, num_queries, num_keys, head_dim, scale * LOG2E)
+                    heads, group_size, num_queries, num_keys, head_dim, scale * LOG2E)
             _launch(_fwd_tuned, _attn_fwd_kernel, "BLOCK_M", num_queries, batch * heads, args,
                     meta, use_autotune(q))
         else:
@@ -299,26 +315,27 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, start, end = ctx.saved_tensors
         batch, num_queries, heads, head_dim = q.shape
-        num_keys = k.shape[1]
+        num_keys, kv_heads = k.shape[1], k.shape[2]
+        group_size = heads // kv_heads
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         if q.numel() == 0 or num_keys == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)  # [B, Sk, G, d]
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
         # delta_i = sum_d dO_i * O_i: [B, H, Sq] fp32.
         delta = (grad_out.float() * out.float()).sum(dim=-1).transpose(1, 2).contiguous()
         scales = (ctx.scale, ctx.scale * LOG2E)
         tuned = use_autotune(q)
         dq_args = (q, k, v, grad_out, dq, lse, delta, start, end,
-                   *_strides(q, k, v, grad_out, dq), heads, num_queries, num_keys, head_dim,
-                   *scales)
+                   *_strides(q, k, v, grad_out, dq), heads, group_size, num_queries, num_keys,
+                   head_dim, *scales)
         _launch(_dq_tuned, _attn_bwd_dq_kernel, "BLOCK_M", num_queries, batch * heads, dq_args,
                 ctx.meta, tuned)
         first_query, end_query = prepared_queries_per_key(start, end, num_keys)
         dkdv_args = (q, k, v, grad_out, dk, dv, lse, delta, start, end, first_query, end_query,
-                     *_strides(q, k, v, grad_out, dk, dv), heads, num_queries, num_keys, head_dim,
-                     *scales)
-        _launch(_dkdv_tuned, _attn_bwd_dkdv_kernel, "BLOCK_N", num_keys, batch * heads, dkdv_args,
-                ctx.meta, tuned)
+                     *_strides(q, k, v, grad_out, dk, dv), heads, group_size, num_queries,
+                     num_keys, head_dim, *scales)
+        _launch(_dkdv_tuned, _attn_bwd_dkdv_kernel, "BLOCK_N", num_keys, batch * kv_heads,
+                dkdv_args, ctx.meta, tuned)
         return dq, dk, dv, None, None, None

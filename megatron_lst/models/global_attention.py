@@ -148,9 +148,6 @@ class CausalSDPAttention(MegatronModule):
             out = flash_document_attention(q, k, v, documents_of_key_starts(key_start),
                                            scale=self.scale)  # [B, S, Hp, d]
             return out.transpose(0, 1).reshape(seq_len, batch, -1)  # [S, B, Hp*d]
-        if self.groups_per_partition != self.heads_per_partition:
-            repeat = self.heads_per_partition // self.groups_per_partition
-            k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
         if q.device.type == "cpu":
             out = sliding_window_attention_cpu(q, k, v, seq_len, key_start, scale=self.scale)
         else:

@@ -11,6 +11,8 @@ packed rows; None means one document per row (`max(i - W + 1, 0)`). Backends:
   (`lst_kernels.patch_cross_attention` with keys `[key_start[i], i + 1)` and the model's kernel
   backend: the Triton kernel on CUDA under "auto"): no mask tensor and no copy of the keys. Work
   and memory are O(N * W), never O(N^2).
+Grouped key/value heads go into every backend as they are, never repeated to one per query head:
+flash-attn's and the range kernel's GQA, SDPA's `enable_gqa`, the CPU flash kernel's GQA.
 "auto" picks flash when it imports (`optional_imports`: a build for another torch or CUDA is
 installed but does not import) and the inputs are CUDA fp16/bf16 with heads of at most 256
 channels on an Ampere or newer GPU, else sdpa; the choice is logged once per distinct outcome.
@@ -109,9 +111,9 @@ class AttentionBackendChoice:
 class SlidingWindowAttention(torch.nn.Module):
     """Core attention (no parameters): q `[B, N, H, d]`, k and v `[B, N, G, d]` (G divides H:
     query head h reads key/value head `h // (H / G)`) (+ optional key_start `[B, N]`)
-    -> `[B, N, H, d]`, scale 1/sqrt(d). flash-attn reads the G heads as they are (its GQA); the
-    PyTorch paths get them repeated to H. `kernel_backend` ("auto" | "triton" | "torch", see
-    `lst_kernels.backend`) runs the range attention off CPU."""
+    -> `[B, N, H, d]`, scale 1/sqrt(d). Every backend reads the G heads as they are (no copy).
+    `kernel_backend` ("auto" | "triton" | "torch", see `lst_kernels.backend`) runs the range
+    attention off CPU."""
 
     def __init__(self, window: int, backend: str = "auto", kernel_backend: str = "auto"):
         super().__init__()
@@ -131,21 +133,7 @@ class SlidingWindowAttention(torch.nn.Module):
         if self._backend_for(q) == "flash":
             found = sequences() if sequences is not None and key_start is not None else None
             return flash_sliding_window(q, k, v, self.window, key_start, found)
-        return sliding_window_sdpa(q, *expand_kv_heads(q, k, v), self.window, key_start,
-                                   self.kernel_backend)
-
-
-def expand_kv_heads(q: torch.Tensor, k: torch.Tensor,
-                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k, v `[B, L, G, d]` -> one head per query head of q `[B, N, H, d]`: `[B, L, H, d]`, head h
-    a copy of head `h // (H / G)` (the reference's `repeat_kv` order); unchanged when G == H."""
-    heads, groups = q.shape[2], k.shape[2]
-    if groups == heads:
-        return k, v
-    if heads % groups:
-        raise ValueError(f"{groups} key/value heads do not divide {heads} query heads")
-    return (k.repeat_interleave(heads // groups, dim=2),
-            v.repeat_interleave(heads // groups, dim=2))
+        return sliding_window_sdpa(q, k, v, self.window, key_start, self.kernel_backend)
 
 
 @dataclass(frozen=True)
@@ -222,11 +210,12 @@ def flash_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def sliding_window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                         key_start: torch.Tensor | None = None,
                         kernel_backend: str = "auto") -> torch.Tensor:
-    """PyTorch sliding-window causal attention on `[B, N, H, d]` (see module docstring); off
-    CPU, range attention on `kernel_backend`."""
+    """PyTorch sliding-window causal attention: q `[B, N, H, d]`, k and v `[B, N, G, d]` (G divides
+    H) -> `[B, N, H, d]` (see module docstring); off CPU, range attention on `kernel_backend`."""
     if q.shape[1] <= window and key_start is None:
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            enable_gqa=k.shape[2] != q.shape[2],
         )  # [B, H, N, d]
         return out.transpose(1, 2)
     if q.device.type == "cpu":
@@ -255,8 +244,8 @@ def window_key_start(batch: int, length: int, window: int, device: torch.device)
 def range_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                          key_start: torch.Tensor | None = None,
                          kernel_backend: str = "auto") -> torch.Tensor:
-    """Range attention, any device: query i sees keys `[key_start[i], i + 1)`; `[B, N, H, d]`.
-    `kernel_backend`: `patch_cross_attention`'s backend."""
+    """Range attention, any device: query i sees keys `[key_start[i], i + 1)`; q `[B, N, H, d]`,
+    k and v `[B, N, G, d]` -> `[B, N, H, d]`. `kernel_backend`: `patch_cross_attention`'s backend."""
     batch, num_tokens = q.shape[:2]
     key_end = causal_key_end(batch, num_tokens, q.device)  # [B, N]
     if key_start is None:

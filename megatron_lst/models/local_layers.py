@@ -17,7 +17,7 @@ from lst_kernels import patch_cross_attention
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .config import LocalModelConfig
-from .local_attention import SlidingWindowAttention, VarlenSequences, expand_kv_heads
+from .local_attention import SlidingWindowAttention, VarlenSequences
 from .rope import apply_interleaved_rope
 
 
@@ -105,7 +105,7 @@ class LocalSelfAttention(torch.nn.Module):
         window = self.core_attention.window
         place = torch.arange(keys.shape[1] - q.shape[1], keys.shape[1], device=x.device)  # [n]
         start = (place - window + 1).clamp(min=0)[None]  # [1, n]
-        out = patch_cross_attention(q, *expand_kv_heads(q, keys, values), start, place[None] + 1,
+        out = patch_cross_attention(q, keys, values, start, place[None] + 1,
                                     backend=self.core_attention.kernel_backend)  # [1, n, H, d]
         return self.linear_proj(out.flatten(-2))
 

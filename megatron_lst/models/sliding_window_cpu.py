@@ -11,7 +11,9 @@ share of the gradient. So a query costs about W + C/2 scores (W + 64 at C = 128)
 block of W + C keys per chunk costs W + C, and no key is copied: blocks are views of k and v.
 The ops are PyTorch's own (`aten::_scaled_dot_product_flash_attention_for_cpu` and its backward,
 what `F.scaled_dot_product_attention` runs on CPU); tests compare the result with a dense
-reference and with gradcheck in float64.
+reference and with gradcheck in float64. Grouped-query attention: k and v may have G heads for
+q's H (G dividing H, query head h reading key/value head `h // (H / G)`); the kernel takes them as
+they are (its GQA: no key or value copied) and gives their gradients with G heads.
 
 Packed documents (`key_start`): query i sees keys `[key_start[i], i]`, key_start being the window
 start cut at the query's document start (`lst_kernels.sliding_window_key_starts`). A chunk whose
@@ -39,14 +41,17 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 def sliding_window_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                                  key_start: torch.Tensor | None = None,
                                  scale: float | None = None) -> torch.Tensor:
-    """q, k, v `[B, N, H, d]` CPU tensors (fp32/fp64/bf16/fp16) -> `[B, N, H, d]`, scale 1/sqrt(d)
-    unless given.
+    """q `[B, N, H, d]`, k and v `[B, N, G, d]` (G divides H) CPU tensors (fp32/fp64/bf16/fp16)
+    -> `[B, N, H, d]`, scale 1/sqrt(d) unless given.
 
     key_start `[B, N]` int (optional): the first key of every query, non-decreasing in the query
     and within `[i - W + 1, i]` (packed documents); None: `max(i - W + 1, 0)`.
     """
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{kv_heads} key/value heads do not divide {heads} query heads")
     if window == 1:  # each token sees only itself: softmax over one key
-        return v.clone()
+        return v.repeat_interleave(heads // kv_heads, dim=2)  # [B, N, H, d], a new tensor
     if key_start is not None:
         key_start = key_start.long().cpu()
     out = _SlidingWindowAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -113,7 +118,7 @@ def _earlier_block_mask(rows: int, length: int, window: int, dtype: torch.dtype)
 
 
 class _SlidingWindowAttention(torch.autograd.Function):
-    """q, k, v `[B, H, N, d]` -> `[B, H, N, d]`; see the module docstring."""
+    """q `[B, H, N, d]`, k and v `[B, G, N, d]` -> `[B, H, N, d]`; see the module docstring."""
 
     @staticmethod
     def forward(ctx, q, k, v, window, chunk, key_start, scale):

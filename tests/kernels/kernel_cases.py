@@ -80,3 +80,15 @@ def decoder_dense_mask(decoder_patch_ids: torch.Tensor, k: int, window: int, num
     q = (torch.arange(num_patches * k) // k)[None, None, :]
     j = decoder_patch_ids[:, :, None]
     return (q <= j) & (j < q + window)
+
+
+def dense_grouped_attention(q, k, v, visible: torch.Tensor, scale: float | None = None):
+    """`dense_attention` with k/v of G heads for q's H (grouped-query attention), head by head:
+    query head h against key/value head `h // (H / G)`. `[B, Sq, H, d]` in float64."""
+    group_size = q.shape[2] // k.shape[2]
+    heads = []
+    for h in range(q.shape[2]):
+        g = h // group_size
+        heads.append(dense_attention(q[:, :, h : h + 1], k[:, :, g : g + 1], v[:, :, g : g + 1],
+                                     visible, scale))
+    return torch.cat(heads, dim=2)

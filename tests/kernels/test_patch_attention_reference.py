@@ -1,9 +1,15 @@
-"""PyTorch patch cross-attention: dense-mask oracle, chunking, empty ranges, gradients."""
+"""PyTorch patch cross-attention: dense-mask oracle, chunking, empty ranges, gradients, grouped
+key/value heads."""
 
 import lst_kernels.patch_attention_reference as reference
 import pytest
 import torch
-from kernel_cases import dense_attention, random_patch_lengths, range_mask
+from kernel_cases import (
+    dense_attention,
+    dense_grouped_attention,
+    random_patch_lengths,
+    range_mask,
+)
 from lst_kernels import (
     decoder_key_ranges,
     encoder_key_ranges,
@@ -12,11 +18,14 @@ from lst_kernels import (
 )
 
 
-def _qkv(generator, batch, num_queries, num_keys, heads=2, head_dim=8, dtype=torch.float64):
-    def draw(n):
-        return torch.randn(batch, n, heads, head_dim, generator=generator, dtype=dtype)
+def _qkv(generator, batch, num_queries, num_keys, heads=2, head_dim=8, dtype=torch.float64,
+         kv_heads=None):
+    """q `[B, Sq, heads, d]`, k and v `[B, Sk, kv_heads, d]` (kv_heads: `heads` unless given)."""
+    def draw(n, h):
+        return torch.randn(batch, n, h, head_dim, generator=generator, dtype=dtype)
 
-    return draw(num_queries), draw(num_keys), draw(num_keys)
+    kv_heads = heads if kv_heads is None else kv_heads
+    return draw(num_queries, heads), draw(num_keys, kv_heads), draw(num_keys, kv_heads)
 
 
 def _model_ranges(seed, direction, k, window, batch=2, num_patches=7):
@@ -42,6 +51,26 @@ def test_matches_dense_mask_attention(direction, k, window):
     out = patch_cross_attention(q, kk, v, start, end, backend="torch")
     expected = dense_attention(q, kk, v, range_mask(start, end, num_keys))
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("direction", ["decoder", "encoder"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_kv_heads_match_the_head_by_head_rule(direction, kv_heads):
+    """k/v with G of q's H = 4 heads: query head h reads key/value head h // (H / G), forward
+    and the gradients of q, k and v (k's and v's with G heads, summed over the group)."""
+    start, end, num_queries, num_keys = _model_ranges(kv_heads, direction, 2, 3)
+    q, kk, v = (t.requires_grad_() for t in _qkv(torch.Generator().manual_seed(kv_heads), 2,
+                                                  num_queries, num_keys, heads=4,
+                                                  kv_heads=kv_heads))
+    out = patch_cross_attention(q, kk, v, start, end, backend="torch")
+    expected = dense_grouped_attention(q, kk, v, range_mask(start, end, num_keys))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    got = torch.autograd.grad(out, (q, kk, v), grad)
+    want = torch.autograd.grad(expected, (q, kk, v), grad)
+    for g, w, t in zip(got, want, (q, kk, v), strict=True):
+        assert g.shape == t.shape
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 def test_chunking_does_not_change_the_result(monkeypatch):
@@ -108,6 +137,15 @@ def test_gradcheck_float64():
     )
 
 
+def test_gradcheck_grouped_kv_heads_float64():
+    start, end, num_queries, num_keys = _model_ranges(9, "decoder", 2, 2, batch=1, num_patches=4)
+    q, kk, v = (t.requires_grad_() for t in _qkv(torch.Generator().manual_seed(8), 1, num_queries,
+                                                  num_keys, heads=4, head_dim=3, kv_heads=2))
+    assert torch.autograd.gradcheck(
+        lambda *t: reference.patch_cross_attention_reference(*t, start, end), (q, kk, v)
+    )
+
+
 def test_half_inputs_keep_dtype():
     start, end, num_queries, num_keys = _model_ranges(6, "encoder", 1, 2)
     q, kk, v = _qkv(
@@ -139,8 +177,13 @@ def test_rejects_bad_inputs():
     ranges = torch.zeros(1, 4, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"key_start must be \[B, Sq\]"):
         patch_cross_attention(q, k, k, ranges[:, :3], ranges)
-    with pytest.raises(ValueError, match="heads"):
-        patch_cross_attention(q, torch.randn(1, 5, 3, 8), torch.randn(1, 5, 3, 8), ranges, ranges)
+    for kv_heads in (3, 0):  # key/value heads that do not divide q's 2 heads
+        kv = torch.randn(1, 5, kv_heads, 8)
+        with pytest.raises(ValueError, match=f"k/v have {kv_heads} heads, which do not divide "
+                                             "q's 2 heads"):
+            patch_cross_attention(q, kv, kv, ranges, ranges)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        patch_cross_attention(q, k, torch.randn(1, 5, 1, 8), ranges, ranges)
     with pytest.raises(TypeError, match="integer"):
         patch_cross_attention(q, k, k, ranges.float(), ranges)
     # A bool mask passed by mistake was read as ranges of 0 and 1 without a word.

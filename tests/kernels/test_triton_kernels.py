@@ -154,17 +154,19 @@ def test_patch_cross_attention(direction, k, window, dtype, tolerance):
     _compare(run, [q, kv], tolerance)
 
 
-@pytest.mark.parametrize("head_dim", [8, 12, 200])
-def test_patch_cross_attention_arbitrary_ranges(head_dim):
+@pytest.mark.parametrize("head_dim, heads, kv_heads", [(8, 3, 3), (12, 3, 3), (200, 3, 3),
+                                                      (12, 6, 2)])
+def test_patch_cross_attention_arbitrary_ranges(head_dim, heads, kv_heads):
     # Non-monotone ranges, empty ranges, out-of-bounds ends, head dims that are not a power of two
-    # (200: 56 of the 256 padded channels masked, at the kernel's largest head block).
+    # (200: 56 of the 256 padded channels masked, at the kernel's largest head block); the dK/dV
+    # pass over all queries (non-monotone), for each of a group's three query heads.
     generator = torch.Generator().manual_seed(head_dim)
     num_queries, num_keys = 37, 29
     start = torch.randint(-3, num_keys, (2, num_queries), generator=generator, dtype=torch.int32)
     end = start + torch.randint(-2, 20, (2, num_queries), generator=generator, dtype=torch.int32)
-    q = torch.randn(2, num_queries, 3, head_dim, generator=generator).to(DEVICE)
-    k = torch.randn(2, num_keys, 3, head_dim, generator=generator).to(DEVICE)
-    v = torch.randn(2, num_keys, 3, head_dim, generator=generator).to(DEVICE)
+    q = torch.randn(2, num_queries, heads, head_dim, generator=generator).to(DEVICE)
+    k = torch.randn(2, num_keys, kv_heads, head_dim, generator=generator).to(DEVICE)
+    v = torch.randn(2, num_keys, kv_heads, head_dim, generator=generator).to(DEVICE)
     start, end = start.to(DEVICE), end.to(DEVICE)
 
     def run(q, k, v, backend):
@@ -172,6 +174,35 @@ def test_patch_cross_attention_arbitrary_ranges(head_dim):
 
     _compare(run, [q, k, v], 1e-5)
 
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
+                         ids=lambda d: str(d))
+@pytest.mark.parametrize("direction, kv_heads", [("decoder", 1), ("encoder", 2), ("window", 2)])
+def test_patch_cross_attention_grouped_kv_heads(direction, kv_heads, dtype, tolerance):
+    """k/v with G < H = 4 heads (query head h reads h // (H / G)) over several 16-wide tiles each
+    way: the forward and dQ read the group's head, the dK/dV pass sums the group's query heads."""
+    generator = torch.Generator().manual_seed(kv_heads)
+    if direction == "window":  # the local and global self-attention: keys [i - W + 1, i + 1)
+        num_queries = num_keys = 70
+        end = torch.arange(1, num_keys + 1).expand(2, num_keys)
+        start = (end - 23).clamp(min=0)
+    else:
+        lengths = random_patch_lengths(generator, batch=2, num_patches=40, max_length=5)
+        num_tokens = max(int(lengths.sum(1).max()) - 1, 1)
+        start, end, num_queries, num_keys = _cross_attention_ranges(
+            lengths, num_tokens, direction, 2, 3)
+    assert min(num_queries, num_keys) > 2 * 16  # three tiles or more
+    head_dim = 16
+    q = torch.randn(2, num_queries, 4, head_dim, generator=generator).to(DEVICE, dtype)
+    kv = torch.randn(2, num_keys, kv_heads, 2 * head_dim, generator=generator).to(DEVICE, dtype)
+    start, end = start.to(DEVICE), end.to(DEVICE)
+
+    def run(q, kv, backend):
+        return patch_cross_attention(
+            q, kv[..., :head_dim], kv[..., head_dim:], start, end, backend=backend
+        )
+
+    _compare(run, [q, kv], tolerance)
 
 
 def test_patch_cross_attention_refuses_a_head_dim_past_the_kernel():
