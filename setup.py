@@ -20,8 +20,9 @@ setup(
     package_dir={"lst_kernels": "kernels"},
     install_requires=[
         # A loose `torch` would pull a multi-GB CUDA build onto CPU machines
-        # that already have a CPU wheel; any 2.x from 2.4 on works.
-        "torch>=2.4",
+        # that already have a CPU wheel. 2.5 brought SDPA's `enable_gqa` (grouped key/value heads
+        # without copies); tested: 2.13 (CPU, CI) and 2.11 (GPU).
+        "torch>=2.5",
         "megatron-core>=0.16",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy>=1.24",

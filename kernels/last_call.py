@@ -7,8 +7,10 @@ before it launches; both depend on the range tensors alone, so `LastCall` keeps 
 for each number of keys (a decoder layer alternates its cross-attention over P*k keys with its
 self-attention over N) and gives it back to a call with the very same tensor objects, unchanged
 since (their version counters), instead of launching a dozen small kernels again in every layer.
-Anything else computes afresh, so a reused result is always the one the call would have
-computed. Layers under activation recompute get detached copies of the ranges, so they prepare
+Anything else computes afresh, so a reused result is the one the call would have computed as
+long as the tensors change only through torch operations: a write through `.data`, a NumPy view
+or another alias of their memory bumps no version counter and would not be seen (no caller
+writes ranges that way; they are made once per batch and only read). Layers under activation recompute get detached copies of the ranges, so they prepare
 again.
 """
 
