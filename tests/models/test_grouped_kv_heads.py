@@ -48,15 +48,16 @@ def document_key_start(num_tokens: int, window: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def grouped_and_copied(attend, q, k, v):
-    """`attend` on the G key/value heads (no copy allowed) and on them repeated to H: outputs and
-    gradients of both, the copied k's and v's summed back over each group."""
+def grouped_and_copied(attend, q, k, v, copies_allowed: bool = False):
+    """`attend` on the G key/value heads (no copy allowed unless `copies_allowed`) and on them
+    repeated to H: outputs and gradients of both, the copied k's and v's summed back over each
+    group."""
     grad = torch.randn(attend(q, k, v).shape, generator=torch.Generator().manual_seed(1),
                        dtype=q.dtype)
     grouped = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     copied = [q.detach().clone(), *(t.detach().repeat_interleave(GROUP, dim=2) for t in (k, v))]
     copied = [t.requires_grad_() for t in copied]
-    with no_head_copies():
+    with contextlib.nullcontext() if copies_allowed else no_head_copies():
         out = attend(*grouped)
         got = torch.autograd.grad(out, grouped, grad)
     expected = attend(*copied)
@@ -194,15 +195,6 @@ def test_a_cpu_flash_kernel_without_gqa_gets_one_head_per_query_head(cpu_kernel_
     def attend(q, k, v):
         return cpu_kernel_without_gqa.sliding_window_attention_cpu(q, k, v, WINDOW, key_start)
 
-    q, k, v = (t.requires_grad_() for t in qkv(num_tokens, seed=5))
-    out = attend(q, k, v)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    copied = [q.detach().requires_grad_(),
-              *(t.detach().repeat_interleave(GROUP, dim=2).requires_grad_() for t in (k, v))]
-    expected = attend(*copied)
-    want = torch.autograd.grad(expected, copied, grad)
-    want = (want[0], *(g.unflatten(2, (KV_HEADS, GROUP)).sum(3) for g in want[1:]))
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    got, want = grouped_and_copied(attend, *qkv(num_tokens, seed=5), copies_allowed=True)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
