@@ -12,9 +12,10 @@ block of W + C keys per chunk costs W + C, and no key is copied: blocks are view
 The ops are PyTorch's own (`aten::_scaled_dot_product_flash_attention_for_cpu` and its backward,
 what `F.scaled_dot_product_attention` runs on CPU); tests compare the result with a dense
 reference and with gradcheck in float64. Grouped-query attention: k and v may have G heads for
-q's H (G dividing H, query head h reading key/value head `h // (H / G)`); a kernel with GQA (PyTorch
-2.9 and newer) takes them as they are (no key or value copied) and gives their gradients with G
-heads. An older kernel reads key/value head j for query head j, unchecked, past k and v: there
+q's H (G dividing H, query head h reading key/value head `h // (H / G)`); a kernel with GQA
+(pytorch#157893, 2025; torch 2.13 has it) takes them as they are (no key or value copied) and
+gives their gradients with G heads. An older one, which setup.py's torch floor admits, reads
+key/value head j for query head j, unchecked, past k and v: there
 (`flash_kernel_reads_grouped_heads`, probed once) k and v are repeated to H heads first.
 
 Packed documents (`key_start`): query i sees keys `[key_start[i], i]`, key_start being the window
@@ -69,7 +70,7 @@ def sliding_window_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 @functools.cache
 def flash_kernel_reads_grouped_heads() -> bool:
     """Whether PyTorch's CPU flash kernel takes k and v with fewer heads than q (query head h
-    reading key/value head `h // (H / G)`; PyTorch 2.9 and newer). One call on a key/value head
+    reading key/value head `h // (H / G)`; pytorch#157893). One call on a key/value head
     whose memory continues with a NaN head: a kernel without GQA reads that for query head 1
     (no check tells, and its backward would write there)."""
     head_dim, on_cpu = 8, {"device": "cpu", "dtype": torch.float32}

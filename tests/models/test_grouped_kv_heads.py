@@ -139,7 +139,7 @@ def test_local_layer_decodes_without_copying_heads():
 
 
 def _forward_without_gqa(real_forward):
-    """PyTorch's CPU flash forward before it took grouped heads (PyTorch < 2.9): query head j
+    """PyTorch's CPU flash forward before it took grouped heads (pytorch#157893): query head j
     reads key/value head j through k's and v's strides whatever their head count, unchecked
     (emulated within their storage; past it, where that kernel read other memory, an error)."""
     def forward(q, k, v, *args, **kwargs):
