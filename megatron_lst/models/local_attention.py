@@ -12,7 +12,8 @@ packed rows; None means one document per row (`max(i - W + 1, 0)`). Backends:
   backend: the Triton kernel on CUDA under "auto"): no mask tensor and no copy of the keys. Work
   and memory are O(N * W), never O(N^2).
 Grouped key/value heads go into every backend as they are, never repeated to one per query head:
-flash-attn's and the range kernel's GQA, SDPA's `enable_gqa`, the CPU flash kernel's GQA.
+flash-attn's and the range kernel's GQA, SDPA's `enable_gqa`, the CPU flash kernel's GQA (on a
+PyTorch whose CPU kernel lacks it, `sliding_window_cpu` repeats them).
 "auto" picks flash when it imports (`optional_imports`: a build for another torch or CUDA is
 installed but does not import) and the inputs are CUDA fp16/bf16 with heads of at most 256
 channels on an Ampere or newer GPU, else sdpa; the choice is logged once per distinct outcome.
@@ -111,7 +112,8 @@ class AttentionBackendChoice:
 class SlidingWindowAttention(torch.nn.Module):
     """Core attention (no parameters): q `[B, N, H, d]`, k and v `[B, N, G, d]` (G divides H:
     query head h reads key/value head `h // (H / G)`) (+ optional key_start `[B, N]`)
-    -> `[B, N, H, d]`, scale 1/sqrt(d). Every backend reads the G heads as they are (no copy).
+    -> `[B, N, H, d]`, scale 1/sqrt(d). Every backend reads the G heads as they are (no copy;
+    the CPU path copies them on a PyTorch whose CPU flash kernel lacks GQA).
     `kernel_backend` ("auto" | "triton" | "torch", see `lst_kernels.backend`) runs the range
     attention off CPU."""
 

@@ -12,8 +12,11 @@ block of W + C keys per chunk costs W + C, and no key is copied: blocks are view
 The ops are PyTorch's own (`aten::_scaled_dot_product_flash_attention_for_cpu` and its backward,
 what `F.scaled_dot_product_attention` runs on CPU); tests compare the result with a dense
 reference and with gradcheck in float64. Grouped-query attention: k and v may have G heads for
-q's H (G dividing H, query head h reading key/value head `h // (H / G)`); the kernel takes them as
-they are (its GQA: no key or value copied) and gives their gradients with G heads.
+q's H (G dividing H, query head h reading key/value head `h // (H / G)`); a kernel with GQA
+(pytorch#157893, 2025; torch 2.13 has it) takes them as they are (no key or value copied) and
+gives their gradients with G heads. An older one, which setup.py's torch floor admits, reads
+key/value head j for query head j, unchecked, past k and v: there
+(`flash_kernel_reads_grouped_heads`, probed once) k and v are repeated to H heads first.
 
 Packed documents (`key_start`): query i sees keys `[key_start[i], i]`, key_start being the window
 start cut at the query's document start (`lst_kernels.sliding_window_key_starts`). A chunk whose
@@ -25,6 +28,7 @@ short documents cost fewer scores, not more.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,12 +56,30 @@ def sliding_window_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"{kv_heads} key/value heads do not divide {heads} query heads")
     if window == 1:  # each token sees only itself: softmax over one key
         return v.repeat_interleave(heads // kv_heads, dim=2)  # [B, N, H, d], a new tensor
+    if kv_heads != heads and not flash_kernel_reads_grouped_heads():
+        # The kernel would read key/value head j for query head j: one head per query head.
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=2) for t in (k, v))  # [B, N, H, d]
     if key_start is not None:
         key_start = key_start.long().cpu()
     out = _SlidingWindowAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                         window, min(QUERY_CHUNK, window - 1), key_start,
                                         q.shape[-1] ** -0.5 if scale is None else scale)
     return out.transpose(1, 2)  # [B, N, H, d]
+
+
+@functools.cache
+def flash_kernel_reads_grouped_heads() -> bool:
+    """Whether PyTorch's CPU flash kernel takes k and v with fewer heads than q (query head h
+    reading key/value head `h // (H / G)`; pytorch#157893). One call on a key/value head
+    whose memory continues with a NaN head: a kernel without GQA reads that for query head 1
+    (no check tells, and its backward would write there)."""
+    head_dim, on_cpu = 8, {"device": "cpu", "dtype": torch.float32}
+    q = torch.ones(1, 2, 1, head_dim, **on_cpu)  # [B, H = 2, N, d]
+    buffer = torch.full((1, 2, 1, head_dim), float("nan"), **on_cpu)
+    buffer[:, 0] = 1.0
+    one_head = buffer[:, :1]  # [B, G = 1, N, d], followed in memory by the NaN head
+    out, _ = _flash_forward(q, one_head, one_head, 0.0, False, scale=1.0)
+    return bool(out.isfinite().all())
 
 
 @dataclass

@@ -345,8 +345,13 @@ def validate_backends(args: argparse.Namespace, config: LSTConfig) -> None:
     # On CUDA (CPU has its own path) the range attention of packed documents (the global
     # model's, also the baseline's) and of the local windows runs the same kernel on the same
     # backend. flash-attn runs them instead where it can, which it never does for heads of more
-    # than 256 channels: those always reach the kernel.
-    if torch.cuda.is_available() and packed_documents:
+    # than 256 channels: those always reach the kernel. The global model runs it where its
+    # attention is reset at documents (`RowDocuments.global_key_starts`; the baseline's
+    # `token_document_starts`), else megatron's SDPA.
+    documents = config.documents
+    global_range_attention = documents is not None and documents.reset_attention_mask and (
+        documents.reset_global_attention or args.patching_mode == "none")
+    if torch.cuda.is_available() and global_range_attention:
         chosen.append((args.kernel_backend, f"--kernel-backend {args.kernel_backend}",
                        "global attention", config.global_model.head_dim, "--kernel-backend torch"))
     if torch.cuda.is_available() and args.patching_mode != "none":

@@ -48,15 +48,16 @@ def document_key_start(num_tokens: int, window: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def grouped_and_copied(attend, q, k, v):
-    """`attend` on the G key/value heads (no copy allowed) and on them repeated to H: outputs and
-    gradients of both, the copied k's and v's summed back over each group."""
+def grouped_and_copied(attend, q, k, v, copies_allowed: bool = False):
+    """`attend` on the G key/value heads (no copy allowed unless `copies_allowed`) and on them
+    repeated to H: outputs and gradients of both, the copied k's and v's summed back over each
+    group."""
     grad = torch.randn(attend(q, k, v).shape, generator=torch.Generator().manual_seed(1),
                        dtype=q.dtype)
     grouped = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     copied = [q.detach().clone(), *(t.detach().repeat_interleave(GROUP, dim=2) for t in (k, v))]
     copied = [t.requires_grad_() for t in copied]
-    with no_head_copies():
+    with contextlib.nullcontext() if copies_allowed else no_head_copies():
         out = attend(*grouped)
         got = torch.autograd.grad(out, grouped, grad)
     expected = attend(*copied)
@@ -135,3 +136,65 @@ def test_local_layer_decodes_without_copying_heads():
         steps = [layer.forward_step(x[:, i:i + 1], (cos[:, i:i + 1], sin[:, i:i + 1]), cache)
                  for i in range(13)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+def _forward_without_gqa(real_forward):
+    """PyTorch's CPU flash forward before it took grouped heads (pytorch#157893): query head j
+    reads key/value head j through k's and v's strides whatever their head count, unchecked
+    (emulated within their storage; past it, where that kernel read other memory, an error)."""
+    def forward(q, k, v, *args, **kwargs):
+        k, v = (t.as_strided((t.shape[0], q.shape[1], *t.shape[2:]), t.stride(),
+                             t.storage_offset()) for t in (k, v))
+        return real_forward(q, k, v, *args, **kwargs)
+
+    return forward
+
+
+def _backward_without_gqa(real_backward):
+    """That kernel's backward, which would write dK/dV of H heads into G-head tensors."""
+    def backward(grad_out, q, k, v, *args, **kwargs):
+        if k.shape[1] != q.shape[1]:
+            raise AssertionError(f"{k.shape[1]} key/value heads for {q.shape[1]} query heads: "
+                                 "a kernel without GQA writes past dK and dV")
+        return real_backward(grad_out, q, k, v, *args, **kwargs)
+
+    return backward
+
+
+@pytest.fixture
+def cpu_kernel_without_gqa(monkeypatch):
+    """The CPU path on the flash kernel of a PyTorch without GQA, its support probed afresh."""
+    from megatron_lst.models import sliding_window_cpu
+
+    monkeypatch.setattr(sliding_window_cpu, "_flash_forward",
+                        _forward_without_gqa(sliding_window_cpu._flash_forward))
+    monkeypatch.setattr(sliding_window_cpu, "_flash_backward",
+                        _backward_without_gqa(sliding_window_cpu._flash_backward))
+    sliding_window_cpu.flash_kernel_reads_grouped_heads.cache_clear()
+    yield sliding_window_cpu
+    sliding_window_cpu.flash_kernel_reads_grouped_heads.cache_clear()
+
+
+def test_this_torch_cpu_flash_kernel_reads_grouped_heads():
+    """torch 2.13's CPU flash kernel takes G heads (the probe of `sliding_window_cpu`)."""
+    from megatron_lst.models.sliding_window_cpu import flash_kernel_reads_grouped_heads
+
+    assert flash_kernel_reads_grouped_heads()
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_a_cpu_flash_kernel_without_gqa_gets_one_head_per_query_head(cpu_kernel_without_gqa,
+                                                                     documents):
+    """On a PyTorch whose CPU flash kernel reads k and v by the query head (before its GQA), the
+    CPU path (local windows and the global packed-document attention) gives that kernel k and v
+    repeated to H heads: the outputs and gradients of grouped heads, not what lies past them."""
+    assert not cpu_kernel_without_gqa.flash_kernel_reads_grouped_heads()
+    num_tokens = 30
+    key_start = document_key_start(num_tokens, WINDOW) if documents else None
+
+    def attend(q, k, v):
+        return cpu_kernel_without_gqa.sliding_window_attention_cpu(q, k, v, WINDOW, key_start)
+
+    got, want = grouped_and_copied(attend, *qkv(num_tokens, seed=5), copies_allowed=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)

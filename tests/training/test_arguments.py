@@ -806,3 +806,18 @@ def test_incomplete_recomputation_flags_are_refused(extra, message):
 def test_a_path_with_spaces_is_still_one_data_path(tmp_path):
     args = parse_args(["--config", write_yaml(tmp_path, "data-path: 'my data/corpus'\n")])
     assert args.data_path == ["my data/corpus"]
+
+
+def test_wide_global_heads_outside_the_range_attention_are_not_refused_on_cuda(monkeypatch):
+    """The LST global model runs range attention only with its attention reset at documents:
+    with --no-reset-global-attention-mask, or RoPE positions reset without the attention
+    (--reset-position-ids --no-reset-attention-mask), it runs megatron's SDPA, which takes heads
+    of any size. Both were refused as if the Triton kernel were to get them."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("LST_KERNEL_BACKEND", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    wide_global = ["--distributed-backend", "gloo", *LST_FLAGS, "--kv-channels", "320"]
+    with pytest.raises(ArgumentError, match=r"global attention heads have 320"):
+        valid(*wide_global)
+    valid(*wide_global, "--no-reset-global-attention-mask")
+    valid(*wide_global, "--no-reset-attention-mask", "--reset-position-ids")
