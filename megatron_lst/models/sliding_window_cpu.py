@@ -72,13 +72,17 @@ def flash_kernel_reads_grouped_heads() -> bool:
     """Whether PyTorch's CPU flash kernel takes k and v with fewer heads than q (query head h
     reading key/value head `h // (H / G)`; pytorch#157893). One call on a key/value head
     whose memory continues with a NaN head: a kernel without GQA reads that for query head 1
-    (no check tells, and its backward would write there)."""
+    (no check tells, and its backward would write there); one that refuses the shapes lacks
+    GQA too."""
     head_dim, on_cpu = 8, {"device": "cpu", "dtype": torch.float32}
     q = torch.ones(1, 2, 1, head_dim, **on_cpu)  # [B, H = 2, N, d]
     buffer = torch.full((1, 2, 1, head_dim), float("nan"), **on_cpu)
     buffer[:, 0] = 1.0
     one_head = buffer[:, :1]  # [B, G = 1, N, d], followed in memory by the NaN head
-    out, _ = _flash_forward(q, one_head, one_head, 0.0, False, scale=1.0)
+    try:
+        out, _ = _flash_forward(q, one_head, one_head, 0.0, False, scale=1.0)
+    except RuntimeError:
+        return False
     return bool(out.isfinite().all())
 
 

@@ -198,3 +198,19 @@ def test_a_cpu_flash_kernel_without_gqa_gets_one_head_per_query_head(cpu_kernel_
     got, want = grouped_and_copied(attend, *qkv(num_tokens, seed=5), copies_allowed=True)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_a_cpu_flash_kernel_that_refuses_grouped_heads_lacks_gqa(monkeypatch):
+    """A kernel that checks the head counts and raises is probed as one without GQA (the CPU path
+    then repeats k and v), not an error out of the first attention call."""
+    from megatron_lst.models import sliding_window_cpu
+
+    def refusing(q, k, v, *args, **kwargs):
+        raise RuntimeError(f"expected {q.shape[1]} key/value heads, got {k.shape[1]}")
+
+    monkeypatch.setattr(sliding_window_cpu, "_flash_forward", refusing)
+    sliding_window_cpu.flash_kernel_reads_grouped_heads.cache_clear()
+    try:
+        assert not sliding_window_cpu.flash_kernel_reads_grouped_heads()
+    finally:
+        sliding_window_cpu.flash_kernel_reads_grouped_heads.cache_clear()
