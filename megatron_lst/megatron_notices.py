@@ -44,6 +44,14 @@ _LOG_NOTICES = {
     "megatron.core.models.gpt.gpt_model": "GPTModel IS DEPRECATED",
 }
 
+# (messages, category, emitting modules) of each group of warnings above.
+_WARNING_FILTERS = (
+    (_IMPORT_NOTICES, UserWarning, r"megatron\.core"),
+    (_LOAD_DEPRECATIONS, FutureWarning, r"(megatron\.core|torch\.distributed\.checkpoint)"),
+    (_LOAD_NOTICES, UserWarning, r"torch\.distributed\.checkpoint"),
+    (_COLLECTIVE_DEPRECATIONS, FutureWarning, r"torch\.distributed\.c10d_logger"),
+)
+
 
 class _DropMessage(logging.Filter):
     """Drops the log records whose message starts with `prefix`."""
@@ -59,18 +67,9 @@ class _DropMessage(logging.Filter):
 def silence() -> None:
     """Install the filters (the warning filters again, as the first ones, on each call; the log
     filters once)."""
-    for message in _IMPORT_NOTICES:
-        warnings.filterwarnings("ignore", message=message, category=UserWarning,
-                                module=r"megatron\.core")
-    for message in _LOAD_DEPRECATIONS:
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning,
-                                module=r"(megatron\.core|torch\.distributed\.checkpoint)")
-    for message in _LOAD_NOTICES:
-        warnings.filterwarnings("ignore", message=message, category=UserWarning,
-                                module=r"torch\.distributed\.checkpoint")
-    for message in _COLLECTIVE_DEPRECATIONS:
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning,
-                                module=r"torch\.distributed\.c10d_logger")
+    for messages, category, module in _WARNING_FILTERS:
+        for message in messages:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for name, prefix in _LOG_NOTICES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):

@@ -227,17 +227,23 @@ def _group_structure(group: dict[str, Any]) -> tuple:
     return tuple(group.get(key, group.get(f"pre_{key}")) for key in _GROUP_STRUCTURE_KEYS)
 
 
+def _inner_states(optimizer: Any, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """Each inner optimizer of `optimizer` with its part of `state` (the state dict
+    `dist_checkpointing.load` filled in): all of it for one optimizer, else one state dict per
+    chained optimizer, by index."""
+    inners = _inner_optimizers(optimizer)
+    if len(inners) == 1:
+        return [(inners[0], state)]
+    states = [state[key] for key in sorted(state)] if isinstance(state, dict) else list(state)
+    return list(zip(inners, states, strict=True))
+
+
 def _adopt_saved_schedule(optimizer: Any, state: dict[str, Any]) -> None:
     """Give each parameter group of `optimizer` the `_SCHEDULE_KEYS` of the saved group of the
     same structure in `state` (the state dict `dist_checkpointing.load` filled in), which loading
     sets anyway: megatron.core 0.19 then finds the saved groups whatever this run's --lr and
     --min-lr are, as 0.16 did. `load_state` restores the run's values where asked to."""
-    inners = _inner_optimizers(optimizer)
-    if len(inners) == 1:
-        states = [state]
-    else:  # one state dict per chained optimizer, by index
-        states = [state[key] for key in sorted(state)] if isinstance(state, dict) else list(state)
-    for inner, inner_state in zip(inners, states, strict=True):
+    for inner, inner_state in _inner_states(optimizer, state):
         saved_groups = inner_state.get("optimizer", inner_state).get("param_groups", [])
         by_structure = {_group_structure(group): group for group in saved_groups}
         for group in inner.optimizer.param_groups:
@@ -251,12 +257,7 @@ def _add_step_zero(optimizer: Any, state: dict[str, Any]) -> None:
     state of an optimizer that had not stepped yet comes back with moments and no step, which
     torch's Adam refuses to load (KeyError: 'step'): give those parameters step 0 in `state`
     (the state dict `dist_checkpointing.load` filled in)."""
-    inners = _inner_optimizers(optimizer)
-    if len(inners) == 1:
-        states = [state]
-    else:  # one state dict per chained optimizer, by index
-        states = [state[key] for key in sorted(state)] if isinstance(state, dict) else list(state)
-    for inner, inner_state in zip(inners, states, strict=True):
+    for inner, inner_state in _inner_states(optimizer, state):
         if not isinstance(inner.optimizer, torch.optim.Adam | torch.optim.AdamW):
             continue
         # torch's state dict: nested under "optimizer" by the mixed-precision optimizer.
