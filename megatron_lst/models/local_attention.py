@@ -122,7 +122,6 @@ class SlidingWindowAttention(torch.nn.Module):
         if window < 1:
             raise ValueError(f"sliding window must be >= 1 token, got {window}")
         self.window = window
-        self.backend = backend
         self.kernel_backend = kernel_backend
         self._backend_for = AttentionBackendChoice(backend)
 
