@@ -26,6 +26,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 GLOBAL_PREFIX = "global_transformer."
 """Parameters of the megatron.core global block: megatron's own rules apply to them."""
@@ -59,7 +60,6 @@ def synchronise_encoder_replica(model: torch.nn.Module) -> None:
     params = encoder_replica_parameters(model)
     if not params:
         return
-    group = parallel_state.get_embedding_group()
     with torch.no_grad():
         for param in params:
             # Own DDP bucket: the embedding-group sum then adds reduced data-parallel shards to
@@ -70,7 +70,7 @@ def synchronise_encoder_replica(model: torch.nn.Module) -> None:
                 # Counted once in the gradient norm (by the first stage), as GPTModel marks
                 # its tied output weight; else clipping would depend on the PP layout.
                 param.shared = True
-            torch.distributed.all_reduce(param.data, group=group)
+        all_reduce_coalesced([param.data for param in params], parallel_state.get_embedding_group())
 
 
 def finalize_replicated_encoder_grads(model: torch.nn.Module) -> None:
@@ -82,15 +82,30 @@ def finalize_replicated_encoder_grads(model: torch.nn.Module) -> None:
     params = encoder_replica_parameters(model)
     if not params:
         return
-    group = parallel_state.get_embedding_group()
+    grads = []
     for param in params:
         if hasattr(param, "main_grad"):
-            grad = param.main_grad
+            grads.append(param.main_grad)
         else:
             if param.grad is None:  # every copy must join the collective
                 param.grad = torch.zeros_like(param)
-            grad = param.grad
-        torch.distributed.all_reduce(grad, group=group)
+            grads.append(param.grad)
+    all_reduce_coalesced(grads, parallel_state.get_embedding_group())
+
+
+def all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
+    """Sum `tensors` over `group` in place with one all-reduce per dtype instead of one per
+    tensor (a token encoder has tens of parameters; each collective has a fixed latency), as
+    megatron's `_allreduce_layernorm_grads` does: flatten, reduce, copy back."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for same_dtype in by_dtype.values():
+        flat = _flatten_dense_tensors(same_dtype)  # [sum of numels]
+        torch.distributed.all_reduce(flat, group=group)
+        for tensor, reduced in zip(same_dtype, _unflatten_dense_tensors(flat, same_dtype),
+                                   strict=True):
+            tensor.copy_(reduced)
 
 
 def finalize_lst_model_grads(model: list, num_tokens: torch.Tensor | None = None,
