@@ -117,6 +117,22 @@ def test_text_jsonl_converts(tmp_path, spm):
     assert store.manifest.counts.words == sum(len(t.split()) for t in texts)
 
 
+def test_a_corpus_with_a_byte_order_mark_keeps_its_first_document(tmp_path, spm):
+    """The tool reads its inputs in chunks (not through read_text_jsonl): a byte-order mark made
+    the first line invalid JSON there too."""
+    texts = ["hello world", "the time"]
+    source = tmp_path / "bom.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\r\n"
+                                                for t in texts).encode())
+    manifest = preprocess.main(["--input", str(source), "--input-format", "text-jsonl",
+                                "--tokenizer-model", str(spm), "--output-prefix",
+                                str(tmp_path / "text"), "--skip-bad"])
+    assert manifest.counts.documents == 2 and manifest.counts.bad_skipped == 0
+    tokenizer = load_text_tokenizer(spm)
+    store = DocumentStore(tmp_path / "text")
+    assert [store[i].tolist() for i in range(len(store))] == [tokenizer.encode(t) for t in texts]
+
+
 def test_textgrid_converts(tmp_path, spm):
     grids, units = tmp_path / "grids", tmp_path / "units"
     grids.mkdir()

@@ -135,6 +135,23 @@ def test_train_tool_text_jsonl(tmp_path):
                    "--output", str(tmp_path / "u.model")])
 
 
+@pytest.mark.parametrize("input_format, line", [
+    ("text", "{}"), ("text-jsonl", '{{"text": "{}"}}'),
+    ("reference-jsonl", '{{"interleaved": "' + SEP + 'TEXT {}"}}')])
+def test_train_tool_drops_a_byte_order_mark(tmp_path, input_format, line):
+    """A corpus saved with a byte-order mark: its first line was refused as JSON, or (plain text)
+    trained U+FEFF as a character of the first word, a piece no preprocessed word ever uses."""
+    tool = _load_tool("train_tokenizer")
+    lines = "".join(line.format(text) + "\n" for text in _tiny_corpus())
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text(lines, encoding="utf-8")
+    marked.write_text(lines, encoding="utf-8-sig")
+    models = [tool.main(["--input", str(corpus), "--input-format", input_format,
+                         "--vocab-size", "300", "--output", str(tmp_path / f"{corpus.stem}.model")])
+              for corpus in (plain, marked)]
+    assert models[0].read_bytes() == models[1].read_bytes()
+
+
 def test_train_tool_refuses_bad_inputs_and_keeps_the_corpus(tmp_path):
     """--output naming the corpus replaced it with the model; a missing or non-UTF-8 input and a
     JSON value that is no string were tracebacks (FileNotFoundError, UnicodeDecodeError,
