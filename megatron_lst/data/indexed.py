@@ -190,6 +190,23 @@ def _refuse_empty_bin(prefix: str) -> None:
                      f"written (re-run tools/preprocess_data.py)")
 
 
+def _vocab_disagreements(vocab: JointVocab, manifest: Manifest) -> list[str]:
+    """How the vocabulary layout of `manifest` disagrees with the tokenizer (size, digest) and the
+    codebook size the manifest records beside it, one phrase each; empty when it agrees
+    (tools/preprocess_data.py writes them from one tokenizer and one --num-units)."""
+    tokenizer = manifest.tokenizer
+    found = []
+    if vocab.text_size != tokenizer.vocab_size:
+        found.append(f"vocab text_size {vocab.text_size}, tokenizer vocab_size "
+                     f"{tokenizer.vocab_size}")
+    if vocab.num_units != manifest.num_units:
+        found.append(f"vocab num_units {vocab.num_units}, num_units {manifest.num_units!r}")
+    if vocab.tokenizer_sha256 is not None and vocab.tokenizer_sha256 != tokenizer.sha256:
+        found.append(f"vocab tokenizer_sha256 {vocab.tokenizer_sha256[:12]}..., tokenizer sha256 "
+                     f"{tokenizer.sha256[:12]}...")
+    return found
+
+
 class DocumentStore:
     """Random access to the documents at `prefix` (`.bin`, `.idx`, `.json`), validated on open.
 
@@ -221,11 +238,20 @@ class DocumentStore:
         self._validate()
 
     def _manifest_vocab(self) -> JointVocab:
+        """The manifest's vocabulary layout, which must agree with the tokenizer and codebook
+        the manifest records beside it."""
+        path = Manifest.path_for(self.prefix)
         try:
-            return JointVocab.from_dict(self.manifest.vocab)
+            vocab = JointVocab.from_dict(self.manifest.vocab)
         except VocabularyError as error:
-            raise ManifestError(f"{Manifest.path_for(self.prefix)}: unreadable vocabulary "
-                                f"({error}); re-run tools/preprocess_data.py") from None
+            raise ManifestError(f"{path}: unreadable vocabulary ({error}); re-run "
+                                f"tools/preprocess_data.py") from None
+        disagreements = _vocab_disagreements(vocab, self.manifest)
+        if disagreements:
+            raise ManifestError(f"{path}: contradicts itself ({'; '.join(disagreements)}): the "
+                                f"manifest was edited or damaged, and which of its fields the "
+                                f"ids were made with is unknown; re-run tools/preprocess_data.py")
+        return vocab
 
     def _validate(self) -> None:
         """The index against itself, the `.bin` and the manifest, in blocks of

@@ -14,7 +14,7 @@ from megatron_lst.tokenizer.text_tokenizer import (
     load_text_tokenizer,
     train_sentencepiece,
 )
-from megatron_lst.tokenizer.vocab import VocabularyError
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
 WORDS = "the a of and to in is it speech text model unit word hello world time".split()
 NUM_UNITS = 20
@@ -267,6 +267,30 @@ def test_a_hand_edited_manifest_is_refused_by_name(aligned_store, section, key, 
         record[key] = value
     path.write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match=r"aligned.json: " + message):
+        DocumentStore(prefix)
+
+
+@pytest.mark.parametrize("edit, message", [
+    # a vocabulary of another text size, derived ids and all: units at other joint ids
+    (lambda raw: raw.update(vocab={**JointVocab(280, NUM_UNITS).to_dict(),
+                                   "tokenizer_sha256": raw["tokenizer"]["sha256"]}),
+     r"vocab text_size 280, tokenizer vocab_size 290"),
+    (lambda raw: raw.update(num_units=502), r"vocab num_units 20, num_units 502"),
+    (lambda raw: raw["vocab"].update(tokenizer_sha256="0" * 64),
+     r"vocab tokenizer_sha256 000000000000\.\.\., tokenizer sha256 [0-9a-f]{12}\.\.\."),
+])
+def test_a_manifest_that_contradicts_itself_is_refused(aligned_store, tokenizer, edit, message):
+    """Each field reads well alone, but the vocabulary layout disagrees with the tokenizer or
+    codebook recorded beside it: the store opened, and training built its model from the
+    layout while the tokenizer check passed on the other record."""
+    prefix, _ = aligned_store
+    path = prefix.with_name(prefix.name + ".json")
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"aligned.json: contradicts itself \(" + message
+                       + r"\): the manifest was edited or damaged.*re-run "
+                         r"tools/preprocess_data.py"):
         DocumentStore(prefix)
 
 
