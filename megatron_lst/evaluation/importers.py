@@ -86,12 +86,14 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         if not all(isinstance(part, str) for part in parts):
             raise ItemError(f"{where}: \"ctx\", \"ctx_a\" and \"ctx_b\" must be strings, got "
                             f"{parts!r}")
-        context = row.get("ctx") or " ".join(
-            part for part in (row.get("ctx_a", ""), row.get("ctx_b", "")) if part)
-        if not context or "endings" not in row or "label" not in row:
+        if not any(parts) or "endings" not in row or "label" not in row:
             raise ItemError(f"{where}: a HellaSwag line needs \"ctx\" (or \"ctx_a\"/\"ctx_b\"), "
                             f"\"endings\" and \"label\" (the unlabelled test split cannot be "
                             f"scored)")
+        context = _hellaswag_context(row)
+        if not context:  # written, then refused by lst-eval naming the items file instead
+            raise ItemError(f"{where}: the context (\"ctx\", or \"ctx_a\" and \"ctx_b\") holds "
+                            f"only whitespace; fill it in or leave the line out")
         endings = row["endings"]
         if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
             raise ItemError(f"{where}: \"endings\" must be a list of strings, got {endings!r}")
@@ -111,10 +113,18 @@ def read_hellaswag(path: str | Path) -> list[dict]:
             raise ItemError(f"{where}: \"ind\" {item_id!r} is not an item id (an integer or a "
                             f"string); fix it or leave \"ind\" out to number the lines")
         item_id = str(item_id)
-        records.append({"id": item_id, "context": {"text": context.strip()},
+        records.append({"id": item_id, "context": {"text": context},
                         "endings": [{"text": e.strip()} for e in endings],
                         "label": _hellaswag_label(row["label"], len(endings), where)})
     return records
+
+
+def _hellaswag_context(row: dict) -> str:
+    """The context of a HellaSwag row, stripped: its "ctx", else its "ctx_a" and "ctx_b" joined
+    by a space ("" when they hold only whitespace)."""
+    context = (row.get("ctx") or "").strip()
+    return context or " ".join(part.strip() for part in (row.get("ctx_a"), row.get("ctx_b"))
+                               if part and part.strip())
 
 
 def _hellaswag_label(label, num_endings: int, where: str) -> int:

@@ -85,6 +85,10 @@ def test_hellaswag_jsonl(tmp_path):
     assert [r["id"] for r in records] == ["24", "1"]
     assert records[0]["context"]["text"] == "the girl ran home"
     assert records[1]["label"] == 0 and len(records[1]["endings"]) == 4
+    # a blank "ctx" beside its two halves (it took the place of their text)
+    path.write_text(json.dumps({"ctx": " ", "ctx_a": "the girl ", "ctx_b": " ran", "endings":
+                                ["a", "b"], "label": 1}) + "\n")
+    assert read_hellaswag(path)[0]["context"]["text"] == "the girl ran"
     unlabelled = tmp_path / "test.jsonl"
     unlabelled.write_text(json.dumps({"ctx": "a", "endings": ["b", "c"]}) + "\n")
     with pytest.raises(ItemError, match=r"test.jsonl:1: .*needs"):
@@ -126,6 +130,10 @@ def test_import_errors_name_the_story(tmp_path):
     # written, then refused by lst-eval naming the items file
     ({"ctx": "a", "endings": ["b", " ", "c"], "label": 0}, r"endings \[1\] have no text"),
     ({"ctx": "a", "endings": ["b"], "label": 0}, r"\"endings\" lists 1 ending\(s\); an item needs"),
+    ({"ctx": " \t", "endings": ["b", "c"], "label": 0}, r"the context \(\"ctx\", or \"ctx_a\" and "
+                                                       r"\"ctx_b\"\) holds only whitespace"),
+    ({"ctx_a": " ", "ctx_b": "\n", "endings": ["b", "c"], "label": 0}, r"the context .* holds only "
+                                                                     r"whitespace; fill it in"),
 ])
 def test_malformed_hellaswag_lines_are_refused(tmp_path, row, message):
     """They were tracebacks, or silently wrong: label 1.7 became 1, "bcde" four endings."""
