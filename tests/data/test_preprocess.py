@@ -221,6 +221,48 @@ def test_bad_input_stops_with_file_and_line(tmp_path, spm, workers):
 
 
 
+_HOLD_THE_OUTPUT = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("preprocess_data", sys.argv[1])
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+with tool._sole_writer(sys.argv[2]):
+    print("writing", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter holds the output, as a run started earlier would
+def test_a_second_run_on_a_prefix_being_written_is_refused(tmp_path, spm):
+    """Two runs on one --output-prefix (a job submitted twice) wrote the same PREFIX.partial.*
+    files: the published dataset held one run's ids under the other's index."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "hello world"}) + "\n")
+    prefix = tmp_path / "out" / "text"
+    argv = ["--input", str(source), "--input-format", "text-jsonl", "--tokenizer-model", str(spm),
+            "--output-prefix", str(prefix)]
+    preprocess.main(argv)
+    before = _files(prefix)
+    with subprocess.Popen([sys.executable, "-c", _HOLD_THE_OUTPUT,
+                           str(REPO / "tools" / "preprocess_data.py"), str(prefix)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}) as other:
+        assert other.stdout.readline() == "writing\n"
+        with pytest.raises(SystemExit, match=rf"--output-prefix {prefix}: another "
+                                             rf"tools/preprocess_data.py run is writing this "
+                                             rf"dataset \(it holds the lock {prefix}.partial.lock"
+                                             rf"\); wait for it to end"):
+            preprocess.main(argv)
+        assert _files(prefix) == before
+        other.communicate("")  # that run ends
+    source.write_text(json.dumps({"text": "the time"}) + "\n")
+    preprocess.main(argv)  # its lock went with it
+    store = DocumentStore(prefix)
+    assert store[0].tolist() == load_text_tokenizer(spm).encode("the time")
+    assert sorted(path.name for path in prefix.parent.iterdir()) == [
+        "text.bin", "text.idx", "text.json"]
+
+
 def test_a_run_stopped_while_renaming_leaves_no_dataset_that_looks_whole(tmp_path, spm,
                                                                         monkeypatch):
     """Rewriting a prefix with the same documents in another order (same sizes, same counts)
