@@ -207,11 +207,22 @@ def _vocab_disagreements(vocab: JointVocab, manifest: Manifest) -> list[str]:
     return found
 
 
+class _MappedView:
+    """The `__array_interface__` of a view of a mapped `.bin`, and the `IndexedDataset` that
+    maps it: numpy keeps this object as the `.base` of the array made from it, so the mapping
+    stays open while the array lives."""
+
+    def __init__(self, view: np.ndarray, dataset: IndexedDataset):
+        self.__array_interface__ = view.__array_interface__
+        self._view, self._dataset = view, dataset
+
+
 class DocumentStore:
     """Random access to the documents at `prefix` (`.bin`, `.idx`, `.json`), validated on open.
 
     `store[i]` is an `AlignedDocument` (kind "aligned") or an int32 array of text ids (kind
-    "text"); arrays are read-only views of the memory-mapped `.bin`.
+    "text"); arrays are read-only views of the memory-mapped `.bin`, each holding the mapping
+    open while it lives.
     """
 
     def __init__(self, prefix: str | Path):
@@ -320,9 +331,17 @@ class DocumentStore:
             raise IndexError(f"document {i} out of range for {n} documents in {self.prefix}")
         i = int(i) % n
         if self.kind == "text":
-            return self._dataset[i]
-        text_ids, unit_ids, seg_text_len, seg_unit_len = self._dataset[4 * i: 4 * i + 4]
-        return AlignedDocument(text_ids, unit_ids, seg_text_len, seg_unit_len)
+            return self._pinned(self._dataset[i])
+        parts = (self._pinned(part) for part in self._dataset[4 * i: 4 * i + 4])
+        return AlignedDocument(*parts)
+
+    def _pinned(self, view: np.ndarray) -> np.ndarray:
+        """`view` (of the mapped `.bin`) as an array that holds this store's reader alive.
+        megatron.core unmaps the `.bin` when its reader is collected, whatever views of it
+        remain (numpy holds no buffer export that would stop it): a document read from a store
+        that was then dropped (`DocumentStore(prefix)[0]`) crashed the interpreter (SIGSEGV)
+        when read."""
+        return np.asarray(_MappedView(view, self._dataset))
 
     def describe(self, i: int) -> str:
         """Where document `i` is stored, for error messages."""

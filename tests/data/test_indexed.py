@@ -2,6 +2,7 @@ import gc
 import json
 import pickle
 import random
+import weakref
 
 import numpy as np
 import pytest
@@ -98,6 +99,33 @@ def test_text_round_trip(tmp_path, tokenizer):
     for got, want in zip((store[i] for i in range(10)), documents, strict=True):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(store.token_counts(), [len(d) for d in documents])
+
+
+@pytest.mark.parametrize("kind", ["aligned", "text"])
+def test_a_document_outlives_the_store_it_was_read_from(tmp_path, tokenizer, kind):
+    """Documents are views of the mapped .bin, which megatron.core unmaps when its reader is
+    collected: `DocumentStore(prefix)[0]` read after the store was dropped crashed the
+    interpreter (SIGSEGV). The document now holds the mapping open (checked before it is read,
+    so that without that the test fails instead of crashing)."""
+    documents = ([_random_aligned(np.random.default_rng(0)) for _ in range(3)] if kind == "aligned"
+                 else [np.arange(3, 3 + n, dtype=np.int32) for n in (4, 7, 2)])
+    _write(tmp_path / kind, kind, documents, tokenizer)
+    store = DocumentStore(tmp_path / kind)
+    reader = weakref.ref(store._dataset)
+    document = store[1]
+    del store
+    gc.collect()
+    assert reader() is not None, "the document's mapping was closed with its store"
+    parts = (("text_ids", "unit_ids", "seg_text_len", "seg_unit_len") if kind == "aligned"
+             else (None,))
+    for name in parts:
+        got = document if name is None else getattr(document, name)
+        want = documents[1] if name is None else getattr(documents[1], name)
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == np.int32 and not got.flags.writeable
+    del document, got
+    gc.collect()
+    assert reader() is None  # the mapping goes with the last document read from it
 
 
 def test_truncated_bin(aligned_store):
