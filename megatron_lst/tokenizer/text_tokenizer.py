@@ -231,8 +231,12 @@ def train_sentencepiece(sentences: Iterable[str], model_path: str | Path, vocab_
     encoding equals encoding the run), unk 0 / bos 1 / eos 2, no pad piece. One thread, the input
     order as given and no output path inside the model make the file's bytes a function of the
     sentences and `vocab_size` alone. The file at `model_path` is replaced atomically. Raises `VocabSizeError` (with the largest size the text
-    allows) when the text cannot give `vocab_size` pieces.
+    allows) when the text cannot give `vocab_size` pieces, and VocabularyError for a size below 1
+    or too small for the text's characters.
     """
+    if vocab_size < 1:  # SentencePiece's own check is a RuntimeError naming its source line
+        raise VocabularyError(f"vocabulary size {vocab_size} is not a number of pieces; pass a "
+                              f"positive one")
     sentences = list(sentences)  # trained on twice when the size is too large
     try:
         model = _train_bpe(sentences, vocab_size, hard_limit=True)

@@ -358,6 +358,10 @@ def test_argument_errors(tmp_path, spm):
     for rate in ("0", "-25", "nan", "inf"):
         with pytest.raises(SystemExit, match="--frame-rate must be a positive number"):
             preprocess.main([*reference, "--tokenizer-model", str(spm), "--frame-rate", rate])
+    for units in ("0", "-5"):  # "num_units must be positive", naming no flag
+        with pytest.raises(SystemExit, match=rf"--num-units is the speech codebook size .*, at "
+                                             rf"least 1; got {units}"):
+            preprocess.main([*reference, "--tokenizer-model", str(spm), "--num-units", units])
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):

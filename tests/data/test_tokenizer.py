@@ -210,6 +210,13 @@ def test_too_small_vocab_size_names_the_pieces_the_text_needs(tmp_path):
         _load_tool("train_tokenizer").main(["--input", str(word_list), "--vocab-size", "60",
                                             "--output", str(tmp_path / "tool.model")])
     assert not (tmp_path / "tool.model").exists()
+    # 0 and below were sentencepiece's RuntimeError naming its source line, a traceback
+    for size in ("0", "-3"):
+        with pytest.raises(SystemExit, match=rf"--vocab-size: vocabulary size {size} is not a "
+                                             rf"number of pieces; pass a positive one"):
+            _load_tool("train_tokenizer").main(["--input", str(word_list), "--vocab-size", size,
+                                                "--output", str(tmp_path / "tool.model")])
+    assert not (tmp_path / "tool.model").exists()
 
 def _hf_tokenizer_json(tmp_path: Path, byte_level: bool) -> Path:
     tokenizers = pytest.importorskip("tokenizers")
