@@ -248,6 +248,11 @@ def _read_units(base: Path, item_id: str) -> dict:
             if len(fields) != 2 or not (fields[1].isascii() and fields[1].isdigit()):
                 raise ItemError(f"item {item_id!r}: {align}:{number} must be \"word n_units\"")
             segments.append([fields[0], int(fields[1])])
+        covered = sum(count for _, count in segments)
+        if covered != len(part["units"]):  # written, then refused by lst-eval naming the items
+            raise ItemError(f"item {item_id!r}: {align} aligns {covered} units but {path} holds "
+                            f"{len(part['units'])}; its \"word n_units\" lines must sum to the "
+                            f"units (align the words again, or remove the .align file)")
         part["segments"] = segments
     return part
 

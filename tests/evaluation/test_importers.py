@@ -250,6 +250,9 @@ def test_benchmark_files_with_a_bom_or_unicode_line_separators(tmp_path):
     ("ending1.units", b"5.0 1", "ending1.units: speech unit '5.0' is not an integer"),
     # written as "units": [], then refused by lst-eval naming the items file
     ("ending1.units", b" \n", "ending1.units holds no units"),
+    # written, then refused by lst-eval naming the items file
+    ("context.align", b"a 2\n[SIL] 2\n", "context.align aligns 4 units but "),
+    ("context.align", b"a 1\n", "context.units holds 3; its \"word n_units\" lines must sum"),
 ])
 def test_bad_unit_files_are_named(tmp_path, capsys, name, content, message):
     """A file that is not UTF-8 was reported as the benchmark CSV; a count of "2²" (digits to
