@@ -9,7 +9,8 @@
 Both formats are the same stream of values (numbers, quoted strings, `<exists>` flags) with or
 without labels around them, so one tokenizer that drops labels and `[n]` indices reads both, as
 Praat's own reader does. Strings escape `"` as `""`. Files may be UTF-8 or UTF-16 (with a BOM, as
-Praat writes it, or without: the `File type` the file starts with tells the byte order).
+Praat writes it, or without: the `File type` the file starts with tells the byte order). Praat's
+binary format is refused, naming it.
 
 `write_textgrid` writes the long format, which Praat and MFA read.
 """
@@ -65,6 +66,8 @@ class _Token:
     line: int
 
 
+# Praat's binary format ("Save as binary file"), which this reader does not read.
+_PRAAT_BINARY = b"ooBinaryFile"
 # A TextGrid starts with `File type`; in UTF-16 without a byte-order mark, that tells the order.
 _UTF16_WITHOUT_MARK = {"File".encode(order): order for order in ("utf-16-le", "utf-16-be")}
 
@@ -159,7 +162,12 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
     listing the tiers present when `tier` is missing, and naming a second tier of its name.
     """
     path = Path(path)
-    cursor = _Cursor(path, _decode(path, path.read_bytes()))
+    raw = path.read_bytes()
+    if raw.startswith(_PRAAT_BINARY):  # read as text, its first bytes were "expected" a string
+        raise TextGridError(f"{path}: a binary Praat file (it starts with {_PRAAT_BINARY!r}), not "
+                            f"a text TextGrid; save it from Praat with \"Save as text file\" "
+                            f"(the long text format, as MFA writes it)")
+    cursor = _Cursor(path, _decode(path, raw))
     # "ooTextFile short": what older Praat, the Penn Phonetics Lab Forced Aligner and praatio
     # write on short-format files (whose next line is often just "TextGrid").
     if cursor.string("the file type") not in ("ooTextFile", "ooTextFile short"):

@@ -190,6 +190,17 @@ def test_not_a_textgrid(tmp_path):
         read_textgrid(path)
 
 
+def test_a_binary_praat_file_is_named_as_such(tmp_path):
+    """It was "expected the file type (string), found 'ooBinaryFile...'", which says neither
+    what the file is nor what to do."""
+    path = tmp_path / "x.TextGrid"
+    path.write_bytes(b"ooBinaryFile\x08TextGrid\x00\x00\x00\x00\x00\x00\x00\x00")
+    with pytest.raises(TextGridError, match=r"x.TextGrid: a binary Praat file \(it starts with "
+                                            r"b'ooBinaryFile'\), not a text TextGrid; save it "
+                                            r"from Praat with \"Save as text file\""):
+        read_textgrid(path)
+
+
 def test_interval_ending_before_start(tmp_path):
     path = tmp_path / "x.TextGrid"
     path.write_text(LONG.replace("xmax = 0.42", "xmax = -1", 1))
