@@ -153,6 +153,10 @@ def read_storycloze(path: str | Path) -> list[dict]:
         missing = [c for c in needed if c not in header]
         if missing:
             raise ItemError(f"{path}: not a StoryCloze CSV, missing columns {missing}")
+        repeated = [c for c in needed if header.count(c) > 1]
+        if repeated:  # each row's last such field was read, silently
+            raise ItemError(f"{path}:1: the header names the columns {repeated} more than once; "
+                            f"keep one of each")
         records = []
         for number, values in _rows_by_first_line(reader, path):
             if any(v.strip() for v in values[len(header):]):  # an empty one: a trailing comma

@@ -155,6 +155,12 @@ def test_malformed_storycloze_rows_are_refused(tmp_path):
                                         r"\['InputSentence2', 'RandomFifthSentenceQuiz2'\]"):
         read_storycloze(write_cloze(tmp_path / "empty.csv", ["s1,a.,b.,c.,d.,e.,f.,1",
                                                              "s2,a., ,c.,d.,e.,,1"]))
+    # the last AnswerRightEnding of each row was its label, silently
+    twice = tmp_path / "twice.csv"
+    twice.write_text(CLOZE_HEADER.rstrip("\n") + ",AnswerRightEnding\ns1,a.,b.,c.,d.,e.,f.,1,2\n")
+    with pytest.raises(ItemError, match=r"twice.csv:1: the header names the columns "
+                                        r"\['AnswerRightEnding'\] more than once; keep one"):
+        read_storycloze(twice)
 
 
 @pytest.mark.parametrize(("ids", "message"), [
