@@ -154,14 +154,14 @@ def _check_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.frame_rate) and args.frame_rate > 0):
         raise SystemExit(f"--frame-rate must be a positive number of unit frames per second "
                          f"(HuBERT's is 25), got {args.frame_rate}")
+    if args.num_units < 1:
+        raise SystemExit(f"--num-units is the speech codebook size (HuBERT's 500 clusters and 2 "
+                         f"spare slots: 502), at least 1; got {args.num_units}")
     if args.input_format == "textgrid":
         try:  # a codebook larger than --num-units, another frame rate: before any work
             check_units_fit(args.units_dir, args.num_units, args.frame_rate)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
-    if args.num_units < 1:
-        raise SystemExit(f"--num-units is the speech codebook size (HuBERT's 500 clusters and 2 "
-                         f"spare slots: 502), at least 1; got {args.num_units}")
     if args.workers < 1 or args.chunk_size < 1 or args.log_interval < 1:
         raise SystemExit("--workers, --chunk-size and --log-interval must be at least 1")
 
