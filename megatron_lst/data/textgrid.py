@@ -151,6 +151,15 @@ class _Cursor:
                                     f"the words of one utterance: split the file, or rename "
                                     f"one of the tiers")
 
+    def refuse_uncounted(self, tier: str, size: int, what: str) -> None:
+        """Refuse a tier whose count `size` is smaller than the `what` (intervals or points) it
+        holds: after its last counted one comes a number (the next one's time), not the next
+        tier's class or the end of the file. Read as it stood, the rest was left out silently."""
+        if self.pos < len(self.tokens) and self.tokens[self.pos].kind == "number":
+            raise TextGridError(f"{self.path}:{self.tokens[self.pos].line}: tier {tier!r} says it "
+                                f"holds {size} {what} but more follow; fix its size (intervals: "
+                                f"size = N in the long format)")
+
     def line(self) -> int:
         return self.tokens[min(self.pos, len(self.tokens) - 1)].line if self.tokens else 1
 
@@ -199,6 +208,7 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
                     raise TextGridError(f"{path}:{line}: interval [{start}, {end}] of tier "
                                         f"{name!r} ends before it starts")
                 intervals.append(Interval(start, end, label))
+            cursor.refuse_uncounted(name, size, "intervals")
             if name == tier:
                 cursor.refuse_another_tier(tier, len(names))
                 return intervals
@@ -206,6 +216,7 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
             for _ in range(size):
                 cursor.number("a point's time")
                 cursor.string("a point's mark")
+            cursor.refuse_uncounted(name, size, "points")
             if name == tier:
                 raise TextGridError(f"{path}: tier {tier!r} is a point tier (TextTier); "
                                     f"word alignments need an interval tier")
