@@ -94,6 +94,16 @@ def test_training_is_deterministic(tmp_path):
     assert load_text_tokenizer(a).sha256 == load_text_tokenizer(b).sha256
 
 
+def test_a_sentence_longer_than_sentencepiece_reads_by_default_is_trained_on(tmp_path):
+    """SentencePiece skips every sentence of more than 4192 bytes, silently: a text JSONL story on
+    one line was left out, so its words came out as byte pieces."""
+    story = " ".join(["zebra"] * 1000)  # 5999 bytes, the corpus's only "z"
+    tokenizer = load_text_tokenizer(
+        train_sentencepiece(_tiny_corpus() + [story], tmp_path / "m.model", 300))
+    pieces = [tokenizer._sp.id_to_piece(i) for i in tokenizer.encode("zebra")]
+    assert not any(piece.startswith("<0x") for piece in pieces), pieces
+
+
 def test_training_over_a_model_when_the_disk_fills_keeps_that_model(tmp_path, disk_full_at):
     """The model was written over the old one: a disk that filled part way left a model cut
     short in its place (and the tool stopped with a traceback)."""
