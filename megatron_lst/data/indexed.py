@@ -191,9 +191,11 @@ def _refuse_empty_bin(prefix: str) -> None:
 
 
 def _vocab_disagreements(vocab: JointVocab, manifest: Manifest) -> list[str]:
-    """How the vocabulary layout of `manifest` disagrees with the tokenizer (size, digest) and the
-    codebook size the manifest records beside it, one phrase each; empty when it agrees
-    (tools/preprocess_data.py writes them from one tokenizer and one --num-units)."""
+    """How the vocabulary layout of `manifest` disagrees with the tokenizer (size, digest,
+    word-boundary piece) and the codebook size the manifest records beside it, one phrase each;
+    empty when it agrees (tools/preprocess_data.py writes them from one tokenizer and one
+    --num-units, and a word-boundary piece is never a special id: an EOS as the piece between
+    two blocks would end the document there in a packed row)."""
     tokenizer = manifest.tokenizer
     found = []
     if vocab.text_size != tokenizer.vocab_size:
@@ -204,6 +206,10 @@ def _vocab_disagreements(vocab: JointVocab, manifest: Manifest) -> list[str]:
     if vocab.tokenizer_sha256 is not None and vocab.tokenizer_sha256 != tokenizer.sha256:
         found.append(f"vocab tokenizer_sha256 {vocab.tokenizer_sha256[:12]}..., tokenizer sha256 "
                      f"{tokenizer.sha256[:12]}...")
+    specials = {vocab.pad_id: "pad_id", vocab.bos_id: "bos_id", vocab.eos_id: "eos_id"}
+    if tokenizer.space_id in specials:  # interleaving puts it inside documents
+        found.append(f"tokenizer space_id {tokenizer.space_id}, vocab "
+                     f"{specials[tokenizer.space_id]} {tokenizer.space_id}")
     return found
 
 

@@ -306,6 +306,7 @@ def test_a_hand_edited_manifest_is_refused_by_name(aligned_store, section, key, 
     (lambda raw: raw.update(num_units=502), r"vocab num_units 20, num_units 502"),
     (lambda raw: raw["vocab"].update(tokenizer_sha256="0" * 64),
      r"vocab tokenizer_sha256 000000000000\.\.\., tokenizer sha256 [0-9a-f]{12}\.\.\."),
+    (lambda raw: raw["tokenizer"].update(space_id=2), r"tokenizer space_id 2, vocab eos_id 2"),
 ])
 def test_a_manifest_that_contradicts_itself_is_refused(aligned_store, tokenizer, edit, message):
     """Each field reads well alone, but the vocabulary layout disagrees with the tokenizer or
