@@ -289,7 +289,8 @@ def _read_utf8(path: Path, item_id: str) -> str:
 
 def _check_output(output: Path, source: Path, units_dir: str | None) -> None:
     """Refuse, before reading anything, an --output that cannot be an items file or that names an
-    input the items would overwrite (the benchmark file, a file of --units-dir)."""
+    input the items would overwrite (the benchmark file, a file of --units-dir), and a --units-dir
+    that is no directory."""
     if not output.parent.is_dir():
         raise ItemError(f"--output {output}: directory {output.parent} does not exist; create it "
                         f"or write elsewhere")
@@ -299,6 +300,12 @@ def _check_output(output: Path, source: Path, units_dir: str | None) -> None:
     if output.resolve() == source.resolve():
         raise ItemError(f"--output {output} is the benchmark file being imported, which it would "
                         f"overwrite; write the items to another file")
+    if units_dir is not None and not Path(units_dir).is_dir():  # each item's files were missed
+        raise ItemError(f"--units-dir {units_dir}: "
+                        + ("not a directory" if Path(units_dir).exists() else "no such directory")
+                        + "; give the folder that holds <item id>/context.units and "
+                          "<item id>/ending<k>.units, or leave --units-dir out for text-only "
+                          "items")
     if (units_dir is not None and output.exists()
             and output.resolve().is_relative_to(Path(units_dir).resolve())):
         raise ItemError(f"--output {output} is a file of --units-dir {units_dir}, which the items "

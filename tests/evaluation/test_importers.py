@@ -179,6 +179,18 @@ def test_ids_that_lst_eval_or_a_units_folder_cannot_tell_apart_are_refused(tmp_p
     assert not output.exists()
 
 
+@pytest.mark.parametrize("make, problem", [(lambda path: None, "no such directory"),
+                                           (lambda path: path.write_text(""), "not a directory")])
+def test_a_units_dir_that_is_no_directory_is_named(tmp_path, capsys, make, problem):
+    """It was "item 's1': no unit file units/s1/context.units", as if one item lacked its files."""
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
+    make(tmp_path / "units")
+    assert import_main(["storycloze", str(cloze), "--units-dir", str(tmp_path / "units"),
+                        "--output", str(tmp_path / "items.jsonl")]) == 2
+    assert f"--units-dir {tmp_path / 'units'}: {problem}; give the folder" in capsys.readouterr().err
+    assert not (tmp_path / "items.jsonl").exists()
+
+
 def test_import_refuses_an_output_that_would_overwrite_a_unit_file(tmp_path, capsys):
     """An --output naming a file of --units-dir was overwritten by the items (its units lost);
     a new file there is harmless and still written."""
