@@ -134,6 +134,11 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.input:
             raise SystemExit("--input-format textgrid reads --textgrid-dir/--units-dir, "
                              "not --input")
+        for flag, folder in (("--textgrid-dir", args.textgrid_dir),
+                             ("--units-dir", args.units_dir)):
+            if not folder.is_dir():  # else every utterance was refused (or, --skip-bad, skipped)
+                raise SystemExit(f"{flag} {folder}: "
+                                 + ("not a directory" if folder.exists() else "no such directory"))
     elif not args.input:
         raise SystemExit(f"--input-format {args.input_format} needs --input")
     for number, path in enumerate(args.input):

@@ -332,6 +332,16 @@ def test_argument_errors(tmp_path, spm):
     with pytest.raises(SystemExit, match="needs --textgrid-dir and --units-dir"):
         preprocess.main(["--input-format", "textgrid", "--tokenizer-model", str(spm),
                          "--output-prefix", str(tmp_path / "x")])
+    # every utterance was refused for its unit file (with --skip-bad: "no documents to write")
+    (tmp_path / "grids").mkdir()
+    (tmp_path / "grids.txt").write_text("")
+    for grids, units, message in (("grids", "units", r"--units-dir .*units: no such directory$"),
+                                  ("grids.txt", "grids", r"--textgrid-dir .*grids.txt: not a "
+                                                         r"directory$")):
+        with pytest.raises(SystemExit, match=message):
+            preprocess.main(["--input-format", "textgrid", "--textgrid-dir", str(tmp_path / grids),
+                             "--units-dir", str(tmp_path / units), "--tokenizer-model", str(spm),
+                             "--output-prefix", str(tmp_path / "x"), "--skip-bad"])
     with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
         preprocess.main(["--input", str(tmp_path / "missing.jsonl"), "--input-format",
                          "text-jsonl", "--tokenizer-model", str(spm), "--output-prefix",
