@@ -253,6 +253,7 @@ class DocumentStore:
                              f"is truncated or not a Megatron index (re-run "
                              f"tools/preprocess_data.py)") from error
         self._validate()
+        self._tokens = self._pinned_tokens()  # [tokens] int32, the .bin
 
     def _manifest_vocab(self) -> JointVocab:
         """The manifest's vocabulary layout, which must agree with the tokenizer and codebook
@@ -335,19 +336,32 @@ class DocumentStore:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"document {i} out of range for {n} documents in {self.prefix}")
-        i = int(i) % n
-        if self.kind == "text":
-            return self._pinned(self._dataset[i])
-        parts = (self._pinned(part) for part in self._dataset[4 * i: 4 * i + 4])
-        return AlignedDocument(*parts)
+        first = self._per_doc * (int(i) % n)  # the document's sequences, back to back (checked)
+        start = int(self._dataset.index.sequence_pointers[first]) // np.dtype(_DTYPE).itemsize
+        parts = []
+        for length in self._dataset.index.sequence_lengths[first:first + self._per_doc].tolist():
+            parts.append(self._tokens[start:start + length])
+            start += length
+        return parts[0] if self.kind == "text" else AlignedDocument(*parts)
 
-    def _pinned(self, view: np.ndarray) -> np.ndarray:
-        """`view` (of the mapped `.bin`) as an array that holds this store's reader alive.
-        megatron.core unmaps the `.bin` when its reader is collected, whatever views of it
-        remain (numpy holds no buffer export that would stop it): a document read from a store
-        that was then dropped (`DocumentStore(prefix)[0]`) crashed the interpreter (SIGSEGV)
-        when read."""
-        return np.asarray(_MappedView(view, self._dataset))
+    def _pinned_tokens(self) -> np.ndarray:
+        """[tokens] int32: the whole mapped `.bin`, as an array that holds this store's reader
+        alive; documents are slices of it. megatron.core unmaps the `.bin` when its reader is
+        collected, whatever views of it remain (numpy holds no buffer export that would stop
+        it): a document read from a store that was then dropped (`DocumentStore(prefix)[0]`)
+        crashed the interpreter (SIGSEGV) when read."""
+        tokens = os.path.getsize(get_bin_path(self.prefix)) // np.dtype(_DTYPE).itemsize
+        return np.asarray(_MappedView(self._dataset.bin_reader.read(_DTYPE, tokens, 0),
+                                      self._dataset))
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_tokens"]  # a view of the mapping: pickled, it would be a copy of the .bin
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)  # the IndexedDataset maps the .bin again
+        self._tokens = self._pinned_tokens()
 
     def describe(self, i: int) -> str:
         """Where document `i` is stored, for error messages."""
