@@ -128,6 +128,16 @@ def test_a_document_outlives_the_store_it_was_read_from(tmp_path, tokenizer, kin
     assert reader() is None  # the mapping goes with the last document read from it
 
 
+
+def test_a_pickled_store_maps_its_bin_again_instead_of_copying_it(tmp_path, tokenizer):
+    """DataLoader workers receive the store pickled: the array of the mapped .bin documents are
+    read from must not travel with it (4 MB of ids here)."""
+    _write(tmp_path / "big", "text", [np.full(1 << 20, 5, dtype=np.int32)], tokenizer)
+    copy = pickle.loads(pickle.dumps(DocumentStore(tmp_path / "big")))
+    assert len(pickle.dumps(copy)) < 1 << 16
+    assert copy[0].sum() == 5 << 20 and not copy[0].flags.writeable  # a view of its own mapping
+
+
 def test_truncated_bin(aligned_store):
     prefix, _ = aligned_store
     bin_path = prefix.with_name(prefix.name + ".bin")
