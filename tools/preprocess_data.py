@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import functools
 import math
 import os
@@ -132,6 +134,11 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.input:
             raise SystemExit("--input-format textgrid reads --textgrid-dir/--units-dir, "
                              "not --input")
+        for flag, folder in (("--textgrid-dir", args.textgrid_dir),
+                             ("--units-dir", args.units_dir)):
+            if not folder.is_dir():  # else every utterance was refused (or, --skip-bad, skipped)
+                raise SystemExit(f"{flag} {folder}: "
+                                 + ("not a directory" if folder.exists() else "no such directory"))
     elif not args.input:
         raise SystemExit(f"--input-format {args.input_format} needs --input")
     for number, path in enumerate(args.input):
@@ -152,6 +159,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.frame_rate) and args.frame_rate > 0):
         raise SystemExit(f"--frame-rate must be a positive number of unit frames per second "
                          f"(HuBERT's is 25), got {args.frame_rate}")
+    if args.num_units < 1:
+        raise SystemExit(f"--num-units is the speech codebook size (HuBERT's 500 clusters and 2 "
+                         f"spare slots: 502), at least 1; got {args.num_units}")
     if args.input_format == "textgrid":
         try:  # a codebook larger than --num-units, another frame rate: before any work
             check_units_fit(args.units_dir, args.num_units, args.frame_rate)
@@ -242,42 +252,85 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     kind = "text" if args.input_format == "text-jsonl" else "aligned"
 
     partial = args.output_prefix + ".partial"
-    writer = DocumentWriter(partial, kind)
-    add = writer.add_text if kind == "text" else writer.add_aligned
     counts, report = Counts(), ReadReport()
     start = time.perf_counter()
-    try:
-        progress = Progress(total, unit, args.log_interval)
-        with _parsing_workers(args.workers) as pool, contextlib.closing(progress):
-            for chunk, result in _results(chunks, options, pool, args.workers):
-                for document in result.documents:
-                    add(document)
-                counts.add(result.counts)
-                report.bad_skipped += result.report.bad_skipped
-                report.examples += result.report.examples[: report.MAX_EXAMPLES
-                                                          - len(report.examples)]
-                progress.update(chunk.size, len(result.documents))
-        manifest = Manifest(
-            kind=kind, vocab=vocab.to_dict(),
-            tokenizer=TokenizerInfo(str(args.tokenizer_model), tokenizer.sha256,
-                                    tokenizer.vocab_size, tokenizer.space_id),
-            num_units=args.num_units,
-            frame_rate=None if kind == "text" else args.frame_rate,
-            counts=counts, sources=sources)
-        writer.finalize(manifest)
-    except BaseException:
-        writer.abort()
-        raise
-    try:
-        _publish(partial, args.output_prefix)
-    except KeyboardInterrupt:
-        raise Interrupted(_publish_stopped(partial, args.output_prefix)) from None
+    with _sole_writer(args.output_prefix):
+        writer = DocumentWriter(partial, kind)
+        add = writer.add_text if kind == "text" else writer.add_aligned
+        try:
+            progress = Progress(total, unit, args.log_interval)
+            with _parsing_workers(args.workers) as pool, contextlib.closing(progress):
+                for chunk, result in _results(chunks, options, pool, args.workers):
+                    for document in result.documents:
+                        add(document)
+                    counts.add(result.counts)
+                    report.bad_skipped += result.report.bad_skipped
+                    report.examples += result.report.examples[: report.MAX_EXAMPLES
+                                                              - len(report.examples)]
+                    progress.update(chunk.size, len(result.documents))
+            manifest = Manifest(
+                kind=kind, vocab=vocab.to_dict(),
+                tokenizer=TokenizerInfo(str(args.tokenizer_model), tokenizer.sha256,
+                                        tokenizer.vocab_size, tokenizer.space_id),
+                num_units=args.num_units,
+                frame_rate=None if kind == "text" else args.frame_rate,
+                counts=counts, sources=sources)
+            writer.finalize(manifest)
+        except BaseException:
+            writer.abort()
+            raise
+        try:
+            _publish(partial, args.output_prefix)
+        except KeyboardInterrupt:
+            raise Interrupted(_publish_stopped(partial, args.output_prefix)) from None
     try:
         _print_summary(args, counts, report, time.perf_counter() - start)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted after {args.output_prefix}.{{bin,idx,json}} were "
                           f"written whole") from None
     return manifest
+
+
+@contextlib.contextmanager
+def _sole_writer(prefix: str) -> Iterator[None]:
+    """Hold a lock on `PREFIX.partial.lock` while this run writes and publishes the dataset at
+    `prefix`. A second run on the same --output-prefix (a job submitted twice) wrote into the same
+    `PREFIX.partial.*` files, and the dataset published mixed the two runs' bytes: one run's text
+    ids read under the other's index are valid ids of wrong documents. It is refused instead. The
+    lock is the kernel's, so a killed run's goes with it; the file is removed when the run ends.
+    On a filesystem without POSIX locks nothing is locked (a warning says so)."""
+    path = prefix + ".partial.lock"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = _lock_file(path, prefix)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            Path(path).unlink(missing_ok=True)
+            os.close(fd)  # releases the lock
+
+
+def _lock_file(path: str, prefix: str) -> int | None:
+    """A descriptor of `path` holding an exclusive POSIX lock on it (None: this filesystem has
+    no locks). A file the run that held it removed before this one locked it is not the lock any
+    more: the file now at `path` is locked instead."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                raise SystemExit(f"--output-prefix {prefix}: another tools/preprocess_data.py run "
+                                 f"is writing this dataset (it holds the lock {path}); wait for "
+                                 f"it to end, or give this run another --output-prefix") from None
+            print(f"warning: cannot lock {path} ({error.strerror}): nothing stops another run "
+                  f"from writing --output-prefix {prefix} at the same time", file=sys.stderr)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        os.close(fd)
 
 
 class Interrupted(KeyboardInterrupt):

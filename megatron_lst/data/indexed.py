@@ -190,11 +190,45 @@ def _refuse_empty_bin(prefix: str) -> None:
                      f"written (re-run tools/preprocess_data.py)")
 
 
+def _vocab_disagreements(vocab: JointVocab, manifest: Manifest) -> list[str]:
+    """How the vocabulary layout of `manifest` disagrees with the tokenizer (size, digest,
+    word-boundary piece) and the codebook size the manifest records beside it, one phrase each;
+    empty when it agrees (tools/preprocess_data.py writes them from one tokenizer and one
+    --num-units, and a word-boundary piece is never a special id: an EOS as the piece between
+    two blocks would end the document there in a packed row)."""
+    tokenizer = manifest.tokenizer
+    found = []
+    if vocab.text_size != tokenizer.vocab_size:
+        found.append(f"vocab text_size {vocab.text_size}, tokenizer vocab_size "
+                     f"{tokenizer.vocab_size}")
+    if vocab.num_units != manifest.num_units:
+        found.append(f"vocab num_units {vocab.num_units}, num_units {manifest.num_units!r}")
+    if vocab.tokenizer_sha256 is not None and vocab.tokenizer_sha256 != tokenizer.sha256:
+        found.append(f"vocab tokenizer_sha256 {vocab.tokenizer_sha256[:12]}..., tokenizer sha256 "
+                     f"{tokenizer.sha256[:12]}...")
+    specials = {vocab.pad_id: "pad_id", vocab.bos_id: "bos_id", vocab.eos_id: "eos_id"}
+    if tokenizer.space_id in specials:  # interleaving puts it inside documents
+        found.append(f"tokenizer space_id {tokenizer.space_id}, vocab "
+                     f"{specials[tokenizer.space_id]} {tokenizer.space_id}")
+    return found
+
+
+class _MappedView:
+    """The `__array_interface__` of a view of a mapped `.bin`, and the `IndexedDataset` that
+    maps it: numpy keeps this object as the `.base` of the array made from it, so the mapping
+    stays open while the array lives."""
+
+    def __init__(self, view: np.ndarray, dataset: IndexedDataset):
+        self.__array_interface__ = view.__array_interface__
+        self._view, self._dataset = view, dataset
+
+
 class DocumentStore:
     """Random access to the documents at `prefix` (`.bin`, `.idx`, `.json`), validated on open.
 
     `store[i]` is an `AlignedDocument` (kind "aligned") or an int32 array of text ids (kind
-    "text"); arrays are read-only views of the memory-mapped `.bin`.
+    "text"); arrays are read-only views of the memory-mapped `.bin`, each holding the mapping
+    open while it lives.
     """
 
     def __init__(self, prefix: str | Path):
@@ -219,13 +253,23 @@ class DocumentStore:
                              f"is truncated or not a Megatron index (re-run "
                              f"tools/preprocess_data.py)") from error
         self._validate()
+        self._tokens = self._pinned_tokens()  # [tokens] int32, the .bin
 
     def _manifest_vocab(self) -> JointVocab:
+        """The manifest's vocabulary layout, which must agree with the tokenizer and codebook
+        the manifest records beside it."""
+        path = Manifest.path_for(self.prefix)
         try:
-            return JointVocab.from_dict(self.manifest.vocab)
+            vocab = JointVocab.from_dict(self.manifest.vocab)
         except VocabularyError as error:
-            raise ManifestError(f"{Manifest.path_for(self.prefix)}: unreadable vocabulary "
-                                f"({error}); re-run tools/preprocess_data.py") from None
+            raise ManifestError(f"{path}: unreadable vocabulary ({error}); re-run "
+                                f"tools/preprocess_data.py") from None
+        disagreements = _vocab_disagreements(vocab, self.manifest)
+        if disagreements:
+            raise ManifestError(f"{path}: contradicts itself ({'; '.join(disagreements)}): the "
+                                f"manifest was edited or damaged, and which of its fields the "
+                                f"ids were made with is unknown; re-run tools/preprocess_data.py")
+        return vocab
 
     def _validate(self) -> None:
         """The index against itself, the `.bin` and the manifest, in blocks of
@@ -292,11 +336,32 @@ class DocumentStore:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"document {i} out of range for {n} documents in {self.prefix}")
-        i = int(i) % n
-        if self.kind == "text":
-            return self._dataset[i]
-        text_ids, unit_ids, seg_text_len, seg_unit_len = self._dataset[4 * i: 4 * i + 4]
-        return AlignedDocument(text_ids, unit_ids, seg_text_len, seg_unit_len)
+        first = self._per_doc * (int(i) % n)  # the document's sequences, back to back (checked)
+        start = int(self._dataset.index.sequence_pointers[first]) // np.dtype(_DTYPE).itemsize
+        parts = []
+        for length in self._dataset.index.sequence_lengths[first:first + self._per_doc].tolist():
+            parts.append(self._tokens[start:start + length])
+            start += length
+        return parts[0] if self.kind == "text" else AlignedDocument(*parts)
+
+    def _pinned_tokens(self) -> np.ndarray:
+        """[tokens] int32: the whole mapped `.bin`, as an array that holds this store's reader
+        alive; documents are slices of it. megatron.core unmaps the `.bin` when its reader is
+        collected, whatever views of it remain (numpy holds no buffer export that would stop
+        it): a document read from a store that was then dropped (`DocumentStore(prefix)[0]`)
+        crashed the interpreter (SIGSEGV) when read."""
+        tokens = os.path.getsize(get_bin_path(self.prefix)) // np.dtype(_DTYPE).itemsize
+        return np.asarray(_MappedView(self._dataset.bin_reader.read(_DTYPE, tokens, 0),
+                                      self._dataset))
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_tokens"]  # a view of the mapping: pickled, it would be a copy of the .bin
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)  # the IndexedDataset maps the .bin again
+        self._tokens = self._pinned_tokens()
 
     def describe(self, i: int) -> str:
         """Where document `i` is stored, for error messages."""

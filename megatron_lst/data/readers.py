@@ -13,7 +13,8 @@ comes with its source location (`file:line`, or the utterance's files). A bad in
 `DocumentError` naming that location; with `skip_bad=True` it is skipped and counted instead
 in the `ReadReport` passed in, which keeps the first messages.
 
-Blank lines in JSONL files are not documents and are passed over silently.
+Blank lines in JSONL files are not documents and are passed over silently; a byte-order mark
+at the start of a file is dropped.
 """
 
 from __future__ import annotations
@@ -249,9 +250,17 @@ def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
     return ids, Counts(documents=1, words=len(text.split()), text_pieces=len(ids))
 
 
+def open_corpus_lines(path: str | Path):
+    """A corpus file (JSONL, or plain text for tools/train_tokenizer.py) opened for its lines: a
+    leading byte-order mark (what Windows editors and some exporters write) is dropped, else the
+    first line would not read as JSON, or its first word would begin with U+FEFF; a byte that is
+    not UTF-8 is kept as a surrogate (U+DC80..U+DCFF), for the caller to name with its line."""
+    return open(path, encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115
+
+
 def _read_lines(path: Path, parse, skip_bad: bool, report: ReadReport | None
                 ) -> Iterator[SourceDocument]:
-    with open(path, encoding="utf-8", errors="surrogateescape") as lines:
+    with open_corpus_lines(path) as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -550,7 +559,7 @@ class ChunkResult:
 def line_chunks(paths: list[str], chunk_size: int) -> Iterator[Chunk]:
     """The non-blank lines of `paths`, in order, `chunk_size` lines at a time."""
     for path in paths:
-        with open(path, encoding="utf-8", errors="surrogateescape") as lines:
+        with open_corpus_lines(path) as lines:
             chunk: list[tuple[int, str]] = []
             for number, line in enumerate(lines, 1):
                 if line.strip():

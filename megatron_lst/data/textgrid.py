@@ -9,7 +9,8 @@
 Both formats are the same stream of values (numbers, quoted strings, `<exists>` flags) with or
 without labels around them, so one tokenizer that drops labels and `[n]` indices reads both, as
 Praat's own reader does. Strings escape `"` as `""`. Files may be UTF-8 or UTF-16 (with a BOM, as
-Praat writes it, or without: the `File type` the file starts with tells the byte order).
+Praat writes it, or without: the `File type` the file starts with tells the byte order). Praat's
+binary format is refused, naming it.
 
 `write_textgrid` writes the long format, which Praat and MFA read.
 """
@@ -65,6 +66,8 @@ class _Token:
     line: int
 
 
+# Praat's binary format ("Save as binary file"), which this reader does not read.
+_PRAAT_BINARY = b"ooBinaryFile"
 # A TextGrid starts with `File type`; in UTF-16 without a byte-order mark, that tells the order.
 _UTF16_WITHOUT_MARK = {"File".encode(order): order for order in ("utf-16-le", "utf-16-be")}
 
@@ -148,6 +151,15 @@ class _Cursor:
                                     f"the words of one utterance: split the file, or rename "
                                     f"one of the tiers")
 
+    def refuse_uncounted(self, tier: str, size: int, what: str) -> None:
+        """Refuse a tier whose count `size` is smaller than the `what` (intervals or points) it
+        holds: after its last counted one comes a number (the next one's time), not the next
+        tier's class or the end of the file. Read as it stood, the rest was left out silently."""
+        if self.pos < len(self.tokens) and self.tokens[self.pos].kind == "number":
+            raise TextGridError(f"{self.path}:{self.tokens[self.pos].line}: tier {tier!r} says it "
+                                f"holds {size} {what} but more follow; fix its size (intervals: "
+                                f"size = N in the long format)")
+
     def line(self) -> int:
         return self.tokens[min(self.pos, len(self.tokens) - 1)].line if self.tokens else 1
 
@@ -159,7 +171,12 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
     listing the tiers present when `tier` is missing, and naming a second tier of its name.
     """
     path = Path(path)
-    cursor = _Cursor(path, _decode(path, path.read_bytes()))
+    raw = path.read_bytes()
+    if raw.startswith(_PRAAT_BINARY):  # read as text, its first bytes were "expected" a string
+        raise TextGridError(f"{path}: a binary Praat file (it starts with {_PRAAT_BINARY!r}), not "
+                            f"a text TextGrid; save it from Praat with \"Save as text file\" "
+                            f"(the long text format, as MFA writes it)")
+    cursor = _Cursor(path, _decode(path, raw))
     # "ooTextFile short": what older Praat, the Penn Phonetics Lab Forced Aligner and praatio
     # write on short-format files (whose next line is often just "TextGrid").
     if cursor.string("the file type") not in ("ooTextFile", "ooTextFile short"):
@@ -191,6 +208,7 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
                     raise TextGridError(f"{path}:{line}: interval [{start}, {end}] of tier "
                                         f"{name!r} ends before it starts")
                 intervals.append(Interval(start, end, label))
+            cursor.refuse_uncounted(name, size, "intervals")
             if name == tier:
                 cursor.refuse_another_tier(tier, len(names))
                 return intervals
@@ -198,6 +216,7 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
             for _ in range(size):
                 cursor.number("a point's time")
                 cursor.string("a point's mark")
+            cursor.refuse_uncounted(name, size, "points")
             if name == tier:
                 raise TextGridError(f"{path}: tier {tier!r} is a point tier (TextTier); "
                                     f"word alignments need an interval tier")

@@ -86,12 +86,14 @@ def read_hellaswag(path: str | Path) -> list[dict]:
         if not all(isinstance(part, str) for part in parts):
             raise ItemError(f"{where}: \"ctx\", \"ctx_a\" and \"ctx_b\" must be strings, got "
                             f"{parts!r}")
-        context = row.get("ctx") or " ".join(
-            part for part in (row.get("ctx_a", ""), row.get("ctx_b", "")) if part)
-        if not context or "endings" not in row or "label" not in row:
+        if not any(parts) or "endings" not in row or "label" not in row:
             raise ItemError(f"{where}: a HellaSwag line needs \"ctx\" (or \"ctx_a\"/\"ctx_b\"), "
                             f"\"endings\" and \"label\" (the unlabelled test split cannot be "
                             f"scored)")
+        context = _hellaswag_context(row)
+        if not context:  # written, then refused by lst-eval naming the items file instead
+            raise ItemError(f"{where}: the context (\"ctx\", or \"ctx_a\" and \"ctx_b\") holds "
+                            f"only whitespace; fill it in or leave the line out")
         endings = row["endings"]
         if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
             raise ItemError(f"{where}: \"endings\" must be a list of strings, got {endings!r}")
@@ -111,10 +113,18 @@ def read_hellaswag(path: str | Path) -> list[dict]:
             raise ItemError(f"{where}: \"ind\" {item_id!r} is not an item id (an integer or a "
                             f"string); fix it or leave \"ind\" out to number the lines")
         item_id = str(item_id)
-        records.append({"id": item_id, "context": {"text": context.strip()},
+        records.append({"id": item_id, "context": {"text": context},
                         "endings": [{"text": e.strip()} for e in endings],
                         "label": _hellaswag_label(row["label"], len(endings), where)})
     return records
+
+
+def _hellaswag_context(row: dict) -> str:
+    """The context of a HellaSwag row, stripped: its "ctx", else its "ctx_a" and "ctx_b" joined
+    by a space ("" when they hold only whitespace)."""
+    context = (row.get("ctx") or "").strip()
+    return context or " ".join(part.strip() for part in (row.get("ctx_a"), row.get("ctx_b"))
+                               if part and part.strip())
 
 
 def _hellaswag_label(label, num_endings: int, where: str) -> int:
@@ -143,6 +153,10 @@ def read_storycloze(path: str | Path) -> list[dict]:
         missing = [c for c in needed if c not in header]
         if missing:
             raise ItemError(f"{path}: not a StoryCloze CSV, missing columns {missing}")
+        repeated = [c for c in needed if header.count(c) > 1]
+        if repeated:  # each row's last such field was read, silently
+            raise ItemError(f"{path}:1: the header names the columns {repeated} more than once; "
+                            f"keep one of each")
         records = []
         for number, values in _rows_by_first_line(reader, path):
             if any(v.strip() for v in values[len(header):]):  # an empty one: a trailing comma
@@ -238,6 +252,11 @@ def _read_units(base: Path, item_id: str) -> dict:
             if len(fields) != 2 or not (fields[1].isascii() and fields[1].isdigit()):
                 raise ItemError(f"item {item_id!r}: {align}:{number} must be \"word n_units\"")
             segments.append([fields[0], int(fields[1])])
+        covered = sum(count for _, count in segments)
+        if covered != len(part["units"]):  # written, then refused by lst-eval naming the items
+            raise ItemError(f"item {item_id!r}: {align} aligns {covered} units but {path} holds "
+                            f"{len(part['units'])}; its \"word n_units\" lines must sum to the "
+                            f"units (align the words again, or remove the .align file)")
         part["segments"] = segments
     return part
 
@@ -270,7 +289,8 @@ def _read_utf8(path: Path, item_id: str) -> str:
 
 def _check_output(output: Path, source: Path, units_dir: str | None) -> None:
     """Refuse, before reading anything, an --output that cannot be an items file or that names an
-    input the items would overwrite (the benchmark file, a file of --units-dir)."""
+    input the items would overwrite (the benchmark file, a file of --units-dir), and a --units-dir
+    that is no directory."""
     if not output.parent.is_dir():
         raise ItemError(f"--output {output}: directory {output.parent} does not exist; create it "
                         f"or write elsewhere")
@@ -280,6 +300,12 @@ def _check_output(output: Path, source: Path, units_dir: str | None) -> None:
     if output.resolve() == source.resolve():
         raise ItemError(f"--output {output} is the benchmark file being imported, which it would "
                         f"overwrite; write the items to another file")
+    if units_dir is not None and not Path(units_dir).is_dir():  # each item's files were missed
+        raise ItemError(f"--units-dir {units_dir}: "
+                        + ("not a directory" if Path(units_dir).exists() else "no such directory")
+                        + "; give the folder that holds <item id>/context.units and "
+                          "<item id>/ending<k>.units, or leave --units-dir out for text-only "
+                          "items")
     if (units_dir is not None and output.exists()
             and output.resolve().is_relative_to(Path(units_dir).resolve())):
         raise ItemError(f"--output {output} is a file of --units-dir {units_dir}, which the items "

@@ -110,11 +110,30 @@ def text_lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8-sig").split("\n")
 
 
+class _RepeatedKey(Exception):
+    """An object of a JSON line names one key twice (raised inside `json.loads`)."""
+
+
+def _object_of_unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict, refusing a key given twice: json.loads keeps the last silently,
+    so `{"label": 0, ..., "label": 1}` was scored against whichever came last."""
+    record = {}
+    for key, value in pairs:
+        if key in record:
+            raise _RepeatedKey(key)
+        record[key] = value
+    return record
+
+
 def json_line(line: str, where: str, what: str) -> object:
     """The JSON value of one line of a JSONL file; an ItemError naming `where` (file:line) when
-    the line is not JSON or is JSON that Python refuses to read as `what`."""
+    the line is not JSON, repeats a key in one object, or is JSON that Python refuses to read as
+    `what`."""
     try:
-        return json.loads(line)
+        return json.loads(line, object_pairs_hook=_object_of_unique_keys)
+    except _RepeatedKey as err:
+        raise ItemError(f"{where}: the key {err.args[0]!r} appears twice in one object (JSON "
+                        f"would keep the last one silently); keep one") from None
     except json.JSONDecodeError as err:
         raise ItemError(f"{where}: not a JSON object ({err.msg} at column {err.colno})") from None
     except RecursionError:

@@ -228,11 +228,16 @@ def train_sentencepiece(sentences: Iterable[str], model_path: str | Path, vocab_
     """Train a SentencePiece BPE with Llama-2's settings and write it to `model_path`.
 
     Byte fallback, split digits, a dummy prefix and no whitespace normalization (so word-by-word
-    encoding equals encoding the run), unk 0 / bos 1 / eos 2, no pad piece. One thread, the input
+    encoding equals encoding the run), unk 0 / bos 1 / eos 2, no pad piece, and sentences of any
+    length (SentencePiece skips those over 4192 bytes by default). One thread, the input
     order as given and no output path inside the model make the file's bytes a function of the
     sentences and `vocab_size` alone. The file at `model_path` is replaced atomically. Raises `VocabSizeError` (with the largest size the text
-    allows) when the text cannot give `vocab_size` pieces.
+    allows) when the text cannot give `vocab_size` pieces, and VocabularyError for a size below 1
+    or too small for the text's characters.
     """
+    if vocab_size < 1:  # SentencePiece's own check is a RuntimeError naming its source line
+        raise VocabularyError(f"vocabulary size {vocab_size} is not a number of pieces; pass a "
+                              f"positive one")
     sentences = list(sentences)  # trained on twice when the size is too large
     try:
         model = _train_bpe(sentences, vocab_size, hard_limit=True)
@@ -271,9 +276,22 @@ def _train_bpe(sentences: list[str], vocab_size: int, hard_limit: bool) -> bytes
         character_coverage=0.99995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         num_threads=1, shuffle_input_sentence=False, input_sentence_size=0,
         minloglevel=2,
-        # Only the soft limit is spelled out: the default leaves the model's bytes as they were.
-        **({} if hard_limit else {"hard_vocab_limit": False}))
+        # Only the soft limit and a longer sentence limit are spelled out: the defaults leave
+        # the model's bytes as they were.
+        **({} if hard_limit else {"hard_vocab_limit": False}), **_sentence_limit(sentences))
     return model.getvalue()
+
+
+# SentencePiece's default `max_sentence_length`: it skips, silently, every sentence of more bytes.
+_SENTENCEPIECE_SENTENCE_BYTES = 4192
+
+
+def _sentence_limit(sentences: list[str]) -> dict:
+    """SentencePiece's `max_sentence_length` for `sentences`, when one is longer than its default:
+    a text JSONL document of more than 4192 bytes (a story on one line) was left out of the
+    training without a word, and its words with it."""
+    longest = max((len(s.encode("utf-8", "surrogatepass")) for s in sentences), default=0)
+    return {"max_sentence_length": longest} if longest > _SENTENCEPIECE_SENTENCE_BYTES else {}
 
 
 def _piece_count(model: bytes) -> int:

@@ -233,6 +233,12 @@ def _refuse_a_command_line_in_one_string(action: argparse.Action, value: Any, wh
                       f"item of a list")
 
 
+def _type_name(kind) -> str:
+    """What a flag of type `kind` takes, as an error says it ("takes an integer", not "a int")."""
+    known = {int: "an integer", float: "a number", str: "text"}
+    return known.get(kind, f"a {getattr(kind, '__name__', kind)}")
+
+
 def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
     if isinstance(value, (list, tuple, Mapping)):
         raise ConfigError(f"{where}: nested value {value!r} is not a flag value")
@@ -249,10 +255,8 @@ def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
     except argparse.ArgumentTypeError as error:  # the flag's own type says what is wrong
         raise ConfigError(f"{where}: {long_flag(action)}: {error}") from None
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(
-            f"{where}: {long_flag(action)} takes a {getattr(kind, '__name__', kind)}, got "
-            f"{value!r}"
-        ) from None
+        raise ConfigError(f"{where}: {long_flag(action)} takes {_type_name(kind)}, got {value!r}"
+                          ) from None
     if action.choices is not None and converted not in action.choices:
         raise ConfigError(f"{where}: {converted!r} is not one of {list(action.choices)}")
     return converted

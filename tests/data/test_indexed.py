@@ -2,6 +2,7 @@ import gc
 import json
 import pickle
 import random
+import weakref
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from megatron_lst.tokenizer.text_tokenizer import (
     load_text_tokenizer,
     train_sentencepiece,
 )
-from megatron_lst.tokenizer.vocab import VocabularyError
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
 WORDS = "the a of and to in is it speech text model unit word hello world time".split()
 NUM_UNITS = 20
@@ -98,6 +99,43 @@ def test_text_round_trip(tmp_path, tokenizer):
     for got, want in zip((store[i] for i in range(10)), documents, strict=True):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(store.token_counts(), [len(d) for d in documents])
+
+
+@pytest.mark.parametrize("kind", ["aligned", "text"])
+def test_a_document_outlives_the_store_it_was_read_from(tmp_path, tokenizer, kind):
+    """Documents are views of the mapped .bin, which megatron.core unmaps when its reader is
+    collected: `DocumentStore(prefix)[0]` read after the store was dropped crashed the
+    interpreter (SIGSEGV). The document now holds the mapping open (checked before it is read,
+    so that without that the test fails instead of crashing)."""
+    documents = ([_random_aligned(np.random.default_rng(0)) for _ in range(3)] if kind == "aligned"
+                 else [np.arange(3, 3 + n, dtype=np.int32) for n in (4, 7, 2)])
+    _write(tmp_path / kind, kind, documents, tokenizer)
+    store = DocumentStore(tmp_path / kind)
+    reader = weakref.ref(store._dataset)
+    document = store[1]
+    del store
+    gc.collect()
+    assert reader() is not None, "the document's mapping was closed with its store"
+    parts = (("text_ids", "unit_ids", "seg_text_len", "seg_unit_len") if kind == "aligned"
+             else (None,))
+    for name in parts:
+        got = document if name is None else getattr(document, name)
+        want = documents[1] if name is None else getattr(documents[1], name)
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == np.int32 and not got.flags.writeable
+    del document, got
+    gc.collect()
+    assert reader() is None  # the mapping goes with the last document read from it
+
+
+
+def test_a_pickled_store_maps_its_bin_again_instead_of_copying_it(tmp_path, tokenizer):
+    """DataLoader workers receive the store pickled: the array of the mapped .bin documents are
+    read from must not travel with it (4 MB of ids here)."""
+    _write(tmp_path / "big", "text", [np.full(1 << 20, 5, dtype=np.int32)], tokenizer)
+    copy = pickle.loads(pickle.dumps(DocumentStore(tmp_path / "big")))
+    assert len(pickle.dumps(copy)) < 1 << 16
+    assert copy[0].sum() == 5 << 20 and not copy[0].flags.writeable  # a view of its own mapping
 
 
 def test_truncated_bin(aligned_store):
@@ -267,6 +305,31 @@ def test_a_hand_edited_manifest_is_refused_by_name(aligned_store, section, key, 
         record[key] = value
     path.write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match=r"aligned.json: " + message):
+        DocumentStore(prefix)
+
+
+@pytest.mark.parametrize("edit, message", [
+    # a vocabulary of another text size, derived ids and all: units at other joint ids
+    (lambda raw: raw.update(vocab={**JointVocab(280, NUM_UNITS).to_dict(),
+                                   "tokenizer_sha256": raw["tokenizer"]["sha256"]}),
+     r"vocab text_size 280, tokenizer vocab_size 290"),
+    (lambda raw: raw.update(num_units=502), r"vocab num_units 20, num_units 502"),
+    (lambda raw: raw["vocab"].update(tokenizer_sha256="0" * 64),
+     r"vocab tokenizer_sha256 000000000000\.\.\., tokenizer sha256 [0-9a-f]{12}\.\.\."),
+    (lambda raw: raw["tokenizer"].update(space_id=2), r"tokenizer space_id 2, vocab eos_id 2"),
+])
+def test_a_manifest_that_contradicts_itself_is_refused(aligned_store, tokenizer, edit, message):
+    """Each field reads well alone, but the vocabulary layout disagrees with the tokenizer or
+    codebook recorded beside it: the store opened, and training built its model from the
+    layout while the tokenizer check passed on the other record."""
+    prefix, _ = aligned_store
+    path = prefix.with_name(prefix.name + ".json")
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"aligned.json: contradicts itself \(" + message
+                       + r"\): the manifest was edited or damaged.*re-run "
+                         r"tools/preprocess_data.py"):
         DocumentStore(prefix)
 
 

@@ -117,6 +117,22 @@ def test_text_jsonl_converts(tmp_path, spm):
     assert store.manifest.counts.words == sum(len(t.split()) for t in texts)
 
 
+def test_a_corpus_with_a_byte_order_mark_keeps_its_first_document(tmp_path, spm):
+    """The tool reads its inputs in chunks (not through read_text_jsonl): a byte-order mark made
+    the first line invalid JSON there too."""
+    texts = ["hello world", "the time"]
+    source = tmp_path / "bom.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\r\n"
+                                                for t in texts).encode())
+    manifest = preprocess.main(["--input", str(source), "--input-format", "text-jsonl",
+                                "--tokenizer-model", str(spm), "--output-prefix",
+                                str(tmp_path / "text"), "--skip-bad"])
+    assert manifest.counts.documents == 2 and manifest.counts.bad_skipped == 0
+    tokenizer = load_text_tokenizer(spm)
+    store = DocumentStore(tmp_path / "text")
+    assert [store[i].tolist() for i in range(len(store))] == [tokenizer.encode(t) for t in texts]
+
+
 def test_textgrid_converts(tmp_path, spm):
     grids, units = tmp_path / "grids", tmp_path / "units"
     grids.mkdir()
@@ -205,6 +221,48 @@ def test_bad_input_stops_with_file_and_line(tmp_path, spm, workers):
 
 
 
+_HOLD_THE_OUTPUT = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("preprocess_data", sys.argv[1])
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+with tool._sole_writer(sys.argv[2]):
+    print("writing", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter holds the output, as a run started earlier would
+def test_a_second_run_on_a_prefix_being_written_is_refused(tmp_path, spm):
+    """Two runs on one --output-prefix (a job submitted twice) wrote the same PREFIX.partial.*
+    files: the published dataset held one run's ids under the other's index."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "hello world"}) + "\n")
+    prefix = tmp_path / "out" / "text"
+    argv = ["--input", str(source), "--input-format", "text-jsonl", "--tokenizer-model", str(spm),
+            "--output-prefix", str(prefix)]
+    preprocess.main(argv)
+    before = _files(prefix)
+    with subprocess.Popen([sys.executable, "-c", _HOLD_THE_OUTPUT,
+                           str(REPO / "tools" / "preprocess_data.py"), str(prefix)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}) as other:
+        assert other.stdout.readline() == "writing\n"
+        with pytest.raises(SystemExit, match=rf"--output-prefix {prefix}: another "
+                                             rf"tools/preprocess_data.py run is writing this "
+                                             rf"dataset \(it holds the lock {prefix}.partial.lock"
+                                             rf"\); wait for it to end"):
+            preprocess.main(argv)
+        assert _files(prefix) == before
+        other.communicate("")  # that run ends
+    source.write_text(json.dumps({"text": "the time"}) + "\n")
+    preprocess.main(argv)  # its lock went with it
+    store = DocumentStore(prefix)
+    assert store[0].tolist() == load_text_tokenizer(spm).encode("the time")
+    assert sorted(path.name for path in prefix.parent.iterdir()) == [
+        "text.bin", "text.idx", "text.json"]
+
+
 def test_a_run_stopped_while_renaming_leaves_no_dataset_that_looks_whole(tmp_path, spm,
                                                                         monkeypatch):
     """Rewriting a prefix with the same documents in another order (same sizes, same counts)
@@ -274,6 +332,16 @@ def test_argument_errors(tmp_path, spm):
     with pytest.raises(SystemExit, match="needs --textgrid-dir and --units-dir"):
         preprocess.main(["--input-format", "textgrid", "--tokenizer-model", str(spm),
                          "--output-prefix", str(tmp_path / "x")])
+    # every utterance was refused for its unit file (with --skip-bad: "no documents to write")
+    (tmp_path / "grids").mkdir()
+    (tmp_path / "grids.txt").write_text("")
+    for grids, units, message in (("grids", "units", r"--units-dir .*units: no such directory$"),
+                                  ("grids.txt", "grids", r"--textgrid-dir .*grids.txt: not a "
+                                                         r"directory$")):
+        with pytest.raises(SystemExit, match=message):
+            preprocess.main(["--input-format", "textgrid", "--textgrid-dir", str(tmp_path / grids),
+                             "--units-dir", str(tmp_path / units), "--tokenizer-model", str(spm),
+                             "--output-prefix", str(tmp_path / "x"), "--skip-bad"])
     with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
         preprocess.main(["--input", str(tmp_path / "missing.jsonl"), "--input-format",
                          "text-jsonl", "--tokenizer-model", str(spm), "--output-prefix",
@@ -300,6 +368,10 @@ def test_argument_errors(tmp_path, spm):
     for rate in ("0", "-25", "nan", "inf"):
         with pytest.raises(SystemExit, match="--frame-rate must be a positive number"):
             preprocess.main([*reference, "--tokenizer-model", str(spm), "--frame-rate", rate])
+    for units in ("0", "-5"):  # "num_units must be positive", naming no flag
+        with pytest.raises(SystemExit, match=rf"--num-units is the speech codebook size .*, at "
+                                             rf"least 1; got {units}"):
+            preprocess.main([*reference, "--tokenizer-model", str(spm), "--num-units", units])
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):

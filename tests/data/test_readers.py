@@ -157,6 +157,29 @@ def test_text_that_is_not_utf8_names_the_line(tmp_path, tokenizer, read, raw, me
     assert report.bad_skipped == 1
 
 
+@pytest.mark.parametrize("read, first, second", [
+    (read_text_jsonl, '{"text": "hello world"}', '{"text": "the time"}'),
+    (read_reference_jsonl, _line(f"{SEP}TEXT hello {SEP}HUBERT 1 2").strip(),
+     _line(f"{SEP}TEXT world {SEP}HUBERT 3").strip()),
+])
+def test_a_byte_order_mark_before_the_first_line_is_dropped(tmp_path, tokenizer, read, first,
+                                                          second):
+    """A JSONL file saved with a byte-order mark (Windows editors, some exporters) lost its first
+    document: the line read as invalid JSON (refused, or skipped under --skip-bad)."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{first}\r\n{second}\r\n".encode())
+    report = ReadReport()
+    sources = list(read(path, tokenizer, skip_bad=True, report=report))
+    assert report.bad_skipped == 0 and [s.where for s in sources] == [f"{path}:1", f"{path}:2"]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(f"{first}\n{second}\n")
+    def pieces(document):  # an AlignedDocument's text ids, or a text document
+        return getattr(document, "text_ids", document).tolist()
+
+    assert ([pieces(s.document) for s in sources]
+            == [pieces(s.document) for s in read(plain, tokenizer)])
+
+
 def _utterance(textgrid_dir: Path, units_dir: Path, name: str, intervals, units,
                as_text=False):
     textgrid_dir.mkdir(parents=True, exist_ok=True)

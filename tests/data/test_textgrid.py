@@ -190,6 +190,31 @@ def test_not_a_textgrid(tmp_path):
         read_textgrid(path)
 
 
+@pytest.mark.parametrize("content, line, message", [
+    # the third interval, "world", was left out silently
+    (LONG.replace("intervals: size = 3", "intervals: size = 2"), 24,
+     "tier 'words' says it holds 2 intervals but more follow"),
+    (SHORT.replace('"events"\n0\n1.5\n1\n', '"events"\n0\n1.5\n0\n'), 13,
+     "tier 'events' says it holds 0 points but more follow"),
+], ids=["intervals", "points"])
+def test_a_tier_holding_more_than_its_size_is_refused(tmp_path, content, line, message):
+    path = tmp_path / "x.TextGrid"
+    path.write_text(content)
+    with pytest.raises(TextGridError, match=rf"x.TextGrid:{line}: {message}; fix its size"):
+        read_textgrid(path)
+
+
+def test_a_binary_praat_file_is_named_as_such(tmp_path):
+    """It was "expected the file type (string), found 'ooBinaryFile...'", which says neither
+    what the file is nor what to do."""
+    path = tmp_path / "x.TextGrid"
+    path.write_bytes(b"ooBinaryFile\x08TextGrid\x00\x00\x00\x00\x00\x00\x00\x00")
+    with pytest.raises(TextGridError, match=r"x.TextGrid: a binary Praat file \(it starts with "
+                                            r"b'ooBinaryFile'\), not a text TextGrid; save it "
+                                            r"from Praat with \"Save as text file\""):
+        read_textgrid(path)
+
+
 def test_interval_ending_before_start(tmp_path):
     path = tmp_path / "x.TextGrid"
     path.write_text(LONG.replace("xmax = 0.42", "xmax = -1", 1))

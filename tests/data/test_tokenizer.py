@@ -94,6 +94,16 @@ def test_training_is_deterministic(tmp_path):
     assert load_text_tokenizer(a).sha256 == load_text_tokenizer(b).sha256
 
 
+def test_a_sentence_longer_than_sentencepiece_reads_by_default_is_trained_on(tmp_path):
+    """SentencePiece skips every sentence of more than 4192 bytes, silently: a text JSONL story on
+    one line was left out, so its words came out as byte pieces."""
+    story = " ".join(["zebra"] * 1000)  # 5999 bytes, the corpus's only "z"
+    tokenizer = load_text_tokenizer(
+        train_sentencepiece(_tiny_corpus() + [story], tmp_path / "m.model", 300))
+    pieces = [tokenizer._sp.id_to_piece(i) for i in tokenizer.encode("zebra")]
+    assert not any(piece.startswith("<0x") for piece in pieces), pieces
+
+
 def test_training_over_a_model_when_the_disk_fills_keeps_that_model(tmp_path, disk_full_at):
     """The model was written over the old one: a disk that filled part way left a model cut
     short in its place (and the tool stopped with a traceback)."""
@@ -133,6 +143,23 @@ def test_train_tool_text_jsonl(tmp_path):
     with pytest.raises(SystemExit, match=r"c.jsonl:1: not a text-jsonl line"):
         tool.main(["--input", str(corpus), "--input-format", "text-jsonl", "--json-key", "body",
                    "--output", str(tmp_path / "u.model")])
+
+
+@pytest.mark.parametrize("input_format, line", [
+    ("text", "{}"), ("text-jsonl", '{{"text": "{}"}}'),
+    ("reference-jsonl", '{{"interleaved": "' + SEP + 'TEXT {}"}}')])
+def test_train_tool_drops_a_byte_order_mark(tmp_path, input_format, line):
+    """A corpus saved with a byte-order mark: its first line was refused as JSON, or (plain text)
+    trained U+FEFF as a character of the first word, a piece no preprocessed word ever uses."""
+    tool = _load_tool("train_tokenizer")
+    lines = "".join(line.format(text) + "\n" for text in _tiny_corpus())
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text(lines, encoding="utf-8")
+    marked.write_text(lines, encoding="utf-8-sig")
+    models = [tool.main(["--input", str(corpus), "--input-format", input_format,
+                         "--vocab-size", "300", "--output", str(tmp_path / f"{corpus.stem}.model")])
+              for corpus in (plain, marked)]
+    assert models[0].read_bytes() == models[1].read_bytes()
 
 
 def test_train_tool_refuses_bad_inputs_and_keeps_the_corpus(tmp_path):
@@ -192,6 +219,13 @@ def test_too_small_vocab_size_names_the_pieces_the_text_needs(tmp_path):
                                          r"text: .* need \d+ pieces before any merge"):
         _load_tool("train_tokenizer").main(["--input", str(word_list), "--vocab-size", "60",
                                             "--output", str(tmp_path / "tool.model")])
+    assert not (tmp_path / "tool.model").exists()
+    # 0 and below were sentencepiece's RuntimeError naming its source line, a traceback
+    for size in ("0", "-3"):
+        with pytest.raises(SystemExit, match=rf"--vocab-size: vocabulary size {size} is not a "
+                                             rf"number of pieces; pass a positive one"):
+            _load_tool("train_tokenizer").main(["--input", str(word_list), "--vocab-size", size,
+                                                "--output", str(tmp_path / "tool.model")])
     assert not (tmp_path / "tool.model").exists()
 
 def _hf_tokenizer_json(tmp_path: Path, byte_level: bool) -> Path:

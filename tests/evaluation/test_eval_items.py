@@ -129,6 +129,12 @@ def test_bad_json_and_duplicate_ids_name_the_line(tmp_path):
     with pytest.raises(ItemError, match=rf"{path}:2: not an item \(it holds an integer of more "
                                         rf"than \d+ digits"):
         load_items(path, tokenizer(), vocab())
+    # json.loads kept the last of a repeated key: the item was scored against label 1
+    record = json.dumps(random_records(1, 1)[0])
+    path = write(tmp_path, random_records(3, 1) + [record[:-1] + ', "label": 1}'])
+    with pytest.raises(ItemError, match=rf"{path}:2: the key 'label' appears twice in one object "
+                                        rf"\(JSON would keep the last one silently\); keep one"):
+        load_items(path, tokenizer(), vocab())
     path = write(tmp_path, random_records(3, 1) * 2)
     with pytest.raises(ItemError, match=r"id already used at .*items.jsonl:1"):
         load_items(path, tokenizer(), vocab())

@@ -85,6 +85,10 @@ def test_hellaswag_jsonl(tmp_path):
     assert [r["id"] for r in records] == ["24", "1"]
     assert records[0]["context"]["text"] == "the girl ran home"
     assert records[1]["label"] == 0 and len(records[1]["endings"]) == 4
+    # a blank "ctx" beside its two halves (it took the place of their text)
+    path.write_text(json.dumps({"ctx": " ", "ctx_a": "the girl ", "ctx_b": " ran", "endings":
+                                ["a", "b"], "label": 1}) + "\n")
+    assert read_hellaswag(path)[0]["context"]["text"] == "the girl ran"
     unlabelled = tmp_path / "test.jsonl"
     unlabelled.write_text(json.dumps({"ctx": "a", "endings": ["b", "c"]}) + "\n")
     with pytest.raises(ItemError, match=r"test.jsonl:1: .*needs"):
@@ -126,6 +130,10 @@ def test_import_errors_name_the_story(tmp_path):
     # written, then refused by lst-eval naming the items file
     ({"ctx": "a", "endings": ["b", " ", "c"], "label": 0}, r"endings \[1\] have no text"),
     ({"ctx": "a", "endings": ["b"], "label": 0}, r"\"endings\" lists 1 ending\(s\); an item needs"),
+    ({"ctx": " \t", "endings": ["b", "c"], "label": 0}, r"the context \(\"ctx\", or \"ctx_a\" and "
+                                                       r"\"ctx_b\"\) holds only whitespace"),
+    ({"ctx_a": " ", "ctx_b": "\n", "endings": ["b", "c"], "label": 0}, r"the context .* holds only "
+                                                                     r"whitespace; fill it in"),
 ])
 def test_malformed_hellaswag_lines_are_refused(tmp_path, row, message):
     """They were tracebacks, or silently wrong: label 1.7 became 1, "bcde" four endings."""
@@ -147,6 +155,12 @@ def test_malformed_storycloze_rows_are_refused(tmp_path):
                                         r"\['InputSentence2', 'RandomFifthSentenceQuiz2'\]"):
         read_storycloze(write_cloze(tmp_path / "empty.csv", ["s1,a.,b.,c.,d.,e.,f.,1",
                                                              "s2,a., ,c.,d.,e.,,1"]))
+    # the last AnswerRightEnding of each row was its label, silently
+    twice = tmp_path / "twice.csv"
+    twice.write_text(CLOZE_HEADER.rstrip("\n") + ",AnswerRightEnding\ns1,a.,b.,c.,d.,e.,f.,1,2\n")
+    with pytest.raises(ItemError, match=r"twice.csv:1: the header names the columns "
+                                        r"\['AnswerRightEnding'\] more than once; keep one"):
+        read_storycloze(twice)
 
 
 @pytest.mark.parametrize(("ids", "message"), [
@@ -163,6 +177,18 @@ def test_ids_that_lst_eval_or_a_units_folder_cannot_tell_apart_are_refused(tmp_p
     assert import_main(["storycloze", str(cloze), "--output", str(output)]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not output.exists()
+
+
+@pytest.mark.parametrize("make, problem", [(lambda path: None, "no such directory"),
+                                           (lambda path: path.write_text(""), "not a directory")])
+def test_a_units_dir_that_is_no_directory_is_named(tmp_path, capsys, make, problem):
+    """It was "item 's1': no unit file units/s1/context.units", as if one item lacked its files."""
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
+    make(tmp_path / "units")
+    assert import_main(["storycloze", str(cloze), "--units-dir", str(tmp_path / "units"),
+                        "--output", str(tmp_path / "items.jsonl")]) == 2
+    assert f"--units-dir {tmp_path / 'units'}: {problem}; give the folder" in capsys.readouterr().err
+    assert not (tmp_path / "items.jsonl").exists()
 
 
 def test_import_refuses_an_output_that_would_overwrite_a_unit_file(tmp_path, capsys):
@@ -242,6 +268,9 @@ def test_benchmark_files_with_a_bom_or_unicode_line_separators(tmp_path):
     ("ending1.units", b"5.0 1", "ending1.units: speech unit '5.0' is not an integer"),
     # written as "units": [], then refused by lst-eval naming the items file
     ("ending1.units", b" \n", "ending1.units holds no units"),
+    # written, then refused by lst-eval naming the items file
+    ("context.align", b"a 2\n[SIL] 2\n", "context.align aligns 4 units but "),
+    ("context.align", b"a 1\n", "context.units holds 3; its \"word n_units\" lines must sum"),
 ])
 def test_bad_unit_files_are_named(tmp_path, capsys, name, content, message):
     """A file that is not UTF-8 was reported as the benchmark CSV; a count of "2²" (digits to

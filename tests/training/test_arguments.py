@@ -615,6 +615,9 @@ def test_a_flag_spelled_with_an_underscore_is_a_config_key_in_any_spelling(tmp_p
     ("micro_bach_size: 2\n", r"unknown key 'micro_bach_size'; did you mean 'micro-batch-size'"),
     ("patching-mode: dynamic\n", r"'dynamic' is not one of"),
     ("num-layers: 2.5\n", r"--num-layers takes an integer"),
+    # "takes a int", "takes a float"
+    ("num-layers: two\n", r"--num-layers takes an integer, got 'two'"),
+    ("lr: fast\n", r"--lr takes a number, got 'fast'"),
     ("bf16: yes please\n", r"--bf16 is a switch; write true or false"),
     ("seq-length: [1, 2]\n", r"--seq-length takes one value"),
     ("config: other.yaml\n", r"unknown key 'config'"),
