@@ -405,6 +405,23 @@ def test_lst_eval_output_never_overwrites_the_tokenizer_or_the_checkpoint(checkp
     assert Path(tokenizer().path).read_bytes() == before
 
 
+def test_lst_eval_output_never_overwrites_the_run_of_one_loaded_checkpoint(checkpoint, capsys):
+    """With `--load DIR/iter_0000003` the guard looked only inside that checkpoint's folder, and
+    only below it: the run's tracker beside it and the checkpoint's own record were overwritten
+    by the results."""
+    root, items_path, _ = checkpoint
+    one_checkpoint = root / "save" / "iter_0000003"
+    for output in (root / "save" / "latest_checkpointed_iteration.txt",
+                   one_checkpoint / METADATA_FILENAME):
+        kept = output.read_bytes()
+        assert eval_main(["--load", str(one_checkpoint), "--items", str(items_path), "--modes",
+                          "tt", "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert (f"--output {output} is a file of the training run in the --load directory "
+                f"{one_checkpoint}") in err and err.count("\n") == 1, err
+        assert output.read_bytes() == kept
+
+
 def test_lst_eval_output_that_cannot_be_written_is_one_line(checkpoint, tmp_path, capsys):
     """A FileNotFoundError traceback after all the scoring (here: a link to a missing folder)."""
     root, items_path, _ = checkpoint
