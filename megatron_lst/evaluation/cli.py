@@ -451,6 +451,20 @@ def _warn_of_unused_sampling_flags(args: argparse.Namespace) -> None:
                        "it" if len(unused) == 1 else "them")
 
 
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Refuse a sampling flag out of its range, naming the flag (SamplingConfig names its
+    fields, which are not what the user typed)."""
+    if not 0 <= args.temperature < math.inf:
+        raise ValueError(f"--temperature {args.temperature} must be a finite number >= 0 "
+                         f"(0: greedy)")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k {args.top_k} must be >= 0 (0: every token)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p} must be in (0, 1] (1.0: every token)")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+
+
 def generate_main(argv: Sequence[str] | None = None) -> int:
     from megatron_lst.evaluation.loading import load_inference_model
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
@@ -463,6 +477,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         # --speech-only is --continue-in speech: a text prompt ends with "space, <s>", as the
         # interleaver opens a speech run (units right after text pieces: a layout never trained)
         continue_in = "speech" if args.speech_only else args.continue_in
+        _check_sampling_flags(args)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
                                   args.seed, continue_in)
         _warn_of_unused_sampling_flags(args)

@@ -471,18 +471,21 @@ def test_lst_eval_refuses_missing_items_before_loading_the_model(checkpoint, cap
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--prompt-text", "the", "--top-k", "-1"], "need a finite temperature >= 0, top_k >= 0"),
-    (["--prompt-text", "the", "--top-p", "0"], "0 < top_p <= 1, got 0.0, 0, 0.0"),
-    (["--prompt-text", "the", "--temperature", "inf"], "need a finite temperature"),
-    (["--prompt-text", "the", "--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
+    # Each named the sampling setting's field (top_k), not the flag, with all three values.
+    (["--prompt-text", "the", "--top-k", "-1"], "--top-k -1 must be >= 0 (0: every token)\n"),
+    (["--prompt-text", "the", "--top-p", "0"], "--top-p 0.0 must be in (0, 1] (1.0: every token)"),
+    (["--prompt-text", "the", "--temperature", "inf"],
+     "--temperature inf must be a finite number >= 0 (0: greedy)"),
+    (["--prompt-text", "the", "--temperature", "nan"], "--temperature nan must be a finite"),
+    (["--prompt-text", "the", "--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
     (["--prompt-text", "the", "--speech-only", "--continue-in", "text"],
      "--speech-only contradicts --continue-in text"),
     (["--prompt-text", " "], "the text prompt ' ' is empty"),
     (["--prompt-text", "the \udcff"], "a byte that is not UTF-8"),
     (["--prompt-units", "3 x"], "--prompt-units: speech unit 'x' is not an integer"),
     (["--prompt-units", "@MISSING"], "cannot read"),
-], ids=["top-k", "top-p", "temperature", "max-new-tokens", "contradiction", "text-empty",
-        "text-surrogate", "units-value", "units-file"])
+], ids=["top-k", "top-p", "temperature", "temperature-nan", "max-new-tokens", "contradiction",
+        "text-empty", "text-surrogate", "units-value", "units-file"])
 def test_lst_generate_refuses_bad_flags_before_loading_the_model(tmp_path, capsys, monkeypatch,
                                                                  flags, message):
     """Each was refused only once the checkpoint was loaded, minutes later for a large model (and
