@@ -230,10 +230,17 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
     args = parser.parse_args(argv)
     check_train_iters(parser, args)
     started = time.perf_counter()
-    from megatron_lst.demo_corpus.build import build_demo_corpus, format_summary
+    from megatron_lst.demo_corpus.build import (
+        OutputDirectoryError,
+        build_demo_corpus,
+        format_summary,
+    )
 
     print_stage(f"demo corpus in {args.corpus_dir} (built once, then read from its cache)")
-    corpus = build_demo_corpus(args.corpus_dir, seed=0, scale=args.corpus_scale)
+    try:
+        corpus = build_demo_corpus(args.corpus_dir, seed=0, scale=args.corpus_scale)
+    except OutputDirectoryError as error:
+        parser.error(f"--corpus-dir: {error}")
     print(format_summary(corpus.summary), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -44,3 +44,17 @@ def test_a_second_demo_replaces_the_first_runs_checkpoints(tmp_path, monkeypatch
     with pytest.raises(CorpusBuilt):  # past the flag check
         load_tool("run_demo", DEMO_DIR).run(["--out-dir", str(out), "--corpus-dir",
                                              str(tmp_path / "corpus")])
+
+
+def test_a_corpus_dir_of_other_files_is_a_usage_error(tmp_path, capsys):
+    """`--corpus-dir` naming a folder of the user's own `text/` stopped with a traceback (or,
+    before the build checked, lost that folder)."""
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "mine.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit) as stopped:
+        load_tool("run_demo", DEMO_DIR).run(["--out-dir", str(tmp_path / "out"),
+                                             "--corpus-dir", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert f"--corpus-dir: {tmp_path} holds text, which no demo corpus build wrote" \
+        in capsys.readouterr().err
+    assert (tmp_path / "text" / "mine.jsonl").read_text() == "{}\n"
