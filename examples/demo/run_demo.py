@@ -139,13 +139,13 @@ def check_previous_runs(parser: argparse.ArgumentParser, args: argparse.Namespac
     tokenizer = (args.corpus_dir / "tokenizer" / "spm.model").resolve()
     for name in MODELS:
         save_dir = args.out_dir / name
-        if save_dir.exists() and not _is_demo_run(save_dir, tokenizer):
+        if save_dir.exists() and not is_demo_run(save_dir, tokenizer):
             parser.error(f"--out-dir: {save_dir} is not an earlier demo run (its checkpoints "
                          f"were not trained with the demo corpus's tokenizer {tokenizer}), and "
                          f"the demo would remove it: give another --out-dir")
 
 
-def _is_demo_run(save_dir: Path, tokenizer: Path) -> bool:
+def is_demo_run(save_dir: Path, tokenizer: Path) -> bool:
     """Whether `save_dir` is a demo run: its latest checkpoint trained with the demo corpus's
     `tokenizer`, or, stopped before its first save, it holds only the files lst-train writes."""
     from megatron_lst.training.checkpointing import (
