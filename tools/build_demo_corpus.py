@@ -18,6 +18,7 @@ from megatron_lst.demo_corpus.build import (
     UNIT_FEATURES,
     DemoCorpus,
     DemoCorpusConfig,
+    OutputDirectoryError,
     build_demo_corpus,
     format_summary,
     unit_features,
@@ -75,8 +76,11 @@ def main(argv: Sequence[str] | None = None) -> DemoCorpus:
         features = unit_features(feature_kind, args.hubert_dir, args.hubert_layer)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    corpus = build_demo_corpus(args.out_dir, config=config, features=features,
-                               progress=not args.no_progress)
+    try:
+        corpus = build_demo_corpus(args.out_dir, config=config, features=features,
+                                   progress=not args.no_progress)
+    except OutputDirectoryError as error:
+        raise SystemExit(f"error: --out-dir: {error}") from None
     print(format_summary(corpus.summary))
     print(f"outputs in {corpus.out_dir}")
     return corpus

@@ -3,7 +3,7 @@ baseline, several seeds, under each control mode, scored on spoken and written s
 
     python examples/compute_controlled/study.py run --preset cpu [--out-dir runs/study_cpu]
         [--corpus-dir data_cache/study_cpu] [--seeds 1 2 3]
-    python examples/compute_controlled/study.py plan --preset h200   # runs and FLOPs, no training
+    python examples/compute_controlled/study.py plan --preset h200   # runs and FLOPs (builds the corpus)
     python examples/compute_controlled/study.py report --preset cpu [--out-dir runs/study_cpu]
 
 `run` builds (or reads back) the preset's demo corpus, plans each model's steps under every

@@ -132,6 +132,41 @@ def check_train_iters(parser: argparse.ArgumentParser, args: argparse.Namespace)
                 parser.error(f"--train-iters {args.train_iters}: {error}")
 
 
+def check_previous_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any work, an --out-dir whose `lst/` or `baseline/` is not an earlier demo
+    run: `run` removes those folders before training, and `--out-dir ckpt` removed a real run's
+    `ckpt/lst`."""
+    tokenizer = (args.corpus_dir / "tokenizer" / "spm.model").resolve()
+    for name in MODELS:
+        save_dir = args.out_dir / name
+        if save_dir.exists() and not is_demo_run(save_dir, tokenizer):
+            parser.error(f"--out-dir: {save_dir} is not an earlier demo run (its checkpoints "
+                         f"were not trained with the demo corpus's tokenizer {tokenizer}), and "
+                         f"the demo would remove it: give another --out-dir")
+
+
+def is_demo_run(save_dir: Path, tokenizer: Path) -> bool:
+    """Whether `save_dir` is a demo run: its latest checkpoint trained with the demo corpus's
+    `tokenizer`, or, stopped before its first save, it holds only the files lst-train writes."""
+    from megatron_lst.training.checkpointing import (
+        METADATA_FILENAME,
+        CheckpointError,
+        find_latest_checkpoint,
+    )
+
+    try:
+        latest = find_latest_checkpoint(save_dir)
+        if latest is None:
+            return save_dir.is_dir() and all(
+                entry.name in ("lst_row_index", "metrics.jsonl", "lst_train.lock")
+                or ".tmp-" in entry.name for entry in save_dir.iterdir())
+        recorded = json.loads((latest / METADATA_FILENAME).read_text(encoding="utf-8"))
+        used = (recorded.get("args") or {}).get("tokenizer_model")
+    except (CheckpointError, OSError, ValueError, AttributeError):  # unreadable: not ours
+        return False
+    return isinstance(used, str) and Path(used).resolve() == tokenizer
+
+
 def train(flags: list[str]) -> tuple[object, object, float]:
     """Run `pretrain_lst.py`'s loop in this process on `flags`: (its validated args, its result,
     the seconds it took)."""
@@ -229,11 +264,19 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_train_iters(parser, args)
+    check_previous_runs(parser, args)
     started = time.perf_counter()
-    from megatron_lst.demo_corpus.build import build_demo_corpus, format_summary
+    from megatron_lst.demo_corpus.build import (
+        OutputDirectoryError,
+        build_demo_corpus,
+        format_summary,
+    )
 
     print_stage(f"demo corpus in {args.corpus_dir} (built once, then read from its cache)")
-    corpus = build_demo_corpus(args.corpus_dir, seed=0, scale=args.corpus_scale)
+    try:
+        corpus = build_demo_corpus(args.corpus_dir, seed=0, scale=args.corpus_scale)
+    except OutputDirectoryError as error:
+        parser.error(f"--corpus-dir: {error}")
     print(format_summary(corpus.summary), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The demo's two model configs, its training run in this process, its table and figure layout.
-from run_demo import MODELS, plot_lines, print_stage, text_table, train  # noqa: E402
+from run_demo import MODELS, is_demo_run, plot_lines, print_stage, text_table, train  # noqa: E402
 
 TASKS = ("asr", "tts")
 SPLIT = "98,2,0"  # the split the demo pretrained with: its valid utterances stay held out
@@ -171,8 +171,24 @@ def plot(results: list[ModelResult], path: Path) -> None:
                "Tiny LST vs token baseline: ASR fine-tuning (CPU demo)")
 
 
+def check_previous_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any work, an --out-dir whose `asr/` or `tts/` runs are not earlier
+    fine-tuning runs of this script: `run` removes them before fine-tuning."""
+    tokenizer = (args.corpus_dir / "tokenizer" / "spm.model").resolve()
+    for task in TASKS:
+        for name in MODELS:
+            save = args.out_dir / task / name
+            if save.exists() and not is_demo_run(save, tokenizer):
+                parser.error(f"--out-dir: {save} is not an earlier demo fine-tuning run (its "
+                             f"checkpoints were not trained with the demo corpus's tokenizer "
+                             f"{tokenizer}), and this script would remove it: give another "
+                             f"--out-dir")
+
+
 def run(argv: list[str] | None = None) -> list[ModelResult]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_previous_runs(parser, args)
     started, cpu_started = time.perf_counter(), time.process_time()
     from megatron_lst.data.indexed import DocumentStore
     from megatron_lst.demo_corpus.build import build_demo_corpus

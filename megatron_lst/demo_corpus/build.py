@@ -460,6 +460,7 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     summary = _summary_of_outputs(manifest_path)
     if summary is not None and summary.get("key") == output_key:
         return DemoCorpus(out_dir, _paths(out_dir, config.units), summary)
+    _check_outputs_replaceable(out_dir)
 
     t = time.perf_counter()
     documents, eval_stories = _text_stage(config)
@@ -538,6 +539,24 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
     # Return what a cached re-run returns (JSON types: lists, not tuples).
     return DemoCorpus(out_dir, _paths(out_dir, config.units),
                       json.loads(manifest_path.read_text()))
+
+
+class OutputDirectoryError(ValueError):
+    """The output directory holds files of the names the build writes that no build wrote."""
+
+
+def _check_outputs_replaceable(out_dir: Path) -> None:
+    """Refuse, before any work, an `out_dir` holding output folders or unit tables that no build
+    wrote: writing the outputs replaces them whole (a user's `units/` of HuBERT units, `text/` of
+    their corpus). A build wrote them when its summary is there, or its speech cache (a build
+    stopped while writing its outputs)."""
+    if (out_dir / "summary.json").is_file() or any((out_dir / "cache").glob("speech-*")):
+        return
+    present = [name for name in (*_OUTPUT_DIRS, *_UNIT_TABLES.values()) if (out_dir / name).exists()]
+    if present:
+        raise OutputDirectoryError(
+            f"{out_dir} holds {', '.join(present)}, which no demo corpus build wrote; the build "
+            f"would replace them: give a new or empty output directory")
 
 
 def _summary_of_outputs(path: Path) -> dict | None:

@@ -39,7 +39,11 @@ from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.evaluation.scoring import MODES, check_items_for_mode, evaluate_items, parse_modes
 from megatron_lst.training import stop_together
 from megatron_lst.training.arguments import seed_flag
-from megatron_lst.training.checkpointing import TRACKER_FILENAME, CheckpointError
+from megatron_lst.training.checkpointing import (
+    METADATA_FILENAME,
+    TRACKER_FILENAME,
+    CheckpointError,
+)
 from megatron_lst.training.metrics import METRICS_FILENAME
 from megatron_lst.training.save_directory import LOCK_FILENAME
 
@@ -235,15 +239,25 @@ def _check_output(args: argparse.Namespace) -> None:
         _check_output_spares(args.output, args.tokenizer_model, "the --tokenizer-model file")
     for flag in ("--load", "--asr-load"):
         directory = getattr(args, flag[2:].replace("-", "_"))
-        if directory is None or not output.resolve().is_relative_to(Path(directory).resolve()):
+        if directory is None:
+            continue
+        run = _save_directory(Path(directory))
+        if not output.resolve().is_relative_to(run):
             continue
         # Folders hold the checkpoints and the row index; these files the run's state and logs.
-        inside = output.resolve().relative_to(Path(directory).resolve())
+        inside = output.resolve().relative_to(run)
         if len(inside.parts) > 1 or inside.name in (TRACKER_FILENAME, METRICS_FILENAME,
                                                     LOCK_FILENAME):
             raise ValueError(f"--output {args.output} is a file of the training run in the "
                              f"{flag} directory {directory} (its checkpoints, index or logs), "
                              f"which the results would overwrite; write them to another file")
+
+
+def _save_directory(load: Path) -> Path:
+    """The training run's save directory behind `--load`: the directory itself, or its parent
+    when it is one checkpoint (`DIR/iter_0000100`, which holds the checkpoint's record)."""
+    load = load.resolve()
+    return load.parent if (load / METADATA_FILENAME).is_file() else load
 
 
 def _check_output_spares(output: str, path: str | os.PathLike, what: str) -> None:
@@ -437,6 +451,20 @@ def _warn_of_unused_sampling_flags(args: argparse.Namespace) -> None:
                        "it" if len(unused) == 1 else "them")
 
 
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Refuse a sampling flag out of its range, naming the flag (SamplingConfig names its
+    fields, which are not what the user typed)."""
+    if not 0 <= args.temperature < math.inf:
+        raise ValueError(f"--temperature {args.temperature} must be a finite number >= 0 "
+                         f"(0: greedy)")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k {args.top_k} must be >= 0 (0: every token)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p} must be in (0, 1] (1.0: every token)")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+
+
 def generate_main(argv: Sequence[str] | None = None) -> int:
     from megatron_lst.evaluation.loading import load_inference_model
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
@@ -449,6 +477,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         # --speech-only is --continue-in speech: a text prompt ends with "space, <s>", as the
         # interleaver opens a speech run (units right after text pieces: a layout never trained)
         continue_in = "speech" if args.speech_only else args.continue_in
+        _check_sampling_flags(args)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
                                   args.seed, continue_in)
         _warn_of_unused_sampling_flags(args)

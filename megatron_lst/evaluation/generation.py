@@ -146,11 +146,22 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
     else:
         if not len(units):
             raise GenerationError("the unit prompt holds no units; give the units to continue")
-        ids = [vocab.bos_id, vocab.speech_marker,
-               *vocab.units_to_ids(np.asarray(units), where="unit prompt").tolist()]
+        check_unit_prompt(np.asarray(units), vocab.num_units)
+        ids = [vocab.bos_id, vocab.speech_marker, *vocab.units_to_ids(np.asarray(units)).tolist()]
         if continue_in == "text":
             ids.append(vocab.text_marker)
     return np.asarray(ids, dtype=np.int64)
+
+
+def check_unit_prompt(units: np.ndarray, num_units: int) -> None:
+    """Raise when a unit of `units` ([n] unit values) is outside the model's codebook: the
+    model's codebook is fixed, so the prompt's units must be made with the same one."""
+    outside = units[(units < 0) | (units >= num_units)]
+    if outside.size:
+        raise GenerationError(
+            f"the unit prompt holds unit {int(outside[0])}, outside the model's codebook "
+            f"0..{num_units - 1}; give units made with the codebook the model was trained on "
+            f"({num_units} units)")
 
 
 def check_text_prompt(text: str) -> None:

@@ -56,8 +56,9 @@ MODES = {"S->S": (True, True), "T->T": (False, False), "S->T": (True, False), "T
 
 
 def parse_modes(text: str | Sequence[str]) -> list[str]:
-    """Mode names from "S->S,T->T" or a list. Spellings that need no shell quoting are accepted
-    too, in any case: "ss,tt,st,ts" and "s2s,t2t,s2t,t2s"."""
+    """Mode names from "S->S,T->T" or a list, each once, in the order first given. Spellings
+    that need no shell quoting are accepted too, in any case: "ss,tt,st,ts" and
+    "s2s,t2t,s2t,t2s"."""
     names = text.split(",") if isinstance(text, str) else list(text)
     modes = []
     for name in names:
@@ -66,7 +67,8 @@ def parse_modes(text: str | Sequence[str]) -> list[str]:
         if canonical not in MODES:
             raise ValueError(f"unknown evaluation mode {name!r}; choose from {list(MODES)} "
                              f"(or, without shell quoting, ss, tt, st, ts)")
-        modes.append(canonical)
+        if canonical not in modes:  # "tt,T->T" scored every item twice
+            modes.append(canonical)
     return modes
 
 

@@ -113,6 +113,32 @@ def test_an_unreadable_summary_is_built_again(tmp_path, monkeypatch, summary):
         build_demo_corpus(tmp_path, config=TINY, progress=False)
 
 
+@pytest.mark.parametrize("theirs", ["units/utt1.npy", "text/corpus.jsonl", "codebook.npy"])
+def test_outputs_no_build_wrote_are_refused_before_any_work(tmp_path, monkeypatch, capsys,
+                                                             theirs):
+    """`--out-dir` named a folder holding a user's `units/` or `text/`: the build replaced the
+    output folders whole (rmtree), losing them."""
+    (tmp_path / theirs).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / theirs).write_text("not the demo's")
+    monkeypatch.setattr(build_module, "_text_stage",
+                        lambda config: pytest.fail("the build started"))
+    tool = load_tool("build_demo_corpus")
+    with pytest.raises(SystemExit) as stopped:
+        tool.main(["--out-dir", str(tmp_path), "--no-progress"])
+    assert str(stopped.value.code) == (
+        f"error: --out-dir: {tmp_path} holds {theirs.split('/')[0]}, which no demo corpus build "
+        f"wrote; the build would replace them: give a new or empty output directory")
+    assert (tmp_path / theirs).read_text() == "not the demo's"
+
+
+def test_an_earlier_builds_outputs_are_replaced(corpus, tmp_path):
+    """A build stopped while writing its outputs (no summary yet) is finished by the next one."""
+    shutil.copytree(corpus.out_dir, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "summary.json").unlink()
+    again = build_demo_corpus(tmp_path, config=TINY, progress=False)  # from the caches
+    assert again.summary["key"] == corpus.summary["key"]
+
+
 @pytest.mark.parametrize("damage", ["features.npy", "utterances.json", "codebook.npy"])
 def test_a_damaged_cache_is_built_again(corpus, tmp_path, caplog, damage):
     """A cache whose file was cut short (a full disk, before np.save's writes were checked) or

@@ -27,8 +27,6 @@ def test_a_run_too_short_for_the_warm_up_is_refused_before_the_corpus_is_built(
 def test_a_second_demo_replaces_the_first_runs_checkpoints(tmp_path, monkeypatch):
     """`make demo` twice: the flag check refused the second ('--save ... already holds
     ['iter_0003600']') although the demo removes its previous runs before training."""
-    from training.training_cases import fake_checkpoint
-
     import megatron_lst.demo_corpus.build as build
 
     class CorpusBuilt(Exception):
@@ -38,9 +36,54 @@ def test_a_second_demo_replaces_the_first_runs_checkpoints(tmp_path, monkeypatch
         raise CorpusBuilt
 
     out = tmp_path / "out"
-    for name in ("lst", "baseline"):
-        fake_checkpoint(out / name, 3600)
+    _fake_demo_runs(out, tmp_path / "corpus")
     monkeypatch.setattr(build, "build_demo_corpus", corpus_built)
     with pytest.raises(CorpusBuilt):  # past the flag check
         load_tool("run_demo", DEMO_DIR).run(["--out-dir", str(out), "--corpus-dir",
                                              str(tmp_path / "corpus")])
+
+
+def _fake_demo_runs(out, corpus_dir, tokenizer=None):
+    """A checkpoint in `out/lst` and `out/baseline` recording the tokenizer the run trained with
+    (the demo corpus's by default)."""
+    import json
+
+    from training.training_cases import fake_checkpoint
+
+    from megatron_lst.training.checkpointing import METADATA_FILENAME
+
+    tokenizer = tokenizer or corpus_dir / "tokenizer" / "spm.model"
+    for name in ("lst", "baseline"):
+        record = fake_checkpoint(out / name, 3600) / METADATA_FILENAME
+        record.write_text(json.dumps({"args": {"tokenizer_model": str(tokenizer)}}))
+
+
+def test_an_out_dir_holding_another_run_is_refused_before_any_work(tmp_path, monkeypatch,
+                                                                  capsys):
+    """`--out-dir ckpt` beside a real run in `ckpt/lst`: the demo removed that run's folder."""
+    import megatron_lst.demo_corpus.build as build
+
+    out = tmp_path / "ckpt"
+    _fake_demo_runs(out, tmp_path / "corpus", tokenizer=tmp_path / "spm.model")
+    monkeypatch.setattr(build, "build_demo_corpus",
+                        lambda *args, **kwargs: pytest.fail("the corpus was built"))
+    with pytest.raises(SystemExit) as stopped:
+        load_tool("run_demo", DEMO_DIR).run(["--out-dir", str(out), "--corpus-dir",
+                                             str(tmp_path / "corpus")])
+    assert stopped.value.code == 2
+    assert f"--out-dir: {out / 'lst'} is not an earlier demo run" in capsys.readouterr().err
+    assert (out / "lst" / "iter_0003600").is_dir()
+
+
+def test_a_corpus_dir_of_other_files_is_a_usage_error(tmp_path, capsys):
+    """`--corpus-dir` naming a folder of the user's own `text/` stopped with a traceback (or,
+    before the build checked, lost that folder)."""
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "mine.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit) as stopped:
+        load_tool("run_demo", DEMO_DIR).run(["--out-dir", str(tmp_path / "out"),
+                                             "--corpus-dir", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert f"--corpus-dir: {tmp_path} holds text, which no demo corpus build wrote" \
+        in capsys.readouterr().err
+    assert (tmp_path / "text" / "mine.jsonl").read_text() == "{}\n"

@@ -10,7 +10,8 @@
 - the worked examples of docs/data.md marked `<!-- docs-test: run -->` run as written, in order,
   in a scratch directory, and the output block marked `<!-- docs-test: output -->` is what the
   example before it prints;
-- no file outside docs/ points to a document the repository does not have.
+- no file outside docs/ points to a document the repository does not have, and a section named
+  by its title (`docs/training.md, "The log line"`) is a heading of its page.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ EXTERNAL_FLAGS: dict[tuple[str, ...], frozenset[str]] = {
                          "--only-binary", "--python-version", "--implementation", "--platform"}),
     # building NVIDIA apex from source (README, "GPU extras")
     ("apex",): frozenset({"--cpp_ext", "--cuda_ext"}),
-    # Megatron-LM flags lst-train refuses by name (docs/training.md, "Not supported")
+    # Megatron-LM flags lst-train refuses by name
+    # (docs/training.md, "Where we differ from Megatron-LM")
     ("Not supported",): frozenset(UNSUPPORTED_MEGATRON_FLAGS),
 }
 
@@ -313,6 +315,28 @@ def test_no_file_points_to_a_missing_document():
             if (error := _check_path(link, REPO)) is not None:
                 problems.append(f"{where}: {error}")
     assert not problems, f"files point to documents the repository lacks: {problems}"
+
+
+# A section named by its heading after the page: `docs/training.md, "The log line"`.
+SECTION_REFERENCE = re.compile(
+    r"(docs/[\w-]+\.md|README(?:\.md)?),?\s+[\"']([A-Z][^\"'\n]{2,60})[\"']")
+
+
+def test_sections_named_by_their_heading_exist():
+    """A message or comment that sends the reader to a section by its title (an error's advice,
+    a script's exit status) names a heading the page has: a section renamed, or a title that was
+    never a heading, leaves the reader searching."""
+    problems = []
+    for path in [*_files_outside_docs(), *DOC_FILES]:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for page, title in SECTION_REFERENCE.findall(text):
+            target = REPO / ("README.md" if page.startswith("README") else page)
+            if _slug(title) not in _anchors(target):
+                problems.append(f"{path.relative_to(REPO)}: {page} has no heading {title!r}")
+    assert not problems, "sections named that their pages lack:\n" + "\n".join(problems)
 
 
 # --- every fenced command parses with its own command's parser ------------------------------

@@ -354,7 +354,8 @@ def test_a_tensor_parallel_size_the_model_does_not_split_into_is_refused_before_
     # "'utf-8' codec can't decode byte 0x93", naming no file
     (generate_main, ["--prompt-units", "@BINARY"], "--prompt-units @BINARY: BINARY: not a text "
                                                    "file of units"),
-    (generate_main, ["--prompt-text", "the", "--temperature", "nan"], "need a finite temperature"),
+    (generate_main, ["--prompt-text", "the", "--temperature", "nan"],
+     "--temperature nan must be a finite number >= 0"),
     (generate_main, ["--prompt-units", " ".join(["3"] * 200)],
      "context is 32 (--max-position-embeddings); shorten the prompt"),
     # Generated from BOS and a marker alone, as if prompted
@@ -403,6 +404,23 @@ def test_lst_eval_output_never_overwrites_the_tokenizer_or_the_checkpoint(checkp
         assert f"--output {output} {message}" in err and err.count("\n") == 1, err
         assert Path(output).read_bytes() == kept
     assert Path(tokenizer().path).read_bytes() == before
+
+
+def test_lst_eval_output_never_overwrites_the_run_of_one_loaded_checkpoint(checkpoint, capsys):
+    """With `--load DIR/iter_0000003` the guard looked only inside that checkpoint's folder, and
+    only below it: the run's tracker beside it and the checkpoint's own record were overwritten
+    by the results."""
+    root, items_path, _ = checkpoint
+    one_checkpoint = root / "save" / "iter_0000003"
+    for output in (root / "save" / "latest_checkpointed_iteration.txt",
+                   one_checkpoint / METADATA_FILENAME):
+        kept = output.read_bytes()
+        assert eval_main(["--load", str(one_checkpoint), "--items", str(items_path), "--modes",
+                          "tt", "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert (f"--output {output} is a file of the training run in the --load directory "
+                f"{one_checkpoint}") in err and err.count("\n") == 1, err
+        assert output.read_bytes() == kept
 
 
 def test_lst_eval_output_that_cannot_be_written_is_one_line(checkpoint, tmp_path, capsys):
@@ -454,10 +472,12 @@ def test_lst_eval_refuses_missing_items_before_loading_the_model(checkpoint, cap
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--prompt-text", "the", "--top-k", "-1"], "need a finite temperature >= 0, top_k >= 0"),
-    (["--prompt-text", "the", "--top-p", "0"], "0 < top_p <= 1, got 0.0, 0, 0.0"),
-    (["--prompt-text", "the", "--temperature", "inf"], "need a finite temperature"),
-    (["--prompt-text", "the", "--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
+    # Each named the sampling setting's field (top_k), not the flag, with all three values.
+    (["--prompt-text", "the", "--top-k", "-1"], "--top-k -1 must be >= 0 (0: every token)\n"),
+    (["--prompt-text", "the", "--top-p", "0"], "--top-p 0.0 must be in (0, 1] (1.0: every token)"),
+    (["--prompt-text", "the", "--temperature", "inf"],
+     "--temperature inf must be a finite number >= 0 (0: greedy)"),
+    (["--prompt-text", "the", "--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
     (["--prompt-text", "the", "--speech-only", "--continue-in", "text"],
      "--speech-only contradicts --continue-in text"),
     (["--prompt-text", " "], "the text prompt ' ' is empty"),

@@ -203,6 +203,13 @@ def test_prompts_and_speech_only_sampling(models):
         build_prompt(tv, tok, text="the \udcff dog")
     with pytest.raises(GenerationError, match="the unit prompt holds no units"):
         build_prompt(v, units=np.zeros(0, np.int64))
+    # The vocabulary's own error told the user to pass --num-units, which lst-generate lacks.
+    for unit in (-1, v.num_units):
+        with pytest.raises(GenerationError, match=re.escape(
+                f"the unit prompt holds unit {unit}, outside the model's codebook "
+                f"0..{v.num_units - 1}; give units made with the codebook the model was trained "
+                f"on ({v.num_units} units)")):
+            build_prompt(v, units=[3, unit])
     speech = generate(models["lst"], prompts()["text to speech"], v, STATIC,
                       SamplingConfig(temperature=1.0, max_new_tokens=30, modality="speech"))
     assert (v.is_unit(speech.tokens) | (speech.tokens == v.eos_id)).all()

@@ -50,6 +50,7 @@ def models(single_rank):
 def test_parse_modes():
     assert parse_modes("s2s, T->T,t2s") == ["S->S", "T->T", "T->S"]
     assert parse_modes("ss,tt,ST,Ts") == ["S->S", "T->T", "S->T", "T->S"]
+    assert parse_modes("tt,T->T,ss,t2t") == ["T->T", "S->S"]  # each mode scored once
     with pytest.raises(ValueError, match="unknown evaluation mode 'S->X'"):
         parse_modes("S->X")
     for bad in ("sts", "s", "S-T"):

@@ -1,5 +1,5 @@
 """`lst-train`'s exit status and message for bad data and a non-finite loss: one line that names
-the problem, no traceback (docs/training.md, "Exit status")."""
+the problem, no traceback (docs/training.md, "The log line", its last paragraph)."""
 
 import os
 import re
