@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,8 +270,6 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_lst.checkpoint.model_config import MODEL_KEY, model_record
-
     root = Path(save_dir)
     _check_weights_finite(model_chunks, iteration, root)
     final = root / checkpoint_name(iteration)
@@ -285,9 +284,7 @@ def save_checkpoint(
     nonce = _broadcast_from_rank0(secrets.token_hex(6))
     temporary = root / f"{final.name}.tmp-{nonce}"
     with _save_failure_explained(iteration, root, temporary):
-        if dist.get_rank() == 0:
-            temporary.mkdir(parents=True)
-        dist.barrier()
+        _on_rank0(lambda: temporary.mkdir(parents=True), iteration, root)
 
         state = _model_sharded_state_dict(model_chunks)
         if optimizer is not None:
@@ -298,33 +295,48 @@ def save_checkpoint(
         dist.barrier()
         files = integrity.record_checkpoint_files(temporary)
 
-        failure = None
-        if dist.get_rank() == 0:
-            metadata = {
-                "format_version": FORMAT_VERSION,
-                "iteration": iteration,
-                "extra_state": json.loads(extra_json),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "sharded_state_metadata": optimizer_state.SHARDED_STATE_METADATA,
-                "parallel_layout": _parallel_layout(),
-                "vocab": vocab.to_dict() if vocab is not None else None,
-                "args": args_to_dict(args),
-                MODEL_KEY: model_record(_unwrap(model_chunks)[0]),
-            }
-            try:
-                _finish_on_rank0(temporary, final, files, metadata)
-            except OSError as error:
-                failure = error
-        # Every rank learns whether rank 0 finished: the others used to wait in a barrier that
-        # broke with a gloo traceback when rank 0 stopped on a full disk.
-        if _broadcast_from_rank0("failed" if failure is not None else ""):
-            if failure is not None:
-                raise failure
-            raise CheckpointSaveError(
-                f"saving the checkpoint of iteration {iteration} into {root} failed on rank 0 "
-                f"(its message says why); checkpoints saved before are untouched")
+        _on_rank0(lambda: _finish_on_rank0(temporary, final, files, _checkpoint_metadata(
+            iteration, extra_json, scheduler, args, vocab, model_chunks)), iteration, root)
     dist.barrier()
     return final
+
+
+def _checkpoint_metadata(iteration: int, extra_json: str, scheduler: Any,
+                         args: argparse.Namespace, vocab: JointVocab | None,
+                         model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """The `lst_checkpoint.json` of checkpoint `iteration` (`extra_json`: its extra state)."""
+    from megatron_lst.checkpoint.model_config import MODEL_KEY, model_record
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "extra_state": json.loads(extra_json),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "sharded_state_metadata": optimizer_state.SHARDED_STATE_METADATA,
+        "parallel_layout": _parallel_layout(),
+        "vocab": vocab.to_dict() if vocab is not None else None,
+        "args": args_to_dict(args),
+        MODEL_KEY: model_record(_unwrap(model_chunks)[0]),
+    }
+
+
+def _on_rank0(action: Callable[[], None], iteration: int, root: Path) -> None:
+    """Collective: run `action` on rank 0 alone, every rank learning whether it failed. An
+    OSError of `action` is raised on rank 0 and CheckpointSaveError on the others, which used to
+    wait for rank 0 in a collective that broke with a gloo traceback ('Connection closed by
+    peer') once rank 0 stopped (a full disk, a --save made read-only during the run)."""
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            action()
+        except OSError as error:
+            failure = error
+    if _broadcast_from_rank0("failed" if failure is not None else ""):
+        if failure is not None:
+            raise failure
+        raise CheckpointSaveError(
+            f"saving the checkpoint of iteration {iteration} into {root} failed on rank 0 "
+            f"(its message says why); checkpoints saved before are untouched")
 
 
 def _finish_on_rank0(temporary: Path, final: Path, files: Any, metadata: dict[str, Any]) -> None:

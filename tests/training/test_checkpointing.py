@@ -269,7 +269,7 @@ def test_a_nan_loss_names_the_checkpoint_to_resume_from(tmp_path):
 
 
 FULL_DISK_ON_RANK0 = """
-import errno, sys
+import errno, pathlib, sys
 
 if __name__ == "__main__":  # the checkpoint writers re-import this file
     from megatron_lst.checkpoint import integrity
@@ -278,16 +278,24 @@ if __name__ == "__main__":  # the checkpoint writers re-import this file
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    integrity.write_manifest = full_disk  # rank 0 alone writes the manifest
+    if sys.argv.pop(1) == "manifest":
+        integrity.write_manifest = full_disk  # rank 0 alone writes the manifest
+    else:  # rank 0 alone makes the save's temporary directory
+        make_directory = pathlib.Path.mkdir
+        pathlib.Path.mkdir = lambda path, *args, **kwargs: (
+            full_disk() if ".tmp-" in path.name else make_directory(path, *args, **kwargs))
     sys.exit(cli.main())
 """
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path):
+@pytest.mark.parametrize("failing_write, interrupted_saves", [("manifest", 1), ("mkdir", 0)])
+def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path, failing_write,
+                                                                 interrupted_saves):
     """The other ranks waited for rank 0 in a barrier that broke with a gloo traceback
-    ('Connection closed by peer') when rank 0 stopped on a full disk."""
+    ('Connection closed by peer') when rank 0 stopped on a full disk: at the manifest, and at
+    the save's first write, its temporary directory."""
     from training.training_cases import tiny_flags, write_corpus
 
     script = tmp_path / "full_disk_on_rank0.py"
@@ -295,8 +303,8 @@ def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path):
     save = tmp_path / "ckpt"
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), *tiny_flags(write_corpus(tmp_path / "data")), "--train-iters", "2",
-         "--save", str(save)],
+         str(script), failing_write, *tiny_flags(write_corpus(tmp_path / "data")),
+         "--train-iters", "2", "--save", str(save)],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
     output = run.stdout + run.stderr
@@ -310,4 +318,5 @@ def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path):
             f"28] No space left on device)") in output
     assert (f"lst-train: saving the checkpoint of iteration 2 into {save} failed on rank 0 (its "
             f"message says why)") in output
-    assert find_latest_checkpoint(save) is None and len(list(save.glob("iter_0000002.tmp-*"))) == 1
+    assert find_latest_checkpoint(save) is None
+    assert len(list(save.glob("iter_0000002.tmp-*"))) == interrupted_saves
