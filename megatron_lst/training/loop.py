@@ -514,9 +514,11 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
             check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16,
                               clip_grad=state.args.clip_grad)
         except NonFiniteLossError as err:
-            save_dir = state.args.save if state.args.save is not None else state.args.load
-            raise NonFiniteLossError(
-                f"{err}. {checkpointing.describe_good_checkpoint(save_dir)}") from None
+            args = state.args
+            good = checkpointing.describe_good_checkpoint(
+                args.save if args.save is not None else args.load,
+                getattr(args, "resume_from", None), getattr(args, "finetune", False))
+            raise NonFiniteLossError(f"{err}. {good}") from None
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
     state.tokens += step.num_tokens
     result.losses[state.iteration] = step.loss

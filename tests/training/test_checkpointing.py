@@ -105,6 +105,31 @@ def test_the_good_checkpoint_is_named_after_divergence(tmp_path):
         f"saved: resume from it with --load {tmp_path} (or --ckpt-step 200)")
 
 
+def test_a_run_resumed_from_elsewhere_goes_back_to_its_own_start_after_divergence(tmp_path):
+    """A run that resumed from --load L with another --save S and diverged before its first save
+    was told 'No checkpoint was saved before (none under --save): start again', losing L's."""
+    started = fake_checkpoint(tmp_path / "L", 300)
+    save = tmp_path / "S"
+    assert describe_good_checkpoint(save, started).startswith(
+        f"No checkpoint was saved after {started} (iteration 300), which this run resumed from: "
+        f"resume from it again with --load {started}")
+    fake_checkpoint(save, 100)  # an earlier run's, behind the one this run started from
+    assert "which this run resumed from" in describe_good_checkpoint(save, started)
+    newest = fake_checkpoint(save, 400)  # this run's own
+    assert describe_good_checkpoint(save, started).startswith(f"The newest checkpoint, {newest}")
+
+
+def test_a_fine_tuning_run_that_diverged_before_saving_fine_tunes_again(tmp_path):
+    pretrained = fake_checkpoint(tmp_path / "pretrained", 5000)
+    save = tmp_path / "tuned"
+    assert describe_good_checkpoint(save, pretrained, finetune=True).startswith(
+        f"No checkpoint of this fine-tuning run was saved yet: fine-tune again from {pretrained} "
+        f"(--load {pretrained} --finetune)")
+    own = fake_checkpoint(save, 20)  # iterations count from 0 again
+    assert describe_good_checkpoint(save, pretrained, finetune=True).startswith(
+        f"The newest checkpoint, {own} (iteration 20)")
+
+
 def test_directory_without_metadata_is_not_complete(tmp_path):
     fake_checkpoint(tmp_path, 100, complete=False)
     assert find_latest_checkpoint(tmp_path) is None
@@ -266,6 +291,22 @@ def test_a_nan_loss_names_the_checkpoint_to_resume_from(tmp_path):
         _record_step(state, step, result=None, training_logger=None)
     assert "iteration 101: lm loss = nan" in str(stopped.value)
     assert f"The newest checkpoint, {tmp_path / 'iter_0000100'} (iteration 100)" in str(stopped.value)
+
+
+def test_a_nan_loss_before_the_first_save_names_the_checkpoint_the_run_resumed_from(tmp_path):
+    from megatron_lst.training.flops import FlopBreakdown
+    from megatron_lst.training.loop import StepResult, _record_step
+    from megatron_lst.training.train_logging import NonFiniteLossError
+
+    started = fake_checkpoint(tmp_path / "L", 300)
+    args = argparse.Namespace(fp16=False, clip_grad=1.0, save=str(tmp_path / "S"),
+                              load=str(tmp_path / "L"), resume_from=str(started), finetune=False)
+    step = StepResult(loss=float("inf"), num_tokens=64, flops=FlopBreakdown(), seconds=0.1,
+                      learning_rate=1e-3, grad_norm=None, loss_scale=None, skipped=False)
+    with pytest.raises(NonFiniteLossError) as stopped:
+        _record_step(argparse.Namespace(args=args, iteration=302), step, result=None,
+                     training_logger=None)
+    assert f"resume from it again with --load {started}" in str(stopped.value)
 
 
 FULL_DISK_ON_RANK0 = """
