@@ -86,6 +86,7 @@ from megatron_lst.training.param_gather import ParamGatherHooks
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
 from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
 from megatron_lst.training.train_logging import (
+    LoggingSetupError,
     NonFiniteLossError,
     build_training_logger,
     check_loss_finite,
@@ -459,9 +460,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     train_iterator = _data_iterator(build_loader(datasets.train, args, state.consumed_samples),
                                     state.model_config)
     is_logging_rank = torch.distributed.get_rank() == world - 1
-    training_logger = build_training_logger(
-        args, world_size=world, enabled=is_logging_rank, start_iteration=state.iteration,
-        stream=stream)
+    training_logger = _open_training_logger(args, world, state.iteration, stream)
     metrics = MetricsFile(Path(args.save) / METRICS_FILENAME
                           if args.save is not None and is_logging_rank else None,
                           start_iteration=state.iteration)
@@ -505,6 +504,30 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     result.iteration = state.iteration
     result.consumed_samples = state.consumed_samples
     return result
+
+
+def _open_training_logger(args: argparse.Namespace, world: int, start_iteration: int,
+                          stream: TextIO | None):
+    """Collective: the training logger, whose writers (TensorBoard, W&B) the logging rank (the
+    last) opens. When a rank cannot (W&B without a login or network), every rank raises
+    LoggingSetupError with its error; the other ranks used to wait for it in the first
+    collective, which broke with a gloo traceback once it exited."""
+    failure = None
+    try:
+        training_logger = build_training_logger(
+            args, world_size=world, enabled=torch.distributed.get_rank() == world - 1,
+            start_iteration=start_iteration, stream=stream)
+    except Exception as error:  # W&B and TensorBoard raise errors of their own
+        failure = f"{type(error).__name__}: {error}"
+    failures = [None] * world
+    torch.distributed.all_gather_object(failures, failure)
+    for rank, message in enumerate(failures):
+        if message is not None:
+            raise LoggingSetupError(
+                f"rank {rank} could not open the run's log writers (--tensorboard-dir, "
+                f"--wandb-project): {message}. Fix what it names (for W&B: `wandb login`, or "
+                f"WANDB_MODE=offline) or drop the flag")
+    return training_logger
 
 
 def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,

@@ -61,7 +61,8 @@ def note_missing_fused_kernels() -> None:
 
 
 class LoggingSetupError(RuntimeError):
-    """A logging flag whose optional package is missing."""
+    """A logging flag whose optional package is missing, or whose writer (TensorBoard, a W&B
+    run) cannot be opened."""
 
 
 class NonFiniteLossError(FloatingPointError):
