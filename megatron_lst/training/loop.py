@@ -437,13 +437,14 @@ def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = N
 @contextlib.contextmanager
 def _save_directory_lock(save_dir: str | None):
     """Collective: rank 0 holds the lock of `--save` for the block (`save_directory`); every rank
-    raises SaveDirectoryBusyError, before any work, when another run holds it."""
+    raises SaveDirectoryLockError, before any work, when another run holds it or rank 0 cannot
+    open its lock file."""
     if save_dir is None:
         yield
         return
     with contextlib.ExitStack() as stack:
         _check_on_rank0(lambda: stack.enter_context(save_directory.SaveDirectoryLock(save_dir)),
-                        save_directory.SaveDirectoryBusyError)
+                        save_directory.SaveDirectoryLockError)
         yield
 
 
