@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,10 +270,8 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_lst.checkpoint.model_config import MODEL_KEY, model_record
-
     root = Path(save_dir)
-    _check_weights_finite(model_chunks, iteration, root)
+    _check_weights_finite(model_chunks, iteration, root, args)
     final = root / checkpoint_name(iteration)
     if later := checkpoints_from(root, iteration):
         raise CheckpointError(
@@ -285,9 +284,7 @@ def save_checkpoint(
     nonce = _broadcast_from_rank0(secrets.token_hex(6))
     temporary = root / f"{final.name}.tmp-{nonce}"
     with _save_failure_explained(iteration, root, temporary):
-        if dist.get_rank() == 0:
-            temporary.mkdir(parents=True)
-        dist.barrier()
+        _on_rank0(lambda: temporary.mkdir(parents=True), iteration, root)
 
         state = _model_sharded_state_dict(model_chunks)
         if optimizer is not None:
@@ -298,33 +295,48 @@ def save_checkpoint(
         dist.barrier()
         files = integrity.record_checkpoint_files(temporary)
 
-        failure = None
-        if dist.get_rank() == 0:
-            metadata = {
-                "format_version": FORMAT_VERSION,
-                "iteration": iteration,
-                "extra_state": json.loads(extra_json),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "sharded_state_metadata": optimizer_state.SHARDED_STATE_METADATA,
-                "parallel_layout": _parallel_layout(),
-                "vocab": vocab.to_dict() if vocab is not None else None,
-                "args": args_to_dict(args),
-                MODEL_KEY: model_record(_unwrap(model_chunks)[0]),
-            }
-            try:
-                _finish_on_rank0(temporary, final, files, metadata)
-            except OSError as error:
-                failure = error
-        # Every rank learns whether rank 0 finished: the others used to wait in a barrier that
-        # broke with a gloo traceback when rank 0 stopped on a full disk.
-        if _broadcast_from_rank0("failed" if failure is not None else ""):
-            if failure is not None:
-                raise failure
-            raise CheckpointSaveError(
-                f"saving the checkpoint of iteration {iteration} into {root} failed on rank 0 "
-                f"(its message says why); checkpoints saved before are untouched")
+        _on_rank0(lambda: _finish_on_rank0(temporary, final, files, _checkpoint_metadata(
+            iteration, extra_json, scheduler, args, vocab, model_chunks)), iteration, root)
     dist.barrier()
     return final
+
+
+def _checkpoint_metadata(iteration: int, extra_json: str, scheduler: Any,
+                         args: argparse.Namespace, vocab: JointVocab | None,
+                         model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """The `lst_checkpoint.json` of checkpoint `iteration` (`extra_json`: its extra state)."""
+    from megatron_lst.checkpoint.model_config import MODEL_KEY, model_record
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "extra_state": json.loads(extra_json),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "sharded_state_metadata": optimizer_state.SHARDED_STATE_METADATA,
+        "parallel_layout": _parallel_layout(),
+        "vocab": vocab.to_dict() if vocab is not None else None,
+        "args": args_to_dict(args),
+        MODEL_KEY: model_record(_unwrap(model_chunks)[0]),
+    }
+
+
+def _on_rank0(action: Callable[[], None], iteration: int, root: Path) -> None:
+    """Collective: run `action` on rank 0 alone, every rank learning whether it failed. An
+    OSError of `action` is raised on rank 0 and CheckpointSaveError on the others, which used to
+    wait for rank 0 in a collective that broke with a gloo traceback ('Connection closed by
+    peer') once rank 0 stopped (a full disk, a --save made read-only during the run)."""
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            action()
+        except OSError as error:
+            failure = error
+    if _broadcast_from_rank0("failed" if failure is not None else ""):
+        if failure is not None:
+            raise failure
+        raise CheckpointSaveError(
+            f"saving the checkpoint of iteration {iteration} into {root} failed on rank 0 "
+            f"(its message says why); checkpoints saved before are untouched")
 
 
 def _finish_on_rank0(temporary: Path, final: Path, files: Any, metadata: dict[str, Any]) -> None:
@@ -374,10 +386,10 @@ def _free_space(path: Path) -> str:
 
 
 def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,
-                          save_dir: Path) -> None:
-    """Collective: raise NonFiniteWeightsError, naming a NaN/inf weight and the newest checkpoint
-    in `save_dir` (whose weights were checked when it was saved), unless every weight of every
-    rank is finite."""
+                          save_dir: Path, args: argparse.Namespace) -> None:
+    """Collective: raise NonFiniteWeightsError, naming a NaN/inf weight and the checkpoint to go
+    back to (`describe_good_checkpoint` of `save_dir` and the run's `args`), unless every weight
+    of every rank is finite."""
     named = [(name, param) for chunk in _unwrap(model_chunks)
              for name, param in chunk.named_parameters()]
     device = collective_device()
@@ -392,25 +404,45 @@ def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,
                None)
     names: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(names, bad)
+    good = describe_good_checkpoint(save_dir, getattr(args, "resume_from", None),
+                                    getattr(args, "finetune", False))
     raise NonFiniteWeightsError(
         f"iteration {iteration}: weight {next(n for n in names if n is not None)} holds NaN or "
-        f"infinity; the run diverged and this checkpoint is not saved. "
-        f"{describe_good_checkpoint(save_dir)}")
+        f"infinity; the run diverged and this checkpoint is not saved. {good}")
 
 
-def describe_good_checkpoint(save_dir: str | os.PathLike | None) -> str:
-    """A sentence naming the newest checkpoint under `save_dir` to resume from (every saved
-    checkpoint had finite weights: `save_checkpoint` checks)."""
+def describe_good_checkpoint(save_dir: str | os.PathLike | None,
+                             started_from: str | os.PathLike | None = None,
+                             finetune: bool = False) -> str:
+    """A sentence naming the checkpoint to go back to after a divergence: the newest under
+    `save_dir` (every saved checkpoint had finite weights: `save_checkpoint` checks), or the one
+    the run started from (`started_from`, `args.resume_from`; with `finetune`, the weights it
+    fine-tuned from) when `save_dir` holds none as new: a run resumed from another directory that
+    diverged before its first save has its good checkpoint there."""
     try:
         newest = find_latest_checkpoint(save_dir) if save_dir is not None else None
     except CheckpointError as err:
         return f"No checkpoint to resume from could be found: {err}"
-    if newest is None:
-        return "No checkpoint was saved before (none under --save): start again."
-    iteration = int(_COMPLETE_NAME.match(newest.name).group(1))
-    return (f"The newest checkpoint, {newest} (iteration {iteration}), held finite weights when "
-            f"it was saved: resume from it with --load {newest.parent} (or --ckpt-step "
-            f"{iteration}), after changing what made the run diverge.")
+    start = Path(started_from) if started_from is not None else None
+    if newest is not None and (start is None or finetune
+                               or _iteration_of(newest) >= _iteration_of(start)):
+        iteration = _iteration_of(newest)
+        return (f"The newest checkpoint, {newest} (iteration {iteration}), held finite weights "
+                f"when it was saved: resume from it with --load {newest.parent} (or --ckpt-step "
+                f"{iteration}), after changing what made the run diverge.")
+    if start is not None and finetune:
+        return (f"No checkpoint of this fine-tuning run was saved yet: fine-tune again from "
+                f"{start} (--load {start} --finetune), after changing what made the run diverge.")
+    if start is not None:
+        return (f"No checkpoint was saved after {start} (iteration {_iteration_of(start)}), "
+                f"which this run resumed from: resume from it again with --load {start}, after "
+                f"changing what made the run diverge.")
+    return "No checkpoint was saved before (none under --save): start again."
+
+
+def _iteration_of(checkpoint: Path) -> int:
+    """The iteration of a checkpoint directory `iter_XXXXXXX`."""
+    return int(_COMPLETE_NAME.match(checkpoint.name).group(1))
 
 
 def _broadcast_from_rank0(value: str) -> str:

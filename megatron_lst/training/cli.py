@@ -3,10 +3,10 @@
 Exit status: 0 when training reached --train-iters or stopped early after saving a checkpoint
 (--exit-signal-handler, --exit-duration-in-mins, --exit-interval; Megatron-LM's behaviour: compare
 the latest checkpoint with --train-iters to know which), 2 for bad flags or --eval-data items (as
-lst-eval), 3 for a refused checkpoint: a `--load` one that is damaged, unsafe or not resumable
-with these flags, a --save directory without room for a checkpoint or that another run is
-writing, a save of diverged weights, or a save that failed (a full disk), 4 for bad
-training data (a dataset that is missing, truncated, inconsistent
+lst-eval) or log writers (TensorBoard, W&B) that cannot be opened, 3 for a refused checkpoint: a
+`--load` one that is damaged, unsafe or not resumable with these flags, a --save directory without
+room for a checkpoint or that another run is writing, a save of diverged weights, or a save that
+failed (a full disk), 4 for bad training data (a dataset that is missing, truncated, inconsistent
 with its manifest, or of another vocabulary), 5 for a non-finite loss (the message names the
 checkpoint to resume from). Each prints one message that says what is wrong and what to do;
 any other error exits 1 with its traceback.
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_lst.evaluation.items import ItemError
     from megatron_lst.tokenizer.vocab import VocabularyError
     from megatron_lst.training.loop import pretrain
-    from megatron_lst.training.train_logging import NonFiniteLossError
+    from megatron_lst.training.train_logging import LoggingSetupError, NonFiniteLossError
 
     try:
         pretrain(args)
@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(EXIT_CHECKPOINT_REFUSED, str(error))
     except ItemError as error:
         return _report(2, f"--eval-data: {error}")
+    except LoggingSetupError as error:
+        return _report(2, str(error))
     except (DocumentError, DatasetError, VocabularyError) as error:
         return _report(EXIT_BAD_DATA, f"bad training data: {error}")
     except NonFiniteLossError as error:

@@ -16,8 +16,8 @@ answer is the same on every rank: signals and the clock are combined over ranks 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -72,8 +72,8 @@ class ExitMonitor:
         del frame
         if self.received is None:
             self.received = signal.Signals(signum)
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this "
-              f"iteration, then exiting", file=sys.stderr, flush=True)
+        _say_from_handler(f"received {signal.Signals(signum).name}: saving a checkpoint after "
+                          f"this iteration, then exiting\n")
 
     def reason(self, iteration: int) -> str | None:
         """Collective (when signals or a duration are watched): why the run stops after
@@ -96,3 +96,14 @@ class ExitMonitor:
             return f"--exit-interval {conditions.interval} reached at iteration {iteration}"
         return None
 
+
+def _say_from_handler(text: str) -> None:
+    """Write `text` to the process's stderr (fd 2) from a signal handler. Not through
+    `sys.stderr`: a signal that interrupts a write to it (a log line into a full pipe) runs the
+    handler while that stream's buffer is locked, and a `print` there raised RuntimeError
+    ('reentrant call inside <_io.BufferedWriter>') in the training loop, which then crashed
+    instead of saving."""
+    try:
+        os.write(2, text.encode())
+    except OSError:  # no stderr to tell: the stop itself is what matters
+        pass

@@ -86,6 +86,7 @@ from megatron_lst.training.param_gather import ParamGatherHooks
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
 from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
 from megatron_lst.training.train_logging import (
+    LoggingSetupError,
     NonFiniteLossError,
     build_training_logger,
     check_loss_finite,
@@ -436,13 +437,14 @@ def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = N
 @contextlib.contextmanager
 def _save_directory_lock(save_dir: str | None):
     """Collective: rank 0 holds the lock of `--save` for the block (`save_directory`); every rank
-    raises SaveDirectoryBusyError, before any work, when another run holds it."""
+    raises SaveDirectoryLockError, before any work, when another run holds it or rank 0 cannot
+    open its lock file."""
     if save_dir is None:
         yield
         return
     with contextlib.ExitStack() as stack:
         _check_on_rank0(lambda: stack.enter_context(save_directory.SaveDirectoryLock(save_dir)),
-                        save_directory.SaveDirectoryBusyError)
+                        save_directory.SaveDirectoryLockError)
         yield
 
 
@@ -459,9 +461,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     train_iterator = _data_iterator(build_loader(datasets.train, args, state.consumed_samples),
                                     state.model_config)
     is_logging_rank = torch.distributed.get_rank() == world - 1
-    training_logger = build_training_logger(
-        args, world_size=world, enabled=is_logging_rank, start_iteration=state.iteration,
-        stream=stream)
+    training_logger = _open_training_logger(args, world, state.iteration, stream)
     metrics = MetricsFile(Path(args.save) / METRICS_FILENAME
                           if args.save is not None and is_logging_rank else None,
                           start_iteration=state.iteration)
@@ -507,6 +507,30 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     return result
 
 
+def _open_training_logger(args: argparse.Namespace, world: int, start_iteration: int,
+                          stream: TextIO | None):
+    """Collective: the training logger, whose writers (TensorBoard, W&B) the logging rank (the
+    last) opens. When a rank cannot (W&B without a login or network), every rank raises
+    LoggingSetupError with its error; the other ranks used to wait for it in the first
+    collective, which broke with a gloo traceback once it exited."""
+    failure = None
+    try:
+        training_logger = build_training_logger(
+            args, world_size=world, enabled=torch.distributed.get_rank() == world - 1,
+            start_iteration=start_iteration, stream=stream)
+    except Exception as error:  # W&B and TensorBoard raise errors of their own
+        failure = f"{type(error).__name__}: {error}"
+    failures = [None] * world
+    torch.distributed.all_gather_object(failures, failure)
+    for rank, message in enumerate(failures):
+        if message is not None:
+            raise LoggingSetupError(
+                f"rank {rank} could not open the run's log writers (--tensorboard-dir, "
+                f"--wandb-project): {message}. Fix what it names (for W&B: `wandb login`, or "
+                f"WANDB_MODE=offline) or drop the flag")
+    return training_logger
+
+
 def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
                  training_logger) -> None:
     if not step.skipped:
@@ -514,9 +538,11 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
             check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16,
                               clip_grad=state.args.clip_grad)
         except NonFiniteLossError as err:
-            save_dir = state.args.save if state.args.save is not None else state.args.load
-            raise NonFiniteLossError(
-                f"{err}. {checkpointing.describe_good_checkpoint(save_dir)}") from None
+            args = state.args
+            good = checkpointing.describe_good_checkpoint(
+                args.save if args.save is not None else args.load,
+                getattr(args, "resume_from", None), getattr(args, "finetune", False))
+            raise NonFiniteLossError(f"{err}. {good}") from None
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
     state.tokens += step.num_tokens
     result.losses[state.iteration] = step.loss

@@ -8,8 +8,10 @@ built the training rows: row r of the training order is cut (`--seq-length` patc
 and under curriculum patching its training step is `r // --global-batch-size`.
 A resume that changes any of these would continue at row `consumed_samples` of another row
 sequence (rows repeated or skipped, the curriculum moved), so it is refused with the flag's
-saved value. Changes that keep the rows (the data paths of moved datasets, the micro-batch size)
-are allowed with a note, as is raising the global batch size without a curriculum.
+saved value; a patching parameter counts only under the modes that read it
+(`PATCHING_MODES_READING`: the curriculum's steps do not patch a static run). Changes that keep
+the rows (the data paths of moved datasets, the micro-batch size) are allowed with a note, as is
+raising the global batch size without a curriculum.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ ROW_FLAGS = {
     "seed": "orders the documents",
     "speech_only_fraction": "lays out the speech documents",
     "task": "makes the rows",
+}
+# The patching flags of ROW_FLAGS and the --patching-mode values that read them (`Patcher`:
+# static runs of --patch-size, aligned words and --silence-patching, mixed and curriculum draw
+# one of the two); under the other modes they build no row, and a resume may change them.
+PATCHING_MODES_READING = {
+    "patch_size": ("static", "mixed", "curriculum"),
+    "silence_patching": ("aligned", "mixed", "curriculum"),
+    "curriculum_tau1": ("curriculum",),
+    "curriculum_tau2": ("curriculum",),
+    "mixed_static_prob": ("mixed",),
 }
 # Flags of the learning-rate and weight-decay schedule a checkpoint continues.
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_decay_style", "lr_decay_iters", "lr_warmup_iters",
@@ -67,7 +79,8 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
         return name in saved and saved[name] != current.get(name)
 
     refused = [f"{flag_name(name)} {saved[name]} -> {current.get(name)} (it {why})"
-               for name, why in ROW_FLAGS.items() if changed(name)]
+               for name, why in ROW_FLAGS.items()
+               if changed(name) and _builds_rows(name, saved.get("patching_mode"))]
     if refused:
         raise ResumeConfigError(
             f"checkpoint {checkpoint} stands at sample {position.consumed_samples} of the "
@@ -86,6 +99,13 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
                      f"these flags name; if it is not the data the checkpoint was trained on, "
                      f"samples are repeated or skipped")
     return notes + batch_notes
+
+
+def _builds_rows(name: str, patching_mode: str | None) -> bool:
+    """Whether row flag `name` builds the rows of a run patched by `patching_mode` (None: not
+    recorded, every flag counts). A change of the mode itself is refused on its own."""
+    modes = PATCHING_MODES_READING.get(name)
+    return modes is None or patching_mode is None or patching_mode in modes
 
 
 # The precision flags of each parameter dtype `validate_args` derives.

@@ -48,7 +48,12 @@ class SaveDirectoryError(ValueError):
     """`--save` names a directory this run cannot write."""
 
 
-class SaveDirectoryBusyError(CheckpointError):
+class SaveDirectoryLockError(CheckpointError):
+    """The lock of the `--save` directory cannot be taken: its lock file cannot be opened, or
+    another run holds it (`SaveDirectoryBusyError`)."""
+
+
+class SaveDirectoryBusyError(SaveDirectoryLockError):
     """Another run holds the lock of the `--save` directory."""
 
 
@@ -135,7 +140,8 @@ job restarted on other nodes would otherwise be refused by its own dead predeces
 
 class SaveDirectoryLock:
     """Context manager: hold the lock of `save_dir` (see the module docstring) or raise
-    SaveDirectoryBusyError naming the run that holds it. A holder on this host is alive (the
+    SaveDirectoryBusyError naming the run that holds it (SaveDirectoryLockError when its lock
+    file cannot be opened). A holder on this host is alive (the
     kernel frees a dead process's lock): refused at once. A holder on another host may be a
     crashed node whose lock the file server has not yet dropped: waited for up to
     `remote_wait_seconds` first."""
@@ -147,8 +153,7 @@ class SaveDirectoryLock:
         self._fd: int | None = None
 
     def __enter__(self) -> SaveDirectoryLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         deadline = None
         while True:
             try:
@@ -183,6 +188,18 @@ class SaveDirectoryLock:
             logger.warning("cannot record this run as the holder of %s (%s); the directory is "
                            "locked all the same", self.path, error.strerror or error)
         return self
+
+    def _open(self) -> int:
+        """The lock file's descriptor; SaveDirectoryLockError naming it when it cannot be opened
+        (a directory or another file of that name in its place)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise SaveDirectoryLockError(
+                f"--save {self.path.parent}: its lock file {self.path} cannot be opened "
+                f"({_describe(error)}); lst-train keeps it there while it writes the directory. "
+                f"Remove what is in its place, or give another --save") from None
 
     def __exit__(self, *exc_info) -> None:
         if self._fd is not None:

@@ -61,7 +61,8 @@ def note_missing_fused_kernels() -> None:
 
 
 class LoggingSetupError(RuntimeError):
-    """A logging flag whose optional package is missing."""
+    """A logging flag whose optional package is missing, or whose writer (TensorBoard, a W&B
+    run) cannot be opened."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -294,12 +295,20 @@ class TrainingLogger:
         else:
             print(line, file=self.stream, flush=True)
         scalars = summary.scalars()
-        if self.tensorboard_writer is not None:
-            for tag, value in scalars.items():
-                self.tensorboard_writer.add_scalar(tag, value, summary.iteration)
-            self.tensorboard_writer.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(scalars, step=summary.iteration)
+        if self.tensorboard_writer is not None and not _sent(
+                "--tensorboard-dir", self._to_tensorboard, scalars, summary.iteration):
+            self.tensorboard_writer = None
+        if self.wandb_run is not None and not _sent(
+                "--wandb-project", self._to_wandb, scalars, summary.iteration):
+            self.wandb_run = None
+
+    def _to_tensorboard(self, scalars: dict[str, float], iteration: int) -> None:
+        for tag, value in scalars.items():
+            self.tensorboard_writer.add_scalar(tag, value, iteration)
+        self.tensorboard_writer.flush()
+
+    def _to_wandb(self, scalars: dict[str, float], iteration: int) -> None:
+        self.wandb_run.log(scalars, step=iteration)
 
     def close(self) -> None:
         """Close the progress bar and flush and close the writers."""
@@ -310,6 +319,23 @@ class TrainingLogger:
             self.tensorboard_writer.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _sent(flag: str, send, scalars: dict[str, float], iteration: int) -> bool:
+    """Whether `send(scalars, iteration)` wrote the scalars of the writer of `flag`. One that
+    fails (a full disk under --tensorboard-dir, W&B's service gone) is reported once and the run
+    goes on without it: only the logging rank writes, and raising there left the other ranks
+    waiting for it in their next collective. The log lines keep the values."""
+    try:
+        send(scalars, iteration)
+    except Exception as error:  # TensorBoard and W&B raise errors of their own
+        import logging
+
+        logging.getLogger(__name__).error(
+            "%s: writing the scalars of iteration %d failed (%s: %s); no more scalars go there "
+            "this run (the log lines keep them)", flag, iteration, type(error).__name__, error)
+        return False
+    return True
 
 
 def build_training_logger(args: argparse.Namespace, *, world_size: int, enabled: bool,

@@ -105,6 +105,31 @@ def test_the_good_checkpoint_is_named_after_divergence(tmp_path):
         f"saved: resume from it with --load {tmp_path} (or --ckpt-step 200)")
 
 
+def test_a_run_resumed_from_elsewhere_goes_back_to_its_own_start_after_divergence(tmp_path):
+    """A run that resumed from --load L with another --save S and diverged before its first save
+    was told 'No checkpoint was saved before (none under --save): start again', losing L's."""
+    started = fake_checkpoint(tmp_path / "L", 300)
+    save = tmp_path / "S"
+    assert describe_good_checkpoint(save, started).startswith(
+        f"No checkpoint was saved after {started} (iteration 300), which this run resumed from: "
+        f"resume from it again with --load {started}")
+    fake_checkpoint(save, 100)  # an earlier run's, behind the one this run started from
+    assert "which this run resumed from" in describe_good_checkpoint(save, started)
+    newest = fake_checkpoint(save, 400)  # this run's own
+    assert describe_good_checkpoint(save, started).startswith(f"The newest checkpoint, {newest}")
+
+
+def test_a_fine_tuning_run_that_diverged_before_saving_fine_tunes_again(tmp_path):
+    pretrained = fake_checkpoint(tmp_path / "pretrained", 5000)
+    save = tmp_path / "tuned"
+    assert describe_good_checkpoint(save, pretrained, finetune=True).startswith(
+        f"No checkpoint of this fine-tuning run was saved yet: fine-tune again from {pretrained} "
+        f"(--load {pretrained} --finetune)")
+    own = fake_checkpoint(save, 20)  # iterations count from 0 again
+    assert describe_good_checkpoint(save, pretrained, finetune=True).startswith(
+        f"The newest checkpoint, {own} (iteration 20)")
+
+
 def test_directory_without_metadata_is_not_complete(tmp_path):
     fake_checkpoint(tmp_path, 100, complete=False)
     assert find_latest_checkpoint(tmp_path) is None
@@ -268,8 +293,24 @@ def test_a_nan_loss_names_the_checkpoint_to_resume_from(tmp_path):
     assert f"The newest checkpoint, {tmp_path / 'iter_0000100'} (iteration 100)" in str(stopped.value)
 
 
+def test_a_nan_loss_before_the_first_save_names_the_checkpoint_the_run_resumed_from(tmp_path):
+    from megatron_lst.training.flops import FlopBreakdown
+    from megatron_lst.training.loop import StepResult, _record_step
+    from megatron_lst.training.train_logging import NonFiniteLossError
+
+    started = fake_checkpoint(tmp_path / "L", 300)
+    args = argparse.Namespace(fp16=False, clip_grad=1.0, save=str(tmp_path / "S"),
+                              load=str(tmp_path / "L"), resume_from=str(started), finetune=False)
+    step = StepResult(loss=float("inf"), num_tokens=64, flops=FlopBreakdown(), seconds=0.1,
+                      learning_rate=1e-3, grad_norm=None, loss_scale=None, skipped=False)
+    with pytest.raises(NonFiniteLossError) as stopped:
+        _record_step(argparse.Namespace(args=args, iteration=302), step, result=None,
+                     training_logger=None)
+    assert f"resume from it again with --load {started}" in str(stopped.value)
+
+
 FULL_DISK_ON_RANK0 = """
-import errno, sys
+import errno, pathlib, sys
 
 if __name__ == "__main__":  # the checkpoint writers re-import this file
     from megatron_lst.checkpoint import integrity
@@ -278,16 +319,24 @@ if __name__ == "__main__":  # the checkpoint writers re-import this file
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    integrity.write_manifest = full_disk  # rank 0 alone writes the manifest
+    if sys.argv.pop(1) == "manifest":
+        integrity.write_manifest = full_disk  # rank 0 alone writes the manifest
+    else:  # rank 0 alone makes the save's temporary directory
+        make_directory = pathlib.Path.mkdir
+        pathlib.Path.mkdir = lambda path, *args, **kwargs: (
+            full_disk() if ".tmp-" in path.name else make_directory(path, *args, **kwargs))
     sys.exit(cli.main())
 """
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path):
+@pytest.mark.parametrize("failing_write, interrupted_saves", [("manifest", 1), ("mkdir", 0)])
+def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path, failing_write,
+                                                                 interrupted_saves):
     """The other ranks waited for rank 0 in a barrier that broke with a gloo traceback
-    ('Connection closed by peer') when rank 0 stopped on a full disk."""
+    ('Connection closed by peer') when rank 0 stopped on a full disk: at the manifest, and at
+    the save's first write, its temporary directory."""
     from training.training_cases import tiny_flags, write_corpus
 
     script = tmp_path / "full_disk_on_rank0.py"
@@ -295,8 +344,8 @@ def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path):
     save = tmp_path / "ckpt"
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), *tiny_flags(write_corpus(tmp_path / "data")), "--train-iters", "2",
-         "--save", str(save)],
+         str(script), failing_write, *tiny_flags(write_corpus(tmp_path / "data")),
+         "--train-iters", "2", "--save", str(save)],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
     output = run.stdout + run.stderr
@@ -310,4 +359,5 @@ def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path):
             f"28] No space left on device)") in output
     assert (f"lst-train: saving the checkpoint of iteration 2 into {save} failed on rank 0 (its "
             f"message says why)") in output
-    assert find_latest_checkpoint(save) is None and len(list(save.glob("iter_0000002.tmp-*"))) == 1
+    assert find_latest_checkpoint(save) is None
+    assert len(list(save.glob("iter_0000002.tmp-*"))) == interrupted_saves

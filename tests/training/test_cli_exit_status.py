@@ -13,7 +13,7 @@ from megatron_lst.data.dataset import DatasetError
 from megatron_lst.evaluation.items import ItemError
 from megatron_lst.tokenizer.vocab import VocabularyError
 from megatron_lst.training import cli, loop
-from megatron_lst.training.train_logging import NonFiniteLossError
+from megatron_lst.training.train_logging import LoggingSetupError, NonFiniteLossError
 from training.training_cases import tiny_flags, write_corpus
 
 ENTRY = [sys.executable, "-m", "megatron_lst.training.cli"]
@@ -26,6 +26,8 @@ LATE_LINE = Path(__file__).resolve().parents[1] / "distributed" / "workers" / "l
     (NonFiniteLossError("iteration 7: lm loss = nan"), cli.EXIT_NON_FINITE_LOSS),
     # An --eval-data item was a traceback (lst-eval reports the same error with status 2).
     (ItemError("items.jsonl:1: not a JSON object"), 2),
+    # A W&B run the logging rank could not start was a traceback (and a gloo one on the others).
+    (LoggingSetupError("rank 1 could not open the run's log writers"), 2),
 ])
 def test_each_failure_has_its_status_and_one_line(tmp_path, monkeypatch, capsys, error, status):
     def fail(args):
@@ -96,6 +98,49 @@ def test_bad_data_stops_every_rank_with_one_line(tmp_path):
     # its line and its exit.
     codes = re.findall(r"exitcode  : (-?\d+)", output)
     assert "4" in codes and set(codes) <= {"4", "-15"}, output[-3000:]
+
+
+WANDB_WITHOUT_LOGIN = """
+import importlib.machinery, sys, types
+
+if __name__ == "__main__":  # the checkpoint writers re-import this file
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    wandb.init = init
+    sys.modules["wandb"] = wandb
+    from megatron_lst.training import cli
+
+    sys.exit(cli.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_log_writer_the_logging_rank_cannot_open_stops_every_rank_with_one_line(tmp_path):
+    """The last rank alone starts the W&B run: when it could not, it stopped with W&B's
+    traceback while the other ranks waited for it in the first training collective, which broke
+    with a gloo traceback ('Connection closed by peer')."""
+    script = tmp_path / "wandb_without_login.py"
+    script.write_text(WANDB_WITHOUT_LOGIN)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), *tiny_flags(write_corpus(tmp_path), patching_mode="none"),
+         "--train-iters", "2", "--wandb-project", "lst"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+    output = run.stdout + run.stderr
+    # No worker traceback: neither W&B's error on rank 1 nor a broken collective on rank 0.
+    assert "\nRuntimeError: " not in output and "Connection closed by peer" not in output, \
+        output[-3000:]
+    assert output.count("lst-train: ") == 2, output[-3000:]
+    assert ("lst-train: rank 1 could not open the run's log writers (--tensorboard-dir, "
+            "--wandb-project): RuntimeError: api_key not configured (no-tty)") in output
+    codes = re.findall(r"exitcode  : (-?\d+)", output)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, output[-3000:]
 
 
 @pytest.mark.parametrize("flags, out, err", [

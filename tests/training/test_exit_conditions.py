@@ -7,10 +7,12 @@ resumed run holding every iteration once.
 
 import argparse
 import errno
+import io
 import json
 import logging
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -52,6 +54,38 @@ def test_a_received_signal_is_the_reason_and_the_handler_is_restored(world_of_on
         os.kill(os.getpid(), signal.SIGUSR1)
         assert monitor.reason(2) == "received SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+class _SignalledMidWrite(io.RawIOBase):
+    """A stream whose first write is interrupted by `sig`, as a log line written into a full pipe
+    is: Python runs the signal's handler while the stream's buffer is locked."""
+
+    def __init__(self, sig: signal.Signals):
+        self.sig = sig
+        self.sent = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.sig)
+        return len(data)
+
+
+def test_a_signal_that_interrupts_a_write_to_stderr_is_held_not_raised(world_of_one, monkeypatch,
+                                                                       capfd):
+    """The handler printed to sys.stderr: a signal that came while the loop wrote to it
+    re-entered the stream's buffer and raised RuntimeError ('reentrant call') in the loop, which
+    crashed instead of saving."""
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(
+        io.BufferedWriter(_SignalledMidWrite(signal.SIGUSR1)), line_buffering=True))
+    monitor = ExitMonitor(ExitConditions(signals=(signal.SIGUSR1,)), time.monotonic())
+    with monitor:
+        print("a log line", file=sys.stderr)
+        assert monitor.reason(1) == "received SIGUSR1"
+    assert "received SIGUSR1: saving a checkpoint after this iteration" in capfd.readouterr().err
 
 
 def test_duration_and_interval_reasons(world_of_one):

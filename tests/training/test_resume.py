@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from distributed.harness import TESTS_DIR, run_distributed
 
+from megatron_lst.training.flag_checks import flag_name
 from megatron_lst.training.resume_check import (
     ResumeConfigError,
     ResumePosition,
@@ -162,6 +163,41 @@ def test_a_change_of_the_rows_is_refused_naming_the_flag(flag, value, why):
         check_resume_flags(SAVED_FLAGS, resumed_with(**{flag: value}), AT_ITERATION_10, "ckpt")
     assert why in str(refused.value)
     assert "stands at sample 80" in str(refused.value)
+
+
+@pytest.mark.parametrize("mode, flag, value", [
+    ("static", "curriculum_tau1", 20),
+    ("static", "mixed_static_prob", 0.3),
+    ("static", "silence_patching", "merged"),
+    ("aligned", "patch_size", 6),
+    ("mixed", "curriculum_tau2", 40),
+    ("curriculum", "mixed_static_prob", 0.3),
+    ("none", "patch_size", 6),
+])
+def test_a_patching_flag_the_mode_does_not_read_may_change(mode, flag, value):
+    """A static run resumed without the --curriculum-tau1 its config once carried was refused
+    as if the flag had 'set the curriculum': only the modes that read a patching flag build rows
+    with it."""
+    saved = {**SAVED_FLAGS, "patching_mode": mode, "curriculum_tau1": None,
+             "curriculum_tau2": None, "mixed_static_prob": 0.5, "silence_patching": "separate"}
+    resumed = argparse.Namespace(**{**saved, "train_iters": 20, flag: value})
+    assert check_resume_flags(saved, resumed, AT_ITERATION_10, "ckpt") == []
+
+
+@pytest.mark.parametrize("mode, flag, value", [
+    ("static", "patch_size", 6),
+    ("aligned", "silence_patching", "merged"),
+    ("mixed", "mixed_static_prob", 0.3),
+    ("mixed", "patch_size", 6),
+    ("curriculum", "curriculum_tau1", 3),
+    ("curriculum", "silence_patching", "merged"),
+])
+def test_a_patching_flag_the_mode_reads_is_refused(mode, flag, value):
+    saved = {**SAVED_FLAGS, "patching_mode": mode, "curriculum_tau1": 2, "curriculum_tau2": 6,
+             "mixed_static_prob": 0.5, "silence_patching": "separate"}
+    resumed = argparse.Namespace(**{**saved, "train_iters": 20, flag: value})
+    with pytest.raises(ResumeConfigError, match=f"{flag_name(flag)} .* -> {value}"):
+        check_resume_flags(saved, resumed, AT_ITERATION_10, "ckpt")
 
 
 def test_moved_data_and_another_micro_batch_size_resume_with_notes():

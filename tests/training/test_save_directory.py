@@ -22,6 +22,7 @@ from megatron_lst.training.save_directory import (
     LOCK_FILENAME,
     SaveDirectoryBusyError,
     SaveDirectoryLock,
+    SaveDirectoryLockError,
 )
 from training.training_cases import tiny_flags, write_corpus
 
@@ -123,6 +124,28 @@ def test_a_lock_whose_holder_cannot_be_recorded_is_held_all_the_same(tmp_path, c
         assert lock._fd is not None
         assert f"cannot record this run as the holder of {lock.path}" in caplog.text
     assert lock._fd is None
+
+
+def test_a_lock_file_that_cannot_be_opened_is_refused_on_every_rank_naming_it(tmp_path):
+    """A directory named lst_train.lock in --save made rank 0 stop with IsADirectoryError while
+    the other ranks waited for its answer, which broke with a gloo traceback: the loop hands
+    every rank rank 0's refusal only for the lock's own error type."""
+    import torch
+
+    from megatron_lst.parallel import free_local_port
+    from megatron_lst.training.loop import _save_directory_lock
+
+    (tmp_path / LOCK_FILENAME).mkdir()
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_local_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(SaveDirectoryLockError, match=(
+                rf"--save {tmp_path}: its lock file {tmp_path / LOCK_FILENAME} cannot be opened "
+                rf"\(Is a directory at .*\).*Remove what is in its place")):
+            with _save_directory_lock(str(tmp_path)):
+                pass
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_a_lock_held_from_another_host_is_waited_for_then_refused(tmp_path):

@@ -1,6 +1,8 @@
 """Training log: interval averages and throughput, the Megatron-style line, writers, NaN check."""
 
+import errno
 import io
+import logging
 import math
 import re
 from datetime import datetime
@@ -131,6 +133,26 @@ def test_writes_line_and_scalars_only_when_enabled():
                         enabled=False)
     assert step(quiet, 1) is not None
     assert quiet_stream.getvalue() == "" and quiet_writer.scalars == []
+
+
+class FullDiskWriter(RecordingWriter):
+    def add_scalar(self, tag, value, step):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_scalar_writer_that_fails_is_dropped_and_the_run_goes_on(caplog):
+    """A TensorBoard write failing on a full disk raised on the logging rank alone, which
+    stopped while the other ranks waited for it in their next collective."""
+    stream, writer, run = io.StringIO(), FullDiskWriter(), RecordingWriter()
+    logger = make_logger(log_interval=1, stream=stream, tensorboard_writer=writer, wandb_run=run)
+    with caplog.at_level(logging.ERROR):
+        step(logger, 1)
+        step(logger, 2)
+    assert re.search(r"iteration\s+2/10 \|", stream.getvalue())  # the log lines go on
+    assert [at for _, at in run.logged] == [1, 2]  # and so does the other writer
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.startswith("--tensorboard-dir: writing the scalars of iteration 1 failed "
+                            "(OSError: [Errno 28] No space left on device)")
 
 
 def test_progress_bar_only_on_a_terminal_and_not_with_no_progress_bar():
