@@ -38,6 +38,7 @@ from .full_shapes import check_full_state_shapes, full_state_shapes
 from .model_state import (
     CheckpointContentError,
     build_full_model,
+    check_finite_weights,
     full_state_dict,
     load_full_state_dict,
 )
@@ -74,9 +75,10 @@ PORTABLE_FILENAMES = (WEIGHTS_FILENAME, CONFIG_FILENAME)
 
 def portable_model(checkpoint: PortableCheckpoint, source: str):
     """The model of a portable checkpoint, its tensors' names and shapes checked against its
-    config before the model is built."""
+    config before the model is built, and its weights checked to be finite."""
     check_full_state_shapes({name: tuple(t.shape) for name, t in checkpoint.state.items()},
                             checkpoint.config, source)
+    check_finite_weights(checkpoint.state, f"{source} ({WEIGHTS_FILENAME})")
     model = build_full_model(checkpoint.config)
     load_full_state_dict(model, checkpoint.state, source)
     return model
@@ -202,9 +204,11 @@ def dist_to_portable(load: str | Path, output: str | Path,
     config, vocab, training_args = checkpoint_model(path)
     before = build_full_model(config)
     load_dist_checkpoint(path, before, vocab)
+    state = full_state_dict(before)
+    check_finite_weights(state, f"dist checkpoint {path}")
     with staged_output(output, PORTABLE_FILENAMES) as staged:
         save_portable(staged, PortableCheckpoint(
-            config=config, state=full_state_dict(before), vocab=vocab,
+            config=config, state=state, vocab=vocab,
             training_args=training_args, source=f"dist checkpoint {path}"))
         after = portable_model(load_portable(staged, vocab), str(output))
         return verify_same_function(before, after, "dist-to-portable", stream=stream)
