@@ -15,6 +15,7 @@ convert it to a megatron dist checkpoint (`dist.py`).
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ def save_portable(directory: str | Path, checkpoint: PortableCheckpoint) -> Path
         "source": checkpoint.source,
     }
     (directory / CONFIG_FILENAME).write_text(json.dumps(metadata, indent=1) + "\n")
+    # safetensors writes through a private temporary file (mode 0600): the weights take the
+    # mode any new file gets here (the config's), so whoever may read one may read the other.
+    shutil.copymode(directory / CONFIG_FILENAME, directory / WEIGHTS_FILENAME)
     return directory
 
 

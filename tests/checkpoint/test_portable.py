@@ -4,6 +4,8 @@ corrupt or mismatched files are refused with the tensor (or file) named."""
 import dataclasses
 import io
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -167,3 +169,16 @@ def test_corrupt_weights_file_is_refused_naming_it(saved):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointContentError, match=f"cannot read {path}"):
         load_portable(saved)
+
+
+def test_the_weights_file_is_as_readable_as_the_config(model, tmp_path):
+    """The portable form is the one shared with others: safetensors wrote the weights 0600 (its
+    private temporary file), so the people who could read lst_config.json could not read them."""
+    previous = os.umask(0o022)
+    try:
+        save_portable(tmp_path, PortableCheckpoint(config=model.lst_config,
+                                                   state=full_state_dict(model), vocab=VOCAB))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / CONFIG_FILENAME).stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / WEIGHTS_FILENAME).stat().st_mode) == 0o644
