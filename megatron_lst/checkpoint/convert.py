@@ -218,8 +218,10 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
                      stream: TextIO | None = None) -> float:
     """Portable checkpoint -> dist checkpoint `iteration` under `save` (weights only), loadable
     under any TP/PP with `lst-train --load save --finetune`, `lst-eval` and `lst-generate`; it
-    records the model's whole configuration, so any model the portable form holds converts."""
+    records the model's whole configuration, so any model the portable form holds converts.
+    Refuses a portable checkpoint that records no vocabulary (`_require_vocab`)."""
     checkpoint = load_portable(portable_dir)
+    _require_vocab(checkpoint, Path(portable_dir))
     before = portable_model(checkpoint, str(portable_dir))
     training_args = training_args_for(checkpoint.config, checkpoint.training_args,
                                       reference_patching(checkpoint.reference_model_args or {}))
@@ -227,6 +229,21 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
     after = build_full_model(checkpoint.config)
     load_dist_checkpoint(path, after, checkpoint.vocab)
     return verify_same_function(before, after, "portable-to-dist", stream=stream)
+
+
+def _require_vocab(checkpoint: PortableCheckpoint, portable_dir: Path) -> None:
+    """Refuse a portable checkpoint without its vocabulary layout for a dist checkpoint: every
+    reader of one (lst-train, lst-eval, dist-to-portable) needs the layout, and the dist
+    checkpoint written without it was refused by all of them as "not written by lst-convert"."""
+    if checkpoint.vocab is not None:
+        return
+    size = checkpoint.config.vocab_size
+    raise CheckpointContentError(
+        f"{portable_dir / CONFIG_FILENAME} records no vocabulary ('vocab' is null or absent), "
+        f"which a dist checkpoint needs (lst-train, lst-eval and dist-to-portable read its "
+        f"layout), so none is written. Add the layout the model was trained with: \"vocab\": "
+        f"{{\"text_size\": T, \"num_units\": U, \"pad_id\": 0, \"bos_id\": 1, \"eos_id\": 2}} "
+        f"with T + U + {NUM_RESERVED + 2} = its vocab_size {size}")
 
 
 # The reference's LST patchers (its data's `patcher_args.patching_mode`) -> ours as evaluated:

@@ -234,3 +234,24 @@ def test_a_converted_checkpoint_asks_for_its_tokenizer_by_size(tiny_portable, tm
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "names no tokenizer" in last and "lst-convert" in last
     assert "pass --tokenizer-model with the tokenizer of its vocabulary (58 text pieces)" in last
+
+
+def test_a_portable_checkpoint_without_vocabulary_is_refused_for_dist(tiny_portable, tmp_path,
+                                                                      capsys):
+    """Such a dist checkpoint was written, and then refused by dist-to-portable and lst-eval as
+    "not written by lst-train or lst-convert"; the layout the error asks for converts."""
+    config_path = tiny_portable / "lst_config.json"
+    record = json.loads(config_path.read_text())
+    record["vocab"] = None
+    config_path.write_text(json.dumps(record))
+    dist = tmp_path / "dist"
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(dist)]) == 1
+    err = capsys.readouterr().err
+    assert f"{config_path} records no vocabulary ('vocab' is null or absent)" in err
+    assert "with T + U + 6 = its vocab_size 566" in err
+    assert not dist.exists()
+
+    record["vocab"] = {"text_size": 58, "num_units": 502, "pad_id": 0, "bos_id": 1, "eos_id": 2}
+    config_path.write_text(json.dumps(record))
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(dist)]) == 0
+    assert main(["dist-to-portable", "--load", str(dist), "--output", str(tmp_path / "back")]) == 0
