@@ -64,8 +64,7 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
 
     path = find_latest_checkpoint(load_dir)
     if path is None:
-        raise CheckpointError(f"{load_dir} holds no complete checkpoint (no iter_XXXXXXX with "
-                              f"lst_checkpoint.json); pass the --save directory of a run")
+        raise CheckpointError(_no_checkpoint_message(Path(load_dir)))
     metadata = read_checkpoint_metadata(path)
     if metadata.get("vocab") is None:
         raise CheckpointError(f"{path} does not record its vocabulary; it cannot be evaluated")
@@ -102,6 +101,29 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
     return InferenceModel(model_chunks, vocab, tokenizer,
                           Patcher(patching_config_from_args(args)), loaded.path,
                           int(metadata["iteration"]), args.task)
+
+
+def _no_checkpoint_message(load_dir: Path) -> str:
+    """Why `load_dir` gives no model: no dist checkpoint is there; where it holds a checkpoint of
+    another form (portable, or the reference implementation's), the conversions that make one."""
+    from megatron_lst.checkpoint.portable import CONFIG_FILENAME, WEIGHTS_FILENAME
+    from megatron_lst.checkpoint.reference_files import CONSOLIDATED_FILENAME, CONSOLIDATED_FOLDER
+    from megatron_lst.checkpoint.safe_pickle import DCP_METADATA_FILENAME
+
+    to_dist = "`lst-convert portable-to-dist --portable {} --save NEW_DIR`, then pass --load NEW_DIR"
+    if (load_dir / CONFIG_FILENAME).is_file() or load_dir.name == WEIGHTS_FILENAME:
+        portable = load_dir if load_dir.is_dir() else load_dir.parent
+        return (f"{load_dir} is a portable checkpoint ({WEIGHTS_FILENAME} + {CONFIG_FILENAME}), "
+                f"not a dist checkpoint of lst-train: convert it with {to_dist.format(portable)}")
+    reference_parts = (CONSOLIDATED_FILENAME, CONSOLIDATED_FOLDER, DCP_METADATA_FILENAME)
+    if load_dir.suffix in (".pth", ".pt") or any((load_dir / part).exists()
+                                                  for part in reference_parts):
+        return (f"{load_dir} holds a checkpoint of the reference implementation, not a dist "
+                f"checkpoint of lst-train: import it with `lst-convert import-reference "
+                f"--reference-ckpt {load_dir} --output PORTABLE_DIR`, convert that with "
+                f"{to_dist.format('PORTABLE_DIR')}")
+    return (f"{load_dir} holds no complete checkpoint (no iter_XXXXXXX with "
+            f"lst_checkpoint.json); pass the --save directory of a run")
 
 
 def _check_tensor_parallel_size_fits(config: LSTConfig, tp: int, path: Path) -> None:
