@@ -141,4 +141,19 @@ def _read_config(config_path: Path) -> dict[str, Any]:
         raise CheckpointContentError(
             f"{config_path}: field(s) {', '.join(wrong)} are not what {FORMAT} v{FORMAT_VERSION} "
             f"holds; the config is damaged or was not written by lst-convert")
+    _check_training_args(metadata["training_args"], config_path)
     return metadata
+
+
+def _check_training_args(training_args: dict[str, Any] | None, config_path: Path) -> None:
+    """Refuse flags of a value their `lst-train` flag cannot give: a dist checkpoint written from
+    the portable one keeps them, and `lst-eval` refused that checkpoint as damaged."""
+    from megatron_lst.training.arguments import build_parser
+
+    from .saved_flags import saved_flags_problem
+
+    problem = saved_flags_problem(training_args or {}, build_parser())
+    if problem is not None:
+        raise CheckpointContentError(
+            f"{config_path}: 'training_args': {problem}; the config is damaged or was edited: "
+            f"correct that flag, or remove it to take lst-train's default")

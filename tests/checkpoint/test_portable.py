@@ -112,6 +112,12 @@ def test_config_dict_of_an_impossible_model_is_refused_naming_the_part(model, ed
     # a misspelt field read as absent: the flags would have been lost without a word
     (lambda m: m.update(training_arg=m.pop("training_args")) or m,
      r"unknown field\(s\) \['training_arg'\]"),
+    # kept by portable-to-dist, whose dist checkpoint lst-eval then refused as damaged
+    (lambda m: m.update(training_args={"patching_mode": "static", "patch_size": "4"}) or m,
+     r"'training_args': the saved flag patch_size is '4', which --patch-size never gives "
+     r"\(an integer\); the config is damaged or was edited"),
+    (lambda m: m.update(training_args={"params_dtype_name": "int8"}) or m,
+     r"'training_args': the saved params_dtype_name is 'int8', not one of"),
 ])
 def test_damaged_config_file_is_refused_naming_the_field(saved, edit, message):
     """The portable form is the one to accept from others: a bad config is an error, not a
