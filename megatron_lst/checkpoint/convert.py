@@ -219,7 +219,10 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
     """Portable checkpoint -> dist checkpoint `iteration` under `save` (weights only), loadable
     under any TP/PP with `lst-train --load save --finetune`, `lst-eval` and `lst-generate`; it
     records the model's whole configuration, so any model the portable form holds converts.
-    Refuses a portable checkpoint that records no vocabulary (`_require_vocab`)."""
+    Refuses a portable checkpoint that records no vocabulary (`_require_vocab`), and a `save`
+    that is a file or lies under one before converting (the save failed after the conversion,
+    with the trainer's advice to resume)."""
+    _refuse_to_overwrite(save, ())  # the save itself refuses an existing checkpoint
     checkpoint = load_portable(portable_dir)
     _require_vocab(checkpoint, Path(portable_dir))
     before = portable_model(checkpoint, str(portable_dir))

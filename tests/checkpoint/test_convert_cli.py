@@ -255,3 +255,17 @@ def test_a_portable_checkpoint_without_vocabulary_is_refused_for_dist(tiny_porta
     config_path.write_text(json.dumps(record))
     assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(dist)]) == 0
     assert main(["dist-to-portable", "--load", str(dist), "--output", str(tmp_path / "back")]) == 0
+
+
+@pytest.mark.parametrize("under", ["", "sub"], ids=["file", "under-a-file"])
+def test_a_save_that_is_a_file_is_refused_before_converting(tiny_portable, tmp_path, capsys,
+                                                            under):
+    """It failed after the whole conversion, with the trainer's "resume with --load FILE"."""
+    taken = tmp_path / "taken"
+    taken.write_text("notes\n")
+    save = taken / under if under else taken
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(save)]) == 1
+    assert (f"lst-convert portable-to-dist: {save}: {taken} is a file, not a directory; give a "
+            f"directory for the converted checkpoint (created if missing)\n"
+            == capsys.readouterr().err)
+    assert taken.read_text() == "notes\n"
