@@ -34,7 +34,7 @@ from .dist import (
     save_dist_checkpoint,
     training_args_for,
 )
-from .full_shapes import check_full_state_shapes, full_state_shapes
+from .full_shapes import check_full_state_shapes, check_layer_count, full_state_shapes
 from .model_state import (
     CheckpointContentError,
     build_full_model,
@@ -123,9 +123,10 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
         patching["tokenizer_model"] = tokenizer_model
     config = lst_config_from_reference(model_args)
     try:  # names and shapes before a model of the size the args give is built
+        check_layer_count(config, len(original), "the model args")
         check_reference_shapes(original, config, full_state_shapes(config))
         state = canonical_state_dict(original, config)
-    except ReferenceImportError as error:
+    except (CheckpointContentError, ReferenceImportError) as error:
         raise ReferenceImportError(f"{checkpoint} (model args {reference_args}): {error}") from None
     before = build_full_model(config)
     _check_identical(export_reference(state, config), original, "re-exported reference state dict")
