@@ -12,8 +12,8 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -308,7 +308,7 @@ def _patch_size(size: object) -> int | None:
 @contextlib.contextmanager
 def staged_output(output: str | Path, filenames: tuple[str, ...]) -> Iterator[Path]:
     """A scratch directory beside `output` for a conversion to write `filenames` into and verify
-    them there; when the block completes they move into `output` (created if absent), else the
+    them there; when the block completes they move into `output` (`_move_into_place`), else the
     scratch directory is removed: a conversion that fails or is interrupted leaves nothing at
     `output`, and never replaces a checkpoint there (`_refuse_to_overwrite`, checked again
     before the move). The scratch of an earlier conversion to `output` whose process was killed
@@ -322,16 +322,31 @@ def staged_output(output: str | Path, filenames: tuple[str, ...]) -> Iterator[Pa
         output.parent.iterdir(),
         rf"\.{re.escape(output.name)}\.partial-{WRITER_TAG_PATTERN}-[a-z0-9_]+",
         f"scratch folders of conversions to {output.name}", output.parent)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{writer_tag()}-",
-                                    dir=output.parent))
+    # mkdir, not mkdtemp (0700): the scratch may become `output`, with the mode of a new directory
+    scratch = output.parent / f".{output.name}.partial-{writer_tag()}-{secrets.token_hex(6)}"
+    scratch.mkdir()
     try:
         yield scratch
         _refuse_to_overwrite(output, filenames)
-        output.mkdir(exist_ok=True)
-        for name in filenames:
-            os.replace(scratch / name, output / name)
+        _move_into_place(scratch, output, filenames)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _move_into_place(scratch: Path, output: Path, filenames: tuple[str, ...]) -> None:
+    """Move the converted `filenames` from `scratch` into `output`. Where `output` is absent or
+    an empty directory, the scratch directory becomes it in one rename, so a conversion killed
+    while moving leaves the whole checkpoint or none (moved one file at a time, it left the
+    weights without their config, which the next conversion refused to overwrite). Into a
+    directory holding other files they move one at a time, the config last."""
+    real_directory = output.is_dir() and not output.is_symlink()
+    absent = not output.exists() and not output.is_symlink()
+    if absent or (real_directory and not any(output.iterdir())):
+        os.rename(scratch, output)  # replaces an empty directory
+        return
+    output.mkdir(exist_ok=True)
+    for name in filenames:
+        os.replace(scratch / name, output / name)
 
 
 def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None:
