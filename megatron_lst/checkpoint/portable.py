@@ -123,7 +123,8 @@ def _read_config(config_path: Path) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise CheckpointContentError(f"{config_path} holds a JSON {type(metadata).__name__}, not "
                                      f"an {FORMAT} config object")
-    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
+    version = metadata.get("format_version")  # true and 1.0 equal 1, yet no writer wrote them
+    if metadata.get("format") != FORMAT or type(version) is not int or version != FORMAT_VERSION:
         raise CheckpointContentError(
             f"{config_path} is not an {FORMAT} v{FORMAT_VERSION} config (format "
             f"{metadata.get('format')!r} v{metadata.get('format_version')!r})")

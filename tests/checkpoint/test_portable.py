@@ -106,6 +106,9 @@ def test_config_dict_of_an_impossible_model_is_refused_naming_the_part(model, ed
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda m: [1], r"holds a JSON list, not an lst-portable config object"),
+    (lambda m: m.update(format_version=True) or m, r"not an lst-portable v1 config \(format "
+                                                    r"'lst-portable' vTrue\)"),
+    (lambda m: m.update(format_version=1.0) or m, r"\(format 'lst-portable' v1\.0\)"),
     (lambda m: m.pop("lst_config") and m, r"field\(s\) 'lst_config' \(missing\) are not what"),
     (lambda m: m.update(training_args=[1]) or m, r"field\(s\) 'training_args' \(list\)"),
     (lambda m: m.update(vocab={"size": 3}) or m, r"'vocab' is not a joint vocabulary layout"),
