@@ -118,7 +118,8 @@ def _read_config(config_path: Path) -> dict[str, Any]:
     """The `lst_config.json` at `config_path`, refused naming the fault when it is not one."""
     try:
         metadata = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:  # ValueError: JSON and UTF-8 decoding
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: JSON and UTF-8
+        # decoding; RecursionError: nested deeper than the parser recurses (a crafted file)
         raise CheckpointContentError(f"cannot read {config_path}: {error}") from None
     if not isinstance(metadata, dict):
         raise CheckpointContentError(f"{config_path} holds a JSON {type(metadata).__name__}, not "

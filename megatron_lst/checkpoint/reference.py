@@ -51,7 +51,8 @@ def _read_reference_document(path: str | Path, what: str) -> Any:
         if path.suffix.lower() in (".yaml", ".yml"):
             return yaml.safe_load(text)
         return json.loads(text)
-    except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: JSON and UTF-8 decoding
+    # ValueError: JSON and UTF-8 decoding; RecursionError: nested deeper than the parsers recurse
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ReferenceImportError(f"cannot read reference {what} {path}: {reason}") from None
 
