@@ -366,6 +366,30 @@ def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None
         raise CheckpointContentError(
             f"{output} already holds {existing}; refusing to overwrite a checkpoint. Give a new "
             f"--output directory, or move that checkpoint away")
+    _refuse_a_checkpoint_directory(Path(output))
+
+
+def _checkpoint_markers() -> tuple[str, ...]:
+    """Files that make a directory one checkpoint: a torch.distributed.checkpoint index (an
+    `iter_XXXXXXX` of lst-train, a step directory of the reference) and lst-train's records."""
+    from megatron_lst.training.checkpointing import METADATA_FILENAME
+
+    from .integrity import MANIFEST_FILENAME
+    from .safe_pickle import DCP_METADATA_FILENAME
+
+    return DCP_METADATA_FILENAME, METADATA_FILENAME, MANIFEST_FILENAME
+
+
+def _refuse_a_checkpoint_directory(output: Path) -> None:
+    """Refuse an `output` that is a checkpoint's own directory: a dist checkpoint lists its
+    files, so the converted files written into it (`dist-to-portable --output SAVE/iter_0000100`)
+    made it fail verification, and no tool loaded it any more."""
+    markers = [name for name in _checkpoint_markers() if (output / name).exists()]
+    if markers:
+        raise CheckpointContentError(
+            f"{output} is a checkpoint's own directory (it holds {markers}); files written into "
+            f"it would make that checkpoint fail verification or hold two checkpoints. Give a "
+            f"directory outside it")
 
 
 def _check_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],

@@ -269,3 +269,21 @@ def test_a_save_that_is_a_file_is_refused_before_converting(tiny_portable, tmp_p
             f"directory for the converted checkpoint (created if missing)\n"
             == capsys.readouterr().err)
     assert taken.read_text() == "notes\n"
+
+
+def test_an_output_inside_a_dist_checkpoint_is_refused_and_the_checkpoint_still_verifies(
+        tiny_portable, tmp_path, capsys):
+    """dist-to-portable --output SAVE/iter_0000000 wrote the portable files into the checkpoint,
+    whose manifest does not list them: it then failed verification, and nothing loaded it."""
+    dist = tmp_path / "dist"
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(dist)]) == 0
+    iteration = dist / "iter_0000000"
+    capsys.readouterr()
+    assert main(["dist-to-portable", "--load", str(dist), "--output", str(iteration)]) == 1
+    assert (f"{iteration} is a checkpoint's own directory (it holds ['.metadata', "
+            f"'lst_checkpoint.json', 'lst_manifest.json']); files written into it would make that "
+            f"checkpoint fail verification") in capsys.readouterr().err
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(iteration),
+                 "--iteration", "5"]) == 1
+    assert f"{iteration} is a checkpoint's own directory" in capsys.readouterr().err
+    assert main(["verify", "--load", str(dist)]) == 0
