@@ -334,17 +334,14 @@ def staged_output(output: str | Path, filenames: tuple[str, ...]) -> Iterator[Pa
 
 
 def _move_into_place(scratch: Path, output: Path, filenames: tuple[str, ...]) -> None:
-    """Move the converted `filenames` from `scratch` into `output`. Where `output` is absent or
-    an empty directory, the scratch directory becomes it in one rename, so a conversion killed
-    while moving leaves the whole checkpoint or none (moved one file at a time, it left the
-    weights without their config, which the next conversion refused to overwrite). Into a
-    directory holding other files they move one at a time, the config last."""
-    real_directory = output.is_dir() and not output.is_symlink()
-    absent = not output.exists() and not output.is_symlink()
-    if absent or (real_directory and not any(output.iterdir())):
-        os.rename(scratch, output)  # replaces an empty directory
+    """Move the converted `filenames` from `scratch` into `output`. Where `output` is absent, the
+    scratch directory becomes it in one rename, so a conversion killed while moving leaves the
+    whole checkpoint or none (moved one file at a time, it left the weights without their
+    config, which the next conversion refused to overwrite). Into an existing directory (kept as
+    it is: its owner and mode, a mount point) they move one at a time, the config last."""
+    if not output.exists() and not output.is_symlink():
+        os.rename(scratch, output)
         return
-    output.mkdir(exist_ok=True)
     for name in filenames:
         os.replace(scratch / name, output / name)
 

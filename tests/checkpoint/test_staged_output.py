@@ -34,13 +34,9 @@ def killed_at_the_second_move(monkeypatch):
     monkeypatch.setattr(convert.os, "rename", move(os.rename))
 
 
-@pytest.mark.parametrize("existing", [False, True], ids=["absent", "empty-directory"])
 def test_a_conversion_killed_while_moving_leaves_all_or_nothing(tmp_path,
-                                                                killed_at_the_second_move,
-                                                                existing):
+                                                                killed_at_the_second_move):
     output = tmp_path / "out"
-    if existing:
-        output.mkdir()
     try:
         with staged_output(output, FILES) as scratch:
             write_checkpoint(scratch)
@@ -63,12 +59,19 @@ def test_the_output_has_the_mode_of_a_new_directory(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no scratch left
 
 
-def test_files_move_into_a_directory_holding_others_and_leave_them(tmp_path):
+@pytest.mark.parametrize("others", [[], ["README"]], ids=["empty", "holding-others"])
+def test_an_existing_directory_is_kept_and_receives_the_files(tmp_path, others):
+    """Its owner and mode stay (a shared group directory, a mount point that cannot be renamed
+    over), and so do the files it held."""
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "README").write_text("notes")
+    output.mkdir(mode=0o750)
+    for name in others:
+        (output / name).write_text("notes")
+    before = output.stat()
     with staged_output(output, FILES) as scratch:
         write_checkpoint(scratch)
-    assert sorted(path.name for path in output.iterdir()) == sorted([*FILES, "README"])
-    assert (output / "README").read_text() == "notes"
+    after = output.stat()
+    assert (after.st_ino, stat.S_IMODE(after.st_mode)) == (before.st_ino, 0o750)
+    assert sorted(path.name for path in output.iterdir()) == sorted([*FILES, *others])
+    assert all((output / name).read_text() == "notes" for name in others)
     assert (output / "lst_config.json").read_text() == "lst_config.json"
