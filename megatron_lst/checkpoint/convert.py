@@ -368,19 +368,23 @@ def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None
 
 def _checkpoint_markers() -> tuple[str, ...]:
     """Files that make a directory one checkpoint: a torch.distributed.checkpoint index (an
-    `iter_XXXXXXX` of lst-train, a step directory of the reference) and lst-train's records."""
+    `iter_XXXXXXX` of lst-train, a step directory of the reference), lst-train's records, and
+    the files of a portable checkpoint and of the reference's consolidated one."""
     from megatron_lst.training.checkpointing import METADATA_FILENAME
 
     from .integrity import MANIFEST_FILENAME
     from .safe_pickle import DCP_METADATA_FILENAME
 
-    return DCP_METADATA_FILENAME, METADATA_FILENAME, MANIFEST_FILENAME
+    return (DCP_METADATA_FILENAME, METADATA_FILENAME, MANIFEST_FILENAME, *PORTABLE_FILENAMES,
+            REFERENCE_WEIGHTS_FILENAME)
 
 
 def _refuse_a_checkpoint_directory(output: Path) -> None:
     """Refuse an `output` that is a checkpoint's own directory: a dist checkpoint lists its
     files, so the converted files written into it (`dist-to-portable --output SAVE/iter_0000100`)
-    made it fail verification, and no tool loaded it any more."""
+    made it fail verification, and no tool loaded it any more; a directory of two checkpoints
+    (`export-reference --output` its portable input) is refused by `import-reference` and
+    named as the wrong one by `lst-eval`."""
     markers = [name for name in _checkpoint_markers() if (output / name).exists()]
     if markers:
         raise CheckpointContentError(

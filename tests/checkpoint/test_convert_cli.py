@@ -287,3 +287,12 @@ def test_an_output_inside_a_dist_checkpoint_is_refused_and_the_checkpoint_still_
                  "--iteration", "5"]) == 1
     assert f"{iteration} is a checkpoint's own directory" in capsys.readouterr().err
     assert main(["verify", "--load", str(dist)]) == 0
+
+
+def test_an_export_into_its_portable_input_is_refused(tiny_portable, capsys):
+    """The directory then held two checkpoints, which import-reference refused as ambiguous."""
+    assert main(["export-reference", "--portable", str(tiny_portable),
+                 "--output", str(tiny_portable)]) == 1
+    assert (f"{tiny_portable} is a checkpoint's own directory (it holds ['model.safetensors', "
+            f"'lst_config.json'])") in capsys.readouterr().err
+    assert not (tiny_portable / "consolidated.pth").exists()
