@@ -95,7 +95,8 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
     vocab.check_tokenizer(tokenizer, f"checkpoint {path}")  # size, and digest when recorded
 
     model_chunks, _ = build_model_chunks(args, vocab.size, config=saved.config)
-    loaded = load_checkpoint(load_dir, model_chunks, None, None, args, vocab)
+    # The checkpoint read above, even where a running training saved a newer one since.
+    loaded = load_checkpoint(path, model_chunks, None, None, args, vocab)
     for chunk in model_chunks:
         chunk.eval()
     return InferenceModel(model_chunks, vocab, tokenizer,
@@ -162,6 +163,7 @@ def _inference_args(saved_args: dict, saved: SavedModel, path: Path) -> argparse
     args.sequence_parallel = False
     args.use_distributed_optimizer = args.overlap_param_gather = False
     args.finetune, args.no_load_optim, args.no_load_rng = False, True, True
+    args.ckpt_step = None  # a run resumed with --ckpt-step N saved it: not this load's pick
     return args
 
 
