@@ -12,8 +12,8 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -34,10 +34,11 @@ from .dist import (
     save_dist_checkpoint,
     training_args_for,
 )
-from .full_shapes import check_full_state_shapes, full_state_shapes
+from .full_shapes import check_full_state_shapes, check_layer_count, full_state_shapes
 from .model_state import (
     CheckpointContentError,
     build_full_model,
+    check_finite_weights,
     full_state_dict,
     load_full_state_dict,
 )
@@ -74,9 +75,10 @@ PORTABLE_FILENAMES = (WEIGHTS_FILENAME, CONFIG_FILENAME)
 
 def portable_model(checkpoint: PortableCheckpoint, source: str):
     """The model of a portable checkpoint, its tensors' names and shapes checked against its
-    config before the model is built."""
+    config before the model is built, and its weights checked to be finite."""
     check_full_state_shapes({name: tuple(t.shape) for name, t in checkpoint.state.items()},
                             checkpoint.config, source)
+    check_finite_weights(checkpoint.state, f"{source} ({WEIGHTS_FILENAME})")
     model = build_full_model(checkpoint.config)
     load_full_state_dict(model, checkpoint.state, source)
     return model
@@ -121,9 +123,10 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
         patching["tokenizer_model"] = tokenizer_model
     config = lst_config_from_reference(model_args)
     try:  # names and shapes before a model of the size the args give is built
+        check_layer_count(config, len(original), "the model args")
         check_reference_shapes(original, config, full_state_shapes(config))
         state = canonical_state_dict(original, config)
-    except ReferenceImportError as error:
+    except (CheckpointContentError, ReferenceImportError) as error:
         raise ReferenceImportError(f"{checkpoint} (model args {reference_args}): {error}") from None
     before = build_full_model(config)
     _check_identical(export_reference(state, config), original, "re-exported reference state dict")
@@ -202,9 +205,11 @@ def dist_to_portable(load: str | Path, output: str | Path,
     config, vocab, training_args = checkpoint_model(path)
     before = build_full_model(config)
     load_dist_checkpoint(path, before, vocab)
+    state = full_state_dict(before)
+    check_finite_weights(state, f"dist checkpoint {path}")
     with staged_output(output, PORTABLE_FILENAMES) as staged:
         save_portable(staged, PortableCheckpoint(
-            config=config, state=full_state_dict(before), vocab=vocab,
+            config=config, state=state, vocab=vocab,
             training_args=training_args, source=f"dist checkpoint {path}"))
         after = portable_model(load_portable(staged, vocab), str(output))
         return verify_same_function(before, after, "dist-to-portable", stream=stream)
@@ -214,8 +219,13 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
                      stream: TextIO | None = None) -> float:
     """Portable checkpoint -> dist checkpoint `iteration` under `save` (weights only), loadable
     under any TP/PP with `lst-train --load save --finetune`, `lst-eval` and `lst-generate`; it
-    records the model's whole configuration, so any model the portable form holds converts."""
+    records the model's whole configuration, so any model the portable form holds converts.
+    Refuses a portable checkpoint that records no vocabulary (`_require_vocab`), and a `save`
+    that is a file or lies under one before converting (the save failed after the conversion,
+    with the trainer's advice to resume)."""
+    _refuse_to_overwrite(save, ())  # the save itself refuses an existing checkpoint
     checkpoint = load_portable(portable_dir)
+    _require_vocab(checkpoint, Path(portable_dir))
     before = portable_model(checkpoint, str(portable_dir))
     training_args = training_args_for(checkpoint.config, checkpoint.training_args,
                                       reference_patching(checkpoint.reference_model_args or {}))
@@ -223,6 +233,21 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
     after = build_full_model(checkpoint.config)
     load_dist_checkpoint(path, after, checkpoint.vocab)
     return verify_same_function(before, after, "portable-to-dist", stream=stream)
+
+
+def _require_vocab(checkpoint: PortableCheckpoint, portable_dir: Path) -> None:
+    """Refuse a portable checkpoint without its vocabulary layout for a dist checkpoint: every
+    reader of one (lst-train, lst-eval, dist-to-portable) needs the layout, and the dist
+    checkpoint written without it was refused by all of them as "not written by lst-convert"."""
+    if checkpoint.vocab is not None:
+        return
+    size = checkpoint.config.vocab_size
+    raise CheckpointContentError(
+        f"{portable_dir / CONFIG_FILENAME} records no vocabulary ('vocab' is null or absent), "
+        f"which a dist checkpoint needs (lst-train, lst-eval and dist-to-portable read its "
+        f"layout), so none is written. Add the layout the model was trained with: \"vocab\": "
+        f"{{\"text_size\": T, \"num_units\": U, \"pad_id\": 0, \"bos_id\": 1, \"eos_id\": 2}} "
+        f"with T + U + {NUM_RESERVED + 2} = its vocab_size {size}")
 
 
 # The reference's LST patchers (its data's `patcher_args.patching_mode`) -> ours as evaluated:
@@ -283,7 +308,7 @@ def _patch_size(size: object) -> int | None:
 @contextlib.contextmanager
 def staged_output(output: str | Path, filenames: tuple[str, ...]) -> Iterator[Path]:
     """A scratch directory beside `output` for a conversion to write `filenames` into and verify
-    them there; when the block completes they move into `output` (created if absent), else the
+    them there; when the block completes they move into `output` (`_move_into_place`), else the
     scratch directory is removed: a conversion that fails or is interrupted leaves nothing at
     `output`, and never replaces a checkpoint there (`_refuse_to_overwrite`, checked again
     before the move). The scratch of an earlier conversion to `output` whose process was killed
@@ -297,16 +322,28 @@ def staged_output(output: str | Path, filenames: tuple[str, ...]) -> Iterator[Pa
         output.parent.iterdir(),
         rf"\.{re.escape(output.name)}\.partial-{WRITER_TAG_PATTERN}-[a-z0-9_]+",
         f"scratch folders of conversions to {output.name}", output.parent)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{writer_tag()}-",
-                                    dir=output.parent))
+    # mkdir, not mkdtemp (0700): the scratch may become `output`, with the mode of a new directory
+    scratch = output.parent / f".{output.name}.partial-{writer_tag()}-{secrets.token_hex(6)}"
+    scratch.mkdir()
     try:
         yield scratch
         _refuse_to_overwrite(output, filenames)
-        output.mkdir(exist_ok=True)
-        for name in filenames:
-            os.replace(scratch / name, output / name)
+        _move_into_place(scratch, output, filenames)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _move_into_place(scratch: Path, output: Path, filenames: tuple[str, ...]) -> None:
+    """Move the converted `filenames` from `scratch` into `output`. Where `output` is absent, the
+    scratch directory becomes it in one rename, so a conversion killed while moving leaves the
+    whole checkpoint or none (moved one file at a time, it left the weights without their
+    config, which the next conversion refused to overwrite). Into an existing directory (kept as
+    it is: its owner and mode, a mount point) they move one at a time, the config last."""
+    if not output.exists() and not output.is_symlink():
+        os.rename(scratch, output)
+        return
+    for name in filenames:
+        os.replace(scratch / name, output / name)
 
 
 def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None:
@@ -326,6 +363,34 @@ def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None
         raise CheckpointContentError(
             f"{output} already holds {existing}; refusing to overwrite a checkpoint. Give a new "
             f"--output directory, or move that checkpoint away")
+    _refuse_a_checkpoint_directory(Path(output))
+
+
+def _checkpoint_markers() -> tuple[str, ...]:
+    """Files that make a directory one checkpoint: a torch.distributed.checkpoint index (an
+    `iter_XXXXXXX` of lst-train, a step directory of the reference), lst-train's records, and
+    the files of a portable checkpoint and of the reference's consolidated one."""
+    from megatron_lst.training.checkpointing import METADATA_FILENAME
+
+    from .integrity import MANIFEST_FILENAME
+    from .safe_pickle import DCP_METADATA_FILENAME
+
+    return (DCP_METADATA_FILENAME, METADATA_FILENAME, MANIFEST_FILENAME, *PORTABLE_FILENAMES,
+            REFERENCE_WEIGHTS_FILENAME)
+
+
+def _refuse_a_checkpoint_directory(output: Path) -> None:
+    """Refuse an `output` that is a checkpoint's own directory: a dist checkpoint lists its
+    files, so the converted files written into it (`dist-to-portable --output SAVE/iter_0000100`)
+    made it fail verification, and no tool loaded it any more; a directory of two checkpoints
+    (`export-reference --output` its portable input) is refused by `import-reference` and
+    named as the wrong one by `lst-eval`."""
+    markers = [name for name in _checkpoint_markers() if (output / name).exists()]
+    if markers:
+        raise CheckpointContentError(
+            f"{output} is a checkpoint's own directory (it holds {markers}); files written into "
+            f"it would make that checkpoint fail verification or hold two checkpoints. Give a "
+            f"directory outside it")
 
 
 def _check_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],

@@ -10,6 +10,9 @@ with a bare allocator error, after minutes).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 from megatron_lst.models.config import LSTConfig
 
 from .model_state import VOCAB_TENSORS, CheckpointContentError
@@ -35,34 +38,68 @@ def _cross_attention(prefix: str, hidden: int) -> dict[str, tuple[int, ...]]:
             f"{prefix}.linear_proj.weight": (hidden, hidden)}
 
 
-def full_state_shapes(config: LSTConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of the unsharded `LSTModel` built from `config`."""
+def _parts(config: LSTConfig) -> list[tuple[int, Callable[[int], dict[str, tuple[int, ...]]]]]:
+    """The full state dict of `config`'s model in order, as `(repeats, shapes of repeat i)`: a
+    stack of layers repeats one layer's shapes under the layer's number, the rest is there once."""
     g, enc, dec, xattn = config.global_model, config.encoder, config.decoder, config.cross_attention
     k = xattn.slots_per_patch
-    shapes = {"token_encoder.embedding.weight": (config.vocab_size, enc.hidden_size)}
-    for i in range(enc.num_layers):
-        shapes |= _layer(f"token_encoder.layers.{i}.", enc.hidden_size, enc.num_heads,
-                         enc.kv_groups, enc.head_dim, enc.ffn_hidden_size,
-                         ("input_norm", "pre_mlp_norm"))
-    shapes["patch_encoder.patch_projection.weight"] = (k * enc.hidden_size, enc.hidden_size)
-    for i in range(enc.num_layers if xattn.all_encoder_layers else 1):
-        shapes |= _cross_attention(f"patch_encoder.cross_attn_layers.{i}", enc.hidden_size)
-    if config.patch_width != g.hidden_size:
-        shapes["global_input_projection.weight"] = (g.hidden_size, config.patch_width)
-    for i in range(g.num_layers):
-        shapes |= _layer(f"global_transformer.block.layers.{i}.", g.hidden_size, g.num_heads,
-                         g.num_query_groups or g.num_heads, g.head_dim, g.ffn_hidden_size,
-                         ("input_layernorm", "pre_mlp_layernorm"))
-    shapes["local_decoder.patch_projection.weight"] = (k * dec.hidden_size, g.hidden_size)
-    for i in range(dec.num_layers if xattn.all_decoder_layers else 1):
-        shapes |= _cross_attention(f"local_decoder.cross_attn_layers.{i}", dec.hidden_size)
-    for i in range(dec.num_layers):
-        shapes |= _layer(f"local_decoder.layers.{i}.", dec.hidden_size, dec.num_heads,
-                         dec.kv_groups, dec.head_dim, dec.ffn_hidden_size,
-                         ("input_norm", "pre_mlp_norm"))
-    shapes["local_decoder.final_norm.weight"] = (dec.hidden_size,)
-    shapes["output_layer.weight"] = (config.vocab_size, dec.hidden_size)
+
+    def once(shapes: dict[str, tuple[int, ...]]):
+        return 1, lambda i: shapes
+
+    projection = ({"global_input_projection.weight": (g.hidden_size, config.patch_width)}
+                  if config.patch_width != g.hidden_size else {})
+    return [
+        once({"token_encoder.embedding.weight": (config.vocab_size, enc.hidden_size)}),
+        (enc.num_layers, lambda i: _layer(f"token_encoder.layers.{i}.", enc.hidden_size,
+                                          enc.num_heads, enc.kv_groups, enc.head_dim,
+                                          enc.ffn_hidden_size, ("input_norm", "pre_mlp_norm"))),
+        once({"patch_encoder.patch_projection.weight": (k * enc.hidden_size, enc.hidden_size)}),
+        (enc.num_layers if xattn.all_encoder_layers else 1,
+         lambda i: _cross_attention(f"patch_encoder.cross_attn_layers.{i}", enc.hidden_size)),
+        once(projection),
+        (g.num_layers, lambda i: _layer(f"global_transformer.block.layers.{i}.", g.hidden_size,
+                                        g.num_heads, g.num_query_groups or g.num_heads,
+                                        g.head_dim, g.ffn_hidden_size,
+                                        ("input_layernorm", "pre_mlp_layernorm"))),
+        once({"local_decoder.patch_projection.weight": (k * dec.hidden_size, g.hidden_size)}),
+        (dec.num_layers if xattn.all_decoder_layers else 1,
+         lambda i: _cross_attention(f"local_decoder.cross_attn_layers.{i}", dec.hidden_size)),
+        (dec.num_layers, lambda i: _layer(f"local_decoder.layers.{i}.", dec.hidden_size,
+                                          dec.num_heads, dec.kv_groups, dec.head_dim,
+                                          dec.ffn_hidden_size, ("input_norm", "pre_mlp_norm"))),
+        once({"local_decoder.final_norm.weight": (dec.hidden_size,),
+              "output_layer.weight": (config.vocab_size, dec.hidden_size)}),
+    ]
+
+
+def full_state_shapes(config: LSTConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the unsharded `LSTModel` built from `config`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for repeats, part in _parts(config):
+        for i in range(repeats):
+            shapes |= part(i)
     return shapes
+
+
+def full_state_size(config: LSTConfig) -> int:
+    """The weights (elements) of `full_state_shapes(config)`, counted per stack of layers rather
+    than listed: a crafted layer count (10^9) costs nothing here."""
+    return sum(repeats * sum(math.prod(shape) for shape in part(0).values())
+               for repeats, part in _parts(config))
+
+
+def check_layer_count(config: LSTConfig, tensor_count: int, source: str) -> None:
+    """Refuse a configuration of more layers than `tensor_count`, the tensors of the weights it
+    came with, before anything lists the tensors it describes (several per layer, so it cannot
+    describe those weights): listing them for a crafted count of 10^9 layers filled the memory
+    first, and 10^6 took half a minute."""
+    layers = config.encoder.num_layers + config.global_model.num_layers + config.decoder.num_layers
+    if layers > tensor_count:
+        raise CheckpointContentError(
+            f"{source}: the configuration describes {layers} layers, but only {tensor_count} "
+            f"tensors are stored (each layer has several); the weights and the configuration "
+            f"are of different models")
 
 
 def check_full_state_shapes(state_shapes: dict[str, tuple[int, ...]], config: LSTConfig,
@@ -70,6 +107,7 @@ def check_full_state_shapes(state_shapes: dict[str, tuple[int, ...]], config: LS
     """Refuse, naming the tensor and `source`, a full state dict (name -> shape) whose names or
     shapes are not those of the model `config` describes (the refusals of `load_full_state_dict`,
     before the model exists)."""
+    check_layer_count(config, len(state_shapes), source)
     wanted = full_state_shapes(config)
     for name, shape in wanted.items():
         if name not in state_shapes:

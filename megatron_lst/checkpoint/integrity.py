@@ -133,7 +133,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, FileRecord] | None:
                              f"{MANIFEST_FORMAT_VERSION}, sha256")
         return {name: FileRecord(int(r["size"]), str(r["sha256"]))
                 for name, r in manifest["files"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+        # RecursionError: JSON nested deeper than the parser recurses (a crafted file)
         raise CheckpointIntegrityError(f"cannot read {path}: {err}") from None
 
 
@@ -193,7 +194,7 @@ def _megatron_config_problems(directory: Path) -> list[str]:
     path = directory / MEGATRON_CONFIG_FILENAME
     try:
         config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         return [f"{path} is missing or damaged: {err}"]
     if not isinstance(config, dict):
         return [f"{path} holds a JSON {type(config).__name__}, not megatron's checkpoint config"]

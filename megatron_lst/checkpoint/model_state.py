@@ -188,3 +188,19 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor], source: str) -> 
 
 
 VOCAB_TENSORS = ("token_encoder.embedding.weight", "output_layer.weight")
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse, naming `source` and the tensor, a full state dict holding a NaN or inf: the run
+    that wrote it had diverged (training never saves such weights), and every logit of a model
+    built from it would be NaN, so a conversion's check could only fail, blaming the
+    conversion."""
+    for name, tensor in sorted(state.items()):
+        if not tensor.is_floating_point():
+            continue  # integer tensors are refused by name when loaded
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointContentError(
+                f"{source}: tensor {name!r} holds {bad} NaN or inf value(s) of {tensor.numel()}; "
+                "the run that wrote it had diverged: convert a checkpoint saved before that")
+

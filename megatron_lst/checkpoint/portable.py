@@ -15,6 +15,7 @@ convert it to a megatron dist checkpoint (`dist.py`).
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ def save_portable(directory: str | Path, checkpoint: PortableCheckpoint) -> Path
         "source": checkpoint.source,
     }
     (directory / CONFIG_FILENAME).write_text(json.dumps(metadata, indent=1) + "\n")
+    # safetensors writes through a private temporary file (mode 0600): the weights take the
+    # mode any new file gets here (the config's), so whoever may read one may read the other.
+    shutil.copymode(directory / CONFIG_FILENAME, directory / WEIGHTS_FILENAME)
     return directory
 
 
@@ -114,12 +118,14 @@ def _read_config(config_path: Path) -> dict[str, Any]:
     """The `lst_config.json` at `config_path`, refused naming the fault when it is not one."""
     try:
         metadata = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:  # ValueError: JSON and UTF-8 decoding
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: JSON and UTF-8
+        # decoding; RecursionError: nested deeper than the parser recurses (a crafted file)
         raise CheckpointContentError(f"cannot read {config_path}: {error}") from None
     if not isinstance(metadata, dict):
         raise CheckpointContentError(f"{config_path} holds a JSON {type(metadata).__name__}, not "
                                      f"an {FORMAT} config object")
-    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
+    version = metadata.get("format_version")  # true and 1.0 equal 1, yet no writer wrote them
+    if metadata.get("format") != FORMAT or type(version) is not int or version != FORMAT_VERSION:
         raise CheckpointContentError(
             f"{config_path} is not an {FORMAT} v{FORMAT_VERSION} config (format "
             f"{metadata.get('format')!r} v{metadata.get('format_version')!r})")
@@ -137,4 +143,19 @@ def _read_config(config_path: Path) -> dict[str, Any]:
         raise CheckpointContentError(
             f"{config_path}: field(s) {', '.join(wrong)} are not what {FORMAT} v{FORMAT_VERSION} "
             f"holds; the config is damaged or was not written by lst-convert")
+    _check_training_args(metadata["training_args"], config_path)
     return metadata
+
+
+def _check_training_args(training_args: dict[str, Any] | None, config_path: Path) -> None:
+    """Refuse flags of a value their `lst-train` flag cannot give: a dist checkpoint written from
+    the portable one keeps them, and `lst-eval` refused that checkpoint as damaged."""
+    from megatron_lst.training.arguments import build_parser
+
+    from .saved_flags import saved_flags_problem
+
+    problem = saved_flags_problem(training_args or {}, build_parser())
+    if problem is not None:
+        raise CheckpointContentError(
+            f"{config_path}: 'training_args': {problem}; the config is damaged or was edited: "
+            f"correct that flag, or remove it to take lst-train's default")

@@ -51,7 +51,8 @@ def _read_reference_document(path: str | Path, what: str) -> Any:
         if path.suffix.lower() in (".yaml", ".yml"):
             return yaml.safe_load(text)
         return json.loads(text)
-    except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: JSON and UTF-8 decoding
+    # ValueError: JSON and UTF-8 decoding; RecursionError: nested deeper than the parsers recurse
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ReferenceImportError(f"cannot read reference {what} {path}: {reason}") from None
 
@@ -116,13 +117,27 @@ def check_reference_shapes(reference: dict[str, torch.Tensor], config: LSTConfig
     reference's tensors (`reference_tensor_map`). Tensors the args do not describe are left to
     the import, which names them."""
     for mapping in reference_tensor_map(config):
-        wanted = mapping.split(torch.empty(model_shapes[mapping.ours], device="meta"))
+        wanted = _split_shapes(mapping, model_shapes[mapping.ours])
         for name, want in zip(mapping.reference, wanted, strict=True):
             if name in reference and tuple(reference[name].shape) != tuple(want.shape):
                 raise ReferenceImportError(
                     f"reference tensor {name!r} has shape {tuple(reference[name].shape)}, but the "
                     f"model args give {tuple(want.shape)}: the checkpoint and the args are of "
                     "different models; pass the params.json saved with this checkpoint")
+
+
+def _split_shapes(mapping, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """`mapping.split` of a tensor of `shape` (on the meta device: no data), refused where the
+    model args make that impossible: a width beyond any tensor's (1e30, an overflow in torch), or
+    a count of heads torch takes for no number (true)."""
+    try:
+        return mapping.split(torch.empty(shape, device="meta"))
+    except (RuntimeError, TypeError, OverflowError) as error:
+        reason = str(error).splitlines()[0]
+        raise ReferenceImportError(
+            f"the model args give tensor {mapping.ours!r} the shape {shape}, which cannot be "
+            f"split into the reference's {list(mapping.reference)} ({reason}); the args are "
+            "damaged: pass the params.json saved with this checkpoint") from None
 
 
 def export_reference(state: dict[str, torch.Tensor], config: LSTConfig) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ import torch
 
 from megatron_lst.checkpoint.model_config import SavedModel, read_model_config
 from megatron_lst.checkpoint.model_state import CheckpointContentError
+from megatron_lst.checkpoint.saved_flags import saved_flags_problem
 from megatron_lst.models.config import LSTConfig
 from megatron_lst.parallel import ParallelLayoutError, first_stage_layers_for_any_split
 from megatron_lst.patching import Patcher
@@ -34,7 +35,6 @@ from megatron_lst.training.checkpointing import (
     load_checkpoint,
     read_checkpoint_metadata,
 )
-from megatron_lst.training.config_files import long_flag
 
 
 @dataclass
@@ -64,8 +64,7 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
 
     path = find_latest_checkpoint(load_dir)
     if path is None:
-        raise CheckpointError(f"{load_dir} holds no complete checkpoint (no iter_XXXXXXX with "
-                              f"lst_checkpoint.json); pass the --save directory of a run")
+        raise CheckpointError(_no_checkpoint_message(Path(load_dir)))
     metadata = read_checkpoint_metadata(path)
     if metadata.get("vocab") is None:
         raise CheckpointError(f"{path} does not record its vocabulary; it cannot be evaluated")
@@ -96,12 +95,36 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
     vocab.check_tokenizer(tokenizer, f"checkpoint {path}")  # size, and digest when recorded
 
     model_chunks, _ = build_model_chunks(args, vocab.size, config=saved.config)
-    loaded = load_checkpoint(load_dir, model_chunks, None, None, args, vocab)
+    # The checkpoint read above, even where a running training saved a newer one since.
+    loaded = load_checkpoint(path, model_chunks, None, None, args, vocab)
     for chunk in model_chunks:
         chunk.eval()
     return InferenceModel(model_chunks, vocab, tokenizer,
                           Patcher(patching_config_from_args(args)), loaded.path,
                           int(metadata["iteration"]), args.task)
+
+
+def _no_checkpoint_message(load_dir: Path) -> str:
+    """Why `load_dir` gives no model: no dist checkpoint is there; where it holds a checkpoint of
+    another form (portable, or the reference implementation's), the conversions that make one."""
+    from megatron_lst.checkpoint.portable import CONFIG_FILENAME, WEIGHTS_FILENAME
+    from megatron_lst.checkpoint.reference_files import CONSOLIDATED_FILENAME, CONSOLIDATED_FOLDER
+    from megatron_lst.checkpoint.safe_pickle import DCP_METADATA_FILENAME
+
+    to_dist = "`lst-convert portable-to-dist --portable {} --save NEW_DIR`, then pass --load NEW_DIR"
+    if (load_dir / CONFIG_FILENAME).is_file() or load_dir.name == WEIGHTS_FILENAME:
+        portable = load_dir if load_dir.is_dir() else load_dir.parent
+        return (f"{load_dir} is a portable checkpoint ({WEIGHTS_FILENAME} + {CONFIG_FILENAME}), "
+                f"not a dist checkpoint of lst-train: convert it with {to_dist.format(portable)}")
+    reference_parts = (CONSOLIDATED_FILENAME, CONSOLIDATED_FOLDER, DCP_METADATA_FILENAME)
+    if load_dir.suffix in (".pth", ".pt") or any((load_dir / part).exists()
+                                                  for part in reference_parts):
+        return (f"{load_dir} holds a checkpoint of the reference implementation, not a dist "
+                f"checkpoint of lst-train: import it with `lst-convert import-reference "
+                f"--reference-ckpt {load_dir} --output PORTABLE_DIR`, convert that with "
+                f"{to_dist.format('PORTABLE_DIR')}")
+    return (f"{load_dir} holds no complete checkpoint (no iter_XXXXXXX with "
+            f"lst_checkpoint.json); pass the --save directory of a run")
 
 
 def _check_tensor_parallel_size_fits(config: LSTConfig, tp: int, path: Path) -> None:
@@ -119,9 +142,6 @@ def _check_tensor_parallel_size_fits(config: LSTConfig, tp: int, path: Path) -> 
         raise ParallelLayoutError(
             f"--tensor-model-parallel-size {tp} does not divide the {', '.join(undivided)} of "
             f"the model of {path}; use one of {fitting}")
-
-
-PARAMS_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def _inference_args(saved_args: dict, saved: SavedModel, path: Path) -> argparse.Namespace:
@@ -143,6 +163,7 @@ def _inference_args(saved_args: dict, saved: SavedModel, path: Path) -> argparse
     args.sequence_parallel = False
     args.use_distributed_optimizer = args.overlap_param_gather = False
     args.finetune, args.no_load_optim, args.no_load_rng = False, True, True
+    args.ckpt_step = None  # a run resumed with --ckpt-step N saved it: not this load's pick
     return args
 
 
@@ -169,58 +190,8 @@ def _backends_that_run_here(args: argparse.Namespace) -> None:
 
 def _check_saved_flags(saved_args: dict, parser: argparse.ArgumentParser, path: Path) -> None:
     """Refuse saved flags of a value their `lst-train` flag cannot give (a hand-edited or damaged
-    `lst_checkpoint.json`): `patch_size` "4" or null was a TypeError deep in the patcher, 2.5 was
-    taken as a patch size, a `params_dtype_name` of "int8" a RuntimeError while building. Flags
-    this version does not know (older or derived ones) are left alone."""
-    actions = {action.dest: action for action in parser._actions}
-    for dest, value in saved_args.items():
-        action = actions.get(dest)
-        if action is not None and not _flag_takes(action, value):
-            flag = long_flag(action) if action.option_strings else dest
-            raise CheckpointError(
-                f"{path / METADATA_FILENAME}: the saved flag {dest} is {value!r}, which {flag} "
-                f"never gives ({_what_flag_takes(action)}); the file is damaged or was edited: "
-                f"restore it")
-    dtype = saved_args.get("params_dtype_name", "float32")
-    if dtype not in PARAMS_DTYPE_NAMES:
-        raise CheckpointError(
-            f"{path / METADATA_FILENAME}: the saved params_dtype_name is {dtype!r}, not one of "
-            f"{list(PARAMS_DTYPE_NAMES)}; the file is damaged or was edited: restore it")
-
-
-def _flag_takes(action: argparse.Action, value) -> bool:
-    """Whether parsing `action`'s flag can give `value` (JSON-read: ints for floats are fine)."""
-    if value is None:
-        return action.default is None
-    if action.nargs == 0:  # store_true / store_false / --x/--no-x
-        return isinstance(value, bool)
-    if action.nargs in ("*", "+"):
-        return isinstance(value, list) and all(_one_value_fits(action, v) for v in value)
-    return _one_value_fits(action, value)
-
-
-def _one_value_fits(action: argparse.Action, value) -> bool:
-    from megatron_lst.training.arguments import seed_flag
-
-    if isinstance(value, bool):
-        return False  # no value-taking flag parses to a bool
-    if action.choices is not None and value not in action.choices:
-        return False
-    if action.type is float:
-        return isinstance(value, (int, float))
-    if action.type in (None, str):
-        return isinstance(value, str)
-    if action.type in (int, seed_flag):
-        return isinstance(value, int)
-    return True  # a parser of its own: what it gives is not judged here
-
-
-def _what_flag_takes(action: argparse.Action) -> str:
-    """What `_flag_takes` accepts for `action`, in words (int and seed_flag are the integers)."""
-    if action.nargs == 0:
-        return "true or false"
-    one = (f"one of {list(action.choices)}" if action.choices is not None
-           else {float: "a number", None: "a string", str: "a string"}.get(action.type,
-                                                                          "an integer"))
-    many = f"a list of {one}" if action.nargs in ("*", "+") else one
-    return many + (" or null" if action.default is None else "")
+    `lst_checkpoint.json`; `saved_flags.saved_flags_problem`)."""
+    problem = saved_flags_problem(saved_args, parser)
+    if problem is not None:
+        raise CheckpointError(f"{path / METADATA_FILENAME}: {problem}; the file is damaged or "
+                              f"was edited: restore it")

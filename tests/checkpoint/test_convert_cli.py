@@ -234,3 +234,65 @@ def test_a_converted_checkpoint_asks_for_its_tokenizer_by_size(tiny_portable, tm
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "names no tokenizer" in last and "lst-convert" in last
     assert "pass --tokenizer-model with the tokenizer of its vocabulary (58 text pieces)" in last
+
+
+def test_a_portable_checkpoint_without_vocabulary_is_refused_for_dist(tiny_portable, tmp_path,
+                                                                      capsys):
+    """Such a dist checkpoint was written, and then refused by dist-to-portable and lst-eval as
+    "not written by lst-train or lst-convert"; the layout the error asks for converts."""
+    config_path = tiny_portable / "lst_config.json"
+    record = json.loads(config_path.read_text())
+    record["vocab"] = None
+    config_path.write_text(json.dumps(record))
+    dist = tmp_path / "dist"
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(dist)]) == 1
+    err = capsys.readouterr().err
+    assert f"{config_path} records no vocabulary ('vocab' is null or absent)" in err
+    assert "with T + U + 6 = its vocab_size 566" in err
+    assert not dist.exists()
+
+    record["vocab"] = {"text_size": 58, "num_units": 502, "pad_id": 0, "bos_id": 1, "eos_id": 2}
+    config_path.write_text(json.dumps(record))
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(dist)]) == 0
+    assert main(["dist-to-portable", "--load", str(dist), "--output", str(tmp_path / "back")]) == 0
+
+
+@pytest.mark.parametrize("under", ["", "sub"], ids=["file", "under-a-file"])
+def test_a_save_that_is_a_file_is_refused_before_converting(tiny_portable, tmp_path, capsys,
+                                                            under):
+    """It failed after the whole conversion, with the trainer's "resume with --load FILE"."""
+    taken = tmp_path / "taken"
+    taken.write_text("notes\n")
+    save = taken / under if under else taken
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(save)]) == 1
+    assert (f"lst-convert portable-to-dist: {save}: {taken} is a file, not a directory; give a "
+            f"directory for the converted checkpoint (created if missing)\n"
+            == capsys.readouterr().err)
+    assert taken.read_text() == "notes\n"
+
+
+def test_an_output_inside_a_dist_checkpoint_is_refused_and_the_checkpoint_still_verifies(
+        tiny_portable, tmp_path, capsys):
+    """dist-to-portable --output SAVE/iter_0000000 wrote the portable files into the checkpoint,
+    whose manifest does not list them: it then failed verification, and nothing loaded it."""
+    dist = tmp_path / "dist"
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(dist)]) == 0
+    iteration = dist / "iter_0000000"
+    capsys.readouterr()
+    assert main(["dist-to-portable", "--load", str(dist), "--output", str(iteration)]) == 1
+    assert (f"{iteration} is a checkpoint's own directory (it holds ['.metadata', "
+            f"'lst_checkpoint.json', 'lst_manifest.json']); files written into it would make that "
+            f"checkpoint fail verification") in capsys.readouterr().err
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(iteration),
+                 "--iteration", "5"]) == 1
+    assert f"{iteration} is a checkpoint's own directory" in capsys.readouterr().err
+    assert main(["verify", "--load", str(dist)]) == 0
+
+
+def test_an_export_into_its_portable_input_is_refused(tiny_portable, capsys):
+    """The directory then held two checkpoints, which import-reference refused as ambiguous."""
+    assert main(["export-reference", "--portable", str(tiny_portable),
+                 "--output", str(tiny_portable)]) == 1
+    assert (f"{tiny_portable} is a checkpoint's own directory (it holds ['model.safetensors', "
+            f"'lst_config.json'])") in capsys.readouterr().err
+    assert not (tiny_portable / "consolidated.pth").exists()

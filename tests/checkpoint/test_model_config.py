@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import operator
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -63,6 +64,30 @@ def test_a_record_of_more_weights_than_the_checkpoint_holds_is_refused_before_bu
     with pytest.raises(CheckpointContentError, match="the model record describes"):
         dist_to_portable(tmp_path / "dist", tmp_path / "portable")
     assert not (tmp_path / "portable").exists()
+
+
+def test_a_record_of_a_crafted_layer_count_is_refused_without_listing_its_layers(
+        single_rank, tmp_path):
+    """The record's weights were summed over the list of its tensors, several per layer: 10^5
+    layers took ~100 MB and seconds, 10^9 more memory than the machine has. The global layers are
+    stored stacked, so no count of the stored tensors bounds the layers; they are counted."""
+    from megatron_lst.models.config import preset
+
+    vocab = JointVocab(text_size=58)
+    config = preset("tiny", vocab.size)
+    path = save_dist_checkpoint(tmp_path / "dist", build_full_model(config),
+                                training_args_for(config), vocab)
+    record = json.loads((path / "lst_checkpoint.json").read_text())
+    record["model"]["config"]["global_model"]["num_layers"] = 10**5
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointContentError, match=r"the model record describes \d+ "
+                                                         r"weights, but the checkpoint's"):
+            read_model_config(record, path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20  # bytes: nothing per layer
 
 
 def test_a_checkpoint_without_the_record_is_read_through_its_flags(tmp_path):

@@ -4,6 +4,8 @@ corrupt or mismatched files are refused with the tensor (or file) named."""
 import dataclasses
 import io
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -104,12 +106,21 @@ def test_config_dict_of_an_impossible_model_is_refused_naming_the_part(model, ed
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda m: [1], r"holds a JSON list, not an lst-portable config object"),
+    (lambda m: m.update(format_version=True) or m, r"not an lst-portable v1 config \(format "
+                                                    r"'lst-portable' vTrue\)"),
+    (lambda m: m.update(format_version=1.0) or m, r"\(format 'lst-portable' v1\.0\)"),
     (lambda m: m.pop("lst_config") and m, r"field\(s\) 'lst_config' \(missing\) are not what"),
     (lambda m: m.update(training_args=[1]) or m, r"field\(s\) 'training_args' \(list\)"),
     (lambda m: m.update(vocab={"size": 3}) or m, r"'vocab' is not a joint vocabulary layout"),
     # a misspelt field read as absent: the flags would have been lost without a word
     (lambda m: m.update(training_arg=m.pop("training_args")) or m,
      r"unknown field\(s\) \['training_arg'\]"),
+    # kept by portable-to-dist, whose dist checkpoint lst-eval then refused as damaged
+    (lambda m: m.update(training_args={"patching_mode": "static", "patch_size": "4"}) or m,
+     r"'training_args': the saved flag patch_size is '4', which --patch-size never gives "
+     r"\(an integer\); the config is damaged or was edited"),
+    (lambda m: m.update(training_args={"params_dtype_name": "int8"}) or m,
+     r"'training_args': the saved params_dtype_name is 'int8', not one of"),
 ])
 def test_damaged_config_file_is_refused_naming_the_field(saved, edit, message):
     """The portable form is the one to accept from others: a bad config is an error, not a
@@ -167,3 +178,16 @@ def test_corrupt_weights_file_is_refused_naming_it(saved):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointContentError, match=f"cannot read {path}"):
         load_portable(saved)
+
+
+def test_the_weights_file_is_as_readable_as_the_config(model, tmp_path):
+    """The portable form is the one shared with others: safetensors wrote the weights 0600 (its
+    private temporary file), so the people who could read lst_config.json could not read them."""
+    previous = os.umask(0o022)
+    try:
+        save_portable(tmp_path, PortableCheckpoint(config=model.lst_config,
+                                                   state=full_state_dict(model), vocab=VOCAB))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / CONFIG_FILENAME).stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / WEIGHTS_FILENAME).stat().st_mode) == 0o644
