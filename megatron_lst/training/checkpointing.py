@@ -602,7 +602,20 @@ def verify_or_point_elsewhere(path: Path) -> None:
         raise CheckpointIntegrityError(
             f"{err}\nLoad another one with --load {path.parent} --ckpt-step {others[0]} (or "
             f"--load {path.parent / checkpoint_name(others[0])}); complete checkpoints there: "
-            f"{others}.") from None
+            f"{others}.{_move_aside_advice(path, others[0])}") from None
+
+
+def _move_aside_advice(damaged: Path, older: int) -> str:
+    """How to resume from `older` into the save directory that still holds `damaged`, which is
+    newer: lst-train refuses a --save holding checkpoints newer than where the run starts
+    (`checkpoint_flags._check_no_newer_checkpoints`). Empty when `damaged` is not newer."""
+    match = _COMPLETE_NAME.match(damaged.name)
+    if match is None or int(match.group(1)) < older:
+        return ""
+    aside = damaged.parent / f"damaged_{damaged.name}"
+    return (f" To resume from it with --save {damaged.parent} again, first move the damaged "
+            f"checkpoint out of the way (nothing is deleted; lst-train refuses a --save holding "
+            f"a newer checkpoint than where the run starts): mv {damaged} {aside}")
 
 
 def _check_optimizer_tensors(optimizer_state_to_load: Any, saved: dict[str, Any], path: Path,

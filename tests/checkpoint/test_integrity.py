@@ -34,6 +34,7 @@ from megatron_lst.checkpoint.model_state import build_full_model
 from megatron_lst.checkpoint.safe_pickle import read_dcp_metadata
 from megatron_lst.models.config import preset
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.checkpointing import (
     METADATA_FILENAME,
     TRACKER_FILENAME,
@@ -45,6 +46,10 @@ from megatron_lst.training.resume_check import ResumeConfigError
 
 VOCAB = JointVocab(text_size=58)
 # What lst-eval's loader passes: weights only, no optimizer.
+# The smallest lst-train command line, for the flag checks of a resumed run.
+TRAINING_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                  "--seq-length", "16", "--train-iters", "10", "--lr", "1e-3",
+                  "--patching-mode", "static", "--max-tokens", "64"]
 WEIGHTS_ONLY = argparse.Namespace(finetune=False, no_load_optim=True, no_load_rng=True,
                                   ckpt_step=None)
 
@@ -372,3 +377,35 @@ def test_data_of_another_vocabulary_of_the_same_size_is_refused(save_dir):
     for same in (JointVocab(VOCAB.text_size, tokenizer_sha256="a" * 64), VOCAB):
         assert load_checkpoint(save_dir, [model], None, None, WEIGHTS_ONLY, same).iteration == 2
     assert_weights_of(model, seed=2)
+
+
+def test_advice_for_a_damaged_newest_checkpoint_leads_to_a_run_that_saves_there_again(save_dir):
+    """`--ckpt-step` alone is refused with the same --save while the damaged checkpoint is newer
+    than where the run starts; the error says to move it aside, and after that move the run's
+    flags pass."""
+    newest = save_dir / "iter_0000002"
+    broken = largest_distcp(newest)
+    broken.write_bytes(broken.read_bytes()[:1000])
+    with pytest.raises(CheckpointIntegrityError) as refused:
+        load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
+    aside = save_dir / "damaged_iter_0000002"
+    assert f"mv {newest} {aside}" in str(refused.value)
+
+    resume = [*TRAINING_FLAGS, "--load", str(save_dir), "--ckpt-step", "1", "--save", str(save_dir)]
+    with pytest.raises(ArgumentError, match=r"already holds \['iter_0000002'\]"):
+        validate_args(parse_args(resume), 1)
+    newest.rename(aside)
+    assert validate_args(parse_args(resume), 1).resume_from == str(save_dir / "iter_0000001")
+    assert aside.is_dir()  # kept
+
+
+def test_a_damaged_older_checkpoint_gets_no_advice_to_move_it(save_dir):
+    older = save_dir / "iter_0000001"
+    broken = largest_distcp(older)
+    broken.write_bytes(broken.read_bytes()[:1000])
+    args = argparse.Namespace(**{**vars(WEIGHTS_ONLY), "ckpt_step": 1})
+    with pytest.raises(CheckpointIntegrityError) as refused:
+        load_checkpoint(save_dir, [tiny_model()], None, None, args, VOCAB)
+    message = str(refused.value)
+    assert f"--load {save_dir} --ckpt-step 2" in message
+    assert "mv " not in message
