@@ -420,20 +420,24 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
                    seg_texts, num_units, where, counts)
 
 
-def _unit_file_at(base: Path) -> Path | None:
-    """`base` with the first unit-file suffix that exists, or None."""
-    for suffix in UNIT_FILE_SUFFIXES:
-        candidate = base.with_name(base.name + suffix)
-        if candidate.is_file():
-            return candidate
-    return None
+def _unit_file_at(base: Path, textgrid_path: Path) -> Path | None:
+    """`base` with the unit-file suffix that exists, or None. Two of them (`a.npy` and
+    `a.txt`) are a DocumentError naming both: which one holds the utterance's units is not
+    ours to guess."""
+    found = [base.with_name(base.name + suffix) for suffix in UNIT_FILE_SUFFIXES
+             if base.with_name(base.name + suffix).is_file()]
+    if len(found) > 1:
+        raise DocumentError(f"{textgrid_path}: {len(found)} unit files of one utterance: "
+                            f"{', '.join(map(str, found))}; keep the one that holds its units "
+                            f"and move the other{'s' if len(found) > 2 else ''} away")
+    return found[0] if found else None
 
 
 def find_units_file(textgrid_path: Path, textgrid_dir: Path, units_dir: Path) -> Path:
     """The unit file of an utterance: same relative path under `units_dir`, else same stem."""
     relative = textgrid_path.relative_to(textgrid_dir).with_suffix("")
     for base in (units_dir / relative, units_dir / relative.name):
-        found = _unit_file_at(base)
+        found = _unit_file_at(base, textgrid_path)
         if found is not None:
             return found
     raise DocumentError(f"{textgrid_path}: no unit file {relative}{{{','.join(UNIT_FILE_SUFFIXES)}}}"
@@ -463,7 +467,7 @@ def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list
         if len(same) < 2:
             continue
         by_stem_only = [path for path in same if _unit_file_at(
-            units_dir / path.relative_to(textgrid_dir).with_suffix("")) is None]
+            units_dir / path.relative_to(textgrid_dir).with_suffix(""), path) is None]
         if by_stem_only:
             raise DocumentError(
                 f"{len(same)} TextGrids share the name {stem!r} ({', '.join(map(str, same[:3]))}"
@@ -477,8 +481,8 @@ def unit_files_without_textgrid(textgrid_dir: str | Path, units_dir: str | Path,
                                 utterances: list[Path]) -> list[Path]:
     """Unit files under `units_dir` (sorted) of utterances that no TextGrid of `utterances`
     reads: utterances the aligner left without a TextGrid (MFA lists them in unalignable.txt),
-    which the corpus would otherwise leave out without a word. A file beside the one an
-    utterance reads (`a.txt` beside `a.npy`) is of a read utterance, not listed."""
+    which the corpus would otherwise leave out without a word. A second unit file of a read
+    utterance (`a.txt` beside `a.npy`, which reading refuses) is not listed."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
     listed = sorted(path for path in units_dir.rglob("*")
                     if path.suffix in UNIT_FILE_SUFFIXES and path.is_file())

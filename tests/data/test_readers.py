@@ -224,6 +224,20 @@ def test_textgrids_of_one_name_in_two_folders_need_their_own_unit_files(tmp_path
     sources = list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))
     assert [s.document.unit_ids[0] for s in sources] == [3, 2]
 
+def test_an_utterance_with_two_unit_files_is_refused_naming_both(tmp_path, tokenizer):
+    """units/a.npy and units/a.txt: which one holds the units is not guessed, even when the
+    two agree."""
+    grids, units = tmp_path / "grids", tmp_path / "units"
+    _utterance(grids, units, "a", WORD_TIER, [1] * 25)
+    _utterance(grids, units, "a", WORD_TIER, [1] * 25, as_text=True)
+    with pytest.raises(DocumentError, match=rf"a\.TextGrid: 2 unit files of one utterance: "
+                                            rf"{units / 'a.npy'}, {units / 'a.txt'}; keep the one"):
+        list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))
+    (units / "a.npy").unlink()
+    (source,) = read_textgrid_corpus(grids, units, tokenizer, num_units=20)
+    assert list(source.document.unit_ids) == [1] * 25
+
+
 def test_textgrid_zero_frame_silence_dropped(tmp_path, tokenizer):
     tier = [Interval(0.0, 0.01, ""), Interval(0.01, 0.4, "hello")]
     _utterance(tmp_path / "g", tmp_path / "u", "a", tier, [3] * 10)
