@@ -40,6 +40,7 @@ from megatron_lst.data.readers import (
     ReadReport,
     line_chunks,
     parse_chunk,
+    refuse_compressed,
     textgrid_utterances,
     unit_files_without_textgrid,
     utterance_chunks,
@@ -144,6 +145,10 @@ def _check_args(args: argparse.Namespace) -> None:
     for number, path in enumerate(args.input):
         if not os.path.isfile(path):
             raise SystemExit(f"--input {path}: no such file")
+        try:
+            refuse_compressed(path)
+        except DocumentError as error:
+            raise SystemExit(f"--input {error}") from None
         again = next((other for other in args.input[:number] if os.path.samefile(other, path)),
                      None)
         if again is not None:  # allowed (to repeat a corpus on purpose), but said

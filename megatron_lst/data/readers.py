@@ -250,11 +250,30 @@ def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
     return ids, Counts(documents=1, words=len(text.split()), text_pieces=len(ids))
 
 
+# The first bytes of a compressed file: (compressor, the command that decompresses it).
+_COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip", "gunzip -k"), (b"\x28\xb5\x2f\xfd", "zstd", "zstd -d"),
+                     (b"\xfd7zXZ\x00", "xz", "unxz -k"), (b"BZh", "bzip2", "bunzip2 -k"))
+
+
+def refuse_compressed(path: str | Path) -> None:
+    """A DocumentError when `path` begins as a gzip, zstd, xz or bzip2 file does: read as text,
+    its every line would be refused as not UTF-8 (and all of them skipped under --skip-bad)."""
+    with open(path, "rb") as stream:
+        start = stream.read(6)
+    for magic, compressor, command in _COMPRESSED_MAGIC:
+        if start.startswith(magic) and (compressor != "bzip2" or start[3:4].isdigit()):
+            raise DocumentError(f"{path} is {compressor}-compressed, and corpora are read as "
+                                f"UTF-8 text; decompress it first ({command} {path}) and pass "
+                                f"the decompressed file")
+
+
 def open_corpus_lines(path: str | Path):
     """A corpus file (JSONL, or plain text for tools/train_tokenizer.py) opened for its lines: a
-    leading byte-order mark (what Windows editors and some exporters write) is dropped, else the
-    first line would not read as JSON, or its first word would begin with U+FEFF; a byte that is
-    not UTF-8 is kept as a surrogate (U+DC80..U+DCFF), for the caller to name with its line."""
+    compressed file is refused (`refuse_compressed`); a leading byte-order mark (what Windows
+    editors and some exporters write) is dropped, else the first line would not read as JSON,
+    or its first word would begin with U+FEFF; a byte that is not UTF-8 is kept as a surrogate
+    (U+DC80..U+DCFF), for the caller to name with its line."""
+    refuse_compressed(path)
     return open(path, encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115
 
 

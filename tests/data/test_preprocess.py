@@ -1,3 +1,4 @@
+import gzip
 import importlib.util
 import json
 import os
@@ -314,6 +315,18 @@ def test_skip_bad_counts_in_manifest(tmp_path, spm, capsys):
     out = capsys.readouterr().out
     assert "skipped 3 bad documents" in out and "in.jsonl:11: not valid JSON" in out
     assert "in.jsonl:13: the line holds the byte 0xe9, which is not UTF-8" in out
+
+
+def test_a_compressed_input_is_refused_before_anything_is_read(tmp_path, spm):
+    plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    _synthetic_reference(plain, 5)
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    with pytest.raises(SystemExit, match=rf"--input {packed} is gzip-compressed, .* "
+                                         rf"decompress it first \(gunzip -k {packed}\)"):
+        preprocess.main(["--input", str(plain), str(packed), "--input-format",
+                         "reference-jsonl", "--tokenizer-model", str(spm), "--output-prefix",
+                         str(tmp_path / "out"), "--skip-bad"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl.gz"]
 
 
 def test_store_refuses_another_tokenizer(tmp_path, spm):

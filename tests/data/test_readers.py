@@ -1,4 +1,7 @@
+import bz2
+import gzip
 import json
+import lzma
 import random
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from megatron_lst.data.readers import (
     read_reference_jsonl,
     read_text_jsonl,
     read_textgrid_corpus,
+    refuse_compressed,
 )
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
@@ -394,3 +398,28 @@ def test_textgrid_suffix_in_another_case_is_read(tmp_path, tokenizer):
         with pytest.raises(DocumentError, match=r"a.TEXTGRID and a.TextGrid: two TextGrids of "
                                                 r"one utterance; keep one"):
             list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))
+
+
+@pytest.mark.parametrize(("compress", "named", "command"), [
+    (gzip.compress, "gzip", "gunzip -k"), (bz2.compress, "bzip2", "bunzip2 -k"),
+    (lzma.compress, "xz", "unxz -k"),
+    (lambda raw: b"\x28\xb5\x2f\xfd" + raw, "zstd", "zstd -d"),  # a zstd frame's magic
+])
+def test_a_compressed_corpus_is_named_as_compressed_not_as_bad_text(tmp_path, tokenizer,
+                                                                     compress, named, command):
+    """Read as text, every line of a .jsonl.gz was "not UTF-8", and --skip-bad skipped them
+    all: it is refused whole, saying how to decompress it."""
+    path = tmp_path / "corpus.jsonl.z"
+    path.write_bytes(compress(b'{"text": "hello world"}\n' * 50))
+    message = (rf"{path} is {named}-compressed, and corpora are read as UTF-8 text; "
+               rf"decompress it first \({command} {path}\)")
+    with pytest.raises(DocumentError, match=message):
+        list(read_text_jsonl(path, tokenizer, skip_bad=True))
+    with pytest.raises(DocumentError, match=message):
+        refuse_compressed(path)
+
+
+def test_text_that_begins_like_a_magic_number_is_read(tmp_path, tokenizer):
+    path = tmp_path / "corpus.txt"
+    path.write_text('BZh is not bzip2 without its block size\n')
+    refuse_compressed(path)
