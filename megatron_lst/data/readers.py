@@ -580,18 +580,27 @@ class ChunkResult:
 
 
 def line_chunks(paths: list[str], chunk_size: int) -> Iterator[Chunk]:
-    """The non-blank lines of `paths`, in order, `chunk_size` lines at a time."""
+    """The non-blank lines of `paths`, in order, `chunk_size` lines at a time. A chunk's size is
+    the input bytes it covers, as the progress total counts them (the files' sizes): its lines
+    encoded back (characters are not bytes beyond ASCII), the blank lines before them, and, for
+    the last chunk of a file, the bytes no line's text holds (a byte-order mark, the \\r of
+    \\r\\n line ends); the sizes of a file's chunks add up to its size."""
     for path in paths:
+        file_size, counted = Path(path).stat().st_size, 0
         with open_corpus_lines(path) as lines:
             chunk: list[tuple[int, str]] = []
+            size = 0
             for number, line in enumerate(lines, 1):
+                size += len(line.encode("utf-8", "surrogateescape"))  # the bytes read
                 if line.strip():
                     chunk.append((number, line))
                 if len(chunk) == chunk_size:
-                    yield Chunk(chunk, str(path), sum(len(line) for _, line in chunk))
-                    chunk = []
-            if chunk:
-                yield Chunk(chunk, str(path), sum(len(line) for _, line in chunk))
+                    yield Chunk(chunk, str(path), size)
+                    counted += size
+                    chunk, size = [], 0
+        rest = max(file_size - counted, 0)
+        if chunk or rest:
+            yield Chunk(chunk, str(path), rest)
 
 
 def utterance_chunks(paths: list[Path], chunk_size: int) -> Iterator[Chunk]:

@@ -400,6 +400,22 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):
     assert f"of {size:,.1f} MB (" in lines[0] and "documents/s" in lines[0] and "MB/s" in lines[0]
 
 
+def test_progress_of_a_non_ascii_corpus_reaches_its_total(tmp_path, spm, capsys):
+    """The total is in bytes; the chunks counted characters, so a corpus beyond ASCII ended
+    short of 100%."""
+    source = tmp_path / "synthetic.jsonl"
+    _synthetic_reference(source, 40)
+    records = [json.loads(line) for line in source.read_text().splitlines()]
+    source.write_text("".join(json.dumps({**record, "file_id": f"énoncé-日本-{n}"},
+                                         ensure_ascii=False) + "\n"
+                              for n, record in enumerate(records)), encoding="utf-8")
+    preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",
+                     "--tokenizer-model", str(spm), "--output-prefix", str(tmp_path / "out"),
+                     "--chunk-size", "8", "--log-interval", "8"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("preprocess: 40 documents,") and "(100.0%)" in last
+
+
 @pytest.mark.slow  # a fresh interpreter runs the tool
 def test_an_unwritable_output_is_one_line(tmp_path, spm):
     source = tmp_path / "in.jsonl"

@@ -11,6 +11,7 @@ import pytest
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.readers import (
     ReadReport,
+    line_chunks,
     load_units,
     parse_reference_interleaved,
     read_reference_jsonl,
@@ -423,3 +424,19 @@ def test_text_that_begins_like_a_magic_number_is_read(tmp_path, tokenizer):
     path = tmp_path / "corpus.txt"
     path.write_text('BZh is not bzip2 without its block size\n')
     refuse_compressed(path)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 100])
+def test_line_chunks_count_the_bytes_the_progress_total_counts(tmp_path, chunk_size):
+    """The progress total is the files' size in bytes: chunks counted characters (and skipped
+    blank lines, a byte-order mark, the \\r of \\r\\n), so a non-ASCII corpus never reached
+    100%."""
+    path = tmp_path / "corpus.jsonl"
+    lines = ['{"text": "café naïve 日本語"}', "", '{"text": "plain"}', "  ", '{"text": "ünï"}']
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n\n")
+    chunks = list(line_chunks([str(path), str(path)], chunk_size))
+    assert sum(chunk.size for chunk in chunks) == 2 * path.stat().st_size
+    assert [number for chunk in chunks[:len(chunks) // 2] for number, _ in chunk.items] == [1, 3, 5]
+    ascii_only = tmp_path / "ascii.jsonl"
+    ascii_only.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert [chunk.size for chunk in line_chunks([str(ascii_only)], 1)] == [14, 14]
