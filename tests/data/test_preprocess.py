@@ -329,6 +329,25 @@ def test_a_compressed_input_is_refused_before_anything_is_read(tmp_path, spm):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl.gz"]
 
 
+def test_a_run_without_documents_names_the_output_prefix_given(tmp_path, spm):
+    """The writer writes to PREFIX.partial: its error named that scratch prefix, not the
+    --output-prefix of the command."""
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("\n\n")
+    bad.write_text("not json\n")
+    out = tmp_path / "out"
+    for source, why in ((empty, r"every input was empty\)"),
+                        (bad, r"every input was empty or skipped as bad \(1 skipped by "
+                              r"--skip-bad, e.g. .*bad.jsonl:1: not valid JSON")):
+        with pytest.raises(DocumentError, match=rf"^--output-prefix {out}: no documents to write "
+                                                rf"\({why}.*; nothing was written"):
+            preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",
+                             "--tokenizer-model", str(spm), "--output-prefix", str(out),
+                             "--skip-bad"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["empty.jsonl", "bad.jsonl"])
+
+
 def test_store_refuses_another_tokenizer(tmp_path, spm):
     source = tmp_path / "in.jsonl"
     _synthetic_reference(source, 5)
