@@ -163,7 +163,6 @@ def test_unit_files_without_a_textgrid_are_named(tmp_path, spm, capsys):
     np.save(units / "spk1" / "u1.npy", np.arange(50))  # no TextGrid
     (units / "u2.txt").write_text("1 2 3\n")  # no TextGrid
     (units / "units.json").write_text("{}")  # no unit file
-    (units / "spk1" / "u0.txt").write_text("1 2 3\n")  # u0's too: u0.npy is read
     write_textgrid(grids / "spk1" / "u3.TextGrid", [Interval(0.0, 1.0, "hello")])
     np.save(units / "u3.npy", np.arange(50))  # read by its name alone
     args = ["--input-format", "textgrid", "--textgrid-dir", str(grids), "--units-dir",
