@@ -257,7 +257,10 @@ _COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip", "gunzip -k"), (b"\x28\xb5\x2f\xfd", "
 
 def refuse_compressed(path: str | Path) -> None:
     """A DocumentError when `path` begins as a gzip, zstd, xz or bzip2 file does: read as text,
-    its every line would be refused as not UTF-8 (and all of them skipped under --skip-bad)."""
+    its every line would be refused as not UTF-8 (and all of them skipped under --skip-bad).
+    A pipe is not looked at: the bytes looked at would be gone from it."""
+    if not Path(path).is_file():
+        return
     with open(path, "rb") as stream:
         start = stream.read(6)
     for magic, compressor, command in _COMPRESSED_MAGIC:

@@ -2,6 +2,7 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 import random
 from pathlib import Path
 
@@ -440,3 +441,17 @@ def test_line_chunks_count_the_bytes_the_progress_total_counts(tmp_path, chunk_s
     ascii_only = tmp_path / "ascii.jsonl"
     ascii_only.write_text('{"text": "a"}\n{"text": "b"}\n')
     assert [chunk.size for chunk in line_chunks([str(ascii_only)], 1)] == [14, 14]
+
+
+def test_a_corpus_read_from_a_pipe_loses_no_bytes_to_the_compression_check(tokenizer):
+    """`--input <(zcat corpus.jsonl.gz)` for a library caller: the first bytes of a pipe, once
+    looked at for a compressor's magic number, would be gone from the first line."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b'{"text": "hello world"}\n{"text": "the model"}\n')
+    os.close(write_end)
+    try:
+        documents = list(read_text_jsonl(f"/dev/fd/{read_end}", tokenizer))
+    finally:
+        os.close(read_end)
+    assert [d.document.tolist() for d in documents] == [
+        tokenizer.encode_words([words])[0].tolist() for words in ("hello world", "the model")]
