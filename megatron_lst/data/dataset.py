@@ -392,8 +392,9 @@ class LSTDataset(torch.utils.data.Dataset):
         return heads
 
     def _cached_row_heads(self, path: Path) -> np.ndarray | None:
-        """The row index cached at `path`, or None when there is none or it is damaged (it is
-        then rebuilt and replaced)."""
+        """The row index cached at `path` (recorded as `_cached_index`), or None when there is
+        none or it is damaged: unreadable, of another shape or dtype, or holding values no cut
+        makes (`row_index_problem`). A damaged one is then rebuilt and replaced."""
         if not path.exists():
             return None
         try:  # mapped, not read: the ranks of a node share its pages (24 bytes a row)
