@@ -223,6 +223,9 @@ def _megatron_config_problems(directory: Path) -> list[str]:
 
 
 def _file_problem(path: Path, expected: FileRecord) -> str | None:
+    if path.is_symlink():  # reading it would read whatever it points at, in or out of the checkpoint
+        return (f"{path} is a symbolic link (to {os.readlink(path)}); a save writes only plain "
+                f"files, so it was not read")
     if not path.is_file():
         return f"{path} is missing (listed in {MANIFEST_FILENAME})"
     size = path.stat().st_size

@@ -194,6 +194,20 @@ def test_a_manifest_naming_files_outside_the_checkpoint_is_refused(save_dir, mon
         load_dist_checkpoint(checkpoint, tiny_model(), VOCAB)
 
 
+def test_a_file_replaced_by_a_link_to_a_file_outside_is_refused(save_dir):
+    """A listed name that is a symbolic link (here to an identical copy outside, so size and
+    digest match) would be read wherever it points."""
+    checkpoint = save_dir / "iter_0000002"
+    listed = checkpoint / "metadata.json"
+    outside = save_dir / "elsewhere.json"
+    shutil.copy(listed, outside)
+    listed.unlink()
+    listed.symlink_to(outside)
+    [problem] = inspect_checkpoint(checkpoint).problems
+    assert problem == (f"{listed} is a symbolic link (to {outside}); a save writes only plain "
+                       f"files, so it was not read")
+
+
 def largest_distcp(checkpoint: Path) -> Path:
     return max(checkpoint.glob("*.distcp"), key=lambda p: p.stat().st_size)
 
