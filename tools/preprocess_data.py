@@ -40,6 +40,7 @@ from megatron_lst.data.readers import (
     ReadReport,
     line_chunks,
     parse_chunk,
+    refuse_compressed,
     textgrid_utterances,
     unit_files_without_textgrid,
     utterance_chunks,
@@ -144,6 +145,10 @@ def _check_args(args: argparse.Namespace) -> None:
     for number, path in enumerate(args.input):
         if not os.path.isfile(path):
             raise SystemExit(f"--input {path}: no such file")
+        try:
+            refuse_compressed(path)
+        except DocumentError as error:
+            raise SystemExit(f"--input {error}") from None
         again = next((other for other in args.input[:number] if os.path.samefile(other, path)),
                      None)
         if again is not None:  # allowed (to repeat a corpus on purpose), but said
@@ -268,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
                     report.examples += result.report.examples[: report.MAX_EXAMPLES
                                                               - len(report.examples)]
                     progress.update(chunk.size, len(result.documents))
+            if writer.num_documents == 0:
+                raise DocumentError(_nothing_to_write(args, report))
             manifest = Manifest(
                 kind=kind, vocab=vocab.to_dict(),
                 tokenizer=TokenizerInfo(str(args.tokenizer_model), tokenizer.sha256,
@@ -289,6 +296,17 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
         raise Interrupted(f"interrupted after {args.output_prefix}.{{bin,idx,json}} were "
                           f"written whole") from None
     return manifest
+
+
+def _nothing_to_write(args: argparse.Namespace, report: ReadReport) -> str:
+    """Why a run read no documents, naming the output it did not write (the writer only knows
+    its .partial scratch prefix)."""
+    why = "every input was empty"
+    if report.bad_skipped:
+        why = (f"every input was empty or skipped as bad ({report.bad_skipped} skipped by "
+               f"--skip-bad, e.g. {report.examples[0]})")
+    return (f"--output-prefix {args.output_prefix}: no documents to write ({why}); nothing "
+            f"was written: check the inputs")
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.readers import SEGMENT_SEP, SILENCE_WORD, open_corpus_lines
 from megatron_lst.tokenizer.text_tokenizer import VocabSizeError, train_sentencepiece
 from megatron_lst.tokenizer.vocab import VocabularyError
@@ -54,8 +55,12 @@ def sentences(paths: Sequence[str], input_format: str, json_key: str = "text") -
     """The training sentences of `paths`, in order; blank lines and a byte-order mark at the
     start of a file are skipped."""
     for path in paths:
+        try:
+            corpus = open_corpus_lines(path)
+        except DocumentError as error:  # compressed
+            raise SystemExit(f"error: {error}") from None
         # A byte that is no UTF-8 reads as a lone surrogate U+DC80..U+DCFF: the line is named.
-        with open_corpus_lines(path) as lines:
+        with corpus as lines:
             for number, line in enumerate(lines, 1):
                 bad = _NOT_UTF8.search(line)
                 if bad:

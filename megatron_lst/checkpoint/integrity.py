@@ -158,6 +158,9 @@ def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
     manifest = read_manifest(directory)
     files_checked = bytes_checked = 0
     if manifest is not None:
+        outside = _names_outside(directory, manifest)
+        if outside:  # hashing them would read files beyond the checkpoint
+            return VerificationReport(directory, 0, 0, True, (outside,))
         mine = {}
         for name in _my_share(sorted(manifest)):
             mine[name] = _file_problem(directory / name, manifest[name])
@@ -187,6 +190,20 @@ def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
                               tuple(problems))
 
 
+def _names_outside(directory: Path, manifest: dict[str, FileRecord]) -> str | None:
+    """The problem of a manifest listing names that are not plain file names of `directory`
+    (a path such as '../x' or '/etc/x', or '.', '..'), or None. A save lists only the files
+    directly in the checkpoint directory, so such a name is crafted or damaged."""
+    bad = sorted(name for name in manifest
+                 if name in ("", ".", "..") or "/" in name or "\\" in name
+                 or os.path.isabs(name))
+    if not bad:
+        return None
+    return (f"{directory / MANIFEST_FILENAME} lists names outside the checkpoint directory "
+            f"{bad}; a save lists only plain file names in it, so the manifest is crafted or "
+            f"damaged and nothing it names was read")
+
+
 def _megatron_config_problems(directory: Path) -> list[str]:
     """Problems with megatron's `metadata.json`, which names the checkpoint's backends, and
     with the common state file its "torch" common backend reads (checked against the manifest
@@ -206,6 +223,9 @@ def _megatron_config_problems(directory: Path) -> list[str]:
 
 
 def _file_problem(path: Path, expected: FileRecord) -> str | None:
+    if path.is_symlink():  # reading it would read whatever it points at, in or out of the checkpoint
+        return (f"{path} is a symbolic link (to {os.readlink(path)}); a save writes only plain "
+                f"files, so it was not read")
     if not path.is_file():
         return f"{path} is missing (listed in {MANIFEST_FILENAME})"
     size = path.stat().st_size

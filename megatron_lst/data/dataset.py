@@ -35,7 +35,10 @@ passes the line to `on_progress` when given. `__getitem__` repeats the same dete
 for one row. With `index_cache_dir`, a store on disk (one with a `prefix`) keeps that row index in
 `lst_rows_<hash>.npy` (memory-mapped when loaded), the hash covering the store's files (size,
 mtime, ctime, path), its length and, for a view of part of a store, the view's `start`, and every
-setting the cut depends on, so a restart or another rank loads it instead.
+setting the cut depends on, so a restart or another rank loads it instead. A cached index is
+checked when loaded (`row_index_problem`: vectorised, what every cut holds) and built again when
+unreadable or holding values no cut makes; a head past the end of its document, which only the
+patching tells, is named when its row is read.
 
 Curriculum step of row r: `sample_positions[r] // global_batch_size`, where `sample_positions`
 maps the dataset's rows to their places in the training order (identity by default; a blend passes
@@ -83,6 +86,8 @@ INDEX_FORMAT_VERSION = 3
 IN_PROCESS_PLANS = 512
 MAX_PLAN_BLOCK = 8192
 PROGRESS_SECONDS = 30.0
+# Rows of a cached row index checked at once (`row_index_problem`): 24 MB of int64 a block.
+_CHECK_BLOCK = 1 << 20
 
 
 class DatasetError(ValueError):
@@ -227,6 +232,7 @@ class LSTDataset(torch.utils.data.Dataset):
         self.on_progress = on_progress
         self._orders = EpochOrders(seed, len(store))
         self._documents: OrderedDict[tuple[int, int], _PatchedDocument] = OrderedDict()
+        self._cached_index: Path | None = None  # the file `_heads` was loaded from
         self._heads = self._load_or_build_row_heads(index_cache_dir)
 
     # ----- the stream of patched documents -----
@@ -386,8 +392,9 @@ class LSTDataset(torch.utils.data.Dataset):
         return heads
 
     def _cached_row_heads(self, path: Path) -> np.ndarray | None:
-        """The row index cached at `path`, or None when there is none or it is damaged (it is
-        then rebuilt and replaced)."""
+        """The row index cached at `path` (recorded as `_cached_index`), or None when there is
+        none or it is damaged: unreadable, of another shape or dtype, or holding values no cut
+        makes (`row_index_problem`). A damaged one is then rebuilt and replaced."""
         if not path.exists():
             return None
         try:  # mapped, not read: the ranks of a node share its pages (24 bytes a row)
@@ -395,9 +402,14 @@ class LSTDataset(torch.utils.data.Dataset):
         except (ValueError, OSError, EOFError) as error:
             logger.warning("%s: damaged row index (%s); building it again", path, error)
             return None
-        if heads.shape == (self.num_samples, 3) and heads.dtype == np.int64:
-            return heads
-        return None
+        if heads.shape != (self.num_samples, 3) or heads.dtype != np.int64:
+            return None
+        problem = row_index_problem(heads, self.seq_length)
+        if problem is not None:
+            logger.warning("%s: damaged row index (%s); building it again", path, problem)
+            return None
+        self._cached_index = path
+        return heads
 
     def _build_row_heads(self) -> np.ndarray:
         """[num_samples, 3] int64: (position, patch, start_row) of every row's head."""
@@ -432,8 +444,13 @@ class LSTDataset(torch.utils.data.Dataset):
         """Row `index` before padding: tokens [L+1] int64, modality [L+1] int64, patch lengths
         [P_row] int32 (P_row <= seq_length, sums to L+1)."""
         head = _Head(*(int(v) for v in self._heads[index]))
-        pieces, _ = self._cut_row(index, head, self._stored_patch_ends)
         head_doc = self._patched(head.position, head.start_row)
+        if head.patch >= len(head_doc.patch_ends):  # only a damaged cached index says so
+            raise DatasetError(
+                f"{self._cached_index}: damaged row index: row {index} starts after patch "
+                f"{head.patch} of a document of {len(head_doc.patch_ends)} patches; delete the "
+                f"file and start again (the index is built anew)")
+        pieces, _ = self._cut_row(index, head, self._stored_patch_ends)
         head_at = int(head_doc.patch_ends[head.patch]) - 1
         tokens = [head_doc.doc.tokens[head_at:head_at + 1]]
         modality = [head_doc.doc.modality[head_at:head_at + 1]]
@@ -540,6 +557,36 @@ class _PlanSource:
         parts = [self.pool.submit(_plan_in_worker, positions[i:i + chunk])
                  for i in range(0, len(positions), chunk)]
         return positions, parts
+
+
+def row_index_problem(heads: np.ndarray, seq_length: int) -> str | None:
+    """What rules out `heads` [R, 3] int64 (position, patch, start_row) as a row index cut of
+    rows of `seq_length` patches, or None. Checked block by block, vectorised, against what
+    every cut holds: row 0 starts at (0, 0, 0), and each row takes 1 to `seq_length - 1`
+    patches, so the next head is further on in the same document (same start row) or at patch
+    0..seq_length - 2 of one of the next seq_length - 1 documents, which began in this row.
+    Whether a patch exists in its document needs the patching; `LSTDataset.row` checks that."""
+    if len(heads) == 0:
+        return None
+    if tuple(int(v) for v in heads[0]) != (0, 0, 0):
+        return f"row 0 starts at {tuple(int(v) for v in heads[0])}, not (0, 0, 0)"
+    for start in range(0, len(heads) - 1, _CHECK_BLOCK):
+        pairs = np.asarray(heads[start:start + _CHECK_BLOCK + 1])  # [B + 1, 3]: B successions
+        before, after = pairs[:-1], pairs[1:]
+        rows = np.arange(start, start + len(before))  # [B] the row of each `before`
+        step = after[:, 0] - before[:, 0]
+        taken = after[:, 1] - before[:, 1]
+        same_document = (step == 0) & (after[:, 2] == before[:, 2]) & (taken >= 1) & (
+            taken <= seq_length - 1)
+        next_documents = (step >= 1) & (step <= seq_length - 1) & (after[:, 2] == rows) & (
+            after[:, 1] >= 0) & (after[:, 1] <= seq_length - 2)
+        wrong = np.flatnonzero(~(same_document | next_documents))
+        if len(wrong):
+            row = int(rows[wrong[0]])
+            return (f"row {row + 1} starts at {tuple(int(v) for v in after[wrong[0]])}, which no "
+                    f"cut of {seq_length}-patch rows puts after row {row}'s "
+                    f"{tuple(int(v) for v in before[wrong[0]])}")
+    return None
 
 
 def checked_sample_positions(sample_positions: np.ndarray | None, num_samples: int

@@ -250,11 +250,33 @@ def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
     return ids, Counts(documents=1, words=len(text.split()), text_pieces=len(ids))
 
 
+# The first bytes of a compressed file: (compressor, the command that decompresses it).
+_COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip", "gunzip -k"), (b"\x28\xb5\x2f\xfd", "zstd", "zstd -d"),
+                     (b"\xfd7zXZ\x00", "xz", "unxz -k"), (b"BZh", "bzip2", "bunzip2 -k"))
+
+
+def refuse_compressed(path: str | Path) -> None:
+    """A DocumentError when `path` begins as a gzip, zstd, xz or bzip2 file does: read as text,
+    its every line would be refused as not UTF-8 (and all of them skipped under --skip-bad).
+    A pipe is not looked at: the bytes looked at would be gone from it."""
+    if not Path(path).is_file():
+        return
+    with open(path, "rb") as stream:
+        start = stream.read(6)
+    for magic, compressor, command in _COMPRESSED_MAGIC:
+        if start.startswith(magic) and (compressor != "bzip2" or start[3:4].isdigit()):
+            raise DocumentError(f"{path} is {compressor}-compressed, and corpora are read as "
+                                f"UTF-8 text; decompress it first ({command} {path}) and pass "
+                                f"the decompressed file")
+
+
 def open_corpus_lines(path: str | Path):
     """A corpus file (JSONL, or plain text for tools/train_tokenizer.py) opened for its lines: a
-    leading byte-order mark (what Windows editors and some exporters write) is dropped, else the
-    first line would not read as JSON, or its first word would begin with U+FEFF; a byte that is
-    not UTF-8 is kept as a surrogate (U+DC80..U+DCFF), for the caller to name with its line."""
+    compressed file is refused (`refuse_compressed`); a leading byte-order mark (what Windows
+    editors and some exporters write) is dropped, else the first line would not read as JSON,
+    or its first word would begin with U+FEFF; a byte that is not UTF-8 is kept as a surrogate
+    (U+DC80..U+DCFF), for the caller to name with its line."""
+    refuse_compressed(path)
     return open(path, encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115
 
 
@@ -420,20 +442,24 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
                    seg_texts, num_units, where, counts)
 
 
-def _unit_file_at(base: Path) -> Path | None:
-    """`base` with the first unit-file suffix that exists, or None."""
-    for suffix in UNIT_FILE_SUFFIXES:
-        candidate = base.with_name(base.name + suffix)
-        if candidate.is_file():
-            return candidate
-    return None
+def _unit_file_at(base: Path, textgrid_path: Path) -> Path | None:
+    """`base` with the unit-file suffix that exists, or None. Two of them (`a.npy` and
+    `a.txt`) are a DocumentError naming both: which one holds the utterance's units is not
+    ours to guess."""
+    found = [base.with_name(base.name + suffix) for suffix in UNIT_FILE_SUFFIXES
+             if base.with_name(base.name + suffix).is_file()]
+    if len(found) > 1:
+        raise DocumentError(f"{textgrid_path}: {len(found)} unit files of one utterance: "
+                            f"{', '.join(map(str, found))}; keep the one that holds its units "
+                            f"and move the other{'s' if len(found) > 2 else ''} away")
+    return found[0] if found else None
 
 
 def find_units_file(textgrid_path: Path, textgrid_dir: Path, units_dir: Path) -> Path:
     """The unit file of an utterance: same relative path under `units_dir`, else same stem."""
     relative = textgrid_path.relative_to(textgrid_dir).with_suffix("")
     for base in (units_dir / relative, units_dir / relative.name):
-        found = _unit_file_at(base)
+        found = _unit_file_at(base, textgrid_path)
         if found is not None:
             return found
     raise DocumentError(f"{textgrid_path}: no unit file {relative}{{{','.join(UNIT_FILE_SUFFIXES)}}}"
@@ -463,7 +489,7 @@ def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list
         if len(same) < 2:
             continue
         by_stem_only = [path for path in same if _unit_file_at(
-            units_dir / path.relative_to(textgrid_dir).with_suffix("")) is None]
+            units_dir / path.relative_to(textgrid_dir).with_suffix(""), path) is None]
         if by_stem_only:
             raise DocumentError(
                 f"{len(same)} TextGrids share the name {stem!r} ({', '.join(map(str, same[:3]))}"
@@ -477,8 +503,8 @@ def unit_files_without_textgrid(textgrid_dir: str | Path, units_dir: str | Path,
                                 utterances: list[Path]) -> list[Path]:
     """Unit files under `units_dir` (sorted) of utterances that no TextGrid of `utterances`
     reads: utterances the aligner left without a TextGrid (MFA lists them in unalignable.txt),
-    which the corpus would otherwise leave out without a word. A file beside the one an
-    utterance reads (`a.txt` beside `a.npy`) is of a read utterance, not listed."""
+    which the corpus would otherwise leave out without a word. A second unit file of a read
+    utterance (`a.txt` beside `a.npy`, which reading refuses) is not listed."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
     listed = sorted(path for path in units_dir.rglob("*")
                     if path.suffix in UNIT_FILE_SUFFIXES and path.is_file())
@@ -557,18 +583,27 @@ class ChunkResult:
 
 
 def line_chunks(paths: list[str], chunk_size: int) -> Iterator[Chunk]:
-    """The non-blank lines of `paths`, in order, `chunk_size` lines at a time."""
+    """The non-blank lines of `paths`, in order, `chunk_size` lines at a time. A chunk's size is
+    the input bytes it covers, as the progress total counts them (the files' sizes): its lines
+    encoded back (characters are not bytes beyond ASCII), the blank lines before them, and, for
+    the last chunk of a file, the bytes no line's text holds (a byte-order mark, the \\r of
+    \\r\\n line ends); the sizes of a file's chunks add up to its size."""
     for path in paths:
+        file_size, counted = Path(path).stat().st_size, 0
         with open_corpus_lines(path) as lines:
             chunk: list[tuple[int, str]] = []
+            size = 0
             for number, line in enumerate(lines, 1):
+                size += len(line.encode("utf-8", "surrogateescape"))  # the bytes read
                 if line.strip():
                     chunk.append((number, line))
                 if len(chunk) == chunk_size:
-                    yield Chunk(chunk, str(path), sum(len(line) for _, line in chunk))
-                    chunk = []
-            if chunk:
-                yield Chunk(chunk, str(path), sum(len(line) for _, line in chunk))
+                    yield Chunk(chunk, str(path), size)
+                    counted += size
+                    chunk, size = [], 0
+        rest = max(file_size - counted, 0)
+        if chunk or rest:
+            yield Chunk(chunk, str(path), rest)
 
 
 def utterance_chunks(paths: list[Path], chunk_size: int) -> Iterator[Chunk]:

@@ -11,9 +11,11 @@ else is allowed, so every file reads as a command line:
 
 Each flag may appear once (a key repeated, or spelled both ways, is an error rather than a silent
 last-one-wins), and `null` only for a flag whose default is "not given"; flags given on the
-command line override the file's values. A flag that takes text (a path, a name) gets the value
-as written: YAML would read `save: 0755` as the octal number 493 and `data-path: 2024_01` as
-202401, but the command line `--save 0755` means the directory `0755`.
+command line override the file's values. A flag's value is the text the file writes, read by
+the flag's own type as the command line reads it: YAML 1.1 would read `save: 0755` as the octal
+number 493, `data-path: 2024_01` as 202401 and `seq-length: 0x10` as 16, but the command line
+`--save 0755` means the directory `0755` and refuses `--seq-length 0x10`, and so does the file.
+Only switches take YAML's true/false.
 """
 
 from __future__ import annotations
@@ -130,15 +132,16 @@ def config_to_argv(config: Mapping[str, Any], parser: argparse.ArgumentParser) -
 
 
 def _as_written(config: Mapping[str, Any], key: str, value: Any, action: argparse.Action) -> Any:
-    """`value`, or for a flag that takes text the value as the file writes it (`0755`, not 493;
-    `2024_01`, not 202401; `yes`, not True). `null` stays None."""
+    """For a flag that is no switch, the value as the file writes it, for the flag's type to read
+    as it reads the command line (`0755`, not 493; `2024_01`, not 202401; `0x10`, not 16; `yes`,
+    not True); `value` for a switch or a mapping not read from a file. `null` stays None."""
     written = getattr(config, "written", {}).get(key)
-    if value is None or written is None or action.type not in (None, str) or _is_switch(action):
+    if value is None or written is None or _is_switch(action):
         return value
     if isinstance(value, list) and isinstance(written, list) and len(written) == len(value):
-        return [w if isinstance(w, str) and v is not None and not isinstance(v, str) else v
-                for v, w in zip(value, written, strict=True)]
-    if isinstance(written, str) and not isinstance(value, (str, list, Mapping)):
+        return [w if isinstance(w, str) and v is not None and not isinstance(v, (list, Mapping))
+                else v for v, w in zip(value, written, strict=True)]
+    if isinstance(written, str) and not isinstance(value, (list, Mapping)):
         return written
     return value
 

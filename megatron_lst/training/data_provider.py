@@ -142,13 +142,16 @@ def patching_config_from_args(args: argparse.Namespace) -> PatchingConfig:
 
 def data_vocab(args: argparse.Namespace) -> JointVocab:
     """The joint vocabulary of the datasets (`split_sources`), from their manifests, with their
-    tokenizer's digest (checkpoints record both); every dataset must share it. It is the data's,
-    not `--num-units`'s: the run trains on the ids the data holds."""
+    tokenizer's digest (checkpoints record both); every dataset must share it, and every aligned
+    dataset the frame rate of its units (`_check_frame_rates`). It is the data's, not
+    `--num-units`'s: the run trains on the ids the data holds."""
     vocab = first = None
     prefixes = dict.fromkeys(prefix for sources in split_sources(args).values()
                              for _, prefix in sources)
-    for prefix in prefixes:
-        store_vocab = DocumentStore(prefix).vocab
+    stores = {prefix: DocumentStore(prefix) for prefix in prefixes}
+    _check_frame_rates(stores)
+    for prefix, store in stores.items():
+        store_vocab = store.vocab
         if vocab is None:
             vocab, first = store_vocab, prefix
         elif store_vocab != vocab or store_vocab.tokenizer_sha256 != vocab.tokenizer_sha256:
@@ -160,6 +163,25 @@ def data_vocab(args: argparse.Namespace) -> JointVocab:
         logger.info("the datasets hold %d speech units (--num-units %d ignored)",
                     vocab.num_units, args.num_units)
     return vocab
+
+
+def _check_frame_rates(stores: dict[str, DocumentStore]) -> None:
+    """Refuse aligned datasets whose manifests record different unit frame rates. The rows of
+    each are patched right (its segments were cut in frames at its own rate), but one unit id
+    would last 1/rate seconds in one dataset and another time in the other: the model would
+    learn speech at two speeds, and generated units are timed at a single rate (lst-eval's TTS
+    durations read the evaluation data's). Text datasets record no rate."""
+    rates = {prefix: store.manifest.frame_rate for prefix, store in stores.items()
+             if store.manifest.frame_rate is not None}
+    if len(set(rates.values())) < 2:
+        return
+    (first, rate), *rest = rates.items()
+    other, other_rate = next((prefix, r) for prefix, r in rest if r != rate)
+    raise VocabularyError(
+        f"dataset {other} holds speech units at {other_rate:g} frames per second but dataset "
+        f"{first} at {rate:g}: one unit would stand for {1000 / other_rate:g} ms in one and "
+        f"{1000 / rate:g} ms in the other; train on units extracted at one frame rate "
+        f"(tools/preprocess_data.py --frame-rate, as the units were made)")
 
 
 @dataclass

@@ -174,6 +174,45 @@ def test_an_index_pointing_outside_the_checkpoint_is_refused(save_dir):
     assert "points outside the checkpoint directory ('../../outside.distcp')" in problem
 
 
+@pytest.mark.parametrize("kind", ["relative", "absolute"])
+def test_a_manifest_naming_files_outside_the_checkpoint_is_refused(save_dir, monkeypatch, kind):
+    """A crafted manifest whose records match files beyond the checkpoint directory: those
+    files are named as the problem and never read (hashing them would leak whether they hold
+    what the forger guessed)."""
+    checkpoint = save_dir / "iter_0000002"
+    outside = save_dir / "outside.bin"
+    outside.write_bytes(b"not part of the checkpoint")
+    name = "../outside.bin" if kind == "relative" else str(outside)
+    manifest = json.loads((checkpoint / MANIFEST_FILENAME).read_text())
+    record = integrity.digest_file(outside)
+    manifest["files"][name] = {"size": record.size, "sha256": record.sha256}
+    (checkpoint / MANIFEST_FILENAME).write_text(json.dumps(manifest))
+    hashed = []
+    real_digest = integrity.digest_file
+    monkeypatch.setattr(integrity, "digest_file", lambda p: hashed.append(p) or real_digest(p))
+
+    [problem] = inspect_checkpoint(checkpoint).problems
+    assert f"lists names outside the checkpoint directory [{name!r}]" in problem
+    assert str(checkpoint / MANIFEST_FILENAME) in problem
+    assert hashed == []
+    with pytest.raises(CheckpointIntegrityError, match="outside the checkpoint directory"):
+        load_dist_checkpoint(checkpoint, tiny_model(), VOCAB)
+
+
+def test_a_file_replaced_by_a_link_to_a_file_outside_is_refused(save_dir):
+    """A listed name that is a symbolic link (here to an identical copy outside, so size and
+    digest match) would be read wherever it points."""
+    checkpoint = save_dir / "iter_0000002"
+    listed = checkpoint / "metadata.json"
+    outside = save_dir / "elsewhere.json"
+    shutil.copy(listed, outside)
+    listed.unlink()
+    listed.symlink_to(outside)
+    [problem] = inspect_checkpoint(checkpoint).problems
+    assert problem == (f"{listed} is a symbolic link (to {outside}); a save writes only plain "
+                       f"files, so it was not read")
+
+
 def largest_distcp(checkpoint: Path) -> Path:
     return max(checkpoint.glob("*.distcp"), key=lambda p: p.stat().st_size)
 

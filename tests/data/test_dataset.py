@@ -442,6 +442,79 @@ def test_a_damaged_row_index_cache_is_rebuilt(tmp_path, caplog, damage):
     assert cached.read_bytes() == intact
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("seq_length", [2, 5, P])
+def test_every_row_index_cut_passes_the_cached_index_check(mode, seq_length):
+    """The check of a cached index holds for every index a cut makes (else a sound cache would
+    be rebuilt at every start)."""
+    for store in (aligned_store(6, 8), text_store(3, 8)):
+        built = dataset(MODES[mode], store, num_samples=60, seq_length=seq_length,
+                        global_batch_size=2)
+        assert dataset_module.row_index_problem(built._heads, seq_length) is None
+
+
+def _set(at, value):
+    def damage(heads):
+        heads[at] = value
+    return damage
+
+
+@pytest.mark.parametrize("check_block", [dataset_module._CHECK_BLOCK, 3])
+@pytest.mark.parametrize(("damage", "said"), [
+    (_set((7, 0), 1 << 40), "row 7 starts at (1099511627776, "),  # a document beyond the stream
+    (_set((3, 1), -5), "row 3 starts at ("),  # a negative patch
+    (_set((39, 2), 48), "row 39 starts at ("),  # a start row after the row
+    (_set((0, 1), 2), "row 0 starts at (0, 2, 0), not (0, 0, 0)"),
+    (_set(slice(10, 20), np.arange(30).reshape(10, 3)), "row 10 starts at (0, 1, 2)"),
+])
+def test_a_row_index_cache_of_impossible_values_is_rebuilt(tmp_path, caplog, monkeypatch,
+                                                          check_block, damage, said):
+    """Right shape and dtype, values no cut makes: found by vectorised bounds checks (block by
+    block: 3 checks successions across blocks) when the cache is loaded, and the index is built
+    again (it is derived data; the rebuilt one replaces the damaged file)."""
+    store, cache, built, cached = _cached_static_dataset(tmp_path)
+    heads = np.load(cached)
+    damage(heads)
+    np.save(cached, heads)
+    monkeypatch.setattr(dataset_module, "_CHECK_BLOCK", check_block)
+    rebuilt = dataset(MODES["static"], store, index_cache_dir=cache)
+    assert f"{cached}: damaged row index ({said}" in caplog.text
+    np.testing.assert_array_equal(rebuilt._heads, built._heads)
+    np.testing.assert_array_equal(np.load(cached), built._heads)
+
+
+def _head_to_push_past_its_document(built, heads):
+    """(row, patches of its head's document) of a row whose head patch can be set to that
+    count within the load check's bounds: the row after it starts in another document, and
+    the row takes the head into a new document (patch up to P - 2) or moves on in its own."""
+    for row in range(len(heads) - 1, 0, -1):
+        position, _, start_row = (int(v) for v in heads[row])
+        if row + 1 < len(heads) and heads[row + 1, 0] == position:
+            continue
+        patches = len(built._patched(position, start_row).patch_ends)
+        same_document = position == heads[row - 1, 0]
+        highest = int(heads[row - 1, 1]) + P - 1 if same_document else P - 2
+        if highest >= patches:
+            return row, patches
+    raise AssertionError("no row to craft: the store's documents are too long")
+
+
+def test_a_cached_head_past_its_documents_patches_is_named_when_read(tmp_path):
+    """A head patch within the bounds of the load check but past the end of its document
+    (telling that needs the patching): reading the row names the cache file and what to do."""
+    store, cache, built, cached = _cached_static_dataset(tmp_path)
+    heads = np.load(cached)
+    row, patches = _head_to_push_past_its_document(built, heads)
+    heads[row, 1] = patches
+    np.save(cached, heads)
+    loaded = dataset(MODES["static"], store, index_cache_dir=cache)
+    assert dataset_module.row_index_problem(loaded._heads, P) is None
+    with pytest.raises(DatasetError, match=rf"{cached}: damaged row index: row {row} starts "
+                                           rf"after patch {patches} of a document of {patches} "
+                                           rf"patches; delete the file"):
+        loaded[row]
+
+
 def test_a_row_index_the_disk_cannot_hold_is_an_error_naming_it(tmp_path, disk_full_at):
     """np.save dropped the error of a full disk: a row index cut short was published as the
     cache, and the next run had to find it damaged and build it again."""

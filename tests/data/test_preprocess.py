@@ -1,3 +1,4 @@
+import gzip
 import importlib.util
 import json
 import os
@@ -162,7 +163,6 @@ def test_unit_files_without_a_textgrid_are_named(tmp_path, spm, capsys):
     np.save(units / "spk1" / "u1.npy", np.arange(50))  # no TextGrid
     (units / "u2.txt").write_text("1 2 3\n")  # no TextGrid
     (units / "units.json").write_text("{}")  # no unit file
-    (units / "spk1" / "u0.txt").write_text("1 2 3\n")  # u0's too: u0.npy is read
     write_textgrid(grids / "spk1" / "u3.TextGrid", [Interval(0.0, 1.0, "hello")])
     np.save(units / "u3.npy", np.arange(50))  # read by its name alone
     args = ["--input-format", "textgrid", "--textgrid-dir", str(grids), "--units-dir",
@@ -316,6 +316,37 @@ def test_skip_bad_counts_in_manifest(tmp_path, spm, capsys):
     assert "in.jsonl:13: the line holds the byte 0xe9, which is not UTF-8" in out
 
 
+def test_a_compressed_input_is_refused_before_anything_is_read(tmp_path, spm):
+    plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    _synthetic_reference(plain, 5)
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    with pytest.raises(SystemExit, match=rf"--input {packed} is gzip-compressed, .* "
+                                         rf"decompress it first \(gunzip -k {packed}\)"):
+        preprocess.main(["--input", str(plain), str(packed), "--input-format",
+                         "reference-jsonl", "--tokenizer-model", str(spm), "--output-prefix",
+                         str(tmp_path / "out"), "--skip-bad"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl.gz"]
+
+
+def test_a_run_without_documents_names_the_output_prefix_given(tmp_path, spm):
+    """The writer writes to PREFIX.partial: its error named that scratch prefix, not the
+    --output-prefix of the command."""
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("\n\n")
+    bad.write_text("not json\n")
+    out = tmp_path / "out"
+    for source, why in ((empty, r"every input was empty\)"),
+                        (bad, r"every input was empty or skipped as bad \(1 skipped by "
+                              r"--skip-bad, e.g. .*bad.jsonl:1: not valid JSON")):
+        with pytest.raises(DocumentError, match=rf"^--output-prefix {out}: no documents to write "
+                                                rf"\({why}.*; nothing was written"):
+            preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",
+                             "--tokenizer-model", str(spm), "--output-prefix", str(out),
+                             "--skip-bad"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["empty.jsonl", "bad.jsonl"])
+
+
 def test_store_refuses_another_tokenizer(tmp_path, spm):
     source = tmp_path / "in.jsonl"
     _synthetic_reference(source, 5)
@@ -385,6 +416,22 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):
                                                       "preprocess: 210 documents"]
     size = source.stat().st_size / 1e6
     assert f"of {size:,.1f} MB (" in lines[0] and "documents/s" in lines[0] and "MB/s" in lines[0]
+
+
+def test_progress_of_a_non_ascii_corpus_reaches_its_total(tmp_path, spm, capsys):
+    """The total is in bytes; the chunks counted characters, so a corpus beyond ASCII ended
+    short of 100%."""
+    source = tmp_path / "synthetic.jsonl"
+    _synthetic_reference(source, 40)
+    records = [json.loads(line) for line in source.read_text().splitlines()]
+    source.write_text("".join(json.dumps({**record, "file_id": f"énoncé-日本-{n}"},
+                                         ensure_ascii=False) + "\n"
+                              for n, record in enumerate(records)), encoding="utf-8")
+    preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",
+                     "--tokenizer-model", str(spm), "--output-prefix", str(tmp_path / "out"),
+                     "--chunk-size", "8", "--log-interval", "8"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("preprocess: 40 documents,") and "(100.0%)" in last
 
 
 @pytest.mark.slow  # a fresh interpreter runs the tool

@@ -1,4 +1,8 @@
+import bz2
+import gzip
 import json
+import lzma
+import os
 import random
 from pathlib import Path
 
@@ -8,11 +12,13 @@ import pytest
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.readers import (
     ReadReport,
+    line_chunks,
     load_units,
     parse_reference_interleaved,
     read_reference_jsonl,
     read_text_jsonl,
     read_textgrid_corpus,
+    refuse_compressed,
 )
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
@@ -224,6 +230,20 @@ def test_textgrids_of_one_name_in_two_folders_need_their_own_unit_files(tmp_path
     sources = list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))
     assert [s.document.unit_ids[0] for s in sources] == [3, 2]
 
+def test_an_utterance_with_two_unit_files_is_refused_naming_both(tmp_path, tokenizer):
+    """units/a.npy and units/a.txt: which one holds the units is not guessed, even when the
+    two agree."""
+    grids, units = tmp_path / "grids", tmp_path / "units"
+    _utterance(grids, units, "a", WORD_TIER, [1] * 25)
+    _utterance(grids, units, "a", WORD_TIER, [1] * 25, as_text=True)
+    with pytest.raises(DocumentError, match=rf"a\.TextGrid: 2 unit files of one utterance: "
+                                            rf"{units / 'a.npy'}, {units / 'a.txt'}; keep the one"):
+        list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))
+    (units / "a.npy").unlink()
+    (source,) = read_textgrid_corpus(grids, units, tokenizer, num_units=20)
+    assert list(source.document.unit_ids) == [1] * 25
+
+
 def test_textgrid_zero_frame_silence_dropped(tmp_path, tokenizer):
     tier = [Interval(0.0, 0.01, ""), Interval(0.01, 0.4, "hello")]
     _utterance(tmp_path / "g", tmp_path / "u", "a", tier, [3] * 10)
@@ -380,3 +400,58 @@ def test_textgrid_suffix_in_another_case_is_read(tmp_path, tokenizer):
         with pytest.raises(DocumentError, match=r"a.TEXTGRID and a.TextGrid: two TextGrids of "
                                                 r"one utterance; keep one"):
             list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))
+
+
+@pytest.mark.parametrize(("compress", "named", "command"), [
+    (gzip.compress, "gzip", "gunzip -k"), (bz2.compress, "bzip2", "bunzip2 -k"),
+    (lzma.compress, "xz", "unxz -k"),
+    (lambda raw: b"\x28\xb5\x2f\xfd" + raw, "zstd", "zstd -d"),  # a zstd frame's magic
+])
+def test_a_compressed_corpus_is_named_as_compressed_not_as_bad_text(tmp_path, tokenizer,
+                                                                     compress, named, command):
+    """Read as text, every line of a .jsonl.gz was "not UTF-8", and --skip-bad skipped them
+    all: it is refused whole, saying how to decompress it."""
+    path = tmp_path / "corpus.jsonl.z"
+    path.write_bytes(compress(b'{"text": "hello world"}\n' * 50))
+    message = (rf"{path} is {named}-compressed, and corpora are read as UTF-8 text; "
+               rf"decompress it first \({command} {path}\)")
+    with pytest.raises(DocumentError, match=message):
+        list(read_text_jsonl(path, tokenizer, skip_bad=True))
+    with pytest.raises(DocumentError, match=message):
+        refuse_compressed(path)
+
+
+def test_text_that_begins_like_a_magic_number_is_read(tmp_path, tokenizer):
+    path = tmp_path / "corpus.txt"
+    path.write_text('BZh is not bzip2 without its block size\n')
+    refuse_compressed(path)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 100])
+def test_line_chunks_count_the_bytes_the_progress_total_counts(tmp_path, chunk_size):
+    """The progress total is the files' size in bytes: chunks counted characters (and skipped
+    blank lines, a byte-order mark, the \\r of \\r\\n), so a non-ASCII corpus never reached
+    100%."""
+    path = tmp_path / "corpus.jsonl"
+    lines = ['{"text": "café naïve 日本語"}', "", '{"text": "plain"}', "  ", '{"text": "ünï"}']
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n\n")
+    chunks = list(line_chunks([str(path), str(path)], chunk_size))
+    assert sum(chunk.size for chunk in chunks) == 2 * path.stat().st_size
+    assert [number for chunk in chunks[:len(chunks) // 2] for number, _ in chunk.items] == [1, 3, 5]
+    ascii_only = tmp_path / "ascii.jsonl"
+    ascii_only.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert [chunk.size for chunk in line_chunks([str(ascii_only)], 1)] == [14, 14]
+
+
+def test_a_corpus_read_from_a_pipe_loses_no_bytes_to_the_compression_check(tokenizer):
+    """`--input <(zcat corpus.jsonl.gz)` for a library caller: the first bytes of a pipe, once
+    looked at for a compressor's magic number, would be gone from the first line."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b'{"text": "hello world"}\n{"text": "the model"}\n')
+    os.close(write_end)
+    try:
+        documents = list(read_text_jsonl(f"/dev/fd/{read_end}", tokenizer))
+    finally:
+        os.close(read_end)
+    assert [d.document.tolist() for d in documents] == [
+        tokenizer.encode_words([words])[0].tolist() for words in ("hello world", "the model")]

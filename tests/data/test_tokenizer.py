@@ -1,3 +1,4 @@
+import gzip
 import importlib.util
 import json
 import random
@@ -181,6 +182,11 @@ def test_train_tool_refuses_bad_inputs_and_keeps_the_corpus(tmp_path):
     with pytest.raises(SystemExit, match=r"latin.txt:3: not UTF-8 text \(the byte 0xe9 at "
                                          r"character 3\); save the corpus as UTF-8"):
         tool.main(["--input", str(latin), "--output", str(tmp_path / "l.model")])
+    packed = tmp_path / "corpus.txt.gz"
+    packed.write_bytes(gzip.compress(before))
+    with pytest.raises(SystemExit, match=rf"error: {packed} is gzip-compressed, .*decompress it "
+                                         rf"first \(gunzip -k {packed}\)"):
+        tool.main(["--input", str(packed), "--output", str(tmp_path / "g.model")])
     numbers = tmp_path / "n.jsonl"
     numbers.write_text('{"text": "fine"}\n{"text": 5}\n')
     with pytest.raises(SystemExit, match=r"n.jsonl:2: not a text-jsonl line \('text' holds a "

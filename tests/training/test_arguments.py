@@ -592,14 +592,46 @@ def test_yaml_values_of_text_flags_are_taken_as_written(tmp_path):
     date: `save: 0755` saved into the directory 493. The command line takes them as written."""
     config = write_yaml(tmp_path, "save: 0755\nload: yes\ntokenizer-model: 2024-01-01\n"
                                   "data-path: [0.5, 2024_01, 0.50, '007', 5e-1, 0x1f]\n"
-                                  "seq-length: 0x10\nlr: 1e-3\n")
+                                  "seq-length: 016\nlr: 1e-3\n")
     args = parse_args(["--config", config])
     assert (args.save, args.load, args.tokenizer_model) == ("0755", "yes", "2024-01-01")
     assert args.data_path == ["0.5", "2024_01", "0.50", "007", "5e-1", "0x1f"]
-    assert args.seq_length == 16 and args.lr == 1e-3  # numbers still read as YAML numbers
+    # `016` is YAML's octal 14; `--seq-length 016` is 16
+    assert args.seq_length == 16 and args.lr == 1e-3
     argv = config_to_argv(load_config(config), arguments.build_parser())
     assert argv[argv.index("--save") + 1] == "0755"
     assert argv[argv.index("--data-path") + 1:argv.index("--data-path") + 3] == ["0.5", "2024_01"]
+
+
+@pytest.mark.parametrize(("written", "refused"), [
+    ("seq-length: 0x10", r"--seq-length takes an integer, got '0x10'"),  # YAML: 16
+    ("seq-length: 0o17", r"--seq-length takes an integer, got '0o17'"),  # YAML: 15
+    ("seq-length: 0b101", r"--seq-length takes an integer, got '0b101'"),  # YAML: 5
+    ("seq-length: 1:30", r"--seq-length takes an integer, got '1:30'"),  # YAML base 60: 90
+    ("seq-length: 2048.0", r"--seq-length takes an integer, got '2048.0'"),  # YAML: 2048
+    ("lr: .inf", r"--lr takes a number, got '.inf'"),  # YAML: inf
+    ("lr: 1_0.5", None),  # the same 10.5 on both sides
+    ("seq-length: 1_000", None),  # Python's int() reads it, on the command line too
+    ("seq-length: '+16'", None),
+])
+def test_a_number_in_a_config_means_what_the_same_text_means_on_the_command_line(
+        tmp_path, written, refused):
+    """YAML 1.1 reads `0x10` as 16 and `1:30` as 90, where the command line refuses
+    `--seq-length 0x10`: a config value is now the text the file writes, read as the command
+    line reads it."""
+    key, text = written.split(": ")
+    on_the_command_line = ["--" + key, text.strip("'")]
+    config = write_yaml(tmp_path, written + "\n")
+    if refused is None:
+        from_config, from_argv = (vars(parse_args(["--config", config])),
+                                  vars(parse_args(on_the_command_line)))
+        assert (from_config.pop("config"), from_argv.pop("config")) == (config, None)
+        assert from_config == from_argv
+        return
+    with pytest.raises(ArgumentError, match=refused):
+        parse_args(["--config", config])
+    with pytest.raises(SystemExit):
+        parse_args(on_the_command_line)
 
 
 @pytest.mark.parametrize("key", ["override-opt_param-scheduler", "override_opt_param_scheduler",
@@ -630,7 +662,7 @@ def test_a_flag_spelled_with_an_underscore_is_a_config_key_in_any_spelling(tmp_p
     # --seed's own type: its ArgumentTypeError and int(inf)'s OverflowError were tracebacks, and
     # 1.5 became seed 1 (the command line refuses --seed 1.5).
     ("seed: -1\n", r"--seed: -1 is not in \[0, 2147483647\]"),
-    ("seed: .inf\n", r"--seed: not an integer: 'inf'"),
+    ("seed: .inf\n", r"--seed: not an integer: '.inf'"),
     ("seed: 1.5\n", r"--seed: not an integer: '1.5'"),
     # one string was one path, '0.67 a 0.33 b', refused later as a manifest not found
     ("data-path: '0.67 a 0.33 b'\n", r"--data-path takes a list, and '0.67 a 0.33 b' is one "

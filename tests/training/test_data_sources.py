@@ -19,7 +19,7 @@ from megatron_lst.training.data_provider import (
     data_vocab,
     split_bounds,
 )
-from training.training_cases import tiny_flags, write_corpus, write_store
+from training.training_cases import VOCAB, tiny_flags, write_corpus, write_store
 
 
 def documents(dataset):
@@ -185,6 +185,26 @@ def test_datasets_recording_different_word_boundary_pieces_are_a_vocabulary_erro
     args = validate_args(parse_args(tiny_flags(data) + ["--train-iters", "2"]), 1)
     with pytest.raises(VocabularyError, match=r"record different word-boundary pieces"):
         build_datasets(args)  # lst-train: exit 4, one line
+
+
+def test_aligned_datasets_of_different_frame_rates_are_refused(tmp_path):
+    """Units at 50 Hz last half as long as units at 25 Hz: blending them would teach one unit id
+    two durations. Text datasets record no rate and blend with either."""
+    data = write_corpus(tmp_path)  # speech at 25 Hz, text
+    fast = write_store(tmp_path / "fast", "aligned", 60, seed=4)
+    manifest = tmp_path / "fast.json"
+    record = json.loads(manifest.read_text())
+    record["frame_rate"] = 50.0
+    manifest.write_text(json.dumps(record))
+    args = validate_args(parse_args(tiny_flags([*data, "0.5", str(fast)])
+                                    + ["--train-iters", "2"]), 1)
+    with pytest.raises(VocabularyError, match=rf"dataset {fast} holds speech units at 50 frames "
+                                              rf"per second but dataset .*speech at 25: one unit "
+                                              rf"would stand for 20 ms in one and 40 ms"):
+        data_vocab(args)
+    record["frame_rate"] = 25
+    manifest.write_text(json.dumps(record))
+    assert data_vocab(args).num_units == VOCAB.num_units
 
 
 class _SignalledRows(torch.utils.data.Dataset):
