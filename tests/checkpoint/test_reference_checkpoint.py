@@ -280,7 +280,8 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
     ({"dim_global": None}, r"do not describe a model this package builds"),
     ({"n_kv_heads_global": 3}, r"n_heads_global 4 is not divisible by n_kv_heads_global 3"),
     ({"cross_attn_window_encoder": 0}, r"do not describe a model .*cross-attention sizes must all be >= 1"),
-    ({"dim_global": "64"}, r"do not describe a model this package builds: unsupported operand"),
+    # was "unsupported operand", naming no field
+    ({"dim_global": "64"}, r"dim_global='64' is not a whole number"),
     # head_dim spelled out beside a size that is no number (was a TypeError traceback)
     ({"head_dim": 16, "n_heads_global": None}, r"do not describe a model this package builds"),
     ({"head_dim": 16, "dim_local_decoder": None}, r"do not describe a model this package builds"),
