@@ -32,7 +32,10 @@ class DamagedCheckpointFlagError(ArgumentError, CheckpointError):
 def adopt_model_from_load(args: argparse.Namespace) -> None:
     """`--use-checkpoint-args`: the model of the checkpoint `--load` resumes or fine-tunes.
 
-    A missing or broken `--load` is left to `validate_checkpointing` to report.
+    A missing or broken `--load` (no checkpoint, a damaged pointer or `lst_checkpoint.json`) is
+    left to `validate_checkpointing` and the loading to report; a model record that cannot be
+    built from, or checked against the checkpoint's index, is refused here: building the model
+    comes first.
     """
     if args.load is None or not args.use_checkpoint_args or not os.path.isdir(args.load):
         return
@@ -42,13 +45,15 @@ def adopt_model_from_load(args: argparse.Namespace) -> None:
 
     try:
         path = select_checkpoint(args.load, args.ckpt_step)
-        if path is None:
-            return
         # Lenient: a record lacking a field loading needs is named when loading starts.
-        saved = read_model_config(read_checkpoint_metadata(path, strict=False), path)
+        metadata = None if path is None else read_checkpoint_metadata(path, strict=False)
     except CheckpointError:
         return
-    except CheckpointContentError as err:
+    if path is None:
+        return
+    try:
+        saved = read_model_config(metadata, path)
+    except (CheckpointContentError, CheckpointError) as err:  # CheckpointError: the index
         raise DamagedCheckpointFlagError(f"--load {args.load}: {err}") from None
     if saved is None:
         return  # not an LST or baseline checkpoint: the model's shapes are checked on load
