@@ -333,23 +333,40 @@ def _checkpoint_metadata(iteration: int, extra_json: str, scheduler: Any,
     }
 
 
-def _on_rank0(action: Callable[[], None], iteration: int, root: Path) -> None:
-    """Collective: run `action` on rank 0 alone, every rank learning whether it failed. An
-    OSError of `action` is raised on rank 0 and CheckpointSaveError on the others, which used to
-    wait for rank 0 in a collective that broke with a gloo traceback ('Connection closed by
-    peer') once rank 0 stopped (a full disk, a --save made read-only during the run)."""
+def on_rank0(action: Callable[[], object], error_elsewhere: Callable[[str], Exception]) -> None:
+    """Collective: run `action` on rank 0 alone, every rank learning whether it failed. Any
+    exception of `action` is raised on rank 0 and `error_elsewhere(reason)` on the others, which
+    used to wait for rank 0 in a collective that broke with a gloo traceback ('Connection closed
+    by peer') once rank 0 stopped (a full disk, a --save made read-only during the run).
+    `reason`: rank 0's message for a CheckpointError (a refusal of ours, complete), else one
+    naming rank 0's error and its type."""
     failure = None
     if dist.get_rank() == 0:
         try:
             action()
-        except OSError as error:
+        except Exception as error:  # whatever it is, the other ranks must not wait for rank 0
             failure = error
-    if _broadcast_from_rank0("failed" if failure is not None else ""):
-        if failure is not None:
-            raise failure
-        raise CheckpointSaveError(
-            f"saving the checkpoint of iteration {iteration} into {root} failed on rank 0 "
-            f"(its message says why); checkpoints saved before are untouched")
+    reason = _broadcast_from_rank0("" if failure is None else _failure_reason(failure))
+    if failure is not None:
+        raise failure
+    if reason:
+        raise error_elsewhere(reason)
+
+
+def _failure_reason(error: Exception) -> str:
+    """What the other ranks say of rank 0's `error` (`on_rank0`)."""
+    if isinstance(error, CheckpointError):
+        return str(error)
+    return (f"rank 0 stopped with {type(error).__name__}: {error} (its output says where); this "
+            f"rank stops with it")
+
+
+def _on_rank0(action: Callable[[], None], iteration: int, root: Path) -> None:
+    """Collective: `on_rank0` for a step of saving checkpoint `iteration` into `root`; the other
+    ranks raise CheckpointSaveError."""
+    on_rank0(action, lambda reason: CheckpointSaveError(
+        f"saving the checkpoint of iteration {iteration} into {root} failed on rank 0 (its "
+        f"message says why); checkpoints saved before are untouched"))
 
 
 def _finish_on_rank0(temporary: Path, final: Path, files: Any, metadata: dict[str, Any]) -> None:

@@ -223,17 +223,11 @@ def _check_room_for_checkpoint(args: argparse.Namespace, model: list[torch.nn.Mo
 
 
 def _check_on_rank0(check, error_type: type[Exception]) -> None:
-    """Collective: run `check()` on rank 0; when it raises `error_type`, every rank raises
-    `error_type` with its message (the others would otherwise wait for rank 0 in a barrier)."""
-    refusal = [None]
-    if torch.distributed.get_rank() == 0:
-        try:
-            check()
-        except error_type as err:
-            refusal = [str(err)]
-    torch.distributed.broadcast_object_list(refusal, src=0)
-    if refusal[0] is not None:
-        raise error_type(refusal[0])
+    """Collective: run `check()` on rank 0 (`checkpointing.on_rank0`); when it raises anything
+    (its refusal, or an OSError of the filesystem), rank 0 raises that and every other rank
+    `error_type` with rank 0's message (the others would otherwise wait for rank 0 in a
+    collective that breaks with a gloo traceback)."""
+    checkpointing.on_rank0(check, error_type)
 
 
 def _check_vocab_splits(vocab: JointVocab, tensor_model_parallel_size: int) -> None:
