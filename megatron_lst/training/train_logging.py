@@ -325,9 +325,9 @@ class TrainingLogger:
 
 
 def _closed(flag: str, close) -> None:
-    """Call `close`, the writer of `flag`'s close. One that fails (TensorBoard flushing onto a
-    full disk, W&B's service gone) is reported once and not raised: training and its last save
-    are done, and raising failed the logging rank alone while the others exited 0."""
+    """Run `close` (the writer of `flag`'s close or finish). One that fails (TensorBoard
+    flushing onto a full disk, W&B's service gone) is reported once and not raised: training and
+    its last save are done, and raising failed the logging rank alone while the others exited 0."""
     try:
         close()
     except Exception as error:  # TensorBoard and W&B raise errors of their own

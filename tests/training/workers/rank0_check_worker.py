@@ -1,6 +1,6 @@
-"""Worker for test_loop.py: rank 0's part of a collective check (`loop._check_on_rank0`) fails
-with each of `--failure` (an OSError, the check's own refusal); every rank reports the error it
-raised, as `[type name, message]`, or None."""
+"""Worker for test_loop.py: rank 0's part of a collective check (`checkpointing.on_rank0`, as the
+loop runs the --save room check and lock) fails with an OSError, then with the check's own
+refusal; every rank reports the error it raised each time, as `[type name, message]`."""
 
 
 def main() -> None:
@@ -10,7 +10,7 @@ def main() -> None:
     import torch
     from distributed.harness import report_results
 
-    from megatron_lst.training import loop, save_directory
+    from megatron_lst.training import checkpointing, save_directory
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--results", required=True)
@@ -26,7 +26,7 @@ def main() -> None:
             raise failure
 
         try:
-            loop._check_on_rank0(check, save_directory.InsufficientSpaceError)
+            checkpointing.on_rank0(check, save_directory.InsufficientSpaceError)
             raised[name] = None
         except Exception as error:
             raised[name] = [type(error).__name__, str(error)]
