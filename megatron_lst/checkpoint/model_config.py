@@ -45,7 +45,8 @@ def read_model_config(metadata: dict[str, Any], path: str | Path) -> SavedModel 
     """The model of a checkpoint from its `lst_checkpoint.json` contents, or None for a
     checkpoint that records neither a model nor flags and a vocabulary (one of another megatron
     module). Raises `CheckpointContentError` naming `path` for a record or flags that do not
-    describe a model."""
+    describe a model, and a `CheckpointError` for an LST model whose checkpoint index cannot be
+    read (`check_stored_weights`)."""
     args = metadata.get("args") or {}
     if not isinstance(args, dict):
         raise CheckpointContentError(f"{path}: the saved flags ('args') are a JSON "
@@ -122,21 +123,19 @@ def check_stored_weights(config: LSTConfig, path: str | Path) -> None:
     """Refuse an LST model record that describes more weights than the checkpoint's files hold
     (a damaged or crafted record: every tool builds the model it names before loading, and a
     record of billions of weights beside a small checkpoint allocated them first, failing in the
-    allocator). Reads the checkpoint index alone, with the restricted unpickler; an index that
-    cannot be read is left to the loading, which names the problem."""
+    allocator). Reads the checkpoint index alone, with the restricted unpickler. An index that
+    cannot be read raises its own CheckpointError (CheckpointIntegrityError, or
+    UnsafeCheckpointError for a crafted one): without it the record cannot be checked, and no
+    loading could use the checkpoint anyway."""
     import math
 
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from .dist import NON_MODEL_PREFIXES
-    from .errors import CheckpointError
     from .full_shapes import full_state_size
     from .safe_pickle import read_dcp_metadata
 
-    try:
-        index = read_dcp_metadata(path)
-    except CheckpointError:  # missing, damaged or refused: the loading names the problem
-        return
+    index = read_dcp_metadata(path)
     stored = sum(math.prod(item.size) for key, item in index.state_dict_metadata.items()
                  if isinstance(item, TensorStorageMetadata) and not key.startswith(NON_MODEL_PREFIXES))
     described = full_state_size(config)  # counted, not listed: the record may name 10^9 layers

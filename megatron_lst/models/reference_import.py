@@ -189,15 +189,16 @@ WHOLE_NUMBER_FIELDS = (
 
 def _read_whole_numbers(a: dict) -> None:
     """Integer fields written as floats: a whole one (64.0) is that integer, as the reference
-    reads it; another (NaN, 2.5) is refused naming the field."""
+    reads it; another (NaN, 2.5), a bool (`n_heads_global: true` compared as 1 head) and any
+    other value but an integer or null are refused naming the field."""
     for key in WHOLE_NUMBER_FIELDS:
         value = a[key]
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise ReferenceImportError(
-                    f"reference {key}={value!r} is not a whole number; the reference builds no "
-                    "model from it")
+        if isinstance(value, float) and value.is_integer():
             a[key] = int(value)
+        elif value is not None and type(value) is not int:  # bool is an int subclass
+            raise ReferenceImportError(
+                f"reference {key}={value!r} is not a whole number; the reference builds no "
+                "model from it (give an integer)")
 
 
 def _check_token_width(a: dict) -> None:

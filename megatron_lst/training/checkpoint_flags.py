@@ -15,6 +15,7 @@ import logging
 import os
 from pathlib import Path
 
+from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.training import model_flags
 from megatron_lst.training.flag_checks import ArgumentError, require_positive
 from megatron_lst.training.foreign_checkpoints import foreign_checkpoint_advice
@@ -22,31 +23,38 @@ from megatron_lst.training.foreign_checkpoints import foreign_checkpoint_advice
 logger = logging.getLogger(__name__)
 
 
+class DamagedCheckpointFlagError(ArgumentError, CheckpointError):
+    """A flag check's refusal of the checkpoint a flag names, not of the flags: a damaged save
+    directory or checkpoint record. lst-train exits with its checkpoint status (3) for it, as
+    for the same damage found while loading; the flag checks' other refusals exit 2."""
+
+
 def adopt_model_from_load(args: argparse.Namespace) -> None:
     """`--use-checkpoint-args`: the model of the checkpoint `--load` resumes or fine-tunes.
 
-    A missing or broken `--load` is left to `validate_checkpointing` to report.
+    A missing or broken `--load` (no checkpoint, a damaged pointer or `lst_checkpoint.json`) is
+    left to `validate_checkpointing` and the loading to report; a model record that cannot be
+    built from, or checked against the checkpoint's index, is refused here: building the model
+    comes first.
     """
     if args.load is None or not args.use_checkpoint_args or not os.path.isdir(args.load):
         return
     from megatron_lst.checkpoint.model_config import read_model_config
     from megatron_lst.checkpoint.model_state import CheckpointContentError
-    from megatron_lst.training.checkpointing import (
-        CheckpointError,
-        read_checkpoint_metadata,
-        select_checkpoint,
-    )
+    from megatron_lst.training.checkpointing import read_checkpoint_metadata, select_checkpoint
 
     try:
         path = select_checkpoint(args.load, args.ckpt_step)
-        if path is None:
-            return
         # Lenient: a record lacking a field loading needs is named when loading starts.
-        saved = read_model_config(read_checkpoint_metadata(path, strict=False), path)
+        metadata = None if path is None else read_checkpoint_metadata(path, strict=False)
     except CheckpointError:
         return
-    except CheckpointContentError as err:
-        raise ArgumentError(f"--load {args.load}: {err}") from None
+    if path is None:
+        return
+    try:
+        saved = read_model_config(metadata, path)
+    except (CheckpointContentError, CheckpointError) as err:  # CheckpointError: the index
+        raise DamagedCheckpointFlagError(f"--load {args.load}: {err}") from None
     if saved is None:
         return  # not an LST or baseline checkpoint: the model's shapes are checked on load
     if saved.baseline != (args.patching_mode == "none"):
@@ -68,7 +76,7 @@ def choose_pretrained_or_own_checkpoint(args: argparse.Namespace) -> None:
     load the pretrained one instead, with `--finetune` (weights only, iteration 0); once it holds
     one (this run's own, saved before it was stopped), leave `--load` to resume it. Sets
     `args.load` and `args.finetune` accordingly."""
-    from megatron_lst.training.checkpointing import CheckpointError, select_checkpoint
+    from megatron_lst.training.checkpointing import select_checkpoint
 
     pretrained = args.pretrained_checkpoint
     if pretrained is None:
@@ -92,7 +100,7 @@ def choose_pretrained_or_own_checkpoint(args: argparse.Namespace) -> None:
     try:
         own = select_checkpoint(args.load) if os.path.isdir(args.load) else None
     except CheckpointError as err:
-        raise ArgumentError(f"--load {args.load}: {err}") from None
+        raise DamagedCheckpointFlagError(f"--load {args.load}: {err}") from None
     if own is not None:
         logger.info("--load %s holds %s: resuming it (--pretrained-checkpoint %s is not loaded)",
                     args.load, own.name, pretrained)
@@ -101,7 +109,7 @@ def choose_pretrained_or_own_checkpoint(args: argparse.Namespace) -> None:
     try:
         found = select_checkpoint(pretrained) if os.path.isdir(pretrained) else None
     except CheckpointError as err:
-        raise ArgumentError(f"--pretrained-checkpoint {pretrained}: {err}") from None
+        raise DamagedCheckpointFlagError(f"--pretrained-checkpoint {pretrained}: {err}") from None
     if found is None:
         other = foreign_checkpoint_advice(pretrained)
         raise ArgumentError(
@@ -142,7 +150,6 @@ def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
     auto-resuming job (--save and --load the same directory, nothing saved yet)."""
     from megatron_lst.training.checkpointing import (
         METADATA_FILENAME,
-        CheckpointError,
         checkpoints_from,
         select_checkpoint,
     )
@@ -160,7 +167,11 @@ def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
     try:
         latest = select_checkpoint(args.load, args.ckpt_step)
     except CheckpointError as err:
-        raise ArgumentError(f"--load {args.load}: {err}") from None
+        # With a step, the checkpoint of that step is looked up and any refusal is of the flags
+        # (--ckpt-step naming none); without, the save directory's pointer is read and any
+        # refusal is of its damage (`find_latest_checkpoint`).
+        refusal = ArgumentError if args.ckpt_step is not None else DamagedCheckpointFlagError
+        raise refusal(f"--load {args.load}: {err}") from None
     if latest is None and not auto_resume:
         incomplete = [entry.name for entry in checkpoints_from(args.load, 0)]
         found = (f"its {', '.join(incomplete)} lack(s) {METADATA_FILENAME}, which every "

@@ -122,8 +122,8 @@ def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
     pointed = _read_tracker(root)
     if pointed is not None and pointed not in complete:
         raise CheckpointError(
-            f"{root / TRACKER_FILENAME} names iteration {pointed}, but {root / checkpoint_name(pointed)} "
-            f"is missing or incomplete (no {METADATA_FILENAME}); the save directory is corrupt. "
+            f"{root / TRACKER_FILENAME} names iteration {pointed}, but "
+            f"{_what_is_wrong_with(root / checkpoint_name(pointed))}; the save directory is corrupt. "
             f"Restore that checkpoint, or write the iteration of a complete one "
             f"({sorted(complete) or 'none found'}) into {TRACKER_FILENAME}, or pick one with "
             f"--ckpt-step N"
@@ -192,11 +192,23 @@ def checkpoints_from(root: str | os.PathLike, first_iteration: int) -> list[Path
     return [found[i] for i in sorted(found) if i >= first_iteration]
 
 
+def _what_is_wrong_with(path: Path) -> str:
+    """Why the checkpoint directory `path` is not a complete checkpoint: "<path> is missing" or
+    "<path> is incomplete (no <the files it lacks>)"."""
+    if not path.is_dir():
+        return f"{path} is missing"
+    return f"{path} is incomplete (no {' or '.join(_missing_markers(path))})"
+
+
+def _missing_markers(path: Path) -> list[str]:
+    """The files that make a checkpoint complete which `path` lacks."""
+    return [name for name in _COMPLETE_MARKERS if not (path / name).is_file()]
+
+
 def _incomplete_checkpoint_message(path: Path) -> str:
-    missing = [name for name in _COMPLETE_MARKERS if not (path / name).is_file()]
     others = _other_complete_checkpoints(path) if path.parent.is_dir() else []
-    return (f"{path} is an incomplete checkpoint (no {' or '.join(missing)}): a save that did not "
-            f"finish, or a damaged copy. Load a complete one of {path.parent} "
+    return (f"{path} is an incomplete checkpoint (no {' or '.join(_missing_markers(path))}): a "
+            f"save that did not finish, or a damaged copy. Load a complete one of {path.parent} "
             f"({others or 'none found'}) with --load {path.parent} [--ckpt-step N]")
 
 
@@ -237,9 +249,10 @@ def read_checkpoint_metadata(path: str | os.PathLike, strict: bool = True) -> di
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{metadata_path} holds a JSON {type(metadata).__name__}, not the "
                               f"checkpoint's metadata object; the checkpoint is corrupt")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    version = metadata.get("format_version")  # true and 1.0 equal 1, yet no save writes them
+    if type(version) is not int or version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{metadata_path} has format version {metadata.get('format_version')!r}; this "
+            f"{metadata_path} has format version {version!r}; this "
             f"code reads version {FORMAT_VERSION}"
         )
     if strict:
@@ -320,23 +333,40 @@ def _checkpoint_metadata(iteration: int, extra_json: str, scheduler: Any,
     }
 
 
-def _on_rank0(action: Callable[[], None], iteration: int, root: Path) -> None:
-    """Collective: run `action` on rank 0 alone, every rank learning whether it failed. An
-    OSError of `action` is raised on rank 0 and CheckpointSaveError on the others, which used to
-    wait for rank 0 in a collective that broke with a gloo traceback ('Connection closed by
-    peer') once rank 0 stopped (a full disk, a --save made read-only during the run)."""
+def on_rank0(action: Callable[[], object], error_elsewhere: Callable[[str], Exception]) -> None:
+    """Collective: run `action` on rank 0 alone, every rank learning whether it failed. Any
+    exception of `action` is raised on rank 0 and `error_elsewhere(reason)` on the others, which
+    used to wait for rank 0 in a collective that broke with a gloo traceback ('Connection closed
+    by peer') once rank 0 stopped (a full disk, a --save made read-only during the run).
+    `reason`: rank 0's message for a CheckpointError (a refusal of ours, complete), else one
+    naming rank 0's error and its type."""
     failure = None
     if dist.get_rank() == 0:
         try:
             action()
-        except OSError as error:
+        except Exception as error:  # whatever it is, the other ranks must not wait for rank 0
             failure = error
-    if _broadcast_from_rank0("failed" if failure is not None else ""):
-        if failure is not None:
-            raise failure
-        raise CheckpointSaveError(
-            f"saving the checkpoint of iteration {iteration} into {root} failed on rank 0 "
-            f"(its message says why); checkpoints saved before are untouched")
+    reason = _broadcast_from_rank0("" if failure is None else _failure_reason(failure))
+    if failure is not None:
+        raise failure
+    if reason:
+        raise error_elsewhere(reason)
+
+
+def _failure_reason(error: Exception) -> str:
+    """What the other ranks say of rank 0's `error` (`on_rank0`)."""
+    if isinstance(error, CheckpointError):
+        return str(error)
+    return (f"rank 0 stopped with {type(error).__name__}: {error} (its output says where); this "
+            f"rank stops with it")
+
+
+def _on_rank0(action: Callable[[], None], iteration: int, root: Path) -> None:
+    """Collective: `on_rank0` for a step of saving checkpoint `iteration` into `root`; the other
+    ranks raise CheckpointSaveError."""
+    on_rank0(action, lambda reason: CheckpointSaveError(
+        f"saving the checkpoint of iteration {iteration} into {root} failed on rank 0 (its "
+        f"message says why); checkpoints saved before are untouched"))
 
 
 def _finish_on_rank0(temporary: Path, final: Path, files: Any, metadata: dict[str, Any]) -> None:

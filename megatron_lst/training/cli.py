@@ -4,12 +4,13 @@ Exit status: 0 when training reached --train-iters or stopped early after saving
 (--exit-signal-handler, --exit-duration-in-mins, --exit-interval; Megatron-LM's behaviour: compare
 the latest checkpoint with --train-iters to know which), 2 for bad flags or --eval-data items (as
 lst-eval) or log writers (TensorBoard, W&B) that cannot be opened, 3 for a refused checkpoint: a
-`--load` one that is damaged, unsafe or not resumable with these flags, a --save directory without
-room for a checkpoint or that another run is writing, a save of diverged weights, or a save that
-failed (a full disk), 4 for bad training data (a dataset that is missing, truncated, inconsistent
-with its manifest, or of another vocabulary), 5 for a non-finite loss (the message names the
-checkpoint to resume from). Each prints one message that says what is wrong and what to do;
-any other error exits 1 with its traceback.
+`--load` one that is damaged (found by the flag checks or while loading), unsafe or not resumable
+with these flags, a --save directory without room for a checkpoint or that another run is
+writing, a save of diverged weights, or a save that failed (a full disk), 4 for bad training
+data (a dataset that is missing, truncated, inconsistent with its manifest, or of another
+vocabulary), 5 for a non-finite loss (the message names the checkpoint to resume from). Each
+prints one message that says what is wrong and what to do; any other error exits 1 with its
+traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.train_logging import (
     configure_console_logging,
@@ -41,9 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = validate_args(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     except ArgumentError as error:
         print(f"lst-train: {error}", file=sys.stderr)
-        return 2
+        # A damaged --load checkpoint found by the flag checks (`DamagedCheckpointFlagError`).
+        return EXIT_CHECKPOINT_REFUSED if isinstance(error, CheckpointError) else 2
     note_missing_fused_kernels()
-    from megatron_lst.checkpoint.errors import CheckpointError
     from megatron_lst.data.dataset import DatasetError
     from megatron_lst.data.documents import DocumentError
     from megatron_lst.evaluation.items import ItemError

@@ -215,25 +215,12 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
 
 def _check_room_for_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module]) -> None:
     """Collective: every rank raises InsufficientSpaceError when --save cannot hold a
-    checkpoint (rank 0 measures the free space)."""
+    checkpoint (rank 0 measures the free space; an error measuring it stops every rank too:
+    `checkpointing.on_rank0`)."""
     needed = save_directory.checkpoint_bytes_lower_bound(
         model, args.optimizer, args.sgd_momentum, args.fp16 or args.bf16)
-    _check_on_rank0(lambda: save_directory.check_room_for_checkpoint(args.save, needed),
-                    save_directory.InsufficientSpaceError)
-
-
-def _check_on_rank0(check, error_type: type[Exception]) -> None:
-    """Collective: run `check()` on rank 0; when it raises `error_type`, every rank raises
-    `error_type` with its message (the others would otherwise wait for rank 0 in a barrier)."""
-    refusal = [None]
-    if torch.distributed.get_rank() == 0:
-        try:
-            check()
-        except error_type as err:
-            refusal = [str(err)]
-    torch.distributed.broadcast_object_list(refusal, src=0)
-    if refusal[0] is not None:
-        raise error_type(refusal[0])
+    checkpointing.on_rank0(lambda: save_directory.check_room_for_checkpoint(args.save, needed),
+                           save_directory.InsufficientSpaceError)
 
 
 def _check_vocab_splits(vocab: JointVocab, tensor_model_parallel_size: int) -> None:
@@ -443,8 +430,9 @@ def _save_directory_lock(save_dir: str | None):
         yield
         return
     with contextlib.ExitStack() as stack:
-        _check_on_rank0(lambda: stack.enter_context(save_directory.SaveDirectoryLock(save_dir)),
-                        save_directory.SaveDirectoryLockError)
+        checkpointing.on_rank0(
+            lambda: stack.enter_context(save_directory.SaveDirectoryLock(save_dir)),
+            save_directory.SaveDirectoryLockError)
         yield
 
 

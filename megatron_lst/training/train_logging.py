@@ -311,14 +311,31 @@ class TrainingLogger:
         self.wandb_run.log(scalars, step=iteration)
 
     def close(self) -> None:
-        """Close the progress bar and flush and close the writers."""
+        """Close the progress bar and flush and close the writers. A writer that fails to close
+        is reported in one error line (`_closed`) and the run's outcome stays what it was."""
         if self._progress is not None:
             self._progress.close()
             self._progress = None
         if self.tensorboard_writer is not None:
-            self.tensorboard_writer.close()
+            _closed("--tensorboard-dir", self.tensorboard_writer.close)
+            self.tensorboard_writer = None
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            _closed("--wandb-project", self.wandb_run.finish)
+            self.wandb_run = None
+
+
+def _closed(flag: str, close) -> None:
+    """Run `close` (the writer of `flag`'s close or finish). One that fails (TensorBoard
+    flushing onto a full disk, W&B's service gone) is reported once and not raised: training and
+    its last save are done, and raising failed the logging rank alone while the others exited 0."""
+    try:
+        close()
+    except Exception as error:  # TensorBoard and W&B raise errors of their own
+        import logging
+
+        logging.getLogger(__name__).error(
+            "%s: closing the writer at the end of the run failed (%s: %s); the scalars it had "
+            "not flushed are lost (the log lines keep them)", flag, type(error).__name__, error)
 
 
 def _sent(flag: str, send, scalars: dict[str, float], iteration: int) -> bool:

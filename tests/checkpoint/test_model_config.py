@@ -9,6 +9,7 @@ import tracemalloc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from training.model_config_cases import lst_configs
+from training.training_cases import write_model_index
 
 from megatron_lst.checkpoint.dist import save_dist_checkpoint, training_args_for
 from megatron_lst.checkpoint.model_config import read_model_config
@@ -66,6 +67,30 @@ def test_a_record_of_more_weights_than_the_checkpoint_holds_is_refused_before_bu
     assert not (tmp_path / "portable").exists()
 
 
+@pytest.mark.parametrize("damage_index", [
+    lambda index: index.unlink(),
+    lambda index: index.write_bytes(b"not a pickle"),
+])
+def test_a_record_beside_an_unreadable_index_is_refused_before_building(single_rank, tmp_path,
+                                                                        damage_index):
+    """The weight count was skipped when the index could not be read, so every tool built
+    whatever model the record named before the loading refused the checkpoint: a checkpoint
+    without a readable index loads nowhere, and its record cannot be checked."""
+    from megatron_lst.checkpoint.errors import CheckpointIntegrityError
+    from megatron_lst.models.config import preset
+
+    vocab = JointVocab(text_size=58)
+    config = preset("tiny", vocab.size)
+    path = save_dist_checkpoint(tmp_path / "dist", build_full_model(config),
+                                training_args_for(config), vocab)
+    record = json.loads((path / "lst_checkpoint.json").read_text())
+    record["model"]["config"]["global_model"].update(hidden_size=1 << 16, num_layers=64,
+                                                      num_heads=512, ffn_hidden_size=1 << 18)
+    damage_index(path / ".metadata")
+    with pytest.raises(CheckpointIntegrityError, match=rf"{path / '.metadata'}"):
+        read_model_config(record, path)
+
+
 def test_a_record_of_a_crafted_layer_count_is_refused_without_listing_its_layers(
         single_rank, tmp_path):
     """The record's weights were summed over the list of its tensors, several per layer: 10^5
@@ -100,8 +125,9 @@ def test_a_checkpoint_without_the_record_is_read_through_its_flags(tmp_path):
                   if not k.startswith(("local_encoder_window", "local_decoder_window"))}
     saved_args["local_attention_window"] = 64  # the one local window flag of those versions
     metadata = {"args": saved_args, "vocab": vocab.to_dict()}
-    saved = read_model_config(metadata, tmp_path)
     expected = lst_config_from_args(argparse.Namespace(**vars(args)), vocab.size, vocab.eos_id)
+    write_model_index(tmp_path, expected)
+    saved = read_model_config(metadata, tmp_path)
     assert saved.config.encoder.window == saved.config.decoder.window == 64
     assert saved.config.max_sequence_length == 24  # what those versions recorded: --max-tokens
     assert saved.config.global_model == expected.global_model

@@ -168,7 +168,13 @@ def test_a_width_its_heads_do_not_divide_is_refused_on_export():
                                            r"the reference's global blocks assert it"),
     ({"n_kv_heads": -1}, r"n_kv_heads=-1 is not a number of units or heads"),
     ({"head_dim": 2.5}, r"head_dim=2.5 is not a whole number"),
-    ({"n_kv_heads_global": "2"}, r"n_kv_heads_global='2' is not a number of units or heads"),
+    ({"n_kv_heads_global": "2"}, r"n_kv_heads_global='2' is not a whole number"),
+    # A bool is an int in Python: it was read as 1 (or 0) head, layer, unit ...
+    ({"n_heads_global": True}, r"n_heads_global=True is not a whole number"),
+    ({"n_layers_local_decoder": False}, r"n_layers_local_decoder=False is not a whole number"),
+    ({"cross_attn_nheads": True}, r"cross_attn_nheads=True is not a whole number"),
+    ({"vocab_size": True}, r"vocab_size=True is not a whole number"),
+    ({"dim_local_encoder": [16]}, r"dim_local_encoder=\[16\] is not a whole number"),
 ])
 def test_head_shapes_the_reference_cannot_build_are_refused_naming_the_field(update, message):
     with pytest.raises(ReferenceImportError, match=message):

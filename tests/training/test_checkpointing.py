@@ -155,9 +155,27 @@ def test_pointer_to_nothing_is_corruption_not_a_fresh_start(tmp_path, pointer):
         find_latest_checkpoint(tmp_path)
 
 
+# The pointer's message said "(no lst_checkpoint.json)" whichever file was missing.
+@pytest.mark.parametrize("missing, message", [
+    ("metadata.json", r"is incomplete \(no metadata\.json\)"),
+    (METADATA_FILENAME, rf"is incomplete \(no {METADATA_FILENAME}\)"),
+    ("the directory", r"is missing\b"),
+])
+def test_pointer_to_an_incomplete_checkpoint_names_the_missing_file(tmp_path, missing, message):
+    fake_checkpoint(tmp_path, 100)
+    (tmp_path / TRACKER_FILENAME).write_text("200")
+    if missing != "the directory":
+        (fake_checkpoint(tmp_path, 200) / missing).unlink()
+    with pytest.raises(CheckpointError, match=rf"iter_0000200 {message}.*\(\[100\]\)"):
+        find_latest_checkpoint(tmp_path)
+
+
 @pytest.mark.parametrize("content, message", [
     ("[1]", "holds a JSON list, not the checkpoint's metadata object"),
     ('{"format_version": 99}', "format version 99"),
+    # true and 1.0 equal 1, yet no save writes them
+    ('{"format_version": true}', "format version True"),
+    ('{"format_version": 1.0}', "format version 1.0"),
     ("{", "cannot read"),
     # 'utf-8' codec can't decode byte 0xff ..., naming no file
     (b"\xff\xfe{\x00", rf"cannot read .*{METADATA_FILENAME}: 'utf-8' codec can't decode"),

@@ -13,8 +13,9 @@ from megatron_lst.data.dataset import DatasetError
 from megatron_lst.evaluation.items import ItemError
 from megatron_lst.tokenizer.vocab import VocabularyError
 from megatron_lst.training import cli, loop
+from megatron_lst.training.checkpointing import TRACKER_FILENAME
 from megatron_lst.training.train_logging import LoggingSetupError, NonFiniteLossError
-from training.training_cases import tiny_flags, write_corpus
+from training.training_cases import fake_checkpoint, tiny_flags, write_corpus
 
 ENTRY = [sys.executable, "-m", "megatron_lst.training.cli"]
 LATE_LINE = Path(__file__).resolve().parents[1] / "distributed" / "workers" / "late_line.py"
@@ -141,6 +142,26 @@ def test_a_log_writer_the_logging_rank_cannot_open_stops_every_rank_with_one_lin
             "--wandb-project): RuntimeError: api_key not configured (no-tty)") in output
     codes = re.findall(r"exitcode  : (-?\d+)", output)
     assert "2" in codes and set(codes) <= {"2", "-15"}, output[-3000:]
+
+
+# A save directory whose pointer named a missing checkpoint exited 2, the status of bad flags,
+# though docs/training.md gives 3 for a damaged --load; --ckpt-step naming no checkpoint is a flag
+# to correct (2).
+@pytest.mark.parametrize("pointer, extra, status, message", [
+    ("20", [], cli.EXIT_CHECKPOINT_REFUSED, r"names iteration 20, .*iter_0000020 is missing"),
+    ("oops", [], cli.EXIT_CHECKPOINT_REFUSED, r"should hold an iteration number, found 'oops'"),
+    ("10", ["--ckpt-step", "30"], 2, r"--ckpt-step 30: .* holds no complete checkpoint"),
+])
+def test_a_damaged_save_directory_exits_3_and_a_missing_step_2(tmp_path, capsys, pointer, extra,
+                                                               status, message):
+    save = tmp_path / "ckpt"
+    fake_checkpoint(save, 10)
+    (save / TRACKER_FILENAME).write_text(pointer)
+    flags = [*tiny_flags(write_corpus(tmp_path)), "--train-iters", "2", "--load", str(save),
+             "--save", str(save), *extra]
+    assert cli.main(flags) == status
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(rf"lst-train: --load {save}: .*{message}", last), last
 
 
 @pytest.mark.parametrize("flags, out, err", [

@@ -350,3 +350,19 @@ def test_eod_mask_loss_reaches_the_schedule_with_the_vocabulary_eos(monkeypatch,
                             model=[lambda tokens, patch_lengths, labels: torch.ones(1, 6)])
     losses, _ = loop._run_schedule(state, iter([batch]), forward_only=True, count_flops=False)
     assert losses[0][loop.LOSS_NAME].tolist() == [counted, counted]
+
+
+@pytest.mark.distributed
+def test_any_failure_of_a_rank_0_check_stops_every_rank_with_its_message():
+    """The room check handed the other ranks rank 0's refusal only for its own error type: an
+    OSError measuring the free space stopped rank 0 alone, and the others' next collective broke
+    with a gloo traceback ('Connection closed by peer')."""
+    from distributed.harness import TESTS_DIR, run_distributed
+
+    rank0, rank1 = run_distributed(TESTS_DIR / "training" / "workers" / "rank0_check_worker.py", 2)
+    assert rank0 == {"oserror": ["PermissionError", "[Errno 13] Permission denied: '/save'"],
+                     "refusal": ["InsufficientSpaceError", "--save /save has 0.0 MiB free"]}
+    assert rank1 == {
+        "oserror": ["InsufficientSpaceError", "rank 0 stopped with PermissionError: [Errno 13] "
+                    "Permission denied: '/save' (its output says where); this rank stops with it"],
+        "refusal": ["InsufficientSpaceError", "--save /save has 0.0 MiB free"]}

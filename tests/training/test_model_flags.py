@@ -13,9 +13,11 @@ from megatron_lst.checkpoint.model_state import lst_config_to_dict
 from megatron_lst.models.config import DocumentMaskingConfig, LSTConfig, preset
 from megatron_lst.training import arguments, model_flags
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_lst.training.checkpoint_flags import DamagedCheckpointFlagError
 from megatron_lst.training.checkpointing import FORMAT_VERSION, METADATA_FILENAME, TRACKER_FILENAME
 from megatron_lst.training.model_provider import lst_config_from_args
 from training.model_config_cases import EOS_ID, lst_configs
+from training.training_cases import write_model_index
 
 # The non-model flags a run needs; none of them changes the model.
 RUN = ["--seq-length", "2", "--train-iters", "1", "--lr", "1e-3"]
@@ -168,10 +170,12 @@ def test_impossible_head_shapes_are_named(extra, message):
 # --- a checkpoint's configuration decides the model ----------------------------------------
 
 def _fake_checkpoint(root, config: LSTConfig, kind: str = "lst", patching_mode: str = "static"):
-    """A save directory whose one checkpoint records `config` (no tensors: flags only)."""
+    """A save directory whose one checkpoint records `config`, with an index of its weights'
+    size but no tensors: flags only."""
     path = root / "iter_0000005"
     path.mkdir(parents=True)
     (path / "metadata.json").write_text("{}")
+    write_model_index(path, config)
     (path / METADATA_FILENAME).write_text(json.dumps({
         "format_version": FORMAT_VERSION, "iteration": 5, "args": {"patching_mode": patching_mode},
         "vocab": None, "model": {"kind": kind, "config": lst_config_to_dict(config)}}))
@@ -263,13 +267,25 @@ def test_the_custom_model_example_builds_the_model_it_spells_out():
     (lambda record: record["model"]["config"]["global_model"].update(num_layers="2"),
      r"the model record does not describe a model \(global_model: "),
 ])
-def test_a_damaged_checkpoint_record_is_a_usage_error_naming_it(tmp_path, damage, named):
+def test_a_damaged_checkpoint_record_is_refused_naming_it(tmp_path, damage, named):
     """The model flags come from the record: 'args' or 'model' that are no objects were
-    AttributeError tracebacks, and a config that builds no model was named without the file."""
+    AttributeError tracebacks, and a config that builds no model was named without the file.
+    A damaged checkpoint, not bad flags: lst-train exits 3 (DamagedCheckpointFlagError)."""
     load = _fake_checkpoint(tmp_path / "ckpt", _variant())
     path = load / "iter_0000005" / METADATA_FILENAME
     record = json.loads(path.read_text())
     damage(record)
     path.write_text(json.dumps(record))
-    with pytest.raises(ArgumentError, match=rf"--load {load}: {path.parent}: {named}"):
+    with pytest.raises(DamagedCheckpointFlagError,
+                       match=rf"--load {load}: {path.parent}: {named}"):
+        validate_args(parse_args([*LST_RUN, "--load", str(load)]), 1)
+
+
+def test_a_checkpoint_whose_index_cannot_be_read_is_refused_before_its_model_is_built(tmp_path):
+    """The record's size is checked against the index: without one, a crafted record of any
+    size was built first (here the index is missing; the loading would refuse it too)."""
+    load = _fake_checkpoint(tmp_path / "ckpt", _variant())
+    index = load / "iter_0000005" / ".metadata"
+    index.unlink()
+    with pytest.raises(DamagedCheckpointFlagError, match=rf"--load {load}: cannot read {index}"):
         validate_args(parse_args([*LST_RUN, "--load", str(load)]), 1)

@@ -155,6 +155,36 @@ def test_a_scalar_writer_that_fails_is_dropped_and_the_run_goes_on(caplog):
                             "(OSError: [Errno 28] No space left on device)")
 
 
+class UnclosableWriter(RecordingWriter):
+    def close(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def finish(self):
+        raise RuntimeError("wandb service gone")
+
+
+def test_a_writer_that_fails_to_close_is_reported_and_the_others_still_close(caplog):
+    """Closing raised on the logging rank at the end of the run (TensorBoard flushing onto a
+    full disk): that rank failed after training and its last save, the others exited 0."""
+    unclosable, run = UnclosableWriter(), RecordingWriter()
+    logger = make_logger(log_interval=1, stream=io.StringIO(), tensorboard_writer=unclosable,
+                         wandb_run=run)
+    step(logger, 1)
+    with caplog.at_level(logging.ERROR):
+        logger.close()
+    assert run.closed
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.startswith("--tensorboard-dir: closing the writer at the end of the run failed "
+                            "(OSError: [Errno 28] No space left on device)")
+    logger = make_logger(log_interval=1, stream=io.StringIO(), wandb_run=UnclosableWriter())
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        logger.close()
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.startswith("--wandb-project: closing the writer at the end of the run failed "
+                            "(RuntimeError: wandb service gone)")
+
+
 def test_progress_bar_only_on_a_terminal_and_not_with_no_progress_bar():
     class Terminal(io.StringIO):
         def isatty(self):

@@ -6,13 +6,23 @@ Documents are random (tests/data/document_cases.py) and written through the real
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
 from data.document_cases import VOCAB, random_aligned_document
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
+from megatron_lst.checkpoint.full_shapes import full_state_size
+from megatron_lst.checkpoint.safe_pickle import DCP_METADATA_FILENAME
 from megatron_lst.data.indexed import DocumentWriter
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
+from megatron_lst.models.config import LSTConfig
 from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, joint_vocab
 from megatron_lst.training.checkpointing import METADATA_FILENAME
 
@@ -68,6 +78,16 @@ def tiny_flags(data_path: list[str], patching_mode: str = "curriculum") -> list[
         flags += ["--max-tokens", "24", "--kernel-backend", "torch",
                   "--curriculum-tau1", "2", "--curriculum-tau2", "6"]
     return flags
+
+
+def write_model_index(path: Path, config: LSTConfig) -> None:
+    """A torch.distributed.checkpoint index (`.metadata`) in the checkpoint directory `path`
+    listing one model tensor of as many weights as `config` has, and no data file: what reads the
+    index alone (the model record's weight count, `check_stored_weights`) finds a checkpoint of
+    that model."""
+    index = Metadata(state_dict_metadata={"model.weights": TensorStorageMetadata(
+        TensorProperties(dtype=torch.float32), torch.Size([full_state_size(config)]), [])})
+    (path / DCP_METADATA_FILENAME).write_bytes(pickle.dumps(index))
 
 
 def fake_checkpoint(root: Path, iteration: int, complete: bool = True) -> Path:
