@@ -43,12 +43,9 @@ def test_any_config_survives_dist_and_portable_checkpoints(config, single_rank, 
     assert load_portable(root / "portable").config == config
 
 
-def test_a_record_of_more_weights_than_the_checkpoint_holds_is_refused_before_building(
-        single_rank, tmp_path):
-    """A crafted or damaged record of a far larger model beside a small checkpoint: every tool
-    built the model it names before loading (one of billions of weights fails in the
-    allocator)."""
-    from megatron_lst.checkpoint.convert import dist_to_portable
+def tiny_checkpoint_with_an_inflated_record(tmp_path):
+    """A dist checkpoint of the tiny preset and its model record (not written back) edited to
+    name a global model of billions of weights."""
     from megatron_lst.models.config import preset
 
     vocab = JointVocab(text_size=58)
@@ -58,6 +55,17 @@ def test_a_record_of_more_weights_than_the_checkpoint_holds_is_refused_before_bu
     record = json.loads((path / "lst_checkpoint.json").read_text())
     record["model"]["config"]["global_model"].update(hidden_size=1 << 16, num_layers=64,
                                                       num_heads=512, ffn_hidden_size=1 << 18)
+    return path, record
+
+
+def test_a_record_of_more_weights_than_the_checkpoint_holds_is_refused_before_building(
+        single_rank, tmp_path):
+    """A crafted or damaged record of a far larger model beside a small checkpoint: every tool
+    built the model it names before loading (one of billions of weights fails in the
+    allocator)."""
+    from megatron_lst.checkpoint.convert import dist_to_portable
+
+    path, record = tiny_checkpoint_with_an_inflated_record(tmp_path)
     (path / "lst_checkpoint.json").write_text(json.dumps(record))
     with pytest.raises(CheckpointContentError, match=r"the model record describes \d+ weights, but "
                                                      r"the checkpoint's tensors hold \d+"):
@@ -77,15 +85,8 @@ def test_a_record_beside_an_unreadable_index_is_refused_before_building(single_r
     whatever model the record named before the loading refused the checkpoint: a checkpoint
     without a readable index loads nowhere, and its record cannot be checked."""
     from megatron_lst.checkpoint.errors import CheckpointIntegrityError
-    from megatron_lst.models.config import preset
 
-    vocab = JointVocab(text_size=58)
-    config = preset("tiny", vocab.size)
-    path = save_dist_checkpoint(tmp_path / "dist", build_full_model(config),
-                                training_args_for(config), vocab)
-    record = json.loads((path / "lst_checkpoint.json").read_text())
-    record["model"]["config"]["global_model"].update(hidden_size=1 << 16, num_layers=64,
-                                                      num_heads=512, ffn_hidden_size=1 << 18)
+    path, record = tiny_checkpoint_with_an_inflated_record(tmp_path)
     damage_index(path / ".metadata")
     with pytest.raises(CheckpointIntegrityError, match=rf"{path / '.metadata'}"):
         read_model_config(record, path)
