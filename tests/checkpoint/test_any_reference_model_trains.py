@@ -113,6 +113,12 @@ def training_flags(data_path: list[str], load: Path, save: Path, tokenizer_path:
     ]
 
 
+def saved_model_config(save_dir: Path):
+    """The model record of the newest checkpoint in `save_dir`, checked against its index."""
+    checkpoint = find_latest_checkpoint(save_dir)
+    return read_model_config(read_checkpoint_metadata(checkpoint), checkpoint)
+
+
 def _evaluate_and_generate(load: Path, items: Path, tokenizer_path: str, num_units: int,
                            capsys) -> dict:
     results = load.parent / f"{load.name}_results.json"
@@ -150,8 +156,7 @@ def test_imported_reference_model_converts_evaluates_generates_and_trains(
                          "--num-units", str(num_units)]) == 0
     assert convert_main(["portable-to-dist", "--portable", str(portable), "--save",
                          str(converted)]) == 0
-    config = read_model_config(read_checkpoint_metadata(find_latest_checkpoint(converted)),
-                               converted).config
+    config = saved_model_config(converted).config
     imported = lst_config_from_reference(json.loads(model_args.read_text())["model_args"])
     assert config == imported
     # The converted checkpoint loads in every tool: lst-convert itself ...
@@ -171,7 +176,7 @@ def test_imported_reference_model_converts_evaluates_generates_and_trains(
     result = pretrain(validate_args(parse_args(flags), 1), index_cache_dir=tmp_path / "rows")
     assert sorted(result.losses) == [1, 2]
     assert all(np.isfinite(loss) for loss in result.losses.values())
-    saved = read_model_config(read_checkpoint_metadata(find_latest_checkpoint(trained)), trained)
+    saved = saved_model_config(trained)
     assert saved.config == imported and not saved.baseline
 
     assert read_checkpoint_metadata(find_latest_checkpoint(trained))["iteration"] == 2
