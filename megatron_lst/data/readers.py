@@ -456,12 +456,17 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
                    seg_texts, num_units, where, counts)
 
 
+def _unit_files_at(base: Path) -> list[Path]:
+    """The unit files `base` names: `base` with each unit-file suffix that exists."""
+    return [base.with_name(base.name + suffix) for suffix in UNIT_FILE_SUFFIXES
+            if base.with_name(base.name + suffix).is_file()]
+
+
 def _unit_file_at(base: Path, textgrid_path: Path) -> Path | None:
     """`base` with the unit-file suffix that exists, or None. Two of them (`a.npy` and
     `a.txt`) are a DocumentError naming both: which one holds the utterance's units is not
     ours to guess."""
-    found = [base.with_name(base.name + suffix) for suffix in UNIT_FILE_SUFFIXES
-             if base.with_name(base.name + suffix).is_file()]
+    found = _unit_files_at(base)
     if len(found) > 1:
         raise DocumentError(f"{textgrid_path}: {len(found)} unit files of one utterance: "
                             f"{', '.join(map(str, found))}; keep the one that holds its units "
@@ -502,8 +507,10 @@ def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list
     for stem, same in by_stem.items():
         if len(same) < 2:
             continue
-        by_stem_only = [path for path in same if _unit_file_at(
-            units_dir / path.relative_to(textgrid_dir).with_suffix(""), path) is None]
+        # Two unit files at a relative path are that utterance's own error (refused, or
+        # skipped under --skip-bad, when it is read), not the corpus's.
+        by_stem_only = [path for path in same if not _unit_files_at(
+            units_dir / path.relative_to(textgrid_dir).with_suffix(""))]
         if by_stem_only:
             raise DocumentError(
                 f"{len(same)} TextGrids share the name {stem!r} ({', '.join(map(str, same[:3]))}"
