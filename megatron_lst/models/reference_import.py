@@ -111,7 +111,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     a = {**REFERENCE_DEFAULTS, **model_args}
     _read_whole_numbers(a)
     for key in UNSET_WHEN_ZERO:
-        if a[key] == 0:  # 0 and false; None == 0 is False
+        if a[key] == 0:  # None == 0 is False
             a[key] = None
     for key, value in REQUIRED_REFERENCE_OPTIONS.items():
         if a[key] != value and key != "use_local_encoder_transformer":
@@ -290,13 +290,14 @@ def _check_decoder_projection(a: dict) -> None:
 def _check_head_shapes(a: dict) -> None:
     """The reference's `head_dim` (one head size for the global and both local models; null:
     each model's `dim / n_heads`) and `n_kv_heads` (the local models' key/value heads; the global
-    model's are `n_kv_heads_global`) must be whole numbers, and each of its three
+    model's are `n_kv_heads_global`) must be positive (whole numbers already: see
+    `_read_whole_numbers`), and each of its three
     `TransformerBlock`s asserts `dim % n_heads == 0` (even when `head_dim` is given) and
     `n_heads % n_kv_heads == 0`; its RoPE pairs the head's channels, so a head size must be
     even. Arguments breaking these build no reference model: refused, naming the field."""
     for key in ("head_dim", "n_kv_heads", "n_kv_heads_global"):
-        if a[key] is not None and (not isinstance(a[key], int) or isinstance(a[key], bool)
-                                   or a[key] < 1):
+        # an integer or None here: `_read_whole_numbers` refused any other value (a bool too)
+        if a[key] is not None and a[key] < 1:
             raise ReferenceImportError(
                 f"reference {key}={a[key]!r} is not a number of units or heads (give a positive "
                 "integer, or null for the one derived from the hidden size and heads)")

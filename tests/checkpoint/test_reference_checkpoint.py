@@ -313,6 +313,19 @@ def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(up
         lst_config_from_reference(model_args)
 
 
+@pytest.mark.parametrize("key", ["head_dim", "n_kv_heads", "n_kv_heads_global"])
+@pytest.mark.parametrize("value", [True, False, 2.5, "4", [4]])
+def test_head_sizes_that_are_no_whole_number_are_refused_before_the_head_checks(key, value):
+    """The reading of whole numbers refuses these (a bool among them: `True` compared as one
+    head), so the head-shape checks see an integer or None only."""
+    model_args = {**reference_model_args(preset("tiny", 64)), key: value}
+    with pytest.raises(ReferenceImportError, match=rf"^reference {key}={re.escape(repr(value))} "
+                                                   rf"is not a whole number"):
+        lst_config_from_reference(model_args)
+    with pytest.raises(ReferenceImportError, match=rf"^reference {key}=-2 is not a number of "
+                                                   rf"units or heads"):
+        lst_config_from_reference({**model_args, key: -2})
+
 def test_head_sizes_spelled_out_as_the_reference_derives_them_are_accepted():
     model_args = reference_model_args(preset("tiny", 64))
     same_heads = {"head_dim": model_args["dim_global"] // model_args["n_heads_global"],
