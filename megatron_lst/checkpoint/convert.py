@@ -32,6 +32,7 @@ from .dist import (
     load_dist_checkpoint,
     resolve_checkpoint,
     save_dist_checkpoint,
+    saved_dtypes,
     training_args_for,
 )
 from .full_shapes import check_full_state_shapes, check_layer_count, full_state_shapes
@@ -41,6 +42,7 @@ from .model_state import (
     check_finite_weights,
     full_state_dict,
     load_full_state_dict,
+    weights_as,
 )
 from .portable import (
     CONFIG_FILENAME,
@@ -199,13 +201,16 @@ def _reference_tokenizer(reference_args: str | Path, num_units: int | None) -> t
 
 def dist_to_portable(load: str | Path, output: str | Path,
                      stream: TextIO | None = None) -> float:
-    """Dist checkpoint (any TP/PP it was saved with) -> portable checkpoint in `output`."""
+    """Dist checkpoint (any TP/PP it was saved with) -> portable checkpoint in `output`, each
+    tensor in the dtype the dist checkpoint holds it in."""
     _refuse_to_overwrite(output, PORTABLE_FILENAMES)
     path = resolve_checkpoint(load)
     config, vocab, training_args = checkpoint_model(path)
     before = build_full_model(config)
     load_dist_checkpoint(path, before, vocab)
-    state = full_state_dict(before)
+    # In the dtypes saved (bf16 weights loaded into the fp32 model stay bf16 in the file).
+    dtypes = saved_dtypes(path, before)
+    state = {name: tensor.to(dtypes[name]) for name, tensor in full_state_dict(before).items()}
     check_finite_weights(state, f"dist checkpoint {path}")
     with staged_output(output, PORTABLE_FILENAMES) as staged:
         save_portable(staged, PortableCheckpoint(
@@ -217,9 +222,10 @@ def dist_to_portable(load: str | Path, output: str | Path,
 
 def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int = 0,
                      stream: TextIO | None = None) -> float:
-    """Portable checkpoint -> dist checkpoint `iteration` under `save` (weights only), loadable
-    under any TP/PP with `lst-train --load save --finetune`, `lst-eval` and `lst-generate`; it
-    records the model's whole configuration, so any model the portable form holds converts.
+    """Portable checkpoint -> dist checkpoint `iteration` under `save` (weights only, each in
+    the dtype the portable checkpoint holds it in), loadable under any TP/PP with
+    `lst-train --load save --finetune`, `lst-eval` and `lst-generate`; it records the model's
+    whole configuration, so any model the portable form holds converts.
     Refuses a portable checkpoint that records no vocabulary (`_require_vocab`), and a `save`
     that is a file or lies under one before converting (the save failed after the conversion,
     with the trainer's advice to resume)."""
@@ -229,7 +235,10 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
     before = portable_model(checkpoint, str(portable_dir))
     training_args = training_args_for(checkpoint.config, checkpoint.training_args,
                                       reference_patching(checkpoint.reference_model_args or {}))
-    path = save_dist_checkpoint(Path(save), before, training_args, checkpoint.vocab, iteration)
+    # Saved in the portable checkpoint's dtypes (bf16 stays bf16), compared in the model's.
+    with weights_as(before, {name: tensor.dtype for name, tensor in checkpoint.state.items()}):
+        path = save_dist_checkpoint(Path(save), before, training_args, checkpoint.vocab,
+                                    iteration)
     after = build_full_model(checkpoint.config)
     load_dist_checkpoint(path, after, checkpoint.vocab)
     return verify_same_function(before, after, "portable-to-dist", stream=stream)

@@ -17,6 +17,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from megatron_lst.models.config import LSTConfig
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
@@ -121,6 +123,27 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
                 f"dist checkpoint {path} holds tensor(s) the model does not have: {unexpected[:5]}")
     loaded = mcore_load.load_sharded({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"], strict=True)
+
+
+def saved_dtypes(path: Path, model) -> dict[str, torch.dtype]:
+    """The dtype in which the dist checkpoint at `path` holds each tensor of the TP=1/PP=1
+    `model` (canonical names, `model_state.full_state_dict`'s); call after
+    `load_dist_checkpoint` found every tensor of the model there."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    from megatron_lst.models.reference_import import canonical_name
+
+    saved = saved_tensors_metadata(path)
+    built = model.sharded_state_dict()
+    apply_factories(built)  # fused SwiGLU fc1: its halves, saved under one key
+    dtypes = {}
+    for key, value in built.items():
+        parts = [t for t in nested_values([value]) if isinstance(t, ShardedTensor)]
+        if parts:
+            dtypes[canonical_name(model, key)[0]] = saved[parts[0].key].dtype
+    return dtypes
 
 
 def save_dist_checkpoint(save_dir: Path, model, training_args: dict[str, Any],

@@ -11,8 +11,9 @@ pickle) before the checkpoint is marked complete:
 before anything of a checkpoint is unpickled) checks, naming every file at fault:
 
     manifest    every listed file exists with its recorded size and digest (the ranks share the
-                hashing), and no other file is there; a checkpoint written before manifests
-                existed is checked without it
+                hashing), is no symbolic link, and no other file is there; a checkpoint written
+                before manifests existed is checked without it, bar the links: none of its
+                files may be a symbolic link
     index       `.metadata` reads under the restricted unpickler (`safe_pickle`), and every
                 `.distcp` file it points into is long enough (a truncated file is named)
     objects     byte items and common.pt load under torch's `weights_only` unpickler
@@ -172,8 +173,12 @@ def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
         if unrecorded:
             problems.append(f"{directory} holds files its {MANIFEST_FILENAME} does not list, "
                             f"added or renamed after the save: {unrecorded}")
+    elif directory.is_dir():  # no manifest to list the files: refuse every link, as it would
+        problems += [_symlink_problem(entry) for entry in sorted(directory.iterdir())
+                     if entry.is_symlink()]
     if problems:  # a damaged index is named above; reading it would only add noise
-        return VerificationReport(directory, files_checked, bytes_checked, True, tuple(problems))
+        return VerificationReport(directory, files_checked, bytes_checked,
+                                  manifest is not None, tuple(problems))
     try:
         metadata = safe_pickle.read_dcp_metadata(directory)
     except CheckpointError as err:  # damaged, or refused by the restricted unpickler
@@ -222,10 +227,15 @@ def _megatron_config_problems(directory: Path) -> list[str]:
     return []
 
 
+def _symlink_problem(path: Path) -> str:
+    # reading a link would read whatever it points at, in or out of the checkpoint
+    return (f"{path} is a symbolic link (to {os.readlink(path)}); a save writes only plain "
+            f"files, so it was not read")
+
+
 def _file_problem(path: Path, expected: FileRecord) -> str | None:
-    if path.is_symlink():  # reading it would read whatever it points at, in or out of the checkpoint
-        return (f"{path} is a symbolic link (to {os.readlink(path)}); a save writes only plain "
-                f"files, so it was not read")
+    if path.is_symlink():
+        return _symlink_problem(path)
     if not path.is_file():
         return f"{path} is missing (listed in {MANIFEST_FILENAME})"
     size = path.stat().st_size

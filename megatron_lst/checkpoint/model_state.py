@@ -10,9 +10,11 @@ is filled from the same `token_encoder.*` tensors.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -135,6 +137,26 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
         name, _ = canonical_name(model, key)
         state[name] = tensor.detach().contiguous()
     return state
+
+
+@contextlib.contextmanager
+def weights_as(model, dtypes: dict[str, torch.dtype]) -> Iterator[None]:
+    """Within the block, each tensor of a TP=1/PP=1 `model` in `dtypes[its canonical name]`
+    (cast in place), and in its own dtype again after. Exact both ways for the weights of a
+    checkpoint held in a narrower dtype (bf16 in an fp32 model): a save in the block writes
+    them as that checkpoint held them."""
+    tensors = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if not key.endswith("_extra_state"):
+            tensors[canonical_name(model, key)[0]] = tensor
+    own = {name: tensor.dtype for name, tensor in tensors.items()}
+    try:
+        for name, tensor in tensors.items():
+            tensor.data = tensor.data.to(dtypes[name])
+        yield
+    finally:
+        for name, tensor in tensors.items():
+            tensor.data = tensor.data.to(own[name])
 
 
 def _full_shape(local_shape: torch.Size, partition: str, tp: int) -> tuple[int, ...]:

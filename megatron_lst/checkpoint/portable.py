@@ -1,7 +1,8 @@
 """The portable checkpoint users share: one safetensors file plus a config JSON, in a directory.
 
     <dir>/model.safetensors   every tensor once, unsharded, under full-state-dict names
-                              (`model_state.py`); fp32 unless converted otherwise
+                              (`model_state.py`), each in the dtype of the checkpoint
+                              it was converted from (bf16 stays bf16)
     <dir>/lst_config.json     {"format": "lst-portable", "format_version": 1,
                                "lst_config": LSTConfig fields, "vocab": JointVocab layout or null,
                                "training_args": the lst-train flags of the run or null,

@@ -47,6 +47,7 @@ TEXTGRID_SILENCES = frozenset({"", "sp", "sil", "<eps>", "<sil>", "!sil", SILENC
 # are unknown: their frames are kept as a segment without text, as a silence's are, and counted
 # (`Counts.unknown_words`), not trained as the text "<unk>".
 TEXTGRID_UNKNOWN_WORDS = frozenset({"<unk>", "spn"})
+_TEXTGRID_MARKERS = TEXTGRID_SILENCES | TEXTGRID_UNKNOWN_WORDS
 UNIT_FILE_SUFFIXES = (".npy", ".txt", ".km", ".units")
 
 Document = AlignedDocument | np.ndarray
@@ -394,7 +395,11 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
     frame. Empty labels and `sp`, `sil`, `<eps>`, `<sil>`, `!sil`, `[SIL]` in any case are
     silences; silences with no frames are dropped. `<unk>` and `spn` in any case (the aligner's
     unknown word) keep their frames as a segment without text, as a silence, and are counted as
-    `unknown_words`.
+    `unknown_words`. A label of several of these markers (`sil sp`) is one silence, or one
+    unknown word if it holds `<unk>` or `spn`. A label mixing a word with a marker (`hello sp`)
+    is refused: MFA never writes one, which of its frames are the word is unknown, and the
+    reference reader of such a segment keeps only its first word (the reference-JSONL reader
+    refuses `[SIL]` among words alike).
     """
     textgrid_path, units_path = Path(textgrid_path), Path(units_path)
     where = f"{textgrid_path} + {units_path}"
@@ -416,23 +421,32 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
     counts = Counts(documents=1)
     seg_texts: list[str] = []
     seg_unit_len: list[int] = []
-    for interval, first, last in zip(intervals, bounds[:-1], bounds[1:], strict=True):
+    for number, (interval, first, last) in enumerate(
+            zip(intervals, bounds[:-1], bounds[1:], strict=True), 1):
         frames = max(int(last - first), 0)
-        label = interval.label.strip()
-        if label.lower() in TEXTGRID_UNKNOWN_WORDS:
+        words = interval.label.split()
+        markers = [word for word in words if word.lower() in _TEXTGRID_MARKERS]
+        if markers and len(markers) < len(words):
+            raise DocumentError(
+                f"{where}: interval {number} of tier {tier!r} ({interval.label!r}, from "
+                f"{interval.start:.3f}s) mixes words with the marker {markers[0]!r}, which is "
+                f"no word; an interval holds one word or one silence (as MFA writes it): give "
+                f"the {'silence' if markers[0].lower() in TEXTGRID_SILENCES else 'unknown word'}"
+                f" its own interval, or take the marker out of the label")
+        if any(marker.lower() in TEXTGRID_UNKNOWN_WORDS for marker in markers):
             counts.unknown_words += 1
             if frames == 0:  # carries nothing, as a silence of no frames
                 continue
             label = ""
-        elif label.lower() in TEXTGRID_SILENCES:
+        elif len(markers) == len(words):  # no label, or silence markers only
             if frames == 0:
                 counts.empty_silences_dropped += 1
                 continue
             counts.silences += 1
             label = ""
         else:
-            counts.words += len(label.split())
-            label = " ".join(label.split())
+            counts.words += len(words)
+            label = " ".join(words)
         seg_texts.append(label)
         seg_unit_len.append(frames)
     if not seg_texts:
@@ -442,12 +456,17 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
                    seg_texts, num_units, where, counts)
 
 
+def _unit_files_at(base: Path) -> list[Path]:
+    """The unit files `base` names: `base` with each unit-file suffix that exists."""
+    return [base.with_name(base.name + suffix) for suffix in UNIT_FILE_SUFFIXES
+            if base.with_name(base.name + suffix).is_file()]
+
+
 def _unit_file_at(base: Path, textgrid_path: Path) -> Path | None:
     """`base` with the unit-file suffix that exists, or None. Two of them (`a.npy` and
     `a.txt`) are a DocumentError naming both: which one holds the utterance's units is not
     ours to guess."""
-    found = [base.with_name(base.name + suffix) for suffix in UNIT_FILE_SUFFIXES
-             if base.with_name(base.name + suffix).is_file()]
+    found = _unit_files_at(base)
     if len(found) > 1:
         raise DocumentError(f"{textgrid_path}: {len(found)} unit files of one utterance: "
                             f"{', '.join(map(str, found))}; keep the one that holds its units "
@@ -488,8 +507,10 @@ def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list
     for stem, same in by_stem.items():
         if len(same) < 2:
             continue
-        by_stem_only = [path for path in same if _unit_file_at(
-            units_dir / path.relative_to(textgrid_dir).with_suffix(""), path) is None]
+        # Two unit files at a relative path are that utterance's own error (refused, or
+        # skipped under --skip-bad, when it is read), not the corpus's.
+        by_stem_only = [path for path in same if not _unit_files_at(
+            units_dir / path.relative_to(textgrid_dir).with_suffix(""))]
         if by_stem_only:
             raise DocumentError(
                 f"{len(same)} TextGrids share the name {stem!r} ({', '.join(map(str, same[:3]))}"

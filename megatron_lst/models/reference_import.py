@@ -63,12 +63,43 @@ REFERENCE_DEFAULTS = {
     "cross_attn_encoder": False, "cross_attn_decoder": False, "cross_attn_init_by_pooling": False,
     "cross_attn_k": None, "cross_attn_nheads": None, "cross_attn_window_encoder": None,
     "cross_attn_window_decoder": None, "cross_attn_all_layers_encoder": False,
-    "cross_attn_all_layers_decoder": False, "downsampling_by_pooling": None,
+    "cross_attn_all_layers_decoder": False, "cross_attn_use_flex_attention": True,
+    "downsampling_by_pooling": None,
     "use_local_encoder_transformer": False, "use_rope": True, "encoder_enable_byte_ngrams": False,
     "encoder_hash_byte_group_size": None, "encoder_hash_byte_group_nb_functions": 3,
     "pm_size": 0, "max_seqlen": 1024,
     "patch_size": None, "patching_mode": None,
 }
+
+# Every field of the reference's model args (its `ByteLatentTransformerArgs` with the base
+# `BaseTransformerArgs`). Its loader (pydantic, extra="forbid") refuses args with any other field,
+# and so does the import: a misspelt field (`norm_esp`) or one of a reference version that
+# computes something else would otherwise be ignored, the model built without it.
+REFERENCE_MODEL_FIELDS = frozenset("""
+    dim n_layers head_dim n_heads n_kv_heads ffn_dim_multiplier multiple_of norm_eps rope_theta
+    rope_use_fp32_in_outer_product init_base_std init_std_factor max_seqlen attn_impl
+    attn_bias_type eos_id seed vocab_size weight_tying patch_in_forward dim_token dim_global
+    dim_local_decoder dim_local_encoder n_layers_global n_layers_local_decoder
+    n_layers_local_encoder patch_size patching_mode patching_threshold patching_threshold_add
+    patcher_curr_align_steps patcher_curr_mixed_steps monotonicity patching_batch_size
+    patching_device max_patch_length tie_local_encoder_decoder_logits
+    use_local_encoder_transformer encoder_lm_loss max_encoder_seq_length pad_to_max_length
+    encoder_enable_byte_ngrams encoder_enable_byte_group_hash ngram_vocab_sizes
+    cross_attn_encoder cross_attn_decoder cross_attn_window_encoder cross_attn_window_decoder
+    cross_attn_k cross_attn_nheads cross_attn_all_layers_decoder cross_attn_all_layers_encoder
+    cross_attn_use_flex_attention cross_attn_init_by_pooling encoder_hash_byte_group_size
+    encoder_hash_byte_group_vocab encoder_hash_byte_group_nb_functions log_patch_lengths
+    non_linearity use_rope recompute_fc1_out recompute_fc3_out recompute_attn custom_bwd
+    layer_ckpt init_use_gaussian init_use_depth alpha_depth max_length norm_affine pre_norm
+    norm_type dropout output_size architecture share_encoder_decoder_emb
+    global_local_decoder_residual_layer tokenize_with_bpe_delimiter patching_thresholds_str
+    tie_local_encoder_decoder encoder_preds_low_entropy_toks encoder_preds_random_toks
+    dim_token_emb dim_patch_emb encoder_ngram_table_dir encoder_ngram_to_size_str
+    entropy_model_checkpoint_dir entropy_model_is_ngram_model downsampling_by_pooling
+    n_heads_global n_heads_local_decoder n_heads_local_encoder n_kv_heads_global
+    conv_kernel_size local_attention_window_len sequence_parallel loss_parallel
+    fuse_sequence_parallel use_fsdp attn_to_keep pm_size full_logging_n_layers
+""".split())
 
 # Reference options LSTModel implements only with one value; `use_local_encoder_transformer`
 # only picks the token width when `dim_token` is null, and any value giving the local width
@@ -81,6 +112,9 @@ REQUIRED_REFERENCE_OPTIONS = {
     "encoder_enable_byte_ngrams": False,
     # extra "parameter mixing" rows in the token embedding and the output layer
     "pm_size": 0,
+    # with false it builds dense cross-attention masks, which its cross-attention (flex
+    # attention only) refuses: it runs no forward
+    "cross_attn_use_flex_attention": True,
 }
 
 # Fields of the reference's args that its model never reads: its norms are RMSNorm, its FFNs
@@ -108,10 +142,16 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     of a reference config; a field left out takes the reference's default). Raises for reference
     options this package does not implement and for arguments the reference itself cannot build
     a model from."""
+    unknown = sorted(set(model_args) - REFERENCE_MODEL_FIELDS)
+    if unknown:
+        raise ReferenceImportError(
+            f"reference model args hold field(s) {unknown} that the reference's model args do "
+            "not have (its loader refuses them too): a misspelt field, or one of another "
+            "reference version, whose meaning the import does not know; correct or remove it")
     a = {**REFERENCE_DEFAULTS, **model_args}
     _read_whole_numbers(a)
     for key in UNSET_WHEN_ZERO:
-        if a[key] == 0:  # 0 and false; None == 0 is False
+        if a[key] == 0:  # None == 0 is False
             a[key] = None
     for key, value in REQUIRED_REFERENCE_OPTIONS.items():
         if a[key] != value and key != "use_local_encoder_transformer":
@@ -290,13 +330,14 @@ def _check_decoder_projection(a: dict) -> None:
 def _check_head_shapes(a: dict) -> None:
     """The reference's `head_dim` (one head size for the global and both local models; null:
     each model's `dim / n_heads`) and `n_kv_heads` (the local models' key/value heads; the global
-    model's are `n_kv_heads_global`) must be whole numbers, and each of its three
+    model's are `n_kv_heads_global`) must be positive (whole numbers already: see
+    `_read_whole_numbers`), and each of its three
     `TransformerBlock`s asserts `dim % n_heads == 0` (even when `head_dim` is given) and
     `n_heads % n_kv_heads == 0`; its RoPE pairs the head's channels, so a head size must be
     even. Arguments breaking these build no reference model: refused, naming the field."""
     for key in ("head_dim", "n_kv_heads", "n_kv_heads_global"):
-        if a[key] is not None and (not isinstance(a[key], int) or isinstance(a[key], bool)
-                                   or a[key] < 1):
+        # an integer or None here: `_read_whole_numbers` refused any other value (a bool too)
+        if a[key] is not None and a[key] < 1:
             raise ReferenceImportError(
                 f"reference {key}={a[key]!r} is not a number of units or heads (give a positive "
                 "integer, or null for the one derived from the hidden size and heads)")
@@ -361,6 +402,12 @@ def reference_attention(model_args: dict) -> tuple[int, DocumentMaskingConfig | 
             raise ReferenceImportError(
                 f"reference attn_impl 'xformers' needs local_attention_window_len >= 1 (got "
                 f"{window!r}): its local attention is a sliding window")
+        longest = a["max_encoder_seq_length"]
+        if not isinstance(longest, int) or isinstance(longest, bool) or longest < 1:
+            raise ReferenceImportError(
+                f"reference max_encoder_seq_length={longest!r}: the reference sizes its local "
+                "models' RoPE table by it (the longest row they run) and builds them from a "
+                "positive integer only; set it to the longest row in tokens the model ran on")
         eos = a["eos_id"]
         if not isinstance(eos, int) or isinstance(eos, bool) or eos < 0:
             raise ReferenceImportError(

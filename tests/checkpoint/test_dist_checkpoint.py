@@ -9,10 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from distributed.harness import run_distributed
+from safetensors.torch import load_file
 
 from megatron_lst.checkpoint import safe_pickle
 from megatron_lst.checkpoint.convert import dist_to_portable, portable_model, portable_to_dist
-from megatron_lst.checkpoint.dist import checkpoint_model, load_dist_checkpoint, resolve_checkpoint
+from megatron_lst.checkpoint.dist import (
+    NON_MODEL_PREFIXES,
+    checkpoint_model,
+    load_dist_checkpoint,
+    resolve_checkpoint,
+    save_dist_checkpoint,
+    training_args_for,
+)
 from megatron_lst.checkpoint.model_state import (
     CheckpointContentError,
     build_full_model,
@@ -148,3 +156,32 @@ def test_loading_a_dist_checkpoint_unpickles_its_index_once_under_the_restricted
     index.write_bytes(original)  # the bytes unpickled before: their objects again
     assert safe_pickle.read_dcp_metadata(dist_checkpoint).state_dict_metadata
     assert len(restricted) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_portable_round_trip_keeps_the_saved_dtype(single_rank, tmp_path, dtype):
+    """A bf16 dist checkpoint (lst-train --bf16 saves the weights so) came back from
+    dist -> portable -> dist as fp32 with the same values: twice the size on disk."""
+    torch.manual_seed(4)
+    config = preset("tiny", VOCAB.size)
+    model = build_full_model(config).to(dtype)
+    weights = full_state_dict(model)
+    save_dist_checkpoint(tmp_path / "trained", model, training_args_for(config), VOCAB)
+
+    def dist_dtypes(save_dir):
+        saved = safe_pickle.saved_tensors_metadata(resolve_checkpoint(save_dir))
+        return {tensor.dtype for key, tensor in saved.items()
+                if not key.startswith(NON_MODEL_PREFIXES) and hasattr(tensor, "dtype")}
+
+    assert dist_dtypes(tmp_path / "trained") == {dtype}
+    dist_to_portable(tmp_path / "trained", tmp_path / "portable", stream=None)
+    portable = load_file(tmp_path / "portable" / "model.safetensors")
+    assert portable.keys() == weights.keys()
+    for name, tensor in weights.items():  # bit-identical, in the dtype saved
+        assert portable[name].dtype == dtype and torch.equal(portable[name], tensor), name
+    portable_to_dist(tmp_path / "portable", tmp_path / "back", stream=None)
+    assert dist_dtypes(tmp_path / "back") == {dtype}
+    dist_to_portable(tmp_path / "back", tmp_path / "again", stream=None)
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    for name, tensor in weights.items():
+        assert again[name].dtype == dtype and torch.equal(again[name], tensor), name

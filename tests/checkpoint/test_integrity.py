@@ -199,18 +199,27 @@ def test_a_manifest_naming_files_outside_the_checkpoint_is_refused(save_dir, mon
         load_dist_checkpoint(checkpoint, tiny_model(), VOCAB)
 
 
-def test_a_file_replaced_by_a_link_to_a_file_outside_is_refused(save_dir):
+@pytest.mark.parametrize("name", ["metadata.json", ".metadata"])
+@pytest.mark.parametrize("with_manifest", [True, False])
+def test_a_file_replaced_by_a_link_to_a_file_outside_is_refused(save_dir, name, with_manifest):
     """A listed name that is a symbolic link (here to an identical copy outside, so size and
-    digest match) would be read wherever it points."""
+    digest match) would be read wherever it points. Without a manifest (a checkpoint saved
+    before manifests) the link was followed: the checkpoint verified and loaded."""
     checkpoint = save_dir / "iter_0000002"
-    listed = checkpoint / "metadata.json"
-    outside = save_dir / "elsewhere.json"
+    listed = checkpoint / name
+    outside = save_dir / "elsewhere"
     shutil.copy(listed, outside)
     listed.unlink()
     listed.symlink_to(outside)
-    [problem] = inspect_checkpoint(checkpoint).problems
-    assert problem == (f"{listed} is a symbolic link (to {outside}); a save writes only plain "
-                       f"files, so it was not read")
+    if not with_manifest:
+        (checkpoint / MANIFEST_FILENAME).unlink()
+    report = inspect_checkpoint(checkpoint)
+    assert report.has_manifest == with_manifest
+    assert report.problems == (f"{listed} is a symbolic link (to {outside}); a save writes only "
+                               f"plain files, so it was not read",)
+    with pytest.raises(CheckpointIntegrityError, match=rf"{re.escape(str(listed))} is a "
+                                                       rf"symbolic link"):
+        load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
 
 
 def largest_distcp(checkpoint: Path) -> Path:

@@ -306,12 +306,48 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
     ({"n_kv_heads": "2"}, r"n_kv_heads='2' is not a whole number"),
     ({"n_heads_local_encoder": 0}, r"do not describe a model .*num_heads \(0\), .* must be >= 1"),
     ({"n_heads_local_decoder": False}, r"n_heads_local_decoder=False is not a whole number"),
+    # fields the import ignored, building a model the args do not describe
+    ({"norm_esp": 1e-3}, r"field\(s\) \['norm_esp'\] that the reference's model args do not "
+                         r"have .*correct or remove it"),
+    ({"cross_attn_use_flex_attention": False},
+     r"option cross_attn_use_flex_attention=False is not supported \(need True\)"),
+    ({"attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 8,
+      "max_encoder_seq_length": None},
+     r"max_encoder_seq_length=None: the reference sizes its local models' RoPE table by it"),
 ])
 def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(update, message):
     model_args = {**reference_model_args(preset("tiny", 64)), **update}
     with pytest.raises(ReferenceImportError, match=message):
         lst_config_from_reference(model_args)
 
+
+@pytest.mark.parametrize("key", ["head_dim", "n_kv_heads", "n_kv_heads_global"])
+@pytest.mark.parametrize("value", [True, False, 2.5, "4", [4]])
+def test_head_sizes_that_are_no_whole_number_are_refused_before_the_head_checks(key, value):
+    """The reading of whole numbers refuses these (a bool among them: `True` compared as one
+    head), so the head-shape checks see an integer or None only."""
+    model_args = {**reference_model_args(preset("tiny", 64)), key: value}
+    with pytest.raises(ReferenceImportError, match=rf"^reference {key}={re.escape(repr(value))} "
+                                                   rf"is not a whole number"):
+        lst_config_from_reference(model_args)
+    with pytest.raises(ReferenceImportError, match=rf"^reference {key}=-2 is not a number of "
+                                                   rf"units or heads"):
+        lst_config_from_reference({**model_args, key: -2})
+
+@pytest.mark.parametrize(("update", "message"), [
+    ({"norm_esp": 1e-6}, r"field\(s\) \['norm_esp'\]"),
+    ({"cross_attn_use_flex_attention": False}, r"cross_attn_use_flex_attention=False"),
+    ({"attn_impl": "xformers", "max_encoder_seq_length": None}, r"max_encoder_seq_length=None"),
+])
+def test_variants_of_the_reference_fixture_config_are_refused_naming_the_field(
+        reference_fixtures, update, message):
+    """The fixture's own args import; each of these variants was imported, its field ignored:
+    a misspelt norm_eps (the model built with the default 1e-5), dense cross-attention masks
+    (the reference runs no forward with them), xformers without a local RoPE table size."""
+    model_args = read_reference_model_args(reference_fixtures / "config_A.json")
+    lst_config_from_reference(model_args)
+    with pytest.raises(ReferenceImportError, match=message):
+        lst_config_from_reference({**model_args, **update})
 
 def test_head_sizes_spelled_out_as_the_reference_derives_them_are_accepted():
     model_args = reference_model_args(preset("tiny", 64))

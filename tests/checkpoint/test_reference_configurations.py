@@ -40,6 +40,7 @@ from megatron_lst.checkpoint.reference import (
     reference_model_args,
 )
 from megatron_lst.checkpoint.reference_files import read_reference_state_dict
+from megatron_lst.models import reference_import
 from megatron_lst.models.lst_model import LSTModel
 from megatron_lst.models.reference_import import (
     REQUIRED_REFERENCE_OPTIONS,
@@ -177,6 +178,11 @@ def random_batch(model_args: dict, seed: int = 0) -> tuple[torch.Tensor, torch.T
                for row, longest in zip(tokens, (5, 2, 4), strict=True)]
     return tokens, torch.tensor(lengths, dtype=torch.int32)
 
+
+def test_the_import_knows_the_fields_the_oracle_lists():
+    """The import refuses args with a field outside its list of the reference's fields: the list
+    is the oracle's, written down apart from it."""
+    assert reference_import.REFERENCE_MODEL_FIELDS == REFERENCE_MODEL_FIELDS
 
 @pytest.mark.parametrize("inputs", ["static", "aligned", "ragged"])
 def test_oracle_reproduces_the_reference_logits(reference_fixtures, inputs):

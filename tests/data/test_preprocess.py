@@ -179,6 +179,31 @@ def test_unit_files_without_a_textgrid_are_named(tmp_path, spm, capsys):
     assert "have no TextGrid" not in capsys.readouterr().err
 
 
+
+def test_an_utterance_with_two_unit_files_is_skipped_under_skip_bad(tmp_path, spm, capsys):
+    """spk1/a has a.npy and a.txt: refused naming both, or under --skip-bad skipped, counted
+    and named in the summary. The check of TextGrids sharing a name (spk1/a, spk2/a) raised the
+    refusal before any utterance was read, stopping the whole --skip-bad run."""
+    grids, units = tmp_path / "grids", tmp_path / "units"
+    for speaker in ("spk1", "spk2"):
+        (units / speaker).mkdir(parents=True)
+        (grids / speaker).mkdir(parents=True)
+        write_textgrid(grids / speaker / "a.TextGrid", [Interval(0.0, 0.4, "hello")])
+        np.save(units / speaker / "a.npy", np.ones(10, dtype=np.int16))
+    (units / "spk1" / "a.txt").write_text("1 " * 10)
+    both = rf"{units / 'spk1' / 'a.npy'}, {units / 'spk1' / 'a.txt'}"
+    args = ["--input-format", "textgrid", "--textgrid-dir", str(grids), "--units-dir",
+            str(units), "--tokenizer-model", str(spm), "--output-prefix", str(tmp_path / "out")]
+    with pytest.raises(DocumentError, match=rf"spk1/a.TextGrid: 2 unit files of one "
+                                            rf"utterance: {both}; keep the one"):
+        preprocess.main(args)
+    manifest = preprocess.main([*args, "--skip-bad"])
+    assert manifest.counts.documents == 1 and manifest.counts.bad_skipped == 1
+    out = capsys.readouterr().out
+    assert "skipped 1 bad documents (--skip-bad)" in out
+    assert f"spk1/a.TextGrid: 2 unit files of one utterance: {both}" in out
+
+
 def test_unknown_words_are_counted_and_warned_of(tmp_path, spm, capsys):
     """MFA's '<unk>' word intervals were trained as the text '<unk>' without a word; they are kept
     as speech without text, counted in the manifest and in a warning."""

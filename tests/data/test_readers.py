@@ -4,6 +4,7 @@ import json
 import lzma
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +279,40 @@ def test_textgrid_unknown_words_keep_their_speech_without_text(tmp_path, tokeniz
     counts = source.counts
     assert (counts.words, counts.silences, counts.unknown_words) == (2, 0, 2)
     assert counts.empty_silences_dropped == 0
+
+
+
+@pytest.mark.parametrize("label, marker, kind", [
+    ("hello sp", "sp", "silence"), ("SIL hello", "SIL", "silence"),
+    ("hello <unk>", "<unk>", "unknown word"), ("hello [SIL] world", "[SIL]", "silence")])
+def test_textgrid_label_mixing_a_word_with_a_marker_is_refused(tmp_path, tokenizer, label,
+                                                               marker, kind):
+    """'hello sp' was tokenized as the text 'hello sp': the silence marker trained as a word.
+    MFA writes a word or a silence per interval, never both, so which frames are the word is
+    unknown: refused, naming the interval (as the reference-JSONL reader refuses [SIL] among
+    words)."""
+    tier = [Interval(0.0, 0.2, ""), Interval(0.2, 1.0, label)]
+    _utterance(tmp_path / "g", tmp_path / "u", "a", tier, [3] * 25)
+    with pytest.raises(DocumentError, match=rf"a.npy: interval 2 of tier 'words' "
+                                            rf"\({re.escape(repr(label))}, from 0.200s\) mixes "
+                                            rf"words with the marker {re.escape(repr(marker))}"
+                                            rf".*give the {kind} its own interval"):
+        list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+    report = ReadReport()
+    assert list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20,
+                                     skip_bad=True, report=report)) == []
+    assert report.bad_skipped == 1
+
+
+def test_textgrid_label_of_markers_only_is_a_silence_or_an_unknown_word(tmp_path, tokenizer):
+    tier = [Interval(0.0, 0.2, "sil sp"), Interval(0.2, 0.6, "hello world"),
+            Interval(0.6, 1.0, "<unk> sp")]
+    _utterance(tmp_path / "g", tmp_path / "u", "a", tier, list(range(25)))
+    (source,) = read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=30)
+    assert _segments(source.document, tokenizer) == [
+        ("", list(range(5))), ("hello world", list(range(5, 15))), ("", list(range(15, 25)))]
+    counts = source.counts
+    assert (counts.words, counts.silences, counts.unknown_words) == (2, 1, 1)
 
 
 def test_textgrid_length_mismatch_names_both_files(tmp_path, tokenizer):
