@@ -82,6 +82,71 @@ def test_sampled_cache_matches_across_speech_and_text(models, kind):
     assert len(ends_short)
 
 
+def _never_eos(model):
+    """Mask EOS in `model`'s logits (a forward hook; remove it with the returned handle), so a
+    sampled generation runs to max_new_tokens instead of a seed-dependent length."""
+    def mask(module, inputs, output):  # (logits [.., V], bias)
+        return output[0].index_fill(-1, torch.tensor([VOCAB.eos_id]), float("-inf")), output[1]
+    return model.output_layer.register_forward_hook(mask)
+
+
+@pytest.mark.parametrize("kind, patch_size", [("baseline", None), ("lst", 1), ("lst", 2),
+                                              ("lst", 3), ("lst", 4), ("lst", 20)])
+def test_long_cached_generation_gives_the_full_models_tokens(models, kind, patch_size):
+    """200 sampled tokens (past the token window of 16 and the patch window of 4 many times
+    over), speech runs ending both at p units and early, for each static p: 1 (a patch per
+    unit), 2-4, and 20 (a speech patch longer than the token window). The caches grow in
+    place to their full size; the logits stay those of re-running the whole model."""
+    model = models[kind]
+    patching = PatchingConfig("none") if patch_size is None else PatchingConfig(
+        "static", patch_size=patch_size)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=200, seed=3)
+    handle = _never_eos(model)
+    try:
+        cached = generate(model, prompts()["speech"], vocab(), patching, sampling,
+                          keep_logits=True)
+        full = generate(model, prompts()["speech"], vocab(), patching, sampling,
+                        use_cache=False, keep_logits=True)
+    finally:
+        handle.remove()
+    assert len(cached.tokens) == 200
+    np.testing.assert_array_equal(cached.tokens, full.tokens)
+    for a, b in zip(cached.step_logits, full.step_logits, strict=True):
+        finite = torch.isfinite(a)
+        assert torch.equal(finite, torch.isfinite(b)) and (a - b)[finite].abs().max() < 1e-5
+    units = vocab().is_unit(cached.tokens)
+    assert units.sum() > 60 and (~units).sum() > 5
+
+
+def test_cached_steps_copy_no_more_when_the_sequence_grows(models, monkeypatch):
+    """The caches that grow with the sequence are buffers of their full size written in place:
+    the largest tensor generation's own code concatenates (the sliding windows' keys, one
+    step's new patches) is as large after 240 tokens as after 60. Growing the caches by
+    concatenation copied the whole sequence's states at every step."""
+    import sys
+
+    largest = []
+    concatenate = torch.cat
+
+    def recording_cat(tensors, *args, **kwargs):
+        out = concatenate(tensors, *args, **kwargs)
+        if sys._getframe(1).f_globals["__name__"].startswith(("megatron_lst", "lst_kernels")):
+            largest[-1] = max(largest[-1], out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "cat", recording_cat)
+    handle = _never_eos(models["lst"])
+    try:
+        for length in (60, 240):
+            largest.append(0)
+            result = generate(models["lst"], prompts()["speech"], vocab(), STATIC,
+                              SamplingConfig(temperature=1.0, max_new_tokens=length, seed=1))
+            assert len(result.tokens) == length
+    finally:
+        handle.remove()
+    assert largest[0] == largest[1] > 0
+
+
 def test_local_models_see_each_token_once(models, monkeypatch):
     """The cached loop runs the token encoder on each token once, and the decoder on each token
     once plus the tokens of short speech patches that close when a text token ends a run."""
