@@ -177,7 +177,9 @@ def check_text_prompt(text: str) -> None:
 
 
 def generation_patch_size(config: PatchingConfig) -> int | None:
-    """The static p a model generates with (None for the token baseline)."""
+    """The static p a model generates with (None for the token baseline): static, mixed and
+    curriculum models all generate with static patching, as they are patched at inference
+    (`Patcher.patch_lengths` with step None)."""
     if config.mode == "none":
         return None
     if config.mode == "aligned":

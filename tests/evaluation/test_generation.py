@@ -147,6 +147,21 @@ def test_cached_steps_copy_no_more_when_the_sequence_grows(models, monkeypatch):
     assert largest[0] == largest[1] > 0
 
 
+@pytest.mark.parametrize("patching", [
+    PatchingConfig("mixed", patch_size=3, prob_static=0.0),
+    PatchingConfig("curriculum", patch_size=3, aligned_until_step=10, static_from_step=20)])
+def test_mixed_and_curriculum_models_generate_with_static_patching(models, patching):
+    """As they are patched at inference, even a mixed model that trained aligned throughout."""
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=30, seed=4)
+    mixed = generate(models["lst"], prompts()["speech"], vocab(), patching, sampling,
+                     keep_logits=True)
+    static = generate(models["lst"], prompts()["speech"], vocab(), STATIC, sampling,
+                      keep_logits=True)
+    np.testing.assert_array_equal(mixed.tokens, static.tokens)
+    for a, b in zip(mixed.step_logits, static.step_logits, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_local_models_see_each_token_once(models, monkeypatch):
     """The cached loop runs the token encoder on each token once, and the decoder on each token
     once plus the tokens of short speech patches that close when a text token ends a run."""
