@@ -150,7 +150,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     print(f"checkpoint {model.checkpoint} (iteration {model.iteration})")
     for path, per_mode in results.items():
         for mode, s in per_mode.items():
-            print(f"{Path(path).name} {mode}: accuracy {s['accuracy']:.4f} "
+            print(f"{path} {mode}: accuracy {s['accuracy']:.4f} "
                   f"[{s['accuracy_ci_low']:.4f}, {s['accuracy_ci_high']:.4f}]  per-token "
                   f"{s['accuracy_normalised']:.4f}  ({_item_count(s)})")
     if args.output:

@@ -61,6 +61,20 @@ def test_lst_eval_matches_in_memory_scoring(checkpoint, capsys):
     assert "items.jsonl T->T: accuracy" in capsys.readouterr().out
 
 
+def test_lst_eval_prints_each_item_file_by_the_path_given(checkpoint, tmp_path, capsys):
+    """Two files of the same name in different folders are told apart (the lines named the
+    file only: two "items.jsonl T->T" lines)."""
+    root, items_path, _ = checkpoint
+    paths = []
+    for folder in ("dev", "test"):
+        (tmp_path / folder).mkdir()
+        paths.append(shutil.copy(items_path, tmp_path / folder / "items.jsonl"))
+    assert eval_main(["--load", str(root / "save"), "--items", *map(str, paths),
+                      "--modes", "tt"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split(" T->T:")[0] for line in lines] == [str(path) for path in paths]
+
+
 def test_default_modes_of_a_file_mixing_text_only_and_spoken_items(checkpoint, capsys):
     """The first item alone chose them: a text-only first item had the file scored T->T only,
     silently, where a spoken first item had the text-only one refused."""
