@@ -162,6 +162,29 @@ def test_mixed_and_curriculum_models_generate_with_static_patching(models, patch
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_long_generation_computes_a_few_rope_tables(single_rank, monkeypatch, use_cache):
+    """Each step asks the local models' RoPE for one more position; a table kept per length
+    made one per step (229 tables and 5 MB per local model after 229 tokens of this tiny one,
+    growing with the square of the length), now a few of doubling lengths."""
+    from megatron_lst.models import rope
+
+    calls = []
+    original = rope.rotary_angles
+    monkeypatch.setattr(rope, "rotary_angles",
+                        lambda seq_len, *args: calls.append(seq_len) or original(seq_len, *args))
+    model = tiny_model("lst", VOCAB.size, seed=5)
+    handle = _never_eos(model)
+    try:
+        result = generate(model, prompts()["speech"], vocab(), STATIC,
+                          SamplingConfig(temperature=1.0, max_new_tokens=150, seed=1),
+                          use_cache=use_cache)
+    finally:
+        handle.remove()
+    assert len(result.tokens) == 150
+    assert len(calls) <= 3 * 9  # encoder, decoder and global tables of 1, 2, 4 .. 256 positions
+
+
 def test_local_models_see_each_token_once(models, monkeypatch):
     """The cached loop runs the token encoder on each token once, and the decoder on each token
     once plus the tokens of short speech patches that close when a text token ends a run."""
