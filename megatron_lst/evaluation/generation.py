@@ -136,7 +136,7 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
         # Whitespace around the text is ignored, as evaluation items ignore it: it encodes to
         # word-boundary pieces of their own, "<t> space the" after BOS or "space, space, <s>"
         # before speech (the interleaver ends a text run with one), layouts training never shows.
-        pieces = tokenizer.encode(text.strip())
+        pieces = tokenizer.encode(_prompt_text(text))
         if not pieces:
             raise GenerationError(f"the tokenizer turns the text prompt {text!r} into no pieces; "
                                   f"give text in words it knows")
@@ -164,10 +164,17 @@ def check_unit_prompt(units: np.ndarray, num_units: int) -> None:
             f"({num_units} units)")
 
 
+def _prompt_text(text: str) -> str:
+    """`text` without a leading byte-order mark (text read from a file saved with one; item
+    files drop it too) and without whitespace around it."""
+    return text.removeprefix("\ufeff").strip()
+
+
 def check_text_prompt(text: str) -> None:
     """Raise when `text` cannot be a prompt whatever the tokenizer: empty (the model would run
-    on from BOS and a marker alone) or holding a lone surrogate (no tokenizer encodes it)."""
-    if not text.strip():
+    on from BOS and a marker alone; a byte-order mark is not text) or holding a lone surrogate
+    (no tokenizer encodes it)."""
+    if not _prompt_text(text):
         raise GenerationError(f"the text prompt {text!r} is empty; give the text to continue")
     bad = lone_surrogate(text)
     if bad is not None:  # the tokenizer raised a RuntimeError naming no input

@@ -318,6 +318,26 @@ def test_prompts_and_speech_only_sampling(models):
     assert (v.is_unit(speech.tokens) | (speech.tokens == v.eos_id)).all()
 
 
+def test_a_byte_order_mark_before_a_text_prompt_is_not_text():
+    """Text read from a file saved with a BOM (`--prompt-text "$(cat prompt.txt)"`) starts with
+    U+FEFF, which the tokenizer spelled as byte pieces before the prompt (and a BOM alone was a
+    prompt); item files drop it, and so do text prompts."""
+    from eval_cases import tokenizer
+    from eval_cases import vocab as text_vocab
+
+    from megatron_lst.evaluation.generation import build_prompt, check_text_prompt
+
+    tv, tok = text_vocab(), tokenizer()
+    assert tok.encode("\ufeffthe dog") != tok.encode("the dog")
+    for continue_in in ("speech", None):
+        assert (build_prompt(tv, tok, text="\ufeffthe dog\n", continue_in=continue_in).tolist()
+                == build_prompt(tv, tok, text="the dog", continue_in=continue_in).tolist())
+    for text in ("\ufeff", "\ufeff \n"):
+        for check in (check_text_prompt, lambda text: build_prompt(tv, tok, text=text)):
+            with pytest.raises(GenerationError, match="is empty; give the text to continue"):
+                check(text)
+
+
 def test_sampling_mask():
     v = VOCAB
     ids = torch.arange(v.size + 8)  # an output layer padded past the vocabulary
