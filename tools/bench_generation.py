@@ -4,10 +4,12 @@ LST (static p) against the token baseline with the same global transformer.
 Both models continue the same speech prompt with `megatron_lst.evaluation.generation.generate`
 (KV cache on, sampling restricted to units so every generated token is speech; random weights:
 the cost of a step does not depend on what the weights say). A second of speech is
-`--frame-rate` units (HuBERT: 25 Hz). LST runs its global model once per closed patch, the
-baseline once per token, so LST should need about 1/p of the baseline's global steps; wall time
-also counts LST's local encoder and decoder, which are re-run over the sequence every token
-(see generation.py). `--no-cache` times the reference's way (the whole model every step) too.
+`--frame-rate` units (HuBERT: 25 Hz). EOS is never sampled (its logit is masked), so a run
+generates all `--units` unless it reaches the model's context. LST runs its global model once per
+closed patch, the baseline once per token, so LST should need about 1/p of the baseline's global
+steps; wall time also counts LST's local encoder and decoder, which run on each new token with
+their own caches (see generation.py). `--no-cache` times the reference's way (the whole model
+every step) too.
 
     python tools/bench_generation.py                         # medium preset, 200 units, p = 4
     python tools/bench_generation.py --preset tiny --units 100 --json gen.json
@@ -34,7 +36,9 @@ class Result:
     stopped_by: str  # "max-new-tokens" (all --units generated), "eos" or "context limit"
 
 
-def build(kind: str, preset_name: str, vocab_size: int):
+def build(kind: str, preset_name: str, vocab_size: int, eos_id: int):
+    """A random-weight model whose logits never pick `eos_id`: random weights sample EOS at some
+    point, which ended runs at a length that depended on the seed, not on `--units`."""
     import torch
 
     from megatron_lst.models import LSTModel, TokenBaselineModel, preset
@@ -42,9 +46,16 @@ def build(kind: str, preset_name: str, vocab_size: int):
     config = preset(preset_name, vocab_size)
     megatron_config = config.transformer_config()
     torch.manual_seed(0)
-    if kind == "lst":
-        return LSTModel(config, megatron_config, transformer_impl="local").eval()
-    return TokenBaselineModel(config, megatron_config, transformer_impl="local").eval()
+    cls = LSTModel if kind == "lst" else TokenBaselineModel
+    model = cls(config, megatron_config, transformer_impl="local").eval()
+
+    def mask_eos(module, inputs, output):  # output: (logits [.., N, V], bias); TP = 1
+        logits, bias = output
+        return logits.index_fill(-1, torch.tensor([eos_id], device=logits.device),
+                                 float("-inf")), bias
+
+    model.output_layer.register_forward_hook(mask_eos)
+    return model
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -62,7 +73,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     results = []
     try:
         for kind in ("lst", "baseline"):
-            model = build(kind, args.preset, vocab.size)
+            model = build(kind, args.preset, vocab.size, vocab.eos_id)
             patching = PatchingConfig("static" if kind == "lst" else "none",
                                       patch_size=args.patch_size)
             for cache in (True, False) if args.no_cache else (True,):

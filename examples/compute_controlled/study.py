@@ -58,11 +58,26 @@ BATCH_SIZE = 16
 
 # --- corpus and plan -----------------------------------------------------------------------
 
-def build_corpus(preset: StudyPreset, corpus_dir: Path):
-    """The preset's demo corpus under `corpus_dir`, built once and then read from its cache."""
-    from megatron_lst.demo_corpus.build import build_demo_corpus
+class CorpusDirectoryError(ValueError):
+    """A corpus folder the study cannot build its corpus in; `main` prints it as one line."""
 
-    return build_demo_corpus(corpus_dir, config=preset.corpus_config(), progress=False)
+
+def build_corpus(preset: StudyPreset, corpus_dir: Path):
+    """The preset's demo corpus under `corpus_dir`, built once and then read from its cache.
+    Refuses (`CorpusDirectoryError`) a `corpus_dir` that cannot be created, or that holds
+    outputs no build wrote, which the build would replace."""
+    from megatron_lst.demo_corpus.build import OutputDirectoryError, build_demo_corpus
+
+    try:
+        corpus_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file of that name, or one of its parents; no permission
+        raise CorpusDirectoryError(
+            f"cannot use {corpus_dir} as the corpus folder ({error.strerror or error}); give a "
+            f"new or empty folder as --corpus-dir") from None
+    try:
+        return build_demo_corpus(corpus_dir, config=preset.corpus_config(), progress=False)
+    except OutputDirectoryError as error:
+        raise CorpusDirectoryError(f"{error} (--corpus-dir)") from None
 
 
 def _validated_args(preset: StudyPreset, model: ModelSpec, tokenizer: str):
@@ -394,15 +409,19 @@ def main(argv: list[str] | None = None) -> int:
         report(preset, out_dir)
         return 0
     corpus_dir = options.corpus_dir or REPO_ROOT / "data_cache" / f"study_{preset.name}"
-    if options.command == "plan":
-        write_plan(preset, out_dir, corpus_dir)
-    else:
-        try:
-            run_study(preset, out_dir, corpus_dir)
-        except KeyboardInterrupt:  # the training child, in this process group, got it too
-            raise SystemExit("study: interrupted; finished runs are kept, and the same command "
-                             "resumes the rest (`study.py report` aggregates the finished "
-                             "ones)") from None
+    try:
+        if options.command == "plan":
+            write_plan(preset, out_dir, corpus_dir)
+        else:
+            try:
+                run_study(preset, out_dir, corpus_dir)
+            except KeyboardInterrupt:  # the training child, in this process group, got it too
+                raise SystemExit("study: interrupted; finished runs are kept, and the same "
+                                 "command resumes the rest (`study.py report` aggregates the "
+                                 "finished ones)") from None
+    except CorpusDirectoryError as error:
+        print(f"study.py: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

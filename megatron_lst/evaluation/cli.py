@@ -63,6 +63,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", required=True,
                         help="A training --save directory, whose latest complete checkpoint is "
                              "used, or one checkpoint directory in it (DIR/iter_0000100).")
+    _add_ckpt_step_flag(parser)
     parser.add_argument("--items", nargs="+", default=None,
                         help="Story-completion JSONL files (docs/evaluation.md#the-item-format).")
     parser.add_argument("--task", choices=("asr", "tts"), default=None,
@@ -103,6 +104,13 @@ def build_eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_ckpt_step_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt-step", type=int, default=None,
+                        help="With --load DIR: the checkpoint of this iteration instead of the "
+                             "latest one (what the checkpoint errors advise for a save "
+                             "directory whose latest one is damaged).")
+
+
 def _default_modes(items) -> list[str]:
     """All four modes when any item has speech (a text-only item among them is then refused,
     named), T->T for a text-only file."""
@@ -132,7 +140,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                                       args.pipeline_model_parallel_size, seed=args.seed)
         stop_together.arm()
         model = load_inference_model(args.load, args.tensor_model_parallel_size,
-                                     args.pipeline_model_parallel_size, args.tokenizer_model)
+                                     args.pipeline_model_parallel_size, args.tokenizer_model,
+                                     args.ckpt_step)
         if args.output is not None:  # the tokenizer the checkpoint names
             _check_output_spares(args.output, model.tokenizer.path, "the model's tokenizer")
         item_sets = _load_item_sets(args.items, model, modes)
@@ -150,7 +159,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     print(f"checkpoint {model.checkpoint} (iteration {model.iteration})")
     for path, per_mode in results.items():
         for mode, s in per_mode.items():
-            print(f"{Path(path).name} {mode}: accuracy {s['accuracy']:.4f} "
+            print(f"{path} {mode}: accuracy {s['accuracy']:.4f} "
                   f"[{s['accuracy_ci_low']:.4f}, {s['accuracy_ci_high']:.4f}]  per-token "
                   f"{s['accuracy_normalised']:.4f}  ({_item_count(s)})")
     if args.output:
@@ -314,7 +323,8 @@ def task_main(args: argparse.Namespace) -> int:
             logger.warning("--num-utterances %d is more than the %d utterances of %s: decoding "
                            "all %d", args.num_utterances, len(store), args.utterances, len(store))
         utterances = read_utterances(store, min(len(store), args.num_utterances or len(store)))
-        loaded = load_inference_model(args.load, tokenizer_model=args.tokenizer_model)
+        loaded = load_inference_model(args.load, tokenizer_model=args.tokenizer_model,
+                                      ckpt_step=args.ckpt_step)
         if args.output is not None:  # the tokenizer the checkpoint names
             _check_output_spares(args.output, loaded.tokenizer.path, "the model's tokenizer")
         store.vocab.check_same(loaded.vocab, f"checkpoint {loaded.checkpoint}")
@@ -388,6 +398,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", required=True,
                         help="A training --save directory (its latest complete checkpoint) or one "
                              "checkpoint directory in it (DIR/iter_0000100).")
+    _add_ckpt_step_flag(parser)
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-text", default=None)
     prompt.add_argument("--prompt-units", default=None,
@@ -496,7 +507,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                 f"{args.tensor_model_parallel_size} processes; it was started on "
                 f"{context.world_size}, which would all decode the same one")
         loaded = load_inference_model(args.load, args.tensor_model_parallel_size, 1,
-                                      args.tokenizer_model)
+                                      args.tokenizer_model, args.ckpt_step)
         vocab, tokenizer = loaded.vocab, loaded.tokenizer
         prompt = build_prompt(vocab, tokenizer, args.prompt_text, units, continue_in)
         result = generate(loaded.model_chunks[0], prompt, vocab, loaded.patcher.config,

@@ -136,7 +136,7 @@ def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
         # Whitespace around the text is ignored, as evaluation items ignore it: it encodes to
         # word-boundary pieces of their own, "<t> space the" after BOS or "space, space, <s>"
         # before speech (the interleaver ends a text run with one), layouts training never shows.
-        pieces = tokenizer.encode(text.strip())
+        pieces = tokenizer.encode(_prompt_text(text))
         if not pieces:
             raise GenerationError(f"the tokenizer turns the text prompt {text!r} into no pieces; "
                                   f"give text in words it knows")
@@ -164,10 +164,17 @@ def check_unit_prompt(units: np.ndarray, num_units: int) -> None:
             f"({num_units} units)")
 
 
+def _prompt_text(text: str) -> str:
+    """`text` without a leading byte-order mark (text read from a file saved with one; item
+    files drop it too) and without whitespace around it."""
+    return text.removeprefix("\ufeff").strip()
+
+
 def check_text_prompt(text: str) -> None:
     """Raise when `text` cannot be a prompt whatever the tokenizer: empty (the model would run
-    on from BOS and a marker alone) or holding a lone surrogate (no tokenizer encodes it)."""
-    if not text.strip():
+    on from BOS and a marker alone; a byte-order mark is not text) or holding a lone surrogate
+    (no tokenizer encodes it)."""
+    if not _prompt_text(text):
         raise GenerationError(f"the text prompt {text!r} is empty; give the text to continue")
     bad = lone_surrogate(text)
     if bad is not None:  # the tokenizer raised a RuntimeError naming no input
@@ -177,7 +184,9 @@ def check_text_prompt(text: str) -> None:
 
 
 def generation_patch_size(config: PatchingConfig) -> int | None:
-    """The static p a model generates with (None for the token baseline)."""
+    """The static p a model generates with (None for the token baseline): static, mixed and
+    curriculum models all generate with static patching, as they are patched at inference
+    (`Patcher.patch_lengths` with step None)."""
     if config.mode == "none":
         return None
     if config.mode == "aligned":
@@ -258,18 +267,40 @@ class _CachedLST:
     (`_CachedGlobal`) run once per closed patch, and `step` returns what the full model returns
     for the last token. Each token goes through the encoder once and through the decoder once,
     except the few tokens of a short speech patch that closes when a text token ends the run:
-    their decoder patch changes (see `DecoderCache`), so the decoder takes them again."""
+    their decoder patch changes (see `DecoderCache`), so the decoder takes them again.
 
-    def __init__(self, model, max_patches: int, patch_size: int):
+    Whatever grows with the sequence (the encoder's states of every token, the decoder's slots
+    and patch ids, the global KV cache) lives in a buffer of its maximum size, `max_tokens`
+    tokens or `max_patches` patches, written in place: no step copies what earlier steps
+    wrote."""
+
+    def __init__(self, model, max_patches: int, max_tokens: int, patch_size: int):
         from megatron_lst.models.local_decoder import DecoderCache
         from megatron_lst.models.local_layers import SlidingKVCache
 
         self.model = model
+        self.max_tokens = max_tokens
         self.global_model = _CachedGlobal(model, max_patches)
         self.encoder_caches = [SlidingKVCache(layer.self_attention.core_attention.window)
                                for layer in model.token_encoder.layers]
-        self.decoder_cache = DecoderCache(model.local_decoder, spare=patch_size)
-        self.layer_states: list[torch.Tensor] = []  # per encoder layer, [1, T, De]
+        self.decoder_cache = DecoderCache(model.local_decoder, patch_size, max_patches,
+                                          max_tokens)
+        self.state_buffers: list[torch.Tensor] = []  # per encoder layer, [1, T_max, De]
+        self.num_tokens = 0  # tokens encoded so far, T
+
+    def _encode(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Run the token encoder on the tokens of `tokens [1, N]` not encoded yet -> each
+        layer's states of the whole sequence, `[1, N, De]` views of the buffers."""
+        seen, total = self.num_tokens, tokens.shape[1]
+        new_states = self.model.token_encoder.forward_step(tokens[:, seen:], seen,
+                                                           self.encoder_caches)  # [1, n, De] each
+        if not self.state_buffers:  # the encoder's dtype and width are known now
+            self.state_buffers = [states.new_empty(1, self.max_tokens, states.shape[-1])
+                                  for states in new_states]
+        for buffer, states in zip(self.state_buffers, new_states, strict=True):
+            buffer[:, seen:total] = states
+        self.num_tokens = total
+        return [buffer[:, :total] for buffer in self.state_buffers]
 
     def step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens `[1, N]` (the whole sequence), lengths `[1, P]` its generation patching ->
@@ -278,16 +309,12 @@ class _CachedLST:
         from megatron.core import parallel_state, tensor_parallel
 
         model = self.model
-        seen = self.layer_states[0].shape[1] if self.layer_states else 0
-        new_states = model.token_encoder.forward_step(tokens[:, seen:], seen, self.encoder_caches)
-        self.layer_states = (new_states if not self.layer_states else
-                             [torch.cat(pair, dim=1) for pair in zip(self.layer_states, new_states,
-                                                                     strict=True)])
+        layer_states = self._encode(tokens)  # per encoder layer, [1, N, De]
         bounds = np.concatenate([[0], np.cumsum(lengths[0].tolist())]).tolist()
         closed = range(self.global_model.num_patches, lengths.shape[1] - 1)  # the last is open
-        new_global = self.layer_states[-1].new_zeros(1, 0, model.config.hidden_size)  # [1, m, Dg]
+        new_global = layer_states[-1].new_zeros(1, 0, model.config.hidden_size)  # [1, m, Dg]
         if closed:
-            vectors = torch.cat([model.patch_encoder.encode_patch(self.layer_states, bounds, patch)
+            vectors = torch.cat([model.patch_encoder.encode_patch(layer_states, bounds, patch)
                                  for patch in closed], dim=1)  # [1, m, k*De]
             if model.global_input_projection is not None:
                 vectors = model.global_input_projection(vectors)
@@ -296,7 +323,7 @@ class _CachedLST:
         keep = self.decoder_cache.first_changed(patch_ids[0])
         self.decoder_cache.rollback(keep)
         hidden = model.local_decoder.forward_step(
-            self.layer_states[-1][:, keep:], new_global, patch_ids[:, keep:], lengths.shape[1],
+            layer_states[-1][:, keep:], new_global, patch_ids[:, keep:], lengths.shape[1],
             keep, self.decoder_cache)  # [1, n, Dd]
         logits, _ = model.output_layer(hidden[:, -1:])  # [1, 1, V/tp]
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(
@@ -370,12 +397,16 @@ def _generate(model, prompt: np.ndarray, vocab: JointVocab, patch_size: int | No
     device = next(model.parameters()).device
     # Global positions the caches hold: generation stops at the model's context, so a large
     # max_new_tokens must not size them (it allocated caches, and RoPE angles, of its length).
-    max_length = min(len(prompt) + sampling.max_new_tokens + 1,
-                     model.lst_config.max_sequence_length)
+    context = model.lst_config.max_sequence_length
+    max_length = min(len(prompt) + sampling.max_new_tokens + 1, context)
     cache = None
-    if use_cache:
-        cache = (_CachedLST(model, max_length, patch_size) if is_lst
-                 else _CachedBaseline(model, max_length))
+    if use_cache and is_lst:
+        # Tokens fed to the model: all but the last generated one. Within the context they are
+        # fewer than its positions times p, the most tokens a patch holds.
+        max_tokens = min(len(prompt) + sampling.max_new_tokens, context * patch_size)
+        cache = _CachedLST(model, max_length, max_tokens, patch_size)
+    elif use_cache:
+        cache = _CachedBaseline(model, max_length)
     generator = torch.Generator().manual_seed(sampling.seed)
 
     allowed = None  # [V] bool, once the logits' size is known

@@ -31,9 +31,9 @@ from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.checkpointing import (
     METADATA_FILENAME,
     CheckpointError,
-    find_latest_checkpoint,
     load_checkpoint,
     read_checkpoint_metadata,
+    select_checkpoint,
 )
 
 
@@ -53,8 +53,10 @@ class InferenceModel:
 
 def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size: int = 1,
                          pipeline_model_parallel_size: int = 1,
-                         tokenizer_model: str | None = None) -> InferenceModel:
-    """Collective: build and load the latest checkpoint under `load_dir`.
+                         tokenizer_model: str | None = None,
+                         ckpt_step: int | None = None) -> InferenceModel:
+    """Collective: build and load the latest checkpoint under `load_dir`, or the one of
+    iteration `ckpt_step` (`select_checkpoint`).
 
     `tokenizer_model` overrides the tokenizer path the training flags name (a checkpoint moved
     to another machine); its size must match the checkpoint's vocabulary.
@@ -62,7 +64,7 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
     from megatron_lst.training.data_provider import patching_config_from_args
     from megatron_lst.training.model_provider import build_model_chunks
 
-    path = find_latest_checkpoint(load_dir)
+    path = select_checkpoint(load_dir, ckpt_step)
     if path is None:
         raise CheckpointError(_no_checkpoint_message(Path(load_dir)))
     metadata = read_checkpoint_metadata(path)

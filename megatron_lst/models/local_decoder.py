@@ -92,7 +92,7 @@ class LocalDecoder(torch.nn.Module):
             slots = self.patch_projection(new_global_states).view(
                 1, -1, token_states.shape[-1])  # [1, m*k, Dd]
             cache.add_slots([cross_attn.keys_values(slots) for cross_attn in self.cross_attn_layers])
-        cache.patch_ids = torch.cat([cache.patch_ids, patch_ids[0].cpu()])
+        cache.add_patch_ids(patch_ids[0].cpu())
         key_start, key_end = decoder_key_ranges(
             patch_ids, self.slots_per_patch, self.window, num_patches)  # [1, n] each
         cos, sin = self.rope.cos_sin(offset + num_new, token_states.device)
@@ -110,35 +110,60 @@ class LocalDecoder(torch.nn.Module):
 class DecoderCache:
     """Generation cache of a `LocalDecoder`: per self-attention layer a `SlidingKVCache`, per
     cross-attention layer the keys and values of the slots of every closed global patch, and the
-    decoder patch id each cached token was decoded with.
+    decoder patch id each cached token was decoded with. The slots and patch ids live in buffers
+    of their maximum size (`max_patches` closed patches, `max_tokens` decoded tokens), written in
+    place: growing them by concatenation copied all of them at every step.
 
     A token's decoder patch can change after it was decoded: when a text token ends a speech run,
     the run's short last patch closes and the tokens in it move to the decoder patch that reads
     it (as static patching of the whole sequence has it). `rollback` then takes those tokens
     back (`spare` bounds how many: at most the patch size)."""
 
-    def __init__(self, decoder: LocalDecoder, spare: int):
+    def __init__(self, decoder: LocalDecoder, spare: int, max_patches: int, max_tokens: int):
         self.layers = [SlidingKVCache(layer.self_attention.core_attention.window, spare)
                        for layer in decoder.layers]
-        self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # per cross layer, [1, S, H, d]
-        self.patch_ids = torch.zeros(0, dtype=torch.long)  # [decoded] decoder patch ids
+        self.max_slots = max_patches * decoder.slots_per_patch
+        self.num_slots = 0
+        self._slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # per cross layer, [1, S_max, H, d]
+        self._patch_ids = torch.zeros(max_tokens, dtype=torch.long)  # [T_max]
+        self.num_decoded = 0
+
+    @property
+    def slots(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per cross-attention layer, the keys and values of the cached slots, `[1, S, H, d]`."""
+        return [(k[:, :self.num_slots], v[:, :self.num_slots]) for k, v in self._slots]
+
+    @property
+    def patch_ids(self) -> torch.Tensor:
+        """`[decoded]` the decoder patch id of each cached token."""
+        return self._patch_ids[:self.num_decoded]
 
     def add_slots(self, keys_values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        if not self.slots:
-            self.slots = keys_values
-            return
-        self.slots = [(torch.cat([k0, k], 1), torch.cat([v0, v], 1))
-                      for (k0, v0), (k, v) in zip(self.slots, keys_values, strict=True)]
+        """Append the keys and values `[1, m, H, d]` of new slots, one pair per cross layer."""
+        if not self._slots:
+            self._slots = [(k.new_empty(1, self.max_slots, *k.shape[2:]),
+                            v.new_empty(1, self.max_slots, *v.shape[2:])) for k, v in keys_values]
+        end = self.num_slots + keys_values[0][0].shape[1]
+        for (k_all, v_all), (k, v) in zip(self._slots, keys_values, strict=True):
+            k_all[:, self.num_slots:end] = k
+            v_all[:, self.num_slots:end] = v
+        self.num_slots = end
+
+    def add_patch_ids(self, patch_ids: torch.Tensor) -> None:
+        """Record the decoder patch ids `[n]` of the next decoded tokens."""
+        end = self.num_decoded + len(patch_ids)
+        self._patch_ids[self.num_decoded:end] = patch_ids
+        self.num_decoded = end
 
     def first_changed(self, patch_ids: torch.Tensor) -> int:
         """The first cached token whose decoder patch id differs in `patch_ids [N]` (the whole
         sequence's), or the number of cached tokens if none does."""
-        cached = len(self.patch_ids)
+        cached = self.num_decoded
         changed = torch.nonzero(self.patch_ids != patch_ids[:cached].cpu())
         return int(changed[0, 0]) if len(changed) else cached
 
     def rollback(self, keep: int) -> None:
         """Keep only the first `keep` decoded tokens."""
         for layer in self.layers:
-            layer.drop_last(len(self.patch_ids) - keep)
-        self.patch_ids = self.patch_ids[:keep]
+            layer.drop_last(self.num_decoded - keep)
+        self.num_decoded = keep

@@ -14,30 +14,38 @@ import torch
 
 
 class RotaryTable:
-    """Caches RoPE tables per (length, device): they are pure functions of both."""
+    """RoPE tables of positions 0..S-1, one per device, computed at a length of at least S (the
+    next power of two, grown when a longer one is asked for) and returned as slices of it. A
+    position's entry does not depend on the table's length (tested bitwise), and one table per
+    length grew memory with the square of the length in generation, which asks for one more
+    position every step."""
 
     def __init__(self, head_dim: int, theta: float):
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
         self.head_dim = head_dim
         self.theta = theta
-        self._angles: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._cos_sin: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        # per device: angles [L, 1, 1, d], cos and sin [1, L, 1, d]
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _table(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = torch.device(device)
+        table = self._tables.get(device)
+        if table is None or table[0].shape[0] < seq_len:
+            length = 1 << max(seq_len - 1, 0).bit_length()
+            angles = rotary_angles(length, self.head_dim, self.theta, device)  # [L, 1, 1, d]
+            rows = angles[:, 0].unsqueeze(0)  # [1, L, 1, d]
+            table = self._tables[device] = (angles, rows.cos(), rows.sin())
+        return table
 
     def angles(self, seq_len: int, device) -> torch.Tensor:
         """`[S, 1, 1, d]` fp32, megatron's `rotary_pos_emb` format."""
-        key = (seq_len, torch.device(device))
-        if key not in self._angles:
-            self._angles[key] = rotary_angles(seq_len, self.head_dim, self.theta, device)
-        return self._angles[key]
+        return self._table(seq_len, device)[0][:seq_len]
 
     def cos_sin(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """`(cos, sin)`, each `[1, S, 1, d]` fp32, for `apply_interleaved_rope` on `[B, S, H, d]`."""
-        key = (seq_len, torch.device(device))
-        if key not in self._cos_sin:
-            angles = self.angles(seq_len, device)[:, 0].unsqueeze(0)  # [1, S, 1, d]
-            self._cos_sin[key] = (angles.cos(), angles.sin())
-        return self._cos_sin[key]
+        _, cos, sin = self._table(seq_len, device)
+        return cos[:, :seq_len], sin[:, :seq_len]
 
     def cos_sin_at(self, positions: torch.Tensor | None, seq_len: int,
                    device) -> tuple[torch.Tensor, torch.Tensor]:

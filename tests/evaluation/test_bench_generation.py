@@ -29,3 +29,24 @@ def test_a_run_records_why_generation_stopped():
         assert (result.generated_units == 40) == (result.stopped_by == "max-new-tokens")
     # 50 prompt units and 40 more do not fit the baseline's 64 tokens; LST's 64 patches hold them
     assert base.generated_units < 40 and base.stopped_by in ("eos", "context limit")
+
+
+def test_the_benchmark_models_never_sample_eos(single_rank):
+    """Random weights sampled EOS after a seed-dependent number of units (669 of 2000 for the
+    tiny preset), so a run measured that length instead of `--units`; the models mask it."""
+    import numpy as np
+
+    from megatron_lst.evaluation.generation import SamplingConfig, build_prompt, generate
+    from megatron_lst.patching import PatchingConfig
+    from megatron_lst.tokenizer.vocab import JointVocab
+
+    bench = load_tool("bench_generation")
+    vocab = JointVocab(512)
+    prompt = build_prompt(vocab, units=np.arange(8))
+    for kind, mode in (("lst", "static"), ("baseline", "none")):
+        model = bench.build(kind, "tiny-cpu", vocab.size, vocab.eos_id)
+        out = generate(model, prompt, vocab, PatchingConfig(mode, patch_size=4),
+                       SamplingConfig(temperature=1.0, max_new_tokens=5, modality="speech"),
+                       keep_logits=True)
+        assert not out.stopped_at_eos
+        assert all(logits[vocab.eos_id] == float("-inf") for logits in out.step_logits)

@@ -61,6 +61,20 @@ def test_lst_eval_matches_in_memory_scoring(checkpoint, capsys):
     assert "items.jsonl T->T: accuracy" in capsys.readouterr().out
 
 
+def test_lst_eval_prints_each_item_file_by_the_path_given(checkpoint, tmp_path, capsys):
+    """Two files of the same name in different folders are told apart (the lines named the
+    file only: two "items.jsonl T->T" lines)."""
+    root, items_path, _ = checkpoint
+    paths = []
+    for folder in ("dev", "test"):
+        (tmp_path / folder).mkdir()
+        paths.append(shutil.copy(items_path, tmp_path / folder / "items.jsonl"))
+    assert eval_main(["--load", str(root / "save"), "--items", *map(str, paths),
+                      "--modes", "tt"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split(" T->T:")[0] for line in lines] == [str(path) for path in paths]
+
+
 def test_default_modes_of_a_file_mixing_text_only_and_spoken_items(checkpoint, capsys):
     """The first item alone chose them: a text-only first item had the file scored T->T only,
     silently, where a spoken first item had the text-only one refused."""
@@ -771,3 +785,25 @@ def test_lst_eval_and_generate_load_one_checkpoint_directory(checkpoint, capsys)
     assert f"checkpoint {one} (iteration 3)" in capsys.readouterr().out
     assert generate_main(["--load", str(one), "--prompt-text", WORDS[0],
                           "--max-new-tokens", "2"]) == 0
+
+
+def test_ckpt_step_loads_the_checkpoint_the_damaged_save_directory_advice_names(checkpoint,
+                                                                                tmp_path, capsys):
+    """A save directory whose pointer names a missing checkpoint is refused with the advice to
+    "pick one with --ckpt-step N", a flag lst-eval and lst-generate did not have."""
+    root, items_path, _ = checkpoint
+    save = tmp_path / "save"
+    shutil.copytree(root / "save", save)
+    (save / "latest_checkpointed_iteration.txt").write_text("7")
+    prompt = ["--prompt-text", WORDS[0], "--max-new-tokens", "2"]
+    assert generate_main(["--load", str(save), *prompt]) == 2
+    assert "pick one with --ckpt-step N" in capsys.readouterr().err
+    assert generate_main(["--load", str(save), "--ckpt-step", "3", *prompt]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"]
+    assert eval_main(["--load", str(save), "--ckpt-step", "3", "--items", str(items_path),
+                      "--modes", "tt"]) == 0
+    assert f"checkpoint {save / 'iter_0000003'} (iteration 3)" in capsys.readouterr().out
+    assert generate_main(["--load", str(save), "--ckpt-step", "5", *prompt]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"lst-generate: --ckpt-step 5: {save} holds no complete checkpoint of "
+                   f"iteration 5; complete ones: [3]\n")

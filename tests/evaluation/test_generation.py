@@ -82,6 +82,109 @@ def test_sampled_cache_matches_across_speech_and_text(models, kind):
     assert len(ends_short)
 
 
+def _never_eos(model):
+    """Mask EOS in `model`'s logits (a forward hook; remove it with the returned handle), so a
+    sampled generation runs to max_new_tokens instead of a seed-dependent length."""
+    def mask(module, inputs, output):  # (logits [.., V], bias)
+        return output[0].index_fill(-1, torch.tensor([VOCAB.eos_id]), float("-inf")), output[1]
+    return model.output_layer.register_forward_hook(mask)
+
+
+@pytest.mark.parametrize("kind, patch_size", [("baseline", None), ("lst", 1), ("lst", 2),
+                                              ("lst", 3), ("lst", 4), ("lst", 20)])
+def test_long_cached_generation_gives_the_full_models_tokens(models, kind, patch_size):
+    """200 sampled tokens (past the token window of 16 and the patch window of 4 many times
+    over), speech runs ending both at p units and early, for each static p: 1 (a patch per
+    unit), 2-4, and 20 (a speech patch longer than the token window). The caches grow in
+    place to their full size; the logits stay those of re-running the whole model."""
+    model = models[kind]
+    patching = PatchingConfig("none") if patch_size is None else PatchingConfig(
+        "static", patch_size=patch_size)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=200, seed=3)
+    handle = _never_eos(model)
+    try:
+        cached = generate(model, prompts()["speech"], vocab(), patching, sampling,
+                          keep_logits=True)
+        full = generate(model, prompts()["speech"], vocab(), patching, sampling,
+                        use_cache=False, keep_logits=True)
+    finally:
+        handle.remove()
+    assert len(cached.tokens) == 200
+    np.testing.assert_array_equal(cached.tokens, full.tokens)
+    for a, b in zip(cached.step_logits, full.step_logits, strict=True):
+        finite = torch.isfinite(a)
+        assert torch.equal(finite, torch.isfinite(b)) and (a - b)[finite].abs().max() < 1e-5
+    units = vocab().is_unit(cached.tokens)
+    assert units.sum() > 60 and (~units).sum() > 5
+
+
+def test_cached_steps_copy_no_more_when_the_sequence_grows(models, monkeypatch):
+    """The caches that grow with the sequence are buffers of their full size written in place:
+    the largest tensor generation's own code concatenates (the sliding windows' keys, one
+    step's new patches) is as large after 240 tokens as after 60. Growing the caches by
+    concatenation copied the whole sequence's states at every step."""
+    import sys
+
+    largest = []
+    concatenate = torch.cat
+
+    def recording_cat(tensors, *args, **kwargs):
+        out = concatenate(tensors, *args, **kwargs)
+        if sys._getframe(1).f_globals["__name__"].startswith(("megatron_lst", "lst_kernels")):
+            largest[-1] = max(largest[-1], out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "cat", recording_cat)
+    handle = _never_eos(models["lst"])
+    try:
+        for length in (60, 240):
+            largest.append(0)
+            result = generate(models["lst"], prompts()["speech"], vocab(), STATIC,
+                              SamplingConfig(temperature=1.0, max_new_tokens=length, seed=1))
+            assert len(result.tokens) == length
+    finally:
+        handle.remove()
+    assert largest[0] == largest[1] > 0
+
+
+@pytest.mark.parametrize("patching", [
+    PatchingConfig("mixed", patch_size=3, prob_static=0.0),
+    PatchingConfig("curriculum", patch_size=3, aligned_until_step=10, static_from_step=20)])
+def test_mixed_and_curriculum_models_generate_with_static_patching(models, patching):
+    """As they are patched at inference, even a mixed model that trained aligned throughout."""
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=30, seed=4)
+    mixed = generate(models["lst"], prompts()["speech"], vocab(), patching, sampling,
+                     keep_logits=True)
+    static = generate(models["lst"], prompts()["speech"], vocab(), STATIC, sampling,
+                      keep_logits=True)
+    np.testing.assert_array_equal(mixed.tokens, static.tokens)
+    for a, b in zip(mixed.step_logits, static.step_logits, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_long_generation_computes_a_few_rope_tables(single_rank, monkeypatch, use_cache):
+    """Each step asks the local models' RoPE for one more position; a table kept per length
+    made one per step (229 tables and 5 MB per local model after 229 tokens of this tiny one,
+    growing with the square of the length), now a few of doubling lengths."""
+    from megatron_lst.models import rope
+
+    calls = []
+    original = rope.rotary_angles
+    monkeypatch.setattr(rope, "rotary_angles",
+                        lambda seq_len, *args: calls.append(seq_len) or original(seq_len, *args))
+    model = tiny_model("lst", VOCAB.size, seed=5)
+    handle = _never_eos(model)
+    try:
+        result = generate(model, prompts()["speech"], vocab(), STATIC,
+                          SamplingConfig(temperature=1.0, max_new_tokens=150, seed=1),
+                          use_cache=use_cache)
+    finally:
+        handle.remove()
+    assert len(result.tokens) == 150
+    assert len(calls) <= 3 * 9  # encoder, decoder and global tables of 1, 2, 4 .. 256 positions
+
+
 def test_local_models_see_each_token_once(models, monkeypatch):
     """The cached loop runs the token encoder on each token once, and the decoder on each token
     once plus the tokens of short speech patches that close when a text token ends a run."""
@@ -213,6 +316,26 @@ def test_prompts_and_speech_only_sampling(models):
     speech = generate(models["lst"], prompts()["text to speech"], v, STATIC,
                       SamplingConfig(temperature=1.0, max_new_tokens=30, modality="speech"))
     assert (v.is_unit(speech.tokens) | (speech.tokens == v.eos_id)).all()
+
+
+def test_a_byte_order_mark_before_a_text_prompt_is_not_text():
+    """Text read from a file saved with a BOM (`--prompt-text "$(cat prompt.txt)"`) starts with
+    U+FEFF, which the tokenizer spelled as byte pieces before the prompt (and a BOM alone was a
+    prompt); item files drop it, and so do text prompts."""
+    from eval_cases import tokenizer
+    from eval_cases import vocab as text_vocab
+
+    from megatron_lst.evaluation.generation import build_prompt, check_text_prompt
+
+    tv, tok = text_vocab(), tokenizer()
+    assert tok.encode("\ufeffthe dog") != tok.encode("the dog")
+    for continue_in in ("speech", None):
+        assert (build_prompt(tv, tok, text="\ufeffthe dog\n", continue_in=continue_in).tolist()
+                == build_prompt(tv, tok, text="the dog", continue_in=continue_in).tolist())
+    for text in ("\ufeff", "\ufeff \n"):
+        for check in (check_text_prompt, lambda text: build_prompt(tv, tok, text=text)):
+            with pytest.raises(GenerationError, match="is empty; give the text to continue"):
+                check(text)
 
 
 def test_sampling_mask():

@@ -38,3 +38,18 @@ def test_half_precision_input_is_cast_to_fp32_once():
         out = apply_interleaved_rope(x, cos, sin)
     assert ops[torch.ops.aten._to_copy.default] == 2
     assert torch.equal(out, apply_interleaved_rope(x.float(), cos, sin).bfloat16())
+
+
+def test_a_table_sliced_from_a_longer_one_is_the_table_of_its_length():
+    """RotaryTable keeps one table per device, of a power-of-two length, and slices it: every
+    length gets exactly (bitwise) the entries a table of that length has."""
+    from megatron_lst.models.rope import rotary_angles
+
+    table = RotaryTable(64, 10000.0)
+    for seq_len in (1, 2, 3, 13, 64, 65, 300, 4097, 17):
+        angles = rotary_angles(seq_len, 64, 10000.0, "cpu")  # [S, 1, 1, d]
+        assert torch.equal(table.angles(seq_len, "cpu"), angles)
+        cos, sin = table.cos_sin(seq_len, "cpu")  # [1, S, 1, d]
+        assert torch.equal(cos, angles[:, 0].unsqueeze(0).cos())
+        assert torch.equal(sin, angles[:, 0].unsqueeze(0).sin())
+        assert cos.is_contiguous() and table.angles(seq_len, "cpu").is_contiguous()
