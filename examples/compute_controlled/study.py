@@ -59,7 +59,7 @@ BATCH_SIZE = 16
 # --- corpus and plan -----------------------------------------------------------------------
 
 class CorpusDirectoryError(ValueError):
-    """A corpus folder the study cannot build its corpus in; `main` prints it as one line."""
+    """A corpus folder the study cannot build its corpus in; `main` exits with it, one line."""
 
 
 def build_corpus(preset: StudyPreset, corpus_dir: Path):
@@ -420,8 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "command resumes the rest (`study.py report` aggregates the "
                                  "finished ones)") from None
     except CorpusDirectoryError as error:
-        print(f"study.py: {error}", file=sys.stderr)
-        return 2
+        raise SystemExit(f"study: {error}") from None
     return 0
 
 

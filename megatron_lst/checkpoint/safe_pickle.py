@@ -94,7 +94,10 @@ def read_dcp_metadata(checkpoint: str | Path):
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise CheckpointIntegrityError(f"cannot read {path}: {err}") from None
+        raise CheckpointIntegrityError(
+            f"cannot read {path}: {err}; a dist checkpoint's index of its shards, without which "
+            f"none of its tensors can be found: load an earlier checkpoint of the run, or restore "
+            f"this one from a copy") from None
     resolved = path.resolve()
     if _last_index is not None and _last_index[0] == resolved and _last_index[1] == data:
         return _last_index[2]

@@ -209,7 +209,8 @@ def _check_eval_inputs(args: argparse.Namespace) -> None:
                                           ("--num-utterances", args.num_utterances),
                                           ("--asr-load", args.asr_load)) if value is not None]
         if named:
-            raise ValueError(f"{', '.join(named)} apply to --task asr|tts only")
+            verb = "applies" if len(named) == 1 else "apply"
+            raise ValueError(f"{' and '.join(named)} {verb} only to --task asr|tts")
     if args.asr_load is not None and args.task != "tts":
         raise ValueError("--asr-load transcribes generated speech: it applies to --task tts")
     for flag, value in (("--batch-size", args.batch_size),

@@ -117,18 +117,19 @@ def test_an_interrupted_study_says_how_to_resume(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("command", ["plan", "run"])
 @pytest.mark.parametrize("refused", ["holds_units", "is_a_file"])
-def test_a_refused_corpus_folder_is_one_line(tmp_path, capsys, command, refused):
-    """A corpus folder holding a `units/` no build wrote, or a file in its place: one
-    `study.py:` line naming it and exit status 2 (it was a traceback), nothing built or run."""
+def test_a_refused_corpus_folder_is_one_line(tmp_path, command, refused):
+    """A corpus folder holding a `units/` no build wrote, or a file in its place: one `study:`
+    line naming it, as the study's other refusals (it was a traceback), nothing built or run."""
     corpus_dir = tmp_path / "corpus"
     if refused == "holds_units":
         (corpus_dir / "units").mkdir(parents=True)
     else:
         corpus_dir.write_text("not a folder")
-    status = study.main([command, "--preset", "cpu", "--out-dir", str(tmp_path / "out"),
-                         "--corpus-dir", str(corpus_dir)])
-    err = capsys.readouterr().err
-    assert status == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith("study.py: ") and str(corpus_dir) in err and "--corpus-dir" in err
+    with pytest.raises(SystemExit) as refusal:
+        study.main([command, "--preset", "cpu", "--out-dir", str(tmp_path / "out"),
+                    "--corpus-dir", str(corpus_dir)])
+    message = str(refusal.value.code)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith("study: ") and str(corpus_dir) in message and "--corpus-dir" in message
     assert not (tmp_path / "out").exists()
     assert refused == "is_a_file" or sorted(p.name for p in corpus_dir.iterdir()) == ["units"]

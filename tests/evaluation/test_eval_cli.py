@@ -680,7 +680,7 @@ def test_an_asr_model_of_another_codebook_is_refused_before_decoding(checkpoint,
 @pytest.mark.parametrize("flags, message", [
     (["--items", "x.jsonl", "--task", "asr"], "exactly one"),
     (["--task", "asr"], "give --utterances"),
-    (["--items", "x.jsonl", "--utterances", "p"], "apply to --task asr|tts only"),
+    (["--items", "x.jsonl", "--utterances", "p"], "--utterances applies only to --task asr|tts"),
     (["--task", "asr", "--utterances", "p", "--asr-load", "d"], "applies to --task tts"),
     # Checked before the work: a missing directory was a traceback after the evaluation.
     (["--items", "x.jsonl", "--output", "/nonexistent_dir/r.json"],
