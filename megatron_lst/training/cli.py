@@ -5,12 +5,12 @@ Exit status: 0 when training reached --train-iters or stopped early after saving
 the latest checkpoint with --train-iters to know which), 2 for bad flags or --eval-data items (as
 lst-eval) or log writers (TensorBoard, W&B) that cannot be opened, 3 for a refused checkpoint: a
 `--load` one that is damaged (found by the flag checks or while loading), unsafe or not resumable
-with these flags, a --save directory without room for a checkpoint or that another run is
-writing, a save of diverged weights, or a save that failed (a full disk), 4 for bad training
-data (a dataset that is missing, truncated, inconsistent with its manifest, or of another
-vocabulary), 5 for a non-finite loss (the message names the checkpoint to resume from). Each
-prints one message that says what is wrong and what to do; any other error exits 1 with its
-traceback.
+with these flags, a --save directory without room for a checkpoint (or whose free space cannot
+be measured) or that another run is writing, a save of diverged weights, or a save that failed
+(a full disk), 4 for bad training data (a dataset that is missing, truncated, inconsistent with
+its manifest, or of another vocabulary), 5 for a non-finite loss (the message names the
+checkpoint to resume from). Each prints one message that says what is wrong and what to do; any
+other error exits 1 with its traceback.
 """
 
 from __future__ import annotations

@@ -238,3 +238,25 @@ def test_every_rank_refuses_a_save_directory_another_run_writes_with_one_line(tm
                         f"pid {holder.pid} ") == 2, output[-3000:]
     assert "[rank1]: Traceback" not in output and "[rank0]: Traceback" not in output
     assert sorted(p.name for p in save.iterdir()) == [LOCK_FILENAME]
+
+
+def test_a_save_directory_whose_free_space_cannot_be_measured_exits_3_with_one_line(
+        tmp_path, monkeypatch, capsys):
+    """Measuring the free space (a --save on a mount that went away since the flags were
+    checked) raised OSError on rank 0, which exited 1 with a traceback while the other ranks
+    stopped with its message."""
+    def vanished(path):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+
+    save = tmp_path / "run"
+    monkeypatch.setattr(save_directory.shutil, "disk_usage", vanished)
+    assert cli.main(tiny_flags(write_corpus(tmp_path / "data")) + [
+        "--train-iters", "2", "--save", str(save)]) == cli.EXIT_CHECKPOINT_REFUSED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"lst-train: --save {save}: the free space of its filesystem cannot be measured (No such "
+        f"file or directory at {save}), so a checkpoint could not be saved there either. Check "
+        f"that the directory is still there and readable (a mount that went away, a permission "
+        f"taken away), or give another --save")
+    assert not list(save.glob("iter_*")) and not (save / "metrics.jsonl").exists()
