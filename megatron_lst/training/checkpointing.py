@@ -363,10 +363,10 @@ def _failure_reason(error: Exception) -> str:
 
 def _on_rank0(action: Callable[[], None], iteration: int, root: Path) -> None:
     """Collective: `on_rank0` for a step of saving checkpoint `iteration` into `root`; the other
-    ranks raise CheckpointSaveError."""
+    ranks raise CheckpointSaveError with rank 0's reason."""
     on_rank0(action, lambda reason: CheckpointSaveError(
-        f"saving the checkpoint of iteration {iteration} into {root} failed on rank 0 (its "
-        f"message says why); checkpoints saved before are untouched"))
+        f"saving the checkpoint of iteration {iteration} into {root} failed: {reason}; "
+        f"checkpoints saved before are untouched"))
 
 
 def _finish_on_rank0(temporary: Path, final: Path, files: Any, metadata: dict[str, Any]) -> None:
