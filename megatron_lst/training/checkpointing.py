@@ -58,6 +58,7 @@ from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import optimizer_state
 from megatron_lst.training.args_json import args_to_dict
 from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, check_same_training_data
+from megatron_lst.training.rank_failures import share_or_stop
 from megatron_lst.training.resume_check import (
     ResumeConfigError,
     ResumePosition,
@@ -339,7 +340,7 @@ def on_rank0(action: Callable[[], object], error_elsewhere: Callable[[str], Exce
     used to wait for rank 0 in a collective that broke with a gloo traceback ('Connection closed
     by peer') once rank 0 stopped (a full disk, a --save made read-only during the run).
     `reason`: rank 0's message for a CheckpointError (a refusal of ours, complete), else one
-    naming rank 0's error and its type."""
+    naming rank 0's error and its type. A step every rank takes: `rank_failures.share_or_stop`."""
     failure = None
     if dist.get_rank() == 0:
         try:
@@ -586,12 +587,13 @@ def _check_training_data(saved: Any, current: list[dict[str, Any]], position: Re
         notes = check_same_training_data(saved, current, position, str(path))
     except ResumeConfigError as error:
         refusal, notes = str(error), []
-    refusals = [None] * dist.get_world_size()
-    dist.all_gather_object(refusals, refusal)
-    for rank, message in enumerate(refusals):
-        if message is not None:
-            where = "" if dist.get_world_size() == 1 else f" (on rank {rank})"
-            raise ResumeConfigError(f"{message}{where}")
+
+    def refused(failed: list[tuple[int, str]]) -> ResumeConfigError:
+        rank, message = failed[0]
+        return ResumeConfigError(message if dist.get_world_size() == 1
+                                 else f"{message} (on rank {rank})")
+
+    share_or_stop(None, refusal, refused)
     return notes
 
 
