@@ -3,7 +3,8 @@
 `lst-train` keeps Megatron-LM's flag names; a Megatron-LM flag it does not take (parallelism it
 does not support, a switch it does not need) would otherwise fail as argparse's "unrecognized
 arguments", which does not say whether the flag was mistyped or is not supported.
-docs/training.md lists them under "Not supported".
+docs/training.md#where-we-differ-from-megatron-lm lists them, with the replacements, in its two
+items that start "Not supported".
 """
 
 from __future__ import annotations
