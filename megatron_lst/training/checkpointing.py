@@ -226,11 +226,29 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _COMPLETE_MARKERS)
 
 
+def check_tracker_is_a_file(root: str | os.PathLike) -> None:
+    """CheckpointError unless the pointer file of the save directory `root` is a regular file or
+    absent: a directory (or a pipe, a dangling link) in its place used to be taken for no
+    pointer at all, and the first save then failed to replace it, after training up to it."""
+    tracker = Path(root) / TRACKER_FILENAME
+    if tracker.is_file() or not (tracker.exists() or tracker.is_symlink()):
+        return
+    what = "a directory" if tracker.is_dir() else "not a regular file"
+    raise CheckpointError(
+        f"{tracker} is {what}: lst-train writes the iteration of the newest checkpoint into a "
+        f"file of that name, replacing it at each save. Move it out of the way (without it, "
+        f"--load finds the newest complete iter_XXXXXXX directory by itself)")
+
+
 def _read_tracker(root: Path) -> int | None:
+    check_tracker_is_a_file(root)
     tracker = root / TRACKER_FILENAME
     if not tracker.is_file():
         return None
-    text = tracker.read_bytes().decode("utf-8", errors="replace").strip()
+    try:
+        text = tracker.read_bytes().decode("utf-8", errors="replace").strip()
+    except OSError as error:
+        raise CheckpointError(f"{tracker} cannot be read ({error}); make it readable") from None
     if not (text.isascii() and text.isdigit()):
         raise CheckpointError(
             f"{tracker} should hold an iteration number, found {text[:40]!r}; the save directory "
