@@ -143,6 +143,7 @@ def validate_checkpointing(args: argparse.Namespace) -> None:
     latest = _checkpoint_to_load(args)
     args.resume_from = None if latest is None else str(latest)
     _check_no_newer_checkpoints(args, latest)
+    _check_save_pointer(args)
 
 
 def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
@@ -212,6 +213,20 @@ def _check_no_newer_checkpoints(args: argparse.Namespace, loaded: Path | None) -
             f"iteration {start} where this run starts: its checkpoints would collide with them or "
             f"lie behind them (resuming loads the newest). {resume}, or move those checkpoints "
             f"away, or pass another --save")
+
+
+def _check_save_pointer(args: argparse.Namespace) -> None:
+    """Refuse a --save whose pointer file (`latest_checkpointed_iteration.txt`) is not a file
+    (`checkpointing.check_tracker_is_a_file`): every save replaces it, and the first would fail
+    after training up to it."""
+    from megatron_lst.training.checkpointing import check_tracker_is_a_file
+
+    if args.save is None:
+        return
+    try:
+        check_tracker_is_a_file(args.save)
+    except CheckpointError as err:
+        raise DamagedCheckpointFlagError(f"--save {args.save}: {err}") from None
 
 
 def _check_no_file_in_the_way(flag: str, path: str) -> None:

@@ -58,6 +58,7 @@ from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import optimizer_state
 from megatron_lst.training.args_json import args_to_dict
 from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, check_same_training_data
+from megatron_lst.training.rank_failures import share_or_stop
 from megatron_lst.training.resume_check import (
     ResumeConfigError,
     ResumePosition,
@@ -225,11 +226,29 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _COMPLETE_MARKERS)
 
 
+def check_tracker_is_a_file(root: str | os.PathLike) -> None:
+    """CheckpointError unless the pointer file of the save directory `root` is a regular file or
+    absent: a directory (or a pipe, a dangling link) in its place used to be taken for no
+    pointer at all, and the first save then failed to replace it, after training up to it."""
+    tracker = Path(root) / TRACKER_FILENAME
+    if tracker.is_file() or not (tracker.exists() or tracker.is_symlink()):
+        return
+    what = "a directory" if tracker.is_dir() else "not a regular file"
+    raise CheckpointError(
+        f"{tracker} is {what}: lst-train writes the iteration of the newest checkpoint into a "
+        f"file of that name, replacing it at each save. Move it out of the way (without it, "
+        f"--load finds the newest complete iter_XXXXXXX directory by itself)")
+
+
 def _read_tracker(root: Path) -> int | None:
+    check_tracker_is_a_file(root)
     tracker = root / TRACKER_FILENAME
     if not tracker.is_file():
         return None
-    text = tracker.read_bytes().decode("utf-8", errors="replace").strip()
+    try:
+        text = tracker.read_bytes().decode("utf-8", errors="replace").strip()
+    except OSError as error:
+        raise CheckpointError(f"{tracker} cannot be read ({error}); make it readable") from None
     if not (text.isascii() and text.isdigit()):
         raise CheckpointError(
             f"{tracker} should hold an iteration number, found {text[:40]!r}; the save directory "
@@ -339,7 +358,7 @@ def on_rank0(action: Callable[[], object], error_elsewhere: Callable[[str], Exce
     used to wait for rank 0 in a collective that broke with a gloo traceback ('Connection closed
     by peer') once rank 0 stopped (a full disk, a --save made read-only during the run).
     `reason`: rank 0's message for a CheckpointError (a refusal of ours, complete), else one
-    naming rank 0's error and its type."""
+    naming rank 0's error and its type. A step every rank takes: `rank_failures.share_or_stop`."""
     failure = None
     if dist.get_rank() == 0:
         try:
@@ -363,10 +382,10 @@ def _failure_reason(error: Exception) -> str:
 
 def _on_rank0(action: Callable[[], None], iteration: int, root: Path) -> None:
     """Collective: `on_rank0` for a step of saving checkpoint `iteration` into `root`; the other
-    ranks raise CheckpointSaveError."""
+    ranks raise CheckpointSaveError with rank 0's reason."""
     on_rank0(action, lambda reason: CheckpointSaveError(
-        f"saving the checkpoint of iteration {iteration} into {root} failed on rank 0 (its "
-        f"message says why); checkpoints saved before are untouched"))
+        f"saving the checkpoint of iteration {iteration} into {root} failed: {reason}; "
+        f"checkpoints saved before are untouched"))
 
 
 def _finish_on_rank0(temporary: Path, final: Path, files: Any, metadata: dict[str, Any]) -> None:
@@ -586,12 +605,13 @@ def _check_training_data(saved: Any, current: list[dict[str, Any]], position: Re
         notes = check_same_training_data(saved, current, position, str(path))
     except ResumeConfigError as error:
         refusal, notes = str(error), []
-    refusals = [None] * dist.get_world_size()
-    dist.all_gather_object(refusals, refusal)
-    for rank, message in enumerate(refusals):
-        if message is not None:
-            where = "" if dist.get_world_size() == 1 else f" (on rank {rank})"
-            raise ResumeConfigError(f"{message}{where}")
+
+    def refused(failed: list[tuple[int, str]]) -> ResumeConfigError:
+        rank, message = failed[0]
+        return ResumeConfigError(message if dist.get_world_size() == 1
+                                 else f"{message} (on rank {rank})")
+
+    share_or_stop(None, refusal, refused)
     return notes
 
 

@@ -5,12 +5,13 @@ Exit status: 0 when training reached --train-iters or stopped early after saving
 the latest checkpoint with --train-iters to know which), 2 for bad flags or --eval-data items (as
 lst-eval) or log writers (TensorBoard, W&B) that cannot be opened, 3 for a refused checkpoint: a
 `--load` one that is damaged (found by the flag checks or while loading), unsafe or not resumable
-with these flags, a --save directory without room for a checkpoint or that another run is
-writing, a save of diverged weights, or a save that failed (a full disk), 4 for bad training
-data (a dataset that is missing, truncated, inconsistent with its manifest, or of another
-vocabulary), 5 for a non-finite loss (the message names the checkpoint to resume from). Each
-prints one message that says what is wrong and what to do; any other error exits 1 with its
-traceback.
+with these flags, a --save directory without room for a checkpoint (or whose free space cannot
+be measured) or that another run is writing, a save of diverged weights, or a save that failed
+(a full disk), 4 for bad training data (a dataset that is missing, truncated, inconsistent with
+its manifest, or of another vocabulary), 5 for a non-finite loss (the message names the
+checkpoint to resume from), 130 for a SIGINT (Ctrl-C) that --exit-signal-handler does not watch
+(the run stops without a save). Each prints one message that says what is wrong and what to do;
+any other error exits 1 with its traceback.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from megatron_lst.training.train_logging import (
 EXIT_CHECKPOINT_REFUSED = 3
 EXIT_BAD_DATA = 4
 EXIT_NON_FINITE_LOSS = 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(EXIT_BAD_DATA, f"bad training data: {error}")
     except NonFiniteLossError as error:
         return _report(EXIT_NON_FINITE_LOSS, str(error))
+    except KeyboardInterrupt:  # SIGINT's default handler: --exit-signal SIGINT replaces it
+        return _report(EXIT_INTERRUPTED, (
+            "interrupted by SIGINT (Ctrl-C): stopped without saving the iteration it was in; "
+            "the checkpoints saved before are kept. To save one before stopping on SIGINT, add "
+            "--exit-signal-handler --exit-signal SIGINT"))
     except Exception:  # no message of ours: its traceback says what happened
         return _report(1, None)
     return 0

@@ -55,6 +55,7 @@ from megatron_lst.data.dataset import DatasetError
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.manifest import Manifest
 from megatron_lst.parallel import has_other_ranks
+from megatron_lst.training.rank_failures import share_or_stop
 from megatron_lst.training.resume_check import ResumeConfigError, ResumePosition
 
 # The key of the fingerprints in a checkpoint's extra state.
@@ -163,16 +164,11 @@ def _attempt(work: Callable[[], T]) -> tuple[T | None, str | None]:
 def _share(part: T, failure: str | None, what: str) -> list[T]:
     """Collective: every rank's `part`, on every rank; DatasetError on every rank, naming each
     rank's `failure`, when any rank failed to `what` its datasets."""
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (part, failure))
-    failed = [f"rank {rank}: {message}" for rank, (_, message) in enumerate(parts)
-              if message is not None]
-    if failed:
-        raise DatasetError(
-            f"cannot {what} the training datasets to fingerprint them for the checkpoint "
-            f"({'; '.join(failed)}). Check that every node reads a complete copy of each "
-            f"dataset (.json, .idx, .bin as tools/preprocess_data.py writes them)")
-    return [each for each, _ in parts]
+    return share_or_stop(part, failure, lambda failed: DatasetError(
+        f"cannot {what} the training datasets to fingerprint them for the checkpoint "
+        f"({'; '.join(f'rank {rank}: {message}' for rank, message in failed)}). Check that "
+        f"every node reads a complete copy of each dataset (.json, .idx, .bin as "
+        f"tools/preprocess_data.py writes them)"))
 
 
 def check_same_training_data(saved: Sequence[Mapping[str, Any]] | None,

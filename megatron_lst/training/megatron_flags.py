@@ -3,7 +3,8 @@
 `lst-train` keeps Megatron-LM's flag names; a Megatron-LM flag it does not take (parallelism it
 does not support, a switch it does not need) would otherwise fail as argparse's "unrecognized
 arguments", which does not say whether the flag was mistyped or is not supported.
-docs/training.md lists them under "Not supported".
+docs/training.md#where-we-differ-from-megatron-lm lists them, with the replacements, in its two
+items that start "Not supported".
 """
 
 from __future__ import annotations
@@ -53,8 +54,11 @@ SIZES_ONLY_ONE = {
     "context_parallel_size": NO_CONTEXT_PARALLEL,
     "expert_model_parallel_size": NO_EXPERTS,
 }
-# Megatron-LM's mixture-of-experts flags (--moe-router-topk, --moe-grouped-gemm, ...) all start so.
-MIXTURE_OF_EXPERTS_PREFIX = "--moe-"
+_NO_FP8 = "FP8 training is not supported; use --bf16"
+# Megatron-LM flag families refused by the start of their name: its mixture-of-experts flags
+# (--moe-router-topk, --moe-grouped-gemm, ...) and its FP8 flags (--fp8-format, --fp8-recipe,
+# --fp8-param-gather, ...; and `--fp8`, a common guess at them).
+UNSUPPORTED_PREFIXES = {"--moe-": NO_EXPERTS, "--fp8": _NO_FP8}
 UNSUPPORTED_MEGATRON_FLAGS = {
     "--hierarchical-context-parallel-sizes": NO_CONTEXT_PARALLEL,
     "--cp-comm-type": NO_CONTEXT_PARALLEL,
@@ -131,7 +135,10 @@ UNSUPPORTED_MEGATRON_FLAGS = {
                                    "(every real token weighs the same); drop the flag"),
     "--decoupled-lr": "every parameter takes --lr (and --min-lr); drop the flag",
     "--decoupled-min-lr": "every parameter takes --lr (and --min-lr); drop the flag",
-    "--fp8-format": "FP8 training is not supported; use --bf16",
+    "--fp8-format": _NO_FP8,
+    "--no-fp8-wgrad": _NO_FP8,
+    "--data-parallel-random-init": ("every data-parallel replica starts from the same weights, "
+                                    "drawn from --seed; drop the flag"),
     "--mock-data": ("there is no mock dataset: give --data-path (docs/data.md builds one; "
                     "`make demo` trains on a small generated corpus)"),
     "--tiktoken-pattern": _TOKENIZER_BY_PATH,
@@ -170,13 +177,13 @@ UNSUPPORTED_MEGATRON_FLAGS = {
 
 
 def refuse_unsupported_megatron_flags(argv: Sequence[str], config_keys: Sequence[str]) -> None:
-    """ArgumentError for a Megatron-LM flag of UNSUPPORTED_MEGATRON_FLAGS, on the command line
-    (`--flag V` or `--flag=V`) or as a --config key."""
+    """ArgumentError for a Megatron-LM flag of UNSUPPORTED_MEGATRON_FLAGS or of a family of
+    UNSUPPORTED_PREFIXES, on the command line (`--flag V` or `--flag=V`) or as a --config key."""
     given = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
     given += [config_files.flag_of_key(key) for key in config_keys if isinstance(key, str)]
     for flag in given:
-        reason = UNSUPPORTED_MEGATRON_FLAGS.get(
-            flag, NO_EXPERTS if flag.startswith(MIXTURE_OF_EXPERTS_PREFIX) else None)
+        reason = UNSUPPORTED_MEGATRON_FLAGS.get(flag) or next(
+            (why for prefix, why in UNSUPPORTED_PREFIXES.items() if flag.startswith(prefix)), None)
         if reason is not None:
             raise ArgumentError(f"{flag} is a Megatron-LM flag that lst-train does not take: "
                                 f"{reason}")

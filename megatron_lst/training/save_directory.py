@@ -7,10 +7,10 @@ traceback while rank 0 cached the datasets' row indices under `--save`, or, for 
 index cache did not touch, only at the first checkpoint, after training up to it.
 
 `checkpoint_bytes_lower_bound` and `check_room_for_checkpoint` (once the model and optimizer are
-built) refuse a
-`--save` whose filesystem has less free space than one checkpoint of this model and optimizer
-takes at least (a full disk that still holds a few files would otherwise fail the first save,
-after training up to it).
+built) refuse a `--save` whose filesystem has less free space than one checkpoint of this model
+and optimizer takes at least (a full disk that still holds a few files would otherwise fail the
+first save, after training up to it), and one whose free space cannot be measured (a mount that
+went away or a permission taken away since the flags were checked).
 
 `SaveDirectoryLock` (rank 0, for the whole run) holds a POSIX record lock on
 `<save>/lst_train.lock` and writes who holds it into the file. A second run started on the same
@@ -88,7 +88,8 @@ def _describe(error: OSError) -> str:
 
 
 class InsufficientSpaceError(CheckpointError):
-    """The `--save` filesystem cannot hold one checkpoint."""
+    """The `--save` filesystem cannot hold one checkpoint, or its free space cannot be
+    measured."""
 
 
 def checkpoint_bytes_lower_bound(model_chunks, optimizer: str, sgd_momentum: float,
@@ -122,8 +123,16 @@ def checkpoint_bytes_lower_bound(model_chunks, optimizer: str, sgd_momentum: flo
 
 
 def check_room_for_checkpoint(save_dir: str | os.PathLike, needed_bytes: int) -> None:
-    """InsufficientSpaceError unless the filesystem of `save_dir` has `needed_bytes` free."""
-    free = shutil.disk_usage(save_dir).free
+    """InsufficientSpaceError unless the filesystem of `save_dir` has `needed_bytes` free (also
+    when its free space cannot be measured: the first save would fail there too)."""
+    try:
+        free = shutil.disk_usage(save_dir).free
+    except OSError as error:
+        raise InsufficientSpaceError(
+            f"--save {save_dir}: the free space of its filesystem cannot be measured "
+            f"({_describe(error)}), so a checkpoint could not be saved there either. Check that "
+            f"the directory is still there and readable (a mount that went away, a permission "
+            f"taken away), or give another --save") from None
     if free < needed_bytes:
         raise InsufficientSpaceError(
             f"--save {save_dir} has {free / 2**20:.1f} MiB free on its filesystem, less than one "

@@ -541,8 +541,9 @@ def validate_exit_conditions(args: argparse.Namespace) -> None:
                                      ("--exit-duration-in-mins", args.exit_duration_in_mins),
                                      ("--exit-interval", args.exit_interval)) if on]
     if watched and args.save is None:
-        raise ArgumentError(f"{', '.join(watched)} stop training early to resume later, which "
-                            f"needs a checkpoint: give --save (and the same --load to resume)")
+        raise ArgumentError(f"{', '.join(watched)} {'stops' if len(watched) == 1 else 'stop'} "
+                            f"training early to resume later, which needs a checkpoint: give "
+                            f"--save (and the same --load to resume)")
 
 
 def validate_logging(args: argparse.Namespace) -> None:

@@ -406,6 +406,13 @@ def test_megatron_parallel_sizes_of_one_are_taken_and_more_refused(tmp_path, fla
     (["--calculate-per-token-loss"], r"token mean"),
     (["--decoupled-lr", "5e-4"], r"--lr"),
     (["--fp8-format", "hybrid"], r"use --bf16"),
+    # every FP8 flag, and --fp8 (no Megatron-LM flag, but the one users guess), not only
+    # --fp8-format: the others failed as argparse's "unrecognized arguments"
+    (["--fp8"], r"FP8 training is not supported; use --bf16"),
+    (["--fp8-recipe", "delayed"], r"FP8 training is not supported; use --bf16"),
+    (["--fp8-param-gather"], r"FP8 training is not supported; use --bf16"),
+    (["--no-fp8-wgrad"], r"FP8 training is not supported; use --bf16"),
+    (["--data-parallel-random-init"], r"same weights, drawn from --seed"),
     (["--mock-data"], r"--data-path"),
     (["--manual-gc"], r"no such setting; drop the flag"),
     # examples/mixtral: every mixture-of-experts flag, not only --num-experts

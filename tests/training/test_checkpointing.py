@@ -375,7 +375,8 @@ def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path, faili
         output[-3000:]
     assert (f"lst-train: saving the checkpoint of iteration 2 into {save} failed (OSError: [Errno "
             f"28] No space left on device)") in output
-    assert (f"lst-train: saving the checkpoint of iteration 2 into {save} failed on rank 0 (its "
-            f"message says why)") in output
+    assert (f"lst-train: saving the checkpoint of iteration 2 into {save} failed: rank 0 "
+            f"stopped with OSError: [Errno 28] No space left on device (its output says where); "
+            f"this rank stops with it; checkpoints saved before are untouched") in output
     assert find_latest_checkpoint(save) is None
     assert len(list(save.glob("iter_0000002.tmp-*"))) == interrupted_saves

@@ -57,6 +57,35 @@ def test_an_unexpected_error_is_printed_before_the_rank_waits_for_the_others(tmp
     assert "Traceback" in err and err.strip().endswith("ZeroDivisionError: a bug")
 
 
+CTRL_C_DURING_TRAINING = """
+import os, signal, sys, time
+
+from megatron_lst.training import cli, loop
+
+def interrupted(args):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(60)
+
+loop.pretrain = interrupted
+sys.exit(cli.main())
+"""
+
+
+def test_ctrl_c_without_the_signal_handler_exits_130_with_one_line(tmp_path):
+    """A SIGINT that --exit-signal-handler does not watch ended the run with KeyboardInterrupt's
+    traceback through the training loop. Run apart: pytest takes a KeyboardInterrupt for its own."""
+    run = subprocess.run([sys.executable, "-c", CTRL_C_DURING_TRAINING,
+                          *tiny_flags(write_corpus(tmp_path)), "--train-iters", "2"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.returncode == 130, run.stderr[-3000:]  # docs/training.md: 128 + SIGINT
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "lst-train: interrupted by SIGINT (Ctrl-C): stopped without saving the iteration it was "
+        "in; the checkpoints saved before are kept. To save one before stopping on SIGINT, add "
+        "--exit-signal-handler --exit-signal SIGINT")
+
+
 @pytest.mark.slow
 def test_a_truncated_index_exits_4_naming_the_file(tmp_path):
     data_path = write_corpus(tmp_path)

@@ -102,7 +102,9 @@ def test_duration_and_interval_reasons(world_of_one):
 @pytest.mark.parametrize("flags, message", [
     (["--exit-interval", "0", "--save", "ckpt"], "--exit-interval must be at least 1"),
     (["--exit-duration-in-mins", "0", "--save", "ckpt"], "--exit-duration-in-mins must be positive"),
-    (["--exit-signal-handler"], "--exit-signal-handler stop training early .* give --save"),
+    (["--exit-signal-handler"], "--exit-signal-handler stops training early .* give --save"),
+    (["--exit-signal-handler", "--exit-interval", "2"],
+     "--exit-signal-handler, --exit-interval stop training early .* give --save"),
     (["--exit-signal", "SIGUSR1", "--save", "ckpt"],
      "--exit-signal SIGUSR1 is handled only with --exit-signal-handler"),
 ])

@@ -238,3 +238,49 @@ def test_every_rank_refuses_a_save_directory_another_run_writes_with_one_line(tm
                         f"pid {holder.pid} ") == 2, output[-3000:]
     assert "[rank1]: Traceback" not in output and "[rank0]: Traceback" not in output
     assert sorted(p.name for p in save.iterdir()) == [LOCK_FILENAME]
+
+
+def test_a_save_directory_whose_free_space_cannot_be_measured_exits_3_with_one_line(
+        tmp_path, monkeypatch, capsys):
+    """Measuring the free space (a --save on a mount that went away since the flags were
+    checked) raised OSError on rank 0, which exited 1 with a traceback while the other ranks
+    stopped with its message."""
+    def vanished(path):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+
+    save = tmp_path / "run"
+    monkeypatch.setattr(save_directory.shutil, "disk_usage", vanished)
+    assert cli.main(tiny_flags(write_corpus(tmp_path / "data")) + [
+        "--train-iters", "2", "--save", str(save)]) == cli.EXIT_CHECKPOINT_REFUSED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"lst-train: --save {save}: the free space of its filesystem cannot be measured (No such "
+        f"file or directory at {save}), so a checkpoint could not be saved there either. Check "
+        f"that the directory is still there and readable (a mount that went away, a permission "
+        f"taken away), or give another --save")
+    assert not list(save.glob("iter_*")) and not (save / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("in_the_way", ["directory", "fifo"])
+def test_a_pointer_file_that_is_not_a_file_is_refused_before_any_work(tmp_path, capsys, resume,
+                                                                      in_the_way):
+    """A directory (or a pipe) named latest_checkpointed_iteration.txt was taken for no pointer
+    at all: the run trained up to its first save, which failed to replace it."""
+    save = tmp_path / "run"
+    save.mkdir()
+    pointer = save / TRACKER_FILENAME
+    pointer.mkdir() if in_the_way == "directory" else os.mkfifo(pointer)
+    flags = tiny_flags(write_corpus(tmp_path / "data")) + ["--train-iters", "2", "--save",
+                                                          str(save)]
+    flag = "--load" if resume else "--save"
+    assert cli.main(flags + (["--load", str(save)] if resume else [])) == \
+        cli.EXIT_CHECKPOINT_REFUSED
+    what = "a directory" if in_the_way == "directory" else "not a regular file"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lst-train: {flag} {save}: {pointer} is {what}: lst-train writes the iteration of the "
+        f"newest checkpoint into a file of that name, replacing it at each save. Move it out of "
+        f"the way (without it, --load finds the newest complete iter_XXXXXXX directory by "
+        f"itself)")
+    assert sorted(p.name for p in save.iterdir()) == [TRACKER_FILENAME]  # no work done
