@@ -124,7 +124,9 @@ def test_reference_skip_bad_counts(tmp_path, tokenizer):
                                         report=report))
     assert [s.where for s in sources] == [f"{path}:1", f"{path}:5"]
     assert report.bad_skipped == 2
-    assert "mixed.jsonl:3" in report.examples[0] and "mixed.jsonl:4" in report.examples[1]
+    assert [(skip.where, skip.kind) for skip in report.skipped] == [
+        (f"{path}:3", "not valid JSON"), (f"{path}:4", "unit outside the codebook")]
+    assert report.skipped[0].message.startswith(f"{path}:3: not valid JSON")
 
 
 def test_text_jsonl(tmp_path, tokenizer):
