@@ -511,24 +511,27 @@ def find_units_file(textgrid_path: Path, textgrid_dir: Path, units_dir: Path) ->
                         f" under {units_dir}", kind="no unit file")
 
 
-def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list[Path]:
-    """All `*.TextGrid` files (the suffix in any case) under `textgrid_dir`, sorted (the corpus
-    order). Refuses TextGrids of one stem in different folders whose unit files `units_dir` does
-    not hold by relative path: the stem fallback of `find_units_file` would give them the same
-    units; and two of one utterance (`a.TextGrid`, `a.textgrid`)."""
+Utterance = tuple[Path, ...]
+"""The TextGrid files of one utterance: one, or several whose suffixes differ only in case
+(`a.TextGrid`, `a.textgrid`, on a case-sensitive file system), which reading it refuses."""
+
+
+def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list[Utterance]:
+    """The utterances of the `*.TextGrid` files (the suffix in any case) under `textgrid_dir`,
+    sorted by their first file (the corpus order). Refuses TextGrids of one stem in different
+    folders whose unit files `units_dir` does not hold by relative path: the stem fallback of
+    `find_units_file` would give them the same units. Two TextGrids of one utterance are that
+    utterance's own error (`utterance_textgrid`), not the corpus's."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
     paths = sorted(path for path in textgrid_dir.rglob("*")
                    if path.suffix.lower() == ".textgrid" and path.is_file())
     if not paths:
         raise DocumentError(f"{textgrid_dir}: no *.TextGrid files found")
-    by_utterance: dict[Path, Path] = {}
+    by_utterance: dict[Path, list[Path]] = {}
     for path in paths:
-        other = by_utterance.setdefault(path.with_suffix(""), path)
-        if other != path:
-            raise DocumentError(f"{other} and {path.name}: two TextGrids of one utterance; "
-                                f"keep one")
+        by_utterance.setdefault(path.with_suffix(""), []).append(path)
     by_stem: dict[str, list[Path]] = {}
-    for path in paths:
+    for path, *_ in by_utterance.values():
         by_stem.setdefault(path.stem, []).append(path)
     for stem, same in by_stem.items():
         if len(same) < 2:
@@ -543,11 +546,19 @@ def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list
                 f"{', ...' if len(same) > 3 else ''}) and {by_stem_only[0]} has no unit file at "
                 f"its relative path under {units_dir}: by name alone they would all read one "
                 f"unit file; lay the unit files out in the TextGrids' folders")
-    return paths
+    return [tuple(files) for files in by_utterance.values()]  # in the order of their first files
+
+
+def utterance_textgrid(utterance: Utterance) -> Path:
+    """The TextGrid of `utterance`; a DocumentError naming both when it has two."""
+    if len(utterance) > 1:
+        raise DocumentError(f"{utterance[0]} and {utterance[1].name}: two TextGrids of one "
+                            f"utterance; keep one", kind="two TextGrids of one utterance")
+    return utterance[0]
 
 
 def unit_files_without_textgrid(textgrid_dir: str | Path, units_dir: str | Path,
-                                utterances: list[Path]) -> list[Path]:
+                                utterances: list[Utterance]) -> list[Path]:
     """Unit files under `units_dir` (sorted) of utterances that no TextGrid of `utterances`
     reads: utterances the aligner left without a TextGrid (MFA lists them in unalignable.txt),
     which the corpus would otherwise leave out without a word. A second unit file of a read
@@ -557,7 +568,7 @@ def unit_files_without_textgrid(textgrid_dir: str | Path, units_dir: str | Path,
                     if path.suffix in UNIT_FILE_SUFFIXES and path.is_file())
     bases = {path.relative_to(units_dir).with_suffix("") for path in listed}
     read = set()  # the relative bases the utterances read, by find_units_file's rule
-    for path in utterances:
+    for path, *_ in utterances:
         relative = path.relative_to(textgrid_dir).with_suffix("")
         read.add(relative if relative in bases else Path(relative.name))
     return [path for path in listed if path.relative_to(units_dir).with_suffix("") not in read]
@@ -569,15 +580,16 @@ def read_textgrid_corpus(textgrid_dir: str | Path, units_dir: str | Path,
                          report: ReadReport | None = None) -> Iterator[SourceDocument]:
     """Aligned documents of every TextGrid under `textgrid_dir` with its unit file."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
-    for path in textgrid_utterances(textgrid_dir, units_dir):
+    for utterance in textgrid_utterances(textgrid_dir, units_dir):
         try:
+            path = utterance_textgrid(utterance)
             units_path = find_units_file(path, textgrid_dir, units_dir)
             doc, counts = parse_textgrid_utterance(path, units_path, tokenizer, frame_rate,
                                                    num_units, tier)
         except (DocumentError, VocabularyError) as error:
             if not skip_bad:
                 raise
-            (report or ReadReport()).skip(str(path), error)
+            (report or ReadReport()).skip(str(utterance[0]), error)
             continue
         yield SourceDocument(doc, f"{path} + {units_path}", counts)
 
@@ -615,7 +627,7 @@ class ReadOptions:
 @dataclass
 class Chunk:
     items: list
-    """(line number, line) pairs, or TextGrid paths."""
+    """(line number, line) pairs, or utterances (`Utterance`)."""
     source: str
     """The file the lines come from ("" for TextGrid utterances)."""
     size: int
@@ -653,10 +665,10 @@ def line_chunks(paths: list[str], chunk_size: int) -> Iterator[Chunk]:
             yield Chunk(chunk, str(path), rest)
 
 
-def utterance_chunks(paths: list[Path], chunk_size: int) -> Iterator[Chunk]:
-    """TextGrid paths, `chunk_size` at a time."""
-    for start in range(0, len(paths), chunk_size):
-        chunk = paths[start: start + chunk_size]
+def utterance_chunks(utterances: list[Utterance], chunk_size: int) -> Iterator[Chunk]:
+    """Utterances, `chunk_size` at a time."""
+    for start in range(0, len(utterances), chunk_size):
+        chunk = utterances[start: start + chunk_size]
         yield Chunk(chunk, "", len(chunk))
 
 
@@ -671,15 +683,16 @@ def _worker_tokenizer(path: str, sha256: str) -> TextTokenizer:
 
 
 def _item_where(options: ReadOptions, item, source: str) -> str:
-    """Where a chunk item comes from: its TextGrid, or `file:line`."""
-    return str(item) if options.input_format == "textgrid" else f"{source}:{item[0]}"
+    """Where a chunk item comes from: its utterance's (first) TextGrid, or `file:line`."""
+    return str(item[0]) if options.input_format == "textgrid" else f"{source}:{item[0]}"
 
 
 def _parse_item(options: ReadOptions, tokenizer: TextTokenizer, item, source: str
                 ) -> tuple[Document, Counts]:
     if options.input_format == "textgrid":
-        units_path = find_units_file(item, Path(options.textgrid_dir), Path(options.units_dir))
-        return parse_textgrid_utterance(item, units_path, tokenizer, options.frame_rate,
+        path = utterance_textgrid(item)
+        units_path = find_units_file(path, Path(options.textgrid_dir), Path(options.units_dir))
+        return parse_textgrid_utterance(path, units_path, tokenizer, options.frame_rate,
                                         options.num_units, options.tier)
     number, line = item
     where = f"{source}:{number}"

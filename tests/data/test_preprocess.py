@@ -204,6 +204,33 @@ def test_an_utterance_with_two_unit_files_is_skipped_under_skip_bad(tmp_path, sp
     assert f"spk1/a.TextGrid: 2 unit files of one utterance: {both}" in out
 
 
+def test_an_utterance_with_two_textgrids_is_skipped_under_skip_bad(tmp_path, spm, capsys):
+    """a.TextGrid and a.textgrid, one utterance's two TextGrids, were refused before any
+    utterance was read, stopping the whole --skip-bad run. Without --skip-bad they are refused
+    naming both; with it that utterance alone is skipped, counted and listed."""
+    grids, units = tmp_path / "grids", tmp_path / "units"
+    grids.mkdir()
+    units.mkdir()
+    for name in ("a", "b"):
+        write_textgrid(grids / f"{name}.TextGrid", [Interval(0.0, 0.4, "hello")])
+        np.save(units / f"{name}.npy", np.ones(10, dtype=np.int16))
+    (grids / "a.textgrid").write_bytes((grids / "a.TextGrid").read_bytes())
+    if len(list(grids.iterdir())) < 3:
+        pytest.skip("a case-insensitive file system holds one of a.TextGrid and a.textgrid")
+    args = ["--input-format", "textgrid", "--textgrid-dir", str(grids), "--units-dir",
+            str(units), "--tokenizer-model", str(spm), "--output-prefix", str(tmp_path / "out")]
+    both = rf"{grids / 'a.TextGrid'} and a.textgrid: two TextGrids of one utterance; keep one"
+    with pytest.raises(DocumentError, match=rf"^{both}$"):
+        preprocess.main(args)
+    manifest = preprocess.main([*args, "--skip-bad"])
+    assert manifest.counts.documents == 1 and manifest.counts.bad_skipped == 1
+    captured = capsys.readouterr()
+    assert f"1 two TextGrids of one utterance, e.g.:\n      {both}\n" in captured.out
+    assert "have no TextGrid" not in captured.err  # a.npy is the skipped utterance's
+    rows = (tmp_path / "out.skipped.tsv").read_text().splitlines()
+    assert rows[1:] == [f"{grids / 'a.TextGrid'}\ttwo TextGrids of one utterance\t{both}"]
+
+
 def test_unknown_words_are_counted_and_warned_of(tmp_path, spm, capsys):
     """MFA's '<unk>' word intervals were trained as the text '<unk>' without a word; they are kept
     as speech without text, counted in the manifest and in a warning."""

@@ -437,6 +437,12 @@ def test_textgrid_suffix_in_another_case_is_read(tmp_path, tokenizer):
         with pytest.raises(DocumentError, match=r"a.TEXTGRID and a.TextGrid: two TextGrids of "
                                                 r"one utterance; keep one"):
             list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))
+        report = ReadReport()  # skip_bad: that utterance alone is skipped
+        sources = list(read_textgrid_corpus(grids, units, tokenizer, num_units=20,
+                                            skip_bad=True, report=report))
+        assert [s.document.unit_ids[0] for s in sources] == [2]
+        assert [(skip.where, skip.kind) for skip in report.skipped] == [
+            (str(grids / "a.TEXTGRID"), "two TextGrids of one utterance")]
 
 
 @pytest.mark.parametrize(("compress", "named", "command"), [
