@@ -262,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     counts, skips = Counts(), SkipList(partial + SKIP_LIST)
     start = time.perf_counter()
     with _sole_writer(args.output_prefix):
+        # a killed run's list, which `_publish` would take for this run's
+        Path(skips.path).unlink(missing_ok=True)
         writer = DocumentWriter(partial, kind)
         add = writer.add_text if kind == "text" else writer.add_aligned
         try:

@@ -399,9 +399,11 @@ def test_skip_bad_tallies_skips_by_kind_and_lists_every_one(tmp_path, spm, capsy
     assert [row.split("\t")[:2] for row in rows[1:8]] == [
         [f"{source}:{line}", "not valid JSON"] for line in range(5, 12)]
     _synthetic_reference(source, 4)
+    (tmp_path / "out.partial.skipped.tsv").write_text("a killed run's list\n")
     preprocess.main(args)
     assert "skipped" not in capsys.readouterr().out
     assert not (tmp_path / "out.skipped.tsv").exists()
+    assert not (tmp_path / "out.partial.skipped.tsv").exists()
 
 
 def test_a_compressed_input_is_refused_before_anything_is_read(tmp_path, spm):
