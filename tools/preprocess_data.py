@@ -8,13 +8,14 @@ writes `data/mls.bin`, `data/mls.idx` (`megatron.core.datasets.indexed_dataset`)
 `data/mls.json` (the manifest; see megatron_lst/data/indexed.py for the layout). Workers parse and
 tokenize chunks of lines (or utterances) in parallel; the main process writes them in input order,
 so the output is byte-identical for any --workers. Bad input stops the run with the file and line;
---skip-bad skips such documents and reports how many.
+--skip-bad skips such documents, lists each in `PREFIX.skipped.tsv` and tallies them by kind.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import errno
 import fcntl
 import functools
@@ -22,7 +23,7 @@ import math
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from megatron_lst.data.readers import (
     Chunk,
     ChunkResult,
     ReadOptions,
-    ReadReport,
+    Skip,
     line_chunks,
     parse_chunk,
     refuse_compressed,
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--chunk-size", type=int, default=64,
                        help="lines or utterances per worker task (default 64)")
     group.add_argument("--skip-bad", action="store_true",
-                       help="skip malformed documents and count them instead of stopping")
+                       help="skip malformed documents instead of stopping: each is listed in "
+                            "PREFIX.skipped.tsv, and the summary counts them by kind")
     group.add_argument("--log-interval", type=int, default=1000,
                        help="when stderr is not a terminal, print a progress line every this "
                             "many documents (default 1000; a terminal gets a progress bar)")
@@ -182,7 +184,7 @@ def _check_outputs_spare_inputs(args: argparse.Namespace) -> None:
     the whole corpus was read)."""
     inputs = [*args.input, args.tokenizer_model]
     outputs = [args.output_prefix + middle + suffix for middle in ("", ".partial")
-               for suffix in (".bin", ".idx", ".json")]
+               for suffix in (".bin", ".idx", ".json", SKIP_LIST)]
     blocked = next((output for output in outputs if os.path.isdir(output)), None)
     if blocked is not None:
         raise SystemExit(f"--output-prefix {args.output_prefix}: {blocked} is a directory, where "
@@ -257,24 +259,25 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     kind = "text" if args.input_format == "text-jsonl" else "aligned"
 
     partial = args.output_prefix + ".partial"
-    counts, report = Counts(), ReadReport()
+    counts, skips = Counts(), SkipList(partial + SKIP_LIST)
     start = time.perf_counter()
     with _sole_writer(args.output_prefix):
+        # a killed run's list, which `_publish` would take for this run's
+        Path(skips.path).unlink(missing_ok=True)
         writer = DocumentWriter(partial, kind)
         add = writer.add_text if kind == "text" else writer.add_aligned
         try:
             progress = Progress(total, unit, args.log_interval)
-            with _parsing_workers(args.workers) as pool, contextlib.closing(progress):
+            with (_parsing_workers(args.workers) as pool, contextlib.closing(progress),
+                  contextlib.closing(skips)):
                 for chunk, result in _results(chunks, options, pool, args.workers):
                     for document in result.documents:
                         add(document)
                     counts.add(result.counts)
-                    report.bad_skipped += result.report.bad_skipped
-                    report.examples += result.report.examples[: report.MAX_EXAMPLES
-                                                              - len(report.examples)]
+                    skips.add(result.report.skipped)
                     progress.update(chunk.size, len(result.documents))
             if writer.num_documents == 0:
-                raise DocumentError(_nothing_to_write(args, report))
+                raise DocumentError(_nothing_to_write(args, skips))
             manifest = Manifest(
                 kind=kind, vocab=vocab.to_dict(),
                 tokenizer=TokenizerInfo(str(args.tokenizer_model), tokenizer.sha256,
@@ -285,26 +288,77 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
             writer.finalize(manifest)
         except BaseException:
             writer.abort()
+            skips.discard()
             raise
         try:
             _publish(partial, args.output_prefix)
         except KeyboardInterrupt:
             raise Interrupted(_publish_stopped(partial, args.output_prefix)) from None
     try:
-        _print_summary(args, counts, report, time.perf_counter() - start)
+        _print_summary(args, counts, skips, time.perf_counter() - start)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted after {args.output_prefix}.{{bin,idx,json}} were "
                           f"written whole") from None
     return manifest
 
 
-def _nothing_to_write(args: argparse.Namespace, report: ReadReport) -> str:
+SKIP_LIST = ".skipped.tsv"
+"""The suffix of the list of documents a --skip-bad run skipped, beside its dataset."""
+
+
+class SkipList:
+    """Every document a --skip-bad run skipped: written to `path` as the run goes (a TSV with a
+    header, one row per document: where, kind, message; none when nothing was skipped), and
+    tallied by kind with the first few messages of each kind for the summary."""
+
+    EXAMPLES_PER_KIND = 3
+
+    def __init__(self, path: str):
+        self.path = path
+        self.by_kind: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self._stream = self._rows = None
+
+    @property
+    def total(self) -> int:
+        return self.by_kind.total()
+
+    def add(self, skipped: list[Skip]) -> None:
+        if skipped and self._stream is None:
+            # backslashreplace: a path's undecodable bytes must not stop the run here
+            self._stream = open(self.path, "w", encoding="utf-8", newline="",
+                                errors="backslashreplace")
+            self._rows = csv.writer(self._stream, delimiter="\t", lineterminator="\n")
+            self._rows.writerow(["where", "kind", "message"])
+        for skip in skipped:
+            self._rows.writerow([skip.where, skip.kind, skip.message])
+            self.by_kind[skip.kind] += 1
+            examples = self.examples.setdefault(skip.kind, [])
+            if len(examples) < self.EXAMPLES_PER_KIND:
+                examples.append(skip.message)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+    def discard(self) -> None:
+        """Close and delete the list (the run wrote no dataset)."""
+        self.close()
+        Path(self.path).unlink(missing_ok=True)
+
+    def tally(self) -> str:
+        """"N kind, M kind, ...", the most frequent kind first."""
+        return ", ".join(f"{number} {kind}" for kind, number in self.by_kind.most_common())
+
+
+def _nothing_to_write(args: argparse.Namespace, skips: SkipList) -> str:
     """Why a run read no documents, naming the output it did not write (the writer only knows
     its .partial scratch prefix)."""
     why = "every input was empty"
-    if report.bad_skipped:
-        why = (f"every input was empty or skipped as bad ({report.bad_skipped} skipped by "
-               f"--skip-bad, e.g. {report.examples[0]})")
+    if skips.total:
+        first = next(iter(skips.examples.values()))[0]
+        why = (f"every input was empty or skipped as bad ({skips.total} skipped by --skip-bad: "
+               f"{skips.tally()}; e.g. {first})")
     return (f"--output-prefix {args.output_prefix}: no documents to write ({why}); nothing "
             f"was written: check the inputs")
 
@@ -373,13 +427,18 @@ def _publish(partial: str, prefix: str) -> None:
     """Rename the finished `partial.*` files to `prefix.*`. A dataset is whole only with its
     manifest, so an older manifest at `prefix` goes first and the new one comes last: a run
     stopped between the renames leaves no manifest (an error that says to re-run) rather than
-    new data under an old manifest."""
+    new data under an old manifest. The list of skipped documents moves before the data; an
+    older one, of the dataset replaced, is removed when this run skipped none."""
     Path(prefix + ".json").unlink(missing_ok=True)
+    if os.path.exists(partial + SKIP_LIST):
+        os.replace(partial + SKIP_LIST, prefix + SKIP_LIST)
+    else:
+        Path(prefix + SKIP_LIST).unlink(missing_ok=True)
     for suffix in (".bin", ".idx", ".json"):
         os.replace(partial + suffix, prefix + suffix)
 
 
-def _print_summary(args, counts: Counts, report: ReadReport, seconds: float) -> None:
+def _print_summary(args, counts: Counts, skips: SkipList, seconds: float) -> None:
     print(f"wrote {args.output_prefix}.{{bin,idx,json}} in {seconds:.2f}s with "
           f"{args.workers} worker(s)")
     print(f"  documents {counts.documents}  segments {counts.segments}  words {counts.words}  "
@@ -394,10 +453,13 @@ def _print_summary(args, counts: Counts, report: ReadReport, seconds: float) -> 
               f"silence's), since the word is unknown; to train their text, add the words to the "
               f"aligner's dictionary (MFA: mfa find_oovs / mfa g2p) and align again",
               file=sys.stderr)
-    if report.bad_skipped:
-        print(f"  skipped {report.bad_skipped} bad documents (--skip-bad), e.g.:")
-        for example in report.examples:
-            print(f"    {example}")
+    if skips.total:
+        print(f"  skipped {skips.total} bad documents (--skip-bad; counted in the manifest, "
+              f"each listed in {args.output_prefix}{SKIP_LIST}), by kind:")
+        for kind, number in skips.by_kind.most_common():
+            print(f"    {number} {kind}, e.g.:")
+            for example in skips.examples[kind]:
+                print(f"      {example}")
 
 
 if __name__ == "__main__":

@@ -156,8 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     initialize_parallel()
     try:
         if args.command == "import-reference":
-            convert.import_reference_to_portable(args.reference_ckpt, args.reference_args,
-                                                 args.output, args.num_units, sys.stdout)
+            convert.import_reference_to_portable(
+                args.reference_ckpt, args.reference_args, args.output, args.num_units, sys.stdout,
+                notify=lambda notice: print(f"lst-convert {args.command}: {notice}",
+                                            file=sys.stderr))
         elif args.command == "export-reference":
             convert.export_portable_to_reference(args.portable, args.output, sys.stdout,
                                                  args.tokenizer_model)

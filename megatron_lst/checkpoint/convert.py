@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -23,6 +23,7 @@ import torch
 from megatron_lst.models.reference_import import (
     ReferenceImportError,
     canonical_state_dict,
+    fields_not_carried_over,
     lst_config_from_reference,
 )
 from megatron_lst.tokenizer.vocab import NUM_RESERVED, JointVocab
@@ -98,7 +99,8 @@ def reference_vocab(vocab_size: int, num_units: int) -> JointVocab:
 
 def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str | Path | None,
                                  output: str | Path, num_units: int | None = None,
-                                 stream: TextIO | None = None) -> float:
+                                 stream: TextIO | None = None,
+                                 notify: Callable[[str], None] | None = None) -> float:
     """Reference checkpoint (any form `reference_files` reads) + model args (None: the
     params.json the reference writes beside the checkpoint) -> portable checkpoint in `output`,
     in the checkpoint's dtype. Nothing is written unless every check passes.
@@ -107,7 +109,8 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     "lst" tokenizer (`data.tokenizer_args`), else its default 502. The tokenizer's SentencePiece
     model is recorded as the `tokenizer_model` flag (what `lst-eval` loads, and the export
     writes back). Also checks that exporting the imported tensors gives back the reference state
-    dict exactly.
+    dict exactly. `notify` is given a notice for each field of the model args that is not
+    carried over but set to other than the reference's default (`fields_not_carried_over`).
     """
     _refuse_to_overwrite(output, PORTABLE_FILENAMES)
     checkpoint = locate_reference_checkpoint(reference_ckpt)
@@ -124,6 +127,9 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     if tokenizer_model is not None:
         patching["tokenizer_model"] = tokenizer_model
     config = lst_config_from_reference(model_args)
+    if notify is not None:
+        for notice in fields_not_carried_over(model_args):
+            notify(notice)
     try:  # names and shapes before a model of the size the args give is built
         check_layer_count(config, len(original), "the model args")
         check_reference_shapes(original, config, full_state_shapes(config))

@@ -20,7 +20,20 @@ import numpy as np
 
 
 class DocumentError(ValueError):
-    """A document breaks the invariants above."""
+    """A document breaks the invariants above, or its input cannot be read as one.
+
+    `kind` names the sort of problem in a few words that hold nothing of the input (no file, no
+    value), so that `--skip-bad` can tally the documents it skipped by kind."""
+
+    kind = "invalid document"
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+    def __reduce__(self):  # the kind survives a worker process's pickling
+        return type(self), (str(self), self.__dict__.get("kind"))
 
 
 @dataclass

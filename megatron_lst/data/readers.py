@@ -10,8 +10,8 @@ Three input forms:
 Aligned readers yield `AlignedDocument`s whose units are raw values and whose words are tokenized
 with `TextTokenizer.encode_words`; text readers yield int32 arrays of text ids. Every document
 comes with its source location (`file:line`, or the utterance's files). A bad input raises
-`DocumentError` naming that location; with `skip_bad=True` it is skipped and counted instead
-in the `ReadReport` passed in, which keeps the first messages.
+`DocumentError` naming that location; with `skip_bad=True` it is skipped instead and recorded
+in the `ReadReport` passed in (its location, the error's kind and message).
 
 Blank lines in JSONL files are not documents and are passed over silently; a byte-order mark
 at the start of a file is dropped.
@@ -62,20 +62,31 @@ class SourceDocument:
     """This document's contribution to the manifest counts."""
 
 
+@dataclass(frozen=True)
+class Skip:
+    """One document skipped as bad."""
+
+    where: str
+    """The input it came from: `file:line`, or the utterance's TextGrid."""
+    kind: str
+    """The sort of problem (`DocumentError.kind`), the same for every input that has it."""
+    message: str
+
+
 @dataclass
 class ReadReport:
-    """What a reader skipped (with `skip_bad=True`)."""
+    """What a reader skipped (with `skip_bad=True`): every skipped document, in input order."""
 
-    bad_skipped: int = 0
-    examples: list[str] = field(default_factory=list)
-    """The first few skip messages, for the summary."""
+    skipped: list[Skip] = field(default_factory=list)
 
-    MAX_EXAMPLES = 5
+    @property
+    def bad_skipped(self) -> int:
+        return len(self.skipped)
 
-    def skip(self, error: Exception) -> None:
-        self.bad_skipped += 1
-        if len(self.examples) < self.MAX_EXAMPLES:
-            self.examples.append(str(error))
+    def skip(self, where: str, error: DocumentError | VocabularyError) -> None:
+        # A VocabularyError here is the tokenizer refusing a document's text.
+        kind = error.kind if isinstance(error, DocumentError) else "text the tokenizer refused"
+        self.skipped.append(Skip(where, kind, str(error)))
 
 
 def parse_units_text(text: str, where: str, num_tokens: int | None = None) -> np.ndarray:
@@ -101,14 +112,16 @@ def parse_units_text(text: str, where: str, num_tokens: int | None = None) -> np
             beyond = next(token for token in text.split()
                           if not limits.min < int(token) < limits.max)
             raise DocumentError(f"{where}: speech unit {beyond} is beyond 64-bit integers, "
-                                f"outside any codebook")
+                                f"outside any codebook", kind="unit outside the codebook")
         return units
     for token in text.split():
         try:
             int(token)
         except ValueError:
-            raise DocumentError(f"{where}: speech unit {token!r} is not an integer") from None
-    raise DocumentError(f"{where}: speech units are not whitespace-separated integers")
+            raise DocumentError(f"{where}: speech unit {token!r} is not an integer",
+                                kind="units not integers") from None
+    raise DocumentError(f"{where}: speech units are not whitespace-separated integers",
+                        kind="units not integers")
 
 
 def parse_reference_interleaved(interleaved: str, tokenizer: TextTokenizer, num_units: int,
@@ -123,7 +136,7 @@ def parse_reference_interleaved(interleaved: str, tokenizer: TextTokenizer, num_
     parts = interleaved.split(SEGMENT_SEP)
     if parts[0].strip():
         raise DocumentError(f"{where}: text before the first {SEGMENT_SEP!r}: "
-                            f"{parts[0][:40]!r}")
+                            f"{parts[0][:40]!r}", kind="malformed segments")
     seg_texts: list[str] = []  # "" for a silence
     seg_units: list[str] = []
     counts = Counts(documents=1)
@@ -140,7 +153,7 @@ def parse_reference_interleaved(interleaved: str, tokenizer: TextTokenizer, num_
             words = text.split()
             if SILENCE_WORD in words:
                 raise DocumentError(f"{where}: segment {len(seg_texts)} mixes {SILENCE_WORD} "
-                                    f"with words: {text!r}")
+                                    f"with words: {text!r}", kind="malformed segments")
             counts.words += len(words)
             text = " ".join(words)
         seg_texts.append(text)
@@ -157,12 +170,13 @@ def parse_reference_interleaved(interleaved: str, tokenizer: TextTokenizer, num_
             pending_text = None
         else:
             raise DocumentError(f"{where}: segment {index} has unknown head {head!r}; expected "
-                                f"TEXT or HUBERT after {SEGMENT_SEP!r}")
+                                f"TEXT or HUBERT after {SEGMENT_SEP!r}", kind="malformed segments")
     if pending_text is not None:
         close(pending_text, "")
 
     if not seg_texts:
-        raise DocumentError(f"{where}: empty document (no words and no units)")
+        raise DocumentError(f"{where}: empty document (no words and no units)",
+                            kind="empty document")
     text_ids, seg_text_len = tokenizer.encode_words(seg_texts)
     seg_unit_len = np.fromiter((len(u.split()) for u in seg_units), dtype=np.int32,
                                count=len(seg_units))
@@ -178,17 +192,20 @@ def _finish(text_ids: np.ndarray, unit_ids: np.ndarray, seg_text_len: np.ndarray
         raise DocumentError(f"{where}: no speech units (no HUBERT payloads, or an empty unit "
                             f"file: audio shorter than one unit frame has none); an aligned "
                             f"document needs units: leave such utterances out (--skip-bad), and "
-                            f"give text-only documents to --input-format text-jsonl")
+                            f"give text-only documents to --input-format text-jsonl",
+                            kind="no speech units")
     empty_words = np.flatnonzero(seg_text_len == 0)
     for i in empty_words:
         if seg_texts[i]:
-            raise DocumentError(f"{where}: word {seg_texts[i]!r} encodes to no text pieces")
+            raise DocumentError(f"{where}: word {seg_texts[i]!r} encodes to no text pieces",
+                                kind="word without text pieces")
     if len(unit_ids) and (unit_ids.min() < 0 or unit_ids.max() >= num_units):
         position = int(np.flatnonzero((unit_ids < 0) | (unit_ids >= num_units))[0])
         segment = int(np.searchsorted(np.cumsum(seg_unit_len), position, side="right"))
         raise DocumentError(f"{where}: speech unit {int(unit_ids[position])} (unit {position}, "
                             f"segment {segment}) is outside the codebook 0..{num_units - 1}; "
-                            f"pass the codebook size the units were made with (--num-units)")
+                            f"pass the codebook size the units were made with (--num-units)",
+                            kind="unit outside the codebook")
     doc = AlignedDocument(text_ids, unit_ids.astype(np.int32), seg_text_len, seg_unit_len)
     doc.validate(num_units, where)
     counts.segments += doc.num_segments
@@ -209,7 +226,7 @@ def _check_utf8(text: str, where: str, what: str) -> str:
                    if 0xDC80 <= code <= 0xDCFF else
                    f"a lone surrogate \\u{code:04x} (half of a UTF-16 pair)")
         raise DocumentError(f"{where}: {what} holds {problem}, at character {error.start}; "
-                            f"write the corpus as UTF-8 text") from None
+                            f"write the corpus as UTF-8 text", kind="not UTF-8") from None
     return text
 
 
@@ -221,12 +238,13 @@ def _json_record(line: str, key: str, expected: str, where: str) -> dict:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise DocumentError(f"{where}: not valid JSON ({error.msg} at column {error.colno})"
-                            ) from None
+                            , kind="not valid JSON") from None
     except RecursionError:
-        raise DocumentError(f"{where}: not a document (JSON nested too deeply to read)") from None
+        raise DocumentError(f"{where}: not a document (JSON nested too deeply to read)",
+                            kind="not valid JSON") from None
     if not isinstance(record, dict) or not isinstance(record.get(key), str):
         raise DocumentError(f"{where}: expected an object with {expected}, got "
-                            f"{line.strip()[:60]!r}")
+                            f"{line.strip()[:60]!r}", kind="no document field")
     return record
 
 
@@ -246,7 +264,8 @@ def parse_text_line(line: str, tokenizer: TextTokenizer, key: str,
     record = _json_record(line, key, f"a {key!r} string", where)
     text = _check_utf8(record[key], where, repr(key))
     if not text.strip():
-        raise DocumentError(f"{where}: empty document (no text under {key!r})")
+        raise DocumentError(f"{where}: empty document (no text under {key!r})",
+                            kind="empty document")
     ids = np.array(tokenizer.encode(text), dtype=np.int32)
     return ids, Counts(documents=1, words=len(text.split()), text_pieces=len(ids))
 
@@ -293,7 +312,7 @@ def _read_lines(path: Path, parse, skip_bad: bool, report: ReadReport | None
             except (DocumentError, VocabularyError) as error:
                 if not skip_bad:
                     raise
-                (report or ReadReport()).skip(error)
+                (report or ReadReport()).skip(where, error)
                 continue
             yield SourceDocument(doc, where, counts)
 
@@ -325,14 +344,16 @@ def load_units(path: Path) -> np.ndarray:
             units = np.load(path, allow_pickle=False, mmap_mode="r")
         # SyntaxError, TokenError: a damaged header, which numpy parses as a Python literal.
         except (ValueError, OSError, SyntaxError, tokenize.TokenError) as error:
-            raise DocumentError(f"{path}: not a readable .npy array ({error})") from None
+            raise DocumentError(f"{path}: not a readable .npy array ({error})",
+                                kind="unreadable unit file") from None
         if units.ndim != 1 or units.dtype.kind not in "iu":
             raise DocumentError(f"{path}: expected a 1-D integer array of units, got "
-                                f"{units.dtype} with shape {units.shape}")
+                                f"{units.dtype} with shape {units.shape}",
+                                kind="unreadable unit file")
         if units.dtype == np.uint64 and units.size and units.max() > np.iinfo(np.int64).max:
             # as int64 it would wrap to a negative unit, and be refused as that
             raise DocumentError(f"{path}: unit {units.max()} is beyond any codebook; the file "
-                                f"does not hold unit ids")
+                                f"does not hold unit ids", kind="unit outside the codebook")
         return np.array(units, dtype=np.int64)
     try:
         # a leading byte-order mark (a Windows editor's) dropped: it made the first unit no integer
@@ -340,7 +361,7 @@ def load_units(path: Path) -> np.ndarray:
     except UnicodeDecodeError as error:
         raise DocumentError(f"{path}: not a text file of units ({error.reason} at byte "
                             f"{error.start}); expected whitespace-separated integers, or a "
-                            f".npy array") from None
+                            f".npy array", kind="unreadable unit file") from None
     return parse_units_text(text, str(path))
 
 
@@ -362,7 +383,7 @@ def _check_tier_covers(intervals: list, bounds: list[int], frame_rate: float, ti
         interval = intervals[number - 1]
         raise DocumentError(f"{where}: interval {number} of tier {tier!r} ({interval.label!r}) "
                             f"starts at {interval.start:.3f}s = frame {bounds[number - 1]}, "
-                            f"{why}; {_TIER_RULE}")
+                            f"{why}; {_TIER_RULE}", kind="tier does not cover the utterance")
 
     for number in range(2, len(intervals) + 1):
         if bounds[number - 1] < bounds[number - 2]:
@@ -406,7 +427,8 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
     intervals = read_textgrid(textgrid_path, tier)
     units = load_units(units_path)
     if not intervals:
-        raise DocumentError(f"{textgrid_path}: empty document (tier {tier!r} has no intervals)")
+        raise DocumentError(f"{textgrid_path}: empty document (tier {tier!r} has no intervals)",
+                            kind="empty document")
     bounds = [_frame(iv.start, frame_rate) for iv in intervals] + [
         _frame(intervals[-1].end, frame_rate)]
     _check_tier_covers(intervals, bounds, frame_rate, tier, where)
@@ -414,7 +436,8 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
         raise DocumentError(
             f"{where}: the TextGrid ends at {intervals[-1].end:.3f}s = {bounds[-1]} frames at "
             f"{frame_rate:g} Hz but {units_path.name} holds {len(units)} units; check the frame "
-            f"rate (--frame-rate) and that the files belong to the same utterance")
+            f"rate (--frame-rate) and that the files belong to the same utterance",
+            kind="TextGrid and units differ in length")
     bounds[-1] = len(units)
     bounds = np.minimum(np.array(bounds, dtype=np.int64), len(units))
 
@@ -432,7 +455,8 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
                 f"{interval.start:.3f}s) mixes words with the marker {markers[0]!r}, which is "
                 f"no word; an interval holds one word or one silence (as MFA writes it): give "
                 f"the {'silence' if markers[0].lower() in TEXTGRID_SILENCES else 'unknown word'}"
-                f" its own interval, or take the marker out of the label")
+                f" its own interval, or take the marker out of the label",
+                kind="word mixed with a marker")
         if any(marker.lower() in TEXTGRID_UNKNOWN_WORDS for marker in markers):
             counts.unknown_words += 1
             if frames == 0:  # carries nothing, as a silence of no frames
@@ -450,7 +474,8 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
         seg_texts.append(label)
         seg_unit_len.append(frames)
     if not seg_texts:
-        raise DocumentError(f"{where}: empty document (no words and no units)")
+        raise DocumentError(f"{where}: empty document (no words and no units)",
+                            kind="empty document")
     text_ids, seg_text_len = tokenizer.encode_words(seg_texts)
     return _finish(text_ids, units, seg_text_len, np.array(seg_unit_len, dtype=np.int32),
                    seg_texts, num_units, where, counts)
@@ -470,7 +495,8 @@ def _unit_file_at(base: Path, textgrid_path: Path) -> Path | None:
     if len(found) > 1:
         raise DocumentError(f"{textgrid_path}: {len(found)} unit files of one utterance: "
                             f"{', '.join(map(str, found))}; keep the one that holds its units "
-                            f"and move the other{'s' if len(found) > 2 else ''} away")
+                            f"and move the other{'s' if len(found) > 2 else ''} away",
+                            kind="several unit files")
     return found[0] if found else None
 
 
@@ -482,27 +508,30 @@ def find_units_file(textgrid_path: Path, textgrid_dir: Path, units_dir: Path) ->
         if found is not None:
             return found
     raise DocumentError(f"{textgrid_path}: no unit file {relative}{{{','.join(UNIT_FILE_SUFFIXES)}}}"
-                        f" under {units_dir}")
+                        f" under {units_dir}", kind="no unit file")
 
 
-def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list[Path]:
-    """All `*.TextGrid` files (the suffix in any case) under `textgrid_dir`, sorted (the corpus
-    order). Refuses TextGrids of one stem in different folders whose unit files `units_dir` does
-    not hold by relative path: the stem fallback of `find_units_file` would give them the same
-    units; and two of one utterance (`a.TextGrid`, `a.textgrid`)."""
+Utterance = tuple[Path, ...]
+"""The TextGrid files of one utterance: one, or several whose suffixes differ only in case
+(`a.TextGrid`, `a.textgrid`, on a case-sensitive file system), which reading it refuses."""
+
+
+def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list[Utterance]:
+    """The utterances of the `*.TextGrid` files (the suffix in any case) under `textgrid_dir`,
+    sorted by their first file (the corpus order). Refuses TextGrids of one stem in different
+    folders whose unit files `units_dir` does not hold by relative path: the stem fallback of
+    `find_units_file` would give them the same units. Two TextGrids of one utterance are that
+    utterance's own error (`utterance_textgrid`), not the corpus's."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
     paths = sorted(path for path in textgrid_dir.rglob("*")
                    if path.suffix.lower() == ".textgrid" and path.is_file())
     if not paths:
         raise DocumentError(f"{textgrid_dir}: no *.TextGrid files found")
-    by_utterance: dict[Path, Path] = {}
+    by_utterance: dict[Path, list[Path]] = {}
     for path in paths:
-        other = by_utterance.setdefault(path.with_suffix(""), path)
-        if other != path:
-            raise DocumentError(f"{other} and {path.name}: two TextGrids of one utterance; "
-                                f"keep one")
+        by_utterance.setdefault(path.with_suffix(""), []).append(path)
     by_stem: dict[str, list[Path]] = {}
-    for path in paths:
+    for path, *_ in by_utterance.values():
         by_stem.setdefault(path.stem, []).append(path)
     for stem, same in by_stem.items():
         if len(same) < 2:
@@ -517,11 +546,19 @@ def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list
                 f"{', ...' if len(same) > 3 else ''}) and {by_stem_only[0]} has no unit file at "
                 f"its relative path under {units_dir}: by name alone they would all read one "
                 f"unit file; lay the unit files out in the TextGrids' folders")
-    return paths
+    return [tuple(files) for files in by_utterance.values()]  # in the order of their first files
+
+
+def utterance_textgrid(utterance: Utterance) -> Path:
+    """The TextGrid of `utterance`; a DocumentError naming both when it has two."""
+    if len(utterance) > 1:
+        raise DocumentError(f"{utterance[0]} and {utterance[1].name}: two TextGrids of one "
+                            f"utterance; keep one", kind="two TextGrids of one utterance")
+    return utterance[0]
 
 
 def unit_files_without_textgrid(textgrid_dir: str | Path, units_dir: str | Path,
-                                utterances: list[Path]) -> list[Path]:
+                                utterances: list[Utterance]) -> list[Path]:
     """Unit files under `units_dir` (sorted) of utterances that no TextGrid of `utterances`
     reads: utterances the aligner left without a TextGrid (MFA lists them in unalignable.txt),
     which the corpus would otherwise leave out without a word. A second unit file of a read
@@ -531,7 +568,7 @@ def unit_files_without_textgrid(textgrid_dir: str | Path, units_dir: str | Path,
                     if path.suffix in UNIT_FILE_SUFFIXES and path.is_file())
     bases = {path.relative_to(units_dir).with_suffix("") for path in listed}
     read = set()  # the relative bases the utterances read, by find_units_file's rule
-    for path in utterances:
+    for path, *_ in utterances:
         relative = path.relative_to(textgrid_dir).with_suffix("")
         read.add(relative if relative in bases else Path(relative.name))
     return [path for path in listed if path.relative_to(units_dir).with_suffix("") not in read]
@@ -543,15 +580,16 @@ def read_textgrid_corpus(textgrid_dir: str | Path, units_dir: str | Path,
                          report: ReadReport | None = None) -> Iterator[SourceDocument]:
     """Aligned documents of every TextGrid under `textgrid_dir` with its unit file."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
-    for path in textgrid_utterances(textgrid_dir, units_dir):
+    for utterance in textgrid_utterances(textgrid_dir, units_dir):
         try:
+            path = utterance_textgrid(utterance)
             units_path = find_units_file(path, textgrid_dir, units_dir)
             doc, counts = parse_textgrid_utterance(path, units_path, tokenizer, frame_rate,
                                                    num_units, tier)
         except (DocumentError, VocabularyError) as error:
             if not skip_bad:
                 raise
-            (report or ReadReport()).skip(error)
+            (report or ReadReport()).skip(str(utterance[0]), error)
             continue
         yield SourceDocument(doc, f"{path} + {units_path}", counts)
 
@@ -589,7 +627,7 @@ class ReadOptions:
 @dataclass
 class Chunk:
     items: list
-    """(line number, line) pairs, or TextGrid paths."""
+    """(line number, line) pairs, or utterances (`Utterance`)."""
     source: str
     """The file the lines come from ("" for TextGrid utterances)."""
     size: int
@@ -627,10 +665,10 @@ def line_chunks(paths: list[str], chunk_size: int) -> Iterator[Chunk]:
             yield Chunk(chunk, str(path), rest)
 
 
-def utterance_chunks(paths: list[Path], chunk_size: int) -> Iterator[Chunk]:
-    """TextGrid paths, `chunk_size` at a time."""
-    for start in range(0, len(paths), chunk_size):
-        chunk = paths[start: start + chunk_size]
+def utterance_chunks(utterances: list[Utterance], chunk_size: int) -> Iterator[Chunk]:
+    """Utterances, `chunk_size` at a time."""
+    for start in range(0, len(utterances), chunk_size):
+        chunk = utterances[start: start + chunk_size]
         yield Chunk(chunk, "", len(chunk))
 
 
@@ -644,11 +682,17 @@ def _worker_tokenizer(path: str, sha256: str) -> TextTokenizer:
     return tokenizer
 
 
+def _item_where(options: ReadOptions, item, source: str) -> str:
+    """Where a chunk item comes from: its utterance's (first) TextGrid, or `file:line`."""
+    return str(item[0]) if options.input_format == "textgrid" else f"{source}:{item[0]}"
+
+
 def _parse_item(options: ReadOptions, tokenizer: TextTokenizer, item, source: str
                 ) -> tuple[Document, Counts]:
     if options.input_format == "textgrid":
-        units_path = find_units_file(item, Path(options.textgrid_dir), Path(options.units_dir))
-        return parse_textgrid_utterance(item, units_path, tokenizer, options.frame_rate,
+        path = utterance_textgrid(item)
+        units_path = find_units_file(path, Path(options.textgrid_dir), Path(options.units_dir))
+        return parse_textgrid_utterance(path, units_path, tokenizer, options.frame_rate,
                                         options.num_units, options.tier)
     number, line = item
     where = f"{source}:{number}"
@@ -667,7 +711,7 @@ def parse_chunk(options: ReadOptions, chunk: Chunk) -> ChunkResult:
         except (DocumentError, VocabularyError) as error:
             if not options.skip_bad:
                 raise
-            result.report.skip(error)
+            result.report.skip(_item_where(options, item, chunk.source), error)
             continue
         result.documents.append(document)
         result.counts.add(counts)

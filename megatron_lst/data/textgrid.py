@@ -29,6 +29,8 @@ from megatron_lst.data.documents import DocumentError
 class TextGridError(DocumentError):
     """A TextGrid file is malformed or lacks the requested tier."""
 
+    kind = "malformed TextGrid"
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -186,7 +188,8 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
     cursor.number("the grid's xmin")
     cursor.number("the grid's xmax")
     if cursor._next("flag", "the tiers flag").value == "<absent>":
-        raise TextGridError(f"{path}: has no tiers; expected a tier named {tier!r}")
+        raise TextGridError(f"{path}: has no tiers; expected a tier named {tier!r}",
+                            kind="no such word tier")
     num_tiers = cursor.count("the number of tiers")
 
     names = []
@@ -219,11 +222,12 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
             cursor.refuse_uncounted(name, size, "points")
             if name == tier:
                 raise TextGridError(f"{path}: tier {tier!r} is a point tier (TextTier); "
-                                    f"word alignments need an interval tier")
+                                    f"word alignments need an interval tier",
+                                    kind="no such word tier")
         else:
             raise TextGridError(f"{path}:{cursor.line()}: unknown tier class {tier_class!r}")
     raise TextGridError(f"{path}: no tier named {tier!r}; the file has tiers {names}; "
-                        f"pass the word tier's name")
+                        f"pass the word tier's name", kind="no such word tier")
 
 
 def _is_time(value) -> bool:

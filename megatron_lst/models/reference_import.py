@@ -126,6 +126,31 @@ REFERENCE_FIELDS_ITS_MODEL_IGNORES = {
 }
 
 
+# Fields of the reference's args that its model reads only in training (`dropout`) or when it
+# initialises new weights (`init_base_std`, `init_std_factor`): an imported model holds trained
+# weights and fine-tunes under lst-train's own flags, so none is carried over. Each: the
+# reference's default, and what lst-train offers in its place (`fields_not_carried_over`).
+REFERENCE_FIELDS_NOT_CARRIED_OVER = {
+    "dropout": (0, "no lst-train flag drops what the reference dropped (the inputs of its local "
+                   "encoder, global model and local decoder, and the decoder's last hidden "
+                   "states); the nearest is lst-train --hidden-dropout, after the global "
+                   "model's attention and MLP blocks"),
+    "init_base_std": (None, "imported weights are not initialised; lst-train --init-method-std "
+                            "sets the std of the normal initialisation of new weights"),
+    "init_std_factor": ("disabled", "imported weights are not initialised, and no lst-train flag "
+                                    "scales an initialisation by depth"),
+}
+
+
+def fields_not_carried_over(model_args: dict) -> list[str]:
+    """A notice for each field of `REFERENCE_FIELDS_NOT_CARRIED_OVER` that `model_args` (the
+    reference's model args) set to other than the reference's default: that it is not carried
+    over, and what lst-train offers in its place."""
+    return [f"reference {name}={model_args[name]!r} is not carried over: {instead}"
+            for name, (default, instead) in REFERENCE_FIELDS_NOT_CARRIED_OVER.items()
+            if model_args.get(name, default) != default]
+
+
 # Sizes the reference reads as `value or derived`: 0 means what null means (heads of hidden size /
 # heads, one key/value head per query head).
 UNSET_WHEN_ZERO = ("head_dim", "n_kv_heads", "n_kv_heads_global")

@@ -101,6 +101,37 @@ def test_tokenizer_and_dtype_survive_reference_portable_dist_portable_reference(
     assert reimported.training_args["tokenizer_model"] == SPM
 
 
+def test_the_import_names_the_training_and_init_fields_it_does_not_carry_over(tmp_path,
+                                                                            capsys):
+    """docs/architecture.md says the reference's dropout and init fields are not carried over;
+    the import said nothing of a run that set them. It prints one notice a field, on stderr."""
+    write_reference(tmp_path)
+    params = tmp_path / "run/params.json"
+    args = {**BASE_ARGS, "dropout": 0.1, "init_base_std": 0.5, "init_std_factor": "current_depth"}
+    params.write_text(json.dumps({"model": args}))
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable", "--num-units", UNITS) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines()
+               if "is not carried over" in line]
+    assert notices == [
+        "lst-convert import-reference: reference dropout=0.1 is not carried over: no lst-train "
+        "flag drops what the reference dropped (the inputs of its local encoder, global model and "
+        "local decoder, and the decoder's last hidden states); the nearest is lst-train "
+        "--hidden-dropout, after the global model's attention and MLP blocks",
+        "lst-convert import-reference: reference init_base_std=0.5 is not carried over: imported "
+        "weights are not initialised; lst-train --init-method-std sets the std of the normal "
+        "initialisation of new weights",
+        "lst-convert import-reference: reference init_std_factor='current_depth' is not carried "
+        "over: imported weights are not initialised, and no lst-train flag scales an "
+        "initialisation by depth"]
+    # the reference's defaults, spelt out: nothing to say
+    params.write_text(json.dumps({"model": {**BASE_ARGS, "dropout": 0.0, "init_base_std": None,
+                                            "init_std_factor": "disabled"}}))
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable2", "--num-units", UNITS) == 0
+    assert "is not carried over" not in capsys.readouterr().err
+
+
 def test_a_bf16_checkpoint_exports_as_bf16_with_the_tokenizer_given(tmp_path, capsys):
     write_reference(tmp_path, dtype=torch.bfloat16)
     assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",

@@ -200,8 +200,35 @@ def test_an_utterance_with_two_unit_files_is_skipped_under_skip_bad(tmp_path, sp
     manifest = preprocess.main([*args, "--skip-bad"])
     assert manifest.counts.documents == 1 and manifest.counts.bad_skipped == 1
     out = capsys.readouterr().out
-    assert "skipped 1 bad documents (--skip-bad)" in out
+    assert "skipped 1 bad documents (--skip-bad;" in out and "1 several unit files, e.g.:" in out
     assert f"spk1/a.TextGrid: 2 unit files of one utterance: {both}" in out
+
+
+def test_an_utterance_with_two_textgrids_is_skipped_under_skip_bad(tmp_path, spm, capsys):
+    """a.TextGrid and a.textgrid, one utterance's two TextGrids, were refused before any
+    utterance was read, stopping the whole --skip-bad run. Without --skip-bad they are refused
+    naming both; with it that utterance alone is skipped, counted and listed."""
+    grids, units = tmp_path / "grids", tmp_path / "units"
+    grids.mkdir()
+    units.mkdir()
+    for name in ("a", "b"):
+        write_textgrid(grids / f"{name}.TextGrid", [Interval(0.0, 0.4, "hello")])
+        np.save(units / f"{name}.npy", np.ones(10, dtype=np.int16))
+    (grids / "a.textgrid").write_bytes((grids / "a.TextGrid").read_bytes())
+    if len(list(grids.iterdir())) < 3:
+        pytest.skip("a case-insensitive file system holds one of a.TextGrid and a.textgrid")
+    args = ["--input-format", "textgrid", "--textgrid-dir", str(grids), "--units-dir",
+            str(units), "--tokenizer-model", str(spm), "--output-prefix", str(tmp_path / "out")]
+    both = rf"{grids / 'a.TextGrid'} and a.textgrid: two TextGrids of one utterance; keep one"
+    with pytest.raises(DocumentError, match=rf"^{both}$"):
+        preprocess.main(args)
+    manifest = preprocess.main([*args, "--skip-bad"])
+    assert manifest.counts.documents == 1 and manifest.counts.bad_skipped == 1
+    captured = capsys.readouterr()
+    assert f"1 two TextGrids of one utterance, e.g.:\n      {both}\n" in captured.out
+    assert "have no TextGrid" not in captured.err  # a.npy is the skipped utterance's
+    rows = (tmp_path / "out.skipped.tsv").read_text().splitlines()
+    assert rows[1:] == [f"{grids / 'a.TextGrid'}\ttwo TextGrids of one utterance\t{both}"]
 
 
 def test_unknown_words_are_counted_and_warned_of(tmp_path, spm, capsys):
@@ -341,6 +368,44 @@ def test_skip_bad_counts_in_manifest(tmp_path, spm, capsys):
     assert "in.jsonl:13: the line holds the byte 0xe9, which is not UTF-8" in out
 
 
+def test_skip_bad_tallies_skips_by_kind_and_lists_every_one(tmp_path, spm, capsys):
+    """The summary showed the first 5 skip messages and no tally: which kinds of problems the
+    other skips were was not said anywhere. It counts them by kind, with a few examples of
+    each, and PREFIX.skipped.tsv lists every one (a run that skips none removes an older list)."""
+    source = tmp_path / "in.jsonl"
+    _synthetic_reference(source, 4)
+    with open(source, "a") as f:
+        for n in range(7):
+            f.write(f"not json {n}\n")
+        for unit in (600, 700):
+            f.write(json.dumps({"interleaved": f"{SEP}TEXT the {SEP}HUBERT {unit}"}) + "\n")
+    prefix = tmp_path / "out"
+    args = ["--input", str(source), "--input-format", "reference-jsonl", "--tokenizer-model",
+            str(spm), "--output-prefix", str(prefix), "--skip-bad", "--workers", "2",
+            "--chunk-size", "3"]
+    manifest = preprocess.main(args)
+    assert manifest.counts.documents == 4 and manifest.counts.bad_skipped == 9
+    out = capsys.readouterr().out
+    assert (f"skipped 9 bad documents (--skip-bad; counted in the manifest, each listed in "
+            f"{prefix}.skipped.tsv), by kind:\n    7 not valid JSON, e.g.:\n") in out
+    assert "    2 unit outside the codebook, e.g.:\n" in out
+    assert [f"in.jsonl:{line}: not valid JSON" in out for line in range(5, 12)] == [
+        True] * 3 + [False] * 4
+    rows = (tmp_path / "out.skipped.tsv").read_text().splitlines()
+    assert rows[0] == "where\tkind\tmessage" and len(rows) == 10
+    where, kind, message = rows[10 - 1].split("\t")
+    assert (where, kind) == (f"{source}:13", "unit outside the codebook")
+    assert message.startswith(f"{source}:13: speech unit 700 ")
+    assert [row.split("\t")[:2] for row in rows[1:8]] == [
+        [f"{source}:{line}", "not valid JSON"] for line in range(5, 12)]
+    _synthetic_reference(source, 4)
+    (tmp_path / "out.partial.skipped.tsv").write_text("a killed run's list\n")
+    preprocess.main(args)
+    assert "skipped" not in capsys.readouterr().out
+    assert not (tmp_path / "out.skipped.tsv").exists()
+    assert not (tmp_path / "out.partial.skipped.tsv").exists()
+
+
 def test_a_compressed_input_is_refused_before_anything_is_read(tmp_path, spm):
     plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
     _synthetic_reference(plain, 5)
@@ -362,7 +427,8 @@ def test_a_run_without_documents_names_the_output_prefix_given(tmp_path, spm):
     out = tmp_path / "out"
     for source, why in ((empty, r"every input was empty\)"),
                         (bad, r"every input was empty or skipped as bad \(1 skipped by "
-                              r"--skip-bad, e.g. .*bad.jsonl:1: not valid JSON")):
+                              r"--skip-bad: 1 not valid JSON; e.g. .*bad.jsonl:1: not valid "
+                              r"JSON")):
         with pytest.raises(DocumentError, match=rf"^--output-prefix {out}: no documents to write "
                                                 rf"\({why}.*; nothing was written"):
             preprocess.main(["--input", str(source), "--input-format", "reference-jsonl",

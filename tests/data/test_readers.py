@@ -124,7 +124,9 @@ def test_reference_skip_bad_counts(tmp_path, tokenizer):
                                         report=report))
     assert [s.where for s in sources] == [f"{path}:1", f"{path}:5"]
     assert report.bad_skipped == 2
-    assert "mixed.jsonl:3" in report.examples[0] and "mixed.jsonl:4" in report.examples[1]
+    assert [(skip.where, skip.kind) for skip in report.skipped] == [
+        (f"{path}:3", "not valid JSON"), (f"{path}:4", "unit outside the codebook")]
+    assert report.skipped[0].message.startswith(f"{path}:3: not valid JSON")
 
 
 def test_text_jsonl(tmp_path, tokenizer):
@@ -435,6 +437,12 @@ def test_textgrid_suffix_in_another_case_is_read(tmp_path, tokenizer):
         with pytest.raises(DocumentError, match=r"a.TEXTGRID and a.TextGrid: two TextGrids of "
                                                 r"one utterance; keep one"):
             list(read_textgrid_corpus(grids, units, tokenizer, num_units=20))
+        report = ReadReport()  # skip_bad: that utterance alone is skipped
+        sources = list(read_textgrid_corpus(grids, units, tokenizer, num_units=20,
+                                            skip_bad=True, report=report))
+        assert [s.document.unit_ids[0] for s in sources] == [2]
+        assert [(skip.where, skip.kind) for skip in report.skipped] == [
+            (str(grids / "a.TEXTGRID"), "two TextGrids of one utterance")]
 
 
 @pytest.mark.parametrize(("compress", "named", "command"), [
