@@ -1,7 +1,8 @@
 """Patch-level autoregressive generation with caches for every part of the model.
 
 One step predicts the token after the sequence so far, `x_0 .. x_t`, with
-`patch_lengths = generation_patch_lengths(x, ...)` (`[P]`; the last patch is still open):
+`patch_lengths = generation_patch_lengths(x, ...)` (`[P]`; the last patch is still open; the
+cached loop keeps them up to date a token at a time, `GenerationPatching`):
 - the token encoder runs on the new token only, with a sliding-window KV cache per layer;
 - the patch encoder runs once for each patch closed since the last step (its slots see only the
   tokens of their last W patches, all encoded already);
@@ -13,9 +14,9 @@ One step predicts the token after the sequence so far, `x_0 .. x_t`, with
 Only closed patches reach the global model, and each does once: the decoder at token t reads only
 global patches that end at or before t (docs/architecture.md#the-batch-contract), i.e. closed ones, so the output of
 the open patch is never needed. One exception to "each token once": when a text token ends a
-speech run, the run's short last patch closes, and the tokens in it move to the decoder patch
-that reads it; the decoder takes those few tokens (fewer than p) again, so the cached loop
-computes what the full model computes on the whole sequence (tested to 1e-5 on the logits).
+speech run, the run's short last patch closes, and its last token moves to the decoder patch
+that reads it; the decoder takes that token again, so the cached loop computes what the full
+model computes on the whole sequence (tested to 1e-5 on the logits).
 
 Where patches end at generation time (static patching with p units, the rule inference uses):
 - a text token (BOS, `<t>`, a piece, EOS) is a patch of its own and closes at once;
@@ -40,6 +41,7 @@ the same patch lengths: the reference implementation's way, and what the cache m
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from dataclasses import dataclass, field
@@ -117,6 +119,61 @@ def generation_patch_lengths(tokens: np.ndarray, vocab: JointVocab, patch_size: 
         lengths[-1] += 1
         return lengths
     return np.append(lengths, 1).astype(np.int32)
+
+
+class GenerationPatching:
+    """`generation_patch_lengths` of a sequence that grows a token at a time, as the boundaries
+    of its patches, updated in O(1) per token (recomputing the whole sequence's patching every
+    step made generating N tokens O(N^2) on the host).
+
+    `bounds` (`[P + 1]` ints): 0, then the end of each patch; the last patch holds the next
+    token's slot, so `bounds[-1]` is the number of tokens plus 1. Entries are appended and only
+    the last one ever moves, so the bounds of a closed patch never change.
+    """
+
+    def __init__(self, vocab: JointVocab, patch_size: int):
+        self.vocab = vocab
+        self.patch_size = patch_size
+        self.bounds = [0, 1]  # no token yet: the next token's slot is patch 0
+        self.run_offset: int | None = None
+        """Offset of the last token in its patchable run (`<s>` is 0), None after a text token."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.bounds[-1] - 1
+
+    @property
+    def num_patches(self) -> int:
+        """P, the next token's slot's patch included."""
+        return len(self.bounds) - 1
+
+    def append(self, token: int) -> None:
+        """Add `token` in the slot (position N), then a slot for the next token: the static
+        rule, one token at a time."""
+        position, bounds = self.num_tokens, self.bounds
+        if self.vocab.is_patchable_static(token):
+            self.run_offset = 0 if self.run_offset is None else self.run_offset + 1
+            starts_patch = self.run_offset % self.patch_size == 0
+        else:
+            self.run_offset = None
+            starts_patch = True
+        if starts_patch and bounds[-2] != position:
+            # The slot had joined an open speech patch, which `token` (text) closes short.
+            bounds[-1] = position
+            bounds.append(position + 1)
+        # The next slot joins `token`'s patch if that is an open speech patch.
+        if self.run_offset is not None and self.run_offset % self.patch_size < self.patch_size - 1:
+            bounds[-1] = position + 2
+        else:
+            bounds.append(position + 2)
+
+    def decoder_patch_ids(self, start: int) -> list[int]:
+        """The decoder patch ids of tokens `start .. N-1`, as `patch_ids_from_lengths(lengths
+        [:, 1:], N)` gives them: token i is in decoder patch j when `bounds[j + 1] <= i +
+        bounds[1] < bounds[j + 2]`."""
+        first_length = self.bounds[1]
+        return [bisect.bisect_right(self.bounds, token + first_length) - 2
+                for token in range(start, self.num_tokens)]
 
 
 def build_prompt(vocab: JointVocab, tokenizer=None, text: str | None = None,
@@ -266,8 +323,8 @@ class _CachedLST:
     caches (`SlidingKVCache`, `DecoderCache`), the patch encoder and the global model
     (`_CachedGlobal`) run once per closed patch, and `step` returns what the full model returns
     for the last token. Each token goes through the encoder once and through the decoder once,
-    except the few tokens of a short speech patch that closes when a text token ends the run:
-    their decoder patch changes (see `DecoderCache`), so the decoder takes them again.
+    except the last token of a short speech patch that closes when a text token ends the run:
+    its decoder patch changes (see `DecoderCache`), so the decoder takes it again.
 
     Whatever grows with the sequence (the encoder's states of every token, the decoder's slots
     and patch ids, the global KV cache) lives in a buffer of its maximum size, `max_tokens`
@@ -288,11 +345,12 @@ class _CachedLST:
         self.state_buffers: list[torch.Tensor] = []  # per encoder layer, [1, T_max, De]
         self.num_tokens = 0  # tokens encoded so far, T
 
-    def _encode(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Run the token encoder on the tokens of `tokens [1, N]` not encoded yet -> each
-        layer's states of the whole sequence, `[1, N, De]` views of the buffers."""
-        seen, total = self.num_tokens, tokens.shape[1]
-        new_states = self.model.token_encoder.forward_step(tokens[:, seen:], seen,
+    def _encode(self, new_tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Run the token encoder on the next tokens `new_tokens [1, n]` -> each layer's states
+        of the whole sequence, `[1, N, De]` views of the buffers."""
+        seen = self.num_tokens
+        total = seen + new_tokens.shape[1]
+        new_states = self.model.token_encoder.forward_step(new_tokens, seen,
                                                            self.encoder_caches)  # [1, n, De] each
         if not self.state_buffers:  # the encoder's dtype and width are known now
             self.state_buffers = [states.new_empty(1, self.max_tokens, states.shape[-1])
@@ -302,16 +360,17 @@ class _CachedLST:
         self.num_tokens = total
         return [buffer[:, :total] for buffer in self.state_buffers]
 
-    def step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """tokens `[1, N]` (the whole sequence), lengths `[1, P]` its generation patching ->
-        logits `[V]` of the next token."""
-        from lst_kernels import patch_ids_from_lengths
+    def step(self, new_tokens: torch.Tensor, patching: GenerationPatching) -> torch.Tensor:
+        """new_tokens `[1, n]`: the tokens after those of the last call; `patching`: the
+        generation patching of the whole sequence, these tokens included -> logits `[V]` of
+        the next token. Nothing here reads the whole sequence: the new tokens, the patches they
+        closed and the decoder patch ids of the last few tokens."""
         from megatron.core import parallel_state, tensor_parallel
 
         model = self.model
-        layer_states = self._encode(tokens)  # per encoder layer, [1, N, De]
-        bounds = np.concatenate([[0], np.cumsum(lengths[0].tolist())]).tolist()
-        closed = range(self.global_model.num_patches, lengths.shape[1] - 1)  # the last is open
+        layer_states = self._encode(new_tokens)  # per encoder layer, [1, N, De]
+        bounds = patching.bounds  # [P + 1], read at the new closed patches only
+        closed = range(self.global_model.num_patches, patching.num_patches - 1)  # last is open
         new_global = layer_states[-1].new_zeros(1, 0, model.config.hidden_size)  # [1, m, Dg]
         if closed:
             vectors = torch.cat([model.patch_encoder.encode_patch(layer_states, bounds, patch)
@@ -319,12 +378,16 @@ class _CachedLST:
             if model.global_input_projection is not None:
                 vectors = model.global_input_projection(vectors)
             new_global = self.global_model.extend(vectors.transpose(0, 1)).transpose(0, 1)
-        patch_ids = patch_ids_from_lengths(lengths[:, 1:], tokens.shape[1])  # [1, N]
+        # Decoder patch ids of the cached tokens a new token can move (the last p at most, see
+        # `DecoderCache.changeable_from`) and of the new tokens.
+        start = self.decoder_cache.changeable_from
+        patch_ids = torch.tensor([patching.decoder_patch_ids(start)])  # [1, N - start]
         keep = self.decoder_cache.first_changed(patch_ids[0])
         self.decoder_cache.rollback(keep)
         hidden = model.local_decoder.forward_step(
-            layer_states[-1][:, keep:], new_global, patch_ids[:, keep:], lengths.shape[1],
-            keep, self.decoder_cache)  # [1, n, Dd]
+            layer_states[-1][:, keep:], new_global,
+            patch_ids[:, keep - start:].to(new_tokens.device), patching.num_patches, keep,
+            self.decoder_cache)  # [1, n, Dd]
         logits, _ = model.output_layer(hidden[:, -1:])  # [1, 1, V/tp]
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(
             logits, parallel_state.get_tensor_model_parallel_group())
@@ -340,14 +403,15 @@ class _CachedBaseline:
         self.model = model
         self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=max_tokens)
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """new_tokens `[1, n]`: the tokens after those of the last call -> logits `[V]` of the
+        next token."""
         from megatron.core.models.gpt import GPTModel
 
-        new = tokens[:, self.context.sequence_len_offset:]  # [1, n]
-        logits = GPTModel.forward(self.model, input_ids=new, position_ids=None,
+        logits = GPTModel.forward(self.model, input_ids=new_tokens, position_ids=None,
                                   attention_mask=None, inference_context=self.context,
                                   runtime_gather_output=True)
-        self.context.sequence_len_offset += new.shape[1]
+        self.context.sequence_len_offset += new_tokens.shape[1]
         return logits[0, -1].float()
 
 
@@ -411,24 +475,31 @@ def _generate(model, prompt: np.ndarray, vocab: JointVocab, patch_size: int | No
 
     allowed = None  # [V] bool, once the logits' size is known
     sequence = prompt.tolist()
+    patching = GenerationPatching(vocab, patch_size) if is_lst else None
     result = GenerationResult(np.zeros(0, np.int64), 0, 0.0, False)
     closed = None  # global positions of the sequence so far: closed patches, or tokens
+    fed = 0  # tokens of `sequence` the cache has seen
     start = time.perf_counter()
     for _ in range(sampling.max_new_tokens):
-        tokens = torch.tensor([sequence], dtype=torch.int64, device=device)  # [1, N]
-        lengths = None
         if is_lst:
-            lengths = torch.from_numpy(
-                generation_patch_lengths(np.asarray(sequence), vocab, patch_size))[None].to(device)
-        positions = lengths.shape[1] if is_lst else len(sequence)
+            for token in sequence[patching.num_tokens:]:
+                patching.append(token)
+        positions = patching.num_patches if is_lst else len(sequence)
         if positions > model.lst_config.max_sequence_length:
             if len(sequence) == len(prompt):
                 raise PromptTooLongError(_prompt_too_long(positions, model.lst_config, is_lst))
             result.stopped_at_context_limit = True
             break
         if cache is not None:
-            logits = cache.step(tokens, lengths) if is_lst else cache.step(tokens)
+            new_tokens = torch.tensor([sequence[fed:]], dtype=torch.int64, device=device)  # [1, n]
+            fed = len(sequence)
+            logits = cache.step(new_tokens, patching) if is_lst else cache.step(new_tokens)
         else:  # the whole model on the whole sequence, the reference implementation's way
+            tokens = torch.tensor([sequence], dtype=torch.int64, device=device)  # [1, N]
+            lengths = None
+            if is_lst:
+                lengths = torch.from_numpy(generation_patch_lengths(
+                    np.asarray(sequence), vocab, patch_size))[None].to(device)  # [1, P]
             logits = model(tokens, lengths)[0, -1]
         # What the cached loop runs the global model on, counted the same with or without it
         # (re-running the whole sequence counted every position again, the prompt's included).

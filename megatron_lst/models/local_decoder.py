@@ -115,13 +115,15 @@ class DecoderCache:
     place: growing them by concatenation copied all of them at every step.
 
     A token's decoder patch can change after it was decoded: when a text token ends a speech run,
-    the run's short last patch closes and the tokens in it move to the decoder patch that reads
-    it (as static patching of the whole sequence has it). `rollback` then takes those tokens
-    back (`spare` bounds how many: at most the patch size)."""
+    the run's short last patch closes, and its last token, decoded while the next token's slot
+    still belonged to that patch, moves to the decoder patch that reads it (as static patching
+    of the whole sequence has it). `rollback` then takes it back (`spare`, the patch size,
+    bounds how many tokens it can take back)."""
 
     def __init__(self, decoder: LocalDecoder, spare: int, max_patches: int, max_tokens: int):
         self.layers = [SlidingKVCache(layer.self_attention.core_attention.window, spare)
                        for layer in decoder.layers]
+        self.spare = spare
         self.max_slots = max_patches * decoder.slots_per_patch
         self.num_slots = 0
         self._slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # per cross layer, [1, S_max, H, d]
@@ -132,11 +134,6 @@ class DecoderCache:
     def slots(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per cross-attention layer, the keys and values of the cached slots, `[1, S, H, d]`."""
         return [(k[:, :self.num_slots], v[:, :self.num_slots]) for k, v in self._slots]
-
-    @property
-    def patch_ids(self) -> torch.Tensor:
-        """`[decoded]` the decoder patch id of each cached token."""
-        return self._patch_ids[:self.num_decoded]
 
     def add_slots(self, keys_values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Append the keys and values `[1, m, H, d]` of new slots, one pair per cross layer."""
@@ -155,12 +152,22 @@ class DecoderCache:
         self._patch_ids[self.num_decoded:end] = patch_ids
         self.num_decoded = end
 
+    @property
+    def changeable_from(self) -> int:
+        """The first cached token whose decoder patch id the next tokens can change. Token i's
+        decoder patch is the patch of position i + L0 (L0 = the first patch's length, at most
+        the patch size `spare`), and a new token moves only the position it takes (it was the
+        slot, which leaves a short patch when the token closes it), so only the token L0
+        before it, one of the last `spare` decoded, can change."""
+        return max(self.num_decoded - self.spare, 0)
+
     def first_changed(self, patch_ids: torch.Tensor) -> int:
-        """The first cached token whose decoder patch id differs in `patch_ids [N]` (the whole
-        sequence's), or the number of cached tokens if none does."""
-        cached = self.num_decoded
-        changed = torch.nonzero(self.patch_ids != patch_ids[:cached].cpu())
-        return int(changed[0, 0]) if len(changed) else cached
+        """The first cached token whose decoder patch id differs in `patch_ids` (`[N - c]`, on
+        the host: the ids of tokens c = `changeable_from` .. N-1), or the number of cached
+        tokens if none does. Compares at most `spare` ids, however long the sequence."""
+        start, cached = self.changeable_from, self.num_decoded
+        changed = torch.nonzero(self._patch_ids[start:cached] != patch_ids[:cached - start])
+        return start + int(changed[0, 0]) if len(changed) else cached
 
     def rollback(self, keep: int) -> None:
         """Keep only the first `keep` decoded tokens."""

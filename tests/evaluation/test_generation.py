@@ -13,6 +13,7 @@ from eval_cases import tiny_model
 from megatron_lst.data.interleave import InterleavedDocument
 from megatron_lst.evaluation.generation import (
     GenerationError,
+    GenerationPatching,
     SamplingConfig,
     _sample,
     generate,
@@ -147,6 +148,48 @@ def test_cached_steps_copy_no_more_when_the_sequence_grows(models, monkeypatch):
     assert largest[0] == largest[1] > 0
 
 
+def test_cached_steps_read_only_the_new_token_and_the_last_patches(models, monkeypatch):
+    """A cached step's host work does not grow with the sequence: the cache takes the new token
+    only, each token is patched once (no step recomputes the whole sequence's patching or
+    decoder patch ids), and the decoder patch ids a step computes are those of the new token
+    and the last p decoded ones, after 60 tokens as after 240. Rebuilding the token tensor, the patching and the patch ids
+    of the whole sequence every step made generating N tokens O(N^2) on the host."""
+    from megatron_lst.evaluation import generation
+    from megatron_lst.models.local_decoder import DecoderCache
+
+    def whole_sequence(*args, **kwargs):
+        raise AssertionError("the cached loop recomputed the whole sequence's patching")
+
+    for name in ("generation_patch_lengths", "static_patch_lengths"):
+        monkeypatch.setattr(generation, name, whole_sequence)
+    monkeypatch.setattr("lst_kernels.patch_ids_from_lengths", whole_sequence)
+    appended, new_tokens, compared = [], [], []  # per call or step of the current run
+    append, step, first_changed = (GenerationPatching.append, generation._CachedLST.step,
+                                   DecoderCache.first_changed)
+    monkeypatch.setattr(GenerationPatching, "append",
+                        lambda self, token: appended.append(token) or append(self, token))
+    monkeypatch.setattr(generation._CachedLST, "step", lambda self, tokens, patching: (
+        new_tokens.append(tokens.shape[1]) or step(self, tokens, patching)))
+    monkeypatch.setattr(DecoderCache, "first_changed", lambda self, patch_ids: (
+        compared.append(len(patch_ids)) or first_changed(self, patch_ids)))
+    ids = prompts()["speech"]
+    handle = _never_eos(models["lst"])
+    try:
+        for length in (60, 240):
+            for log in (appended, new_tokens, compared):
+                log.clear()
+            result = generate(models["lst"], ids, vocab(), PatchingConfig("static", patch_size=4),
+                              SamplingConfig(temperature=1.0, max_new_tokens=length, seed=1))
+            assert len(result.tokens) == length
+            fed = np.concatenate([ids, result.tokens])[:-1]  # the last token is never fed
+            assert appended == fed.tolist()
+            assert new_tokens == [len(ids)] + [1] * (length - 1)
+            # The decoder patch ids of the new token and of the last p = 4 decoded ones.
+            assert compared == [len(ids)] + [1 + 4] * (length - 1)
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("patching", [
     PatchingConfig("mixed", patch_size=3, prob_static=0.0),
     PatchingConfig("curriculum", patch_size=3, aligned_until_step=10, static_from_step=20)])
@@ -187,7 +230,8 @@ def test_a_long_generation_computes_a_few_rope_tables(single_rank, monkeypatch, 
 
 def test_local_models_see_each_token_once(models, monkeypatch):
     """The cached loop runs the token encoder on each token once, and the decoder on each token
-    once plus the tokens of short speech patches that close when a text token ends a run."""
+    once plus the last token of each short speech patch that a text token closes (its decoder
+    patch moves to the one that reads the closed patch)."""
     from megatron_lst.models.local_decoder import LocalDecoder
     from megatron_lst.models.local_encoder import TokenEncoder
 
@@ -208,9 +252,13 @@ def test_local_models_see_each_token_once(models, monkeypatch):
     result = generate(models["lst"], ids, vocab(), STATIC, sampling)
     sequence = np.concatenate([ids, result.tokens])[:-1]  # the last token is never fed back
     assert counts["encoder"] == len(sequence)
-    units = vocab().is_unit(sequence)
-    run_ends = int((units[:-1] & ~units[1:]).sum())
-    assert len(sequence) < counts["decoder"] <= len(sequence) + run_ends * (STATIC.patch_size - 1)
+    lengths = static_patch_lengths(InterleavedDocument.from_tokens(sequence, vocab()),
+                                   STATIC.patch_size)
+    last = np.cumsum(lengths)[:-1] - 1  # the last token of each patch a token follows
+    patchable = vocab().is_patchable_static(sequence)
+    closed_short = (last + 1 >= len(ids)) & (lengths[:-1] < STATIC.patch_size) & patchable[last]
+    assert closed_short.sum() > 0
+    assert counts["decoder"] == len(sequence) + closed_short.sum()
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -243,6 +291,35 @@ def test_generation_patches_are_the_static_patches_of_the_result():
     # Predicting the last token: the patches of the prefix plus its slot are the final ones.
     np.testing.assert_array_equal(generation_patch_lengths(sequence[:-1], v, 3), expected)
     assert generation_patch_lengths(sequence[:1], v, None).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 3, 4, 5])
+def test_generation_patching_a_token_at_a_time_is_generation_patch_lengths(patch_size):
+    """After each token: the boundaries are those of `generation_patch_lengths` of the sequence
+    so far, and the decoder patch ids those `patch_ids_from_lengths` gives the decoder (speech
+    runs of every length, ending in text or in a marker; sequences that start with speech,
+    whose first patch is longer than one token, too)."""
+    from lst_kernels import patch_ids_from_lengths
+
+    v = vocab()
+    rng = np.random.default_rng(patch_size)
+    for first in (v.bos_id, v.speech_marker):
+        sequence = [first]
+        while len(sequence) < 120:
+            if rng.random() < 0.5:
+                run = v.unit_offset + rng.integers(v.num_units, size=rng.integers(0, 9))
+                sequence += [v.speech_marker, *run.tolist()]
+            sequence += rng.choice([v.text_marker, 20, 31, 5], size=rng.integers(1, 3)).tolist()
+        patching = GenerationPatching(v, patch_size)
+        for n, token in enumerate(sequence, start=1):
+            patching.append(token)
+            lengths = generation_patch_lengths(np.array(sequence[:n]), v, patch_size)
+            assert patching.bounds == [0, *np.cumsum(lengths).tolist()]
+            assert patching.num_patches == len(lengths) and patching.num_tokens == n
+            decoder_ids = patch_ids_from_lengths(torch.from_numpy(lengths)[None, 1:], n)[0]
+            assert patching.decoder_patch_ids(0) == decoder_ids.tolist()
+            tail = max(n - 2, 0)
+            assert patching.decoder_patch_ids(tail) == decoder_ids[tail:].tolist()
 
 
 def test_sampling():
