@@ -47,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lst-train: {error}", file=sys.stderr)
         # A damaged --load checkpoint found by the flag checks (`DamagedCheckpointFlagError`).
         return EXIT_CHECKPOINT_REFUSED if isinstance(error, CheckpointError) else 2
+    except KeyboardInterrupt:  # the checks read every dataset's index: they can take a while
+        print("lst-train: interrupted by SIGINT (Ctrl-C) during the flag checks: nothing was "
+              "trained or saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
     note_missing_fused_kernels()
     from megatron_lst.data.dataset import DatasetError
     from megatron_lst.data.documents import DocumentError

@@ -62,7 +62,7 @@ import os, signal, sys, time
 
 from megatron_lst.training import cli, loop
 
-def interrupted(args):
+def interrupted(*args):
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(60)
 
@@ -71,19 +71,30 @@ sys.exit(cli.main())
 """
 
 
-def test_ctrl_c_without_the_signal_handler_exits_130_with_one_line(tmp_path):
+CTRL_C_DURING_THE_FLAG_CHECKS = CTRL_C_DURING_TRAINING.replace("loop.pretrain = ",
+                                                              "cli.validate_args = ")
+
+
+@pytest.mark.parametrize("script, last_line", [
+    (CTRL_C_DURING_TRAINING,
+     "lst-train: interrupted by SIGINT (Ctrl-C): stopped without saving the iteration it was "
+     "in; the checkpoints saved before are kept. To save one before stopping on SIGINT, add "
+     "--exit-signal-handler --exit-signal SIGINT"),
+    (CTRL_C_DURING_THE_FLAG_CHECKS,
+     "lst-train: interrupted by SIGINT (Ctrl-C) during the flag checks: nothing was trained or "
+     "saved"),
+], ids=["training", "flag_checks"])
+def test_ctrl_c_without_the_signal_handler_exits_130_with_one_line(tmp_path, script, last_line):
     """A SIGINT that --exit-signal-handler does not watch ended the run with KeyboardInterrupt's
-    traceback through the training loop. Run apart: pytest takes a KeyboardInterrupt for its own."""
-    run = subprocess.run([sys.executable, "-c", CTRL_C_DURING_TRAINING,
+    traceback, in the training loop or in the flag checks. Run apart: pytest takes a
+    KeyboardInterrupt for its own."""
+    run = subprocess.run([sys.executable, "-c", script,
                           *tiny_flags(write_corpus(tmp_path)), "--train-iters", "2"],
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert run.returncode == 130, run.stderr[-3000:]  # docs/training.md: 128 + SIGINT
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
-    assert run.stderr.strip().splitlines()[-1] == (
-        "lst-train: interrupted by SIGINT (Ctrl-C): stopped without saving the iteration it was "
-        "in; the checkpoints saved before are kept. To save one before stopping on SIGINT, add "
-        "--exit-signal-handler --exit-signal SIGINT")
+    assert run.stderr.strip().splitlines()[-1] == last_line
 
 
 @pytest.mark.slow
