@@ -70,10 +70,15 @@ class ExitMonitor:
 
     def _handle(self, signum: int, frame) -> None:
         del frame
+        name = signal.Signals(signum).name
         if self.received is None:
             self.received = signal.Signals(signum)
-        _say_from_handler(f"received {signal.Signals(signum).name}: saving a checkpoint after "
-                          f"this iteration, then exiting\n")
+            _say_from_handler(f"received {name}: saving a checkpoint after this iteration, then "
+                              f"exiting\n")
+        else:  # a scheduler's repeated notice, or an impatient user: the first one still holds
+            _say_from_handler(f"received {name}: already stopping after this iteration's "
+                              f"checkpoint (a SIGKILL before it is written loses this "
+                              f"iteration's work)\n")
 
     def reason(self, iteration: int) -> str | None:
         """Collective (when signals or a duration are watched): why the run stops after

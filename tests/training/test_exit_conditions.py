@@ -88,6 +88,21 @@ def test_a_signal_that_interrupts_a_write_to_stderr_is_held_not_raised(world_of_
     assert "received SIGUSR1: saving a checkpoint after this iteration" in capfd.readouterr().err
 
 
+def test_a_second_signal_says_the_stop_is_under_way(world_of_one, capfd):
+    """A second signal repeated 'saving a checkpoint after this iteration', as if another save
+    were coming; the reason stays the first signal's."""
+    monitor = ExitMonitor(ExitConditions(signals=(signal.SIGUSR1, signal.SIGUSR2)),
+                          time.monotonic())
+    with monitor:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert monitor.reason(1) == "received SIGUSR1"
+    assert capfd.readouterr().err.splitlines() == [
+        "received SIGUSR1: saving a checkpoint after this iteration, then exiting",
+        "received SIGUSR2: already stopping after this iteration's checkpoint (a SIGKILL "
+        "before it is written loses this iteration's work)"]
+
+
 def test_duration_and_interval_reasons(world_of_one):
     started_two_minutes_ago = time.monotonic() - 120
     assert ExitMonitor(ExitConditions(duration_minutes=3), started_two_minutes_ago).reason(5) \
