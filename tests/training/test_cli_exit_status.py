@@ -57,9 +57,14 @@ def test_an_unexpected_error_is_printed_before_the_rank_waits_for_the_others(tmp
     assert "Traceback" in err and err.strip().endswith("ZeroDivisionError: a bug")
 
 
+# SIGINT delivered and Python's handler first: a child inherits SIGINT ignored (a shell's
+# background job) or blocked from its parent, and in one clean-clone .ci/run the child
+# exited 0 after its sleep, never interrupted; a terminal's lst-train gets Ctrl-C.
 CTRL_C_DURING_TRAINING = """
 import os, signal, sys, time
 
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from megatron_lst.training import cli, loop
 
 def interrupted(*args):
