@@ -130,13 +130,15 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     """Every tensor of a TP=1/PP=1 `LSTModel`, detached and contiguous, in canonical names."""
     if not (model.pre_process and model.post_process) or model.config.tensor_model_parallel_size != 1:
         raise ValueError("full_state_dict needs a TP=1/PP=1 model; build one with build_full_model")
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if key.endswith("_extra_state"):
-            continue
-        name, _ = canonical_name(model, key)
-        state[name] = tensor.detach().contiguous()
-    return state
+    return {name: tensor.detach().contiguous()
+            for name, tensor in _canonical_tensors(model, keep_vars=False).items()}
+
+
+def _canonical_tensors(model, keep_vars: bool) -> dict[str, torch.Tensor]:
+    """`model.state_dict(keep_vars=...)` in canonical names, without megatron's extra states."""
+    return {canonical_name(model, key)[0]: tensor
+            for key, tensor in model.state_dict(keep_vars=keep_vars).items()
+            if not key.endswith("_extra_state")}
 
 
 @contextlib.contextmanager
@@ -145,10 +147,7 @@ def weights_as(model, dtypes: dict[str, torch.dtype]) -> Iterator[None]:
     (cast in place), and in its own dtype again after. Exact both ways for the weights of a
     checkpoint held in a narrower dtype (bf16 in an fp32 model): a save in the block writes
     them as that checkpoint held them."""
-    tensors = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if not key.endswith("_extra_state"):
-            tensors[canonical_name(model, key)[0]] = tensor
+    tensors = _canonical_tensors(model, keep_vars=True)
     own = {name: tensor.dtype for name, tensor in tensors.items()}
     try:
         for name, tensor in tensors.items():
