@@ -2,13 +2,18 @@
 
 `build_model` picks the model for a patching mode: `none` gives the token baseline, every other
 mode the LST model (patching itself happens in the data pipeline; the model reads patch_lengths).
+
+The model classes and gradient hooks load on first use (PEP 562 `__getattr__`): they import
+megatron.core, which takes seconds, and flag parsing, `--help` and the refusals of bad flags need
+only the configs.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from megatron_lst.patching.curriculum import PATCHING_MODES
 
-from .baseline import TokenBaselineModel
 from .config import (
     PRESETS,
     CrossAttentionConfig,
@@ -19,8 +24,19 @@ from .config import (
     preset,
     swiglu_ffn_size,
 )
-from .lst_model import LSTModel
-from .replicated_parameters import finalize_lst_model_grads, finalize_replicated_encoder_grads
+
+_ON_FIRST_USE = {
+    "LSTModel": ".lst_model",
+    "TokenBaselineModel": ".baseline",
+    "finalize_lst_model_grads": ".replicated_parameters",
+    "finalize_replicated_encoder_grads": ".replicated_parameters",
+}
+
+
+def __getattr__(name: str):
+    if name not in _ON_FIRST_USE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_ON_FIRST_USE[name], __name__), name)
 
 
 def build_model(
@@ -42,8 +58,10 @@ def build_model(
     if patching_mode not in PATCHING_MODES:
         raise ModelConfigError(f"patching mode {patching_mode!r} is not one of {PATCHING_MODES}")
     if patching_mode == "none":
+        from .baseline import TokenBaselineModel
         return TokenBaselineModel(config, megatron_config, pre_process, post_process, transformer_impl,
                                   kernel_backend)
+    from .lst_model import LSTModel
     return LSTModel(config, megatron_config, pre_process, post_process, transformer_impl,
                     local_attention_backend, kernel_backend)
 

@@ -28,7 +28,7 @@ from megatron_lst.training.train_logging import (
     note_missing_fused_kernels,
 )
 
-# Nothing here imports torch or megatron.core at import time: saving a dist checkpoint spawns a
+# Nothing here imports megatron.core at import time: saving a dist checkpoint spawns a
 # process that re-imports the entry module (this one, or pretrain_lst.py that imports it), and
 # megatron.core's import-time warnings would be printed again at the first save.
 
