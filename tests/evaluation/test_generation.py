@@ -228,13 +228,18 @@ def test_cached_generation_is_bit_identical_to_concatenating_caches(models, monk
     assert len(in_place.tokens) == 120 and (units[:-1] & ~units[1:]).any()
 
 
-def test_a_cached_step_reads_nothing_back_from_the_device(models):
-    """On CUDA each read of a tensor by the host waits for the GPU (tests/models/host_syncs.py).
-    A cached LST step queues the whole model without reading anything back; the only reads are
-    of each step's logits, to sample from them (`_generate`, `_sample`). The decoder copied each
-    token's patch ids back to the host, waiting mid-step for the encoder and the global model.
-    Left out: the CPU kernels and the CPU-only check of patch lengths, which never run on CUDA."""
+def test_a_cached_step_waits_for_the_device_only_to_sample(models, monkeypatch):
+    """On CUDA each read of a tensor by the host waits for the GPU (tests/models/host_syncs.py),
+    and so does a tensor made on the GPU from host values (`torch.tensor(..., device=)`) once
+    work is queued. A cached LST step queues the whole model without either; the only reads are
+    of each step's logits, to sample from them (`_generate`, `_sample`), where the next step's
+    tokens go to the device too. The decoder copied each token's patch ids back to the host,
+    and the patch encoder each closed patch's length to the device, waiting mid-step for the
+    encoder and the global model. Left out: the CPU kernels and the CPU-only check of patch
+    lengths, which never run on CUDA."""
     import inspect
+    import sys
+    from pathlib import Path
 
     import lst_kernels.ranges
     from models.host_syncs import record_host_syncs
@@ -250,6 +255,17 @@ def test_a_cached_step_reads_nothing_back_from_the_device(models):
                       for line in lines(function)}
     cpu_only = {("lst_kernels/ranges.py", line)
                 for line in lines(lst_kernels.ranges._refuse_negative_lengths)}
+    copies = []  # (file, line) of each torch.tensor(..., device=) call of the project's code
+    make_tensor = torch.tensor
+
+    def recording_tensor(*args, **kwargs):
+        frame = sys._getframe(1)
+        if kwargs.get("device") is not None and frame.f_globals["__name__"].startswith(
+                ("megatron_lst", "lst_kernels")):
+            copies.append((frame.f_code.co_filename, frame.f_lineno))
+        return make_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", recording_tensor)
     handle = _never_eos(models["lst"])
     try:
         with record_host_syncs() as reads:
@@ -263,6 +279,8 @@ def test_a_cached_step_reads_nothing_back_from_the_device(models):
                   and not site[0].endswith("patch_attention_reference.py")}
     assert step_reads == {}
     assert sum(reads[site] for site in reads if site[:2] in sampling_reads) == 3 * 30
+    assert {(Path(file).name, line in lines(generation._generate)) for file, line in copies} == {
+        ("generation.py", True)}
 
 
 def test_cached_steps_read_only_the_new_token_and_the_last_patches(models, monkeypatch):
