@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -109,6 +111,29 @@ def comparison_lines(results: list[Result], units: int, patch_size: int) -> list
     return lines
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any model is built, a flag the runs cannot use (each was a traceback, the
+    --json folder one only after every run), with argparse's one line and exit status 2."""
+    from megatron_lst.models.config import PRESETS
+
+    if args.preset not in PRESETS:
+        parser.error(f"--preset {args.preset} is not a preset; choose one of {', '.join(PRESETS)}")
+    for flag in ("--units", "--prompt-units", "--patch-size"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if not 0 < args.frame_rate < math.inf:
+        parser.error(f"--frame-rate must be a positive number of units a second, got "
+                     f"{args.frame_rate}")
+    if args.json is not None:
+        json_path = Path(args.json)
+        if not json_path.parent.is_dir():
+            parser.error(f"--json {args.json}: directory {json_path.parent} does not exist; "
+                         f"create it or write elsewhere")
+        if json_path.is_dir():
+            parser.error(f"--json {args.json} is a directory; name the results file")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="medium", help="Model size (models.config.preset).")
@@ -121,6 +146,7 @@ def main() -> None:
                         help="Also time generation without the KV cache.")
     parser.add_argument("--json", default=None, help="Write the results here.")
     args = parser.parse_args()
+    check_args(parser, args)
     warnings.filterwarnings("ignore")
     results = run(args)
     print(f"{'model':9} {'cache':5} {'units':>6} {'speech s':>8} {'global steps':>12} "

@@ -126,10 +126,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_eval_inputs(args)
         modes = parse_modes(args.modes) if args.modes is not None else None
-        for items in args.items or []:  # read only once the model is loaded, maybe minutes later
-            if not Path(items).exists():
-                raise ValueError(f"--items {items} does not exist; give story-completion items "
-                                 f"as JSONL (docs/evaluation.md#the-item-format)")
+        _check_items_files(args.items or [])
     except ValueError as error:
         print(f"lst-eval: {error}", file=sys.stderr)
         return 2
@@ -196,6 +193,29 @@ def _load_item_sets(paths: Sequence[str], model, modes: list[str] | None) -> dic
         for mode in modes or _default_modes(items):
             check_items_for_mode(items, mode, model.patcher.config)
     return item_sets
+
+
+def _check_items_files(paths: Sequence[str]) -> None:
+    """Refuse, before the model is loaded (minutes for a large one; the items are read only
+    then), an --items path that is missing or a directory, and a file given twice, by the same
+    path or by another (a link, `./a.jsonl`): the results are keyed by the path given, so the
+    same path was scored once, silently, and another path to the file scored it again."""
+    given: dict[tuple[int, int], str] = {}  # (device, inode) -> the path first given for it
+    for items in paths:
+        path = Path(items)
+        if not path.exists():
+            raise ValueError(f"--items {items} does not exist; give story-completion items as "
+                             f"JSONL (docs/evaluation.md#the-item-format)")
+        if path.is_dir():
+            raise ValueError(f"--items {items} is a directory; give the story-completion JSONL "
+                             f"files in it")
+        status = path.stat()
+        identity = status.st_dev, status.st_ino
+        if identity in given:
+            again = ("given twice" if given[identity] == items
+                     else f"the file {given[identity]}, given before it")
+            raise ValueError(f"--items {items} is {again}; give each items file once")
+        given[identity] = items
 
 
 def _check_eval_inputs(args: argparse.Namespace) -> None:

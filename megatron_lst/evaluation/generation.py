@@ -368,6 +368,17 @@ class _CachedLST:
         from megatron.core import parallel_state, tensor_parallel
 
         model = self.model
+        # Decoder patch ids of the cached tokens a new token can move (the last p at most, see
+        # `DecoderCache.changeable_from`) and of the new tokens, on the host; those the decoder
+        # takes go to the device before this step queues any work: a host-to-device copy waits
+        # for the work queued before it.
+        start = self.decoder_cache.changeable_from
+        patch_ids = np.asarray(patching.decoder_patch_ids(start), dtype=np.int64)  # [N - start]
+        keep = self.decoder_cache.first_changed(patch_ids)
+        self.decoder_cache.rollback(keep)
+        self.decoder_cache.add_patch_ids(patch_ids[keep - start:])
+        decoder_patch_ids = torch.from_numpy(patch_ids[None, keep - start:]).to(
+            new_tokens.device)  # [1, N - keep]
         layer_states = self._encode(new_tokens)  # per encoder layer, [1, N, De]
         bounds = patching.bounds  # [P + 1], read at the new closed patches only
         closed = range(self.global_model.num_patches, patching.num_patches - 1)  # last is open
@@ -378,16 +389,9 @@ class _CachedLST:
             if model.global_input_projection is not None:
                 vectors = model.global_input_projection(vectors)
             new_global = self.global_model.extend(vectors.transpose(0, 1)).transpose(0, 1)
-        # Decoder patch ids of the cached tokens a new token can move (the last p at most, see
-        # `DecoderCache.changeable_from`) and of the new tokens.
-        start = self.decoder_cache.changeable_from
-        patch_ids = torch.tensor([patching.decoder_patch_ids(start)])  # [1, N - start]
-        keep = self.decoder_cache.first_changed(patch_ids[0])
-        self.decoder_cache.rollback(keep)
         hidden = model.local_decoder.forward_step(
-            layer_states[-1][:, keep:], new_global,
-            patch_ids[:, keep - start:].to(new_tokens.device), patching.num_patches, keep,
-            self.decoder_cache)  # [1, n, Dd]
+            layer_states[-1][:, keep:], new_global, decoder_patch_ids, patching.num_patches,
+            keep, self.decoder_cache)  # [1, N - keep, Dd]
         logits, _ = model.output_layer(hidden[:, -1:])  # [1, 1, V/tp]
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(
             logits, parallel_state.get_tensor_model_parallel_group())

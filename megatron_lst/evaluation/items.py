@@ -21,6 +21,7 @@ call it before any scoring).
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 from collections.abc import Sequence
@@ -83,7 +84,7 @@ def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> 
     path = Path(path)
     try:
         lines = text_lines(path)
-    except (OSError, UnicodeDecodeError) as err:  # a folder, a binary or UTF-16 file, ...
+    except OSError as err:  # a folder, a file without read permission, ...
         raise ItemError(f"cannot read evaluation items from {path}: {err}; items are UTF-8 "
                         f"JSON lines") from None
     items, seen = [], {}
@@ -104,10 +105,28 @@ def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> 
 
 
 def text_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file (a leading byte-order mark dropped), split at line ends
-    only: a JSON string may hold U+2028, U+0085 and the other characters `str.splitlines` also
-    splits at, so line numbers stay an editor's."""
-    return path.read_text(encoding="utf-8-sig").split("\n")
+    """The lines of a UTF-8 text file, split at line ends only (LF, CRLF or CR, as text mode
+    reads them): a JSON string may hold U+2028, U+0085 and the other characters
+    `str.splitlines` also splits at, so line numbers stay an editor's. A byte-order mark that starts a line is dropped: files saved with one, and joined
+    with `cat`, hold one at the start of each. A file that is not UTF-8 is an ItemError naming
+    its first line that is not (or the UTF-16 it is)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ItemError(_not_utf8(path, data, err.start)) from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return [line.removeprefix("\ufeff") for line in lines]
+
+
+def _not_utf8(path: Path, data: bytes, start: int) -> str:
+    """Why `data`, the bytes of `path`, is not UTF-8 text, whose first bad byte is at `start`."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return (f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as "
+                f"UTF-8")
+    line = data.count(b"\n", 0, start) + 1
+    return (f"{path}:{line}: byte 0x{data[start]:02x} is not UTF-8 (text in another encoding, "
+            f"or not text); save the file as UTF-8")
 
 
 class _RepeatedKey(Exception):
@@ -135,6 +154,9 @@ def json_line(line: str, where: str, what: str) -> object:
         raise ItemError(f"{where}: the key {err.args[0]!r} appears twice in one object (JSON "
                         f"would keep the last one silently); keep one") from None
     except json.JSONDecodeError as err:
+        if "\x00" in line:  # what UTF-16 without a byte-order mark reads as in UTF-8
+            raise ItemError(f"{where}: holds NUL characters, which JSON text never does: is the "
+                            f"file UTF-16, or not text? Save it as UTF-8") from None
         raise ItemError(f"{where}: not a JSON object ({err.msg} at column {err.colno})") from None
     except RecursionError:
         raise ItemError(f"{where}: not {what} (JSON nested too deeply to read)") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from lst_kernels import decoder_key_ranges, patch_ids_from_lengths
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -83,16 +84,16 @@ class LocalDecoder(torch.nn.Module):
 
         token_states `[1, n, Dd]`: the encoder's final states of tokens offset..offset+n-1.
         new_global_states `[1, m, Dg]`: the global outputs of the patches closed since the last
-        call (m may be 0). patch_ids `[1, n]`: the new tokens' decoder patch ids under the
-        generation patching of the whole sequence so far, which has `num_patches` patches (the
-        last open). Returns `[1, n, Dd]`.
+        call (m may be 0). patch_ids `[1, n]` (on the device): the new tokens' decoder patch
+        ids under the generation patching of the whole sequence so far, which has `num_patches`
+        patches (the last open); the caller records them in `cache` (`add_patch_ids`) from the
+        host, as reading them back here would wait for the GPU. Returns `[1, n, Dd]`.
         """
         num_new = token_states.shape[1]
         if new_global_states.shape[1]:
             slots = self.patch_projection(new_global_states).view(
                 1, -1, token_states.shape[-1])  # [1, m*k, Dd]
             cache.add_slots([cross_attn.keys_values(slots) for cross_attn in self.cross_attn_layers])
-        cache.add_patch_ids(patch_ids[0].cpu())
         key_start, key_end = decoder_key_ranges(
             patch_ids, self.slots_per_patch, self.window, num_patches)  # [1, n] each
         cos, sin = self.rope.cos_sin(offset + num_new, token_states.device)
@@ -127,7 +128,7 @@ class DecoderCache:
         self.max_slots = max_patches * decoder.slots_per_patch
         self.num_slots = 0
         self._slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # per cross layer, [1, S_max, H, d]
-        self._patch_ids = torch.zeros(max_tokens, dtype=torch.long)  # [T_max]
+        self._patch_ids = np.zeros(max_tokens, dtype=np.int64)  # [T_max], on the host
         self.num_decoded = 0
 
     @property
@@ -146,7 +147,7 @@ class DecoderCache:
             v_all[:, self.num_slots:end] = v
         self.num_slots = end
 
-    def add_patch_ids(self, patch_ids: torch.Tensor) -> None:
+    def add_patch_ids(self, patch_ids: np.ndarray) -> None:
         """Record the decoder patch ids `[n]` of the next decoded tokens."""
         end = self.num_decoded + len(patch_ids)
         self._patch_ids[self.num_decoded:end] = patch_ids
@@ -161,13 +162,13 @@ class DecoderCache:
         before it, one of the last `spare` decoded, can change."""
         return max(self.num_decoded - self.spare, 0)
 
-    def first_changed(self, patch_ids: torch.Tensor) -> int:
-        """The first cached token whose decoder patch id differs in `patch_ids` (`[N - c]`, on
-        the host: the ids of tokens c = `changeable_from` .. N-1), or the number of cached
-        tokens if none does. Compares at most `spare` ids, however long the sequence."""
+    def first_changed(self, patch_ids: np.ndarray) -> int:
+        """The first cached token whose decoder patch id differs in `patch_ids` (`[N - c]`: the
+        ids of tokens c = `changeable_from` .. N-1), or the number of cached tokens if none
+        does. Compares at most `spare` ids, however long the sequence."""
         start, cached = self.changeable_from, self.num_decoded
-        changed = torch.nonzero(self._patch_ids[start:cached] != patch_ids[:cached - start])
-        return start + int(changed[0, 0]) if len(changed) else cached
+        changed = np.flatnonzero(self._patch_ids[start:cached] != patch_ids[:cached - start])
+        return start + int(changed[0]) if len(changed) else cached
 
     def rollback(self, keep: int) -> None:
         """Keep only the first `keep` decoded tokens."""

@@ -128,7 +128,8 @@ class PatchEncoder(torch.nn.Module):
         states = layer_states[len(layer_states) - len(self.cross_attn_layers):]
         first = bounds[max(patch - self.window + 1, 0)]  # the tokens this patch's slots see
         start, end = bounds[patch], bounds[patch + 1]
-        lengths = torch.tensor([[end - start]], device=states[0].device)
+        # [1, 1]; filled on the device: a tensor copied from the host waits for the queued work
+        lengths = torch.full((1, 1), end - start, device=states[0].device)
         pooled = self.pool(states[0][:, start:end], lengths)
         width = pooled.shape[-1]
         slots = self.patch_projection(pooled).view(1, self.slots_per_patch, width)  # [1, k, De]

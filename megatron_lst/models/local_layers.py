@@ -21,31 +21,73 @@ from .local_attention import SlidingWindowAttention, VarlenSequences
 from .rope import apply_interleaved_rope
 
 
-@dataclass
 class SlidingKVCache:
     """Generation cache of one sliding-window layer: keys (RoPE applied) and values of the last
-    `window - 1 + spare` tokens, each `[1, L, G, d]` (the layer's key/value heads): the next token's window, plus `spare`
-    tokens that `drop_last` can take back."""
+    `window - 1 + spare` tokens, each `[1, L, G, d]` (the layer's key/value heads): the next
+    token's window, plus `spare` tokens that `drop_last` can take back.
 
-    window: int
-    spare: int = 0
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
+    They live in a buffer with room for `kept + n` more tokens (n: the largest call so far),
+    written in place; when the room runs out, the kept tokens move to the buffer's front. That
+    copies at most `kept` tokens once every `kept` or more new ones, where growing the cache by
+    concatenation copied them all at every step."""
+
+    def __init__(self, window: int, spare: int = 0):
+        self.window = window
+        self.spare = spare
+        self._keys: torch.Tensor | None = None  # [1, C, G, d]
+        self._values: torch.Tensor | None = None  # [1, C, G, d]
+        self._start = self._end = 0  # the cached tokens are buffer[:, start:end]
+
+    @property
+    def kept(self) -> int:
+        """The most tokens the cache keeps: the next token's window and the spare ones."""
+        return self.window - 1 + self.spare
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The cached keys `[1, L, G, d]` (None before the first `extend`)."""
+        return None if self._keys is None else self._keys[:, self._start:self._end]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The cached values `[1, L, G, d]` (None before the first `extend`)."""
+        return None if self._values is None else self._values[:, self._start:self._end]
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new tokens' `k, v [1, n, G, d]`; returns all cached keys and values."""
-        if self.keys is not None:
-            k, v = torch.cat([self.keys, k], dim=1), torch.cat([self.values, v], dim=1)
-        first_kept = max(k.shape[1] - (self.window - 1 + self.spare), 0)
-        self.keys, self.values = k[:, first_kept:], v[:, first_kept:]
-        return k, v
+        """Append the new tokens' `k, v [1, n, G, d]`; returns all cached keys and values, the
+        new ones last: views of the buffer, valid until the next call."""
+        self._make_room(k, v)
+        end = self._end + k.shape[1]
+        self._keys[:, self._end:end] = k
+        self._values[:, self._end:end] = v
+        cached = self._keys[:, self._start:end], self._values[:, self._start:end]
+        self._start, self._end = max(end - self.kept, self._start), end
+        return cached
+
+    def _make_room(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Make room after the cached tokens for `k, v [1, n, G, d]`: move the cached tokens to
+        the front of the buffer, or of a new one when the buffer holds fewer than `2 * kept + n`
+        tokens (the least where the cached tokens, which start at or after `end - kept`, never
+        overlap their new place when the room runs out)."""
+        new = k.shape[1]
+        if self._keys is not None and self._end + new <= self._keys.shape[1]:
+            return
+        keys, values = self._keys, self._values
+        if keys is None or keys.shape[1] < 2 * self.kept + new:
+            capacity = 2 * self.kept + new
+            keys = k.new_empty(1, capacity, *k.shape[2:])
+            values = v.new_empty(1, capacity, *v.shape[2:])
+        count = self._end - self._start
+        if count:
+            keys[:, :count] = self.keys
+            values[:, :count] = self.values
+        self._keys, self._values, self._start, self._end = keys, values, 0, count
 
     def drop_last(self, count: int) -> None:
         """Forget the last `count` tokens (at most `spare`, so the window stays whole)."""
         if count > self.spare:
             raise ValueError(f"cannot take back {count} tokens; the cache keeps {self.spare} spare")
-        if count and self.keys is not None:
-            self.keys, self.values = self.keys[:, :-count], self.values[:, :-count]
+        self._end = max(self._end - count, self._start)
 
 
 @dataclass

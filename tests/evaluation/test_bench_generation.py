@@ -1,5 +1,6 @@
 """tools/bench_generation.py: the LST / baseline comparison is per second of generated speech."""
 
+import pytest
 from tool_modules import load_tool
 
 
@@ -50,3 +51,32 @@ def test_the_benchmark_models_never_sample_eos(single_rank):
                        keep_logits=True)
         assert not out.stopped_at_eos
         assert all(logits[vocab.eos_id] == float("-inf") for logits in out.step_logits)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--units", "0"], "--units must be >= 1, got 0"),
+    (["--prompt-units", "0"], "--prompt-units must be >= 1, got 0"),
+    (["--patch-size", "0"], "--patch-size must be >= 1, got 0"),
+    (["--frame-rate", "0"], "--frame-rate must be a positive number of units a second, got 0.0"),
+    (["--frame-rate", "nan"], "--frame-rate must be a positive number"),
+    (["--preset", "huge"], "--preset huge is not a preset; choose one of tiny, "),
+    (["--json", "MISSING/results.json"], "--json MISSING/results.json: directory MISSING does "
+                                         "not exist"),
+    (["--json", "TMP"], "--json TMP is a directory; name the results file"),
+], ids=["units", "prompt-units", "patch-size", "frame-rate", "frame-rate-nan", "preset",
+        "json-folder", "json-directory"])
+def test_bad_flags_are_refused_before_any_run(tmp_path, monkeypatch, capsys, flags, message):
+    """Each was a traceback (GenerationError, PatchingError, ZeroDivisionError, ...), the
+    --json one only after every run."""
+    bench = load_tool("bench_generation")
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("the benchmark ran"))
+    values = {"MISSING/results.json": str(tmp_path / "missing" / "results.json"),
+              "TMP": str(tmp_path)}
+    monkeypatch.setattr("sys.argv", ["bench_generation.py",
+                                     *(values.get(flag, flag) for flag in flags)])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2
+    message = (message.replace("MISSING/results.json", values["MISSING/results.json"])
+               .replace("MISSING", str(tmp_path / "missing")).replace("TMP", str(tmp_path)))
+    assert f"bench_generation.py: error: {message}" in capsys.readouterr().err

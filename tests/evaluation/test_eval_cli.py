@@ -485,6 +485,42 @@ def test_lst_eval_refuses_missing_items_before_loading_the_model(checkpoint, cap
                                        f"(docs/evaluation.md#the-item-format)\n")
 
 
+@pytest.mark.parametrize("second, message", [
+    (lambda items: items, "--items {second} is given twice"),
+    (lambda items: f"{items.parent}/./{items.name}",  # pathlib would drop the "."
+     "--items {second} is the file {first}, given before it"),
+    (lambda items: _linked(items, "link.jsonl", Path.symlink_to),
+     "--items {second} is the file {first}, given before it"),
+    (lambda items: _linked(items, "hard.jsonl", Path.hardlink_to),
+     "--items {second} is the file {first}, given before it"),
+    (lambda items: items.parent, "--items {second} is a directory; give the story-completion "
+                                 "JSONL files in it"),
+], ids=["same-path", "other-path", "symlink", "hard-link", "directory"])
+def test_lst_eval_refuses_an_items_file_given_twice_before_loading_the_model(
+        tmp_path, capsys, monkeypatch, second, message):
+    """The results are keyed by the path given: the same path twice was scored once, silently,
+    and another path to the same file (a link, ./a.jsonl) scored it twice under two names. A
+    directory was read only once the model was loaded ("Is a directory")."""
+    monkeypatch.setattr("megatron_lst.evaluation.loading.load_inference_model",
+                        lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    first = tmp_path / "items" / "a.jsonl"
+    first.parent.mkdir()
+    first.write_text("\n".join(json.dumps(r) for r in random_records(5, 2)) + "\n")
+    again = str(second(first))
+    assert eval_main(["--load", str(tmp_path), "--items", str(first), again]) == 2
+    assert capsys.readouterr().err == "lst-eval: " + message.format(
+        first=first, second=again) + ("\n" if Path(again).is_dir() else
+                                      "; give each items file once\n")
+
+
+def _linked(target: Path, name: str, link) -> Path:
+    """A link `name` beside `target` made by `link(path, target)`: `Path.symlink_to` or
+    `Path.hardlink_to`."""
+    path = target.parent / name
+    link(path, target)
+    return path
+
+
 @pytest.mark.parametrize("flags, message", [
     # Each named the sampling setting's field (top_k), not the flag, with all three values.
     (["--prompt-text", "the", "--top-k", "-1"], "--top-k -1 must be >= 0 (0: every token)\n"),

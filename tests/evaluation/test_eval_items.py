@@ -140,9 +140,59 @@ def test_bad_json_and_duplicate_ids_name_the_line(tmp_path):
         load_items(path, tokenizer(), vocab())
     with pytest.raises(ItemError, match="holds no items"):
         load_items(write(tmp_path, []), tokenizer(), vocab())
-    path.write_text(path.read_text(), encoding="utf-16")
-    with pytest.raises(ItemError, match=rf"cannot read evaluation items from {path}: .*UTF-8"):
+    with pytest.raises(ItemError, match=rf"cannot read evaluation items from {tmp_path}: .*Is "
+                                        rf"a directory"):
+        load_items(tmp_path, tokenizer(), vocab())
+
+
+def _lines(records) -> list[str]:
+    return [json.dumps(record, ensure_ascii=False) for record in records]
+
+
+# What each file holds (from three items' JSON lines) and what loading it says.
+UNREADABLE_FILES = {
+    # UnicodeDecodeError's "can't decode byte 0xff in position 0", naming no encoding or line.
+    "utf-16": (lambda lines: "\n".join(lines).encode("utf-16"),
+               "{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as "
+               "UTF-8"),
+    # "Expecting property name enclosed in double quotes", about a file JSON cannot be.
+    "utf-16 without a byte-order mark": (
+        lambda lines: "\n".join(lines).encode("utf-16-le"),
+        "{path}:1: holds NUL characters, which JSON text never does: is the file UTF-16, or "
+        "not text? Save it as UTF-8"),
+    # The byte offset of a whole file, not its line.
+    "latin-1 on line 3": (
+        lambda lines: "\n".join([*lines[:2], lines[2].replace("the", "th\u00e9", 1)]).encode(
+            "latin-1"),
+        "{path}:3: byte 0xe9 is not UTF-8 (text in another encoding, or not text); save the "
+        "file as UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE_FILES))
+def test_a_file_that_is_not_utf8_names_its_encoding_or_line(tmp_path, case):
+    write_file, message = UNREADABLE_FILES[case]
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(write_file(_lines(random_records(6, 3))))
+    with pytest.raises(ItemError) as error:
         load_items(path, tokenizer(), vocab())
+    assert str(error.value) == message.format(path=path)
+
+
+@pytest.mark.parametrize("join", [
+    lambda lines: "\r\n".join(lines) + "\r\n",
+    lambda lines: "\r".join(lines) + "\r",  # as text mode reads them, so must the bytes
+    # Files saved with a BOM and joined with `cat`: "Unexpected UTF-8 BOM" on the second.
+    lambda lines: "".join(f"\ufeff{line}\n" for line in lines),
+], ids=["crlf", "cr", "a-bom-on-every-line"])
+def test_crlf_cr_and_a_bom_on_every_line_read_as_an_editor_shows_them(tmp_path, join):
+    records = random_records(7, 3)
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(join(_lines(records)).encode("utf-8"))
+    items = load_items(path, tokenizer(), vocab())
+    assert [item.id for item in items] == [record["id"] for record in records]
+    assert [item.source for item in items] == [f"{path}:{n}" for n in (1, 2, 3)]
+    assert items[2].context.text == records[2]["context"]["text"]
 
 
 def test_json_lines_hold_any_unicode_and_may_start_with_a_bom(tmp_path):

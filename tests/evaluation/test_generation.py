@@ -3,6 +3,7 @@ step (greedy), for LST and the token baseline; patch boundaries; sampling."""
 
 import dataclasses
 import re
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -146,6 +147,140 @@ def test_cached_steps_copy_no_more_when_the_sequence_grows(models, monkeypatch):
     finally:
         handle.remove()
     assert largest[0] == largest[1] > 0
+
+
+class ConcatenatingKVCache:
+    """The sliding-window cache as it was: concatenated the new keys and values to the kept
+    ones at every step. The reference the in-place `SlidingKVCache` must match bit for bit."""
+
+    def __init__(self, window: int, spare: int = 0):
+        self.window, self.spare = window, spare
+        self.keys = self.values = None
+
+    def extend(self, k, v):
+        if self.keys is not None:
+            k, v = torch.cat([self.keys, k], dim=1), torch.cat([self.values, v], dim=1)
+        first_kept = max(k.shape[1] - (self.window - 1 + self.spare), 0)
+        self.keys, self.values = k[:, first_kept:], v[:, first_kept:]
+        return k, v
+
+    def drop_last(self, count: int) -> None:
+        if count and self.keys is not None:
+            self.keys, self.values = self.keys[:, :-count], self.values[:, :-count]
+
+
+@pytest.mark.parametrize("window, spare", [(1, 0), (4, 0), (16, 0), (16, 3), (3, 5)])
+def test_sliding_cache_writes_in_place_what_concatenation_gave(window, spare):
+    """Calls of 1 to 9 tokens (a prompt, steps, a decoder's rollback and retake): the keys and
+    values each call returns are those of the concatenating cache, and no call concatenates:
+    the buffer is written in place, its kept tokens moved to its front now and then."""
+    from models.host_syncs import count_aten_ops
+
+    from megatron_lst.models.local_layers import SlidingKVCache
+
+    rng = np.random.default_rng(window + spare)
+    cache, reference = SlidingKVCache(window, spare), ConcatenatingKVCache(window, spare)
+    calls, ops = [9, *rng.integers(1, 3, 120).tolist()], Counter()
+    for n in calls:
+        k, v = torch.randn(1, n, 2, 4), torch.randn(1, n, 2, 4)  # [1, n, G, d]
+        with count_aten_ops() as call_ops:
+            cached = cache.extend(k, v)
+        ops += call_ops
+        for got, expected in zip(cached, reference.extend(k, v), strict=True):
+            assert torch.equal(got, expected)
+        back = int(rng.integers(0, spare + 1))
+        cache.drop_last(back)
+        reference.drop_last(back)
+        assert torch.equal(cache.keys, reference.keys)
+        assert torch.equal(cache.values, reference.values)
+    assert ops[torch.ops.aten.cat.default] == 0
+    # Two writes a call, and two moves of the kept tokens per `window - 1 + spare` tokens.
+    assert ops[torch.ops.aten.copy_.default] <= 2 * len(calls) + 2 * (
+        sum(calls) // max(window - 1 + spare, 1) + 1)
+    with pytest.raises(ValueError, match=f"the cache keeps {spare} spare"):
+        cache.drop_last(spare + 1)
+
+
+@pytest.mark.parametrize("patch_size", [1, 3, 20])
+def test_cached_generation_is_bit_identical_to_concatenating_caches(models, monkeypatch,
+                                                                    patch_size):
+    """The in-place caches give the very logits (not merely close ones) of the caches that
+    concatenated at every step, over 120 sampled tokens whose speech runs end early (the
+    decoder takes a token back and again) and at p units."""
+    from megatron_lst.models import local_decoder, local_layers
+
+    patching = PatchingConfig("static", patch_size=patch_size)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=120, seed=7)
+    handle = _never_eos(models["lst"])
+    try:
+        in_place = generate(models["lst"], prompts()["speech"], vocab(), patching, sampling,
+                            keep_logits=True)
+        monkeypatch.setattr(local_layers, "SlidingKVCache", ConcatenatingKVCache)
+        monkeypatch.setattr(local_decoder, "SlidingKVCache", ConcatenatingKVCache)
+        concatenated = generate(models["lst"], prompts()["speech"], vocab(), patching,
+                                sampling, keep_logits=True)
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(in_place.tokens, concatenated.tokens)
+    for a, b in zip(in_place.step_logits, concatenated.step_logits, strict=True):
+        assert torch.equal(a, b)
+    units = vocab().is_unit(in_place.tokens)
+    assert len(in_place.tokens) == 120 and (units[:-1] & ~units[1:]).any()
+
+
+def test_a_cached_step_waits_for_the_device_only_to_sample(models, monkeypatch):
+    """On CUDA each read of a tensor by the host waits for the GPU (tests/models/host_syncs.py),
+    and so does a tensor made on the GPU from host values (`torch.tensor(..., device=)`) once
+    work is queued. A cached LST step queues the whole model without either; the only reads are
+    of each step's logits, to sample from them (`_generate`, `_sample`), where the next step's
+    tokens go to the device too. The decoder copied each token's patch ids back to the host,
+    and the patch encoder each closed patch's length to the device, waiting mid-step for the
+    encoder and the global model. Left out: the CPU kernels and the CPU-only check of patch
+    lengths, which never run on CUDA."""
+    import inspect
+    import sys
+    from pathlib import Path
+
+    import lst_kernels.ranges
+    from models.host_syncs import record_host_syncs
+
+    from megatron_lst.evaluation import generation
+
+    def lines(function):
+        source, first = inspect.getsourcelines(function)
+        return range(first, first + len(source))
+
+    sampling_reads = {("megatron_lst/evaluation/generation.py", line)
+                      for function in (generation._generate, generation._sample)
+                      for line in lines(function)}
+    cpu_only = {("lst_kernels/ranges.py", line)
+                for line in lines(lst_kernels.ranges._refuse_negative_lengths)}
+    copies = []  # (file, line) of each torch.tensor(..., device=) call of the project's code
+    make_tensor = torch.tensor
+
+    def recording_tensor(*args, **kwargs):
+        frame = sys._getframe(1)
+        if kwargs.get("device") is not None and frame.f_globals["__name__"].startswith(
+                ("megatron_lst", "lst_kernels")):
+            copies.append((frame.f_code.co_filename, frame.f_lineno))
+        return make_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", recording_tensor)
+    handle = _never_eos(models["lst"])
+    try:
+        with record_host_syncs() as reads:
+            result = generate(models["lst"], prompts()["speech"], vocab(), STATIC,
+                              SamplingConfig(temperature=1.0, max_new_tokens=30, seed=1))
+    finally:
+        handle.remove()
+    assert len(result.tokens) == 30
+    step_reads = {site: count for site, count in reads.items()
+                  if site[:2] not in sampling_reads | cpu_only
+                  and not site[0].endswith("patch_attention_reference.py")}
+    assert step_reads == {}
+    assert sum(reads[site] for site in reads if site[:2] in sampling_reads) == 3 * 30
+    assert {(Path(file).name, line in lines(generation._generate)) for file, line in copies} == {
+        ("generation.py", True)}
 
 
 def test_cached_steps_read_only_the_new_token_and_the_last_patches(models, monkeypatch):
