@@ -109,9 +109,9 @@ def parse_units_text(text: str, where: str, num_tokens: int | None = None) -> np
     if units is not None and len(units) == num_tokens:
         limits = np.iinfo(np.int64)
         if ((units == limits.max) | (units == limits.min)).any():  # numpy saturates, silently
-            beyond = next(token for token in text.split()
-                          if not limits.min < int(token) < limits.max)
-            raise DocumentError(f"{where}: speech unit {beyond} is beyond 64-bit integers, "
+            beyond = next(token for token in text.split() if _beyond_int64(token))
+            shown = beyond if len(beyond) <= 40 else f"{beyond[:20]}... ({len(beyond)} characters)"
+            raise DocumentError(f"{where}: speech unit {shown} is beyond 64-bit integers, "
                                 f"outside any codebook", kind="unit outside the codebook")
         return units
     for token in text.split():
@@ -122,6 +122,15 @@ def parse_units_text(text: str, where: str, num_tokens: int | None = None) -> np
                                 kind="units not integers") from None
     raise DocumentError(f"{where}: speech units are not whitespace-separated integers",
                         kind="units not integers")
+
+
+def _beyond_int64(token: str) -> bool:
+    """Whether an integer token lies at or past int64's ends, where numpy saturates. Python's
+    `int` refuses strings of over 4300 digits, so the digits are counted first."""
+    if len(token.lstrip("+-").lstrip("0")) > 19:
+        return True
+    limits = np.iinfo(np.int64)
+    return not limits.min < int(token) < limits.max
 
 
 def parse_reference_interleaved(interleaved: str, tokenizer: TextTokenizer, num_units: int,

@@ -97,6 +97,12 @@ def test_reference_pairing_rules(tokenizer):
     # numpy read it as 9223372036854775807, the number the error then named
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1 {10**20}"), rf"bad.jsonl:2 \(utt\): speech unit {10**20} "
                                                   r"is beyond 64-bit integers"),
+    # Python's int() refused it (over 4300 digits): a ValueError escaped --skip-bad
+    (_line(f"{SEP}TEXT a {SEP}HUBERT 1 {'9' * 5000}"), r"bad.jsonl:2 \(utt\): speech unit "
+                                                        r"9{20}\.\.\. \(5000 characters\) is "
+                                                        r"beyond 64-bit integers"),
+    (_line(f"{SEP}TEXT a {SEP}HUBERT 1 -{'0' * 30}7 -{'9' * 4400}"),
+     r"speech unit -9{19}\.\.\. \(4401 characters\) is beyond"),
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1 x2"), r"bad.jsonl:2 \(utt\): speech unit 'x2' is not an "
                                              r"integer"),
     (_line(f"{SEP}TEXT a {SEP}HUBERT 1+2"), r"bad.jsonl:2 \(utt\): speech unit '1\+2'"),
