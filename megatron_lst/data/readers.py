@@ -347,6 +347,7 @@ def read_text_jsonl(path: str | Path, tokenizer: TextTokenizer, key: str = "text
 def load_units(path: Path) -> np.ndarray:
     """[U] int64 units of a `.npy` integer array or a whitespace-separated text file."""
     if path.suffix == ".npy":
+        _check_npy_magic(path)
         try:
             # Mapped, not read: a header claiming more values than the file holds is an error
             # here instead of an allocation of that size.
@@ -372,6 +373,22 @@ def load_units(path: Path) -> np.ndarray:
                             f"{error.start}); expected whitespace-separated integers, or a "
                             f".npy array", kind="unreadable unit file") from None
     return parse_units_text(text, str(path))
+
+
+def _check_npy_magic(path: Path) -> None:
+    """Refuse a `.npy` path that does not start with numpy's magic bytes: numpy takes any other
+    file for a pickle, and its refusal ("pickled data") misnames a damaged or mislabelled file."""
+    magic = np.lib.format.MAGIC_PREFIX
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(magic))
+    except OSError as error:
+        raise DocumentError(f"{path}: unreadable ({error.strerror})",
+                            kind="unreadable unit file") from None
+    if head != magic:
+        raise DocumentError(f"{path}: not a .npy array (it does not start with numpy's header "
+                            f"{magic!r}); a text file of units needs a .txt name",
+                            kind="unreadable unit file")
 
 
 def _frame(seconds: float, frame_rate: float) -> int:

@@ -348,6 +348,13 @@ def test_textgrid_bad_units(tmp_path, tokenizer):
     (tmp_path / "u" / "a.npy").write_bytes(raw.replace(b"}", b" "))
     with pytest.raises(DocumentError, match=r"a.npy: not a readable .npy array"):
         list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
+    # numpy took a file without its magic bytes for a pickle and refused "pickled data"
+    for not_npy in (b"1 2 3 4\n", b"", b"\x93NUM"):
+        (tmp_path / "u" / "a.npy").write_bytes(not_npy)
+        with pytest.raises(DocumentError, match=r"a.npy: not a .npy array \(it does not start "
+                                                r"with numpy's header b'\\x93NUMPY'\); a text "
+                                                r"file of units needs a .txt name"):
+            list(read_textgrid_corpus(tmp_path / "g", tmp_path / "u", tokenizer, num_units=20))
     (tmp_path / "u" / "a.npy").unlink()
     (tmp_path / "u" / "a.txt").write_bytes(b"1 2 \xff 3\n")
     with pytest.raises(DocumentError, match=r"a.txt: not a text file of units"):
