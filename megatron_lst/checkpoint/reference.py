@@ -83,8 +83,12 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
 def read_reference_patcher_args(path: str | Path) -> dict[str, Any] | None:
     """The patcher the reference run's data used (`data.patcher_args` of BLT's params.json or of
     its training YAML), or None when the file does not hold it (e.g. model args alone). Call after
-    `read_reference_model_args` has read the file."""
-    return _reference_data_entry(path, "patcher_args")
+    `read_reference_model_args` has read the file. Refuses a patcher whose patches no patching
+    here gives (`_check_patch_splitting`)."""
+    patcher_args = _reference_data_entry(path, "patcher_args")
+    if patcher_args is not None:
+        _check_patch_splitting(patcher_args, path)
+    return patcher_args
 
 
 def read_reference_tokenizer_args(path: str | Path) -> dict[str, Any] | None:
@@ -92,6 +96,34 @@ def read_reference_tokenizer_args(path: str | Path) -> dict[str, Any] | None:
     training YAML: `{"name": ..., "init_kwargs": {...}}`), or None when the file does not hold
     it. Call after `read_reference_model_args` has read the file."""
     return _reference_data_entry(path, "tokenizer_args")
+
+
+# The reference's LST patchers (values of its `PatchingModeEnum`): "lst_static" makes patches of
+# at most `patch_size` units, the aligned ones ("lst_align", and "lst_curriculum" in its aligned
+# steps) one patch of a word's units, however many.
+REFERENCE_LST_PATCHING_MODES = ("lst_static", "lst_align", "lst_curriculum")
+
+
+def _check_patch_splitting(patcher_args: dict[str, Any], path: str | Path) -> None:
+    """The reference's patcher cuts every patch longer than `max_patch_length` into patches of at
+    most that many units, after its LST patcher drew them; no patching mode here does. Refused,
+    naming the field, where that changes an LST patcher's patches: any value but null under the
+    aligned ones, one below `patch_size` under "lst_static"."""
+    limit, mode = patcher_args.get("max_patch_length"), patcher_args.get("patching_mode")
+    if limit is None or not isinstance(mode, str) or mode not in REFERENCE_LST_PATCHING_MODES:
+        return
+    size = patcher_args.get("patch_size")
+    numbers = all(isinstance(value, int | float) and not isinstance(value, bool)
+                  for value in (limit, size))
+    if mode == "lst_static" and numbers and limit >= size:
+        return
+    raise ReferenceImportError(
+        f"{path}: data.patcher_args max_patch_length={limit!r} with patching_mode {mode!r}"
+        f"{f' and patch_size {size!r}' if mode == 'lst_static' else ''}: the reference's "
+        "patcher cuts every longer patch into patches of at most that many units, which no "
+        "--patching-mode here does, so the model would be evaluated on other patches than it "
+        "was trained on; not supported (to import the weights all the same, evaluated on "
+        "uncut patches, remove max_patch_length from a copy of the args)")
 
 
 def _reference_data_entry(path: str | Path, key: str) -> dict[str, Any] | None:

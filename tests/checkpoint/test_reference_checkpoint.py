@@ -136,6 +136,36 @@ def test_unreadable_reference_files_are_refused_naming_them(tmp_path, name, cont
         reader(path)
 
 
+@pytest.mark.parametrize("patcher_args", [
+    {"patching_mode": "lst_align", "max_patch_length": 8},
+    {"patching_mode": "lst_curriculum", "patch_size": 4, "max_patch_length": 8},
+    {"patching_mode": "lst_static", "patch_size": 4, "max_patch_length": 3},
+    {"patching_mode": "lst_static", "max_patch_length": 3},  # the reference's patch_size 4.5
+])
+def test_a_data_patcher_that_cuts_long_patches_is_refused_by_name(tmp_path, patcher_args):
+    """The reference's patcher cuts patches longer than data.patcher_args.max_patch_length, which
+    no patching here does: the import took the LST patcher alone, and the model was evaluated on
+    other patches than it was trained on."""
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"model": {"dim_global": 64}, "data": {"patcher_args": patcher_args}}))
+    with pytest.raises(ReferenceImportError, match=rf"params.json: data.patcher_args "
+                                                   rf"max_patch_length={patcher_args['max_patch_length']} "
+                                                   rf"with patching_mode '{patcher_args['patching_mode']}'.*"
+                                                   r"the reference's patcher cuts every longer patch"):
+        read_reference_patcher_args(path)
+
+
+@pytest.mark.parametrize("patcher_args", [
+    {"patching_mode": "lst_static", "patch_size": 4, "max_patch_length": 4},  # cuts no patch
+    {"patching_mode": "lst_align", "max_patch_length": None},
+    {"patching_mode": "entropy", "max_patch_length": 2},  # no LST patcher: the model args' mode
+])
+def test_a_data_patcher_whose_patches_are_not_cut_reads_back(tmp_path, patcher_args):
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"model": {"dim_global": 64}, "data": {"patcher_args": patcher_args}}))
+    assert read_reference_patcher_args(path) == patcher_args
+
+
 def test_the_reference_training_yaml_reads_as_its_params_json(tmp_path):
     """A reference run launched with a YAML config (model args under `model`, the patcher under
     `data.patcher_args`) gives the same arguments as the params.json BLT writes from it."""

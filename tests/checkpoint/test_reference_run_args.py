@@ -161,6 +161,19 @@ def test_an_init_std_factor_the_reference_refuses_is_refused_by_name(factor):
         lst_config_from_reference({**BASE_ARGS, "init_std_factor": factor})
 
 
+def test_an_import_whose_data_patcher_cuts_long_patches_is_refused_and_writes_nothing(
+        tmp_path, capsys):
+    write_reference(tmp_path)
+    params = tmp_path / "run/params.json"
+    params.write_text(json.dumps({"model": BASE_ARGS, "data": {"patcher_args": {
+        "patching_mode": "lst_align", "max_patch_length": 6}}}))
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable", "--num-units", UNITS) == 1
+    assert (f"{params}: data.patcher_args max_patch_length=6 with patching_mode 'lst_align': "
+            "the reference's patcher cuts every longer patch") in capsys.readouterr().err
+    assert not (tmp_path / "portable").exists()
+
+
 def test_a_bf16_checkpoint_exports_as_bf16_with_the_tokenizer_given(tmp_path, capsys):
     write_reference(tmp_path, dtype=torch.bfloat16)
     assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
