@@ -265,9 +265,26 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         reimported = dataclasses.replace(reimported, documents=config.documents)
     if reimported != config:
         raise ReferenceImportError(
-            f"this model cannot be written as reference arguments: they describe {reimported}, "
-            f"the model is {config}")
+            "this model cannot be written as reference arguments, which have no counterpart of "
+            f"its {'; '.join(_differences(reimported, config))}: keep the checkpoint in this "
+            "package's formats")
     return args
+
+
+def _differences(written: Any, model: Any, prefix: str = "") -> list[str]:
+    """Each field, dotted (`cross_attention.double_residual`), where the config `written` (of the
+    reference arguments written for a model) differs from the model's config `model`: its value
+    in the model, and in the arguments."""
+    found = []
+    for field in dataclasses.fields(model):
+        theirs, ours = getattr(written, field.name), getattr(model, field.name)
+        if theirs == ours:
+            continue
+        if dataclasses.is_dataclass(ours) and type(theirs) is type(ours):
+            found += _differences(theirs, ours, f"{prefix}{field.name}.")
+        else:
+            found.append(f"{prefix}{field.name} {ours!r} (the arguments give {theirs!r})")
+    return found
 
 
 def _shared_reference_size(field: str, kept: Any, models: dict[str, tuple[int, int, int | None]]) -> Any:

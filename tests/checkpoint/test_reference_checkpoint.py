@@ -227,6 +227,20 @@ def test_ffn_widths_no_multiple_of_produces_are_refused(single_rank):
     assert reference_model_args(tiny)["multiple_of"] == 256
 
 
+def test_a_model_field_without_reference_counterpart_is_named_on_export():
+    """A model trained with --no-cross-attn-double-residual has no reference arguments: the
+    refusal printed both whole configurations (hundreds of characters) and named no field."""
+    tiny = preset("tiny", 64)
+    single = dataclasses.replace(tiny, cross_attention=dataclasses.replace(
+        tiny.cross_attention, double_residual=False))
+    with pytest.raises(ReferenceImportError) as refused:
+        reference_model_args(single)
+    assert str(refused.value) == (
+        "this model cannot be written as reference arguments, which have no counterpart of its "
+        "cross_attention.double_residual False (the arguments give True): keep the checkpoint in "
+        "this package's formats")
+
+
 @pytest.mark.parametrize("base", [{"max_encoder_seq_length": "512"},
                                   {"max_encoder_seq_length": [512]}])
 def test_longest_row_of_the_wrong_type_kept_for_export_is_named(base):
