@@ -83,11 +83,11 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
 def read_reference_patcher_args(path: str | Path) -> dict[str, Any] | None:
     """The patcher the reference run's data used (`data.patcher_args` of BLT's params.json or of
     its training YAML), or None when the file does not hold it (e.g. model args alone). Call after
-    `read_reference_model_args` has read the file. Refuses a patcher whose patches no patching
-    here gives (`_check_patch_splitting`)."""
+    `read_reference_model_args` has read the file. Refuses an LST patcher whose patches no
+    patching here gives (`_check_lst_patcher`)."""
     patcher_args = _reference_data_entry(path, "patcher_args")
     if patcher_args is not None:
-        _check_patch_splitting(patcher_args, path)
+        _check_lst_patcher(patcher_args, path)
     return patcher_args
 
 
@@ -102,20 +102,34 @@ def read_reference_tokenizer_args(path: str | Path) -> dict[str, Any] | None:
 # at most `patch_size` units, the aligned ones ("lst_align", and "lst_curriculum" in its aligned
 # steps) one patch of a word's units, however many.
 REFERENCE_LST_PATCHING_MODES = ("lst_static", "lst_align", "lst_curriculum")
+# Its `PatcherArgs.patch_size` when the args leave it out.
+REFERENCE_PATCHER_PATCH_SIZE = 4.5
 
 
-def _check_patch_splitting(patcher_args: dict[str, Any], path: str | Path) -> None:
-    """The reference's patcher cuts every patch longer than `max_patch_length` into patches of at
-    most that many units, after its LST patcher drew them; no patching mode here does. Refused,
-    naming the field, where that changes an LST patcher's patches: any value but null under the
-    aligned ones, one below `patch_size` under "lst_static"."""
-    limit, mode = patcher_args.get("max_patch_length"), patcher_args.get("patching_mode")
-    if limit is None or not isinstance(mode, str) or mode not in REFERENCE_LST_PATCHING_MODES:
+def _check_lst_patcher(patcher_args: dict[str, Any], path: str | Path) -> None:
+    """Refuse, naming the field, an LST patcher whose patches no patching here gives:
+
+    - a `patch_size` (left out: 4.5) that is no whole number of units under "lst_static" and
+      "lst_curriculum": the former asserts a whole one, the latter's static steps then make one
+      patch of a whole run of units; the import would patch by the model args instead;
+    - a `max_patch_length`, which cuts every longer patch after the LST patcher drew them, where
+      it cuts any: any value but null under the aligned ones, one below `patch_size` under
+      "lst_static". No `--patching-mode` here cuts patches."""
+    mode = patcher_args.get("patching_mode")
+    if not isinstance(mode, str) or mode not in REFERENCE_LST_PATCHING_MODES:
         return
-    size = patcher_args.get("patch_size")
-    numbers = all(isinstance(value, int | float) and not isinstance(value, bool)
-                  for value in (limit, size))
-    if mode == "lst_static" and numbers and limit >= size:
+    size = patcher_args.get("patch_size", REFERENCE_PATCHER_PATCH_SIZE)
+    whole = isinstance(size, int | float) and not isinstance(size, bool) \
+        and float(size).is_integer() and size >= 1
+    if mode != "lst_align" and not whole:
+        raise ReferenceImportError(
+            f"{path}: data.patcher_args patching_mode {mode!r} with patch_size {size!r}"
+            f"{' (the reference default, left out)' if 'patch_size' not in patcher_args else ''}:"
+            " the reference patches speech in whole patch sizes only (its lst_static asserts "
+            "one); give the patch_size the run's data was patched with")
+    limit = patcher_args.get("max_patch_length")
+    if limit is None or (mode == "lst_static" and isinstance(limit, int | float)
+                         and not isinstance(limit, bool) and limit >= size):
         return
     raise ReferenceImportError(
         f"{path}: data.patcher_args max_patch_length={limit!r} with patching_mode {mode!r}"

@@ -140,7 +140,7 @@ def test_unreadable_reference_files_are_refused_naming_them(tmp_path, name, cont
     {"patching_mode": "lst_align", "max_patch_length": 8},
     {"patching_mode": "lst_curriculum", "patch_size": 4, "max_patch_length": 8},
     {"patching_mode": "lst_static", "patch_size": 4, "max_patch_length": 3},
-    {"patching_mode": "lst_static", "max_patch_length": 3},  # the reference's patch_size 4.5
+    {"patching_mode": "lst_static", "patch_size": 4.0, "max_patch_length": 3.5},
 ])
 def test_a_data_patcher_that_cuts_long_patches_is_refused_by_name(tmp_path, patcher_args):
     """The reference's patcher cuts patches longer than data.patcher_args.max_patch_length, which
@@ -155,9 +155,28 @@ def test_a_data_patcher_that_cuts_long_patches_is_refused_by_name(tmp_path, patc
         read_reference_patcher_args(path)
 
 
+@pytest.mark.parametrize("patcher_args, given", [
+    ({"patching_mode": "lst_static", "patch_size": 4.5}, "patch_size 4.5:"),
+    ({"patching_mode": "lst_static"}, "patch_size 4.5 (the reference default, left out):"),
+    ({"patching_mode": "lst_curriculum", "patch_size": 0}, "patch_size 0:"),
+    ({"patching_mode": "lst_static", "patch_size": "4"}, "patch_size '4':"),
+])
+def test_a_data_patcher_of_no_whole_patch_size_is_refused_by_name(tmp_path, patcher_args, given):
+    """The reference's lst_static asserts a whole patch size (its default is 4.5); the import
+    patched such a run by the model args' patching instead, with no word."""
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"model": {"dim_global": 64}, "data": {"patcher_args": patcher_args}}))
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            f"params.json: data.patcher_args patching_mode '{patcher_args['patching_mode']}' with "
+            f"{given} the reference patches speech in whole patch sizes only")):
+        read_reference_patcher_args(path)
+
+
 @pytest.mark.parametrize("patcher_args", [
     {"patching_mode": "lst_static", "patch_size": 4, "max_patch_length": 4},  # cuts no patch
     {"patching_mode": "lst_align", "max_patch_length": None},
+    {"patching_mode": "lst_align"},  # its patch size is not read
+    {"patching_mode": "lst_curriculum", "patch_size": 3.0},
     {"patching_mode": "entropy", "max_patch_length": 2},  # no LST patcher: the model args' mode
 ])
 def test_a_data_patcher_whose_patches_are_not_cut_reads_back(tmp_path, patcher_args):
