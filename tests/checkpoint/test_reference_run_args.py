@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from checkpoint.test_reference_configurations import BASE_ARGS, random_reference_state
 from megatron_lst.checkpoint.cli import main
+from megatron_lst.checkpoint.convert import reference_patching
 from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.reference import import_reference, read_reference_model_args
 from megatron_lst.checkpoint.reference_files import read_reference_state_dict
@@ -172,6 +173,17 @@ def test_an_import_whose_data_patcher_cuts_long_patches_is_refused_and_writes_no
     assert (f"{params}: data.patcher_args max_patch_length=6 with patching_mode 'lst_align': "
             "the reference's patcher cuts every longer patch") in capsys.readouterr().err
     assert not (tmp_path / "portable").exists()
+
+
+@pytest.mark.parametrize("model_args, patching", [
+    ({"patching_mode": "lst_static", "patch_size": 6.0}, {"patching_mode": "static", "patch_size": 6}),
+    ({"patching_mode": "lst_curriculum", "patch_size": 3}, {"patching_mode": "static", "patch_size": 3}),
+    ({"patching_mode": "lst_align", "patch_size": 4}, {"patching_mode": "aligned"}),
+])
+def test_model_args_naming_an_lst_patcher_give_its_patching(model_args, patching):
+    """Without data.patcher_args the import patches by the model args' mode, which may name one
+    of the reference's LST patchers: those were taken for no mode (static patches of 4)."""
+    assert reference_patching(model_args) == patching
 
 
 def test_a_bf16_checkpoint_exports_as_bf16_with_the_tokenizer_given(tmp_path, capsys):
