@@ -53,6 +53,7 @@ from .portable import (
     save_portable,
 )
 from .reference import (
+    REFERENCE_LST_PATCHERS,
     check_reference_shapes,
     export_reference,
     import_reference,
@@ -263,11 +264,6 @@ def _require_vocab(checkpoint: PortableCheckpoint, portable_dir: Path) -> None:
         f"layout), so none is written. Add the layout the model was trained with: \"vocab\": "
         f"{{\"text_size\": T, \"num_units\": U, \"pad_id\": 0, \"bos_id\": 1, \"eos_id\": 2}} "
         f"with T + U + {NUM_RESERVED + 2} = its vocab_size {size}")
-
-
-# The reference's LST patchers (its data's `patcher_args.patching_mode`) -> ours as evaluated:
-# its curriculum ends static (`evaluation.scoring.inference_patcher` scores ours so too).
-REFERENCE_LST_PATCHERS = {"lst_static": "static", "lst_curriculum": "static", "lst_align": "aligned"}
 
 
 def reference_patching(model_args: dict, patcher_args: dict | None = None) -> dict[str, object]:

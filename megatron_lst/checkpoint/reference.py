@@ -98,10 +98,11 @@ def read_reference_tokenizer_args(path: str | Path) -> dict[str, Any] | None:
     return _reference_data_entry(path, "tokenizer_args")
 
 
-# The reference's LST patchers (values of its `PatchingModeEnum`): "lst_static" makes patches of
-# at most `patch_size` units, the aligned ones ("lst_align", and "lst_curriculum" in its aligned
-# steps) one patch of a word's units, however many.
-REFERENCE_LST_PATCHING_MODES = ("lst_static", "lst_align", "lst_curriculum")
+# The reference's LST patchers (its data's `patcher_args.patching_mode`) -> ours as evaluated:
+# its curriculum ends static (`evaluation.scoring.inference_patcher` scores ours so too).
+# "lst_static" makes patches of at most `patch_size` units, the aligned ones ("lst_align", and
+# "lst_curriculum" in its aligned steps) one patch of a word's units, however many.
+REFERENCE_LST_PATCHERS = {"lst_static": "static", "lst_curriculum": "static", "lst_align": "aligned"}
 # Its `PatcherArgs.patch_size` when the args leave it out.
 REFERENCE_PATCHER_PATCH_SIZE = 4.5
 
@@ -116,7 +117,7 @@ def _check_lst_patcher(patcher_args: dict[str, Any], path: str | Path) -> None:
       it cuts any: any value but null under the aligned ones, one below `patch_size` under
       "lst_static". No `--patching-mode` here cuts patches."""
     mode = patcher_args.get("patching_mode")
-    if not isinstance(mode, str) or mode not in REFERENCE_LST_PATCHING_MODES:
+    if not isinstance(mode, str) or mode not in REFERENCE_LST_PATCHERS:
         return
     size = patcher_args.get("patch_size", REFERENCE_PATCHER_PATCH_SIZE)
     whole = isinstance(size, int | float) and not isinstance(size, bool) \
