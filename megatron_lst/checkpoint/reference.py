@@ -83,11 +83,11 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
 def read_reference_patcher_args(path: str | Path) -> dict[str, Any] | None:
     """The patcher the reference run's data used (`data.patcher_args` of BLT's params.json or of
     its training YAML), or None when the file does not hold it (e.g. model args alone). Call after
-    `read_reference_model_args` has read the file. Refuses an LST patcher whose patches no
-    patching here gives (`_check_lst_patcher`)."""
+    `read_reference_model_args` has read the file. Refuses a patcher the reference cannot build
+    or whose patches no patching here gives (`_check_reference_patcher`)."""
     patcher_args = _reference_data_entry(path, "patcher_args")
     if patcher_args is not None:
-        _check_lst_patcher(patcher_args, path)
+        _check_reference_patcher(patcher_args, path)
     return patcher_args
 
 
@@ -103,21 +103,32 @@ def read_reference_tokenizer_args(path: str | Path) -> dict[str, Any] | None:
 # "lst_static" makes patches of at most `patch_size` units, the aligned ones ("lst_align", and
 # "lst_curriculum" in its aligned steps) one patch of a word's units, however many.
 REFERENCE_LST_PATCHERS = {"lst_static": "static", "lst_curriculum": "static", "lst_align": "aligned"}
+# Every value of its `PatcherArgs.patching_mode` (its `PatchingModeEnum`); its loader refuses others.
+REFERENCE_PATCHING_MODES = ("entropy", "bpe", "bpe_patcher", "space", "static", "byte",
+                            *REFERENCE_LST_PATCHERS)
 # Its `PatcherArgs.patch_size` when the args leave it out.
 REFERENCE_PATCHER_PATCH_SIZE = 4.5
 
 
-def _check_lst_patcher(patcher_args: dict[str, Any], path: str | Path) -> None:
-    """Refuse, naming the field, an LST patcher whose patches no patching here gives:
+def _check_reference_patcher(patcher_args: dict[str, Any], path: str | Path) -> None:
+    """Refuse, naming the field, a data patcher the reference cannot build or whose patches no
+    patching here gives (the import would patch by the model args instead, or uncut):
 
+    - a `patching_mode` the reference does not have (`REFERENCE_PATCHING_MODES`; a misspelt
+      "lst_statc"), which its loader refuses;
     - a `patch_size` (left out: 4.5) that is no whole number of units under "lst_static" and
       "lst_curriculum": the former asserts a whole one, the latter's static steps then make one
-      patch of a whole run of units; the import would patch by the model args instead;
+      patch of a whole run of units;
     - a `max_patch_length`, which cuts every longer patch after the LST patcher drew them, where
       it cuts any: any value but null under the aligned ones, one below `patch_size` under
       "lst_static". No `--patching-mode` here cuts patches."""
-    mode = patcher_args.get("patching_mode")
-    if not isinstance(mode, str) or mode not in REFERENCE_LST_PATCHERS:
+    mode = patcher_args.get("patching_mode", "entropy")
+    if mode not in REFERENCE_PATCHING_MODES:
+        raise ReferenceImportError(
+            f"{path}: data.patcher_args patching_mode {mode!r} is not one of the reference's "
+            f"{', '.join(map(repr, REFERENCE_PATCHING_MODES))} (its loader refuses it: a "
+            "misspelling?); correct it")
+    if mode not in REFERENCE_LST_PATCHERS:
         return
     size = patcher_args.get("patch_size", REFERENCE_PATCHER_PATCH_SIZE)
     whole = isinstance(size, int | float) and not isinstance(size, bool) \

@@ -172,12 +172,26 @@ def test_a_data_patcher_of_no_whole_patch_size_is_refused_by_name(tmp_path, patc
         read_reference_patcher_args(path)
 
 
+@pytest.mark.parametrize("mode", ["lst_statc", "LST_STATIC", "aligned", ["lst_static"], None])
+def test_a_data_patching_mode_the_reference_does_not_have_is_refused_by_name(tmp_path, mode):
+    """The reference's loader refuses a patching mode outside its PatchingModeEnum; the import
+    took it for no LST patcher and patched by the model args' mode instead, with no word."""
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"model": {"dim_global": 64},
+                                "data": {"patcher_args": {"patching_mode": mode, "patch_size": 4}}}))
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            f"params.json: data.patcher_args patching_mode {mode!r} is not one of the "
+            "reference's 'entropy', 'bpe',")):
+        read_reference_patcher_args(path)
+
+
 @pytest.mark.parametrize("patcher_args", [
     {"patching_mode": "lst_static", "patch_size": 4, "max_patch_length": 4},  # cuts no patch
     {"patching_mode": "lst_align", "max_patch_length": None},
     {"patching_mode": "lst_align"},  # its patch size is not read
     {"patching_mode": "lst_curriculum", "patch_size": 3.0},
     {"patching_mode": "entropy", "max_patch_length": 2},  # no LST patcher: the model args' mode
+    {"patch_size": 4},  # the reference's entropy patcher
 ])
 def test_a_data_patcher_whose_patches_are_not_cut_reads_back(tmp_path, patcher_args):
     path = tmp_path / "params.json"
