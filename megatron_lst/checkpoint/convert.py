@@ -53,6 +53,7 @@ from .portable import (
     save_portable,
 )
 from .reference import (
+    REFERENCE_LST_PATCHERS,
     check_reference_shapes,
     export_reference,
     import_reference,
@@ -265,11 +266,6 @@ def _require_vocab(checkpoint: PortableCheckpoint, portable_dir: Path) -> None:
         f"with T + U + {NUM_RESERVED + 2} = its vocab_size {size}")
 
 
-# The reference's LST patchers (its data's `patcher_args.patching_mode`) -> ours as evaluated:
-# its curriculum ends static (`evaluation.scoring.inference_patcher` scores ours so too).
-REFERENCE_LST_PATCHERS = {"lst_static": "static", "lst_curriculum": "static", "lst_align": "aligned"}
-
-
 def reference_patching(model_args: dict, patcher_args: dict | None = None) -> dict[str, object]:
     """The patching flags for the evaluation tools' patcher from a reference run: its data's
     patcher (`patcher_args`, the `data.patcher_args` of its params.json) where that is one of its
@@ -277,7 +273,8 @@ def reference_patching(model_args: dict, patcher_args: dict | None = None) -> di
     it needs no further flags ("static" with its `patch_size`, or "aligned"), else static
     patching of 4 units (any mode but "none" builds the LST model). The model args' own
     `patching_mode` and `patch_size` are not what the data was patched with when the data's
-    patcher is given (the reference's lst.yaml: model static 6, data lst_static 4)."""
+    patcher is given (the reference's lst.yaml: model static 6, data lst_static 4). The model
+    args' mode may be one of its LST patchers too."""
     patcher_args = patcher_args or {}
     mode = patcher_args.get("patching_mode")
     mode = REFERENCE_LST_PATCHERS.get(mode) if isinstance(mode, str) else None
@@ -286,6 +283,8 @@ def reference_patching(model_args: dict, patcher_args: dict | None = None) -> di
     if mode == "static" and _patch_size(patcher_args.get("patch_size")):
         return {"patching_mode": "static", "patch_size": _patch_size(patcher_args["patch_size"])}
     mode, size = model_args.get("patching_mode"), _patch_size(model_args.get("patch_size"))
+    if isinstance(mode, str):  # the model args may name an LST patcher too
+        mode = REFERENCE_LST_PATCHERS.get(mode, mode)
     if mode == "aligned":  # (== on any JSON value: a list or a mapping is no mode)
         return {"patching_mode": "aligned"}
     if mode in ("static", "curriculum") and size:

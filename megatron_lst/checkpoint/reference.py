@@ -83,8 +83,12 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
 def read_reference_patcher_args(path: str | Path) -> dict[str, Any] | None:
     """The patcher the reference run's data used (`data.patcher_args` of BLT's params.json or of
     its training YAML), or None when the file does not hold it (e.g. model args alone). Call after
-    `read_reference_model_args` has read the file."""
-    return _reference_data_entry(path, "patcher_args")
+    `read_reference_model_args` has read the file. Refuses a patcher the reference cannot build
+    or whose patches no patching here gives (`_check_reference_patcher`)."""
+    patcher_args = _reference_data_entry(path, "patcher_args")
+    if patcher_args is not None:
+        _check_reference_patcher(patcher_args, path)
+    return patcher_args
 
 
 def read_reference_tokenizer_args(path: str | Path) -> dict[str, Any] | None:
@@ -92,6 +96,60 @@ def read_reference_tokenizer_args(path: str | Path) -> dict[str, Any] | None:
     training YAML: `{"name": ..., "init_kwargs": {...}}`), or None when the file does not hold
     it. Call after `read_reference_model_args` has read the file."""
     return _reference_data_entry(path, "tokenizer_args")
+
+
+# The reference's LST patchers (its data's `patcher_args.patching_mode`) -> ours as evaluated:
+# its curriculum ends static (`evaluation.scoring.inference_patcher` scores ours so too).
+# "lst_static" makes patches of at most `patch_size` units, the aligned ones ("lst_align", and
+# "lst_curriculum" in its aligned steps) one patch of a word's units, however many.
+REFERENCE_LST_PATCHERS = {"lst_static": "static", "lst_curriculum": "static", "lst_align": "aligned"}
+# Every value of its `PatcherArgs.patching_mode` (its `PatchingModeEnum`); its loader refuses others.
+REFERENCE_PATCHING_MODES = ("entropy", "bpe", "bpe_patcher", "space", "static", "byte",
+                            *REFERENCE_LST_PATCHERS)
+# Its `PatcherArgs.patch_size` when the args leave it out.
+REFERENCE_PATCHER_PATCH_SIZE = 4.5
+
+
+def _check_reference_patcher(patcher_args: dict[str, Any], path: str | Path) -> None:
+    """Refuse, naming the field, a data patcher the reference cannot build or whose patches no
+    patching here gives (the import would patch by the model args instead, or uncut):
+
+    - a `patching_mode` the reference does not have (`REFERENCE_PATCHING_MODES`; a misspelt
+      "lst_statc"), which its loader refuses;
+    - a `patch_size` (left out: 4.5) that is no whole number of units under "lst_static" and
+      "lst_curriculum": the former asserts a whole one, the latter's static steps then make one
+      patch of a whole run of units;
+    - a `max_patch_length`, which cuts every longer patch after the LST patcher drew them, where
+      it cuts any: any value but null under the aligned ones, one below `patch_size` under
+      "lst_static". No `--patching-mode` here cuts patches."""
+    mode = patcher_args.get("patching_mode", "entropy")
+    if mode not in REFERENCE_PATCHING_MODES:
+        raise ReferenceImportError(
+            f"{path}: data.patcher_args patching_mode {mode!r} is not one of the reference's "
+            f"{', '.join(map(repr, REFERENCE_PATCHING_MODES))} (its loader refuses it: a "
+            "misspelling?); correct it")
+    if mode not in REFERENCE_LST_PATCHERS:
+        return
+    size = patcher_args.get("patch_size", REFERENCE_PATCHER_PATCH_SIZE)
+    whole = isinstance(size, int | float) and not isinstance(size, bool) \
+        and float(size).is_integer() and size >= 1
+    if mode != "lst_align" and not whole:
+        raise ReferenceImportError(
+            f"{path}: data.patcher_args patching_mode {mode!r} with patch_size {size!r}"
+            f"{' (the reference default, left out)' if 'patch_size' not in patcher_args else ''}:"
+            " the reference patches speech in whole patch sizes only (its lst_static asserts "
+            "one); give the patch_size the run's data was patched with")
+    limit = patcher_args.get("max_patch_length")
+    if limit is None or (mode == "lst_static" and isinstance(limit, int | float)
+                         and not isinstance(limit, bool) and limit >= size):
+        return
+    raise ReferenceImportError(
+        f"{path}: data.patcher_args max_patch_length={limit!r} with patching_mode {mode!r}"
+        f"{f' and patch_size {size!r}' if mode == 'lst_static' else ''}: the reference's "
+        "patcher cuts every longer patch into patches of at most that many units, which no "
+        "--patching-mode here does, so the model would be evaluated on other patches than it "
+        "was trained on; not supported (to import the weights all the same, evaluated on "
+        "uncut patches, remove max_patch_length from a copy of the args)")
 
 
 def _reference_data_entry(path: str | Path, key: str) -> dict[str, Any] | None:
@@ -233,9 +291,26 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         reimported = dataclasses.replace(reimported, documents=config.documents)
     if reimported != config:
         raise ReferenceImportError(
-            f"this model cannot be written as reference arguments: they describe {reimported}, "
-            f"the model is {config}")
+            "this model cannot be written as reference arguments, which have no counterpart of "
+            f"its {'; '.join(_differences(reimported, config))}: keep the checkpoint in this "
+            "package's formats")
     return args
+
+
+def _differences(written: Any, model: Any, prefix: str = "") -> list[str]:
+    """Each field, dotted (`cross_attention.double_residual`), where the config `written` (of the
+    reference arguments written for a model) differs from the model's config `model`: its value
+    in the model, and in the arguments."""
+    found = []
+    for field in dataclasses.fields(model):
+        theirs, ours = getattr(written, field.name), getattr(model, field.name)
+        if theirs == ours:
+            continue
+        if dataclasses.is_dataclass(ours) and type(theirs) is type(ours):
+            found += _differences(theirs, ours, f"{prefix}{field.name}.")
+        else:
+            found.append(f"{prefix}{field.name} {ours!r} (the arguments give {theirs!r})")
+    return found
 
 
 def _shared_reference_size(field: str, kept: Any, models: dict[str, tuple[int, int, int | None]]) -> Any:

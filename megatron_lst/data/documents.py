@@ -36,6 +36,10 @@ class DocumentError(ValueError):
         return type(self), (str(self), self.__dict__.get("kind"))
 
 
+# `DocumentError.kind` of a segment table that does not describe the document's arrays.
+SEGMENT_TABLE = "inconsistent segment table"
+
+
 @dataclass
 class AlignedDocument:
     text_ids: np.ndarray
@@ -62,25 +66,28 @@ class AlignedDocument:
 
     def validate(self, num_units: int, where: str = "document") -> None:
         if self.num_segments == 0:
-            raise DocumentError(f"{where}: empty document (no segments)")
+            raise DocumentError(f"{where}: empty document (no segments)", kind="empty document")
         if len(self.seg_unit_len) != self.num_segments:
             raise DocumentError(f"{where}: {self.num_segments} text lengths but "
-                                f"{len(self.seg_unit_len)} unit lengths")
+                                f"{len(self.seg_unit_len)} unit lengths", kind=SEGMENT_TABLE)
         if (self.seg_text_len < 0).any() or (self.seg_unit_len < 0).any():
-            raise DocumentError(f"{where}: negative segment length")
+            raise DocumentError(f"{where}: negative segment length", kind=SEGMENT_TABLE)
         if int(self.seg_text_len.sum()) != len(self.text_ids):
             raise DocumentError(f"{where}: segment text lengths sum to {int(self.seg_text_len.sum())}"
-                                f" but the document has {len(self.text_ids)} text pieces")
+                                f" but the document has {len(self.text_ids)} text pieces",
+                                kind=SEGMENT_TABLE)
         if int(self.seg_unit_len.sum()) != len(self.unit_ids):
             raise DocumentError(f"{where}: segment unit lengths sum to {int(self.seg_unit_len.sum())}"
-                                f" but the document has {len(self.unit_ids)} units")
+                                f" but the document has {len(self.unit_ids)} units",
+                                kind=SEGMENT_TABLE)
         silent = self.is_silence
         if (self.seg_unit_len[silent] == 0).any():
-            raise DocumentError(f"{where}: a silence segment has no units")
+            raise DocumentError(f"{where}: a silence segment has no units",
+                                kind="silence without units")
         if len(self.unit_ids) and (self.unit_ids.min() < 0 or self.unit_ids.max() >= num_units):
             bad = self.unit_ids[(self.unit_ids < 0) | (self.unit_ids >= num_units)][0]
             raise DocumentError(f"{where}: speech unit {int(bad)} is outside the codebook "
-                                f"0..{num_units - 1}")
+                                f"0..{num_units - 1}", kind="unit outside the codebook")
 
 
 def check_stored_document(stored: AlignedDocument | np.ndarray, text_size: int, num_units: int,
@@ -98,10 +105,11 @@ def check_stored_document(stored: AlignedDocument | np.ndarray, text_size: int, 
         if len(text_ids) and (text_ids.min() < 0 or text_ids.max() >= text_size):
             bad = text_ids[(text_ids < 0) | (text_ids >= text_size)][0]
             raise DocumentError(f"{where}: text id {int(bad)} is outside the tokenizer's "
-                                f"0..{text_size - 1}")
+                                f"0..{text_size - 1}", kind="text id outside the tokenizer")
     except DocumentError as error:
         raise DocumentError(f"{error}; the dataset is corrupt or its .bin and .idx are from "
-                            f"different runs: re-run tools/preprocess_data.py") from None
+                            f"different runs: re-run tools/preprocess_data.py",
+                            kind=error.kind) from None
     if bos_eos is not None and len(text_ids):
         special = np.flatnonzero(np.isin(text_ids, bos_eos))
         if len(special):
@@ -112,7 +120,7 @@ def check_stored_document(stored: AlignedDocument | np.ndarray, text_size: int, 
                 f"document's text cannot hold BOS or EOS (an EOS would end the document there "
                 f"in a packed row, --reset-attention-mask). The text spelled a special token "
                 f"(e.g. '</s>') and an older tools/preprocess_data.py kept it as that id: re-run "
-                f"it, which encodes such text as plain pieces")
+                f"it, which encodes such text as plain pieces", kind="BOS or EOS in text")
 
 
 def document_name(store, doc_id: int) -> str:

@@ -127,9 +127,14 @@ REFERENCE_FIELDS_ITS_MODEL_IGNORES = {
 
 
 # Fields of the reference's args that its model reads only in training (`dropout`) or when it
-# initialises new weights (`init_base_std`, `init_std_factor`): an imported model holds trained
-# weights and fine-tunes under lst-train's own flags, so none is carried over. Each: the
-# reference's default, and what lst-train offers in its place (`fields_not_carried_over`).
+# initialises new weights (`init_base_std`, `init_std_factor`), and the init fields it declares
+# but never reads (`init_use_gaussian`, `init_use_depth`, `alpha_depth`): an imported model holds
+# trained weights and fine-tunes under lst-train's own flags, so none is carried over. (No path
+# here builds a model from reference args without its weights: `lst-convert import-reference`
+# needs the checkpoint.) Each: the reference's default, and what lst-train offers in its place
+# (`fields_not_carried_over`).
+_NEVER_READ = ("the reference's model never reads it (its initialisation reads init_base_std and "
+               "init_std_factor only), and imported weights are not initialised")
 REFERENCE_FIELDS_NOT_CARRIED_OVER = {
     "dropout": (0, "no lst-train flag drops what the reference dropped (the inputs of its local "
                    "encoder, global model and local decoder, and the decoder's last hidden "
@@ -139,13 +144,20 @@ REFERENCE_FIELDS_NOT_CARRIED_OVER = {
                             "sets the std of the normal initialisation of new weights"),
     "init_std_factor": ("disabled", "imported weights are not initialised, and no lst-train flag "
                                     "scales an initialisation by depth"),
+    "init_use_gaussian": (True, _NEVER_READ),
+    "init_use_depth": ("current", _NEVER_READ),
+    "alpha_depth": ("disabled", _NEVER_READ),
 }
+
+# The values of the reference's `init_std_factor` (its `InitStdFactor`); its loader refuses others.
+REFERENCE_INIT_STD_FACTORS = ("disabled", "global_depth", "current_depth", "dim_ratio")
 
 
 def fields_not_carried_over(model_args: dict) -> list[str]:
     """A notice for each field of `REFERENCE_FIELDS_NOT_CARRIED_OVER` that `model_args` (the
     reference's model args) set to other than the reference's default: that it is not carried
-    over, and what lst-train offers in its place."""
+    over, and what lst-train offers in its place. (`lst_config_from_reference` has refused
+    values the reference cannot build a model from.)"""
     return [f"reference {name}={model_args[name]!r} is not carried over: {instead}"
             for name, (default, instead) in REFERENCE_FIELDS_NOT_CARRIED_OVER.items()
             if model_args.get(name, default) != default]
@@ -182,6 +194,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
         if a[key] != value and key != "use_local_encoder_transformer":
             raise ReferenceImportError(f"reference option {key}={a[key]!r} is not supported (need {value!r})")
     _check_hash_embeddings(a)
+    _check_init_fields(a)
     for key in ("vocab_size", "multiple_of", "cross_attn_k", "cross_attn_nheads", "max_seqlen"):
         if not isinstance(a[key], int) or a[key] < 1:
             raise ReferenceImportError(
@@ -264,6 +277,18 @@ def _read_whole_numbers(a: dict) -> None:
             raise ReferenceImportError(
                 f"reference {key}={value!r} is not a whole number; the reference builds no "
                 "model from it (give an integer)")
+
+
+def _check_init_fields(a: dict) -> None:
+    """The reference's loader reads `init_std_factor` as one of `REFERENCE_INIT_STD_FACTORS` (its
+    `InitStdFactor`) and refuses args with any other value; so does the import, naming the field
+    (it is not carried over either way: `fields_not_carried_over`)."""
+    factor = a.get("init_std_factor", "disabled")
+    if factor not in REFERENCE_INIT_STD_FACTORS:
+        raise ReferenceImportError(
+            f"reference init_std_factor={factor!r} is not one of "
+            f"{', '.join(map(repr, REFERENCE_INIT_STD_FACTORS))}; the reference's loader refuses "
+            "it (a misspelt value?)")
 
 
 def _check_token_width(a: dict) -> None:

@@ -269,6 +269,11 @@ def reference_logits(model_args: dict, sd: dict[str, torch.Tensor], tokens: torc
     a = _args(model_args)
     sd = {name: t.float() for name, t in sd.items()}
     b, n = tokens.shape
+    longest = a.get("max_encoder_seq_length")
+    if longest is not None and n > longest:
+        # its local RoPE tables hold max_encoder_seq_length positions: its shape assert fails
+        raise ValueError(f"rows of {n} tokens: the reference runs rows of at most "
+                         f"max_encoder_seq_length {longest} tokens")
     num_patches, k = patch_lengths.shape[1], a["cross_attn_k"]
     de, dd = a["dim_local_encoder"], a["dim_local_decoder"]
     xformers = a["attn_impl"] == "xformers"

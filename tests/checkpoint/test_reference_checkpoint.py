@@ -136,6 +136,69 @@ def test_unreadable_reference_files_are_refused_naming_them(tmp_path, name, cont
         reader(path)
 
 
+@pytest.mark.parametrize("patcher_args", [
+    {"patching_mode": "lst_align", "max_patch_length": 8},
+    {"patching_mode": "lst_curriculum", "patch_size": 4, "max_patch_length": 8},
+    {"patching_mode": "lst_static", "patch_size": 4, "max_patch_length": 3},
+    {"patching_mode": "lst_static", "patch_size": 4.0, "max_patch_length": 3.5},
+])
+def test_a_data_patcher_that_cuts_long_patches_is_refused_by_name(tmp_path, patcher_args):
+    """The reference's patcher cuts patches longer than data.patcher_args.max_patch_length, which
+    no patching here does: the import took the LST patcher alone, and the model was evaluated on
+    other patches than it was trained on."""
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"model": {"dim_global": 64}, "data": {"patcher_args": patcher_args}}))
+    with pytest.raises(ReferenceImportError, match=rf"params.json: data.patcher_args "
+                                                   rf"max_patch_length={patcher_args['max_patch_length']} "
+                                                   rf"with patching_mode '{patcher_args['patching_mode']}'.*"
+                                                   r"the reference's patcher cuts every longer patch"):
+        read_reference_patcher_args(path)
+
+
+@pytest.mark.parametrize("patcher_args, given", [
+    ({"patching_mode": "lst_static", "patch_size": 4.5}, "patch_size 4.5:"),
+    ({"patching_mode": "lst_static"}, "patch_size 4.5 (the reference default, left out):"),
+    ({"patching_mode": "lst_curriculum", "patch_size": 0}, "patch_size 0:"),
+    ({"patching_mode": "lst_static", "patch_size": "4"}, "patch_size '4':"),
+])
+def test_a_data_patcher_of_no_whole_patch_size_is_refused_by_name(tmp_path, patcher_args, given):
+    """The reference's lst_static asserts a whole patch size (its default is 4.5); the import
+    patched such a run by the model args' patching instead, with no word."""
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"model": {"dim_global": 64}, "data": {"patcher_args": patcher_args}}))
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            f"params.json: data.patcher_args patching_mode '{patcher_args['patching_mode']}' with "
+            f"{given} the reference patches speech in whole patch sizes only")):
+        read_reference_patcher_args(path)
+
+
+@pytest.mark.parametrize("mode", ["lst_statc", "LST_STATIC", "aligned", ["lst_static"], None])
+def test_a_data_patching_mode_the_reference_does_not_have_is_refused_by_name(tmp_path, mode):
+    """The reference's loader refuses a patching mode outside its PatchingModeEnum; the import
+    took it for no LST patcher and patched by the model args' mode instead, with no word."""
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"model": {"dim_global": 64},
+                                "data": {"patcher_args": {"patching_mode": mode, "patch_size": 4}}}))
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            f"params.json: data.patcher_args patching_mode {mode!r} is not one of the "
+            "reference's 'entropy', 'bpe',")):
+        read_reference_patcher_args(path)
+
+
+@pytest.mark.parametrize("patcher_args", [
+    {"patching_mode": "lst_static", "patch_size": 4, "max_patch_length": 4},  # cuts no patch
+    {"patching_mode": "lst_align", "max_patch_length": None},
+    {"patching_mode": "lst_align"},  # its patch size is not read
+    {"patching_mode": "lst_curriculum", "patch_size": 3.0},
+    {"patching_mode": "entropy", "max_patch_length": 2},  # no LST patcher: the model args' mode
+    {"patch_size": 4},  # the reference's entropy patcher
+])
+def test_a_data_patcher_whose_patches_are_not_cut_reads_back(tmp_path, patcher_args):
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"model": {"dim_global": 64}, "data": {"patcher_args": patcher_args}}))
+    assert read_reference_patcher_args(path) == patcher_args
+
+
 def test_the_reference_training_yaml_reads_as_its_params_json(tmp_path):
     """A reference run launched with a YAML config (model args under `model`, the patcher under
     `data.patcher_args`) gives the same arguments as the params.json BLT writes from it."""
@@ -195,6 +258,20 @@ def test_ffn_widths_no_multiple_of_produces_are_refused(single_rank):
     with pytest.raises(ReferenceImportError, match="multiple_of"):
         reference_model_args(odd)
     assert reference_model_args(tiny)["multiple_of"] == 256
+
+
+def test_a_model_field_without_reference_counterpart_is_named_on_export():
+    """A model trained with --no-cross-attn-double-residual has no reference arguments: the
+    refusal printed both whole configurations (hundreds of characters) and named no field."""
+    tiny = preset("tiny", 64)
+    single = dataclasses.replace(tiny, cross_attention=dataclasses.replace(
+        tiny.cross_attention, double_residual=False))
+    with pytest.raises(ReferenceImportError) as refused:
+        reference_model_args(single)
+    assert str(refused.value) == (
+        "this model cannot be written as reference arguments, which have no counterpart of its "
+        "cross_attention.double_residual False (the arguments give True): keep the checkpoint in "
+        "this package's formats")
 
 
 @pytest.mark.parametrize("base", [{"max_encoder_seq_length": "512"},

@@ -241,6 +241,28 @@ def test_imported_model_matches_reference_forward(single_rank, name):
     assert (logits - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "flex_attention", "xformers"])
+def test_rows_of_max_encoder_seq_length_tokens_are_the_reference_function(single_rank, impl):
+    """The reference runs rows of at most `max_encoder_seq_length` tokens (its local RoPE table);
+    its causal implementations are imported with that many tokens as the local window. At the
+    limit (the first token still seen from the last, the largest RoPE angle) the imported model
+    computes the reference's function; one token more the reference refuses (docs/architecture.md:
+    the import carries no such limit, and a longer row is an extension the reference has none
+    of)."""
+    model_args = {**BASE_ARGS, "attn_impl": impl, "local_attention_window_len": 7}
+    reference = random_reference_state(model_args, seed=5)
+    tokens, patch_lengths = random_batch(model_args)  # rows of 30 tokens
+    model = imported_model({**model_args, "max_encoder_seq_length": 30}, reference)
+    with torch.no_grad():
+        expected = reference_logits({**model_args, "max_encoder_seq_length": 30}, reference,
+                                    tokens, patch_lengths)
+        assert (model(tokens, patch_lengths) - expected).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="rows of 30 tokens: the reference runs rows of at most "
+                                         "max_encoder_seq_length 29 tokens"):
+        reference_logits({**model_args, "max_encoder_seq_length": 29}, reference, tokens,
+                         patch_lengths)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
 def test_export_gives_back_the_reference_tensors(single_rank, name):
     model_args = reference_args(name)

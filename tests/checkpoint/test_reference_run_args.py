@@ -17,11 +17,16 @@ from safetensors.torch import save_file
 
 from checkpoint.test_reference_configurations import BASE_ARGS, random_reference_state
 from megatron_lst.checkpoint.cli import main
+from megatron_lst.checkpoint.convert import reference_patching
 from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.reference import import_reference, read_reference_model_args
 from megatron_lst.checkpoint.reference_files import read_reference_state_dict
 from megatron_lst.checkpoint.reference_run import reference_model_dtype
-from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.models.reference_import import (
+    ReferenceImportError,
+    fields_not_carried_over,
+    lst_config_from_reference,
+)
 from megatron_lst.tokenizer.vocab import JointVocab
 
 UNITS = 20
@@ -130,6 +135,55 @@ def test_the_import_names_the_training_and_init_fields_it_does_not_carry_over(tm
     assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
                    "--output", tmp_path / "portable2", "--num-units", UNITS) == 0
     assert "is not carried over" not in capsys.readouterr().err
+
+
+def test_the_init_fields_the_reference_never_reads_are_named_and_change_nothing():
+    """The reference's args declare init_use_gaussian, init_use_depth and alpha_depth, which its
+    model never reads: the import accepted them silently. They build the same model and are named
+    in a notice each, like the init fields the reference does read."""
+    fields = {"init_use_gaussian": False, "init_use_depth": "global", "alpha_depth": "global"}
+    args = {**BASE_ARGS, **fields}
+    assert lst_config_from_reference(args) == lst_config_from_reference(BASE_ARGS)
+    assert [notice.split(" is not carried over: ")[0] for notice in
+            fields_not_carried_over(args)] == [
+        "reference init_use_gaussian=False", "reference init_use_depth='global'",
+        "reference alpha_depth='global'"]
+    assert all("the reference's model never reads it" in notice
+               for notice in fields_not_carried_over(args))
+    # the reference's defaults, spelt out: nothing to say
+    assert fields_not_carried_over({**BASE_ARGS, "init_use_gaussian": True,
+                                    "init_use_depth": "current", "alpha_depth": "disabled"}) == []
+
+
+@pytest.mark.parametrize("factor", ["depth", None, 1.0])
+def test_an_init_std_factor_the_reference_refuses_is_refused_by_name(factor):
+    with pytest.raises(ReferenceImportError, match=rf"reference init_std_factor={factor!r} is "
+                                                   r"not one of 'disabled', 'global_depth'"):
+        lst_config_from_reference({**BASE_ARGS, "init_std_factor": factor})
+
+
+def test_an_import_whose_data_patcher_cuts_long_patches_is_refused_and_writes_nothing(
+        tmp_path, capsys):
+    write_reference(tmp_path)
+    params = tmp_path / "run/params.json"
+    params.write_text(json.dumps({"model": BASE_ARGS, "data": {"patcher_args": {
+        "patching_mode": "lst_align", "max_patch_length": 6}}}))
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable", "--num-units", UNITS) == 1
+    assert (f"{params}: data.patcher_args max_patch_length=6 with patching_mode 'lst_align': "
+            "the reference's patcher cuts every longer patch") in capsys.readouterr().err
+    assert not (tmp_path / "portable").exists()
+
+
+@pytest.mark.parametrize("model_args, patching", [
+    ({"patching_mode": "lst_static", "patch_size": 6.0}, {"patching_mode": "static", "patch_size": 6}),
+    ({"patching_mode": "lst_curriculum", "patch_size": 3}, {"patching_mode": "static", "patch_size": 3}),
+    ({"patching_mode": "lst_align", "patch_size": 4}, {"patching_mode": "aligned"}),
+])
+def test_model_args_naming_an_lst_patcher_give_its_patching(model_args, patching):
+    """Without data.patcher_args the import patches by the model args' mode, which may name one
+    of the reference's LST patchers: those were taken for no mode (static patches of 4)."""
+    assert reference_patching(model_args) == patching
 
 
 def test_a_bf16_checkpoint_exports_as_bf16_with_the_tokenizer_given(tmp_path, capsys):
