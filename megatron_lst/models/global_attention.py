@@ -19,10 +19,15 @@ Query s then sees keys `[key_start[s], s]`, without any `[S, S]` tensor:
 - else range attention: on CPU the chunked two-block flash path of `sliding_window_cpu` (window
   S), elsewhere `lst_kernels.patch_cross_attention` on the model's kernel backend (the Triton
   range kernel on CUDA under "auto").
+
+Each path logs once per process, when it first runs, which attention the global block runs
+(`announce_global_attention`): the automatic choice is visible at startup.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
@@ -40,6 +45,18 @@ from .local_attention import (
     flash_document_attention,
 )
 from .sliding_window_cpu import sliding_window_attention_cpu
+
+logger = logging.getLogger(__name__)
+
+# What "auto" range kernels run (lst_kernels.backend.resolve_backend), for the log line.
+_AUTO_KERNELS = "Triton on CUDA where triton imports, else PyTorch; LST_KERNEL_BACKEND overrides"
+
+
+@functools.cache
+def announce_global_attention(path: str) -> None:
+    """Log `path`, the attention the global block runs, once per process (every layer and every
+    model of the process takes the same paths)."""
+    logger.info("global attention: %s", path)
 
 
 def _sequences_of(key_start: torch.Tensor, _same_key_start: torch.Tensor,
@@ -117,6 +134,8 @@ class CausalSDPAttention(MegatronModule):
             mask = (torch.arange(num_keys, device=q.device)[None, :]
                     <= torch.arange(seq_len, device=q.device)[:, None] + offset)  # [Sq, Sk]
 
+        announce_global_attention("causal, PyTorch scaled_dot_product_attention")
+
         def attend():
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=seq_len == num_keys, dropout_p=dropout,
@@ -145,12 +164,19 @@ class CausalSDPAttention(MegatronModule):
                              "(--reset-attention-mask); set --attention-dropout 0")
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [B, S, heads, d]
         if self._backend_for(q) == "flash":  # k, v keep their Gp heads
+            announce_global_attention("causal within packed documents, flash-attn varlen")
             out = flash_document_attention(q, k, v, documents_of_key_starts(key_start),
                                            scale=self.scale)  # [B, S, Hp, d]
             return out.transpose(0, 1).reshape(seq_len, batch, -1)  # [S, B, Hp*d]
         if q.device.type == "cpu":
+            announce_global_attention("causal within packed documents, range attention on CPU "
+                                      "(PyTorch, sliding_window_cpu)")
             out = sliding_window_attention_cpu(q, k, v, seq_len, key_start, scale=self.scale)
         else:
+            kernels = self.kernel_backend + (f" ({_AUTO_KERNELS})" if self.kernel_backend == "auto"
+                                             else "")
+            announce_global_attention(f"causal within packed documents, lst_kernels range "
+                                      f"attention, kernel backend {kernels}")
             key_end = causal_key_end(batch, seq_len, q.device)  # [B, S], shared by all layers
             out = patch_cross_attention(q, k, v, key_start, key_end, scale=self.scale,
                                         backend=self.kernel_backend)

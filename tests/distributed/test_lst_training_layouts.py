@@ -10,7 +10,8 @@ copies drift apart: their gradients are averaged over the group.
 The newest model features (grouped key/value heads and head sizes other than hidden / heads in
 the global and the local models, rows packing several documents with attention and RoPE
 positions reset at each) train the same under TP=2 with sequence parallelism, TP=4, PP=2, each
-with data parallelism and the distributed optimizer where four processes allow.
+with data parallelism and the distributed optimizer where four processes allow, under TP=2 x PP=2
+with sequence parallelism, and under PP=2 fed one micro-batch per step (fewer than its stages).
 """
 
 import pytest
@@ -132,9 +133,19 @@ def test_newest_features_model_has_the_head_shapes(single_process_newest_feature
 @pytest.mark.parametrize("layout", [
     ["--tp", 2, "--sequence-parallel", "--distributed-optimizer"],
     ["--pp", 2, "--distributed-optimizer"],
-], ids=["tp2-sp-dp2", "pp2-dp2"])
+    ["--tp", 2, "--pp", 2, "--sequence-parallel"],
+], ids=["tp2-sp-dp2", "pp2-dp2", "tp2-pp2-sp"])
 def test_newest_features_train_like_one_process(single_process_newest_features, layout):
     records = run_distributed(WORKER, 4, [*NEWEST_FEATURES, *layout], timeout=300)
+    assert_same_training(records, single_process_newest_features)
+
+
+def test_fewer_micro_batches_than_pipeline_stages(single_process_newest_features):
+    # One micro-batch of the whole global batch: megatron's 1F1B schedule then has no steady
+    # phase, and the last stage's backward must still reach the first.
+    records = run_distributed(WORKER, 2, [*NEWEST_FEATURES, "--pp", 2,
+                                          "--rows-per-micro-batch", 4], timeout=240)
+    assert [r["micro_batches"] for r in records] == [1, 1]
     assert_same_training(records, single_process_newest_features)
 
 

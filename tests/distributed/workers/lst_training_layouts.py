@@ -3,9 +3,9 @@
 Launched by `distributed.harness.run_distributed` on tp x pp x dp processes with `--tp`, `--pp`
 and optionally `--distributed-optimizer`. Every layout starts from the same unsharded weights
 (`lst_stage.load_shared_weights`) and trains on the same global batches: each step's batch
-is split over data-parallel ranks, then into micro-batches of one row. The loss is the token mean
-over the global batch (`calculate_per_token_loss`, as `pretrain_lst.py` trains), so the update
-does not depend on the split. The step is the real one: megatron DDP (fp32 gradient buffers,
+is split over data-parallel ranks, then into micro-batches of one row (`--rows-per-micro-batch`
+rows). The loss is the token mean over the global batch (`calculate_per_token_loss`, as
+`pretrain_lst.py` trains), so the update does not depend on the split. The step is the real one: megatron DDP (fp32 gradient buffers,
 optionally the distributed optimizer's sharded buckets), megatron's forward-backward schedule,
 `finalize_lst_model_grads`, a megatron Adam optimizer with gradient clipping.
 
@@ -18,8 +18,8 @@ the copies still agree afterwards.
 sizes other than hidden / heads, global and local) and `with_document_resets` (attention and RoPE
 positions reset at document starts) on rows packing several documents, `--sequence-parallel` turns sequence parallelism on.
 
-Reports per rank: its coordinates, the (CE sum, token count) of its micro-batches per step (last
-stage), and the unsharded canonical weights after the last step.
+Reports per rank: its coordinates, its micro-batches per step, the (CE sum, token count) of its
+micro-batches per step (last stage), and the unsharded canonical weights after the last step.
 """
 
 import argparse
@@ -80,12 +80,15 @@ def packed_rows(step: int, patch_multiple: int) -> dict[str, torch.Tensor]:
 
 
 def micro_batches(step: int, dp_rank: int, dp: int, packed: bool = False,
-                  patch_multiple: int = 1) -> list[dict[str, torch.Tensor]]:
-    """This data-parallel rank's rows of the step's global batch, one row per micro-batch."""
+                  patch_multiple: int = 1, rows_per_micro_batch: int = 1
+                  ) -> list[dict[str, torch.Tensor]]:
+    """This data-parallel rank's rows of the step's global batch, `rows_per_micro_batch` rows
+    per micro-batch."""
     batch = (packed_rows(step, patch_multiple) if packed
              else ragged_batch("static", batch_size=GLOBAL_BATCH, seed=100 + step))
-    rows = range(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
-    return [{key: value[row:row + 1] for key, value in batch.items()} for row in rows]
+    first, end = dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp
+    return [{key: value[row:row + rows_per_micro_batch] for key, value in batch.items()}
+            for row in range(first, end, rows_per_micro_batch)]
 
 
 def unequal_tokens(batch: dict[str, torch.Tensor], tp_rank: int) -> dict[str, torch.Tensor]:
@@ -123,6 +126,7 @@ def main() -> None:
                         help="with --newest-features: the global model's key/value heads")
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--unequal-tp-data", action="store_true")
+    parser.add_argument("--rows-per-micro-batch", type=int, default=1)
     parser.add_argument("--results", required=True)
     args = parser.parse_args()
 
@@ -175,7 +179,8 @@ def main() -> None:
         ddp_model.zero_grad_buffer()
         optimizer.zero_grad()
         batches = micro_batches(step, dp_rank, dp, args.newest_features,
-                                patch_multiple=args.tp if args.sequence_parallel else 1)
+                                patch_multiple=args.tp if args.sequence_parallel else 1,
+                                rows_per_micro_batch=args.rows_per_micro_batch)
         if args.unequal_tp_data:
             batches = [unequal_tokens(batch, tp_rank) for batch in batches]
         reduced = get_forward_backward_func()(
@@ -184,7 +189,7 @@ def main() -> None:
             model=[ddp_model],
             num_microbatches=len(batches),
             seq_length=batches[0]["patch_lengths"].shape[1],
-            micro_batch_size=1,
+            micro_batch_size=args.rows_per_micro_batch,
             forward_only=False,
         )
         succeeded, _, _ = optimizer.step()
@@ -197,6 +202,7 @@ def main() -> None:
         "tp_rank": tp_rank, "dp_rank": dp_rank,
         "global_layers": len(model.global_transformer.block.layers),
         "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "micro_batches": len(batches),
         "losses": losses,
         "weights": {name: value.tolist() for name, value in weights.items()},
     }
