@@ -109,7 +109,9 @@ class CausalSDPAttention(MegatronModule):
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.kernel_backend = kernel_backend
-        self._backend_for = AttentionBackendChoice("auto", "global packed-document attention")
+        # flash-attn varlen or not; `announce_global_attention` logs what runs instead
+        self._backend_for = AttentionBackendChoice("auto", "global packed-document attention",
+                                                   log_choice=False)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

@@ -58,9 +58,11 @@ def _log_choice(attention: str, backend: str, reason: str) -> None:
 
 
 def resolve_local_attention_backend(requested: str, q: torch.Tensor,
-                                    attention: str = "local sliding-window attention") -> str:
+                                    attention: str = "local sliding-window attention",
+                                    log_choice: bool = True) -> str:
     """"flash" or "sdpa" for inputs like `q`; raise when an explicit choice cannot run.
-    `attention` names the caller in the log line."""
+    `attention` names the caller in the log line of an "auto" choice; a caller whose "sdpa"
+    runs something else logs what runs itself (`log_choice=False`)."""
     if requested not in BACKENDS:
         raise ValueError(f"{attention} backend {requested!r} is not one of {BACKENDS}")
     head_dim = q.shape[-1]
@@ -83,9 +85,10 @@ def resolve_local_attention_backend(requested: str, q: torch.Tensor,
         )
     if requested == "auto":
         requested = "flash" if flash_ok else "sdpa"
-        _log_choice(attention, requested, "flash-attn" if flash_ok else
-                    f"PyTorch, device {q.device.type}{gpu}, {q.dtype}"
-                    + (f", flash-attn {failure}" if failure else ""))
+        if log_choice:
+            _log_choice(attention, requested, "flash-attn" if flash_ok else
+                        f"PyTorch, device {q.device.type}{gpu}, {q.dtype}"
+                        + (f", flash-attn {failure}" if failure else ""))
     return requested
 
 
@@ -94,18 +97,20 @@ class AttentionBackendChoice:
     device, dtype and head size (on CUDA it asks the GPU's compute capability, not work for every
     forward)."""
 
-    def __init__(self, requested: str, attention: str = "local sliding-window attention"):
+    def __init__(self, requested: str, attention: str = "local sliding-window attention",
+                 log_choice: bool = True):
         if requested not in BACKENDS:
             raise ValueError(f"{attention} backend {requested!r} is not one of {BACKENDS}")
         self.requested = requested
         self.attention = attention
+        self.log_choice = log_choice
         self._resolved: dict[tuple[torch.device, torch.dtype, int], str] = {}
 
     def __call__(self, q: torch.Tensor) -> str:
         key = (q.device, q.dtype, q.shape[-1])
         if key not in self._resolved:
             self._resolved[key] = resolve_local_attention_backend(self.requested, q,
-                                                                  self.attention)
+                                                                  self.attention, self.log_choice)
         return self._resolved[key]
 
 

@@ -18,7 +18,7 @@ from test_global_document_flash import (
     install_fake_flash,
 )
 
-from megatron_lst.models import global_attention
+from megatron_lst.models import global_attention, local_attention
 
 
 @pytest.fixture
@@ -47,6 +47,16 @@ def test_cpu_document_attention_is_announced_once(single_rank, announced):
     run_layers(document_key_starts(ROWS[0]))
     assert announced() == ["global attention: causal within packed documents, range attention "
                            "on CPU (PyTorch, sliding_window_cpu)"]
+
+
+def test_cpu_document_attention_is_not_also_called_sdpa(single_rank, announced, caplog):
+    """The flash-or-not choice of the packed-document path logged "backend: sdpa", which is not
+    what runs there; the line above says what does."""
+    local_attention._log_choice.cache_clear()
+    caplog.set_level(logging.INFO, logger=local_attention.__name__)
+    run_layers(document_key_starts(ROWS[0]))
+    assert [r.getMessage() for r in caplog.records if r.name == local_attention.__name__] == []
+    assert len(announced()) == 1
 
 
 def test_flash_document_attention_is_announced_once(single_rank, announced, monkeypatch):
