@@ -58,7 +58,7 @@ from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import optimizer_state
 from megatron_lst.training.args_json import args_to_dict
 from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, check_same_training_data
-from megatron_lst.training.rank_failures import share_or_stop
+from megatron_lst.training.rank_failures import one_line, share_or_stop
 from megatron_lst.training.resume_check import (
     ResumeConfigError,
     ResumePosition,
@@ -376,8 +376,7 @@ def _failure_reason(error: Exception) -> str:
     """What the other ranks say of rank 0's `error` (`on_rank0`)."""
     if isinstance(error, CheckpointError):
         return str(error)
-    return (f"rank 0 stopped with {type(error).__name__}: {error} (its output says where); this "
-            f"rank stops with it")
+    return f"rank 0 stopped with {one_line(error)} (its output says where); this rank stops with it"
 
 
 def _on_rank0(action: Callable[[], None], iteration: int, root: Path) -> None:
@@ -405,20 +404,23 @@ class CheckpointSaveError(CheckpointError):
 @contextlib.contextmanager
 def _save_failure_explained(iteration: int, root: Path, temporary: Path):
     """Within the block, a failed write (OSError, or torch.distributed.checkpoint's
-    CheckpointException wrapping the writers' errors) raises CheckpointSaveError naming it, the
-    free space left, and that the checkpoints saved before are untouched."""
+    CheckpointException wrapping the writers' errors, a collective: every rank raises it) raises
+    CheckpointSaveError naming it (on every rank: rank 0's account of the writers'), the free
+    space left, and that the checkpoints saved before are untouched."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         yield
     except (OSError, CheckpointException) as error:
         if isinstance(error, CheckpointException):
-            # Only the ranks whose writers failed hear why; the others get no failures.
-            reason = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}"
-                               for rank, (exc, _) in sorted(error.failures.items())) or (
+            # Every rank raises it, but only rank 0, which gathers the writers' results, hears
+            # why: the others' log (another node's, on a multi-node run) said no more than that.
+            reason = _broadcast_from_rank0("; ".join(
+                f"rank {rank}: {one_line(exc)}" for rank, (exc, _) in sorted(
+                    error.failures.items()))) or (
                 "another rank's checkpoint writers failed; its message says why")
         else:
-            reason = f"{type(error).__name__}: {error}"
+            reason = one_line(error)
         raise CheckpointSaveError(
             f"saving the checkpoint of iteration {iteration} into {root} failed ({reason}); "
             f"{_free_space(root)}. Checkpoints saved before are untouched ({TRACKER_FILENAME} "

@@ -380,3 +380,44 @@ def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path, faili
             f"this rank stops with it; checkpoints saved before are untouched") in output
     assert find_latest_checkpoint(save) is None
     assert len(list(save.glob("iter_0000002.tmp-*"))) == interrupted_saves
+
+
+WRITERS_FAIL_ON_RANK1 = """
+import errno, os, sys
+
+if __name__ == "__main__":  # the checkpoint writers re-import this file
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    from torch.distributed.checkpoint.utils import _wrap_exception
+
+    from megatron_lst.training import cli
+
+    if os.environ["RANK"] == "1":  # rank 1's writers report a full disk
+        FileSystemWriterAsync.retrieve_write_results = lambda self: _wrap_exception(
+            OSError(errno.ENOSPC, "No space left on device"))
+    sys.exit(cli.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_save_failing_on_rank_1_is_explained_on_every_rank(tmp_path):
+    """Only rank 0, which gathers the writers' results, heard why: rank 1 itself said 'another
+    rank's checkpoint writers failed; its message says why', sending a multi-node run's user to
+    another node's log."""
+    from training.training_cases import tiny_flags, write_corpus
+
+    script = tmp_path / "writers_fail_on_rank1.py"
+    script.write_text(WRITERS_FAIL_ON_RANK1)
+    save = tmp_path / "ckpt"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), *tiny_flags(write_corpus(tmp_path / "data")), "--train-iters", "2",
+         "--save", str(save)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+    output = run.stdout + run.stderr
+    reason = (f"lst-train: saving the checkpoint of iteration 2 into {save} failed (rank 1: "
+              f"OSError: [Errno 28] No space left on device); ")
+    assert output.count(reason) == 2, output[-3000:]  # from both ranks
+    assert "its message says why" not in output, output[-3000:]
+    assert find_latest_checkpoint(save) is None
