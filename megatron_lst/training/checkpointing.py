@@ -464,22 +464,52 @@ def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,
 
 def describe_good_checkpoint(save_dir: str | os.PathLike | None,
                              started_from: str | os.PathLike | None = None,
-                             finetune: bool = False) -> str:
+                             finetune: bool = False, nonfinite_loss_at: int | None = None) -> str:
     """A sentence naming the checkpoint to go back to after a divergence: the newest under
     `save_dir` (every saved checkpoint had finite weights: `save_checkpoint` checks), or the one
     the run started from (`started_from`, `args.resume_from`; with `finetune`, the weights it
     fine-tuned from) when `save_dir` holds none as new: a run resumed from another directory that
-    diverged before its first save has its good checkpoint there."""
+    diverged before its first save has its good checkpoint there.
+
+    `nonfinite_loss_at`: the iteration whose loss was NaN or infinite. That loss came from the
+    weights of the iteration before, on its own batch, and resuming from their checkpoint
+    replays that forward pass (the data order and the random state come back with it) whatever
+    --lr or --clip-grad say: such a checkpoint is passed over, for the newest one before it."""
     try:
         newest = find_latest_checkpoint(save_dir) if save_dir is not None else None
     except CheckpointError as err:
         return f"No checkpoint to resume from could be found: {err}"
     start = Path(started_from) if started_from is not None else None
+    if nonfinite_loss_at is None:
+        return _good_checkpoint_sentence(newest, start, finetune, "The newest checkpoint")
+    replayed = nonfinite_loss_at - 1
+    suspects = [checkpoint for checkpoint in (newest, None if finetune else start)
+                if checkpoint is not None and _iteration_of(checkpoint) >= replayed]
+    if not suspects:
+        return _good_checkpoint_sentence(newest, start, finetune, "The newest checkpoint")
+    older = [_newest_before(suspect.parent, replayed) for suspect in suspects]
+    left = [checkpoint for checkpoint in (newest, *older)
+            if checkpoint is not None and checkpoint not in suspects]
+    newest = max(left, key=_iteration_of, default=None)
+    start = None if start in suspects else start
+    passed_over = max(suspects, key=_iteration_of)
+    return (f"{passed_over} (iteration {_iteration_of(passed_over)}) is passed over: its weights "
+            f"gave this loss on iteration {nonfinite_loss_at}'s batch, which resuming from it "
+            f"replays. " + (_good_checkpoint_sentence(newest, start, finetune,
+                                                      "The newest checkpoint before it")
+                            if newest is not None or start is not None
+                            else "No checkpoint before it was found: start again."))
+
+
+def _good_checkpoint_sentence(newest: Path | None, start: Path | None, finetune: bool,
+                              label: str) -> str:
+    """`describe_good_checkpoint`'s advice for the checkpoints left to go back to: `newest` under
+    --save and `start`, the run's own (`label` names `newest`)."""
     if newest is not None and (start is None or finetune
                                or _iteration_of(newest) >= _iteration_of(start)):
         iteration = _iteration_of(newest)
-        return (f"The newest checkpoint, {newest} (iteration {iteration}), held finite weights "
-                f"when it was saved: resume from it with --load {newest.parent} (or --ckpt-step "
+        return (f"{label}, {newest} (iteration {iteration}), held finite weights when it was "
+                f"saved: resume from it with --load {newest.parent} (or --ckpt-step "
                 f"{iteration}), after changing what made the run diverge.")
     if start is not None and finetune:
         return (f"No checkpoint of this fine-tuning run was saved yet: fine-tune again from "
@@ -489,6 +519,12 @@ def describe_good_checkpoint(save_dir: str | os.PathLike | None,
                 f"which this run resumed from: resume from it again with --load {start}, after "
                 f"changing what made the run diverge.")
     return "No checkpoint was saved before (none under --save): start again."
+
+
+def _newest_before(root: Path, iteration: int) -> Path | None:
+    """The newest complete checkpoint under `root` of an iteration before `iteration`, if any."""
+    older = {i: path for i, path in _complete_checkpoints(root).items() if i < iteration}
+    return older[max(older)] if older else None
 
 
 def _iteration_of(checkpoint: Path) -> int:

@@ -526,7 +526,8 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
             args = state.args
             good = checkpointing.describe_good_checkpoint(
                 args.save if args.save is not None else args.load,
-                getattr(args, "resume_from", None), getattr(args, "finetune", False))
+                getattr(args, "resume_from", None), getattr(args, "finetune", False),
+                nonfinite_loss_at=state.iteration)
             raise NonFiniteLossError(f"{err}. {good}") from None
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
     state.tokens += step.num_tokens
