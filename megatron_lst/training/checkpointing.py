@@ -481,36 +481,42 @@ def describe_good_checkpoint(save_dir: str | os.PathLike | None,
         return f"No checkpoint to resume from could be found: {err}"
     start = Path(started_from) if started_from is not None else None
     if nonfinite_loss_at is None:
-        return _good_checkpoint_sentence(newest, start, finetune, "The newest checkpoint")
+        return _good_checkpoint_sentence(newest, start, finetune)
     replayed = nonfinite_loss_at - 1
     suspects = [checkpoint for checkpoint in (newest, None if finetune else start)
                 if checkpoint is not None and _iteration_of(checkpoint) >= replayed]
     if not suspects:
-        return _good_checkpoint_sentence(newest, start, finetune, "The newest checkpoint")
+        return _good_checkpoint_sentence(newest, start, finetune)
     older = [_newest_before(suspect.parent, replayed) for suspect in suspects]
     left = [checkpoint for checkpoint in (newest, *older)
             if checkpoint is not None and checkpoint not in suspects]
     newest = max(left, key=_iteration_of, default=None)
     start = None if start in suspects else start
     passed_over = max(suspects, key=_iteration_of)
-    return (f"{passed_over} (iteration {_iteration_of(passed_over)}) is passed over: its weights "
-            f"gave this loss on iteration {nonfinite_loss_at}'s batch, which resuming from it "
-            f"replays. " + (_good_checkpoint_sentence(newest, start, finetune,
-                                                      "The newest checkpoint before it")
-                            if newest is not None or start is not None
-                            else "No checkpoint before it was found: start again."))
+    passed = (f"{passed_over} (iteration {_iteration_of(passed_over)}) is passed over: its "
+              f"weights gave this loss on iteration {nonfinite_loss_at}'s batch, which resuming "
+              f"from it replays. ")
+    if newest is None and start is None:
+        return passed + "No checkpoint before it was found: start again."
+    good = _good_checkpoint_sentence(newest, start, finetune, passed_over=True)
+    point = _resume_point(newest, start, finetune)
+    first_iteration = 0 if finetune and point is start else _iteration_of(point)
+    return passed + good + _move_aside_advice(passed_over, first_iteration, "diverging")
 
 
 def _good_checkpoint_sentence(newest: Path | None, start: Path | None, finetune: bool,
-                              label: str) -> str:
+                              passed_over: bool = False) -> str:
     """`describe_good_checkpoint`'s advice for the checkpoints left to go back to: `newest` under
-    --save and `start`, the run's own (`label` names `newest`)."""
-    if newest is not None and (start is None or finetune
-                               or _iteration_of(newest) >= _iteration_of(start)):
+    --save and `start`, the run's own. `passed_over`: a newer checkpoint was passed over, which
+    the pointer file names, so the advice picks `newest` with --ckpt-step."""
+    if newest is not None and _resume_point(newest, start, finetune) is newest:
         iteration = _iteration_of(newest)
+        label, step = (("The newest checkpoint before it", f" --ckpt-step {iteration}")
+                       if passed_over else ("The newest checkpoint", f" (or --ckpt-step "
+                                                                     f"{iteration})"))
         return (f"{label}, {newest} (iteration {iteration}), held finite weights when it was "
-                f"saved: resume from it with --load {newest.parent} (or --ckpt-step "
-                f"{iteration}), after changing what made the run diverge.")
+                f"saved: resume from it with --load {newest.parent}{step}, after changing what "
+                f"made the run diverge.")
     if start is not None and finetune:
         return (f"No checkpoint of this fine-tuning run was saved yet: fine-tune again from "
                 f"{start} (--load {start} --finetune), after changing what made the run diverge.")
@@ -519,6 +525,15 @@ def _good_checkpoint_sentence(newest: Path | None, start: Path | None, finetune:
                 f"which this run resumed from: resume from it again with --load {start}, after "
                 f"changing what made the run diverge.")
     return "No checkpoint was saved before (none under --save): start again."
+
+
+def _resume_point(newest: Path | None, start: Path | None, finetune: bool) -> Path | None:
+    """The checkpoint `_good_checkpoint_sentence` advises: `newest` unless the checkpoint the
+    run resumed from (`start`) is newer, or none of this fine-tuning run was saved."""
+    if newest is not None and (start is None or finetune
+                               or _iteration_of(newest) >= _iteration_of(start)):
+        return newest
+    return start
 
 
 def _newest_before(root: Path, iteration: int) -> Path | None:
@@ -693,17 +708,17 @@ def verify_or_point_elsewhere(path: Path) -> None:
             f"{others}.{_move_aside_advice(path, others[0])}") from None
 
 
-def _move_aside_advice(damaged: Path, older: int) -> str:
-    """How to resume from `older` into the save directory that still holds `damaged`, which is
-    newer: lst-train refuses a --save holding checkpoints newer than where the run starts
-    (`checkpoint_flags._check_no_newer_checkpoints`). Empty when `damaged` is not newer."""
-    match = _COMPLETE_NAME.match(damaged.name)
+def _move_aside_advice(newer: Path, older: int, kind: str = "damaged") -> str:
+    """How to resume from `older` into the save directory that still holds `newer` (a `kind`
+    checkpoint): lst-train refuses a --save holding checkpoints newer than where the run starts
+    (`checkpoint_flags._check_no_newer_checkpoints`). Empty when `newer` is not newer."""
+    match = _COMPLETE_NAME.match(newer.name)
     if match is None or int(match.group(1)) < older:
         return ""
-    aside = damaged.parent / f"damaged_{damaged.name}"
-    return (f" To resume from it with --save {damaged.parent} again, first move the damaged "
+    aside = newer.parent / f"{kind}_{newer.name}"
+    return (f" To resume from it with --save {newer.parent} again, first move the {kind} "
             f"checkpoint out of the way (nothing is deleted; lst-train refuses a --save holding "
-            f"a newer checkpoint than where the run starts): mv {damaged} {aside}")
+            f"a newer checkpoint than where the run starts): mv {newer} {aside}")
 
 
 def _check_optimizer_tensors(optimizer_state_to_load: Any, saved: dict[str, Any], path: Path,

@@ -339,8 +339,13 @@ def test_a_nan_loss_right_after_a_save_passes_over_the_checkpoint_that_gave_it(t
     older = fake_checkpoint(save, 50)
     assert (f"is passed over: its weights gave this loss on iteration 101's batch, which resuming "
             f"from it replays. The newest checkpoint before it, {older} (iteration 50), held "
-            f"finite weights when it was saved: resume from it with --load {save} (or "
-            f"--ckpt-step 50)") in advice(save, 101)
+            f"finite weights when it was saved: resume from it with --load {save} --ckpt-step "
+            f"50, after") in advice(save, 101)
+    # --save S again would be refused while iter_0000100, newer, is there; --load S picks it.
+    assert advice(save, 101).endswith(
+        f"first move the diverging checkpoint out of the way (nothing is deleted; lst-train "
+        f"refuses a --save holding a newer checkpoint than where the run starts): mv {newest} "
+        f"{save / 'diverging_iter_0000100'}")
     # A run resumed from another directory that diverged at its first iteration.
     started = fake_checkpoint(tmp_path / "L", 300)
     assert f"{started} (iteration 300) is passed over" in advice(save, 301, started)
