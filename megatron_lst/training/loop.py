@@ -83,7 +83,7 @@ from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_bat
 from megatron_lst.training.metrics import METRICS_FILENAME, MetricsFile
 from megatron_lst.training.model_provider import build_model_chunks
 from megatron_lst.training.param_gather import ParamGatherHooks
-from megatron_lst.training.rank_failures import share_or_stop
+from megatron_lst.training.rank_failures import one_line, share_or_stop
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
 from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
 from megatron_lst.training.train_logging import (
@@ -508,7 +508,7 @@ def _open_training_logger(args: argparse.Namespace, world: int, start_iteration:
             args, world_size=world, enabled=torch.distributed.get_rank() == world - 1,
             start_iteration=start_iteration, stream=stream)
     except Exception as error:  # W&B and TensorBoard raise errors of their own
-        failure = f"{type(error).__name__}: {error}"
+        failure = one_line(error)
     share_or_stop(None, failure, lambda failed: LoggingSetupError(
         f"rank {failed[0][0]} could not open the run's log writers (--tensorboard-dir, "
         f"--wandb-project): {failed[0][1]}. Fix what it names (for W&B: `wandb login`, or "
