@@ -453,7 +453,8 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     training_logger = _open_training_logger(args, world, state.iteration, stream)
     metrics = MetricsFile(Path(args.save) / METRICS_FILENAME
                           if args.save is not None and is_logging_rank else None,
-                          start_iteration=state.iteration)
+                          start_iteration=state.iteration,
+                          resumed_elsewhere=_resumed_elsewhere(args))
     story_eval = StoryCompletionEval.from_args(args, state.vocab)
     param_gather = ParamGatherHooks.from_args(state.model, args)
     for chunk in state.model:
@@ -494,6 +495,13 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     result.iteration = state.iteration
     result.consumed_samples = state.consumed_samples
     return result
+
+
+def _resumed_elsewhere(args: argparse.Namespace) -> bool:
+    """Whether the run resumed from a checkpoint outside its --save directory (--load elsewhere)."""
+    resume_from = getattr(args, "resume_from", None)
+    return (resume_from is not None and args.save is not None
+            and Path(resume_from).parent.resolve() != Path(args.save).resolve())
 
 
 def _open_training_logger(args: argparse.Namespace, world: int, start_iteration: int,
