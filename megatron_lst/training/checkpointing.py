@@ -58,7 +58,7 @@ from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import optimizer_state
 from megatron_lst.training.args_json import args_to_dict
 from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, check_same_training_data
-from megatron_lst.training.rank_failures import share_or_stop
+from megatron_lst.training.rank_failures import one_line, share_or_stop
 from megatron_lst.training.resume_check import (
     ResumeConfigError,
     ResumePosition,
@@ -376,8 +376,7 @@ def _failure_reason(error: Exception) -> str:
     """What the other ranks say of rank 0's `error` (`on_rank0`)."""
     if isinstance(error, CheckpointError):
         return str(error)
-    return (f"rank 0 stopped with {type(error).__name__}: {error} (its output says where); this "
-            f"rank stops with it")
+    return f"rank 0 stopped with {one_line(error)} (its output says where); this rank stops with it"
 
 
 def _on_rank0(action: Callable[[], None], iteration: int, root: Path) -> None:
@@ -405,20 +404,23 @@ class CheckpointSaveError(CheckpointError):
 @contextlib.contextmanager
 def _save_failure_explained(iteration: int, root: Path, temporary: Path):
     """Within the block, a failed write (OSError, or torch.distributed.checkpoint's
-    CheckpointException wrapping the writers' errors) raises CheckpointSaveError naming it, the
-    free space left, and that the checkpoints saved before are untouched."""
+    CheckpointException wrapping the writers' errors, a collective: every rank raises it) raises
+    CheckpointSaveError naming it (on every rank: rank 0's account of the writers'), the free
+    space left, and that the checkpoints saved before are untouched."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         yield
     except (OSError, CheckpointException) as error:
         if isinstance(error, CheckpointException):
-            # Only the ranks whose writers failed hear why; the others get no failures.
-            reason = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}"
-                               for rank, (exc, _) in sorted(error.failures.items())) or (
+            # Every rank raises it, but only rank 0, which gathers the writers' results, hears
+            # why: the others' log (another node's, on a multi-node run) said no more than that.
+            reason = _broadcast_from_rank0("; ".join(
+                f"rank {rank}: {one_line(exc)}" for rank, (exc, _) in sorted(
+                    error.failures.items()))) or (
                 "another rank's checkpoint writers failed; its message says why")
         else:
-            reason = f"{type(error).__name__}: {error}"
+            reason = one_line(error)
         raise CheckpointSaveError(
             f"saving the checkpoint of iteration {iteration} into {root} failed ({reason}); "
             f"{_free_space(root)}. Checkpoints saved before are untouched ({TRACKER_FILENAME} "
@@ -462,23 +464,59 @@ def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,
 
 def describe_good_checkpoint(save_dir: str | os.PathLike | None,
                              started_from: str | os.PathLike | None = None,
-                             finetune: bool = False) -> str:
+                             finetune: bool = False, nonfinite_loss_at: int | None = None) -> str:
     """A sentence naming the checkpoint to go back to after a divergence: the newest under
     `save_dir` (every saved checkpoint had finite weights: `save_checkpoint` checks), or the one
     the run started from (`started_from`, `args.resume_from`; with `finetune`, the weights it
     fine-tuned from) when `save_dir` holds none as new: a run resumed from another directory that
-    diverged before its first save has its good checkpoint there."""
+    diverged before its first save has its good checkpoint there.
+
+    `nonfinite_loss_at`: the iteration whose loss was NaN or infinite. That loss came from the
+    weights of the iteration before, on its own batch, and resuming from their checkpoint
+    replays that forward pass (the data order and the random state come back with it) whatever
+    --lr or --clip-grad say: such a checkpoint is passed over, for the newest one before it."""
     try:
         newest = find_latest_checkpoint(save_dir) if save_dir is not None else None
     except CheckpointError as err:
         return f"No checkpoint to resume from could be found: {err}"
     start = Path(started_from) if started_from is not None else None
-    if newest is not None and (start is None or finetune
-                               or _iteration_of(newest) >= _iteration_of(start)):
+    if nonfinite_loss_at is None:
+        return _good_checkpoint_sentence(newest, start, finetune)
+    replayed = nonfinite_loss_at - 1
+    suspects = [checkpoint for checkpoint in (newest, None if finetune else start)
+                if checkpoint is not None and _iteration_of(checkpoint) >= replayed]
+    if not suspects:
+        return _good_checkpoint_sentence(newest, start, finetune)
+    older = [_newest_before(suspect.parent, replayed) for suspect in suspects]
+    left = [checkpoint for checkpoint in (newest, *older)
+            if checkpoint is not None and checkpoint not in suspects]
+    newest = max(left, key=_iteration_of, default=None)
+    start = None if start in suspects else start
+    passed_over = max(suspects, key=_iteration_of)
+    passed = (f"{passed_over} (iteration {_iteration_of(passed_over)}) is passed over: its "
+              f"weights gave this loss on iteration {nonfinite_loss_at}'s batch, which resuming "
+              f"from it replays. ")
+    if newest is None and start is None:
+        return passed + "No checkpoint before it was found: start again."
+    good = _good_checkpoint_sentence(newest, start, finetune, passed_over=True)
+    point = _resume_point(newest, start, finetune)
+    first_iteration = 0 if finetune and point is start else _iteration_of(point)
+    return passed + good + _move_aside_advice(passed_over, first_iteration, "diverging")
+
+
+def _good_checkpoint_sentence(newest: Path | None, start: Path | None, finetune: bool,
+                              passed_over: bool = False) -> str:
+    """`describe_good_checkpoint`'s advice for the checkpoints left to go back to: `newest` under
+    --save and `start`, the run's own. `passed_over`: a newer checkpoint was passed over, which
+    the pointer file names, so the advice picks `newest` with --ckpt-step."""
+    if newest is not None and _resume_point(newest, start, finetune) is newest:
         iteration = _iteration_of(newest)
-        return (f"The newest checkpoint, {newest} (iteration {iteration}), held finite weights "
-                f"when it was saved: resume from it with --load {newest.parent} (or --ckpt-step "
-                f"{iteration}), after changing what made the run diverge.")
+        label, step = (("The newest checkpoint before it", f" --ckpt-step {iteration}")
+                       if passed_over else ("The newest checkpoint", f" (or --ckpt-step "
+                                                                     f"{iteration})"))
+        return (f"{label}, {newest} (iteration {iteration}), held finite weights when it was "
+                f"saved: resume from it with --load {newest.parent}{step}, after changing what "
+                f"made the run diverge.")
     if start is not None and finetune:
         return (f"No checkpoint of this fine-tuning run was saved yet: fine-tune again from "
                 f"{start} (--load {start} --finetune), after changing what made the run diverge.")
@@ -487,6 +525,21 @@ def describe_good_checkpoint(save_dir: str | os.PathLike | None,
                 f"which this run resumed from: resume from it again with --load {start}, after "
                 f"changing what made the run diverge.")
     return "No checkpoint was saved before (none under --save): start again."
+
+
+def _resume_point(newest: Path | None, start: Path | None, finetune: bool) -> Path | None:
+    """The checkpoint `_good_checkpoint_sentence` advises: `newest` unless the checkpoint the
+    run resumed from (`start`) is newer, or none of this fine-tuning run was saved."""
+    if newest is not None and (start is None or finetune
+                               or _iteration_of(newest) >= _iteration_of(start)):
+        return newest
+    return start
+
+
+def _newest_before(root: Path, iteration: int) -> Path | None:
+    """The newest complete checkpoint under `root` of an iteration before `iteration`, if any."""
+    older = {i: path for i, path in _complete_checkpoints(root).items() if i < iteration}
+    return older[max(older)] if older else None
 
 
 def _iteration_of(checkpoint: Path) -> int:
@@ -655,17 +708,17 @@ def verify_or_point_elsewhere(path: Path) -> None:
             f"{others}.{_move_aside_advice(path, others[0])}") from None
 
 
-def _move_aside_advice(damaged: Path, older: int) -> str:
-    """How to resume from `older` into the save directory that still holds `damaged`, which is
-    newer: lst-train refuses a --save holding checkpoints newer than where the run starts
-    (`checkpoint_flags._check_no_newer_checkpoints`). Empty when `damaged` is not newer."""
-    match = _COMPLETE_NAME.match(damaged.name)
+def _move_aside_advice(newer: Path, older: int, kind: str = "damaged") -> str:
+    """How to resume from `older` into the save directory that still holds `newer` (a `kind`
+    checkpoint): lst-train refuses a --save holding checkpoints newer than where the run starts
+    (`checkpoint_flags._check_no_newer_checkpoints`). Empty when `newer` is not newer."""
+    match = _COMPLETE_NAME.match(newer.name)
     if match is None or int(match.group(1)) < older:
         return ""
-    aside = damaged.parent / f"damaged_{damaged.name}"
-    return (f" To resume from it with --save {damaged.parent} again, first move the damaged "
+    aside = newer.parent / f"{kind}_{newer.name}"
+    return (f" To resume from it with --save {newer.parent} again, first move the {kind} "
             f"checkpoint out of the way (nothing is deleted; lst-train refuses a --save holding "
-            f"a newer checkpoint than where the run starts): mv {damaged} {aside}")
+            f"a newer checkpoint than where the run starts): mv {newer} {aside}")
 
 
 def _check_optimizer_tensors(optimizer_state_to_load: Any, saved: dict[str, Any], path: Path,

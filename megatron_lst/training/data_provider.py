@@ -108,6 +108,17 @@ def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
     other in floating point, each edge `round(edge * D)`, so that every edge falls where
     Megatron-LM puts it ("7,2,1" over 15 documents: valid is [10, 13), as 0.7 + 0.2 is just
     under 0.9)."""
+    cumulative = [0.0]
+    for share in split_shares(split):
+        cumulative.append(cumulative[-1] + share)
+    edges = [int(round(c * float(num_documents))) for c in cumulative]
+    edges[-1] = num_documents
+    return {name: (edges[i], edges[i + 1]) for i, name in enumerate(SPLITS)}
+
+
+def split_shares(split: str) -> list[float]:
+    """`"969,30,1"` -> the train, valid and test shares of every dataset's documents, normalised
+    to sum to 1 (`split_bounds`); DatasetError naming `--split` when it is malformed."""
     try:
         parts = [float(p) for p in split.replace("/", ",").split(",")]
     except ValueError:
@@ -120,13 +131,7 @@ def split_bounds(split: str, num_documents: int) -> dict[str, tuple[int, int]]:
     if not all(0 <= p < math.inf for p in parts) or sum(parts) <= 0:
         raise DatasetError(f"--split {split!r}: proportions must be finite, >= 0 and not all 0")
     shares = np.array(parts, dtype=np.float64)
-    shares = (shares / np.sum(shares)).tolist()
-    cumulative = [0.0]
-    for share in shares:
-        cumulative.append(cumulative[-1] + share)
-    edges = [int(round(c * float(num_documents))) for c in cumulative]
-    edges[-1] = num_documents
-    return {name: (edges[i], edges[i + 1]) for i, name in enumerate(SPLITS)}
+    return (shares / np.sum(shares)).tolist()
 
 
 def patching_config_from_args(args: argparse.Namespace) -> PatchingConfig:

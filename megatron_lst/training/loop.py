@@ -83,7 +83,7 @@ from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_bat
 from megatron_lst.training.metrics import METRICS_FILENAME, MetricsFile
 from megatron_lst.training.model_provider import build_model_chunks
 from megatron_lst.training.param_gather import ParamGatherHooks
-from megatron_lst.training.rank_failures import share_or_stop
+from megatron_lst.training.rank_failures import one_line, share_or_stop
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
 from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
 from megatron_lst.training.train_logging import (
@@ -453,7 +453,8 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     training_logger = _open_training_logger(args, world, state.iteration, stream)
     metrics = MetricsFile(Path(args.save) / METRICS_FILENAME
                           if args.save is not None and is_logging_rank else None,
-                          start_iteration=state.iteration)
+                          start_iteration=state.iteration,
+                          resumed_elsewhere=_resumed_elsewhere(args))
     story_eval = StoryCompletionEval.from_args(args, state.vocab)
     param_gather = ParamGatherHooks.from_args(state.model, args)
     for chunk in state.model:
@@ -496,6 +497,13 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     return result
 
 
+def _resumed_elsewhere(args: argparse.Namespace) -> bool:
+    """Whether the run resumed from a checkpoint outside its --save directory (--load elsewhere)."""
+    resume_from = getattr(args, "resume_from", None)
+    return (resume_from is not None and args.save is not None
+            and Path(resume_from).parent.resolve() != Path(args.save).resolve())
+
+
 def _open_training_logger(args: argparse.Namespace, world: int, start_iteration: int,
                           stream: TextIO | None):
     """Collective: the training logger, whose writers (TensorBoard, W&B) the logging rank (the
@@ -508,7 +516,7 @@ def _open_training_logger(args: argparse.Namespace, world: int, start_iteration:
             args, world_size=world, enabled=torch.distributed.get_rank() == world - 1,
             start_iteration=start_iteration, stream=stream)
     except Exception as error:  # W&B and TensorBoard raise errors of their own
-        failure = f"{type(error).__name__}: {error}"
+        failure = one_line(error)
     share_or_stop(None, failure, lambda failed: LoggingSetupError(
         f"rank {failed[0][0]} could not open the run's log writers (--tensorboard-dir, "
         f"--wandb-project): {failed[0][1]}. Fix what it names (for W&B: `wandb login`, or "
@@ -526,7 +534,8 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
             args = state.args
             good = checkpointing.describe_good_checkpoint(
                 args.save if args.save is not None else args.load,
-                getattr(args, "resume_from", None), getattr(args, "finetune", False))
+                getattr(args, "resume_from", None), getattr(args, "finetune", False),
+                nonfinite_loss_at=state.iteration)
             raise NonFiniteLossError(f"{err}. {good}") from None
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
     state.tokens += step.num_tokens

@@ -25,16 +25,18 @@ class MetricsFile:
     comparisons and plots (see `read_metrics`). A run resumed from the checkpoint of iteration
     `start_iteration` first drops the lines of later iterations (trained after that checkpoint by
     a run that crashed, and trained again now) and a line torn by the crash, so that the file
-    holds every iteration once."""
+    holds every iteration once. A run `resumed_elsewhere` (from a checkpoint of another
+    directory) drops them too, but keeps the file as it was aside: they are another run's."""
 
-    def __init__(self, path: Path | None, start_iteration: int = 0):
+    def __init__(self, path: Path | None, start_iteration: int = 0,
+                 resumed_elsewhere: bool = False):
         self._file = None
         if path is None:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_file():
-                _drop_records_after(path, start_iteration)
+                _drop_records_after(path, start_iteration, resumed_elsewhere)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         except OSError as err:  # as in `write`: only the logging rank is here
             logger.error("cannot append to %s (%s): no metrics lines this run (the log keeps "
@@ -67,7 +69,7 @@ class MetricsFile:
             file.close()
 
 
-def _drop_records_after(path: Path, iteration: int) -> None:
+def _drop_records_after(path: Path, iteration: int, resumed_elsewhere: bool = False) -> None:
     """Rewrite `path` (atomically) without the records of iterations after `iteration`, without
     a torn last line and without any other line that is no metrics record (two writers, a
     damaged copy: `read_metrics` could not read the file back, and the run used to stop with a
@@ -75,7 +77,9 @@ def _drop_records_after(path: Path, iteration: int) -> None:
     copied to `<name>.damaged` (`.damaged.1`, ... when an earlier copy is there), so nothing
     is lost; and so is the file of a run that starts from no checkpoint (`iteration` 0), whose
     records are an earlier run's (its checkpoints moved away, or a crash before the first), to
-    `<name>.earlier`. Says what it dropped."""
+    `<name>.earlier`, as is that of a run `resumed_elsewhere`, from a checkpoint of another
+    directory: the records after it are another run's, not this one's trained again. Says what
+    it dropped."""
     raw = path.read_bytes()
     lines = raw.decode("utf-8", errors="replace").splitlines(keepends=True)
     kept, dropped, torn, damaged = [], [], False, []
@@ -96,7 +100,7 @@ def _drop_records_after(path: Path, iteration: int) -> None:
             kept.append(line if line.endswith("\n") else line + "\n")
     if not dropped and not torn and not damaged:
         return
-    earlier = iteration == 0 and bool(dropped)
+    earlier = (iteration == 0 or resumed_elsewhere) and bool(dropped)
     suffix = ".damaged" if damaged else ".earlier" if earlier else None
     kept_aside = _unused_name(path.with_name(path.name + suffix)) if suffix else None
     if kept_aside is not None:
@@ -106,9 +110,10 @@ def _drop_records_after(path: Path, iteration: int) -> None:
         else []
     what += ["a torn last line"] if torn else []
     if earlier:
-        logger.warning("%s: this run starts from no checkpoint, so the %s there are an earlier "
-                       "run's; the file as it was is kept as %s", path, " and ".join(what),
-                       kept_aside)
+        start = (f"resumes from iteration {iteration} of another directory's checkpoint"
+                 if iteration else "starts from no checkpoint")
+        logger.warning("%s: this run %s, so the %s there are an earlier run's; the file as it "
+                       "was is kept as %s", path, start, " and ".join(what), kept_aside)
     elif dropped or torn:
         logger.warning("%s: dropped %s, written after the checkpoint of iteration %d that this "
                        "run resumes from", path, " and ".join(what), iteration)

@@ -21,9 +21,11 @@ The rank that others wait on passes on how far it has got: `report_progress(text
 from the work (the row-index build calls it with its progress line), sets a key whose latest text
 the waiting ranks add to their log lines.
 
-A rank whose work raises stops the others with `OtherRankFailed`; the entry point has every
-rank that stops print why before any exits (`stop_together`). A rank that dies without a word
-leaves the others waiting until the launcher (torchrun, SLURM) stops them, as it does when a
+A rank whose work raises stops the others with `OtherRankFailed`, which carries the failing
+rank's error on one line (set under `<key>/failed` before the rank says it failed): on a
+multi-node run the failing rank's own message is in another node's log. The entry point has
+every rank that stops print why before any exits (`stop_together`). A rank that dies without a
+word leaves the others waiting until the launcher (torchrun, SLURM) stops them, as it does when a
 rank exits; when the store's server goes (rank 0 serves it without torchrun), the polls end
 with `OtherRankFailed` at once.
 """
@@ -40,6 +42,7 @@ from typing import TypeVar
 import torch
 
 from megatron_lst.parallel import has_other_ranks
+from megatron_lst.training.rank_failures import one_line
 from megatron_lst.training.stop_together import attempt_token
 
 logger = logging.getLogger(__name__)
@@ -55,7 +58,8 @@ T = TypeVar("T")
 
 
 class OtherRankFailed(RuntimeError):
-    """Another rank failed at the work (its own message says why), or its store went away."""
+    """Another rank failed at the work (the message names it and its error), or its store went
+    away."""
 
 
 def rank_zero_first(work: Callable[[], T], what: str) -> T:
@@ -94,21 +98,20 @@ def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank:
               done=lambda: store.check([f"{key}/rank0"]),
               progress=(store, f"{key}/rank0/progress"))
         if store.get(f"{key}/rank0") != _DONE:
-            raise OtherRankFailed(f"rank 0 failed to {what} (its message says why); this rank "
-                                  f"stops with it")
+            raise _failure(store, key)  # rank 0 set <key>/failed before <key>/rank0
         arrival = store.add(f"{host_key}/arrivals", 1)
         leads_host = arrival == 1
         if not leads_host:
             _wait(f"the first rank on {host} to {what}", quiet=arrival != 2,
-                  done=lambda: _failed(store, key, what) or store.check([f"{host_key}/done"]),
+                  done=lambda: _failed(store, key) or store.check([f"{host_key}/done"]),
                   progress=(store, f"{host_key}/progress"))
     global _progress_key
     progress_key = f"{key}/rank0/progress" if rank == 0 else f"{host_key}/progress"
     _progress_key = (store, progress_key) if leads_host else None
     try:
         result = work()
-    except BaseException:
-        store.set(f"{key}/failed", str(rank))
+    except BaseException as error:
+        store.set(f"{key}/failed", f"rank {rank} failed to {what} ({one_line(error)})")
         if rank == 0:
             store.set(f"{key}/rank0", _FAILED)
         raise
@@ -120,18 +123,21 @@ def run_rank_zero_first(work: Callable[[], T], what: str, store, key: str, rank:
         store.set(f"{host_key}/done", _DONE)
     store.add(f"{key}/finished", 1)
     _wait(f"the other ranks to {what}", quiet=rank != 0,
-          done=lambda: _failed(store, key, what)
+          done=lambda: _failed(store, key)
           or store.add(f"{key}/finished", 0) >= world_size)
     return result
 
 
-def _failed(store, key: str, what: str) -> bool:
-    """False, or OtherRankFailed when a rank has set `<key>/failed`."""
+def _failed(store, key: str) -> bool:
+    """False, or `_failure` raised when a rank has set `<key>/failed`."""
     if store.check([f"{key}/failed"]):
-        failed = store.get(f"{key}/failed").decode()
-        raise OtherRankFailed(f"rank {failed} failed to {what} (its message says why); this "
-                              f"rank stops with it")
+        raise _failure(store, key)
     return False
+
+
+def _failure(store, key: str) -> OtherRankFailed:
+    """OtherRankFailed with what the rank that failed set under `<key>/failed`."""
+    return OtherRankFailed(f"{store.get(f'{key}/failed').decode()}; this rank stops with it")
 
 
 def _wait(whom: str, quiet: bool, done: Callable[[], bool],

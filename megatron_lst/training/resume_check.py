@@ -4,8 +4,9 @@ A checkpoint keeps the run's flags (`args` in its `lst_checkpoint.json`) and its
 training data (`consumed_samples`). That position only means something under the flags that
 built the training rows: row r of the training order is cut (`--seq-length` patches within a
 `--max-tokens` budget) and patched (`--patching-mode` and its parameters) from the documents the
-`--seed` orders and lays out (`--speech-only-fraction`; `--task` makes other rows altogether),
-and under curriculum patching its training step is `r // --global-batch-size`.
+`--seed` orders and lays out (`--speech-only-fraction`; `--task` makes other rows altogether;
+`--split` cuts the training documents of each `--data-path` dataset), and under curriculum
+patching its training step is `r // --global-batch-size`.
 A resume that changes any of these would continue at row `consumed_samples` of another row
 sequence (rows repeated or skipped, the curriculum moved), so it is refused with the flag's
 saved value; a patching parameter counts only under the modes that read it
@@ -81,6 +82,7 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
     refused = [f"{flag_name(name)} {saved[name]} -> {current.get(name)} (it {why})"
                for name, why in ROW_FLAGS.items()
                if changed(name) and _builds_rows(name, saved.get("patching_mode"))]
+    refused += _training_split_change(saved, current)
     if refused:
         raise ResumeConfigError(
             f"checkpoint {checkpoint} stands at sample {position.consumed_samples} of the "
@@ -94,11 +96,27 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
     notes = [f"{flag_name(name)} changed from {saved[name]} to {current.get(name)}"
              for name in NOTED_FLAGS if changed(name)]
     notes += _check_schedule_flags(saved, current, args, checkpoint)
-    if any(changed(name) for name in ("data_path", "train_data_path", "split")):
+    if any(changed(name) for name in ("data_path", "train_data_path")):
         notes.append(f"the run continues at sample {position.consumed_samples} of the data "
                      f"these flags name; if it is not the data the checkpoint was trained on, "
                      f"samples are repeated or skipped")
     return notes + batch_notes
+
+
+def _training_split_change(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The refusal of a `--split` change that moves the training part of the `--data-path`
+    datasets (the first share, `data_provider.split_shares`), none otherwise: a change of the
+    validation and test parts alone, or a run that takes its training data whole
+    (`--train-data-path`), keeps the training rows."""
+    from megatron_lst.training.data_provider import split_shares
+
+    if "split" not in saved or saved.get("data_path") is None or current.get("data_path") is None:
+        return []
+    before, after = split_shares(saved["split"])[0], split_shares(current["split"])[0]
+    if before == after:
+        return []
+    return [f"--split {saved['split']} -> {current['split']} (it cuts the training documents "
+            f"of each --data-path dataset: the first {before:.4g} of them -> {after:.4g})"]
 
 
 def _builds_rows(name: str, patching_mode: str | None) -> bool:

@@ -298,17 +298,61 @@ def test_a_nan_loss_names_the_checkpoint_to_resume_from(tmp_path):
     from megatron_lst.training.loop import StepResult, _record_step
     from megatron_lst.training.train_logging import NonFiniteLossError
 
+    fake_checkpoint(tmp_path, 50)
     fake_checkpoint(tmp_path, 100)
     (tmp_path / TRACKER_FILENAME).write_text("100")
     state = argparse.Namespace(args=argparse.Namespace(fp16=False, clip_grad=1.0, save=str(tmp_path),
                                                        load=None),
-                               iteration=101)
+                               iteration=102)
     step = StepResult(loss=float("nan"), num_tokens=64, flops=FlopBreakdown(), seconds=0.1,
                       learning_rate=1e-3, grad_norm=None, loss_scale=None, skipped=False)
     with pytest.raises(NonFiniteLossError) as stopped:
         _record_step(state, step, result=None, training_logger=None)
-    assert "iteration 101: lm loss = nan" in str(stopped.value)
+    assert "iteration 102: lm loss = nan" in str(stopped.value)
     assert f"The newest checkpoint, {tmp_path / 'iter_0000100'} (iteration 100)" in str(stopped.value)
+
+
+def test_a_nan_loss_right_after_a_save_passes_over_the_checkpoint_that_gave_it(tmp_path):
+    """The loss of iteration 101 comes from the weights saved at iteration 100, on batch 101:
+    resuming from iter_0000100, as the advice said, replays that batch on those weights (the data
+    order and the random state come back with them) and stops there again, whatever --lr says."""
+    from megatron_lst.training.flops import FlopBreakdown
+    from megatron_lst.training.loop import StepResult, _record_step
+    from megatron_lst.training.train_logging import NonFiniteLossError
+
+    step = StepResult(loss=float("nan"), num_tokens=64, flops=FlopBreakdown(), seconds=0.1,
+                      learning_rate=1e-3, grad_norm=None, loss_scale=None, skipped=False)
+
+    def advice(save, iteration, resume_from=None):
+        args = argparse.Namespace(fp16=False, clip_grad=1.0, save=str(save), load=None,
+                                  resume_from=resume_from and str(resume_from), finetune=False)
+        with pytest.raises(NonFiniteLossError) as stopped:
+            _record_step(argparse.Namespace(args=args, iteration=iteration), step, result=None,
+                         training_logger=None)
+        return str(stopped.value)
+
+    save = tmp_path / "S"
+    newest = fake_checkpoint(save, 100)
+    assert advice(save, 101).endswith(
+        f"{newest} (iteration 100) is passed over: its weights gave this loss on iteration 101's "
+        f"batch, which resuming from it replays. No checkpoint before it was found: start again.")
+    older = fake_checkpoint(save, 50)
+    assert (f"is passed over: its weights gave this loss on iteration 101's batch, which resuming "
+            f"from it replays. The newest checkpoint before it, {older} (iteration 50), held "
+            f"finite weights when it was saved: resume from it with --load {save} --ckpt-step "
+            f"50, after") in advice(save, 101)
+    # --save S again would be refused while iter_0000100, newer, is there; --load S picks it.
+    assert advice(save, 101).endswith(
+        f"first move the diverging checkpoint out of the way (nothing is deleted; lst-train "
+        f"refuses a --save holding a newer checkpoint than where the run starts): mv {newest} "
+        f"{save / 'diverging_iter_0000100'}")
+    # A run resumed from another directory that diverged at its first iteration.
+    started = fake_checkpoint(tmp_path / "L", 300)
+    assert f"{started} (iteration 300) is passed over" in advice(save, 301, started)
+    before_start = fake_checkpoint(tmp_path / "L", 200)
+    assert (f"The newest checkpoint before it, {before_start} (iteration 200), held finite weights "
+            f"when it was saved: resume from it with --load {tmp_path / 'L'}") in advice(
+                save, 301, started)
 
 
 def test_a_nan_loss_before_the_first_save_names_the_checkpoint_the_run_resumed_from(tmp_path):
@@ -380,3 +424,44 @@ def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path, faili
             f"this rank stops with it; checkpoints saved before are untouched") in output
     assert find_latest_checkpoint(save) is None
     assert len(list(save.glob("iter_0000002.tmp-*"))) == interrupted_saves
+
+
+WRITERS_FAIL_ON_RANK1 = """
+import errno, os, sys
+
+if __name__ == "__main__":  # the checkpoint writers re-import this file
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    from torch.distributed.checkpoint.utils import _wrap_exception
+
+    from megatron_lst.training import cli
+
+    if os.environ["RANK"] == "1":  # rank 1's writers report a full disk
+        FileSystemWriterAsync.retrieve_write_results = lambda self: _wrap_exception(
+            OSError(errno.ENOSPC, "No space left on device"))
+    sys.exit(cli.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_save_failing_on_rank_1_is_explained_on_every_rank(tmp_path):
+    """Only rank 0, which gathers the writers' results, heard why: rank 1 itself said 'another
+    rank's checkpoint writers failed; its message says why', sending a multi-node run's user to
+    another node's log."""
+    from training.training_cases import tiny_flags, write_corpus
+
+    script = tmp_path / "writers_fail_on_rank1.py"
+    script.write_text(WRITERS_FAIL_ON_RANK1)
+    save = tmp_path / "ckpt"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), *tiny_flags(write_corpus(tmp_path / "data")), "--train-iters", "2",
+         "--save", str(save)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+    output = run.stdout + run.stderr
+    reason = (f"lst-train: saving the checkpoint of iteration 2 into {save} failed (rank 1: "
+              f"OSError: [Errno 28] No space left on device); ")
+    assert output.count(reason) == 2, output[-3000:]  # from both ranks
+    assert "its message says why" not in output, output[-3000:]
+    assert find_latest_checkpoint(save) is None

@@ -56,3 +56,34 @@ def test_a_diverged_run_resumes_from_its_last_good_checkpoint_as_advised(tmp_pat
     assert [rates[i] for i in range(3, 7)] == pytest.approx([expected[i] for i in range(3, 7)],
                                                             rel=1e-12)
     assert expected[3] < 1e-3 and expected[6] == pytest.approx(1e-4)  # the new bounds
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_right_after_a_save_is_sent_to_the_checkpoint_before_it(tmp_path):
+    """With --save-interval 1 the advice named the checkpoint of the iteration before the NaN
+    loss, whose weights gave that loss: resuming from it with a sane --lr replayed the same batch
+    on the same weights and stopped at the same iteration again."""
+    from megatron_lst.training.loop import pretrain
+
+    save = tmp_path / "ckpt"
+    flags = _with(tiny_flags(write_corpus(tmp_path / "data")), "--clip-grad", "0") + [
+        "--train-iters", "8", "--eval-interval", "1000", "--save-interval", "1",
+        "--save", str(save), "--load", str(save)]
+    pretrain(validate_args(parse_args(flags + ["--exit-interval", "2"]), 1))
+    with pytest.raises(NonFiniteLossError) as diverged:
+        pretrain(validate_args(parse_args(_with(flags, "--lr", "1e6")
+                                          + ["--override-opt_param-scheduler"]), 1))
+    message = str(diverged.value)
+    at = int(message.removeprefix("iteration ").split(":")[0])
+    passed_over = save / f"iter_{at - 1:07d}"
+    assert f"{passed_over} (iteration {at - 1}) is passed over" in message
+    assert f"The newest checkpoint before it, {save / f'iter_{at - 2:07d}'}" in message
+    with pytest.raises(NonFiniteLossError, match=f"^iteration {at}: "):  # what it was sent to
+        pretrain(validate_args(parse_args(flags + ["--override-opt_param-scheduler"]), 1))
+    aside = save / f"diverging_iter_{at - 1:07d}"
+    assert f"mv {passed_over} {aside}" in message
+    assert f"--load {save} --ckpt-step {at - 2}," in message
+    passed_over.rename(aside)  # as advised, then resume with the sane --lr
+    result = pretrain(validate_args(parse_args(
+        flags + ["--ckpt-step", str(at - 2), "--override-opt_param-scheduler"]), 1))
+    assert result.iteration == 8 and all(math.isfinite(loss) for loss in result.losses.values())

@@ -216,6 +216,41 @@ def test_a_run_from_no_checkpoint_keeps_the_metrics_of_an_earlier_run(tmp_path, 
             f"an earlier run's; the file as it was is kept as {path}.earlier") in caplog.text
 
 
+def test_a_run_resumed_from_another_directory_keeps_the_later_metrics_aside(tmp_path, caplog):
+    """A run resumed with --load elsewhere into a --save holding an earlier run's older
+    checkpoints (allowed) dropped that run's metrics after its own start: they are not this
+    run's iterations trained again."""
+    path = tmp_path / "metrics.jsonl"
+    earlier = "".join(json.dumps({"iteration": i, "loss": float(i)}) + "\n" for i in range(1, 7))
+    path.write_text(earlier)
+    MetricsFile(path, start_iteration=4, resumed_elsewhere=True).close()
+    assert [json.loads(line)["iteration"] for line in path.open()] == [1, 2, 3, 4]
+    assert (tmp_path / "metrics.jsonl.earlier").read_text() == earlier
+    assert (f"this run resumes from iteration 4 of another directory's checkpoint, so the 2 "
+            f"record(s) of iterations 5-6 there are an earlier run's; the file as it was is kept "
+            f"as {path}.earlier") in caplog.text
+
+
+@pytest.mark.slow
+def test_the_loop_keeps_aside_the_metrics_a_resume_from_elsewhere_drops(tmp_path):
+    from megatron_lst.training import loop
+
+    flags = tiny_flags(write_corpus(tmp_path / "data")) + ["--eval-interval", "1000",
+                                                           "--lr-decay-iters", "4"]
+    elsewhere, save = tmp_path / "elsewhere", tmp_path / "save"
+    loop.pretrain(validate_args(parse_args(flags + ["--train-iters", "2", "--save",
+                                                    str(elsewhere)]), 1))
+    loop.pretrain(validate_args(parse_args(flags + ["--train-iters", "4", "--save", str(save),
+                                                    "--save-interval", "1"]), 1))
+    for later in ("iter_0000003", "iter_0000004"):  # moved away: nothing newer than 2 is left
+        (save / later).rename(tmp_path / later)
+    earlier = (save / "metrics.jsonl").read_text()
+    loop.pretrain(validate_args(parse_args(flags + ["--train-iters", "3", "--save", str(save),
+                                                    "--load", str(elsewhere)]), 1))
+    assert (save / "metrics.jsonl.earlier").read_text() == earlier
+    assert [r["iteration"] for r in read_metrics(save)] == [1, 2, 3]
+
+
 def test_resuming_a_metrics_file_on_a_full_disk_leaves_it_and_the_run_alone(tmp_path, caplog,
                                                                             disk_full_at):
     """Rewriting the file without the lines after the checkpoint raised OSError on the logging

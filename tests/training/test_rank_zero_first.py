@@ -196,7 +196,9 @@ def test_a_host_leader_failing_stops_the_ranks_waiting_for_it():
     assert isinstance(outcomes[leader], ValueError)
     for rank in (0, 3 - leader):
         assert isinstance(outcomes[rank], OtherRankFailed)
-        assert str(outcomes[rank]).startswith(f"rank {leader} failed to build the datasets")
+        # On another node than the leader's: its own log does not show the leader's message.
+        assert str(outcomes[rank]) == (f"rank {leader} failed to build the datasets (ValueError: "
+                                       f"no space left on device); this rank stops with it")
 
 
 def test_when_rank_zero_fails_the_others_stop_without_working():
@@ -210,8 +212,8 @@ def test_when_rank_zero_fails_the_others_stop_without_working():
         thread.join()
     assert isinstance(outcomes[0], ValueError)
     assert isinstance(outcomes[1], OtherRankFailed)
-    assert str(outcomes[1]) == ("rank 0 failed to build the datasets (its message says why); "
-                                "this rank stops with it")
+    assert str(outcomes[1]) == ("rank 0 failed to build the datasets (ValueError: bad.idx: "
+                                "truncated); this rank stops with it")
     assert worked == []
 
 
@@ -219,15 +221,16 @@ def test_when_another_rank_fails_rank_zero_stops_instead_of_waiting():
     store = CountingStore()
 
     def failing():
-        raise ValueError("no such file")
+        raise FileNotFoundError("no such file:\n  data/speech.idx\n")
 
     outcomes, threads = run_ranks([lambda: 0, lambda: 1, failing], store)
     for thread in threads:
         thread.join()
-    assert isinstance(outcomes[2], ValueError)
+    assert isinstance(outcomes[2], FileNotFoundError)
     for outcome in outcomes[:2]:
         assert isinstance(outcome, OtherRankFailed)
-        assert str(outcome).startswith("rank 2 failed to build the datasets")
+        assert str(outcome) == ("rank 2 failed to build the datasets (FileNotFoundError: no such "
+                                "file: data/speech.idx); this rank stops with it")
 
 
 def test_a_lost_store_is_named():

@@ -209,6 +209,28 @@ def test_moved_data_and_another_micro_batch_size_resume_with_notes():
     assert any("continues at sample 80" in note for note in notes)
 
 
+def test_a_split_that_moves_the_training_documents_is_refused_as_changed_data_is():
+    """It was a note: the run went on at sample 80 of rows cut from other training documents,
+    while the same documents rewritten under the same prefix (the fingerprint check) are
+    refused."""
+    with pytest.raises(ResumeConfigError) as refused:
+        check_resume_flags(SAVED_FLAGS, resumed_with(split="949,50,1"), AT_ITERATION_10, "ckpt")
+    message = str(refused.value)
+    assert ("--split 969,30,1 -> 949,50,1 (it cuts the training documents of each --data-path "
+            "dataset: the first 0.969 of them -> 0.949)") in message
+    assert "stands at sample 80" in message and "--finetune" in message
+
+
+def test_a_split_that_keeps_the_training_documents_resumes_with_a_note():
+    notes = check_resume_flags(SAVED_FLAGS, resumed_with(split="1938,50,12"),
+                               AT_ITERATION_10, "ckpt")
+    assert notes == ["--split changed from 969,30,1 to 1938,50,12"]
+    whole = {**SAVED_FLAGS, "data_path": None, "train_data_path": ["/data/mls"]}
+    resumed = argparse.Namespace(**{**whole, "train_iters": 20, "split": "50,50,0"})
+    assert check_resume_flags(whole, resumed, AT_ITERATION_10, "ckpt") == [
+        "--split changed from 969,30,1 to 50,50,0"]  # --train-data-path trains on all of it
+
+
 def test_a_lower_global_batch_size_is_refused_with_the_sample_arithmetic():
     with pytest.raises(ResumeConfigError) as refused:
         check_resume_flags(SAVED_FLAGS, resumed_with(global_batch_size=4), AT_ITERATION_10,
