@@ -518,7 +518,8 @@ def _good_checkpoint_sentence(newest: Path | None, start: Path | None, finetune:
                 f"saved: resume from it with --load {newest.parent}{step}, after changing what "
                 f"made the run diverge.")
     if start is not None and finetune:
-        return (f"No checkpoint of this fine-tuning run was saved yet: fine-tune again from "
+        saved = "before it" if passed_over else "yet"
+        return (f"No checkpoint of this fine-tuning run was saved {saved}: fine-tune again from "
                 f"{start} (--load {start} --finetune), after changing what made the run diverge.")
     if start is not None:
         return (f"No checkpoint was saved after {start} (iteration {_iteration_of(start)}), "

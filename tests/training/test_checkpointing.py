@@ -128,6 +128,12 @@ def test_a_fine_tuning_run_that_diverged_before_saving_fine_tunes_again(tmp_path
     own = fake_checkpoint(save, 20)  # iterations count from 0 again
     assert describe_good_checkpoint(save, pretrained, finetune=True).startswith(
         f"The newest checkpoint, {own} (iteration 20)")
+    # its only checkpoint passed over: that one was saved, so not "saved yet"
+    assert describe_good_checkpoint(save, pretrained, finetune=True,
+                                    nonfinite_loss_at=21).startswith(
+        f"{own} (iteration 20) is passed over: its weights gave this loss on iteration 21's "
+        f"batch, which resuming from it replays. No checkpoint of this fine-tuning run was saved "
+        f"before it: fine-tune again from {pretrained} (--load {pretrained} --finetune)")
 
 
 def test_directory_without_metadata_is_not_complete(tmp_path):
