@@ -526,17 +526,19 @@ def _open_training_logger(args: argparse.Namespace, world: int, start_iteration:
 
 def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
                  training_logger) -> None:
-    if not step.skipped:
-        try:
-            check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16,
-                              clip_grad=state.args.clip_grad)
-        except NonFiniteLossError as err:
-            args = state.args
-            good = checkpointing.describe_good_checkpoint(
-                args.save if args.save is not None else args.load,
-                getattr(args, "resume_from", None), getattr(args, "finetune", False),
-                nonfinite_loss_at=state.iteration)
-            raise NonFiniteLossError(f"{err}. {good}") from None
+    # Also for an update fp16 skipped: its loss scale scales the gradients, not the forward
+    # pass, so a non-finite loss is never the overflow the scaler recovers from, and a diverged
+    # fp16 run would otherwise skip every step to the end.
+    try:
+        check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16,
+                          clip_grad=state.args.clip_grad)
+    except NonFiniteLossError as err:
+        args = state.args
+        good = checkpointing.describe_good_checkpoint(
+            args.save if args.save is not None else args.load,
+            getattr(args, "resume_from", None), getattr(args, "finetune", False),
+            nonfinite_loss_at=state.iteration)
+        raise NonFiniteLossError(f"{err}. {good}") from None
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
     state.tokens += step.num_tokens
     result.losses[state.iteration] = step.loss

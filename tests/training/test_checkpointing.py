@@ -318,6 +318,35 @@ def test_a_nan_loss_names_the_checkpoint_to_resume_from(tmp_path):
     assert f"The newest checkpoint, {tmp_path / 'iter_0000100'} (iteration 100)" in str(stopped.value)
 
 
+def test_a_nan_loss_stops_an_fp16_run_whose_update_was_skipped(tmp_path):
+    """fp16 skips an update whose scaled gradients overflow. The check used to pass over skipped
+    steps, so a diverged fp16 run (NaN loss, NaN gradients, every update skipped) trained on to
+    --train-iters without learning. A skip with a finite loss is the loss scaler's business."""
+    from megatron_lst.training.flops import FlopBreakdown
+    from megatron_lst.training.loop import StepResult, TrainingResult, _record_step
+    from megatron_lst.training.train_logging import NonFiniteLossError
+
+    fake_checkpoint(tmp_path, 100)
+    state = argparse.Namespace(args=argparse.Namespace(fp16=True, clip_grad=1.0, save=str(tmp_path),
+                                                       load=None),
+                               iteration=110, flops=FlopBreakdown(), tokens=0, consumed_samples=0)
+
+    def step(loss: float) -> StepResult:
+        return StepResult(loss=loss, num_tokens=64, flops=FlopBreakdown(), seconds=0.1,
+                          learning_rate=1e-3, grad_norm=None, loss_scale=1.0, skipped=True)
+
+    class Logger:
+        iterations = []
+
+        def on_iteration(self, iteration, **values):
+            self.iterations.append((iteration, values["skipped"]))
+
+    _record_step(state, step(2.5), TrainingResult(0, 0), Logger())
+    assert Logger.iterations == [(110, True)]
+    with pytest.raises(NonFiniteLossError, match=r"iteration 110: lm loss = nan.*with --fp16"):
+        _record_step(state, step(float("nan")), TrainingResult(0, 0), Logger())
+
+
 def test_a_nan_loss_right_after_a_save_passes_over_the_checkpoint_that_gave_it(tmp_path):
     """The loss of iteration 101 comes from the weights saved at iteration 100, on batch 101:
     resuming from iter_0000100, as the advice said, replays that batch on those weights (the data
