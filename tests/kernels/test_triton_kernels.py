@@ -437,3 +437,55 @@ def test_shared_ranges_made_under_inference_mode_still_train():
     key_end = causal_key_end(batch, length, torch.device(DEVICE))
     patch_cross_attention(q, k, v, key_start, key_end, backend="triton").sum().backward()
     assert torch.isfinite(q.grad).all() and not key_end.is_inference()
+
+
+# --- float64: gradcheck on the Triton paths ------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum"])
+def test_segment_pool_gradcheck_float64(reduce):
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 3, generator=generator, dtype=torch.float64).to(DEVICE)
+    lengths = torch.tensor([[1, 3, 0, 5], [4, 4, 1, 0]], device=DEVICE)  # the second ends at 9
+    assert torch.autograd.gradcheck(
+        lambda t: segment_pool(t, lengths, reduce, backend="triton"), (x.requires_grad_(),)
+    )
+
+
+def _float64_attention_case(generator, num_queries, num_keys):
+    """q `[1, Sq, 2, 3]`, k/v `[1, Sk, 1, 3]` (grouped heads) in fp64 on DEVICE, and monotone
+    ranges: up to 3 keys before the query's position, cut at a document start half way, so the
+    first query and the document's first one see nothing."""
+    position = torch.arange(num_queries) * num_keys // num_queries  # [Sq]
+    document = torch.where(position >= position[num_queries // 2], position[num_queries // 2], 0)
+    start = torch.maximum(position - 3, document)[None]  # [1, Sq]
+    end = torch.maximum(position, document)[None]
+    assert (end == start).sum() >= 2 and (end > start).any()
+    q = torch.randn(1, num_queries, 2, 3, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(1, num_keys, 1, 3, generator=generator, dtype=torch.float64)
+            for _ in range(2))
+    return [t.to(DEVICE).requires_grad_() for t in (q, k, v)], start.to(DEVICE), end.to(DEVICE)
+
+
+def test_patch_cross_attention_float64_accumulates_in_float64():
+    """fp64 inputs keep fp64 softmax statistics and accumulators (they did not compile on CUDA,
+    and the interpreter's fp32 log-sum-exp left gradients 1e-7 off): over several 16-wide tiles
+    the output and every gradient equal the fp64 reference to 1e-12."""
+    generator = torch.Generator().manual_seed(6)
+    inputs, start, end = _float64_attention_case(generator, num_queries=37, num_keys=35)
+    out = patch_cross_attention(*inputs, start, end, backend="triton")
+    expected = patch_cross_attention(*inputs, start, end, backend="torch")
+    assert out.dtype == torch.float64
+    grad = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(DEVICE)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_patch_cross_attention_gradcheck_float64():
+    inputs, start, end = _float64_attention_case(torch.Generator().manual_seed(7), 9, 7)
+    assert torch.autograd.gradcheck(
+        lambda *qkv: patch_cross_attention(*qkv, start, end, backend="triton"), inputs
+    )
