@@ -301,6 +301,44 @@ def test_bf16_inputs():
     _compare(run, [q, kv], 2e-2)
 
 
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum"])
+@pytest.mark.parametrize("layout", ["every token a patch", "one patch a row", "transposed x"])
+def test_segment_pool_edge_layouts_in_fp16(layout, reduce):
+    """All-text rows (every token its own patch), rows of a single patch (one longer than N, one
+    shorter), and x a transposed view (channels not contiguous), in fp16, over several tiles."""
+    generator = torch.Generator().manual_seed(1)
+    num_tokens = 37  # not a multiple of any tile
+    if layout == "every token a patch":
+        lengths = torch.ones(2, num_tokens, dtype=torch.int64)
+    elif layout == "one patch a row":
+        lengths = torch.tensor([[num_tokens + 4], [20]])
+    else:
+        lengths = torch.tensor([[3, 1, 30, 0], [1, 1, 1, 5]])
+    x = torch.randn(2, 40, num_tokens, generator=generator).to(DEVICE, torch.float16)
+    x = x.transpose(1, 2) if layout == "transposed x" else x.transpose(1, 2).contiguous()
+    assert (x.stride(-1) != 1) == (layout == "transposed x")
+    if reduce == "max":
+        x = x.round(decimals=1)  # ties: the gradient must go to the first arg-max
+    _compare(lambda t, backend: segment_pool(t, lengths.to(DEVICE), reduce, backend=backend),
+             [x], 1e-2)
+
+
+def test_patch_cross_attention_transposed_fp16_views():
+    """q and k transposed from `[B, H, S, d]` (sequence stride d, head stride S * d), v a
+    contiguous tensor, fp16, with empty ranges: outputs and gradients against the reference."""
+    generator = torch.Generator().manual_seed(2)
+    num_queries, num_keys = 37, 29
+    q = torch.randn(2, 2, num_queries, 16, generator=generator).transpose(1, 2)
+    k = torch.randn(2, 2, num_keys, 16, generator=generator).transpose(1, 2)
+    v = torch.randn(2, num_keys, 2, 16, generator=generator)
+    start = torch.randint(0, num_keys, (2, num_queries), generator=generator)
+    end = start + torch.randint(0, 9, (2, num_queries), generator=generator)
+    inputs = [t.to(DEVICE, torch.float16) for t in (q, k, v)]
+    assert (end == start).any() and inputs[0].stride()[1:3] == (16, num_queries * 16)
+    _compare(lambda *qkv, backend: patch_cross_attention(*qkv, start.to(DEVICE), end.to(DEVICE),
+                                                         backend=backend), inputs, 1e-2)
+
+
 def test_double_backward_raises_instead_of_dropping_second_order_terms():
     generator = torch.Generator().manual_seed(11)
     x = torch.randn(1, 6, 16, generator=generator).to(DEVICE).requires_grad_()
