@@ -172,6 +172,8 @@ def sliding_window_key_starts(token_document_starts: torch.Tensor, window: int) 
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    _check_integer_rows("token_document_starts", token_document_starts,
+                        "[B, N] (document_starts(tokens, eos_id)[:, :N])")
     num_tokens = token_document_starts.shape[1]
     positions = torch.arange(num_tokens, device=token_document_starts.device)  # [N]
     return torch.maximum(positions - window + 1, token_document_starts.long())

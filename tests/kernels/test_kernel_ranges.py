@@ -15,6 +15,7 @@ from lst_kernels import (
     patch_document_starts,
     patch_ids_from_lengths,
     patch_spans,
+    sliding_window_key_starts,
     token_document_first_patch,
 )
 
@@ -130,6 +131,8 @@ def test_helpers_name_malformed_patch_ids_and_document_starts():
             encoder_key_ranges(lengths, 2, 2, 5, bad)
     with pytest.raises(TypeError, match=r"document_starts must be an integer tensor"):
         encoder_key_ranges(lengths, 2, 2, 5, starts.float())
+    with pytest.raises(TypeError, match=r"token_document_starts must be an integer tensor"):
+        sliding_window_key_starts(starts[:, :5].float(), 3)
     for helper in (patch_document_starts, token_document_first_patch):
         with pytest.raises(ValueError, match=r"document_starts must be .* = \[2, \?\], got "
                                              r"shape \(1, 6\)"):
