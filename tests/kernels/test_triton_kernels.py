@@ -339,6 +339,41 @@ def test_patch_cross_attention_transposed_fp16_views():
                                                          backend=backend), inputs, 1e-2)
 
 
+def _saved_shapes(run) -> list[tuple]:
+    """Shapes of every tensor autograd saves while `run()` builds its graph."""
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return shapes
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum"])
+def test_autograd_functions_save_no_quadratic_or_recomputable_tensor(reduce):
+    """Attention saves its inputs, output, one log-sum-exp per query and head and the clipped
+    ranges: no `[B, H, Sq, Sk]` scores or probabilities (the backward recomputes them). Pooling
+    saves neither x nor the token -> patch map (rebuilt from the lengths): the lengths, the
+    spans and, for max, the arg-max offsets."""
+    batch, num_queries, num_keys, heads, kv_heads, head_dim = 2, 37, 29, 4, 2, 8
+    q = torch.randn(batch, num_queries, heads, head_dim, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(batch, num_keys, kv_heads, head_dim, device=DEVICE, requires_grad=True)
+            for _ in range(2))
+    start = torch.zeros(batch, num_queries, dtype=torch.int64, device=DEVICE)
+    end = torch.full((batch, num_queries), num_keys, device=DEVICE)
+    saved = _saved_shapes(lambda: patch_cross_attention(q, k, v, start, end, backend="triton"))
+    assert sorted(saved) == sorted([q.shape, k.shape, v.shape, q.shape,
+                                    (batch, heads, num_queries), start.shape, end.shape])
+    lengths = torch.tensor([[3, 1, 30, 0], [1, 1, 1, 5]], device=DEVICE)
+    x = torch.randn(batch, num_keys, 40, device=DEVICE, requires_grad=True)
+    saved = _saved_shapes(lambda: segment_pool(x, lengths, reduce, backend="triton"))
+    pooled = [(batch, 4, 40)] if reduce == "max" else []
+    assert sorted(saved) == sorted([lengths.shape] * 3 + pooled)
+
+
 def test_double_backward_raises_instead_of_dropping_second_order_terms():
     generator = torch.Generator().manual_seed(11)
     x = torch.randn(1, 6, 16, generator=generator).to(DEVICE).requires_grad_()
