@@ -518,10 +518,11 @@ def test_shared_ranges_made_under_inference_mode_still_train():
 @pytest.mark.parametrize("reduce", ["max", "mean", "sum"])
 def test_segment_pool_gradcheck_float64(reduce):
     generator = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 9, 3, generator=generator, dtype=torch.float64).to(DEVICE)
-    lengths = torch.tensor([[1, 3, 0, 5], [4, 4, 1, 0]], device=DEVICE)  # the second ends at 9
+    x = torch.randn(1, 7, 2, generator=generator, dtype=torch.float64).to(DEVICE)
+    lengths = torch.tensor([[1, 3, 0, 2]], device=DEVICE)  # token 6 belongs to no patch
     assert torch.autograd.gradcheck(
-        lambda t: segment_pool(t, lengths, reduce, backend="triton"), (x.requires_grad_(),)
+        lambda t: segment_pool(t, lengths, reduce, backend="triton"), (x.requires_grad_(),),
+        fast_mode=True,
     )
 
 
@@ -558,7 +559,8 @@ def test_patch_cross_attention_float64_accumulates_in_float64():
 
 
 def test_patch_cross_attention_gradcheck_float64():
-    inputs, start, end = _float64_attention_case(torch.Generator().manual_seed(7), 9, 7)
+    inputs, start, end = _float64_attention_case(torch.Generator().manual_seed(7), 6, 5)
     assert torch.autograd.gradcheck(
-        lambda *qkv: patch_cross_attention(*qkv, start, end, backend="triton"), inputs
+        lambda *qkv: patch_cross_attention(*qkv, start, end, backend="triton"), inputs,
+        fast_mode=True,  # a few interpreted launches instead of one per input element
     )
