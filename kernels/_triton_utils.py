@@ -2,6 +2,7 @@
 
 import torch
 import triton
+import triton.language as tl
 
 from .backend import interpret_requested, triton_interpreted
 
@@ -23,3 +24,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 def head_block(head_dim: int) -> int:
     """Padded head dimension: a power of two, at least 16 (the smallest `tl.dot` size)."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def accumulator(dtype: torch.dtype) -> tl.dtype:
+    """The kernels' accumulation type for inputs of `dtype`: fp64 for fp64 (gradcheck), else fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32

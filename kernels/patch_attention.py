@@ -21,7 +21,7 @@ def patch_cross_attention(
     """Multi-head attention where query i of row b sees keys `key_start[b,i] <= j < key_end[b,i]`.
 
     q `[B, Sq, H, d]`, k/v `[B, Sk, G, d]`, key_start/key_end `[B, Sq]` int -> `[B, Sq, H, d]` in
-    q's dtype (fp32 softmax and accumulation). G == H is multi-head attention; G < H (G dividing
+    q's dtype (fp32 softmax and accumulation, fp64 for fp64 inputs). G == H is multi-head attention; G < H (G dividing
     H) grouped-query attention, query head h reading key/value head `h // (H / G)`, with no copy
     of k or v (their gradients come back `[B, Sk, G, d]`). A query with an empty range outputs 0
     and gets zero gradients. Ranges from `decoder_key_ranges` / `encoder_key_ranges` are

@@ -44,6 +44,8 @@ def check_attention_inputs(
         raise ValueError(
             f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch and head dim"
         )
+    if head_dim == 0:
+        raise ValueError(f"q, k, v have head dim 0 (shape {tuple(q.shape)}); heads need channels")
     kv_heads = k.shape[2]
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(

@@ -17,6 +17,7 @@ copies k or v.
   `key_end[i] > j` (a suffix) and `key_start[i] <= j` (a prefix), found by `searchsorted`; for
   non-monotone ranges the pass falls back to all queries, masked, so it stays correct.
 Memory: O(Sq + Sk) per head (output, logsumexp, per-key query bounds); no `[Sq, Sk]` tensor.
+Softmax statistics and accumulators are fp32 (fp64 for fp64 inputs: `ACC_DTYPE`).
 """
 
 import math
@@ -25,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import dot_precision, head_block, use_autotune
+from ._triton_utils import accumulator, dot_precision, head_block, use_autotune
 from .last_call import LastCall
+from .segment_pool_reference import accumulation_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -37,7 +39,8 @@ def _attn_fwd_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
     num_heads, group_size, num_queries, num_keys, head_dim, scale_log2,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(1) // num_heads
     h = tl.program_id(1) % num_heads
@@ -59,9 +62,9 @@ def _attn_fwd_kernel(
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
 
-    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    row_sum = tl.zeros([BLOCK_M], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < num_keys
@@ -97,7 +100,8 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     num_heads, group_size, num_queries, num_keys, head_dim, scale, scale_log2,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(1) // num_heads
     h = tl.program_id(1) % num_heads
@@ -124,7 +128,7 @@ def _attn_bwd_dq_kernel(
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nd_ok = (offs_n < num_keys)[None, :] & d_ok[:, None]
@@ -148,7 +152,8 @@ def _attn_bwd_dkdv_kernel(
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     num_heads, group_size, num_queries, num_keys, head_dim, scale, scale_log2,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (key block, batch x kv head): it sums the gradients of the `group_size`
     # query heads that read this kv head, so each dK/dV element is written once, without atomics.
@@ -171,8 +176,8 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
                 + offs_n[:, None] * stride_vs + offs_d[None, :], mask=nd_ok, other=0.0)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
     for h in range(kv_head * group_size, (kv_head + 1) * group_size):  # the group's query heads
         q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
         do_base = do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
@@ -217,15 +222,24 @@ def _tile_configs() -> list[triton.Config]:
 
 def _tiles_for_the_head(configs: list[triton.Config], named_args: dict, **meta
                         ) -> list[triton.Config]:
-    """The autotuner's early prune (Triton passes the launch's constexprs as `meta`): fp32 heads
-    of 256 channels take the 32-query tiles, the only ones within sm_90's 227 KiB of shared memory
-    there (the others need 208-676 KiB); every other launch takes the larger tiles, which fit
-    (bf16 up to head dim 256: 196 KiB at most) and run faster. Each config tried costs a
-    compilation, and one that does not fit costs it for nothing."""
+    """The autotuner's early prune (Triton passes the launch's constexprs as `meta`): rows of
+    1 KiB or more (fp32 heads of 256 channels, fp64 heads of 128 or more) take the 32-query
+    tiles, the only ones within sm_90's 227 KiB of shared memory there (the others need 208-676
+    KiB in fp32; in fp64 at 128 the smallest needs 289); every other launch takes the larger
+    tiles, which fit (bf16 up to head dim 256: 196 KiB at most) and run faster. Each config
+    tried costs a compilation, and one that does not fit costs it for nothing."""
     if "BLOCK_D" not in meta:  # a Triton that passes no constexprs: try every config
         return configs
-    wide_fp32 = meta["BLOCK_D"] >= 256 and meta["PRECISION"] == "ieee"
-    return [config for config in configs if (config.kwargs["BLOCK_M"] == 32) == wide_fp32]
+    wide = meta["BLOCK_D"] * _element_bytes(meta) >= 1024
+    return [config for config in configs if (config.kwargs["BLOCK_M"] == 32) == wide]
+
+
+def _element_bytes(meta: dict) -> int:
+    """Bytes of one input element of a launch, from its constexprs: 8 (fp64 accumulation), 4
+    (fp32: exact dot products) or 2 (half precision)."""
+    if meta.get("ACC_DTYPE") == tl.float64:
+        return 8
+    return 4 if meta["PRECISION"] == "ieee" else 2
 
 
 _TUNE_KEY = ["head_dim", "PRECISION"]
@@ -296,8 +310,11 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         start, end = prepared_ranges(key_start, key_end, num_keys)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty(batch, heads, num_queries, dtype=torch.float32, device=q.device)
-        meta = dict(PRECISION=dot_precision(q.dtype), BLOCK_D=head_block(head_dim))
+        # fp32 statistics and accumulators (fp64 for fp64 inputs: gradcheck).
+        stats_dtype = accumulation_dtype(q.dtype)
+        lse = torch.empty(batch, heads, num_queries, dtype=stats_dtype, device=q.device)
+        meta = dict(PRECISION=dot_precision(q.dtype), ACC_DTYPE=accumulator(q.dtype),
+                    BLOCK_D=head_block(head_dim))
         if q.numel() and num_keys:
             args = (q, k, v, out, lse, start, end, *_strides(q, k, v, out),
                     heads, group_size, num_queries, num_keys, head_dim, scale * LOG2E)
@@ -323,8 +340,9 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)  # [B, Sk, G, d]
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-        # delta_i = sum_d dO_i * O_i: [B, H, Sq] fp32.
-        delta = (grad_out.float() * out.float()).sum(dim=-1).transpose(1, 2).contiguous()
+        # delta_i = sum_d dO_i * O_i: [B, H, Sq] in the dtype of lse.
+        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1).transpose(1, 2)
+        delta = delta.contiguous()
         scales = (ctx.scale, ctx.scale * LOG2E)
         tuned = use_autotune(q)
         dq_args = (q, k, v, grad_out, dq, lse, delta, start, end,

@@ -18,14 +18,29 @@ key range `[start, end)`, which is all the attention kernel needs.
 import torch
 
 
+def _check_integer_rows(
+    name: str, tensor: torch.Tensor, layout: str, shape: tuple[int | None, int | None] = (None, None)
+) -> None:
+    """Refuse anything but a 2-D integer `tensor` of `shape` (None: any size), naming it and its
+    `layout`. Shapes and dtypes only: no host synchronisation."""
+    if tensor.dim() != 2 or any(n is not None and n != m for n, m in zip(shape, tensor.shape, strict=True)):
+        sizes = ", ".join("?" if n is None else str(n) for n in shape)
+        wanted = layout if shape == (None, None) else f"{layout} = [{sizes}]"
+        raise ValueError(f"{name} must be {wanted}, got shape {tuple(tensor.shape)}")
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {tensor.dtype}")
+
+
+def _check_document_starts(document_starts: torch.Tensor, batch: int,
+                           num_tokens: int | None = None) -> None:
+    """`document_starts` must be `[B, N + 1]` (the output of `document_starts`), B = `batch`."""
+    columns = None if num_tokens is None else num_tokens + 1
+    _check_integer_rows("document_starts", document_starts,
+                        "[B, N + 1] (see document_starts(tokens, eos_id))", (batch, columns))
+
+
 def _check_lengths(patch_lengths: torch.Tensor) -> None:
-    if patch_lengths.dim() != 2:
-        raise ValueError(
-            f"patch_lengths must be [B, P], got shape {tuple(patch_lengths.shape)}"
-        )
-    if patch_lengths.is_floating_point() or patch_lengths.is_complex() \
-            or patch_lengths.dtype == torch.bool:
-        raise TypeError(f"patch_lengths must be an integer tensor, got {patch_lengths.dtype}")
+    _check_integer_rows("patch_lengths", patch_lengths, "[B, P]")
     if patch_lengths.device.type == "cpu":  # free on the host; on CUDA it would sync
         _refuse_negative_lengths(patch_lengths)
 
@@ -86,9 +101,12 @@ def decoder_key_ranges(
     first patch is still open).
     """
     _check_window(num_slots_per_patch, window)
+    _check_integer_rows("decoder_patch_ids", decoder_patch_ids, "[B, N]")
     j = decoder_patch_ids.long()  # [B, N]
     first = j - window + 1
     if document_first_patch is not None:
+        _check_integer_rows("document_first_patch", document_first_patch,
+                            "[B, N] (like decoder_patch_ids)", tuple(j.shape))
         first = torch.maximum(first, document_first_patch.long())
     first = first.clamp(min=0, max=num_patches)
     last_excl = torch.maximum((j + 1).clamp(min=0, max=num_patches), first)
@@ -116,6 +134,7 @@ def encoder_key_ranges(
     start = bounds.index_select(1, (q - window + 1).clamp(min=0))  # [B, P]
     end = bounds[:, 1:]  # [B, P]: c[q + 1]
     if document_starts is not None:
+        _check_document_starts(document_starts, bounds.shape[0], num_tokens)
         start = torch.maximum(start, document_starts.gather(1, bounds[:, :-1]))
     start = start.repeat_interleave(num_slots_per_patch, dim=1).int()  # [B, P * k]
     end = end.repeat_interleave(num_slots_per_patch, dim=1).int()
@@ -153,6 +172,8 @@ def sliding_window_key_starts(token_document_starts: torch.Tensor, window: int) 
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    _check_integer_rows("token_document_starts", token_document_starts,
+                        "[B, N] (document_starts(tokens, eos_id)[:, :N])")
     num_tokens = token_document_starts.shape[1]
     positions = torch.arange(num_tokens, device=token_document_starts.device)  # [N]
     return torch.maximum(positions - window + 1, token_document_starts.long())
@@ -165,6 +186,8 @@ def patch_document_starts(patch_lengths: torch.Tensor, document_starts: torch.Te
     patches start at); patches never span two documents, so the document's first patch is the
     one that starts at the document's first position.
     """
+    _check_lengths(patch_lengths)
+    _check_document_starts(document_starts, patch_lengths.shape[0])
     num_tokens = document_starts.shape[1] - 1
     first_token, _ = patch_spans(patch_lengths, num_tokens)  # [B, P]
     first_token_document = document_starts.gather(1, first_token)  # [B, P]
@@ -175,6 +198,8 @@ def patch_document_starts(patch_lengths: torch.Tensor, document_starts: torch.Te
 def token_document_first_patch(patch_lengths: torch.Tensor, document_starts: torch.Tensor) -> torch.Tensor:
     """First patch of the document of every input token: `[B, N]` int64 (`document_starts`
     `[B, N + 1]`)."""
+    _check_lengths(patch_lengths)
+    _check_document_starts(document_starts, patch_lengths.shape[0])
     num_tokens = document_starts.shape[1] - 1
     ids = patch_ids_from_lengths(patch_lengths, num_tokens + 1)  # [B, N + 1]
     return ids.gather(1, document_starts[:, :num_tokens])

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import use_autotune
+from ._triton_utils import accumulator, use_autotune
 from .ranges import patch_ids_from_lengths, patch_spans
-from .segment_pool_reference import REDUCTIONS, accumulation_dtype
+from .segment_pool_reference import REDUCTIONS
 
 # The kernels' REDUCE constant: 0 max, 1 mean, 2 sum.
 _REDUCE_CODE = {name: code for code, name in enumerate(REDUCTIONS)}
@@ -125,8 +125,6 @@ _bwd_tuned = triton.autotune(
 _FIXED_FWD_BLOCKS = {"BLOCK_T": 2, "BLOCK_D": 32}
 _FIXED_BWD_BLOCKS = {"BLOCK_N": 16, "BLOCK_D": 32}
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
-
 
 def argmax_offset_dtype(num_tokens: int) -> torch.dtype:
     """Narrowest integer dtype holding every in-patch offset `0 .. num_tokens - 1`."""
@@ -152,7 +150,7 @@ def segment_pool_forward(
         x, start, end, out, argmax if argmax is not None else out,
         num_patches, dim, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
     )
-    meta = dict(REDUCE=_REDUCE_CODE[reduce], ACC_DTYPE=_TL_DTYPE[accumulation_dtype(x.dtype)])
+    meta = dict(REDUCE=_REDUCE_CODE[reduce], ACC_DTYPE=accumulator(x.dtype))
     if use_autotune(x):
         grid = lambda cfg: (batch * num_patches, triton.cdiv(dim, cfg["BLOCK_D"]))  # noqa: E731
         _fwd_tuned[grid](*args, **meta)
@@ -185,7 +183,7 @@ def segment_pool_backward(
         num_tokens, num_patches, dim,
         grad_out.stride(0), grad_out.stride(1), grad_x.stride(0), grad_x.stride(1),
     )
-    meta = dict(REDUCE=_REDUCE_CODE[reduce], ACC_DTYPE=_TL_DTYPE[accumulation_dtype(x_dtype)])
+    meta = dict(REDUCE=_REDUCE_CODE[reduce], ACC_DTYPE=accumulator(x_dtype))
     if use_autotune(grad_out):
         grid = lambda cfg: (  # noqa: E731
             batch * triton.cdiv(num_tokens, cfg["BLOCK_N"]), triton.cdiv(dim, cfg["BLOCK_D"])

@@ -12,8 +12,11 @@ from kernel_cases import (
 from lst_kernels import (
     decoder_key_ranges,
     encoder_key_ranges,
+    patch_document_starts,
     patch_ids_from_lengths,
     patch_spans,
+    sliding_window_key_starts,
+    token_document_first_patch,
 )
 
 # Lengths whose sum is below N, equal to N + 1 (the trainer contract) and above; zero-length
@@ -103,6 +106,39 @@ def test_helpers_reject_bad_arguments():
     ):
         with pytest.raises(ValueError, match=r"patch_lengths must be >= 0.*rows \[1\]"):
             helper(negative, 6)
+
+
+def test_helpers_name_malformed_patch_ids_and_document_starts():
+    # Each was read without a word (float ids truncated, a [B, 1] or one-row tensor broadcast over
+    # the batch, a [B, N] document_starts read as a row one token shorter) or failed deep inside
+    # (an index error in a gather; on CUDA a device-side assert).
+    lengths = torch.tensor([[2, 3, 1], [1, 1, 4]])
+    starts = torch.zeros(2, 6, dtype=torch.long)  # [B, N + 1], N = 5
+    ids = patch_ids_from_lengths(lengths[:, 1:], 5)  # [B, N]
+    with pytest.raises(TypeError, match=r"decoder_patch_ids must be an integer tensor, got "
+                                        r"torch.float32"):
+        decoder_key_ranges(ids.float(), 2, 2, 3)
+    with pytest.raises(ValueError, match=r"decoder_patch_ids must be \[B, N\], got shape \(5,\)"):
+        decoder_key_ranges(ids[0], 2, 2, 3)
+    for first_patch in (ids[:, :1], ids[:1], starts):
+        with pytest.raises(ValueError, match=r"document_first_patch must be \[B, N\] \(like "
+                                             rf"decoder_patch_ids\) = \[2, 5\], got shape "
+                                             rf"\({first_patch.shape[0]}, "):
+            decoder_key_ranges(ids, 2, 2, 3, first_patch)
+    for bad in (starts[:, :5], starts[:1], starts[:, :, None]):
+        with pytest.raises(ValueError, match=r"document_starts must be \[B, N \+ 1\] \(see "
+                                             r"document_starts\(tokens, eos_id\)\) = \[2, 6\]"):
+            encoder_key_ranges(lengths, 2, 2, 5, bad)
+    with pytest.raises(TypeError, match=r"document_starts must be an integer tensor"):
+        encoder_key_ranges(lengths, 2, 2, 5, starts.float())
+    with pytest.raises(TypeError, match=r"token_document_starts must be an integer tensor"):
+        sliding_window_key_starts(starts[:, :5].float(), 3)
+    for helper in (patch_document_starts, token_document_first_patch):
+        with pytest.raises(ValueError, match=r"document_starts must be .* = \[2, \?\], got "
+                                             r"shape \(1, 6\)"):
+            helper(lengths, starts[:1])
+        with pytest.raises(ValueError, match=r"patch_lengths must be \[B, P\]"):
+            helper(lengths[0], starts)
 
 
 # --- packed documents ---------------------------------------------------------------------------

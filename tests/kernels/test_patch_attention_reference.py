@@ -186,6 +186,9 @@ def test_rejects_bad_inputs():
         patch_cross_attention(q, k, torch.randn(1, 5, 1, 8), ranges, ranges)
     with pytest.raises(TypeError, match="integer"):
         patch_cross_attention(q, k, k, ranges.float(), ranges)
+    # Heads without channels divided by sqrt(0) for the default scale: a ZeroDivisionError.
+    with pytest.raises(ValueError, match=r"q, k, v have head dim 0 \(shape \(1, 4, 2, 0\)\)"):
+        patch_cross_attention(q[..., :0], k[..., :0], k[..., :0], ranges, ranges)
     # A bool mask passed by mistake was read as ranges of 0 and 1 without a word.
     with pytest.raises(TypeError, match=r"key_end must be an integer tensor, got torch.bool"):
         patch_cross_attention(q, k, k, ranges, ranges.bool())

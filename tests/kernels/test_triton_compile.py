@@ -39,8 +39,10 @@ INT32_POINTERS = {
 FP32_POINTERS = {"lse_ptr", "delta_ptr"}
 
 
-def _signature(kernel, dtype: str, constexprs: dict, argmax: str = "*u8") -> dict:
-    """Argument types by naming convention: `*_ptr` pointers, `scale*` floats, the rest i32."""
+def _signature(kernel, dtype: str, constexprs: dict, argmax: str = "*u8", stats: str = "fp32"
+               ) -> dict:
+    """Argument types by naming convention: `*_ptr` pointers, `scale*` floats, the rest i32;
+    `stats` is the attention's log-sum-exp and delta type (fp64 for fp64 inputs)."""
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -48,7 +50,7 @@ def _signature(kernel, dtype: str, constexprs: dict, argmax: str = "*u8") -> dic
         elif name in INT32_POINTERS:
             signature[name] = "*i32"
         elif name in FP32_POINTERS:
-            signature[name] = "*fp32"
+            signature[name] = f"*{stats}"
         elif name == "argmax_ptr":
             signature[name] = argmax
         elif name.endswith("_ptr"):
@@ -85,13 +87,36 @@ def test_segment_pool_kernels_compile(reduce):
 
 def test_attention_kernels_compile():
     # bf16, the training dtype (fp32 inputs differ only in `tl.dot`'s input precision).
-    constexprs = {"PRECISION": "tf32", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}
+    constexprs = {"PRECISION": "tf32", "ACC_DTYPE": tl.float32, "BLOCK_M": 64, "BLOCK_N": 64,
+                  "BLOCK_D": 64}
     for kernel in (
         patch_attention_triton._attn_fwd_kernel,
         patch_attention_triton._attn_bwd_dq_kernel,
         patch_attention_triton._attn_bwd_dkdv_kernel,
     ):
         _compile(kernel, _signature(kernel, "bf16", constexprs), constexprs, num_stages=2)
+
+
+@pytest.mark.parametrize("head_block", [64, 128])
+def test_fp64_attention_kernels_compile_and_fit(head_block):
+    # fp64 inputs (gradcheck on CUDA) reach the Triton kernels under backend="auto": they failed
+    # to compile ("Loop-carried variable row_max has initial type fp32 but is re-assigned to
+    # fp64"), and at head dim 128 none of the large tiles the autotuner tried fit (dQ and dK/dV
+    # need 264-710 KiB). At 64 the smallest tried fits (the autotuner skips the rest); at 128
+    # every tried one does.
+    tried = _tried_configs(patch_attention_triton._fwd_tuned, "ieee", head_block, tl.float64)
+    if head_block == 64:
+        tried = [min(tried, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
+                                           c.num_stages))]
+    for config in tried:
+        constexprs = {"PRECISION": "ieee", "ACC_DTYPE": tl.float64, "BLOCK_D": head_block,
+                      **config.kwargs}
+        for name in ATTENTION_KERNELS:
+            kernel = getattr(patch_attention_triton, name).fn
+            signature = _signature(kernel, "fp64", constexprs, stats="fp64")
+            compiled = _compile(kernel, signature, constexprs, config.num_warps,
+                                config.num_stages)
+            assert compiled.metadata.shared <= SM90_MAX_SHARED_BYTES, (name, str(config))
 
 
 def _shared_bytes_of_every_config(tuned, fixed: dict, dtype: str) -> dict:
@@ -111,7 +136,8 @@ ATTENTION_KERNELS = ("_fwd_tuned", "_dq_tuned", "_dkdv_tuned")
 def test_every_bf16_autotune_config_fits_sm90_shared_memory():
     # Training's dtype, at the heaviest shapes: head dim 128 (BLOCK_D 128) for attention, max
     # (with its arg-max) for the segment pool. Every config must compile and fit.
-    cases = [(getattr(patch_attention_triton, name), {"PRECISION": "tf32", "BLOCK_D": 128})
+    cases = [(getattr(patch_attention_triton, name),
+              {"PRECISION": "tf32", "ACC_DTYPE": tl.float32, "BLOCK_D": 128})
              for name in ATTENTION_KERNELS]
     cases += [(tuned, {"REDUCE": 0, "ACC_DTYPE": tl.float32})
               for tuned in (segment_pool_triton._fwd_tuned, segment_pool_triton._bwd_tuned)]
@@ -121,23 +147,28 @@ def test_every_bf16_autotune_config_fits_sm90_shared_memory():
         assert not too_big, (tuned.fn.__name__, too_big)
 
 
-def _tried_configs(tuned, precision: str, head_block: int) -> list:
+def _tried_configs(tuned, precision: str, head_block: int, accumulator=tl.float32) -> list:
     """The configs the autotuner tries for a launch with these constexprs: its early prune, called
     as Triton calls it (configs, the launch's named arguments, the constexprs as keywords)."""
-    return tuned.early_config_prune(tuned.configs, {}, PRECISION=precision, BLOCK_D=head_block)
+    return tuned.early_config_prune(tuned.configs, {}, PRECISION=precision,
+                                    ACC_DTYPE=accumulator, BLOCK_D=head_block)
 
 
-def test_the_autotuner_tries_the_small_tiles_only_for_wide_fp32_heads():
+def test_the_autotuner_tries_the_small_tiles_only_for_wide_fp32_and_fp64_heads():
     # Each config tried costs a compilation (minutes for the large tiles at head dim 256, which
-    # do not even fit in fp32): fp32 at 256 tries the 32-query tiles, every other launch the rest.
+    # do not even fit in fp32): fp32 at 256 and fp64 at 128 or more try the 32-query tiles,
+    # every other launch the rest.
     for name in ATTENTION_KERNELS:
         tuned = getattr(patch_attention_triton, name)
         small = [c for c in tuned.configs if c.kwargs["BLOCK_M"] == 32]
         large = [c for c in tuned.configs if c.kwargs["BLOCK_M"] != 32]
         assert small and large
         assert _tried_configs(tuned, "ieee", 256) == small
+        for head_block in (128, 256):
+            assert _tried_configs(tuned, "ieee", head_block, tl.float64) == small
         for precision, head_block in (("ieee", 128), ("tf32", 256), ("tf32", 64), ("ieee", 16)):
             assert _tried_configs(tuned, precision, head_block) == large
+        assert _tried_configs(tuned, "ieee", 64, tl.float64) == large
 
 
 @pytest.mark.parametrize("dtype, head_block", [("fp32", 128), ("fp32", 256), ("bf16", 256)])
@@ -153,7 +184,8 @@ def test_attention_keeps_a_config_that_fits_at_large_heads(dtype, head_block):
             tried = [min(tried, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
                                                c.num_stages))]
         for config in tried:
-            constexprs = {"PRECISION": precision, "BLOCK_D": head_block, **config.kwargs}
+            constexprs = {"PRECISION": precision, "ACC_DTYPE": tl.float32,
+                          "BLOCK_D": head_block, **config.kwargs}
             compiled = _compile(tuned.fn, _signature(tuned.fn, dtype, constexprs), constexprs,
                                 config.num_warps, config.num_stages)
             assert compiled.metadata.shared <= SM90_MAX_SHARED_BYTES, (name, str(config))

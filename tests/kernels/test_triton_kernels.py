@@ -301,6 +301,79 @@ def test_bf16_inputs():
     _compare(run, [q, kv], 2e-2)
 
 
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum"])
+@pytest.mark.parametrize("layout", ["every token a patch", "one patch a row", "transposed x"])
+def test_segment_pool_edge_layouts_in_fp16(layout, reduce):
+    """All-text rows (every token its own patch), rows of a single patch (one longer than N, one
+    shorter), and x a transposed view (channels not contiguous), in fp16, over several tiles."""
+    generator = torch.Generator().manual_seed(1)
+    num_tokens = 37  # not a multiple of any tile
+    if layout == "every token a patch":
+        lengths = torch.ones(2, num_tokens, dtype=torch.int64)
+    elif layout == "one patch a row":
+        lengths = torch.tensor([[num_tokens + 4], [20]])
+    else:
+        lengths = torch.tensor([[3, 1, 30, 0], [1, 1, 1, 5]])
+    x = torch.randn(2, 40, num_tokens, generator=generator).to(DEVICE, torch.float16)
+    x = x.transpose(1, 2) if layout == "transposed x" else x.transpose(1, 2).contiguous()
+    assert (x.stride(-1) != 1) == (layout == "transposed x")
+    if reduce == "max":
+        x = x.round(decimals=1)  # ties: the gradient must go to the first arg-max
+    _compare(lambda t, backend: segment_pool(t, lengths.to(DEVICE), reduce, backend=backend),
+             [x], 1e-2)
+
+
+def test_patch_cross_attention_transposed_fp16_views():
+    """q and k transposed from `[B, H, S, d]` (sequence stride d, head stride S * d), v a
+    contiguous tensor, fp16, with empty ranges: outputs and gradients against the reference."""
+    generator = torch.Generator().manual_seed(2)
+    num_queries, num_keys = 37, 29
+    q = torch.randn(2, 2, num_queries, 16, generator=generator).transpose(1, 2)
+    k = torch.randn(2, 2, num_keys, 16, generator=generator).transpose(1, 2)
+    v = torch.randn(2, num_keys, 2, 16, generator=generator)
+    start = torch.randint(0, num_keys, (2, num_queries), generator=generator)
+    end = start + torch.randint(0, 9, (2, num_queries), generator=generator)
+    inputs = [t.to(DEVICE, torch.float16) for t in (q, k, v)]
+    assert (end == start).any() and inputs[0].stride()[1:3] == (16, num_queries * 16)
+    _compare(lambda *qkv, backend: patch_cross_attention(*qkv, start.to(DEVICE), end.to(DEVICE),
+                                                         backend=backend), inputs, 1e-2)
+
+
+def _saved_shapes(run) -> list[tuple]:
+    """Shapes of every tensor autograd saves while `run()` builds its graph."""
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return shapes
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum"])
+def test_autograd_functions_save_no_quadratic_or_recomputable_tensor(reduce):
+    """Attention saves its inputs, output, one log-sum-exp per query and head and the clipped
+    ranges: no `[B, H, Sq, Sk]` scores or probabilities (the backward recomputes them). Pooling
+    saves neither x nor the token -> patch map (rebuilt from the lengths): the lengths, the
+    spans and, for max, the arg-max offsets."""
+    batch, num_queries, num_keys, heads, kv_heads, head_dim = 2, 37, 29, 4, 2, 8
+    q = torch.randn(batch, num_queries, heads, head_dim, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(batch, num_keys, kv_heads, head_dim, device=DEVICE, requires_grad=True)
+            for _ in range(2))
+    start = torch.zeros(batch, num_queries, dtype=torch.int64, device=DEVICE)
+    end = torch.full((batch, num_queries), num_keys, device=DEVICE)
+    saved = _saved_shapes(lambda: patch_cross_attention(q, k, v, start, end, backend="triton"))
+    assert sorted(saved) == sorted([q.shape, k.shape, v.shape, q.shape,
+                                    (batch, heads, num_queries), start.shape, end.shape])
+    lengths = torch.tensor([[3, 1, 30, 0], [1, 1, 1, 5]], device=DEVICE)
+    x = torch.randn(batch, num_keys, 40, device=DEVICE, requires_grad=True)
+    saved = _saved_shapes(lambda: segment_pool(x, lengths, reduce, backend="triton"))
+    pooled = [(batch, 4, 40)] if reduce == "max" else []
+    assert sorted(saved) == sorted([lengths.shape] * 3 + pooled)
+
+
 def test_double_backward_raises_instead_of_dropping_second_order_terms():
     generator = torch.Generator().manual_seed(11)
     x = torch.randn(1, 6, 16, generator=generator).to(DEVICE).requires_grad_()
@@ -437,3 +510,57 @@ def test_shared_ranges_made_under_inference_mode_still_train():
     key_end = causal_key_end(batch, length, torch.device(DEVICE))
     patch_cross_attention(q, k, v, key_start, key_end, backend="triton").sum().backward()
     assert torch.isfinite(q.grad).all() and not key_end.is_inference()
+
+
+# --- float64: gradcheck on the Triton paths ------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum"])
+def test_segment_pool_gradcheck_float64(reduce):
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 7, 2, generator=generator, dtype=torch.float64).to(DEVICE)
+    lengths = torch.tensor([[1, 3, 0, 2]], device=DEVICE)  # token 6 belongs to no patch
+    assert torch.autograd.gradcheck(
+        lambda t: segment_pool(t, lengths, reduce, backend="triton"), (x.requires_grad_(),),
+        fast_mode=True,
+    )
+
+
+def _float64_attention_case(generator, num_queries, num_keys):
+    """q `[1, Sq, 2, 3]`, k/v `[1, Sk, 1, 3]` (grouped heads) in fp64 on DEVICE, and monotone
+    ranges: up to 3 keys before the query's position, cut at a document start half way, so the
+    first query and the document's first one see nothing."""
+    position = torch.arange(num_queries) * num_keys // num_queries  # [Sq]
+    document = torch.where(position >= position[num_queries // 2], position[num_queries // 2], 0)
+    start = torch.maximum(position - 3, document)[None]  # [1, Sq]
+    end = torch.maximum(position, document)[None]
+    assert (end == start).sum() >= 2 and (end > start).any()
+    q = torch.randn(1, num_queries, 2, 3, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(1, num_keys, 1, 3, generator=generator, dtype=torch.float64)
+            for _ in range(2))
+    return [t.to(DEVICE).requires_grad_() for t in (q, k, v)], start.to(DEVICE), end.to(DEVICE)
+
+
+def test_patch_cross_attention_float64_accumulates_in_float64():
+    """fp64 inputs keep fp64 softmax statistics and accumulators (they did not compile on CUDA,
+    and the interpreter's fp32 log-sum-exp left gradients 1e-7 off): over several 16-wide tiles
+    the output and every gradient equal the fp64 reference to 1e-12."""
+    generator = torch.Generator().manual_seed(6)
+    inputs, start, end = _float64_attention_case(generator, num_queries=37, num_keys=35)
+    out = patch_cross_attention(*inputs, start, end, backend="triton")
+    expected = patch_cross_attention(*inputs, start, end, backend="torch")
+    assert out.dtype == torch.float64
+    grad = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(DEVICE)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_patch_cross_attention_gradcheck_float64():
+    inputs, start, end = _float64_attention_case(torch.Generator().manual_seed(7), 6, 5)
+    assert torch.autograd.gradcheck(
+        lambda *qkv: patch_cross_attention(*qkv, start, end, backend="triton"), inputs,
+        fast_mode=True,  # a few interpreted launches instead of one per input element
+    )
