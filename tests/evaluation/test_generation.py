@@ -242,7 +242,7 @@ def test_a_cached_step_waits_for_the_device_only_to_sample(models, monkeypatch):
     from pathlib import Path
 
     import lst_kernels.ranges
-    from models.host_syncs import record_host_syncs
+    from models.host_syncs import project_file, record_host_syncs
 
     from megatron_lst.evaluation import generation
 
@@ -253,7 +253,7 @@ def test_a_cached_step_waits_for_the_device_only_to_sample(models, monkeypatch):
     sampling_reads = {("megatron_lst/evaluation/generation.py", line)
                       for function in (generation._generate, generation._sample)
                       for line in lines(function)}
-    cpu_only = {("lst_kernels/ranges.py", line)
+    cpu_only = {(project_file(lst_kernels.ranges.__file__), line)
                 for line in lines(lst_kernels.ranges._refuse_negative_lengths)}
     copies = []  # (file, line) of each torch.tensor(..., device=) call of the project's code
     make_tensor = torch.tensor

@@ -26,15 +26,23 @@ _TENSOR_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzer
 _TORCH_FUNCTIONS = ("nonzero", "unique", "masked_select")
 
 
+def project_file(filename: str) -> str | None:
+    """`filename` relative to its project directory, as sites are recorded (`kernels/ranges.py`
+    in a checkout, `lst_kernels/ranges.py` where the kernels are installed under that name);
+    None outside the project."""
+    path = Path(filename)
+    for i, part in enumerate(path.parts[:-1]):
+        if part in PROJECT_DIRS:
+            return "/".join(path.parts[i:])
+    return None
+
+
 def _caller_site() -> tuple[str, int] | None:
     """(file relative to its project directory, line) of the first frame outside this module,
     when that frame is the project's code; else None."""
     frame = sys._getframe(2)
-    path = Path(frame.f_code.co_filename)
-    for i, part in enumerate(path.parts[:-1]):
-        if part in PROJECT_DIRS:
-            return "/".join(path.parts[i:]), frame.f_lineno
-    return None
+    file = project_file(frame.f_code.co_filename)
+    return None if file is None else (file, frame.f_lineno)
 
 
 @contextlib.contextmanager
