@@ -32,6 +32,7 @@ from megatron_lst.models.reference_import import (
     lst_config_from_reference,
     reference_identity_tensors,
     reference_tensor_map,
+    require_reference_value,
 )
 
 # The reference options `lst_config_from_reference` requires, and the reference's defaults for
@@ -123,11 +124,7 @@ def _check_reference_patcher(patcher_args: dict[str, Any], path: str | Path) -> 
       it cuts any: any value but null under the aligned ones, one below `patch_size` under
       "lst_static". No `--patching-mode` here cuts patches."""
     mode = patcher_args.get("patching_mode", "entropy")
-    if mode not in REFERENCE_PATCHING_MODES:
-        raise ReferenceImportError(
-            f"{path}: data.patcher_args patching_mode {mode!r} is not one of the reference's "
-            f"{', '.join(map(repr, REFERENCE_PATCHING_MODES))} (its loader refuses it: a "
-            "misspelling?); correct it")
+    require_reference_value(mode, REFERENCE_PATCHING_MODES, f"{path}: data.patcher_args patching_mode")
     if mode not in REFERENCE_LST_PATCHERS:
         return
     size = patcher_args.get("patch_size", REFERENCE_PATCHER_PATCH_SIZE)

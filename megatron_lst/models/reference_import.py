@@ -279,16 +279,21 @@ def _read_whole_numbers(a: dict) -> None:
                 "model from it (give an integer)")
 
 
+def require_reference_value(value: object, accepted: tuple, field: str) -> None:
+    """Refuse, naming `field` (as the message should start), a value outside `accepted`: the
+    values of the enum the reference's loader reads that field as, which refuses any other."""
+    if value not in accepted:
+        raise ReferenceImportError(
+            f"{field} {value!r} is not one of the reference's {', '.join(map(repr, accepted))} "
+            "(its loader refuses it: a misspelt value?); correct it")
+
+
 def _check_init_fields(a: dict) -> None:
     """The reference's loader reads `init_std_factor` as one of `REFERENCE_INIT_STD_FACTORS` (its
     `InitStdFactor`) and refuses args with any other value; so does the import, naming the field
     (it is not carried over either way: `fields_not_carried_over`)."""
-    factor = a.get("init_std_factor", "disabled")
-    if factor not in REFERENCE_INIT_STD_FACTORS:
-        raise ReferenceImportError(
-            f"reference init_std_factor={factor!r} is not one of "
-            f"{', '.join(map(repr, REFERENCE_INIT_STD_FACTORS))}; the reference's loader refuses "
-            "it (a misspelt value?)")
+    require_reference_value(a.get("init_std_factor", "disabled"), REFERENCE_INIT_STD_FACTORS,
+                            "reference init_std_factor")
 
 
 def _check_token_width(a: dict) -> None:

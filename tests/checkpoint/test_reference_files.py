@@ -22,7 +22,7 @@ from distributed.harness import run_distributed
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from checkpoint.reference_oracle import REFERENCE_MODEL_FIELDS, REFERENCE_PATCHER_FIELDS
+from checkpoint.reference_oracle import REFERENCE_PATCHER_FIELDS
 from checkpoint.test_reference_configurations import random_reference_state, reference_args
 from megatron_lst.checkpoint import convert
 from megatron_lst.checkpoint.cli import main
@@ -40,7 +40,7 @@ from megatron_lst.checkpoint.reference_files import (
 )
 from megatron_lst.checkpoint.verify import VerificationError
 from megatron_lst.models.config import preset
-from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.models.reference_import import REFERENCE_MODEL_FIELDS, ReferenceImportError
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab
 

@@ -157,8 +157,9 @@ def test_the_init_fields_the_reference_never_reads_are_named_and_change_nothing(
 
 @pytest.mark.parametrize("factor", ["depth", None, 1.0])
 def test_an_init_std_factor_the_reference_refuses_is_refused_by_name(factor):
-    with pytest.raises(ReferenceImportError, match=rf"reference init_std_factor={factor!r} is "
-                                                   r"not one of 'disabled', 'global_depth'"):
+    with pytest.raises(ReferenceImportError, match=rf"reference init_std_factor {factor!r} is "
+                                                   r"not one of the reference's 'disabled', "
+                                                   r"'global_depth'"):
         lst_config_from_reference({**BASE_ARGS, "init_std_factor": factor})
 
 
