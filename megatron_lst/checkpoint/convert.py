@@ -168,7 +168,8 @@ def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
     reference = export_reference(checkpoint.state, checkpoint.config)
     training_args = checkpoint.training_args or {}
     model_args = reference_model_args(checkpoint.config, checkpoint.reference_model_args,
-                                      training_args.get("max_tokens"))
+                                      training_args.get("max_tokens"),
+                                      _patch_size(training_args.get("patch_size")))
     if tokenizer_model is None and isinstance(training_args.get("tokenizer_model"), str):
         tokenizer_model = training_args["tokenizer_model"]
     params = {"model": model_args, **export_sections(reference, tokenizer_model, checkpoint.vocab)}

@@ -221,13 +221,18 @@ def export_reference(state: dict[str, torch.Tensor], config: LSTConfig) -> dict[
 
 
 def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = None,
-                         max_tokens: int | None = None) -> dict[str, Any]:
+                         max_tokens: int | None = None,
+                         patch_size: int | None = None) -> dict[str, Any]:
     """The reference's model arguments for `config`.
 
     `base_args` (the arguments an imported checkpoint came with) keeps the reference options
     this package does not model (data, tokenizer, init, ...); the architecture fields are
     overwritten from `config`. `max_tokens`: the longest row in tokens the model trained on
     (`--max-tokens`), for the reference's `max_encoder_seq_length` where `base_args` has none.
+    `patching_mode` and `patch_size`, which the reference's local models require (its
+    `LocalModelArgs` refuses null there, so it loads no model without them; its forward reads
+    the mode only to test for ""), are the base's, else "static" with `patch_size` (the run's
+    `--patch-size`; None: 4).
     Raises when `config` is not expressible in the reference's args (e.g. different encoder and
     decoder windows, or FFN widths the reference's rule does not produce).
     """
@@ -276,6 +281,9 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         norm_eps=config.norm_eps, rope_theta=config.rope_theta,
     )
     args["max_seqlen"] = config.max_sequence_length  # the global RoPE table, in patches
+    for key, value in (("patching_mode", "static"), ("patch_size", float(patch_size or 4))):
+        if args.get(key) is None:
+            args[key] = value
     multiple_of, multiplier = _ffn_rule(config, args.get("multiple_of"), args["ffn_dim_multiplier"])
     args["multiple_of"] = multiple_of
     if multiplier != (1.0 if args["ffn_dim_multiplier"] is None else args["ffn_dim_multiplier"]):

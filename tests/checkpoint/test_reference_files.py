@@ -476,7 +476,7 @@ def test_export_of_a_model_trained_here_writes_only_fields_the_reference_loader_
         state = full_state_dict(build_full_model(config))
         save_portable(tmp_path / "portable", PortableCheckpoint(
             config=config, state=state, vocab=vocab,
-            training_args={"patching_mode": "curriculum", "patch_size": 4, "curriculum_tau1": 10,
+            training_args={"patching_mode": "curriculum", "patch_size": 5, "curriculum_tau1": 10,
                            "curriculum_tau2": 20, "max_tokens": 256}))
     finally:
         destroy_parallel()
@@ -489,6 +489,8 @@ def test_export_of_a_model_trained_here_writes_only_fields_the_reference_loader_
                                                 "init_kwargs": {"speech_vocab_size_unit": 502}}
     assert params["distributed"] == {"model_dtype": "fp32"}
     assert set(params["model"]) <= REFERENCE_MODEL_FIELDS, set(params["model"]) - REFERENCE_MODEL_FIELDS
+    # its local models' args (LocalModelArgs) require a string mode and a number: null fails
+    assert (params["model"]["patching_mode"], params["model"]["patch_size"]) == ("static", 5.0)
     assert set(params["data"]["patcher_args"]) <= REFERENCE_PATCHER_FIELDS
     weights = torch.load(tmp_path / "exported" / "consolidated.pth", weights_only=True)
     assert list(weights) == ["model"]
