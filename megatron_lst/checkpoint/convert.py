@@ -25,6 +25,7 @@ from megatron_lst.models.reference_import import (
     canonical_state_dict,
     fields_not_carried_over,
     lst_config_from_reference,
+    row_limit_notice,
 )
 from megatron_lst.tokenizer.vocab import NUM_RESERVED, JointVocab
 
@@ -111,7 +112,8 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     model is recorded as the `tokenizer_model` flag (what `lst-eval` loads, and the export
     writes back). Also checks that exporting the imported tensors gives back the reference state
     dict exactly. `notify` is given a notice for each field of the model args that is not
-    carried over but set to other than the reference's default (`fields_not_carried_over`).
+    carried over but set to other than the reference's default (`fields_not_carried_over`), and
+    one naming the longest row the reference ran (`row_limit_notice`).
     """
     _refuse_to_overwrite(output, PORTABLE_FILENAMES)
     checkpoint = locate_reference_checkpoint(reference_ckpt)
@@ -129,7 +131,7 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
         patching["tokenizer_model"] = tokenizer_model
     config = lst_config_from_reference(model_args)
     if notify is not None:
-        for notice in fields_not_carried_over(model_args):
+        for notice in (*fields_not_carried_over(model_args), row_limit_notice(model_args)):
             notify(notice)
     try:  # names and shapes before a model of the size the args give is built
         check_layer_count(config, len(original), "the model args")

@@ -227,6 +227,28 @@ def test_an_lst_data_patcher_imports_whatever_patching_the_model_args_name(tmp_p
     assert load_portable(tmp_path / "portable_again").training_args["patch_size"] == 3
 
 
+@pytest.mark.parametrize("impl, beyond", [
+    ("xformers", "RoPE positions past its table)"),
+    ("sdpa", "RoPE positions past its table, and local attention over the last 64 tokens, "
+             "not the whole row)")])
+def test_the_import_names_the_longest_row_the_reference_ran(tmp_path, capsys, impl, beyond):
+    """The reference's local RoPE table holds max_encoder_seq_length positions and a longer row
+    fails there; the imported model runs longer rows all the same (no flag carries the limit),
+    computing what the reference cannot: the import names the limit, once."""
+    write_reference(tmp_path)
+    (tmp_path / "run/params.json").write_text(json.dumps({"model": {
+        **BASE_ARGS, "attn_impl": impl, "attn_bias_type": "block_causal",
+        "local_attention_window_len": 5}}))
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable", "--num-units", UNITS) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if "max_encoder_seq" in line]
+    assert notices == [
+        "lst-convert import-reference: reference max_encoder_seq_length=64: the reference runs "
+        "rows of at most 64 tokens (its local RoPE table), and the imported model computes its "
+        "function on those; keep --max-tokens at or below 64: on longer rows it computes what "
+        f"the reference cannot ({beyond}"]
+
+
 def test_a_bf16_checkpoint_exports_as_bf16_with_the_tokenizer_given(tmp_path, capsys):
     write_reference(tmp_path, dtype=torch.bfloat16)
     assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
