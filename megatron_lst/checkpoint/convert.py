@@ -25,6 +25,7 @@ from megatron_lst.models.reference_import import (
     canonical_state_dict,
     fields_not_carried_over,
     lst_config_from_reference,
+    row_limit_notice,
 )
 from megatron_lst.tokenizer.vocab import NUM_RESERVED, JointVocab
 
@@ -111,7 +112,8 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
     model is recorded as the `tokenizer_model` flag (what `lst-eval` loads, and the export
     writes back). Also checks that exporting the imported tensors gives back the reference state
     dict exactly. `notify` is given a notice for each field of the model args that is not
-    carried over but set to other than the reference's default (`fields_not_carried_over`).
+    carried over but set to other than the reference's default (`fields_not_carried_over`), and
+    one naming the longest row the reference ran (`row_limit_notice`).
     """
     _refuse_to_overwrite(output, PORTABLE_FILENAMES)
     checkpoint = locate_reference_checkpoint(reference_ckpt)
@@ -129,7 +131,7 @@ def import_reference_to_portable(reference_ckpt: str | Path, reference_args: str
         patching["tokenizer_model"] = tokenizer_model
     config = lst_config_from_reference(model_args)
     if notify is not None:
-        for notice in fields_not_carried_over(model_args):
+        for notice in (*fields_not_carried_over(model_args), row_limit_notice(model_args)):
             notify(notice)
     try:  # names and shapes before a model of the size the args give is built
         check_layer_count(config, len(original), "the model args")
@@ -168,7 +170,8 @@ def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
     reference = export_reference(checkpoint.state, checkpoint.config)
     training_args = checkpoint.training_args or {}
     model_args = reference_model_args(checkpoint.config, checkpoint.reference_model_args,
-                                      training_args.get("max_tokens"))
+                                      training_args.get("max_tokens"),
+                                      _patch_size(training_args.get("patch_size")))
     if tokenizer_model is None and isinstance(training_args.get("tokenizer_model"), str):
         tokenizer_model = training_args["tokenizer_model"]
     params = {"model": model_args, **export_sections(reference, tokenizer_model, checkpoint.vocab)}
@@ -240,8 +243,10 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
     checkpoint = load_portable(portable_dir)
     _require_vocab(checkpoint, Path(portable_dir))
     before = portable_model(checkpoint, str(portable_dir))
-    training_args = training_args_for(checkpoint.config, checkpoint.training_args,
-                                      reference_patching(checkpoint.reference_model_args or {}))
+    # the reference patching only for a checkpoint without flags (the import records them)
+    training_args = training_args_for(
+        checkpoint.config, checkpoint.training_args,
+        None if checkpoint.training_args else reference_patching(checkpoint.reference_model_args or {}))
     # Saved in the portable checkpoint's dtypes (bf16 stays bf16), compared in the model's.
     with weights_as(before, {name: tensor.dtype for name, tensor in checkpoint.state.items()}):
         path = save_dist_checkpoint(Path(save), before, training_args, checkpoint.vocab,
@@ -266,15 +271,25 @@ def _require_vocab(checkpoint: PortableCheckpoint, portable_dir: Path) -> None:
         f"with T + U + {NUM_RESERVED + 2} = its vocab_size {size}")
 
 
+# The model args' `patching_mode` values the import patches by (when the data's patcher is no LST
+# one): the reference's static and LST patchers, and this package's names "aligned" and
+# "curriculum"; null (the args name none) is static patching of 4 units.
+MODEL_ARGS_PATCHING_MODES = ("static", *REFERENCE_LST_PATCHERS, "aligned", "curriculum")
+
+
 def reference_patching(model_args: dict, patcher_args: dict | None = None) -> dict[str, object]:
     """The patching flags for the evaluation tools' patcher from a reference run: its data's
     patcher (`patcher_args`, the `data.patcher_args` of its params.json) where that is one of its
-    LST patchers (`REFERENCE_LST_PATCHERS`, with its `patch_size`), else the model args' mode where
-    it needs no further flags ("static" with its `patch_size`, or "aligned"), else static
-    patching of 4 units (any mode but "none" builds the LST model). The model args' own
+    LST patchers (`REFERENCE_LST_PATCHERS`, with its `patch_size`), else the model args' mode
+    (`MODEL_ARGS_PATCHING_MODES`): "static" and the static LST patchers with their `patch_size`,
+    "aligned" and "lst_align"; null or absent, static patching of 4 units. The model args' own
     `patching_mode` and `patch_size` are not what the data was patched with when the data's
-    patcher is given (the reference's lst.yaml: model static 6, data lst_static 4). The model
-    args' mode may be one of its LST patchers too."""
+    patcher is given (the reference's lst.yaml: model static 6, data lst_static 4).
+
+    Refuses, naming the field, a model args mode no patching here gives (the reference's
+    entropy, bpe, space or byte patchers, or a misspelt mode, which its patcher refuses), and a
+    static one without a whole `patch_size`: the model would be evaluated on patches other than
+    its data's."""
     patcher_args = patcher_args or {}
     mode = patcher_args.get("patching_mode")
     mode = REFERENCE_LST_PATCHERS.get(mode) if isinstance(mode, str) else None
@@ -282,14 +297,29 @@ def reference_patching(model_args: dict, patcher_args: dict | None = None) -> di
         return {"patching_mode": "aligned"}
     if mode == "static" and _patch_size(patcher_args.get("patch_size")):
         return {"patching_mode": "static", "patch_size": _patch_size(patcher_args["patch_size"])}
-    mode, size = model_args.get("patching_mode"), _patch_size(model_args.get("patch_size"))
-    if isinstance(mode, str):  # the model args may name an LST patcher too
-        mode = REFERENCE_LST_PATCHERS.get(mode, mode)
-    if mode == "aligned":  # (== on any JSON value: a list or a mapping is no mode)
+    mode = model_args.get("patching_mode")
+    if mode is None:
+        return {"patching_mode": "static", "patch_size": 4}
+    _check_model_args_patching(mode, model_args.get("patch_size"))
+    if REFERENCE_LST_PATCHERS.get(mode, mode) == "aligned":
         return {"patching_mode": "aligned"}
-    if mode in ("static", "curriculum") and size:
-        return {"patching_mode": "static", "patch_size": size}
-    return {"patching_mode": "static", "patch_size": 4}
+    return {"patching_mode": "static", "patch_size": _patch_size(model_args["patch_size"])}
+
+
+def _check_model_args_patching(mode: object, size: object) -> None:
+    """Refuse model args `patching_mode` `mode` outside `MODEL_ARGS_PATCHING_MODES`, and a
+    static one whose `patch_size` `size` is no whole number of units, naming the field."""
+    advice = ("give the run's data.patcher_args (e.g. {\"patching_mode\": \"lst_static\", "
+              "\"patch_size\": 4}) in its params.json, or correct the model args")
+    if not isinstance(mode, str) or mode not in MODEL_ARGS_PATCHING_MODES:
+        raise ReferenceImportError(
+            f"reference model args patching_mode {mode!r} (with no LST patcher in "
+            f"data.patcher_args) is no patching lst-eval can give: accepted are "
+            f"{', '.join(map(repr, MODEL_ARGS_PATCHING_MODES))} or null; {advice}")
+    if REFERENCE_LST_PATCHERS.get(mode, mode) != "aligned" and _patch_size(size) is None:
+        raise ReferenceImportError(
+            f"reference model args patching_mode {mode!r} with patch_size {size!r}: static "
+            f"patches need a whole number of units there; {advice}")
 
 
 def reference_patcher_args(training_args: dict | None) -> dict[str, object] | None:

@@ -32,6 +32,7 @@ from megatron_lst.models.reference_import import (
     lst_config_from_reference,
     reference_identity_tensors,
     reference_tensor_map,
+    require_reference_value,
 )
 
 # The reference options `lst_config_from_reference` requires, and the reference's defaults for
@@ -123,11 +124,7 @@ def _check_reference_patcher(patcher_args: dict[str, Any], path: str | Path) -> 
       it cuts any: any value but null under the aligned ones, one below `patch_size` under
       "lst_static". No `--patching-mode` here cuts patches."""
     mode = patcher_args.get("patching_mode", "entropy")
-    if mode not in REFERENCE_PATCHING_MODES:
-        raise ReferenceImportError(
-            f"{path}: data.patcher_args patching_mode {mode!r} is not one of the reference's "
-            f"{', '.join(map(repr, REFERENCE_PATCHING_MODES))} (its loader refuses it: a "
-            "misspelling?); correct it")
+    require_reference_value(mode, REFERENCE_PATCHING_MODES, f"{path}: data.patcher_args patching_mode")
     if mode not in REFERENCE_LST_PATCHERS:
         return
     size = patcher_args.get("patch_size", REFERENCE_PATCHER_PATCH_SIZE)
@@ -224,13 +221,18 @@ def export_reference(state: dict[str, torch.Tensor], config: LSTConfig) -> dict[
 
 
 def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = None,
-                         max_tokens: int | None = None) -> dict[str, Any]:
+                         max_tokens: int | None = None,
+                         patch_size: int | None = None) -> dict[str, Any]:
     """The reference's model arguments for `config`.
 
     `base_args` (the arguments an imported checkpoint came with) keeps the reference options
     this package does not model (data, tokenizer, init, ...); the architecture fields are
     overwritten from `config`. `max_tokens`: the longest row in tokens the model trained on
     (`--max-tokens`), for the reference's `max_encoder_seq_length` where `base_args` has none.
+    `patching_mode` and `patch_size`, which the reference's local models require (its
+    `LocalModelArgs` refuses null there, so it loads no model without them; its forward reads
+    the mode only to test for ""), are the base's, else "static" with `patch_size` (the run's
+    `--patch-size`; None: 4).
     Raises when `config` is not expressible in the reference's args (e.g. different encoder and
     decoder windows, or FFN widths the reference's rule does not produce).
     """
@@ -279,6 +281,9 @@ def reference_model_args(config: LSTConfig, base_args: dict[str, Any] | None = N
         norm_eps=config.norm_eps, rope_theta=config.rope_theta,
     )
     args["max_seqlen"] = config.max_sequence_length  # the global RoPE table, in patches
+    for key, value in (("patching_mode", "static"), ("patch_size", float(patch_size or 4))):
+        if args.get(key) is None:
+            args[key] = value
     multiple_of, multiplier = _ffn_rule(config, args.get("multiple_of"), args["ffn_dim_multiplier"])
     args["multiple_of"] = multiple_of
     if multiplier != (1.0 if args["ffn_dim_multiplier"] is None else args["ffn_dim_multiplier"]):

@@ -163,6 +163,23 @@ def fields_not_carried_over(model_args: dict) -> list[str]:
             if model_args.get(name, default) != default]
 
 
+def row_limit_notice(model_args: dict) -> str:
+    """A notice naming the longest row the reference model ran, `max_encoder_seq_length` tokens
+    (its local models' RoPE table, which a longer row overruns, failing a shape assert): the
+    imported model computes the reference's function up to it, and on a longer row RoPE
+    positions past that table (and, for a whole-row `attn_impl`, a window of that many tokens),
+    which the reference has no counterpart of. Call after `lst_config_from_reference` accepted
+    `model_args`."""
+    a = {**REFERENCE_DEFAULTS, **model_args}
+    longest, beyond = a["max_encoder_seq_length"], "RoPE positions past its table"
+    if a["attn_impl"] in CAUSAL_ATTN_IMPLS:  # imported with a window of `longest` tokens
+        beyond += f", and local attention over the last {longest} tokens, not the whole row"
+    return (f"reference max_encoder_seq_length={longest}: the reference runs rows of at most "
+            f"{longest} tokens (its local RoPE table), and the imported model computes its "
+            f"function on those; keep --max-tokens at or below {longest}: on longer rows it "
+            f"computes what the reference cannot ({beyond})")
+
+
 # Sizes the reference reads as `value or derived`: 0 means what null means (heads of hidden size /
 # heads, one key/value head per query head).
 UNSET_WHEN_ZERO = ("head_dim", "n_kv_heads", "n_kv_heads_global")
@@ -279,16 +296,21 @@ def _read_whole_numbers(a: dict) -> None:
                 "model from it (give an integer)")
 
 
+def require_reference_value(value: object, accepted: tuple, field: str) -> None:
+    """Refuse, naming `field` (as the message should start), a value outside `accepted`: the
+    values of the enum the reference's loader reads that field as, which refuses any other."""
+    if value not in accepted:
+        raise ReferenceImportError(
+            f"{field} {value!r} is not one of the reference's {', '.join(map(repr, accepted))} "
+            "(its loader refuses it: a misspelt value?); correct it")
+
+
 def _check_init_fields(a: dict) -> None:
     """The reference's loader reads `init_std_factor` as one of `REFERENCE_INIT_STD_FACTORS` (its
     `InitStdFactor`) and refuses args with any other value; so does the import, naming the field
     (it is not carried over either way: `fields_not_carried_over`)."""
-    factor = a.get("init_std_factor", "disabled")
-    if factor not in REFERENCE_INIT_STD_FACTORS:
-        raise ReferenceImportError(
-            f"reference init_std_factor={factor!r} is not one of "
-            f"{', '.join(map(repr, REFERENCE_INIT_STD_FACTORS))}; the reference's loader refuses "
-            "it (a misspelt value?)")
+    require_reference_value(a.get("init_std_factor", "disabled"), REFERENCE_INIT_STD_FACTORS,
+                            "reference init_std_factor")
 
 
 def _check_token_width(a: dict) -> None:

@@ -13,12 +13,12 @@ import torch
 from distributed.harness import report_results
 from distributed.lst_stage import cpu_stage
 
+from checkpoint.layout_worker import start_layout_worker
 from megatron_lst.checkpoint.dist import training_args_for
 from megatron_lst.checkpoint.model_state import load_full_state_dict
-from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.verify import fixed_batch
 from megatron_lst.models.lst_model import LSTModel
-from megatron_lst.parallel import destroy_parallel, initialize_parallel
+from megatron_lst.parallel import destroy_parallel
 from megatron_lst.training.checkpointing import load_checkpoint, save_checkpoint
 
 
@@ -48,17 +48,7 @@ def pipeline_logits(model: LSTModel, batch: dict) -> torch.Tensor | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tp", type=int, required=True)
-    parser.add_argument("--pp", type=int, required=True)
-    parser.add_argument("--portable", required=True)
-    parser.add_argument("--save")
-    parser.add_argument("--load")
-    parser.add_argument("--results", required=True)
-    args = parser.parse_args()
-
-    initialize_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-    portable = load_portable(args.portable)
+    args, portable = start_layout_worker(__doc__)
     model = build_stage(portable.config, args.tp, args.pp)
     if args.save:
         load_full_state_dict(model, portable.state, args.portable)

@@ -30,34 +30,9 @@ import torch.nn.functional as F
 # The reference's fixed token ids (its `tokenizers/constants.py`).
 BOE_ID, EOS_ID = 0, 2
 
-# Every field of the reference's model args (`ByteLatentTransformerArgs` with its base
-# `BaseTransformerArgs`, pydantic with extra="forbid": its loader refuses a params.json with any
-# other) and of its data patcher (`PatcherArgs`).
-REFERENCE_MODEL_FIELDS = frozenset("""
-    dim n_layers head_dim n_heads n_kv_heads ffn_dim_multiplier multiple_of norm_eps rope_theta
-    rope_use_fp32_in_outer_product init_base_std init_std_factor max_seqlen attn_impl
-    attn_bias_type eos_id seed vocab_size weight_tying patch_in_forward dim_token dim_global
-    dim_local_decoder dim_local_encoder n_layers_global n_layers_local_decoder
-    n_layers_local_encoder patch_size patching_mode patching_threshold patching_threshold_add
-    patcher_curr_align_steps patcher_curr_mixed_steps monotonicity patching_batch_size
-    patching_device max_patch_length tie_local_encoder_decoder_logits
-    use_local_encoder_transformer encoder_lm_loss max_encoder_seq_length pad_to_max_length
-    encoder_enable_byte_ngrams encoder_enable_byte_group_hash ngram_vocab_sizes
-    cross_attn_encoder cross_attn_decoder cross_attn_window_encoder cross_attn_window_decoder
-    cross_attn_k cross_attn_nheads cross_attn_all_layers_decoder cross_attn_all_layers_encoder
-    cross_attn_use_flex_attention cross_attn_init_by_pooling encoder_hash_byte_group_size
-    encoder_hash_byte_group_vocab encoder_hash_byte_group_nb_functions log_patch_lengths
-    non_linearity use_rope recompute_fc1_out recompute_fc3_out recompute_attn custom_bwd
-    layer_ckpt init_use_gaussian init_use_depth alpha_depth max_length norm_affine pre_norm
-    norm_type dropout output_size architecture share_encoder_decoder_emb
-    global_local_decoder_residual_layer tokenize_with_bpe_delimiter patching_thresholds_str
-    tie_local_encoder_decoder encoder_preds_low_entropy_toks encoder_preds_random_toks
-    dim_token_emb dim_patch_emb encoder_ngram_table_dir encoder_ngram_to_size_str
-    entropy_model_checkpoint_dir entropy_model_is_ngram_model downsampling_by_pooling
-    n_heads_global n_heads_local_decoder n_heads_local_encoder n_kv_heads_global
-    conv_kernel_size local_attention_window_len sequence_parallel loss_parallel
-    fuse_sequence_parallel use_fsdp attn_to_keep pm_size full_logging_n_layers
-""".split())
+# Every field of the reference's data patcher (`PatcherArgs`, pydantic: its loader refuses a
+# params.json with any other). Those of its model args are the import's `REFERENCE_MODEL_FIELDS`:
+# a fact about the reference, not behaviour the oracle checks, so one list serves both.
 REFERENCE_PATCHER_FIELDS = frozenset("""
     patching_mode patching_device entropy_model_checkpoint_dir realtime_patching threshold
     threshold_add max_patch_length patch_size patching_batch_size patcher_curr_align_steps

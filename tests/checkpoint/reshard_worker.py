@@ -15,12 +15,12 @@ import torch
 from distributed.harness import report_results
 from distributed.lst_stage import cpu_stage, mean_loss_forward_step
 
+from checkpoint.layout_worker import start_layout_worker
 from megatron_lst.checkpoint.dist import training_args_for
 from megatron_lst.checkpoint.model_state import load_full_state_dict
-from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.verify import fixed_batch
 from megatron_lst.models import finalize_lst_model_grads
-from megatron_lst.parallel import destroy_parallel, initialize_parallel
+from megatron_lst.parallel import destroy_parallel
 from megatron_lst.training.checkpointing import load_checkpoint, save_checkpoint
 
 
@@ -65,17 +65,7 @@ def train_step(ddp, optimizer, config, step: int) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tp", type=int, required=True)
-    parser.add_argument("--pp", type=int, required=True)
-    parser.add_argument("--portable", required=True)
-    parser.add_argument("--save")
-    parser.add_argument("--load")
-    parser.add_argument("--results", required=True)
-    args = parser.parse_args()
-
-    initialize_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-    portable = load_portable(args.portable)
+    args, portable = start_layout_worker(__doc__)
     config = portable.config
     record = {}
     if args.save:

@@ -11,6 +11,7 @@ Weights are random, made in the reference's names and shapes straight from the a
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from checkpoint.reference_oracle import (
-    REFERENCE_MODEL_FIELDS,
-    reference_logits,
-    reference_tensor_shapes,
-)
+from checkpoint.reference_oracle import reference_logits, reference_tensor_shapes
 from megatron_lst.checkpoint.convert import (
     dist_to_portable,
     export_portable_to_reference,
@@ -40,10 +37,11 @@ from megatron_lst.checkpoint.reference import (
     reference_model_args,
 )
 from megatron_lst.checkpoint.reference_files import read_reference_state_dict
-from megatron_lst.models import reference_import
 from megatron_lst.models.lst_model import LSTModel
 from megatron_lst.models.reference_import import (
+    REFERENCE_MODEL_FIELDS,
     REQUIRED_REFERENCE_OPTIONS,
+    ReferenceImportError,
     load_reference_state_dict,
     lst_config_from_reference,
 )
@@ -61,6 +59,32 @@ BASE_ARGS = {
     "cross_attn_window_encoder": 3, "cross_attn_window_decoder": 4,
     "cross_attn_all_layers_encoder": True, "cross_attn_all_layers_decoder": True,
     "downsampling_by_pooling": "max",
+}
+
+# The model section of the reference's own training config, lst/configs/lst.yaml, shrunk: its
+# sizes scaled down (dim_token == dim_local_encoder as there, 8 slots, its heads), every mode and
+# flag as there (the fields it leaves out take the reference's defaults, as in a run of it).
+REFERENCE_LST_YAML = {
+    "n_heads": 8, "dim": 32, "vocab_size": VOCAB, "dim_token": 16, "patch_size": 6,
+    "patching_mode": "static", "tie_local_encoder_decoder_logits": False,
+    "patch_in_forward": False, "max_encoder_seq_length": 64, "pad_to_max_length": True,
+    "patching_threshold": 3.1439168453216553, "encoder_hash_byte_group_size": [],
+    "cross_attn_encoder": True, "cross_attn_decoder": True, "cross_attn_window_encoder": 512,
+    "cross_attn_window_decoder": 512, "dim_local_encoder": 16, "dim_local_decoder": 16,
+    "cross_attn_k": 8, "cross_attn_nheads": 4, "cross_attn_all_layers_decoder": True,
+    "cross_attn_all_layers_encoder": True, "cross_attn_use_flex_attention": True,
+    "cross_attn_init_by_pooling": True, "log_patch_lengths": True, "non_linearity": "swiglu",
+    "use_rope": True, "recompute_fc1_out": False, "recompute_fc3_out": False,
+    "recompute_attn": False, "custom_bwd": False, "layer_ckpt": "none",
+    "use_local_encoder_transformer": True, "init_use_gaussian": True, "init_use_depth": "current",
+    "attn_impl": "xformers", "attn_bias_type": "block_causal", "alpha_depth": "disabled",
+    "max_length": 256, "local_attention_window_len": 512, "max_seqlen": 64,
+    "downsampling_by_pooling": "max",
+    # left out there: the reference's defaults, but 2 layers each instead of 8 and a 32-wide
+    # global model (8 heads of 4 channels)
+    "dim_global": 32, "n_layers_global": 2, "n_layers_local_encoder": 2,
+    "n_layers_local_decoder": 2, "multiple_of": 256, "n_heads_global": 8,
+    "n_heads_local_encoder": 8, "n_heads_local_decoder": 8,
 }
 
 # Each differs from BASE_ARGS in the fields named; together they cover every option the import
@@ -121,6 +145,27 @@ CONFIGURATIONS = {
         "attn_impl": "xformers", "attn_bias_type": "block_causal", "local_attention_window_len": 5},
     "xformers_causal_docs": {
         "attn_impl": "xformers", "attn_bias_type": "causal", "local_attention_window_len": 5},
+    # every field BASE_ARGS sets but lst.yaml leaves out is the reference's default there
+    "reference_lst_yaml": REFERENCE_LST_YAML,
+}
+
+
+# The reference's other shipped model configurations, shrunk as REFERENCE_LST_YAML, which the
+# import refuses naming the field it has no counterpart of: lst/configs/debug.yaml and lst.yaml
+# as stored at 9e86f12 (hash n-gram embeddings; debug.yaml patches by "space" too), and
+# apps/main/configs/llama_{1B,7B}.yaml (the plain token transformer of apps/main, no LST model).
+HASH_NGRAMS = {"encoder_hash_byte_group_size": [4], "encoder_hash_byte_group_vocab": 50002,
+               "encoder_hash_byte_group_nb_functions": 3, "encoder_enable_byte_ngrams": False}
+REFUSED_REFERENCE_CONFIGURATIONS = {
+    "debug_yaml": ({**REFERENCE_LST_YAML, **HASH_NGRAMS, "patching_mode": "space"},
+                   "reference encoder_hash_byte_group_size=[4] is not supported"),
+    "lst_yaml_at_9e86f12": ({**REFERENCE_LST_YAML, **HASH_NGRAMS},
+                            "reference encoder_hash_byte_group_size=[4] is not supported"),
+    "llama_1B_yaml": ({"dim": 64, "n_layers": 3, "n_heads": 4},
+                      "reference option cross_attn_encoder=False is not supported"),
+    "llama_7B_yaml": ({"dim": 64, "n_layers": 3, "n_heads": 4, "rope_theta": 100_000,
+                       "ffn_dim_multiplier": 1.0, "multiple_of": 256},
+                      "reference option cross_attn_encoder=False is not supported"),
 }
 
 
@@ -179,10 +224,12 @@ def random_batch(model_args: dict, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return tokens, torch.tensor(lengths, dtype=torch.int32)
 
 
-def test_the_import_knows_the_fields_the_oracle_lists():
-    """The import refuses args with a field outside its list of the reference's fields: the list
-    is the oracle's, written down apart from it."""
-    assert reference_import.REFERENCE_MODEL_FIELDS == REFERENCE_MODEL_FIELDS
+@pytest.mark.parametrize("name", sorted(REFUSED_REFERENCE_CONFIGURATIONS))
+def test_the_reference_configurations_it_cannot_compute_are_refused_by_field(name):
+    model_args, message = REFUSED_REFERENCE_CONFIGURATIONS[name]
+    with pytest.raises(ReferenceImportError, match=re.escape(message)):
+        lst_config_from_reference(model_args)
+
 
 @pytest.mark.parametrize("inputs", ["static", "aligned", "ragged"])
 def test_oracle_reproduces_the_reference_logits(reference_fixtures, inputs):

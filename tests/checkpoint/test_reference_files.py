@@ -22,7 +22,7 @@ from distributed.harness import run_distributed
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from checkpoint.reference_oracle import REFERENCE_MODEL_FIELDS, REFERENCE_PATCHER_FIELDS
+from checkpoint.reference_oracle import REFERENCE_PATCHER_FIELDS
 from checkpoint.test_reference_configurations import random_reference_state, reference_args
 from megatron_lst.checkpoint import convert
 from megatron_lst.checkpoint.cli import main
@@ -40,7 +40,7 @@ from megatron_lst.checkpoint.reference_files import (
 )
 from megatron_lst.checkpoint.verify import VerificationError
 from megatron_lst.models.config import preset
-from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.models.reference_import import REFERENCE_MODEL_FIELDS, ReferenceImportError
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab
 
@@ -476,7 +476,7 @@ def test_export_of_a_model_trained_here_writes_only_fields_the_reference_loader_
         state = full_state_dict(build_full_model(config))
         save_portable(tmp_path / "portable", PortableCheckpoint(
             config=config, state=state, vocab=vocab,
-            training_args={"patching_mode": "curriculum", "patch_size": 4, "curriculum_tau1": 10,
+            training_args={"patching_mode": "curriculum", "patch_size": 5, "curriculum_tau1": 10,
                            "curriculum_tau2": 20, "max_tokens": 256}))
     finally:
         destroy_parallel()
@@ -489,6 +489,8 @@ def test_export_of_a_model_trained_here_writes_only_fields_the_reference_loader_
                                                 "init_kwargs": {"speech_vocab_size_unit": 502}}
     assert params["distributed"] == {"model_dtype": "fp32"}
     assert set(params["model"]) <= REFERENCE_MODEL_FIELDS, set(params["model"]) - REFERENCE_MODEL_FIELDS
+    # its local models' args (LocalModelArgs) require a string mode and a number: null fails
+    assert (params["model"]["patching_mode"], params["model"]["patch_size"]) == ("static", 5.0)
     assert set(params["data"]["patcher_args"]) <= REFERENCE_PATCHER_FIELDS
     weights = torch.load(tmp_path / "exported" / "consolidated.pth", weights_only=True)
     assert list(weights) == ["model"]

@@ -10,6 +10,7 @@ written must be among its fields (`REFERENCE_RUN_FIELDS`, from `lst/args.py`,
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -157,8 +158,9 @@ def test_the_init_fields_the_reference_never_reads_are_named_and_change_nothing(
 
 @pytest.mark.parametrize("factor", ["depth", None, 1.0])
 def test_an_init_std_factor_the_reference_refuses_is_refused_by_name(factor):
-    with pytest.raises(ReferenceImportError, match=rf"reference init_std_factor={factor!r} is "
-                                                   r"not one of 'disabled', 'global_depth'"):
+    with pytest.raises(ReferenceImportError, match=rf"reference init_std_factor {factor!r} is "
+                                                   r"not one of the reference's 'disabled', "
+                                                   r"'global_depth'"):
         lst_config_from_reference({**BASE_ARGS, "init_std_factor": factor})
 
 
@@ -184,6 +186,67 @@ def test_model_args_naming_an_lst_patcher_give_its_patching(model_args, patching
     """Without data.patcher_args the import patches by the model args' mode, which may name one
     of the reference's LST patchers: those were taken for no mode (static patches of 4)."""
     assert reference_patching(model_args) == patching
+
+
+@pytest.mark.parametrize("mode", ["space", "entropy", "byte", "bpe", "statc", ["static"]])
+def test_model_args_naming_a_patching_no_patcher_here_gives_are_refused_by_name(mode):
+    """Without data.patcher_args the import patches by the model args' mode; one naming the
+    reference's entropy, BPE, space or byte patching (its debug.yaml: "space"), or a misspelt
+    one (its patcher refuses that), was taken for static patches of 4 units, so the model was
+    evaluated on other patches than its data's, with no word."""
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            f"reference model args patching_mode {mode!r} (with no LST patcher in "
+            "data.patcher_args) is no patching lst-eval can give: accepted are 'static', "
+            "'lst_static', 'lst_curriculum', 'lst_align', 'aligned', 'curriculum' or null")):
+        reference_patching({"patching_mode": mode, "patch_size": 6.0})
+
+
+@pytest.mark.parametrize("size", [None, 4.5, True])
+def test_static_model_args_without_a_whole_patch_size_are_refused_by_name(size):
+    """Static patching of the model args with no whole patch size was static patching of 4."""
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            f"reference model args patching_mode 'static' with patch_size {size!r}: static "
+            "patches need a whole number of units")):
+        reference_patching({"patching_mode": "static", "patch_size": size})
+
+
+def test_an_lst_data_patcher_imports_whatever_patching_the_model_args_name(tmp_path):
+    """The data's LST patcher decides the patching; the model args' mode (the reference's model
+    reads it only to test for "") is not read then, by the import nor by portable-to-dist."""
+    write_reference(tmp_path)
+    (tmp_path / "run/params.json").write_text(json.dumps({
+        "model": {**BASE_ARGS, "patching_mode": "space", "patch_size": 6.0},
+        "data": {"patcher_args": {"patching_mode": "lst_static", "patch_size": 3}}}))
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable", "--num-units", UNITS) == 0
+    assert convert("portable-to-dist", "--portable", tmp_path / "portable",
+                   "--save", tmp_path / "dist") == 0
+    assert convert("dist-to-portable", "--load", tmp_path / "dist",
+                   "--output", tmp_path / "portable_again") == 0
+    assert load_portable(tmp_path / "portable_again").training_args["patching_mode"] == "static"
+    assert load_portable(tmp_path / "portable_again").training_args["patch_size"] == 3
+
+
+@pytest.mark.parametrize("impl, beyond", [
+    ("xformers", "RoPE positions past its table)"),
+    ("sdpa", "RoPE positions past its table, and local attention over the last 64 tokens, "
+             "not the whole row)")])
+def test_the_import_names_the_longest_row_the_reference_ran(tmp_path, capsys, impl, beyond):
+    """The reference's local RoPE table holds max_encoder_seq_length positions and a longer row
+    fails there; the imported model runs longer rows all the same (no flag carries the limit),
+    computing what the reference cannot: the import names the limit, once."""
+    write_reference(tmp_path)
+    (tmp_path / "run/params.json").write_text(json.dumps({"model": {
+        **BASE_ARGS, "attn_impl": impl, "attn_bias_type": "block_causal",
+        "local_attention_window_len": 5}}))
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable", "--num-units", UNITS) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if "max_encoder_seq" in line]
+    assert notices == [
+        "lst-convert import-reference: reference max_encoder_seq_length=64: the reference runs "
+        "rows of at most 64 tokens (its local RoPE table), and the imported model computes its "
+        "function on those; keep --max-tokens at or below 64: on longer rows it computes what "
+        f"the reference cannot ({beyond}"]
 
 
 def test_a_bf16_checkpoint_exports_as_bf16_with_the_tokenizer_given(tmp_path, capsys):
