@@ -17,9 +17,9 @@ layer by its index in the whole model, whatever chunk held it).
 import shlex
 
 import pytest
-from distributed.harness import TESTS_DIR, run_distributed
-
 from training.training_cases import tiny_flags, write_corpus
+
+from distributed.harness import TESTS_DIR, run_distributed
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
