@@ -7,7 +7,8 @@ the first chunk; rank 1: layers 1 and 3, the local decoder and head on the last 
 micro-batches per step. LST and the baseline on rows packing documents (every chunk reads the
 batches), and LST on unpacked rows (the chunks between the first and the last read none) with
 the distributed optimizer and the overlapped gradient reduction and parameter gather (one
-`no_sync` and `start_grad_sync` per chunk). Initialisation draws other weights under another layout, so every run
+`no_sync` and `start_grad_sync` per chunk), and LST with 6 layers split unevenly (2 on the first
+stage, 4 on the last: chunks of 1 and 2 layers). Initialisation draws other weights under another layout, so every run
 starts from one single-process checkpoint taken after one iteration. The interleaved run must give
 the single process's losses and FLOP counts at every later iteration, and its checkpoint of iteration 4, resumed by
 one process, the single process's loss of iteration 5 (the sharded state dict names each global
@@ -42,10 +43,11 @@ def train(nprocs: int, *runs: list[str]) -> list[dict]:
 
 
 OVERLAPPED = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
-CASES = {
-    "lst": ("curriculum", []),
-    "baseline": ("none", []),
-    "lst_unpacked_overlapped": ("curriculum", ["--no-reset-attention-mask", *OVERLAPPED]),
+CASES = {  # patching mode, flags of every run, flags of the interleaved run
+    "lst": ("curriculum", [], []),
+    "baseline": ("none", [], []),
+    "lst_unpacked_overlapped": ("curriculum", ["--no-reset-attention-mask", *OVERLAPPED], []),
+    "lst_uneven": ("curriculum", ["--num-layers", "6"], ["--decoder-first-pipeline-num-layers", "2"]),
 }
 
 
@@ -53,17 +55,17 @@ CASES = {
 def runs(request, tmp_path_factory):
     """The single-process reference from the shared checkpoint, the interleaved run from it, and
     one process resuming the interleaved run's checkpoint of iteration 4."""
-    mode, flags = CASES[request.param]
+    mode, flags, interleaved_flags = CASES[request.param]
     root = tmp_path_factory.mktemp(f"virtual_pipeline_{request.param}")
-    base = tiny_flags(write_corpus(root / "data"), mode) + flags + [
+    base = tiny_flags(write_corpus(root / "data"), mode) + [
         "--num-layers", "4", "--train-iters", str(ITERATIONS), "--lr-decay-iters",
-        str(ITERATIONS), "--eval-interval", str(ITERATIONS)]
+        str(ITERATIONS), "--eval-interval", str(ITERATIONS)] + flags
     first = with_value(base + ["--save", str(root / "shared")], "--train-iters", "1")
     resumed = base + ["--load", str(root / "shared")]
     _, reference = train(1, first, resumed)
     [interleaved] = train(2, resumed + [
         "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
-        "--save", str(root / "interleaved"), "--save-interval", "4"])
+        "--save", str(root / "interleaved"), "--save-interval", "4", *interleaved_flags])
     [after_interleaved] = train(1, base + ["--load", str(root / "interleaved"),
                                            "--ckpt-step", "4"])
     return reference, interleaved, after_interleaved
