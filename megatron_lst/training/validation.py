@@ -224,8 +224,8 @@ def _check_uniform_recompute(args: argparse.Namespace, stage_layers: Sequence[in
     if any(layers % group for layers in stage_layers):
         raise ArgumentError(
             f"--recompute-method uniform checkpoints groups of --recompute-num-layers {group} "
-            f"layers, which must divide the global layers of every model chunk (pipeline stage, "
-            f"or its virtual stage) "
+            f"layers, which must divide the global layers of every pipeline (or virtual "
+            f"pipeline) stage "
             f"{list(stage_layers)}; use a divisor of {math.gcd(*stage_layers)}"
         )
 

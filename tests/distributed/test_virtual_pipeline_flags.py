@@ -61,7 +61,7 @@ def test_impossible_virtual_layouts_are_refused(extra, world_size, message):
 
 def test_checks_of_each_chunk_use_its_layers():
     """Uniform recomputation groups layers within a model chunk (2 of the 4 on a stage here)."""
-    with pytest.raises(ArgumentError, match=r"every model chunk \(pipeline stage, or its virtual stage\) \[2, 2\]"):
+    with pytest.raises(ArgumentError, match=r"every pipeline \(or virtual pipeline\) stage \[2, 2\]"):
         validated("--num-virtual-stages-per-pipeline-rank", "2", "--recompute-granularity",
                   "full", "--recompute-method", "uniform", "--recompute-num-layers", "4")
     validated("--recompute-granularity", "full", "--recompute-method", "uniform",
