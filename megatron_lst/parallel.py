@@ -8,6 +8,7 @@ streams. Call it before building any megatron.core module; `destroy_parallel()` 
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -209,6 +210,61 @@ def pipeline_stage_layers(num_layers: int, pipeline_model_parallel_size: int,
             f"{_working_split(num_layers, pp)} (tools/plan_compute.py suggests a balanced split)")
     share = rest // free_stages if free_stages else 0
     return [fixed.get(stage, share) for stage in range(pp)]
+
+
+def virtual_pipeline_size(stage_layers: list[int], num_micro_batches: int,
+                          layers_per_virtual_stage: int | None = None,
+                          virtual_stages_per_rank: int | None = None) -> int | None:
+    """The virtual pipeline stages per pipeline rank (megatron's
+    `virtual_pipeline_model_parallel_size`) that `--num-layers-per-virtual-pipeline-stage` or
+    `--num-virtual-stages-per-pipeline-rank` ask for over pipeline stages of `stage_layers` global
+    layers (`pipeline_stage_layers`); None for neither, or for one virtual stage per rank (the
+    plain 1F1B schedule, as Megatron-LM takes it).
+
+    Every stage is cut into the same number of chunks of whole layers, and megatron's interleaved
+    schedule runs micro-batches in groups of one per pipeline stage, so `num_micro_batches` must be
+    a multiple of the pipeline size.
+    """
+    pp = len(stage_layers)
+    if layers_per_virtual_stage is not None and virtual_stages_per_rank is not None:
+        raise ParallelLayoutError(
+            "--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank "
+            "both set the virtual stages; give one")
+    given = (layers_per_virtual_stage if layers_per_virtual_stage is not None
+             else virtual_stages_per_rank)
+    if given is None:
+        return None
+    flag = ("--num-layers-per-virtual-pipeline-stage" if layers_per_virtual_stage is not None
+            else "--num-virtual-stages-per-pipeline-rank")
+    if given < 1:
+        raise ParallelLayoutError(f"{flag} must be at least 1, got {given}")
+    if pp == 1:
+        raise ParallelLayoutError(
+            f"{flag} interleaves pipeline stages: it needs --pipeline-model-parallel-size 2 or "
+            f"more; drop it or split the model over pipeline stages")
+    if layers_per_virtual_stage is not None:
+        counts = {layers // layers_per_virtual_stage for layers in stage_layers}
+        if any(layers % layers_per_virtual_stage for layers in stage_layers) or len(counts) > 1:
+            raise ParallelLayoutError(
+                f"{flag} {layers_per_virtual_stage} must cut every pipeline stage's global layers "
+                f"{stage_layers} into the same number of chunks; give a divisor of "
+                f"{math.gcd(*stage_layers)} with even stages, or --num-virtual-stages-per-"
+                f"pipeline-rank")
+        virtual_stages_per_rank = counts.pop()
+    elif any(layers % virtual_stages_per_rank for layers in stage_layers):
+        raise ParallelLayoutError(
+            f"{flag} {virtual_stages_per_rank} must divide every pipeline stage's global layers "
+            f"{stage_layers}; use a divisor of {math.gcd(*stage_layers)} or change the split "
+            f"(--num-layers, --decoder-first/last-pipeline-num-layers)")
+    if virtual_stages_per_rank == 1:
+        return None
+    if num_micro_batches % pp:
+        raise ParallelLayoutError(
+            f"virtual pipeline stages run micro-batches in groups of --pipeline-model-parallel-"
+            f"size {pp}: {num_micro_batches} micro-batches per step (--global-batch-size / "
+            f"(--micro-batch-size x data-parallel size)) must be a multiple of {pp}; change "
+            f"--global-batch-size or --micro-batch-size, or drop {flag}")
+    return virtual_stages_per_rank
 
 
 def first_stage_layers_for_any_split(num_layers: int, pipeline_model_parallel_size: int

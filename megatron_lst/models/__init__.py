@@ -48,8 +48,10 @@ def build_model(
     transformer_impl: str = "auto",
     local_attention_backend: str = "auto",
     kernel_backend: str = "auto",
+    vp_stage: int | None = None,
 ):
-    """`TokenBaselineModel` for patching mode "none", else `LSTModel`, for one pipeline stage.
+    """`TokenBaselineModel` for patching mode "none", else `LSTModel`, for one pipeline stage
+    (with virtual pipeline stages: one model chunk, of virtual stage `vp_stage`).
 
     Both are called as `model(tokens, patch_lengths, labels)`. Train with
     `config.finalize_model_grads_func = finalize_lst_model_grads` (it is megatron's
@@ -60,10 +62,10 @@ def build_model(
     if patching_mode == "none":
         from .baseline import TokenBaselineModel
         return TokenBaselineModel(config, megatron_config, pre_process, post_process, transformer_impl,
-                                  kernel_backend)
+                                  kernel_backend, vp_stage)
     from .lst_model import LSTModel
     return LSTModel(config, megatron_config, pre_process, post_process, transformer_impl,
-                    local_attention_backend, kernel_backend)
+                    local_attention_backend, kernel_backend, vp_stage)
 
 
 __all__ = [

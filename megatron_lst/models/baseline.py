@@ -31,9 +31,11 @@ class TokenBaselineModel(GPTModel):
         post_process: bool = True,
         transformer_impl: str = "auto",
         kernel_backend: str = "auto",
+        vp_stage: int | None = None,
     ):
         """`kernel_backend`: the kernels of the packed-document attention's range attention,
-        "auto" | "triton" | "torch" (`lst_kernels.backend`)."""
+        "auto" | "triton" | "torch" (`lst_kernels.backend`); `vp_stage`: the virtual pipeline
+        stage of this model chunk (None: no interleaving)."""
         check_tensor_parallel_vocab(config, megatron_config)
         if config.documents is not None and config.documents.reset_position_ids:
             raise ModelConfigError(
@@ -51,6 +53,7 @@ class TokenBaselineModel(GPTModel):
             share_embeddings_and_output_weights=False,
             position_embedding_type="rope",
             rotary_base=config.rope_theta,
+            vp_stage=vp_stage,
         )
         self.lst_config = config
 

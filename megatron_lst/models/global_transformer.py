@@ -1,8 +1,9 @@
 """The global transformer: a megatron.core `TransformerBlock` over `[P, B, H]` with interleaved RoPE.
 
 Free of LST logic: it sees a sequence of vectors and is causal over it. Pipeline stages each hold
-their slice of the layers (megatron's `TransformerBlock` does the split); stages after the first
-read their input from `set_input_tensor`.
+their slice of the layers (megatron's `TransformerBlock` does the split; with virtual pipeline
+stages each model chunk of a rank holds its `vp_stage`'s slice); stages after the first read their
+input from `set_input_tensor`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ class GlobalTransformer(MegatronModule):
         final_norm: bool,
         pre_process: bool = True,
         post_process: bool = True,
+        vp_stage: int | None = None,
     ):
         super().__init__(config=config)
         self.pre_process = pre_process
         self.block = TransformerBlock(
             config, block_spec, post_layer_norm=final_norm,
-            pre_process=pre_process, post_process=post_process,
+            pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
         )
         self.rope = RotaryTable(config.kv_channels, rope_theta)
 

@@ -95,7 +95,10 @@ class LSTModel(MegatronModule):
     Args:
         config: the model (`LSTConfig`).
         megatron_config: `config.transformer_config(...)` with this run's parallel settings.
-        pre_process / post_process: whether this is the first / last pipeline stage.
+        pre_process / post_process: whether this is the first / last pipeline stage (with
+            virtual pipeline stages: the first chunk of the first rank / the last chunk of the
+            last rank).
+        vp_stage: the virtual pipeline stage of this model chunk (None: no interleaving).
         transformer_impl: global block spec, "auto" | "local" | "transformer_engine".
         local_attention_backend: local sliding-window attention, "auto" | "flash" | "sdpa".
         kernel_backend: segment pool, patch cross-attention and range attention kernels (the
@@ -111,6 +114,7 @@ class LSTModel(MegatronModule):
         transformer_impl: str = "auto",
         local_attention_backend: str = "auto",
         kernel_backend: str = "auto",
+        vp_stage: int | None = None,
     ):
         super().__init__(config=megatron_config)
         if megatron_config.hidden_size != config.global_model.hidden_size:
@@ -122,6 +126,7 @@ class LSTModel(MegatronModule):
         self.lst_config = config
         self.pre_process = pre_process
         self.post_process = post_process
+        self.vp_stage = vp_stage  # checked by megatron's schedules against the chunk they run
         # Read by megatron's schedules and finalize_model_grads (the replica is reduced apart).
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
@@ -146,6 +151,7 @@ class LSTModel(MegatronModule):
             megatron_config, global_block_spec(megatron_config, transformer_impl, kernel_backend),
             config.rope_theta,
             final_norm=False, pre_process=pre_process, post_process=post_process,
+            vp_stage=vp_stage,
         )
         if post_process:
             self.local_decoder = LocalDecoder(config, local_spec, kernel_backend)

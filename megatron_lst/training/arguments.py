@@ -225,6 +225,13 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
                        help="Global layers on the last pipeline stage, which also runs the local "
                             "decoder, the output head and the encoder replica (default: an even "
                             "share). tools/plan_compute.py suggests a balanced split.")
+    group.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                       help="Model chunks per pipeline rank for megatron's interleaved 1F1B "
+                            "schedule (smaller pipeline bubble, more p2p messages); must divide "
+                            "every stage's global layers.")
+    group.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                       help="The same as global layers per model chunk (instead of "
+                            "--num-virtual-stages-per-pipeline-rank).")
     group.add_argument("--sequence-parallel", action="store_true")
     group.add_argument("--context-parallel-size", type=int, default=1,
                        help="Megatron-LM's; only 1: context parallelism is not supported (the "

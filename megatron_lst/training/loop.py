@@ -278,12 +278,10 @@ class _ForwardStep:
         self.flops = FlopBreakdown()
 
     def __call__(self, data_iterator: Iterator | None, model: torch.nn.Module):
-        from megatron.core import parallel_state
-
         if data_iterator is None:  # a middle stage (no documents): its input comes from the previous
             return model(None, None, None), partial(_loss_func, None)
         batch = next(data_iterator)
-        if self.flop_shape is not None and parallel_state.is_pipeline_last_stage():
+        if self.flop_shape is not None and _chunk_attr(model, "post_process"):
             self.flops += flops_per_batch(self.flop_shape, batch["patch_lengths"],
                                           batch["tokens"].shape[1])
         device = collective_device()
@@ -373,7 +371,7 @@ def evaluate(state: TrainingState, dataset: torch.utils.data.Dataset) -> float:
     """Token-mean validation loss over all of `dataset` (`eval_iters` global batches), in eval
     mode, without gradients; the same on every rank."""
     args = state.args
-    iterator = _data_iterator(build_loader(dataset, args), state.model_config)
+    iterator = _data_iterator(build_loader(dataset, args), state.model_config, state.model)
     for chunk in state.model:
         chunk.eval()
     loss_sum, tokens = 0.0, 0
@@ -389,15 +387,24 @@ def evaluate(state: TrainingState, dataset: torch.utils.data.Dataset) -> float:
     return loss_sum / tokens if tokens else math.nan
 
 
-def _data_iterator(loader: torch.utils.data.DataLoader, model_config: LSTConfig) -> Iterator | None:
-    """The loader's iterator on stages that read batches, None on the others: the first and the
-    last stage, and with packed-document attention every stage (the stages in between find the
-    documents of their global positions from the tokens)."""
-    from megatron.core import parallel_state
+def _data_iterator(loader: torch.utils.data.DataLoader, model_config: LSTConfig,
+                   model: list[torch.nn.Module]) -> Iterator | None | list[Iterator | None]:
+    """What megatron's schedule reads the batches of the model chunks `model` from: one chunk's
+    iterator, or with virtual pipeline stages a list of one per chunk, each reading the loader
+    from the start on its own (as Megatron-LM's are). A chunk reads batches when it holds the
+    first or the last stage, and with packed-document attention always (the stages in between
+    find the documents of their global positions from the tokens); the others get None."""
+    iterators = [iter(loader) if model_config.documents is not None
+                 or _chunk_attr(chunk, "pre_process") or _chunk_attr(chunk, "post_process")
+                 else None for chunk in model]
+    return iterators[0] if len(iterators) == 1 else iterators
 
-    if model_config.documents is not None or parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage():
-        return iter(loader)
-    return None
+
+def _chunk_attr(chunk: torch.nn.Module, name: str):
+    """Attribute `name` of the model inside megatron's wrappers of `chunk`."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    return get_attr_wrapped_model(chunk, name)
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -411,6 +418,7 @@ def pretrain(args: argparse.Namespace, *, index_cache_dir: str | Path | None = N
     # while a large checkpoint loads) stops the run after its first iteration, with a checkpoint.
     with ExitMonitor(ExitConditions.from_args(args), start_time) as exit_monitor:
         initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                            args.virtual_pipeline_model_parallel_size,
                             seed=args.seed, timeout_minutes=args.distributed_timeout_minutes,
                             backend=args.distributed_backend)
         stop_together.arm()  # the ranks that stop on an error each print why before any exits
@@ -448,7 +456,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
                      f"--train-iters is {args.train_iters}")
         return result
     train_iterator = _data_iterator(build_loader(datasets.train, args, state.consumed_samples),
-                                    state.model_config)
+                                    state.model_config, state.model)
     is_logging_rank = torch.distributed.get_rank() == world - 1
     training_logger = _open_training_logger(args, world, state.iteration, stream)
     metrics = MetricsFile(Path(args.save) / METRICS_FILENAME

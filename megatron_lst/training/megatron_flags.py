@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from megatron_lst.training import config_files
 from megatron_lst.training.flag_checks import ArgumentError
 
-_NO_VIRTUAL_PIPELINE = ("virtual pipeline stages (the interleaved schedule) are not supported; "
-                        "use --pipeline-model-parallel-size alone")
 NO_EXPERTS = "the global transformer is dense: there are no experts to place"
 NO_CONTEXT_PARALLEL = ("context parallelism is not supported; split the global transformer with "
                         "--tensor-model-parallel-size (with --sequence-parallel) and "
@@ -62,8 +60,6 @@ UNSUPPORTED_PREFIXES = {"--moe-": NO_EXPERTS, "--fp8": _NO_FP8}
 UNSUPPORTED_MEGATRON_FLAGS = {
     "--hierarchical-context-parallel-sizes": NO_CONTEXT_PARALLEL,
     "--cp-comm-type": NO_CONTEXT_PARALLEL,
-    "--num-layers-per-virtual-pipeline-stage": _NO_VIRTUAL_PIPELINE,
-    "--num-virtual-stages-per-pipeline-rank": _NO_VIRTUAL_PIPELINE,
     "--pipeline-model-parallel-layout": _STAGE_SPLIT,
     "--account-for-embedding-in-pipeline-split": _STAGE_SPLIT,
     "--account-for-loss-in-pipeline-split": _STAGE_SPLIT,

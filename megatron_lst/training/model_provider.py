@@ -76,11 +76,16 @@ def _document_config(given: dict[str, bool], eos_id: int | None) -> DocumentMask
 
 def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):
     """megatron.core `TransformerConfig` of the global model with this run's parallel layout,
-    precision, dropout and per-token loss reduction (see `loop.py`)."""
+    precision, dropout and per-token loss reduction (see `loop.py`). The virtual pipeline stages
+    are those `initialize_parallel` set up (a checkpoint's flags may name others)."""
+    from megatron.core import parallel_state
+
     params_dtype = getattr(torch, args.params_dtype_name)
     return config.transformer_config(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=(
+            parallel_state.get_virtual_pipeline_model_parallel_world_size()),
         sequence_parallel=args.sequence_parallel,
         num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None),
         num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
@@ -99,30 +104,56 @@ def transformer_config_from_args(config: LSTConfig, args: argparse.Namespace):
 
 def build_model_chunks(args: argparse.Namespace, vocab_size: int, *, eos_id: int | None = None,
                        config: LSTConfig | None = None) -> tuple[list[torch.nn.Module], LSTConfig]:
-    """This rank's wrapped model chunks (one: no virtual pipeline stages) and the model config.
+    """This rank's wrapped model chunks and the model config: one chunk, or one per virtual
+    pipeline stage (`args.virtual_pipeline_model_parallel_size`), in the order megatron's
+    interleaved schedule runs them; the local encoder is on the first chunk of the first
+    pipeline rank, the local decoder and head on the last chunk of the last.
 
     The model is `config` when given (a checkpoint's own), else the one the flags describe over
     a vocabulary of `vocab_size` ids whose EOS is `eos_id`.
 
-    Call after `initialize_parallel`. The returned chunks are megatron DDP modules; their
-    `.config` has `finalize_model_grads_func` set to `finalize_lst_model_grads`.
+    Call after `initialize_parallel`. The returned chunks are megatron DDP modules sharing one
+    megatron config, whose `finalize_model_grads_func` is `finalize_lst_model_grads`.
     """
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.module import Float16Module
-
     if config is None:
         config = lst_config_from_args(args, vocab_size, eos_id)
     elif config.vocab_size != vocab_size:
         raise ValueError(f"model vocab_size {config.vocab_size} differs from the vocabulary's "
                          f"{vocab_size} ids")
     megatron_config = transformer_config_from_args(config, args)
+    virtual_stages = megatron_config.virtual_pipeline_model_parallel_size
+    stages = [None] if virtual_stages is None else list(range(virtual_stages))
+    chunks = [_wrapped_chunk(config, megatron_config, args, vp_stage, disable_bucketing=index > 0)
+              for index, vp_stage in enumerate(stages)]
+    megatron_config.finalize_model_grads_func = finalize_lst_model_grads
+    if getattr(args, "overlap_grad_reduce", False):
+        # As Megatron-LM's get_model: the schedules hold the reduction back until the last
+        # micro-batch (no_sync) and start it there, bucket by bucket, during its backward pass.
+        no_sync = [chunk.no_sync for chunk in chunks]
+        grad_sync = [chunk.start_grad_sync for chunk in chunks]
+        megatron_config.no_sync_func = no_sync[0] if len(chunks) == 1 else no_sync
+        megatron_config.grad_sync_func = grad_sync[0] if len(chunks) == 1 else grad_sync
+    return chunks, config
+
+
+def _wrapped_chunk(config: LSTConfig, megatron_config, args: argparse.Namespace,
+                   vp_stage: int | None, disable_bucketing: bool) -> torch.nn.Module:
+    """The model chunk of virtual pipeline stage `vp_stage` (None: the whole stage) in
+    `Float16Module` (with --fp16/--bf16) and megatron's DDP. `disable_bucketing`: one gradient
+    bucket for the chunk, as Megatron-LM gives every chunk but the first."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
     model = build_model(
         config, args.patching_mode, megatron_config,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                            vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                           vp_stage=vp_stage),
         transformer_impl=getattr(args, "transformer_impl", "auto"),
         kernel_backend=args.kernel_backend,
+        vp_stage=vp_stage,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
@@ -133,17 +164,11 @@ def build_model_chunks(args: argparse.Namespace, vocab_size: int, *, eos_id: int
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_grad_reduce=getattr(args, "overlap_grad_reduce", False),
         # Forward pre-hooks gather the parameters; the training loop turns them off around
-        # evaluation and saving (`param_gather.ParamGatherHooks`). `align_param_gather` stays off, as
-        # Megatron-LM sets it without virtual pipeline stages: it only times the gathers of the
-        # interleaved schedule.
+        # evaluation and saving (`param_gather.ParamGatherHooks`). `align_param_gather` stays off:
+        # without it every chunk's hooks gather its parameters at its own first forward pass,
+        # which is correct with or without virtual stages (aligning only times the gathers).
         overlap_param_gather=getattr(args, "overlap_param_gather", False),
         bucket_size=getattr(args, "ddp_bucket_size", None),
     )
-    wrapped = DistributedDataParallel(config=megatron_config, ddp_config=ddp_config, module=model)
-    megatron_config.finalize_model_grads_func = finalize_lst_model_grads
-    if ddp_config.overlap_grad_reduce:
-        # As Megatron-LM's get_model: the schedules hold the reduction back until the last
-        # micro-batch (no_sync) and start it there, bucket by bucket, during its backward pass.
-        megatron_config.no_sync_func = wrapped.no_sync
-        megatron_config.grad_sync_func = wrapped.start_grad_sync
-    return [wrapped], config
+    return DistributedDataParallel(config=megatron_config, ddp_config=ddp_config, module=model,
+                                   disable_bucketing=disable_bucketing)

@@ -97,15 +97,29 @@ def validate_model(args: argparse.Namespace) -> None:
                      "num_query_groups", "kv_channels", "ffn_hidden_size",
                      "max_position_embeddings", "num_units")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    from megatron_lst.parallel import ParallelLayoutError, pipeline_stage_layers
+    from megatron_lst.parallel import (
+        ParallelLayoutError,
+        pipeline_stage_layers,
+        virtual_pipeline_size,
+    )
 
     try:
         stage_layers = pipeline_stage_layers(args.num_layers, pp,
                                              args.decoder_first_pipeline_num_layers,
                                              args.decoder_last_pipeline_num_layers)
+        args.virtual_pipeline_model_parallel_size = virtual_pipeline_size(
+            stage_layers, args.num_micro_batches, args.num_layers_per_virtual_pipeline_stage,
+            args.num_virtual_stages_per_pipeline_rank)
     except ParallelLayoutError as err:
         raise ArgumentError(str(err)) from None
-    _check_uniform_recompute(args, stage_layers)
+    vpp = args.virtual_pipeline_model_parallel_size or 1
+    if vpp > 1 and args.eval_data is not None:
+        raise ArgumentError(
+            "--eval-data scores the story items one micro-batch at a time, which megatron's "
+            "interleaved schedule does not run (it takes micro-batches in groups of "
+            "--pipeline-model-parallel-size); drop --eval-data and score the checkpoints with "
+            "lst-eval, or drop the virtual pipeline stages")
+    _check_uniform_recompute(args, [layers // vpp for layers in stage_layers])
     if args.rotary_base is not None and args.rotary_base <= 0:
         raise ArgumentError(f"--rotary-base must be positive, got {args.rotary_base}")
     for dest in ("norm_epsilon", "init_method_std"):
@@ -203,14 +217,15 @@ def _check_even_head_dim(args: argparse.Namespace, hidden: str, heads: str,
 
 def _check_uniform_recompute(args: argparse.Namespace, stage_layers: Sequence[int]) -> None:
     """Uniform recomputation checkpoints whole groups of --recompute-num-layers layers of each
-    pipeline stage (megatron.core indexes past a stage's last layer otherwise)."""
+    model chunk, `stage_layers` (megatron.core indexes past a chunk's last layer otherwise)."""
     if args.recompute_method != "uniform":
         return
     group = args.recompute_num_layers
     if any(layers % group for layers in stage_layers):
         raise ArgumentError(
             f"--recompute-method uniform checkpoints groups of --recompute-num-layers {group} "
-            f"layers, which must divide the global layers of every pipeline stage "
+            f"layers, which must divide the global layers of every pipeline (or virtual "
+            f"pipeline) stage "
             f"{list(stage_layers)}; use a divisor of {math.gcd(*stage_layers)}"
         )
 

@@ -317,7 +317,6 @@ def test_a_kernel_backend_variable_this_machine_cannot_run_is_named(monkeypatch)
 
 @pytest.mark.parametrize("given", [
     ["--hierarchical-context-parallel-sizes", "2", "2"],
-    ["--num-layers-per-virtual-pipeline-stage=1"],
     ["--expert-tensor-parallel-size", "2"],
     # Megatron-LM layout flags that were a bare "unrecognized arguments".
     ["--pipeline-model-parallel-layout", "Et|tL"],
