@@ -205,6 +205,39 @@ def test_patch_cross_attention_grouped_kv_heads(direction, kv_heads, dtype, tole
     _compare(run, [q, kv], tolerance)
 
 
+class _GridLimit:
+    """A kernel that refuses a launch grid past `limit` programs on axis 1 or 2, as CUDA does
+    (at 65535); the interpreter has no such limit."""
+
+    def __init__(self, kernel, limit: int):
+        self.kernel, self.limit = kernel, limit
+
+    def __getitem__(self, grid):
+        assert max(grid[1:]) <= self.limit, f"grid {grid} is past CUDA's limit on axes 1 and 2"
+        return self.kernel[grid]
+
+
+def test_patch_cross_attention_takes_more_batch_heads_than_a_grid_axis(monkeypatch):
+    """Scoring thousands of items x 16 heads in one batch passes CUDA's 65535 programs on grid
+    axis 1: with that limit at 3, B x H = 12 query rows and B x G = 4 key/value rows (both cut
+    inside a batch row) still give the reference's output and gradients."""
+    limit = 3
+    monkeypatch.setattr(patch_attention_triton, "MAX_GRID_ROWS", limit)
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
+        kernel = getattr(patch_attention_triton, name)
+        monkeypatch.setattr(patch_attention_triton, name, _GridLimit(kernel, limit))
+    generator = torch.Generator().manual_seed(4)
+    batch, num_queries, num_keys, heads, kv_heads, head_dim = 2, 21, 19, 6, 2, 16
+    end = torch.randint(0, num_keys + 1, (batch, num_queries), generator=generator).sort().values
+    start = (end - 7).clamp(min=0)
+    q = torch.randn(batch, num_queries, heads, head_dim, generator=generator).to(DEVICE)
+    k, v = (torch.randn(batch, num_keys, kv_heads, head_dim, generator=generator).to(DEVICE)
+            for _ in range(2))
+    start, end = start.to(DEVICE), end.to(DEVICE)
+    _compare(lambda *qkv, backend: patch_cross_attention(*qkv, start, end, backend=backend),
+             [q, k, v], 1e-5)
+
+
 def test_patch_cross_attention_refuses_a_head_dim_past_the_kernel():
     # Head dim 264 pads to a 512-wide block: no tile fits shared memory, so the call says so and
     # names the backend that takes it, instead of failing inside the autotuner.
