@@ -23,7 +23,6 @@ Softmax statistics and accumulators are fp32 (fp64 for fp64 inputs: `ACC_DTYPE`)
 """
 
 import functools
-import math
 
 import torch
 import triton
@@ -320,7 +319,7 @@ prepared_queries_per_key = LastCall(queries_per_key)
 class PatchCrossAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: `apply(q, k, v, key_start, key_end, scale)`; shapes as in
     `lst_kernels.patch_cross_attention` (q `[B, Sq, H, d]`, k/v `[B, Sk, G, d]`, G dividing H,
-    checked there). Differentiable once: a double backward raises."""
+    and the float `scale`, checked there). Differentiable once: a double backward raises."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_start, key_end, scale):
@@ -328,7 +327,6 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         batch, num_queries, heads, head_dim = q.shape
         num_keys = k.shape[1]
         group_size = heads // k.shape[2]  # query heads per key/value head
-        scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         start, end = prepared_ranges(key_start, key_end, num_keys)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         # fp32 statistics and accumulators (fp64 for fp64 inputs: gradcheck).

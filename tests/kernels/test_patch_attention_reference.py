@@ -14,6 +14,7 @@ from lst_kernels import (
     decoder_key_ranges,
     encoder_key_ranges,
     patch_cross_attention,
+    patch_cross_attention_reference,
     patch_ids_from_lengths,
 )
 
@@ -92,6 +93,27 @@ def test_arbitrary_ranges_and_scale():
     out = patch_cross_attention(q, kk, v, start, end, scale=0.3, backend="torch")
     visible = range_mask(start.clamp(0, 9), end.clamp(0, 9), 9)
     torch.testing.assert_close(out, dense_attention(q, kk, v, visible, 0.3), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 0.0, -0.5])
+@pytest.mark.parametrize("attention", ["torch", "triton", "reference"])
+def test_a_scale_that_is_not_finite_and_positive_is_refused(attention, scale):
+    # NaN or infinity made every output NaN without a word (0 or less: uniform or inverted
+    # attention); refused before a backend is chosen, so on either one.
+    q = torch.randn(1, 4, 2, 8)
+    ranges = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match=rf"scale must be a finite number > 0 .*got {scale}"):
+        if attention == "reference":
+            patch_cross_attention_reference(q, q, q, ranges, ranges + 2, scale)
+        else:
+            patch_cross_attention(q, q, q, ranges, ranges + 2, scale, backend=attention)
+
+
+def test_a_tensor_scale_is_refused_rather_than_read_from_the_device():
+    q = torch.randn(1, 4, 2, 8)
+    ranges = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(TypeError, match="scale must be a Python float .*got Tensor"):
+        patch_cross_attention(q, q, q, ranges, ranges + 2, torch.tensor(0.3))
 
 
 def test_empty_range_outputs_zero_and_gets_zero_gradient():
