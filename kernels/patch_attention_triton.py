@@ -15,7 +15,9 @@ copies k or v.
   group and, for each, the queries that can see the block, summing into one dK/dV tile that is
   written once. For monotone ranges those queries are contiguous: query i sees key j iff
   `key_end[i] > j` (a suffix) and `key_start[i] <= j` (a prefix), found by `searchsorted`; for
-  non-monotone ranges the pass falls back to all queries, masked, so it stays correct.
+  non-monotone ranges the pass falls back to all queries, masked, so it stays correct. A pass
+  whose gradients autograd does not ask for (frozen queries, or frozen keys and values) is
+  skipped.
 Axis 1 of every grid holds batch x heads rows, which CUDA caps at 65535 (`MAX_GRID_ROWS`): more
 rows take several launches, each told its first row; row offsets are int64 in the kernels.
 Memory: O(Sq + Sk) per head (output, logsumexp, per-key query bounds); no `[Sq, Sk]` tensor.
@@ -349,30 +351,38 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        # Only the passes autograd asks for run: dQ for q, dK/dV for k or v (frozen keys and
+        # values, or frozen queries, skip one); the gradients not asked for are None.
         q, k, v, out, lse, start, end = ctx.saved_tensors
         batch, num_queries, heads, head_dim = q.shape
         num_keys, kv_heads = k.shape[1], k.shape[2]
         group_size = heads // kv_heads
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        wants_q, wants_k, wants_v = ctx.needs_input_grad[:3]
         if q.numel() == 0 or num_keys == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        dk = torch.empty_like(k, memory_format=torch.contiguous_format)  # [B, Sk, G, d]
-        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+            grads = (torch.zeros_like(t) if wanted else None
+                     for t, wanted in zip((q, k, v), (wants_q, wants_k, wants_v), strict=True))
+            return *grads, None, None, None
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         # delta_i = sum_d dO_i * O_i: [B, H, Sq] in the dtype of lse.
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1).transpose(1, 2)
         delta = delta.contiguous()
         scales = (ctx.scale, ctx.scale * LOG2E)
         tuned = use_autotune(q)
-        dq_args = (q, k, v, grad_out, dq, lse, delta, start, end,
-                   *_strides(q, k, v, grad_out, dq), heads, group_size, num_queries, num_keys,
-                   head_dim, *scales)
-        _launch(_dq_tuned, _attn_bwd_dq_kernel, "BLOCK_M", num_queries, batch * heads, dq_args,
-                ctx.meta, tuned)
-        first_query, end_query = prepared_queries_per_key(start, end, num_keys)
-        dkdv_args = (q, k, v, grad_out, dk, dv, lse, delta, start, end, first_query, end_query,
-                     *_strides(q, k, v, grad_out, dk, dv), heads, group_size, num_queries,
-                     num_keys, head_dim, *scales)
-        _launch(_dkdv_tuned, _attn_bwd_dkdv_kernel, "BLOCK_N", num_keys, batch * kv_heads,
-                dkdv_args, ctx.meta, tuned)
-        return dq, dk, dv, None, None, None
+        dq = dk = dv = None
+        if wants_q:
+            dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+            dq_args = (q, k, v, grad_out, dq, lse, delta, start, end,
+                       *_strides(q, k, v, grad_out, dq), heads, group_size, num_queries,
+                       num_keys, head_dim, *scales)
+            _launch(_dq_tuned, _attn_bwd_dq_kernel, "BLOCK_M", num_queries, batch * heads,
+                    dq_args, ctx.meta, tuned)
+        if wants_k or wants_v:  # one pass computes both
+            dk = torch.empty_like(k, memory_format=torch.contiguous_format)  # [B, Sk, G, d]
+            dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+            first_query, end_query = prepared_queries_per_key(start, end, num_keys)
+            dkdv_args = (q, k, v, grad_out, dk, dv, lse, delta, start, end, first_query,
+                         end_query, *_strides(q, k, v, grad_out, dk, dv), heads, group_size,
+                         num_queries, num_keys, head_dim, *scales)
+            _launch(_dkdv_tuned, _attn_bwd_dkdv_kernel, "BLOCK_N", num_keys, batch * kv_heads,
+                    dkdv_args, ctx.meta, tuned)
+        return dq, dk if wants_k else None, dv if wants_v else None, None, None, None
