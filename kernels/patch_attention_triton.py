@@ -37,6 +37,11 @@ from .segment_pool_reference import accumulation_dtype
 LOG2E = 1.4426950408889634
 
 
+# `first_row` is 0 for most launches and a multiple of MAX_GRID_ROWS past it: not specialized on,
+# so those launches reuse one compilation.
+_ROW_OFFSET_JIT = triton.jit(do_not_specialize=["first_row"])
+
+
 @triton.jit
 def _query_block(ks_ptr, ke_ptr, first_row, num_heads, group_size, num_queries, num_keys,
                  head_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -60,7 +65,7 @@ def _query_block(ks_ptr, ke_ptr, first_row, num_heads, group_size, num_queries, 
     return row, b, h, h // group_size, offs_m, offs_d, m_ok, d_ok, ks, ke, lo, hi
 
 
-@triton.jit
+@_ROW_OFFSET_JIT
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ks_ptr, ke_ptr,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -110,7 +115,7 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr + row * num_queries + offs_m, lse, mask=m_ok)
 
 
-@triton.jit
+@_ROW_OFFSET_JIT
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, ks_ptr, ke_ptr,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -151,7 +156,7 @@ def _attn_bwd_dq_kernel(
     tl.store(dq_ptrs + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=md_ok)
 
 
-@triton.jit
+@_ROW_OFFSET_JIT
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, ks_ptr, ke_ptr,
     first_query_ptr, end_query_ptr,
