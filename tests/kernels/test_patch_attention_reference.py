@@ -7,16 +7,11 @@ import torch
 from kernel_cases import (
     dense_attention,
     dense_grouped_attention,
+    model_key_ranges,
     random_patch_lengths,
     range_mask,
 )
-from lst_kernels import (
-    decoder_key_ranges,
-    encoder_key_ranges,
-    patch_cross_attention,
-    patch_cross_attention_reference,
-    patch_ids_from_lengths,
-)
+from lst_kernels import patch_cross_attention, patch_cross_attention_reference
 
 
 def _qkv(generator, batch, num_queries, num_keys, heads=2, head_dim=8, dtype=torch.float64,
@@ -33,14 +28,8 @@ def _model_ranges(seed, direction, k, window, batch=2, num_patches=7):
     """(start, end, Sq, Sk) of the model's decoder or encoder attention on a ragged batch."""
     generator = torch.Generator().manual_seed(seed)
     lengths = random_patch_lengths(generator, batch=batch, num_patches=num_patches)
-    num_patches = lengths.shape[1]
     num_tokens = max(int(lengths.sum(1).max()) - 1, 1)
-    if direction == "decoder":
-        ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
-        start, end = decoder_key_ranges(ids, k, window, num_patches)
-        return start, end, num_tokens, num_patches * k
-    start, end = encoder_key_ranges(lengths, k, window, num_tokens)
-    return start, end, num_patches * k, num_tokens
+    return model_key_ranges(lengths, num_tokens, direction, k, window)
 
 
 @pytest.mark.parametrize("direction", ["decoder", "encoder"])

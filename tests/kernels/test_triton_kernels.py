@@ -10,7 +10,7 @@ TRITON_INTERPRET=1 (`test_triton_interpreter.py` launches exactly that in a subp
 
 import pytest
 import torch
-from kernel_cases import random_patch_lengths
+from kernel_cases import model_key_ranges, random_patch_lengths
 from lst_kernels import (
     decoder_key_ranges,
     document_starts,
@@ -112,23 +112,11 @@ def test_segment_pool_counts_unchecked_negative_lengths_as_empty(monkeypatch, re
     torch.testing.assert_close(triton_x.grad, reference_x.grad, rtol=0, atol=1e-6)
 
 
-def _cross_attention_ranges(lengths, num_tokens, direction, k, window):
-    """The model's key ranges of one direction for patch lengths `[B, P]`: (start, end,
-    number of queries, number of keys)."""
-    num_patches = lengths.shape[1]
-    if direction == "decoder":
-        ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
-        start, end = decoder_key_ranges(ids, k, window, num_patches)
-        return start, end, num_tokens, num_patches * k
-    start, end = encoder_key_ranges(lengths, k, window, num_tokens)
-    return start, end, num_patches * k, num_tokens
-
-
 def _attention_case(seed, direction, k, window, head_dim=16, heads=2):
     generator = torch.Generator().manual_seed(seed)
     lengths = random_patch_lengths(generator, batch=2, num_patches=13, max_length=5)
     num_tokens = max(int(lengths.sum(1).max()) - 1, 1)
-    start, end, num_queries, num_keys = _cross_attention_ranges(
+    start, end, num_queries, num_keys = model_key_ranges(
         lengths, num_tokens, direction, k, window
     )
     q = torch.randn(2, num_queries, heads, head_dim, generator=generator)
@@ -189,7 +177,7 @@ def test_patch_cross_attention_grouped_kv_heads(direction, kv_heads, dtype, tole
     else:
         lengths = random_patch_lengths(generator, batch=2, num_patches=40, max_length=5)
         num_tokens = max(int(lengths.sum(1).max()) - 1, 1)
-        start, end, num_queries, num_keys = _cross_attention_ranges(
+        start, end, num_queries, num_keys = model_key_ranges(
             lengths, num_tokens, direction, 2, 3)
     assert min(num_queries, num_keys) > 2 * 16  # three tiles or more
     head_dim = 16
@@ -333,7 +321,7 @@ def test_patch_cross_attention_at_the_autotuner_tiles(monkeypatch, config, direc
     k, window, num_patches = 2, 80, 120  # a token sees up to 160 slots: more than one key tile
     lengths = torch.randint(1, 5, (1, num_patches), generator=generator, dtype=torch.int32)
     num_tokens = int(lengths.sum()) - 1
-    start, end, num_queries, num_keys = _cross_attention_ranges(
+    start, end, num_queries, num_keys = model_key_ranges(
         lengths, num_tokens, direction, k, window
     )
     assert min(num_queries, num_keys) > 1.5 * max(tiles.values())
