@@ -3,7 +3,11 @@
 import torch
 
 from .backend import resolve_backend
-from .patch_attention_reference import check_attention_inputs, patch_cross_attention_reference
+from .patch_attention_reference import (
+    check_attention_inputs,
+    patch_cross_attention_reference,
+    softmax_scale,
+)
 
 # The largest head dim the Triton kernel takes: past it no tile fits sm_90's shared memory in fp32.
 TRITON_MAX_HEAD_DIM = 256
@@ -26,11 +30,13 @@ def patch_cross_attention(
     of k or v (their gradients come back `[B, Sk, G, d]`). A query with an empty range outputs 0
     and gets zero gradients. Ranges from `decoder_key_ranges` / `encoder_key_ranges` are
     non-decreasing in i, which lets the Triton kernel skip key blocks; any other ranges are still
-    computed correctly. `scale` defaults to 1/sqrt(d). backend: "auto" (Triton on CUDA, else
+    computed correctly. `scale`, a finite positive Python float, defaults to 1/sqrt(d); another
+    value is refused (NaN or inf would make every output NaN). backend: "auto" (Triton on CUDA, else
     PyTorch), "triton" or "torch"; see `lst_kernels.backend`. The Triton kernel takes
     d <= `TRITON_MAX_HEAD_DIM` (256).
     """
     check_attention_inputs(q, k, v, key_start, key_end)
+    scale = softmax_scale(scale, q.shape[-1])
     if resolve_backend(backend, q, k, v, key_start, key_end) == "torch":
         return patch_cross_attention_reference(q, k, v, key_start, key_end, scale)
     if q.shape[-1] > TRITON_MAX_HEAD_DIM:

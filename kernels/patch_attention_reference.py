@@ -14,6 +14,7 @@ CUDA uses the Triton kernel.
 """
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,25 @@ def check_attention_inputs(
             raise ValueError(f"{name} is on {bound.device} but q is on {q.device}; move it")
 
 
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The scale of the attention logits: `scale`, or 1/sqrt(head_dim) for None. Refuses one
+    that is not a finite positive real number: NaN or infinity would silently give NaN outputs,
+    0 or less uniform or inverted attention. A Python number, so checking it reads no device."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise TypeError(
+            f"scale must be a Python float (or None for 1/sqrt(head dim)), got "
+            f"{type(scale).__name__}; pass float(scale)"
+        )
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"scale must be a finite number > 0 (the logits' multiplier, 1/sqrt(head dim) = "
+            f"{1.0 / math.sqrt(head_dim):.4g} by default), got {scale}; pass None for the default"
+        )
+    return float(scale)
+
+
 def patch_cross_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,13 +102,14 @@ def patch_cross_attention_reference(
     """Range-restricted softmax attention: q `[B, Sq, H, d]`, k/v `[B, Sk, G, d]` (G divides H;
     query head h reads key/value head `h // (H / G)`) -> like q.
 
-    Computes in fp32 (fp64 for fp64 inputs) and returns q's dtype. `scale` defaults to 1/sqrt(d).
+    Computes in fp32 (fp64 for fp64 inputs) and returns q's dtype. `scale` (a finite positive
+    Python float) defaults to 1/sqrt(d).
     The output depends on q, k and v even when no query sees a key (zero output and gradients).
     """
     check_attention_inputs(q, k, v, key_start, key_end)
     batch, num_queries, heads, head_dim = q.shape
     num_keys = k.shape[1]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scale = softmax_scale(scale, head_dim)
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     start = key_start.long().clamp(0, num_keys)  # [B, Sq]
     end = torch.maximum(key_end.long().clamp(0, num_keys), start)

@@ -15,12 +15,16 @@ copies k or v.
   group and, for each, the queries that can see the block, summing into one dK/dV tile that is
   written once. For monotone ranges those queries are contiguous: query i sees key j iff
   `key_end[i] > j` (a suffix) and `key_start[i] <= j` (a prefix), found by `searchsorted`; for
-  non-monotone ranges the pass falls back to all queries, masked, so it stays correct.
+  non-monotone ranges the pass falls back to all queries, masked, so it stays correct. A pass
+  whose gradients autograd does not ask for (frozen queries, or frozen keys and values) is
+  skipped.
+Axis 1 of every grid holds batch x heads rows, which CUDA caps at 65535 (`MAX_GRID_ROWS`): more
+rows take several launches, each told its first row; row offsets are int64 in the kernels.
 Memory: O(Sq + Sk) per head (output, logsumexp, per-key query bounds); no `[Sq, Sk]` tensor.
 Softmax statistics and accumulators are fp32 (fp64 for fp64 inputs: `ACC_DTYPE`).
 """
 
-import math
+import functools
 
 import torch
 import triton
@@ -33,18 +37,21 @@ from .segment_pool_reference import accumulation_dtype
 LOG2E = 1.4426950408889634
 
 
+# `first_row` is 0 for most launches and a multiple of MAX_GRID_ROWS past it: not specialized on,
+# so those launches reuse one compilation.
+_ROW_OFFSET_JIT = triton.jit(do_not_specialize=["first_row"])
+
+
 @triton.jit
-def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ks_ptr, ke_ptr,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-    num_heads, group_size, num_queries, num_keys, head_dim, scale_log2,
-    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(1) // num_heads
-    h = tl.program_id(1) % num_heads
-    kv_head = h // group_size
+def _query_block(ks_ptr, ke_ptr, first_row, num_heads, group_size, num_queries, num_keys,
+                 head_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Where program (i, r) of a forward or dQ launch works: row `first_row + r` = b * H + h
+    (int64, as b and the statistics' offsets), head h and its kv head, queries
+    `[i * BLOCK_M, (i + 1) * BLOCK_M)`, channels, their masks, the queries' ranges, and the
+    key span `[lo, hi)` any of them sees, lo rounded down to a key block."""
+    row = (first_row + tl.program_id(1)).to(tl.int64)
+    b = row // num_heads
+    h = (row % num_heads).to(tl.int32)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < num_queries
@@ -55,12 +62,27 @@ def _attn_fwd_kernel(
     lo = tl.min(tl.where(nonempty, ks, num_keys), axis=0)
     hi = tl.max(tl.where(nonempty, ke, 0), axis=0)
     lo = (lo // BLOCK_N) * BLOCK_N
+    return row, b, h, h // group_size, offs_m, offs_d, m_ok, d_ok, ks, ke, lo, hi
 
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+
+@_ROW_OFFSET_JIT
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ks_ptr, ke_ptr,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+    num_heads, group_size, num_queries, num_keys, head_dim, scale_log2, first_row,
+    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row, b, h, kv_head, offs_m, offs_d, m_ok, d_ok, ks, ke, lo, hi = _query_block(
+        ks_ptr, ke_ptr, first_row, num_heads, group_size, num_queries, num_keys, head_dim,
+        BLOCK_M, BLOCK_N, BLOCK_D)
+
+    q_base = q_ptr + b * stride_qb + h * stride_qh
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
+    k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_head * stride_vh
 
     row_max = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     row_sum = tl.zeros([BLOCK_M], ACC_DTYPE)
@@ -86,47 +108,37 @@ def _attn_fwd_kernel(
 
     seen = row_sum > 0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    o_base = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh
+    o_base = o_ptr + b * stride_ob + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
     lse = tl.where(seen, row_max + tl.log2(tl.where(seen, row_sum, 1.0)), float("inf"))
-    tl.store(lse_ptr + tl.program_id(1).to(tl.int64) * num_queries + offs_m, lse, mask=m_ok)
+    tl.store(lse_ptr + row * num_queries + offs_m, lse, mask=m_ok)
 
 
-@triton.jit
+@_ROW_OFFSET_JIT
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, ks_ptr, ke_ptr,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
-    num_heads, group_size, num_queries, num_keys, head_dim, scale, scale_log2,
+    num_heads, group_size, num_queries, num_keys, head_dim, scale, scale_log2, first_row,
     PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(1) // num_heads
-    h = tl.program_id(1) % num_heads
-    kv_head = h // group_size
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < num_queries
-    d_ok = offs_d < head_dim
+    row, b, h, kv_head, offs_m, offs_d, m_ok, d_ok, ks, ke, lo, hi = _query_block(
+        ks_ptr, ke_ptr, first_row, num_heads, group_size, num_queries, num_keys, head_dim,
+        BLOCK_M, BLOCK_N, BLOCK_D)
     md_ok = m_ok[:, None] & d_ok[None, :]
-    ks = tl.load(ks_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
-    ke = tl.load(ke_ptr + b * num_queries + offs_m, mask=m_ok, other=0)
-    nonempty = ks < ke
-    lo = tl.min(tl.where(nonempty, ks, num_keys), axis=0)
-    hi = tl.max(tl.where(nonempty, ke, 0), axis=0)
-    lo = (lo // BLOCK_N) * BLOCK_N
 
-    row = tl.program_id(1).to(tl.int64) * num_queries + offs_m
-    lse = tl.load(lse_ptr + row, mask=m_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + row, mask=m_ok, other=0.0)
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
+    stats = row * num_queries + offs_m
+    lse = tl.load(lse_ptr + stats, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + stats, mask=m_ok, other=0.0)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
                 + offs_d[None, :], mask=md_ok, other=0.0)
-    do = tl.load(do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh
                  + offs_m[:, None] * stride_dos + offs_d[None, :], mask=md_ok, other=0.0)
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
+    k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_head * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     for n0 in range(lo, hi, BLOCK_N):
@@ -140,26 +152,27 @@ def _attn_bwd_dq_kernel(
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
-    dq_ptrs = dq_ptr + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs
+    dq_ptrs = dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs
     tl.store(dq_ptrs + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=md_ok)
 
 
-@triton.jit
+@_ROW_OFFSET_JIT
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, ks_ptr, ke_ptr,
     first_query_ptr, end_query_ptr,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-    num_heads, group_size, num_queries, num_keys, head_dim, scale, scale_log2,
+    num_heads, group_size, num_queries, num_keys, head_dim, scale, scale_log2, first_row,
     PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (key block, batch x kv head): it sums the gradients of the `group_size`
     # query heads that read this kv head, so each dK/dV element is written once, without atomics.
     num_kv_heads = num_heads // group_size
-    b = tl.program_id(1) // num_kv_heads
-    kv_head = tl.program_id(1) % num_kv_heads
+    row = (first_row + tl.program_id(1)).to(tl.int64)  # b * G + kv head
+    b = row // num_kv_heads
+    kv_head = (row % num_kv_heads).to(tl.int32)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < num_keys
@@ -171,17 +184,17 @@ def _attn_bwd_dkdv_kernel(
     lo = (tl.min(first_query, axis=0) // BLOCK_M) * BLOCK_M
     hi = tl.max(end_query, axis=0)
 
-    k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
+    k = tl.load(k_ptr + b * stride_kb + kv_head * stride_kh
                 + offs_n[:, None] * stride_ks + offs_d[None, :], mask=nd_ok, other=0.0)  # [N, D]
-    v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
+    v = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh
                 + offs_n[:, None] * stride_vs + offs_d[None, :], mask=nd_ok, other=0.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
     for h in range(kv_head * group_size, (kv_head + 1) * group_size):  # the group's query heads
-        q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
-        do_base = do_ptr + b.to(tl.int64) * stride_dob + h * stride_doh
-        stat_base = (b * num_heads + h).to(tl.int64) * num_queries
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        do_base = do_ptr + b * stride_dob + h * stride_doh
+        stat_base = (b * num_heads + h) * num_queries
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < num_queries
@@ -201,10 +214,10 @@ def _attn_bwd_dkdv_kernel(
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [N, M]
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    dk_ptrs = (dk_ptr + b.to(tl.int64) * stride_dkb + kv_head * stride_dkh
+    dk_ptrs = (dk_ptr + b * stride_dkb + kv_head * stride_dkh
                + offs_n[:, None] * stride_dks)
     tl.store(dk_ptrs + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=nd_ok)
-    dv_ptrs = (dv_ptr + b.to(tl.int64) * stride_dvb + kv_head * stride_dvh
+    dv_ptrs = (dv_ptr + b * stride_dvb + kv_head * stride_dvh
                + offs_n[:, None] * stride_dvs)
     tl.store(dv_ptrs + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=nd_ok)
 
@@ -255,15 +268,29 @@ _dkdv_tuned = triton.autotune(_tile_configs(), key=_TUNE_KEY, prune_configs_by=_
 _FIXED_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
-def _launch(tuned, plain, blocks_along: str, length: int, batch_heads: int, args, meta,
+# CUDA's limit on grid axes 1 and 2 (axis 0 takes 2**31 - 1 programs). The batch x heads rows go
+# on axis 1, so a launch takes at most this many and more rows take several launches.
+MAX_GRID_ROWS = 65535
+
+
+def _launch(tuned, plain, blocks_along: str, length: int, rows: int, args, meta,
             autotune: bool):
-    """Launch `tuned` (autotuned) or `plain` with `_FIXED_TILES` over
-    (ceil(length / tile), batch_heads) programs; `blocks_along` names the tile on axis 0."""
-    if autotune:
-        tuned[lambda cfg: (triton.cdiv(length, cfg[blocks_along]), batch_heads)](*args, **meta)
-    else:
-        grid = (triton.cdiv(length, _FIXED_TILES[blocks_along]), batch_heads)
-        plain[grid](*args, **meta, **_FIXED_TILES)
+    """Launch `tuned` (autotuned) or `plain` with `_FIXED_TILES` over ceil(length / tile) x
+    `rows` programs, `blocks_along` naming the tile on axis 0, in launches of at most
+    `MAX_GRID_ROWS` rows, each told its first row (the kernels' last argument)."""
+    for first_row in range(0, rows, MAX_GRID_ROWS):
+        launch_rows = min(MAX_GRID_ROWS, rows - first_row)
+        if autotune:
+            grid = functools.partial(_tuned_grid, length, blocks_along, launch_rows)
+            tuned[grid](*args, first_row, **meta)
+        else:
+            grid = (triton.cdiv(length, _FIXED_TILES[blocks_along]), launch_rows)
+            plain[grid](*args, first_row, **meta, **_FIXED_TILES)
+
+
+def _tuned_grid(length: int, blocks_along: str, rows: int, config: dict) -> tuple[int, int]:
+    """The grid of an autotuned launch for the tiles of `config`."""
+    return triton.cdiv(length, config[blocks_along]), rows
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:
@@ -299,7 +326,7 @@ prepared_queries_per_key = LastCall(queries_per_key)
 class PatchCrossAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: `apply(q, k, v, key_start, key_end, scale)`; shapes as in
     `lst_kernels.patch_cross_attention` (q `[B, Sq, H, d]`, k/v `[B, Sk, G, d]`, G dividing H,
-    checked there). Differentiable once: a double backward raises."""
+    and the float `scale`, checked there). Differentiable once: a double backward raises."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_start, key_end, scale):
@@ -307,7 +334,6 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         batch, num_queries, heads, head_dim = q.shape
         num_keys = k.shape[1]
         group_size = heads // k.shape[2]  # query heads per key/value head
-        scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         start, end = prepared_ranges(key_start, key_end, num_keys)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         # fp32 statistics and accumulators (fp64 for fp64 inputs: gradcheck).
@@ -330,30 +356,38 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        # Only the passes autograd asks for run: dQ for q, dK/dV for k or v (frozen keys and
+        # values, or frozen queries, skip one); the gradients not asked for are None.
         q, k, v, out, lse, start, end = ctx.saved_tensors
         batch, num_queries, heads, head_dim = q.shape
         num_keys, kv_heads = k.shape[1], k.shape[2]
         group_size = heads // kv_heads
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        wants_q, wants_k, wants_v = ctx.needs_input_grad[:3]
         if q.numel() == 0 or num_keys == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        dk = torch.empty_like(k, memory_format=torch.contiguous_format)  # [B, Sk, G, d]
-        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+            grads = (torch.zeros_like(t) if wanted else None
+                     for t, wanted in zip((q, k, v), (wants_q, wants_k, wants_v), strict=True))
+            return *grads, None, None, None
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         # delta_i = sum_d dO_i * O_i: [B, H, Sq] in the dtype of lse.
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1).transpose(1, 2)
         delta = delta.contiguous()
         scales = (ctx.scale, ctx.scale * LOG2E)
         tuned = use_autotune(q)
-        dq_args = (q, k, v, grad_out, dq, lse, delta, start, end,
-                   *_strides(q, k, v, grad_out, dq), heads, group_size, num_queries, num_keys,
-                   head_dim, *scales)
-        _launch(_dq_tuned, _attn_bwd_dq_kernel, "BLOCK_M", num_queries, batch * heads, dq_args,
-                ctx.meta, tuned)
-        first_query, end_query = prepared_queries_per_key(start, end, num_keys)
-        dkdv_args = (q, k, v, grad_out, dk, dv, lse, delta, start, end, first_query, end_query,
-                     *_strides(q, k, v, grad_out, dk, dv), heads, group_size, num_queries,
-                     num_keys, head_dim, *scales)
-        _launch(_dkdv_tuned, _attn_bwd_dkdv_kernel, "BLOCK_N", num_keys, batch * kv_heads,
-                dkdv_args, ctx.meta, tuned)
-        return dq, dk, dv, None, None, None
+        dq = dk = dv = None
+        if wants_q:
+            dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+            dq_args = (q, k, v, grad_out, dq, lse, delta, start, end,
+                       *_strides(q, k, v, grad_out, dq), heads, group_size, num_queries,
+                       num_keys, head_dim, *scales)
+            _launch(_dq_tuned, _attn_bwd_dq_kernel, "BLOCK_M", num_queries, batch * heads,
+                    dq_args, ctx.meta, tuned)
+        if wants_k or wants_v:  # one pass computes both
+            dk = torch.empty_like(k, memory_format=torch.contiguous_format)  # [B, Sk, G, d]
+            dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+            first_query, end_query = prepared_queries_per_key(start, end, num_keys)
+            dkdv_args = (q, k, v, grad_out, dk, dv, lse, delta, start, end, first_query,
+                         end_query, *_strides(q, k, v, grad_out, dk, dv), heads, group_size,
+                         num_queries, num_keys, head_dim, *scales)
+            _launch(_dkdv_tuned, _attn_bwd_dkdv_kernel, "BLOCK_N", num_keys, batch * kv_heads,
+                    dkdv_args, ctx.meta, tuned)
+        return dq, dk if wants_k else None, dv if wants_v else None, None, None, None

@@ -3,6 +3,7 @@
 import math
 
 import torch
+from lst_kernels import decoder_key_ranges, encoder_key_ranges, patch_ids_from_lengths
 
 
 def random_patch_lengths(
@@ -16,6 +17,20 @@ def random_patch_lengths(
         used = int(torch.randint(1, num_patches + 1, (1,), generator=generator))
         lengths[b, used:] = 0
     return lengths.int()
+
+
+def model_key_ranges(lengths: torch.Tensor, num_tokens: int, direction: str, k: int,
+                     window: int):
+    """The model's cross-attention ranges for patch lengths `[B, P]`: (start, end, number of
+    queries, number of keys). "decoder": the tokens see the P * k global slots; "encoder": the
+    slots see the tokens."""
+    num_patches = lengths.shape[1]
+    if direction == "decoder":
+        ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
+        start, end = decoder_key_ranges(ids, k, window, num_patches)
+        return start, end, num_tokens, num_patches * k
+    start, end = encoder_key_ranges(lengths, k, window, num_tokens)
+    return start, end, num_patches * k, num_tokens
 
 
 def brute_patch_ids(patch_lengths: torch.Tensor, num_tokens: int) -> torch.Tensor:

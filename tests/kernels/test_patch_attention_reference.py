@@ -7,15 +7,11 @@ import torch
 from kernel_cases import (
     dense_attention,
     dense_grouped_attention,
+    model_key_ranges,
     random_patch_lengths,
     range_mask,
 )
-from lst_kernels import (
-    decoder_key_ranges,
-    encoder_key_ranges,
-    patch_cross_attention,
-    patch_ids_from_lengths,
-)
+from lst_kernels import patch_cross_attention, patch_cross_attention_reference
 
 
 def _qkv(generator, batch, num_queries, num_keys, heads=2, head_dim=8, dtype=torch.float64,
@@ -32,14 +28,8 @@ def _model_ranges(seed, direction, k, window, batch=2, num_patches=7):
     """(start, end, Sq, Sk) of the model's decoder or encoder attention on a ragged batch."""
     generator = torch.Generator().manual_seed(seed)
     lengths = random_patch_lengths(generator, batch=batch, num_patches=num_patches)
-    num_patches = lengths.shape[1]
     num_tokens = max(int(lengths.sum(1).max()) - 1, 1)
-    if direction == "decoder":
-        ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
-        start, end = decoder_key_ranges(ids, k, window, num_patches)
-        return start, end, num_tokens, num_patches * k
-    start, end = encoder_key_ranges(lengths, k, window, num_tokens)
-    return start, end, num_patches * k, num_tokens
+    return model_key_ranges(lengths, num_tokens, direction, k, window)
 
 
 @pytest.mark.parametrize("direction", ["decoder", "encoder"])
@@ -92,6 +82,27 @@ def test_arbitrary_ranges_and_scale():
     out = patch_cross_attention(q, kk, v, start, end, scale=0.3, backend="torch")
     visible = range_mask(start.clamp(0, 9), end.clamp(0, 9), 9)
     torch.testing.assert_close(out, dense_attention(q, kk, v, visible, 0.3), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 0.0, -0.5])
+@pytest.mark.parametrize("attention", ["torch", "triton", "reference"])
+def test_a_scale_that_is_not_finite_and_positive_is_refused(attention, scale):
+    # NaN or infinity made every output NaN without a word (0 or less: uniform or inverted
+    # attention); refused before a backend is chosen, so on either one.
+    q = torch.randn(1, 4, 2, 8)
+    ranges = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match=rf"scale must be a finite number > 0 .*got {scale}"):
+        if attention == "reference":
+            patch_cross_attention_reference(q, q, q, ranges, ranges + 2, scale)
+        else:
+            patch_cross_attention(q, q, q, ranges, ranges + 2, scale, backend=attention)
+
+
+def test_a_tensor_scale_is_refused_rather_than_read_from_the_device():
+    q = torch.randn(1, 4, 2, 8)
+    ranges = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(TypeError, match="scale must be a Python float .*got Tensor"):
+        patch_cross_attention(q, q, q, ranges, ranges + 2, torch.tensor(0.3))
 
 
 def test_empty_range_outputs_zero_and_gets_zero_gradient():

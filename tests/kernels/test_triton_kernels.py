@@ -10,7 +10,7 @@ TRITON_INTERPRET=1 (`test_triton_interpreter.py` launches exactly that in a subp
 
 import pytest
 import torch
-from kernel_cases import random_patch_lengths
+from kernel_cases import model_key_ranges, random_patch_lengths
 from lst_kernels import (
     decoder_key_ranges,
     document_starts,
@@ -112,23 +112,11 @@ def test_segment_pool_counts_unchecked_negative_lengths_as_empty(monkeypatch, re
     torch.testing.assert_close(triton_x.grad, reference_x.grad, rtol=0, atol=1e-6)
 
 
-def _cross_attention_ranges(lengths, num_tokens, direction, k, window):
-    """The model's key ranges of one direction for patch lengths `[B, P]`: (start, end,
-    number of queries, number of keys)."""
-    num_patches = lengths.shape[1]
-    if direction == "decoder":
-        ids = patch_ids_from_lengths(lengths[:, 1:], num_tokens)
-        start, end = decoder_key_ranges(ids, k, window, num_patches)
-        return start, end, num_tokens, num_patches * k
-    start, end = encoder_key_ranges(lengths, k, window, num_tokens)
-    return start, end, num_patches * k, num_tokens
-
-
 def _attention_case(seed, direction, k, window, head_dim=16, heads=2):
     generator = torch.Generator().manual_seed(seed)
     lengths = random_patch_lengths(generator, batch=2, num_patches=13, max_length=5)
     num_tokens = max(int(lengths.sum(1).max()) - 1, 1)
-    start, end, num_queries, num_keys = _cross_attention_ranges(
+    start, end, num_queries, num_keys = model_key_ranges(
         lengths, num_tokens, direction, k, window
     )
     q = torch.randn(2, num_queries, heads, head_dim, generator=generator)
@@ -189,7 +177,7 @@ def test_patch_cross_attention_grouped_kv_heads(direction, kv_heads, dtype, tole
     else:
         lengths = random_patch_lengths(generator, batch=2, num_patches=40, max_length=5)
         num_tokens = max(int(lengths.sum(1).max()) - 1, 1)
-        start, end, num_queries, num_keys = _cross_attention_ranges(
+        start, end, num_queries, num_keys = model_key_ranges(
             lengths, num_tokens, direction, 2, 3)
     assert min(num_queries, num_keys) > 2 * 16  # three tiles or more
     head_dim = 16
@@ -203,6 +191,77 @@ def test_patch_cross_attention_grouped_kv_heads(direction, kv_heads, dtype, tole
         )
 
     _compare(run, [q, kv], tolerance)
+
+
+ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel")
+
+
+class _CudaLaunches:
+    """Stands for a kernel: records each launch's grid, and refuses one past `max_rows` programs
+    on axis 1 or 2, as CUDA does at 65535 (the interpreter has no such limit)."""
+
+    def __init__(self, kernel, max_rows: int):
+        self.kernel, self.max_rows, self.grids = kernel, max_rows, []
+
+    def __getitem__(self, grid):
+        assert max(grid[1:]) <= self.max_rows, f"grid {grid} is past CUDA's limit on axes 1, 2"
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def _watch_attention_kernels(monkeypatch, max_rows: int = 65535) -> dict[str, _CudaLaunches]:
+    """The attention kernels, each replaced by its `_CudaLaunches` (returned by name)."""
+    launches = {}
+    for name in ATTENTION_KERNELS:
+        launches[name] = _CudaLaunches(getattr(patch_attention_triton, name), max_rows)
+        monkeypatch.setattr(patch_attention_triton, name, launches[name])
+    return launches
+
+
+def _grouped_attention_inputs(seed: int, heads: int = 6, kv_heads: int = 2):
+    """q `[2, 21, heads, 16]`, k and v `[2, 19, kv_heads, 16]` and monotone ranges of up to 7
+    keys (some empty), on DEVICE."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, num_queries, num_keys, head_dim = 2, 21, 19, 16
+    end = torch.randint(0, num_keys + 1, (batch, num_queries), generator=generator).sort().values
+    start = (end - 7).clamp(min=0)
+    q = torch.randn(batch, num_queries, heads, head_dim, generator=generator)
+    k, v = (torch.randn(batch, num_keys, kv_heads, head_dim, generator=generator)
+            for _ in range(2))
+    return [t.to(DEVICE) for t in (q, k, v, start, end)]
+
+
+def test_patch_cross_attention_takes_more_batch_heads_than_a_grid_axis(monkeypatch):
+    """Scoring thousands of items x 16 heads in one batch passes CUDA's 65535 programs on grid
+    axis 1: with that limit at 3, B x H = 12 query rows and B x G = 4 key/value rows (both cut
+    inside a batch row) still give the reference's output and gradients."""
+    monkeypatch.setattr(patch_attention_triton, "MAX_GRID_ROWS", 3)
+    launches = _watch_attention_kernels(monkeypatch, max_rows=3)
+    q, k, v, start, end = _grouped_attention_inputs(seed=4)
+    _compare(lambda *qkv, backend: patch_cross_attention(*qkv, start, end, backend=backend),
+             [q, k, v], 1e-5)
+    assert [len(launches[name].grids) for name in ATTENTION_KERNELS] == [4, 4, 2]
+
+
+@pytest.mark.parametrize("wanted", ["q", "kv", "k", "v", "qv"])
+def test_patch_cross_attention_backward_runs_only_the_passes_asked_for(monkeypatch, wanted):
+    """Frozen keys and values (fine-tuning) need no dK/dV pass, frozen queries no dQ pass: the
+    gradients asked for still equal the reference's, and a pass that none needs does not run."""
+    launches = _watch_attention_kernels(monkeypatch)
+    q, k, v, start, end = _grouped_attention_inputs(seed=5)
+    grads = {}
+    for backend in ("triton", "torch"):
+        inputs = [t.clone().requires_grad_(name in wanted)
+                  for name, t in zip("qkv", (q, k, v), strict=True)]
+        out = patch_cross_attention(*inputs, start, end, backend=backend)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
+        grads[backend] = [t.grad for t in inputs]
+    for name, got, want in zip("qkv", grads["triton"], grads["torch"], strict=True):
+        assert (got is None) == (want is None) == (name not in wanted)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(launches["_attn_bwd_dq_kernel"].grids) == ("q" in wanted)
+    assert len(launches["_attn_bwd_dkdv_kernel"].grids) == (wanted != "q")
 
 
 def test_patch_cross_attention_refuses_a_head_dim_past_the_kernel():
@@ -262,7 +321,7 @@ def test_patch_cross_attention_at_the_autotuner_tiles(monkeypatch, config, direc
     k, window, num_patches = 2, 80, 120  # a token sees up to 160 slots: more than one key tile
     lengths = torch.randint(1, 5, (1, num_patches), generator=generator, dtype=torch.int32)
     num_tokens = int(lengths.sum()) - 1
-    start, end, num_queries, num_keys = _cross_attention_ranges(
+    start, end, num_queries, num_keys = model_key_ranges(
         lengths, num_tokens, direction, k, window
     )
     assert min(num_queries, num_keys) > 1.5 * max(tiles.values())
