@@ -7,16 +7,23 @@ refused, naming it, before a byte is read. A reader that streams lines (a corpus
 `--input <(zcat corpus.jsonl.gz)`) takes a pipe too, and refuses a line longer than any real
 document's at that line instead of reading it whole.
 
+A `.npy` file is checked against its header before numpy reads it (`check_npy_data_size`):
+numpy allocates (or maps) what the header declares first.
+
 Each reader raises its own error type (`error`), so callers keep catching what they caught.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import stat
+import tokenize
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+import numpy as np
 
 MAX_LINE_CHARACTERS = 1 << 26
 """64 Mi characters: no JSONL document is longer (an hour of speech is ~0.5 MB of units)."""
@@ -75,3 +82,32 @@ def bounded_lines(stream: IO[str], path: str | Path, error: Callable[[str], Exce
                         f"(a binary file?), check that it is the right file")
         yield line
 
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def check_npy_data_size(path: str | Path, error: Callable[[str], Exception]) -> None:
+    """`error` naming the `.npy` file `path` when its header declares another number of data
+    bytes than follow the header: a damaged header (shape (2**60,) was an OverflowError or a
+    MemoryError of exabytes), a truncated file, or bytes appended to it; and when `path` is not
+    a regular file (`checked_file_size`). A file without numpy's magic bytes, a header numpy
+    cannot parse, or one of an array of Python objects is left to the caller and `np.load`,
+    which name what is wrong."""
+    size = checked_file_size(path, error, ".npy file")
+    with open(path, "rb") as stream:
+        try:
+            header_reader = _NPY_HEADER_READERS.get(np.lib.format.read_magic(stream))
+            if header_reader is None:  # version 3.0: non-Latin-1 field names, never units
+                return
+            shape, _, dtype = header_reader(stream)
+        except (ValueError, SyntaxError, tokenize.TokenError):
+            return
+        held = size - stream.tell()
+    if dtype.hasobject:
+        return
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != held or min(shape, default=0) < 0:
+        raise error(f"{path}: its .npy header declares an array of shape {shape} of {dtype} "
+                    f"({declared:,} bytes) but {held:,} bytes follow the header; the file is "
+                    f"truncated or damaged: re-copy it, or write it again")

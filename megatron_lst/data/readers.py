@@ -33,6 +33,7 @@ import numpy as np
 from megatron_lst.data.documents import AlignedDocument, DocumentError
 from megatron_lst.data.input_files import (
     bounded_lines,
+    check_npy_data_size,
     checked_file_size,
     read_bounded_bytes,
 )
@@ -371,11 +372,9 @@ def load_units(path: Path) -> np.ndarray:
     """[U] int64 units of a `.npy` integer array or a whitespace-separated text file."""
     unreadable = functools.partial(DocumentError, kind="unreadable unit file")
     if path.suffix == ".npy":
-        checked_file_size(path, unreadable, "unit file")
+        check_npy_data_size(path, unreadable)
         _check_npy_magic(path)
         try:
-            # Mapped, not read: a header claiming more values than the file holds is an error
-            # here instead of an allocation of that size.
             units = np.load(path, allow_pickle=False, mmap_mode="r")
         # SyntaxError, TokenError: a damaged header, which numpy parses as a Python literal.
         except (ValueError, OSError, SyntaxError, tokenize.TokenError) as error:
