@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.input_files import checked_file_size
 from megatron_lst.data.readers import SEGMENT_SEP, SILENCE_WORD, open_corpus_lines
 from megatron_lst.tokenizer.text_tokenizer import VocabSizeError, train_sentencepiece
 from megatron_lst.tokenizer.vocab import VocabularyError
@@ -97,8 +98,10 @@ def _check_files(args: argparse.Namespace) -> None:
     """Every input is a file, and --output is none of them (training reads the corpus before
     writing the model: the corpus would be replaced by it)."""
     for path in args.input:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise SystemExit(f"--input {path}: no such file")
+        # a FIFO or a device: named as what it is, not as missing
+        checked_file_size(path, lambda message: SystemExit(f"--input {message}"), "corpus")
     if args.output.exists():
         replaced = next((path for path in args.input if os.path.samefile(path, args.output)),
                         None)

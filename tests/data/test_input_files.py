@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tool_modules import load_tool
 
 from megatron_lst.audio.audio_io import AudioError, audio_info, read_audio
 from megatron_lst.audio.corpus import CorpusError, read_tsv
@@ -105,3 +106,16 @@ def test_a_piped_corpus_of_one_endless_line_is_refused_at_the_bound(tmp_path):
                                                    rf"than {MAX_LINE_CHARACTERS:,} characters"):
         list(read_text_jsonl(fifo, None))
 
+
+
+@pytest.mark.parametrize("tool, arguments", [
+    ("preprocess_data", ["--input-format", "text-jsonl", "--tokenizer-model", "spm.model",
+                         "--output-prefix", "out"]),
+    ("train_tokenizer", ["--input-format", "text-jsonl", "--output", "spm.model"]),
+])
+def test_the_corpus_tools_name_an_input_that_is_no_regular_file(tmp_path, tool, arguments):
+    """`--input <(zcat corpus.jsonl.gz)` or `--input /dev/zero` was refused as "no such file"."""
+    with fifo_with_writer(tmp_path / "corpus.jsonl", b"") as fifo, pytest.raises(
+            SystemExit, match=rf"^--input {fifo}: is a FIFO \(named pipe\), not a file; pass the "
+                              rf"corpus as a regular file$"):
+        load_tool(tool).main(["--input", str(fifo), *arguments])
