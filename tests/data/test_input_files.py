@@ -4,14 +4,11 @@ each refuses with its own error naming the file, before reading (or opening) wha
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from input_cases import fifo_with_writer
 from tool_modules import load_tool
 
 from megatron_lst.audio.audio_io import AudioError, audio_info, read_audio
@@ -34,29 +31,6 @@ WHOLE_FILE_READERS = {
     "audio-info": (audio_info, AudioError, "a.wav"),
     "tsv": (read_tsv, CorpusError, "list.tsv"),
 }
-
-
-@contextlib.contextmanager
-def fifo_with_writer(path: Path, payload: bytes) -> Iterator[Path]:
-    """A FIFO at `path` whose writer (a thread) writes `payload` and closes once a reader opens
-    it: a reader that opens it reads `payload`, where without the writer it would block. The
-    writer still waiting on leaving is let go by opening the read end without blocking."""
-    os.mkfifo(path)
-
-    def write():
-        with open(path, "wb") as stream:
-            stream.write(payload)
-
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
-    try:
-        yield path
-    finally:
-        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            writer.join()
-        finally:
-            os.close(reader)
 
 
 @pytest.mark.parametrize("name", WHOLE_FILE_READERS)
