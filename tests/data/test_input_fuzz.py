@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from megatron_lst.audio.audio_io import AudioError, audio_info, read_audio
-from megatron_lst.audio.codebook import CodebookError, load_codebook
+from megatron_lst.audio.codebook import CodebookError, load_codebook, save_codebook
 from megatron_lst.audio.corpus import CorpusError, read_tsv
 from megatron_lst.audio.units_record import read_units_record
 from megatron_lst.data.documents import AlignedDocument, DocumentError, check_document_of
@@ -35,6 +35,7 @@ from megatron_lst.data.indexed import DocumentStore, DocumentWriter
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
 from megatron_lst.data.readers import load_units, read_reference_jsonl
 from megatron_lst.data.textgrid import Interval, read_textgrid, write_textgrid
+from megatron_lst.demo_corpus.units import KMeansCodebook
 from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.tokenizer.text_tokenizer import (
     joint_vocab,
@@ -189,8 +190,10 @@ def _copy(source: Path, path: Path) -> Path:
 
 
 def _write_codebook(path: Path) -> Path:
-    np.save(path, np.arange(24, dtype=np.float32).reshape(4, 6))
-    return path
+    """A codebook of 4 centroids, `.npy` or `.safetensors` (with metadata) by `path`'s suffix."""
+    centroids = KMeansCodebook(np.arange(24, dtype=np.float32).reshape(4, 6))
+    metadata = {"layer": "6"} if path.suffix == ".safetensors" else None
+    return save_codebook(centroids, path, metadata)
 
 
 # Checks of what a harmless mutant reads as
@@ -236,6 +239,8 @@ def _kinds(tokenizer) -> list[Kind]:
              load_units, (DocumentError,), _check_units),
         Kind("codebook", lambda d: _write_codebook(d / "codebook.npy"), load_codebook,
              (CodebookError,), header=128),
+        Kind("codebook-safetensors", lambda d: _write_codebook(d / "codebook.safetensors"),
+             load_codebook, (CodebookError,), header=128),
         Kind("items", lambda d: _write_items(d / "items.jsonl"),
              lambda path: load_items(path, tokenizer, vocab), (ItemError,)),
         Kind("sentencepiece", lambda d: _copy(Path(tokenizer.path), d / "spm.model"),
@@ -387,7 +392,7 @@ def _outcome(kind: Kind, path: Path) -> str | None:
 
 
 KIND_NAMES = ["wav-pcm8", "wav-pcm16", "wav-pcm24", "wav-pcm32", "wav-pcm16-stereo",
-              "wav-float", "flac", "wav-info", "textgrid", "units-npy", "units-txt", "codebook", "items",
+              "wav-float", "flac", "wav-info", "textgrid", "units-npy", "units-txt", "codebook", "codebook-safetensors", "items",
               "sentencepiece", "dataset.idx", "dataset.bin", "dataset.json", "tsv", "units-record",
               "reference-jsonl"]
 
