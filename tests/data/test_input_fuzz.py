@@ -113,6 +113,13 @@ def _write_textgrid(path: Path) -> Path:
     return path
 
 
+def _write_utf16_textgrid(path: Path) -> Path:
+    """The TextGrid as Praat saves one with non-ASCII labels: UTF-16 with a byte-order mark."""
+    _write_textgrid(path)
+    path.write_bytes(path.read_text(encoding="utf-8").replace("hello", "héllo").encode("utf-16"))
+    return path
+
+
 def _write_items(path: Path) -> Path:
     def part(words: str, seed: int) -> dict:
         units = np.random.default_rng(seed).integers(0, NUM_UNITS, 3 * len(words.split()))
@@ -233,6 +240,8 @@ def _kinds(tokenizer) -> list[Kind]:
              (AudioError,)),
         Kind("textgrid", lambda d: _write_textgrid(d / "a.TextGrid"), read_textgrid,
              (DocumentError,), _check_intervals, header=120),
+        Kind("textgrid-utf16", lambda d: _write_utf16_textgrid(d / "a.TextGrid"), read_textgrid,
+             (DocumentError,), _check_intervals, header=240),
         Kind("units-npy", lambda d: _write_units_npy(d / "a.npy"), load_units,
              (DocumentError,), _check_units, header=128),
         Kind("units-txt", lambda d: (d / "a.txt").write_text("1 2 3 4 5 17 0\n") and d / "a.txt",
@@ -392,7 +401,7 @@ def _outcome(kind: Kind, path: Path) -> str | None:
 
 
 KIND_NAMES = ["wav-pcm8", "wav-pcm16", "wav-pcm24", "wav-pcm32", "wav-pcm16-stereo",
-              "wav-float", "flac", "wav-info", "textgrid", "units-npy", "units-txt", "codebook", "codebook-safetensors", "items",
+              "wav-float", "flac", "wav-info", "textgrid", "textgrid-utf16", "units-npy", "units-txt", "codebook", "codebook-safetensors", "items",
               "sentencepiece", "dataset.idx", "dataset.bin", "dataset.json", "tsv", "units-record",
               "reference-jsonl"]
 
