@@ -3,9 +3,9 @@
 A reader that reads a whole file (an items file, a TextGrid, a unit file, a manifest) takes only
 a regular file, of no more bytes than the largest real file of its kind: a device (`/dev/zero`
 reads forever), a FIFO (opening one blocks until a writer comes), a socket or a folder is
-refused, naming it, before a byte is read. A reader that streams lines (a corpus JSONL,
-`--input <(zcat corpus.jsonl.gz)`) takes a pipe too, and refuses a line longer than any real
-document's at that line instead of reading it whole.
+refused, naming it, before a byte is read. A reader that streams lines (a corpus JSONL read by
+`read_text_jsonl`, which a library caller may give a pipe) takes a pipe too, and refuses a line
+longer than any real document's at that line instead of reading it whole.
 
 A `.npy` file is checked against its header before numpy reads it (`check_npy_data_size`):
 numpy allocates (or maps) what the header declares first.
