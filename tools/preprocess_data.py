@@ -32,6 +32,7 @@ from tqdm import tqdm
 from megatron_lst.audio.units_record import check_units_fit
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.indexed import DocumentWriter
+from megatron_lst.data.input_files import checked_file_size
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
 from megatron_lst.data.readers import (
     INPUT_FORMATS,
@@ -145,8 +146,10 @@ def _check_args(args: argparse.Namespace) -> None:
     elif not args.input:
         raise SystemExit(f"--input-format {args.input_format} needs --input")
     for number, path in enumerate(args.input):
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise SystemExit(f"--input {path}: no such file")
+        # a FIFO (<(zcat ...)) or a device: named as what it is, not as missing
+        checked_file_size(path, lambda message: SystemExit(f"--input {message}"), "corpus")
         try:
             refuse_compressed(path)
         except DocumentError as error:

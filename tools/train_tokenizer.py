@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.input_files import checked_file_size
 from megatron_lst.data.readers import SEGMENT_SEP, SILENCE_WORD, open_corpus_lines
 from megatron_lst.tokenizer.text_tokenizer import VocabSizeError, train_sentencepiece
 from megatron_lst.tokenizer.vocab import VocabularyError
@@ -56,19 +57,23 @@ def sentences(paths: Sequence[str], input_format: str, json_key: str = "text") -
     start of a file are skipped."""
     for path in paths:
         try:
-            corpus = open_corpus_lines(path)
-        except DocumentError as error:  # compressed
+            yield from _file_sentences(path, input_format, json_key)
+        except DocumentError as error:  # compressed, or a line longer than any sentence
             raise SystemExit(f"error: {error}") from None
-        # A byte that is no UTF-8 reads as a lone surrogate U+DC80..U+DCFF: the line is named.
-        with corpus as lines:
-            for number, line in enumerate(lines, 1):
-                bad = _NOT_UTF8.search(line)
-                if bad:
-                    raise SystemExit(f"{path}:{number}: not UTF-8 text (the byte "
-                                     f"0x{ord(bad.group()) - 0xDC00:02x} at character "
-                                     f"{bad.start()}); save the corpus as UTF-8")
-                if line.strip():
-                    yield from _line_text(line, input_format, json_key, f"{path}:{number}")
+
+
+def _file_sentences(path: str, input_format: str, json_key: str) -> Iterator[str]:
+    """The training sentences of one corpus file, in order."""
+    # A byte that is no UTF-8 reads as a lone surrogate U+DC80..U+DCFF: the line is named.
+    with open_corpus_lines(path) as lines:
+        for number, line in enumerate(lines, 1):
+            bad = _NOT_UTF8.search(line)
+            if bad:
+                raise SystemExit(f"{path}:{number}: not UTF-8 text (the byte "
+                                 f"0x{ord(bad.group()) - 0xDC00:02x} at character "
+                                 f"{bad.start()}); save the corpus as UTF-8")
+            if line.strip():
+                yield from _line_text(line, input_format, json_key, f"{path}:{number}")
 
 
 def _line_text(line: str, input_format: str, json_key: str, where: str) -> Iterator[str]:
@@ -93,8 +98,10 @@ def _check_files(args: argparse.Namespace) -> None:
     """Every input is a file, and --output is none of them (training reads the corpus before
     writing the model: the corpus would be replaced by it)."""
     for path in args.input:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise SystemExit(f"--input {path}: no such file")
+        # a FIFO or a device: named as what it is, not as missing
+        checked_file_size(path, lambda message: SystemExit(f"--input {message}"), "corpus")
     if args.output.exists():
         replaced = next((path for path in args.input if os.path.samefile(path, args.output)),
                         None)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_lst.data.input_files import checked_file_size
 from megatron_lst.demo_corpus.optional import MissingDependencyError
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, resample
 
@@ -80,8 +81,7 @@ _STREAMED_DATA_LENGTH = 0xFFFFFFFF
 def audio_info(path: str | Path) -> AudioInfo:
     """Length and sample rate from the file header, without reading the samples."""
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: no such audio file")
+    checked_file_size(path, AudioError, "audio file")
     if _is_pcm_wav(path):
         with wave.open(str(path), "rb") as f:
             _check_last_frame(path, f)
@@ -173,8 +173,7 @@ def _check_fits_in_memory(path: Path) -> None:
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """([n] float32 mono in [-1, 1], sample rate) of a wav or flac file."""
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: no such audio file")
+    checked_file_size(path, AudioError, "audio file")
     if _is_pcm_wav(path):
         return _read_pcm_wav(path)
     _check_fits_in_memory(path)

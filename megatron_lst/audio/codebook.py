@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
+from megatron_lst.data.input_files import check_npy_data_size
 from megatron_lst.demo_corpus.units import KMeansCodebook
 
 CODEBOOK_SUFFIXES = (".npy", ".safetensors")
@@ -119,6 +120,7 @@ def load_codebook(path: str | Path) -> KMeansCodebook:
         raise CodebookError(f"{path}: not a .npy or .safetensors codebook (a pickled k-means "
                             f"converts with: python tools/train_kmeans.py import {path} "
                             f"--trust-pickle --output codebook.npy)")
+    check_npy_data_size(path, CodebookError)
     try:
         centroids = np.load(path, allow_pickle=False)
     # ValueError: an object array (numpy would need to unpickle it) or cut short; SyntaxError,

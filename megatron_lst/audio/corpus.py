@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_lst.audio.audio_io import AUDIO_SUFFIXES
+from megatron_lst.data.input_files import MAX_LARGE_TEXT_BYTES, read_bounded_bytes
 
 
 class CorpusError(ValueError):
@@ -84,9 +85,10 @@ def read_audio_dir(root: str | Path) -> list[Utterance]:
 
 
 def _read_lines(path: Path) -> list[str]:
+    data = read_bounded_bytes(path, CorpusError, "file", MAX_LARGE_TEXT_BYTES)
     try:
         # utf-8-sig: a byte-order mark (Excel, Notepad) would otherwise start the first path or id
-        return path.read_text(encoding="utf-8-sig").split("\n")  # as iterating the file splits
+        return data.decode("utf-8-sig").split("\n")  # as iterating the file splits
     except UnicodeDecodeError as error:
         raise CorpusError(f"{path}: not UTF-8 text ({error}); convert it, e.g. with "
                           f"iconv -t utf-8") from None
@@ -140,8 +142,6 @@ def read_transcripts(root: str | Path) -> list[Utterance]:
 def read_tsv(path: str | Path) -> list[Utterance]:
     """Lines `PATH<TAB>TEXT` (a `path<TAB>text` header line is skipped), sorted by id."""
     path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: no such file")
     root = path.parent
     utterances = []
     for number, line in enumerate(_read_lines(path), 1):

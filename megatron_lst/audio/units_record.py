@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_lst.data.input_files import read_bounded_bytes
+
 UNITS_RECORD = "units.json"
 
 
 def read_units_record(path: Path) -> dict:
-    """The record at `path`; ValueError naming it when it is damaged."""
+    """The record at `path`; ValueError naming it when it is damaged or not a regular file."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = json.loads(read_bounded_bytes(path, ValueError, "units record").decode("utf-8"))
+    # RecursionError: JSON nested deeper than Python's stack
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         record = None
     if not isinstance(record, dict):
         raise ValueError(f"{path} is damaged, so the settings of the units beside it are unknown; "

@@ -27,6 +27,7 @@ from megatron.core.datasets.indexed_dataset import (
 )
 
 from megatron_lst.data.documents import AlignedDocument, DocumentError
+from megatron_lst.data.input_files import checked_file_size
 from megatron_lst.data.manifest import REPREPROCESS, Manifest, ManifestError
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 
@@ -243,6 +244,7 @@ class DocumentStore:
             if not os.path.exists(path):
                 raise StoreError(f"{path}: not found; the manifest {self.prefix}.json has no data "
                                  f"next to it (re-run tools/preprocess_data.py)")
+            checked_file_size(path, StoreError, "dataset file")  # a FIFO would block reading
         _check_index_file(get_idx_path(self.prefix))
         if os.path.getsize(get_bin_path(self.prefix)) == 0:  # megatron.core cannot map it
             _refuse_empty_bin(self.prefix)

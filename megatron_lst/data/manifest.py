@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.input_files import read_bounded_bytes
 
 FORMAT_VERSION = 1
 KINDS = ("aligned", "text")
@@ -98,7 +99,7 @@ class Manifest:
                                 f"tools/preprocess_data.py, which writes it next to .bin/.idx"
                                 f"{_suffix_hint(prefix)}{_index_without_manifest_hint(prefix)}")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(read_bounded_bytes(path, ManifestError, "manifest").decode("utf-8"))
             if not isinstance(raw, dict):
                 raise TypeError(f"expected a JSON object, got a {type(raw).__name__}")
             if raw.get("format_version") != FORMAT_VERSION:

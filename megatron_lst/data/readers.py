@@ -31,6 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from megatron_lst.data.documents import AlignedDocument, DocumentError
+from megatron_lst.data.input_files import (
+    bounded_lines,
+    check_npy_data_size,
+    checked_file_size,
+    read_bounded_bytes,
+)
 from megatron_lst.data.manifest import Counts
 from megatron_lst.data.textgrid import read_textgrid
 from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, load_text_tokenizer
@@ -300,13 +306,31 @@ def refuse_compressed(path: str | Path) -> None:
 
 
 def open_corpus_lines(path: str | Path):
-    """A corpus file (JSONL, or plain text for tools/train_tokenizer.py) opened for its lines: a
-    compressed file is refused (`refuse_compressed`); a leading byte-order mark (what Windows
-    editors and some exporters write) is dropped, else the first line would not read as JSON,
-    or its first word would begin with U+FEFF; a byte that is not UTF-8 is kept as a surrogate
-    (U+DC80..U+DCFF), for the caller to name with its line."""
+    """A corpus file (JSONL, or plain text for tools/train_tokenizer.py) opened for its lines,
+    a context manager giving them: a path that is neither a regular file nor a pipe (a device,
+    a folder) and a compressed file are refused (`refuse_compressed`), and a line longer than
+    any document's is refused at that line (`bounded_lines`); a leading byte-order mark (what
+    Windows editors and some exporters write) is dropped, else the first line would not read
+    as JSON, or its first word would begin with U+FEFF; a byte that is not UTF-8 is kept as a
+    surrogate (U+DC80..U+DCFF), for the caller to name with its line."""
+    checked_file_size(path, DocumentError, "corpus", pipe_allowed=True)
     refuse_compressed(path)
-    return open(path, encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115
+    return _CorpusLines(path)
+
+
+class _CorpusLines:
+    """The lines of an opened corpus file (`open_corpus_lines`), closed on leaving `with`."""
+
+    def __init__(self, path: str | Path):
+        self._stream = open(path, encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115
+        self._path = path
+
+    def __enter__(self) -> Iterator[str]:
+        return bounded_lines(self._stream, self._path, functools.partial(
+            DocumentError, kind="line too long"))
+
+    def __exit__(self, *exc_info) -> None:
+        self._stream.close()
 
 
 def _read_lines(path: Path, parse, skip_bad: bool, report: ReadReport | None
@@ -346,11 +370,11 @@ def read_text_jsonl(path: str | Path, tokenizer: TextTokenizer, key: str = "text
 
 def load_units(path: Path) -> np.ndarray:
     """[U] int64 units of a `.npy` integer array or a whitespace-separated text file."""
+    unreadable = functools.partial(DocumentError, kind="unreadable unit file")
     if path.suffix == ".npy":
+        check_npy_data_size(path, unreadable)
         _check_npy_magic(path)
         try:
-            # Mapped, not read: a header claiming more values than the file holds is an error
-            # here instead of an allocation of that size.
             units = np.load(path, allow_pickle=False, mmap_mode="r")
         # SyntaxError, TokenError: a damaged header, which numpy parses as a Python literal.
         except (ValueError, OSError, SyntaxError, tokenize.TokenError) as error:
@@ -365,9 +389,10 @@ def load_units(path: Path) -> np.ndarray:
             raise DocumentError(f"{path}: unit {units.max()} is beyond any codebook; the file "
                                 f"does not hold unit ids", kind="unit outside the codebook")
         return np.array(units, dtype=np.int64)
+    data = read_bounded_bytes(path, unreadable, "unit file")
     try:
         # a leading byte-order mark (a Windows editor's) dropped: it made the first unit no integer
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise DocumentError(f"{path}: not a text file of units ({error.reason} at byte "
                             f"{error.start}); expected whitespace-separated integers, or a "

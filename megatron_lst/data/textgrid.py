@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.input_files import read_bounded_bytes
 
 
 class TextGridError(DocumentError):
@@ -173,7 +174,7 @@ def read_textgrid(path: str | Path, tier: str = "words") -> list[Interval]:
     listing the tiers present when `tier` is missing, and naming a second tier of its name.
     """
     path = Path(path)
-    raw = path.read_bytes()
+    raw = read_bounded_bytes(path, TextGridError, "TextGrid")
     if raw.startswith(_PRAAT_BINARY):  # read as text, its first bytes were "expected" a string
         raise TextGridError(f"{path}: a binary Praat file (it starts with {_PRAAT_BINARY!r}), not "
                             f"a text TextGrid; save it from Praat with \"Save as text file\" "

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
+from megatron_lst.data.input_files import checked_file_size
 from megatron_lst.evaluation.generation import (
     GenerationError,
     SamplingConfig,
@@ -197,7 +198,8 @@ def _load_item_sets(paths: Sequence[str], model, modes: list[str] | None) -> dic
 
 def _check_items_files(paths: Sequence[str]) -> None:
     """Refuse, before the model is loaded (minutes for a large one; the items are read only
-    then), an --items path that is missing or a directory, and a file given twice, by the same
+    then), an --items path that is missing, a directory or no regular file (a device, a FIFO),
+    and a file given twice, by the same
     path or by another (a link, `./a.jsonl`): the results are keyed by the path given, so the
     same path was scored once, silently, and another path to the file scored it again."""
     given: dict[tuple[int, int], str] = {}  # (device, inode) -> the path first given for it
@@ -209,6 +211,9 @@ def _check_items_files(paths: Sequence[str]) -> None:
         if path.is_dir():
             raise ValueError(f"--items {items} is a directory; give the story-completion JSONL "
                              f"files in it")
+        # a device reads forever (/dev/zero), a FIFO blocks until a writer comes
+        checked_file_size(path, lambda message: ValueError(f"--items {message}"),
+                          "story-completion items (JSONL)")
         status = path.stat()
         identity = status.st_dev, status.st_ino
         if identity in given:

@@ -31,6 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
+from megatron_lst.data.input_files import MAX_LARGE_TEXT_BYTES, read_bounded_bytes
 from megatron_lst.tokenizer.vocab import JointVocab
 
 SILENCE_WORD = "[SIL]"
@@ -109,8 +110,9 @@ def text_lines(path: Path) -> list[str]:
     reads them): a JSON string may hold U+2028, U+0085 and the other characters
     `str.splitlines` also splits at, so line numbers stay an editor's. A byte-order mark that starts a line is dropped: files saved with one, and joined
     with `cat`, hold one at the start of each. A file that is not UTF-8 is an ItemError naming
-    its first line that is not (or the UTF-16 it is)."""
-    data = path.read_bytes()
+    its first line that is not (or the UTF-16 it is). A path that is not a regular file (a device
+    such as /dev/zero, a FIFO) or of more than MAX_LARGE_TEXT_BYTES is an ItemError naming it."""
+    data = read_bounded_bytes(path, ItemError, "evaluation items file", MAX_LARGE_TEXT_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:

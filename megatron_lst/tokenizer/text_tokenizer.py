@@ -109,7 +109,8 @@ class SentencePieceTokenizer(TextTokenizer):
         super().__init__(path)
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        except (RuntimeError, OSError) as error:
+        # UnicodeDecodeError: a piece of a damaged model that is not UTF-8
+        except (RuntimeError, OSError, UnicodeDecodeError) as error:
             raise VocabularyError(f"{path}: not a SentencePiece model ({error}); pass a .model "
                                   f"file (tools/train_tokenizer.py makes one) or a tokenizers "
                                   f"tokenizer.json") from None

@@ -6,6 +6,7 @@ import weakref
 
 import numpy as np
 import pytest
+from input_cases import fifo_with_writer
 
 from megatron_lst.data.documents import AlignedDocument, DocumentError
 from megatron_lst.data.indexed import DocumentStore, DocumentWriter, StoreError
@@ -234,6 +235,18 @@ def test_missing_manifest_and_data(aligned_store):
         DocumentStore(f"{prefix}.bin")
     prefix.with_name(prefix.name + ".json").unlink()
     with pytest.raises(ManifestError, match=r"aligned.json: manifest not found; [^;]*$"):
+        DocumentStore(prefix)
+
+
+@pytest.mark.parametrize("suffix", [".idx", ".bin"])
+def test_a_data_file_that_is_a_fifo_is_refused_before_it_is_opened(aligned_store, suffix):
+    """A FIFO in place of the .idx blocked the store's opening until a writer came."""
+    prefix, _ = aligned_store
+    path = prefix.with_name(prefix.name + suffix)
+    path.unlink()
+    with fifo_with_writer(path, b""), pytest.raises(
+            StoreError, match=rf"{path}: is a FIFO \(named pipe\), not a file; pass the dataset "
+                              rf"file as a regular file"):
         DocumentStore(prefix)
 
 

@@ -1,11 +1,13 @@
 """Loading and validating story-completion items: every bad item names its id and file:line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from eval_cases import NUM_UNITS, random_records, tokenizer, vocab
 
+from megatron_lst.evaluation.cli import eval_main
 from megatron_lst.evaluation.items import ItemError, load_items
 
 
@@ -140,8 +142,8 @@ def test_bad_json_and_duplicate_ids_name_the_line(tmp_path):
         load_items(path, tokenizer(), vocab())
     with pytest.raises(ItemError, match="holds no items"):
         load_items(write(tmp_path, []), tokenizer(), vocab())
-    with pytest.raises(ItemError, match=rf"cannot read evaluation items from {tmp_path}: .*Is "
-                                        rf"a directory"):
+    with pytest.raises(ItemError, match=rf"{tmp_path}: is a directory, not a file; pass the "
+                                        rf"evaluation items file as a regular file"):
         load_items(tmp_path, tokenizer(), vocab())
 
 
@@ -229,3 +231,15 @@ def test_text_the_tokenizer_turns_into_no_pieces_is_refused(tmp_path):
         load_items(write(tmp_path, [record]), DroppingTokenizer(), vocab())
     record["endings"][1]["text"] = "the cat"
     assert len(load_items(write(tmp_path, [record]), DroppingTokenizer(), vocab())) == 1
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_lst_eval_refuses_items_that_are_no_regular_file_before_loading_the_model(
+        tmp_path, capsys, monkeypatch):
+    """`lst-eval --items /dev/zero` read forever once the model was loaded (a FIFO blocked)."""
+    monkeypatch.setattr("megatron_lst.evaluation.loading.load_inference_model",
+                        lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert eval_main(["--load", str(tmp_path), "--items", "/dev/zero"]) == 2
+    assert capsys.readouterr().err == ("lst-eval: --items /dev/zero: is a character device, not a "
+                                       "file; pass the story-completion items (JSONL) as a "
+                                       "regular file\n")

@@ -1,0 +1,113 @@
+"""The one rule for opening a user's input file (docs/data.md#input-files).
+
+A reader that reads a whole file (an items file, a TextGrid, a unit file, a manifest) takes only
+a regular file, of no more bytes than the largest real file of its kind: a device (`/dev/zero`
+reads forever), a FIFO (opening one blocks until a writer comes), a socket or a folder is
+refused, naming it, before a byte is read. A reader that streams lines (a corpus JSONL read by
+`read_text_jsonl`, which a library caller may give a pipe) takes a pipe too, and refuses a line
+longer than any real document's at that line instead of reading it whole.
+
+A `.npy` file is checked against its header before numpy reads it (`check_npy_data_size`):
+numpy allocates (or maps) what the header declares first.
+
+Each reader raises its own error type (`error`), so callers keep catching what they caught.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import tokenize
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+MAX_LINE_CHARACTERS = 1 << 26
+"""64 Mi characters: no JSONL document is longer (an hour of speech is ~0.5 MB of units)."""
+
+MAX_SMALL_FILE_BYTES = 1 << 26
+"""64 MiB: more than any TextGrid, text unit file or manifest of one utterance or dataset."""
+
+MAX_LARGE_TEXT_BYTES = 1 << 30
+"""1 GiB: more than any evaluation items file (10k items with units are ~100 MB) or list of a
+corpus's utterances."""
+
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def checked_file_size(path: str | Path, error: Callable[[str], Exception], what: str,
+                      pipe_allowed: bool = False) -> int:
+    """The size in bytes of the regular file `path` (0 for a pipe, with `pipe_allowed`);
+    `error` naming it and its kind when it is missing or not a regular file."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except OSError as cause:
+        raise error(f"{path}: cannot read the {what} ({cause.strerror})") from None
+    mode = status.st_mode
+    if stat.S_ISREG(mode) or (pipe_allowed and stat.S_ISFIFO(mode)):
+        return status.st_size
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+    raise error(f"{path}: is {kind}, not a file; pass the {what} as a regular file")
+
+
+def read_bounded_bytes(path: str | Path, error: Callable[[str], Exception], what: str,
+                       max_bytes: int = MAX_SMALL_FILE_BYTES) -> bytes:
+    """The bytes of the regular file `path`; `error` naming it when it is not one
+    (`checked_file_size`) or holds more than `max_bytes`, more than any real `what`."""
+    size = checked_file_size(path, error, what)
+    with open(path, "rb") as stream:
+        data = stream.read(max_bytes + 1)  # at most that much, should the file grow meanwhile
+    if max(size, len(data)) > max_bytes:
+        raise error(f"{path}: is {max(size, len(data)):,} bytes, more than any {what} "
+                    f"({max_bytes:,} bytes at most); check that it is the right file")
+    return data
+
+
+def bounded_lines(stream: IO[str], path: str | Path, error: Callable[[str], Exception],
+                  max_characters: int = MAX_LINE_CHARACTERS) -> Iterator[str]:
+    """The lines of the text `stream` read from `path`, as iterating it gives them; `error`
+    naming `path` and the line number at a line longer than `max_characters` (a file of no
+    line ends: a binary file, `/dev/zero` through a pipe), before more of it is read."""
+    for number, line in enumerate(iter(lambda: stream.readline(max_characters + 1), ""), 1):
+        if len(line) > max_characters:
+            raise error(f"{path}:{number}: a line longer than {max_characters:,} characters, "
+                        f"more than any document; the file is not JSON lines or text lines "
+                        f"(a binary file?), check that it is the right file")
+        yield line
+
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def check_npy_data_size(path: str | Path, error: Callable[[str], Exception]) -> None:
+    """`error` naming the `.npy` file `path` when its header declares another number of data
+    bytes than follow the header: a damaged header (shape (2**60,) was an OverflowError or a
+    MemoryError of exabytes), a truncated file, or bytes appended to it; and when `path` is not
+    a regular file (`checked_file_size`). A file without numpy's magic bytes, a header numpy
+    cannot parse, or one of an array of Python objects is left to the caller and `np.load`,
+    which name what is wrong."""
+    size = checked_file_size(path, error, ".npy file")
+    with open(path, "rb") as stream:
+        try:
+            header_reader = _NPY_HEADER_READERS.get(np.lib.format.read_magic(stream))
+            if header_reader is None:  # version 3.0: non-Latin-1 field names, never units
+                return
+            shape, _, dtype = header_reader(stream)
+        except (ValueError, SyntaxError, tokenize.TokenError):
+            return
+        held = size - stream.tell()
+    if dtype.hasobject:
+        return
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != held or min(shape, default=0) < 0:
+        raise error(f"{path}: its .npy header declares an array of shape {shape} of {dtype} "
+                    f"({declared:,} bytes) but {held:,} bytes follow the header; the file is "
+                    f"truncated or damaged: re-copy it, or write it again")

@@ -1,0 +1,95 @@
+"""The one rule for the user's input files (megatron_lst/data/input_files.py): a whole-file reader
+takes only a regular file, a line reader takes a pipe too but no line longer than any document's;
+each refuses with its own error naming the file, before reading (or opening) what it refuses."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from input_cases import fifo_with_writer
+from tool_modules import load_tool
+
+from megatron_lst.audio.audio_io import AudioError, audio_info, read_audio
+from megatron_lst.audio.corpus import CorpusError, read_tsv
+from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.input_files import MAX_LINE_CHARACTERS, bounded_lines
+from megatron_lst.data.manifest import Manifest, ManifestError
+from megatron_lst.data.readers import load_units, read_text_jsonl
+from megatron_lst.data.textgrid import TextGridError, read_textgrid
+from megatron_lst.evaluation.items import ItemError, load_items
+
+# (reader, the error it raises, the file name it reads); each reads one whole file.
+WHOLE_FILE_READERS = {
+    "items": (lambda path: load_items(path, None, None), ItemError, "items.jsonl"),
+    "textgrid": (read_textgrid, TextGridError, "a.TextGrid"),
+    "units-txt": (load_units, DocumentError, "a.txt"),
+    "units-npy": (load_units, DocumentError, "a.npy"),
+    "manifest": (lambda path: Manifest.load(path.with_suffix("")), ManifestError, "data.json"),
+    "audio": (read_audio, AudioError, "a.wav"),
+    "audio-info": (audio_info, AudioError, "a.wav"),
+    "tsv": (read_tsv, CorpusError, "list.tsv"),
+}
+
+
+@pytest.mark.parametrize("name", WHOLE_FILE_READERS)
+def test_a_fifo_is_refused_by_name_before_it_is_opened(tmp_path, name):
+    """Opening a FIFO blocks until a writer comes (`lst-eval --items` on a forgotten named pipe
+    waited forever); with a writer, a reader read what came through it as the file."""
+    read, error, filename = WHOLE_FILE_READERS[name]
+    with fifo_with_writer(tmp_path / filename, b"") as fifo, pytest.raises(
+            error, match=rf"{fifo}: is a FIFO \(named pipe\), not a file; pass the .+ as a "
+                         rf"regular file"):
+        read(fifo)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+@pytest.mark.parametrize("name", WHOLE_FILE_READERS)
+def test_a_device_is_refused_by_name_before_it_is_read(tmp_path, name):
+    """`lst-eval --items /dev/zero` read (and allocated) forever."""
+    read, error, filename = WHOLE_FILE_READERS[name]
+    link = tmp_path / filename
+    link.symlink_to("/dev/zero")
+    with pytest.raises(error, match=rf"{link}: is a character device, not a file"):
+        read(link)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_a_corpus_that_is_a_device_is_refused_but_a_pipe_is_read(tmp_path):
+    with pytest.raises(DocumentError, match=r"/dev/zero: is a character device, not a file; pass "
+                                            r"the corpus as a regular file"):
+        list(read_text_jsonl("/dev/zero", None))
+
+
+def test_a_line_longer_than_any_document_is_refused_at_its_line():
+    lines = bounded_lines(io.StringIO("short\n" + "x" * 11 + "\nshort\n"), "c.jsonl",
+                          DocumentError, max_characters=10)
+    assert next(lines) == "short\n"
+    with pytest.raises(DocumentError, match=r"c.jsonl:2: a line longer than 10 characters"):
+        next(lines)
+    ten = bounded_lines(io.StringIO("x" * 9 + "\n"), "c.jsonl", DocumentError, max_characters=10)
+    assert list(ten) == ["x" * 9 + "\n"]
+
+
+def test_a_piped_corpus_of_one_endless_line_is_refused_at_the_bound(tmp_path):
+    """`--input <(cat /dev/zero)` or a binary file without line ends: a line was read whole, the
+    whole input, into memory; the corpus stops at the line bound, naming the line."""
+    with fifo_with_writer(tmp_path / "corpus.jsonl", b"\x00" * (MAX_LINE_CHARACTERS + 1)
+                          ) as fifo, pytest.raises(DocumentError, match=rf"{fifo}:1: a line longer "
+                                                   rf"than {MAX_LINE_CHARACTERS:,} characters"):
+        list(read_text_jsonl(fifo, None))
+
+
+
+@pytest.mark.parametrize("tool, arguments", [
+    ("preprocess_data", ["--input-format", "text-jsonl", "--tokenizer-model", "spm.model",
+                         "--output-prefix", "out"]),
+    ("train_tokenizer", ["--input-format", "text-jsonl", "--output", "spm.model"]),
+])
+def test_the_corpus_tools_name_an_input_that_is_no_regular_file(tmp_path, tool, arguments):
+    """`--input <(zcat corpus.jsonl.gz)` or `--input /dev/zero` was refused as "no such file"."""
+    with fifo_with_writer(tmp_path / "corpus.jsonl", b"") as fifo, pytest.raises(
+            SystemExit, match=rf"^--input {fifo}: is a FIFO \(named pipe\), not a file; pass the "
+                              rf"corpus as a regular file$"):
+        load_tool(tool).main(["--input", str(fifo), *arguments])
