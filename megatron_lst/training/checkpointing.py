@@ -58,7 +58,13 @@ from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import optimizer_state
 from megatron_lst.training.args_json import args_to_dict
 from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, check_same_training_data
-from megatron_lst.training.rank_failures import one_line, share_or_stop
+from megatron_lst.training.rank_failures import (
+    RankStepError,
+    one_line,
+    outcome,
+    share_or_stop,
+    step_failed,
+)
 from megatron_lst.training.resume_check import (
     ResumeConfigError,
     ResumePosition,
@@ -318,10 +324,8 @@ def save_checkpoint(
     with _save_failure_explained(iteration, root, temporary):
         _on_rank0(lambda: temporary.mkdir(parents=True), iteration, root)
 
-        state = _model_sharded_state_dict(model_chunks)
-        if optimizer is not None:
-            state["optimizer"] = optimizer_state.sharded_state_to_save(optimizer, state)
-        state["rng_state"] = rng_sharded_object()
+        state, failure = outcome(lambda: _state_to_save(model_chunks, optimizer))
+        share_or_stop(None, failure, step_failed("gather its state to save"))
         with writers_die_with_parent():
             dist_checkpointing.save(state, str(temporary))
         dist.barrier()
@@ -331,6 +335,15 @@ def save_checkpoint(
             iteration, extra_json, scheduler, args, vocab, model_chunks)), iteration, root)
     dist.barrier()
     return final
+
+
+def _state_to_save(model_chunks: list[torch.nn.Module], optimizer: Any) -> dict[str, Any]:
+    """This rank's sharded state dict of a checkpoint: model, optimizer (unless None), RNG."""
+    state = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer_state.sharded_state_to_save(optimizer, state)
+    state["rng_state"] = rng_sharded_object()
+    return state
 
 
 def _checkpoint_metadata(iteration: int, extra_json: str, scheduler: Any,
@@ -404,15 +417,19 @@ class CheckpointSaveError(CheckpointError):
 @contextlib.contextmanager
 def _save_failure_explained(iteration: int, root: Path, temporary: Path):
     """Within the block, a failed write (OSError, or torch.distributed.checkpoint's
-    CheckpointException wrapping the writers' errors, a collective: every rank raises it) raises
-    CheckpointSaveError naming it (on every rank: rank 0's account of the writers'), the free
-    space left, and that the checkpoints saved before are untouched."""
+    CheckpointException wrapping the writers' errors, a collective: every rank raises it) or a
+    step that failed on some rank (RankStepError, raised alike on every rank: building the state
+    to save, hashing the files) raises CheckpointSaveError naming it (on every rank: rank 0's
+    account of the writers'), the free space left, and that the checkpoints saved before are
+    untouched."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         yield
-    except (OSError, CheckpointException) as error:
-        if isinstance(error, CheckpointException):
+    except (OSError, CheckpointException, RankStepError) as error:
+        if isinstance(error, RankStepError):  # raised alike on every rank, naming the rank(s)
+            reason = str(error)
+        elif isinstance(error, CheckpointException):
             # Every rank raises it, but only rank 0, which gathers the writers' results, hears
             # why: the others' log (another node's, on a multi-node run) said no more than that.
             reason = _broadcast_from_rank0("; ".join(
