@@ -481,7 +481,8 @@ def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,
 
 def describe_good_checkpoint(save_dir: str | os.PathLike | None,
                              started_from: str | os.PathLike | None = None,
-                             finetune: bool = False, nonfinite_loss_at: int | None = None) -> str:
+                             finetune: bool = False, nonfinite_loss_at: int | None = None,
+                             what_went_wrong: str = "this loss") -> str:
     """A sentence naming the checkpoint to go back to after a divergence: the newest under
     `save_dir` (every saved checkpoint had finite weights: `save_checkpoint` checks), or the one
     the run started from (`started_from`, `args.resume_from`; with `finetune`, the weights it
@@ -491,7 +492,8 @@ def describe_good_checkpoint(save_dir: str | os.PathLike | None,
     `nonfinite_loss_at`: the iteration whose loss was NaN or infinite. That loss came from the
     weights of the iteration before, on its own batch, and resuming from their checkpoint
     replays that forward pass (the data order and the random state come back with it) whatever
-    --lr or --clip-grad say: such a checkpoint is passed over, for the newest one before it."""
+    --lr or --clip-grad say: such a checkpoint is passed over, for the newest one before it.
+    `what_went_wrong`: what those weights gave on that batch, as the advice names it."""
     try:
         newest = find_latest_checkpoint(save_dir) if save_dir is not None else None
     except CheckpointError as err:
@@ -511,7 +513,7 @@ def describe_good_checkpoint(save_dir: str | os.PathLike | None,
     start = None if start in suspects else start
     passed_over = max(suspects, key=_iteration_of)
     passed = (f"{passed_over} (iteration {_iteration_of(passed_over)}) is passed over: its "
-              f"weights gave this loss on iteration {nonfinite_loss_at}'s batch, which resuming "
+              f"weights gave {what_went_wrong} on iteration {nonfinite_loss_at}'s batch, which resuming "
               f"from it replays. ")
     if newest is None and start is None:
         return passed + "No checkpoint before it was found: start again."
