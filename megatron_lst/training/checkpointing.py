@@ -199,6 +199,30 @@ def checkpoints_from(root: str | os.PathLike, first_iteration: int) -> list[Path
     return [found[i] for i in sorted(found) if i >= first_iteration]
 
 
+def checkpoints_of_another_run(save_dir: str | os.PathLike, resumed: Path) -> list[Path]:
+    """The `iter_XXXXXXX` directories under `save_dir` (complete or not, oldest first) that a
+    run resuming checkpoint `resumed` of another directory cannot tell for its own: all of them,
+    unless `save_dir` holds a copy of `resumed` (the same name, both with a manifest of the same
+    files and digests: the same model, optimizer and RNG states), which makes them the earlier
+    checkpoints of the run it continues."""
+    found = checkpoints_from(save_dir, 0)
+    copy = Path(save_dir) / resumed.name
+    if copy in found and _same_recorded_files(copy, resumed):
+        return []
+    return found
+
+
+def _same_recorded_files(one: Path, other: Path) -> bool:
+    """Whether the complete checkpoints `one` and `other` have manifests recording the same
+    files with the same digests (False for one without a manifest, or unreadable)."""
+    try:
+        manifests = [integrity.read_manifest(path) if _is_complete(path) else None
+                     for path in (one, other)]
+    except CheckpointIntegrityError:
+        return False
+    return manifests[0] is not None and manifests[0] == manifests[1]
+
+
 def _what_is_wrong_with(path: Path) -> str:
     """Why the checkpoint directory `path` is not a complete checkpoint: "<path> is missing" or
     "<path> is incomplete (no <the files it lacks>)"."""
