@@ -83,7 +83,7 @@ from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_bat
 from megatron_lst.training.metrics import METRICS_FILENAME, MetricsFile
 from megatron_lst.training.model_provider import build_model_chunks
 from megatron_lst.training.param_gather import ParamGatherHooks
-from megatron_lst.training.rank_failures import one_line, share_or_stop
+from megatron_lst.training.rank_failures import outcome, share_or_stop
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
 from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
 from megatron_lst.training.train_logging import (
@@ -556,13 +556,10 @@ def _open_training_logger(args: argparse.Namespace, world: int, start_iteration:
     last) opens. When a rank cannot (W&B without a login or network), every rank raises
     LoggingSetupError with its error; the other ranks used to wait for it in the first
     collective, which broke with a gloo traceback once it exited."""
-    failure = None
-    try:
-        training_logger = build_training_logger(
-            args, world_size=world, enabled=torch.distributed.get_rank() == world - 1,
-            start_iteration=start_iteration, stream=stream)
-    except Exception as error:  # W&B and TensorBoard raise errors of their own
-        failure = one_line(error)
+    # W&B and TensorBoard raise errors of their own: any is the logging rank's failure.
+    training_logger, failure = outcome(lambda: build_training_logger(
+        args, world_size=world, enabled=torch.distributed.get_rank() == world - 1,
+        start_iteration=start_iteration, stream=stream))
     share_or_stop(None, failure, lambda failed: LoggingSetupError(
         f"rank {failed[0][0]} could not open the run's log writers (--tensorboard-dir, "
         f"--wandb-project): {failed[0][1]}. Fix what it names (for W&B: `wandb login`, or "
