@@ -93,20 +93,11 @@ def _gather(part: dict[str, Any]) -> dict[str, Any]:
     return {key: value for each in parts for key, value in each.items()}
 
 
-def _broadcast_names(directory: Path) -> list[str]:
-    """Rank 0's listing of `directory` on every rank (one listing, however the filesystem
-    caches directory entries on other nodes)."""
-    if not has_other_ranks():
-        return _listed_files(directory)
-    box = [_listed_files(directory) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def record_checkpoint_files(directory: str | os.PathLike) -> dict[str, FileRecord]:
     """Collective when torch.distributed is initialized: size and digest of every file in
-    `directory` (bar the manifest and lst_checkpoint.json), rank 0 listing them and the ranks
-    hashing a share each. When a rank fails to (a file it cannot read), every rank raises
+    `directory` (bar the manifest and lst_checkpoint.json), rank 0 listing them (one listing,
+    however the filesystem caches directory entries on other nodes) and the ranks hashing a
+    share each. When a rank fails to (a file it cannot read), every rank raises
     `rank_failures.RankStepError` naming that rank and its error: a rank that stopped alone
     left the others waiting for it in the next collective."""
     directory = Path(directory)
