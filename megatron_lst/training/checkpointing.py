@@ -506,7 +506,7 @@ def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,
 def describe_good_checkpoint(save_dir: str | os.PathLike | None,
                              started_from: str | os.PathLike | None = None,
                              finetune: bool = False, nonfinite_loss_at: int | None = None,
-                             what_went_wrong: str = "this loss") -> str:
+                             passed_over_because: str | None = None) -> str:
     """A sentence naming the checkpoint to go back to after a divergence: the newest under
     `save_dir` (every saved checkpoint had finite weights: `save_checkpoint` checks), or the one
     the run started from (`started_from`, `args.resume_from`; with `finetune`, the weights it
@@ -517,7 +517,8 @@ def describe_good_checkpoint(save_dir: str | os.PathLike | None,
     weights of the iteration before, on its own batch, and resuming from their checkpoint
     replays that forward pass (the data order and the random state come back with it) whatever
     --lr or --clip-grad say: such a checkpoint is passed over, for the newest one before it.
-    `what_went_wrong`: what those weights gave on that batch, as the advice names it."""
+    `passed_over_because`: why the advice says it is passed over, where the weights went wrong
+    in another way from that iteration on (fp16 gradients that overflow, no update made since)."""
     try:
         newest = find_latest_checkpoint(save_dir) if save_dir is not None else None
     except CheckpointError as err:
@@ -536,9 +537,10 @@ def describe_good_checkpoint(save_dir: str | os.PathLike | None,
     newest = max(left, key=_iteration_of, default=None)
     start = None if start in suspects else start
     passed_over = max(suspects, key=_iteration_of)
-    passed = (f"{passed_over} (iteration {_iteration_of(passed_over)}) is passed over: its "
-              f"weights gave {what_went_wrong} on iteration {nonfinite_loss_at}'s batch, which resuming "
-              f"from it replays. ")
+    because = passed_over_because or (f"its weights gave this loss on iteration "
+                                      f"{nonfinite_loss_at}'s batch, which resuming from it "
+                                      f"replays")
+    passed = f"{passed_over} (iteration {_iteration_of(passed_over)}) is passed over: {because}. "
     if newest is None and start is None:
         return passed + "No checkpoint before it was found: start again."
     good = _good_checkpoint_sentence(newest, start, finetune, passed_over=True)

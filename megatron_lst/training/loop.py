@@ -576,7 +576,7 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
         check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16,
                           clip_grad=state.args.clip_grad)
     except NonFiniteLossError as err:
-        good = _good_checkpoint(state.args, state.iteration, "this loss")
+        good = _good_checkpoint(state.args, state.iteration)
         raise NonFiniteLossError(f"{err}. {good}") from None
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
     state.tokens += step.num_tokens
@@ -600,7 +600,8 @@ def _check_updates_go_on(state: TrainingState, step: StepResult,
         return
     args = state.args
     scale_flag = "--loss-scale" if args.loss_scale is not None else "--min-loss-scale"
-    good = _good_checkpoint(args, first, "these overflowing gradients")
+    good = _good_checkpoint(args, first, f"it holds the weights whose gradients overflowed "
+                                         f"from iteration {first} on")
     raise StuckLossScaleError(
         f"iteration {state.iteration}: the gradients overflowed fp16 (NaN or infinity) in each "
         f"of the last {skipped.at_lowest} iterations with the loss scale at its lowest, "
@@ -610,13 +611,14 @@ def _check_updates_go_on(state: TrainingState, step: StepResult,
         f"{scale_flag}. {good}")
 
 
-def _good_checkpoint(args: argparse.Namespace, diverged_at: int, what_went_wrong: str) -> str:
-    """`checkpointing.describe_good_checkpoint` of the run of `args`, whose weights gave
-    `what_went_wrong` at iteration `diverged_at`."""
+def _good_checkpoint(args: argparse.Namespace, diverged_at: int,
+                     passed_over_because: str | None = None) -> str:
+    """`checkpointing.describe_good_checkpoint` of the run of `args`, whose weights went wrong at
+    iteration `diverged_at` (a non-finite loss, unless `passed_over_because` says otherwise)."""
     return checkpointing.describe_good_checkpoint(
         args.save if args.save is not None else args.load,
         getattr(args, "resume_from", None), getattr(args, "finetune", False),
-        nonfinite_loss_at=diverged_at, what_went_wrong=what_went_wrong)
+        nonfinite_loss_at=diverged_at, passed_over_because=passed_over_because)
 
 
 def _metrics_record(state: TrainingState, step: StepResult, valid_loss: float | None,

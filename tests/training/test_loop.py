@@ -391,9 +391,9 @@ def test_fp16_overflowing_at_the_lowest_loss_scale_stops_with_the_checkpoint_to_
         r"--train-iters, though the loss is finite \([0-9.]+\)\. Train with --bf16", done.stderr)
     # The checkpoints of iterations 5 and 10 hold the weights that overflow: none to go back to.
     assert done.stderr.rstrip().endswith(
-        f"{save / 'iter_0000010'} (iteration 10) is passed over: its weights gave these "
-        f"overflowing gradients on iteration 1's batch, which resuming from it replays. No "
-        f"checkpoint before it was found: start again.")
+        f"{save / 'iter_0000010'} (iteration 10) is passed over: it holds the weights whose "
+        f"gradients overflowed from iteration 1 on. No checkpoint before it was found: start "
+        f"again.")
     assert "iteration       13/" not in done.stdout
 
 
