@@ -38,6 +38,7 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_lst.parallel import has_other_ranks
+from megatron_lst.training.rank_failures import outcome, share_or_stop, step_failed
 
 from . import safe_pickle
 from .durable_files import write_file_durably
@@ -92,23 +93,22 @@ def _gather(part: dict[str, Any]) -> dict[str, Any]:
     return {key: value for each in parts for key, value in each.items()}
 
 
-def _broadcast_names(directory: Path) -> list[str]:
-    """Rank 0's listing of `directory` on every rank (one listing, however the filesystem
-    caches directory entries on other nodes)."""
-    if not has_other_ranks():
-        return _listed_files(directory)
-    box = [_listed_files(directory) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def record_checkpoint_files(directory: str | os.PathLike) -> dict[str, FileRecord]:
     """Collective when torch.distributed is initialized: size and digest of every file in
-    `directory` (bar the manifest and lst_checkpoint.json), the ranks hashing a share each."""
+    `directory` (bar the manifest and lst_checkpoint.json), rank 0 listing them (one listing,
+    however the filesystem caches directory entries on other nodes) and the ranks hashing a
+    share each. When a rank fails to (a file it cannot read), every rank raises
+    `rank_failures.RankStepError` naming that rank and its error: a rank that stopped alone
+    left the others waiting for it in the next collective."""
     directory = Path(directory)
-    names = _broadcast_names(directory)
-    mine = {name: digest_file(directory / name) for name in _my_share(names)}
-    return _gather(mine)
+    if not has_other_ranks():
+        return {name: digest_file(directory / name) for name in _listed_files(directory)}
+    failure = step_failed(f"record the files of {directory.name}")
+    listing = share_or_stop(*outcome(
+        lambda: _listed_files(directory) if dist.get_rank() == 0 else None), failure)
+    shares = share_or_stop(*outcome(
+        lambda: {name: digest_file(directory / name) for name in _my_share(listing[0])}), failure)
+    return {name: record for share in shares for name, record in share.items()}
 
 
 def write_manifest(directory: str | os.PathLike, records: dict[str, FileRecord]) -> None:

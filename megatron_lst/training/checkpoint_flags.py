@@ -2,7 +2,8 @@
 
 `--load` (with `--ckpt-step`, `--finetune`, `--use-checkpoint-args`) must name a complete
 checkpoint, whose model configuration then fills in the model flags not given; `--save` must be a
-directory that can be written and holds no checkpoint newer than where the run starts;
+directory that can be written and holds no checkpoint newer than where the run starts, nor, for
+a run resuming a checkpoint of another directory, one of another run;
 `--tensorboard-dir` must be writable. Each raises ArgumentError naming the flag and the fix. The
 checkpoint modules are imported inside the functions: they import megatron.core, which parsing
 flags must not need.
@@ -143,6 +144,7 @@ def validate_checkpointing(args: argparse.Namespace) -> None:
     latest = _checkpoint_to_load(args)
     args.resume_from = None if latest is None else str(latest)
     _check_no_newer_checkpoints(args, latest)
+    _check_no_other_runs_checkpoints(args, latest)
     _check_save_pointer(args)
 
 
@@ -213,6 +215,26 @@ def _check_no_newer_checkpoints(args: argparse.Namespace, loaded: Path | None) -
             f"iteration {start} where this run starts: its checkpoints would collide with them or "
             f"lie behind them (resuming loads the newest). {resume}, or move those checkpoints "
             f"away, or pass another --save")
+
+
+def _check_no_other_runs_checkpoints(args: argparse.Namespace, loaded: Path | None) -> None:
+    """Refuse a --save directory holding checkpoints of another run than the one `loaded` (a
+    checkpoint of another directory) continues (`checkpointing.checkpoints_of_another_run`):
+    once this run saves there, --load of that directory, --ckpt-step and the advice after a
+    divergence (the checkpoint before the one that diverged) could pick one of them."""
+    from megatron_lst.training.checkpointing import checkpoints_of_another_run
+
+    if args.save is None or loaded is None or loaded.parent.resolve() == Path(args.save).resolve():
+        return
+    others = checkpoints_of_another_run(args.save, loaded)
+    if others:
+        raise ArgumentError(
+            f"--save {args.save} already holds {[entry.name for entry in others]}, and this run "
+            f"resumes from {loaded}, outside it: nothing shows them to be of this run ({args.save} "
+            f"holds no copy of {loaded.name}), yet once this run saves there, --load "
+            f"{args.save} [--ckpt-step N] and the advice after a divergence could pick one of "
+            f"them. Pass an empty --save, or --save {loaded.parent} to go on in the directory "
+            f"of the checkpoint it resumes from, or move those checkpoints away")
 
 
 def _check_save_pointer(args: argparse.Namespace) -> None:

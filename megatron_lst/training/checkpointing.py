@@ -58,7 +58,13 @@ from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import optimizer_state
 from megatron_lst.training.args_json import args_to_dict
 from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, check_same_training_data
-from megatron_lst.training.rank_failures import one_line, share_or_stop
+from megatron_lst.training.rank_failures import (
+    RankStepError,
+    one_line,
+    outcome,
+    share_or_stop,
+    step_failed,
+)
 from megatron_lst.training.resume_check import (
     ResumeConfigError,
     ResumePosition,
@@ -193,6 +199,30 @@ def checkpoints_from(root: str | os.PathLike, first_iteration: int) -> list[Path
     return [found[i] for i in sorted(found) if i >= first_iteration]
 
 
+def checkpoints_of_another_run(save_dir: str | os.PathLike, resumed: Path) -> list[Path]:
+    """The `iter_XXXXXXX` directories under `save_dir` (complete or not, oldest first) that a
+    run resuming checkpoint `resumed` of another directory cannot tell for its own: all of them,
+    unless `save_dir` holds a copy of `resumed` (the same name, both with a manifest of the same
+    files and digests: the same model, optimizer and RNG states), which makes them the earlier
+    checkpoints of the run it continues."""
+    found = checkpoints_from(save_dir, 0)
+    copy = Path(save_dir) / resumed.name
+    if copy in found and _same_recorded_files(copy, resumed):
+        return []
+    return found
+
+
+def _same_recorded_files(one: Path, other: Path) -> bool:
+    """Whether the complete checkpoints `one` and `other` have manifests recording the same
+    files with the same digests (False for one without a manifest, or unreadable)."""
+    try:
+        manifests = [integrity.read_manifest(path) if _is_complete(path) else None
+                     for path in (one, other)]
+    except CheckpointIntegrityError:
+        return False
+    return manifests[0] is not None and manifests[0] == manifests[1]
+
+
 def _what_is_wrong_with(path: Path) -> str:
     """Why the checkpoint directory `path` is not a complete checkpoint: "<path> is missing" or
     "<path> is incomplete (no <the files it lacks>)"."""
@@ -318,10 +348,8 @@ def save_checkpoint(
     with _save_failure_explained(iteration, root, temporary):
         _on_rank0(lambda: temporary.mkdir(parents=True), iteration, root)
 
-        state = _model_sharded_state_dict(model_chunks)
-        if optimizer is not None:
-            state["optimizer"] = optimizer_state.sharded_state_to_save(optimizer, state)
-        state["rng_state"] = rng_sharded_object()
+        state, failure = outcome(lambda: _state_to_save(model_chunks, optimizer))
+        share_or_stop(None, failure, step_failed("gather its state to save"))
         with writers_die_with_parent():
             dist_checkpointing.save(state, str(temporary))
         dist.barrier()
@@ -331,6 +359,15 @@ def save_checkpoint(
             iteration, extra_json, scheduler, args, vocab, model_chunks)), iteration, root)
     dist.barrier()
     return final
+
+
+def _state_to_save(model_chunks: list[torch.nn.Module], optimizer: Any) -> dict[str, Any]:
+    """This rank's sharded state dict of a checkpoint: model, optimizer (unless None), RNG."""
+    state = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer_state.sharded_state_to_save(optimizer, state)
+    state["rng_state"] = rng_sharded_object()
+    return state
 
 
 def _checkpoint_metadata(iteration: int, extra_json: str, scheduler: Any,
@@ -404,15 +441,19 @@ class CheckpointSaveError(CheckpointError):
 @contextlib.contextmanager
 def _save_failure_explained(iteration: int, root: Path, temporary: Path):
     """Within the block, a failed write (OSError, or torch.distributed.checkpoint's
-    CheckpointException wrapping the writers' errors, a collective: every rank raises it) raises
-    CheckpointSaveError naming it (on every rank: rank 0's account of the writers'), the free
-    space left, and that the checkpoints saved before are untouched."""
+    CheckpointException wrapping the writers' errors, a collective: every rank raises it) or a
+    step that failed on some rank (RankStepError, raised alike on every rank: building the state
+    to save, hashing the files) raises CheckpointSaveError naming it (on every rank: rank 0's
+    account of the writers'), the free space left, and that the checkpoints saved before are
+    untouched."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         yield
-    except (OSError, CheckpointException) as error:
-        if isinstance(error, CheckpointException):
+    except (OSError, CheckpointException, RankStepError) as error:
+        if isinstance(error, RankStepError):  # raised alike on every rank, naming the rank(s)
+            reason = str(error)
+        elif isinstance(error, CheckpointException):
             # Every rank raises it, but only rank 0, which gathers the writers' results, hears
             # why: the others' log (another node's, on a multi-node run) said no more than that.
             reason = _broadcast_from_rank0("; ".join(
@@ -464,7 +505,8 @@ def _check_weights_finite(model_chunks: list[torch.nn.Module], iteration: int,
 
 def describe_good_checkpoint(save_dir: str | os.PathLike | None,
                              started_from: str | os.PathLike | None = None,
-                             finetune: bool = False, nonfinite_loss_at: int | None = None) -> str:
+                             finetune: bool = False, nonfinite_loss_at: int | None = None,
+                             passed_over_because: str | None = None) -> str:
     """A sentence naming the checkpoint to go back to after a divergence: the newest under
     `save_dir` (every saved checkpoint had finite weights: `save_checkpoint` checks), or the one
     the run started from (`started_from`, `args.resume_from`; with `finetune`, the weights it
@@ -474,7 +516,9 @@ def describe_good_checkpoint(save_dir: str | os.PathLike | None,
     `nonfinite_loss_at`: the iteration whose loss was NaN or infinite. That loss came from the
     weights of the iteration before, on its own batch, and resuming from their checkpoint
     replays that forward pass (the data order and the random state come back with it) whatever
-    --lr or --clip-grad say: such a checkpoint is passed over, for the newest one before it."""
+    --lr or --clip-grad say: such a checkpoint is passed over, for the newest one before it.
+    `passed_over_because`: why the advice says it is passed over, where the weights went wrong
+    in another way from that iteration on (fp16 gradients that overflow, no update made since)."""
     try:
         newest = find_latest_checkpoint(save_dir) if save_dir is not None else None
     except CheckpointError as err:
@@ -493,9 +537,10 @@ def describe_good_checkpoint(save_dir: str | os.PathLike | None,
     newest = max(left, key=_iteration_of, default=None)
     start = None if start in suspects else start
     passed_over = max(suspects, key=_iteration_of)
-    passed = (f"{passed_over} (iteration {_iteration_of(passed_over)}) is passed over: its "
-              f"weights gave this loss on iteration {nonfinite_loss_at}'s batch, which resuming "
-              f"from it replays. ")
+    because = passed_over_because or (f"its weights gave this loss on iteration "
+                                      f"{nonfinite_loss_at}'s batch, which resuming from it "
+                                      f"replays")
+    passed = f"{passed_over} (iteration {_iteration_of(passed_over)}) is passed over: {because}. "
     if newest is None and start is None:
         return passed + "No checkpoint before it was found: start again."
     good = _good_checkpoint_sentence(newest, start, finetune, passed_over=True)

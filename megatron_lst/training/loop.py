@@ -83,7 +83,7 @@ from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_bat
 from megatron_lst.training.metrics import METRICS_FILENAME, MetricsFile
 from megatron_lst.training.model_provider import build_model_chunks
 from megatron_lst.training.param_gather import ParamGatherHooks
-from megatron_lst.training.rank_failures import one_line, share_or_stop
+from megatron_lst.training.rank_failures import outcome, share_or_stop
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
 from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
 from megatron_lst.training.train_logging import (
@@ -147,6 +147,50 @@ class StepResult:
     loss_scale: float | None
     skipped: bool
     """The optimizer skipped the update (fp16 overflow)."""
+
+
+# How many updates in a row fp16 may skip with its loss scale at the lowest before the run stops,
+# beyond the --hysteresis overflows in a row that the scaler waits for before each back-off. At
+# the lowest scale (--min-loss-scale, or a constant --loss-scale) it backs off no more: overflowing
+# gradients are then skipped to --train-iters, the loss staying finite (no NaN stop), the whole
+# allocation spent without an update. The margin lets a short burst of bad batches pass.
+SKIPS_AT_LOWEST_SCALE_MARGIN = 10
+
+
+class StuckLossScaleError(NonFiniteLossError):
+    """fp16 skipped every update of many iterations in a row at its lowest loss scale."""
+
+
+@dataclass
+class SkippedUpdates:
+    """The updates fp16 skipped in a row (gradients that overflowed), the same on every rank."""
+
+    lowest_scale: float | None
+    """--min-loss-scale, or a constant --loss-scale; None without --fp16 (nothing is skipped)."""
+    limit: int
+    """Skips in a row at `lowest_scale` that stop the run."""
+    first: int | None = None
+    """The iteration of the first skip in a row; None after an update."""
+    at_lowest: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SkippedUpdates:
+        lowest = None
+        if args.fp16:
+            lowest = args.loss_scale if args.loss_scale is not None else args.min_loss_scale
+        return cls(lowest, args.hysteresis + SKIPS_AT_LOWEST_SCALE_MARGIN)
+
+    def stuck_since(self, step: StepResult, iteration: int) -> int | None:
+        """Count iteration `iteration`'s `step`; the first iteration of the skips in a row once
+        `limit` of them came at the lowest scale, else None."""
+        if not step.skipped:
+            self.first, self.at_lowest = None, 0
+            return None
+        if self.first is None:
+            self.first = iteration
+        if step.loss_scale is not None and step.loss_scale <= self.lowest_scale:
+            self.at_lowest += 1
+        return self.first if self.at_lowest >= self.limit else None
 
 
 @dataclass
@@ -465,6 +509,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
                           resumed_elsewhere=_resumed_elsewhere(args))
     story_eval = StoryCompletionEval.from_args(args, state.vocab)
     param_gather = ParamGatherHooks.from_args(state.model, args)
+    skipped_updates = SkippedUpdates.from_args(args)
     for chunk in state.model:
         chunk.train()
     try:
@@ -475,6 +520,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
             state.iteration += 1
             state.consumed_samples += args.global_batch_size
             _record_step(state, step, result, training_logger)
+            _check_updates_go_on(state, step, skipped_updates)
             last = state.iteration == args.train_iters
             evaluating = state.iteration % args.eval_interval == 0 or last
             if evaluating and (datasets.valid is not None or story_eval is not None):
@@ -518,13 +564,10 @@ def _open_training_logger(args: argparse.Namespace, world: int, start_iteration:
     last) opens. When a rank cannot (W&B without a login or network), every rank raises
     LoggingSetupError with its error; the other ranks used to wait for it in the first
     collective, which broke with a gloo traceback once it exited."""
-    failure = None
-    try:
-        training_logger = build_training_logger(
-            args, world_size=world, enabled=torch.distributed.get_rank() == world - 1,
-            start_iteration=start_iteration, stream=stream)
-    except Exception as error:  # W&B and TensorBoard raise errors of their own
-        failure = one_line(error)
+    # W&B and TensorBoard raise errors of their own: any is the logging rank's failure.
+    training_logger, failure = outcome(lambda: build_training_logger(
+        args, world_size=world, enabled=torch.distributed.get_rank() == world - 1,
+        start_iteration=start_iteration, stream=stream))
     share_or_stop(None, failure, lambda failed: LoggingSetupError(
         f"rank {failed[0][0]} could not open the run's log writers (--tensorboard-dir, "
         f"--wandb-project): {failed[0][1]}. Fix what it names (for W&B: `wandb login`, or "
@@ -541,11 +584,7 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
         check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16,
                           clip_grad=state.args.clip_grad)
     except NonFiniteLossError as err:
-        args = state.args
-        good = checkpointing.describe_good_checkpoint(
-            args.save if args.save is not None else args.load,
-            getattr(args, "resume_from", None), getattr(args, "finetune", False),
-            nonfinite_loss_at=state.iteration)
+        good = _good_checkpoint(state.args, state.iteration)
         raise NonFiniteLossError(f"{err}. {good}") from None
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
     state.tokens += step.num_tokens
@@ -557,6 +596,37 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
         learning_rate=step.learning_rate, losses={LOSS_NAME: step.loss},
         step_seconds=step.seconds, num_tokens=step.num_tokens, grad_norm=step.grad_norm,
         loss_scale=step.loss_scale, flops=step.flops.total, skipped=step.skipped)
+
+
+def _check_updates_go_on(state: TrainingState, step: StepResult,
+                         skipped: SkippedUpdates) -> None:
+    """Count the iteration `state` just finished (`step`) in `skipped`; raise StuckLossScaleError,
+    naming the checkpoint to go back to, once fp16 skipped `skipped.limit` updates in a row at
+    its lowest loss scale."""
+    first = skipped.stuck_since(step, state.iteration)
+    if first is None:
+        return
+    args = state.args
+    scale_flag = "--loss-scale" if args.loss_scale is not None else "--min-loss-scale"
+    good = _good_checkpoint(args, first, f"it holds the weights whose gradients overflowed "
+                                         f"from iteration {first} on")
+    raise StuckLossScaleError(
+        f"iteration {state.iteration}: the gradients overflowed fp16 (NaN or infinity) in each "
+        f"of the last {skipped.at_lowest} iterations with the loss scale at its lowest, "
+        f"{skipped.lowest_scale:g} ({scale_flag}), so no update was made since iteration {first} "
+        f"and none would be until --train-iters, though the loss is finite ({step.loss:.6g}). "
+        f"Train with --bf16 (fp32's range), or lower --lr, lengthen --lr-warmup-iters or lower "
+        f"{scale_flag}. {good}")
+
+
+def _good_checkpoint(args: argparse.Namespace, diverged_at: int,
+                     passed_over_because: str | None = None) -> str:
+    """`checkpointing.describe_good_checkpoint` of the run of `args`, whose weights went wrong at
+    iteration `diverged_at` (a non-finite loss, unless `passed_over_because` says otherwise)."""
+    return checkpointing.describe_good_checkpoint(
+        args.save if args.save is not None else args.load,
+        getattr(args, "resume_from", None), getattr(args, "finetune", False),
+        nonfinite_loss_at=diverged_at, passed_over_because=passed_over_because)
 
 
 def _metrics_record(state: TrainingState, step: StepResult, valid_loss: float | None,

@@ -39,3 +39,24 @@ def one_line(error: BaseException) -> str:
     """`error` as the other ranks print it: its type and message, on one line."""
     message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def outcome(action: Callable[[], T]) -> tuple[T | None, str | None]:
+    """This rank's `(part, failure)` for `share_or_stop`: `(action(), None)`, or `(None,
+    one_line(error))` when `action` raised (any exception: the other ranks must not wait for
+    this one). `action` must hold no collective, which the other ranks would wait in."""
+    try:
+        return action(), None
+    except Exception as error:  # whatever it is, every rank stops with it
+        return None, one_line(error)
+
+
+class RankStepError(RuntimeError):
+    """A step failed on some rank(s); raised alike on every rank (`step_failed`)."""
+
+
+def step_failed(what: str) -> Callable[[list[tuple[int, str]]], RankStepError]:
+    """`share_or_stop`'s `error` for a step whose failure reads "rank R could not <what>": a
+    RankStepError naming each rank that failed and its error."""
+    return lambda failed: RankStepError("; ".join(
+        f"rank {rank} could not {what} ({message})" for rank, message in failed))

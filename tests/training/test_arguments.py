@@ -573,6 +573,42 @@ def test_save_directory_with_newer_checkpoints_is_refused_before_training(tmp_pa
     assert valid("--load", str(tmp_path), "--finetune", "--save", str(tmp_path / "new")).finetune
 
 
+def test_resuming_from_elsewhere_into_a_save_holding_another_runs_checkpoints_is_refused(
+        tmp_path):
+    """--load A --save B, B holding checkpoints of another run no newer than where this run
+    starts: they stayed beside this run's, and after its first save the advice after a
+    divergence named B's older checkpoint of the other run as the one to go back to."""
+    import shutil
+
+    from megatron_lst.checkpoint.integrity import record_checkpoint_files, write_manifest
+
+    def with_manifest(checkpoint: Path) -> Path:
+        (checkpoint / "__0_0.distcp").write_bytes(checkpoint.parent.name.encode())
+        write_manifest(checkpoint, record_checkpoint_files(checkpoint))
+        return checkpoint
+
+    resumed = with_manifest(fake_checkpoint(tmp_path / "A", 100))
+    other = tmp_path / "B"
+    for iteration in (50, 100):
+        with_manifest(fake_checkpoint(other, iteration))
+    with pytest.raises(ArgumentError, match=(
+            rf"--save {other} already holds \['iter_0000050', 'iter_0000100'\], and this run "
+            rf"resumes from {resumed}, outside it: .* Pass an empty --save, or --save "
+            rf"{tmp_path / 'A'} to go on")):
+        valid("--load", str(tmp_path / "A"), "--save", str(other))
+    # Its own directory, an empty one, or one that holds a copy of the checkpoint it resumes.
+    shutil.copytree(tmp_path / "A", tmp_path / "copy")
+    for save in (tmp_path / "A", tmp_path / "empty", tmp_path / "copy"):
+        assert valid("--load", str(resumed), "--save", str(save)).resume_from == str(resumed)
+    fake_checkpoint(tmp_path / "copy", 50)  # an earlier checkpoint of the run it continues
+    assert valid("--load", str(tmp_path / "A"), "--save", str(tmp_path / "copy")).resume_from
+    # A checkpoint of the same iteration with other weights is no copy.
+    (resumed / "__0_0.distcp").write_bytes(b"other weights")
+    write_manifest(resumed, record_checkpoint_files(resumed))
+    with pytest.raises(ArgumentError, match=r"already holds \['iter_0000050', 'iter_0000100'\]"):
+        valid("--load", str(tmp_path / "A"), "--save", str(tmp_path / "copy"))
+
+
 # --- presets and YAML ----------------------------------------------------------------------
 
 def test_precedence_is_preset_then_yaml_then_command_line(tmp_path):

@@ -406,6 +406,30 @@ def test_a_nan_loss_before_the_first_save_names_the_checkpoint_the_run_resumed_f
     assert f"resume from it again with --load {started}" in str(stopped.value)
 
 
+def run_lst_train_on_two_ranks(tmp_path: Path, script: str, args: list[str],
+                               timeout: float = 240.0) -> str:
+    """Run `script` (the text of an entry script: `cli.main` with a fault injected) on two ranks
+    with torchrun; returns its output. A run past `timeout` (ranks left waiting for each other)
+    fails the test, its whole process group killed."""
+    path = tmp_path / "entry_with_fault.py"
+    path.write_text(script)
+    with open(tmp_path / "torchrun.log", "w+") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             str(path), *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            log.seek(0)
+            pytest.fail(f"the ranks were still running after {timeout:.0f} s (a rank waiting "
+                        f"for one that stopped?); output:\n{log.read()[-4000:]}")
+        log.seek(0)
+        return log.read()
+
+
 FULL_DISK_ON_RANK0 = """
 import errno, pathlib, sys
 
@@ -436,16 +460,11 @@ def test_a_save_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path, faili
     the save's first write, its temporary directory."""
     from training.training_cases import tiny_flags, write_corpus
 
-    script = tmp_path / "full_disk_on_rank0.py"
-    script.write_text(FULL_DISK_ON_RANK0)
     save = tmp_path / "ckpt"
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), failing_write, *tiny_flags(write_corpus(tmp_path / "data")),
-         "--train-iters", "2", "--save", str(save)],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
-    output = run.stdout + run.stderr
+    output = run_lst_train_on_two_ranks(
+        tmp_path, FULL_DISK_ON_RANK0,
+        [failing_write, *tiny_flags(write_corpus(tmp_path / "data")), "--train-iters", "2",
+         "--save", str(save)])
     # Each rank exits with 3; once one has, torchrun may end the other with SIGTERM (-15) before
     # it exits by itself (both lines below show that both ranks got there).
     codes = re.findall(r"exitcode  : (-?\d+)", output)
@@ -485,18 +504,65 @@ def test_a_save_failing_on_rank_1_is_explained_on_every_rank(tmp_path):
     another node's log."""
     from training.training_cases import tiny_flags, write_corpus
 
-    script = tmp_path / "writers_fail_on_rank1.py"
-    script.write_text(WRITERS_FAIL_ON_RANK1)
     save = tmp_path / "ckpt"
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), *tiny_flags(write_corpus(tmp_path / "data")), "--train-iters", "2",
-         "--save", str(save)],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
-    output = run.stdout + run.stderr
+    output = run_lst_train_on_two_ranks(
+        tmp_path, WRITERS_FAIL_ON_RANK1,
+        [*tiny_flags(write_corpus(tmp_path / "data")), "--train-iters", "2", "--save", str(save)])
     reason = (f"lst-train: saving the checkpoint of iteration 2 into {save} failed (rank 1: "
               f"OSError: [Errno 28] No space left on device); ")
     assert output.count(reason) == 2, output[-3000:]  # from both ranks
     assert "its message says why" not in output, output[-3000:]
     assert find_latest_checkpoint(save) is None
+
+
+FAILS_ON_RANK1_ALONE = """
+import errno, os, sys
+
+if __name__ == "__main__":  # the checkpoint writers re-import this file
+    from megatron_lst.checkpoint import integrity
+    from megatron_lst.training import cli, optimizer_state
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    step = sys.argv.pop(1)
+    if os.environ["RANK"] == "1":
+        if step == "hashing":  # after the shards are written, each rank hashes a share
+            digest_file = integrity.digest_file  # which also fingerprints the training data
+            integrity.digest_file = lambda path: (
+                unreadable() if ".tmp-" in str(path) else digest_file(path))
+        else:  # before anything is written
+            optimizer_state.sharded_state_to_save = unreadable
+    sys.exit(cli.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("step, what, interrupted_saves", [
+    ("hashing", "record the files of iter_0000002.tmp-", 1),
+    ("state", "gather its state to save", 1),
+])
+def test_a_save_failing_on_rank_1_alone_stops_every_rank_with_its_line(tmp_path, step, what,
+                                                                       interrupted_saves):
+    """A step of a save that each rank takes on its own (building its state to save, hashing
+    its share of the files) raised on rank 1 alone: rank 0 went on into the next collective and
+    broke there with a gloo traceback ('Connection closed by peer') once rank 1 exited, or,
+    across nodes, waited for it up to the process-group timeout."""
+    from training.training_cases import tiny_flags, write_corpus
+
+    save = tmp_path / "ckpt"
+    output = run_lst_train_on_two_ranks(
+        tmp_path, FAILS_ON_RANK1_ALONE,
+        [step, *tiny_flags(write_corpus(tmp_path / "data")), "--train-iters", "2",
+         "--save", str(save)])
+    codes = re.findall(r"exitcode  : (-?\d+)", output)  # 1: a rank's traceback
+    assert "3" in codes and set(codes) <= {"3", "-15"}, output[-3000:]
+    assert "Connection closed by peer" not in output, output[-3000:]
+    stopped = re.findall(
+        rf"lst-train: saving the checkpoint of iteration 2 into {re.escape(str(save))} failed "
+        rf"\(rank 1 could not {re.escape(what)}[0-9a-f]* \(OSError: \[Errno 5\] Input/output "
+        rf"error\)\); .*Checkpoints saved before are untouched", output)
+    assert len(stopped) == 2, output[-3000:]  # from both ranks
+    assert find_latest_checkpoint(save) is None and not (save / TRACKER_FILENAME).exists()
+    assert len(list(save.glob("iter_0000002.tmp-*"))) == interrupted_saves

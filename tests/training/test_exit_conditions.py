@@ -242,8 +242,9 @@ def test_the_loop_keeps_aside_the_metrics_a_resume_from_elsewhere_drops(tmp_path
                                                     str(elsewhere)]), 1))
     loop.pretrain(validate_args(parse_args(flags + ["--train-iters", "4", "--save", str(save),
                                                     "--save-interval", "1"]), 1))
-    for later in ("iter_0000003", "iter_0000004"):  # moved away: nothing newer than 2 is left
-        (save / later).rename(tmp_path / later)
+    # Moved away: a run resuming from elsewhere refuses a --save holding another run's checkpoints.
+    for checkpoint in save.glob("iter_*"):
+        checkpoint.rename(tmp_path / checkpoint.name)
     earlier = (save / "metrics.jsonl").read_text()
     loop.pretrain(validate_args(parse_args(flags + ["--train-iters", "3", "--save", str(save),
                                                     "--load", str(elsewhere)]), 1))

@@ -366,3 +366,48 @@ def test_any_failure_of_a_rank_0_check_stops_every_rank_with_its_message():
         "oserror": ["InsufficientSpaceError", "rank 0 stopped with PermissionError: [Errno 13] "
                     "Permission denied: '/save' (its output says where); this rank stops with it"],
         "refusal": ["InsufficientSpaceError", "--save /save has 0.0 MiB free"]}
+
+
+# --- fp16 updates skipped at the lowest loss scale ----------------------------------------
+
+@pytest.mark.slow
+def test_fp16_overflowing_at_the_lowest_loss_scale_stops_with_the_checkpoint_to_go_back_to(
+        tmp_path):
+    """A loss scale of 2^64, also the lowest, overflows fp16's gradients at every step while the
+    loss stays finite: every update was skipped to --train-iters, silently (no NaN stop). After
+    --hysteresis (2) + 10 skips in a row at the lowest scale the run stops with status 5."""
+    save = tmp_path / "ckpt"
+    flags = tiny_flags(write_corpus(tmp_path / "data")) + [
+        "--fp16", "--initial-loss-scale", str(2.0**64), "--min-loss-scale", str(2.0**64),
+        "--train-iters", "40", "--eval-interval", "1000", "--save", str(save),
+        "--save-interval", "5"]
+    done = subprocess.run(_command(flags), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 5, done.stderr[-3000:]
+    assert re.search(
+        r"lst-train: iteration 12: the gradients overflowed fp16 \(NaN or infinity\) in each of "
+        r"the last 12 iterations with the loss scale at its lowest, 1\.84467e\+19 "
+        r"\(--min-loss-scale\), so no update was made since iteration 1 and none would be until "
+        r"--train-iters, though the loss is finite \([0-9.]+\)\. Train with --bf16", done.stderr)
+    # The checkpoints of iterations 5 and 10 hold the weights that overflow: none to go back to.
+    assert done.stderr.rstrip().endswith(
+        f"{save / 'iter_0000010'} (iteration 10) is passed over: it holds the weights whose "
+        f"gradients overflowed from iteration 1 on. No checkpoint before it was found: start "
+        f"again.")
+    assert "iteration       13/" not in done.stdout
+
+
+def test_skipped_updates_stop_the_run_only_when_that_many_in_a_row_came_at_the_lowest_scale():
+    from megatron_lst.training.flops import FlopBreakdown
+
+    def step(skipped: bool, loss_scale: float) -> loop.StepResult:
+        return loop.StepResult(loss=2.0, num_tokens=64, flops=FlopBreakdown(), seconds=0.1,
+                               learning_rate=1e-3, grad_norm=None, loss_scale=loss_scale,
+                               skipped=skipped)
+
+    skipped = loop.SkippedUpdates(lowest_scale=1.0, limit=3)
+    # Two skips while the scale comes down, two at the lowest, an update, two at the lowest.
+    steps = [(True, 4.0), (True, 2.0), (True, 1.0), (True, 1.0), (False, 1.0), (True, 1.0),
+             (True, 1.0)]
+    assert [skipped.stuck_since(step(*s), i) for i, s in enumerate(steps, 1)] == [None] * 7
+    assert skipped.stuck_since(step(True, 1.0), 8) == 6  # three in a row at the lowest
