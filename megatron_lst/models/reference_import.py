@@ -117,6 +117,13 @@ REQUIRED_REFERENCE_OPTIONS = {
     "cross_attn_use_flex_attention": True,
 }
 
+# Why a required option's other value is not an LST model at all (`lst_config_from_reference`).
+_NO_LST_MODEL = dict.fromkeys(
+    ("cross_attn_encoder", "cross_attn_decoder"),
+    ": without the local encoder's and decoder's cross-attention the args describe no LST model "
+    "(the reference's apps/main configurations, llama_1B and llama_7B, are plain token "
+    "transformers; train the token baseline here with --patching-mode none)")
+
 # Fields of the reference's args that its model never reads: its norms are RMSNorm, its FFNs
 # SwiGLU and its output layer the local decoder's own, whatever these say, so any value imports.
 # An export writes the reference's defaults.
@@ -209,7 +216,8 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
             a[key] = None
     for key, value in REQUIRED_REFERENCE_OPTIONS.items():
         if a[key] != value and key != "use_local_encoder_transformer":
-            raise ReferenceImportError(f"reference option {key}={a[key]!r} is not supported (need {value!r})")
+            raise ReferenceImportError(f"reference option {key}={a[key]!r} is not supported (need "
+                                       f"{value!r}){_NO_LST_MODEL.get(key, '')}")
     _check_hash_embeddings(a)
     _check_init_fields(a)
     for key in ("vocab_size", "multiple_of", "cross_attn_k", "cross_attn_nheads", "max_seqlen"):

@@ -162,10 +162,14 @@ REFUSED_REFERENCE_CONFIGURATIONS = {
     "lst_yaml_at_9e86f12": ({**REFERENCE_LST_YAML, **HASH_NGRAMS},
                             "reference encoder_hash_byte_group_size=[4] is not supported"),
     "llama_1B_yaml": ({"dim": 64, "n_layers": 3, "n_heads": 4},
-                      "reference option cross_attn_encoder=False is not supported"),
+                      "reference option cross_attn_encoder=False is not supported (need True): "
+                      "without the local encoder's and decoder's cross-attention the args "
+                      "describe no LST model"),
     "llama_7B_yaml": ({"dim": 64, "n_layers": 3, "n_heads": 4, "rope_theta": 100_000,
                        "ffn_dim_multiplier": 1.0, "multiple_of": 256},
-                      "reference option cross_attn_encoder=False is not supported"),
+                      "reference option cross_attn_encoder=False is not supported (need True): "
+                      "without the local encoder's and decoder's cross-attention the args "
+                      "describe no LST model"),
 }
 
 
