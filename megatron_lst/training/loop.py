@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -434,13 +435,18 @@ def evaluate(state: TrainingState, dataset: torch.utils.data.Dataset) -> float:
 def _data_iterator(loader: torch.utils.data.DataLoader, model_config: LSTConfig,
                    model: list[torch.nn.Module]) -> Iterator | None | list[Iterator | None]:
     """What megatron's schedule reads the batches of the model chunks `model` from: one chunk's
-    iterator, or with virtual pipeline stages a list of one per chunk, each reading the loader
-    from the start on its own (as Megatron-LM's are). A chunk reads batches when it holds the
-    first or the last stage, and with packed-document attention always (the stages in between
-    find the documents of their global positions from the tokens); the others get None."""
-    iterators = [iter(loader) if model_config.documents is not None
-                 or _chunk_attr(chunk, "pre_process") or _chunk_attr(chunk, "post_process")
-                 else None for chunk in model]
+    iterator, or with virtual pipeline stages a list of one per chunk. A chunk reads batches when
+    it holds the first or the last stage, and with packed-document attention always (the stages
+    in between find the documents of their global positions from the tokens); the others get
+    None. The chunks of a rank that read batches share one pass over the loader (`tee`: each
+    batch is loaded once, by one set of workers, and dropped once every such chunk has taken
+    it; the interleaved schedule runs a chunk at most a few micro-batches ahead of another)."""
+    reads = [model_config.documents is not None or _chunk_attr(chunk, "pre_process")
+             or _chunk_attr(chunk, "post_process") for chunk in model]
+    if not any(reads):
+        return None if len(model) == 1 else [None] * len(model)
+    shared = iter(itertools.tee(iter(loader), sum(reads)))
+    iterators = [next(shared) if chunk_reads else None for chunk_reads in reads]
     return iterators[0] if len(iterators) == 1 else iterators
 
 

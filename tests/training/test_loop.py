@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,6 +39,50 @@ def test_sampler_resumes_at_the_consumed_sample():
     resumed = list(PretrainingBatchSampler(24, 8, 2, 1, 2))
     assert resumed == straight[2:]
     assert len(PretrainingBatchSampler(24, 8, 2, 1, 2)) == len(resumed)
+
+
+class _CountingLoader:
+    """A loader of three batches that counts the passes made over it."""
+
+    def __init__(self):
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter([{"index": index} for index in range(3)])
+
+
+def _chunk(pre_process: bool, post_process: bool) -> SimpleNamespace:
+    return SimpleNamespace(pre_process=pre_process, post_process=post_process)
+
+
+def test_the_model_chunks_that_read_batches_share_one_pass_over_the_loader():
+    # Virtual pipeline stages on the only pipeline rank: the first chunk holds the first stage,
+    # the last the last; without packed documents the middle chunk reads no batches.
+    loader = _CountingLoader()
+    first, middle, last = loop._data_iterator(loader, SimpleNamespace(documents=None),
+                                              [_chunk(True, False), _chunk(False, False),
+                                               _chunk(False, True)])
+    assert middle is None
+    taken_first = [next(first) for _ in range(2)]
+    taken_last = [next(last) for _ in range(3)]
+    assert [batch["index"] for batch in taken_last] == [0, 1, 2]
+    assert taken_first == taken_last[:2]
+    assert taken_first[0] is taken_last[0]  # loaded once
+    assert loader.passes == 1
+
+
+def test_with_packed_documents_every_chunk_reads_and_a_lone_reading_chunk_gets_the_iterator():
+    loader = _CountingLoader()
+    chunks = [_chunk(False, False), _chunk(False, False)]
+    both = loop._data_iterator(loader, SimpleNamespace(documents=object()), chunks)
+    assert [next(iterator)["index"] for iterator in both] == [0, 0]
+    assert loader.passes == 1
+    assert loop._data_iterator(loader, SimpleNamespace(documents=None), chunks) == [None, None]
+    assert loop._data_iterator(loader, SimpleNamespace(documents=None), chunks[:1]) is None
+    assert loader.passes == 1  # no pass for chunks that read nothing
+    only = loop._data_iterator(loader, SimpleNamespace(documents=None), [_chunk(True, True)])
+    assert next(only) == {"index": 0}
 
 
 def test_a_vocabulary_that_does_not_split_over_tensor_parallel_ranks_names_the_fix():
