@@ -457,3 +457,41 @@ def test_a_damaged_older_checkpoint_gets_no_advice_to_move_it(save_dir):
     message = str(refused.value)
     assert f"--load {save_dir} --ckpt-step 2" in message
     assert "mv " not in message
+
+
+def _checkpoint_with_manifest(directory: Path) -> Path:
+    """A directory of two files and their manifest: enough for the digest check."""
+    directory.mkdir()
+    for name in ("a.distcp", "b.distcp"):
+        (directory / name).write_bytes(name.encode())
+    write_manifest(directory, record_checkpoint_files(directory))
+    return directory
+
+
+@pytest.mark.distributed
+def test_a_file_one_rank_cannot_read_stops_every_rank_naming_it(tmp_path):
+    """At load, a rank that could not hash its share of the files (EIO, a permission) stopped
+    alone, leaving the other ranks waiting for it in the gather of the digests' problems."""
+    from distributed.harness import TESTS_DIR, run_distributed
+
+    checkpoint = _checkpoint_with_manifest(tmp_path / "iter_0000002")
+    ranks = run_distributed(TESTS_DIR / "checkpoint" / "verify_share_worker.py", 2,
+                            ["--checkpoint", str(checkpoint)], timeout=120)
+    expected = ["CheckpointIntegrityError",
+                f"checkpoint {checkpoint} could not be checked and is not loaded: rank 1 could "
+                f"not read its files (CheckpointIntegrityError: cannot read "
+                f"{checkpoint / 'b.distcp'} (OSError: [Errno 5] Input/output error))"]
+    assert ranks == [expected, expected]
+
+
+def test_a_file_that_cannot_be_read_is_named_in_one_line(tmp_path, monkeypatch):
+    checkpoint = _checkpoint_with_manifest(tmp_path / "iter_0000002")
+
+    def unreadable(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(integrity, "digest_file", unreadable)
+    with pytest.raises(CheckpointIntegrityError, match=re.escape(
+            f"rank 0 could not read its files (CheckpointIntegrityError: cannot read "
+            f"{checkpoint / 'a.distcp'} (OSError: [Errno 5] Input/output error))")):
+        integrity.verify_checkpoint(checkpoint)
