@@ -17,7 +17,7 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from checkpoint.mcore_layouts import writes_common_pt
-from megatron_lst.checkpoint import cli, integrity
+from megatron_lst.checkpoint import cli, durable_files, integrity
 from megatron_lst.checkpoint.dist import (
     load_dist_checkpoint,
     save_dist_checkpoint,
@@ -344,6 +344,29 @@ def test_a_failed_save_is_explained_and_the_previous_checkpoint_stays(save_dir, 
     loaded = load_checkpoint(save_dir, [model], None, None, WEIGHTS_ONLY, VOCAB)
     assert loaded.path == save_dir / "iter_0000002"
     assert_weights_of(model, seed=2)
+
+
+def test_a_failed_pointer_update_says_the_checkpoint_is_complete_and_how_to_load_it(
+        save_dir, monkeypatch, caplog):
+    """Only the pointer file failed, after the rename: the message said to remove the
+    interrupted save, yet the checkpoint was complete under its final name."""
+    monkeypatch.setattr(durable_files, "replace_file_durably", _disk_full)
+    model = tiny_model(seed=3)
+    with pytest.raises(CheckpointSaveError) as failed:
+        save_dist_checkpoint(save_dir, model, training_args_for(model.lst_config), VOCAB, 3)
+    tracker = save_dir / TRACKER_FILENAME
+    assert str(failed.value).startswith(
+        f"the checkpoint of iteration 3 is complete at {save_dir / 'iter_0000003'}, but "
+        f"updating {tracker} failed (OSError: [Errno 28] No space left on device; ")
+    assert str(failed.value).endswith(
+        f"): {TRACKER_FILENAME} still names iteration 2. --load {save_dir} finds the newest "
+        f"complete checkpoint by itself (warning that the pointer names an older one), or "
+        f"write 3 into {tracker}")
+    monkeypatch.undo()
+    assert tracker.read_text() == "2"
+    loaded = load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
+    assert loaded.path == save_dir / "iter_0000003"
+    assert "names iteration 2 but the complete checkpoint iter_0000003 is newer" in caplog.text
 
 
 def test_a_rank_whose_writers_did_not_fail_says_another_ranks_did(save_dir, monkeypatch):
