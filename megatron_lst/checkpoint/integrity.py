@@ -34,7 +34,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
@@ -54,6 +54,7 @@ MEGATRON_CONFIG_FILENAME = "metadata.json"
 # listed in it.
 UNLISTED_FILENAMES = frozenset({MANIFEST_FILENAME, "lst_checkpoint.json"})
 _BLOCK = 8 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,9 @@ def _my_share(names: list[str]) -> list[str]:
     return names[dist.get_rank()::dist.get_world_size()]
 
 
-def _union_of_shares(checkpoint: Path, find: Callable[[], dict[str, Any]],
-                     what: str) -> dict[str, Any]:
-    """Collective when torch.distributed is initialized: the union of every rank's `find()`
-    (its share of a check of `checkpoint`), on every rank. When `find` raises on any rank (a
+def _on_every_rank(checkpoint: Path, find: Callable[[], T], what: str) -> list[T]:
+    """Collective when torch.distributed is initialized: every rank's `find()` (its part of a
+    check of `checkpoint`), in rank order, on every rank. When `find` raises on any rank (a
     file it cannot read: EIO, a permission), every rank raises CheckpointIntegrityError naming
     each such rank and its error: a rank that stopped alone left the others waiting for it."""
     def error(failed: list[tuple[int, str]]) -> CheckpointIntegrityError:
@@ -97,13 +97,18 @@ def _union_of_shares(checkpoint: Path, find: Callable[[], dict[str, Any]],
             f"checkpoint {checkpoint} could not be checked and is not loaded: {ranks}")
 
     if has_other_ranks():
-        parts = share_or_stop(*outcome(find), error)
-    else:
-        part, failure = outcome(find)
-        if failure is not None:
-            raise error([(0, failure)])
-        parts = [part]
-    return {key: value for part in parts for key, value in part.items()}
+        return share_or_stop(*outcome(find), error)
+    part, failure = outcome(find)
+    if failure is not None:
+        raise error([(0, failure)])
+    return [part]
+
+
+def _union_of_shares(checkpoint: Path, find: Callable[[], dict[str, Any]],
+                     what: str) -> dict[str, Any]:
+    """`_on_every_rank`, the ranks' parts (each a share of the check's results) merged."""
+    return {key: value for part in _on_every_rank(checkpoint, find, what)
+            for key, value in part.items()}
 
 
 def record_checkpoint_files(directory: str | os.PathLike) -> dict[str, FileRecord]:
@@ -166,12 +171,13 @@ class VerificationReport:
 def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
     """Collective when torch.distributed is initialized: run every check of the module
     docstring on `checkpoint` (an iter_XXXXXXX directory) and report what they find. Raises
-    CheckpointIntegrityError for an unreadable manifest, and on every rank for a file a rank
-    cannot read (naming the rank, the file and the error). Nothing of the checkpoint is
-    unpickled unrestricted."""
+    CheckpointIntegrityError, on every rank, for a manifest or a file that a rank cannot read
+    (naming the rank, the file and the error). Nothing of the checkpoint is unpickled
+    unrestricted."""
     directory = Path(checkpoint)
     problems: list[str] = []
-    manifest = read_manifest(directory)
+    # rank 0's, on every rank: the ranks split the files it lists between them
+    manifest = _on_every_rank(directory, lambda: read_manifest(directory), "read its manifest")[0]
     files_checked = bytes_checked = 0
     if manifest is not None:
         outside = _names_outside(directory, manifest)

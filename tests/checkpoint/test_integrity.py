@@ -492,18 +492,25 @@ def _checkpoint_with_manifest(directory: Path) -> Path:
 
 
 @pytest.mark.distributed
-def test_a_file_one_rank_cannot_read_stops_every_rank_naming_it(tmp_path):
-    """At load, a rank that could not hash its share of the files (EIO, a permission) stopped
-    alone, leaving the other ranks waiting for it in the gather of the digests' problems."""
+@pytest.mark.parametrize("unreadable, error", [
+    ("files", "its files (CheckpointIntegrityError: cannot read {checkpoint}/b.distcp (OSError: "
+              "[Errno 5] Input/output error))"),
+    ("manifest", "its manifest (CheckpointIntegrityError: cannot read "
+                 "{checkpoint}/lst_manifest.json: [Errno 5] Input/output error)"),
+])
+def test_a_file_one_rank_cannot_read_stops_every_rank_naming_it(tmp_path, unreadable, error):
+    """At load, a rank that could not hash its share of the files, or read the manifest (EIO,
+    a permission), stopped alone, leaving the other ranks waiting for it in the gather of the
+    digests' problems."""
     from distributed.harness import TESTS_DIR, run_distributed
 
     checkpoint = _checkpoint_with_manifest(tmp_path / "iter_0000002")
     ranks = run_distributed(TESTS_DIR / "checkpoint" / "verify_share_worker.py", 2,
-                            ["--checkpoint", str(checkpoint)], timeout=120)
+                            ["--checkpoint", str(checkpoint), "--unreadable", unreadable],
+                            timeout=120)
     expected = ["CheckpointIntegrityError",
                 f"checkpoint {checkpoint} could not be checked and is not loaded: rank 1 could "
-                f"not read its files (CheckpointIntegrityError: cannot read "
-                f"{checkpoint / 'b.distcp'} (OSError: [Errno 5] Input/output error))"]
+                f"not read {error.format(checkpoint=checkpoint)}"]
     assert ranks == [expected, expected]
 
 
