@@ -31,14 +31,15 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
 from megatron_lst.parallel import has_other_ranks
-from megatron_lst.training.rank_failures import outcome, share_or_stop, step_failed
+from megatron_lst.training.rank_failures import one_line, outcome, share_or_stop, step_failed
 
 from . import safe_pickle
 from .durable_files import write_file_durably
@@ -53,6 +54,7 @@ MEGATRON_CONFIG_FILENAME = "metadata.json"
 # listed in it.
 UNLISTED_FILENAMES = frozenset({MANIFEST_FILENAME, "lst_checkpoint.json"})
 _BLOCK = 8 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,13 +86,29 @@ def _my_share(names: list[str]) -> list[str]:
     return names[dist.get_rank()::dist.get_world_size()]
 
 
-def _gather(part: dict[str, Any]) -> dict[str, Any]:
-    """The union of every rank's `part` (on every rank)."""
-    if not has_other_ranks():
-        return part
-    parts: list[dict[str, Any]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(parts, part)
-    return {key: value for each in parts for key, value in each.items()}
+def _on_every_rank(checkpoint: Path, find: Callable[[], T], what: str) -> list[T]:
+    """Collective when torch.distributed is initialized: every rank's `find()` (its part of a
+    check of `checkpoint`), in rank order, on every rank. When `find` raises on any rank (a
+    file it cannot read: EIO, a permission), every rank raises CheckpointIntegrityError naming
+    each such rank and its error: a rank that stopped alone left the others waiting for it."""
+    def error(failed: list[tuple[int, str]]) -> CheckpointIntegrityError:
+        ranks = "; ".join(f"rank {rank} could not {what} ({message})" for rank, message in failed)
+        return CheckpointIntegrityError(
+            f"checkpoint {checkpoint} could not be checked and is not loaded: {ranks}")
+
+    if has_other_ranks():
+        return share_or_stop(*outcome(find), error)
+    part, failure = outcome(find)
+    if failure is not None:
+        raise error([(0, failure)])
+    return [part]
+
+
+def _union_of_shares(checkpoint: Path, find: Callable[[], dict[str, Any]],
+                     what: str) -> dict[str, Any]:
+    """`_on_every_rank`, the ranks' parts (each a share of the check's results) merged."""
+    return {key: value for part in _on_every_rank(checkpoint, find, what)
+            for key, value in part.items()}
 
 
 def record_checkpoint_files(directory: str | os.PathLike) -> dict[str, FileRecord]:
@@ -152,20 +170,21 @@ class VerificationReport:
 
 def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
     """Collective when torch.distributed is initialized: run every check of the module
-    docstring on `checkpoint` (an iter_XXXXXXX directory) and report what they find (raising
-    only for an unreadable manifest). Nothing of the checkpoint is unpickled unrestricted."""
+    docstring on `checkpoint` (an iter_XXXXXXX directory) and report what they find. Raises
+    CheckpointIntegrityError, on every rank, for a manifest or a file that a rank cannot read
+    (naming the rank, the file and the error). Nothing of the checkpoint is unpickled
+    unrestricted."""
     directory = Path(checkpoint)
     problems: list[str] = []
-    manifest = read_manifest(directory)
+    # rank 0's, on every rank: the ranks split the files it lists between them
+    manifest = _on_every_rank(directory, lambda: read_manifest(directory), "read its manifest")[0]
     files_checked = bytes_checked = 0
     if manifest is not None:
         outside = _names_outside(directory, manifest)
         if outside:  # hashing them would read files beyond the checkpoint
             return VerificationReport(directory, 0, 0, True, (outside,))
-        mine = {}
-        for name in _my_share(sorted(manifest)):
-            mine[name] = _file_problem(directory / name, manifest[name])
-        found = _gather(mine)
+        found = _union_of_shares(directory, lambda: _share_of_file_problems(directory, manifest),
+                                 "read its files")
         problems += [found[name] for name in sorted(found) if found[name] is not None]
         files_checked = len(manifest)
         bytes_checked = sum(r.size for r in manifest.values())
@@ -187,7 +206,9 @@ def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
         problems += safe_pickle.check_file_bounds(directory, metadata)
         if not problems:
             keys = _my_share(safe_pickle.byte_items(metadata))
-            found = _gather(safe_pickle.check_byte_items(directory, metadata, keys))
+            found = _union_of_shares(
+                directory, lambda: safe_pickle.check_byte_items(directory, metadata, keys),
+                "read its objects")
             problems += [found[key] for key in sorted(found)]
     problems += safe_pickle.check_common_state(directory)
     problems += _megatron_config_problems(directory)
@@ -231,6 +252,20 @@ def _symlink_problem(path: Path) -> str:
     # reading a link would read whatever it points at, in or out of the checkpoint
     return (f"{path} is a symbolic link (to {os.readlink(path)}); a save writes only plain "
             f"files, so it was not read")
+
+
+def _share_of_file_problems(directory: Path,
+                            manifest: dict[str, FileRecord]) -> dict[str, str | None]:
+    """`_file_problem` of each file of this rank's share; raises naming the file it cannot read
+    (whatever the error: the other ranks wait for this one's outcome)."""
+    problems = {}
+    for name in _my_share(sorted(manifest)):
+        try:
+            problems[name] = _file_problem(directory / name, manifest[name])
+        except Exception as error:
+            raise CheckpointIntegrityError(
+                f"cannot read {directory / name} ({one_line(error)})") from error
+    return problems
 
 
 def _file_problem(path: Path, expected: FileRecord) -> str | None:

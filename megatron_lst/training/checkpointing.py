@@ -357,6 +357,7 @@ def save_checkpoint(
 
         _on_rank0(lambda: _finish_on_rank0(temporary, final, files, _checkpoint_metadata(
             iteration, extra_json, scheduler, args, vocab, model_chunks)), iteration, root)
+    on_rank0(lambda: _point_tracker_to(final, iteration), CheckpointSaveError)
     dist.barrier()
     return final
 
@@ -426,12 +427,38 @@ def _on_rank0(action: Callable[[], None], iteration: int, root: Path) -> None:
 
 def _finish_on_rank0(temporary: Path, final: Path, files: Any, metadata: dict[str, Any]) -> None:
     """Rank 0's part of a save, once every rank wrote its shards: the manifest, our metadata
-    last, the rename to the final name, then the pointer file."""
+    last, then the rename to the final name (`_point_tracker_to` follows)."""
     integrity.write_manifest(temporary, files)
     durable_files.write_file_durably(temporary / METADATA_FILENAME, json.dumps(metadata, indent=1))
     os.rename(temporary, final)
     durable_files.fsync_directory(final.parent)
-    durable_files.replace_file_durably(final.parent / TRACKER_FILENAME, str(metadata["iteration"]))
+
+
+def _point_tracker_to(final: Path, iteration: int) -> None:
+    """Rank 0's last step of a save: name the complete checkpoint `final` in the pointer file.
+    When that fails, raises CheckpointSaveError saying that the checkpoint is complete, what the
+    pointer file still names and how to resume from the checkpoint regardless."""
+    root = final.parent
+    tracker = root / TRACKER_FILENAME
+    try:
+        durable_files.replace_file_durably(tracker, str(iteration))
+    except OSError as error:
+        raise CheckpointSaveError(
+            f"the checkpoint of iteration {iteration} is complete at {final}, but updating "
+            f"{tracker} failed ({one_line(error)}; {_free_space(root)}): {_tracker_now(root)}. "
+            f"--load {root} finds the newest complete checkpoint by itself (warning that the "
+            f"pointer names an older one), or write {iteration} into {tracker}") from None
+
+
+def _tracker_now(root: Path) -> str:
+    """What the pointer file of `root` names, for a message saying it was not updated."""
+    try:
+        pointed = _read_tracker(root)
+    except CheckpointError as error:
+        return str(error)
+    if pointed is None:
+        return f"{TRACKER_FILENAME} is not there yet"
+    return f"{TRACKER_FILENAME} still names iteration {pointed}"
 
 
 class CheckpointSaveError(CheckpointError):

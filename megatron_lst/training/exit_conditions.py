@@ -16,6 +16,7 @@ answer is the same on every rank: signals and the clock are combined over ranks 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import threading
@@ -55,6 +56,7 @@ class ExitMonitor:
         self.conditions = conditions
         self.start_time = start_time
         self.received: signal.Signals | None = None
+        self._saving = False
         self._previous: dict[signal.Signals, Any] = {}
 
     def __enter__(self) -> ExitMonitor:
@@ -68,13 +70,24 @@ class ExitMonitor:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    @contextlib.contextmanager
+    def saving(self):
+        """Within the block a checkpoint is being saved, after which the loop asks `reason`
+        again: a signal received then stops the run with that checkpoint, not another one."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+
     def _handle(self, signum: int, frame) -> None:
         del frame
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = signal.Signals(signum)
-            _say_from_handler(f"received {name}: saving a checkpoint after this iteration, then "
-                              f"exiting\n")
+            plan = ("exiting once the checkpoint being saved is written" if self._saving else
+                    "saving a checkpoint after this iteration, then exiting")
+            _say_from_handler(f"received {name}: {plan}\n")
         else:  # a scheduler's repeated notice, or an impatient user: the first one still holds
             _say_from_handler(f"received {name}: already stopping after this iteration's "
                               f"checkpoint (a SIGKILL before it is written loses this "

@@ -537,7 +537,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
             exit_reason = None if last else exit_monitor.reason(state.iteration)
             if args.save is not None and (exit_reason or last or (
                     args.save_interval and state.iteration % args.save_interval == 0)):
-                with param_gather.synchronised():
+                with param_gather.synchronised(), exit_monitor.saving():
                     result.checkpoints.append(_save(state))
                 if not exit_reason and not last:
                     # A signal (or the duration) that came during this periodic save stops the

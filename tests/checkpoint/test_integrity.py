@@ -17,7 +17,7 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from checkpoint.mcore_layouts import writes_common_pt
-from megatron_lst.checkpoint import cli, integrity
+from megatron_lst.checkpoint import cli, durable_files, integrity
 from megatron_lst.checkpoint.dist import (
     load_dist_checkpoint,
     save_dist_checkpoint,
@@ -346,6 +346,29 @@ def test_a_failed_save_is_explained_and_the_previous_checkpoint_stays(save_dir, 
     assert_weights_of(model, seed=2)
 
 
+def test_a_failed_pointer_update_says_the_checkpoint_is_complete_and_how_to_load_it(
+        save_dir, monkeypatch, caplog):
+    """Only the pointer file failed, after the rename: the message said to remove the
+    interrupted save, yet the checkpoint was complete under its final name."""
+    monkeypatch.setattr(durable_files, "replace_file_durably", _disk_full)
+    model = tiny_model(seed=3)
+    with pytest.raises(CheckpointSaveError) as failed:
+        save_dist_checkpoint(save_dir, model, training_args_for(model.lst_config), VOCAB, 3)
+    tracker = save_dir / TRACKER_FILENAME
+    assert str(failed.value).startswith(
+        f"the checkpoint of iteration 3 is complete at {save_dir / 'iter_0000003'}, but "
+        f"updating {tracker} failed (OSError: [Errno 28] No space left on device; ")
+    assert str(failed.value).endswith(
+        f"): {TRACKER_FILENAME} still names iteration 2. --load {save_dir} finds the newest "
+        f"complete checkpoint by itself (warning that the pointer names an older one), or "
+        f"write 3 into {tracker}")
+    monkeypatch.undo()
+    assert tracker.read_text() == "2"
+    loaded = load_checkpoint(save_dir, [tiny_model()], None, None, WEIGHTS_ONLY, VOCAB)
+    assert loaded.path == save_dir / "iter_0000003"
+    assert "names iteration 2 but the complete checkpoint iter_0000003 is newer" in caplog.text
+
+
 def test_a_rank_whose_writers_did_not_fail_says_another_ranks_did(save_dir, monkeypatch):
     """torch.distributed.checkpoint tells only the failing ranks why: the others' message read
     'failed ()'."""
@@ -457,3 +480,48 @@ def test_a_damaged_older_checkpoint_gets_no_advice_to_move_it(save_dir):
     message = str(refused.value)
     assert f"--load {save_dir} --ckpt-step 2" in message
     assert "mv " not in message
+
+
+def _checkpoint_with_manifest(directory: Path) -> Path:
+    """A directory of two files and their manifest: enough for the digest check."""
+    directory.mkdir()
+    for name in ("a.distcp", "b.distcp"):
+        (directory / name).write_bytes(name.encode())
+    write_manifest(directory, record_checkpoint_files(directory))
+    return directory
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("unreadable, error", [
+    ("files", "its files (CheckpointIntegrityError: cannot read {checkpoint}/b.distcp (OSError: "
+              "[Errno 5] Input/output error))"),
+    ("manifest", "its manifest (CheckpointIntegrityError: cannot read "
+                 "{checkpoint}/lst_manifest.json: [Errno 5] Input/output error)"),
+])
+def test_a_file_one_rank_cannot_read_stops_every_rank_naming_it(tmp_path, unreadable, error):
+    """At load, a rank that could not hash its share of the files, or read the manifest (EIO,
+    a permission), stopped alone, leaving the other ranks waiting for it in the gather of the
+    digests' problems."""
+    from distributed.harness import TESTS_DIR, run_distributed
+
+    checkpoint = _checkpoint_with_manifest(tmp_path / "iter_0000002")
+    ranks = run_distributed(TESTS_DIR / "checkpoint" / "verify_share_worker.py", 2,
+                            ["--checkpoint", str(checkpoint), "--unreadable", unreadable],
+                            timeout=120)
+    expected = ["CheckpointIntegrityError",
+                f"checkpoint {checkpoint} could not be checked and is not loaded: rank 1 could "
+                f"not read {error.format(checkpoint=checkpoint)}"]
+    assert ranks == [expected, expected]
+
+
+def test_a_file_that_cannot_be_read_is_named_in_one_line(tmp_path, monkeypatch):
+    checkpoint = _checkpoint_with_manifest(tmp_path / "iter_0000002")
+
+    def unreadable(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(integrity, "digest_file", unreadable)
+    with pytest.raises(CheckpointIntegrityError, match=re.escape(
+            f"rank 0 could not read its files (CheckpointIntegrityError: cannot read "
+            f"{checkpoint / 'a.distcp'} (OSError: [Errno 5] Input/output error))")):
+        integrity.verify_checkpoint(checkpoint)

@@ -103,6 +103,16 @@ def test_a_second_signal_says_the_stop_is_under_way(world_of_one, capfd):
         "before it is written loses this iteration's work)"]
 
 
+def test_a_signal_during_a_save_says_the_run_stops_with_that_checkpoint(world_of_one, capfd):
+    monitor = ExitMonitor(ExitConditions(signals=(signal.SIGUSR1,)), time.monotonic())
+    with monitor:
+        with monitor.saving():
+            os.kill(os.getpid(), signal.SIGUSR1)
+        assert monitor.reason(1) == "received SIGUSR1"
+    assert capfd.readouterr().err.splitlines() == [
+        "received SIGUSR1: exiting once the checkpoint being saved is written"]
+
+
 def test_duration_and_interval_reasons(world_of_one):
     started_two_minutes_ago = time.monotonic() - 120
     assert ExitMonitor(ExitConditions(duration_minutes=3), started_two_minutes_ago).reason(5) \
@@ -284,9 +294,10 @@ def test_read_metrics_leaves_out_a_torn_last_line_and_names_a_damaged_one(tmp_pa
 
 
 def test_a_signal_during_a_periodic_save_stops_the_run_with_that_checkpoint(tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, capfd):
     """It used to train one more iteration and save again: a second save inside the kill
-    window that follows the signal (torchrun's 30 s, SLURM's KillWait)."""
+    window that follows the signal (torchrun's 30 s, SLURM's KillWait). Its notice then said
+    'saving a checkpoint after this iteration', as if another save were to come."""
     from megatron_lst.training import checkpointing, loop
 
     save_checkpoint = checkpointing.save_checkpoint
@@ -305,6 +316,8 @@ def test_a_signal_during_a_periodic_save_stops_the_run_with_that_checkpoint(tmp_
     stopped = loop.pretrain(validate_args(parse_args(flags), 1))
     assert (stopped.iteration, stopped.exit_reason) == (2, "received SIGUSR1")
     assert stopped.checkpoints == [str(save / "iter_0000002")]
+    notices = [line for line in capfd.readouterr().err.splitlines() if "received" in line]
+    assert notices == ["received SIGUSR1: exiting once the checkpoint being saved is written"]
 
 
 def test_a_metrics_write_that_fails_stops_the_metrics_file_not_the_run(tmp_path, caplog,
