@@ -36,13 +36,16 @@ class ExitConditions:
     signals: tuple[signal.Signals, ...] = ()
     duration_minutes: float | None = None
     interval: int | None = None
+    saves: bool = True
+    """Whether the run saves a checkpoint when it stops (it has a --save directory)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ExitConditions:
         signals = ()
         if args.exit_signal_handler:
             signals = tuple(dict.fromkeys(signal.Signals[name] for name in args.exit_signal))
-        return cls(signals, args.exit_duration_in_mins, args.exit_interval)
+        return cls(signals, args.exit_duration_in_mins, args.exit_interval,
+                   saves=bool(getattr(args, "save", None)))
 
 
 class ExitMonitor:
@@ -85,13 +88,19 @@ class ExitMonitor:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = signal.Signals(signum)
-            plan = ("exiting once the checkpoint being saved is written" if self._saving else
-                    "saving a checkpoint after this iteration, then exiting")
+            if self._saving:
+                plan = "exiting once the checkpoint being saved is written"
+            elif self.conditions.saves:
+                plan = "saving a checkpoint after this iteration, then exiting"
+            else:
+                plan = "exiting after this iteration (no --save: no checkpoint is written)"
             _say_from_handler(f"received {name}: {plan}\n")
-        else:  # a scheduler's repeated notice, or an impatient user: the first one still holds
+        elif self.conditions.saves:  # a scheduler's repeated notice, or an impatient user
             _say_from_handler(f"received {name}: already stopping after this iteration's "
                               f"checkpoint (a SIGKILL before it is written loses this "
                               f"iteration's work)\n")
+        else:
+            _say_from_handler(f"received {name}: already stopping after this iteration\n")
 
     def reason(self, iteration: int) -> str | None:
         """Collective (when signals or a duration are watched): why the run stops after

@@ -113,6 +113,20 @@ def test_a_signal_during_a_save_says_the_run_stops_with_that_checkpoint(world_of
         "received SIGUSR1: exiting once the checkpoint being saved is written"]
 
 
+def test_without_save_the_signal_notices_promise_no_checkpoint(world_of_one, capfd):
+    conditions = ExitConditions.from_args(_args(exit_signal_handler=True,
+                                                exit_signal=["SIGUSR1", "SIGUSR2"], save=None))
+    assert not conditions.saves
+    assert ExitConditions.from_args(_args(save="/checkpoints")).saves
+    with ExitMonitor(conditions, time.monotonic()) as monitor:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert monitor.reason(1) == "received SIGUSR1"
+    assert capfd.readouterr().err.splitlines() == [
+        "received SIGUSR1: exiting after this iteration (no --save: no checkpoint is written)",
+        "received SIGUSR2: already stopping after this iteration"]
+
+
 def test_duration_and_interval_reasons(world_of_one):
     started_two_minutes_ago = time.monotonic() - 120
     assert ExitMonitor(ExitConditions(duration_minutes=3), started_two_minutes_ago).reason(5) \
