@@ -13,12 +13,14 @@ from tool_modules import load_tool
 
 from megatron_lst.audio.audio_io import AudioError, audio_info, read_audio
 from megatron_lst.audio.corpus import CorpusError, read_tsv
+from megatron_lst.audio.hubert import HubertFeatures, wants_normalized_input
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.input_files import MAX_LINE_CHARACTERS, bounded_lines
 from megatron_lst.data.manifest import Manifest, ManifestError
 from megatron_lst.data.readers import load_units, read_text_jsonl
 from megatron_lst.data.textgrid import TextGridError, read_textgrid
 from megatron_lst.evaluation.items import ItemError, load_items
+from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 
 # (reader, the error it raises, the file name it reads); each reads one whole file.
 WHOLE_FILE_READERS = {
@@ -30,7 +32,17 @@ WHOLE_FILE_READERS = {
     "audio": (read_audio, AudioError, "a.wav"),
     "audio-info": (audio_info, AudioError, "a.wav"),
     "tsv": (read_tsv, CorpusError, "list.tsv"),
+    # A FIFO was "tokenizer not found"; a device was hashed forever.
+    "tokenizer": (load_text_tokenizer, FileNotFoundError, "spm.model"),
+    "hubert-config": (lambda path: _hubert_features(path.parent), ValueError, "config.json"),
+    "hubert-preprocessor": (lambda path: wants_normalized_input(path.parent, "group"), ValueError,
+                            "preprocessor_config.json"),
 }
+
+
+def _hubert_features(model_dir: Path) -> HubertFeatures:
+    pytest.importorskip("transformers")
+    return HubertFeatures(model_dir)
 
 
 @pytest.mark.parametrize("name", WHOLE_FILE_READERS)
