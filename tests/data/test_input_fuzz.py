@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_lst.audio.audio_io import AudioError, audio_info, read_audio
+from megatron_lst.audio.audio_io import MAX_FLOAT_PEAK, AudioError, audio_info, read_audio
 from megatron_lst.audio.codebook import CodebookError, load_codebook, save_codebook
 from megatron_lst.audio.corpus import CorpusError, read_tsv
 from megatron_lst.audio.units_record import read_units_record
@@ -207,8 +207,9 @@ def _write_codebook(path: Path) -> Path:
 
 def _check_audio(result) -> None:
     samples, rate = result
-    # Integer PCM reads into [-1, 1]; a float file may hold louder samples, but finite ones.
+    # Integer PCM reads into [-1, 1]; a float file may hold louder samples, up to a bound.
     assert samples.ndim == 1 and np.isfinite(samples).all()
+    assert np.abs(samples).max(initial=0.0) <= MAX_FLOAT_PEAK
     assert 1000 <= rate <= 1_000_000
 
 
