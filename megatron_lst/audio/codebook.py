@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
-from megatron_lst.data.input_files import check_npy_data_size
+from megatron_lst.data.input_files import check_npy_data_size, checked_file_size
 from megatron_lst.demo_corpus.units import KMeansCodebook
 
 CODEBOOK_SUFFIXES = (".npy", ".safetensors")
@@ -98,8 +98,7 @@ def save_codebook(codebook: KMeansCodebook, path: str | Path,
 def load_codebook(path: str | Path) -> KMeansCodebook:
     """The codebook saved at `path`; refuses pickles and anything but a float [K, D] array."""
     path = Path(path)
-    if not path.is_file():
-        raise CodebookError(f"{path}: no such codebook file")
+    checked_file_size(path, CodebookError, "codebook file")  # a FIFO was "no such codebook"
     with open(path, "rb") as f:
         head = f.read(8)
     if _looks_pickled(head):

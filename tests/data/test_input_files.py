@@ -12,6 +12,7 @@ from input_cases import fifo_with_writer
 from tool_modules import load_tool
 
 from megatron_lst.audio.audio_io import AudioError, audio_info, read_audio
+from megatron_lst.audio.codebook import CodebookError, load_codebook
 from megatron_lst.audio.corpus import CorpusError, read_tsv
 from megatron_lst.audio.hubert import HubertFeatures, wants_normalized_input
 from megatron_lst.data.documents import DocumentError
@@ -32,6 +33,7 @@ WHOLE_FILE_READERS = {
     "audio": (read_audio, AudioError, "a.wav"),
     "audio-info": (audio_info, AudioError, "a.wav"),
     "tsv": (read_tsv, CorpusError, "list.tsv"),
+    "codebook": (load_codebook, CodebookError, "km.npy"),  # a FIFO was "no such codebook"
     # A FIFO was "tokenizer not found"; a device was hashed forever.
     "tokenizer": (load_text_tokenizer, FileNotFoundError, "spm.model"),
     "hubert-config": (lambda path: _hubert_features(path.parent), ValueError, "config.json"),
