@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -27,8 +28,6 @@ MAX_TOKENIZER_BYTES = 1 << 28
 """256 MiB: more than any tokenizer file (Llama-2's .model is 0.5 MB, Gemma 3's tokenizer.json with
 its 262k pieces 33 MB)."""
 
-_TOKENIZER_FILE = ("tokenizer (a SentencePiece .model or a tokenizers tokenizer.json; "
-                   "tools/train_tokenizer.py makes one)")
 
 # Cleared when full: word caches stay bounded on corpora with very many distinct words.
 _WORD_CACHE_LIMIT = 1 << 20
@@ -44,7 +43,7 @@ class TextTokenizer(ABC):
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        data = read_bounded_bytes(path, VocabularyError, _TOKENIZER_FILE, MAX_TOKENIZER_BYTES)
+        data = read_bounded_bytes(path, VocabularyError, "tokenizer", MAX_TOKENIZER_BYTES)
         self.sha256 = hashlib.sha256(data).hexdigest()
         self._word_cache: dict[str, list[int]] = {}
 
@@ -209,7 +208,10 @@ def load_text_tokenizer(path: str | Path) -> TextTokenizer:
     path = Path(path)
     if path.is_dir() and (path / "tokenizer.json").exists():
         path = path / "tokenizer.json"
-    checked_file_size(path, FileNotFoundError, _TOKENIZER_FILE)
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{path}: tokenizer not found; pass a SentencePiece .model or a "
+                                f"tokenizers tokenizer.json (tools/train_tokenizer.py makes one)")
+    checked_file_size(path, FileNotFoundError, "tokenizer")
     if path.suffix == ".json":
         return HFTokenizer(path)
     return SentencePieceTokenizer(path)
