@@ -23,6 +23,11 @@ AUDIO_SUFFIXES = (".wav", ".flac")
 _AUDIO_EXTRA = "pip install 'megatron-lst[audio]'"
 
 
+MAX_FLOAT_PEAK = 16.0
+"""The loudest sample a float file may hold, 24 dB above full scale: float audio keeps headroom
+past [-1, 1] (an unlimited mix), but a louder one holds integer sample values stored as float, or
+damaged samples, and its units would be features of nothing HuBERT was trained on."""
+
 _UNREADABLE_FIX = ("re-copy or re-encode it (e.g. ffmpeg -i IN -ar 16000 OUT.flac), or leave it "
                    "out of the corpus")
 
@@ -171,7 +176,8 @@ def _check_fits_in_memory(path: Path) -> None:
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """([n] float32 mono in [-1, 1], sample rate) of a wav or flac file."""
+    """([n] float32 mono, sample rate) of a wav or flac file: in [-1, 1], or for a float file
+    as it holds them (as soundfile and torchaudio read them), up to MAX_FLOAT_PEAK."""
     path = Path(path)
     checked_file_size(path, AudioError, "audio file")
     if _is_pcm_wav(path):
@@ -182,10 +188,23 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     except RuntimeError as error:
         raise AudioError(f"{path}: not a readable audio file ({error}); {_UNREADABLE_FIX}"
                          ) from None
+    _check_float_samples(path, samples)
+    return samples.mean(1), _checked_rate(path, rate)
+
+
+def _check_float_samples(path: Path, samples: np.ndarray) -> None:
+    """Refuse NaN, infinite or far too loud ([n, channels]) samples, which would silently
+    become units."""
     if not np.isfinite(samples).all():
         raise AudioError(f"{path}: holds NaN or infinite samples, which would silently become "
                          f"units; fix the file or leave it out")
-    return samples.mean(1), _checked_rate(path, rate)
+    peak = float(np.abs(samples).max(initial=0.0))
+    if peak > MAX_FLOAT_PEAK:
+        raise AudioError(f"{path}: its samples reach {peak:.3g}, far outside the [-1, 1] of "
+                         f"float audio (at most {MAX_FLOAT_PEAK:g} is taken); it holds integer "
+                         f"values stored as float, or damaged samples, which would silently "
+                         f"become units: scale it into [-1, 1] (e.g. sox IN OUT.flac norm), "
+                         f"or leave it out")
 
 
 def load_audio_16k(path: str | Path) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
-from megatron_lst.data.input_files import check_npy_data_size
+from megatron_lst.data.input_files import check_npy_data_size, checked_file_size
 from megatron_lst.demo_corpus.units import KMeansCodebook
 
 CODEBOOK_SUFFIXES = (".npy", ".safetensors")
@@ -42,12 +42,18 @@ def _checked(centroids: np.ndarray, where: str) -> np.ndarray:
     if centroids.ndim != 2 or centroids.dtype.kind != "f" or 0 in centroids.shape:
         raise CodebookError(f"{where}: expected centroids [num_units, dim] of floats, got "
                             f"{centroids.dtype} with shape {centroids.shape}")
-    with np.errstate(over="ignore"):  # overflow is what the check below finds
-        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        squared_norms = (centroids.astype(np.float64) ** 2).sum(1)
+    # Checked in the file's own dtype before any arithmetic: casting a (signalling) NaN or a
+    # value past float32's range printed a RuntimeWarning before the refusal.
     if not np.isfinite(centroids).all():
-        raise CodebookError(f"{where}: the centroids hold NaN or infinite values (in float32)")
-    if not (squared_norms < np.finfo(np.float32).max).all():
+        raise CodebookError(f"{where}: the centroids hold NaN or infinite values")
+    float32_max = np.finfo(np.float32).max
+    if (np.abs(centroids) > float32_max).any():
+        raise CodebookError(f"{where}: the centroids hold values beyond float32's range "
+                            f"(+-{float32_max:.3g}), which would be infinite as float32; this is "
+                            f"not a k-means codebook of speech features")
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    squared_norms = (centroids.astype(np.float64) ** 2).sum(1)  # [num_units], at most ~1e77 each
+    if not (squared_norms < float32_max).all():
         raise CodebookError(f"{where}: the centroids are too large for float32 distances "
                             f"(squared norm up to {squared_norms.max():.3g}); this is not a "
                             f"k-means codebook of speech features")
@@ -92,8 +98,7 @@ def save_codebook(codebook: KMeansCodebook, path: str | Path,
 def load_codebook(path: str | Path) -> KMeansCodebook:
     """The codebook saved at `path`; refuses pickles and anything but a float [K, D] array."""
     path = Path(path)
-    if not path.is_file():
-        raise CodebookError(f"{path}: no such codebook file")
+    checked_file_size(path, CodebookError, "codebook file")  # a FIFO was "no such codebook"
     with open(path, "rb") as f:
         head = f.read(8)
     if _looks_pickled(head):

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_lst.data.input_files import read_bounded_bytes
 from megatron_lst.demo_corpus.optional import MissingDependencyError, require
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE
 
@@ -66,15 +67,27 @@ def load_transformers():
 _TRAINING_ONLY_WEIGHTS = ("masked_spec_embed",)
 
 
+def _read_json_object(path: Path) -> dict | None:
+    """The JSON object in the model's file `path`, None when it holds no JSON object (damaged, or
+    nested deeper than Python's stack); ValueError naming it when it is not a regular file or is
+    larger than any config (a FIFO would block, a device be read forever)."""
+    data = read_bounded_bytes(path, ValueError, "model config (JSON)")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _check_model_type(model_dir: Path) -> None:
     """Refuse a directory whose config.json names another model type: transformers loads, e.g.,
     a WavLM checkpoint as a HubertModel with a warning, dropping WavLM's relative position bias,
     and every feature would be of a model that does not exist."""
     path = model_dir / "config.json"
-    try:
-        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    config = _read_json_object(path)
+    if config is None:
         return  # transformers names what is wrong with the file
+    model_type = config.get("model_type")
     if model_type not in ("hubert", None):  # None: a hand-written config, left to transformers
         raise ValueError(f"{path}: holds a {model_type!r} model, not a HuBERT model "
                          f"(model_type 'hubert'); pass the directory of a HuBERT checkpoint "
@@ -115,12 +128,10 @@ def wants_normalized_input(model_dir: Path, feat_extract_norm: str) -> bool:
     transformers' feature extractor), else whether its feature encoder uses layer norm (fairseq's
     HuBERT large recipes normalise, the base recipe does not)."""
     path = model_dir / "preprocessor_config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return feat_extract_norm == "layer"
-    try:
-        setting = json.loads(path.read_text(encoding="utf-8")).get("do_normalize", True)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        setting = None
+    config = _read_json_object(path)
+    setting = None if config is None else config.get("do_normalize", True)
     if not isinstance(setting, bool):
         raise ValueError(f"{path}: expected a JSON object whose do_normalize is true or false; "
                          f"the file is damaged: restore it, or delete it to decide from the "
@@ -148,7 +159,7 @@ class HubertFeatures:
                 f"to_pytorch.py (in its source repository), or take the Hugging Face release "
                 f"(e.g. facebook/hubert-base-ls960) and pass the directory `save_pretrained` "
                 f"writes")
-        if not (model_dir / "config.json").is_file():
+        if not os.path.lexists(model_dir / "config.json"):  # not a regular file: refused by name
             raise FileNotFoundError(
                 f"{model_dir}: not a Hugging Face model directory (no config.json); pass the "
                 f"local directory of a HuBERT model (what `save_pretrained` writes)")

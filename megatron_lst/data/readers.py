@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import tokenize
 import warnings
 from collections.abc import Iterator
@@ -533,9 +534,10 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
 
 
 def _unit_files_at(base: Path) -> list[Path]:
-    """The unit files `base` names: `base` with each unit-file suffix that exists."""
+    """The unit files `base` names: `base` with each unit-file suffix that exists, as whatever
+    it is (a FIFO or a folder is then refused by name when read, not reported missing)."""
     return [base.with_name(base.name + suffix) for suffix in UNIT_FILE_SUFFIXES
-            if base.with_name(base.name + suffix).is_file()]
+            if os.path.lexists(base.with_name(base.name + suffix))]
 
 
 def _unit_file_at(base: Path, textgrid_path: Path) -> Path | None:
@@ -574,8 +576,9 @@ def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list
     `find_units_file` would give them the same units. Two TextGrids of one utterance are that
     utterance's own error (`utterance_textgrid`), not the corpus's."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
+    # Not a folder: a TextGrid that is no regular file (a FIFO) is refused by name when read.
     paths = sorted(path for path in textgrid_dir.rglob("*")
-                   if path.suffix.lower() == ".textgrid" and path.is_file())
+                   if path.suffix.lower() == ".textgrid" and not path.is_dir())
     if not paths:
         raise DocumentError(f"{textgrid_dir}: no *.TextGrid files found")
     by_utterance: dict[Path, list[Path]] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -20,7 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
+from megatron_lst.data.input_files import checked_file_size, read_bounded_bytes
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+
+MAX_TOKENIZER_BYTES = 1 << 28
+"""256 MiB: more than any tokenizer file (Llama-2's .model is 0.5 MB, Gemma 3's tokenizer.json with
+its 262k pieces 33 MB)."""
+
 
 # Cleared when full: word caches stay bounded on corpora with very many distinct words.
 _WORD_CACHE_LIMIT = 1 << 20
@@ -36,7 +43,8 @@ class TextTokenizer(ABC):
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        self.sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        data = read_bounded_bytes(path, VocabularyError, "tokenizer", MAX_TOKENIZER_BYTES)
+        self.sha256 = hashlib.sha256(data).hexdigest()
         self._word_cache: dict[str, list[int]] = {}
 
     @property
@@ -193,13 +201,17 @@ class HFTokenizer(TextTokenizer):
 
 
 def load_text_tokenizer(path: str | Path) -> TextTokenizer:
-    """A SentencePiece model (`*.model`) or a Hugging Face `tokenizer.json` (`*.json`)."""
+    """A SentencePiece model (`*.model`) or a Hugging Face `tokenizer.json` (`*.json`).
+
+    FileNotFoundError when `path` is missing or not a regular file (a FIFO or a device would
+    block or be read forever); VocabularyError when it is not a tokenizer, or larger than any."""
     path = Path(path)
     if path.is_dir() and (path / "tokenizer.json").exists():
         path = path / "tokenizer.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"{path}: tokenizer not found; pass a SentencePiece .model or a "
                                 f"tokenizers tokenizer.json (tools/train_tokenizer.py makes one)")
+    checked_file_size(path, FileNotFoundError, "tokenizer")
     if path.suffix == ".json":
         return HFTokenizer(path)
     return SentencePieceTokenizer(path)

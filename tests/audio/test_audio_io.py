@@ -1,3 +1,4 @@
+import re
 import wave
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 from audio.audio_cases import tone
 
 from megatron_lst.audio.audio_io import (
+    MAX_FLOAT_PEAK,
     AudioError,
     audio_info,
     load_audio_16k,
@@ -118,6 +120,23 @@ def test_non_finite_float_samples_are_refused(tmp_path):
                     subtype="FLOAT")
     with pytest.raises(AudioError, match="x.wav: holds NaN or infinite samples"):
         read_audio(path)
+
+
+def test_float_samples_far_outside_full_scale_are_refused_naming_the_peak(tmp_path):
+    """A float wav holding 1e30 loaded as it was (finite), and every feature after it was
+    garbage; float headroom up to MAX_FLOAT_PEAK is read as the file holds it."""
+    soundfile = pytest.importorskip("soundfile")
+    path = tmp_path / "x.wav"
+    loud = np.array([0.1, MAX_FLOAT_PEAK, -0.2] * 100, np.float32)
+    soundfile.write(str(path), loud, 16000, subtype="FLOAT")
+    np.testing.assert_array_equal(read_audio(path)[0], loud)
+    for peak in (np.nextafter(np.float32(MAX_FLOAT_PEAK), np.float32(np.inf)), -32767.0, 1e30):
+        soundfile.write(str(path), np.array([0.1, peak, 0.2] * 100, np.float32), 16000,
+                        subtype="FLOAT")
+        shown = re.escape(f"{abs(peak):.3g}")
+        with pytest.raises(AudioError, match=rf"x.wav: its samples reach {shown}, far "
+                                             rf"outside the \[-1, 1\] of float audio"):
+            read_audio(path)
 
 
 @pytest.mark.parametrize("riff_length", [0xFFFFFFFF, None])

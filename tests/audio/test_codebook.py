@@ -1,4 +1,5 @@
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -125,15 +126,23 @@ def test_bfloat16_safetensors_codebook_is_refused_by_name(tmp_path):
         load_codebook(tmp_path / "bf16.safetensors")
 
 
-@pytest.mark.parametrize("value, message", [
-    (1e200, r"NaN or infinite values \(in float32\)"),  # finite float64, inf as float32
-    (3e38, "too large for float32 distances"),  # finite float32, but ||c||^2 overflows
+SIGNALLING_NAN = np.array([0x7F800001], np.uint32).view(np.float32)[0]
+
+
+@pytest.mark.parametrize("value, dtype, message", [
+    (1e200, np.float64, r"km.npy: the centroids hold values beyond float32's range \(\+-3.4e\+38"
+                        r"\), which would be infinite as float32"),  # finite float64
+    (3e38, np.float64, "too large for float32 distances"),  # finite float32, ||c||^2 overflows
+    (SIGNALLING_NAN, np.float32, "the centroids hold NaN or infinite values"),
 ])
-def test_centroids_that_overflow_float32_are_refused(tmp_path, value, message):
-    """Such centroids loaded as inf (or gave inf distances), and every frame became unit 0."""
-    np.save(tmp_path / "km.npy", np.full((4, 3), value, np.float64))
-    with pytest.raises(CodebookError, match=message):
-        load_codebook(tmp_path / "km.npy")
+def test_centroids_that_are_nan_or_overflow_float32_are_refused(tmp_path, value, dtype, message):
+    """Such centroids loaded as inf (or gave inf distances), and every frame became unit 0.
+    They are refused without a RuntimeWarning: casting a signalling NaN printed one first."""
+    np.save(tmp_path / "km.npy", np.full((4, 3), value, dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CodebookError, match=message):
+            load_codebook(tmp_path / "km.npy")
 
 
 @pytest.mark.parametrize("content", [b"", b"0 1 2\n", b"\x80\x04\x95\x10", b"NUMPY\x00\x01"])

@@ -112,6 +112,17 @@ def test_a_preprocessor_config_without_do_normalize_means_true(tmp_path):
     assert wants_normalized_input(tmp_path, "group") is True
 
 
+def test_model_configs_nested_deeper_than_the_stack_are_refused_as_damaged(tmp_path):
+    """A config.json of 100k nested lists raised RecursionError out of the model-type check."""
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "config.json").write_text(deep)
+    with pytest.raises(ValueError, match=r"cannot load a HuBERT model from this directory"):
+        HubertFeatures(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(deep)
+    with pytest.raises(ValueError, match="preprocessor_config.json: expected a JSON object"):
+        wants_normalized_input(tmp_path, "group")
+
+
 def test_a_model_of_another_kind_is_refused_by_name(tmp_path):
     """transformers loads a WavLM checkpoint as a HubertModel with only a logged report, dropping
     WavLM's relative position bias: the features were of a model that does not exist."""

@@ -12,13 +12,16 @@ from input_cases import fifo_with_writer
 from tool_modules import load_tool
 
 from megatron_lst.audio.audio_io import AudioError, audio_info, read_audio
+from megatron_lst.audio.codebook import CodebookError, load_codebook
 from megatron_lst.audio.corpus import CorpusError, read_tsv
+from megatron_lst.audio.hubert import HubertFeatures, wants_normalized_input
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.input_files import MAX_LINE_CHARACTERS, bounded_lines
 from megatron_lst.data.manifest import Manifest, ManifestError
-from megatron_lst.data.readers import load_units, read_text_jsonl
-from megatron_lst.data.textgrid import TextGridError, read_textgrid
+from megatron_lst.data.readers import load_units, read_text_jsonl, read_textgrid_corpus
+from megatron_lst.data.textgrid import Interval, TextGridError, read_textgrid, write_textgrid
 from megatron_lst.evaluation.items import ItemError, load_items
+from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 
 # (reader, the error it raises, the file name it reads); each reads one whole file.
 WHOLE_FILE_READERS = {
@@ -30,7 +33,18 @@ WHOLE_FILE_READERS = {
     "audio": (read_audio, AudioError, "a.wav"),
     "audio-info": (audio_info, AudioError, "a.wav"),
     "tsv": (read_tsv, CorpusError, "list.tsv"),
+    "codebook": (load_codebook, CodebookError, "km.npy"),  # a FIFO was "no such codebook"
+    # A FIFO was "tokenizer not found"; a device was hashed forever.
+    "tokenizer": (load_text_tokenizer, FileNotFoundError, "spm.model"),
+    "hubert-config": (lambda path: _hubert_features(path.parent), ValueError, "config.json"),
+    "hubert-preprocessor": (lambda path: wants_normalized_input(path.parent, "group"), ValueError,
+                            "preprocessor_config.json"),
 }
+
+
+def _hubert_features(model_dir: Path) -> HubertFeatures:
+    pytest.importorskip("transformers")
+    return HubertFeatures(model_dir)
 
 
 @pytest.mark.parametrize("name", WHOLE_FILE_READERS)
@@ -42,6 +56,23 @@ def test_a_fifo_is_refused_by_name_before_it_is_opened(tmp_path, name):
             error, match=rf"{fifo}: is a FIFO \(named pipe\), not a file; pass the .+ as a "
                          rf"regular file"):
         read(fifo)
+
+
+@pytest.mark.parametrize("fifo_name", ["a.TextGrid", "a.npy", "a.txt"])
+def test_a_corpus_file_that_is_a_fifo_is_named_as_one(tmp_path, fifo_name):
+    """A unit file that is a FIFO was "no unit file"; a TextGrid that is one was left out of
+    the corpus without a word."""
+    textgrids, units = tmp_path / "g", tmp_path / "u"
+    textgrids.mkdir()
+    units.mkdir()
+    if fifo_name == "a.TextGrid":
+        (units / "a.txt").write_text("1 2 3\n")
+    else:
+        write_textgrid(textgrids / "a.TextGrid", [Interval(0.0, 1.0, "hello")])
+    with fifo_with_writer((units if fifo_name != "a.TextGrid" else textgrids) / fifo_name, b""
+                          ) as fifo, pytest.raises(
+            DocumentError, match=rf"{fifo}: is a FIFO \(named pipe\), not a file"):
+        list(read_textgrid_corpus(textgrids, units, None))
 
 
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")

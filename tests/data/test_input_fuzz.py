@@ -2,10 +2,10 @@
 
 A reader must either load a mutant (a harmless damage: a changed label, a changed unit) into a
 result that still holds its invariants, or refuse it with the product's own error type, naming
-the file. Anything else is a bug: another exception type, a message without the file, a hang
-(each case runs under an alarm), or an attempt to allocate what a damaged header declares (each
-case runs under an address-space limit, so the attempt is a MemoryError instead of a machine out
-of memory). Mutations are deterministic: empty file, truncations, byte flips in the header
+the file. Anything else is a bug: another exception type (a RuntimeWarning included), a message
+without the file, a hang (each case runs under an alarm), or an attempt to allocate what a
+damaged header declares (each case runs under an address-space limit, so the attempt is a
+MemoryError instead of a machine out of memory). Mutations are deterministic: empty file, truncations, byte flips in the header
 region, appended bytes, and per kind a header declaring a huge length or count, NaN/inf samples,
 impossible sample rates and channel counts.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_lst.audio.audio_io import AudioError, audio_info, read_audio
+from megatron_lst.audio.audio_io import MAX_FLOAT_PEAK, AudioError, audio_info, read_audio
 from megatron_lst.audio.codebook import CodebookError, load_codebook, save_codebook
 from megatron_lst.audio.corpus import CorpusError, read_tsv
 from megatron_lst.audio.units_record import read_units_record
@@ -207,8 +207,9 @@ def _write_codebook(path: Path) -> Path:
 
 def _check_audio(result) -> None:
     samples, rate = result
-    # Integer PCM reads into [-1, 1]; a float file may hold louder samples, but finite ones.
+    # Integer PCM reads into [-1, 1]; a float file may hold louder samples, up to a bound.
     assert samples.ndim == 1 and np.isfinite(samples).all()
+    assert np.abs(samples).max(initial=0.0) <= MAX_FLOAT_PEAK
     assert 1000 <= rate <= 1_000_000
 
 
@@ -406,6 +407,8 @@ KIND_NAMES = ["wav-pcm8", "wav-pcm16", "wav-pcm24", "wav-pcm32", "wav-pcm16-ster
               "reference-jsonl"]
 
 
+# A RuntimeWarning printed before a refusal (a cast of a damaged codebook's NaN) is a bug too.
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 @pytest.mark.parametrize("name", KIND_NAMES)
 def test_every_damaged_copy_is_read_or_refused_naming_the_file(name, tokenizer, tmp_path):
     kind = next(kind for kind in _kinds(tokenizer) if kind.name == name)

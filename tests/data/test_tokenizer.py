@@ -291,6 +291,19 @@ def test_hf_tokenizer_missing_package_names_extra(tmp_path, monkeypatch):
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.model: tokenizer not found"):
         load_text_tokenizer(tmp_path / "nope.model")
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}: is a directory, not a file; pass "
+                                                rf"the tokenizer as a regular file"):
+        load_text_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_larger_than_any_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from megatron_lst.tokenizer import text_tokenizer
+
+    monkeypatch.setattr(text_tokenizer, "MAX_TOKENIZER_BYTES", 100)
+    path = tmp_path / "big.model"
+    path.write_bytes(bytes(101))
+    with pytest.raises(VocabularyError, match=r"big.model: is 101 bytes, more than any tokenizer"):
+        load_text_tokenizer(path)
 
 
 @pytest.fixture
