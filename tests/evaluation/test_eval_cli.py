@@ -533,7 +533,7 @@ def _linked(target: Path, name: str, link) -> Path:
     (["--prompt-text", " "], "the text prompt ' ' is empty"),
     (["--prompt-text", "the \udcff"], "a byte that is not UTF-8"),
     (["--prompt-units", "3 x"], "--prompt-units: speech unit 'x' is not an integer"),
-    (["--prompt-units", "@MISSING"], "cannot read"),
+    (["--prompt-units", "@MISSING"], "missing: no such unit file"),
 ], ids=["top-k", "top-p", "temperature", "max-new-tokens", "contradiction", "text-empty",
         "text-surrogate", "units-value", "units-file"])
 def test_lst_generate_refuses_bad_flags_before_loading_the_model(tmp_path, capsys, monkeypatch,
