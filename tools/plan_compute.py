@@ -35,7 +35,7 @@ from megatron_lst.models.config import (
     preset,
     swiglu_ffn_size,
 )
-from megatron_lst.parallel import ParallelLayoutError, pipeline_stage_layers
+from megatron_lst.parallel import ParallelLayoutError, pipeline_stage_layers, virtual_pipeline_size
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.flops import (
     Budget,
@@ -115,7 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                         help="with > 1, also suggest --decoder-first/last-pipeline-num-layers "
-                             "that balance the stages' training FLOPs")
+                             "that balance the stages' training FLOPs, and the 1F1B pipeline "
+                             "bubble when --micro-batch-size is given")
+    parser.add_argument("--num-virtual-stages-per-pipeline-rank", type=int,
+                        help="model chunks per pipeline rank (lst-train's flag of that name): "
+                             "the split keeps every stage's layers divisible by it, and the "
+                             "bubble shrinks by it; needs --micro-batch-size")
+    parser.add_argument("--micro-batch-size", type=int,
+                        help="rows per micro-batch; with --data-parallel-size it gives the "
+                             "micro-batches per step the pipeline bubble depends on")
+    parser.add_argument("--data-parallel-size", type=int, default=1,
+                        help="data-parallel replicas (default 1)")
     parser.add_argument("--out", type=Path, help="write the plans as JSON here")
     return parser
 
@@ -199,10 +209,14 @@ def format_plan(computed: ComputePlan) -> str:
     return "\n".join(lines)
 
 
-def balanced_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown
-                            ) -> tuple[int | None, int | None, list[float]]:
+def balanced_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown,
+                            virtual_stages: int | None = None,
+                            num_micro_batches: int | None = None) -> tuple[int | None, int | None, list[float]]:
     """`(first-stage layers, last-stage layers, FLOPs per stage)` that minimise the largest
-    stage's share of one step's FLOPs `flops` (None: megatron's even share).
+    stage's share of one step's FLOPs `flops` (None: megatron's even share), among the splits
+    whose stages `virtual_stages` per rank can cut (`parallel.virtual_pipeline_size`, which also
+    checks `num_micro_batches` per step, needed with `virtual_stages`, against the interleaved
+    schedule).
 
     The first stage adds the encoder and the patch cross-attention to its global layers; the last
     stage the decoder, its cross-attention, the head and the encoder replica (recomputed there).
@@ -210,18 +224,25 @@ def balanced_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown
     per_layer = flops.global_ / num_layers
     first_extra = flops.encoder + flops.cross_attention / 2
     last_extra = flops.decoder + flops.cross_attention / 2 + flops.head + flops.encoder
-    best = None
+    best, virtual_error = None, None
     for first in [None, *range(1, num_layers)]:
         for last in [None, *range(1, num_layers)]:
             try:
                 layers = pipeline_stage_layers(num_layers, pp, first, last)
             except ParallelLayoutError:
                 continue
+            try:
+                virtual_pipeline_size(layers, num_micro_batches, None, virtual_stages)
+            except ParallelLayoutError as error:
+                virtual_error = virtual_error or error
+                continue
             costs = [n * per_layer for n in layers]
             costs[0] += first_extra
             costs[-1] += last_extra
             if best is None or max(costs) < max(best[2]):
                 best = (first, last, costs)
+    if best is None and virtual_error is not None:
+        raise virtual_error
     if best is None:
         raise ValueError(f"{num_layers} global layers cannot be split over {pp} pipeline stages "
                          f"(each needs at least 1): use --pipeline-model-parallel-size "
@@ -229,14 +250,52 @@ def balanced_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown
     return best
 
 
-def format_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown) -> str:
-    first, last, costs = balanced_pipeline_split(num_layers, pp, flops)
+def pipeline_bubble(pp: int, virtual_stages: int, num_micro_batches: int) -> float:
+    """The (interleaved) 1F1B schedule's idle share of a training step, with stages of equal
+    time: (p - 1) / (v m + p - 1). Narayanan et al. 2021 give the bubble as a fraction of the
+    ideal compute time, (p - 1) / m, divided by v when interleaved; over the whole step (ideal
+    time plus bubble) that is this expression."""
+    return (pp - 1) / (virtual_stages * num_micro_batches + pp - 1)
+
+
+def format_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown,
+                          virtual_stages: int | None = None,
+                          num_micro_batches: int | None = None) -> str:
+    first, last, costs = balanced_pipeline_split(num_layers, pp, flops, virtual_stages,
+                                                 num_micro_batches)
     flags = " ".join(f"--decoder-{side}-pipeline-num-layers {n}"
                      for side, n in (("first", first), ("last", last)) if n is not None)
     shares = ", ".join(f"{c / sum(costs):.0%}" for c in costs)
-    return (f"pipeline split over {pp} stages: {flags or '(even)'}; "
-            f"layers {pipeline_stage_layers(num_layers, pp, first, last)}, "
-            f"share of the step's FLOPs per stage {shares}")
+    lines = [f"pipeline split over {pp} stages: {flags or '(even)'}; "
+             f"layers {pipeline_stage_layers(num_layers, pp, first, last)}, "
+             f"share of the step's FLOPs per stage {shares}"]
+    if num_micro_batches is None:
+        lines.append("pipeline bubble: give --micro-batch-size (and --data-parallel-size) to "
+                     "estimate it")
+    else:
+        v = virtual_stages or 1
+        lines.append(f"pipeline bubble: (p - 1) / (v m + p - 1) = ({pp} - 1) / ({v} x "
+                     f"{num_micro_batches} + {pp} - 1) = "
+                     f"{pipeline_bubble(pp, v, num_micro_batches):.1%} of a step idle "
+                     f"(p stages, v virtual stages per rank, m micro-batches per step; stages of "
+                     f"equal time, p2p not counted)")
+    return "\n".join(lines)
+
+
+def micro_batches_per_step(args: argparse.Namespace) -> int | None:
+    """--global-batch-size / (--micro-batch-size x --data-parallel-size); None without
+    --micro-batch-size."""
+    if args.micro_batch_size is None:
+        return None
+    for flag in ("micro_batch_size", "data_parallel_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got "
+                             f"{getattr(args, flag)}")
+    rows = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size % rows:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not a multiple of "
+                         f"--micro-batch-size x --data-parallel-size = {rows}; change one of them")
+    return args.global_batch_size // rows
 
 
 def _check_tool_flags(args: argparse.Namespace) -> None:
@@ -244,6 +303,10 @@ def _check_tool_flags(args: argparse.Namespace) -> None:
     if args.pipeline_model_parallel_size < 1:
         raise ValueError(f"--pipeline-model-parallel-size must be at least 1, got "
                          f"{args.pipeline_model_parallel_size}")
+    if args.num_virtual_stages_per_pipeline_rank is not None and args.micro_batch_size is None:
+        raise ValueError("--num-virtual-stages-per-pipeline-rank needs --micro-batch-size: the "
+                         "interleaved schedule takes the micro-batches per step in groups of "
+                         "--pipeline-model-parallel-size")
     if args.out is not None and not args.out.parent.is_dir():
         raise ValueError(f"--out {args.out}: directory {args.out.parent} does not exist; create "
                          "it or write elsewhere")
@@ -260,10 +323,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                          args.max_tokens)
         plans = [plan(budget, lst, lst.baseline_of(), mode, step)
                  for mode in dict.fromkeys(args.control)]  # a mode named twice: one table
+        num_micro_batches = micro_batches_per_step(args)
+        pipelined = (args.pipeline_model_parallel_size > 1
+                     or args.num_virtual_stages_per_pipeline_rank is not None)
         split = (format_pipeline_split(config.global_model.num_layers,
                                        args.pipeline_model_parallel_size,
-                                       plans[0].lst.flops_per_step)
-                 if args.pipeline_model_parallel_size > 1 else None)
+                                       plans[0].lst.flops_per_step,
+                                       args.num_virtual_stages_per_pipeline_rank,
+                                       num_micro_batches)
+                 if pipelined else None)
     except ValueError as error:  # ModelConfigError and ParallelLayoutError are ValueErrors too
         print(f"plan_compute: {error}", file=sys.stderr)
         return 2

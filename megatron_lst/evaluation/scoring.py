@@ -28,7 +28,8 @@ as training pads (the padding joins each row's last patch). An item longer than 
 context (--max-position-embeddings) is scored whole, past the context, with a warning and a count
 in the results, or, with `truncate_context` (lst-eval --truncate-context), with its context cut
 from the left to fit (`fit_to_context`). The forward goes through megatron's forward-only
-schedule, so tensor and pipeline parallelism work; scores are broadcast from the last pipeline
+schedule, so tensor and pipeline parallelism work (under virtual pipeline stages a batch is split
+into the micro-batches the interleaved schedule needs: `ending_logprobs`); scores are broadcast from the last pipeline
 stage, and data-parallel replicas each score a contiguous share of the items and exchange the
 scores, so every rank returns the same result.
 """
@@ -188,19 +189,27 @@ def _global_positions(chunk: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
 def ending_logprobs(model_chunks: Sequence[torch.nn.Module],
                     batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`[B]` float64 sums of the scored tokens' log-probs, on every rank (collective)."""
+    """`[B]` float64 sums of the scored tokens' log-probs, on every rank (collective).
+
+    The batch is one micro-batch, except under virtual pipeline stages: megatron's interleaved
+    schedule runs micro-batches in groups of `microbatch_group_size_per_vp_stage` (at least the
+    pipeline size), so the rows are split into that many micro-batches (`split_microbatches`)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     device = next(model_chunks[0].parameters()).device
-    on_device = {k: v.to(device) for k, v in batch.items()}
+    rows = batch["tokens"].shape[0]
+    num_microbatches = (_unwrap(model_chunks[0]).config.microbatch_group_size_per_vp_stage
+                        if len(model_chunks) > 1 else 1)
+    microbatches = split_microbatches({k: v.to(device) for k, v in batch.items()},
+                                      num_microbatches)
 
     def forward_step(data_iterator, model):
         rows = next(data_iterator)
         per_token_loss = model(rows["tokens"], rows["patch_lengths"], labels=rows["labels"])
 
-        def summed_logprob(loss):  # loss [B, N] fp32 cross entropy
-            logprob = -(loss.double() * rows["score_mask"]).sum(dim=1)  # [B]
+        def summed_logprob(loss):  # loss [b, N] fp32 cross entropy
+            logprob = -(loss.double() * rows["score_mask"]).sum(dim=1)  # [b]
             return logprob.sum(), {"logprob": logprob}
 
         return per_token_loss, summed_logprob
@@ -208,22 +217,35 @@ def ending_logprobs(model_chunks: Sequence[torch.nn.Module],
     with torch.no_grad():
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=[iter([on_device]) for _ in model_chunks] if len(model_chunks) > 1
-            else iter([on_device]),
+            data_iterator=[iter(microbatches) for _ in model_chunks] if len(model_chunks) > 1
+            else iter(microbatches),
             model=list(model_chunks),
-            num_microbatches=1,
+            num_microbatches=num_microbatches,
             seq_length=_global_positions(model_chunks[0], batch),
-            micro_batch_size=batch["tokens"].shape[0],
+            micro_batch_size=microbatches[0]["tokens"].shape[0],
             forward_only=True,
         )
     if parallel_state.is_pipeline_last_stage():
-        logprob = outputs[0]["logprob"]
+        logprob = torch.cat([output["logprob"] for output in outputs])[:rows]  # padding dropped
     else:
-        logprob = torch.empty(batch["tokens"].shape[0], dtype=torch.float64, device=device)
+        logprob = torch.empty(rows, dtype=torch.float64, device=device)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(logprob, parallel_state.get_pipeline_model_parallel_last_rank(),
                                     group=parallel_state.get_pipeline_model_parallel_group())
     return logprob.cpu()
+
+
+def split_microbatches(batch: dict[str, torch.Tensor], num_microbatches: int
+                       ) -> list[dict[str, torch.Tensor]]:
+    """`batch` (`[B, ...]` tensors) as `num_microbatches` micro-batches of `ceil(B / num)` rows in
+    order; the last rows are padded with copies of the first row (a valid sequence: the schedule
+    needs equal shapes), whose scores the caller drops."""
+    rows = batch["tokens"].shape[0]
+    size = _round_up(rows, num_microbatches) // num_microbatches
+    padding = size * num_microbatches - rows
+    padded = {k: torch.cat([v, v[:1].expand(padding, *v.shape[1:])]) for k, v in batch.items()}
+    return [{k: v[i * size:(i + 1) * size] for k, v in padded.items()}
+            for i in range(num_microbatches)]
 
 
 @dataclass(frozen=True)

@@ -113,12 +113,6 @@ def validate_model(args: argparse.Namespace) -> None:
     except ParallelLayoutError as err:
         raise ArgumentError(str(err)) from None
     vpp = args.virtual_pipeline_model_parallel_size or 1
-    if vpp > 1 and args.eval_data is not None:
-        raise ArgumentError(
-            "--eval-data scores the story items one micro-batch at a time, which megatron's "
-            "interleaved schedule does not run (it takes micro-batches in groups of "
-            "--pipeline-model-parallel-size); drop --eval-data and score the checkpoints with "
-            "lst-eval, or drop the virtual pipeline stages")
     _check_uniform_recompute(args, [layers // vpp for layers in stage_layers])
     if args.rotary_base is not None and args.rotary_base <= 0:
         raise ArgumentError(f"--rotary-base must be positive, got {args.rotary_base}")

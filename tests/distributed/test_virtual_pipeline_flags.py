@@ -51,8 +51,6 @@ def test_virtual_stages_per_pipeline_rank(extra, expected):
      r"3 micro-batches per step .* must be a multiple of 2"),
     (["--num-virtual-stages-per-pipeline-rank", "2", "--global-batch-size", "1"], 2,
      r"1 micro-batches per step .* must be a multiple of 2"),
-    (["--num-virtual-stages-per-pipeline-rank", "2", "--eval-data", "items.jsonl"], 2,
-     r"--eval-data scores the story items one micro-batch at a time"),
 ])
 def test_impossible_virtual_layouts_are_refused(extra, world_size, message):
     with pytest.raises(ArgumentError, match=message):

@@ -249,6 +249,16 @@ def test_tool_reports_bad_model_arguments(capsys):
     # the tiny preset's 2 global layers (the error came after the tables)
     (["--pipeline-model-parallel-size", "4"], "2 global layers cannot be split over 4 pipeline stages (each needs at least 1): use "
      "--pipeline-model-parallel-size 2 or less"),
+    (["--micro-batch-size", "3"], "--global-batch-size 8 is not a multiple of --micro-batch-size x "
+     "--data-parallel-size = 3"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1, got 0"),
+    (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"],
+     "--num-virtual-stages-per-pipeline-rank needs --micro-batch-size"),
+    # lst-train's own layout checks (parallel.virtual_pipeline_size)
+    (["--num-virtual-stages-per-pipeline-rank", "2", "--micro-batch-size", "1"],
+     "it needs --pipeline-model-parallel-size 2 or more"),
+    (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+      "--micro-batch-size", "1"], "must divide every pipeline stage's global layers [1, 1]"),
 ])
 def test_tool_checks_its_flags_before_planning(flags, message, capsys):
     """A pipeline size below 1 was ignored (no split printed, status 0), and a missing --out
@@ -281,6 +291,47 @@ def test_pipeline_split_balances_the_stages():
     # 25 layers + 5 over 2 stages balance at 15 + (10 + 5).
     first, last, costs = tool.balanced_pipeline_split(25, 2, FlopBreakdown(global_=25.0, head=5.0))
     assert costs == [15.0, 15.0] and (first, last) in ((15, None), (None, 10), (15, 10))
+
+
+def test_pipeline_bubble_is_the_idle_share_of_a_1f1b_step():
+    """Narayanan et al. 2021: the bubble is (p - 1) / m of the ideal time, / v interleaved; of the
+    whole step (ideal + bubble) that is (p - 1) / (v m + p - 1)."""
+    tool = load_tool("plan_compute")
+    assert tool.pipeline_bubble(4, 1, 8) == pytest.approx(3 / 11)
+    ideal_share = 3 / (2 * 8)  # p = 4, v = 2, m = 8
+    assert tool.pipeline_bubble(4, 2, 8) == pytest.approx(ideal_share / (1 + ideal_share))
+    assert tool.pipeline_bubble(1, 1, 8) == 0
+
+
+def test_tool_prints_the_bubble_of_the_flags_micro_batches(capsys):
+    """The split came without the bubble, and virtual stages were unknown to the planner."""
+    tool = load_tool("plan_compute")
+    common = ["--budget-steps", "10", "--seq-length", "256", "--global-batch-size", "16",
+              "--tokens-per-patch", "2", "--preset", "tiny", "--control", "compute",
+              "--pipeline-model-parallel-size", "2"]
+    assert tool.main(common) == 0
+    assert "pipeline bubble: give --micro-batch-size" in capsys.readouterr().out
+    # 16 rows / (2 rows x 2 replicas) = 4 micro-batches: (2 - 1) / (4 + 2 - 1)
+    assert tool.main([*common, "--micro-batch-size", "2", "--data-parallel-size", "2"]) == 0
+    assert ("pipeline bubble: (p - 1) / (v m + p - 1) = (2 - 1) / (1 x 4 + 2 - 1) = 20.0% of a "
+            "step idle") in capsys.readouterr().out
+    # Each stage's 1 global layer is 1 chunk per rank; 8 micro-batches.
+    assert tool.main([*common, "--micro-batch-size", "2", "--num-virtual-stages-per-pipeline-rank",
+                      "1"]) == 0
+    assert "(2 - 1) / (1 x 8 + 2 - 1) = 11.1%" in capsys.readouterr().out
+
+
+def test_virtual_stages_restrict_the_split_to_layers_they_divide():
+    tool = load_tool("plan_compute")
+    from megatron_lst.training.flops import FlopBreakdown
+
+    # 24 layers + a head of 6 on the last stage balance at 15 | 9 + 6, but 2 chunks per rank need
+    # an even number of layers on each stage: 14 | 10 + 6 or 16 | 8 + 6 it is.
+    flops = FlopBreakdown(global_=24.0, head=6.0)
+    assert tool.balanced_pipeline_split(24, 2, flops)[2] == [15.0, 15.0]
+    first, last, costs = tool.balanced_pipeline_split(24, 2, flops, 2, 4)
+    assert sorted(costs) == [14.0, 16.0]
+    assert all(n % 2 == 0 for n in tool.pipeline_stage_layers(24, 2, first, last))
 
 
 def test_padded_lst_rows_cost_their_max_tokens_and_consume_their_real_tokens():
