@@ -169,7 +169,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 def _refuse_with_the_others(program: str, error: Exception) -> int:
     """Print `program: error` and return exit status 2, once every rank that stops has printed
     its own (`stop_together`): the launcher ends every rank once one has exited."""
-    print(f"{program}: {error}", file=sys.stderr, flush=True)
+    stop_together.say_why(f"{program}: {error}")
     stop_together.stop_with_the_others()
     return 2
 

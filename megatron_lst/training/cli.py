@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Sequence
 
 from megatron_lst.checkpoint.errors import CheckpointError
+from megatron_lst.training import stop_together
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.train_logging import (
     configure_console_logging,
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = validate_args(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     except ArgumentError as error:
-        print(f"lst-train: {error}", file=sys.stderr)
+        stop_together.say_why(f"lst-train: {error}")
         # A damaged --load checkpoint found by the flag checks (`DamagedCheckpointFlagError`).
         return EXIT_CHECKPOINT_REFUSED if isinstance(error, CheckpointError) else 2
     except KeyboardInterrupt:  # the checks read every dataset's index: they can take a while
@@ -86,14 +87,12 @@ def _report(status: int, message: str | None) -> int:
     """Print `message` (None: the traceback of the exception being handled) and return `status`,
     once every rank that stops has printed its own (at most `stop_together.STOP_WAIT_SECONDS`
     later): the launcher ends every rank once one has exited."""
-    from megatron_lst.training.stop_together import stop_with_the_others
-
     if message is None:
         traceback.print_exc()
+        sys.stderr.flush()
     else:
-        print(f"lst-train: {message}", file=sys.stderr)
-    sys.stderr.flush()
-    stop_with_the_others()
+        stop_together.say_why(f"lst-train: {message}")
+    stop_together.stop_with_the_others()
     return status
 
 

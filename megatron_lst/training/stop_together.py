@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import secrets
+import sys
 import time
 
 import torch
@@ -60,6 +61,14 @@ def arm() -> None:
 
     _armed = (_get_default_store(), f"lst_stop_together/{attempt_token()}/{next(_arms)}",
               torch.distributed.get_world_size())
+
+
+def say_why(line: str) -> None:
+    """Write `line` and its newline to stderr in one write. The ranks of a launcher share one
+    log, and Python's stderr writes through to the file at every call: `print`'s two writes
+    (the text, then the newline) let two ranks' stop lines run together into one line."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
 
 
 def stop_with_the_others() -> None:

@@ -109,3 +109,26 @@ def test_each_arming_waits_under_a_key_of_its_own_once(monkeypatch):
     assert keys[0] != keys[1] and all(key.startswith("lst_stop_together/token/") for key in keys)
     assert [store.add(key, 0) for key in keys] == [1, 1]
     assert broadcasts == [0]  # the token is drawn once per process
+
+
+class _Writes:
+    """Stands for stderr: keeps each write apart, as the file of a shared log sees them."""
+
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_stop_line_reaches_the_shared_log_in_one_write(monkeypatch):
+    """`print` wrote the text and then its newline: two ranks' stop lines ran together into
+    one line of the launcher's log (and a test matching each rank's line found one)."""
+    stderr = _Writes()
+    monkeypatch.setattr("sys.stderr", stderr)
+    stop_together.say_why("lst-train: saving the checkpoint failed")
+    assert stderr.writes == ["lst-train: saving the checkpoint failed\n"]
