@@ -193,13 +193,14 @@ def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
     if problems:  # a damaged index is named above; reading it would only add noise
         return VerificationReport(directory, files_checked, bytes_checked,
                                   manifest is not None, tuple(problems))
-    index_problems, state_problems = _found_by_rank0(
+    (index_problems, object_keys), state_problems = _found_by_rank0(
         directory, lambda: (_index_problems(directory), _state_problems(directory)),
         "read its index, common state and config")
     problems += index_problems
-    if not problems:  # each rank reads the index it shares the byte items of
-        found = _union_of_shares(directory, lambda: _share_of_byte_item_problems(directory),
-                                 "read its objects")
+    if not problems:  # each rank reads the index it shares rank 0's byte items of
+        found = _union_of_shares(
+            directory, lambda: _share_of_byte_item_problems(directory, object_keys),
+            "read its objects")
         problems += [found[key] for key in sorted(found)]
     problems += state_problems
     return VerificationReport(directory, files_checked, bytes_checked, manifest is not None,
@@ -229,13 +230,15 @@ def _listing_problems(directory: Path, manifest: dict[str, FileRecord] | None) -
             if entry.is_symlink()]
 
 
-def _index_problems(directory: Path) -> list[str]:
-    """Problems with the checkpoint index `.metadata` and the `.distcp` files it points into."""
+def _index_problems(directory: Path) -> tuple[list[str], list[str]]:
+    """Problems with the checkpoint index `.metadata` and the `.distcp` files it points into,
+    and the keys of the byte items it lists (`safe_pickle.byte_items`; none when it is
+    damaged)."""
     try:
         metadata = safe_pickle.read_dcp_metadata(directory)
     except CheckpointError as err:  # damaged, or refused by the restricted unpickler
-        return [str(err)]
-    return safe_pickle.check_file_bounds(directory, metadata)
+        return [str(err)], []
+    return safe_pickle.check_file_bounds(directory, metadata), safe_pickle.byte_items(metadata)
 
 
 def _state_problems(directory: Path) -> list[str]:
@@ -243,12 +246,17 @@ def _state_problems(directory: Path) -> list[str]:
     return safe_pickle.check_common_state(directory) + _megatron_config_problems(directory)
 
 
-def _share_of_byte_item_problems(directory: Path) -> dict[str, str]:
-    """Problems by key of this rank's share of the byte items, read from the index this rank
-    reads (call once rank 0 found the index sound; raises when this rank cannot read it)."""
+def _share_of_byte_item_problems(directory: Path, keys: list[str]) -> dict[str, str]:
+    """Problems by key of this rank's share of the byte items `keys` (rank 0's), read through
+    the index this rank reads (call once rank 0 found the index sound). Raises when this rank
+    cannot read the index, or reads one listing other byte items (a stale view of the file)."""
     metadata = safe_pickle.read_dcp_metadata(directory)
-    keys = _my_share(safe_pickle.byte_items(metadata))
-    return safe_pickle.check_byte_items(directory, metadata, keys)
+    if safe_pickle.byte_items(metadata) != keys:
+        raise CheckpointIntegrityError(
+            f"{directory / safe_pickle.DCP_METADATA_FILENAME} lists other objects here than "
+            f"rank 0 read in it (the file changed during the check, or this node sees a stale "
+            f"copy of it): check again once every node sees the same file")
+    return safe_pickle.check_byte_items(directory, metadata, _my_share(keys))
 
 
 def _names_outside(directory: Path, manifest: dict[str, FileRecord]) -> str | None:

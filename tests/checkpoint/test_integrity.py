@@ -527,6 +527,10 @@ _INDEX_AND_STATE = "read its index, common state and config"
     ("config", 0, f"{_INDEX_AND_STATE} ({_EIO}: '{{checkpoint}}/metadata.json')"),
     # each rank reads the index it shares the byte items of
     ("index", 1, f"read its objects ({_EIO}: '{{checkpoint}}/.metadata')"),
+    ("stale-index", 1, "read its objects (CheckpointIntegrityError: {checkpoint}/.metadata "
+                       "lists other objects here than rank 0 read in it (the file changed during "
+                       "the check, or this node sees a stale copy of it): check again once every "
+                       "node sees the same file)"),
     # what rank 0 alone reads and shares: rank 1 does not take the step
     ("listing", 1, None),
     ("bounds", 1, None),
@@ -537,7 +541,8 @@ def test_a_check_one_rank_fails_alone_ends_alike_on_every_rank(save_dir, unreada
                                                                failing_rank, error):
     """Listing the directory, reading the index, common.pt and metadata.json were steps each
     rank took alone: one rank failing one (EIO) stopped alone or returned problems while the
-    others waited for it in the gather of the byte items' problems."""
+    others waited for it in the gather of the byte items' problems. A rank reading an index
+    other than rank 0's (a stale copy) checked other byte items than the ones it was given."""
     from distributed.harness import TESTS_DIR, run_distributed
 
     checkpoint = save_dir / "iter_0000002"

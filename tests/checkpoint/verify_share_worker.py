@@ -2,7 +2,8 @@
 `--failing-rank` failing (EIO) the step `--unreadable` names: hashing its share of the files
 ("files"), reading the manifest ("manifest"), listing the directory ("listing"), reading the
 index ("index"), checking the files the index points into ("bounds"), reading common.pt
-("common") or megatron's metadata.json ("config"); every rank reports what it raised (`[error
+("common") or megatron's metadata.json ("config"), or seeing an index that lists one object
+fewer than rank 0's ("stale-index"); every rank reports what it raised (`[error
 type, message]`, or None)."""
 
 
@@ -19,7 +20,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--unreadable", required=True, choices=[
-        "files", "manifest", "listing", "index", "bounds", "common", "config"])
+        "files", "manifest", "listing", "index", "bounds", "common", "config",
+        "stale-index"])
     parser.add_argument("--failing-rank", type=int, default=1)
     parser.add_argument("--results", required=True)
     own = parser.parse_args()
@@ -46,6 +48,9 @@ def main() -> None:
         pathlib.Path.read_text = lambda path, *args, **kwargs: (
             unreadable()() if path.name == integrity.MANIFEST_FILENAME
             else read_text(path, *args, **kwargs))
+    elif torch.distributed.get_rank() == own.failing_rank and own.unreadable == "stale-index":
+        byte_items = safe_pickle.byte_items
+        safe_pickle.byte_items = lambda metadata: byte_items(metadata)[:-1]
     elif torch.distributed.get_rank() == own.failing_rank:
         module, function, name = unreadable_files[own.unreadable]
         setattr(module, function, unreadable(name))
