@@ -188,32 +188,75 @@ def inspect_checkpoint(checkpoint: str | os.PathLike) -> VerificationReport:
         problems += [found[name] for name in sorted(found) if found[name] is not None]
         files_checked = len(manifest)
         bytes_checked = sum(r.size for r in manifest.values())
-        unrecorded = sorted(set(_listed_files(directory)) - manifest.keys())
-        if unrecorded:
-            problems.append(f"{directory} holds files its {MANIFEST_FILENAME} does not list, "
-                            f"added or renamed after the save: {unrecorded}")
-    elif directory.is_dir():  # no manifest to list the files: refuse every link, as it would
-        problems += [_symlink_problem(entry) for entry in sorted(directory.iterdir())
-                     if entry.is_symlink()]
+    problems += _found_by_rank0(directory, lambda: _listing_problems(directory, manifest),
+                                "list its files")
     if problems:  # a damaged index is named above; reading it would only add noise
         return VerificationReport(directory, files_checked, bytes_checked,
                                   manifest is not None, tuple(problems))
+    (index_problems, object_keys), state_problems = _found_by_rank0(
+        directory, lambda: (_index_problems(directory), _state_problems(directory)),
+        "read its index, common state and config")
+    problems += index_problems
+    if not problems:  # each rank reads the index it shares rank 0's byte items of
+        found = _union_of_shares(
+            directory, lambda: _share_of_byte_item_problems(directory, object_keys),
+            "read its objects")
+        problems += [found[key] for key in sorted(found)]
+    problems += state_problems
+    return VerificationReport(directory, files_checked, bytes_checked, manifest is not None,
+                              tuple(problems))
+
+
+def _found_by_rank0(checkpoint: Path, find: Callable[[], T], what: str) -> T:
+    """Collective when torch.distributed is initialized: rank 0's `find()` (a check of one fact
+    of `checkpoint` that every rank would find alike, such as its listing), on every rank, so
+    that a rank with another view of the directory (a stale cache of a network filesystem)
+    takes the same path as the others; raises as `_on_every_rank` does when rank 0's `find`
+    raises."""
+    is_rank0 = not has_other_ranks() or dist.get_rank() == 0
+    return _on_every_rank(checkpoint, find if is_rank0 else lambda: None, what)[0]
+
+
+def _listing_problems(directory: Path, manifest: dict[str, FileRecord] | None) -> list[str]:
+    """Problems the directory listing shows: files the manifest does not list or, without a
+    manifest to list them, symbolic links (refused, as the manifest would)."""
+    if manifest is not None:
+        unrecorded = sorted(set(_listed_files(directory)) - manifest.keys())
+        return [f"{directory} holds files its {MANIFEST_FILENAME} does not list, added or "
+                f"renamed after the save: {unrecorded}"] if unrecorded else []
+    if not directory.is_dir():
+        return []
+    return [_symlink_problem(entry) for entry in sorted(directory.iterdir())
+            if entry.is_symlink()]
+
+
+def _index_problems(directory: Path) -> tuple[list[str], list[str]]:
+    """Problems with the checkpoint index `.metadata` and the `.distcp` files it points into,
+    and the keys of the byte items it lists (`safe_pickle.byte_items`; none when it is
+    damaged)."""
     try:
         metadata = safe_pickle.read_dcp_metadata(directory)
     except CheckpointError as err:  # damaged, or refused by the restricted unpickler
-        problems.append(str(err))
-    else:
-        problems += safe_pickle.check_file_bounds(directory, metadata)
-        if not problems:
-            keys = _my_share(safe_pickle.byte_items(metadata))
-            found = _union_of_shares(
-                directory, lambda: safe_pickle.check_byte_items(directory, metadata, keys),
-                "read its objects")
-            problems += [found[key] for key in sorted(found)]
-    problems += safe_pickle.check_common_state(directory)
-    problems += _megatron_config_problems(directory)
-    return VerificationReport(directory, files_checked, bytes_checked, manifest is not None,
-                              tuple(problems))
+        return [str(err)], []
+    return safe_pickle.check_file_bounds(directory, metadata), safe_pickle.byte_items(metadata)
+
+
+def _state_problems(directory: Path) -> list[str]:
+    """Problems with megatron's common state (common.pt) and its `metadata.json`."""
+    return safe_pickle.check_common_state(directory) + _megatron_config_problems(directory)
+
+
+def _share_of_byte_item_problems(directory: Path, keys: list[str]) -> dict[str, str]:
+    """Problems by key of this rank's share of the byte items `keys` (rank 0's), read through
+    the index this rank reads (call once rank 0 found the index sound). Raises when this rank
+    cannot read the index, or reads one listing other byte items (a stale view of the file)."""
+    metadata = safe_pickle.read_dcp_metadata(directory)
+    if safe_pickle.byte_items(metadata) != keys:
+        raise CheckpointIntegrityError(
+            f"{directory / safe_pickle.DCP_METADATA_FILENAME} lists other objects here than "
+            f"rank 0 read in it (the file changed during the check, or this node sees a stale "
+            f"copy of it): check again once every node sees the same file")
+    return safe_pickle.check_byte_items(directory, metadata, _my_share(keys))
 
 
 def _names_outside(directory: Path, manifest: dict[str, FileRecord]) -> str | None:

@@ -514,6 +514,48 @@ def test_a_file_one_rank_cannot_read_stops_every_rank_naming_it(tmp_path, unread
     assert ranks == [expected, expected]
 
 
+_EIO = "OSError: [Errno 5] Input/output error"
+_INDEX_AND_STATE = "read its index, common state and config"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("unreadable, failing_rank, error", [
+    ("listing", 0, f"list its files ({_EIO}: '{{checkpoint}}')"),
+    ("index", 0, f"{_INDEX_AND_STATE} ({_EIO}: '{{checkpoint}}/.metadata')"),
+    ("bounds", 0, f"{_INDEX_AND_STATE} ({_EIO}: '{{checkpoint}}/__0_0.distcp')"),
+    ("common", 0, f"{_INDEX_AND_STATE} ({_EIO}: '{{checkpoint}}/common.pt')"),
+    ("config", 0, f"{_INDEX_AND_STATE} ({_EIO}: '{{checkpoint}}/metadata.json')"),
+    # each rank reads the index it shares the byte items of
+    ("index", 1, f"read its objects ({_EIO}: '{{checkpoint}}/.metadata')"),
+    ("stale-index", 1, "read its objects (CheckpointIntegrityError: {checkpoint}/.metadata "
+                       "lists other objects here than rank 0 read in it (the file changed during "
+                       "the check, or this node sees a stale copy of it): check again once every "
+                       "node sees the same file)"),
+    # what rank 0 alone reads and shares: rank 1 does not take the step
+    ("listing", 1, None),
+    ("bounds", 1, None),
+    ("common", 1, None),
+    ("config", 1, None),
+])
+def test_a_check_one_rank_fails_alone_ends_alike_on_every_rank(save_dir, unreadable,
+                                                               failing_rank, error):
+    """Listing the directory, reading the index, common.pt and metadata.json were steps each
+    rank took alone: one rank failing one (EIO) stopped alone or returned problems while the
+    others waited for it in the gather of the byte items' problems. A rank reading an index
+    other than rank 0's (a stale copy) checked other byte items than the ones it was given."""
+    from distributed.harness import TESTS_DIR, run_distributed
+
+    checkpoint = save_dir / "iter_0000002"
+    ranks = run_distributed(TESTS_DIR / "checkpoint" / "verify_share_worker.py", 2,
+                            ["--checkpoint", str(checkpoint), "--unreadable", unreadable,
+                             "--failing-rank", str(failing_rank)], timeout=120)
+    expected = None if error is None else [
+        "CheckpointIntegrityError",
+        f"checkpoint {checkpoint} could not be checked and is not loaded: rank {failing_rank} "
+        f"could not {error.format(checkpoint=checkpoint)}"]
+    assert ranks == [expected, expected]
+
+
 def test_a_file_that_cannot_be_read_is_named_in_one_line(tmp_path, monkeypatch):
     checkpoint = _checkpoint_with_manifest(tmp_path / "iter_0000002")
 

@@ -1,7 +1,10 @@
-"""Worker for test_integrity.py: every rank runs `verify_checkpoint` on `--checkpoint` (a
-directory with a manifest), rank 1 failing to read (EIO) what `--unreadable` names: its share of
-the files ("files", while hashing) or the manifest ("manifest"); every rank reports what it
-raised (`[error type, message]`, or None)."""
+"""Worker for test_integrity.py: every rank runs `verify_checkpoint` on `--checkpoint`, rank
+`--failing-rank` failing (EIO) the step `--unreadable` names: hashing its share of the files
+("files"), reading the manifest ("manifest"), listing the directory ("listing"), reading the
+index ("index"), checking the files the index points into ("bounds"), reading common.pt
+("common") or megatron's metadata.json ("config"), or seeing an index that lists one object
+fewer than rank 0's ("stale-index"); every rank reports what it raised (`[error
+type, message]`, or None)."""
 
 
 def main() -> None:
@@ -12,25 +15,45 @@ def main() -> None:
     import torch
     from distributed.harness import report_results
 
-    from megatron_lst.checkpoint import integrity
+    from megatron_lst.checkpoint import integrity, safe_pickle
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--unreadable", choices=["files", "manifest"], required=True)
+    parser.add_argument("--unreadable", required=True, choices=[
+        "files", "manifest", "listing", "index", "bounds", "common", "config",
+        "stale-index"])
+    parser.add_argument("--failing-rank", type=int, default=1)
     parser.add_argument("--results", required=True)
     own = parser.parse_args()
     torch.distributed.init_process_group("gloo")
+    checkpoint = pathlib.Path(own.checkpoint)
 
-    def unreadable(*args, **kwargs):
-        raise OSError(errno.EIO, "Input/output error")
+    def unreadable(name: str | None = None):
+        """A stand-in that fails with EIO, naming `name` in `checkpoint` (None: no file)."""
+        def fail(*args, **kwargs):
+            raise OSError(errno.EIO, "Input/output error",
+                          *([] if name is None else [str(checkpoint / name)]))
+        return fail
 
-    if torch.distributed.get_rank() == 1 and own.unreadable == "files":
-        integrity.digest_file = unreadable
-    elif torch.distributed.get_rank() == 1:
+    unreadable_files = {  # module, function, file its failure names
+        "files": (integrity, "digest_file", None),
+        "listing": (integrity, "_listed_files", ""),
+        "index": (safe_pickle, "read_dcp_metadata", ".metadata"),
+        "bounds": (safe_pickle, "check_file_bounds", "__0_0.distcp"),
+        "common": (safe_pickle, "check_common_state", "common.pt"),
+        "config": (integrity, "_megatron_config_problems", "metadata.json"),
+    }
+    if torch.distributed.get_rank() == own.failing_rank and own.unreadable == "manifest":
         read_text = pathlib.Path.read_text
         pathlib.Path.read_text = lambda path, *args, **kwargs: (
-            unreadable() if path.name == integrity.MANIFEST_FILENAME
+            unreadable()() if path.name == integrity.MANIFEST_FILENAME
             else read_text(path, *args, **kwargs))
+    elif torch.distributed.get_rank() == own.failing_rank and own.unreadable == "stale-index":
+        byte_items = safe_pickle.byte_items
+        safe_pickle.byte_items = lambda metadata: byte_items(metadata)[:-1]
+    elif torch.distributed.get_rank() == own.failing_rank:
+        module, function, name = unreadable_files[own.unreadable]
+        setattr(module, function, unreadable(name))
     try:
         integrity.verify_checkpoint(own.checkpoint)
         raised = None
