@@ -60,6 +60,7 @@ def main() -> None:
     except Exception as error:
         raised = [type(error).__name__, str(error)]
     report_results(own.results, raised)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
