@@ -228,8 +228,8 @@ class PreRotatedKeySelfAttention(SelfAttention):
     attention implements): megatron caches the rotated keys and rotates nothing. Same angles,
     same `apply_rotary_pos_emb` (megatron's, with the config's interleaving and fusion), each
     position rotated once. Any other call (training, no context, megatron's dynamic context,
-    flash decoding, angles given as a (query, key) pair, `no_rope_freq`) is megatron's forward
-    unchanged. Plain RoPE only (no YaRN scaling: refused at build).
+    flash decoding, angles given as a (query, key) pair, `no_rope_freq`, YaRN's scaled RoPE) is
+    megatron's forward unchanged.
 
     Fails loudly, never silently unrotated: at build when `SelfAttention.forward` lacks the
     arguments read here, and at a call whose projection did not pass through
@@ -239,21 +239,21 @@ class PreRotatedKeySelfAttention(SelfAttention):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         _self_attention_forward_signature()
-        if hasattr(config, "yarn_rotary_scaling_factor"):
-            raise ValueError("PreRotatedKeySelfAttention applies plain RoPE; YaRN configs "
-                             "(yarn_rotary_scaling_factor) keep megatron's SelfAttention")
         self._pending_rotation: tuple[torch.Tensor, int] | None = None
         """(angles `[S_max, 1, 1, d]`, first new position) for the next projection."""
 
     def _pre_rotates(self, context, rotary_pos_emb) -> bool:
         return (context is not None and context.is_static_batching()
                 and isinstance(rotary_pos_emb, torch.Tensor) and not self.config.flash_decode
-                and not getattr(self.config, "no_rope_freq", None))
+                and not getattr(self.config, "no_rope_freq", None)
+                and getattr(self.config, "yarn_rotary_scaling_factor", None) is None)
 
     def forward(self, *args, **kwargs):
         call = _self_attention_forward_signature().bind(self, *args, **kwargs)
         arguments = call.arguments
-        context = arguments.get("inference_context") or arguments.get("inference_params")
+        context = arguments.get("inference_context")
+        if context is None:  # megatron's deprecated name of the argument
+            context = arguments.get("inference_params")
         if not self._pre_rotates(context, arguments.get("rotary_pos_emb")):
             return super().forward(*args, **kwargs)
         self._pending_rotation = (arguments["rotary_pos_emb"], context.sequence_len_offset)
