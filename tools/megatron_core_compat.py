@@ -15,8 +15,9 @@ on the package index) as its cp312 manylinux wheel with `pip download`, unpacks 
      checkpoints saved by the installed release resume and convert under the other, and back
 
 --subset ci keeps what runs in a few minutes on 2 cores: the CPU layer, the checkpoint-layout and
-integrity tests, a resume with another --lr, lst-eval's clean-output test, and single-process
-resumes across the releases both ways.
+integrity tests, a resume with another --lr, lst-eval's clean-output test, generation's KV cache
+against full recomputation (its keys cached rotated, through megatron's attention), and
+single-process resumes across the releases both ways.
 
 A --version whose wheel is already in --cache is used from there, without the package index.
 
@@ -56,7 +57,14 @@ CI_SUBSET = ["tests/unit", "tests/checkpoint/test_megatron_core_layouts.py",
              "tests/checkpoint/test_integrity.py",
              "tests/training/test_resume.py::test_a_resume_with_another_peak_lr_follows_it_when_asked",
              "tests/evaluation/test_eval_cli.py::"
-             "test_loading_a_checkpoint_prints_no_torch_deprecation_warnings"]
+             "test_loading_a_checkpoint_prints_no_torch_deprecation_warnings",
+             *(f"tests/evaluation/test_generation.py::{test}" for test in (
+                 "test_greedy_cache_gives_the_tokens_of_full_recomputation",
+                 "test_long_cached_generation_gives_the_full_models_tokens",
+                 "test_models_with_document_rules_generate_one_document",
+                 "test_cached_steps_rotate_each_global_position_once",
+                 "test_a_megatron_that_skips_the_rotation_hook_fails_loudly",
+                 "test_a_megatron_self_attention_without_the_arguments_read_is_refused_at_build"))]
 CI_VERSIONS_SELECTION = "other_tree or installed-other-1 or other-installed-1"
 
 

@@ -7,8 +7,10 @@ cached loop keeps them up to date a token at a time, `GenerationPatching`):
 - the patch encoder runs once for each patch closed since the last step (its slots see only the
   tokens of their last W patches, all encoded already);
 - the global model runs on those closed patches with megatron's `StaticInferenceContext`, whose
-  attention keeps the keys/values of past positions and applies RoPE at the right offsets (no
-  attention code of ours runs in the global cache path);
+  attention keeps the keys/values of past positions; the block's self-attention
+  (`PreRotatedKeySelfAttention`, models/global_attention.py) rotates each position's query and
+  key once, as it is projected, so the cache holds rotated keys (megatron's static path rotated
+  the whole key cache again at every step);
 - the decoder runs on the new token with a sliding-window KV cache per layer and the cached
   keys/values of the closed patches' slots, and the output head gives the logits.
 Only closed patches reach the global model, and each does once: the decoder at token t reads only

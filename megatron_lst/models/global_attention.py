@@ -22,19 +22,27 @@ Query s then sees keys `[key_start[s], s]`, without any `[S, S]` tensor:
 
 Each path logs once per process, when it first runs, which attention the global block runs
 (`announce_global_attention`): the automatic choice is visible at startup.
+
+`PreRotatedKeySelfAttention` fills the block's `self_attention` slot (both specs): megatron's
+`SelfAttention`, whose static inference KV cache (generation) holds keys already rotated, so a
+decoding step rotates its new position only instead of the whole cache.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 
+import megatron.core
 import torch
 import torch.nn.functional as F
 from lst_kernels import patch_cross_attention
 from lst_kernels.last_call import LastCall
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
@@ -183,3 +191,101 @@ class CausalSDPAttention(MegatronModule):
             out = patch_cross_attention(q, k, v, key_start, key_end, scale=self.scale,
                                         backend=self.kernel_backend)
         return out.transpose(0, 1).reshape(seq_len, batch, -1)  # [S, B, Hp*d]
+
+
+def _megatron_changed(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"megatron-core {megatron.core.__version__}: {what}. PreRotatedKeySelfAttention "
+        "(megatron_lst/models/global_attention.py) was written for megatron-core 0.16 to 0.19, "
+        "whose SelfAttention.forward takes `inference_context` and `rotary_pos_emb` and projects "
+        "through `get_query_key_value_tensors`; adapt it to this release or install "
+        "megatron-core 0.16 to 0.19")
+
+
+@functools.cache
+def _self_attention_forward_signature() -> inspect.Signature:
+    """The signature of megatron's `SelfAttention.forward`, checked for the arguments
+    `PreRotatedKeySelfAttention` reads (raises when they are gone)."""
+    signature = inspect.signature(SelfAttention.forward)
+    missing = {"hidden_states", "inference_context", "rotary_pos_emb"} - set(signature.parameters)
+    if missing:
+        raise _megatron_changed(f"SelfAttention.forward takes no {sorted(missing)}")
+    return signature
+
+
+class PreRotatedKeySelfAttention(SelfAttention):
+    """megatron's `SelfAttention`, whose static inference KV cache holds rotated keys.
+
+    Under `StaticInferenceContext` (generation), megatron-core 0.16 to 0.19 store a step's keys
+    in the cache unrotated and apply RoPE to the whole cache, positions `[0, t]`, at every step
+    (`Attention._adjust_key_value_for_inference` hands `forward` the angles of `[:t + 1]`): one
+    rotation and one new cache-sized tensor per layer and step, quadratic in the length. Only
+    flash decoding (CUDA) and the dynamic context (flash-attn) rotate keys before caching.
+
+    Here a static-context call runs megatron's forward without `rotary_pos_emb`, and RoPE of the
+    new positions (the context's `sequence_len_offset` on) is applied to the query and key as
+    they leave the projection (`get_query_key_value_tensors`, the method every megatron
+    attention implements): megatron caches the rotated keys and rotates nothing. Same angles,
+    same `apply_rotary_pos_emb` (megatron's, with the config's interleaving and fusion), each
+    position rotated once. Any other call (training, no context, megatron's dynamic context,
+    flash decoding, angles given as a (query, key) pair, `no_rope_freq`, YaRN's scaled RoPE) is
+    megatron's forward unchanged.
+
+    Fails loudly, never silently unrotated: at build when `SelfAttention.forward` lacks the
+    arguments read here, and at a call whose projection did not pass through
+    `get_query_key_value_tensors` or did not give `(query, key, value, ...)` `[S, B, heads, d]`.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _self_attention_forward_signature()
+        self._pending_rotation: tuple[torch.Tensor, int] | None = None
+        """(angles `[S_max, 1, 1, d]`, first new position) for the next projection."""
+
+    def _pre_rotates(self, context, rotary_pos_emb) -> bool:
+        return (context is not None and context.is_static_batching()
+                and isinstance(rotary_pos_emb, torch.Tensor) and not self.config.flash_decode
+                and not getattr(self.config, "no_rope_freq", None)
+                and getattr(self.config, "yarn_rotary_scaling_factor", None) is None)
+
+    def forward(self, *args, **kwargs):
+        call = _self_attention_forward_signature().bind(self, *args, **kwargs)
+        arguments = call.arguments
+        context = arguments.get("inference_context")
+        if context is None:  # megatron's deprecated name of the argument
+            context = arguments.get("inference_params")
+        if not self._pre_rotates(context, arguments.get("rotary_pos_emb")):
+            return super().forward(*args, **kwargs)
+        self._pending_rotation = (arguments["rotary_pos_emb"], context.sequence_len_offset)
+        arguments["rotary_pos_emb"] = None
+        try:
+            output = super().forward(*call.args[1:], **call.kwargs)
+            if self._pending_rotation is not None:
+                raise _megatron_changed("SelfAttention.forward no longer projects through "
+                                        "get_query_key_value_tensors under a static context")
+        finally:
+            self._pending_rotation = None
+        return output
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        """megatron's projection; during a static-context call, query and key rotated at the
+        positions they hold."""
+        projected = super().get_query_key_value_tensors(*args, **kwargs)
+        if self._pending_rotation is None:
+            return projected
+        angles, start = self._pending_rotation  # [S_max, 1, 1, d], first new position
+        self._pending_rotation = None
+        if not (isinstance(projected, tuple) and len(projected) >= 3
+                and projected[0].dim() == projected[1].dim() == 4
+                and projected[0].shape[0] == projected[1].shape[0]):
+            raise _megatron_changed("get_query_key_value_tensors did not return (query, key, "
+                                    "value, ...) of [S, B, heads, d]")
+        query, key, *rest = projected  # [S, B, Hp, d], [S, B, Gp, d]
+        if start + query.shape[0] > angles.shape[0]:
+            raise ValueError(f"positions {start}..{start + query.shape[0] - 1} are past the "
+                             f"{angles.shape[0]} RoPE angles given; size the angles (and the "
+                             f"inference context) for the whole sequence")
+        new_angles = angles[start:start + query.shape[0]]  # [S, 1, 1, d]
+        rotate = functools.partial(apply_rotary_pos_emb, freqs=new_angles, config=self.config,
+                                   cp_group=self.pg_collection.cp)
+        return (rotate(query), rotate(key), *rest)

@@ -5,6 +5,8 @@ Swapping implementations is a different spec, never an `if` inside a layer.
   or its local PyTorch spec (`"local"`, with causal SDPA as core attention and norms that support
   sequence parallelism); `"auto"` takes TE when CUDA is up and `transformer_engine.pytorch`
   imports (an installed build for another torch or CUDA that does not is passed over, logged).
+  Both take `PreRotatedKeySelfAttention` as self-attention: generation's static KV cache holds
+  rotated keys (see global_attention.py).
 - Local layers: `LocalSelfAttention` + `SwiGLUMLP`, with the sliding-window attention backend
   ("auto" | "flash" | "sdpa", see `local_attention.py`) as a spec parameter.
 Both take the kernel backend of their range attention ("auto" | "triton" | "torch",
@@ -21,7 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_lst.compat.norm import SequenceParallelTorchNorm
 
-from .global_attention import CausalSDPAttention
+from .global_attention import CausalSDPAttention, PreRotatedKeySelfAttention
 from .local_layers import LocalLayerSubmodules, LocalSelfAttention, LocalTransformerLayer, SwiGLUMLP
 from .optional_imports import import_failure
 
@@ -67,7 +69,7 @@ def global_block_spec(megatron_config, transformer_impl: str = "auto",
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        return _with_pre_rotated_keys(get_gpt_layer_with_transformer_engine_spec())
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -77,7 +79,7 @@ def global_block_spec(megatron_config, transformer_impl: str = "auto",
     # megatron's own PyTorch norm refuses sequence parallelism; this one marks its weights for
     # the tensor-parallel gradient all-reduce that `finalize_model_grads` performs. Causal SDPA
     # replaces megatron's unfused DotProductAttention (see global_attention.py).
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = _with_pre_rotated_keys(get_gpt_layer_local_spec(normalization="RMSNorm"))
     attention = layer.submodules.self_attention
     attention = dataclasses.replace(attention, submodules=dataclasses.replace(
         attention.submodules, core_attention=ModuleSpec(
@@ -92,6 +94,15 @@ def global_block_spec(megatron_config, transformer_impl: str = "auto",
         layer_specs=[layer] * get_num_layers_to_build(megatron_config),
         layer_norm=SequenceParallelTorchNorm,
     )
+
+
+def _with_pre_rotated_keys(layer: ModuleSpec) -> ModuleSpec:
+    """`layer` (a megatron GPT layer spec) with `PreRotatedKeySelfAttention` as self-attention,
+    its submodules (TE's or the local ones) kept."""
+    attention = dataclasses.replace(layer.submodules.self_attention,
+                                    module=PreRotatedKeySelfAttention)
+    return dataclasses.replace(layer, submodules=dataclasses.replace(
+        layer.submodules, self_attention=attention))
 
 
 def local_layer_spec(attention_backend: str = "auto", kernel_backend: str = "auto") -> ModuleSpec:

@@ -120,6 +120,73 @@ def test_long_cached_generation_gives_the_full_models_tokens(models, kind, patch
     assert units.sum() > 60 and (~units).sum() > 5
 
 
+@pytest.mark.parametrize("kind", ["lst", "baseline"])
+def test_cached_steps_rotate_each_global_position_once(models, monkeypatch, kind):
+    """The global attention's KV cache holds rotated keys: over a cached generation every
+    global position is rotated once as a query and once as a key in each layer, the prompt's in
+    the prefill and each later one in its step. megatron's static cache kept keys unrotated and
+    rotated the whole cache again at every step (quadratic in the length; 19% of generating 400
+    tokens of the medium preset on CPU). The tokens stay the whole model's (tests above)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    rotated = []  # positions of each rotation megatron's RoPE ran
+    rotate = rope_utils._apply_rotary_pos_emb_bshd
+    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd",
+                        lambda t, *args, **kwargs: rotated.append(t.shape[0])
+                        or rotate(t, *args, **kwargs))
+    model = models[kind]
+    handle = _never_eos(model)
+    try:
+        result = generate(model, prompts()["speech"], vocab(), STATIC,
+                          SamplingConfig(temperature=1.0, max_new_tokens=60, seed=2))
+    finally:
+        handle.remove()
+    assert len(result.tokens) == 60
+    prompt_positions = (len(prompts()["speech"]) if kind == "baseline"
+                        else len(generation_patch_lengths(prompts()["speech"], vocab(), 3)) - 1)
+    layers = model.config.num_layers
+    assert rotated[:2 * layers] == [prompt_positions] * (2 * layers)
+    assert rotated[2 * layers:] == [1] * (2 * layers * result.global_steps)
+
+
+def test_a_megatron_that_skips_the_rotation_hook_fails_loudly(models, monkeypatch):
+    """Were a megatron-core release to stop projecting through `get_query_key_value_tensors`
+    under a static context, the cached keys would go unrotated: the step raises, naming the
+    release, instead of generating from them."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    from megatron_lst.models.global_attention import PreRotatedKeySelfAttention
+
+    monkeypatch.setattr(PreRotatedKeySelfAttention, "get_query_key_value_tensors",
+                        SelfAttention.get_query_key_value_tensors)
+    with pytest.raises(RuntimeError, match=r"megatron-core \S+: SelfAttention.forward no longer "
+                                           r"projects through get_query_key_value_tensors"):
+        generate(models["baseline"], prompts()["speech"], vocab(), STATIC,
+                 SamplingConfig(max_new_tokens=2))
+
+
+def test_a_megatron_self_attention_without_the_arguments_read_is_refused_at_build(
+        single_rank, monkeypatch):
+    """The global block's self-attention reads `inference_context` and `rotary_pos_emb` of
+    megatron's `SelfAttention.forward`: a release without them is refused when the model is
+    built, naming the release and what is missing."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    from megatron_lst.models import global_attention
+
+    def forward(self, hidden_states, attention_mask, inference_context=None):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(SelfAttention, "forward", forward)
+    global_attention._self_attention_forward_signature.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"megatron-core \S+: SelfAttention.forward takes "
+                                               r"no \['rotary_pos_emb'\]"):
+            tiny_model("baseline", VOCAB.size)
+    finally:
+        global_attention._self_attention_forward_signature.cache_clear()
+
+
 def test_cached_steps_copy_no_more_when_the_sequence_grows(models, monkeypatch):
     """The caches that grow with the sequence are buffers of their full size written in place:
     the largest tensor generation's own code concatenates (the sliding windows' keys, one
