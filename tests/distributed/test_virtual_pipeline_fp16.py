@@ -1,4 +1,4 @@
-"""fp16 under virtual pipeline stages: the loss scale follows one process's, and an update skipped
+"""fp16 under virtual pipeline stages: the loss scale follows PP=1's, and an update skipped
 for gradients that overflowed in one model chunk is skipped by every chunk of every rank.
 
 Real `lst-train` flags through `pretrain` (--fp16, gloo on CPU), 4 global layers, PP=2 x 2
@@ -9,10 +9,11 @@ iteration 1 was counted in the checkpoint. At iteration 3 the gradient of global
 2 alone is made infinite (fp16_overflow_worker.py), on rank 1's first chunk: megatron's optimizer
 takes the maximum of every rank's overflow flag, so no chunk of either rank may change and the
 scale halves on both. The interleaved run trains iteration 1 and saves it, then resumes it (the
-same launch) to iteration 5; one process resumes that checkpoint of iteration 1 (initialisation
-draws other weights under another layout) and must follow the interleaved run's losses, loss
-scales and skips: the scaler's state (the clean steps counted towards the next doubling) travels
-in the checkpoint.
+same launch) to iteration 5. The reference resumes that checkpoint (initialisation draws other
+weights under another layout) without pipeline stages, on the same two processes to save a
+launch: two data-parallel replicas, which train as one process does (test_resume.py). It must
+follow the interleaved run's losses, loss scales and skips; the scaler's state (the clean steps
+counted towards the next doubling) travels in the checkpoint.
 """
 
 import shlex
@@ -38,7 +39,7 @@ LOSS_SCALE_FLAGS = ["--fp16", "--initial-loss-scale", "4096", "--hysteresis", "1
 
 
 def train(nprocs: int, *runs: list[str]) -> list[list[dict]]:
-    """Every rank's report of `runs`, trained one after the other on `nprocs` processes, with
+    """Every rank's reports of `runs`, trained one after the other on `nprocs` processes, with
     the gradients of layer OVERFLOW_LAYER made infinite at iteration OVERFLOW_AT."""
     args = [item for run in runs for item in ("--training-run", shlex.join(run))]
     return run_distributed(WORKER, nprocs, [
@@ -48,8 +49,8 @@ def train(nprocs: int, *runs: list[str]) -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The single-process reference from the interleaved run's checkpoint of iteration 1, and
-    both ranks' interleaved runs from it."""
+    """The reference from the interleaved run's checkpoint of iteration 1, and both ranks'
+    interleaved runs from it (one launch)."""
     root = tmp_path_factory.mktemp("virtual_pipeline_fp16")
     base = tiny_flags(write_corpus(root / "data")) + LOSS_SCALE_FLAGS + [
         "--num-layers", "4", "--train-iters", str(ITERATIONS), "--lr-decay-iters",
@@ -58,9 +59,8 @@ def runs(tmp_path_factory):
                           "--num-virtual-stages-per-pipeline-rank", "2"]
     first = with_value(interleaved + ["--save", str(root / "shared")], "--train-iters", "1")
     resumed = ["--load", str(root / "shared")]
-    interleaved_runs = [rank_runs[1] for rank_runs in train(2, first, interleaved + resumed)]
-    [[reference]] = train(1, base + resumed)
-    return reference, interleaved_runs
+    ranks = train(2, first, interleaved + resumed, base + resumed)
+    return ranks[0][2], [rank_runs[1] for rank_runs in ranks]
 
 
 def test_the_overflowing_update_is_skipped_by_every_chunk_of_every_rank(runs):
@@ -72,7 +72,7 @@ def test_the_overflowing_update_is_skipped_by_every_chunk_of_every_rank(runs):
             str(i): [i != OVERFLOW_AT] * 2 for i in range(2, ITERATIONS + 1)}
 
 
-def test_the_loss_scale_and_losses_follow_one_process(runs):
+def test_the_loss_scale_and_losses_follow_the_run_without_pipeline_stages(runs):
     reference, interleaved = runs
     # Iteration 1 (in the checkpoint) and 2 clean: doubled; 3 overflowed: halved; 4 and 5 clean.
     assert reference["loss_scales"] == {"2": 8192.0, "3": 4096.0, "4": 4096.0, "5": 8192.0}
