@@ -11,6 +11,7 @@ rank 0 write them, in rank order, to `path`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
@@ -61,7 +63,6 @@ def run_distributed(
         env["OMP_NUM_THREADS"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(TESTS_DIR), env.get("PYTHONPATH")) if p)
-        # A process group of its own lets a timeout end torchrun and its workers together.
         launcher = subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True,
@@ -69,7 +70,7 @@ def run_distributed(
         try:
             output, _ = launcher.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
+            kill_process_tree(launcher.pid)
             output, _ = launcher.communicate()
             pytest.fail(f"{_describe(command)} timed out after {timeout:.0f} s; "
                         f"output tail:\n{output[-_OUTPUT_TAIL_CHARS:]}")
@@ -80,6 +81,22 @@ def run_distributed(
             pytest.fail(f"{_describe(command)} exited cleanly but reported no results "
                         f"(call report_results); output tail:\n{output[-_OUTPUT_TAIL_CHARS:]}")
         return json.loads(results_path.read_text())
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL process `pid` (started with `start_new_session=True`: the leader of its own
+    process group), that group, and every process below it. torchrun starts each worker in a
+    session of its own, so killing the launcher's group alone leaves the workers running, holding
+    the output pipe: reading it to the end after a timeout would then wait for them for ever."""
+    try:
+        below = psutil.Process(pid).children(recursive=True)  # found before they are orphaned
+    except psutil.NoSuchProcess:
+        below = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for process in below:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def report_results(path: str | os.PathLike, record: Any) -> None:
