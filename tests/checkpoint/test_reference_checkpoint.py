@@ -398,6 +398,20 @@ def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(up
         lst_config_from_reference(model_args)
 
 
+@pytest.mark.parametrize("key", ["patching_mode", "patch_size"])
+@pytest.mark.parametrize("absent", [False, True])
+def test_args_without_a_patching_mode_or_patch_size_are_refused_naming_the_field(key, absent):
+    """The reference's local models' args require a `patching_mode` string and a `patch_size`
+    number (its model args default both to null, which fails their validation): args without
+    one describe no model the reference trained, and were imported as if they did."""
+    model_args = {**reference_model_args(preset("tiny", 64)), key: None}
+    if absent:
+        del model_args[key]
+    with pytest.raises(ReferenceImportError, match=rf"^reference {key} is null or absent: the "
+                                                   r"reference builds no model without"):
+        lst_config_from_reference(model_args)
+
+
 @pytest.mark.parametrize("key", ["head_dim", "n_kv_heads", "n_kv_heads_global"])
 @pytest.mark.parametrize("value", [True, False, 2.5, "4", [4]])
 def test_head_sizes_that_are_no_whole_number_are_refused_before_the_head_checks(key, value):
