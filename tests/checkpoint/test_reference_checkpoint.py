@@ -190,7 +190,8 @@ def test_a_data_patching_mode_the_reference_does_not_have_is_refused_by_name(tmp
     {"patching_mode": "lst_align", "max_patch_length": None},
     {"patching_mode": "lst_align"},  # its patch size is not read
     {"patching_mode": "lst_curriculum", "patch_size": 3.0},
-    {"patching_mode": "entropy", "max_patch_length": 2},  # no LST patcher: the model args' mode
+    # no LST patcher: read back, for the import to refuse naming it (`reference_patching`)
+    {"patching_mode": "entropy", "max_patch_length": 2},
     {"patch_size": 4},  # the reference's entropy patcher
 ])
 def test_a_data_patcher_whose_patches_are_not_cut_reads_back(tmp_path, patcher_args):
