@@ -40,6 +40,7 @@ from typing import TypeVar
 import numpy as np
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably, save_npy
+from megatron_lst.data.input_files import regular_file_sha256
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.demo_corpus.alignment import (
     SILENCE,
@@ -144,10 +145,6 @@ class _Document:
     id: str
     text: str
     """Natural text."""
-
-
-def _file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _key(*parts) -> str:
@@ -454,7 +451,8 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
 
     # Everything the outputs depend on, known before any work; `workers` changes only the speed.
     settings = {k: v for k, v in asdict(config).items() if k != "workers"}
-    output_key = _key("outputs", settings, [_file_sha256(p) for p in config.text_files],
+    output_key = _key("outputs", settings, [regular_file_sha256(p, ValueError, "--text-files file")
+                                                for p in config.text_files],
                       features.cache_key())
     manifest_path = out_dir / "summary.json"
     summary = _summary_of_outputs(manifest_path)
