@@ -280,9 +280,11 @@ MODEL_ARGS_PATCHING_MODES = ("static", *REFERENCE_LST_PATCHERS, "aligned", "curr
 def reference_patching(model_args: dict, patcher_args: dict | None = None) -> dict[str, object]:
     """The patching flags for the evaluation tools' patcher from a reference run: its data's
     patcher (`patcher_args`, the `data.patcher_args` of its params.json) where that is one of its
-    LST patchers (`REFERENCE_LST_PATCHERS`, with its `patch_size`), else the model args' mode
-    (`MODEL_ARGS_PATCHING_MODES`): "static" and the static LST patchers with their `patch_size`,
-    "aligned" and "lst_align"; null or absent, static patching of 4 units. The model args' own
+    LST patchers (`REFERENCE_LST_PATCHERS`, with its `patch_size`), else (no data patcher, or
+    one of no form the reference reads) the model args' mode (`MODEL_ARGS_PATCHING_MODES`):
+    "static" and the static LST patchers with their `patch_size`, "aligned" and "lst_align";
+    null or absent (the import refuses those args: `lst_config_from_reference`; a portable
+    checkpoint of no reference run), static patching of 4 units. The model args' own
     `patching_mode` and `patch_size` are not what the data was patched with when the data's
     patcher is given (the reference's lst.yaml: model static 6, data lst_static 4).
 
