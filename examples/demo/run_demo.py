@@ -34,7 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # The tiny models' operations are too small to gain from intra-op threads; on 2 shared cores
@@ -97,11 +97,12 @@ def corpus_config(parser: argparse.ArgumentParser, scale: float):
     `MIN_SCALED_EVAL_ITEMS`. A scale that is no positive number is a usage error."""
     from megatron_lst.demo_corpus.build import DemoCorpusConfig
 
-    if not (math.isfinite(scale) and scale > 0):
-        parser.error(f"--corpus-scale must be a positive number, got {scale}")
-    full = DemoCorpusConfig().eval_items
-    items = min(full, max(MIN_SCALED_EVAL_ITEMS, round(full * scale)))
-    return DemoCorpusConfig(seed=0, scale=scale, eval_items=items)
+    try:
+        config = DemoCorpusConfig(seed=0, scale=scale)
+    except ValueError as error:
+        parser.error(f"--corpus-scale: {error}")
+    items = min(config.eval_items, max(MIN_SCALED_EVAL_ITEMS, round(config.eval_items * scale)))
+    return replace(config, eval_items=items)
 
 
 def print_stage(message: str) -> None:

@@ -115,8 +115,8 @@ class DemoCorpusConfig:
     workers: int = 2
 
     def __post_init__(self):
-        if self.scale <= 0:
-            raise ValueError(f"scale must be positive, got {self.scale}")
+        if not (math.isfinite(self.scale) and self.scale > 0):  # nan passed `<= 0`
+            raise ValueError(f"scale must be a positive number, got {self.scale}")
         if not self.voices:
             raise ValueError("voices must name at least one eSpeak voice, e.g. 'en-us+m3'")
         if self.units not in UNIT_KINDS:

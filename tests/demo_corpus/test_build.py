@@ -186,7 +186,10 @@ def test_summary_table_names_every_figure(corpus):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--scale", "-1"], "scale must be positive, got -1.0"),
+    (["--scale", "-1"], "scale must be a positive number, got -1.0"),
+    # found only when the document counts were rounded, after nothing was checked
+    (["--scale", "nan"], "scale must be a positive number, got nan"),
+    (["--scale", "inf"], "scale must be a positive number, got inf"),
     (["--eval-items", "0"], "eval_items must be at least 1, got 0"),
     # found only inside k-means, after the synthesis
     (["--num-units", "-3"], "num_units must be at least 1, got -3"),

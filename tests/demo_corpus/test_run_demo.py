@@ -123,7 +123,7 @@ def test_a_corpus_scale_below_1_shrinks_the_evaluation_sets_too(tmp_path, monkey
 @pytest.mark.parametrize("scale", ["0", "-1", "nan", "inf"])
 def test_a_corpus_scale_that_is_no_positive_number_is_a_usage_error(tmp_path, monkeypatch, capsys,
                                                                     scale):
-    """It was a ValueError traceback from the corpus build (nan and inf were no error there)."""
+    """It was a ValueError traceback from the corpus build (nan and inf not even that)."""
     import megatron_lst.demo_corpus.build as build
 
     monkeypatch.setattr(build, "build_demo_corpus",
@@ -132,5 +132,5 @@ def test_a_corpus_scale_that_is_no_positive_number_is_a_usage_error(tmp_path, mo
         load_tool("run_demo", DEMO_DIR).run(["--out-dir", str(tmp_path / "out"), "--corpus-dir",
                                              str(tmp_path / "corpus"), "--corpus-scale", scale])
     assert stopped.value.code == 2
-    assert (f"--corpus-scale must be a positive number, got {float(scale)}"
+    assert (f"--corpus-scale: scale must be a positive number, got {float(scale)}"
             in capsys.readouterr().err)
