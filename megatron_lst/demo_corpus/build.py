@@ -40,7 +40,11 @@ from typing import TypeVar
 import numpy as np
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably, save_npy
-from megatron_lst.data.input_files import regular_file_sha256
+from megatron_lst.data.input_files import (
+    MAX_LARGE_TEXT_BYTES,
+    read_bounded_bytes,
+    regular_file_sha256,
+)
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.demo_corpus.alignment import (
     SILENCE,
@@ -157,10 +161,14 @@ def _key(*parts) -> str:
 
 
 def _paragraphs(paths: Sequence[str], max_words: int = 120) -> list[str]:
-    """Paragraphs (split by blank lines) of the files, long ones cut into pieces of max_words."""
+    """Paragraphs (split by blank lines) of the files, long ones cut into pieces of max_words.
+    Each file is read whole, so only a regular one of at most `MAX_LARGE_TEXT_BYTES` is taken
+    (the input-files rule), refused by name otherwise."""
     docs = []
     for path in paths:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        data = read_bounded_bytes(path, ValueError, "--text-files file", MAX_LARGE_TEXT_BYTES)
+        # decoded with universal newlines, as Path.read_text read it
+        text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
         for paragraph in re.split(r"\n\s*\n", text):
             words = paragraph.split()
             for i in range(0, len(words), max_words):
