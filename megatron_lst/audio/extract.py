@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import multiprocessing
@@ -38,6 +37,7 @@ from megatron_lst.audio.hubert import HubertFeatures, load_transformers
 from megatron_lst.audio.units_record import UNITS_RECORD, read_units_record
 from megatron_lst.checkpoint.durable_files import replace_file_durably, save_npy
 from megatron_lst.checkpoint.stale_scratch import remove_stale_scratch, writer_tag
+from megatron_lst.data.input_files import regular_file_sha256
 from megatron_lst.demo_corpus.units import FEATURE_SAMPLE_RATE, UNIT_FRAME_RATE, KMeansCodebook
 
 
@@ -171,10 +171,6 @@ def _check_codebook_settings(config: ExtractConfig) -> None:
                                 f"{flag} {recorded[key]}, or the codebook fitted on {key} {value}")
 
 
-def _file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
                         utterances: Sequence[Utterance]) -> None:
     """Write `units.json`, or check that the units already there were made the same way (a
@@ -182,7 +178,7 @@ def _check_units_record(config: ExtractConfig, codebook: KMeansCodebook,
     no unit file (a run stopped before its first, e.g. by a bad audio file) is replaced."""
     record = {"model_dir": str(Path(config.model_dir).resolve()), "layer": config.layer,
               "frame_rate": config.frame_rate, "num_units": codebook.num_units,
-              "codebook_sha256": _file_sha256(config.codebook)}
+              "codebook_sha256": regular_file_sha256(config.codebook, CodebookError, "codebook file")}
     path = Path(config.units_dir) / UNITS_RECORD
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"--units-dir {config.units_dir} is a file; pass a folder (it is created "

@@ -280,16 +280,21 @@ MODEL_ARGS_PATCHING_MODES = ("static", *REFERENCE_LST_PATCHERS, "aligned", "curr
 def reference_patching(model_args: dict, patcher_args: dict | None = None) -> dict[str, object]:
     """The patching flags for the evaluation tools' patcher from a reference run: its data's
     patcher (`patcher_args`, the `data.patcher_args` of its params.json) where that is one of its
-    LST patchers (`REFERENCE_LST_PATCHERS`, with its `patch_size`), else the model args' mode
-    (`MODEL_ARGS_PATCHING_MODES`): "static" and the static LST patchers with their `patch_size`,
-    "aligned" and "lst_align"; null or absent, static patching of 4 units. The model args' own
+    LST patchers (`REFERENCE_LST_PATCHERS`, with its `patch_size`), else (no data patcher, or
+    one of no form the reference reads) the model args' mode (`MODEL_ARGS_PATCHING_MODES`):
+    "static" and the static LST patchers with their `patch_size`, "aligned" and "lst_align";
+    null or absent (the import refuses those args: `lst_config_from_reference`; a portable
+    checkpoint of no reference run), static patching of 4 units. The model args' own
     `patching_mode` and `patch_size` are not what the data was patched with when the data's
     patcher is given (the reference's lst.yaml: model static 6, data lst_static 4).
 
-    Refuses, naming the field, a model args mode no patching here gives (the reference's
-    entropy, bpe, space or byte patchers, or a misspelt mode, which its patcher refuses), and a
-    static one without a whole `patch_size`: the model would be evaluated on patches other than
-    its data's."""
+    Refuses, naming the field, a data patcher of the reference that is no LST one (its entropy
+    patcher, also when `patching_mode` is left out, or its static, bpe, space or byte patchers),
+    a model args mode no patching here gives (those patchers, or a misspelt mode, which its
+    patcher refuses), and a static one without a whole `patch_size`: the model would be
+    evaluated on patches other than its data's."""
+    if patcher_args is not None:
+        _refuse_other_data_patcher(patcher_args)
     patcher_args = patcher_args or {}
     mode = patcher_args.get("patching_mode")
     mode = REFERENCE_LST_PATCHERS.get(mode) if isinstance(mode, str) else None
@@ -304,6 +309,24 @@ def reference_patching(model_args: dict, patcher_args: dict | None = None) -> di
     if REFERENCE_LST_PATCHERS.get(mode, mode) == "aligned":
         return {"patching_mode": "aligned"}
     return {"patching_mode": "static", "patch_size": _patch_size(model_args["patch_size"])}
+
+
+def _refuse_other_data_patcher(patcher_args: dict) -> None:
+    """Refuse a data patcher (`data.patcher_args`) whose `patching_mode` names one of the
+    reference's patchers other than its LST ones (left out: its default, entropy): the model was
+    trained on those patches, which no patching here gives, and the model args' mode would
+    evaluate it on others. A mode of another form (no string) is no patcher: left to the model
+    args, as the reader of the params.json refuses it."""
+    mode = patcher_args.get("patching_mode", "entropy")
+    if not isinstance(mode, str) or mode in REFERENCE_LST_PATCHERS:
+        return
+    given = "" if "patching_mode" in patcher_args else " (the reference default, left out)"
+    raise ReferenceImportError(
+        f"reference data.patcher_args patching_mode {mode!r}{given} is no LST patcher: the model "
+        f"was trained on its patches, which no --patching-mode here gives (accepted are "
+        f"{', '.join(map(repr, REFERENCE_LST_PATCHERS))}), and the model args' patching_mode "
+        f"would evaluate it on others; not supported (to import the weights all the same, "
+        f"patched as the model args say, remove data.patcher_args from a copy of the params.json)")
 
 
 def _check_model_args_patching(mode: object, size: object) -> None:

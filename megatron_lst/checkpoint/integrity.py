@@ -27,7 +27,6 @@ reading, which holds with or without a manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from megatron_lst.data.input_files import streamed_sha256
 from megatron_lst.parallel import has_other_ranks
 from megatron_lst.training.rank_failures import one_line, outcome, share_or_stop, step_failed
 
@@ -53,7 +53,6 @@ MEGATRON_CONFIG_FILENAME = "metadata.json"
 # Written after the manifest (lst_checkpoint.json) or describing the directory as a whole: not
 # listed in it.
 UNLISTED_FILENAMES = frozenset({MANIFEST_FILENAME, "lst_checkpoint.json"})
-_BLOCK = 8 << 20
 T = TypeVar("T")
 
 
@@ -64,14 +63,8 @@ class FileRecord:
 
 
 def digest_file(path: Path) -> FileRecord:
-    """Size and SHA-256 of one file, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-            size += len(block)
-    return FileRecord(size, digest.hexdigest())
+    """Size and SHA-256 of one file, read in blocks (`streamed_sha256`)."""
+    return FileRecord(*streamed_sha256(path))
 
 
 def _listed_files(directory: Path) -> list[str]:

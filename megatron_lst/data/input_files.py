@@ -10,11 +10,15 @@ longer than any real document's at that line instead of reading it whole.
 A `.npy` file is checked against its header before numpy reads it (`check_npy_data_size`):
 numpy allocates (or maps) what the header declares first.
 
+A file hashed to key a cache or record its provenance (`regular_file_sha256`) must be a regular
+file too (hashing a FIFO would take its bytes from its reader), of any size: it is read in blocks.
+
 Each reader raises its own error type (`error`), so callers keep catching what they caught.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import stat
@@ -34,6 +38,10 @@ MAX_SMALL_FILE_BYTES = 1 << 26
 MAX_LARGE_TEXT_BYTES = 1 << 30
 """1 GiB: more than any evaluation items file (10k items with units are ~100 MB) or list of a
 corpus's utterances."""
+
+HASH_BLOCK_BYTES = 8 << 20
+"""8 MiB: the blocks a file is hashed in, so no file (an audio or units file of many GB) is held
+whole."""
 
 _NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -55,6 +63,26 @@ def checked_file_size(path: str | Path, error: Callable[[str], Exception], what:
         return status.st_size
     kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
     raise error(f"{path}: is {kind}, not a file; pass the {what} as a regular file")
+
+
+def streamed_sha256(path: str | Path) -> tuple[int, str]:
+    """The size in bytes and the SHA-256 (hex) of the file `path`, read in `HASH_BLOCK_BYTES`
+    blocks. It checks nothing about the file: a user's input goes through
+    `regular_file_sha256`."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as stream:
+        while block := stream.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def regular_file_sha256(path: str | Path, error: Callable[[str], Exception], what: str) -> str:
+    """The SHA-256 (hex) of the regular file `path`, read in blocks (`streamed_sha256`); `error`
+    naming it and its kind when it is not one (`checked_file_size`): a FIFO would block, or give
+    its bytes to the hash instead of its reader, and a directory has none."""
+    checked_file_size(path, error, what)
+    return streamed_sha256(path)[1]
 
 
 def read_bounded_bytes(path: str | Path, error: Callable[[str], Exception], what: str,

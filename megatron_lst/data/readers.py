@@ -615,11 +615,11 @@ def unit_files_without_textgrid(textgrid_dir: str | Path, units_dir: str | Path,
                                 utterances: list[Utterance]) -> list[Path]:
     """Unit files under `units_dir` (sorted) of utterances that no TextGrid of `utterances`
     reads: utterances the aligner left without a TextGrid (MFA lists them in unalignable.txt),
-    which the corpus would otherwise leave out without a word. A second unit file of a read
-    utterance (`a.txt` beside `a.npy`, which reading refuses) is not listed."""
+    which the corpus would otherwise leave out without a word. A unit file is whatever
+    `find_units_file` takes for one (a FIFO too, which reading refuses by name). A second unit
+    file of a read utterance (`a.txt` beside `a.npy`, which reading refuses) is not listed."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
-    listed = sorted(path for path in units_dir.rglob("*")
-                    if path.suffix in UNIT_FILE_SUFFIXES and path.is_file())
+    listed = sorted(path for path in units_dir.rglob("*") if path.suffix in UNIT_FILE_SUFFIXES)
     bases = {path.relative_to(units_dir).with_suffix("") for path in listed}
     read = set()  # the relative bases the utterances read, by find_units_file's rule
     for path, *_ in utterances:

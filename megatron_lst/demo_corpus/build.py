@@ -40,6 +40,11 @@ from typing import TypeVar
 import numpy as np
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably, save_npy
+from megatron_lst.data.input_files import (
+    MAX_LARGE_TEXT_BYTES,
+    read_bounded_bytes,
+    regular_file_sha256,
+)
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.demo_corpus.alignment import (
     SILENCE,
@@ -114,8 +119,8 @@ class DemoCorpusConfig:
     workers: int = 2
 
     def __post_init__(self):
-        if self.scale <= 0:
-            raise ValueError(f"scale must be positive, got {self.scale}")
+        if not (math.isfinite(self.scale) and self.scale > 0):  # nan passed `<= 0`
+            raise ValueError(f"scale must be a positive number, got {self.scale}")
         if not self.voices:
             raise ValueError("voices must name at least one eSpeak voice, e.g. 'en-us+m3'")
         if self.units not in UNIT_KINDS:
@@ -146,10 +151,6 @@ class _Document:
     """Natural text."""
 
 
-def _file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _key(*parts) -> str:
     blob = json.dumps([CORPUS_VERSION, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -160,10 +161,14 @@ def _key(*parts) -> str:
 
 
 def _paragraphs(paths: Sequence[str], max_words: int = 120) -> list[str]:
-    """Paragraphs (split by blank lines) of the files, long ones cut into pieces of max_words."""
+    """Paragraphs (split by blank lines) of the files, long ones cut into pieces of max_words.
+    Each file is read whole, so only a regular one of at most `MAX_LARGE_TEXT_BYTES` is taken
+    (the input-files rule), refused by name otherwise."""
     docs = []
     for path in paths:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        data = read_bounded_bytes(path, ValueError, "--text-files file", MAX_LARGE_TEXT_BYTES)
+        # decoded with universal newlines, as Path.read_text read it
+        text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
         for paragraph in re.split(r"\n\s*\n", text):
             words = paragraph.split()
             for i in range(0, len(words), max_words):
@@ -454,7 +459,8 @@ def _build(out_dir: Path, config: DemoCorpusConfig, features: FeatureExtractor,
 
     # Everything the outputs depend on, known before any work; `workers` changes only the speed.
     settings = {k: v for k, v in asdict(config).items() if k != "workers"}
-    output_key = _key("outputs", settings, [_file_sha256(p) for p in config.text_files],
+    output_key = _key("outputs", settings, [regular_file_sha256(p, ValueError, "--text-files file")
+                                                for p in config.text_files],
                       features.cache_key())
     manifest_path = out_dir / "summary.json"
     summary = _summary_of_outputs(manifest_path)

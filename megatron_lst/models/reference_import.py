@@ -383,9 +383,21 @@ def _check_hash_embeddings(a: dict) -> None:
 
 
 def _check_patching_mode(a: dict) -> None:
-    """The reference's forward prepends `patch_size - 1` BOE tokens to every row (and adds them to
-    the first patch) when `patching_mode` is the empty string; no model here does that."""
-    if a.get("patching_mode") == "":
+    """The reference builds no model without a `patching_mode` string and a `patch_size` number:
+    its local models' args (`LocalModelArgs`, a pydantic model) declare `patching_mode: str` and
+    `patch_size: float` with no default, and its `ByteLatentTransformer` passes the model args'
+    values, so null (or absent: its model args default both to null) fails validation; such args
+    describe no model the reference trained. Its forward prepends `patch_size - 1` BOE tokens to
+    every row (and adds them to the first patch) when `patching_mode` is the empty string; no
+    model here does that."""
+    for key, kind in (("patching_mode", "a string"), ("patch_size", "a number")):
+        if a[key] is None:
+            raise ReferenceImportError(
+                f"reference {key} is null or absent: the reference builds no model without "
+                f"{kind} there (its local models' args require one), so no reference model was "
+                f"trained with these args; give the model args saved with the checkpoint (e.g. "
+                f"patching_mode 'static', patch_size 4)")
+    if a["patching_mode"] == "":
         raise ReferenceImportError(
             f"reference patching_mode '' is not supported: the reference then prepends "
             f"patch_size - 1 = {a.get('patch_size')!r} - 1 BOE tokens to every row inside the "

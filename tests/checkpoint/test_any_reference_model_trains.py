@@ -57,6 +57,8 @@ def generated_reference_args(vocab_size: int) -> dict:
         "cross_attn_window_decoder": 5, "cross_attn_all_layers_encoder": False,
         "cross_attn_all_layers_decoder": False, "downsampling_by_pooling": "avg",
         "norm_eps": 1e-6, "rope_theta": 5000.0,
+        # the reference builds no model without both (its local models' args require them)
+        "patching_mode": "static", "patch_size": 4.0,
     }
 
 

@@ -121,8 +121,6 @@ def test_converted_reference_keeps_its_patching_for_evaluation(reference_fixture
     # the curriculum ends static, as our evaluation scores a curriculum model
     ({"patching_mode": "lst_curriculum", "patch_size": 3, "patcher_curr_align_steps": 10,
       "patcher_curr_mixed_steps": 20}, {"patching_mode": "static", "patch_size": 3}),
-    # not an LST patcher: the model args' mode, as without patcher args
-    ({"patching_mode": "entropy"}, {"patching_mode": "static", "patch_size": 6}),
 ])
 def test_converted_reference_is_evaluated_with_its_data_patcher(reference_fixtures, tmp_path,
                                                                  patcher_args, saved):
@@ -137,6 +135,18 @@ def test_converted_reference_is_evaluated_with_its_data_patcher(reference_fixtur
                  "--save", str(tmp_path / "dist")]) == 0
     args = read_checkpoint_metadata(find_latest_checkpoint(tmp_path / "dist"))["args"]
     assert {key: args.get(key) for key in saved} == saved
+
+
+def test_a_reference_trained_on_entropy_patches_is_refused_and_nothing_written(
+        reference_fixtures, tmp_path, capsys):
+    """Its data's entropy patcher is no LST one: the import patched by the model args' static
+    6 instead, evaluating the model on patches it was not trained on."""
+    assert import_edited_reference(reference_fixtures, tmp_path,
+                                   {"patching_mode": "static", "patch_size": 6.0},
+                                   {"patching_mode": "entropy"}) == 1
+    assert ("reference data.patcher_args patching_mode 'entropy' is no LST patcher"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "portable").exists()
 
 
 def test_output_holding_a_checkpoint_is_refused_and_kept(tiny_portable, tmp_path, capsys):

@@ -190,7 +190,8 @@ def test_a_data_patching_mode_the_reference_does_not_have_is_refused_by_name(tmp
     {"patching_mode": "lst_align", "max_patch_length": None},
     {"patching_mode": "lst_align"},  # its patch size is not read
     {"patching_mode": "lst_curriculum", "patch_size": 3.0},
-    {"patching_mode": "entropy", "max_patch_length": 2},  # no LST patcher: the model args' mode
+    # no LST patcher: read back, for the import to refuse naming it (`reference_patching`)
+    {"patching_mode": "entropy", "max_patch_length": 2},
     {"patch_size": 4},  # the reference's entropy patcher
 ])
 def test_a_data_patcher_whose_patches_are_not_cut_reads_back(tmp_path, patcher_args):
@@ -395,6 +396,20 @@ def test_attention_rule_follows_the_reference_attn_impl(update, window, document
 def test_reference_args_the_reference_cannot_run_are_refused_naming_the_field(update, message):
     model_args = {**reference_model_args(preset("tiny", 64)), **update}
     with pytest.raises(ReferenceImportError, match=message):
+        lst_config_from_reference(model_args)
+
+
+@pytest.mark.parametrize("key", ["patching_mode", "patch_size"])
+@pytest.mark.parametrize("absent", [False, True])
+def test_args_without_a_patching_mode_or_patch_size_are_refused_naming_the_field(key, absent):
+    """The reference's local models' args require a `patching_mode` string and a `patch_size`
+    number (its model args default both to null, which fails their validation): args without
+    one describe no model the reference trained, and were imported as if they did."""
+    model_args = {**reference_model_args(preset("tiny", 64)), key: None}
+    if absent:
+        del model_args[key]
+    with pytest.raises(ReferenceImportError, match=rf"^reference {key} is null or absent: the "
+                                                   r"reference builds no model without"):
         lst_config_from_reference(model_args)
 
 

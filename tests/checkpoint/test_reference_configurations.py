@@ -59,6 +59,8 @@ BASE_ARGS = {
     "cross_attn_window_encoder": 3, "cross_attn_window_decoder": 4,
     "cross_attn_all_layers_encoder": True, "cross_attn_all_layers_decoder": True,
     "downsampling_by_pooling": "max",
+    # the reference builds no model without both (its local models' args require them)
+    "patching_mode": "static", "patch_size": 4.0,
 }
 
 # The model section of the reference's own training config, lst/configs/lst.yaml, shrunk: its

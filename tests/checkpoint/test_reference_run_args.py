@@ -201,6 +201,22 @@ def test_model_args_naming_a_patching_no_patcher_here_gives_are_refused_by_name(
         reference_patching({"patching_mode": mode, "patch_size": 6.0})
 
 
+@pytest.mark.parametrize(("patcher_args", "named"), [
+    ({"patching_mode": "entropy", "patch_size": 4}, "'entropy'"),
+    ({"patch_size": 4}, "'entropy' (the reference default, left out)"),
+    ({"patching_mode": "static", "patch_size": 4}, "'static'"),  # every token, text too
+    ({"patching_mode": "space"}, "'space'"),
+])
+def test_a_data_patcher_that_is_no_lst_one_is_refused_by_name(patcher_args, named):
+    """The data's patcher made the patches the model was trained on; one of the reference's
+    other patchers (entropy, its default) fell back to the model args' mode, so the model was
+    evaluated on static patches it never saw, with no word."""
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            f"reference data.patcher_args patching_mode {named} is no LST patcher: the model was "
+            "trained on its patches, which no --patching-mode here gives")):
+        reference_patching({"patching_mode": "static", "patch_size": 6.0}, patcher_args)
+
+
 @pytest.mark.parametrize("size", [None, 4.5, True])
 def test_static_model_args_without_a_whole_patch_size_are_refused_by_name(size):
     """Static patching of the model args with no whole patch size was static patching of 4."""

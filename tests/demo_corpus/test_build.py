@@ -178,6 +178,22 @@ def test_user_text_files_replace_the_stories_but_not_the_held_out_sets(tmp_path)
         build_module._text_stage(replace(TINY, text_files=(str(short),)))
 
 
+def test_user_text_files_are_read_by_the_input_files_rule(tmp_path, monkeypatch):
+    """Each file was read whole, whatever it was: a FIFO blocked, and a file of any size was
+    held in memory. Line ends read as before (universal newlines)."""
+    paragraphs = [" ".join(f"word{p}x{i}" for i in range(5)) for p in range(6)]
+    for newline in ("\n", "\r\n", "\r"):
+        path = tmp_path / "book.txt"
+        path.write_bytes((2 * newline).join(paragraphs).encode())
+        assert build_module._paragraphs([str(path)]) == paragraphs
+    monkeypatch.setattr(build_module, "MAX_LARGE_TEXT_BYTES", path.stat().st_size - 1)
+    with pytest.raises(ValueError, match=rf"^{path}: is {path.stat().st_size:,} bytes, more "
+                                         r"than any --text-files file"):
+        build_module._paragraphs([str(path)])
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: is a directory, not a file"):
+        build_module._paragraphs([str(tmp_path)])
+
+
 def test_summary_table_names_every_figure(corpus):
     table = build_module.format_summary(corpus.summary)
     for label in ("audio (hours)", "units per word", "static p=4", "aligned",
@@ -186,7 +202,10 @@ def test_summary_table_names_every_figure(corpus):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--scale", "-1"], "scale must be positive, got -1.0"),
+    (["--scale", "-1"], "scale must be a positive number, got -1.0"),
+    # found only when the document counts were rounded, after nothing was checked
+    (["--scale", "nan"], "scale must be a positive number, got nan"),
+    (["--scale", "inf"], "scale must be a positive number, got inf"),
     (["--eval-items", "0"], "eval_items must be at least 1, got 0"),
     # found only inside k-means, after the synthesis
     (["--num-units", "-3"], "num_units must be at least 1, got -3"),

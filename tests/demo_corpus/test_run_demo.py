@@ -1,5 +1,7 @@
 """examples/demo/run_demo.py (`make demo`): its flags are checked before the corpus is built."""
 
+from dataclasses import asdict
+
 import pytest
 from tool_modules import TOOLS, load_tool
 
@@ -87,3 +89,48 @@ def test_a_corpus_dir_of_other_files_is_a_usage_error(tmp_path, capsys):
     assert f"--corpus-dir: {tmp_path} holds text, which no demo corpus build wrote" \
         in capsys.readouterr().err
     assert (tmp_path / "text" / "mine.jsonl").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize(("scale", "eval_items"), [("1", 300), ("2", 300), ("0.5", 150),
+                                                   ("0.05", 50), ("0.001", 50)])
+def test_a_corpus_scale_below_1_shrinks_the_evaluation_sets_too(tmp_path, monkeypatch, scale,
+                                                                 eval_items):
+    """A quick try at --corpus-scale 0.05 synthesised the speech of all 300 items of every
+    evaluation set (about 4 minutes); at scale 1 the corpus is the default one, every setting
+    its cache key hashes as before, so the README's results and a built corpus stay as they are."""
+    import megatron_lst.demo_corpus.build as build
+    from megatron_lst.demo_corpus.build import DemoCorpusConfig
+
+    class CorpusBuilt(Exception):
+        pass
+
+    configs = []
+
+    def corpus_built(out_dir, config):
+        configs.append(config)
+        raise CorpusBuilt
+
+    monkeypatch.setattr(build, "build_demo_corpus", corpus_built)
+    with pytest.raises(CorpusBuilt):
+        load_tool("run_demo", DEMO_DIR).run(["--out-dir", str(tmp_path / "out"), "--corpus-dir",
+                                             str(tmp_path / "corpus"), "--corpus-scale", scale])
+    expected = {**asdict(DemoCorpusConfig(seed=0, scale=float(scale))), "eval_items": eval_items}
+    assert asdict(configs[0]) == expected
+    if scale == "1":  # what the demo built before: build_demo_corpus(dir, seed=0, scale=1.0)
+        assert configs[0] == DemoCorpusConfig(seed=0, scale=1.0)
+
+
+@pytest.mark.parametrize("scale", ["0", "-1", "nan", "inf"])
+def test_a_corpus_scale_that_is_no_positive_number_is_a_usage_error(tmp_path, monkeypatch, capsys,
+                                                                    scale):
+    """It was a ValueError traceback from the corpus build (nan and inf not even that)."""
+    import megatron_lst.demo_corpus.build as build
+
+    monkeypatch.setattr(build, "build_demo_corpus",
+                        lambda *args, **kwargs: pytest.fail("the corpus was built"))
+    with pytest.raises(SystemExit) as stopped:
+        load_tool("run_demo", DEMO_DIR).run(["--out-dir", str(tmp_path / "out"), "--corpus-dir",
+                                             str(tmp_path / "corpus"), "--corpus-scale", scale])
+    assert stopped.value.code == 2
+    assert (f"--corpus-scale: scale must be a positive number, got {float(scale)}"
+            in capsys.readouterr().err)
