@@ -766,19 +766,32 @@ def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
 
 def verify_or_point_elsewhere(path: Path) -> None:
     """Collective: `integrity.verify_checkpoint(path)`, its error saying how to load another
-    complete checkpoint of the same save directory instead."""
+    complete checkpoint of the same save directory instead (or restore its files), after
+    loading the same one again where the check could not read it (the fault may pass)."""
     try:
         integrity.verify_checkpoint(path)
     except CheckpointIntegrityError as err:
+        unreadable = isinstance(err, integrity.CheckpointUnreadableError)
         others = _other_complete_checkpoints(path)[::-1]  # newest first
         if not others:
-            raise CheckpointIntegrityError(
-                f"{err}\nNo other complete checkpoint is next to it; restore its files from a "
-                f"copy.") from None
-        raise CheckpointIntegrityError(
-            f"{err}\nLoad another one with --load {path.parent} --ckpt-step {others[0]} (or "
+            raise CheckpointIntegrityError(f"{err}\n" + _instead_of_loading(unreadable, (
+                "restore its files from a copy (no other complete checkpoint is next to "
+                "it)."))) from None
+        kind = "unreadable" if unreadable else "damaged"
+        raise CheckpointIntegrityError(f"{err}\n" + _instead_of_loading(unreadable, (
+            f"load another one with --load {path.parent} --ckpt-step {others[0]} (or "
             f"--load {path.parent / checkpoint_name(others[0])}); complete checkpoints there: "
-            f"{others}.{_move_aside_advice(path, others[0])}") from None
+            f"{others}.{_move_aside_advice(path, others[0], kind)}"))) from None
+
+
+def _instead_of_loading(unreadable: bool, instead: str) -> str:
+    """`instead` (what to do rather than load a checkpoint its check refused, in lower case), as
+    a sentence; led, where the check could not read the checkpoint (`unreadable`: EIO, a fault
+    that may pass), by loading the same checkpoint again."""
+    if unreadable:
+        return (f"If the read error was transient (a storage or network fault), load the same "
+                f"checkpoint again; if it persists, {instead}")
+    return instead[0].upper() + instead[1:]
 
 
 def _move_aside_advice(newer: Path, older: int, kind: str = "damaged") -> str:

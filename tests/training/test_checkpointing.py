@@ -5,6 +5,7 @@ dropout, megatron DDP + optimizer + OptimizerParamScheduler, real `lst-train` fl
 """
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 from distributed.harness import TESTS_DIR, run_distributed
 
+from megatron_lst.checkpoint import integrity
+from megatron_lst.checkpoint.errors import CheckpointIntegrityError
 from megatron_lst.training.checkpointing import (
     METADATA_FILENAME,
     TRACKER_FILENAME,
@@ -26,6 +29,7 @@ from megatron_lst.training.checkpointing import (
     find_latest_checkpoint,
     read_checkpoint_metadata,
     select_checkpoint,
+    verify_or_point_elsewhere,
 )
 from training.training_cases import fake_checkpoint
 
@@ -568,3 +572,32 @@ def test_a_save_failing_on_rank_1_alone_stops_every_rank_with_its_line(tmp_path,
     assert len(stopped) in (1, 2), output[-3000:]
     assert find_latest_checkpoint(save) is None and not (save / TRACKER_FILENAME).exists()
     assert len(list(save.glob("iter_0000002.tmp-*"))) == interrupted_saves
+
+
+@pytest.mark.parametrize("older, instead", [
+    (True, "load another one with --load {save} --ckpt-step 1 (or --load {save}/iter_0000001); "
+           "complete checkpoints there: [1]. To resume from it with --save {save} again, first "
+           "move the unreadable checkpoint out of the way (nothing is deleted; lst-train refuses "
+           "a --save holding a newer checkpoint than where the run starts): mv "
+           "{save}/iter_0000002 {save}/unreadable_iter_0000002"),
+    (False, "restore its files from a copy (no other complete checkpoint is next to it)."),
+])
+def test_a_checkpoint_that_could_not_be_read_is_first_to_be_loaded_again(tmp_path, monkeypatch,
+                                                                          older, instead):
+    """A read error (EIO) while checking --load sent the user to an older checkpoint, where
+    loading the same one again might do: the storage's fault may pass."""
+    if older:
+        fake_checkpoint(tmp_path, 1)
+    newest = fake_checkpoint(tmp_path, 2)
+
+    def unreadable(directory):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(integrity, "read_manifest", unreadable)
+    with pytest.raises(CheckpointIntegrityError) as refused:
+        verify_or_point_elsewhere(newest)
+    error, advice = str(refused.value).split("\n")
+    assert error == (f"checkpoint {newest} could not be checked and is not loaded: rank 0 could "
+                     f"not read its manifest (OSError: [Errno 5] Input/output error)")
+    assert advice == ("If the read error was transient (a storage or network fault), load the "
+                      "same checkpoint again; if it persists, " + instead.format(save=tmp_path))
