@@ -335,13 +335,10 @@ def save_checkpoint(
     root = Path(save_dir)
     _check_weights_finite(model_chunks, iteration, root, args)
     final = root / checkpoint_name(iteration)
-    if later := checkpoints_from(root, iteration):
-        raise CheckpointError(
-            f"{root} already holds {[entry.name for entry in later]}; refusing to save iteration "
-            f"{iteration} there: it would overwrite a checkpoint or lie behind a newer one that "
-            f"resuming loads instead. Save into another --save directory or move those "
-            f"checkpoints away"
-        )
+    # Rank 0's listing, which every rank follows: a node whose view of the directory differs
+    # (a stale cache of a network filesystem) refused alone while the others went on into the
+    # next collective, waiting for it up to the process-group timeout.
+    on_rank0(lambda: _refuse_to_save_behind_later(root, iteration), CheckpointError)
     extra_json = json.dumps(extra_state)  # fail before any writing if it is not JSON-able
     nonce = _broadcast_from_rank0(secrets.token_hex(6))
     temporary = root / f"{final.name}.tmp-{nonce}"
@@ -360,6 +357,18 @@ def save_checkpoint(
     on_rank0(lambda: _point_tracker_to(final, iteration), CheckpointSaveError)
     dist.barrier()
     return final
+
+
+def _refuse_to_save_behind_later(root: Path, iteration: int) -> None:
+    """CheckpointError when `root` holds a checkpoint of `iteration` or later, which a save of
+    `iteration` would overwrite or lie behind."""
+    if later := checkpoints_from(root, iteration):
+        raise CheckpointError(
+            f"{root} already holds {[entry.name for entry in later]}; refusing to save iteration "
+            f"{iteration} there: it would overwrite a checkpoint or lie behind a newer one that "
+            f"resuming loads instead. Save into another --save directory or move those "
+            f"checkpoints away"
+        )
 
 
 def _state_to_save(model_chunks: list[torch.nn.Module], optimizer: Any) -> dict[str, Any]:

@@ -574,6 +574,49 @@ def test_a_save_failing_on_rank_1_alone_stops_every_rank_with_its_line(tmp_path,
     assert len(list(save.glob("iter_0000002.tmp-*"))) == interrupted_saves
 
 
+SEES_A_LATER_CHECKPOINT = """
+import os, sys
+from pathlib import Path
+
+if __name__ == "__main__":  # the checkpoint writers re-import this file
+    from megatron_lst.training import checkpointing, cli
+
+    if os.environ["RANK"] == sys.argv.pop(1):  # its node's view of --save holds iteration 5
+        listed = checkpointing.checkpoints_from
+        checkpointing.checkpoints_from = lambda root, first: (
+            [Path(root) / "iter_0000005"] if first == 2 else listed(root, first))
+    sys.exit(cli.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("seeing_rank", ["0", "1"])
+def test_every_rank_follows_rank_0s_listing_of_later_checkpoints_at_a_save(tmp_path, seeing_rank):
+    """Each rank listed --save for checkpoints a save would lie behind: where one node saw one
+    that another did not (a stale cache of a network filesystem), that rank refused alone and
+    the others went on into the save's first collective, waiting for it there."""
+    from training.training_cases import tiny_flags, write_corpus
+
+    save = tmp_path / "ckpt"
+    output = run_lst_train_on_two_ranks(
+        tmp_path, SEES_A_LATER_CHECKPOINT,
+        [seeing_rank, *tiny_flags(write_corpus(tmp_path / "data")), "--train-iters", "2",
+         "--save", str(save)])
+    # No worker's traceback (torchrun prints one of its own for a failed job).
+    assert not re.search(r"\[rank\d\]: Traceback", output), output[-3000:]
+    assert "Connection closed by peer" not in output, output[-3000:]
+    codes = re.findall(r"exitcode  : (-?\d+)", output)
+    if seeing_rank == "1":  # rank 0 lists none: the save goes on
+        assert not codes, output[-3000:]
+        assert find_latest_checkpoint(save) == save / "iter_0000002"
+        return
+    assert "3" in codes and set(codes) <= {"3", "-15"}, output[-3000:]
+    assert output.count(f"lst-train: {save} already holds ['iter_0000005']; refusing to save "
+                        f"iteration 2 there") == 1, output[-3000:]
+    assert find_latest_checkpoint(save) is None
+
+
 @pytest.mark.parametrize("older, instead", [
     (True, "load another one with --load {save} --ckpt-step 1 (or --load {save}/iter_0000001); "
            "complete checkpoints there: [1]. To resume from it with --save {save} again, first "
