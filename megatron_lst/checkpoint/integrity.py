@@ -79,14 +79,19 @@ def _my_share(names: list[str]) -> list[str]:
     return names[dist.get_rank()::dist.get_world_size()]
 
 
+class CheckpointUnreadableError(CheckpointIntegrityError):
+    """A check of a checkpoint could not read it (EIO, a permission, a file that changed during
+    the check): unlike damage the check found, the fault may be the storage's and pass."""
+
+
 def _on_every_rank(checkpoint: Path, find: Callable[[], T], what: str) -> list[T]:
     """Collective when torch.distributed is initialized: every rank's `find()` (its part of a
     check of `checkpoint`), in rank order, on every rank. When `find` raises on any rank (a
-    file it cannot read: EIO, a permission), every rank raises CheckpointIntegrityError naming
+    file it cannot read: EIO, a permission), every rank raises CheckpointUnreadableError naming
     each such rank and its error: a rank that stopped alone left the others waiting for it."""
-    def error(failed: list[tuple[int, str]]) -> CheckpointIntegrityError:
+    def error(failed: list[tuple[int, str]]) -> CheckpointUnreadableError:
         ranks = "; ".join(f"rank {rank} could not {what} ({message})" for rank, message in failed)
-        return CheckpointIntegrityError(
+        return CheckpointUnreadableError(
             f"checkpoint {checkpoint} could not be checked and is not loaded: {ranks}")
 
     if has_other_ranks():

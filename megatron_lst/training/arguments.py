@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import operator
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +29,7 @@ from megatron_lst.training import (
     model_flags,
     validation,
 )
-from megatron_lst.training.flag_checks import ArgumentError, require
+from megatron_lst.training.flag_checks import ArgumentError, require, seen_by_this_rank
 
 # The modes of megatron_lst.patching, spelled out so that parsing flags does not import torch.
 PATCHING_MODES = ("none", "static", "aligned", "mixed", "curriculum")
@@ -43,9 +44,25 @@ PRESET_NAMES = ("tiny", "tiny-cpu", "medium", "paper-1b", "7b")
 
 # --- the parser ------------------------------------------------------------------------
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse's parser, whose refusal of the command line (the usage and the error, exit
+    status 2) rank 0 alone prints in a launch of several ranks (the RANK environment variable):
+    every rank is given the same command line, and 512 ranks printed the same usage 512 times.
+    The other ranks leave it to rank 0 as `stop_together.say_why_before_arming` does, and exit
+    with the same status."""
+
+    def error(self, message: str):
+        if int(os.environ.get("RANK", 0)) != 0:
+            from megatron_lst.training.stop_together import say_why_before_arming  # torch
+
+            say_why_before_arming(f"{self.prog}: error: {message}", same_on_every_rank=True)
+            self.exit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with Megatron-LM's defaults; no preset or YAML applied."""
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="lst-train",
         description="Pretrain a Latent Speech-Text Transformer (or its token baseline).",
         allow_abbrev=False,
@@ -353,8 +370,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     A config file that does not map onto the flags raises ArgumentError."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
+    with seen_by_this_rank():  # a file another node may not see
+        config = _read_config(pre.config) if pre.config else {}
     try:
-        config = config_files.load_config(pre.config) if pre.config else {}
         megatron_flags.refuse_unsupported_megatron_flags(sys.argv[1:] if argv is None else argv,
                                                          list(config))
         config_dests = config_files.config_to_defaults(config, parser, source=pre.config)
@@ -365,6 +383,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**preset_defaults(preset_name))
     parser.set_defaults(**config_dests)
     return parser.parse_args(argv)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """The flag values of the --config YAML file `path`; ArgumentError when it cannot be read."""
+    try:
+        return config_files.load_config(path)
+    except config_files.ConfigError as err:
+        raise ArgumentError(str(err)) from None
 
 
 def preset_defaults(name: str) -> dict[str, Any]:
@@ -402,21 +428,27 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     modified.
     """
     args = argparse.Namespace(**vars(args))
-    checkpoint_flags.choose_pretrained_or_own_checkpoint(args)
-    checkpoint_flags.adopt_model_from_load(args)
+    with seen_by_this_rank():  # the --load checkpoint
+        checkpoint_flags.choose_pretrained_or_own_checkpoint(args)
+        checkpoint_flags.adopt_model_from_load(args)
     require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length",
             "train_iters", "lr")
     validation.require_finite(args)
     validation.validate_parallelism(args, world_size)
     validation.validate_model(args)
     validation.validate_lst(args)
-    validation.validate_backends(args, validation.check_model_config(args))
+    config = validation.check_model_config(args)
+    with seen_by_this_rank():  # this node's GPUs and Triton
+        validation.validate_backends(args, config)
     validation.validate_training(args)
-    validation.validate_data(args)
+    with seen_by_this_rank():  # the --eval-data file
+        validation.validate_data(args)
     validation.validate_precision(args)
-    checkpoint_flags.validate_checkpointing(args)
+    with seen_by_this_rank():  # --save and --load
+        checkpoint_flags.validate_checkpointing(args)
     validation.validate_exit_conditions(args)
-    validation.validate_logging(args)
-    # last: it creates --save, which no refused run should leave
-    checkpoint_flags.check_save_writable(args)
+    with seen_by_this_rank():  # this node's installed packages
+        validation.validate_logging(args)
+        # last: it creates --save, which no refused run should leave
+        checkpoint_flags.check_save_writable(args)
     return args

@@ -335,13 +335,10 @@ def save_checkpoint(
     root = Path(save_dir)
     _check_weights_finite(model_chunks, iteration, root, args)
     final = root / checkpoint_name(iteration)
-    if later := checkpoints_from(root, iteration):
-        raise CheckpointError(
-            f"{root} already holds {[entry.name for entry in later]}; refusing to save iteration "
-            f"{iteration} there: it would overwrite a checkpoint or lie behind a newer one that "
-            f"resuming loads instead. Save into another --save directory or move those "
-            f"checkpoints away"
-        )
+    # Rank 0's listing, which every rank follows: a node whose view of the directory differs
+    # (a stale cache of a network filesystem) refused alone while the others went on into the
+    # next collective, waiting for it up to the process-group timeout.
+    on_rank0(lambda: _refuse_to_save_behind_later(root, iteration), CheckpointError)
     extra_json = json.dumps(extra_state)  # fail before any writing if it is not JSON-able
     nonce = _broadcast_from_rank0(secrets.token_hex(6))
     temporary = root / f"{final.name}.tmp-{nonce}"
@@ -360,6 +357,18 @@ def save_checkpoint(
     on_rank0(lambda: _point_tracker_to(final, iteration), CheckpointSaveError)
     dist.barrier()
     return final
+
+
+def _refuse_to_save_behind_later(root: Path, iteration: int) -> None:
+    """CheckpointError when `root` holds a checkpoint of `iteration` or later, which a save of
+    `iteration` would overwrite or lie behind."""
+    if later := checkpoints_from(root, iteration):
+        raise CheckpointError(
+            f"{root} already holds {[entry.name for entry in later]}; refusing to save iteration "
+            f"{iteration} there: it would overwrite a checkpoint or lie behind a newer one that "
+            f"resuming loads instead. Save into another --save directory or move those "
+            f"checkpoints away"
+        )
 
 
 def _state_to_save(model_chunks: list[torch.nn.Module], optimizer: Any) -> dict[str, Any]:
@@ -766,19 +775,32 @@ def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
 
 def verify_or_point_elsewhere(path: Path) -> None:
     """Collective: `integrity.verify_checkpoint(path)`, its error saying how to load another
-    complete checkpoint of the same save directory instead."""
+    complete checkpoint of the same save directory instead (or restore its files), after
+    loading the same one again where the check could not read it (the fault may pass)."""
     try:
         integrity.verify_checkpoint(path)
     except CheckpointIntegrityError as err:
+        unreadable = isinstance(err, integrity.CheckpointUnreadableError)
         others = _other_complete_checkpoints(path)[::-1]  # newest first
         if not others:
-            raise CheckpointIntegrityError(
-                f"{err}\nNo other complete checkpoint is next to it; restore its files from a "
-                f"copy.") from None
-        raise CheckpointIntegrityError(
-            f"{err}\nLoad another one with --load {path.parent} --ckpt-step {others[0]} (or "
+            raise CheckpointIntegrityError(f"{err}\n" + _instead_of_loading(unreadable, (
+                "restore its files from a copy (no other complete checkpoint is next to "
+                "it)."))) from None
+        kind = "unreadable" if unreadable else "damaged"
+        raise CheckpointIntegrityError(f"{err}\n" + _instead_of_loading(unreadable, (
+            f"load another one with --load {path.parent} --ckpt-step {others[0]} (or "
             f"--load {path.parent / checkpoint_name(others[0])}); complete checkpoints there: "
-            f"{others}.{_move_aside_advice(path, others[0])}") from None
+            f"{others}.{_move_aside_advice(path, others[0], kind)}"))) from None
+
+
+def _instead_of_loading(unreadable: bool, instead: str) -> str:
+    """`instead` (what to do rather than load a checkpoint its check refused, in lower case), as
+    a sentence; led, where the check could not read the checkpoint (`unreadable`: EIO, a fault
+    that may pass), by loading the same checkpoint again."""
+    if unreadable:
+        return (f"If the read error was transient (a storage or network fault), load the same "
+                f"checkpoint again; if it persists, {instead}")
+    return instead[0].upper() + instead[1:]
 
 
 def _move_aside_advice(newer: Path, older: int, kind: str = "damaged") -> str:

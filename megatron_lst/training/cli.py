@@ -13,6 +13,12 @@ overflow at the lowest loss scale update after update (the message names the che
 resume from), 130 for a SIGINT (Ctrl-C) that --exit-signal-handler does not watch
 (the run stops without a save). Each prints one message that says what is wrong and what to do;
 any other error exits 1 with its traceback.
+
+Under a launcher, a message every rank prints alike is printed once (`stop_together`): a flag
+refusal worked out from the flags alone by rank 0, one from a file, a directory or the machine
+that a rank sees by each rank that refuses, prefixed with its rank (`[rank R] lst-train: ...`),
+and after the process group starts, each different message once, the first as it is and each
+later one prefixed with the rank that printed it.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = validate_args(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     except ArgumentError as error:
-        stop_together.say_why(f"lst-train: {error}")
+        stop_together.say_why_before_arming(f"lst-train: {error}", error.same_on_every_rank)
         # A damaged --load checkpoint found by the flag checks (`DamagedCheckpointFlagError`).
         return EXIT_CHECKPOINT_REFUSED if isinstance(error, CheckpointError) else 2
     except KeyboardInterrupt:  # the checks read every dataset's index: they can take a while
@@ -84,14 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(status: int, message: str | None) -> int:
-    """Print `message` (None: the traceback of the exception being handled) and return `status`,
-    once every rank that stops has printed its own (at most `stop_together.STOP_WAIT_SECONDS`
-    later): the launcher ends every rank once one has exited."""
-    if message is None:
-        traceback.print_exc()
-        sys.stderr.flush()
-    else:
-        stop_together.say_why(f"lst-train: {message}")
+    """Print `message` (None: the traceback of the exception being handled) unless another rank
+    printed it (`stop_together.say_why_once`), and return `status` once every rank that stops
+    has printed its own (at most `stop_together.STOP_WAIT_SECONDS` later): the launcher ends
+    every rank once one has exited."""
+    stop_together.say_why_once(traceback.format_exc().rstrip("\n") if message is None
+                               else f"lst-train: {message}")
     stop_together.stop_with_the_others()
     return status
 

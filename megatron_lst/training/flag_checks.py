@@ -8,10 +8,29 @@ fix. `lst-train` exits with status 2 on it (`cli.main`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 
 class ArgumentError(ValueError):
     """A flag value or a combination of flags that cannot run; the message says which and why."""
+
+    # Whether every rank of a launch raises it alike, worked out from the flags alone (which
+    # every rank is given alike): `lst-train` prints it on rank 0 alone. False for the refusals
+    # of what a rank reads (`seen_by_this_rank`).
+    same_on_every_rank = True
+
+
+@contextlib.contextmanager
+def seen_by_this_rank() -> Iterator[None]:
+    """Marks the ArgumentErrors raised in the block as not `same_on_every_rank`: the checks in
+    it read what this rank sees (files, directories, its GPUs and installed packages), which
+    another node of the launch may see otherwise."""
+    try:
+        yield
+    except ArgumentError as error:
+        error.same_on_every_rank = False
+        raise
 
 
 def flag_name(dest: str) -> str:

@@ -15,12 +15,19 @@ later) thus exits `STOP_WAIT_SECONDS` late, and no rank waits on a store whose s
 in `pretrain`, lst-eval and lst-generate): the key must be known before an error, when the ranks
 may be anywhere, and it must be new for each elastic attempt (see `attempt_token`). It outlives
 the process group, which the training loop destroys before lst-train prints.
+
+The ranks of a launcher share one log, where the same refusal from each of 512 ranks buried it:
+`say_why_once` does not write a line again that another rank of the armed group wrote, and
+`say_why_before_arming` (the flag checks run before the process group starts) leaves a line that
+every rank says alike to rank 0.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import os
 import secrets
 import sys
 import time
@@ -33,8 +40,9 @@ from megatron_lst.parallel import has_other_ranks
 STOP_WAIT_SECONDS = 10.0
 POLL_SECONDS = 0.05
 _arms = itertools.count()  # every rank arms as often, in the same order
-# (store, key, world size) where this process counts itself in when it stops; None: alone.
-_armed: tuple[object, str, int] | None = None
+# (store, key, world size, rank) where this process counts itself in when it stops, and shares
+# what it says; None: alone.
+_armed: tuple[object, str, int, int] | None = None
 
 
 @functools.cache
@@ -60,7 +68,7 @@ def arm() -> None:
     from torch.distributed.distributed_c10d import _get_default_store
 
     _armed = (_get_default_store(), f"lst_stop_together/{attempt_token()}/{next(_arms)}",
-              torch.distributed.get_world_size())
+              torch.distributed.get_world_size(), torch.distributed.get_rank())
 
 
 def say_why(line: str) -> None:
@@ -71,6 +79,46 @@ def say_why(line: str) -> None:
     sys.stderr.flush()
 
 
+def say_why_once(line: str) -> None:
+    """`say_why(line)`, unless a rank of the armed process group wrote `line` already (each rank
+    of a run stopping on the same error said it once more). The first line of the group is
+    written as it is; a later line unlike every earlier one (a failure of its rank alone, a rank
+    that stops because another failed) is prefixed with the rank that wrote it first:
+    `[rank R] line`. Unarmed, or when the store's server is gone, `line` is written as it is:
+    no line is ever left unwritten for want of the store. Call it before
+    `stop_with_the_others`."""
+    if _armed is None:
+        say_why(line)
+        return
+    store, key, _, rank = _armed
+    said = f"{key}/said/{hashlib.sha256(line.encode()).hexdigest()}"
+    try:
+        if store.add(said, 1) > 1:  # another rank wrote it
+            return
+        first = store.add(f"{key}/lines", 1) == 1
+    except (RuntimeError, OSError):  # the store's server is gone: nobody to share lines with
+        first = True
+    say_why(line if first else f"[rank {rank}] {line}")
+
+
+def say_why_before_arming(line: str, same_on_every_rank: bool) -> None:
+    """`say_why(line)` before `arm()`, in a launch of the RANK and WORLD_SIZE environment
+    variables (torchrun's): with no store to share lines through yet, a line that
+    `same_on_every_rank` (worked out from the flags alone, which every rank is given alike) is
+    written by rank 0 alone, while the other ranks wait, at most `STOP_WAIT_SECONDS`, for the
+    launcher to end them once rank 0 has exited (one that exited first had rank 0 ended before
+    its line), and write it themselves, prefixed with their rank (`[rank R] line`), if it has
+    not. Any other line (worked out from what this rank reads: a file another node may see
+    otherwise, its GPUs) is written at once, prefixed with the rank."""
+    rank = int(os.environ.get("RANK", 0))
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or (same_on_every_rank and rank == 0):
+        say_why(line)
+        return
+    if same_on_every_rank:
+        time.sleep(STOP_WAIT_SECONDS)
+    say_why(f"[rank {rank}] {line}")
+
+
 def stop_with_the_others() -> None:
     """Count this rank in as stopping (call it once it has printed why) and wait until every
     rank of the armed process group has, for at most `STOP_WAIT_SECONDS`. Once only per
@@ -78,7 +126,7 @@ def stop_with_the_others() -> None:
     global _armed
     if _armed is None:
         return
-    store, key, world_size = _armed
+    store, key, world_size, _ = _armed
     _armed = None
     wait_for_every_rank(store, key, world_size)
 

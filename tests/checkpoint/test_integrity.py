@@ -508,7 +508,7 @@ def test_a_file_one_rank_cannot_read_stops_every_rank_naming_it(tmp_path, unread
     ranks = run_distributed(TESTS_DIR / "checkpoint" / "verify_share_worker.py", 2,
                             ["--checkpoint", str(checkpoint), "--unreadable", unreadable],
                             timeout=120)
-    expected = ["CheckpointIntegrityError",
+    expected = ["CheckpointUnreadableError",
                 f"checkpoint {checkpoint} could not be checked and is not loaded: rank 1 could "
                 f"not read {error.format(checkpoint=checkpoint)}"]
     assert ranks == [expected, expected]
@@ -550,7 +550,7 @@ def test_a_check_one_rank_fails_alone_ends_alike_on_every_rank(save_dir, unreada
                             ["--checkpoint", str(checkpoint), "--unreadable", unreadable,
                              "--failing-rank", str(failing_rank)], timeout=120)
     expected = None if error is None else [
-        "CheckpointIntegrityError",
+        "CheckpointUnreadableError",
         f"checkpoint {checkpoint} could not be checked and is not loaded: rank {failing_rank} "
         f"could not {error.format(checkpoint=checkpoint)}"]
     assert ranks == [expected, expected]

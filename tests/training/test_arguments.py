@@ -898,3 +898,21 @@ def test_wide_global_heads_outside_the_range_attention_are_not_refused_on_cuda(m
         valid(*wide_global)
     valid(*wide_global, "--no-reset-global-attention-mask")
     valid(*wide_global, "--no-reset-attention-mask", "--reset-position-ids")
+
+
+@pytest.mark.parametrize("rank, printed", [
+    ("0", "usage: lst-train "),
+    # rank 0 prints it: the other ranks wait for the launcher to end them (not here), then say it
+    ("1", "[rank 1] lst-train: error: argument --seq-length: invalid int value: 'x'\n"),
+])
+def test_argparse_refuses_a_command_line_on_rank_0_alone(monkeypatch, capsys, rank, printed):
+    """Every rank is given the same command line: each of 512 ranks printed argparse's usage."""
+    from megatron_lst.training import stop_together
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(stop_together, "STOP_WAIT_SECONDS", 0.0)
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--seq-length", "x"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.startswith(printed)

@@ -132,3 +132,54 @@ def test_a_stop_line_reaches_the_shared_log_in_one_write(monkeypatch):
     monkeypatch.setattr("sys.stderr", stderr)
     stop_together.say_why("lst-train: saving the checkpoint failed")
     assert stderr.writes == ["lst-train: saving the checkpoint failed\n"]
+
+
+def say_on_rank(monkeypatch, store, rank: int, line: str) -> None:
+    """`say_why_once(line)` as rank `rank` of three armed on `store`."""
+    monkeypatch.setattr(stop_together, "_armed", (store, "stop", 3, rank))
+    stop_together.say_why_once(line)
+
+
+def test_a_line_every_rank_says_reaches_the_shared_log_once(monkeypatch):
+    """Each of 512 ranks stopping on the same refusal wrote it once more into the shared log; a
+    line of one rank alone is still written, naming the rank."""
+    stderr = _Writes()
+    monkeypatch.setattr("sys.stderr", stderr)
+    store = torch.distributed.HashStore()
+    for rank, line in [(2, "lst-train: A"), (0, "lst-train: A"), (1, "lst-train: B"),
+                       (0, "lst-train: B"), (1, "lst-train: A")]:
+        say_on_rank(monkeypatch, store, rank, line)
+    assert stderr.writes == ["lst-train: A\n", "[rank 1] lst-train: B\n"]
+
+
+def test_without_the_store_every_line_is_written(monkeypatch):
+    class GoneStore:
+        def add(self, key, value):
+            raise RuntimeError("Connection reset by peer")
+
+    stderr = _Writes()
+    monkeypatch.setattr("sys.stderr", stderr)
+    for rank in (0, 1):
+        say_on_rank(monkeypatch, GoneStore(), rank, "lst-train: A")
+    assert stderr.writes == ["lst-train: A\n", "lst-train: A\n"]
+
+
+@pytest.mark.parametrize("rank, world_size, same_on_every_rank, written, waited", [
+    (0, 1, False, "lst-train: A\n", False),  # alone: as it is
+    (0, 3, True, "lst-train: A\n", False),
+    # another rank waits for the launcher to end it once rank 0 printed: it has not here
+    (2, 3, True, "[rank 2] lst-train: A\n", True),
+    (2, 3, False, "[rank 2] lst-train: A\n", False),  # what rank 2 read: its own, at once
+])
+def test_before_arming_a_line_every_rank_says_alike_is_left_to_rank_0(
+        monkeypatch, rank, world_size, same_on_every_rank, written, waited):
+    stderr = _Writes()
+    monkeypatch.setattr("sys.stderr", stderr)
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    written_before_waiting = []
+    monkeypatch.setattr(stop_together.time, "sleep",
+                        lambda seconds: written_before_waiting.append((seconds, stderr.writes[:])))
+    stop_together.say_why_before_arming("lst-train: A", same_on_every_rank)
+    assert stderr.writes == [written]
+    assert written_before_waiting == ([(stop_together.STOP_WAIT_SECONDS, [])] if waited else [])
