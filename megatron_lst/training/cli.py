@@ -64,8 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_lst.data.documents import DocumentError
     from megatron_lst.evaluation.items import ItemError
     from megatron_lst.tokenizer.vocab import VocabularyError
+    from megatron_lst.training.divergence import NonFiniteLossError
     from megatron_lst.training.loop import pretrain
-    from megatron_lst.training.train_logging import LoggingSetupError, NonFiniteLossError
+    from megatron_lst.training.train_logging import LoggingSetupError
 
     try:
         pretrain(args)

@@ -79,6 +79,12 @@ from megatron_lst.training.data_provider import (
     data_vocab,
     split_sources,
 )
+from megatron_lst.training.divergence import (
+    NonFiniteLossError,
+    SkippedUpdates,
+    check_loss_finite,
+    good_checkpoint,
+)
 from megatron_lst.training.exit_conditions import ExitConditions, ExitMonitor
 from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_batch
 from megatron_lst.training.metrics import METRICS_FILENAME, MetricsFile
@@ -89,9 +95,7 @@ from megatron_lst.training.schedule import optimizer_config_from_args, scheduler
 from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
 from megatron_lst.training.train_logging import (
     LoggingSetupError,
-    NonFiniteLossError,
     build_training_logger,
-    check_loss_finite,
 )
 
 logger = logging.getLogger(__name__)
@@ -148,50 +152,6 @@ class StepResult:
     loss_scale: float | None
     skipped: bool
     """The optimizer skipped the update (fp16 overflow)."""
-
-
-# How many updates in a row fp16 may skip with its loss scale at the lowest before the run stops,
-# beyond the --hysteresis overflows in a row that the scaler waits for before each back-off. At
-# the lowest scale (--min-loss-scale, or a constant --loss-scale) it backs off no more: overflowing
-# gradients are then skipped to --train-iters, the loss staying finite (no NaN stop), the whole
-# allocation spent without an update. The margin lets a short burst of bad batches pass.
-SKIPS_AT_LOWEST_SCALE_MARGIN = 10
-
-
-class StuckLossScaleError(NonFiniteLossError):
-    """fp16 skipped every update of many iterations in a row at its lowest loss scale."""
-
-
-@dataclass
-class SkippedUpdates:
-    """The updates fp16 skipped in a row (gradients that overflowed), the same on every rank."""
-
-    lowest_scale: float | None
-    """--min-loss-scale, or a constant --loss-scale; None without --fp16 (nothing is skipped)."""
-    limit: int
-    """Skips in a row at `lowest_scale` that stop the run."""
-    first: int | None = None
-    """The iteration of the first skip in a row; None after an update."""
-    at_lowest: int = 0
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> SkippedUpdates:
-        lowest = None
-        if args.fp16:
-            lowest = args.loss_scale if args.loss_scale is not None else args.min_loss_scale
-        return cls(lowest, args.hysteresis + SKIPS_AT_LOWEST_SCALE_MARGIN)
-
-    def stuck_since(self, step: StepResult, iteration: int) -> int | None:
-        """Count iteration `iteration`'s `step`; the first iteration of the skips in a row once
-        `limit` of them came at the lowest scale, else None."""
-        if not step.skipped:
-            self.first, self.at_lowest = None, 0
-            return None
-        if self.first is None:
-            self.first = iteration
-        if step.loss_scale is not None and step.loss_scale <= self.lowest_scale:
-            self.at_lowest += 1
-        return self.first if self.at_lowest >= self.limit else None
 
 
 @dataclass
@@ -526,7 +486,8 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
             state.iteration += 1
             state.consumed_samples += args.global_batch_size
             _record_step(state, step, result, training_logger)
-            _check_updates_go_on(state, step, skipped_updates)
+            skipped_updates.check(args, state.iteration, step.skipped, step.loss_scale,
+                                  step.loss)
             last = state.iteration == args.train_iters
             evaluating = state.iteration % args.eval_interval == 0 or last
             if evaluating and (datasets.valid is not None or story_eval is not None):
@@ -590,7 +551,7 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
         check_loss_finite({LOSS_NAME: step.loss}, state.iteration, fp16=state.args.fp16,
                           clip_grad=state.args.clip_grad)
     except NonFiniteLossError as err:
-        good = _good_checkpoint(state.args, state.iteration)
+        good = good_checkpoint(state.args, state.iteration)
         raise NonFiniteLossError(f"{err}. {good}") from None
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
     state.tokens += step.num_tokens
@@ -602,37 +563,6 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
         learning_rate=step.learning_rate, losses={LOSS_NAME: step.loss},
         step_seconds=step.seconds, num_tokens=step.num_tokens, grad_norm=step.grad_norm,
         loss_scale=step.loss_scale, flops=step.flops.total, skipped=step.skipped)
-
-
-def _check_updates_go_on(state: TrainingState, step: StepResult,
-                         skipped: SkippedUpdates) -> None:
-    """Count the iteration `state` just finished (`step`) in `skipped`; raise StuckLossScaleError,
-    naming the checkpoint to go back to, once fp16 skipped `skipped.limit` updates in a row at
-    its lowest loss scale."""
-    first = skipped.stuck_since(step, state.iteration)
-    if first is None:
-        return
-    args = state.args
-    scale_flag = "--loss-scale" if args.loss_scale is not None else "--min-loss-scale"
-    good = _good_checkpoint(args, first, f"it holds the weights whose gradients overflowed "
-                                         f"from iteration {first} on")
-    raise StuckLossScaleError(
-        f"iteration {state.iteration}: the gradients overflowed fp16 (NaN or infinity) in each "
-        f"of the last {skipped.at_lowest} iterations with the loss scale at its lowest, "
-        f"{skipped.lowest_scale:g} ({scale_flag}), so no update was made since iteration {first} "
-        f"and none would be until --train-iters, though the loss is finite ({step.loss:.6g}). "
-        f"Train with --bf16 (fp32's range), or lower --lr, lengthen --lr-warmup-iters or lower "
-        f"{scale_flag}. {good}")
-
-
-def _good_checkpoint(args: argparse.Namespace, diverged_at: int,
-                     passed_over_because: str | None = None) -> str:
-    """`checkpointing.describe_good_checkpoint` of the run of `args`, whose weights went wrong at
-    iteration `diverged_at` (a non-finite loss, unless `passed_over_because` says otherwise)."""
-    return checkpointing.describe_good_checkpoint(
-        args.save if args.save is not None else args.load,
-        getattr(args, "resume_from", None), getattr(args, "finetune", False),
-        nonfinite_loss_at=diverged_at, passed_over_because=passed_over_because)
 
 
 def _metrics_record(state: TrainingState, step: StepResult, valid_loss: float | None,

@@ -65,10 +65,6 @@ class LoggingSetupError(RuntimeError):
     run) cannot be opened."""
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A NaN or infinite training loss."""
-
-
 def require_optional_package(package: str) -> None:
     """Raise LoggingSetupError naming the flag and the pip command when `package` is missing."""
     if importlib.util.find_spec(package) is None:
@@ -76,27 +72,6 @@ def require_optional_package(package: str) -> None:
             f"{OPTIONAL_PACKAGES[package]} needs the {package!r} package, which is not "
             f"installed; run `pip install {package}` or drop {OPTIONAL_PACKAGES[package]}"
         )
-
-
-def check_loss_finite(losses: Mapping[str, float], iteration: int, fp16: bool = False,
-                      clip_grad: float | None = None) -> None:
-    """Raise NonFiniteLossError, saying what to try, if any loss is NaN or infinite. `fp16` and
-    `clip_grad` (the run's flags; 0 turns clipping off) tailor the advice."""
-    bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
-    if not bad:
-        return
-    described = ", ".join(f"{name} = {value}" for name, value in bad.items())
-    precision_hint = ("with --fp16, lower --initial-loss-scale or switch to --bf16"
-                      if fp16 else "if the run uses reduced precision, try --bf16 or fp32")
-    clip_hint = ("turn gradient clipping on (--clip-grad 1.0; it is off)" if clip_grad == 0
-                 else "lower --clip-grad")
-    raise NonFiniteLossError(
-        f"iteration {iteration}: {described}. The run diverged or met bad data: lower --lr or "
-        f"lengthen --lr-warmup-iters, {clip_hint}, check the batches of this iteration, "
-        f"{precision_hint}; then resume from the last good checkpoint with --load (with "
-        f"--override-opt_param-scheduler where you change --lr or the warm-up: the checkpoint "
-        f"continues its own learning-rate schedule otherwise)"
-    )
 
 
 @dataclass(frozen=True)

@@ -304,9 +304,9 @@ def test_entry_module_imports_no_megatron_so_saving_prints_no_import_warnings_ag
 
 
 def test_a_nan_loss_names_the_checkpoint_to_resume_from(tmp_path):
+    from megatron_lst.training.divergence import NonFiniteLossError
     from megatron_lst.training.flops import FlopBreakdown
     from megatron_lst.training.loop import StepResult, _record_step
-    from megatron_lst.training.train_logging import NonFiniteLossError
 
     fake_checkpoint(tmp_path, 50)
     fake_checkpoint(tmp_path, 100)
@@ -326,9 +326,9 @@ def test_a_nan_loss_stops_an_fp16_run_whose_update_was_skipped(tmp_path):
     """fp16 skips an update whose scaled gradients overflow. The check used to pass over skipped
     steps, so a diverged fp16 run (NaN loss, NaN gradients, every update skipped) trained on to
     --train-iters without learning. A skip with a finite loss is the loss scaler's business."""
+    from megatron_lst.training.divergence import NonFiniteLossError
     from megatron_lst.training.flops import FlopBreakdown
     from megatron_lst.training.loop import StepResult, TrainingResult, _record_step
-    from megatron_lst.training.train_logging import NonFiniteLossError
 
     fake_checkpoint(tmp_path, 100)
     state = argparse.Namespace(args=argparse.Namespace(fp16=True, clip_grad=1.0, save=str(tmp_path),
@@ -355,9 +355,9 @@ def test_a_nan_loss_right_after_a_save_passes_over_the_checkpoint_that_gave_it(t
     """The loss of iteration 101 comes from the weights saved at iteration 100, on batch 101:
     resuming from iter_0000100, as the advice said, replays that batch on those weights (the data
     order and the random state come back with them) and stops there again, whatever --lr says."""
+    from megatron_lst.training.divergence import NonFiniteLossError
     from megatron_lst.training.flops import FlopBreakdown
     from megatron_lst.training.loop import StepResult, _record_step
-    from megatron_lst.training.train_logging import NonFiniteLossError
 
     step = StepResult(loss=float("nan"), num_tokens=64, flops=FlopBreakdown(), seconds=0.1,
                       learning_rate=1e-3, grad_norm=None, loss_scale=None, skipped=False)
@@ -395,9 +395,9 @@ def test_a_nan_loss_right_after_a_save_passes_over_the_checkpoint_that_gave_it(t
 
 
 def test_a_nan_loss_before_the_first_save_names_the_checkpoint_the_run_resumed_from(tmp_path):
+    from megatron_lst.training.divergence import NonFiniteLossError
     from megatron_lst.training.flops import FlopBreakdown
     from megatron_lst.training.loop import StepResult, _record_step
-    from megatron_lst.training.train_logging import NonFiniteLossError
 
     started = fake_checkpoint(tmp_path / "L", 300)
     args = argparse.Namespace(fp16=False, clip_grad=1.0, save=str(tmp_path / "S"),

@@ -14,7 +14,8 @@ from megatron_lst.evaluation.items import ItemError
 from megatron_lst.tokenizer.vocab import VocabularyError
 from megatron_lst.training import cli, loop
 from megatron_lst.training.checkpointing import TRACKER_FILENAME
-from megatron_lst.training.train_logging import LoggingSetupError, NonFiniteLossError
+from megatron_lst.training.divergence import NonFiniteLossError
+from megatron_lst.training.train_logging import LoggingSetupError
 from training.training_cases import fake_checkpoint, tiny_flags, write_corpus
 
 ENTRY = [sys.executable, "-m", "megatron_lst.training.cli"]

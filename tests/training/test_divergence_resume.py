@@ -12,9 +12,9 @@ import math
 import pytest
 
 from megatron_lst.training.arguments import parse_args, validate_args
+from megatron_lst.training.divergence import NonFiniteLossError
 from megatron_lst.training.metrics import read_metrics
 from megatron_lst.training.resume_check import ResumeConfigError
-from megatron_lst.training.train_logging import NonFiniteLossError
 from training.training_cases import tiny_flags, write_corpus
 
 

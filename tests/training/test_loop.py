@@ -440,19 +440,3 @@ def test_fp16_overflowing_at_the_lowest_loss_scale_stops_with_the_checkpoint_to_
         f"gradients overflowed from iteration 1 on. No checkpoint before it was found: start "
         f"again.")
     assert "iteration       13/" not in done.stdout
-
-
-def test_skipped_updates_stop_the_run_only_when_that_many_in_a_row_came_at_the_lowest_scale():
-    from megatron_lst.training.flops import FlopBreakdown
-
-    def step(skipped: bool, loss_scale: float) -> loop.StepResult:
-        return loop.StepResult(loss=2.0, num_tokens=64, flops=FlopBreakdown(), seconds=0.1,
-                               learning_rate=1e-3, grad_norm=None, loss_scale=loss_scale,
-                               skipped=skipped)
-
-    skipped = loop.SkippedUpdates(lowest_scale=1.0, limit=3)
-    # Two skips while the scale comes down, two at the lowest, an update, two at the lowest.
-    steps = [(True, 4.0), (True, 2.0), (True, 1.0), (True, 1.0), (False, 1.0), (True, 1.0),
-             (True, 1.0)]
-    assert [skipped.stuck_since(step(*s), i) for i, s in enumerate(steps, 1)] == [None] * 7
-    assert skipped.stuck_since(step(True, 1.0), 8) == 6  # three in a row at the lowest
