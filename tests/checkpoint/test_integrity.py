@@ -507,7 +507,7 @@ def test_a_file_one_rank_cannot_read_stops_every_rank_naming_it(tmp_path, unread
     checkpoint = _checkpoint_with_manifest(tmp_path / "iter_0000002")
     ranks = run_distributed(TESTS_DIR / "checkpoint" / "verify_share_worker.py", 2,
                             ["--checkpoint", str(checkpoint), "--unreadable", unreadable],
-                            timeout=120)
+                            timeout=300)
     expected = ["CheckpointUnreadableError",
                 f"checkpoint {checkpoint} could not be checked and is not loaded: rank 1 could "
                 f"not read {error.format(checkpoint=checkpoint)}"]
@@ -548,7 +548,7 @@ def test_a_check_one_rank_fails_alone_ends_alike_on_every_rank(save_dir, unreada
     checkpoint = save_dir / "iter_0000002"
     ranks = run_distributed(TESTS_DIR / "checkpoint" / "verify_share_worker.py", 2,
                             ["--checkpoint", str(checkpoint), "--unreadable", unreadable,
-                             "--failing-rank", str(failing_rank)], timeout=120)
+                             "--failing-rank", str(failing_rank)], timeout=300)
     expected = None if error is None else [
         "CheckpointUnreadableError",
         f"checkpoint {checkpoint} could not be checked and is not loaded: rank {failing_rank} "

@@ -3,7 +3,9 @@
 Parent side: `run_distributed(worker, nprocs, args, timeout)` runs
 `python -m torch.distributed.run --standalone --nproc-per-node N worker ... --results FILE`
 and returns what the workers wrote to FILE; any non-zero exit or timeout fails the test
-with the end of the workers' output.
+with the end of the workers' output. `run_torchrun(nprocs, args, timeout)` launches any command
+line under torchrun and returns its exit status and output (a test of how it stops), failing
+the test only on a timeout.
 
 Worker side: `report_results(path, record)` gathers one JSON-able record per rank and has
 rank 0 write them, in rank order, to `path`.
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,33 +57,48 @@ def run_distributed(
 
     with tempfile.TemporaryDirectory(prefix="lst_dist_") as scratch:
         results_path = Path(scratch) / "results.json"
-        command = [
-            sys.executable, "-m", "torch.distributed.run",
-            "--standalone", f"--nproc-per-node={nprocs}",
-            *target, *map(str, args), "--results", str(results_path),
-        ]
-        env = dict(os.environ)
-        env["OMP_NUM_THREADS"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(TESTS_DIR), env.get("PYTHONPATH")) if p)
-        launcher = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True,
-        )
-        try:
-            output, _ = launcher.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_process_tree(launcher.pid)
-            output, _ = launcher.communicate()
-            pytest.fail(f"{_describe(command)} timed out after {timeout:.0f} s; "
-                        f"output tail:\n{output[-_OUTPUT_TAIL_CHARS:]}")
-        if launcher.returncode != 0:
-            pytest.fail(f"{_describe(command)} exited with {launcher.returncode}; "
-                        f"output tail:\n{output[-_OUTPUT_TAIL_CHARS:]}")
+        launched = run_torchrun(nprocs, [*target, *args, "--results", results_path], timeout)
+        if launched.returncode != 0:
+            pytest.fail(f"{launched.command} exited with {launched.returncode}; "
+                        f"output tail:\n{launched.output[-_OUTPUT_TAIL_CHARS:]}")
         if not results_path.is_file():
-            pytest.fail(f"{_describe(command)} exited cleanly but reported no results "
-                        f"(call report_results); output tail:\n{output[-_OUTPUT_TAIL_CHARS:]}")
+            pytest.fail(f"{launched.command} exited cleanly but reported no results (call "
+                        f"report_results); output tail:\n{launched.output[-_OUTPUT_TAIL_CHARS:]}")
         return json.loads(results_path.read_text())
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a torchrun launch did."""
+
+    command: str
+    """The launcher's arguments, as a line for messages."""
+    returncode: int
+    output: str
+    """The launcher's and every rank's stdout and stderr, in the order they were written."""
+
+
+def run_torchrun(nprocs: int, args: Sequence[str | os.PathLike], timeout: float = 300.0,
+                 cwd: str | os.PathLike | None = None) -> Launch:
+    """Run `torchrun --standalone --nproc-per-node=nprocs ARGS` (torch.distributed.run of this
+    interpreter) to its end, whatever its exit status, with this process's `sys.path` as
+    PYTHONPATH and OMP_NUM_THREADS=1 (N processes would oversubscribe the cores). After
+    `timeout` s it is killed with every process it started (`kill_process_tree`) and the test
+    fails with the end of its output."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nprocs}", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), *sys.path])}
+    launcher = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_tree(launcher.pid)
+        output, _ = launcher.communicate()
+        pytest.fail(f"{_describe(command)} timed out after {timeout:.0f} s; "
+                    f"output tail:\n{output[-_OUTPUT_TAIL_CHARS:]}")
+    return Launch(_describe(command), launcher.returncode, output)
 
 
 def kill_process_tree(pid: int) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from distributed.harness import run_torchrun
 
 from megatron_lst.data.dataset import DatasetError
 from megatron_lst.evaluation.items import ItemError
@@ -126,13 +127,9 @@ def test_bad_data_stops_every_rank_with_one_line(tmp_path):
     data_path = write_corpus(tmp_path)
     idx = tmp_path / "speech.idx"
     idx.write_bytes(idx.read_bytes()[:-8])
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(LATE_LINE), "train", "--late", "3", *tiny_flags(data_path), "--train-iters", "2",
-         "--save", str(tmp_path / "ckpt")],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
-    output = run.stdout + run.stderr
+    run = run_torchrun(2, [LATE_LINE, "train", "--late", "3", *tiny_flags(data_path),
+                           "--train-iters", "2", "--save", tmp_path / "ckpt"])
+    output = run.output
     assert run.returncode != 0
     assert "[rank1]: Traceback" not in output and "Connection closed by peer" not in output, \
         output[-3000:]
@@ -174,13 +171,9 @@ def test_a_log_writer_the_logging_rank_cannot_open_stops_every_rank_with_one_lin
     with a gloo traceback ('Connection closed by peer')."""
     script = tmp_path / "wandb_without_login.py"
     script.write_text(WANDB_WITHOUT_LOGIN)
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), *tiny_flags(write_corpus(tmp_path), patching_mode="none"),
-         "--train-iters", "2", "--wandb-project", "lst"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
-    output = run.stdout + run.stderr
+    run = run_torchrun(2, [script, *tiny_flags(write_corpus(tmp_path), patching_mode="none"),
+                           "--train-iters", "2", "--wandb-project", "lst"])
+    output = run.output
     # No worker traceback: neither W&B's error on rank 1 nor a broken collective on rank 0.
     assert "\nRuntimeError: " not in output and "Connection closed by peer" not in output, \
         output[-3000:]
