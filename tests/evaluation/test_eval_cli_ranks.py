@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron_lst.evaluation.cli import eval_main
+from megatron_lst.training import stop_together
+
 LATE_LINE = Path(__file__).resolve().parents[1] / "distributed" / "workers" / "late_line.py"
 
 
@@ -30,16 +33,25 @@ def test_a_directory_without_a_checkpoint_every_rank_refuses_is_printed_once(tmp
     assert "2" in codes and set(codes) <= {"2", "-15"}, output[-3000:]
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_a_flag_refused_alike_on_every_rank_is_printed_once(tmp_path):
-    """Worked out from the flags alone, before the process group starts: rank 0 prints it."""
-    output = run_eval_on_two_ranks(tmp_path, ["--load", str(tmp_path), "--batch-size", "0"])
-    assert output.count("lst-eval: ") == 1, output[-3000:]
-    assert "\nlst-eval: --batch-size must be >= 1, got 0\n" in f"\n{output}", output[-3000:]
-    codes = re.findall(r"exitcode  : (-?\d+)", output)
-    assert "2" in codes and set(codes) <= {"2", "-15"}, output[-3000:]
 
+@pytest.mark.parametrize("flags, line, same_on_every_rank", [
+    (["--items", "items.jsonl", "--batch-size", "0"], "--batch-size must be >= 1, got 0", True),
+    (["--items", "missing.jsonl"], "--items missing.jsonl does not exist", False),
+], ids=["from-the-flags", "from-a-file"])
+def test_rank_1_leaves_a_flag_refusal_to_rank_0_unless_it_read_a_file(
+        tmp_path, monkeypatch, capsys, flags, line, same_on_every_rank):
+    """Before the process group starts, rank 1 waits for torchrun to end it once rank 0 has
+    printed a refusal of the flags alone (it prints it, named, only if the wait runs out), and
+    prints one of a file it reads at once, named: another node may see the file otherwise."""
+    monkeypatch.chdir(tmp_path)
+    Path("items.jsonl").write_text("{}\n")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    waits = []
+    monkeypatch.setattr(stop_together.time, "sleep", waits.append)
+    assert eval_main(["--load", str(tmp_path), *flags]) == 2
+    assert capsys.readouterr().err.startswith(f"[rank 1] lst-eval: {line}")
+    assert waits == ([stop_together.STOP_WAIT_SECONDS] if same_on_every_rank else [])
 
 def run_eval_on_two_ranks(tmp_path, flags) -> str:
     """The output of lst-eval with `flags` and an --items file on two ranks, rank 1's lines 6 s
