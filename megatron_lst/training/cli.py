@@ -56,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A damaged --load checkpoint found by the flag checks (`DamagedCheckpointFlagError`).
         return EXIT_CHECKPOINT_REFUSED if isinstance(error, CheckpointError) else 2
     except KeyboardInterrupt:  # the checks read every dataset's index: they can take a while
-        print("lst-train: interrupted by SIGINT (Ctrl-C) during the flag checks: nothing was "
-              "trained or saved", file=sys.stderr)
+        stop_together.say_why_of_the_launchers_signal(
+            "lst-train: interrupted by SIGINT (Ctrl-C) during the flag checks: nothing was "
+            "trained or saved")
         return EXIT_INTERRUPTED
     note_missing_fused_kernels()
     from megatron_lst.data.dataset import DatasetError
