@@ -39,7 +39,7 @@ from megatron_lst.evaluation.generation import (
 from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.evaluation.scoring import MODES, check_items_for_mode, evaluate_items, parse_modes
 from megatron_lst.training import stop_together
-from megatron_lst.training.arguments import seed_flag
+from megatron_lst.training.arguments import FlagParser, seed_flag
 from megatron_lst.training.checkpointing import (
     METADATA_FILENAME,
     TRACKER_FILENAME,
@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lst-eval",
+    parser = FlagParser(prog="lst-eval",
                                      description="Score a checkpoint on story-completion items "
                                                  "(accuracy per mode), or, with --task asr|tts, "
                                                  "decode held-out utterances (WER and CER, or "
@@ -125,12 +125,16 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_eval_parser().parse_args(argv)
     try:
-        _check_eval_inputs(args)
+        _check_eval_flags(args)
         modes = parse_modes(args.modes) if args.modes is not None else None
+    except ValueError as error:
+        return _refuse_before_arming("lst-eval", error, same_on_every_rank=True)
+    try:  # what this rank sees of the files: another node may see them otherwise
+        if args.output is not None:
+            _check_output(args)
         _check_items_files(args.items or [])
     except ValueError as error:
-        print(f"lst-eval: {error}", file=sys.stderr)
-        return 2
+        return _refuse_before_arming("lst-eval", error, same_on_every_rank=False)
     if args.task is not None:
         return task_main(args)
     try:  # an impossible layout (ParallelLayoutError) is a ValueError too
@@ -166,10 +170,19 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _refuse_before_arming(program: str, error: Exception, same_on_every_rank: bool) -> int:
+    """Print `program: error` before the process group starts, once in a torchrun launch when
+    it is `same_on_every_rank` (worked out from the flags alone), else naming this rank
+    (`stop_together.say_why_before_arming`); exit status 2."""
+    stop_together.say_why_before_arming(f"{program}: {error}", same_on_every_rank)
+    return 2
+
+
 def _refuse_with_the_others(program: str, error: Exception) -> int:
-    """Print `program: error` and return exit status 2, once every rank that stops has printed
-    its own (`stop_together`): the launcher ends every rank once one has exited."""
-    stop_together.say_why(f"{program}: {error}")
+    """Print `program: error` unless another rank printed it (`stop_together.say_why_once`) and
+    return exit status 2, once every rank that stops has printed its own: the launcher ends
+    every rank once one has exited."""
+    stop_together.say_why_once(f"{program}: {error}")
     stop_together.stop_with_the_others()
     return 2
 
@@ -223,7 +236,8 @@ def _check_items_files(paths: Sequence[str]) -> None:
         given[identity] = items
 
 
-def _check_eval_inputs(args: argparse.Namespace) -> None:
+def _check_eval_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that contradict each other or are out of range: the flags alone tell."""
     if (args.items is None) == (args.task is None):
         raise ValueError("give --items (story completion) or --task asr|tts (exactly one)")
     if args.task is not None and args.utterances is None:
@@ -244,8 +258,6 @@ def _check_eval_inputs(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.num_utterances is not None and args.num_utterances < 1:
         raise ValueError(f"--num-utterances must be >= 1, got {args.num_utterances}")
-    if args.output is not None:
-        _check_output(args)
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -332,8 +344,9 @@ def task_main(args: argparse.Namespace) -> int:
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
 
     if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
-        print("lst-eval: --task decodes on one process; drop the parallel sizes", file=sys.stderr)
-        return 2
+        return _refuse_before_arming(
+            "lst-eval", ValueError("--task decodes on one process; drop the parallel sizes"),
+            same_on_every_rank=True)
     try:
         context = initialize_parallel(seed=args.seed)
         stop_together.arm()
@@ -419,7 +432,7 @@ def _check_asr_reads_the_units(asr_vocab, tts_vocab, args: argparse.Namespace) -
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lst-generate", allow_abbrev=False,
+    parser = FlagParser(prog="lst-generate", allow_abbrev=False,
                                      description="Continue a text or speech prompt.")
     parser.add_argument("--load", required=True,
                         help="A training --save directory (its latest complete checkpoint) or one "
@@ -508,7 +521,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_generate_parser().parse_args(argv)
-    try:  # the flags and the prompt's file, before the model is loaded (minutes for a large one)
+    try:  # the flags, before the model is loaded (minutes for a large one)
         if args.speech_only and args.continue_in == "text":
             raise GenerationError("--speech-only contradicts --continue-in text")
         # --speech-only is --continue-in speech: a text prompt ends with "space, <s>", as the
@@ -518,12 +531,15 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
                                   args.seed, continue_in)
         _warn_of_unused_sampling_flags(args)
-        units = _unit_prompt(args.prompt_units) if args.prompt_units is not None else None
         if args.prompt_text is not None:
             check_text_prompt(args.prompt_text)
     except ValueError as error:  # GenerationError is one
-        print(f"lst-generate: {error}", file=sys.stderr)
-        return 2
+        return _refuse_before_arming("lst-generate", error, same_on_every_rank=True)
+    try:  # inline, or @FILE: what this rank reads of the file
+        units = _unit_prompt(args.prompt_units) if args.prompt_units is not None else None
+    except ValueError as error:
+        return _refuse_before_arming("lst-generate", error,
+                                     same_on_every_rank=not args.prompt_units.startswith("@"))
     try:  # an impossible layout (ParallelLayoutError) is a ValueError too
         context = initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
         stop_together.arm()

@@ -487,28 +487,55 @@ def _save_failure_explained(iteration: int, root: Path, temporary: Path):
     try:
         yield
     except (OSError, CheckpointException, RankStepError) as error:
-        if isinstance(error, RankStepError):  # raised alike on every rank, naming the rank(s)
-            reason = str(error)
-        elif isinstance(error, CheckpointException):
-            # Every rank raises it, but only rank 0, which gathers the writers' results, hears
-            # why: the others' log (another node's, on a multi-node run) said no more than that.
-            reason = _broadcast_from_rank0("; ".join(
-                f"rank {rank}: {one_line(exc)}" for rank, (exc, _) in sorted(
-                    error.failures.items()))) or (
-                "another rank's checkpoint writers failed; its message says why")
-        else:
-            reason = one_line(error)
+        if isinstance(error, OSError):  # this rank's own (rank 0 creating the save's directory)
+            reason, free_space = one_line(error), _free_space(root)
+        else:  # raised alike on every rank, in step: one line, the same on every rank
+            free_space = _least_free_space(root)
+            if isinstance(error, RankStepError):  # naming the rank(s)
+                reason = str(error)
+            else:
+                # Only rank 0, which gathers the writers' results, hears why: the others' log
+                # (another node's, on a multi-node run) said no more than that.
+                reason = _broadcast_from_rank0("; ".join(
+                    f"rank {rank}: {one_line(exc)}" for rank, (exc, _) in sorted(
+                        error.failures.items()))) or (
+                    "another rank's checkpoint writers failed; its message says why")
         raise CheckpointSaveError(
             f"saving the checkpoint of iteration {iteration} into {root} failed ({reason}); "
-            f"{_free_space(root)}. Checkpoints saved before are untouched ({TRACKER_FILENAME} "
+            f"{free_space}. Checkpoints saved before are untouched ({TRACKER_FILENAME} "
             f"is replaced only after a complete save). Remove the interrupted save "
             f"{temporary.name} if it is there, make room or fix the directory, and resume with "
             f"--load {root}") from None
 
 
 def _free_space(path: Path) -> str:
+    """The free space this rank measures on the filesystem of `path`, for a message of its own."""
+    free = _free_bytes(path)
+    if isinstance(free, str):
+        return free
+    return f"{free / 2**20:.1f} MiB free on the filesystem of {path}"
+
+
+def _least_free_space(path: Path) -> str:
+    """Collective: the least free space a rank measures on the filesystem of `path`, naming
+    that rank, or the first rank that cannot measure it: one phrase, the same on every rank.
+    Each rank measures its own filesystem (a node-local --save is full on one node alone), and
+    ranks measuring one shared filesystem a moment apart got figures that differed by a few
+    KiB, so their otherwise identical lines were each printed."""
+    measured: list[int | str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(measured, _free_bytes(path))
+    failed = next((rank for rank, free in enumerate(measured) if isinstance(free, str)), None)
+    if failed is not None:
+        return f"rank {failed}: {measured[failed]}"
+    least = min(range(len(measured)), key=measured.__getitem__)
+    whose = f" (the least that a rank measured: rank {least}'s)" if len(measured) > 1 else ""
+    return f"{measured[least] / 2**20:.1f} MiB free on the filesystem of {path}{whose}"
+
+
+def _free_bytes(path: Path) -> int | str:
+    """The free bytes on the filesystem of `path`, or why they cannot be measured."""
     try:
-        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free on the filesystem of {path}"
+        return shutil.disk_usage(path).free
     except OSError as error:
         return f"{path} cannot be inspected ({error})"
 

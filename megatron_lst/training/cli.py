@@ -15,7 +15,7 @@ resume from), 130 for a SIGINT (Ctrl-C) that --exit-signal-handler does not watc
 any other error exits 1 with its traceback.
 
 Under a launcher, a message every rank prints alike is printed once (`stop_together`): a flag
-refusal worked out from the flags alone by rank 0, one from a file, a directory or the machine
+refusal worked out from the flags alone, or a Ctrl-C during the flag checks, by rank 0, one from a file, a directory or the machine
 that a rank sees by each rank that refuses, prefixed with its rank (`[rank R] lst-train: ...`),
 and after the process group starts, each different message once, the first as it is and each
 later one prefixed with the rank that printed it.
@@ -56,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A damaged --load checkpoint found by the flag checks (`DamagedCheckpointFlagError`).
         return EXIT_CHECKPOINT_REFUSED if isinstance(error, CheckpointError) else 2
     except KeyboardInterrupt:  # the checks read every dataset's index: they can take a while
-        print("lst-train: interrupted by SIGINT (Ctrl-C) during the flag checks: nothing was "
-              "trained or saved", file=sys.stderr)
+        stop_together.say_why_of_the_launchers_signal(
+            "lst-train: interrupted by SIGINT (Ctrl-C) during the flag checks: nothing was "
+            "trained or saved")
         return EXIT_INTERRUPTED
     note_missing_fused_kernels()
     from megatron_lst.data.dataset import DatasetError

@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from megatron_lst.data.input_files import read_bounded_bytes
+
 
 class ConfigError(ValueError):
     """A config file that does not map onto the command-line flags."""
@@ -45,10 +47,13 @@ class ConfigValues(dict):
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a flat mapping (keys not yet checked against the flags)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: " + ("not a file" if path.exists() else "no such file"))
+    try:  # the input-files rule: a regular file (a FIFO blocked, /dev/zero read forever)
+        data = read_bounded_bytes(path, lambda message: ConfigError(f"--config {message}"), "file")
+    except OSError as err:  # found, but it cannot be opened or read (its permissions, I/O)
+        raise ConfigError(f"--config {path}: cannot read the file ({err.strerror or err}); make "
+                          f"it readable by the user running the job, or give another") from None
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"--config {path} is not UTF-8 text ({err.reason} at byte "
                           f"{err.start}); save it as UTF-8") from None

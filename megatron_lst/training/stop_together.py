@@ -19,7 +19,8 @@ the process group, which the training loop destroys before lst-train prints.
 The ranks of a launcher share one log, where the same refusal from each of 512 ranks buried it:
 `say_why_once` does not write a line again that another rank of the armed group wrote, and
 `say_why_before_arming` (the flag checks run before the process group starts) leaves a line that
-every rank says alike to rank 0.
+every rank says alike to rank 0, as `say_why_of_the_launchers_signal` does a stop on the
+launcher's signal, which every rank gets.
 """
 
 from __future__ import annotations
@@ -117,6 +118,17 @@ def say_why_before_arming(line: str, same_on_every_rank: bool) -> None:
     if same_on_every_rank:
         time.sleep(STOP_WAIT_SECONDS)
     say_why(f"[rank {rank}] {line}")
+
+
+def say_why_of_the_launchers_signal(line: str) -> None:
+    """`say_why(line)` for a stop that a signal of the launcher caused before `arm()`: rank 0
+    alone writes it. torchrun starts each worker in a session of its own (a terminal's Ctrl-C
+    reaches torchrun alone), passes a SIGINT it gets to every worker and waits for each to exit:
+    every rank stops on it alike, and none is ended before its line. A SIGINT sent to one worker
+    of a rank R > 0 alone (`kill -INT PID`) thus leaves no line of ours; torchrun's summary
+    names rank R and its exit code."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        say_why(line)
 
 
 def stop_with_the_others() -> None:

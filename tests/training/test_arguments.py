@@ -1,11 +1,14 @@
 """lst-train flags: Megatron names, preset < YAML < command line, and up-front validation."""
 
 import dataclasses
+import errno
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from megatron_lst.data import input_files
 from megatron_lst.training import arguments
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.checkpointing import METADATA_FILENAME, TRACKER_FILENAME
@@ -725,8 +728,33 @@ def test_a_config_that_is_no_utf8_file_is_named(tmp_path):
     with pytest.raises(ArgumentError, match=r"run.yaml is not UTF-8 text \(invalid start byte "
                                             r"at byte 19\); save it as UTF-8"):
         parse_args(["--config", str(config)])
-    with pytest.raises(ArgumentError, match=rf"--config {tmp_path}: not a file"):
+    with pytest.raises(ArgumentError, match=rf"--config {tmp_path}: is a directory, not a file"):
         parse_args(["--config", str(tmp_path)])
+
+
+def test_a_config_that_cannot_be_read_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """A file the user may not read was a PermissionError traceback. Root reads any file, so
+    there the open is made to fail as it does for another user."""
+    config = tmp_path / "run.yaml"
+    config.write_text("seq-length: 16\n")
+    if os.geteuid() == 0:
+        def refused(path, *args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        monkeypatch.setattr(input_files, "open", refused, raising=False)
+    else:
+        config.chmod(0)
+    with pytest.raises(ArgumentError, match=rf"--config {config}: cannot read the file "
+                                            rf"\(Permission denied\); make it readable"):
+        parse_args(["--config", str(config)])
+
+
+def test_a_config_that_is_a_fifo_is_refused_before_it_blocks(tmp_path):
+    """Opening a FIFO waited for a writer that never comes."""
+    fifo = tmp_path / "run.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ArgumentError, match=rf"--config {fifo}: is a FIFO \(named pipe\), not a "
+                                            rf"file"):
+        parse_args(["--config", str(fifo)])
 
 
 def test_unknown_preset_is_named():

@@ -4,8 +4,10 @@ shared log, not once per rank, and a rank's own refusal once, naming the rank
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -114,3 +116,54 @@ def test_stops_that_differ_are_each_printed_once_the_later_naming_its_rank(tmp_p
     assert lines in ([own, f"[rank 0] {others}"], [own, f"[rank 2] {others}"],
                      [others, f"[rank 1] {own}"]), output[-3000:]
     assert "4" in codes and set(codes) <= {"4", "-15"}, output[-3000:]
+
+
+# `cli.main` whose flag checks hang until a SIGINT, each rank saying it got there: SIGINT
+# unblocked and Python's handler first (a child may inherit it ignored or blocked).
+HANGS_IN_THE_FLAG_CHECKS = """
+import os, signal, sys, time
+from pathlib import Path
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from megatron_lst.training import cli
+
+    ready = Path(sys.argv.pop(1))
+
+    def hangs(*args):
+        (ready / f"rank{os.environ['RANK']}").touch()
+        time.sleep(120)
+
+    cli.validate_args = hangs
+    sys.exit(cli.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ctrl_c_during_the_flag_checks_is_printed_once(tmp_path):
+    """torchrun passes the SIGINT (Ctrl-C) it gets to every worker: each printed the line."""
+    entry = tmp_path / "entry.py"
+    entry.write_text(HANGS_IN_THE_FLAG_CHECKS)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    with open(tmp_path / "torchrun.log", "w+") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+             str(entry), str(ready), *three_rank_flags(tmp_path)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+        try:
+            while len(list(ready.iterdir())) < 3 and launcher.poll() is None:
+                time.sleep(0.1)
+            launcher.send_signal(signal.SIGINT)
+            launcher.wait(timeout=120)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+        log.seek(0)
+        output = log.read()
+    assert output.count("lst-train: ") == 1, output[-3000:]
+    assert ("\nlst-train: interrupted by SIGINT (Ctrl-C) during the flag checks: nothing was "
+            "trained or saved\n" in f"\n{output}"), output[-3000:]
