@@ -57,12 +57,19 @@ def checked_file_size(path: str | Path, error: Callable[[str], Exception], what:
     except FileNotFoundError:
         raise error(f"{path}: no such {what}") from None
     except OSError as cause:
-        raise error(f"{path}: cannot read the {what} ({cause.strerror})") from None
+        raise error(_unreadable(path, what, cause)) from None
     mode = status.st_mode
     if stat.S_ISREG(mode) or (pipe_allowed and stat.S_ISFIFO(mode)):
         return status.st_size
     kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
     raise error(f"{path}: is {kind}, not a file; pass the {what} as a regular file")
+
+
+def _unreadable(path: str | Path, what: str, cause: OSError) -> str:
+    """The message for the `what` at `path` that exists but cannot be read (`cause`: its
+    permissions, an I/O error of its storage)."""
+    return (f"{path}: cannot read the {what} ({cause.strerror or cause}); make it readable by the "
+            f"user running the job (and check its storage), or give another")
 
 
 def streamed_sha256(path: str | Path) -> tuple[int, str]:
@@ -82,16 +89,23 @@ def regular_file_sha256(path: str | Path, error: Callable[[str], Exception], wha
     naming it and its kind when it is not one (`checked_file_size`): a FIFO would block, or give
     its bytes to the hash instead of its reader, and a directory has none."""
     checked_file_size(path, error, what)
-    return streamed_sha256(path)[1]
+    try:
+        return streamed_sha256(path)[1]
+    except OSError as cause:
+        raise error(_unreadable(path, what, cause)) from None
 
 
 def read_bounded_bytes(path: str | Path, error: Callable[[str], Exception], what: str,
                        max_bytes: int = MAX_SMALL_FILE_BYTES) -> bytes:
     """The bytes of the regular file `path`; `error` naming it when it is not one
-    (`checked_file_size`) or holds more than `max_bytes`, more than any real `what`."""
+    (`checked_file_size`), cannot be read (its permissions, an I/O error) or holds more than
+    `max_bytes`, more than any real `what`."""
     size = checked_file_size(path, error, what)
-    with open(path, "rb") as stream:
-        data = stream.read(max_bytes + 1)  # at most that much, should the file grow meanwhile
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(max_bytes + 1)  # at most that much, should the file grow meanwhile
+    except OSError as cause:
+        raise error(_unreadable(path, what, cause)) from None
     if max(size, len(data)) > max_bytes:
         raise error(f"{path}: is {max(size, len(data)):,} bytes, more than any {what} "
                     f"({max_bytes:,} bytes at most); check that it is the right file")

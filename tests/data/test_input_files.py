@@ -4,7 +4,9 @@ each refuses with its own error naming the file, before reading (or opening) wha
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from megatron_lst.audio.audio_io import AudioError, audio_info, read_audio
 from megatron_lst.audio.codebook import CodebookError, load_codebook
 from megatron_lst.audio.corpus import CorpusError, read_tsv
 from megatron_lst.audio.hubert import HubertFeatures, wants_normalized_input
+from megatron_lst.data import input_files
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.input_files import MAX_LINE_CHARACTERS, bounded_lines
 from megatron_lst.data.manifest import Manifest, ManifestError
@@ -93,6 +96,29 @@ def test_a_corpus_that_is_a_device_is_refused_but_a_pipe_is_read(tmp_path):
         list(read_text_jsonl("/dev/zero", None))
 
 
+# The readers whose first read of their file is `input_files.read_bounded_bytes`.
+BOUNDED_READERS = ("items", "textgrid", "units-txt", "manifest", "tsv", "hubert-config")
+
+
+@pytest.mark.parametrize("name", BOUNDED_READERS)
+@pytest.mark.parametrize("failure", [errno.EACCES, errno.EIO])
+def test_a_file_that_cannot_be_read_is_refused_by_name(tmp_path, monkeypatch, name, failure):
+    """A file the user may not read, or whose storage fails, was an OSError traceback out of
+    every reader but --config's. Root reads any file: the open fails as it would for another
+    user."""
+    read, error, filename = WHOLE_FILE_READERS[name]
+    path = tmp_path / filename
+    path.write_bytes(b"x")
+
+    def refused(file, *args, **kwargs):
+        raise OSError(failure, os.strerror(failure), str(file))
+
+    monkeypatch.setattr(input_files, "open", refused, raising=False)
+    with pytest.raises(error, match=rf"{path}: cannot read the .+ \({os.strerror(failure)}\); "
+                                    rf"make it readable by the user running the job"):
+        read(path)
+
+
 def test_a_line_longer_than_any_document_is_refused_at_its_line():
     lines = bounded_lines(io.StringIO("short\n" + "x" * 11 + "\nshort\n"), "c.jsonl",
                           DocumentError, max_characters=10)
@@ -110,7 +136,6 @@ def test_a_piped_corpus_of_one_endless_line_is_refused_at_the_bound(tmp_path):
                           ) as fifo, pytest.raises(DocumentError, match=rf"{fifo}:1: a line longer "
                                                    rf"than {MAX_LINE_CHARACTERS:,} characters"):
         list(read_text_jsonl(fifo, None))
-
 
 
 @pytest.mark.parametrize("tool, arguments", [
