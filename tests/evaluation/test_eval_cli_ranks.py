@@ -2,18 +2,16 @@
 says it first, before any rank exits (the launcher ends every rank once one has exited;
 `stop_together`)."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from distributed.harness import WORKERS_DIR, run_torchrun
 
 from megatron_lst.evaluation.cli import eval_main
 from megatron_lst.training import stop_together
 
-LATE_LINE = Path(__file__).resolve().parents[1] / "distributed" / "workers" / "late_line.py"
+LATE_LINE = WORKERS_DIR / "late_line.py"
 
 
 @pytest.mark.slow
@@ -58,9 +56,4 @@ def run_eval_on_two_ranks(tmp_path, flags) -> str:
     late."""
     items = tmp_path / "items.jsonl"
     items.write_text("{}\n")
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(LATE_LINE), "eval", "--late", "6", *flags, "--items", str(items)],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
-    return run.stdout + run.stderr
+    return run_torchrun(2, [LATE_LINE, "eval", "--late", "6", *flags, "--items", items]).output

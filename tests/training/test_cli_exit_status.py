@@ -5,10 +5,9 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from distributed.harness import run_torchrun
+from distributed.harness import WORKERS_DIR, run_torchrun
 
 from megatron_lst.data.dataset import DatasetError
 from megatron_lst.evaluation.items import ItemError
@@ -20,7 +19,7 @@ from megatron_lst.training.train_logging import LoggingSetupError
 from training.training_cases import fake_checkpoint, tiny_flags, write_corpus
 
 ENTRY = [sys.executable, "-m", "megatron_lst.training.cli"]
-LATE_LINE = Path(__file__).resolve().parents[1] / "distributed" / "workers" / "late_line.py"
+LATE_LINE = WORKERS_DIR / "late_line.py"
 
 
 @pytest.mark.parametrize("error, status", [

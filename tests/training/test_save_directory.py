@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from distributed.harness import WORKERS_DIR, run_torchrun
 
 from megatron_lst.training import cli, save_directory, train_logging
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
@@ -225,16 +226,11 @@ def test_every_rank_refuses_a_save_directory_another_run_writes_with_one_line(tm
                                                           str(save)]
     holder = hold_lock(save)
     try:
-        run = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-             str(REPO / "tests" / "distributed" / "workers" / "late_line.py"), "train", "--late",
-             "3", *flags],
-            capture_output=True, text=True, timeout=300, cwd=REPO,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+        output = run_torchrun(2, [WORKERS_DIR / "late_line.py", "train", "--late", "3", *flags],
+                              cwd=REPO).output
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
-    output = run.stdout + run.stderr
     assert output.count(f"lst-train: --save {save} is being written by another run (holder: "
                         f"pid {holder.pid} ") == 1, output[-3000:]
     assert "[rank1]: Traceback" not in output and "[rank0]: Traceback" not in output

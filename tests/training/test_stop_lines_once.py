@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from distributed.harness import run_torchrun
 
 from training.training_cases import tiny_flags, write_corpus
 
@@ -59,12 +60,7 @@ def run_on_three_ranks(tmp_path, case, flags):
     """The output of ENTRY's `case` with `flags` on three ranks, and their exit statuses."""
     entry = tmp_path / "entry.py"
     entry.write_text(ENTRY)
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
-         str(entry), case, *flags],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
-    output = run.stdout + run.stderr
+    output = run_torchrun(3, [entry, case, *flags]).output
     return output, re.findall(r"exitcode  : (-?\d+)", output)
 
 
