@@ -202,6 +202,11 @@ def _megatron_changed(what: str) -> RuntimeError:
         "megatron-core 0.16 to 0.19")
 
 
+# Where `inference_context` stands among `SelfAttention.forward`'s positional arguments (after
+# hidden_states, attention_mask, key_value_states): fewer positional arguments cannot hold it.
+_INFERENCE_CONTEXT_POSITION = 3
+
+
 @functools.cache
 def _self_attention_forward_signature() -> inspect.Signature:
     """The signature of megatron's `SelfAttention.forward`, checked for the arguments
@@ -210,6 +215,9 @@ def _self_attention_forward_signature() -> inspect.Signature:
     missing = {"hidden_states", "inference_context", "rotary_pos_emb"} - set(signature.parameters)
     if missing:
         raise _megatron_changed(f"SelfAttention.forward takes no {sorted(missing)}")
+    if list(signature.parameters).index("inference_context") - 1 != _INFERENCE_CONTEXT_POSITION:
+        raise _megatron_changed("SelfAttention.forward takes inference_context at another "
+                                "position")
     return signature
 
 
@@ -249,6 +257,9 @@ class PreRotatedKeySelfAttention(SelfAttention):
                 and getattr(self.config, "yarn_rotary_scaling_factor", None) is None)
 
     def forward(self, *args, **kwargs):
+        if (len(args) <= _INFERENCE_CONTEXT_POSITION and kwargs.get("inference_context") is None
+                and kwargs.get("inference_params") is None):
+            return super().forward(*args, **kwargs)  # no context (training): nothing to bind
         call = _self_attention_forward_signature().bind(self, *args, **kwargs)
         arguments = call.arguments
         context = arguments.get("inference_context")

@@ -511,9 +511,7 @@ def _save_failure_explained(iteration: int, root: Path, temporary: Path):
 def _free_space(path: Path) -> str:
     """The free space this rank measures on the filesystem of `path`, for a message of its own."""
     free = _free_bytes(path)
-    if isinstance(free, str):
-        return free
-    return f"{free / 2**20:.1f} MiB free on the filesystem of {path}"
+    return free if isinstance(free, str) else _free_phrase(free, path)
 
 
 def _least_free_space(path: Path) -> str:
@@ -529,7 +527,11 @@ def _least_free_space(path: Path) -> str:
         return f"rank {failed}: {measured[failed]}"
     least = min(range(len(measured)), key=measured.__getitem__)
     whose = f" (the least that a rank measured: rank {least}'s)" if len(measured) > 1 else ""
-    return f"{measured[least] / 2**20:.1f} MiB free on the filesystem of {path}{whose}"
+    return _free_phrase(measured[least], path) + whose
+
+
+def _free_phrase(free: int, path: Path) -> str:
+    return f"{free / 2**20:.1f} MiB free on the filesystem of {path}"
 
 
 def _free_bytes(path: Path) -> int | str:

@@ -15,10 +15,10 @@ resume from), 130 for a SIGINT (Ctrl-C) that --exit-signal-handler does not watc
 any other error exits 1 with its traceback.
 
 Under a launcher, a message every rank prints alike is printed once (`stop_together`): a flag
-refusal worked out from the flags alone, or a Ctrl-C during the flag checks, by rank 0, one from a file, a directory or the machine
-that a rank sees by each rank that refuses, prefixed with its rank (`[rank R] lst-train: ...`),
-and after the process group starts, each different message once, the first as it is and each
-later one prefixed with the rank that printed it.
+refusal worked out from the flags alone, or a Ctrl-C during the flag checks, by rank 0; one from
+a file, a directory or the machine that a rank sees by each rank that refuses, prefixed with its
+rank (`[rank R] lst-train: ...`); and after the process group starts, each different message
+once, the first as it is and each later one prefixed with the rank that printed it.
 """
 
 from __future__ import annotations

@@ -75,17 +75,29 @@ def losses(run: dict, first: int) -> list[float]:
     return [run["losses"][str(i)] for i in range(first, ITERATIONS + 1)]
 
 
+def assert_trains_like(reference: dict, run: dict) -> None:
+    """`run`, resumed from the same iteration-1 checkpoint as `reference`, has its losses, FLOPs
+    (each micro-batch counted once) and final validation loss."""
+    assert reference["resumed_from"] == run["resumed_from"] == 1
+    assert losses(run, 2) == pytest.approx(losses(reference, 2), rel=LOSS_TOLERANCE)
+    assert run["flops"] == reference["flops"]
+    assert run["eval_losses"][str(ITERATIONS)] == pytest.approx(
+        reference["eval_losses"][str(ITERATIONS)], rel=LOSS_TOLERANCE)
+
+
+def assert_resumes_like(reference: dict, after: dict) -> None:
+    """`after`, resumed from another layout's iteration-4 checkpoint, has `reference`'s last
+    loss."""
+    assert after["resumed_from"] == 4
+    assert losses(after, ITERATIONS) == pytest.approx(losses(reference, ITERATIONS),
+                                                      rel=LOSS_TOLERANCE)
+
+
 def test_interleaved_schedule_trains_like_one_process(runs):
     reference, interleaved, _ = runs
-    assert reference["resumed_from"] == interleaved["resumed_from"] == 1
-    assert losses(interleaved, 2) == pytest.approx(losses(reference, 2), rel=LOSS_TOLERANCE)
-    assert interleaved["flops"] == reference["flops"]  # each micro-batch counted once
-    assert interleaved["eval_losses"][str(ITERATIONS)] == pytest.approx(
-        reference["eval_losses"][str(ITERATIONS)], rel=LOSS_TOLERANCE)
+    assert_trains_like(reference, interleaved)
 
 
 def test_interleaved_checkpoint_resumes_in_one_process(runs):
     reference, _, after_interleaved = runs
-    assert after_interleaved["resumed_from"] == 4
-    assert losses(after_interleaved, ITERATIONS) == pytest.approx(
-        losses(reference, ITERATIONS), rel=LOSS_TOLERANCE)
+    assert_resumes_like(reference, after_interleaved)
