@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from megatron_lst.compat.cpu import enable_cpu_compat
+from megatron_lst.launch_environment import launch_world_size
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -148,7 +149,7 @@ def has_other_ranks() -> bool:
 def _world_size() -> int:
     if torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
-    return int(os.environ["WORLD_SIZE"]) if _launched_by_torchrun() else 1
+    return launch_world_size() if _launched_by_torchrun() else 1
 
 
 def _launched_by_torchrun() -> bool:

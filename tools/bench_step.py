@@ -215,6 +215,7 @@ def run_benchmark(flags: Sequence[str], steps: int, warmup: int,
                   speech_share: float = 0.33) -> StepBenchmark:
     from megatron.core.utils import get_model_config, unwrap_model
 
+    from megatron_lst.launch_environment import launch_world_size
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
     from megatron_lst.training.arguments import parse_args, validate_args
     from megatron_lst.training.data_provider import build_loader
@@ -237,7 +238,7 @@ def run_benchmark(flags: Sequence[str], steps: int, warmup: int,
         args.eval_interval = args.log_interval = 10**9
         args.save_interval = None
         args.save = args.load = None
-        args = validate_args(args, _world_size())
+        args = validate_args(args, launch_world_size())
         if args.pipeline_model_parallel_size != 1:
             raise SystemExit("bench_step: the per-part split needs "
                              "--pipeline-model-parallel-size 1")
@@ -267,12 +268,6 @@ def run_benchmark(flags: Sequence[str], steps: int, warmup: int,
                       setup_seconds=setup_seconds, first_step_seconds=warmup_seconds[0])
 
 
-def _world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _versions() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
@@ -288,11 +283,13 @@ def _versions() -> dict[str, str]:
 
 def _summarise(args, flags, results, splits, peak_flops, setup_seconds,
                first_step_seconds) -> StepBenchmark:
+    from megatron_lst.launch_environment import launch_world_size
+
     seconds = [r.seconds for r in results]
     median = statistics.median(seconds)
     total_seconds = sum(seconds)
     flops_per_step = sum(r.flops.total for r in results) / len(results)
-    flops_per_s = flops_per_step * len(results) / total_seconds / _world_size()
+    flops_per_s = flops_per_step * len(results) / total_seconds / launch_world_size()
     positions_per_step = args.global_batch_size * args.seq_length
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()

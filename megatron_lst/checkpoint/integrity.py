@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from megatron_lst.data.input_files import streamed_sha256
 from megatron_lst.parallel import has_other_ranks
-from megatron_lst.training.rank_failures import one_line, outcome, share_or_stop, step_failed
+from megatron_lst.rank_failures import one_line, outcome, share_or_stop, step_failed
 
 from . import safe_pickle
 from .durable_files import write_file_durably

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import operator
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_lst.launch_environment import launch_rank
 from megatron_lst.training import (
     checkpoint_flags,
     config_files,
@@ -52,7 +52,7 @@ class FlagParser(argparse.ArgumentParser):
     with the same status."""
 
     def error(self, message: str):
-        if int(os.environ.get("RANK", 0)) != 0:
+        if launch_rank() != 0:
             from megatron_lst.training.stop_together import say_why_before_arming  # torch
 
             say_why_before_arming(f"{self.prog}: error: {message}", same_on_every_rank=True)

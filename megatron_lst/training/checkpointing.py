@@ -54,17 +54,17 @@ from megatron_lst.checkpoint.errors import (
     mistyped_fields,
 )
 from megatron_lst.parallel import collective_device
-from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
-from megatron_lst.training import optimizer_state
-from megatron_lst.training.args_json import args_to_dict
-from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, check_same_training_data
-from megatron_lst.training.rank_failures import (
+from megatron_lst.rank_failures import (
     RankStepError,
     one_line,
     outcome,
     share_or_stop,
     step_failed,
 )
+from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
+from megatron_lst.training import optimizer_state
+from megatron_lst.training.args_json import args_to_dict
+from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, check_same_training_data
 from megatron_lst.training.resume_check import (
     ResumeConfigError,
     ResumePosition,

@@ -23,12 +23,16 @@ once, the first as it is and each later one prefixed with the rank that printed 
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from collections.abc import Sequence
 
 from megatron_lst.checkpoint.errors import CheckpointError
+from megatron_lst.launch_environment import (
+    LaunchEnvironmentError,
+    launch_rank,
+    launch_world_size,
+)
 from megatron_lst.training import stop_together
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
 from megatron_lst.training.train_logging import (
@@ -48,9 +52,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ende
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    configure_console_logging(int(os.environ.get("RANK", 0)))
     try:
-        args = validate_args(parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
+        rank, world_size = launch_rank(), launch_world_size()
+    except LaunchEnvironmentError as error:
+        print(f"lst-train: {error}", file=sys.stderr)
+        return 2
+    configure_console_logging(rank)
+    try:
+        args = validate_args(parse_args(argv), world_size)
     except ArgumentError as error:
         stop_together.say_why_before_arming(f"lst-train: {error}", error.same_on_every_rank)
         # A damaged --load checkpoint found by the flag checks (`DamagedCheckpointFlagError`).

@@ -55,7 +55,7 @@ from megatron_lst.data.dataset import DatasetError
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.manifest import Manifest
 from megatron_lst.parallel import has_other_ranks
-from megatron_lst.training.rank_failures import share_or_stop
+from megatron_lst.rank_failures import share_or_stop
 from megatron_lst.training.resume_check import ResumeConfigError, ResumePosition
 
 # The key of the fingerprints in a checkpoint's extra state.

@@ -69,6 +69,7 @@ import torch
 from megatron_lst.models import LSTConfig
 from megatron_lst.models.loss import masked_token_sum
 from megatron_lst.parallel import collective_device, destroy_parallel, initialize_parallel
+from megatron_lst.rank_failures import outcome, share_or_stop
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training import checkpointing, save_directory, stop_together
 from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, training_data_fingerprints
@@ -90,7 +91,6 @@ from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_bat
 from megatron_lst.training.metrics import METRICS_FILENAME, MetricsFile
 from megatron_lst.training.model_provider import build_model_chunks
 from megatron_lst.training.param_gather import ParamGatherHooks
-from megatron_lst.training.rank_failures import outcome, share_or_stop
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
 from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
 from megatron_lst.training.train_logging import (

@@ -42,7 +42,7 @@ from typing import TypeVar
 import torch
 
 from megatron_lst.parallel import has_other_ranks
-from megatron_lst.training.rank_failures import one_line
+from megatron_lst.rank_failures import one_line
 from megatron_lst.training.stop_together import attempt_token
 
 logger = logging.getLogger(__name__)

@@ -28,13 +28,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-import os
 import secrets
 import sys
 import time
 
 import torch
 
+from megatron_lst.launch_environment import launch_rank, launch_world_size
 from megatron_lst.parallel import has_other_ranks
 
 # How long a rank that stops waits for the other ranks to say that they stop too.
@@ -111,8 +111,8 @@ def say_why_before_arming(line: str, same_on_every_rank: bool) -> None:
     its line), and write it themselves, prefixed with their rank (`[rank R] line`), if it has
     not. Any other line (worked out from what this rank reads: a file another node may see
     otherwise, its GPUs) is written at once, prefixed with the rank."""
-    rank = int(os.environ.get("RANK", 0))
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or (same_on_every_rank and rank == 0):
+    rank = launch_rank()
+    if launch_world_size() == 1 or (same_on_every_rank and rank == 0):
         say_why(line)
         return
     if same_on_every_rank:
@@ -127,7 +127,7 @@ def say_why_of_the_launchers_signal(line: str) -> None:
     every rank stops on it alike, and none is ended before its line. A SIGINT sent to one worker
     of a rank R > 0 alone (`kill -INT PID`) thus leaves no line of ours; torchrun's summary
     names rank R and its exit code."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if launch_rank() == 0:
         say_why(line)
 
 

@@ -40,6 +40,15 @@ def test_each_failure_has_its_status_and_one_line(tmp_path, monkeypatch, capsys,
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(str(error))
 
 
+def test_a_malformed_launch_environment_is_one_line_with_status_2(monkeypatch, capsys):
+    """RANK set by hand to something that is no rank was a ValueError traceback."""
+    monkeypatch.setenv("RANK", "first")
+    assert cli.main(["--help"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "lst-train: the environment variable RANK='first' is not a whole number of at least 0; "
+        "launch with torchrun (which sets it), or unset it to run one process")
+
+
 def test_an_unexpected_error_is_printed_before_the_rank_waits_for_the_others(tmp_path, monkeypatch,
                                                                              capsys):
     """Any other error exits 1 with its traceback, printed before the rank counts itself as

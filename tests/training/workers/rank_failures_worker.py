@@ -9,7 +9,7 @@ def main() -> None:
     import torch
     from distributed.harness import report_results
 
-    from megatron_lst.training.rank_failures import share_or_stop
+    from megatron_lst.rank_failures import share_or_stop
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--results", required=True)
