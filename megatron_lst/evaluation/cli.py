@@ -11,13 +11,16 @@ utterances instead (`downstream.py`) and prints one line per rate. Launch with t
 parallelism (`--tensor-model-parallel-size 2` and `--nproc-per-node 2`). Exit status 2 for bad
 flags or bad items (the message names the item and its line).
 
-`lst-generate` prints one JSON object: the generated ids, their units and text, the global steps
-and the wall time (see `generation.py` for how patches close while generating).
+`lst-generate` prints one JSON object per continuation: the generated ids, their units and text,
+the global steps and the wall time (see `generation.py` for how patches close while generating);
+`--prompts FILE` continues every prompt of a JSON Lines file (`prompts_file.py`), each
+`--num-samples` times, on one loaded model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -31,15 +34,18 @@ from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.data.input_files import checked_file_size
 from megatron_lst.evaluation.generation import (
     GenerationError,
+    GenerationResult,
     SamplingConfig,
     build_prompt,
+    check_prompt,
     check_text_prompt,
     generate,
 )
 from megatron_lst.evaluation.items import ItemError, load_items
+from megatron_lst.evaluation.prompts_file import PromptRecord, read_prompts
 from megatron_lst.evaluation.scoring import MODES, check_items_for_mode, evaluate_items, parse_modes
 from megatron_lst.training import stop_together
-from megatron_lst.training.arguments import FlagParser, seed_flag
+from megatron_lst.training.arguments import MAX_SEED, FlagParser, seed_flag
 from megatron_lst.training.checkpointing import (
     METADATA_FILENAME,
     TRACKER_FILENAME,
@@ -49,6 +55,8 @@ from megatron_lst.training.metrics import METRICS_FILENAME
 from megatron_lst.training.save_directory import LOCK_FILENAME
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from megatron_lst.evaluation.loading import InferenceModel
 
 logger = logging.getLogger(__name__)
@@ -443,6 +451,16 @@ def build_generate_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-units", default=None,
                         help="Whitespace-separated unit values, or @FILE to read them from "
                              "FILE (text, or the .npy tools/extract_units.py writes).")
+    prompt.add_argument("--prompts", default=None,
+                        help="A JSON Lines file of prompts, one object per line: "
+                             "{\"id\": ..., \"text\": ...} or {\"id\": ..., \"units\": [...]} "
+                             "(id optional: the line number). Every prompt is checked before "
+                             "the first is generated, and each continuation is printed as one "
+                             "JSON line with its \"id\" as soon as it is generated.")
+    parser.add_argument("--num-samples", type=int, default=1,
+                        help="Continuations per prompt, sample k drawn with seed --seed + k "
+                             "(printed as \"sample\" when above 1); needs --temperature above "
+                             "0.")
     parser.add_argument("--continue-in", choices=("speech", "text"), default=None,
                         help="Continue in this modality: the prompt ends with its mode marker "
                              "(<s> or <t>) and only units, or only text pieces, are generated "
@@ -513,6 +531,15 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--top-p {args.top_p} must be in (0, 1] (1.0: every token)")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples {args.num_samples} must be >= 1")
+    if args.num_samples > 1 and args.temperature == 0:
+        raise ValueError(f"--num-samples {args.num_samples} with --temperature 0 (greedy) would "
+                         f"print the same continuation {args.num_samples} times; give a "
+                         f"--temperature above 0 to sample")
+    if args.seed + args.num_samples - 1 > MAX_SEED:
+        raise ValueError(f"--seed {args.seed} + --num-samples {args.num_samples} - 1 is past the "
+                         f"largest seed {MAX_SEED}; give a smaller --seed")
 
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
@@ -535,11 +562,11 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             check_text_prompt(args.prompt_text)
     except ValueError as error:  # GenerationError is one
         return _refuse_before_arming("lst-generate", error, same_on_every_rank=True)
-    try:  # inline, or @FILE: what this rank reads of the file
-        units = _unit_prompt(args.prompt_units) if args.prompt_units is not None else None
-    except ValueError as error:
-        return _refuse_before_arming("lst-generate", error,
-                                     same_on_every_rank=not args.prompt_units.startswith("@"))
+    try:  # inline, or @FILE / --prompts FILE: what this rank reads of the file
+        records = _prompt_records(args)
+    except ValueError as error:  # ItemError is one
+        return _refuse_before_arming("lst-generate", error, same_on_every_rank=(
+            args.prompt_units is not None and not args.prompt_units.startswith("@")))
     try:  # an impossible layout (ParallelLayoutError) is a ValueError too
         context = initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
         stop_together.arm()
@@ -550,30 +577,65 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                 f"{context.world_size}, which would all decode the same one")
         loaded = load_inference_model(args.load, args.tensor_model_parallel_size, 1,
                                       args.tokenizer_model, args.ckpt_step)
-        vocab, tokenizer = loaded.vocab, loaded.tokenizer
-        prompt = build_prompt(vocab, tokenizer, args.prompt_text, units, continue_in)
-        result = generate(loaded.model_chunks[0], prompt, vocab, loaded.patcher.config,
-                          sampling, use_cache=not args.no_cache)
+        model, patching = loaded.model_chunks[0], loaded.patcher.config
+        prompts = [_checked_prompt(record, loaded, continue_in) for record in records]
+        for record, prompt in zip(records, prompts, strict=True):
+            for sample in range(args.num_samples):
+                result = generate(model, prompt, loaded.vocab, patching,
+                                  dataclasses.replace(sampling, seed=args.seed + sample),
+                                  use_cache=not args.no_cache)
+                if context.rank == 0:  # at once: a long run keeps what it generated
+                    labels = {"id": record.id} if args.prompts is not None else {}
+                    if args.num_samples > 1:
+                        labels["sample"] = sample
+                    print(json.dumps({**labels, **_continuation(prompt, result, loaded)}),
+                          flush=True)
     except (CheckpointError, GenerationError, OSError, ValueError) as error:
         return _refuse_with_the_others("lst-generate", error)
     finally:
         destroy_parallel()
-    if context.rank != 0:
-        return 0
-    ids = result.tokens
+    return 0
+
+
+def _prompt_records(args: argparse.Namespace) -> list[PromptRecord]:
+    """The prompts of the flags: --prompts FILE's, or the one of --prompt-text/--prompt-units."""
+    if args.prompts is not None:
+        return read_prompts(args.prompts)
+    if args.prompt_units is not None:
+        return [PromptRecord("1", "", units=_unit_prompt(args.prompt_units))]
+    return [PromptRecord("1", "", text=args.prompt_text)]
+
+
+def _checked_prompt(record: PromptRecord, loaded: InferenceModel,
+                    continue_in: str | None) -> np.ndarray:
+    """`[n]` joint ids of `record`, checked as `generate` checks a prompt (before any prompt of
+    a file is generated); a GenerationError names the record's file and line."""
+    try:
+        prompt = build_prompt(loaded.vocab, loaded.tokenizer, record.text, record.units,
+                              continue_in)
+        check_prompt(loaded.model_chunks[0], prompt, loaded.vocab, loaded.patcher.config)
+    except GenerationError as error:
+        if not record.where:
+            raise
+        raise type(error)(f"{record.where}: {error}") from None
+    return prompt
+
+
+def _continuation(prompt: np.ndarray, result: GenerationResult, loaded: InferenceModel) -> dict:
+    """The JSON object of one continuation of `prompt`."""
+    vocab, ids = loaded.vocab, result.tokens
     is_unit = vocab.is_unit(ids)
     pieces = [int(i) for i in ids if i < vocab.text_size and i not in (vocab.bos_id, vocab.eos_id)]
-    print(json.dumps({
+    return {
         "prompt": prompt.tolist(),
         "tokens": ids.tolist(),
         "units": vocab.ids_to_units(ids[is_unit]).tolist(),
-        "text": tokenizer.decode(pieces),
+        "text": loaded.tokenizer.decode(pieces),
         "stopped_at_eos": result.stopped_at_eos,
         "stopped_at_context_limit": result.stopped_at_context_limit,
         "global_steps": result.global_steps,
         "seconds": round(result.seconds, 4),
-    }))
-    return 0
+    }
 
 
 if __name__ == "__main__":

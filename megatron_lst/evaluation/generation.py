@@ -47,6 +47,7 @@ import bisect
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -434,6 +435,27 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
     document rules (`LSTConfig.documents`) takes a prompt of one document: no EOS in it. The
     model runs in eval mode; the training mode of each of its modules is restored on return.
     """
+    model, prompt, patches = _checked(model, prompt, vocab, patching)
+    was_training = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        return _generate(model, prompt, vocab, patches, sampling, use_cache, keep_logits)
+    finally:  # a caller in a training loop keeps its dropout
+        for module, training in was_training:
+            module.training = training
+
+
+def check_prompt(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingConfig) -> None:
+    """Raise the GenerationError `generate` would raise on `prompt` before running the model (a
+    prompt past the model's context is a PromptTooLongError): a batch of prompts is checked
+    whole before the first is generated."""
+    _checked(model, prompt, vocab, patching)
+
+
+def _checked(model, prompt: np.ndarray, vocab: JointVocab,
+             patching: PatchingConfig) -> tuple[Any, np.ndarray, GenerationPatching | None]:
+    """`(unwrapped model, prompt as int64, the prompt's patches: None for the baseline)` once
+    `prompt` passed `check_prompt`'s checks."""
     from megatron.core import parallel_state
     from megatron.core.utils import get_attr_wrapped_model
 
@@ -448,22 +470,23 @@ def generate(model, prompt: np.ndarray, vocab: JointVocab, patching: PatchingCon
         raise GenerationError(f"a prompt starts with BOS ({vocab.bos_id}); got {prompt[:1]}")
     model = get_attr_wrapped_model(model, "pre_process", return_model_obj=True)
     _check_one_document(prompt, vocab, model.lst_config.documents)
-    is_lst = isinstance(model, LSTModel)
-    patch_size = generation_patch_size(patching) if is_lst else None
-    was_training = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        return _generate(model, prompt, vocab, patch_size, sampling, use_cache, keep_logits,
-                         is_lst)
-    finally:  # a caller in a training loop keeps its dropout
-        for module, training in was_training:
-            module.training = training
+    patches = None
+    if isinstance(model, LSTModel):
+        patches = GenerationPatching(vocab, generation_patch_size(patching))
+        for token in prompt.tolist():
+            patches.append(token)
+    positions = len(prompt) if patches is None else patches.num_patches
+    if positions > model.lst_config.max_sequence_length:
+        raise PromptTooLongError(_prompt_too_long(positions, model.lst_config, patches is not None))
+    return model, prompt, patches
 
 
-def _generate(model, prompt: np.ndarray, vocab: JointVocab, patch_size: int | None,
-              sampling: SamplingConfig, use_cache: bool, keep_logits: bool,
-              is_lst: bool) -> GenerationResult:
-    """`generate`'s loop on the unwrapped `model`, in eval mode."""
+def _generate(model, prompt: np.ndarray, vocab: JointVocab, patching: GenerationPatching | None,
+              sampling: SamplingConfig, use_cache: bool, keep_logits: bool) -> GenerationResult:
+    """`generate`'s loop on the unwrapped `model`, in eval mode; `patching` holds the prompt's
+    patches (None: the token baseline) and grows with the sequence."""
+    is_lst = patching is not None
+    patch_size = patching.patch_size if is_lst else None
     device = next(model.parameters()).device
     # Global positions the caches hold: generation stops at the model's context, so a large
     # max_new_tokens must not size them (it allocated caches, and RoPE angles, of its length).
@@ -481,7 +504,6 @@ def _generate(model, prompt: np.ndarray, vocab: JointVocab, patch_size: int | No
 
     allowed = None  # [V] bool, once the logits' size is known
     sequence = prompt.tolist()
-    patching = GenerationPatching(vocab, patch_size) if is_lst else None
     result = GenerationResult(np.zeros(0, np.int64), 0, 0.0, False)
     closed = None  # global positions of the sequence so far: closed patches, or tokens
     fed = 0  # tokens of `sequence` the cache has seen
@@ -491,9 +513,7 @@ def _generate(model, prompt: np.ndarray, vocab: JointVocab, patch_size: int | No
             for token in sequence[patching.num_tokens:]:
                 patching.append(token)
         positions = patching.num_patches if is_lst else len(sequence)
-        if positions > model.lst_config.max_sequence_length:
-            if len(sequence) == len(prompt):
-                raise PromptTooLongError(_prompt_too_long(positions, model.lst_config, is_lst))
+        if positions > model.lst_config.max_sequence_length:  # not the prompt: `_checked`
             result.stopped_at_context_limit = True
             break
         if cache is not None:
