@@ -109,7 +109,9 @@ def simulate(forward_times: Sequence[float], backward_times: Sequence[float], pp
     virtual_stages = len(forward_times) // pp
     last_stage = len(forward_times) - 1
     orders = [rank_passes(pp, rank, num_micro_batches, virtual_stages) for rank in range(pp)]
-    done: dict[tuple[str, int, int], float] = {}  # (kind, virtual stage, micro-batch) -> end
+    # End time of each pass: ends[kind][virtual stage][micro-batch], None until it has run.
+    ends = {kind: [[None] * num_micro_batches for _ in forward_times]
+            for kind in (FORWARD, BACKWARD)}
     next_pass, free_at = [0] * pp, [0.0] * pp
     remaining = sum(len(order) for order in orders)
     while remaining:
@@ -119,17 +121,16 @@ def simulate(forward_times: Sequence[float], backward_times: Sequence[float], pp
                 step = order[next_pass[rank]]
                 stage = step.chunk * pp + rank
                 if step.kind == FORWARD:
-                    needs = (FORWARD, stage - 1, step.micro_batch) if stage > 0 else None
+                    ready = ends[FORWARD][stage - 1][step.micro_batch] if stage > 0 else 0.0
                     duration = forward_times[stage]
                 else:
-                    needs = ((BACKWARD, stage + 1, step.micro_batch) if stage < last_stage
-                             else (FORWARD, stage, step.micro_batch))
+                    ready = (ends[BACKWARD][stage + 1] if stage < last_stage
+                             else ends[FORWARD][stage])[step.micro_batch]
                     duration = backward_times[stage]
-                if needs is not None and needs not in done:
+                if ready is None:
                     break
-                start = max(free_at[rank], done[needs] if needs is not None else 0.0)
-                free_at[rank] = start + duration
-                done[(step.kind, stage, step.micro_batch)] = free_at[rank]
+                free_at[rank] = max(free_at[rank], ready) + duration
+                ends[step.kind][stage][step.micro_batch] = free_at[rank]
                 next_pass[rank] += 1
                 remaining -= 1
                 progressed = True
