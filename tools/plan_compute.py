@@ -315,10 +315,11 @@ def pipeline_bubble(pp: int, virtual_stages: int, num_micro_batches: int) -> flo
     return (pp - 1) / (virtual_stages * num_micro_batches + pp - 1)
 
 
-def format_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown,
-                          virtual_stages: int | None = None,
-                          num_micro_batches: int | None = None) -> str:
-    split = balanced_pipeline_split(num_layers, pp, flops, virtual_stages, num_micro_batches)
+def format_pipeline_split(split: PipelineSplit, virtual_stages: int | None,
+                          num_micro_batches: int | None) -> str:
+    """The suggested flags, the stages' shares of the FLOPs and, with the micro-batches known,
+    the simulated bubble and the equal-stage formula's."""
+    pp = len(split.layers)
     flags = " ".join(f"--decoder-{side}-pipeline-num-layers {n}"
                      for side, n in (("first", split.first), ("last", split.last))
                      if n is not None)
@@ -341,6 +342,24 @@ def format_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown,
         f"stages of equal time)",
     ]
     return "\n".join(lines)
+
+
+def pipeline_split_dict(split: PipelineSplit, virtual_stages: int | None,
+                        num_micro_batches: int | None) -> dict:
+    """The split and its bubbles for --out (the bubbles None without the micro-batches)."""
+    pp, v = len(split.layers), virtual_stages or 1
+    return {
+        "pipeline_model_parallel_size": pp,
+        "num_virtual_stages_per_pipeline_rank": v,
+        "micro_batches_per_step": num_micro_batches,
+        "decoder_first_pipeline_num_layers": split.first,
+        "decoder_last_pipeline_num_layers": split.last,
+        "layers_per_stage": split.layers,
+        "flops_per_stage": split.costs,
+        "bubble_simulated": split.timing.bubble if split.timing is not None else None,
+        "bubble_equal_stages": (pipeline_bubble(pp, v, num_micro_batches)
+                                if num_micro_batches is not None else None),
+    }
 
 
 def micro_batches_per_step(args: argparse.Namespace) -> int | None:
@@ -387,23 +406,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_micro_batches = micro_batches_per_step(args)
         pipelined = (args.pipeline_model_parallel_size > 1
                      or args.num_virtual_stages_per_pipeline_rank is not None)
-        split = (format_pipeline_split(config.global_model.num_layers,
-                                       args.pipeline_model_parallel_size,
-                                       plans[0].lst.flops_per_step,
-                                       args.num_virtual_stages_per_pipeline_rank,
-                                       num_micro_batches)
+        split = (balanced_pipeline_split(config.global_model.num_layers,
+                                         args.pipeline_model_parallel_size,
+                                         plans[0].lst.flops_per_step,
+                                         args.num_virtual_stages_per_pipeline_rank,
+                                         num_micro_batches)
                  if pipelined else None)
     except ValueError as error:  # ModelConfigError and ParallelLayoutError are ValueErrors too
         print(f"plan_compute: {error}", file=sys.stderr)
         return 2
     print("\n\n".join(format_plan(p) for p in plans))
+    virtual_stages = args.num_virtual_stages_per_pipeline_rank
     if split is not None:
-        print("\n" + split)
+        print("\n" + format_pipeline_split(split, virtual_stages, num_micro_batches))
     if args.out is not None:
+        pipeline = ({"pipeline": pipeline_split_dict(split, virtual_stages, num_micro_batches)}
+                    if split is not None else {})
         try:  # atomically: a write that fails leaves the file as it was, not half a JSON
             replace_file_durably(args.out, json.dumps({
                 "model": {"preset": args.preset, "shape": dataclasses.asdict(lst)},
                 "plans": [p.as_dict() for p in plans],
+                **pipeline,
             }, indent=2) + "\n")
         except OSError as error:
             print(f"plan_compute: cannot write --out {args.out} ({error.strerror or error}); "

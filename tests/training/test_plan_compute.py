@@ -350,6 +350,25 @@ def test_tool_prints_the_bubble_of_the_flags_micro_batches(capsys):
     assert "(2 - 1) / (1 x 8 + 2 - 1) = 11.1%" in capsys.readouterr().out
 
 
+def test_tool_writes_the_pipeline_split_and_both_bubbles_to_its_json(tmp_path, capsys):
+    """--out held the plans only: the suggested split and its bubble were on the screen alone."""
+    tool = load_tool("plan_compute")
+    out = tmp_path / "plan.json"
+    common = ["--budget-steps", "10", "--seq-length", "256", "--global-batch-size", "16",
+              "--tokens-per-patch", "2", "--preset", "tiny", "--control", "compute",
+              "--out", str(out)]
+    assert tool.main(common) == 0
+    assert "pipeline" not in json.loads(out.read_text())
+    assert tool.main([*common, "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
+                      "--data-parallel-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    pipeline = json.loads(out.read_text())["pipeline"]
+    assert pipeline["layers_per_stage"] == [1, 1] and pipeline["micro_batches_per_step"] == 4
+    assert pipeline["bubble_equal_stages"] == pytest.approx(0.2)
+    assert f"pipeline bubble: {pipeline['bubble_simulated']:.1%} of a step idle" in printed
+    assert pipeline["bubble_simulated"] > pipeline["bubble_equal_stages"]
+
+
 def test_virtual_stages_restrict_the_split_to_layers_they_divide():
     tool = load_tool("plan_compute")
     from megatron_lst.training.flops import FlopBreakdown
