@@ -76,6 +76,23 @@ def test_unequal_stages_idle_more_than_equal_ones():
     assert unequal.step_time > equal.step_time and unequal.bubble > equal.bubble
 
 
+def test_unequal_interleaved_steps_respect_their_bounds_and_grow_with_any_stage():
+    """A step is never shorter than its busiest rank's work nor than one micro-batch's forward
+    and backward through every virtual stage in turn; with each rank's order fixed, slowing any
+    pass cannot shorten it. (The dependencies themselves are pinned by the exact cases above.)"""
+    rng = random.Random(11)
+    for _ in range(60):
+        pp, virtual = rng.randint(2, 4), rng.randint(2, 3)
+        micro = pp * rng.randint(1, 3)
+        forwards = [float(rng.randint(1, 6)) for _ in range(pp * virtual)]
+        timing = _timing(forwards, pp, micro)
+        assert timing.step_time >= max(timing.busy) - 1e-9
+        assert timing.step_time >= 3 * sum(forwards) - 1e-9
+        slower = list(forwards)
+        slower[rng.randrange(len(slower))] += 1.0
+        assert _timing(slower, pp, micro).step_time >= timing.step_time - 1e-9
+
+
 def _names(passes):
     return " ".join(f"{p.kind}{p.chunk}.{p.micro_batch}" for p in passes)
 
