@@ -213,6 +213,16 @@ def format_plan(computed: ComputePlan) -> str:
     return "\n".join(lines)
 
 
+# The most forward and backward passes a step may have to be simulated (a few microseconds each):
+# beyond it the planner balances the largest stage instead.
+MAX_SIMULATED_PASSES = 2_000_000
+
+
+def simulated_passes(pp: int, virtual_stages: int | None, num_micro_batches: int) -> int:
+    """Forward and backward passes of one step over all ranks and chunks."""
+    return 2 * pp * (virtual_stages or 1) * num_micro_batches
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineSplit:
     """A choice of `--decoder-first/last-pipeline-num-layers` (None: megatron's even share), the
@@ -234,7 +244,8 @@ def balanced_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown,
     `num_micro_batches` per step, needed with `virtual_stages`, against the interleaved
     schedule), that makes one step of `flops` fastest: the one whose simulated megatron schedule
     (`pipeline_schedule_model`, times proportional to FLOPs) takes the least time with
-    `num_micro_batches` known, else the one whose largest stage has the fewest FLOPs.
+    `num_micro_batches` known (and a step of at most MAX_SIMULATED_PASSES passes), else the one
+    whose largest stage has the fewest FLOPs.
 
     The first stage adds the encoder and the patch cross-attention to its global layers; the last
     stage the decoder, its cross-attention, the head and the encoder replica (recomputed there).
@@ -242,7 +253,8 @@ def balanced_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown,
     candidates = sorted(_pipeline_splits(num_layers, pp, flops, virtual_stages,
                                          num_micro_batches),
                         key=lambda split: max(split.costs))  # stable: the even split first
-    if num_micro_batches is None:
+    if (num_micro_batches is None
+            or simulated_passes(pp, virtual_stages, num_micro_batches) > MAX_SIMULATED_PASSES):
         return candidates[0]
     best = None
     for split in candidates:
@@ -326,16 +338,25 @@ def format_pipeline_split(split: PipelineSplit, virtual_stages: int | None,
     shares = ", ".join(f"{c / sum(split.costs):.0%}" for c in split.costs)
     lines = [f"pipeline split over {pp} stages: {flags or '(even)'}; layers {split.layers}, "
              f"share of the step's FLOPs per stage {shares}"]
-    if split.timing is None:
+    if num_micro_batches is None:
         lines.append("pipeline bubble: give --micro-batch-size (and --data-parallel-size) to "
                      "estimate it")
         return "\n".join(lines)
     v = virtual_stages or 1
+    if split.timing is not None:
+        lines.append(
+            f"pipeline bubble: {split.timing.bubble:.1%} of a step idle, megatron's "
+            f"{'interleaved ' if v > 1 else ''}1F1B schedule simulated over these stages (time "
+            f"proportional to FLOPs, backward = 2 x forward, p2p not counted); the split is the "
+            f"one with the shortest simulated step")
+    else:  # no step is shorter than its busiest stage's work
+        imbalance = 1 - sum(split.costs) / (pp * max(split.costs))
+        lines.append(
+            f"pipeline bubble: at least {imbalance:.1%} of a step idle (the stages' imbalance); "
+            f"not simulated: a step of {num_micro_batches:,} micro-batches has "
+            f"{simulated_passes(pp, v, num_micro_batches):,} passes, more than the planner "
+            f"simulates ({MAX_SIMULATED_PASSES:,}); check --global-batch-size is in rows")
     lines += [
-        f"pipeline bubble: {split.timing.bubble:.1%} of a step idle, megatron's "
-        f"{'interleaved ' if v > 1 else ''}1F1B schedule simulated over these stages (time "
-        f"proportional to FLOPs, backward = 2 x forward, p2p not counted); the split is the "
-        f"one with the shortest simulated step",
         f"  equal-stage formula (p - 1) / (v m + p - 1) = ({pp} - 1) / ({v} x "
         f"{num_micro_batches} + {pp} - 1) = {pipeline_bubble(pp, v, num_micro_batches):.1%} "
         f"(p stages, v virtual stages per rank, m micro-batches per step; holds only for "

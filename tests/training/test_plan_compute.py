@@ -369,6 +369,28 @@ def test_tool_writes_the_pipeline_split_and_both_bubbles_to_its_json(tmp_path, c
     assert pipeline["bubble_simulated"] > pipeline["bubble_equal_stages"]
 
 
+def test_a_step_too_long_to_simulate_gets_the_imbalance_bound(monkeypatch, capsys):
+    """A --global-batch-size given in tokens, not rows, makes millions of micro-batches: the
+    simulation would run for minutes and hold gigabytes. Above MAX_SIMULATED_PASSES the planner
+    balances the largest stage and prints the bound every schedule obeys instead."""
+    tool = load_tool("plan_compute")
+    from megatron_lst.training.flops import FlopBreakdown
+
+    monkeypatch.setattr(tool, "MAX_SIMULATED_PASSES", 15)  # 2 stages x 4 micro-batches x 2 = 16
+    flops = FlopBreakdown(global_=24.0, head=6.0)
+    split = tool.balanced_pipeline_split(24, 2, flops, num_micro_batches=4)
+    assert split.timing is None and split.costs == [15.0, 15.0]
+    assert tool.main(["--budget-steps", "10", "--seq-length", "256", "--global-batch-size", "16",
+                      "--tokens-per-patch", "2", "--preset", "tiny", "--control", "compute",
+                      "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
+                      "--data-parallel-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"pipeline bubble: at least [0-9.]+% of a step idle \(the stages' "
+                     r"imbalance\); not simulated: a step of 4 micro-batches has 16 passes, more "
+                     r"than the planner simulates \(15\)", out)
+    assert "equal-stage formula (p - 1) / (v m + p - 1) = (2 - 1) / (1 x 4 + 2 - 1) = 20.0%" in out
+
+
 def test_virtual_stages_restrict_the_split_to_layers_they_divide():
     tool = load_tool("plan_compute")
     from megatron_lst.training.flops import FlopBreakdown
