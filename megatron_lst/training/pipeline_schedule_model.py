@@ -118,19 +118,19 @@ def simulate(forward_times: Sequence[float], backward_times: Sequence[float], pp
         progressed = False
         for rank, order in enumerate(orders):
             while next_pass[rank] < len(order):
-                step = order[next_pass[rank]]
-                stage = step.chunk * pp + rank
-                if step.kind == FORWARD:
-                    ready = ends[FORWARD][stage - 1][step.micro_batch] if stage > 0 else 0.0
+                current = order[next_pass[rank]]
+                stage = current.chunk * pp + rank
+                if current.kind == FORWARD:
+                    ready = ends[FORWARD][stage - 1][current.micro_batch] if stage > 0 else 0.0
                     duration = forward_times[stage]
                 else:
                     ready = (ends[BACKWARD][stage + 1] if stage < last_stage
-                             else ends[FORWARD][stage])[step.micro_batch]
+                             else ends[FORWARD][stage])[current.micro_batch]
                     duration = backward_times[stage]
                 if ready is None:
                     break
                 free_at[rank] = max(free_at[rank], ready) + duration
-                ends[step.kind][stage][step.micro_batch] = free_at[rank]
+                ends[current.kind][stage][current.micro_batch] = free_at[rank]
                 next_pass[rank] += 1
                 remaining -= 1
                 progressed = True
