@@ -93,6 +93,55 @@ def test_unequal_interleaved_steps_respect_their_bounds_and_grow_with_any_stage(
         assert _timing(slower, pp, micro).step_time >= timing.step_time - 1e-9
 
 
+def _longest_path_step(forwards, backwards, pp, micro):
+    """The step as the longest path through the graph of passes (an independent reading of the
+    model): a pass follows its predecessor on its rank and its input from the neighbouring
+    virtual stage, and ends its own duration after the later of the two."""
+    stages = len(forwards)
+    virtual = stages // pp
+
+    edges = {}  # pass -> the passes it waits for
+    for rank in range(pp):
+        previous = None
+        for current in rank_passes(pp, rank, micro, virtual):
+            stage = current.chunk * pp + rank
+            here = (current.kind, stage, current.micro_batch)
+            waits = [previous] if previous else []
+            if current.kind == "F" and stage > 0:
+                waits.append(("F", stage - 1, current.micro_batch))
+            if current.kind == "B":
+                waits.append(("B", stage + 1, current.micro_batch) if stage < stages - 1
+                             else ("F", stage, current.micro_batch))
+            edges[here], previous = waits, here
+    ends = {}
+    for start in edges:  # iterative depth-first evaluation of end = max(waits) + duration
+        stack = [start]
+        while stack:
+            top = stack[-1]
+            pending = [w for w in edges[top] if w not in ends]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            kind, stage, _ = top
+            duration = forwards[stage] if kind == "F" else backwards[stage]
+            ends[top] = max((ends[w] for w in edges[top]), default=0.0) + duration
+    return max(ends.values())
+
+
+def test_the_simulation_agrees_with_the_longest_path_through_the_passes():
+    rng = random.Random(5)
+    for _ in range(80):
+        pp, virtual = rng.randint(1, 4), rng.randint(1, 3)
+        if pp == 1:
+            virtual = 1
+        micro = pp * rng.randint(1, 3) if virtual > 1 else rng.randint(1, 7)
+        forwards = [float(rng.randint(1, 6)) for _ in range(pp * virtual)]
+        backwards = [float(rng.randint(1, 12)) for _ in range(pp * virtual)]
+        assert simulate(forwards, backwards, pp, micro).step_time == _longest_path_step(
+            forwards, backwards, pp, micro), (pp, virtual, micro, forwards, backwards)
+
+
 def _names(passes):
     return " ".join(f"{p.kind}{p.chunk}.{p.micro_batch}" for p in passes)
 
