@@ -12,7 +12,9 @@ fixes the steps of the `--reference` model instead of a FLOP total. The model is
 megatron_lst.models.config or given by its dimensions (--global-dim ... without --preset).
 FLOPs are the closed-form estimate of megatron_lst.training.flops (training = 3x forward); an LST
 row counts its --max-tokens positions (padding included, as training computes and logs them),
-its tokens the real --tokens-per-patch.
+its tokens the real --tokens-per-patch. With --pipeline-model-parallel-size it also suggests a
+pipeline split and, given --micro-batch-size, prints its bubble from megatron's schedule simulated
+over the stages' unequal FLOPs (megatron_lst.training.pipeline_schedule_model).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from megatron_lst.training.flops import (
     StepShape,
     plan,
 )
+from megatron_lst.training.pipeline_schedule_model import ScheduleTiming, simulate
 
 _DIMENSIONS = ("global_dim", "global_layers", "global_heads", "local_dim", "encoder_layers",
                "decoder_layers", "local_heads")
@@ -115,12 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                         help="with > 1, also suggest --decoder-first/last-pipeline-num-layers "
-                             "that balance the stages' training FLOPs, and the 1F1B pipeline "
-                             "bubble when --micro-batch-size is given")
+                             "that balance the stages' training FLOPs (with --micro-batch-size: "
+                             "that give the shortest step of megatron's 1F1B schedule "
+                             "simulated over the stages) and print the pipeline bubble")
     parser.add_argument("--num-virtual-stages-per-pipeline-rank", type=int,
                         help="model chunks per pipeline rank (lst-train's flag of that name): "
                              "the split keeps every stage's layers divisible by it, and the "
-                             "bubble shrinks by it; needs --micro-batch-size")
+                             "interleaved schedule is simulated; needs --micro-batch-size")
     parser.add_argument("--micro-batch-size", type=int,
                         help="rows per micro-batch; with --data-parallel-size it gives the "
                              "micro-batches per step the pipeline bubble depends on")
@@ -209,22 +213,66 @@ def format_plan(computed: ComputePlan) -> str:
     return "\n".join(lines)
 
 
+# The most forward and backward passes a step may have to be simulated (a few microseconds each):
+# beyond it the planner balances the largest stage instead.
+MAX_SIMULATED_PASSES = 2_000_000
+
+
+def simulated_passes(pp: int, virtual_stages: int | None, num_micro_batches: int) -> int:
+    """Forward and backward passes of one step over all ranks and chunks."""
+    return 2 * pp * (virtual_stages or 1) * num_micro_batches
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSplit:
+    """A choice of `--decoder-first/last-pipeline-num-layers` (None: megatron's even share), the
+    global layers and training FLOPs per step of each stage, and, with the micro-batches per step
+    known, megatron's schedule simulated over those stages."""
+
+    first: int | None
+    last: int | None
+    layers: list[int]
+    costs: list[float]  # per pipeline stage, all its virtual stages together
+    timing: ScheduleTiming | None = None
+
+
 def balanced_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown,
                             virtual_stages: int | None = None,
-                            num_micro_batches: int | None = None) -> tuple[int | None, int | None, list[float]]:
-    """`(first-stage layers, last-stage layers, FLOPs per stage)` that minimise the largest
-    stage's share of one step's FLOPs `flops` (None: megatron's even share), among the splits
-    whose stages `virtual_stages` per rank can cut (`parallel.virtual_pipeline_size`, which also
-    checks `num_micro_batches` per step, needed with `virtual_stages`, against the interleaved
-    schedule).
+                            num_micro_batches: int | None = None) -> PipelineSplit:
+    """The split of `num_layers` global layers over `pp` stages, among those whose stages
+    `virtual_stages` per rank can cut (`parallel.virtual_pipeline_size`, which also checks
+    `num_micro_batches` per step, needed with `virtual_stages`, against the interleaved
+    schedule), that makes one step of `flops` fastest: the one whose simulated megatron schedule
+    (`pipeline_schedule_model`, times proportional to FLOPs) takes the least time with
+    `num_micro_batches` known (and a step of at most MAX_SIMULATED_PASSES passes), else the one
+    whose largest stage has the fewest FLOPs.
 
     The first stage adds the encoder and the patch cross-attention to its global layers; the last
     stage the decoder, its cross-attention, the head and the encoder replica (recomputed there).
     `cross_attention` is counted half on each side (an estimate)."""
-    per_layer = flops.global_ / num_layers
-    first_extra = flops.encoder + flops.cross_attention / 2
-    last_extra = flops.decoder + flops.cross_attention / 2 + flops.head + flops.encoder
-    best, virtual_error = None, None
+    candidates = sorted(_pipeline_splits(num_layers, pp, flops, virtual_stages,
+                                         num_micro_batches),
+                        key=lambda split: max(split.costs))  # stable: the even split first
+    if (num_micro_batches is None
+            or simulated_passes(pp, virtual_stages, num_micro_batches) > MAX_SIMULATED_PASSES):
+        return candidates[0]
+    best = None
+    for split in candidates:
+        # No schedule is shorter than its busiest rank's work: the rest cannot beat `best`.
+        if best is not None and max(split.costs) >= best.timing.step_time:
+            break
+        timed = dataclasses.replace(split, timing=_simulate_split(
+            split, pp, flops, virtual_stages or 1, num_micro_batches))
+        if best is None or timed.timing.step_time < best.timing.step_time:
+            best = timed
+    return best
+
+
+def _pipeline_splits(num_layers: int, pp: int, flops: FlopBreakdown, virtual_stages: int | None,
+                     num_micro_batches: int | None) -> list[PipelineSplit]:
+    """Every split megatron and `virtual_stages` accept, with its FLOPs per stage; raises the
+    layout error when there is none."""
+    splits, virtual_error = [], None
     for first in [None, *range(1, num_layers)]:
         for last in [None, *range(1, num_layers)]:
             try:
@@ -236,18 +284,39 @@ def balanced_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown,
             except ParallelLayoutError as error:
                 virtual_error = virtual_error or error
                 continue
-            costs = [n * per_layer for n in layers]
-            costs[0] += first_extra
-            costs[-1] += last_extra
-            if best is None or max(costs) < max(best[2]):
-                best = (first, last, costs)
-    if best is None and virtual_error is not None:
+            costs = [sum(chunks) for chunks in _chunk_costs(layers, flops, virtual_stages or 1)]
+            splits.append(PipelineSplit(first, last, layers, costs))
+    if not splits and virtual_error is not None:
         raise virtual_error
-    if best is None:
+    if not splits:
         raise ValueError(f"{num_layers} global layers cannot be split over {pp} pipeline stages "
                          f"(each needs at least 1): use --pipeline-model-parallel-size "
                          f"{num_layers} or less")
-    return best
+    return splits
+
+
+def _chunk_costs(layers: list[int], flops: FlopBreakdown,
+                 virtual_stages: int) -> list[list[float]]:
+    """Training FLOPs per step of each model chunk of each pipeline stage ([stage][chunk]): the
+    stage's layers cut evenly into `virtual_stages` chunks, the local encoder on the first chunk
+    of the first stage, the decoder, head and encoder replica on the last chunk of the last."""
+    per_layer = flops.global_ / sum(layers)
+    costs = [[n / virtual_stages * per_layer] * virtual_stages for n in layers]
+    costs[0][0] += flops.encoder + flops.cross_attention / 2
+    costs[-1][-1] += flops.decoder + flops.cross_attention / 2 + flops.head + flops.encoder
+    return costs
+
+
+def _simulate_split(split: PipelineSplit, pp: int, flops: FlopBreakdown, virtual_stages: int,
+                    num_micro_batches: int) -> ScheduleTiming:
+    """Megatron's schedule over the split's virtual stages, in units of FLOPs: one micro-batch's
+    forward on a chunk takes a third of its training FLOPs / micro-batches, the backward twice
+    that (training = 3 x forward, as `flops` counts)."""
+    chunks = _chunk_costs(split.layers, flops, virtual_stages)
+    per_micro_batch = [chunks[stage][chunk] / num_micro_batches
+                       for chunk in range(virtual_stages) for stage in range(pp)]
+    return simulate([cost / 3 for cost in per_micro_batch],
+                    [cost * 2 / 3 for cost in per_micro_batch], pp, num_micro_batches)
 
 
 def pipeline_bubble(pp: int, virtual_stages: int, num_micro_batches: int) -> float:
@@ -258,28 +327,60 @@ def pipeline_bubble(pp: int, virtual_stages: int, num_micro_batches: int) -> flo
     return (pp - 1) / (virtual_stages * num_micro_batches + pp - 1)
 
 
-def format_pipeline_split(num_layers: int, pp: int, flops: FlopBreakdown,
-                          virtual_stages: int | None = None,
-                          num_micro_batches: int | None = None) -> str:
-    first, last, costs = balanced_pipeline_split(num_layers, pp, flops, virtual_stages,
-                                                 num_micro_batches)
+def format_pipeline_split(split: PipelineSplit, virtual_stages: int | None,
+                          num_micro_batches: int | None) -> str:
+    """The suggested flags, the stages' shares of the FLOPs and, with the micro-batches known,
+    the simulated bubble and the equal-stage formula's."""
+    pp = len(split.layers)
     flags = " ".join(f"--decoder-{side}-pipeline-num-layers {n}"
-                     for side, n in (("first", first), ("last", last)) if n is not None)
-    shares = ", ".join(f"{c / sum(costs):.0%}" for c in costs)
-    lines = [f"pipeline split over {pp} stages: {flags or '(even)'}; "
-             f"layers {pipeline_stage_layers(num_layers, pp, first, last)}, "
+                     for side, n in (("first", split.first), ("last", split.last))
+                     if n is not None)
+    shares = ", ".join(f"{c / sum(split.costs):.0%}" for c in split.costs)
+    lines = [f"pipeline split over {pp} stages: {flags or '(even)'}; layers {split.layers}, "
              f"share of the step's FLOPs per stage {shares}"]
     if num_micro_batches is None:
         lines.append("pipeline bubble: give --micro-batch-size (and --data-parallel-size) to "
                      "estimate it")
-    else:
-        v = virtual_stages or 1
-        lines.append(f"pipeline bubble: (p - 1) / (v m + p - 1) = ({pp} - 1) / ({v} x "
-                     f"{num_micro_batches} + {pp} - 1) = "
-                     f"{pipeline_bubble(pp, v, num_micro_batches):.1%} of a step idle "
-                     f"(p stages, v virtual stages per rank, m micro-batches per step; stages of "
-                     f"equal time, p2p not counted)")
+        return "\n".join(lines)
+    v = virtual_stages or 1
+    if split.timing is not None:
+        lines.append(
+            f"pipeline bubble: {split.timing.bubble:.1%} of a step idle, megatron's "
+            f"{'interleaved ' if v > 1 else ''}1F1B schedule simulated over these stages (time "
+            f"proportional to FLOPs, backward = 2 x forward, p2p not counted); the split is the "
+            f"one with the shortest simulated step")
+    else:  # no step is shorter than its busiest stage's work
+        imbalance = 1 - sum(split.costs) / (pp * max(split.costs))
+        lines.append(
+            f"pipeline bubble: at least {imbalance:.1%} of a step idle (the stages' imbalance); "
+            f"not simulated: a step of {num_micro_batches:,} micro-batches has "
+            f"{simulated_passes(pp, v, num_micro_batches):,} passes, more than the planner "
+            f"simulates ({MAX_SIMULATED_PASSES:,}); check --global-batch-size is in rows")
+    lines += [
+        f"  equal-stage formula (p - 1) / (v m + p - 1) = ({pp} - 1) / ({v} x "
+        f"{num_micro_batches} + {pp} - 1) = {pipeline_bubble(pp, v, num_micro_batches):.1%} "
+        f"(p stages, v virtual stages per rank, m micro-batches per step; holds only for "
+        f"stages of equal time)",
+    ]
     return "\n".join(lines)
+
+
+def pipeline_split_dict(split: PipelineSplit, virtual_stages: int | None,
+                        num_micro_batches: int | None) -> dict:
+    """The split and its bubbles for --out (the bubbles None without the micro-batches)."""
+    pp, v = len(split.layers), virtual_stages or 1
+    return {
+        "pipeline_model_parallel_size": pp,
+        "num_virtual_stages_per_pipeline_rank": v,
+        "micro_batches_per_step": num_micro_batches,
+        "decoder_first_pipeline_num_layers": split.first,
+        "decoder_last_pipeline_num_layers": split.last,
+        "layers_per_stage": split.layers,
+        "flops_per_stage": split.costs,
+        "bubble_simulated": split.timing.bubble if split.timing is not None else None,
+        "bubble_equal_stages": (pipeline_bubble(pp, v, num_micro_batches)
+                                if num_micro_batches is not None else None),
+    }
 
 
 def micro_batches_per_step(args: argparse.Namespace) -> int | None:
@@ -326,23 +427,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_micro_batches = micro_batches_per_step(args)
         pipelined = (args.pipeline_model_parallel_size > 1
                      or args.num_virtual_stages_per_pipeline_rank is not None)
-        split = (format_pipeline_split(config.global_model.num_layers,
-                                       args.pipeline_model_parallel_size,
-                                       plans[0].lst.flops_per_step,
-                                       args.num_virtual_stages_per_pipeline_rank,
-                                       num_micro_batches)
+        split = (balanced_pipeline_split(config.global_model.num_layers,
+                                         args.pipeline_model_parallel_size,
+                                         plans[0].lst.flops_per_step,
+                                         args.num_virtual_stages_per_pipeline_rank,
+                                         num_micro_batches)
                  if pipelined else None)
     except ValueError as error:  # ModelConfigError and ParallelLayoutError are ValueErrors too
         print(f"plan_compute: {error}", file=sys.stderr)
         return 2
     print("\n\n".join(format_plan(p) for p in plans))
+    virtual_stages = args.num_virtual_stages_per_pipeline_rank
     if split is not None:
-        print("\n" + split)
+        print("\n" + format_pipeline_split(split, virtual_stages, num_micro_batches))
     if args.out is not None:
+        pipeline = ({"pipeline": pipeline_split_dict(split, virtual_stages, num_micro_batches)}
+                    if split is not None else {})
         try:  # atomically: a write that fails leaves the file as it was, not half a JSON
             replace_file_durably(args.out, json.dumps({
                 "model": {"preset": args.preset, "shape": dataclasses.asdict(lst)},
                 "plans": [p.as_dict() for p in plans],
+                **pipeline,
             }, indent=2) + "\n")
         except OSError as error:
             print(f"plan_compute: cannot write --out {args.out} ({error.strerror or error}); "

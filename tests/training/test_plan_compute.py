@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -286,11 +287,34 @@ def test_pipeline_split_balances_the_stages():
     from megatron_lst.training.flops import FlopBreakdown
 
     # Only global layers: megatron's even split wins where there is one.
-    assert tool.balanced_pipeline_split(24, 4, FlopBreakdown(global_=24.0))[:2] == (None, None)
+    split = tool.balanced_pipeline_split(24, 4, FlopBreakdown(global_=24.0))
+    assert (split.first, split.last, split.timing) == (None, None, None)
     # A last stage carrying the cost of 5 layers besides its own gets fewer layers:
     # 25 layers + 5 over 2 stages balance at 15 + (10 + 5).
-    first, last, costs = tool.balanced_pipeline_split(25, 2, FlopBreakdown(global_=25.0, head=5.0))
-    assert costs == [15.0, 15.0] and (first, last) in ((15, None), (None, 10), (15, 10))
+    split = tool.balanced_pipeline_split(25, 2, FlopBreakdown(global_=25.0, head=5.0))
+    assert split.costs == [15.0, 15.0] and split.layers == [15, 10]
+
+
+def test_known_micro_batches_pick_the_split_with_the_shortest_simulated_step():
+    """The planner balanced the largest stage only; with 2 micro-batches over 2 stages a heavier
+    first stage hides in the pipeline's fill (pipeline_schedule_model's hand-worked case): 18 | 12
+    steps in 21 where the balanced 15 | 15 takes 22.5 (FLOPs as time)."""
+    tool = load_tool("plan_compute")
+    from megatron_lst.training.flops import FlopBreakdown
+    from megatron_lst.training.pipeline_schedule_model import simulate
+
+    flops = FlopBreakdown(global_=24.0, head=6.0)
+    split = tool.balanced_pipeline_split(24, 2, flops, num_micro_batches=2)
+
+    def step_time(first_layers):  # stage FLOPs per micro-batch; forward a third, backward 2/3
+        per_micro_batch = [first_layers / 2, (24 - first_layers + 6) / 2]
+        return simulate([c / 3 for c in per_micro_batch], [c * 2 / 3 for c in per_micro_batch],
+                        2, 2).step_time
+
+    assert split.timing.step_time == min(step_time(n) for n in range(1, 24))
+    assert split.timing.step_time < step_time(15) == 22.5
+    assert split.costs == [18.0, 12.0] and split.timing.step_time == 21.0
+    assert split.timing.bubble == pytest.approx(1 - 30 / 42)
 
 
 def test_pipeline_bubble_is_the_idle_share_of_a_1f1b_step():
@@ -311,14 +335,60 @@ def test_tool_prints_the_bubble_of_the_flags_micro_batches(capsys):
               "--pipeline-model-parallel-size", "2"]
     assert tool.main(common) == 0
     assert "pipeline bubble: give --micro-batch-size" in capsys.readouterr().out
-    # 16 rows / (2 rows x 2 replicas) = 4 micro-batches: (2 - 1) / (4 + 2 - 1)
+    # 16 rows / (2 rows x 2 replicas) = 4 micro-batches: (2 - 1) / (4 + 2 - 1) with equal stages,
+    # more over the tiny preset's unequal ones.
     assert tool.main([*common, "--micro-batch-size", "2", "--data-parallel-size", "2"]) == 0
-    assert ("pipeline bubble: (p - 1) / (v m + p - 1) = (2 - 1) / (1 x 4 + 2 - 1) = 20.0% of a "
-            "step idle") in capsys.readouterr().out
+    out = capsys.readouterr().out
+    simulated = re.search(r"pipeline bubble: ([0-9.]+)% of a step idle, megatron's 1F1B schedule "
+                          r"simulated over these stages", out)
+    assert simulated and float(simulated.group(1)) > 20.0
+    assert ("equal-stage formula (p - 1) / (v m + p - 1) = (2 - 1) / (1 x 4 + 2 - 1) = 20.0%"
+            in out)
     # Each stage's 1 global layer is 1 chunk per rank; 8 micro-batches.
     assert tool.main([*common, "--micro-batch-size", "2", "--num-virtual-stages-per-pipeline-rank",
                       "1"]) == 0
     assert "(2 - 1) / (1 x 8 + 2 - 1) = 11.1%" in capsys.readouterr().out
+
+
+def test_tool_writes_the_pipeline_split_and_both_bubbles_to_its_json(tmp_path, capsys):
+    """--out held the plans only: the suggested split and its bubble were on the screen alone."""
+    tool = load_tool("plan_compute")
+    out = tmp_path / "plan.json"
+    common = ["--budget-steps", "10", "--seq-length", "256", "--global-batch-size", "16",
+              "--tokens-per-patch", "2", "--preset", "tiny", "--control", "compute",
+              "--out", str(out)]
+    assert tool.main(common) == 0
+    assert "pipeline" not in json.loads(out.read_text())
+    assert tool.main([*common, "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
+                      "--data-parallel-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    pipeline = json.loads(out.read_text())["pipeline"]
+    assert pipeline["layers_per_stage"] == [1, 1] and pipeline["micro_batches_per_step"] == 4
+    assert pipeline["bubble_equal_stages"] == pytest.approx(0.2)
+    assert f"pipeline bubble: {pipeline['bubble_simulated']:.1%} of a step idle" in printed
+    assert pipeline["bubble_simulated"] > pipeline["bubble_equal_stages"]
+
+
+def test_a_step_too_long_to_simulate_gets_the_imbalance_bound(monkeypatch, capsys):
+    """A --global-batch-size given in tokens, not rows, makes millions of micro-batches: the
+    simulation would run for minutes and hold gigabytes. Above MAX_SIMULATED_PASSES the planner
+    balances the largest stage and prints the bound every schedule obeys instead."""
+    tool = load_tool("plan_compute")
+    from megatron_lst.training.flops import FlopBreakdown
+
+    monkeypatch.setattr(tool, "MAX_SIMULATED_PASSES", 15)  # 2 stages x 4 micro-batches x 2 = 16
+    flops = FlopBreakdown(global_=24.0, head=6.0)
+    split = tool.balanced_pipeline_split(24, 2, flops, num_micro_batches=4)
+    assert split.timing is None and split.costs == [15.0, 15.0]
+    assert tool.main(["--budget-steps", "10", "--seq-length", "256", "--global-batch-size", "16",
+                      "--tokens-per-patch", "2", "--preset", "tiny", "--control", "compute",
+                      "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
+                      "--data-parallel-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"pipeline bubble: at least [0-9.]+% of a step idle \(the stages' "
+                     r"imbalance\); not simulated: a step of 4 micro-batches has 16 passes, more "
+                     r"than the planner simulates \(15\)", out)
+    assert "equal-stage formula (p - 1) / (v m + p - 1) = (2 - 1) / (1 x 4 + 2 - 1) = 20.0%" in out
 
 
 def test_virtual_stages_restrict_the_split_to_layers_they_divide():
@@ -328,10 +398,10 @@ def test_virtual_stages_restrict_the_split_to_layers_they_divide():
     # 24 layers + a head of 6 on the last stage balance at 15 | 9 + 6, but 2 chunks per rank need
     # an even number of layers on each stage: 14 | 10 + 6 or 16 | 8 + 6 it is.
     flops = FlopBreakdown(global_=24.0, head=6.0)
-    assert tool.balanced_pipeline_split(24, 2, flops)[2] == [15.0, 15.0]
-    first, last, costs = tool.balanced_pipeline_split(24, 2, flops, 2, 4)
-    assert sorted(costs) == [14.0, 16.0]
-    assert all(n % 2 == 0 for n in tool.pipeline_stage_layers(24, 2, first, last))
+    assert tool.balanced_pipeline_split(24, 2, flops).costs == [15.0, 15.0]
+    split = tool.balanced_pipeline_split(24, 2, flops, 2, 4)
+    assert sorted(split.costs) == [14.0, 16.0]
+    assert all(n % 2 == 0 for n in split.layers)
 
 
 def test_padded_lst_rows_cost_their_max_tokens_and_consume_their_real_tokens():
