@@ -256,11 +256,18 @@ class _TorchProfilerWindow:
             profiler.stop()
 
     def _write_trace(self, profiler) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """The trace, to a new file; a trace that cannot be written (a full disk) is dropped
+        with one line and training goes on."""
         first, last = self.window.start, self._last_recorded
         path = self.directory / (f"rank{self.rank}.iterations_{first}-{last}."
                                  f"{time.time_ns()}.pt.trace.json")
-        profiler.export_chrome_trace(str(path))
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            profiler.export_chrome_trace(str(path))
+        except OSError as error:
+            print(f"rank {self.rank}: the profile of iterations {first}-{last} could not be "
+                  f"written to {path} ({error}); training goes on without it", flush=True)
+            return
         print(f"rank {self.rank}: profile of iterations {first}-{last} written to {path}",
               flush=True)
 

@@ -3,6 +3,7 @@ and trace, Python's garbage collection during training, and the checks of their 
 
 import gc
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # The fewest flags validate_args takes (it reads no data).
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--seq-length", "16", "--train-iters", "10", "--lr", "1e-3"]
+
+
+@pytest.fixture(autouse=True)
+def _automatic_gc_back_on():
+    """A failing --manual-gc test leaves no later test without automatic collection."""
+    yield
+    gc.enable()
 
 
 def _train(tmp_path: Path, *flags: str) -> loop.TrainingResult:
@@ -50,6 +58,23 @@ def test_the_pytorch_profiler_traces_the_iterations_of_the_window_and_no_other(t
         assert {"aten::mm", "autograd::engine::evaluate_function: MmBackward0"} <= names
     assert all(any(start <= e["ts"] <= end for start, end in spans.values())
                for e in operators), "an operator outside the profiled iterations"
+
+
+def test_a_trace_that_cannot_be_written_is_dropped_and_training_goes_on(tmp_path, monkeypatch,
+                                                                       capsys):
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", full_disk)
+    result = _train(tmp_path, "--train-iters", "3", "--profile", "--use-pytorch-profiler",
+                    "--profile-step-start", "1", "--profile-step-end", "2",
+                    "--profile-dir", str(tmp_path / "traces"))
+
+    assert sorted(result.losses) == [1, 2, 3]
+    assert re.search(r"rank 0: the profile of iterations 1-1 could not be written to \S+"
+                     r"traces/rank0\.iterations_1-1\.\d+\.pt\.trace\.json \(\[Errno 28\] No "
+                     r"space left on device.*\); training goes on without it",
+                     capsys.readouterr().out)
 
 
 def test_a_run_resumed_after_the_window_profiles_nothing(tmp_path, capsys):
