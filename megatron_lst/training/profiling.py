@@ -49,6 +49,8 @@ def validate_profiling(args: argparse.Namespace, world_size: int) -> None:
     _require_switch(args.profile, "--profile", {
         "--use-pytorch-profiler": args.use_pytorch_profiler,
         "--profile-dir": args.profile_dir is not None})
+    _require_switch(args.use_pytorch_profiler, "--use-pytorch-profiler", {
+        "--profile-dir": args.profile_dir is not None})
     _require_switch(args.manual_gc, "--manual-gc", {
         "--manual-gc-interval": args.manual_gc_interval != 0,
         "--no-manual-gc-eval": not args.manual_gc_eval})

@@ -159,6 +159,9 @@ def test_manual_gc_turns_automatic_collection_back_on_when_training_fails(tmp_pa
                                  r"--profile or drop it"),
     (["--profile-dir", "p", "--use-pytorch-profiler"],
      r"--use-pytorch-profiler, --profile-dir only take effect with --profile"),
+    (["--profile", "--profile-dir", "p"],
+     r"--profile-dir only takes effect with --use-pytorch-profiler: add --use-pytorch-profiler "
+     r"or drop it"),
     (["--manual-gc-interval", "5"], r"--manual-gc-interval only takes effect with --manual-gc"),
     (["--no-manual-gc-eval"], r"--no-manual-gc-eval only takes effect with --manual-gc"),
     (["--manual-gc", "--manual-gc-interval", "-1"],
