@@ -60,6 +60,16 @@ def test_the_pytorch_profiler_traces_the_iterations_of_the_window_and_no_other(t
                for e in operators), "an operator outside the profiled iterations"
 
 
+def test_a_run_that_ends_inside_the_window_writes_the_iterations_it_ran(tmp_path):
+    _train(tmp_path, "--train-iters", "3", "--profile", "--use-pytorch-profiler",
+           "--profile-step-start", "2", "--profile-step-end", "12",
+           "--profile-dir", str(tmp_path / "traces"))
+
+    [trace] = (tmp_path / "traces").iterdir()
+    assert trace.name.startswith("rank0.iterations_2-3.")
+    assert sorted(_step_spans(json.loads(trace.read_text())["traceEvents"])) == [2, 3]
+
+
 def test_a_trace_that_cannot_be_written_is_dropped_and_training_goes_on(tmp_path, monkeypatch,
                                                                        capsys):
     def full_disk(self, path):
