@@ -27,6 +27,7 @@ from megatron_lst.training import (
     config_files,
     megatron_flags,
     model_flags,
+    profiling,
     validation,
 )
 from megatron_lst.training.flag_checks import ArgumentError, require, seen_by_this_rank
@@ -192,6 +193,38 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                             "--recompute-num-layers layers (uniform), or only the first "
                             "--recompute-num-layers layers of each stage (block).")
     group.add_argument("--recompute-num-layers", type=int, default=None)
+    _add_profiling_args(group)
+
+
+def _add_profiling_args(group: argparse._ArgumentGroup) -> None:
+    """Megatron-LM's profiling and manual garbage collection flags (`profiling`)."""
+    group.add_argument("--profile", action="store_true",
+                       help="Profile the iterations --profile-step-start .. --profile-step-end "
+                            "- 1 on the --profile-ranks: with --use-pytorch-profiler a PyTorch "
+                            "trace, else CUDA's profiler API for `nsys profile "
+                            "--capture-range=cudaProfilerApi` (CUDA only).")
+    group.add_argument("--use-pytorch-profiler", action="store_true",
+                       help="With --profile: torch.profiler, one Chrome / TensorBoard trace per "
+                            "profiled rank in --profile-dir.")
+    group.add_argument("--profile-step-start", type=int, default=10,
+                       help="The first profiled iteration.")
+    group.add_argument("--profile-step-end", type=int, default=12,
+                       help="The iteration after the last profiled one.")
+    group.add_argument("--profile-ranks", nargs="+", type=int, default=[0],
+                       help="Global ranks to profile.")
+    group.add_argument("--profile-dir", type=str, default=None,
+                       help="Where --use-pytorch-profiler writes its traces (default: "
+                            "--tensorboard-dir, else <--save>/profile).")
+    group.add_argument("--manual-gc", action="store_true",
+                       help="Turn Python's automatic garbage collection off during training and "
+                            "collect on every rank at the same points: before the first "
+                            "iteration, every --manual-gc-interval iterations and around each "
+                            "validation.")
+    group.add_argument("--manual-gc-interval", type=int, default=0,
+                       help="With --manual-gc: collect after every iteration divisible by this "
+                            "(0: only before the first iteration and around validation).")
+    group.add_argument("--no-manual-gc-eval", action="store_false", dest="manual_gc_eval",
+                       help="With --manual-gc: no collection around validation.")
 
 
 def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
@@ -419,7 +452,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     Derived fields: `data_parallel_size`, `num_micro_batches`, `params_dtype_name`,
     `resume_from` (the checkpoint directory `--load` resumes from, or None), and defaults filled
     in for `global_batch_size`, `ffn_hidden_size`, `num_query_groups`,
-    `max_position_embeddings`, `max_tokens`, `lr_decay_iters`, `distributed_backend`;
+    `max_position_embeddings`, `max_tokens`, `lr_decay_iters`, `distributed_backend`,
+    `profile_dir`;
     `sequence_parallel` is turned off, with a warning, without tensor parallelism;
     `--pretrained-checkpoint` becomes `--load` with `--finetune` while `--load` holds no
     checkpoint. With
@@ -447,8 +481,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     with seen_by_this_rank():  # --save and --load
         checkpoint_flags.validate_checkpointing(args)
     validation.validate_exit_conditions(args)
-    with seen_by_this_rank():  # this node's installed packages
+    profiling.validate_profiling(args, world_size)
+    with seen_by_this_rank():  # this node's installed packages and GPUs
         validation.validate_logging(args)
-        # last: it creates --save, which no refused run should leave
+        profiling.check_cuda_profiler(args)
+        # last: they create --save and --profile-dir, which no refused run should leave
         checkpoint_flags.check_save_writable(args)
+        profiling.check_profile_dir_writable(args)
     return args

@@ -47,6 +47,10 @@ finish the current iteration, save a checkpoint of it to `--save`, and return wi
 `pretrain_lst.py` then exits with status 0, as Megatron-LM does, and a batch script compares the
 latest checkpoint with --train-iters to requeue (`examples/pretrain_lst_slurm.sbatch`). All ranks
 agree on stopping through one all-reduce per iteration.
+
+--profile and --manual-gc (`profiling.IterationHooks`) act before each iteration and around
+validation: the profiler window of --profile-step-start .. --profile-step-end, and Python's
+garbage collection at the same points on every rank.
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ from megatron_lst.training.flops import FlopBreakdown, ModelShape, flops_per_bat
 from megatron_lst.training.metrics import METRICS_FILENAME, MetricsFile
 from megatron_lst.training.model_provider import build_model_chunks
 from megatron_lst.training.param_gather import ParamGatherHooks
+from megatron_lst.training.profiling import IterationHooks
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
 from megatron_lst.training.story_eval import StoryCompletionEval, format_accuracy
 from megatron_lst.training.train_logging import (
@@ -476,11 +481,14 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     story_eval = StoryCompletionEval.from_args(args, state.vocab)
     param_gather = ParamGatherHooks.from_args(state.model, args)
     skipped_updates = SkippedUpdates.from_args(args)
+    hooks = IterationHooks.from_args(args, state.iteration, torch.distributed.get_rank())
     for chunk in state.model:
         chunk.train()
     try:
         param_gather.start()
+        hooks.start()
         while state.iteration < args.train_iters:
+            hooks.before_iteration(state.iteration + 1)
             step = train_step(state, train_iterator)
             param_gather.after_step(step.skipped)
             state.iteration += 1
@@ -491,7 +499,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
             last = state.iteration == args.train_iters
             evaluating = state.iteration % args.eval_interval == 0 or last
             if evaluating and (datasets.valid is not None or story_eval is not None):
-                with param_gather.synchronised():
+                with param_gather.synchronised(), hooks.evaluation():
                     _evaluate(state, datasets.valid, story_eval, result)
             metrics.write(_metrics_record(state, step, result.eval_losses.get(state.iteration),
                                           result.story_accuracy.get(state.iteration)))
@@ -513,6 +521,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     finally:
         training_logger.close()
         metrics.close()
+        hooks.close()
     result.iteration = state.iteration
     result.consumed_samples = state.consumed_samples
     return result

@@ -51,6 +51,8 @@ EXTERNAL_FLAGS: dict[tuple[str, ...], frozenset[str]] = {
     # pip: the wheels the GPU suite installs offline (benchmarks/README.md)
     ("pip",): frozenset({"--no-index", "--no-deps", "--no-build-isolation", "--find-links",
                          "--only-binary", "--python-version", "--implementation", "--platform"}),
+    # Nsight Systems, which --profile drives without --use-pytorch-profiler (docs/training.md)
+    ("nsys",): frozenset({"--capture-range", "--capture-range-end"}),
     # building NVIDIA apex from source (README, "GPU extras")
     ("apex",): frozenset({"--cpp_ext", "--cuda_ext"}),
     # Megatron-LM flags lst-train refuses by name

@@ -416,7 +416,7 @@ def test_megatron_parallel_sizes_of_one_are_taken_and_more_refused(tmp_path, fla
     (["--no-fp8-wgrad"], r"FP8 training is not supported; use --bf16"),
     (["--data-parallel-random-init"], r"same weights, drawn from --seed"),
     (["--mock-data"], r"--data-path"),
-    (["--manual-gc"], r"no such setting; drop the flag"),
+    (["--empty-unused-memory-level", "1"], r"no such setting; drop the flag"),
     # examples/mixtral: every mixture-of-experts flag, not only --num-experts
     (["--moe-router-topk", "2"], r"dense: there are no experts"),
     (["--moe-grouped-gemm"], r"dense: there are no experts"),
