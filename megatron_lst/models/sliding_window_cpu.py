@@ -150,7 +150,9 @@ class _SlidingWindowAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, window, chunk, key_start, scale):
         out = torch.empty_like(q)
         lse = q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
-        for c in _chunks(q.shape[2], window, chunk, key_start, q.dtype):
+        # Built once per call: the backward reads the same chunks and masks.
+        chunks = list(_chunks(q.shape[2], window, chunk, key_start, q.dtype))
+        for c in chunks:
             s, e, p0 = c.s, c.e, c.p0
             chunk_out, chunk_lse = _flash_forward(
                 q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, c.own_mask is None,
@@ -169,17 +171,17 @@ class _SlidingWindowAttention(torch.autograd.Function):
                 chunk_lse = merged_lse
             out[:, :, s:e] = chunk_out
             lse[:, :, s:e] = chunk_lse
-        ctx.save_for_backward(q, k, v, out, lse, key_start)
-        ctx.window, ctx.chunk, ctx.scale = window, chunk, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.chunks, ctx.scale = chunks, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, key_start = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros_like(k)
         grad_v = torch.zeros_like(v)
-        for c in _chunks(q.shape[2], ctx.window, ctx.chunk, key_start, q.dtype):
+        for c in ctx.chunks:
             s, e, p0 = c.s, c.e, c.p0
             rows = (grad_out[:, :, s:e], q[:, :, s:e])
             saved = (out[:, :, s:e], lse[:, :, s:e])
