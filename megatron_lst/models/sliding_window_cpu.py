@@ -101,17 +101,17 @@ class _Chunk:
 def _chunks(num_tokens: int, window: int, chunk: int, key_start: torch.Tensor | None,
             dtype: torch.dtype):
     """The query chunks of a row and their masks (see the module docstring)."""
+    # [B, N]: the query's first key is the window's, max(i - W + 1, 0) (None: no documents)
+    uncut = (None if key_start is None
+             else key_start == (torch.arange(num_tokens) - window + 1).clamp(min=0))
     for s in range(0, num_tokens, chunk):
         e = min(s + chunk, num_tokens)
         p0 = max(0, s - window + 1)
-        if key_start is None:
+        if uncut is None or bool(uncut[:, s:e].all()):  # no cut query: the window alone
             yield _Chunk(s, e, p0, early_mask=_earlier_block_mask(e - s, s - p0, window, dtype))
             continue
         starts = key_start[:, s:e]  # [B, c]
         queries = torch.arange(s, e)  # [c]
-        if bool((starts == (queries - window + 1).clamp(min=0)).all()):  # not cut: as above
-            yield _Chunk(s, e, p0, early_mask=_earlier_block_mask(e - s, s - p0, window, dtype))
-            continue
         p0 = min(max(p0, int(starts[:, 0].min())), s)
         own_keys = queries[None, None, :]  # [1, 1, c]
         own_hidden = (own_keys < starts[..., None]) | (own_keys > queries[None, :, None])
@@ -130,11 +130,13 @@ def _additive(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))[:, None]
 
 
+@functools.lru_cache(maxsize=64)
 def _earlier_block_mask(rows: int, length: int, window: int, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive mask `[1, 1, rows, length]` for the earlier block of a chunk, None if all visible.
 
     Query row r (position s + r) sees key column j (position s - length + j) iff
-    `r - j + length < W`, i.e. `j >= r + length - W + 1`."""
+    `r - j + length < W`, i.e. `j >= r + length - W + 1`. One tensor per shape and dtype,
+    shared by every call: the kernels only read it."""
     first_visible = torch.arange(rows)[:, None] + (length - window + 1)  # [rows, 1]
     if int(first_visible.max()) <= 0:
         return None

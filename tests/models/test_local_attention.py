@@ -209,8 +209,6 @@ def test_documents_cpu_path_gradcheck_float64(monkeypatch):
 def test_cpu_path_builds_its_chunks_and_masks_once_per_forward_and_backward(monkeypatch):
     """The backward reads the query chunks and per-row masks the forward built (host work that
     ran twice per layer and training step) and still matches the dense reference."""
-    from lst_kernels import document_starts, sliding_window_key_starts
-
     monkeypatch.setattr(sliding_window_cpu, "QUERY_CHUNK", 3)
     built = []
     make_chunks = sliding_window_cpu._chunks
