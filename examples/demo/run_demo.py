@@ -14,7 +14,8 @@
    one fact changed; `eval/topic.jsonl`: another story's ending) in the S->S and T->T modes with `megatron_lst.evaluation` (accuracy of the summed ending log-likelihood, 95%
    bootstrap interval);
 4. prints a table and writes `<out-dir>/loss_vs_flops.png` (validation loss against cumulative
-   model training FLOPs) and `<out-dir>/results.json`.
+   model training FLOPs) and `<out-dir>/results.json`; its last line is the demo's wall time,
+   split into the corpus, each model's training and scoring, and the rest.
 
 Validation loss is the held-out token mean over `--split`'s validation documents of the training
 sets, each model on its own rows: an LST row of 128 patches holds several times the tokens of a
