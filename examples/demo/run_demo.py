@@ -14,7 +14,8 @@
    one fact changed; `eval/topic.jsonl`: another story's ending) in the S->S and T->T modes with `megatron_lst.evaluation` (accuracy of the summed ending log-likelihood, 95%
    bootstrap interval);
 4. prints a table and writes `<out-dir>/loss_vs_flops.png` (validation loss against cumulative
-   model training FLOPs) and `<out-dir>/results.json`.
+   model training FLOPs) and `<out-dir>/results.json`; its last line is the demo's wall time,
+   split into the corpus, each model's training and scoring, and the rest.
 
 Validation loss is the held-out token mean over `--split`'s validation documents of the training
 sets, each model on its own rows: an LST row of 128 patches holds several times the tokens of a
@@ -27,6 +28,7 @@ this process, one model at a time, on one CPU process group.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -283,12 +285,14 @@ def plot_lines(lines: dict[str, tuple[list[float], list[float]]], path: Path, xl
 
 
 def run(argv: list[str] | None = None) -> list[ModelReport]:
+    # The demo's time counts from here: the flag checks import megatron (5-15 s on 2 cores).
+    started = time.perf_counter()
+    stage_seconds: dict[str, float] = {}
     parser = build_parser()
     args = parser.parse_args(argv)
     check_train_iters(parser, args)
     check_previous_runs(parser, args)
     config = corpus_config(parser, args.corpus_scale)
-    started = time.perf_counter()
     from megatron_lst.demo_corpus.build import (
         OutputDirectoryError,
         build_demo_corpus,
@@ -297,7 +301,8 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
 
     print_stage(f"demo corpus in {args.corpus_dir} (built once, then read from its cache)")
     try:
-        corpus = build_demo_corpus(args.corpus_dir, config=config)
+        with timed(stage_seconds, "corpus"):
+            corpus = build_demo_corpus(args.corpus_dir, config=config)
     except OutputDirectoryError as error:
         parser.error(f"--corpus-dir: {error}")
     print(format_summary(corpus.summary), flush=True)
@@ -310,12 +315,14 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
             print(f"removing the previous demo run {save_dir}", flush=True)
             shutil.rmtree(save_dir)
         print_stage(f"training {name} for {args.train_iters} steps ({MODELS[name].name})")
-        train_args, result, seconds = train(
-            training_flags(name, corpus, args.out_dir, args.train_iters, args.seed))
+        with timed(stage_seconds, f"{name} training"):
+            train_args, result, seconds = train(
+                training_flags(name, corpus, args.out_dir, args.train_iters, args.seed))
         print_stage(f"scoring {name} on {', '.join(EVAL_SETS)} ({', '.join(EVAL_MODES)}), "
                     f"{min(args.eval_items, config.eval_items)} items each")
-        accuracy = evaluate_checkpoint(
-            save_dir, {s: corpus.paths[f"eval_{s}"] for s in EVAL_SETS}, args.eval_items)
+        with timed(stage_seconds, f"{name} scoring"):
+            accuracy = evaluate_checkpoint(
+                save_dir, {s: corpus.paths[f"eval_{s}"] for s in EVAL_SETS}, args.eval_items)
         final = result.iteration
         reports.append(ModelReport(
             name=name, steps=final,
@@ -336,8 +343,27 @@ def run(argv: list[str] | None = None) -> list[ModelReport]:
         json.dumps([asdict(r) for r in reports], indent=1) + "\n")
     print(f"\nplot: {png}\nresults: {args.out_dir / 'results.json'}\n"
           f"checkpoints: {', '.join(r.checkpoint for r in reports)}\n"
-          f"demo took {(time.perf_counter() - started) / 60:.1f} min")
+          f"{format_time_report(time.perf_counter() - started, stage_seconds)}")
     return reports
+
+
+@contextlib.contextmanager
+def timed(stage_seconds: dict[str, float], stage: str):
+    """Add the wall-clock seconds of the block to `stage_seconds[stage]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stage_seconds[stage] = stage_seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def format_time_report(total_seconds: float, stage_seconds: dict[str, float]) -> str:
+    """The demo's closing time line: the total and each stage in minutes, then what no stage
+    counts (flag checks, imports, the table and the plot)."""
+    rest = total_seconds - sum(stage_seconds.values())
+    parts = [f"{stage} {seconds / 60:.1f}" for stage, seconds in stage_seconds.items()]
+    return (f"demo took {total_seconds / 60:.1f} min ({', '.join(parts)}, "
+            f"the rest {rest / 60:.1f})")
 
 
 def _mean_tail(losses: dict[int, float], fraction: float = 0.1) -> float:

@@ -13,6 +13,7 @@ at 16 kHz has n // 640 units.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -39,7 +40,22 @@ def resample(audio: np.ndarray, sample_rate: int, target_rate: int = FEATURE_SAM
         return np.asarray(audio, dtype=np.float32)
     signal = require("scipy.signal", "resampling audio")
     g = math.gcd(target_rate, sample_rate)
-    return signal.resample_poly(audio, target_rate // g, sample_rate // g).astype(np.float32)
+    up, down = target_rate // g, sample_rate // g
+    lowpass = _lowpass_filter(up, down)
+    if np.issubdtype(audio.dtype, np.floating):
+        lowpass = lowpass.astype(audio.dtype)  # as resample_poly matches the filter to floats
+    return signal.resample_poly(audio, up, down, window=lowpass).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _lowpass_filter(up: int, down: int) -> np.ndarray:
+    """[20 * max(up, down) + 1] float64: the FIR low-pass filter `resample_poly` designs for
+    `up / down` by default (a Kaiser window, beta 5), made once per ratio: designing it anew
+    (8821 taps for 22.05 -> 16 kHz) took a quarter of each demo utterance's resampling.
+    `resample_poly` copies it before scaling it."""
+    signal = require("scipy.signal", "resampling audio")
+    max_rate = max(up, down)
+    return signal.firwin(20 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
 
 
 class FeatureExtractor(Protocol):

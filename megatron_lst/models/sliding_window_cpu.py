@@ -101,17 +101,17 @@ class _Chunk:
 def _chunks(num_tokens: int, window: int, chunk: int, key_start: torch.Tensor | None,
             dtype: torch.dtype):
     """The query chunks of a row and their masks (see the module docstring)."""
+    # [B, N]: the query's first key is the window's, max(i - W + 1, 0) (None: no documents)
+    uncut = (None if key_start is None
+             else key_start == (torch.arange(num_tokens) - window + 1).clamp(min=0))
     for s in range(0, num_tokens, chunk):
         e = min(s + chunk, num_tokens)
         p0 = max(0, s - window + 1)
-        if key_start is None:
+        if uncut is None or bool(uncut[:, s:e].all()):  # no cut query: the window alone
             yield _Chunk(s, e, p0, early_mask=_earlier_block_mask(e - s, s - p0, window, dtype))
             continue
         starts = key_start[:, s:e]  # [B, c]
         queries = torch.arange(s, e)  # [c]
-        if bool((starts == (queries - window + 1).clamp(min=0)).all()):  # not cut: as above
-            yield _Chunk(s, e, p0, early_mask=_earlier_block_mask(e - s, s - p0, window, dtype))
-            continue
         p0 = min(max(p0, int(starts[:, 0].min())), s)
         own_keys = queries[None, None, :]  # [1, 1, c]
         own_hidden = (own_keys < starts[..., None]) | (own_keys > queries[None, :, None])
@@ -130,11 +130,13 @@ def _additive(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))[:, None]
 
 
+@functools.lru_cache(maxsize=64)
 def _earlier_block_mask(rows: int, length: int, window: int, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive mask `[1, 1, rows, length]` for the earlier block of a chunk, None if all visible.
 
     Query row r (position s + r) sees key column j (position s - length + j) iff
-    `r - j + length < W`, i.e. `j >= r + length - W + 1`."""
+    `r - j + length < W`, i.e. `j >= r + length - W + 1`. One tensor per shape and dtype,
+    shared by every call: the kernels only read it."""
     first_visible = torch.arange(rows)[:, None] + (length - window + 1)  # [rows, 1]
     if int(first_visible.max()) <= 0:
         return None
@@ -150,7 +152,9 @@ class _SlidingWindowAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, window, chunk, key_start, scale):
         out = torch.empty_like(q)
         lse = q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
-        for c in _chunks(q.shape[2], window, chunk, key_start, q.dtype):
+        # Built once per call: the backward reads the same chunks and masks.
+        chunks = list(_chunks(q.shape[2], window, chunk, key_start, q.dtype))
+        for c in chunks:
             s, e, p0 = c.s, c.e, c.p0
             chunk_out, chunk_lse = _flash_forward(
                 q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, c.own_mask is None,
@@ -169,17 +173,17 @@ class _SlidingWindowAttention(torch.autograd.Function):
                 chunk_lse = merged_lse
             out[:, :, s:e] = chunk_out
             lse[:, :, s:e] = chunk_lse
-        ctx.save_for_backward(q, k, v, out, lse, key_start)
-        ctx.window, ctx.chunk, ctx.scale = window, chunk, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.chunks, ctx.scale = chunks, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, key_start = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros_like(k)
         grad_v = torch.zeros_like(v)
-        for c in _chunks(q.shape[2], ctx.window, ctx.chunk, key_start, q.dtype):
+        for c in ctx.chunks:
             s, e, p0 = c.s, c.e, c.p0
             rows = (grad_out[:, :, s:e], q[:, :, s:e])
             saved = (out[:, :, s:e], lse[:, :, s:e])

@@ -206,6 +206,18 @@ def test_documents_cpu_path_gradcheck_float64(monkeypatch):
         lambda q, k, v: sliding_window_attention_cpu(q, k, v, 5, key_start), inputs)
 
 
+def test_cpu_path_builds_its_chunks_and_masks_once_per_forward_and_backward(monkeypatch):
+    """The backward reads the query chunks and per-row masks the forward built (host work that
+    ran twice per layer and training step) and still matches the dense reference."""
+    monkeypatch.setattr(sliding_window_cpu, "QUERY_CHUNK", 3)
+    built = []
+    make_chunks = sliding_window_cpu._chunks
+    monkeypatch.setattr(sliding_window_cpu, "_chunks",
+                        lambda *args: built.append(args[0]) or make_chunks(*args))
+    test_documents_match_dense(monkeypatch, "cpu", 3, 4, DOCUMENT_ROWS[0])
+    assert built == [sum(DOCUMENT_ROWS[0][0])]  # one row length; not built again by backward
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not flash_attn_available(), reason="flash-attn is not installed")
 def test_flash_varlen_documents_match_range_attention_on_gpu():
