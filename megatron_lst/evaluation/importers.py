@@ -60,12 +60,7 @@ from pathlib import Path
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.data.readers import DocumentError, load_units, parse_units_text
-from megatron_lst.evaluation.items import (
-    ItemError,
-    json_line,
-    refuse_lone_surrogate,
-    text_lines,
-)
+from megatron_lst.evaluation.items import ItemError, json_lines, refuse_lone_surrogate
 
 STORYCLOZE_CONTEXT = tuple(f"InputSentence{i}" for i in range(1, 5))
 STORYCLOZE_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
@@ -73,13 +68,8 @@ STORYCLOZE_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
 
 def read_hellaswag(path: str | Path) -> list[dict]:
     """Text-only items of a HellaSwag JSONL file."""
-    path = Path(path)
     records = []
-    for number, line in enumerate(text_lines(path), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        row = json_line(line, where, "a HellaSwag line")
+    for number, where, row in json_lines(Path(path), "HellaSwag file", "a HellaSwag line"):
         if not isinstance(row, dict):
             raise ItemError(f"{where}: not a JSON object (a {type(row).__name__})")
         parts = [row.get(key) for key in ("ctx", "ctx_a", "ctx_b") if row.get(key) is not None]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import codecs
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -82,18 +82,9 @@ class EvalItem:
 
 def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> list[EvalItem]:
     """Read, validate and tokenize every item of a JSONL file (blank lines are skipped)."""
-    path = Path(path)
-    try:
-        lines = text_lines(path)
-    except OSError as err:  # a folder, a file without read permission, ...
-        raise ItemError(f"cannot read evaluation items from {path}: {err}; items are UTF-8 "
-                        f"JSON lines") from None
     items, seen = [], {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        item = item_from_record(json_line(line, where, "an item"), tokenizer, vocab, where)
+    for _, where, record in json_lines(Path(path), "evaluation items file", "an item"):
+        item = item_from_record(record, tokenizer, vocab, where)
         if item.id in seen:
             raise ItemError(f"{item.describe()}: id already used at {seen[item.id]}; ids must be "
                             f"unique")
@@ -103,6 +94,16 @@ def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> 
         raise ItemError(f"{path} holds no items (blank lines only); write one story-completion "
                         f"item per line (docs/evaluation.md#the-item-format)")
     return items
+
+
+def json_lines(path: Path, what: str, value: str) -> Iterator[tuple[int, str, object]]:
+    """`(line number, "FILE:LINE", JSON value)` of every non-blank line of the JSON Lines file
+    `path`, read by `text_lines` (`what` names the file in its errors) and `json_line` (`value`
+    names what a line holds)."""
+    for number, line in enumerate(text_lines(path, what), start=1):
+        if line.strip():
+            where = f"{path}:{number}"
+            yield number, where, json_line(line, where, value)
 
 
 def text_lines(path: Path, what: str = "evaluation items file") -> list[str]:

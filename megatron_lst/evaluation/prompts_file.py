@@ -8,7 +8,7 @@ Each line is one object holding exactly one of `"text"` (a string) or `"units"` 
 `--prompt-units` takes them), and an optional `"id"` (a non-empty string or an integer; by
 default the line's number), unique in the file. Blank lines are skipped. Any other key is
 refused (a misspelt key would otherwise be ignored). The file is read as evaluation item files
-are (`items.text_lines`: UTF-8, bounded size, editor line numbers).
+are (`items.json_lines`: UTF-8, bounded size, editor line numbers).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_lst.evaluation.items import ItemError, json_line, text_lines
+from megatron_lst.evaluation.items import ItemError, json_lines
 
 _KEYS = ("id", "text", "units")
 
@@ -34,11 +34,8 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
     """The prompts of `path`, in file order; an ItemError naming the file and line of the first
     bad one, or the file when it holds none."""
     records, lines_of_ids = [], {}
-    for number, line in enumerate(text_lines(Path(path), what="prompts file"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        record = _prompt(json_line(line, where, "a prompt"), number, where)
+    for number, where, value in json_lines(Path(path), "prompts file", "a prompt"):
+        record = _prompt(value, number, where)
         if record.id in lines_of_ids:
             raise ItemError(f"{where}: the id {record.id!r} is also the id of line "
                             f"{lines_of_ids[record.id]}; give each prompt its own id")
