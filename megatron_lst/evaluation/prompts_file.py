@@ -7,8 +7,10 @@
 Each line is one object holding exactly one of `"text"` (a string) or `"units"` (unit values, as
 `--prompt-units` takes them), and an optional `"id"` (a non-empty string or an integer; by
 default the line's number), unique in the file. Blank lines are skipped. Any other key is
-refused (a misspelt key would otherwise be ignored). The file is read as evaluation item files
-are (`items.json_lines`: UTF-8, bounded size, editor line numbers).
+refused (a misspelt key would otherwise be ignored). A text is checked as `--prompt-text` is
+(`generation.check_text_prompt`: not empty, no lone surrogate), before the model loads. The file
+is read as evaluation item files are (`items.json_lines`: UTF-8, bounded size, editor line
+numbers).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_lst.evaluation.generation import GenerationError, check_text_prompt
 from megatron_lst.evaluation.items import ItemError, json_lines
 
 _KEYS = ("id", "text", "units")
@@ -65,6 +68,10 @@ def _prompt(record: object, number: int, where: str) -> PromptRecord:
         if not isinstance(record["text"], str):
             raise ItemError(f"{where}: \"text\" must be a string, got "
                             f"{type(record['text']).__name__}")
+        try:  # refused now, not after minutes of loading the model
+            check_text_prompt(record["text"])
+        except GenerationError as error:
+            raise ItemError(f"{where}: {error}") from None
         return PromptRecord(str(prompt_id), where, text=record["text"])
     units = record["units"]
     if (not isinstance(units, list) or not units

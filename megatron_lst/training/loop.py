@@ -519,9 +519,11 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
                 break
         param_gather.finish()
     finally:
-        training_logger.close()
-        metrics.close()
-        hooks.close()
+        try:
+            training_logger.close()
+            metrics.close()  # an OSError of its last flush (a full disk) propagates
+        finally:  # automatic garbage collection back on, the profiler stopped, whatever happened
+            hooks.close()
     result.iteration = state.iteration
     result.consumed_samples = state.consumed_samples
     return result

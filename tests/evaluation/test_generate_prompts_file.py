@@ -59,12 +59,14 @@ def test_each_prompt_and_sample_is_what_the_single_prompt_flags_give(save, tmp_p
     ('{"units": [1, true]}\n', r"prompts.jsonl:1: \"units\" must be a non-empty list of integer"),
     ('{"units": []}\n', r"prompts.jsonl:1: \"units\" must be a non-empty list"),
     ('{"text": 3}\n', r"prompts.jsonl:1: \"text\" must be a string, got int"),
+    ('{"text": "the"}\n{"text": " \\t "}\n', r"prompts.jsonl:2: the text prompt .* is empty"),
+    ('{"text": "the \\ud800"}\n', r"prompts.jsonl:1: the text prompt holds .*half a surrogate"),
     ('{"id": true, "text": "the"}\n', r"prompts.jsonl:1: \"id\" must be a non-empty string"),
     ('["the"]\n', r"prompts.jsonl:1: a prompt must be a JSON object, got list"),
     ('{"text": "the"\n', r"prompts.jsonl:1: not a JSON object"),
     ("\n \n", r"prompts.jsonl holds no prompts"),
 ], ids=["misspelt-key", "text-and-units", "repeated-id", "bool-unit", "no-units", "text-type",
-        "id-type", "not-object", "not-json", "blank"])
+        "empty-text", "lone-surrogate", "id-type", "not-object", "not-json", "blank"])
 def test_a_bad_prompts_file_is_refused_naming_its_line_before_the_model_loads(
         tmp_path, capsys, monkeypatch, text, message):
     monkeypatch.setattr("megatron_lst.evaluation.loading.load_inference_model",

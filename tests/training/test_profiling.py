@@ -162,6 +162,19 @@ def test_manual_gc_turns_automatic_collection_back_on_when_training_fails(tmp_pa
     assert gc.isenabled()
 
 
+def test_manual_gc_turns_automatic_collection_back_on_when_the_metrics_file_fails_to_close(
+        tmp_path, monkeypatch):
+    """A full disk that fails the metrics file's last flush left automatic collection off for
+    the rest of the process (the demo trains several models in one)."""
+    def failing_close(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop.MetricsFile, "close", failing_close)
+    with pytest.raises(OSError, match="No space left"):
+        _train(tmp_path, "--train-iters", "2", "--manual-gc")
+    assert gc.isenabled()
+
+
 # --- the flag checks -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, message", [
