@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from megatron_lst.launch_environment import launch_rank
+from megatron_lst.launch_environment import LaunchEnvironmentError, launch_rank
 from megatron_lst.training import (
     checkpoint_flags,
     config_files,
@@ -50,10 +50,15 @@ class FlagParser(argparse.ArgumentParser):
     status 2) rank 0 alone prints in a launch of several ranks (the RANK environment variable):
     every rank is given the same command line, and 512 ranks printed the same usage 512 times.
     The other ranks leave it to rank 0 as `stop_together.say_why_before_arming` does, and exit
-    with the same status."""
+    with the same status. A RANK that is no rank is refused after the command line's error."""
 
     def error(self, message: str):
-        if launch_rank() != 0:
+        try:
+            rank = launch_rank()
+        except LaunchEnvironmentError as launch_error:
+            self.print_usage(sys.stderr)
+            self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: {launch_error}\n")
+        if rank != 0:
             from megatron_lst.training.stop_together import say_why_before_arming  # torch
 
             say_why_before_arming(f"{self.prog}: error: {message}", same_on_every_rank=True)

@@ -928,6 +928,21 @@ def test_wide_global_heads_outside_the_range_attention_are_not_refused_on_cuda(m
     valid(*wide_global, "--no-reset-attention-mask", "--reset-position-ids")
 
 
+def test_argparse_names_the_command_line_and_a_rank_that_is_no_rank(monkeypatch, capsys):
+    """A flag error under RANK=one was a LaunchEnvironmentError traceback (lst-eval and
+    lst-generate, whose parsers are FlagParsers too, check RANK nowhere before)."""
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--seq-length", "x"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: lst-train ")
+    assert err.endswith("lst-train: error: argument --seq-length: invalid int value: 'x'\n"
+                        "lst-train: the environment variable RANK='one' is not a whole number of "
+                        "at least 0; launch with torchrun (which sets it), or unset it to run one "
+                        "process\n")
+
+
 @pytest.mark.parametrize("rank, printed", [
     ("0", "usage: lst-train "),
     # rank 0 prints it: the other ranks wait for the launcher to end them (not here), then say it
