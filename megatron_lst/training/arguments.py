@@ -211,12 +211,13 @@ def _add_profiling_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--use-pytorch-profiler", action="store_true",
                        help="With --profile: torch.profiler, one Chrome / TensorBoard trace per "
                             "profiled rank in --profile-dir.")
-    group.add_argument("--profile-step-start", type=int, default=10,
-                       help="The first profiled iteration.")
-    group.add_argument("--profile-step-end", type=int, default=12,
-                       help="The iteration after the last profiled one.")
-    group.add_argument("--profile-ranks", nargs="+", type=int, default=[0],
-                       help="Global ranks to profile.")
+    group.add_argument("--profile-step-start", type=int, default=None,
+                       help="With --profile: the first profiled iteration (default 10).")
+    group.add_argument("--profile-step-end", type=int, default=None,
+                       help="With --profile: the iteration after the last profiled one "
+                            "(default 12).")
+    group.add_argument("--profile-ranks", nargs="+", type=int, default=None,
+                       help="With --profile: the global ranks to profile (default 0).")
     group.add_argument("--profile-dir", type=str, default=None,
                        help="Where --use-pytorch-profiler writes its traces (default: "
                             "--tensorboard-dir, else <--save>/profile).")

@@ -37,6 +37,8 @@ from pathlib import Path
 
 from megatron_lst.training.flag_checks import ArgumentError
 
+PROFILE_DEFAULTS = {"profile_step_start": 10, "profile_step_end": 12, "profile_ranks": [0]}
+"""Megatron-LM's defaults of the window and ranks flags, which take effect with --profile only."""
 PROFILE_SUBDIRECTORY = "profile"
 """--profile-dir's default under --save when there is no --tensorboard-dir."""
 
@@ -44,10 +46,13 @@ PROFILE_SUBDIRECTORY = "profile"
 # --- the flag checks ---------------------------------------------------------------------
 
 def validate_profiling(args: argparse.Namespace, world_size: int) -> None:
-    """The --profile and --manual-gc flags describe a run; fills in `profile_dir`. ArgumentError
-    naming the flags and the fix otherwise."""
+    """The --profile and --manual-gc flags describe a run; fills in the profiler window's and
+    ranks' defaults and `profile_dir`. ArgumentError naming the flags and the fix otherwise."""
     _require_switch(args.profile, "--profile", {
         "--use-pytorch-profiler": args.use_pytorch_profiler,
+        "--profile-step-start": args.profile_step_start is not None,
+        "--profile-step-end": args.profile_step_end is not None,
+        "--profile-ranks": args.profile_ranks is not None,
         "--profile-dir": args.profile_dir is not None})
     _require_switch(args.use_pytorch_profiler, "--use-pytorch-profiler", {
         "--profile-dir": args.profile_dir is not None})
@@ -59,6 +64,9 @@ def validate_profiling(args: argparse.Namespace, world_size: int) -> None:
                             f"validation), got {args.manual_gc_interval}")
     if not args.profile:
         return
+    for flag, default in PROFILE_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     start, end = args.profile_step_start, args.profile_step_end
     if start < 1 or end <= start:
         raise ArgumentError(

@@ -187,6 +187,10 @@ def test_manual_gc_turns_automatic_collection_back_on_when_the_metrics_file_fail
      r"or drop it"),
     (["--manual-gc-interval", "5"], r"--manual-gc-interval only takes effect with --manual-gc"),
     (["--no-manual-gc-eval"], r"--no-manual-gc-eval only takes effect with --manual-gc"),
+    # silently ignored: a user who forgot --profile got no trace and no word of why
+    (["--profile-step-start", "3", "--profile-ranks", "1"],
+     r"--profile-step-start, --profile-ranks only take effect with --profile: add --profile "
+     r"or drop them"),
     (["--manual-gc", "--manual-gc-interval", "-1"],
      r"--manual-gc-interval must be >= 0 \(0: collect only around validation\), got -1"),
     (["--profile", "--profile-step-start", "0"],
