@@ -215,7 +215,7 @@ def format_plan(computed: ComputePlan) -> str:
 
 # The most forward and backward passes a step may have to be simulated (a few microseconds each):
 # beyond it the planner balances the largest stage instead.
-MAX_SIMULATED_PASSES = 2_000_000
+MAX_SIMULATED_PASSES = 250_000
 
 
 def simulated_passes(pp: int, virtual_stages: int | None, num_micro_batches: int) -> int:
