@@ -24,10 +24,10 @@ from __future__ import annotations
 import codecs
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -82,18 +82,39 @@ class EvalItem:
 
 def load_items(path: str | Path, tokenizer: PieceEncoder, vocab: JointVocab) -> list[EvalItem]:
     """Read, validate and tokenize every item of a JSONL file (blank lines are skipped)."""
-    items, seen = [], {}
-    for _, where, record in json_lines(Path(path), "evaluation items file", "an item"):
-        item = item_from_record(record, tokenizer, vocab, where)
-        if item.id in seen:
-            raise ItemError(f"{item.describe()}: id already used at {seen[item.id]}; ids must be "
-                            f"unique")
-        seen[item.id] = where
-        items.append(item)
-    if not items:
-        raise ItemError(f"{path} holds no items (blank lines only); write one story-completion "
-                        f"item per line (docs/evaluation.md#the-item-format)")
-    return items
+    return records_with_unique_ids(
+        Path(path), "evaluation items file", "an item",
+        lambda record, _, where: item_from_record(record, tokenizer, vocab, where),
+        "write one story-completion item per line (docs/evaluation.md#the-item-format)")
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+_Record = TypeVar("_Record", bound=_HasId)
+
+
+def records_with_unique_ids(path: Path, what: str, value: str,
+                            parse: Callable[[object, int, str], _Record],
+                            fill_hint: str) -> list[_Record]:
+    """`parse(JSON value, line number, "FILE:LINE")` of every non-blank line of the JSON Lines
+    file `path`, in file order (read by `json_lines`: `what` names the file, `value` what a line
+    holds, with its article: "an item"). An ItemError names the line whose record has the `id`
+    of an earlier one, or the file when it holds no record (`fill_hint` says what to write)."""
+    noun = value.split()[-1]
+    records, line_of_id = [], {}
+    for number, where, json_value in json_lines(path, what, value):
+        record = parse(json_value, number, where)
+        if record.id in line_of_id:
+            raise ItemError(f"{where}: the id {record.id!r} is also the id of line "
+                            f"{line_of_id[record.id]}; give each {noun} its own id")
+        line_of_id[record.id] = number
+        records.append(record)
+    if not records:
+        raise ItemError(f"{path} holds no {noun}s (blank lines only); {fill_hint}")
+    return records
 
 
 def json_lines(path: Path, what: str, value: str) -> Iterator[tuple[int, str, object]]:

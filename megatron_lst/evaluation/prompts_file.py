@@ -9,8 +9,8 @@ Each line is one object holding exactly one of `"text"` (a string) or `"units"` 
 default the line's number), unique in the file. Blank lines are skipped. Any other key is
 refused (a misspelt key would otherwise be ignored). A text is checked as `--prompt-text` is
 (`generation.check_text_prompt`: not empty, no lone surrogate), before the model loads. The file
-is read as evaluation item files are (`items.json_lines`: UTF-8, bounded size, editor line
-numbers).
+is read as evaluation item files are (`items.records_with_unique_ids`: UTF-8, bounded size,
+editor line numbers).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_lst.evaluation.generation import GenerationError, check_text_prompt
-from megatron_lst.evaluation.items import ItemError, json_lines
+from megatron_lst.evaluation.items import ItemError, records_with_unique_ids
 
 _KEYS = ("id", "text", "units")
 
@@ -36,18 +36,9 @@ class PromptRecord:
 def read_prompts(path: str | Path) -> list[PromptRecord]:
     """The prompts of `path`, in file order; an ItemError naming the file and line of the first
     bad one, or the file when it holds none."""
-    records, lines_of_ids = [], {}
-    for number, where, value in json_lines(Path(path), "prompts file", "a prompt"):
-        record = _prompt(value, number, where)
-        if record.id in lines_of_ids:
-            raise ItemError(f"{where}: the id {record.id!r} is also the id of line "
-                            f"{lines_of_ids[record.id]}; give each prompt its own id")
-        lines_of_ids[record.id] = number
-        records.append(record)
-    if not records:
-        raise ItemError(f"{path} holds no prompts (blank lines only); write one JSON object per "
-                        f"line, {{\"text\": ...}} or {{\"units\": [...]}}")
-    return records
+    return records_with_unique_ids(Path(path), "prompts file", "a prompt", _prompt,
+                                   "write one JSON object per line, {\"text\": ...} or "
+                                   "{\"units\": [...]}")
 
 
 def _prompt(record: object, number: int, where: str) -> PromptRecord:

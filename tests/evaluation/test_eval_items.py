@@ -138,7 +138,7 @@ def test_bad_json_and_duplicate_ids_name_the_line(tmp_path):
                                         rf"\(JSON would keep the last one silently\); keep one"):
         load_items(path, tokenizer(), vocab())
     path = write(tmp_path, random_records(3, 1) * 2)
-    with pytest.raises(ItemError, match=r"id already used at .*items.jsonl:1"):
+    with pytest.raises(ItemError, match=r"items.jsonl:2: the id .* is also the id of line 1"):
         load_items(path, tokenizer(), vocab())
     with pytest.raises(ItemError, match="holds no items"):
         load_items(write(tmp_path, []), tokenizer(), vocab())
