@@ -26,6 +26,7 @@ from megatron_lst.training import (
     checkpoint_flags,
     config_files,
     megatron_flags,
+    memory_history,
     model_flags,
     profiling,
     validation,
@@ -202,7 +203,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_profiling_args(group: argparse._ArgumentGroup) -> None:
-    """Megatron-LM's profiling and manual garbage collection flags (`profiling`)."""
+    """Megatron-LM's profiling, manual garbage collection and memory history flags
+    (`profiling`, `memory_history`)."""
     group.add_argument("--profile", action="store_true",
                        help="Profile the iterations --profile-step-start .. --profile-step-end "
                             "- 1 on the --profile-ranks: with --use-pytorch-profiler a PyTorch "
@@ -231,6 +233,14 @@ def _add_profiling_args(group: argparse._ArgumentGroup) -> None:
                             "(0: only before the first iteration and around validation).")
     group.add_argument("--no-manual-gc-eval", action="store_false", dest="manual_gc_eval",
                        help="With --manual-gc: no collection around validation.")
+    group.add_argument("--record-memory-history", action="store_true",
+                       help="Record the CUDA caching allocator's allocations on the last rank "
+                            "and write its snapshot (for pytorch.org/memory_viz) to "
+                            "--memory-snapshot-path every --log-interval iterations and when "
+                            "training ends (CUDA only).")
+    group.add_argument("--memory-snapshot-path", type=str, default=None,
+                       help="With --record-memory-history: the snapshot file (default: "
+                            "<--save>/memory_snapshot.pickle).")
 
 
 def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
@@ -459,7 +469,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     `resume_from` (the checkpoint directory `--load` resumes from, or None), and defaults filled
     in for `global_batch_size`, `ffn_hidden_size`, `num_query_groups`,
     `max_position_embeddings`, `max_tokens`, `lr_decay_iters`, `distributed_backend`,
-    `profile_dir`;
+    `profile_dir`, `memory_snapshot_path`;
     `sequence_parallel` is turned off, with a warning, without tensor parallelism;
     `--pretrained-checkpoint` becomes `--load` with `--finetune` while `--load` holds no
     checkpoint. With
@@ -488,10 +498,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         checkpoint_flags.validate_checkpointing(args)
     validation.validate_exit_conditions(args)
     profiling.validate_profiling(args, world_size)
+    memory_history.validate_memory_history(args)
     with seen_by_this_rank():  # this node's installed packages and GPUs
         validation.validate_logging(args)
         profiling.check_cuda_profiler(args)
-        # last: they create --save and --profile-dir, which no refused run should leave
+        memory_history.check_cuda_memory_history(args)
+        # last: they create --save, --profile-dir and the snapshot's directory, which no
+        # refused run should leave
         checkpoint_flags.check_save_writable(args)
         profiling.check_profile_dir_writable(args)
+        memory_history.check_snapshot_directory_writable(args)
     return args

@@ -48,9 +48,10 @@ finish the current iteration, save a checkpoint of it to `--save`, and return wi
 latest checkpoint with --train-iters to requeue (`examples/pretrain_lst_slurm.sbatch`). All ranks
 agree on stopping through one all-reduce per iteration.
 
---profile and --manual-gc (`profiling.IterationHooks`) act before each iteration and around
-validation: the profiler window of --profile-step-start .. --profile-step-end, and Python's
-garbage collection at the same points on every rank.
+--profile, --manual-gc and --record-memory-history (`profiling.IterationHooks`) act before each
+iteration and around validation: the profiler window of --profile-step-start ..
+--profile-step-end, Python's garbage collection at the same points on every rank, and the CUDA
+allocator's snapshot every --log-interval iterations and when training ends.
 """
 
 from __future__ import annotations
@@ -481,7 +482,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
     story_eval = StoryCompletionEval.from_args(args, state.vocab)
     param_gather = ParamGatherHooks.from_args(state.model, args)
     skipped_updates = SkippedUpdates.from_args(args)
-    hooks = IterationHooks.from_args(args, state.iteration, torch.distributed.get_rank())
+    hooks = IterationHooks.from_args(args, state.iteration, torch.distributed.get_rank(), world)
     for chunk in state.model:
         chunk.train()
     try:
@@ -523,7 +524,7 @@ def _train(state: TrainingState, datasets: RunDatasets, stream: TextIO | None,
             training_logger.close()
             metrics.close()  # an OSError of its last flush (a full disk) propagates
         finally:  # automatic garbage collection back on, the profiler stopped, whatever happened
-            hooks.close()
+            hooks.close(state.iteration)
     result.iteration = state.iteration
     result.consumed_samples = state.consumed_samples
     return result

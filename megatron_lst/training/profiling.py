@@ -2,7 +2,7 @@
 
 The loop calls `IterationHooks.before_iteration(n)` before iteration n (1-based, the number the
 log line shows), runs validation inside `evaluation()`, and `close()`s the hooks when training
-ends, however it ends.
+ends, however it ends. The hooks also drive --record-memory-history (`memory_history`).
 
 --profile profiles the iterations --profile-step-start .. --profile-step-end - 1 (that many
 iterations: Megatron-LM's PyTorch-profiler window) on the global ranks --profile-ranks, counted
@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from megatron_lst.training.flag_checks import ArgumentError
+from megatron_lst.training.memory_history import MemoryHistory
 
 PROFILE_DEFAULTS = {"profile_step_start": 10, "profile_step_end": 12, "profile_ranks": [0]}
 """Megatron-LM's defaults of the window and ranks flags, which take effect with --profile only."""
@@ -128,15 +129,16 @@ class IterationHooks:
     """What --profile and --manual-gc do around the iterations of one run (module docstring)."""
 
     def __init__(self, profiler: _TorchProfilerWindow | _CudaProfilerWindow | None,
-                 manual_gc: ManualGC):
+                 manual_gc: ManualGC, memory_history: MemoryHistory):
         self._profiler = profiler
         self._manual_gc = manual_gc
+        self._memory_history = memory_history
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, first_iteration: int,
-                  rank: int) -> IterationHooks:
-        """The hooks of global rank `rank` in a run that trains the iterations after
-        `first_iteration` (0, or the iteration it resumed at)."""
+    def from_args(cls, args: argparse.Namespace, first_iteration: int, rank: int,
+                  world_size: int) -> IterationHooks:
+        """The hooks of global rank `rank` of `world_size` in a run that trains the iterations
+        after `first_iteration` (0, or the iteration it resumed at)."""
         profiler = None
         if args.profile and rank in args.profile_ranks:
             window = range(max(args.profile_step_start, first_iteration + 1),
@@ -150,18 +152,22 @@ class IterationHooks:
                                                 Path(args.profile_dir))
             else:
                 profiler = _CudaProfilerWindow(window, rank)
-        return cls(profiler, ManualGC(args.manual_gc, args.manual_gc_interval,
-                                      args.manual_gc_eval, first_iteration))
+        return cls(profiler,
+                   ManualGC(args.manual_gc, args.manual_gc_interval, args.manual_gc_eval,
+                            first_iteration),
+                   MemoryHistory.from_args(args, first_iteration, rank, world_size))
 
     def start(self) -> None:
         """Before the first iteration."""
         self._manual_gc.start()
+        self._memory_history.start()
         if self._profiler is not None:
             self._profiler.start()
 
     def before_iteration(self, iteration: int) -> None:
         """Between iteration - 1 (with its validation and checkpoint) and `iteration`."""
         self._manual_gc.after_iteration(iteration - 1)
+        self._memory_history.after_iteration(iteration - 1)
         if self._profiler is not None:
             self._profiler.before_iteration(iteration)
 
@@ -169,15 +175,19 @@ class IterationHooks:
         """Around a validation."""
         return self._manual_gc.evaluation()
 
-    def close(self) -> None:
-        """After the last iteration, or on the error that stopped training: ends the profiler
-        window (writing the trace of the iterations it recorded) and turns automatic garbage
-        collection back on. Safe to call without `start()`."""
+    def close(self, last_iteration: int) -> None:
+        """After the last iteration, or on the error that stopped training (`last_iteration`:
+        the last finished one): ends the profiler window (writing the trace of the iterations
+        it recorded), writes the last memory snapshot and turns automatic garbage collection
+        back on. Safe to call without `start()`."""
         try:
             if self._profiler is not None:
                 self._profiler.close()
         finally:
-            self._manual_gc.restore()
+            try:
+                self._memory_history.close(last_iteration)
+            finally:
+                self._manual_gc.restore()
 
 
 class ManualGC:
