@@ -14,7 +14,7 @@ flags or bad items (the message names the item and its line).
 `lst-generate` prints one JSON object per continuation: the generated ids, their units and text,
 the global steps and the wall time (see `generation.py` for how patches close while generating);
 `--prompts FILE` continues every prompt of a JSON Lines file (`prompts_file.py`), each
-`--num-samples` times, on one loaded model.
+`--num-samples` times, on one loaded model, shared among data-parallel replicas.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -476,7 +476,10 @@ def build_generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--no-cache", action="store_true",
                         help="Re-run the whole model every step (the reference's way).")
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                        help="The processes of one model replica; torchrun with a multiple of "
+                             "it runs data-parallel replicas, which share the prompts' "
+                             "continuations.")
     parser.add_argument("--tokenizer-model", default=None)
     return parser
 
@@ -570,31 +573,51 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     try:  # an impossible layout (ParallelLayoutError) is a ValueError too
         context = initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
         stop_together.arm()
-        if context.world_size != args.tensor_model_parallel_size:
-            raise ValueError(
-                f"lst-generate decodes one sequence, on --tensor-model-parallel-size "
-                f"{args.tensor_model_parallel_size} processes; it was started on "
-                f"{context.world_size}, which would all decode the same one")
         loaded = load_inference_model(args.load, args.tensor_model_parallel_size, 1,
                                       args.tokenizer_model, args.ckpt_step)
-        model, patching = loaded.model_chunks[0], loaded.patcher.config
         prompts = [_checked_prompt(record, loaded, continue_in) for record in records]
-        for record, prompt in zip(records, prompts, strict=True):
-            for sample in range(args.num_samples):
-                result = generate(model, prompt, loaded.vocab, patching,
-                                  dataclasses.replace(sampling, seed=args.seed + sample),
-                                  use_cache=not args.no_cache)
-                if context.rank == 0:  # at once: a long run keeps what it generated
-                    labels = {"id": record.id} if args.prompts is not None else {}
-                    if args.num_samples > 1:
-                        labels["sample"] = sample
-                    print(json.dumps({**labels, **_continuation(prompt, result, loaded)}),
-                          flush=True)
+        jobs = [(record, prompt, sample) for record, prompt in zip(records, prompts, strict=True)
+                for sample in range(args.num_samples)]
+        for line in _continuation_lines(jobs, loaded, sampling, args):
+            if context.rank == 0:  # at once: a long run keeps what it generated
+                print(line, flush=True)
     except (CheckpointError, GenerationError, OSError, ValueError) as error:
         return _refuse_with_the_others("lst-generate", error)
     finally:
         destroy_parallel()
     return 0
+
+
+def _continuation_lines(jobs: list[tuple[PromptRecord, np.ndarray, int]],
+                        loaded: InferenceModel, sampling: SamplingConfig,
+                        args: argparse.Namespace) -> Iterator[str]:
+    """The JSON line of each `(record, prompt, sample)` job, in the order of `jobs`.
+    Data-parallel replicas take the jobs in rounds, one each (replica r the r-th of its round),
+    and exchange their lines when the round ends: the lines are those of one process."""
+    import torch
+    from megatron.core import parallel_state
+
+    replicas = parallel_state.get_data_parallel_world_size()
+    replica = parallel_state.get_data_parallel_rank()
+    for first in range(0, len(jobs), replicas):
+        round_jobs = jobs[first:first + replicas]
+        line = None
+        if replica < len(round_jobs):
+            record, prompt, sample = round_jobs[replica]
+            result = generate(loaded.model_chunks[0], prompt, loaded.vocab,
+                              loaded.patcher.config,
+                              dataclasses.replace(sampling, seed=args.seed + sample),
+                              use_cache=not args.no_cache)
+            labels = {"id": record.id} if args.prompts is not None else {}
+            if args.num_samples > 1:
+                labels["sample"] = sample
+            line = json.dumps({**labels, **_continuation(prompt, result, loaded)})
+        lines = [line]
+        if replicas > 1:
+            lines = [None] * replicas
+            torch.distributed.all_gather_object(
+                lines, line, group=parallel_state.get_data_parallel_group())
+        yield from lines[:len(round_jobs)]
 
 
 def _prompt_records(args: argparse.Namespace) -> list[PromptRecord]:

@@ -768,21 +768,6 @@ def test_sampling_flags_greedy_decoding_ignores_are_warned_of(monkeypatch, caplo
         assert len(warnings) == 1 and warning in warnings[0], warnings
 
 
-def test_generate_on_more_processes_than_its_tensor_parallel_ranks_is_refused(monkeypatch, capsys):
-    """Data-parallel replicas of lst-generate all decoded the same sequence."""
-    import dataclasses
-
-    import megatron_lst.parallel as parallel
-
-    def two_processes(*args, **kwargs):
-        return dataclasses.replace(initialize_parallel(*args, **kwargs), world_size=2)
-
-    monkeypatch.setattr(parallel, "initialize_parallel", two_processes)
-    assert generate_main(["--load", "unused", "--prompt-text", "the"]) == 2
-    assert ("decodes one sequence, on --tensor-model-parallel-size 1 processes; it was started "
-            "on 2") in capsys.readouterr().err
-
-
 def test_a_task_on_more_than_one_process_is_refused(monkeypatch, capsys):
     """Every process decoded all the utterances, printed the results and wrote --output."""
     import dataclasses

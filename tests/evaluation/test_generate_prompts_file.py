@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from distributed.harness import WORKERS_DIR, run_torchrun
 from eval_cases import NUM_UNITS, save_tiny_checkpoint
 
 from megatron_lst.evaluation.cli import generate_main
@@ -48,6 +49,27 @@ def test_each_prompt_and_sample_is_what_the_single_prompt_flags_give(save, tmp_p
     for line, one in zip(batch, single, strict=True):
         del line["seconds"], one["seconds"]
         assert {k: v for k, v in line.items() if k not in ("id", "sample")} == one
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_data_parallel_replicas_share_the_prompts_and_print_the_lines_of_one_process(
+        save, tmp_path, capsys):
+    """Two replicas, five jobs (rounds of two, the last of one): every line once, in file
+    order, each the one process's (they were refused: each would have repeated the work)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "text": "the girl ran"}\n{"units": [3, 3, 7, 1, 0]}\n'
+                       '{"id": "c", "text": "a boy"}\n{"units": [5, 2]}\n{"text": "the"}\n')
+    flags = ["--load", str(save), "--prompts", str(prompts), *SAMPLING]
+    assert generate_main(flags) == 0
+    alone = _lines(capsys)
+    launch = run_torchrun(2, [WORKERS_DIR / "generate_worker.py", *flags])
+    assert launch.returncode == 0, launch.output[-3000:]
+    replicas = [json.loads(line) for line in launch.output.splitlines() if line.startswith("{")]
+    assert [line["id"] for line in replicas] == ["a", "2", "c", "4", "5"]
+    for line in (*alone, *replicas):
+        del line["seconds"]
+    assert replicas == alone
 
 
 @pytest.mark.parametrize("text, message", [
