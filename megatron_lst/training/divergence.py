@@ -1,12 +1,15 @@
 """Stopping a run whose weights went wrong, with the checkpoint to go back to.
 
-Two signs, each checked once per iteration on every rank alike (the loss and the skip decision
-are the same everywhere):
+Three signs, each checked once per iteration on every rank alike (the loss, the gradient norm
+and the skip decision are the same everywhere):
 - a NaN or infinite training loss (`check_loss_finite`);
+- a NaN or infinite gradient norm under a finite loss, outside fp16 (`check_grad_norm_finite`):
+  the update has just put it into the weights, which the loss would show only an iteration later
+  (and blame on that iteration's batch); fp16's scaler skips such an update instead;
 - fp16 gradients that overflow update after update with the loss scale at its lowest
   (`SkippedUpdates`): the scaler backs off no further there, so every update would be skipped to
   --train-iters while the loss stays finite.
-Both raise a `NonFiniteLossError` (exit 5 from `lst-train`) that says what to change and which
+Each raises a `NonFiniteLossError` (exit 5 from `lst-train`) that says what to change and which
 checkpoint holds weights from before it went wrong (`checkpointing.describe_good_checkpoint`).
 """
 
@@ -29,6 +32,10 @@ SKIPS_AT_LOWEST_SCALE_MARGIN = 10
 
 class NonFiniteLossError(FloatingPointError):
     """A NaN or infinite training loss."""
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """A NaN or infinite gradient norm under a finite loss."""
 
 
 class StuckLossScaleError(NonFiniteLossError):
@@ -54,6 +61,19 @@ def check_loss_finite(losses: Mapping[str, float], iteration: int, fp16: bool = 
         f"--override-opt_param-scheduler where you change --lr or the warm-up: the checkpoint "
         f"continues its own learning-rate schedule otherwise)"
     )
+
+
+def check_grad_norm_finite(grad_norm: float | None, loss: float, iteration: int) -> None:
+    """Raise NonFiniteGradientError if `grad_norm` (None: not measured, --clip-grad 0, or an
+    update fp16 skipped) is NaN or infinite while `loss` was finite."""
+    if grad_norm is None or math.isfinite(grad_norm):
+        return
+    raise NonFiniteGradientError(
+        f"iteration {iteration}: the gradient norm is {grad_norm} while the loss was finite "
+        f"({loss:.6g}): a NaN or infinity arose in the backward pass on this iteration's batch, "
+        f"and its update has put it into the weights (they are not saved). Check the batches of "
+        f"this iteration, lower --lr or lengthen --lr-warmup-iters; if the run uses reduced "
+        f"precision, try fp32 to find where it arises")
 
 
 def good_checkpoint(args: argparse.Namespace, diverged_at: int,

@@ -86,8 +86,10 @@ from megatron_lst.training.data_provider import (
     split_sources,
 )
 from megatron_lst.training.divergence import (
+    NonFiniteGradientError,
     NonFiniteLossError,
     SkippedUpdates,
+    check_grad_norm_finite,
     check_loss_finite,
     good_checkpoint,
 )
@@ -565,6 +567,13 @@ def _record_step(state: TrainingState, step: StepResult, result: TrainingResult,
     except NonFiniteLossError as err:
         good = good_checkpoint(state.args, state.iteration)
         raise NonFiniteLossError(f"{err}. {good}") from None
+    try:
+        check_grad_norm_finite(step.grad_norm, step.loss, state.iteration)
+    except NonFiniteGradientError as err:
+        good = good_checkpoint(state.args, state.iteration, passed_over_because=(
+            f"its weights gave non-finite gradients on iteration {state.iteration}'s batch, "
+            f"which resuming from it replays"))
+        raise NonFiniteGradientError(f"{err}. {good}") from None
     state.flops = state.flops + step.flops  # a skipped update still cost its FLOPs
     state.tokens += step.num_tokens
     result.losses[state.iteration] = step.loss
