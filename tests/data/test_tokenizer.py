@@ -280,6 +280,19 @@ def test_hf_tokenizer_without_word_prefix_is_refused(tmp_path):
         load_text_tokenizer(_hf_tokenizer_json(tmp_path, byte_level=True))
 
 
+def test_hf_tokenizer_whose_ids_leave_gaps_is_refused(tmp_path):
+    """A piece numbered past the vocabulary (5000 of 108 tokens) loaded, and its id was stored
+    as a text id past the joint vocabulary's text part."""
+    path = _hf_tokenizer_json(tmp_path, byte_level=False)
+    content = json.loads(path.read_text())
+    vocab = content["model"]["vocab"]
+    vocab[max(vocab, key=vocab.get)] = 5000
+    path.write_text(json.dumps(content))
+    with pytest.raises(VocabularyError, match=r"tokenizer.json: holds token id 5000 among \d+ "
+                                              r"tokens, so its ids are not 0\.\.\d+"):
+        load_text_tokenizer(path)
+
+
 def test_hf_tokenizer_missing_package_names_extra(tmp_path, monkeypatch):
     path = tmp_path / "tokenizer.json"
     path.write_text("{}")
