@@ -91,7 +91,12 @@ class TextTokenizer(ABC):
         return self._space_id
 
     def _check_word_by_word(self) -> None:
-        """Derive `space_id` and verify that encoding word by word equals encoding the run."""
+        """Derive `space_id` and verify that encoding word by word equals encoding the run
+        (and that BOS and EOS are two ids: a file that numbers both alike)."""
+        if self.bos_id == self.eos_id:  # an EOS would also open a document, a BOS end one
+            raise VocabularyError(f"{self.path}: its BOS and EOS are both id {self.bos_id}; a "
+                                  f"tokenizer needs two ids for them (the file was edited or "
+                                  f"damaged)")
         word = self.encode("the")
         with_space = self.encode("the ")
         if with_space[: len(word)] != word or len(with_space) != len(word) + 1:
