@@ -258,11 +258,12 @@ def generation_patch_size(config: PatchingConfig) -> int | None:
 def sampling_mask(vocab: JointVocab, modality: str | None, size: int) -> torch.Tensor:
     """[size] bool: the ids generation may produce out of `size` logits. Never the reserved ids,
     ids past the vocabulary (padding of the output layer), BOS (it opens a document, and only
-    follows an EOS, where generation stops) or the pad id (a masked label, never a target); with
-    `modality` "speech" only units and EOS, with "text" only text pieces and EOS."""
+    follows an EOS, where generation stops) or the pad id (a masked label, never a target, unless
+    it is the EOS too: a tokenizer whose EOS is id 0); with `modality` "speech" only units and
+    EOS, with "text" only text pieces and EOS."""
     ids = torch.arange(size)
     allowed = ((ids < vocab.size) & ~((ids >= vocab.text_size) & (ids < vocab.text_marker))
-               & (ids != vocab.bos_id) & (ids != vocab.pad_id))
+               & (ids != vocab.bos_id) & ((ids != vocab.pad_id) | (ids == vocab.eos_id)))
     if modality == "speech":
         allowed &= vocab.is_unit(ids) | (ids == vocab.eos_id)
     elif modality == "text":

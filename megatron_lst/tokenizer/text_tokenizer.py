@@ -91,7 +91,12 @@ class TextTokenizer(ABC):
         return self._space_id
 
     def _check_word_by_word(self) -> None:
-        """Derive `space_id` and verify that encoding word by word equals encoding the run."""
+        """Derive `space_id` and verify that encoding word by word equals encoding the run
+        (and that BOS and EOS are two ids: a file that numbers both alike)."""
+        if self.bos_id == self.eos_id:  # an EOS would also open a document, a BOS end one
+            raise VocabularyError(f"{self.path}: its BOS and EOS are both id {self.bos_id}; a "
+                                  f"tokenizer needs two ids for them (the file was edited or "
+                                  f"damaged)")
         word = self.encode("the")
         with_space = self.encode("the ")
         if with_space[: len(word)] != word or len(with_space) != len(word) + 1:
@@ -170,6 +175,14 @@ class HFTokenizer(TextTokenizer):
             raise ImportError(f"loading {path} needs tokenizers >= 0.15.1 (it encodes text that "
                               f"spells a special token as plain text): pip install -U tokenizers")
         self._tok.encode_special_tokens = True
+        # Ids index the joint vocabulary, whose text part is 0..vocab_size-1; a file whose ids
+        # leave gaps (a hand-edited vocab) encodes to ids past it, which were stored as they came.
+        largest = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+        if largest >= self.vocab_size:
+            raise VocabularyError(f"{path}: holds token id {largest} among {self.vocab_size} "
+                                  f"tokens, so its ids are not 0..{self.vocab_size - 1} (the "
+                                  f"vocabulary has gaps) and would be stored past the text "
+                                  f"vocabulary; number its tokens 0..{self.vocab_size - 1}")
         for bos, eos in _HF_BOS_EOS:
             bos_id, eos_id = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
             if bos_id is not None and eos_id is not None:

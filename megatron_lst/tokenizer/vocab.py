@@ -48,6 +48,9 @@ class JointVocab:
         if min(self.pad_id, self.bos_id, self.eos_id) < 0:
             raise VocabularyError(f"special ids must be >= 0, got pad={self.pad_id} "
                                   f"bos={self.bos_id} eos={self.eos_id}")
+        if self.bos_id == self.eos_id:  # an EOS would also open a document, a BOS end one
+            raise VocabularyError(f"bos and eos are both id {self.bos_id}; a tokenizer's BOS and "
+                                  f"EOS must be two ids")
         if self.text_size <= max(self.pad_id, self.bos_id, self.eos_id):
             raise VocabularyError(
                 f"text tokenizer size {self.text_size} is too small to hold the special ids "

@@ -60,6 +60,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
         written = yaml.load(text, Loader=yaml.BaseLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"--config {path} is not valid YAML: {err}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"--config {path}: its values nest lists or mappings too deeply to "
+                          f"read; a config is a flat mapping of flags to values") from None
     if config is None:
         return {}
     if not isinstance(config, Mapping):
@@ -80,9 +83,16 @@ def _loader_for(path: Path):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last)."""
+    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last) or
+    merges another (`<<:`, whose values the file's written text would not hold: `<<: {save:
+    0755}` set --save 493)."""
 
     def construct_mapping(self, node, deep=False):
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise ConfigError(f"--config {self.name}: line {key_node.start_mark.line + 1} "
+                                  f"merges a mapping into this one (<<); write each flag as a "
+                                  f"key of its own")
         self.flatten_mapping(node)
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
@@ -217,8 +227,11 @@ def _convert(action: argparse.Action, value: Any, where: str, flag: str) -> Any:
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         if action.nargs == "+" and not items:
             raise ConfigError(f"{where}: {long_flag(action)} needs at least one value")
+        if any(item is None for item in items):  # str(None) would be the value 'None'
+            raise ConfigError(f"{where}: {long_flag(action)} takes a list without nulls, got "
+                              f"{value!r}; leave the null out, or quote 'null' if it is a name")
         return [_convert_one(action, v, where) for v in items]
-    if isinstance(value, (list, tuple, Mapping)):
+    if isinstance(value, (list, tuple, Mapping, set, frozenset)):
         raise ConfigError(f"{where}: {long_flag(action)} takes one value, got {value!r}")
     return _convert_one(action, value, where)
 
@@ -245,7 +258,7 @@ def _type_name(kind) -> str:
 
 
 def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
-    if isinstance(value, (list, tuple, Mapping)):
+    if isinstance(value, (list, tuple, Mapping, set, frozenset)):  # `!!set {a, b}` is a set
         raise ConfigError(f"{where}: nested value {value!r} is not a flag value")
     kind = action.type or str
     if kind is int and (isinstance(value, bool) or (isinstance(value, float)

@@ -280,6 +280,35 @@ def test_hf_tokenizer_without_word_prefix_is_refused(tmp_path):
         load_text_tokenizer(_hf_tokenizer_json(tmp_path, byte_level=True))
 
 
+def test_hf_tokenizer_whose_ids_leave_gaps_is_refused(tmp_path):
+    """A piece numbered past the vocabulary (5000 of 108 tokens) loaded, and its id was stored
+    as a text id past the joint vocabulary's text part."""
+    path = _hf_tokenizer_json(tmp_path, byte_level=False)
+    content = json.loads(path.read_text())
+    vocab = content["model"]["vocab"]
+    vocab[max(vocab, key=vocab.get)] = 5000
+    path.write_text(json.dumps(content))
+    with pytest.raises(VocabularyError, match=r"tokenizer.json: holds token id 5000 among \d+ "
+                                              r"tokens, so its ids are not 0\.\.\d+"):
+        load_text_tokenizer(path)
+
+
+def test_a_tokenizer_whose_bos_and_eos_share_an_id_is_refused(tmp_path):
+    """`</s>` renumbered to `<s>`'s id loaded as BOS = EOS = 1: every BOS also ended a document
+    (--reset-attention-mask) and generation, which never samples BOS, never stopped."""
+    path = _hf_tokenizer_json(tmp_path, byte_level=False)
+    content = json.loads(path.read_text())
+    content["model"]["vocab"]["</s>"] = 1
+    for token in content["added_tokens"]:
+        token["id"] = 1 if token["content"] == "</s>" else token["id"]
+    path.write_text(json.dumps(content))
+    with pytest.raises(VocabularyError, match=r"tokenizer.json: its BOS and EOS are both id 1"):
+        load_text_tokenizer(path)
+    with pytest.raises(VocabularyError, match=r"bos and eos are both id 2"):  # a vocabulary record
+        JointVocab.from_dict({"text_size": 10, "num_units": 4, "pad_id": 0, "bos_id": 2,
+                              "eos_id": 2})
+
+
 def test_hf_tokenizer_missing_package_names_extra(tmp_path, monkeypatch):
     path = tmp_path / "tokenizer.json"
     path.write_text("{}")

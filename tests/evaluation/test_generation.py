@@ -631,6 +631,14 @@ def test_sampling_mask():
         SamplingConfig(modality="units")
 
 
+def test_sampling_mask_allows_an_eos_that_is_the_pad_id():
+    """A tokenizer whose EOS is id 0 (SentencePiece trained with eos_id=0) loads with EOS = pad
+    id 0: the EOS was masked as the pad, and generation never stopped at EOS."""
+    v = JointVocab(VOCAB.text_size, VOCAB.num_units, pad_id=0, bos_id=1, eos_id=0)
+    for modality in (None, "speech", "text"):
+        assert sampling_mask(v, modality, v.size)[0]
+
+
 @pytest.mark.parametrize("modality, prompt", [("speech", "text to speech"),
                                               ("text", "speech to text")])
 def test_greedy_generation_keeps_to_the_modality(models, modality, prompt):

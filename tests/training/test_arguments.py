@@ -712,6 +712,17 @@ def test_a_flag_spelled_with_an_underscore_is_a_config_key_in_any_spelling(tmp_p
     # one string was one path, '0.67 a 0.33 b', refused later as a manifest not found
     ("data-path: '0.67 a 0.33 b'\n", r"--data-path takes a list, and '0.67 a 0.33 b' is one "
                                      r"string; write \[0.67, a, 0.33, b\]"),
+
+    # a null item was the path 'None'; a YAML set one path "{'b', 'a'}"
+    ("data-path: [0.5, a, 0.5, null]\n", r"--data-path takes a list without nulls, got "
+                                          r"\['0.5', 'a', '0.5', None\]; leave the null out"),
+    ("data-path: !!set {a, b}\n", r"data-path: nested value \{.*\} is not a flag value"),
+    ("save: !!set {a}\n", r"--save takes one value, got \{'a'\}"),
+    # a merge key's values bypassed the text as written (`save: 0755` became --save 493)
+    ("seq-length: 16\n<<: {save: 0755}\n", r"line 2 merges a mapping into this one \(<<\); "
+                                            r"write each flag as a key of its own"),
+    # PyYAML's recursion was a RecursionError traceback
+    ("data-path: " + "[" * 5000 + "]" * 5000 + "\n", r"nest lists or mappings too deeply"),
 ])
 def test_bad_yaml_names_the_key_and_the_fix(tmp_path, text, message):
     with pytest.raises(ArgumentError, match=message):
