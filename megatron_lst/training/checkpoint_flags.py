@@ -98,6 +98,7 @@ def choose_pretrained_or_own_checkpoint(args: argparse.Namespace) -> None:
             f"look for that step in --load {args.load}. To fine-tune from one pretrained step, "
             f"name its directory: --pretrained-checkpoint DIR/iter_XXXXXXX")
     _check_no_file_in_the_way("--load", args.load)
+    _check_load_is_not_the_pretrained_run(args.load, pretrained)
     try:
         own = select_checkpoint(args.load) if os.path.isdir(args.load) else None
     except CheckpointError as err:
@@ -124,6 +125,24 @@ def choose_pretrained_or_own_checkpoint(args: argparse.Namespace) -> None:
                        "in --load %s, so a requeued run fine-tunes from the pretrained weights "
                        "again; give --save %s to resume instead", pretrained, args.load, args.load)
     args.load, args.finetune = pretrained, True
+
+
+def _check_load_is_not_the_pretrained_run(load: str, pretrained: str) -> None:
+    """Refuse a --load in the pretrained run's save directory (that directory, or one checkpoint
+    in it): it holds a checkpoint, so the run resumed the pretraining run (its iteration,
+    optimizer and data order, under the fine-tuning flags) and the pretrained weights were never
+    fine-tuned from."""
+    from megatron_lst.training.checkpointing import METADATA_FILENAME
+
+    def run_directory(path: str) -> Path:
+        resolved = Path(path).resolve()
+        return resolved.parent if (resolved / METADATA_FILENAME).is_file() else resolved
+
+    if run_directory(load) == run_directory(pretrained):
+        raise ArgumentError(
+            f"--load {load} is the directory of --pretrained-checkpoint {pretrained}, so the run "
+            f"would resume the pretraining run instead of fine-tuning from it; give --load (and "
+            f"--save) the fine-tuning run's own directory, e.g. --load FT_DIR --save FT_DIR")
 
 
 def validate_checkpointing(args: argparse.Namespace) -> None:

@@ -50,6 +50,23 @@ def test_flags_that_do_not_combine_are_refused(tmp_path, extra, message):
     assert message.format(**fill) in str(refused.value)
 
 
+@pytest.mark.parametrize("load, save", [("pretrained", "ft"), ("pretrained", "pretrained"),
+                                        ("pretrained/iter_0000100", "ft")])
+@pytest.mark.parametrize("given", ["pretrained", "pretrained/iter_0000100"])
+def test_load_in_the_pretrained_run_is_refused(tmp_path, load, save, given):
+    """--load naming the pretrained run (a slip for the run's own directory) holds a checkpoint,
+    so the job resumed the pretraining run (its iteration and optimizer, under the fine-tuning
+    flags) and never fine-tuned from the pretrained weights."""
+    fake_checkpoint(tmp_path / "pretrained", 100)
+    with pytest.raises(ArgumentError) as refused:
+        _validated(tmp_path, "--pretrained-checkpoint", str(tmp_path / given), "--load",
+                   str(tmp_path / load), "--save", str(tmp_path / save))
+    assert (f"--load {tmp_path / load} is the directory of --pretrained-checkpoint "
+            f"{tmp_path / given}, so the run would resume the pretraining run instead of "
+            f"fine-tuning from it; give --load (and --save) the fine-tuning run's own "
+            f"directory") in str(refused.value)
+
+
 def test_a_pretrained_directory_without_a_checkpoint_is_named(tmp_path):
     (tmp_path / "portable").mkdir()
     for name in ("model.safetensors", "lst_config.json"):
