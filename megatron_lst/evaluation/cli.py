@@ -254,10 +254,20 @@ def _check_eval_flags(args: argparse.Namespace) -> None:
     if args.task is None:
         named = [flag for flag, value in (("--utterances", args.utterances),
                                           ("--num-utterances", args.num_utterances),
-                                          ("--asr-load", args.asr_load)) if value is not None]
+                                          ("--asr-load", args.asr_load),
+                                          ("--no-cache", args.no_cache or None))
+                 if value is not None]
         if named:
             verb = "applies" if len(named) == 1 else "apply"
             raise ValueError(f"{' and '.join(named)} {verb} only to --task asr|tts")
+    else:  # they were ignored: the utterances were decoded as if they were not given
+        named = [flag for flag, value in (("--modes", args.modes),
+                                          ("--truncate-context", args.truncate_context or None))
+                 if value is not None]
+        if named:
+            verb = "scores" if len(named) == 1 else "score"
+            raise ValueError(f"{' and '.join(named)} {verb} story-completion --items; drop "
+                             f"{'it' if len(named) == 1 else 'them'} with --task {args.task}")
     if args.asr_load is not None and args.task != "tts":
         raise ValueError("--asr-load transcribes generated speech: it applies to --task tts")
     for flag, value in (("--batch-size", args.batch_size),
