@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_lst.data.documents import AlignedDocument, check_document_of
-from megatron_lst.data.task_rows import task_row
+from megatron_lst.data.task_rows import TaskRow, task_row
 from megatron_lst.evaluation.bootstrap import bootstrap_ci, bootstrap_ratio_ci
 from megatron_lst.evaluation.edit_rates import (
     EditCounts,
@@ -44,6 +44,7 @@ from megatron_lst.evaluation.generation import (
     PromptTooLongError,
     SamplingConfig,
     build_prompt,
+    check_prompt,
     generate,
     generation_patch_size,
 )
@@ -153,12 +154,23 @@ def _naming_utterance(number: int, what: str = "") -> Iterator[None]:
         raise GenerationError(f"{what}utterance {number}: {error}") from None
 
 
+def task_rows(model: TaskModel, utterances: list[AlignedDocument], task: str) -> list[TaskRow]:
+    """The utterances' `task` rows, each prompt checked as `generate` checks it before any is
+    decoded: a prompt past the model's context is refused naming its utterance, not after the
+    utterances before it were decoded (and their work lost)."""
+    rows = [task_row(doc, task, model.vocab, model.space_id) for doc in utterances]
+    for number, row in enumerate(rows):
+        with _naming_utterance(number):
+            check_prompt(model.model, row.prompt, model.vocab, model.patching)
+    return rows
+
+
 def run_asr(asr: TaskModel, utterances: list[AlignedDocument], use_cache: bool = True
             ) -> list[AsrOutput]:
     outputs = []
-    for number, (doc, reference) in enumerate(zip(utterances, transcripts(asr, utterances),
-                                                  strict=True)):
-        row = task_row(doc, "asr", asr.vocab, asr.space_id)
+    references = transcripts(asr, utterances)
+    rows = task_rows(asr, utterances, "asr")
+    for number, (row, reference) in enumerate(zip(rows, references, strict=True)):
         cap = length_cap(len(row.answer))
         with _naming_utterance(number):
             result = _decode(asr, row.prompt, "text", cap, use_cache)
@@ -185,8 +197,9 @@ def run_tts(tts: TaskModel, utterances: list[AlignedDocument], asr: TaskModel | 
             use_cache: bool = True) -> list[TtsOutput]:
     outputs = []
     references = transcripts(tts, utterances) if asr is not None else [None] * len(utterances)
-    for number, (doc, reference) in enumerate(zip(utterances, references, strict=True)):
-        row = task_row(doc, "tts", tts.vocab, tts.space_id)
+    rows = task_rows(tts, utterances, "tts")
+    for number, (doc, row, reference) in enumerate(zip(utterances, rows, references,
+                                                       strict=True)):
         with _naming_utterance(number):
             result = _decode(tts, row.prompt, "speech", length_cap(len(row.answer)), use_cache)
         units = _units_of(tts.vocab, result.tokens)

@@ -144,6 +144,25 @@ def test_an_utterance_longer_than_the_context_is_named(single_rank, run):
         run(task_model, utterances(seed=2, count=2))
 
 
+@pytest.mark.parametrize("run", [run_asr, run_tts])
+def test_an_utterance_longer_than_the_context_is_named_before_any_decoding(single_rank, run,
+                                                                           monkeypatch):
+    """Utterance 1's prompt does not fit the context, utterance 0's does: the refusal came only
+    once utterance 0 was decoded, its work lost (thousands of utterances, in a real set)."""
+    import megatron_lst.evaluation.downstream as downstream
+
+    model = tiny_model("lst", vocab().size, seed=1)
+    model.lst_config = dataclasses.replace(model.lst_config, max_sequence_length=8)
+    task_model = TaskModel(model, vocab(), tokenizer(), STATIC, tokenizer().space_id)
+    decoded = []
+    monkeypatch.setattr(downstream, "_decode", lambda *args: decoded.append(args))
+    docs = utterances(seed=2, count=1, num_words=2) + utterances(seed=3, count=1, num_words=6)
+    with pytest.raises(GenerationError, match=r"^utterance 1: the prompt needs \d+ global "
+                                              r"positions.* context is 8 "):
+        run(task_model, docs)
+    assert decoded == []
+
+
 def test_generated_units_too_long_for_the_asr_model_get_an_empty_transcript(single_rank, caplog):
     """A TTS output that ran on to its length cap can need more global positions than the ASR
     model's context: one utterance's transcript, not the end of the whole evaluation."""
