@@ -2,7 +2,8 @@
 
 The items (docs/evaluation.md#the-item-format) are read and tokenized once; at each evaluation every rank
 scores them with `megatron_lst.evaluation.evaluate_items`, patched as at inference (curriculum
-and mixed models static), in S->S and T->T when the items carry speech, T->T otherwise.
+and mixed models static), in S->S and T->T when the items carry speech, T->T when none does (a
+file mixing the two is refused, naming its first text-only item).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_lst.evaluation.items import EvalItem, load_items
+from megatron_lst.evaluation.items import EvalItem, ItemError, load_items
 from megatron_lst.evaluation.scoring import (
     check_items_for_mode,
     evaluate_items,
@@ -40,8 +41,13 @@ class StoryCompletionEval:
         if args.eval_data is None:
             return None
         items = load_items(args.eval_data, load_text_tokenizer(args.tokenizer_model), vocab)
-        spoken = all(u.has_speech for item in items for u in (item.context, *item.endings))
-        modes = ("S->S", "T->T") if spoken else ("T->T",)
+        spoken = [item.context.has_speech for item in items]  # an item's parts agree (load_items)
+        if any(spoken) and not all(spoken):  # S->S went unscored for the whole run, silently
+            text_only = items[spoken.index(False)]
+            raise ItemError(f"{text_only.describe()} has no units but other items have them; "
+                            f"training scores speech items S->S and T->T, text-only ones "
+                            f"T->T: give every item units, or none")
+        modes = ("S->S", "T->T") if all(spoken) else ("T->T",)
         patching = patching_config_from_args(args)
         for mode in modes:  # at the start, not at the first evaluation
             check_items_for_mode(items, mode, patching)

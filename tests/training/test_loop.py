@@ -253,6 +253,30 @@ def test_eval_data_an_aligned_model_cannot_score_is_refused_at_the_start(tmp_pat
     assert StoryCompletionEval.from_args(args, vocab()).modes == ("S->S", "T->T")
 
 
+def test_eval_data_mixing_speech_and_text_only_items_is_refused(tmp_path):
+    """Such a file was scored T->T only: the speech items' S->S accuracy went unreported for the
+    whole run, without a word (lst-eval refuses the text-only item by name)."""
+    import json
+
+    from evaluation.eval_cases import random_records, tokenizer, vocab
+
+    from megatron_lst.evaluation.items import ItemError
+    from megatron_lst.training.story_eval import StoryCompletionEval
+
+    records = random_records(0, 3)
+    for part in (records[1]["context"], *records[1]["endings"]):
+        del part["units"], part["segments"]
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(r) + "\n" for r in records))
+    flags = tiny_flags(write_corpus(tmp_path, tokenizer())) + [
+        "--train-iters", "2", "--tokenizer-model", str(tokenizer().path),
+        "--eval-data", str(items)]
+    args = validate_args(parse_args(flags), 1)
+    with pytest.raises(ItemError, match=rf"^item 'item-0-1' \({items}:2\) has no units but "
+                                        r"other items have them; training scores"):
+        StoryCompletionEval.from_args(args, vocab())
+
+
 def test_eval_data_needs_a_tokenizer(tmp_path):
     items = tmp_path / "items.jsonl"
     items.write_text("{}\n")
