@@ -134,6 +134,14 @@ def test_a_transcript_without_letters_is_refused_before_decoding(task):
             run_tts(model, docs, asr=model)
 
 
+def test_a_transcript_of_apostrophes_only_is_refused_before_decoding():
+    """Normalising keeps apostrophes: "' '" was a reference of 2 words, holding no letter."""
+    model = TaskModel(_NeverDecodes(), vocab(), _Transcripts("a cat", "' '", "dog"), STATIC, None)
+    with pytest.raises(ValueError, match=r"utterance 1 of the evaluation set has the transcript "
+                                         r"\"' '\", which holds no letter or digit"):
+        run_asr(model, utterances(seed=13, count=3))
+
+
 @pytest.mark.parametrize("run", [run_asr, run_tts])
 def test_an_utterance_longer_than_the_context_is_named(single_rank, run):
     model = tiny_model("lst", vocab().size, seed=1)
