@@ -42,6 +42,7 @@ from .model_state import (
     CheckpointContentError,
     build_full_model,
     check_finite_weights,
+    check_weight_dtypes,
     full_state_dict,
     load_full_state_dict,
     weights_as,
@@ -80,9 +81,11 @@ PORTABLE_FILENAMES = (WEIGHTS_FILENAME, CONFIG_FILENAME)
 
 def portable_model(checkpoint: PortableCheckpoint, source: str):
     """The model of a portable checkpoint, its tensors' names and shapes checked against its
-    config before the model is built, and its weights checked to be finite."""
+    config before the model is built, and its weights checked to be of a dtype the conversions
+    read (`check_weight_dtypes`) and finite."""
     check_full_state_shapes({name: tuple(t.shape) for name, t in checkpoint.state.items()},
                             checkpoint.config, source)
+    check_weight_dtypes(checkpoint.state, f"{source} ({WEIGHTS_FILENAME})")
     check_finite_weights(checkpoint.state, f"{source} ({WEIGHTS_FILENAME})")
     model = build_full_model(checkpoint.config)
     load_full_state_dict(model, checkpoint.state, source)
