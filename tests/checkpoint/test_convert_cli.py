@@ -75,6 +75,17 @@ def test_save_directory_without_checkpoint_exits_1(tmp_path, capsys):
     assert f"{tmp_path} holds no complete dist checkpoint" in capsys.readouterr().err
 
 
+def test_verify_of_a_checkpoint_under_another_name_says_the_name_to_give_it(tmp_path, capsys):
+    """It said the directory holds no checkpoint (dist-to-portable converts it)."""
+    best = tmp_path / "best"
+    best.mkdir()
+    for name in (".metadata", "metadata.json", "lst_checkpoint.json"):
+        (best / name).write_bytes(b"")
+    assert main(["verify", "--load", str(best)]) == 1
+    assert (f"{best} is one lst-train checkpoint (it holds lst_checkpoint.json) under another "
+            f"name than iter_XXXXXXX" in capsys.readouterr().err)
+
+
 def import_edited_reference(reference_fixtures, tmp_path, edits: dict,
                             patcher_args: dict | None = None) -> int:
     """`lst-convert import-reference` of the fixture with its model args edited (and, given, its
