@@ -239,10 +239,14 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
     the dtype the portable checkpoint holds it in), loadable under any TP/PP with
     `lst-train --load save --finetune`, `lst-eval` and `lst-generate`; it records the model's
     whole configuration, so any model the portable form holds converts.
-    Refuses a portable checkpoint that records no vocabulary (`_require_vocab`), and a `save`
-    that is a file or lies under one before converting (the save failed after the conversion,
-    with the trainer's advice to resume)."""
+    Refuses a portable checkpoint that records no vocabulary (`_require_vocab`), and, before
+    converting, a `save` that is a file or lies under one (the save failed after the conversion,
+    with the trainer's advice to resume) or whose pointer file is no file (the checkpoint was
+    written, then the pointer update failed, exit status 1)."""
+    from megatron_lst.training.checkpointing import check_tracker_is_a_file
+
     _refuse_to_overwrite(save, ())  # the save itself refuses an existing checkpoint
+    check_tracker_is_a_file(save)  # which the save replaces, after writing the checkpoint
     checkpoint = load_portable(portable_dir)
     _require_vocab(checkpoint, Path(portable_dir))
     before = portable_model(checkpoint, str(portable_dir))

@@ -292,6 +292,19 @@ def test_a_save_that_is_a_file_is_refused_before_converting(tiny_portable, tmp_p
     assert taken.read_text() == "notes\n"
 
 
+def test_a_save_whose_pointer_is_a_directory_is_refused_before_converting(tiny_portable, tmp_path,
+                                                                         capsys):
+    """lst-train refuses such a --save up front; portable-to-dist wrote the checkpoint, then
+    failed replacing the pointer (exit 1), leaving iter_0000000 behind."""
+    save = tmp_path / "save"
+    (save / "latest_checkpointed_iteration.txt").mkdir(parents=True)
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(save)]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"lst-convert portable-to-dist: {save / 'latest_checkpointed_iteration.txt'} is a "
+        f"directory: lst-train writes the iteration of the newest checkpoint into a file")
+    assert sorted(entry.name for entry in save.iterdir()) == ["latest_checkpointed_iteration.txt"]
+
+
 def test_an_output_inside_a_dist_checkpoint_is_refused_and_the_checkpoint_still_verifies(
         tiny_portable, tmp_path, capsys):
     """dist-to-portable --output SAVE/iter_0000000 wrote the portable files into the checkpoint,
