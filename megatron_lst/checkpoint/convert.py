@@ -69,7 +69,7 @@ from .reference_files import (
     read_reference_state_dict,
     reference_params_beside,
 )
-from .reference_run import export_sections, imported_tokenizer
+from .reference_run import check_lst_tokenizer, export_sections, imported_tokenizer
 from .stale_scratch import WRITER_TAG_PATTERN, remove_stale_scratch, writer_tag
 from .verify import VerificationError, verify_same_function
 
@@ -199,9 +199,12 @@ def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
 def _reference_tokenizer(reference_args: str | Path, num_units: int | None) -> tuple[str | None, int]:
     """`(SentencePiece model or None, speech units)` of the reference run whose config is
     `reference_args`: its "lst" tokenizer's (`data.tokenizer_args`), the units `num_units` when
-    given. Refuses a `num_units` other than the tokenizer's: the ids past the text pieces would
-    name other units."""
-    path, units = imported_tokenizer(read_reference_tokenizer_args(reference_args))
+    given. Refuses a run tokenized by another tokenizer than "lst" (`check_lst_tokenizer`), and
+    a `num_units` other than the tokenizer's: the ids past the text pieces would name other
+    units."""
+    tokenizer_args = read_reference_tokenizer_args(reference_args)
+    check_lst_tokenizer(tokenizer_args, reference_args)
+    path, units = imported_tokenizer(tokenizer_args)
     if num_units is None:
         return path, units or DEFAULT_REFERENCE_UNITS
     if units is not None and units != num_units:
