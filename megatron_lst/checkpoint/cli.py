@@ -108,12 +108,14 @@ def _iteration(text: str) -> int:
 def verify_command(load: str, ckpt_step: int | None) -> int:
     """`lst-convert verify`: print what the checks found; 0 for a sound checkpoint, else 1."""
     from megatron_lst.training.checkpointing import select_checkpoint
+    from megatron_lst.training.foreign_checkpoints import renamed_checkpoint_advice
 
     from .integrity import inspect_checkpoint
 
     path = select_checkpoint(load, ckpt_step)
     if path is None:
-        raise CheckpointError(f"{load} holds no complete dist checkpoint")
+        raise CheckpointError(renamed_checkpoint_advice(load)
+                              or f"{load} holds no complete dist checkpoint")
     report = inspect_checkpoint(path)
     if not report.has_manifest:
         print(f"{path}: no manifest (saved before file digests were recorded, or by another "

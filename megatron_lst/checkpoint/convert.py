@@ -42,6 +42,7 @@ from .model_state import (
     CheckpointContentError,
     build_full_model,
     check_finite_weights,
+    check_weight_dtypes,
     full_state_dict,
     load_full_state_dict,
     weights_as,
@@ -68,7 +69,7 @@ from .reference_files import (
     read_reference_state_dict,
     reference_params_beside,
 )
-from .reference_run import export_sections, imported_tokenizer
+from .reference_run import check_lst_tokenizer, export_sections, imported_tokenizer
 from .stale_scratch import WRITER_TAG_PATTERN, remove_stale_scratch, writer_tag
 from .verify import VerificationError, verify_same_function
 
@@ -80,9 +81,11 @@ PORTABLE_FILENAMES = (WEIGHTS_FILENAME, CONFIG_FILENAME)
 
 def portable_model(checkpoint: PortableCheckpoint, source: str):
     """The model of a portable checkpoint, its tensors' names and shapes checked against its
-    config before the model is built, and its weights checked to be finite."""
+    config before the model is built, and its weights checked to be of a dtype the conversions
+    read (`check_weight_dtypes`) and finite."""
     check_full_state_shapes({name: tuple(t.shape) for name, t in checkpoint.state.items()},
                             checkpoint.config, source)
+    check_weight_dtypes(checkpoint.state, f"{source} ({WEIGHTS_FILENAME})")
     check_finite_weights(checkpoint.state, f"{source} ({WEIGHTS_FILENAME})")
     model = build_full_model(checkpoint.config)
     load_full_state_dict(model, checkpoint.state, source)
@@ -196,9 +199,12 @@ def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
 def _reference_tokenizer(reference_args: str | Path, num_units: int | None) -> tuple[str | None, int]:
     """`(SentencePiece model or None, speech units)` of the reference run whose config is
     `reference_args`: its "lst" tokenizer's (`data.tokenizer_args`), the units `num_units` when
-    given. Refuses a `num_units` other than the tokenizer's: the ids past the text pieces would
-    name other units."""
-    path, units = imported_tokenizer(read_reference_tokenizer_args(reference_args))
+    given. Refuses a run tokenized by another tokenizer than "lst" (`check_lst_tokenizer`), and
+    a `num_units` other than the tokenizer's: the ids past the text pieces would name other
+    units."""
+    tokenizer_args = read_reference_tokenizer_args(reference_args)
+    check_lst_tokenizer(tokenizer_args, reference_args)
+    path, units = imported_tokenizer(tokenizer_args)
     if num_units is None:
         return path, units or DEFAULT_REFERENCE_UNITS
     if units is not None and units != num_units:
@@ -236,10 +242,14 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
     the dtype the portable checkpoint holds it in), loadable under any TP/PP with
     `lst-train --load save --finetune`, `lst-eval` and `lst-generate`; it records the model's
     whole configuration, so any model the portable form holds converts.
-    Refuses a portable checkpoint that records no vocabulary (`_require_vocab`), and a `save`
-    that is a file or lies under one before converting (the save failed after the conversion,
-    with the trainer's advice to resume)."""
+    Refuses a portable checkpoint that records no vocabulary (`_require_vocab`), and, before
+    converting, a `save` that is a file or lies under one (the save failed after the conversion,
+    with the trainer's advice to resume) or whose pointer file is no file (the checkpoint was
+    written, then the pointer update failed, exit status 1)."""
+    from megatron_lst.training.checkpointing import check_tracker_is_a_file
+
     _refuse_to_overwrite(save, ())  # the save itself refuses an existing checkpoint
+    check_tracker_is_a_file(save)  # which the save replaces, after writing the checkpoint
     checkpoint = load_portable(portable_dir)
     _require_vocab(checkpoint, Path(portable_dir))
     before = portable_model(checkpoint, str(portable_dir))

@@ -211,6 +211,24 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor], source: str) -> 
 VOCAB_TENSORS = ("token_encoder.embedding.weight", "output_layer.weight")
 
 
+# The floating-point dtypes a checkpoint's weights may have: the model's (fp32), the narrower
+# ones it trains in (bf16, fp16) and fp64, each cast exactly where it must be. torch neither
+# compares nor checks for NaN the 8-bit floats (float8_e4m3fn, ...), a quantized form.
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_weight_dtypes(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse, naming `source` and the first such tensor, a full state dict holding a
+    floating-point tensor of a dtype outside `WEIGHT_DTYPES` (the conversions failed on it with
+    a traceback from torch). Integer tensors are refused by name when loaded."""
+    for name, tensor in sorted(state.items()):
+        if tensor.is_floating_point() and tensor.dtype not in WEIGHT_DTYPES:
+            raise CheckpointContentError(
+                f"{source}: tensor {name!r} holds {tensor.dtype}, which no conversion here "
+                f"reads (weights are float32, bfloat16, float16 or float64); save the weights "
+                f"in one of those, e.g. cast to bfloat16")
+
+
 def check_finite_weights(state: dict[str, torch.Tensor], source: str) -> None:
     """Refuse, naming `source` and the tensor, a full state dict holding a NaN or inf: the run
     that wrote it had diverged (training never saves such weights), and every logit of a model

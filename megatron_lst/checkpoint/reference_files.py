@@ -34,6 +34,7 @@ import torch
 from megatron_lst.models.reference_import import ReferenceImportError
 
 from .errors import CheckpointError
+from .model_state import WEIGHT_DTYPES
 from .safe_pickle import DCP_METADATA_FILENAME, check_file_bounds, read_dcp_metadata
 
 CONSOLIDATED_FILENAME = "consolidated.pth"
@@ -124,7 +125,8 @@ def read_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def check_reference_tensors(state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Refuse, naming the tensor, a state dict with a tensor that is not floating point, with
+    """Refuse, naming the tensor, a state dict with a tensor that is not floating point or of a
+    float dtype the import does not read (the 8-bit floats: `model_state.WEIGHT_DTYPES`), with
     tensors of several dtypes (the reference stores every weight in one), or with a NaN or inf
     (its run diverged before this checkpoint)."""
     if not state:
@@ -135,6 +137,11 @@ def check_reference_tensors(state: dict[str, torch.Tensor], source: str | Path) 
             raise ReferenceImportError(
                 f"reference checkpoint {source}: tensor {name!r} holds {tensor.dtype}, not "
                 "floating-point weights; the file is damaged or is not a model state dict")
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise ReferenceImportError(
+                f"reference checkpoint {source}: tensor {name!r} holds {tensor.dtype}, which "
+                "the reference does not run (its distributed.model_dtype: fp32, bf16 or fp16) "
+                "and the import does not read; import the checkpoint its training saved")
         by_dtype[tensor.dtype].append(name)
     if len(by_dtype) > 1:
         kinds = ", ".join(f"{len(names)} {dtype} (e.g. {names[0]!r})"

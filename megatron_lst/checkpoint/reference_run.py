@@ -63,6 +63,23 @@ def export_sections(state: dict[str, torch.Tensor], tokenizer_model: str | None,
             "distributed": {"model_dtype": reference_model_dtype(state)}}
 
 
+def check_lst_tokenizer(tokenizer_args: dict[str, Any] | None, source: object) -> None:
+    """Refuse a reference run's `data.tokenizer_args` (in the file `source`) naming another
+    tokenizer than "lst" (left out: the reference's default, "bytes"): its token ids are bytes,
+    BPE or SentencePiece pieces of no joint vocabulary, so no vocabulary here reads them. None
+    (the file gives no tokenizer args) is left to the default speech units."""
+    if tokenizer_args is None or tokenizer_args.get("name", "bytes") == REFERENCE_TOKENIZER:
+        return
+    name = tokenizer_args.get("name", "bytes")
+    given = "" if "name" in tokenizer_args else " (the reference default, left out)"
+    raise ReferenceImportError(
+        f"{source}: data.tokenizer_args name {name!r}{given} is not the reference's LST "
+        f"tokenizer {REFERENCE_TOKENIZER!r} (SentencePiece text pieces, reserved ids, the text "
+        f"and speech markers, then the speech units): the model's token ids mean other tokens "
+        f"than any vocabulary here reads, so it is not imported (if the run did tokenize with "
+        f"the LST tokenizer, give its name {REFERENCE_TOKENIZER!r} in a copy of the file)")
+
+
 def imported_tokenizer(tokenizer_args: dict[str, Any] | None) -> tuple[str | None, int | None]:
     """`(SentencePiece model path, speech units)` of a reference run's `data.tokenizer_args`,
     each None where it gives none: another tokenizer than "lst", a path still to be given

@@ -108,11 +108,16 @@ def load_inference_model(load_dir: str | os.PathLike, tensor_model_parallel_size
 
 def _no_checkpoint_message(load_dir: Path) -> str:
     """Why `load_dir` gives no model: no dist checkpoint is there; where it holds a checkpoint of
-    another form (portable, or the reference implementation's), the conversions that make one."""
+    another form (portable, or the reference implementation's), the conversions that make one;
+    where it is one checkpoint under another name than iter_XXXXXXX, the name to give it."""
     from megatron_lst.checkpoint.portable import CONFIG_FILENAME, WEIGHTS_FILENAME
     from megatron_lst.checkpoint.reference_files import CONSOLIDATED_FILENAME, CONSOLIDATED_FOLDER
     from megatron_lst.checkpoint.safe_pickle import DCP_METADATA_FILENAME
+    from megatron_lst.training.foreign_checkpoints import renamed_checkpoint_advice
 
+    renamed = renamed_checkpoint_advice(load_dir)
+    if renamed is not None:  # before the reference's: it holds a .metadata too
+        return renamed
     to_dist = "`lst-convert portable-to-dist --portable {} --save NEW_DIR`, then pass --load NEW_DIR"
     if (load_dir / CONFIG_FILENAME).is_file() or load_dir.name == WEIGHTS_FILENAME:
         portable = load_dir if load_dir.is_dir() else load_dir.parent

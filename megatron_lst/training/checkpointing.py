@@ -877,14 +877,49 @@ def _optimizer_flags(values: dict[str, Any]) -> str:
 
 
 def _check_model_shapes(state: dict[str, Any], saved: dict[str, Any], path: Path) -> None:
-    """Name the first model tensor whose global shape differs from the checkpoint's (`saved`:
-    its tensors' metadata)."""
+    """Collective: refuse, alike on every rank, a model that does not fit the checkpoint
+    (`saved`: its tensors' metadata): the first model tensor of any rank that the checkpoint
+    lacks or holds with another global shape, and the checkpoint's model tensors that no rank's
+    model has (a model of fewer layers or parts, which loading would leave out silently)."""
+    from megatron_lst.checkpoint.dist import NON_MODEL_PREFIXES
+
+    try:
+        keys, failure = _fitting_model_keys(state, saved, path), None
+    except CheckpointError as error:
+        keys, failure = [], str(error)
+
+    def refused(failed: list[tuple[int, str]]) -> CheckpointError:
+        rank, message = failed[0]
+        return CheckpointError(message if dist.get_world_size() == 1
+                               else f"{message} (on rank {rank})")
+
+    expected = set().union(*share_or_stop(keys, failure, refused))
+    unexpected = sorted(key for key in saved
+                        if key not in expected and not key.startswith(NON_MODEL_PREFIXES))
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(
+            f"checkpoint {path} holds model tensor(s) this model does not have: "
+            f"{unexpected[:5]}{more}; it was saved from a model with more layers or parts. Build "
+            f"the model with the sizes it was saved with (see 'args' in its {METADATA_FILENAME}; "
+            f"--use-checkpoint-args does)")
+
+
+def _fitting_model_keys(state: dict[str, Any], saved: dict[str, Any], path: Path) -> list[str]:
+    """The checkpoint keys of this rank's model tensors (`state`: its sharded state dict),
+    refusing, naming it, the first that the checkpoint lacks or holds with another global
+    shape."""
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
+    keys = []
     for sharded in nested_values(state):
+        if isinstance(sharded, ShardedTensorFactory):  # fused SwiGLU fc1: saved under its key
+            keys.append(sharded.key)
         if not isinstance(sharded, ShardedTensor):
             continue
+        keys.append(sharded.key)
         if sharded.key not in saved:
             raise CheckpointError(
                 f"model tensor {sharded.key!r} is not in checkpoint {path}: the model has "
@@ -897,6 +932,7 @@ def _check_model_shapes(state: dict[str, Any], saved: dict[str, Any], path: Path
                 f"checkpoint {path} holds {saved_shape}; build the model with the sizes it was "
                 f"saved with (see 'args' in its {METADATA_FILENAME})"
             )
+    return keys
 
 
 # --- model and layout state ------------------------------------------------------------

@@ -75,6 +75,17 @@ def test_save_directory_without_checkpoint_exits_1(tmp_path, capsys):
     assert f"{tmp_path} holds no complete dist checkpoint" in capsys.readouterr().err
 
 
+def test_verify_of_a_checkpoint_under_another_name_says_the_name_to_give_it(tmp_path, capsys):
+    """It said the directory holds no checkpoint (dist-to-portable converts it)."""
+    best = tmp_path / "best"
+    best.mkdir()
+    for name in (".metadata", "metadata.json", "lst_checkpoint.json"):
+        (best / name).write_bytes(b"")
+    assert main(["verify", "--load", str(best)]) == 1
+    assert (f"{best} is one lst-train checkpoint (it holds lst_checkpoint.json) under another "
+            f"name than iter_XXXXXXX" in capsys.readouterr().err)
+
+
 def import_edited_reference(reference_fixtures, tmp_path, edits: dict,
                             patcher_args: dict | None = None) -> int:
     """`lst-convert import-reference` of the fixture with its model args edited (and, given, its
@@ -279,6 +290,19 @@ def test_a_save_that_is_a_file_is_refused_before_converting(tiny_portable, tmp_p
             f"directory for the converted checkpoint (created if missing)\n"
             == capsys.readouterr().err)
     assert taken.read_text() == "notes\n"
+
+
+def test_a_save_whose_pointer_is_a_directory_is_refused_before_converting(tiny_portable, tmp_path,
+                                                                         capsys):
+    """lst-train refuses such a --save up front; portable-to-dist wrote the checkpoint, then
+    failed replacing the pointer (exit 1), leaving iter_0000000 behind."""
+    save = tmp_path / "save"
+    (save / "latest_checkpointed_iteration.txt").mkdir(parents=True)
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(save)]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"lst-convert portable-to-dist: {save / 'latest_checkpointed_iteration.txt'} is a "
+        f"directory: lst-train writes the iteration of the newest checkpoint into a file")
+    assert sorted(entry.name for entry in save.iterdir()) == ["latest_checkpointed_iteration.txt"]
 
 
 def test_an_output_inside_a_dist_checkpoint_is_refused_and_the_checkpoint_still_verifies(

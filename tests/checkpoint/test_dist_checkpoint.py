@@ -1,6 +1,7 @@
 """Dist checkpoints under TP/PP <-> the portable form: TP2PP2 -> TP1PP1 -> TP2PP1 reproduces the
 logits (fp32, gloo on CPU), and a checkpoint that does not fit the model is refused by name."""
 
+import argparse
 import dataclasses
 import io
 import json
@@ -21,6 +22,7 @@ from megatron_lst.checkpoint.dist import (
     save_dist_checkpoint,
     training_args_for,
 )
+from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.checkpoint.model_state import (
     CheckpointContentError,
     build_full_model,
@@ -30,7 +32,7 @@ from megatron_lst.checkpoint.portable import PortableCheckpoint, load_portable, 
 from megatron_lst.checkpoint.verify import fixed_batch, logits
 from megatron_lst.models.config import preset
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
-from megatron_lst.training.checkpointing import METADATA_FILENAME
+from megatron_lst.training.checkpointing import METADATA_FILENAME, load_checkpoint
 
 WORKER = Path(__file__).resolve().parent / "dist_checkpoint_worker.py"
 VOCAB = JointVocab(text_size=58)  # 566 ids: splits over TP=2
@@ -114,6 +116,24 @@ def test_dist_checkpoint_of_another_architecture_is_refused_by_tensor(dist_check
         config.global_model, ffn_hidden_size=512))
     with pytest.raises(CheckpointContentError, match=r"linear_fc1\.weight. has shape \(2, 512, 64\) but the model expects \(2, 1024, 64\)"):
         load_dist_checkpoint(dist_checkpoint, build_full_model(wider_ffn))
+
+
+def test_training_load_of_a_model_of_fewer_layers_than_the_checkpoint_is_refused_by_tensor(
+        dist_checkpoint):
+    """lst-train --load (with --no-use-checkpoint-args and the model flags of a smaller model)
+    and lst-eval load through training's `load_checkpoint`, which loaded the layers the model has
+    and left the checkpoint's others out without a word."""
+    config = preset("tiny", VOCAB.size)
+    shallower = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, num_layers=1))
+    weights_only = argparse.Namespace(finetune=True, no_load_optim=True, no_load_rng=True,
+                                      ckpt_step=None)
+    with pytest.raises(CheckpointError, match=r"holds model tensor\(s\) this model does not have: "
+                                              r"\['local_decoder\.cross_attn_layers\.1\..*more layers"):
+        load_checkpoint(dist_checkpoint, [build_full_model(shallower)], None, None, weights_only,
+                        VOCAB)
+    loaded = load_checkpoint(dist_checkpoint, [build_full_model(config)], None, None,
+                             weights_only, VOCAB)
+    assert loaded.path == dist_checkpoint
 
 
 def test_loading_a_dist_checkpoint_unpickles_its_index_once_under_the_restricted_reader(

@@ -55,3 +55,15 @@ def test_a_directory_of_no_checkpoint_asks_for_a_save_directory(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds no complete checkpoint \(no iter_XXXXXXX "
                                               r"with lst_checkpoint.json\); pass the --save"):
         load_inference_model(tmp_path)
+
+
+def test_a_checkpoint_under_another_name_is_told_the_name_to_have(tmp_path):
+    """An lst-train checkpoint copied as `best/` holds a .metadata too: it was taken for the
+    reference's step directory, with the advice to import it with import-reference."""
+    make(tmp_path, ["best/.metadata", "best/__0_0.distcp", "best/metadata.json",
+                    "best/lst_checkpoint.json"])
+    with pytest.raises(CheckpointError) as refused:
+        load_inference_model(tmp_path / "best")
+    assert str(refused.value).startswith(
+        f"{tmp_path / 'best'} is one lst-train checkpoint (it holds lst_checkpoint.json) under "
+        f"another name than iter_XXXXXXX, by which --load finds checkpoints: copy or rename it")

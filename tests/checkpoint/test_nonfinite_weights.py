@@ -76,3 +76,27 @@ def test_a_dist_checkpoint_with_nan_weights_is_refused_not_blamed_on_the_convers
             in err), err
     assert "the conversion is wrong" not in err
     assert not output.exists()
+
+
+@pytest.mark.parametrize("command, output_flag", [("portable-to-dist", "--save"),
+                                                  ("export-reference", "--output")])
+def test_a_portable_checkpoint_of_8_bit_floats_is_refused_naming_it(tmp_path, capsys, command,
+                                                                     output_flag):
+    """torch has no isfinite for the 8-bit floats: the NaN check above failed with a traceback."""
+    directory = tmp_path / "fp8"
+    initialize_parallel()
+    try:
+        model = build_full_model(preset("tiny", VOCAB.size))
+        state = {name: tensor.to(torch.float8_e4m3fn)
+                 for name, tensor in full_state_dict(model).items()}
+        save_portable(directory, PortableCheckpoint(config=model.lst_config, state=state,
+                                                    vocab=VOCAB))
+    finally:
+        destroy_parallel()
+    output = tmp_path / "out"
+    assert main([command, "--portable", str(directory), output_flag, str(output)]) == 1
+    err = capsys.readouterr().err
+    assert (f"{directory} ({WEIGHTS_FILENAME}): tensor 'global_transformer.block.layers.0."
+            f"input_layernorm.weight' holds torch.float8_e4m3fn, which no conversion here reads"
+            in err), err
+    assert not output.exists()

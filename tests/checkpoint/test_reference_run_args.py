@@ -316,6 +316,23 @@ def test_num_units_other_than_the_run_tokenizers_is_refused(tmp_path, capsys):
     assert not (tmp_path / "portable").exists()
 
 
+@pytest.mark.parametrize("tokenizer_args, named", [
+    ({"name": "blt", "init_kwargs": {}}, "'blt'"),
+    ({"name": "sp", "init_kwargs": {"tokenizer_path": SPM}}, "'sp'"),
+    ({"init_kwargs": {}}, "'bytes' (the reference default, left out)"),
+])
+def test_a_run_of_another_tokenizer_than_lst_is_refused_by_name(tmp_path, capsys, tokenizer_args,
+                                                                named):
+    """Its ids (bytes, SentencePiece pieces) were imported as the joint vocabulary's text pieces
+    and speech units, without a word."""
+    write_reference(tmp_path, tokenizer_args=tokenizer_args)
+    assert convert("import-reference", "--reference-ckpt", tmp_path / "run/consolidated.safetensors",
+                   "--output", tmp_path / "portable", "--num-units", UNITS) == 1
+    assert (f"{tmp_path / 'run/params.json'}: data.tokenizer_args name {named} is not the "
+            f"reference's LST tokenizer 'lst'" in capsys.readouterr().err)
+    assert not (tmp_path / "portable").exists()
+
+
 @pytest.mark.parametrize("dtypes", [(torch.float64,), (torch.float32, torch.bfloat16)])
 def test_a_dtype_the_reference_cannot_run_is_named(dtypes):
     state = {f"w{i}": torch.zeros(2, dtype=dtype) for i, dtype in enumerate(dtypes)}

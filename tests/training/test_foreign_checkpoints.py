@@ -5,7 +5,10 @@ of it; it used to say only that the directory holds no lst-train checkpoint."""
 import pytest
 
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
-from megatron_lst.training.foreign_checkpoints import foreign_checkpoint_advice
+from megatron_lst.training.foreign_checkpoints import (
+    foreign_checkpoint_advice,
+    renamed_checkpoint_advice,
+)
 from training.training_cases import tiny_flags
 
 IMPORT = "`lst-convert import-reference --reference-ckpt {} --output IMPORTED`"
@@ -51,6 +54,19 @@ def test_a_portable_checkpoint_is_named_with_portable_to_dist(tmp_path):
     assert foreign_checkpoint_advice(portable) == (
         f"{portable} is a portable checkpoint (model.safetensors + lst_config.json), which holds "
         f"weights only; make a training checkpoint of it with " + TO_DIST.format(portable))
+
+
+@pytest.mark.parametrize("load", ["best", "iter_100"])
+def test_an_lst_train_checkpoint_under_another_name_is_told_the_name_to_have(tmp_path, load):
+    """Its .metadata made it "a checkpoint of the reference implementation" to import."""
+    checkpoint = _files(tmp_path / load, ".metadata", "__0_0.distcp", "metadata.json",
+                        "lst_checkpoint.json")
+    assert foreign_checkpoint_advice(checkpoint) == (
+        f"{checkpoint} is one lst-train checkpoint (it holds lst_checkpoint.json) under another "
+        f"name than iter_XXXXXXX, by which --load finds checkpoints: copy or rename it to iter_ "
+        f"and its iteration in 7 digits ('iteration' in its lst_checkpoint.json, e.g. "
+        f"iter_0000100) inside a directory of its own, and pass that directory to --load")
+    assert renamed_checkpoint_advice(checkpoint.rename(tmp_path / "iter_0000100")) is None
 
 
 @pytest.mark.parametrize("names, load", [
