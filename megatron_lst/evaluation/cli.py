@@ -51,6 +51,7 @@ from megatron_lst.training.checkpointing import (
     TRACKER_FILENAME,
     CheckpointError,
 )
+from megatron_lst.training.memory_history import SNAPSHOT_FILENAME
 from megatron_lst.training.metrics import METRICS_FILENAME
 from megatron_lst.training.save_directory import LOCK_FILENAME
 
@@ -312,7 +313,7 @@ def _check_output(args: argparse.Namespace) -> None:
         # Folders hold the checkpoints and the row index; these files the run's state and logs.
         inside = output.resolve().relative_to(run)
         if len(inside.parts) > 1 or inside.name in (TRACKER_FILENAME, METRICS_FILENAME,
-                                                    LOCK_FILENAME):
+                                                    LOCK_FILENAME, SNAPSHOT_FILENAME):
             raise ValueError(f"--output {args.output} is a file of the training run in the "
                              f"{flag} directory {directory} (its checkpoints, index or logs), "
                              f"which the results would overwrite; write them to another file")

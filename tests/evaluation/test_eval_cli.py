@@ -404,12 +404,15 @@ def test_lst_eval_output_never_overwrites_the_tokenizer_or_the_checkpoint(checkp
     shutil.copy(tokenizer().path, tokenizer_copy)
     before = Path(tokenizer().path).read_bytes()
     save = root / "save"
+    snapshot = save / "memory_snapshot.pickle"
+    snapshot.write_bytes(b"the allocator's snapshot")
     for output, extra, message in [
         (tokenizer().path, [], "is the model's tokenizer, which the results would overwrite"),
         (tokenizer_copy, ["--tokenizer-model", str(tokenizer_copy)], "is the --tokenizer-model file"),
         (save / "latest_checkpointed_iteration.txt", [], "is a file of the training run in the "
                                                          f"--load directory {save}"),
         (save / "iter_0000003" / METADATA_FILENAME, [], "is a file of the training run"),
+        (snapshot, [], "is a file of the training run"),  # --record-memory-history's
     ]:
         kept = Path(output).read_bytes()
         assert eval_main(["--load", str(save), "--items", str(items_path), "--modes", "tt",
@@ -417,6 +420,7 @@ def test_lst_eval_output_never_overwrites_the_tokenizer_or_the_checkpoint(checkp
         err = capsys.readouterr().err
         assert f"--output {output} {message}" in err and err.count("\n") == 1, err
         assert Path(output).read_bytes() == kept
+    snapshot.unlink()
     assert Path(tokenizer().path).read_bytes() == before
 
 
