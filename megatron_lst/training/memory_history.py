@@ -117,11 +117,12 @@ class MemoryHistory:
 
         self._recording = False
         try:
-            self._write(f"at the end of training, after iteration {last_iteration}")
+            self._write(f"at the end of training, after iteration {last_iteration}", last=True)
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)
 
-    def _write(self, when: str) -> None:
+    def _write(self, when: str, last: bool = False) -> None:
+        """The snapshot taken `when`, to `path`; `last`: the one `close()` writes."""
         import torch
 
         snapshot = torch.cuda.memory._snapshot()
@@ -136,7 +137,7 @@ class MemoryHistory:
             print(f"rank {self.rank}: the memory snapshot {when} could not be written to "
                   f"{self.path} ({error}); training goes on without it", flush=True)
             return
-        if when.startswith("at the end"):
+        if last:
             print(f"rank {self.rank}: last memory snapshot, {when}, written to {self.path}",
                   flush=True)
         elif not self._written_once:
