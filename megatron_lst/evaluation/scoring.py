@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,21 +57,31 @@ logger = logging.getLogger(__name__)
 MODES = {"S->S": (True, True), "T->T": (False, False), "S->T": (True, False), "T->S": (False, True)}
 
 
+_MODE_SPELLING = re.compile(r"([ST])(->|2)?([ST])")
+"""A mode as "S->T", "ST" or "S2T" (upper-cased first): a side, an optional "->" or "2", a side."""
+
+
 def parse_modes(text: str | Sequence[str]) -> list[str]:
     """Mode names from "S->S,T->T" or a list, each once, in the order first given. Spellings
     that need no shell quoting are accepted too, in any case: "ss,tt,st,ts" and
-    "s2s,t2t,s2t,t2s"."""
+    "s2s,t2t,s2t,t2s"; nothing else ("tt2", "2tt", "s->2t" are refused)."""
     names = text.split(",") if isinstance(text, str) else list(text)
     modes = []
     for name in names:
-        spelled = name.strip().upper().replace("->", "").replace("2", "")
-        canonical = "->".join(spelled) if len(spelled) == 2 else spelled
-        if canonical not in MODES:
-            raise ValueError(f"unknown evaluation mode {name!r}; choose from {list(MODES)} "
-                             f"(or, without shell quoting, ss, tt, st, ts)")
+        canonical = _canonical_mode(name)
         if canonical not in modes:  # "tt,T->T" scored every item twice
             modes.append(canonical)
     return modes
+
+
+def _canonical_mode(name: str) -> str:
+    """The arrow spelling ("S->T") of one mode in any accepted spelling; a ValueError naming the
+    accepted spellings otherwise."""
+    spelled = _MODE_SPELLING.fullmatch(name.strip().upper())
+    if spelled is None:
+        raise ValueError(f"unknown evaluation mode {name!r}; choose from {list(MODES)} "
+                         f"(or, without shell quoting, ss, tt, st, ts or s2s, t2t, s2t, t2s)")
+    return f"{spelled.group(1)}->{spelled.group(3)}"
 
 
 def inference_patcher(config: PatchingConfig) -> Patcher:

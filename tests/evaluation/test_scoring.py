@@ -53,7 +53,7 @@ def test_parse_modes():
     assert parse_modes("tt,T->T,ss,t2t") == ["T->T", "S->S"]  # each mode scored once
     with pytest.raises(ValueError, match="unknown evaluation mode 'S->X'"):
         parse_modes("S->X")
-    for bad in ("sts", "s", "S-T"):
+    for bad in ("sts", "s", "S-T", "tt2", "2tt", "t2t2", "s22t", "s->2t", "S->->S", "t- >t"):
         with pytest.raises(ValueError, match="without shell quoting, ss, tt, st, ts"):
             parse_modes(bad)
 
