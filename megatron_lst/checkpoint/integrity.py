@@ -143,9 +143,10 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, FileRecord] | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-        if manifest.get("format_version") != MANIFEST_FORMAT_VERSION or \
+        version = manifest.get("format_version")  # true and 1.0 equal 1, yet no save writes them
+        if type(version) is not int or version != MANIFEST_FORMAT_VERSION or \
                 manifest.get("algorithm") != "sha256":
-            raise ValueError(f"format {manifest.get('format_version')!r}, algorithm "
+            raise ValueError(f"format {version!r}, algorithm "
                              f"{manifest.get('algorithm')!r}; this code reads format "
                              f"{MANIFEST_FORMAT_VERSION}, sha256")
         return {name: FileRecord(int(r["size"]), str(r["sha256"]))

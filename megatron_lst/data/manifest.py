@@ -102,10 +102,10 @@ class Manifest:
             raw = json.loads(read_bounded_bytes(path, ManifestError, "manifest").decode("utf-8"))
             if not isinstance(raw, dict):
                 raise TypeError(f"expected a JSON object, got a {type(raw).__name__}")
-            if raw.get("format_version") != FORMAT_VERSION:
-                raise ManifestError(f"{path}: manifest format version "
-                                    f"{raw.get('format_version')} is not {FORMAT_VERSION}; "
-                                    f"re-run tools/preprocess_data.py")
+            version = raw.get("format_version")  # true and 1.0 equal 1, yet no writer wrote them
+            if type(version) is not int or version != FORMAT_VERSION:
+                raise ManifestError(f"{path}: manifest format version {version!r} is not "
+                                    f"{FORMAT_VERSION}; re-run tools/preprocess_data.py")
             if raw.get("kind") not in KINDS:  # Manifest's own error would not name the file
                 raise TypeError(f"kind {raw.get('kind')!r} is not one of {KINDS}")
             raw["tokenizer"] = TokenizerInfo(**raw["tokenizer"])

@@ -119,6 +119,15 @@ def test_save_records_every_file_and_verify_passes(saved, capsys):
     assert f"{checkpoint}: OK ({len(listed)} files" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("version", [True, 1.0])
+def test_a_manifest_version_that_only_equals_1_is_refused(tmp_path, version):
+    """JSON true and 1.0 equal 1 in Python, yet no save writes them."""
+    (tmp_path / MANIFEST_FILENAME).write_text(json.dumps(
+        {"format_version": version, "algorithm": "sha256", "files": {}}))
+    with pytest.raises(CheckpointIntegrityError, match=f"format {version!r}, algorithm 'sha256'"):
+        integrity.read_manifest(tmp_path)
+
+
 @pytest.mark.parametrize("forger_rewrites_manifest", [False, True])
 def test_crafted_metadata_is_refused_without_running_it(save_dir, tmp_path, forger_rewrites_manifest):
     checkpoint = save_dir / "iter_0000002"

@@ -274,6 +274,10 @@ def test_unreadable_manifest(aligned_store):
     path.write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ManifestError, match="format version 99"):
         DocumentStore(prefix)
+    for version in (True, 1.0):  # JSON true and 1.0 equal 1 in Python; no writer writes them
+        path.write_text(json.dumps({**raw, "format_version": version}))
+        with pytest.raises(ManifestError, match=f"format version {version!r} is not 1"):
+            DocumentStore(prefix)
     path.write_text("[1, 2]")
     with pytest.raises(ManifestError, match="unreadable manifest .*expected a JSON object"):
         DocumentStore(prefix)
