@@ -4,11 +4,16 @@ codebook size and hash), written by `tools/extract_units.py` and checked by ever
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 from megatron_lst.data.input_files import read_bounded_bytes
 
 UNITS_RECORD = "units.json"
+_EXTRACTION_FILE = re.compile(r"units\.json(\.tmp-[0-9a-f]+)?|.+\.npy(\.partial.*)?")
+"""What tools/extract_units.py writes into its --units-dir: the record (and its temporary file
+while replaced) and unit files `<id>.npy` (and their temporary files while written)."""
 
 
 def read_units_record(path: Path) -> dict:
@@ -26,14 +31,12 @@ def read_units_record(path: Path) -> dict:
 
 def check_units_fit(units_dir: str | Path, num_units: int, frame_rate: float) -> None:
     """Refuse reading the units of `units_dir` as a vocabulary of `num_units` units at
-    `frame_rate` Hz when the record in it, or in the nearest folder above it (a subfolder of
-    an extraction's --units-dir), says they were made otherwise. No record: nothing known.
+    `frame_rate` Hz when its record (`_units_record_of`) says they were made otherwise. No
+    record: nothing known.
 
     A codebook larger than --num-units shows otherwise only in the utterances that happen to
     use a unit past the vocabulary (each refused, or under --skip-bad silently dropped)."""
-    folder = Path(units_dir).resolve()
-    path = next((f / UNITS_RECORD for f in (folder, *folder.parents)
-                 if (f / UNITS_RECORD).is_file()), None)
+    path = _units_record_of(Path(units_dir).resolve())
     if path is None:
         return
     record = read_units_record(path)
@@ -47,3 +50,27 @@ def check_units_fit(units_dir: str | Path, num_units: int, frame_rate: float) ->
     if isinstance(rate, (int, float)) and rate != frame_rate:
         raise ValueError(f"{units_dir}: its units are at {rate:g} Hz ({path}), not "
                          f"--frame-rate {frame_rate:g}; pass --frame-rate {rate:g}")
+
+
+def _units_record_of(folder: Path) -> Path | None:
+    """The units.json of `folder`, else of the nearest folder above it (`folder` is then a
+    subfolder of an extraction's --units-dir: utterance ids name subfolders, as LibriSpeech's
+    `103/1240/103-1240-0000`). The search stops at a folder holding anything an extraction does
+    not write there: it is no extraction's output, so a units.json there or above (say in a
+    home folder) describes other units."""
+    for candidate in (folder, *folder.parents):
+        if candidate != folder and not _holds_only_extraction_output(candidate):
+            return None
+        if (candidate / UNITS_RECORD).is_file():
+            return candidate / UNITS_RECORD
+    return None
+
+
+def _holds_only_extraction_output(folder: Path) -> bool:
+    """Whether `folder` holds nothing but subfolders and files tools/extract_units.py writes."""
+    try:
+        with os.scandir(folder) as entries:
+            return all(entry.is_dir() or _EXTRACTION_FILE.fullmatch(entry.name)
+                       for entry in entries)
+    except OSError:  # unreadable: nothing shows it belongs to an extraction
+        return False
