@@ -168,6 +168,7 @@ def export_portable_to_reference(portable_dir: str | Path, output: str | Path,
     directory (`load_consolidated_model_and_tokenizer`). `tokenizer_model`: the SentencePiece
     model the tokenizer args name (default: the checkpoint's `tokenizer_model` flag)."""
     _refuse_to_overwrite(output, (REFERENCE_WEIGHTS_FILENAME, REFERENCE_ARGS_FILENAME))
+    _refuse_output_inside_source(output, "--output", portable_dir, "--portable")
     checkpoint = load_portable(portable_dir)
     before = portable_model(checkpoint, str(portable_dir))  # checks every tensor's name and shape
     reference = export_reference(checkpoint.state, checkpoint.config)
@@ -221,6 +222,8 @@ def dist_to_portable(load: str | Path, output: str | Path,
     tensor in the dtype the dist checkpoint holds it in."""
     _refuse_to_overwrite(output, PORTABLE_FILENAMES)
     path = resolve_checkpoint(load)
+    # The --save directory that holds the checkpoint: its iterations, pointer and metrics.
+    _refuse_output_inside_source(output, "--output", path.parent, "--load")
     config, vocab, training_args = checkpoint_model(path)
     before = build_full_model(config)
     load_dist_checkpoint(path, before, vocab)
@@ -250,6 +253,7 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
 
     _refuse_to_overwrite(save, ())  # the save itself refuses an existing checkpoint
     check_tracker_is_a_file(save)  # which the save replaces, after writing the checkpoint
+    _refuse_output_inside_source(save, "--save", portable_dir, "--portable")
     checkpoint = load_portable(portable_dir)
     _require_vocab(checkpoint, Path(portable_dir))
     before = portable_model(checkpoint, str(portable_dir))
@@ -441,6 +445,20 @@ def _refuse_to_overwrite(output: str | Path, filenames: tuple[str, ...]) -> None
             f"{output} already holds {existing}; refusing to overwrite a checkpoint. Give a new "
             f"--output directory, or move that checkpoint away")
     _refuse_a_checkpoint_directory(Path(output))
+
+
+def _refuse_output_inside_source(output: str | Path, output_flag: str, source: str | Path,
+                                 source_flag: str) -> None:
+    """Refuse an `output` that is the directory of the checkpoint converted (`source`) or lies
+    inside it: the converted checkpoint would be mixed into its source, copied, shared (a
+    portable checkpoint is shared as safe, a dist one holds pickles) and deleted with it, and a
+    directory of two checkpoints is named as the wrong one by the tools that read it."""
+    source_dir, written = Path(source).resolve(), Path(output).resolve()
+    if written == source_dir or source_dir in written.parents:
+        raise CheckpointContentError(
+            f"{output_flag} {output} is inside the {source_flag} checkpoint directory "
+            f"{source_dir}; the converted checkpoint would be mixed into the one it is converted "
+            f"from. Give {output_flag} a directory outside {source_dir}")
 
 
 def _checkpoint_markers() -> tuple[str, ...]:

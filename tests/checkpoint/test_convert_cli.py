@@ -52,12 +52,12 @@ def tiny_portable(tmp_path):
     initialize_parallel()
     try:
         config = preset("tiny", JointVocab(text_size=58).size)
-        save_portable(tmp_path, PortableCheckpoint(
+        save_portable(tmp_path / "tiny_portable", PortableCheckpoint(
             config=config, state=full_state_dict(build_full_model(config)),
             vocab=JointVocab(text_size=58)))
     finally:
         destroy_parallel()
-    return tmp_path
+    return tmp_path / "tiny_portable"
 
 
 def test_refused_checkpoint_exits_1_naming_the_tensor(tiny_portable, tmp_path, capsys):
@@ -321,6 +321,36 @@ def test_an_output_inside_a_dist_checkpoint_is_refused_and_the_checkpoint_still_
                  "--iteration", "5"]) == 1
     assert f"{iteration} is a checkpoint's own directory" in capsys.readouterr().err
     assert main(["verify", "--load", str(dist)]) == 0
+
+
+def test_an_output_in_the_save_directory_converted_is_refused(tiny_portable, tmp_path, capsys):
+    """dist-to-portable --output SAVE (or a folder in it) mixed the portable checkpoint into the
+    save directory of the dist one, to be copied, shared and deleted with it."""
+    dist = tmp_path / "dist"
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(dist)]) == 0
+    before = sorted(path.relative_to(dist) for path in dist.rglob("*"))
+    for load in (dist, dist / "iter_0000000"):
+        for output in (dist, dist / "portable", dist / "iter_0000000" / "portable"):
+            capsys.readouterr()
+            assert main(["dist-to-portable", "--load", str(load), "--output", str(output)]) == 1
+            assert (f"--output {output} is inside the --load checkpoint directory {dist}; the "
+                    f"converted checkpoint would be mixed into the one it is converted from. "
+                    f"Give --output a directory outside {dist}") in capsys.readouterr().err
+    assert sorted(path.relative_to(dist) for path in dist.rglob("*")) == before
+
+
+def test_a_save_or_export_inside_its_portable_input_is_refused(tiny_portable, capsys):
+    """A dist checkpoint (pickles) saved inside a portable one was shared with it as safe."""
+    before = sorted(tiny_portable.iterdir())
+    inside = tiny_portable / "dist"
+    assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(inside)]) == 1
+    assert (f"--save {inside} is inside the --portable checkpoint directory "
+            f"{tiny_portable.resolve()}") in capsys.readouterr().err
+    assert main(["export-reference", "--portable", str(tiny_portable),
+                 "--output", str(inside)]) == 1
+    assert (f"--output {inside} is inside the --portable checkpoint directory"
+            in capsys.readouterr().err)
+    assert sorted(tiny_portable.iterdir()) == before
 
 
 def test_an_export_into_its_portable_input_is_refused(tiny_portable, capsys):
