@@ -60,7 +60,12 @@ from pathlib import Path
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.data.readers import DocumentError, load_units, parse_units_text
-from megatron_lst.evaluation.items import ItemError, json_lines, refuse_lone_surrogate
+from megatron_lst.evaluation.items import (
+    ItemError,
+    editor_lines,
+    json_lines,
+    refuse_lone_surrogate,
+)
 
 STORYCLOZE_CONTEXT = tuple(f"InputSentence{i}" for i in range(1, 5))
 STORYCLOZE_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
@@ -235,7 +240,7 @@ def _read_units(base: Path, item_id: str) -> dict:
     align = path.with_suffix(".align")
     if align.is_file():
         segments = []
-        for number, line in enumerate(_read_utf8(align, item_id).splitlines(), start=1):
+        for number, line in enumerate(editor_lines(_read_utf8(align, item_id)), start=1):
             fields = line.split()
             if not fields:
                 continue

@@ -128,10 +128,9 @@ def json_lines(path: Path, what: str, value: str) -> Iterator[tuple[int, str, ob
 
 
 def text_lines(path: Path, what: str = "evaluation items file") -> list[str]:
-    """The lines of a UTF-8 text file, split at line ends only (LF, CRLF or CR, as text mode
-    reads them): a JSON string may hold U+2028, U+0085 and the other characters
-    `str.splitlines` also splits at, so line numbers stay an editor's. A byte-order mark that starts a line is dropped: files saved with one, and joined
-    with `cat`, hold one at the start of each. A file that is not UTF-8 is an ItemError naming
+    """The lines of a UTF-8 text file, split at line ends only (`editor_lines`), so line numbers
+    stay an editor's. A byte-order mark that starts a line is dropped: files saved with one,
+    and joined with `cat`, hold one at the start of each. A file that is not UTF-8 is an ItemError naming
     its first line that is not (or the UTF-16 it is). A path that is not a regular file (a device
     such as /dev/zero, a FIFO) or of more than MAX_LARGE_TEXT_BYTES is an ItemError naming it
     (as `what`)."""
@@ -140,8 +139,18 @@ def text_lines(path: Path, what: str = "evaluation items file") -> list[str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ItemError(_not_utf8(path, data, err.start)) from None
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return [line.removeprefix("\ufeff") for line in lines]
+    return [line.removeprefix("\ufeff") for line in editor_lines(text)]
+
+
+def editor_lines(text: str) -> list[str]:
+    """`text` split into the lines an editor shows and `sed -n`/`grep -n` count: at LF, the CR
+    of a CRLF dropped and a lone CR kept inside its line (it split one JSON line into two
+    halves, both refused, and shifted every later line number); in a text of CR line ends only
+    (classic Mac OS), at CR. Never at U+2028, U+0085, a form feed or the other characters
+    `str.splitlines` also splits at, which a line (a JSON string) may hold."""
+    if "\n" not in text:
+        return text.split("\r")
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _not_utf8(path: Path, data: bytes, start: int) -> str:

@@ -197,6 +197,21 @@ def test_crlf_cr_and_a_bom_on_every_line_read_as_an_editor_shows_them(tmp_path, 
     assert items[2].context.text == records[2]["context"]["text"]
 
 
+def test_a_stray_cr_inside_a_line_neither_splits_it_nor_shifts_the_line_numbers(tmp_path):
+    """Read as a line end, a CR between the tokens of a JSON line (JSON whitespace) split it into
+    two halves, both refused, and every later line was named one past what `sed -n` shows."""
+    records = random_records(3, 3)
+    lines = _lines(records)
+    lines[1] = lines[1].replace(", ", ",\r ", 1)
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n{\n").encode("utf-8"))
+    with pytest.raises(ItemError, match=rf"^{path}:4: "):
+        load_items(path, tokenizer(), vocab())
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    items = load_items(path, tokenizer(), vocab())
+    assert [item.source for item in items] == [f"{path}:{n}" for n in (1, 2, 3)]
+
+
 def test_json_lines_hold_any_unicode_and_may_start_with_a_bom(tmp_path):
     """U+2028 and U+0085 inside a JSON string split the line (str.splitlines), and a BOM made
     the first line "not a JSON object"."""

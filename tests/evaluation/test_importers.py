@@ -326,6 +326,19 @@ def test_a_benchmark_file_without_items_is_refused(tmp_path, capsys, name, conte
     assert output.read_text() == "kept\n"
 
 
+def test_align_line_numbers_count_line_feeds_only(tmp_path):
+    """str.splitlines also split at a form feed, U+2028 or U+0085 (whitespace to the "word
+    n_units" fields): the bad line was named one past what `sed -n` shows."""
+    cloze = write_cloze(tmp_path / "cloze.csv", ["s1,a.,b.,c.,d.,e.,f.,1"])
+    units = tmp_path / "units"
+    for part in ("context", "ending0", "ending1"):
+        write_units(units, "s1", part, [1, 2, 3])
+    align = units / "s1" / "context.align"
+    align.write_text("[SIL] 1\x0c\nab 2\nbad\n", encoding="utf-8")
+    with pytest.raises(ItemError, match=rf"{align}:3 must be \"word n_units\""):
+        attach_units(read_storycloze(cloze), units)
+
+
 def test_unit_files_with_a_byte_order_mark(tmp_path):
     """A BOM (a Windows editor's) made a .units file "must hold whitespace-separated integers"
     and a first "[SIL]" of an .align file the word "\\ufeff[SIL]", silently."""
