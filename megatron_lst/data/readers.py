@@ -313,7 +313,8 @@ def open_corpus_lines(path: str | Path):
     any document's is refused at that line (`bounded_lines`); a leading byte-order mark (what
     Windows editors and some exporters write) is dropped, else the first line would not read
     as JSON, or its first word would begin with U+FEFF; a byte that is not UTF-8 is kept as a
-    surrogate (U+DC80..U+DCFF), for the caller to name with its line."""
+    surrogate (U+DC80..U+DCFF), for the caller to name with its line. Lines end as
+    `_newline_of` says, untranslated ("\r\n" stays)."""
     checked_file_size(path, DocumentError, "corpus", pipe_allowed=True)
     refuse_compressed(path)
     return _CorpusLines(path)
@@ -323,7 +324,8 @@ class _CorpusLines:
     """The lines of an opened corpus file (`open_corpus_lines`), closed on leaving `with`."""
 
     def __init__(self, path: str | Path):
-        self._stream = open(path, encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115
+        self._stream = open(path, encoding="utf-8-sig", errors="surrogateescape",  # noqa: SIM115
+                            newline=_newline_of(path))
         self._path = path
 
     def __enter__(self) -> Iterator[str]:
@@ -332,6 +334,22 @@ class _CorpusLines:
 
     def __exit__(self, *exc_info) -> None:
         self._stream.close()
+
+
+_LINE_END_SAMPLE_BYTES = 1 << 16
+
+
+def _newline_of(path: str | Path) -> str | None:
+    """How to split the lines of the corpus file `path` (`open`'s `newline`): at LF only ("\n":
+    a lone CR stays inside its line, as `sed -n` and `grep -n` count lines; read as a line end,
+    it split a JSON line into two refused halves and shifted every later line number), or, for
+    a file whose first 64 KiB hold a CR but no LF (classic Mac OS line ends), at CR too (None).
+    A pipe is not looked at (`refuse_compressed`): it is split at LF."""
+    if not Path(path).is_file():
+        return "\n"
+    with open(path, "rb") as stream:
+        start = stream.read(_LINE_END_SAMPLE_BYTES)
+    return None if b"\r" in start and b"\n" not in start else "\n"
 
 
 def _read_lines(path: Path, parse, skip_bad: bool, report: ReadReport | None
@@ -699,8 +717,8 @@ def line_chunks(paths: list[str], chunk_size: int) -> Iterator[Chunk]:
     """The non-blank lines of `paths`, in order, `chunk_size` lines at a time. A chunk's size is
     the input bytes it covers, as the progress total counts them (the files' sizes): its lines
     encoded back (characters are not bytes beyond ASCII), the blank lines before them, and, for
-    the last chunk of a file, the bytes no line's text holds (a byte-order mark, the \\r of
-    \\r\\n line ends); the sizes of a file's chunks add up to its size."""
+    the last chunk of a file, the bytes no line's text holds (a byte-order mark); the sizes of a
+    file's chunks add up to its size."""
     for path in paths:
         file_size, counted = Path(path).stat().st_size, 0
         with open_corpus_lines(path) as lines:

@@ -195,6 +195,22 @@ def test_a_byte_order_mark_before_the_first_line_is_dropped(tmp_path, tokenizer,
             == [pieces(s.document) for s in read(plain, tokenizer)])
 
 
+def test_a_stray_cr_inside_a_line_neither_splits_it_nor_shifts_the_line_numbers(tmp_path,
+                                                                               tokenizer):
+    """Read as a line end (universal newlines), a CR between the tokens of a JSON line split it
+    into two refused halves, and every later line was named one past what `sed -n` shows."""
+    path = tmp_path / "corpus.jsonl"
+    lines = ['{"text": "one"}', '{"text":\r "two"}', '{"text": "three"}']
+    path.write_bytes("\r\n".join(lines).encode() + b"\r\n{\n")
+    with pytest.raises(DocumentError, match=rf"^{path}:4: "):
+        list(read_text_jsonl(path, tokenizer))
+    path.write_bytes("\n".join(lines).encode() + b"\n")
+    assert [s.where for s in read_text_jsonl(path, tokenizer)] == [f"{path}:{n}" for n in (1, 2, 3)]
+    mac = tmp_path / "mac.jsonl"  # classic Mac OS line ends only: still one document a line
+    mac.write_bytes("\r".join([lines[0], lines[2]]).encode() + b"\r")
+    assert [s.where for s in read_text_jsonl(mac, tokenizer)] == [f"{mac}:1", f"{mac}:2"]
+
+
 def _utterance(textgrid_dir: Path, units_dir: Path, name: str, intervals, units,
                as_text=False):
     textgrid_dir.mkdir(parents=True, exist_ok=True)

@@ -149,18 +149,20 @@ def test_train_tool_text_jsonl(tmp_path):
 @pytest.mark.parametrize("input_format, line", [
     ("text", "{}"), ("text-jsonl", '{{"text": "{}"}}'),
     ("reference-jsonl", '{{"interleaved": "' + SEP + 'TEXT {}"}}')])
-def test_train_tool_drops_a_byte_order_mark(tmp_path, input_format, line):
+def test_train_tool_drops_a_byte_order_mark_and_the_cr_of_crlf(tmp_path, input_format, line):
     """A corpus saved with a byte-order mark: its first line was refused as JSON, or (plain text)
-    trained U+FEFF as a character of the first word, a piece no preprocessed word ever uses."""
+    trained U+FEFF as a character of the first word, a piece no preprocessed word ever uses.
+    CRLF line ends train what LF ones do (no sentence ends in a CR)."""
     tool = _load_tool("train_tokenizer")
     lines = "".join(line.format(text) + "\n" for text in _tiny_corpus())
-    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain, marked, crlf = tmp_path / "plain.txt", tmp_path / "marked.txt", tmp_path / "crlf.txt"
     plain.write_text(lines, encoding="utf-8")
     marked.write_text(lines, encoding="utf-8-sig")
+    crlf.write_bytes(lines.replace("\n", "\r\n").encode("utf-8"))
     models = [tool.main(["--input", str(corpus), "--input-format", input_format,
                          "--vocab-size", "300", "--output", str(tmp_path / f"{corpus.stem}.model")])
-              for corpus in (plain, marked)]
-    assert models[0].read_bytes() == models[1].read_bytes()
+              for corpus in (plain, marked, crlf)]
+    assert models[0].read_bytes() == models[1].read_bytes() == models[2].read_bytes()
 
 
 def test_train_tool_refuses_bad_inputs_and_keeps_the_corpus(tmp_path):
