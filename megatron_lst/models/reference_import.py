@@ -159,6 +159,65 @@ REFERENCE_FIELDS_NOT_CARRIED_OVER = {
 # The values of the reference's `init_std_factor` (its `InitStdFactor`); its loader refuses others.
 REFERENCE_INIT_STD_FACTORS = ("disabled", "global_depth", "current_depth", "dim_ratio")
 
+# Fields of the reference's args that change neither the weights nor the forward (given tokens
+# and patch lengths) of any model the import accepts, each with why: read off its model code
+# (`lst/model/*.py`, `lst/base_transformer.py`), which builds and runs every module. Any value
+# imports; an export keeps the value of the args it came with, else leaves the field out (the
+# reference's default).
+_NOT_READ_BY_ITS_MODEL = "declared in the reference's args, read by none of its modules"
+_DATA_OR_PATCHER = ("read by the reference's tokenizer, data pipeline or patcher, which make the "
+                    "model's inputs (tokens and patch lengths: lst-train's own data and "
+                    "--patching-mode flags here), never by its model's function of them")
+_TRAINING_RUN = ("a setting of its training run (seeding, activation recomputation, "
+                 "parallelism, logging) that its model's function does not read")
+_NGRAM_TABLES = ("used only to build the byte n-gram embeddings, which only "
+                 "encoder_enable_byte_ngrams true keeps (refused)")
+REFERENCE_FIELDS_WITHOUT_EFFECT = {
+    **dict.fromkeys(("dim", "n_layers", "n_heads"),
+                    "the reference builds its global and local models from dim_global, "
+                    "dim_local_encoder, dim_local_decoder and their n_layers_* and n_heads_*; "
+                    "these top-level sizes size none of them"),
+    **dict.fromkeys(("dim_token_emb", "dim_patch_emb"),
+                    "the reference overwrites them for each of its models from dim_token, the "
+                    "model widths and cross_attn_k"),
+    "share_encoder_decoder_emb": (
+        "picks the local decoder's token width (true: the encoder's token width; false: "
+        "dim_token, else dim_local_decoder), which sizes the rows of its decoder patch "
+        "projection (width * cross_attn_k) and, when it is not dim_local_decoder, adds a "
+        "token projection its forward never applies; "
+        "it shares no weights (the decoder has no embedding). The import requires the "
+        "encoder's token width == dim_local_encoder == dim_local_decoder, where both values "
+        "give dim_local_decoder"),
+    "rope_use_fp32_in_outer_product": (
+        "casts the RoPE positions to float32 before their outer product with the frequencies; "
+        "without it the product promotes the integer positions to float32 itself: the same "
+        "table"),
+    "max_length": "sizes the learned position embeddings built only with use_rope false (refused)",
+    "encoder_hash_byte_group_vocab": (
+        "sizes the hash n-gram embedding tables, which are refused "
+        "(encoder_hash_byte_group_size)"),
+    **dict.fromkeys(("ngram_vocab_sizes", "encoder_ngram_table_dir", "encoder_ngram_to_size_str"),
+                    _NGRAM_TABLES),
+    **dict.fromkeys((
+        "architecture", "output_size", "norm_affine", "global_local_decoder_residual_layer",
+        "tie_local_encoder_decoder", "conv_kernel_size", "encoder_lm_loss",
+        "encoder_preds_low_entropy_toks", "encoder_preds_random_toks",
+        "encoder_enable_byte_group_hash", "attn_to_keep"), _NOT_READ_BY_ITS_MODEL),
+    "patch_in_forward": (
+        "builds a patcher that its forward runs only when given no patch lengths; given them "
+        "(as lst-train gives them) it computes the same"),
+    **dict.fromkeys((
+        "patching_threshold", "patching_threshold_add",
+        "patcher_curr_align_steps", "patcher_curr_mixed_steps", "monotonicity",
+        "patching_batch_size", "patching_device", "max_patch_length", "patching_thresholds_str",
+        "entropy_model_checkpoint_dir", "entropy_model_is_ngram_model", "pad_to_max_length",
+        "tokenize_with_bpe_delimiter"), _DATA_OR_PATCHER),
+    **dict.fromkeys((
+        "seed", "recompute_fc1_out", "recompute_fc3_out", "recompute_attn", "custom_bwd",
+        "layer_ckpt", "sequence_parallel", "loss_parallel", "fuse_sequence_parallel", "use_fsdp",
+        "log_patch_lengths", "full_logging_n_layers"), _TRAINING_RUN),
+}
+
 
 def fields_not_carried_over(model_args: dict) -> list[str]:
     """A notice for each field of `REFERENCE_FIELDS_NOT_CARRIED_OVER` that `model_args` (the
@@ -227,6 +286,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
                 "integer there; fix the model arguments")
     _check_cross_attention_heads(a)
     _check_token_width(a)
+    _check_decoder_input_width(a)
     _check_patching_mode(a)
     pooling = a["downsampling_by_pooling"]
     if not isinstance(pooling, str) or pooling not in REFERENCE_POOLING:
@@ -346,6 +406,23 @@ def _check_token_width(a: dict) -> None:
             f"reference token width {source} != dim_local_encoder {de!r}: token-embedding "
             "projections are not supported (the reference cannot reshape its patch slots then); "
             "set dim_token to dim_local_encoder")
+
+
+def _check_decoder_input_width(a: dict) -> None:
+    """The reference's local decoder takes the local encoder's last token states as its input
+    and runs them through its own cross-attention and layers: with `dim_local_decoder !=
+    dim_local_encoder` the reference builds a model but runs no forward (its decoder's norms
+    take `dim_local_decoder`-wide states), so no reference model was trained with such args.
+    Refused naming both widths (the decoder token width that `share_encoder_decoder_emb` picks
+    sizes only the decoder's patch projection and does not make it run)."""
+    de, dd = a["dim_local_encoder"], a["dim_local_decoder"]
+    if isinstance(de, int) and isinstance(dd, int) and de != dd:
+        raise ReferenceImportError(
+            f"reference dim_local_decoder {dd} != dim_local_encoder {de}: the reference's local "
+            f"decoder reads the encoder's {de}-wide token states into its {dd}-wide layers and "
+            "runs no forward with these args, whatever share_encoder_decoder_emb and dim_token "
+            "say, so no reference model was trained with them; give the model args saved with "
+            "the checkpoint")
 
 
 def _check_cross_attention_heads(a: dict) -> None:

@@ -49,7 +49,8 @@ DEFAULTS = {
     "local_attention_window_len": None, "cross_attn_k": None, "cross_attn_nheads": None,
     "cross_attn_window_encoder": None, "cross_attn_window_decoder": None,
     "cross_attn_all_layers_encoder": False, "cross_attn_all_layers_decoder": False,
-    "downsampling_by_pooling": None,
+    "downsampling_by_pooling": None, "dim_token": None, "use_local_encoder_transformer": False,
+    "patch_size": None, "share_encoder_decoder_emb": True,
 }
 
 
@@ -67,6 +68,21 @@ def ffn_width(dim: int, a: dict) -> int:
     width = int(2 * (4 * dim) / 3)
     width = int((a["ffn_dim_multiplier"] or 1.0) * width)
     return a["multiple_of"] * math.ceil(width / a["multiple_of"])
+
+
+def decoder_token_width(a: dict) -> int:
+    """The local decoder's token width, by the reference's rule (`get_decoder_dim_token_emb`):
+    with `share_encoder_decoder_emb` the encoder's (`dim_token`, else `dim_local_encoder` with
+    `use_local_encoder_transformer`, else `dim_global // patch_size`), else `dim_token`, else
+    `dim_local_decoder`. Its decoder patch projection makes `cross_attn_k` slots of this width,
+    which its forward reshapes to `dim_local_decoder`-wide ones."""
+    if a["dim_token"] is not None:
+        return a["dim_token"]
+    if not a["share_encoder_decoder_emb"]:
+        return a["dim_local_decoder"]
+    if a["use_local_encoder_transformer"]:
+        return a["dim_local_encoder"]
+    return int(a["dim_global"] // a["patch_size"])
 
 
 def _block_shapes(prefix: str, dim: int, heads: int, kv_heads: int, a: dict) -> dict:
@@ -113,10 +129,9 @@ def reference_tensor_shapes(model_args: dict) -> dict[str, tuple[int, ...]]:
         shapes |= _block_shapes(f"local_decoder.layers.{i}.", dd, heads, _local_kv_heads(heads, a), a)
     for i in range(a["n_layers_local_decoder"] if a["cross_attn_all_layers_decoder"] else 1):
         shapes |= _cross_shapes(f"local_decoder.cross_attn_layers.{i}.", dd)
-    # the decoder's slots have the encoder's token width (shared encoder/decoder token dim); the
-    # reference builds this projection only when the global and decoder widths differ
+    # the reference builds this projection only when the global and decoder widths differ
     if dg != dd:
-        shapes["local_decoder.patch_embedding_projection.weight"] = (de * k, dg)
+        shapes["local_decoder.patch_embedding_projection.weight"] = (decoder_token_width(a) * k, dg)
     else:
         assert k == 1, "the reference runs without a decoder projection only with one slot"
     shapes["local_decoder.norm.weight"] = (dd,)
@@ -290,7 +305,8 @@ def reference_logits(model_args: dict, sd: dict[str, torch.Tensor], tokens: torc
     # Local decoder: encoder states cross-attend the projected global slots, then self-attend.
     kv = g  # [B, P, Dg]: read as it is when Dg == Dd (then k == 1)
     if "local_decoder.patch_embedding_projection.weight" in sd:
-        kv = (g @ sd["local_decoder.patch_embedding_projection.weight"].T).reshape(b, -1, dd)  # [B, P*k, Dd]
+        kv = g @ sd["local_decoder.patch_embedding_projection.weight"].T  # [B, P, k*width]
+        kv = kv.reshape(b, num_patches * k, dd)  # as the reference: fails unless width == Dd
     dec_cross = patch_window_mask(dec_patch, slot_patch, a["cross_attn_window_decoder"])  # [B, N, P*k]
     for i in range(a["n_layers_local_decoder"]):
         if i == 0 or a["cross_attn_all_layers_decoder"]:

@@ -120,6 +120,11 @@ CONFIGURATIONS = {
     # the token width from dim_global // patch_size (32 // 2 == dim_local_encoder)
     "token_width_from_patch_size": {"use_local_encoder_transformer": False, "dim_token": None,
                                     "patch_size": 2, "patching_mode": "static"},
+    # the decoder's token width from dim_local_decoder, not the encoder's (the reference's
+    # share_encoder_decoder_emb false): the same width, so the same decoder patch projection
+    "token_width_from_patch_size_unshared_decoder": {
+        "use_local_encoder_transformer": False, "dim_token": None, "patch_size": 2,
+        "patching_mode": "static", "share_encoder_decoder_emb": False},
     "head_dim_and_local_kv_heads_spelt_out": {"head_dim": 8, "n_kv_heads": 2,
                                               "n_kv_heads_global": None},
     # the reference reads these sizes as `value or derived`: 0 is null
