@@ -1,14 +1,14 @@
 """`lst-eval` (story-completion accuracy) and `lst-generate` (continuation) of a checkpoint.
 
-    lst-eval --load runs/demo --items storycloze.jsonl hellaswag.jsonl --modes ss,tt,st,ts
+    lst-eval --load runs/demo/lst --items storycloze.jsonl hellaswag.jsonl --modes ss,tt,st,ts
     lst-eval --load runs/asr --task asr --utterances data/speech_test
     lst-eval --load runs/tts --task tts --utterances data/speech_test --asr-load runs/asr
-    lst-generate --load runs/demo --prompt-text "the girl ran" --continue-in speech
+    lst-generate --load runs/demo/lst --prompt-text "the girl ran" --continue-in speech
 
 Prints one line per (file, mode) on rank 0 and, with `--output`, writes the full results as JSON
-(`{file: {mode: {accuracy, accuracy_ci_low, ...}}}`). With `--task asr|tts` it decodes held-out
-utterances instead (`downstream.py`) and prints one line per rate. Launch with torchrun for tensor or pipeline
-parallelism (`--tensor-model-parallel-size 2` and `--nproc-per-node 2`). Exit status 2 for bad
+(`{"checkpoint", "iteration", "results": {file: {mode: {accuracy, accuracy_ci_low, ...}}}}`).
+With `--task asr|tts` it decodes held-out utterances instead (`downstream.py`) and prints one
+line per rate. Launch with torchrun for tensor or pipeline parallelism (`--tensor-model-parallel-size 2` and `--nproc-per-node 2`). Exit status 2 for bad
 flags or bad items (the message names the item and its line).
 
 `lst-generate` prints one JSON object per continuation: the generated ids, their units and text,
