@@ -51,6 +51,9 @@ from megatron_lst.data.worker_pool import worker_pool
 from megatron_lst.tokenizer.text_tokenizer import joint_vocab, load_text_tokenizer
 from megatron_lst.tokenizer.vocab import VocabularyError
 
+TEXTGRID_TIER = "words"  # MFA's word tier
+JSON_KEY = "text"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -64,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--textgrid-dir", type=Path, help="textgrid: MFA output (*.TextGrid)")
     group.add_argument("--units-dir", type=Path,
                        help="textgrid: per-utterance units (.npy or text), matched by path/stem")
-    group.add_argument("--textgrid-tier", default="words",
-                       help="textgrid: the tier of words to read (default: words)")
-    group.add_argument("--json-key", default="text", help="text-jsonl: the text field (default: text)")
+    group.add_argument("--textgrid-tier", default=TEXTGRID_TIER,
+                       help=f"textgrid: the tier of words to read (default: {TEXTGRID_TIER})")
+    group.add_argument("--json-key", default=JSON_KEY,
+                       help=f"text-jsonl: the text field (default: {JSON_KEY})")
     group = parser.add_argument_group("vocabulary")
     group.add_argument("--tokenizer-model", required=True, type=Path,
                        help="SentencePiece .model or tokenizers tokenizer.json")
@@ -145,6 +149,21 @@ def _check_args(args: argparse.Namespace) -> None:
                                  + ("not a directory" if folder.exists() else "no such directory"))
     elif not args.input:
         raise SystemExit(f"--input-format {args.input_format} needs --input")
+    # Flags of another format were ignored: a corpus read as another format than meant, unsaid.
+    other_format = [flag for flag, given, reads in (
+        ("--textgrid-dir", args.textgrid_dir is not None, "textgrid"),
+        ("--units-dir", args.units_dir is not None, "textgrid"),
+        ("--textgrid-tier", args.textgrid_tier != TEXTGRID_TIER, "textgrid"),
+        ("--json-key", args.json_key != JSON_KEY, "text-jsonl"))
+        if given and reads != args.input_format]
+    if other_format:
+        formats = sorted({"textgrid" if flag != "--json-key" else "text-jsonl"
+                          for flag in other_format})
+        raise SystemExit(f"{' and '.join(other_format)} "
+                         f"{'applies' if len(other_format) == 1 else 'apply'} only to "
+                         f"--input-format {' and '.join(formats)}, not {args.input_format}: "
+                         f"drop {'it' if len(other_format) == 1 else 'them'} or give the "
+                         f"format they read")
     for number, path in enumerate(args.input):
         if not os.path.exists(path):
             raise SystemExit(f"--input {path}: no such file")

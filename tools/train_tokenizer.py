@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text: lines of text; text-jsonl: --json-key of each line; "
                              "reference-jsonl: the words of the reference's speech-text lines (default: "
                              "text)")
-    parser.add_argument("--json-key", default="text", help="text-jsonl: the text field (default: text)")
+    parser.add_argument("--json-key", default=None,
+                        help="text-jsonl: the text field (default: text; refused with another "
+                             "--input-format)")
     parser.add_argument("--vocab-size", type=int, default=512,
                         help="pieces of the tokenizer; one the text cannot reach is refused "
                              "with the largest it can (default 512)")
@@ -112,6 +114,12 @@ def _check_files(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
+    if args.json_key is not None and args.input_format != "text-jsonl":
+        # It was ignored: the JSON lines themselves, braces and keys, trained the tokenizer.
+        raise SystemExit(f"--json-key {args.json_key} reads --input-format text-jsonl, not "
+                         f"{args.input_format}; add --input-format text-jsonl or drop it")
+    if args.json_key is None:
+        args.json_key = "text"
     _check_files(args)
     try:
         model = train_sentencepiece(sentences(args.input, args.input_format, args.json_key),

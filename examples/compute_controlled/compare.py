@@ -3,7 +3,7 @@
     python examples/compute_controlled/compare.py plan --lst-config L.yaml --baseline-config B.yaml \
         --tokenizer-model spm.model --budget-flops 1e20 --control compute --out plan.json
     python examples/compute_controlled/compare.py evaluate --checkpoint RUN_DIR \
-        --items eval/storycloze.jsonl [--modes S->S T->T] --out RUN_DIR/eval.json
+        --items eval/storycloze.jsonl [--modes 'S->S' 'T->T'] --out RUN_DIR/eval.json
     python examples/compute_controlled/compare.py report --runs lst=LST_DIR baseline=BASE_DIR \
         --out-dir OUT
 

@@ -1,14 +1,14 @@
 """`lst-eval` (story-completion accuracy) and `lst-generate` (continuation) of a checkpoint.
 
-    lst-eval --load runs/demo --items storycloze.jsonl hellaswag.jsonl --modes ss,tt,st,ts
+    lst-eval --load runs/demo/lst --items storycloze.jsonl hellaswag.jsonl --modes ss,tt,st,ts
     lst-eval --load runs/asr --task asr --utterances data/speech_test
     lst-eval --load runs/tts --task tts --utterances data/speech_test --asr-load runs/asr
-    lst-generate --load runs/demo --prompt-text "the girl ran" --continue-in speech
+    lst-generate --load runs/demo/lst --prompt-text "the girl ran" --continue-in speech
 
 Prints one line per (file, mode) on rank 0 and, with `--output`, writes the full results as JSON
-(`{file: {mode: {accuracy, accuracy_ci_low, ...}}}`). With `--task asr|tts` it decodes held-out
-utterances instead (`downstream.py`) and prints one line per rate. Launch with torchrun for tensor or pipeline
-parallelism (`--tensor-model-parallel-size 2` and `--nproc-per-node 2`). Exit status 2 for bad
+(`{"checkpoint", "iteration", "results": {file: {mode: {accuracy, accuracy_ci_low, ...}}}}`).
+With `--task asr|tts` it decodes held-out utterances instead (`downstream.py`) and prints one
+line per rate. Launch with torchrun for tensor or pipeline parallelism (`--tensor-model-parallel-size 2` and `--nproc-per-node 2`). Exit status 2 for bad
 flags or bad items (the message names the item and its line).
 
 `lst-generate` prints one JSON object per continuation: the generated ids, their units and text,
@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_EVAL_BATCH_SIZE = 8
+"""Items per forward pass of `lst-eval --items` without `--batch-size`."""
+
 
 def build_eval_parser() -> argparse.ArgumentParser:
     parser = FlagParser(prog="lst-eval",
@@ -97,8 +100,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
                              f"shell reads '>' as a redirect), or spelled ss,tt,st,ts (any case; "
                              f"s2s, t2t, ... also work). Default: all four, or T->T for a "
                              f"text-only file.")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="Items per forward pass (all their endings go in one batch).")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"With --items: items per forward pass (all their endings go in one "
+                             f"batch; default {DEFAULT_EVAL_BATCH_SIZE}).")
     parser.add_argument("--truncate-context", action="store_true",
                         help="Cut an item's context from the left until it fits the model's "
                              "context (--max-position-embeddings), as lm-eval-harness does; "
@@ -263,17 +267,21 @@ def _check_eval_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"{' and '.join(named)} {verb} only to --task asr|tts")
     else:  # they were ignored: the utterances were decoded as if they were not given
         named = [flag for flag, value in (("--modes", args.modes),
+                                          ("--batch-size", args.batch_size),
                                           ("--truncate-context", args.truncate_context or None))
                  if value is not None]
         if named:
-            verb = "scores" if len(named) == 1 else "score"
-            raise ValueError(f"{' and '.join(named)} {verb} story-completion --items; drop "
-                             f"{'it' if len(named) == 1 else 'them'} with --task {args.task}")
+            verb = "applies" if len(named) == 1 else "apply"
+            raise ValueError(f"{' and '.join(named)} {verb} only to story-completion --items; "
+                             f"drop {'it' if len(named) == 1 else 'them'} with --task {args.task}")
     if args.asr_load is not None and args.task != "tts":
         raise ValueError("--asr-load transcribes generated speech: it applies to --task tts")
+    if args.task is None and args.batch_size is None:
+        args.batch_size = DEFAULT_EVAL_BATCH_SIZE
     for flag, value in (("--batch-size", args.batch_size),
                         ("--bootstrap-resamples", args.bootstrap_resamples)):
-        if value < 1:  # found only after the model was loaded and every item scored
+        # Found only after the model was loaded and every item scored.
+        if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.num_utterances is not None and args.num_utterances < 1:
         raise ValueError(f"--num-utterances must be >= 1, got {args.num_utterances}")

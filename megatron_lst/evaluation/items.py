@@ -310,4 +310,5 @@ def check_items_for_speech(items: Sequence[EvalItem], mode: str) -> None:
     for item in items:
         if not item.context.has_speech:
             raise ItemError(f"{item.describe()}: has no units, so it cannot be scored {mode}; "
-                            f"evaluate text-only sets with --modes T->T")
+                            f"evaluate text-only sets with --modes tt (T->T; the arrow "
+                            f"needs quotes in a shell)")

@@ -8,7 +8,9 @@ lst-eval) or log writers (TensorBoard, W&B) that cannot be opened, 3 for a refus
 with these flags, a --save directory without room for a checkpoint (or whose free space cannot
 be measured) or that another run is writing, a save of diverged weights, or a save that failed
 (a full disk), 4 for bad training data (a dataset that is missing, truncated, inconsistent with
-its manifest, or of another vocabulary), 5 for a non-finite loss or --fp16 gradients that
+its manifest, or of another vocabulary; with --task asr|tts, a text-only dataset, an utterance
+without a transcript or units, or rows that --max-tokens and --seq-length do not hold), 5 for a
+non-finite loss, a non-finite gradient norm under a finite loss, or --fp16 gradients that
 overflow at the lowest loss scale update after update (the message names the checkpoint to
 resume from), 130 for a SIGINT (Ctrl-C) that --exit-signal-handler does not watch
 (the run stops without a save). Each prints one message that says what is wrong and what to do;

@@ -74,6 +74,11 @@ def validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
         args.sequence_parallel = False
     if args.recompute_method is not None and args.recompute_granularity != "full":
         raise ArgumentError("--recompute-method needs --recompute-granularity full")
+    if args.recompute_num_layers is not None and args.recompute_granularity != "full":
+        # megatron's TransformerConfig refuses it under selective recomputation, after the
+        # datasets were indexed, and ignores it without recomputation.
+        raise ArgumentError("--recompute-num-layers needs --recompute-granularity full (selective "
+                            "recomputation takes no layer count); drop it or recompute full layers")
     if args.recompute_granularity == "full" and (args.recompute_method is None
                                                  or args.recompute_num_layers is None):
         raise ArgumentError("--recompute-granularity full needs --recompute-method uniform|block "

@@ -494,6 +494,20 @@ def test_argument_errors(tmp_path, spm):
         with pytest.raises(SystemExit, match=rf"--num-units is the speech codebook size .*, at "
                                              rf"least 1; got {units}"):
             preprocess.main([*reference, "--tokenizer-model", str(spm), "--num-units", units])
+    # Another format's flags were ignored: the corpus was read as its --input-format says.
+    for extra, message in (
+            (["--json-key", "content"],
+             "--json-key applies only to --input-format text-jsonl, not reference-jsonl"),
+            (["--units-dir", str(tmp_path), "--textgrid-tier", "phones"],
+             "--units-dir and --textgrid-tier apply only to --input-format textgrid, not "
+             "reference-jsonl")):
+        with pytest.raises(SystemExit, match=message):
+            preprocess.main([*reference, "--tokenizer-model", str(spm), *extra])
+    with pytest.raises(SystemExit, match="--json-key applies only to --input-format text-jsonl, "
+                                         "not textgrid"):
+        preprocess.main(["--input-format", "textgrid", "--textgrid-dir", str(tmp_path / "grids"),
+                         "--units-dir", str(tmp_path), "--json-key", "content",
+                         "--tokenizer-model", str(spm), "--output-prefix", str(tmp_path / "x")])
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, spm, capsys):

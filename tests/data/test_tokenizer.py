@@ -144,6 +144,12 @@ def test_train_tool_text_jsonl(tmp_path):
     with pytest.raises(SystemExit, match=r"c.jsonl:1: not a text-jsonl line"):
         tool.main(["--input", str(corpus), "--input-format", "text-jsonl", "--json-key", "body",
                    "--output", str(tmp_path / "u.model")])
+    # Without --input-format text-jsonl, --json-key was ignored and the JSON lines trained it.
+    with pytest.raises(SystemExit, match=r"--json-key body reads --input-format text-jsonl, not "
+                                         r"text; add --input-format text-jsonl or drop it"):
+        tool.main(["--input", str(corpus), "--json-key", "body", "--output",
+                   str(tmp_path / "v.model")])
+    assert not (tmp_path / "v.model").exists()
 
 
 @pytest.mark.parametrize("input_format, line", [

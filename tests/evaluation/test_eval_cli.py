@@ -725,10 +725,13 @@ def test_an_asr_model_of_another_codebook_is_refused_before_decoding(checkpoint,
     # Ignored: the utterances were decoded, the story-completion (or decoding) flag unused.
     (["--items", "x.jsonl", "--no-cache"], "lst-eval: --no-cache applies only to --task asr|tts"),
     (["--task", "asr", "--utterances", "p", "--modes", "ss"],
-     "lst-eval: --modes scores story-completion --items; drop it with --task asr"),
+     "lst-eval: --modes applies only to story-completion --items; drop it with --task asr"),
     (["--task", "tts", "--utterances", "p", "--modes", "tt", "--truncate-context"],
-     "lst-eval: --modes and --truncate-context score story-completion --items; drop them with "
-     "--task tts"),
+     "lst-eval: --modes and --truncate-context apply only to story-completion --items; drop them "
+     "with --task tts"),
+    # Decoding runs one utterance at a time: --batch-size was ignored.
+    (["--task", "asr", "--utterances", "p", "--batch-size", "16"],
+     "lst-eval: --batch-size applies only to story-completion --items; drop it with --task asr"),
     # Checked before the work: a missing directory was a traceback after the evaluation.
     (["--items", "x.jsonl", "--output", "/nonexistent_dir/r.json"],
      "--output /nonexistent_dir/r.json: directory /nonexistent_dir does not exist"),

@@ -8,7 +8,7 @@ import pytest
 from eval_cases import NUM_UNITS, random_records, tokenizer, vocab
 
 from megatron_lst.evaluation.cli import eval_main
-from megatron_lst.evaluation.items import ItemError, load_items
+from megatron_lst.evaluation.items import ItemError, check_items_for_speech, load_items
 
 
 def write(tmp_path, records, blank_first=False):
@@ -58,6 +58,10 @@ def test_text_only_items_load(tmp_path):
               "endings": [{"text": "home"}, {"text": "the cat"}], "label": 0}
     (item,) = load_items(write(tmp_path, [record]), tokenizer(), vocab())
     assert item.id == "7" and not item.context.has_speech and not item.endings[0].has_speech
+    # The advice runs as written in a shell: `--modes T->T` unquoted redirected to a file "T".
+    with pytest.raises(ItemError, match=r"cannot be scored S->S; evaluate text-only sets with "
+                                        r"--modes tt \(T->T; the arrow needs quotes"):
+        check_items_for_speech([item], "S->S")
 
 
 def broken(change):

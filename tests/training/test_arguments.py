@@ -913,6 +913,11 @@ def test_ddp_bucket_size_must_be_positive():
     (["--recompute-method", "uniform"], r"--recompute-method needs --recompute-granularity full"),
     (["--recompute-granularity", "full"], r"needs --recompute-method uniform\|block and "
                                           r"--recompute-num-layers"),
+    # megatron's TransformerConfig raised a ValueError traceback once the datasets were indexed.
+    (["--recompute-granularity", "selective", "--recompute-num-layers", "1"],
+     r"--recompute-num-layers needs --recompute-granularity full"),
+    # Ignored without recomputation.
+    (["--recompute-num-layers", "2"], r"--recompute-num-layers needs --recompute-granularity full"),
 ])
 def test_incomplete_recomputation_flags_are_refused(extra, message):
     with pytest.raises(ArgumentError, match=message):
