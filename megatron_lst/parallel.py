@@ -132,11 +132,26 @@ def destroy_parallel(keep_process_group: bool = False) -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    _drop_groups_left_in(parallel_state)
     if keep_process_group:
         return
     if _owns_process_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _owns_process_group = False
+
+
+def _drop_groups_left_in(module) -> None:
+    """Set to None every process group (or list of them) that `module`'s globals still hold.
+
+    megatron.core's `destroy_model_parallel` (0.16 to 0.19) leaves
+    `_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP` and its gloo twin set: the groups and their
+    gloo threads outlived `destroy_process_group` and were destroyed while the interpreter shut
+    down, which now and then aborted the process at exit ("terminate called without an active
+    exception", exit -6 instead of the run's own status)."""
+    for name, value in list(vars(module).items()):
+        held = value if isinstance(value, (list, tuple)) else [value]
+        if held and all(isinstance(each, torch.distributed.ProcessGroup) for each in held):
+            setattr(module, name, None)
 
 
 def has_other_ranks() -> bool:

@@ -10,7 +10,7 @@ import argparse
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from distributed.harness import report_results
+from distributed.harness import init_gloo, report_results
 from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--save", required=True)
     parser.add_argument("--results", required=True)
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    init_gloo()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     state = {name: distribute_tensor(tensor, mesh, [Shard(0)])
              for name, tensor in sorted(load_file(args.state).items())}

@@ -13,7 +13,7 @@ def main() -> None:
     import pathlib
 
     import torch
-    from distributed.harness import report_results
+    from distributed.harness import init_gloo, report_results
 
     from megatron_lst.checkpoint import integrity, safe_pickle
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--failing-rank", type=int, default=1)
     parser.add_argument("--results", required=True)
     own = parser.parse_args()
-    torch.distributed.init_process_group("gloo")
+    init_gloo()
     checkpoint = pathlib.Path(own.checkpoint)
 
     def unreadable(name: str | None = None):

@@ -7,7 +7,7 @@ with the end of the workers' output. `run_torchrun(nprocs, args, timeout)` launc
 line under torchrun and returns its exit status and output (a test of how it stops), failing
 the test only on a timeout.
 
-Worker side: `report_results(path, record)` gathers one JSON-able record per rank and has
+Worker side: `init_gloo()` starts the process group; `report_results(path, record)` gathers one JSON-able record per rank and has
 rank 0 write them, in rank order, to `path`.
 """
 
@@ -115,6 +115,19 @@ def kill_process_tree(pid: int) -> None:
     for process in below:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
+
+
+def init_gloo() -> None:
+    """Worker side: start the default gloo process group from torchrun's environment, with
+    `torch._dynamo` imported first. Imported once the group exists (as `torch.distributed.
+    checkpoint` imports it on a worker's first checkpoint read), it holds the group past
+    `destroy_process_group`, whose gloo threads then die with the interpreter, which now and
+    then aborts the rank ("terminate called without an active exception", exit -6: a failed
+    test). `megatron_lst.parallel.initialize_parallel` imports it first as well (megatron)."""
+    import torch._dynamo  # noqa: F401
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
 
 
 def report_results(path: str | os.PathLike, record: Any) -> None:

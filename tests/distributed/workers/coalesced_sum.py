@@ -9,7 +9,7 @@ import argparse
 
 import torch
 import torch.distributed as dist
-from distributed.harness import report_results
+from distributed.harness import init_gloo, report_results
 
 from megatron_lst.models.replicated_parameters import all_reduce_coalesced
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--results", required=True)
     args = parser.parse_args()
 
-    dist.init_process_group("gloo")
+    init_gloo()
     tensors, buffer = rank_tensors(dist.get_rank())
     all_reduce_coalesced(tensors, dist.group.WORLD)
     report_results(args.results, {"tensors": [t.tolist() for t in tensors],

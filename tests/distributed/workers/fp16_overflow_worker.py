@@ -23,7 +23,7 @@ def main() -> None:
     import shlex
 
     import torch
-    from distributed.harness import report_results
+    from distributed.harness import init_gloo, report_results
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from megatron_lst.training import loop
@@ -72,7 +72,7 @@ def main() -> None:
         return step
 
     loop.train_step = recording_train_step  # _train looks it up at each iteration
-    torch.distributed.init_process_group("gloo")
+    init_gloo()
     runs = []
     for flags in own.training_run:
         record = {"losses": {}, "loss_scales": {}, "skipped": {}, "chunks_changed": {}}

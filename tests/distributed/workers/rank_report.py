@@ -7,7 +7,7 @@ import argparse
 
 import torch
 import torch.distributed as dist
-from distributed.harness import report_results
+from distributed.harness import init_gloo, report_results
 
 
 def main() -> None:
@@ -16,7 +16,7 @@ def main() -> None:
     parser.add_argument("--results", required=True)
     args = parser.parse_args()
 
-    dist.init_process_group("gloo")
+    init_gloo()
     rank = dist.get_rank()
     if rank == args.fail_on_rank:
         raise RuntimeError(f"rank {rank} fails on purpose")

@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
-from distributed.harness import report_results
+from distributed.harness import init_gloo, report_results
 
 from megatron_lst.training import data_provider
 from megatron_lst.training.arguments import parse_args, validate_args
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--results", required=True)
     args, flags = parser.parse_known_args()
 
-    dist.init_process_group("gloo")  # the ranks may start seconds apart on a busy machine
+    init_gloo()  # the ranks may start seconds apart on a busy machine
     dist.barrier()
     attempt_token()  # the one broadcast of this process's first rank_zero_first, in step here
     dist.distributed_c10d._set_pg_timeout(timedelta(seconds=args.timeout_seconds))

@@ -15,7 +15,7 @@ def main() -> None:
     import shlex
 
     import torch
-    from distributed.harness import report_results
+    from distributed.harness import init_gloo, report_results
 
     from megatron_lst.evaluation import scoring
     from megatron_lst.training.arguments import parse_args, validate_args
@@ -35,7 +35,7 @@ def main() -> None:
         return scores
 
     scoring.score_items = recording_score_items  # evaluate_items looks it up at each call
-    torch.distributed.init_process_group("gloo")
+    init_gloo()
     args = validate_args(parse_args(shlex.split(own.training_run)),
                          int(os.environ.get("WORLD_SIZE", 1)))
     result = pretrain(args)

@@ -9,7 +9,7 @@ def main() -> None:
     from pathlib import Path
 
     import torch
-    from distributed.harness import report_results
+    from distributed.harness import init_gloo, report_results
 
     from megatron_lst.training.checkpointing import _check_training_data
     from megatron_lst.training.data_fingerprint import training_data_fingerprints
@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--saved", required=True)
     parser.add_argument("--results", required=True)
     own = parser.parse_args()
-    torch.distributed.init_process_group("gloo")
+    init_gloo()
     prefix = own.prefix_per_rank.format(rank=torch.distributed.get_rank())
     saved = json.loads(Path(own.saved).read_text())
     try:

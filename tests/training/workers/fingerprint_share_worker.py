@@ -7,7 +7,7 @@ def main() -> None:
     import argparse
 
     import torch
-    from distributed.harness import report_results
+    from distributed.harness import init_gloo, report_results
 
     from megatron_lst.data.dataset import DatasetError
     from megatron_lst.training import data_fingerprint
@@ -16,7 +16,7 @@ def main() -> None:
     parser.add_argument("--prefix", action="append", required=True)
     parser.add_argument("--results", required=True)
     own = parser.parse_args()
-    torch.distributed.init_process_group("gloo")
+    init_gloo()
     rank = torch.distributed.get_rank()
     digested = []
     digest_file = data_fingerprint.digest_file

@@ -8,14 +8,14 @@ def main() -> None:
     import errno
 
     import torch
-    from distributed.harness import report_results
+    from distributed.harness import init_gloo, report_results
 
     from megatron_lst.training import checkpointing, save_directory
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--results", required=True)
     own = parser.parse_args()
-    torch.distributed.init_process_group("gloo")
+    init_gloo()
     failures = {
         "oserror": OSError(errno.EACCES, "Permission denied", "/save"),
         "refusal": save_directory.InsufficientSpaceError("--save /save has 0.0 MiB free"),

@@ -7,14 +7,14 @@ def main() -> None:
     import argparse
 
     import torch
-    from distributed.harness import report_results
+    from distributed.harness import init_gloo, report_results
 
     from megatron_lst.rank_failures import share_or_stop
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--results", required=True)
     own = parser.parse_args()
-    torch.distributed.init_process_group("gloo")
+    init_gloo()
     rank = torch.distributed.get_rank()
     failing = {"none": (), "rank 1": (1,), "ranks 0 and 1": (0, 1)}
     got = {}

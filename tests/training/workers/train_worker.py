@@ -19,7 +19,7 @@ def main() -> None:
     import shlex
 
     import torch
-    from distributed.harness import report_results
+    from distributed.harness import init_gloo, report_results
 
     from megatron_lst.training.arguments import parse_args, validate_args
     from megatron_lst.training.loop import pretrain
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--results", required=True)
     own = parser.parse_args()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    torch.distributed.init_process_group("gloo")
+    init_gloo()
     runs = []
     for flags in own.training_run:
         args = validate_args(parse_args(shlex.split(flags)), world_size)
