@@ -234,7 +234,7 @@ def _check_room_for_checkpoint(args: argparse.Namespace, model: list[torch.nn.Mo
     needed = save_directory.checkpoint_bytes_lower_bound(
         model, args.optimizer, args.sgd_momentum, args.fp16 or args.bf16)
     checkpoint_save.on_rank0(lambda: save_directory.check_room_for_checkpoint(args.save, needed),
-                           save_directory.InsufficientSpaceError)
+                             save_directory.InsufficientSpaceError)
 
 
 def _check_vocab_splits(vocab: JointVocab, tensor_model_parallel_size: int) -> None:
@@ -252,8 +252,8 @@ def _check_vocab_splits(vocab: JointVocab, tensor_model_parallel_size: int) -> N
 def _restore(state: TrainingState) -> None:
     args = state.args
     loaded = checkpoint_load.load_checkpoint(args.load, state.model, state.optimizer,
-                                           state.scheduler, args, state.vocab,
-                                           state.data_fingerprints)
+                                             state.scheduler, args, state.vocab,
+                                             state.data_fingerprints)
     if loaded is None:
         logger.info("--load %s holds no checkpoint yet: starting from scratch", args.load)
         return
@@ -624,8 +624,8 @@ def _save(state: TrainingState) -> str:
     args = state.args
     start = time.perf_counter()
     path = checkpoint_save.save_checkpoint(state.iteration, state.model, state.optimizer,
-                                         state.scheduler, args, state.extra_state(), args.save,
-                                         state.vocab)
+                                           state.scheduler, args, state.extra_state(), args.save,
+                                           state.vocab)
     # The save time bounds the kill window a preemption must leave (docs/training.md).
     _print_rank0(f"saved checkpoint {path} in {time.perf_counter() - start:.1f} s")
     return str(path)

@@ -192,7 +192,7 @@ def round_trip_mismatches(model, optimizer, scheduler, args, path) -> list[str]:
     saved_rng = flatten(rng_states())
     fresh_model, fresh_optimizer, fresh_scheduler = build_training_state(args)
     checkpoint_load.load_checkpoint(path.parent, [fresh_model], fresh_optimizer, fresh_scheduler,
-                                  args)
+                                    args)
     mismatches = []
     for (name, a), b in zip(model.module.state_dict().items(),
                             fresh_model.module.state_dict().values(), strict=True):
@@ -285,7 +285,7 @@ def main() -> None:
     iteration = 0
     if args.load is not None:
         loaded = checkpoint_load.load_checkpoint(args.load, [model], optimizer, scheduler, args,
-                                               vocab)
+                                                 vocab)
         if loaded is not None:
             iteration = loaded.iteration
             record["resumed_from"] = iteration
@@ -299,7 +299,7 @@ def main() -> None:
                 crash_during_save(mine.crash, args.save)
             extra = {"consumed_samples": iteration * args.global_batch_size, "step": iteration}
             path = checkpoint_save.save_checkpoint(iteration, [model], optimizer, scheduler, args,
-                                                 extra, args.save, vocab)
+                                                   extra, args.save, vocab)
             if mine.verify_round_trip and record["round_trip_mismatches"] is None:
                 record["round_trip_mismatches"] = round_trip_mismatches(
                     model, optimizer, scheduler, args, path)
