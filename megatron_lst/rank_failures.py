@@ -4,7 +4,7 @@ A rank that fails such a step (opening the log writers, reading its copy of the 
 and stops alone leaves the others waiting for it in their next collective, which breaks with a
 gloo traceback ('Connection closed by peer') once it has exited. So each rank hands in its
 outcome in one collective, `share_or_stop`, and every rank raises the same error when any rank
-failed. A step that rank 0 alone takes is `checkpointing.on_rank0`; a wait on the store that a
+failed. A step that rank 0 alone takes is `checkpoint_save.on_rank0`; a wait on the store that a
 rank's failure ends is `rank_zero_first`. Each passes on why the failing rank failed (an error as
 `one_line(error)` puts it), so that every rank's log says why, not only the failing rank's
 (another node's, on a multi-node run).

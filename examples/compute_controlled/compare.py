@@ -187,11 +187,9 @@ def _named_runs(specs: list[str]) -> dict[str, Path]:
 def _training_setup(directory: Path) -> dict | None:
     """What makes two runs comparable, from the latest checkpoint of `directory` (None when it
     has none): the vocabulary (tokenizer included) and the training data and split."""
-    from megatron_lst.training.checkpointing import (
-        CheckpointError,
-        find_latest_checkpoint,
-        read_checkpoint_metadata,
-    )
+    from megatron_lst.checkpoint.errors import CheckpointError
+    from megatron_lst.training.checkpoint_discovery import find_latest_checkpoint
+    from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
 
     try:
         path = find_latest_checkpoint(directory)

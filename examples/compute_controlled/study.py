@@ -186,7 +186,8 @@ def training_flags(preset: StudyPreset, run: Run, corpus, runs_dir: Path) -> lis
 
 
 def latest_iteration(save_dir: Path) -> int:
-    from megatron_lst.training.checkpointing import find_latest_checkpoint, read_checkpoint_metadata
+    from megatron_lst.training.checkpoint_discovery import find_latest_checkpoint
+    from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
 
     path = find_latest_checkpoint(save_dir)
     return 0 if path is None else int(read_checkpoint_metadata(path)["iteration"])

@@ -172,11 +172,9 @@ def check_previous_runs(parser: argparse.ArgumentParser, args: argparse.Namespac
 def is_demo_run(save_dir: Path, tokenizer: Path) -> bool:
     """Whether `save_dir` is a demo run: its latest checkpoint trained with the demo corpus's
     `tokenizer`, or, stopped before its first save, it holds only the files lst-train writes."""
-    from megatron_lst.training.checkpointing import (
-        METADATA_FILENAME,
-        CheckpointError,
-        find_latest_checkpoint,
-    )
+    from megatron_lst.checkpoint.errors import CheckpointError
+    from megatron_lst.training.checkpoint_discovery import find_latest_checkpoint
+    from megatron_lst.training.checkpointing import METADATA_FILENAME
 
     try:
         latest = find_latest_checkpoint(save_dir)

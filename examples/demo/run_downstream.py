@@ -194,7 +194,7 @@ def run(argv: list[str] | None = None) -> list[ModelResult]:
     from megatron_lst.demo_corpus.build import build_demo_corpus
     from megatron_lst.evaluation.downstream import run_asr, run_tts, summarise_asr, summarise_tts
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
-    from megatron_lst.training.checkpointing import find_latest_checkpoint
+    from megatron_lst.training.checkpoint_discovery import find_latest_checkpoint
 
     if any(find_latest_checkpoint(args.demo_dir / name) is None for name in MODELS):
         print_stage(f"no pretrained demo checkpoints in {args.demo_dir}: running the demo first")

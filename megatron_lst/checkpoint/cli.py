@@ -28,9 +28,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.models.reference_import import ReferenceImportError
 from megatron_lst.tokenizer.vocab import VocabularyError
-from megatron_lst.training.checkpointing import CheckpointError
 
 from .model_state import CheckpointContentError
 from .verify import VerificationError
@@ -107,7 +107,7 @@ def _iteration(text: str) -> int:
 
 def verify_command(load: str, ckpt_step: int | None) -> int:
     """`lst-convert verify`: print what the checks found; 0 for a sound checkpoint, else 1."""
-    from megatron_lst.training.checkpointing import select_checkpoint
+    from megatron_lst.training.checkpoint_discovery import select_checkpoint
     from megatron_lst.training.foreign_checkpoints import renamed_checkpoint_advice
 
     from .integrity import inspect_checkpoint
@@ -133,7 +133,7 @@ def verify_command(load: str, ckpt_step: int | None) -> int:
 def _metadata_problems(path) -> list[str]:
     """The problem with the checkpoint's `lst_checkpoint.json` (written after the manifest, so
     no digest covers it), if any."""
-    from megatron_lst.training.checkpointing import read_checkpoint_metadata
+    from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
 
     try:
         read_checkpoint_metadata(path)  # checks every field loading reads

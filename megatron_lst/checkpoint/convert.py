@@ -249,7 +249,7 @@ def portable_to_dist(portable_dir: str | Path, save: str | Path, iteration: int 
     converting, a `save` that is a file or lies under one (the save failed after the conversion,
     with the trainer's advice to resume) or whose pointer file is no file (the checkpoint was
     written, then the pointer update failed, exit status 1)."""
-    from megatron_lst.training.checkpointing import check_tracker_is_a_file
+    from megatron_lst.training.checkpoint_discovery import check_tracker_is_a_file
 
     _refuse_to_overwrite(save, ())  # the save itself refuses an existing checkpoint
     check_tracker_is_a_file(save)  # which the save replaces, after writing the checkpoint

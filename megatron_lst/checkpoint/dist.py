@@ -32,7 +32,8 @@ NON_MODEL_PREFIXES = ("optimizer.", "rng_state")
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """An `iter_XXXXXXX` directory, or the newest complete one under a `--save` directory."""
-    from megatron_lst.training.checkpointing import METADATA_FILENAME, find_latest_checkpoint
+    from megatron_lst.training.checkpoint_discovery import find_latest_checkpoint
+    from megatron_lst.training.checkpointing import METADATA_FILENAME
 
     path = Path(path)
     if (path / METADATA_FILENAME).is_file():
@@ -45,7 +46,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_model(path: Path) -> tuple[LSTConfig, JointVocab, dict[str, Any]]:
     """`(LSTConfig, vocabulary, saved lst-train flags)` of the dist checkpoint at `path`."""
-    from megatron_lst.training.checkpointing import read_checkpoint_metadata
+    from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
 
     from .model_config import read_model_config
 
@@ -89,10 +90,8 @@ def load_dist_checkpoint(path: Path, model, vocab: JointVocab | None = None) -> 
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    from megatron_lst.training.checkpointing import (
-        read_checkpoint_metadata,
-        verify_or_point_elsewhere,
-    )
+    from megatron_lst.training.checkpoint_load import verify_or_point_elsewhere
+    from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
 
     metadata = read_checkpoint_metadata(path)
     if vocab is not None and metadata.get("vocab") is not None:
@@ -151,7 +150,7 @@ def save_dist_checkpoint(save_dir: Path, model, training_args: dict[str, Any],
     """Collective: write `model` as checkpoint `iteration` under `save_dir` in the training
     layout (weights only: no optimizer, scheduler or data position). Resume training from it
     with `--load save_dir --finetune` (or `--no-load-optim --no-load-rng`)."""
-    from megatron_lst.training.checkpointing import save_checkpoint
+    from megatron_lst.training.checkpoint_save import save_checkpoint
 
     if vocab is not None and vocab.size != model.lst_config.vocab_size:
         raise VocabularyError(

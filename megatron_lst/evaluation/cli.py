@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
+from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.data.input_files import checked_file_size
 from megatron_lst.evaluation.generation import (
     GenerationError,
@@ -46,11 +47,7 @@ from megatron_lst.evaluation.prompts_file import PromptRecord, read_prompts
 from megatron_lst.evaluation.scoring import MODES, check_items_for_mode, evaluate_items, parse_modes
 from megatron_lst.training import stop_together
 from megatron_lst.training.arguments import MAX_SEED, FlagParser, seed_flag
-from megatron_lst.training.checkpointing import (
-    METADATA_FILENAME,
-    TRACKER_FILENAME,
-    CheckpointError,
-)
+from megatron_lst.training.checkpointing import METADATA_FILENAME, TRACKER_FILENAME
 from megatron_lst.training.memory_history import SNAPSHOT_FILENAME
 from megatron_lst.training.metrics import METRICS_FILENAME
 from megatron_lst.training.save_directory import LOCK_FILENAME

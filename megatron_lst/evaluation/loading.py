@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.checkpoint.model_config import SavedModel, read_model_config
 from megatron_lst.checkpoint.model_state import CheckpointContentError
 from megatron_lst.checkpoint.saved_flags import saved_flags_problem
@@ -28,13 +29,10 @@ from megatron_lst.parallel import ParallelLayoutError, first_stage_layers_for_an
 from megatron_lst.patching import Patcher
 from megatron_lst.tokenizer.text_tokenizer import TextTokenizer, load_text_tokenizer
 from megatron_lst.tokenizer.vocab import JointVocab
-from megatron_lst.training.checkpointing import (
-    METADATA_FILENAME,
-    CheckpointError,
-    load_checkpoint,
-    read_checkpoint_metadata,
-    select_checkpoint,
-)
+from megatron_lst.training.checkpoint_discovery import select_checkpoint
+from megatron_lst.training.checkpoint_load import load_checkpoint
+from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
+from megatron_lst.training.checkpointing import METADATA_FILENAME
 
 
 @dataclass

@@ -42,7 +42,8 @@ def adopt_model_from_load(args: argparse.Namespace) -> None:
         return
     from megatron_lst.checkpoint.model_config import read_model_config
     from megatron_lst.checkpoint.model_state import CheckpointContentError
-    from megatron_lst.training.checkpointing import read_checkpoint_metadata, select_checkpoint
+    from megatron_lst.training.checkpoint_discovery import select_checkpoint
+    from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
 
     try:
         path = select_checkpoint(args.load, args.ckpt_step)
@@ -77,7 +78,7 @@ def choose_pretrained_or_own_checkpoint(args: argparse.Namespace) -> None:
     load the pretrained one instead, with `--finetune` (weights only, iteration 0); once it holds
     one (this run's own, saved before it was stopped), leave `--load` to resume it. Sets
     `args.load` and `args.finetune` accordingly."""
-    from megatron_lst.training.checkpointing import select_checkpoint
+    from megatron_lst.training.checkpoint_discovery import select_checkpoint
 
     pretrained = args.pretrained_checkpoint
     if pretrained is None:
@@ -170,11 +171,8 @@ def validate_checkpointing(args: argparse.Namespace) -> None:
 def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:
     """The checkpoint --load (and --ckpt-step) name, or None: no --load, or the first run of an
     auto-resuming job (--save and --load the same directory, nothing saved yet)."""
-    from megatron_lst.training.checkpointing import (
-        METADATA_FILENAME,
-        checkpoints_from,
-        select_checkpoint,
-    )
+    from megatron_lst.training.checkpoint_discovery import checkpoints_from, select_checkpoint
+    from megatron_lst.training.checkpointing import METADATA_FILENAME
 
     if args.load is None:
         return None
@@ -213,7 +211,7 @@ def _check_no_newer_checkpoints(args: argparse.Namespace, loaded: Path | None) -
     from (`loaded`'s, 0 with --finetune or without one): its first save would collide with one
     of them only after training up to it, and one it does write would lie behind them (resuming
     loads the newest)."""
-    from megatron_lst.training.checkpointing import checkpoints_from
+    from megatron_lst.training.checkpoint_discovery import checkpoints_from
 
     if args.save is None:
         return
@@ -238,10 +236,10 @@ def _check_no_newer_checkpoints(args: argparse.Namespace, loaded: Path | None) -
 
 def _check_no_other_runs_checkpoints(args: argparse.Namespace, loaded: Path | None) -> None:
     """Refuse a --save directory holding checkpoints of another run than the one `loaded` (a
-    checkpoint of another directory) continues (`checkpointing.checkpoints_of_another_run`):
+    checkpoint of another directory) continues (`checkpoint_discovery.checkpoints_of_another_run`):
     once this run saves there, --load of that directory, --ckpt-step and the advice after a
     divergence (the checkpoint before the one that diverged) could pick one of them."""
-    from megatron_lst.training.checkpointing import checkpoints_of_another_run
+    from megatron_lst.training.checkpoint_discovery import checkpoints_of_another_run
 
     if args.save is None or loaded is None or loaded.parent.resolve() == Path(args.save).resolve():
         return
@@ -258,9 +256,9 @@ def _check_no_other_runs_checkpoints(args: argparse.Namespace, loaded: Path | No
 
 def _check_save_pointer(args: argparse.Namespace) -> None:
     """Refuse a --save whose pointer file (`latest_checkpointed_iteration.txt`) is not a file
-    (`checkpointing.check_tracker_is_a_file`): every save replaces it, and the first would fail
-    after training up to it."""
-    from megatron_lst.training.checkpointing import check_tracker_is_a_file
+    (`checkpoint_discovery.check_tracker_is_a_file`): every save replaces it, and the first would
+    fail after training up to it."""
+    from megatron_lst.training.checkpoint_discovery import check_tracker_is_a_file
 
     if args.save is None:
         return

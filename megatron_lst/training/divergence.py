@@ -10,7 +10,7 @@ and the skip decision are the same everywhere):
   (`SkippedUpdates`): the scaler backs off no further there, so every update would be skipped to
   --train-iters while the loss stays finite.
 Each raises a `NonFiniteLossError` (exit 5 from `lst-train`) that says what to change and which
-checkpoint holds weights from before it went wrong (`checkpointing.describe_good_checkpoint`).
+checkpoint holds weights from before it went wrong (`checkpoint_advice.describe_good_checkpoint`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from megatron_lst.training import checkpointing
+from megatron_lst.training import checkpoint_advice
 
 # How many updates in a row fp16 may skip with its loss scale at the lowest before the run stops,
 # beyond the --hysteresis overflows in a row that the scaler waits for before each back-off. At
@@ -78,9 +78,10 @@ def check_grad_norm_finite(grad_norm: float | None, loss: float, iteration: int)
 
 def good_checkpoint(args: argparse.Namespace, diverged_at: int,
                     passed_over_because: str | None = None) -> str:
-    """`checkpointing.describe_good_checkpoint` of the run of `args`, whose weights went wrong at
-    iteration `diverged_at` (a non-finite loss, unless `passed_over_because` says otherwise)."""
-    return checkpointing.describe_good_checkpoint(
+    """`checkpoint_advice.describe_good_checkpoint` of the run of `args`, whose weights went
+    wrong at iteration `diverged_at` (a non-finite loss, unless `passed_over_because` says
+    otherwise)."""
+    return checkpoint_advice.describe_good_checkpoint(
         args.save if args.save is not None else args.load,
         getattr(args, "resume_from", None), getattr(args, "finetune", False),
         nonfinite_loss_at=diverged_at, passed_over_because=passed_over_because)

@@ -76,7 +76,7 @@ from megatron_lst.models.loss import masked_token_sum
 from megatron_lst.parallel import collective_device, destroy_parallel, initialize_parallel
 from megatron_lst.rank_failures import outcome, share_or_stop
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
-from megatron_lst.training import checkpointing, save_directory, stop_together
+from megatron_lst.training import checkpoint_load, checkpoint_save, save_directory, stop_together
 from megatron_lst.training.data_fingerprint import FINGERPRINT_KEY, training_data_fingerprints
 from megatron_lst.training.data_provider import (
     RunDatasets,
@@ -230,11 +230,11 @@ def setup(args: argparse.Namespace, index_cache_dir: str | Path | None = None
 def _check_room_for_checkpoint(args: argparse.Namespace, model: list[torch.nn.Module]) -> None:
     """Collective: every rank raises InsufficientSpaceError when --save cannot hold a
     checkpoint (rank 0 measures the free space; an error measuring it stops every rank too:
-    `checkpointing.on_rank0`)."""
+    `checkpoint_save.on_rank0`)."""
     needed = save_directory.checkpoint_bytes_lower_bound(
         model, args.optimizer, args.sgd_momentum, args.fp16 or args.bf16)
-    checkpointing.on_rank0(lambda: save_directory.check_room_for_checkpoint(args.save, needed),
-                           save_directory.InsufficientSpaceError)
+    checkpoint_save.on_rank0(lambda: save_directory.check_room_for_checkpoint(args.save, needed),
+                             save_directory.InsufficientSpaceError)
 
 
 def _check_vocab_splits(vocab: JointVocab, tensor_model_parallel_size: int) -> None:
@@ -251,9 +251,9 @@ def _check_vocab_splits(vocab: JointVocab, tensor_model_parallel_size: int) -> N
 
 def _restore(state: TrainingState) -> None:
     args = state.args
-    loaded = checkpointing.load_checkpoint(args.load, state.model, state.optimizer,
-                                           state.scheduler, args, state.vocab,
-                                           state.data_fingerprints)
+    loaded = checkpoint_load.load_checkpoint(args.load, state.model, state.optimizer,
+                                             state.scheduler, args, state.vocab,
+                                             state.data_fingerprints)
     if loaded is None:
         logger.info("--load %s holds no checkpoint yet: starting from scratch", args.load)
         return
@@ -457,7 +457,7 @@ def _save_directory_lock(save_dir: str | None):
         yield
         return
     with contextlib.ExitStack() as stack:
-        checkpointing.on_rank0(
+        checkpoint_save.on_rank0(
             lambda: stack.enter_context(save_directory.SaveDirectoryLock(save_dir)),
             save_directory.SaveDirectoryLockError)
         yield
@@ -623,9 +623,9 @@ def _evaluate_and_print(state: TrainingState, dataset) -> float:
 def _save(state: TrainingState) -> str:
     args = state.args
     start = time.perf_counter()
-    path = checkpointing.save_checkpoint(state.iteration, state.model, state.optimizer,
-                                         state.scheduler, args, state.extra_state(), args.save,
-                                         state.vocab)
+    path = checkpoint_save.save_checkpoint(state.iteration, state.model, state.optimizer,
+                                           state.scheduler, args, state.extra_state(), args.save,
+                                           state.vocab)
     # The save time bounds the kill window a preemption must leave (docs/training.md).
     _print_rank0(f"saved checkpoint {path} in {time.perf_counter() - start:.1f} s")
     return str(path)

@@ -2,7 +2,7 @@
 CPU and CUDA generators and megatron.core's CUDA RNG tracker (the tensor-parallel dropout streams).
 
 Each rank saves its own, as one cell of a (pipeline, tensor, data) grid; a checkpoint restores
-them only under the layout that saved them (`checkpointing.load_checkpoint`).
+them only under the layout that saved them (`checkpoint_load.load_checkpoint`).
 """
 
 from __future__ import annotations

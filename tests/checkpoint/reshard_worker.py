@@ -21,7 +21,8 @@ from megatron_lst.checkpoint.model_state import load_full_state_dict
 from megatron_lst.checkpoint.verify import fixed_batch
 from megatron_lst.models import finalize_lst_model_grads
 from megatron_lst.parallel import destroy_parallel
-from megatron_lst.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lst.training.checkpoint_load import load_checkpoint
+from megatron_lst.training.checkpoint_save import save_checkpoint
 
 
 def build(config, tp: int, pp: int):

@@ -33,7 +33,8 @@ from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
-from megatron_lst.training.checkpointing import find_latest_checkpoint, read_checkpoint_metadata
+from megatron_lst.training.checkpoint_discovery import find_latest_checkpoint
+from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
 from megatron_lst.training.loop import pretrain
 from megatron_lst.training.model_flags import DOCUMENT_FLAGS, MODEL_FLAGS, flag_values
 

@@ -116,7 +116,8 @@ def test_converted_reference_keeps_its_patching_for_evaluation(reference_fixture
                                                                saved):
     """The evaluation tools patch as the dist checkpoint's flags say: a reference model's static
     patch size reaches them (a mode that needs more flags falls back to static patches of 4)."""
-    from megatron_lst.training.checkpointing import find_latest_checkpoint, read_checkpoint_metadata
+    from megatron_lst.training.checkpoint_discovery import find_latest_checkpoint
+    from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
 
     assert import_edited_reference(reference_fixtures, tmp_path, patching) == 0
     assert main(["portable-to-dist", "--portable", str(tmp_path / "portable"),
@@ -138,7 +139,8 @@ def test_converted_reference_is_evaluated_with_its_data_patcher(reference_fixtur
     """A BLT params.json keeps the data's patcher under data.patcher_args, which is what the
     model was trained on; the model args' patching_mode and patch_size are not (they were
     read alone, and a model trained on lst_static 4 was evaluated with static patches of 6)."""
-    from megatron_lst.training.checkpointing import find_latest_checkpoint, read_checkpoint_metadata
+    from megatron_lst.training.checkpoint_discovery import find_latest_checkpoint
+    from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
 
     edits = {"patching_mode": "static", "patch_size": 6.0}
     assert import_edited_reference(reference_fixtures, tmp_path, edits, patcher_args) == 0

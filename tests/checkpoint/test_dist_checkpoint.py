@@ -32,7 +32,8 @@ from megatron_lst.checkpoint.portable import PortableCheckpoint, load_portable, 
 from megatron_lst.checkpoint.verify import fixed_batch, logits
 from megatron_lst.models.config import preset
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
-from megatron_lst.training.checkpointing import METADATA_FILENAME, load_checkpoint
+from megatron_lst.training.checkpoint_load import load_checkpoint
+from megatron_lst.training.checkpointing import METADATA_FILENAME
 
 WORKER = Path(__file__).resolve().parent / "dist_checkpoint_worker.py"
 VOCAB = JointVocab(text_size=58)  # 566 ids: splits over TP=2

@@ -4,8 +4,8 @@ no complete checkpoint ... pass the --save directory of a run")."""
 
 import pytest
 
+from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.evaluation.loading import load_inference_model
-from megatron_lst.training.checkpointing import CheckpointError
 
 PORTABLE_TO_DIST = "`lst-convert portable-to-dist --portable {} --save NEW_DIR`, then pass --load NEW_DIR"
 

@@ -35,13 +35,9 @@ from megatron_lst.checkpoint.safe_pickle import read_dcp_metadata
 from megatron_lst.models.config import preset
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.arguments import ArgumentError, parse_args, validate_args
-from megatron_lst.training.checkpointing import (
-    METADATA_FILENAME,
-    TRACKER_FILENAME,
-    CheckpointSaveError,
-    NonFiniteWeightsError,
-    load_checkpoint,
-)
+from megatron_lst.training.checkpoint_load import load_checkpoint
+from megatron_lst.training.checkpoint_save import CheckpointSaveError, NonFiniteWeightsError
+from megatron_lst.training.checkpointing import METADATA_FILENAME, TRACKER_FILENAME
 from megatron_lst.training.resume_check import ResumeConfigError
 
 VOCAB = JointVocab(text_size=58)

@@ -23,7 +23,7 @@ from megatron_lst.checkpoint.model_state import (
 from megatron_lst.checkpoint.portable import PortableCheckpoint, load_portable, save_portable
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.arguments import parse_args, validate_args
-from megatron_lst.training.checkpointing import read_checkpoint_metadata
+from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
 from megatron_lst.training.model_provider import lst_config_from_args
 
 SMALL = lst_configs(max_width=16, max_layers=2)

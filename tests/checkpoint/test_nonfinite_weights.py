@@ -55,9 +55,9 @@ def test_a_dist_checkpoint_with_nan_weights_is_refused_not_blamed_on_the_convers
         tmp_path, capsys, monkeypatch):
     """Training never saves such weights; a checkpoint altered afterwards (or saved by another
     tool) can hold them."""
-    import megatron_lst.training.checkpointing as checkpointing
+    import megatron_lst.training.checkpoint_save as checkpoint_save
 
-    monkeypatch.setattr(checkpointing, "_check_weights_finite", lambda *args: None)
+    monkeypatch.setattr(checkpoint_save, "_check_weights_finite", lambda *args: None)
     initialize_parallel()
     try:
         model = build_full_model(preset("tiny", VOCAB.size))

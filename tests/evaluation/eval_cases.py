@@ -27,7 +27,7 @@ from megatron_lst.tokenizer.text_tokenizer import (
 )
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.arguments import parse_args, validate_args
-from megatron_lst.training.checkpointing import save_checkpoint
+from megatron_lst.training.checkpoint_save import save_checkpoint
 from megatron_lst.training.model_provider import build_model_chunks
 
 WORDS = ("the a girl boy dog cat ran sat home park rain sun happy sad ate cake then she he "

@@ -20,17 +20,12 @@ import pytest
 from distributed.harness import TESTS_DIR, run_distributed
 
 from megatron_lst.checkpoint import integrity
-from megatron_lst.checkpoint.errors import CheckpointIntegrityError
-from megatron_lst.training.checkpointing import (
-    METADATA_FILENAME,
-    TRACKER_FILENAME,
-    CheckpointError,
-    describe_good_checkpoint,
-    find_latest_checkpoint,
-    read_checkpoint_metadata,
-    select_checkpoint,
-    verify_or_point_elsewhere,
-)
+from megatron_lst.checkpoint.errors import CheckpointError, CheckpointIntegrityError
+from megatron_lst.training.checkpoint_advice import describe_good_checkpoint
+from megatron_lst.training.checkpoint_discovery import find_latest_checkpoint, select_checkpoint
+from megatron_lst.training.checkpoint_load import verify_or_point_elsewhere
+from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
+from megatron_lst.training.checkpointing import METADATA_FILENAME, TRACKER_FILENAME
 from training.training_cases import fake_checkpoint
 
 WORKER = Path(__file__).parent / "workers" / "checkpoint_worker.py"
@@ -491,13 +486,13 @@ if __name__ == "__main__":  # the checkpoint writers re-import this file
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
     from torch.distributed.checkpoint.utils import _wrap_exception
 
-    from megatron_lst.training import checkpointing, cli
+    from megatron_lst.training import checkpoint_save, cli
 
     if os.environ["RANK"] == "1":  # rank 1's writers report a full disk, which it sees full
         FileSystemWriterAsync.retrieve_write_results = lambda self: _wrap_exception(
             OSError(errno.ENOSPC, "No space left on device"))
         disk_usage = shutil.disk_usage
-        checkpointing.shutil = types.SimpleNamespace(
+        checkpoint_save.shutil = types.SimpleNamespace(
             disk_usage=lambda path: disk_usage(path)._replace(free=0))
     sys.exit(cli.main())
 """
@@ -583,11 +578,11 @@ import os, sys
 from pathlib import Path
 
 if __name__ == "__main__":  # the checkpoint writers re-import this file
-    from megatron_lst.training import checkpointing, cli
+    from megatron_lst.training import checkpoint_save, cli
 
     if os.environ["RANK"] == sys.argv.pop(1):  # its node's view of --save holds iteration 5
-        listed = checkpointing.checkpoints_from
-        checkpointing.checkpoints_from = lambda root, first: (
+        listed = checkpoint_save.checkpoints_from
+        checkpoint_save.checkpoints_from = lambda root, first: (
             [Path(root) / "iter_0000005"] if first == 2 else listed(root, first))
     sys.exit(cli.main())
 """

@@ -12,7 +12,8 @@ from distributed.harness import TESTS_DIR, run_distributed
 
 from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.training import cli
-from megatron_lst.training.checkpointing import METADATA_FILENAME, find_latest_checkpoint
+from megatron_lst.training.checkpoint_discovery import find_latest_checkpoint
+from megatron_lst.training.checkpointing import METADATA_FILENAME
 from megatron_lst.training.data_fingerprint import (
     FINGERPRINT_KEY,
     _cheap_fingerprint,

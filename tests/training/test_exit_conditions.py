@@ -312,9 +312,9 @@ def test_a_signal_during_a_periodic_save_stops_the_run_with_that_checkpoint(tmp_
     """It used to train one more iteration and save again: a second save inside the kill
     window that follows the signal (torchrun's 30 s, SLURM's KillWait). Its notice then said
     'saving a checkpoint after this iteration', as if another save were to come."""
-    from megatron_lst.training import checkpointing, loop
+    from megatron_lst.training import checkpoint_save, loop
 
-    save_checkpoint = checkpointing.save_checkpoint
+    save_checkpoint = checkpoint_save.save_checkpoint
 
     def save_then_signalled(iteration, *args, **kwargs):
         path = save_checkpoint(iteration, *args, **kwargs)
@@ -322,7 +322,7 @@ def test_a_signal_during_a_periodic_save_stops_the_run_with_that_checkpoint(tmp_
             os.kill(os.getpid(), signal.SIGUSR1)
         return path
 
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_signalled)
+    monkeypatch.setattr(checkpoint_save, "save_checkpoint", save_then_signalled)
     save = tmp_path / "ckpt"
     flags = tiny_flags(write_corpus(tmp_path / "data")) + [
         "--train-iters", "6", "--eval-interval", "1000", "--save", str(save),

@@ -46,7 +46,7 @@ def test_the_first_fine_tuning_loss_is_the_cross_entropy_of_the_answers_alone(tm
     import torch
 
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
-    from megatron_lst.training.checkpointing import load_checkpoint
+    from megatron_lst.training.checkpoint_load import load_checkpoint
     from megatron_lst.training.model_provider import build_model_chunks
 
     speech = str(write_store(tmp_path / "speech", "aligned", 40, seed=1))

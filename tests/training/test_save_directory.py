@@ -130,7 +130,7 @@ def test_a_lock_whose_holder_cannot_be_recorded_is_held_all_the_same(tmp_path, c
 def test_a_lock_file_that_cannot_be_opened_is_refused_on_every_rank_naming_it(tmp_path):
     """A directory named lst_train.lock in --save made rank 0 stop with IsADirectoryError while
     the other ranks waited for its answer, which broke with a gloo traceback: the loop hands
-    every rank rank 0's refusal (`checkpointing.on_rank0`)."""
+    every rank rank 0's refusal (`checkpoint_save.on_rank0`)."""
     import torch
 
     from megatron_lst.parallel import free_local_port

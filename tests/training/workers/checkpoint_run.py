@@ -37,10 +37,11 @@ from checkpoint.mcore_layouts import mcore_019_save
 from distributed.harness import report_results
 
 from megatron_lst.checkpoint import durable_files
+from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.models.config import CUDA_FUSIONS
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
-from megatron_lst.training import checkpointing
+from megatron_lst.training import checkpoint_load, checkpoint_save
 from megatron_lst.training.arguments import parse_args, validate_args
 from megatron_lst.training.schedule import optimizer_config_from_args, scheduler_from_args
 
@@ -190,8 +191,8 @@ def round_trip_mismatches(model, optimizer, scheduler, args, path) -> list[str]:
     """Load `path` into fresh objects; names of everything that differs from the live state."""
     saved_rng = flatten(rng_states())
     fresh_model, fresh_optimizer, fresh_scheduler = build_training_state(args)
-    checkpointing.load_checkpoint(path.parent, [fresh_model], fresh_optimizer, fresh_scheduler,
-                                  args)
+    checkpoint_load.load_checkpoint(path.parent, [fresh_model], fresh_optimizer, fresh_scheduler,
+                                    args)
     mismatches = []
     for (name, a), b in zip(model.module.state_dict().items(),
                             fresh_model.module.state_dict().values(), strict=True):
@@ -239,7 +240,7 @@ def load_errors(args, vocab) -> dict:
     errors = {}
     model, optimizer, scheduler = build_training_state(args)
     try:
-        checkpointing.load_checkpoint(args.load, [model], optimizer, scheduler, args, vocab)
+        checkpoint_load.load_checkpoint(args.load, [model], optimizer, scheduler, args, vocab)
     except VocabularyError as err:
         errors["vocabulary"] = str(err)
     wider = argparse.Namespace(**vars(args))
@@ -247,8 +248,8 @@ def load_errors(args, vocab) -> dict:
     wider.ffn_hidden_size = 4 * wider.hidden_size
     model, optimizer, scheduler = build_training_state(wider)
     try:
-        checkpointing.load_checkpoint(args.load, [model], optimizer, scheduler, wider)
-    except checkpointing.CheckpointError as err:
+        checkpoint_load.load_checkpoint(args.load, [model], optimizer, scheduler, wider)
+    except CheckpointError as err:
         errors["shape"] = str(err)
     return errors
 
@@ -283,8 +284,8 @@ def main() -> None:
     record = {"losses": {}, "resumed_from": None, "round_trip_mismatches": None}
     iteration = 0
     if args.load is not None:
-        loaded = checkpointing.load_checkpoint(args.load, [model], optimizer, scheduler, args,
-                                               vocab)
+        loaded = checkpoint_load.load_checkpoint(args.load, [model], optimizer, scheduler, args,
+                                                 vocab)
         if loaded is not None:
             iteration = loaded.iteration
             record["resumed_from"] = iteration
@@ -297,8 +298,8 @@ def main() -> None:
             if mine.crash is not None and iteration == max(mine.save_at):
                 crash_during_save(mine.crash, args.save)
             extra = {"consumed_samples": iteration * args.global_batch_size, "step": iteration}
-            path = checkpointing.save_checkpoint(iteration, [model], optimizer, scheduler, args,
-                                                 extra, args.save, vocab)
+            path = checkpoint_save.save_checkpoint(iteration, [model], optimizer, scheduler, args,
+                                                   extra, args.save, vocab)
             if mine.verify_round_trip and record["round_trip_mismatches"] is None:
                 record["round_trip_mismatches"] = round_trip_mismatches(
                     model, optimizer, scheduler, args, path)

@@ -1,6 +1,6 @@
 """Worker for test_data_fingerprint.py: every rank compares the fingerprints of its own copy of
 a dataset (`--prefix-per-rank`, `{rank}` in it) with `--saved` (a JSON file) through
-`checkpointing._check_training_data`, and reports the refusal it raised (None: none)."""
+`checkpoint_load._check_training_data`, and reports the refusal it raised (None: none)."""
 
 
 def main() -> None:
@@ -11,7 +11,7 @@ def main() -> None:
     import torch
     from distributed.harness import init_gloo, report_results
 
-    from megatron_lst.training.checkpointing import _check_training_data
+    from megatron_lst.training.checkpoint_load import _check_training_data
     from megatron_lst.training.data_fingerprint import training_data_fingerprints
     from megatron_lst.training.resume_check import ResumeConfigError, ResumePosition
 

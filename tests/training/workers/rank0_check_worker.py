@@ -1,4 +1,4 @@
-"""Worker for test_loop.py: rank 0's part of a collective check (`checkpointing.on_rank0`, as the
+"""Worker for test_loop.py: rank 0's part of a collective check (`checkpoint_save.on_rank0`, as the
 loop runs the --save room check and lock) fails with an OSError, then with the check's own
 refusal; every rank reports the error it raised each time, as `[type name, message]`."""
 
@@ -10,7 +10,7 @@ def main() -> None:
     import torch
     from distributed.harness import init_gloo, report_results
 
-    from megatron_lst.training import checkpointing, save_directory
+    from megatron_lst.training import checkpoint_save, save_directory
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--results", required=True)
@@ -26,7 +26,7 @@ def main() -> None:
             raise failure
 
         try:
-            checkpointing.on_rank0(check, save_directory.InsufficientSpaceError)
+            checkpoint_save.on_rank0(check, save_directory.InsufficientSpaceError)
             raised[name] = None
         except Exception as error:
             raised[name] = [type(error).__name__, str(error)]
