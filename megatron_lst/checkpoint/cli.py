@@ -28,7 +28,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.models.reference_config import ReferenceImportError
 from megatron_lst.tokenizer.vocab import VocabularyError
 from megatron_lst.training.checkpointing import CheckpointError
 
