@@ -248,10 +248,8 @@ def check_reference_logits(device: str, fixtures: Path) -> dict:
     import torch
     from lst_kernels.backend import resolve_backend
 
-    from megatron_lst.models.reference_import import (
-        load_reference_checkpoint,
-        lst_config_from_reference,
-    )
+    from megatron_lst.models.reference_config import lst_config_from_reference
+    from megatron_lst.models.reference_tensors import load_reference_checkpoint
 
     config = lst_config_from_reference(
         json.loads((fixtures / "config_A.json").read_text())["model_args"])

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 
 from megatron_lst.checkpoint.errors import CheckpointError
-from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.models.reference_config import ReferenceImportError
 from megatron_lst.tokenizer.vocab import VocabularyError
 
 from .model_state import CheckpointContentError

@@ -20,13 +20,13 @@ from typing import TextIO
 
 import torch
 
-from megatron_lst.models.reference_import import (
+from megatron_lst.models.reference_config import (
     ReferenceImportError,
-    canonical_state_dict,
-    fields_not_carried_over,
     lst_config_from_reference,
     row_limit_notice,
 )
+from megatron_lst.models.reference_fields import fields_not_carried_over
+from megatron_lst.models.reference_tensors import canonical_state_dict
 from megatron_lst.tokenizer.vocab import NUM_RESERVED, JointVocab
 
 from .dist import (

@@ -132,7 +132,7 @@ def saved_dtypes(path: Path, model) -> dict[str, torch.dtype]:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    from megatron_lst.models.reference_import import canonical_name
+    from megatron_lst.models.canonical_sharding import canonical_name
 
     saved = saved_tensors_metadata(path)
     built = model.sharded_state_dict()

@@ -1,7 +1,7 @@
 """The full (unsharded) state of an `LSTModel` and the `LSTConfig` that describes it.
 
 A full state dict holds every tensor of the model once, under the names of a TP=1/PP=1
-`LSTModel` built with megatron's local spec (`megatron_lst.models.reference_import` calls these
+`LSTModel` built with megatron's local spec (`megatron_lst.models.canonical_sharding` calls these
 "canonical"): `token_encoder.*`, `patch_encoder.*`, `global_input_projection.weight` (only when
 `k * De != Dg`), `global_transformer.block.layers.{i}.*` (global layer numbers), `local_decoder.*`
 and `output_layer.weight`. The last pipeline stage's encoder replica has no names of its own: it
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from megatron_lst.models.canonical_sharding import canonical_name, shard_tensor
 from megatron_lst.models.config import (
     CrossAttentionConfig,
     DocumentMaskingConfig,
@@ -27,7 +28,6 @@ from megatron_lst.models.config import (
     LSTConfig,
     ModelConfigError,
 )
-from megatron_lst.models.reference_import import canonical_name, shard_tensor
 
 
 class CheckpointContentError(ValueError):

@@ -1,9 +1,10 @@
 """The reference implementation's checkpoints (`neillu23/lst`, a BLT fork) <-> full state dicts.
 
 Import reads the reference's consolidated state dict and model arguments and maps them with
-`megatron_lst.models.reference_import`. Export is its exact inverse: each entry of the same
-table, `reference_tensor_map`, split back into the reference tensors it was combined from
-(names and layouts are documented there).
+`megatron_lst.models.reference_config` (the args) and `megatron_lst.models.reference_tensors`
+(the tensors). Export is its exact inverse: each entry of the same table,
+`reference_tensor_map`, split back into the reference tensors it was combined from (names and
+layouts are documented there).
 
 RoPE needs no weight permutation: both sides rotate interleaved pairs. Every tensor is
 accounted for: a reference tensor the import does not map, or a model tensor the export does
@@ -22,17 +23,21 @@ import torch
 import yaml
 
 from megatron_lst.models.config import DocumentMaskingConfig, LSTConfig, swiglu_ffn_size
-from megatron_lst.models.reference_import import (
+from megatron_lst.models.reference_config import (
     CAUSAL_ATTN_IMPLS,
     REFERENCE_EOS_ID,
+    ReferenceImportError,
+    lst_config_from_reference,
+    require_reference_value,
+)
+from megatron_lst.models.reference_fields import (
     REFERENCE_FIELDS_ITS_MODEL_IGNORES,
     REQUIRED_REFERENCE_OPTIONS,
-    ReferenceImportError,
+)
+from megatron_lst.models.reference_tensors import (
     canonical_state_dict,
-    lst_config_from_reference,
     reference_identity_tensors,
     reference_tensor_map,
-    require_reference_value,
 )
 
 # The reference options `lst_config_from_reference` requires, and the reference's defaults for

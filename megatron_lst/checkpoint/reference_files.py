@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.models.reference_config import ReferenceImportError
 
 from .errors import CheckpointError
 from .model_state import WEIGHT_DTYPES

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.models.reference_config import ReferenceImportError
 from megatron_lst.tokenizer.vocab import JointVocab
 
 REFERENCE_TOKENIZER = "lst"

@@ -28,7 +28,7 @@ from megatron_lst.data.indexed import DocumentWriter
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
 from megatron_lst.evaluation.cli import eval_main, generate_main
 from megatron_lst.models.config import PRESETS, preset
-from megatron_lst.models.reference_import import lst_config_from_reference
+from megatron_lst.models.reference_config import lst_config_from_reference
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 from megatron_lst.tokenizer.vocab import JointVocab

@@ -12,7 +12,7 @@ from megatron_lst.checkpoint.cli import main
 from megatron_lst.checkpoint.model_state import build_full_model, full_state_dict
 from megatron_lst.checkpoint.portable import WEIGHTS_FILENAME, PortableCheckpoint, save_portable
 from megatron_lst.models.config import preset
-from megatron_lst.models.reference_import import lst_config_from_reference
+from megatron_lst.models.reference_config import lst_config_from_reference
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab
 

@@ -8,7 +8,7 @@ from megatron_lst.checkpoint.integrity import inspect_checkpoint, read_manifest
 from megatron_lst.checkpoint.model_state import CheckpointContentError
 from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.reference import read_reference_model_args
-from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.models.reference_config import ReferenceImportError
 
 DEPTH = 100_000
 DEEP_JSON = "[" * DEPTH + "]" * DEPTH

@@ -25,7 +25,7 @@ from megatron_lst.checkpoint.model_state import (
 )
 from megatron_lst.checkpoint.portable import CONFIG_FILENAME, PortableCheckpoint, save_portable
 from megatron_lst.models.config import preset
-from megatron_lst.models.reference_import import ReferenceImportError
+from megatron_lst.models.reference_config import ReferenceImportError
 from megatron_lst.tokenizer.vocab import JointVocab
 
 

@@ -24,7 +24,7 @@ from megatron_lst.checkpoint.reference import (
 )
 from megatron_lst.checkpoint.reference_files import read_reference_state_dict
 from megatron_lst.models.config import DocumentMaskingConfig, GlobalModelConfig, preset
-from megatron_lst.models.reference_import import ReferenceImportError, lst_config_from_reference
+from megatron_lst.models.reference_config import ReferenceImportError, lst_config_from_reference
 
 
 @pytest.fixture(scope="module")

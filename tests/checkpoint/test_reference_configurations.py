@@ -38,13 +38,9 @@ from megatron_lst.checkpoint.reference import (
 )
 from megatron_lst.checkpoint.reference_files import read_reference_state_dict
 from megatron_lst.models.lst_model import LSTModel
-from megatron_lst.models.reference_import import (
-    REFERENCE_MODEL_FIELDS,
-    REQUIRED_REFERENCE_OPTIONS,
-    ReferenceImportError,
-    load_reference_state_dict,
-    lst_config_from_reference,
-)
+from megatron_lst.models.reference_config import ReferenceImportError, lst_config_from_reference
+from megatron_lst.models.reference_fields import REFERENCE_MODEL_FIELDS, REQUIRED_REFERENCE_OPTIONS
+from megatron_lst.models.reference_tensors import load_reference_state_dict
 
 VOCAB, EOS = 40, 2
 

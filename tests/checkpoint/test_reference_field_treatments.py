@@ -20,15 +20,14 @@ from megatron_lst.checkpoint.reference import (
 )
 from megatron_lst.checkpoint.reference_files import read_reference_state_dict
 from megatron_lst.models.config import preset
-from megatron_lst.models.reference_import import (
+from megatron_lst.models.reference_config import ReferenceImportError, lst_config_from_reference
+from megatron_lst.models.reference_fields import (
     REFERENCE_DEFAULTS,
     REFERENCE_FIELDS_ITS_MODEL_IGNORES,
     REFERENCE_FIELDS_NOT_CARRIED_OVER,
     REFERENCE_FIELDS_WITHOUT_EFFECT,
     REFERENCE_MODEL_FIELDS,
     REQUIRED_REFERENCE_OPTIONS,
-    ReferenceImportError,
-    lst_config_from_reference,
 )
 
 TREATMENTS = {

@@ -40,7 +40,8 @@ from megatron_lst.checkpoint.reference_files import (
 )
 from megatron_lst.checkpoint.verify import VerificationError
 from megatron_lst.models.config import preset
-from megatron_lst.models.reference_import import REFERENCE_MODEL_FIELDS, ReferenceImportError
+from megatron_lst.models.reference_config import ReferenceImportError
+from megatron_lst.models.reference_fields import REFERENCE_MODEL_FIELDS
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 from megatron_lst.tokenizer.vocab import JointVocab
 

@@ -29,7 +29,7 @@ from megatron_lst.checkpoint.reference import (
     import_reference,
     reference_model_args,
 )
-from megatron_lst.models.reference_import import ReferenceImportError, lst_config_from_reference
+from megatron_lst.models.reference_config import ReferenceImportError, lst_config_from_reference
 
 # BASE_ARGS: global 32 wide with 4 heads (head size 8), local models 16 wide with 2 heads (8).
 HEAD_SHAPES = {

@@ -23,11 +23,8 @@ from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.reference import import_reference, read_reference_model_args
 from megatron_lst.checkpoint.reference_files import read_reference_state_dict
 from megatron_lst.checkpoint.reference_run import reference_model_dtype
-from megatron_lst.models.reference_import import (
-    ReferenceImportError,
-    fields_not_carried_over,
-    lst_config_from_reference,
-)
+from megatron_lst.models.reference_config import ReferenceImportError, lst_config_from_reference
+from megatron_lst.models.reference_fields import fields_not_carried_over
 from megatron_lst.tokenizer.vocab import JointVocab
 
 UNITS = 20

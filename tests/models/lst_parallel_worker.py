@@ -23,7 +23,7 @@ from model_cases import ragged_batch, tiny_config
 from packed_document_cases import EOS, packed_batch
 
 from megatron_lst.models import finalize_lst_model_grads
-from megatron_lst.models.reference_import import gather_canonical
+from megatron_lst.models.canonical_sharding import gather_canonical
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 
 

@@ -208,7 +208,7 @@ def test_flags_build_the_document_rule():
 
 def test_reference_attn_impl_records_the_rule():
     from megatron_lst.checkpoint.reference import reference_model_args
-    from megatron_lst.models.reference_import import lst_config_from_reference
+    from megatron_lst.models.reference_config import lst_config_from_reference
 
     config = dataclasses.replace(tiny_config(), documents=DOCUMENTS)
     args = reference_model_args(config)
@@ -221,7 +221,7 @@ def test_reference_attn_impl_records_the_rule():
     assert plain["attn_impl"] == "sdpa"
     assert lst_config_from_reference(plain).documents is None
     # Rules the reference has no arguments for are refused with what to do instead.
-    from megatron_lst.models.reference_import import ReferenceImportError
+    from megatron_lst.models.reference_config import ReferenceImportError
 
     for rule, message in ((DocumentMaskingConfig(eos_id=5), r"EOS id 5; .* fixed EOS id 2"),
                           (DocumentMaskingConfig(EOS, reset_position_ids=True),

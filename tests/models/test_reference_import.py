@@ -7,7 +7,7 @@ import torch
 
 from megatron_lst.models.config import GlobalModelConfig, LSTConfig, preset
 from megatron_lst.models.global_transformer import GlobalTransformer
-from megatron_lst.models.reference_import import GLOBAL_LAYER_TENSORS, global_layer_to_megatron
+from megatron_lst.models.reference_tensors import GLOBAL_LAYER_TENSORS, global_layer_to_megatron
 from megatron_lst.models.specs import global_block_spec
 
 HIDDEN, HEADS, GROUPS, FFN, THETA, EPS = 32, 4, 2, 96, 10000.0, 1e-5

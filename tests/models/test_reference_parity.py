@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from megatron_lst.models.lst_model import LSTModel
-from megatron_lst.models.reference_import import (
-    ReferenceImportError,
-    canonical_state_dict,
-    load_reference_checkpoint,
-    lst_config_from_reference,
-)
+from megatron_lst.models.reference_config import ReferenceImportError, lst_config_from_reference
+from megatron_lst.models.reference_tensors import canonical_state_dict, load_reference_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "reference_lst"
 

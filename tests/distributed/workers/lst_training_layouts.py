@@ -43,8 +43,8 @@ from model_cases import ragged_batch, tiny_config  # noqa: E402
 from packed_document_cases import EOS, packed_batch  # noqa: E402
 
 from megatron_lst.models import LSTModel, finalize_lst_model_grads  # noqa: E402
+from megatron_lst.models.canonical_sharding import gather_canonical  # noqa: E402
 from megatron_lst.models.loss import masked_token_sum  # noqa: E402
-from megatron_lst.models.reference_import import gather_canonical  # noqa: E402
 from megatron_lst.parallel import destroy_parallel, initialize_parallel  # noqa: E402
 
 GLOBAL_BATCH = 4
