@@ -1,3 +1,4 @@
+import errno
 import pickle
 import warnings
 
@@ -49,8 +50,9 @@ def test_a_save_that_fills_the_disk_keeps_the_codebook_there(tmp_path, suffix, d
     path = save_codebook(fit_codebook(_features(), 6, 300, seed=0), tmp_path / f"km{suffix}")
     before = path.read_bytes()
     larger = KMeansCodebook(np.random.default_rng(0).standard_normal((200, 5)).astype(np.float32))
-    with disk_full_at(len(before) + 100), pytest.raises(OSError):
+    with disk_full_at(len(before) + 100), pytest.raises(OSError) as full:
         save_codebook(larger, path)
+    assert full.value.errno == errno.EFBIG, full.value  # the write the full disk stopped
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 

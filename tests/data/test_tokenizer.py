@@ -1,3 +1,4 @@
+import errno
 import gzip
 import importlib.util
 import json
@@ -112,8 +113,9 @@ def test_training_over_a_model_when_the_disk_fills_keeps_that_model(tmp_path, di
     before = path.read_bytes()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(line + "\n" for line in _tiny_corpus(seed=1)))
-    with disk_full_at(len(before) // 2), pytest.raises(OSError):
+    with disk_full_at(len(before) // 2), pytest.raises(OSError) as full:
         train_sentencepiece(_tiny_corpus(seed=1), path, 300)
+    assert full.value.errno == errno.EFBIG, full.value  # the write the full disk stopped
     assert path.read_bytes() == before
     with (disk_full_at(len(before) // 2),
           pytest.raises(SystemExit, match=f"error: File too large; --output {path} is as it "

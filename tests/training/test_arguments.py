@@ -660,7 +660,7 @@ def test_yaml_values_of_text_flags_are_taken_as_written(tmp_path):
     ("seq-length: '+16'", None),
 ])
 def test_a_number_in_a_config_means_what_the_same_text_means_on_the_command_line(
-        tmp_path, written, refused):
+        tmp_path, capsys, written, refused):
     """YAML 1.1 reads `0x10` as 16 and `1:30` as 90, where the command line refuses
     `--seq-length 0x10`: a config value is now the text the file writes, read as the command
     line reads it."""
@@ -677,6 +677,8 @@ def test_a_number_in_a_config_means_what_the_same_text_means_on_the_command_line
         parse_args(["--config", config])
     with pytest.raises(SystemExit):
         parse_args(on_the_command_line)
+    err = capsys.readouterr().err
+    assert f"argument --{key}: invalid" in err and f"'{text}'" in err, err
 
 
 @pytest.mark.parametrize("key", ["override-opt_param-scheduler", "override_opt_param_scheduler",
@@ -768,9 +770,10 @@ def test_a_config_that_is_a_fifo_is_refused_before_it_blocks(tmp_path):
         parse_args(["--config", str(fifo)])
 
 
-def test_unknown_preset_is_named():
+def test_unknown_preset_is_named(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--preset", "13b"])
+    assert "argument --preset: invalid choice: '13b'" in capsys.readouterr().err
 
 
 

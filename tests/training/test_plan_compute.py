@@ -106,7 +106,7 @@ def test_bad_budgets_and_arguments_are_rejected():
             StepShape(256, 8, amount)
     with pytest.raises(ValueError, match="LST shape first"):
         plan(Budget(steps=1), BASELINE, LST, "compute", STEP)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'tokens' is not a valid ControlMode"):
         plan(Budget(steps=1), LST, BASELINE, "tokens", STEP)
 
 
