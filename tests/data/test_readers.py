@@ -15,6 +15,7 @@ from megatron_lst.data.readers import (
     ReadReport,
     line_chunks,
     load_units,
+    open_corpus_lines,
     parse_reference_interleaved,
     read_reference_jsonl,
     read_text_jsonl,
@@ -498,6 +499,8 @@ def test_text_that_begins_like_a_magic_number_is_read(tmp_path, tokenizer):
     path = tmp_path / "corpus.txt"
     path.write_text('BZh is not bzip2 without its block size\n')
     refuse_compressed(path)
+    with open_corpus_lines(path) as lines:
+        assert list(lines) == ['BZh is not bzip2 without its block size\n']
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 100])

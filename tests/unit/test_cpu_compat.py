@@ -120,6 +120,7 @@ def test_megatron_communication_streams_are_made_on_the_host(monkeypatch):
 def test_cuda_rng_api_drives_the_cpu_generator():
     torch.cuda.manual_seed(7)
     first = torch.rand(4)
+    assert torch.equal(first, torch.rand(4, generator=torch.Generator().manual_seed(7)))
     state = torch.cuda.get_rng_state()
     second = torch.rand(4)
     torch.cuda.set_rng_state(state)
