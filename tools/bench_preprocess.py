@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
-from megatron_lst.data.readers import SEGMENT_SEP, parse_reference_line
+from megatron_lst.data.document_parsing import SEGMENT_SEP, parse_reference_line
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,23 +30,22 @@ from pathlib import Path
 from tqdm import tqdm
 
 from megatron_lst.audio.units_record import check_units_fit
+from megatron_lst.data.corpus_lines import refuse_compressed
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.indexed import DocumentWriter
 from megatron_lst.data.input_files import checked_file_size
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
-from megatron_lst.data.readers import (
+from megatron_lst.data.read_chunks import (
     INPUT_FORMATS,
     Chunk,
     ChunkResult,
     ReadOptions,
-    Skip,
     line_chunks,
     parse_chunk,
-    refuse_compressed,
-    textgrid_utterances,
-    unit_files_without_textgrid,
     utterance_chunks,
 )
+from megatron_lst.data.read_report import Skip
+from megatron_lst.data.textgrid_corpus import textgrid_utterances, unit_files_without_textgrid
 from megatron_lst.data.worker_pool import worker_pool
 from megatron_lst.tokenizer.text_tokenizer import joint_vocab, load_text_tokenizer
 from megatron_lst.tokenizer.vocab import VocabularyError

@@ -17,9 +17,10 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from megatron_lst.data.corpus_lines import open_corpus_lines
+from megatron_lst.data.document_parsing import SEGMENT_SEP, SILENCE_WORD
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.input_files import checked_file_size
-from megatron_lst.data.readers import SEGMENT_SEP, SILENCE_WORD, open_corpus_lines
 from megatron_lst.tokenizer.text_tokenizer import VocabSizeError, train_sentencepiece
 from megatron_lst.tokenizer.vocab import VocabularyError
 

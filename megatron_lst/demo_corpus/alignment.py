@@ -50,7 +50,7 @@ def segments_from_intervals(intervals: Sequence[Interval], num_units: int,
         raise AlignmentError(f"{int(is_word.sum())} words cannot each get a unit of the "
                              f"utterance's {num_units} units")
 
-    # Half-up rounding, as megatron_lst.data.readers rounds TextGrid boundaries.
+    # Half-up rounding, as megatron_lst.data.textgrid_corpus rounds TextGrid boundaries.
     bounds = np.clip(np.floor(np.array([t for _, t in pieces]) * frame_rate + 0.5), 0, num_units)
     bounds = np.append(bounds.astype(np.int64), num_units)  # [S+1]
     bounds[0] = 0

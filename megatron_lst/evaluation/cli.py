@@ -503,8 +503,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
 def _unit_prompt(text: str) -> list[int]:
     """The unit values of --prompt-units: inline, or @FILE (whitespace-separated values, or the
     .npy array tools/extract_units.py writes)."""
+    from megatron_lst.data.document_parsing import parse_units_text
     from megatron_lst.data.documents import DocumentError
-    from megatron_lst.data.readers import load_units, parse_units_text
+    from megatron_lst.data.unit_files import load_units
 
     if text.startswith("@"):
         try:

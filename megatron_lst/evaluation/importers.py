@@ -59,7 +59,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
-from megatron_lst.data.readers import DocumentError, load_units, parse_units_text
+from megatron_lst.data.document_parsing import parse_units_text
+from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.unit_files import load_units
 from megatron_lst.evaluation.items import (
     ItemError,
     editor_lines,

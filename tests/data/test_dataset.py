@@ -317,13 +317,13 @@ def test_store_of_the_reference_sample_meets_the_contract(tmp_path):
         pytest.skip(f"reference fixtures not found at {FIXTURES}")
     indexed = pytest.importorskip("megatron_lst.data.indexed")
     manifest = pytest.importorskip("megatron_lst.data.manifest")
-    readers = pytest.importorskip("megatron_lst.data.readers")
+    jsonl_corpus = pytest.importorskip("megatron_lst.data.jsonl_corpus")
     text_tokenizer = pytest.importorskip("megatron_lst.tokenizer.text_tokenizer")
     tokenizer = text_tokenizer.load_text_tokenizer(FIXTURES / "spm.model")
     vocab = text_tokenizer.joint_vocab(tokenizer)
     writer = indexed.DocumentWriter(tmp_path / "mls", "aligned")
     counts = manifest.Counts()
-    for source in readers.read_reference_jsonl(FIXTURES / "mls.chunk.00.on_the_fly", tokenizer):
+    for source in jsonl_corpus.read_reference_jsonl(FIXTURES / "mls.chunk.00.on_the_fly", tokenizer):
         writer.add_aligned(source.document)
         counts.add(source.counts)
     writer.finalize(manifest.Manifest(

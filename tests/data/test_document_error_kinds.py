@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from megatron_lst.data.documents import AlignedDocument, DocumentError, check_stored_document
-from megatron_lst.data.readers import ReadReport
+from megatron_lst.data.read_report import ReadReport
 
 TEXT_SIZE, NUM_UNITS, BOS_EOS = 50, 10, (1, 2)
 

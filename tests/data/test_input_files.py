@@ -20,9 +20,11 @@ from megatron_lst.audio.hubert import HubertFeatures, wants_normalized_input
 from megatron_lst.data import input_files
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.input_files import MAX_LINE_CHARACTERS, bounded_lines
+from megatron_lst.data.jsonl_corpus import read_text_jsonl
 from megatron_lst.data.manifest import Manifest, ManifestError
-from megatron_lst.data.readers import load_units, read_text_jsonl, read_textgrid_corpus
 from megatron_lst.data.textgrid import Interval, TextGridError, read_textgrid, write_textgrid
+from megatron_lst.data.textgrid_corpus import read_textgrid_corpus
+from megatron_lst.data.unit_files import load_units
 from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 

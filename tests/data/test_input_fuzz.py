@@ -32,9 +32,10 @@ from megatron_lst.audio.corpus import CorpusError, read_tsv
 from megatron_lst.audio.units_record import read_units_record
 from megatron_lst.data.documents import AlignedDocument, DocumentError, check_document_of
 from megatron_lst.data.indexed import DocumentStore, DocumentWriter
+from megatron_lst.data.jsonl_corpus import read_reference_jsonl
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
-from megatron_lst.data.readers import load_units, read_reference_jsonl
 from megatron_lst.data.textgrid import Interval, read_textgrid, write_textgrid
+from megatron_lst.data.unit_files import load_units
 from megatron_lst.demo_corpus.units import KMeansCodebook
 from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.tokenizer.text_tokenizer import (

@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
-from megatron_lst.data.readers import textgrid_utterances, unit_files_without_textgrid
 from megatron_lst.data.textgrid import Interval, write_textgrid
+from megatron_lst.data.textgrid_corpus import textgrid_utterances, unit_files_without_textgrid
 
 
 def test_a_fifo_unit_file_without_a_textgrid_is_named(tmp_path):

@@ -10,19 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron_lst.data.corpus_lines import open_corpus_lines, refuse_compressed
+from megatron_lst.data.document_parsing import parse_reference_interleaved
 from megatron_lst.data.documents import DocumentError
-from megatron_lst.data.readers import (
-    ReadReport,
-    line_chunks,
-    load_units,
-    open_corpus_lines,
-    parse_reference_interleaved,
-    read_reference_jsonl,
-    read_text_jsonl,
-    read_textgrid_corpus,
-    refuse_compressed,
-)
+from megatron_lst.data.jsonl_corpus import read_reference_jsonl, read_text_jsonl
+from megatron_lst.data.read_chunks import line_chunks
+from megatron_lst.data.read_report import ReadReport
 from megatron_lst.data.textgrid import Interval, write_textgrid
+from megatron_lst.data.textgrid_corpus import read_textgrid_corpus
+from megatron_lst.data.unit_files import load_units
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "reference_lst"

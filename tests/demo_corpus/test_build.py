@@ -13,7 +13,8 @@ pytest.importorskip("espeakng_loader", reason="espeakng-loader is not installed 
 
 from tool_modules import load_tool  # noqa: E402
 
-from megatron_lst.data.readers import parse_reference_line, read_textgrid_corpus  # noqa: E402
+from megatron_lst.data.document_parsing import parse_reference_line  # noqa: E402
+from megatron_lst.data.textgrid_corpus import read_textgrid_corpus  # noqa: E402
 from megatron_lst.demo_corpus import build as build_module  # noqa: E402
 from megatron_lst.demo_corpus.alignment import SILENCE  # noqa: E402
 from megatron_lst.demo_corpus.build import DemoCorpusConfig, build_demo_corpus  # noqa: E402

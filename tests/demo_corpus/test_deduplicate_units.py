@@ -30,7 +30,8 @@ def test_segments_that_do_not_cover_the_units_are_refused():
 @pytest.mark.slow
 def test_deduplicated_corpus_reads_back_the_same_through_both_input_forms(tmp_path):
     pytest.importorskip("espeakng_loader", reason="espeakng-loader is not installed")
-    from megatron_lst.data.readers import parse_reference_line, read_textgrid_corpus
+    from megatron_lst.data.document_parsing import parse_reference_line
+    from megatron_lst.data.textgrid_corpus import read_textgrid_corpus
     from megatron_lst.demo_corpus.build import DemoCorpusConfig, build_demo_corpus
     from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 

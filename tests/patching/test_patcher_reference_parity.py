@@ -148,7 +148,7 @@ def reference_layout(doc, row, space_id):
 
 
 def test_interleaving_matches_reference_tokens():
-    readers = pytest.importorskip("megatron_lst.data.readers")
+    document_parsing = pytest.importorskip("megatron_lst.data.document_parsing")
     text_tokenizer = pytest.importorskip("megatron_lst.tokenizer.text_tokenizer")
     tokenizer = text_tokenizer.load_text_tokenizer(fixture("spm.model"))
     interleaver = Interleaver(VOCAB, tokenizer.space_id)
@@ -156,7 +156,8 @@ def test_interleaving_matches_reference_tokens():
     lines = source_lines()
     for b, row in reference_rows(inputs):
         assert row[-1] == VOCAB.eos_id  # whole documents
-        doc, _ = readers.parse_reference_line(lines[inputs["lines"][b]], tokenizer, 502, f"row {b}")
+        doc, _ = document_parsing.parse_reference_line(lines[inputs["lines"][b]], tokenizer, 502,
+                                                       f"row {b}")
         layout = reference_layout(doc, row, tokenizer.space_id)
         ours = interleaver.layout(doc, layout).tokens
         markers = np.flatnonzero((ours == VOCAB.text_marker) | (ours == VOCAB.speech_marker))
