@@ -118,13 +118,17 @@ def parse_reference_interleaved(interleaved: str, tokenizer: TextTokenizer, num_
     seg_unit_len = np.fromiter((len(u.split()) for u in seg_units), dtype=np.int32,
                                count=len(seg_units))
     unit_ids = parse_units_text(" ".join(seg_units), where, int(seg_unit_len.sum()))
-    return _finish(text_ids, unit_ids, seg_text_len, seg_unit_len, seg_texts, num_units, where,
-                   counts)
+    return checked_aligned_document(text_ids, unit_ids, seg_text_len, seg_unit_len, seg_texts,
+                                    num_units, where, counts)
 
 
-def _finish(text_ids: np.ndarray, unit_ids: np.ndarray, seg_text_len: np.ndarray,
-            seg_unit_len: np.ndarray, seg_texts: list[str], num_units: int, where: str,
-            counts: Counts) -> tuple[AlignedDocument, Counts]:
+def checked_aligned_document(text_ids: np.ndarray, unit_ids: np.ndarray,
+                             seg_text_len: np.ndarray, seg_unit_len: np.ndarray,
+                             seg_texts: list[str], num_units: int, where: str,
+                             counts: Counts) -> tuple[AlignedDocument, Counts]:
+    """The aligned document of a parsed line or utterance (`where` names it in errors), with
+    `counts` advanced by it; DocumentError for no units, a word of no text pieces or a unit
+    outside the codebook of `num_units`. Shared by the JSONL and TextGrid readers."""
     if not len(unit_ids):
         raise DocumentError(f"{where}: no speech units (no HUBERT payloads, or an empty unit "
                             f"file: audio shorter than one unit frame has none); an aligned "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_lst.data.document_parsing import SILENCE_WORD, _finish
+from megatron_lst.data.document_parsing import SILENCE_WORD, checked_aligned_document
 from megatron_lst.data.documents import AlignedDocument, DocumentError
 from megatron_lst.data.manifest import Counts
 from megatron_lst.data.read_report import ReadReport, SourceDocument
@@ -145,8 +145,9 @@ def parse_textgrid_utterance(textgrid_path: str | Path, units_path: str | Path,
         raise DocumentError(f"{where}: empty document (no words and no units)",
                             kind="empty document")
     text_ids, seg_text_len = tokenizer.encode_words(seg_texts)
-    return _finish(text_ids, units, seg_text_len, np.array(seg_unit_len, dtype=np.int32),
-                   seg_texts, num_units, where, counts)
+    return checked_aligned_document(text_ids, units, seg_text_len,
+                                    np.array(seg_unit_len, dtype=np.int32), seg_texts, num_units,
+                                    where, counts)
 
 
 def _unit_files_at(base: Path) -> list[Path]:
