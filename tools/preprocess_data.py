@@ -149,15 +149,14 @@ def _check_args(args: argparse.Namespace) -> None:
     elif not args.input:
         raise SystemExit(f"--input-format {args.input_format} needs --input")
     # Flags of another format were ignored: a corpus read as another format than meant, unsaid.
-    other_format = [flag for flag, given, reads in (
+    other_format = {flag: reads for flag, given, reads in (
         ("--textgrid-dir", args.textgrid_dir is not None, "textgrid"),
         ("--units-dir", args.units_dir is not None, "textgrid"),
         ("--textgrid-tier", args.textgrid_tier != TEXTGRID_TIER, "textgrid"),
         ("--json-key", args.json_key != JSON_KEY, "text-jsonl"))
-        if given and reads != args.input_format]
+        if given and reads != args.input_format}
     if other_format:
-        formats = sorted({"textgrid" if flag != "--json-key" else "text-jsonl"
-                          for flag in other_format})
+        formats = sorted(set(other_format.values()))
         raise SystemExit(f"{' and '.join(other_format)} "
                          f"{'applies' if len(other_format) == 1 else 'apply'} only to "
                          f"--input-format {' and '.join(formats)}, not {args.input_format}: "

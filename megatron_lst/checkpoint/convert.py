@@ -454,7 +454,7 @@ def _refuse_output_inside_source(output: str | Path, output_flag: str, source: s
     portable checkpoint is shared as safe, a dist one holds pickles) and deleted with it, and a
     directory of two checkpoints is named as the wrong one by the tools that read it."""
     source_dir, written = Path(source).resolve(), Path(output).resolve()
-    if written == source_dir or source_dir in written.parents:
+    if written.is_relative_to(source_dir):
         raise CheckpointContentError(
             f"{output_flag} {output} is inside the {source_flag} checkpoint directory "
             f"{source_dir}; the converted checkpoint would be mixed into the one it is converted "

@@ -8,7 +8,8 @@
 Prints one line per (file, mode) on rank 0 and, with `--output`, writes the full results as JSON
 (`{"checkpoint", "iteration", "results": {file: {mode: {accuracy, accuracy_ci_low, ...}}}}`).
 With `--task asr|tts` it decodes held-out utterances instead (`downstream.py`) and prints one
-line per rate. Launch with torchrun for tensor or pipeline parallelism (`--tensor-model-parallel-size 2` and `--nproc-per-node 2`). Exit status 2 for bad
+line per rate. Launch with torchrun for tensor or pipeline parallelism
+(`--tensor-model-parallel-size 2` and `--nproc-per-node 2`). Exit status 2 for bad
 flags or bad items (the message names the item and its line).
 
 `lst-generate` prints one JSON object per continuation: the generated ids, their units and text,

@@ -7,8 +7,8 @@ with the end of the workers' output. `run_torchrun(nprocs, args, timeout)` launc
 line under torchrun and returns its exit status and output (a test of how it stops), failing
 the test only on a timeout.
 
-Worker side: `init_gloo()` starts the process group; `report_results(path, record)` gathers one JSON-able record per rank and has
-rank 0 write them, in rank order, to `path`.
+Worker side: `init_gloo()` starts the process group; `report_results(path, record)` gathers
+one JSON-able record per rank and has rank 0 write them, in rank order, to `path`.
 """
 
 from __future__ import annotations
