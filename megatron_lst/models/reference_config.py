@@ -255,18 +255,33 @@ def _check_cross_attention_heads(a: dict) -> None:
 def _check_hash_embeddings(a: dict) -> None:
     """The reference builds `encoder_hash_byte_group_nb_functions` hash n-gram embedding tables
     for each size in `encoder_hash_byte_group_size` and adds them to the token embedding: none
-    (and the same function as without) when either is empty. Tables are refused: they have no
-    counterpart here."""
-    sizes, functions = a["encoder_hash_byte_group_size"], a["encoder_hash_byte_group_nb_functions"]
+    (and the same function as without) when either is empty. The reference reads a string of
+    sizes as its comma-separated integers, empty pieces skipped (so "," is no sizes). Tables are
+    refused: they have no counterpart here."""
+    given, functions = a["encoder_hash_byte_group_size"], a["encoder_hash_byte_group_nb_functions"]
+    sizes = _comma_separated_sizes(given) if isinstance(given, str) else given
     if not isinstance(functions, int) or isinstance(functions, bool):
         raise ReferenceImportError(
             f"reference encoder_hash_byte_group_nb_functions={functions!r} is not a number of "
             "hash functions; the reference builds no model from it")
     if sizes and functions > 0:
         raise ReferenceImportError(
-            f"reference encoder_hash_byte_group_size={sizes!r} is not supported: with "
+            f"reference encoder_hash_byte_group_size={given!r} is not supported: with "
             f"encoder_hash_byte_group_nb_functions={functions} it adds hash n-gram embeddings, "
             "which have no counterpart here (need [] or None, or 0 hash functions)")
+
+
+def _comma_separated_sizes(text: str) -> list[int]:
+    """The hash n-gram sizes the reference reads from a string `text`: its comma-separated
+    pieces as integers, empty pieces skipped. ReferenceImportError for a piece that is no
+    integer (the reference's args fail to validate)."""
+    pieces = [piece for piece in text.split(",") if piece]
+    try:
+        return [int(piece) for piece in pieces]
+    except ValueError:
+        raise ReferenceImportError(
+            f"reference encoder_hash_byte_group_size={text!r} is not a comma-separated list of "
+            "integers; the reference builds no model from it") from None
 
 
 def _check_patching_mode(a: dict) -> None:

@@ -128,6 +128,8 @@ CONFIGURATIONS = {
     # hash n-gram sizes but no hash functions: the reference builds no hash embedding table
     "hash_sizes_without_hash_functions": {"encoder_hash_byte_group_size": [3, 4],
                                           "encoder_hash_byte_group_nb_functions": 0},
+    # sizes given as a string: the reference reads its comma-separated integers, "," as none
+    "hash_sizes_as_a_string_of_none": {"encoder_hash_byte_group_size": ","},
     # fields that change training or initialisation only, or that the reference does not read
     "training_and_init_fields": {
         "dropout": 0.25, "init_base_std": 0.5, "init_std_factor": "current_depth", "seed": 7,
@@ -164,6 +166,13 @@ REFUSED_REFERENCE_CONFIGURATIONS = {
                    "reference encoder_hash_byte_group_size=[4] is not supported"),
     "lst_yaml_at_9e86f12": ({**REFERENCE_LST_YAML, **HASH_NGRAMS},
                             "reference encoder_hash_byte_group_size=[4] is not supported"),
+    "hash_sizes_as_a_string": ({**REFERENCE_LST_YAML, **HASH_NGRAMS,
+                                "encoder_hash_byte_group_size": "3,,4"},
+                               "reference encoder_hash_byte_group_size='3,,4' is not supported"),
+    "hash_sizes_as_a_string_of_no_integers": (
+        {**REFERENCE_LST_YAML, "encoder_hash_byte_group_size": "3,four"},
+        "reference encoder_hash_byte_group_size='3,four' is not a comma-separated list of "
+        "integers"),
     "llama_1B_yaml": ({"dim": 64, "n_layers": 3, "n_heads": 4},
                       "reference option cross_attn_encoder=False is not supported (need True): "
                       "without the local encoder's and decoder's cross-attention the args "
