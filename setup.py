@@ -48,8 +48,8 @@ setup(
     entry_points={
         "console_scripts": [
             "lst-train=megatron_lst.training.cli:main",
-            "lst-eval=megatron_lst.evaluation.cli:eval_main",
-            "lst-generate=megatron_lst.evaluation.cli:generate_main",
+            "lst-eval=megatron_lst.evaluation.eval_cli:eval_main",
+            "lst-generate=megatron_lst.evaluation.generate_cli:generate_main",
             "lst-import-eval=megatron_lst.evaluation.importers:import_main",
             "lst-convert=megatron_lst.checkpoint.cli:main",
         ]

@@ -203,7 +203,7 @@ class StepBenchmark:
     tflops_per_device: float
     peak_tflops: float | None
     """The device's dense peak in the run's precision used for the MFU
-    (`training.flops.device_peak_flops`: bf16/fp16, TF32 or FP32)."""
+    (`training.device_peak.device_peak_flops`: bf16/fp16, TF32 or FP32)."""
     mfu: float | None
     split_seconds: dict[str, float]
     """Median seconds per step of each part."""
@@ -219,7 +219,7 @@ def run_benchmark(flags: Sequence[str], steps: int, warmup: int,
     from megatron_lst.parallel import destroy_parallel, initialize_parallel
     from megatron_lst.training.arguments import parse_args, validate_args
     from megatron_lst.training.data_provider import build_loader
-    from megatron_lst.training.flops import device_peak_flops, matmul_precision
+    from megatron_lst.training.device_peak import device_peak_flops, matmul_precision
     from megatron_lst.training.loop import setup, train_step
 
     if steps < 1 or warmup < 1:

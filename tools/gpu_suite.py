@@ -63,7 +63,7 @@ SUMMARY = "summary.txt"
 ARCHIVE_EVERY_SECONDS = 20.0
 MIN_STAGE_SECONDS = 10.0  # a stage is skipped when less of the budget is left
 # H200 SXM dense bf16 peak, NVIDIA H200 datasheet (1,979 TFLOPS with sparsity); the MFU denominator
-# of bench_step (megatron_lst.training.flops.PEAK_DENSE_FLOPS).
+# of bench_step (megatron_lst.training.device_peak.PEAK_DENSE_FLOPS).
 PEAK_SOURCE = "dense bf16 peak from the NVIDIA datasheet (H100/H200 SXM: 989 TFLOP/s)"
 
 

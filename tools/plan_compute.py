@@ -10,7 +10,8 @@ global positions and FLOPs split per model part of LST and of the baseline (the 
 transformer run over tokens, with the same width, depth and vocabulary). `--budget-steps N`
 fixes the steps of the `--reference` model instead of a FLOP total. The model is a preset of
 megatron_lst.models.config or given by its dimensions (--global-dim ... without --preset).
-FLOPs are the closed-form estimate of megatron_lst.training.flops (training = 3x forward); an LST
+The plan is megatron_lst.training.compute_plan's. FLOPs are the closed-form estimate of
+megatron_lst.training.flops (training = 3x forward); an LST
 row counts its --max-tokens positions (padding included, as training computes and logs them),
 its tokens the real --tokens-per-patch. With --pipeline-model-parallel-size it also suggests a
 pipeline split and, given --micro-batch-size, prints its bubble from megatron's schedule simulated
@@ -39,16 +40,15 @@ from megatron_lst.models.config import (
 )
 from megatron_lst.parallel import ParallelLayoutError, pipeline_stage_layers, virtual_pipeline_size
 from megatron_lst.tokenizer.vocab import JointVocab
-from megatron_lst.training.flops import (
+from megatron_lst.training.compute_plan import (
     Budget,
     ComputePlan,
     ControlMode,
-    FlopBreakdown,
     ModelPlan,
-    ModelShape,
     StepShape,
     plan,
 )
+from megatron_lst.training.flops import FlopBreakdown, ModelShape
 from megatron_lst.training.pipeline_schedule_model import ScheduleTiming, simulate
 
 _DIMENSIONS = ("global_dim", "global_layers", "global_heads", "local_dim", "encoder_layers",

@@ -103,7 +103,8 @@ def plan_steps(preset: StudyPreset, corpus) -> tuple[dict[str, dict[str, int]], 
     """`(steps[control][model], the planner's output per control)` for the preset's budget."""
     from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
     from megatron_lst.tokenizer.vocab import JointVocab
-    from megatron_lst.training.flops import Budget, ModelShape, StepShape, plan
+    from megatron_lst.training.compute_plan import Budget, StepShape, plan
+    from megatron_lst.training.flops import ModelShape
     from megatron_lst.training.model_provider import lst_config_from_args
 
     tokenizer = str(corpus.paths["tokenizer"])

@@ -8,8 +8,8 @@ Every iteration the training loop hands `TrainingLogger.on_iteration` what it me
     4.812345E+00 | loss scale: 1.0 | grad norm: 0.912 | tokens/s: 1234.5 | global positions/s:
     80.1 | TFLOP/s/device: 0.12 | number of skipped iterations:   0 | number of nan iterations:   0 |
 
-(one line in practice; MFU is added on GPUs whose peak `training.flops` knows). The same values go
-to TensorBoard and W&B as scalars against the iteration.
+(one line in practice; MFU is added on GPUs whose peak `training.device_peak` knows). The same
+values go to TensorBoard and W&B as scalars against the iteration.
 """
 
 from __future__ import annotations
@@ -336,13 +336,13 @@ def build_training_logger(args: argparse.Namespace, *, world_size: int, enabled:
     """The logger the flags describe: TensorBoard under `--tensorboard-dir`, W&B for
     `--wandb-project`, and a progress bar when `stream` is a terminal and `--no-progress-bar` is
     not given. Writers are created only where `enabled` (the logging rank). `peak_flops` (one
-    device's peak FLOP/s, for MFU) defaults to `training.flops.device_peak_flops()` on CUDA, in
-    the precision the run multiplies in (--bf16, --fp16, else fp32 or TF32)."""
+    device's peak FLOP/s, for MFU) defaults to `training.device_peak.device_peak_flops()` on CUDA,
+    in the precision the run multiplies in (--bf16, --fp16, else fp32 or TF32)."""
     import torch
 
     stream = stream if stream is not None else sys.stdout
     if peak_flops is None and torch.cuda.is_available():
-        from megatron_lst.training.flops import device_peak_flops, matmul_precision
+        from megatron_lst.training.device_peak import device_peak_flops, matmul_precision
 
         peak_flops = device_peak_flops(precision=matmul_precision(args.bf16, args.fp16))
     tensorboard_writer = wandb_run = None

@@ -26,7 +26,8 @@ from megatron_lst.checkpoint.portable import load_portable
 from megatron_lst.checkpoint.reference import FIXED_REFERENCE_ARGS, export_reference
 from megatron_lst.data.indexed import DocumentWriter
 from megatron_lst.data.manifest import Counts, Manifest, TokenizerInfo
-from megatron_lst.evaluation.cli import eval_main, generate_main
+from megatron_lst.evaluation.eval_cli import eval_main
+from megatron_lst.evaluation.generate_cli import generate_main
 from megatron_lst.models.config import PRESETS, preset
 from megatron_lst.models.reference_config import lst_config_from_reference
 from megatron_lst.parallel import destroy_parallel, initialize_parallel

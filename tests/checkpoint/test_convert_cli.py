@@ -246,7 +246,7 @@ def test_our_patching_flags_as_the_reference_data_patcher(flags, patcher_args):
 def test_a_converted_checkpoint_asks_for_its_tokenizer_by_size(tiny_portable, tmp_path, capsys):
     """A dist checkpoint from portable-to-dist names no tokenizer; lst-eval said it 'was trained
     without --tokenizer-model', which a converted checkpoint never was."""
-    from megatron_lst.evaluation.cli import eval_main
+    from megatron_lst.evaluation.eval_cli import eval_main
 
     dist, items = tmp_path / "dist", tmp_path / "items.jsonl"
     assert main(["portable-to-dist", "--portable", str(tiny_portable), "--save", str(dist)]) == 0

@@ -165,7 +165,8 @@ def test_plan_describes_the_model_and_rows_lst_train_builds(tmp_path):
     from tool_modules import load_tool
 
     from megatron_lst.training.arguments import parse_args, validate_args
-    from megatron_lst.training.flops import ModelShape, StepShape
+    from megatron_lst.training.compute_plan import StepShape
+    from megatron_lst.training.flops import ModelShape
     from megatron_lst.training.model_provider import lst_config_from_args
 
     config = tmp_path / "lst.yaml"

@@ -120,7 +120,8 @@ def _script_parsers() -> Iterator[argparse.ArgumentParser]:
 @pytest.fixture(scope="module")
 def project_parsers() -> list[argparse.ArgumentParser]:
     from megatron_lst.checkpoint.cli import build_parser as convert_parser
-    from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
+    from megatron_lst.evaluation.eval_cli import build_eval_parser
+    from megatron_lst.evaluation.generate_cli import build_generate_parser
     from megatron_lst.evaluation.importers import import_main
     from megatron_lst.training.arguments import build_parser as train_parser
 
@@ -238,7 +239,8 @@ def _documented_flags(page: str) -> set[str]:
 
 def test_every_user_facing_flag_is_documented():
     """A new flag of lst-train, lst-eval or lst-generate needs its row in the docs."""
-    from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
+    from megatron_lst.evaluation.eval_cli import build_eval_parser
+    from megatron_lst.evaluation.generate_cli import build_generate_parser
     from megatron_lst.training.arguments import build_parser as train_parser
 
     for page, parsers in (("training.md", [train_parser()]),
@@ -386,7 +388,8 @@ def _our_command(argv: list[str]) -> tuple[str, list[str]] | None:
 def _parse_as_command(command: str, argv: list[str]) -> None:
     """Parse `argv` with `command`'s own parser; SystemExit (argparse's error) when it fails."""
     from megatron_lst.checkpoint.cli import build_parser as convert_parser
-    from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
+    from megatron_lst.evaluation.eval_cli import build_eval_parser
+    from megatron_lst.evaluation.generate_cli import build_generate_parser
     from megatron_lst.evaluation.importers import import_main
     from megatron_lst.training.arguments import ArgumentError
     from megatron_lst.training.arguments import parse_args as parse_train_args
@@ -400,7 +403,7 @@ def _parse_as_command(command: str, argv: list[str]) -> None:
     parsers: dict[str, Callable[[list[str]], object]] = {
         "lst-train": train, "pretrain_lst.py": train,
         "lst-eval": build_eval_parser().parse_args,
-        "megatron_lst.evaluation.cli": build_eval_parser().parse_args,
+        "megatron_lst.evaluation.eval_cli": build_eval_parser().parse_args,
         "megatron_lst.training.cli": train,
         "lst-generate": build_generate_parser().parse_args,
         "lst-convert": convert_parser().parse_args,
@@ -516,7 +519,8 @@ def test_documented_defaults_are_the_parsers():
     `on` / `off`, or `required`. A model flag of lst-train, which defaults to "not given",
     is compared with its configuration field's default. Prose defaults ("preset", a rule) are
     not read."""
-    from megatron_lst.evaluation.cli import build_eval_parser, build_generate_parser
+    from megatron_lst.evaluation.eval_cli import build_eval_parser
+    from megatron_lst.evaluation.generate_cli import build_generate_parser
     from megatron_lst.training.arguments import build_parser as train_parser
 
     parsers = {"training.md": lambda section: train_parser(),

@@ -20,7 +20,8 @@ from eval_cases import (
     write_utterances,
 )
 
-from megatron_lst.evaluation.cli import _write_results, eval_main, generate_main
+from megatron_lst.evaluation.eval_cli import _write_results, eval_main
+from megatron_lst.evaluation.generate_cli import generate_main
 from megatron_lst.evaluation.items import load_items
 from megatron_lst.evaluation.loading import load_inference_model
 from megatron_lst.evaluation.scoring import evaluate_items
@@ -156,7 +157,7 @@ def test_every_item_file_is_checked_before_any_is_scored(checkpoint, capsys, mon
     """A bad second file was found only after the first was evaluated, its results lost."""
     root, items_path, _ = checkpoint
     scored = []
-    monkeypatch.setattr("megatron_lst.evaluation.cli.evaluate_items",
+    monkeypatch.setattr("megatron_lst.evaluation.eval_cli.evaluate_items",
                         lambda *args, **kwargs: scored.append(args))
     bad = root / "second.jsonl"
     bad.write_text(json.dumps({**random_records(7, 1)[0], **second}) + "\n"
@@ -669,7 +670,7 @@ def test_lst_eval_task_refuses_an_aligned_model_naming_it_before_decoding(
 def test_results_that_are_not_a_number_are_written_as_null(tmp_path):
     """json.dumps wrote NaN (the steps per second of a TTS model that generated no units), which
     is no JSON: strict readers (jq, JavaScript) refused the file."""
-    from megatron_lst.evaluation.cli import _write_results
+    from megatron_lst.evaluation.eval_cli import _write_results
 
     output = tmp_path / "tts.json"
     assert _write_results(str(output), {"task": "tts", "results": {
@@ -804,7 +805,7 @@ def test_loading_a_checkpoint_prints_no_torch_deprecation_warnings(checkpoint):
     import sys
 
     root, items_path, _ = checkpoint
-    run = subprocess.run([sys.executable, "-m", "megatron_lst.evaluation.cli", "--load",
+    run = subprocess.run([sys.executable, "-m", "megatron_lst.evaluation.eval_cli", "--load",
                           str(root / "save"), "--items", str(items_path), "--modes", "tt"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from distributed.harness import WORKERS_DIR, run_torchrun
 
-from megatron_lst.evaluation.cli import eval_main
+from megatron_lst.evaluation.eval_cli import eval_main
 from megatron_lst.training import stop_together
 
 LATE_LINE = WORKERS_DIR / "late_line.py"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from eval_cases import NUM_UNITS, random_records, tokenizer, vocab
 
-from megatron_lst.evaluation.cli import eval_main
+from megatron_lst.evaluation.eval_cli import eval_main
 from megatron_lst.evaluation.items import ItemError, check_items_for_speech, load_items
 
 

@@ -9,7 +9,7 @@ import pytest
 from eval_cases import random_records, save_tiny_checkpoint
 
 from megatron_lst.checkpoint.integrity import record_checkpoint_files, write_manifest
-from megatron_lst.evaluation.cli import eval_main
+from megatron_lst.evaluation.eval_cli import eval_main
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 
 

@@ -10,7 +10,7 @@ import pytest
 from distributed.harness import WORKERS_DIR, run_torchrun
 from eval_cases import NUM_UNITS, save_tiny_checkpoint
 
-from megatron_lst.evaluation.cli import generate_main
+from megatron_lst.evaluation.generate_cli import generate_main
 from megatron_lst.parallel import destroy_parallel, initialize_parallel
 
 SAMPLING = ["--max-new-tokens", "6", "--temperature", "1.0", "--seed", "11"]

@@ -781,7 +781,7 @@ def test_unknown_preset_is_named(capsys):
 def test_seeds_numpy_cannot_take_are_usage_errors(seed, capsys):
     """--seed -1 passed, then numpy refused it inside set-up ('Seed must be between 0 and
     2**32 - 1', naming no flag); lst-eval and lst-generate use the same type."""
-    from megatron_lst.evaluation.cli import build_eval_parser
+    from megatron_lst.evaluation.eval_cli import build_eval_parser
 
     with pytest.raises(SystemExit):
         parse_args([*BASE, "--seed", seed])

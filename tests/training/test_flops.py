@@ -11,19 +11,21 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from megatron_lst.training.device_peak import (
+    device_peak_flops,
+    matmul_precision,
+    mfu,
+    peak_flops_by_name,
+)
 from megatron_lst.training.flops import (
     FlopBreakdown,
     ModelShape,
     StackShape,
     causal_pairs,
     decoder_cross_attention_pairs,
-    device_peak_flops,
     encoder_cross_attention_pairs,
     estimate_flops,
     flops_per_batch,
-    matmul_precision,
-    mfu,
-    peak_flops_by_name,
 )
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "reference_lst"

@@ -11,15 +11,8 @@ import pytest
 from tool_modules import load_tool
 
 from megatron_lst.models.config import preset
-from megatron_lst.training.flops import (
-    Budget,
-    ControlMode,
-    ModelShape,
-    StackShape,
-    StepShape,
-    estimate_flops,
-    plan,
-)
+from megatron_lst.training.compute_plan import Budget, ControlMode, StepShape, plan
+from megatron_lst.training.flops import ModelShape, StackShape, estimate_flops
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "plan_compute.py"
 

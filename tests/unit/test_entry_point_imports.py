@@ -23,7 +23,8 @@ def _megatron_modules_after_import(module: str) -> list[str]:
 
 
 def test_every_console_script_is_checked():
-    assert {"megatron_lst.training.cli", "megatron_lst.evaluation.cli",
+    assert {"megatron_lst.training.cli", "megatron_lst.evaluation.eval_cli",
+            "megatron_lst.evaluation.generate_cli",
             "megatron_lst.checkpoint.cli"} <= set(ENTRY_MODULES)
 
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from megatron_lst.evaluation.cli import generate_main
+from megatron_lst.evaluation.generate_cli import generate_main
 
 if __name__ == "__main__":
     sys.exit(generate_main(sys.argv[1:]))

@@ -31,7 +31,7 @@ if __name__ == "__main__":  # the checkpoint writers re-import this file
         from megatron_lst.training.cli import main
         program = "lst-train:"
     else:
-        from megatron_lst.evaluation.cli import eval_main as main
+        from megatron_lst.evaluation.eval_cli import eval_main as main
         program = "lst-eval:"
     if os.environ.get("RANK") == "1":
         sys.stderr = LateLines(sys.stderr, program, float(seconds))
