@@ -51,12 +51,10 @@ DEFAULT_EVAL_BATCH_SIZE = 8
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    parser = FlagParser(prog="lst-eval",
-                                     description="Score a checkpoint on story-completion items "
-                                                 "(accuracy per mode), or, with --task asr|tts, "
-                                                 "decode held-out utterances (WER and CER, or "
-                                                 "the unit edit rate and ASR-CER).",
-                                     allow_abbrev=False)
+    parser = FlagParser(prog="lst-eval", allow_abbrev=False,
+                        description="Score a checkpoint on story-completion items (accuracy per "
+                                    "mode), or, with --task asr|tts, decode held-out utterances "
+                                    "(WER and CER, or the unit edit rate and ASR-CER).")
     parser.add_argument("--load", required=True,
                         help="A training --save directory, whose latest complete checkpoint is "
                              "used, or one checkpoint directory in it (DIR/iter_0000100).")

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 def build_generate_parser() -> argparse.ArgumentParser:
     parser = FlagParser(prog="lst-generate", allow_abbrev=False,
-                                     description="Continue a text or speech prompt.")
+                        description="Continue a text or speech prompt.")
     parser.add_argument("--load", required=True,
                         help="A training --save directory (its latest complete checkpoint) or one "
                              "checkpoint directory in it (DIR/iter_0000100).")
