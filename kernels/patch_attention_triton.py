@@ -297,10 +297,13 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-def clamp_ranges(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: int):
-    """Ranges clipped to `[0, Sk]` with end >= start, int32 contiguous (monotone stays monotone)."""
-    start = key_start.clamp(0, num_keys)
-    end = torch.maximum(key_end.clamp(0, num_keys), start)
+def clamp_ranges(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranges `[B, Sq]` of any integer dtype clipped to `[0, Sk]` with end >= start: two `[B, Sq]`
+    int32, contiguous (monotone stays monotone). Clipped in int64: a narrower dtype (int8, uint8,
+    int16) cannot hold an Sk past its range, which `clamp` refuses."""
+    start = key_start.long().clamp(0, num_keys)
+    end = torch.maximum(key_end.long().clamp(0, num_keys), start)
     return start.int().contiguous(), end.int().contiguous()
 
 
