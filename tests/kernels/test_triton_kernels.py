@@ -310,6 +310,18 @@ def test_patch_cross_attention_refuses_a_head_dim_past_the_kernel():
         patch_cross_attention(q, q, q, ranges, ranges + 1, backend="triton")
     assert patch_cross_attention(q, q, q, ranges, ranges + 1, backend="torch").shape == q.shape
 
+
+def test_patch_cross_attention_refuses_an_fp64_head_past_the_kernel():
+    # fp64 inputs (gradcheck, which runs the Triton kernel on CUDA under backend="auto") at head
+    # dims past 128: no tile of the backward fits sm_90's shared memory (the smallest needs 256
+    # and 320 KiB), so the call says so up front instead of failing in the autotuner's backward.
+    q = torch.zeros(1, 4, 1, 136, dtype=torch.float64, device=DEVICE)
+    ranges = torch.zeros(1, 4, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 136 is larger than .* in fp64 \\(128.*"
+                                         "backend='torch'"):
+        patch_cross_attention(q, q, q, ranges, ranges + 1, backend="triton")
+    assert patch_cross_attention(q, q, q, ranges, ranges + 1, backend="torch").shape == q.shape
+
 # --- every tile size the autotuner may pick ---------------------------------------------------
 # A compiled launch runs the one config the autotuner picks, the interpreter fixed tiny tiles; here
 # autotuning is off and each config's tiles are forced (the interpreter's or the compiler's
