@@ -278,7 +278,8 @@ def _launch(tuned, plain, blocks_along: str, length: int, rows: int, args, meta,
             autotune: bool):
     """Launch `tuned` (autotuned) or `plain` with `_FIXED_TILES` over ceil(length / tile) x
     `rows` programs, `blocks_along` naming the tile on axis 0, in launches of at most
-    `MAX_GRID_ROWS` rows, each told its first row (the kernels' last argument)."""
+    `MAX_GRID_ROWS` rows, each told its first row (`first_row`, the kernels' last argument before
+    the constexprs)."""
     for first_row in range(0, rows, MAX_GRID_ROWS):
         launch_rows = min(MAX_GRID_ROWS, rows - first_row)
         if autotune:
@@ -295,6 +296,8 @@ def _tuned_grid(length: int, blocks_along: str, rows: int, config: dict) -> tupl
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:
+    """Batch, sequence and head strides of each `[B, S, H, d]` tensor, in order: the kernels'
+    `stride_*b, stride_*s, stride_*h` (the channel stride is 1)."""
     return [s for t in tensors for s in t.stride()[:3]]
 
 
@@ -308,9 +311,11 @@ def clamp_ranges(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: int
     return start.int().contiguous(), end.int().contiguous()
 
 
-def queries_per_key(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: int):
+def queries_per_key(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each key j, the query range `[first, end)` that contains every query seeing j:
-    two `[B, Sk]` int32. Exact for non-decreasing ranges, all queries otherwise. No host sync."""
+    two `[B, Sk]` int32, from the `[B, Sq]` int32 ranges of `clamp_ranges`. Exact for
+    non-decreasing ranges, all queries otherwise. No host sync."""
     batch, num_queries = key_start.shape
     keys = torch.arange(num_keys, device=key_start.device, dtype=key_start.dtype)
     keys = keys.expand(batch, num_keys).contiguous()
@@ -338,10 +343,12 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         batch, num_queries, heads, head_dim = q.shape
         num_keys = k.shape[1]
         group_size = heads // k.shape[2]  # query heads per key/value head
-        start, end = prepared_ranges(key_start, key_end, num_keys)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        start, end = prepared_ranges(key_start, key_end, num_keys)  # [B, Sq] int32 each
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, Sq, H, d]
         # fp32 statistics and accumulators (fp64 for fp64 inputs: gradcheck).
         stats_dtype = accumulation_dtype(q.dtype)
+        # log2 of each query's softmax normaliser, sum over its keys of exp(scale * q . k), +inf
+        # for an empty range: [B, H, Sq].
         lse = torch.empty(batch, heads, num_queries, dtype=stats_dtype, device=q.device)
         meta = dict(PRECISION=dot_precision(q.dtype), ACC_DTYPE=accumulator(q.dtype),
                     BLOCK_D=head_block(head_dim))
@@ -388,6 +395,7 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         if wants_k or wants_v:  # one pass computes both
             dk = torch.empty_like(k, memory_format=torch.contiguous_format)  # [B, Sk, G, d]
             dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+            # [B, Sk] int32 each: the queries each key's block loops over.
             first_query, end_query = prepared_queries_per_key(start, end, num_keys)
             dkdv_args = (q, k, v, grad_out, dk, dv, lse, delta, start, end, first_query,
                          end_query, *_strides(q, k, v, grad_out, dk, dv), heads, group_size,
