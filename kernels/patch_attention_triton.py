@@ -20,7 +20,9 @@ copies k or v.
   skipped.
 Axis 1 of every grid holds batch x heads rows, which CUDA caps at 65535 (`MAX_GRID_ROWS`): more
 rows take several launches, each told its first row; row offsets are int64 in the kernels.
-Memory: O(Sq + Sk) per head (output, logsumexp, per-key query bounds); no `[Sq, Sk]` tensor.
+Saved for the backward: q, k, v, the output, the log-sum-exp `[B, H, Sq]` and the clipped ranges
+`[B, Sq]`. Memory: O(Sq + Sk) per head (output, logsumexp, per-key query bounds); no `[Sq, Sk]`
+tensor.
 Softmax statistics and accumulators are fp32 (fp64 for fp64 inputs: `ACC_DTYPE`).
 """
 

@@ -6,7 +6,9 @@ inside its patch, in the narrowest integer type that holds any offset below N (u
 int16 for N <= 32768, else int32): at bf16 that keeps max's extra traffic to 1-2 bytes a value.
 Backward: one program per (token block, channel block) gathers each token's patch gradient, scaled
 by 1/length for mean and kept only at the arg-max for max, so every gradient element is written
-exactly once: no memset, no atomics, deterministic.
+exactly once: no memset, no atomics, deterministic. Saved for it: the patch lengths, the spans
+(`[B, P]` int32 each) and, for max, the arg-max offsets; not x, and not the token -> patch map,
+which the backward rebuilds from the lengths.
 """
 
 import torch
