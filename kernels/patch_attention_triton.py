@@ -239,11 +239,12 @@ def _tiles_for_the_head(configs: list[triton.Config], named_args: dict, **meta
                         ) -> list[triton.Config]:
     """The autotuner's early prune (Triton passes the launch's constexprs as `meta`): head
     blocks of 1 KiB or more (fp32 heads of 129-256 channels, fp64 heads of 65-128: a 256- or
-    128-wide `BLOCK_D`) take the 32-query tiles, the only ones within sm_90's 227 KiB of shared
-    memory there (the others need 208-676 KiB in fp32; in fp64 at 128 the smallest needs 289);
-    every other launch takes the larger tiles, which fit (bf16 up to head dim 256: 196 KiB at
-    most) and run faster. Each config tried costs a compilation, and one that does not fit costs
-    it for nothing."""
+    128-wide `BLOCK_D`) take the 32-query tiles, the only ones whose backward fits sm_90's 227 KiB
+    of shared memory there (the larger tiles need 208-676 KiB in fp32 and 224-710 KiB in fp64:
+    the forward's 64 x 64 at two stages fits, at 208 and 224, the backward's need 264 or more;
+    the three kernels share one config list); every other launch takes the larger tiles, which
+    fit (bf16 up to head dim 256: 196 KiB at most) and run faster. Each config tried costs a
+    compilation, and one that does not fit costs it for nothing."""
     if "BLOCK_D" not in meta:  # a Triton that passes no constexprs: try every config
         return configs
     wide = meta["BLOCK_D"] * _element_bytes(meta) >= 1024
