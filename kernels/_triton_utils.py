@@ -27,5 +27,6 @@ def head_block(head_dim: int) -> int:
 
 
 def accumulator(dtype: torch.dtype) -> tl.dtype:
-    """The kernels' accumulation type for inputs of `dtype`: fp64 for fp64 (gradcheck), else fp32."""
+    """The kernels' accumulation type for inputs of `dtype`: fp64 for fp64 (gradcheck), else
+    fp32 (`segment_pool_reference.accumulation_dtype` as a Triton type)."""
     return tl.float64 if dtype == torch.float64 else tl.float32

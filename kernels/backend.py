@@ -1,9 +1,10 @@
 """Choosing between the Triton kernels and the PyTorch references.
 
-`backend="auto"` picks Triton when the tensors live on CUDA and Triton imports, else the PyTorch
-reference. `"triton"` on CPU works only under the Triton interpreter (`TRITON_INTERPRET=1`, set
-before Triton is first imported). The environment variable `LST_KERNEL_BACKEND` overrides "auto"
-(never an explicit choice), which helps A/B runs without code changes.
+`backend="auto"` picks Triton when the tensors live on CUDA and Triton is installed, else the
+PyTorch reference. `"triton"` on CPU works only under the Triton interpreter
+(`TRITON_INTERPRET=1`, set before Triton is first imported). The environment variable
+`LST_KERNEL_BACKEND` overrides "auto" (never an explicit choice), which helps A/B runs without
+code changes.
 """
 
 import functools
@@ -20,7 +21,8 @@ BACKEND_ENV_VAR = "LST_KERNEL_BACKEND"
 
 @functools.cache
 def triton_available() -> bool:
-    """True when the `triton` package can be imported."""
+    """True when the `triton` package is installed: found on the path, not imported here (a
+    broken install fails at the first kernel call, with its own import error)."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -10,8 +10,8 @@ since (their version counters), instead of launching a dozen small kernels again
 Anything else computes afresh, so a reused result is the one the call would have computed as
 long as the tensors change only through torch operations: a write through `.data`, a NumPy view
 or another alias of their memory bumps no version counter and would not be seen (no caller
-writes ranges that way; they are made once per batch and only read). Layers under activation recompute get detached copies of the ranges, so they prepare
-again.
+writes ranges that way; they are made once per batch and only read). Layers under activation
+recompute get detached copies of the ranges, so they prepare again.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ copies k or v.
   skipped.
 Axis 1 of every grid holds batch x heads rows, which CUDA caps at 65535 (`MAX_GRID_ROWS`): more
 rows take several launches, each told its first row; row offsets are int64 in the kernels.
-Memory: O(Sq + Sk) per head (output, logsumexp, per-key query bounds); no `[Sq, Sk]` tensor.
+Saved for the backward: q, k, v, the output, the log-sum-exp `[B, H, Sq]` and the clipped ranges
+`[B, Sq]`. Memory: O(Sq + Sk) per head (output, logsumexp, per-key query bounds); no `[Sq, Sk]`
+tensor.
 Softmax statistics and accumulators are fp32 (fp64 for fp64 inputs: `ACC_DTYPE`).
 """
 
@@ -235,12 +237,14 @@ def _tile_configs() -> list[triton.Config]:
 
 def _tiles_for_the_head(configs: list[triton.Config], named_args: dict, **meta
                         ) -> list[triton.Config]:
-    """The autotuner's early prune (Triton passes the launch's constexprs as `meta`): rows of
-    1 KiB or more (fp32 heads of 256 channels, fp64 heads of 128 or more) take the 32-query
-    tiles, the only ones within sm_90's 227 KiB of shared memory there (the others need 208-676
-    KiB in fp32; in fp64 at 128 the smallest needs 289); every other launch takes the larger
-    tiles, which fit (bf16 up to head dim 256: 196 KiB at most) and run faster. Each config
-    tried costs a compilation, and one that does not fit costs it for nothing."""
+    """The autotuner's early prune (Triton passes the launch's constexprs as `meta`): head
+    blocks of 1 KiB or more (fp32 heads of 129-256 channels, fp64 heads of 65-128: a 256- or
+    128-wide `BLOCK_D`) take the 32-query tiles, the only ones whose backward fits sm_90's 227 KiB
+    of shared memory there (the larger tiles need 208-676 KiB in fp32 and 224-710 KiB in fp64:
+    the forward's 64 x 64 at two stages fits, at 208 and 224, the backward's need 264 or more;
+    the three kernels share one config list); every other launch takes the larger tiles, which
+    fit (bf16 up to head dim 256: 196 KiB at most) and run faster. Each config tried costs a
+    compilation, and one that does not fit costs it for nothing."""
     if "BLOCK_D" not in meta:  # a Triton that passes no constexprs: try every config
         return configs
     wide = meta["BLOCK_D"] * _element_bytes(meta) >= 1024
@@ -277,7 +281,8 @@ def _launch(tuned, plain, blocks_along: str, length: int, rows: int, args, meta,
             autotune: bool):
     """Launch `tuned` (autotuned) or `plain` with `_FIXED_TILES` over ceil(length / tile) x
     `rows` programs, `blocks_along` naming the tile on axis 0, in launches of at most
-    `MAX_GRID_ROWS` rows, each told its first row (the kernels' last argument)."""
+    `MAX_GRID_ROWS` rows, each told its first row (`first_row`, the kernels' last argument before
+    the constexprs)."""
     for first_row in range(0, rows, MAX_GRID_ROWS):
         launch_rows = min(MAX_GRID_ROWS, rows - first_row)
         if autotune:
@@ -294,19 +299,26 @@ def _tuned_grid(length: int, blocks_along: str, rows: int, config: dict) -> tupl
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:
+    """Batch, sequence and head strides of each `[B, S, H, d]` tensor, in order: the kernels'
+    `stride_*b, stride_*s, stride_*h` (the channel stride is 1)."""
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-def clamp_ranges(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: int):
-    """Ranges clipped to `[0, Sk]` with end >= start, int32 contiguous (monotone stays monotone)."""
-    start = key_start.clamp(0, num_keys)
-    end = torch.maximum(key_end.clamp(0, num_keys), start)
+def clamp_ranges(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranges `[B, Sq]` of any integer dtype clipped to `[0, Sk]` with end >= start: two `[B, Sq]`
+    int32, contiguous (monotone stays monotone). Clipped in int64: a narrower dtype (int8, uint8,
+    int16) cannot hold an Sk past its range, which `clamp` refuses."""
+    start = key_start.long().clamp(0, num_keys)
+    end = torch.maximum(key_end.long().clamp(0, num_keys), start)
     return start.int().contiguous(), end.int().contiguous()
 
 
-def queries_per_key(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: int):
+def queries_per_key(key_start: torch.Tensor, key_end: torch.Tensor, num_keys: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each key j, the query range `[first, end)` that contains every query seeing j:
-    two `[B, Sk]` int32. Exact for non-decreasing ranges, all queries otherwise. No host sync."""
+    two `[B, Sk]` int32, from the `[B, Sq]` int32 ranges of `clamp_ranges`. Exact for
+    non-decreasing ranges, all queries otherwise. No host sync."""
     batch, num_queries = key_start.shape
     keys = torch.arange(num_keys, device=key_start.device, dtype=key_start.dtype)
     keys = keys.expand(batch, num_keys).contiguous()
@@ -334,10 +346,12 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         batch, num_queries, heads, head_dim = q.shape
         num_keys = k.shape[1]
         group_size = heads // k.shape[2]  # query heads per key/value head
-        start, end = prepared_ranges(key_start, key_end, num_keys)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        start, end = prepared_ranges(key_start, key_end, num_keys)  # [B, Sq] int32 each
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, Sq, H, d]
         # fp32 statistics and accumulators (fp64 for fp64 inputs: gradcheck).
         stats_dtype = accumulation_dtype(q.dtype)
+        # log2 of each query's softmax normaliser, sum over its keys of exp(scale * q . k), +inf
+        # for an empty range: [B, H, Sq].
         lse = torch.empty(batch, heads, num_queries, dtype=stats_dtype, device=q.device)
         meta = dict(PRECISION=dot_precision(q.dtype), ACC_DTYPE=accumulator(q.dtype),
                     BLOCK_D=head_block(head_dim))
@@ -384,6 +398,7 @@ class PatchCrossAttentionFunction(torch.autograd.Function):
         if wants_k or wants_v:  # one pass computes both
             dk = torch.empty_like(k, memory_format=torch.contiguous_format)  # [B, Sk, G, d]
             dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+            # [B, Sk] int32 each: the queries each key's block loops over.
             first_query, end_query = prepared_queries_per_key(start, end, num_keys)
             dkdv_args = (q, k, v, grad_out, dk, dv, lse, delta, start, end, first_query,
                          end_query, *_strides(q, k, v, grad_out, dk, dv), heads, group_size,

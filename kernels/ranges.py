@@ -19,11 +19,14 @@ import torch
 
 
 def _check_integer_rows(
-    name: str, tensor: torch.Tensor, layout: str, shape: tuple[int | None, int | None] = (None, None)
+    name: str, tensor: torch.Tensor, layout: str,
+    shape: tuple[int | None, int | None] = (None, None),
 ) -> None:
     """Refuse anything but a 2-D integer `tensor` of `shape` (None: any size), naming it and its
     `layout`. Shapes and dtypes only: no host synchronisation."""
-    if tensor.dim() != 2 or any(n is not None and n != m for n, m in zip(shape, tensor.shape, strict=True)):
+    if tensor.dim() != 2 or any(
+        n is not None and n != m for n, m in zip(shape, tensor.shape, strict=True)
+    ):
         sizes = ", ".join("?" if n is None else str(n) for n in shape)
         wanted = layout if shape == (None, None) else f"{layout} = [{sizes}]"
         raise ValueError(f"{name} must be {wanted}, got shape {tuple(tensor.shape)}")
@@ -179,7 +182,8 @@ def sliding_window_key_starts(token_document_starts: torch.Tensor, window: int) 
     return torch.maximum(positions - window + 1, token_document_starts.long())
 
 
-def patch_document_starts(patch_lengths: torch.Tensor, document_starts: torch.Tensor) -> torch.Tensor:
+def patch_document_starts(patch_lengths: torch.Tensor, document_starts: torch.Tensor
+                          ) -> torch.Tensor:
     """First patch of the document of every patch: `[B, P]` int64.
 
     A patch's document is that of its first position (clipped to N, which zero-length trailing
@@ -195,7 +199,8 @@ def patch_document_starts(patch_lengths: torch.Tensor, document_starts: torch.Te
     return ids.gather(1, first_token_document)
 
 
-def token_document_first_patch(patch_lengths: torch.Tensor, document_starts: torch.Tensor) -> torch.Tensor:
+def token_document_first_patch(patch_lengths: torch.Tensor, document_starts: torch.Tensor
+                               ) -> torch.Tensor:
     """First patch of the document of every input token: `[B, N]` int64 (`document_starts`
     `[B, N + 1]`)."""
     _check_lengths(patch_lengths)

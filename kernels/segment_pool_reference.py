@@ -19,6 +19,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_segment_pool_inputs(x: torch.Tensor, patch_lengths: torch.Tensor, reduce: str) -> None:
+    """Refuse an unknown `reduce`, an x that is not a floating `[B, N, D]`, patch_lengths that are
+    not `[B, P]` with x's B, or the two on different devices. Shapes, dtypes and devices only (no
+    host synchronisation); the lengths' integer dtype and signs are checked by `patch_spans`."""
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce={reduce!r} is not one of {REDUCTIONS}")
     if x.dim() != 3:
@@ -36,6 +39,16 @@ def check_segment_pool_inputs(x: torch.Tensor, patch_lengths: torch.Tensor, redu
         )
 
 
+def _flat_patch_rows(patch_lengths: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Row of every token in a `[B * (P + 1), ...]` table of patches: `[B * N]` int64, token i of
+    batch row b at `b * (P + 1) + patch id`; tokens past the total length land in row b's extra
+    patch P, which the callers drop."""
+    batch, num_patches = patch_lengths.shape
+    ids = patch_ids_from_lengths(patch_lengths, num_tokens)  # [B, N], in 0..P
+    offsets = torch.arange(batch, device=ids.device)[:, None] * (num_patches + 1)  # [B, 1]
+    return (ids + offsets).flatten()
+
+
 def first_argmax(x: torch.Tensor, patch_lengths: torch.Tensor) -> torch.Tensor:
     """Token index of the first per-channel maximum of every patch: `[B, P, D]` int64.
 
@@ -45,10 +58,8 @@ def first_argmax(x: torch.Tensor, patch_lengths: torch.Tensor) -> torch.Tensor:
     batch, num_tokens, dim = x.shape
     num_patches = patch_lengths.shape[1]
     with torch.no_grad():
-        # Tokens past the total length get patch id P: a dummy row dropped at the end.
-        row = patch_ids_from_lengths(patch_lengths, num_tokens)  # [B, N]
-        row = (row + torch.arange(batch, device=x.device)[:, None] * (num_patches + 1)).flatten()
-        values = x.reshape(batch * num_tokens, dim)
+        row = _flat_patch_rows(patch_lengths, num_tokens)  # [B * N]
+        values = x.reshape(batch * num_tokens, dim)  # [B * N, D]
         index = row[:, None].expand(-1, dim)  # [B * N, D], a view
         patch_max = values.new_full((batch * (num_patches + 1), dim), float("-inf"))
         patch_max = patch_max.scatter_reduce(0, index, values, "amax")  # [B * (P + 1), D]
@@ -84,8 +95,7 @@ def segment_pool_reference(
         pooled = xa.gather(1, argmax.clamp(max=num_tokens - 1))
         return torch.where(count > 0, pooled, 0.0).to(x.dtype)
 
-    row = patch_ids_from_lengths(patch_lengths, num_tokens)  # [B, N]
-    row = (row + torch.arange(batch, device=x.device)[:, None] * (num_patches + 1)).flatten()
+    row = _flat_patch_rows(patch_lengths, num_tokens)  # [B * N]
     total = xa.new_zeros(batch * (num_patches + 1), dim)
     total = total.index_add(0, row, xa.reshape(batch * num_tokens, dim))
     total = total.view(batch, num_patches + 1, dim)[:, :num_patches]  # [B, P, D]

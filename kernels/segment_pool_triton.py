@@ -6,7 +6,9 @@ inside its patch, in the narrowest integer type that holds any offset below N (u
 int16 for N <= 32768, else int32): at bf16 that keeps max's extra traffic to 1-2 bytes a value.
 Backward: one program per (token block, channel block) gathers each token's patch gradient, scaled
 by 1/length for mean and kept only at the arg-max for max, so every gradient element is written
-exactly once: no memset, no atomics, deterministic.
+exactly once: no memset, no atomics, deterministic. Saved for it: the patch lengths, the spans
+(`[B, P]` int32 each) and, for max, the arg-max offsets; not x, and not the token -> patch map,
+which the backward rebuilds from the lengths.
 """
 
 import torch
@@ -146,6 +148,7 @@ def segment_pool_forward(
         argmax = torch.empty(out.shape, dtype=argmax_offset_dtype(x.shape[1]), device=x.device)
     if out.numel() == 0:
         return out, argmax
+    # Mean and sum store no arg-max: `out` stands in for its pointer, which they never touch.
     args = (
         x, start, end, out, argmax if argmax is not None else out,
         num_patches, dim, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
@@ -170,14 +173,16 @@ def segment_pool_backward(
     reduce: str,
     x_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """grad_out `[B, P, D]`, token_patch `[B, N]` int32 (P for unowned tokens) -> grad_x
-    `[B, N, D]`."""
+    """grad_out `[B, P, D]`, token_patch `[B, N]` int32 (P for unowned tokens), the forward's
+    start/end `[B, P]` int32 and, for max, its arg-max offsets `[B, P, D]` -> grad_x `[B, N, D]`
+    in `x_dtype`."""
     batch, num_patches, dim = grad_out.shape
     num_tokens = token_patch.shape[1]
     grad_out = grad_out.contiguous()
     grad_x = torch.empty(batch, num_tokens, dim, dtype=x_dtype, device=grad_out.device)
     if grad_x.numel() == 0:
         return grad_x
+    # Mean and sum read no arg-max: `token_patch` stands in for its pointer.
     args = (
         grad_out, token_patch, start, end, argmax if argmax is not None else token_patch, grad_x,
         num_tokens, num_patches, dim,
@@ -205,8 +210,9 @@ class SegmentPoolFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, patch_lengths: torch.Tensor, reduce: str) -> torch.Tensor:
         if x.stride(-1) != 1:
             x = x.contiguous()
+        # [B, P] int32 each: the patches' token spans, clipped to N.
         start, end = (s.int().contiguous() for s in patch_spans(patch_lengths, x.shape[1]))
-        out, argmax = segment_pool_forward(x, start, end, reduce)
+        out, argmax = segment_pool_forward(x, start, end, reduce)  # [B, P, D] each (argmax: max)
         ctx.save_for_backward(patch_lengths, start, end, argmax)
         ctx.reduce, ctx.num_tokens, ctx.x_dtype = reduce, x.shape[1], x.dtype
         return out
@@ -215,6 +221,7 @@ class SegmentPoolFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         patch_lengths, start, end, argmax = ctx.saved_tensors
+        # [B, N] int32: rebuilt here rather than saved from the forward.
         token_patch = patch_ids_from_lengths(patch_lengths, ctx.num_tokens).int().contiguous()
         grad_x = segment_pool_backward(
             grad_out, token_patch, start, end, argmax, ctx.reduce, ctx.x_dtype

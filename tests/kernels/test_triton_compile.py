@@ -22,7 +22,8 @@ except ImportError:  # pragma: no cover - older Triton
     pytest.skip("this Triton has no ASTSource/GPUTarget", allow_module_level=True)
 
 import triton.language as tl  # noqa: E402
-from lst_kernels import patch_attention_triton, segment_pool_triton  # noqa: E402
+from lst_kernels import _triton_utils, patch_attention_triton, segment_pool_triton  # noqa: E402
+from lst_kernels.patch_attention import TRITON_MAX_FP64_HEAD_DIM  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 # Shared memory one block may use on sm_90 (H100/H200: 227 KiB with the opt-in carve-out).
@@ -97,7 +98,7 @@ def test_attention_kernels_compile():
         _compile(kernel, _signature(kernel, "bf16", constexprs), constexprs, num_stages=2)
 
 
-@pytest.mark.parametrize("head_block", [64, 128])
+@pytest.mark.parametrize("head_block", [64, _triton_utils.head_block(TRITON_MAX_FP64_HEAD_DIM)])
 def test_fp64_attention_kernels_compile_and_fit(head_block):
     # fp64 inputs (gradcheck on CUDA) reach the Triton kernels under backend="auto": they failed
     # to compile ("Loop-carried variable row_max has initial type fp32 but is re-assigned to
@@ -117,6 +118,25 @@ def test_fp64_attention_kernels_compile_and_fit(head_block):
             compiled = _compile(kernel, signature, constexprs, config.num_warps,
                                 config.num_stages)
             assert compiled.metadata.shared <= SM90_MAX_SHARED_BYTES, (name, str(config))
+
+
+def test_fp64_heads_past_the_limit_have_no_backward_tile_that_fits():
+    # Why the Triton path refuses fp64 heads past TRITON_MAX_FP64_HEAD_DIM (128): one channel more
+    # takes the next head block, 256, where even the smallest tile the autotuner tries (32 x 32,
+    # one stage) needs more than sm_90's shared memory in the dQ and dK/dV kernels (256 and 320
+    # KiB), so a backward there had no config to run. (At the limit every tried config fits:
+    # `test_fp64_attention_kernels_compile_and_fit`.)
+    head_block = _triton_utils.head_block(TRITON_MAX_FP64_HEAD_DIM + 1)
+    for name in ("_dq_tuned", "_dkdv_tuned"):
+        tuned = getattr(patch_attention_triton, name)
+        tried = _tried_configs(tuned, "ieee", head_block, tl.float64)
+        smallest = min(tried, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
+                                             c.num_stages))
+        constexprs = {"PRECISION": "ieee", "ACC_DTYPE": tl.float64, "BLOCK_D": head_block,
+                      **smallest.kwargs}
+        compiled = _compile(tuned.fn, _signature(tuned.fn, "fp64", constexprs, stats="fp64"),
+                            constexprs, smallest.num_warps, smallest.num_stages)
+        assert compiled.metadata.shared > SM90_MAX_SHARED_BYTES, (name, str(smallest))
 
 
 def _shared_bytes_of_every_config(tuned, fixed: dict, dtype: str) -> dict:

@@ -163,6 +163,25 @@ def test_patch_cross_attention_arbitrary_ranges(head_dim, heads, kv_heads):
     _compare(run, [q, k, v], 1e-5)
 
 
+@pytest.mark.parametrize("dtype, num_keys", [(torch.int8, 130), (torch.uint8, 260)])
+def test_patch_cross_attention_takes_ranges_in_a_narrow_integer_dtype(dtype, num_keys):
+    """Ranges in an integer dtype that cannot hold Sk (int8 over 130 keys, uint8 over 260), some
+    starting below 0: the Triton path clipped them to [0, Sk] in their own dtype, which `clamp`
+    refuses ("value cannot be converted to type int8_t without overflow"); they give the
+    reference's output and gradients."""
+    generator = torch.Generator().manual_seed(8)
+    num_queries = 9
+    end = torch.randint(1, torch.iinfo(dtype).max + 1, (2, num_queries), generator=generator)
+    end = end.sort().values
+    start = end - 20 if dtype.is_signed else (end - 20).clamp(min=0)
+    assert num_keys > torch.iinfo(dtype).max and (start < 0).any() == dtype.is_signed
+    start, end = start.to(DEVICE, dtype), end.to(DEVICE, dtype)
+    q = torch.randn(2, num_queries, 2, 16, generator=generator)
+    k, v = (torch.randn(2, num_keys, 2, 16, generator=generator) for _ in range(2))
+    _compare(lambda *qkv, backend: patch_cross_attention(*qkv, start, end, backend=backend),
+             [t.to(DEVICE) for t in (q, k, v)], 1e-5)
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
                          ids=lambda d: str(d))
 @pytest.mark.parametrize("direction, kv_heads", [("decoder", 1), ("encoder", 2), ("window", 2)])
@@ -288,6 +307,18 @@ def test_patch_cross_attention_refuses_a_head_dim_past_the_kernel():
     q = torch.zeros(1, 4, 1, 264, device=DEVICE)
     ranges = torch.zeros(1, 4, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="head dim 264 is larger than.*backend='torch'"):
+        patch_cross_attention(q, q, q, ranges, ranges + 1, backend="triton")
+    assert patch_cross_attention(q, q, q, ranges, ranges + 1, backend="torch").shape == q.shape
+
+
+def test_patch_cross_attention_refuses_an_fp64_head_past_the_kernel():
+    # fp64 inputs (gradcheck, which runs the Triton kernel on CUDA under backend="auto") at head
+    # dims past 128: no tile of the backward fits sm_90's shared memory (the smallest needs 256
+    # and 320 KiB), so the call says so up front instead of failing in the autotuner's backward.
+    q = torch.zeros(1, 4, 1, 136, dtype=torch.float64, device=DEVICE)
+    ranges = torch.zeros(1, 4, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 136 is larger than .* in fp64 \\(128.*"
+                                         "backend='torch'"):
         patch_cross_attention(q, q, q, ranges, ranges + 1, backend="triton")
     assert patch_cross_attention(q, q, q, ranges, ranges + 1, backend="torch").shape == q.shape
 
