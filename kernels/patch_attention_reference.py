@@ -4,13 +4,14 @@ Query i of batch row b attends keys `key_start[b, i] <= j < key_end[b, i]` in ev
 with an empty range outputs 0 and receives no gradient. Grouped-query attention: k and v may have
 G heads for q's H (G dividing H); query head h reads key/value head `h // (H / G)` (what
 `repeat_interleave(H // G, dim=2)` of k and v would give, the reference LST's `repeat_kv` order),
-without copying them: SDPA's `enable_gqa` takes the G heads as they are. Built from autograd ops and chunked over
-queries, so no `[Sq, Sk]` mask or score matrix exists for the whole sequence: each chunk of at
-most 256 queries runs PyTorch's scaled_dot_product_attention with an additive mask over the keys
-between its smallest start and largest end (with ranges that grow with the query, as the model's
-do, short chunks skip most of the keys no query of the chunk sees). Sizing the chunks needs the
-ranges on the host (one sync per chunk), fine for the CPU path and a test oracle, and one reason
-CUDA uses the Triton kernel.
+without copying them: SDPA's `enable_gqa` takes the G heads as they are. Built from autograd ops
+and chunked over queries, so no `[Sq, Sk]` mask or score matrix exists for the whole sequence:
+each chunk of at most 256 queries runs PyTorch's scaled_dot_product_attention with an additive
+mask over the keys between its smallest start and largest end (with ranges that grow with the
+query, as the model's do, short chunks skip most of the keys no query of the chunk sees). Sizing
+the chunks reads the ranges on the host (up to four reads per chunk: whether any query, and
+whether every query, sees a key, and the chunk's key bounds), fine for the CPU path and a test
+oracle, and one reason CUDA uses the Triton kernel.
 """
 
 import math
@@ -18,6 +19,8 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+
+from .segment_pool_reference import accumulation_dtype
 
 # Upper bounds per chunk: attention elements (B * H * queries * keys), and queries.
 SCORE_ELEMENTS_PER_CHUNK = 1 << 24
@@ -31,6 +34,10 @@ def check_attention_inputs(
     key_start: torch.Tensor,
     key_end: torch.Tensor,
 ) -> None:
+    """Refuse what the range attentions cannot compute: q, k, v that are not `[B, S, H, d]` of
+    one floating dtype on one device, k and v of different shapes or of another batch or head
+    dim than q, a head dim of 0, key/value heads that do not divide q's, and key_start/key_end
+    that are not integer `[B, Sq]` on q's device. Reads shapes and dtypes only: no host sync."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             "q, k, v must be [B, S, H, d]; got "
@@ -110,10 +117,11 @@ def patch_cross_attention_reference(
     batch, num_queries, heads, head_dim = q.shape
     num_keys = k.shape[1]
     scale = softmax_scale(scale, head_dim)
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    compute_dtype = accumulation_dtype(q.dtype)
     start = key_start.long().clamp(0, num_keys)  # [B, Sq]
     end = torch.maximum(key_end.long().clamp(0, num_keys), start)
-    chunk = max(1, min(MAX_QUERY_CHUNK, SCORE_ELEMENTS_PER_CHUNK // max(1, batch * heads * num_keys)))
+    scores_per_query = max(1, batch * heads * num_keys)
+    chunk = max(1, min(MAX_QUERY_CHUNK, SCORE_ELEMENTS_PER_CHUNK // scores_per_query))
 
     outputs = []
     for q0 in range(0, num_queries, chunk):
