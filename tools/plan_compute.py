@@ -11,11 +11,11 @@ transformer run over tokens, with the same width, depth and vocabulary). `--budg
 fixes the steps of the `--reference` model instead of a FLOP total. The model is a preset of
 megatron_lst.models.config or given by its dimensions (--global-dim ... without --preset).
 The plan is megatron_lst.training.compute_plan's. FLOPs are the closed-form estimate of
-megatron_lst.training.flops (training = 3x forward); an LST
-row counts its --max-tokens positions (padding included, as training computes and logs them),
-its tokens the real --tokens-per-patch. With --pipeline-model-parallel-size it also suggests a
-pipeline split and, given --micro-batch-size, prints its bubble from megatron's schedule simulated
-over the stages' unequal FLOPs (megatron_lst.training.pipeline_schedule_model).
+megatron_lst.training.flops (training = 3x forward); an LST row counts its --max-tokens positions
+(padding included, as training computes and logs them), its tokens the real --tokens-per-patch.
+With --pipeline-model-parallel-size it also suggests a pipeline split and, given
+--micro-batch-size, prints its bubble from megatron's schedule simulated over the stages' unequal
+FLOPs (megatron_lst.training.pipeline_schedule_model).
 """
 
 from __future__ import annotations

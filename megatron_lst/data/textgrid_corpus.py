@@ -177,8 +177,9 @@ def find_units_file(textgrid_path: Path, textgrid_dir: Path, units_dir: Path) ->
         found = _unit_file_at(base, textgrid_path)
         if found is not None:
             return found
-    raise DocumentError(f"{textgrid_path}: no unit file {relative}{{{','.join(UNIT_FILE_SUFFIXES)}}}"
-                        f" under {units_dir}", kind="no unit file")
+    suffixes = ",".join(UNIT_FILE_SUFFIXES)
+    raise DocumentError(f"{textgrid_path}: no unit file {relative}{{{suffixes}}} under {units_dir}",
+                        kind="no unit file")
 
 
 Utterance = tuple[Path, ...]

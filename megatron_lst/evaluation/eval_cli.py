@@ -99,6 +99,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None, help="Write the results here as JSON.")
     return parser
 
+
 def _default_modes(items) -> list[str]:
     """All four modes when any item has speech (a text-only item among them is then refused,
     named), T->T for a text-only file."""

@@ -132,8 +132,8 @@ def text_lines(path: Path, what: str = "evaluation items file") -> list[str]:
     stay an editor's. A byte-order mark that starts a line is dropped: files saved with one,
     and joined with `cat`, hold one at the start of each. A file that is not UTF-8 is an
     ItemError naming its first line that is not (or the UTF-16 it is). A path that is not a
-    regular file (a device such as /dev/zero, a FIFO) or of more than MAX_LARGE_TEXT_BYTES is an ItemError naming it
-    (as `what`)."""
+    regular file (a device such as /dev/zero, a FIFO) or of more than MAX_LARGE_TEXT_BYTES is an
+    ItemError naming it (as `what`)."""
     data = read_bounded_bytes(path, ItemError, what, MAX_LARGE_TEXT_BYTES)
     try:
         text = data.decode("utf-8")

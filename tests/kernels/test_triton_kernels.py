@@ -322,6 +322,7 @@ def test_patch_cross_attention_refuses_an_fp64_head_past_the_kernel():
         patch_cross_attention(q, q, q, ranges, ranges + 1, backend="triton")
     assert patch_cross_attention(q, q, q, ranges, ranges + 1, backend="torch").shape == q.shape
 
+
 # --- every tile size the autotuner may pick ---------------------------------------------------
 # A compiled launch runs the one config the autotuner picks, the interpreter fixed tiny tiles; here
 # autotuning is off and each config's tiles are forced (the interpreter's or the compiler's
