@@ -78,23 +78,25 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Return "triton" or "torch" for a call on `tensors`; raise if the choice cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    chosen_by = f"backend={backend!r}"
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV_VAR, "auto")
         if backend not in BACKENDS:
             raise ValueError(
                 f"{BACKEND_ENV_VAR}={backend!r} is not one of {BACKENDS}; unset it or fix it"
             )
+        chosen_by = f"{BACKEND_ENV_VAR}={backend}"
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
         return "triton" if on_cuda and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(
-                "backend='triton' needs the `triton` package; install it or use backend='torch'"
+                f"{chosen_by} needs the `triton` package; install it or use backend='torch'"
             )
         if not on_cuda and not triton_interpreted():
             raise RuntimeError(
-                "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                f"{chosen_by} on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                 "imported; move the tensors to CUDA or use backend='torch'"
             )
         if not on_cuda and (why := interpreter_incompatibility()):

@@ -64,8 +64,9 @@ def check_loss_finite(losses: Mapping[str, float], iteration: int, fp16: bool = 
 
 
 def check_grad_norm_finite(grad_norm: float | None, loss: float, iteration: int) -> None:
-    """Raise NonFiniteGradientError if `grad_norm` (None: not measured, --clip-grad 0, or an
-    update fp16 skipped) is NaN or infinite while `loss` was finite."""
+    """Raise NonFiniteGradientError if `grad_norm` (None: not measured, as for an update fp16
+    skipped; megatron.core measures it with --clip-grad 0 too) is NaN or infinite while `loss`
+    was finite."""
     if grad_norm is None or math.isfinite(grad_norm):
         return
     raise NonFiniteGradientError(

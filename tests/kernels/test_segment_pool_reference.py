@@ -133,8 +133,12 @@ def test_backend_switch(monkeypatch):
     with pytest.raises(ValueError, match=BACKEND_ENV_VAR):
         resolve_backend("auto", cpu)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with pytest.raises(RuntimeError, match="backend='triton' on CPU tensors needs TRITON_INTERPRET"):
         resolve_backend("triton", cpu)
+    # Chosen by the environment, the refusal names the variable, not a backend= never passed.
+    monkeypatch.setenv(BACKEND_ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match=f"^{BACKEND_ENV_VAR}=triton on CPU tensors needs"):
+        resolve_backend("auto", cpu)
 
 
 @pytest.mark.parametrize("value", ["1", "true", "ON", "yes", "y"])
