@@ -40,6 +40,8 @@ from megatron_lst.models.reference_tensors import (
     reference_tensor_map,
 )
 
+from .reference_yaml import load_reference_yaml
+
 # The reference options `lst_config_from_reference` requires, and the reference's defaults for
 # the fields its model ignores, for exports without base args.
 FIXED_REFERENCE_ARGS = {**REQUIRED_REFERENCE_OPTIONS, **REFERENCE_FIELDS_ITS_MODEL_IGNORES,
@@ -55,7 +57,7 @@ def _read_reference_document(path: str | Path, what: str) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() in (".yaml", ".yml"):
-            return yaml.safe_load(text)
+            return load_reference_yaml(text)
         return json.loads(text)
     # ValueError: JSON and UTF-8 decoding; RecursionError: nested deeper than the parsers recurse
     except (OSError, ValueError, yaml.YAMLError, RecursionError) as error:

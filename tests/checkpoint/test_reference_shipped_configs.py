@@ -1,0 +1,161 @@
+"""The reference's shipped model configurations, and the spellings its loader and model accept
+that they invite, import as the reference computes them.
+
+`lst/configs/lst.yaml` read from its own YAML text (sizes shrunk, every other line as shipped),
+with the float spellings a YAML config takes (`1e-6`, `5e5`: floats to the reference's
+OmegaConf loader, strings to YAML 1.1); and its commented-out "changed parameters (50m 420m
+50m)" block, refused as written (its `dim_token` no longer the local width) and computed once
+`dim_token` follows the local width. Each accepted case agrees with `reference_oracle` (fp32)
+and exports back the reference tensors. lst.yaml's dict form, debug.yaml, lst.yaml at 9e86f12
+and apps/main's llama configs are in test_reference_configurations.
+"""
+
+import re
+
+import pytest
+import torch
+
+from checkpoint.reference_oracle import reference_logits
+from checkpoint.test_reference_configurations import (
+    REFERENCE_LST_YAML,
+    VOCAB,
+    assert_same_tensors,
+    imported_model,
+    random_batch,
+    random_reference_state,
+)
+from megatron_lst.checkpoint.model_state import full_state_dict
+from megatron_lst.checkpoint.reference import export_reference, read_reference_model_args
+from megatron_lst.models.reference_config import ReferenceImportError, lst_config_from_reference
+
+# The model section of lst/configs/lst.yaml as shipped, each size shrunk as in REFERENCE_LST_YAML
+# (dim 512 -> 32, dim_token and the local widths 256 -> 16, the lengths 12288 -> 64, vocab 40),
+# with the global sizes it leaves to the reference's defaults shrunk and written out.
+LST_YAML_MODEL = """\
+model:
+  n_heads: 8
+  dim: 32
+  vocab_size: 40
+  dim_token: 16
+  patch_size: 6
+  patching_mode: static
+  tie_local_encoder_decoder_logits: false
+  patch_in_forward: false
+  max_encoder_seq_length: 64
+  pad_to_max_length: true
+  patching_threshold: 3.1439168453216553
+  encoder_hash_byte_group_size: []
+
+  cross_attn_encoder: true # assuming cross_attention is true
+  cross_attn_decoder: true # assuming cross_attention is true
+  cross_attn_window_encoder: 512
+  cross_attn_window_decoder: 512
+
+  # original settings
+  dim_local_encoder: 16
+  dim_local_decoder: 16
+  cross_attn_k: 8
+  cross_attn_nheads: 4
+
+  cross_attn_all_layers_decoder: true
+  cross_attn_all_layers_encoder: true
+  cross_attn_use_flex_attention: true
+  cross_attn_init_by_pooling: true
+  log_patch_lengths: true
+  non_linearity: "swiglu"
+  use_rope: true
+  recompute_fc1_out: false
+  recompute_fc3_out: false
+  recompute_attn: false
+  custom_bwd: false
+  layer_ckpt: "none"
+  use_local_encoder_transformer: true
+  init_use_gaussian: true
+  init_use_depth: "current"
+  attn_impl: "xformers"
+  attn_bias_type: "block_causal"
+  alpha_depth: "disabled"
+  max_length: 256
+  local_attention_window_len: 512
+  max_seqlen: 64
+  downsampling_by_pooling: "max"
+  dim_global: 32
+  n_layers_global: 2
+  n_layers_local_encoder: 2
+  n_layers_local_decoder: 2
+  multiple_of: 256
+  n_heads_global: 8
+  n_heads_local_encoder: 8
+  n_heads_local_decoder: 8
+"""
+
+# lst.yaml's commented-out "changed parameters (50m 420m 50m)", shrunk by 32 (global 1280 -> 40
+# in 10 heads, local 768 -> 24 in 12 heads, 12 cross-attention heads, 2 slots), its layer
+# counts 18/7/7 -> 2/3/3. Uncommented as is, dim_token stays the 256 (-> 8) above it.
+CHANGED_PARAMETERS = {
+    "dim_global": 40, "dim_local_encoder": 24, "dim_local_decoder": 24, "n_layers_global": 2,
+    "n_layers_local_decoder": 3, "n_layers_local_encoder": 3, "n_heads_global": 10,
+    "n_heads_local_decoder": 12, "n_heads_local_encoder": 12, "cross_attn_k": 2,
+    "cross_attn_nheads": 12, "dim_token": 8}
+
+# Accepted configurations named after the shipped config (or spelling) they are.
+SHIPPED = {
+    "lst_yaml": REFERENCE_LST_YAML,
+    "lst_yaml_changed_parameters_dim_token_as_local": {
+        **REFERENCE_LST_YAML, **CHANGED_PARAMETERS, "dim_token": 24},
+}
+
+
+def write_yaml(tmp_path, text: str):
+    path = tmp_path / "lst.yaml"
+    path.write_text(text)
+    return path
+
+
+def assert_reference_function(model_args: dict, seed: int) -> None:
+    """The imported model's logits are the oracle's (fp32), and its export the tensors."""
+    reference = random_reference_state(model_args, seed=seed)
+    tokens, patch_lengths = random_batch(model_args, seed=seed)
+    model = imported_model(model_args, reference)
+    with torch.no_grad():
+        expected = reference_logits(model_args, reference, tokens, patch_lengths)
+        logits = model(tokens, patch_lengths)
+    assert logits.shape == expected.shape == (*tokens.shape, VOCAB)
+    assert (logits - expected).abs().max().item() <= 1e-5
+    assert_same_tensors(export_reference(full_state_dict(model), model.lst_config), reference)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_reference_configurations_compute_the_reference_function(single_rank, name):
+    assert_reference_function(SHIPPED[name], seed=len(name))
+
+
+def test_lst_yaml_read_from_its_yaml_text_is_the_shipped_model_args(tmp_path):
+    assert read_reference_model_args(write_yaml(tmp_path, LST_YAML_MODEL)) == REFERENCE_LST_YAML
+
+
+@pytest.mark.parametrize(("lines", "norm_eps", "rope_theta"), [
+    ("  norm_eps: 1e-6\n  rope_theta: 5e5\n", 1e-6, 5e5),
+    ("  norm_eps: 1.0e-6\n  rope_theta: 1.0e6\n", 1e-6, 1e6),
+    ("  norm_eps: 1E-3\n  rope_theta: 100_000\n", 1e-3, 100_000),
+])
+def test_lst_yaml_floats_written_with_an_exponent_are_numbers(single_rank, tmp_path, lines,
+                                                               norm_eps, rope_theta):
+    """The reference loads its YAML configs with OmegaConf, which reads `1e-6` and `1.0e6` as
+    floats (YAML 1.1 leaves both strings): the import reads them as the same numbers."""
+    model_args = read_reference_model_args(write_yaml(tmp_path, LST_YAML_MODEL + lines))
+    assert (model_args["norm_eps"], model_args["rope_theta"]) == (norm_eps, rope_theta)
+    config = lst_config_from_reference(model_args)
+    assert (config.norm_eps, config.rope_theta) == (norm_eps, rope_theta)
+    assert_reference_function(model_args, seed=3)
+
+
+def test_lst_yaml_changed_parameters_as_written_are_refused_naming_dim_token():
+    """Uncommented as shipped, the block keeps `dim_token` 256 under 768-wide local models: the
+    reference's encoder patch projection makes slots 256 wide that its forward cannot reshape
+    to 768, so it trained no model so; refused naming both fields and what to set."""
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            "reference token width dim_token 8 != dim_local_encoder 24") + ".*set dim_token to "
+                                                  "dim_local_encoder"):
+        lst_config_from_reference({**REFERENCE_LST_YAML, **CHANGED_PARAMETERS})
+
