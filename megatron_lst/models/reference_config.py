@@ -61,10 +61,29 @@ def row_limit_notice(model_args: dict) -> str:
 UNSET_WHEN_ZERO = ("head_dim", "n_kv_heads", "n_kv_heads_global")
 
 
-# The reference's `downsampling_by_pooling` values -> `CrossAttentionConfig.pooling` ("avg" and
-# "mean" both pool by mean in the reference). It tests for each name inside the string and
-# concatenates the pools of every one it finds, which its patch projection cannot take then.
-REFERENCE_POOLING = {"max": "max", "avg": "mean", "mean": "mean", "min": "min"}
+# `CrossAttentionConfig.pooling` -> the names the reference looks for inside its
+# `downsampling_by_pooling` string to pool by it (`reference_pooling`).
+REFERENCE_POOLING_NAMES = {"mean": ("avg", "mean"), "min": ("min",), "max": ("max",)}
+
+
+def reference_pooling(value: object) -> str:
+    """`CrossAttentionConfig.pooling` of the reference's `downsampling_by_pooling`. The reference
+    tests for each name of `REFERENCE_POOLING_NAMES` inside the string (so "max_pool" and
+    "maximum" pool by max, "avg" and "mean" by mean) and concatenates the pools of every kind it
+    finds; its patch projection takes one pool's width only, so it runs a forward with exactly
+    one. Refused naming the field: no string, no kind found (it then takes the concatenating
+    downsampling, which fails without patch lengths), or several."""
+    found = [pooling for pooling, names in REFERENCE_POOLING_NAMES.items()
+             if isinstance(value, str) and any(name in value for name in names)]
+    if len(found) != 1:
+        kinds = ", ".join(f"{pooling} ({' or '.join(map(repr, names))})"
+                          for pooling, names in REFERENCE_POOLING_NAMES.items())
+        raise ReferenceImportError(
+            f"reference downsampling_by_pooling={value!r} is not supported: the reference pools "
+            f"by each kind whose name it finds inside that string, of {kinds}, and runs a "
+            f"forward with exactly one; it finds {len(found)} ({', '.join(found) or 'none'}); "
+            "give the one the model was trained with, e.g. 'max'")
+    return found[0]
 
 
 def lst_config_from_reference(model_args: dict) -> LSTConfig:
@@ -98,11 +117,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
     _check_token_width(a)
     _check_decoder_input_width(a)
     _check_patching_mode(a)
-    pooling = a["downsampling_by_pooling"]
-    if not isinstance(pooling, str) or pooling not in REFERENCE_POOLING:
-        raise ReferenceImportError(
-            f"reference downsampling_by_pooling={pooling!r} is not supported "
-            f"(need one of {', '.join(map(repr, REFERENCE_POOLING))})")
+    pooling = reference_pooling(a["downsampling_by_pooling"])
     _check_head_shapes(a)
     _check_decoder_projection(a)
     window, documents = reference_attention(a)
@@ -138,7 +153,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
                 decoder_window=_patch_window(a["cross_attn_window_decoder"]),
                 all_encoder_layers=a["cross_attn_all_layers_encoder"],
                 all_decoder_layers=a["cross_attn_all_layers_decoder"],
-                pooling=REFERENCE_POOLING[pooling], double_residual=True,
+                pooling=pooling, double_residual=True,
             ),
             norm_eps=a["norm_eps"],
             rope_theta=a["rope_theta"],

@@ -525,7 +525,7 @@ def test_reference_min_pooling_imports_and_exports_as_min():
     assert reference_model_args(config)["downsampling_by_pooling"] == "min"
 
 
-@pytest.mark.parametrize("pooling", [None, "avgmax", "maximum", ["max"]])
+@pytest.mark.parametrize("pooling", [None, "avgmax", "minmax", "MAX", "average", ["max"]])
 def test_reference_pooling_without_counterpart_is_refused_naming_the_field(pooling):
     model_args = {**reference_model_args(preset("tiny", 64)), "downsampling_by_pooling": pooling}
     with pytest.raises(ReferenceImportError,

@@ -3,11 +3,12 @@ that they invite, import as the reference computes them.
 
 `lst/configs/lst.yaml` read from its own YAML text (sizes shrunk, every other line as shipped),
 with the float spellings a YAML config takes (`1e-6`, `5e5`: floats to the reference's
-OmegaConf loader, strings to YAML 1.1); and its commented-out "changed parameters (50m 420m
-50m)" block, refused as written (its `dim_token` no longer the local width) and computed once
-`dim_token` follows the local width. Each accepted case agrees with `reference_oracle` (fp32)
-and exports back the reference tensors. lst.yaml's dict form, debug.yaml, lst.yaml at 9e86f12
-and apps/main's llama configs are in test_reference_configurations.
+OmegaConf loader, strings to YAML 1.1); its commented-out "changed parameters (50m 420m 50m)"
+block, refused as written (its `dim_token` no longer the local width) and computed once
+`dim_token` follows the local width; and `downsampling_by_pooling` strings that name one pooling
+inside them. Each accepted case agrees with `reference_oracle` (fp32) and exports back the
+reference tensors. lst.yaml's dict form, debug.yaml, lst.yaml at 9e86f12 and apps/main's llama
+configs are in test_reference_configurations.
 """
 
 import re
@@ -103,6 +104,9 @@ SHIPPED = {
     "lst_yaml": REFERENCE_LST_YAML,
     "lst_yaml_changed_parameters_dim_token_as_local": {
         **REFERENCE_LST_YAML, **CHANGED_PARAMETERS, "dim_token": 24},
+    # the reference pools by the kind named inside the string: max, max, mean, mean, min
+    **{f"lst_yaml_pooling_{name}": {**REFERENCE_LST_YAML, "downsampling_by_pooling": name}
+       for name in ("max_pool", "maximum", "meanpool", "avg_mean", "min_pooling")},
 }
 
 
@@ -159,3 +163,16 @@ def test_lst_yaml_changed_parameters_as_written_are_refused_naming_dim_token():
                                                   "dim_local_encoder"):
         lst_config_from_reference({**REFERENCE_LST_YAML, **CHANGED_PARAMETERS})
 
+
+@pytest.mark.parametrize(("pooling", "found"), [
+    ("minmax", "it finds 2 (min, max)"), ("avg_max", "it finds 2 (mean, max)"),
+    ("MAX", "it finds 0 (none)"), ("", "it finds 0 (none)"), (None, "it finds 0 (none)"),
+])
+def test_pooling_strings_the_reference_cannot_run_are_refused_naming_what_it_finds(pooling,
+                                                                                  found):
+    """The reference concatenates a pool for every kind it finds in the string (its patch
+    projection then fails) and with none takes a downsampling that fails without patch lengths."""
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            f"reference downsampling_by_pooling={pooling!r} is not supported") + ".*"
+            + re.escape(found)):
+        lst_config_from_reference({**REFERENCE_LST_YAML, "downsampling_by_pooling": pooling})
