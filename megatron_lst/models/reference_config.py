@@ -113,6 +113,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
             raise ReferenceImportError(
                 f"reference {key}={a[key]!r}: the reference builds no model without a positive "
                 "integer there; fix the model arguments")
+    _check_model_sizes(a)
     _check_cross_attention_heads(a)
     _check_token_width(a)
     _check_decoder_input_width(a)
@@ -249,6 +250,33 @@ def _check_decoder_input_width(a: dict) -> None:
             "say, so no reference model was trained with them; give the model args saved with "
             "the checkpoint")
 
+
+# The reference's sizes of its three models (`MODEL_SIZE_FIELDS`) and its cross-attention windows
+# in patches (`CROSS_ATTENTION_WINDOW_FIELDS`, null: each patch its own).
+MODEL_SIZE_FIELDS = (
+    "dim_global", "n_layers_global", "n_heads_global", "dim_local_encoder", "dim_local_decoder",
+    "n_layers_local_encoder", "n_layers_local_decoder", "n_heads_local_encoder",
+    "n_heads_local_decoder")
+CROSS_ATTENTION_WINDOW_FIELDS = ("cross_attn_window_encoder", "cross_attn_window_decoder")
+
+
+def _check_model_sizes(a: dict) -> None:
+    """Each model size of `MODEL_SIZE_FIELDS` a positive integer, each cross-attention window null
+    or at least one patch (whole numbers or null already: `_read_whole_numbers`); refused naming
+    the reference's field, not the `LSTConfig` field it would become."""
+    for key in MODEL_SIZE_FIELDS:
+        if a[key] is None or a[key] < 1:
+            raise ReferenceImportError(
+                f"reference {key}={a[key]!r} is not supported: each model here needs a positive "
+                "number of units, layers and heads; give the value the checkpoint was trained "
+                "with (its params.json)")
+    for key in CROSS_ATTENTION_WINDOW_FIELDS:
+        if a[key] is not None and a[key] < 1:
+            raise ReferenceImportError(
+                f"reference {key}={a[key]!r} is not supported: a window of no patches, in which "
+                "the reference's cross-attention sees no key, and LSTModel's windows hold at "
+                "least one patch; give the window the checkpoint was trained with (null: each "
+                "patch its own)")
 
 def _check_cross_attention_heads(a: dict) -> None:
     """The reference's cross-attention heads have `dim // cross_attn_nheads` channels each (its

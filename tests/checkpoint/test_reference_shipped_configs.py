@@ -7,7 +7,8 @@ OmegaConf loader, strings to YAML 1.1); its commented-out "changed parameters (5
 block, refused as written (its `dim_token` no longer the local width) and computed once
 `dim_token` follows the local width; and `downsampling_by_pooling` strings that name one pooling
 inside them. Each accepted case agrees with `reference_oracle` (fp32) and exports back the
-reference tensors. lst.yaml's dict form, debug.yaml, lst.yaml at 9e86f12 and apps/main's llama
+reference tensors; model sizes and cross-attention windows of nothing are refused naming the
+reference's field. lst.yaml's dict form, debug.yaml, lst.yaml at 9e86f12 and apps/main's llama
 configs are in test_reference_configurations.
 """
 
@@ -27,7 +28,12 @@ from checkpoint.test_reference_configurations import (
 )
 from megatron_lst.checkpoint.model_state import full_state_dict
 from megatron_lst.checkpoint.reference import export_reference, read_reference_model_args
-from megatron_lst.models.reference_config import ReferenceImportError, lst_config_from_reference
+from megatron_lst.models.reference_config import (
+    CROSS_ATTENTION_WINDOW_FIELDS,
+    MODEL_SIZE_FIELDS,
+    ReferenceImportError,
+    lst_config_from_reference,
+)
 
 # The model section of lst/configs/lst.yaml as shipped, each size shrunk as in REFERENCE_LST_YAML
 # (dim 512 -> 32, dim_token and the local widths 256 -> 16, the lengths 12288 -> 64, vocab 40),
@@ -176,3 +182,25 @@ def test_pooling_strings_the_reference_cannot_run_are_refused_naming_what_it_fin
             f"reference downsampling_by_pooling={pooling!r} is not supported") + ".*"
             + re.escape(found)):
         lst_config_from_reference({**REFERENCE_LST_YAML, "downsampling_by_pooling": pooling})
+
+
+@pytest.mark.parametrize("value", [0, None])
+@pytest.mark.parametrize("key", MODEL_SIZE_FIELDS)
+def test_model_sizes_of_no_units_layers_or_heads_are_refused_naming_the_reference_field(key,
+                                                                                       value):
+    """Refused naming the reference's field and value and what to give (it named the LSTConfig
+    field it would become, or was a comparison of None with a number)."""
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            f"reference {key}={value!r} is not supported: each model here needs a positive "
+            "number of units, layers and heads; give the value the checkpoint was trained with")):
+        lst_config_from_reference({**REFERENCE_LST_YAML, key: value})
+
+
+@pytest.mark.parametrize("value", [0, -1])
+@pytest.mark.parametrize("key", CROSS_ATTENTION_WINDOW_FIELDS)
+def test_cross_attention_windows_of_no_patches_are_refused_naming_the_reference_field(key, value):
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            f"reference {key}={value!r} is not supported: a window of no patches") + ".*"
+            + re.escape("give the window the checkpoint was trained with (null: each patch its "
+                        "own)")):
+        lst_config_from_reference({**REFERENCE_LST_YAML, key: value})
