@@ -202,11 +202,13 @@ def test_a_data_patcher_whose_patches_are_not_cut_reads_back(tmp_path, patcher_a
 
 def test_the_reference_training_yaml_reads_as_its_params_json(tmp_path):
     """A reference run launched with a YAML config (model args under `model`, the patcher under
-    `data.patcher_args`) gives the same arguments as the params.json BLT writes from it."""
+    `data.patcher_args`) gives the same arguments as the params.json BLT writes from it (where
+    its train.py has set max_seqlen to data.seq_len)."""
     params = {"name": "lst_static", "optim": {"lr": 4e-4},
               "model": {"dim_global": 64, "n_heads_global": 4, "dim_local_encoder": 32,
                         "dim_local_decoder": 32, "cross_attn_k": 2, "patching_mode": "static",
-                        "encoder_hash_byte_group_size": [], "attn_impl": "xformers"},
+                        "encoder_hash_byte_group_size": [], "attn_impl": "xformers",
+                        "max_seqlen": 512},
               "data": {"seq_len": 512, "patcher_args": {"patching_mode": "lst_static",
                                                         "patch_size": 4}}}
     (tmp_path / "params.json").write_text(json.dumps(params))

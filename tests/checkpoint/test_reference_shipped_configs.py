@@ -12,6 +12,7 @@ reference's field. lst.yaml's dict form, debug.yaml, lst.yaml at 9e86f12 and app
 configs are in test_reference_configurations.
 """
 
+import json
 import re
 
 import pytest
@@ -35,9 +36,10 @@ from megatron_lst.models.reference_config import (
     lst_config_from_reference,
 )
 
-# The model section of lst/configs/lst.yaml as shipped, each size shrunk as in REFERENCE_LST_YAML
-# (dim 512 -> 32, dim_token and the local widths 256 -> 16, the lengths 12288 -> 64, vocab 40),
-# with the global sizes it leaves to the reference's defaults shrunk and written out.
+# The model and data sections of lst/configs/lst.yaml as shipped, each size shrunk as in
+# REFERENCE_LST_YAML (dim 512 -> 32, dim_token and the local widths 256 -> 16, the lengths
+# 12288 -> 64, vocab 40), with the global sizes it leaves to the reference's defaults shrunk and
+# written out, and data.seq_len 4096 -> 32.
 LST_YAML_MODEL = """\
 model:
   n_heads: 8
@@ -94,7 +96,27 @@ model:
   n_heads_global: 8
   n_heads_local_encoder: 8
   n_heads_local_decoder: 8
+
+data:
+  root_dir: data_example
+  sources:
+    text_data_source_1: 1.0
+    mls_on_the_fly: 1.0
+  batch_size: 2
+  prefetch_size: 64
+  seq_len: 32
+  load_async: false
+  preprocess_dir: None
+  tokenizer_args:
+    name: lst
+    init_kwargs:
+      bpe_tokenizer_path: ???
+  patcher_args:
+    patching_mode: lst_static
+    patch_size: 4
 """
+# The run's max_seqlen: the reference's train.py sets it to data.seq_len (4096 -> 32 above).
+LST_YAML_RUN_ARGS = {**REFERENCE_LST_YAML, "max_seqlen": 32}
 
 # lst.yaml's commented-out "changed parameters (50m 420m 50m)", shrunk by 32 (global 1280 -> 40
 # in 10 heads, local 768 -> 24 in 12 heads, 12 cross-attention heads, 2 slots), its layer
@@ -140,8 +162,32 @@ def test_shipped_reference_configurations_compute_the_reference_function(single_
     assert_reference_function(SHIPPED[name], seed=len(name))
 
 
-def test_lst_yaml_read_from_its_yaml_text_is_the_shipped_model_args(tmp_path):
-    assert read_reference_model_args(write_yaml(tmp_path, LST_YAML_MODEL)) == REFERENCE_LST_YAML
+def test_lst_yaml_read_from_its_yaml_text_is_the_model_args_its_run_had(tmp_path):
+    assert read_reference_model_args(write_yaml(tmp_path, LST_YAML_MODEL)) == LST_YAML_RUN_ARGS
+
+
+@pytest.mark.parametrize(("data", "max_seqlen"), [
+    ("data:\n  seq_len: 48\n", 48), ("data:\n  batch_size: 2\n", 2048), ("", 2048)])
+def test_a_training_yaml_gives_the_run_the_max_seqlen_of_its_data_seq_len(tmp_path, data,
+                                                                          max_seqlen):
+    """The reference's train.py sets model.max_seqlen (the global RoPE table, in patches) to
+    data.seq_len, its data loader's default 2048 when left out, before it builds the model; a
+    JSON params.json holds the value it ran with already and is read as written."""
+    model = "model:\n  dim_global: 64\n  max_seqlen: 12288\n"
+    path = write_yaml(tmp_path, model + data)
+    assert read_reference_model_args(path) == {"dim_global": 64, "max_seqlen": max_seqlen}
+    (tmp_path / "params.json").write_text(
+        json.dumps({"model": {"dim_global": 64, "max_seqlen": 12288}, "data": {"seq_len": 48}}))
+    assert read_reference_model_args(tmp_path / "params.json")["max_seqlen"] == 12288
+
+
+@pytest.mark.parametrize("seq_len", ["4096", 0, 2.5, True])
+def test_a_training_yaml_whose_data_seq_len_is_no_length_is_refused_naming_it(tmp_path, seq_len):
+    path = write_yaml(tmp_path, f"model:\n  dim_global: 64\ndata:\n  seq_len: {json.dumps(seq_len)}\n")
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            f"data.seq_len={seq_len!r} is not a positive integer; the reference's training sets "
+            "the model's max_seqlen to it")):
+        read_reference_model_args(path)
 
 
 @pytest.mark.parametrize(("lines", "norm_eps", "rope_theta"), [
@@ -153,7 +199,9 @@ def test_lst_yaml_floats_written_with_an_exponent_are_numbers(single_rank, tmp_p
                                                                norm_eps, rope_theta):
     """The reference loads its YAML configs with OmegaConf, which reads `1e-6` and `1.0e6` as
     floats (YAML 1.1 leaves both strings): the import reads them as the same numbers."""
-    model_args = read_reference_model_args(write_yaml(tmp_path, LST_YAML_MODEL + lines))
+    model_section_end = "  n_heads_local_decoder: 8\n"
+    text = LST_YAML_MODEL.replace(model_section_end, model_section_end + lines)
+    model_args = read_reference_model_args(write_yaml(tmp_path, text))
     assert (model_args["norm_eps"], model_args["rope_theta"]) == (norm_eps, rope_theta)
     config = lst_config_from_reference(model_args)
     assert (config.norm_eps, config.rope_theta) == (norm_eps, rope_theta)
