@@ -1,9 +1,10 @@
 """The reference's shipped model configurations, and the spellings its loader and model accept
 that they invite, import as the reference computes them.
 
-`lst/configs/lst.yaml` read from its own YAML text (sizes shrunk, every other line as shipped),
-with the float spellings a YAML config takes (`1e-6`, `5e5`: floats to the reference's
-OmegaConf loader, strings to YAML 1.1); its commented-out "changed parameters (50m 420m 50m)"
+`lst/configs/lst.yaml` read from its own YAML text (sizes shrunk, every other line as shipped)
+as the model args its run had (`max_seqlen` from `data.seq_len`, as the reference's train.py
+sets it), with the float spellings a YAML config takes (`1e-6`, `5e5`: floats to the
+reference's OmegaConf loader, strings to YAML 1.1); its commented-out "changed parameters (50m 420m 50m)"
 block, refused as written (its `dim_token` no longer the local width) and computed once
 `dim_token` follows the local width; and `downsampling_by_pooling` strings that name one pooling
 inside them. Each accepted case agrees with `reference_oracle` (fp32) and exports back the
