@@ -253,3 +253,17 @@ def test_cross_attention_windows_of_no_patches_are_refused_naming_the_reference_
             + re.escape("give the window the checkpoint was trained with (null: each patch its "
                         "own)")):
         lst_config_from_reference({**REFERENCE_LST_YAML, key: value})
+
+
+def test_lst_yaml_with_its_changed_parameters_uncommented_is_refused_naming_the_key(tmp_path):
+    """Uncommented where lst.yaml has it, the block gives dim_local_encoder, dim_local_decoder,
+    cross_attn_k and cross_attn_nheads a second time: the reference's OmegaConf loader refuses
+    the file (PyYAML would keep the last value), so no run was launched from it."""
+    block = "".join(f"  {key}: {value}\n" for key, value in CHANGED_PARAMETERS.items()
+                    if key != "dim_token")
+    original_settings_end = "  cross_attn_nheads: 4\n"
+    text = LST_YAML_MODEL.replace(original_settings_end, original_settings_end + block)
+    with pytest.raises(ReferenceImportError, match=re.escape(
+            "lst.yaml: key 'dim_local_encoder' is given twice in one mapping, which the "
+            "reference's config loader (OmegaConf) refuses; keep one")):
+        read_reference_model_args(write_yaml(tmp_path, text))
