@@ -40,6 +40,8 @@ from megatron_lst.models.reference_tensors import (
     reference_tensor_map,
 )
 
+from .reference_yaml import load_reference_yaml
+
 # The reference options `lst_config_from_reference` requires, and the reference's defaults for
 # the fields its model ignores, for exports without base args.
 FIXED_REFERENCE_ARGS = {**REQUIRED_REFERENCE_OPTIONS, **REFERENCE_FIELDS_ITS_MODEL_IGNORES,
@@ -54,8 +56,8 @@ def _read_reference_document(path: str | Path, what: str) -> Any:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() in (".yaml", ".yml"):
-            return yaml.safe_load(text)
+        if _is_yaml(path):
+            return load_reference_yaml(text)
         return json.loads(text)
     # ValueError: JSON and UTF-8 decoding; RecursionError: nested deeper than the parsers recurse
     except (OSError, ValueError, yaml.YAMLError, RecursionError) as error:
@@ -63,10 +65,36 @@ def _read_reference_document(path: str | Path, what: str) -> Any:
         raise ReferenceImportError(f"cannot read reference {what} {path}: {reason}") from None
 
 
+def _is_yaml(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in (".yaml", ".yml")
+
+
+# The reference's `data.seq_len` where a training config leaves it out (its `DataloaderArgs`).
+REFERENCE_DATA_SEQ_LEN = 2048
+
+
+def _launched_model_args(config: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The model args a reference run launched with the training YAML `config` (in `path`) ran
+    with: its train.py (`validate_train_args`) sets `model.max_seqlen`, the global model's RoPE
+    table in patches, to `data.seq_len` (default `REFERENCE_DATA_SEQ_LEN`) before it builds the
+    model, and saves that in params.json, whatever the YAML's model section says (the same
+    value in the config.yaml it dumps). Refuses a `data.seq_len` that is no positive integer."""
+    data = config.get("data")
+    seq_len = data.get("seq_len", REFERENCE_DATA_SEQ_LEN) if isinstance(data, dict) \
+        else REFERENCE_DATA_SEQ_LEN
+    if type(seq_len) is not int or seq_len < 1:
+        raise ReferenceImportError(
+            f"{path}: data.seq_len={seq_len!r} is not a positive integer; the reference's "
+            "training sets the model's max_seqlen to it, so it ran no model from this config "
+            "(give the sequence length the run trained with)")
+    return {**config["model"], "max_seqlen": seq_len}
+
+
 def read_reference_model_args(path: str | Path) -> dict[str, Any]:
     """The reference's model arguments from a JSON or YAML file: its `model_args` (the fixtures'
     `config_A.json`), its `model` (BLT's `params.json`, or the training YAML it was launched
-    with), or the arguments themselves."""
+    with, its `max_seqlen` the run's as `_launched_model_args` gives it), or the arguments
+    themselves."""
     data = _read_reference_document(path, "model args")
     if not isinstance(data, dict):
         raise ReferenceImportError(
@@ -76,9 +104,10 @@ def read_reference_model_args(path: str | Path) -> dict[str, Any]:
             f"{path} is the config of a reference run that trained its entropy model "
             "(train_entropy_model: true), a plain transformer that scores bytes for entropy "
             "patching, not an LST model; import the checkpoint of an LST run")
-    for key in ("model_args", "model"):
-        if isinstance(data.get(key), dict):
-            return data[key]
+    if isinstance(data.get("model_args"), dict):
+        return data["model_args"]
+    if isinstance(data.get("model"), dict):
+        return _launched_model_args(data, path) if _is_yaml(path) else data["model"]
     if "dim_global" not in data:
         raise ReferenceImportError(
             f"{path} has no 'model_args' or 'model' section and is not model arguments itself "

@@ -61,10 +61,29 @@ def row_limit_notice(model_args: dict) -> str:
 UNSET_WHEN_ZERO = ("head_dim", "n_kv_heads", "n_kv_heads_global")
 
 
-# The reference's `downsampling_by_pooling` values -> `CrossAttentionConfig.pooling` ("avg" and
-# "mean" both pool by mean in the reference). It tests for each name inside the string and
-# concatenates the pools of every one it finds, which its patch projection cannot take then.
-REFERENCE_POOLING = {"max": "max", "avg": "mean", "mean": "mean", "min": "min"}
+# `CrossAttentionConfig.pooling` -> the names the reference looks for inside its
+# `downsampling_by_pooling` string to pool by it (`reference_pooling`).
+REFERENCE_POOLING_NAMES = {"mean": ("avg", "mean"), "min": ("min",), "max": ("max",)}
+
+
+def reference_pooling(value: object) -> str:
+    """`CrossAttentionConfig.pooling` of the reference's `downsampling_by_pooling`. The reference
+    tests for each name of `REFERENCE_POOLING_NAMES` inside the string (so "max_pool" and
+    "maximum" pool by max, "avg" and "mean" by mean) and concatenates the pools of every kind it
+    finds; its patch projection takes one pool's width only, so it runs a forward with exactly
+    one. Refused naming the field: no string, no kind found (it then takes the concatenating
+    downsampling, which fails without patch lengths), or several."""
+    found = [pooling for pooling, names in REFERENCE_POOLING_NAMES.items()
+             if isinstance(value, str) and any(name in value for name in names)]
+    if len(found) != 1:
+        kinds = ", ".join(f"{pooling} ({' or '.join(map(repr, names))})"
+                          for pooling, names in REFERENCE_POOLING_NAMES.items())
+        raise ReferenceImportError(
+            f"reference downsampling_by_pooling={value!r} is not supported: the reference pools "
+            f"by each kind whose name it finds inside that string, of {kinds}, and runs a "
+            f"forward with exactly one; it finds {len(found)} ({', '.join(found) or 'none'}); "
+            "give the one the model was trained with, e.g. 'max'")
+    return found[0]
 
 
 def lst_config_from_reference(model_args: dict) -> LSTConfig:
@@ -94,15 +113,12 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
             raise ReferenceImportError(
                 f"reference {key}={a[key]!r}: the reference builds no model without a positive "
                 "integer there; fix the model arguments")
+    _check_model_sizes(a)
     _check_cross_attention_heads(a)
     _check_token_width(a)
     _check_decoder_input_width(a)
     _check_patching_mode(a)
-    pooling = a["downsampling_by_pooling"]
-    if not isinstance(pooling, str) or pooling not in REFERENCE_POOLING:
-        raise ReferenceImportError(
-            f"reference downsampling_by_pooling={pooling!r} is not supported "
-            f"(need one of {', '.join(map(repr, REFERENCE_POOLING))})")
+    pooling = reference_pooling(a["downsampling_by_pooling"])
     _check_head_shapes(a)
     _check_decoder_projection(a)
     window, documents = reference_attention(a)
@@ -138,7 +154,7 @@ def lst_config_from_reference(model_args: dict) -> LSTConfig:
                 decoder_window=_patch_window(a["cross_attn_window_decoder"]),
                 all_encoder_layers=a["cross_attn_all_layers_encoder"],
                 all_decoder_layers=a["cross_attn_all_layers_decoder"],
-                pooling=REFERENCE_POOLING[pooling], double_residual=True,
+                pooling=pooling, double_residual=True,
             ),
             norm_eps=a["norm_eps"],
             rope_theta=a["rope_theta"],
@@ -234,6 +250,33 @@ def _check_decoder_input_width(a: dict) -> None:
             "say, so no reference model was trained with them; give the model args saved with "
             "the checkpoint")
 
+
+# The reference's sizes of its three models (`MODEL_SIZE_FIELDS`) and its cross-attention windows
+# in patches (`CROSS_ATTENTION_WINDOW_FIELDS`, null: each patch its own).
+MODEL_SIZE_FIELDS = (
+    "dim_global", "n_layers_global", "n_heads_global", "dim_local_encoder", "dim_local_decoder",
+    "n_layers_local_encoder", "n_layers_local_decoder", "n_heads_local_encoder",
+    "n_heads_local_decoder")
+CROSS_ATTENTION_WINDOW_FIELDS = ("cross_attn_window_encoder", "cross_attn_window_decoder")
+
+
+def _check_model_sizes(a: dict) -> None:
+    """Each model size of `MODEL_SIZE_FIELDS` a positive integer, each cross-attention window null
+    or at least one patch (whole numbers or null already: `_read_whole_numbers`); refused naming
+    the reference's field, not the `LSTConfig` field it would become."""
+    for key in MODEL_SIZE_FIELDS:
+        if a[key] is None or a[key] < 1:
+            raise ReferenceImportError(
+                f"reference {key}={a[key]!r} is not supported: each model here needs a positive "
+                "number of units, layers and heads; give the value the checkpoint was trained "
+                "with (its params.json)")
+    for key in CROSS_ATTENTION_WINDOW_FIELDS:
+        if a[key] is not None and a[key] < 1:
+            raise ReferenceImportError(
+                f"reference {key}={a[key]!r} is not supported: a window of no patches, in which "
+                "the reference's cross-attention sees no key, and LSTModel's windows hold at "
+                "least one patch; give the window the checkpoint was trained with (null: each "
+                "patch its own)")
 
 def _check_cross_attention_heads(a: dict) -> None:
     """The reference's cross-attention heads have `dim // cross_attn_nheads` channels each (its

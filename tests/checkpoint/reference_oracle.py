@@ -228,12 +228,18 @@ def patch_window_mask(query_patch, key_patch, window):
 
 
 def pool(h: torch.Tensor, patch: torch.Tensor, num_patches: int, mode: str) -> torch.Tensor:
-    """`h [B, N, D]` pooled per patch ("max", "min" or "avg"/"mean") -> `[B, P, D]`; 0 for an
-    empty patch."""
-    reduce = {"max": "amax", "min": "amin", "avg": "mean", "mean": "mean"}[mode]
+    """`h [B, N, D]` pooled per patch -> `[B, P, D * kinds]`; 0 for an empty patch. As the
+    reference, by each kind named inside the string `mode`, in this order: mean ("avg" or
+    "mean" in it), min ("min"), max ("max"), concatenated (so "max_pool" is max pooling, and
+    "minmax" two pools, which its patch projection then refuses)."""
+    kinds = [reduce for names, reduce in ((("avg", "mean"), "mean"), (("min",), "amin"),
+                                          (("max",), "amax"))
+             if any(name in mode for name in names)]
+    assert kinds, f"the reference pools by none of {mode!r}"
     index = patch[:, :, None].expand_as(h)
     out = torch.zeros(h.shape[0], num_patches, h.shape[2], dtype=h.dtype)
-    return out.scatter_reduce(1, index, h, reduce=reduce, include_self=False)
+    return torch.cat([out.scatter_reduce(1, index, h, reduce=reduce, include_self=False)
+                      for reduce in kinds], dim=-1)
 
 
 def global_documents(tokens, enc_patch, num_patches, a) -> torch.Tensor:
