@@ -178,16 +178,17 @@ WHOLE_NUMBER_FIELDS = (
 
 def _read_whole_numbers(a: dict) -> None:
     """Integer fields written as floats: a whole one (64.0) is that integer, as the reference
-    reads it; another (NaN, 2.5), a bool (`n_heads_global: true` compared as 1 head) and any
-    other value but an integer or null are refused naming the field."""
+    reads it; another (NaN, 2.5) is refused naming the field. So are a bool and a string, which
+    the reference's pydantic args may coerce (`true` to 1 head, "64" to 64) but no params.json it
+    writes holds: such args were edited by hand, and a number is asked for rather than guessed."""
     for key in WHOLE_NUMBER_FIELDS:
         value = a[key]
         if isinstance(value, float) and value.is_integer():
             a[key] = int(value)
         elif value is not None and type(value) is not int:  # bool is an int subclass
             raise ReferenceImportError(
-                f"reference {key}={value!r} is not a whole number; the reference builds no "
-                "model from it (give an integer)")
+                f"reference {key}={value!r} is not a whole number; write the value the "
+                "checkpoint was trained with as an integer (e.g. 64, not \"64\" or true)")
 
 
 def require_reference_value(value: object, accepted: tuple, field: str) -> None:
@@ -277,6 +278,7 @@ def _check_model_sizes(a: dict) -> None:
                 "the reference's cross-attention sees no key, and LSTModel's windows hold at "
                 "least one patch; give the window the checkpoint was trained with (null: each "
                 "patch its own)")
+
 
 def _check_cross_attention_heads(a: dict) -> None:
     """The reference's cross-attention heads have `dim // cross_attn_nheads` channels each (its
