@@ -1,0 +1,80 @@
+"""Crafted checkpoint files: a portable checkpoint's lst_config.json and a dist checkpoint's
+lst_manifest.json are refused naming the file and what is wrong, never read as other data nor
+failing with a raw traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_lst.checkpoint.errors import CheckpointIntegrityError
+from megatron_lst.checkpoint.integrity import MANIFEST_FILENAME, FileRecord, read_manifest
+from megatron_lst.checkpoint.model_state import CheckpointContentError, lst_config_to_dict
+from megatron_lst.checkpoint.portable import CONFIG_FILENAME, FORMAT, FORMAT_VERSION, load_portable
+from megatron_lst.models.config import preset
+from megatron_lst.tokenizer.vocab import JointVocab
+
+VOCAB = JointVocab(text_size=58)
+SHA256 = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+
+
+def _write_portable_config(directory, lst_config: dict, vocab: JointVocab) -> None:
+    """A portable checkpoint's config alone: these are refused before its weights are read."""
+    (directory / CONFIG_FILENAME).write_text(json.dumps(
+        {"format": FORMAT, "format_version": FORMAT_VERSION, "lst_config": lst_config,
+         "vocab": vocab.to_dict()}))
+
+
+def test_a_damaged_lst_config_names_the_config_file(tmp_path):
+    """It named the field alone (`lst-convert portable-to-dist: global_model: unknown field(s)
+    ['kv_channe;s']`), not the file among the user's checkpoints."""
+    lst_config = lst_config_to_dict(preset("tiny", VOCAB.size))
+    lst_config["global_model"]["kv_channe;s"] = lst_config["global_model"].pop("kv_channels")
+    _write_portable_config(tmp_path, lst_config, VOCAB)
+    with pytest.raises(CheckpointContentError, match=(
+            rf"^{tmp_path / CONFIG_FILENAME}: 'lst_config' does not describe a model "
+            r"\(global_model: unknown field\(s\) \['kv_channe;s'\]")):
+        load_portable(tmp_path)
+
+
+def test_a_vocab_that_does_not_fit_the_lst_config_names_the_config_file(tmp_path):
+    """It was "vocabulary of 561 ids does not fit the model's vocab_size 563", naming no file,
+    and only once the weights were read."""
+    _write_portable_config(tmp_path, lst_config_to_dict(preset("tiny", VOCAB.size)),
+                           JointVocab(text_size=56))
+    with pytest.raises(CheckpointContentError, match=(
+            rf"^{tmp_path / CONFIG_FILENAME}: 'vocab' has {VOCAB.size - 2} ids but 'lst_config' "
+            rf"a vocab_size of {VOCAB.size}")):
+        load_portable(tmp_path)
+
+
+@pytest.mark.parametrize("size, sha256, problem", [
+    # int() of these was an OverflowError, out of every caller's except
+    ("Infinity", f'"{SHA256}"', "the size of 'a.bin' is inf"),
+    ("1e400", f'"{SHA256}"', "the size of 'a.bin' is inf"),
+    # read as the sizes 5, 5, 1 and -1, then reported as files of another size than recorded
+    ('"5"', f'"{SHA256}"', "the size of 'a.bin' is '5'"),
+    ("5.7", f'"{SHA256}"', "the size of 'a.bin' is 5.7"),
+    ("true", f'"{SHA256}"', "the size of 'a.bin' is True"),
+    ("-1", f'"{SHA256}"', "the size of 'a.bin' is -1"),
+    # str() of a list or a number, a digest no file has
+    ("5", '["x"]', "the sha256 of 'a.bin' is ['x']"),
+    ("5", "12", "the sha256 of 'a.bin' is 12"),
+    ("5", '"abc"', "the sha256 of 'a.bin' is 'abc'"),
+])
+def test_a_manifest_entry_of_another_type_is_refused_naming_the_manifest(tmp_path, size, sha256,
+                                                                          problem):
+    path = tmp_path / MANIFEST_FILENAME
+    path.write_text('{"format_version": 1, "algorithm": "sha256", "files": {"a.bin": '
+                    f'{{"size": {size}, "sha256": {sha256}}}}}}}')
+    with pytest.raises(CheckpointIntegrityError) as caught:
+        read_manifest(tmp_path)
+    assert str(caught.value).startswith(f"cannot read {path}: {problem}")
+
+
+def test_a_manifest_as_saved_reads(tmp_path):
+    (tmp_path / MANIFEST_FILENAME).write_text(json.dumps(
+        {"format_version": 1, "algorithm": "sha256",
+         "files": {"a.bin": {"size": 5, "sha256": SHA256}}}))
+    assert read_manifest(tmp_path) == {"a.bin": FileRecord(5, SHA256)}
