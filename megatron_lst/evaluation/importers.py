@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import io
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -61,6 +62,7 @@ from pathlib import Path
 from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.data.document_parsing import parse_units_text
 from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.input_files import MAX_LARGE_TEXT_BYTES, read_bounded_bytes
 from megatron_lst.data.unit_files import load_units
 from megatron_lst.evaluation.items import (
     ItemError,
@@ -140,7 +142,15 @@ def read_storycloze(path: str | Path) -> list[dict]:
     """Text-only items of a StoryCloze or TopicStoryCloze CSV file. Errors name the line a row
     starts on (a quoted field may hold line breaks, so a row can span several lines)."""
     path = Path(path)
-    with open(path, encoding="utf-8-sig", newline="") as f:  # a spreadsheet's BOM dropped
+    # the input-files rule: a regular file (a FIFO blocked, a directory was an IsADirectoryError)
+    data = read_bounded_bytes(path, ItemError, "StoryCloze file", MAX_LARGE_TEXT_BYTES)
+    try:
+        text = data.decode("utf-8-sig")  # a spreadsheet's BOM dropped
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ItemError(f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line "
+                        f"{line}); save it as UTF-8") from None
+    with io.StringIO(text, newline="") as f:  # line ends as written, for csv to read
         reader = csv.reader(f)
         try:
             header = next(reader, [])
@@ -338,9 +348,6 @@ def import_main(argv: Sequence[str] | None = None) -> int:
         check_item_ids(records, args.input)
         if args.units_dir is not None:
             records = attach_units(records, args.units_dir)
-    except UnicodeDecodeError as error:
-        print(f"lst-import-eval: {args.input} is not UTF-8 text ({error})", file=sys.stderr)
-        return 2
     except (ItemError, OSError) as error:
         print(f"lst-import-eval: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,74 @@
+"""Crafted input files at readers the fuzz test (test_input_fuzz.py) does not drive: each is
+refused with the reader's own error naming the file, never a raw traceback of another type, nor
+read as data it does not hold."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from input_cases import fifo_with_writer
+
+from megatron_lst.evaluation.importers import import_main, read_storycloze
+from megatron_lst.evaluation.items import ItemError
+from megatron_lst.training.metrics import METRICS_FILENAME, MetricsFile, read_metrics
+
+CLOZE = ("InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,"
+         "RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2,AnswerRightEnding\n"
+         "s1,a.,b.,c.,d.,e.,f.,2\n")
+
+
+def test_a_storycloze_path_that_is_a_fifo_is_refused_before_it_is_read(tmp_path, capsys):
+    """Opened as text, a FIFO blocked the importer until a writer came, then its bytes were
+    imported; every other reader of a whole file refuses one (the input-files rule)."""
+    output = tmp_path / "items.jsonl"
+    with fifo_with_writer(tmp_path / "cloze.csv", CLOZE.encode()) as fifo:
+        assert import_main(["storycloze", str(fifo), "--output", str(output)]) == 2
+    assert f"{fifo}: is a FIFO (named pipe), not a file" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_a_storycloze_path_that_is_a_directory_says_what_to_pass(tmp_path, capsys):
+    """It was "[Errno 21] Is a directory: '...'", saying neither what was expected nor what to
+    do."""
+    assert import_main(["storycloze", str(tmp_path), "--output",
+                        str(tmp_path / "items.jsonl")]) == 2
+    assert capsys.readouterr().err == (
+        f"lst-import-eval: {tmp_path}: is a directory, not a file; pass the StoryCloze file as "
+        f"a regular file\n")
+
+
+def test_a_storycloze_file_not_utf8_is_named_with_its_line(tmp_path):
+    """A UnicodeDecodeError giving a character position, caught only by the command line."""
+    cloze = tmp_path / "cloze.csv"
+    cloze.write_bytes(CLOZE.replace("e.,", "caf\xe9.,").encode("latin-1"))
+    with pytest.raises(ItemError, match=rf"^{cloze} is not UTF-8 text \(byte 0xe9 on line 2\); "
+                                        r"save it as UTF-8$"):
+        read_storycloze(cloze)
+
+
+# Lines of metrics.jsonl that are no metrics record: an iteration of Infinity or 1e400 was an
+# OverflowError and a line nested too deeply a RecursionError, stopping the resumed run on the
+# logging rank alone; one of "7", 2.5 or true was read as iteration 7, 2 or 1.
+NO_RECORDS = ['{"iteration": Infinity}', '{"iteration": 1e400}', "[" * 100_000,
+              '{"iteration": "7"}', '{"iteration": 2.5}', '{"iteration": true}',
+              '{"iteration": -3}']
+
+
+@pytest.mark.parametrize("line", NO_RECORDS, ids=range(len(NO_RECORDS)))
+def test_a_metrics_line_that_is_no_record_is_named(tmp_path, line):
+    path = tmp_path / METRICS_FILENAME
+    path.write_text(f'{{"iteration": 1, "loss": 2.0}}\n{line}\n{{"iteration": 2}}\n')
+    with pytest.raises(ValueError, match=rf"^{path}:2: not a metrics record"):
+        read_metrics(tmp_path)
+
+
+@pytest.mark.parametrize("line", NO_RECORDS, ids=range(len(NO_RECORDS)))
+def test_resuming_sets_a_metrics_line_that_is_no_record_aside(tmp_path, line):
+    path = tmp_path / METRICS_FILENAME
+    original = f'{{"iteration": 1, "loss": 2.0}}\n{line}\n{{"iteration": 2}}\n'
+    path.write_text(original)
+    MetricsFile(path, start_iteration=2).close()
+    assert [json.loads(kept) for kept in path.read_text().splitlines()] == [
+        {"iteration": 1, "loss": 2.0}, {"iteration": 2}]
+    assert (tmp_path / f"{METRICS_FILENAME}.damaged").read_text() == original
