@@ -1,5 +1,5 @@
-"""Crafted checkpoint files: a portable checkpoint's lst_config.json and a dist checkpoint's
-lst_manifest.json are refused naming the file and what is wrong, never read as other data nor
+"""Crafted checkpoint files: a portable checkpoint's lst_config.json, and a dist checkpoint's
+lst_manifest.json and lst_checkpoint.json, are refused naming the file and what is wrong, never read as other data nor
 failing with a raw traceback."""
 
 from __future__ import annotations
@@ -8,12 +8,15 @@ import json
 
 import pytest
 
-from megatron_lst.checkpoint.errors import CheckpointIntegrityError
+from megatron_lst.checkpoint.errors import CheckpointError, CheckpointIntegrityError
 from megatron_lst.checkpoint.integrity import MANIFEST_FILENAME, FileRecord, read_manifest
 from megatron_lst.checkpoint.model_state import CheckpointContentError, lst_config_to_dict
 from megatron_lst.checkpoint.portable import CONFIG_FILENAME, FORMAT, FORMAT_VERSION, load_portable
 from megatron_lst.models.config import preset
 from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
+from megatron_lst.training.checkpointing import FORMAT_VERSION as FORMAT_VERSION_OF_CHECKPOINTS
+from megatron_lst.training.checkpointing import METADATA_FILENAME
 
 VOCAB = JointVocab(text_size=58)
 SHA256 = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
@@ -78,3 +81,49 @@ def test_a_manifest_as_saved_reads(tmp_path):
         {"format_version": 1, "algorithm": "sha256",
          "files": {"a.bin": {"size": 5, "sha256": SHA256}}}))
     assert read_manifest(tmp_path) == {"a.bin": FileRecord(5, SHA256)}
+
+
+def _write_training_metadata(directory, iteration=10, **extra) -> None:
+    """A lst_checkpoint.json as a training save writes it (its model and flags left empty)."""
+    directory.mkdir()
+    extra_state = {"consumed_samples": 40, "tokens": 640, "curriculum_step": iteration,
+                   "flops": {"encoder": 1.0, "global": 2.0, "decoder": 3.0,
+                             "cross_attention": 4.0, "head": 5.0, "total": 15.0}, **extra}
+    (directory / METADATA_FILENAME).write_text(json.dumps(
+        {"format_version": FORMAT_VERSION_OF_CHECKPOINTS, "iteration": iteration,
+         "extra_state": extra_state, "scheduler": {}, "sharded_state_metadata": {},
+         "parallel_layout": {}, "vocab": None, "args": {}}))
+
+
+def test_a_training_position_as_saved_reads(tmp_path):
+    _write_training_metadata(tmp_path / "iter_0000010")
+    assert read_checkpoint_metadata(tmp_path / "iter_0000010")["extra_state"]["tokens"] == 640
+
+
+@pytest.mark.parametrize("iteration, extra, field", [
+    # int() in the resume: a ValueError, an OverflowError, a TypeError
+    (10, {"consumed_samples": "abc"}, "'extra_state.consumed_samples' ('abc')"),
+    (10, {"consumed_samples": float("inf")}, "'extra_state.consumed_samples' (inf)"),
+    (10, {"tokens": None}, "'extra_state.tokens' (None)"),
+    # read as 2 and 1 samples, a position no save wrote
+    (10, {"consumed_samples": 2.5}, "'extra_state.consumed_samples' (2.5)"),
+    (10, {"consumed_samples": True}, "'extra_state.consumed_samples' (True)"),
+    (10, {"consumed_samples": -8}, "'extra_state.consumed_samples' (-8)"),
+    (-1, {}, "'iteration' (-1)"),
+    (True, {}, "'iteration' (True)"),
+    # FlopBreakdown(**...) in the resume: a KeyError, a TypeError; NaN summed into every report
+    (10, {"flops": {"encoder": 1.0}}, "'extra_state.flops' ({'encoder': 1.0})"),
+    (10, {"flops": [1.0]}, "'extra_state.flops' ([1.0])"),
+    (10, {"flops": {"encoder": "1", "global": 2, "decoder": 3, "cross_attention": 4,
+                    "head": 5}}, "'extra_state.flops' ({'encoder': '1'"),
+    (10, {"flops": {"encoder": float("nan"), "global": 2, "decoder": 3, "cross_attention": 4,
+                    "head": 5}}, "'extra_state.flops' ({'encoder': nan"),
+])
+def test_a_training_position_that_no_save_writes_is_refused_naming_it(tmp_path, iteration,
+                                                                        extra, field):
+    checkpoint = tmp_path / "iter_0000010"
+    _write_training_metadata(checkpoint, iteration, **extra)
+    with pytest.raises(CheckpointError) as refused:
+        read_checkpoint_metadata(checkpoint)
+    assert str(refused.value).startswith(
+        f"{checkpoint / METADATA_FILENAME} is damaged: field(s) {field}"), str(refused.value)
