@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from document_cases import SPACE_ID, aligned_store
 from input_cases import fifo_with_writer
 
+from megatron_lst.data.dataset import LSTDataset
 from megatron_lst.evaluation.importers import import_main, read_storycloze
 from megatron_lst.evaluation.items import ItemError
+from megatron_lst.patching.curriculum import Patcher, PatchingConfig
 from megatron_lst.training.metrics import METRICS_FILENAME, MetricsFile, read_metrics
 
 CLOZE = ("InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,"
@@ -72,3 +76,27 @@ def test_resuming_sets_a_metrics_line_that_is_no_record_aside(tmp_path, line):
     assert [json.loads(kept) for kept in path.read_text().splitlines()] == [
         {"iteration": 1, "loss": 2.0}, {"iteration": 2}]
     assert (tmp_path / f"{METRICS_FILENAME}.damaged").read_text() == original
+
+
+@pytest.mark.parametrize("position", [10, 11])  # the header's "{" and "'" flipped
+def test_a_row_index_cache_of_a_garbled_header_is_rebuilt(tmp_path, caplog, position):
+    """numpy parses a .npy header as Python: a garbled one raised tokenize.TokenError, out of
+    the dataset's build, where any other damage has the index built again."""
+    store = aligned_store(6, 8)
+    store.prefix = str(tmp_path / "corpus")
+    (tmp_path / "corpus.json").write_text("{}")
+    cache = tmp_path / "cache"
+
+    def build() -> LSTDataset:
+        return LSTDataset(store, 40, 24, 64, Patcher(PatchingConfig(mode="static", patch_size=4)),
+                          11, space_id=SPACE_ID, index_cache_dir=cache)
+
+    built = build()
+    (cached,) = cache.glob("lst_rows_*.npy")
+    intact = bytearray(cached.read_bytes())
+    intact[position] ^= 0xFF
+    cached.write_bytes(bytes(intact))
+    rebuilt = build()
+    assert f"{cached}: damaged row index" in caplog.text
+    np.testing.assert_array_equal(rebuilt._heads, built._heads)
+    np.testing.assert_array_equal(np.load(cached), built._heads)
