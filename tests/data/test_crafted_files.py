@@ -11,6 +11,7 @@ import pytest
 from document_cases import SPACE_ID, aligned_store
 from input_cases import fifo_with_writer
 
+from megatron_lst.audio.units_record import UNITS_RECORD, check_units_fit
 from megatron_lst.data.dataset import LSTDataset
 from megatron_lst.evaluation.importers import import_main, read_storycloze
 from megatron_lst.evaluation.items import ItemError
@@ -100,3 +101,34 @@ def test_a_row_index_cache_of_a_garbled_header_is_rebuilt(tmp_path, caplog, posi
     assert f"{cached}: damaged row index" in caplog.text
     np.testing.assert_array_equal(rebuilt._heads, built._heads)
     np.testing.assert_array_equal(np.load(cached), built._heads)
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    # passed over: no check of the codebook's size against --num-units
+    ("num_units", "1000", "num_units '1000' is not a number of units"),
+    ("num_units", 1000.0, "num_units 1000.0 is not a number of units"),
+    ("num_units", True, "num_units True is not a number of units"),
+    ("num_units", -3, "num_units -3 is not a number of units"),
+    # advised "pass --frame-rate nan", a flag value no run takes
+    ("frame_rate", float("nan"), "frame_rate nan is not a number of frames per second"),
+    ("frame_rate", float("inf"), "frame_rate inf is not a number of frames per second"),
+    ("frame_rate", "25", "frame_rate '25' is not a number of frames per second"),
+    ("frame_rate", 0, "frame_rate 0 is not a number of frames per second"),
+])
+def test_a_units_record_field_of_another_type_is_refused_as_damaged(tmp_path, field, value,
+                                                                    problem):
+    record = {"model_dir": "/models/hubert", "layer": 6, "num_units": 500, "frame_rate": 25,
+              "codebook_sha256": "0" * 64, field: value}
+    (tmp_path / UNITS_RECORD).write_text(json.dumps(record))
+    np.save(tmp_path / "a.npy", np.arange(3, dtype=np.int32))
+    with pytest.raises(ValueError) as refused:
+        check_units_fit(tmp_path, 502, 25)
+    assert str(refused.value) == (
+        f"{tmp_path / UNITS_RECORD} is damaged ({problem}), so the settings of the units beside "
+        f"it are unknown; write to a new --units-dir, or delete the old units and "
+        f"{UNITS_RECORD}")
+
+
+def test_a_units_record_as_extracted_fits(tmp_path):
+    (tmp_path / UNITS_RECORD).write_text(json.dumps({"num_units": 500, "frame_rate": 25.0}))
+    check_units_fit(tmp_path, 502, 25)
