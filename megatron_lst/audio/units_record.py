@@ -19,10 +19,12 @@ while replaced) and unit files `<id>.npy` (and their temporary files while writt
 
 def read_units_record(path: Path) -> dict:
     """The record at `path`; ValueError naming it when it is damaged or not a regular file."""
+    data = read_bounded_bytes(path, ValueError, "units record")
     try:
-        record = json.loads(read_bounded_bytes(path, ValueError, "units record").decode("utf-8"))
-    # RecursionError: JSON nested deeper than Python's stack
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        record = json.loads(data.decode("utf-8"))
+    # ValueError: not UTF-8, not JSON, or an integer past Python's digit limit; RecursionError:
+    # JSON nested deeper than Python's stack
+    except (ValueError, RecursionError):
         record = None
     if not isinstance(record, dict):
         raise ValueError(f"{path} is damaged, so the settings of the units beside it are unknown; "

@@ -5,14 +5,19 @@ read as data it does not hold."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 from document_cases import SPACE_ID, aligned_store
 from input_cases import fifo_with_writer
+from tool_modules import load_tool
 
-from megatron_lst.audio.units_record import UNITS_RECORD, check_units_fit
+from megatron_lst.audio import hubert
+from megatron_lst.audio.units_record import UNITS_RECORD, check_units_fit, read_units_record
 from megatron_lst.data.dataset import LSTDataset
+from megatron_lst.data.document_parsing import parse_reference_line, parse_text_line
+from megatron_lst.data.documents import DocumentError
 from megatron_lst.evaluation.importers import import_main, read_storycloze
 from megatron_lst.evaluation.items import ItemError
 from megatron_lst.patching.curriculum import Patcher, PatchingConfig
@@ -132,3 +137,46 @@ def test_a_units_record_field_of_another_type_is_refused_as_damaged(tmp_path, fi
 def test_a_units_record_as_extracted_fits(tmp_path):
     (tmp_path / UNITS_RECORD).write_text(json.dumps({"num_units": 500, "frame_rate": 25.0}))
     check_units_fit(tmp_path, 502, 25)
+
+
+# A JSON integer literal of more digits than Python converts (sys.get_int_max_str_digits) makes
+# json.loads raise a plain ValueError, not the JSONDecodeError these readers caught.
+HUGE_INTEGER = "1" * (sys.get_int_max_str_digits() + 1)
+
+
+@pytest.mark.parametrize("parse, line", [
+    (lambda line: parse_text_line(line, None, "text", "corpus.jsonl:7"),
+     f'{{"text": "hello", "n": {HUGE_INTEGER}}}\n'),
+    (lambda line: parse_reference_line(line, None, 20, "corpus.jsonl:7"),
+     f'{{"interleaved": "", "file_id": {HUGE_INTEGER}}}\n'),
+])
+def test_a_corpus_line_with_an_integer_past_the_digit_limit_is_named(parse, line):
+    with pytest.raises(DocumentError, match=r"^corpus\.jsonl:7: not a document \(it holds an "
+                                            r"integer of more than \d+ digits") as refused:
+        parse(line)
+    assert refused.value.kind == "not valid JSON"  # tallied so by --skip-bad
+
+
+def test_a_units_record_with_an_integer_past_the_digit_limit_is_damaged(tmp_path):
+    path = tmp_path / UNITS_RECORD
+    path.write_text(f'{{"num_units": {HUGE_INTEGER}}}')
+    with pytest.raises(ValueError, match=rf"^{path} is damaged, so the settings"):
+        read_units_record(path)
+
+
+def test_a_tokenizer_corpus_line_with_an_integer_past_the_digit_limit_is_named(tmp_path):
+    """It stopped tools/train_tokenizer.py with a ValueError traceback naming no file."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(f'{{"text": "hello world", "n": {HUGE_INTEGER}}}\n')
+    with pytest.raises(SystemExit, match=rf"^{corpus}:1: not a text-jsonl line \(ValueError"):
+        load_tool("train_tokenizer").main([
+            "--input", str(corpus), "--input-format", "text-jsonl", "--vocab-size", "100",
+            "--output", str(tmp_path / "spm.model")])
+    assert not (tmp_path / "spm.model").exists()
+
+
+def test_a_hubert_config_with_an_integer_past_the_digit_limit_is_left_to_transformers(tmp_path):
+    """A config.json that holds no readable JSON object is transformers' to name; this one was
+    a ValueError naming no file."""
+    (tmp_path / "config.json").write_text(f'{{"model_type": "hubert", "x": {HUGE_INTEGER}}}')
+    assert hubert._read_json_object(tmp_path / "config.json") is None
