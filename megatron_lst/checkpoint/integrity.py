@@ -297,7 +297,9 @@ def _megatron_config_problems(directory: Path) -> list[str]:
     path = directory / MEGATRON_CONFIG_FILENAME
     try:
         config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    # ValueError: not UTF-8, not JSON, or an integer past Python's digit limit (which was taken
+    # for a file the checkpoint's storage could not read)
+    except (OSError, ValueError, RecursionError) as err:
         return [f"{path} is missing or damaged: {err}"]
     if not isinstance(config, dict):
         return [f"{path} holds a JSON {type(config).__name__}, not megatron's checkpoint config"]

@@ -5,11 +5,18 @@ failing with a raw traceback."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
 from megatron_lst.checkpoint.errors import CheckpointError, CheckpointIntegrityError
-from megatron_lst.checkpoint.integrity import MANIFEST_FILENAME, FileRecord, read_manifest
+from megatron_lst.checkpoint.integrity import (
+    MANIFEST_FILENAME,
+    MEGATRON_CONFIG_FILENAME,
+    FileRecord,
+    inspect_checkpoint,
+    read_manifest,
+)
 from megatron_lst.checkpoint.model_state import CheckpointContentError, lst_config_to_dict
 from megatron_lst.checkpoint.portable import CONFIG_FILENAME, FORMAT, FORMAT_VERSION, load_portable
 from megatron_lst.models.config import preset
@@ -127,3 +134,14 @@ def test_a_training_position_that_no_save_writes_is_refused_naming_it(tmp_path, 
         read_checkpoint_metadata(checkpoint)
     assert str(refused.value).startswith(
         f"{checkpoint / METADATA_FILENAME} is damaged: field(s) {field}"), str(refused.value)
+
+
+def test_a_megatron_config_with_an_integer_past_the_digit_limit_is_a_damaged_file(tmp_path):
+    """json.loads raises a plain ValueError for it, which the check took for a checkpoint its
+    storage could not read (CheckpointUnreadableError), not a damaged file among the others."""
+    checkpoint = tmp_path / "iter_0000001"
+    checkpoint.mkdir()
+    config = checkpoint / MEGATRON_CONFIG_FILENAME
+    config.write_text(f'{{"common_backend": "torch", "x": {"1" * (sys.get_int_max_str_digits() + 1)}}}')
+    report = inspect_checkpoint(checkpoint)
+    assert f"{config} is missing or damaged: Exceeds the limit" in report.problems[-1]
