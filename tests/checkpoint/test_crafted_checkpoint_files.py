@@ -21,9 +21,10 @@ from megatron_lst.checkpoint.model_state import CheckpointContentError, lst_conf
 from megatron_lst.checkpoint.portable import CONFIG_FILENAME, FORMAT, FORMAT_VERSION, load_portable
 from megatron_lst.models.config import preset
 from megatron_lst.tokenizer.vocab import JointVocab
+from megatron_lst.training.checkpoint_discovery import read_tracker
 from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
 from megatron_lst.training.checkpointing import FORMAT_VERSION as FORMAT_VERSION_OF_CHECKPOINTS
-from megatron_lst.training.checkpointing import METADATA_FILENAME
+from megatron_lst.training.checkpointing import METADATA_FILENAME, TRACKER_FILENAME
 
 VOCAB = JointVocab(text_size=58)
 SHA256 = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
@@ -145,3 +146,18 @@ def test_a_megatron_config_with_an_integer_past_the_digit_limit_is_a_damaged_fil
     config.write_text(f'{{"common_backend": "torch", "x": {"1" * (sys.get_int_max_str_digits() + 1)}}}')
     report = inspect_checkpoint(checkpoint)
     assert f"{config} is missing or damaged: Exceeds the limit" in report.problems[-1]
+
+
+@pytest.mark.parametrize("digits", [sys.get_int_max_str_digits() + 1, 20])
+def test_a_pointer_file_of_an_iteration_past_int64_is_refused_naming_it(tmp_path, digits):
+    """int() of more digits than Python converts was a raw ValueError naming no file."""
+    tracker = tmp_path / TRACKER_FILENAME
+    tracker.write_text("9" * digits + "\n")
+    with pytest.raises(CheckpointError, match=rf"^{tracker} should hold an iteration number, "
+                                              r"found '9999"):
+        read_tracker(tmp_path)
+
+
+def test_a_pointer_file_as_saved_reads(tmp_path):
+    (tmp_path / TRACKER_FILENAME).write_text(f"{2**63 - 1}\n")
+    assert read_tracker(tmp_path) == 2**63 - 1
