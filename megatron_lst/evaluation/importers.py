@@ -128,10 +128,10 @@ def _hellaswag_context(row: dict) -> str:
 
 def _hellaswag_label(label, num_endings: int, where: str) -> int:
     """The ending index, given as an integer or a string of digits (as the Hub's copy has it)."""
-    if isinstance(label, str) and label.strip().isdigit():
-        label = int(label)
+    if isinstance(label, str) and _digits_value(label.strip()) is not None:
+        label = _digits_value(label.strip())
     if not isinstance(label, int) or isinstance(label, bool):
-        raise ItemError(f"{where}: \"label\" {label!r} is not an ending index")
+        raise ItemError(f"{where}: \"label\" {label!r:.60} is not an ending index")
     if not 0 <= label < num_endings:
         raise ItemError(f"{where}: \"label\" {label} is not an ending index 0..{num_endings - 1} "
                         f"of its {num_endings} endings")
@@ -256,9 +256,9 @@ def _read_units(base: Path, item_id: str) -> dict:
             fields = line.split()
             if not fields:
                 continue
-            if len(fields) != 2 or not (fields[1].isascii() and fields[1].isdigit()):
+            if len(fields) != 2 or _digits_value(fields[1]) is None:
                 raise ItemError(f"item {item_id!r}: {align}:{number} must be \"word n_units\"")
-            segments.append([fields[0], int(fields[1])])
+            segments.append([fields[0], _digits_value(fields[1])])
         covered = sum(count for _, count in segments)
         if covered != len(part["units"]):  # written, then refused by lst-eval naming the items
             raise ItemError(f"item {item_id!r}: {align} aligns {covered} units but {path} holds "
@@ -266,6 +266,20 @@ def _read_units(base: Path, item_id: str) -> dict:
                             f"units (align the words again, or remove the .align file)")
         part["segments"] = segments
     return part
+
+
+_MAX_COUNT_DIGITS = 18
+"""More digits than any label or unit count: int() past Python's digit limit (4300) raised a
+ValueError, out of the importer's errors."""
+
+
+def _digits_value(text: str) -> int | None:
+    """The integer that `text`, ASCII digits alone, spells; None for any other text: a sign, a
+    digit str.isdigit takes and int() refuses ("2²", a ValueError once), or more digits than
+    any count."""
+    if text.isascii() and text.isdigit() and len(text) <= _MAX_COUNT_DIGITS:
+        return int(text)
+    return None
 
 
 def _unit_values(path: Path, item_id: str) -> list[int]:

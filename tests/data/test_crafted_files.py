@@ -18,7 +18,7 @@ from megatron_lst.audio.units_record import UNITS_RECORD, check_units_fit, read_
 from megatron_lst.data.dataset import LSTDataset
 from megatron_lst.data.document_parsing import parse_reference_line, parse_text_line
 from megatron_lst.data.documents import DocumentError
-from megatron_lst.evaluation.importers import import_main, read_storycloze
+from megatron_lst.evaluation.importers import import_main, read_hellaswag, read_storycloze
 from megatron_lst.evaluation.items import ItemError
 from megatron_lst.patching.curriculum import Patcher, PatchingConfig
 from megatron_lst.training.metrics import METRICS_FILENAME, MetricsFile, read_metrics
@@ -180,3 +180,29 @@ def test_a_hubert_config_with_an_integer_past_the_digit_limit_is_left_to_transfo
     a ValueError naming no file."""
     (tmp_path / "config.json").write_text(f'{{"model_type": "hubert", "x": {HUGE_INTEGER}}}')
     assert hubert._read_json_object(tmp_path / "config.json") is None
+
+
+@pytest.mark.parametrize("label", [HUGE_INTEGER, "1²"])
+def test_a_hellaswag_label_of_digits_int_refuses_is_no_ending_index(tmp_path, label):
+    """str.isdigit took them for an index, then int() raised a ValueError traceback."""
+    hellaswag = tmp_path / "hellaswag.jsonl"
+    hellaswag.write_text(json.dumps({"ind": 1, "ctx": "a man", "endings": ["x", "y"],
+                                     "label": label}) + "\n")
+    with pytest.raises(ItemError, match=rf"^{hellaswag}:1: \"label\" '1.* is not an ending "
+                                        r"index$"):
+        read_hellaswag(hellaswag)
+
+
+def test_an_alignment_count_past_the_digit_limit_is_named(tmp_path, capsys):
+    """int() of it raised a ValueError traceback."""
+    cloze = tmp_path / "cloze.csv"
+    cloze.write_text(CLOZE)
+    item = tmp_path / "units" / "s1"
+    item.mkdir(parents=True)
+    for part in ("context", "ending0", "ending1"):
+        (item / f"{part}.units").write_text("1 2 3\n")
+    (item / "context.align").write_text(f"a {HUGE_INTEGER}\n")
+    assert import_main(["storycloze", str(cloze), "--units-dir", str(tmp_path / "units"),
+                        "--output", str(tmp_path / "items.jsonl")]) == 2
+    assert capsys.readouterr().err == (f"lst-import-eval: item 's1': {item / 'context.align'}:1 "
+                                       f"must be \"word n_units\"\n")
