@@ -84,8 +84,7 @@ def test_resuming_sets_a_metrics_line_that_is_no_record_aside(tmp_path, line):
     assert (tmp_path / f"{METRICS_FILENAME}.damaged").read_text() == original
 
 
-@pytest.mark.parametrize("position", [10, 11])  # the header's "{" and "'" flipped
-def test_a_row_index_cache_of_a_garbled_header_is_rebuilt(tmp_path, caplog, position):
+def test_a_row_index_cache_of_a_garbled_header_is_rebuilt(tmp_path, caplog):
     """numpy parses a .npy header as Python: a garbled one raised tokenize.TokenError, out of
     the dataset's build, where any other damage has the index built again."""
     store = aligned_store(6, 8)
@@ -100,7 +99,7 @@ def test_a_row_index_cache_of_a_garbled_header_is_rebuilt(tmp_path, caplog, posi
     built = build()
     (cached,) = cache.glob("lst_rows_*.npy")
     intact = bytearray(cached.read_bytes())
-    intact[position] ^= 0xFF
+    intact[10] ^= 0xFF  # the header's opening "{"
     cached.write_bytes(bytes(intact))
     rebuilt = build()
     assert f"{cached}: damaged row index" in caplog.text
