@@ -88,7 +88,8 @@ def _line_text(line: str, input_format: str, json_key: str, where: str) -> Itera
         record = json.loads(line)
         text = (record[json_key] if input_format == "text-jsonl"
                 else _reference_words(record["interleaved"]))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError) as error:
+    # ValueError: not JSON, or an integer literal past Python's digit limit
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise SystemExit(f"{where}: not a {input_format} line ({error!r})") from None
     if not isinstance(text, str):
         raise SystemExit(f"{where}: not a {input_format} line ({json_key!r} holds a "

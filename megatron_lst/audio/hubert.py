@@ -74,7 +74,8 @@ def _read_json_object(path: Path) -> dict | None:
     data = read_bounded_bytes(path, ValueError, "model config (JSON)")
     try:
         value = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    # ValueError: not UTF-8, not JSON, or an integer past Python's digit limit
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 

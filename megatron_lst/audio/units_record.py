@@ -4,6 +4,7 @@ codebook size and hash), written by `tools/extract_units.py` and checked by ever
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -18,15 +19,23 @@ while replaced) and unit files `<id>.npy` (and their temporary files while writt
 
 def read_units_record(path: Path) -> dict:
     """The record at `path`; ValueError naming it when it is damaged or not a regular file."""
+    data = read_bounded_bytes(path, ValueError, "units record")
     try:
-        record = json.loads(read_bounded_bytes(path, ValueError, "units record").decode("utf-8"))
-    # RecursionError: JSON nested deeper than Python's stack
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        record = json.loads(data.decode("utf-8"))
+    # ValueError: not UTF-8, not JSON, or an integer past Python's digit limit; RecursionError:
+    # JSON nested deeper than Python's stack
+    except (ValueError, RecursionError):
         record = None
     if not isinstance(record, dict):
         raise ValueError(f"{path} is damaged, so the settings of the units beside it are unknown; "
                          f"write to a new --units-dir, or delete the old units and {path.name}")
     return record
+
+
+def _refuse_damaged(path: Path, problem: str) -> None:
+    raise ValueError(f"{path} is damaged ({problem}), so the settings of the units beside it are "
+                     f"unknown; write to a new --units-dir, or delete the old units and "
+                     f"{path.name}")
 
 
 def check_units_fit(units_dir: str | Path, num_units: int, frame_rate: float) -> None:
@@ -40,14 +49,19 @@ def check_units_fit(units_dir: str | Path, num_units: int, frame_rate: float) ->
     if path is None:
         return
     record = read_units_record(path)
-    made = record.get("num_units")
-    if isinstance(made, int) and made > num_units:
+    made, rate = record.get("num_units"), record.get("frame_rate")
+    # A field of another type, once passed over (a count of "1000" checked nothing, a rate of
+    # NaN advised --frame-rate nan): the record is damaged, so the units' settings are unknown.
+    if made is not None and not (type(made) is int and made > 0):
+        _refuse_damaged(path, f"num_units {made!r} is not a number of units")
+    if rate is not None and not (type(rate) in (int, float) and 0 < rate < math.inf):
+        _refuse_damaged(path, f"frame_rate {rate!r} is not a number of frames per second")
+    if made is not None and made > num_units:
         raise ValueError(f"{units_dir}: its units come from a codebook of {made} units "
                          f"({path}), more than --num-units {num_units} holds; pass "
                          f"--num-units {made} (or more, e.g. for the tensor-parallel size), and "
                          f"the same to every dataset of the run")
-    rate = record.get("frame_rate")
-    if isinstance(rate, (int, float)) and rate != frame_rate:
+    if rate is not None and rate != frame_rate:
         raise ValueError(f"{units_dir}: its units are at {rate:g} Hz ({path}), not "
                          f"--frame-rate {frame_rate:g}; pass --frame-rate {rate:g}")
 

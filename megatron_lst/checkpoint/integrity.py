@@ -149,11 +149,29 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, FileRecord] | None:
             raise ValueError(f"format {version!r}, algorithm "
                              f"{manifest.get('algorithm')!r}; this code reads format "
                              f"{MANIFEST_FORMAT_VERSION}, sha256")
-        return {name: FileRecord(int(r["size"]), str(r["sha256"]))
-                for name, r in manifest["files"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
-        # RecursionError: JSON nested deeper than the parser recurses (a crafted file)
+        return {name: _file_record(name, record) for name, record in manifest["files"].items()}
+    except OSError as err:  # its storage's fault (EIO, a permission), not the file's
         raise CheckpointIntegrityError(f"cannot read {path}: {err}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+        # RecursionError: JSON nested deeper than the parser recurses (a crafted file)
+        raise CheckpointIntegrityError(f"cannot read {path}: {err}; the manifest is damaged: "
+                                       f"load another checkpoint of the run, or restore this "
+                                       f"one from a copy") from None
+
+
+def _file_record(name: str, record: Any) -> FileRecord:
+    """The FileRecord of the manifest's entry `record` for the file `name`, as `write_manifest`
+    writes it: a size that is a non-negative integer (not 5.7, "5", true, or Infinity, whose
+    `int()` was an OverflowError) and a SHA-256 of 64 hex digits. ValueError otherwise."""
+    if not isinstance(record, dict):
+        raise ValueError(f"the entry of {name!r} is a {type(record).__name__}, not an object")
+    size, sha256 = record.get("size"), record.get("sha256")
+    if type(size) is not int or size < 0:
+        raise ValueError(f"the size of {name!r} is {size!r}, not a number of bytes")
+    if not (isinstance(sha256, str) and len(sha256) == 64
+            and all(c in "0123456789abcdef" for c in sha256)):
+        raise ValueError(f"the sha256 of {name!r} is {sha256!r}, not 64 hex digits")
+    return FileRecord(size, sha256)
 
 
 @dataclass(frozen=True)
@@ -279,7 +297,9 @@ def _megatron_config_problems(directory: Path) -> list[str]:
     path = directory / MEGATRON_CONFIG_FILENAME
     try:
         config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    # ValueError: not UTF-8, not JSON, or an integer past Python's digit limit (which was taken
+    # for a file the checkpoint's storage could not read)
+    except (OSError, ValueError, RecursionError) as err:
         return [f"{path} is missing or damaged: {err}"]
     if not isinstance(config, dict):
         return [f"{path} holds a JSON {type(config).__name__}, not megatron's checkpoint config"]

@@ -88,12 +88,23 @@ def load_portable(directory: str | Path, vocab: JointVocab | None = None) -> Por
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILENAME, directory / WEIGHTS_FILENAME
     metadata = _read_config(config_path)
-    config = lst_config_from_dict(metadata["lst_config"])
+    try:
+        config = lst_config_from_dict(metadata["lst_config"])
+    except CheckpointContentError as error:  # it names the field, not the file
+        raise CheckpointContentError(
+            f"{config_path}: 'lst_config' does not describe a model ({error}); the config is "
+            f"damaged or was not written by lst-convert: convert the checkpoint again") from None
     try:
         stored_vocab = JointVocab.from_dict(metadata["vocab"]) if metadata["vocab"] else None
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointContentError(
             f"{config_path}: 'vocab' is not a joint vocabulary layout ({error!r})") from None
+    if stored_vocab is not None and stored_vocab.size != config.vocab_size:
+        raise CheckpointContentError(
+            f"{config_path}: 'vocab' has {stored_vocab.size} ids but 'lst_config' a vocab_size "
+            f"of {config.vocab_size} (tensors token_encoder.embedding.weight, "
+            f"output_layer.weight); the config is damaged or was edited: convert the checkpoint "
+            f"again")
     if vocab is not None:
         vocab.check_matches(config.vocab_size, f"portable checkpoint {directory}")
     try:

@@ -54,6 +54,7 @@ import logging
 import os
 import secrets
 import time
+import tokenize
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -399,7 +400,9 @@ class LSTDataset(torch.utils.data.Dataset):
             return None
         try:  # mapped, not read: the ranks of a node share its pages (24 bytes a row)
             heads = np.load(path, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as error:
+        # EOFError: an empty file; SyntaxError, TokenError: a damaged header (its first byte
+        # flipped was a TokenError out of the dataset's build, not a rebuilt index)
+        except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as error:
             logger.warning("%s: damaged row index (%s); building it again", path, error)
             return None
         if heads.shape != (self.num_samples, 3) or heads.dtype != np.int64:

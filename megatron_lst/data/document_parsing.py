@@ -5,6 +5,7 @@ text (`parse_units_text`). A bad input raises `DocumentError` naming its locatio
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -183,6 +184,10 @@ def _json_record(line: str, key: str, expected: str, where: str) -> dict:
     except RecursionError:
         raise DocumentError(f"{where}: not a document (JSON nested too deeply to read)",
                             kind="not valid JSON") from None
+    except ValueError:  # an integer literal past Python's digit limit (a raw ValueError once)
+        raise DocumentError(f"{where}: not a document (it holds an integer of more than "
+                            f"{sys.get_int_max_str_digits()} digits, which Python does not "
+                            f"read); fix that line", kind="not valid JSON") from None
     if not isinstance(record, dict) or not isinstance(record.get(key), str):
         raise DocumentError(f"{where}: expected an object with {expected}, got "
                             f"{line.strip()[:60]!r}", kind="no document field")

@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import io
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -61,6 +62,7 @@ from pathlib import Path
 from megatron_lst.checkpoint.durable_files import replace_file_durably
 from megatron_lst.data.document_parsing import parse_units_text
 from megatron_lst.data.documents import DocumentError
+from megatron_lst.data.input_files import MAX_LARGE_TEXT_BYTES, read_bounded_bytes
 from megatron_lst.data.unit_files import load_units
 from megatron_lst.evaluation.items import (
     ItemError,
@@ -126,10 +128,10 @@ def _hellaswag_context(row: dict) -> str:
 
 def _hellaswag_label(label, num_endings: int, where: str) -> int:
     """The ending index, given as an integer or a string of digits (as the Hub's copy has it)."""
-    if isinstance(label, str) and label.strip().isdigit():
-        label = int(label)
+    if isinstance(label, str) and _digits_value(label.strip()) is not None:
+        label = _digits_value(label.strip())
     if not isinstance(label, int) or isinstance(label, bool):
-        raise ItemError(f"{where}: \"label\" {label!r} is not an ending index")
+        raise ItemError(f"{where}: \"label\" {label!r:.60} is not an ending index")
     if not 0 <= label < num_endings:
         raise ItemError(f"{where}: \"label\" {label} is not an ending index 0..{num_endings - 1} "
                         f"of its {num_endings} endings")
@@ -140,7 +142,15 @@ def read_storycloze(path: str | Path) -> list[dict]:
     """Text-only items of a StoryCloze or TopicStoryCloze CSV file. Errors name the line a row
     starts on (a quoted field may hold line breaks, so a row can span several lines)."""
     path = Path(path)
-    with open(path, encoding="utf-8-sig", newline="") as f:  # a spreadsheet's BOM dropped
+    # the input-files rule: a regular file (a FIFO blocked, a directory was an IsADirectoryError)
+    data = read_bounded_bytes(path, ItemError, "StoryCloze file", MAX_LARGE_TEXT_BYTES)
+    try:
+        text = data.decode("utf-8-sig")  # a spreadsheet's BOM dropped
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ItemError(f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line "
+                        f"{line}); save it as UTF-8") from None
+    with io.StringIO(text, newline="") as f:  # line ends as written, for csv to read
         reader = csv.reader(f)
         try:
             header = next(reader, [])
@@ -246,9 +256,9 @@ def _read_units(base: Path, item_id: str) -> dict:
             fields = line.split()
             if not fields:
                 continue
-            if len(fields) != 2 or not (fields[1].isascii() and fields[1].isdigit()):
+            if len(fields) != 2 or _digits_value(fields[1]) is None:
                 raise ItemError(f"item {item_id!r}: {align}:{number} must be \"word n_units\"")
-            segments.append([fields[0], int(fields[1])])
+            segments.append([fields[0], _digits_value(fields[1])])
         covered = sum(count for _, count in segments)
         if covered != len(part["units"]):  # written, then refused by lst-eval naming the items
             raise ItemError(f"item {item_id!r}: {align} aligns {covered} units but {path} holds "
@@ -256,6 +266,20 @@ def _read_units(base: Path, item_id: str) -> dict:
                             f"units (align the words again, or remove the .align file)")
         part["segments"] = segments
     return part
+
+
+_MAX_COUNT_DIGITS = 18
+"""More digits than any label or unit count: int() past Python's digit limit (4300) raised a
+ValueError, out of the importer's errors."""
+
+
+def _digits_value(text: str) -> int | None:
+    """The integer that `text`, ASCII digits alone, spells; None for any other text: a sign, a
+    digit str.isdigit takes and int() refuses ("2²", a ValueError once), or more digits than
+    any count."""
+    if text.isascii() and text.isdigit() and len(text) <= _MAX_COUNT_DIGITS:
+        return int(text)
+    return None
 
 
 def _unit_values(path: Path, item_id: str) -> list[int]:
@@ -338,9 +362,6 @@ def import_main(argv: Sequence[str] | None = None) -> int:
         check_item_ids(records, args.input)
         if args.units_dir is not None:
             records = attach_units(records, args.units_dir)
-    except UnicodeDecodeError as error:
-        print(f"lst-import-eval: {args.input} is not UTF-8 text ({error})", file=sys.stderr)
-        return 2
     except (ItemError, OSError) as error:
         print(f"lst-import-eval: {error}", file=sys.stderr)
         return 2

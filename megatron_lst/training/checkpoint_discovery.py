@@ -180,6 +180,9 @@ def check_tracker_is_a_file(root: str | os.PathLike) -> None:
         f"--load finds the newest complete iter_XXXXXXX directory by itself)")
 
 
+_MAX_ITERATION_DIGITS = 19
+
+
 def read_tracker(root: Path) -> int | None:
     check_tracker_is_a_file(root)
     tracker = root / TRACKER_FILENAME
@@ -189,7 +192,9 @@ def read_tracker(root: Path) -> int | None:
         text = tracker.read_bytes().decode("utf-8", errors="replace").strip()
     except OSError as error:
         raise CheckpointError(f"{tracker} cannot be read ({error}); make it readable") from None
-    if not (text.isascii() and text.isdigit()):
+    # At most 19 digits: int() of more than Python's digit limit was a raw ValueError, and no
+    # run reaches an iteration past int64 (the iter_XXXXXXX names' and megatron's counters).
+    if not (text.isascii() and text.isdigit() and len(text) <= _MAX_ITERATION_DIGITS):
         raise CheckpointError(
             f"{tracker} should hold an iteration number, found {text[:40]!r}; the save directory "
             f"is corrupt. Write the iteration of a complete iter_XXXXXXX directory into it"

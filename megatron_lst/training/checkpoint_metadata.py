@@ -4,6 +4,7 @@ naming the field, one that is not what a save writes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
     covers it)."""
     from megatron_lst.checkpoint.model_config import MODEL_KEY
 
-    wrong = mistyped_fields(metadata, _TRAINING_METADATA_FIELDS)
+    wrong = mistyped_fields(metadata, _TRAINING_METADATA_FIELDS) + _mistyped_position(metadata)
     if isinstance(metadata.get("vocab"), dict):
         try:
             JointVocab.from_dict(metadata["vocab"])
@@ -64,6 +65,38 @@ def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
             f"{path / METADATA_FILENAME} is damaged: field(s) {', '.join(wrong)} are not what a "
             f"save writes. Restore the file from a copy, or load another checkpoint of "
             f"{path.parent} (complete ones: {others or 'none'}) with --ckpt-step N")
+
+
+# The training position in `extra_state` that a resume reads as numbers (`loop._restore`): the
+# counts, and the model FLOPs by part (`FlopBreakdown.as_dict`'s names).
+_EXTRA_STATE_COUNTS = ("consumed_samples", "tokens")
+_FLOP_PARTS = ("encoder", "global", "decoder", "cross_attention", "head")
+
+
+def _mistyped_position(metadata: dict[str, Any]) -> list[str]:
+    """`"'name' (value)"` for each number of the training position that is not what a save
+    writes: an iteration or a count of `extra_state` that is no non-negative integer ("abc"
+    was a ValueError in the resume, Infinity an OverflowError, 2.5 and true read as 2 and 1),
+    and `extra_state.flops` that is no object of a finite number per model part (a part
+    missing was a KeyError). Fields absent from older checkpoints may be absent."""
+    def count(value: Any) -> bool:
+        return type(value) is int and value >= 0
+
+    wrong = []
+    if "iteration" in metadata and isinstance(metadata["iteration"], int) \
+            and not count(metadata["iteration"]):
+        wrong.append(f"'iteration' ({metadata['iteration']!r})")
+    extra = metadata.get("extra_state")
+    if not isinstance(extra, dict):
+        return wrong  # named by mistyped_fields
+    wrong += [f"'extra_state.{name}' ({extra[name]!r})" for name in _EXTRA_STATE_COUNTS
+              if name in extra and not count(extra[name])]
+    flops = extra.get("flops", {part: 0 for part in _FLOP_PARTS})
+    if not (isinstance(flops, dict) and all(
+            type(flops.get(part)) in (int, float) and math.isfinite(flops[part])
+            for part in _FLOP_PARTS)):
+        wrong.append(f"'extra_state.flops' ({flops!r:.80})")
+    return wrong
 
 
 def holds_weights_only(metadata: dict[str, Any]) -> bool:

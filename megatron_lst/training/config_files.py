@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ def load_config(path: str | Path) -> dict[str, Any]:
     except RecursionError:  # PyYAML composes nested collections recursively
         raise ConfigError(f"--config {path}: its values nest lists or mappings too deeply to "
                           f"read; a config is a flat mapping of flags to values") from None
+    except ConfigError:  # _UniqueKeyLoader's, naming the file
+        raise
+    except ValueError:  # int() of an integer past Python's digit limit (a raw ValueError once)
+        raise ConfigError(f"--config {path}: holds an integer of more than "
+                          f"{sys.get_int_max_str_digits()} digits, more than any flag takes; "
+                          f"fix its value") from None
     if config is None:
         return {}
     if not isinstance(config, Mapping):

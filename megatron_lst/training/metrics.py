@@ -87,8 +87,8 @@ def _drop_records_after(path: Path, iteration: int, resumed_elsewhere: bool = Fa
         if not line.strip():
             continue
         try:
-            record_iteration = int(json.loads(line)["iteration"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            record_iteration = _record(line)["iteration"]
+        except ValueError:
             if number == len(lines) - 1 and not line.endswith("\n"):  # a crash's torn write
                 torn = True
             else:
@@ -144,12 +144,27 @@ def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            records[int(record["iteration"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            record = _record(line)
+        except ValueError:
             if number == len(lines) and not line.endswith("\n"):  # a crash's torn write
                 break
             raise ValueError(f"{path}:{number}: not a metrics record ({line.strip()[:80]!r}); "
                              f"resuming the run sets such lines aside in "
                              f"{path.name}.damaged, or delete the line") from None
+        records[record["iteration"]] = record
     return [records[i] for i in sorted(records)]
+
+
+def _record(line: str) -> dict[str, Any]:
+    """The metrics record of the JSON `line`: an object whose "iteration" is a non-negative
+    integer, as `MetricsFile.write` writes it. ValueError for any other line: an iteration of
+    Infinity or 1e400 (whose `int()` was an OverflowError), of 2.5, "7" or true (once read as
+    iteration 2, 7 and 1), or JSON nested too deeply to parse (a RecursionError)."""
+    try:
+        record = json.loads(line)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    iteration = record.get("iteration") if isinstance(record, dict) else None
+    if type(iteration) is not int or iteration < 0:
+        raise ValueError(f"no iteration number: {iteration!r}")
+    return record
