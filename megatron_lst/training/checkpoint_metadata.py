@@ -13,6 +13,7 @@ from megatron_lst.checkpoint.errors import CheckpointError, mistyped_fields
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.checkpoint_discovery import other_complete_checkpoints
 from megatron_lst.training.checkpointing import FORMAT_VERSION, METADATA_FILENAME
+from megatron_lst.training.flops import FlopBreakdown
 
 # The fields of lst_checkpoint.json that loading reads, and their JSON types.
 _TRAINING_METADATA_FIELDS = {
@@ -70,7 +71,7 @@ def check_training_metadata(metadata: dict[str, Any], path: Path) -> None:
 # The training position in `extra_state` that a resume reads as numbers (`loop._restore`): the
 # counts, and the model FLOPs by part (`FlopBreakdown.as_dict`'s names).
 _EXTRA_STATE_COUNTS = ("consumed_samples", "tokens")
-_FLOP_PARTS = ("encoder", "global", "decoder", "cross_attention", "head")
+_FLOP_PARTS = tuple(name for name in FlopBreakdown().as_dict() if name != "total")
 
 
 def _mistyped_position(metadata: dict[str, Any]) -> list[str]:
