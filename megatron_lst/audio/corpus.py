@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_lst.audio.audio_io import AUDIO_SUFFIXES
+from megatron_lst.data.folder_walk import files_under
 from megatron_lst.data.input_files import MAX_LARGE_TEXT_BYTES, read_bounded_bytes
 
 
@@ -49,19 +50,6 @@ def _relative_id(audio: Path, root: Path) -> str:
     return relative.with_suffix("").as_posix()
 
 
-def _files_under(root: Path) -> Iterator[Path]:
-    """Every file under `root`, following linked folders (a corpus assembled from symlinks to
-    speakers or subsets, which `Path.rglob` skips), each real folder once (a link up loops)."""
-    seen: set[str] = set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        yield from (Path(folder) / name for name in names)
-
-
 def _unique(utterances: list[Utterance], source: str) -> list[Utterance]:
     seen: dict[str, Path] = {}
     for utterance in utterances:
@@ -78,7 +66,7 @@ def read_audio_dir(root: str | Path) -> list[Utterance]:
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: no such folder")
-    paths = [p for p in _files_under(root) if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
+    paths = [p for p in files_under(root) if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
     if not paths:
         raise CorpusError(f"{root}: no {'/'.join(AUDIO_SUFFIXES)} files found")
     return _unique([Utterance(_relative_id(p, root), p) for p in paths], str(root))
@@ -122,7 +110,7 @@ def read_transcripts(root: str | Path) -> list[Utterance]:
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: no such folder")
-    files = sorted(p for p in _files_under(root)
+    files = sorted(p for p in files_under(root)
                    if p.name.endswith(".trans.txt") or p.name == "transcripts.txt")
     if not files:
         raise CorpusError(f"{root}: no LibriSpeech *.trans.txt or MLS transcripts.txt files")

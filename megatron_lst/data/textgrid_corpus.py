@@ -13,6 +13,7 @@ import numpy as np
 
 from megatron_lst.data.document_parsing import SILENCE_WORD, checked_aligned_document
 from megatron_lst.data.documents import AlignedDocument, DocumentError
+from megatron_lst.data.folder_walk import files_under
 from megatron_lst.data.manifest import Counts
 from megatron_lst.data.read_report import ReadReport, SourceDocument
 from megatron_lst.data.textgrid import read_textgrid
@@ -189,14 +190,15 @@ Utterance = tuple[Path, ...]
 
 def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list[Utterance]:
     """The utterances of the `*.TextGrid` files (the suffix in any case) under `textgrid_dir`,
-    sorted by their first file (the corpus order). Refuses TextGrids of one stem in different
-    folders whose unit files `units_dir` does not hold by relative path: the stem fallback of
-    `find_units_file` would give them the same units. Two TextGrids of one utterance are that
-    utterance's own error (`utterance_textgrid`), not the corpus's."""
+    linked folders followed (`files_under`), sorted by their first file (the corpus order).
+    Refuses TextGrids of one stem in different folders whose unit files `units_dir` does not
+    hold by relative path: the stem fallback of `find_units_file` would give them the same
+    units. Two TextGrids of one utterance are that utterance's own error
+    (`utterance_textgrid`), not the corpus's."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
     # Not a folder: a TextGrid that is no regular file (a FIFO) is refused by name when read.
-    paths = sorted(path for path in textgrid_dir.rglob("*")
-                   if path.suffix.lower() == ".textgrid" and not path.is_dir())
+    paths = sorted(path for path in files_under(textgrid_dir)
+                   if path.suffix.lower() == ".textgrid")
     if not paths:
         raise DocumentError(f"{textgrid_dir}: no *.TextGrid files found")
     by_utterance: dict[Path, list[Path]] = {}
@@ -231,13 +233,14 @@ def utterance_textgrid(utterance: Utterance) -> Path:
 
 def unit_files_without_textgrid(textgrid_dir: str | Path, units_dir: str | Path,
                                 utterances: list[Utterance]) -> list[Path]:
-    """Unit files under `units_dir` (sorted) of utterances that no TextGrid of `utterances`
-    reads: utterances the aligner left without a TextGrid (MFA lists them in unalignable.txt),
-    which the corpus would otherwise leave out without a word. A unit file is whatever
-    `find_units_file` takes for one (a FIFO too, which reading refuses by name). A second unit
-    file of a read utterance (`a.txt` beside `a.npy`, which reading refuses) is not listed."""
+    """Unit files under `units_dir` (linked folders followed; sorted) of utterances that no
+    TextGrid of `utterances` reads: utterances the aligner left without a TextGrid (MFA lists
+    them in unalignable.txt), which the corpus would otherwise leave out without a word. A unit
+    file is whatever `find_units_file` takes for one (a FIFO too, which reading refuses by
+    name). A second unit file of a read utterance (`a.txt` beside `a.npy`, which reading
+    refuses) is not listed."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
-    listed = sorted(path for path in units_dir.rglob("*") if path.suffix in UNIT_FILE_SUFFIXES)
+    listed = sorted(path for path in files_under(units_dir) if path.suffix in UNIT_FILE_SUFFIXES)
     bases = {path.relative_to(units_dir).with_suffix("") for path in listed}
     read = set()  # the relative bases the utterances read, by find_units_file's rule
     for path, *_ in utterances:
