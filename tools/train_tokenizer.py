@@ -11,7 +11,6 @@ JSONL (`--json-key`), or the reference "on the fly" JSONL (the words of each lin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ from megatron_lst.data.corpus_lines import open_corpus_lines
 from megatron_lst.data.document_parsing import SEGMENT_SEP, SILENCE_WORD
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.input_files import checked_file_size
+from megatron_lst.data.json_objects import RepeatedKeyError, loads_unique_keys
 from megatron_lst.tokenizer.text_tokenizer import VocabSizeError, train_sentencepiece
 from megatron_lst.tokenizer.vocab import VocabularyError
 
@@ -85,9 +85,11 @@ def _line_text(line: str, input_format: str, json_key: str, where: str) -> Itera
         yield line.rstrip("\n")
         return
     try:
-        record = json.loads(line)
+        record = loads_unique_keys(line)
         text = (record[json_key] if input_format == "text-jsonl"
                 else _reference_words(record["interleaved"]))
+    except RepeatedKeyError as error:
+        raise SystemExit(f"{where}: {error}") from None
     # ValueError: not JSON, or an integer literal past Python's digit limit
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise SystemExit(f"{where}: not a {input_format} line ({error!r})") from None

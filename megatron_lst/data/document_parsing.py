@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 
 from megatron_lst.data.documents import AlignedDocument, DocumentError
+from megatron_lst.data.json_objects import RepeatedKeyError, loads_unique_keys
 from megatron_lst.data.manifest import Counts
 from megatron_lst.tokenizer.text_tokenizer import TextTokenizer
 
@@ -174,10 +175,13 @@ def _check_utf8(text: str, where: str, what: str) -> str:
 
 def _json_record(line: str, key: str, expected: str, where: str) -> dict:
     """The JSON object of one corpus `line`, which must hold a string under `key` (`expected`
-    says so in the error); DocumentError naming `where` for anything else."""
+    says so in the error) and name each key once; DocumentError naming `where` for anything
+    else."""
     _check_utf8(line, where, "the line")
     try:
-        record = json.loads(line)
+        record = loads_unique_keys(line)
+    except RepeatedKeyError as error:
+        raise DocumentError(f"{where}: {error}", kind="key given twice") from None
     except json.JSONDecodeError as error:
         raise DocumentError(f"{where}: not valid JSON ({error.msg} at column {error.colno})"
                             , kind="not valid JSON") from None

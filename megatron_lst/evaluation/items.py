@@ -32,6 +32,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from megatron_lst.data.input_files import MAX_LARGE_TEXT_BYTES, read_bounded_bytes
+from megatron_lst.data.json_objects import RepeatedKeyError, loads_unique_keys
 from megatron_lst.tokenizer.vocab import JointVocab
 
 SILENCE_WORD = "[SIL]"
@@ -163,30 +164,14 @@ def _not_utf8(path: Path, data: bytes, start: int) -> str:
             f"or not text); save the file as UTF-8")
 
 
-class _RepeatedKey(Exception):
-    """An object of a JSON line names one key twice (raised inside `json.loads`)."""
-
-
-def _object_of_unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object as a dict, refusing a key given twice: json.loads keeps the last silently,
-    so `{"label": 0, ..., "label": 1}` was scored against whichever came last."""
-    record = {}
-    for key, value in pairs:
-        if key in record:
-            raise _RepeatedKey(key)
-        record[key] = value
-    return record
-
-
 def json_line(line: str, where: str, what: str) -> object:
     """The JSON value of one line of a JSONL file; an ItemError naming `where` (file:line) when
     the line is not JSON, repeats a key in one object, or is JSON that Python refuses to read as
     `what`."""
     try:
-        return json.loads(line, object_pairs_hook=_object_of_unique_keys)
-    except _RepeatedKey as err:
-        raise ItemError(f"{where}: the key {err.args[0]!r} appears twice in one object (JSON "
-                        f"would keep the last one silently); keep one") from None
+        return loads_unique_keys(line)
+    except RepeatedKeyError as err:
+        raise ItemError(f"{where}: {err}") from None
     except json.JSONDecodeError as err:
         if "\x00" in line:  # what UTF-16 without a byte-order mark reads as in UTF-8
             raise ItemError(f"{where}: holds NUL characters, which JSON text never does: is the "

@@ -1,14 +1,29 @@
-"""The corpus readers read their inputs by one rule each: the TextGrid corpus finds its files
-through linked folders as the audio corpus does (`folder_walk.files_under`)."""
+"""The readers of training inputs follow the rules of their siblings: the TextGrid corpus finds
+its files through linked folders as the audio corpus does (`folder_walk.files_under`), and a
+corpus JSONL line that gives a key twice is refused as an evaluation item's is
+(`json_objects.loads_unique_keys`)."""
 
 from __future__ import annotations
 
+import json
+import random
+import re
+
 import numpy as np
+import pytest
+from tool_modules import load_tool
 
 from megatron_lst.audio.corpus import read_audio_dir
+from megatron_lst.data.document_parsing import SEGMENT_SEP
+from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.folder_walk import files_under
+from megatron_lst.data.jsonl_corpus import read_reference_jsonl, read_text_jsonl
+from megatron_lst.data.read_report import ReadReport
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.data.textgrid_corpus import textgrid_utterances, unit_files_without_textgrid
+from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
+
+WORDS = "the a of and to in is it speech text model unit word hello world time".split()
 
 
 def _utterance(grids, units, relative: str) -> None:
@@ -60,3 +75,49 @@ def test_a_folder_linked_at_several_places_is_walked_at_the_lexically_first(tmp_
     for name in ("a_link", "m_link", "q_link", "c_link", "k_link", "e_link", "x_link"):
         (root / name).symlink_to(root / "zz_real", target_is_directory=True)
     assert list(files_under(root)) == [root / "a_link" / "u.TextGrid"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
+    return load_text_tokenizer(
+        train_sentencepiece(corpus, tmp_path_factory.mktemp("spm") / "spm.model", 290))
+
+
+def _reference(words: str) -> str:
+    return "".join(f"{SEGMENT_SEP}TEXT {word} {SEGMENT_SEP}HUBERT 1 2" for word in words.split())
+
+
+@pytest.mark.parametrize("read, key, good, twice", [
+    (read_text_jsonl, "text", json.dumps({"text": "hello world"}), '{"text": "a", "text": "b"}'),
+    (read_reference_jsonl, "interleaved", json.dumps({"interleaved": _reference("the time")}),
+     f'{{"interleaved": "{_reference("a")}", "file_id": "u", "interleaved": "{_reference("b")}"}}'),
+])
+def test_a_corpus_line_that_gives_a_key_twice_is_a_bad_document(tmp_path, tokenizer, read, key,
+                                                                 good, twice):
+    """It was read as the key's last value, silently, where an evaluation item that gives a key
+    twice is refused; under --skip-bad it is skipped and tallied by its kind."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(f"{good}\n{twice}\n{good}\n")
+    with pytest.raises(DocumentError, match=rf"^{re.escape(str(path))}:2: the key {key!r} "
+                                            r"appears twice in one object") as refused:
+        list(read(path, tokenizer))
+    assert refused.value.kind == "key given twice"
+    report = ReadReport()
+    sources = list(read(path, tokenizer, skip_bad=True, report=report))
+    assert [source.where for source in sources] == [f"{path}:1", f"{path}:3"]
+    assert [(skip.where, skip.kind) for skip in report.skipped] == [
+        (f"{path}:2", "key given twice")]
+
+
+def test_a_tokenizer_corpus_line_that_gives_a_key_twice_is_named(tmp_path):
+    """tools/train_tokenizer.py trained on the key's last value, silently."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "hello world"}\n{"text": "a", "text": "b"}\n')
+    with pytest.raises(SystemExit, match=rf"^{re.escape(str(corpus))}:2: the key 'text' appears "
+                                         r"twice in one object"):
+        load_tool("train_tokenizer").main([
+            "--input", str(corpus), "--input-format", "text-jsonl", "--vocab-size", "100",
+            "--output", str(tmp_path / "spm.model")])
+    assert not (tmp_path / "spm.model").exists()
