@@ -44,6 +44,7 @@ from megatron_lst.rank_failures import one_line, outcome, share_or_stop, step_fa
 from . import safe_pickle
 from .durable_files import write_file_durably
 from .errors import CheckpointError, CheckpointIntegrityError
+from .record_files import read_record_file
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +138,15 @@ def write_manifest(directory: str | os.PathLike, records: dict[str, FileRecord])
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, FileRecord] | None:
     """The records of `directory`'s manifest, or None when it has none (written before
-    manifests existed, or by another tool)."""
+    manifests existed, or by another tool). CheckpointIntegrityError naming it when it is not a
+    regular file of at most `MAX_RECORD_FILE_BYTES` (`record_files.read_record_file`), cannot be
+    read (its storage's fault: EIO, a permission), or is damaged."""
     path = Path(directory) / MANIFEST_FILENAME
-    if not path.is_file():
+    if not path.exists():
         return None
+    data = read_record_file(path, CheckpointIntegrityError, "checkpoint file manifest")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(data.decode("utf-8"))
         version = manifest.get("format_version")  # true and 1.0 equal 1, yet no save writes them
         if type(version) is not int or version != MANIFEST_FORMAT_VERSION or \
                 manifest.get("algorithm") != "sha256":
@@ -150,8 +154,6 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, FileRecord] | None:
                              f"{manifest.get('algorithm')!r}; this code reads format "
                              f"{MANIFEST_FORMAT_VERSION}, sha256")
         return {name: _file_record(name, record) for name, record in manifest["files"].items()}
-    except OSError as err:  # its storage's fault (EIO, a permission), not the file's
-        raise CheckpointIntegrityError(f"cannot read {path}: {err}") from None
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
         # RecursionError: JSON nested deeper than the parser recurses (a crafted file)
         raise CheckpointIntegrityError(f"cannot read {path}: {err}; the manifest is damaged: "
@@ -296,10 +298,13 @@ def _megatron_config_problems(directory: Path) -> list[str]:
     too, when there is one)."""
     path = directory / MEGATRON_CONFIG_FILENAME
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(read_record_file(path, CheckpointIntegrityError,
+                                             "megatron checkpoint config").decode("utf-8"))
+    except CheckpointIntegrityError as err:  # missing, not a regular file, or too large
+        return [str(err)]
     # ValueError: not UTF-8, not JSON, or an integer past Python's digit limit (which was taken
     # for a file the checkpoint's storage could not read)
-    except (OSError, ValueError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:
         return [f"{path} is missing or damaged: {err}"]
     if not isinstance(config, dict):
         return [f"{path} holds a JSON {type(config).__name__}, not megatron's checkpoint config"]

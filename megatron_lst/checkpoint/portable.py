@@ -28,6 +28,7 @@ from megatron_lst.tokenizer.vocab import JointVocab
 
 from .errors import mistyped_fields
 from .model_state import CheckpointContentError, lst_config_from_dict, lst_config_to_dict
+from .record_files import read_record_file
 
 WEIGHTS_FILENAME = "model.safetensors"
 CONFIG_FILENAME = "lst_config.json"
@@ -127,10 +128,12 @@ _CONFIG_FIELDS = {"lst_config": dict, "vocab": (dict, type(None)),
 
 
 def _read_config(config_path: Path) -> dict[str, Any]:
-    """The `lst_config.json` at `config_path`, refused naming the fault when it is not one."""
+    """The `lst_config.json` at `config_path`, refused naming the fault when it is not one (nor
+    a regular file of at most `MAX_RECORD_FILE_BYTES`: `record_files.read_record_file`)."""
+    data = read_record_file(config_path, CheckpointContentError, "portable checkpoint config")
     try:
-        metadata = json.loads(config_path.read_text())
-    except (OSError, ValueError, RecursionError) as error:  # ValueError: JSON and UTF-8
+        metadata = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # ValueError: JSON and UTF-8
         # decoding; RecursionError: nested deeper than the parser recurses (a crafted file)
         raise CheckpointContentError(f"cannot read {config_path}: {error}") from None
     if not isinstance(metadata, dict):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from megatron_lst.checkpoint import integrity
 from megatron_lst.checkpoint.errors import CheckpointError, CheckpointIntegrityError
+from megatron_lst.checkpoint.record_files import MAX_POINTER_FILE_BYTES, read_record_file
 from megatron_lst.training.checkpointing import (
     COMPLETE_NAME,
     METADATA_FILENAME,
@@ -188,10 +189,8 @@ def read_tracker(root: Path) -> int | None:
     tracker = root / TRACKER_FILENAME
     if not tracker.is_file():
         return None
-    try:
-        text = tracker.read_bytes().decode("utf-8", errors="replace").strip()
-    except OSError as error:
-        raise CheckpointError(f"{tracker} cannot be read ({error}); make it readable") from None
+    text = read_record_file(tracker, CheckpointError, "checkpoint pointer file",
+                            MAX_POINTER_FILE_BYTES).decode("utf-8", errors="replace").strip()
     # At most 19 digits: int() of more than Python's digit limit was a raw ValueError, and no
     # run reaches an iteration past int64 (the iter_XXXXXXX names' and megatron's counters).
     if not (text.isascii() and text.isdigit() and len(text) <= _MAX_ITERATION_DIGITS):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_lst.checkpoint.errors import CheckpointError, mistyped_fields
+from megatron_lst.checkpoint.record_files import read_record_file
 from megatron_lst.tokenizer.vocab import JointVocab, VocabularyError
 from megatron_lst.training.checkpoint_discovery import other_complete_checkpoints
 from megatron_lst.training.checkpointing import FORMAT_VERSION, METADATA_FILENAME
@@ -24,12 +25,15 @@ _TRAINING_METADATA_FIELDS = {
 
 
 def read_checkpoint_metadata(path: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
-    """The `lst_checkpoint.json` of one checkpoint directory: a JSON object of this format
-    version and, when `strict`, with every field a save writes (`check_training_metadata`)."""
+    """The `lst_checkpoint.json` of one checkpoint directory: a regular file of at most
+    `MAX_RECORD_FILE_BYTES` (`record_files.read_record_file`) holding a JSON object of this
+    format version and, when `strict`, with every field a save writes
+    (`check_training_metadata`)."""
     metadata_path = Path(path) / METADATA_FILENAME
+    data = read_record_file(metadata_path, CheckpointError, "checkpoint metadata file")
     try:
-        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:  # ValueError: JSON, UTF-8
+        metadata = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # ValueError: JSON, UTF-8
         raise CheckpointError(f"cannot read {metadata_path}: {err}") from None
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{metadata_path} holds a JSON {type(metadata).__name__}, not the "

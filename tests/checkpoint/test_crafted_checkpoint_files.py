@@ -5,9 +5,11 @@ failing with a raw traceback."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
+from data.input_cases import fifo_with_writer
 
 from megatron_lst.checkpoint.errors import CheckpointError, CheckpointIntegrityError
 from megatron_lst.checkpoint.integrity import (
@@ -19,6 +21,7 @@ from megatron_lst.checkpoint.integrity import (
 )
 from megatron_lst.checkpoint.model_state import CheckpointContentError, lst_config_to_dict
 from megatron_lst.checkpoint.portable import CONFIG_FILENAME, FORMAT, FORMAT_VERSION, load_portable
+from megatron_lst.checkpoint.record_files import MAX_POINTER_FILE_BYTES, MAX_RECORD_FILE_BYTES
 from megatron_lst.models.config import preset
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.checkpoint_discovery import read_tracker
@@ -150,14 +153,61 @@ def test_a_megatron_config_with_an_integer_past_the_digit_limit_is_a_damaged_fil
 
 @pytest.mark.parametrize("digits", [sys.get_int_max_str_digits() + 1, 20])
 def test_a_pointer_file_of_an_iteration_past_int64_is_refused_naming_it(tmp_path, digits):
-    """int() of more digits than Python converts was a raw ValueError naming no file."""
+    """int() of more digits than Python converts was a raw ValueError naming no file (such a
+    file is larger than any pointer file too, unless Python's digit limit is set below 1 KiB)."""
     tracker = tmp_path / TRACKER_FILENAME
     tracker.write_text("9" * digits + "\n")
-    with pytest.raises(CheckpointError, match=rf"^{tracker} should hold an iteration number, "
-                                              r"found '9999"):
+    with pytest.raises(CheckpointError, match=rf"^{tracker}( should hold an iteration number, "
+                                              r"found '9999|: is [\d,]+ bytes, more than any "
+                                              r"checkpoint pointer file)"):
         read_tracker(tmp_path)
 
 
 def test_a_pointer_file_as_saved_reads(tmp_path):
     (tmp_path / TRACKER_FILENAME).write_text(f"{2**63 - 1}\n")
     assert read_tracker(tmp_path) == 2**63 - 1
+
+
+# The records a load reads whole: the file's name, its reader given the folder, what it raises.
+RECORD_READERS = [
+    (METADATA_FILENAME, read_checkpoint_metadata, CheckpointError),
+    (MANIFEST_FILENAME, read_manifest, CheckpointIntegrityError),
+    (CONFIG_FILENAME, load_portable, CheckpointContentError),
+]
+
+
+@pytest.mark.parametrize("name, read, error", RECORD_READERS)
+def test_a_checkpoint_record_that_is_a_fifo_is_refused_naming_it(tmp_path, name, read, error):
+    """Opening it waited for a writer: the load hung, silently (a FIFO manifest was taken for
+    none, and the checkpoint's files went unchecked)."""
+    with fifo_with_writer(tmp_path / name, b"{}") as fifo:
+        with pytest.raises(error, match=rf"^{re.escape(str(fifo))}: is a FIFO \(named pipe\)"):
+            read(tmp_path)
+
+
+def test_a_megatron_config_that_is_a_fifo_is_a_problem_naming_it(tmp_path):
+    with fifo_with_writer(tmp_path / MEGATRON_CONFIG_FILENAME, b"{}") as fifo:
+        problems = inspect_checkpoint(tmp_path).problems
+    assert f"{fifo}: is a FIFO (named pipe), not a file" in problems[-1], problems
+
+
+@pytest.mark.parametrize("name, read, error, max_bytes", [
+    *((name, read, error, MAX_RECORD_FILE_BYTES) for name, read, error in RECORD_READERS),
+    (TRACKER_FILENAME, read_tracker, CheckpointError, MAX_POINTER_FILE_BYTES),
+])
+def test_a_checkpoint_record_larger_than_any_save_writes_is_refused_unread(tmp_path, name, read,
+                                                                          error, max_bytes):
+    """It was read whole (a file of many GB into memory) before its content was judged."""
+    with open(tmp_path / name, "wb") as record:
+        record.truncate(max_bytes + 1)  # sparse: no disk
+    with pytest.raises(error, match=rf"^{re.escape(str(tmp_path / name))}: is "
+                                    rf"{max_bytes + 1:,} bytes, more than any"):
+        read(tmp_path)
+
+
+def test_a_megatron_config_larger_than_any_save_writes_is_a_problem_naming_it(tmp_path):
+    config = tmp_path / MEGATRON_CONFIG_FILENAME
+    with open(config, "wb") as record:
+        record.truncate(MAX_RECORD_FILE_BYTES + 1)
+    problems = inspect_checkpoint(tmp_path).problems
+    assert f"{config}: is {MAX_RECORD_FILE_BYTES + 1:,} bytes, more than any" in problems[-1]

@@ -500,8 +500,9 @@ def _checkpoint_with_manifest(directory: Path) -> Path:
 @pytest.mark.parametrize("unreadable, error", [
     ("files", "its files (CheckpointIntegrityError: cannot read {checkpoint}/b.distcp (OSError: "
               "[Errno 5] Input/output error))"),
-    ("manifest", "its manifest (CheckpointIntegrityError: cannot read "
-                 "{checkpoint}/lst_manifest.json: [Errno 5] Input/output error)"),
+    ("manifest", "its manifest (CheckpointIntegrityError: {checkpoint}/lst_manifest.json: cannot "
+                 "read the checkpoint file manifest (Input/output error); make it readable by "
+                 "the user running the job (and check its storage), or give another)"),
 ])
 def test_a_file_one_rank_cannot_read_stops_every_rank_naming_it(tmp_path, unreadable, error):
     """At load, a rank that could not hash its share of the files, or read the manifest (EIO,

@@ -9,6 +9,7 @@ type, message]`, or None)."""
 
 def main() -> None:
     import argparse
+    import builtins
     import errno
     import pathlib
 
@@ -44,10 +45,10 @@ def main() -> None:
         "config": (integrity, "_megatron_config_problems", "metadata.json"),
     }
     if torch.distributed.get_rank() == own.failing_rank and own.unreadable == "manifest":
-        read_text = pathlib.Path.read_text
-        pathlib.Path.read_text = lambda path, *args, **kwargs: (
-            unreadable()() if path.name == integrity.MANIFEST_FILENAME
-            else read_text(path, *args, **kwargs))
+        opened = builtins.open
+        builtins.open = lambda path, *args, **kwargs: (
+            unreadable()() if str(path).endswith(f"/{integrity.MANIFEST_FILENAME}")
+            else opened(path, *args, **kwargs))
     elif torch.distributed.get_rank() == own.failing_rank and own.unreadable == "stale-index":
         byte_items = safe_pickle.byte_items
         safe_pickle.byte_items = lambda metadata: byte_items(metadata)[:-1]
