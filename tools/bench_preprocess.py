@@ -2,9 +2,10 @@
 
     python tools/bench_preprocess.py --lines 20000 --workers 1 2 --output-json bench.json
 
-The corpus is the reference fixture's lines repeated (when ../shared/fixtures/reference_lst is
-there and --source is not given) or a synthetic MLS-like corpus (Zipfian words, [SIL] between
-words, 25 Hz units). Two measurements:
+The corpus is the lines of a reference-format JSONL file repeated (--source, e.g. the
+reference's mls.chunk.00.on_the_fly) or, without it, a synthetic MLS-like corpus (Zipfian words,
+[SIL] between words, 25 Hz units); the tokenizer is --tokenizer-model or, without it, a
+512-piece one trained on the corpus's first 2000 lines. Two measurements:
 
 - parse: `parse_reference_line` over the corpus in this process (one core, no I/O);
 - tool: `tools/preprocess_data.py` end to end for each --workers value, as units/s of wall time
@@ -33,15 +34,13 @@ from megatron_lst.data.document_parsing import SEGMENT_SEP, parse_reference_line
 from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "reference_lst"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lines", type=int, default=20000, help="documents in the corpus")
     parser.add_argument("--source", type=Path,
-                        help="reference JSONL whose lines are repeated (default: the fixture)")
-    parser.add_argument("--synthetic", action="store_true", help="ignore the fixture")
+                        help="reference JSONL whose lines are repeated (default: synthetic lines)")
     parser.add_argument("--tokenizer-model", type=Path)
     parser.add_argument("--workers", type=int, nargs="+", default=[1])
     parser.add_argument("--output-json", type=Path)
@@ -91,12 +90,11 @@ def _cpu_seconds() -> float:
 
 def _measure(args: argparse.Namespace, workdir: Path) -> dict:
     """Parse timing and one tool run per --workers value, with every file under `workdir`."""
-    source = args.source or (None if args.synthetic or not FIXTURES.is_dir()
-                             else FIXTURES / "mls.chunk.00.on_the_fly")
-    if source:
-        base = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.source:
+        text = args.source.read_text(encoding="utf-8")
+        base = [line for line in text.splitlines() if line.strip()]
         lines = [base[i % len(base)] for i in range(args.lines)]
-        corpus_name = f"{source} repeated"
+        corpus_name = f"{args.source} repeated"
     else:
         lines = synthetic_lines(args.lines, args.seed)
         corpus_name = "synthetic"
@@ -105,11 +103,8 @@ def _measure(args: argparse.Namespace, workdir: Path) -> dict:
 
     tokenizer_path = args.tokenizer_model
     if tokenizer_path is None:
-        if FIXTURES.is_dir():
-            tokenizer_path = FIXTURES / "spm.model"
-        else:
-            tokenizer_path = train_sentencepiece((_words(line) for line in lines[:2000]),
-                                                 workdir / "spm.model", 512)
+        tokenizer_path = train_sentencepiece((_words(line) for line in lines[:2000]),
+                                             workdir / "spm.model", 512)
     tokenizer = load_text_tokenizer(tokenizer_path)
 
     start, cpu_start = time.perf_counter(), time.process_time()
