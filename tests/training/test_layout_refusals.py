@@ -88,3 +88,13 @@ def test_lst_train_refuses_the_resume_before_reading_any_data(tmp_path):
     status = cli.main([*BASE, "--train-iters", "4", "--load", str(load), "--bf16",
                        "--data-path", str(tmp_path / "no_such_dataset")])
     assert status == cli.EXIT_CHECKPOINT_REFUSED
+
+
+@pytest.mark.parametrize("saved, resumed", [("adam", "sgd"), ("sgd", "adam")])
+def test_a_resume_with_another_optimizer_is_refused_by_the_flag_checks(tmp_path, saved, resumed):
+    load = saved_run(tmp_path, "--optimizer", saved)
+    with pytest.raises(UnresumableFlagsError, match=rf"trained with --optimizer {saved} and this "
+                                                    rf"run uses --optimizer {resumed}"):
+        valid("--train-iters", "4", "--load", str(load), "--optimizer", resumed)
+    assert valid("--train-iters", "4", "--load", str(load), "--optimizer", resumed,
+                 "--no-load-optim").optimizer == resumed
