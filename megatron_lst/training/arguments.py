@@ -503,6 +503,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         validation.validate_logging(args)
         profiling.check_cuda_profiler(args)
         memory_history.check_cuda_memory_history(args)
+        checkpoint_flags.check_resume_flags_before_loading(args)  # every derived field set
         # last: they create --save, --profile-dir and the snapshot's directory, which no
         # refused run should leave
         checkpoint_flags.check_save_writable(args)

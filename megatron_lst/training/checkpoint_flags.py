@@ -20,6 +20,7 @@ from megatron_lst.checkpoint.errors import CheckpointError
 from megatron_lst.training import model_flags
 from megatron_lst.training.flag_checks import ArgumentError, require_positive
 from megatron_lst.training.foreign_checkpoints import foreign_checkpoint_advice
+from megatron_lst.training.resume_check import ResumeConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,12 @@ class DamagedCheckpointFlagError(ArgumentError, CheckpointError):
     """A flag check's refusal of the checkpoint a flag names, not of the flags: a damaged save
     directory or checkpoint record. lst-train exits with its checkpoint status (3) for it, as
     for the same damage found while loading; the flag checks' other refusals exit 2."""
+
+
+class UnresumableFlagsError(ArgumentError, ResumeConfigError):
+    """A resume that the flags of the `--load` checkpoint refuse
+    (`resume_check.check_resume_flags`), found by the flag checks: lst-train exits with its
+    checkpoint status (3), as when loading finds it."""
 
 
 def adopt_model_from_load(args: argparse.Namespace) -> None:
@@ -166,6 +173,34 @@ def validate_checkpointing(args: argparse.Namespace) -> None:
     _check_no_newer_checkpoints(args, latest)
     _check_no_other_runs_checkpoints(args, latest)
     _check_save_pointer(args)
+
+
+def check_resume_flags_before_loading(args: argparse.Namespace) -> None:
+    """Refuse, before the datasets' row indices and the model are built (minutes on a large
+    corpus), a resume of `args.resume_from` whose flags its checkpoint's refuse: the row, batch,
+    precision, optimizer and schedule flags `resume_check.check_resume_flags` compares. Loading
+    compares them again and logs its notes on the changes it allows; a checkpoint record it
+    cannot read, or one of weights only, is left to loading to name."""
+    from megatron_lst.training.checkpoint_metadata import (
+        holds_weights_only,
+        read_checkpoint_metadata,
+    )
+    from megatron_lst.training.resume_check import ResumePosition, check_resume_flags
+
+    if args.resume_from is None or args.finetune:
+        return
+    try:
+        metadata = read_checkpoint_metadata(args.resume_from)
+    except CheckpointError:
+        return
+    if holds_weights_only(metadata):
+        return
+    position = ResumePosition(metadata["iteration"],
+                              int(metadata["extra_state"].get("consumed_samples", 0)))
+    try:
+        check_resume_flags(metadata["args"], args, position, args.resume_from)
+    except ResumeConfigError as err:
+        raise UnresumableFlagsError(str(err)) from None
 
 
 def _checkpoint_to_load(args: argparse.Namespace) -> Path | None:

@@ -92,6 +92,7 @@ def check_resume_flags(saved: Mapping[str, Any], args: argparse.Namespace,
             f"--finetune")
     _check_optimizer_precision(saved, args, checkpoint)
     _check_optimizer_kind(saved, args, checkpoint)
+    _check_optimizer_algorithm(saved, args, checkpoint)
     batch_notes = _check_global_batch_size(saved, args, position, checkpoint)
     notes = [f"{flag_name(name)} changed from {saved[name]} to {current.get(name)}"
              for name in NOTED_FLAGS if changed(name)]
@@ -162,6 +163,20 @@ def _check_optimizer_kind(saved: Mapping[str, Any], args: argparse.Namespace,
         f"states differently and neither loads the other's. Resume {_with(old)} "
         f"--use-distributed-optimizer (the data-parallel size may change), or add "
         f"--no-load-optim to go on with a fresh optimizer state and learning-rate schedule")
+
+
+def _check_optimizer_algorithm(saved: Mapping[str, Any], args: argparse.Namespace,
+                               checkpoint: str) -> None:
+    """Adam keeps two moments per weight and SGD a momentum buffer, so neither loads the other's
+    state (it used to be refused only once the datasets and the model were built)."""
+    old, new = saved.get("optimizer"), getattr(args, "optimizer", None)
+    if old is None or new is None or old == new or getattr(args, "no_load_optim", False):
+        return
+    raise ResumeConfigError(
+        f"checkpoint {checkpoint} was trained with --optimizer {old} and this run uses "
+        f"--optimizer {new}: their optimizer states hold other tensors. Resume with --optimizer "
+        f"{old}, or add --no-load-optim to go on from its weights with a fresh optimizer state "
+        f"and learning-rate schedule")
 
 
 def _check_schedule_flags(saved: Mapping[str, Any], current: Mapping[str, Any],

@@ -91,6 +91,14 @@ def validate_parallelism(args: argparse.Namespace, world_size: int) -> None:
             "(as in Megatron-LM): without the distributed optimizer every rank updates whole "
             "parameters and there is nothing to gather; add both flags or drop "
             "--overlap-param-gather")
+    if args.use_distributed_optimizer and args.optimizer != "adam":
+        # megatron.core's DistributedOptimizer asserts it, once the datasets and the model
+        # were built.
+        raise ArgumentError(
+            f"--use-distributed-optimizer shards Adam's state only (megatron.core's distributed "
+            f"optimizer), not --optimizer {args.optimizer}'s: use --optimizer adam, or drop "
+            f"--use-distributed-optimizer (--no-use-distributed-optimizer overrides a config "
+            f"that sets it)")
     if args.distributed_backend is None:
         import torch
 
