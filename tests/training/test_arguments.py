@@ -314,7 +314,8 @@ def test_a_kernel_backend_variable_this_machine_cannot_run_is_named(monkeypatch)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("LST_KERNEL_BACKEND", "triton")
     with pytest.raises(ArgumentError, match=r"--kernel-backend auto with LST_KERNEL_BACKEND=triton: "
-                                            r"backend='triton' (on CPU|needs the `triton`)"):
+                                            r"LST_KERNEL_BACKEND=triton (on CPU|needs the "
+                                            r"`triton`)"):
         valid(*LST_FLAGS)
 
 
