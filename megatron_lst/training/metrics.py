@@ -36,6 +36,11 @@ class MetricsFile:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_fifo():  # opening it waited for a reader: the run hung at its start
+                logger.error("cannot append to %s: it is a FIFO (named pipe), not a file; no "
+                             "metrics lines this run (the log keeps them); remove it, then "
+                             "resume", path)
+                return
             if path.is_file():
                 _drop_records_after(path, start_iteration, resumed_elsewhere)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
