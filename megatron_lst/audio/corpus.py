@@ -66,7 +66,8 @@ def read_audio_dir(root: str | Path) -> list[Utterance]:
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: no such folder")
-    paths = [p for p in files_under(root) if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
+    paths = [p for p in files_under(root, CorpusError)
+             if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
     if not paths:
         raise CorpusError(f"{root}: no {'/'.join(AUDIO_SUFFIXES)} files found")
     return _unique([Utterance(_relative_id(p, root), p) for p in paths], str(root))
@@ -110,7 +111,7 @@ def read_transcripts(root: str | Path) -> list[Utterance]:
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: no such folder")
-    files = sorted(p for p in files_under(root)
+    files = sorted(p for p in files_under(root, CorpusError)
                    if p.name.endswith(".trans.txt") or p.name == "transcripts.txt")
     if not files:
         raise CorpusError(f"{root}: no LibriSpeech *.trans.txt or MLS transcripts.txt files")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 
+from megatron_lst.data.input_files import read_bounded_bytes
 from megatron_lst.models.config import DocumentMaskingConfig, LSTConfig, swiglu_ffn_size
 from megatron_lst.models.reference_config import (
     CAUSAL_ATTN_IMPLS,
@@ -52,15 +53,18 @@ _MULTIPLE_OF_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 def _read_reference_document(path: str | Path, what: str) -> Any:
     """The JSON (BLT's `params.json`, the fixtures' `config_A.json`) or YAML (the reference's
-    training config, e.g. its `lst/configs/*.yaml`; by the `.yaml`/`.yml` suffix) in `path`."""
+    training config, e.g. its `lst/configs/*.yaml`; by the `.yaml`/`.yml` suffix) in `path`.
+    Only a regular file of no more than `MAX_SMALL_FILE_BYTES` is read (`read_bounded_bytes`): a
+    FIFO blocked the import forever, a file of many GB was read whole."""
     path = Path(path)
+    data = read_bounded_bytes(path, ReferenceImportError, f"reference {what} file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
         if _is_yaml(path):
             return load_reference_yaml(text)
         return json.loads(text)
     # ValueError: JSON and UTF-8 decoding; RecursionError: nested deeper than the parsers recurse
-    except (OSError, ValueError, yaml.YAMLError, RecursionError) as error:
+    except (ValueError, yaml.YAMLError, RecursionError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ReferenceImportError(f"cannot read reference {what} {path}: {reason}") from None
 

@@ -30,8 +30,14 @@ from typing import Any
 import torch
 
 from .errors import CheckpointIntegrityError, UnsafeCheckpointError
+from .record_files import read_record_file
 
 DCP_METADATA_FILENAME = ".metadata"
+MAX_DCP_INDEX_BYTES = 1 << 30
+"""1 GiB: more than any checkpoint index torch.distributed.checkpoint writes (an entry of ~100
+bytes per shard of each tensor: some MB for a model of billions of parameters on hundreds of
+ranks). A larger `.metadata`, or one that is no regular file (a FIFO blocked the load forever),
+is refused unread (`record_files.read_record_file`)."""
 COMMON_STATE_FILENAME = "common.pt"
 # (resolved path, bytes, Metadata) of the last index `read_dcp_metadata` read.
 _last_index: tuple[Path, bytes, Any] | None = None
@@ -92,12 +98,13 @@ def read_dcp_metadata(checkpoint: str | Path):
     global _last_index
     path = Path(checkpoint) / DCP_METADATA_FILENAME
     try:
-        data = path.read_bytes()
-    except OSError as err:
+        data = read_record_file(path, CheckpointIntegrityError, "checkpoint index",
+                                MAX_DCP_INDEX_BYTES)
+    except CheckpointIntegrityError as err:  # missing, no regular file, unreadable, too large
         raise CheckpointIntegrityError(
-            f"cannot read {path}: {err}; a dist checkpoint's index of its shards, without which "
-            f"none of its tensors can be found: load an earlier checkpoint of the run, or restore "
-            f"this one from a copy") from None
+            f"{err}; a dist checkpoint's index of its shards, without which none of its tensors "
+            f"can be found: load an earlier checkpoint of the run, or restore this one from a "
+            f"copy") from None
     resolved = path.resolve()
     if _last_index is not None and _last_index[0] == resolved and _last_index[1] == data:
         return _last_index[2]

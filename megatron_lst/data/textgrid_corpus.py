@@ -197,7 +197,7 @@ def textgrid_utterances(textgrid_dir: str | Path, units_dir: str | Path) -> list
     (`utterance_textgrid`), not the corpus's."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
     # Not a folder: a TextGrid that is no regular file (a FIFO) is refused by name when read.
-    paths = sorted(path for path in files_under(textgrid_dir)
+    paths = sorted(path for path in files_under(textgrid_dir, DocumentError)
                    if path.suffix.lower() == ".textgrid")
     if not paths:
         raise DocumentError(f"{textgrid_dir}: no *.TextGrid files found")
@@ -240,7 +240,8 @@ def unit_files_without_textgrid(textgrid_dir: str | Path, units_dir: str | Path,
     name). A second unit file of a read utterance (`a.txt` beside `a.npy`, which reading
     refuses) is not listed."""
     textgrid_dir, units_dir = Path(textgrid_dir), Path(units_dir)
-    listed = sorted(path for path in files_under(units_dir) if path.suffix in UNIT_FILE_SUFFIXES)
+    listed = sorted(path for path in files_under(units_dir, DocumentError)
+                    if path.suffix in UNIT_FILE_SUFFIXES)
     bases = {path.relative_to(units_dir).with_suffix("") for path in listed}
     read = set()  # the relative bases the utterances read, by find_units_file's rule
     for path, *_ in utterances:

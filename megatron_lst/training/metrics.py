@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_lst.checkpoint.durable_files import replace_file_durably
+from megatron_lst.data.input_files import bounded_lines, checked_file_size
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ class MetricsFile:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_fifo():  # opening it waited for a reader: the run hung at its start
+                logger.error("cannot append to %s: it is a FIFO (named pipe), not a file; no "
+                             "metrics lines this run (the log keeps them); remove it, then "
+                             "resume", path)
+                return
             if path.is_file():
                 _drop_records_after(path, start_iteration, resumed_elsewhere)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
@@ -136,23 +142,33 @@ def read_metrics(save_dir: str | Path) -> list[dict[str, Any]]:
     """The records of `<save_dir>/metrics.jsonl` by iteration (the last line of a repeated
     iteration wins). A last line cut short without its newline (the run was killed as it wrote
     it; resuming drops it) is left out; any other line that is no metrics record is a
-    ValueError naming the file and the line."""
+    ValueError naming the file and the line. The file is read line by line (a long run's is
+    large); a FIFO (which blocked the read forever), a folder or a line longer than
+    `MAX_LINE_CHARACTERS` (a binary file: read whole) is a ValueError naming the file."""
     path = Path(save_dir) / METRICS_FILENAME
+    checked_file_size(path, ValueError, "metrics file")
     records: dict[int, dict[str, Any]] = {}
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = _record(line)
-        except ValueError:
-            if number == len(lines) and not line.endswith("\n"):  # a crash's torn write
-                break
-            raise ValueError(f"{path}:{number}: not a metrics record ({line.strip()[:80]!r}); "
-                             f"resuming the run sets such lines aside in "
-                             f"{path.name}.damaged, or delete the line") from None
-        records[record["iteration"]] = record
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        for number, line in enumerate(bounded_lines(stream, path, ValueError), start=1):
+            record = _metrics_line(line, number, path)
+            if record is not None:
+                records[record["iteration"]] = record
     return [records[i] for i in sorted(records)]
+
+
+def _metrics_line(line: str, number: int, path: Path) -> dict[str, Any] | None:
+    """The record of line `number` of the metrics file `path`; None for a blank line and for a
+    torn last line (the one line read without a line end is the file's last)."""
+    if not line.strip():
+        return None
+    try:
+        return _record(line)
+    except ValueError:
+        if not line.endswith("\n"):  # a crash's torn write
+            return None
+        raise ValueError(f"{path}:{number}: not a metrics record ({line.strip()[:80]!r}); "
+                         f"resuming the run sets such lines aside in "
+                         f"{path.name}.damaged, or delete the line") from None
 
 
 def _record(line: str) -> dict[str, Any]:

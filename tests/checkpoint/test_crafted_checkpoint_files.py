@@ -5,6 +5,7 @@ failing with a raw traceback."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -18,11 +19,20 @@ from megatron_lst.checkpoint.integrity import (
     FileRecord,
     inspect_checkpoint,
     read_manifest,
+    write_manifest,
 )
 from megatron_lst.checkpoint.model_state import CheckpointContentError, lst_config_to_dict
 from megatron_lst.checkpoint.portable import CONFIG_FILENAME, FORMAT, FORMAT_VERSION, load_portable
 from megatron_lst.checkpoint.record_files import MAX_POINTER_FILE_BYTES, MAX_RECORD_FILE_BYTES
+from megatron_lst.checkpoint.reference import read_reference_model_args
+from megatron_lst.checkpoint.safe_pickle import (
+    DCP_METADATA_FILENAME,
+    MAX_DCP_INDEX_BYTES,
+    read_dcp_metadata,
+)
+from megatron_lst.data.input_files import MAX_SMALL_FILE_BYTES
 from megatron_lst.models.config import preset
+from megatron_lst.models.reference_config import ReferenceImportError
 from megatron_lst.tokenizer.vocab import JointVocab
 from megatron_lst.training.checkpoint_discovery import read_tracker
 from megatron_lst.training.checkpoint_metadata import read_checkpoint_metadata
@@ -211,3 +221,48 @@ def test_a_megatron_config_larger_than_any_save_writes_is_a_problem_naming_it(tm
         record.truncate(MAX_RECORD_FILE_BYTES + 1)
     problems = inspect_checkpoint(tmp_path).problems
     assert f"{config}: is {MAX_RECORD_FILE_BYTES + 1:,} bytes, more than any" in problems[-1]
+
+
+# The other whole-file reads of a checkpoint: the reference's model args (params.json or its
+# training YAML) and a dist checkpoint's index (`.metadata`), the file each reads, its bound.
+OTHER_WHOLE_FILE_READERS = [
+    ("params.json", lambda folder: read_reference_model_args(folder / "params.json"),
+     ReferenceImportError, MAX_SMALL_FILE_BYTES),
+    ("run.yaml", lambda folder: read_reference_model_args(folder / "run.yaml"),
+     ReferenceImportError, MAX_SMALL_FILE_BYTES),
+    (DCP_METADATA_FILENAME, read_dcp_metadata, CheckpointIntegrityError, MAX_DCP_INDEX_BYTES),
+]
+
+
+@pytest.mark.parametrize("name, read, error, max_bytes", OTHER_WHOLE_FILE_READERS)
+def test_a_reference_args_file_or_checkpoint_index_that_is_a_fifo_is_refused(tmp_path, name,
+                                                                             read, error,
+                                                                             max_bytes):
+    """Opening it waited for a writer: the import or load hung, silently."""
+    with fifo_with_writer(tmp_path / name, b"{}") as fifo:
+        with pytest.raises(error, match=rf"^{re.escape(str(fifo))}: is a FIFO \(named pipe\)"):
+            read(tmp_path)
+
+
+@pytest.mark.parametrize("name, read, error, max_bytes", OTHER_WHOLE_FILE_READERS)
+def test_a_reference_args_file_or_checkpoint_index_too_large_is_refused_unread(tmp_path, name,
+                                                                               read, error,
+                                                                               max_bytes):
+    """It was read whole (a file of many GB into memory) before its content was judged."""
+    with open(tmp_path / name, "wb") as record:
+        record.truncate(max_bytes + 1)  # sparse: no disk
+    with pytest.raises(error, match=rf"^{re.escape(str(tmp_path / name))}: is "
+                                    rf"{max_bytes + 1:,} bytes, more than any"):
+        read(tmp_path)
+
+
+@pytest.mark.parametrize("make", [lambda path: path.mkdir(), os.mkfifo], ids=["folder", "fifo"])
+def test_a_listed_file_that_is_no_regular_file_is_named_so_not_missing(tmp_path, make):
+    """A FIFO or a folder in place of a file the manifest lists was reported "missing", which
+    sent the user looking for a file that is there."""
+    write_manifest(tmp_path, {"a.distcp": FileRecord(2, SHA256)})
+    make(tmp_path / "a.distcp")
+    problems = inspect_checkpoint(tmp_path).problems
+    kind = "a directory" if (tmp_path / "a.distcp").is_dir() else r"a FIFO \(named pipe\)"
+    assert re.match(rf"{re.escape(str(tmp_path / 'a.distcp'))} is not a regular file \({kind}\)",
+                    problems[0]), problems

@@ -5,7 +5,9 @@ corpus JSONL line that gives a key twice is refused as an evaluation item's is
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import re
 
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from tool_modules import load_tool
 
-from megatron_lst.audio.corpus import read_audio_dir
+from megatron_lst.audio.corpus import CorpusError, read_audio_dir
 from megatron_lst.data.document_parsing import SEGMENT_SEP
 from megatron_lst.data.documents import DocumentError
 from megatron_lst.data.folder_walk import files_under
@@ -74,7 +76,55 @@ def test_a_folder_linked_at_several_places_is_walked_at_the_lexically_first(tmp_
     (root / "zz_real" / "u.TextGrid").write_bytes(b"")
     for name in ("a_link", "m_link", "q_link", "c_link", "k_link", "e_link", "x_link"):
         (root / name).symlink_to(root / "zz_real", target_is_directory=True)
-    assert list(files_under(root)) == [root / "a_link" / "u.TextGrid"]
+    assert list(files_under(root, DocumentError)) == [root / "a_link" / "u.TextGrid"]
+
+
+def _corpus_with_a_second_speaker(root):
+    for speaker in ("spk1", "spk2"):
+        (root / speaker).mkdir(parents=True)
+        write_textgrid(root / speaker / "a.TextGrid", [Interval(0.0, 1.0, "hello")])
+        (root / speaker / "a.wav").write_bytes(b"")  # listed, not read
+
+
+def _both_corpora(root):
+    return (lambda: read_audio_dir(root), CorpusError), \
+           (lambda: textgrid_utterances(root, root), DocumentError)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder whatever its permissions")
+def test_a_folder_the_user_cannot_read_is_an_error_not_a_hole_in_the_corpus(tmp_path):
+    """A speaker's folder of mode 000 was left out of both corpora without a word."""
+    root = tmp_path / "corpus"
+    _corpus_with_a_second_speaker(root)
+    (root / "spk2").chmod(0)
+    try:
+        for read, error in _both_corpora(root):
+            with pytest.raises(error, match=r"spk2: cannot list the folder \(Permission denied\)"
+                                            r".*make it readable.*or move it out of"):
+                read()
+    finally:
+        (root / "spk2").chmod(0o755)
+
+
+def test_a_folder_the_storage_cannot_list_is_an_error_naming_it(tmp_path, monkeypatch):
+    """An I/O error listing a folder (a failing disk, a stale network mount) left its files out
+    of both corpora without a word; a missing corpus folder is still the readers' own "none
+    found"."""
+    root = tmp_path / "corpus"
+    _corpus_with_a_second_speaker(root)
+    list_folder = os.scandir
+
+    def failing_scandir(path="."):
+        if os.fspath(path) == os.fspath(root / "spk2"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(path))
+        return list_folder(path)
+
+    monkeypatch.setattr(os, "scandir", failing_scandir)
+    for read, error in _both_corpora(root):
+        with pytest.raises(error, match=rf"spk2: cannot list the folder \({os.strerror(errno.EIO)}"
+                                        rf"\).*make it readable.*or move it out of"):
+            read()
+    assert list(files_under(tmp_path / "absent", DocumentError)) == []
 
 
 @pytest.fixture(scope="module")
