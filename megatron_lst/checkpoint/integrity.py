@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from megatron_lst.data.input_files import streamed_sha256
+from megatron_lst.data.input_files import kind_of_irregular, streamed_sha256
 from megatron_lst.parallel import has_other_ranks
 from megatron_lst.rank_failures import one_line, outcome, share_or_stop, step_failed
 
@@ -341,7 +341,7 @@ def _file_problem(path: Path, expected: FileRecord) -> str | None:
     if not path.exists():
         return f"{path} is missing (listed in {MANIFEST_FILENAME})"
     if not path.is_file():  # a FIFO would block the digest, a folder has none
-        return (f"{path} is not a regular file ({_kind_of(path)}), where a save wrote one "
+        return (f"{path} is not a regular file ({kind_of_irregular(path.stat().st_mode)}), where a save wrote one "
                 f"(listed in {MANIFEST_FILENAME}); restore the checkpoint from a copy")
     size = path.stat().st_size
     if size != expected.size:
@@ -350,14 +350,6 @@ def _file_problem(path: Path, expected: FileRecord) -> str | None:
     if digest_file(path).sha256 != expected.sha256:
         return f"{path} has changed since it was saved (SHA-256 differs from {MANIFEST_FILENAME})"
     return None
-
-
-def _kind_of(path: Path) -> str:
-    """What the existing `path` that is no regular file is, in a few words."""
-    kinds = ((Path.is_dir, "a directory"), (Path.is_fifo, "a FIFO (named pipe)"),
-             (Path.is_socket, "a socket"), (Path.is_char_device, "a character device"),
-             (Path.is_block_device, "a block device"))
-    return next((name for test, name in kinds if test(path)), "of another kind")
 
 
 def verify_checkpoint(checkpoint: str | os.PathLike) -> None:

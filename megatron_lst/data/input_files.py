@@ -61,8 +61,13 @@ def checked_file_size(path: str | Path, error: Callable[[str], Exception], what:
     mode = status.st_mode
     if stat.S_ISREG(mode) or (pipe_allowed and stat.S_ISFIFO(mode)):
         return status.st_size
-    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
-    raise error(f"{path}: is {kind}, not a file; pass the {what} as a regular file")
+    raise error(f"{path}: is {kind_of_irregular(mode)}, not a file; pass the {what} as a regular "
+                f"file")
+
+
+def kind_of_irregular(mode: int) -> str:
+    """What a file of `os.stat` mode `mode` that is no regular file is, in a few words."""
+    return next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
 
 
 def _unreadable(path: str | Path, what: str, cause: OSError) -> str:
