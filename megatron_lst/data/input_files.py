@@ -106,15 +106,22 @@ def read_bounded_bytes(path: str | Path, error: Callable[[str], Exception], what
     (`checked_file_size`), cannot be read (its permissions, an I/O error) or holds more than
     `max_bytes`, more than any real `what`."""
     size = checked_file_size(path, error, what)
-    try:
-        with open(path, "rb") as stream:
-            data = stream.read(max_bytes + 1)  # at most that much, should the file grow meanwhile
-    except OSError as cause:
-        raise error(_unreadable(path, what, cause)) from None
-    if max(size, len(data)) > max_bytes:
-        raise error(f"{path}: is {max(size, len(data)):,} bytes, more than any {what} "
-                    f"({max_bytes:,} bytes at most); check that it is the right file")
-    return data
+    if size <= max_bytes:
+        try:
+            with open(path, "rb") as stream:
+                # A read of n bytes allocates n first: the file's size, not the bound (a 1 GiB
+                # bound took 1 GiB to read a record of some KB). One more byte shows that it grew
+                # since `stat`, and then the rest is read, up to the bound.
+                data = stream.read(size + 1)
+                if len(data) > size:
+                    data += stream.read(max_bytes + 1 - len(data))
+        except OSError as cause:
+            raise error(_unreadable(path, what, cause)) from None
+        if len(data) <= max_bytes:
+            return data
+        size = len(data)
+    raise error(f"{path}: is {size:,} bytes, more than any {what} ({max_bytes:,} bytes at "
+                f"most); check that it is the right file")
 
 
 def bounded_lines(stream: IO[str], path: str | Path, error: Callable[[str], Exception],
