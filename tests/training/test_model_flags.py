@@ -287,5 +287,6 @@ def test_a_checkpoint_whose_index_cannot_be_read_is_refused_before_its_model_is_
     load = _fake_checkpoint(tmp_path / "ckpt", _variant())
     index = load / "iter_0000005" / ".metadata"
     index.unlink()
-    with pytest.raises(DamagedCheckpointFlagError, match=rf"--load {load}: cannot read {index}"):
+    with pytest.raises(DamagedCheckpointFlagError,
+                       match=rf"--load {load}: {index}: no such checkpoint index"):
         validate_args(parse_args([*LST_RUN, "--load", str(load)]), 1)
