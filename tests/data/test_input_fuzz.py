@@ -41,12 +41,10 @@ from megatron_lst.evaluation.items import ItemError, load_items
 from megatron_lst.tokenizer.text_tokenizer import (
     joint_vocab,
     load_text_tokenizer,
-    train_sentencepiece,
 )
 from megatron_lst.tokenizer.vocab import VocabularyError
 
 NUM_UNITS = 20
-WORDS = "the a of and to in is it speech text model unit word hello world time".split()
 CASE_SECONDS = 10
 """A case that runs longer hangs (a real read of these files takes milliseconds)."""
 MEMORY_HEADROOM = 1 << 30
@@ -66,14 +64,6 @@ class Kind:
     """Asserts the invariants of a result read from a harmless mutant."""
     header: int = 64
     """Bytes at the start whose every byte is flipped."""
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
-    return load_text_tokenizer(train_sentencepiece(
-        corpus, tmp_path_factory.mktemp("spm") / "spm.model", 290))
 
 
 # Builders of the valid files

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import re
 
 import numpy as np
@@ -23,9 +22,6 @@ from megatron_lst.data.jsonl_corpus import read_reference_jsonl, read_text_jsonl
 from megatron_lst.data.read_report import ReadReport
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.data.textgrid_corpus import textgrid_utterances, unit_files_without_textgrid
-from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
-
-WORDS = "the a of and to in is it speech text model unit word hello world time".split()
 
 
 def _utterance(grids, units, relative: str) -> None:
@@ -125,14 +121,6 @@ def test_a_folder_the_storage_cannot_list_is_an_error_naming_it(tmp_path, monkey
                                         rf"\).*make it readable.*or move it out of"):
             read()
     assert list(files_under(tmp_path / "absent", DocumentError)) == []
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
-    return load_text_tokenizer(
-        train_sentencepiece(corpus, tmp_path_factory.mktemp("spm") / "spm.model", 290))
 
 
 def _reference(words: str) -> str:

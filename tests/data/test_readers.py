@@ -3,7 +3,6 @@ import gzip
 import json
 import lzma
 import os
-import random
 import re
 from pathlib import Path
 
@@ -19,19 +18,10 @@ from megatron_lst.data.read_report import ReadReport
 from megatron_lst.data.textgrid import Interval, write_textgrid
 from megatron_lst.data.textgrid_corpus import read_textgrid_corpus
 from megatron_lst.data.unit_files import load_units
-from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer, train_sentencepiece
+from megatron_lst.tokenizer.text_tokenizer import load_text_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "reference_lst"
 SEP = "<LST MODE SEP>"
-WORDS = "the a of and to in is it speech text model unit word hello world time".split()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
-    return load_text_tokenizer(
-        train_sentencepiece(corpus, tmp_path_factory.mktemp("spm") / "spm.model", 290))
 
 
 def _line(interleaved: str, file_id: str = "utt") -> str:
